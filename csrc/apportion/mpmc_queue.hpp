@@ -1,0 +1,194 @@
+// Bounded multi-producer multi-consumer queue.
+//
+// A ring of sequence-numbered cells (the Vyukov bounded-queue scheme): a producer claims a slot by
+// advancing `tail_` with a CAS, writes the item, then publishes it by storing the slot's sequence.
+// A consumer does the mirror image on `head_`. No locks and no allocation after construction.
+// Progress note: a producer or consumer preempted between its CAS and its sequence store delays
+// the one thread that later wants that same cell; every other thread continues.
+//
+// Blocking: `pop_wait` spins briefly (answering in ~1 us while work keeps arriving), then parks on
+// an event count with a futex, so an idle model costs no CPU that belongs to another model.
+#pragma once
+
+#include <atomic>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+
+#include "apportion/parking.hpp"
+
+namespace apportion {
+
+/// Size of the unit of cache coherence. Fixed at 64 rather than
+/// std::hardware_destructive_interference_size, whose value may change between compiler
+/// versions and so is not ABI-stable.
+inline constexpr std::size_t kCacheLine = 64;
+
+enum class PopStatus : uint8_t { ok, timeout, closed };
+
+template <class T>
+class MpmcQueue {
+  static_assert(std::is_nothrow_move_constructible_v<T>,
+                "items are moved in and out of cells that cannot roll back a throwing move");
+  static_assert(std::is_nothrow_destructible_v<T>, "items must be nothrow destructible");
+  static_assert(std::is_default_constructible_v<T>, "try_pop fills a caller-made T");
+
+ public:
+  /// `capacity` is rounded up to a power of two (at least 2).
+  explicit MpmcQueue(std::size_t capacity)
+      : mask_(std::bit_ceil(capacity < 2 ? std::size_t{2} : capacity) - 1),
+        cells_(std::make_unique<Cell[]>(mask_ + 1)) {
+    if (capacity > (std::size_t{1} << 40)) throw std::length_error("MpmcQueue capacity too large");
+    for (std::size_t i = 0; i <= mask_; ++i) cells_[i].seq.store(i, std::memory_order_relaxed);
+  }
+
+  MpmcQueue(const MpmcQueue&) = delete;
+  MpmcQueue& operator=(const MpmcQueue&) = delete;
+
+  /// Destroys the items still queued. Not safe while other threads use the queue.
+  ~MpmcQueue() {
+    T item;
+    while (try_pop(item)) {
+    }
+  }
+
+  /// Appends `value` unless the queue is full or closed. Safe from any thread; never blocks.
+  /// On failure `value` is left untouched.
+  bool try_push(T& value) noexcept { return emplace_impl(value); }
+  bool try_push(T&& value) noexcept { return emplace_impl(value); }
+
+  /// Removes the oldest item into `out`. Safe from any thread; never blocks.
+  bool try_pop(T& out) noexcept {
+    std::size_t pos = head_.load(std::memory_order_relaxed);
+    Cell* cell;
+    for (;;) {
+      cell = &cells_[pos & mask_];
+      // acquire: pairs with the producer's release store of `seq`, which published the item.
+      const std::size_t seq = cell->seq.load(std::memory_order_acquire);
+      const auto dif = static_cast<std::intptr_t>(seq) - static_cast<std::intptr_t>(pos + 1);
+      if (dif == 0) {
+        if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) break;
+      } else if (dif < 0) {
+        return false;  // empty
+      } else {
+        pos = head_.load(std::memory_order_relaxed);
+      }
+    }
+    T* slot = std::launder(reinterpret_cast<T*>(&cell->storage));
+    out = std::move(*slot);
+    slot->~T();
+    // release: the producer that reuses this cell one lap later must see it emptied.
+    cell->seq.store(pos + mask_ + 1, std::memory_order_release);
+    return true;
+  }
+
+  /// Pops an item, waiting up to `timeout_ns` (< 0: forever). Spins `spin` rounds before parking.
+  /// Returns `closed` only once the queue is closed *and* empty, so consumers drain it first.
+  /// Safe from any thread.
+  PopStatus pop_wait(T& out, int64_t timeout_ns, uint32_t spin = 256) noexcept {
+    const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    for (;;) {
+      if (try_pop(out)) return PopStatus::ok;
+      for (uint32_t i = 0; i < spin; ++i) {
+        cpu_relax();
+        if ((i & 7) == 7 && try_pop(out)) return PopStatus::ok;
+      }
+      if (closed_.load(std::memory_order_acquire)) {
+        return try_pop(out) ? PopStatus::ok : PopStatus::closed;
+      }
+      const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+      // Announce the sleeper before the last look at the queue. Paired with the seq_cst fence in
+      // notify_one(): either the producer sees sleepers_ > 0 and bumps the epoch (so the futex
+      // wait below returns at once), or this try_pop sees its item. Never both missed.
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      if (try_pop(out)) {
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        return PopStatus::ok;
+      }
+      int64_t remaining = -1;
+      if (deadline >= 0) {
+        remaining = deadline - now_ns();
+        if (remaining <= 0) {
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          return PopStatus::timeout;
+        }
+      }
+      if (!closed_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, remaining);
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    }
+  }
+
+  /// Refuses further pushes and wakes every waiter; queued items stay poppable. A push that
+  /// races with close() may still land: callers that need every item serialise the two (the
+  /// engine does) or drain with try_pop afterwards. Idempotent; safe from any thread.
+  void close() noexcept {
+    closed_.store(true, std::memory_order_seq_cst);
+    epoch_.fetch_add(1, std::memory_order_release);
+    park_wake(epoch_);
+  }
+
+  bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
+
+  /// Approximate number of items; exact only when no other thread is using the queue.
+  std::size_t size_hint() const noexcept {
+    const std::size_t tail = tail_.load(std::memory_order_relaxed);
+    const std::size_t head = head_.load(std::memory_order_relaxed);
+    return tail > head ? tail - head : 0;
+  }
+
+  std::size_t capacity() const noexcept { return mask_ + 1; }
+
+ private:
+  struct alignas(kCacheLine) Cell {
+    std::atomic<std::size_t> seq{0};
+    alignas(T) unsigned char storage[sizeof(T)];
+  };
+  static_assert(sizeof(Cell) % kCacheLine == 0, "adjacent cells must not share a cache line");
+
+  template <class U>
+  bool emplace_impl(U& value) noexcept {
+    if (closed_.load(std::memory_order_relaxed)) return false;
+    std::size_t pos = tail_.load(std::memory_order_relaxed);
+    Cell* cell;
+    for (;;) {
+      cell = &cells_[pos & mask_];
+      const std::size_t seq = cell->seq.load(std::memory_order_acquire);
+      const auto dif = static_cast<std::intptr_t>(seq) - static_cast<std::intptr_t>(pos);
+      if (dif == 0) {
+        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) break;
+      } else if (dif < 0) {
+        return false;  // full
+      } else {
+        pos = tail_.load(std::memory_order_relaxed);
+      }
+    }
+    ::new (static_cast<void*>(&cell->storage)) T(std::move(value));
+    cell->seq.store(pos + 1, std::memory_order_release);
+    notify_one();
+    return true;
+  }
+
+  void notify_one() noexcept {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_relaxed) != 0) {
+      epoch_.fetch_add(1, std::memory_order_release);
+      park_wake(epoch_, 1);
+    }
+  }
+
+  const std::size_t mask_;
+  std::unique_ptr<Cell[]> cells_;
+  // Consumers hammer head_, producers tail_: separate lines so they do not invalidate each other.
+  alignas(kCacheLine) std::atomic<std::size_t> head_{0};
+  alignas(kCacheLine) std::atomic<std::size_t> tail_{0};
+  alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
+  std::atomic<uint32_t> sleepers_{0};
+  std::atomic<bool> closed_{false};
+};
+
+}  // namespace apportion
