@@ -1,0 +1,172 @@
+// A request's lifecycle, independent of what it carries.
+//
+// Exactly-once completion rests on one rule: a request leaves `queued` through a single CAS, and
+// whoever wins it (a worker starting it, a worker expiring it, a caller cancelling it, a shutdown
+// cancelling it) is the only party that may complete it. Completion publishes `done` last.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "apportion/mpmc_queue.hpp"
+#include "apportion/parking.hpp"
+
+namespace apportion {
+
+enum class Outcome : uint8_t { pending = 0, ok, error, rejected, expired, cancelled };
+
+enum class RequestState : uint32_t {
+  queued = 0,   // in a queue; may be claimed by exactly one party
+  running = 1,  // a worker is executing the model for it
+  claimed = 2,  // completed without running (expiry or cancellation in progress)
+  done = 3,     // outcome and payload published; terminal
+};
+
+/// Per-model outcome counters. Shared (by shared_ptr) between a model and its requests so a
+/// request can be cancelled and counted after its model was removed.
+struct ModelCounters {
+  explicit ModelCounters(std::string model_name) : name(std::move(model_name)) {}
+  const std::string name;
+  // Submitters and workers write different groups: keep them on different cache lines.
+  alignas(kCacheLine) std::atomic<uint64_t> submitted{0};
+  std::atomic<uint64_t> rejected{0};
+  alignas(kCacheLine) std::atomic<uint64_t> completed{0};
+  std::atomic<uint64_t> failed{0};
+  std::atomic<uint64_t> expired{0};
+  std::atomic<uint64_t> cancelled{0};
+
+  void count(Outcome o) noexcept {
+    switch (o) {
+      case Outcome::ok: completed.fetch_add(1, std::memory_order_relaxed); break;
+      case Outcome::error: failed.fetch_add(1, std::memory_order_relaxed); break;
+      case Outcome::rejected: rejected.fetch_add(1, std::memory_order_relaxed); break;
+      case Outcome::expired: expired.fetch_add(1, std::memory_order_relaxed); break;
+      case Outcome::cancelled: cancelled.fetch_add(1, std::memory_order_relaxed); break;
+      case Outcome::pending: break;
+    }
+  }
+};
+
+/// Base of every request. Intrusively reference counted; the payload lives in a subclass.
+class Request {
+ public:
+  static constexpr int64_t kNoDeadline = std::numeric_limits<int64_t>::max();
+
+  Request() = default;
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+  virtual ~Request() = default;
+
+  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+
+  /// Drops one reference, destroying the request on the last. Safe from any thread, but the
+  /// subclass decides whether destruction needs more (a Python payload needs the GIL).
+  static void release(Request* r) noexcept {
+    // acq_rel: the destroying thread must see every write made by the other owners.
+    if (r->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete r;
+  }
+
+  RequestState state() const noexcept {
+    return static_cast<RequestState>(state_.load(std::memory_order_acquire));
+  }
+  bool done() const noexcept { return state() == RequestState::done; }
+
+  /// Takes the request out of `queued` into `to` (running or claimed). True for exactly one
+  /// caller over the request's life. Safe from any thread.
+  bool try_claim(RequestState to) noexcept {
+    auto expected = static_cast<uint32_t>(RequestState::queued);
+    return state_.compare_exchange_strong(expected, static_cast<uint32_t>(to),
+                                          std::memory_order_acq_rel, std::memory_order_acquire);
+  }
+
+  /// Publishes the outcome and wakes waiters. Only the claim winner calls it, once, after the
+  /// payload (result or error) is stored: the release store makes that payload visible to
+  /// every thread that later observes `done`.
+  void publish(Outcome o) noexcept {
+    outcome_ = o;
+    state_.store(static_cast<uint32_t>(RequestState::done), std::memory_order_seq_cst);
+    if (waiters_.load(std::memory_order_seq_cst) != 0) park_wake(state_);
+  }
+
+  /// Waits until done, at most `timeout_ns` (< 0: forever). Spins briefly first: a result that
+  /// arrives within microseconds is picked up without a futex round trip. Safe from any thread.
+  bool wait_done(int64_t timeout_ns, uint32_t spin = 2000) noexcept {
+    if (done()) return true;
+    for (uint32_t i = 0; i < spin; ++i) {
+      cpu_relax();
+      if (done()) return true;
+    }
+    const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    for (;;) {
+      // seq_cst pairs with publish(): either it sees waiters_ > 0 and wakes us, or we see done.
+      waiters_.fetch_add(1, std::memory_order_seq_cst);
+      const uint32_t s = state_.load(std::memory_order_seq_cst);
+      if (s == static_cast<uint32_t>(RequestState::done)) {
+        waiters_.fetch_sub(1, std::memory_order_relaxed);
+        return true;
+      }
+      int64_t remaining = -1;
+      if (deadline >= 0) {
+        remaining = deadline - now_ns();
+        if (remaining <= 0) {
+          waiters_.fetch_sub(1, std::memory_order_relaxed);
+          return done();
+        }
+      }
+      park_wait(state_, s, remaining);
+      waiters_.fetch_sub(1, std::memory_order_relaxed);
+      if (done()) return true;
+    }
+  }
+
+  /// Meaningful once done() is true.
+  Outcome outcome() const noexcept { return outcome_; }
+
+  // Written by the submitter before the request is published to a queue (the queue's release
+  // store orders them), read by the claim winner afterwards.
+  int64_t submit_ns = 0;
+  int64_t deadline_ns = kNoDeadline;
+  int64_t start_ns = 0;
+  int64_t end_ns = 0;
+  uint32_t priority = 0;
+  std::shared_ptr<ModelCounters> counters;
+
+ private:
+  std::atomic<uint32_t> refs_{1};
+  std::atomic<uint32_t> state_{static_cast<uint32_t>(RequestState::queued)};
+  std::atomic<uint32_t> waiters_{0};
+  Outcome outcome_ = Outcome::pending;  // ordered by state_'s store/load
+};
+
+/// Owning pointer to a Request subclass (adds no reference on adoption).
+template <class T>
+class Ref {
+ public:
+  Ref() = default;
+  explicit Ref(T* p) noexcept : p_(p) {}  // adopts one reference
+  Ref(const Ref& o) noexcept : p_(o.p_) {
+    if (p_) p_->add_ref();
+  }
+  Ref(Ref&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  Ref& operator=(Ref o) noexcept {
+    std::swap(p_, o.p_);
+    return *this;
+  }
+  ~Ref() {
+    if (p_) Request::release(p_);
+  }
+  T* get() const noexcept { return p_; }
+  T* operator->() const noexcept { return p_; }
+  T& operator*() const noexcept { return *p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+  T* detach() noexcept { return std::exchange(p_, nullptr); }
+
+ private:
+  T* p_ = nullptr;
+};
+
+}  // namespace apportion

@@ -1,0 +1,654 @@
+// Python skin of the engine: requests that carry Python objects, futures, and a handler that
+// runs the model in the worker thread under the GIL.
+//
+// GIL rules here:
+// - Every PyObject* in a PyRequest is touched only with the GIL held.
+// - Workers keep one persistent thread state for their whole life (a fresh one per call costs
+//   ~7 us; re-acquiring a persistent one ~0.1 us) and hold the GIL only around the model call
+//   and the completion that follows it.
+// - Anything that waits (a future's result, joining workers, starting instances) releases the GIL.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "apportion/engine.hpp"
+#include "bindings/register.hpp"
+
+namespace py = pybind11;
+
+PYBIND11_DECLARE_HOLDER_TYPE(T, apportion::Ref<T>, true)
+
+namespace apportion::bindings {
+namespace {
+
+// Exception classes from apportion.errors and the stdlib, resolved once at import. Leaked on
+// purpose: their destructors would run after the interpreter is gone.
+struct PyTypes {
+  PyObject* queue_full;
+  PyObject* deadline_exceeded;
+  PyObject* runtime_closed;
+  PyObject* model_not_found;
+  PyObject* apportion_error;
+  PyObject* cancelled_error;
+};
+
+PyTypes& types() {
+  static PyTypes* t = [] {
+    auto errors = py::module_::import("apportion.errors");
+    auto futures = py::module_::import("concurrent.futures");
+    return new PyTypes{
+        py::object(errors.attr("QueueFull")).release().ptr(),
+        py::object(errors.attr("DeadlineExceeded")).release().ptr(),
+        py::object(errors.attr("RuntimeClosed")).release().ptr(),
+        py::object(errors.attr("ModelNotFound")).release().ptr(),
+        py::object(errors.attr("ApportionError")).release().ptr(),
+        py::object(futures.attr("CancelledError")).release().ptr(),
+    };
+  }();
+  return *t;
+}
+
+[[noreturn]] void raise(PyObject* type, const std::string& msg) {
+  PyErr_SetString(type, msg.c_str());
+  throw py::error_already_set();
+}
+
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// The raised exception, normalised and carrying its traceback; clears the error indicator.
+PyObject* fetch_exception() {
+#if PY_VERSION_HEX >= 0x030C0000
+  return PyErr_GetRaisedException();
+#else
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb != nullptr && value != nullptr) PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  return value;
+#endif
+}
+
+class PyRequest final : public Request {
+ public:
+  ~PyRequest() override {
+    // Only reachable with the GIL held whenever a Python object is still owned: completion
+    // clears input and callbacks, and every owner of a completed request with a value drops
+    // its reference under the GIL (Future deallocation, or the worker right after completing).
+    Py_XDECREF(input);
+    Py_XDECREF(value);
+    Py_XDECREF(callbacks);
+    Py_XDECREF(self_obj);
+  }
+
+  PyObject* input = nullptr;      // the model's argument; released at completion
+  PyObject* value = nullptr;      // result (ok) or exception (error); released with the request
+  PyObject* callbacks = nullptr;  // list of done-callbacks; released at completion
+  PyObject* self_obj = nullptr;   // the Future, kept alive while callbacks wait for it
+};
+
+// Completes a claimed request whose payload (value) is already stored. GIL held.
+void finish(PyRequest* r, Outcome o, WorkerShard* shard) {
+  Py_CLEAR(r->input);
+  Model::complete(*r, o, shard);
+  if (r->callbacks == nullptr) return;
+  // Take the list first: a callback may add callbacks (run at once, the future being done) or
+  // release the GIL, so nothing may iterate a list another thread can touch.
+  PyObject* cbs = std::exchange(r->callbacks, nullptr);
+  PyObject* self = std::exchange(r->self_obj, nullptr);
+  const Py_ssize_t n = PyList_GET_SIZE(cbs);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* res = PyObject_CallOneArg(PyList_GET_ITEM(cbs, i), self);
+    if (res == nullptr) {
+      // As concurrent.futures does: a failing callback is reported, never propagated.
+      PyErr_WriteUnraisable(PyList_GET_ITEM(cbs, i));
+    }
+    Py_XDECREF(res);
+  }
+  Py_DECREF(cbs);
+  Py_DECREF(self);
+}
+
+struct WorkerState {
+  PyGILState_STATE gil{};
+  PyThreadState* ts = nullptr;
+  PyObject* fn = nullptr;
+  const void* runtime = nullptr;
+};
+
+// The runtime whose worker this thread is (if any): close() from inside a model would join
+// the thread it runs on.
+thread_local const void* current_runtime = nullptr;
+thread_local std::string current_model;
+
+class PyHandler final : public ModelHandler {
+ public:
+  PyHandler(py::object make_instance, const void* runtime)
+      : make_instance_(std::move(make_instance)), runtime_(runtime) {}
+
+  ~PyHandler() override {
+    // Destroyed with the GIL held (the runtime drops models under the GIL); the members are
+    // Python objects.
+  }
+
+  bool start_worker(Worker& w) override {
+    auto* st = new WorkerState;
+    st->runtime = runtime_;
+    st->gil = PyGILState_Ensure();
+    current_runtime = runtime_;
+    current_model = w.model->name();
+    PyObject* index = PyLong_FromUnsignedLong(w.index);
+    PyObject* fn = index ? PyObject_CallOneArg(make_instance_.ptr(), index) : nullptr;
+    Py_XDECREF(index);
+    if (fn == nullptr) {
+      PyObject* exc = fetch_exception();
+      if (!error_) error_ = py::reinterpret_steal<py::object>(exc);
+      else Py_XDECREF(exc);
+      PyGILState_Release(st->gil);
+      delete st;
+      return false;
+    }
+    st->fn = fn;
+    w.user = st;
+    st->ts = PyEval_SaveThread();
+    return true;
+  }
+
+  void run(Worker& w, Request* req) override {
+    auto* st = static_cast<WorkerState*>(w.user);
+    auto* r = static_cast<PyRequest*>(req);
+    if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
+    PyEval_RestoreThread(st->ts);
+    PyObject* res = PyObject_CallOneArg(st->fn, r->input);
+    Outcome o = Outcome::ok;
+    if (res != nullptr) {
+      r->value = res;
+    } else {
+      r->value = fetch_exception();
+      o = Outcome::error;
+    }
+    finish(r, o, &w.shard);
+    Request::release(r);  // may be the last reference: still under the GIL
+    st->ts = PyEval_SaveThread();
+  }
+
+  void abandon(Worker* w, Request* req, Outcome why) override {
+    auto* r = static_cast<PyRequest*>(req);
+    if (interpreter_finalizing()) return;
+    if (w != nullptr) {
+      auto* st = static_cast<WorkerState*>(w->user);
+      PyEval_RestoreThread(st->ts);
+      finish(r, why, nullptr);
+      Request::release(r);
+      st->ts = PyEval_SaveThread();
+    } else {
+      py::gil_scoped_acquire gil;
+      finish(r, why, nullptr);
+      Request::release(r);
+    }
+  }
+
+  void stop_worker(Worker& w) override {
+    auto* st = static_cast<WorkerState*>(w.user);
+    if (st == nullptr || interpreter_finalizing()) return;
+    PyEval_RestoreThread(st->ts);
+    Py_CLEAR(st->fn);
+    PyGILState_Release(st->gil);
+    delete st;
+    w.user = nullptr;
+  }
+
+  /// The first exception a factory raised, if any (GIL held).
+  py::object take_error() { return std::exchange(error_, py::object()); }
+
+ private:
+  py::object make_instance_;
+  const void* runtime_;
+  py::object error_;
+};
+
+struct StringHash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept {
+    return std::hash<std::string_view>{}(s);
+  }
+};
+
+struct Entry {
+  std::shared_ptr<PyHandler> handler;
+  std::shared_ptr<Model> model;
+  int64_t default_timeout_ns = Request::kNoDeadline;
+  uint32_t priority_levels = 1;
+};
+
+int64_t timeout_to_ns(const std::string& model, const char* field, double ms) {
+  if (!std::isfinite(ms) || ms <= 0.0) {
+    PyErr_Format(PyExc_ValueError,
+                 "model '%s': %s must be a positive, finite number of milliseconds (got %R)",
+                 model.c_str(), field, py::float_(ms).ptr());
+    throw py::error_already_set();
+  }
+  const double ns = ms * 1e6;
+  return ns >= 9.2e18 ? Request::kNoDeadline : static_cast<int64_t>(ns);
+}
+
+py::dict histogram_dict(const LogHistogram::Snapshot& h) {
+  py::dict d;
+  d["count"] = h.total;
+  d["mean_ns"] = h.mean();
+  d["p50_ns"] = h.quantile(0.50);
+  d["p90_ns"] = h.quantile(0.90);
+  d["p99_ns"] = h.quantile(0.99);
+  d["p999_ns"] = h.quantile(0.999);
+  d["max_ns"] = h.max;
+  return d;
+}
+
+class RuntimeCore {
+ public:
+  RuntimeCore() { types(); }
+  RuntimeCore(const RuntimeCore&) = delete;
+  RuntimeCore& operator=(const RuntimeCore&) = delete;
+
+  ~RuntimeCore() {
+    // Collected while still open: cancel what is queued rather than leave threads behind.
+    if (!interpreter_finalizing()) close(false);
+  }
+
+  void add_model(const std::string& name, py::object make_instance, uint32_t instances,
+                 std::size_t max_queue, std::optional<double> timeout_ms, uint32_t priority_levels,
+                 uint32_t spin) {
+    if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
+    if (models_.count(name) != 0) {
+      PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
+      throw py::error_already_set();
+    }
+    Entry e;
+    e.handler = std::make_shared<PyHandler>(std::move(make_instance), this);
+    ModelOptions opts{name, instances, max_queue, spin};
+    e.model = std::make_shared<Model>(opts, e.handler);
+    if (timeout_ms) e.default_timeout_ns = timeout_to_ns(name, "timeout_ms", *timeout_ms);
+    e.priority_levels = priority_levels;
+    auto [it, inserted] = models_.emplace(name, std::move(e));
+    (void)inserted;
+    if (started_) start_entry(it->first);
+  }
+
+  void start() {
+    if (closed_) raise(types().runtime_closed, "runtime is closed: cannot start it again");
+    if (started_) return;
+    started_ = true;
+    std::vector<std::string> names;
+    for (auto& [name, e] : models_) {
+      if (!e.model->started()) names.push_back(name);
+    }
+    for (auto& name : names) start_entry(name);
+  }
+
+  void remove_model(const std::string& name, bool drain) {
+    check_not_own_worker("remove_model()");
+    auto it = models_.find(name);
+    if (it == models_.end()) raise_not_found(name);
+    Entry e = std::move(it->second);
+    models_.erase(it);
+    e.model->close(drain);
+    stop(e);
+  }
+
+  Ref<PyRequest> submit(py::str model, py::object input, std::optional<double> timeout_ms,
+                        std::optional<uint32_t> priority) {
+    Entry& e = lookup(model);
+    Ref<PyRequest> r(new PyRequest);
+    prepare(e, *r, timeout_ms, priority);
+    r->input = input.release().ptr();
+    r->add_ref();  // the queue's reference
+    const Admit a = e.model->submit(r.get());
+    if (a != Admit::ok) {
+      Py_CLEAR(r->input);
+      r->try_claim(RequestState::claimed);
+      Request::release(r.get());
+      raise_admission(e, a, 1);
+    }
+    return r;
+  }
+
+  py::list submit_many(py::str model, py::iterable inputs, std::optional<double> timeout_ms,
+                       std::optional<uint32_t> priority) {
+    Entry& e = lookup(model);
+    std::vector<Ref<PyRequest>> reqs;
+    if (py::isinstance<py::sequence>(inputs)) reqs.reserve(py::len(inputs));
+    for (py::handle x : inputs) {
+      Ref<PyRequest> r(new PyRequest);
+      prepare(e, *r, timeout_ms, priority);
+      r->input = py::reinterpret_borrow<py::object>(x).release().ptr();
+      reqs.push_back(std::move(r));
+    }
+    std::vector<Request*> raw;
+    raw.reserve(reqs.size());
+    for (auto& r : reqs) {
+      r->add_ref();  // the queue's reference
+      raw.push_back(r.get());
+    }
+    const Admit a = e.model->submit_n(raw.data(), raw.size());
+    if (a != Admit::ok) {
+      for (auto& r : reqs) {
+        Py_CLEAR(r->input);
+        r->try_claim(RequestState::claimed);
+        Request::release(r.get());
+      }
+      raise_admission(e, a, reqs.size());
+    }
+    py::list out(reqs.size());
+    for (std::size_t i = 0; i < reqs.size(); ++i) {
+      out[i] = py::cast(std::move(reqs[i]));
+    }
+    return out;
+  }
+
+  void close(bool drain) {
+    check_not_own_worker("close()");
+    closed_ = true;
+    std::vector<Entry> entries;
+    for (auto& [name, e] : models_) {
+      e.model->close(drain);
+      entries.push_back(e);
+    }
+    for (auto& e : entries) stop(e);
+  }
+
+  bool closed() const { return closed_; }
+  bool started() const { return started_; }
+
+  std::vector<std::string> model_names() const {
+    std::vector<std::string> names;
+    for (auto& [name, e] : models_) names.push_back(name);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  py::dict model_stats(const std::string& name) {
+    auto it = models_.find(name);
+    if (it == models_.end()) raise_not_found(name);
+    const ModelSnapshot s = it->second.model->snapshot();
+    py::dict d;
+    d["submitted"] = s.submitted;
+    d["completed"] = s.completed;
+    d["failed"] = s.failed;
+    d["rejected"] = s.rejected;
+    d["expired"] = s.expired;
+    d["cancelled"] = s.cancelled;
+    d["queued"] = s.queued;
+    d["instances"] = it->second.model->options().instances;
+    d["max_queue"] = it->second.model->options().max_queue;
+    d["queue_wait"] = histogram_dict(s.queue_wait);
+    d["compute"] = histogram_dict(s.compute);
+    d["end_to_end"] = histogram_dict(s.end_to_end);
+    return d;
+  }
+
+ private:
+  Entry& lookup(py::str model) {
+    Py_ssize_t size = 0;
+    const char* data = PyUnicode_AsUTF8AndSize(model.ptr(), &size);
+    if (data == nullptr) throw py::error_already_set();
+    auto it = models_.find(std::string_view(data, static_cast<std::size_t>(size)));
+    if (it == models_.end()) {
+      if (closed_) raise(types().runtime_closed, "runtime is closed");
+      raise_not_found(std::string(data, static_cast<std::size_t>(size)));
+    }
+    return it->second;
+  }
+
+  [[noreturn]] void raise_not_found(const std::string& name) {
+    std::string known;
+    for (const auto& n : model_names()) known += (known.empty() ? "'" : ", '") + n + "'";
+    raise(types().model_not_found,
+          "no model named '" + name + "' (registered: " + (known.empty() ? "none" : known) + ")");
+  }
+
+  [[noreturn]] void raise_admission(const Entry& e, Admit a, std::size_t n) {
+    const auto& name = e.model->name();
+    if (a == Admit::closed) {
+      raise(types().runtime_closed, closed_ ? "runtime is closed: model '" + name +
+                                                  "' accepts no requests"
+                                            : "model '" + name + "' is closed and accepts no requests");
+    }
+    raise(types().queue_full,
+          "model '" + name + "': queue full (max_queue=" +
+              std::to_string(e.model->options().max_queue) + ", queued=" +
+              std::to_string(e.model->queued()) + "); " + std::to_string(n) +
+              (n == 1 ? " request" : " requests") + " rejected");
+  }
+
+  void prepare(const Entry& e, PyRequest& r, std::optional<double> timeout_ms,
+               std::optional<uint32_t> priority) {
+    int64_t timeout_ns = e.default_timeout_ns;
+    if (timeout_ms) {
+      // A request may only tighten the model's deadline, never extend it.
+      timeout_ns = std::min(timeout_ns, timeout_to_ns(e.model->name(), "timeout_ms", *timeout_ms));
+    }
+    if (timeout_ns != Request::kNoDeadline) r.deadline_ns = now_ns() + timeout_ns;
+    if (priority) {
+      if (*priority >= e.priority_levels) {
+        PyErr_Format(PyExc_ValueError,
+                     "model '%s': priority must be an int in [0, %u) (0 is highest; the model "
+                     "has priority_levels=%u), got %u",
+                     e.model->name().c_str(), e.priority_levels, e.priority_levels, *priority);
+        throw py::error_already_set();
+      }
+      r.priority = *priority;
+    }
+  }
+
+  void check_not_own_worker(const char* what) const {
+    if (current_runtime == this) {
+      raise(types().apportion_error, std::string(what) + " called from a worker of model '" +
+                                         current_model +
+                                         "' of this runtime would wait for itself; call it "
+                                         "from outside the model");
+    }
+  }
+
+  void start_entry(const std::string& name) {
+    Entry e = models_.at(name);
+    uint32_t failed = 0;
+    {
+      py::gil_scoped_release nogil;
+      std::lock_guard lock(lifecycle_mu_);
+      failed = e.model->start();
+    }
+    if (failed != 0) {
+      models_.erase(name);
+      e.model->close(false);
+      stop(e);
+      py::object err = e.handler->take_error();
+      if (err) {
+        PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+        throw py::error_already_set();
+      }
+      raise(types().apportion_error, "model '" + name + "': an instance failed to start");
+    }
+    if (closed_) raise(types().runtime_closed, "runtime was closed while model '" + name + "' started");
+  }
+
+  void stop(Entry& e) {
+    py::gil_scoped_release nogil;
+    std::lock_guard lock(lifecycle_mu_);
+    e.model->join();
+  }
+
+  std::unordered_map<std::string, Entry, StringHash, std::equal_to<>> models_;
+  bool closed_ = false;
+  bool started_ = false;
+  std::mutex lifecycle_mu_;  // serialises starting and joining workers; taken without the GIL
+};
+
+// --- Future ---------------------------------------------------------------------------------
+
+bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
+  if (r.done()) return true;
+  int64_t ns = -1;
+  if (timeout_s) {
+    if (std::isnan(*timeout_s)) throw py::value_error("timeout must be a number or None");
+    ns = *timeout_s <= 0 ? 0 : static_cast<int64_t>(std::min(*timeout_s, 1e9) * 1e9);
+  }
+  bool done = false;
+  {
+    py::gil_scoped_release nogil;
+    done = r.wait_done(ns);
+  }
+  return done;
+}
+
+[[noreturn]] void raise_outcome(PyRequest& r) {
+  switch (r.outcome()) {
+    case Outcome::error:
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(r.value)), r.value);
+      throw py::error_already_set();
+    case Outcome::cancelled:
+      raise(types().cancelled_error, "request to model '" + r.counters->name + "' was cancelled");
+    case Outcome::expired: {
+      const double waited_ms = static_cast<double>(r.start_ns - r.submit_ns) / 1e6;
+      const double budget_ms = static_cast<double>(r.deadline_ns - r.submit_ns) / 1e6;
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    "model '%s': deadline of %.3f ms passed after %.3f ms in the queue; the "
+                    "request was not run",
+                    r.counters->name.c_str(), budget_ms, waited_ms);
+      raise(types().deadline_exceeded, buf);
+    }
+    default:
+      raise(types().apportion_error, "request has no error");
+  }
+}
+
+[[noreturn]] void raise_timeout(double timeout) {
+  PyErr_Format(PyExc_TimeoutError, "request not done within %g s", timeout);
+  throw py::error_already_set();
+}
+
+}  // namespace
+
+void register_engine(py::module_& m) {
+  py::class_<PyRequest, Ref<PyRequest>>(m, "Future", R"doc(
+A pending request (concurrent.futures-compatible interface).
+
+Completes exactly once: with a result, the model's exception, DeadlineExceeded, or cancellation.
+)doc")
+      .def(
+          "result",
+          [](PyRequest& r, std::optional<double> timeout) -> py::object {
+            if (!wait_for(r, timeout)) raise_timeout(timeout.value_or(0));
+            if (r.outcome() == Outcome::ok) return py::reinterpret_borrow<py::object>(r.value);
+            raise_outcome(r);
+          },
+          py::arg("timeout") = py::none(),
+          "The model's result; raises its exception, DeadlineExceeded or CancelledError. "
+          "Waits at most `timeout` seconds (TimeoutError), releasing the GIL while it waits.")
+      .def(
+          "exception",
+          [](PyRequest& r, std::optional<double> timeout) -> py::object {
+            if (!wait_for(r, timeout)) raise_timeout(timeout.value_or(0));
+            switch (r.outcome()) {
+              case Outcome::ok: return py::none();
+              case Outcome::error: return py::reinterpret_borrow<py::object>(r.value);
+              case Outcome::cancelled: raise_outcome(r);
+              default:
+                try {
+                  raise_outcome(r);
+                } catch (py::error_already_set& e) {
+                  return e.value();
+                }
+            }
+          },
+          py::arg("timeout") = py::none(),
+          "The exception the request completed with (None on success); raises CancelledError "
+          "if it was cancelled.")
+      .def("done", &PyRequest::done, "True once the request completed (in any way).")
+      .def("running", [](PyRequest& r) { return r.state() == RequestState::running; },
+           "True while a worker executes the model for this request.")
+      .def("cancelled",
+           [](PyRequest& r) { return r.done() && r.outcome() == Outcome::cancelled; },
+           "True if the request was cancelled.")
+      .def(
+          "cancel",
+          [](PyRequest& r) {
+            if (r.done()) return r.outcome() == Outcome::cancelled;
+            if (!r.try_claim(RequestState::claimed)) return false;
+            finish(&r, Outcome::cancelled, nullptr);
+            return true;
+          },
+          "Cancels the request if it is still queued (it is then never run). Returns whether "
+          "the request is cancelled.")
+      .def(
+          "add_done_callback",
+          [](py::object self, py::object fn) {
+            auto& r = self.cast<PyRequest&>();
+            if (r.done()) {
+              fn(self);
+              return;
+            }
+            if (r.callbacks == nullptr) {
+              r.callbacks = PyList_New(0);
+              r.self_obj = self.inc_ref().ptr();
+            }
+            if (PyList_Append(r.callbacks, fn.ptr()) != 0) throw py::error_already_set();
+          },
+          py::arg("fn"),
+          "Calls fn(future) once the request completes (at once if it already has), in the "
+          "thread that completes it. Exceptions from fn are reported, not raised.")
+      .def_property_readonly(
+          "model", [](PyRequest& r) { return r.counters ? r.counters->name : std::string(); },
+          "Name of the model this request was submitted to.")
+      .def("__repr__", [](PyRequest& r) {
+        static const char* names[] = {"pending", "finished", "error", "rejected", "expired",
+                                      "cancelled"};
+        const char* state = r.state() == RequestState::running ? "running"
+                            : r.done() ? names[static_cast<int>(r.outcome())]
+                                       : "pending";
+        return "<apportion.Future model='" + (r.counters ? r.counters->name : std::string()) +
+               "' state=" + state + ">";
+      });
+
+  py::class_<RuntimeCore>(m, "_Runtime", "Native core of apportion.Runtime.")
+      .def(py::init<>())
+      .def("_add_model", &RuntimeCore::add_model, py::arg("name"), py::arg("make_instance"),
+           py::arg("instances"), py::arg("max_queue"), py::arg("timeout_ms"),
+           py::arg("priority_levels"), py::arg("spin"))
+      .def("_start", &RuntimeCore::start)
+      .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),
+           py::arg("drain") = true,
+           "Unregisters a model: new requests get ModelNotFound; queued ones are finished "
+           "(drain=True) or cancelled (drain=False); returns once its workers have exited.")
+      .def("submit", &RuntimeCore::submit, py::arg("model"), py::arg("inputs"), py::kw_only(),
+           py::arg("timeout_ms") = py::none(), py::arg("priority") = py::none(),
+           "Queues one request; returns a Future. Raises QueueFull, ModelNotFound, RuntimeClosed.")
+      .def("submit_many", &RuntimeCore::submit_many, py::arg("model"), py::arg("inputs"),
+           py::kw_only(), py::arg("timeout_ms") = py::none(), py::arg("priority") = py::none(),
+           "Queues one request per item, all or none (QueueFull if they do not all fit); "
+           "returns a list of Futures.")
+      .def("_close", &RuntimeCore::close, py::arg("drain"))
+      .def_property_readonly("closed", &RuntimeCore::closed)
+      .def_property_readonly("started", &RuntimeCore::started)
+      .def("_model_names", &RuntimeCore::model_names)
+      .def("_model_stats", &RuntimeCore::model_stats, py::arg("name"));
+}
+
+}  // namespace apportion::bindings

@@ -1,0 +1,10 @@
+// One register function per area; module.cpp only calls them (see STYLE.md).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace apportion::bindings {
+
+void register_engine(pybind11::module_& m);
+
+}  // namespace apportion::bindings
