@@ -48,6 +48,12 @@ class FakeDriver final : public DriverApi {
       return s.rfind(prefix, 0) == 0;
     }));
   }
+  /// Like count() but only calls that succeeded (failed ones end in " FAILED").
+  int count_ok(const std::string& prefix) const {
+    return static_cast<int>(std::count_if(log.begin(), log.end(), [&](const std::string& s) {
+      return s.rfind(prefix, 0) == 0 && !s.ends_with(" FAILED");
+    }));
+  }
   std::size_t index_of(const std::string& prefix, std::size_t from = 0) const {
     for (std::size_t i = from; i < log.size(); ++i) {
       if (log[i].rfind(prefix, 0) == 0) return i;
@@ -90,7 +96,7 @@ class FakeDriver final : public DriverApi {
   }
   cu::Result primary_ctx_retain(cu::Context* ctx, cu::Device dev) override {
     log.push_back("cuDevicePrimaryCtxRetain(" + std::to_string(dev) + ")");
-    if (auto r = hit("cuDevicePrimaryCtxRetain")) return r;
+    if (auto r = hit("cuDevicePrimaryCtxRetain")) return logged_failure(r);
     ++primary_refs[dev];
     *ctx = reinterpret_cast<cu::Context>(primary_handle(dev));
     return cu::kSuccess;
@@ -123,7 +129,7 @@ class FakeDriver final : public DriverApi {
   cu::Result stream_create_with_priority(cu::Stream* s, unsigned flags, int prio) override {
     log.push_back("cuStreamCreateWithPriority(flags=" + std::to_string(flags) +
                   ",prio=" + std::to_string(prio) + ")");
-    if (auto r = hit("cuStreamCreateWithPriority")) return r;
+    if (auto r = hit("cuStreamCreateWithPriority")) return logged_failure(r);
     if (ctx_stack.empty()) return cu::kErrorInvalidValue;
     *s = reinterpret_cast<cu::Stream>(next_++);
     live_streams.insert(reinterpret_cast<std::uintptr_t>(*s));
@@ -160,7 +166,7 @@ class FakeDriver final : public DriverApi {
                                             unsigned, unsigned min_count) override {
     log.push_back("cuDevSmResourceSplitByCount(min=" + std::to_string(min_count) +
                   (result ? ")" : ",query)"));
-    if (auto r = hit("cuDevSmResourceSplitByCount")) return r;
+    if (auto r = hit("cuDevSmResourceSplitByCount")) return logged_failure(r);
     const unsigned align = std::max(input->sm.sm_coscheduled_alignment, 1u);
     const unsigned unit = std::max((std::max(min_count, input->sm.min_sm_partition_size) +
                                     align - 1) / align * align, 1u);
@@ -185,7 +191,7 @@ class FakeDriver final : public DriverApi {
   cu::Result dev_resource_generate_desc(cu::ResourceDesc* desc, cu::DevResource* res,
                                         unsigned n) override {
     log.push_back("cuDevResourceGenerateDesc(n=" + std::to_string(n) + ")");
-    if (auto r = hit("cuDevResourceGenerateDesc")) return r;
+    if (auto r = hit("cuDevResourceGenerateDesc")) return logged_failure(r);
     std::vector<int> units;
     for (unsigned i = 0; i < n; ++i) {
       if (res[i].internal_padding[1] != 0xA5) return cu::kErrorInvalidResourceConfiguration;
@@ -199,7 +205,7 @@ class FakeDriver final : public DriverApi {
   cu::Result green_ctx_create(cu::GreenContext* g, cu::ResourceDesc desc, cu::Device,
                               unsigned flags) override {
     log.push_back("cuGreenCtxCreate(flags=" + std::to_string(flags) + ")");
-    if (auto r = hit("cuGreenCtxCreate")) return r;
+    if (auto r = hit("cuGreenCtxCreate")) return logged_failure(r);
     auto h = next_++;
     green_units[h] = descs_.at(reinterpret_cast<std::uintptr_t>(desc));
     live_green.insert(h);
@@ -221,7 +227,7 @@ class FakeDriver final : public DriverApi {
     log.push_back("cuGreenCtxStreamCreate(flags=" + std::to_string(flags) +
                   ",prio=" + std::to_string(prio) + ")");
     if (!status_.green_ctx_stream_create) return cu::kErrorNotSupported;
-    if (auto r = hit("cuGreenCtxStreamCreate")) return r;
+    if (auto r = hit("cuGreenCtxStreamCreate")) return logged_failure(r);
     *s = reinterpret_cast<cu::Stream>(next_++);
     live_streams.insert(reinterpret_cast<std::uintptr_t>(*s));
     stream_ctx[reinterpret_cast<std::uintptr_t>(*s)] =
@@ -239,6 +245,10 @@ class FakeDriver final : public DriverApi {
     auto it = fail_.find(call);
     if (it == fail_.end()) return cu::kSuccess;
     return --it->second.second <= 0 ? it->second.first : cu::kSuccess;
+  }
+  cu::Result logged_failure(cu::Result r) {
+    log.back() += " FAILED";
+    return r;
   }
   std::size_t device_of_ctx(std::uintptr_t ctx) const {
     return static_cast<std::size_t>(ctx - 0x100000);
