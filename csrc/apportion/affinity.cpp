@@ -67,12 +67,16 @@ AffinityResult set_memory_policy(MemoryPolicy policy, const std::vector<int>& no
     rc = syscall(SYS_set_mempolicy, mode, mask.data(), static_cast<unsigned long>(kMaxNodes) + 1);
   }
   if (rc != 0) {
-    std::string nodes_text;
-    for (int n : nodes) nodes_text += (nodes_text.empty() ? "" : ",") + std::to_string(n);
-    return {false, errno_text(("set_mempolicy(" + std::string(to_string(policy)) + ", nodes " +
-                               nodes_text + ") refused")
-                                  .c_str(),
-                              errno)};
+    const int err = errno;  // before any allocation can clobber it
+    std::string what = "set_mempolicy(";
+    what += to_string(policy);
+    what += ", nodes ";
+    for (std::size_t i = 0; i < nodes.size(); ++i) {
+      if (i > 0) what += ',';
+      what += std::to_string(nodes[i]);
+    }
+    what += ") refused";
+    return {false, errno_text(what.c_str(), err)};
   }
   return {true, {}};
 }

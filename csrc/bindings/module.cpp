@@ -10,4 +10,6 @@ PYBIND11_MODULE(_core, m) {
   m.attr("built_with_cuda") = false;
 #endif
   apportion::bindings::register_engine(m);
+  apportion::bindings::register_topology(m);
+  apportion::bindings::register_placement(m);
 }

@@ -1,0 +1,273 @@
+"""Quotas (the CPU side) and plans: which cores, threads and NUMA memory each model gets.
+
+``Quota`` validates every field when it is built, before any C++ call; each error is a
+:class:`~apportion.errors.QuotaError` that names the model and the field and says what is valid.
+``plan(models, topology)`` places the quotas with the native planner (pure and deterministic):
+a request this machine can never satisfy (an unknown NUMA node, a CPU that is offline, more
+cores than exist) is a ``QuotaError``; valid requests that do not fit together are a
+:class:`~apportion.errors.PlacementError` that says what is left. Both carry ``.model`` and
+``.field``.
+
+Semantics (see csrc/apportion/placement.hpp for the exact rules):
+
+- ``cores`` counts *physical* cores, or names logical CPUs explicitly ("0-3,8").
+- ``smt=True`` lets the model also run on its cores' SMT siblings; with ``smt=False`` an
+  exclusive model's siblings stay idle so no other model shares its cores.
+- exclusive models take whole free cores inside one L3 domain when they fit, else one NUMA node,
+  else the fewest domains; shared models run on what no exclusive model holds (the shared pool).
+- ``instances`` split the model's cores into contiguous, near-equal runs; ``threads`` (default:
+  one per CPU of the instance) may not exceed an instance's CPUs without ``oversubscribe=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from . import _core
+from .errors import PlacementError, QuotaError
+from .topology import Topology, format_cpulist, parse_cpulist
+from .topology import topology as read_topology
+
+__all__ = ["InstancePlan", "ModelPlan", "Plan", "Quota", "plan"]
+
+Isolation = Literal["exclusive", "shared"]
+MemoryPolicy = Literal["bind", "prefer", "none"]
+
+_ISOLATIONS = ("exclusive", "shared")
+_MEMORY_POLICIES = ("bind", "prefer", "none")
+
+
+def _quota_error(model: str, field_name: str, message: str) -> QuotaError:
+    err = QuotaError(f"model {model!r}, field {field_name!r}: {message}")
+    err.model = model  # type: ignore[attr-defined]
+    err.field = field_name  # type: ignore[attr-defined]
+    return err
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but cores=True is a mistake, not a count of one.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """The CPU side of one model's quota.
+
+    ``cores``: a count of physical cores, an explicit CPU list (``"0-3,8"`` or a sequence of ids),
+    or None (shared models only: the whole shared pool). ``numa``: a node id or ``"auto"``.
+    """
+
+    name: str
+    cores: int | str | Sequence[int] | None = None
+    instances: int = 1
+    threads: int | None = None
+    isolation: Isolation = "shared"
+    numa: int | Literal["auto"] = "auto"
+    smt: bool = False
+    memory_policy: MemoryPolicy = "bind"
+    oversubscribe: bool = False
+    cpus: tuple[int, ...] | None = field(init=False, default=None)
+    """The explicit CPU list parsed from ``cores``, or None when ``cores`` is a count."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise _quota_error(str(self.name), "name", "give a non-empty string")
+        name = self.name
+        cores = self.cores
+        if cores is None:
+            if self.isolation == "exclusive":
+                raise _quota_error(name, "cores", 'isolation="exclusive" needs cores: a count >= 1 or a CPU '
+                                   'list like "0-3,8"')
+        elif isinstance(cores, str):
+            try:
+                ids = parse_cpulist(cores)
+            except ValueError as e:
+                raise _quota_error(name, "cores", f'{cores!r} is not a CPU list ({e}); give a count >= 1 or '
+                                   'a list like "0-3,8"') from None
+            if not ids:
+                raise _quota_error(name, "cores", 'the CPU list is empty; give a count >= 1 or a list like "0-3,8"')
+            object.__setattr__(self, "cpus", ids)
+        elif _is_int(cores):
+            if cores < 1:
+                raise _quota_error(name, "cores", f"got {cores}; give a count >= 1 of physical cores "
+                                   '(or a CPU list like "0-3,8")')
+        elif isinstance(cores, Sequence) and not isinstance(cores, (bytes, bytearray)):
+            if not cores or not all(_is_int(c) and c >= 0 for c in cores):
+                raise _quota_error(name, "cores", f"got {list(cores)!r}; a CPU list needs CPU ids >= 0")
+            object.__setattr__(self, "cpus", tuple(sorted(set(cores))))
+        else:
+            raise _quota_error(name, "cores", f"got {cores!r} ({type(cores).__name__}); give an integer "
+                               'count >= 1 or a CPU list like "0-3,8"')
+
+        if not _is_int(self.instances) or self.instances < 1:
+            raise _quota_error(name, "instances", f"got {self.instances!r}; give an integer >= 1")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise _quota_error(name, "threads", f"got {self.threads!r}; give an integer >= 1 or None "
+                               "(one per CPU of the instance)")
+        if self.isolation not in _ISOLATIONS:
+            raise _quota_error(name, "isolation", f'got {self.isolation!r}; give "exclusive" or "shared"')
+        if self.numa != "auto" and (not _is_int(self.numa) or self.numa < 0):
+            raise _quota_error(name, "numa", f'got {self.numa!r}; give a node id >= 0 or "auto"')
+        for flag in ("smt", "oversubscribe"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _quota_error(name, flag, f"got {getattr(self, flag)!r}; give True or False")
+        if self.memory_policy not in _MEMORY_POLICIES:
+            raise _quota_error(name, "memory_policy", f'got {self.memory_policy!r}; give "bind", "prefer" or "none"')
+
+        # What can be known without the machine: with smt=False an instance has at most
+        # ceil(cores / instances) CPUs, one per core. The planner checks the exact count.
+        if self.threads is not None and not self.oversubscribe:
+            if self.cpus is not None:
+                per_instance = math.ceil(len(self.cpus) / self.instances)
+                if self.threads > per_instance:
+                    raise _quota_error(name, "threads", f"threads={self.threads} per instance but the CPU list "
+                                       f"gives each of {self.instances} instance(s) at most {per_instance} CPU(s); "
+                                       "use fewer threads, more CPUs, or oversubscribe=True")
+            elif _is_int(cores) and not self.smt:
+                per_instance = math.ceil(cores / self.instances)  # type: ignore[operator]
+                if self.threads > per_instance:
+                    raise _quota_error(name, "threads", f"threads={self.threads} per instance but cores={cores} "
+                                       f"over {self.instances} instance(s) gives at most {per_instance} core(s) "
+                                       "each; use threads <= cores per instance, smt=True (sibling threads) "
+                                       "or oversubscribe=True")
+
+    def _native(self) -> Any:
+        return _core.Quota(
+            name=self.name,
+            cores=self.cores if _is_int(self.cores) else 0,  # type: ignore[arg-type]
+            cpus=list(self.cpus or ()),
+            instances=self.instances,
+            threads=self.threads or 0,
+            isolation=self.isolation,
+            numa=-1 if self.numa == "auto" else self.numa,
+            smt=self.smt,
+            memory_policy=self.memory_policy,
+            oversubscribe=self.oversubscribe,
+        )
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    """Where one instance's worker runs: it pins itself to ``cpus`` and binds memory to
+    ``memory_nodes`` (per the model's ``memory_policy``) before the factory runs."""
+
+    index: int
+    cpus: tuple[int, ...]
+    threads: int
+    memory_nodes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    isolation: Isolation
+    memory_policy: MemoryPolicy
+    cpus: tuple[int, ...]
+    reserved: tuple[int, ...]
+    """SMT siblings held idle for an exclusive model with ``smt=False``."""
+    cores: int
+    locality: Literal["l3", "node", "machine"]
+    order: int
+    """Position in the planner's placement order."""
+    instances: tuple[InstancePlan, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who got which CPUs, threads and memory nodes. Printable; ``to_dict()`` for JSON."""
+
+    models: tuple[ModelPlan, ...]
+    shared_pool: tuple[int, ...]
+    usable: tuple[int, ...]
+    topology: Topology = field(repr=False, compare=False)
+
+    def __getitem__(self, name: str) -> ModelPlan:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.topology.root,
+            "models": [asdict(m) for m in self.models],
+            "shared_pool": list(self.shared_pool),
+            "usable": list(self.usable),
+        }
+
+    def __str__(self) -> str:
+        header = (f"plan on {self.topology.root}: {len(self.usable)} usable CPUs, shared pool "
+                  f"{format_cpulist(self.shared_pool) or 'empty'} ({len(self.shared_pool)} CPUs)")
+        rows = [("model", "isolation", "cores", "cpus", "locality", "instances (cpus x threads)", "memory")]
+        for m in self.models:
+            cpus = format_cpulist(m.cpus) + (f" (+{format_cpulist(m.reserved)} idle)" if m.reserved else "")
+            inst = "  ".join(f"#{i.index} {format_cpulist(i.cpus)} x{i.threads}" for i in m.instances)
+            nodes = sorted({n for i in m.instances for n in i.memory_nodes})
+            memory = "none" if m.memory_policy == "none" else f"{m.memory_policy} node {','.join(map(str, nodes))}"
+            rows.append((m.name, m.isolation, str(m.cores), cpus, m.locality, inst, memory))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [header] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+
+def _coerce(models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]) -> list[Quota]:
+    if isinstance(models, Mapping):
+        return [Quota(name=name, **dict(kw)) for name, kw in models.items()]
+    out = []
+    for m in models:
+        out.append(m if isinstance(m, Quota) else Quota(**dict(m)))
+    return out
+
+
+def plan(
+    models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
+    topology: Topology | None = None,
+) -> Plan:
+    """Place ``models`` (Quotas, dicts of Quota fields, or ``{name: {field: value}}``) on
+    ``topology`` (default: this machine). The same input always gives the same plan, whatever
+    the order of ``models``.
+
+    Raises QuotaError or PlacementError naming the model and the field.
+    """
+    quotas = _coerce(models)
+    seen: set[str] = set()
+    for q in quotas:
+        if q.name in seen:
+            raise _quota_error(q.name, "name", "two models use this name; names must be unique")
+        seen.add(q.name)
+    topo = topology if topology is not None else read_topology()
+    try:
+        raw = _core.plan_placement(topo._native, [q._native() for q in quotas])
+    except (QuotaError, PlacementError) as e:
+        # The native planner calls an explicit CPU list "cpus"; in this API it is given as `cores`.
+        if getattr(e, "field", None) == "cpus":
+            renamed = type(e)(str(e).replace("field 'cpus'", "field 'cores'", 1))
+            renamed.model = e.model  # type: ignore[attr-defined]
+            renamed.field = "cores"  # type: ignore[attr-defined]
+            raise renamed from None
+        raise
+    return Plan(
+        models=tuple(
+            ModelPlan(
+                name=m["name"],
+                isolation=m["isolation"],
+                memory_policy=m["memory_policy"],
+                cpus=tuple(m["cpus"]),
+                reserved=tuple(m["reserved"]),
+                cores=m["cores"],
+                locality=m["locality"],
+                order=m["order"],
+                instances=tuple(
+                    InstancePlan(i, tuple(x["cpus"]), x["threads"], tuple(x["memory_nodes"]))
+                    for i, x in enumerate(m["instances"])
+                ),
+            )
+            for m in raw["models"]
+        ),
+        shared_pool=tuple(raw["shared_pool"]),
+        usable=tuple(raw["usable"]),
+        topology=topo,
+    )
