@@ -1,0 +1,237 @@
+// Tests of the futex-style parking primitives. Each blocking test runs under a watchdog that
+// aborts with a message, so a wake-up that never comes fails the test instead of hanging CI.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "apportion/parking.hpp"
+
+namespace {
+
+using apportion::now_ns;
+using apportion::park_wait;
+using apportion::park_wake;
+using namespace std::chrono_literals;
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
+// A hung thread cannot be cancelled from inside the process, so the watchdog ends the process
+// with a message naming the test.
+class Watchdog {
+ public:
+  explicit Watchdog(std::chrono::seconds limit) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    name_ = info ? std::string(info->test_suite_name()) + "." + info->name() : "?";
+    const auto effective = kSanitized ? limit * 4 : limit;
+    thread_ = std::thread([this, effective] {
+      std::unique_lock lock(mu_);
+      if (!cv_.wait_for(lock, effective, [this] { return done_; })) {
+        std::fprintf(stderr, "\nWATCHDOG: %s did not finish within %lld s (missed wake-up?)\n",
+                     name_.c_str(), static_cast<long long>(effective.count()));
+        std::fflush(stderr);
+        std::abort();
+      }
+    });
+  }
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::string name_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+int current_tid() {
+#if defined(__linux__)
+  return static_cast<int>(::syscall(SYS_gettid));
+#else
+  return 1;
+#endif
+}
+
+// Blocks until thread `tid` sleeps in the kernel. The waiters in these tests make no blocking
+// call but park_wait, so this is "parked"; waking it then tests park_wake, not the value check.
+void wait_until_sleeping(const std::atomic<int>& tid) {
+  while (tid.load() == 0) std::this_thread::sleep_for(1ms);
+#if defined(__linux__)
+  for (;;) {
+    std::ifstream stat("/proc/self/task/" + std::to_string(tid.load()) + "/stat");
+    std::string line;
+    if (std::getline(stat, line)) {
+      const auto p = line.rfind(')');
+      if (p != std::string::npos && p + 2 < line.size() && line[p + 2] == 'S') return;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+#else
+  std::this_thread::sleep_for(200ms);
+#endif
+}
+
+TEST(Parking, NowNsIsMonotonic) {
+  int64_t prev = now_ns();
+  for (int i = 0; i < 1000; ++i) {
+    const int64_t t = now_ns();
+    ASSERT_GE(t, prev);
+    prev = t;
+  }
+}
+
+TEST(Parking, ReturnsAtOnceWhenWordDiffersFromExpected) {
+  Watchdog wd(30s);
+  std::atomic<uint32_t> word{1};
+  // No timeout: if the value check were skipped this would sleep forever.
+  park_wait(word, 0, -1);
+  SUCCEED();
+}
+
+#if defined(__linux__)
+TEST(Parking, TimeoutIsHonouredNotEarly) {
+  // The futex timeout is relative on CLOCK_MONOTONIC (the clock behind now_ns); Linux never ends
+  // it early without a wake or a signal, and this test sends neither.
+  Watchdog wd(30s);
+  std::atomic<uint32_t> word{0};
+  const int64_t timeout = 20'000'000;
+  const int64_t t0 = now_ns();
+  park_wait(word, 0, timeout);
+  EXPECT_GE(now_ns() - t0, timeout);
+}
+#endif
+
+TEST(Parking, ZeroTimeoutDoesNotBlock) {
+  Watchdog wd(30s);
+  std::atomic<uint32_t> word{0};
+  park_wait(word, 0, 0);
+  SUCCEED();
+}
+
+TEST(Parking, SpuriousSafeLoopReachesItsDeadline) {
+  // The documented use: re-check the condition and the remaining time after every return, since
+  // park_wait may return spuriously (and does so every 50 us on non-futex platforms).
+  Watchdog wd(30s);
+  std::atomic<uint32_t> word{0};
+  const int64_t timeout = 15'000'000;
+  const int64_t deadline = now_ns() + timeout;
+  int calls = 0;
+  for (int64_t left = timeout; word.load() == 0 && left > 0; left = deadline - now_ns()) {
+    park_wait(word, 0, left);
+    ++calls;
+  }
+  EXPECT_GE(now_ns(), deadline);
+  EXPECT_GE(calls, 1);
+}
+
+TEST(Parking, WakeReleasesAParkedThread) {
+  Watchdog wd(30s);
+  std::atomic<uint32_t> word{0};
+  std::atomic<int> tid{0};
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    tid = current_tid();
+    while (word.load(std::memory_order_acquire) == 0) park_wait(word, 0, -1);
+    returned = true;
+  });
+  wait_until_sleeping(tid);
+  EXPECT_FALSE(returned.load());
+  // The waiter is already inside the kernel, so the store alone cannot release it: only the
+  // wake can. Without it the join below hangs and the watchdog fires.
+  word.store(1, std::memory_order_release);
+  park_wake(word);
+  waiter.join();
+  EXPECT_TRUE(returned.load());
+}
+
+TEST(Parking, WakeAllReleasesEveryParkedThread) {
+  Watchdog wd(30s);
+  constexpr int kWaiters = 5;
+  std::atomic<uint32_t> word{0};
+  std::vector<std::atomic<int>> tids(kWaiters);
+  std::atomic<int> released{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kWaiters; ++i) {
+    threads.emplace_back([&, i] {
+      tids[static_cast<std::size_t>(i)] = current_tid();
+      while (word.load(std::memory_order_acquire) == 0) park_wait(word, 0, -1);
+      released.fetch_add(1);
+    });
+  }
+  for (const auto& t : tids) wait_until_sleeping(t);
+  word.store(1, std::memory_order_release);
+  park_wake(word);
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(released.load(), kWaiters);
+}
+
+#if defined(__linux__)
+TEST(Parking, WakeOneReleasesOnlyOne) {
+  // Each waiter parks once, whatever it wakes to (the word never changes), so the number of
+  // threads that returned counts the wake-ups delivered.
+  Watchdog wd(30s);
+  constexpr int kWaiters = 3;
+  std::atomic<uint32_t> word{0};
+  std::vector<std::atomic<int>> tids(kWaiters);
+  std::atomic<int> returned{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kWaiters; ++i) {
+    threads.emplace_back([&, i] {
+      tids[static_cast<std::size_t>(i)] = current_tid();
+      park_wait(word, 0, -1);
+      returned.fetch_add(1);
+    });
+  }
+  for (const auto& t : tids) wait_until_sleeping(t);
+  park_wake(word, 1);
+  while (returned.load() < 1) std::this_thread::sleep_for(1ms);
+  // Give a wrongly woken second thread time to show up.
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(returned.load(), 1);
+  park_wake(word);
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(returned.load(), kWaiters);
+}
+#endif
+
+TEST(Parking, WakeWithNoWaitersIsHarmless) {
+  std::atomic<uint32_t> word{0};
+  park_wake(word);
+  park_wake(word, 1);
+  EXPECT_EQ(word.load(), 0u);
+}
+
+}  // namespace
