@@ -22,8 +22,9 @@ std::string share_text(double share) {
 
 void validate(const GpuQuota& q, std::set<std::string>& seen) {
   auto bad = [&](const char* field, const std::string& why) {
+    const char* sep = why.starts_with("=") ? "" : " ";
     throw GpuQuotaError(q.model, field,
-                        "model " + quoted(q.model) + ": gpu." + field + " " + why);
+                        "model " + quoted(q.model) + ": gpu." + field + sep + why);
   };
   if (q.model.empty()) throw GpuQuotaError(q.model, "model", "GPU quota without a model name");
   if (!seen.insert(q.model).second) bad("model", "appears twice; each model has one GPU quota");
