@@ -1,0 +1,323 @@
+"""GPU quotas, plans over described devices, the driver's availability, and (on a machine with a
+CUDA device) partitions and the spin kernel. GPU tests skip here with the driver's reason."""
+
+from __future__ import annotations
+
+import pytest
+
+import apportion as ap
+from apportion import gpu
+from apportion.errors import PlacementError, QuotaError
+
+GiB = 1 << 30
+
+_REASON = gpu.gpu_unavailable_reason()
+requires_gpu = pytest.mark.skipif(
+    _REASON is not None, reason=f"no CUDA device is present: {_REASON}"
+)
+
+
+# --- quotas ---------------------------------------------------------------------------------
+
+
+def test_gpu_quota_defaults() -> None:
+    q = gpu.GPU()
+    assert (q.device, q.streams, q.priority) == (0, 1, "normal")
+    assert q.sm_share is None and q.sm_count is None and q.memory is None
+    assert not q.allow_overlap and not q.strict
+    assert not q.wants_sm_group
+    assert gpu.GPU(sm_count=8).wants_sm_group
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4GiB", 4 * GiB),
+        ("512MB", 512 * 1000**2),
+        ("1.5 gib", 3 * GiB // 2),
+        ("64kib", 64 * 1024),
+        ("2TB", 2 * 1000**4),
+        ("1024", 1024),
+        ("7B", 7),
+        (4096, 4096),
+    ],
+)
+def test_memory_sizes_normalise_to_bytes(text: int | str, expected: int) -> None:
+    assert gpu.parse_memory(text) == expected
+    assert gpu.GPU(memory=text).memory == expected
+
+
+@pytest.mark.parametrize("bad", ["4 GiBs", "lots", "-1GiB", "", 0, -5, 1.5, True, "0.1B"])
+def test_bad_memory_sizes_name_the_field(bad: object) -> None:
+    with pytest.raises(QuotaError, match=r"gpu\.memory") as info:
+        gpu.GPU(memory=bad)  # type: ignore[arg-type]
+    assert info.value.field == "memory"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"device": -1}, "device"),
+        ({"device": "gpu0"}, "device"),
+        ({"device": 1.0}, "device"),
+        ({"streams": 0}, "streams"),
+        ({"streams": 65}, "streams"),
+        ({"streams": True}, "streams"),
+        ({"priority": "urgent"}, "priority"),
+        ({"priority": 1.5}, "priority"),
+        ({"priority": None}, "priority"),
+        ({"sm_share": 0.0}, "sm_share"),
+        ({"sm_share": 1.01}, "sm_share"),
+        ({"sm_share": float("nan")}, "sm_share"),
+        ({"sm_share": "half"}, "sm_share"),
+        ({"sm_share": 0.5, "sm_count": 8}, "sm_share"),
+        ({"sm_count": 0}, "sm_count"),
+        ({"sm_count": 2.5}, "sm_count"),
+        ({"allow_overlap": 1}, "allow_overlap"),
+        ({"strict": "yes"}, "strict"),
+    ],
+)
+def test_invalid_fields_raise_quota_error_naming_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(QuotaError, match=rf"gpu\.{field}") as info:
+        gpu.GPU(**kwargs)
+    assert info.value.field == field  # type: ignore[attr-defined]
+    assert isinstance(info.value, ap.ApportionError)
+
+
+def test_validate_names_the_model() -> None:
+    q = gpu.GPU(sm_share=0.5)
+    assert q.validate("ranker") is q
+    with pytest.raises(QuotaError, match=r"^model 'ranker': gpu\.streams=0 must be") as info:
+        _bad_streams("ranker")
+    assert info.value.model == "ranker"  # type: ignore[attr-defined]
+    with pytest.raises(QuotaError, match="model name"):
+        q.validate("")
+
+
+def _bad_streams(model: str) -> None:
+    # A quota that passed construction and was broken afterwards (frozen dataclasses can still be
+    # forced): validate(model) must catch it and name the model.
+    q = gpu.GPU()
+    object.__setattr__(q, "streams", 0)
+    q.validate(model)
+
+
+def test_device_accepts_cuda_strings() -> None:
+    assert gpu.GPU(device="cuda:1").device == 1
+    assert gpu.GPU(device="cuda").device == 0
+
+
+def test_to_native_carries_every_field() -> None:
+    q = gpu.GPU(device=1, streams=2, priority=-3, sm_count=16, memory="1GiB", strict=True)
+    assert q.to_native("m") == {
+        "model": "m",
+        "device": 1,
+        "streams": 2,
+        "priority": -3,
+        "sm_share": None,
+        "sm_count": 16,
+        "memory": GiB,
+        "allow_overlap": False,
+        "strict": True,
+    }
+
+
+# --- described devices and plans ------------------------------------------------------------
+
+
+def test_described_devices() -> None:
+    assert gpu.described_device_names() == ["h200", "h100", "a100", "v100-cuda12.2"]
+    h200 = gpu.described_device("h200")
+    assert (h200.sm_count, h200.sm_granularity, h200.sm_units) == (132, 8, 16)
+    assert (h200.priority_least, h200.priority_greatest) == (0, -5)
+    assert h200.green_contexts
+    a100 = gpu.described_device("a100", 2)
+    assert (a100.ordinal, a100.sm_count, a100.sm_alignment) == (2, 108, 2)
+    assert not gpu.described_device("v100-cuda12.2").green_contexts
+    assert "132 SMs" in str(h200)
+    with pytest.raises(ValueError, match="known: h200"):
+        gpu.described_device("tpu-v5")
+
+
+def test_six_groups_of_eleven_sms_round_to_sixteen() -> None:
+    plan = gpu.plan_gpus({f"m{i}": gpu.GPU(sm_count=11) for i in range(6)}, "h200")
+    assert [m.sm_count for m in plan.models.values()] == [16] * 6
+    assert all(m.sm_rounded and m.sm_asked == 11 for m in plan.models.values())
+    assert plan.models["m5"].sm_units == [10, 11]
+    assert plan.devices[0].sm_unassigned == 36
+    assert any("asked for 11 SMs, gets 16" in n for n in plan.notes)
+    assert any("36 of 132 SMs are in no group" in n for n in plan.notes)
+    text = str(plan)
+    assert "GPU plan" in text and "16 [units 0-1]" in text
+
+
+def test_priorities_map_and_clamp() -> None:
+    plan = gpu.plan_gpus(
+        [
+            ("hi", gpu.GPU(priority="high")),
+            ("mid", gpu.GPU(priority="normal")),
+            ("lo", gpu.GPU(priority="low")),
+            ("over", gpu.GPU(priority=-12)),
+        ],
+        gpu.described_device("a100"),
+    )
+    got = {name: m.priority for name, m in plan.models.items()}
+    assert got == {"hi": -5, "mid": -2, "lo": 0, "over": -5}
+    assert plan.models["over"].priority_clamped
+    assert not plan.models["hi"].priority_clamped
+    assert any("priority -12 is outside" in n for n in plan.notes)
+
+
+def test_sm_oversubscription_is_a_placement_error_saying_what_is_left() -> None:
+    with pytest.raises(PlacementError, match="only 24 of 128 groupable SMs are left") as info:
+        gpu.plan_gpus({"a": gpu.GPU(sm_count=100), "b": gpu.GPU(sm_share=0.3)}, "h100")
+    assert info.value.model == "b"  # type: ignore[attr-defined]
+
+
+def test_overlap_is_allowed_when_the_quota_says_so() -> None:
+    plan = gpu.plan_gpus(
+        {"a": gpu.GPU(sm_count=100), "b": gpu.GPU(sm_share=0.3, allow_overlap=True)}, "h100"
+    )
+    assert plan.models["b"].sm_overlaps
+    assert plan.models["b"].sm_count == 40
+
+
+def test_memory_oversubscription_names_the_model_and_what_is_left() -> None:
+    with pytest.raises(PlacementError, match=r"model 'b' asks for 30\.0 GiB .* only 19\.6 GiB"):
+        gpu.plan_gpus({"a": gpu.GPU(memory="60GiB"), "b": gpu.GPU(memory="30GiB")}, "h100")
+    plan = gpu.plan_gpus(
+        {"a": gpu.GPU(memory="60GiB"), "b": gpu.GPU(memory="30GiB", allow_overlap=True)}, "h100"
+    )
+    assert plan.models["b"].memory == 30 * GiB
+
+
+def test_old_driver_falls_back_or_fails_when_strict() -> None:
+    plan = gpu.plan_gpus({"a": gpu.GPU(sm_share=0.5)}, "v100-cuda12.2")
+    assert plan.models["a"].sm_count == 0
+    assert any("priority-only streams" in n for n in plan.notes)
+    with pytest.raises(PlacementError, match=r"strict=True.*CUDA 12\.4\+"):
+        gpu.plan_gpus({"a": gpu.GPU(sm_share=0.5, strict=True)}, "v100-cuda12.2")
+
+
+def test_missing_device_and_multiple_devices() -> None:
+    with pytest.raises(PlacementError, match="asks for GPU 2 but the devices are 0 1"):
+        gpu.plan_gpus({"a": gpu.GPU(device=2)}, ["h200", "h200"])
+    plan = gpu.plan_gpus(
+        {"a": gpu.GPU(sm_count=128), "b": gpu.GPU(device=1, sm_count=128)}, ["h200", "h200"]
+    )
+    assert plan.models["a"].sm_units == plan.models["b"].sm_units
+
+
+def test_plans_are_deterministic() -> None:
+    models = {f"m{i}": gpu.GPU(sm_count=8 * (i + 1), priority=i - 3) for i in range(4)}
+    assert str(gpu.plan_gpus(models, "h200")) == str(gpu.plan_gpus(models, "h200"))
+
+
+def test_plan_rejects_non_gpu_quotas_and_bad_devices() -> None:
+    with pytest.raises(QuotaError, match="model 'a': gpu must be"):
+        gpu.plan_gpus({"a": {"sm_share": 0.5}}, "h200")  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="devices"):
+        gpu.plan_gpus({"a": gpu.GPU()}, [42])  # type: ignore[list-item]
+
+
+def test_edited_described_device() -> None:
+    d = gpu.described_device("h200")
+    d.free_memory = 10 * GiB
+    with pytest.raises(PlacementError, match=r"only 10\.0 GiB is left"):
+        gpu.plan_gpus({"a": gpu.GPU(memory="12GiB")}, d)
+
+
+def test_gpu_context_speaks_the_cuda_stream_protocol() -> None:
+    ctx = gpu.GpuContext(
+        model="m", device=0, stream_ptr=0x1234, sm_count=16, priority=-5, memory=0,
+        green_context=True,
+    )
+    assert ctx.__cuda_stream__() == (0, 0x1234)
+
+
+# --- the driver on this machine -------------------------------------------------------------
+
+
+def test_driver_status_is_consistent() -> None:
+    st = gpu.driver_status()
+    assert set(st) >= {"available", "reason", "driver_version", "device_count", "green_contexts"}
+    assert gpu.gpu_available() == st["available"]
+    if st["available"]:
+        assert gpu.gpu_unavailable_reason() is None
+        assert st["device_count"] == len(gpu.devices()) > 0
+    else:
+        assert gpu.gpu_unavailable_reason() == st["reason"] != ""
+        assert gpu.devices() == []
+        assert not gpu.spin_available()
+
+
+@pytest.mark.skipif(_REASON is None, reason="a CUDA device is present")
+def test_without_a_gpu_live_plans_and_partitions_explain_why() -> None:
+    with pytest.raises(PlacementError, match="no GPU is available") as info:
+        gpu.plan_gpus({"a": gpu.GPU()})
+    assert _REASON in str(info.value)
+    plan = gpu.plan_gpus({"a": gpu.GPU()}, "h200")
+    with pytest.raises(PlacementError, match="no usable GPU"):
+        gpu.GpuPartition(plan)
+
+
+def test_built_with_cuda_is_exposed() -> None:
+    assert isinstance(ap._core.built_with_cuda, bool)
+    if not ap._core.built_with_cuda:
+        assert not gpu.spin_available()
+
+
+# --- on a CUDA device -----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_live_partition_gives_streams_with_priorities_and_green_contexts() -> None:
+    dev = gpu.devices()[0]
+    unit = dev.sm_granularity
+    plan = gpu.plan_gpus(
+        {
+            "victim": gpu.GPU(sm_count=2 * unit, priority="high", streams=2),
+            "bulk": gpu.GPU(priority="low"),
+        },
+        [dev],
+    )
+    with gpu.GpuPartition(plan) as part:
+        v0 = part.context("victim", 0)
+        v1 = part.context("victim", 1)
+        assert v0.stream_ptr != v1.stream_ptr
+        assert part.context("victim", 2).stream_ptr == v0.stream_ptr
+        assert v0.priority == dev.priority_greatest
+        if dev.green_contexts:
+            assert v0.green_context and v0.sm_count == 2 * unit
+        bulk = part.context("bulk")
+        assert not bulk.green_context and bulk.sm_count == 0
+    assert part.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        part.context("victim")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_spin_kernel_records_sms_and_green_groups_are_disjoint() -> None:
+    if not gpu.spin_available():
+        pytest.skip("this build has no CUDA spin kernel (APPORTION_WITH_CUDA=OFF)")
+    native = ap._core.gpu
+    buf = native.SpinBuffer(32)
+    native.launch_spin(0, 50.0, 32, buf.ptr)
+    native.stream_synchronize(0)
+    ids = buf.read()
+    assert len(ids) == 32 and len(set(ids)) > 1
+    dev = gpu.devices()[0]
+    if not dev.green_contexts:
+        pytest.skip("the driver cannot build green contexts")
+    unit = dev.sm_granularity
+    plan = gpu.plan_gpus({"a": gpu.GPU(sm_count=unit), "b": gpu.GPU(sm_count=3 * unit)}, [dev])
+    with gpu.GpuPartition(plan) as part:
+        a = part.context("a")
+        b = part.context("b")
+        _, sms_a = native.time_spins(a.stream_ptr, 50.0, 8 * unit, 32, 5)
+        _, sms_b = native.time_spins(b.stream_ptr, 50.0, 24 * unit, 32, 5)
+    assert 0 < len(sms_a) <= unit
+    assert 0 < len(sms_b) <= 3 * unit
+    assert not set(sms_a) & set(sms_b)
