@@ -194,12 +194,14 @@ class Topology:
                 ids = [c for core in usable_cores if core.kind == kind for c in core.usable]
                 lines.append(f"  {kind} cores: {sum(1 for c in usable_cores if c.kind == kind)}"
                              f" (CPUs {format_cpulist(ids) or 'none'})")
+        usable = set(self.usable)
         for node in self.nodes:
-            node_usable = [c for c in node.cpus if c in set(self.usable)]
+            node_usable = [c for c in node.cpus if c in usable]
             lines.append(f"  node {node.id}: {_gib(node.memory_bytes)}, usable CPUs "
                          f"{format_cpulist(node_usable) or 'none'}")
+            in_node = set(node_usable)
             for dom in self.l3_domains:
-                dom_usable = [c for c in dom.cpus if c in set(node_usable)]
+                dom_usable = [c for c in dom.cpus if c in in_node]
                 if not dom_usable:
                     continue
                 ncores = sum(1 for core in usable_cores if core.l3 == dom.index and core.node == node.id)
