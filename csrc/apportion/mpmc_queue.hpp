@@ -102,13 +102,13 @@ class MpmcQueue {
       }
       const uint32_t epoch = epoch_.load(std::memory_order_acquire);
       // Announce the sleeper, then look at tail_. Both are seq_cst, as are a producer's claim of
-      // a slot (its CAS on tail_) and its later load of sleepers_, so they fall in one total
-      // order: either the claim comes after this announcement, and that producer sees
-      // sleepers_ > 0 and bumps the epoch (the futex wait below then returns at once), or it
-      // comes before, and the load of tail_ below sees it. Never both missed.
-      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      // a slot (its CAS on tail_) and its later load of waiters_, so they fall in one total
+      // order: either the claim comes after this announcement, and that producer sees the
+      // sleeper and bumps the epoch (the futex wait below then returns at once), or it comes
+      // before, and the load of tail_ below sees it. Never both missed.
+      waiters_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
       if (try_pop(out)) {
-        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        leave_waiters();
         return PopStatus::ok;
       }
       // A slot claimed but not popped: its item is published or moments from it (the producer is
@@ -119,14 +119,14 @@ class MpmcQueue {
       if (deadline >= 0) {
         remaining = deadline - now_ns();
         if (remaining <= 0) {
-          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          leave_waiters();
           return PopStatus::timeout;
         }
       }
       if (!pending && !closed_.load(std::memory_order_acquire)) {
         park_wait(epoch_, epoch, remaining);
       }
-      sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      leave_waiters();
       // Rare: a producer preempted between its claim and its publication. Yield (unregistered,
       // so pushes meanwhile skip the wake-up syscall) so that on a busy core it can finish.
       if (pending) std::this_thread::yield();
@@ -196,12 +196,37 @@ class MpmcQueue {
     return true;
   }
 
+  // Wakes one sleeper unless every sleeper already has a wake-up on its way. Without that
+  // check, every push made while a woken consumer is still being scheduled (microseconds, far
+  // longer on a loaded machine) pays a futex syscall for nobody, and the producer slows to the
+  // syscall rate exactly when the consumer is behind.
   void notify_one() noexcept {
     // seq_cst, after the seq_cst claim of tail_ in emplace_impl: see pop_wait. No fence needed
     // (and none that ThreadSanitizer cannot model).
-    if (sleepers_.load(std::memory_order_seq_cst) != 0) {
-      epoch_.fetch_add(1, std::memory_order_release);
-      park_wake(epoch_, 1);
+    uint64_t w = waiters_.load(std::memory_order_seq_cst);
+    for (;;) {
+      const uint64_t sleepers = w >> 32;
+      const uint64_t woken = w & kWokenMask;
+      if (woken >= sleepers) return;  // no sleepers, or each has a wake-up in flight
+      if (waiters_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel,
+                                         std::memory_order_relaxed)) {
+        break;
+      }
+    }
+    epoch_.fetch_add(1, std::memory_order_release);
+    park_wake(epoch_, 1);
+  }
+
+  // A sleeper stops waiting (for any reason): it takes one in-flight wake-up with it, if there
+  // is one. Wake-ups are not addressed, so the one taken may have been meant for another
+  // sleeper; that only leaves `woken` too low, which costs a spare wake-up, never a missed one.
+  // `woken <= sleepers` holds throughout, so a push never skips a sleeper nobody is waking.
+  void leave_waiters() noexcept {
+    uint64_t w = waiters_.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t woken = w & kWokenMask;
+      const uint64_t next = w - kOneSleeper - (woken != 0 ? 1 : 0);
+      if (waiters_.compare_exchange_weak(w, next, std::memory_order_relaxed)) return;
     }
   }
 
@@ -211,7 +236,11 @@ class MpmcQueue {
   alignas(kCacheLine) std::atomic<std::size_t> head_{0};
   alignas(kCacheLine) std::atomic<std::size_t> tail_{0};
   alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
-  std::atomic<uint32_t> sleepers_{0};
+  // Sleepers in the high half, wake-ups issued to them and not yet taken in the low half; one
+  // word so that "is anyone asleep that no wake-up is heading for?" is one atomic read.
+  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
+  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
+  std::atomic<uint64_t> waiters_{0};
   std::atomic<bool> closed_{false};
 };
 
