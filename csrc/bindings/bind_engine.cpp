@@ -299,7 +299,16 @@ class RuntimeCore {
     for (auto& [name, e] : models_) {
       if (!e.model->started()) names.push_back(name);
     }
-    for (auto& name : names) start_entry(name);
+    // Every model starts even if one fails: the failure is raised after the others serve.
+    std::optional<py::error_already_set> first_error;
+    for (auto& name : names) {
+      try {
+        start_entry(name);
+      } catch (py::error_already_set& e) {
+        if (!first_error) first_error.emplace(std::move(e));
+      }
+    }
+    if (first_error) throw std::move(*first_error);
   }
 
   void remove_model(const std::string& name, bool drain) {

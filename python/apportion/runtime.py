@@ -145,11 +145,15 @@ class Runtime(_core._Runtime):
         priority_levels = _quota_int(name, "priority_levels", priority_levels, 1, 256)
         spin = _quota_int(name, "spin", spin, 0, 1 << 20)
 
+        # The native runtime owns this closure: it must not reference the runtime itself, or
+        # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
+        cpus = self._cpus
+
         def make_instance(index: int) -> Callable[[Any], Any]:
             if model is not None:
                 return model
             ctx = InstanceContext(model=name, instance=index, instances=instances,
-                                  threads=threads, cpus=self._cpus)
+                                  threads=threads, cpus=cpus)
             fn = factory(ctx)  # type: ignore[misc]
             if not callable(fn):
                 raise TypeError(

@@ -1,0 +1,431 @@
+"""Runtime behaviour: models, factories, submission, errors, admission, deadlines, removal."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+
+import pytest
+
+import apportion as ap
+
+
+def wait_until(pred, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.001)
+
+
+# -- factories and instances --------------------------------------------------------------------
+
+
+def test_factory_runs_once_per_instance_inside_its_worker_thread(rt: ap.Runtime) -> None:
+    seen: list[tuple[int, int, str]] = []
+    lock = threading.Lock()
+
+    def factory(ctx: ap.InstanceContext):
+        with lock:
+            seen.append((ctx.instance, threading.get_ident(), ctx.model))
+
+        def serve(x):
+            return (ctx.instance, threading.get_ident(), x)
+
+        return serve
+
+    rt.add_model("m", factory=factory, instances=3)
+    assert seen == []  # nothing is built before start()
+    rt.start()
+    assert sorted(i for i, _, _ in seen) == [0, 1, 2]
+    assert {m for _, _, m in seen} == {"m"}
+    main = threading.get_ident()
+    factory_threads = {i: tid for i, tid, _ in seen}
+    assert main not in factory_threads.values()
+    assert len(set(factory_threads.values())) == 3
+    # each instance serves from the very thread its factory ran in
+    for inst, tid, x in (f.result() for f in rt.submit_many("m", range(200))):
+        assert factory_threads[inst] == tid
+
+
+def test_shared_model_callable_serves_every_instance(rt: ap.Runtime) -> None:
+    rt.add_model("double", model=lambda x: 2 * x, instances=2)
+    rt.start()
+    assert [f.result() for f in rt.submit_many("double", range(10))] == [2 * i for i in range(10)]
+    assert rt.submit("double", 21).result() == 42
+
+
+def test_requests_submitted_before_start_wait_in_the_queue(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda x: x + 1)
+    f = rt.submit("m", 1)
+    time.sleep(0.01)
+    assert not f.done()
+    rt.start()
+    assert f.result(timeout=10) == 2
+
+
+def test_factory_exception_is_raised_by_start_and_model_is_not_registered(rt: ap.Runtime) -> None:
+    def broken(ctx):
+        if ctx.instance == 1:
+            raise RuntimeError("weights missing")
+        return lambda x: x
+
+    rt.add_model("ok", model=lambda x: x)
+    rt.add_model("broken", factory=broken, instances=2)
+    with pytest.raises(RuntimeError, match="weights missing"):
+        rt.start()
+    assert rt.models == ["ok"]
+    assert rt.submit("ok", 5).result() == 5
+    with pytest.raises(ap.ModelNotFound):
+        rt.submit("broken", 1)
+
+
+def test_factory_exception_is_raised_by_add_model_on_a_running_runtime(rt: ap.Runtime) -> None:
+    rt.start()
+
+    def broken(ctx):
+        raise OSError("no such file")
+
+    with pytest.raises(OSError, match="no such file"):
+        rt.add_model("broken", factory=broken)
+    assert rt.models == []
+
+
+def test_factory_returning_non_callable_is_a_type_error(rt: ap.Runtime) -> None:
+    rt.start()
+    with pytest.raises(TypeError, match=r"model 'x': factory returned int, which is not callable"):
+        rt.add_model("x", factory=lambda ctx: 3)
+
+
+# -- quota validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"instances": 0}, "instances"),
+        ({"instances": -1}, "instances"),
+        ({"instances": 1.5}, "instances"),
+        ({"instances": True}, "instances"),
+        ({"instances": 10_000}, "instances"),
+        ({"max_queue": 0}, "max_queue"),
+        ({"max_queue": "big"}, "max_queue"),
+        ({"timeout_ms": 0}, "timeout_ms"),
+        ({"timeout_ms": -5}, "timeout_ms"),
+        ({"timeout_ms": math.nan}, "timeout_ms"),
+        ({"timeout_ms": math.inf}, "timeout_ms"),
+        ({"timeout_ms": "10ms"}, "timeout_ms"),
+        ({"threads": 0}, "threads"),
+        ({"priority_levels": 0}, "priority_levels"),
+        ({"spin": -1}, "spin"),
+    ],
+)
+def test_invalid_quota_names_model_and_field(rt: ap.Runtime, kwargs: dict, field: str) -> None:
+    with pytest.raises(ap.QuotaError) as err:
+        rt.add_model("ranker", model=lambda x: x, **kwargs)
+    assert "'ranker'" in str(err.value)
+    assert field in str(err.value)
+    assert rt.models == []
+
+
+def test_model_and_factory_are_mutually_exclusive(rt: ap.Runtime) -> None:
+    with pytest.raises(ap.QuotaError, match="exactly one of factory= or model="):
+        rt.add_model("m")
+    with pytest.raises(ap.QuotaError, match="exactly one of factory= or model="):
+        rt.add_model("m", factory=lambda c: print, model=print)
+    with pytest.raises(ap.QuotaError, match="model 'm': model must be callable"):
+        rt.add_model("m", model=3)
+    with pytest.raises(ap.QuotaError, match="model 'm': factory must be callable"):
+        rt.add_model("m", factory="build")
+    with pytest.raises(ap.QuotaError, match="non-empty string"):
+        rt.add_model("", model=print)
+
+
+def test_duplicate_model_name_is_refused(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=print)
+    with pytest.raises(ValueError, match="model 'm' is already registered"):
+        rt.add_model("m", model=print)
+
+
+def test_runtime_cpus_are_validated() -> None:
+    with pytest.raises(ap.QuotaError, match="cpus"):
+        ap.Runtime(cpus=[])
+    with pytest.raises(ap.QuotaError, match="cpus"):
+        ap.Runtime(cpus=[-1])
+
+
+# -- submission and errors -----------------------------------------------------------------------
+
+
+def test_unknown_model_raises_model_not_found_listing_models(rt: ap.Runtime) -> None:
+    rt.add_model("a", model=print)
+    rt.start()
+    with pytest.raises(ap.ModelNotFound, match=r"no model named 'b' \(registered: 'a'\)") as err:
+        rt.submit("b", 1)
+    assert isinstance(err.value, KeyError)
+    with pytest.raises(ap.ModelNotFound):
+        rt.submit_many("b", [1, 2])
+
+
+def test_model_exception_reaches_caller_unchanged_with_traceback(rt: ap.Runtime) -> None:
+    class ModelBug(Exception):
+        pass
+
+    def faulty_model(x):
+        raise ModelBug(f"bad input {x}")
+
+    rt.add_model("m", model=faulty_model)
+    rt.start()
+    fut = rt.submit("m", 7)
+    with pytest.raises(ModelBug, match="bad input 7") as err:
+        fut.result()
+    frames = [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert "faulty_model" in frames
+    assert isinstance(fut.exception(), ModelBug)
+    assert fut.done() and not fut.cancelled()
+    assert rt.stats()["m"].failed == 1
+
+
+def test_invalid_request_arguments_name_model_and_field(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=print, priority_levels=2)
+    for bad in (0, -1, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"model 'm': timeout_ms must be a positive"):
+            rt.submit("m", 1, timeout_ms=bad)
+    with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\)"):
+        rt.submit("m", 1, priority=2)
+    with pytest.raises(TypeError):
+        rt.submit("m", 1, priority=-1)
+    assert rt.stats()["m"].submitted == 0
+
+
+def test_queue_full_is_refused_at_admission(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate, max_queue=4)
+    rt.start()
+    running = rt.submit("m", "running")
+    assert gate.entered.wait(10)
+    queued = [rt.submit("m", i) for i in range(4)]
+    with pytest.raises(ap.QueueFull, match=r"model 'm': queue full \(max_queue=4"):
+        rt.submit("m", "overflow")
+    with pytest.raises(ap.QueueFull, match="2 requests rejected"):
+        rt.submit_many("m", ["a", "b"])
+    s = rt.stats()["m"]
+    assert (s.submitted, s.rejected, s.queued) == (8, 3, 4)
+    gate.release.set()
+    assert running.result(10) == "running"
+    assert [f.result(10) for f in queued] == [0, 1, 2, 3]
+    assert "overflow" not in gate.calls
+
+
+def test_submit_many_is_all_or_nothing(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate, max_queue=3)
+    rt.submit("m", 0)
+    with pytest.raises(ap.QueueFull):
+        rt.submit_many("m", [1, 2, 3])
+    assert rt.stats()["m"].queued == 1
+    futs = rt.submit_many("m", iter([1, 2]))  # any iterable
+    gate.release.set()
+    rt.start()
+    assert [f.result(10) for f in futs] == [1, 2]
+    assert rt.submit_many("m", []) == []
+
+
+def test_expired_request_completes_with_deadline_exceeded_and_never_runs(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    first = rt.submit("m", "first")
+    assert gate.entered.wait(10)
+    late = rt.submit("m", "late", timeout_ms=5)
+    time.sleep(0.05)
+    gate.release.set()
+    assert first.result(10) == "first"
+    with pytest.raises(ap.DeadlineExceeded, match=r"model 'm': deadline of 5.000 ms passed") as err:
+        late.result(10)
+    assert isinstance(err.value, TimeoutError)
+    assert "late" not in gate.calls
+    assert isinstance(late.exception(), ap.DeadlineExceeded)
+    assert rt.stats()["m"].expired == 1
+
+
+def test_request_timeout_can_only_tighten_the_model_default(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate, timeout_ms=20)
+    rt.start()
+    rt.submit("m", "block")
+    assert gate.entered.wait(10)
+    loose = rt.submit("m", "loose", timeout_ms=60_000)  # cannot extend the 20 ms default
+    time.sleep(0.08)
+    gate.release.set()
+    with pytest.raises(ap.DeadlineExceeded, match="deadline of 20.000 ms"):
+        loose.result(10)
+
+
+# -- futures -------------------------------------------------------------------------------------
+
+
+def test_cancel_queued_request_never_runs(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    running = rt.submit("m", "running")
+    assert gate.entered.wait(10)
+    assert running.running()
+    queued = rt.submit("m", "queued")
+    assert not queued.running() and not queued.done()
+    assert queued.cancel() is True
+    assert queued.cancel() is True  # idempotent
+    assert queued.cancelled() and queued.done()
+    assert running.cancel() is False  # already running
+    gate.release.set()
+    with pytest.raises(__import__("concurrent.futures").futures.CancelledError):
+        queued.result()
+    with pytest.raises(__import__("concurrent.futures").futures.CancelledError):
+        queued.exception()
+    assert running.result(10) == "running"
+    assert running.cancel() is False and not running.cancelled()
+    rt.submit("m", "after").result(10)  # the tombstone was skipped, the queue still serves
+    assert gate.calls == ["running", "after"]
+    s = rt.stats()["m"]
+    assert (s.cancelled, s.completed, s.queued) == (1, 2, 0)
+
+
+def test_result_timeout_raises_timeout_error(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    f = rt.submit("m", 1)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="not done within"):
+        f.result(timeout=0.05)
+    assert time.monotonic() - t0 >= 0.04
+    with pytest.raises(TimeoutError):
+        f.exception(timeout=0)
+    gate.release.set()
+    assert f.result(timeout=10) == 1
+
+
+def test_waiting_on_a_future_releases_the_gil(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    f = rt.submit("m", 1)
+    ticks = []
+
+    def ticker():
+        while not gate.release.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    threading.Timer(0.1, gate.release.set).start()
+    assert f.result(10) == 1
+    t.join()
+    assert len(ticks) > 10
+
+
+def test_done_callbacks_run_once_in_completing_thread_or_at_once(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda x: x * 3)
+    rt.start()
+    calls: list[tuple[object, int]] = []
+    done = threading.Event()
+    f = rt.submit("m", 2)
+
+    def cb(fut):
+        calls.append((fut.result(), threading.get_ident()))
+        done.set()
+
+    f.add_done_callback(cb)
+    assert done.wait(10)
+    f.result()
+    f.add_done_callback(cb)  # already done: runs at once, here
+    assert [c[0] for c in calls] == [6, 6]
+    assert calls[-1][1] == threading.get_ident()
+
+
+def test_failing_done_callback_is_reported_not_raised(rt: ap.Runtime, monkeypatch) -> None:
+    import sys
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
+    rt.add_model("m", model=lambda x: x)
+    rt.start()
+    f = rt.submit("m", 1)
+    ok = threading.Event()
+
+    def bad(fut):
+        raise ZeroDivisionError("callback bug")
+
+    f.add_done_callback(bad)
+    f.add_done_callback(lambda fut: ok.set())
+    assert ok.wait(10)
+    assert f.result() == 1
+    wait_until(lambda: reported)
+    assert isinstance(reported[0], ZeroDivisionError)
+
+
+def test_future_repr_and_model_name(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda x: x)
+    rt.start()
+    f = rt.submit("m", 1)
+    f.result()
+    assert f.model == "m"
+    assert repr(f) == "<apportion.Future model='m' state=finished>"
+
+
+# -- models while running ------------------------------------------------------------------------
+
+
+def test_add_and_remove_models_while_running(rt: ap.Runtime) -> None:
+    rt.add_model("a", model=lambda x: ("a", x))
+    rt.start()
+    rt.add_model("b", model=lambda x: ("b", x))
+    assert rt.submit("b", 1).result(10) == ("b", 1)
+    rt.remove_model("b")
+    with pytest.raises(ap.ModelNotFound):
+        rt.submit("b", 1)
+    rt.add_model("b", model=lambda x: ("b2", x))  # same name, new model
+    assert rt.submit("b", 2).result(10) == ("b2", 2)
+    assert rt.submit("a", 3).result(10) == ("a", 3)
+    with pytest.raises(ap.ModelNotFound):
+        rt.remove_model("zzz")
+
+
+def test_remove_model_drain_finishes_queued_work(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    futs = [rt.submit("m", i) for i in range(5)]
+    assert gate.entered.wait(10)
+    threading.Timer(0.05, gate.release.set).start()
+    rt.remove_model("m", drain=True)
+    assert [f.result(0) for f in futs] == [0, 1, 2, 3, 4]
+
+
+def test_remove_model_without_drain_cancels_queued_work(rt: ap.Runtime, gate) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    futs = [rt.submit("m", i) for i in range(5)]
+    assert gate.entered.wait(10)
+    threading.Timer(0.05, gate.release.set).start()
+    rt.remove_model("m", drain=False)
+    assert futs[0].result(0) == 0  # was running: finishes
+    assert all(f.cancelled() for f in futs[1:])
+    assert gate.calls == [0]
+
+
+def test_close_or_remove_from_inside_a_model_is_refused(rt: ap.Runtime) -> None:
+    def model(x):
+        try:
+            rt.close()
+        except ap.ApportionError as e:
+            return str(e)
+        return "closed?!"
+
+    rt.add_model("m", model=model)
+    rt.start()
+    msg = rt.submit("m", 1).result(10)
+    assert "close() called from a worker of model 'm'" in msg
+    assert not rt.closed
+
+
+def test_models_can_submit_to_other_models(rt: ap.Runtime) -> None:
+    rt.add_model("inner", model=lambda x: x + 1)
+    rt.add_model("outer", model=lambda x: rt.submit("inner", x).result() * 10)
+    rt.start()
+    assert rt.submit("outer", 1).result(10) == 20
