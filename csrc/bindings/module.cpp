@@ -10,7 +10,7 @@ PYBIND11_MODULE(_core, m) {
   m.attr("built_with_cuda") = false;
 #endif
   apportion::bindings::register_engine(m);
-  apportion::bindings::register_gpu(m);
   apportion::bindings::register_topology(m);
   apportion::bindings::register_placement(m);
+  apportion::bindings::register_gpu(m);
 }

@@ -6,8 +6,8 @@
 namespace apportion::bindings {
 
 void register_engine(pybind11::module_& m);
-void register_gpu(pybind11::module_& m);
 void register_topology(pybind11::module_& m);
 void register_placement(pybind11::module_& m);
+void register_gpu(pybind11::module_& m);
 
 }  // namespace apportion::bindings
