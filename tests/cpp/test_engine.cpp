@@ -1,0 +1,1144 @@
+// Tests of the engine's core (apportion::Model) with a plain C++ handler, in three tiers:
+//  1. single-threaded semantics, with a live-object counter proving every request is destroyed
+//     exactly once after its owners release it;
+//  2. a multi-threaded fuzz with tagged requests (cancellations, deadlines, errors and a close in
+//     the middle) checked for loss and duplicate completion;
+//  3. every test that could block runs under a deadlock guard, so a hang becomes a failure.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <future>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "apportion/engine.hpp"
+
+namespace {
+
+using apportion::Admit;
+using apportion::Model;
+using apportion::ModelHandler;
+using apportion::ModelOptions;
+using apportion::ModelSnapshot;
+using apportion::now_ns;
+using apportion::Outcome;
+using apportion::Ref;
+using apportion::Request;
+using apportion::RequestState;
+using apportion::Worker;
+using namespace std::chrono_literals;
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// A tagged request with a live-object counter and a per-request completion counter.
+
+std::atomic<int64_t> g_constructed{0};
+std::atomic<int64_t> g_destroyed{0};
+
+int64_t live() { return g_constructed.load() - g_destroyed.load(); }
+
+enum class Behaviour : uint8_t { ok, error, throws };
+
+class TestRequest : public Request {
+ public:
+  explicit TestRequest(uint64_t t = 0, Behaviour b = Behaviour::ok) : tag(t), behaviour(b) {
+    g_constructed.fetch_add(1);
+  }
+  ~TestRequest() override { g_destroyed.fetch_add(1); }
+
+  const uint64_t tag;
+  const Behaviour behaviour;
+  std::atomic<int> completions{0};  // incremented on every completion path; must end at <= 1
+  std::atomic<int> runs{0};         // times the handler's run() saw it
+};
+
+using TestRef = Ref<TestRequest>;
+
+TestRef make(uint64_t tag = 0, Behaviour b = Behaviour::ok) {
+  return TestRef(new TestRequest(tag, b));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A handler that calls a std::function, then completes and releases, as the Python one does.
+
+class TestHandler : public ModelHandler {
+ public:
+  // Set before Model::start(); read by the workers (thread creation orders the two).
+  std::function<Outcome(Worker&, TestRequest&)> on_run;
+  std::function<bool(Worker&)> on_start;
+
+  std::atomic<int> starts{0}, stops{0}, runs{0}, abandons{0};
+  std::atomic<int> abandons_without_worker{0};
+  // Contract violations seen in worker threads, checked by the test thread.
+  std::atomic<int> bad_state{0};
+
+  bool start_worker(Worker& w) override {
+    starts.fetch_add(1);
+    return on_start ? on_start(w) : true;
+  }
+
+  void run(Worker& w, Request* r) override {
+    auto* t = static_cast<TestRequest*>(r);
+    runs.fetch_add(1);
+    t->runs.fetch_add(1);
+    if (r->state() != RequestState::running || r->start_ns < r->submit_ns) bad_state.fetch_add(1);
+    Outcome o = Outcome::ok;
+    try {
+      if (on_run) o = on_run(w, *t);
+      if (t->behaviour == Behaviour::error) o = Outcome::error;
+      if (t->behaviour == Behaviour::throws) throw std::runtime_error("model failed");
+    } catch (const std::exception&) {
+      o = Outcome::error;
+    }
+    t->completions.fetch_add(1);
+    Model::complete(*r, o, &w.shard);
+    Request::release(r);
+  }
+
+  void abandon(Worker* w, Request* r, Outcome why) override {
+    auto* t = static_cast<TestRequest*>(r);
+    abandons.fetch_add(1);
+    if (w == nullptr) abandons_without_worker.fetch_add(1);
+    if (r->state() != RequestState::claimed) bad_state.fetch_add(1);
+    if (why != Outcome::expired && why != Outcome::cancelled) bad_state.fetch_add(1);
+    t->completions.fetch_add(1);
+    Model::complete(*r, why, w ? &w->shard : nullptr);
+    Request::release(r);
+  }
+
+  void stop_worker(Worker&) override { stops.fetch_add(1); }
+};
+
+// A one-shot gate a handler can block on, so a test can hold a worker inside run().
+class Gate {
+ public:
+  void open() {
+    open_.store(1);
+    open_.notify_all();
+  }
+  void wait() { open_.wait(0); }
+  // The handler announces it has entered run().
+  void arrive() {
+    arrived_.fetch_add(1);
+    arrived_.notify_all();
+  }
+  void wait_arrivals(int n) {
+    for (int a = arrived_.load(); a < n; a = arrived_.load()) arrived_.wait(a);
+  }
+
+ private:
+  std::atomic<int> open_{0};
+  std::atomic<int> arrived_{0};
+};
+
+// The queue's reference is added before submit and dropped again when admission says no.
+Admit submit(Model& m, const TestRef& r) {
+  r->add_ref();
+  const Admit a = m.submit(r.get());
+  if (a != Admit::ok) Request::release(r.get());
+  return a;
+}
+
+Admit submit_all(Model& m, const std::vector<TestRef>& rs) {
+  std::vector<Request*> raw;
+  for (const auto& r : rs) {
+    r->add_ref();
+    raw.push_back(r.get());
+  }
+  const Admit a = m.submit_n(raw.data(), raw.size());
+  if (a != Admit::ok) {
+    for (Request* r : raw) Request::release(r);
+  }
+  return a;
+}
+
+// Runs `fn` on another thread; a hang becomes a failure (then an abort: a hung thread cannot be
+// joined, and a std::async future would wait for it in its destructor).
+template <class Fn>
+void guarded(std::chrono::seconds limit, Fn fn) {
+  auto fut = std::async(std::launch::async, std::move(fn));
+  const auto effective = kSanitized ? limit * 4 : limit;
+  if (fut.wait_for(effective) != std::future_status::ready) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    ADD_FAILURE() << "deadlock guard: did not finish within " << effective.count() << " s";
+    std::fprintf(stderr, "\nDEADLOCK GUARD: %s.%s did not finish within %lld s\n",
+                 info ? info->test_suite_name() : "?", info ? info->name() : "?",
+                 static_cast<long long>(effective.count()));
+    std::fflush(stderr);
+    std::abort();
+  }
+  fut.get();
+}
+
+// Waits for a completion, failing instead of hanging.
+::testing::AssertionResult completes(const TestRef& r) {
+  if (r->wait_done(10'000'000'000LL * (kSanitized ? 4 : 1))) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "request " << r->tag << " never completed";
+}
+
+uint64_t accounted(const ModelSnapshot& s) {
+  return s.completed + s.failed + s.rejected + s.expired + s.cancelled;
+}
+
+ModelOptions opts(uint32_t instances, std::size_t max_queue = 1024) {
+  ModelOptions o;
+  o.name = "m";
+  o.instances = instances;
+  o.max_queue = max_queue;
+  return o;
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override { live_before_ = live(); }
+  void TearDown() override {
+    EXPECT_EQ(live(), live_before_) << "requests leaked (or destroyed twice)";
+  }
+
+ private:
+  int64_t live_before_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tier 1: single-threaded semantics.
+
+TEST_F(EngineTest, SubmitRunsAndCompletes) {
+  const int64_t live_before = live();
+  guarded(30s, [live_before] {
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<uint64_t> tag_sum{0};
+    h->on_run = [&](Worker& w, TestRequest& r) {
+      EXPECT_EQ(w.index, 0u);
+      tag_sum.fetch_add(r.tag);
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    EXPECT_EQ(m.name(), "m");
+    EXPECT_FALSE(m.started());
+    EXPECT_EQ(m.start(), 0u);
+    EXPECT_TRUE(m.started());
+    EXPECT_EQ(h->starts.load(), 1);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 10; ++i) {
+      rs.push_back(make(i));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    for (auto& r : rs) {
+      ASSERT_TRUE(completes(r));
+      EXPECT_EQ(r->outcome(), Outcome::ok);
+      EXPECT_EQ(r->completions.load(), 1);
+      EXPECT_EQ(r->runs.load(), 1);
+      EXPECT_LE(r->submit_ns, r->start_ns);
+      EXPECT_LE(r->start_ns, r->end_ns);
+      EXPECT_EQ(r->counters, m.counters());
+    }
+    EXPECT_EQ(tag_sum.load(), 55u);
+    m.close(true);
+    EXPECT_TRUE(m.closed());
+    m.join();
+    EXPECT_EQ(h->stops.load(), 1);
+    EXPECT_EQ(h->abandons.load(), 0);
+    EXPECT_EQ(h->bad_state.load(), 0);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, 10u);
+    EXPECT_EQ(s.completed, 10u);
+    EXPECT_EQ(s.queued, 0u);
+    // Only the test's references remain; dropping them destroys every request.
+    EXPECT_EQ(live() - live_before, 10);
+  });
+}
+
+TEST_F(EngineTest, ErrorsAndExceptionsAreFailures) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef ok = make(1, Behaviour::ok);
+    TestRef err = make(2, Behaviour::error);
+    TestRef thr = make(3, Behaviour::throws);
+    for (auto* r : {&ok, &err, &thr}) ASSERT_EQ(submit(m, *r), Admit::ok);
+    for (auto* r : {&ok, &err, &thr}) ASSERT_TRUE(completes(*r));
+    EXPECT_EQ(ok->outcome(), Outcome::ok);
+    EXPECT_EQ(err->outcome(), Outcome::error);
+    EXPECT_EQ(thr->outcome(), Outcome::error);
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.completed, 1u);
+    EXPECT_EQ(s.failed, 2u);
+    // Failed calls ran, so they have latencies too.
+    EXPECT_EQ(s.compute.total, 3u);
+  });
+}
+
+TEST_F(EngineTest, AdmissionBoundRejectsWithFull) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    // Not started: nothing leaves the queue, so the bound is exact.
+    Model m(opts(1, 4), h);
+    std::vector<TestRef> rs;
+    for (int i = 0; i < 4; ++i) {
+      rs.push_back(make(static_cast<uint64_t>(i)));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok) << i;
+    }
+    EXPECT_EQ(m.queued(), 4u);
+    TestRef extra = make(99);
+    EXPECT_EQ(submit(m, extra), Admit::full);
+    EXPECT_EQ(submit(m, extra), Admit::full);
+    EXPECT_EQ(m.queued(), 4u);
+    ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, 6u);
+    EXPECT_EQ(s.rejected, 2u);
+    EXPECT_EQ(s.queued, 4u);
+    // A rejected request is the caller's: untouched, never completed.
+    EXPECT_EQ(extra->state(), RequestState::queued);
+    EXPECT_EQ(extra->completions.load(), 0);
+
+    m.close(true);
+    m.join();  // no worker ever started: join cancels the queued four
+    for (auto& r : rs) {
+      ASSERT_TRUE(r->done());
+      EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    EXPECT_EQ(extra->completions.load(), 0);
+    s = m.snapshot();
+    EXPECT_EQ(s.cancelled, 4u);
+    EXPECT_EQ(s.queued, 0u);
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(h->abandons_without_worker.load(), 4);
+  });
+}
+
+TEST_F(EngineTest, FreedSlotsAreAdmittedAgain) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1, 2), h);
+    ASSERT_EQ(m.start(), 0u);
+    // Sequential submit-then-wait never has more than one queued: the bound never refuses.
+    for (int i = 0; i < 50; ++i) {
+      TestRef r = make(static_cast<uint64_t>(i));
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    m.close(true);
+    m.join();
+    EXPECT_EQ(m.snapshot().rejected, 0u);
+    EXPECT_EQ(m.snapshot().completed, 50u);
+  });
+}
+
+TEST_F(EngineTest, SubmitNIsAllOrNothing) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1, 8), h);  // not started: the queue only fills
+    auto batch = [](int n, uint64_t base) {
+      std::vector<TestRef> v;
+      for (int i = 0; i < n; ++i) v.push_back(make(base + static_cast<uint64_t>(i)));
+      return v;
+    };
+    const auto first = batch(5, 0);
+    ASSERT_EQ(submit_all(m, first), Admit::ok);
+    EXPECT_EQ(m.queued(), 5u);
+    const auto too_many = batch(4, 100);
+    EXPECT_EQ(submit_all(m, too_many), Admit::full);
+    EXPECT_EQ(m.queued(), 5u) << "a refused batch must not leave part of itself queued";
+    const auto fits = batch(3, 200);
+    EXPECT_EQ(submit_all(m, fits), Admit::ok);
+    EXPECT_EQ(m.queued(), 8u);
+    EXPECT_EQ(m.submit_n(nullptr, 0), Admit::ok);
+    ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, 12u);
+    EXPECT_EQ(s.rejected, 4u);
+
+    m.close(true);
+    m.join();
+    for (const auto* v : {&first, &fits}) {
+      for (const auto& r : *v) {
+        EXPECT_EQ(r->completions.load(), 1);
+        EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      }
+    }
+    for (const auto& r : too_many) {
+      EXPECT_EQ(r->completions.load(), 0);
+      EXPECT_EQ(r->state(), RequestState::queued);
+    }
+    s = m.snapshot();
+    EXPECT_EQ(s.cancelled, 8u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineTest, ClosedModelRefusesWithClosed) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(2), h);
+    ASSERT_EQ(m.start(), 0u);
+    m.close(true);
+    m.close(true);  // idempotent
+    m.close(false);
+    TestRef r = make(1);
+    EXPECT_EQ(submit(m, r), Admit::closed);
+    std::vector<TestRef> batch{make(2), make(3)};
+    EXPECT_EQ(submit_all(m, batch), Admit::closed);
+    m.join();
+    m.join();  // a second join finds nothing to do
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, 3u);
+    EXPECT_EQ(s.rejected, 3u);
+    EXPECT_EQ(r->completions.load(), 0);
+    EXPECT_EQ(h->starts.load(), 2);
+    EXPECT_EQ(h->stops.load(), 2);
+  });
+}
+
+TEST_F(EngineTest, RequestPastItsDeadlineIsExpiredAndNeverRun) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef late = make(1);
+    late->deadline_ns = now_ns() - 1;
+    TestRef fine = make(2);
+    fine->deadline_ns = now_ns() + 3'600'000'000'000LL;
+    ASSERT_EQ(submit(m, late), Admit::ok);
+    ASSERT_EQ(submit(m, fine), Admit::ok);
+    ASSERT_TRUE(completes(late));
+    ASSERT_TRUE(completes(fine));
+    EXPECT_EQ(late->outcome(), Outcome::expired);
+    EXPECT_EQ(late->runs.load(), 0);
+    EXPECT_EQ(late->completions.load(), 1);
+    EXPECT_EQ(fine->outcome(), Outcome::ok);
+    EXPECT_EQ(h->runs.load(), 1);
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.completed, 1u);
+    // Latency histograms describe calls that ran; the expired request is not among them.
+    EXPECT_EQ(s.queue_wait.total, 1u);
+    EXPECT_EQ(s.compute.total, 1u);
+    EXPECT_EQ(s.end_to_end.total, 1u);
+  });
+}
+
+TEST_F(EngineTest, DeadlinePassingWhileQueuedExpiresTheRequest) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef r = make(1);
+    r->deadline_ns = now_ns() + 2'000'000;
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    // Hold the only worker until the deadline has certainly passed (a condition, not a timing
+    // assumption), then let it go: it must find the request expired.
+    while (now_ns() <= r->deadline_ns) std::this_thread::sleep_for(1ms);
+    gate.open();
+    ASSERT_TRUE(completes(r));
+    EXPECT_EQ(r->outcome(), Outcome::expired);
+    EXPECT_EQ(r->runs.load(), 0);
+    EXPECT_GT(r->start_ns, r->deadline_ns);  // stamped when the worker found it expired
+    m.close(true);
+    m.join();
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, CancelOfQueuedRequestLeavesATombstone) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef running = make(0);
+    ASSERT_EQ(submit(m, running), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef victim = make(1);
+    TestRef after = make(2);
+    ASSERT_EQ(submit(m, victim), Admit::ok);
+    ASSERT_EQ(submit(m, after), Admit::ok);
+
+    EXPECT_FALSE(m.cancel(running.get())) << "a running request cannot be cancelled";
+    EXPECT_TRUE(m.cancel(victim.get()));
+    // Completed at once, in this thread, before any worker sees it.
+    EXPECT_TRUE(victim->done());
+    EXPECT_EQ(victim->outcome(), Outcome::cancelled);
+    EXPECT_EQ(victim->completions.load(), 1);
+    EXPECT_EQ(h->abandons_without_worker.load(), 1);
+    EXPECT_FALSE(m.cancel(victim.get())) << "cancel succeeds once";
+    EXPECT_EQ(m.counters()->cancelled.load(), 1u);
+    // The tombstone still holds its queue slot until a worker pops it.
+    EXPECT_EQ(m.queued(), 2u);
+
+    gate.open();
+    ASSERT_TRUE(completes(running));
+    ASSERT_TRUE(completes(after));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(victim->runs.load(), 0);
+    EXPECT_EQ(victim->completions.load(), 1) << "the worker must discard the tombstone";
+    EXPECT_EQ(h->runs.load(), 2);
+    EXPECT_EQ(h->abandons.load(), 1);
+    EXPECT_FALSE(m.cancel(after.get())) << "a completed request cannot be cancelled";
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.queued, 0u);
+    EXPECT_EQ(s.cancelled, 1u);
+    EXPECT_EQ(s.completed, 2u);
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, CloseWithDrainFinishesQueuedWork) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs{make(0)};
+    ASSERT_EQ(submit(m, rs[0]), Admit::ok);
+    gate.wait_arrivals(1);
+    for (uint64_t i = 1; i <= 5; ++i) {
+      rs.push_back(make(i));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    m.close(true);
+    TestRef refused = make(9);
+    EXPECT_EQ(submit(m, refused), Admit::closed);
+    gate.open();
+    m.join();
+    for (auto& r : rs) {
+      ASSERT_TRUE(r->done()) << r->tag;
+      EXPECT_EQ(r->outcome(), Outcome::ok) << r->tag;
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.completed, 6u);
+    EXPECT_EQ(s.rejected, 1u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineTest, CloseWithoutDrainCancelsQueuedAndFinishesRunning) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef running = make(0);
+    ASSERT_EQ(submit(m, running), Admit::ok);
+    gate.wait_arrivals(1);
+    std::vector<TestRef> queued;
+    for (uint64_t i = 1; i <= 5; ++i) {
+      queued.push_back(make(i));
+      ASSERT_EQ(submit(m, queued.back()), Admit::ok);
+    }
+    m.close(false);
+    gate.open();
+    m.join();
+    ASSERT_TRUE(running->done());
+    EXPECT_EQ(running->outcome(), Outcome::ok) << "a running call finishes";
+    for (auto& r : queued) {
+      ASSERT_TRUE(r->done()) << r->tag;
+      EXPECT_EQ(r->outcome(), Outcome::cancelled) << r->tag;
+      EXPECT_EQ(r->runs.load(), 0);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    EXPECT_EQ(h->runs.load(), 1);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.completed, 1u);
+    EXPECT_EQ(s.cancelled, 5u);
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, StartFailuresAreCountedAndJoinCancelsLeftovers) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    h->on_start = [](Worker&) { return false; };
+    Model m(opts(3), h);
+    EXPECT_EQ(m.start(), 3u);
+    EXPECT_EQ(m.start(), 0u) << "start() runs once";
+    EXPECT_EQ(h->starts.load(), 3);
+    // Admission does not know that nobody serves: requests queue up...
+    std::vector<TestRef> rs;
+    for (uint64_t i = 0; i < 4; ++i) {
+      rs.push_back(make(i));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    m.close(true);
+    m.join();  // ...and join, finding no worker to drain them, cancels them.
+    for (auto& r : rs) {
+      ASSERT_TRUE(r->done());
+      EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    EXPECT_EQ(h->runs.load(), 0);
+    EXPECT_EQ(h->stops.load(), 0) << "a worker that failed to start never stops";
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.cancelled, 4u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineTest, PartialStartFailureStillServes) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    h->on_start = [](Worker& w) { return w.index != 0; };
+    h->on_run = [](Worker& w, TestRequest&) {
+      EXPECT_EQ(w.index, 1u);
+      return Outcome::ok;
+    };
+    Model m(opts(2), h);
+    EXPECT_EQ(m.start(), 1u);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 0; i < 20; ++i) {
+      rs.push_back(make(i));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(m.snapshot().completed, 20u);
+    EXPECT_EQ(h->stops.load(), 1);
+  });
+}
+
+TEST_F(EngineTest, DestructorCancelsWhatItWasNeverAskedToRun) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    std::vector<TestRef> rs;
+    std::shared_ptr<apportion::ModelCounters> counters;
+    {
+      Model m(opts(2), h);  // never started, closed or joined
+      counters = m.counters();
+      for (uint64_t i = 0; i < 3; ++i) {
+        rs.push_back(make(i));
+        ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+      }
+    }
+    for (auto& r : rs) {
+      ASSERT_TRUE(r->done());
+      EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    // Counters outlive their model (requests share them).
+    EXPECT_EQ(counters->cancelled.load(), 3u);
+  });
+}
+
+TEST_F(EngineTest, DestructorOfStartedModelStopsWorkers) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    TestRef r = make(1);
+    {
+      Model m(opts(2), h);
+      ASSERT_EQ(m.start(), 0u);
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    EXPECT_EQ(h->stops.load(), 2);
+  });
+}
+
+TEST_F(EngineTest, SnapshotCountsAddUpWhileWorkIsInFlight) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(1, 8), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> keep;
+    auto add = [&](uint64_t tag, Behaviour b = Behaviour::ok) {
+      keep.push_back(make(tag, b));
+      return submit(m, keep.back());
+    };
+    // Finished work of every kind first.
+    ASSERT_EQ(add(1), Admit::ok);
+    ASSERT_EQ(add(2, Behaviour::error), Admit::ok);
+    keep.push_back(make(3));
+    keep.back()->deadline_ns = now_ns() - 1;
+    ASSERT_EQ(submit(m, keep.back()), Admit::ok);
+    for (auto& r : keep) ASSERT_TRUE(completes(r));
+    // Then hold one running and queue more, cancel one, and overflow the bound.
+    ASSERT_EQ(add(0), Admit::ok);
+    gate.wait_arrivals(1);
+    for (uint64_t i = 10; i < 18; ++i) ASSERT_EQ(add(i), Admit::ok);  // fills max_queue = 8
+    ASSERT_EQ(add(99), Admit::full);
+    ASSERT_TRUE(m.cancel(keep[4].get()));
+
+    ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, 13u);
+    EXPECT_EQ(s.completed, 1u);
+    EXPECT_EQ(s.failed, 1u);
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.rejected, 1u);
+    EXPECT_EQ(s.cancelled, 1u);
+    EXPECT_EQ(s.queued, 8u);  // seven live and one tombstone
+    const uint64_t in_flight = 1 /*running*/ + 7 /*queued, live*/;
+    EXPECT_EQ(s.submitted, accounted(s) + in_flight);
+    EXPECT_EQ(s.queue_wait.total, 2u);
+    EXPECT_EQ(s.compute.total, 2u);
+    EXPECT_EQ(s.end_to_end.total, 2u);
+
+    gate.open();
+    m.close(true);
+    m.join();
+    s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(s.completed, 9u);
+    EXPECT_EQ(s.queue_wait.total, s.completed + s.failed);
+    EXPECT_EQ(s.compute.total, s.completed + s.failed);
+    EXPECT_EQ(s.end_to_end.total, s.completed + s.failed);
+    // End-to-end covers queue wait plus compute, so its maximum is at least each of theirs.
+    EXPECT_GE(s.end_to_end.max, s.compute.max);
+    EXPECT_GE(s.end_to_end.max, s.queue_wait.max);
+    EXPECT_GT(s.end_to_end.max, 0u);
+  });
+}
+
+TEST_F(EngineTest, ShardsOfEveryWorkerAreMerged) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> per_worker[2] = {0, 0};
+    Gate gate;
+    // Both workers must each take one request: the first two block until both have arrived.
+    h->on_run = [&](Worker& w, TestRequest& r) {
+      per_worker[w.index].fetch_add(1);
+      if (r.tag < 2) {
+        gate.arrive();
+        gate.wait_arrivals(2);
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(2), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 0; i < 10; ++i) {
+      rs.push_back(make(i));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    EXPECT_GE(per_worker[0].load(), 1);
+    EXPECT_GE(per_worker[1].load(), 1);
+    EXPECT_EQ(m.snapshot().end_to_end.total, 10u);
+  });
+}
+
+TEST_F(EngineTest, CompleteWithoutShardCountsButRecordsNoLatency) {
+  auto counters = std::make_shared<apportion::ModelCounters>("direct");
+  TestRef r = make(1);
+  r->counters = counters;
+  ASSERT_TRUE(r->try_claim(RequestState::running));
+  Model::complete(*r, Outcome::ok, nullptr);
+  EXPECT_TRUE(r->done());
+  EXPECT_EQ(r->outcome(), Outcome::ok);
+  EXPECT_GT(r->end_ns, 0);
+  EXPECT_EQ(counters->completed.load(), 1u);
+
+  // A request with no model counters can still be completed.
+  TestRef orphan = make(2);
+  ASSERT_TRUE(orphan->try_claim(RequestState::claimed));
+  Model::complete(*orphan, Outcome::cancelled, nullptr);
+  EXPECT_TRUE(orphan->done());
+}
+
+TEST_F(EngineTest, WaitDoneTimesOutThenSeesACompletion) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest&) {
+      gate.arrive();
+      gate.wait();
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef r = make(1);
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    gate.wait_arrivals(1);
+    EXPECT_FALSE(r->wait_done(1'000'000)) << "still running: the wait must time out";
+    EXPECT_EQ(r->state(), RequestState::running);
+    std::thread opener([&] {
+      std::this_thread::sleep_for(5ms);
+      gate.open();
+    });
+    EXPECT_TRUE(r->wait_done(-1, 0));
+    EXPECT_EQ(r->outcome(), Outcome::ok);
+    opener.join();
+    m.close(true);
+    m.join();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tier 2: multi-threaded fuzz. Tagged requests from four producers, a canceller, short
+// deadlines, failing calls, and a close() part-way through; then every request is checked.
+
+struct FuzzParams {
+  bool drain;
+  uint32_t instances;
+  bool batches;  // also submit with submit_n (all-or-nothing batches racing the close)
+};
+
+class EngineFuzz : public EngineTest, public ::testing::WithParamInterface<FuzzParams> {};
+
+TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
+  const FuzzParams p = GetParam();
+  constexpr int kProducers = 4;
+  const int per_producer = kSanitized ? 600 : 4000;
+  const std::size_t total = static_cast<std::size_t>(kProducers) * per_producer;
+
+  const int64_t live_before = live();
+  guarded(120s, [&] {
+    auto h = std::make_shared<TestHandler>();
+    h->on_run = [](Worker&, TestRequest& r) {
+      // A little work so queues build up and closes/cancels meet queued requests.
+      volatile uint64_t x = r.tag;
+      for (int i = 0; i < 50; ++i) x = x * 31 + 7;
+      return Outcome::ok;
+    };
+    Model m(opts(p.instances, 256), h);
+    ASSERT_EQ(m.start(), 0u);
+
+    // Everything is created up front so the canceller can index it without locks.
+    std::vector<TestRef> reqs;
+    std::vector<uint8_t> has_deadline(total, 0);
+    reqs.reserve(total);
+    std::mt19937_64 setup_rng(static_cast<uint64_t>(p.instances) * 2 + p.drain);
+    for (std::size_t i = 0; i < total; ++i) {
+      const auto roll = setup_rng() % 100;
+      const Behaviour b = roll < 5 ? Behaviour::throws : roll < 10 ? Behaviour::error : Behaviour::ok;
+      reqs.push_back(make(i, b));
+      has_deadline[i] = setup_rng() % 10 == 0;
+    }
+    std::unique_ptr<std::atomic<uint8_t>[]> admitted(new std::atomic<uint8_t>[total]);
+    for (std::size_t i = 0; i < total; ++i) admitted[i].store(0);
+
+    std::atomic<std::size_t> attempts{0};
+    std::atomic<bool> close_done{false};
+    std::atomic<int> producers_done{0};
+    std::atomic<uint64_t> cancelled_by_caller{0};
+    std::atomic<uint64_t> rejected_full{0}, rejected_closed{0};
+
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kProducers; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 rng(static_cast<uint64_t>(t) + 1000);
+        const std::size_t begin = static_cast<std::size_t>(t) * per_producer;
+        const std::size_t end = begin + per_producer;
+        std::size_t i = begin;
+        while (i < end) {
+          // Past 60% of its share, a producer waits for the close: it then surely lands while
+          // every producer is still submitting (however the threads are scheduled).
+          if (i >= begin + static_cast<std::size_t>(per_producer) * 3 / 5) {
+            while (!close_done.load()) std::this_thread::yield();
+          }
+          // Mostly single submits, sometimes a batch (all-or-nothing) of up to 8.
+          const std::size_t n = p.batches && rng() % 4 == 0 ? std::min<std::size_t>(1 + rng() % 8, end - i) : 1;
+          std::vector<Request*> raw;
+          for (std::size_t k = i; k < i + n; ++k) {
+            if (has_deadline[k]) reqs[k]->deadline_ns = now_ns() + static_cast<int64_t>(rng() % 200'000);
+            reqs[k]->add_ref();
+            raw.push_back(reqs[k].get());
+          }
+          const Admit a = n == 1 ? m.submit(raw[0]) : m.submit_n(raw.data(), n);
+          if (a == Admit::ok) {
+            for (std::size_t k = i; k < i + n; ++k) admitted[k].store(1, std::memory_order_release);
+          } else {
+            for (Request* r : raw) Request::release(r);
+            (a == Admit::full ? rejected_full : rejected_closed).fetch_add(n);
+            for (std::size_t k = i; k < i + n; ++k) admitted[k].store(2, std::memory_order_release);
+          }
+          attempts.fetch_add(n);
+          i += n;
+          if (rng() % 64 == 0) std::this_thread::yield();
+        }
+        producers_done.fetch_add(1);
+      });
+    }
+    threads.emplace_back([&] {
+      std::mt19937_64 rng(77);
+      while (producers_done.load() < kProducers) {
+        const std::size_t i = rng() % total;
+        if (admitted[i].load(std::memory_order_acquire) == 1 && m.cancel(reqs[i].get())) {
+          cancelled_by_caller.fetch_add(1);
+        }
+        if (rng() % 16 == 0) std::this_thread::yield();
+      }
+    });
+    // Snapshot reader: counts never show more outcomes than submissions.
+    std::atomic<int> snapshot_violations{0};
+    threads.emplace_back([&] {
+      while (producers_done.load() < kProducers) {
+        const ModelSnapshot s = m.snapshot();
+        if (accounted(s) > s.submitted) snapshot_violations.fetch_add(1);
+        std::this_thread::sleep_for(200us);
+      }
+    });
+
+    while (attempts.load() < total * 2 / 5) std::this_thread::yield();
+    m.close(p.drain);
+    close_done.store(true);
+    for (auto& th : threads) th.join();
+    m.join();
+
+    // Every request, by tag.
+    uint64_t n_ok = 0, n_error = 0, n_expired = 0, n_cancelled = 0, n_admitted = 0, n_rejected = 0;
+    for (std::size_t i = 0; i < total; ++i) {
+      const TestRequest& r = *reqs[i];
+      ASSERT_EQ(r.tag, i);
+      const uint8_t adm = admitted[i].load();
+      ASSERT_NE(adm, 0) << "request " << i << " was never submitted";
+      if (adm == 2) {
+        ++n_rejected;
+        ASSERT_EQ(r.completions.load(), 0) << "rejected request " << i << " was completed";
+        ASSERT_EQ(r.runs.load(), 0) << "rejected request " << i << " ran";
+        ASSERT_FALSE(r.done());
+        continue;
+      }
+      ++n_admitted;
+      ASSERT_EQ(r.completions.load(), 1) << "request " << i << " completed "
+                                         << r.completions.load() << " times";
+      ASSERT_TRUE(r.done()) << "request " << i << " lost";
+      ASSERT_LE(r.runs.load(), 1) << "request " << i << " ran twice";
+      switch (r.outcome()) {
+        case Outcome::ok:
+          ++n_ok;
+          ASSERT_EQ(r.runs.load(), 1);
+          ASSERT_EQ(r.behaviour, Behaviour::ok) << i;
+          break;
+        case Outcome::error:
+          ++n_error;
+          ASSERT_EQ(r.runs.load(), 1);
+          ASSERT_NE(r.behaviour, Behaviour::ok) << i;
+          break;
+        case Outcome::expired:
+          ++n_expired;
+          ASSERT_EQ(r.runs.load(), 0);
+          ASSERT_TRUE(has_deadline[i]) << "request " << i << " expired without a deadline";
+          break;
+        case Outcome::cancelled:
+          ++n_cancelled;
+          ASSERT_EQ(r.runs.load(), 0);
+          break;
+        default:
+          FAIL() << "request " << i << " has outcome " << static_cast<int>(r.outcome());
+      }
+    }
+    EXPECT_EQ(n_ok + n_error + n_expired + n_cancelled, n_admitted);
+    EXPECT_EQ(n_admitted + n_rejected, total);
+    EXPECT_EQ(n_rejected, rejected_full.load() + rejected_closed.load());
+    EXPECT_GT(rejected_closed.load(), 0u) << "the close lands before the producers finish";
+    if (p.drain) {
+      EXPECT_EQ(n_cancelled, cancelled_by_caller.load()) << "drain cancels nothing itself";
+    } else {
+      EXPECT_GE(n_cancelled, cancelled_by_caller.load());
+    }
+
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, total);
+    EXPECT_EQ(s.completed, n_ok);
+    EXPECT_EQ(s.failed, n_error);
+    EXPECT_EQ(s.expired, n_expired);
+    EXPECT_EQ(s.cancelled, n_cancelled);
+    EXPECT_EQ(s.rejected, n_rejected);
+    EXPECT_EQ(s.queued, 0u);
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(s.end_to_end.total, n_ok + n_error);
+    EXPECT_EQ(snapshot_violations.load(), 0);
+    EXPECT_EQ(h->bad_state.load(), 0);
+    EXPECT_EQ(h->runs.load(), static_cast<int>(n_ok + n_error));
+    EXPECT_EQ(h->stops.load(), static_cast<int>(p.instances));
+
+    // Only the test's references remain.
+    EXPECT_EQ(live() - live_before, static_cast<int64_t>(total));
+    reqs.clear();
+    EXPECT_EQ(live(), live_before);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(CloseModes, EngineFuzz,
+                         ::testing::Values(FuzzParams{true, 2, false}, FuzzParams{false, 2, false},
+                                           FuzzParams{true, 4, false}, FuzzParams{false, 4, false},
+                                           FuzzParams{true, 2, true}, FuzzParams{false, 2, true},
+                                           FuzzParams{true, 4, true}, FuzzParams{false, 4, true}),
+                         [](const ::testing::TestParamInfo<FuzzParams>& param_info) {
+                           return std::string(param_info.param.drain ? "Drain" : "Cancel") +
+                                  std::to_string(param_info.param.instances) + "Instances" +
+                                  (param_info.param.batches ? "Batches" : "");
+                         });
+
+TEST_F(EngineTest, SubmitNRacingCloseIsAllOrNothing) {
+  // A batch admitted with `ok` must be queued whole, even when close() lands between two of its
+  // pushes: its requests are then completed (here by join, as no worker runs), never dropped.
+  // A refused batch is left entirely to its caller.
+  const int rounds = kSanitized ? 100 : 1000;
+  constexpr std::size_t kBatch = 64;
+  guarded(60s, [&] {
+    int partial = 0;
+    for (int round = 0; round < rounds; ++round) {
+      auto h = std::make_shared<TestHandler>();
+      Model m(opts(1, 16 * kBatch), h);  // never started: join completes what was queued
+      std::vector<std::vector<TestRef>> batches(16);
+      std::vector<Admit> results(batches.size(), Admit::full);
+      std::atomic<bool> go{false};
+      std::thread submitter([&] {
+        while (!go.load()) std::this_thread::yield();
+        for (std::size_t b = 0; b < batches.size(); ++b) {
+          for (std::size_t i = 0; i < kBatch; ++i) batches[b].push_back(make(b * kBatch + i));
+          results[b] = submit_all(m, batches[b]);
+        }
+      });
+      go.store(true);
+      if (round % 2) std::this_thread::yield();
+      m.close(true);
+      submitter.join();
+      m.join();
+      for (std::size_t b = 0; b < batches.size(); ++b) {
+        int completed = 0;
+        for (const auto& r : batches[b]) completed += r->completions.load();
+        if (completed != 0 && completed != static_cast<int>(kBatch)) ++partial;
+        const int want = results[b] == Admit::ok ? static_cast<int>(kBatch) : 0;
+        ASSERT_EQ(completed, want) << "round " << round << " batch " << b << " admitted as "
+                                   << static_cast<int>(results[b]) << " but " << completed
+                                   << " of " << kBatch << " requests completed";
+      }
+      const ModelSnapshot s = m.snapshot();
+      ASSERT_EQ(s.submitted, accounted(s));
+    }
+    EXPECT_EQ(partial, 0);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tier 3: deadlock guards for the shutdown paths most likely to hang.
+
+TEST_F(EngineTest, CloseWakesIdleParkedWorkers) {
+  guarded(30s, [] {
+    for (int round = 0; round < (kSanitized ? 5 : 20); ++round) {
+      auto h = std::make_shared<TestHandler>();
+      ModelOptions o = opts(4);
+      o.spin = 0;  // park at once: the close must wake sleepers, not spinners
+      Model m(o, h);
+      ASSERT_EQ(m.start(), 0u);
+      if (round % 2) std::this_thread::sleep_for(1ms);
+      m.close(round % 4 < 2);
+      m.join();
+      EXPECT_EQ(h->stops.load(), 4);
+    }
+  });
+}
+
+TEST_F(EngineTest, ParkedWorkersWakeForEachSubmission) {
+  // With no spinning, every request is a sleep/wake hand-off; a lost wake-up hangs here.
+  guarded(60s, [] {
+    auto h = std::make_shared<TestHandler>();
+    ModelOptions o = opts(2);
+    o.spin = 0;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    const int n = kSanitized ? 300 : 3000;
+    for (int i = 0; i < n; ++i) {
+      TestRef r = make(static_cast<uint64_t>(i));
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    m.close(true);
+    m.join();
+    EXPECT_EQ(m.snapshot().completed, static_cast<uint64_t>(n));
+  });
+}
+
+TEST_F(EngineTest, ConcurrentClosesAndCancelsDoNotHang) {
+  guarded(60s, [] {
+    for (int round = 0; round < (kSanitized ? 10 : 50); ++round) {
+      auto h = std::make_shared<TestHandler>();
+      Model m(opts(2, 64), h);
+      ASSERT_EQ(m.start(), 0u);
+      std::vector<TestRef> rs;
+      for (uint64_t i = 0; i < 64; ++i) {
+        rs.push_back(make(i));
+        if (submit(m, rs.back()) != Admit::ok) rs.pop_back();
+      }
+      std::thread canceller([&] {
+        for (auto& r : rs) m.cancel(r.get());
+      });
+      std::thread closer1([&] { m.close(false); });
+      std::thread closer2([&] { m.close(true); });
+      canceller.join();
+      closer1.join();
+      closer2.join();
+      m.join();
+      for (auto& r : rs) ASSERT_EQ(r->completions.load(), 1) << r->tag;
+      const ModelSnapshot s = m.snapshot();
+      ASSERT_EQ(s.submitted, accounted(s));
+      ASSERT_EQ(h->bad_state.load(), 0);
+    }
+  });
+}
+
+}  // namespace
