@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <string>
 
 namespace apportion {
@@ -11,11 +12,14 @@ namespace {
 
 void name_thread(const std::string& model, uint32_t index) {
 #if defined(__linux__)
-  // Linux limits thread names to 15 bytes; "ap:" + model + ":" + index, model truncated.
-  std::string suffix = ":" + std::to_string(index);
-  std::string head = "ap:" + model;
-  head.resize(std::min<std::size_t>(head.size(), 15 - suffix.size()));
-  pthread_setname_np(pthread_self(), (head + suffix).c_str());
+  // Linux limits thread names to 15 bytes: "ap:<model>:<index>" with the model truncated.
+  char suffix[16];
+  const int n = std::snprintf(suffix, sizeof suffix, ":%u", index);
+  const int room = std::max(0, 15 - 3 - n);
+  char name[48];
+  std::snprintf(name, sizeof name, "ap:%.*s%s", room, model.c_str(), suffix);
+  name[15] = '\0';
+  pthread_setname_np(pthread_self(), name);
 #else
   (void)model;
   (void)index;
