@@ -113,7 +113,15 @@ Admit Model::submit(Request* r) noexcept { return submit_n(&r, 1); }
 Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   if (n == 0) return Admit::ok;
   counters_->submitted.fetch_add(n, std::memory_order_relaxed);
-  if (closed_.load(std::memory_order_acquire)) {
+  // seq_cst announcement, then seq_cst look at closed_; close() does the mirror image (store
+  // closed_, then load submitting_). One total order: either this submitter sees the model
+  // closed, or close() sees it inside and waits for its pushes to finish.
+  submitting_.fetch_add(1, std::memory_order_seq_cst);
+  struct Leave {
+    std::atomic<uint32_t>& count;
+    ~Leave() { count.fetch_sub(1, std::memory_order_release); }
+  } leave{submitting_};
+  if (closed_.load(std::memory_order_seq_cst)) {
     counters_->rejected.fetch_add(n, std::memory_order_relaxed);
     return Admit::closed;
   }
@@ -128,20 +136,20 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     Request* r = rs[i];
     r->submit_ns = now;
     r->counters = counters_;
-    if (!queue_.try_push(r)) {
-      // Only a concurrent close() can refuse a push (admission guarantees a free slot). The
-      // requests already pushed stay queued and are drained or cancelled by that close().
-      queued_.fetch_sub(n - i, std::memory_order_relaxed);
-      counters_->rejected.fetch_add(n - i, std::memory_order_relaxed);
-      return i == 0 ? Admit::closed : Admit::ok;
-    }
+    // Admission guarantees a free cell and close() waits for us, so a refusal can only be a
+    // consumer's release of that cell not yet visible here (possible on weakly ordered CPUs,
+    // where its queued_ decrement may be seen first): it resolves within moments.
+    while (!queue_.try_push(r)) cpu_relax();
   }
   return Admit::ok;
 }
 
 void Model::close(bool drain) noexcept {
   if (!drain) cancel_queued_.store(true, std::memory_order_release);
-  closed_.store(true, std::memory_order_release);
+  closed_.store(true, std::memory_order_seq_cst);
+  // Submitters that saw the model open finish their pushes first (they never block, so this
+  // wait is short); every later one sees closed_.
+  while (submitting_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   queue_.close();
 }
 

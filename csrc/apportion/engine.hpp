@@ -123,6 +123,10 @@ class Model {
   // the ring (capacity >= max_queue) can never be full when admission says yes.
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
   std::atomic<bool> closed_{false};
+  // Submitters between their look at closed_ and their last push. close() waits for zero before
+  // closing the ring, so a push never meets a closed ring: a batch is never cut in two, and no
+  // push lands after the workers (or join) drained the ring for the last time.
+  std::atomic<uint32_t> submitting_{0};
   std::atomic<bool> cancel_queued_{false};
   bool started_ = false;
   bool joined_ = false;
