@@ -76,7 +76,7 @@ void Model::worker_main(Worker& w) {
 
   for (;;) {
     Request* r = nullptr;
-    if (queue_.pop_wait(r, -1, opts_.spin) != PopStatus::ok) break;  // closed and drained
+    if (!spin_then_pop(r) && queue_.pop_wait(r, -1, 0) != PopStatus::ok) break;  // closed, drained
     queued_.fetch_sub(1, std::memory_order_relaxed);
     if (cancel_queued_.load(std::memory_order_acquire)) {
       if (r->try_claim(RequestState::claimed)) {
@@ -106,6 +106,18 @@ void Model::worker_main(Worker& w) {
     handler_->run(w, r);
   }
   handler_->stop_worker(w);
+}
+
+bool Model::spin_then_pop(Request*& r) noexcept {
+  if (queue_.try_pop(r)) return true;
+  if (opts_.spin_ns <= 0) return false;
+  // Bounded by time, not by rounds: the cost of a pause instruction varies ~10x between CPUs.
+  const int64_t until = now_ns() + opts_.spin_ns;
+  do {
+    for (int i = 0; i < 16; ++i) cpu_relax();
+    if (queue_.try_pop(r)) return true;
+  } while (now_ns() < until && !queue_.closed());
+  return false;
 }
 
 Admit Model::submit(Request* r) noexcept { return submit_n(&r, 1); }

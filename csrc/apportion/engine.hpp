@@ -60,7 +60,10 @@ struct ModelOptions {
   std::string name;
   uint32_t instances = 1;
   std::size_t max_queue = 1024;
-  uint32_t spin = 256;  // pop_wait spin rounds before a worker parks
+  // How long an idle worker keeps polling its queue before it parks on a futex. A request that
+  // arrives meanwhile is picked up in ~1 us instead of a ~5 us futex wake-up; the cost is that
+  // much CPU after each burst.
+  int64_t spin_ns = 50'000;
 };
 
 enum class Admit : uint8_t { ok, full, closed };
@@ -113,6 +116,7 @@ class Model {
 
  private:
   void worker_main(Worker& w);
+  bool spin_then_pop(Request*& r) noexcept;
 
   ModelOptions opts_;
   std::shared_ptr<ModelHandler> handler_;

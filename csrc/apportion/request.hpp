@@ -92,13 +92,18 @@ class Request {
     if (waiters_.load(std::memory_order_seq_cst) != 0) park_wake(state_);
   }
 
-  /// Waits until done, at most `timeout_ns` (< 0: forever). Spins briefly first: a result that
-  /// arrives within microseconds is picked up without a futex round trip. Safe from any thread.
-  bool wait_done(int64_t timeout_ns, uint32_t spin = 2000) noexcept {
+  /// Waits until done, at most `timeout_ns` (< 0: forever). Polls for up to `spin_ns` first
+  /// (bounded by the timeout): a result that arrives within microseconds is picked up without
+  /// a futex round trip. Safe from any thread.
+  bool wait_done(int64_t timeout_ns, int64_t spin_ns = 50'000) noexcept {
     if (done()) return true;
-    for (uint32_t i = 0; i < spin; ++i) {
-      cpu_relax();
-      if (done()) return true;
+    if (timeout_ns >= 0 && spin_ns > timeout_ns) spin_ns = timeout_ns;
+    if (spin_ns > 0) {
+      const int64_t until = now_ns() + spin_ns;
+      do {
+        for (int i = 0; i < 16; ++i) cpu_relax();
+        if (done()) return true;
+      } while (now_ns() < until);
     }
     const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
     for (;;) {

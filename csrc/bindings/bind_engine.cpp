@@ -274,7 +274,7 @@ class RuntimeCore {
 
   void add_model(const std::string& name, py::object make_instance, uint32_t instances,
                  std::size_t max_queue, std::optional<double> timeout_ms, uint32_t priority_levels,
-                 uint32_t spin) {
+                 double spin_us) {
     if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (models_.count(name) != 0) {
       PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
@@ -282,7 +282,7 @@ class RuntimeCore {
     }
     Entry e;
     e.handler = std::make_shared<PyHandler>(std::move(make_instance), this);
-    ModelOptions opts{name, instances, max_queue, spin};
+    ModelOptions opts{name, instances, max_queue, static_cast<int64_t>(spin_us * 1000.0)};
     e.model = std::make_shared<Model>(opts, e.handler);
     if (timeout_ms) e.default_timeout_ns = timeout_to_ns(name, "timeout_ms", *timeout_ms);
     e.priority_levels = priority_levels;
@@ -640,7 +640,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def(py::init<>())
       .def("_add_model", &RuntimeCore::add_model, py::arg("name"), py::arg("make_instance"),
            py::arg("instances"), py::arg("max_queue"), py::arg("timeout_ms"),
-           py::arg("priority_levels"), py::arg("spin"))
+           py::arg("priority_levels"), py::arg("spin_us"))
       .def("_start", &RuntimeCore::start)
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),
            py::arg("drain") = true,

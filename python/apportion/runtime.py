@@ -118,7 +118,7 @@ class Runtime(_core._Runtime):
         max_queue: int = _DEFAULT_MAX_QUEUE,
         timeout_ms: float | None = None,
         priority_levels: int = 1,
-        spin: int = 256,
+        spin_us: float = 50.0,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's worker thread, returning the callable to serve) or ``model``
@@ -143,7 +143,10 @@ class Runtime(_core._Runtime):
         max_queue = _quota_int(name, "max_queue", max_queue, 1, 1 << 30)
         timeout = _quota_timeout(name, timeout_ms)
         priority_levels = _quota_int(name, "priority_levels", priority_levels, 1, 256)
-        spin = _quota_int(name, "spin", spin, 0, 1 << 20)
+        if isinstance(spin_us, bool) or not isinstance(spin_us, numbers.Real) or not 0 <= spin_us <= 1e6:
+            raise QuotaError(
+                f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
+            )
 
         # The native runtime owns this closure: it must not reference the runtime itself, or
         # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
@@ -161,7 +164,8 @@ class Runtime(_core._Runtime):
                 )
             return fn
 
-        self._add_model(name, make_instance, instances, max_queue, timeout, priority_levels, spin)
+        self._add_model(name, make_instance, instances, max_queue, timeout, priority_levels,
+                        float(spin_us))
 
     @property
     def models(self) -> list[str]:

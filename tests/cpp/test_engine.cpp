@@ -1082,7 +1082,7 @@ TEST_F(EngineTest, CloseWakesIdleParkedWorkers) {
     for (int round = 0; round < (kSanitized ? 5 : 20); ++round) {
       auto h = std::make_shared<TestHandler>();
       ModelOptions o = opts(4);
-      o.spin = 0;  // park at once: the close must wake sleepers, not spinners
+      o.spin_ns = 0;  // park at once: the close must wake sleepers, not spinners
       Model m(o, h);
       ASSERT_EQ(m.start(), 0u);
       if (round % 2) std::this_thread::sleep_for(1ms);
@@ -1098,7 +1098,7 @@ TEST_F(EngineTest, ParkedWorkersWakeForEachSubmission) {
   guarded(60s, [] {
     auto h = std::make_shared<TestHandler>();
     ModelOptions o = opts(2);
-    o.spin = 0;
+    o.spin_ns = 0;
     Model m(o, h);
     ASSERT_EQ(m.start(), 0u);
     const int n = kSanitized ? 300 : 3000;

@@ -118,7 +118,8 @@ def test_factory_returning_non_callable_is_a_type_error(rt: ap.Runtime) -> None:
         ({"timeout_ms": "10ms"}, "timeout_ms"),
         ({"threads": 0}, "threads"),
         ({"priority_levels": 0}, "priority_levels"),
-        ({"spin": -1}, "spin"),
+        ({"spin_us": -1}, "spin_us"),
+        ({"spin_us": "x"}, "spin_us"),
     ],
 )
 def test_invalid_quota_names_model_and_field(rt: ap.Runtime, kwargs: dict, field: str) -> None:
