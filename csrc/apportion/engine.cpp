@@ -1,5 +1,7 @@
 #include "apportion/engine.hpp"
 
+#include "apportion/affinity.hpp"
+
 #include <pthread.h>
 
 #include <algorithm>
@@ -65,6 +67,10 @@ uint32_t Model::start() {
 
 void Model::worker_main(Worker& w) {
   name_thread(opts_.name, w.index);
+  if (w.index < opts_.placement.size()) {
+    const AffinityResult pinned = apply_placement(opts_.placement[w.index], opts_.memory_policy);
+    if (!pinned.ok) w.pin_error = pinned.error;
+  }
   const bool ok = handler_->start_worker(w);
   {
     std::lock_guard lock(start_mu_);
@@ -201,6 +207,14 @@ void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
     shard->end_to_end.record(static_cast<uint64_t>(end - r.submit_ns));
   }
   r.publish(o);
+}
+
+std::vector<std::string> Model::pin_errors() const {
+  std::vector<std::string> out;
+  for (const auto& w : workers_) {
+    if (!w->pin_error.empty()) out.push_back("instance " + std::to_string(w->index) + ": " + w->pin_error);
+  }
+  return out;
 }
 
 ModelSnapshot Model::snapshot() const {

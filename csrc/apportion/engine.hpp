@@ -16,6 +16,7 @@
 
 #include "apportion/histogram.hpp"
 #include "apportion/mpmc_queue.hpp"
+#include "apportion/placement.hpp"
 #include "apportion/request.hpp"
 
 namespace apportion {
@@ -36,6 +37,9 @@ struct Worker {
   WorkerShard shard;
   void* user = nullptr;
   std::thread thread;
+  /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
+  /// asked). Written by the worker before it reports started; read after start() returns.
+  std::string pin_error;
 };
 
 /// What a model does with its requests. Every method runs in the named thread; each one that
@@ -64,6 +68,11 @@ struct ModelOptions {
   // arrives meanwhile is picked up in ~1 us instead of a ~5 us futex wake-up; the cost is that
   // much CPU after each burst.
   int64_t spin_ns = 50'000;
+  /// Per instance: the CPUs its worker pins itself to and its memory nodes, applied in the
+  /// worker before ModelHandler::start_worker so everything the factory creates inherits
+  /// them. Empty: no pinning.
+  std::vector<InstancePlacement> placement;
+  MemoryPolicy memory_policy = MemoryPolicy::none;
 };
 
 enum class Admit : uint8_t { ok, full, closed };
@@ -108,6 +117,13 @@ class Model {
 
   const std::string& name() const noexcept { return opts_.name; }
   const ModelOptions& options() const noexcept { return opts_; }
+  /// Sets where the workers will run. Only before start(); not thread-safe against start().
+  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy) {
+    opts_.placement = std::move(placement);
+    opts_.memory_policy = policy;
+  }
+  /// Pinning refusals, one entry per worker that had one ("instance N: reason"). After start().
+  std::vector<std::string> pin_errors() const;
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   bool started() const noexcept { return started_; }

@@ -11,6 +11,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <tuple>
+
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -40,6 +42,7 @@ struct PyTypes {
   PyObject* model_not_found;
   PyObject* apportion_error;
   PyObject* cancelled_error;
+  PyObject* pinning_warning;
 };
 
 PyTypes& types() {
@@ -53,6 +56,7 @@ PyTypes& types() {
         py::object(errors.attr("ModelNotFound")).release().ptr(),
         py::object(errors.attr("ApportionError")).release().ptr(),
         py::object(futures.attr("CancelledError")).release().ptr(),
+        py::object(errors.attr("PinningWarning")).release().ptr(),
     };
   }();
   return *t;
@@ -274,7 +278,8 @@ class RuntimeCore {
 
   void add_model(const std::string& name, py::object make_instance, uint32_t instances,
                  std::size_t max_queue, std::optional<double> timeout_ms, uint32_t priority_levels,
-                 double spin_us) {
+                 double spin_us, const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
+                 const std::string& memory_policy) {
     if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (models_.count(name) != 0) {
       PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
@@ -282,12 +287,17 @@ class RuntimeCore {
     }
     Entry e;
     e.handler = std::make_shared<PyHandler>(std::move(make_instance), this);
-    ModelOptions opts{name, instances, max_queue, static_cast<int64_t>(spin_us * 1000.0)};
+    ModelOptions opts;
+    opts.name = name;
+    opts.instances = instances;
+    opts.max_queue = max_queue;
+    opts.spin_ns = static_cast<int64_t>(spin_us * 1000.0);
     e.model = std::make_shared<Model>(opts, e.handler);
     if (timeout_ms) e.default_timeout_ns = timeout_to_ns(name, "timeout_ms", *timeout_ms);
     e.priority_levels = priority_levels;
     auto [it, inserted] = models_.emplace(name, std::move(e));
     (void)inserted;
+    set_placement(name, placement, memory_policy);
     if (started_) start_entry(it->first);
   }
 
@@ -380,6 +390,34 @@ class RuntimeCore {
       entries.push_back(e);
     }
     for (auto& e : entries) stop(e);
+  }
+
+  /// Placement of a model whose workers have not started: per instance (cpus, memory nodes,
+  /// threads), applied by each worker to itself before its factory runs.
+  void set_placement(const std::string& name,
+                     const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& instances,
+                     const std::string& memory_policy) {
+    auto it = models_.find(name);
+    if (it == models_.end()) raise_not_found(name);
+    Model& m = *it->second.model;
+    if (m.started()) {
+      PyErr_Format(PyExc_RuntimeError, "model '%s' already started: its placement is fixed", name.c_str());
+      throw py::error_already_set();
+    }
+    if (!instances.empty() && instances.size() != m.options().instances) {
+      PyErr_Format(PyExc_ValueError, "model '%s': placement has %zu instances, the model %u",
+                   name.c_str(), instances.size(), m.options().instances);
+      throw py::error_already_set();
+    }
+    std::vector<InstancePlacement> placement;
+    for (const auto& [cpus, nodes, threads] : instances) {
+      placement.push_back(InstancePlacement{cpus, threads, nodes});
+    }
+    MemoryPolicy policy = MemoryPolicy::none;
+    if (memory_policy == "bind") policy = MemoryPolicy::bind;
+    else if (memory_policy == "prefer") policy = MemoryPolicy::prefer;
+    else if (memory_policy != "none") throw py::value_error("memory_policy must be bind, prefer or none");
+    m.set_placement(std::move(placement), policy);
   }
 
   bool closed() const { return closed_; }
@@ -493,6 +531,11 @@ class RuntimeCore {
         throw py::error_already_set();
       }
       raise(types().apportion_error, "model '" + name + "': an instance failed to start");
+    }
+    // A refused pin is not fatal (the model serves, less isolated than planned): say why.
+    for (const auto& why : e.model->pin_errors()) {
+      const std::string msg = "model '" + name + "' " + why;
+      if (PyErr_WarnEx(types().pinning_warning, msg.c_str(), 1) != 0) throw py::error_already_set();
     }
     if (closed_) raise(types().runtime_closed, "runtime was closed while model '" + name + "' started");
   }
@@ -640,8 +683,11 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def(py::init<>())
       .def("_add_model", &RuntimeCore::add_model, py::arg("name"), py::arg("make_instance"),
            py::arg("instances"), py::arg("max_queue"), py::arg("timeout_ms"),
-           py::arg("priority_levels"), py::arg("spin_us"))
+           py::arg("priority_levels"), py::arg("spin_us"), py::arg("placement"),
+           py::arg("memory_policy"))
       .def("_start", &RuntimeCore::start)
+      .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
+           py::arg("memory_policy"))
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),
            py::arg("drain") = true,
            "Unregisters a model: new requests get ModelNotFound; queued ones are finished "

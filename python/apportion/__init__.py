@@ -8,14 +8,18 @@ from .errors import (
     ApportionError,
     DeadlineExceeded,
     ModelNotFound,
+    PinningWarning,
     PlacementError,
     QueueFull,
     QuotaError,
     RuntimeClosed,
     WorkerCrashed,
 )
+from .gpu import GPU
+from .placement import InstancePlan, ModelPlan, Plan, Quota, plan
 from .runtime import InstanceContext, Runtime
 from .stats import LatencyStats, ModelStats, RuntimeStats
+from .topology import Topology, topology
 
 built_with_cuda: bool = _core.built_with_cuda
 
@@ -25,16 +29,25 @@ __all__ = [
     "ApportionError",
     "DeadlineExceeded",
     "Future",
+    "GPU",
     "InstanceContext",
+    "InstancePlan",
     "LatencyStats",
     "ModelNotFound",
+    "ModelPlan",
     "ModelStats",
+    "PinningWarning",
+    "Plan",
     "PlacementError",
     "QueueFull",
+    "Quota",
     "QuotaError",
     "Runtime",
     "RuntimeClosed",
     "RuntimeStats",
+    "Topology",
     "WorkerCrashed",
     "built_with_cuda",
+    "plan",
+    "topology",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "RuntimeClosed",
     "ModelNotFound",
     "WorkerCrashed",
+    "PinningWarning",
 ]
 
 
@@ -50,3 +51,8 @@ class ModelNotFound(ApportionError, KeyError):
 
 class WorkerCrashed(ApportionError):
     """The worker serving the request died (process isolation); names model, instance and cause."""
+
+
+class PinningWarning(RuntimeWarning):
+    """The OS refused part of a placement (a CPU mask, a NUMA policy), or a model's threads
+    left their CPUs. The model still serves; its isolation is weaker than planned."""

@@ -6,13 +6,16 @@ import asyncio
 import atexit
 import numbers
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _core
-from .errors import QuotaError
+from .adapters import adapt
+from .errors import PlacementError, QuotaError
+from .placement import Plan, Quota, plan
 from .stats import ModelStats, RuntimeStats
+from .topology import Topology, topology
 
 __all__ = ["InstanceContext", "Runtime"]
 
@@ -24,8 +27,9 @@ _MAX_INSTANCES = 1024
 class InstanceContext:
     """What a factory learns about the instance it builds (passed as ``factory(ctx)``).
 
-    The factory runs inside the instance's own worker thread, so thread pools it creates there
-    belong to that instance.
+    The factory runs inside the instance's own worker thread, already pinned to ``cpus`` with
+    its NUMA memory policy applied, so thread pools and memory it creates there belong to
+    that instance.
     """
 
     model: str
@@ -33,6 +37,8 @@ class InstanceContext:
     instances: int
     threads: int | None = None
     cpus: tuple[int, ...] | None = None
+    memory_nodes: tuple[int, ...] = ()
+    isolation: str = "shared"
     gpu: Any = None
 
 
@@ -96,35 +102,56 @@ class Runtime(_core._Runtime):
     ``remove_model`` while the runtime serves other models.
     """
 
-    def __init__(self, cpus: Iterable[int] | None = None) -> None:
+    def __init__(self, cpus: Iterable[int] | str | None = None, *, topology_root: str = "/") -> None:
+        """``cpus``: the CPUs this runtime may use (ids or a list like "0-7"); None means every
+        CPU this process may use. ``topology_root`` reads the machine from another sysfs tree
+        (tests and planning for other machines)."""
         super().__init__()
-        if cpus is not None:
+        if cpus is not None and not isinstance(cpus, str):
             cpus = tuple(cpus)
             if not cpus or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0
                                for c in cpus):
                 raise QuotaError(f"Runtime: cpus must be None or non-empty CPU ids >= 0, got {cpus!r}")
         self._cpus = cpus
+        self._topology_root = topology_root
+        self._topo: Topology | None = None
+        self._quotas: dict[str, Quota] = {}
+        self._placed: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
+        self._plan: Plan | None = None
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
     def add_model(
         self,
         name: str,
-        factory: Callable[[InstanceContext], Callable[[Any], Any]] | None = None,
+        factory: Callable[[InstanceContext], Any] | None = None,
         *,
-        model: Callable[[Any], Any] | None = None,
+        model: Any = None,
         instances: int = 1,
         threads: int | None = None,
+        cores: int | str | Sequence[int] | None = None,
+        isolation: str = "shared",
+        numa: int | str = "auto",
+        smt: bool = False,
+        memory_policy: str = "bind",
+        oversubscribe: bool = False,
         max_queue: int = _DEFAULT_MAX_QUEUE,
         timeout_ms: float | None = None,
         priority_levels: int = 1,
         spin_us: float = 50.0,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
-        inside that instance's worker thread, returning the callable to serve) or ``model``
-        (one callable shared by every instance).
+        inside that instance's pinned worker thread, returning the model to serve) or ``model``
+        (one object shared by every instance). A torch module is served in inference mode with
+        the instance's intra-op threads; any other callable as it is.
 
-        ``max_queue`` bounds queued requests (beyond it ``submit`` raises QueueFull);
+        Resources (validated here, placed with every other model; see ``plan()``):
+        ``cores`` (a count of physical cores or a CPU list like "0-3,8"), ``isolation``
+        ("exclusive": cores of its own; "shared": the shared pool), ``instances`` (concurrent
+        executions, each a worker thread), ``threads`` (intra-op threads per instance),
+        ``numa``, ``smt``, ``memory_policy``, ``oversubscribe``.
+
+        Queueing: ``max_queue`` bounds queued requests (beyond it ``submit`` raises QueueFull);
         ``timeout_ms`` is the default deadline (a request's own may only be shorter).
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
@@ -147,35 +174,121 @@ class Runtime(_core._Runtime):
             raise QuotaError(
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
             )
+        if name in self._quotas:
+            raise ValueError(f"model {name!r} is already registered")
+        # A shared model without a core count floats on the whole shared pool: every instance
+        # may run on any pool CPU (the OS balances them), so more instances than pool CPUs is
+        # fine there; the planner is told so.
+        floating = isolation == "shared" and cores is None
+        quota = Quota(name=name, cores=cores, instances=instances, threads=threads,
+                      isolation=isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
+                      memory_policy=memory_policy,  # type: ignore[arg-type]
+                      oversubscribe=oversubscribe or floating)
+
+        # Place it with every other model now, so an impossible quota fails here, not at start.
+        new_plan = self._place({**self._quotas, name: quota})
+        if self.started:
+            self._check_running_models_stay(new_plan, name)
 
         # The native runtime owns this closure: it must not reference the runtime itself, or
         # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
-        cpus = self._cpus
+        placed = self._placed.setdefault(name, {})
+        isolation_word = quota.isolation
 
         def make_instance(index: int) -> Callable[[Any], Any]:
-            if model is not None:
-                return model
+            cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
             ctx = InstanceContext(model=name, instance=index, instances=instances,
-                                  threads=threads, cpus=cpus)
-            fn = factory(ctx)  # type: ignore[misc]
-            if not callable(fn):
+                                  threads=planned_threads, cpus=cpus, memory_nodes=nodes,
+                                  isolation=isolation_word)
+            obj = model if model is not None else factory(ctx)  # type: ignore[misc]
+            if not callable(obj):
                 raise TypeError(
-                    f"model {name!r}: factory returned {type(fn).__name__}, which is not callable"
+                    f"model {name!r}: factory returned {type(obj).__name__}, which is not callable"
                 )
-            return fn
+            return adapt(obj, ctx)
 
-        self._add_model(name, make_instance, instances, max_queue, timeout, priority_levels,
-                        float(spin_us))
+        self._quotas[name] = quota
+        try:
+            instances_arg, policy = self._native_placement(new_plan, name)
+            self._add_model(name, make_instance, instances, max_queue, timeout, priority_levels,
+                            float(spin_us), instances_arg, policy)
+        except BaseException:
+            del self._quotas[name]
+            self._placed.pop(name, None)
+            raise
+        self._plan = new_plan
+
+    def remove_model(self, name: str, *, drain: bool = True) -> None:
+        """Unregisters a model: new requests get ModelNotFound; queued ones are finished
+        (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
+        cores go back to the shared pool for models added later."""
+        super().remove_model(name, drain=drain)
+        self._quotas.pop(name, None)
+        self._placed.pop(name, None)
+        self._plan = None
 
     @property
     def models(self) -> list[str]:
         """Names of the registered models, sorted."""
         return self._model_names()
 
+    # -- placement ----------------------------------------------------------------------------
+    @property
+    def topology(self) -> Topology:
+        """The machine as this runtime sees it (restricted to ``cpus`` when given)."""
+        if self._topo is None:
+            self._topo = topology(self._topology_root, cpus=self._cpus)
+        return self._topo
+
+    def plan(self) -> Plan:
+        """Who gets (or got) which CPUs, threads and memory nodes. Printable."""
+        if self._plan is None:
+            self._plan = self._place(self._quotas)
+        return self._plan
+
+    def _place(self, quotas: dict[str, Quota]) -> Plan:
+        return plan(list(quotas.values()), self.topology)
+
+    def _native_placement(self, p: Plan, name: str):
+        mp = p[name]
+        # One memory node: binding adds nothing but a syscall that some sandboxes refuse.
+        policy = mp.memory_policy if len(self.topology.nodes) > 1 else "none"
+        quota = self._quotas[name] if name in self._quotas else None
+        floating = quota is not None and quota.isolation == "shared" and quota.cores is None
+        placed = self._placed.setdefault(name, {})
+        out = []
+        for inst in mp.instances:
+            cpus, threads = inst.cpus, inst.threads
+            if floating:
+                # Every instance on the whole pool; framework threads split it between them.
+                cpus = mp.cpus
+                threads = quota.threads or max(1, len(mp.cpus) // len(mp.instances))
+            placed[inst.index] = (cpus, inst.memory_nodes, threads)
+            out.append((list(cpus), list(inst.memory_nodes), threads))
+        return out, policy
+
+    def _check_running_models_stay(self, new_plan: Plan, name: str) -> None:
+        current = self.plan()
+        moved = [m.name for m in current.models
+                 if m.name != name and [i.cpus for i in new_plan[m.name].instances]
+                 != [i.cpus for i in m.instances]]
+        if moved:
+            raise PlacementError(
+                f"model {name!r}: placing it now would move running models {moved} to other "
+                f"CPUs; add it before start(), remove those models first, or give it CPUs "
+                f"outside the shared pool (shared pool now: {list(current.shared_pool)})"
+            )
+
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Runtime:
-        """Builds every model's instances (factories run in their worker threads) and starts
-        serving. Requests submitted before start() wait in their queues."""
+        """Places every model, builds its instances (each factory runs in its own pinned
+        worker thread) and starts serving. Requests submitted before start() wait in their
+        queues. A pinning the OS refuses is a PinningWarning, not an error."""
+        if not self.started and not self.closed:
+            p = self._place(self._quotas)
+            for name in self._quotas:
+                self._set_placement(name, *self._native_placement(p, name))
+            self._plan = p
         self._start()
         return self
 
