@@ -183,6 +183,8 @@ class Plan:
     shared_pool: tuple[int, ...]
     usable: tuple[int, ...]
     topology: Topology = field(repr=False, compare=False)
+    gpu: Any = field(default=None, compare=False)
+    """The GPU side (an apportion.gpu.GpuPlan) when models have GPU quotas."""
 
     def __getitem__(self, name: str) -> ModelPlan:
         for m in self.models:
@@ -210,6 +212,8 @@ class Plan:
             rows.append((m.name, m.isolation, str(m.cores), cpus, m.locality, inst, memory))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [header] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.gpu is not None:
+            lines.append(str(self.gpu))
         return "\n".join(lines)
 
 

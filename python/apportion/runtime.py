@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
+import warnings
 import numbers
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -12,7 +14,9 @@ from typing import Any
 
 from . import _core
 from .adapters import adapt
-from .errors import PlacementError, QuotaError
+from .adapters.gpu import GpuUsage, wrap_for_gpu
+from .errors import PinningWarning, PlacementError, QuotaError
+from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import Plan, Quota, plan
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
@@ -72,6 +76,23 @@ def _quota_timeout(model: str, value: object) -> float | None:
     return v
 
 
+class _GpuState:
+    """The runtime's GPU partition, shared with the instance closures (which must not hold the
+    runtime itself)."""
+
+    def __init__(self) -> None:
+        self.partition: GpuPartition | None = None
+
+    def context(self, model: str, instance: int) -> Any:
+        if self.partition is None:
+            raise RuntimeError(f"model {model!r}: the GPU partition was not created")
+        return self.partition.context(model, instance)
+
+    def close(self) -> None:
+        if self.partition is not None:
+            self.partition.close()
+
+
 _live: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
@@ -118,6 +139,9 @@ class Runtime(_core._Runtime):
         self._quotas: dict[str, Quota] = {}
         self._placed: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
         self._plan: Plan | None = None
+        self._gpu_quotas: dict[str, GPU] = {}
+        self._gpu_usage: dict[str, GpuUsage] = {}
+        self._gpu = _GpuState()
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
@@ -139,6 +163,7 @@ class Runtime(_core._Runtime):
         timeout_ms: float | None = None,
         priority_levels: int = 1,
         spin_us: float = 50.0,
+        gpu: GPU | None = None,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's pinned worker thread, returning the model to serve) or ``model``
@@ -153,6 +178,12 @@ class Runtime(_core._Runtime):
 
         Queueing: ``max_queue`` bounds queued requests (beyond it ``submit`` raises QueueFull);
         ``timeout_ms`` is the default deadline (a request's own may only be shorter).
+        GPU: ``gpu=ap.GPU(device, streams, priority, sm_share | sm_count, memory)`` gives each
+        instance its own stream (``ctx.gpu``) with the planned priority and SM group; the call
+        runs on it and the stream is synchronised before the request completes. A GPU quota on a
+        machine without a usable GPU is a QuotaError saying why. GPU models are added before
+        start().
+
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
         """
@@ -176,6 +207,8 @@ class Runtime(_core._Runtime):
             )
         if name in self._quotas:
             raise ValueError(f"model {name!r} is already registered")
+        if gpu is not None:
+            self._check_gpu(name, gpu)
         # A shared model without a core count floats on the whole shared pool: every instance
         # may run on any pool CPU (the OS balances them), so more instances than pool CPUs is
         # fine there; the planner is told so.
@@ -194,18 +227,22 @@ class Runtime(_core._Runtime):
         # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
         placed = self._placed.setdefault(name, {})
         isolation_word = quota.isolation
+        gpu_state = self._gpu
+        usage = GpuUsage(gpu.to_native(name)["memory"] if gpu is not None else 0) if gpu else None
 
         def make_instance(index: int) -> Callable[[Any], Any]:
             cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
+            gpu_ctx = gpu_state.context(name, index) if usage is not None else None
             ctx = InstanceContext(model=name, instance=index, instances=instances,
                                   threads=planned_threads, cpus=cpus, memory_nodes=nodes,
-                                  isolation=isolation_word)
+                                  isolation=isolation_word, gpu=gpu_ctx)
             obj = model if model is not None else factory(ctx)  # type: ignore[misc]
             if not callable(obj):
                 raise TypeError(
                     f"model {name!r}: factory returned {type(obj).__name__}, which is not callable"
                 )
-            return adapt(obj, ctx)
+            fn = adapt(obj, ctx)
+            return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
         self._quotas[name] = quota
         try:
@@ -217,6 +254,9 @@ class Runtime(_core._Runtime):
             self._placed.pop(name, None)
             raise
         self._plan = new_plan
+        if gpu is not None and usage is not None:
+            self._gpu_quotas[name] = gpu
+            self._gpu_usage[name] = usage
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
@@ -224,6 +264,7 @@ class Runtime(_core._Runtime):
         cores go back to the shared pool for models added later."""
         super().remove_model(name, drain=drain)
         self._quotas.pop(name, None)
+        self._gpu_usage.pop(name, None)
         self._placed.pop(name, None)
         self._plan = None
 
@@ -241,10 +282,26 @@ class Runtime(_core._Runtime):
         return self._topo
 
     def plan(self) -> Plan:
-        """Who gets (or got) which CPUs, threads and memory nodes. Printable."""
+        """Who gets (or got) which CPUs, threads and memory nodes, and GPU streams, SMs and
+        memory. Printable."""
         if self._plan is None:
             self._plan = self._place(self._quotas)
+        if self._gpu_quotas and self._plan.gpu is None:
+            self._plan = dataclasses.replace(self._plan, gpu=plan_gpus(self._gpu_quotas))
         return self._plan
+
+    def _check_gpu(self, name: str, gpu: GPU) -> None:
+        if not isinstance(gpu, GPU):
+            raise QuotaError(f"model {name!r}, field 'gpu': give apportion.GPU(...), got {gpu!r}")
+        gpu.validate(name)
+        if not gpu_available():
+            raise QuotaError(f"model {name!r}, field 'gpu': no usable GPU: {gpu_unavailable_reason()}")
+        if self.started:
+            raise PlacementError(
+                f"model {name!r}: GPU models are partitioned together at start(); add it before "
+                "start() (the runtime is already serving)"
+            )
+        plan_gpus({**self._gpu_quotas, name: gpu})  # SM or memory over-subscription fails here
 
     def _place(self, quotas: dict[str, Quota]) -> Plan:
         return plan(list(quotas.values()), self.topology)
@@ -288,6 +345,13 @@ class Runtime(_core._Runtime):
             p = self._place(self._quotas)
             for name in self._quotas:
                 self._set_placement(name, *self._native_placement(p, name))
+            if self._gpu_quotas:
+                gplan = plan_gpus(self._gpu_quotas)
+                partition = GpuPartition(gplan)
+                for note in [*gplan.notes, *partition.warnings]:
+                    warnings.warn(note, PinningWarning, stacklevel=2)
+                self._gpu.partition = partition
+                p = dataclasses.replace(p, gpu=gplan)
             self._plan = p
         self._start()
         return self
@@ -296,6 +360,7 @@ class Runtime(_core._Runtime):
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
         cancels it. Running calls always finish. Idempotent; returns when workers have exited."""
         self._close(drain)
+        self._gpu.close()  # streams outlive every call that used them: workers have exited
 
     def __enter__(self) -> Runtime:
         if not self.started:
@@ -350,7 +415,14 @@ class Runtime(_core._Runtime):
     # -- observability ------------------------------------------------------------------------
     def stats(self) -> RuntimeStats:
         """Per-model counts and latency percentiles (queue wait, compute, end to end)."""
-        return RuntimeStats({n: ModelStats._from_native(n, self._model_stats(n)) for n in self.models})
+        out = {}
+        for n in self.models:
+            s = ModelStats._from_native(n, self._model_stats(n))
+            usage = self._gpu_usage.get(n)
+            if usage is not None:
+                s = dataclasses.replace(s, gpu_memory_bytes=usage.used, gpu_memory_peak_bytes=usage.peak)
+            out[n] = s
+        return RuntimeStats(out)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("started" if self.started else "new")

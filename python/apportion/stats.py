@@ -55,6 +55,9 @@ class ModelStats:
     queue_wait: LatencyStats
     compute: LatencyStats
     end_to_end: LatencyStats
+    gpu_memory_bytes: int | None = None
+    """GPU memory the model's pool holds (models with a GPU memory budget), else None."""
+    gpu_memory_peak_bytes: int | None = None
 
     @property
     def in_flight(self) -> int:
