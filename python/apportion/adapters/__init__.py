@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .threads import ThreadInfo, model_threads, check_confinement
+from .threads import ThreadInfo, check_confinement, model_threads, worker_name
 
-__all__ = ["ThreadInfo", "adapt", "check_confinement", "model_threads"]
+__all__ = ["ThreadInfo", "adapt", "check_confinement", "model_threads", "worker_name"]
 
 
 def adapt(model: Any, ctx: Any) -> Callable[[Any], Any]:

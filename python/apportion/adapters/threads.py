@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..topology import format_cpulist, parse_cpulist
 
-__all__ = ["ThreadInfo", "check_confinement", "model_threads"]
+__all__ = ["ThreadInfo", "check_confinement", "model_threads", "worker_name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,27 +23,36 @@ def _threads() -> list[ThreadInfo]:
     base = "/proc/self/task"
     for tid in sorted(os.listdir(base), key=int):
         try:
+            # comm holds the raw name bytes; status escapes some of them.
+            with open(f"{base}/{tid}/comm", "rb") as fh:
+                name = fh.read().rstrip(b"\n").decode("utf-8", "surrogateescape")
             with open(f"{base}/{tid}/status") as fh:
                 status = fh.read()
-        except FileNotFoundError:  # exited while we looked
+        except (FileNotFoundError, ProcessLookupError):  # exited while we looked
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        out.append(ThreadInfo(int(tid), fields["Name"].strip(),
-                              parse_cpulist(fields["Cpus_allowed_list"].strip())))
+        out.append(ThreadInfo(int(tid), name, parse_cpulist(fields["Cpus_allowed_list"].strip())))
     return out
+
+
+def worker_name(model: str, instance: int) -> str:
+    """The name a worker of ``model`` gives itself: ``ap:<model>:<instance>``, the model cut
+    (by bytes) so the whole fits Linux's 15-byte limit, as the engine does."""
+    suffix = f":{instance}".encode()
+    room = max(0, 15 - 3 - len(suffix))
+    raw = (b"ap:" + model.encode()[:room] + suffix)[:15]
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def model_threads(model: str) -> list[ThreadInfo]:
     """Every thread of this process that belongs to ``model``: its workers and every thread they
     created (Linux copies a thread's name to the threads it creates, and workers are named
-    ``ap:<model>:<instance>``, the model truncated to fit 15 bytes)."""
-    prefix = f"ap:{model}"
+    ``ap:<model>:<instance>``; see :func:`worker_name`). Two models whose names agree in the
+    part that fits the limit cannot be told apart."""
     out = []
     for t in _threads():
-        if not t.name.startswith("ap:"):
-            continue
-        head = t.name.rsplit(":", 1)[0]
-        if prefix.startswith(head) if len(t.name) == 15 else head == prefix:
+        head, sep, index = t.name.rpartition(":")
+        if head.startswith("ap:") and sep and index.isdigit() and t.name == worker_name(model, int(index)):
             out.append(t)
     return out
 

@@ -1,0 +1,244 @@
+"""The command line: every command, its --help, its JSON, and every error path with its exit code."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import apportion as ap
+from apportion import cli
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
+VM2 = str(FIXTURES / "vm2")
+SERVER = str(FIXTURES / "server_2s128t")
+SCATTERED = str(FIXTURES / "container_scattered")
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def config(tmp_path: Path, text: str, name: str = "models.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+TWO_MODELS = """
+[models.ranker]
+cores = 2
+isolation = "exclusive"
+threads = 2
+
+[models.echo]
+instances = 3
+"""
+
+
+# -- help ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--help"], ["topology", "--help"], ["plan", "--help"]])
+def test_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: apportion")
+    if argv == ["--help"]:
+        # Every registered command is listed: a new Command shows up without touching main().
+        assert all(c.name in text for c in cli.COMMANDS)
+    elif argv[0] == "plan":
+        assert "[models.<name>]" in text and "--root PATH" in text and "--json" in text
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["plan"], ["topology", "--bogus"]])
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "usage: apportion" in capsys.readouterr().err
+
+
+# -- topology --------------------------------------------------------------------------------
+
+def test_topology_text_on_fixtures() -> None:
+    code, out, err = run("topology", "--root", VM2)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == f"topology of {VM2}: 2 usable CPUs (0-1) of 2 present"
+    assert "node 0: 3.8 GiB, usable CPUs 0-1" in out
+
+    code, out, _ = run("topology", "--root", SCATTERED)
+    assert code == 0
+    assert "5 usable CPUs (1,3-4,9,14) of 16 present" in out
+    assert "not allowed to this process: 0,2,5-8,10-13,15" in out
+
+
+def test_topology_json_matches_the_api() -> None:
+    code, out, err = run("topology", "--root", SERVER, "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert doc == json.loads(json.dumps(ap.topology(SERVER).to_dict()))
+    assert len(doc["usable"]) == 128 and doc["threads_per_core"] == 2
+
+
+def test_topology_of_this_machine() -> None:
+    code, out, _ = run("topology", "--json")
+    assert code == 0
+    assert json.loads(out)["usable"] == sorted(os.sched_getaffinity(0))
+
+
+def test_unreadable_root_is_exit_1_naming_the_path(tmp_path: Path) -> None:
+    code, out, err = run("topology", "--root", str(tmp_path))
+    assert (code, out) == (1, "")
+    assert err.startswith("apportion topology: error: ") and str(tmp_path) in err
+
+
+def test_python_dash_m_apportion_runs_the_cli() -> None:
+    package_parent = str(Path(ap.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "apportion", "topology", "--root", VM2],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"topology of {VM2}: 2 usable CPUs")
+    proc = subprocess.run([sys.executable, "-m", "apportion", "plan", "/nonexistent/models.toml"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert "apportion plan: error: /nonexistent/models.toml: cannot read it" in proc.stderr
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+def test_plan_text_and_json_on_the_server_fixture(tmp_path: Path) -> None:
+    path = config(tmp_path, TWO_MODELS)
+    code, out, err = run("plan", path, "--root", SERVER)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"plan on {SERVER}: 128 usable CPUs")
+    ranker = next(line for line in lines if line.lstrip().startswith("ranker"))
+    assert "exclusive" in ranker and "x2" in ranker
+
+    code, out, _ = run("plan", path, "--root", SERVER, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    models = {m["name"]: m for m in doc["models"]}
+    assert set(models) == {"ranker", "echo"}
+    # Two physical cores with their SMT siblings held idle; on one L3 domain.
+    assert len(models["ranker"]["cpus"]) == 2 and len(models["ranker"]["reserved"]) == 2
+    assert models["ranker"]["locality"] == "l3"
+    assert len(models["echo"]["instances"]) == 3
+    assert not set(models["ranker"]["cpus"]) & set(doc["shared_pool"])
+
+
+def test_plan_is_what_the_runtime_would_plan(tmp_path: Path) -> None:
+    # On two CPUs the shared model's three instances only fit because the runtime lets a
+    # shared model without a core count float over the pool: the CLI must agree with it.
+    code, out, err = run("plan", config(tmp_path, TWO_MODELS.replace("cores = 2", "cores = 1")
+                                        .replace("threads = 2", "threads = 1")), "--root", VM2, "--json")
+    assert (code, err) == (0, "")
+    rt = ap.Runtime(topology_root=VM2)
+    try:
+        rt.add_model("ranker", model=len, cores=1, isolation="exclusive", threads=1)
+        rt.add_model("echo", model=len, instances=3)
+        expected = json.loads(json.dumps(rt.plan().to_dict()))
+    finally:
+        rt.close()
+    assert json.loads(out) == expected
+
+
+def test_every_quota_key_is_accepted(tmp_path: Path) -> None:
+    path = config(tmp_path, """
+[models.m]
+cores = "0-1"
+instances = 1
+threads = 4
+isolation = "exclusive"
+numa = 0
+smt = true
+memory_policy = "prefer"
+oversubscribe = true
+""")
+    code, out, err = run("plan", path, "--root", VM2, "--json")
+    assert (code, err) == (0, "")
+    m = json.loads(out)["models"][0]
+    assert (m["cpus"], m["memory_policy"], m["instances"][0]["threads"]) == ([0, 1], "prefer", 4)
+    assert set(cli.QUOTA_KEYS) == {"cores", "instances", "threads", "isolation", "numa", "smt",
+                                   "memory_policy", "oversubscribe"}
+
+
+# -- config errors: exit 2, naming the file, the key and what is allowed ---------------------
+
+@pytest.mark.parametrize(
+    ("text", "key", "allowed"),
+    [
+        ('[models.m]\ncores = 1\nflavour = "mint"\n', "models.m.flavour",
+         "unknown key; allowed: cores, instances, threads, isolation, numa, smt, memory_policy, oversubscribe"),
+        ('[models.m]\ncores = 1\nname = "x"\n', "models.m.name", "unknown key; allowed: cores"),
+        ('[models.m]\ncores = 1\nisolation = "solo"\n', "models.m.isolation",
+         "got 'solo'; give \"exclusive\" or \"shared\""),
+        ("[models.m]\ncores = 0\n", "models.m.cores", "give a count >= 1"),
+        ("[models.m]\ncores = 1.5\n", "models.m.cores", "give an integer count >= 1"),
+        ("[models.m]\ninstances = -1\n", "models.m.instances", "got -1; give an integer >= 1"),
+        ('[models.m]\nthreads = "two"\n', "models.m.threads", "give an integer >= 1"),
+        ('[models.m]\nsmt = "yes"\n', "models.m.smt", "give True or False"),
+        ('[models.m]\nmemory_policy = "interleave"\n', "models.m.memory_policy", 'give "bind", "prefer" or "none"'),
+        ('[models.m]\ncores = "3-1"\n', "models.m.cores", "is not a CPU list"),
+        ("[models.m]\ncores = 1\nthreads = 3\n", "models.m.threads", "oversubscribe=True"),
+        ('[models.m]\ncores = 1\nisolation = "exclusive"\nnuma = -2\n', "models.m.numa", 'give a node id >= 0 or "auto"'),
+        ("models = 3\n", "models", "no models"),
+        ("[models]\n", "models", "no models"),
+        ("[models]\nm = 1\n", "models.m", "must be a table of quota fields"),
+        ("[runtime]\nx = 1\n[models.m]\ncores = 1\n", "runtime", "unknown top-level key"),
+        # Valid alone, impossible on this machine: the planner's QuotaError, named the same way.
+        ('[models.m]\ncores = 3\nisolation = "exclusive"\n', "models.m.cores",
+         "asks 3 physical cores but this machine has only 2 usable"),
+        ('[models.m]\ncores = 1\nisolation = "exclusive"\nnuma = 5\n', "models.m.numa",
+         "NUMA node 5 has no usable CPU on this machine; nodes with CPUs: 0"),
+    ],
+)
+def test_config_errors(tmp_path: Path, text: str, key: str, allowed: str) -> None:
+    path = config(tmp_path, text)
+    code, out, err = run("plan", path, "--root", VM2)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"apportion plan: error: {path}: {key}: "), err
+    assert allowed in err
+
+
+def test_bad_toml_names_the_file_and_the_line(tmp_path: Path) -> None:
+    path = config(tmp_path, "[models.m]\ncores = 1\ncores = \n")
+    code, out, err = run("plan", path, "--root", VM2)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"apportion plan: error: {path}: not valid TOML: ")
+    assert "line 3" in err
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    code, _, err = run("plan", str(tmp_path / "absent.toml"), "--root", VM2)
+    assert code == 2
+    assert f"{tmp_path / 'absent.toml'}: cannot read it: No such file or directory" in err
+
+
+def test_overlapping_exclusive_cpu_lists_are_named(tmp_path: Path) -> None:
+    path = config(tmp_path, '[models.a]\ncores = "0"\nisolation = "exclusive"\n'
+                            '[models.b]\ncores = "0-1"\nisolation = "exclusive"\n')
+    code, out, err = run("plan", path, "--root", VM2)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"apportion plan: error: {path}: models.b.cores: the models do not fit this machine: ")
+    assert "CPUs 0 already belong to exclusive model 'a'" in err
+
+
+def test_models_that_do_not_fit_together_exit_1(tmp_path: Path) -> None:
+    # Each fits alone; together they need three of the two cores: a PlacementError.
+    path = config(tmp_path, '[models.a]\ncores = 2\nisolation = "exclusive"\n'
+                            '[models.b]\ncores = 1\nisolation = "exclusive"\n')
+    code, out, err = run("plan", path, "--root", VM2)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"apportion plan: error: {path}: models.b.cores: the models do not fit this machine: ")
+    assert "0 free cores left" in err
