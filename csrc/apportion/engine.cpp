@@ -30,11 +30,43 @@ void name_thread(const std::string& model, uint32_t index) {
 
 }  // namespace
 
+int64_t Worker::estimate_ns(std::size_t n) const noexcept {
+  const std::size_t known = batch_cost_ns.size();
+  if (n < known && batch_cost_ns[n] > 0) return batch_cost_ns[n];
+  // Scaling a smaller size up linearly over-estimates (a call has fixed costs): when in doubt
+  // a request is kept out of a batch rather than put in one that finishes too late.
+  for (std::size_t k = std::min(n, known); k-- > 1;) {
+    if (batch_cost_ns[k] > 0) return batch_cost_ns[k] / static_cast<int64_t>(k) * static_cast<int64_t>(n);
+  }
+  for (std::size_t k = n + 1; k < known; ++k) {
+    if (batch_cost_ns[k] > 0) return batch_cost_ns[k];
+  }
+  return 0;
+}
+
+void Worker::observe(std::size_t n, int64_t ns) noexcept {
+  if (n >= batch_cost_ns.size()) return;
+  ns = std::max<int64_t>(ns, 1);
+  int64_t& e = batch_cost_ns[n];
+  // EWMA with weight 1/4: follows a model that warms up or a machine that gets busier within
+  // a few calls, without letting one outlier decide alone.
+  e = e == 0 ? ns : e + (ns - e) / 4;
+}
+
 Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
     : opts_(std::move(opts)),
       handler_(std::move(handler)),
-      counters_(std::make_shared<ModelCounters>(opts_.name)),
-      queue_(std::max<std::size_t>(opts_.max_queue, 1)) {
+      counters_(std::make_shared<ModelCounters>(opts_.name)) {
+  opts_.priority_levels = std::max<uint32_t>(opts_.priority_levels, 1);
+  opts_.batching.max_size = std::max<std::size_t>(opts_.batching.max_size, 1);
+  const std::size_t cap = std::max<std::size_t>(opts_.max_queue, 1);
+  for (uint32_t i = 0; i < opts_.priority_levels; ++i) lanes_.push_back(std::make_unique<Lane>(cap));
+  if (opts_.on_timeout == OnTimeout::delay) {
+    delayed_lane_ = opts_.priority_levels;
+    // Room for every admitted request plus one carried over per worker (serve_batches): a
+    // move to this lane can then never find it full.
+    lanes_.push_back(std::make_unique<Lane>(cap + opts_.instances));
+  }
   // Workers (and their metric shards) exist from construction so snapshot() never races with
   // start(); only the threads are spawned later.
   workers_.reserve(opts_.instances);
@@ -42,6 +74,7 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
     auto w = std::make_unique<Worker>();
     w->model = this;
     w->index = i;
+    if (opts_.batching.max_size > 1) w->batch_cost_ns.assign(opts_.batching.max_size + 1, 0);
     workers_.push_back(std::move(w));
   }
 }
@@ -79,51 +112,271 @@ void Model::worker_main(Worker& w) {
   }
   start_cv_.notify_all();
   if (!ok) return;
+  if (opts_.batching.max_size > 1) {
+    serve_batches(w);
+  } else {
+    serve_one(w);
+  }
+  handler_->stop_worker(w);
+}
 
+void Model::serve_one(Worker& w) {
   for (;;) {
     Request* r = nullptr;
-    if (!spin_then_pop(r) && queue_.pop_wait(r, -1, 0) != PopStatus::ok) break;  // closed, drained
-    queued_.fetch_sub(1, std::memory_order_relaxed);
-    if (cancel_queued_.load(std::memory_order_acquire)) {
-      if (r->try_claim(RequestState::claimed)) {
-        handler_->abandon(&w, r, Outcome::cancelled);
-      } else {
-        Request::release(r);
-      }
-      continue;
-    }
+    uint32_t lane = 0;
+    if (take(r, lane, -1) != Take::ok) return;  // closed, every lane empty
     const int64_t now = now_ns();
-    if (now > r->deadline_ns) {
-      // Expired before it started: it is never run (an expired answer is worth nothing and
-      // running it would steal time from requests that can still meet their deadline).
-      if (r->try_claim(RequestState::claimed)) {
-        r->start_ns = now;
-        handler_->abandon(&w, r, Outcome::expired);
-      } else {
-        Request::release(r);
-      }
+    // Expired before it started: it is never run (an expired answer is worth nothing and
+    // running it would steal time from requests that can still meet their deadline) unless
+    // the policy delays it. Requests in the delayed lane run whatever their deadline.
+    const bool expired = lane != delayed_lane_ && now > r->deadline_ns;
+    if (expired || cancel_queued_.load(std::memory_order_acquire)) {
+      settle_unrunnable(w, r, lane, expired, true, now);
       continue;
     }
+    queued_.fetch_sub(1, std::memory_order_relaxed);
     if (!r->try_claim(RequestState::running)) {
       Request::release(r);  // cancelled by its caller while queued: a tombstone, already complete
       continue;
     }
     r->start_ns = now;
-    handler_->run(w, r);
+    handler_->run(w, &r, 1);
+    w.shard.batch_size.record(1);
   }
-  handler_->stop_worker(w);
 }
 
-bool Model::spin_then_pop(Request*& r) noexcept {
-  if (queue_.try_pop(r)) return true;
-  if (opts_.spin_ns <= 0) return false;
-  // Bounded by time, not by rounds: the cost of a pause instruction varies ~10x between CPUs.
-  const int64_t until = now_ns() + opts_.spin_ns;
-  do {
-    for (int i = 0; i < 16; ++i) cpu_relax();
-    if (queue_.try_pop(r)) return true;
-  } while (now_ns() < until && !queue_.closed());
+void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, bool counted,
+                              int64_t now) noexcept {
+  const bool cancel = cancel_queued_.load(std::memory_order_acquire);
+  if (expired && !cancel && opts_.on_timeout == OnTimeout::delay && lane != delayed_lane_ &&
+      r->state() == RequestState::queued) {
+    // Moved, not claimed: the request stays `queued` (a caller may still cancel it, and
+    // whoever later wins its claim completes it) and keeps its admission slot; the queue's
+    // reference moves with it. A request carried over by a batching worker was already
+    // uncounted: it is counted again, which the delayed lane's extra room allows for.
+    if (!counted) queued_.fetch_add(1, std::memory_order_relaxed);
+    delayed_.fetch_add(1, std::memory_order_relaxed);
+    // A free cell exists (see the lane's capacity); a refusal is a consumer's release of it
+    // not yet visible here, which resolves within moments. This worker serves the lane itself
+    // later if no other does, so it needs no wake-up.
+    while (!lanes_[delayed_lane_]->try_push(r)) cpu_relax();
+    return;
+  }
+  if (counted) queued_.fetch_sub(1, std::memory_order_relaxed);
+  if (r->try_claim(RequestState::claimed)) {
+    if (expired && !cancel) {
+      r->start_ns = now;
+      handler_->abandon(&w, r, Outcome::expired);
+    } else {
+      handler_->abandon(&w, r, Outcome::cancelled);
+    }
+  } else {
+    Request::release(r);  // a tombstone: its caller cancelled (and completed) it
+  }
+}
+
+void Model::serve_batches(Worker& w) {
+  const BatchingOptions& opt = opts_.batching;
+  const std::size_t max_size = opt.max_size;
+  std::vector<Request*> batch, claimed;
+  batch.reserve(max_size);
+  claimed.reserve(max_size);
+  // A request taken from a lane that fits no longer in the batch being formed, though it
+  // could still meet its deadline in a smaller one: it opens the next batch. Uncounted in
+  // queued_ (so idle workers do not wait on it), still `queued` (so it can be cancelled).
+  Request* carry = nullptr;
+  uint32_t carry_lane = 0;
+  int64_t opened = 0;
+  int64_t min_deadline = Request::kNoDeadline;
+
+  const auto preferred = [&](std::size_t n) {
+    return std::binary_search(opt.preferred_sizes.begin(), opt.preferred_sizes.end(), n);
+  };
+  const auto flush = [&] {
+    dispatch(w, batch, claimed);
+    min_deadline = Request::kNoDeadline;
+  };
+
+  for (;;) {
+    Request* r = nullptr;
+    uint32_t lane = 0;
+    bool counted = true;
+    if (carry != nullptr) {
+      r = std::exchange(carry, nullptr);
+      lane = carry_lane;
+      counted = false;
+    } else if (batch.empty()) {
+      if (take(r, lane, -1) != Take::ok) return;  // closed, every lane empty
+    } else if (!try_take(r, lane)) {
+      // Nothing queued right now: dispatch, or wait for more while the batch is below
+      // max_size, max_delay has not passed, and one more request would still let the batch
+      // finish before its earliest deadline.
+      if (stopping_.load(std::memory_order_acquire) || preferred(batch.size())) {
+        flush();
+        continue;
+      }
+      const int64_t by_deadline =
+          min_deadline == Request::kNoDeadline
+              ? Request::kNoDeadline
+              : min_deadline - w.estimate_ns(batch.size() + 1);
+      const int64_t until = std::min(opened + opt.max_delay_ns, by_deadline);
+      if (now_ns() >= until || take(r, lane, until) != Take::ok) {
+        flush();
+        continue;
+      }
+    }
+
+    const int64_t now = now_ns();
+    if (cancel_queued_.load(std::memory_order_acquire) || r->state() != RequestState::queued) {
+      settle_unrunnable(w, r, lane, false, counted, now);
+      continue;
+    }
+    // Requests in the delayed lane run whatever their deadline.
+    const int64_t deadline = lane != delayed_lane_ ? r->deadline_ns : Request::kNoDeadline;
+    // Deadline-aware: a request joins a batch only if that batch, by this worker's own measure
+    // of calls of that size, finishes before the request's deadline and before those of the
+    // requests already in it. One that no call could serve in time expires (or is delayed);
+    // one that only this batch would make late, or that would make this batch late, opens the
+    // next batch.
+    if (deadline != Request::kNoDeadline && deadline < now + w.estimate_ns(1)) {
+      settle_unrunnable(w, r, lane, true, counted, now);
+      continue;
+    }
+    const int64_t limit = std::min(deadline, min_deadline);
+    if (!batch.empty() && limit != Request::kNoDeadline &&
+        limit < now + w.estimate_ns(batch.size() + 1)) {
+      if (counted) queued_.fetch_sub(1, std::memory_order_relaxed);
+      carry = r;
+      carry_lane = lane;
+      flush();
+      continue;
+    }
+    if (counted) queued_.fetch_sub(1, std::memory_order_relaxed);
+    if (batch.empty()) opened = now;
+    batch.push_back(r);
+    min_deadline = limit;
+    if (batch.size() >= max_size) flush();
+  }
+}
+
+void Model::dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Request*>& claimed) {
+  claimed.clear();
+  // Requests wait in a forming batch still `queued`: cancellation (by a caller, or by a close
+  // without drain) still reaches them, and only here does the worker claim them.
+  const bool cancel = cancel_queued_.load(std::memory_order_acquire);
+  const int64_t start = now_ns();
+  for (Request* r : batch) {
+    if (cancel) {
+      if (r->try_claim(RequestState::claimed)) {
+        handler_->abandon(&w, r, Outcome::cancelled);
+      } else {
+        Request::release(r);
+      }
+    } else if (r->try_claim(RequestState::running)) {
+      r->start_ns = start;
+      claimed.push_back(r);
+    } else {
+      Request::release(r);  // cancelled by its caller while the batch formed
+    }
+  }
+  batch.clear();
+  if (claimed.empty()) return;
+  const std::size_t n = claimed.size();
+  handler_->run(w, claimed.data(), n);  // completes and releases every one of them
+  w.observe(n, now_ns() - start);
+  w.shard.batch_size.record(n);
+}
+
+bool Model::try_take(Request*& r, uint32_t& lane) noexcept {
+  const auto n = static_cast<uint32_t>(lanes_.size());
+  for (uint32_t i = 0; i < n; ++i) {
+    if (lanes_[i]->try_pop(r)) {
+      lane = i;
+      return true;
+    }
+  }
   return false;
+}
+
+Model::Take Model::take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept {
+  if (try_take(r, lane)) return Take::ok;
+  if (opts_.spin_ns > 0) {
+    // Bounded by time, not by rounds: the cost of a pause instruction varies ~10x between CPUs.
+    int64_t spin_until = now_ns() + opts_.spin_ns;
+    if (until_ns >= 0) spin_until = std::min(spin_until, until_ns);
+    do {
+      for (int i = 0; i < 16; ++i) cpu_relax();
+      if (try_take(r, lane)) return Take::ok;
+    } while (now_ns() < spin_until && !stopping_.load(std::memory_order_acquire));
+  }
+  for (;;) {
+    if (stopping_.load(std::memory_order_acquire)) {
+      return try_take(r, lane) ? Take::ok : Take::closed;
+    }
+    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    // No lost wake-up (Dekker): announce the sleeper, then look at queued_. A submitter adds
+    // to queued_ before its pushes and looks at sleepers_ after them; all four are seq_cst,
+    // so in their one total order either the submitter's look comes after this announcement
+    // (it sees the sleeper, bumps the epoch, and the futex wait below returns at once or is
+    // woken), or its add comes before the load below, which then sees the request counted:
+    // this worker does not park but retries, and finds it once it is pushed (or finds the
+    // count dropped because another worker took it). queued_ is non-zero without anything to
+    // take only for moments: a push in progress, a pop not yet uncounted, a move to the
+    // delayed lane.
+    sleepers_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
+    if (try_take(r, lane)) {
+      leave_sleepers();
+      return Take::ok;
+    }
+    const bool pending = queued_.load(std::memory_order_seq_cst) != 0;
+    int64_t remaining = -1;
+    if (until_ns >= 0) {
+      remaining = until_ns - now_ns();
+      if (remaining <= 0) {
+        leave_sleepers();
+        return Take::timeout;
+      }
+    }
+    // stopping_ is read again after the epoch: close() sets it before bumping the epoch, so a
+    // worker that read the bumped epoch sees it here instead of sleeping through the close.
+    if (!pending && !stopping_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, remaining);
+    leave_sleepers();
+    // Unregistered, so pushes meanwhile skip the wake-up syscall; on a busy core the thread
+    // we wait for (a submitter between count and push) gets to run.
+    if (pending) std::this_thread::yield();
+  }
+}
+
+// Wakes up to `n` sleepers, skipping those that already have a wake-up on its way: without
+// that, every push made while a woken worker is still being scheduled pays a futex syscall
+// for nobody, and submitters slow to the syscall rate exactly when the workers are behind.
+void Model::wake(std::size_t n) noexcept {
+  uint64_t s = sleepers_.load(std::memory_order_seq_cst);  // the submitter's half: see take()
+  uint64_t k = 0;
+  for (;;) {
+    const uint64_t sleepers = s >> 32;
+    const uint64_t woken = s & kWokenMask;
+    if (woken >= sleepers) return;  // no sleepers, or each has a wake-up in flight
+    k = std::min<uint64_t>(n, sleepers - woken);
+    if (sleepers_.compare_exchange_weak(s, s + k, std::memory_order_acq_rel,
+                                        std::memory_order_relaxed)) {
+      break;
+    }
+  }
+  epoch_.fetch_add(1, std::memory_order_release);
+  park_wake(epoch_, static_cast<int>(k));
+}
+
+// A sleeper stops waiting (for any reason) and takes one in-flight wake-up with it, if there
+// is one. Wake-ups are not addressed, so the one taken may have been meant for another
+// sleeper; that only leaves `woken` too low (a spare wake-up later), never a missed one.
+void Model::leave_sleepers() noexcept {
+  uint64_t s = sleepers_.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t woken = s & kWokenMask;
+    const uint64_t next = s - kOneSleeper - (woken != 0 ? 1 : 0);
+    if (sleepers_.compare_exchange_weak(s, next, std::memory_order_relaxed)) return;
+  }
 }
 
 Admit Model::submit(Request* r) noexcept { return submit_n(&r, 1); }
@@ -143,22 +396,26 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     counters_->rejected.fetch_add(n, std::memory_order_relaxed);
     return Admit::closed;
   }
-  const std::size_t before = queued_.fetch_add(n, std::memory_order_relaxed);
+  // seq_cst: the submitter's first half of the sleeper handshake (see take()).
+  const std::size_t before = queued_.fetch_add(n, std::memory_order_seq_cst);
   if (before + n > opts_.max_queue) {
     queued_.fetch_sub(n, std::memory_order_relaxed);
     counters_->rejected.fetch_add(n, std::memory_order_relaxed);
     return Admit::full;
   }
   const int64_t now = now_ns();
+  const uint32_t last = opts_.priority_levels - 1;
   for (std::size_t i = 0; i < n; ++i) {
     Request* r = rs[i];
     r->submit_ns = now;
     r->counters = counters_;
+    Lane& lane = *lanes_[std::min(r->priority, last)];
     // Admission guarantees a free cell and close() waits for us, so a refusal can only be a
     // consumer's release of that cell not yet visible here (possible on weakly ordered CPUs,
     // where its queued_ decrement may be seen first): it resolves within moments.
-    while (!queue_.try_push(r)) cpu_relax();
+    while (!lane.try_push(r)) cpu_relax();
   }
+  wake(n);
   return Admit::ok;
 }
 
@@ -168,7 +425,11 @@ void Model::close(bool drain) noexcept {
   // Submitters that saw the model open finish their pushes first (they never block, so this
   // wait is short); every later one sees closed_.
   while (submitting_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
-  queue_.close();
+  // Every push is done (made visible by the submitters' release of submitting_): a worker that
+  // sees stopping_ and finds every lane empty may exit.
+  stopping_.store(true, std::memory_order_seq_cst);
+  epoch_.fetch_add(1, std::memory_order_release);
+  park_wake(epoch_);
 }
 
 void Model::join() {
@@ -178,7 +439,8 @@ void Model::join() {
   joined_ = true;
   // Requests no worker will take: workers that failed to start, or pushes racing close().
   Request* r = nullptr;
-  while (queue_.try_pop(r)) {
+  uint32_t lane = 0;
+  while (try_take(r, lane)) {
     queued_.fetch_sub(1, std::memory_order_relaxed);
     if (r->try_claim(RequestState::claimed)) {
       handler_->abandon(nullptr, r, Outcome::cancelled);
@@ -228,10 +490,12 @@ ModelSnapshot Model::snapshot() const {
   s.cancelled = c.cancelled.load(std::memory_order_relaxed);
   s.submitted = c.submitted.load(std::memory_order_relaxed);
   s.queued = queued_.load(std::memory_order_relaxed);
+  s.delayed = delayed_.load(std::memory_order_relaxed);
   for (const auto& w : workers_) {
     w->shard.queue_wait.snapshot_into(s.queue_wait);
     w->shard.compute.snapshot_into(s.compute);
     w->shard.end_to_end.snapshot_into(s.end_to_end);
+    w->shard.batch_size.snapshot_into(s.batch_size);
   }
   return s;
 }

@@ -1,4 +1,9 @@
-// The engine: one bounded queue per model, served by that model's pinned worker threads.
+// The engine: per model, bounded priority lanes served by that model's pinned worker threads.
+//
+// A model has one bounded MPMC lane per priority level (0 is served first), plus, with
+// on_timeout=delay, a last lane for requests that expired while queued. A worker takes from the
+// highest non-empty lane at request (or batch) boundaries, optionally gathering a batch. Idle
+// workers park on one event count per model, so a push to any lane wakes them.
 //
 // Python-free. What a request carries and how a model is called is the business of a
 // ModelHandler (the Python bindings supply one that holds the GIL only around the model call);
@@ -26,6 +31,7 @@ struct alignas(kCacheLine) WorkerShard {
   LogHistogram queue_wait;
   LogHistogram compute;
   LogHistogram end_to_end;
+  LogHistogram batch_size;  // one sample per model call: how many requests it served
 };
 
 class Model;
@@ -40,6 +46,14 @@ struct Worker {
   /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
   /// asked). Written by the worker before it reports started; read after start() returns.
   std::string pin_error;
+  /// This worker's estimate of a model call's duration by batch size (index = size; 0:
+  /// never observed): an EWMA of what it measured. Worker-private; used to keep requests out
+  /// of batches that would finish after their deadline.
+  std::vector<int64_t> batch_cost_ns;
+  /// The estimated duration of a call with `n` requests: measured for n, else scaled from the
+  /// nearest smaller size measured, else the nearest larger one, else 0 (nothing known yet).
+  int64_t estimate_ns(std::size_t n) const noexcept;
+  void observe(std::size_t n, int64_t ns) noexcept;
 };
 
 /// What a model does with its requests. Every method runs in the named thread; each one that
@@ -50,9 +64,11 @@ class ModelHandler {
   /// In the worker thread, before it serves anything. False stops this worker; the handler
   /// keeps the reason (Model::start_failures() counts them).
   virtual bool start_worker(Worker& w) = 0;
-  /// Serve a request this worker claimed (state `running`): call the model, then
-  /// `Model::complete(*r, outcome, &w.shard)` exactly once.
-  virtual void run(Worker& w, Request* r) = 0;
+  /// Serve `n >= 1` requests this worker claimed (state `running`) with one model call, then
+  /// `Model::complete(*r, outcome, &w.shard)` exactly once for each and release each. `n` is
+  /// 1 unless the model batches (ModelOptions::batching); a batching model's handler serves a
+  /// batch of one as a batch. `batch` is valid only during the call.
+  virtual void run(Worker& w, Request* const* batch, std::size_t n) = 0;
   /// Complete a claimed request that will never run (expired or cancelled); `w` may be null
   /// when the caller is not a worker (cancellation from a caller or at shutdown).
   virtual void abandon(Worker* w, Request* r, Outcome why) = 0;
@@ -60,10 +76,33 @@ class ModelHandler {
   virtual void stop_worker(Worker& w) = 0;
 };
 
+/// What a worker does with a request whose deadline passed (or, when batching, would pass
+/// before its batch finishes) before it started.
+enum class OnTimeout : uint8_t {
+  reject,  // complete it as expired; it never runs
+  delay,   // move it to the delayed lane: it runs after every request still in time
+};
+
+/// Dynamic batching. max_size <= 1: off (every call serves one request).
+struct BatchingOptions {
+  std::size_t max_size = 1;
+  /// How long a worker holding a partial batch waits for more requests, from the moment it
+  /// took the batch's first request.
+  int64_t max_delay_ns = 0;
+  /// Sizes at which a batch is dispatched as soon as no further request is immediately
+  /// queued (ascending, each <= max_size). Empty: wait up to max_delay_ns below max_size.
+  std::vector<std::size_t> preferred_sizes;
+};
+
 struct ModelOptions {
   std::string name;
   uint32_t instances = 1;
+  /// Admission bound over all lanes together.
   std::size_t max_queue = 1024;
+  /// Lanes 0 (served first) .. priority_levels - 1. Request::priority is clamped into range.
+  uint32_t priority_levels = 1;
+  OnTimeout on_timeout = OnTimeout::reject;
+  BatchingOptions batching;
   // How long an idle worker keeps polling its queue before it parks on a futex. A request that
   // arrives meanwhile is picked up in ~1 us instead of a ~5 us futex wake-up; the cost is that
   // much CPU after each burst.
@@ -80,7 +119,11 @@ enum class Admit : uint8_t { ok, full, closed };
 struct ModelSnapshot {
   uint64_t submitted = 0, completed = 0, failed = 0, rejected = 0, expired = 0, cancelled = 0;
   uint64_t queued = 0;
+  /// Requests moved to the delayed lane (on_timeout=delay); each still completes once.
+  uint64_t delayed = 0;
   LogHistogram::Snapshot queue_wait, compute, end_to_end;
+  /// One sample per model call (its number of requests): total is the number of calls.
+  LogHistogram::Snapshot batch_size;
 };
 
 class Model {
@@ -96,8 +139,8 @@ class Model {
   /// released any lock the workers' start needs (the Python GIL).
   uint32_t start();
 
-  /// Admits a request: the queue takes over one reference (the caller adds it first) on `ok`.
-  /// Stamps submit time and counters. Safe from any thread.
+  /// Admits a request into lane `r->priority` (clamped): the queue takes over one reference
+  /// (the caller adds it first) on `ok`. Stamps submit time and counters. Safe from any thread.
   Admit submit(Request* r) noexcept;
   /// All-or-nothing admission of `n` requests. Safe from any thread.
   Admit submit_n(Request* const* rs, std::size_t n) noexcept;
@@ -128,21 +171,52 @@ class Model {
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   bool started() const noexcept { return started_; }
   std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
+  /// Number of lanes: priority_levels, plus the delayed lane with on_timeout=delay.
+  std::size_t lanes() const noexcept { return lanes_.size(); }
   ModelSnapshot snapshot() const;
 
  private:
+  using Lane = MpmcQueue<Request*>;
+  enum class Take : uint8_t { ok, timeout, closed };
+
   void worker_main(Worker& w);
-  bool spin_then_pop(Request*& r) noexcept;
+  void serve_one(Worker& w);
+  void serve_batches(Worker& w);
+  bool try_take(Request*& r, uint32_t& lane) noexcept;
+  Take take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
+  void wake(std::size_t n) noexcept;
+  void leave_sleepers() noexcept;
+  // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
+  // now. `counted`: it still holds its place in queued_.
+  void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, bool counted,
+                         int64_t now) noexcept;
+  void dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Request*>& claimed);
 
   ModelOptions opts_;
   std::shared_ptr<ModelHandler> handler_;
   std::shared_ptr<ModelCounters> counters_;
-  MpmcQueue<Request*> queue_;
+  // Lane i holds priority i; with on_timeout=delay the last lane holds delayed requests. Each
+  // lane can hold max_queue requests on its own: admission bounds all lanes together, so a
+  // push (or a move to the delayed lane) always finds a free cell.
+  std::vector<std::unique_ptr<Lane>> lanes_;
+  uint32_t delayed_lane_ = UINT32_MAX;  // index of the delayed lane; none with reject
   std::vector<std::unique_ptr<Worker>> workers_;
-  // Admission bound: counts requests in the ring, including cancelled ones not yet popped, so
-  // the ring (capacity >= max_queue) can never be full when admission says yes.
+  // Admission bound: counts requests in the lanes, including cancelled ones not yet popped and
+  // ones a worker is moving to the delayed lane, so the lanes can never be full when admission
+  // says yes. It is also the sleepers' "work may be coming" signal (see take()).
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
+  std::atomic<uint64_t> delayed_{0};
   std::atomic<bool> closed_{false};
+  // Set by close() once no submitter can push any more: a worker that then finds every lane
+  // empty exits. (The lanes themselves are never closed: a worker moving a request to the
+  // delayed lane must be able to push after close, and it serves that request itself.)
+  std::atomic<bool> stopping_{false};
+  // Event count of the model's sleepers: a push to any lane wakes a worker parked on it.
+  alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
+  // Sleepers in the high half, wake-ups issued to them and not yet taken in the low half.
+  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
+  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
+  std::atomic<uint64_t> sleepers_{0};
   // Submitters between their look at closed_ and their last push. close() waits for zero before
   // closing the ring, so a push never meets a closed ring: a batch is never cut in two, and no
   // push lands after the workers (or join) drained the ring for the last time.

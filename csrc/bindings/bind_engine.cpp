@@ -13,6 +13,7 @@
 
 #include <tuple>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -144,8 +145,9 @@ thread_local std::string current_model;
 
 class PyHandler final : public ModelHandler {
  public:
-  PyHandler(py::object make_instance, const void* runtime)
-      : make_instance_(std::move(make_instance)), runtime_(runtime) {}
+  /// `batching`: the model is called with a list of inputs and returns a list of results.
+  PyHandler(py::object make_instance, const void* runtime, bool batching)
+      : make_instance_(std::move(make_instance)), runtime_(runtime), batching_(batching) {}
 
   ~PyHandler() override {
     // Destroyed with the GIL held (the runtime drops models under the GIL); the members are
@@ -175,21 +177,25 @@ class PyHandler final : public ModelHandler {
     return true;
   }
 
-  void run(Worker& w, Request* req) override {
+  void run(Worker& w, Request* const* batch, std::size_t n) override {
     auto* st = static_cast<WorkerState*>(w.user);
-    auto* r = static_cast<PyRequest*>(req);
     if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
     PyEval_RestoreThread(st->ts);
-    PyObject* res = PyObject_CallOneArg(st->fn, r->input);
-    Outcome o = Outcome::ok;
-    if (res != nullptr) {
-      r->value = res;
+    if (batching_) {
+      run_batch(w, *st, batch, n);
     } else {
-      r->value = fetch_exception();
-      o = Outcome::error;
+      auto* r = static_cast<PyRequest*>(batch[0]);
+      PyObject* res = PyObject_CallOneArg(st->fn, r->input);
+      Outcome o = Outcome::ok;
+      if (res != nullptr) {
+        r->value = res;
+      } else {
+        r->value = fetch_exception();
+        o = Outcome::error;
+      }
+      finish(r, o, &w.shard);
+      Request::release(r);  // may be the last reference: still under the GIL
     }
-    finish(r, o, &w.shard);
-    Request::release(r);  // may be the last reference: still under the GIL
     st->ts = PyEval_SaveThread();
   }
 
@@ -223,8 +229,68 @@ class PyHandler final : public ModelHandler {
   py::object take_error() { return std::exchange(error_, py::object()); }
 
  private:
+  // One call with the list of inputs; result i goes to request i. A failing call (or a result
+  // that is not one result per request) fails every request of the batch with the same
+  // exception object. GIL held.
+  void run_batch(Worker& w, WorkerState& st, Request* const* batch, std::size_t n) {
+    PyObject* error = nullptr;
+    PyObject* items = nullptr;  // a list or tuple of n results
+    PyObject* inputs = PyList_New(static_cast<Py_ssize_t>(n));
+    if (inputs != nullptr) {
+      for (std::size_t i = 0; i < n; ++i) {
+        PyObject* x = static_cast<PyRequest*>(batch[i])->input;
+        Py_INCREF(x);
+        PyList_SET_ITEM(inputs, static_cast<Py_ssize_t>(i), x);
+      }
+      PyObject* res = PyObject_CallOneArg(st.fn, inputs);
+      Py_DECREF(inputs);
+      if (res != nullptr) {
+        if (PyList_Check(res) || PyTuple_Check(res)) {
+          items = res;
+        } else {
+          items = PySequence_Fast(res, "");
+          if (items == nullptr) {
+            PyErr_Clear();
+            error = batch_error(w.model->name() + "': a batching model must return a list with "
+                                "one result per request, in order; it returned " +
+                                Py_TYPE(res)->tp_name);
+          }
+          Py_DECREF(res);
+        }
+        if (items != nullptr && error == nullptr &&
+            static_cast<std::size_t>(PySequence_Fast_GET_SIZE(items)) != n) {
+          error = batch_error(w.model->name() + "': a batch of " + std::to_string(n) +
+                              (n == 1 ? " request" : " requests") + " returned " +
+                              std::to_string(PySequence_Fast_GET_SIZE(items)) +
+                              " results; a batching model must return one result per request, "
+                              "in order");
+        }
+      }
+    }
+    if (items == nullptr && error == nullptr) error = fetch_exception();
+    if (items == nullptr && error == nullptr) error = batch_error(w.model->name() + "': the batch call failed");
+    for (std::size_t i = 0; i < n; ++i) {
+      auto* r = static_cast<PyRequest*>(batch[i]);
+      PyObject* v = error != nullptr ? error : PySequence_Fast_GET_ITEM(items, static_cast<Py_ssize_t>(i));
+      Py_INCREF(v);
+      r->value = v;
+      finish(r, error != nullptr ? Outcome::error : Outcome::ok, &w.shard);
+      Request::release(r);
+    }
+    Py_XDECREF(items);
+    Py_XDECREF(error);
+  }
+
+  // A new ApportionError("model '<message>"); never null (falls back to the raised error).
+  static PyObject* batch_error(const std::string& message) {
+    const std::string text = "model '" + message;
+    PyObject* e = PyObject_CallFunction(types().apportion_error, "s", text.c_str());
+    return e != nullptr ? e : fetch_exception();
+  }
+
   py::object make_instance_;
   const void* runtime_;
+  const bool batching_;
   py::object error_;
 };
 
@@ -279,19 +345,35 @@ class RuntimeCore {
   void add_model(const std::string& name, py::object make_instance, uint32_t instances,
                  std::size_t max_queue, std::optional<double> timeout_ms, uint32_t priority_levels,
                  double spin_us, const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
-                 const std::string& memory_policy) {
+                 const std::string& memory_policy, const std::string& on_timeout,
+                 const std::optional<std::tuple<std::size_t, double, std::vector<std::size_t>>>& batching) {
     if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (models_.count(name) != 0) {
       PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
       throw py::error_already_set();
     }
-    Entry e;
-    e.handler = std::make_shared<PyHandler>(std::move(make_instance), this);
     ModelOptions opts;
     opts.name = name;
     opts.instances = instances;
     opts.max_queue = max_queue;
     opts.spin_ns = static_cast<int64_t>(spin_us * 1000.0);
+    opts.priority_levels = std::max<uint32_t>(priority_levels, 1);
+    if (on_timeout == "delay") opts.on_timeout = OnTimeout::delay;
+    else if (on_timeout != "reject") throw py::value_error("on_timeout must be 'reject' or 'delay'");
+    if (batching) {
+      const auto& [max_size, max_delay_ms, preferred] = *batching;
+      if (max_size < 1 || !std::isfinite(max_delay_ms) || max_delay_ms < 0) {
+        throw py::value_error("batching needs max_size >= 1 and a finite max_delay_ms >= 0");
+      }
+      opts.batching.max_size = max_size;
+      opts.batching.max_delay_ns = static_cast<int64_t>(std::min(max_delay_ms, 1e9) * 1e6);
+      opts.batching.preferred_sizes = preferred;
+      std::sort(opts.batching.preferred_sizes.begin(), opts.batching.preferred_sizes.end());
+    }
+    Entry e;
+    // A Batching(max_size=1) model still receives lists: the model's calling convention
+    // follows whether batching was asked for, not the size.
+    e.handler = std::make_shared<PyHandler>(std::move(make_instance), this, batching.has_value());
     e.model = std::make_shared<Model>(opts, e.handler);
     if (timeout_ms) e.default_timeout_ns = timeout_to_ns(name, "timeout_ms", *timeout_ms);
     e.priority_levels = priority_levels;
@@ -442,6 +524,9 @@ class RuntimeCore {
     d["expired"] = s.expired;
     d["cancelled"] = s.cancelled;
     d["queued"] = s.queued;
+    d["delayed"] = s.delayed;
+    d["batches"] = s.batch_size.total;
+    d["batch_size"] = histogram_dict(s.batch_size);
     d["instances"] = it->second.model->options().instances;
     d["max_queue"] = it->second.model->options().max_queue;
     d["queue_wait"] = histogram_dict(s.queue_wait);
@@ -579,11 +664,20 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
     case Outcome::expired: {
       const double waited_ms = static_cast<double>(r.start_ns - r.submit_ns) / 1e6;
       const double budget_ms = static_cast<double>(r.deadline_ns - r.submit_ns) / 1e6;
-      char buf[256];
-      std::snprintf(buf, sizeof buf,
-                    "model '%s': deadline of %.3f ms passed after %.3f ms in the queue; the "
-                    "request was not run",
-                    r.counters->name.c_str(), budget_ms, waited_ms);
+      char buf[320];
+      if (r.start_ns <= r.deadline_ns) {
+        // A batching worker judged that no batch could finish in time (its measured call time).
+        std::snprintf(buf, sizeof buf,
+                      "model '%s': deadline of %.3f ms could not be met: after %.3f ms in the "
+                      "queue, less time was left than the model's measured call time; the "
+                      "request was not run",
+                      r.counters->name.c_str(), budget_ms, waited_ms);
+      } else {
+        std::snprintf(buf, sizeof buf,
+                      "model '%s': deadline of %.3f ms passed after %.3f ms in the queue; the "
+                      "request was not run",
+                      r.counters->name.c_str(), budget_ms, waited_ms);
+      }
       raise(types().deadline_exceeded, buf);
     }
     default:
@@ -684,7 +778,8 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def("_add_model", &RuntimeCore::add_model, py::arg("name"), py::arg("make_instance"),
            py::arg("instances"), py::arg("max_queue"), py::arg("timeout_ms"),
            py::arg("priority_levels"), py::arg("spin_us"), py::arg("placement"),
-           py::arg("memory_policy"))
+           py::arg("memory_policy"), py::arg("on_timeout") = "reject",
+           py::arg("batching") = py::none())
       .def("_start", &RuntimeCore::start)
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"))

@@ -15,6 +15,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -27,11 +28,13 @@
 namespace {
 
 using apportion::Admit;
+using apportion::BatchingOptions;
 using apportion::Model;
 using apportion::ModelHandler;
 using apportion::ModelOptions;
 using apportion::ModelSnapshot;
 using apportion::now_ns;
+using apportion::OnTimeout;
 using apportion::Outcome;
 using apportion::Ref;
 using apportion::Request;
@@ -99,7 +102,18 @@ class TestHandler : public ModelHandler {
     return on_start ? on_start(w) : true;
   }
 
-  void run(Worker& w, Request* r) override {
+  // Called once per model call with the whole batch, before any request is completed.
+  std::function<void(Worker&, Request* const*, std::size_t)> on_batch;
+  std::atomic<int> calls{0};
+
+  void run(Worker& w, Request* const* batch, std::size_t n) override {
+    calls.fetch_add(1);
+    if (n == 0) bad_state.fetch_add(1);
+    if (on_batch) on_batch(w, batch, n);
+    for (std::size_t i = 0; i < n; ++i) run_one(w, batch[i]);
+  }
+
+  void run_one(Worker& w, Request* r) {
     auto* t = static_cast<TestRequest*>(r);
     runs.fetch_add(1);
     t->runs.fetch_add(1);
@@ -835,6 +849,405 @@ TEST_F(EngineTest, WaitDoneTimesOutThenSeesACompletion) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Priority lanes, the delay policy and dynamic batching.
+
+// A handler whose first call (tag 0) blocks on a gate, recording every call's tags in order.
+struct Recorder {
+  std::mutex mu;
+  std::vector<std::vector<uint64_t>> calls;  // tags of each model call, in call order
+  std::vector<uint64_t> order() {
+    std::lock_guard lock(mu);
+    std::vector<uint64_t> out;
+    for (auto& c : calls) out.insert(out.end(), c.begin(), c.end());
+    return out;
+  }
+  std::vector<std::size_t> sizes() {
+    std::lock_guard lock(mu);
+    std::vector<std::size_t> out;
+    for (auto& c : calls) out.push_back(c.size());
+    return out;
+  }
+};
+
+std::shared_ptr<TestHandler> recording_handler(Recorder& rec, Gate* gate,
+                                               std::chrono::milliseconds per_call = 0ms) {
+  auto h = std::make_shared<TestHandler>();
+  h->on_batch = [&rec, gate, per_call](Worker&, Request* const* b, std::size_t n) {
+    std::vector<uint64_t> tags;
+    for (std::size_t i = 0; i < n; ++i) tags.push_back(static_cast<TestRequest*>(b[i])->tag);
+    {
+      std::lock_guard lock(rec.mu);
+      rec.calls.push_back(tags);
+    }
+    if (gate != nullptr && tags.front() == 0) {
+      gate->arrive();
+      gate->wait();
+    }
+    if (per_call > 0ms) std::this_thread::sleep_for(per_call);
+  };
+  return h;
+}
+
+TEST_F(EngineTest, HighestPriorityLaneIsServedFirst) {
+  guarded(30s, [] {
+    Recorder rec;
+    Gate gate;
+    auto h = recording_handler(rec, &gate);
+    ModelOptions o = opts(1);
+    o.priority_levels = 3;
+    Model m(o, h);
+    EXPECT_EQ(m.lanes(), 3u);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    // Queued behind the blocker: priorities 2,1,0,2,1,0,... and one out of range (clamped to
+    // the lowest level).
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 9; ++i) {
+      rs.push_back(make(i));
+      rs.back()->priority = static_cast<uint32_t>(2 - (i - 1) % 3);
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    rs.push_back(make(10));
+    rs.back()->priority = 77;
+    ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    gate.open();
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    // Level 0 first, then 1, then 2 (FIFO within a level), the clamped one last.
+    EXPECT_EQ(rec.order(), (std::vector<uint64_t>{0, 3, 6, 9, 2, 5, 8, 1, 4, 7, 10}));
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, MaxQueueBoundsAllLanesTogether) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    ModelOptions o = opts(1, 4);
+    o.priority_levels = 4;
+    o.on_timeout = OnTimeout::delay;
+    Model m(o, h);  // not started: the bound is exact
+    EXPECT_EQ(m.lanes(), 5u) << "four levels and the delayed lane";
+    std::vector<TestRef> rs;
+    for (uint32_t i = 0; i < 4; ++i) {
+      rs.push_back(make(i));
+      rs.back()->priority = i;
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    TestRef extra = make(9);
+    extra->priority = 0;
+    EXPECT_EQ(submit(m, extra), Admit::full);
+    EXPECT_EQ(m.queued(), 4u);
+    m.close(true);
+    m.join();
+    for (auto& r : rs) EXPECT_EQ(r->outcome(), Outcome::cancelled);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineTest, DelayPolicyRunsExpiredRequestsAfterEverythingElse) {
+  guarded(30s, [] {
+    Recorder rec;
+    Gate gate;
+    auto h = recording_handler(rec, &gate);
+    ModelOptions o = opts(1);
+    o.priority_levels = 2;
+    o.on_timeout = OnTimeout::delay;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef late = make(1);  // top priority, but expires while queued
+    late->deadline_ns = now_ns() + 2'000'000;
+    TestRef low = make(2);
+    low->priority = 1;
+    TestRef high = make(3);
+    TestRef gone = make(4);  // expires, then is cancelled while delayed or queued
+    gone->deadline_ns = now_ns() + 2'000'000;
+    for (auto* r : {&late, &low, &high, &gone}) ASSERT_EQ(submit(m, *r), Admit::ok);
+    while (now_ns() <= gone->deadline_ns || now_ns() <= late->deadline_ns) std::this_thread::sleep_for(1ms);
+    EXPECT_TRUE(m.cancel(gone.get()));
+    gate.open();
+    for (auto* r : {&late, &low, &high, &gone}) ASSERT_TRUE(completes(*r));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(late->outcome(), Outcome::ok) << "a delayed request still runs";
+    EXPECT_EQ(late->runs.load(), 1);
+    EXPECT_EQ(late->completions.load(), 1);
+    EXPECT_EQ(gone->outcome(), Outcome::cancelled);
+    EXPECT_EQ(gone->completions.load(), 1);
+    EXPECT_EQ(gone->runs.load(), 0);
+    EXPECT_EQ(rec.order(), (std::vector<uint64_t>{0, 3, 2, 1}));
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 0u);
+    EXPECT_EQ(s.completed, 4u);
+    EXPECT_EQ(s.cancelled, 1u);
+    EXPECT_GE(s.delayed, 1u);
+    EXPECT_EQ(s.queued, 0u);
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, DelayedRequestsAreCancelledByACloseWithoutDrain) {
+  guarded(30s, [] {
+    Recorder rec;
+    Gate gate;
+    auto h = recording_handler(rec, &gate);
+    ModelOptions o = opts(1);
+    o.on_timeout = OnTimeout::delay;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 4; ++i) {
+      rs.push_back(make(i));
+      rs.back()->deadline_ns = now_ns() + 1'000'000;
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    while (now_ns() <= rs.back()->deadline_ns) std::this_thread::sleep_for(1ms);
+    m.close(false);
+    gate.open();
+    m.join();
+    for (auto& r : rs) {
+      EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(s.queued, 0u);
+  });
+}
+
+ModelOptions batching_opts(std::size_t max_size, int64_t max_delay_ns,
+                           std::vector<std::size_t> preferred = {}) {
+  ModelOptions o = opts(1);
+  o.batching = BatchingOptions{max_size, max_delay_ns, std::move(preferred)};
+  return o;
+}
+
+TEST_F(EngineTest, BatchesAreFormedUpToMaxSizeInPriorityOrder) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    ModelOptions o = batching_opts(4, 20'000'000);
+    o.priority_levels = 2;
+    Model m(o, h);
+    // Queued before start: the worker finds all ten at once.
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 10; ++i) {
+      rs.push_back(make(i));
+      rs.back()->priority = i % 2 == 0 ? 0 : 1;
+    }
+    ASSERT_EQ(submit_all(m, rs), Admit::ok);
+    ASSERT_EQ(m.start(), 0u);
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{4, 4, 2}));
+    EXPECT_EQ(rec.order(), (std::vector<uint64_t>{2, 4, 6, 8, 10, 1, 3, 5, 7, 9}));
+    for (auto& r : rs) {
+      EXPECT_EQ(r->outcome(), Outcome::ok);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.batch_size.total, 3u);
+    EXPECT_EQ(s.batch_size.sum, 10u);
+    EXPECT_EQ(s.batch_size.max, 4u);
+    EXPECT_EQ(s.end_to_end.total, 10u);
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, PartialBatchWaitsForMaxDelayThenRuns) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    constexpr int64_t kDelay = 30'000'000;
+    Model m(batching_opts(8, kDelay), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef lone = make(1);
+    ASSERT_EQ(submit(m, lone), Admit::ok);
+    ASSERT_TRUE(completes(lone)) << "a lone request is served after max_delay, not never";
+    EXPECT_EQ(lone->outcome(), Outcome::ok);
+    // It waited for company: the worker dispatched it no earlier than max_delay after taking it.
+    EXPECT_GE(lone->start_ns - lone->submit_ns, kDelay);
+    // A request arriving while the batch waits joins it.
+    TestRef a = make(2);
+    ASSERT_EQ(submit(m, a), Admit::ok);
+    std::this_thread::sleep_for(2ms);
+    TestRef b = make(3);
+    ASSERT_EQ(submit(m, b), Admit::ok);
+    ASSERT_TRUE(completes(a));
+    ASSERT_TRUE(completes(b));
+    m.close(true);
+    m.join();
+    const auto sizes = rec.sizes();
+    ASSERT_EQ(sizes.size(), 2u);
+    EXPECT_EQ(sizes[1], 2u) << "a request that arrives within max_delay joins the batch";
+  });
+}
+
+TEST_F(EngineTest, PreferredSizeDispatchesWithoutWaiting) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    // max_delay of an hour: only the preferred size can let these batches go.
+    Model m(batching_opts(8, 3'600'000'000'000LL, {2, 5}), h);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 7; ++i) rs.push_back(make(i));
+    ASSERT_EQ(submit_all(m, rs), Admit::ok);
+    ASSERT_EQ(m.start(), 0u);
+    // Seven queued: the batch grows past 2 and 5 while more is queued, stops at 7 (not
+    // preferred) and would wait, so close() must end that wait: with the queue empty and the
+    // model closed, the worker dispatches what it holds.
+    std::vector<TestRef> two{make(10), make(11)};
+    while (rec.sizes().empty() && m.queued() != 0) std::this_thread::sleep_for(1ms);
+    m.close(true);
+    m.join();
+    for (auto& r : rs) EXPECT_EQ(r->outcome(), Outcome::ok);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{7}));
+
+    Recorder rec2;
+    auto h2 = recording_handler(rec2, nullptr);
+    Model m2(batching_opts(8, 3'600'000'000'000LL, {2, 5}), h2);
+    ASSERT_EQ(submit_all(m2, two), Admit::ok);
+    ASSERT_EQ(m2.start(), 0u);
+    for (auto& r : two) ASSERT_TRUE(completes(r)) << "a preferred size goes without max_delay";
+    EXPECT_EQ(rec2.sizes(), (std::vector<std::size_t>{2}));
+    m2.close(true);
+    m2.join();
+  });
+}
+
+TEST_F(EngineTest, BatchingKeepsRequestsOutOfBatchesThatFinishTooLate) {
+  guarded(60s, [] {
+    Recorder rec;
+    // Every call takes at least 100 ms: after one, the worker estimates a call of one request
+    // at >= 100 ms and (scaled, never having seen one) a call of two at >= 200 ms.
+    auto h = recording_handler(rec, nullptr, 100ms);
+    Model m(batching_opts(4, 0), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef warm = make(1);
+    ASSERT_EQ(submit(m, warm), Admit::ok);
+    ASSERT_TRUE(completes(warm));
+
+    // 50 ms left: not expired yet, but no call can finish in time: expired, never run.
+    TestRef hopeless = make(2);
+    hopeless->deadline_ns = now_ns() + 50'000'000;
+    ASSERT_EQ(submit(m, hopeless), Admit::ok);
+    ASSERT_TRUE(completes(hopeless));
+    EXPECT_EQ(hopeless->outcome(), Outcome::expired);
+    EXPECT_EQ(hopeless->runs.load(), 0);
+    EXPECT_LE(hopeless->start_ns, hopeless->deadline_ns) << "expired before its deadline passed";
+
+    // 170 ms left: a call of one fits, a call of two does not. The second request must not
+    // share its batch; it opens the next one.
+    TestRef tight = make(3);
+    TestRef loose = make(4);
+    tight->deadline_ns = now_ns() + 170'000'000;
+    ASSERT_EQ(submit_all(m, {tight, loose}), Admit::ok);
+    ASSERT_TRUE(completes(tight));
+    ASSERT_TRUE(completes(loose));
+    EXPECT_EQ(tight->outcome(), Outcome::ok);
+    EXPECT_EQ(loose->outcome(), Outcome::ok);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1, 1, 1}));
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.completed, 3u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineTest, BatchingWithDelayRunsHopelessRequestsLast) {
+  guarded(60s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr, 50ms);
+    ModelOptions o = batching_opts(4, 0);
+    o.on_timeout = OnTimeout::delay;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef warm = make(1);
+    ASSERT_EQ(submit(m, warm), Admit::ok);
+    ASSERT_TRUE(completes(warm));
+    TestRef hopeless = make(2);
+    hopeless->deadline_ns = now_ns() + 10'000'000;
+    ASSERT_EQ(submit(m, hopeless), Admit::ok);
+    ASSERT_TRUE(completes(hopeless));
+    EXPECT_EQ(hopeless->outcome(), Outcome::ok) << "delayed, then run";
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.delayed, 1u);
+    EXPECT_EQ(s.expired, 0u);
+    EXPECT_EQ(s.completed, 2u);
+  });
+}
+
+TEST_F(EngineTest, RequestCancelledWhileItsBatchFormsCompletesOnce) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    Model m(batching_opts(8, 200'000'000), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef a = make(1);
+    TestRef b = make(2);
+    ASSERT_EQ(submit_all(m, {a, b}), Admit::ok);
+    // Both wait in the forming batch (max_delay 200 ms), still cancellable.
+    while (m.queued() != 0) std::this_thread::yield();
+    EXPECT_TRUE(m.cancel(b.get()));
+    ASSERT_TRUE(completes(a));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(a->outcome(), Outcome::ok);
+    EXPECT_EQ(b->outcome(), Outcome::cancelled);
+    EXPECT_EQ(b->completions.load(), 1);
+    EXPECT_EQ(b->runs.load(), 0);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1}));
+  });
+}
+
+TEST_F(EngineTest, CloseWithoutDrainCancelsAFormingBatch) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    Model m(batching_opts(8, 3'600'000'000'000LL), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs{make(1), make(2), make(3)};
+    ASSERT_EQ(submit_all(m, rs), Admit::ok);
+    while (m.queued() != 0) std::this_thread::yield();
+    m.close(false);
+    m.join();
+    for (auto& r : rs) {
+      EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    EXPECT_TRUE(rec.sizes().empty());
+  });
+}
+
+TEST(WorkerEstimate, UsesObservedSizesAndScalesUnknownOnes) {
+  Worker w;
+  w.batch_cost_ns.assign(9, 0);
+  EXPECT_EQ(w.estimate_ns(3), 0) << "nothing observed";
+  w.observe(2, 1000);
+  EXPECT_EQ(w.estimate_ns(2), 1000);
+  EXPECT_EQ(w.estimate_ns(4), 2000) << "scaled up from the nearest smaller size";
+  EXPECT_EQ(w.estimate_ns(1), 1000) << "a smaller size borrows the nearest larger one";
+  w.observe(2, 2000);
+  EXPECT_EQ(w.estimate_ns(2), 1250) << "EWMA, weight 1/4";
+  EXPECT_EQ(w.estimate_ns(100), 62500) << "beyond the table: scaled";
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tier 2: multi-threaded fuzz. Tagged requests from four producers, a canceller, short
 // deadlines, failing calls, and a close() part-way through; then every request is checked.
 
@@ -842,6 +1255,9 @@ struct FuzzParams {
   bool drain;
   uint32_t instances;
   bool batches;  // also submit with submit_n (all-or-nothing batches racing the close)
+  uint32_t levels = 1;         // priority lanes (requests also carry out-of-range priorities)
+  std::size_t batch_size = 1;  // dynamic batching when > 1
+  bool delay = false;          // on_timeout=delay
 };
 
 class EngineFuzz : public EngineTest, public ::testing::WithParamInterface<FuzzParams> {};
@@ -861,7 +1277,13 @@ TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
       for (int i = 0; i < 50; ++i) x = x * 31 + 7;
       return Outcome::ok;
     };
-    Model m(opts(p.instances, 256), h);
+    ModelOptions o = opts(p.instances, 256);
+    o.priority_levels = p.levels;
+    o.on_timeout = p.delay ? OnTimeout::delay : OnTimeout::reject;
+    o.batching.max_size = p.batch_size;
+    o.batching.max_delay_ns = 50'000;
+    if (p.batch_size > 2) o.batching.preferred_sizes = {2};
+    Model m(o, h);
     ASSERT_EQ(m.start(), 0u);
 
     // Everything is created up front so the canceller can index it without locks.
@@ -873,6 +1295,7 @@ TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
       const auto roll = setup_rng() % 100;
       const Behaviour b = roll < 5 ? Behaviour::throws : roll < 10 ? Behaviour::error : Behaviour::ok;
       reqs.push_back(make(i, b));
+      reqs.back()->priority = static_cast<uint32_t>(setup_rng() % (p.levels + 1));
       has_deadline[i] = setup_rng() % 10 == 0;
     }
     std::unique_ptr<std::atomic<uint8_t>[]> admitted(new std::atomic<uint8_t>[total]);
@@ -980,6 +1403,7 @@ TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
           ++n_expired;
           ASSERT_EQ(r.runs.load(), 0);
           ASSERT_TRUE(has_deadline[i]) << "request " << i << " expired without a deadline";
+          ASSERT_FALSE(p.delay) << "request " << i << " expired under on_timeout=delay";
           break;
         case Outcome::cancelled:
           ++n_cancelled;
@@ -1013,6 +1437,10 @@ TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
     EXPECT_EQ(h->bad_state.load(), 0);
     EXPECT_EQ(h->runs.load(), static_cast<int>(n_ok + n_error));
     EXPECT_EQ(h->stops.load(), static_cast<int>(p.instances));
+    // One batch-size sample per model call, adding up to the requests that ran.
+    EXPECT_EQ(s.batch_size.total, static_cast<uint64_t>(h->calls.load()));
+    EXPECT_EQ(s.batch_size.sum, n_ok + n_error);
+    EXPECT_LE(s.batch_size.max, p.batch_size);
 
     // Only the test's references remain.
     EXPECT_EQ(live() - live_before, static_cast<int64_t>(total));
@@ -1025,11 +1453,24 @@ INSTANTIATE_TEST_SUITE_P(CloseModes, EngineFuzz,
                          ::testing::Values(FuzzParams{true, 2, false}, FuzzParams{false, 2, false},
                                            FuzzParams{true, 4, false}, FuzzParams{false, 4, false},
                                            FuzzParams{true, 2, true}, FuzzParams{false, 2, true},
-                                           FuzzParams{true, 4, true}, FuzzParams{false, 4, true}),
+                                           FuzzParams{true, 4, true}, FuzzParams{false, 4, true},
+                                           FuzzParams{true, 2, true, 3, 1, false},
+                                           FuzzParams{false, 2, true, 3, 1, true},
+                                           FuzzParams{true, 2, true, 3, 1, true},
+                                           FuzzParams{true, 3, true, 3, 8, false},
+                                           FuzzParams{false, 3, true, 3, 8, false},
+                                           FuzzParams{true, 3, true, 3, 8, true},
+                                           FuzzParams{false, 3, true, 3, 8, true},
+                                           FuzzParams{true, 1, false, 1, 4, true}),
                          [](const ::testing::TestParamInfo<FuzzParams>& param_info) {
-                           return std::string(param_info.param.drain ? "Drain" : "Cancel") +
-                                  std::to_string(param_info.param.instances) + "Instances" +
-                                  (param_info.param.batches ? "Batches" : "");
+                           const FuzzParams& q = param_info.param;
+                           std::string name = std::string(q.drain ? "Drain" : "Cancel") +
+                                              std::to_string(q.instances) + "Instances" +
+                                              (q.batches ? "Batches" : "");
+                           if (q.levels > 1) name += std::to_string(q.levels) + "Levels";
+                           if (q.batch_size > 1) name += "Batch" + std::to_string(q.batch_size);
+                           if (q.delay) name += "Delay";
+                           return name;
                          });
 
 TEST_F(EngineTest, SubmitNRacingCloseIsAllOrNothing) {
