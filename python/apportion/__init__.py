@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import _core
 from ._core import Future
+from .batching import Batching
 from .errors import (
     ApportionError,
     DeadlineExceeded,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApportionError",
+    "Batching",
     "DeadlineExceeded",
     "Future",
     "GPU",

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _core
 from .adapters import adapt
+from .batching import Batching, wrap_factory
 from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
@@ -162,6 +163,8 @@ class Runtime(_core._Runtime):
         max_queue: int = _DEFAULT_MAX_QUEUE,
         timeout_ms: float | None = None,
         priority_levels: int = 1,
+        on_timeout: str = "reject",
+        batching: Batching | None = None,
         spin_us: float = 50.0,
         gpu: GPU | None = None,
     ) -> None:
@@ -178,6 +181,12 @@ class Runtime(_core._Runtime):
 
         Queueing: ``max_queue`` bounds queued requests (beyond it ``submit`` raises QueueFull);
         ``timeout_ms`` is the default deadline (a request's own may only be shorter).
+        ``priority_levels``: requests carry ``priority=`` 0 (served first) to levels - 1; a
+        worker always takes the highest non-empty level. ``on_timeout``: what happens to a
+        request whose deadline passes before it starts: "reject" (DeadlineExceeded, never run)
+        or "delay" (it still runs, after every request that is still in time).
+        ``batching``: an :class:`~apportion.Batching`; the model then receives a list of inputs
+        (or stacked arrays/tensors) and returns one result per input.
         GPU: ``gpu=ap.GPU(device, streams, priority, sm_share | sm_count, memory)`` gives each
         instance its own stream (``ctx.gpu``) with the planned priority and SM group; the call
         runs on it and the stream is synchronised before the request completes. A GPU quota on a
@@ -201,6 +210,13 @@ class Runtime(_core._Runtime):
         max_queue = _quota_int(name, "max_queue", max_queue, 1, 1 << 30)
         timeout = _quota_timeout(name, timeout_ms)
         priority_levels = _quota_int(name, "priority_levels", priority_levels, 1, 256)
+        if on_timeout not in ("reject", "delay"):
+            raise QuotaError(f"model {name!r}: on_timeout must be 'reject' or 'delay', got {on_timeout!r}")
+        if batching is not None and not isinstance(batching, Batching):
+            raise QuotaError(
+                f"model {name!r}: batching must be an apportion.Batching or None, got {batching!r}"
+            )
+        native_batching = batching._validated(name)._native() if batching is not None else None
         if isinstance(spin_us, bool) or not isinstance(spin_us, numbers.Real) or not 0 <= spin_us <= 1e6:
             raise QuotaError(
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
@@ -247,8 +263,9 @@ class Runtime(_core._Runtime):
         self._quotas[name] = quota
         try:
             instances_arg, policy = self._native_placement(new_plan, name)
-            self._add_model(name, make_instance, instances, max_queue, timeout, priority_levels,
-                            float(spin_us), instances_arg, policy)
+            self._add_model(name, wrap_factory(name, make_instance) if batching is not None else make_instance,
+                            instances, max_queue, timeout, priority_levels, float(spin_us),
+                            instances_arg, policy, on_timeout=on_timeout, batching=native_batching)
         except BaseException:
             del self._quotas[name]
             self._placed.pop(name, None)

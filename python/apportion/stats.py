@@ -58,6 +58,13 @@ class ModelStats:
     gpu_memory_bytes: int | None = None
     """GPU memory the model's pool holds (models with a GPU memory budget), else None."""
     gpu_memory_peak_bytes: int | None = None
+    batches: int = 0
+    """Model calls made (one per request without batching)."""
+    mean_batch_size: float = 0.0
+    max_batch_size: int = 0
+    delayed: int = 0
+    """Requests moved behind the others by ``on_timeout="delay"`` (each is still counted
+    once by its outcome)."""
 
     @property
     def in_flight(self) -> int:
@@ -81,6 +88,10 @@ class ModelStats:
             queue_wait=LatencyStats._from_native(d["queue_wait"]),
             compute=LatencyStats._from_native(d["compute"]),
             end_to_end=LatencyStats._from_native(d["end_to_end"]),
+            batches=int(d.get("batches", 0)),
+            mean_batch_size=float(d["batch_size"]["mean_ns"]) if "batch_size" in d else 0.0,
+            max_batch_size=int(d["batch_size"]["max_ns"]) if "batch_size" in d else 0,
+            delayed=int(d.get("delayed", 0)),
         )
 
 

@@ -1,0 +1,145 @@
+"""Dynamic batching: the quota (:class:`Batching`) and the stack/split wrapper.
+
+With ``batching=Batching(...)`` on ``Runtime.add_model``, a worker gathers queued requests
+(highest priority first) into one model call:
+
+- it dispatches once the batch holds ``max_size`` requests, or ``max_delay_ms`` after it took
+  the batch's first request, or, with ``preferred_sizes``, as soon as the batch has a preferred
+  size and no further request is queued;
+- it never puts a request into a batch that, by the worker's own measure of calls of that size
+  (a moving average of what it observed), would finish after the request's deadline or after
+  the deadline of a request already in it; such a request opens the next batch, or expires
+  (``on_timeout="delay"``: is delayed) if even a call of one would finish too late;
+- the model is called once with a list of inputs and must return one result per input, in
+  order. When every input is a numpy array, or every input is a torch tensor, the runtime stacks
+  them along a new dim 0, calls the model with the stacked batch and splits its result along
+  dim 0 (see :func:`stacking`); otherwise the model receives the list itself.
+
+A failing call fails every request of its batch with the model's exception (the same exception
+object for each). A result of the wrong length fails each request with an ApportionError that
+names the model and both sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ApportionError, QuotaError
+
+__all__ = ["Batching", "stacking"]
+
+_MAX_BATCH = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How a model's requests are batched (see the module documentation).
+
+    ``max_size``: most requests per call (>= 1). ``max_delay_ms``: how long a partial batch
+    may wait for more requests, from its first request (>= 0; 0 batches only what is already
+    queued). ``preferred_sizes``: sizes at which a batch is dispatched without waiting once
+    nothing more is queued (each in [1, max_size]); stored sorted and without duplicates.
+    """
+
+    max_size: int
+    max_delay_ms: float
+    preferred_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problem = _problem(self)
+        if problem is not None:
+            raise QuotaError(f"Batching: {problem}")
+        object.__setattr__(self, "max_size", int(self.max_size))
+        object.__setattr__(self, "max_delay_ms", float(self.max_delay_ms))
+        if self.preferred_sizes is not None:
+            object.__setattr__(self, "preferred_sizes",
+                               tuple(sorted({int(s) for s in self.preferred_sizes})))
+
+    def _validated(self, model: str) -> Batching:
+        """Raises QuotaError naming the model and field if this quota is invalid."""
+        problem = _problem(self)
+        if problem is not None:
+            raise QuotaError(f"model {model!r}: batching.{problem}")
+        return self
+
+    def _native(self) -> tuple[int, float, list[int]]:
+        return (self.max_size, self.max_delay_ms, list(self.preferred_sizes or ()))
+
+
+def _is_int(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+
+
+def _problem(b: Batching) -> str | None:
+    """What is wrong with ``b`` ("field must be ..., got ..."), or None."""
+    if not _is_int(b.max_size) or not 1 <= int(b.max_size) <= _MAX_BATCH:
+        return f"max_size must be an integer in [1, {_MAX_BATCH}], got {b.max_size!r}"
+    d = b.max_delay_ms
+    if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (math.isfinite(d) and d >= 0):
+        return f"max_delay_ms must be a finite number of milliseconds >= 0, got {d!r}"
+    if b.preferred_sizes is not None:
+        sizes = b.preferred_sizes
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+            return f"preferred_sizes must be a sequence of integers or None, got {sizes!r}"
+        bad = [s for s in sizes if not _is_int(s) or not 1 <= int(s) <= int(b.max_size)]
+        if bad or not sizes:
+            return (f"preferred_sizes must be non-empty integers in [1, max_size={b.max_size}], "
+                    f"got {tuple(sizes)!r}")
+    return None
+
+
+def _array_kind(xs: list[Any]) -> str | None:
+    """"numpy" if every input is a numpy array, "torch" if every one is a tensor, else None."""
+    np = sys.modules.get("numpy")  # imported only if the caller already uses it
+    if np is not None and all(isinstance(x, np.ndarray) for x in xs):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and all(isinstance(x, torch.Tensor) for x in xs):
+        return "torch"
+    return None
+
+
+def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequence[Any]]:
+    """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
+    new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request;
+    a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
+    """
+
+    def serve(xs: list[Any]) -> Sequence[Any]:
+        kind = _array_kind(xs)
+        if kind is None:
+            return fn(xs)
+        if kind == "numpy":
+            import numpy as np
+
+            y = fn(np.stack(xs))
+        else:
+            import torch
+
+            y = fn(torch.stack(xs))
+        rows = getattr(y, "shape", (None,))[0] if getattr(y, "ndim", 0) else None
+        if rows != len(xs):
+            raise ApportionError(
+                f"model {model!r}: a batch of {len(xs)} stacked inputs returned "
+                f"{type(y).__name__} with shape {tuple(getattr(y, 'shape', ()))}; a batching "
+                f"model must return one row per input along dim 0"
+            )
+        return list(y.unbind(0)) if kind == "torch" else list(y)
+
+    serve.__wrapped__ = fn  # type: ignore[attr-defined]
+    return serve
+
+
+def wrap_factory(model: str, make_instance: Callable[[int], Any]) -> Callable[[int], Any]:
+    """``make_instance`` whose instances are served through :func:`stacking` (runs in each
+    instance's worker thread, like ``make_instance`` itself)."""
+
+    def make(index: int) -> Any:
+        return stacking(model, make_instance(index))
+
+    return make

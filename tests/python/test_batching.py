@@ -1,0 +1,414 @@
+"""Dynamic batching: formation, max_delay, preferred sizes, deadlines, stack/split, failures,
+and exactly-once completion under priorities, batching, cancels, deadlines and a close."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import apportion as ap
+
+HOUR_MS = 3_600_000.0
+
+
+class ListModel:
+    """A batching model over plain lists: records each call's inputs, returns x * 10 each."""
+
+    def __init__(self, per_call_s: float = 0.0) -> None:
+        self.calls: list[list[object]] = []
+        self.per_call_s = per_call_s
+
+    def __call__(self, xs: list[object]) -> list[object]:
+        assert isinstance(xs, list)
+        self.calls.append(list(xs))
+        if self.per_call_s:
+            time.sleep(self.per_call_s)
+        return [x * 10 for x in xs]  # type: ignore[operator]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.calls]
+
+
+# -- the quota ----------------------------------------------------------------------------------
+
+
+def test_batching_is_a_validated_frozen_quota() -> None:
+    b = ap.Batching(max_size=8, max_delay_ms=2, preferred_sizes=[4, 2, 4])
+    assert (b.max_size, b.max_delay_ms, b.preferred_sizes) == (8, 2.0, (2, 4))
+    with pytest.raises(AttributeError):
+        b.max_size = 3  # type: ignore[misc]
+    for kwargs, field in [
+        (dict(max_size=0, max_delay_ms=1), "max_size"),
+        (dict(max_size=True, max_delay_ms=1), "max_size"),
+        (dict(max_size=4, max_delay_ms=-1), "max_delay_ms"),
+        (dict(max_size=4, max_delay_ms=float("nan")), "max_delay_ms"),
+        (dict(max_size=4, max_delay_ms=1, preferred_sizes=[5]), "preferred_sizes"),
+        (dict(max_size=4, max_delay_ms=1, preferred_sizes=[]), "preferred_sizes"),
+        (dict(max_size=4, max_delay_ms=1, preferred_sizes="2"), "preferred_sizes"),
+    ]:
+        with pytest.raises(ap.QuotaError, match=f"Batching: {field} must be"):
+            ap.Batching(**kwargs)  # type: ignore[arg-type]
+
+
+def test_add_model_names_the_model_and_field(rt: ap.Runtime) -> None:
+    with pytest.raises(ap.QuotaError, match=r"model 'm': batching must be an apportion.Batching"):
+        rt.add_model("m", model=lambda xs: xs, batching=16)  # type: ignore[arg-type]
+    bad = ap.Batching(4, 1.0)
+    object.__setattr__(bad, "max_size", 0)  # bypassing the dataclass: add_model checks again
+    with pytest.raises(ap.QuotaError, match=r"model 'm': batching.max_size must be"):
+        rt.add_model("m", model=lambda xs: xs, batching=bad)
+    assert rt.models == []
+
+
+# -- formation ----------------------------------------------------------------------------------
+
+
+def test_batches_are_formed_up_to_max_size_and_split_back(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", range(10))  # queued before start: the worker finds all ten
+    rt.start()
+    assert [f.result(10) for f in futs] == [i * 10 for i in range(10)]
+    assert model.sizes == [4, 4, 2]
+    assert model.calls[0] == [0, 1, 2, 3]
+    s = rt.stats()["m"]
+    assert (s.completed, s.batches, s.max_batch_size) == (10, 3, 4)
+    assert s.mean_batch_size == pytest.approx(10 / 3)
+    assert s.end_to_end.count == 10 and s.compute.count == 10 and s.queue_wait.count == 10
+
+
+def test_batches_take_the_highest_priority_first(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model, priority_levels=3, batching=ap.Batching(max_size=3, max_delay_ms=1))
+    futs = [rt.submit("m", i, priority=2 - i % 3) for i in range(9)]
+    rt.start()
+    for f in futs:
+        f.result(10)
+    assert model.calls == [[2, 5, 8], [1, 4, 7], [0, 3, 6]]
+
+
+def test_a_lone_request_is_served_after_max_delay(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=50))
+    rt.start()
+    t0 = time.monotonic()
+    assert rt.submit("m", 1).result(10) == 10  # not never
+    assert time.monotonic() - t0 >= 0.05  # it waited for company first
+    assert model.sizes == [1]
+
+
+def test_requests_arriving_within_max_delay_join_the_batch(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=HOUR_MS))
+    rt.start()
+    futs = [rt.submit("m", i) for i in range(8)]  # a full batch goes at once, delay or not
+    assert [f.result(10) for f in futs] == [i * 10 for i in range(8)]
+    assert model.sizes == [8]
+
+
+def test_preferred_size_dispatches_without_waiting(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model,
+                 batching=ap.Batching(max_size=8, max_delay_ms=HOUR_MS, preferred_sizes=(2, 5)))
+    futs = rt.submit_many("m", [1, 2])
+    rt.start()
+    # With an hour of max_delay only the preferred size lets this batch go.
+    assert [f.result(10) for f in futs] == [10, 20]
+    futs = rt.submit_many("m", range(5))
+    assert [f.result(10) for f in futs] == [i * 10 for i in range(5)]
+    assert model.sizes == [2, 5]
+
+
+def test_batching_of_one_still_passes_lists(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=1, max_delay_ms=0))
+    rt.start()
+    assert [f.result(10) for f in rt.submit_many("m", [1, 2])] == [10, 20]
+    assert model.calls == [[1], [2]]
+
+
+# -- deadlines ----------------------------------------------------------------------------------
+
+
+def test_request_that_no_batch_can_serve_in_time_is_expired_early(rt: ap.Runtime) -> None:
+    model = ListModel(per_call_s=0.1)  # every call takes >= 100 ms
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=4, max_delay_ms=0))
+    rt.start()
+    assert rt.submit("m", 1).result(10) == 10  # the worker learns what a call costs
+    hopeless = rt.submit("m", 2, timeout_ms=50)
+    with pytest.raises(ap.DeadlineExceeded, match=r"model 'm': deadline of [\d.]+ ms could not be met"):
+        hopeless.result(10)
+    assert model.calls == [[1]]
+    # With room to spare the same request runs.
+    assert rt.submit("m", 3, timeout_ms=10_000).result(10) == 30
+    s = rt.stats()["m"]
+    assert (s.expired, s.completed) == (1, 2)
+
+
+def test_request_is_not_put_into_a_batch_that_would_finish_too_late(rt: ap.Runtime) -> None:
+    def model(xs):
+        time.sleep(0.1 * len(xs))  # a call costs >= 100 ms per request
+        calls.append(list(xs))
+        return xs
+
+    calls: list[list[int]] = []
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=0))
+    rt.start()
+    assert rt.submit("m", 0).result(10) == 0  # the worker learns: >= 100 ms for one
+    # 250 ms each: the worker estimates three at >= 300 ms, so they never share a call (a
+    # deadline-blind batcher would put all three in one call that finishes too late for all).
+    futs = rt.submit_many("m", [1, 2, 3], timeout_ms=250)
+    outcomes = []
+    for f in futs:
+        exc = f.exception(10)
+        assert exc is None or isinstance(exc, ap.DeadlineExceeded), exc
+        outcomes.append(exc is None)
+    assert outcomes[0], "the first fits in a call of its own"
+    assert max(len(c) for c in calls) < 3
+    ran = [x for c in calls for x in c]
+    assert sorted(ran) == sorted(set(ran))  # nothing ran twice
+    s = rt.stats()["m"]
+    assert s.completed + s.expired == 4 and s.in_flight == 0
+
+
+def test_delay_policy_runs_hopeless_requests_last(rt: ap.Runtime) -> None:
+    model = ListModel(per_call_s=0.05)
+    rt.add_model("m", model=model, on_timeout="delay", batching=ap.Batching(max_size=4, max_delay_ms=0))
+    rt.start()
+    rt.submit("m", 0).result(10)
+    assert rt.submit("m", 1, timeout_ms=10).result(10) == 10  # delayed, then run
+    s = rt.stats()["m"]
+    assert (s.delayed, s.expired, s.completed) == (1, 0, 2)
+
+
+# -- arrays: stack and split --------------------------------------------------------------------
+
+
+def test_numpy_inputs_are_stacked_and_split_along_dim0(rt: ap.Runtime) -> None:
+    shapes = []
+
+    def model(x):
+        shapes.append(x.shape)
+        return x.sum(axis=1, keepdims=True) * 2
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=3, max_delay_ms=5))
+    futs = rt.submit_many("m", [np.full(4, i, dtype=np.float32) for i in range(5)])
+    rt.start()
+    out = [f.result(10) for f in futs]
+    assert shapes == [(3, 4), (2, 4)]
+    for i, y in enumerate(out):
+        assert isinstance(y, np.ndarray) and y.shape == (1,) and y[0] == 8 * i
+
+
+def test_torch_module_sees_a_stacked_batch_and_each_request_its_row(rt: ap.Runtime) -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    shapes = []
+    lin.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    xs = [torch.randn(3) for _ in range(6)]
+    with torch.no_grad():
+        expected = [lin(x) for x in xs]
+    shapes.clear()
+    rt.add_model("m", model=lin, threads=1, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", xs)
+    rt.start()
+    out = [f.result(10) for f in futs]
+    assert shapes == [(4, 3), (2, 3)]
+    for y, e in zip(out, expected):
+        assert y.shape == (2,)
+        torch.testing.assert_close(y, e)
+
+
+def test_mixed_inputs_are_passed_as_a_list(rt: ap.Runtime) -> None:
+    seen = []
+
+    def model(xs):
+        seen.append(type(xs))
+        return [type(x).__name__ for x in xs]
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", [np.zeros(2), 1, "s"])
+    rt.start()
+    assert [f.result(10) for f in futs] == ["ndarray", "int", "str"]
+    assert seen == [list]
+
+
+def test_stacked_result_with_wrong_rows_fails_each_request(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda x: x.sum(), batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", [np.ones(2)] * 3)
+    rt.start()
+    for f in futs:
+        with pytest.raises(ap.ApportionError, match=r"model 'm': a batch of 3 stacked inputs returned"):
+            f.result(10)
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+def test_failing_batch_fails_each_request_with_the_models_exception(rt: ap.Runtime) -> None:
+    def model(xs):
+        raise KeyError("bad batch")
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", range(3))
+    rt.start()
+    excs = [f.exception(10) for f in futs]
+    assert all(isinstance(e, KeyError) and e.args == ("bad batch",) for e in excs)
+    assert excs[0] is excs[1] is excs[2]  # one call, one exception, shared by its requests
+    with pytest.raises(KeyError, match="bad batch"):
+        futs[0].result()
+    s = rt.stats()["m"]
+    assert (s.failed, s.batches) == (3, 1)
+
+
+def test_wrong_number_of_results_fails_each_request(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda xs: xs[:-1], batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", range(3))
+    rt.start()
+    for f in futs:
+        with pytest.raises(ap.ApportionError,
+                           match="model 'm': a batch of 3 requests returned 2 results"):
+            f.result(10)
+    assert rt.stats()["m"].failed == 3
+
+
+def test_result_that_is_not_a_list_fails_each_request(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda xs: None, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", range(2))
+    rt.start()
+    for f in futs:
+        with pytest.raises(ap.ApportionError, match="must return a list .* it returned NoneType"):
+            f.result(10)
+
+
+def test_cancel_while_the_batch_forms_completes_once(rt: ap.Runtime) -> None:
+    model = ListModel()
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=200))
+    rt.start()
+    a, b = rt.submit_many("m", [1, 2])
+    time.sleep(0.02)  # both wait in the forming batch, still cancellable
+    assert b.cancel()
+    assert a.result(10) == 10
+    assert b.cancelled()
+    assert model.calls == [[1]]
+
+
+# -- exactly once -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("seed", "drain"), [(1, True), (2, False)])
+def test_every_request_completes_exactly_once_with_priorities_and_batching(seed: int, drain: bool) -> None:
+    total, close_after = 60_000, 40_000
+    models = {
+        "batch": dict(instances=2, priority_levels=3, batching=ap.Batching(8, 0.2, preferred_sizes=(4,))),
+        "batch_delay": dict(instances=1, priority_levels=2, on_timeout="delay",
+                            batching=ap.Batching(16, 0.5)),
+        "plain_delay": dict(instances=2, priority_levels=4, on_timeout="delay"),
+    }
+
+    def batch_fn(xs):
+        if any(x % 101 == 0 for x in xs):
+            raise ValueError(xs)
+        if any(x % 997 == 0 for x in xs):
+            time.sleep(0.001)
+        return list(xs)
+
+    def plain_fn(x):
+        if x % 101 == 0:
+            raise ValueError(x)
+        return x
+
+    rt = ap.Runtime()
+    for name, kw in models.items():
+        rt.add_model(name, model=plain_fn if name.startswith("plain") else batch_fn,
+                     max_queue=2048, **kw)  # type: ignore[arg-type]
+    rt.start()
+
+    completions = bytearray(total)
+    futures: dict[int, ap.Future] = {}
+    submitted, rejected = Counter(), Counter()
+    lock, id_lock = threading.Lock(), threading.Lock()
+    half = threading.Event()
+    next_id = iter(range(total))
+
+    def on_done(i: int):
+        def cb(_f):
+            completions[i] += 1
+        return cb
+
+    def submitter(tid: int) -> None:
+        r = random.Random(seed * 100 + tid)
+        while True:
+            with id_lock:
+                ids = [i for _, i in zip(range(r.choice((1, 1, 8, 32))), next_id)]
+            if not ids:
+                return
+            if ids[-1] >= close_after:
+                half.set()
+            name = r.choice(tuple(models))
+            prio = r.randrange(models[name].get("priority_levels", 1))  # type: ignore[arg-type]
+            timeout = 0.2 if r.random() < 0.1 else None
+            try:
+                if len(ids) == 1:
+                    futs = [rt.submit(name, ids[0], timeout_ms=timeout, priority=prio)]
+                else:
+                    futs = rt.submit_many(name, ids, timeout_ms=timeout, priority=prio)
+            except (ap.QueueFull, ap.RuntimeClosed) as e:
+                with lock:
+                    rejected[name] += len(ids)
+                    submitted[name] += len(ids)
+                if isinstance(e, ap.RuntimeClosed):
+                    return
+                time.sleep(0.0005)
+                continue
+            for i, f in zip(ids, futs):
+                f.add_done_callback(on_done(i))
+                if r.random() < 0.05:
+                    f.cancel()
+            with lock:
+                futures.update(zip(ids, futs))
+                submitted[name] += len(ids)
+
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    assert half.wait(120)
+    rt.close(drain=drain)
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive()
+
+    outcomes = {n: Counter() for n in models}
+    for i, f in futures.items():
+        assert f.done(), f"request {i} never completed"
+        assert completions[i] == 1, f"request {i} completed {completions[i]} times"
+        if f.cancelled():
+            kind = "cancelled"
+        else:
+            exc = f.exception(0)
+            kind = ("completed" if exc is None else
+                    "expired" if isinstance(exc, ap.DeadlineExceeded) else
+                    "failed" if isinstance(exc, ValueError) else repr(exc))
+        outcomes[f.model][kind] += 1
+
+    stats = rt.stats()
+    for name in models:
+        s, o = stats[name], outcomes[name]
+        assert set(o) <= {"completed", "failed", "expired", "cancelled"}, o
+        assert s.in_flight == 0 and s.queued == 0
+        assert (s.submitted, s.rejected) == (submitted[name], rejected[name])
+        assert (s.completed, s.failed, s.expired, s.cancelled) == (
+            o["completed"], o["failed"], o["expired"], o["cancelled"]), (name, s, o)
+        if models[name].get("on_timeout") == "delay":
+            assert s.expired == 0
+        assert s.end_to_end.count == s.completed + s.failed
+    assert len(futures) + sum(rejected.values()) == sum(submitted.values())
+    assert stats["batch"].max_batch_size > 1
