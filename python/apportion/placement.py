@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from . import _core
@@ -217,13 +217,19 @@ class Plan:
         return "\n".join(lines)
 
 
+def _floating(q: Quota) -> Quota:
+    # A shared model without a core count floats on the whole shared pool: each instance may run
+    # on any pool CPU and the OS balances them, so more instances than pool CPUs is no
+    # oversubscription of anything the model asked for.
+    if q.isolation == "shared" and q.cores is None and not q.oversubscribe:
+        return replace(q, oversubscribe=True)
+    return q
+
+
 def _coerce(models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]) -> list[Quota]:
     if isinstance(models, Mapping):
-        return [Quota(name=name, **dict(kw)) for name, kw in models.items()]
-    out = []
-    for m in models:
-        out.append(m if isinstance(m, Quota) else Quota(**dict(m)))
-    return out
+        return [_floating(Quota(name=name, **dict(kw))) for name, kw in models.items()]
+    return [_floating(m if isinstance(m, Quota) else Quota(**dict(m))) for m in models]
 
 
 def plan(
@@ -253,6 +259,19 @@ def plan(
             renamed.field = "cores"  # type: ignore[attr-defined]
             raise renamed from None
         raise
+    floating = {q.name: q for q in quotas if q.isolation == "shared" and q.cores is None}
+
+    def instances(m: Mapping[str, Any]) -> tuple[InstancePlan, ...]:
+        q = floating.get(m["name"])
+        if q is None:
+            return tuple(InstancePlan(i, tuple(x["cpus"]), x["threads"], tuple(x["memory_nodes"]))
+                         for i, x in enumerate(m["instances"]))
+        # Floating: every instance may run anywhere in the pool; framework threads split it.
+        cpus = tuple(m["cpus"])
+        threads = q.threads or max(1, len(cpus) // q.instances)
+        nodes = tuple(sorted({n for x in m["instances"] for n in x["memory_nodes"]}))
+        return tuple(InstancePlan(i, cpus, threads, nodes) for i in range(len(m["instances"])))
+
     return Plan(
         models=tuple(
             ModelPlan(
@@ -264,10 +283,7 @@ def plan(
                 cores=m["cores"],
                 locality=m["locality"],
                 order=m["order"],
-                instances=tuple(
-                    InstancePlan(i, tuple(x["cpus"]), x["threads"], tuple(x["memory_nodes"]))
-                    for i, x in enumerate(m["instances"])
-                ),
+                instances=instances(m),
             )
             for m in raw["models"]
         ),

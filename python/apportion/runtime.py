@@ -225,14 +225,10 @@ class Runtime(_core._Runtime):
             raise ValueError(f"model {name!r} is already registered")
         if gpu is not None:
             self._check_gpu(name, gpu)
-        # A shared model without a core count floats on the whole shared pool: every instance
-        # may run on any pool CPU (the OS balances them), so more instances than pool CPUs is
-        # fine there; the planner is told so.
-        floating = isolation == "shared" and cores is None
         quota = Quota(name=name, cores=cores, instances=instances, threads=threads,
                       isolation=isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
                       memory_policy=memory_policy,  # type: ignore[arg-type]
-                      oversubscribe=oversubscribe or floating)
+                      oversubscribe=oversubscribe)
 
         # Place it with every other model now, so an impossible quota fails here, not at start.
         new_plan = self._place({**self._quotas, name: quota})
@@ -327,18 +323,11 @@ class Runtime(_core._Runtime):
         mp = p[name]
         # One memory node: binding adds nothing but a syscall that some sandboxes refuse.
         policy = mp.memory_policy if len(self.topology.nodes) > 1 else "none"
-        quota = self._quotas[name] if name in self._quotas else None
-        floating = quota is not None and quota.isolation == "shared" and quota.cores is None
         placed = self._placed.setdefault(name, {})
         out = []
         for inst in mp.instances:
-            cpus, threads = inst.cpus, inst.threads
-            if floating:
-                # Every instance on the whole pool; framework threads split it between them.
-                cpus = mp.cpus
-                threads = quota.threads or max(1, len(mp.cpus) // len(mp.instances))
-            placed[inst.index] = (cpus, inst.memory_nodes, threads)
-            out.append((list(cpus), list(inst.memory_nodes), threads))
+            placed[inst.index] = (inst.cpus, inst.memory_nodes, inst.threads)
+            out.append((list(inst.cpus), list(inst.memory_nodes), inst.threads))
         return out, policy
 
     def _check_running_models_stay(self, new_plan: Plan, name: str) -> None:
