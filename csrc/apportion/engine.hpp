@@ -207,12 +207,14 @@ class Model {
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
   std::atomic<uint64_t> delayed_{0};
   std::atomic<bool> closed_{false};
+  // Event count of the model's sleepers: a push to any lane wakes a worker parked on it.
+  // Read-mostly while work flows (written when a worker parks or is woken), so the flag that
+  // spinning workers poll lives here rather than beside the counters every request writes.
+  alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the
   // delayed lane must be able to push after close, and it serves that request itself.)
   std::atomic<bool> stopping_{false};
-  // Event count of the model's sleepers: a push to any lane wakes a worker parked on it.
-  alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
   // Sleepers in the high half, wake-ups issued to them and not yet taken in the low half.
   static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
   static constexpr uint64_t kWokenMask = kOneSleeper - 1;
