@@ -2,6 +2,8 @@
 // distributions, merging, and a concurrent record/snapshot race (meaningful under TSan).
 #include <gtest/gtest.h>
 
+#include "test_support.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -22,17 +24,7 @@ using apportion::LogHistogram;
 using Snapshot = LogHistogram::Snapshot;
 using namespace std::chrono_literals;
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using apportion::testing::kSanitized;
 
 // Values at or above 2^(kMaxExp+1) are clamped into the top bucket; everything below has a
 // bucket of its own range.

@@ -5,6 +5,8 @@
 // CI job that hangs until its global timeout.
 #include <gtest/gtest.h>
 
+#include "test_support.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -35,59 +37,11 @@ using apportion::PopStatus;
 using namespace std::chrono_literals;
 
 // Sanitized builds run 5-20x slower; the fuzz keeps its shape but moves fewer items.
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using apportion::testing::kSanitized;
 
-constexpr uint64_t scaled(uint64_t n) { return kSanitized ? std::max<uint64_t>(n / 10, 1) : n; }
+using apportion::testing::scaled;
 
-// Aborts the process if not disarmed in time. A hung test cannot be cancelled from inside
-// (joining or destroying a std::async future would hang too), so the only reliable way to turn a
-// deadlock into a failure with a useful message is to end the process.
-class Watchdog {
- public:
-  explicit Watchdog(std::chrono::seconds limit) : name_(current_test_name()) {
-    const auto effective = kSanitized ? limit * 4 : limit;
-    thread_ = std::thread([this, effective] {
-      std::unique_lock lock(mu_);
-      if (!cv_.wait_for(lock, effective, [this] { return done_; })) {
-        std::fprintf(stderr, "\nWATCHDOG: %s did not finish within %lld s (deadlock?)\n",
-                     name_.c_str(), static_cast<long long>(effective.count()));
-        std::fflush(stderr);
-        std::abort();
-      }
-    });
-  }
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
-  ~Watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  static std::string current_test_name() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    return info ? std::string(info->test_suite_name()) + "." + info->name() : "?";
-  }
-  std::string name_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
+using apportion::testing::Watchdog;
 
 #if defined(__linux__)
 pid_t this_tid() { return static_cast<pid_t>(::syscall(SYS_gettid)); }

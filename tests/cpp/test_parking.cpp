@@ -2,6 +2,8 @@
 // aborts with a message, so a wake-up that never comes fails the test instead of hanging CI.
 #include <gtest/gtest.h>
 
+#include "test_support.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -28,54 +30,9 @@ using apportion::park_wait;
 using apportion::park_wake;
 using namespace std::chrono_literals;
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using apportion::testing::kSanitized;
 
-// A hung thread cannot be cancelled from inside the process, so the watchdog ends the process
-// with a message naming the test.
-class Watchdog {
- public:
-  explicit Watchdog(std::chrono::seconds limit) {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    name_ = info ? std::string(info->test_suite_name()) + "." + info->name() : "?";
-    const auto effective = kSanitized ? limit * 4 : limit;
-    thread_ = std::thread([this, effective] {
-      std::unique_lock lock(mu_);
-      if (!cv_.wait_for(lock, effective, [this] { return done_; })) {
-        std::fprintf(stderr, "\nWATCHDOG: %s did not finish within %lld s (missed wake-up?)\n",
-                     name_.c_str(), static_cast<long long>(effective.count()));
-        std::fflush(stderr);
-        std::abort();
-      }
-    });
-  }
-  Watchdog(const Watchdog&) = delete;
-  Watchdog& operator=(const Watchdog&) = delete;
-  ~Watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  std::string name_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
+using apportion::testing::Watchdog;
 
 int current_tid() {
 #if defined(__linux__)

@@ -3,6 +3,8 @@
 // Blocking tests run under a guard that turns a hang into a failure.
 #include <gtest/gtest.h>
 
+#include "test_support.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -25,17 +27,7 @@ using apportion::Request;
 using apportion::RequestState;
 using namespace std::chrono_literals;
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using apportion::testing::kSanitized;
 
 std::atomic<int64_t> g_constructed{0};
 std::atomic<int64_t> g_destroyed{0};

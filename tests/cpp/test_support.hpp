@@ -1,0 +1,80 @@
+// Helpers shared by the C++ tests: sanitizer detection, a deadlock watchdog, and a check that a
+// thread is asleep in the kernel.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace apportion::testing {
+
+// Sanitizer builds run 5-20x slower: tests scale their iteration counts and limits by this.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+inline constexpr bool kSanitized = true;
+#else
+inline constexpr bool kSanitized = false;
+#endif
+#else
+inline constexpr bool kSanitized = false;
+#endif
+
+/// `n`, or a tenth of it (at least 1) under a sanitizer.
+constexpr uint64_t scaled(uint64_t n) { return kSanitized ? std::max<uint64_t>(n / 10, 1) : n; }
+
+/// Aborts the process, naming the test, unless destroyed within `limit` (4x under sanitizers).
+/// A hung thread cannot be cancelled from inside the process (joining or destroying a
+/// std::async future would hang too), so ending the process is the only reliable way to turn a
+/// deadlock into a failure with a useful message.
+class Watchdog {
+ public:
+  explicit Watchdog(std::chrono::seconds limit) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    name_ = info ? std::string(info->test_suite_name()) + "." + info->name() : "?";
+    const auto effective = kSanitized ? limit * 4 : limit;
+    thread_ = std::thread([this, effective] {
+      std::unique_lock lock(mu_);
+      if (!cv_.wait_for(lock, effective, [this] { return done_; })) {
+        std::fprintf(stderr, "\nWATCHDOG: %s did not finish within %lld s (deadlock or missed wake-up?)\n",
+                     name_.c_str(), static_cast<long long>(effective.count()));
+        std::fflush(stderr);
+        std::abort();
+      }
+    });
+  }
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::string name_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+}  // namespace apportion::testing
