@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _core
+from . import _core, load
 from ._core import Future
 from .batching import Batching
 from .errors import (
@@ -50,6 +50,7 @@ __all__ = [
     "Topology",
     "WorkerCrashed",
     "built_with_cuda",
+    "load",
     "plan",
     "topology",
 ]
