@@ -1554,6 +1554,33 @@ TEST_F(EngineTest, ParkedWorkersWakeForEachSubmission) {
   });
 }
 
+TEST_F(EngineTest, ParkedWorkersWakeForAPushToAnyLane) {
+  // One event count per model: a submission to any priority lane (and a batching worker's
+  // timed wait) must wake a parked worker. A lost wake-up hangs here.
+  guarded(60s, [] {
+    for (const std::size_t batch : {std::size_t{1}, std::size_t{4}}) {
+      auto h = std::make_shared<TestHandler>();
+      ModelOptions o = opts(2);
+      o.spin_ns = 0;
+      o.priority_levels = 4;
+      o.batching.max_size = batch;
+      o.batching.max_delay_ns = 100'000;
+      Model m(o, h);
+      ASSERT_EQ(m.start(), 0u);
+      const int n = kSanitized ? 300 : 2000;
+      for (int i = 0; i < n; ++i) {
+        TestRef r = make(static_cast<uint64_t>(i));
+        r->priority = static_cast<uint32_t>(i % 4);
+        ASSERT_EQ(submit(m, r), Admit::ok);
+        ASSERT_TRUE(completes(r));
+      }
+      m.close(true);
+      m.join();
+      EXPECT_EQ(m.snapshot().completed, static_cast<uint64_t>(n));
+    }
+  });
+}
+
 TEST_F(EngineTest, ConcurrentClosesAndCancelsDoNotHang) {
   guarded(60s, [] {
     for (int round = 0; round < (kSanitized ? 10 : 50); ++round) {
