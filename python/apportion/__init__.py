@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import _core, load
 from ._core import Future
 from .batching import Batching
+from .config import Config, ConfigError
 from .errors import (
     ApportionError,
     DeadlineExceeded,
@@ -21,6 +22,7 @@ from .placement import InstancePlan, ModelPlan, Plan, Quota, plan
 from .runtime import InstanceContext, Runtime
 from .stats import LatencyStats, ModelStats, RuntimeStats
 from .topology import Topology, topology
+from .tune import tune
 
 built_with_cuda: bool = _core.built_with_cuda
 
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ApportionError",
     "Batching",
+    "Config",
+    "ConfigError",
     "DeadlineExceeded",
     "Future",
     "GPU",
@@ -53,4 +57,5 @@ __all__ = [
     "load",
     "plan",
     "topology",
+    "tune",
 ]

@@ -5,8 +5,13 @@ Commands:
 - ``topology [--root PATH] [--json]``: the machine as apportion sees it.
 - ``plan CONFIG [--root PATH] [--json]``: which CPUs, threads and memory each model of a
   config file would get.
+- ``run CONFIG [--duration S] [--json]``: serve a config (under its load for S seconds).
+- ``bench CONFIG | --model SPEC --factory NAME=MOD:FN [--json]``: the load generator.
+- ``tune CONFIG --budget-s N --out DIR``: search a plan; writes plan.toml, report.md, a plot.
+- ``demo``: three torch models, unmanaged vs equal split vs tuned.
 
-A config file is TOML with one ``[models.<name>]`` table per model holding quota fields::
+A config file (see :mod:`apportion.config`) is TOML with one ``[models.<name>]`` table per
+model holding quota fields (and factory, serving settings, SLO and load)::
 
     [models.ranker]
     cores = 2                 # physical cores, or a CPU list such as "0-3,8"
@@ -25,16 +30,18 @@ more entry.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import tomllib
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import PlacementError, QuotaError
+from .errors import ApportionError
+from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit
 from .placement import Plan, Quota
 from .topology import Topology, topology
 
@@ -44,30 +51,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-# Quota fields a config may set; the model's name is its table's name.
-QUOTA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Quota) if f.init and f.name != "name")
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used. ``str()`` names the file, the key and what is allowed."""
-
-    def __init__(self, path: str, key: str | None, message: str) -> None:
-        self.path = path
-        self.key = key
-        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
-
-
-class DoesNotFit(ConfigError):
-    """A valid config whose models do not fit the machine together (a PlacementError)."""
-
-
-def _without_prefix(err: QuotaError | PlacementError) -> str:
-    # Quota errors start with "model 'x', field 'y': "; the config key already says that.
-    text = str(err)
-    model, field = getattr(err, "model", None), getattr(err, "field", None)
-    prefix = f"model {model!r}, field {field!r}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
-
 
 def load_quotas(path: str | Path) -> list[Quota]:
     """Reads the ``[models.<name>]`` tables of a TOML file into validated Quotas.
@@ -75,37 +58,7 @@ def load_quotas(path: str | Path) -> list[Quota]:
     Raises ConfigError for an unreadable file, invalid TOML, an unknown key or an invalid
     value; the message names the file and the key (``models.<name>.<field>``).
     """
-    where = str(path)
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as e:
-        raise ConfigError(where, None, f"cannot read it: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(where, None, f"not valid TOML: {e}") from None
-
-    unknown = sorted(set(doc) - {"models"})
-    if unknown:
-        raise ConfigError(where, unknown[0], "unknown top-level key; allowed: [models.<name>] tables")
-    models = doc.get("models")
-    if not isinstance(models, dict) or not models:
-        raise ConfigError(where, "models", "no models; add a table per model, e.g. [models.ranker] "
-                          "with cores = 1")
-    quotas = []
-    for name, table in models.items():
-        key = f"models.{name}"
-        if not isinstance(table, dict):
-            raise ConfigError(where, key, f"must be a table of quota fields ({', '.join(QUOTA_KEYS)}), "
-                              f"got {type(table).__name__}")
-        for field in table:
-            if field not in QUOTA_KEYS:
-                raise ConfigError(where, f"{key}.{field}", f"unknown key; allowed: {', '.join(QUOTA_KEYS)}")
-        try:
-            quotas.append(Quota(name=name, **table))
-        except QuotaError as e:
-            field = getattr(e, "field", None)
-            raise ConfigError(where, f"{key}.{field}" if field else key, _without_prefix(e)) from None
-    return quotas
+    return Config.load(path).quotas()
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -152,35 +105,195 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
-def _never_called(ctx: Any) -> Any:  # pragma: no cover - planning never builds instances
-    raise AssertionError("apportion plan does not start models")
-
-
 def _plan_run(args: argparse.Namespace, out: TextIO) -> int:
-    from .runtime import Runtime
-
-    quotas = load_quotas(args.config)
     # Plan through a runtime that is never started, so the printed plan is exactly what
     # rt.plan() gives for the same models (the runtime lets a shared model without a core
     # count float over the whole pool, which a bare ap.plan() would not).
-    rt = Runtime(topology_root=args.root)
+    rt = Config.load(args.config).runtime(topology_root=args.root, build=False)
     try:
-        for q in quotas:
-            quota = {k: getattr(q, k) for k in QUOTA_KEYS}
-            rt.add_model(q.name, factory=_never_called, **quota)
         result = rt.plan()
-    except (QuotaError, PlacementError) as e:
-        # QuotaError: valid on its own but impossible on this machine (more cores than exist,
-        # no such node). PlacementError: each fits, not all together.
-        field = getattr(e, "field", None)
-        model = getattr(e, "model", None)
-        key = f"models.{model}.{field}" if model and field else None
-        if isinstance(e, PlacementError):
-            raise DoesNotFit(args.config, key, f"the models do not fit this machine: {_without_prefix(e)}") from None
-        raise ConfigError(args.config, key, _without_prefix(e)) from None
     finally:
         rt.close(drain=False)
     _print(out, result, args.json)
+    return EXIT_OK
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", metavar="CONFIG", nargs=None if required else "?",
+                   help="TOML config: [models.<name>] tables with factory, quota fields, max_queue, "
+                   "timeout_ms, batching, slo and load (see apportion.config)")
+
+
+def _window_args(p: argparse.ArgumentParser, window: float, max_s: float) -> None:
+    p.add_argument("--warmup-s", type=float, default=window, help=f"warm-up seconds (default {window:g})")
+    p.add_argument("--window-s", type=float, default=window, help=f"measurement window seconds (default {window:g})")
+    p.add_argument("--max-s", type=float, default=max_s,
+                   help=f"stop after this many seconds even if not stable (default {max_s:g})")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="serve for S seconds, putting each model's configured load on it, then print "
+                   "the load report and stats (default: serve until Ctrl-C)")
+    _add_root(p)
+    _add_json(p)
+
+
+def _run_run(args: argparse.Namespace, out: TextIO) -> int:
+    from . import load as ld
+
+    cfg = Config.load(args.config)
+    rt = cfg.runtime(topology_root=args.root, start=True)
+    report = None
+    try:
+        if not args.json:
+            print(rt.plan(), file=out)
+        loads = cfg.model_loads()
+        if args.duration is not None and loads:
+            window = max(0.1, args.duration / 4)
+            report = ld.run(rt, loads, warmup_s=window, window_s=window, stable_windows=3,
+                            max_s=max(args.duration, 4 * window))
+        elif args.duration is not None:
+            time.sleep(args.duration)
+        else:
+            print("serving; Ctrl-C stops", file=out)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        stats = rt.stats()
+    finally:
+        rt.close(drain=False)
+    if args.json:
+        doc: dict[str, Any] = {"plan": rt.plan().to_dict(),
+                               "stats": {n: dataclasses.asdict(v) for n, v in stats.items()}}
+        if report is not None:
+            doc["load"] = report.to_dict()
+        json.dump(doc, out, indent=2, default=str)
+        out.write("\n")
+    else:
+        if report is not None:
+            print(report, file=out)
+        print(stats, file=out)
+    return EXIT_OK
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _add_config(p, required=False)
+    p.add_argument("--model", action="append", default=[], metavar="SPEC",
+                   help="load for one model, NAME:key=value,... e.g. 'mlp:concurrency=4,latency_ms=20' or "
+                   "'mlp:rate=200'; replaces that model's configured load (repeatable)")
+    p.add_argument("--factory", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
+                   help="without CONFIG: the factory of model NAME (repeatable)")
+    p.add_argument("--inputs", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
+                   help="zero-argument callable making one request's input for model NAME")
+    _window_args(p, 1.0, 30.0)
+    _add_root(p)
+    _add_json(p)
+
+
+def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, eq, ref = v.partition("=")
+        if not eq or not name or not ref:
+            raise ConfigError("<command line>", flag, f"{v!r}: give NAME=module:function")
+        out[name] = ref
+    return out
+
+
+def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
+    from . import load as ld
+    from .config import ModelConfig
+
+    specs = []
+    for text in args.model:
+        try:
+            specs.append(ld.parse_spec(text))
+        except ld.LoadError as e:
+            raise ConfigError("<command line>", "--model", str(e)) from None
+    if args.config:
+        cfg = Config.load(args.config)
+    else:
+        factories = _pairs(args.factory, "--factory")
+        inputs = _pairs(args.inputs, "--inputs")
+        if not specs:
+            raise ConfigError("<command line>", None, "give CONFIG or at least one --model SPEC with --factory")
+        models = {}
+        for spec in specs:
+            if spec.model not in factories:
+                raise ConfigError("<command line>", "--factory", f"model {spec.model!r} has no factory; "
+                                  f"add --factory {spec.model}=module:function")
+            models[spec.model] = ModelConfig(spec.model, factory=factories[spec.model],
+                                             inputs=inputs.get(spec.model))
+        cfg = Config(models=models, path="<command line>")
+    by_name = {s.model: s for s in specs}
+    loads = []
+    for m in cfg.models.values():
+        spec = by_name.get(m.name)
+        if spec is not None:
+            loads.append(dataclasses.replace(spec, inputs=m.resolved_inputs(cfg.path)))
+    configured = [x for x in cfg.model_loads() if x.model not in by_name]
+    loads += configured
+    if not loads:
+        raise ConfigError(cfg.path, "models", "no model has a load: add load = { concurrency = N } "
+                          "to a model, or pass --model NAME:concurrency=N")
+    unknown = sorted(set(by_name) - set(cfg.models))
+    if unknown:
+        raise ConfigError(cfg.path, "--model", f"no model {unknown[0]!r} in the config; models: {', '.join(cfg.models)}")
+    rt = cfg.runtime(topology_root=args.root, start=True)
+    try:
+        report = ld.run(rt, loads, warmup_s=args.warmup_s, window_s=args.window_s,
+                        max_s=max(args.max_s, args.warmup_s + 3 * args.window_s))
+    finally:
+        rt.close(drain=False)
+    if args.json:
+        out.write(report.to_json() + "\n")
+    else:
+        print(report, file=out)
+    return EXIT_OK
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--budget-s", type=float, default=60.0, help="time budget in seconds (default 60)")
+    p.add_argument("--out", default="apportion-tune", metavar="DIR",
+                   help="where plan.toml, report.md and candidates.png go (default ./apportion-tune)")
+    p.add_argument("--objective", choices=("goodput", "min_fraction"), default="goodput",
+                   help="maximise total goodput (default) or the minimum fraction of demand served")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch considered; 1 disables batching (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    _add_root(p)
+
+
+def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
+    from .tune import tune
+
+    if not args.budget_s > 0:
+        raise ConfigError("<command line>", "--budget-s", f"got {args.budget_s}; give a positive number of seconds")
+    result = tune(args.config, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
+                  max_batch=max(1, args.max_batch), progress=not args.quiet, out_dir=args.out)
+    print(result.why(), file=out)
+    print(f"plan: {Path(args.out) / 'plan.toml'}; report: {Path(args.out) / 'report.md'}; "
+          f"plot: {Path(args.out) / 'candidates.png'}", file=out)
+    return EXIT_OK
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments
+
+    add_arguments(p)
+
+
+def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
+    from .demo import run_demo
+    from .tune import Settings
+
+    w = args.window_s
+    run_demo(load=args.load, budget_s=args.budget_s, out_dir=args.out, stream=out, progress=not args.quiet,
+             settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w))
     return EXIT_OK
 
 
@@ -189,6 +302,14 @@ COMMANDS: tuple[Command, ...] = (
             _topology_args, _topology_run),
     Command("plan", "show which CPUs, threads and memory each model of a config file gets",
             _plan_args, _plan_run),
+    Command("run", "serve the models of a config file (optionally under its load for a while) and print stats",
+            _run_args, _run_run),
+    Command("bench", "put a load on models and report throughput, goodput and latency percentiles",
+            _bench_args, _bench_run),
+    Command("tune", "search cores, isolation, instances, threads and batching for a config's workload",
+            _tune_args, _tune_run),
+    Command("demo", "three torch models under one load: unmanaged vs equal split vs tuned",
+            _demo_args, _demo_run),
 )
 
 
@@ -221,6 +342,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=err)
         return EXIT_FAILURE if isinstance(e, DoesNotFit) else EXIT_USAGE
+    except ApportionError as e:  # a load or quota the runtime refused at run time
+        print(f"{prog}: error: {e}", file=err)
+        return EXIT_FAILURE
     except RuntimeError as e:  # an unreadable or malformed topology tree; the message names it
         print(f"{prog}: error: {str(e).removeprefix('apportion topology: ')}", file=err)
         return EXIT_FAILURE

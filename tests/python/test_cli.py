@@ -195,7 +195,7 @@ oversubscribe = true
         ("models = 3\n", "models", "no models"),
         ("[models]\n", "models", "no models"),
         ("[models]\nm = 1\n", "models.m", "must be a table of quota fields"),
-        ("[runtime]\nx = 1\n[models.m]\ncores = 1\n", "runtime", "unknown top-level key"),
+        ("[frobnicate]\nx = 1\n[models.m]\ncores = 1\n", "frobnicate", "unknown top-level key"),
         # Valid alone, impossible on this machine: the planner's QuotaError, named the same way.
         ('[models.m]\ncores = 3\nisolation = "exclusive"\n', "models.m.cores",
          "asks 3 physical cores but this machine has only 2 usable"),
@@ -242,3 +242,79 @@ def test_models_that_do_not_fit_together_exit_1(tmp_path: Path) -> None:
     assert (code, out) == (1, "")
     assert err.startswith(f"apportion plan: error: {path}: models.b.cores: the models do not fit this machine: ")
     assert "0 free cores left" in err
+
+
+# -- run, bench, tune, demo ------------------------------------------------------------------
+
+SLEEPERS = """
+[models.slow]
+factory = "apportion.examples.sleepers:slow"
+max_queue = 64
+slo = { latency_ms = 100 }
+load = { rate = 50 }
+
+[models.fast]
+factory = "apportion.examples.sleepers:fast"
+instances = 2
+load = { concurrency = 2 }
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "tune", "demo"])
+def test_new_commands_have_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: apportion {command}")
+
+
+def test_run_serves_the_config_under_its_load(tmp_path: Path) -> None:
+    code, out, err = run("run", config(tmp_path, SLEEPERS), "--duration", "0.8")
+    assert (code, err) == (0, "")
+    assert "plan on /" in out and "slow" in out and "fast" in out and "total:" in out
+
+    code, out, err = run("run", config(tmp_path, SLEEPERS), "--duration", "0.4", "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert set(doc) == {"plan", "stats", "load"} and doc["stats"]["slow"]["completed"] > 0
+
+
+def test_bench_config_and_model_specs(tmp_path: Path) -> None:
+    path = config(tmp_path, SLEEPERS)
+    code, out, err = run("bench", path, "--warmup-s", "0.1", "--window-s", "0.2", "--max-s", "1", "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert set(doc["models"]) == {"slow", "fast"} and doc["models"]["fast"]["completed"] > 0
+
+    code, out, err = run("bench", "--model", "s:concurrency=2,latency_ms=50",
+                         "--factory", "s=apportion.examples.sleepers:fast",
+                         "--warmup-s", "0.1", "--window-s", "0.2", "--max-s", "1")
+    assert (code, err) == (0, "")
+    assert "closed x2" in out and "p99<=50ms" in out
+
+    code, out, err = run("bench", "--model", "s:concurrency=2")
+    assert code == 2 and "--factory: model 's' has no factory" in err
+    code, out, err = run("bench", path, "--model", "nope:rate=5")
+    assert code == 2 and "no model 'nope'" in err
+
+
+def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:
+    out_dir = tmp_path / "tuned"
+    code, out, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "5", "--out", str(out_dir),
+                         "--max-batch", "2", "--quiet")
+    assert (code, err) == (0, ""), err
+    assert "plan:" in out and "scored" in out
+    assert {p.name for p in out_dir.iterdir()} >= {"plan.toml", "report.md", "candidates.png"}
+    code, out, err = run("run", str(out_dir / "plan.toml"), "--duration", "0.4")
+    assert (code, err) == (0, "")
+    code, _, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "0")
+    assert code == 2 and "--budget-s" in err
+
+
+def test_demo_runs_quickly(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    code, out, err = run("demo", "--budget-s", "5", "--window-s", "0.2", "--load", "0.3", "--quiet",
+                         "--out", str(tmp_path))
+    assert (code, err) == (0, ""), err
+    assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
+    assert (tmp_path / "demo.png").exists() and (tmp_path / "tune" / "plan.toml").exists()

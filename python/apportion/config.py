@@ -1,0 +1,455 @@
+"""Config files: models, their quotas, SLOs and load, and the runtime, in one TOML file.
+
+The same format is what ``apportion plan|run|bench`` read and what ``ap.tune`` writes::
+
+    [runtime]
+    cpus = "0-7"                        # optional: the CPUs the runtime may use
+
+    [workload]
+    rate = 600.0                        # optional: total requests/s, split by each load.share
+
+    [models.ranker]
+    factory = "mypkg.models:build_ranker"   # module:function, called as factory(ctx) per instance
+    inputs = "mypkg.models:ranker_input"    # optional: zero-argument callable, one request's input
+    cores = 2                           # quota fields (see apportion.Quota)
+    isolation = "exclusive"
+    instances = 1
+    threads = 2
+    max_queue = 256
+    timeout_ms = 50
+    batching = { max_size = 8, max_delay_ms = 2.0 }
+    slo = { latency_ms = 20, percentile = 99 }
+    load = { rate = 300 }               # or concurrency = 4, or share = 0.5 of [workload] rate
+
+Every error is a :class:`ConfigError` whose message names the file, the key
+(``models.ranker.threads``) and what is allowed. ``Config.load(path)`` validates everything
+that can be checked without the machine; ``config.runtime()`` places the models on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .batching import Batching
+from .errors import PlacementError, QuotaError
+from .placement import Quota
+
+if TYPE_CHECKING:
+    from .load import ModelLoad
+    from .runtime import Runtime
+
+__all__ = ["Config", "ConfigError", "DoesNotFit", "ModelConfig", "QUOTA_KEYS", "resolve"]
+
+QUOTA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Quota) if f.init and f.name != "name")
+SERVING_KEYS: tuple[str, ...] = ("max_queue", "timeout_ms", "batching")
+OTHER_KEYS: tuple[str, ...] = ("factory", "inputs", "slo", "load")
+MODEL_KEYS: tuple[str, ...] = QUOTA_KEYS + SERVING_KEYS + OTHER_KEYS
+TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
+RUNTIME_KEYS: tuple[str, ...] = ("cpus",)
+WORKLOAD_KEYS: tuple[str, ...] = ("rate",)
+BATCHING_KEYS: tuple[str, ...] = ("max_size", "max_delay_ms", "preferred_sizes")
+SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
+LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used. ``str()`` names the file, the key and what is allowed."""
+
+    def __init__(self, path: str, key: str | None, message: str) -> None:
+        self.path = path
+        self.key = key
+        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+
+
+class DoesNotFit(ConfigError):
+    """A valid config whose models do not fit the machine together (a PlacementError)."""
+
+
+def _without_prefix(err: Exception) -> str:
+    # Quota errors start with "model 'x', field 'y': "; the config key already says that.
+    text = str(err)
+    model, fld = getattr(err, "model", None), getattr(err, "field", None)
+    prefix = f"model {model!r}, field {fld!r}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def resolve(ref: str, *, where: str = "<config>", key: str = "factory") -> Callable[..., Any]:
+    """Imports ``"package.module:attribute"`` and returns the attribute (a callable)."""
+    module, sep, attr = ref.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(where, key, f"{ref!r} is not an import path; give 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(where, key, f"cannot import module {module!r}: {e}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(where, key, f"module {module!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ConfigError(where, key, f"{ref!r} is {type(obj).__name__}, not callable")
+    return obj
+
+
+def import_path(fn: Any) -> str | None:
+    """``"module:qualname"`` for a module-level callable, else None (a lambda, a local)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    return f"{module}:{qualname}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One ``[models.<name>]`` table, validated. ``quota`` holds only the quota keys given."""
+
+    name: str
+    factory: str | Callable[..., Any] | None = None
+    """An import path ``"module:function"``, or (built in code) the callable itself."""
+    inputs: str | Callable[[], Any] | None = None
+    quota: Mapping[str, Any] = field(default_factory=dict)
+    max_queue: int | None = None
+    timeout_ms: float | None = None
+    batching: Batching | None = None
+    slo: Mapping[str, float] | None = None
+    """``latency_ms`` and ``percentile`` (default 99), optionally ``timeout_ms``."""
+    load: Mapping[str, Any] | None = None
+    """``concurrency``, ``rate`` or ``share``; optionally ``arrivals``, ``priority``."""
+
+    def resolved_factory(self, where: str = "<config>") -> Callable[..., Any]:
+        if self.factory is None:
+            raise ConfigError(where, f"models.{self.name}.factory",
+                              "missing; give 'package.module:function' (called as factory(ctx))")
+        if callable(self.factory):
+            return self.factory
+        return resolve(self.factory, where=where, key=f"models.{self.name}.factory")
+
+    def resolved_inputs(self, where: str = "<config>") -> Callable[[], Any] | None:
+        if self.inputs is None or callable(self.inputs):
+            return self.inputs
+        return resolve(self.inputs, where=where, key=f"models.{self.name}.inputs")
+
+    def add_to(self, rt: Runtime, where: str = "<config>", *, build: bool = True) -> None:
+        """Registers this model on ``rt`` (``build=False``: a factory that is never called,
+        for planning only)."""
+        factory = self.resolved_factory(where) if build else _never_called
+        kw: dict[str, Any] = dict(self.quota)
+        if self.max_queue is not None:
+            kw["max_queue"] = self.max_queue
+        if self.timeout_ms is not None:
+            kw["timeout_ms"] = self.timeout_ms
+        if self.batching is not None:
+            kw["batching"] = self.batching
+        rt.add_model(self.name, factory=factory, **kw)
+
+    def to_table(self) -> dict[str, Any]:
+        t: dict[str, Any] = {}
+        ref = self.factory if isinstance(self.factory, str) or self.factory is None else import_path(self.factory)
+        if ref:
+            t["factory"] = ref
+        ref = self.inputs if isinstance(self.inputs, str) or self.inputs is None else import_path(self.inputs)
+        if ref:
+            t["inputs"] = ref
+        t.update({k: v for k, v in self.quota.items() if v is not None})
+        if self.max_queue is not None:
+            t["max_queue"] = self.max_queue
+        if self.timeout_ms is not None:
+            t["timeout_ms"] = self.timeout_ms
+        if self.batching is not None:
+            b: dict[str, Any] = {"max_size": self.batching.max_size, "max_delay_ms": self.batching.max_delay_ms}
+            if self.batching.preferred_sizes:
+                b["preferred_sizes"] = list(self.batching.preferred_sizes)
+            t["batching"] = b
+        if self.slo:
+            t["slo"] = dict(self.slo)
+        if self.load:
+            t["load"] = dict(self.load)
+        return t
+
+
+def _never_called(ctx: Any) -> Any:  # pragma: no cover - planning never builds instances
+    raise AssertionError("this runtime is only planned, never started")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config file: the runtime's CPUs, the workload and the models, in file order."""
+
+    models: dict[str, ModelConfig]
+    cpus: str | tuple[int, ...] | None = None
+    rate: float | None = None
+    """``[workload] rate``: total requests/s that ``load.share`` values divide."""
+    path: str = "<config>"
+
+    # -- reading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        """Reads and validates a TOML file; raises ConfigError naming the file and the key."""
+        where = str(path)
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(where, None, f"cannot read it: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(where, None, f"not valid TOML: {e}") from None
+        return cls.from_dict(doc, where)
+
+    @classmethod
+    def loads(cls, text: str, path: str = "<string>") -> Config:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(path, None, f"not valid TOML: {e}") from None
+        return cls.from_dict(doc, path)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "<config>") -> Config:
+        unknown = [k for k in doc if k not in TOP_KEYS]
+        if unknown:
+            raise ConfigError(path, unknown[0], "unknown top-level key; allowed: [models.<name>] tables, "
+                              "[runtime] (cpus), [workload] (rate)")
+        runtime = _table(path, "runtime", doc.get("runtime", {}), RUNTIME_KEYS)
+        cpus = runtime.get("cpus")
+        if cpus is not None:
+            ok = isinstance(cpus, str) or (isinstance(cpus, list) and cpus and
+                                           all(_is_int(c) and c >= 0 for c in cpus))
+            if not ok:
+                raise ConfigError(path, "runtime.cpus", f"got {cpus!r}; give a CPU list like \"0-3,8\" "
+                                  "or a list of CPU ids >= 0")
+            cpus = cpus if isinstance(cpus, str) else tuple(cpus)
+        workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
+        rate = workload.get("rate")
+        if rate is not None:
+            rate = _positive(path, "workload.rate", rate, "requests per second")
+        models = doc.get("models")
+        if not isinstance(models, dict) or not models:
+            raise ConfigError(path, "models", "no models; add a table per model, e.g. [models.ranker] "
+                              "with cores = 1")
+        out = {name: _model(path, name, table) for name, table in models.items()}
+        for m in out.values():
+            if m.load and "share" in m.load and rate is None:
+                raise ConfigError(path, f"models.{m.name}.load.share",
+                                  "a share needs a total: add [workload] rate = <requests per second>")
+        return cls(models=out, cpus=cpus, rate=rate, path=path)
+
+    # -- using --------------------------------------------------------------------------------
+    def quotas(self) -> list[Quota]:
+        return [Quota(name=m.name, **m.quota) for m in self.models.values()]
+
+    def runtime(self, *, topology_root: str = "/", build: bool = True, start: bool = False) -> Runtime:
+        """A Runtime with every model added (placed on this machine, or on the sysfs tree under
+        ``topology_root``). ``build=False`` registers factories that are never called (planning
+        only; the runtime must not be started). Raises ConfigError (DoesNotFit for models that
+        are valid but do not fit together)."""
+        from .runtime import Runtime
+
+        try:
+            rt = Runtime(cpus=self.cpus, topology_root=topology_root)
+        except QuotaError as e:
+            raise ConfigError(self.path, "runtime.cpus", str(e)) from None
+        try:
+            for m in self.models.values():
+                try:
+                    m.add_to(rt, self.path, build=build)
+                except (QuotaError, PlacementError) as e:
+                    fld = getattr(e, "field", None)
+                    key = f"models.{m.name}.{fld}" if fld else f"models.{m.name}"
+                    if isinstance(e, PlacementError):
+                        raise DoesNotFit(self.path, key,
+                                         f"the models do not fit this machine: {_without_prefix(e)}") from None
+                    raise ConfigError(self.path, key, _without_prefix(e)) from None
+            if start:
+                rt.start()
+        except BaseException:
+            rt.close(drain=False)
+            raise
+        return rt
+
+    def model_loads(self, *, inputs: bool = True) -> list[ModelLoad]:
+        """The ``load`` of every model that has one, as :class:`apportion.load.ModelLoad`
+        (``share`` turned into a rate of ``[workload] rate``), with each model's SLO."""
+        from .load import LoadError, model_load
+
+        out = []
+        for m in self.models.values():
+            if not m.load:
+                continue
+            settings = {k: v for k, v in m.load.items() if k != "share"}
+            if "share" in m.load:
+                assert self.rate is not None
+                settings["rate"] = self.rate * float(m.load["share"])
+            settings.update(m.slo or {})
+            try:
+                out.append(model_load(m.name, settings, inputs=m.resolved_inputs(self.path) if inputs else None))
+            except LoadError as e:
+                raise ConfigError(self.path, f"models.{m.name}.load", str(e)) from None
+        return out
+
+    def demand(self) -> dict[str, float | None]:
+        """Requests/s each model is offered (None: a closed loop, whose demand is what it gets)."""
+        out: dict[str, float | None] = {}
+        for m in self.models.values():
+            if not m.load:
+                continue
+            if "rate" in m.load:
+                out[m.name] = float(m.load["rate"])
+            elif "share" in m.load and self.rate is not None:
+                out[m.name] = self.rate * float(m.load["share"])
+            else:
+                out[m.name] = None
+        return out
+
+    def replace_models(self, **changes: ModelConfig) -> Config:
+        return replace(self, models={**self.models, **changes})
+
+    # -- writing ------------------------------------------------------------------------------
+    def to_toml(self, header: str = "") -> str:
+        lines = [f"# {line}".rstrip() for line in header.splitlines()]
+        if lines:
+            lines.append("")
+        if self.cpus is not None:
+            lines += ["[runtime]", f"cpus = {_toml(self.cpus if isinstance(self.cpus, str) else list(self.cpus))}", ""]
+        if self.rate is not None:
+            lines += ["[workload]", f"rate = {_toml(self.rate)}", ""]
+        for m in self.models.values():
+            lines.append(f"[models.{_key(m.name)}]")
+            for k, v in m.to_table().items():
+                lines.append(f"{k} = {_toml(v)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path, header: str = "") -> Path:
+        p = Path(path)
+        p.write_text(self.to_toml(header))
+        return p
+
+
+# -- validation helpers ---------------------------------------------------------------------------
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _positive(path: str, key: str, v: object, what: str) -> float:
+    if not _is_number(v) or not (math.isfinite(float(v)) and float(v) > 0):  # type: ignore[arg-type]
+        raise ConfigError(path, key, f"got {v!r}; give a positive number ({what})")
+    return float(v)  # type: ignore[arg-type]
+
+
+def _table(path: str, key: str, value: object, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, key, f"must be a table with keys {', '.join(allowed)}, got {type(value).__name__}")
+    for k in value:
+        if k not in allowed:
+            raise ConfigError(path, f"{key}.{k}", f"unknown key; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _model(path: str, name: str, table: object) -> ModelConfig:
+    key = f"models.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(path, key, f"must be a table of quota fields ({', '.join(QUOTA_KEYS)}) and "
+                          f"{', '.join(SERVING_KEYS + OTHER_KEYS)}, got {type(table).__name__}")
+    for k in table:
+        if k not in MODEL_KEYS:
+            raise ConfigError(path, f"{key}.{k}", f"unknown key; allowed: {', '.join(MODEL_KEYS)}")
+    quota = {k: table[k] for k in QUOTA_KEYS if k in table}
+    try:
+        Quota(name=name, **quota)
+    except QuotaError as e:
+        fld = getattr(e, "field", None)
+        raise ConfigError(path, f"{key}.{fld}" if fld else key, _without_prefix(e)) from None
+    for ref in ("factory", "inputs"):
+        v = table.get(ref)
+        if v is not None and (not isinstance(v, str) or v.count(":") != 1 or v.startswith(":") or v.endswith(":")):
+            raise ConfigError(path, f"{key}.{ref}", f"got {v!r}; give an import path 'package.module:function'")
+    max_queue = table.get("max_queue")
+    if max_queue is not None and (not _is_int(max_queue) or not 1 <= max_queue <= 1 << 30):
+        raise ConfigError(path, f"{key}.max_queue", f"got {max_queue!r}; give an integer in [1, 2**30]")
+    timeout = table.get("timeout_ms")
+    if timeout is not None:
+        timeout = _positive(path, f"{key}.timeout_ms", timeout, "milliseconds")
+    batching = None
+    if "batching" in table:
+        b = _table(path, f"{key}.batching", table["batching"], BATCHING_KEYS)
+        if "max_size" not in b:
+            raise ConfigError(path, f"{key}.batching.max_size", "missing; give an integer >= 1")
+        sizes = b.get("preferred_sizes")
+        try:
+            batching = Batching(max_size=b["max_size"], max_delay_ms=b.get("max_delay_ms", 0.0),
+                                preferred_sizes=tuple(sizes) if isinstance(sizes, list) else sizes)
+        except QuotaError as e:
+            text = str(e).removeprefix("Batching: ")
+            fld = text.split(" ", 1)[0]
+            raise ConfigError(path, f"{key}.batching.{fld}" if fld in BATCHING_KEYS else f"{key}.batching",
+                              text) from None
+    slo = None
+    if "slo" in table:
+        s = _table(path, f"{key}.slo", table["slo"], SLO_KEYS)
+        if "latency_ms" not in s:
+            raise ConfigError(path, f"{key}.slo.latency_ms", "missing; give the latency objective in ms")
+        slo = {"latency_ms": _positive(path, f"{key}.slo.latency_ms", s["latency_ms"], "milliseconds")}
+        p = s.get("percentile", 99.0)
+        if not _is_number(p) or not 0 < float(p) <= 100:
+            raise ConfigError(path, f"{key}.slo.percentile", f"got {p!r}; give a number in (0, 100]")
+        slo["percentile"] = float(p)
+        if "timeout_ms" in s:
+            slo["timeout_ms"] = _positive(path, f"{key}.slo.timeout_ms", s["timeout_ms"], "milliseconds")
+    load = None
+    if "load" in table:
+        ld = dict(_table(path, f"{key}.load", table["load"], LOAD_KEYS))
+        kinds = [k for k in ("concurrency", "rate", "share") if k in ld]
+        if len(kinds) != 1:
+            raise ConfigError(path, f"{key}.load", f"give exactly one of concurrency (closed loop), rate "
+                              f"(requests/s) or share (of [workload] rate), got {kinds or 'none'}")
+        if "concurrency" in ld and (not _is_int(ld["concurrency"]) or ld["concurrency"] < 1):
+            raise ConfigError(path, f"{key}.load.concurrency", f"got {ld['concurrency']!r}; give an integer >= 1")
+        if "rate" in ld:
+            ld["rate"] = _positive(path, f"{key}.load.rate", ld["rate"], "requests per second")
+        if "share" in ld:
+            sh = ld["share"]
+            if not _is_number(sh) or not 0 < float(sh) <= 1:
+                raise ConfigError(path, f"{key}.load.share", f"got {sh!r}; give a fraction in (0, 1]")
+            ld["share"] = float(sh)
+        if "arrivals" in ld and ld["arrivals"] not in ("poisson", "constant"):
+            raise ConfigError(path, f"{key}.load.arrivals", f"got {ld['arrivals']!r}; give \"poisson\" or \"constant\"")
+        if "priority" in ld and not _is_int(ld["priority"]):
+            raise ConfigError(path, f"{key}.load.priority", f"got {ld['priority']!r}; give an integer")
+        load = ld
+    return ModelConfig(name=name, factory=table.get("factory"), inputs=table.get("inputs"), quota=quota,
+                       max_queue=max_queue, timeout_ms=timeout, batching=batching, slo=slo, load=load)
+
+
+# -- TOML writing (the small subset plan files use) ----------------------------------------------
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml(k)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(round(v, 6)) if math.isfinite(v) else ("inf" if v > 0 else "nan")
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_key(k)} = {_toml(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

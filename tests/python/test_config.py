@@ -1,0 +1,141 @@
+"""Config files: every table and key validated, errors name the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import apportion as ap
+from apportion.config import Config, ConfigError, ModelConfig, resolve
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
+VM2 = str(FIXTURES / "vm2")
+
+FULL = """
+[runtime]
+cpus = "0-1"
+
+[workload]
+rate = 100.0
+
+[models.echo]
+factory = "apportion.demo:build_mlp"
+inputs = "apportion.demo:mlp_input"
+cores = 1
+isolation = "exclusive"
+instances = 1
+threads = 1
+max_queue = 32
+timeout_ms = 50
+batching = { max_size = 4, max_delay_ms = 1.5 }
+slo = { latency_ms = 20, percentile = 95 }
+load = { share = 0.5 }
+
+[models.other]
+load = { concurrency = 2, arrivals = "constant" }
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_full_config_round_trips(tmp_path: Path) -> None:
+    cfg = Config.load(write(tmp_path, FULL))
+    echo = cfg.models["echo"]
+    assert cfg.cpus == "0-1" and cfg.rate == 100.0
+    assert echo.quota == {"cores": 1, "isolation": "exclusive", "instances": 1, "threads": 1}
+    assert echo.batching == ap.Batching(max_size=4, max_delay_ms=1.5)
+    assert echo.slo == {"latency_ms": 20.0, "percentile": 95.0}
+    assert cfg.demand() == {"echo": 50.0, "other": None}
+    again = Config.loads(cfg.to_toml("a header"), "again.toml")
+    assert again.models == cfg.models and again.cpus == cfg.cpus and again.rate == cfg.rate
+
+
+def test_model_loads_carry_slo_and_share(tmp_path: Path) -> None:
+    cfg = Config.load(write(tmp_path, FULL))
+    loads = {ld.model: ld for ld in cfg.model_loads(inputs=False)}
+    assert loads["echo"].rate == 50.0 and loads["echo"].slo == ap.load.SLO(latency_ms=20.0, percentile=95.0)
+    assert loads["other"].concurrency == 2 and loads["other"].arrivals == "constant"
+
+
+def test_runtime_is_built_and_serves() -> None:
+    cfg = Config(models={"double": ModelConfig("double", factory=lambda ctx: (lambda x: 2 * x),
+                                               quota={"instances": 2}, max_queue=8)})
+    rt = cfg.runtime(start=True)
+    try:
+        assert rt.submit("double", 21).result(timeout=10) == 42
+        assert rt.stats()["double"].max_queue == 8
+    finally:
+        rt.close()
+
+
+def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
+    cfg = Config.load(write(tmp_path, FULL))
+    rt = cfg.runtime(topology_root=VM2, build=False)
+    try:
+        p = rt.plan()
+        assert p["echo"].isolation == "exclusive" and len(p["echo"].cpus) == 1
+    finally:
+        rt.close(drain=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "allowed"),
+    [
+        ("[models.m]\nfactory = 3\n", "models.m.factory", "give an import path 'package.module:function'"),
+        ('[models.m]\nfactory = "nocolon"\n', "models.m.factory", "import path"),
+        ("[models.m]\nmax_queue = 0\n", "models.m.max_queue", "give an integer in [1, 2**30]"),
+        ("[models.m]\ntimeout_ms = -1\n", "models.m.timeout_ms", "give a positive number (milliseconds)"),
+        ("[models.m]\nbatching = { max_delay_ms = 1 }\n", "models.m.batching.max_size", "missing"),
+        ("[models.m]\nbatching = { max_size = 0 }\n", "models.m.batching.max_size", "max_size must be an integer"),
+        ("[models.m]\nbatching = { size = 2 }\n", "models.m.batching.size",
+         "unknown key; allowed: max_size, max_delay_ms, preferred_sizes"),
+        ("[models.m]\nslo = { percentile = 99 }\n", "models.m.slo.latency_ms", "missing"),
+        ("[models.m]\nslo = { latency_ms = 5, percentile = 0 }\n", "models.m.slo.percentile", "(0, 100]"),
+        ("[models.m]\nslo = { latency = 5 }\n", "models.m.slo.latency", "allowed: latency_ms, percentile, timeout_ms"),
+        ("[models.m]\nload = { rate = 1, concurrency = 2 }\n", "models.m.load", "exactly one of concurrency"),
+        ("[models.m]\nload = { concurrency = 0 }\n", "models.m.load.concurrency", "integer >= 1"),
+        ("[models.m]\nload = { rate = -3 }\n", "models.m.load.rate", "requests per second"),
+        ("[models.m]\nload = { share = 0.5 }\n", "models.m.load.share", "[workload] rate"),
+        ("[workload]\nrate = 10\n[models.m]\nload = { share = 2 }\n", "models.m.load.share", "fraction in (0, 1]"),
+        ('[models.m]\nload = { rate = 1, arrivals = "burst" }\n', "models.m.load.arrivals", '"poisson" or "constant"'),
+        ("[runtime]\ncpus = 3\n[models.m]\n", "runtime.cpus", 'CPU list like "0-3,8"'),
+        ("[runtime]\nthreads = 3\n[models.m]\n", "runtime.threads", "unknown key; allowed: cpus"),
+        ("[workload]\nrate = 0\n[models.m]\n", "workload.rate", "positive number"),
+        ("[models.m]\nthreads = 0\n", "models.m.threads", "give an integer >= 1"),
+        ("[models.m]\nflavour = 1\n", "models.m.flavour", "allowed: cores, instances"),
+    ],
+)
+def test_validation_errors_name_file_key_and_allowed(tmp_path: Path, text: str, key: str, allowed: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        Config.load(path)
+    assert str(e.value).startswith(f"{path}: {key}: "), str(e.value)
+    assert allowed in str(e.value)
+    assert (e.value.path, e.value.key) == (path, key)
+
+
+def test_factory_resolution_errors_name_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[models.m]\nfactory = "apportion.demo:no_such_thing"\n')
+    with pytest.raises(ConfigError, match=r"models\.m\.factory: module 'apportion.demo' has no attribute"):
+        Config.load(path).runtime()
+    path = write(tmp_path, '[models.m]\nfactory = "no_such_module_x:f"\n')
+    with pytest.raises(ConfigError, match=r"models\.m\.factory: cannot import module 'no_such_module_x'"):
+        Config.load(path).runtime()
+    path = write(tmp_path, "[models.m]\ncores = 1\n")
+    with pytest.raises(ConfigError, match=r"models\.m\.factory: missing"):
+        Config.load(path).runtime()
+    assert resolve("apportion.demo:build_mlp").__name__ == "build_mlp"
+
+
+def test_models_that_do_not_fit_are_does_not_fit(tmp_path: Path) -> None:
+    from apportion.config import DoesNotFit
+
+    path = write(tmp_path, '[models.a]\ncores = 2\nisolation = "exclusive"\n'
+                           '[models.b]\ncores = 1\nisolation = "exclusive"\n')
+    with pytest.raises(DoesNotFit, match=r"models\.b\.cores: the models do not fit"):
+        Config.load(path).runtime(topology_root=VM2, build=False)
