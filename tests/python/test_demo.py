@@ -1,0 +1,53 @@
+"""The demo's models, workload and table (the end-to-end run is in test_cli.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from apportion import demo  # noqa: E402
+from apportion.tune import Measured  # noqa: E402
+
+
+@pytest.mark.parametrize(("build", "make"), [(demo.build_mlp, demo.mlp_input), (demo.build_conv, demo.conv_input),
+                                             (demo.build_encoder, demo.encoder_input)])
+def test_models_accept_one_request_or_a_stacked_batch(build, make) -> None:
+    m = build(None).eval()
+    x = make()
+    with torch.inference_mode():
+        one = m(x)
+        batch = m(torch.stack([x, x, x]))
+    assert batch.shape == (3, *one.shape)
+    torch.testing.assert_close(batch[1], one, rtol=1e-4, atol=1e-4)
+
+
+def test_workload_scales_with_the_machine() -> None:
+    ms = {"mlp": 2.0, "conv": 2.0, "encoder": 2.0}
+    cfg = demo.demo_config(1.0, per_request_ms=ms, cpus=2)
+    assert cfg.rate == pytest.approx(1000.0)  # 2 cores / 2 ms per request
+    assert sum(cfg.demand().values()) == pytest.approx(1000.0)
+    assert all(m.slo and m.timeout_ms == m.slo["latency_ms"] for m in cfg.models.values())
+    assert demo.demo_config(100.0, per_request_ms=ms, cpus=2).rate == demo.MAX_TOTAL_RATE
+
+
+def test_baselines() -> None:
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+    two = demo.baselines(cfg, 2)
+    assert {c.threads for c in two["unmanaged"].values()} == {2}
+    assert {(c.isolation, c.threads) for c in two["equal split"].values()} == {("shared", 1)}
+    six = demo.baselines(cfg, 6)
+    assert {(c.isolation, c.cores, c.threads) for c in six["equal split"].values()} == {("exclusive", 2, 2)}
+
+
+def test_table_reports_ratios() -> None:
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+
+    def res(good: float, met: bool) -> dict[str, Measured]:
+        return {n: Measured(good, good, 10.0, met, 100.0) for n in cfg.models}
+
+    d = demo.DemoResult(cfg, {"unmanaged": res(10, False), "equal split": res(20, True), "tuned": res(30, True)},
+                        cfg, {}, 1.0)
+    text = d.table()
+    assert "tuned goodput: 3.00x unmanaged, 1.50x equal split" in text
+    assert text.splitlines()[0].split() == ["mode", "model", "demand/s", "req/s", "good/s", "p99", "ms", "SLO", "met"]

@@ -1,0 +1,214 @@
+"""The tuner: its cost model and allocator against known optima (no timing), the search with
+injected profiles and measurements, and one short real run with sleeping models."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+
+import apportion as ap
+from apportion.config import Config, ModelConfig
+from apportion.tune import (
+    RHO,
+    Choice,
+    CostModel,
+    Measured,
+    Need,
+    Sample,
+    Shape,
+    allocate,
+    apply,
+    isolated_layout,
+    shared_layout,
+    tune,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
+SERVER = str(FIXTURES / "server_2s128t")
+VM2 = str(FIXTURES / "vm2")
+
+
+def test_cost_model_fit_recovers_known_curves() -> None:
+    truth = CostModel(alpha_ms=2.0, beta_ms=0.5, serial=0.2)
+    samples = [Sample(1, 1, truth.call_ms(1, 1)), Sample(1, 8, truth.call_ms(1, 8), mean_batch=8),
+               Sample(4, 1, truth.call_ms(4, 1))]
+    fit = CostModel.fit(samples)
+    assert fit.alpha_ms == pytest.approx(2.0) and fit.beta_ms == pytest.approx(0.5)
+    assert fit.serial == pytest.approx(0.2) and fit.batchable
+    # Without a batch or a thread sample the fit assumes no gain from them.
+    only = CostModel.fit([Sample(1, 1, 3.0)])
+    assert (only.alpha_ms, only.beta_ms, only.serial, only.batchable) == (0.0, 3.0, 1.0, False)
+    assert only.call_ms(4, 1) == 3.0
+
+
+def _brute_force(needs: list[Need], units: int, step: float, objective: str) -> float:
+    best = -1.0
+    for split in itertools.product(range(units + 1), repeat=len(needs)):
+        if sum(split) > units:
+            continue
+        vals = [n.served(u * step)[0] for n, u in zip(needs, split)]
+        if objective == "goodput":
+            score = sum(vals)
+        else:
+            score = min(v / n.demand for v, n in zip(vals, needs) if n.demand)
+        best = max(best, score)
+    return best
+
+
+CASES = {
+    # A cheap batchable model and a costly one, more demand than cores: the cheap one first.
+    "batching pays": [Need("a", CostModel(2.0, 0.25), demand=4000, slo_ms=40, batches=(1, 2, 4, 8)),
+                      Need("b", CostModel(0.0, 4.0, batchable=False), demand=800, slo_ms=40)],
+    # b needs 4 threads to meet its SLO (a call takes 30 ms on one thread, 15.75 on two, 8.6
+    # on four; p99 ~ two calls): nothing until 4 cores, a plateau the allocator must look past.
+    "plateau": [Need("a", CostModel(0.0, 2.0, batchable=False), demand=1500, slo_ms=20),
+                Need("b", CostModel(0.0, 30.0, serial=0.05, batchable=False), demand=400, slo_ms=20,
+                     threads=(1, 2, 4, 8))],
+    # Demand fits: every model served in full, the rest is headroom.
+    "fits": [Need("a", CostModel(0.5, 1.0), demand=500, slo_ms=50, batches=(1, 4)),
+             Need("b", CostModel(0.0, 2.0, batchable=False), demand=300, slo_ms=50)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("objective", ["goodput", "min_fraction"])
+def test_allocate_matches_brute_force(case: str, objective: str) -> None:
+    needs = CASES[case]
+    cores, step = 8.0, 1.0
+    alloc = allocate(needs, cores, objective, step=step)
+    assert sum(a.cores for a in alloc.values()) == pytest.approx(cores)
+    got = {n.name: n.served(alloc[n.name].cores)[0] for n in needs}
+    score = sum(got.values()) if objective == "goodput" else min(got[n.name] / n.demand for n in needs)
+    assert score == pytest.approx(_brute_force(needs, int(cores / step), step, objective), rel=1e-9)
+
+
+def test_plateau_model_gets_the_threads_its_slo_needs() -> None:
+    alloc = allocate(CASES["plateau"], 8.0, "min_fraction", step=1.0)
+    b = alloc["b"]
+    assert b.shape is not None and b.shape.threads >= 4 and b.served > 0
+
+
+def test_layouts() -> None:
+    alloc = allocate(CASES["fits"], 8.0, "goodput", step=1.0)
+    shared = shared_layout(alloc, 8)
+    assert all(c.isolation == "shared" for c in shared.values())
+    iso = isolated_layout(alloc, 8)
+    assert iso is not None and sum(c.cores or 0 for c in iso.values()) <= 8
+    # Three models on two cores: at most one gets a core of its own, the pool keeps one.
+    small = allocate([Need(x, CostModel(0.0, 1.0, batchable=False), demand=500, slo_ms=50) for x in "abc"],
+                     2.0, "goodput")
+    iso = isolated_layout(small, 2)
+    assert iso is None or sum(c.cores or 0 for c in iso.values()) <= 1
+
+
+# -- the whole search with synthetic profiles and a synthetic machine ---------------------------
+
+TRUTH = {"ranker": CostModel(1.0, 0.5, serial=0.3), "encoder": CostModel(0.0, 3.0, serial=0.1, batchable=False)}
+DEMAND = {"ranker": 3000.0, "encoder": 2000.0}
+
+
+def _synthetic_config() -> Config:
+    models = {n: ModelConfig(n, factory=f"apportion.demo:build_{'mlp' if n == 'ranker' else 'encoder'}",
+                             slo={"latency_ms": 30.0, "percentile": 99.0}, load={"rate": DEMAND[n]},
+                             max_queue=64, timeout_ms=30.0)
+              for n in TRUTH}
+    return Config(models=models, path="synthetic.toml")
+
+
+def _fluid(choice: Choice, cost: CostModel) -> tuple[float, float]:
+    """Capacity (req/s) and p99 (ms) of a choice on an ideal machine."""
+    b = choice.batching.max_size if choice.batching else 1
+    call = cost.call_ms(choice.threads, b)
+    return choice.instances * b * 1000.0 / call, 2 * call + (choice.batching.max_delay_ms if choice.batching else 0)
+
+
+def _fake_measure(cfg: Config) -> dict[str, Measured]:
+    out = {}
+    for n, m in cfg.models.items():
+        q = m.quota
+        choice = Choice(q["isolation"], q.get("cores"), q["instances"], q["threads"], m.batching)
+        cap, p99 = _fluid(choice, TRUTH[n])
+        good = min(DEMAND[n], RHO * cap)
+        out[n] = Measured(good, good, p99, p99 <= 30.0, DEMAND[n])
+    return out
+
+
+def test_tune_finds_the_known_optimum_on_the_server_fixture(tmp_path: Path) -> None:
+    cfg = _synthetic_config()
+    err = io.StringIO()
+    result = tune(cfg, budget_s=30, topology_root=SERVER, profiles=TRUTH, measure=_fake_measure,
+                  progress=err, out_dir=tmp_path)
+    assert result.total_cores == 64
+    needs = [Need(n, TRUTH[n], DEMAND[n], None, 30.0, (1, 2, 4, 8, 16, 32), (1, 2, 4, 8)) for n in TRUTH]
+    optimum = _brute_force(needs, 64, 1.0, "goodput")
+    assert result.winner.slo_ok()
+    assert result.winner.score("goodput") == pytest.approx(optimum, rel=0.02)
+    assert "tune [" in err.getvalue() and "done:" in err.getvalue()
+    # The plan file is a config the planner accepts on that machine, with the winner's quotas.
+    plan_cfg = Config.load(tmp_path / "plan.toml")
+    rt = plan_cfg.runtime(topology_root=SERVER, build=False)
+    try:
+        p = rt.plan()
+        assert {m.name for m in p.models} == set(TRUTH)
+    finally:
+        rt.close(drain=False)
+    report = (tmp_path / "report.md").read_text()
+    assert "| candidate |" in report and "**winner**" in report and "## Why the winner won" in report
+    assert (tmp_path / "candidates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_min_fraction_objective_serves_both() -> None:
+    result = tune(_synthetic_config(), budget_s=30, topology_root=VM2, profiles=TRUTH, measure=_fake_measure,
+                  objective="min_fraction", progress=False)
+    fracs = [m.fraction for m in (result.winner.measured or {}).values()]
+    assert min(fracs) > 0
+
+
+def test_tune_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="objective must be one of"):
+        tune(_synthetic_config(), objective="speed", progress=False)  # type: ignore[arg-type]
+    cfg = _synthetic_config()
+    no_load = cfg.replace_models(ranker=ModelConfig("ranker", factory="apportion.demo:build_mlp"))
+    with pytest.raises(ap.ConfigError, match=r"models\.ranker\.load"):
+        tune(no_load, progress=False, profiles=TRUTH, measure=_fake_measure)
+
+
+# -- one short real run --------------------------------------------------------------------------
+
+def _sleeper(ms: float):
+    def factory(ctx: ap.InstanceContext):
+        def serve(x):
+            time.sleep(ms / 1000.0)
+            return x
+        return serve
+    return factory
+
+
+def test_real_run_with_sleeping_models(tmp_path: Path) -> None:
+    models = {
+        "slow": ModelConfig("slow", factory=_sleeper(4.0), slo={"latency_ms": 80.0, "percentile": 99.0},
+                            load={"rate": 100.0}, max_queue=64),
+        "fast": ModelConfig("fast", factory=_sleeper(1.0), slo={"latency_ms": 80.0, "percentile": 99.0},
+                            load={"concurrency": 2}, max_queue=64),
+    }
+    result = tune(Config(models=models), budget_s=8, max_batch=4, progress=False, out_dir=tmp_path,
+                  validate_top=2)
+    assert set(result.profiles) == {"slow", "fast"} and all(result.profiles.values())
+    assert result.winner.measured is not None and set(result.winner.measured) == {"slow", "fast"}
+    assert result.winner.measured["slow"].goodput > 0
+    assert result.elapsed_s < 40
+    assert {p.name for p in tmp_path.iterdir()} >= {"plan.toml", "report.md", "candidates.png"}
+    assert set(Config.load(tmp_path / "plan.toml").models) == {"slow", "fast"}
+
+
+def test_apply_keeps_workload_and_replaces_quotas() -> None:
+    cfg = _synthetic_config()
+    out = apply(cfg, {"ranker": Choice("exclusive", 4, 2, 2, ap.Batching(4, 1.0))})
+    assert out.models["ranker"].quota == {"isolation": "exclusive", "instances": 2, "threads": 2, "cores": 4}
+    assert out.models["ranker"].load == cfg.models["ranker"].load
+    assert out.models["encoder"] == cfg.models["encoder"]
+    assert Shape(2, 4).describe() == "t=2 b<=4"
