@@ -63,8 +63,9 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
   for (uint32_t i = 0; i < opts_.priority_levels; ++i) lanes_.push_back(std::make_unique<Lane>(cap));
   if (opts_.on_timeout == OnTimeout::delay) {
     delayed_lane_ = opts_.priority_levels;
-    // Room for every admitted request plus one carried over per worker (serve_batches): a
-    // move to this lane can then never find it full.
+    // Room for every admitted request plus one per worker: a worker counts the request it
+    // moves here again, though admission may have given its slot away while the worker held
+    // it. A move can then never find this lane full.
     lanes_.push_back(std::make_unique<Lane>(cap + opts_.instances));
   }
   // Workers (and their metric shards) exist from construction so snapshot() never races with
@@ -125,36 +126,38 @@ void Model::serve_one(Worker& w) {
     Request* r = nullptr;
     uint32_t lane = 0;
     if (take(r, lane, -1) != Take::ok) return;  // closed, every lane empty
+    // Uncount first: the RMW takes the submitters' line exclusively, so the read of
+    // cancel_queued_ below (same line) hits instead of fetching it a second time.
+    queued_.fetch_sub(1, std::memory_order_relaxed);
     const int64_t now = now_ns();
     // Expired before it started: it is never run (an expired answer is worth nothing and
     // running it would steal time from requests that can still meet their deadline) unless
     // the policy delays it. Requests in the delayed lane run whatever their deadline.
     const bool expired = lane != delayed_lane_ && now > r->deadline_ns;
     if (expired || cancel_queued_.load(std::memory_order_acquire)) {
-      settle_unrunnable(w, r, lane, expired, true, now);
+      settle_unrunnable(w, r, lane, expired, now);
       continue;
     }
-    queued_.fetch_sub(1, std::memory_order_relaxed);
     if (!r->try_claim(RequestState::running)) {
       Request::release(r);  // cancelled by its caller while queued: a tombstone, already complete
       continue;
     }
     r->start_ns = now;
-    handler_->run(w, &r, 1);
-    w.shard.batch_size.record(1);
+    handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
   }
 }
 
-void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, bool counted,
+void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired,
                               int64_t now) noexcept {
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
   if (expired && !cancel && opts_.on_timeout == OnTimeout::delay && lane != delayed_lane_ &&
       r->state() == RequestState::queued) {
     // Moved, not claimed: the request stays `queued` (a caller may still cancel it, and
-    // whoever later wins its claim completes it) and keeps its admission slot; the queue's
-    // reference moves with it. A request carried over by a batching worker was already
-    // uncounted: it is counted again, which the delayed lane's extra room allows for.
-    if (!counted) queued_.fetch_add(1, std::memory_order_relaxed);
+    // whoever later wins its claim completes it) and holds an admission slot again; the
+    // queue's reference moves with it. While the worker held it uncounted, admission may have
+    // filled its slot: each worker holds at most one such request, which is what the delayed
+    // lane's extra room (one cell per worker) is for.
+    queued_.fetch_add(1, std::memory_order_relaxed);
     delayed_.fetch_add(1, std::memory_order_relaxed);
     // A free cell exists (see the lane's capacity); a refusal is a consumer's release of it
     // not yet visible here, which resolves within moments. This worker serves the lane itself
@@ -162,7 +165,6 @@ void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired
     while (!lanes_[delayed_lane_]->try_push(r)) cpu_relax();
     return;
   }
-  if (counted) queued_.fetch_sub(1, std::memory_order_relaxed);
   if (r->try_claim(RequestState::claimed)) {
     if (expired && !cancel) {
       r->start_ns = now;
@@ -200,11 +202,11 @@ void Model::serve_batches(Worker& w) {
   for (;;) {
     Request* r = nullptr;
     uint32_t lane = 0;
-    bool counted = true;
+    bool carried = false;
     if (carry != nullptr) {
       r = std::exchange(carry, nullptr);
       lane = carry_lane;
-      counted = false;
+      carried = true;
     } else if (batch.empty()) {
       if (take(r, lane, -1) != Take::ok) return;  // closed, every lane empty
     } else if (!try_take(r, lane)) {
@@ -226,9 +228,12 @@ void Model::serve_batches(Worker& w) {
       }
     }
 
+    // Taken: uncounted at once (see serve_one), held by this worker until it is batched,
+    // carried, settled or moved.
+    if (!carried) queued_.fetch_sub(1, std::memory_order_relaxed);
     const int64_t now = now_ns();
     if (cancel_queued_.load(std::memory_order_acquire) || r->state() != RequestState::queued) {
-      settle_unrunnable(w, r, lane, false, counted, now);
+      settle_unrunnable(w, r, lane, false, now);
       continue;
     }
     // Requests in the delayed lane run whatever their deadline.
@@ -239,19 +244,17 @@ void Model::serve_batches(Worker& w) {
     // one that only this batch would make late, or that would make this batch late, opens the
     // next batch.
     if (deadline != Request::kNoDeadline && deadline < now + w.estimate_ns(1)) {
-      settle_unrunnable(w, r, lane, true, counted, now);
+      settle_unrunnable(w, r, lane, true, now);
       continue;
     }
     const int64_t limit = std::min(deadline, min_deadline);
     if (!batch.empty() && limit != Request::kNoDeadline &&
         limit < now + w.estimate_ns(batch.size() + 1)) {
-      if (counted) queued_.fetch_sub(1, std::memory_order_relaxed);
       carry = r;
       carry_lane = lane;
       flush();
       continue;
     }
-    if (counted) queued_.fetch_sub(1, std::memory_order_relaxed);
     if (batch.empty()) opened = now;
     batch.push_back(r);
     min_deadline = limit;
@@ -496,6 +499,15 @@ ModelSnapshot Model::snapshot() const {
     w->shard.compute.snapshot_into(s.compute);
     w->shard.end_to_end.snapshot_into(s.end_to_end);
     w->shard.batch_size.snapshot_into(s.batch_size);
+  }
+  if (opts_.batching.max_size <= 1) {
+    // Without batching every call serves one request, and every call that ran recorded its
+    // compute time: the batch-size histogram follows from that count, at no cost per call.
+    const uint64_t calls = s.compute.total;
+    s.batch_size.counts[LogHistogram::index_of(1)] = calls;
+    s.batch_size.total = calls;
+    s.batch_size.sum = calls;
+    s.batch_size.max = calls != 0 ? 1 : 0;
   }
   return s;
 }

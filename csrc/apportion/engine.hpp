@@ -187,9 +187,8 @@ class Model {
   void wake(std::size_t n) noexcept;
   void leave_sleepers() noexcept;
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
-  // now. `counted`: it still holds its place in queued_.
-  void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, bool counted,
-                         int64_t now) noexcept;
+  // now. The caller took it and already uncounted it from queued_.
+  void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
   void dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Request*>& claimed);
 
   ModelOptions opts_;
@@ -201,15 +200,25 @@ class Model {
   std::vector<std::unique_ptr<Lane>> lanes_;
   uint32_t delayed_lane_ = UINT32_MAX;  // index of the delayed lane; none with reject
   std::vector<std::unique_ptr<Worker>> workers_;
+  // Cache lines by who writes them. Every submission writes queued_ and submitting_, and every
+  // request a worker takes writes queued_: one line, with what those same threads read per
+  // request (closed_, cancel_queued_). What idle and spinning workers poll (stopping_, the
+  // event count) is on a line that only changes when a worker parks, is woken, or the model
+  // closes, so the spinning does not steal the submitters' line.
+
   // Admission bound: counts requests in the lanes, including cancelled ones not yet popped and
   // ones a worker is moving to the delayed lane, so the lanes can never be full when admission
   // says yes. It is also the sleepers' "work may be coming" signal (see take()).
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
-  std::atomic<uint64_t> delayed_{0};
+  // Submitters between their look at closed_ and their last push. close() waits for zero
+  // before it lets workers stop, so a batch is never cut in two, and no push lands after the
+  // workers (or join) drained the lanes for the last time.
+  std::atomic<uint32_t> submitting_{0};
   std::atomic<bool> closed_{false};
+  std::atomic<bool> cancel_queued_{false};
+  std::atomic<uint64_t> delayed_{0};  // moves to the delayed lane (rare)
+
   // Event count of the model's sleepers: a push to any lane wakes a worker parked on it.
-  // Read-mostly while work flows (written when a worker parks or is woken), so the flag that
-  // spinning workers poll lives here rather than beside the counters every request writes.
   alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the
@@ -219,12 +228,8 @@ class Model {
   static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
   static constexpr uint64_t kWokenMask = kOneSleeper - 1;
   std::atomic<uint64_t> sleepers_{0};
-  // Submitters between their look at closed_ and their last push. close() waits for zero before
-  // closing the ring, so a push never meets a closed ring: a batch is never cut in two, and no
-  // push lands after the workers (or join) drained the ring for the last time.
-  std::atomic<uint32_t> submitting_{0};
-  std::atomic<bool> cancel_queued_{false};
-  bool started_ = false;
+  // Nothing else on the event count's line.
+  alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;
 
   std::mutex start_mu_;
