@@ -818,7 +818,8 @@ def tune(
             except ConfigError:
                 continue  # a move that does not fit this machine
             candidates.append(move)
-            if move.rank(objective) > w.rank(objective):
+            # Only a clear gain moves the search on: a score within 1% is measurement noise.
+            if _clearly_better(move, w, objective):
                 improved = True
                 break
     winner = best()
@@ -831,6 +832,13 @@ def tune(
     return result
 
 
+def _clearly_better(a: Candidate, b: Candidate, objective: str) -> bool:
+    if a.slo_ok() != b.slo_ok():
+        return a.slo_ok()
+    sa, sb = a.score(objective), b.score(objective)
+    return sa > sb + 0.01 * abs(sb)
+
+
 def _moves(w: Candidate, needs: Iterable[Need], total_cores: int) -> list[Candidate]:
     """Small changes to the winner for the models it serves worst: one more instance, a larger
     or a smaller batch."""
@@ -840,7 +848,7 @@ def _moves(w: Candidate, needs: Iterable[Need], total_cores: int) -> list[Candid
     out = []
     for n in order:
         m = w.measured[n]
-        if m.slo_met is not False and m.fraction >= 0.98:
+        if m.slo_met is not False and m.fraction >= 0.95:
             continue
         c = w.choices[n]
         if c.isolation == "shared" and (c.instances + 1) * c.threads <= 2 * total_cores:
