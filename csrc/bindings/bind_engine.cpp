@@ -339,7 +339,14 @@ class RuntimeCore {
 
   ~RuntimeCore() {
     // Collected while still open: cancel what is queued rather than leave threads behind.
-    if (!interpreter_finalizing()) close(false);
+    // A destructor must not throw; the only error close() raises (called from one of this
+    // runtime's own workers) is reported instead, and the workers are left to the atexit hook.
+    if (interpreter_finalizing()) return;
+    try {
+      close(false);
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("apportion.Runtime.__del__");
+    }
   }
 
   void add_model(const std::string& name, py::object make_instance, uint32_t instances,

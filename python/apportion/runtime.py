@@ -240,7 +240,7 @@ class Runtime(_core._Runtime):
         placed = self._placed.setdefault(name, {})
         isolation_word = quota.isolation
         gpu_state = self._gpu
-        usage = GpuUsage(gpu.to_native(name)["memory"] if gpu is not None else 0) if gpu else None
+        usage = GpuUsage(gpu.to_native(name)["memory"]) if gpu is not None else None
 
         def make_instance(index: int) -> Callable[[Any], Any]:
             cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
@@ -262,14 +262,17 @@ class Runtime(_core._Runtime):
             self._add_model(name, wrap_factory(name, make_instance) if batching is not None else make_instance,
                             instances, max_queue, timeout, priority_levels, float(spin_us),
                             instances_arg, policy, on_timeout=on_timeout, batching=native_batching)
-        except BaseException:
-            del self._quotas[name]
-            self._placed.pop(name, None)
-            raise
-        self._plan = new_plan
-        if gpu is not None and usage is not None:
-            self._gpu_quotas[name] = gpu
-            self._gpu_usage[name] = usage
+        finally:
+            # Registered even if something was raised after its workers started (a
+            # PinningWarning turned into an error): the bookkeeping follows the native side.
+            if name in self._model_names():
+                self._plan = new_plan
+                if gpu is not None and usage is not None:
+                    self._gpu_quotas[name] = gpu
+                    self._gpu_usage[name] = usage
+            else:
+                del self._quotas[name]
+                self._placed.pop(name, None)
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished

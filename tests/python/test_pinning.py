@@ -255,6 +255,27 @@ def test_refused_pin_is_a_warning_and_the_model_still_serves() -> None:
         rt.close(drain=False)
 
 
+def test_pin_warning_raised_as_error_on_a_running_runtime_leaves_the_model_registered() -> None:
+    """With warnings turned into errors, add_model raises the PinningWarning after the model
+    started: the model is registered, serves, and is part of the plan (no half-registered
+    state between the Python and native sides)."""
+    import warnings
+
+    cpu = _absent_cpu()
+    rt = ap.Runtime(topology_root=str(FIXTURES / "server_2s128t"))
+    try:
+        rt.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ap.PinningWarning)
+            with pytest.raises(ap.PinningWarning, match="model 'far' instance 0: pin to CPUs"):
+                rt.add_model("far", model=lambda x: x + 1, cores=str(cpu), isolation="exclusive")
+        assert rt.models == ["far"]
+        assert rt.plan()["far"].instances[0].cpus == (cpu,)
+        assert rt.submit("far", 1).result(timeout=30) == 2
+    finally:
+        rt.close(drain=False)
+
+
 def test_torch_adapter_reports_threads_outside_their_cpus() -> None:
     """The torch adapter's runtime check: a model whose threads are not where the plan put
     them (here: its pin was refused) warns on its first call, naming the thread and CPUs."""
