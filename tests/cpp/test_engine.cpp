@@ -6,6 +6,8 @@
 //  3. every test that could block runs under a deadlock guard, so a hang becomes a failure.
 #include <gtest/gtest.h>
 
+#include "test_support.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -42,17 +44,7 @@ using apportion::RequestState;
 using apportion::Worker;
 using namespace std::chrono_literals;
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using apportion::testing::kSanitized;
 
 // ---------------------------------------------------------------------------------------------
 // A tagged request with a live-object counter and a per-request completion counter.
