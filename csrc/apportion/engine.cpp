@@ -122,10 +122,14 @@ void Model::worker_main(Worker& w) {
 }
 
 void Model::serve_one(Worker& w) {
+  w.may_linger = true;
   for (;;) {
     Request* r = nullptr;
     uint32_t lane = 0;
-    if (take(r, lane, -1) != Take::ok) return;  // closed, every lane empty
+    if (!try_take(r, lane)) {
+      handler_->idle(w);  // nothing queued: let go of what the handler held across calls
+      if (take(r, lane, -1) != Take::ok) break;  // closed, every lane empty
+    }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
     queued_.fetch_sub(1, std::memory_order_relaxed);
@@ -145,6 +149,8 @@ void Model::serve_one(Worker& w) {
     r->start_ns = now;
     handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
   }
+  handler_->idle(w);
+  w.may_linger = false;
 }
 
 void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired,

@@ -43,6 +43,9 @@ struct Worker {
   WorkerShard shard;
   void* user = nullptr;
   std::thread thread;
+  /// True while the worker serves one request per call and will call ModelHandler::idle()
+  /// before it waits: the handler may keep what it holds from one call to the next.
+  bool may_linger = false;
   /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
   /// asked). Written by the worker before it reports started; read after start() returns.
   std::string pin_error;
@@ -74,6 +77,11 @@ class ModelHandler {
   virtual void abandon(Worker* w, Request* r, Outcome why) = 0;
   /// In the worker thread after it stopped serving.
   virtual void stop_worker(Worker& w) = 0;
+  /// In the worker thread when it found nothing to serve and is about to wait (spin or park):
+  /// a handler that keeps something between calls while work is queued back to back (the
+  /// Python handler keeps the GIL: one acquisition for a run of requests instead of one each)
+  /// lets go of it here. Only called when `Worker::may_linger` is set.
+  virtual void idle(Worker& /*w*/) {}
 };
 
 /// What a worker does with a request whose deadline passed (or, when batching, would pass

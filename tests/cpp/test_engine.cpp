@@ -135,6 +135,14 @@ class TestHandler : public ModelHandler {
   }
 
   void stop_worker(Worker&) override { stops.fetch_add(1); }
+
+  // What a handler that keeps something between calls (the GIL) sees: it may keep it after a
+  // call only when may_linger is set, and must be told (idle) before the worker waits.
+  std::atomic<int> idles{0};
+  void idle(Worker& w) override {
+    idles.fetch_add(1);
+    if (!w.may_linger) bad_state.fetch_add(1);
+  }
 };
 
 // A one-shot gate a handler can block on, so a test can hold a worker inside run().
@@ -229,6 +237,59 @@ class EngineTest : public ::testing::Test {
 
 // ---------------------------------------------------------------------------------------------
 // Tier 1: single-threaded semantics.
+
+TEST_F(EngineTest, IdleIsCalledBeforeAWorkerWaitsAndOnlyWhenItMayLinger) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<bool> lingering{false};
+    h->on_run = [&](Worker& w, TestRequest&) {
+      if (w.may_linger) lingering.store(true);
+      return Outcome::ok;
+    };
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    auto r = make(1);
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    ASSERT_TRUE(completes(r));
+    // The queue is empty now: the worker tells the handler before it spins or parks.
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    while (h->idles.load() == 0 && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(1ms);
+    }
+    EXPECT_GE(h->idles.load(), 1);
+    EXPECT_TRUE(lingering.load());
+    m.close(true);
+    m.join();
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineTest, BatchingWorkersNeverLinger) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> lingered{0};
+    h->on_run = [&](Worker& w, TestRequest&) {
+      if (w.may_linger) lingered.fetch_add(1);
+      return Outcome::ok;
+    };
+    ModelOptions o = opts(1);
+    o.batching.max_size = 4;
+    o.batching.max_delay_ns = 1'000'000;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 8; ++i) {
+      rs.push_back(make(i));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+    }
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(lingered.load(), 0);
+    EXPECT_EQ(h->idles.load(), 0);
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
 
 TEST_F(EngineTest, SubmitRunsAndCompletes) {
   const int64_t live_before = live();
