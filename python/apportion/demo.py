@@ -9,11 +9,14 @@ runtime's batching can stack requests.
 The workload is open loop (Poisson arrivals), split between the models by fixed shares
 (mlp 35%, conv 20%, encoder 45%), with a p99 latency objective per model (mlp 50 ms, conv
 75 ms, encoder 40 ms); every request carries that objective as its deadline. The total rate
-is ``load`` (default 0.8) times what this machine's cores would serve if each request ran on
+is ``load`` (default 1.0) times what this machine's cores would serve if each request ran on
 one thread by itself with no serving overhead, measured at start-up (so the demo loads any
 machine the same way; capped at 3000 requests/s, which the Python load generator sustains).
-0.8 is a busy server: served one request at a time, the per-request overhead (the Python
-load generator and the runtime share the same cores) leaves too little for the demand.
+1.0 is a full server: served one request at a time, the per-request overhead (the Python
+load generator and the runtime share the same cores) leaves too little for the demand, so only a
+configuration that uses the cores better (fewer threads fighting, batching) serves all of it.
+At 0.8 an equal split sometimes serves everything and no configuration can do better
+(bench/RESULTS.md records both).
 
 Three ways to serve the same models under the same load, queue bound and deadlines:
 
@@ -150,7 +153,7 @@ def single_thread_ms(repeat_s: float = 0.3) -> dict[str, float]:
     return out
 
 
-def demo_config(load: float = 0.8, *, per_request_ms: dict[str, float] | None = None,
+def demo_config(load: float = 1.0, *, per_request_ms: dict[str, float] | None = None,
                 cpus: int | None = None) -> Config:
     """The demo's models and workload as a Config (``load`` x the machine's one-thread
     capacity, see the module documentation)."""
@@ -217,7 +220,7 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def run_demo(*, load: float = 0.8, budget_s: float = 60.0, out_dir: str | Path = "apportion-demo",
+def run_demo(*, load: float = 1.0, budget_s: float = 60.0, out_dir: str | Path = "apportion-demo",
              settings: Settings | None = None, stream: TextIO | None = None,
              progress: bool | TextIO = True, switch_interval_s: float = 0.0005) -> DemoResult:
     """Calibrates, tunes, measures the three modes, prints the table, writes the plot, the
@@ -270,8 +273,8 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--load", type=float, default=0.8,
-                   help="offered load as a multiple of the cores' one-thread capacity (default 0.8)")
+    p.add_argument("--load", type=float, default=1.0,
+                   help="offered load as a multiple of the cores' one-thread capacity (default 1.0)")
     p.add_argument("--budget-s", type=float, default=60.0, help="tuner time budget in seconds (default 60)")
     p.add_argument("--window-s", type=float, default=1.0,
                    help="measurement window for the three modes, seconds (default 1; 3 windows each)")
