@@ -167,6 +167,18 @@ class Gate {
   std::atomic<int> arrived_{0};
 };
 
+// A model call that holds request 0 at `gate` (a running request the test releases when it
+// wants) and serves every other request at once.
+std::function<Outcome(Worker&, TestRequest&)> hold_tag0(Gate& gate) {
+  return [&gate](Worker&, TestRequest& r) {
+    if (r.tag == 0) {
+      gate.arrive();
+      gate.wait();
+    }
+    return Outcome::ok;
+  };
+}
+
 // The queue's reference is added before submit and dropped again when admission says no.
 Admit submit(Model& m, const TestRef& r) {
   r->add_ref();
@@ -515,13 +527,7 @@ TEST_F(EngineTest, DeadlinePassingWhileQueuedExpiresTheRequest) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
     Gate gate;
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
     TestRef blocker = make(0);
@@ -548,13 +554,7 @@ TEST_F(EngineTest, CancelOfQueuedRequestLeavesATombstone) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
     Gate gate;
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
     TestRef running = make(0);
@@ -600,13 +600,7 @@ TEST_F(EngineTest, CloseWithDrainFinishesQueuedWork) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
     Gate gate;
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
     std::vector<TestRef> rs{make(0)};
@@ -637,13 +631,7 @@ TEST_F(EngineTest, CloseWithoutDrainCancelsQueuedAndFinishesRunning) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
     Gate gate;
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
     TestRef running = make(0);
@@ -767,13 +755,7 @@ TEST_F(EngineTest, SnapshotCountsAddUpWhileWorkIsInFlight) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
     Gate gate;
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     Model m(opts(1, 8), h);
     ASSERT_EQ(m.start(), 0u);
     std::vector<TestRef> keep;
