@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,15 +28,6 @@ FAST = dict(warmup_s=0.2, window_s=0.4, max_s=4.0, seed=7)
 def sleeper(x: object) -> object:
     time.sleep(SERVICE_S if x is None else float(x))  # type: ignore[arg-type]
     return x
-
-
-@pytest.fixture
-def rt() -> Iterator[ap.Runtime]:
-    runtime = ap.Runtime()
-    try:
-        yield runtime
-    finally:
-        runtime.close(drain=False)
 
 
 def started(rt: ap.Runtime, **models: dict) -> ap.Runtime:
