@@ -17,6 +17,7 @@ from .errors import (
     RuntimeClosed,
     WorkerCrashed,
 )
+from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 from .gpu import GPU
 from .placement import InstancePlan, ModelPlan, Plan, Quota, plan
 from .runtime import InstanceContext, Runtime
@@ -29,6 +30,9 @@ built_with_cuda: bool = _core.built_with_cuda
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "ApportionError",
     "Batching",
     "Config",
@@ -53,9 +57,11 @@ __all__ = [
     "RuntimeStats",
     "Topology",
     "WorkerCrashed",
+    "as_completed",
     "built_with_cuda",
     "load",
     "plan",
     "topology",
     "tune",
+    "wait",
 ]
