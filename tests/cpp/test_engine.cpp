@@ -49,10 +49,9 @@ using apportion::testing::kSanitized;
 // ---------------------------------------------------------------------------------------------
 // A tagged request with a live-object counter and a per-request completion counter.
 
-std::atomic<int64_t> g_constructed{0};
-std::atomic<int64_t> g_destroyed{0};
-
-int64_t live() { return g_constructed.load() - g_destroyed.load(); }
+using apportion::testing::g_constructed;
+using apportion::testing::g_destroyed;
+using apportion::testing::live;
 
 enum class Behaviour : uint8_t { ok, error, throws };
 
@@ -200,23 +199,7 @@ Admit submit_all(Model& m, const std::vector<TestRef>& rs) {
   return a;
 }
 
-// Runs `fn` on another thread; a hang becomes a failure (then an abort: a hung thread cannot be
-// joined, and a std::async future would wait for it in its destructor).
-template <class Fn>
-void guarded(std::chrono::seconds limit, Fn fn) {
-  auto fut = std::async(std::launch::async, std::move(fn));
-  const auto effective = kSanitized ? limit * 4 : limit;
-  if (fut.wait_for(effective) != std::future_status::ready) {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    ADD_FAILURE() << "deadlock guard: did not finish within " << effective.count() << " s";
-    std::fprintf(stderr, "\nDEADLOCK GUARD: %s.%s did not finish within %lld s\n",
-                 info ? info->test_suite_name() : "?", info ? info->name() : "?",
-                 static_cast<long long>(effective.count()));
-    std::fflush(stderr);
-    std::abort();
-  }
-  fut.get();
-}
+using apportion::testing::guarded;
 
 // Waits for a completion, failing instead of hanging.
 ::testing::AssertionResult completes(const TestRef& r) {

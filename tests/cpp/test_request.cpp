@@ -29,10 +29,9 @@ using namespace std::chrono_literals;
 
 using apportion::testing::kSanitized;
 
-std::atomic<int64_t> g_constructed{0};
-std::atomic<int64_t> g_destroyed{0};
-
-int64_t live() { return g_constructed.load() - g_destroyed.load(); }
+using apportion::testing::g_constructed;
+using apportion::testing::g_destroyed;
+using apportion::testing::live;
 
 class CountedRequest : public Request {
  public:
@@ -43,22 +42,7 @@ class CountedRequest : public Request {
   }
 };
 
-// Runs `fn` on another thread and fails (then aborts: a hung thread cannot be joined) when it
-// does not finish within `limit`.
-template <class Fn>
-void guarded(std::chrono::seconds limit, Fn fn) {
-  auto fut = std::async(std::launch::async, std::move(fn));
-  const auto effective = kSanitized ? limit * 4 : limit;
-  if (fut.wait_for(effective) != std::future_status::ready) {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::fprintf(stderr, "\nDEADLOCK GUARD: %s.%s did not finish within %lld s\n",
-                 info ? info->test_suite_name() : "?", info ? info->name() : "?",
-                 static_cast<long long>(effective.count()));
-    std::fflush(stderr);
-    std::abort();
-  }
-  fut.get();
-}
+using apportion::testing::guarded;
 
 class RequestTest : public ::testing::Test {
  protected:

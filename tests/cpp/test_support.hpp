@@ -5,12 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -76,5 +78,30 @@ class Watchdog {
   bool done_ = false;
   std::thread thread_;
 };
+
+/// Runs `fn` on another thread; if it does not finish within `limit` (4x under sanitizers) the
+/// test fails and the process aborts, naming the test: a hung thread cannot be joined, and a
+/// std::async future would wait for it in its destructor.
+template <class Fn>
+void guarded(std::chrono::seconds limit, Fn fn) {
+  auto fut = std::async(std::launch::async, std::move(fn));
+  const auto effective = kSanitized ? limit * 4 : limit;
+  if (fut.wait_for(effective) != std::future_status::ready) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    ADD_FAILURE() << "deadlock guard: did not finish within " << effective.count() << " s";
+    std::fprintf(stderr, "\nDEADLOCK GUARD: %s.%s did not finish within %lld s\n",
+                 info ? info->test_suite_name() : "?", info ? info->name() : "?",
+                 static_cast<long long>(effective.count()));
+    std::fflush(stderr);
+    std::abort();
+  }
+  fut.get();
+}
+
+/// Live-object counter for test request types: construct/destroy bump these, so a leak or a
+/// double destruction shows as live() != its value before the test.
+inline std::atomic<int64_t> g_constructed{0};
+inline std::atomic<int64_t> g_destroyed{0};
+inline int64_t live() { return g_constructed.load() - g_destroyed.load(); }
 
 }  // namespace apportion::testing
