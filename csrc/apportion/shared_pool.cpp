@@ -1,0 +1,164 @@
+#include "apportion/shared_pool.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace apportion {
+
+namespace {
+
+// Charged up front for a member whose calls were never measured: small, so an unknown model
+// is not held back, and corrected at the release.
+constexpr int64_t kFirstEstimateNs = 1'000;
+
+}  // namespace
+
+std::shared_ptr<SharedPool::Member> SharedPool::join(std::string name, double weight,
+                                                     int32_t priority_class) {
+  if (!(weight > 0.0) || !std::isfinite(weight)) {
+    throw std::invalid_argument("model '" + name + "': weight must be a positive, finite number");
+  }
+  std::shared_ptr<Member> m(new Member(std::move(name), weight, priority_class));
+  std::lock_guard lock(mu_);
+  m->vtime_ = vnow_;
+  return m;
+}
+
+void SharedPool::set_capacity(uint32_t capacity) {
+  std::lock_guard lock(mu_);
+  // Units held stay held: after a shrink nothing is free until enough of them come back.
+  capacity_ = capacity;
+  grant_waiters();
+}
+
+uint32_t SharedPool::capacity() const {
+  std::lock_guard lock(mu_);
+  return capacity_;
+}
+
+uint32_t SharedPool::clamp(uint32_t units) const noexcept {
+  return std::clamp<uint32_t>(units, 1, std::max<uint32_t>(capacity_, 1));
+}
+
+void SharedPool::activate(Member& m) noexcept {
+  // Back from idle: start from now, not from where it stopped, or a model that sat idle would
+  // then hold the pool alone until its clock caught up.
+  if (m.active_++ == 0) m.vtime_ = std::max(m.vtime_, vnow_);
+}
+
+bool SharedPool::better(const Member& a, uint64_t a_seq, const Member& b, uint64_t b_seq) noexcept {
+  if (a.priority_class_ != b.priority_class_) return a.priority_class_ > b.priority_class_;
+  if (a.vtime_ != b.vtime_) return a.vtime_ < b.vtime_;
+  return a_seq < b_seq;
+}
+
+void SharedPool::charge(Member& m, uint32_t units) noexcept {
+  // Start-time fair queuing: the call starts at the member's clock, which advances by its
+  // expected cost now; release() corrects it by what the call really cost.
+  vnow_ = std::max(vnow_, m.vtime_);
+  const int64_t est = m.estimate_ns_ > 0 ? m.estimate_ns_ : kFirstEstimateNs;
+  m.vtime_ += static_cast<double>(est) * units / m.weight_;
+  held_ += units;
+  ++m.grants_;
+}
+
+uint32_t SharedPool::try_acquire(Member& m, uint32_t units) {
+  std::lock_guard lock(mu_);
+  units = clamp(units);
+  if (capacity_ == 0 || free() < units) return 0;
+  // Someone already waiting goes first unless this one outranks them all: it must also not
+  // be behind on its share, or a member that never waits would take every free slot.
+  activate(m);
+  for (const Waiter* w : waiters_) {
+    if (!better(m, next_seq_, *w->member, w->seq)) {
+      --m.active_;
+      return 0;
+    }
+  }
+  charge(m, units);
+  return units;
+}
+
+uint32_t SharedPool::acquire(Member& m, uint32_t units) {
+  std::unique_lock lock(mu_);
+  units = clamp(units);
+  activate(m);
+  Waiter w{&m, units, next_seq_++};
+  waiters_.push_back(&w);
+  grant_waiters();
+  // The granter sets `granted` and notifies under the mutex: this frame cannot be gone when
+  // it does.
+  w.cv.wait(lock, [&] { return w.granted; });
+  return w.units;
+}
+
+void SharedPool::settle(Member& m, uint32_t units, int64_t cost_ns) noexcept {
+  const int64_t charged = m.estimate_ns_ > 0 ? m.estimate_ns_ : kFirstEstimateNs;
+  cost_ns = std::max<int64_t>(cost_ns, 0);
+  if (cost_ns > 0) {
+    m.vtime_ += static_cast<double>(cost_ns - charged) * units / m.weight_;
+    // EWMA with weight 1/4, as the batch cost estimate: follows a model whose calls change
+    // within a few calls without letting one outlier decide.
+    m.estimate_ns_ = m.estimate_ns_ == 0 ? cost_ns : m.estimate_ns_ + (cost_ns - m.estimate_ns_) / 4;
+    m.busy_unit_ns_ += static_cast<uint64_t>(cost_ns) * units;
+  } else {
+    m.vtime_ -= static_cast<double>(charged) * units / m.weight_;  // nothing ran: refund
+    if (m.grants_ > 0) --m.grants_;
+  }
+  --m.active_;
+  held_ -= std::min(held_, units);
+}
+
+void SharedPool::release(Member& m, uint32_t units, int64_t cost_ns) {
+  std::lock_guard lock(mu_);
+  settle(m, units, cost_ns);
+  grant_waiters();
+}
+
+uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns) {
+  std::lock_guard lock(mu_);
+  settle(m, units, cost_ns);
+  units = clamp(units);
+  ++m.active_;  // never idle in between: no rejoin at the pool's clock
+  bool best = free() >= units;
+  for (auto it = waiters_.begin(); best && it != waiters_.end(); ++it) {
+    best = better(m, next_seq_, *(*it)->member, (*it)->seq);
+  }
+  if (best) {
+    charge(m, units);
+    return units;
+  }
+  --m.active_;
+  grant_waiters();
+  return 0;
+}
+
+void SharedPool::grant_waiters() noexcept {
+  while (!waiters_.empty() && free() > 0) {
+    auto best = waiters_.begin();
+    for (auto it = std::next(best); it != waiters_.end(); ++it) {
+      if (better(*(*it)->member, (*it)->seq, *(*best)->member, (*best)->seq)) best = it;
+    }
+    Waiter& w = **best;
+    // A shrink may leave a waiter asking for more than the whole pool: it gets what there is.
+    w.units = clamp(w.units);
+    if (w.units > free()) return;  // the best waits for more to come free; nobody jumps it
+    charge(*w.member, w.units);
+    waiters_.erase(best);
+    w.granted = true;
+    w.cv.notify_one();
+  }
+}
+
+SharedPool::MemberStats SharedPool::stats(const Member& m) const {
+  std::lock_guard lock(mu_);
+  return {m.grants_, m.busy_unit_ns_};
+}
+
+std::size_t SharedPool::waiting() const {
+  std::lock_guard lock(mu_);
+  return waiters_.size();
+}
+
+}  // namespace apportion

@@ -1,0 +1,122 @@
+// The shared pool's scheduler: capacity units (one per pool CPU by default) lent to the
+// workers of the models that share the pool, one model call at a time.
+//
+// A worker of a member model asks for `units` (its intra-op threads) before each call and
+// gives them back after it, with what the call cost. Who gets freed capacity next:
+//   1. the waiter of the highest priority class, always (strict, at call boundaries);
+//   2. within a class, the member furthest behind its weighted share: start-time fair
+//      queuing on virtual time, where a call advances its member's clock by
+//      cost x units / weight (cost is estimated at the grant and corrected at the release);
+//   3. then arrival order.
+// Work-conserving: capacity is only held back for a better waiter that needs more units than
+// are free (no bypassing, so a wide call is never starved by narrow ones). A member that was
+// idle rejoins at the pool's current virtual time: idleness earns no credit to burst later.
+//
+// A mutex, not a lock-free structure: it is taken twice per model call (calls last micro- to
+// milliseconds), its critical sections are a scan of the waiters (at most one per worker),
+// and the grant order needs one consistent view of every member.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace apportion {
+
+class SharedPool {
+ public:
+  /// A model that shares the pool. Created by join(); members outlive their workers.
+  class Member {
+   public:
+    const std::string& name() const noexcept { return name_; }
+    double weight() const noexcept { return weight_; }
+    int32_t priority_class() const noexcept { return priority_class_; }
+
+   private:
+    friend class SharedPool;
+    Member(std::string name, double weight, int32_t priority_class)
+        : name_(std::move(name)), weight_(weight), priority_class_(priority_class) {}
+    const std::string name_;
+    const double weight_;
+    const int32_t priority_class_;
+    // Guarded by the pool's mutex.
+    double vtime_ = 0.0;        // virtual finish time of its last granted call
+    int64_t estimate_ns_ = 0;   // EWMA of its calls' cost (what a grant charges up front)
+    uint32_t active_ = 0;       // its workers waiting or holding units
+    uint64_t grants_ = 0;
+    uint64_t busy_unit_ns_ = 0;  // sum over calls of cost x units
+  };
+
+  struct MemberStats {
+    uint64_t grants = 0;
+    /// Pool time used: the sum over its calls of duration x units held.
+    uint64_t busy_unit_ns = 0;
+  };
+
+  /// `capacity` 0 means none yet: every acquire() waits until set_capacity() gives some.
+  explicit SharedPool(uint32_t capacity = 0) : capacity_(capacity) {}
+  SharedPool(const SharedPool&) = delete;
+  SharedPool& operator=(const SharedPool&) = delete;
+
+  /// Registers a model. `weight` > 0; a higher `priority_class` is always served first.
+  /// Safe from any thread.
+  std::shared_ptr<Member> join(std::string name, double weight, int32_t priority_class);
+
+  /// Sets the pool's size; units held now stay held. Safe from any thread.
+  void set_capacity(uint32_t capacity);
+  uint32_t capacity() const;
+
+  /// Takes `units` (clamped to [1, capacity]) if they are free and nobody better waits.
+  /// Returns the units taken (to give back), or 0 without waiting. Safe from any thread.
+  uint32_t try_acquire(Member& m, uint32_t units);
+  /// Waits until `units` (clamped to [1, capacity]) are granted to `m`; returns the units
+  /// taken. Safe from any thread; blocks while the pool has no capacity.
+  uint32_t acquire(Member& m, uint32_t units);
+  /// Gives back units from acquire()/try_acquire(); `cost_ns` is how long they were held for
+  /// work (0 when the worker found nothing to do). Safe from any thread.
+  void release(Member& m, uint32_t units, int64_t cost_ns);
+  /// release() for a worker with more work queued: it keeps the units for its next call if it
+  /// would be the first one granted anyway (returns them), else gives them back (returns 0)
+  /// and must acquire() again. Without it, a continuously busy model would look idle for the
+  /// moment between its worker's release and its next acquire, and lose its turn (or its
+  /// class's precedence) to whoever waits then. Safe from any thread.
+  uint32_t renew(Member& m, uint32_t units, int64_t cost_ns);
+
+  MemberStats stats(const Member& m) const;
+  /// Workers waiting for capacity now. Safe from any thread.
+  std::size_t waiting() const;
+
+ private:
+  struct Waiter {
+    Waiter(Member* m, uint32_t u, uint64_t s) : member(m), units(u), seq(s) {}
+    Member* member;
+    uint32_t units;
+    uint64_t seq;
+    bool granted = false;
+    std::condition_variable cv;
+  };
+
+  uint32_t clamp(uint32_t units) const noexcept;
+  void activate(Member& m) noexcept;
+  // Whether a waiter of `a` that arrived as `a_seq` goes before one of `b` (class, then
+  // virtual time, then arrival).
+  static bool better(const Member& a, uint64_t a_seq, const Member& b, uint64_t b_seq) noexcept;
+  void charge(Member& m, uint32_t units) noexcept;
+  void grant_waiters() noexcept;
+  void settle(Member& m, uint32_t units, int64_t cost_ns) noexcept;
+
+  mutable std::mutex mu_;
+  uint32_t free() const noexcept { return capacity_ > held_ ? capacity_ - held_ : 0; }
+
+  uint32_t capacity_;
+  uint32_t held_ = 0;
+  // The virtual time of the latest grant: where an idle member rejoins.
+  double vnow_ = 0.0;
+  uint64_t next_seq_ = 0;
+  std::vector<Waiter*> waiters_;
+};
+
+}  // namespace apportion

@@ -1,0 +1,286 @@
+// The shared pool's scheduler on its own: capacity, priority classes, weighted shares, work
+// conservation, rejoining after idleness, wide waiters. Costs are passed explicitly, so the
+// shares are a property of the grant order, not of how fast this machine runs.
+#include "apportion/shared_pool.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_support.hpp"
+
+namespace {
+
+using apportion::SharedPool;
+using apportion::testing::guarded;
+using apportion::testing::scaled;
+using namespace std::chrono_literals;
+
+TEST(SharedPool, RejectsAWeightThatIsNotPositive) {
+  SharedPool pool(2);
+  EXPECT_THROW(pool.join("m", 0.0, 0), std::invalid_argument);
+  EXPECT_THROW(pool.join("m", -1.0, 0), std::invalid_argument);
+  EXPECT_THROW(pool.join("m", std::numeric_limits<double>::infinity(), 0), std::invalid_argument);
+  try {
+    pool.join("ranker", std::numeric_limits<double>::quiet_NaN(), 0);
+    FAIL() << "a NaN weight was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'ranker'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("weight"), std::string::npos) << e.what();
+  }
+}
+
+TEST(SharedPool, TryAcquireTakesFreeUnitsAndStopsAtCapacity) {
+  SharedPool pool(2);
+  auto a = pool.join("a", 1.0, 0);
+  EXPECT_EQ(pool.try_acquire(*a, 1), 1u);
+  EXPECT_EQ(pool.try_acquire(*a, 1), 1u);  // work-conserving: one member may take everything
+  EXPECT_EQ(pool.try_acquire(*a, 1), 0u);
+  pool.release(*a, 1, 1000);
+  EXPECT_EQ(pool.try_acquire(*a, 5), 0u);  // clamped to the capacity (2), only 1 free
+  pool.release(*a, 1, 1000);
+  EXPECT_EQ(pool.try_acquire(*a, 5), 2u);
+  pool.release(*a, 2, 1000);
+  const auto s = pool.stats(*a);
+  EXPECT_EQ(s.grants, 3u);
+  EXPECT_EQ(s.busy_unit_ns, 1000u + 1000u + 2000u);
+}
+
+TEST(SharedPool, AnUnusedGrantIsRefunded) {
+  SharedPool pool(1);
+  auto a = pool.join("a", 1.0, 0);
+  ASSERT_EQ(pool.try_acquire(*a, 1), 1u);
+  pool.release(*a, 1, 0);
+  EXPECT_EQ(pool.stats(*a).grants, 0u);
+  EXPECT_EQ(pool.stats(*a).busy_unit_ns, 0u);
+}
+
+TEST(SharedPool, ZeroCapacityWaitsUntilCapacityIsSet) {
+  guarded(30s, [] {
+    SharedPool pool;
+    auto a = pool.join("a", 1.0, 0);
+    EXPECT_EQ(pool.try_acquire(*a, 1), 0u);
+    std::atomic<bool> got{false};
+    std::thread t([&] {
+      const uint32_t u = pool.acquire(*a, 1);
+      got.store(true);
+      pool.release(*a, u, 10);
+    });
+    std::this_thread::sleep_for(20ms);
+    EXPECT_FALSE(got.load());
+    pool.set_capacity(1);
+    t.join();
+    EXPECT_TRUE(got.load());
+    EXPECT_EQ(pool.capacity(), 1u);
+  });
+}
+
+// Queues one waiter per entry of `who` (in that order) behind a held unit, then frees the
+// unit and returns the order in which the waiters were granted.
+std::vector<std::string> grant_order(SharedPool& pool,
+                                     const std::vector<std::shared_ptr<SharedPool::Member>>& who) {
+  auto holder = pool.join("holder", 1.0, 1000);
+  const uint32_t held = pool.acquire(*holder, 1);
+  std::mutex mu;
+  std::vector<std::string> order;
+  std::vector<std::thread> threads;
+  for (const auto& m : who) {
+    threads.emplace_back([&, m] {
+      const uint32_t u = pool.acquire(*m, 1);
+      {
+        std::lock_guard lock(mu);
+        order.push_back(m->name());
+      }
+      pool.release(*m, u, 1000);
+    });
+    // One at a time, so arrival order is known: wait until it is parked in acquire().
+    while (pool.waiting() < threads.size()) std::this_thread::sleep_for(100us);
+  }
+  pool.release(*holder, held, 1000);
+  for (auto& t : threads) t.join();
+  return order;
+}
+
+TEST(SharedPool, HigherPriorityClassIsAlwaysGrantedFirst) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    auto low1 = pool.join("low1", 100.0, 0);  // a big weight does not beat a class
+    auto low2 = pool.join("low2", 1.0, 0);
+    auto high = pool.join("high", 1.0, 5);
+    auto mid = pool.join("mid", 1.0, 2);
+    const auto order = grant_order(pool, {low1, low2, mid, high});
+    EXPECT_EQ(order, (std::vector<std::string>{"high", "mid", "low1", "low2"}));
+  });
+}
+
+TEST(SharedPool, EqualClassesAreGrantedInArrivalOrderWhenEven) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    auto a = pool.join("a", 1.0, 0);
+    auto b = pool.join("b", 1.0, 0);
+    auto c = pool.join("c", 1.0, 0);
+    EXPECT_EQ(grant_order(pool, {c, a, b}), (std::vector<std::string>{"c", "a", "b"}));
+  });
+}
+
+// Backlogged members (each with `threads` workers looping acquire -> renew with a fixed
+// cost) until `total` grants; returns grants per member. Every worker is waiting before the
+// pool opens (capacity 0 until then), so no member runs ahead while the others start.
+std::map<std::string, uint64_t> run_backlogged(SharedPool& pool, uint32_t capacity,
+                                               const std::vector<std::shared_ptr<SharedPool::Member>>& members,
+                                               const std::map<std::string, int64_t>& cost, int threads,
+                                               uint64_t total) {
+  pool.set_capacity(0);
+  std::atomic<uint64_t> grants{0};
+  std::mutex mu;
+  std::map<std::string, uint64_t> got;
+  std::vector<std::thread> ts;
+  for (const auto& m : members) {
+    for (int i = 0; i < threads; ++i) {
+      ts.emplace_back([&, m] {
+        // As a worker does: with more work queued it renews its units instead of releasing.
+        uint32_t u = 0;
+        for (;;) {
+          if (u == 0) u = pool.acquire(*m, 1);
+          const bool counted = grants.fetch_add(1) < total;
+          if (counted) {
+            std::lock_guard lock(mu);
+            ++got[m->name()];
+          }
+          if (!counted) {
+            pool.release(*m, u, cost.at(m->name()));
+            return;
+          }
+          u = pool.renew(*m, u, cost.at(m->name()));
+        }
+      });
+    }
+  }
+  while (pool.waiting() < ts.size()) std::this_thread::sleep_for(100us);
+  pool.set_capacity(capacity);
+  for (auto& t : ts) t.join();
+  return got;
+}
+
+TEST(SharedPool, BackloggedMembersShareInProportionToTheirWeights) {
+  guarded(60s, [] {
+    for (uint32_t capacity : {1u, 2u}) {
+      SharedPool pool;
+      auto a = pool.join("a", 3.0, 0);
+      auto b = pool.join("b", 1.0, 0);
+      // More workers than units per member: both stay backlogged even while one of them
+      // holds every unit.
+      auto got = run_backlogged(pool, capacity, {a, b}, {{"a", 1000}, {"b", 1000}},
+                                static_cast<int>(capacity) + 1, scaled(8000));
+      const double ratio = static_cast<double>(got["a"]) / static_cast<double>(got["b"]);
+      EXPECT_NEAR(ratio, 3.0, 0.3) << "capacity " << capacity << ": " << got["a"] << " vs " << got["b"];
+    }
+  });
+}
+
+TEST(SharedPool, SharesCountCostNotCalls) {
+  guarded(60s, [] {
+    SharedPool pool;
+    auto a = pool.join("a", 1.0, 0);
+    auto b = pool.join("b", 1.0, 0);
+    // Equal weights, but b's calls cost 4x: b gets a quarter of a's calls, equal pool time.
+    auto got = run_backlogged(pool, 1, {a, b}, {{"a", 1000}, {"b", 4000}}, 2, scaled(8000));
+    const double ratio = static_cast<double>(got["a"]) / static_cast<double>(got["b"]);
+    EXPECT_NEAR(ratio, 4.0, 0.4) << got["a"] << " vs " << got["b"];
+    const double time_ratio = static_cast<double>(pool.stats(*a).busy_unit_ns) /
+                              static_cast<double>(pool.stats(*b).busy_unit_ns);
+    EXPECT_NEAR(time_ratio, 1.0, 0.1);
+  });
+}
+
+TEST(SharedPool, AnIdleMemberRejoinsWithoutBankedCredit) {
+  guarded(60s, [] {
+    SharedPool pool;
+    auto a = pool.join("a", 1.0, 0);
+    auto b = pool.join("b", 1.0, 0);
+    // a runs alone for a long while; b then arrives. Were b's clock still at 0, it would hold
+    // the pool alone for the next thousand calls.
+    run_backlogged(pool, 1, {a}, {{"a", 1000}}, 1, scaled(2000));
+    auto got = run_backlogged(pool, 1, {a, b}, {{"a", 1000}, {"b", 1000}}, 2, scaled(2000));
+    const double ratio = static_cast<double>(got["a"]) / static_cast<double>(got["b"]);
+    EXPECT_NEAR(ratio, 1.0, 0.15) << got["a"] << " vs " << got["b"];
+  });
+}
+
+TEST(SharedPool, AWideWaiterIsNotBypassedByNarrowOnes) {
+  guarded(30s, [] {
+    SharedPool pool(2);
+    auto wide = pool.join("wide", 1.0, 1);
+    auto narrow = pool.join("narrow", 1.0, 0);
+    const uint32_t held = pool.acquire(*narrow, 1);  // one of two units busy
+    std::atomic<bool> wide_got{false};
+    std::thread t([&] {
+      const uint32_t u = pool.acquire(*wide, 2);
+      EXPECT_EQ(u, 2u);
+      wide_got.store(true);
+      pool.release(*wide, u, 1000);
+    });
+    std::this_thread::sleep_for(20ms);
+    // One unit is free, but the better waiter needs two: nobody lower may take it.
+    EXPECT_EQ(pool.try_acquire(*narrow, 1), 0u);
+    EXPECT_FALSE(wide_got.load());
+    pool.release(*narrow, held, 1000);
+    t.join();
+    EXPECT_TRUE(wide_got.load());
+    EXPECT_EQ(pool.try_acquire(*narrow, 1), 1u);
+    pool.release(*narrow, 1, 1000);
+  });
+}
+
+TEST(SharedPool, RenewKeepsUnitsOnlyForTheBestCandidate) {
+  SharedPool pool(1);
+  auto a = pool.join("a", 1.0, 0);
+  ASSERT_EQ(pool.try_acquire(*a, 1), 1u);
+  EXPECT_EQ(pool.renew(*a, 1, 1000), 1u);  // nobody waits: kept
+  EXPECT_EQ(pool.stats(*a).grants, 2u);
+  pool.release(*a, 1, 1000);
+  EXPECT_EQ(pool.stats(*a).busy_unit_ns, 2000u);
+}
+
+TEST(SharedPool, RenewGivesWayToAHigherClassWaiter) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    auto low = pool.join("low", 1.0, 0);
+    auto high = pool.join("high", 1.0, 1);
+    ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
+    std::atomic<bool> got{false};
+    std::thread t([&] {
+      const uint32_t u = pool.acquire(*high, 1);
+      got.store(true);
+      pool.release(*high, u, 1000);
+    });
+    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    EXPECT_EQ(pool.renew(*low, 1, 1000), 0u);
+    t.join();
+    EXPECT_TRUE(got.load());
+  });
+}
+
+TEST(SharedPool, ShrinkingKeepsHeldUnitsUntilReleased) {
+  guarded(30s, [] {
+    SharedPool pool(2);
+    auto a = pool.join("a", 1.0, 0);
+    ASSERT_EQ(pool.try_acquire(*a, 1), 1u);
+    ASSERT_EQ(pool.try_acquire(*a, 1), 1u);
+    pool.set_capacity(1);
+    pool.release(*a, 1, 100);
+    EXPECT_EQ(pool.try_acquire(*a, 1), 0u);  // the other unit is still held: 1 of 1 in use
+    pool.release(*a, 1, 100);
+    EXPECT_EQ(pool.try_acquire(*a, 1), 1u);
+    pool.release(*a, 1, 100);
+  });
+}
+
+}  // namespace
