@@ -59,6 +59,11 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
       counters_(std::make_shared<ModelCounters>(opts_.name)) {
   opts_.priority_levels = std::max<uint32_t>(opts_.priority_levels, 1);
   opts_.batching.max_size = std::max<std::size_t>(opts_.batching.max_size, 1);
+  if (opts_.pool == nullptr) opts_.burst_instances = 0;
+  if (opts_.pool != nullptr) {
+    member_ = opts_.pool->join(opts_.name, opts_.weight, opts_.priority_class);
+  }
+  const uint32_t total = opts_.instances + opts_.burst_instances;
   const std::size_t cap = std::max<std::size_t>(opts_.max_queue, 1);
   for (uint32_t i = 0; i < opts_.priority_levels; ++i) lanes_.push_back(std::make_unique<Lane>(cap));
   if (opts_.on_timeout == OnTimeout::delay) {
@@ -66,15 +71,16 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
     // Room for every admitted request plus one per worker: a worker counts the request it
     // moves here again, though admission may have given its slot away while the worker held
     // it. A move can then never find this lane full.
-    lanes_.push_back(std::make_unique<Lane>(cap + opts_.instances));
+    lanes_.push_back(std::make_unique<Lane>(cap + total));
   }
   // Workers (and their metric shards) exist from construction so snapshot() never races with
   // start(); only the threads are spawned later.
-  workers_.reserve(opts_.instances);
-  for (uint32_t i = 0; i < opts_.instances; ++i) {
+  workers_.reserve(total);
+  for (uint32_t i = 0; i < total; ++i) {
     auto w = std::make_unique<Worker>();
     w->model = this;
     w->index = i;
+    w->burst = i >= opts_.instances;
     if (opts_.batching.max_size > 1) w->batch_cost_ns.assign(opts_.batching.max_size + 1, 0);
     workers_.push_back(std::move(w));
   }
@@ -95,7 +101,7 @@ uint32_t Model::start() {
     wp->thread = std::thread([this, wp] { worker_main(*wp); });
   }
   std::unique_lock lock(start_mu_);
-  start_cv_.wait(lock, [&] { return start_done_ == opts_.instances; });
+  start_cv_.wait(lock, [&] { return start_done_ == workers_.size(); });
   return start_failed_;
 }
 
@@ -113,8 +119,12 @@ void Model::worker_main(Worker& w) {
   }
   start_cv_.notify_all();
   if (!ok) return;
-  if (opts_.batching.max_size > 1) {
+  if (w.burst) {
+    serve_burst(w);
+  } else if (opts_.batching.max_size > 1) {
     serve_batches(w);
+  } else if (member_ != nullptr && opts_.burst_instances == 0) {
+    serve_pooled(w);
   } else {
     serve_one(w);
   }
@@ -133,24 +143,148 @@ void Model::serve_one(Worker& w) {
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
     queued_.fetch_sub(1, std::memory_order_relaxed);
-    const int64_t now = now_ns();
-    // Expired before it started: it is never run (an expired answer is worth nothing and
-    // running it would steal time from requests that can still meet their deadline) unless
-    // the policy delays it. Requests in the delayed lane run whatever their deadline.
-    const bool expired = lane != delayed_lane_ && now > r->deadline_ns;
-    if (expired || cancel_queued_.load(std::memory_order_acquire)) {
-      settle_unrunnable(w, r, lane, expired, now);
-      continue;
+    if (opts_.burst_instances != 0) {
+      // The last free own worker just took one and more are waiting: the burst workers' turn.
+      if (busy_own_.fetch_add(1, std::memory_order_seq_cst) + 1 >= opts_.instances &&
+          queued_.load(std::memory_order_relaxed) != 0) {
+        wake_burst();
+      }
     }
-    if (!r->try_claim(RequestState::running)) {
-      Request::release(r);  // cancelled by its caller while queued: a tombstone, already complete
-      continue;
-    }
-    r->start_ns = now;
-    handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
+    serve_taken(w, r, lane, 0);  // own workers of a burst model hold no pool units
+    if (opts_.burst_instances != 0) busy_own_.fetch_sub(1, std::memory_order_seq_cst);
   }
   handler_->idle(w);
   w.may_linger = false;
+}
+
+void Model::serve_pooled(Worker& w) {
+  // Units first, request second: a worker waits at the pool before it takes anything, so the
+  // pool sees every model that has work queued (a model whose workers held popped requests
+  // while not yet waiting would lose its turn, or its class's precedence, for that moment),
+  // and the request taken once the units are granted is the highest-priority one queued then.
+  w.may_linger = true;
+  uint32_t held = 0;  // kept from the previous call (renewed) or granted and not yet used
+  for (;;) {
+    if (held == 0) {
+      if (queued_.load(std::memory_order_relaxed) == 0) {
+        handler_->idle(w);
+        if (!await_work()) break;  // closed, nothing queued
+      }
+      held = pool_enter(w);
+    }
+    Request* r = nullptr;
+    uint32_t lane = 0;
+    if (!try_take(r, lane)) {  // another worker took it, or a push is still in progress
+      pool_leave(held, 0);
+      held = 0;
+      continue;
+    }
+    queued_.fetch_sub(1, std::memory_order_relaxed);
+    held = serve_taken(w, r, lane, held);
+  }
+  pool_leave(held, 0);
+  handler_->idle(w);
+  w.may_linger = false;
+}
+
+bool Model::await_work() noexcept {
+  const auto queued = [this] { return queued_.load(std::memory_order_seq_cst) != 0; };
+  if (queued()) return true;
+  if (opts_.spin_ns > 0) {
+    const int64_t spin_until = now_ns() + opts_.spin_ns;
+    do {
+      for (int i = 0; i < 16; ++i) cpu_relax();
+      if (queued()) return true;
+    } while (now_ns() < spin_until && !stopping_.load(std::memory_order_acquire));
+  }
+  for (;;) {
+    if (stopping_.load(std::memory_order_acquire)) return queued();
+    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    // The sleeper handshake of take(), on the count alone (see there).
+    sleepers_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
+    if (queued()) {
+      leave_sleepers();
+      return true;
+    }
+    if (!stopping_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, -1);
+    leave_sleepers();
+  }
+}
+
+uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units) {
+  const int64_t now = now_ns();
+  // Expired before it started: it is never run (an expired answer is worth nothing and
+  // running it would steal time from requests that can still meet their deadline) unless
+  // the policy delays it. Requests in the delayed lane run whatever their deadline.
+  const bool expired = lane != delayed_lane_ && now > r->deadline_ns;
+  if (expired || cancel_queued_.load(std::memory_order_acquire)) {
+    settle_unrunnable(w, r, lane, expired, now);
+    return units;  // nothing ran: the grant is still good for the next request
+  }
+  if (!r->try_claim(RequestState::running)) {
+    Request::release(r);  // cancelled by its caller while queued: a tombstone, already complete
+    return units;
+  }
+  r->start_ns = now;
+  handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
+  if (units == 0) return 0;
+  const int64_t cost = now_ns() - now;
+  if (queued_.load(std::memory_order_relaxed) != 0 && !w.burst) {
+    return opts_.pool->renew(*member_, units, cost);
+  }
+  opts_.pool->release(*member_, units, cost);
+  return 0;
+}
+
+uint32_t Model::pool_enter(Worker& w) {
+  if (member_ == nullptr || (opts_.burst_instances != 0 && !w.burst)) return 0;
+  SharedPool& pool = *opts_.pool;
+  const uint32_t got = pool.try_acquire(*member_, opts_.pool_units);
+  if (got != 0) return got;
+  // About to block on other models' calls, which may need what this worker holds (the GIL).
+  if (w.may_linger) handler_->idle(w);
+  return pool.acquire(*member_, opts_.pool_units);
+}
+
+void Model::pool_leave(uint32_t units, int64_t cost_ns) noexcept {
+  if (units != 0) opts_.pool->release(*member_, units, cost_ns);
+}
+
+void Model::serve_burst(Worker& w) {
+  // One request per call, batching model or not (the handler calls a batching model with a
+  // batch of one): a burst worker is there to cut the wait of the request at the head of the
+  // queue, not to build throughput.
+  while (await_burst()) {
+    const uint32_t units = pool_enter(w);
+    Request* r = nullptr;
+    uint32_t lane = 0;
+    if (!try_take(r, lane)) {  // an own worker got there first
+      pool_leave(units, 0);
+      continue;
+    }
+    queued_.fetch_sub(1, std::memory_order_relaxed);
+    burst_served_.fetch_add(1, std::memory_order_relaxed);
+    pool_leave(serve_taken(w, r, lane, units), 0);  // kept only if nothing ran: unused
+  }
+}
+
+bool Model::await_burst() noexcept {
+  for (;;) {
+    const uint32_t epoch = burst_epoch_.load(std::memory_order_acquire);
+    const bool queued = queued_.load(std::memory_order_seq_cst) != 0;
+    if (queued && busy_own_.load(std::memory_order_seq_cst) >= opts_.instances) return true;
+    if (!queued && stopping_.load(std::memory_order_acquire)) return false;
+    // Woken by a submission that finds every own worker busy, by the own worker that takes
+    // the last free slot with more queued, and by close(). Requests queued while an own
+    // worker is free are that worker's; the timeout covers an own worker that stays busy
+    // after the submission looked, with nothing new arriving.
+    park_wait(burst_epoch_, epoch, queued ? 1'000'000 : -1);
+  }
+}
+
+void Model::wake_burst() noexcept {
+  burst_epoch_.fetch_add(1, std::memory_order_release);
+  park_wake(burst_epoch_);
 }
 
 void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired,
@@ -270,6 +404,8 @@ void Model::serve_batches(Worker& w) {
 
 void Model::dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Request*>& claimed) {
   claimed.clear();
+  // A pooled model's batch waits for pool capacity formed but unclaimed: still cancellable.
+  const uint32_t units = pool_enter(w);
   // Requests wait in a forming batch still `queued`: cancellation (by a caller, or by a close
   // without drain) still reaches them, and only here does the worker claim them.
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
@@ -289,11 +425,17 @@ void Model::dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Reques
     }
   }
   batch.clear();
-  if (claimed.empty()) return;
+  if (claimed.empty()) {
+    pool_leave(units, 0);
+    return;
+  }
   const std::size_t n = claimed.size();
-  handler_->run(w, claimed.data(), n);  // completes and releases every one of them
-  w.observe(n, now_ns() - start);
+  // Counted before the call: a caller that saw its result then reads the stats finds it.
   w.shard.batch_size.record(n);
+  handler_->run(w, claimed.data(), n);  // completes and releases every one of them
+  const int64_t cost = now_ns() - start;
+  pool_leave(units, cost);
+  w.observe(n, cost);
 }
 
 bool Model::try_take(Request*& r, uint32_t& lane) noexcept {
@@ -425,6 +567,9 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     while (!lane.try_push(r)) cpu_relax();
   }
   wake(n);
+  if (opts_.burst_instances != 0 && busy_own_.load(std::memory_order_seq_cst) >= opts_.instances) {
+    wake_burst();
+  }
   return Admit::ok;
 }
 
@@ -439,6 +584,7 @@ void Model::close(bool drain) noexcept {
   stopping_.store(true, std::memory_order_seq_cst);
   epoch_.fetch_add(1, std::memory_order_release);
   park_wake(epoch_);
+  if (opts_.burst_instances != 0) wake_burst();
 }
 
 void Model::join() {
@@ -480,6 +626,18 @@ void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
   r.publish(o);
 }
 
+void Model::set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy) {
+  opts_.placement = std::move(placement);
+  opts_.memory_policy = policy;
+  if (member_ == nullptr) return;
+  const std::size_t first = opts_.burst_instances != 0 ? opts_.instances : 0;
+  uint32_t units = 0;
+  for (std::size_t i = first; i < opts_.placement.size(); ++i) {
+    units = std::max<uint32_t>(units, static_cast<uint32_t>(std::max(opts_.placement[i].threads, 1)));
+  }
+  if (units != 0) opts_.pool_units = units;
+}
+
 std::vector<std::string> Model::pin_errors() const {
   std::vector<std::string> out;
   for (const auto& w : workers_) {
@@ -506,6 +664,12 @@ ModelSnapshot Model::snapshot() const {
     w->shard.end_to_end.snapshot_into(s.end_to_end);
     w->shard.batch_size.snapshot_into(s.batch_size);
   }
+  if (member_ != nullptr) {
+    const SharedPool::MemberStats p = opts_.pool->stats(*member_);
+    s.pool_grants = p.grants;
+    s.pool_busy_unit_ns = p.busy_unit_ns;
+  }
+  s.burst_served = burst_served_.load(std::memory_order_relaxed);
   if (opts_.batching.max_size <= 1) {
     // Without batching every call serves one request, and every call that ran recorded its
     // compute time: the batch-size histogram follows from that count, at no cost per call.

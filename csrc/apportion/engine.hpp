@@ -23,6 +23,7 @@
 #include "apportion/mpmc_queue.hpp"
 #include "apportion/placement.hpp"
 #include "apportion/request.hpp"
+#include "apportion/shared_pool.hpp"
 
 namespace apportion {
 
@@ -43,6 +44,9 @@ struct Worker {
   WorkerShard shard;
   void* user = nullptr;
   std::thread thread;
+  /// A burst worker: beyond the model's own instances, it serves only while every own worker
+  /// is busy, and only with capacity lent by the shared pool.
+  bool burst = false;
   /// True while the worker serves one request per call and will call ModelHandler::idle()
   /// before it waits: the handler may keep what it holds from one call to the next.
   bool may_linger = false;
@@ -120,6 +124,19 @@ struct ModelOptions {
   /// them. Empty: no pinning.
   std::vector<InstancePlacement> placement;
   MemoryPolicy memory_policy = MemoryPolicy::none;
+  /// The shared pool this model's calls draw capacity from. Null: none, its workers run
+  /// whenever they have work. Without burst_instances every worker is the pool's; with them
+  /// only the burst workers are (the own ones run on the model's own cores).
+  std::shared_ptr<SharedPool> pool;
+  /// The model's share of the pool against other backlogged members (> 0).
+  double weight = 1.0;
+  /// Higher classes are always granted pool capacity first.
+  int32_t priority_class = 0;
+  /// Capacity units one call holds: the instance's intra-op threads.
+  uint32_t pool_units = 1;
+  /// Extra workers that serve on the shared pool while all `instances` own workers are busy
+  /// (needs `pool`). Their placement entries follow the own instances' in `placement`.
+  uint32_t burst_instances = 0;
 };
 
 enum class Admit : uint8_t { ok, full, closed };
@@ -132,6 +149,12 @@ struct ModelSnapshot {
   LogHistogram::Snapshot queue_wait, compute, end_to_end;
   /// One sample per model call (its number of requests): total is the number of calls.
   LogHistogram::Snapshot batch_size;
+  /// Shared pool use (zero without a pool): calls granted capacity, and the pool time they
+  /// held (duration x units, summed).
+  uint64_t pool_grants = 0;
+  uint64_t pool_busy_unit_ns = 0;
+  /// Requests served by burst workers.
+  uint64_t burst_served = 0;
 };
 
 class Model {
@@ -169,10 +192,9 @@ class Model {
   const std::string& name() const noexcept { return opts_.name; }
   const ModelOptions& options() const noexcept { return opts_; }
   /// Sets where the workers will run. Only before start(); not thread-safe against start().
-  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy) {
-    opts_.placement = std::move(placement);
-    opts_.memory_policy = policy;
-  }
+  /// A pool member's units per call follow: the most threads any of its pooled instances
+  /// (all, or the burst ones) was given.
+  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy);
   /// Pinning refusals, one entry per worker that had one ("instance N: reason"). After start().
   std::vector<std::string> pin_errors() const;
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
@@ -189,7 +211,25 @@ class Model {
 
   void worker_main(Worker& w);
   void serve_one(Worker& w);
+  void serve_burst(Worker& w);
+  void serve_pooled(Worker& w);
+  // Waits until a request is queued (true) or the model stopped with none queued (false),
+  // taking nothing.
+  bool await_work() noexcept;
   void serve_batches(Worker& w);
+  // Runs (or settles) a request this worker took and uncounted, holding `units` of pool
+  // capacity (0: none). Returns the units it still holds for its next call: kept when more
+  // work is queued and the pool would grant them to this model again anyway (or when
+  // nothing ran), else 0 (given back).
+  uint32_t serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units);
+  // Pool capacity for one call of this worker (0 when it is not the pool's): waits for it,
+  // after letting go of what the handler holds between calls.
+  uint32_t pool_enter(Worker& w);
+  void pool_leave(uint32_t units, int64_t cost_ns) noexcept;
+  // A burst worker's wait: true once a request is queued while every own worker is busy;
+  // false when the model stops with nothing queued.
+  bool await_burst() noexcept;
+  void wake_burst() noexcept;
   bool try_take(Request*& r, uint32_t& lane) noexcept;
   Take take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
   void wake(std::size_t n) noexcept;
@@ -232,11 +272,18 @@ class Model {
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the
   // delayed lane must be able to push after close, and it serves that request itself.)
   std::atomic<bool> stopping_{false};
+  // Burst workers park on their own event count: a submission wakes them only when every own
+  // worker is busy, and the own workers' wake-ups never go to them.
+  std::atomic<uint32_t> burst_epoch_{0};
   // Sleepers in the high half, wake-ups issued to them and not yet taken in the low half.
   static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
   static constexpr uint64_t kWokenMask = kOneSleeper - 1;
   std::atomic<uint64_t> sleepers_{0};
   // Nothing else on the event count's line.
+  // Own workers between taking a request and finishing it (burst models only).
+  alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
+  std::atomic<uint64_t> burst_served_{0};
+  std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;
 
