@@ -392,7 +392,9 @@ class RuntimeCore {
                  std::size_t max_queue, std::optional<double> timeout_ms, uint32_t priority_levels,
                  double spin_us, const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
                  const std::string& memory_policy, const std::string& on_timeout,
-                 const std::optional<std::tuple<std::size_t, double, std::vector<std::size_t>>>& batching) {
+                 const std::optional<std::tuple<std::size_t, double, std::vector<std::size_t>>>& batching,
+                 bool pooled, double weight, int32_t priority_class, uint32_t pool_units,
+                 uint32_t burst) {
     if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (models_.count(name) != 0) {
       PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
@@ -415,6 +417,17 @@ class RuntimeCore {
       opts.batching.max_delay_ns = static_cast<int64_t>(std::min(max_delay_ms, 1e9) * 1e6);
       opts.batching.preferred_sizes = preferred;
       std::sort(opts.batching.preferred_sizes.begin(), opts.batching.preferred_sizes.end());
+    }
+    if (pooled || burst != 0) {
+      if (!(weight > 0.0) || !std::isfinite(weight)) {
+        throw py::value_error("model '" + name + "': weight must be a positive, finite number");
+      }
+      opts.pool = pool_;
+      opts.weight = weight;
+      opts.priority_class = priority_class;
+      opts.pool_units = std::max<uint32_t>(pool_units, 1);
+      // Pooled: every worker draws on the pool. Burst: only the extra workers do.
+      opts.burst_instances = pooled ? 0 : burst;
     }
     Entry e;
     // A Batching(max_size=1) model still receives lists: the model's calling convention
@@ -532,9 +545,10 @@ class RuntimeCore {
       PyErr_Format(PyExc_RuntimeError, "model '%s' already started: its placement is fixed", name.c_str());
       throw py::error_already_set();
     }
-    if (!instances.empty() && instances.size() != m.options().instances) {
+    const uint32_t workers = m.options().instances + m.options().burst_instances;
+    if (!instances.empty() && instances.size() != workers) {
       PyErr_Format(PyExc_ValueError, "model '%s': placement has %zu instances, the model %u",
-                   name.c_str(), instances.size(), m.options().instances);
+                   name.c_str(), instances.size(), workers);
       throw py::error_already_set();
     }
     std::vector<InstancePlacement> placement;
@@ -578,8 +592,15 @@ class RuntimeCore {
     d["queue_wait"] = histogram_dict(s.queue_wait);
     d["compute"] = histogram_dict(s.compute);
     d["end_to_end"] = histogram_dict(s.end_to_end);
+    d["pool_calls"] = s.pool_grants;
+    d["pool_busy_ns"] = s.pool_busy_unit_ns;
+    d["burst_served"] = s.burst_served;
     return d;
   }
+
+  /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
+  void set_pool_capacity(uint32_t capacity) { pool_->set_capacity(capacity); }
+  uint32_t pool_capacity() const { return pool_->capacity(); }
 
  private:
   Entry& lookup(py::str model) {
@@ -678,6 +699,8 @@ class RuntimeCore {
   }
 
   std::unordered_map<std::string, Entry, StringHash, std::equal_to<>> models_;
+  // Capacity is set by the Python layer once the shared pool's CPUs are known (at start).
+  std::shared_ptr<SharedPool> pool_ = std::make_shared<SharedPool>();
   bool closed_ = false;
   bool started_ = false;
   std::mutex lifecycle_mu_;  // serialises starting and joining workers; taken without the GIL
@@ -825,7 +848,10 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
            py::arg("instances"), py::arg("max_queue"), py::arg("timeout_ms"),
            py::arg("priority_levels"), py::arg("spin_us"), py::arg("placement"),
            py::arg("memory_policy"), py::arg("on_timeout") = "reject",
-           py::arg("batching") = py::none())
+           py::arg("batching") = py::none(), py::arg("pooled") = false, py::arg("weight") = 1.0,
+           py::arg("priority_class") = 0, py::arg("pool_units") = 1, py::arg("burst") = 0)
+      .def("_set_pool_capacity", &RuntimeCore::set_pool_capacity, py::arg("capacity"))
+      .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"))

@@ -45,6 +45,9 @@ class InstanceContext:
     memory_nodes: tuple[int, ...] = ()
     isolation: str = "shared"
     gpu: Any = None
+    burst: bool = False
+    """A burst instance of an exclusive model: it runs on the shared pool's CPUs, only while
+    every own instance is busy (``burst=`` on add_model)."""
 
 
 def _quota_int(model: str, field: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -124,11 +127,29 @@ class Runtime(_core._Runtime):
     ``remove_model`` while the runtime serves other models.
     """
 
-    def __init__(self, cpus: Iterable[int] | str | None = None, *, topology_root: str = "/") -> None:
+    def __init__(
+        self,
+        cpus: Iterable[int] | str | None = None,
+        *,
+        topology_root: str = "/",
+        shared_pool: str = "os",
+    ) -> None:
         """``cpus``: the CPUs this runtime may use (ids or a list like "0-7"); None means every
         CPU this process may use. ``topology_root`` reads the machine from another sysfs tree
-        (tests and planning for other machines)."""
+        (tests and planning for other machines).
+
+        ``shared_pool``: how models with ``isolation="shared"`` share the CPUs no exclusive
+        model holds. "os" (default): every shared worker runs whenever it has work and the OS
+        balances them. "scheduled": each model call first takes units of the pool (one per
+        intra-op thread; the pool has one per CPU), granted to the highest ``priority_class``
+        first, then by ``weight``; an idle model's share goes to the busy ones; burst instances
+        of exclusive models borrow from it. A call holds its units until it returns, sleeping
+        or not: a call that waits for another pooled model's result can deadlock the pool
+        once every unit is held by such waiting calls (keep such pipeline models exclusive)."""
         super().__init__()
+        if shared_pool not in ("scheduled", "os"):
+            raise QuotaError(f"Runtime: shared_pool must be 'scheduled' or 'os', got {shared_pool!r}")
+        self._scheduled = shared_pool == "scheduled"
         if cpus is not None and not isinstance(cpus, str):
             cpus = tuple(cpus)
             if not cpus or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0
@@ -143,6 +164,7 @@ class Runtime(_core._Runtime):
         self._gpu_quotas: dict[str, GPU] = {}
         self._gpu_usage: dict[str, GpuUsage] = {}
         self._gpu = _GpuState()
+        self._bursts: dict[str, int] = {}
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
@@ -167,6 +189,9 @@ class Runtime(_core._Runtime):
         batching: Batching | None = None,
         spin_us: float = 50.0,
         gpu: GPU | None = None,
+        weight: float | None = None,
+        priority_class: int | None = None,
+        burst: bool | int = False,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's pinned worker thread, returning the model to serve) or ``model``
@@ -192,6 +217,18 @@ class Runtime(_core._Runtime):
         runs on it and the stream is synchronised before the request completes. A GPU quota on a
         machine without a usable GPU is a QuotaError saying why. GPU models are added before
         start().
+
+        Sharing the pool (with ``Runtime(shared_pool="scheduled")``): a shared model's
+        calls draw on the pool's capacity. ``priority_class`` (default 0): a higher class is
+        always granted the next free capacity first (at call boundaries: a running call is
+        never preempted). ``weight`` (default 1.0): among backlogged models of one class, each
+        gets pool time (call duration x threads) in proportion to its weight; capacity a model
+        does not use goes to the others. ``burst`` (exclusive models only): True (as many as
+        ``instances``) or a count of extra instances that run on the shared pool, built by the
+        factory like the others, and serve only while every own instance is busy; they take
+        pool capacity with the model's ``weight`` and ``priority_class``. The trade-off: a
+        burst request no longer waits for the model's own cores, but it runs on shared ones,
+        at the speed the pool's load allows, and the pool's other models lose that time.
 
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
@@ -221,6 +258,8 @@ class Runtime(_core._Runtime):
             raise QuotaError(
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
             )
+        weight_v, class_v, burst_n = self._check_sharing(name, isolation, instances, weight,
+                                                         priority_class, burst)
         if name in self._quotas:
             raise ValueError(f"model {name!r} is already registered")
         if gpu is not None:
@@ -245,9 +284,11 @@ class Runtime(_core._Runtime):
         def make_instance(index: int) -> Callable[[Any], Any]:
             cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
             gpu_ctx = gpu_state.context(name, index) if usage is not None else None
+            is_burst = index >= instances
             ctx = InstanceContext(model=name, instance=index, instances=instances,
                                   threads=planned_threads, cpus=cpus, memory_nodes=nodes,
-                                  isolation=isolation_word, gpu=gpu_ctx)
+                                  isolation="shared" if is_burst else isolation_word, gpu=gpu_ctx,
+                                  burst=is_burst)
             obj = model if model is not None else factory(ctx)  # type: ignore[misc]
             if not callable(obj):
                 raise TypeError(
@@ -257,11 +298,19 @@ class Runtime(_core._Runtime):
             return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
         self._quotas[name] = quota
+        self._bursts[name] = burst_n
         try:
+            if burst_n and not new_plan.shared_pool:
+                raise PlacementError(
+                    f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
+                    "hold every CPU), so there is nowhere to burst to"
+                )
             instances_arg, policy = self._native_placement(new_plan, name)
             self._add_model(name, wrap_factory(name, make_instance) if batching is not None else make_instance,
                             instances, max_queue, timeout, priority_levels, float(spin_us),
-                            instances_arg, policy, on_timeout=on_timeout, batching=native_batching)
+                            instances_arg, policy, on_timeout=on_timeout, batching=native_batching,
+                            pooled=self._scheduled and quota.isolation == "shared",
+                            weight=weight_v, priority_class=class_v, burst=burst_n)
         finally:
             # Registered even if something was raised after its workers started (a
             # PinningWarning turned into an error): the bookkeeping follows the native side.
@@ -272,7 +321,52 @@ class Runtime(_core._Runtime):
                     self._gpu_usage[name] = usage
             else:
                 del self._quotas[name]
+                self._bursts.pop(name, None)
                 self._placed.pop(name, None)
+
+    def _check_sharing(self, name: str, isolation: object, instances: int, weight: object,
+                       priority_class: object, burst: object) -> tuple[float, int, int]:
+        """Validates weight, priority_class and burst; returns them with defaults applied."""
+        if weight is not None:
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (
+                    0 < float(weight) < float("inf")):
+                raise QuotaError(f"model {name!r}: weight must be a positive, finite number, got {weight!r}")
+        if priority_class is not None:
+            priority_class = _quota_int(name, "priority_class", priority_class, -1000, 1000)
+        if isinstance(burst, bool):
+            burst_n = instances if burst else 0
+        elif isinstance(burst, numbers.Integral) and 0 <= int(burst) <= _MAX_INSTANCES:
+            burst_n = int(burst)
+        else:
+            raise QuotaError(
+                f"model {name!r}: burst must be True, False or a count of burst instances in "
+                f"[0, {_MAX_INSTANCES}], got {burst!r}"
+            )
+        pooled = isolation == "shared" or burst_n > 0
+        for field, value in (("weight", weight), ("priority_class", priority_class)):
+            if value is not None and not pooled:
+                raise QuotaError(
+                    f"model {name!r}: {field} applies to the shared pool; give "
+                    f"isolation='shared', or burst=True on an exclusive model"
+                )
+            if value is not None and not self._scheduled:
+                raise QuotaError(
+                    f"model {name!r}: {field} needs a scheduled shared pool: make the runtime "
+                    "with Runtime(shared_pool='scheduled') (this one has shared_pool='os')"
+                )
+        if burst_n:
+            if isolation != "exclusive":
+                raise QuotaError(
+                    f"model {name!r}: burst is for exclusive models (a shared model already runs "
+                    f"on the shared pool); got isolation={isolation!r}"
+                )
+            if not self._scheduled:
+                raise QuotaError(
+                    f"model {name!r}: burst needs a scheduled shared pool: make the runtime with "
+                    "Runtime(shared_pool='scheduled') (this one has shared_pool='os')"
+                )
+        return (float(weight) if weight is not None else 1.0,
+                int(priority_class) if priority_class is not None else 0, burst_n)
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
@@ -280,6 +374,7 @@ class Runtime(_core._Runtime):
         cores go back to the shared pool for models added later."""
         super().remove_model(name, drain=drain)
         self._quotas.pop(name, None)
+        self._bursts.pop(name, None)
         self._gpu_usage.pop(name, None)
         self._placed.pop(name, None)
         self._plan = None
@@ -331,6 +426,13 @@ class Runtime(_core._Runtime):
         for inst in mp.instances:
             placed[inst.index] = (inst.cpus, inst.memory_nodes, inst.threads)
             out.append((list(inst.cpus), list(inst.memory_nodes), inst.threads))
+        # Burst instances float on the shared pool with an own instance's thread count, and no
+        # memory binding (the pool may span nodes; their pages follow first touch).
+        threads = mp.instances[0].threads if mp.instances else 1
+        for k in range(self._bursts.get(name, 0)):
+            index = len(mp.instances) + k
+            placed[index] = (tuple(p.shared_pool), (), threads)
+            out.append((list(p.shared_pool), [], threads))
         return out, policy
 
     def _check_running_models_stay(self, new_plan: Plan, name: str) -> None:
@@ -354,6 +456,8 @@ class Runtime(_core._Runtime):
             p = self._place(self._quotas)
             for name in self._quotas:
                 self._set_placement(name, *self._native_placement(p, name))
+            if self._scheduled:
+                self._set_pool_capacity(len(p.shared_pool))
             if self._gpu_quotas:
                 gplan = plan_gpus(self._gpu_quotas)
                 partition = GpuPartition(gplan)

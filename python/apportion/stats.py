@@ -65,6 +65,13 @@ class ModelStats:
     delayed: int = 0
     """Requests moved behind the others by ``on_timeout="delay"`` (each is still counted
     once by its outcome)."""
+    pool_calls: int = 0
+    """Model calls that ran on the scheduled shared pool (shared models; burst calls)."""
+    pool_time_s: float = 0.0
+    """Shared-pool time those calls used: the sum of call duration x units (intra-op threads)
+    held. Its ratio between backlogged models is their achieved share."""
+    burst_served: int = 0
+    """Requests of an exclusive model served on the shared pool by its burst workers."""
 
     @property
     def in_flight(self) -> int:
@@ -92,6 +99,9 @@ class ModelStats:
             mean_batch_size=float(d["batch_size"]["mean_ns"]) if "batch_size" in d else 0.0,
             max_batch_size=int(d["batch_size"]["max_ns"]) if "batch_size" in d else 0,
             delayed=int(d.get("delayed", 0)),
+            pool_calls=int(d.get("pool_calls", 0)),
+            pool_time_s=float(d.get("pool_busy_ns", 0)) / 1e9,
+            burst_served=int(d.get("burst_served", 0)),
         )
 
 

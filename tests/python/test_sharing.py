@@ -1,0 +1,308 @@
+"""The scheduled shared pool: weights, priority classes, work conservation, burst, validation.
+
+The pool's capacity is one unit per shared-pool CPU; a call of a shared model holds as many
+units as its instance has intra-op threads. These tests pin the runtime to CPUs that exist on
+any machine (CPU 0, or the first two) and count work, never time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+import apportion as ap
+
+CPUS = sorted(os.sched_getaffinity(0))
+needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs in this process's affinity")
+
+
+def make_runtime(n_cpus: int, shared_pool: str = "scheduled") -> ap.Runtime:
+    return ap.Runtime(cpus=CPUS[:n_cpus], shared_pool=shared_pool)
+
+
+class Tally:
+    """Completion order and per-model counts, recorded from done-callbacks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.order: list[str] = []
+        self.snapshot: Counter[str] | None = None
+        self.calls: Counter[int] = Counter()
+
+    def watch(self, fut: ap.Future, model: str) -> None:
+        def done(f: ap.Future) -> None:
+            with self.lock:
+                self.calls[id(f)] += 1
+                if not f.cancelled() and f.exception() is None:
+                    self.order.append(model)
+
+        fut.add_done_callback(done)
+
+
+@needs_two
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backlogged_models_share_the_pool_by_weight(threads: int) -> None:
+    # Same work per call (a sleep, so the calls do not compete for CPU): the shares are counts.
+    # threads=2 makes every call hold both units, so the shares come from the grant order
+    # alone; threads=1 lets two calls run at once.
+    def work(x):
+        time.sleep(0.002)
+        return x
+
+    rt = make_runtime(2)
+    rt.add_model("heavy", model=work, instances=3, threads=threads, weight=3.0, max_queue=4096)
+    rt.add_model("light", model=work, instances=3, threads=threads, weight=1.0, max_queue=4096)
+    tally = Tally()
+    n = 700
+    # Both backlogged before the first call; the first completions (models start one after
+    # the other) are left out of the count.
+    for i in range(n):
+        tally.watch(rt.submit("heavy", i), "heavy")
+        tally.watch(rt.submit("light", i), "light")
+    rt.start()
+    deadline = time.monotonic() + 120
+    while len(tally.order) < 480 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rt.close(drain=False)
+    with tally.lock:
+        window = Counter(tally.order[80:480])
+    assert sum(window.values()) == 400
+    ratio = window["heavy"] / window["light"]
+    assert 2.7 <= ratio <= 3.3, window
+    stats = rt.stats()
+    assert stats["heavy"].pool_calls > 0 and stats["light"].pool_calls > 0
+    assert stats["heavy"].pool_time_s > stats["light"].pool_time_s > 0
+
+
+def _blocked_pool(rt: ap.Runtime, order: list[str], release: threading.Event):
+    def model(tag: str):
+        def call(x):
+            order.append(tag)
+            if x == "block":
+                release.wait(30)
+            return x
+
+        return call
+
+    return model
+
+
+def test_a_higher_priority_class_is_served_before_a_backlogged_lower_one() -> None:
+    rt = make_runtime(1)  # one pool CPU: one call at a time
+    order: list[str] = []
+    release = threading.Event()
+    model = _blocked_pool(rt, order, release)
+    rt.add_model("batch", model=model("batch"), instances=2, weight=50.0, priority_class=0)
+    rt.add_model("critical", model=model("critical"), instances=2, priority_class=1)
+    rt.start()
+    try:
+        blocker = rt.submit("batch", "block")
+        while order != ["batch"]:
+            time.sleep(0.001)
+        lows = rt.submit_many("batch", range(6))
+        time.sleep(0.2)  # the batch model's other worker now waits for the pool, first in line
+        highs = rt.submit_many("critical", range(4))
+        time.sleep(0.2)
+        release.set()
+        for f in [blocker, *lows, *highs]:
+            f.result(timeout=30)
+        # After the blocking call: every critical call before any further batch call.
+        assert order == ["batch"] + ["critical"] * 4 + ["batch"] * 6
+    finally:
+        release.set()
+        rt.close()
+
+
+@needs_two
+def test_an_idle_models_share_goes_to_the_busy_one() -> None:
+    # "light" has weight 1 against an idle weight-100 model: it still gets both units (its two
+    # calls meet at a barrier only if they run at the same time).
+    barrier = threading.Barrier(2, timeout=20)
+
+    def meet(x):
+        barrier.wait()
+        return x
+
+    rt = make_runtime(2)
+    rt.add_model("idle", model=lambda x: x, instances=2, weight=100.0)
+    rt.add_model("light", model=meet, instances=2, threads=1, weight=1.0)
+    with rt:
+        for f in rt.submit_many("light", range(10)):
+            assert f.result(timeout=30) in range(10)
+
+
+@needs_two
+def test_scheduled_pool_never_runs_more_threads_than_it_has_cpus() -> None:
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def call(x):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.005)
+        with lock:
+            running -= 1
+        return x
+
+    rt = make_runtime(2)
+    rt.add_model("a", model=call, instances=3, threads=1)
+    rt.add_model("b", model=call, instances=3, threads=1)
+    with rt:
+        futs = rt.submit_many("a", range(60)) + rt.submit_many("b", range(60))
+        for f in futs:
+            f.result(timeout=30)
+    assert peak == 2
+
+
+@needs_two
+def test_os_shared_pool_runs_every_worker_at_once() -> None:
+    # shared_pool="os": no capacity: three instances on two CPUs all run (they meet).
+    barrier = threading.Barrier(3, timeout=20)
+
+    def meet(x):
+        barrier.wait()
+        return x
+
+    rt = make_runtime(2, shared_pool="os")
+    rt.add_model("m", model=meet, instances=3, threads=1)
+    with rt:
+        for f in rt.submit_many("m", range(9)):
+            f.result(timeout=30)
+        assert rt.stats()["m"].pool_calls == 0
+
+
+@needs_two
+def test_burst_instances_serve_on_the_pool_while_own_instances_are_busy() -> None:
+    release = threading.Event()
+    seen: dict[int, tuple[bool, tuple[int, ...] | None]] = {}
+
+    def factory(ctx: ap.InstanceContext):
+        seen[ctx.instance] = (ctx.burst, ctx.cpus)
+
+        def call(x):
+            if x == "block":
+                release.wait(30)
+            return (ctx.instance, x)
+
+        return call
+
+    rt = make_runtime(2)
+    rt.add_model("guaranteed", factory=factory, cores=1, isolation="exclusive", threads=1,
+                 burst=True)
+    with rt:
+        assert set(seen) == {0, 1}
+        own_burst, own_cpus = seen[0]
+        burst_burst, burst_cpus = seen[1]
+        assert not own_burst and burst_burst
+        assert own_cpus is not None and burst_cpus == tuple(rt.plan().shared_pool)
+        assert set(own_cpus).isdisjoint(burst_cpus)
+        blocker = rt.submit("guaranteed", "block")
+        time.sleep(0.05)
+        # The own instance is held: the burst instance serves these meanwhile.
+        results = [f.result(timeout=30) for f in rt.submit_many("guaranteed", range(5))]
+        assert results == [(1, i) for i in range(5)]
+        assert not blocker.done()
+        release.set()
+        assert blocker.result(timeout=30) == (0, "block")
+        stats = rt.stats()["guaranteed"]
+        assert stats.burst_served == 5
+        assert stats.pool_calls == 5
+
+
+def test_every_request_completes_once_through_the_pool_and_burst_paths() -> None:
+    rt = make_runtime(min(2, len(CPUS)))
+    rt.add_model("a", model=lambda x: x, instances=2, weight=2.0, priority_levels=2)
+    rt.add_model("b", model=lambda xs: list(xs), instances=2, priority_class=1,
+                 batching=ap.Batching(max_size=4, max_delay_ms=0.2))
+    if len(CPUS) >= 2:
+        rt.add_model("c", model=lambda x: x, cores=1, isolation="exclusive", threads=1, burst=2)
+    names = rt.models
+    rt.start()
+    tally = Tally()
+    futs = []
+
+    def submitter(k: int) -> None:
+        for i in range(600):
+            name = names[(i + k) % len(names)]
+            try:
+                f = rt.submit(name, i, priority=i % 2 if name == "a" else None)
+            except (ap.QueueFull, ap.RuntimeClosed):
+                continue
+            tally.watch(f, name)
+            futs.append(f)
+            if i % 7 == 0:
+                f.cancel()
+
+    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.02)
+    rt.close(drain=False)
+    for t in threads:
+        t.join()
+    for f in futs:
+        assert f.done()
+        assert tally.calls[id(f)] == 1
+    for s in rt.stats().values():
+        assert s.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"weight": 0}, "weight"),
+        ({"weight": -1.5}, "weight"),
+        ({"weight": float("nan")}, "weight"),
+        ({"weight": float("inf")}, "weight"),
+        ({"weight": True}, "weight"),
+        ({"weight": "3"}, "weight"),
+        ({"priority_class": 1.5}, "priority_class"),
+        ({"priority_class": 5000}, "priority_class"),
+        ({"priority_class": True}, "priority_class"),
+        ({"burst": True}, "burst"),  # a shared model
+        ({"burst": -1}, "burst"),
+        ({"burst": "yes"}, "burst"),
+        ({"cores": 1, "isolation": "exclusive", "weight": 2.0}, "weight"),
+        ({"cores": 1, "isolation": "exclusive", "priority_class": 1}, "priority_class"),
+    ],
+)
+def test_invalid_sharing_quotas_name_the_model_and_field(kwargs, field) -> None:
+    rt = make_runtime(1)
+    with pytest.raises(ap.QuotaError) as e:
+        rt.add_model("ranker", model=lambda x: x, **kwargs)
+    assert "'ranker'" in str(e.value) and field in str(e.value)
+    assert rt.models == []
+    rt.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"weight": 2.0}, {"priority_class": 1},
+                                    {"cores": 1, "isolation": "exclusive", "burst": True}])
+def test_sharing_quotas_need_the_scheduled_pool(kwargs) -> None:
+    rt = make_runtime(1, shared_pool="os")
+    with pytest.raises(ap.QuotaError, match="shared_pool='os'"):
+        rt.add_model("ranker", model=lambda x: x, **kwargs)
+    rt.close()
+
+
+def test_shared_pool_mode_is_validated_and_defaults_to_os() -> None:
+    with pytest.raises(ap.QuotaError, match="shared_pool must be 'scheduled' or 'os'"):
+        ap.Runtime(shared_pool="fair")
+    rt = ap.Runtime(cpus=CPUS[:1])
+    with pytest.raises(ap.QuotaError, match="Runtime\\(shared_pool='scheduled'\\)"):
+        rt.add_model("ranker", model=lambda x: x, weight=2.0)
+    rt.close()
+
+
+def test_burst_needs_a_non_empty_shared_pool() -> None:
+    rt = make_runtime(1)
+    with pytest.raises(ap.PlacementError, match="'ranker', field 'burst'"):
+        rt.add_model("ranker", model=lambda x: x, cores=1, isolation="exclusive", burst=True)
+    assert rt.models == []
+    rt.close()
