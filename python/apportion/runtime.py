@@ -19,6 +19,7 @@ from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import Plan, Quota, plan
+from ._private.process import ProcessInstance, factory_path
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
 
@@ -75,6 +76,18 @@ def _quota_timeout(model: str, value: object) -> float | None:
             f"or None, got {value!r}"
         )
     return v
+
+
+def _quota_watchdog(model: str, value: object, process: bool) -> float | None:
+    if value is None:
+        return None
+    if not process:
+        raise QuotaError(f"model {model!r}, field 'watchdog_s': a watchdog needs isolation=\"process\" (a "
+                         f"thread cannot be killed); got watchdog_s={value!r} with another isolation")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise QuotaError(f"model {model!r}, field 'watchdog_s': give a positive, finite number of seconds "
+                         f"or None, got {value!r}")
+    return float(value)
 
 
 class _GpuState:
@@ -143,13 +156,14 @@ class Runtime(_core._Runtime):
         self._gpu_quotas: dict[str, GPU] = {}
         self._gpu_usage: dict[str, GpuUsage] = {}
         self._gpu = _GpuState()
+        self._processes: dict[str, list[ProcessInstance]] = {}
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
     def add_model(
         self,
         name: str,
-        factory: Callable[[InstanceContext], Any] | None = None,
+        factory: Callable[[InstanceContext], Any] | str | None = None,
         *,
         model: Any = None,
         instances: int = 1,
@@ -167,6 +181,7 @@ class Runtime(_core._Runtime):
         batching: Batching | None = None,
         spin_us: float = 50.0,
         gpu: GPU | None = None,
+        watchdog_s: float | None = None,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's pinned worker thread, returning the model to serve) or ``model``
@@ -193,6 +208,13 @@ class Runtime(_core._Runtime):
         machine without a usable GPU is a QuotaError saying why. GPU models are added before
         start().
 
+        Process isolation: ``isolation="process"`` runs each instance's model in a child process
+        of its own, pinned like the instance (``factory`` is then a "module:function" path or a
+        module-level function, imported in the child; ``model=`` and ``gpu=`` are not
+        available). It is planned like "exclusive" when ``cores`` is given, else like
+        "shared". A child that dies, or runs one call longer than ``watchdog_s`` seconds (None:
+        no limit), fails that call with WorkerCrashed and is restarted for the next one.
+
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
         """
@@ -200,7 +222,16 @@ class Runtime(_core._Runtime):
             raise QuotaError(f"model name must be a non-empty string, got {name!r}")
         if (factory is None) == (model is None):
             raise QuotaError(f"model {name!r}: pass exactly one of factory= or model=")
-        if factory is not None and not callable(factory):
+        process = isolation == "process"
+        if process:
+            if model is not None:
+                raise QuotaError(f"model {name!r}, field 'model': isolation=\"process\" builds the model in "
+                                 "the worker process; give factory=\"module:function\" instead of model=")
+            if gpu is not None:
+                raise QuotaError(f"model {name!r}, field 'gpu': GPU quotas are not available with "
+                                 "isolation=\"process\" yet; use \"exclusive\" or \"shared\"")
+            factory_ref = factory_path(name, factory)
+        elif factory is not None and not callable(factory):
             raise QuotaError(f"model {name!r}: factory must be callable, got {type(factory).__name__}")
         if model is not None and not callable(model):
             raise QuotaError(f"model {name!r}: model must be callable, got {type(model).__name__}")
@@ -221,12 +252,16 @@ class Runtime(_core._Runtime):
             raise QuotaError(
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
             )
+        watchdog = _quota_watchdog(name, watchdog_s, process)
         if name in self._quotas:
             raise ValueError(f"model {name!r} is already registered")
         if gpu is not None:
             self._check_gpu(name, gpu)
+        # A process instance is placed like a thread instance: its own cores when it asks for
+        # some, the shared pool otherwise.
+        planned_isolation = ("exclusive" if cores is not None else "shared") if process else isolation
         quota = Quota(name=name, cores=cores, instances=instances, threads=threads,
-                      isolation=isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
+                      isolation=planned_isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
                       memory_policy=memory_policy,  # type: ignore[arg-type]
                       oversubscribe=oversubscribe)
 
@@ -240,6 +275,18 @@ class Runtime(_core._Runtime):
         placed = self._placed.setdefault(name, {})
         isolation_word = quota.isolation
         gpu_state = self._gpu
+        procs = self._processes.setdefault(name, [])
+        memory_word = quota.memory_policy if len(self.topology.nodes) > 1 else "none"
+
+        def make_process_instance(index: int) -> Callable[[Any], Any]:
+            cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
+            spec = {"factory": factory_ref, "model": name, "instance": index, "instances": instances,
+                    "threads": planned_threads, "cpus": list(cpus) if cpus else None,
+                    "memory_nodes": list(nodes), "memory_policy": memory_word,
+                    "spin_us": float(spin_us)}
+            proxy = ProcessInstance(spec, watchdog_s=watchdog, spin_us=float(spin_us))
+            procs.append(proxy)
+            return proxy
         usage = GpuUsage(gpu.to_native(name)["memory"]) if gpu is not None else None
 
         def make_instance(index: int) -> Callable[[Any], Any]:
@@ -259,7 +306,8 @@ class Runtime(_core._Runtime):
         self._quotas[name] = quota
         try:
             instances_arg, policy = self._native_placement(new_plan, name)
-            self._add_model(name, wrap_factory(name, make_instance) if batching is not None else make_instance,
+            build = make_process_instance if process else make_instance
+            self._add_model(name, wrap_factory(name, build) if batching is not None else build,
                             instances, max_queue, timeout, priority_levels, float(spin_us),
                             instances_arg, policy, on_timeout=on_timeout, batching=native_batching)
         finally:
@@ -273,12 +321,14 @@ class Runtime(_core._Runtime):
             else:
                 del self._quotas[name]
                 self._placed.pop(name, None)
+                self._close_processes(name)
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
         (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
         cores go back to the shared pool for models added later."""
         super().remove_model(name, drain=drain)
+        self._close_processes(name)
         self._quotas.pop(name, None)
         self._gpu_usage.pop(name, None)
         self._placed.pop(name, None)
@@ -370,6 +420,13 @@ class Runtime(_core._Runtime):
         cancels it. Running calls always finish. Idempotent; returns when workers have exited."""
         self._close(drain)
         self._gpu.close()  # streams outlive every call that used them: workers have exited
+        for name in list(self._processes):
+            self._close_processes(name)
+
+    def _close_processes(self, name: str) -> None:
+        # Only once the model's workers have exited: no call is in flight in any proxy.
+        for proxy in self._processes.pop(name, ()):
+            proxy.close()
 
     def __enter__(self) -> Runtime:
         if not self.started:
