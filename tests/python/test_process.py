@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,12 +256,35 @@ def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(prt: ap.Runtime) ->
 def test_repeated_crashes_back_off_and_recover(prt: ap.Runtime) -> None:
     prt.add_model("m", factory="process_models:faulty", isolation="process")
     prt.start()
-    pids = set()
-    for _ in range(3):
-        with pytest.raises(ap.WorkerCrashed):
-            prt.submit("m", "exit").result(timeout=LONG)
-        pids.add(prt.submit("m", "ok").result(timeout=LONG))
+    tally = Tally()
+    futs = []
+    for _ in range(3):  # back to back: restarts 2 and 3 wait out the back-off first
+        futs.append(tally.watch(prt.submit("m", "exit")))
+        futs.append(tally.watch(prt.submit("m", "ok")))
+    for crash, ok in zip(futs[::2], futs[1::2]):
+        with pytest.raises(ap.WorkerCrashed, match="exited with code 7"):
+            crash.result(timeout=LONG)
+        assert ok.result(timeout=LONG) == "ok"
+    tally.check_once(futs)
     assert prt.submit("m", 5).result(timeout=LONG) == 5
+
+
+def test_a_request_the_child_cannot_unpickle_fails_alone(prt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A class from a module that exists only in this process: pickled here, not importable there.
+    mod = types.ModuleType("apportion_parent_only_module")
+
+    class Unimportable:
+        pass
+
+    Unimportable.__module__ = mod.__name__
+    Unimportable.__qualname__ = "Unimportable"
+    mod.Unimportable = Unimportable  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    prt.add_model("m", factory="process_models:echo", isolation="process")
+    prt.start()
+    with pytest.raises(ModuleNotFoundError, match="apportion_parent_only_module"):
+        prt.submit("m", Unimportable()).result(timeout=LONG)
+    assert prt.submit("m", 2).result(timeout=LONG) == 2
 
 
 def test_a_child_that_died_while_idle_is_replaced_before_the_next_call(prt: ap.Runtime) -> None:

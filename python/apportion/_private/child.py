@@ -101,7 +101,11 @@ def main(argv: list[str]) -> int:
             if os.getppid() != spec["parent"]:
                 return 0
             continue
-        kind, payload = loads(parts)
+        try:
+            kind, payload = loads(parts)
+        except Exception as e:  # noqa: BLE001 - e.g. a class this process cannot import
+            channel.send(dumps(_error_reply(ERROR, e)), 0.0, None)
+            continue
         if kind == EXIT:
             return 0
         try:
