@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from .. import _core
@@ -112,8 +111,7 @@ class ProcessInstance:
     """The callable an engine worker serves for a process-isolated instance. Used only by that
     worker thread (calls) and, once the worker has exited, by whoever closes it."""
 
-    def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float,
-                 on_close: Callable[[ProcessInstance], None] | None = None) -> None:
+    def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float) -> None:
         self._spec = spec
         self._model = spec["model"]
         self._index = spec["instance"]
@@ -126,11 +124,13 @@ class ProcessInstance:
         self._closed = False
         self._lock = threading.Lock()  # close() from another thread vs. a restart
         self.restarts = 0
+        """Children started after the first (introspection and tests)."""
         self._start()
 
     # -- the child ------------------------------------------------------------------------------
     @property
     def pid(self) -> int | None:
+        """The current child's pid; None between a crash and the restart."""
         return self._proc.pid if self._proc is not None else None
 
     def _start(self) -> None:
@@ -242,9 +242,9 @@ class ProcessInstance:
     # -- serving --------------------------------------------------------------------------------
     def __call__(self, x: Any) -> Any:
         parts = dumps((proto.CALL, x))
+        # No liveness check before sending (waitpid costs microseconds per call here): a child
+        # that died while idle never takes the request, which is then sent to its replacement.
         for _attempt in range(3):
-            if self._proc is not None and self._proc.poll() is not None:
-                self._discard_child()  # died while idle: the request was never sent
             if self._proc is None:
                 self._restart()
             channel, proc = self._channel, self._proc
