@@ -337,6 +337,8 @@ class Runtime(_core._Runtime):
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
         (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
         cores go back to the shared pool for models added later."""
+        if not drain:
+            self._abort_processes(name)
         super().remove_model(name, drain=drain)
         self._close_processes(name)
         self._quotas.pop(name, None)
@@ -428,10 +430,19 @@ class Runtime(_core._Runtime):
     def close(self, drain: bool = True) -> None:
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
         cancels it. Running calls always finish. Idempotent; returns when workers have exited."""
+        if not drain:
+            for name in list(self._processes):
+                self._abort_processes(name)
         self._close(drain)
         self._gpu.close()  # streams outlive every call that used them: workers have exited
         for name in list(self._processes):
             self._close_processes(name)
+
+    def _abort_processes(self, name: str) -> None:
+        # Before the workers are joined: a child that never answers would otherwise keep its
+        # worker, and so close(drain=False) and the exit handler, waiting forever.
+        for proxy in list(self._processes.get(name, ())):
+            proxy.abort()
 
     def _close_processes(self, name: str) -> None:
         # Only once the model's workers have exited: no call is in flight in any proxy.

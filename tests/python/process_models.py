@@ -35,6 +35,11 @@ def faulty(ctx: Any) -> Any:
             os._exit(7)
         elif x == "hang":
             time.sleep(3600)
+        elif x == "kill":  # what the OOM killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif isinstance(x, tuple) and x[0] == "hang_after":
+            Path(x[1]).touch()
+            time.sleep(3600)
         elif x == "raise":
             raise ValueError("the model refused")
         elif isinstance(x, tuple) and x[0] == "gate":
@@ -75,3 +80,15 @@ def spin(ctx: Any) -> Any:
         return acc
 
     return serve
+
+
+def torch_threads(ctx: Any) -> Any:
+    import torch
+
+    model = torch.nn.Linear(4, 2)
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return model(x), torch.get_num_threads(), torch.is_inference_mode_enabled()
+
+    return Probe()

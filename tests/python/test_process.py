@@ -13,6 +13,7 @@ import threading
 import time
 import types
 from collections import Counter
+from concurrent.futures import CancelledError
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,8 @@ def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_
 
 # -- faults ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("trigger", "cause"), [("segv", "killed by signal SIGSEGV"),
-                                                ("exit", "exited with code 7")])
+                                                ("exit", "exited with code 7"),
+                                                ("kill", "killed by signal SIGKILL")])
 def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
         prt: ap.Runtime, trigger: str, cause: str) -> None:
     prt.add_model("m", factory="process_models:faulty", isolation="process")
@@ -251,6 +253,39 @@ def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(prt: ap.Runtime) ->
         hang.result(timeout=LONG)
     assert [f.result(timeout=LONG) for f in after] == list(range(5))
     tally.check_once([hang, *after])
+
+
+@pytest.mark.parametrize("how", ["close", "remove_model"])
+def test_close_without_drain_kills_a_hung_child(tmp_path: Path, how: str) -> None:
+    rt = ap.Runtime()
+    try:
+        rt.add_model("m", factory="process_models:faulty", isolation="process")  # no watchdog
+        rt.start()
+        entered = tmp_path / "entered"
+        fut = rt.submit("m", ("hang_after", str(entered)))
+        queued = rt.submit("m", 1)
+        deadline = time.monotonic() + LONG
+        while not entered.exists():
+            assert time.monotonic() < deadline, "the hanging request never started"
+            time.sleep(0.005)
+        if how == "close":
+            rt.close(drain=False)
+        else:
+            rt.remove_model("m", drain=False)
+        with pytest.raises(ap.WorkerCrashed, match="drain=False"):
+            fut.result(timeout=LONG)
+        with pytest.raises(CancelledError):
+            queued.result(timeout=LONG)
+    finally:
+        rt.close(drain=False)
+
+
+def test_torch_model_is_adapted_in_the_child(prt: ap.Runtime) -> None:
+    torch = pytest.importorskip("torch")
+    prt.add_model("t", factory="process_models:torch_threads", isolation="process", cores=1, threads=1)
+    prt.start()
+    y, threads, inference = prt.submit("t", torch.ones(3, 4)).result(timeout=LONG)
+    assert y.shape == (3, 2) and threads == 1 and inference
 
 
 def test_repeated_crashes_back_off_and_recover(prt: ap.Runtime) -> None:

@@ -122,6 +122,7 @@ class ProcessInstance:
         self._failures = 0
         self._failed_at = 0.0
         self._closed = False
+        self._aborting = False  # set from another thread by abort(); read between waits
         self._lock = threading.Lock()  # close() from another thread vs. a restart
         self.restarts = 0
         """Children started after the first (introspection and tests)."""
@@ -185,6 +186,10 @@ class ProcessInstance:
             code = proc.poll()
             if code is not None:
                 raise self._crashed(proc.pid, _describe_exit(code), code)
+            if self._aborting:
+                self._reap(proc, kill=True)
+                raise self._crashed(proc.pid, "was killed with SIGKILL: the model was closed with "
+                                    "drain=False during the call", -signal.SIGKILL)
             if deadline is not None and time.monotonic() >= deadline:
                 self._reap(proc, kill=True)
                 what = "did not start" if starting else "did not answer"
@@ -225,7 +230,7 @@ class ProcessInstance:
         if left > 0:
             time.sleep(left)
         with self._lock:
-            if self._closed:
+            if self._closed or self._aborting:
                 raise self._crashed(None, "was not restarted: the model is closing", None)
             try:
                 self._start()
@@ -271,6 +276,12 @@ class ProcessInstance:
         raise self._crashed(None, "died before taking the request, three times in a row", None)
 
     # -- shutdown -------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Makes a call in flight give up within one liveness poll: its child is killed and the
+        call fails with WorkerCrashed; no restart follows. Safe from any thread; for close with
+        drain=False, where a hung child would otherwise hold the worker (and close) forever."""
+        self._aborting = True
+
     def close(self) -> None:
         """Asks the child to exit, then terminates it if it does not; frees the segment.
         Idempotent. Call it once no call is in flight (after the worker thread exited)."""
