@@ -429,7 +429,9 @@ class Runtime(_core._Runtime):
 
     def close(self, drain: bool = True) -> None:
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
-        cancels it. Running calls always finish. Idempotent; returns when workers have exited."""
+        cancels it. Running calls always finish, except in process instances with
+        ``drain=False``: their children are killed and those calls fail with WorkerCrashed.
+        Idempotent; returns when workers (and worker processes) have exited."""
         if not drain:
             for name in list(self._processes):
                 self._abort_processes(name)
