@@ -13,4 +13,5 @@ PYBIND11_MODULE(_core, m) {
   apportion::bindings::register_topology(m);
   apportion::bindings::register_placement(m);
   apportion::bindings::register_gpu(m);
+  apportion::bindings::register_process(m);
 }

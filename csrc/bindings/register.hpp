@@ -9,5 +9,6 @@ void register_engine(pybind11::module_& m);
 void register_topology(pybind11::module_& m);
 void register_placement(pybind11::module_& m);
 void register_gpu(pybind11::module_& m);
+void register_process(pybind11::module_& m);
 
 }  // namespace apportion::bindings

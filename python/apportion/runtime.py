@@ -19,6 +19,7 @@ from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import Plan, Quota, plan
+from ._private.process import ProcessInstance, factory_path
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
 
@@ -78,6 +79,18 @@ def _quota_timeout(model: str, value: object) -> float | None:
             f"or None, got {value!r}"
         )
     return v
+
+
+def _quota_watchdog(model: str, value: object, process: bool) -> float | None:
+    if value is None:
+        return None
+    if not process:
+        raise QuotaError(f"model {model!r}, field 'watchdog_s': a watchdog needs isolation=\"process\" (a "
+                         f"thread cannot be killed); got watchdog_s={value!r} with another isolation")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise QuotaError(f"model {model!r}, field 'watchdog_s': give a positive, finite number of seconds "
+                         f"or None, got {value!r}")
+    return float(value)
 
 
 class _GpuState:
@@ -165,13 +178,14 @@ class Runtime(_core._Runtime):
         self._gpu_usage: dict[str, GpuUsage] = {}
         self._gpu = _GpuState()
         self._bursts: dict[str, int] = {}
+        self._processes: dict[str, list[ProcessInstance]] = {}
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
     def add_model(
         self,
         name: str,
-        factory: Callable[[InstanceContext], Any] | None = None,
+        factory: Callable[[InstanceContext], Any] | str | None = None,
         *,
         model: Any = None,
         instances: int = 1,
@@ -192,6 +206,7 @@ class Runtime(_core._Runtime):
         weight: float | None = None,
         priority_class: int | None = None,
         burst: bool | int = False,
+        watchdog_s: float | None = None,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's pinned worker thread, returning the model to serve) or ``model``
@@ -230,6 +245,13 @@ class Runtime(_core._Runtime):
         burst request no longer waits for the model's own cores, but it runs on shared ones,
         at the speed the pool's load allows, and the pool's other models lose that time.
 
+        Process isolation: ``isolation="process"`` runs each instance's model in a child process
+        of its own, pinned like the instance (``factory`` is then a "module:function" path or a
+        module-level function, imported in the child; ``model=`` and ``gpu=`` are not
+        available). It is planned like "exclusive" when ``cores`` is given, else like
+        "shared". A child that dies, or runs one call longer than ``watchdog_s`` seconds (None:
+        no limit), fails that call with WorkerCrashed and is restarted for the next one.
+
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
         """
@@ -237,7 +259,19 @@ class Runtime(_core._Runtime):
             raise QuotaError(f"model name must be a non-empty string, got {name!r}")
         if (factory is None) == (model is None):
             raise QuotaError(f"model {name!r}: pass exactly one of factory= or model=")
-        if factory is not None and not callable(factory):
+        if isolation not in ("exclusive", "shared", "process"):
+            raise QuotaError(f"model {name!r}, field 'isolation': got {isolation!r}; give \"exclusive\", "
+                             "\"shared\" or \"process\"")
+        process = isolation == "process"
+        if process:
+            if model is not None:
+                raise QuotaError(f"model {name!r}, field 'model': isolation=\"process\" builds the model in "
+                                 "the worker process; give factory=\"module:function\" instead of model=")
+            if gpu is not None:
+                raise QuotaError(f"model {name!r}, field 'gpu': GPU quotas are not available with "
+                                 "isolation=\"process\" yet; use \"exclusive\" or \"shared\"")
+            factory_ref = factory_path(name, factory)
+        elif factory is not None and not callable(factory):
             raise QuotaError(f"model {name!r}: factory must be callable, got {type(factory).__name__}")
         if model is not None and not callable(model):
             raise QuotaError(f"model {name!r}: model must be callable, got {type(model).__name__}")
@@ -258,14 +292,23 @@ class Runtime(_core._Runtime):
             raise QuotaError(
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
             )
-        weight_v, class_v, burst_n = self._check_sharing(name, isolation, instances, weight,
-                                                         priority_class, burst)
+        watchdog = _quota_watchdog(name, watchdog_s, process)
         if name in self._quotas:
             raise ValueError(f"model {name!r} is already registered")
         if gpu is not None:
             self._check_gpu(name, gpu)
+        # A process instance is placed like a thread instance: its own cores when it asks for
+        # some, the shared pool otherwise.
+        planned_isolation = ("exclusive" if cores is not None else "shared") if process else isolation
+        if process and burst:
+            raise QuotaError(f"model {name!r}, field 'burst': burst instances are threads of this "
+                             "process; they are not available with isolation=\"process\"")
+        # A process model without cores shares the pool like a thread one (its worker holds the
+        # pool's units while its child computes).
+        weight_v, class_v, burst_n = self._check_sharing(name, planned_isolation, instances, weight,
+                                                         priority_class, burst)
         quota = Quota(name=name, cores=cores, instances=instances, threads=threads,
-                      isolation=isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
+                      isolation=planned_isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
                       memory_policy=memory_policy,  # type: ignore[arg-type]
                       oversubscribe=oversubscribe)
 
@@ -279,6 +322,25 @@ class Runtime(_core._Runtime):
         placed = self._placed.setdefault(name, {})
         isolation_word = quota.isolation
         gpu_state = self._gpu
+        procs = self._processes.setdefault(name, [])
+        memory_word = quota.memory_policy if len(self.topology.nodes) > 1 else "none"
+
+        def make_process_instance(index: int) -> Callable[[Any], Any]:
+            cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
+            spec = {"factory": factory_ref, "model": name, "instance": index, "instances": instances,
+                    "threads": planned_threads, "cpus": list(cpus) if cpus else None,
+                    "memory_nodes": list(nodes), "memory_policy": memory_word,
+                    # The child parks at once between requests: its next request is at least a
+                    # caller and a worker wake-up away, and spinning would take a core from them
+                    # (measured: 2x slower round trips on 2 cores). The proxy spins for the reply.
+                    "spin_us": 0.0}
+            # On a single CPU the proxy's spin only delays the child it waits for (they share
+            # that CPU): park at once there (measured: 75-100 us round trips with the spin,
+            # 52-55 us without, on the 2-core VM).
+            proxy_spin = float(spin_us) if cpus is None or len(cpus) > 1 else 0.0
+            proxy = ProcessInstance(spec, watchdog_s=watchdog, spin_us=proxy_spin)
+            procs.append(proxy)
+            return proxy
         usage = GpuUsage(gpu.to_native(name)["memory"]) if gpu is not None else None
 
         def make_instance(index: int) -> Callable[[Any], Any]:
@@ -306,7 +368,8 @@ class Runtime(_core._Runtime):
                     "hold every CPU), so there is nowhere to burst to"
                 )
             instances_arg, policy = self._native_placement(new_plan, name)
-            self._add_model(name, wrap_factory(name, make_instance) if batching is not None else make_instance,
+            build = make_process_instance if process else make_instance
+            self._add_model(name, wrap_factory(name, build) if batching is not None else build,
                             instances, max_queue, timeout, priority_levels, float(spin_us),
                             instances_arg, policy, on_timeout=on_timeout, batching=native_batching,
                             pooled=self._scheduled and quota.isolation == "shared",
@@ -323,6 +386,7 @@ class Runtime(_core._Runtime):
                 del self._quotas[name]
                 self._bursts.pop(name, None)
                 self._placed.pop(name, None)
+                self._close_processes(name)
 
     def _check_sharing(self, name: str, isolation: object, instances: int, weight: object,
                        priority_class: object, burst: object) -> tuple[float, int, int]:
@@ -372,7 +436,10 @@ class Runtime(_core._Runtime):
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
         (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
         cores go back to the shared pool for models added later."""
+        if not drain:
+            self._abort_processes(name)
         super().remove_model(name, drain=drain)
+        self._close_processes(name)
         self._quotas.pop(name, None)
         self._bursts.pop(name, None)
         self._gpu_usage.pop(name, None)
@@ -471,9 +538,27 @@ class Runtime(_core._Runtime):
 
     def close(self, drain: bool = True) -> None:
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
-        cancels it. Running calls always finish. Idempotent; returns when workers have exited."""
+        cancels it. Running calls always finish, except in process instances with
+        ``drain=False``: their children are killed and those calls fail with WorkerCrashed.
+        Idempotent; returns when workers (and worker processes) have exited."""
+        if not drain:
+            for name in list(self._processes):
+                self._abort_processes(name)
         self._close(drain)
         self._gpu.close()  # streams outlive every call that used them: workers have exited
+        for name in list(self._processes):
+            self._close_processes(name)
+
+    def _abort_processes(self, name: str) -> None:
+        # Before the workers are joined: a child that never answers would otherwise keep its
+        # worker, and so close(drain=False) and the exit handler, waiting forever.
+        for proxy in list(self._processes.get(name, ())):
+            proxy.abort()
+
+    def _close_processes(self, name: str) -> None:
+        # Only once the model's workers have exited: no call is in flight in any proxy.
+        for proxy in self._processes.pop(name, ()):
+            proxy.close()
 
     def __enter__(self) -> Runtime:
         if not self.started:

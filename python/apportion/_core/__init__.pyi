@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from . import gpu
-__all__: list[str] = ['Future', 'Quota', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'thread_affinities']
+__all__: list[str] = ['Future', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
 class Future:
     """
     A pending request (concurrent.futures-compatible interface).
@@ -53,7 +53,7 @@ class _Runtime:
     """
     def __init__(self) -> None:
         ...
-    def _add_model(self, name: str, make_instance: typing.Any, instances: typing.SupportsInt | typing.SupportsIndex, max_queue: typing.SupportsInt | typing.SupportsIndex, timeout_ms: typing.SupportsFloat | typing.SupportsIndex | None, priority_levels: typing.SupportsInt | typing.SupportsIndex, spin_us: typing.SupportsFloat | typing.SupportsIndex, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, on_timeout: str = 'reject', batching: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]] | None = None) -> None:
+    def _add_model(self, name: str, make_instance: typing.Any, instances: typing.SupportsInt | typing.SupportsIndex, max_queue: typing.SupportsInt | typing.SupportsIndex, timeout_ms: typing.SupportsFloat | typing.SupportsIndex | None, priority_levels: typing.SupportsInt | typing.SupportsIndex, spin_us: typing.SupportsFloat | typing.SupportsIndex, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, on_timeout: str = 'reject', batching: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]] | None = None, pooled: bool = False, weight: typing.SupportsFloat | typing.SupportsIndex = 1.0, priority_class: typing.SupportsInt | typing.SupportsIndex = 0, pool_units: typing.SupportsInt | typing.SupportsIndex = 1, burst: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
     def _close(self, drain: bool) -> None:
         ...
@@ -62,6 +62,8 @@ class _Runtime:
     def _model_stats(self, name: str) -> dict:
         ...
     def _set_placement(self, name: str, instances: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str) -> None:
+        ...
+    def _set_pool_capacity(self, capacity: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def _start(self) -> None:
         ...
@@ -77,6 +79,9 @@ class _Runtime:
         """
         Queues one request per item, all or none (QueueFull if they do not all fit); returns a list of Futures.
         """
+    @property
+    def _pool_capacity(self) -> int:
+        ...
     @property
     def closed(self) -> bool:
         ...
@@ -157,6 +162,61 @@ class Quota:
     @property
     def threads(self) -> int:
         ...
+class ShmChannel:
+    """
+    Two-way message channel in a POSIX shared-memory segment: one byte ring per
+    direction, cross-process futex wake-ups. One thread sends and one receives
+    on each side. Used by process-isolated instances (apportion._private.process).
+    """
+    @staticmethod
+    def create(name: str, ring_bytes: typing.SupportsInt | typing.SupportsIndex) -> ShmChannel:
+        """
+        Create segment `name` ("/..."; must not exist) with rings of `ring_bytes` each (sparse:
+        only pages messages touch use memory). The creator unlinks the name on unlink()/close().
+        Raises OSError.
+        """
+    @staticmethod
+    def open(name: str) -> ShmChannel:
+        """
+        Map the existing segment `name` as the child side. Raises OSError.
+        """
+    def close(self) -> None:
+        """
+        Unmap (and, for the creator, unlink). Idempotent.
+        """
+    def max_message_bytes(self, parts: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        The most payload bytes, over `parts` parts, that always fit one message.
+        """
+    def receive(self, spin_us: typing.SupportsFloat | typing.SupportsIndex = 0.0, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None) -> typing.Any:
+        """
+        Wait (GIL released; spin `spin_us` first) up to `timeout` seconds for a message: a list
+        whose first part is bytes and the others bytearrays; None on timeout.
+        """
+    def send(self, parts: list, spin_us: typing.SupportsFloat | typing.SupportsIndex = 0.0, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None) -> bool:
+        """
+        Send the buffers in `parts` (bytes-like, C-contiguous) as one message. Waits for room
+        (GIL released) up to `timeout` seconds (None: no limit); False if it timed out.
+        ValueError if the message can never fit.
+        """
+    def unlink(self) -> None:
+        """
+        Remove the segment's name (mappings stay valid). Idempotent; creator only.
+        """
+    @property
+    def closed(self) -> bool:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def ring_bytes(self) -> int:
+        ...
+    @property
+    def sent_unread(self) -> bool:
+        """
+        A sent message the peer has not taken yet (after the peer died: it never saw it).
+        """
 def current_memory_policy() -> tuple[str, list[int]]:
     """
     The calling thread's NUMA policy as ("bind" | "prefer" | "none", nodes).
@@ -194,6 +254,11 @@ def set_memory_policy(policy: str, nodes: collections.abc.Sequence[typing.Suppor
     """
     Set the calling thread's NUMA policy: "bind", "prefer" (first node) or "none" (default).
     Returns (ok, reason); never raises for an OS refusal.
+    """
+def set_parent_death_signal(signal: typing.SupportsInt | typing.SupportsIndex) -> bool:
+    """
+    Ask the kernel to send `signal` to this process when the thread that started it exits
+    (prctl PR_SET_PDEATHSIG). False where unsupported.
     """
 def thread_affinities(pid: typing.SupportsInt | typing.SupportsIndex = 0, proc_root: str = '/proc') -> list[tuple[int, str, list[int]]]:
     """

@@ -1,0 +1,337 @@
+#include "apportion/shm_channel.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <new>
+
+#include "apportion/parking.hpp"
+
+#if defined(__linux__)
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#endif
+
+namespace apportion {
+
+using shm_detail::Header;
+using shm_detail::kLine;
+using shm_detail::Ring;
+
+void shared_park_wait(std::atomic<uint32_t>& word, uint32_t expected, int64_t timeout_ns) noexcept {
+#if defined(__linux__)
+  timespec ts{};
+  timespec* tsp = nullptr;
+  if (timeout_ns >= 0) {
+    ts.tv_sec = static_cast<time_t>(timeout_ns / 1'000'000'000);
+    ts.tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000);
+    tsp = &ts;
+  }
+  // Not FUTEX_WAIT_PRIVATE: the waker is another process (see the header).
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT, expected, tsp, nullptr, 0);
+#else
+  park_wait(word, expected, timeout_ns);
+#endif
+}
+
+void shared_park_wake(std::atomic<uint32_t>& word, int count) noexcept {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
+#else
+  park_wake(word, count);
+#endif
+}
+
+namespace {
+
+constexpr uint64_t kMagic = 0x61707072'6f636831ULL;  // "apprhoc1"
+constexpr uint32_t kVersion = 1;
+constexpr uint32_t kKindMessage = 1;
+constexpr uint32_t kKindSkip = 2;  // the rest of the ring up to its end is padding
+
+// Every frame starts on a cache line, so a frame's header never shares a line with the
+// previous frame's tail bytes that the consumer may still be reading.
+struct FrameHeader {
+  uint64_t bytes;  // the whole frame, header included, a multiple of kLine
+  uint32_t kind;
+  uint32_t parts;
+  // followed by `parts` uint64_t lengths, then the parts, each starting on a cache line
+};
+static_assert(sizeof(FrameHeader) == 16, "frame layout is shared between processes");
+
+constexpr uint64_t round_up(uint64_t n) { return (n + kLine - 1) / kLine * kLine; }
+
+uint64_t header_bytes(std::size_t parts) { return round_up(sizeof(FrameHeader) + 8 * parts); }
+
+uint64_t frame_bytes(std::span<const std::span<const std::byte>> parts) {
+  uint64_t n = header_bytes(parts.size());
+  for (const auto& p : parts) n += round_up(p.size());
+  return n;
+}
+
+std::string errno_text(const char* what, const std::string& name) {
+  return std::string(what) + " " + name + ": " + std::strerror(errno);
+}
+
+}  // namespace
+
+ShmChannel::ShmChannel(std::string name, void* base, std::size_t map_bytes, bool owner, Side side)
+    : name_(std::move(name)), base_(base), map_bytes_(map_bytes), owner_(owner), side_(side) {
+  ring_bytes_ = static_cast<Header*>(base_)->ring_bytes;
+}
+
+std::unique_ptr<ShmChannel> ShmChannel::create(const std::string& name, std::size_t ring_bytes,
+                                               std::string* error) {
+#if defined(__linux__)
+  ring_bytes = static_cast<std::size_t>(round_up(std::max<std::size_t>(ring_bytes, 4 * kLine)));
+  const std::size_t total = sizeof(Header) + 2 * ring_bytes;
+  const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0) {
+    if (error) *error = errno_text("shm_open", name);
+    return nullptr;
+  }
+  // Sparse: tmpfs allocates only the pages a message touches (see the send() reuse rule).
+  if (::ftruncate(fd, static_cast<off_t>(total)) != 0) {
+    if (error) *error = errno_text("ftruncate", name);
+    ::close(fd);
+    ::shm_unlink(name.c_str());
+    return nullptr;
+  }
+  void* base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (base == MAP_FAILED) {
+    if (error) *error = errno_text("mmap", name);
+    ::shm_unlink(name.c_str());
+    return nullptr;
+  }
+  auto* h = new (base) Header{};
+  h->ring_bytes = ring_bytes;
+  h->version = kVersion;
+  // Published last: open() refuses a segment whose magic is not set yet.
+  std::atomic_ref<uint64_t>(h->magic).store(kMagic, std::memory_order_release);
+  return std::unique_ptr<ShmChannel>(new ShmChannel(name, base, total, true, Side::parent));
+#else
+  (void)name;
+  (void)ring_bytes;
+  if (error) *error = "shared-memory channels need Linux";
+  return nullptr;
+#endif
+}
+
+std::unique_ptr<ShmChannel> ShmChannel::open(const std::string& name, std::string* error) {
+#if defined(__linux__)
+  const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
+  if (fd < 0) {
+    if (error) *error = errno_text("shm_open", name);
+    return nullptr;
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || static_cast<std::size_t>(st.st_size) < sizeof(Header)) {
+    if (error) *error = "segment " + name + " is too small to be a channel";
+    ::close(fd);
+    return nullptr;
+  }
+  const auto total = static_cast<std::size_t>(st.st_size);
+  void* base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (base == MAP_FAILED) {
+    if (error) *error = errno_text("mmap", name);
+    return nullptr;
+  }
+  auto* h = static_cast<Header*>(base);
+  if (std::atomic_ref<uint64_t>(h->magic).load(std::memory_order_acquire) != kMagic ||
+      h->version != kVersion || sizeof(Header) + 2 * h->ring_bytes != total) {
+    if (error) *error = "segment " + name + " is not an apportion channel of this version";
+    ::munmap(base, total);
+    return nullptr;
+  }
+  return std::unique_ptr<ShmChannel>(new ShmChannel(name, base, total, false, Side::child));
+#else
+  (void)name;
+  if (error) *error = "shared-memory channels need Linux";
+  return nullptr;
+#endif
+}
+
+ShmChannel::~ShmChannel() {
+  unlink();
+#if defined(__linux__)
+  if (base_ != nullptr) ::munmap(base_, map_bytes_);
+#endif
+}
+
+void ShmChannel::unlink() noexcept {
+#if defined(__linux__)
+  if (owner_ && !unlinked_) ::shm_unlink(name_.c_str());
+#endif
+  unlinked_ = true;
+}
+
+std::size_t ShmChannel::max_message_bytes(std::size_t parts) const noexcept {
+  // Each part is padded to a cache line; with p parts at most p - 1 lines' worth of padding
+  // can push the frame past what the payload alone needs (both are multiples of a line).
+  const uint64_t framing = header_bytes(parts) + (parts > 0 ? parts - 1 : 0) * kLine;
+  return ring_bytes_ > framing ? ring_bytes_ - framing : 0;
+}
+
+Ring& ShmChannel::out_ring() noexcept {
+  return static_cast<Header*>(base_)->rings[side_ == Side::parent ? 0 : 1];
+}
+Ring& ShmChannel::in_ring() noexcept {
+  return static_cast<Header*>(base_)->rings[side_ == Side::parent ? 1 : 0];
+}
+std::byte* ShmChannel::out_data() noexcept {
+  return static_cast<std::byte*>(base_) + sizeof(Header) + (side_ == Side::parent ? 0 : ring_bytes_);
+}
+const std::byte* ShmChannel::in_data() const noexcept {
+  return static_cast<const std::byte*>(base_) + sizeof(Header) + (side_ == Side::parent ? ring_bytes_ : 0);
+}
+
+bool ShmChannel::wait_event(std::atomic<uint32_t>& event, std::atomic<uint32_t>& waiters,
+                            const std::atomic<uint64_t>& watched, uint64_t unchanged_value,
+                            int64_t spin_ns, int64_t deadline_ns) {
+  // Spinning first answers a peer that replies within microseconds without two futex
+  // syscalls (~5 us each here); the spin is bounded by time so an idle side stops burning its
+  // core quickly.
+  const int64_t spin_end = now_ns() + std::max<int64_t>(spin_ns, 0);
+  for (;;) {
+    if (watched.load(std::memory_order_acquire) != unchanged_value) return true;
+    if (now_ns() >= spin_end) break;
+    cpu_relax();
+  }
+  for (;;) {
+    // Register, read the event, re-check: the other side bumps the event (seq_cst) after
+    // changing `watched` and then reads `waiters` (seq_cst), so either it sees us and wakes
+    // us, or we see its change here or in the futex's value check.
+    waiters.fetch_add(1, std::memory_order_seq_cst);
+    const uint32_t seen = event.load(std::memory_order_seq_cst);
+    if (watched.load(std::memory_order_seq_cst) != unchanged_value) {
+      waiters.fetch_sub(1, std::memory_order_relaxed);
+      return true;
+    }
+    int64_t left = -1;
+    if (deadline_ns >= 0) {
+      left = deadline_ns - now_ns();
+      if (left <= 0) {
+        waiters.fetch_sub(1, std::memory_order_relaxed);
+        return false;
+      }
+    }
+    shared_park_wait(event, seen, left);
+    waiters.fetch_sub(1, std::memory_order_relaxed);
+    if (watched.load(std::memory_order_acquire) != unchanged_value) return true;
+  }
+}
+
+namespace {
+void signal_event(std::atomic<uint32_t>& event, std::atomic<uint32_t>& waiters) {
+  event.fetch_add(1, std::memory_order_seq_cst);
+  if (waiters.load(std::memory_order_seq_cst) != 0) shared_park_wake(event, INT_MAX);
+}
+}  // namespace
+
+ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts, int64_t spin_ns,
+                               int64_t timeout_ns) {
+  const uint64_t need = frame_bytes(parts);
+  if (need > ring_bytes_) return ChannelStatus::too_large;
+  const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+  Ring& r = out_ring();
+  std::byte* data = out_data();
+  const uint64_t cap = ring_bytes_;
+  const uint64_t head = r.head.load(std::memory_order_relaxed);  // only this thread writes it
+  uint64_t start = head;
+  uint64_t offset = head % cap;
+  // Where the frame goes: at `head`, or at the ring's start when it would run past the end
+  // (a skip frame pads the rest). When the ring is empty and the frame also fits before the
+  // current offset, restart at the ring's start anyway: messages then keep reusing the same
+  // first pages instead of touching the whole ring over time (the segment is sparse).
+  uint64_t tail = r.tail.load(std::memory_order_acquire);
+  if (offset + need > cap || (tail == head && offset != 0 && need <= offset)) {
+    start = head + (cap - offset);
+  }
+  const uint64_t end = start + need;
+  while (end - tail > cap) {
+    if (!wait_event(r.space_event, r.space_waiters, r.tail, tail, spin_ns, deadline)) {
+      return ChannelStatus::timeout;
+    }
+    tail = r.tail.load(std::memory_order_acquire);
+  }
+  if (start != head) {
+    FrameHeader skip{cap - offset, kKindSkip, 0};
+    std::memcpy(data + offset, &skip, sizeof skip);
+  }
+  std::byte* frame = data + start % cap;
+  FrameHeader fh{need, kKindMessage, static_cast<uint32_t>(parts.size())};
+  std::memcpy(frame, &fh, sizeof fh);
+  uint64_t at = header_bytes(parts.size());
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const uint64_t len = parts[i].size();
+    std::memcpy(frame + sizeof fh + 8 * i, &len, 8);
+    if (len != 0) std::memcpy(frame + at, parts[i].data(), len);
+    at += round_up(len);
+  }
+  // Release: the frame bytes above are visible to a consumer that acquires the new head.
+  r.head.store(end, std::memory_order_release);
+  signal_event(r.data_event, r.data_waiters);
+  return ChannelStatus::ok;
+}
+
+ChannelStatus ShmChannel::receive(std::vector<std::span<const std::byte>>& parts, int64_t spin_ns,
+                                  int64_t timeout_ns) {
+  parts.clear();
+  const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+  Ring& r = in_ring();
+  const std::byte* data = in_data();
+  const uint64_t cap = ring_bytes_;
+  uint64_t tail = r.tail.load(std::memory_order_relaxed);  // only this thread writes it
+  if (pending_release_ != 0) tail = pending_release_;      // a message still held: skip it
+  if (r.head.load(std::memory_order_acquire) == tail &&
+      !wait_event(r.data_event, r.data_waiters, r.head, tail, spin_ns, deadline)) {
+    return ChannelStatus::timeout;
+  }
+  FrameHeader fh{};
+  std::memcpy(&fh, data + tail % cap, sizeof fh);
+  if (fh.kind == kKindSkip) {
+    // The producer published the skip and the frame after it with one head store.
+    tail += fh.bytes;
+    std::memcpy(&fh, data + tail % cap, sizeof fh);
+  }
+  const std::byte* frame = data + tail % cap;
+  uint64_t at = header_bytes(fh.parts);
+  parts.reserve(fh.parts);
+  for (uint32_t i = 0; i < fh.parts; ++i) {
+    uint64_t len = 0;
+    std::memcpy(&len, frame + sizeof fh + 8 * i, 8);
+    parts.emplace_back(frame + at, static_cast<std::size_t>(len));
+    at += round_up(len);
+  }
+  pending_release_ = tail + fh.bytes;
+  return ChannelStatus::ok;
+}
+
+void ShmChannel::release() noexcept {
+  if (pending_release_ == 0) return;
+  Ring& r = in_ring();
+  // Release: our reads of the frame happen before the producer may overwrite it.
+  r.tail.store(pending_release_, std::memory_order_release);
+  pending_release_ = 0;
+  signal_event(r.space_event, r.space_waiters);
+}
+
+bool ShmChannel::readable() const noexcept {
+  const Ring& r = const_cast<ShmChannel*>(this)->in_ring();
+  return r.head.load(std::memory_order_acquire) != r.tail.load(std::memory_order_relaxed);
+}
+
+bool ShmChannel::sent_unread() const noexcept {
+  const Ring& r = const_cast<ShmChannel*>(this)->out_ring();
+  return r.tail.load(std::memory_order_acquire) != r.head.load(std::memory_order_relaxed);
+}
+
+}  // namespace apportion

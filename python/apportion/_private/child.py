@@ -1,0 +1,128 @@
+"""The worker process of a process-isolated instance: ``python -m apportion._private.child SPEC``.
+
+Started by :class:`apportion._private.process.ProcessInstance` from the instance's pinned
+worker thread (so it is born with that thread's CPU mask and memory policy). It applies the
+placement again explicitly, imports the factory by its "module:function" path, builds the
+model with the same ``adapt`` path as a thread instance, reports ready, then serves one request
+at a time from the shared-memory channel until told to exit or its parent goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import traceback
+from typing import Any
+
+from apportion._private.payload import ERROR, EXIT, OK, READY, START_FAILED, dumps, loads
+
+# How long the idle loop parks before checking that its parent is still there (a backstop for
+# PR_SET_PDEATHSIG, which fires when the parent's *thread* exits, and only on Linux).
+_PARENT_CHECK_S = 1.0
+
+
+def _error_reply(kind: int, exc: BaseException) -> tuple[int, BaseException, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickle.dumps(exc, protocol=5)
+    except Exception:  # noqa: BLE001 - any failure means it cannot cross as it is
+        exc = RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+                           "(the exception could not be pickled; its traceback follows)")
+    return kind, exc, tb
+
+
+def _place(spec: dict[str, Any]) -> list[str]:
+    from apportion import _core
+
+    notes = []
+    if spec["cpus"]:
+        ok, why = _core.pin_current_thread(spec["cpus"])
+        if not ok:
+            notes.append(f"CPU mask {spec['cpus']}: {why}")
+    if spec["memory_policy"] != "none" and spec["memory_nodes"]:
+        ok, why = _core.set_memory_policy(spec["memory_policy"], spec["memory_nodes"])
+        if not ok:
+            notes.append(f"memory policy {spec['memory_policy']} {spec['memory_nodes']}: {why}")
+    return notes
+
+
+def _build(spec: dict[str, Any]) -> Any:
+    import importlib
+
+    from apportion.adapters import adapt
+    from apportion.errors import QuotaError
+    from apportion.runtime import InstanceContext
+
+    module_name, _, attr = spec["factory"].partition(":")
+    module = importlib.import_module(module_name)
+    factory: Any = module
+    try:
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except AttributeError:
+        raise QuotaError(f"model {spec['model']!r}, field 'factory': module {module_name!r} has no "
+                         f"attribute {attr!r}") from None
+    ctx = InstanceContext(
+        model=spec["model"], instance=spec["instance"], instances=spec["instances"],
+        threads=spec["threads"], cpus=tuple(spec["cpus"]) if spec["cpus"] else None,
+        memory_nodes=tuple(spec["memory_nodes"]), isolation="process", gpu=None,
+    )
+    obj = factory(ctx)
+    if not callable(obj):
+        raise TypeError(f"model {spec['model']!r}: factory returned {type(obj).__name__}, which is not callable")
+    return adapt(obj, ctx)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    from apportion import _core
+
+    # The parent may already be gone (it died between starting us and this line): then the
+    # death signal would never come.
+    _core.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != spec["parent"]:
+        return 0
+    notes = _place(spec)
+    channel = _core.ShmChannel.open(spec["channel"])
+    spin_us = float(spec["spin_us"])
+    try:
+        fn = _build(spec)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        channel.send(dumps(_error_reply(START_FAILED, e)), 0.0, None)
+        return 1
+    channel.send(dumps((READY, os.getpid(), notes)), 0.0, None)
+
+    while True:
+        parts = channel.receive(spin_us, _PARENT_CHECK_S)
+        if parts is None:
+            if os.getppid() != spec["parent"]:
+                return 0
+            continue
+        try:
+            kind, payload = loads(parts)
+        except Exception as e:  # noqa: BLE001 - e.g. a class this process cannot import
+            channel.send(dumps(_error_reply(ERROR, e)), 0.0, None)
+            continue
+        if kind == EXIT:
+            return 0
+        try:
+            reply: Any = (OK, fn(payload))
+        except BaseException as e:  # noqa: BLE001 - the caller gets the model's own exception
+            reply = _error_reply(ERROR, e)
+        try:
+            out = dumps(reply)
+        except Exception as e:  # noqa: BLE001 - an unpicklable result fails that request only
+            out = dumps(_error_reply(ERROR, TypeError(
+                f"model {spec['model']!r}: the result could not be sent back from the worker "
+                f"process: {type(e).__name__}: {e}")))
+        try:
+            channel.send(out, 0.0, None)
+        except ValueError as e:  # larger than the ring
+            channel.send(dumps(_error_reply(ERROR, e)), 0.0, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

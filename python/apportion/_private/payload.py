@@ -1,0 +1,88 @@
+"""How requests and results cross the process boundary (the wire format between an instance's
+proxy and its worker process): pickle protocol 5, with large buffers
+out of band.
+
+A message is a list of parts: the pickle first, then every buffer of at least
+``OUT_OF_BAND_BYTES`` (numpy arrays, bytes-like objects that support PickleBuffer, CPU torch
+tensors) as a part of its own. The channel copies each part once into shared memory and once
+out again, instead of pickling it into the stream (a copy into the pickle, then a copy per
+pipe chunk, then the unpickling copy). Smaller buffers stay inline: for them one pickle is
+cheaper than a part's framing (see bench/RESULTS.md, "Process isolation", for the measured
+crossover).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from typing import Any
+
+__all__ = ["OUT_OF_BAND_BYTES", "dumps", "loads"]
+
+# Message kinds, the first item of every message. Parent -> child:
+CALL = 0
+EXIT = 1
+# Child -> parent:
+OK = 0
+ERROR = 1
+READY = 2
+START_FAILED = 3
+
+OUT_OF_BAND_BYTES = 64 * 1024
+"""Buffers at least this large travel as separate shared-memory parts, not inside the pickle."""
+
+
+def _rebuild_tensor(data: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    import numpy as np
+    import torch
+
+    flat = torch.from_numpy(np.asarray(data, dtype=np.uint8))
+    return flat.view(dtype).reshape(shape)
+
+
+class _Pickler(pickle.Pickler):
+    # torch pickles a tensor's storage as bytes inside the stream; a byte view of the storage
+    # as a numpy array goes out of band instead (any dtype, bfloat16 included).
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if (
+            torch is not None
+            and type(obj) is torch.Tensor
+            and obj.device.type == "cpu"
+            and not obj.requires_grad
+            and obj.layout == torch.strided
+            and obj.numel() * obj.element_size() >= OUT_OF_BAND_BYTES
+        ):
+            t = obj.detach().contiguous()
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+            return _rebuild_tensor, (raw, t.dtype, tuple(t.shape))
+        return NotImplemented
+
+
+def dumps(obj: Any) -> list[Any]:
+    """``obj`` as message parts: [pickle, out-of-band buffer, ...]."""
+    oob: list[Any] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: pickled inline
+            return True
+        if raw.nbytes >= OUT_OF_BAND_BYTES:
+            oob.append(raw)
+            return False
+        return True
+
+    if "torch" in sys.modules:
+        f = io.BytesIO()
+        _Pickler(f, protocol=5, buffer_callback=keep_large).dump(obj)
+        head: Any = f.getbuffer()
+    else:
+        head = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    return [head, *oob]
+
+
+def loads(parts: list[Any]) -> Any:
+    """The object from message parts (the buffers are owned copies: safe to keep)."""
+    return pickle.loads(parts[0], buffers=parts[1:])

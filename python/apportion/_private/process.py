@@ -1,0 +1,315 @@
+"""Process isolation: an instance whose model runs in a child process of its own.
+
+The instance is still an ordinary engine worker thread (pinned, with its queue, priorities,
+deadlines, batching and stats); the callable that thread serves is a :class:`ProcessInstance`,
+a proxy that forwards each call to its child through a shared-memory channel and waits for the
+answer. So requests wait in the parent's queue, never in the child: when a child dies, only
+the call in flight is affected, and queued requests go to its replacement.
+
+Faults: a child that dies during a call (a signal, ``os._exit``, the OOM killer) or runs past
+``watchdog_s`` (then it is killed) fails that call with :class:`~apportion.WorkerCrashed`; the
+next call starts a new child after an exponential back-off. A request the dead child never
+took from the channel is sent again to the new child instead of failing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from typing import Any
+
+from .. import _core
+from ..errors import PinningWarning, QuotaError, WorkerCrashed
+from . import payload as proto
+from .payload import dumps, loads
+
+__all__ = ["ProcessInstance", "RemoteTraceback", "factory_path", "SHM_PREFIX"]
+
+SHM_PREFIX = "apportion-"
+"""Every segment is /dev/shm/apportion-<pid>-<n>-i<instance>."""
+
+RING_BYTES = 64 << 20
+"""Capacity of each direction's ring: the largest request or result, pickle plus buffers. The
+segment is sparse; resident memory follows the largest message actually sent."""
+
+START_TIMEOUT_S = 300.0
+"""How long a child may take to import and build its model before start is declared failed."""
+
+_POLL_S = 0.02  # between liveness checks while waiting for a reply
+_BACKOFF_FIRST_S = 0.1
+_BACKOFF_MAX_S = 5.0
+_EXIT_GRACE_S = 2.0
+
+_names = itertools.count()
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process (set as its ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def factory_path(model: str, factory: object) -> str:
+    """The "module:function" a child imports, from a string or a top-level function. Raises
+    QuotaError naming the model and the field when the child could not import it."""
+    if isinstance(factory, str):
+        module, sep, attr = factory.partition(":")
+        if not sep or not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+            raise QuotaError(f"model {model!r}, field 'factory': {factory!r} is not a \"module:function\" path "
+                             "(isolation=\"process\" imports the factory in the worker process)")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError) as e:
+            found = None
+            why = f" ({e})"
+        else:
+            why = ""
+        if found is None:
+            raise QuotaError(f"model {model!r}, field 'factory': module {module!r} of {factory!r} is not "
+                             f"importable{why}; the worker process imports it with this process's sys.path")
+        return factory
+    if callable(factory):
+        module = getattr(factory, "__module__", None)
+        qualname = getattr(factory, "__qualname__", "")
+        if (inspect.isfunction(factory) and module and module != "__main__" and "<" not in qualname):
+            obj: Any = sys.modules.get(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if obj is factory:
+                return factory_path(model, f"{module}:{qualname}")
+        raise QuotaError(
+            f"model {model!r}, field 'factory': isolation=\"process\" needs a factory the worker process "
+            f"can import: a \"module:function\" string or a module-level function (not a lambda, closure, "
+            f"bound method or a function of __main__); got {factory!r}")
+    raise QuotaError(f"model {model!r}, field 'factory': give a \"module:function\" string, got {factory!r}")
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ProcessInstance:
+    """The callable an engine worker serves for a process-isolated instance. Used only by that
+    worker thread (calls) and, once the worker has exited, by whoever closes it."""
+
+    def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float) -> None:
+        self._spec = spec
+        self._model = spec["model"]
+        self._index = spec["instance"]
+        self._watchdog_s = watchdog_s
+        self._spin_us = spin_us
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._channel: Any = None
+        self._failures = 0
+        self._failed_at = 0.0
+        self._closed = False
+        self._aborting = False  # set from another thread by abort(); read between waits
+        self._lock = threading.Lock()  # close() from another thread vs. a restart
+        self.restarts = 0
+        """Children started after the first (introspection and tests)."""
+        self._start()
+
+    # -- the child ------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The current child's pid; None between a crash and the restart."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        name = f"/{SHM_PREFIX}{os.getpid()}-{next(_names)}-i{self._index}"
+        channel = _core.ShmChannel.create(name, RING_BYTES)
+        spec = dict(self._spec, channel=name, parent=os.getpid())
+        env = dict(os.environ)
+        # The child imports the factory with this process's path (entries added at run time,
+        # e.g. by a test runner, included).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
+        try:
+            # subprocess execs at once (no fork of this threaded process keeps running), and is
+            # started from the pinned worker thread: the child is born with its CPU mask.
+            proc = subprocess.Popen([sys.executable, "-m", "apportion._private.child", json.dumps(spec)],
+                                    env=env, stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            channel.close()
+            raise
+        try:
+            reply = self._wait_reply(channel, proc, START_TIMEOUT_S, starting=True)
+        except BaseException:
+            channel.close()
+            self._reap(proc, kill=True)
+            raise
+        finally:
+            # Both sides have it mapped now (or it failed): no name is left to leak, even if
+            # this process is killed later.
+            if not channel.closed:
+                channel.unlink()
+        kind = reply[0]
+        if kind != proto.READY:
+            channel.close()
+            self._reap(proc, kill=False)
+            _, exc, tb = reply
+            exc.__cause__ = RemoteTraceback(tb)
+            raise exc
+        for note in reply[2]:
+            warnings.warn(f"model {self._model!r} instance {self._index} (worker process): {note}",
+                          PinningWarning, stacklevel=2)
+        self._proc, self._channel = proc, channel
+
+    def _wait_reply(self, channel: Any, proc: subprocess.Popen[bytes], limit_s: float | None,
+                    starting: bool = False) -> Any:
+        deadline = None if limit_s is None else time.monotonic() + limit_s
+        spin = self._spin_us
+        while True:
+            wait = _POLL_S if deadline is None else min(_POLL_S, max(deadline - time.monotonic(), 0.0))
+            parts = channel.receive(spin, wait)
+            if parts is not None:
+                return loads(parts)
+            spin = 0.0  # the reply is not imminent: just park between checks
+            code = proc.poll()
+            if code is not None:
+                raise self._crashed(proc.pid, _describe_exit(code), code)
+            if self._aborting:
+                self._reap(proc, kill=True)
+                raise self._crashed(proc.pid, "was killed with SIGKILL: the model was closed with "
+                                    "drain=False during the call", -signal.SIGKILL)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._reap(proc, kill=True)
+                what = "did not start" if starting else "did not answer"
+                field = "" if starting else " (watchdog_s)"
+                raise self._crashed(proc.pid, f"{what} within {limit_s:g} s{field}; killed with SIGKILL",
+                                    -signal.SIGKILL)
+
+    def _crashed(self, pid: int | None, cause: str, code: int | None) -> WorkerCrashed:
+        who = f"worker process {pid}" if pid is not None else "worker process"
+        err = WorkerCrashed(f"model {self._model!r} instance {self._index}: {who} {cause}")
+        err.model = self._model  # type: ignore[attr-defined]
+        err.instance = self._index  # type: ignore[attr-defined]
+        err.exitcode = code  # type: ignore[attr-defined]
+        return err
+
+    def _reap(self, proc: subprocess.Popen[bytes], kill: bool) -> None:
+        if kill and proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(_EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _discard_child(self) -> None:
+        proc, channel = self._proc, self._channel
+        self._proc = self._channel = None
+        if channel is not None:
+            channel.close()
+        if proc is not None:
+            self._reap(proc, kill=True)
+        self._failures += 1
+        self._failed_at = time.monotonic()
+
+    def _restart(self) -> None:
+        delay = min(_BACKOFF_FIRST_S * 2 ** (self._failures - 1), _BACKOFF_MAX_S)
+        left = self._failed_at + delay - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+        with self._lock:
+            if self._closed or self._aborting:
+                raise self._crashed(None, "was not restarted: the model is closing", None)
+            try:
+                self._start()
+            except WorkerCrashed:
+                self._failures += 1
+                self._failed_at = time.monotonic()
+                raise
+            except BaseException as e:
+                self._failures += 1
+                self._failed_at = time.monotonic()
+                raise self._crashed(None, f"could not be restarted: {type(e).__name__}: {e}", None) from e
+            self.restarts += 1
+
+    # -- serving --------------------------------------------------------------------------------
+    def __call__(self, x: Any) -> Any:
+        parts = dumps((proto.CALL, x))
+        # No liveness check before sending (waitpid costs microseconds per call here): a child
+        # that died while idle never takes the request, which is then sent to its replacement.
+        for _attempt in range(3):
+            if self._proc is None:
+                self._restart()
+            channel, proc = self._channel, self._proc
+            assert channel is not None and proc is not None
+            try:
+                channel.send(parts, 0.0, None)
+            except ValueError as e:
+                raise ValueError(f"model {self._model!r}: the request does not fit the channel to the worker "
+                                 f"process: {e}") from None
+            try:
+                kind, *rest = self._wait_reply(channel, proc, self._watchdog_s)
+            except WorkerCrashed:
+                unread = channel.sent_unread
+                self._discard_child()
+                if unread:
+                    continue  # the child never took it: the next child serves it
+                raise
+            self._failures = 0
+            if kind == proto.OK:
+                return rest[0]
+            exc, tb = rest
+            exc.__cause__ = RemoteTraceback(tb)
+            raise exc
+        raise self._crashed(None, "died before taking the request, three times in a row", None)
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Makes a call in flight give up within one liveness poll: its child is killed and the
+        call fails with WorkerCrashed; no restart follows. Safe from any thread; for close with
+        drain=False, where a hung child would otherwise hold the worker (and close) forever."""
+        self._aborting = True
+
+    def close(self) -> None:
+        """Asks the child to exit, then terminates it if it does not; frees the segment.
+        Idempotent. Call it once no call is in flight (after the worker thread exited)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            proc, channel = self._proc, self._channel
+            self._proc = self._channel = None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None and channel is not None:
+                channel.send(dumps((proto.EXIT, None)), 0.0, 0.0)
+            proc.wait(_EXIT_GRACE_S)
+        except (subprocess.TimeoutExpired, ValueError, OSError):
+            proc.terminate()
+            try:
+                proc.wait(_EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            if channel is not None:
+                channel.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - best effort at collection or interpreter exit
+            pass

@@ -1,0 +1,94 @@
+"""Factories for process-isolated test models: the worker process imports them by path
+("process_models:name"), so they live in a plain module, not in a test file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+
+def echo(ctx: Any) -> Any:
+    return lambda x: x
+
+
+def info(ctx: Any) -> Any:
+    def serve(x: Any) -> Any:
+        return {"pid": os.getpid(), "ppid": os.getppid(), "cpus": sorted(os.sched_getaffinity(0)),
+                "model": ctx.model, "instance": ctx.instance, "isolation": ctx.isolation,
+                "ctx_cpus": ctx.cpus, "threads": ctx.threads, "x": x}
+
+    return serve
+
+
+def faulty(ctx: Any) -> Any:
+    """Does what the input says: crash, exit, hang, raise, or echo."""
+
+    def serve(x: Any) -> Any:
+        if not isinstance(x, (str, tuple)):
+            return x
+        if x == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif x == "exit":
+            os._exit(7)
+        elif x == "hang":
+            time.sleep(3600)
+        elif x == "kill":  # what the OOM killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif isinstance(x, tuple) and x[0] == "hang_after":
+            Path(x[1]).touch()
+            time.sleep(3600)
+        elif x == "raise":
+            raise ValueError("the model refused")
+        elif isinstance(x, tuple) and x[0] == "gate":
+            # Blocks until the test creates x[2]; creates x[1] first to say it is running.
+            Path(x[1]).touch()
+            deadline = time.monotonic() + 60
+            while not Path(x[2]).exists() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return "gate"
+        return x
+
+    return serve
+
+
+def double_batch(ctx: Any) -> Any:
+    return lambda xs: [2 * x for x in xs]
+
+
+def failing_factory(ctx: Any) -> Any:
+    raise RuntimeError(f"factory of {ctx.model!r} failed on purpose")
+
+
+def crashing_factory(ctx: Any) -> Any:
+    os._exit(3)
+
+
+def not_callable(ctx: Any) -> Any:
+    return 42
+
+
+def spin(ctx: Any) -> Any:
+    """Pure-Python CPU work that holds the GIL: n iterations."""
+
+    def serve(n: int) -> int:
+        acc = 0
+        for i in range(n):
+            acc += i * i % 7
+        return acc
+
+    return serve
+
+
+def torch_threads(ctx: Any) -> Any:
+    import torch
+
+    model = torch.nn.Linear(4, 2)
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return model(x), torch.get_num_threads(), torch.is_inference_mode_enabled()
+
+    return Probe()

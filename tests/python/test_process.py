@@ -1,0 +1,431 @@
+"""Process isolation: instances served from pinned child processes, crash and hang recovery,
+clean shutdown. Factories live in process_models.py (the child imports them by path)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from collections import Counter
+from concurrent.futures import CancelledError
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import apportion as ap
+from apportion._private import process as process_mod
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # the children inherit it and import process_models
+
+import process_models  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process isolation needs Linux")
+
+# Deadlock guards only; nothing asserts on time.
+LONG = 60.0
+
+
+def child_pids() -> set[int]:
+    """Live (or zombie) children of this process, from /proc."""
+    me = os.getpid()
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == me:
+            out.add(int(entry))
+    return out
+
+
+def our_segments() -> list[str]:
+    prefix = f"{process_mod.SHM_PREFIX}{os.getpid()}-"
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    before = child_pids()
+    yield
+    # Every runtime of the test is closed by now (fixtures and with-blocks).
+    assert child_pids() - before == set(), "worker processes left behind"
+    assert our_segments() == [], "shared-memory segments left behind"
+
+
+@pytest.fixture
+def prt() -> Iterator[ap.Runtime]:
+    runtime = ap.Runtime()
+    try:
+        yield runtime
+    finally:
+        runtime.close(drain=False)
+
+
+class Tally:
+    """Counts done-callbacks per future: every request must complete exactly once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done: Counter[int] = Counter()
+        self.order: list[Any] = []
+
+    def watch(self, fut: ap.Future, tag: Any = None) -> ap.Future:
+        key = id(fut)
+
+        def cb(f: ap.Future) -> None:
+            with self.lock:
+                self.done[key] += 1
+                if tag is not None:
+                    self.order.append(tag)
+
+        fut.add_done_callback(cb)
+        return fut
+
+    def check_once(self, futs: list[ap.Future]) -> None:
+        for f in futs:
+            f.exception(timeout=LONG)  # completed
+        with self.lock:
+            assert [self.done[id(f)] for f in futs] == [1] * len(futs)
+
+
+# -- serving --------------------------------------------------------------------------------------
+def test_serves_from_a_child_process_with_the_same_api(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:info", isolation="process", instances=2)
+    prt.start()
+    out = [prt.submit("m", i).result(timeout=LONG) for i in range(20)]
+    assert [o["x"] for o in out] == list(range(20))
+    pids = {o["pid"] for o in out}
+    assert os.getpid() not in pids and {o["ppid"] for o in out} == {os.getpid()}
+    assert {o["isolation"] for o in out} == {"process"}
+    assert {o["model"] for o in out} == {"m"}
+    assert len(pids) <= 2
+    s = prt.stats()["m"]
+    assert s.completed == 20 and s.failed == 0
+    assert [f.result(timeout=LONG)["x"] for f in prt.submit_many("m", [1, 2, 3])] == [1, 2, 3]
+
+    async def go() -> Any:
+        return await prt.infer("m", "async")
+
+    assert asyncio.run(go())["x"] == "async"
+
+
+def test_a_module_level_function_is_accepted_as_factory(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory=process_models.echo, isolation="process")
+    prt.start()
+    assert prt.submit("m", "x").result(timeout=LONG) == "x"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_children_are_confined_to_their_instance_cpus(prt: ap.Runtime) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    prt.add_model("pinned", factory="process_models:info", isolation="process", cores=str(cpu))
+    prt.start()
+    out = prt.submit("pinned", 0).result(timeout=LONG)
+    assert out["cpus"] == [cpu] and out["ctx_cpus"] == (cpu,)
+    status = Path(f"/proc/{out['pid']}/status").read_text()
+    allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                   if line.startswith("Cpus_allowed_list"))
+    assert allowed == str(cpu)
+    # Every thread of the child, not only the one that answered.
+    for _tid, _name, cpus in ap._core.thread_affinities(out["pid"]):
+        assert list(cpus) == [cpu]
+
+
+def test_large_arrays_travel_out_of_band_and_small_ones_inline(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:echo", isolation="process")
+    prt.start()
+    big = np.arange(1 << 18, dtype=np.float32)  # 1 MiB
+    small = np.arange(10, dtype=np.int64)
+    got = prt.submit("m", {"big": big, "small": small, "s": "text"}).result(timeout=LONG)
+    np.testing.assert_array_equal(got["big"], big)
+    np.testing.assert_array_equal(got["small"], small)
+    assert got["s"] == "text" and got["big"].flags.writeable
+    parts = process_mod.dumps({"big": big, "small": small})
+    assert len(parts) == 2 and memoryview(parts[1]).nbytes == big.nbytes
+
+
+def test_torch_tensors_round_trip(prt: ap.Runtime) -> None:
+    torch = pytest.importorskip("torch")
+    prt.add_model("m", factory="process_models:echo", isolation="process")
+    prt.start()
+    for t in (torch.randn(512, 512), torch.randn(256, 256).to(torch.bfloat16), torch.arange(5)):
+        got = prt.submit("m", t).result(timeout=LONG)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+
+
+def test_model_exception_reaches_the_caller_with_the_remote_traceback(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process")
+    prt.start()
+    with pytest.raises(ValueError, match="the model refused") as info:
+        prt.submit("m", "raise").result(timeout=LONG)
+    assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
+    assert "process_models.py" in str(info.value.__cause__)
+    assert prt.submit("m", 1).result(timeout=LONG) == 1
+
+
+def test_batching_through_a_process_instance(prt: ap.Runtime) -> None:
+    prt.add_model("b", factory="process_models:double_batch", isolation="process",
+                  batching=ap.Batching(max_size=8, max_delay_ms=2.0))
+    prt.start()
+    tally = Tally()
+    futs = [tally.watch(f) for f in prt.submit_many("b", list(range(50)))]
+    assert [f.result(timeout=LONG) for f in futs] == [2 * i for i in range(50)]
+    tally.check_once(futs)
+
+
+def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_path: Path) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
+    prt.start()
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    tally = Tally()
+    gate = tally.watch(prt.submit("m", ("gate", str(entered), str(release))), "gate")
+    deadline_at = time.monotonic() + LONG
+    while not entered.exists():
+        assert time.monotonic() < deadline_at, "the gate request never started"
+        time.sleep(0.005)
+    low = [tally.watch(prt.submit("m", f"low{i}", priority=1), f"low{i}") for i in range(3)]
+    high = [tally.watch(prt.submit("m", f"high{i}", priority=0), f"high{i}") for i in range(3)]
+    late = tally.watch(prt.submit("m", "late", timeout_ms=1), "late")
+    time.sleep(0.01)  # past the 1 ms deadline while the gate still holds the only instance
+    release.touch()
+    assert gate.result(timeout=LONG) == "gate"
+    assert [f.result(timeout=LONG) for f in high + low] == [f"high{i}" for i in range(3)] + [f"low{i}" for i in range(3)]
+    with pytest.raises(ap.DeadlineExceeded):
+        late.result(timeout=LONG)
+    tally.check_once([gate, *low, *high, late])
+    served = [t for t in tally.order if t not in ("gate", "late")]
+    assert served == [f"high{i}" for i in range(3)] + [f"low{i}" for i in range(3)]
+
+
+# -- faults ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("trigger", "cause"), [("segv", "killed by signal SIGSEGV"),
+                                                ("exit", "exited with code 7"),
+                                                ("kill", "killed by signal SIGKILL")])
+def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
+        prt: ap.Runtime, trigger: str, cause: str) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process")
+    prt.add_model("threaded", factory=lambda ctx: (lambda x: -x))
+    prt.start()
+    first = prt.submit("m", "info")
+    assert first.result(timeout=LONG) == "info"
+    tally = Tally()
+    crash = tally.watch(prt.submit("m", trigger))
+    queued = [tally.watch(prt.submit("m", i)) for i in range(20)]
+    others = [tally.watch(prt.submit("threaded", i)) for i in range(20)]
+    with pytest.raises(ap.WorkerCrashed, match=cause) as info:
+        crash.result(timeout=LONG)
+    msg = str(info.value)
+    assert "'m'" in msg and "instance 0" in msg
+    assert info.value.model == "m" and info.value.instance == 0  # type: ignore[attr-defined]
+    # Queued requests were not lost: the restarted child serves them, each exactly once.
+    assert [f.result(timeout=LONG) for f in queued] == list(range(20))
+    assert [f.result(timeout=LONG) for f in others] == [-i for i in range(20)]
+    tally.check_once([crash, *queued, *others])
+    s = prt.stats()["m"]
+    assert s.completed + s.failed >= 22
+
+
+def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
+    prt.add_model("other", factory="process_models:echo", isolation="process")
+    prt.start()
+    tally = Tally()
+    hang = tally.watch(prt.submit("m", "hang"))
+    after = [tally.watch(prt.submit("m", i)) for i in range(5)]
+    assert prt.submit("other", "still serving").result(timeout=LONG) == "still serving"
+    with pytest.raises(ap.WorkerCrashed, match=r"watchdog_s.*SIGKILL"):
+        hang.result(timeout=LONG)
+    assert [f.result(timeout=LONG) for f in after] == list(range(5))
+    tally.check_once([hang, *after])
+
+
+@pytest.mark.parametrize("how", ["close", "remove_model"])
+def test_close_without_drain_kills_a_hung_child(tmp_path: Path, how: str) -> None:
+    rt = ap.Runtime()
+    try:
+        rt.add_model("m", factory="process_models:faulty", isolation="process")  # no watchdog
+        rt.start()
+        entered = tmp_path / "entered"
+        fut = rt.submit("m", ("hang_after", str(entered)))
+        queued = rt.submit("m", 1)
+        deadline = time.monotonic() + LONG
+        while not entered.exists():
+            assert time.monotonic() < deadline, "the hanging request never started"
+            time.sleep(0.005)
+        if how == "close":
+            rt.close(drain=False)
+        else:
+            rt.remove_model("m", drain=False)
+        with pytest.raises(ap.WorkerCrashed, match="drain=False"):
+            fut.result(timeout=LONG)
+        with pytest.raises(CancelledError):
+            queued.result(timeout=LONG)
+    finally:
+        rt.close(drain=False)
+
+
+def test_torch_model_is_adapted_in_the_child(prt: ap.Runtime) -> None:
+    torch = pytest.importorskip("torch")
+    prt.add_model("t", factory="process_models:torch_threads", isolation="process", cores=1, threads=1)
+    prt.start()
+    y, threads, inference = prt.submit("t", torch.ones(3, 4)).result(timeout=LONG)
+    assert y.shape == (3, 2) and threads == 1 and inference
+
+
+def test_repeated_crashes_back_off_and_recover(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process")
+    prt.start()
+    tally = Tally()
+    futs = []
+    for _ in range(3):  # back to back: restarts 2 and 3 wait out the back-off first
+        futs.append(tally.watch(prt.submit("m", "exit")))
+        futs.append(tally.watch(prt.submit("m", "ok")))
+    for crash, ok in zip(futs[::2], futs[1::2]):
+        with pytest.raises(ap.WorkerCrashed, match="exited with code 7"):
+            crash.result(timeout=LONG)
+        assert ok.result(timeout=LONG) == "ok"
+    tally.check_once(futs)
+    assert prt.submit("m", 5).result(timeout=LONG) == 5
+
+
+def test_a_request_the_child_cannot_unpickle_fails_alone(prt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A class from a module that exists only in this process: pickled here, not importable there.
+    mod = types.ModuleType("apportion_parent_only_module")
+
+    class Unimportable:
+        pass
+
+    Unimportable.__module__ = mod.__name__
+    Unimportable.__qualname__ = "Unimportable"
+    mod.Unimportable = Unimportable  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    prt.add_model("m", factory="process_models:echo", isolation="process")
+    prt.start()
+    with pytest.raises(ModuleNotFoundError, match="apportion_parent_only_module"):
+        prt.submit("m", Unimportable()).result(timeout=LONG)
+    assert prt.submit("m", 2).result(timeout=LONG) == 2
+
+
+def test_a_child_that_died_while_idle_is_replaced_before_the_next_call(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:info", isolation="process")
+    prt.start()
+    pid = prt.submit("m", 0).result(timeout=LONG)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + LONG
+    while Path(f"/proc/{pid}/stat").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # The request was never seen by the dead child: it is served by the new one, not failed.
+    out = prt.submit("m", 1).result(timeout=LONG)
+    assert out["x"] == 1 and out["pid"] != pid
+
+
+def test_a_request_larger_than_the_channel_fails_alone(prt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process_mod, "RING_BYTES", 1 << 20)
+    prt.add_model("m", factory="process_models:echo", isolation="process")
+    prt.start()
+    with pytest.raises(ValueError, match="'m'.*does not fit"):
+        prt.submit("m", np.zeros(1 << 20, dtype=np.float32)).result(timeout=LONG)
+    assert prt.submit("m", 3).result(timeout=LONG) == 3
+
+
+# -- start and shutdown ---------------------------------------------------------------------------
+def test_factory_errors_surface_from_add_model(prt: ap.Runtime) -> None:
+    prt.start()
+    with pytest.raises(RuntimeError, match="failed on purpose") as info:
+        prt.add_model("a", factory="process_models:failing_factory", isolation="process")
+    assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
+    with pytest.raises(ap.WorkerCrashed, match="exited with code 3"):
+        prt.add_model("b", factory="process_models:crashing_factory", isolation="process")
+    with pytest.raises(TypeError, match="not callable"):
+        prt.add_model("c", factory="process_models:not_callable", isolation="process")
+    with pytest.raises(ap.QuotaError, match="'factory'.*no attribute"):
+        prt.add_model("d", factory="process_models:no_such_factory", isolation="process")
+    assert prt.models == []
+    prt.add_model("e", factory="process_models:echo", isolation="process")
+    assert prt.submit("e", 1).result(timeout=LONG) == 1
+
+
+def test_close_and_remove_model_end_children_and_segments() -> None:
+    rt = ap.Runtime()
+    rt.add_model("a", factory="process_models:info", isolation="process", instances=2)
+    rt.add_model("b", factory="process_models:info", isolation="process")
+    rt.start()
+    pa = {rt.submit("a", 0).result(timeout=LONG)["pid"]}
+    pb = rt.submit("b", 0).result(timeout=LONG)["pid"]
+    assert len(child_pids()) == 3
+    rt.remove_model("b")
+    assert pb not in child_pids()
+    assert rt.submit("a", 1).result(timeout=LONG)["x"] == 1
+    rt.close()
+    assert child_pids() & pa == set()
+    assert child_pids() == set() and our_segments() == []
+
+
+def test_children_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(HERE)!r})
+        import apportion as ap
+        rt = ap.Runtime()
+        rt.add_model("m", factory="process_models:info", isolation="process")
+        rt.start()
+        print(rt.submit("m", 0).result(timeout=60)["pid"], flush=True)
+        time.sleep(600)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    deadline = time.monotonic() + LONG
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "the orphaned worker process kept running"
+        time.sleep(0.02)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{process_mod.SHM_PREFIX}{parent.pid}-")]
+
+
+# -- quotas ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"factory": process_models.echo, "watchdog_s": 1.0}, "'watchdog_s'.*isolation=\"process\""),
+    ({"factory": "process_models:echo", "isolation": "process", "watchdog_s": 0}, "'watchdog_s'"),
+    ({"factory": "process_models:echo", "isolation": "process", "watchdog_s": True}, "'watchdog_s'"),
+    ({"factory": "process_models:echo", "isolation": "process", "watchdog_s": float("inf")}, "'watchdog_s'"),
+    ({"factory": "process_models", "isolation": "process"}, "'factory'.*module:function"),
+    ({"factory": "no_such_module_zz:f", "isolation": "process"}, "'factory'.*not importable"),
+    ({"factory": lambda ctx: ctx, "isolation": "process"}, "'factory'.*module-level function"),
+    ({"factory": 42, "isolation": "process"}, "'factory'"),
+    ({"model": print, "isolation": "process"}, "'model'"),
+    ({"factory": "process_models:echo", "isolation": "procs"}, "'isolation'"),
+])
+def test_invalid_quotas_name_the_model_and_field(prt: ap.Runtime, kwargs: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ap.QuotaError, match=pattern) as info:
+        prt.add_model("bad", **kwargs)
+    assert "'bad'" in str(info.value)
+    assert prt.models == []
+
+
+def test_gpu_quota_is_refused_with_process_isolation(prt: ap.Runtime) -> None:
+    with pytest.raises(ap.QuotaError, match="'gpu'"):
+        prt.add_model("g", factory="process_models:echo", isolation="process", gpu=ap.GPU(device=0))
