@@ -107,6 +107,7 @@ class PyRequest final : public Request {
   PyObject* value = nullptr;      // result (ok) or exception (error); released with the request
   PyObject* callbacks = nullptr;  // list of done-callbacks; released at completion
   PyObject* self_obj = nullptr;   // the Future, kept alive while callbacks wait for it
+  int64_t timeout_ns = 0;         // the deadline's budget as given (for the expiry message)
 };
 
 // Completes a claimed request whose payload (value) is already stored. GIL held.
@@ -643,7 +644,10 @@ class RuntimeCore {
       // A request may only tighten the model's deadline, never extend it.
       timeout_ns = std::min(timeout_ns, timeout_to_ns(e.model->name(), "timeout_ms", *timeout_ms));
     }
-    if (timeout_ns != Request::kNoDeadline) r.deadline_ns = now_ns() + timeout_ns;
+    if (timeout_ns != Request::kNoDeadline) {
+      r.deadline_ns = now_ns() + timeout_ns;
+      r.timeout_ns = timeout_ns;
+    }
     if (priority) {
       if (*priority >= e.priority_levels) {
         PyErr_Format(PyExc_ValueError,
@@ -732,7 +736,8 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
       raise(types().cancelled_error, "request to model '" + r.counters->name + "' was cancelled");
     case Outcome::expired: {
       const double waited_ms = static_cast<double>(r.start_ns - r.submit_ns) / 1e6;
-      const double budget_ms = static_cast<double>(r.deadline_ns - r.submit_ns) / 1e6;
+      // The budget as given: the deadline was set a moment before admission stamped submit_ns.
+      const double budget_ms = static_cast<double>(r.timeout_ns) / 1e6;
       char buf[320];
       if (r.start_ns <= r.deadline_ns) {
         // A batching worker judged that no batch could finish in time (its measured call time).
