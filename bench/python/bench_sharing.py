@@ -14,9 +14,10 @@ process-wide thread setting. Models are built in code with random weights.
   on 64 rows, ~35 ms on one thread) kept saturated by a closed loop (8 outstanding). Modes:
   *solo* (critical model alone, exclusive core, 1 thread), *solo default* (alone, shared pool,
   torch's default threads), *unmanaged* (both on the shared pool of both cores, torch's default
-  intra-op threads = one per CPU), *isolated* (each ``isolation="exclusive", cores=1,
-  threads=1``). "Shared with priority classes" is not measured: the runtime has priority levels
-  within a model, not priority classes across models.
+  intra-op threads = one per CPU), *priority* (both on the scheduled shared pool,
+  ``Runtime(shared_pool="scheduled")``: critical ``priority_class=1``, one instance, one thread;
+  batch ``priority_class=0``, two instances of one thread, so it can use the whole pool while
+  the critical model idles), *isolated* (each ``isolation="exclusive", cores=1, threads=1``).
 - ``replicas`` (6d): the critical MLP, two instances (one core and one thread each) pulling from
   one queue, against two single-instance models (one core each) with the client routing each
   request to one of them at random (a queue per instance). Open-loop Poisson load at ``--util``
@@ -24,7 +25,12 @@ process-wide thread setting. Models are built in code with random weights.
   Both modes use the same generator here (it routes at random), not apportion.load, because
   the p99 must be taken over all requests of both models together.
 
-Weighted fairness (6c) is not measured: the runtime has no cross-model weights on a shared pool.
+- ``fairness`` (6c): two copies of the critical MLP on the scheduled shared pool (two CPUs: two
+  units), two instances of one thread each, ``weight=3`` and ``weight=1``, each kept backlogged
+  by a closed loop (16 outstanding). Over the measured windows: each model's pool time
+  (``stats().pool_time_s``: call duration x units) and completions; the achieved share of pool
+  time against the weights' 3:1. Baseline in the same run: the same two models with
+  ``shared_pool="os"`` (no weights: the OS splits the CPUs).
 
 Every child sets ``sys.setswitchinterval`` (``--switch-interval-ms``, default 0.5 ms, as
 ``apportion demo`` does) in every mode: the load generator shares the interpreter with the
@@ -49,8 +55,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("batching", "neighbour", "replicas")
-NEIGHBOUR_MODES = ("solo", "solo_default", "unmanaged", "isolated")
+SCENARIOS = ("batching", "neighbour", "replicas", "fairness")
+NEIGHBOUR_MODES = ("solo", "solo_default", "unmanaged", "priority", "isolated")
+FAIRNESS_MODES = ("weighted", "os")
+WEIGHTS = {"heavy": 3.0, "light": 1.0}
 REPLICA_MODES = ("one_queue", "per_instance")
 BATCH_MODES = ("batch1", "batched")
 BATCHING = {"max_size": 16, "max_delay_ms": 2.0}
@@ -160,15 +168,18 @@ def child_neighbour(mode: str, a: argparse.Namespace) -> dict[str, Any]:
     from apportion import load
 
     default_threads = torch.get_num_threads()  # before any worker sets its own
-    rt = ap.Runtime()
+    rt = ap.Runtime(shared_pool="scheduled" if mode == "priority" else "os")
     if mode in ("solo", "isolated"):
         crit_q: dict[str, Any] = dict(isolation="exclusive", cores=1, threads=1)
         heavy_q: dict[str, Any] = dict(isolation="exclusive", cores=1, threads=1)
+    elif mode == "priority":
+        crit_q = dict(isolation="shared", threads=1, priority_class=1)
+        heavy_q = dict(isolation="shared", instances=2, threads=1, priority_class=0)
     else:  # framework defaults: floating on every core, torch's default intra-op threads
         crit_q = dict(isolation="shared")
         heavy_q = dict(isolation="shared")
     rt.add_model("critical", factory=critical_factory, max_queue=256, **crit_q)
-    with_heavy = mode in ("unmanaged", "isolated")
+    with_heavy = mode in ("unmanaged", "priority", "isolated")
     if with_heavy:
         rt.add_model("batch", factory=heavy_factory, max_queue=256, **heavy_q)
     rt.start()
@@ -268,7 +279,54 @@ def child_replicas(mode: str, a: argparse.Namespace) -> dict[str, Any]:
         rt.close(drain=False)
 
 
-CHILDREN = {"batching": child_batching, "neighbour": child_neighbour, "replicas": child_replicas}
+def child_fairness(mode: str, a: argparse.Namespace) -> dict[str, Any]:
+    import apportion as ap
+
+    rt = ap.Runtime(shared_pool="scheduled" if mode == "weighted" else "os")
+    for name, w in WEIGHTS.items():
+        extra: dict[str, Any] = {"weight": w} if mode == "weighted" else {}
+        rt.add_model(name, factory=critical_factory, instances=2, threads=1, max_queue=64, **extra)
+    rt.start()
+    x = critical_input()
+    stop = threading.Event()
+
+    def keep(name: str) -> None:
+        # Closed loop: every completion submits the next request, 16 outstanding per model.
+        def again(_f: Any) -> None:
+            if not stop.is_set():
+                try:
+                    rt.submit(name, x).add_done_callback(again)
+                except (ap.RuntimeClosed, ap.QueueFull):
+                    pass
+
+        for _ in range(16):
+            rt.submit(name, x).add_done_callback(again)
+
+    try:
+        for name in WEIGHTS:
+            _warm(rt, name, x)
+        for name in WEIGHTS:
+            keep(name)
+        time.sleep(a.warmup)
+        s0 = rt.stats()
+        t0 = time.perf_counter()
+        time.sleep(a.windows * a.window)
+        s1 = rt.stats()
+        seconds = time.perf_counter() - t0
+        out: dict[str, Any] = {"mode": mode, "seconds": seconds}
+        for name in WEIGHTS:
+            out[name] = {"completed": s1[name].completed - s0[name].completed,
+                         "pool_time_s": s1[name].pool_time_s - s0[name].pool_time_s,
+                         "compute_s": s1[name].compute.mean_ms * s1[name].compute.count / 1e3
+                         - s0[name].compute.mean_ms * s0[name].compute.count / 1e3}
+        return out
+    finally:
+        stop.set()
+        rt.close(drain=False)
+
+
+CHILDREN = {"batching": child_batching, "neighbour": child_neighbour, "replicas": child_replicas,
+            "fairness": child_fairness}
 
 
 # -- parent -----------------------------------------------------------------------------------
@@ -413,6 +471,44 @@ def do_replicas(a: argparse.Namespace, raw: dict[str, Any]) -> None:
     print()
 
 
+def do_fairness(a: argparse.Namespace, raw: dict[str, Any]) -> None:
+    runs: list[dict[str, Any]] = []
+    for rep in range(a.reps):
+        order = FAIRNESS_MODES if rep % 2 == 0 else FAIRNESS_MODES[::-1]
+        for mode in order:
+            r = spawn("fairness", mode, a)
+            r["rep"] = rep
+            runs.append(r)
+            h, li = r["heavy"], r["light"]
+            log(f"# rep {rep + 1} {mode}: heavy {h['completed']} calls {h['pool_time_s']:.2f} s pool, "
+                f"light {li['completed']} calls {li['pool_time_s']:.2f} s pool")
+    raw["fairness"] = runs
+    target = WEIGHTS["heavy"] / (WEIGHTS["heavy"] + WEIGHTS["light"])
+    print(f"### Weighted fairness (two backlogged copies of the critical MLP, 2 instances x 1 thread "
+          f"each, closed loop 16 outstanding; weights {WEIGHTS['heavy']:g}:{WEIGHTS['light']:g}; "
+          f"{a.windows} x {a.window:g} s measured)\n")
+    print("| mode | heavy req/s | light req/s | heavy share of calls | heavy share of compute time "
+          "| heavy share of pool time | pool-time ratio (target 3.0) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mode in FAIRNESS_MODES:
+        rs = [r for r in runs if r["mode"] == mode]
+
+        def share(key: str, r: dict[str, Any]) -> float | None:
+            tot = r["heavy"][key] + r["light"][key]
+            return r["heavy"][key] / tot if tot else None
+
+        pool_ratio = med([r["heavy"]["pool_time_s"] / r["light"]["pool_time_s"]
+                          for r in rs if r["light"]["pool_time_s"]])
+        label = "scheduled pool, weights 3:1" if mode == "weighted" else "shared_pool='os' (no weights)"
+        print(f"| {label} | {f(med([r['heavy']['completed'] / r['seconds'] for r in rs]), '.0f')} "
+              f"| {f(med([r['light']['completed'] / r['seconds'] for r in rs]), '.0f')} "
+              f"| {f(med([share('completed', r) for r in rs]), '.3f')} "
+              f"| {f(med([share('compute_s', r) for r in rs]), '.3f')} "
+              f"| {f(med([share('pool_time_s', r) for r in rs]), '.3f')} | {f(pool_ratio)} |")
+    print(f"\nTarget share for weights 3:1: {target:.3f}; within 10% means a pool-time ratio in "
+          f"[2.7, 3.3].\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("scenario", nargs="?", default="all", choices=("all", *SCENARIOS))
@@ -449,7 +545,8 @@ def main() -> None:
     raw: dict[str, Any] = {"machine": machine(), "args": {k: v for k, v in vars(a).items()}}
     todo = SCENARIOS if a.scenario == "all" else (a.scenario,)
     for s in todo:
-        {"batching": do_batching, "neighbour": do_neighbour, "replicas": do_replicas}[s](a, raw)
+        {"batching": do_batching, "neighbour": do_neighbour, "replicas": do_replicas,
+         "fairness": do_fairness}[s](a, raw)
         sys.stdout.flush()
     load1 = os.getloadavg()
     print(f"elapsed {time.time() - t0:.0f} s; load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
