@@ -230,7 +230,9 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
   if (units == 0) return 0;
   const int64_t cost = now_ns() - now;
   if (queued_.load(std::memory_order_relaxed) != 0 && !w.burst) {
-    return opts_.pool->renew(*member_, units, cost);
+    // More work: keep the units, or wait in line at once for the next grant (a worker that
+    // left the line here and came back would make its model look idle for that moment).
+    return opts_.pool->renew(*member_, units, cost, /*wait=*/true, idle_hook(w));
   }
   opts_.pool->release(*member_, units, cost);
   return 0;
@@ -238,12 +240,13 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
 
 uint32_t Model::pool_enter(Worker& w) {
   if (member_ == nullptr || (opts_.burst_instances != 0 && !w.burst)) return 0;
-  SharedPool& pool = *opts_.pool;
-  const uint32_t got = pool.try_acquire(*member_, opts_.pool_units);
-  if (got != 0) return got;
-  // About to block on other models' calls, which may need what this worker holds (the GIL).
-  if (w.may_linger) handler_->idle(w);
-  return pool.acquire(*member_, opts_.pool_units);
+  // Before blocking on other models' calls, which may need what this worker holds (the GIL).
+  return opts_.pool->acquire(*member_, opts_.pool_units, idle_hook(w));
+}
+
+std::function<void()> Model::idle_hook(Worker& w) {
+  if (!w.may_linger) return {};
+  return [this, &w] { handler_->idle(w); };
 }
 
 void Model::pool_leave(uint32_t units, int64_t cost_ns) noexcept {

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -226,6 +227,8 @@ class Model {
   // after letting go of what the handler holds between calls.
   uint32_t pool_enter(Worker& w);
   void pool_leave(uint32_t units, int64_t cost_ns) noexcept;
+  // What a worker lets go of before it blocks at the pool (the handler's idle()), if anything.
+  std::function<void()> idle_hook(Worker& w);
   // A burst worker's wait: true once a request is queued while every own worker is busy;
   // false when the model stops with nothing queued.
   bool await_burst() noexcept;

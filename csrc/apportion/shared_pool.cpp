@@ -42,9 +42,14 @@ uint32_t SharedPool::clamp(uint32_t units) const noexcept {
 }
 
 void SharedPool::activate(Member& m) noexcept {
-  // Back from idle: start from now, not from where it stopped, or a model that sat idle would
-  // then hold the pool alone until its clock caught up.
-  if (m.active_++ == 0) m.vtime_ = std::max(m.vtime_, vnow_);
+  // Back from idle: start from (about) now, not from where it stopped, or a model that sat
+  // idle would then hold the pool alone until its clock caught up. The slack of one of its
+  // own calls keeps a model that was idle only for the moment between two calls (its worker
+  // preempted on the way back to the pool) from losing its place.
+  if (m.active_++ == 0) {
+    const int64_t est = m.estimate_ns_ > 0 ? m.estimate_ns_ : kFirstEstimateNs;
+    m.vtime_ = std::max(m.vtime_, vnow_ - static_cast<double>(est) / m.weight_);
+  }
 }
 
 bool SharedPool::better(const Member& a, uint64_t a_seq, const Member& b, uint64_t b_seq) noexcept {
@@ -80,13 +85,25 @@ uint32_t SharedPool::try_acquire(Member& m, uint32_t units) {
   return units;
 }
 
-uint32_t SharedPool::acquire(Member& m, uint32_t units) {
+uint32_t SharedPool::acquire(Member& m, uint32_t units, const std::function<void()>& before_wait) {
   std::unique_lock lock(mu_);
   units = clamp(units);
   activate(m);
+  return wait_in_line(lock, m, units, before_wait);
+}
+
+uint32_t SharedPool::wait_in_line(std::unique_lock<std::mutex>& lock, Member& m, uint32_t units,
+                                  const std::function<void()>& before_wait) {
   Waiter w{&m, units, next_seq_++};
   waiters_.push_back(&w);
   grant_waiters();
+  if (!w.granted && before_wait) {
+    // In line already (the member counts as waiting throughout), so the caller may let go of
+    // what it holds (the GIL) without a moment in which its model looks idle.
+    lock.unlock();
+    before_wait();
+    lock.lock();
+  }
   // The granter sets `granted` and notifies under the mutex: this frame cannot be gone when
   // it does.
   w.cv.wait(lock, [&] { return w.granted; });
@@ -116,8 +133,9 @@ void SharedPool::release(Member& m, uint32_t units, int64_t cost_ns) {
   grant_waiters();
 }
 
-uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns) {
-  std::lock_guard lock(mu_);
+uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns, bool wait,
+                           const std::function<void()>& before_wait) {
+  std::unique_lock lock(mu_);
   settle(m, units, cost_ns);
   units = clamp(units);
   ++m.active_;  // never idle in between: no rejoin at the pool's clock
@@ -129,9 +147,13 @@ uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns) {
     charge(m, units);
     return units;
   }
-  --m.active_;
-  grant_waiters();
-  return 0;
+  if (!wait) {
+    --m.active_;
+    grant_waiters();
+    return 0;
+  }
+  // Queued in the same critical section: the member never looks idle in between.
+  return wait_in_line(lock, m, units, before_wait);
 }
 
 void SharedPool::grant_waiters() noexcept {

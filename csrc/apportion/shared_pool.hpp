@@ -19,6 +19,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -73,17 +74,22 @@ class SharedPool {
   /// Returns the units taken (to give back), or 0 without waiting. Safe from any thread.
   uint32_t try_acquire(Member& m, uint32_t units);
   /// Waits until `units` (clamped to [1, capacity]) are granted to `m`; returns the units
-  /// taken. Safe from any thread; blocks while the pool has no capacity.
-  uint32_t acquire(Member& m, uint32_t units);
+  /// taken. `before_wait` runs (without the pool's lock) once the caller is in line and
+  /// before it blocks, only if it must. Safe from any thread; blocks while the pool has no
+  /// capacity.
+  uint32_t acquire(Member& m, uint32_t units, const std::function<void()>& before_wait = {});
   /// Gives back units from acquire()/try_acquire(); `cost_ns` is how long they were held for
   /// work (0 when the worker found nothing to do). Safe from any thread.
   void release(Member& m, uint32_t units, int64_t cost_ns);
   /// release() for a worker with more work queued: it keeps the units for its next call if it
-  /// would be the first one granted anyway (returns them), else gives them back (returns 0)
-  /// and must acquire() again. Without it, a continuously busy model would look idle for the
-  /// moment between its worker's release and its next acquire, and lose its turn (or its
-  /// class's precedence) to whoever waits then. Safe from any thread.
-  uint32_t renew(Member& m, uint32_t units, int64_t cost_ns);
+  /// would be the first one granted anyway (returns them); else it gives them back and, with
+  /// `wait`, waits in line at once (returns the units granted then), or without it returns 0
+  /// (the worker acquires again when it is ready to, e.g. after letting go of the GIL).
+  /// Without renewing, a continuously busy model would look idle for the moment between its
+  /// worker's release and its next acquire, and lose its turn (or its class's precedence) to
+  /// whoever waits then. Safe from any thread.
+  uint32_t renew(Member& m, uint32_t units, int64_t cost_ns, bool wait = false,
+                 const std::function<void()>& before_wait = {});
 
   MemberStats stats(const Member& m) const;
   /// Workers waiting for capacity now. Safe from any thread.
@@ -107,6 +113,8 @@ class SharedPool {
   void charge(Member& m, uint32_t units) noexcept;
   void grant_waiters() noexcept;
   void settle(Member& m, uint32_t units, int64_t cost_ns) noexcept;
+  uint32_t wait_in_line(std::unique_lock<std::mutex>& lock, Member& m, uint32_t units,
+                        const std::function<void()>& before_wait);
 
   mutable std::mutex mu_;
   uint32_t free() const noexcept { return capacity_ > held_ ? capacity_ - held_ : 0; }

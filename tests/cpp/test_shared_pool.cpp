@@ -158,7 +158,9 @@ std::map<std::string, uint64_t> run_backlogged(SharedPool& pool, uint32_t capaci
             pool.release(*m, u, cost.at(m->name()));
             return;
           }
-          u = pool.renew(*m, u, cost.at(m->name()));
+          // Waiting in line within renew(): a preempted thread never makes its member look
+          // idle, so the shares are the grant order's alone, however loaded the machine.
+          u = pool.renew(*m, u, cost.at(m->name()), /*wait=*/true);
         }
       });
     }
