@@ -45,9 +45,15 @@ inline int64_t now_ns() noexcept {
       .count();
 }
 
+/// Who may wake a parked thread. `process`: threads of this process only (FUTEX_PRIVATE: the
+/// kernel skips the cross-process lookup). `shared`: the word lives in memory mapped by several
+/// processes and the waker may be another one.
+enum class ParkScope : uint8_t { process, shared };
+
 /// Blocks while `word == expected`, at most `timeout_ns` (< 0: no limit). May return spuriously:
 /// callers re-check their condition. Safe from any thread.
-inline void park_wait(std::atomic<uint32_t>& word, uint32_t expected, int64_t timeout_ns) noexcept {
+inline void park_wait(std::atomic<uint32_t>& word, uint32_t expected, int64_t timeout_ns,
+                      ParkScope scope = ParkScope::process) noexcept {
 #if defined(__linux__)
   timespec ts{};
   timespec* tsp = nullptr;
@@ -56,10 +62,10 @@ inline void park_wait(std::atomic<uint32_t>& word, uint32_t expected, int64_t ti
     ts.tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000);
     tsp = &ts;
   }
-  // FUTEX_PRIVATE: the word never lives in memory shared with another process.
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, tsp,
-          nullptr, 0);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word),
+          scope == ParkScope::shared ? FUTEX_WAIT : FUTEX_WAIT_PRIVATE, expected, tsp, nullptr, 0);
 #else
+  (void)scope;
   if (word.load(std::memory_order_acquire) != expected) return;
   int64_t step = 50'000;
   if (timeout_ns >= 0 && timeout_ns < step) step = timeout_ns;
@@ -67,14 +73,17 @@ inline void park_wait(std::atomic<uint32_t>& word, uint32_t expected, int64_t ti
 #endif
 }
 
-/// Wakes up to `count` threads parked on `word`. Safe from any thread.
-inline void park_wake(std::atomic<uint32_t>& word, int count = INT_MAX) noexcept {
+/// Wakes up to `count` threads parked on `word` (with the scope they parked with). Safe from
+/// any thread.
+inline void park_wake(std::atomic<uint32_t>& word, int count = INT_MAX,
+                      ParkScope scope = ParkScope::process) noexcept {
 #if defined(__linux__)
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, count, nullptr,
-          nullptr, 0);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word),
+          scope == ParkScope::shared ? FUTEX_WAKE : FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
 #else
   (void)word;
   (void)count;
+  (void)scope;
 #endif
 }
 

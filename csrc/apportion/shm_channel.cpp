@@ -25,27 +25,12 @@ using shm_detail::kLine;
 using shm_detail::Ring;
 
 void shared_park_wait(std::atomic<uint32_t>& word, uint32_t expected, int64_t timeout_ns) noexcept {
-#if defined(__linux__)
-  timespec ts{};
-  timespec* tsp = nullptr;
-  if (timeout_ns >= 0) {
-    ts.tv_sec = static_cast<time_t>(timeout_ns / 1'000'000'000);
-    ts.tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000);
-    tsp = &ts;
-  }
   // Not FUTEX_WAIT_PRIVATE: the waker is another process (see the header).
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT, expected, tsp, nullptr, 0);
-#else
-  park_wait(word, expected, timeout_ns);
-#endif
+  park_wait(word, expected, timeout_ns, ParkScope::shared);
 }
 
 void shared_park_wake(std::atomic<uint32_t>& word, int count) noexcept {
-#if defined(__linux__)
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
-#else
-  park_wake(word, count);
-#endif
+  park_wake(word, count, ParkScope::shared);
 }
 
 namespace {
