@@ -5,6 +5,11 @@
 // highest non-empty lane at request (or batch) boundaries, optionally gathering a batch. Idle
 // workers park on one event count per model, so a push to any lane wakes them.
 //
+// Lane groups (ModelOptions::instance_group, one per NUMA node the instances span): each group
+// has its own set of priority lanes. A submission goes to the group of the CPU it runs on (else
+// round-robin); a worker serves its own group first and steals from the others only when its
+// own lanes are empty, so requests stay on their node while its workers keep up.
+//
 // Python-free. What a request carries and how a model is called is the business of a
 // ModelHandler (the Python bindings supply one that holds the GIL only around the model call);
 // the engine owns admission, claiming, deadlines, shutdown, and metrics.
@@ -15,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -39,8 +45,12 @@ class Model;
 
 /// One worker thread of a model. `user` belongs to the handler (per-thread state).
 struct Worker {
+  static constexpr uint32_t kNoGroup = UINT32_MAX;
   Model* model = nullptr;
   uint32_t index = 0;
+  /// The lane group this worker serves first (0 without groups); kNoGroup for burst workers,
+  /// which take from every group alike. Fixed before start().
+  uint32_t group = 0;
   WorkerShard shard;
   void* user = nullptr;
   std::thread thread;
@@ -137,6 +147,11 @@ struct ModelOptions {
   /// Extra workers that serve on the shared pool while all `instances` own workers are busy
   /// (needs `pool`). Their placement entries follow the own instances' in `placement`.
   uint32_t burst_instances = 0;
+  /// Per own instance: its lane group (the index of its NUMA node among the model's nodes),
+  /// each < instances. Empty, or all one group: one set of lanes, the default. With G groups
+  /// the model keeps G sets of priority lanes (the delayed lane stays one, shared); every lane
+  /// can hold max_queue requests, so the lanes cost G x priority_levels x max_queue cells.
+  std::vector<uint32_t> instance_group;
 };
 
 enum class Admit : uint8_t { ok, full, closed };
@@ -155,6 +170,8 @@ struct ModelSnapshot {
   uint64_t pool_busy_unit_ns = 0;
   /// Requests served by burst workers.
   uint64_t burst_served = 0;
+  /// Requests a worker took from another group's lanes (zero without groups).
+  uint64_t stolen = 0;
 };
 
 class Model {
@@ -170,7 +187,8 @@ class Model {
   /// released any lock the workers' start needs (the Python GIL).
   uint32_t start();
 
-  /// Admits a request into lane `r->priority` (clamped): the queue takes over one reference
+  /// Admits a request into lane `r->priority` (clamped) of group `r->group` when that names one,
+  /// else of the submitting CPU's group, else the next one round-robin: the queue takes over one reference
   /// (the caller adds it first) on `ok`. Stamps submit time and counters. Safe from any thread.
   Admit submit(Request* r) noexcept;
   /// All-or-nothing admission of `n` requests. Safe from any thread.
@@ -191,18 +209,24 @@ class Model {
 
   const std::string& name() const noexcept { return opts_.name; }
   const ModelOptions& options() const noexcept { return opts_; }
-  /// Sets where the workers will run. Only before start(); not thread-safe against start().
-  /// A pool member's units per call follow: the most threads any of its pooled instances
-  /// (all, or the burst ones) was given.
-  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy);
+  /// Sets where the workers will run and, when `groups` is given, the own instances' lane
+  /// groups (see ModelOptions::instance_group; throws std::invalid_argument naming the model
+  /// when they do not fit). Only before start(); not thread-safe against start(), nor, when
+  /// the number of groups changes (queued requests then move to the new lanes), against
+  /// submit(). A pool member's units per call follow: the most threads any of its pooled
+  /// instances (all, or the burst ones) was given.
+  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy,
+                     std::optional<std::vector<uint32_t>> groups = std::nullopt);
   /// Pinning refusals, one entry per worker that had one ("instance N: reason"). After start().
   std::vector<std::string> pin_errors() const;
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   bool started() const noexcept { return started_; }
   std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
-  /// Number of lanes: priority_levels, plus the delayed lane with on_timeout=delay.
+  /// Number of lanes: priority_levels per group, plus the delayed lane with on_timeout=delay.
   std::size_t lanes() const noexcept { return lanes_.size(); }
+  /// Number of lane groups (1 without instance_group).
+  uint32_t groups() const noexcept { return groups_; }
   ModelSnapshot snapshot() const;
 
  private:
@@ -230,8 +254,14 @@ class Model {
   // false when the model stops with nothing queued.
   bool await_burst() noexcept;
   void wake_burst() noexcept;
-  bool try_take(Request*& r, uint32_t& lane) noexcept;
-  Take take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
+  // Takes from `group`'s lanes (highest priority first), then, when `steal`, from the other
+  // groups' (highest priority first), then from the delayed lane. kNoGroup: every group alike.
+  bool try_take(uint32_t group, Request*& r, uint32_t& lane, bool steal = true) noexcept;
+  Take take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
+  // The group a submission from this thread goes to (groups_ > 1).
+  uint32_t route() const noexcept;
+  // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
+  void build_groups();
   void wake(std::size_t n) noexcept;
   void leave_sleepers() noexcept;
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
@@ -245,8 +275,14 @@ class Model {
   // Lane i holds priority i; with on_timeout=delay the last lane holds delayed requests. Each
   // lane can hold max_queue requests on its own: admission bounds all lanes together, so a
   // push (or a move to the delayed lane) always finds a free cell.
+  // With G groups, lane g * priority_levels + p holds group g's priority p, and the delayed
+  // lane (one for all groups: it is rare and served last anyway) comes after them all.
   std::vector<std::unique_ptr<Lane>> lanes_;
   uint32_t delayed_lane_ = UINT32_MAX;  // index of the delayed lane; none with reject
+  uint32_t groups_ = 1;
+  // CPU number -> the group of the own instance pinned there (Worker::kNoGroup: none). Read
+  // by submitters, written only before start().
+  std::vector<uint32_t> cpu_group_;
   std::vector<std::unique_ptr<Worker>> workers_;
   // Cache lines by who writes them. Every submission writes queued_ and submitting_, and every
   // request a worker takes writes queued_: one line, with what those same threads read per
@@ -283,6 +319,7 @@ class Model {
   // Own workers between taking a request and finishing it (burst models only).
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
   std::atomic<uint64_t> burst_served_{0};
+  std::atomic<uint64_t> stolen_{0};
   std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;
