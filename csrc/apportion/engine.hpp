@@ -150,7 +150,8 @@ struct ModelOptions {
   /// Per own instance: its lane group (the index of its NUMA node among the model's nodes),
   /// each < instances. Empty, or all one group: one set of lanes, the default. With G groups
   /// the model keeps G sets of priority lanes (the delayed lane stays one, shared); every lane
-  /// can hold max_queue requests, so the lanes cost G x priority_levels x max_queue cells.
+  /// can hold max_queue requests, so the lanes cost G x priority_levels x max_queue cells
+  /// (one cache line each, the count rounded up to a power of two).
   std::vector<uint32_t> instance_group;
 };
 
@@ -170,7 +171,7 @@ struct ModelSnapshot {
   uint64_t pool_busy_unit_ns = 0;
   /// Requests served by burst workers.
   uint64_t burst_served = 0;
-  /// Requests a worker took from another group's lanes (zero without groups).
+  /// Requests a worker took from another group's lanes to serve or settle (zero without groups).
   uint64_t stolen = 0;
 };
 

@@ -2230,10 +2230,13 @@ TEST_F(EngineTest, GroupedLanesCompleteEveryRequestExactlyOnce) {
       std::mutex mu;
       std::vector<TestRef> all;
       std::vector<std::thread> submitters;
+      const uint64_t per_submitter = kSanitized ? 300u : 2000u;
+      std::atomic<uint64_t> attempts{0};
       for (int t = 0; t < 4; ++t) {
         submitters.emplace_back([&, t] {
           std::mt19937_64 rng(static_cast<uint64_t>(round * 16 + t));
-          for (uint64_t i = 0; i < (kSanitized ? 300u : 2000u); ++i) {
+          for (uint64_t i = 0; i < per_submitter; ++i) {
+            attempts.fetch_add(1);
             TestRef r = make((static_cast<uint64_t>(t) << 32) | i);
             r->priority = static_cast<uint32_t>(rng() % 3);  // 2 is clamped to the last level
             const uint64_t g = rng() % 3;                   // 2: routed by the engine
@@ -2249,7 +2252,8 @@ TEST_F(EngineTest, GroupedLanesCompleteEveryRequestExactlyOnce) {
           }
         });
       }
-      std::this_thread::sleep_for(2ms);
+      // Close midway, so the close meets queued, running and still-arriving requests.
+      while (attempts.load() < 2 * per_submitter) std::this_thread::sleep_for(50us);
       m.close(round % 2 == 1);
       for (auto& t : submitters) t.join();
       m.join();
