@@ -6,6 +6,11 @@
 //  3. every test that could block runs under a deadlock guard, so a hang becomes a failure.
 #include <gtest/gtest.h>
 
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #include "test_support.hpp"
 
 #include <algorithm>
@@ -2203,6 +2208,64 @@ TEST_F(EngineTest, RegroupingBeforeStartKeepsQueuedRequests) {
     EXPECT_EQ(m.snapshot().completed, 10u);
   });
 }
+
+#if defined(__linux__)
+// Pins the calling thread to `cpu`; false when the OS refuses.
+bool pin_self(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
+}
+
+TEST_F(EngineTest, SubmissionsGoToTheGroupOfTheSubmittingCpu) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  ASSERT_EQ(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+  }
+  if (cpus.size() < 2) GTEST_SKIP() << "needs two CPUs";
+  bool pinnable = false;
+  std::thread([&] { pinnable = pin_self(cpus[1]) && sched_getcpu() == cpus[1]; }).join();
+  if (!pinnable) GTEST_SKIP() << "this process may not pin its threads";
+  guarded(30s, [&] {
+    auto h = std::make_shared<GroupHandler>();
+    h->on_run = [h = h.get()](Worker& w, TestRequest& r) {
+      h->record(w, r);
+      return Outcome::ok;
+    };
+    ModelOptions o = grouped({0, 1}, kSpinForever);
+    o.placement = {apportion::InstancePlacement{{cpus[0]}, 1, {}},
+                   apportion::InstancePlacement{{cpus[1]}, 1, {}}};
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    h->wait_idle(2);
+    std::vector<TestRef> rs;
+    for (uint32_t group = 0; group < 2; ++group) {
+      const int idle_before = h->idle_by[group].load();
+      const std::size_t first = rs.size();
+      std::thread([&, group] {
+        if (!pin_self(cpus[group])) return;
+        for (uint64_t i = 0; i < 10; ++i) {
+          TestRef r = make(group * 100 + i);  // no explicit group: routed by this CPU
+          if (submit(m, r) == Admit::ok) rs.push_back(r);
+        }
+      }).join();
+      ASSERT_EQ(rs.size(), first + 10);
+      for (std::size_t i = first; i < rs.size(); ++i) ASSERT_TRUE(completes(rs[i]));
+      // Back to spinning on its own lanes: a worker that just served looks at every group
+      // once (and would steal the next submitter's requests while their worker is descheduled).
+      h->idle_by[group].wait(idle_before);
+    }
+    for (auto& r : rs) EXPECT_EQ(h->group_of(r->tag), r->tag / 100) << r->tag;
+    m.close(true);
+    m.join();
+    EXPECT_EQ(m.snapshot().stolen, 0u);
+  });
+}
+#endif
 
 TEST_F(EngineTest, GroupedLanesCompleteEveryRequestExactlyOnce) {
   // Tagged fuzz over two groups: explicit and routed submissions, priorities, deadlines (with
