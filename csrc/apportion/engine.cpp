@@ -32,7 +32,8 @@ void name_thread(const std::string& model, uint32_t index) {
 }
 
 // Lane groups must name an own instance's group each, dense enough to bound the lanes' memory.
-void check_groups(const std::string& model, uint32_t instances, const std::vector<uint32_t>& groups) {
+void check_groups(const std::string& model, uint32_t instances,
+                  const std::vector<uint32_t>& groups) {
   if (groups.empty()) return;
   if (groups.size() != instances) {
     throw std::invalid_argument("model '" + model + "': instance_group has " +
@@ -41,9 +42,9 @@ void check_groups(const std::string& model, uint32_t instances, const std::vecto
   }
   for (uint32_t g : groups) {
     if (g >= instances) {
-      throw std::invalid_argument("model '" + model + "': instance_group entry " + std::to_string(g) +
-                                  " is out of range (each must be < instances = " +
-                                  std::to_string(instances) + ")");
+      throw std::invalid_argument("model '" + model + "': instance_group entry " +
+                                  std::to_string(g) + " is out of range (each must be < " +
+                                  "instances = " + std::to_string(instances) + ")");
     }
   }
 }
@@ -112,7 +113,9 @@ void Model::build_groups() {
     for (std::size_t i = 0; i < own; ++i) {
       for (int cpu : opts_.placement[i].cpus) {
         if (cpu < 0) continue;
-        if (static_cast<std::size_t>(cpu) >= cpu_group_.size()) cpu_group_.resize(cpu + 1, Worker::kNoGroup);
+        if (static_cast<std::size_t>(cpu) >= cpu_group_.size()) {
+          cpu_group_.resize(static_cast<std::size_t>(cpu) + 1, Worker::kNoGroup);
+        }
         if (cpu_group_[cpu] == Worker::kNoGroup) cpu_group_[cpu] = ig[i];
       }
     }

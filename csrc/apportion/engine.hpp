@@ -8,7 +8,9 @@
 // Lane groups (ModelOptions::instance_group, one per NUMA node the instances span): each group
 // has its own set of priority lanes. A submission goes to the group of the CPU it runs on (else
 // round-robin); a worker serves its own group first and steals from the others only when its
-// own lanes are empty, so requests stay on their node while its workers keep up.
+// own lanes are empty (an idle worker spinning watches only its own), so requests stay on their
+// node while its workers keep up. Sleepers stay one event count: a push to any group wakes any
+// parked worker, which then takes from any group.
 //
 // Python-free. What a request carries and how a model is called is the business of a
 // ModelHandler (the Python bindings supply one that holds the GIL only around the model call);
@@ -188,9 +190,10 @@ class Model {
   /// released any lock the workers' start needs (the Python GIL).
   uint32_t start();
 
-  /// Admits a request into lane `r->priority` (clamped) of group `r->group` when that names one,
-  /// else of the submitting CPU's group, else the next one round-robin: the queue takes over one reference
-  /// (the caller adds it first) on `ok`. Stamps submit time and counters. Safe from any thread.
+  /// Admits a request into lane `r->priority` (clamped) of group `r->group` when that names
+  /// one, else of the submitting CPU's group, else of the next group round-robin: the queue
+  /// takes over one reference (the caller adds it first) on `ok`. Stamps submit time and
+  /// counters. Safe from any thread.
   Admit submit(Request* r) noexcept;
   /// All-or-nothing admission of `n` requests. Safe from any thread.
   Admit submit_n(Request* const* rs, std::size_t n) noexcept;
