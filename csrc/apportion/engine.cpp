@@ -152,6 +152,8 @@ void Model::build_groups() {
     delayed_lane_ = groups * levels;
   }
   lanes_ = std::move(lanes);
+  // No worker runs yet, so none is parked on a count being replaced.
+  more_idle_ = groups > 1 ? std::make_unique<Sleepers[]>(groups - 1) : nullptr;
   groups_ = groups;
 }
 
@@ -237,7 +239,7 @@ void Model::serve_pooled(Worker& w) {
     if (held == 0) {
       if (queued_.load(std::memory_order_relaxed) == 0) {
         handler_->idle(w);
-        if (!await_work()) break;  // closed, nothing queued
+        if (!await_work(w.group)) break;  // closed, nothing queued
       }
       held = pool_enter(w);
     }
@@ -256,7 +258,8 @@ void Model::serve_pooled(Worker& w) {
   w.may_linger = false;
 }
 
-bool Model::await_work() noexcept {
+bool Model::await_work(uint32_t group) noexcept {
+  Sleepers& idle = idle_of(group);
   const auto queued = [this] { return queued_.load(std::memory_order_seq_cst) != 0; };
   if (queued()) return true;
   if (opts_.spin_ns > 0) {
@@ -268,15 +271,15 @@ bool Model::await_work() noexcept {
   }
   for (;;) {
     if (stopping_.load(std::memory_order_acquire)) return queued();
-    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    const uint32_t epoch = idle.epoch.load(std::memory_order_acquire);
     // The sleeper handshake of take(), on the count alone (see there).
-    sleepers_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
+    idle.count.fetch_add(kOneSleeper, std::memory_order_seq_cst);
     if (queued()) {
-      leave_sleepers();
+      leave_sleepers(idle);
       return true;
     }
-    if (!stopping_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, -1);
-    leave_sleepers();
+    if (!stopping_.load(std::memory_order_acquire)) park_wait(idle.epoch, epoch, -1);
+    leave_sleepers(idle);
   }
 }
 
@@ -573,13 +576,14 @@ Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t unt
       if (try_take(group, r, lane, false)) return Take::ok;
     } while (now_ns() < spin_until && !stopping_.load(std::memory_order_acquire));
   }
+  Sleepers& idle = idle_of(group);
   for (;;) {
     if (stopping_.load(std::memory_order_acquire)) {
       return try_take(group, r, lane) ? Take::ok : Take::closed;
     }
-    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    const uint32_t epoch = idle.epoch.load(std::memory_order_acquire);
     // No lost wake-up (Dekker): announce the sleeper, then look at queued_. A submitter adds
-    // to queued_ before its pushes and looks at sleepers_ after them; all four are seq_cst,
+    // to queued_ before its pushes and looks at the sleepers after them; all four are seq_cst,
     // so in their one total order either the submitter's look comes after this announcement
     // (it sees the sleeper, bumps the epoch, and the futex wait below returns at once or is
     // woken), or its add comes before the load below, which then sees the request counted:
@@ -587,9 +591,9 @@ Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t unt
     // count dropped because another worker took it). queued_ is non-zero without anything to
     // take only for moments: a push in progress, a pop not yet uncounted, a move to the
     // delayed lane.
-    sleepers_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
+    idle.count.fetch_add(kOneSleeper, std::memory_order_seq_cst);
     if (try_take(group, r, lane)) {  // every group: the wake-up may be for another group's push
-      leave_sleepers();
+      leave_sleepers(idle);
       return Take::ok;
     }
     const bool pending = queued_.load(std::memory_order_seq_cst) != 0;
@@ -597,14 +601,16 @@ Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t unt
     if (until_ns >= 0) {
       remaining = until_ns - now_ns();
       if (remaining <= 0) {
-        leave_sleepers();
+        leave_sleepers(idle);
         return Take::timeout;
       }
     }
     // stopping_ is read again after the epoch: close() sets it before bumping the epoch, so a
     // worker that read the bumped epoch sees it here instead of sleeping through the close.
-    if (!pending && !stopping_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, remaining);
-    leave_sleepers();
+    if (!pending && !stopping_.load(std::memory_order_acquire)) {
+      park_wait(idle.epoch, epoch, remaining);
+    }
+    leave_sleepers(idle);
     // Unregistered, so pushes meanwhile skip the wake-up syscall; on a busy core the thread
     // we wait for (a submitter between count and push) gets to run.
     if (pending) std::this_thread::yield();
@@ -614,32 +620,48 @@ Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t unt
 // Wakes up to `n` sleepers, skipping those that already have a wake-up on its way: without
 // that, every push made while a woken worker is still being scheduled pays a futex syscall
 // for nobody, and submitters slow to the syscall rate exactly when the workers are behind.
-void Model::wake(std::size_t n) noexcept {
-  uint64_t s = sleepers_.load(std::memory_order_seq_cst);  // the submitter's half: see take()
+//
+// With groups, `group`'s sleepers come first: a request pushed there is best served on its
+// own node. The others are woken only for what that group cannot take: together that is as
+// many wake-ups as one event count would issue, and the handshake of take() holds for each
+// group's count on its own (every count is looked at, seq_cst, after the push, unless `n`
+// wake-ups were issued already).
+void Model::wake(std::size_t n, uint32_t group) noexcept {
+  if (groups_ == 1) {
+    wake_in(idle0_, n);
+    return;
+  }
+  const uint32_t first = group < groups_ ? group : 0;
+  for (uint32_t k = 0; k < groups_ && n != 0; ++k) n -= wake_in(idle_of((first + k) % groups_), n);
+}
+
+std::size_t Model::wake_in(Sleepers& idle, std::size_t n) noexcept {
+  uint64_t s = idle.count.load(std::memory_order_seq_cst);  // the submitter's half: see take()
   uint64_t k = 0;
   for (;;) {
     const uint64_t sleepers = s >> 32;
     const uint64_t woken = s & kWokenMask;
-    if (woken >= sleepers) return;  // no sleepers, or each has a wake-up in flight
+    if (woken >= sleepers) return 0;  // no sleepers, or each has a wake-up in flight
     k = std::min<uint64_t>(n, sleepers - woken);
-    if (sleepers_.compare_exchange_weak(s, s + k, std::memory_order_acq_rel,
-                                        std::memory_order_relaxed)) {
+    if (idle.count.compare_exchange_weak(s, s + k, std::memory_order_acq_rel,
+                                         std::memory_order_relaxed)) {
       break;
     }
   }
-  epoch_.fetch_add(1, std::memory_order_release);
-  park_wake(epoch_, static_cast<int>(k));
+  idle.epoch.fetch_add(1, std::memory_order_release);
+  park_wake(idle.epoch, static_cast<int>(k));
+  return static_cast<std::size_t>(k);
 }
 
 // A sleeper stops waiting (for any reason) and takes one in-flight wake-up with it, if there
 // is one. Wake-ups are not addressed, so the one taken may have been meant for another
 // sleeper; that only leaves `woken` too low (a spare wake-up later), never a missed one.
-void Model::leave_sleepers() noexcept {
-  uint64_t s = sleepers_.load(std::memory_order_relaxed);
+void Model::leave_sleepers(Sleepers& idle) noexcept {
+  uint64_t s = idle.count.load(std::memory_order_relaxed);
   for (;;) {
     const uint64_t woken = s & kWokenMask;
     const uint64_t next = s - kOneSleeper - (woken != 0 ? 1 : 0);
-    if (sleepers_.compare_exchange_weak(s, next, std::memory_order_relaxed)) return;
+    if (idle.count.compare_exchange_weak(s, next, std::memory_order_relaxed)) return;
   }
 }
 
@@ -682,7 +704,7 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     // where its queued_ decrement may be seen first): it resolves within moments.
     while (!lane.try_push(r)) cpu_relax();
   }
-  wake(n);
+  wake(n, rs[0]->group < groups_ ? rs[0]->group : routed);
   if (opts_.burst_instances != 0 && busy_own_.load(std::memory_order_seq_cst) >= opts_.instances) {
     wake_burst();
   }
@@ -698,8 +720,11 @@ void Model::close(bool drain) noexcept {
   // Every push is done (made visible by the submitters' release of submitting_): a worker that
   // sees stopping_ and finds every lane empty may exit.
   stopping_.store(true, std::memory_order_seq_cst);
-  epoch_.fetch_add(1, std::memory_order_release);
-  park_wake(epoch_);
+  for (uint32_t g = 0; g < groups_; ++g) {
+    Sleepers& idle = idle_of(g);
+    idle.epoch.fetch_add(1, std::memory_order_release);
+    park_wake(idle.epoch);
+  }
   if (opts_.burst_instances != 0) wake_burst();
 }
 

@@ -3,14 +3,16 @@
 // A model has one bounded MPMC lane per priority level (0 is served first), plus, with
 // on_timeout=delay, a last lane for requests that expired while queued. A worker takes from the
 // highest non-empty lane at request (or batch) boundaries, optionally gathering a batch. Idle
-// workers park on one event count per model, so a push to any lane wakes them.
+// workers park on one event count per model (per group, see below), so a push to any lane
+// wakes them.
 //
 // Lane groups (ModelOptions::instance_group, one per NUMA node the instances span): each group
 // has its own set of priority lanes. A submission goes to the group of the CPU it runs on (else
 // round-robin); a worker serves its own group first and steals from the others only when its
 // own lanes are empty (an idle worker spinning watches only its own), so requests stay on their
-// node while its workers keep up. Sleepers stay one event count: a push to any group wakes any
-// parked worker, which then takes from any group.
+// node while its workers keep up. Each group's idle workers park on the group's own event
+// count: a push wakes a parked worker of its group first, and one of another group (which then
+// steals it) only when none of its own is parked.
 //
 // Python-free. What a request carries and how a model is called is the business of a
 // ModelHandler (the Python bindings supply one that holds the GIL only around the model call);
@@ -235,6 +237,14 @@ class Model {
 
  private:
   using Lane = MpmcQueue<Request*>;
+  // An event count of sleepers: an epoch to park on, and the sleepers in the high half of
+  // `count` with the wake-ups issued to them and not yet taken in the low half.
+  struct alignas(kCacheLine) Sleepers {
+    std::atomic<uint32_t> epoch{0};
+    std::atomic<uint64_t> count{0};
+  };
+  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
+  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
   enum class Take : uint8_t { ok, timeout, closed };
 
   void worker_main(Worker& w);
@@ -243,7 +253,7 @@ class Model {
   void serve_pooled(Worker& w);
   // Waits until a request is queued (true) or the model stopped with none queued (false),
   // taking nothing.
-  bool await_work() noexcept;
+  bool await_work(uint32_t group) noexcept;
   void serve_batches(Worker& w);
   // Runs (or settles) a request this worker took and uncounted, holding `units` of pool
   // capacity (0: none). Returns the units it still holds for its next call: kept when more
@@ -266,8 +276,10 @@ class Model {
   uint32_t route() const noexcept;
   // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
   void build_groups();
-  void wake(std::size_t n) noexcept;
-  void leave_sleepers() noexcept;
+  // Wakes up to `n` sleepers, `group`'s first.
+  void wake(std::size_t n, uint32_t group) noexcept;
+  static std::size_t wake_in(Sleepers& s, std::size_t n) noexcept;
+  static void leave_sleepers(Sleepers& s) noexcept;
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
@@ -291,7 +303,7 @@ class Model {
   // Cache lines by who writes them. Every submission writes queued_ and submitting_, and every
   // request a worker takes writes queued_: one line, with what those same threads read per
   // request (closed_, cancel_queued_). What idle and spinning workers poll (stopping_, the
-  // event count) is on a line that only changes when a worker parks, is woken, or the model
+  // event counts) is on lines that only change when a worker parks, is woken, or the model
   // closes, so the spinning does not steal the submitters' line.
 
   // Admission bound: counts requests in the lanes, including cancelled ones not yet popped and
@@ -306,8 +318,14 @@ class Model {
   std::atomic<bool> cancel_queued_{false};
   std::atomic<uint64_t> delayed_{0};  // moves to the delayed lane (rare)
 
-  // Event count of the model's sleepers: a push to any lane wakes a worker parked on it.
-  alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
+  // Each group's workers park on their group's event count (group 0's, or the only one, is
+  // inline): a push wakes sleepers of its own group first and others' only for what is left,
+  // so a request pushed while its group's workers sleep wakes one of them, not a stealer.
+  Sleepers& idle_of(uint32_t group) noexcept {
+    return group == 0 || group >= groups_ ? idle0_ : more_idle_[group - 1];
+  }
+  Sleepers idle0_;
+  std::unique_ptr<Sleepers[]> more_idle_;  // groups 1 .. groups_ - 1; fixed before start()
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the
   // delayed lane must be able to push after close, and it serves that request itself.)
@@ -315,11 +333,6 @@ class Model {
   // Burst workers park on their own event count: a submission wakes them only when every own
   // worker is busy, and the own workers' wake-ups never go to them.
   std::atomic<uint32_t> burst_epoch_{0};
-  // Sleepers in the high half, wake-ups issued to them and not yet taken in the low half.
-  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
-  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
-  std::atomic<uint64_t> sleepers_{0};
-  // Nothing else on the event count's line.
   // Own workers between taking a request and finishing it (burst models only).
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
   std::atomic<uint64_t> burst_served_{0};

@@ -2218,6 +2218,50 @@ bool pin_self(int cpu) {
   return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
 }
 
+// True once thread `tid` is asleep in the kernel. Workers with spin_ns=0 and a handler that
+// never blocks sleep only on their event count's futex, so this means "parked".
+bool is_parked(int tid) {
+  std::ifstream stat("/proc/self/task/" + std::to_string(tid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const auto close_paren = line.rfind(')');
+  return close_paren != std::string::npos && close_paren + 2 < line.size() &&
+         line[close_paren + 2] == 'S';
+}
+
+TEST_F(EngineTest, APushWakesAParkedWorkerOfItsOwnGroupFirst) {
+  guarded(60s, [] {
+    auto h = std::make_shared<GroupHandler>();
+    std::atomic<int> tids[2] = {};
+    h->on_start = [&tids](Worker& w) {
+      tids[w.index].store(static_cast<int>(::syscall(SYS_gettid)));
+      return true;
+    };
+    h->on_run = [h = h.get()](Worker& w, TestRequest& r) {
+      h->record(w, r);
+      return Outcome::ok;
+    };
+    Model m(grouped({0, 1}, 0), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 0; i < (kSanitized ? 20u : 100u); ++i) {
+      // Both parked: the wake-up for group 1's request must go to group 1's worker (were it
+      // any sleeper's, group 0's would steal the request about half the time).
+      while (!is_parked(tids[0].load()) || !is_parked(tids[1].load())) {
+        std::this_thread::sleep_for(200us);
+      }
+      const uint32_t group = static_cast<uint32_t>(i % 2);
+      rs.push_back(make_in(i, group));
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+      ASSERT_TRUE(completes(rs.back()));
+      EXPECT_EQ(h->group_of(i), group) << i;
+    }
+    m.close(true);
+    m.join();
+    EXPECT_EQ(m.snapshot().stolen, 0u);
+  });
+}
+
 TEST_F(EngineTest, SubmissionsGoToTheGroupOfTheSubmittingCpu) {
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
