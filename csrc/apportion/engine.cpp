@@ -3,9 +3,12 @@
 #include "apportion/affinity.hpp"
 
 #include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
 #include <string>
 
 namespace apportion {
@@ -26,6 +29,24 @@ void name_thread(const std::string& model, uint32_t index) {
   (void)model;
   (void)index;
 #endif
+}
+
+// Lane groups must name an own instance's group each, dense enough to bound the lanes' memory.
+void check_groups(const std::string& model, uint32_t instances,
+                  const std::vector<uint32_t>& groups) {
+  if (groups.empty()) return;
+  if (groups.size() != instances) {
+    throw std::invalid_argument("model '" + model + "': instance_group has " +
+                                std::to_string(groups.size()) + " entries, the model " +
+                                std::to_string(instances) + " instances");
+  }
+  for (uint32_t g : groups) {
+    if (g >= instances) {
+      throw std::invalid_argument("model '" + model + "': instance_group entry " +
+                                  std::to_string(g) + " is out of range (each must be < " +
+                                  "instances = " + std::to_string(instances) + ")");
+    }
+  }
 }
 
 }  // namespace
@@ -59,20 +80,12 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
       counters_(std::make_shared<ModelCounters>(opts_.name)) {
   opts_.priority_levels = std::max<uint32_t>(opts_.priority_levels, 1);
   opts_.batching.max_size = std::max<std::size_t>(opts_.batching.max_size, 1);
+  check_groups(opts_.name, opts_.instances, opts_.instance_group);
   if (opts_.pool == nullptr) opts_.burst_instances = 0;
   if (opts_.pool != nullptr) {
     member_ = opts_.pool->join(opts_.name, opts_.weight, opts_.priority_class);
   }
   const uint32_t total = opts_.instances + opts_.burst_instances;
-  const std::size_t cap = std::max<std::size_t>(opts_.max_queue, 1);
-  for (uint32_t i = 0; i < opts_.priority_levels; ++i) lanes_.push_back(std::make_unique<Lane>(cap));
-  if (opts_.on_timeout == OnTimeout::delay) {
-    delayed_lane_ = opts_.priority_levels;
-    // Room for every admitted request plus one per worker: a worker counts the request it
-    // moves here again, though admission may have given its slot away while the worker held
-    // it. A move can then never find this lane full.
-    lanes_.push_back(std::make_unique<Lane>(cap + total));
-  }
   // Workers (and their metric shards) exist from construction so snapshot() never races with
   // start(); only the threads are spawned later.
   workers_.reserve(total);
@@ -84,6 +97,64 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
     if (opts_.batching.max_size > 1) w->batch_cost_ns.assign(opts_.batching.max_size + 1, 0);
     workers_.push_back(std::move(w));
   }
+  build_groups();
+}
+
+void Model::build_groups() {
+  const std::vector<uint32_t>& ig = opts_.instance_group;
+  uint32_t groups = 1;
+  for (uint32_t g : ig) groups = std::max(groups, g + 1);
+  for (auto& w : workers_) {
+    w->group = w->burst ? Worker::kNoGroup : (groups > 1 ? ig[w->index] : 0);
+  }
+  cpu_group_.clear();
+  if (groups > 1) {
+    const std::size_t own = std::min<std::size_t>(opts_.instances, opts_.placement.size());
+    for (std::size_t i = 0; i < own; ++i) {
+      for (int cpu : opts_.placement[i].cpus) {
+        if (cpu < 0) continue;
+        if (static_cast<std::size_t>(cpu) >= cpu_group_.size()) {
+          cpu_group_.resize(static_cast<std::size_t>(cpu) + 1, Worker::kNoGroup);
+        }
+        if (cpu_group_[cpu] == Worker::kNoGroup) cpu_group_[cpu] = ig[i];
+      }
+    }
+  }
+  if (!lanes_.empty() && groups == groups_) return;
+
+  const uint32_t levels = opts_.priority_levels;
+  const std::size_t cap = std::max<std::size_t>(opts_.max_queue, 1);
+  // Every lane can hold max_queue requests: admission bounds all lanes together, so a push (or
+  // a move to the delayed lane) always finds a free cell whichever group it routes to. The
+  // price is memory: groups x levels x max_queue cells.
+  std::vector<std::unique_ptr<Lane>> lanes;
+  for (uint32_t i = 0; i < groups * levels; ++i) lanes.push_back(std::make_unique<Lane>(cap));
+  if (!lanes_.empty()) {
+    // Regrouped before start() with requests already queued: they keep their priority and
+    // their order within it; each new lane has room for all of them (see above).
+    for (uint32_t i = 0; i < groups_ * levels; ++i) {
+      const uint32_t to = std::min(i / levels, groups - 1) * levels + i % levels;
+      Request* r = nullptr;
+      while (lanes_[i]->try_pop(r)) {
+        if (!lanes[to]->try_push(r)) std::abort();  // single-threaded here: cannot be full
+      }
+    }
+  }
+  if (opts_.on_timeout == OnTimeout::delay) {
+    if (delayed_lane_ != UINT32_MAX) {
+      lanes.push_back(std::move(lanes_[delayed_lane_]));
+    } else {
+      // Room for every admitted request plus one per worker: a worker counts the request it
+      // moves here again, though admission may have given its slot away while the worker held
+      // it. A move can then never find this lane full.
+      lanes.push_back(std::make_unique<Lane>(cap + workers_.size()));
+    }
+    delayed_lane_ = groups * levels;
+  }
+  lanes_ = std::move(lanes);
+  // No worker runs yet, so none is parked on a count being replaced.
+  more_idle_ = groups > 1 ? std::make_unique<Sleepers[]>(groups - 1) : nullptr;
+  groups_ = groups;
 }
 
 Model::~Model() {
@@ -136,9 +207,9 @@ void Model::serve_one(Worker& w) {
   for (;;) {
     Request* r = nullptr;
     uint32_t lane = 0;
-    if (!try_take(r, lane)) {
+    if (!try_take(w.group, r, lane)) {
       handler_->idle(w);  // nothing queued: let go of what the handler held across calls
-      if (take(r, lane, -1) != Take::ok) break;  // closed, every lane empty
+      if (take(w.group, r, lane, -1) != Take::ok) break;  // closed, every lane empty
     }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
@@ -168,13 +239,13 @@ void Model::serve_pooled(Worker& w) {
     if (held == 0) {
       if (queued_.load(std::memory_order_relaxed) == 0) {
         handler_->idle(w);
-        if (!await_work()) break;  // closed, nothing queued
+        if (!await_work(w.group)) break;  // closed, nothing queued
       }
       held = pool_enter(w);
     }
     Request* r = nullptr;
     uint32_t lane = 0;
-    if (!try_take(r, lane)) {  // another worker took it, or a push is still in progress
+    if (!try_take(w.group, r, lane)) {  // another worker took it, or a push is still in progress
       pool_leave(held, 0);
       held = 0;
       continue;
@@ -187,7 +258,8 @@ void Model::serve_pooled(Worker& w) {
   w.may_linger = false;
 }
 
-bool Model::await_work() noexcept {
+bool Model::await_work(uint32_t group) noexcept {
+  Sleepers& idle = idle_of(group);
   const auto queued = [this] { return queued_.load(std::memory_order_seq_cst) != 0; };
   if (queued()) return true;
   if (opts_.spin_ns > 0) {
@@ -199,15 +271,15 @@ bool Model::await_work() noexcept {
   }
   for (;;) {
     if (stopping_.load(std::memory_order_acquire)) return queued();
-    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    const uint32_t epoch = idle.epoch.load(std::memory_order_acquire);
     // The sleeper handshake of take(), on the count alone (see there).
-    sleepers_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
+    idle.count.fetch_add(kOneSleeper, std::memory_order_seq_cst);
     if (queued()) {
-      leave_sleepers();
+      leave_sleepers(idle);
       return true;
     }
-    if (!stopping_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, -1);
-    leave_sleepers();
+    if (!stopping_.load(std::memory_order_acquire)) park_wait(idle.epoch, epoch, -1);
+    leave_sleepers(idle);
   }
 }
 
@@ -261,7 +333,7 @@ void Model::serve_burst(Worker& w) {
     const uint32_t units = pool_enter(w);
     Request* r = nullptr;
     uint32_t lane = 0;
-    if (!try_take(r, lane)) {  // an own worker got there first
+    if (!try_take(w.group, r, lane)) {  // an own worker got there first
       pool_leave(units, 0);
       continue;
     }
@@ -351,8 +423,8 @@ void Model::serve_batches(Worker& w) {
       lane = carry_lane;
       carried = true;
     } else if (batch.empty()) {
-      if (take(r, lane, -1) != Take::ok) return;  // closed, every lane empty
-    } else if (!try_take(r, lane)) {
+      if (take(w.group, r, lane, -1) != Take::ok) return;  // closed, every lane empty
+    } else if (!try_take(w.group, r, lane)) {
       // Nothing queued right now: dispatch, or wait for more while the batch is below
       // max_size, max_delay has not passed, and one more request would still let the batch
       // finish before its earliest deadline.
@@ -365,7 +437,7 @@ void Model::serve_batches(Worker& w) {
               ? Request::kNoDeadline
               : min_deadline - w.estimate_ns(batch.size() + 1);
       const int64_t until = std::min(opened + opt.max_delay_ns, by_deadline);
-      if (now_ns() >= until || take(r, lane, until) != Take::ok) {
+      if (now_ns() >= until || take(w.group, r, lane, until) != Take::ok) {
         flush();
         continue;
       }
@@ -441,35 +513,80 @@ void Model::dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Reques
   w.observe(n, cost);
 }
 
-bool Model::try_take(Request*& r, uint32_t& lane) noexcept {
-  const auto n = static_cast<uint32_t>(lanes_.size());
-  for (uint32_t i = 0; i < n; ++i) {
-    if (lanes_[i]->try_pop(r)) {
-      lane = i;
-      return true;
+bool Model::try_take(uint32_t group, Request*& r, uint32_t& lane, bool steal) noexcept {
+  const auto pop = [&](uint32_t i) {
+    if (!lanes_[i]->try_pop(r)) return false;
+    lane = i;
+    return true;
+  };
+  if (groups_ == 1) {  // no groups: every worker serves every lane in order, delayed last
+    const auto n = static_cast<uint32_t>(lanes_.size());
+    for (uint32_t i = 0; i < n; ++i) {
+      if (pop(i)) return true;
+    }
+    return false;
+  }
+  const uint32_t levels = opts_.priority_levels;
+  const bool own = group < groups_;
+  if (own) {
+    for (uint32_t p = 0; p < levels; ++p) {
+      if (pop(group * levels + p)) return true;
     }
   }
-  return false;
+  if (steal || !own) {
+    // Victims in turn from the next group on, so that stealers from different groups do not
+    // all pile onto group 0.
+    const uint32_t first = own ? group + 1 : 0;
+    for (uint32_t p = 0; p < levels; ++p) {
+      for (uint32_t k = 0; k < groups_; ++k) {
+        const uint32_t g = (first + k) % groups_;
+        if (g == group) continue;
+        if (pop(g * levels + p)) {
+          if (own) stolen_.fetch_add(1, std::memory_order_relaxed);
+          return true;
+        }
+      }
+    }
+  }
+  return delayed_lane_ != UINT32_MAX && pop(delayed_lane_);
 }
 
-Model::Take Model::take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept {
-  if (try_take(r, lane)) return Take::ok;
+uint32_t Model::route() const noexcept {
+#if defined(__linux__)
+  const int cpu = sched_getcpu();
+  if (cpu >= 0 && static_cast<std::size_t>(cpu) < cpu_group_.size() &&
+      cpu_group_[static_cast<std::size_t>(cpu)] < groups_) {
+    return cpu_group_[static_cast<std::size_t>(cpu)];
+  }
+#endif
+  // Off every instance's CPUs: spread evenly. Per thread, so submitters share no counter.
+  thread_local uint32_t next = 0;
+  return next++ % groups_;
+}
+
+Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns) noexcept {
+  // While it spins, a worker watches only its own group: another group's request is its own
+  // workers' while they are free (they may be spinning too), and stays on its node. Once the
+  // spin is over, the worker takes from every group before it parks (the handshake below),
+  // and a worker woken by a push to any group takes from any group.
+  if (try_take(group, r, lane, false)) return Take::ok;
   if (opts_.spin_ns > 0) {
     // Bounded by time, not by rounds: the cost of a pause instruction varies ~10x between CPUs.
     int64_t spin_until = now_ns() + opts_.spin_ns;
     if (until_ns >= 0) spin_until = std::min(spin_until, until_ns);
     do {
       for (int i = 0; i < 16; ++i) cpu_relax();
-      if (try_take(r, lane)) return Take::ok;
+      if (try_take(group, r, lane, false)) return Take::ok;
     } while (now_ns() < spin_until && !stopping_.load(std::memory_order_acquire));
   }
+  Sleepers& idle = idle_of(group);
   for (;;) {
     if (stopping_.load(std::memory_order_acquire)) {
-      return try_take(r, lane) ? Take::ok : Take::closed;
+      return try_take(group, r, lane) ? Take::ok : Take::closed;
     }
-    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    const uint32_t epoch = idle.epoch.load(std::memory_order_acquire);
     // No lost wake-up (Dekker): announce the sleeper, then look at queued_. A submitter adds
-    // to queued_ before its pushes and looks at sleepers_ after them; all four are seq_cst,
+    // to queued_ before its pushes and looks at the sleepers after them; all four are seq_cst,
     // so in their one total order either the submitter's look comes after this announcement
     // (it sees the sleeper, bumps the epoch, and the futex wait below returns at once or is
     // woken), or its add comes before the load below, which then sees the request counted:
@@ -477,9 +594,9 @@ Model::Take Model::take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept 
     // count dropped because another worker took it). queued_ is non-zero without anything to
     // take only for moments: a push in progress, a pop not yet uncounted, a move to the
     // delayed lane.
-    sleepers_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
-    if (try_take(r, lane)) {
-      leave_sleepers();
+    idle.count.fetch_add(kOneSleeper, std::memory_order_seq_cst);
+    if (try_take(group, r, lane)) {  // every group: the wake-up may be for another group's push
+      leave_sleepers(idle);
       return Take::ok;
     }
     const bool pending = queued_.load(std::memory_order_seq_cst) != 0;
@@ -487,14 +604,16 @@ Model::Take Model::take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept 
     if (until_ns >= 0) {
       remaining = until_ns - now_ns();
       if (remaining <= 0) {
-        leave_sleepers();
+        leave_sleepers(idle);
         return Take::timeout;
       }
     }
     // stopping_ is read again after the epoch: close() sets it before bumping the epoch, so a
     // worker that read the bumped epoch sees it here instead of sleeping through the close.
-    if (!pending && !stopping_.load(std::memory_order_acquire)) park_wait(epoch_, epoch, remaining);
-    leave_sleepers();
+    if (!pending && !stopping_.load(std::memory_order_acquire)) {
+      park_wait(idle.epoch, epoch, remaining);
+    }
+    leave_sleepers(idle);
     // Unregistered, so pushes meanwhile skip the wake-up syscall; on a busy core the thread
     // we wait for (a submitter between count and push) gets to run.
     if (pending) std::this_thread::yield();
@@ -504,32 +623,48 @@ Model::Take Model::take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept 
 // Wakes up to `n` sleepers, skipping those that already have a wake-up on its way: without
 // that, every push made while a woken worker is still being scheduled pays a futex syscall
 // for nobody, and submitters slow to the syscall rate exactly when the workers are behind.
-void Model::wake(std::size_t n) noexcept {
-  uint64_t s = sleepers_.load(std::memory_order_seq_cst);  // the submitter's half: see take()
+//
+// With groups, `group`'s sleepers come first: a request pushed there is best served on its
+// own node. The others are woken only for what that group cannot take: together that is as
+// many wake-ups as one event count would issue, and the handshake of take() holds for each
+// group's count on its own (every count is looked at, seq_cst, after the push, unless `n`
+// wake-ups were issued already).
+void Model::wake(std::size_t n, uint32_t group) noexcept {
+  if (groups_ == 1) {
+    wake_in(idle0_, n);
+    return;
+  }
+  const uint32_t first = group < groups_ ? group : 0;
+  for (uint32_t k = 0; k < groups_ && n != 0; ++k) n -= wake_in(idle_of((first + k) % groups_), n);
+}
+
+std::size_t Model::wake_in(Sleepers& idle, std::size_t n) noexcept {
+  uint64_t s = idle.count.load(std::memory_order_seq_cst);  // the submitter's half: see take()
   uint64_t k = 0;
   for (;;) {
     const uint64_t sleepers = s >> 32;
     const uint64_t woken = s & kWokenMask;
-    if (woken >= sleepers) return;  // no sleepers, or each has a wake-up in flight
+    if (woken >= sleepers) return 0;  // no sleepers, or each has a wake-up in flight
     k = std::min<uint64_t>(n, sleepers - woken);
-    if (sleepers_.compare_exchange_weak(s, s + k, std::memory_order_acq_rel,
-                                        std::memory_order_relaxed)) {
+    if (idle.count.compare_exchange_weak(s, s + k, std::memory_order_acq_rel,
+                                         std::memory_order_relaxed)) {
       break;
     }
   }
-  epoch_.fetch_add(1, std::memory_order_release);
-  park_wake(epoch_, static_cast<int>(k));
+  idle.epoch.fetch_add(1, std::memory_order_release);
+  park_wake(idle.epoch, static_cast<int>(k));
+  return static_cast<std::size_t>(k);
 }
 
 // A sleeper stops waiting (for any reason) and takes one in-flight wake-up with it, if there
 // is one. Wake-ups are not addressed, so the one taken may have been meant for another
 // sleeper; that only leaves `woken` too low (a spare wake-up later), never a missed one.
-void Model::leave_sleepers() noexcept {
-  uint64_t s = sleepers_.load(std::memory_order_relaxed);
+void Model::leave_sleepers(Sleepers& idle) noexcept {
+  uint64_t s = idle.count.load(std::memory_order_relaxed);
   for (;;) {
     const uint64_t woken = s & kWokenMask;
     const uint64_t next = s - kOneSleeper - (woken != 0 ? 1 : 0);
-    if (sleepers_.compare_exchange_weak(s, next, std::memory_order_relaxed)) return;
+    if (idle.count.compare_exchange_weak(s, next, std::memory_order_relaxed)) return;
   }
 }
 
@@ -559,17 +694,20 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   }
   const int64_t now = now_ns();
   const uint32_t last = opts_.priority_levels - 1;
+  // One routing decision per call: a batch comes from one thread on one CPU.
+  const uint32_t routed = groups_ > 1 ? route() : 0;
   for (std::size_t i = 0; i < n; ++i) {
     Request* r = rs[i];
     r->submit_ns = now;
     r->counters = counters_;
-    Lane& lane = *lanes_[std::min(r->priority, last)];
+    const uint32_t group = r->group < groups_ ? r->group : routed;
+    Lane& lane = *lanes_[group * opts_.priority_levels + std::min(r->priority, last)];
     // Admission guarantees a free cell and close() waits for us, so a refusal can only be a
     // consumer's release of that cell not yet visible here (possible on weakly ordered CPUs,
     // where its queued_ decrement may be seen first): it resolves within moments.
     while (!lane.try_push(r)) cpu_relax();
   }
-  wake(n);
+  wake(n, rs[0]->group < groups_ ? rs[0]->group : routed);
   if (opts_.burst_instances != 0 && busy_own_.load(std::memory_order_seq_cst) >= opts_.instances) {
     wake_burst();
   }
@@ -585,8 +723,11 @@ void Model::close(bool drain) noexcept {
   // Every push is done (made visible by the submitters' release of submitting_): a worker that
   // sees stopping_ and finds every lane empty may exit.
   stopping_.store(true, std::memory_order_seq_cst);
-  epoch_.fetch_add(1, std::memory_order_release);
-  park_wake(epoch_);
+  for (uint32_t g = 0; g < groups_; ++g) {
+    Sleepers& idle = idle_of(g);
+    idle.epoch.fetch_add(1, std::memory_order_release);
+    park_wake(idle.epoch);
+  }
   if (opts_.burst_instances != 0) wake_burst();
 }
 
@@ -598,7 +739,7 @@ void Model::join() {
   // Requests no worker will take: workers that failed to start, or pushes racing close().
   Request* r = nullptr;
   uint32_t lane = 0;
-  while (try_take(r, lane)) {
+  while (try_take(Worker::kNoGroup, r, lane)) {
     queued_.fetch_sub(1, std::memory_order_relaxed);
     if (r->try_claim(RequestState::claimed)) {
       handler_->abandon(nullptr, r, Outcome::cancelled);
@@ -629,9 +770,13 @@ void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
   r.publish(o);
 }
 
-void Model::set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy) {
+void Model::set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy,
+                          std::optional<std::vector<uint32_t>> groups) {
+  if (groups) check_groups(opts_.name, opts_.instances, *groups);
   opts_.placement = std::move(placement);
   opts_.memory_policy = policy;
+  if (groups) opts_.instance_group = std::move(*groups);
+  build_groups();  // the CPU table follows the placement even when the groups stay
   if (member_ == nullptr) return;
   const std::size_t first = opts_.burst_instances != 0 ? opts_.instances : 0;
   uint32_t units = 0;
@@ -673,6 +818,7 @@ ModelSnapshot Model::snapshot() const {
     s.pool_busy_unit_ns = p.busy_unit_ns;
   }
   s.burst_served = burst_served_.load(std::memory_order_relaxed);
+  s.stolen = stolen_.load(std::memory_order_relaxed);
   if (opts_.batching.max_size <= 1) {
     // Without batching every call serves one request, and every call that ran recorded its
     // compute time: the batch-size histogram follows from that count, at no cost per call.

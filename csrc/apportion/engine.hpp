@@ -3,7 +3,16 @@
 // A model has one bounded MPMC lane per priority level (0 is served first), plus, with
 // on_timeout=delay, a last lane for requests that expired while queued. A worker takes from the
 // highest non-empty lane at request (or batch) boundaries, optionally gathering a batch. Idle
-// workers park on one event count per model, so a push to any lane wakes them.
+// workers park on one event count per model (per group, see below), so a push to any lane
+// wakes them.
+//
+// Lane groups (ModelOptions::instance_group, one per NUMA node the instances span): each group
+// has its own set of priority lanes. A submission goes to the group of the CPU it runs on (else
+// round-robin); a worker serves its own group first and steals from the others only when its
+// own lanes are empty (an idle worker spinning watches only its own), so requests stay on their
+// node while its workers keep up. Each group's idle workers park on the group's own event
+// count: a push wakes a parked worker of its group first, and one of another group (which then
+// steals it) only when none of its own is parked.
 //
 // Python-free. What a request carries and how a model is called is the business of a
 // ModelHandler (the Python bindings supply one that holds the GIL only around the model call);
@@ -16,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -40,8 +50,12 @@ class Model;
 
 /// One worker thread of a model. `user` belongs to the handler (per-thread state).
 struct Worker {
+  static constexpr uint32_t kNoGroup = UINT32_MAX;
   Model* model = nullptr;
   uint32_t index = 0;
+  /// The lane group this worker serves first (0 without groups); kNoGroup for burst workers,
+  /// which take from every group alike. Fixed before start().
+  uint32_t group = 0;
   WorkerShard shard;
   void* user = nullptr;
   std::thread thread;
@@ -138,6 +152,12 @@ struct ModelOptions {
   /// Extra workers that serve on the shared pool while all `instances` own workers are busy
   /// (needs `pool`). Their placement entries follow the own instances' in `placement`.
   uint32_t burst_instances = 0;
+  /// Per own instance: its lane group (the index of its NUMA node among the model's nodes),
+  /// each < instances. Empty, or all one group: one set of lanes, the default. With G groups
+  /// the model keeps G sets of priority lanes (the delayed lane stays one, shared); every lane
+  /// can hold max_queue requests, so the lanes cost G x priority_levels x max_queue cells
+  /// (one cache line each, the count rounded up to a power of two).
+  std::vector<uint32_t> instance_group;
 };
 
 enum class Admit : uint8_t { ok, full, closed };
@@ -156,6 +176,8 @@ struct ModelSnapshot {
   uint64_t pool_busy_unit_ns = 0;
   /// Requests served by burst workers.
   uint64_t burst_served = 0;
+  /// Requests a worker took from another group's lanes to serve or settle (zero without groups).
+  uint64_t stolen = 0;
 };
 
 class Model {
@@ -171,8 +193,10 @@ class Model {
   /// released any lock the workers' start needs (the Python GIL).
   uint32_t start();
 
-  /// Admits a request into lane `r->priority` (clamped): the queue takes over one reference
-  /// (the caller adds it first) on `ok`. Stamps submit time and counters. Safe from any thread.
+  /// Admits a request into lane `r->priority` (clamped) of group `r->group` when that names
+  /// one, else of the submitting CPU's group, else of the next group round-robin: the queue
+  /// takes over one reference (the caller adds it first) on `ok`. Stamps submit time and
+  /// counters. Safe from any thread.
   Admit submit(Request* r) noexcept;
   /// All-or-nothing admission of `n` requests. Safe from any thread.
   Admit submit_n(Request* const* rs, std::size_t n) noexcept;
@@ -192,22 +216,36 @@ class Model {
 
   const std::string& name() const noexcept { return opts_.name; }
   const ModelOptions& options() const noexcept { return opts_; }
-  /// Sets where the workers will run. Only before start(); not thread-safe against start().
-  /// A pool member's units per call follow: the most threads any of its pooled instances
-  /// (all, or the burst ones) was given.
-  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy);
+  /// Sets where the workers will run and, when `groups` is given, the own instances' lane
+  /// groups (see ModelOptions::instance_group; throws std::invalid_argument naming the model
+  /// when they do not fit). Only before start(); not thread-safe against start(), nor, when
+  /// the number of groups changes (queued requests then move to the new lanes), against
+  /// submit(). A pool member's units per call follow: the most threads any of its pooled
+  /// instances (all, or the burst ones) was given.
+  void set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy,
+                     std::optional<std::vector<uint32_t>> groups = std::nullopt);
   /// Pinning refusals, one entry per worker that had one ("instance N: reason"). After start().
   std::vector<std::string> pin_errors() const;
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   bool started() const noexcept { return started_; }
   std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
-  /// Number of lanes: priority_levels, plus the delayed lane with on_timeout=delay.
+  /// Number of lanes: priority_levels per group, plus the delayed lane with on_timeout=delay.
   std::size_t lanes() const noexcept { return lanes_.size(); }
+  /// Number of lane groups (1 without instance_group).
+  uint32_t groups() const noexcept { return groups_; }
   ModelSnapshot snapshot() const;
 
  private:
   using Lane = MpmcQueue<Request*>;
+  // An event count of sleepers: an epoch to park on, and the sleepers in the high half of
+  // `count` with the wake-ups issued to them and not yet taken in the low half.
+  struct alignas(kCacheLine) Sleepers {
+    std::atomic<uint32_t> epoch{0};
+    std::atomic<uint64_t> count{0};
+  };
+  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
+  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
   enum class Take : uint8_t { ok, timeout, closed };
 
   void worker_main(Worker& w);
@@ -216,7 +254,7 @@ class Model {
   void serve_pooled(Worker& w);
   // Waits until a request is queued (true) or the model stopped with none queued (false),
   // taking nothing.
-  bool await_work() noexcept;
+  bool await_work(uint32_t group) noexcept;
   void serve_batches(Worker& w);
   // Runs (or settles) a request this worker took and uncounted, holding `units` of pool
   // capacity (0: none). Returns the units it still holds for its next call: kept when more
@@ -233,10 +271,18 @@ class Model {
   // false when the model stops with nothing queued.
   bool await_burst() noexcept;
   void wake_burst() noexcept;
-  bool try_take(Request*& r, uint32_t& lane) noexcept;
-  Take take(Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
-  void wake(std::size_t n) noexcept;
-  void leave_sleepers() noexcept;
+  // Takes from `group`'s lanes (highest priority first), then, when `steal`, from the other
+  // groups' (highest priority first), then from the delayed lane. kNoGroup: every group alike.
+  bool try_take(uint32_t group, Request*& r, uint32_t& lane, bool steal = true) noexcept;
+  Take take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
+  // The group a submission from this thread goes to (groups_ > 1).
+  uint32_t route() const noexcept;
+  // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
+  void build_groups();
+  // Wakes up to `n` sleepers, `group`'s first.
+  void wake(std::size_t n, uint32_t group) noexcept;
+  static std::size_t wake_in(Sleepers& s, std::size_t n) noexcept;
+  static void leave_sleepers(Sleepers& s) noexcept;
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
@@ -248,13 +294,19 @@ class Model {
   // Lane i holds priority i; with on_timeout=delay the last lane holds delayed requests. Each
   // lane can hold max_queue requests on its own: admission bounds all lanes together, so a
   // push (or a move to the delayed lane) always finds a free cell.
+  // With G groups, lane g * priority_levels + p holds group g's priority p, and the delayed
+  // lane (one for all groups: it is rare and served last anyway) comes after them all.
   std::vector<std::unique_ptr<Lane>> lanes_;
   uint32_t delayed_lane_ = UINT32_MAX;  // index of the delayed lane; none with reject
+  uint32_t groups_ = 1;
+  // CPU number -> the group of the own instance pinned there (Worker::kNoGroup: none). Read
+  // by submitters, written only before start().
+  std::vector<uint32_t> cpu_group_;
   std::vector<std::unique_ptr<Worker>> workers_;
   // Cache lines by who writes them. Every submission writes queued_ and submitting_, and every
   // request a worker takes writes queued_: one line, with what those same threads read per
   // request (closed_, cancel_queued_). What idle and spinning workers poll (stopping_, the
-  // event count) is on a line that only changes when a worker parks, is woken, or the model
+  // event counts) is on lines that only change when a worker parks, is woken, or the model
   // closes, so the spinning does not steal the submitters' line.
 
   // Admission bound: counts requests in the lanes, including cancelled ones not yet popped and
@@ -269,8 +321,14 @@ class Model {
   std::atomic<bool> cancel_queued_{false};
   std::atomic<uint64_t> delayed_{0};  // moves to the delayed lane (rare)
 
-  // Event count of the model's sleepers: a push to any lane wakes a worker parked on it.
-  alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
+  // Each group's workers park on their group's event count (group 0's, or the only one, is
+  // inline): a push wakes sleepers of its own group first and others' only for what is left,
+  // so a request pushed while its group's workers sleep wakes one of them, not a stealer.
+  Sleepers& idle_of(uint32_t group) noexcept {
+    return group == 0 || group >= groups_ ? idle0_ : more_idle_[group - 1];
+  }
+  Sleepers idle0_;
+  std::unique_ptr<Sleepers[]> more_idle_;  // groups 1 .. groups_ - 1; fixed before start()
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the
   // delayed lane must be able to push after close, and it serves that request itself.)
@@ -278,14 +336,10 @@ class Model {
   // Burst workers park on their own event count: a submission wakes them only when every own
   // worker is busy, and the own workers' wake-ups never go to them.
   std::atomic<uint32_t> burst_epoch_{0};
-  // Sleepers in the high half, wake-ups issued to them and not yet taken in the low half.
-  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
-  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
-  std::atomic<uint64_t> sleepers_{0};
-  // Nothing else on the event count's line.
   // Own workers between taking a request and finishing it (burst models only).
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
   std::atomic<uint64_t> burst_served_{0};
+  std::atomic<uint64_t> stolen_{0};
   std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;

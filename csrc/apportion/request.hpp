@@ -138,6 +138,9 @@ class Request {
   int64_t start_ns = 0;
   int64_t end_ns = 0;
   uint32_t priority = 0;
+  /// The lane group to queue into on a model with groups; out of range (the default): the
+  /// engine routes it by the submitting CPU.
+  uint32_t group = UINT32_MAX;
   std::shared_ptr<ModelCounters> counters;
 
  private:

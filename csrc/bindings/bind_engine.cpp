@@ -395,7 +395,7 @@ class RuntimeCore {
                  const std::string& memory_policy, const std::string& on_timeout,
                  const std::optional<std::tuple<std::size_t, double, std::vector<std::size_t>>>& batching,
                  bool pooled, double weight, int32_t priority_class, uint32_t pool_units,
-                 uint32_t burst) {
+                 uint32_t burst, const std::vector<uint32_t>& groups) {
     if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (models_.count(name) != 0) {
       PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
@@ -439,7 +439,12 @@ class RuntimeCore {
     e.priority_levels = priority_levels;
     auto [it, inserted] = models_.emplace(name, std::move(e));
     (void)inserted;
-    set_placement(name, placement, memory_policy);
+    try {
+      set_placement(name, placement, memory_policy, groups);
+    } catch (...) {
+      models_.erase(it);  // refused groups: nothing of the model stays registered
+      throw;
+    }
     if (started_) start_entry(it->first);
   }
 
@@ -535,10 +540,11 @@ class RuntimeCore {
   }
 
   /// Placement of a model whose workers have not started: per instance (cpus, memory nodes,
-  /// threads), applied by each worker to itself before its factory runs.
+  /// threads), applied by each worker to itself before its factory runs; per own instance its
+  /// lane group (empty: one group).
   void set_placement(const std::string& name,
                      const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& instances,
-                     const std::string& memory_policy) {
+                     const std::string& memory_policy, const std::vector<uint32_t>& groups) {
     auto it = models_.find(name);
     if (it == models_.end()) raise_not_found(name);
     Model& m = *it->second.model;
@@ -560,7 +566,7 @@ class RuntimeCore {
     if (memory_policy == "bind") policy = MemoryPolicy::bind;
     else if (memory_policy == "prefer") policy = MemoryPolicy::prefer;
     else if (memory_policy != "none") throw py::value_error("memory_policy must be bind, prefer or none");
-    m.set_placement(std::move(placement), policy);
+    m.set_placement(std::move(placement), policy, groups);  // invalid_argument: ValueError
   }
 
   bool closed() const { return closed_; }
@@ -596,6 +602,8 @@ class RuntimeCore {
     d["pool_calls"] = s.pool_grants;
     d["pool_busy_ns"] = s.pool_busy_unit_ns;
     d["burst_served"] = s.burst_served;
+    d["stolen"] = s.stolen;
+    d["lane_groups"] = it->second.model->groups();
     return d;
   }
 
@@ -854,12 +862,13 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
            py::arg("priority_levels"), py::arg("spin_us"), py::arg("placement"),
            py::arg("memory_policy"), py::arg("on_timeout") = "reject",
            py::arg("batching") = py::none(), py::arg("pooled") = false, py::arg("weight") = 1.0,
-           py::arg("priority_class") = 0, py::arg("pool_units") = 1, py::arg("burst") = 0)
+           py::arg("priority_class") = 0, py::arg("pool_units") = 1, py::arg("burst") = 0,
+           py::arg("groups") = std::vector<uint32_t>{})
       .def("_set_pool_capacity", &RuntimeCore::set_pool_capacity, py::arg("capacity"))
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
-           py::arg("memory_policy"))
+           py::arg("memory_policy"), py::arg("groups") = std::vector<uint32_t>{})
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),
            py::arg("drain") = true,
            "Unregisters a model: new requests get ModelNotFound; queued ones are finished "

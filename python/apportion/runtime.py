@@ -18,7 +18,7 @@ from .batching import Batching, wrap_factory
 from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
-from .placement import Plan, Quota, plan
+from .placement import ModelPlan, Plan, Quota, plan
 from ._private.process import ProcessInstance, factory_path
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
@@ -218,6 +218,13 @@ class Runtime(_core._Runtime):
         ("exclusive": cores of its own; "shared": the shared pool), ``instances`` (concurrent
         executions, each a worker thread), ``threads`` (intra-op threads per instance),
         ``numa``, ``smt``, ``memory_policy``, ``oversubscribe``.
+        The instances of a model pull from one queue (an idle instance takes the next request);
+        when they were placed on several NUMA nodes, each node gets its own queue: a request
+        goes to the queue of the node it is submitted from (else round-robin), and stays on
+        that node while its instances keep up; an instance whose node's queue is empty steals
+        from the others (``stats()[name].stolen`` counts those), after watching its own queue
+        for at most ``spin_us``: work stays node-local when load allows, and is never left
+        waiting behind busy instances while another node's instance is idle.
 
         Queueing: ``max_queue`` bounds queued requests (beyond it ``submit`` raises QueueFull);
         ``timeout_ms`` is the default deadline (a request's own may only be shorter).
@@ -367,13 +374,14 @@ class Runtime(_core._Runtime):
                     f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
                     "hold every CPU), so there is nowhere to burst to"
                 )
-            instances_arg, policy = self._native_placement(new_plan, name)
+            instances_arg, policy, groups = self._native_placement(new_plan, name)
             build = make_process_instance if process else make_instance
             self._add_model(name, wrap_factory(name, build) if batching is not None else build,
                             instances, max_queue, timeout, priority_levels, float(spin_us),
                             instances_arg, policy, on_timeout=on_timeout, batching=native_batching,
                             pooled=self._scheduled and quota.isolation == "shared",
-                            weight=weight_v, priority_class=class_v, burst=burst_n)
+                            weight=weight_v, priority_class=class_v, burst=burst_n,
+                            groups=groups)
         finally:
             # Registered even if something was raised after its workers started (a
             # PinningWarning turned into an error): the bookkeeping follows the native side.
@@ -500,7 +508,19 @@ class Runtime(_core._Runtime):
             index = len(mp.instances) + k
             placed[index] = (tuple(p.shared_pool), (), threads)
             out.append((list(p.shared_pool), [], threads))
-        return out, policy
+        return out, policy, self._lane_groups(mp)
+
+    @staticmethod
+    def _lane_groups(mp: ModelPlan) -> list[int]:
+        """Per own instance, the index of its (first) memory node among the distinct nodes of
+        the model's instances: instances on one node share one queue; on several nodes each
+        node gets its own queue, and idle instances steal from the others. [] (one queue) when
+        every instance is on one node or none has a node."""
+        firsts = [inst.memory_nodes[0] if inst.memory_nodes else -1 for inst in mp.instances]
+        nodes = sorted(set(firsts))
+        if len(nodes) <= 1:
+            return []
+        return [nodes.index(n) for n in firsts]
 
     def _check_running_models_stay(self, new_plan: Plan, name: str) -> None:
         current = self.plan()

@@ -72,6 +72,10 @@ class ModelStats:
     held. Its ratio between backlogged models is their achieved share."""
     burst_served: int = 0
     """Requests of an exclusive model served on the shared pool by its burst workers."""
+    stolen: int = 0
+    """Requests taken by an instance from another NUMA node's queue than its own (models whose
+    instances span nodes keep one queue per node; an instance whose node's queue is empty
+    takes from the others). Zero for a model on one node."""
 
     @property
     def in_flight(self) -> int:
@@ -102,6 +106,7 @@ class ModelStats:
             pool_calls=int(d.get("pool_calls", 0)),
             pool_time_s=float(d.get("pool_busy_ns", 0)) / 1e9,
             burst_served=int(d.get("burst_served", 0)),
+            stolen=int(d.get("stolen", 0)),
         )
 
 
