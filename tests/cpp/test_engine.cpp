@@ -1937,9 +1937,15 @@ class GroupHandler : public TestHandler {
   void wait_idle(uint32_t workers) {
     for (uint32_t i = 0; i < workers; ++i) idle_by[i].wait(0);
   }
-  void record(const Worker& w, const TestRequest& r) {
-    std::lock_guard lock(mu);
-    served.emplace_back(r.tag, w.group);
+  // Every request a call serves is recorded with the serving worker's group, before the call.
+  void run(Worker& w, Request* const* batch, std::size_t n) override {
+    {
+      std::lock_guard lock(mu);
+      for (std::size_t i = 0; i < n; ++i) {
+        served.emplace_back(static_cast<TestRequest*>(batch[i])->tag, w.group);
+      }
+    }
+    TestHandler::run(w, batch, n);
   }
   uint32_t group_of(uint64_t tag) {
     std::lock_guard lock(mu);
@@ -2001,10 +2007,6 @@ TEST_F(EngineTest, GroupsSplitTheLanesAndWorkers) {
 TEST_F(EngineTest, RequestsStayInTheirGroupWhileItsWorkersAreFree) {
   guarded(30s, [] {
     auto h = std::make_shared<GroupHandler>();
-    h->on_run = [h = h.get()](Worker& w, TestRequest& r) {
-      h->record(w, r);
-      return Outcome::ok;
-    };
     Model m(grouped({0, 0, 1, 1}, kSpinForever), h);
     ASSERT_EQ(m.start(), 0u);
     h->wait_idle(4);
@@ -2027,14 +2029,7 @@ TEST_F(EngineTest, AWorkerStealsFromAGroupWhoseWorkersAreBusyHighestPriorityFirs
   guarded(30s, [] {
     auto h = std::make_shared<GroupHandler>();
     Gate gate;
-    h->on_run = [h = h.get(), &gate](Worker& w, TestRequest& r) {
-      h->record(w, r);
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     ModelOptions o = grouped({0, 1}, kSpinForever);
     o.priority_levels = 2;
     Model m(o, h);
@@ -2075,8 +2070,7 @@ TEST_F(EngineTest, APushToABusyGroupWakesAParkedWorkerOfAnother) {
     auto h = std::make_shared<GroupHandler>();
     Gate gate;
     std::atomic<int> held{0};
-    h->on_run = [h = h.get(), &gate, &held](Worker& w, TestRequest& r) {
-      h->record(w, r);
+    h->on_run = [&gate, &held](Worker& w, TestRequest& r) {
       if (w.group == 0 && r.tag < 1000) {
         held.store(1);
         gate.wait();
@@ -2117,14 +2111,7 @@ TEST_F(EngineTest, PriorityOrderHoldsWithinAGroup) {
   guarded(30s, [] {
     auto h = std::make_shared<GroupHandler>();
     Gate gate;
-    h->on_run = [h = h.get(), &gate](Worker& w, TestRequest& r) {
-      h->record(w, r);
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     ModelOptions o = grouped({0, 1}, kSpinForever);
     o.priority_levels = 3;
     Model m(o, h);
@@ -2237,10 +2224,6 @@ TEST_F(EngineTest, APushWakesAParkedWorkerOfItsOwnGroupFirst) {
       tids[w.index].store(static_cast<int>(::syscall(SYS_gettid)));
       return true;
     };
-    h->on_run = [h = h.get()](Worker& w, TestRequest& r) {
-      h->record(w, r);
-      return Outcome::ok;
-    };
     Model m(grouped({0, 1}, 0), h);
     ASSERT_EQ(m.start(), 0u);
     std::vector<TestRef> rs;
@@ -2276,10 +2259,6 @@ TEST_F(EngineTest, SubmissionsGoToTheGroupOfTheSubmittingCpu) {
   if (!pinnable) GTEST_SKIP() << "this process may not pin its threads";
   guarded(30s, [&] {
     auto h = std::make_shared<GroupHandler>();
-    h->on_run = [h = h.get()](Worker& w, TestRequest& r) {
-      h->record(w, r);
-      return Outcome::ok;
-    };
     ModelOptions o = grouped({0, 1}, kSpinForever);
     o.placement = {apportion::InstancePlacement{{cpus[0]}, 1, {}},
                    apportion::InstancePlacement{{cpus[1]}, 1, {}}};
