@@ -429,3 +429,21 @@ def test_invalid_quotas_name_the_model_and_field(prt: ap.Runtime, kwargs: dict[s
 def test_gpu_quota_is_refused_with_process_isolation(prt: ap.Runtime) -> None:
     with pytest.raises(ap.QuotaError, match="'gpu'"):
         prt.add_model("g", factory="process_models:echo", isolation="process", gpu=ap.GPU(device=0))
+
+
+def test_a_process_model_without_cores_shares_the_scheduled_pool() -> None:
+    # Planned like a shared model, so on a scheduled pool its calls hold pool units (its worker
+    # holds them while the child computes) and its weight and class apply.
+    rt = ap.Runtime(shared_pool="scheduled")
+    try:
+        rt.add_model("remote", factory="process_models:echo", isolation="process", weight=2.0,
+                     priority_class=1)
+        rt.add_model("local", model=lambda x: x + 1)
+        rt.start()
+        assert [f.result(30) for f in rt.submit_many("remote", range(20))] == list(range(20))
+        assert [f.result(30) for f in rt.submit_many("local", range(5))] == [1, 2, 3, 4, 5]
+        stats = rt.stats()
+        assert stats["remote"].pool_calls == 20 and stats["remote"].pool_time_s > 0
+        assert stats["local"].pool_calls == 5
+    finally:
+        rt.close(drain=False)
