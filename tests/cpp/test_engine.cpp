@@ -7,7 +7,6 @@
 #include <gtest/gtest.h>
 
 #if defined(__linux__)
-#include <pthread.h>
 #include <sched.h>
 #endif
 
@@ -30,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "apportion/affinity.hpp"
 #include "apportion/engine.hpp"
 
 namespace {
@@ -2198,30 +2198,17 @@ TEST_F(EngineTest, RegroupingBeforeStartKeepsQueuedRequests) {
 
 #if defined(__linux__)
 // Pins the calling thread to `cpu`; false when the OS refuses.
-bool pin_self(int cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
-}
+bool pin_self(int cpu) { return apportion::pin_current_thread({cpu}).ok; }
 
-// True once thread `tid` is asleep in the kernel. Workers with spin_ns=0 and a handler that
-// never blocks sleep only on their event count's futex, so this means "parked".
-bool is_parked(int tid) {
-  std::ifstream stat("/proc/self/task/" + std::to_string(tid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return false;
-  const auto close_paren = line.rfind(')');
-  return close_paren != std::string::npos && close_paren + 2 < line.size() &&
-         line[close_paren + 2] == 'S';
-}
+using apportion::testing::is_sleeping;
+using apportion::testing::this_tid;
 
 TEST_F(EngineTest, APushWakesAParkedWorkerOfItsOwnGroupFirst) {
   guarded(60s, [] {
     auto h = std::make_shared<GroupHandler>();
     std::atomic<int> tids[2] = {};
     h->on_start = [&tids](Worker& w) {
-      tids[w.index].store(static_cast<int>(::syscall(SYS_gettid)));
+      tids[w.index].store(this_tid());
       return true;
     };
     Model m(grouped({0, 1}, 0), h);
@@ -2230,7 +2217,7 @@ TEST_F(EngineTest, APushWakesAParkedWorkerOfItsOwnGroupFirst) {
     for (uint64_t i = 0; i < (kSanitized ? 20u : 100u); ++i) {
       // Both parked: the wake-up for group 1's request must go to group 1's worker (were it
       // any sleeper's, group 0's would steal the request about half the time).
-      while (!is_parked(tids[0].load()) || !is_parked(tids[1].load())) {
+      while (!is_sleeping(tids[0].load()) || !is_sleeping(tids[1].load())) {
         std::this_thread::sleep_for(200us);
       }
       const uint32_t group = static_cast<uint32_t>(i % 2);

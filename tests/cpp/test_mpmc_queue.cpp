@@ -44,18 +44,8 @@ using apportion::testing::scaled;
 using apportion::testing::Watchdog;
 
 #if defined(__linux__)
-pid_t this_tid() { return static_cast<pid_t>(::syscall(SYS_gettid)); }
-
-// True once the thread is asleep in the kernel ('S' in /proc/self/task/<tid>/stat). The threads
-// checked here make no blocking call other than the queue's futex wait, so this means "parked".
-bool is_sleeping(pid_t tid) {
-  std::ifstream stat("/proc/self/task/" + std::to_string(tid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return false;
-  const auto close_paren = line.rfind(')');
-  return close_paren != std::string::npos && close_paren + 2 < line.size() &&
-         line[close_paren + 2] == 'S';
-}
+using apportion::testing::is_sleeping;
+using apportion::testing::this_tid;
 #endif
 
 // Waits (under the caller's watchdog) until every registered thread is parked, so that a test of

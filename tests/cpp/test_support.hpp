@@ -100,6 +100,23 @@ void guarded(std::chrono::seconds limit, Fn fn) {
 
 /// Live-object counter for test request types: construct/destroy bump these, so a leak or a
 /// double destruction shows as live() != its value before the test.
+#if defined(__linux__)
+/// The calling thread's kernel id.
+inline int this_tid() { return static_cast<int>(::syscall(SYS_gettid)); }
+
+/// True once thread `tid` of this process is asleep in the kernel ('S' in
+/// /proc/self/task/<tid>/stat). A test whose thread makes one blocking call only (a futex wait)
+/// reads this as "parked there".
+inline bool is_sleeping(int tid) {
+  std::ifstream stat("/proc/self/task/" + std::to_string(tid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const auto close_paren = line.rfind(')');
+  return close_paren != std::string::npos && close_paren + 2 < line.size() &&
+         line[close_paren + 2] == 'S';
+}
+#endif
+
 inline std::atomic<int64_t> g_constructed{0};
 inline std::atomic<int64_t> g_destroyed{0};
 inline int64_t live() { return g_constructed.load() - g_destroyed.load(); }
