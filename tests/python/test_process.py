@@ -9,10 +9,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import types
-from collections import Counter
 from concurrent.futures import CancelledError
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,33 +73,6 @@ def prt() -> Iterator[ap.Runtime]:
         yield runtime
     finally:
         runtime.close(drain=False)
-
-
-class Tally:
-    """Counts done-callbacks per future: every request must complete exactly once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.done: Counter[int] = Counter()
-        self.order: list[Any] = []
-
-    def watch(self, fut: ap.Future, tag: Any = None) -> ap.Future:
-        key = id(fut)
-
-        def cb(f: ap.Future) -> None:
-            with self.lock:
-                self.done[key] += 1
-                if tag is not None:
-                    self.order.append(tag)
-
-        fut.add_done_callback(cb)
-        return fut
-
-    def check_once(self, futs: list[ap.Future]) -> None:
-        for f in futs:
-            f.exception(timeout=LONG)  # completed
-        with self.lock:
-            assert [self.done[id(f)] for f in futs] == [1] * len(futs)
 
 
 # -- serving --------------------------------------------------------------------------------------
@@ -179,21 +150,20 @@ def test_model_exception_reaches_the_caller_with_the_remote_traceback(prt: ap.Ru
     assert prt.submit("m", 1).result(timeout=LONG) == 1
 
 
-def test_batching_through_a_process_instance(prt: ap.Runtime) -> None:
+def test_batching_through_a_process_instance(prt: ap.Runtime, tally) -> None:
     prt.add_model("b", factory="process_models:double_batch", isolation="process",
                   batching=ap.Batching(max_size=8, max_delay_ms=2.0))
     prt.start()
-    tally = Tally()
     futs = [tally.watch(f) for f in prt.submit_many("b", list(range(50)))]
     assert [f.result(timeout=LONG) for f in futs] == [2 * i for i in range(50)]
     tally.check_once(futs)
 
 
-def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_path: Path) -> None:
+def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_path: Path,
+                                                           tally) -> None:
     prt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
     prt.start()
     entered, release = tmp_path / "entered", tmp_path / "release"
-    tally = Tally()
     gate = tally.watch(prt.submit("m", ("gate", str(entered), str(release))), "gate")
     deadline_at = time.monotonic() + LONG
     while not entered.exists():
@@ -218,13 +188,12 @@ def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_
                                                 ("exit", "exited with code 7"),
                                                 ("kill", "killed by signal SIGKILL")])
 def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
-        prt: ap.Runtime, trigger: str, cause: str) -> None:
+        prt: ap.Runtime, trigger: str, cause: str, tally) -> None:
     prt.add_model("m", factory="process_models:faulty", isolation="process")
     prt.add_model("threaded", factory=lambda ctx: (lambda x: -x))
     prt.start()
     first = prt.submit("m", "info")
     assert first.result(timeout=LONG) == "info"
-    tally = Tally()
     crash = tally.watch(prt.submit("m", trigger))
     queued = [tally.watch(prt.submit("m", i)) for i in range(20)]
     others = [tally.watch(prt.submit("threaded", i)) for i in range(20)]
@@ -241,11 +210,10 @@ def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
     assert s.completed + s.failed >= 22
 
 
-def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(prt: ap.Runtime) -> None:
+def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(prt: ap.Runtime, tally) -> None:
     prt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
     prt.add_model("other", factory="process_models:echo", isolation="process")
     prt.start()
-    tally = Tally()
     hang = tally.watch(prt.submit("m", "hang"))
     after = [tally.watch(prt.submit("m", i)) for i in range(5)]
     assert prt.submit("other", "still serving").result(timeout=LONG) == "still serving"
@@ -288,10 +256,9 @@ def test_torch_model_is_adapted_in_the_child(prt: ap.Runtime) -> None:
     assert y.shape == (3, 2) and threads == 1 and inference
 
 
-def test_repeated_crashes_back_off_and_recover(prt: ap.Runtime) -> None:
+def test_repeated_crashes_back_off_and_recover(prt: ap.Runtime, tally) -> None:
     prt.add_model("m", factory="process_models:faulty", isolation="process")
     prt.start()
-    tally = Tally()
     futs = []
     for _ in range(3):  # back to back: restarts 2 and 3 wait out the back-off first
         futs.append(tally.watch(prt.submit("m", "exit")))

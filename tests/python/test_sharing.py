@@ -24,28 +24,9 @@ def make_runtime(n_cpus: int, shared_pool: str = "scheduled") -> ap.Runtime:
     return ap.Runtime(cpus=CPUS[:n_cpus], shared_pool=shared_pool)
 
 
-class Tally:
-    """Completion order and per-model counts, recorded from done-callbacks."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.order: list[str] = []
-        self.snapshot: Counter[str] | None = None
-        self.calls: Counter[int] = Counter()
-
-    def watch(self, fut: ap.Future, model: str) -> None:
-        def done(f: ap.Future) -> None:
-            with self.lock:
-                self.calls[id(f)] += 1
-                if not f.cancelled() and f.exception() is None:
-                    self.order.append(model)
-
-        fut.add_done_callback(done)
-
-
 @needs_two
 @pytest.mark.parametrize("threads", [1, 2])
-def test_backlogged_models_share_the_pool_by_weight(threads: int) -> None:
+def test_backlogged_models_share_the_pool_by_weight(threads: int, tally) -> None:
     # Same work per call (a sleep, so the calls do not compete for CPU): the shares are counts.
     # threads=2 makes every call hold both units, so the shares come from the grant order
     # alone; threads=1 lets two calls run at once.
@@ -56,10 +37,9 @@ def test_backlogged_models_share_the_pool_by_weight(threads: int) -> None:
     rt = make_runtime(2)
     rt.add_model("heavy", model=work, instances=3, threads=threads, weight=3.0, max_queue=4096)
     rt.add_model("light", model=work, instances=3, threads=threads, weight=1.0, max_queue=4096)
-    tally = Tally()
     n = 700
     # Both backlogged before the first call; the first completions (models start one after
-    # the other) are left out of the count.
+    # the other) are left out of the count. Everything counted completes before close().
     for i in range(n):
         tally.watch(rt.submit("heavy", i), "heavy")
         tally.watch(rt.submit("light", i), "light")
@@ -216,7 +196,7 @@ def test_burst_instances_serve_on_the_pool_while_own_instances_are_busy() -> Non
         assert stats.pool_calls == 5
 
 
-def test_every_request_completes_once_through_the_pool_and_burst_paths() -> None:
+def test_every_request_completes_once_through_the_pool_and_burst_paths(tally) -> None:
     rt = make_runtime(min(2, len(CPUS)))
     rt.add_model("a", model=lambda x: x, instances=2, weight=2.0, priority_levels=2)
     rt.add_model("b", model=lambda xs: list(xs), instances=2, priority_class=1,
@@ -225,7 +205,6 @@ def test_every_request_completes_once_through_the_pool_and_burst_paths() -> None
         rt.add_model("c", model=lambda x: x, cores=1, isolation="exclusive", threads=1, burst=2)
     names = rt.models
     rt.start()
-    tally = Tally()
     futs = []
 
     def submitter(k: int) -> None:
@@ -247,9 +226,9 @@ def test_every_request_completes_once_through_the_pool_and_burst_paths() -> None
     rt.close(drain=False)
     for t in threads:
         t.join()
-    for f in futs:
+    for f in futs:  # some were cancelled: check_once() would raise on them
         assert f.done()
-        assert tally.calls[id(f)] == 1
+        assert tally.done[id(f)] == 1
     for s in rt.stats().values():
         assert s.in_flight == 0
 
