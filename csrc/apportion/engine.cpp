@@ -770,6 +770,28 @@ void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
   r.publish(o);
 }
 
+bool Model::direct_allowed() const noexcept {
+  // seq_cst like submit_n's look at closed_: a direct call that starts after close() began
+  // is refused, and one that started before is waited for by its handler's close.
+  return !closed_.load(std::memory_order_seq_cst) && queued_.load(std::memory_order_seq_cst) == 0;
+}
+
+void Model::count_direct(Outcome o, int64_t start_ns) noexcept {
+  const int64_t end = now_ns();
+  const auto took = static_cast<uint64_t>(end > start_ns ? end - start_ns : 0);
+  {
+    std::lock_guard<std::mutex> lock(direct_mu_);
+    direct_shard_.queue_wait.record(0);
+    direct_shard_.compute.record(took);
+    direct_shard_.end_to_end.record(took);
+  }
+  direct_calls_.fetch_add(1, std::memory_order_relaxed);
+  // Submitted before the outcome: a snapshot reads outcomes first, so it never sees more
+  // outcomes than submissions.
+  counters_->submitted.fetch_add(1, std::memory_order_relaxed);
+  counters_->count(o);
+}
+
 void Model::set_placement(std::vector<InstancePlacement> placement, MemoryPolicy policy,
                           std::optional<std::vector<uint32_t>> groups) {
   if (groups) check_groups(opts_.name, opts_.instances, *groups);
@@ -819,6 +841,10 @@ ModelSnapshot Model::snapshot() const {
   }
   s.burst_served = burst_served_.load(std::memory_order_relaxed);
   s.stolen = stolen_.load(std::memory_order_relaxed);
+  s.direct = direct_calls_.load(std::memory_order_relaxed);
+  direct_shard_.queue_wait.snapshot_into(s.queue_wait);
+  direct_shard_.compute.snapshot_into(s.compute);
+  direct_shard_.end_to_end.snapshot_into(s.end_to_end);
   if (opts_.batching.max_size <= 1) {
     // Without batching every call serves one request, and every call that ran recorded its
     // compute time: the batch-size histogram follows from that count, at no cost per call.

@@ -178,6 +178,8 @@ struct ModelSnapshot {
   uint64_t burst_served = 0;
   /// Requests a worker took from another group's lanes to serve or settle (zero without groups).
   uint64_t stolen = 0;
+  /// Requests served by their callers directly (Model::count_direct).
+  uint64_t direct = 0;
 };
 
 class Model {
@@ -235,6 +237,17 @@ class Model {
   /// Number of lane groups (1 without instance_group).
   uint32_t groups() const noexcept { return groups_; }
   ModelSnapshot snapshot() const;
+
+  /// Direct calls: the calling thread serves a request itself on an idle instance (a
+  /// synchronous call to a process instance talks to the child with no worker thread in
+  /// between). Allowed only while the model is open and has nothing queued, so a direct call
+  /// never overtakes a queued request (the caller also needs an instance that exists and is
+  /// idle: the handler's business). Safe from any thread.
+  bool direct_allowed() const noexcept;
+  /// Counts a finished direct call (as submitted, and its outcome `ok` or `error`) and records
+  /// its latency: no queue wait, compute and end to end both now - `start_ns`. Safe from any
+  /// thread.
+  void count_direct(Outcome o, int64_t start_ns) noexcept;
 
  private:
   using Lane = MpmcQueue<Request*>;
@@ -340,6 +353,11 @@ class Model {
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
   std::atomic<uint64_t> burst_served_{0};
   std::atomic<uint64_t> stolen_{0};
+  // Direct calls' latencies: written by whichever caller made one, so under a lock (rare
+  // writers: one per direct call, which already costs a process round trip).
+  mutable std::mutex direct_mu_;
+  WorkerShard direct_shard_;
+  std::atomic<uint64_t> direct_calls_{0};
   std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;

@@ -481,6 +481,68 @@ TEST_F(EngineTest, ClosedModelRefusesWithClosed) {
   });
 }
 
+TEST_F(EngineTest, DirectCallsOnlyWithNothingQueuedAndAreCountedLikeRequests) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1, 4), h);  // not started: what is submitted stays queued
+    EXPECT_TRUE(m.direct_allowed());
+    TestRef r = make(1);
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    EXPECT_FALSE(m.direct_allowed()) << "a direct call would overtake the queued request";
+
+    const int64_t start = now_ns() - 2'000'000;  // a 2 ms call
+    m.count_direct(Outcome::ok, start);
+    m.count_direct(Outcome::error, now_ns());
+    ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.direct, 2u);
+    EXPECT_EQ(s.submitted, 3u);
+    EXPECT_EQ(s.completed, 1u);
+    EXPECT_EQ(s.failed, 1u);
+    EXPECT_EQ(s.queue_wait.total, 2u);
+    EXPECT_EQ(s.queue_wait.max, 0u);
+    EXPECT_EQ(s.end_to_end.total, 2u);
+    EXPECT_GE(s.end_to_end.max, 2'000'000u);
+    EXPECT_EQ(s.compute.total, 2u);
+    EXPECT_EQ(s.batch_size.total, 2u) << "each direct call is one model call";
+
+    m.close(true);
+    EXPECT_FALSE(m.direct_allowed());
+    m.join();  // cancels the queued one
+    s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_FALSE(m.direct_allowed()) << "closed";
+  });
+}
+
+TEST_F(EngineTest, DirectCallsFromManyThreadsAddUp) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 4; ++t) {
+      ts.emplace_back([&m, t] {
+        for (int i = 0; i < 500; ++i) {
+          if (m.direct_allowed()) m.count_direct((i + t) % 3 == 0 ? Outcome::error : Outcome::ok, now_ns());
+        }
+      });
+    }
+    for (int i = 0; i < 200; ++i) {
+      TestRef r = make(static_cast<uint64_t>(i));
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    for (auto& t : ts) t.join();
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(s.submitted, s.direct + 200u);
+    EXPECT_EQ(s.end_to_end.total, s.submitted);
+    EXPECT_LE(s.direct, 2000u);
+  });
+}
+
 TEST_F(EngineTest, RequestPastItsDeadlineIsExpiredAndNeverRun) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
