@@ -495,6 +495,22 @@ class RuntimeCore {
     return r;
   }
 
+  /// A direct call may start now (see Model::direct_allowed): returns its start time, or 0
+  /// when the caller must submit instead. Checks the arguments as submit() does; a deadline
+  /// cannot pass, since the call starts at once.
+  int64_t direct_begin(py::str model, std::optional<double> timeout_ms, std::optional<uint32_t> priority) {
+    Entry& e = lookup(model);
+    checked_timeout(e, timeout_ms, priority);
+    return e.model->direct_allowed() ? now_ns() : 0;
+  }
+
+  /// Counts a finished direct call. A model removed meanwhile (remove_model waits for the call)
+  /// has no stats left to count it in: nothing to do then.
+  void direct_end(const std::string& model, bool ok, int64_t start_ns) {
+    auto it = models_.find(model);
+    if (it != models_.end()) it->second.model->count_direct(ok ? Outcome::ok : Outcome::error, start_ns);
+  }
+
   py::list submit_many(py::str model, py::iterable inputs, std::optional<double> timeout_ms,
                        std::optional<uint32_t> priority) {
     Entry& e = lookup(model);
@@ -603,6 +619,7 @@ class RuntimeCore {
     d["pool_busy_ns"] = s.pool_busy_unit_ns;
     d["burst_served"] = s.burst_served;
     d["stolen"] = s.stolen;
+    d["direct"] = s.direct;
     d["lane_groups"] = it->second.model->groups();
     return d;
   }
@@ -645,27 +662,33 @@ class RuntimeCore {
               (n == 1 ? " request" : " requests") + " rejected");
   }
 
-  void prepare(const Entry& e, PyRequest& r, std::optional<double> timeout_ms,
-               std::optional<uint32_t> priority) {
+  /// The request's timeout (ns, or kNoDeadline) after checking both arguments; raises
+  /// ValueError naming the model and the field.
+  static int64_t checked_timeout(const Entry& e, std::optional<double> timeout_ms,
+                                 std::optional<uint32_t> priority) {
     int64_t timeout_ns = e.default_timeout_ns;
     if (timeout_ms) {
       // A request may only tighten the model's deadline, never extend it.
       timeout_ns = std::min(timeout_ns, timeout_to_ns(e.model->name(), "timeout_ms", *timeout_ms));
     }
+    if (priority && *priority >= e.priority_levels) {
+      PyErr_Format(PyExc_ValueError,
+                   "model '%s': priority must be an int in [0, %u) (0 is highest; the model "
+                   "has priority_levels=%u), got %u",
+                   e.model->name().c_str(), e.priority_levels, e.priority_levels, *priority);
+      throw py::error_already_set();
+    }
+    return timeout_ns;
+  }
+
+  void prepare(const Entry& e, PyRequest& r, std::optional<double> timeout_ms,
+               std::optional<uint32_t> priority) {
+    const int64_t timeout_ns = checked_timeout(e, timeout_ms, priority);
     if (timeout_ns != Request::kNoDeadline) {
       r.deadline_ns = now_ns() + timeout_ns;
       r.timeout_ns = timeout_ns;
     }
-    if (priority) {
-      if (*priority >= e.priority_levels) {
-        PyErr_Format(PyExc_ValueError,
-                     "model '%s': priority must be an int in [0, %u) (0 is highest; the model "
-                     "has priority_levels=%u), got %u",
-                     e.model->name().c_str(), e.priority_levels, e.priority_levels, *priority);
-        throw py::error_already_set();
-      }
-      r.priority = *priority;
-    }
+    if (priority) r.priority = *priority;
   }
 
   void check_not_own_worker(const char* what) const {
@@ -880,6 +903,9 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
            py::kw_only(), py::arg("timeout_ms") = py::none(), py::arg("priority") = py::none(),
            "Queues one request per item, all or none (QueueFull if they do not all fit); "
            "returns a list of Futures.")
+      .def("_direct_begin", &RuntimeCore::direct_begin, py::arg("model"), py::arg("timeout_ms"),
+           py::arg("priority"))
+      .def("_direct_end", &RuntimeCore::direct_end, py::arg("model"), py::arg("ok"), py::arg("start_ns"))
       .def("_close", &RuntimeCore::close, py::arg("drain"))
       .def_property_readonly("closed", &RuntimeCore::closed)
       .def_property_readonly("started", &RuntimeCore::started)

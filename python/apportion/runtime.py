@@ -19,7 +19,7 @@ from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
-from ._private.process import ProcessInstance, factory_path
+from ._private.process import NOT_TAKEN, ProcessInstance, factory_path
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
 
@@ -179,6 +179,8 @@ class Runtime(_core._Runtime):
         self._gpu = _GpuState()
         self._bursts: dict[str, int] = {}
         self._processes: dict[str, list[ProcessInstance]] = {}
+        # Process models whose synchronous calls may skip the worker thread (see call()).
+        self._direct: dict[str, list[ProcessInstance]] = {}
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
@@ -258,6 +260,9 @@ class Runtime(_core._Runtime):
         available). It is planned like "exclusive" when ``cores`` is given, else like
         "shared". A child that dies, or runs one call longer than ``watchdog_s`` seconds (None:
         no limit), fails that call with WorkerCrashed and is restarted for the next one.
+        ``Runtime.call`` on an idle process instance skips the worker thread; the child then
+        spins for up to ``spin_us`` for the caller's next call (on instances of one CPU it
+        parks at once).
 
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
@@ -336,15 +341,13 @@ class Runtime(_core._Runtime):
             cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
             spec = {"factory": factory_ref, "model": name, "instance": index, "instances": instances,
                     "threads": planned_threads, "cpus": list(cpus) if cpus else None,
-                    "memory_nodes": list(nodes), "memory_policy": memory_word,
-                    # The child parks at once between requests: its next request is at least a
-                    # caller and a worker wake-up away, and spinning would take a core from them
-                    # (measured: 2x slower round trips on 2 cores). The proxy spins for the reply.
-                    "spin_us": 0.0}
+                    "memory_nodes": list(nodes), "memory_policy": memory_word}
             # On a single CPU the proxy's spin only delays the child it waits for (they share
             # that CPU): park at once there (measured: 75-100 us round trips with the spin,
-            # 52-55 us without, on the 2-core VM).
+            # 52-55 us without, on the 2-core VM). Likewise the child's spin after a direct
+            # call would only delay the worker thread pinned to that CPU.
             proxy_spin = float(spin_us) if cpus is None or len(cpus) > 1 else 0.0
+            spec["direct_spin_us"] = proxy_spin
             proxy = ProcessInstance(spec, watchdog_s=watchdog, spin_us=proxy_spin)
             procs.append(proxy)
             return proxy
@@ -387,6 +390,11 @@ class Runtime(_core._Runtime):
             # PinningWarning turned into an error): the bookkeeping follows the native side.
             if name in self._model_names():
                 self._plan = new_plan
+                # A direct call is one request on an idle instance, right away: not for a model
+                # that batches (its worker waits to gather a batch) or whose calls hold units of
+                # the scheduled pool (the worker takes those in turn).
+                if process and batching is None and not (self._scheduled and quota.isolation == "shared"):
+                    self._direct[name] = procs
                 if gpu is not None and usage is not None:
                     self._gpu_quotas[name] = gpu
                     self._gpu_usage[name] = usage
@@ -446,6 +454,7 @@ class Runtime(_core._Runtime):
         cores go back to the shared pool for models added later."""
         if not drain:
             self._abort_processes(name)
+        self._end_direct_calls(name, wait=drain)
         super().remove_model(name, drain=drain)
         self._close_processes(name)
         self._quotas.pop(name, None)
@@ -564,6 +573,8 @@ class Runtime(_core._Runtime):
         if not drain:
             for name in list(self._processes):
                 self._abort_processes(name)
+        for name in list(self._direct):
+            self._end_direct_calls(name, wait=drain)
         self._close(drain)
         self._gpu.close()  # streams outlive every call that used them: workers have exited
         for name in list(self._processes):
@@ -575,8 +586,17 @@ class Runtime(_core._Runtime):
         for proxy in list(self._processes.get(name, ())):
             proxy.abort()
 
+    def _end_direct_calls(self, name: str, wait: bool) -> None:
+        # Before the workers stop: a child dies with the worker thread that started it, so when
+        # draining, a direct call in flight must finish first; without draining it was aborted
+        # and fails anyway. None may start after. A call that finds direct calls refused takes
+        # the queue instead.
+        for proxy in self._direct.pop(name, None) or ():
+            proxy.end_direct_calls(wait)
+
     def _close_processes(self, name: str) -> None:
         # Only once the model's workers have exited: no call is in flight in any proxy.
+        self._direct.pop(name, None)
         for proxy in self._processes.pop(name, ()):
             proxy.close()
 
@@ -587,6 +607,39 @@ class Runtime(_core._Runtime):
 
     def __exit__(self, *exc: object) -> None:
         self.close(drain=True)
+
+    # -- synchronous calls ----------------------------------------------------------------------
+    def call(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        timeout_ms: float | None = None,
+        priority: int | None = None,
+    ) -> Any:
+        """Runs one request and returns its result (raises its error): the same outcome as
+        ``submit(...).result()``, with the same checks and stats.
+
+        For a process model (``isolation="process"``, without batching or a scheduled pool)
+        with nothing queued and an idle instance, the calling thread sends the request to that
+        instance's child and waits for the answer itself: two hand-offs instead of four (no
+        worker thread in between), about half the round trip. Such a call counts as a request
+        in ``stats()`` (``direct`` says how many) with no queue wait; it starts at once, so its
+        deadline cannot pass. Anything else (a busy or restarting instance, queued requests,
+        other models) takes the queue like ``submit``."""
+        procs = self._direct.get(model)
+        if procs:
+            def begin() -> int:
+                return self._direct_begin(model, timeout_ms, priority)
+
+            def end(ok: bool, start: int) -> None:
+                self._direct_end(model, ok, start)
+
+            for proxy in procs:
+                out = proxy.call_directly(inputs, begin, end)
+                if out is not NOT_TAKEN:
+                    return out
+        return self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority).result()
 
     # -- asyncio ------------------------------------------------------------------------------
     async def infer(

@@ -76,6 +76,10 @@ class ModelStats:
     """Requests taken by an instance from another NUMA node's queue than its own (models whose
     instances span nodes keep one queue per node; an instance whose node's queue is empty
     takes from the others). Zero for a model on one node."""
+    direct: int = 0
+    """Requests of a process model that ``Runtime.call`` served in the calling thread, on an
+    idle instance with nothing queued (no queue wait; counted in ``submitted`` and outcomes
+    like any other)."""
 
     @property
     def in_flight(self) -> int:
@@ -107,6 +111,7 @@ class ModelStats:
             pool_time_s=float(d.get("pool_busy_ns", 0)) / 1e9,
             burst_served=int(d.get("burst_served", 0)),
             stolen=int(d.get("stolen", 0)),
+            direct=int(d.get("direct", 0)),
         )
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 from concurrent.futures import CancelledError
@@ -414,3 +415,263 @@ def test_a_process_model_without_cores_shares_the_scheduled_pool() -> None:
         assert stats["local"].pool_calls == 5
     finally:
         rt.close(drain=False)
+
+
+# -- synchronous calls (Runtime.call) -------------------------------------------------------------
+def test_call_serves_an_idle_process_instance_directly_with_stats(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:info", isolation="process", instances=2)
+    prt.start()
+    out = [prt.call("m", i) for i in range(30)]
+    assert [o["x"] for o in out] == list(range(30))
+    assert {o["ppid"] for o in out} == {os.getpid()}
+    s = prt.stats()["m"]
+    assert s.direct == 30 and s.submitted == 30 and s.completed == 30 and s.in_flight == 0
+    assert s.end_to_end.count == 30 and s.compute.count == 30 and s.batches == 30
+    assert s.queue_wait.count == 30 and s.queue_wait.max_ms == 0.0
+    # Large arrays travel out of band on this path too.
+    big = np.arange(1 << 18, dtype=np.float32)
+    np.testing.assert_array_equal(prt.call("m", big)["x"], big)
+
+
+def test_call_raises_the_model_error_and_counts_it(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process")
+    prt.start()
+    with pytest.raises(ValueError, match="the model refused") as info:
+        prt.call("m", "raise")
+    assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
+    with pytest.raises(TypeError, match="cannot pickle"):
+        prt.call("m", threading_lock())
+    assert prt.call("m", 4) == 4
+    s = prt.stats()["m"]
+    assert (s.direct, s.submitted, s.failed, s.completed) == (3, 3, 2, 1)
+
+
+def threading_lock() -> Any:
+    return threading.Lock()
+
+
+@pytest.mark.parametrize(("trigger", "cause"), [("segv", "killed by signal SIGSEGV"),
+                                                ("exit", "exited with code 7")])
+def test_a_crash_during_a_direct_call_fails_it_and_the_next_call_restarts_the_child(
+        prt: ap.Runtime, trigger: str, cause: str) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process")
+    prt.start()
+    assert prt.call("m", 1) == 1
+    with pytest.raises(ap.WorkerCrashed, match=cause) as info:
+        prt.call("m", trigger)
+    assert info.value.model == "m" and info.value.instance == 0  # type: ignore[attr-defined]
+    # No live child now: this call goes through the queue, whose worker restarts the child.
+    assert prt.call("m", 2) == 2
+    assert prt.call("m", 3) == 3
+    s = prt.stats()["m"]
+    assert s.failed == 1 and s.completed == 3 and s.submitted == 4
+    assert s.direct == 3  # 1, the crash, and 3 (2 went through the worker)
+
+
+def test_a_direct_call_to_a_child_that_died_while_idle_is_served_by_its_replacement(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:info", isolation="process")
+    prt.start()
+    pid = prt.call("m", 0)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + LONG
+    while "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # The dead child never took it: not failed, but sent through the queue to a new child.
+    out = prt.call("m", 1)
+    assert out["x"] == 1 and out["pid"] != pid
+    s = prt.stats()["m"]
+    assert s.failed == 0 and s.completed == 2 and s.submitted == 2 and s.direct == 1
+
+
+def test_the_watchdog_ends_a_hung_direct_call(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
+    prt.start()
+    with pytest.raises(ap.WorkerCrashed, match=r"watchdog_s.*SIGKILL"):
+        prt.call("m", "hang")
+    assert prt.call("m", 5) == 5
+
+
+def test_call_takes_the_queue_when_the_instance_is_busy_or_requests_wait(prt: ap.Runtime, tmp_path: Path,
+                                                                        tally) -> None:
+    prt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
+    prt.start()
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    gate = tally.watch(prt.submit("m", ("gate", str(entered), str(release))))
+    deadline = time.monotonic() + LONG
+    while not entered.exists():
+        assert time.monotonic() < deadline, "the gate request never started"
+        time.sleep(0.005)
+    queued = tally.watch(prt.submit("m", "queued", priority=1))
+    # A direct call may not start while a request waits: it would overtake it.
+    assert prt._direct_begin("m", None, None) == 0
+    results: list[Any] = []
+    caller = threading.Thread(target=lambda: results.append(prt.call("m", "called", priority=0)))
+    caller.start()
+    time.sleep(0.05)
+    assert results == []  # waiting in the queue behind the busy instance
+    release.touch()
+    caller.join(LONG)
+    assert results == ["called"] and queued.result(timeout=LONG) == "queued"
+    tally.check_once([gate, queued])
+    assert prt.stats()["m"].direct == 0
+    assert prt._direct_begin("m", None, None) > 0  # idle and nothing queued again
+
+
+def test_call_checks_its_arguments_and_the_runtime_like_submit(prt: ap.Runtime) -> None:
+    prt.add_model("m", factory="process_models:echo", isolation="process", priority_levels=2)
+    prt.start()
+    with pytest.raises(ValueError, match="'m'.*timeout_ms"):
+        prt.call("m", 1, timeout_ms=-1)
+    with pytest.raises(ValueError, match="'m'.*priority"):
+        prt.call("m", 1, priority=2)
+    with pytest.raises(ap.ModelNotFound, match="'nope'"):
+        prt.call("nope", 1)
+    assert prt.call("m", 1, timeout_ms=1000, priority=1) == 1
+    assert prt.stats()["m"].submitted == 1
+    prt.close()
+    with pytest.raises(ap.RuntimeClosed):
+        prt.call("m", 1)
+
+
+def test_call_uses_the_queue_for_other_models(tally) -> None:
+    # Thread models, batching process models and process models on a scheduled pool.
+    rt = ap.Runtime(shared_pool="scheduled")
+    try:
+        rt.add_model("t", model=lambda x: x + 1)
+        rt.add_model("b", factory="process_models:double_batch", isolation="process",
+                     batching=ap.Batching(max_size=4, max_delay_ms=1.0))
+        rt.add_model("pooled", factory="process_models:echo", isolation="process")
+        rt.start()
+        assert [rt.call("t", i) for i in range(3)] == [1, 2, 3]
+        assert [rt.call("b", i) for i in range(3)] == [0, 2, 4]
+        assert [rt.call("pooled", i) for i in range(3)] == [0, 1, 2]
+        stats = rt.stats()
+        assert [stats[m].direct for m in ("t", "b", "pooled")] == [0, 0, 0]
+        assert [stats[m].completed for m in ("t", "b", "pooled")] == [3, 3, 3]
+        assert stats["pooled"].pool_calls == 3
+    finally:
+        rt.close(drain=False)
+
+
+def test_direct_calls_do_not_starve_queued_requests(prt: ap.Runtime) -> None:
+    # One thread calls back to back; another submits. A request the worker took waits for at
+    # most the direct call in flight: the worker says it wants the instance, and direct calls
+    # then leave it alone.
+    prt.add_model("m", factory="process_models:echo", isolation="process")
+    prt.start()
+    stop = threading.Event()
+    calls = [0]
+
+    def hammer() -> None:
+        while not stop.is_set():
+            assert prt.call("m", 1) == 1
+            calls[0] += 1
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        while calls[0] < 50:
+            time.sleep(0.001)
+        assert [prt.submit("m", i).result(timeout=LONG) for i in range(50)] == list(range(50))
+    finally:
+        stop.set()
+        t.join(LONG)
+    s = prt.stats()["m"]
+    assert s.direct >= 50 and s.completed == s.submitted and s.failed == 0
+
+
+def test_concurrent_calls_submits_and_close_complete_every_request_once(tally) -> None:
+    rt = ap.Runtime()
+    rt.add_model("m", factory="process_models:echo", isolation="process", instances=2, max_queue=64)
+    rt.start()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    futs: list[ap.Future] = []
+
+    def caller(k: int) -> None:
+        for i in range(300):
+            try:
+                got = rt.call("m", (k, i))
+                kind = "ok" if got == (k, i) else "wrong"
+            except (ap.RuntimeClosed, ap.QueueFull, CancelledError):
+                kind = "refused"
+            with lock:
+                outcomes.append(kind)
+
+    def submitter() -> None:
+        for i in range(300):
+            try:
+                f = tally.watch(rt.submit("m", i))
+            except (ap.RuntimeClosed, ap.QueueFull):
+                continue
+            with lock:
+                futs.append(f)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(3)] + [threading.Thread(target=submitter)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    rt.close(drain=True)
+    for t in threads:
+        t.join(LONG)
+    assert len(outcomes) == 900 and "wrong" not in outcomes
+    tally.check_once(futs)
+    for f in futs:
+        assert f.result(timeout=LONG) is not None
+    s = rt.stats()["m"]
+    assert s.in_flight == 0
+    assert s.submitted == s.completed + s.rejected
+
+
+def test_close_without_drain_ends_a_hung_direct_call(tmp_path: Path) -> None:
+    rt = ap.Runtime()
+    try:
+        rt.add_model("m", factory="process_models:faulty", isolation="process")  # no watchdog
+        rt.start()
+        entered = tmp_path / "entered"
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                rt.call("m", ("hang_after", str(entered)))
+            except BaseException as e:  # noqa: BLE001 - checked below
+                errors.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.monotonic() + LONG
+        while not entered.exists():
+            assert time.monotonic() < deadline, "the hanging call never started"
+            time.sleep(0.005)
+        rt.close(drain=False)
+        t.join(LONG)
+        assert len(errors) == 1 and isinstance(errors[0], ap.WorkerCrashed)
+        assert "drain=False" in str(errors[0])
+        assert rt.stats()["m"].failed == 1 and rt.stats()["m"].direct == 1
+    finally:
+        rt.close(drain=False)
+
+
+@pytest.mark.parametrize("how", ["remove_model", "close"])
+def test_draining_waits_for_a_direct_call_in_flight(prt: ap.Runtime, tmp_path: Path, how: str) -> None:
+    # The child dies with the worker thread that started it: the worker must not stop before
+    # a direct call on its child has finished.
+    prt.add_model("m", factory="process_models:faulty", isolation="process")
+    prt.start()
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    results: list[Any] = []
+    t = threading.Thread(target=lambda: results.append(prt.call("m", ("gate", str(entered), str(release)))))
+    t.start()
+    deadline = time.monotonic() + LONG
+    while not entered.exists():
+        assert time.monotonic() < deadline, "the gated call never started"
+        time.sleep(0.005)
+    threading.Timer(0.1, release.touch).start()
+    if how == "close":
+        prt.close()
+    else:
+        prt.remove_model("m")  # returns once the call finished and the child exited
+        assert prt.models == []
+    assert results == ["gate"]
+    t.join(LONG)

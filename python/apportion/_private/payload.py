@@ -23,6 +23,7 @@ __all__ = ["OUT_OF_BAND_BYTES", "dumps", "loads"]
 # Message kinds, the first item of every message. Parent -> child:
 CALL = 0
 EXIT = 1
+DIRECT_CALL = 2  # a call from a caller waiting on the reply itself: the child then spins for the next
 # Child -> parent:
 OK = 0
 ERROR = 1

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from .. import _core
@@ -107,9 +108,18 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+NOT_TAKEN: Any = object()
+"""What :meth:`ProcessInstance.call_directly` returns when the caller must submit instead."""
+
+
+class _Unsent(Exception):
+    """The child died before taking the request from the channel: it may be sent again."""
+
+
 class ProcessInstance:
-    """The callable an engine worker serves for a process-isolated instance. Used only by that
-    worker thread (calls) and, once the worker has exited, by whoever closes it."""
+    """The callable an engine worker serves for a process-isolated instance. Called by that
+    worker thread and, for a synchronous call that finds it idle, by the calling thread itself
+    (:meth:`call_directly`); one call at a time. Closed once the worker has exited."""
 
     def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float) -> None:
         self._spec = spec
@@ -124,6 +134,12 @@ class ProcessInstance:
         self._closed = False
         self._aborting = False  # set from another thread by abort(); read between waits
         self._lock = threading.Lock()  # close() from another thread vs. a restart
+        # One call at a time on the channel: the worker's, or a direct caller's. The worker
+        # announces that it waits for the lock (it holds a request already), and a direct
+        # caller then leaves the instance to it.
+        self._call_lock = threading.Lock()
+        self._worker_waiting = False
+        self._direct_ok = True  # cleared by end_direct_calls()
         self.restarts = 0
         """Children started after the first (introspection and tests)."""
         self._start()
@@ -183,13 +199,13 @@ class ProcessInstance:
             if parts is not None:
                 return loads(parts)
             spin = 0.0  # the reply is not imminent: just park between checks
-            code = proc.poll()
-            if code is not None:
-                raise self._crashed(proc.pid, _describe_exit(code), code)
-            if self._aborting:
+            if self._aborting:  # first: the child may already be dead of it
                 self._reap(proc, kill=True)
                 raise self._crashed(proc.pid, "was killed with SIGKILL: the model was closed with "
                                     "drain=False during the call", -signal.SIGKILL)
+            code = proc.poll()
+            if code is not None:
+                raise self._crashed(proc.pid, _describe_exit(code), code)
             if deadline is not None and time.monotonic() >= deadline:
                 self._reap(proc, kill=True)
                 what = "did not start" if starting else "did not answer"
@@ -246,36 +262,90 @@ class ProcessInstance:
 
     # -- serving --------------------------------------------------------------------------------
     def __call__(self, x: Any) -> Any:
+        """Serves one request for the worker thread: restarts a dead child first (after its
+        back-off), and sends a request a dead child never took to its replacement."""
         parts = dumps((proto.CALL, x))
+        self._worker_waiting = True
+        with self._call_lock:
+            self._worker_waiting = False
+            for _attempt in range(3):
+                if self._proc is None:
+                    self._restart()
+                try:
+                    return self._round_trip(parts)
+                except _Unsent:
+                    continue  # the next child serves it
+            raise self._crashed(None, "died before taking the request, three times in a row", None)
+
+    def call_directly(self, x: Any, begin: Callable[[], int], end: Callable[[bool, int], None]) -> Any:
+        """Serves one request in the calling thread when this instance is idle: the caller
+        talks to the child itself, with no worker thread in between. Returns NOT_TAKEN (having
+        sent nothing) when the instance is busy, wanted by its worker, has no live child, or
+        ``begin()`` refuses (returns 0: the model is closed or has requests queued); the caller
+        then submits instead. Otherwise ``end(ok, start)`` is called once, before the result is
+        returned or the error raised."""
+        if self._worker_waiting or self._proc is None or not self._call_lock.acquire(blocking=False):
+            return NOT_TAKEN
+        try:
+            if self._worker_waiting or self._proc is None or not self._direct_ok or self._aborting:
+                return NOT_TAKEN
+            start = begin()
+            if not start:
+                return NOT_TAKEN
+            try:
+                parts = dumps((proto.DIRECT_CALL, x))
+            except BaseException:
+                end(False, start)
+                raise
+            try:
+                out = self._round_trip(parts)
+            except _Unsent:
+                return NOT_TAKEN  # never reached the child: the worker restarts it and serves it
+            except BaseException:
+                end(False, start)
+                raise
+            end(True, start)
+            return out
+        finally:
+            self._call_lock.release()
+
+    def _round_trip(self, parts: Any) -> Any:
+        """One request through the live child, under the call lock. Raises _Unsent when the
+        child died without taking it (the child is discarded either way)."""
+        channel, proc = self._channel, self._proc
+        assert channel is not None and proc is not None
         # No liveness check before sending (waitpid costs microseconds per call here): a child
         # that died while idle never takes the request, which is then sent to its replacement.
-        for _attempt in range(3):
-            if self._proc is None:
-                self._restart()
-            channel, proc = self._channel, self._proc
-            assert channel is not None and proc is not None
-            try:
-                channel.send(parts, 0.0, None)
-            except ValueError as e:
-                raise ValueError(f"model {self._model!r}: the request does not fit the channel to the worker "
-                                 f"process: {e}") from None
-            try:
-                kind, *rest = self._wait_reply(channel, proc, self._watchdog_s)
-            except WorkerCrashed:
-                unread = channel.sent_unread
-                self._discard_child()
-                if unread:
-                    continue  # the child never took it: the next child serves it
-                raise
-            self._failures = 0
-            if kind == proto.OK:
-                return rest[0]
-            exc, tb = rest
-            exc.__cause__ = RemoteTraceback(tb)
-            raise exc
-        raise self._crashed(None, "died before taking the request, three times in a row", None)
+        try:
+            channel.send(parts, 0.0, None)
+        except ValueError as e:
+            raise ValueError(f"model {self._model!r}: the request does not fit the channel to the worker "
+                             f"process: {e}") from None
+        try:
+            kind, *rest = self._wait_reply(channel, proc, self._watchdog_s)
+        except WorkerCrashed:
+            unread = channel.sent_unread
+            self._discard_child()
+            if unread:
+                raise _Unsent() from None
+            raise
+        self._failures = 0
+        if kind == proto.OK:
+            return rest[0]
+        exc, tb = rest
+        exc.__cause__ = RemoteTraceback(tb)
+        raise exc
 
     # -- shutdown -------------------------------------------------------------------------------
+    def end_direct_calls(self, wait: bool) -> None:
+        """Refuses direct calls from now on; ``wait``: also waits for the call in flight, if
+        any. Call it before the model's workers stop when draining: the child dies with the
+        worker thread that started it, so no direct call may still be talking to it then."""
+        self._direct_ok = False
+        if wait:
+            with self._call_lock:
+                pass
+
     def abort(self) -> None:
         """Makes a call in flight give up within one liveness poll: its child is killed and the
         call fails with WorkerCrashed; no restart follows. Safe from any thread; for close with
@@ -284,8 +354,9 @@ class ProcessInstance:
 
     def close(self) -> None:
         """Asks the child to exit, then terminates it if it does not; frees the segment.
-        Idempotent. Call it once no call is in flight (after the worker thread exited)."""
-        with self._lock:
+        Idempotent. Call it once the worker thread exited; waits for a direct call in flight
+        (abort() first makes it give up)."""
+        with self._call_lock, self._lock:
             if self._closed:
                 return
             self._closed = True
