@@ -6,7 +6,10 @@ process), and every mode is measured in each repetition, interleaved; the tables
 median over repetitions of each repetition's median (round trips) or rate (throughput).
 
 - ``noop``: echo of a small int. Round trip: submit one request, wait for it (``--rtt-n``
-  times). Throughput: ``--n`` requests submitted at once, then all collected.
+  times). Throughput: ``--n`` requests submitted at once, then all collected. The process
+  instance is measured twice: ``submit(...).result()`` (through the worker thread) and
+  ``Runtime.call`` (the caller talks to the idle instance's child itself; its throughput is
+  one call at a time, like the Pipe's).
 - ``tensor``: echo of a 1 MiB float32 numpy array, same measures (fewer requests).
 - ``cpu``: a pure-Python loop that holds the GIL (``--work`` iterations, ~10 ms), two process
   instances against two thread instances of one model, ``--cpu-n`` requests in flight.
@@ -163,6 +166,7 @@ def main() -> None:
         return outq.get()
 
     calls: dict[str, Callable[[Any], Any]] = {
+        "process instance, call()": lambda x: rt.call("proc", x),
         "process instance": lambda x: rt.submit("proc", x).result(),
         "thread instance": lambda x: rt.submit("thread", x).result(),
         "mp.Pipe": pipe_call,
@@ -187,7 +191,12 @@ def main() -> None:
         for _ in range(n):
             outq.get()
 
+    def call_batch(n: int, x: Any) -> None:  # one call at a time: call() waits for each
+        for _ in range(n):
+            rt.call("proc", x)
+
     batches: dict[str, Callable[[int, Any], None]] = {
+        "process instance, call()": call_batch,
         "process instance": batch("proc"),
         "thread instance": batch("thread"),
         "mp.Pipe": pipe_batch,
@@ -235,12 +244,13 @@ def main() -> None:
     for mode in calls:
         print(f"| {mode} | {med(raw['noop_rtt_us'][mode]):.1f} us | {med(raw['noop_rate'][mode]):,.0f}/s "
               f"| {med(raw['tensor_rtt_us'][mode]):.0f} us | {med(raw['tensor_rate'][mode]):,.0f}/s |")
-    proc_noop = med(raw["noop_rtt_us"]["process instance"])
-    proc_tensor = med(raw["tensor_rtt_us"]["process instance"])
-    print(f"\nno-op round trip, process instance / mp.Pipe: "
-          f"{proc_noop / med(raw['noop_rtt_us']['mp.Pipe']):.2f}x (target <= 0.5x)")
-    print(f"1 MiB round trip, process instance / ProcessPoolExecutor: "
-          f"{proc_tensor / med(raw['tensor_rtt_us']['ProcessPoolExecutor']):.2f}x (target <= 0.33x)")
+    pipe_noop = med(raw["noop_rtt_us"]["mp.Pipe"])
+    ppe_tensor = med(raw["tensor_rtt_us"]["ProcessPoolExecutor"])
+    for mode in ("process instance, call()", "process instance"):
+        print(f"\nno-op round trip, {mode} / mp.Pipe: "
+              f"{med(raw['noop_rtt_us'][mode]) / pipe_noop:.2f}x (target <= 0.5x)")
+        print(f"1 MiB round trip, {mode} / ProcessPoolExecutor: "
+              f"{med(raw['tensor_rtt_us'][mode]) / ppe_tensor:.2f}x (target <= 0.33x)")
     print("\n| CPU-bound (pure Python, GIL held) | requests/s |")
     print("|---|---:|")
     for mode, xs in raw["cpu_rate"].items():
