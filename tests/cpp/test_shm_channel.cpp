@@ -48,6 +48,47 @@ std::string payload(uint64_t i, std::size_t max_len) {
   return s;
 }
 
+TEST(ShmChannel, SpinningStopsAfterFailedSpinsAndProbesItsWayBack) {
+  Watchdog guard(60s);
+  std::string error;
+  const auto name = unique_name("adaptive");
+  auto parent = ShmChannel::create(name, 4096, &error);
+  ASSERT_TRUE(parent) << error;
+  auto child = ShmChannel::open(name, &error);
+  ASSERT_TRUE(child) << error;
+  parent->unlink();
+  std::vector<std::span<const std::byte>> in;
+  const std::string msg = "m";
+  const std::vector<std::span<const std::byte>> out{bytes_of(msg)};
+
+  // Nothing comes within a 1 us spin: each spin runs out.
+  for (uint32_t i = 0; i < ShmChannel::kFailedSpins; ++i) {
+    EXPECT_FALSE(child->spin_suspended()) << i;
+    EXPECT_EQ(child->receive(in, 1'000, 0), ChannelStatus::timeout);
+  }
+  EXPECT_TRUE(child->spin_suspended());
+
+  // Now a message comes 1 ms into each wait, while the wait asks for a spin of 10 s. A spin
+  // would catch it and end the suspension at once; parked waits are woken instead, and only
+  // every kProbeEvery-th wait spins. (A message that arrives before its wait starts is taken
+  // without waiting and does not count: hence "at least".)
+  uint32_t rounds = 0;
+  while (child->spin_suspended() && rounds < 4 * ShmChannel::kProbeEvery) {
+    std::thread sender([&] {
+      std::this_thread::sleep_for(1ms);
+      ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
+    });
+    ASSERT_EQ(child->receive(in, 10 * kSecond, 10 * kSecond), ChannelStatus::ok);
+    child->release();
+    sender.join();
+    ++rounds;
+  }
+  EXPECT_FALSE(child->spin_suspended()) << "the probe's spin caught a message";
+  EXPECT_GE(rounds, ShmChannel::kProbeEvery) << "a wait spun before its probe";
+  // The other side keeps its own state: it never spun in vain.
+  EXPECT_FALSE(parent->spin_suspended());
+}
+
 TEST(ShmChannel, RoundTripsMultiPartMessagesBothWays) {
   Watchdog guard(30s);
   std::string error;
