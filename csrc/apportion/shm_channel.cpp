@@ -183,24 +183,19 @@ bool ShmChannel::wait_event(std::atomic<uint32_t>& event, std::atomic<uint32_t>&
                             int64_t spin_ns, int64_t deadline_ns) {
   // Spinning first answers a peer that replies within microseconds without two futex
   // syscalls (~5 us each here); the spin is bounded by time so an idle side stops burning its
-  // core quickly. It adapts: see receive() in the header.
-  if (spin_ns > 0 && failed_spins_.load(std::memory_order_relaxed) >= kFailedSpins) {
-    const uint32_t parked = parked_waits_.load(std::memory_order_relaxed) + 1;
-    parked_waits_.store(parked % kProbeEvery, std::memory_order_relaxed);
-    if (parked % kProbeEvery != 0) spin_ns = 0;  // else: this wait probes with a spin
-  }
+  // core quickly, and it backs off where it does not pay (AdaptiveSpin).
+  spin_ns = spin_.budget(spin_ns);
   if (spin_ns > 0) {
     const int64_t spin_end = now_ns() + spin_ns;
     for (;;) {
       if (watched.load(std::memory_order_acquire) != unchanged_value) {
-        failed_spins_.store(0, std::memory_order_relaxed);
+        spin_.caught();
         return true;
       }
       if (now_ns() >= spin_end) break;
       cpu_relax();
     }
-    const uint32_t failed = failed_spins_.load(std::memory_order_relaxed);
-    if (failed < kFailedSpins) failed_spins_.store(failed + 1, std::memory_order_relaxed);
+    spin_.ran_out();
   } else if (watched.load(std::memory_order_acquire) != unchanged_value) {
     return true;
   }

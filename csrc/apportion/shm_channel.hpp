@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "apportion/parking.hpp"
+
 namespace apportion {
 
 /// Blocks while `word == expected`, at most `timeout_ns` (< 0: no limit). The word may live in
@@ -100,21 +102,12 @@ class ShmChannel {
 
   /// Waits for the next incoming message: spins up to `spin_ns`, then parks, at most
   /// `timeout_ns` (< 0: no limit). On ok, `parts` views the message in the ring until
-  /// release(). One receiver thread per side. Spinning adapts (see kFailedSpins).
-  ///
-  /// Spinning pays off only when the peer answers within the spin, which needs a CPU for the
-  /// peer: on a machine whose other CPUs are busy the spinner itself keeps the peer waiting
-  /// (measured on 2 CPUs with one busy: 115-120 us round trips spinning, 11-17 us parking).
-  /// So after kFailedSpins spins in a row ran out, a side's waits park at once, except every
-  /// kProbeEvery-th wait, which spins again to see whether spinning works again.
+  /// release(). One receiver thread per side. Spinning backs off per side where it does not
+  /// pay (see AdaptiveSpin).
   ChannelStatus receive(std::vector<std::span<const std::byte>>& parts, int64_t spin_ns,
                         int64_t timeout_ns);
-  static constexpr uint32_t kFailedSpins = 2;
-  static constexpr uint32_t kProbeEvery = 64;
   /// Whether this side's waits currently park at once (spinning kept failing).
-  bool spin_suspended() const noexcept {
-    return failed_spins_.load(std::memory_order_relaxed) >= kFailedSpins;
-  }
+  bool spin_suspended() const noexcept { return spin_.suspended(); }
 
   /// Frees the message returned by the last successful receive().
   void release() noexcept;
@@ -143,11 +136,7 @@ class ShmChannel {
   bool unlinked_ = false;
   Side side_;
   uint64_t pending_release_ = 0;  // tail value after the message being read, 0 = none
-  // Spins in a row that ran out before the message came, and waits parked at once since
-  // (see receive()). Atomic only because successive users of one side may be different
-  // threads (one at a time).
-  std::atomic<uint32_t> failed_spins_{0};
-  std::atomic<uint32_t> parked_waits_{0};
+  AdaptiveSpin spin_;  // this side's waits (send for space, receive for data)
 };
 
 }  // namespace apportion

@@ -62,7 +62,7 @@ TEST(ShmChannel, SpinningStopsAfterFailedSpinsAndProbesItsWayBack) {
   const std::vector<std::span<const std::byte>> out{bytes_of(msg)};
 
   // Nothing comes within a 1 us spin: each spin runs out.
-  for (uint32_t i = 0; i < ShmChannel::kFailedSpins; ++i) {
+  for (uint32_t i = 0; i < AdaptiveSpin::kFailedSpins; ++i) {
     EXPECT_FALSE(child->spin_suspended()) << i;
     EXPECT_EQ(child->receive(in, 1'000, 0), ChannelStatus::timeout);
   }
@@ -73,7 +73,7 @@ TEST(ShmChannel, SpinningStopsAfterFailedSpinsAndProbesItsWayBack) {
   // every kProbeEvery-th wait spins. (A message that arrives before its wait starts is taken
   // without waiting and does not count: hence "at least".)
   uint32_t rounds = 0;
-  while (child->spin_suspended() && rounds < 4 * ShmChannel::kProbeEvery) {
+  while (child->spin_suspended() && rounds < 4 * AdaptiveSpin::kProbeEvery) {
     std::thread sender([&] {
       std::this_thread::sleep_for(1ms);
       ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
@@ -84,7 +84,7 @@ TEST(ShmChannel, SpinningStopsAfterFailedSpinsAndProbesItsWayBack) {
     ++rounds;
   }
   EXPECT_FALSE(child->spin_suspended()) << "the probe's spin caught a message";
-  EXPECT_GE(rounds, ShmChannel::kProbeEvery) << "a wait spun before its probe";
+  EXPECT_GE(rounds, AdaptiveSpin::kProbeEvery) << "a wait spun before its probe";
   // The other side keeps its own state: it never spun in vain.
   EXPECT_FALSE(parent->spin_suspended());
 }
