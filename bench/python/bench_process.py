@@ -17,7 +17,7 @@ median over repetitions of each repetition's median (round trips) or rate (throu
   for a numpy array of each size, in-band versus out-of-band, to place
   ``payload.OUT_OF_BAND_BYTES``.
 
-    PYTHONPATH=python python bench/python/bench_process.py [--reps 5] [--json out.json]
+    PYTHONPATH=python python bench/python/bench_process.py [--reps 5] [--json out.json] [--hog 1]
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def _queue_child(inq: Any, outq: Any) -> None:
         if x is None:
             return
         outq.put(x)
+
+
+def _hog() -> None:
+    while True:
+        pass
 
 
 def round_trip(call: Callable[[Any], Any], x: Any, n: int) -> float:
@@ -136,11 +141,16 @@ def main() -> None:
     p.add_argument("--work", type=int, default=400_000, help="loop iterations of a CPU-bound request")
     p.add_argument("--cpu-n", type=int, default=40, help="CPU-bound requests per repetition")
     p.add_argument("--json", help="also write the raw figures here")
+    p.add_argument("--hog", type=int, default=0,
+                   help="processes that keep a CPU busy throughout (a loaded machine)")
     args = p.parse_args()
 
     import apportion as ap
 
     ctx = mp.get_context("spawn")
+    hogs = [ctx.Process(target=_hog, daemon=True) for _ in range(args.hog)]
+    for h in hogs:
+        h.start()
     rt = ap.Runtime()
     rt.add_model("proc", factory="bench_process:echo_factory", isolation="process", max_queue=1 << 20)
     rt.add_model("thread", factory=echo_factory, max_queue=1 << 20)
@@ -235,10 +245,13 @@ def main() -> None:
     ppe.shutdown()
     ppe2.shutdown()
     rt.close()
+    for h in hogs:
+        h.kill()
+        h.join()
     threshold = transport_threshold([4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20], args.reps)
 
     print(f"# {platform.node()} {platform.python_implementation()} {platform.python_version()}, "
-          f"nproc={os.cpu_count()}, reps={args.reps} (medians)")
+          f"nproc={os.cpu_count()}, reps={args.reps} (medians), busy-loop processes={args.hog}")
     print("\n| mode | no-op round trip | no-op throughput | 1 MiB round trip | 1 MiB throughput |")
     print("|---|---:|---:|---:|---:|")
     for mode in calls:
