@@ -67,48 +67,39 @@ def no_leftovers() -> Iterator[None]:
     assert our_segments() == [], "shared-memory segments left behind"
 
 
-@pytest.fixture
-def prt() -> Iterator[ap.Runtime]:
-    runtime = ap.Runtime()
-    try:
-        yield runtime
-    finally:
-        runtime.close(drain=False)
-
-
 # -- serving --------------------------------------------------------------------------------------
-def test_serves_from_a_child_process_with_the_same_api(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:info", isolation="process", instances=2)
-    prt.start()
-    out = [prt.submit("m", i).result(timeout=LONG) for i in range(20)]
+def test_serves_from_a_child_process_with_the_same_api(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:info", isolation="process", instances=2)
+    rt.start()
+    out = [rt.submit("m", i).result(timeout=LONG) for i in range(20)]
     assert [o["x"] for o in out] == list(range(20))
     pids = {o["pid"] for o in out}
     assert os.getpid() not in pids and {o["ppid"] for o in out} == {os.getpid()}
     assert {o["isolation"] for o in out} == {"process"}
     assert {o["model"] for o in out} == {"m"}
     assert len(pids) <= 2
-    s = prt.stats()["m"]
+    s = rt.stats()["m"]
     assert s.completed == 20 and s.failed == 0
-    assert [f.result(timeout=LONG)["x"] for f in prt.submit_many("m", [1, 2, 3])] == [1, 2, 3]
+    assert [f.result(timeout=LONG)["x"] for f in rt.submit_many("m", [1, 2, 3])] == [1, 2, 3]
 
     async def go() -> Any:
-        return await prt.infer("m", "async")
+        return await rt.infer("m", "async")
 
     assert asyncio.run(go())["x"] == "async"
 
 
-def test_a_module_level_function_is_accepted_as_factory(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory=process_models.echo, isolation="process")
-    prt.start()
-    assert prt.submit("m", "x").result(timeout=LONG) == "x"
+def test_a_module_level_function_is_accepted_as_factory(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory=process_models.echo, isolation="process")
+    rt.start()
+    assert rt.submit("m", "x").result(timeout=LONG) == "x"
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_children_are_confined_to_their_instance_cpus(prt: ap.Runtime) -> None:
+def test_children_are_confined_to_their_instance_cpus(rt: ap.Runtime) -> None:
     cpu = max(os.sched_getaffinity(0))
-    prt.add_model("pinned", factory="process_models:info", isolation="process", cores=str(cpu))
-    prt.start()
-    out = prt.submit("pinned", 0).result(timeout=LONG)
+    rt.add_model("pinned", factory="process_models:info", isolation="process", cores=str(cpu))
+    rt.start()
+    out = rt.submit("pinned", 0).result(timeout=LONG)
     assert out["cpus"] == [cpu] and out["ctx_cpus"] == (cpu,)
     status = Path(f"/proc/{out['pid']}/status").read_text()
     allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
@@ -119,12 +110,12 @@ def test_children_are_confined_to_their_instance_cpus(prt: ap.Runtime) -> None:
         assert list(cpus) == [cpu]
 
 
-def test_large_arrays_travel_out_of_band_and_small_ones_inline(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:echo", isolation="process")
-    prt.start()
+def test_large_arrays_travel_out_of_band_and_small_ones_inline(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
     big = np.arange(1 << 18, dtype=np.float32)  # 1 MiB
     small = np.arange(10, dtype=np.int64)
-    got = prt.submit("m", {"big": big, "small": small, "s": "text"}).result(timeout=LONG)
+    got = rt.submit("m", {"big": big, "small": small, "s": "text"}).result(timeout=LONG)
     np.testing.assert_array_equal(got["big"], big)
     np.testing.assert_array_equal(got["small"], small)
     assert got["s"] == "text" and got["big"].flags.writeable
@@ -132,47 +123,47 @@ def test_large_arrays_travel_out_of_band_and_small_ones_inline(prt: ap.Runtime) 
     assert len(parts) == 2 and memoryview(parts[1]).nbytes == big.nbytes
 
 
-def test_torch_tensors_round_trip(prt: ap.Runtime) -> None:
+def test_torch_tensors_round_trip(rt: ap.Runtime) -> None:
     torch = pytest.importorskip("torch")
-    prt.add_model("m", factory="process_models:echo", isolation="process")
-    prt.start()
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
     for t in (torch.randn(512, 512), torch.randn(256, 256).to(torch.bfloat16), torch.arange(5)):
-        got = prt.submit("m", t).result(timeout=LONG)
+        got = rt.submit("m", t).result(timeout=LONG)
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
 
 
-def test_model_exception_reaches_the_caller_with_the_remote_traceback(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process")
-    prt.start()
+def test_model_exception_reaches_the_caller_with_the_remote_traceback(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process")
+    rt.start()
     with pytest.raises(ValueError, match="the model refused") as info:
-        prt.submit("m", "raise").result(timeout=LONG)
+        rt.submit("m", "raise").result(timeout=LONG)
     assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
     assert "process_models.py" in str(info.value.__cause__)
-    assert prt.submit("m", 1).result(timeout=LONG) == 1
+    assert rt.submit("m", 1).result(timeout=LONG) == 1
 
 
-def test_batching_through_a_process_instance(prt: ap.Runtime, tally) -> None:
-    prt.add_model("b", factory="process_models:double_batch", isolation="process",
+def test_batching_through_a_process_instance(rt: ap.Runtime, tally) -> None:
+    rt.add_model("b", factory="process_models:double_batch", isolation="process",
                   batching=ap.Batching(max_size=8, max_delay_ms=2.0))
-    prt.start()
-    futs = [tally.watch(f) for f in prt.submit_many("b", list(range(50)))]
+    rt.start()
+    futs = [tally.watch(f) for f in rt.submit_many("b", list(range(50)))]
     assert [f.result(timeout=LONG) for f in futs] == [2 * i for i in range(50)]
     tally.check_once(futs)
 
 
-def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_path: Path,
+def test_priorities_and_deadlines_apply_to_queued_requests(rt: ap.Runtime, tmp_path: Path,
                                                            tally) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
-    prt.start()
+    rt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
+    rt.start()
     entered, release = tmp_path / "entered", tmp_path / "release"
-    gate = tally.watch(prt.submit("m", ("gate", str(entered), str(release))), "gate")
+    gate = tally.watch(rt.submit("m", ("gate", str(entered), str(release))), "gate")
     deadline_at = time.monotonic() + LONG
     while not entered.exists():
         assert time.monotonic() < deadline_at, "the gate request never started"
         time.sleep(0.005)
-    low = [tally.watch(prt.submit("m", f"low{i}", priority=1), f"low{i}") for i in range(3)]
-    high = [tally.watch(prt.submit("m", f"high{i}", priority=0), f"high{i}") for i in range(3)]
-    late = tally.watch(prt.submit("m", "late", timeout_ms=1), "late")
+    low = [tally.watch(rt.submit("m", f"low{i}", priority=1), f"low{i}") for i in range(3)]
+    high = [tally.watch(rt.submit("m", f"high{i}", priority=0), f"high{i}") for i in range(3)]
+    late = tally.watch(rt.submit("m", "late", timeout_ms=1), "late")
     time.sleep(0.01)  # past the 1 ms deadline while the gate still holds the only instance
     release.touch()
     assert gate.result(timeout=LONG) == "gate"
@@ -189,15 +180,15 @@ def test_priorities_and_deadlines_apply_to_queued_requests(prt: ap.Runtime, tmp_
                                                 ("exit", "exited with code 7"),
                                                 ("kill", "killed by signal SIGKILL")])
 def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
-        prt: ap.Runtime, trigger: str, cause: str, tally) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process")
-    prt.add_model("threaded", factory=lambda ctx: (lambda x: -x))
-    prt.start()
-    first = prt.submit("m", "info")
+        rt: ap.Runtime, trigger: str, cause: str, tally) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process")
+    rt.add_model("threaded", factory=lambda ctx: (lambda x: -x))
+    rt.start()
+    first = rt.submit("m", "info")
     assert first.result(timeout=LONG) == "info"
-    crash = tally.watch(prt.submit("m", trigger))
-    queued = [tally.watch(prt.submit("m", i)) for i in range(20)]
-    others = [tally.watch(prt.submit("threaded", i)) for i in range(20)]
+    crash = tally.watch(rt.submit("m", trigger))
+    queued = [tally.watch(rt.submit("m", i)) for i in range(20)]
+    others = [tally.watch(rt.submit("threaded", i)) for i in range(20)]
     with pytest.raises(ap.WorkerCrashed, match=cause) as info:
         crash.result(timeout=LONG)
     msg = str(info.value)
@@ -207,17 +198,17 @@ def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
     assert [f.result(timeout=LONG) for f in queued] == list(range(20))
     assert [f.result(timeout=LONG) for f in others] == [-i for i in range(20)]
     tally.check_once([crash, *queued, *others])
-    s = prt.stats()["m"]
+    s = rt.stats()["m"]
     assert s.completed + s.failed >= 22
 
 
-def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(prt: ap.Runtime, tally) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
-    prt.add_model("other", factory="process_models:echo", isolation="process")
-    prt.start()
-    hang = tally.watch(prt.submit("m", "hang"))
-    after = [tally.watch(prt.submit("m", i)) for i in range(5)]
-    assert prt.submit("other", "still serving").result(timeout=LONG) == "still serving"
+def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(rt: ap.Runtime, tally) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
+    rt.add_model("other", factory="process_models:echo", isolation="process")
+    rt.start()
+    hang = tally.watch(rt.submit("m", "hang"))
+    after = [tally.watch(rt.submit("m", i)) for i in range(5)]
+    assert rt.submit("other", "still serving").result(timeout=LONG) == "still serving"
     with pytest.raises(ap.WorkerCrashed, match=r"watchdog_s.*SIGKILL"):
         hang.result(timeout=LONG)
     assert [f.result(timeout=LONG) for f in after] == list(range(5))
@@ -249,30 +240,30 @@ def test_close_without_drain_kills_a_hung_child(tmp_path: Path, how: str) -> Non
         rt.close(drain=False)
 
 
-def test_torch_model_is_adapted_in_the_child(prt: ap.Runtime) -> None:
+def test_torch_model_is_adapted_in_the_child(rt: ap.Runtime) -> None:
     torch = pytest.importorskip("torch")
-    prt.add_model("t", factory="process_models:torch_threads", isolation="process", cores=1, threads=1)
-    prt.start()
-    y, threads, inference = prt.submit("t", torch.ones(3, 4)).result(timeout=LONG)
+    rt.add_model("t", factory="process_models:torch_threads", isolation="process", cores=1, threads=1)
+    rt.start()
+    y, threads, inference = rt.submit("t", torch.ones(3, 4)).result(timeout=LONG)
     assert y.shape == (3, 2) and threads == 1 and inference
 
 
-def test_repeated_crashes_back_off_and_recover(prt: ap.Runtime, tally) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process")
-    prt.start()
+def test_repeated_crashes_back_off_and_recover(rt: ap.Runtime, tally) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process")
+    rt.start()
     futs = []
     for _ in range(3):  # back to back: restarts 2 and 3 wait out the back-off first
-        futs.append(tally.watch(prt.submit("m", "exit")))
-        futs.append(tally.watch(prt.submit("m", "ok")))
+        futs.append(tally.watch(rt.submit("m", "exit")))
+        futs.append(tally.watch(rt.submit("m", "ok")))
     for crash, ok in zip(futs[::2], futs[1::2]):
         with pytest.raises(ap.WorkerCrashed, match="exited with code 7"):
             crash.result(timeout=LONG)
         assert ok.result(timeout=LONG) == "ok"
     tally.check_once(futs)
-    assert prt.submit("m", 5).result(timeout=LONG) == 5
+    assert rt.submit("m", 5).result(timeout=LONG) == 5
 
 
-def test_a_request_the_child_cannot_unpickle_fails_alone(prt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_request_the_child_cannot_unpickle_fails_alone(rt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     # A class from a module that exists only in this process: pickled here, not importable there.
     mod = types.ModuleType("apportion_parent_only_module")
 
@@ -283,51 +274,51 @@ def test_a_request_the_child_cannot_unpickle_fails_alone(prt: ap.Runtime, monkey
     Unimportable.__qualname__ = "Unimportable"
     mod.Unimportable = Unimportable  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    prt.add_model("m", factory="process_models:echo", isolation="process")
-    prt.start()
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
     with pytest.raises(ModuleNotFoundError, match="apportion_parent_only_module"):
-        prt.submit("m", Unimportable()).result(timeout=LONG)
-    assert prt.submit("m", 2).result(timeout=LONG) == 2
+        rt.submit("m", Unimportable()).result(timeout=LONG)
+    assert rt.submit("m", 2).result(timeout=LONG) == 2
 
 
-def test_a_child_that_died_while_idle_is_replaced_before_the_next_call(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:info", isolation="process")
-    prt.start()
-    pid = prt.submit("m", 0).result(timeout=LONG)["pid"]
+def test_a_child_that_died_while_idle_is_replaced_before_the_next_call(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:info", isolation="process")
+    rt.start()
+    pid = rt.submit("m", 0).result(timeout=LONG)["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + LONG
     while Path(f"/proc/{pid}/stat").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     # The request was never seen by the dead child: it is served by the new one, not failed.
-    out = prt.submit("m", 1).result(timeout=LONG)
+    out = rt.submit("m", 1).result(timeout=LONG)
     assert out["x"] == 1 and out["pid"] != pid
 
 
-def test_a_request_larger_than_the_channel_fails_alone(prt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_request_larger_than_the_channel_fails_alone(rt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process_mod, "RING_BYTES", 1 << 20)
-    prt.add_model("m", factory="process_models:echo", isolation="process")
-    prt.start()
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
     with pytest.raises(ValueError, match="'m'.*does not fit"):
-        prt.submit("m", np.zeros(1 << 20, dtype=np.float32)).result(timeout=LONG)
-    assert prt.submit("m", 3).result(timeout=LONG) == 3
+        rt.submit("m", np.zeros(1 << 20, dtype=np.float32)).result(timeout=LONG)
+    assert rt.submit("m", 3).result(timeout=LONG) == 3
 
 
 # -- start and shutdown ---------------------------------------------------------------------------
-def test_factory_errors_surface_from_add_model(prt: ap.Runtime) -> None:
-    prt.start()
+def test_factory_errors_surface_from_add_model(rt: ap.Runtime) -> None:
+    rt.start()
     with pytest.raises(RuntimeError, match="failed on purpose") as info:
-        prt.add_model("a", factory="process_models:failing_factory", isolation="process")
+        rt.add_model("a", factory="process_models:failing_factory", isolation="process")
     assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
     with pytest.raises(ap.WorkerCrashed, match="exited with code 3"):
-        prt.add_model("b", factory="process_models:crashing_factory", isolation="process")
+        rt.add_model("b", factory="process_models:crashing_factory", isolation="process")
     with pytest.raises(TypeError, match="not callable"):
-        prt.add_model("c", factory="process_models:not_callable", isolation="process")
+        rt.add_model("c", factory="process_models:not_callable", isolation="process")
     with pytest.raises(ap.QuotaError, match="'factory'.*no attribute"):
-        prt.add_model("d", factory="process_models:no_such_factory", isolation="process")
-    assert prt.models == []
-    prt.add_model("e", factory="process_models:echo", isolation="process")
-    assert prt.submit("e", 1).result(timeout=LONG) == 1
+        rt.add_model("d", factory="process_models:no_such_factory", isolation="process")
+    assert rt.models == []
+    rt.add_model("e", factory="process_models:echo", isolation="process")
+    assert rt.submit("e", 1).result(timeout=LONG) == 1
 
 
 def test_close_and_remove_model_end_children_and_segments() -> None:
@@ -387,16 +378,16 @@ def test_children_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
     ({"model": print, "isolation": "process"}, "'model'"),
     ({"factory": "process_models:echo", "isolation": "procs"}, "'isolation'"),
 ])
-def test_invalid_quotas_name_the_model_and_field(prt: ap.Runtime, kwargs: dict[str, Any], pattern: str) -> None:
+def test_invalid_quotas_name_the_model_and_field(rt: ap.Runtime, kwargs: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ap.QuotaError, match=pattern) as info:
-        prt.add_model("bad", **kwargs)
+        rt.add_model("bad", **kwargs)
     assert "'bad'" in str(info.value)
-    assert prt.models == []
+    assert rt.models == []
 
 
-def test_gpu_quota_is_refused_with_process_isolation(prt: ap.Runtime) -> None:
+def test_gpu_quota_is_refused_with_process_isolation(rt: ap.Runtime) -> None:
     with pytest.raises(ap.QuotaError, match="'gpu'"):
-        prt.add_model("g", factory="process_models:echo", isolation="process", gpu=ap.GPU(device=0))
+        rt.add_model("g", factory="process_models:echo", isolation="process", gpu=ap.GPU(device=0))
 
 
 def test_a_process_model_without_cores_shares_the_scheduled_pool() -> None:
@@ -418,31 +409,31 @@ def test_a_process_model_without_cores_shares_the_scheduled_pool() -> None:
 
 
 # -- synchronous calls (Runtime.call) -------------------------------------------------------------
-def test_call_serves_an_idle_process_instance_directly_with_stats(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:info", isolation="process", instances=2)
-    prt.start()
-    out = [prt.call("m", i) for i in range(30)]
+def test_call_serves_an_idle_process_instance_directly_with_stats(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:info", isolation="process", instances=2)
+    rt.start()
+    out = [rt.call("m", i) for i in range(30)]
     assert [o["x"] for o in out] == list(range(30))
     assert {o["ppid"] for o in out} == {os.getpid()}
-    s = prt.stats()["m"]
+    s = rt.stats()["m"]
     assert s.direct == 30 and s.submitted == 30 and s.completed == 30 and s.in_flight == 0
     assert s.end_to_end.count == 30 and s.compute.count == 30 and s.batches == 30
     assert s.queue_wait.count == 30 and s.queue_wait.max_ms == 0.0
     # Large arrays travel out of band on this path too.
     big = np.arange(1 << 18, dtype=np.float32)
-    np.testing.assert_array_equal(prt.call("m", big)["x"], big)
+    np.testing.assert_array_equal(rt.call("m", big)["x"], big)
 
 
-def test_call_raises_the_model_error_and_counts_it(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process")
-    prt.start()
+def test_call_raises_the_model_error_and_counts_it(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process")
+    rt.start()
     with pytest.raises(ValueError, match="the model refused") as info:
-        prt.call("m", "raise")
+        rt.call("m", "raise")
     assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
     with pytest.raises(TypeError, match="cannot pickle"):
-        prt.call("m", threading_lock())
-    assert prt.call("m", 4) == 4
-    s = prt.stats()["m"]
+        rt.call("m", threading_lock())
+    assert rt.call("m", 4) == 4
+    s = rt.stats()["m"]
     assert (s.direct, s.submitted, s.failed, s.completed) == (3, 3, 2, 1)
 
 
@@ -453,60 +444,60 @@ def threading_lock() -> Any:
 @pytest.mark.parametrize(("trigger", "cause"), [("segv", "killed by signal SIGSEGV"),
                                                 ("exit", "exited with code 7")])
 def test_a_crash_during_a_direct_call_fails_it_and_the_next_call_restarts_the_child(
-        prt: ap.Runtime, trigger: str, cause: str) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process")
-    prt.start()
-    assert prt.call("m", 1) == 1
+        rt: ap.Runtime, trigger: str, cause: str) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process")
+    rt.start()
+    assert rt.call("m", 1) == 1
     with pytest.raises(ap.WorkerCrashed, match=cause) as info:
-        prt.call("m", trigger)
+        rt.call("m", trigger)
     assert info.value.model == "m" and info.value.instance == 0  # type: ignore[attr-defined]
     # No live child now: this call goes through the queue, whose worker restarts the child.
-    assert prt.call("m", 2) == 2
-    assert prt.call("m", 3) == 3
-    s = prt.stats()["m"]
+    assert rt.call("m", 2) == 2
+    assert rt.call("m", 3) == 3
+    s = rt.stats()["m"]
     assert s.failed == 1 and s.completed == 3 and s.submitted == 4
     assert s.direct == 3  # 1, the crash, and 3 (2 went through the worker)
 
 
-def test_a_direct_call_to_a_child_that_died_while_idle_is_served_by_its_replacement(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:info", isolation="process")
-    prt.start()
-    pid = prt.call("m", 0)["pid"]
+def test_a_direct_call_to_a_child_that_died_while_idle_is_served_by_its_replacement(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:info", isolation="process")
+    rt.start()
+    pid = rt.call("m", 0)["pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + LONG
     while "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     # The dead child never took it: not failed, but sent through the queue to a new child.
-    out = prt.call("m", 1)
+    out = rt.call("m", 1)
     assert out["x"] == 1 and out["pid"] != pid
-    s = prt.stats()["m"]
+    s = rt.stats()["m"]
     assert s.failed == 0 and s.completed == 2 and s.submitted == 2 and s.direct == 1
 
 
-def test_the_watchdog_ends_a_hung_direct_call(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
-    prt.start()
+def test_the_watchdog_ends_a_hung_direct_call(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:faulty", isolation="process", watchdog_s=0.5)
+    rt.start()
     with pytest.raises(ap.WorkerCrashed, match=r"watchdog_s.*SIGKILL"):
-        prt.call("m", "hang")
-    assert prt.call("m", 5) == 5
+        rt.call("m", "hang")
+    assert rt.call("m", 5) == 5
 
 
-def test_call_takes_the_queue_when_the_instance_is_busy_or_requests_wait(prt: ap.Runtime, tmp_path: Path,
+def test_call_takes_the_queue_when_the_instance_is_busy_or_requests_wait(rt: ap.Runtime, tmp_path: Path,
                                                                         tally) -> None:
-    prt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
-    prt.start()
+    rt.add_model("m", factory="process_models:faulty", isolation="process", priority_levels=2)
+    rt.start()
     entered, release = tmp_path / "entered", tmp_path / "release"
-    gate = tally.watch(prt.submit("m", ("gate", str(entered), str(release))))
+    gate = tally.watch(rt.submit("m", ("gate", str(entered), str(release))))
     deadline = time.monotonic() + LONG
     while not entered.exists():
         assert time.monotonic() < deadline, "the gate request never started"
         time.sleep(0.005)
-    queued = tally.watch(prt.submit("m", "queued", priority=1))
+    queued = tally.watch(rt.submit("m", "queued", priority=1))
     # A direct call may not start while a request waits: it would overtake it.
-    assert prt._direct_begin("m", None, None) == 0
+    assert rt._direct_begin("m", None, None) == 0
     results: list[Any] = []
-    caller = threading.Thread(target=lambda: results.append(prt.call("m", "called", priority=0)))
+    caller = threading.Thread(target=lambda: results.append(rt.call("m", "called", priority=0)))
     caller.start()
     time.sleep(0.05)
     assert results == []  # waiting in the queue behind the busy instance
@@ -514,24 +505,24 @@ def test_call_takes_the_queue_when_the_instance_is_busy_or_requests_wait(prt: ap
     caller.join(LONG)
     assert results == ["called"] and queued.result(timeout=LONG) == "queued"
     tally.check_once([gate, queued])
-    assert prt.stats()["m"].direct == 0
-    assert prt._direct_begin("m", None, None) > 0  # idle and nothing queued again
+    assert rt.stats()["m"].direct == 0
+    assert rt._direct_begin("m", None, None) > 0  # idle and nothing queued again
 
 
-def test_call_checks_its_arguments_and_the_runtime_like_submit(prt: ap.Runtime) -> None:
-    prt.add_model("m", factory="process_models:echo", isolation="process", priority_levels=2)
-    prt.start()
+def test_call_checks_its_arguments_and_the_runtime_like_submit(rt: ap.Runtime) -> None:
+    rt.add_model("m", factory="process_models:echo", isolation="process", priority_levels=2)
+    rt.start()
     with pytest.raises(ValueError, match="'m'.*timeout_ms"):
-        prt.call("m", 1, timeout_ms=-1)
+        rt.call("m", 1, timeout_ms=-1)
     with pytest.raises(ValueError, match="'m'.*priority"):
-        prt.call("m", 1, priority=2)
+        rt.call("m", 1, priority=2)
     with pytest.raises(ap.ModelNotFound, match="'nope'"):
-        prt.call("nope", 1)
-    assert prt.call("m", 1, timeout_ms=1000, priority=1) == 1
-    assert prt.stats()["m"].submitted == 1
-    prt.close()
+        rt.call("nope", 1)
+    assert rt.call("m", 1, timeout_ms=1000, priority=1) == 1
+    assert rt.stats()["m"].submitted == 1
+    rt.close()
     with pytest.raises(ap.RuntimeClosed):
-        prt.call("m", 1)
+        rt.call("m", 1)
 
 
 def test_call_uses_the_queue_for_other_models(tally) -> None:
@@ -554,18 +545,18 @@ def test_call_uses_the_queue_for_other_models(tally) -> None:
         rt.close(drain=False)
 
 
-def test_direct_calls_do_not_starve_queued_requests(prt: ap.Runtime) -> None:
+def test_direct_calls_do_not_starve_queued_requests(rt: ap.Runtime) -> None:
     # One thread calls back to back; another submits. A request the worker took waits for at
     # most the direct call in flight: the worker says it wants the instance, and direct calls
     # then leave it alone.
-    prt.add_model("m", factory="process_models:echo", isolation="process")
-    prt.start()
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
     stop = threading.Event()
     calls = [0]
 
     def hammer() -> None:
         while not stop.is_set():
-            assert prt.call("m", 1) == 1
+            assert rt.call("m", 1) == 1
             calls[0] += 1
 
     t = threading.Thread(target=hammer)
@@ -573,11 +564,11 @@ def test_direct_calls_do_not_starve_queued_requests(prt: ap.Runtime) -> None:
     try:
         while calls[0] < 50:
             time.sleep(0.001)
-        assert [prt.submit("m", i).result(timeout=LONG) for i in range(50)] == list(range(50))
+        assert [rt.submit("m", i).result(timeout=LONG) for i in range(50)] == list(range(50))
     finally:
         stop.set()
         t.join(LONG)
-    s = prt.stats()["m"]
+    s = rt.stats()["m"]
     assert s.direct >= 50 and s.completed == s.submitted and s.failed == 0
 
 
@@ -654,14 +645,14 @@ def test_close_without_drain_ends_a_hung_direct_call(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["remove_model", "close"])
-def test_draining_waits_for_a_direct_call_in_flight(prt: ap.Runtime, tmp_path: Path, how: str) -> None:
+def test_draining_waits_for_a_direct_call_in_flight(rt: ap.Runtime, tmp_path: Path, how: str) -> None:
     # The child dies with the worker thread that started it: the worker must not stop before
     # a direct call on its child has finished.
-    prt.add_model("m", factory="process_models:faulty", isolation="process")
-    prt.start()
+    rt.add_model("m", factory="process_models:faulty", isolation="process")
+    rt.start()
     entered, release = tmp_path / "entered", tmp_path / "release"
     results: list[Any] = []
-    t = threading.Thread(target=lambda: results.append(prt.call("m", ("gate", str(entered), str(release)))))
+    t = threading.Thread(target=lambda: results.append(rt.call("m", ("gate", str(entered), str(release)))))
     t.start()
     deadline = time.monotonic() + LONG
     while not entered.exists():
@@ -669,9 +660,9 @@ def test_draining_waits_for_a_direct_call_in_flight(prt: ap.Runtime, tmp_path: P
         time.sleep(0.005)
     threading.Timer(0.1, release.touch).start()
     if how == "close":
-        prt.close()
+        rt.close()
     else:
-        prt.remove_model("m")  # returns once the call finished and the child exited
-        assert prt.models == []
+        rt.remove_model("m")  # returns once the call finished and the child exited
+        assert rt.models == []
     assert results == ["gate"]
     t.join(LONG)
