@@ -293,12 +293,7 @@ class ProcessInstance:
             if not start:
                 return NOT_TAKEN
             try:
-                parts = dumps((proto.DIRECT_CALL, x))
-            except BaseException:
-                end(False, start)
-                raise
-            try:
-                out = self._round_trip(parts)
+                out = self._round_trip(dumps((proto.DIRECT_CALL, x)))
             except _Unsent:
                 return NOT_TAKEN  # never reached the child: the worker restarts it and serves it
             except BaseException:
@@ -370,11 +365,7 @@ class ProcessInstance:
             proc.wait(_EXIT_GRACE_S)
         except (subprocess.TimeoutExpired, ValueError, OSError):
             proc.terminate()
-            try:
-                proc.wait(_EXIT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            self._reap(proc, kill=False)  # SIGKILL if SIGTERM is not enough either
         finally:
             if channel is not None:
                 channel.close()
