@@ -371,6 +371,7 @@ class Runtime(_core._Runtime):
 
         self._quotas[name] = quota
         self._bursts[name] = burst_n
+        pooled = self._scheduled and quota.isolation == "shared"  # its calls hold pool units
         try:
             if burst_n and not new_plan.shared_pool:
                 raise PlacementError(
@@ -382,8 +383,7 @@ class Runtime(_core._Runtime):
             self._add_model(name, wrap_factory(name, build) if batching is not None else build,
                             instances, max_queue, timeout, priority_levels, float(spin_us),
                             instances_arg, policy, on_timeout=on_timeout, batching=native_batching,
-                            pooled=self._scheduled and quota.isolation == "shared",
-                            weight=weight_v, priority_class=class_v, burst=burst_n,
+                            pooled=pooled, weight=weight_v, priority_class=class_v, burst=burst_n,
                             groups=groups)
         finally:
             # Registered even if something was raised after its workers started (a
@@ -393,7 +393,7 @@ class Runtime(_core._Runtime):
                 # A direct call is one request on an idle instance, right away: not for a model
                 # that batches (its worker waits to gather a batch) or whose calls hold units of
                 # the scheduled pool (the worker takes those in turn).
-                if process and batching is None and not (self._scheduled and quota.isolation == "shared"):
+                if process and batching is None and not pooled:
                     self._direct[name] = procs
                 if gpu is not None and usage is not None:
                     self._gpu_quotas[name] = gpu
@@ -596,7 +596,6 @@ class Runtime(_core._Runtime):
 
     def _close_processes(self, name: str) -> None:
         # Only once the model's workers have exited: no call is in flight in any proxy.
-        self._direct.pop(name, None)
         for proxy in self._processes.pop(name, ()):
             proxy.close()
 
