@@ -785,7 +785,6 @@ void Model::count_direct(Outcome o, int64_t start_ns) noexcept {
     direct_shard_.compute.record(took);
     direct_shard_.end_to_end.record(took);
   }
-  direct_calls_.fetch_add(1, std::memory_order_relaxed);
   // Submitted before the outcome: a snapshot reads outcomes first, so it never sees more
   // outcomes than submissions.
   counters_->submitted.fetch_add(1, std::memory_order_relaxed);
@@ -841,10 +840,11 @@ ModelSnapshot Model::snapshot() const {
   }
   s.burst_served = burst_served_.load(std::memory_order_relaxed);
   s.stolen = stolen_.load(std::memory_order_relaxed);
-  s.direct = direct_calls_.load(std::memory_order_relaxed);
   direct_shard_.queue_wait.snapshot_into(s.queue_wait);
   direct_shard_.compute.snapshot_into(s.compute);
+  const uint64_t served_by_workers = s.end_to_end.total;
   direct_shard_.end_to_end.snapshot_into(s.end_to_end);
+  s.direct = s.end_to_end.total - served_by_workers;  // one sample per direct call
   if (opts_.batching.max_size <= 1) {
     // Without batching every call serves one request, and every call that ran recorded its
     // compute time: the batch-size histogram follows from that count, at no cost per call.

@@ -355,9 +355,8 @@ class Model {
   std::atomic<uint64_t> stolen_{0};
   // Direct calls' latencies: written by whichever caller made one, so under a lock (rare
   // writers: one per direct call, which already costs a process round trip).
-  mutable std::mutex direct_mu_;
+  std::mutex direct_mu_;
   WorkerShard direct_shard_;
-  std::atomic<uint64_t> direct_calls_{0};
   std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;
