@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "apportion/engine.hpp"
+#include "apportion/registry.hpp"
 #include "bindings/register.hpp"
 
 namespace py = pybind11;
@@ -136,22 +137,23 @@ struct WorkerState {
   PyGILState_STATE gil{};
   PyThreadState* ts = nullptr;
   PyObject* fn = nullptr;
-  const void* runtime = nullptr;
   bool holding = false;   // the GIL, kept from the previous call (see PyHandler::leave)
   uint32_t streak = 0;    // calls made since the GIL was taken
   int64_t held_since = 0;
 };
 
-// The runtime whose worker this thread is (if any): close() from inside a model would join
-// the thread it runs on.
-thread_local const void* current_runtime = nullptr;
+// The registry whose worker this thread is (0: none), and that worker's model: close() or
+// remove_model() from inside a model would join the thread it runs on, and a wait for a request
+// of the worker's own model may wait for itself.
+thread_local uint64_t current_registry = 0;
+thread_local const ModelCounters* current_counters = nullptr;
 thread_local std::string current_model;
 
 class PyHandler final : public ModelHandler {
  public:
   /// `batching`: the model is called with a list of inputs and returns a list of results.
-  PyHandler(py::object make_instance, const void* runtime, bool batching)
-      : make_instance_(std::move(make_instance)), runtime_(runtime), batching_(batching) {}
+  PyHandler(py::object make_instance, uint64_t registry, bool batching)
+      : make_instance_(std::move(make_instance)), registry_(registry), batching_(batching) {}
 
   ~PyHandler() override {
     // Destroyed with the GIL held (the runtime drops models under the GIL); the members are
@@ -160,9 +162,9 @@ class PyHandler final : public ModelHandler {
 
   bool start_worker(Worker& w) override {
     auto* st = new WorkerState;
-    st->runtime = runtime_;
     st->gil = PyGILState_Ensure();
-    current_runtime = runtime_;
+    current_registry = registry_;
+    current_counters = w.model->counters().get();
     current_model = w.model->name();
     PyObject* index = PyLong_FromUnsignedLong(w.index);
     PyObject* fn = index ? PyObject_CallOneArg(make_instance_.ptr(), index) : nullptr;
@@ -329,24 +331,27 @@ class PyHandler final : public ModelHandler {
   }
 
   py::object make_instance_;
-  const void* runtime_;
+  const uint64_t registry_;
   const bool batching_;
   py::object error_;
 };
 
-struct StringHash {
-  using is_transparent = void;
-  std::size_t operator()(std::string_view s) const noexcept {
-    return std::hash<std::string_view>{}(s);
+// A number argument of a request or a model (None: nullopt); ValueError naming the model and
+// the field otherwise, never a binding dump.
+std::optional<double> optional_number(const std::string& model, const char* field, py::handle v) {
+  if (v.is_none()) return std::nullopt;
+  if (PyBool_Check(v.ptr()) || !(PyFloat_Check(v.ptr()) || PyLong_Check(v.ptr()))) {
+    PyErr_Format(PyExc_ValueError, "model '%s': %s must be a number or None, got %R", model.c_str(),
+                 field, v.ptr());
+    throw py::error_already_set();
   }
-};
-
-struct Entry {
-  std::shared_ptr<PyHandler> handler;
-  std::shared_ptr<Model> model;
-  int64_t default_timeout_ns = Request::kNoDeadline;
-  uint32_t priority_levels = 1;
-};
+  const double d = PyFloat_AsDouble(v.ptr());  // a huge int becomes inf (or raises OverflowError)
+  if (d == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return std::numeric_limits<double>::infinity();
+  }
+  return d;
+}
 
 int64_t timeout_to_ns(const std::string& model, const char* field, double ms) {
   if (!std::isfinite(ms) || ms <= 0.0) {
@@ -371,6 +376,40 @@ py::dict histogram_dict(const LogHistogram::Snapshot& h) {
   return d;
 }
 
+// Background closes of runtimes whose last reference went away inside one of their own workers
+// (a worker cannot join itself). Joined by join_orphans() (at interpreter exit). Leaked on
+// purpose, like PyTypes: nothing may run their destructors after the interpreter is gone.
+std::mutex& orphans_mu() {
+  static auto* mu = new std::mutex;
+  return *mu;
+}
+std::vector<std::thread>& orphans() {
+  static auto* v = new std::vector<std::thread>;
+  return *v;
+}
+
+void close_in_background(std::shared_ptr<Registry> reg) {
+  std::lock_guard lock(orphans_mu());
+  orphans().emplace_back([reg = std::move(reg)]() mutable {
+    reg->close(false);
+    py::gil_scoped_acquire gil;  // the entries own Python objects
+    reg.reset();
+  });
+}
+
+void join_orphans() {
+  for (;;) {
+    std::vector<std::thread> threads;
+    {
+      std::lock_guard lock(orphans_mu());
+      threads.swap(orphans());
+    }
+    if (threads.empty()) return;
+    py::gil_scoped_release nogil;
+    for (auto& t : threads) t.join();
+  }
+}
+
 class RuntimeCore {
  public:
   RuntimeCore() { types(); }
@@ -379,14 +418,22 @@ class RuntimeCore {
 
   ~RuntimeCore() {
     // Collected while still open: cancel what is queued rather than leave threads behind.
-    // A destructor must not throw; the only error close() raises (called from one of this
-    // runtime's own workers) is reported instead, and the workers are left to the atexit hook.
-    if (interpreter_finalizing()) return;
-    try {
-      close(false);
-    } catch (py::error_already_set& e) {
-      e.discard_as_unraisable("apportion.Runtime.__del__");
+    if (interpreter_finalizing()) {
+      // Threads may be gone already and the GIL cannot be handed over: leave everything as is.
+      new std::shared_ptr<Registry>(std::move(reg_));
+      return;
     }
+    if (current_registry == reg_->id()) {
+      // Dropped inside one of its own workers (a done-callback, or a garbage collection during
+      // a model call): that worker cannot join itself, so another thread closes the runtime.
+      close_in_background(std::move(reg_));
+      return;
+    }
+    {
+      py::gil_scoped_release nogil;
+      reg_->close(false);
+    }
+    reg_.reset();  // under the GIL: the entries own Python objects
   }
 
   void add_model(const std::string& name, py::object make_instance, uint32_t instances,
@@ -396,11 +443,9 @@ class RuntimeCore {
                  const std::optional<std::tuple<std::size_t, double, std::vector<std::size_t>>>& batching,
                  bool pooled, double weight, int32_t priority_class, uint32_t pool_units,
                  uint32_t burst, const std::vector<uint32_t>& groups) {
-    if (closed_) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
-    if (models_.count(name) != 0) {
-      PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
-      throw py::error_already_set();
-    }
+    check_not_own_worker("add_model()");
+    if (reg_->closed()) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
+    if (reg_->find(name) != nullptr) raise_exists(name);
     ModelOptions opts;
     opts.name = name;
     opts.instances = instances;
@@ -430,67 +475,74 @@ class RuntimeCore {
       // Pooled: every worker draws on the pool. Burst: only the extra workers do.
       opts.burst_instances = pooled ? 0 : burst;
     }
-    Entry e;
     // A Batching(max_size=1) model still receives lists: the model's calling convention
     // follows whether batching was asked for, not the size.
-    e.handler = std::make_shared<PyHandler>(std::move(make_instance), this, batching.has_value());
-    e.model = std::make_shared<Model>(opts, e.handler);
-    if (timeout_ms) e.default_timeout_ns = timeout_to_ns(name, "timeout_ms", *timeout_ms);
-    e.priority_levels = priority_levels;
-    auto [it, inserted] = models_.emplace(name, std::move(e));
-    (void)inserted;
-    try {
-      set_placement(name, placement, memory_policy, groups);
-    } catch (...) {
-      models_.erase(it);  // refused groups: nothing of the model stays registered
-      throw;
+    auto handler = std::make_shared<PyHandler>(std::move(make_instance), reg_->id(), batching.has_value());
+    int64_t default_timeout = Request::kNoDeadline;
+    if (timeout_ms) default_timeout = timeout_to_ns(name, "timeout_ms", *timeout_ms);
+    auto e = std::make_shared<ModelEntry>(std::make_shared<Model>(opts, handler), handler,
+                                          default_timeout, priority_levels);
+    apply_placement(*e->model, placement, memory_policy, groups);  // refused groups: not registered
+    RegistryStatus s;
+    {
+      py::gil_scoped_release nogil;
+      s = reg_->add(e);
     }
-    if (started_) start_entry(it->first);
+    switch (s) {
+      case RegistryStatus::ok: break;
+      case RegistryStatus::exists: raise_exists(name);
+      case RegistryStatus::closed:
+        raise(types().runtime_closed, reg_->find(name) ? "runtime was closed while model '" + name + "' started"
+                                                       : "runtime is closed: cannot add model '" + name + "'");
+      case RegistryStatus::start_failed: raise_start_failure(*e);
+      default: raise_nested("add_model()");
+    }
+    warn_pin_errors(*e);
   }
 
   void start() {
-    if (closed_) raise(types().runtime_closed, "runtime is closed: cannot start it again");
-    if (started_) return;
-    started_ = true;
-    std::vector<std::string> names;
-    for (auto& [name, e] : models_) {
-      if (!e.model->started()) names.push_back(name);
+    if (reg_->closed()) raise(types().runtime_closed, "runtime is closed: cannot start it again");
+    if (reg_->started()) return;
+    check_not_own_worker("start()");
+    std::vector<std::shared_ptr<ModelEntry>> failed;
+    RegistryStatus s;
+    {
+      py::gil_scoped_release nogil;
+      s = reg_->start(&failed);
     }
-    // Every model starts even if one fails: the failure is raised after the others serve.
-    std::optional<py::error_already_set> first_error;
-    for (auto& name : names) {
-      try {
-        start_entry(name);
-      } catch (py::error_already_set& e) {
-        if (!first_error) first_error.emplace(std::move(e));
-      }
+    if (s == RegistryStatus::closed) raise(types().runtime_closed, "runtime is closed: cannot start it again");
+    if (s == RegistryStatus::nested) raise_nested("start()");
+    for (const auto& name : reg_->names()) {
+      if (auto e = reg_->find(name)) warn_pin_errors(*e);
     }
-    if (first_error) throw std::move(*first_error);
+    // Every model started even if one failed: the first failure is raised now.
+    if (!failed.empty()) raise_start_failure(*failed.front());
   }
 
   void remove_model(const std::string& name, bool drain) {
     check_not_own_worker("remove_model()");
-    auto it = models_.find(name);
-    if (it == models_.end()) raise_not_found(name);
-    Entry e = std::move(it->second);
-    models_.erase(it);
-    e.model->close(drain);
-    stop(e);
+    std::shared_ptr<ModelEntry> removed;  // released below, under the GIL
+    RegistryStatus s;
+    {
+      py::gil_scoped_release nogil;
+      s = reg_->remove(name, drain, &removed);
+    }
+    if (s == RegistryStatus::not_found) raise_not_found(name);
+    if (s == RegistryStatus::nested) raise_nested("remove_model()");
   }
 
-  Ref<PyRequest> submit(py::str model, py::object input, std::optional<double> timeout_ms,
-                        std::optional<uint32_t> priority) {
-    Entry& e = lookup(model);
+  Ref<PyRequest> submit(py::str model, py::object input, py::object timeout_ms, py::object priority) {
+    auto e = lookup(model);
     Ref<PyRequest> r(new PyRequest);
-    prepare(e, *r, timeout_ms, priority);
+    prepare(*e, *r, timeout_ms, priority);
     r->input = input.release().ptr();
     r->add_ref();  // the queue's reference
-    const Admit a = e.model->submit(r.get());
+    const Admit a = e->model->submit(r.get());
     if (a != Admit::ok) {
       Py_CLEAR(r->input);
       r->try_claim(RequestState::claimed);
       Request::release(r.get());
-      raise_admission(e, a, 1);
+      raise_admission(*e, a, 1);
     }
     return r;
   }
@@ -498,28 +550,31 @@ class RuntimeCore {
   /// A direct call may start now (see Model::direct_allowed): returns its start time, or 0
   /// when the caller must submit instead. Checks the arguments as submit() does; a deadline
   /// cannot pass, since the call starts at once.
-  int64_t direct_begin(py::str model, std::optional<double> timeout_ms, std::optional<uint32_t> priority) {
-    Entry& e = lookup(model);
-    checked_timeout(e, timeout_ms, priority);
-    return e.model->direct_allowed() ? now_ns() : 0;
+  int64_t direct_begin(py::str model, py::object timeout_ms, py::object priority) {
+    auto e = lookup(model);
+    checked_timeout(*e, timeout_ms, priority);
+    return e->model->direct_allowed() ? now_ns() : 0;
   }
 
   /// Counts a finished direct call. A model removed meanwhile (remove_model waits for the call)
   /// has no stats left to count it in: nothing to do then.
   void direct_end(const std::string& model, bool ok, int64_t start_ns) {
-    auto it = models_.find(model);
-    if (it != models_.end()) it->second.model->count_direct(ok ? Outcome::ok : Outcome::error, start_ns);
+    if (auto e = reg_->find(model)) e->model->count_direct(ok ? Outcome::ok : Outcome::error, start_ns);
   }
 
-  py::list submit_many(py::str model, py::iterable inputs, std::optional<double> timeout_ms,
-                       std::optional<uint32_t> priority) {
-    Entry& e = lookup(model);
+  py::list submit_many(py::str model, py::iterable inputs, py::object timeout_ms, py::object priority) {
+    // Take every input first: iterating may run any Python code (a generator), including code
+    // that removes this model or closes the runtime; the model is looked up afterwards.
+    std::vector<py::object> items;
+    if (py::isinstance<py::sequence>(inputs)) items.reserve(py::len(inputs));
+    for (py::handle x : inputs) items.push_back(py::reinterpret_borrow<py::object>(x));
+    auto e = lookup(model);
     std::vector<Ref<PyRequest>> reqs;
-    if (py::isinstance<py::sequence>(inputs)) reqs.reserve(py::len(inputs));
-    for (py::handle x : inputs) {
+    reqs.reserve(items.size());
+    for (auto& x : items) {
       Ref<PyRequest> r(new PyRequest);
-      prepare(e, *r, timeout_ms, priority);
-      r->input = py::reinterpret_borrow<py::object>(x).release().ptr();
+      prepare(*e, *r, timeout_ms, priority);
+      r->input = x.release().ptr();
       reqs.push_back(std::move(r));
     }
     std::vector<Request*> raw;
@@ -528,14 +583,14 @@ class RuntimeCore {
       r->add_ref();  // the queue's reference
       raw.push_back(r.get());
     }
-    const Admit a = e.model->submit_n(raw.data(), raw.size());
+    const Admit a = e->model->submit_n(raw.data(), raw.size());
     if (a != Admit::ok) {
       for (auto& r : reqs) {
         Py_CLEAR(r->input);
         r->try_claim(RequestState::claimed);
         Request::release(r.get());
       }
-      raise_admission(e, a, reqs.size());
+      raise_admission(*e, a, reqs.size());
     }
     py::list out(reqs.size());
     for (std::size_t i = 0; i < reqs.size(); ++i) {
@@ -546,13 +601,8 @@ class RuntimeCore {
 
   void close(bool drain) {
     check_not_own_worker("close()");
-    closed_ = true;
-    std::vector<Entry> entries;
-    for (auto& [name, e] : models_) {
-      e.model->close(drain);
-      entries.push_back(e);
-    }
-    for (auto& e : entries) stop(e);
+    py::gil_scoped_release nogil;
+    reg_->close(drain);  // from a callback inside another close() of this runtime: returns at once
   }
 
   /// Placement of a model whose workers have not started: per instance (cpus, memory nodes,
@@ -561,17 +611,170 @@ class RuntimeCore {
   void set_placement(const std::string& name,
                      const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& instances,
                      const std::string& memory_policy, const std::vector<uint32_t>& groups) {
-    auto it = models_.find(name);
-    if (it == models_.end()) raise_not_found(name);
-    Model& m = *it->second.model;
+    auto e = reg_->find(name);
+    if (e == nullptr) raise_not_found(name);
+    apply_placement(*e->model, instances, memory_policy, groups);
+  }
+
+  /// Raises ApportionError when called from a worker of this runtime: `what` would wait for
+  /// the thread it runs on.
+  void check_admin(const std::string& what) const { check_not_own_worker(what.c_str()); }
+
+  bool closed() const { return reg_->closed(); }
+  bool started() const { return reg_->started(); }
+  std::vector<std::string> model_names() const { return reg_->names(); }
+
+  py::dict model_stats(const std::string& name) {
+    auto e = reg_->find(name);
+    if (e == nullptr) raise_not_found(name);
+    const Model& m = *e->model;
+    const ModelSnapshot s = m.snapshot();
+    py::dict d;
+    d["submitted"] = s.submitted;
+    d["completed"] = s.completed;
+    d["failed"] = s.failed;
+    d["rejected"] = s.rejected;
+    d["expired"] = s.expired;
+    d["cancelled"] = s.cancelled;
+    d["queued"] = s.queued;
+    d["delayed"] = s.delayed;
+    d["batches"] = s.batch_size.total;
+    d["batch_size"] = histogram_dict(s.batch_size);
+    d["instances"] = m.options().instances;
+    d["max_queue"] = m.options().max_queue;
+    d["queue_wait"] = histogram_dict(s.queue_wait);
+    d["compute"] = histogram_dict(s.compute);
+    d["end_to_end"] = histogram_dict(s.end_to_end);
+    d["pool_calls"] = s.pool_grants;
+    d["pool_busy_ns"] = s.pool_busy_unit_ns;
+    d["burst_served"] = s.burst_served;
+    d["stolen"] = s.stolen;
+    d["direct"] = s.direct;
+    d["lane_groups"] = m.groups();
+    return d;
+  }
+
+  /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
+  void set_pool_capacity(uint32_t capacity) { pool_->set_capacity(capacity); }
+  uint32_t pool_capacity() const { return pool_->capacity(); }
+
+ private:
+  std::shared_ptr<ModelEntry> lookup(py::str model) {
+    Py_ssize_t size = 0;
+    const char* data = PyUnicode_AsUTF8AndSize(model.ptr(), &size);
+    if (data == nullptr) throw py::error_already_set();
+    const std::string_view name(data, static_cast<std::size_t>(size));
+    auto e = reg_->find(name);
+    if (e == nullptr) {
+      if (reg_->closed()) raise(types().runtime_closed, "runtime is closed");
+      raise_not_found(std::string(name));
+    }
+    return e;
+  }
+
+  [[noreturn]] void raise_not_found(const std::string& name) {
+    std::string known;
+    for (const auto& n : model_names()) known += (known.empty() ? "'" : ", '") + n + "'";
+    raise(types().model_not_found,
+          "no model named '" + name + "' (registered: " + (known.empty() ? "none" : known) + ")");
+  }
+
+  [[noreturn]] static void raise_exists(const std::string& name) {
+    PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
+    throw py::error_already_set();
+  }
+
+  [[noreturn]] static void raise_nested(const char* what) {
+    raise(types().apportion_error,
+          std::string(what) + " called from a done-callback that runs inside close(), "
+                              "remove_model() or start() of this runtime on the same thread would "
+                              "wait for itself; call it from another thread");
+  }
+
+  // The first exception the model's factory raised (GIL held), else a generic error.
+  [[noreturn]] static void raise_start_failure(ModelEntry& e) {
+    py::object err = static_cast<PyHandler&>(*e.handler).take_error();
+    if (err) {
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+      throw py::error_already_set();
+    }
+    raise(types().apportion_error, "model '" + e.name() + "': an instance failed to start");
+  }
+
+  // A refused pin is not fatal (the model serves, less isolated than planned): say why.
+  static void warn_pin_errors(const ModelEntry& e) {
+    for (const auto& why : e.model->pin_errors()) {
+      const std::string msg = "model '" + e.name() + "' " + why;
+      if (PyErr_WarnEx(types().pinning_warning, msg.c_str(), 1) != 0) throw py::error_already_set();
+    }
+  }
+
+  [[noreturn]] void raise_admission(const ModelEntry& e, Admit a, std::size_t n) {
+    const auto& name = e.name();
+    if (a == Admit::closed) {
+      raise(types().runtime_closed, reg_->closed() ? "runtime is closed: model '" + name +
+                                                         "' accepts no requests"
+                                                   : "model '" + name + "' is closed and accepts no requests");
+    }
+    raise(types().queue_full,
+          "model '" + name + "': queue full (max_queue=" +
+              std::to_string(e.model->options().max_queue) + ", queued=" +
+              std::to_string(e.model->queued()) + "); " + std::to_string(n) +
+              (n == 1 ? " request" : " requests") + " rejected");
+  }
+
+  /// The request's timeout (ns, or kNoDeadline) after checking both arguments; raises
+  /// ValueError naming the model and the field.
+  static int64_t checked_timeout(const ModelEntry& e, py::handle timeout_ms, py::handle priority) {
+    std::optional<int64_t> requested;
+    if (auto ms = optional_number(e.name(), "timeout_ms", timeout_ms)) {
+      requested = timeout_to_ns(e.name(), "timeout_ms", *ms);
+    }
+    if (!priority.is_none()) {
+      int overflow = 0;
+      const long long p = PyBool_Check(priority.ptr()) || !PyLong_Check(priority.ptr())
+                              ? -1
+                              : PyLong_AsLongLongAndOverflow(priority.ptr(), &overflow);
+      if (overflow != 0 || !e.priority_ok(p)) {
+        PyErr_Format(PyExc_ValueError,
+                     "model '%s': priority must be an int in [0, %u) (0 is highest; the model "
+                     "has priority_levels=%u), got %R",
+                     e.name().c_str(), e.priority_levels, e.priority_levels, priority.ptr());
+        throw py::error_already_set();
+      }
+    }
+    return e.timeout_ns(requested);
+  }
+
+  void prepare(const ModelEntry& e, PyRequest& r, py::handle timeout_ms, py::handle priority) {
+    const int64_t timeout_ns = checked_timeout(e, timeout_ms, priority);
+    if (timeout_ns != Request::kNoDeadline) {
+      r.deadline_ns = now_ns() + timeout_ns;
+      r.timeout_ns = timeout_ns;
+    }
+    if (!priority.is_none()) r.priority = static_cast<uint32_t>(PyLong_AsLong(priority.ptr()));
+  }
+
+  void check_not_own_worker(const char* what) const {
+    if (current_registry == reg_->id()) {
+      raise(types().apportion_error, std::string(what) + " called from a worker of model '" +
+                                         current_model +
+                                         "' of this runtime would wait for itself; call it "
+                                         "from outside the model");
+    }
+  }
+
+  static void apply_placement(Model& m,
+                              const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& instances,
+                              const std::string& memory_policy, const std::vector<uint32_t>& groups) {
     if (m.started()) {
-      PyErr_Format(PyExc_RuntimeError, "model '%s' already started: its placement is fixed", name.c_str());
+      PyErr_Format(PyExc_RuntimeError, "model '%s' already started: its placement is fixed", m.name().c_str());
       throw py::error_already_set();
     }
     const uint32_t workers = m.options().instances + m.options().burst_instances;
     if (!instances.empty() && instances.size() != workers) {
       PyErr_Format(PyExc_ValueError, "model '%s': placement has %zu instances, the model %u",
-                   name.c_str(), instances.size(), workers);
+                   m.name().c_str(), instances.size(), workers);
       throw py::error_already_set();
     }
     std::vector<InstancePlacement> placement;
@@ -585,166 +788,23 @@ class RuntimeCore {
     m.set_placement(std::move(placement), policy, groups);  // invalid_argument: ValueError
   }
 
-  bool closed() const { return closed_; }
-  bool started() const { return started_; }
-
-  std::vector<std::string> model_names() const {
-    std::vector<std::string> names;
-    for (auto& [name, e] : models_) names.push_back(name);
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-
-  py::dict model_stats(const std::string& name) {
-    auto it = models_.find(name);
-    if (it == models_.end()) raise_not_found(name);
-    const ModelSnapshot s = it->second.model->snapshot();
-    py::dict d;
-    d["submitted"] = s.submitted;
-    d["completed"] = s.completed;
-    d["failed"] = s.failed;
-    d["rejected"] = s.rejected;
-    d["expired"] = s.expired;
-    d["cancelled"] = s.cancelled;
-    d["queued"] = s.queued;
-    d["delayed"] = s.delayed;
-    d["batches"] = s.batch_size.total;
-    d["batch_size"] = histogram_dict(s.batch_size);
-    d["instances"] = it->second.model->options().instances;
-    d["max_queue"] = it->second.model->options().max_queue;
-    d["queue_wait"] = histogram_dict(s.queue_wait);
-    d["compute"] = histogram_dict(s.compute);
-    d["end_to_end"] = histogram_dict(s.end_to_end);
-    d["pool_calls"] = s.pool_grants;
-    d["pool_busy_ns"] = s.pool_busy_unit_ns;
-    d["burst_served"] = s.burst_served;
-    d["stolen"] = s.stolen;
-    d["direct"] = s.direct;
-    d["lane_groups"] = it->second.model->groups();
-    return d;
-  }
-
-  /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
-  void set_pool_capacity(uint32_t capacity) { pool_->set_capacity(capacity); }
-  uint32_t pool_capacity() const { return pool_->capacity(); }
-
- private:
-  Entry& lookup(py::str model) {
-    Py_ssize_t size = 0;
-    const char* data = PyUnicode_AsUTF8AndSize(model.ptr(), &size);
-    if (data == nullptr) throw py::error_already_set();
-    auto it = models_.find(std::string_view(data, static_cast<std::size_t>(size)));
-    if (it == models_.end()) {
-      if (closed_) raise(types().runtime_closed, "runtime is closed");
-      raise_not_found(std::string(data, static_cast<std::size_t>(size)));
-    }
-    return it->second;
-  }
-
-  [[noreturn]] void raise_not_found(const std::string& name) {
-    std::string known;
-    for (const auto& n : model_names()) known += (known.empty() ? "'" : ", '") + n + "'";
-    raise(types().model_not_found,
-          "no model named '" + name + "' (registered: " + (known.empty() ? "none" : known) + ")");
-  }
-
-  [[noreturn]] void raise_admission(const Entry& e, Admit a, std::size_t n) {
-    const auto& name = e.model->name();
-    if (a == Admit::closed) {
-      raise(types().runtime_closed, closed_ ? "runtime is closed: model '" + name +
-                                                  "' accepts no requests"
-                                            : "model '" + name + "' is closed and accepts no requests");
-    }
-    raise(types().queue_full,
-          "model '" + name + "': queue full (max_queue=" +
-              std::to_string(e.model->options().max_queue) + ", queued=" +
-              std::to_string(e.model->queued()) + "); " + std::to_string(n) +
-              (n == 1 ? " request" : " requests") + " rejected");
-  }
-
-  /// The request's timeout (ns, or kNoDeadline) after checking both arguments; raises
-  /// ValueError naming the model and the field.
-  static int64_t checked_timeout(const Entry& e, std::optional<double> timeout_ms,
-                                 std::optional<uint32_t> priority) {
-    int64_t timeout_ns = e.default_timeout_ns;
-    if (timeout_ms) {
-      // A request may only tighten the model's deadline, never extend it.
-      timeout_ns = std::min(timeout_ns, timeout_to_ns(e.model->name(), "timeout_ms", *timeout_ms));
-    }
-    if (priority && *priority >= e.priority_levels) {
-      PyErr_Format(PyExc_ValueError,
-                   "model '%s': priority must be an int in [0, %u) (0 is highest; the model "
-                   "has priority_levels=%u), got %u",
-                   e.model->name().c_str(), e.priority_levels, e.priority_levels, *priority);
-      throw py::error_already_set();
-    }
-    return timeout_ns;
-  }
-
-  void prepare(const Entry& e, PyRequest& r, std::optional<double> timeout_ms,
-               std::optional<uint32_t> priority) {
-    const int64_t timeout_ns = checked_timeout(e, timeout_ms, priority);
-    if (timeout_ns != Request::kNoDeadline) {
-      r.deadline_ns = now_ns() + timeout_ns;
-      r.timeout_ns = timeout_ns;
-    }
-    if (priority) r.priority = *priority;
-  }
-
-  void check_not_own_worker(const char* what) const {
-    if (current_runtime == this) {
-      raise(types().apportion_error, std::string(what) + " called from a worker of model '" +
-                                         current_model +
-                                         "' of this runtime would wait for itself; call it "
-                                         "from outside the model");
-    }
-  }
-
-  void start_entry(const std::string& name) {
-    Entry e = models_.at(name);
-    uint32_t failed = 0;
-    {
-      py::gil_scoped_release nogil;
-      std::lock_guard lock(lifecycle_mu_);
-      failed = e.model->start();
-    }
-    if (failed != 0) {
-      models_.erase(name);
-      e.model->close(false);
-      stop(e);
-      py::object err = e.handler->take_error();
-      if (err) {
-        PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
-        throw py::error_already_set();
-      }
-      raise(types().apportion_error, "model '" + name + "': an instance failed to start");
-    }
-    // A refused pin is not fatal (the model serves, less isolated than planned): say why.
-    for (const auto& why : e.model->pin_errors()) {
-      const std::string msg = "model '" + name + "' " + why;
-      if (PyErr_WarnEx(types().pinning_warning, msg.c_str(), 1) != 0) throw py::error_already_set();
-    }
-    if (closed_) raise(types().runtime_closed, "runtime was closed while model '" + name + "' started");
-  }
-
-  void stop(Entry& e) {
-    py::gil_scoped_release nogil;
-    std::lock_guard lock(lifecycle_mu_);
-    e.model->join();
-  }
-
-  std::unordered_map<std::string, Entry, StringHash, std::equal_to<>> models_;
+  std::shared_ptr<Registry> reg_ = std::make_shared<Registry>();
   // Capacity is set by the Python layer once the shared pool's CPUs are known (at start).
   std::shared_ptr<SharedPool> pool_ = std::make_shared<SharedPool>();
-  bool closed_ = false;
-  bool started_ = false;
-  std::mutex lifecycle_mu_;  // serialises starting and joining workers; taken without the GIL
 };
 
 // --- Future ---------------------------------------------------------------------------------
 
 bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
   if (r.done()) return true;
+  if (current_counters != nullptr && current_counters == r.counters.get()) {
+    // A worker (or a done-callback it runs) waiting for its own model's request waits for a
+    // worker of that model, possibly itself: with one instance it never returns.
+    raise(types().apportion_error,
+          "model '" + current_model + "': a worker of the model waits for a request to the same "
+          "model, which may only run on a worker of that model (a deadlock with one instance); "
+          "call another model, or submit without waiting (add_done_callback)");
+  }
   int64_t ns = -1;
   if (timeout_s) {
     if (std::isnan(*timeout_s)) throw py::value_error("timeout must be a number or None");
@@ -790,9 +850,11 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
   }
 }
 
-[[noreturn]] void raise_timeout(double timeout) {
-  PyErr_Format(PyExc_TimeoutError, "request not done within %g s", timeout);
-  throw py::error_already_set();
+[[noreturn]] void raise_timeout(const PyRequest& r, double timeout) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", timeout);
+  const std::string model = r.counters ? r.counters->name : std::string("?");
+  raise(PyExc_TimeoutError, "request to model '" + model + "' not done within " + buf + " s");
 }
 
 }  // namespace
@@ -806,7 +868,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def(
           "result",
           [](PyRequest& r, std::optional<double> timeout) -> py::object {
-            if (!wait_for(r, timeout)) raise_timeout(timeout.value_or(0));
+            if (!wait_for(r, timeout)) raise_timeout(r, timeout.value_or(0));
             if (r.outcome() == Outcome::ok) return py::reinterpret_borrow<py::object>(r.value);
             raise_outcome(r);
           },
@@ -816,7 +878,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def(
           "exception",
           [](PyRequest& r, std::optional<double> timeout) -> py::object {
-            if (!wait_for(r, timeout)) raise_timeout(timeout.value_or(0));
+            if (!wait_for(r, timeout)) raise_timeout(r, timeout.value_or(0));
             switch (r.outcome()) {
               case Outcome::ok: return py::none();
               case Outcome::error: return py::reinterpret_borrow<py::object>(r.value);
@@ -853,7 +915,10 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
           [](py::object self, py::object fn) {
             auto& r = self.cast<PyRequest&>();
             if (r.done()) {
-              fn(self);
+              // As for a callback run at completion: reported, never raised.
+              PyObject* res = PyObject_CallOneArg(fn.ptr(), self.ptr());
+              if (res == nullptr) PyErr_WriteUnraisable(fn.ptr());
+              Py_XDECREF(res);
               return;
             }
             if (r.callbacks == nullptr) {
@@ -890,6 +955,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def("_set_pool_capacity", &RuntimeCore::set_pool_capacity, py::arg("capacity"))
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
+      .def("_check_admin", &RuntimeCore::check_admin, py::arg("what"))
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"), py::arg("groups") = std::vector<uint32_t>{})
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),
@@ -911,6 +977,10 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def_property_readonly("started", &RuntimeCore::started)
       .def("_model_names", &RuntimeCore::model_names)
       .def("_model_stats", &RuntimeCore::model_stats, py::arg("name"));
+
+  m.def("_join_orphans", &join_orphans,
+        "Waits for the background closes of runtimes that were dropped inside one of their own "
+        "workers (called at interpreter exit).");
 }
 
 }  // namespace apportion::bindings

@@ -195,8 +195,13 @@ def test_invalid_request_arguments_name_model_and_field(rt: ap.Runtime) -> None:
             rt.submit("m", 1, timeout_ms=bad)
     with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\)"):
         rt.submit("m", 1, priority=2)
-    with pytest.raises(TypeError):
-        rt.submit("m", 1, priority=-1)
+    for bad in (-1, 2**32, 2**80, True, 1.0, "0"):
+        with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\).*got"):
+            rt.submit("m", 1, priority=bad)
+        with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\)"):
+            rt.submit_many("m", [1], priority=bad)
+    with pytest.raises(ValueError, match=r"model 'm': timeout_ms must be a number or None, got 'soon'"):
+        rt.submit("m", 1, timeout_ms="soon")
     assert rt.stats()["m"].submitted == 0
 
 
