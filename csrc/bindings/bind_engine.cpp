@@ -978,6 +978,9 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def("_model_names", &RuntimeCore::model_names)
       .def("_model_stats", &RuntimeCore::model_stats, py::arg("name"));
 
+  m.def("_lane_cells", &lane_cells, py::arg("max_queue"), py::arg("priority_levels"),
+        py::arg("groups"), py::arg("delayed_lane"),
+        "Queue cells (64 bytes each) a model's lanes take: see ModelOptions::instance_group.");
   m.def("_join_orphans", &join_orphans,
         "Waits for the background closes of runtimes that were dropped inside one of their own "
         "workers (called at interpreter exit).");

@@ -47,6 +47,11 @@ def _quota_error(model: str, field_name: str, message: str) -> QuotaError:
     return err
 
 
+_MAX_COUNT = 1 << 16
+"""Bound of CPU counts, CPU ids, threads and NUMA node ids: past any machine's, within every
+native integer."""
+
+
 def _is_int(value: object) -> bool:
     # bool is an int subclass, but cores=True is a mistake, not a count of one.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -91,12 +96,13 @@ class Quota:
                 raise _quota_error(name, "cores", 'the CPU list is empty; give a count >= 1 or a list like "0-3,8"')
             object.__setattr__(self, "cpus", ids)
         elif _is_int(cores):
-            if cores < 1:
-                raise _quota_error(name, "cores", f"got {cores}; give a count >= 1 of physical cores "
-                                   '(or a CPU list like "0-3,8")')
+            if not 1 <= cores <= _MAX_COUNT:
+                raise _quota_error(name, "cores", f"got {cores}; give a count in [1, {_MAX_COUNT}] of "
+                                   'physical cores (or a CPU list like "0-3,8")')
         elif isinstance(cores, Sequence) and not isinstance(cores, (bytes, bytearray)):
-            if not cores or not all(_is_int(c) and c >= 0 for c in cores):
-                raise _quota_error(name, "cores", f"got {list(cores)!r}; a CPU list needs CPU ids >= 0")
+            if not cores or not all(_is_int(c) and 0 <= c < _MAX_COUNT for c in cores):
+                raise _quota_error(name, "cores", f"got {list(cores)!r}; a CPU list needs CPU ids in "
+                                   f"[0, {_MAX_COUNT})")
             object.__setattr__(self, "cpus", tuple(sorted(set(cores))))
         else:
             raise _quota_error(name, "cores", f"got {cores!r} ({type(cores).__name__}); give an integer "
@@ -104,13 +110,13 @@ class Quota:
 
         if not _is_int(self.instances) or self.instances < 1:
             raise _quota_error(name, "instances", f"got {self.instances!r}; give an integer >= 1")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise _quota_error(name, "threads", f"got {self.threads!r}; give an integer >= 1 or None "
-                               "(one per CPU of the instance)")
+        if self.threads is not None and (not _is_int(self.threads) or not 1 <= self.threads <= _MAX_COUNT):
+            raise _quota_error(name, "threads", f"got {self.threads!r}; give an integer in [1, {_MAX_COUNT}] "
+                               "or None (one per CPU of the instance)")
         if self.isolation not in _ISOLATIONS:
             raise _quota_error(name, "isolation", f'got {self.isolation!r}; give "exclusive" or "shared"')
-        if self.numa != "auto" and (not _is_int(self.numa) or self.numa < 0):
-            raise _quota_error(name, "numa", f'got {self.numa!r}; give a node id >= 0 or "auto"')
+        if self.numa != "auto" and (not _is_int(self.numa) or not 0 <= self.numa < _MAX_COUNT):
+            raise _quota_error(name, "numa", f'got {self.numa!r}; give a node id in [0, {_MAX_COUNT}) or "auto"')
         for flag in ("smt", "oversubscribe"):
             if not isinstance(getattr(self, flag), bool):
                 raise _quota_error(name, flag, f"got {getattr(self, flag)!r}; give True or False")

@@ -5,21 +5,22 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
-import warnings
 import numbers
+import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core
 from .adapters import adapt
 from .batching import Batching, wrap_factory
 from .adapters.gpu import GpuUsage, wrap_for_gpu
-from .errors import PinningWarning, PlacementError, QuotaError
+from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
-from ._private.process import NOT_TAKEN, ProcessInstance, factory_path
+from ._private.process import NOT_TAKEN, START_TIMEOUT_S, ProcessInstance, factory_path
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
 
@@ -27,6 +28,10 @@ __all__ = ["InstanceContext", "Runtime"]
 
 _DEFAULT_MAX_QUEUE = 1024
 _MAX_INSTANCES = 1024
+_MAX_QUEUE_BYTES = 256 << 20
+"""What a model's queue cells may take together (64 bytes each; every priority lane of every
+lane group holds max_queue requests, rounded up to a power of two): refused beyond it."""
+_CELL_BYTES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,18 @@ def _quota_timeout(model: str, value: object) -> float | None:
     return v
 
 
+def _quota_start_timeout(model: str, value: object, process: bool) -> float:
+    if value is None:
+        return START_TIMEOUT_S
+    if not process:
+        raise QuotaError(f"model {model!r}, field 'start_timeout_s': it bounds a worker process's start; "
+                         f"give it with isolation=\"process\" only, got start_timeout_s={value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise QuotaError(f"model {model!r}, field 'start_timeout_s': give a positive, finite number of "
+                         f"seconds or None (default {START_TIMEOUT_S:g}), got {value!r}")
+    return float(value)
+
+
 def _quota_watchdog(model: str, value: object, process: bool) -> float | None:
     if value is None:
         return None
@@ -110,7 +127,35 @@ class _GpuState:
             self.partition.close()
 
 
+@dataclass(eq=False)
+class _ModelEntry:
+    """What the Python side keeps for one registered model (the core keeps its queue, workers
+    and stats): one record, dropped whole by remove_model."""
+
+    quota: Quota
+    burst: int = 0
+    placed: dict[int, tuple[tuple[int, ...], tuple[int, ...], int]] = field(default_factory=dict)
+    gpu: GPU | None = None
+    gpu_usage: GpuUsage | None = None
+    processes: list[ProcessInstance] = field(default_factory=list)
+    direct: bool = False
+    """Synchronous calls may skip the worker thread (see Runtime.call)."""
+
+
 _live: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _abort_starting_children() -> None:
+    # Runs before the interpreter waits for non-daemon threads: a thread still waiting for a
+    # process instance's child to build its model would otherwise hold exit for up to
+    # start_timeout_s. Children that already serve are left to the exit handler below.
+    for rt in list(_live):
+        for entry in list(rt._models.values()):
+            for proxy in list(entry.processes):
+                proxy.abort_start()
+
+
+threading._register_atexit(_abort_starting_children)  # type: ignore[attr-defined]
 
 
 @atexit.register
@@ -123,6 +168,8 @@ def _close_live_runtimes() -> None:
             rt.close(drain=False)
         except Exception:  # noqa: BLE001 - nothing useful to do at exit but go on
             pass
+    # Runtimes dropped inside one of their own workers are closed by a background thread.
+    _core._join_orphans()
 
 
 class Runtime(_core._Runtime):
@@ -171,16 +218,12 @@ class Runtime(_core._Runtime):
         self._cpus = cpus
         self._topology_root = topology_root
         self._topo: Topology | None = None
-        self._quotas: dict[str, Quota] = {}
-        self._placed: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
+        self._models: dict[str, _ModelEntry] = {}
         self._plan: Plan | None = None
-        self._gpu_quotas: dict[str, GPU] = {}
-        self._gpu_usage: dict[str, GpuUsage] = {}
         self._gpu = _GpuState()
-        self._bursts: dict[str, int] = {}
-        self._processes: dict[str, list[ProcessInstance]] = {}
-        # Process models whose synchronous calls may skip the worker thread (see call()).
-        self._direct: dict[str, list[ProcessInstance]] = {}
+        # add_model, remove_model and start change the models' records one at a time; close()
+        # does not wait for it (it must be able to stop a start that hangs).
+        self._admin = threading.RLock()
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
@@ -209,6 +252,7 @@ class Runtime(_core._Runtime):
         priority_class: int | None = None,
         burst: bool | int = False,
         watchdog_s: float | None = None,
+        start_timeout_s: float | None = None,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's pinned worker thread, returning the model to serve) or ``model``
@@ -259,7 +303,10 @@ class Runtime(_core._Runtime):
         module-level function, imported in the child; ``model=`` and ``gpu=`` are not
         available). It is planned like "exclusive" when ``cores`` is given, else like
         "shared". A child that dies, or runs one call longer than ``watchdog_s`` seconds (None:
-        no limit), fails that call with WorkerCrashed and is restarted for the next one.
+        no limit), fails that call with WorkerCrashed and is restarted for the next one. A
+        child has ``start_timeout_s`` seconds (default 300) to import and build its model;
+        one that takes longer is killed and the start fails with WorkerCrashed. A start in
+        progress never holds up ``close(drain=False)`` or interpreter exit: the child is killed.
         ``Runtime.call`` on an idle process instance skips the worker thread; the child then
         spins for up to ``spin_us`` for the caller's next call (on instances of one CPU it
         parks at once).
@@ -305,7 +352,24 @@ class Runtime(_core._Runtime):
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
             )
         watchdog = _quota_watchdog(name, watchdog_s, process)
-        if name in self._quotas:
+        start_timeout = _quota_start_timeout(name, start_timeout_s, process)
+        self._check_admin("add_model()")
+        with self._admin:
+            self._add_model_locked(
+                name, factory, model, factory_ref if process else None, instances, threads, cores,
+                isolation, numa, smt, memory_policy, oversubscribe, max_queue, timeout,
+                priority_levels, on_timeout, batching, native_batching, float(spin_us), gpu, weight,
+                priority_class, burst, watchdog, start_timeout)
+
+    def _add_model_locked(self, name: str, factory: Any, model: Any, factory_ref: str | None,
+                          instances: int, threads: int | None, cores: Any, isolation: str, numa: Any,
+                          smt: bool, memory_policy: str, oversubscribe: bool, max_queue: int,
+                          timeout: float | None, priority_levels: int, on_timeout: str,
+                          batching: Batching | None, native_batching: Any, spin_us: float,
+                          gpu: GPU | None, weight: object, priority_class: object, burst: object,
+                          watchdog: float | None, start_timeout: float) -> None:
+        process = factory_ref is not None
+        if name in self._models:
             raise ValueError(f"model {name!r} is already registered")
         if gpu is not None:
             self._check_gpu(name, gpu)
@@ -325,16 +389,25 @@ class Runtime(_core._Runtime):
                       oversubscribe=oversubscribe)
 
         # Place it with every other model now, so an impossible quota fails here, not at start.
-        new_plan = self._place({**self._quotas, name: quota})
+        new_plan = self._place({**self._quotas(), name: quota})
         if self.started:
             self._check_running_models_stay(new_plan, name)
+        groups = self._lane_groups(new_plan[name])
+        cells = _core._lane_cells(max_queue, priority_levels, max(len(set(groups)), 1), on_timeout == "delay")
+        if cells * _CELL_BYTES > _MAX_QUEUE_BYTES:
+            raise QuotaError(
+                f"model {name!r}, field 'max_queue': max_queue={max_queue} with "
+                f"priority_levels={priority_levels} needs {cells * _CELL_BYTES / 2**20:.0f} MiB of queue "
+                f"cells ({_CELL_BYTES} bytes each; every lane holds max_queue requests); the limit is "
+                f"{_MAX_QUEUE_BYTES >> 20} MiB: lower max_queue or priority_levels")
 
-        # The native runtime owns this closure: it must not reference the runtime itself, or
+        # The native runtime owns these closures: they must not reference the runtime itself, or
         # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
-        placed = self._placed.setdefault(name, {})
+        entry = _ModelEntry(quota=quota, burst=burst_n, gpu=gpu)
+        placed = entry.placed
         isolation_word = quota.isolation
         gpu_state = self._gpu
-        procs = self._processes.setdefault(name, [])
+        procs = entry.processes
         memory_word = quota.memory_policy if len(self.topology.nodes) > 1 else "none"
 
         def make_process_instance(index: int) -> Callable[[Any], Any]:
@@ -346,12 +419,17 @@ class Runtime(_core._Runtime):
             # that CPU): park at once there (measured: 75-100 us round trips with the spin,
             # 52-55 us without, on the 2-core VM). Likewise the child's spin after a direct
             # call would only delay the worker thread pinned to that CPU.
-            proxy_spin = float(spin_us) if cpus is None or len(cpus) > 1 else 0.0
+            proxy_spin = spin_us if cpus is None or len(cpus) > 1 else 0.0
             spec["direct_spin_us"] = proxy_spin
-            proxy = ProcessInstance(spec, watchdog_s=watchdog, spin_us=proxy_spin)
+            proxy = ProcessInstance(spec, watchdog_s=watchdog, spin_us=proxy_spin,
+                                    start_timeout_s=start_timeout)
+            # Listed before its child starts, so that close(drain=False) can stop a start that
+            # hangs.
             procs.append(proxy)
+            proxy.start()
             return proxy
         usage = GpuUsage(gpu.to_native(name)["memory"]) if gpu is not None else None
+        entry.gpu_usage = usage
 
         def make_instance(index: int) -> Callable[[Any], Any]:
             cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
@@ -369,19 +447,18 @@ class Runtime(_core._Runtime):
             fn = adapt(obj, ctx)
             return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
-        self._quotas[name] = quota
-        self._bursts[name] = burst_n
         pooled = self._scheduled and quota.isolation == "shared"  # its calls hold pool units
+        if burst_n and not new_plan.shared_pool:
+            raise PlacementError(
+                f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
+                "hold every CPU), so there is nowhere to burst to"
+            )
+        self._models[name] = entry
         try:
-            if burst_n and not new_plan.shared_pool:
-                raise PlacementError(
-                    f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
-                    "hold every CPU), so there is nowhere to burst to"
-                )
             instances_arg, policy, groups = self._native_placement(new_plan, name)
             build = make_process_instance if process else make_instance
             self._add_model(name, wrap_factory(name, build) if batching is not None else build,
-                            instances, max_queue, timeout, priority_levels, float(spin_us),
+                            instances, max_queue, timeout, priority_levels, spin_us,
                             instances_arg, policy, on_timeout=on_timeout, batching=native_batching,
                             pooled=pooled, weight=weight_v, priority_class=class_v, burst=burst_n,
                             groups=groups)
@@ -393,16 +470,10 @@ class Runtime(_core._Runtime):
                 # A direct call is one request on an idle instance, right away: not for a model
                 # that batches (its worker waits to gather a batch) or whose calls hold units of
                 # the scheduled pool (the worker takes those in turn).
-                if process and batching is None and not pooled:
-                    self._direct[name] = procs
-                if gpu is not None and usage is not None:
-                    self._gpu_quotas[name] = gpu
-                    self._gpu_usage[name] = usage
+                entry.direct = process and batching is None and not pooled
             else:
-                del self._quotas[name]
-                self._bursts.pop(name, None)
-                self._placed.pop(name, None)
-                self._close_processes(name)
+                del self._models[name]
+                self._close_processes(entry)
 
     def _check_sharing(self, name: str, isolation: object, instances: int, weight: object,
                        priority_class: object, burst: object) -> tuple[float, int, int]:
@@ -452,16 +523,24 @@ class Runtime(_core._Runtime):
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
         (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
         cores go back to the shared pool for models added later."""
-        if not drain:
-            self._abort_processes(name)
-        self._end_direct_calls(name, wait=drain)
-        super().remove_model(name, drain=drain)
-        self._close_processes(name)
-        self._quotas.pop(name, None)
-        self._bursts.pop(name, None)
-        self._gpu_usage.pop(name, None)
-        self._placed.pop(name, None)
-        self._plan = None
+        self._check_admin("remove_model()")
+        with self._admin:
+            entry = self._models.get(name)
+            if entry is not None:
+                if not drain:
+                    self._abort_processes(entry)
+                self._end_direct_calls(entry, wait=drain)
+            super().remove_model(name, drain=drain)  # ModelNotFound when there is none
+            if entry is not None:
+                self._close_processes(entry)
+                del self._models[name]
+            self._plan = None
+
+    def _quotas(self) -> dict[str, Quota]:
+        return {n: e.quota for n, e in self._models.items()}
+
+    def _gpu_quotas(self) -> dict[str, GPU]:
+        return {n: e.gpu for n, e in self._models.items() if e.gpu is not None}
 
     @property
     def models(self) -> list[str]:
@@ -479,11 +558,14 @@ class Runtime(_core._Runtime):
     def plan(self) -> Plan:
         """Who gets (or got) which CPUs, threads and memory nodes, and GPU streams, SMs and
         memory. Printable."""
-        if self._plan is None:
-            self._plan = self._place(self._quotas)
-        if self._gpu_quotas and self._plan.gpu is None:
-            self._plan = dataclasses.replace(self._plan, gpu=plan_gpus(self._gpu_quotas))
-        return self._plan
+        plan_ = self._plan
+        if plan_ is None:
+            plan_ = self._place(self._quotas())
+        gpu_quotas = self._gpu_quotas()
+        if gpu_quotas and plan_.gpu is None:
+            plan_ = dataclasses.replace(plan_, gpu=plan_gpus(gpu_quotas))
+        self._plan = plan_
+        return plan_
 
     def _check_gpu(self, name: str, gpu: GPU) -> None:
         if not isinstance(gpu, GPU):
@@ -496,7 +578,7 @@ class Runtime(_core._Runtime):
                 f"model {name!r}: GPU models are partitioned together at start(); add it before "
                 "start() (the runtime is already serving)"
             )
-        plan_gpus({**self._gpu_quotas, name: gpu})  # SM or memory over-subscription fails here
+        plan_gpus({**self._gpu_quotas(), name: gpu})  # SM or memory over-subscription fails here
 
     def _place(self, quotas: dict[str, Quota]) -> Plan:
         return plan(list(quotas.values()), self.topology)
@@ -505,7 +587,8 @@ class Runtime(_core._Runtime):
         mp = p[name]
         # One memory node: binding adds nothing but a syscall that some sandboxes refuse.
         policy = mp.memory_policy if len(self.topology.nodes) > 1 else "none"
-        placed = self._placed.setdefault(name, {})
+        entry = self._models[name]
+        placed = entry.placed
         out = []
         for inst in mp.instances:
             placed[inst.index] = (inst.cpus, inst.memory_nodes, inst.threads)
@@ -513,7 +596,7 @@ class Runtime(_core._Runtime):
         # Burst instances float on the shared pool with an own instance's thread count, and no
         # memory binding (the pool may span nodes; their pages follow first touch).
         threads = mp.instances[0].threads if mp.instances else 1
-        for k in range(self._bursts.get(name, 0)):
+        for k in range(entry.burst):
             index = len(mp.instances) + k
             placed[index] = (tuple(p.shared_pool), (), threads)
             out.append((list(p.shared_pool), [], threads))
@@ -548,56 +631,72 @@ class Runtime(_core._Runtime):
         """Places every model, builds its instances (each factory runs in its own pinned
         worker thread) and starts serving. Requests submitted before start() wait in their
         queues. A pinning the OS refuses is a PinningWarning, not an error."""
-        if not self.started and not self.closed:
-            p = self._place(self._quotas)
-            for name in self._quotas:
-                self._set_placement(name, *self._native_placement(p, name))
-            if self._scheduled:
-                self._set_pool_capacity(len(p.shared_pool))
-            if self._gpu_quotas:
-                gplan = plan_gpus(self._gpu_quotas)
-                partition = GpuPartition(gplan)
-                for note in [*gplan.notes, *partition.warnings]:
-                    warnings.warn(note, PinningWarning, stacklevel=2)
-                self._gpu.partition = partition
-                p = dataclasses.replace(p, gpu=gplan)
-            self._plan = p
-        self._start()
+        self._check_admin("start()")
+        with self._admin:
+            if not self.started and not self.closed:
+                p = self._place(self._quotas())
+                for name in self._models:
+                    self._set_placement(name, *self._native_placement(p, name))
+                if self._scheduled:
+                    self._set_pool_capacity(len(p.shared_pool))
+                gpu_quotas = self._gpu_quotas()
+                if gpu_quotas:
+                    gplan = plan_gpus(gpu_quotas)
+                    partition = GpuPartition(gplan)
+                    # Stored before anything can raise (a note is an error under -W error): the
+                    # partition's streams are then released by close().
+                    self._gpu.partition = partition
+                    for note in [*gplan.notes, *partition.warnings]:
+                        warnings.warn(note, PinningWarning, stacklevel=3)
+                    p = dataclasses.replace(p, gpu=gplan)
+                self._plan = p
+            self._start()
         return self
 
     def close(self, drain: bool = True) -> None:
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
         cancels it. Running calls always finish, except in process instances with
         ``drain=False``: their children are killed and those calls fail with WorkerCrashed.
-        Idempotent; returns when workers (and worker processes) have exited."""
+        Idempotent; returns when workers (and worker processes) have exited. A second close()
+        made from a done-callback that the first runs (cancelling queued requests) returns at
+        once."""
+        self._check_admin("close()")
+        entries = list(self._models.values())
         if not drain:
-            for name in list(self._processes):
-                self._abort_processes(name)
-        for name in list(self._direct):
-            self._end_direct_calls(name, wait=drain)
+            for entry in entries:
+                self._abort_processes(entry)
+        for entry in entries:
+            self._end_direct_calls(entry, wait=drain)
         self._close(drain)
         self._gpu.close()  # streams outlive every call that used them: workers have exited
-        for name in list(self._processes):
-            self._close_processes(name)
+        for entry in list(self._models.values()):
+            self._close_processes(entry)
 
-    def _abort_processes(self, name: str) -> None:
-        # Before the workers are joined: a child that never answers would otherwise keep its
-        # worker, and so close(drain=False) and the exit handler, waiting forever.
-        for proxy in list(self._processes.get(name, ())):
+    @staticmethod
+    def _abort_processes(entry: _ModelEntry) -> None:
+        # Before the workers are joined: a child that never answers (or never finishes building
+        # its model) would otherwise keep its worker, and so close(drain=False) and the exit
+        # handler, waiting.
+        for proxy in list(entry.processes):
             proxy.abort()
 
-    def _end_direct_calls(self, name: str, wait: bool) -> None:
+    @staticmethod
+    def _end_direct_calls(entry: _ModelEntry, wait: bool) -> None:
         # Before the workers stop: a child dies with the worker thread that started it, so when
         # draining, a direct call in flight must finish first; without draining it was aborted
         # and fails anyway. None may start after. A call that finds direct calls refused takes
         # the queue instead.
-        for proxy in self._direct.pop(name, None) or ():
-            proxy.end_direct_calls(wait)
+        if entry.direct:
+            entry.direct = False
+            for proxy in list(entry.processes):
+                proxy.end_direct_calls(wait)
 
-    def _close_processes(self, name: str) -> None:
+    @staticmethod
+    def _close_processes(entry: _ModelEntry) -> None:
         # Only once the model's workers have exited: no call is in flight in any proxy.
-        for proxy in self._processes.pop(name, ()):
+        for proxy in list(entry.processes):
             proxy.close()
+        entry.processes.clear()
 
     def __enter__(self) -> Runtime:
         if not self.started:
@@ -626,7 +725,8 @@ class Runtime(_core._Runtime):
         in ``stats()`` (``direct`` says how many) with no queue wait; it starts at once, so its
         deadline cannot pass. Anything else (a busy or restarting instance, queued requests,
         other models) takes the queue like ``submit``."""
-        procs = self._direct.get(model)
+        entry = self._models.get(model)
+        procs = entry.processes if entry is not None and entry.direct else None
         if procs:
             def begin() -> int:
                 return self._direct_begin(model, timeout_ms, priority)
@@ -634,7 +734,7 @@ class Runtime(_core._Runtime):
             def end(ok: bool, start: int) -> None:
                 self._direct_end(model, ok, start)
 
-            for proxy in procs:
+            for proxy in list(procs):
                 out = proxy.call_directly(inputs, begin, end)
                 if out is not NOT_TAKEN:
                     return out
@@ -664,6 +764,12 @@ class Runtime(_core._Runtime):
             exc = done.exception()
             if exc is None:
                 waiter.set_result(done.result())
+            elif isinstance(exc, StopIteration):
+                # asyncio futures refuse StopIteration (it would end the awaiting coroutine as a
+                # return); as for a coroutine that raises it, the awaiter gets a RuntimeError.
+                err = RuntimeError(f"model {model!r} raised StopIteration")
+                err.__cause__ = exc
+                waiter.set_exception(err)
             else:
                 waiter.set_exception(exc)
 
@@ -687,8 +793,12 @@ class Runtime(_core._Runtime):
         """Per-model counts and latency percentiles (queue wait, compute, end to end)."""
         out = {}
         for n in self.models:
-            s = ModelStats._from_native(n, self._model_stats(n))
-            usage = self._gpu_usage.get(n)
+            try:
+                s = ModelStats._from_native(n, self._model_stats(n))
+            except ModelNotFound:  # removed by another thread meanwhile
+                continue
+            entry = self._models.get(n)
+            usage = entry.gpu_usage if entry is not None else None
             if usage is not None:
                 s = dataclasses.replace(s, gpu_memory_bytes=usage.used, gpu_memory_peak_bytes=usage.peak)
             out[n] = s

@@ -106,7 +106,7 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
         ("[runtime]\ncpus = 3\n[models.m]\n", "runtime.cpus", 'CPU list like "0-3,8"'),
         ("[runtime]\nthreads = 3\n[models.m]\n", "runtime.threads", "unknown key; allowed: cpus"),
         ("[workload]\nrate = 0\n[models.m]\n", "workload.rate", "positive number"),
-        ("[models.m]\nthreads = 0\n", "models.m.threads", "give an integer >= 1"),
+        ("[models.m]\nthreads = 0\n", "models.m.threads", "give an integer in [1, 65536]"),
         ("[models.m]\nflavour = 1\n", "models.m.flavour", "allowed: cores, instances"),
     ],
 )

@@ -43,7 +43,8 @@ RING_BYTES = 64 << 20
 segment is sparse; resident memory follows the largest message actually sent."""
 
 START_TIMEOUT_S = 300.0
-"""How long a child may take to import and build its model before start is declared failed."""
+"""How long a child may take by default to import and build its model before its start is
+declared failed (``start_timeout_s`` on add_model)."""
 
 _POLL_S = 0.02  # between liveness checks while waiting for a reply
 _BACKOFF_FIRST_S = 0.1
@@ -119,9 +120,11 @@ class _Unsent(Exception):
 class ProcessInstance:
     """The callable an engine worker serves for a process-isolated instance. Called by that
     worker thread and, for a synchronous call that finds it idle, by the calling thread itself
-    (:meth:`call_directly`); one call at a time. Closed once the worker has exited."""
+    (:meth:`call_directly`); one call at a time. :meth:`start` starts the first child; closed
+    once the worker has exited."""
 
-    def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float) -> None:
+    def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float,
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
         self._spec = spec
         self._model = spec["model"]
         self._index = spec["instance"]
@@ -132,7 +135,9 @@ class ProcessInstance:
         self._failures = 0
         self._failed_at = 0.0
         self._closed = False
+        self._start_timeout_s = start_timeout_s
         self._aborting = False  # set from another thread by abort(); read between waits
+        self._abort_start = False  # set by abort_start(): a child still building gives up
         self._lock = threading.Lock()  # close() from another thread vs. a restart
         # One call at a time on the channel: the worker's, or a direct caller's. The worker
         # announces that it waits for the lock (it holds a request already), and a direct
@@ -142,6 +147,10 @@ class ProcessInstance:
         self._direct_ok = True  # cleared by end_direct_calls()
         self.restarts = 0
         """Children started after the first (introspection and tests)."""
+
+    def start(self) -> None:
+        """Starts the first child and waits until it built its model (at most
+        ``start_timeout_s``; :meth:`abort` or :meth:`abort_start` end the wait at once)."""
         self._start()
 
     # -- the child ------------------------------------------------------------------------------
@@ -167,7 +176,7 @@ class ProcessInstance:
             channel.close()
             raise
         try:
-            reply = self._wait_reply(channel, proc, START_TIMEOUT_S, starting=True)
+            reply = self._wait_reply(channel, proc, self._start_timeout_s, starting=True)
         except BaseException:
             channel.close()
             self._reap(proc, kill=True)
@@ -199,17 +208,19 @@ class ProcessInstance:
             if parts is not None:
                 return loads(parts)
             spin = 0.0  # the reply is not imminent: just park between checks
-            if self._aborting:  # first: the child may already be dead of it
+            if self._aborting or (starting and self._abort_start):  # first: the child may be dead of it
                 self._reap(proc, kill=True)
-                raise self._crashed(proc.pid, "was killed with SIGKILL: the model was closed with "
-                                    "drain=False during the call", -signal.SIGKILL)
+                during = "while it built the model" if starting else "during the call"
+                why = ("the interpreter is exiting" if not self._aborting
+                       else "the model was closed with drain=False")
+                raise self._crashed(proc.pid, f"was killed with SIGKILL {during}: {why}", -signal.SIGKILL)
             code = proc.poll()
             if code is not None:
                 raise self._crashed(proc.pid, _describe_exit(code), code)
             if deadline is not None and time.monotonic() >= deadline:
                 self._reap(proc, kill=True)
                 what = "did not start" if starting else "did not answer"
-                field = "" if starting else " (watchdog_s)"
+                field = " (start_timeout_s)" if starting else " (watchdog_s)"
                 raise self._crashed(proc.pid, f"{what} within {limit_s:g} s{field}; killed with SIGKILL",
                                     -signal.SIGKILL)
 
@@ -346,6 +357,12 @@ class ProcessInstance:
         call fails with WorkerCrashed; no restart follows. Safe from any thread; for close with
         drain=False, where a hung child would otherwise hold the worker (and close) forever."""
         self._aborting = True
+
+    def abort_start(self) -> None:
+        """Makes a start in progress give up within one liveness poll (its child is killed and
+        the start fails with WorkerCrashed); a child that already serves is left alone. Safe
+        from any thread; for interpreter exit."""
+        self._abort_start = True
 
     def close(self) -> None:
         """Asks the child to exit, then terminates it if it does not; frees the segment.
