@@ -153,7 +153,7 @@ ShmChannel::~ShmChannel() {
 
 void ShmChannel::unlink() noexcept {
 #if defined(__linux__)
-  if (owner_ && !unlinked_) ::shm_unlink(name_.c_str());
+  if (!unlinked_) ::shm_unlink(name_.c_str());
 #endif
   unlinked_ = true;
 }

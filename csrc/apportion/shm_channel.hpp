@@ -88,7 +88,9 @@ class ShmChannel {
   ShmChannel& operator=(const ShmChannel&) = delete;
   ~ShmChannel();
 
-  /// Removes the name (the mapping stays valid for both sides). Idempotent; creator only.
+  /// Removes the name (the mappings stay valid for both sides). Idempotent; either side may
+  /// call it: the opener does as soon as it mapped the segment, so no name outlives a parent
+  /// that dies while its child is still starting. Only the creator's destructor unlinks.
   void unlink() noexcept;
   const std::string& name() const noexcept { return name_; }
   std::size_t ring_bytes() const noexcept { return ring_bytes_; }

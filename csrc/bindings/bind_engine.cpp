@@ -289,14 +289,16 @@ class PyHandler final : public ModelHandler {
       if (res != nullptr) {
         if (PyList_Check(res) || PyTuple_Check(res)) {
           items = res;
+        } else if (!ordered_sequence(res)) {
+          // A set or dict has no order to route by, an iterator or generator would have to
+          // be run here, and a string is one result: none maps result i to request i.
+          error = batch_error(w.model->name() + "': a batching model must return an ordered "
+                              "sequence (list, tuple, array, tensor) with one result per request, "
+                              "in order; it returned " + Py_TYPE(res)->tp_name);
+          Py_DECREF(res);
         } else {
+          // An array or tensor: its own exception, if taking it apart fails, is the error.
           items = PySequence_Fast(res, "");
-          if (items == nullptr) {
-            PyErr_Clear();
-            error = batch_error(w.model->name() + "': a batching model must return a list with "
-                                "one result per request, in order; it returned " +
-                                Py_TYPE(res)->tp_name);
-          }
           Py_DECREF(res);
         }
         if (items != nullptr && error == nullptr &&
@@ -321,6 +323,21 @@ class PyHandler final : public ModelHandler {
     }
     Py_XDECREF(items);
     Py_XDECREF(error);
+  }
+
+  // Indexable with a length (sequences, arrays, tensors), not text and not a mapping.
+  static bool ordered_sequence(PyObject* o) {
+    PyTypeObject* t = Py_TYPE(o);
+    const bool indexable = (t->tp_as_sequence != nullptr && t->tp_as_sequence->sq_item != nullptr) ||
+                           (t->tp_as_mapping != nullptr && t->tp_as_mapping->mp_subscript != nullptr);
+    const bool sized = (t->tp_as_sequence != nullptr && t->tp_as_sequence->sq_length != nullptr) ||
+                       (t->tp_as_mapping != nullptr && t->tp_as_mapping->mp_length != nullptr);
+    if (!indexable || !sized || PyUnicode_Check(o) || PyBytes_Check(o) || PyByteArray_Check(o) ||
+        PyAnySet_Check(o) || PyDict_Check(o)) {
+      return false;
+    }
+    const int keyed = PyObject_HasAttrString(o, "keys");  // a mapping of another type
+    return keyed == 0;
   }
 
   // A new ApportionError("model '<message>"); never null (falls back to the raised error).

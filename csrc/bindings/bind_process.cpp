@@ -179,7 +179,7 @@ void register_process(py::module_& m) {
            "whose first part is bytes and the others bytearrays; None on timeout.")
       .def(
           "unlink", [](PyChannel& c) { c.get().unlink(); },
-          "Remove the segment's name (mappings stay valid). Idempotent; creator only.")
+          "Remove the segment's name (mappings stay valid). Idempotent; either side.")
       .def("close", &PyChannel::close, "Unmap (and, for the creator, unlink). Idempotent.");
 
   m.def(

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .batching import Batching
-from .errors import PlacementError, QuotaError
+from .errors import ApportionError, PlacementError, QuotaError
 from .placement import Quota
+from .topology import parse_cpulist
 
 if TYPE_CHECKING:
     from .load import ModelLoad
@@ -59,7 +60,10 @@ SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
 LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
 
 
-class ConfigError(ValueError):
+_MAX_CPU_ID = 1 << 16
+
+
+class ConfigError(ApportionError, ValueError):
     """A config file that cannot be used. ``str()`` names the file, the key and what is allowed."""
 
     def __init__(self, path: str, key: str | None, message: str) -> None:
@@ -201,6 +205,9 @@ class Config:
             raise ConfigError(where, None, f"cannot read it: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(where, None, f"not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(where, None, f"not UTF-8 text (TOML files are UTF-8): byte {e.object[e.start]:#04x} "
+                              f"at offset {e.start}") from None
         return cls.from_dict(doc, where)
 
     @classmethod
@@ -222,9 +229,16 @@ class Config:
         if cpus is not None:
             ok = isinstance(cpus, str) or (isinstance(cpus, list) and cpus and
                                            all(_is_int(c) and c >= 0 for c in cpus))
+            if ok and isinstance(cpus, str):
+                try:
+                    ok = all(c < _MAX_CPU_ID for c in parse_cpulist(cpus))
+                except ValueError:
+                    ok = False
+            elif ok:
+                ok = all(c < _MAX_CPU_ID for c in cpus)
             if not ok:
                 raise ConfigError(path, "runtime.cpus", f"got {cpus!r}; give a CPU list like \"0-3,8\" "
-                                  "or a list of CPU ids >= 0")
+                                  f"or a list of CPU ids in [0, {_MAX_CPU_ID})")
             cpus = cpus if isinstance(cpus, str) else tuple(cpus)
         workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
         rate = workload.get("rate")

@@ -92,3 +92,27 @@ def torch_threads(ctx: Any) -> Any:
             return model(x), torch.get_num_threads(), torch.is_inference_mode_enabled()
 
     return Probe()
+
+
+def sleepy_factory(ctx: Any) -> Any:
+    """Builds nothing for a long time (APPORTION_TEST_FACTORY_S seconds, default an hour)."""
+    import os
+    import time
+
+    time.sleep(float(os.environ.get("APPORTION_TEST_FACTORY_S", "3600")))
+    return lambda x: x
+
+
+class ScoringError(Exception):
+    """Like many libraries' errors: a constructor with more required arguments than it passes
+    to Exception, so it pickles but does not unpickle."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def scoring_error(ctx: Any) -> Any:
+    def model(x: Any) -> Any:
+        raise ScoringError(f"cannot score {x!r}", detail="bad feature")
+    return model

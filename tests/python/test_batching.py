@@ -284,7 +284,7 @@ def test_result_that_is_not_a_list_fails_each_request(rt: ap.Runtime) -> None:
     futs = rt.submit_many("m", range(2))
     rt.start()
     for f in futs:
-        with pytest.raises(ap.ApportionError, match="must return a list .* it returned NoneType"):
+        with pytest.raises(ap.ApportionError, match="must return an ordered sequence .* it returned NoneType"):
             f.result(10)
 
 

@@ -24,13 +24,16 @@ from apportion._private.payload import DIRECT_CALL, ERROR, EXIT, OK, READY, STAR
 _PARENT_CHECK_S = 1.0
 
 
-def _error_reply(kind: int, exc: BaseException) -> tuple[int, BaseException, str]:
+def _error_reply(model: str, kind: int, exc: BaseException) -> tuple[int, BaseException, str]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        pickle.dumps(exc, protocol=5)
+        # Both ways: a class whose constructor takes other arguments than its args (common in
+        # libraries) pickles but does not unpickle, and would fail the parent's loads instead.
+        pickle.loads(pickle.dumps(exc, protocol=5))
     except Exception:  # noqa: BLE001 - any failure means it cannot cross as it is
-        exc = RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
-                           "(the exception could not be pickled; its traceback follows)")
+        exc = RuntimeError(f"model {model!r} raised {type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+                           "(the exception could not be sent from the worker process as it is; its "
+                           "traceback follows)")
     return kind, exc, tb
 
 
@@ -83,10 +86,13 @@ def main(argv: list[str]) -> int:
     # The parent may already be gone (it died between starting us and this line): then the
     # death signal would never come.
     _core.set_parent_death_signal(signal.SIGKILL)
+    # Both sides have the segment mapped now: its name goes at once, so a parent that dies
+    # while this child builds its model leaves nothing behind in /dev/shm.
+    channel = _core.ShmChannel.open(spec["channel"])
+    channel.unlink()
     if os.getppid() != spec["parent"]:
         return 0
     notes = _place(spec)
-    channel = _core.ShmChannel.open(spec["channel"])
     # After a call through the worker thread the child parks at once: the next request is a
     # caller and a worker wake-up away, and spinning would take a core from them (measured: 2x
     # slower round trips on 2 cores). After a direct call (the caller waits on the reply
@@ -97,7 +103,7 @@ def main(argv: list[str]) -> int:
     try:
         fn = _build(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        channel.send(dumps(_error_reply(START_FAILED, e)), 0.0, None)
+        channel.send(dumps(_error_reply(spec["model"], START_FAILED, e)), 0.0, None)
         return 1
     channel.send(dumps((READY, os.getpid(), notes)), 0.0, None)
 
@@ -110,7 +116,7 @@ def main(argv: list[str]) -> int:
         try:
             kind, payload = loads(parts)
         except Exception as e:  # noqa: BLE001 - e.g. a class this process cannot import
-            channel.send(dumps(_error_reply(ERROR, e)), 0.0, None)
+            channel.send(dumps(_error_reply(spec["model"], ERROR, e)), 0.0, None)
             continue
         if kind == EXIT:
             return 0
@@ -118,17 +124,17 @@ def main(argv: list[str]) -> int:
         try:
             reply: Any = (OK, fn(payload))
         except BaseException as e:  # noqa: BLE001 - the caller gets the model's own exception
-            reply = _error_reply(ERROR, e)
+            reply = _error_reply(spec["model"], ERROR, e)
         try:
             out = dumps(reply)
         except Exception as e:  # noqa: BLE001 - an unpicklable result fails that request only
-            out = dumps(_error_reply(ERROR, TypeError(
+            out = dumps(_error_reply(spec["model"], ERROR, TypeError(
                 f"model {spec['model']!r}: the result could not be sent back from the worker "
                 f"process: {type(e).__name__}: {e}")))
         try:
             channel.send(out, 0.0, None)
         except ValueError as e:  # larger than the ring
-            channel.send(dumps(_error_reply(ERROR, e)), 0.0, None)
+            channel.send(dumps(_error_reply(spec["model"], ERROR, e)), 0.0, None)
 
 
 if __name__ == "__main__":
