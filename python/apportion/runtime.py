@@ -15,6 +15,7 @@ from typing import Any
 from . import _core
 from .adapters import adapt
 from .batching import Batching, wrap_factory
+from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
@@ -27,28 +28,6 @@ __all__ = ["InstanceContext", "Runtime"]
 
 _DEFAULT_MAX_QUEUE = 1024
 _MAX_INSTANCES = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceContext:
-    """What a factory learns about the instance it builds (passed as ``factory(ctx)``).
-
-    The factory runs inside the instance's own worker thread, already pinned to ``cpus`` with
-    its NUMA memory policy applied, so thread pools and memory it creates there belong to
-    that instance.
-    """
-
-    model: str
-    instance: int
-    instances: int
-    threads: int | None = None
-    cpus: tuple[int, ...] | None = None
-    memory_nodes: tuple[int, ...] = ()
-    isolation: str = "shared"
-    gpu: Any = None
-    burst: bool = False
-    """A burst instance of an exclusive model: it runs on the shared pool's CPUs, only while
-    every own instance is busy (``burst=`` on add_model)."""
 
 
 def _quota_int(model: str, field: str, value: object, minimum: int, maximum: int | None = None) -> int:
