@@ -9,7 +9,6 @@ import warnings
 import numbers
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from . import _core
