@@ -139,3 +139,29 @@ def test_models_that_do_not_fit_are_does_not_fit(tmp_path: Path) -> None:
                            '[models.b]\ncores = 1\nisolation = "exclusive"\n')
     with pytest.raises(DoesNotFit, match=r"models\.b\.cores: the models do not fit"):
         Config.load(path).runtime(topology_root=VM2, build=False)
+
+
+# -- writing: every name and value round-trips through to_toml -> load ---------------------------
+
+
+@pytest.mark.parametrize("name", ["modèle", "line\nbreak", "tab\there", 'quote"d', "back\\slash", "a.b", "",
+                                  "spaces in it", "日本語", "emoji 🚀", "[models]"])
+def test_to_toml_round_trips_any_model_name(name: str) -> None:
+    cfg = Config(models={name: ModelConfig(name, factory="apportion.demo:build_mlp", quota={"threads": 1},
+                                           slo={"latency_ms": 5.0, "percentile": 99.0},
+                                           load={"rate": 10.0})},
+                 cpus="0-1", rate=20.0)
+    again = Config.loads(cfg.to_toml("a header\nover two lines"), "again.toml")
+    assert list(again.models) == [name]
+    assert again.models == cfg.models
+
+
+def test_to_toml_writes_values_a_reader_gets_back_exactly() -> None:
+    m = ModelConfig("m", factory="pkg.mod:build", inputs="pkg.mod:make", max_queue=7, timeout_ms=0.1 + 0.2,
+                    quota={"cores": "0-1", "isolation": "exclusive", "threads": 2},
+                    batching=ap.Batching(max_size=8, max_delay_ms=1.25, preferred_sizes=(2, 4)),
+                    slo={"latency_ms": 1e-3, "percentile": 99.9, "timeout_ms": 12.5},
+                    load={"concurrency": 3, "arrivals": "constant", "priority": -1})
+    cfg = Config(models={"m": m}, cpus=(0, 1), rate=None)
+    again = Config.loads(cfg.to_toml(), "again.toml")
+    assert again.models == cfg.models and again.cpus == (0, 1) and again.rate is None
