@@ -13,6 +13,7 @@ from .search import Measured, batching_for
 
 __all__ = ["Settings", "measure_config", "profile_model"]
 
+
 @dataclass(frozen=True)
 class Settings:
     """Load-run lengths (seconds)."""
@@ -21,6 +22,13 @@ class Settings:
     window_s: float = 0.5
     stable_windows: int = 3
     max_s: float = 4.0
+
+    def run(self, rt: Any, loads: list[ld.ModelLoad], seed: int | None = None) -> ld.LoadReport:
+        """One :func:`apportion.load.run` of these lengths (15% tolerance; max_s at least
+        long enough for the warm-up and the stable windows)."""
+        return ld.run(rt, loads, warmup_s=self.warmup_s, window_s=self.window_s,
+                      stable_windows=self.stable_windows, tolerance=0.15, seed=seed,
+                      max_s=max(self.max_s, self.warmup_s + self.stable_windows * self.window_s))
 
     @classmethod
     def for_budget(cls, budget_s: float, runs: int) -> Settings:
@@ -39,10 +47,7 @@ def measure_config(config: Config, settings: Settings = Settings(), *, topology_
     demand = config.demand()
     rt = config.runtime(topology_root=topology_root, start=True)
     try:
-        report = ld.run(rt, loads, warmup_s=settings.warmup_s, window_s=settings.window_s,
-                        stable_windows=settings.stable_windows, tolerance=0.15,
-                        max_s=max(settings.max_s, settings.warmup_s + settings.stable_windows * settings.window_s),
-                        seed=seed)
+        report = settings.run(rt, loads, seed=seed)
     finally:
         rt.close(drain=False)
     out = {}
@@ -69,9 +74,7 @@ def profile_model(config: Config, name: str, shape: Shape, settings: Settings, *
     cfg = replace(config, models={name: alone})
     rt = cfg.runtime(topology_root=topology_root, start=True)
     try:
-        report = ld.run(rt, cfg.model_loads(), warmup_s=settings.warmup_s, window_s=settings.window_s,
-                        stable_windows=settings.stable_windows, tolerance=0.15,
-                        max_s=max(settings.max_s, settings.warmup_s + settings.stable_windows * settings.window_s))
+        report = settings.run(rt, cfg.model_loads())
         st = rt.stats()[name]
     finally:
         rt.close(drain=False)
