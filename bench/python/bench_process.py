@@ -27,7 +27,6 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
-import pickle
 import platform
 import statistics
 import sys

@@ -24,10 +24,10 @@ from .runtime import InstanceContext, Runtime
 from .stats import LatencyStats, ModelStats, RuntimeStats
 from .topology import Topology, topology
 from .tune import tune
+from ._version import __version__ as __version__
 
 built_with_cuda: bool = _core.built_with_cuda
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ALL_COMPLETED",

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import tomli_w
+
 from .batching import Batching
 from .errors import ApportionError, PlacementError, QuotaError
 from .placement import Quota
@@ -327,19 +329,16 @@ class Config:
 
     # -- writing ------------------------------------------------------------------------------
     def to_toml(self, header: str = "") -> str:
-        lines = [f"# {line}".rstrip() for line in header.splitlines()]
-        if lines:
-            lines.append("")
+        """The config as TOML that :meth:`load` reads back into an equal config (any model name,
+        floats exactly); ``header`` becomes comment lines at the top."""
+        doc: dict[str, Any] = {}
         if self.cpus is not None:
-            lines += ["[runtime]", f"cpus = {_toml(self.cpus if isinstance(self.cpus, str) else list(self.cpus))}", ""]
+            doc["runtime"] = {"cpus": self.cpus if isinstance(self.cpus, str) else list(self.cpus)}
         if self.rate is not None:
-            lines += ["[workload]", f"rate = {_toml(self.rate)}", ""]
-        for m in self.models.values():
-            lines.append(f"[models.{_key(m.name)}]")
-            for k, v in m.to_table().items():
-                lines.append(f"{k} = {_toml(v)}")
-            lines.append("")
-        return "\n".join(lines)
+            doc["workload"] = {"rate": self.rate}
+        doc["models"] = {m.name: m.to_table() for m in self.models.values()}
+        comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+        return comments + ("\n" if comments else "") + tomli_w.dumps(doc)
 
     def save(self, path: str | Path, header: str = "") -> Path:
         p = Path(path)
@@ -445,25 +444,3 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
         load = ld
     return ModelConfig(name=name, factory=table.get("factory"), inputs=table.get("inputs"), quota=quota,
                        max_queue=max_queue, timeout_ms=timeout, batching=batching, slo=slo, load=load)
-
-
-# -- TOML writing (the small subset plan files use) ----------------------------------------------
-
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _toml(k)
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(round(v, 6)) if math.isfinite(v) else ("inf" if v > 0 else "nan")
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{_key(k)} = {_toml(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")

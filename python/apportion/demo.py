@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import _table
 from .config import Config, ModelConfig
-from .tune import Choice, Measured, Settings, apply, measure_config, plot_bars, tune
+from .tune import Choice, Measured, Settings, apply, measure_config, tune
 
 __all__ = ["build_conv", "build_encoder", "build_mlp", "conv_input", "demo_config", "encoder_input",
            "mlp_input", "run_demo"]
@@ -195,7 +196,7 @@ class DemoResult:
     def table(self) -> str:
         demand = self.config.demand()
         head = ["mode", "model", "demand/s", "req/s", "good/s", "p99 ms", "SLO", "met"]
-        rows = [head]
+        rows = []
         for mode, res in self.results.items():
             for n, m in res.items():
                 slo = self.config.models[n].slo or {}
@@ -206,12 +207,7 @@ class DemoResult:
             rows.append([mode, "TOTAL", f"{sum(v or 0 for v in demand.values()):.0f}",
                          f"{sum(m.throughput for m in res.values()):.0f}", f"{self.goodput(mode):.0f}", "", "",
                          "all" if all(m.slo_met for m in res.values()) else "no"])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = []
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines = _table.text(head, rows, left=2)
         base = self.goodput("unmanaged"), self.goodput("equal split")
         tuned = self.goodput("tuned")
         ratios = [f"{tuned / b:.2f}x {name}" if b > 0 else f"inf x {name}"
@@ -266,6 +262,8 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     print(demo.table(), file=out)
     for mode, choices in modes.items():
         print(f"  {mode}: " + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), file=out)
+    from .tune.plot import plot_bars
+
     plot = plot_bars(out_path / "demo.png", results, cfg, title=f"apportion demo: {cfg.rate:g} req/s on {n_cores} cores")
     print(f"plot: {plot}; tuned plan: {out_path / 'tune' / 'plan.toml'}; tuner report: "
           f"{out_path / 'tune' / 'report.md'} ({demo.elapsed_s:.0f} s)", file=out)

@@ -16,6 +16,7 @@ from typing import Any
 from . import _core
 from .adapters import adapt
 from .batching import Batching, wrap_factory
+from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
@@ -32,28 +33,6 @@ _MAX_QUEUE_BYTES = 256 << 20
 """What a model's queue cells may take together (64 bytes each; every priority lane of every
 lane group holds max_queue requests, rounded up to a power of two): refused beyond it."""
 _CELL_BYTES = 64
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceContext:
-    """What a factory learns about the instance it builds (passed as ``factory(ctx)``).
-
-    The factory runs inside the instance's own worker thread, already pinned to ``cpus`` with
-    its NUMA memory policy applied, so thread pools and memory it creates there belong to
-    that instance.
-    """
-
-    model: str
-    instance: int
-    instances: int
-    threads: int | None = None
-    cpus: tuple[int, ...] | None = None
-    memory_nodes: tuple[int, ...] = ()
-    isolation: str = "shared"
-    gpu: Any = None
-    burst: bool = False
-    """A burst instance of an exclusive model: it runs on the shared pool's CPUs, only while
-    every own instance is busy (``burst=`` on add_model)."""
 
 
 def _quota_int(model: str, field: str, value: object, minimum: int, maximum: int | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import apportion as ap
 from apportion.config import Config, ConfigError, ModelConfig, resolve
@@ -139,3 +141,46 @@ def test_models_that_do_not_fit_are_does_not_fit(tmp_path: Path) -> None:
                            '[models.b]\ncores = 1\nisolation = "exclusive"\n')
     with pytest.raises(DoesNotFit, match=r"models\.b\.cores: the models do not fit"):
         Config.load(path).runtime(topology_root=VM2, build=False)
+
+
+# -- writing: every name and value round-trips through to_toml -> load ---------------------------
+
+
+@pytest.mark.parametrize("name", ["modèle", "line\nbreak", "tab\there", 'quote"d', "back\\slash", "a.b",
+                                  "spaces in it", "日本語", "emoji 🚀", "[models]"])
+def test_to_toml_round_trips_any_model_name(name: str) -> None:
+    cfg = Config(models={name: ModelConfig(name, factory="apportion.demo:build_mlp", quota={"threads": 1},
+                                           slo={"latency_ms": 5.0, "percentile": 99.0},
+                                           load={"rate": 10.0})},
+                 cpus="0-1", rate=20.0)
+    again = Config.loads(cfg.to_toml("a header\nover two lines"), "again.toml")
+    assert list(again.models) == [name]
+    assert again.models == cfg.models
+
+
+def test_to_toml_writes_values_a_reader_gets_back_exactly() -> None:
+    m = ModelConfig("m", factory="pkg.mod:build", inputs="pkg.mod:make", max_queue=7, timeout_ms=0.1 + 0.2,
+                    quota={"cores": "0-1", "isolation": "exclusive", "threads": 2},
+                    batching=ap.Batching(max_size=8, max_delay_ms=1.25, preferred_sizes=(2, 4)),
+                    slo={"latency_ms": 1e-3, "percentile": 99.9, "timeout_ms": 12.5},
+                    load={"concurrency": 3, "arrivals": "constant", "priority": -1})
+    cfg = Config(models={"m": m}, cpus=(0, 1), rate=None)
+    again = Config.loads(cfg.to_toml(), "again.toml")
+    assert again.models == cfg.models and again.cpus == (0, 1) and again.rate is None
+
+
+# Any non-empty name a user may give (Quota rejects only the empty one): every Unicode
+# category, control characters and surrogate-free code points included.
+NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=24)
+
+
+@settings(max_examples=200, deadline=None)
+@given(names=st.lists(NAMES, min_size=1, max_size=4, unique=True),
+       latency=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False))
+def test_to_toml_round_trips_random_model_names(names: list[str], latency: float) -> None:
+    cfg = Config(models={n: ModelConfig(n, factory="apportion.demo:build_mlp", timeout_ms=latency,
+                                        slo={"latency_ms": latency, "percentile": 99.0})
+                         for n in names})
+    again = Config.loads(cfg.to_toml(), "again.toml")
+    assert list(again.models) == names
+    assert again.models == cfg.models

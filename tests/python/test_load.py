@@ -1,10 +1,9 @@
-"""Load generator: figures against models whose service time is known, and argument checks.
+"""Load generator: behaviour against models whose service time and concurrency are known,
+the pure report (stability, histogram windows, the table), and argument checks.
 
 The subjects sleep, which releases the GIL, so N instances really serve N requests at once
-even on a 2-core machine. Bounds come from queueing theory with room for a loaded machine:
-a closed loop of N over N instances of service time S completes at most N/S per second and,
-with generator and runtime overhead, not less than half of that; nothing finishes faster
-than S.
+even on a 2-core machine. Tests assert counts, ordering and report contents, never rates:
+how fast the generator drives a model is measured in bench/ (bench/test_bench_load.py).
 """
 
 from __future__ import annotations
@@ -46,56 +45,86 @@ def check_accounting(m: load.ModelReport) -> None:
 # -- closed loop ------------------------------------------------------------------------------
 
 
-def test_closed_loop_one_outstanding_matches_service_time(rt: ap.Runtime) -> None:
-    started(rt, s={"instances": 1})
+class Concurrency:
+    """A model that records how many of its calls ran at once."""
+
+    def __init__(self, service_s: float = SERVICE_S) -> None:
+        self.service_s = service_s
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __call__(self, x: object) -> object:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(self.service_s)
+        finally:
+            with self.lock:
+                self.now -= 1
+        return x
+
+
+def test_closed_loop_of_one_keeps_one_request_outstanding(rt: ap.Runtime) -> None:
+    model = Concurrency()
+    started(rt, s={"instances": 2, "model": model})
     report = load.run(rt, ModelLoad("s", concurrency=1), **FAST)
     m = report["s"]
     check_accounting(m)
-    assert 0.5 * CAPACITY_1 <= m.throughput <= 1.05 * CAPACITY_1
+    assert m.completed > 0
+    assert model.most == 1  # two instances, yet never two calls at once
+    # Nothing finishes faster than the service time, and percentiles are ordered.
     assert m.latency is not None and m.latency.p50_ms >= SERVICE_S * 1e3
     assert m.latency.p50_ms <= m.latency.p90_ms <= m.latency.p99_ms <= m.latency.max_ms
     assert m.compute_mean_ms is not None and m.compute_mean_ms >= SERVICE_S * 1e3
-    # One request at a time: it never waits behind another.
-    assert m.queue_wait_mean_ms is not None and m.queue_wait_mean_ms < SERVICE_S * 1e3
     assert m.rejected == m.expired == m.failed == 0
     assert m.goodput == m.throughput  # no SLO: every completion counts
+    assert m.throughput == pytest.approx(m.completed / m.duration_s)
     assert m.mode == "closed" and m.load == "closed x1"
 
 
-def test_closed_loop_four_instances_four_outstanding_is_about_four_times(rt: ap.Runtime) -> None:
-    started(rt, s={"instances": 4})
+def test_closed_loop_of_four_runs_four_instances_side_by_side(rt: ap.Runtime) -> None:
+    # Each call waits until four calls are in the model at once: the run completes requests
+    # only if the loop really keeps four outstanding and the four instances serve them together.
+    barrier = threading.Barrier(4)
+
+    def together(x: object) -> object:
+        barrier.wait(timeout=10)
+        return x
+
+    started(rt, s={"instances": 4, "model": together})
     m = load.run(rt, ModelLoad("s", concurrency=4), **FAST)["s"]
     check_accounting(m)
-    # Above what one instance can ever do, so the four really ran side by side.
-    assert 0.5 * 4 * CAPACITY_1 <= m.throughput <= 1.05 * 4 * CAPACITY_1
-    assert m.throughput > 1.05 * CAPACITY_1
-    assert m.latency is not None and m.latency.p50_ms >= SERVICE_S * 1e3
+    assert m.completed > 0 and m.failed == 0
 
 
 # -- open loop --------------------------------------------------------------------------------
 
 
-def test_open_loop_below_capacity_serves_the_offered_rate(rt: ap.Runtime) -> None:
+def test_open_loop_below_capacity_submits_on_schedule_and_rejects_nothing(rt: ap.Runtime) -> None:
     started(rt, s={"instances": 1})
     rate = 0.5 * CAPACITY_1
     m = load.run(rt, ModelLoad("s", rate=rate), warmup_s=0.2, window_s=0.6, max_s=4.0, seed=3)["s"]
     check_accounting(m)
-    # Poisson arrivals: ~rate * 1.8 s = 450 expected, one standard deviation ~5%.
-    assert 0.8 * rate <= m.offered_rate <= 1.2 * rate
-    assert 0.8 * rate <= m.throughput <= 1.2 * rate
+    assert m.offered > 0 and m.completed > 0
     assert m.rejected == 0
-    assert m.mode == "open" and m.rate == rate
+    assert m.mode == "open" and m.rate == rate and m.load == f"open {rate:g}/s"
+    assert m.offered_rate == pytest.approx(m.offered / m.duration_s)
     assert m.schedule_lag_p99_ms is not None
 
 
-def test_open_loop_above_capacity_rejects_and_serves_capacity(rt: ap.Runtime) -> None:
-    started(rt, s={"instances": 1, "max_queue": 4})
-    m = load.run(rt, ModelLoad("s", rate=4 * CAPACITY_1), **FAST)["s"]
+def test_open_loop_above_capacity_rejects_and_does_not_retry(rt: ap.Runtime) -> None:
+    # One 20 ms instance behind a queue of 4, offered 1000/s: the queue is full almost always.
+    model = Concurrency(0.02)
+    started(rt, s={"instances": 1, "max_queue": 4, "model": model})
+    m = load.run(rt, ModelLoad("s", rate=1000.0, arrivals="constant"), **FAST)["s"]
     check_accounting(m)
     assert m.rejected > 0
-    assert 0.5 * CAPACITY_1 <= m.throughput <= 1.05 * CAPACITY_1
-    # Rejected arrivals are dropped, not retried: offered follows the schedule, not capacity.
-    assert m.offered_rate > 2 * m.throughput
+    # Rejected arrivals are dropped, not retried: the runtime saw only the accepted ones.
+    assert m.submitted == m.offered - m.rejected
+    assert m.completed <= m.submitted + 5  # (+ the queue and the running call from before a window)
+    assert model.most == 1
 
 
 # -- goodput, outcomes ------------------------------------------------------------------------
@@ -103,15 +132,17 @@ def test_open_loop_above_capacity_rejects_and_serves_capacity(rt: ap.Runtime) ->
 
 def test_goodput_counts_only_completions_within_the_slo(rt: ap.Runtime) -> None:
     started(rt, s={"instances": 1})
-    fast, slow = 0.0005, 0.008
-    spec = ModelLoad("s", concurrency=1, inputs=[fast, slow], slo=SLO(latency_ms=4.0, percentile=99))
+    fast, slow = 0.0, 0.02
+    spec = ModelLoad("s", concurrency=1, inputs=[fast, slow], slo=SLO(latency_ms=10.0, percentile=99))
     report = load.run(rt, spec, **FAST)
     m = report["s"]
     check_accounting(m)
-    assert m.completed > 0
-    assert 0.35 <= m.goodput / m.throughput <= 0.65
-    assert m.slo_met is False  # half the requests take 8 ms: p99 is far above 4 ms
-    assert "p99<=4ms MISSED" in str(report)
+    # Requests alternate: the slow half (20 ms) can never meet 10 ms, so at most the fast half
+    # (plus one at a window edge) counts.
+    assert m.completed > 2
+    assert m.good <= m.completed // 2 + 1
+    assert m.slo_met is False
+    assert "p99<=10ms MISSED" in str(report)
 
 
 def test_failures_expiries_and_the_report_forms(rt: ap.Runtime) -> None:
@@ -130,8 +161,9 @@ def test_failures_expiries_and_the_report_forms(rt: ap.Runtime) -> None:
     f, s = report["flaky"], report["slow"]
     check_accounting(f)
     check_accounting(s)
+    # One at a time, alternating: failures and completions differ by at most one per window.
     assert f.failed > 0 and f.completed > 0
-    assert 0.35 <= f.failed / (f.failed + f.completed) <= 0.65
+    assert abs(f.failed - f.completed) <= len(f.windows)
     assert s.expired > 0 and s.completed > 0
     assert s.slo_met is None  # a timeout alone is no latency objective
     assert s.good <= s.completed
@@ -295,3 +327,65 @@ def test_specs_from_command_lines_and_tables() -> None:
         load.parse_spec("ranker")
     with pytest.raises(LoadError, match="'m'.*slo.percentile"):
         load.parse_spec("m:concurrency=1,latency_ms=5,percentile=0")
+
+
+# -- percentiles from histogram buckets (the native snapshot's shape) ---------------------------
+
+
+class Buckets:
+    """A synthetic histogram snapshot: log-style buckets with lower bounds in ns, and the
+    native type's ``subtract`` for windows."""
+
+    BOUNDS = [0, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000]
+
+    def __init__(self, counts: list[int] | None = None) -> None:
+        self.bounds = list(self.BOUNDS)
+        self.counts = counts or [0] * len(self.BOUNDS)
+
+    def record(self, ns: int, n: int = 1) -> Buckets:
+        i = max(i for i, b in enumerate(self.bounds) if b <= ns)
+        counts = list(self.counts)
+        counts[i] += n
+        return Buckets(counts)
+
+    def subtract(self, earlier: Buckets) -> Buckets:
+        return Buckets([a - b for a, b in zip(self.counts, earlier.counts)])
+
+
+def test_window_percentiles_come_from_the_buckets_of_that_window() -> None:
+    start = Buckets()
+    # Window 1: 99 requests of ~1.5 us and one of ~40 us; window 2: 100 requests of ~20 us.
+    end1 = start.record(1_500, 99).record(40_000)
+    end2 = end1.record(20_000, 100)
+    w1 = load.window_latency(start, end1)
+    w2 = load.window_latency(end1, end2)
+    assert w1 is not None and w2 is not None
+    assert (w1.count, w2.count) == (100, 100)
+    assert w1.p50_ms == w1.p90_ms == w1.p99_ms == pytest.approx(0.0015)  # midpoint of [1000, 2000)
+    assert w1.p999_ms == pytest.approx(0.048)  # the one slow request: midpoint of [32000, 64000)
+    assert w1.max_ms == pytest.approx(0.063999)  # without a recorded max: the top of its bucket
+    assert w2.p50_ms == w2.p99_ms == pytest.approx(0.024)  # midpoint of [16000, 32000)
+    assert w2.p50_ms > w1.p50_ms
+    # Cumulative percentiles mix the windows (here window 2 hides window 1's fast p99); only a
+    # window's own buckets separate them.
+    whole = load.window_latency(None, end2)
+    assert whole is not None and whole.count == 200
+    assert whole.p99_ms == pytest.approx(0.024) != w1.p99_ms
+
+
+def test_histogram_percentiles_use_bounds_sum_and_max_when_given() -> None:
+    class Snap:
+        bounds = [0, 10, 20, 40]  # one more bound than buckets: the last bucket is [20, 40)
+        counts = [1, 0, 3]
+        sum = 100
+        max = 35
+
+    e = load.histogram_latency(Snap())
+    assert e is not None and e.count == 4
+    assert e.mean_ms == pytest.approx(25 / 1e6)
+    assert e.p50_ms == pytest.approx(30 / 1e6) and e.max_ms == pytest.approx(35 / 1e6)
+    assert load.histogram_latency(Buckets()) is None  # an empty window has no percentiles
+    with pytest.raises(ValueError, match="negative"):
+        load.window_latency(Buckets().record(5_000), Buckets())  # subtracted the wrong way round
+    with pytest.raises(ValueError, match="bounds"):
+        load.histogram_latency(Buckets([1, 2]))

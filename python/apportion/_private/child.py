@@ -57,7 +57,7 @@ def _build(spec: dict[str, Any]) -> Any:
 
     from apportion.adapters import adapt
     from apportion.errors import QuotaError
-    from apportion.runtime import InstanceContext
+    from apportion.context import InstanceContext
 
     module_name, _, attr = spec["factory"].partition(":")
     module = importlib.import_module(module_name)

@@ -1,0 +1,370 @@
+"""What a load run found: per-window and per-model figures, the stability rule, and the
+report's text and JSON forms. Pure: every function here takes tallies or histogram snapshots
+and returns figures, so the report is tested without running a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from .. import _table
+from ..stats import LatencyStats, ModelStats
+from .spec import SLO, ModelLoad
+
+__all__ = ["Histogram", "LoadReport", "ModelReport", "Tally", "WindowStats", "histogram_latency",
+           "latency_stats", "model_report", "percentile", "summarise_window", "window_latency",
+           "windows_stable"]
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """One measurement window of one model, as the stability check saw it."""
+
+    index: int
+    throughput: float
+    """Completions per second."""
+    goodput: float
+    p99_ms: float | None
+    """End-to-end p99; None when nothing completed in the window."""
+    rejected: int
+    expired: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    """One model's figures over the reported windows (the last ``stable_windows``)."""
+
+    model: str
+    load: str
+    """``closed x4`` or ``open 200/s``."""
+    mode: Literal["closed", "open"]
+    concurrency: int | None
+    rate: float | None
+    slo: SLO | None
+    duration_s: float
+    offered: int
+    """Submission attempts (accepted or rejected)."""
+    submitted: int
+    """Attempts the runtime accepted."""
+    completed: int
+    """Requests that returned a result."""
+    good: int
+    """Completions within the SLO latency (all completions when there is no SLO)."""
+    rejected: int
+    """Attempts refused with QueueFull."""
+    expired: int
+    """Requests that completed with DeadlineExceeded."""
+    failed: int
+    """Requests that raised the model's exception."""
+    cancelled: int
+    throughput: float
+    """Completions per second."""
+    goodput: float
+    """Good completions per second."""
+    offered_rate: float
+    """Attempts per second (an open loop's rate as actually achieved)."""
+    latency: LatencyStats | None
+    """End to end, measured by the generator; None when nothing completed."""
+    queue_wait_mean_ms: float | None
+    compute_mean_ms: float | None
+    queue_wait: LatencyStats
+    """The runtime's cumulative queue-wait percentiles at the end (see the package docs)."""
+    compute: LatencyStats
+    """The runtime's cumulative compute percentiles at the end (see the package docs)."""
+    slo_met: bool | None
+    """Whether the SLO percentile of end-to-end latency met ``slo.latency_ms``; None without
+    a latency objective or without completions."""
+    stable: bool
+    windows: tuple[WindowStats, ...]
+    """Every measured window (warm-up excluded), oldest first."""
+    schedule_lag_p99_ms: float | None = None
+    """Open loop: p99 of how late submissions were against their schedule (large values mean
+    the generator, not the model, limited the offered load)."""
+    inputs_exhausted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport(Mapping[str, ModelReport]):
+    """The result of :func:`run`: a mapping of model name to :class:`ModelReport`.
+
+    ``str()`` is a readable table; ``to_dict()``/``to_json()`` the machine-readable form.
+    """
+
+    models: dict[str, ModelReport]
+    stable: bool
+    """Whether every model's last ``stable_windows`` windows agreed within ``tolerance``."""
+    windows: int
+    """Measurement windows run (warm-up excluded)."""
+    stable_windows: int
+    warmup_s: float
+    window_s: float
+    tolerance: float
+    elapsed_s: float
+    unfinished: int = 0
+    """Requests still running when the generator gave up waiting for them at the end."""
+
+    def __getitem__(self, name: str) -> ModelReport:
+        return self.models[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def throughput(self) -> float:
+        return sum(m.throughput for m in self.models.values())
+
+    @property
+    def goodput(self) -> float:
+        return sum(m.goodput for m in self.models.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["throughput"] = self.throughput
+        d["goodput"] = self.goodput
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        verdict = (
+            f"stable after {self.windows} windows of {self.window_s:g} s "
+            f"(last {self.stable_windows} within {self.tolerance:.0%})"
+            if self.stable
+            else f"NOT stable: time limit after {self.windows} windows of {self.window_s:g} s "
+            f"(reporting the last {self.stable_windows})"
+        )
+        header = ("model", "load", "req/s", "good/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
+                  "queue ms", "compute ms", "rejected", "expired", "failed", "SLO")
+        rows = []
+        for m in self.models.values():
+            e = m.latency
+            rows.append((
+                m.model, m.load, f"{m.throughput:.1f}", f"{m.goodput:.1f}",
+                *(("-",) * 4 if e is None else
+                  (f"{e.p50_ms:.3f}", f"{e.p90_ms:.3f}", f"{e.p99_ms:.3f}", f"{e.p999_ms:.3f}")),
+                _fmt_ms(m.queue_wait_mean_ms), _fmt_ms(m.compute_mean_ms),
+                str(m.rejected), str(m.expired), str(m.failed), _slo_cell(m),
+            ))
+        lines = [verdict, *_table.text(header, rows, left=2)]
+        lines.append(f"total: {self.throughput:.1f} req/s, goodput {self.goodput:.1f}/s "
+                     "(queue and compute are means)")
+        return "\n".join(lines)
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _slo_cell(m: ModelReport) -> str:
+    if m.slo is None or m.slo.latency_ms is None:
+        return "-"
+    verdict = "?" if m.slo_met is None else ("met" if m.slo_met else "MISSED")
+    return f"p{m.slo.percentile:g}<={m.slo.latency_ms:g}ms {verdict}"
+
+
+def percentile(sorted_ns: Sequence[int], p: float) -> int:
+    # Nearest rank: the smallest sample with at least p% of samples at or below it.
+    rank = max(1, math.ceil(p / 100.0 * len(sorted_ns)))
+    return sorted_ns[min(rank, len(sorted_ns)) - 1]
+
+
+def latency_stats(samples_ns: list[int]) -> LatencyStats | None:
+    if not samples_ns:
+        return None
+    s = sorted(samples_ns)
+    return LatencyStats(
+        count=len(s),
+        mean_ms=sum(s) / len(s) / 1e6,
+        p50_ms=percentile(s, 50) / 1e6,
+        p90_ms=percentile(s, 90) / 1e6,
+        p99_ms=percentile(s, 99) / 1e6,
+        p999_ms=percentile(s, 99.9) / 1e6,
+        max_ms=s[-1] / 1e6,
+    )
+
+
+def _within(values: Sequence[float], tolerance: float) -> bool:
+    """Every value within ``tolerance`` (a fraction) of the values' mean."""
+    mean = sum(values) / len(values)
+    if mean == 0:
+        return all(v == 0 for v in values)
+    return max(abs(v - mean) for v in values) <= tolerance * mean
+
+
+def windows_stable(windows: Sequence[WindowStats], count: int, tolerance: float) -> bool:
+    """Whether the last ``count`` windows agree on throughput and p99 within ``tolerance``.
+
+    Windows where nothing completed have no p99: they agree only with other such windows.
+    """
+    if len(windows) < count:
+        return False
+    last = windows[-count:]
+    if not _within([w.throughput for w in last], tolerance):
+        return False
+    p99s = [w.p99_ms for w in last]
+    if any(p is None for p in p99s):
+        return all(p is None for p in p99s)
+    return _within([p for p in p99s if p is not None], tolerance)
+
+
+
+class Histogram(Protocol):
+    """A latency histogram snapshot as the native core keeps it: ``counts[i]`` values fell in
+    bucket ``i``, whose lower bound is ``bounds[i]`` nanoseconds. ``bounds`` holds one lower
+    bound per bucket, or one more entry (the upper bound of the last bucket). Optional
+    ``sum`` (ns) and ``max`` (ns) attributes make the mean and the maximum exact."""
+
+    @property
+    def bounds(self) -> Sequence[int]: ...
+
+    @property
+    def counts(self) -> Sequence[int]: ...
+
+
+def histogram_latency(hist: Histogram) -> LatencyStats | None:
+    """Percentiles (nearest rank) of a histogram snapshot, or of a window of one (a snapshot
+    minus an earlier one). Each percentile is the midpoint of the bucket holding that rank,
+    as the native core reports it (a value within half a bucket of the truth), capped at the
+    snapshot's ``max`` when it has one. None for an empty histogram.
+
+    Raises ValueError when ``bounds`` and ``counts`` do not describe the same buckets or a
+    count is negative (a window subtracted the wrong way round)."""
+    bounds, counts = list(hist.bounds), list(hist.counts)
+    if len(bounds) not in (len(counts), len(counts) + 1):
+        raise ValueError(f"histogram: {len(bounds)} bounds for {len(counts)} buckets; give one lower "
+                         "bound per bucket (and optionally the last bucket's upper bound)")
+    if any(c < 0 for c in counts):
+        raise ValueError("histogram: a bucket count is negative (subtract the earlier snapshot "
+                         "from the later one)")
+    total = sum(counts)
+    if total == 0:
+        return None
+
+    def upper(i: int) -> int:
+        return bounds[i + 1] if i + 1 < len(bounds) else bounds[i]
+
+    def mid(i: int) -> float:
+        return float(bounds[i] + max(0, upper(i) - bounds[i]) // 2)
+
+    cap = getattr(hist, "max", None)
+    top = max(i for i, c in enumerate(counts) if c)
+
+    def at(p: float) -> float:
+        rank = max(1, math.ceil(p / 100.0 * total))
+        seen = 0
+        for i, c in enumerate(counts):
+            seen += c
+            if seen >= rank:
+                v = mid(i)
+                return min(v, cap) if cap else v
+        raise AssertionError("unreachable: ranks never exceed the total")
+
+    total_ns = getattr(hist, "sum", None)
+    mean_ns = total_ns / total if total_ns is not None else sum(mid(i) * c for i, c in enumerate(counts)) / total
+    max_ns = cap if cap else max(bounds[top], upper(top) - 1)
+    return LatencyStats(count=total, mean_ms=mean_ns / 1e6, p50_ms=at(50) / 1e6, p90_ms=at(90) / 1e6,
+                        p99_ms=at(99) / 1e6, p999_ms=at(99.9) / 1e6, max_ms=max_ns / 1e6)
+
+
+def window_latency(before: Any, after: Any) -> LatencyStats | None:
+    """The percentiles of what a histogram recorded between two snapshots of it:
+    ``after.subtract(before)`` (the native snapshot's window) through
+    :func:`histogram_latency`. ``before=None`` takes everything since the start."""
+    return histogram_latency(after if before is None else after.subtract(before))
+
+
+@dataclass(slots=True)
+class Tally:
+    """One model's tallies for one window; written only by that model's driver thread."""
+
+    offered: int = 0
+    submitted: int = 0
+    rejected: int = 0
+    completed: int = 0
+    good: int = 0
+    expired: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    lags_ns: list[int] = field(default_factory=list)
+
+
+
+def summarise_window(acc: Tally | None, index: int, window_s: float) -> WindowStats:
+    acc = acc or Tally()
+    lat = sorted(acc.latencies_ns)
+    return WindowStats(
+        index=index,
+        throughput=acc.completed / window_s,
+        goodput=acc.good / window_s,
+        p99_ms=percentile(lat, 99) / 1e6 if lat else None,
+        rejected=acc.rejected,
+        expired=acc.expired,
+        failed=acc.failed,
+    )
+
+
+def _mean_delta_ms(before: LatencyStats, after: LatencyStats) -> float | None:
+    n = after.count - before.count
+    if n <= 0:
+        return None
+    return (after.mean_ms * after.count - before.mean_ms * before.count) / n
+
+
+def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history: list[WindowStats],
+                  stable: bool, before: Mapping[str, ModelStats] | None,
+                  after: Mapping[str, ModelStats] | None, end: ModelStats,
+                  inputs_exhausted: bool) -> ModelReport:
+    latencies = [x for a in accs for x in a.latencies_ns]
+    lags = sorted(x for a in accs for x in a.lags_ns)
+    latency = latency_stats(latencies)
+    completed = sum(a.completed for a in accs)
+    good = sum(a.good for a in accs)
+    offered = sum(a.offered for a in accs)
+    slo = spec.slo
+    slo_met: bool | None = None
+    if slo is not None and slo.latency_ms is not None and latencies:
+        slo_met = percentile(sorted(latencies), slo.percentile) <= slo.latency_ms * 1e6
+    q_mean = c_mean = None
+    if before is not None and after is not None and spec.model in before and spec.model in after:
+        b, a = before[spec.model], after[spec.model]
+        q_mean = _mean_delta_ms(b.queue_wait, a.queue_wait)
+        c_mean = _mean_delta_ms(b.compute, a.compute)
+    return ModelReport(
+        model=spec.model,
+        load=spec.describe(),
+        mode=spec.mode,
+        concurrency=spec.concurrency,
+        rate=None if spec.rate is None else float(spec.rate),
+        slo=slo,
+        duration_s=duration_s,
+        offered=offered,
+        submitted=sum(a.submitted for a in accs),
+        completed=completed,
+        good=good,
+        rejected=sum(a.rejected for a in accs),
+        expired=sum(a.expired for a in accs),
+        failed=sum(a.failed for a in accs),
+        cancelled=sum(a.cancelled for a in accs),
+        throughput=completed / duration_s if duration_s else 0.0,
+        goodput=good / duration_s if duration_s else 0.0,
+        offered_rate=offered / duration_s if duration_s else 0.0,
+        latency=latency,
+        queue_wait_mean_ms=q_mean,
+        compute_mean_ms=c_mean,
+        queue_wait=end.queue_wait,
+        compute=end.compute,
+        slo_met=slo_met,
+        stable=stable,
+        windows=tuple(history),
+        schedule_lag_p99_ms=percentile(lags, 99) / 1e6 if lags else None,
+        inputs_exhausted=inputs_exhausted,
+    )

@@ -1,0 +1,118 @@
+"""What a tune run found (:class:`TuneResult`) and its Markdown report; writing the plan,
+the report and the plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import _table
+from ..config import Config
+from .allocation import Allocation
+from .cost import CostModel, Sample
+from .search import Candidate
+
+__all__ = ["TuneResult"]
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found: the winning plan (``config``), every candidate tried, the
+    profiles, the fitted cost models and the allocation they gave."""
+
+    config: Config
+    winner: Candidate
+    candidates: list[Candidate]
+    profiles: dict[str, list[Sample]]
+    costs: dict[str, CostModel]
+    allocation: dict[str, Allocation]
+    objective: str
+    elapsed_s: float
+    budget_s: float
+    total_cores: int
+
+    def report(self) -> str:
+        """Markdown: the workload, the profiles and fits, every candidate and why the winner won."""
+        obj = "total goodput (req/s within SLO)" if self.objective == "goodput" else "minimum fraction of demand served"
+        lines = ["# apportion tune report", "",
+                 f"Objective: maximise {obj}. {self.total_cores} cores. "
+                 f"Search took {self.elapsed_s:.1f} s of a {self.budget_s:.0f} s budget; "
+                 f"{len(self.candidates)} candidates validated under the mixed load.", "",
+                 "## Workload", ""]
+        demand = self.config.demand()
+        rows = []
+        for n, m in self.config.models.items():
+            d = demand.get(n)
+            load = (f"{d:.0f} req/s" if d is not None else f"closed x{(m.load or {}).get('concurrency', '?')}")
+            slo = f"p{m.slo['percentile']:g} <= {m.slo['latency_ms']:g} ms" if m.slo else "-"
+            rows.append((n, load, slo))
+        lines += _table.markdown(("model", "demand", "SLO"), rows)
+        lines += ["", "## Profiles (each model alone) and fitted cost models", ""]
+        lines += _table.markdown(
+            ("model", "threads", "batch", "call ms", "req/call", "req/s"),
+            [(n, str(s.threads), str(s.batch), f"{s.call_ms:.2f}", f"{s.mean_batch:.1f}", f"{s.throughput:.0f}")
+             for n, samples in self.profiles.items() for s in samples])
+        rows = []
+        for n, c in self.costs.items():
+            a = self.allocation.get(n)
+            rows.append((n, f"{c.alpha_ms:.3f}", f"{c.beta_ms:.3f}", f"{c.serial:.2f}", str(c.batchable),
+                         f"{a.cores if a else 0:.2f}", a.shape.describe() if a and a.shape else "-",
+                         f"{a.served if a else 0:.0f}"))
+        lines += [""] + _table.markdown(("model", "alpha ms", "beta ms/req", "serial fraction", "batchable",
+                                         "allocated cores", "shape", "predicted req/s"), rows)
+        names = list(self.config.models)
+        ranked = sorted(self.candidates, key=lambda c: c.rank(self.objective), reverse=True)
+        rows = []
+        for i, c in enumerate(self.candidates):
+            cells = []
+            for n in names:
+                m = (c.measured or {}).get(n)
+                if m is None:
+                    cells.append("-")
+                else:
+                    p = "-" if m.p99_ms is None else f"{m.p99_ms:.1f}"
+                    cells.append(f"{m.goodput:.0f} ({p}{'' if m.slo_met is not False else ' MISSED'})")
+            mark = " **winner**" if c is self.winner else ""
+            rows.append((str(i + 1), f"{c.name}{mark}", c.describe(), *cells,
+                         "yes" if c.slo_ok() else "no", f"{c.score(self.objective):.3g}"))
+        lines += ["", "## Candidates", ""]
+        lines += _table.markdown(("#", "candidate", "settings", *(f"{n} good/s (p99 ms)" for n in names),
+                                  "all SLOs", "objective"), rows)
+        lines += ["", "## Why the winner won", "", self.why(ranked), ""]
+        return "\n".join(lines)
+
+    def why(self, ranked: list[Candidate] | None = None) -> str:
+        ranked = ranked or sorted(self.candidates, key=lambda c: c.rank(self.objective), reverse=True)
+        w = self.winner
+        text = (f"'{w.name}' ({w.why}) scored {w.score(self.objective):.3g} "
+                f"{'with every model within its SLO' if w.slo_ok() else 'but missed an SLO (no candidate met all)'}.")
+        others = [c for c in ranked if c is not w]
+        if others:
+            r = others[0]
+            if w.slo_ok() and not r.slo_ok():
+                text += f" The runner-up '{r.name}' missed an SLO."
+            else:
+                s_w, s_r = w.score(self.objective), r.score(self.objective)
+                rel = f" ({(s_w / s_r - 1) * 100:+.0f}%)" if s_r > 0 else ""
+                text += f" The runner-up '{r.name}' scored {s_r:.3g}{rel}."
+        return text
+
+    def plot(self, path: str | Path) -> Path:
+        """Bar charts of throughput and p99 per model for each candidate (matplotlib, Agg)."""
+        from .plot import plot_bars
+
+        return plot_bars(path, {c.name: c.measured or {} for c in self.candidates}, self.config,
+                         title="tune candidates")
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Writes ``plan.toml`` (loadable by Config / ``apportion run``), ``report.md`` and
+        ``candidates.png`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"plan": self.config.save(out / "plan.toml", header=(
+            f"apportion tune: winner '{self.winner.name}' ({self.objective}), "
+            f"{self.total_cores} cores.\nLoad with apportion.Config.load(path) or `apportion run`."))}
+        paths["report"] = out / "report.md"
+        paths["report"].write_text(self.report())
+        paths["plot"] = self.plot(out / "candidates.png")
+        return paths
