@@ -20,6 +20,14 @@ needs_gpu = pytest.mark.skipif(not gpu_available(),
                                reason=f"no CUDA device is present: {gpu_unavailable_reason()}")
 
 
+def cuda_torch() -> types.ModuleType:
+    """torch, or a skip saying why it cannot use the GPU here."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA support in this environment")
+    return torch
+
+
 @pytest.mark.skipif(gpu_available(), reason="this machine has a usable GPU")
 def test_gpu_quota_without_a_gpu_is_a_quota_error_with_the_reason(rt: ap.Runtime) -> None:
     with pytest.raises(ap.QuotaError, match=r"model 'm', field 'gpu': no usable GPU: ") as err:
@@ -39,9 +47,7 @@ def test_gpu_quota_is_validated_before_anything_else(rt: ap.Runtime) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_each_instance_runs_on_its_own_stream() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA support in this environment")
+    torch = cuda_torch()
     seen = {}
 
     def factory(ctx):
@@ -66,9 +72,7 @@ def test_each_instance_runs_on_its_own_stream() -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_memory_budget_fails_only_the_request_that_exceeds_it() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA support in this environment")
+    torch = cuda_torch()
     from apportion.adapters.gpu import GpuMemoryExceeded
 
     keep = []
@@ -91,9 +95,7 @@ def test_memory_budget_fails_only_the_request_that_exceeds_it() -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_torch_budget_recovers_after_two_overruns() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA support in this environment")
+    torch = cuda_torch()
     from apportion.adapters.gpu import GpuMemoryExceeded
 
     def transient(n):
