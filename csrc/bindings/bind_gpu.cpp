@@ -282,6 +282,9 @@ void register_gpu(py::module_& m) {
       .def_property_readonly("closed", &GpuPartition::closed)
       .def_property_readonly("models", &GpuPartition::models)
       .def_property_readonly("warnings", &GpuPartition::warnings)
+      .def_property_readonly(
+          "plan", [](const GpuPartition& p) { return p.plan(); },
+          "A copy of the plan as the driver realised it (its SM counts, fallbacks in notes).")
       .def(
           "find",
           [](const GpuPartition& p, const std::string& model) -> py::object {

@@ -6,7 +6,11 @@ runtime or :func:`plan_gpus` uses it. ``plan_gpus`` is pure and deterministic an
 *described* devices (``"h200"``, ``"a100"``, ...) as well as live ones, so plans are computed
 and tested without a GPU. :class:`GpuPartition` realises a plan on the live driver: non-blocking
 streams in the primary context with the planned priorities and, for SM groups, green contexts
-(CUDA 12.4+) whose streams only run on the group's SMs.
+(CUDA 12.4+) provisioned with the group's SMs. A green context guarantees its work those SMs;
+the driver does not promise the work stays on them (it documents cases where kernels use more
+SMs than provisioned, e.g. under MPS or after a module with dynamic parallelism is loaded on
+9.x), nor that disjoint groups run concurrently. The benchmark (bench/gpu) records the SMs each
+side really ran on.
 
 Semantics (csrc/apportion/gpu/partition.hpp has the exact rules):
 
@@ -21,8 +25,10 @@ Semantics (csrc/apportion/gpu/partition.hpp has the exact rules):
 - Groups and ``memory`` budgets of different models may not add up to more than the device has
   unless the quota says ``allow_overlap=True``: a :class:`~apportion.errors.PlacementError`
   says what is left. Memory budgets are enforced by the framework adapters, not by the driver.
-- Without green contexts (old driver) an SM group becomes priority-only streams and a note, or
-  a ``PlacementError`` with ``strict=True``.
+- Without green contexts (old driver), or when the driver's split yields fewer groups than
+  planned, an SM group becomes priority-only streams on the whole GPU with a warning, or a
+  ``PlacementError`` with ``strict=True``. Realised plans report the driver's SM counts, not
+  the planned ones.
 """
 
 from __future__ import annotations
@@ -263,6 +269,14 @@ class GpuPlan:
         self.devices: list[Any] = list(native.devices)
         self.notes: list[str] = list(native.notes)
 
+    def _adopt_realised(self, realised: GpuPlan) -> None:
+        # The groups as the driver made them replace the planned ones; ``notes`` stay the
+        # planning notes (the fallbacks are the partition's ``warnings``), so a caller that
+        # reports both reports each once.
+        self.native = realised.native
+        self.models = dict(realised.models)
+        self.devices = list(realised.devices)
+
     def __str__(self) -> str:
         return str(self.native)
 
@@ -317,7 +331,8 @@ def plan_gpus(
 @dataclasses.dataclass(frozen=True, slots=True)
 class GpuContext:
     """One instance's GPU: its device, its stream (a raw CUstream / cudaStream_t as int), the SMs
-    that stream is confined to (0: the whole GPU) and the model's memory budget (0: none).
+    of the green context that stream lives in as the driver made it (0: no green context, the
+    whole GPU) and the model's memory budget (0: none).
     Implements the CUDA stream protocol (``__cuda_stream__``), so libraries that speak it accept
     the object directly."""
 
@@ -348,13 +363,20 @@ class GpuContext:
 
 class GpuPartition:
     """A plan realised on the live driver. ``context(model, instance)`` hands out the instance's
-    :class:`GpuContext`; ``warnings`` lists fallbacks taken; ``close()`` (idempotent; also on
-    ``with`` exit) destroys every stream and green context, after which the stream pointers are
-    invalid. Raises PlacementError when no GPU is usable or a strict SM group cannot be built."""
+    :class:`GpuContext`; ``warnings`` lists fallbacks taken (an SM group the driver could not
+    build: the model's streams then run on the whole GPU); ``plan`` is the plan as realised (the
+    driver's SM counts; notes end with the fallbacks). ``close()`` (idempotent; also on ``with``
+    exit) destroys every stream and green context, after which the stream pointers are invalid.
+    Raises PlacementError when no GPU is usable or a strict SM group cannot be built.
+
+    The ``plan`` given is updated to the realised groups too (its ``notes`` stay the planning
+    notes), so whoever shows that plan shows what the driver built."""
 
     def __init__(self, plan: GpuPlan) -> None:
         self._native = _native.GpuPartition(plan.native)
         self.warnings: list[str] = list(self._native.warnings)
+        self.plan = GpuPlan(self._native.plan)
+        plan._adopt_realised(self.plan)
 
     def context(self, model: str, instance: int = 0) -> GpuContext:
         m = self._native.find(model)

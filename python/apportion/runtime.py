@@ -627,7 +627,7 @@ class Runtime(_core._Runtime):
                     self._gpu.partition = partition
                     for note in [*gplan.notes, *partition.warnings]:
                         warnings.warn(note, PinningWarning, stacklevel=3)
-                    p = dataclasses.replace(p, gpu=gplan)
+                    p = dataclasses.replace(p, gpu=partition.plan)  # the SM counts the driver made
                 self._plan = p
             self._start()
         return self

@@ -3,6 +3,12 @@ CUDA device) partitions and the spin kernel. GPU tests skip here with the driver
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
 import pytest
 
 import apportion as ap
@@ -289,9 +295,13 @@ def test_live_partition_gives_streams_with_priorities_and_green_contexts() -> No
         assert part.context("victim", 2).stream_ptr == v0.stream_ptr
         assert v0.priority == dev.priority_greatest
         if dev.green_contexts:
-            assert v0.green_context and v0.sm_count == 2 * unit
+            assert v0.green_context and v0.sm_count >= 2 * unit
         bulk = part.context("bulk")
         assert not bulk.green_context and bulk.sm_count == 0
+        # The plan, the partition's copy and the contexts all report the driver's SM counts.
+        assert part.plan.models["victim"].sm_count == v0.sm_count
+        assert plan.models["victim"].sm_count == v0.sm_count
+        assert str(plan) == str(part.plan)
     assert part.closed
     with pytest.raises(RuntimeError, match="closed"):
         part.context("victim")
@@ -321,3 +331,82 @@ def test_spin_kernel_records_sms_and_green_groups_are_disjoint() -> None:
     assert 0 < len(sms_a) <= unit
     assert 0 < len(sms_b) <= 3 * unit
     assert not set(sms_a) & set(sms_b)
+
+
+# --- the device run (bench/gpu/run_all.sh), simulated --------------------------------------------
+
+_RUN_ALL = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "run_all.sh"
+
+
+def _simulated_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, str, Path]:
+    out = tmp_path / "out"
+    full_env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
+                "APPORTION_GPU_RUN_SIMULATE": "1", "APPORTION_GPU_RUN_GTEST": "1", **env}
+    # The timeout only turns a hung script into a failure; the deadlines under test are far
+    # shorter.
+    proc = subprocess.run(["bash", str(_RUN_ALL), str(out)], env=full_env, capture_output=True,
+                          text=True, timeout=120)
+    return proc, (out / "summary.md").read_text(), out
+
+
+def _check_outputs(out: Path) -> list[str]:
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert [str(f) for f in files] == ["logs.tar.gz", "summary.md"], files
+    assert len(files) <= 8, "the device tool returns at most 8 files"
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        return sorted(tar.getnames())
+
+
+skip_inside_a_device_run = pytest.mark.skipif(
+    bool(os.environ.get("APPORTION_GPU_RUN_ACTIVE")), reason="already inside a device run"
+)
+
+
+@skip_inside_a_device_run
+def test_device_run_keeps_every_row_measured_before_the_benchmark_hangs(tmp_path: Path) -> None:
+    proc, summary, out = _simulated_run(tmp_path, APPORTION_GPU_BENCH_INJECT="hang@3",
+                                        APPORTION_GPU_RUN_BUDGET_BENCH="3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "SIMULATED run" in summary
+    for scenario in ("solo", "equal priorities", "victim high priority"):
+        assert f"| {scenario} |" in summary
+    assert "| SM groups |" not in summary, "the hung scenario measured nothing"
+    assert "- bench: **timed out** (budget 3 s)" in summary
+    assert "- cpp: ok" in summary, "the steps after the hung one still ran"
+    assert "1 step(s) failed" in summary
+    assert "logs/bench.log" in _check_outputs(out)
+
+
+@skip_inside_a_device_run
+def test_device_run_keeps_every_row_measured_before_the_benchmark_crashes(tmp_path: Path) -> None:
+    proc, summary, out = _simulated_run(tmp_path, APPORTION_GPU_BENCH_INJECT="crash@2")
+    assert proc.returncode == 1
+    assert "| solo |" in summary and "| equal priorities |" in summary
+    assert "| victim high priority |" not in summary
+    assert "- bench: **failed** (exit 134, signal 6)" in summary
+    assert "- cpp: ok" in summary
+    names = _check_outputs(out)
+    assert {"logs/build.log", "logs/pytest.log", "logs/bench.log", "logs/cpp.log"} <= set(names)
+
+
+@skip_inside_a_device_run
+def test_device_run_stops_a_hung_step_at_the_deadline_and_skips_the_rest(tmp_path: Path) -> None:
+    proc, summary, out = _simulated_run(tmp_path, APPORTION_GPU_RUN_DEADLINE_S="9",
+                                        APPORTION_GPU_RUN_INJECT="pytest:hang")
+    assert proc.returncode == 1
+    assert "- build: ok" in summary
+    assert "- pytest: **timed out** (budget 4 s)" in summary, summary
+    assert "- bench: skipped, the deadline is reached" in summary
+    assert "- cpp: skipped, the deadline is reached" in summary
+    assert "(deadline 9 s): 1 step(s) failed" in summary
+    _check_outputs(out)
+
+
+@skip_inside_a_device_run
+def test_device_run_without_googletest_says_the_cpp_tests_were_skipped(tmp_path: Path) -> None:
+    proc, summary, out = _simulated_run(tmp_path, APPORTION_GPU_RUN_GTEST="0")
+    assert proc.returncode == 0, summary
+    assert "- cpp: skipped, GoogleTest is not installed here" in summary
+    assert "| SM groups, equal priorities |" in summary, "every scenario ran"
+    assert "0 step(s) failed" in summary
+    _check_outputs(out)

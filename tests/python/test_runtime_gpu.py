@@ -1,15 +1,31 @@
 """GPU quotas on the runtime: refused with the reason on machines without a GPU; on a GPU,
-each instance runs on its own stream and its memory budget is enforced."""
+each instance runs on its own stream and its memory budget is enforced. The adapter's logic
+(which framework, budgets that recover, the model's device) is also tested here without a GPU,
+through fakes of the allocator hooks; what only a device can show is marked gpu."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import types
 
 import pytest
 
 import apportion as ap
+from apportion import gpu as gpu_mod
 from apportion.gpu import gpu_available, gpu_unavailable_reason
 
 needs_gpu = pytest.mark.skipif(not gpu_available(),
                                reason=f"no CUDA device is present: {gpu_unavailable_reason()}")
+
+
+def cuda_torch() -> types.ModuleType:
+    """torch, or a skip saying why it cannot use the GPU here."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA support in this environment")
+    return torch
 
 
 @pytest.mark.skipif(gpu_available(), reason="this machine has a usable GPU")
@@ -31,9 +47,7 @@ def test_gpu_quota_is_validated_before_anything_else(rt: ap.Runtime) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_each_instance_runs_on_its_own_stream() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA support in this environment")
+    torch = cuda_torch()
     seen = {}
 
     def factory(ctx):
@@ -58,9 +72,7 @@ def test_each_instance_runs_on_its_own_stream() -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_memory_budget_fails_only_the_request_that_exceeds_it() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA support in this environment")
+    torch = cuda_torch()
     from apportion.adapters.gpu import GpuMemoryExceeded
 
     keep = []
@@ -78,3 +90,284 @@ def test_memory_budget_fails_only_the_request_that_exceeds_it() -> None:
             rt.submit("hog", 256 << 20).result(30)
         assert rt.submit("other", 1).result(30) == 2
         assert rt.stats()["hog"].gpu_memory_peak_bytes >= 256 << 20
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_torch_budget_recovers_after_two_overruns() -> None:
+    torch = cuda_torch()
+    from apportion.adapters.gpu import GpuMemoryExceeded
+
+    def transient(n):
+        return int(torch.empty(n, dtype=torch.uint8, device="cuda").numel())
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=transient, gpu=ap.GPU(device=0, memory="64MiB"))
+        rt.start()
+        for _ in range(2):
+            with pytest.raises(GpuMemoryExceeded, match="model 'm'"):
+                rt.submit("m", 256 << 20).result(30)
+        assert rt.submit("m", 1 << 20).result(30) == 1 << 20
+        assert rt.stats()["m"].gpu_memory_bytes <= 64 << 20
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cupy_model_in_a_torch_process_runs_on_its_stream_through_cupy() -> None:
+    pytest.importorskip("torch")
+    cupy = pytest.importorskip("cupy")
+    seen = {}
+
+    def factory(ctx):
+        def model(n):
+            seen["stream"] = cupy.cuda.get_current_stream().ptr
+            seen["want"] = ctx.gpu.stream_ptr
+            return int(cupy.arange(n).sum())
+
+        return model
+
+    with ap.Runtime() as rt:
+        rt.add_model("c", factory=factory, gpu=ap.GPU(device=0, memory="64MiB"))
+        rt.start()
+        assert rt.submit("c", 10).result(30) == 45
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+            rt.submit("c", 64 << 20).result(30)  # 512 MiB of int64
+        assert rt.submit("c", 10).result(30) == 45
+    assert seen["stream"] == seen["want"]
+
+
+# --- the adapter's logic with fakes of the allocator hooks (no GPU needed) ---------------------
+
+MiB = 1 << 20
+
+
+class FakePool:
+    """A caching allocator's pool: reserved grows to the peak of live and is never given back."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+        self.live = 0
+
+
+class Block:
+    def __init__(self, pool: FakePool, n: int) -> None:
+        self.pool, self.n = pool, n
+        pool.live += n
+        pool.reserved = max(pool.reserved, pool.live)
+
+    def __del__(self) -> None:
+        self.pool.live -= self.n
+
+
+class FakeTorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.current: FakePool | None = None
+        self.pools: list[FakePool] = []
+        self.releases = 0
+
+    @contextlib.contextmanager
+    def scope(self, pool):
+        self.current = pool
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def synchronize(self) -> None:
+        pass
+
+    def new_pool(self, budget: int) -> FakePool:
+        self.pools.append(FakePool())
+        return self.pools[-1]
+
+    def held(self, pool: FakePool) -> int:
+        return pool.reserved
+
+    def live(self, pool: FakePool) -> int:
+        return pool.live
+
+    def release(self) -> None:
+        self.releases += 1
+
+    def alloc(self, n: int) -> Block:
+        assert self.current is not None, "allocation outside the model's pool"
+        return Block(self.current, n)
+
+
+def gpu_context(device: int = 1) -> gpu_mod.GpuContext:
+    return gpu_mod.GpuContext(model="m", device=device, stream_ptr=0x5EED, sm_count=16,
+                              priority=-5, memory=64 * MiB, green_context=True)
+
+
+def test_two_overruns_then_a_small_request_succeeds() -> None:
+    from apportion.adapters.gpu import GpuMemoryExceeded, GpuUsage, _OnStream
+
+    backend = FakeTorchBackend()
+    usage = GpuUsage(64 * MiB)
+
+    def transient(n: int) -> int:
+        backend.alloc(n)  # freed on return, but the pool keeps the segment reserved
+        return n
+
+    serve = _OnStream(transient, gpu_context(), usage, backend, pooled=True)
+    assert serve(MiB) == MiB
+    for _ in range(2):
+        with pytest.raises(GpuMemoryExceeded, match=r"model 'm': GPU memory budget exceeded on "
+                                                    r"cuda:1 \(268435456 bytes held"):
+            serve(256 * MiB)
+    assert serve(MiB) == MiB
+    assert usage.used == MiB and usage.peak == 256 * MiB
+    assert len(backend.pools) == 3, "each overrun replaced the pool"
+    assert backend.releases == 2
+    assert usage.ledgers["torch"].retired == [], "nothing lives in the old pools: dropped"
+
+
+def test_what_the_model_keeps_from_an_overrun_still_counts_until_it_lets_go() -> None:
+    from apportion.adapters.gpu import GpuMemoryExceeded, GpuUsage, _OnStream
+
+    backend = FakeTorchBackend()
+    usage = GpuUsage(64 * MiB)
+    keep: list[Block] = []
+
+    def hoarder(n: int) -> int:
+        keep.append(backend.alloc(n))
+        return n
+
+    serve = _OnStream(hoarder, gpu_context(), usage, backend, pooled=True)
+    with pytest.raises(GpuMemoryExceeded):
+        serve(256 * MiB)
+    with pytest.raises(GpuMemoryExceeded, match=r"\(269484032 bytes held"):
+        serve(MiB)  # 256 MiB still alive in the retired pool, plus this one
+    keep.clear()
+    assert serve(MiB) == MiB
+    assert usage.used == MiB
+
+
+def test_a_result_that_is_returned_is_released_when_its_request_fails() -> None:
+    from apportion.adapters.gpu import GpuMemoryExceeded, GpuUsage, _OnStream
+
+    backend = FakeTorchBackend()
+    usage = GpuUsage(64 * MiB)
+    serve = _OnStream(backend.alloc, gpu_context(), usage, backend, pooled=True)
+    with pytest.raises(GpuMemoryExceeded):
+        serve(128 * MiB)
+    assert backend.pools[0].live == 0, "the failed request's result was dropped"
+    assert usage.ledgers["torch"].retired == []
+    assert serve(MiB).n == MiB
+
+
+def fake_cupy() -> tuple[types.ModuleType, list[tuple]]:
+    """Just enough of cupy.cuda for the adapter: records what is entered, on which device."""
+    events: list[tuple] = []
+    state = {"device": 0}
+    cp = types.ModuleType("cupy")
+    cuda = types.SimpleNamespace()
+
+    class Device:
+        def __init__(self, d: int) -> None:
+            self.d = d
+
+        def __enter__(self):
+            self.prev, state["device"] = state["device"], self.d
+            return self
+
+        def __exit__(self, *exc):
+            state["device"] = self.prev
+
+    class ExternalStream:
+        def __init__(self, ptr: int, device_id: int = -1) -> None:
+            events.append(("stream", ptr, device_id))
+            self.ptr = ptr
+
+        def __enter__(self):
+            events.append(("on stream", self.ptr, state["device"]))
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def synchronize(self) -> None:
+            events.append(("synchronize", self.ptr))
+
+    class MemoryPool:
+        def __init__(self) -> None:
+            self.used = 0
+
+        def set_limit(self, size: int) -> None:
+            events.append(("set_limit", size, state["device"]))
+
+        def malloc(self, n: int):
+            return n
+
+        def used_bytes(self) -> int:
+            events.append(("used_bytes", state["device"]))
+            return self.used
+
+    @contextlib.contextmanager
+    def using_allocator(malloc):
+        events.append(("allocator", state["device"]))
+        yield
+
+    cuda.Device, cuda.ExternalStream, cuda.MemoryPool = Device, ExternalStream, MemoryPool
+    cuda.using_allocator = using_allocator
+    cp.cuda = cuda
+    cp.asarray = lambda x: x
+    return cp, events
+
+
+def test_a_cupy_model_in_a_process_that_imported_torch_goes_through_cupy(monkeypatch) -> None:
+    import torch  # noqa: F401  (the point: torch is imported in this process)
+
+    from apportion.adapters.gpu import GpuUsage, frameworks_used, wrap_for_gpu
+
+    cp, events = fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    ns: dict = {"cp": cp}
+    exec("def model(x):\n    return cp.asarray(x) * 2\n", ns)
+    model = ns["model"]
+    assert frameworks_used(model) == {"cupy"}
+
+    serve = wrap_for_gpu(model, gpu_context(device=1), GpuUsage(64 * MiB))
+    assert serve(21) == 42
+    assert ("stream", 0x5EED, 1) in events
+    # The budget and every call are bound to the model's device (1), not the current one (0).
+    assert ("set_limit", 64 * MiB, 1) in events
+    assert ("on stream", 0x5EED, 1) in events and ("allocator", 1) in events
+    assert ("used_bytes", 1) in events
+    assert ("synchronize", 0x5EED) in events
+
+
+def test_frameworks_are_told_by_what_the_model_uses() -> None:
+    import torch
+
+    from apportion.adapters.gpu import _frameworks_for, frameworks_used
+
+    cp, _ = fake_cupy()
+    lin = torch.nn.Linear(2, 2)
+    assert frameworks_used(lin) == {"torch"}
+
+    def uses_torch(x):
+        return torch.relu(x)
+
+    def closure_over_module(x):
+        return lin(x)
+
+    class Holder:
+        def __init__(self) -> None:
+            self.net = lin
+
+        def __call__(self, x):
+            return self.net(x)
+
+    both_ns: dict = {"cp": cp, "torch": torch}
+    exec("def both(x):\n    return torch.as_tensor(cp.asarray(x))\n", both_ns)
+    assert frameworks_used(uses_torch) == {"torch"}
+    assert frameworks_used(closure_over_module) == {"torch"}
+    assert frameworks_used(Holder()) == {"torch"}
+    assert frameworks_used(functools.partial(closure_over_module)) == {"torch"}
+    assert frameworks_used(lambda x: x + 1) == frozenset()
+    assert _frameworks_for(both_ns["both"]) == ["torch", "cupy"]
+    # Nothing to tell from: the imported framework decides (torch is imported here).
+    assert _frameworks_for(len) == ["torch"]

@@ -9,11 +9,6 @@
 
 namespace apportion::gpu {
 
-static_assert(sizeof(cu::SmResource) == 12, "CUdevSmResource is three unsigned ints");
-static_assert(offsetof(cu::DevResource, sm) == 96,
-              "CUdevResource: the union follows a 4-byte type and 92 bytes of padding");
-static_assert(sizeof(cu::DevResource) == 144, "CUdevResource (ABI v1) is 144 bytes");
-
 namespace {
 
 // In `Sym` order (checked by a test). Versions are those of the _vN variant whose signature the
@@ -64,32 +59,6 @@ constexpr Sym kGreenSyms[] = {Sym::device_get_dev_resource, Sym::dev_sm_resource
                               Sym::green_ctx_destroy, Sym::ctx_from_green_ctx};
 
 using cu::Result;
-using FnInit = Result (*)(unsigned);
-using FnDriverGetVersion = Result (*)(int*);
-using FnDeviceGet = Result (*)(cu::Device*, int);
-using FnDeviceGetCount = Result (*)(int*);
-using FnDeviceGetAttribute = Result (*)(int*, int, cu::Device);
-using FnDeviceGetName = Result (*)(char*, int, cu::Device);
-using FnDeviceTotalMem = Result (*)(std::size_t*, cu::Device);
-using FnPrimaryCtxRetain = Result (*)(cu::Context*, cu::Device);
-using FnPrimaryCtxRelease = Result (*)(cu::Device);
-using FnCtxSetCurrent = Result (*)(cu::Context);
-using FnCtxPushCurrent = Result (*)(cu::Context);
-using FnCtxPopCurrent = Result (*)(cu::Context*);
-using FnCtxGetStreamPriorityRange = Result (*)(int*, int*);
-using FnStreamCreateWithPriority = Result (*)(cu::Stream*, unsigned, int);
-using FnStreamDestroy = Result (*)(cu::Stream);
-using FnStreamSynchronize = Result (*)(cu::Stream);
-using FnMemGetInfo = Result (*)(std::size_t*, std::size_t*);
-using FnGetErrorText = Result (*)(Result, const char**);
-using FnDeviceGetDevResource = Result (*)(cu::Device, cu::DevResource*, int);
-using FnSmResourceSplitByCount = Result (*)(cu::DevResource*, unsigned*, const cu::DevResource*,
-                                            cu::DevResource*, unsigned, unsigned);
-using FnResourceGenerateDesc = Result (*)(cu::ResourceDesc*, cu::DevResource*, unsigned);
-using FnGreenCtxCreate = Result (*)(cu::GreenContext*, cu::ResourceDesc, cu::Device, unsigned);
-using FnGreenCtxDestroy = Result (*)(cu::GreenContext);
-using FnCtxFromGreenCtx = Result (*)(cu::Context*, cu::GreenContext);
-using FnGreenCtxStreamCreate = Result (*)(cu::Stream*, cu::GreenContext, unsigned, int);
 
 // A driver whose entry points came from a SymbolSource. Missing (optional) entries answer
 // kErrorNotSupported, so callers probe features by status() and never by a null call.
@@ -104,10 +73,10 @@ class TableDriver final : public DriverApi {
   std::string error_string(Result r) override {
     const char* name = nullptr;
     const char* text = nullptr;
-    if (auto fn = get<FnGetErrorText>(Sym::get_error_name); fn && fn(r, &name) != cu::kSuccess) {
+    if (auto fn = get<Sym::get_error_name>(); fn && fn(r, &name) != cu::kSuccess) {
       name = nullptr;
     }
-    if (auto fn = get<FnGetErrorText>(Sym::get_error_string); fn && fn(r, &text) != cu::kSuccess) {
+    if (auto fn = get<Sym::get_error_string>(); fn && fn(r, &text) != cu::kSuccess) {
       text = nullptr;
     }
     std::string out = name ? std::string(name) : "CUresult " + std::to_string(r);
@@ -116,92 +85,90 @@ class TableDriver final : public DriverApi {
   }
 
   Result device_get(cu::Device* dev, int ordinal) override {
-    return call<FnDeviceGet>(Sym::device_get, dev, ordinal);
+    return call<Sym::device_get>(dev, ordinal);
   }
   Result device_get_count(int* count) override {
-    return call<FnDeviceGetCount>(Sym::device_get_count, count);
+    return call<Sym::device_get_count>(count);
   }
   Result device_get_attribute(int* value, int attribute, cu::Device dev) override {
-    return call<FnDeviceGetAttribute>(Sym::device_get_attribute, value, attribute, dev);
+    return call<Sym::device_get_attribute>(value, attribute, dev);
   }
   Result device_get_name(char* name, int len, cu::Device dev) override {
-    return call<FnDeviceGetName>(Sym::device_get_name, name, len, dev);
+    return call<Sym::device_get_name>(name, len, dev);
   }
   Result device_total_mem(std::size_t* bytes, cu::Device dev) override {
-    return call<FnDeviceTotalMem>(Sym::device_total_mem, bytes, dev);
+    return call<Sym::device_total_mem>(bytes, dev);
   }
   Result primary_ctx_retain(cu::Context* ctx, cu::Device dev) override {
-    return call<FnPrimaryCtxRetain>(Sym::primary_ctx_retain, ctx, dev);
+    return call<Sym::primary_ctx_retain>(ctx, dev);
   }
   Result primary_ctx_release(cu::Device dev) override {
-    return call<FnPrimaryCtxRelease>(Sym::primary_ctx_release, dev);
+    return call<Sym::primary_ctx_release>(dev);
   }
   Result ctx_set_current(cu::Context ctx) override {
-    return call<FnCtxSetCurrent>(Sym::ctx_set_current, ctx);
+    return call<Sym::ctx_set_current>(ctx);
   }
   Result ctx_push_current(cu::Context ctx) override {
-    return call<FnCtxPushCurrent>(Sym::ctx_push_current, ctx);
+    return call<Sym::ctx_push_current>(ctx);
   }
   Result ctx_pop_current(cu::Context* ctx) override {
-    return call<FnCtxPopCurrent>(Sym::ctx_pop_current, ctx);
+    return call<Sym::ctx_pop_current>(ctx);
   }
   Result ctx_get_stream_priority_range(int* least, int* greatest) override {
-    return call<FnCtxGetStreamPriorityRange>(Sym::ctx_get_stream_priority_range, least, greatest);
+    return call<Sym::ctx_get_stream_priority_range>(least, greatest);
   }
   Result stream_create_with_priority(cu::Stream* stream, unsigned flags, int priority) override {
-    return call<FnStreamCreateWithPriority>(Sym::stream_create_with_priority, stream, flags,
-                                            priority);
+    return call<Sym::stream_create_with_priority>(stream, flags, priority);
   }
   Result stream_destroy(cu::Stream stream) override {
-    return call<FnStreamDestroy>(Sym::stream_destroy, stream);
+    return call<Sym::stream_destroy>(stream);
   }
   Result stream_synchronize(cu::Stream stream) override {
-    return call<FnStreamSynchronize>(Sym::stream_synchronize, stream);
+    return call<Sym::stream_synchronize>(stream);
   }
   Result mem_get_info(std::size_t* free, std::size_t* total) override {
-    return call<FnMemGetInfo>(Sym::mem_get_info, free, total);
+    return call<Sym::mem_get_info>(free, total);
   }
   Result device_get_dev_resource(cu::Device dev, cu::DevResource* resource, int type) override {
-    return call<FnDeviceGetDevResource>(Sym::device_get_dev_resource, dev, resource, type);
+    return call<Sym::device_get_dev_resource>(dev, resource, type);
   }
   Result dev_sm_resource_split_by_count(cu::DevResource* result, unsigned* groups,
                                         const cu::DevResource* input, cu::DevResource* remaining,
                                         unsigned flags, unsigned min_count) override {
-    return call<FnSmResourceSplitByCount>(Sym::dev_sm_resource_split_by_count, result, groups,
-                                          input, remaining, flags, min_count);
+    return call<Sym::dev_sm_resource_split_by_count>(result, groups, input, remaining, flags,
+                                                     min_count);
   }
   Result dev_resource_generate_desc(cu::ResourceDesc* desc, cu::DevResource* resources,
                                     unsigned count) override {
-    return call<FnResourceGenerateDesc>(Sym::dev_resource_generate_desc, desc, resources, count);
+    return call<Sym::dev_resource_generate_desc>(desc, resources, count);
   }
   Result green_ctx_create(cu::GreenContext* green, cu::ResourceDesc desc, cu::Device dev,
                           unsigned flags) override {
-    return call<FnGreenCtxCreate>(Sym::green_ctx_create, green, desc, dev, flags);
+    return call<Sym::green_ctx_create>(green, desc, dev, flags);
   }
   Result green_ctx_destroy(cu::GreenContext green) override {
-    return call<FnGreenCtxDestroy>(Sym::green_ctx_destroy, green);
+    return call<Sym::green_ctx_destroy>(green);
   }
   Result ctx_from_green_ctx(cu::Context* ctx, cu::GreenContext green) override {
-    return call<FnCtxFromGreenCtx>(Sym::ctx_from_green_ctx, ctx, green);
+    return call<Sym::ctx_from_green_ctx>(ctx, green);
   }
   Result green_ctx_stream_create(cu::Stream* stream, cu::GreenContext green, unsigned flags,
                                  int priority) override {
-    return call<FnGreenCtxStreamCreate>(Sym::green_ctx_stream_create, stream, green, flags,
-                                        priority);
+    return call<Sym::green_ctx_stream_create>(stream, green, flags, priority);
   }
 
  private:
-  template <class Fn>
-  Fn get(Sym s) const noexcept {
+  template <Sym S>
+  sym_fn_t<S> get() const noexcept {
     // Converting an object pointer to a function pointer is conditionally supported; POSIX
     // (dlsym) and every CUDA platform guarantee it, and it is the only way to use the table.
-    return reinterpret_cast<Fn>(table_[static_cast<std::size_t>(s)]);
+    return reinterpret_cast<sym_fn_t<S>>(table_[static_cast<std::size_t>(S)]);
   }
 
-  template <class Fn, class... Args>
-  Result call(Sym s, Args... args) const {
+  template <Sym S, class... Args>
+  Result call(Args... args) const {
     if (!status_.available) return cu::kErrorNotInitialized;
-    Fn fn = get<Fn>(s);
+    auto fn = get<S>();
     return fn ? fn(args...) : cu::kErrorNotSupported;
   }
 
@@ -213,7 +180,7 @@ class TableDriver final : public DriverApi {
     // The version comes first: it decides which optional symbols may even be asked for (asking
     // cuGetProcAddress for a version above the driver's is an error, not a null answer).
     const SymbolSpec& version_spec = kSpecs[static_cast<std::size_t>(Sym::driver_get_version)];
-    auto get_version = reinterpret_cast<FnDriverGetVersion>(
+    auto get_version = reinterpret_cast<sym_fn_t<Sym::driver_get_version>>(
         source_->get_proc(version_spec.name, version_spec.version));
     if (!get_version) {
       status_.reason = "CUDA driver lacks required symbol cuDriverGetVersion";
@@ -248,13 +215,17 @@ class TableDriver final : public DriverApi {
 
     // From here on calls go through call<>(), which requires available_.
     status_.available = true;
-    if (Result r = get<FnInit>(Sym::init)(0); r != cu::kSuccess) {
+    if (Result r = get<Sym::init>()(0); r != cu::kSuccess) {
       status_.available = false;
       status_.reason = "cuInit failed: " + error_string(r);
+      if (r == cu::kErrorStubLibrary) {
+        status_.reason += "; the libcuda.so.1 found is the CUDA toolkit's link-time stub, not a "
+                          "driver: put the NVIDIA driver's library first on the loader path";
+      }
       return;
     }
     int count = 0;
-    if (Result r = get<FnDeviceGetCount>(Sym::device_get_count)(&count); r != cu::kSuccess) {
+    if (Result r = get<Sym::device_get_count>()(&count); r != cu::kSuccess) {
       status_.available = false;
       status_.reason = "cuDeviceGetCount failed: " + error_string(r);
       return;
@@ -274,8 +245,8 @@ class TableDriver final : public DriverApi {
 
 // Drivers from 12.0 export cuGetProcAddress_v2 with a status out-parameter; 11.3-11.8 only the
 // four-argument form. Both are looked up by dlsym because they are the bootstrap.
-using FnGetProcAddressV2 = Result (*)(const char*, void**, int, std::uint64_t, int*);
-using FnGetProcAddressV1 = Result (*)(const char*, void**, int, std::uint64_t);
+using FnGetProcAddressV2 = cu::fn::GetProcAddressV2;
+using FnGetProcAddressV1 = cu::fn::GetProcAddressV1;
 
 class DlSymbolSource final : public SymbolSource {
  public:

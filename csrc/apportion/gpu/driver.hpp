@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "apportion/gpu/cuda_abi.hpp"
@@ -57,6 +58,23 @@ enum class Sym : std::size_t {
   count_,
 };
 inline constexpr std::size_t kSymCount = static_cast<std::size_t>(Sym::count_);
+
+/// The signature each entry point is called through, in `Sym` order (test_gpu_abi checks each
+/// against cudaTypedefs.h's PFN_<name>_v<version> for the version the symbol table asks for).
+using SymSignatures =
+    std::tuple<cu::fn::Init, cu::fn::DriverGetVersion, cu::fn::DeviceGet, cu::fn::DeviceGetCount,
+               cu::fn::DeviceGetAttribute, cu::fn::DeviceGetName, cu::fn::DeviceTotalMem,
+               cu::fn::PrimaryCtxRetain, cu::fn::PrimaryCtxRelease, cu::fn::CtxSetCurrent,
+               cu::fn::CtxPushCurrent, cu::fn::CtxPopCurrent, cu::fn::CtxGetStreamPriorityRange,
+               cu::fn::StreamCreateWithPriority, cu::fn::StreamDestroy,
+               cu::fn::StreamSynchronize, cu::fn::MemGetInfo, cu::fn::GetErrorText,
+               cu::fn::GetErrorText, cu::fn::DeviceGetDevResource,
+               cu::fn::SmResourceSplitByCount, cu::fn::ResourceGenerateDesc,
+               cu::fn::GreenCtxCreate, cu::fn::GreenCtxDestroy, cu::fn::CtxFromGreenCtx,
+               cu::fn::GreenCtxStreamCreate>;
+static_assert(std::tuple_size_v<SymSignatures> == kSymCount, "one signature per Sym");
+template <Sym S>
+using sym_fn_t = std::tuple_element_t<static_cast<std::size_t>(S), SymSignatures>;
 
 /// One row of the symbol table: the driver name, the CUDA version whose ABI (the _vN variant) our
 /// call signature matches, which is also the oldest driver that has it, and whether the GPU

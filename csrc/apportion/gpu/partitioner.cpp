@@ -1,6 +1,7 @@
 #include "apportion/gpu/partitioner.hpp"
 
 #include <algorithm>
+#include <set>
 #include <utility>
 
 namespace apportion::gpu {
@@ -34,7 +35,7 @@ std::uintptr_t as_int(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 }  // namespace
 
 GpuPartition::GpuPartition(std::shared_ptr<DriverApi> driver, const GpuPlan& plan)
-    : driver_(std::move(driver)) {
+    : driver_(std::move(driver)), plan_(plan) {
   if (!driver_ || !driver_->status().available) {
     closed_ = true;
     throw GpuUnavailableError(driver_ ? driver_->status().reason : "no CUDA driver");
@@ -49,10 +50,15 @@ GpuPartition::GpuPartition(std::shared_ptr<DriverApi> driver, const GpuPlan& pla
   }
   try {
     for (const auto& d : plan.devices) realise_device(plan, d);
+    finish_plan();
   } catch (...) {
     close();
     throw;
   }
+}
+
+void GpuPartition::finish_plan() {
+  plan_.notes.insert(plan_.notes.end(), warnings_.begin(), warnings_.end());
 }
 
 GpuPartition::~GpuPartition() { close(); }
@@ -100,6 +106,7 @@ void GpuPartition::realise_device(const GpuPlan& plan, const DeviceGpuPlan& devi
     warnings_.push_back("model '" + m.model + "': " + why +
                         "; using priority-only streams on the whole GPU");
   };
+  std::vector<cu::DevResource> units;   // the driver's split, in its order
   std::vector<std::size_t> grouped;
   for (std::size_t i : here) {
     if (plan.models[i].sm_count > 0) grouped.push_back(i);
@@ -115,7 +122,6 @@ void GpuPartition::realise_device(const GpuPlan& plan, const DeviceGpuPlan& devi
     // them. Splitting the remainder again is not allowed by the driver, so groups of different
     // sizes cannot come from successive splits.
     cu::DevResource all{};
-    std::vector<cu::DevResource> units;
     std::string why;
     cu::Result r = drv.device_get_dev_resource(dev, &all, cu::kDevResourceTypeSm);
     unsigned n = 0;
@@ -161,6 +167,34 @@ void GpuPartition::realise_device(const GpuPlan& plan, const DeviceGpuPlan& devi
     }
   }
 
+  // The realised plan: groups as the driver made them. A unit's SMs are the driver's smCount
+  // (the plan assumed `granularity`); a model that fell back has no group at all.
+  std::set<int> used;
+  int sm_grouped = 0;
+  for (std::size_t i : here) {
+    ModelGpuPlan& m = plan_.models[i];
+    if (!green[i]) {
+      m.sm_count = 0;
+      m.sm_units.clear();
+      m.sm_overlaps = false;
+      m.sm_rounded = m.sm_asked != 0;
+      continue;
+    }
+    m.sm_count = 0;
+    for (int u : m.sm_units) {
+      const int sms = static_cast<int>(units[static_cast<std::size_t>(u)].sm.sm_count);
+      m.sm_count += sms;
+      if (used.insert(u).second) sm_grouped += sms;
+    }
+    m.sm_rounded = m.sm_count != m.sm_asked;
+  }
+  DeviceGpuPlan& realised = *std::find_if(plan_.devices.begin(), plan_.devices.end(),
+                                          [&](const DeviceGpuPlan& d) {
+                                            return d.info.ordinal == ordinal;
+                                          });
+  realised.sm_grouped = sm_grouped;
+  realised.sm_unassigned = realised.info.sm_count - sm_grouped;
+
   for (std::size_t i : here) {
     const ModelGpuPlan& m = plan.models[i];
     ModelStreams& out = models_[i];
@@ -169,7 +203,7 @@ void GpuPartition::realise_device(const GpuPlan& plan, const DeviceGpuPlan& devi
     if (g) check(drv.ctx_from_green_ctx(&ctx, g), "cuCtxFromGreenCtx", ordinal);
     out.context = as_int(ctx);
     out.green_context = g != nullptr;
-    out.sm_count = g ? m.sm_count : 0;
+    out.sm_count = plan_.models[i].sm_count;
     for (int s = 0; s < m.streams; ++s) {
       cu::Stream stream = nullptr;
       if (g && drv.status().green_ctx_stream_create) {

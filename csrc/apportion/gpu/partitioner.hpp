@@ -1,6 +1,14 @@
 // Realises a GpuPlan against a driver: per device the primary context, per model non-blocking
-// streams with the planned priorities, and for SM groups green contexts whose streams can only
-// run on the group's SMs. Everything it creates it destroys, in reverse order, at close().
+// streams with the planned priorities, and for SM groups green contexts over the SMs of the
+// driver's split. Everything it creates it destroys, in reverse order, at close().
+//
+// What a green context guarantees (cuda.h, "Green Contexts"): its work gets at least the SMs it
+// was provisioned with. It does NOT promise that work stays on them: the driver documents cases
+// where kernels run on more SMs than provisioned (MPS with an active-thread percentage; on 9.x,
+// once a module with dynamic parallelism is loaded, green contexts may share 2 extra SMs), and
+// disjoint groups are not promised to run concurrently or to make forward progress (other
+// resources, such as hardware connections, can couple them). Groups isolate in practice; the
+// benchmark records the SMs each side really ran on.
 #pragma once
 
 #include <cstdint>
@@ -27,7 +35,9 @@ struct ModelStreams {
   std::string model;
   int device = 0;
   int priority = 0;
-  int sm_count = 0;                      ///< SMs its streams are confined to; 0: the whole GPU
+  /// SMs of the driver's groups its green context was built over (the driver's smCount, which may
+  /// differ from the plan's); 0: no green context, its streams may use the whole GPU.
+  int sm_count = 0;
   bool green_context = false;            ///< its streams live in a green context
   std::uintptr_t context = 0;            ///< the CUcontext its streams belong to
   std::vector<std::uintptr_t> streams;   ///< plan.streams handles
@@ -54,6 +64,10 @@ class GpuPartition {
   bool closed() const noexcept { return closed_; }
 
   const std::vector<ModelStreams>& models() const noexcept { return models_; }
+  /// The plan as the driver realised it: each model's sm_count (and sm_rounded) is what its green
+  /// context got from the driver's split, 0 with no units after a fallback to the whole GPU;
+  /// the devices' grouped SM counts follow, and the notes end with the fallbacks taken.
+  const GpuPlan& plan() const noexcept { return plan_; }
   const ModelStreams* find(std::string_view model) const noexcept;
   /// Fallbacks taken (an SM group the driver could not build) and close() failures.
   const std::vector<std::string>& warnings() const noexcept { return warnings_; }
@@ -69,7 +83,10 @@ class GpuPartition {
   void realise_device(const GpuPlan& plan, const DeviceGpuPlan& device);
   void check(cu::Result r, const char* what, int device);
 
+  void finish_plan();
+
   std::shared_ptr<DriverApi> driver_;
+  GpuPlan plan_;               // the realised plan (see plan())
   std::vector<Owned> owned_;   // creation order; close() walks it backwards
   std::vector<ModelStreams> models_;
   std::vector<std::string> warnings_;

@@ -71,7 +71,9 @@ SpinTimes time_spins(std::uintptr_t stream, double micros, int blocks, int threa
 
 /// Keeps `stream` saturated with spin kernels (micros x blocks x threads each) from a background
 /// thread until stop(), with at most two batches queued so stop() returns within about two
-/// batches. Records every SM its blocks ran on.
+/// batches. Records every SM its blocks ran on. The constructor returns once the first batch is
+/// queued (or launching failed), so a stop() right after it still finds the stream flooded.
+/// Every CUDA call's result is checked; the first failure is what stop() throws.
 class SpinFlood {
  public:
   SpinFlood(std::uintptr_t stream, double micros, int blocks, int threads, int device = 0);
@@ -94,6 +96,7 @@ class SpinFlood {
   int device_;
   SpinBuffer mask_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> started_{false};
   std::atomic<std::uint64_t> kernels_{0};
   std::atomic<int> error_{0};
   std::thread thread_;

@@ -182,6 +182,10 @@ SpinFlood::SpinFlood(std::uintptr_t stream, double micros, int blocks, int threa
       device_(device),
       mask_(kSpinMaskBits / 32, device) {
   thread_ = std::thread([this] { run(); });
+  // Until the first batch is queued a stop() could end the flood before it began, and the
+  // caller would measure an idle stream: the constructor returns once the stream is busy (or the
+  // launch failed, which stop() reports).
+  started_.wait(false);
 }
 
 SpinFlood::~SpinFlood() {
@@ -192,17 +196,29 @@ SpinFlood::~SpinFlood() {
 }
 
 void SpinFlood::run() {
-  if (cudaSetDevice(device_) != cudaSuccess) {
-    error_.store(cudaErrorInvalidDevice);
+  auto signal_started = [this] {
+    started_.store(true);
+    started_.notify_all();
+  };
+  // The first failure is the one worth reporting; later ones are usually its consequences.
+  auto fail = [this](cudaError_t r) {
+    int none = 0;
+    error_.compare_exchange_strong(none, static_cast<int>(r));
+    stop_.store(true);
+  };
+  if (auto r = cudaSetDevice(device_); r != cudaSuccess) {
+    fail(r);
+    signal_started();
     return;
   }
   cudaEvent_t done[2] = {nullptr, nullptr};
   for (auto& e : done) {
     if (auto r = cudaEventCreateWithFlags(&e, cudaEventDisableTiming); r != cudaSuccess) {
-      error_.store(r);
-      return;
+      fail(r);
+      break;
     }
   }
+  const auto s = reinterpret_cast<cudaStream_t>(stream_);
   // Batches of about 2 ms; waiting for batch k-1 after queueing batch k keeps the stream always
   // busy yet never more than two batches deep, so stop() is quick.
   const int batch = std::max(1, static_cast<int>(2000.0 / std::max(micros_, 1.0)));
@@ -210,17 +226,28 @@ void SpinFlood::run() {
   for (std::uint64_t k = 0; !stop_.load(std::memory_order_relaxed); ++k) {
     for (int i = 0; i < batch; ++i) {
       if (auto r = launch(stream_, micros_, blocks_, threads_, nullptr, mask); r != cudaSuccess) {
-        error_.store(r);
-        stop_.store(true);
+        fail(r);
         break;
       }
       kernels_.fetch_add(1, std::memory_order_relaxed);
     }
-    cudaEventRecord(done[k % 2], reinterpret_cast<cudaStream_t>(stream_));
-    if (k > 0) cudaEventSynchronize(done[(k + 1) % 2]);
+    if (k == 0) signal_started();
+    if (stop_.load(std::memory_order_relaxed)) break;
+    if (auto r = cudaEventRecord(done[k % 2], s); r != cudaSuccess) {
+      fail(r);
+      break;
+    }
+    if (k > 0) {
+      if (auto r = cudaEventSynchronize(done[(k + 1) % 2]); r != cudaSuccess) fail(r);
+    }
   }
-  cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream_));
-  for (auto& e : done) cudaEventDestroy(e);
+  signal_started();
+  if (auto r = cudaStreamSynchronize(s); r != cudaSuccess) fail(r);
+  for (auto& e : done) {
+    if (e) {
+      if (auto r = cudaEventDestroy(e); r != cudaSuccess) fail(r);
+    }
+  }
 }
 
 void SpinFlood::stop() {

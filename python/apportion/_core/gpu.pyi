@@ -210,6 +210,11 @@ class GpuPartition:
     def models(self) -> list[ModelStreams]:
         ...
     @property
+    def plan(self) -> GpuPlan:
+        """
+        A copy of the plan as the driver realised it (its SM counts, fallbacks in notes).
+        """
+    @property
     def warnings(self) -> list[str]:
         ...
 class SpinBuffer:

@@ -1,6 +1,14 @@
 // A DriverApi that plays a described device and records every call, so the partitioner's
 // lifecycle (what it creates, in which order, and that it destroys all of it) is testable
-// without a GPU.
+// without a GPU. It refuses what the real driver refuses (cuda.h's documentation of each call),
+// so a test cannot pass on a call sequence a GPU would reject:
+//  - cuGreenCtxCreate without CU_GREEN_CTX_DEFAULT_STREAM ("Required");
+//  - a green context's stream that is not CU_STREAM_NON_BLOCKING ("must be specified"), whether
+//    made by cuGreenCtxStreamCreate or, on 12.4, with the green context current;
+//  - cuDevResourceGenerateDesc over SM resources from different splits
+//    (CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION);
+//  - any use of a stream after its context is gone: a stream destroyed after its green context
+//    was destroyed or after its primary context's last release.
 #pragma once
 
 #include <algorithm>
@@ -33,6 +41,8 @@ class FakeDriver final : public DriverApi {
   void fail(const std::string& call, cu::Result r, int nth = 1) { fail_[call] = {r, nth}; }
   /// Units a split yields, when the driver should produce fewer than the arithmetic says.
   void limit_split_units(unsigned n) { split_limit_ = n; }
+  /// SMs in each group a split yields, when the driver rounds groups up beyond minCount.
+  void split_group_sms(unsigned n) { split_group_sms_ = n; }
 
   // --- what happened ---
   std::vector<std::string> log;                  ///< "cuStreamCreateWithPriority(prio=-5)" ...
@@ -103,7 +113,8 @@ class FakeDriver final : public DriverApi {
   }
   cu::Result primary_ctx_release(cu::Device dev) override {
     log.push_back("cuDevicePrimaryCtxRelease(" + std::to_string(dev) + ")");
-    if (--primary_refs[dev] < 0) return cu::kErrorInvalidValue;
+    if (primary_refs[dev] <= 0) return logged_failure(cu::kErrorInvalidContext);
+    --primary_refs[dev];
     return cu::kSuccess;
   }
   cu::Result ctx_set_current(cu::Context) override { return cu::kSuccess; }
@@ -130,7 +141,11 @@ class FakeDriver final : public DriverApi {
     log.push_back("cuStreamCreateWithPriority(flags=" + std::to_string(flags) +
                   ",prio=" + std::to_string(prio) + ")");
     if (auto r = hit("cuStreamCreateWithPriority")) return logged_failure(r);
-    if (ctx_stack.empty()) return cu::kErrorInvalidValue;
+    if (ctx_stack.empty()) return logged_failure(cu::kErrorInvalidContext);
+    if (!ctx_alive(ctx_stack.back())) return logged_failure(cu::kErrorInvalidContext);
+    if (is_green(ctx_stack.back()) && !(flags & cu::kStreamNonBlocking)) {
+      return logged_failure(cu::kErrorInvalidValue);
+    }
     *s = reinterpret_cast<cu::Stream>(next_++);
     live_streams.insert(reinterpret_cast<std::uintptr_t>(*s));
     stream_ctx[reinterpret_cast<std::uintptr_t>(*s)] = ctx_stack.back();
@@ -138,8 +153,12 @@ class FakeDriver final : public DriverApi {
   }
   cu::Result stream_destroy(cu::Stream s) override {
     log.push_back("cuStreamDestroy");
-    return live_streams.erase(reinterpret_cast<std::uintptr_t>(s)) ? cu::kSuccess
-                                                                   : cu::kErrorInvalidValue;
+    const auto h = reinterpret_cast<std::uintptr_t>(s);
+    if (!live_streams.count(h)) return logged_failure(cu::kErrorInvalidHandle);
+    // Destroying a context destroys its streams with it; the handle is dangling afterwards.
+    if (!ctx_alive(stream_ctx.at(h))) return logged_failure(cu::kErrorInvalidContext);
+    live_streams.erase(h);
+    return cu::kSuccess;
   }
   cu::Result stream_synchronize(cu::Stream) override { return cu::kSuccess; }
   cu::Result mem_get_info(std::size_t* free, std::size_t* total) override {
@@ -162,29 +181,35 @@ class FakeDriver final : public DriverApi {
     return cu::kSuccess;
   }
   cu::Result dev_sm_resource_split_by_count(cu::DevResource* result, unsigned* groups,
-                                            const cu::DevResource* input, cu::DevResource*,
-                                            unsigned, unsigned min_count) override {
+                                            const cu::DevResource* input,
+                                            cu::DevResource* remaining, unsigned,
+                                            unsigned min_count) override {
     log.push_back("cuDevSmResourceSplitByCount(min=" + std::to_string(min_count) +
                   (result ? ")" : ",query)"));
     if (auto r = hit("cuDevSmResourceSplitByCount")) return logged_failure(r);
     const unsigned align = std::max(input->sm.sm_coscheduled_alignment, 1u);
     const unsigned unit = std::max((std::max(min_count, input->sm.min_sm_partition_size) +
                                     align - 1) / align * align, 1u);
-    unsigned n = std::min(input->sm.sm_count / unit, split_limit_);
+    const unsigned group = std::max(unit, split_group_sms_);
+    unsigned n = std::min(input->sm.sm_count / group, split_limit_);
     if (!result) {
       *groups = n;
       return cu::kSuccess;
     }
     n = std::min(n, *groups);
-    for (unsigned i = 0; i < n; ++i) {
-      result[i] = cu::DevResource{};
-      result[i].type = cu::kDevResourceTypeSm;
-      result[i].sm.sm_count = unit;
-      // The real driver keeps its identity of a split output in this padding; the fake keeps
-      // the unit index there so descriptors can be checked.
-      result[i].internal_padding[0] = static_cast<unsigned char>(i);
-      result[i].internal_padding[1] = 0xA5;
-    }
+    const unsigned char split = ++splits_;
+    // The real driver keeps its identity of a split output in this padding; the fake keeps the
+    // unit index and the split's number there so descriptors can be checked.
+    auto output = [&](cu::DevResource& r, unsigned index, unsigned sms) {
+      r = cu::DevResource{};
+      r.type = cu::kDevResourceTypeSm;
+      r.sm.sm_count = sms;
+      r.internal_padding[0] = static_cast<unsigned char>(index);
+      r.internal_padding[1] = 0xA5;
+      r.internal_padding[2] = split;
+    };
+    for (unsigned i = 0; i < n; ++i) output(result[i], i, group);
+    if (remaining) output(*remaining, kRemainingUnit, input->sm.sm_count - n * group);
     *groups = n;
     return cu::kSuccess;
   }
@@ -194,7 +219,10 @@ class FakeDriver final : public DriverApi {
     if (auto r = hit("cuDevResourceGenerateDesc")) return logged_failure(r);
     std::vector<int> units;
     for (unsigned i = 0; i < n; ++i) {
-      if (res[i].internal_padding[1] != 0xA5) return cu::kErrorInvalidResourceConfiguration;
+      if (res[i].internal_padding[1] != 0xA5 ||
+          res[i].internal_padding[2] != res[0].internal_padding[2]) {
+        return logged_failure(cu::kErrorInvalidResourceConfiguration);
+      }
       units.push_back(res[i].internal_padding[0]);
     }
     auto h = next_++;
@@ -206,6 +234,7 @@ class FakeDriver final : public DriverApi {
                               unsigned flags) override {
     log.push_back("cuGreenCtxCreate(flags=" + std::to_string(flags) + ")");
     if (auto r = hit("cuGreenCtxCreate")) return logged_failure(r);
+    if (!(flags & cu::kGreenCtxDefaultStream)) return logged_failure(cu::kErrorInvalidValue);
     auto h = next_++;
     green_units[h] = descs_.at(reinterpret_cast<std::uintptr_t>(desc));
     live_green.insert(h);
@@ -226,8 +255,12 @@ class FakeDriver final : public DriverApi {
                                      int prio) override {
     log.push_back("cuGreenCtxStreamCreate(flags=" + std::to_string(flags) +
                   ",prio=" + std::to_string(prio) + ")");
-    if (!status_.green_ctx_stream_create) return cu::kErrorNotSupported;
+    if (!status_.green_ctx_stream_create) return logged_failure(cu::kErrorNotSupported);
     if (auto r = hit("cuGreenCtxStreamCreate")) return logged_failure(r);
+    if (!live_green.count(reinterpret_cast<std::uintptr_t>(g))) {
+      return logged_failure(cu::kErrorInvalidHandle);
+    }
+    if (!(flags & cu::kStreamNonBlocking)) return logged_failure(cu::kErrorInvalidValue);
     *s = reinterpret_cast<cu::Stream>(next_++);
     live_streams.insert(reinterpret_cast<std::uintptr_t>(*s));
     stream_ctx[reinterpret_cast<std::uintptr_t>(*s)] =
@@ -236,6 +269,8 @@ class FakeDriver final : public DriverApi {
   }
 
   static constexpr std::uintptr_t kGreenCtxTag = std::uintptr_t{1} << 40;
+  /// internal_padding[0] of a split's `remaining` output.
+  static constexpr unsigned kRemainingUnit = 0xFF;
   static std::uintptr_t primary_handle(int dev) {
     return 0x100000 + static_cast<std::uintptr_t>(dev);
   }
@@ -253,6 +288,12 @@ class FakeDriver final : public DriverApi {
   std::size_t device_of_ctx(std::uintptr_t ctx) const {
     return static_cast<std::size_t>(ctx - 0x100000);
   }
+  static bool is_green(std::uintptr_t ctx) { return (ctx & kGreenCtxTag) != 0; }
+  bool ctx_alive(std::uintptr_t ctx) const {
+    if (is_green(ctx)) return live_green.count(ctx & ~kGreenCtxTag) > 0;
+    auto it = primary_refs.find(static_cast<int>(device_of_ctx(ctx)));
+    return it != primary_refs.end() && it->second > 0;
+  }
 
   std::vector<DeviceInfo> devices_;
   DriverStatus status_;
@@ -260,6 +301,8 @@ class FakeDriver final : public DriverApi {
   std::map<std::uintptr_t, std::vector<int>> descs_;
   std::uintptr_t next_ = 0x1000;
   unsigned split_limit_ = ~0u;
+  unsigned split_group_sms_ = 0;
+  unsigned char splits_ = 0;
 };
 
 }  // namespace apportion::gpu::testing

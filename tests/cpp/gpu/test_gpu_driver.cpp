@@ -211,6 +211,14 @@ TEST_F(DriverLoad, InitFailureIsUnavailableWithTheDriversWords) {
             "cuInit failed: CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)");
 }
 
+TEST_F(DriverLoad, StubLibrarySaysItIsNotADriver) {
+  state_.init_result = cu::kErrorStubLibrary;
+  auto d = load();
+  EXPECT_FALSE(d->status().available);
+  EXPECT_NE(d->status().reason.find("link-time stub, not a driver"), std::string::npos)
+      << d->status().reason;
+}
+
 TEST_F(DriverLoad, ZeroDevicesIsUnavailable) {
   state_.devices = 0;
   auto d = load();

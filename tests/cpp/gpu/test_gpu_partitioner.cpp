@@ -207,8 +207,156 @@ TEST(GpuPartition, FewerUnitsFromTheDriverThanPlannedFallsBack) {
     ASSERT_EQ(part.warnings().size(), 1u);
     EXPECT_NE(part.warnings()[0].find("only 12 groups of 8 SMs (planned 16)"), std::string::npos)
         << part.warnings()[0];
+    // The realised plan shows what the driver built, not what was planned.
+    const auto& realised = part.plan();
+    EXPECT_EQ(realised.find("a")->sm_count, 64);
+    EXPECT_EQ(realised.find("b")->sm_count, 0);
+    EXPECT_TRUE(realised.find("b")->sm_units.empty());
+    EXPECT_EQ(realised.devices[0].sm_grouped, 64);
+    EXPECT_EQ(realised.devices[0].sm_unassigned, 132 - 64);
+    EXPECT_EQ(realised.notes.back(), part.warnings()[0]);
+    EXPECT_NE(realised.to_string().find("all (asked 64)"), std::string::npos);
+    EXPECT_EQ(plan.find("b")->sm_count, 64) << "the caller's plan is left as it was";
   }
   expect_balanced(*fake);
+}
+
+TEST(GpuPartition, FewerUnitsFromTheDriverIsAnErrorForAStrictModel) {
+  auto fake = std::make_shared<FakeDriver>(std::vector{device("h200")});
+  fake->limit_split_units(12);
+  auto a = quota("a", 64, gpu::GpuPriority::high());
+  auto b = quota("b", 64, gpu::GpuPriority::low());
+  b.strict = true;
+  auto plan = gpu::plan_gpus(std::vector{a, b}, std::vector{device("h200")});
+  try {
+    gpu::GpuPartition part(fake, plan);
+    FAIL() << "a strict model's group must not fall back to the whole GPU";
+  } catch (const gpu::GpuPlacementError& e) {
+    EXPECT_EQ(e.model(), "b");
+    EXPECT_NE(std::string(e.what()).find("strict=True"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("only 12 groups"), std::string::npos) << e.what();
+  }
+  expect_balanced(*fake);
+}
+
+TEST(GpuPartition, GroupSizesAreTheDriversNotThePlans) {
+  auto fake = std::make_shared<FakeDriver>(std::vector{device("h200")});
+  fake->split_group_sms(10);  // the driver rounded each group of 8 up to 10 SMs: 13 groups
+  auto plan = gpu::plan_gpus(std::vector{quota("a", 16, gpu::GpuPriority::high()),
+                                         quota("b", 24, gpu::GpuPriority::low())},
+                             std::vector{device("h200")});
+  {
+    gpu::GpuPartition part(fake, plan);
+    EXPECT_TRUE(part.warnings().empty());
+    EXPECT_EQ(part.find("a")->sm_count, 20);
+    EXPECT_EQ(part.find("b")->sm_count, 30);
+    EXPECT_EQ(part.plan().find("a")->sm_count, 20);
+    EXPECT_TRUE(part.plan().find("a")->sm_rounded);
+    EXPECT_EQ(part.plan().devices[0].sm_grouped, 50);
+    EXPECT_EQ(part.plan().devices[0].sm_unassigned, 132 - 50);
+  }
+  expect_balanced(*fake);
+}
+
+// --- what the stricter fake refuses, as the real driver does ---------------------------------
+
+class FakeRefuses : public ::testing::Test {
+ protected:
+  FakeRefuses() : fake_(std::vector{device("h200")}) {
+    fake_.primary_ctx_retain(&primary_, 0);
+    fake_.ctx_push_current(primary_);
+    fake_.device_get_dev_resource(0, &all_, cu::kDevResourceTypeSm);
+  }
+  // Units of one split of the whole device into groups of 8.
+  std::vector<cu::DevResource> split() {
+    unsigned n = 16;
+    std::vector<cu::DevResource> out(n);
+    cu::DevResource rest{};
+    EXPECT_EQ(fake_.dev_sm_resource_split_by_count(out.data(), &n, &all_, &rest, 0, 8),
+              cu::kSuccess);
+    out.resize(n);
+    return out;
+  }
+  cu::GreenContext green(std::vector<cu::DevResource> units) {
+    cu::ResourceDesc desc = nullptr;
+    EXPECT_EQ(fake_.dev_resource_generate_desc(&desc, units.data(),
+                                               static_cast<unsigned>(units.size())),
+              cu::kSuccess);
+    cu::GreenContext g = nullptr;
+    EXPECT_EQ(fake_.green_ctx_create(&g, desc, 0, cu::kGreenCtxDefaultStream), cu::kSuccess);
+    return g;
+  }
+
+  FakeDriver fake_;
+  cu::Context primary_ = nullptr;
+  cu::DevResource all_{};
+};
+
+TEST_F(FakeRefuses, GreenContextWithoutItsDefaultStreamFlag) {
+  auto units = split();
+  cu::ResourceDesc desc = nullptr;
+  ASSERT_EQ(fake_.dev_resource_generate_desc(&desc, units.data(), 2), cu::kSuccess);
+  cu::GreenContext g = nullptr;
+  EXPECT_EQ(fake_.green_ctx_create(&g, desc, 0, 0), cu::kErrorInvalidValue);
+  EXPECT_EQ(fake_.green_ctx_create(&g, desc, 0, cu::kGreenCtxDefaultStream), cu::kSuccess);
+}
+
+TEST_F(FakeRefuses, GreenContextStreamsThatBlock) {
+  cu::GreenContext g = green({split()[0]});
+  cu::Stream s = nullptr;
+  EXPECT_EQ(fake_.green_ctx_stream_create(&s, g, 0, 0), cu::kErrorInvalidValue);
+  EXPECT_EQ(fake_.green_ctx_stream_create(&s, g, cu::kStreamNonBlocking, 0), cu::kSuccess);
+  // The 12.4 way (the green context current) is held to the same rule.
+  cu::Context ctx = nullptr;
+  ASSERT_EQ(fake_.ctx_from_green_ctx(&ctx, g), cu::kSuccess);
+  fake_.ctx_push_current(ctx);
+  EXPECT_EQ(fake_.stream_create_with_priority(&s, 0, 0), cu::kErrorInvalidValue);
+  EXPECT_EQ(fake_.stream_create_with_priority(&s, cu::kStreamNonBlocking, 0), cu::kSuccess);
+  // A primary-context stream may block.
+  cu::Context popped = nullptr;
+  fake_.ctx_pop_current(&popped);
+  EXPECT_EQ(fake_.stream_create_with_priority(&s, 0, 0), cu::kSuccess);
+}
+
+TEST_F(FakeRefuses, DescriptorsMixingOutputsOfDifferentSplits) {
+  auto first = split();
+  auto second = split();
+  std::vector<cu::DevResource> mixed{first[0], second[1]};
+  cu::ResourceDesc desc = nullptr;
+  EXPECT_EQ(fake_.dev_resource_generate_desc(&desc, mixed.data(), 2),
+            cu::kErrorInvalidResourceConfiguration);
+  std::vector<cu::DevResource> same{second[0], second[1]};
+  EXPECT_EQ(fake_.dev_resource_generate_desc(&desc, same.data(), 2), cu::kSuccess);
+}
+
+TEST_F(FakeRefuses, StreamDestroyedAfterItsContext) {
+  cu::GreenContext g = green({split()[0]});
+  cu::Stream in_green = nullptr;
+  ASSERT_EQ(fake_.green_ctx_stream_create(&in_green, g, cu::kStreamNonBlocking, 0), cu::kSuccess);
+  ASSERT_EQ(fake_.green_ctx_destroy(g), cu::kSuccess);
+  EXPECT_EQ(fake_.stream_destroy(in_green), cu::kErrorInvalidContext);
+
+  cu::Stream in_primary = nullptr;
+  ASSERT_EQ(fake_.stream_create_with_priority(&in_primary, cu::kStreamNonBlocking, 0),
+            cu::kSuccess);
+  ASSERT_EQ(fake_.primary_ctx_release(0), cu::kSuccess);
+  EXPECT_EQ(fake_.stream_destroy(in_primary), cu::kErrorInvalidContext);
+}
+
+TEST(GpuPartition, PassesEveryRuleOfTheStricterFakeOnBothStreamPaths) {
+  for (bool stream_create_12_5 : {true, false}) {
+    auto fake = std::make_shared<FakeDriver>(std::vector{device("h200")}, stream_create_12_5);
+    auto plan = gpu::plan_gpus(std::vector{quota("a", 16, gpu::GpuPriority::high(), 2),
+                                           quota("b", 32, gpu::GpuPriority::low(), 2),
+                                           quota("c", 0, gpu::GpuPriority::normal())},
+                               std::vector{device("h200")});
+    {
+      gpu::GpuPartition part(fake, plan);
+      EXPECT_TRUE(part.warnings().empty()) << part.warnings()[0];
+    }
+    for (const auto& entry : fake->log) EXPECT_FALSE(entry.ends_with(" FAILED")) << entry;
+    expect_balanced(*fake);
+  }
 }
 
 TEST(GpuPartition, StreamFailureMidwayUndoesEverythingAndThrows) {

@@ -85,11 +85,23 @@ TEST_F(SpinOnDevice, GreenContextStreamsStayOnDisjointSms) {
 
 TEST_F(SpinOnDevice, FloodKeepsItsStreamBusyUntilStopped) {
   gpu::SpinFlood flood(0, 100.0, 4, 32);
+  // The constructor returned with the first batch queued, so this is never a race with stop().
+  EXPECT_GT(flood.kernels(), 0u);
   auto t = gpu::time_spins(0, 10.0, 1, 32, 1);  // same stream: waits behind the flood
   flood.stop();
   ASSERT_EQ(t.micros.size(), 1u);
-  EXPECT_GT(flood.kernels(), 0u);
   EXPECT_FALSE(flood.sm_ids().empty());
+}
+
+TEST_F(SpinOnDevice, FloodStoppedAtOnceStillRanAndReportsABadLaunch) {
+  {
+    gpu::SpinFlood flood(0, 10.0, 1, 32);
+    flood.stop();
+    EXPECT_GT(flood.kernels(), 0u);
+  }
+  gpu::SpinFlood bad(0, 10.0, 1, 4096);  // more threads than a block may have
+  EXPECT_EQ(bad.kernels(), 0u);
+  EXPECT_THROW(bad.stop(), std::runtime_error);
 }
 
 #else
