@@ -55,9 +55,11 @@ class _Runtime:
         ...
     def _add_model(self, name: str, make_instance: typing.Any, instances: typing.SupportsInt | typing.SupportsIndex, max_queue: typing.SupportsInt | typing.SupportsIndex, timeout_ms: typing.SupportsFloat | typing.SupportsIndex | None, priority_levels: typing.SupportsInt | typing.SupportsIndex, spin_us: typing.SupportsFloat | typing.SupportsIndex, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, on_timeout: str = 'reject', batching: tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]] | None = None, pooled: bool = False, weight: typing.SupportsFloat | typing.SupportsIndex = 1.0, priority_class: typing.SupportsInt | typing.SupportsIndex = 0, pool_units: typing.SupportsInt | typing.SupportsIndex = 1, burst: typing.SupportsInt | typing.SupportsIndex = 0, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
+    def _check_admin(self, what: str) -> None:
+        ...
     def _close(self, drain: bool) -> None:
         ...
-    def _direct_begin(self, model: str, timeout_ms: typing.SupportsFloat | typing.SupportsIndex | None, priority: typing.SupportsInt | typing.SupportsIndex | None) -> int:
+    def _direct_begin(self, model: str, timeout_ms: typing.Any, priority: typing.Any) -> int:
         ...
     def _direct_end(self, model: str, ok: bool, start_ns: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -75,11 +77,11 @@ class _Runtime:
         """
         Unregisters a model: new requests get ModelNotFound; queued ones are finished (drain=True) or cancelled (drain=False); returns once its workers have exited.
         """
-    def submit(self, model: str, inputs: typing.Any, *, timeout_ms: typing.SupportsFloat | typing.SupportsIndex | None = None, priority: typing.SupportsInt | typing.SupportsIndex | None = None) -> Future:
+    def submit(self, model: str, inputs: typing.Any, *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> Future:
         """
         Queues one request; returns a Future. Raises QueueFull, ModelNotFound, RuntimeClosed.
         """
-    def submit_many(self, model: str, inputs: collections.abc.Iterable, *, timeout_ms: typing.SupportsFloat | typing.SupportsIndex | None = None, priority: typing.SupportsInt | typing.SupportsIndex | None = None) -> list:
+    def submit_many(self, model: str, inputs: collections.abc.Iterable, *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> list:
         """
         Queues one request per item, all or none (QueueFull if they do not all fit); returns a list of Futures.
         """
@@ -205,7 +207,7 @@ class ShmChannel:
         """
     def unlink(self) -> None:
         """
-        Remove the segment's name (mappings stay valid). Idempotent; creator only.
+        Remove the segment's name (mappings stay valid). Idempotent; either side.
         """
     @property
     def closed(self) -> bool:
@@ -221,6 +223,14 @@ class ShmChannel:
         """
         A sent message the peer has not taken yet (after the peer died: it never saw it).
         """
+def _join_orphans() -> None:
+    """
+    Waits for the background closes of runtimes that were dropped inside one of their own workers (called at interpreter exit).
+    """
+def _lane_cells(max_queue: typing.SupportsInt | typing.SupportsIndex, priority_levels: typing.SupportsInt | typing.SupportsIndex, groups: typing.SupportsInt | typing.SupportsIndex, delayed_lane: bool) -> int:
+    """
+    Queue cells (64 bytes each) a model's lanes take: see ModelOptions::instance_group.
+    """
 def current_memory_policy() -> tuple[str, list[int]]:
     """
     The calling thread's NUMA policy as ("bind" | "prefer" | "none", nodes).
