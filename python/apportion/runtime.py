@@ -65,26 +65,17 @@ def _quota_timeout(model: str, value: object) -> float | None:
     return v
 
 
-def _quota_start_timeout(model: str, value: object, process: bool) -> float:
+def _process_seconds(model: str, field: str, value: object, process: bool, default: float | None,
+                     needs_process: str) -> float | None:
+    """A bound in seconds that only a process instance has: None gives ``default``; otherwise
+    a positive, finite number, with isolation="process" only (``needs_process`` says why)."""
     if value is None:
-        return START_TIMEOUT_S
+        return default
     if not process:
-        raise QuotaError(f"model {model!r}, field 'start_timeout_s': it bounds a worker process's start; "
-                         f"give it with isolation=\"process\" only, got start_timeout_s={value!r}")
+        raise QuotaError(f"model {model!r}, field {field!r}: {needs_process}; got {field}={value!r} with "
+                         "another isolation")
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
-        raise QuotaError(f"model {model!r}, field 'start_timeout_s': give a positive, finite number of "
-                         f"seconds or None (default {START_TIMEOUT_S:g}), got {value!r}")
-    return float(value)
-
-
-def _quota_watchdog(model: str, value: object, process: bool) -> float | None:
-    if value is None:
-        return None
-    if not process:
-        raise QuotaError(f"model {model!r}, field 'watchdog_s': a watchdog needs isolation=\"process\" (a "
-                         f"thread cannot be killed); got watchdog_s={value!r} with another isolation")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
-        raise QuotaError(f"model {model!r}, field 'watchdog_s': give a positive, finite number of seconds "
+        raise QuotaError(f"model {model!r}, field {field!r}: give a positive, finite number of seconds "
                          f"or None, got {value!r}")
     return float(value)
 
@@ -330,8 +321,11 @@ class Runtime(_core._Runtime):
             raise QuotaError(
                 f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
             )
-        watchdog = _quota_watchdog(name, watchdog_s, process)
-        start_timeout = _quota_start_timeout(name, start_timeout_s, process)
+        watchdog = _process_seconds(name, "watchdog_s", watchdog_s, process, None,
+                                    'a watchdog needs isolation="process" (a thread cannot be killed)')
+        start_timeout = _process_seconds(name, "start_timeout_s", start_timeout_s, process, START_TIMEOUT_S,
+                                         "it bounds a worker process's start: give it with "
+                                         'isolation="process" only')
         self._check_admin("add_model()")
         with self._admin:
             self._add_model_locked(
@@ -346,7 +340,7 @@ class Runtime(_core._Runtime):
                           timeout: float | None, priority_levels: int, on_timeout: str,
                           batching: Batching | None, native_batching: Any, spin_us: float,
                           gpu: GPU | None, weight: object, priority_class: object, burst: object,
-                          watchdog: float | None, start_timeout: float) -> None:
+                          watchdog: float | None, start_timeout: float | None) -> None:
         process = factory_ref is not None
         if name in self._models:
             raise ValueError(f"model {name!r} is already registered")

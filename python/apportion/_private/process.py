@@ -124,7 +124,7 @@ class ProcessInstance:
     once the worker has exited."""
 
     def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 start_timeout_s: float | None = START_TIMEOUT_S) -> None:
         self._spec = spec
         self._model = spec["model"]
         self._index = spec["instance"]
