@@ -4,6 +4,7 @@ CUDA device) partitions and the spin kernel. GPU tests skip here with the driver
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -395,7 +396,9 @@ def test_device_run_stops_a_hung_step_at_the_deadline_and_skips_the_rest(tmp_pat
                                         APPORTION_GPU_RUN_INJECT="pytest:hang")
     assert proc.returncode == 1
     assert "- build: ok" in summary
-    assert "- pytest: **timed out** (budget 4 s)" in summary, summary
+    # The budget is what was left of the deadline after the build (which varies with the load).
+    budget = re.search(r"- pytest: \*\*timed out\*\* \(budget (\d+) s\)", summary)
+    assert budget is not None and 1 <= int(budget.group(1)) <= 9, summary
     assert "- bench: skipped, the deadline is reached" in summary
     assert "- cpp: skipped, the deadline is reached" in summary
     assert "(deadline 9 s): 1 step(s) failed" in summary
