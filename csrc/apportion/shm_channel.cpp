@@ -145,7 +145,7 @@ std::unique_ptr<ShmChannel> ShmChannel::open(const std::string& name, std::strin
 }
 
 ShmChannel::~ShmChannel() {
-  unlink();
+  if (owner_) unlink();
 #if defined(__linux__)
   if (base_ != nullptr) ::munmap(base_, map_bytes_);
 #endif

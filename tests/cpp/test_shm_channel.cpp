@@ -158,10 +158,23 @@ TEST(ShmChannel, NameIsExclusiveAndUnlinkedByItsOwner) {
       auto child = ShmChannel::open(name, &error);
       ASSERT_TRUE(child) << error;
     }
-    EXPECT_TRUE(shm_exists(name)) << "only the creator removes the name";
+    EXPECT_TRUE(shm_exists(name)) << "only the creator's destructor removes the name";
     parent->unlink();
     EXPECT_FALSE(shm_exists(name));
     parent->unlink();  // idempotent
+  }
+  {
+    // The opener may remove the name too (a child does, as soon as it mapped the segment); the
+    // creator's later unlink is then a no-op.
+    const auto early = unique_name("early");
+    auto parent = ShmChannel::create(early, 4096, &error);
+    ASSERT_TRUE(parent) << error;
+    auto child = ShmChannel::open(early, &error);
+    ASSERT_TRUE(child) << error;
+    child->unlink();
+    EXPECT_FALSE(shm_exists(early));
+    parent->unlink();
+    EXPECT_FALSE(shm_exists(early));
   }
   EXPECT_FALSE(ShmChannel::open(name, &error));
   const auto other = unique_name("dtor");
