@@ -156,8 +156,17 @@ class PyHandler final : public ModelHandler {
       : make_instance_(std::move(make_instance)), registry_(registry), batching_(batching) {}
 
   ~PyHandler() override {
-    // Destroyed with the GIL held (the runtime drops models under the GIL); the members are
-    // Python objects.
+    // The last reference may drop on any thread, with or without the GIL: a registry close()
+    // racing remove_model() holds the entry last, without the GIL. The members are Python
+    // objects, so they are released here under the GIL (leaked if the interpreter is going).
+    if (interpreter_finalizing()) {
+      (void)make_instance_.release();
+      (void)error_.release();
+      return;
+    }
+    py::gil_scoped_acquire gil;
+    make_instance_ = py::object();
+    error_ = py::object();
   }
 
   bool start_worker(Worker& w) override {

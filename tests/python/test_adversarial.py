@@ -91,6 +91,36 @@ def test_submit_many_racing_remove_model_from_another_thread() -> None:
 
 
 # -- 2. add_model and remove_model of one name from two threads --------------------------------
+def test_close_racing_a_draining_remove_model_releases_the_model_under_the_gil() -> None:
+    # close() takes the model being removed too; whichever of the two lets go of it last may
+    # be close(), which runs without the GIL: the model's Python objects must still be
+    # released under it (this aborted with "PyThreadState_Get ... GIL is released").
+    p = run_script("""
+        import threading, time
+        import apportion as ap
+        for i in range(60):
+            rt = ap.Runtime()
+            def make():
+                held = [object() for _ in range(10)]  # freed only with the model
+                def model(x):
+                    time.sleep(0.02)
+                    return x + len(held)
+                return model
+            rt.add_model("m", model=make()); rt.start()
+            f = rt.submit("m", 1)
+            time.sleep(0.002)
+            t = threading.Thread(target=rt.remove_model, args=("m",), kwargs={"drain": True})
+            t.start()
+            time.sleep(0.002)
+            rt.close(drain=False)
+            t.join(30)
+            assert not t.is_alive()
+            assert f.cancelled() or f.result(5) == 11  # cancelled if it had not begun
+        print("60 races survived")
+    """)
+    assert_clean(p, "60 races survived")
+
+
 def test_add_and_remove_of_one_name_from_two_threads() -> None:
     p = run_script("""
         import threading, time
