@@ -20,6 +20,7 @@ import pytest
 import apportion as ap
 from apportion import load
 from apportion.config import Config, ModelConfig
+from apportion.spec import ModelSpec
 from apportion.tune import RHO, CostModel, Measured, tune
 
 SERVICE_S = 0.002
@@ -78,17 +79,18 @@ DEMAND = {"ranker": 3000.0, "encoder": 2000.0}
 def _measure(cfg: Config) -> dict[str, Measured]:
     out = {}
     for n, m in cfg.models.items():
-        b = m.batching.max_size if m.batching else 1
-        call = TRUTH[n].call_ms(m.quota["threads"], b)
-        good = min(DEMAND[n], RHO * m.quota["instances"] * b * 1000.0 / call)
+        s = m.spec
+        b = s.batching.max_size if s.batching else 1
+        call = TRUTH[n].call_ms(s.threads, b)
+        good = min(DEMAND[n], RHO * s.instances * b * 1000.0 / call)
         out[n] = Measured(good, good, 2 * call, 2 * call <= 30.0, DEMAND[n])
     return out
 
 
 @pytest.mark.benchmark(group="tune: search on synthetic profiles")
 def test_tune_search(benchmark: Any) -> None:
-    cfg = Config(models={n: ModelConfig(n, factory="apportion.demo:build_mlp", load={"rate": DEMAND[n]},
-                                        slo={"latency_ms": 30.0, "percentile": 99.0}, max_queue=64)
+    cfg = Config(models={n: ModelConfig(ModelSpec(n, factory="apportion.demo:build_mlp", max_queue=64),
+                                        load={"rate": DEMAND[n]}, slo={"latency_ms": 30.0, "percentile": 99.0})
                          for n in TRUTH})
     result = benchmark.pedantic(lambda: tune(cfg, budget_s=30, topology_root=SERVER, profiles=TRUTH,
                                              measure=_measure, progress=False), rounds=3, iterations=1)

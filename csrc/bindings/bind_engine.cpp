@@ -462,50 +462,49 @@ class RuntimeCore {
     reg_.reset();  // under the GIL: the entries own Python objects
   }
 
-  void add_model(const std::string& name, py::object make_instance, uint32_t instances,
-                 std::size_t max_queue, std::optional<double> timeout_ms, uint32_t priority_levels,
-                 double spin_us, const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
-                 const std::string& memory_policy, const std::string& on_timeout,
-                 const std::optional<std::tuple<std::size_t, double, std::vector<std::size_t>>>& batching,
-                 bool pooled, double weight, int32_t priority_class, uint32_t pool_units,
-                 uint32_t burst, const std::vector<uint32_t>& groups) {
+  /// Registers the model of `spec` (an apportion.ModelSpec, validated by its constructor:
+  /// only translated here). `placement`, `memory_policy` and `groups` come from the plan;
+  /// `pooled`: every call draws on the scheduled shared pool.
+  void add_model(const py::object& spec, py::object make_instance,
+                 const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
+                 const std::string& memory_policy, const std::vector<uint32_t>& groups, bool pooled) {
+    const auto name = spec.attr("name").cast<std::string>();
     check_not_own_worker("add_model()");
     if (reg_->closed()) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (reg_->find(name) != nullptr) raise_exists(name);
     ModelOptions opts;
     opts.name = name;
-    opts.instances = instances;
-    opts.max_queue = max_queue;
-    opts.spin_ns = static_cast<int64_t>(spin_us * 1000.0);
+    opts.instances = spec.attr("instances").cast<uint32_t>();
+    opts.max_queue = spec.attr("max_queue").cast<std::size_t>();
+    opts.spin_ns = static_cast<int64_t>(spec.attr("spin_us").cast<double>() * 1000.0);
+    const auto priority_levels = spec.attr("priority_levels").cast<uint32_t>();
     opts.priority_levels = std::max<uint32_t>(priority_levels, 1);
-    if (on_timeout == "delay") opts.on_timeout = OnTimeout::delay;
-    else if (on_timeout != "reject") throw py::value_error("on_timeout must be 'reject' or 'delay'");
-    if (batching) {
-      const auto& [max_size, max_delay_ms, preferred] = *batching;
-      if (max_size < 1 || !std::isfinite(max_delay_ms) || max_delay_ms < 0) {
-        throw py::value_error("batching needs max_size >= 1 and a finite max_delay_ms >= 0");
-      }
-      opts.batching.max_size = max_size;
-      opts.batching.max_delay_ns = static_cast<int64_t>(std::min(max_delay_ms, 1e9) * 1e6);
-      opts.batching.preferred_sizes = preferred;
-      std::sort(opts.batching.preferred_sizes.begin(), opts.batching.preferred_sizes.end());
+    if (spec.attr("on_timeout").cast<std::string>() == "delay") opts.on_timeout = OnTimeout::delay;
+    const py::object batching = spec.attr("batching");
+    if (!batching.is_none()) {
+      opts.batching.max_size = batching.attr("max_size").cast<std::size_t>();
+      opts.batching.max_delay_ns =
+          static_cast<int64_t>(std::min(batching.attr("max_delay_ms").cast<double>(), 1e9) * 1e6);
+      const py::object preferred = batching.attr("preferred_sizes");
+      if (!preferred.is_none()) opts.batching.preferred_sizes = preferred.cast<std::vector<std::size_t>>();
     }
+    const auto burst = spec.attr("burst_instances").cast<uint32_t>();
     if (pooled || burst != 0) {
-      if (!(weight > 0.0) || !std::isfinite(weight)) {
-        throw py::value_error("model '" + name + "': weight must be a positive, finite number");
-      }
+      const py::object weight = spec.attr("weight"), priority_class = spec.attr("priority_class");
       opts.pool = pool_;
-      opts.weight = weight;
-      opts.priority_class = priority_class;
-      opts.pool_units = std::max<uint32_t>(pool_units, 1);
+      opts.weight = weight.is_none() ? 1.0 : weight.cast<double>();
+      opts.priority_class = priority_class.is_none() ? 0 : priority_class.cast<int32_t>();
+      opts.pool_units = 1;
       // Pooled: every worker draws on the pool. Burst: only the extra workers do.
       opts.burst_instances = pooled ? 0 : burst;
     }
     // A Batching(max_size=1) model still receives lists: the model's calling convention
     // follows whether batching was asked for, not the size.
-    auto handler = std::make_shared<PyHandler>(std::move(make_instance), reg_->id(), batching.has_value());
+    auto handler = std::make_shared<PyHandler>(std::move(make_instance), reg_->id(), !batching.is_none());
     int64_t default_timeout = Request::kNoDeadline;
-    if (timeout_ms) default_timeout = timeout_to_ns(name, "timeout_ms", *timeout_ms);
+    if (const py::object t = spec.attr("timeout_ms"); !t.is_none()) {
+      default_timeout = timeout_to_ns(name, "timeout_ms", t.cast<double>());
+    }
     auto e = std::make_shared<ModelEntry>(std::make_shared<Model>(opts, handler), handler,
                                           default_timeout, priority_levels);
     apply_placement(*e->model, placement, memory_policy, groups);  // refused groups: not registered
@@ -971,13 +970,8 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
 
   py::class_<RuntimeCore>(m, "_Runtime", "Native core of apportion.Runtime.")
       .def(py::init<>())
-      .def("_add_model", &RuntimeCore::add_model, py::arg("name"), py::arg("make_instance"),
-           py::arg("instances"), py::arg("max_queue"), py::arg("timeout_ms"),
-           py::arg("priority_levels"), py::arg("spin_us"), py::arg("placement"),
-           py::arg("memory_policy"), py::arg("on_timeout") = "reject",
-           py::arg("batching") = py::none(), py::arg("pooled") = false, py::arg("weight") = 1.0,
-           py::arg("priority_class") = 0, py::arg("pool_units") = 1, py::arg("burst") = 0,
-           py::arg("groups") = std::vector<uint32_t>{})
+      .def("_add_model", &RuntimeCore::add_model, py::arg("spec"), py::arg("make_instance"),
+           py::arg("placement"), py::arg("memory_policy"), py::arg("groups"), py::arg("pooled"))
       .def("_set_pool_capacity", &RuntimeCore::set_pool_capacity, py::arg("capacity"))
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)

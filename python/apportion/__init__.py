@@ -21,6 +21,7 @@ from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_complet
 from .gpu import GPU
 from .placement import InstancePlan, ModelPlan, Plan, Quota, plan
 from .runtime import InstanceContext, Runtime
+from .spec import ModelSpec
 from .stats import LatencyStats, ModelStats, RuntimeStats
 from .topology import Topology, topology
 from .tune import tune
@@ -52,6 +53,7 @@ __all__ = [
     "QueueFull",
     "Quota",
     "QuotaError",
+    "ModelSpec",
     "Runtime",
     "RuntimeClosed",
     "RuntimeStats",

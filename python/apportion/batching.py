@@ -53,7 +53,7 @@ class Batching:
     def __post_init__(self) -> None:
         problem = _problem(self)
         if problem is not None:
-            raise QuotaError(f"Batching: {problem}")
+            raise QuotaError(problem[1], field=problem[0])
         object.__setattr__(self, "max_size", int(self.max_size))
         object.__setattr__(self, "max_delay_ms", float(self.max_delay_ms))
         if self.preferred_sizes is not None:
@@ -64,7 +64,7 @@ class Batching:
         """Raises QuotaError naming the model and field if this quota is invalid."""
         problem = _problem(self)
         if problem is not None:
-            raise QuotaError(f"model {model!r}: batching.{problem}")
+            raise QuotaError(problem[1], model=model, field=f"batching.{problem[0]}")
         return self
 
     def _native(self) -> tuple[int, float, list[int]]:
@@ -75,20 +75,20 @@ def _is_int(v: object) -> bool:
     return not isinstance(v, bool) and isinstance(v, numbers.Integral)
 
 
-def _problem(b: Batching) -> str | None:
-    """What is wrong with ``b`` ("field must be ..., got ..."), or None."""
+def _problem(b: Batching) -> tuple[str, str] | None:
+    """The field of ``b`` that is wrong and what is wrong with it, or None."""
     if not _is_int(b.max_size) or not 1 <= int(b.max_size) <= _MAX_BATCH:
-        return f"max_size must be an integer in [1, {_MAX_BATCH}], got {b.max_size!r}"
+        return "max_size", f"must be an integer in [1, {_MAX_BATCH}], got {b.max_size!r}"
     d = b.max_delay_ms
     if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (math.isfinite(d) and d >= 0):
-        return f"max_delay_ms must be a finite number of milliseconds >= 0, got {d!r}"
+        return "max_delay_ms", f"must be a finite number of milliseconds >= 0, got {d!r}"
     if b.preferred_sizes is not None:
         sizes = b.preferred_sizes
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
-            return f"preferred_sizes must be a sequence of integers or None, got {sizes!r}"
+            return "preferred_sizes", f"must be a sequence of integers or None, got {sizes!r}"
         bad = [s for s in sizes if not _is_int(s) or not 1 <= int(s) <= int(b.max_size)]
         if bad or not sizes:
-            return (f"preferred_sizes must be non-empty integers in [1, max_size={b.max_size}], "
+            return ("preferred_sizes", f"must be non-empty integers in [1, max_size={b.max_size}], "
                     f"got {tuple(sizes)!r}")
     return None
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ApportionError
+from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit
 from .placement import Plan, Quota
 from .topology import Topology, topology
@@ -207,6 +207,7 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
 def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
     from . import load as ld
     from .config import ModelConfig
+    from .spec import ModelSpec
 
     specs = []
     for text in args.model:
@@ -226,8 +227,11 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
             if spec.model not in factories:
                 raise ConfigError("<command line>", "--factory", f"model {spec.model!r} has no factory; "
                                   f"add --factory {spec.model}=module:function")
-            models[spec.model] = ModelConfig(spec.model, factory=factories[spec.model],
-                                             inputs=inputs.get(spec.model))
+            try:
+                model_spec = ModelSpec(spec.model, factory=factories[spec.model])
+            except QuotaError as e:
+                raise ConfigError("<command line>", "--factory", str(e)) from None
+            models[spec.model] = ModelConfig(model_spec, inputs=inputs.get(spec.model))
         cfg = Config(models=models, path="<command line>")
     by_name = {s.model: s for s in specs}
     loads = []

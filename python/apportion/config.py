@@ -28,9 +28,9 @@ that can be checked without the machine; ``config.runtime()`` places the models 
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
+import pkgutil
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from .batching import Batching
 from .errors import ApportionError, PlacementError, QuotaError
 from .placement import Quota
+from .spec import TABLE_FIELDS, ModelSpec, import_path
 from .topology import parse_cpulist
 
 if TYPE_CHECKING:
@@ -51,13 +51,11 @@ if TYPE_CHECKING:
 __all__ = ["Config", "ConfigError", "DoesNotFit", "ModelConfig", "QUOTA_KEYS", "resolve"]
 
 QUOTA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Quota) if f.init and f.name != "name")
-SERVING_KEYS: tuple[str, ...] = ("max_queue", "timeout_ms", "batching")
-OTHER_KEYS: tuple[str, ...] = ("factory", "inputs", "slo", "load")
-MODEL_KEYS: tuple[str, ...] = QUOTA_KEYS + SERVING_KEYS + OTHER_KEYS
+OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load")
+MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
 RUNTIME_KEYS: tuple[str, ...] = ("cpus",)
 WORKLOAD_KEYS: tuple[str, ...] = ("rate",)
-BATCHING_KEYS: tuple[str, ...] = ("max_size", "max_delay_ms", "preferred_sizes")
 SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
 LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
 
@@ -92,51 +90,43 @@ def resolve(ref: str, *, where: str = "<config>", key: str = "factory") -> Calla
     if not sep or not module or not attr:
         raise ConfigError(where, key, f"{ref!r} is not an import path; give 'package.module:function'")
     try:
-        obj: Any = importlib.import_module(module)
+        obj = pkgutil.resolve_name(ref)
     except ImportError as e:
         raise ConfigError(where, key, f"cannot import module {module!r}: {e}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(where, key, f"module {module!r} has no attribute {attr!r}") from None
+    except AttributeError:
+        raise ConfigError(where, key, f"module {module!r} has no attribute {attr!r}") from None
+    except ValueError as e:
+        raise ConfigError(where, key, f"{ref!r} is not an import path ({e}); give 'package.module:function'") from None
     if not callable(obj):
         raise ConfigError(where, key, f"{ref!r} is {type(obj).__name__}, not callable")
-    return obj
-
-
-def import_path(fn: Any) -> str | None:
-    """``"module:qualname"`` for a module-level callable, else None (a lambda, a local)."""
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    return f"{module}:{qualname}"
+    return obj  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One ``[models.<name>]`` table, validated. ``quota`` holds only the quota keys given."""
+    """One ``[models.<name>]`` table, validated: the model's :class:`~apportion.ModelSpec`, and
+    what the load generator and the tuner need besides (``inputs``, ``slo``, ``load``)."""
 
-    name: str
-    factory: str | Callable[..., Any] | None = None
-    """An import path ``"module:function"``, or (built in code) the callable itself."""
+    spec: ModelSpec
     inputs: str | Callable[[], Any] | None = None
-    quota: Mapping[str, Any] = field(default_factory=dict)
-    max_queue: int | None = None
-    timeout_ms: float | None = None
-    batching: Batching | None = None
+    """An import path ``"module:function"`` (or, built in code, the callable): one request's input."""
     slo: Mapping[str, float] | None = None
     """``latency_ms`` and ``percentile`` (default 99), optionally ``timeout_ms``."""
     load: Mapping[str, Any] | None = None
     """``concurrency``, ``rate`` or ``share``; optionally ``arrivals``, ``priority``."""
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
     def resolved_factory(self, where: str = "<config>") -> Callable[..., Any]:
-        if self.factory is None:
+        factory = self.spec.factory
+        if factory is None:
             raise ConfigError(where, f"models.{self.name}.factory",
                               "missing; give 'package.module:function' (called as factory(ctx))")
-        if callable(self.factory):
-            return self.factory
-        return resolve(self.factory, where=where, key=f"models.{self.name}.factory")
+        if callable(factory):
+            return factory
+        return resolve(factory, where=where, key=f"models.{self.name}.factory")
 
     def resolved_inputs(self, where: str = "<config>") -> Callable[[], Any] | None:
         if self.inputs is None or callable(self.inputs):
@@ -145,35 +135,20 @@ class ModelConfig:
 
     def add_to(self, rt: Runtime, where: str = "<config>", *, build: bool = True) -> None:
         """Registers this model on ``rt`` (``build=False``: a factory that is never called,
-        for planning only)."""
-        factory = self.resolved_factory(where) if build else _never_called
-        kw: dict[str, Any] = dict(self.quota)
-        if self.max_queue is not None:
-            kw["max_queue"] = self.max_queue
-        if self.timeout_ms is not None:
-            kw["timeout_ms"] = self.timeout_ms
-        if self.batching is not None:
-            kw["batching"] = self.batching
-        rt.add_model(self.name, factory=factory, **kw)
+        for planning only). A process model's factory stays a path (its worker imports it)."""
+        if not build:
+            factory: Any = _never_called
+        elif self.spec.process and isinstance(self.spec.factory, str):
+            factory = self.spec.factory
+        else:
+            factory = self.resolved_factory(where)
+        rt.add(replace(self.spec, factory=factory))
 
     def to_table(self) -> dict[str, Any]:
-        t: dict[str, Any] = {}
-        ref = self.factory if isinstance(self.factory, str) or self.factory is None else import_path(self.factory)
-        if ref:
-            t["factory"] = ref
+        t = self.spec.to_table()
         ref = self.inputs if isinstance(self.inputs, str) or self.inputs is None else import_path(self.inputs)
         if ref:
             t["inputs"] = ref
-        t.update({k: v for k, v in self.quota.items() if v is not None})
-        if self.max_queue is not None:
-            t["max_queue"] = self.max_queue
-        if self.timeout_ms is not None:
-            t["timeout_ms"] = self.timeout_ms
-        if self.batching is not None:
-            b: dict[str, Any] = {"max_size": self.batching.max_size, "max_delay_ms": self.batching.max_delay_ms}
-            if self.batching.preferred_sizes:
-                b["preferred_sizes"] = list(self.batching.preferred_sizes)
-            t["batching"] = b
         if self.slo:
             t["slo"] = dict(self.slo)
         if self.load:
@@ -259,7 +234,7 @@ class Config:
 
     # -- using --------------------------------------------------------------------------------
     def quotas(self) -> list[Quota]:
-        return [Quota(name=m.name, **m.quota) for m in self.models.values()]
+        return [m.spec.quota for m in self.models.values()]
 
     def runtime(self, *, topology_root: str = "/", build: bool = True, start: bool = False) -> Runtime:
         """A Runtime with every model added (placed on this machine, or on the sysfs tree under
@@ -374,41 +349,18 @@ def _table(path: str, key: str, value: object, allowed: tuple[str, ...]) -> dict
 def _model(path: str, name: str, table: object) -> ModelConfig:
     key = f"models.{name}"
     if not isinstance(table, dict):
-        raise ConfigError(path, key, f"must be a table of quota fields ({', '.join(QUOTA_KEYS)}) and "
-                          f"{', '.join(SERVING_KEYS + OTHER_KEYS)}, got {type(table).__name__}")
+        raise ConfigError(path, key, f"must be a table of model fields ({', '.join(TABLE_FIELDS)}) and "
+                          f"{', '.join(OTHER_KEYS)}, got {type(table).__name__}")
     for k in table:
         if k not in MODEL_KEYS:
             raise ConfigError(path, f"{key}.{k}", f"unknown key; allowed: {', '.join(MODEL_KEYS)}")
-    quota = {k: table[k] for k in QUOTA_KEYS if k in table}
     try:
-        Quota(name=name, **quota)
+        spec = ModelSpec.from_table(name, {k: v for k, v in table.items() if k in TABLE_FIELDS})
     except QuotaError as e:
-        fld = getattr(e, "field", None)
-        raise ConfigError(path, f"{key}.{fld}" if fld else key, _without_prefix(e)) from None
-    for ref in ("factory", "inputs"):
-        v = table.get(ref)
-        if v is not None and (not isinstance(v, str) or v.count(":") != 1 or v.startswith(":") or v.endswith(":")):
-            raise ConfigError(path, f"{key}.{ref}", f"got {v!r}; give an import path 'package.module:function'")
-    max_queue = table.get("max_queue")
-    if max_queue is not None and (not _is_int(max_queue) or not 1 <= max_queue <= 1 << 30):
-        raise ConfigError(path, f"{key}.max_queue", f"got {max_queue!r}; give an integer in [1, 2**30]")
-    timeout = table.get("timeout_ms")
-    if timeout is not None:
-        timeout = _positive(path, f"{key}.timeout_ms", timeout, "milliseconds")
-    batching = None
-    if "batching" in table:
-        b = _table(path, f"{key}.batching", table["batching"], BATCHING_KEYS)
-        if "max_size" not in b:
-            raise ConfigError(path, f"{key}.batching.max_size", "missing; give an integer >= 1")
-        sizes = b.get("preferred_sizes")
-        try:
-            batching = Batching(max_size=b["max_size"], max_delay_ms=b.get("max_delay_ms", 0.0),
-                                preferred_sizes=tuple(sizes) if isinstance(sizes, list) else sizes)
-        except QuotaError as e:
-            text = str(e).removeprefix("Batching: ")
-            fld = text.split(" ", 1)[0]
-            raise ConfigError(path, f"{key}.batching.{fld}" if fld in BATCHING_KEYS else f"{key}.batching",
-                              text) from None
+        raise ConfigError(path, f"{key}.{e.field}" if e.field else key, e.reason) from None
+    v = table.get("inputs")
+    if v is not None and (not isinstance(v, str) or v.count(":") != 1 or v.startswith(":") or v.endswith(":")):
+        raise ConfigError(path, f"{key}.inputs", f"got {v!r}; give an import path 'package.module:function'")
     slo = None
     if "slo" in table:
         s = _table(path, f"{key}.slo", table["slo"], SLO_KEYS)
@@ -442,5 +394,4 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
         if "priority" in ld and not _is_int(ld["priority"]):
             raise ConfigError(path, f"{key}.load.priority", f"got {ld['priority']!r}; give an integer")
         load = ld
-    return ModelConfig(name=name, factory=table.get("factory"), inputs=table.get("inputs"), quota=quota,
-                       max_queue=max_queue, timeout_ms=timeout, batching=batching, slo=slo, load=load)
+    return ModelConfig(spec, inputs=v, slo=slo, load=load)

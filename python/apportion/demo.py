@@ -40,6 +40,7 @@ from typing import Any, TextIO
 
 from . import _table
 from .config import Config, ModelConfig
+from .spec import ModelSpec
 from .tune import Choice, Measured, Settings, apply, measure_config, tune
 
 __all__ = ["build_conv", "build_encoder", "build_mlp", "conv_input", "demo_config", "encoder_input",
@@ -165,8 +166,9 @@ def demo_config(load: float = 1.0, *, per_request_ms: dict[str, float] | None = 
     models = {}
     for name, (build, make) in _MODELS.items():
         models[name] = ModelConfig(
-            name=name, factory=f"apportion.demo:{build.__name__}", inputs=f"apportion.demo:{make.__name__}",
-            quota={}, max_queue=MAX_QUEUE, timeout_ms=SLO_MS[name],
+            ModelSpec(name, factory=f"apportion.demo:{build.__name__}", max_queue=MAX_QUEUE,
+                      timeout_ms=SLO_MS[name]),
+            inputs=f"apportion.demo:{make.__name__}",
             slo={"latency_ms": SLO_MS[name], "percentile": 99.0}, load={"share": SHARES[name]})
     return Config(models=models, rate=rate, path="<apportion demo>")
 

@@ -23,7 +23,35 @@ class ApportionError(Exception):
 
 
 class QuotaError(ApportionError, ValueError):
-    """A quota is invalid. The message names the model, the field and what would be valid."""
+    """A model's setting is invalid. ``model`` and ``field`` name it (``field`` may be dotted,
+    like ``"batching.max_size"``; either is None where it does not apply), ``reason`` says what
+    is wrong and what would be valid; ``str()`` is ``"model 'm', field 'f': reason"``."""
+
+    def __init__(self, reason: str, *, model: str | None = None, field: str | None = None) -> None:
+        self.reason = reason
+        self.model = model
+        self.field = field
+        if model is not None and field is not None:
+            text = f"model {model!r}, field {field!r}: {reason}"
+        elif model is not None:
+            text = f"model {model!r}: {reason}"
+        elif field is not None:
+            text = f"field {field!r}: {reason}"
+        else:
+            text = reason
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Crosses process boundaries (a worker process's start failure) with its attributes.
+        return (_rebuild, (type(self), self.args, self.reason, self.model, self.field))
+
+
+def _rebuild(cls: type[QuotaError], args: tuple[object, ...], reason: str, model: str | None,
+             field: str | None) -> QuotaError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.reason, err.model, err.field = reason, model, field
+    return err
 
 
 class PlacementError(ApportionError):

@@ -85,12 +85,8 @@ def _is_int(value: object) -> bool:
 
 
 def _quota_error(model: str | None, field: str, message: str) -> QuotaError:
-    where = f"model {model!r}: " if model else ""
     sep = "" if message.startswith("=") else " "
-    err = QuotaError(f"{where}gpu.{field}{sep}{message}")
-    err.model = model  # type: ignore[attr-defined]
-    err.field = field  # type: ignore[attr-defined]
-    return err
+    return QuotaError(f"{field}{sep}{message}", model=model, field=f"gpu.{field}")
 
 
 def parse_memory(value: int | str, *, model: str | None = None, field: str = "memory") -> int:

@@ -41,10 +41,7 @@ _MEMORY_POLICIES = ("bind", "prefer", "none")
 
 
 def _quota_error(model: str, field_name: str, message: str) -> QuotaError:
-    err = QuotaError(f"model {model!r}, field {field_name!r}: {message}")
-    err.model = model  # type: ignore[attr-defined]
-    err.field = field_name  # type: ignore[attr-defined]
-    return err
+    return QuotaError(message, model=model, field=field_name)
 
 
 _MAX_COUNT = 1 << 16

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import dataclasses
 import numbers
+import pkgutil
 import threading
 import warnings
 import weakref
@@ -21,63 +22,17 @@ from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
-from ._private.process import NOT_TAKEN, START_TIMEOUT_S, ProcessInstance, factory_path
+from ._private.process import NOT_TAKEN, ProcessInstance, factory_path
+from .spec import DEFAULT_MAX_QUEUE, ModelSpec
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, topology
 
 __all__ = ["InstanceContext", "Runtime"]
 
-_DEFAULT_MAX_QUEUE = 1024
-_MAX_INSTANCES = 1024
 _MAX_QUEUE_BYTES = 256 << 20
 """What a model's queue cells may take together (64 bytes each; every priority lane of every
 lane group holds max_queue requests, rounded up to a power of two): refused beyond it."""
 _CELL_BYTES = 64
-
-
-def _quota_int(model: str, field: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise QuotaError(
-            f"model {model!r}: {field} must be an integer >= {minimum}, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    v = int(value)
-    if v < minimum or (maximum is not None and v > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise QuotaError(f"model {model!r}: {field} must be an integer {bound}, got {v}")
-    return v
-
-
-def _quota_timeout(model: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise QuotaError(
-            f"model {model!r}: timeout_ms must be a positive number of milliseconds or None, "
-            f"got {value!r}"
-        )
-    v = float(value)
-    if not v > 0 or v == float("inf"):
-        raise QuotaError(
-            f"model {model!r}: timeout_ms must be a positive, finite number of milliseconds "
-            f"or None, got {value!r}"
-        )
-    return v
-
-
-def _process_seconds(model: str, field: str, value: object, process: bool, default: float | None,
-                     needs_process: str) -> float | None:
-    """A bound in seconds that only a process instance has: None gives ``default``; otherwise
-    a positive, finite number, with isolation="process" only (``needs_process`` says why)."""
-    if value is None:
-        return default
-    if not process:
-        raise QuotaError(f"model {model!r}, field {field!r}: {needs_process}; got {field}={value!r} with "
-                         "another isolation")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
-        raise QuotaError(f"model {model!r}, field {field!r}: give a positive, finite number of seconds "
-                         f"or None, got {value!r}")
-    return float(value)
 
 
 class _GpuState:
@@ -102,10 +57,9 @@ class _ModelEntry:
     """What the Python side keeps for one registered model (the core keeps its queue, workers
     and stats): one record, dropped whole by remove_model."""
 
-    quota: Quota
+    spec: ModelSpec
     burst: int = 0
     placed: dict[int, tuple[tuple[int, ...], tuple[int, ...], int]] = field(default_factory=dict)
-    gpu: GPU | None = None
     gpu_usage: GpuUsage | None = None
     processes: list[ProcessInstance] = field(default_factory=list)
     direct: bool = False
@@ -211,7 +165,7 @@ class Runtime(_core._Runtime):
         smt: bool = False,
         memory_policy: str = "bind",
         oversubscribe: bool = False,
-        max_queue: int = _DEFAULT_MAX_QUEUE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         timeout_ms: float | None = None,
         priority_levels: int = 1,
         on_timeout: str = "reject",
@@ -284,135 +238,99 @@ class Runtime(_core._Runtime):
         If the runtime is started, the instances are built before this returns and a factory's
         exception is raised here.
         """
-        if not isinstance(name, str) or not name:
-            raise QuotaError(f"model name must be a non-empty string, got {name!r}")
-        if (factory is None) == (model is None):
-            raise QuotaError(f"model {name!r}: pass exactly one of factory= or model=")
-        if isolation not in ("exclusive", "shared", "process"):
-            raise QuotaError(f"model {name!r}, field 'isolation': got {isolation!r}; give \"exclusive\", "
-                             "\"shared\" or \"process\"")
-        process = isolation == "process"
-        if process:
-            if model is not None:
-                raise QuotaError(f"model {name!r}, field 'model': isolation=\"process\" builds the model in "
-                                 "the worker process; give factory=\"module:function\" instead of model=")
-            if gpu is not None:
-                raise QuotaError(f"model {name!r}, field 'gpu': GPU quotas are not available with "
-                                 "isolation=\"process\" yet; use \"exclusive\" or \"shared\"")
-            factory_ref = factory_path(name, factory)
-        elif factory is not None and not callable(factory):
-            raise QuotaError(f"model {name!r}: factory must be callable, got {type(factory).__name__}")
-        if model is not None and not callable(model):
-            raise QuotaError(f"model {name!r}: model must be callable, got {type(model).__name__}")
-        instances = _quota_int(name, "instances", instances, 1, _MAX_INSTANCES)
-        if threads is not None:
-            threads = _quota_int(name, "threads", threads, 1)
-        max_queue = _quota_int(name, "max_queue", max_queue, 1, 1 << 30)
-        timeout = _quota_timeout(name, timeout_ms)
-        priority_levels = _quota_int(name, "priority_levels", priority_levels, 1, 256)
-        if on_timeout not in ("reject", "delay"):
-            raise QuotaError(f"model {name!r}: on_timeout must be 'reject' or 'delay', got {on_timeout!r}")
-        if batching is not None and not isinstance(batching, Batching):
-            raise QuotaError(
-                f"model {name!r}: batching must be an apportion.Batching or None, got {batching!r}"
-            )
-        native_batching = batching._validated(name)._native() if batching is not None else None
-        if isinstance(spin_us, bool) or not isinstance(spin_us, numbers.Real) or not 0 <= spin_us <= 1e6:
-            raise QuotaError(
-                f"model {name!r}: spin_us must be a number of microseconds in [0, 1e6], got {spin_us!r}"
-            )
-        watchdog = _process_seconds(name, "watchdog_s", watchdog_s, process, None,
-                                    'a watchdog needs isolation="process" (a thread cannot be killed)')
-        start_timeout = _process_seconds(name, "start_timeout_s", start_timeout_s, process, START_TIMEOUT_S,
-                                         "it bounds a worker process's start: give it with "
-                                         'isolation="process" only')
+        self.add(ModelSpec(
+            name=name, factory=factory, model=model, instances=instances, threads=threads, cores=cores,
+            isolation=isolation, numa=numa, smt=smt, memory_policy=memory_policy,  # type: ignore[arg-type]
+            oversubscribe=oversubscribe, max_queue=max_queue, timeout_ms=timeout_ms,
+            priority_levels=priority_levels, on_timeout=on_timeout, batching=batching,  # type: ignore[arg-type]
+            spin_us=spin_us, gpu=gpu, weight=weight, priority_class=priority_class, burst=burst,
+            watchdog_s=watchdog_s, start_timeout_s=start_timeout_s))
+
+    def add(self, spec: ModelSpec) -> None:
+        """Registers the model ``spec`` describes (see :meth:`add_model`, whose arguments are
+        its fields). Raises QuotaError (``.model``, ``.field``) for a spec this runtime cannot
+        serve, PlacementError when it does not fit beside the other models."""
+        if not isinstance(spec, ModelSpec):
+            raise QuotaError(f"give an apportion.ModelSpec, got {type(spec).__name__}")
+        name = spec.name
+        if spec.factory is None and spec.model is None:
+            raise QuotaError("give factory= (called once per instance) or model=", model=name, field="factory")
+        factory_ref = factory_path(name, spec.factory) if spec.process else None
+        if isinstance(spec.factory, str) and not spec.process:
+            # A thread instance calls the factory in this process: import it now.
+            try:
+                spec = dataclasses.replace(spec, factory=pkgutil.resolve_name(spec.factory))
+            except (ImportError, AttributeError, ValueError) as e:
+                raise QuotaError(f"{spec.factory!r} cannot be imported: {e}", model=name, field="factory") from None
+        self._check_sharing(spec)
         self._check_admin("add_model()")
         with self._admin:
-            self._add_model_locked(
-                name, factory, model, factory_ref if process else None, instances, threads, cores,
-                isolation, numa, smt, memory_policy, oversubscribe, max_queue, timeout,
-                priority_levels, on_timeout, batching, native_batching, float(spin_us), gpu, weight,
-                priority_class, burst, watchdog, start_timeout)
+            self._add_locked(spec, factory_ref)
 
-    def _add_model_locked(self, name: str, factory: Any, model: Any, factory_ref: str | None,
-                          instances: int, threads: int | None, cores: Any, isolation: str, numa: Any,
-                          smt: bool, memory_policy: str, oversubscribe: bool, max_queue: int,
-                          timeout: float | None, priority_levels: int, on_timeout: str,
-                          batching: Batching | None, native_batching: Any, spin_us: float,
-                          gpu: GPU | None, weight: object, priority_class: object, burst: object,
-                          watchdog: float | None, start_timeout: float | None) -> None:
-        process = factory_ref is not None
+    def _add_locked(self, spec: ModelSpec, factory_ref: str | None) -> None:
+        name = spec.name
         if name in self._models:
             raise ValueError(f"model {name!r} is already registered")
-        if gpu is not None:
-            self._check_gpu(name, gpu)
-        # A process instance is placed like a thread instance: its own cores when it asks for
-        # some, the shared pool otherwise.
-        planned_isolation = ("exclusive" if cores is not None else "shared") if process else isolation
-        if process and burst:
-            raise QuotaError(f"model {name!r}, field 'burst': burst instances are threads of this "
-                             "process; they are not available with isolation=\"process\"")
-        # A process model without cores shares the pool like a thread one (its worker holds the
-        # pool's units while its child computes).
-        weight_v, class_v, burst_n = self._check_sharing(name, planned_isolation, instances, weight,
-                                                         priority_class, burst)
-        quota = Quota(name=name, cores=cores, instances=instances, threads=threads,
-                      isolation=planned_isolation, numa=numa, smt=smt,  # type: ignore[arg-type]
-                      memory_policy=memory_policy,  # type: ignore[arg-type]
-                      oversubscribe=oversubscribe)
-
+        if spec.gpu is not None:
+            self._check_gpu(name, spec.gpu)
+        quota = spec.quota
         # Place it with every other model now, so an impossible quota fails here, not at start.
         new_plan = self._place({**self._quotas(), name: quota})
         if self.started:
             self._check_running_models_stay(new_plan, name)
         groups = self._lane_groups(new_plan[name])
-        cells = _core._lane_cells(max_queue, priority_levels, max(len(set(groups)), 1), on_timeout == "delay")
+        cells = _core._lane_cells(spec.max_queue, spec.priority_levels, max(len(set(groups)), 1),
+                                  spec.on_timeout == "delay")
         if cells * _CELL_BYTES > _MAX_QUEUE_BYTES:
             raise QuotaError(
-                f"model {name!r}, field 'max_queue': max_queue={max_queue} with "
-                f"priority_levels={priority_levels} needs {cells * _CELL_BYTES / 2**20:.0f} MiB of queue "
-                f"cells ({_CELL_BYTES} bytes each; every lane holds max_queue requests); the limit is "
-                f"{_MAX_QUEUE_BYTES >> 20} MiB: lower max_queue or priority_levels")
+                f"max_queue={spec.max_queue} with priority_levels={spec.priority_levels} needs "
+                f"{cells * _CELL_BYTES / 2**20:.0f} MiB of queue cells ({_CELL_BYTES} bytes each; every lane "
+                f"holds max_queue requests); the limit is {_MAX_QUEUE_BYTES >> 20} MiB: lower max_queue or "
+                "priority_levels", model=name, field="max_queue")
+        burst_n = spec.burst_instances
+        pooled = self._scheduled and quota.isolation == "shared"  # its calls hold pool units
+        if burst_n and not new_plan.shared_pool:
+            raise PlacementError(
+                f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
+                "hold every CPU), so there is nowhere to burst to"
+            )
 
         # The native runtime owns these closures: they must not reference the runtime itself, or
         # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
-        entry = _ModelEntry(quota=quota, burst=burst_n, gpu=gpu)
+        entry = _ModelEntry(spec=spec, burst=burst_n)
         placed = entry.placed
-        isolation_word = quota.isolation
         gpu_state = self._gpu
         procs = entry.processes
         memory_word = quota.memory_policy if len(self.topology.nodes) > 1 else "none"
+        child_spec = dataclasses.replace(spec, factory=factory_ref) if factory_ref is not None else None
 
         def make_process_instance(index: int) -> Callable[[Any], Any]:
-            cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
-            spec = {"factory": factory_ref, "model": name, "instance": index, "instances": instances,
-                    "threads": planned_threads, "cpus": list(cpus) if cpus else None,
-                    "memory_nodes": list(nodes), "memory_policy": memory_word}
+            cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))
             # On a single CPU the proxy's spin only delays the child it waits for (they share
             # that CPU): park at once there (measured: 75-100 us round trips with the spin,
             # 52-55 us without, on the 2-core VM). Likewise the child's spin after a direct
             # call would only delay the worker thread pinned to that CPU.
-            proxy_spin = spin_us if cpus is None or len(cpus) > 1 else 0.0
-            spec["direct_spin_us"] = proxy_spin
-            proxy = ProcessInstance(spec, watchdog_s=watchdog, spin_us=proxy_spin,
-                                    start_timeout_s=start_timeout)
+            proxy_spin = spec.spin_us if cpus is None or len(cpus) > 1 else 0.0
+            assert child_spec is not None
+            proxy = ProcessInstance(child_spec, instance=index, threads=planned_threads, cpus=cpus,
+                                    memory_nodes=nodes, memory_policy=memory_word, spin_us=proxy_spin)
             # Listed before its child starts, so that close(drain=False) can stop a start that
             # hangs.
             procs.append(proxy)
             proxy.start()
             return proxy
-        usage = GpuUsage(gpu.to_native(name)["memory"]) if gpu is not None else None
+        usage = GpuUsage(spec.gpu.to_native(name)["memory"]) if spec.gpu is not None else None
         entry.gpu_usage = usage
 
         def make_instance(index: int) -> Callable[[Any], Any]:
-            cpus, nodes, planned_threads = placed.get(index, (None, (), threads))
+            cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))
             gpu_ctx = gpu_state.context(name, index) if usage is not None else None
-            is_burst = index >= instances
-            ctx = InstanceContext(model=name, instance=index, instances=instances,
+            is_burst = index >= spec.instances
+            ctx = InstanceContext(model=name, instance=index, instances=spec.instances,
                                   threads=planned_threads, cpus=cpus, memory_nodes=nodes,
-                                  isolation="shared" if is_burst else isolation_word, gpu=gpu_ctx,
+                                  isolation="shared" if is_burst else quota.isolation, gpu=gpu_ctx,
                                   burst=is_burst)
-            obj = model if model is not None else factory(ctx)  # type: ignore[misc]
+            obj = spec.model if spec.model is not None else spec.factory(ctx)  # type: ignore[misc]
             if not callable(obj):
                 raise TypeError(
                     f"model {name!r}: factory returned {type(obj).__name__}, which is not callable"
@@ -420,21 +338,12 @@ class Runtime(_core._Runtime):
             fn = adapt(obj, ctx)
             return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
-        pooled = self._scheduled and quota.isolation == "shared"  # its calls hold pool units
-        if burst_n and not new_plan.shared_pool:
-            raise PlacementError(
-                f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
-                "hold every CPU), so there is nowhere to burst to"
-            )
         self._models[name] = entry
         try:
             instances_arg, policy, groups = self._native_placement(new_plan, name)
-            build = make_process_instance if process else make_instance
-            self._add_model(name, wrap_factory(name, build) if batching is not None else build,
-                            instances, max_queue, timeout, priority_levels, spin_us,
-                            instances_arg, policy, on_timeout=on_timeout, batching=native_batching,
-                            pooled=pooled, weight=weight_v, priority_class=class_v, burst=burst_n,
-                            groups=groups)
+            build = make_process_instance if spec.process else make_instance
+            self._add_model(spec, wrap_factory(name, build) if spec.batching is not None else build,
+                            instances_arg, policy, groups, pooled)
         finally:
             # Registered even if something was raised after its workers started (a
             # PinningWarning turned into an error): the bookkeeping follows the native side.
@@ -443,54 +352,19 @@ class Runtime(_core._Runtime):
                 # A direct call is one request on an idle instance, right away: not for a model
                 # that batches (its worker waits to gather a batch) or whose calls hold units of
                 # the scheduled pool (the worker takes those in turn).
-                entry.direct = process and batching is None and not pooled
+                entry.direct = spec.process and spec.batching is None and not pooled
             else:
                 del self._models[name]
                 self._close_processes(entry)
 
-    def _check_sharing(self, name: str, isolation: object, instances: int, weight: object,
-                       priority_class: object, burst: object) -> tuple[float, int, int]:
-        """Validates weight, priority_class and burst; returns them with defaults applied."""
-        if weight is not None:
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (
-                    0 < float(weight) < float("inf")):
-                raise QuotaError(f"model {name!r}: weight must be a positive, finite number, got {weight!r}")
-        if priority_class is not None:
-            priority_class = _quota_int(name, "priority_class", priority_class, -1000, 1000)
-        if isinstance(burst, bool):
-            burst_n = instances if burst else 0
-        elif isinstance(burst, numbers.Integral) and 0 <= int(burst) <= _MAX_INSTANCES:
-            burst_n = int(burst)
-        else:
-            raise QuotaError(
-                f"model {name!r}: burst must be True, False or a count of burst instances in "
-                f"[0, {_MAX_INSTANCES}], got {burst!r}"
-            )
-        pooled = isolation == "shared" or burst_n > 0
-        for field, value in (("weight", weight), ("priority_class", priority_class)):
-            if value is not None and not pooled:
-                raise QuotaError(
-                    f"model {name!r}: {field} applies to the shared pool; give "
-                    f"isolation='shared', or burst=True on an exclusive model"
-                )
-            if value is not None and not self._scheduled:
-                raise QuotaError(
-                    f"model {name!r}: {field} needs a scheduled shared pool: make the runtime "
-                    "with Runtime(shared_pool='scheduled') (this one has shared_pool='os')"
-                )
-        if burst_n:
-            if isolation != "exclusive":
-                raise QuotaError(
-                    f"model {name!r}: burst is for exclusive models (a shared model already runs "
-                    f"on the shared pool); got isolation={isolation!r}"
-                )
-            if not self._scheduled:
-                raise QuotaError(
-                    f"model {name!r}: burst needs a scheduled shared pool: make the runtime with "
-                    "Runtime(shared_pool='scheduled') (this one has shared_pool='os')"
-                )
-        return (float(weight) if weight is not None else 1.0,
-                int(priority_class) if priority_class is not None else 0, burst_n)
+    def _check_sharing(self, spec: ModelSpec) -> None:
+        """What a spec's sharing settings need from this runtime: a scheduled shared pool."""
+        for fld, given in (("weight", spec.weight is not None), ("priority_class", spec.priority_class is not None),
+                           ("burst", spec.burst_instances > 0)):
+            if given and not self._scheduled:
+                raise QuotaError(f"needs a scheduled shared pool: make the runtime with "
+                                 "Runtime(shared_pool='scheduled') (this one has shared_pool='os')",
+                                 model=spec.name, field=fld)
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
@@ -510,10 +384,10 @@ class Runtime(_core._Runtime):
             self._plan = None
 
     def _quotas(self) -> dict[str, Quota]:
-        return {n: e.quota for n, e in self._models.items()}
+        return {n: e.spec.quota for n, e in self._models.items()}
 
     def _gpu_quotas(self) -> dict[str, GPU]:
-        return {n: e.gpu for n, e in self._models.items() if e.gpu is not None}
+        return {n: e.spec.gpu for n, e in self._models.items() if e.spec.gpu is not None}
 
     @property
     def models(self) -> list[str]:

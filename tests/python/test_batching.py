@@ -53,16 +53,16 @@ def test_batching_is_a_validated_frozen_quota() -> None:
         (dict(max_size=4, max_delay_ms=1, preferred_sizes=[]), "preferred_sizes"),
         (dict(max_size=4, max_delay_ms=1, preferred_sizes="2"), "preferred_sizes"),
     ]:
-        with pytest.raises(ap.QuotaError, match=f"Batching: {field} must be"):
+        with pytest.raises(ap.QuotaError, match=f"field {field!r}: must be"):
             ap.Batching(**kwargs)  # type: ignore[arg-type]
 
 
 def test_add_model_names_the_model_and_field(rt: ap.Runtime) -> None:
-    with pytest.raises(ap.QuotaError, match=r"model 'm': batching must be an apportion.Batching"):
+    with pytest.raises(ap.QuotaError, match=r"model 'm', field 'batching': must be an apportion.Batching"):
         rt.add_model("m", model=lambda xs: xs, batching=16)  # type: ignore[arg-type]
     bad = ap.Batching(4, 1.0)
     object.__setattr__(bad, "max_size", 0)  # bypassing the dataclass: add_model checks again
-    with pytest.raises(ap.QuotaError, match=r"model 'm': batching.max_size must be"):
+    with pytest.raises(ap.QuotaError, match=r"model 'm', field 'batching.max_size': must be"):
         rt.add_model("m", model=lambda xs: xs, batching=bad)
     assert rt.models == []
 

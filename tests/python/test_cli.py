@@ -179,10 +179,11 @@ oversubscribe = true
     ("text", "key", "allowed"),
     [
         ('[models.m]\ncores = 1\nflavour = "mint"\n', "models.m.flavour",
-         "unknown key; allowed: cores, instances, threads, isolation, numa, smt, memory_policy, oversubscribe"),
-        ('[models.m]\ncores = 1\nname = "x"\n', "models.m.name", "unknown key; allowed: cores"),
+         "unknown key; allowed: factory, instances, threads, cores, isolation, numa, smt, memory_policy, "
+         "oversubscribe, max_queue"),
+        ('[models.m]\ncores = 1\nname = "x"\n', "models.m.name", "unknown key; allowed: factory, instances"),
         ('[models.m]\ncores = 1\nisolation = "solo"\n', "models.m.isolation",
-         "got 'solo'; give \"exclusive\" or \"shared\""),
+         "got 'solo'; give \"exclusive\", \"shared\" or \"process\""),
         ("[models.m]\ncores = 0\n", "models.m.cores", "give a count in [1, 65536]"),
         ("[models.m]\ncores = 1.5\n", "models.m.cores", "give an integer count >= 1"),
         ("[models.m]\ninstances = -1\n", "models.m.instances", "got -1; give an integer >= 1"),
@@ -194,7 +195,7 @@ oversubscribe = true
         ('[models.m]\ncores = 1\nisolation = "exclusive"\nnuma = -2\n', "models.m.numa", 'give a node id in [0, 65536) or "auto"'),
         ("models = 3\n", "models", "no models"),
         ("[models]\n", "models", "no models"),
-        ("[models]\nm = 1\n", "models.m", "must be a table of quota fields"),
+        ("[models]\nm = 1\n", "models.m", "must be a table of model fields"),
         ("[frobnicate]\nx = 1\n[models.m]\ncores = 1\n", "frobnicate", "unknown top-level key"),
         # Valid alone, impossible on this machine: the planner's QuotaError, named the same way.
         ('[models.m]\ncores = 3\nisolation = "exclusive"\n', "models.m.cores",

@@ -49,8 +49,8 @@ def test_full_config_round_trips(tmp_path: Path) -> None:
     cfg = Config.load(write(tmp_path, FULL))
     echo = cfg.models["echo"]
     assert cfg.cpus == "0-1" and cfg.rate == 100.0
-    assert echo.quota == {"cores": 1, "isolation": "exclusive", "instances": 1, "threads": 1}
-    assert echo.batching == ap.Batching(max_size=4, max_delay_ms=1.5)
+    assert (echo.spec.cores, echo.spec.isolation, echo.spec.instances, echo.spec.threads) == (1, "exclusive", 1, 1)
+    assert echo.spec.batching == ap.Batching(max_size=4, max_delay_ms=1.5)
     assert echo.slo == {"latency_ms": 20.0, "percentile": 95.0}
     assert cfg.demand() == {"echo": 50.0, "other": None}
     again = Config.loads(cfg.to_toml("a header"), "again.toml")
@@ -65,8 +65,8 @@ def test_model_loads_carry_slo_and_share(tmp_path: Path) -> None:
 
 
 def test_runtime_is_built_and_serves() -> None:
-    cfg = Config(models={"double": ModelConfig("double", factory=lambda ctx: (lambda x: 2 * x),
-                                               quota={"instances": 2}, max_queue=8)})
+    cfg = Config(models={"double": ModelConfig(ap.ModelSpec("double", factory=lambda ctx: (lambda x: 2 * x),
+                                                            instances=2, max_queue=8))})
     rt = cfg.runtime(start=True)
     try:
         assert rt.submit("double", 21).result(timeout=10) == 42
@@ -88,12 +88,12 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "allowed"),
     [
-        ("[models.m]\nfactory = 3\n", "models.m.factory", "give an import path 'package.module:function'"),
+        ("[models.m]\nfactory = 3\n", "models.m.factory", "must be callable or a 'module:function' path"),
         ('[models.m]\nfactory = "nocolon"\n', "models.m.factory", "import path"),
         ("[models.m]\nmax_queue = 0\n", "models.m.max_queue", "give an integer in [1, 2**30]"),
-        ("[models.m]\ntimeout_ms = -1\n", "models.m.timeout_ms", "give a positive number (milliseconds)"),
+        ("[models.m]\ntimeout_ms = -1\n", "models.m.timeout_ms", "give a positive, finite number of milliseconds"),
         ("[models.m]\nbatching = { max_delay_ms = 1 }\n", "models.m.batching.max_size", "missing"),
-        ("[models.m]\nbatching = { max_size = 0 }\n", "models.m.batching.max_size", "max_size must be an integer"),
+        ("[models.m]\nbatching = { max_size = 0 }\n", "models.m.batching.max_size", "must be an integer"),
         ("[models.m]\nbatching = { size = 2 }\n", "models.m.batching.size",
          "unknown key; allowed: max_size, max_delay_ms, preferred_sizes"),
         ("[models.m]\nslo = { percentile = 99 }\n", "models.m.slo.latency_ms", "missing"),
@@ -109,7 +109,7 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
         ("[runtime]\nthreads = 3\n[models.m]\n", "runtime.threads", "unknown key; allowed: cpus"),
         ("[workload]\nrate = 0\n[models.m]\n", "workload.rate", "positive number"),
         ("[models.m]\nthreads = 0\n", "models.m.threads", "give an integer in [1, 65536]"),
-        ("[models.m]\nflavour = 1\n", "models.m.flavour", "allowed: cores, instances"),
+        ("[models.m]\nflavour = 1\n", "models.m.flavour", "allowed: factory, instances, threads, cores"),
     ],
 )
 def test_validation_errors_name_file_key_and_allowed(tmp_path: Path, text: str, key: str, allowed: str) -> None:
@@ -149,7 +149,7 @@ def test_models_that_do_not_fit_are_does_not_fit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["modèle", "line\nbreak", "tab\there", 'quote"d', "back\\slash", "a.b",
                                   "spaces in it", "日本語", "emoji 🚀", "[models]"])
 def test_to_toml_round_trips_any_model_name(name: str) -> None:
-    cfg = Config(models={name: ModelConfig(name, factory="apportion.demo:build_mlp", quota={"threads": 1},
+    cfg = Config(models={name: ModelConfig(ap.ModelSpec(name, factory="apportion.demo:build_mlp", threads=1),
                                            slo={"latency_ms": 5.0, "percentile": 99.0},
                                            load={"rate": 10.0})},
                  cpus="0-1", rate=20.0)
@@ -159,10 +159,10 @@ def test_to_toml_round_trips_any_model_name(name: str) -> None:
 
 
 def test_to_toml_writes_values_a_reader_gets_back_exactly() -> None:
-    m = ModelConfig("m", factory="pkg.mod:build", inputs="pkg.mod:make", max_queue=7, timeout_ms=0.1 + 0.2,
-                    quota={"cores": "0-1", "isolation": "exclusive", "threads": 2},
-                    batching=ap.Batching(max_size=8, max_delay_ms=1.25, preferred_sizes=(2, 4)),
-                    slo={"latency_ms": 1e-3, "percentile": 99.9, "timeout_ms": 12.5},
+    m = ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build", max_queue=7, timeout_ms=0.1 + 0.2, cores="0-1",
+                                 isolation="exclusive", threads=2,
+                                 batching=ap.Batching(max_size=8, max_delay_ms=1.25, preferred_sizes=(2, 4))),
+                    inputs="pkg.mod:make", slo={"latency_ms": 1e-3, "percentile": 99.9, "timeout_ms": 12.5},
                     load={"concurrency": 3, "arrivals": "constant", "priority": -1})
     cfg = Config(models={"m": m}, cpus=(0, 1), rate=None)
     again = Config.loads(cfg.to_toml(), "again.toml")
@@ -178,7 +178,7 @@ NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_siz
 @given(names=st.lists(NAMES, min_size=1, max_size=4, unique=True),
        latency=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False))
 def test_to_toml_round_trips_random_model_names(names: list[str], latency: float) -> None:
-    cfg = Config(models={n: ModelConfig(n, factory="apportion.demo:build_mlp", timeout_ms=latency,
+    cfg = Config(models={n: ModelConfig(ap.ModelSpec(n, factory="apportion.demo:build_mlp", timeout_ms=latency),
                                         slo={"latency_ms": latency, "percentile": 99.0})
                          for n in names})
     again = Config.loads(cfg.to_toml(), "again.toml")

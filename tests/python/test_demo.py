@@ -27,7 +27,7 @@ def test_workload_scales_with_the_machine() -> None:
     cfg = demo.demo_config(1.0, per_request_ms=ms, cpus=2)
     assert cfg.rate == pytest.approx(1000.0)  # 2 cores / 2 ms per request
     assert sum(cfg.demand().values()) == pytest.approx(1000.0)
-    assert all(m.slo and m.timeout_ms == m.slo["latency_ms"] for m in cfg.models.values())
+    assert all(m.slo and m.spec.timeout_ms == m.slo["latency_ms"] for m in cfg.models.values())
     assert demo.demo_config(100.0, per_request_ms=ms, cpus=2).rate == demo.MAX_TOTAL_RATE
 
 

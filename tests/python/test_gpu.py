@@ -58,7 +58,7 @@ def test_memory_sizes_normalise_to_bytes(text: int | str, expected: int) -> None
 def test_bad_memory_sizes_name_the_field(bad: object) -> None:
     with pytest.raises(QuotaError, match=r"gpu\.memory") as info:
         gpu.GPU(memory=bad)  # type: ignore[arg-type]
-    assert info.value.field == "memory"  # type: ignore[attr-defined]
+    assert info.value.field == "gpu.memory"
 
 
 @pytest.mark.parametrize(
@@ -87,14 +87,14 @@ def test_bad_memory_sizes_name_the_field(bad: object) -> None:
 def test_invalid_fields_raise_quota_error_naming_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(QuotaError, match=rf"gpu\.{field}") as info:
         gpu.GPU(**kwargs)
-    assert info.value.field == field  # type: ignore[attr-defined]
+    assert info.value.field == f"gpu.{field}"
     assert isinstance(info.value, ap.ApportionError)
 
 
 def test_validate_names_the_model() -> None:
     q = gpu.GPU(sm_share=0.5)
     assert q.validate("ranker") is q
-    with pytest.raises(QuotaError, match=r"^model 'ranker': gpu\.streams=0 must be") as info:
+    with pytest.raises(QuotaError, match=r"^model 'ranker', field 'gpu\.streams': streams=0 must be") as info:
         _bad_streams("ranker")
     assert info.value.model == "ranker"  # type: ignore[attr-defined]
     with pytest.raises(QuotaError, match="model name"):

@@ -24,6 +24,7 @@ LAYERS: list[list[str]] = [
      "apportion._version", "apportion.futures"],
     ["apportion.topology", "apportion.batching"],
     ["apportion.placement", "apportion.gpu"],
+    ["apportion.spec"],
     ["apportion.adapters", "apportion._private"],
     ["apportion.load.spec"],
     ["apportion.load.report"],

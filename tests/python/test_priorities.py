@@ -54,7 +54,7 @@ def test_max_queue_bounds_every_level_together(rt: ap.Runtime) -> None:
 
 
 def test_on_timeout_is_validated(rt: ap.Runtime) -> None:
-    with pytest.raises(ap.QuotaError, match=r"model 'm': on_timeout must be 'reject' or 'delay'"):
+    with pytest.raises(ap.QuotaError, match=r"model 'm', field 'on_timeout': got 'drop'; give \"reject\" or \"delay\""):
         rt.add_model("m", model=lambda x: x, on_timeout="drop")
     assert rt.models == []
 

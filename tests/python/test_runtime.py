@@ -131,14 +131,17 @@ def test_invalid_quota_names_model_and_field(rt: ap.Runtime, kwargs: dict, field
 
 
 def test_model_and_factory_are_mutually_exclusive(rt: ap.Runtime) -> None:
-    with pytest.raises(ap.QuotaError, match="exactly one of factory= or model="):
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'factory': give factory= .* or model="):
         rt.add_model("m")
-    with pytest.raises(ap.QuotaError, match="exactly one of factory= or model="):
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'factory': give factory= or model=, not both"):
         rt.add_model("m", factory=lambda c: print, model=print)
-    with pytest.raises(ap.QuotaError, match="model 'm': model must be callable"):
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'model': must be callable"):
         rt.add_model("m", model=3)
-    with pytest.raises(ap.QuotaError, match="model 'm': factory must be callable"):
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'factory': 'build' is not an import path"):
         rt.add_model("m", factory="build")
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'factory': 'apportion.nothing:build' cannot be "
+                       "imported"):
+        rt.add_model("m", factory="apportion.nothing:build")
     with pytest.raises(ap.QuotaError, match="non-empty string"):
         rt.add_model("", model=print)
 

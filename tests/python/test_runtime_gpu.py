@@ -37,7 +37,7 @@ def test_gpu_quota_without_a_gpu_is_a_quota_error_with_the_reason(rt: ap.Runtime
 
 
 def test_gpu_quota_is_validated_before_anything_else(rt: ap.Runtime) -> None:
-    with pytest.raises(ap.QuotaError, match=r"model 'm', field 'gpu': give apportion.GPU"):
+    with pytest.raises(ap.QuotaError, match=r"model 'm', field 'gpu': must be apportion.GPU"):
         rt.add_model("m", model=lambda x: x, gpu={"device": 0})
     with pytest.raises(ap.QuotaError, match="sm_share and gpu.sm_count are both set"):
         ap.GPU(device=0, sm_share=0.5, sm_count=8)  # refused when built, before any model

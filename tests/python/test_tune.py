@@ -112,9 +112,9 @@ DEMAND = {"ranker": 3000.0, "encoder": 2000.0}
 
 
 def _synthetic_config() -> Config:
-    models = {n: ModelConfig(n, factory=f"apportion.demo:build_{'mlp' if n == 'ranker' else 'encoder'}",
-                             slo={"latency_ms": 30.0, "percentile": 99.0}, load={"rate": DEMAND[n]},
-                             max_queue=64, timeout_ms=30.0)
+    models = {n: ModelConfig(ap.ModelSpec(n, factory=f"apportion.demo:build_{'mlp' if n == 'ranker' else 'encoder'}",
+                                          max_queue=64, timeout_ms=30.0),
+                             slo={"latency_ms": 30.0, "percentile": 99.0}, load={"rate": DEMAND[n]})
               for n in TRUTH}
     return Config(models=models, path="synthetic.toml")
 
@@ -129,8 +129,8 @@ def _fluid(choice: Choice, cost: CostModel) -> tuple[float, float]:
 def _fake_measure(cfg: Config) -> dict[str, Measured]:
     out = {}
     for n, m in cfg.models.items():
-        q = m.quota
-        choice = Choice(q["isolation"], q.get("cores"), q["instances"], q["threads"], m.batching)
+        s = m.spec
+        choice = Choice(s.isolation, s.cores, s.instances, s.threads, s.batching)
         cap, p99 = _fluid(choice, TRUTH[n])
         good = min(DEMAND[n], RHO * cap)
         out[n] = Measured(good, good, p99, p99 <= 30.0, DEMAND[n])
@@ -198,7 +198,7 @@ def test_tune_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="objective must be one of"):
         tune(_synthetic_config(), objective="speed", progress=False)  # type: ignore[arg-type]
     cfg = _synthetic_config()
-    no_load = cfg.replace_models(ranker=ModelConfig("ranker", factory="apportion.demo:build_mlp"))
+    no_load = cfg.replace_models(ranker=ModelConfig(ap.ModelSpec("ranker", factory="apportion.demo:build_mlp")))
     with pytest.raises(ap.ConfigError, match=r"models\.ranker\.load"):
         tune(no_load, progress=False, profiles=TRUTH, measure=_fake_measure)
 
@@ -216,10 +216,10 @@ def _sleeper(ms: float):
 
 def test_real_run_with_sleeping_models(tmp_path: Path) -> None:
     models = {
-        "slow": ModelConfig("slow", factory=_sleeper(4.0), slo={"latency_ms": 80.0, "percentile": 99.0},
-                            load={"rate": 100.0}, max_queue=64),
-        "fast": ModelConfig("fast", factory=_sleeper(1.0), slo={"latency_ms": 80.0, "percentile": 99.0},
-                            load={"concurrency": 2}, max_queue=64),
+        "slow": ModelConfig(ap.ModelSpec("slow", factory=_sleeper(4.0), max_queue=64),
+                            slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 100.0}),
+        "fast": ModelConfig(ap.ModelSpec("fast", factory=_sleeper(1.0), max_queue=64),
+                            slo={"latency_ms": 80.0, "percentile": 99.0}, load={"concurrency": 2}),
     }
     result = tune(Config(models=models), budget_s=8, max_batch=4, progress=False, out_dir=tmp_path,
                   validate_top=2)
@@ -234,7 +234,9 @@ def test_real_run_with_sleeping_models(tmp_path: Path) -> None:
 def test_apply_keeps_workload_and_replaces_quotas() -> None:
     cfg = _synthetic_config()
     out = apply(cfg, {"ranker": Choice("exclusive", 4, 2, 2, ap.Batching(4, 1.0))})
-    assert out.models["ranker"].quota == {"isolation": "exclusive", "instances": 2, "threads": 2, "cores": 4}
+    s = out.models["ranker"].spec
+    assert (s.isolation, s.instances, s.threads, s.cores, s.batching) == ("exclusive", 2, 2, 4, ap.Batching(4, 1.0))
+    assert (s.max_queue, s.timeout_ms) == (64, 30.0)  # serving settings stay
     assert out.models["ranker"].load == cfg.models["ranker"].load
     assert out.models["encoder"] == cfg.models["encoder"]
     assert Shape(2, 4).describe() == "t=2 b<=4"

@@ -52,30 +52,28 @@ def _place(spec: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _build(spec: dict[str, Any]) -> Any:
-    import importlib
+def _build(launch: dict[str, Any]) -> Any:
+    import pkgutil
 
     from apportion.adapters import adapt
-    from apportion.errors import QuotaError
     from apportion.context import InstanceContext
+    from apportion.errors import QuotaError
+    from apportion.spec import ModelSpec
 
-    module_name, _, attr = spec["factory"].partition(":")
-    module = importlib.import_module(module_name)
-    factory: Any = module
+    spec = ModelSpec.from_table(launch["model"], launch["spec"])
+    assert isinstance(spec.factory, str)
     try:
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except AttributeError:
-        raise QuotaError(f"model {spec['model']!r}, field 'factory': module {module_name!r} has no "
-                         f"attribute {attr!r}") from None
+        factory = pkgutil.resolve_name(spec.factory)
+    except AttributeError as e:
+        raise QuotaError(f"{spec.factory!r} cannot be imported: {e}", model=spec.name, field="factory") from None
     ctx = InstanceContext(
-        model=spec["model"], instance=spec["instance"], instances=spec["instances"],
-        threads=spec["threads"], cpus=tuple(spec["cpus"]) if spec["cpus"] else None,
-        memory_nodes=tuple(spec["memory_nodes"]), isolation="process", gpu=None,
+        model=spec.name, instance=launch["instance"], instances=spec.instances,
+        threads=launch["threads"], cpus=tuple(launch["cpus"]) if launch["cpus"] else None,
+        memory_nodes=tuple(launch["memory_nodes"]), isolation="process", gpu=None,
     )
     obj = factory(ctx)
     if not callable(obj):
-        raise TypeError(f"model {spec['model']!r}: factory returned {type(obj).__name__}, which is not callable")
+        raise TypeError(f"model {spec.name!r}: factory returned {type(obj).__name__}, which is not callable")
     return adapt(obj, ctx)
 
 

@@ -25,13 +25,16 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from ..errors import PinningWarning, QuotaError, WorkerCrashed
 from . import payload as proto
 from .payload import dumps, loads
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
 
 __all__ = ["ProcessInstance", "RemoteTraceback", "factory_path", "SHM_PREFIX"]
 
@@ -123,19 +126,28 @@ class ProcessInstance:
     (:meth:`call_directly`); one call at a time. :meth:`start` starts the first child; closed
     once the worker has exited."""
 
-    def __init__(self, spec: dict[str, Any], *, watchdog_s: float | None, spin_us: float,
-                 start_timeout_s: float | None = START_TIMEOUT_S) -> None:
-        self._spec = spec
-        self._model = spec["model"]
-        self._index = spec["instance"]
-        self._watchdog_s = watchdog_s
+    def __init__(self, spec: ModelSpec, *, instance: int, threads: int | None, cpus: Sequence[int] | None,
+                 memory_nodes: Sequence[int], memory_policy: str, spin_us: float) -> None:
+        """``spec``: the model's, with ``factory`` as the "module:function" path the child
+        imports. The instance's placement (``cpus``, ``memory_nodes``, ``memory_policy``,
+        ``threads``) is applied again by the child; ``spin_us``: how long this side and, after a
+        direct call, the child spin before they park."""
+        # What the child is started with (JSON on its command line): the model's spec as its
+        # table, and this instance's placement.
+        self._launch: dict[str, Any] = {
+            "model": spec.name, "spec": spec.to_table(), "instance": instance, "threads": threads,
+            "cpus": list(cpus) if cpus else None, "memory_nodes": list(memory_nodes),
+            "memory_policy": memory_policy, "direct_spin_us": spin_us}
+        self._model = spec.name
+        self._index = instance
+        self._watchdog_s = spec.watchdog_s
         self._spin_us = spin_us
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: Any = None
         self._failures = 0
         self._failed_at = 0.0
         self._closed = False
-        self._start_timeout_s = start_timeout_s
+        self._start_timeout_s = spec.start_timeout_s if spec.start_timeout_s is not None else START_TIMEOUT_S
         self._aborting = False  # set from another thread by abort(); read between waits
         self._abort_start = False  # set by abort_start(): a child still building gives up
         self._lock = threading.Lock()  # close() from another thread vs. a restart
@@ -162,7 +174,7 @@ class ProcessInstance:
     def _start(self) -> None:
         name = f"/{SHM_PREFIX}{os.getpid()}-{next(_names)}-i{self._index}"
         channel = _core.ShmChannel.create(name, RING_BYTES)
-        spec = dict(self._spec, channel=name, parent=os.getpid())
+        spec = dict(self._launch, channel=name, parent=os.getpid())
         env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,
         # e.g. by a test runner, included).

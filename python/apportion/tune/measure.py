@@ -65,12 +65,11 @@ def profile_model(config: Config, name: str, shape: Shape, settings: Settings, *
     busy; None when it fails (e.g. it does not accept batched input)."""
     m = config.models[name]
     exclusive = shape.threads < total_cores
-    quota: dict[str, Any] = {"instances": 1, "threads": shape.threads,
-                             "isolation": "exclusive" if exclusive else "shared"}
-    if exclusive:
-        quota["cores"] = shape.threads
-    alone = replace(m, quota=quota, batching=batching_for(shape), max_queue=max(64, 4 * shape.batch),
-                    timeout_ms=None, slo=None, load={"concurrency": 2 * shape.batch})
+    spec = replace(m.spec, instances=1, threads=shape.threads, isolation="exclusive" if exclusive else "shared",
+                   cores=shape.threads if exclusive else None, oversubscribe=False, burst=False, weight=None,
+                   priority_class=None, batching=batching_for(shape), max_queue=max(64, 4 * shape.batch),
+                   timeout_ms=None, watchdog_s=None, start_timeout_s=None)
+    alone = replace(m, spec=spec, slo=None, load={"concurrency": 2 * shape.batch})
     cfg = replace(config, models={name: alone})
     rt = cfg.runtime(topology_root=topology_root, start=True)
     try:

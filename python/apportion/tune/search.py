@@ -135,11 +135,10 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
         if c is None:
             models[name] = m
             continue
-        quota = {k: v for k, v in m.quota.items() if k in ("numa", "smt", "memory_policy")}
-        quota.update(isolation=c.isolation, instances=c.instances, threads=c.threads)
-        if c.cores is not None:
-            quota["cores"] = c.cores
-        models[name] = replace(m, quota=quota, batching=c.batching)
+        spec = replace(m.spec, isolation=c.isolation, instances=c.instances, threads=c.threads, cores=c.cores,
+                       batching=c.batching, oversubscribe=False, burst=False, weight=None, priority_class=None,
+                       watchdog_s=None, start_timeout_s=None)
+        models[name] = replace(m, spec=spec)
     return replace(config, models=models)
 
 
