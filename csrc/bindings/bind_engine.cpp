@@ -13,7 +13,11 @@
 
 #include <tuple>
 
+#include <pthread.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -21,6 +25,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -102,12 +107,14 @@ class PyRequest final : public Request {
     Py_XDECREF(value);
     Py_XDECREF(callbacks);
     Py_XDECREF(self_obj);
+    Py_XDECREF(interop);
   }
 
   PyObject* input = nullptr;      // the model's argument; released at completion
   PyObject* value = nullptr;      // result (ok) or exception (error); released with the request
   PyObject* callbacks = nullptr;  // list of done-callbacks; released at completion
   PyObject* self_obj = nullptr;   // the Future, kept alive while callbacks wait for it
+  PyObject* interop = nullptr;    // what concurrent.futures' wait() needs, made on first use
   int64_t timeout_ns = 0;         // the deadline's budget as given (for the expiry message)
 };
 
@@ -405,14 +412,26 @@ py::dict histogram_dict(const LogHistogram::Snapshot& h) {
 // Background closes of runtimes whose last reference went away inside one of their own workers
 // (a worker cannot join itself). Joined by join_orphans() (at interpreter exit). Leaked on
 // purpose, like PyTypes: nothing may run their destructors after the interpreter is gone.
-std::mutex& orphans_mu() {
-  static auto* mu = new std::mutex;
-  return *mu;
+// In a forked child, the parent's threads do not exist and a lock another thread held at the
+// fork stays held: after_fork_in_child() replaces both (leaking the old ones) and counts the
+// fork, so that runtimes made before it refuse to serve (fork_generation differs from theirs).
+std::mutex* orphans_mu_ptr = new std::mutex;
+std::vector<std::thread>* orphans_ptr = new std::vector<std::thread>;
+std::atomic<uint64_t> fork_generation{0};
+
+std::mutex& orphans_mu() { return *orphans_mu_ptr; }
+std::vector<std::thread>& orphans() { return *orphans_ptr; }
+
+void after_fork_in_child() {
+  orphans_mu_ptr = new std::mutex;
+  orphans_ptr = new std::vector<std::thread>;
+  fork_generation.fetch_add(1, std::memory_order_relaxed);
 }
-std::vector<std::thread>& orphans() {
-  static auto* v = new std::vector<std::thread>;
-  return *v;
-}
+
+// How often a blocking wait of the public API returns to Python to run its signal handlers
+// (Ctrl-C raises KeyboardInterrupt in the waiting thread; the request is not affected).
+constexpr int64_t kSignalCheckNs = 50'000'000;
+unsigned long main_thread_ident = 0;  // set at import
 
 void close_in_background(std::shared_ptr<Registry> reg) {
   std::lock_guard lock(orphans_mu());
@@ -438,13 +457,25 @@ void join_orphans() {
 
 class RuntimeCore {
  public:
-  RuntimeCore() { types(); }
+  RuntimeCore() : pid_(getpid()), generation_(fork_generation.load(std::memory_order_relaxed)) { types(); }
+  /// True in a process forked from the one that made this runtime: its workers do not exist
+  /// here.
+  bool forked() const noexcept { return fork_generation.load(std::memory_order_relaxed) != generation_; }
+
+  void check_not_forked() const {
+    if (!forked()) return;
+    raise(types().runtime_closed,
+          "this runtime was made in process " + std::to_string(pid_) + "; process " + std::to_string(getpid()) +
+              " is a fork of it, where the runtime's worker threads do not exist: make a new "
+              "apportion.Runtime in the child after fork (or use the \"spawn\" start method)");
+  }
+
   RuntimeCore(const RuntimeCore&) = delete;
   RuntimeCore& operator=(const RuntimeCore&) = delete;
 
   ~RuntimeCore() {
     // Collected while still open: cancel what is queued rather than leave threads behind.
-    if (interpreter_finalizing()) {
+    if (interpreter_finalizing() || forked()) {
       // Threads may be gone already and the GIL cannot be handed over: leave everything as is.
       new std::shared_ptr<Registry>(std::move(reg_));
       return;
@@ -469,6 +500,7 @@ class RuntimeCore {
                  const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
                  const std::string& memory_policy, const std::vector<uint32_t>& groups, bool pooled) {
     const auto name = spec.attr("name").cast<std::string>();
+    check_not_forked();
     check_not_own_worker("add_model()");
     if (reg_->closed()) raise(types().runtime_closed, "runtime is closed: cannot add model '" + name + "'");
     if (reg_->find(name) != nullptr) raise_exists(name);
@@ -526,6 +558,7 @@ class RuntimeCore {
   }
 
   void start() {
+    check_not_forked();
     if (reg_->closed()) raise(types().runtime_closed, "runtime is closed: cannot start it again");
     if (reg_->started()) return;
     check_not_own_worker("start()");
@@ -545,6 +578,7 @@ class RuntimeCore {
   }
 
   void remove_model(const std::string& name, bool drain) {
+    check_not_forked();
     check_not_own_worker("remove_model()");
     std::shared_ptr<ModelEntry> removed;  // released below, under the GIL
     RegistryStatus s;
@@ -625,9 +659,36 @@ class RuntimeCore {
   }
 
   void close(bool drain) {
+    if (forked()) return;  // nothing of it runs here; the parent's copy is the one to close
     check_not_own_worker("close()");
+    if (!drain || reg_->in_lifecycle() || PyThread_get_thread_ident() != main_thread_ident) {
+      py::gil_scoped_release nogil;
+      reg_->close(drain);  // from a callback inside another close() of this runtime: returns at once
+      return;
+    }
+    // A draining close may wait as long as the queued work takes: from the main thread it runs
+    // on a thread of its own, so that Ctrl-C interrupts the wait (KeyboardInterrupt; the close
+    // goes on and is joined at interpreter exit, or by the next close()).
+    auto done = std::make_shared<std::atomic<uint32_t>>(0);
+    std::thread closer([reg = reg_, done, drain] {
+      reg->close(drain);
+      done->store(1, std::memory_order_release);
+      park_wake(*done);
+    });
+    for (;;) {
+      {
+        py::gil_scoped_release nogil;
+        if (done->load(std::memory_order_acquire) == 0) park_wait(*done, 0, kSignalCheckNs);
+      }
+      if (done->load(std::memory_order_acquire) != 0) break;
+      if (PyErr_CheckSignals() != 0) {
+        std::lock_guard lock(orphans_mu());
+        orphans().push_back(std::move(closer));
+        throw py::error_already_set();
+      }
+    }
     py::gil_scoped_release nogil;
-    reg_->close(drain);  // from a callback inside another close() of this runtime: returns at once
+    closer.join();
   }
 
   /// Placement of a model whose workers have not started: per instance (cpus, memory nodes,
@@ -685,6 +746,7 @@ class RuntimeCore {
 
  private:
   std::shared_ptr<ModelEntry> lookup(py::str model) {
+    check_not_forked();
     Py_ssize_t size = 0;
     const char* data = PyUnicode_AsUTF8AndSize(model.ptr(), &size);
     if (data == nullptr) throw py::error_already_set();
@@ -813,6 +875,8 @@ class RuntimeCore {
     m.set_placement(std::move(placement), policy, groups);  // invalid_argument: ValueError
   }
 
+  pid_t pid_;
+  uint64_t generation_;
   std::shared_ptr<Registry> reg_ = std::make_shared<Registry>();
   // Capacity is set by the Python layer once the shared pool's CPUs are known (at start).
   std::shared_ptr<SharedPool> pool_ = std::make_shared<SharedPool>();
@@ -835,12 +899,22 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
     if (std::isnan(*timeout_s)) throw py::value_error("timeout must be a number or None");
     ns = *timeout_s <= 0 ? 0 : static_cast<int64_t>(std::min(*timeout_s, 1e9) * 1e9);
   }
-  bool done = false;
-  {
-    py::gil_scoped_release nogil;
-    done = r.wait_done(ns);
+  // In slices of kSignalCheckNs, running Python's signal handlers between them (only the main
+  // thread has any to run): Ctrl-C interrupts the wait, not the request.
+  const int64_t deadline = ns < 0 ? -1 : now_ns() + ns;
+  int64_t spin = 50'000;
+  for (;;) {
+    const int64_t slice = deadline < 0 ? kSignalCheckNs : std::min(kSignalCheckNs, std::max<int64_t>(deadline - now_ns(), 0));
+    bool done = false;
+    {
+      py::gil_scoped_release nogil;
+      done = r.wait_done(slice, spin);
+    }
+    if (done) return true;
+    if (deadline >= 0 && now_ns() >= deadline) return false;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    spin = 0;  // not imminent: park between checks
   }
-  return done;
 }
 
 [[noreturn]] void raise_outcome(PyRequest& r) {
@@ -885,6 +959,8 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
 }  // namespace
 
 void register_engine(py::module_& m) {
+  main_thread_ident = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  pthread_atfork(nullptr, nullptr, after_fork_in_child);
   py::class_<PyRequest, Ref<PyRequest>>(m, "Future", R"doc(
 A pending request (concurrent.futures-compatible interface).
 
@@ -958,6 +1034,17 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def_property_readonly(
           "model", [](PyRequest& r) { return r.counters ? r.counters->name : std::string(); },
           "Name of the model this request was submitted to.")
+      .def_property_readonly(
+          "_interop",
+          [](PyRequest& r) { return r.interop ? py::reinterpret_borrow<py::object>(r.interop) : py::none(); },
+          "State that apportion.futures keeps for the stdlib's wait()/as_completed() (None until used).")
+      .def(
+          "_interop_setdefault",
+          [](PyRequest& r, py::object v) {
+            if (r.interop == nullptr) r.interop = v.inc_ref().ptr();
+            return py::reinterpret_borrow<py::object>(r.interop);
+          },
+          py::arg("state"), "Stores `state` as _interop unless one is stored; returns the stored one.")
       .def("__repr__", [](PyRequest& r) {
         static const char* names[] = {"pending", "finished", "error", "rejected", "expired",
                                       "cancelled"};
@@ -968,6 +1055,19 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
                "' state=" + state + ">";
       });
 
+  m.def(
+      "_set_future_class",
+      [](py::object cls) {
+        // isinstance() honours an instance's __class__: a property in the type's own dict (a
+        // setattr on the type would set the type's metaclass instead).
+        auto* type = reinterpret_cast<PyTypeObject*>(py::type::of<PyRequest>().ptr());
+        py::object prop = py::module_::import("builtins").attr("property")(
+            py::cpp_function([cls](py::handle) { return cls; }));
+        if (PyDict_SetItemString(type->tp_dict, "__class__", prop.ptr()) != 0) throw py::error_already_set();
+        PyType_Modified(type);
+      },
+      py::arg("cls"), "Makes apportion.Future instances report `cls` as their __class__.");
+
   py::class_<RuntimeCore>(m, "_Runtime", "Native core of apportion.Runtime.")
       .def(py::init<>())
       .def("_add_model", &RuntimeCore::add_model, py::arg("spec"), py::arg("make_instance"),
@@ -976,6 +1076,10 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
       .def("_check_admin", &RuntimeCore::check_admin, py::arg("what"))
+      .def("_check_not_forked", &RuntimeCore::check_not_forked,
+           "Raises RuntimeClosed in a process forked from the one that made this runtime.")
+      .def_property_readonly("_forked", &RuntimeCore::forked,
+                             "True in a process forked from the one that made this runtime.")
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"), py::arg("groups") = std::vector<uint32_t>{})
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),

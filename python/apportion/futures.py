@@ -1,16 +1,25 @@
-"""``wait`` and ``as_completed`` for apportion futures, as concurrent.futures has them.
+"""apportion futures among the standard library's: ``await``, ``asyncio.wrap_future``,
+``concurrent.futures.wait`` and ``as_completed``; and ``wait``/``as_completed`` of our own.
 
-apportion.Future has the concurrent.futures.Future methods but is not a subclass (each one is a
-thin native object), so ``concurrent.futures.wait`` does not accept it; these do, and accept
-concurrent.futures futures too, mixed. Both are driven by done-callbacks, so nothing polls.
+An apportion.Future is a thin native object with the concurrent.futures.Future methods. It
+passes ``isinstance(fut, concurrent.futures.Future)`` (it reports :class:`StdlibFuture`, a
+subclass, as its ``__class__``), and carries the state the standard library's ``wait`` and
+``as_completed`` use, made on first use only: a future that never meets them costs nothing
+extra. ``await fut`` works in a coroutine (cancelling the awaiting task cancels a request that
+is still queued). :func:`wait` and :func:`as_completed` below do the same as the standard
+library's, driven by done-callbacks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any, NamedTuple
+
+from . import _core
 
 __all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "as_completed", "wait"]
 
@@ -88,3 +97,56 @@ def as_completed(fs: Iterable[Any], timeout: float | None = None) -> Iterator[An
         for f in batch:
             yielded += 1
             yield f
+
+
+# -- the standard library's view ------------------------------------------------------------------
+
+class StdlibFuture(cf.Future):  # type: ignore[type-arg]
+    """What an apportion.Future reports as its ``__class__``, so that ``isinstance(fut,
+    concurrent.futures.Future)`` holds and the standard library accepts it. Never instantiated
+    by apportion (``type(fut)`` is ``apportion.Future``)."""
+
+
+def _notify_stdlib_waiters(f: Any) -> None:
+    # Done-callback: tells the waiters that concurrent.futures.wait/as_completed installed, as
+    # concurrent.futures.Future does when it completes.
+    state = f._interop
+    with state[0]:
+        for waiter in list(state[1]):
+            if f.cancelled():
+                waiter.add_cancelled(f)
+            elif f.exception(0) is not None:
+                waiter.add_exception(f)
+            else:
+                waiter.add_result(f)
+        state[0].notify_all()
+
+
+def _stdlib_state(f: Any) -> tuple[threading.Condition, list[Any]]:
+    state = f._interop
+    if state is None:
+        fresh = (threading.Condition(), [])
+        state = f._interop_setdefault(fresh)  # one winner if two threads get here at once
+        if state is fresh:
+            # Registered before any waiter can be installed: the standard library checks the
+            # state under the condition, then installs its waiter; a completion in between
+            # notifies under the same condition, after the waiter is in.
+            f.add_done_callback(_notify_stdlib_waiters)
+    return state  # type: ignore[no-any-return]
+
+
+def _stdlib_status(f: Any) -> str:
+    if not f.done():
+        return cf._base.RUNNING if f.running() else cf._base.PENDING  # type: ignore[attr-defined]
+    return cf._base.CANCELLED_AND_NOTIFIED if f.cancelled() else cf._base.FINISHED  # type: ignore[attr-defined]
+
+
+def _await(f: Any) -> Generator[Any, None, Any]:
+    return (yield from asyncio.wrap_future(f).__await__())
+
+
+_core.Future._condition = property(lambda f: _stdlib_state(f)[0])  # type: ignore[attr-defined]
+_core.Future._waiters = property(lambda f: _stdlib_state(f)[1])  # type: ignore[attr-defined]
+_core.Future._state = property(_stdlib_status)  # type: ignore[attr-defined]
+_core.Future.__await__ = _await  # type: ignore[attr-defined]
+_core._set_future_class(StdlibFuture)

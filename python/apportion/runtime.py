@@ -74,6 +74,8 @@ def _abort_starting_children() -> None:
     # process instance's child to build its model would otherwise hold exit for up to
     # start_timeout_s. Children that already serve are left to the exit handler below.
     for rt in list(_live):
+        if rt._forked:
+            continue  # its children belong to the parent
         for entry in list(rt._models.values()):
             for proxy in list(entry.processes):
                 proxy.abort_start()
@@ -370,6 +372,7 @@ class Runtime(_core._Runtime):
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
         (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
         cores go back to the shared pool for models added later."""
+        self._check_not_forked()
         self._check_admin("remove_model()")
         with self._admin:
             entry = self._models.get(name)
@@ -506,7 +509,10 @@ class Runtime(_core._Runtime):
         ``drain=False``: their children are killed and those calls fail with WorkerCrashed.
         Idempotent; returns when workers (and worker processes) have exited. A second close()
         made from a done-callback that the first runs (cancelling queued requests) returns at
-        once."""
+        once. In a process forked from the one that made the runtime, close() does nothing
+        (the runtime's threads and worker processes belong to the parent)."""
+        if self._forked:
+            return
         self._check_admin("close()")
         entries = list(self._models.values())
         if not drain:
@@ -575,6 +581,8 @@ class Runtime(_core._Runtime):
         entry = self._models.get(model)
         procs = entry.processes if entry is not None and entry.direct else None
         if procs:
+            self._check_not_forked()  # the children belong to the parent
+
             def begin() -> int:
                 return self._direct_begin(model, timeout_ms, priority)
 

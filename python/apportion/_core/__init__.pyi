@@ -12,8 +12,15 @@ class Future:
     
     Completes exactly once: with a result, the model's exception, DeadlineExceeded, or cancellation.
     """
+    @staticmethod
+    def __await__(f: typing.Any) -> Generator[typing.Any, None, typing.Any]:
+        ...
     def __repr__(self) -> str:
         ...
+    def _interop_setdefault(self, state: typing.Any) -> typing.Any:
+        """
+        Stores `state` as _interop unless one is stored; returns the stored one.
+        """
     def add_done_callback(self, fn: typing.Any) -> None:
         """
         Calls fn(future) once the request completes (at once if it already has), in the thread that completes it. Exceptions from fn are reported, not raised.
@@ -43,6 +50,20 @@ class Future:
         True while a worker executes the model for this request.
         """
     @property
+    def _condition(self):
+        ...
+    @property
+    def _interop(self) -> typing.Any:
+        """
+        State that apportion.futures keeps for the stdlib's wait()/as_completed() (None until used).
+        """
+    @property
+    def _state(self) -> str:
+        ...
+    @property
+    def _waiters(self):
+        ...
+    @property
     def model(self) -> str:
         """
         Name of the model this request was submitted to.
@@ -57,6 +78,10 @@ class _Runtime:
         ...
     def _check_admin(self, what: str) -> None:
         ...
+    def _check_not_forked(self) -> None:
+        """
+        Raises RuntimeClosed in a process forked from the one that made this runtime.
+        """
     def _close(self, drain: bool) -> None:
         ...
     def _direct_begin(self, model: str, timeout_ms: typing.Any, priority: typing.Any) -> int:
@@ -84,6 +109,11 @@ class _Runtime:
     def submit_many(self, model: str, inputs: collections.abc.Iterable, *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> list:
         """
         Queues one request per item, all or none (QueueFull if they do not all fit); returns a list of Futures.
+        """
+    @property
+    def _forked(self) -> bool:
+        """
+        True in a process forked from the one that made this runtime.
         """
     @property
     def _pool_capacity(self) -> int:
@@ -230,6 +260,10 @@ def _join_orphans() -> None:
 def _lane_cells(max_queue: typing.SupportsInt | typing.SupportsIndex, priority_levels: typing.SupportsInt | typing.SupportsIndex, groups: typing.SupportsInt | typing.SupportsIndex, delayed_lane: bool) -> int:
     """
     Queue cells (64 bytes each) a model's lanes take: see ModelOptions::instance_group.
+    """
+def _set_future_class(cls: typing.Any) -> None:
+    """
+    Makes apportion.Future instances report `cls` as their __class__.
     """
 def current_memory_policy() -> tuple[str, list[int]]:
     """

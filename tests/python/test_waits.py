@@ -1,0 +1,262 @@
+"""Blocking waits on a real host: Ctrl-C interrupts every one of them (not the request), an
+apportion Future works with asyncio and concurrent.futures, and a forked child refuses to use
+its parent's runtime instead of accepting requests nothing will serve.
+
+Signals and forks run in a subprocess with a timeout, so a regression fails its test instead of
+stalling the suite."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import apportion as ap
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_script(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    try:
+        return subprocess.run([sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung for {timeout} s; output so far:\n{e.stdout!r}\n{e.stderr!r}")
+
+
+# Each wait blocks on a 2 s call; SIGINT comes 0.3 s in. The script prints how long the wait
+# took to raise KeyboardInterrupt, then checks the request still completed normally.
+WAITS = {
+    "result": "f.result()",
+    "result_with_timeout": "f.result(timeout=30)",
+    "exception": "f.exception()",
+    "call": "rt.call('slow', 2.0)",
+    "ap.wait": "ap.wait([f])",
+    "ap.as_completed": "list(ap.as_completed([f]))",
+    "cf.wait": "concurrent.futures.wait([f])",
+    "draining close": "rt.close(drain=True)",
+}
+
+
+@pytest.mark.parametrize("wait", list(WAITS), ids=list(WAITS))
+def test_sigint_interrupts_each_blocking_wait(wait: str) -> None:
+    p = run_script(f"""
+        import concurrent.futures, os, signal, threading, time
+        import apportion as ap
+        rt = ap.Runtime(); rt.add_model("slow", model=lambda s: time.sleep(s) or s); rt.start()
+        f = rt.submit("slow", 2.0)
+        time.sleep(0.05)  # running
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        try:
+            {WAITS[wait]}
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print(f"interrupted after {{time.monotonic() - t0:.3f}} s")
+        assert f.result(10) == 2.0  # the request itself went on
+        rt.close()
+        print("request completed")
+    """)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("interrupted after "), p.stdout + p.stderr
+    assert float(lines[0].split()[2]) < 0.3 + 0.5
+    assert lines[-1] == "request completed"
+
+
+def test_a_timed_wait_still_times_out_with_the_seconds_in_the_message(rt: ap.Runtime, gate: Any) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    f = rt.submit("m", 1)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"request to model 'm' not done within 0\.12 s"):
+        f.result(0.12)
+    assert 0.1 <= time.monotonic() - t0 < 2.0
+    gate.release.set()
+    assert f.result(10) == 1
+
+
+# -- Future interop ------------------------------------------------------------------------------
+
+def test_a_future_is_a_concurrent_futures_future_to_isinstance(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda x: x)
+    rt.start()
+    f = rt.submit("m", 1)
+    assert isinstance(f, cf.Future) and type(f) is ap.Future
+    assert f.result(5) == 1
+
+
+def test_await_and_wrap_future(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda x: x * 2)
+    rt.start()
+
+    async def main() -> tuple[Any, Any, Any]:
+        a = await rt.submit("m", 1)
+        b = await asyncio.wrap_future(rt.submit("m", 2))
+        c = await asyncio.gather(rt.submit("m", 3), asyncio.sleep(0, "x"))
+        return a, b, c
+
+    assert asyncio.run(main()) == (2, 4, [6, "x"])
+
+
+def test_await_raises_the_models_exception(rt: ap.Runtime) -> None:
+    def fail(x: Any) -> Any:
+        raise KeyError(x)
+
+    rt.add_model("m", model=fail)
+    rt.start()
+
+    async def main() -> None:
+        await rt.submit("m", "k")
+
+    with pytest.raises(KeyError, match="k"):
+        asyncio.run(main())
+
+
+def test_cancelling_the_awaiting_task_cancels_a_queued_request(rt: ap.Runtime, gate: Any) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    blocker = rt.submit("m", 0)
+    assert gate.entered.wait(10)
+    queued = rt.submit("m", 1)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(_await(queued))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert queued.cancelled()
+    gate.release.set()
+    assert blocker.result(10) == 0
+
+
+async def _await(f: Any) -> Any:
+    return await f
+
+
+@pytest.mark.parametrize("return_when", [cf.ALL_COMPLETED, cf.FIRST_COMPLETED, cf.FIRST_EXCEPTION])
+def test_stdlib_wait_takes_ours_and_its_own_mixed(rt: ap.Runtime, return_when: str) -> None:
+    rt.add_model("m", model=lambda s: time.sleep(s) or s)
+    rt.start()
+    with cf.ThreadPoolExecutor(1) as ex:
+        ours = [rt.submit("m", 0.01 * i) for i in range(4)]
+        theirs = ex.submit(time.sleep, 0.02)
+        done, not_done = cf.wait([*ours, theirs], timeout=10, return_when=return_when)
+        assert done and done <= {*ours, theirs}
+        if return_when != cf.FIRST_COMPLETED:  # nothing fails: FIRST_EXCEPTION waits for all
+            assert not not_done
+        assert all(f.done() for f in done)
+
+
+def test_stdlib_wait_times_out_and_sees_completions_after_it(rt: ap.Runtime, gate: Any) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    f = rt.submit("m", 1)
+    done, not_done = cf.wait([f], timeout=0.05)
+    assert not done and not_done == {f}
+    gate.release.set()
+    done, _ = cf.wait([f], timeout=10)
+    assert done == {f}
+
+
+def test_stdlib_as_completed_yields_each_once(rt: ap.Runtime) -> None:
+    rt.add_model("m", model=lambda s: time.sleep(s) or s)
+    rt.start()
+    with cf.ThreadPoolExecutor(1) as ex:
+        fs = [rt.submit("m", 0.005 * i) for i in range(6)] + [ex.submit(lambda: "pool")]
+        got = [f.result() for f in cf.as_completed(fs, timeout=10)]
+    assert sorted(map(str, got)) == sorted(map(str, [0.005 * i for i in range(6)] + ["pool"]))
+
+
+def test_stdlib_wait_counts_cancelled_and_failed(rt: ap.Runtime) -> None:
+    go = threading.Event()
+
+    def model(x: Any) -> Any:
+        go.wait(10)
+        if x == "boom":
+            raise ValueError(x)
+        return x
+
+    rt.add_model("m", model=model)
+    rt.start()
+    first = rt.submit("m", "ok")
+    failing = rt.submit("m", "boom")
+    cancelled = rt.submit("m", "never")
+    assert cancelled.cancel()
+    go.set()
+    done, not_done = cf.wait([first, failing, cancelled], timeout=10, return_when=cf.FIRST_EXCEPTION)
+    assert failing in done and cancelled in done
+    assert isinstance(failing.exception(), ValueError)
+
+
+def test_racing_completions_never_lose_a_stdlib_waiter(rt: ap.Runtime) -> None:
+    # The waiter is installed while requests complete on the workers: every wait returns.
+    rt.add_model("m", model=lambda x: x, instances=2)
+    rt.start()
+    deadline = time.monotonic() + 5
+    rounds = 0
+    while time.monotonic() < deadline and rounds < 2000:
+        fs = [rt.submit("m", i) for i in range(4)]
+        done, not_done = cf.wait(fs, timeout=5)
+        assert not not_done and done == set(fs)
+        rounds += 1
+    assert rounds > 10
+
+
+# -- fork ------------------------------------------------------------------------------------------
+
+def test_a_forked_child_refuses_the_parents_runtime_and_exits() -> None:
+    p = run_script("""
+        import asyncio, os, sys, time
+        import apportion as ap
+        rt = ap.Runtime()
+        rt.add_model("m", model=lambda x: x + 1)
+        rt.add_model("p", factory="process_models:echo", isolation="process")
+        rt.start()
+        assert rt.call("p", 2) == 2
+        pid = os.fork()
+        if pid == 0:
+            outcomes = []
+            for what, call in [("submit", lambda: rt.submit("m", 1)), ("call", lambda: rt.call("m", 1)),
+                               ("call process", lambda: rt.call("p", 1)),
+                               ("infer", lambda: asyncio.run(rt.infer("m", 1))),
+                               ("submit_many", lambda: rt.submit_many("m", [1, 2])),
+                               ("add_model", lambda: rt.add_model("n", model=len)),
+                               ("remove_model", lambda: rt.remove_model("m"))]:
+                try:
+                    call()
+                    outcomes.append(f"{what}: accepted")
+                except ap.RuntimeClosed as e:
+                    ok = f"process {os.getppid()}" in str(e) and f"process {os.getpid()}" in str(e)
+                    outcomes.append(f"{what}: refused{'' if ok else ' without the pids'}")
+            print("; ".join(outcomes), flush=True)
+            rt.close()  # does nothing here: the parent's threads and children are not ours
+            new = ap.Runtime(); new.add_model("m", model=lambda x: x * 10); new.start()
+            print("new runtime in the child:", new.call("m", 2), flush=True)
+            sys.exit(0)  # exit handlers run: they must not wait for the parent's threads
+        _, status = os.waitpid(pid, 0)
+        print("child status", status)
+        print("parent serves", rt.call("m", 1), rt.call("p", 5))
+        rt.close()
+    """, timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    outcomes = out.splitlines()[0].split("; ")
+    assert outcomes == [f"{what}: refused" for what in ("submit", "call", "call process", "infer", "submit_many",
+                                                        "add_model", "remove_model")], out
+    assert "new runtime in the child: 20" in out
+    assert "child status 0" in out
+    assert "parent serves 2 5" in out
