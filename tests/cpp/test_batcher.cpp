@@ -1,6 +1,10 @@
 // Dynamic batching: through a model, and apportion::Batcher's decisions alone.
 #include "engine_fixture.hpp"
 
+#include <vector>
+
+#include "apportion/batcher.hpp"
+
 namespace {
 
 using namespace apportion::testing::engine;
@@ -219,6 +223,82 @@ TEST(WorkerEstimate, UsesObservedSizesAndScalesUnknownOnes) {
   w.observe(2, 2000);
   EXPECT_EQ(w.estimate_ns(2), 1250) << "EWMA, weight 1/4";
   EXPECT_EQ(w.estimate_ns(100), 62500) << "beyond the table: scaled";
+}
+
+// ---------------------------------------------------------------------------------------------
+// apportion::Batcher's decisions alone: no model, no clock, no threads.
+
+using apportion::Batcher;
+using Fit = apportion::Batcher::Fit;
+
+constexpr int64_t kNone = Request::kNoDeadline;
+
+TEST_F(EngineBatching, BatcherDispatchesAtMaxSize) {
+  const BatchingOptions opt{3, 1'000, {}};
+  const std::vector<int64_t> cost;  // nothing measured: every estimate 0
+  Batcher b(opt, cost);
+  Request r[4];
+  EXPECT_TRUE(b.empty());
+  EXPECT_EQ(b.offer(&r[0], kNone, 100), Fit::joined);
+  EXPECT_EQ(b.offer(&r[1], kNone, 110), Fit::joined);
+  EXPECT_EQ(b.offer(&r[2], kNone, 120), Fit::full);
+  EXPECT_EQ(b.size(), 3u);
+  EXPECT_EQ(b.requests(), (std::vector<Request*>{&r[0], &r[1], &r[2]}));
+  b.clear();
+  EXPECT_TRUE(b.empty());
+  EXPECT_EQ(b.offer(&r[3], kNone, 130), Fit::joined);
+}
+
+TEST_F(EngineBatching, BatcherWaitsAtMostMaxDelayFromTheFirstRequest) {
+  const BatchingOptions opt{8, 1'000, {}};
+  const std::vector<int64_t> cost;
+  Batcher b(opt, cost);
+  Request r[3];
+  ASSERT_EQ(b.offer(&r[0], kNone, 5'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 6'000);
+  ASSERT_EQ(b.offer(&r[1], kNone, 5'700), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 6'000) << "the delay runs from the batch's first request";
+  EXPECT_FALSE(b.dispatch_now(false)) << "below max_size, no preferred size: wait for more";
+  EXPECT_TRUE(b.dispatch_now(true)) << "a stopping model dispatches at once";
+  b.clear();
+  ASSERT_EQ(b.offer(&r[2], kNone, 9'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 10'000) << "a new batch opens a new delay";
+}
+
+TEST_F(EngineBatching, BatcherDispatchesAPreferredSizeWithoutWaiting) {
+  const BatchingOptions opt{8, 1'000'000, {2, 4}};
+  const std::vector<int64_t> cost;
+  Batcher b(opt, cost);
+  Request r[4];
+  const bool expected[] = {false, true, false, true};
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
+    EXPECT_EQ(b.dispatch_now(false), expected[i]) << "size " << i + 1;
+  }
+}
+
+TEST_F(EngineBatching, BatcherKeepsRequestsOutOfBatchesThatWouldFinishLate) {
+  const BatchingOptions opt{8, 1'000'000, {}};
+  // One request takes 100 ns, two 300 ns, three 600 ns (index = batch size).
+  const std::vector<int64_t> cost{0, 100, 300, 600};
+  Batcher b(opt, cost);
+  Request r[4];
+  EXPECT_EQ(b.offer(&r[0], 1'050, 1'000), Fit::hopeless) << "not even alone in time";
+  EXPECT_TRUE(b.empty());
+  ASSERT_EQ(b.offer(&r[1], 1'400, 1'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 1'100) << "one more (300 ns for two) must still meet 1'400";
+  EXPECT_EQ(b.offer(&r[2], 1'250, 1'000), Fit::next_batch) << "a pair would end at 1'300";
+  EXPECT_EQ(b.size(), 1u);
+  b.carry(&r[2], 7);
+  ASSERT_TRUE(b.has_carry());
+  b.clear();
+  uint32_t lane = 0;
+  EXPECT_EQ(b.take_carry(lane), &r[2]);
+  EXPECT_EQ(lane, 7u);
+  EXPECT_FALSE(b.has_carry());
+  ASSERT_EQ(b.offer(&r[2], 1'250, 1'000), Fit::joined) << "it opens the next batch";
+  EXPECT_EQ(b.offer(&r[3], kNone, 1'000), Fit::next_batch)
+      << "no deadline of its own, but the batch's earliest one binds it";
 }
 
 }  // namespace

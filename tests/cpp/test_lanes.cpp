@@ -2,6 +2,12 @@
 // through a model and on apportion::LaneSet alone.
 #include "engine_fixture.hpp"
 
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "apportion/lanes.hpp"
+
 namespace {
 
 using namespace apportion::testing::engine;
@@ -507,5 +513,157 @@ TEST_F(EngineLanes, GroupedLanesCompleteEveryRequestExactlyOnce) {
   });
   EXPECT_EQ(live(), live_before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// apportion::LaneSet alone: no model, no threads.
+
+using apportion::LaneSet;
+
+// Pops everything `group` would take next (with or without stealing), as tags.
+std::vector<uint64_t> drain(LaneSet& ls, uint32_t group, bool steal,
+                            std::vector<uint32_t>* lanes = nullptr) {
+  std::vector<uint64_t> out;
+  Request* r = nullptr;
+  uint32_t lane = 0;
+  while (ls.try_take(group, r, lane, steal)) {
+    out.push_back(static_cast<TestRequest*>(r)->tag);
+    if (lanes != nullptr) lanes->push_back(lane);
+  }
+  return out;
+}
+
+TEST_F(EngineLanes, LaneSetServesHigherPrioritiesFirstAndFifoWithinOne) {
+  LaneSet ls;
+  ls.build(1, 3, 8, 0);
+  EXPECT_EQ(ls.size(), 3u);
+  EXPECT_FALSE(ls.has_delayed());
+  std::vector<TestRef> rs;
+  const uint32_t prio[] = {2, 0, 1, 0, 99};  // 99: clamped into the last lane
+  for (uint64_t i = 0; i < 5; ++i) {
+    rs.push_back(make(i));
+    ls.push(0, prio[i], rs.back().get());
+  }
+  EXPECT_EQ(drain(ls, 0, true), (std::vector<uint64_t>{1, 3, 2, 0, 4}));
+  EXPECT_EQ(ls.stolen(), 0u);
+}
+
+TEST_F(EngineLanes, LaneSetStealsOnlyWhenAskedHighestPriorityFirst) {
+  LaneSet ls;
+  ls.build(3, 2, 8, 0);
+  EXPECT_EQ(ls.size(), 6u);
+  std::vector<TestRef> rs;
+  const auto put = [&](uint64_t tag, uint32_t group, uint32_t prio) {
+    rs.push_back(make(tag));
+    ls.push(group, prio, rs.back().get());
+  };
+  put(0, 0, 1);
+  put(1, 2, 1);
+  put(2, 1, 1);
+  put(3, 2, 0);
+  put(4, 1, 0);
+  // Its own group only: what it holds, nothing of the others'.
+  EXPECT_EQ(drain(ls, 0, false), (std::vector<uint64_t>{0}));
+  EXPECT_EQ(ls.stolen(), 0u);
+  // Then the others', priority 0 of every group before priority 1, victims from the next
+  // group on (1, then 2).
+  EXPECT_EQ(drain(ls, 0, true), (std::vector<uint64_t>{4, 3, 2, 1}));
+  EXPECT_EQ(ls.stolen(), 4u);
+}
+
+TEST_F(EngineLanes, LaneSetTakesFromEveryGroupAlikeForNoGroupWithoutCountingSteals) {
+  LaneSet ls;
+  ls.build(2, 1, 4, 0);
+  TestRef a = make(0), b = make(1);
+  ls.push(1, 0, a.get());
+  ls.push(0, 0, b.get());
+  EXPECT_EQ(drain(ls, LaneSet::kNoGroup, true), (std::vector<uint64_t>{1, 0}));
+  EXPECT_EQ(ls.stolen(), 0u) << "a burst worker or join() steals from no group of its own";
+}
+
+TEST_F(EngineLanes, LaneSetServesTheDelayedLaneLast) {
+  LaneSet ls;
+  ls.build(2, 2, 4, 5);
+  ASSERT_TRUE(ls.has_delayed());
+  EXPECT_EQ(ls.delayed_lane(), 4u);
+  EXPECT_EQ(ls.size(), 5u);
+  TestRef late = make(0), low = make(1);
+  ls.push_delayed(late.get());
+  ls.push(1, 1, low.get());
+  std::vector<uint32_t> lanes;
+  EXPECT_EQ(drain(ls, 0, true, &lanes), (std::vector<uint64_t>{1, 0}));
+  EXPECT_EQ(lanes, (std::vector<uint32_t>{3, 4}));
+}
+
+TEST_F(EngineLanes, LaneSetRegroupingKeepsQueuedRequestsInOrder) {
+  LaneSet ls;
+  ls.build(2, 2, 8, 4);
+  std::vector<TestRef> rs;
+  for (uint64_t i = 0; i < 6; ++i) {
+    rs.push_back(make(i));
+    if (i == 5) {
+      ls.push_delayed(rs.back().get());
+    } else {
+      ls.push(static_cast<uint32_t>(i % 2), static_cast<uint32_t>(i / 2 % 2), rs.back().get());
+    }
+  }
+  ls.build(1, 2, 8, 4);
+  EXPECT_EQ(ls.groups(), 1u);
+  EXPECT_EQ(ls.size(), 3u);
+  // Group 0's then the former group 1's, per priority; the delayed lane kept as it was.
+  EXPECT_EQ(drain(ls, 0, true), (std::vector<uint64_t>{0, 4, 1, 2, 3, 5}));
+}
+
+TEST_F(EngineLanes, LaneSetRefusesLevelsAndGroupsALaneIndexCannotHold) {
+  LaneSet ls;
+  EXPECT_THROW(ls.build(1, 0, 4, 0), std::invalid_argument);
+  EXPECT_THROW(ls.build(1, LaneSet::kMaxLevels + 1, 4, 0), std::invalid_argument);
+  EXPECT_THROW(ls.build(LaneSet::kMaxGroups + 1, 1, 4, 0), std::invalid_argument);
+  ModelOptions o = opts(1);
+  o.name = "ranker";
+  o.priority_levels = LaneSet::kMaxLevels + 1;
+  try {
+    Model m(o, std::make_shared<TestHandler>());
+    ADD_FAILURE() << "priority_levels beyond LaneSet::kMaxLevels was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'ranker'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("priority_levels"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(EngineLanes, LaneSetWakesItsOwnGroupFirstThenTheOthers) {
+  LaneSet ls;
+  ls.build(3, 1, 4, 0);
+  // Announced sleepers (not parked: wake-ups are counted, the futex finds nobody).
+  (void)ls.idle(1).prepare_wait();
+  (void)ls.idle(2).prepare_wait();
+  ls.wake(1, 1);
+  EXPECT_EQ(ls.idle(1).wakeups_in_flight(), 1u) << "the pushed-to group's sleeper first";
+  EXPECT_EQ(ls.idle(2).wakeups_in_flight(), 0u);
+  ls.wake(1, 1);
+  EXPECT_EQ(ls.idle(2).wakeups_in_flight(), 1u) << "its own has a wake-up already: another group's";
+  ls.wake(1, 0);
+  EXPECT_EQ(ls.idle(0).wakeups_in_flight() + ls.idle(1).wakeups_in_flight() +
+                ls.idle(2).wakeups_in_flight(),
+            2u)
+      << "nobody left to wake";
+  ls.idle(1).cancel_wait();
+  ls.idle(2).cancel_wait();
+  EXPECT_EQ(ls.idle(1).sleepers() + ls.idle(2).sleepers(), 0u);
+  EXPECT_EQ(&ls.idle(LaneSet::kNoGroup), &ls.idle(0));
+}
+
+#if defined(__linux__)
+TEST_F(EngineLanes, LaneSetRoutesByTheSubmittingCpuElseRoundRobin) {
+  LaneSet ls;
+  ls.build(2, 1, 4, 0);
+  // Off every mapped CPU: round-robin over the groups.
+  const uint32_t a = ls.route(), b = ls.route();
+  EXPECT_LT(a, 2u);
+  EXPECT_NE(a, b);
+  // Every CPU this thread can run on mapped to group 1.
+  ls.set_cpu_groups(std::vector<uint32_t>(CPU_SETSIZE, 1));
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(ls.route(), 1u);
+}
+#endif
 
 }  // namespace
