@@ -364,6 +364,41 @@ inline TestRef make_in(uint64_t tag, uint32_t group, uint32_t priority = 0) {
   return r;
 }
 
+// The grouped-model setup most group tests share: a started model whose own instances serve
+// `groups` (one entry per instance), a GroupHandler that holds request 0 at `gate`, and every
+// worker gone idle before the test submits (with kSpinForever each then watches only its own
+// group's lanes: "who serves what" is deterministic).
+struct GroupedModel {
+  std::shared_ptr<GroupHandler> h = std::make_shared<GroupHandler>();
+  Gate gate;
+  Model m;
+
+  GroupedModel(std::vector<uint32_t> groups, uint32_t levels, int64_t spin_ns = kSpinForever)
+      : m(with_levels(grouped(std::move(groups), spin_ns), levels), h) {
+    h->on_run = hold_tag0(gate);
+  }
+  // Starts the workers and waits until every one of them found nothing and went to wait.
+  ::testing::AssertionResult start_idle() {
+    const uint32_t failed = m.start();
+    if (failed != 0) return ::testing::AssertionFailure() << failed << " workers failed to start";
+    h->wait_idle(m.options().instances);
+    return ::testing::AssertionSuccess();
+  }
+  // Submits request 0 into `group` and waits until a worker holds it at the gate.
+  TestRef hold(uint32_t group) {
+    TestRef blocker = make_in(0, group);
+    EXPECT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    return blocker;
+  }
+
+ private:
+  static ModelOptions with_levels(ModelOptions o, uint32_t levels) {
+    o.priority_levels = levels;
+    return o;
+  }
+};
+
 #if defined(__linux__)
 // Pins the calling thread to `cpu`; false when the OS refuses.
 inline bool pin_self(int cpu) { return apportion::pin_current_thread({cpu}).ok; }

@@ -185,10 +185,11 @@ TEST_F(EngineLanes, GroupsSplitTheLanesAndWorkers) {
 
 TEST_F(EngineLanes, RequestsStayInTheirGroupWhileItsWorkersAreFree) {
   guarded(30s, [] {
-    auto h = std::make_shared<GroupHandler>();
-    Model m(grouped({0, 0, 1, 1}, kSpinForever), h);
-    ASSERT_EQ(m.start(), 0u);
-    h->wait_idle(4);
+    GroupedModel g({0, 0, 1, 1}, 1);
+    auto& h = g.h;
+    auto& m = g.m;
+    h->on_run = nullptr;  // nothing is held
+    ASSERT_TRUE(g.start_idle());
     std::vector<TestRef> rs;
     for (uint64_t i = 0; i < 40; ++i) rs.push_back(make_in(i, 0));
     ASSERT_EQ(submit_all(m, rs), Admit::ok);
@@ -206,17 +207,11 @@ TEST_F(EngineLanes, RequestsStayInTheirGroupWhileItsWorkersAreFree) {
 
 TEST_F(EngineLanes, AWorkerStealsFromAGroupWhoseWorkersAreBusyHighestPriorityFirst) {
   guarded(30s, [] {
-    auto h = std::make_shared<GroupHandler>();
-    Gate gate;
-    h->on_run = hold_tag0(gate);
-    ModelOptions o = grouped({0, 1}, kSpinForever);
-    o.priority_levels = 2;
-    Model m(o, h);
-    ASSERT_EQ(m.start(), 0u);
-    h->wait_idle(2);
-    TestRef blocker = make_in(0, 0);
-    ASSERT_EQ(submit(m, blocker), Admit::ok);
-    gate.wait_arrivals(1);
+    GroupedModel g({0, 1}, 2);
+    auto& h = g.h;
+    auto& m = g.m;
+    ASSERT_TRUE(g.start_idle());
+    TestRef blocker = g.hold(0);
     EXPECT_EQ(h->group_of(0), 0u) << "group 1's worker took group 0's request while both were free";
     // Group 0's only worker is held; these wait in group 0's lanes, and group 1's worker,
     // spinning on its own lanes, leaves them there ...
@@ -233,7 +228,7 @@ TEST_F(EngineLanes, AWorkerStealsFromAGroupWhoseWorkersAreBusyHighestPriorityFir
     EXPECT_EQ(h->order_in(1), (std::vector<uint64_t>{5, 2, 4, 1, 3}));
     EXPECT_EQ(m.snapshot().stolen, 4u);
     EXPECT_FALSE(blocker->done());
-    gate.open();
+    g.gate.open();
     ASSERT_TRUE(completes(blocker));
     m.close(true);
     m.join();
@@ -288,23 +283,17 @@ TEST_F(EngineLanes, APushToABusyGroupWakesAParkedWorkerOfAnother) {
 
 TEST_F(EngineLanes, PriorityOrderHoldsWithinAGroup) {
   guarded(30s, [] {
-    auto h = std::make_shared<GroupHandler>();
-    Gate gate;
-    h->on_run = hold_tag0(gate);
-    ModelOptions o = grouped({0, 1}, kSpinForever);
-    o.priority_levels = 3;
-    Model m(o, h);
-    ASSERT_EQ(m.start(), 0u);
-    h->wait_idle(2);
-    TestRef blocker = make_in(0, 0);
-    ASSERT_EQ(submit(m, blocker), Admit::ok);
-    gate.wait_arrivals(1);
+    GroupedModel g({0, 1}, 3);
+    auto& h = g.h;
+    auto& m = g.m;
+    ASSERT_TRUE(g.start_idle());
+    TestRef blocker = g.hold(0);
     std::vector<TestRef> rs;
     for (uint64_t i = 1; i <= 9; ++i) {
       rs.push_back(make_in(i, 0, static_cast<uint32_t>(2 - (i - 1) % 3)));
       ASSERT_EQ(submit(m, rs.back()), Admit::ok);
     }
-    gate.open();
+    g.gate.open();
     for (auto& r : rs) ASSERT_TRUE(completes(r));
     m.close(true);
     m.join();
