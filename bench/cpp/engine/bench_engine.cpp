@@ -8,6 +8,13 @@
 //   parked  the same with spin_ns = 0: every request wakes a parked worker (the event count)
 //   burst   one caller submits 64 requests with one submit_n and waits for the last: the
 //           worker's pop -> run -> complete loop
+//   submit  one thread submits to a model not started yet: admission -> lane push -> wake (no
+//           sleeper), with no other thread involved (baseline: lock, push_back, unlock, notify)
+//   drain   every request queued before start(), one worker drains them: pop -> run ->
+//           complete without ever waiting (baseline: lock, pop_front, unlock per item)
+// The first three hand requests between threads and swing with the machine's load (on a busy
+// 2-CPU host they are bimodal: both threads on one CPU or not); the last two stay on one thread
+// and are the ones to compare the hot path by.
 //
 // Usage: bench_engine [requests_per_run=20000] [repetitions=7]
 #include <algorithm>
@@ -92,6 +99,65 @@ double run_engine(uint64_t n, int64_t spin_ns, bool burst) {
   return ns / static_cast<double>(burst ? n / kBurst * kBurst : n);
 }
 
+// ns per request submitted to a model that is not started (queued, never handed over), and
+// per request drained by one worker from a full queue.
+double run_engine_one_side(uint64_t n, bool drain) {
+  ModelOptions o;
+  o.name = "bench";
+  o.instances = 1;
+  o.max_queue = n;
+  Model m(o, std::make_shared<NoopHandler>());
+  std::vector<Request*> rs(n);
+  for (auto& r : rs) r = new Request();
+  auto t0 = std::chrono::steady_clock::now();
+  for (Request* r : rs) {
+    r->add_ref();
+    if (m.submit(r) != Admit::ok) std::abort();
+  }
+  double ns = elapsed_ns(t0);
+  if (drain) {
+    t0 = std::chrono::steady_clock::now();
+    m.start();
+    rs.back()->wait_done(-1);
+    ns = elapsed_ns(t0);
+  }
+  m.close(true);
+  m.join();
+  for (Request* r : rs) Request::release(r);
+  return ns / static_cast<double>(n);
+}
+
+double run_baseline_one_side(uint64_t n, bool drain) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<uint64_t> q;
+  auto t0 = std::chrono::steady_clock::now();
+  for (uint64_t i = 0; i < n; ++i) {
+    {
+      std::lock_guard lock(mu);
+      q.push_back(i);
+    }
+    cv.notify_one();
+  }
+  double ns = elapsed_ns(t0);
+  if (drain) {
+    t0 = std::chrono::steady_clock::now();
+    uint64_t sum = 0;
+    std::thread worker([&] {
+      for (;;) {
+        std::lock_guard lock(mu);
+        if (q.empty()) return;
+        sum += q.front();
+        q.pop_front();
+      }
+    });
+    worker.join();
+    ns = elapsed_ns(t0);
+    if (sum == 0 && n > 1) std::abort();
+  }
+  return ns / static_cast<double>(n);
+}
+
 // The baseline: one worker thread, a mutex-protected deque, condition variables both ways.
 double run_baseline(uint64_t n, bool burst) {
   std::mutex mu;
@@ -145,14 +211,25 @@ int main(int argc, char** argv) {
     const char* name;
     int64_t spin_ns;
     bool burst;
+    int one_side;  // 0: hand-off between threads; 1: submit only; 2: drain only
   };
-  const Scenario scenarios[] = {{"rtt", 50'000, false}, {"parked", 0, false}, {"burst", 50'000, true}};
+  const Scenario scenarios[] = {{"rtt", 50'000, false, 0},
+                                {"parked", 0, false, 0},
+                                {"burst", 50'000, true, 0},
+                                {"submit", 0, false, 1},
+                                {"drain", 0, false, 2}};
   std::printf("%-8s %14s %14s %8s\n", "scenario", "engine ns/req", "mutex ns/req", "ratio");
   for (const Scenario& s : scenarios) {
     std::vector<double> engine, base;
     for (int r = 0; r < reps; ++r) {
-      engine.push_back(run_engine(n, s.spin_ns, s.burst));
-      base.push_back(run_baseline(n, s.burst));
+      if (s.one_side != 0) {
+        // Ten times the requests: each costs tens of ns, and thread start must not count.
+        engine.push_back(run_engine_one_side(n * 10, s.one_side == 2));
+        base.push_back(run_baseline_one_side(n * 10, s.one_side == 2));
+      } else {
+        engine.push_back(run_engine(n, s.spin_ns, s.burst));
+        base.push_back(run_baseline(n, s.burst));
+      }
     }
     const double e = median(engine), b = median(base);
     std::printf("%-8s %14.0f %14.0f %8.2f\n", s.name, e, b, e / b);
