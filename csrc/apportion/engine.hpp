@@ -14,6 +14,10 @@
 // count: a push wakes a parked worker of its group first, and one of another group (which then
 // steals it) only when none of its own is parked.
 //
+// The pieces live apart: the lanes and their event counts (lanes.hpp, event_count.hpp), the
+// batcher (batcher.hpp) and the metrics (engine_metrics.hpp); this file is the serving loop
+// that ties them together.
+//
 // Python-free. What a request carries and how a model is called is the business of a
 // ModelHandler (the Python bindings supply one that holds the GIL only around the model call);
 // the engine owns admission, claiming, deadlines, shutdown, and metrics.
@@ -30,7 +34,10 @@
 #include <thread>
 #include <vector>
 
+#include "apportion/batcher.hpp"
+#include "apportion/engine_metrics.hpp"
 #include "apportion/histogram.hpp"
+#include "apportion/lanes.hpp"
 #include "apportion/mpmc_queue.hpp"
 #include "apportion/placement.hpp"
 #include "apportion/request.hpp"
@@ -38,19 +45,11 @@
 
 namespace apportion {
 
-/// Latency histograms written only by the worker that owns them (merged on read).
-struct alignas(kCacheLine) WorkerShard {
-  LogHistogram queue_wait;
-  LogHistogram compute;
-  LogHistogram end_to_end;
-  LogHistogram batch_size;  // one sample per model call: how many requests it served
-};
-
 class Model;
 
 /// One worker thread of a model. `user` belongs to the handler (per-thread state).
 struct Worker {
-  static constexpr uint32_t kNoGroup = UINT32_MAX;
+  static constexpr uint32_t kNoGroup = LaneSet::kNoGroup;
   Model* model = nullptr;
   uint32_t index = 0;
   /// The lane group this worker serves first (0 without groups); kNoGroup for burst workers,
@@ -72,10 +71,9 @@ struct Worker {
   /// never observed): an EWMA of what it measured. Worker-private; used to keep requests out
   /// of batches that would finish after their deadline.
   std::vector<int64_t> batch_cost_ns;
-  /// The estimated duration of a call with `n` requests: measured for n, else scaled from the
-  /// nearest smaller size measured, else the nearest larger one, else 0 (nothing known yet).
-  int64_t estimate_ns(std::size_t n) const noexcept;
-  void observe(std::size_t n, int64_t ns) noexcept;
+  /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
+  int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
+  void observe(std::size_t n, int64_t ns) noexcept { batch_observe(batch_cost_ns, n, ns); }
 };
 
 /// What a model does with its requests. Every method runs in the named thread; each one that
@@ -108,17 +106,6 @@ class ModelHandler {
 enum class OnTimeout : uint8_t {
   reject,  // complete it as expired; it never runs
   delay,   // move it to the delayed lane: it runs after every request still in time
-};
-
-/// Dynamic batching. max_size <= 1: off (every call serves one request).
-struct BatchingOptions {
-  std::size_t max_size = 1;
-  /// How long a worker holding a partial batch waits for more requests, from the moment it
-  /// took the batch's first request.
-  int64_t max_delay_ns = 0;
-  /// Sizes at which a batch is dispatched as soon as no further request is immediately
-  /// queued (ascending, each <= max_size). Empty: wait up to max_delay_ns below max_size.
-  std::vector<std::size_t> preferred_sizes;
 };
 
 struct ModelOptions {
@@ -161,26 +148,6 @@ struct ModelOptions {
 };
 
 enum class Admit : uint8_t { ok, full, closed };
-
-struct ModelSnapshot {
-  uint64_t submitted = 0, completed = 0, failed = 0, rejected = 0, expired = 0, cancelled = 0;
-  uint64_t queued = 0;
-  /// Requests moved to the delayed lane (on_timeout=delay); each still completes once.
-  uint64_t delayed = 0;
-  LogHistogram::Snapshot queue_wait, compute, end_to_end;
-  /// One sample per model call (its number of requests): total is the number of calls.
-  LogHistogram::Snapshot batch_size;
-  /// Shared pool use (zero without a pool): calls granted capacity, and the pool time they
-  /// held (duration x units, summed).
-  uint64_t pool_grants = 0;
-  uint64_t pool_busy_unit_ns = 0;
-  /// Requests served by burst workers.
-  uint64_t burst_served = 0;
-  /// Requests a worker took from another group's lanes to serve or settle (zero without groups).
-  uint64_t stolen = 0;
-  /// Requests served by their callers directly (Model::count_direct).
-  uint64_t direct = 0;
-};
 
 class Model {
  public:
@@ -235,7 +202,7 @@ class Model {
   /// Number of lanes: priority_levels per group, plus the delayed lane with on_timeout=delay.
   std::size_t lanes() const noexcept { return lanes_.size(); }
   /// Number of lane groups (1 without instance_group).
-  uint32_t groups() const noexcept { return groups_; }
+  uint32_t groups() const noexcept { return lanes_.groups(); }
   ModelSnapshot snapshot() const;
 
   /// Direct calls: the calling thread serves a request itself on an idle instance (a
@@ -250,15 +217,6 @@ class Model {
   void count_direct(Outcome o, int64_t start_ns) noexcept;
 
  private:
-  using Lane = MpmcQueue<Request*>;
-  // An event count of sleepers: an epoch to park on, and the sleepers in the high half of
-  // `count` with the wake-ups issued to them and not yet taken in the low half.
-  struct alignas(kCacheLine) Sleepers {
-    std::atomic<uint32_t> epoch{0};
-    std::atomic<uint64_t> count{0};
-  };
-  static constexpr uint64_t kOneSleeper = uint64_t{1} << 32;
-  static constexpr uint64_t kWokenMask = kOneSleeper - 1;
   enum class Take : uint8_t { ok, timeout, closed };
 
   void worker_main(Worker& w);
@@ -284,43 +242,35 @@ class Model {
   // false when the model stops with nothing queued.
   bool await_burst() noexcept;
   void wake_burst() noexcept;
-  // Takes from `group`'s lanes (highest priority first), then, when `steal`, from the other
-  // groups' (highest priority first), then from the delayed lane. kNoGroup: every group alike.
-  bool try_take(uint32_t group, Request*& r, uint32_t& lane, bool steal = true) noexcept;
+  // Takes from the lanes, `group`'s first (see LaneSet::try_take); when nothing is queued,
+  // spins, then parks on `group`'s event count until a request is taken, `until_ns` passes
+  // (>= 0), or the model stops with every lane empty.
   Take take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
-  // The group a submission from this thread goes to (groups_ > 1).
-  uint32_t route() const noexcept;
   // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
   void build_groups();
-  // Wakes up to `n` sleepers, `group`'s first.
-  void wake(std::size_t n, uint32_t group) noexcept;
-  static std::size_t wake_in(Sleepers& s, std::size_t n) noexcept;
-  static void leave_sleepers(Sleepers& s) noexcept;
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
-  void dispatch(Worker& w, std::vector<Request*>& batch, std::vector<Request*>& claimed);
+  // Claims and runs the batch formed in `b` with one model call (or settles what cannot run).
+  void dispatch(Worker& w, Batcher& b);
 
   ModelOptions opts_;
   std::shared_ptr<ModelHandler> handler_;
   std::shared_ptr<ModelCounters> counters_;
+  std::vector<std::unique_ptr<Worker>> workers_;
   // Lane i holds priority i; with on_timeout=delay the last lane holds delayed requests. Each
   // lane can hold max_queue requests on its own: admission bounds all lanes together, so a
   // push (or a move to the delayed lane) always finds a free cell.
   // With G groups, lane g * priority_levels + p holds group g's priority p, and the delayed
-  // lane (one for all groups: it is rare and served last anyway) comes after them all.
-  std::vector<std::unique_ptr<Lane>> lanes_;
-  uint32_t delayed_lane_ = UINT32_MAX;  // index of the delayed lane; none with reject
-  uint32_t groups_ = 1;
-  // CPU number -> the group of the own instance pinned there (Worker::kNoGroup: none). Read
-  // by submitters, written only before start().
-  std::vector<uint32_t> cpu_group_;
-  std::vector<std::unique_ptr<Worker>> workers_;
+  // lane (one for all groups: it is rare and served last anyway) comes after them all. Each
+  // group's workers park on their group's event count there.
+  //
   // Cache lines by who writes them. Every submission writes queued_ and submitting_, and every
   // request a worker takes writes queued_: one line, with what those same threads read per
   // request (closed_, cancel_queued_). What idle and spinning workers poll (stopping_, the
   // event counts) is on lines that only change when a worker parks, is woken, or the model
   // closes, so the spinning does not steal the submitters' line.
+  LaneSet lanes_;
 
   // Admission bound: counts requests in the lanes, including cancelled ones not yet popped and
   // ones a worker is moving to the delayed lane, so the lanes can never be full when admission
@@ -332,31 +282,17 @@ class Model {
   std::atomic<uint32_t> submitting_{0};
   std::atomic<bool> closed_{false};
   std::atomic<bool> cancel_queued_{false};
-  std::atomic<uint64_t> delayed_{0};  // moves to the delayed lane (rare)
 
-  // Each group's workers park on their group's event count (group 0's, or the only one, is
-  // inline): a push wakes sleepers of its own group first and others' only for what is left,
-  // so a request pushed while its group's workers sleep wakes one of them, not a stealer.
-  Sleepers& idle_of(uint32_t group) noexcept {
-    return group == 0 || group >= groups_ ? idle0_ : more_idle_[group - 1];
-  }
-  Sleepers idle0_;
-  std::unique_ptr<Sleepers[]> more_idle_;  // groups 1 .. groups_ - 1; fixed before start()
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the
   // delayed lane must be able to push after close, and it serves that request itself.)
-  std::atomic<bool> stopping_{false};
+  alignas(kCacheLine) std::atomic<bool> stopping_{false};
   // Burst workers park on their own event count: a submission wakes them only when every own
   // worker is busy, and the own workers' wake-ups never go to them.
   std::atomic<uint32_t> burst_epoch_{0};
   // Own workers between taking a request and finishing it (burst models only).
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
-  std::atomic<uint64_t> burst_served_{0};
-  std::atomic<uint64_t> stolen_{0};
-  // Direct calls' latencies: written by whichever caller made one, so under a lock (rare
-  // writers: one per direct call, which already costs a process round trip).
-  std::mutex direct_mu_;
-  WorkerShard direct_shard_;
+  ModelMetrics metrics_;
   std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;

@@ -71,11 +71,32 @@ TEST(Parking, NowNsIsMonotonic) {
 }
 
 TEST(Parking, ReturnsAtOnceWhenWordDiffersFromExpected) {
+  // No timeout and no wake: if the value check were skipped the waiter would sleep in the
+  // kernel. The test watches for that and fails (waking it so that it can end) instead of
+  // waiting for the watchdog.
   Watchdog wd(30s);
   std::atomic<uint32_t> word{1};
-  // No timeout: if the value check were skipped this would sleep forever.
-  park_wait(word, 0, -1);
-  SUCCEED();
+  std::atomic<int> tid{0};
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    tid = current_tid();
+    park_wait(word, 0, -1);
+    returned = true;
+  });
+  while (tid.load() == 0) std::this_thread::yield();
+  bool slept = false;
+  while (!returned.load()) {
+#if defined(__linux__)
+    if (!slept && apportion::testing::is_sleeping(tid.load())) {
+      slept = true;
+      park_wake(word);
+    }
+#endif
+    std::this_thread::yield();
+  }
+  waiter.join();
+  EXPECT_FALSE(slept) << "park_wait slept although the word differed from the expected value";
+  EXPECT_EQ(word.load(), 1u);
 }
 
 #if defined(__linux__)

@@ -248,17 +248,31 @@ def test_torch_model_is_adapted_in_the_child(rt: ap.Runtime) -> None:
     assert y.shape == (3, 2) and threads == 1 and inference
 
 
-def test_repeated_crashes_back_off_and_recover(rt: ap.Runtime, tally) -> None:
+def test_repeated_crashes_back_off_and_recover(rt: ap.Runtime, tally, monkeypatch: pytest.MonkeyPatch) -> None:
+    restarts: list[tuple[float, bool]] = []  # (back-off, waited out before the child started)
+
+    def on_restart(delay_s: float, failed_at: float) -> None:
+        restarts.append((delay_s, time.monotonic() >= failed_at + delay_s))
+
+    monkeypatch.setattr(process_mod, "_on_restart", on_restart)
     rt.add_model("m", factory="process_models:faulty", isolation="process")
     rt.start()
-    futs = []
-    for _ in range(3):  # back to back: restarts 2 and 3 wait out the back-off first
-        futs.append(tally.watch(rt.submit("m", "exit")))
-        futs.append(tally.watch(rt.submit("m", "ok")))
-    for crash, ok in zip(futs[::2], futs[1::2]):
+    # Three crashes in a row, queued back to back: each restart waits twice as long as the one
+    # before; the call that succeeds resets the back-off.
+    futs = [tally.watch(rt.submit("m", "exit")) for _ in range(3)]
+    futs.append(tally.watch(rt.submit("m", "ok")))
+    for crash in futs[:3]:
         with pytest.raises(ap.WorkerCrashed, match="exited with code 7"):
             crash.result(timeout=LONG)
-        assert ok.result(timeout=LONG) == "ok"
+    assert futs[3].result(timeout=LONG) == "ok"
+    first = process_mod._BACKOFF_FIRST_S
+    assert restarts == [(first, True), (2 * first, True), (4 * first, True)]
+    # Crash and success alternating: the back-off starts over after each success.
+    futs += [tally.watch(rt.submit("m", x)) for x in ("exit", "ok")]
+    with pytest.raises(ap.WorkerCrashed, match="exited with code 7"):
+        futs[4].result(timeout=LONG)
+    assert futs[5].result(timeout=LONG) == "ok"
+    assert restarts[3:] == [(first, True)]
     tally.check_once(futs)
     assert rt.submit("m", 5).result(timeout=LONG) == 5
 

@@ -52,6 +52,9 @@ declared failed (``start_timeout_s`` on add_model)."""
 _POLL_S = 0.02  # between liveness checks while waiting for a reply
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 5.0
+# Called as hook(delay_s, failed_at) once a restart waited out its back-off, before it starts
+# the new child (None: nothing). The back-off is otherwise invisible from outside: tests set it.
+_on_restart: Callable[[float, float], None] | None = None
 _EXIT_GRACE_S = 2.0
 
 _names = itertools.count()
@@ -268,6 +271,9 @@ class ProcessInstance:
         left = self._failed_at + delay - time.monotonic()
         if left > 0:
             time.sleep(left)
+        hook = _on_restart
+        if hook is not None:
+            hook(delay, self._failed_at)
         with self._lock:
             if self._closed or self._aborting:
                 raise self._crashed(None, "was not restarted: the model is closing", None)

@@ -1,0 +1,104 @@
+// Dynamic batching: which requests a worker puts into one model call, and how long it waits
+// for more. Pure decisions over the batch being formed (no queue, no clock, no threads), so
+// that the serving loop only takes requests and dispatches what the batcher says.
+//
+// A batch is dispatched when it reaches max_size, when nothing more is queued and its size is
+// preferred (or the model stops), or when max_delay has passed since its first request was
+// taken. Deadline-aware: a request joins only if the batch, by the worker's own measure of
+// calls of that size (see batch_estimate_ns), finishes before the request's deadline and those
+// of the requests already in it; one that no call could serve in time is hopeless (expired, or
+// delayed); one that only this batch would make late, or that would make this batch late, opens
+// the next batch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "apportion/request.hpp"
+
+namespace apportion {
+
+/// Dynamic batching. max_size <= 1: off (every call serves one request).
+struct BatchingOptions {
+  std::size_t max_size = 1;
+  /// How long a worker holding a partial batch waits for more requests, from the moment it
+  /// took the batch's first request.
+  int64_t max_delay_ns = 0;
+  /// Sizes at which a batch is dispatched as soon as no further request is immediately
+  /// queued (ascending, each <= max_size). Empty: wait up to max_delay_ns below max_size.
+  std::vector<std::size_t> preferred_sizes;
+};
+
+/// The estimated duration of a call with `n` requests from `cost_ns` (index = size; 0: never
+/// observed): measured for n, else scaled from the nearest smaller size measured, else the
+/// nearest larger one, else 0 (nothing known yet).
+int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept;
+/// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored).
+void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns) noexcept;
+
+/// One worker's batch in formation. Not thread-safe: the worker's own.
+class Batcher {
+ public:
+  /// `cost_ns` (the worker's call durations by size, see batch_estimate_ns) must outlive the
+  /// batcher. Reserves max_size entries: forming and dispatching batches never allocates.
+  Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns);
+
+  enum class Fit : uint8_t {
+    joined,      // in the batch; it may take more
+    full,        // in the batch, which reached max_size: dispatch it
+    next_batch,  // not in the batch: dispatch the batch, then offer it again (carry())
+    hopeless,    // no call could serve it before its deadline: settle it as expired
+  };
+  /// Offers a request taken at `now` with deadline `deadline` (Request::kNoDeadline: none).
+  Fit offer(Request* r, int64_t deadline, int64_t now);
+
+  /// With nothing queued right now: whether to dispatch at once (the model is `stopping`, or
+  /// the batch has a preferred size) instead of waiting for more.
+  bool dispatch_now(bool stopping) const noexcept;
+  /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
+  /// batch opened, or earlier if one more request would make it finish after its earliest
+  /// deadline. Only for a non-empty batch.
+  int64_t wait_until() const noexcept;
+
+  /// A request to offer first to the next batch (Fit::next_batch), with the lane it came from.
+  void carry(Request* r, uint32_t lane) noexcept {
+    carry_ = r;
+    carry_lane_ = lane;
+  }
+  bool has_carry() const noexcept { return carry_ != nullptr; }
+  Request* take_carry(uint32_t& lane) noexcept {
+    lane = carry_lane_;
+    Request* r = carry_;
+    carry_ = nullptr;
+    return r;
+  }
+
+  bool empty() const noexcept { return batch_.empty(); }
+  std::size_t size() const noexcept { return batch_.size(); }
+  const std::vector<Request*>& requests() const noexcept { return batch_; }
+  /// Scratch for the dispatcher's claimed requests (reserved like the batch).
+  std::vector<Request*>& claimed() noexcept { return claimed_; }
+  /// The batch was handed to the dispatcher: start a new one.
+  void clear() noexcept {
+    batch_.clear();
+    min_deadline_ = Request::kNoDeadline;
+  }
+
+ private:
+  bool preferred(std::size_t n) const noexcept;
+
+  const BatchingOptions& opt_;
+  const std::vector<int64_t>& cost_ns_;
+  std::vector<Request*> batch_;
+  std::vector<Request*> claimed_;
+  // A request taken from a lane that fits no longer in the batch being formed, though it could
+  // still meet its deadline in a smaller one: it opens the next batch. Uncounted in the
+  // model's queue (so idle workers do not wait on it), still `queued` (so it can be cancelled).
+  Request* carry_ = nullptr;
+  uint32_t carry_lane_ = 0;
+  int64_t opened_ = 0;  // when the batch took its first request
+  int64_t min_deadline_ = Request::kNoDeadline;
+};
+
+}  // namespace apportion

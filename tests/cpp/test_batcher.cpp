@@ -1,0 +1,304 @@
+// Dynamic batching: through a model, and apportion::Batcher's decisions alone.
+#include "engine_fixture.hpp"
+
+#include <vector>
+
+#include "apportion/batcher.hpp"
+
+namespace {
+
+using namespace apportion::testing::engine;
+using EngineBatching = EngineTest;
+
+TEST_F(EngineBatching, BatchesAreFormedUpToMaxSizeInPriorityOrder) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    ModelOptions o = batching_opts(4, 20'000'000);
+    o.priority_levels = 2;
+    Model m(o, h);
+    // Queued before start: the worker finds all ten at once.
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 10; ++i) {
+      rs.push_back(make(i));
+      rs.back()->priority = i % 2 == 0 ? 0 : 1;
+    }
+    ASSERT_EQ(submit_all(m, rs), Admit::ok);
+    ASSERT_EQ(m.start(), 0u);
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{4, 4, 2}));
+    EXPECT_EQ(rec.order(), (std::vector<uint64_t>{2, 4, 6, 8, 10, 1, 3, 5, 7, 9}));
+    for (auto& r : rs) {
+      EXPECT_EQ(r->outcome(), Outcome::ok);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.batch_size.total, 3u);
+    EXPECT_EQ(s.batch_size.sum, 10u);
+    EXPECT_EQ(s.batch_size.max, 4u);
+    EXPECT_EQ(s.end_to_end.total, 10u);
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
+TEST_F(EngineBatching, PartialBatchWaitsForMaxDelayThenRuns) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    constexpr int64_t kDelay = 30'000'000;
+    Model m(batching_opts(8, kDelay), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef lone = make(1);
+    ASSERT_EQ(submit(m, lone), Admit::ok);
+    ASSERT_TRUE(completes(lone)) << "a lone request is served after max_delay, not never";
+    EXPECT_EQ(lone->outcome(), Outcome::ok);
+    // It waited for company: the worker dispatched it no earlier than max_delay after taking it.
+    EXPECT_GE(lone->start_ns - lone->submit_ns, kDelay);
+    // A request arriving while the batch waits joins it.
+    TestRef a = make(2);
+    ASSERT_EQ(submit(m, a), Admit::ok);
+    std::this_thread::sleep_for(2ms);
+    TestRef b = make(3);
+    ASSERT_EQ(submit(m, b), Admit::ok);
+    ASSERT_TRUE(completes(a));
+    ASSERT_TRUE(completes(b));
+    m.close(true);
+    m.join();
+    const auto sizes = rec.sizes();
+    ASSERT_EQ(sizes.size(), 2u);
+    EXPECT_EQ(sizes[1], 2u) << "a request that arrives within max_delay joins the batch";
+  });
+}
+
+TEST_F(EngineBatching, PreferredSizeDispatchesWithoutWaiting) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    // max_delay of an hour: only the preferred size can let these batches go.
+    Model m(batching_opts(8, 3'600'000'000'000LL, {2, 5}), h);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 1; i <= 7; ++i) rs.push_back(make(i));
+    ASSERT_EQ(submit_all(m, rs), Admit::ok);
+    ASSERT_EQ(m.start(), 0u);
+    // Seven queued: the batch grows past 2 and 5 while more is queued, stops at 7 (not
+    // preferred) and would wait, so close() must end that wait: with the queue empty and the
+    // model closed, the worker dispatches what it holds.
+    std::vector<TestRef> two{make(10), make(11)};
+    while (rec.sizes().empty() && m.queued() != 0) std::this_thread::sleep_for(1ms);
+    m.close(true);
+    m.join();
+    for (auto& r : rs) EXPECT_EQ(r->outcome(), Outcome::ok);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{7}));
+
+    Recorder rec2;
+    auto h2 = recording_handler(rec2, nullptr);
+    Model m2(batching_opts(8, 3'600'000'000'000LL, {2, 5}), h2);
+    ASSERT_EQ(submit_all(m2, two), Admit::ok);
+    ASSERT_EQ(m2.start(), 0u);
+    for (auto& r : two) ASSERT_TRUE(completes(r)) << "a preferred size goes without max_delay";
+    EXPECT_EQ(rec2.sizes(), (std::vector<std::size_t>{2}));
+    m2.close(true);
+    m2.join();
+  });
+}
+
+TEST_F(EngineBatching, BatchingKeepsRequestsOutOfBatchesThatFinishTooLate) {
+  guarded(60s, [] {
+    Recorder rec;
+    // Every call takes at least 100 ms: after one, the worker estimates a call of one request
+    // at >= 100 ms and (scaled, never having seen one) a call of two at >= 200 ms.
+    auto h = recording_handler(rec, nullptr, 100ms);
+    Model m(batching_opts(4, 0), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef warm = make(1);
+    ASSERT_EQ(submit(m, warm), Admit::ok);
+    ASSERT_TRUE(completes(warm));
+
+    // 50 ms left: not expired yet, but no call can finish in time: expired, never run.
+    TestRef hopeless = make(2);
+    hopeless->deadline_ns = now_ns() + 50'000'000;
+    ASSERT_EQ(submit(m, hopeless), Admit::ok);
+    ASSERT_TRUE(completes(hopeless));
+    EXPECT_EQ(hopeless->outcome(), Outcome::expired);
+    EXPECT_EQ(hopeless->runs.load(), 0);
+    EXPECT_LE(hopeless->start_ns, hopeless->deadline_ns) << "expired before its deadline passed";
+
+    // 170 ms left: a call of one fits, a call of two does not. The second request must not
+    // share its batch; it opens the next one.
+    TestRef tight = make(3);
+    TestRef loose = make(4);
+    tight->deadline_ns = now_ns() + 170'000'000;
+    ASSERT_EQ(submit_all(m, {tight, loose}), Admit::ok);
+    ASSERT_TRUE(completes(tight));
+    ASSERT_TRUE(completes(loose));
+    EXPECT_EQ(tight->outcome(), Outcome::ok);
+    EXPECT_EQ(loose->outcome(), Outcome::ok);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1, 1, 1}));
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.completed, 3u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineBatching, BatchingWithDelayRunsHopelessRequestsLast) {
+  guarded(60s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr, 50ms);
+    ModelOptions o = batching_opts(4, 0);
+    o.on_timeout = OnTimeout::delay;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef warm = make(1);
+    ASSERT_EQ(submit(m, warm), Admit::ok);
+    ASSERT_TRUE(completes(warm));
+    TestRef hopeless = make(2);
+    hopeless->deadline_ns = now_ns() + 10'000'000;
+    ASSERT_EQ(submit(m, hopeless), Admit::ok);
+    ASSERT_TRUE(completes(hopeless));
+    EXPECT_EQ(hopeless->outcome(), Outcome::ok) << "delayed, then run";
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.delayed, 1u);
+    EXPECT_EQ(s.expired, 0u);
+    EXPECT_EQ(s.completed, 2u);
+  });
+}
+
+TEST_F(EngineBatching, RequestCancelledWhileItsBatchFormsCompletesOnce) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    Model m(batching_opts(8, 200'000'000), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef a = make(1);
+    TestRef b = make(2);
+    ASSERT_EQ(submit_all(m, {a, b}), Admit::ok);
+    // Both wait in the forming batch (max_delay 200 ms), still cancellable.
+    while (m.queued() != 0) std::this_thread::yield();
+    EXPECT_TRUE(m.cancel(b.get()));
+    ASSERT_TRUE(completes(a));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(a->outcome(), Outcome::ok);
+    EXPECT_EQ(b->outcome(), Outcome::cancelled);
+    EXPECT_EQ(b->completions.load(), 1);
+    EXPECT_EQ(b->runs.load(), 0);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1}));
+  });
+}
+
+TEST_F(EngineBatching, CloseWithoutDrainCancelsAFormingBatch) {
+  guarded(30s, [] {
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr);
+    Model m(batching_opts(8, 3'600'000'000'000LL), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs{make(1), make(2), make(3)};
+    ASSERT_EQ(submit_all(m, rs), Admit::ok);
+    while (m.queued() != 0) std::this_thread::yield();
+    m.close(false);
+    m.join();
+    for (auto& r : rs) {
+      EXPECT_EQ(r->outcome(), Outcome::cancelled);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    EXPECT_TRUE(rec.sizes().empty());
+  });
+}
+
+TEST(WorkerEstimate, UsesObservedSizesAndScalesUnknownOnes) {
+  Worker w;
+  w.batch_cost_ns.assign(9, 0);
+  EXPECT_EQ(w.estimate_ns(3), 0) << "nothing observed";
+  w.observe(2, 1000);
+  EXPECT_EQ(w.estimate_ns(2), 1000);
+  EXPECT_EQ(w.estimate_ns(4), 2000) << "scaled up from the nearest smaller size";
+  EXPECT_EQ(w.estimate_ns(1), 1000) << "a smaller size borrows the nearest larger one";
+  w.observe(2, 2000);
+  EXPECT_EQ(w.estimate_ns(2), 1250) << "EWMA, weight 1/4";
+  EXPECT_EQ(w.estimate_ns(100), 62500) << "beyond the table: scaled";
+}
+
+// ---------------------------------------------------------------------------------------------
+// apportion::Batcher's decisions alone: no model, no clock, no threads.
+
+using apportion::Batcher;
+using Fit = apportion::Batcher::Fit;
+
+constexpr int64_t kNone = Request::kNoDeadline;
+
+TEST_F(EngineBatching, BatcherDispatchesAtMaxSize) {
+  const BatchingOptions opt{3, 1'000, {}};
+  const std::vector<int64_t> cost;  // nothing measured: every estimate 0
+  Batcher b(opt, cost);
+  Request r[4];
+  EXPECT_TRUE(b.empty());
+  EXPECT_EQ(b.offer(&r[0], kNone, 100), Fit::joined);
+  EXPECT_EQ(b.offer(&r[1], kNone, 110), Fit::joined);
+  EXPECT_EQ(b.offer(&r[2], kNone, 120), Fit::full);
+  EXPECT_EQ(b.size(), 3u);
+  EXPECT_EQ(b.requests(), (std::vector<Request*>{&r[0], &r[1], &r[2]}));
+  b.clear();
+  EXPECT_TRUE(b.empty());
+  EXPECT_EQ(b.offer(&r[3], kNone, 130), Fit::joined);
+}
+
+TEST_F(EngineBatching, BatcherWaitsAtMostMaxDelayFromTheFirstRequest) {
+  const BatchingOptions opt{8, 1'000, {}};
+  const std::vector<int64_t> cost;
+  Batcher b(opt, cost);
+  Request r[3];
+  ASSERT_EQ(b.offer(&r[0], kNone, 5'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 6'000);
+  ASSERT_EQ(b.offer(&r[1], kNone, 5'700), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 6'000) << "the delay runs from the batch's first request";
+  EXPECT_FALSE(b.dispatch_now(false)) << "below max_size, no preferred size: wait for more";
+  EXPECT_TRUE(b.dispatch_now(true)) << "a stopping model dispatches at once";
+  b.clear();
+  ASSERT_EQ(b.offer(&r[2], kNone, 9'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 10'000) << "a new batch opens a new delay";
+}
+
+TEST_F(EngineBatching, BatcherDispatchesAPreferredSizeWithoutWaiting) {
+  const BatchingOptions opt{8, 1'000'000, {2, 4}};
+  const std::vector<int64_t> cost;
+  Batcher b(opt, cost);
+  Request r[4];
+  const bool expected[] = {false, true, false, true};
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
+    EXPECT_EQ(b.dispatch_now(false), expected[i]) << "size " << i + 1;
+  }
+}
+
+TEST_F(EngineBatching, BatcherKeepsRequestsOutOfBatchesThatWouldFinishLate) {
+  const BatchingOptions opt{8, 1'000'000, {}};
+  // One request takes 100 ns, two 300 ns, three 600 ns (index = batch size).
+  const std::vector<int64_t> cost{0, 100, 300, 600};
+  Batcher b(opt, cost);
+  Request r[4];
+  EXPECT_EQ(b.offer(&r[0], 1'050, 1'000), Fit::hopeless) << "not even alone in time";
+  EXPECT_TRUE(b.empty());
+  ASSERT_EQ(b.offer(&r[1], 1'400, 1'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 1'100) << "one more (300 ns for two) must still meet 1'400";
+  EXPECT_EQ(b.offer(&r[2], 1'250, 1'000), Fit::next_batch) << "a pair would end at 1'300";
+  EXPECT_EQ(b.size(), 1u);
+  b.carry(&r[2], 7);
+  ASSERT_TRUE(b.has_carry());
+  b.clear();
+  uint32_t lane = 0;
+  EXPECT_EQ(b.take_carry(lane), &r[2]);
+  EXPECT_EQ(lane, 7u);
+  EXPECT_FALSE(b.has_carry());
+  ASSERT_EQ(b.offer(&r[2], 1'250, 1'000), Fit::joined) << "it opens the next batch";
+  EXPECT_EQ(b.offer(&r[3], kNone, 1'000), Fit::next_batch)
+      << "no deadline of its own, but the batch's earliest one binds it";
+}
+
+}  // namespace
