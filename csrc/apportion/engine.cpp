@@ -854,6 +854,10 @@ ModelSnapshot Model::snapshot() const {
     s.batch_size.sum = calls;
     s.batch_size.max = calls != 0 ? 1 : 0;
   }
+  s.queue_wait.origin = origin_;
+  s.compute.origin = origin_ + 1;
+  s.end_to_end.origin = origin_ + 2;
+  s.batch_size.origin = origin_ + 3;
   return s;
 }
 

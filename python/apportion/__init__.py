@@ -21,7 +21,7 @@ from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_complet
 from .gpu import GPU
 from .placement import InstancePlan, ModelPlan, Plan, Quota, plan
 from .runtime import InstanceContext, Runtime
-from .stats import LatencyStats, ModelStats, RuntimeStats
+from .stats import HistogramSnapshot, LatencyStats, ModelStats, RuntimeStats
 from .topology import Topology, topology
 from .tune import tune
 from ._version import __version__ as __version__
@@ -40,6 +40,7 @@ __all__ = [
     "DeadlineExceeded",
     "Future",
     "GPU",
+    "HistogramSnapshot",
     "InstanceContext",
     "InstancePlan",
     "LatencyStats",

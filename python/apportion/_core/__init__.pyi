@@ -5,7 +5,197 @@ from __future__ import annotations
 import collections.abc
 import typing
 from . import gpu
-__all__: list[str] = ['Future', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
+__all__: list[str] = ['Future', 'HistogramSnapshot', 'LogHistogram', 'ModelSnapshot', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
+class HistogramSnapshot:
+    """
+    The buckets of a log-bucket histogram at one moment (or of a window: a later snapshot minus
+    an earlier one). Values are integers in the histogram's unit: nanoseconds for latencies,
+    requests for batch sizes. Bucket i holds the values in (upper_bounds[i-1], upper_bounds[i]];
+    32 buckets per power of two, so a quantile is within ~3% of the truth. Immutable.
+    """
+    def __getstate__(self) -> tuple[list[int], int, int, int]:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, arg0: tuple) -> None:
+        ...
+    def quantile(self, q: typing.SupportsFloat | typing.SupportsIndex) -> int:
+        """
+        The value at quantile q in [0, 1] (0.99: p99), in the histogram's unit: the midpoint of the
+        bucket holding rank round(q * count), never above max; 0 when empty. Raises ValueError for q
+        outside [0, 1].
+        """
+    def subtract(self, earlier: HistogramSnapshot) -> HistogramSnapshot:
+        """
+        What was recorded between `earlier` and this snapshot of the same histogram (a window):
+        counts and sum are differences, so quantiles are the window's own. Raises ValueError when
+        the two are snapshots of different histograms or `earlier` holds more in some bucket (it
+        was taken later, or the arguments are swapped).
+        """
+    @property
+    def count(self) -> int:
+        """
+        Values recorded (the sum of counts).
+        """
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """
+        Values per bucket, one per upper bound (built on each access).
+        """
+    @property
+    def max(self) -> int:
+        """
+        Largest value recorded, in the histogram's unit; 0 when empty. For a window: exact when
+        the maximum grew in it, else the top of its highest non-empty bucket (capped at the
+        later snapshot's max).
+        """
+    @property
+    def mean(self) -> float:
+        """
+        sum / count in the histogram's unit; 0.0 when empty.
+        """
+    @property
+    def origin(self) -> int:
+        """
+        Which histogram this is a snapshot of (0: not said); windows need equal origins.
+        """
+    @property
+    def sum(self) -> int:
+        """
+        Sum of the values recorded, in the histogram's unit (exact).
+        """
+    @property
+    def upper_bounds(self) -> tuple[int, ...]:
+        """
+        The largest value each bucket holds, in the histogram's unit, ascending (the same for every
+        snapshot); the last bucket also holds every value clamped into it (2**64 - 1).
+        """
+class LogHistogram:
+    """
+    A log-bucket histogram of non-negative integers (the engine's latency histogram): record()
+    values, snapshot() the buckets. One writer at a time; snapshots may be taken meanwhile.
+    """
+    def __init__(self) -> None:
+        ...
+    def record(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Record one value (an integer >= 0, e.g. nanoseconds).
+        """
+    def snapshot(self) -> HistogramSnapshot:
+        """
+        The buckets now.
+        """
+class ModelSnapshot:
+    """
+    One model's counters and histograms at one moment (apportion.ModelStats is built from it).
+    Counters count requests since the model was added; latency histograms are in nanoseconds.
+    """
+    def __repr__(self) -> str:
+        ...
+    @property
+    def batch_size(self) -> HistogramSnapshot:
+        """
+        Requests per model call (one value per call).
+        """
+    @property
+    def burst_served(self) -> int:
+        """
+        Requests served by burst workers on the shared pool.
+        """
+    @property
+    def cancelled(self) -> int:
+        """
+        Requests cancelled before they started.
+        """
+    @property
+    def completed(self) -> int:
+        """
+        Requests that returned a result.
+        """
+    @property
+    def compute(self) -> HistogramSnapshot:
+        """
+        Duration of the model call that served each request, in nanoseconds.
+        """
+    @property
+    def delayed(self) -> int:
+        """
+        Requests moved behind the others by on_timeout="delay".
+        """
+    @property
+    def direct(self) -> int:
+        """
+        Requests served by their callers directly (Runtime.call on a process model).
+        """
+    @property
+    def end_to_end(self) -> HistogramSnapshot:
+        """
+        Time from admission to completion, in nanoseconds.
+        """
+    @property
+    def expired(self) -> int:
+        """
+        Requests whose deadline passed before they started.
+        """
+    @property
+    def failed(self) -> int:
+        """
+        Requests that raised the model's exception (or whose worker crashed).
+        """
+    @property
+    def instances(self) -> int:
+        """
+        Worker instances (burst instances excluded).
+        """
+    @property
+    def lane_groups(self) -> int:
+        """
+        Queues the model keeps (one per NUMA node its instances span; at least 1).
+        """
+    @property
+    def max_queue(self) -> int:
+        """
+        Admission bound, in requests.
+        """
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def pool_calls(self) -> int:
+        """
+        Model calls granted shared-pool units.
+        """
+    @property
+    def pool_time_ns(self) -> int:
+        """
+        Shared-pool time those calls held, in nanoseconds x units (call duration x
+        intra-op threads, summed).
+        """
+    @property
+    def queue_wait(self) -> HistogramSnapshot:
+        """
+        Time from admission to the start of the call, in nanoseconds.
+        """
+    @property
+    def queued(self) -> int:
+        """
+        Requests waiting in the queue now.
+        """
+    @property
+    def rejected(self) -> int:
+        """
+        Submissions refused (queue full).
+        """
+    @property
+    def stolen(self) -> int:
+        """
+        Requests an instance took from another NUMA node's queue.
+        """
+    @property
+    def submitted(self) -> int:
+        """
+        Requests admitted.
+        """
 class Future:
     """
     A pending request (concurrent.futures-compatible interface).
@@ -65,7 +255,7 @@ class _Runtime:
         ...
     def _model_names(self) -> list[str]:
         ...
-    def _model_stats(self, name: str) -> dict:
+    def _model_stats(self, name: str) -> ModelSnapshot:
         ...
     def _set_placement(self, name: str, instances: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
