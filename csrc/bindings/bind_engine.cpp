@@ -26,6 +26,7 @@
 
 #include "apportion/engine.hpp"
 #include "apportion/registry.hpp"
+#include "bindings/enums.hpp"
 #include "bindings/register.hpp"
 #include "bindings/stats.hpp"
 
@@ -773,10 +774,8 @@ class RuntimeCore {
     for (const auto& [cpus, nodes, threads] : instances) {
       placement.push_back(InstancePlacement{cpus, threads, nodes});
     }
-    MemoryPolicy policy = MemoryPolicy::none;
-    if (memory_policy == "bind") policy = MemoryPolicy::bind;
-    else if (memory_policy == "prefer") policy = MemoryPolicy::prefer;
-    else if (memory_policy != "none") throw py::value_error("memory_policy must be bind, prefer or none");
+    const MemoryPolicy policy =
+        enum_or_raise(parse_memory_policy(memory_policy), memory_policy, "memory_policy", kMemoryPolicies);
     m.set_placement(std::move(placement), policy, groups);  // invalid_argument: ValueError
   }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections.abc
 import typing
 from . import gpu
-__all__: list[str] = ['Future', 'HistogramSnapshot', 'LogHistogram', 'ModelSnapshot', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
+__all__: list[str] = ['Core', 'CoreKind', 'Cpu', 'Future', 'HistogramSnapshot', 'Isolation', 'L3Domain', 'LogHistogram', 'MemoryPolicy', 'ModelSnapshot', 'NumaNode', 'Package', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
 class HistogramSnapshot:
     """
     The buckets of a log-bucket histogram at one moment (or of a window: a later snapshot minus
@@ -284,14 +284,236 @@ class _Runtime:
     @property
     def started(self) -> bool:
         ...
+class CoreKind:
+    """
+    What kind of core a hybrid part puts a CPU on (unknown: homogeneous).
+    
+    Members:
+    
+      unknown
+    
+      performance
+    
+      efficiency
+    """
+    __members__: typing.ClassVar[dict[str, CoreKind]]
+    efficiency: typing.ClassVar[CoreKind]
+    performance: typing.ClassVar[CoreKind]
+    unknown: typing.ClassVar[CoreKind]
+    @typing.overload
+    def __eq__(self, other: CoreKind) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: CoreKind) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
+class MemoryPolicy:
+    """
+    A thread's NUMA memory policy: bind (only its nodes), prefer (its first node first), none.
+    
+    Members:
+    
+      bind
+    
+      prefer
+    
+      none
+    """
+    __members__: typing.ClassVar[dict[str, MemoryPolicy]]
+    bind: typing.ClassVar[MemoryPolicy]
+    none: typing.ClassVar[MemoryPolicy]
+    prefer: typing.ClassVar[MemoryPolicy]
+    @typing.overload
+    def __eq__(self, other: MemoryPolicy) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: MemoryPolicy) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
+class Cpu:
+    """
+    One logical CPU (hardware thread). Offline CPUs have core, package and l3 -1.
+    """
+    @property
+    def allowed(self) -> bool:
+        """
+        In the process's allowed set.
+        """
+    @property
+    def core(self) -> int:
+        """
+        Index into Topology.cores; -1 when offline.
+        """
+    @property
+    def id(self) -> int:
+        ...
+    @property
+    def kind(self) -> CoreKind:
+        ...
+    @property
+    def l3(self) -> int:
+        """
+        Index into Topology.l3_domains; -1 when offline.
+        """
+    @property
+    def node(self) -> int:
+        """
+        NUMA node id.
+        """
+    @property
+    def online(self) -> bool:
+        ...
+    @property
+    def package(self) -> int:
+        """
+        physical_package_id.
+        """
+class Core:
+    """
+    One physical core: its online SMT siblings, and those this process may use.
+    """
+    @property
+    def core_id(self) -> int:
+        """
+        The kernel's core_id (unique only within a package/die).
+        """
+    @property
+    def cpus(self) -> list[int]:
+        """
+        Online siblings, ascending.
+        """
+    @property
+    def die(self) -> int:
+        ...
+    @property
+    def index(self) -> int:
+        """
+        Position in Topology.cores.
+        """
+    @property
+    def kind(self) -> CoreKind:
+        ...
+    @property
+    def l3(self) -> int:
+        ...
+    @property
+    def node(self) -> int:
+        ...
+    @property
+    def package(self) -> int:
+        ...
+    @property
+    def usable(self) -> list[int]:
+        """
+        The siblings this process may run on.
+        """
+class Package:
+    """
+    One CPU package (socket).
+    """
+    @property
+    def cpus(self) -> list[int]:
+        """
+        Online CPUs.
+        """
+    @property
+    def id(self) -> int:
+        ...
+class NumaNode:
+    """
+    One NUMA node.
+    """
+    @property
+    def cpus(self) -> list[int]:
+        """
+        Online CPUs (none for a memory-only node).
+        """
+    @property
+    def id(self) -> int:
+        ...
+    @property
+    def memory_bytes(self) -> int:
+        """
+        MemTotal in bytes; 0 when unknown.
+        """
+class L3Domain:
+    """
+    CPUs sharing one L3 cache (one per package without cache information).
+    """
+    @property
+    def cpus(self) -> list[int]:
+        ...
+    @property
+    def id(self) -> int:
+        """
+        The cache's sysfs id; -1 when unknown or synthesised.
+        """
+    @property
+    def index(self) -> int:
+        ...
+    @property
+    def size_bytes(self) -> int:
+        """
+        Cache size in bytes; 0 when unknown or synthesised.
+        """
 class Topology:
     """
     A snapshot of the machine read from sysfs (immutable; safe to share between threads). apportion.topology wraps it in dataclasses.
     """
-    def as_dict(self) -> dict:
-        """
-        Everything as plain lists and dicts (cpus, cores, packages, nodes, l3_domains, ...).
-        """
     def restricted_to(self, cpus: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> Topology:
         """
         A copy whose allowed set is intersected with `cpus`. Raises ValueError for a CPU that is not present.
@@ -302,15 +524,34 @@ class Topology:
         The process's allowed CPU set.
         """
     @property
+    def cores(self) -> list[Core]:
+        ...
+    @property
+    def cpus(self) -> list[Cpu]:
+        """
+        Every present CPU, ascending by id.
+        """
+    @property
     def hybrid(self) -> bool:
         """
         True when performance and efficiency cores differ.
+        """
+    @property
+    def l3_domains(self) -> list[L3Domain]:
+        ...
+    @property
+    def nodes(self) -> list[NumaNode]:
+        """
+        By id.
         """
     @property
     def offline(self) -> list[int]:
         ...
     @property
     def online(self) -> list[int]:
+        ...
+    @property
+    def packages(self) -> list[Package]:
         ...
     @property
     def root(self) -> str:
@@ -322,6 +563,53 @@ class Topology:
         """
         Online CPUs in the allowed set.
         """
+class Isolation:
+    """
+    How a model holds its CPUs: exclusive (cores of its own) or shared (the shared pool).
+    
+    Members:
+    
+      exclusive
+    
+      shared
+    """
+    __members__: typing.ClassVar[dict[str, Isolation]]
+    exclusive: typing.ClassVar[Isolation]
+    shared: typing.ClassVar[Isolation]
+    @typing.overload
+    def __eq__(self, other: Isolation) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: Isolation) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
 class Quota:
     """
     The CPU side of one model's quota, as placement sees it. Build it through apportion.placement.Quota, which validates every field first.
@@ -421,9 +709,9 @@ def _lane_cells(max_queue: typing.SupportsInt | typing.SupportsIndex, priority_l
     """
     Queue cells (64 bytes each) a model's lanes take: see ModelOptions::instance_group.
     """
-def current_memory_policy() -> tuple[str, list[int]]:
+def current_memory_policy() -> tuple[MemoryPolicy, list[int]]:
     """
-    The calling thread's NUMA policy as ("bind" | "prefer" | "none", nodes).
+    The calling thread's NUMA policy as (MemoryPolicy, nodes).
     """
 def current_thread_affinity() -> list[int]:
     """
