@@ -579,6 +579,10 @@ ModelSnapshot Model::snapshot() const {
   }
   s.stolen = lanes_.stolen();
   metrics_.finish(s, opts_.batching.max_size > 1);
+  s.queue_wait.origin = origin_;
+  s.compute.origin = origin_ + 1;
+  s.end_to_end.origin = origin_ + 2;
+  s.batch_size.origin = origin_ + 3;
   return s;
 }
 

@@ -258,6 +258,9 @@ class Model {
   std::shared_ptr<ModelHandler> handler_;
   std::shared_ptr<ModelCounters> counters_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  // Origins of the snapshots of this model's four histograms (queue wait, compute, end to
+  // end, batch size), so a window is never taken between two different histograms.
+  const uint64_t origin_ = LogHistogram::new_origins(4);
   // Lane i holds priority i; with on_timeout=delay the last lane holds delayed requests. Each
   // lane can hold max_queue requests on its own: admission bounds all lanes together, so a
   // push (or a move to the delayed lane) always finds a free cell.

@@ -11,6 +11,9 @@
 #include <atomic>
 #include <bit>
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
 
 namespace apportion {
 
@@ -26,6 +29,9 @@ class LogHistogram {
     uint64_t total = 0;
     uint64_t sum = 0;
     uint64_t max = 0;
+    /// Which histogram this is a snapshot of (see new_origins()): subtract() refuses snapshots
+    /// of two different non-zero origins. 0: not said (merged or hand-made snapshots).
+    uint64_t origin = 0;
 
     void merge(const Snapshot& o) noexcept {
       for (std::size_t i = 0; i < kBuckets; ++i) counts[i] += o.counts[i];
@@ -51,7 +57,50 @@ class LogHistogram {
     double mean() const noexcept {
       return total ? static_cast<double>(sum) / static_cast<double>(total) : 0.0;
     }
+
+    /// What the histogram recorded between `earlier` and this snapshot: bucket by bucket
+    /// this minus `earlier`, so quantiles of the result are those of that window alone. The
+    /// window's max is exact when the maximum grew in it (then it was recorded in the window);
+    /// otherwise it is the top of the window's highest non-empty bucket, capped at this max.
+    /// Throws std::invalid_argument when the snapshots are of different histograms or
+    /// `earlier` has more in some bucket (it is not earlier, or the arguments are swapped).
+    Snapshot subtract(const Snapshot& earlier) const {
+      if (origin != 0 && earlier.origin != 0 && origin != earlier.origin) {
+        throw std::invalid_argument("histogram snapshots of different histograms (origins " +
+                                    std::to_string(origin) + " and " + std::to_string(earlier.origin) +
+                                    "): a window needs two snapshots of the same one");
+      }
+      Snapshot out;
+      out.origin = origin;
+      std::size_t top = kBuckets;
+      for (std::size_t i = 0; i < kBuckets; ++i) {
+        if (counts[i] < earlier.counts[i]) {
+          throw std::invalid_argument(
+              "histogram snapshot: bucket " + std::to_string(i) + " (values " + std::to_string(bucket_low(i)) +
+              ".." + std::to_string(bucket_high(i)) + ") holds " + std::to_string(counts[i]) +
+              " but the earlier snapshot holds " + std::to_string(earlier.counts[i]) +
+              ": subtract the earlier snapshot from the later one");
+        }
+        out.counts[i] = counts[i] - earlier.counts[i];
+        out.total += out.counts[i];
+        if (out.counts[i] != 0) top = i;
+      }
+      if (sum < earlier.sum || max < earlier.max) {
+        throw std::invalid_argument(
+            "histogram snapshot: the sum or max is smaller than the earlier snapshot's: subtract the "
+            "earlier snapshot from the later one");
+      }
+      out.sum = sum - earlier.sum;
+      if (top != kBuckets) out.max = max > earlier.max ? max : std::min(bucket_high(top), max);
+      return out;
+    }
   };
+
+  /// `n` consecutive origin ids, unique in the process (never 0). Safe from any thread.
+  static uint64_t new_origins(uint64_t n) noexcept {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(n, std::memory_order_relaxed);
+  }
 
   /// Records one value. Single writer per histogram; safe to read concurrently.
   void record(uint64_t v) noexcept {
@@ -86,6 +135,12 @@ class LogHistogram {
     if (i < kSub) return i;
     const int e = static_cast<int>(i / kSub) + kSubBits - 1;
     return (kSub + i % kSub) << (e - kSubBits);
+  }
+
+  /// The largest value bucket `i` holds (values are integers): bucket i holds
+  /// bucket_low(i)..bucket_high(i); the top bucket also holds everything clamped into it.
+  static uint64_t bucket_high(std::size_t i) noexcept {
+    return i + 1 < kBuckets ? bucket_low(i + 1) - 1 : std::numeric_limits<uint64_t>::max();
   }
 
   static uint64_t bucket_mid(std::size_t i) noexcept {

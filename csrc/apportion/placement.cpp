@@ -22,6 +22,22 @@ std::string_view to_string(MemoryPolicy policy) noexcept {
   return "none";
 }
 
+namespace {
+template <class E, std::size_t N>
+std::optional<E> parse_word(std::string_view word, const std::array<E, N>& all) noexcept {
+  for (E e : all) {
+    if (to_string(e) == word) return e;
+  }
+  return std::nullopt;
+}
+}  // namespace
+
+std::optional<Isolation> parse_isolation(std::string_view word) noexcept { return parse_word(word, kIsolations); }
+
+std::optional<MemoryPolicy> parse_memory_policy(std::string_view word) noexcept {
+  return parse_word(word, kMemoryPolicies);
+}
+
 std::string_view to_string(Locality locality) noexcept {
   switch (locality) {
     case Locality::l3: return "l3";

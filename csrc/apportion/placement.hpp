@@ -1,9 +1,12 @@
 // Placement: a pure, deterministic function from (topology, quotas) to who runs where.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "apportion/topology.hpp"
@@ -12,9 +15,16 @@ namespace apportion {
 
 enum class Isolation : std::uint8_t { exclusive, shared };
 enum class MemoryPolicy : std::uint8_t { bind, prefer, none };
+inline constexpr std::array<Isolation, 2> kIsolations{Isolation::exclusive, Isolation::shared};
+inline constexpr std::array<MemoryPolicy, 3> kMemoryPolicies{MemoryPolicy::bind, MemoryPolicy::prefer,
+                                                             MemoryPolicy::none};
 
+/// The words of the Python API: "exclusive" | "shared", "bind" | "prefer" | "none".
 std::string_view to_string(Isolation isolation) noexcept;
 std::string_view to_string(MemoryPolicy policy) noexcept;
+/// The inverse of to_string: the one parser of each enum (nullopt for any other word).
+std::optional<Isolation> parse_isolation(std::string_view word) noexcept;
+std::optional<MemoryPolicy> parse_memory_policy(std::string_view word) noexcept;
 
 /// The CPU side of one model's quota (mirrors apportion.placement.Quota).
 ///

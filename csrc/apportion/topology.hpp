@@ -2,6 +2,7 @@
 // trees (tests/fixtures/topology/*). Plain C++20, no Python.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -24,6 +25,9 @@ std::string format_cpulist(const CpuList& cpus);
 
 /// What kind of core a hybrid part puts a CPU on. `unknown` on homogeneous machines.
 enum class CoreKind : std::uint8_t { unknown, performance, efficiency };
+
+inline constexpr std::array<CoreKind, 3> kCoreKinds{CoreKind::unknown, CoreKind::performance,
+                                                    CoreKind::efficiency};
 
 /// "performance", "efficiency" or "unknown".
 std::string_view to_string(CoreKind kind) noexcept;

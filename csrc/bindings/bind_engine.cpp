@@ -31,7 +31,9 @@
 
 #include "apportion/engine.hpp"
 #include "apportion/registry.hpp"
+#include "bindings/enums.hpp"
 #include "bindings/register.hpp"
+#include "bindings/stats.hpp"
 
 namespace py = pybind11;
 
@@ -397,18 +399,6 @@ int64_t timeout_to_ns(const std::string& model, const char* field, double ms) {
   return ns >= 9.2e18 ? Request::kNoDeadline : static_cast<int64_t>(ns);
 }
 
-py::dict histogram_dict(const LogHistogram::Snapshot& h) {
-  py::dict d;
-  d["count"] = h.total;
-  d["mean_ns"] = h.mean();
-  d["p50_ns"] = h.quantile(0.50);
-  d["p90_ns"] = h.quantile(0.90);
-  d["p99_ns"] = h.quantile(0.99);
-  d["p999_ns"] = h.quantile(0.999);
-  d["max_ns"] = h.max;
-  return d;
-}
-
 // Background closes of runtimes whose last reference went away inside one of their own workers
 // (a worker cannot join itself). Joined by join_orphans() (at interpreter exit). Leaked on
 // purpose, like PyTypes: nothing may run their destructors after the interpreter is gone.
@@ -710,34 +700,11 @@ class RuntimeCore {
   bool started() const { return reg_->started(); }
   std::vector<std::string> model_names() const { return reg_->names(); }
 
-  py::dict model_stats(const std::string& name) {
+  ModelStatsSnapshot model_stats(const std::string& name) {
     auto e = reg_->find(name);
     if (e == nullptr) raise_not_found(name);
     const Model& m = *e->model;
-    const ModelSnapshot s = m.snapshot();
-    py::dict d;
-    d["submitted"] = s.submitted;
-    d["completed"] = s.completed;
-    d["failed"] = s.failed;
-    d["rejected"] = s.rejected;
-    d["expired"] = s.expired;
-    d["cancelled"] = s.cancelled;
-    d["queued"] = s.queued;
-    d["delayed"] = s.delayed;
-    d["batches"] = s.batch_size.total;
-    d["batch_size"] = histogram_dict(s.batch_size);
-    d["instances"] = m.options().instances;
-    d["max_queue"] = m.options().max_queue;
-    d["queue_wait"] = histogram_dict(s.queue_wait);
-    d["compute"] = histogram_dict(s.compute);
-    d["end_to_end"] = histogram_dict(s.end_to_end);
-    d["pool_calls"] = s.pool_grants;
-    d["pool_busy_ns"] = s.pool_busy_unit_ns;
-    d["burst_served"] = s.burst_served;
-    d["stolen"] = s.stolen;
-    d["direct"] = s.direct;
-    d["lane_groups"] = m.groups();
-    return d;
+    return ModelStatsSnapshot{name, m.snapshot(), m.options().instances, m.options().max_queue, m.groups()};
   }
 
   /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
@@ -868,10 +835,8 @@ class RuntimeCore {
     for (const auto& [cpus, nodes, threads] : instances) {
       placement.push_back(InstancePlacement{cpus, threads, nodes});
     }
-    MemoryPolicy policy = MemoryPolicy::none;
-    if (memory_policy == "bind") policy = MemoryPolicy::bind;
-    else if (memory_policy == "prefer") policy = MemoryPolicy::prefer;
-    else if (memory_policy != "none") throw py::value_error("memory_policy must be bind, prefer or none");
+    const MemoryPolicy policy =
+        enum_or_raise(parse_memory_policy(memory_policy), memory_policy, "memory_policy", kMemoryPolicies);
     m.set_placement(std::move(placement), policy, groups);  // invalid_argument: ValueError
   }
 

@@ -1,5 +1,6 @@
 // Python skin of placement. Enums cross as the words the Python API uses ("exclusive", "bind",
-// ...); apportion.placement validates them first, so a bad word here is a programming error.
+// ...), parsed by the core's parsers; the enums are bound too (apportion.placement takes its
+// valid words from them), so a bad word here is a programming error.
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "apportion/placement.hpp"
+#include "bindings/enums.hpp"
 #include "bindings/register.hpp"
 
 namespace py = pybind11;
@@ -16,16 +18,11 @@ namespace apportion::bindings {
 namespace {
 
 MemoryPolicy memory_policy_from(const std::string& word) {
-  if (word == "bind") return MemoryPolicy::bind;
-  if (word == "prefer") return MemoryPolicy::prefer;
-  if (word == "none") return MemoryPolicy::none;
-  throw py::value_error("memory_policy must be \"bind\", \"prefer\" or \"none\", not \"" + word + "\"");
+  return enum_or_raise(parse_memory_policy(word), word, "memory_policy", kMemoryPolicies);
 }
 
 Isolation isolation_from(const std::string& word) {
-  if (word == "exclusive") return Isolation::exclusive;
-  if (word == "shared") return Isolation::shared;
-  throw py::value_error("isolation must be \"exclusive\" or \"shared\", not \"" + word + "\"");
+  return enum_or_raise(parse_isolation(word), word, "isolation", kIsolations);
 }
 
 py::dict plan_as_dict(const Plan& plan) {
@@ -86,6 +83,9 @@ void register_placement(py::module_& m) {
       raise_placement_error(e);
     }
   });
+
+  bind_enum(m, "Isolation", kIsolations,
+            "How a model holds its CPUs: exclusive (cores of its own) or shared (the shared pool).");
 
   py::class_<Quota>(m, "Quota",
                     "The CPU side of one model's quota, as placement sees it. Build it through "

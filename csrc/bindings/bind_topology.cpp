@@ -11,6 +11,7 @@
 
 #include "apportion/affinity.hpp"
 #include "apportion/topology.hpp"
+#include "bindings/enums.hpp"
 #include "bindings/register.hpp"
 
 namespace py = pybind11;
@@ -19,73 +20,7 @@ namespace apportion::bindings {
 namespace {
 
 MemoryPolicy policy_from(const std::string& word) {
-  if (word == "bind") return MemoryPolicy::bind;
-  if (word == "prefer") return MemoryPolicy::prefer;
-  if (word == "none") return MemoryPolicy::none;
-  throw py::value_error("policy must be \"bind\", \"prefer\" or \"none\", not \"" + word + "\"");
-}
-
-py::dict topology_as_dict(const Topology& t) {
-  py::list cpus, cores, packages, nodes, l3;
-  for (const auto& c : t.cpus) {
-    py::dict d;
-    d["id"] = c.id;
-    d["core"] = c.core;
-    d["package"] = c.package;
-    d["node"] = c.node;
-    d["l3"] = c.l3;
-    d["kind"] = std::string(to_string(c.kind));
-    d["online"] = c.online;
-    d["allowed"] = c.allowed;
-    cpus.append(d);
-  }
-  for (const auto& c : t.cores) {
-    py::dict d;
-    d["index"] = c.index;
-    d["package"] = c.package;
-    d["die"] = c.die;
-    d["core_id"] = c.core_id;
-    d["node"] = c.node;
-    d["l3"] = c.l3;
-    d["kind"] = std::string(to_string(c.kind));
-    d["cpus"] = c.cpus;
-    d["usable"] = c.usable;
-    cores.append(d);
-  }
-  for (const auto& p : t.packages) {
-    py::dict d;
-    d["id"] = p.id;
-    d["cpus"] = p.cpus;
-    packages.append(d);
-  }
-  for (const auto& n : t.nodes) {
-    py::dict d;
-    d["id"] = n.id;
-    d["memory_bytes"] = n.memory_bytes;
-    d["cpus"] = n.cpus;
-    nodes.append(d);
-  }
-  for (const auto& l : t.l3_domains) {
-    py::dict d;
-    d["index"] = l.index;
-    d["id"] = l.id;
-    d["size_bytes"] = l.size_bytes;
-    d["cpus"] = l.cpus;
-    l3.append(d);
-  }
-  py::dict out;
-  out["root"] = t.root;
-  out["cpus"] = cpus;
-  out["cores"] = cores;
-  out["packages"] = packages;
-  out["nodes"] = nodes;
-  out["l3_domains"] = l3;
-  out["online"] = t.online;
-  out["offline"] = t.offline;
-  out["allowed"] = t.allowed;
-  out["usable"] = t.usable;
-  out["hybrid"] = t.hybrid;
-  return out;
+  return enum_or_raise(parse_memory_policy(word), word, "policy", kMemoryPolicies);
 }
 
 [[noreturn]] void raise_os_error(const std::string& message) {
@@ -111,10 +46,51 @@ void register_topology(py::module_& m) {
   m.def("format_cpulist", &format_cpulist, py::arg("cpus"),
         "Format CPU ids the way the kernel does (\"0-3,8,10-11\").");
 
+  bind_enum(m, "CoreKind", kCoreKinds, "What kind of core a hybrid part puts a CPU on (unknown: homogeneous).");
+  bind_enum(m, "MemoryPolicy", kMemoryPolicies,
+            "A thread's NUMA memory policy: bind (only its nodes), prefer (its first node first), none.");
+
+  py::class_<Cpu>(m, "Cpu", "One logical CPU (hardware thread). Offline CPUs have core, package and l3 -1.")
+      .def_readonly("id", &Cpu::id)
+      .def_readonly("core", &Cpu::core, "Index into Topology.cores; -1 when offline.")
+      .def_readonly("package", &Cpu::package, "physical_package_id.")
+      .def_readonly("node", &Cpu::node, "NUMA node id.")
+      .def_readonly("l3", &Cpu::l3, "Index into Topology.l3_domains; -1 when offline.")
+      .def_readonly("kind", &Cpu::kind)
+      .def_readonly("online", &Cpu::online)
+      .def_readonly("allowed", &Cpu::allowed, "In the process's allowed set.");
+  py::class_<Core>(m, "Core", "One physical core: its online SMT siblings, and those this process may use.")
+      .def_readonly("index", &Core::index, "Position in Topology.cores.")
+      .def_readonly("package", &Core::package)
+      .def_readonly("die", &Core::die)
+      .def_readonly("core_id", &Core::core_id, "The kernel's core_id (unique only within a package/die).")
+      .def_readonly("node", &Core::node)
+      .def_readonly("l3", &Core::l3)
+      .def_readonly("kind", &Core::kind)
+      .def_readonly("cpus", &Core::cpus, "Online siblings, ascending.")
+      .def_readonly("usable", &Core::usable, "The siblings this process may run on.");
+  py::class_<Package>(m, "Package", "One CPU package (socket).")
+      .def_readonly("id", &Package::id)
+      .def_readonly("cpus", &Package::cpus, "Online CPUs.");
+  py::class_<NumaNode>(m, "NumaNode", "One NUMA node.")
+      .def_readonly("id", &NumaNode::id)
+      .def_readonly("memory_bytes", &NumaNode::memory_bytes, "MemTotal in bytes; 0 when unknown.")
+      .def_readonly("cpus", &NumaNode::cpus, "Online CPUs (none for a memory-only node).");
+  py::class_<L3Domain>(m, "L3Domain", "CPUs sharing one L3 cache (one per package without cache information).")
+      .def_readonly("index", &L3Domain::index)
+      .def_readonly("id", &L3Domain::id, "The cache's sysfs id; -1 when unknown or synthesised.")
+      .def_readonly("size_bytes", &L3Domain::size_bytes, "Cache size in bytes; 0 when unknown or synthesised.")
+      .def_readonly("cpus", &L3Domain::cpus);
+
   py::class_<Topology>(m, "Topology",
                        "A snapshot of the machine read from sysfs (immutable; safe to share between "
                        "threads). apportion.topology wraps it in dataclasses.")
       .def_readonly("root", &Topology::root, "The root the tree was read from.")
+      .def_readonly("cpus", &Topology::cpus, "Every present CPU, ascending by id.")
+      .def_readonly("cores", &Topology::cores)
+      .def_readonly("packages", &Topology::packages)
+      .def_readonly("nodes", &Topology::nodes, "By id.")
+      .def_readonly("l3_domains", &Topology::l3_domains)
       .def_readonly("usable", &Topology::usable, "Online CPUs in the allowed set.")
       .def_readonly("allowed", &Topology::allowed, "The process's allowed CPU set.")
       .def_readonly("online", &Topology::online)
@@ -131,9 +107,7 @@ void register_topology(py::module_& m) {
           },
           py::arg("cpus"),
           "A copy whose allowed set is intersected with `cpus`. Raises ValueError for a CPU that is "
-          "not present.")
-      .def("as_dict", &topology_as_dict,
-           "Everything as plain lists and dicts (cpus, cores, packages, nodes, l3_domains, ...).");
+          "not present.");
 
   m.def(
       "read_topology", [](const std::string& root) { return read_topology(root); }, py::arg("root") = "/",
@@ -173,9 +147,9 @@ void register_topology(py::module_& m) {
         std::string error;
         auto state = current_memory_policy(&error);
         if (!state) raise_os_error(error);
-        return std::make_tuple(std::string(to_string(state->policy)), state->nodes);
+        return std::make_tuple(state->policy, state->nodes);
       },
-      "The calling thread's NUMA policy as (\"bind\" | \"prefer\" | \"none\", nodes).");
+      "The calling thread's NUMA policy as (MemoryPolicy, nodes).");
   m.def(
       "thread_affinities",
       [](int pid, const std::string& proc_root) {

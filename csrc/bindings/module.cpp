@@ -9,6 +9,7 @@ PYBIND11_MODULE(_core, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  apportion::bindings::register_stats(m);
   apportion::bindings::register_engine(m);
   apportion::bindings::register_topology(m);
   apportion::bindings::register_placement(m);

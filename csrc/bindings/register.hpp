@@ -10,5 +10,6 @@ void register_topology(pybind11::module_& m);
 void register_placement(pybind11::module_& m);
 void register_gpu(pybind11::module_& m);
 void register_process(pybind11::module_& m);
+void register_stats(pybind11::module_& m);
 
 }  // namespace apportion::bindings

@@ -22,7 +22,7 @@ from .gpu import GPU
 from .placement import InstancePlan, ModelPlan, Plan, Quota, plan
 from .runtime import InstanceContext, Runtime
 from .spec import ModelSpec
-from .stats import LatencyStats, ModelStats, RuntimeStats
+from .stats import HistogramSnapshot, LatencyStats, ModelStats, RuntimeStats
 from .topology import Topology, topology
 from .tune import tune
 from ._version import __version__ as __version__
@@ -41,6 +41,7 @@ __all__ = [
     "DeadlineExceeded",
     "Future",
     "GPU",
+    "HistogramSnapshot",
     "InstanceContext",
     "InstancePlan",
     "LatencyStats",

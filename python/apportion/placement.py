@@ -36,8 +36,8 @@ __all__ = ["InstancePlan", "ModelPlan", "Plan", "Quota", "plan"]
 Isolation = Literal["exclusive", "shared"]
 MemoryPolicy = Literal["bind", "prefer", "none"]
 
-_ISOLATIONS = ("exclusive", "shared")
-_MEMORY_POLICIES = ("bind", "prefer", "none")
+_ISOLATIONS = tuple(_core.Isolation.__members__)
+_MEMORY_POLICIES = tuple(_core.MemoryPolicy.__members__)
 
 
 def _quota_error(model: str, field_name: str, message: str) -> QuotaError:

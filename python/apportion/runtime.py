@@ -649,7 +649,7 @@ class Runtime(_core._Runtime):
         out = {}
         for n in self.models:
             try:
-                s = ModelStats._from_native(n, self._model_stats(n))
+                s = ModelStats._from_native(self._model_stats(n))
             except ModelNotFound:  # removed by another thread meanwhile
                 continue
             entry = self._models.get(n)

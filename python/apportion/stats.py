@@ -3,35 +3,65 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-__all__ = ["LatencyStats", "ModelStats", "RuntimeStats"]
+from ._core import HistogramSnapshot, ModelSnapshot
+
+__all__ = ["HistogramSnapshot", "LatencyStats", "ModelStats", "RuntimeStats"]
 
 
 @dataclass(frozen=True, slots=True)
 class LatencyStats:
-    """Latency percentiles in milliseconds (log-bucket histogram: values within ~3%)."""
+    """Latency percentiles in milliseconds, from a log-bucket histogram (each within ~3% of the
+    truth; ``max_ms`` exact for a whole histogram).
+
+    ``histogram`` is the native snapshot the figures were computed from (values in
+    nanoseconds): subtract an earlier snapshot of the same histogram from it to get the
+    percentiles of a window (:meth:`since`). None for figures not taken from a histogram.
+    """
 
     count: int
+    """Values recorded (requests)."""
     mean_ms: float
+    """Mean in milliseconds (exact: the histogram keeps the sum)."""
     p50_ms: float
+    """Median in milliseconds."""
     p90_ms: float
+    """90th percentile in milliseconds."""
     p99_ms: float
+    """99th percentile in milliseconds."""
     p999_ms: float
+    """99.9th percentile in milliseconds."""
     max_ms: float
+    """Largest value in milliseconds."""
+    histogram: HistogramSnapshot | None = field(default=None, repr=False, compare=False)
+    """The buckets (nanoseconds) the figures come from; None when they were not taken from one."""
 
     @classmethod
-    def _from_native(cls, d: Mapping[str, Any]) -> LatencyStats:
+    def from_histogram(cls, hist: HistogramSnapshot) -> LatencyStats:
+        """The figures of a nanosecond histogram snapshot (or window), computed natively; all
+        zero for an empty one."""
         return cls(
-            count=int(d["count"]),
-            mean_ms=d["mean_ns"] / 1e6,
-            p50_ms=d["p50_ns"] / 1e6,
-            p90_ms=d["p90_ns"] / 1e6,
-            p99_ms=d["p99_ns"] / 1e6,
-            p999_ms=d["p999_ns"] / 1e6,
-            max_ms=d["max_ns"] / 1e6,
+            count=hist.count,
+            mean_ms=hist.mean / 1e6,
+            p50_ms=hist.quantile(0.50) / 1e6,
+            p90_ms=hist.quantile(0.90) / 1e6,
+            p99_ms=hist.quantile(0.99) / 1e6,
+            p999_ms=hist.quantile(0.999) / 1e6,
+            max_ms=hist.max / 1e6,
+            histogram=hist,
         )
+
+    def since(self, earlier: LatencyStats) -> LatencyStats:
+        """The figures of what was recorded after ``earlier`` (an earlier ``LatencyStats`` of the
+        same histogram, e.g. the same field of an earlier ``rt.stats()``).
+
+        Raises ValueError when either has no histogram, they are of different histograms, or
+        ``earlier`` is the later one."""
+        if self.histogram is None or earlier.histogram is None:
+            raise ValueError("LatencyStats.since: both figures need their histogram (take them from "
+                             "Runtime.stats())")
+        return LatencyStats.from_histogram(self.histogram.subtract(earlier.histogram))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,24 +74,39 @@ class ModelStats:
 
     name: str
     instances: int
+    """Worker instances (burst instances not included)."""
     max_queue: int
+    """Admission bound, in requests."""
     submitted: int
+    """Requests admitted (counts are requests since the model was added)."""
     completed: int
+    """Requests that returned a result."""
     failed: int
+    """Requests that raised the model's exception (or whose worker crashed)."""
     rejected: int
+    """Submissions refused with QueueFull."""
     expired: int
+    """Requests whose deadline passed before they started (DeadlineExceeded)."""
     cancelled: int
+    """Requests cancelled before they started."""
     queued: int
+    """Requests waiting in the queue now."""
     queue_wait: LatencyStats
+    """From admission to the start of the call (milliseconds)."""
     compute: LatencyStats
+    """Duration of the model call that served each request (milliseconds)."""
     end_to_end: LatencyStats
+    """From admission to completion (milliseconds)."""
     gpu_memory_bytes: int | None = None
     """GPU memory the model's pool holds (models with a GPU memory budget), else None."""
     gpu_memory_peak_bytes: int | None = None
+    """The most GPU memory the model's pool held (bytes), else None."""
     batches: int = 0
     """Model calls made (one per request without batching)."""
     mean_batch_size: float = 0.0
+    """Requests per model call, on average."""
     max_batch_size: int = 0
+    """Most requests served by one model call."""
     delayed: int = 0
     """Requests moved behind the others by ``on_timeout="delay"`` (each is still counted
     once by its outcome)."""
@@ -80,6 +125,8 @@ class ModelStats:
     """Requests of a process model that ``Runtime.call`` served in the calling thread, on an
     idle instance with nothing queued (no queue wait; counted in ``submitted`` and outcomes
     like any other)."""
+    batch_size: HistogramSnapshot | None = field(default=None, repr=False, compare=False)
+    """Requests per model call: one value per call (its histogram's unit is requests)."""
 
     @property
     def in_flight(self) -> int:
@@ -88,30 +135,31 @@ class ModelStats:
         )
 
     @classmethod
-    def _from_native(cls, name: str, d: Mapping[str, Any]) -> ModelStats:
+    def _from_native(cls, s: ModelSnapshot) -> ModelStats:
         return cls(
-            name=name,
-            instances=int(d["instances"]),
-            max_queue=int(d["max_queue"]),
-            submitted=int(d["submitted"]),
-            completed=int(d["completed"]),
-            failed=int(d["failed"]),
-            rejected=int(d["rejected"]),
-            expired=int(d["expired"]),
-            cancelled=int(d["cancelled"]),
-            queued=int(d["queued"]),
-            queue_wait=LatencyStats._from_native(d["queue_wait"]),
-            compute=LatencyStats._from_native(d["compute"]),
-            end_to_end=LatencyStats._from_native(d["end_to_end"]),
-            batches=int(d.get("batches", 0)),
-            mean_batch_size=float(d["batch_size"]["mean_ns"]) if "batch_size" in d else 0.0,
-            max_batch_size=int(d["batch_size"]["max_ns"]) if "batch_size" in d else 0,
-            delayed=int(d.get("delayed", 0)),
-            pool_calls=int(d.get("pool_calls", 0)),
-            pool_time_s=float(d.get("pool_busy_ns", 0)) / 1e9,
-            burst_served=int(d.get("burst_served", 0)),
-            stolen=int(d.get("stolen", 0)),
-            direct=int(d.get("direct", 0)),
+            name=s.name,
+            instances=s.instances,
+            max_queue=s.max_queue,
+            submitted=s.submitted,
+            completed=s.completed,
+            failed=s.failed,
+            rejected=s.rejected,
+            expired=s.expired,
+            cancelled=s.cancelled,
+            queued=s.queued,
+            queue_wait=LatencyStats.from_histogram(s.queue_wait),
+            compute=LatencyStats.from_histogram(s.compute),
+            end_to_end=LatencyStats.from_histogram(s.end_to_end),
+            batches=s.batch_size.count,
+            mean_batch_size=s.batch_size.mean,
+            max_batch_size=s.batch_size.max,
+            delayed=s.delayed,
+            pool_calls=s.pool_calls,
+            pool_time_s=s.pool_time_ns / 1e9,
+            burst_served=s.burst_served,
+            stolen=s.stolen,
+            direct=s.direct,
+            batch_size=s.batch_size,
         )
 
 

@@ -11,6 +11,7 @@ intersection of ``proc/self/status`` ``Cpus_allowed_list`` and cgroup v2
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -100,6 +101,19 @@ class L3Domain:
     cpus: tuple[int, ...]
 
 
+def _kind(kind: _core.CoreKind) -> CoreKind:
+    return kind.name  # type: ignore[return-value]  # the members are the Literal's words
+
+
+def _lists(x: Any) -> Any:
+    """Tuples as lists, recursively (plain JSON shapes)."""
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_lists(v) for v in x]
+    return x
+
+
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n else "memory unknown"
 
@@ -126,24 +140,24 @@ class Topology:
     _native: Any = field(repr=False, compare=False, default=None)
 
     @classmethod
-    def _from_native(cls, native: Any) -> Topology:
-        d = native.as_dict()
+    def _from_native(cls, native: _core.Topology) -> Topology:
         return cls(
-            root=d["root"],
-            cpus=tuple(Cpu(**c) for c in d["cpus"]),
+            root=native.root,
+            cpus=tuple(Cpu(c.id, c.core, c.package, c.node, c.l3, _kind(c.kind), c.online, c.allowed)
+                       for c in native.cpus),
             cores=tuple(
-                Core(**{**c, "cpus": tuple(c["cpus"]), "usable": tuple(c["usable"])}) for c in d["cores"]
+                Core(c.index, c.package, c.die, c.core_id, c.node, c.l3, _kind(c.kind), tuple(c.cpus),
+                     tuple(c.usable))
+                for c in native.cores
             ),
-            packages=tuple(Package(p["id"], tuple(p["cpus"])) for p in d["packages"]),
-            nodes=tuple(NumaNode(n["id"], n["memory_bytes"], tuple(n["cpus"])) for n in d["nodes"]),
-            l3_domains=tuple(
-                L3Domain(x["index"], x["id"], x["size_bytes"], tuple(x["cpus"])) for x in d["l3_domains"]
-            ),
-            online=tuple(d["online"]),
-            offline=tuple(d["offline"]),
-            allowed=tuple(d["allowed"]),
-            usable=tuple(d["usable"]),
-            hybrid=bool(d["hybrid"]),
+            packages=tuple(Package(p.id, tuple(p.cpus)) for p in native.packages),
+            nodes=tuple(NumaNode(n.id, n.memory_bytes, tuple(n.cpus)) for n in native.nodes),
+            l3_domains=tuple(L3Domain(x.index, x.id, x.size_bytes, tuple(x.cpus)) for x in native.l3_domains),
+            online=tuple(native.online),
+            offline=tuple(native.offline),
+            allowed=tuple(native.allowed),
+            usable=tuple(native.usable),
+            hybrid=native.hybrid,
             _native=native,
         )
 
@@ -171,9 +185,11 @@ class Topology:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable structure (what ``apportion topology --json`` prints)."""
-        d: dict[str, Any] = self._native.as_dict()
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_native"}
+        for key in ("cpus", "cores", "packages", "nodes", "l3_domains"):
+            d[key] = [dataclasses.asdict(x) for x in d[key]]
         d["threads_per_core"] = self.threads_per_core
-        return d
+        return _lists(d)
 
     def __str__(self) -> str:
         usable_cores = self.usable_cores

@@ -13,6 +13,8 @@
 #include <future>
 #include <memory>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -271,6 +273,81 @@ TEST(LogHistogram, ConcurrentRecordAndSnapshotAreRaceFree) {
     std::abort();  // the future's destructor would wait forever for the hung thread
   }
   fut.get();
+}
+
+TEST(LogHistogram, BucketHighIsTheLastValueOfEachBucket) {
+  for (std::size_t i = 0; i + 1 < LogHistogram::kBuckets; ++i) {
+    const uint64_t hi = LogHistogram::bucket_high(i);
+    EXPECT_EQ(LogHistogram::index_of(hi), i) << "bucket " << i;
+    EXPECT_EQ(LogHistogram::index_of(hi + 1), i + 1) << "bucket " << i;
+  }
+  EXPECT_EQ(LogHistogram::bucket_high(LogHistogram::kBuckets - 1), UINT64_MAX);
+}
+
+TEST(LogHistogram, WindowHoldsOnlyWhatWasRecordedBetweenTheSnapshots) {
+  auto h = make_hist();
+  for (int i = 0; i < 99; ++i) h->record(2'000'000);  // window 1: 2 ms each
+  const Snapshot s1 = snap(*h);
+  for (int i = 0; i < 100; ++i) h->record(20'000'000);  // window 2: 20 ms each
+  const Snapshot s2 = snap(*h);
+
+  const Snapshot w = s2.subtract(s1);
+  EXPECT_EQ(w.total, 100u);
+  EXPECT_EQ(w.sum, 100u * 20'000'000u);
+  EXPECT_EQ(w.max, 20'000'000u);  // the maximum grew in the window: exact
+  EXPECT_EQ(w.counts[LogHistogram::index_of(2'000'000)], 0u);
+  expect_within(w.quantile(0.5), 20e6, 0.03, "window p50");
+  expect_within(w.quantile(0.01), 20e6, 0.03, "window p1");
+  // The cumulative snapshot mixes both windows: its low quantiles are window 1's.
+  expect_within(s2.quantile(0.25), 2e6, 0.03, "cumulative p25");
+
+  // A window in which the maximum did not grow: the top of its highest bucket, within the max.
+  h->record(3'000'000);
+  const Snapshot s3 = snap(*h);
+  const Snapshot w3 = s3.subtract(s2);
+  EXPECT_EQ(w3.total, 1u);
+  EXPECT_EQ(w3.max, LogHistogram::bucket_high(LogHistogram::index_of(3'000'000)));
+  EXPECT_LE(w3.max - 3'000'000, bucket_width(LogHistogram::index_of(3'000'000)));
+  expect_within(w3.quantile(0.99), 3e6, 0.03, "single-sample window");
+
+  const Snapshot empty = s3.subtract(s3);
+  EXPECT_EQ(empty.total, 0u);
+  EXPECT_EQ(empty.max, 0u);
+  EXPECT_EQ(empty.quantile(0.5), 0u);
+}
+
+TEST(LogHistogram, SubtractRefusesSwappedSnapshotsAndOtherHistograms) {
+  auto h = make_hist();
+  const Snapshot before = snap(*h);
+  h->record(5'000);
+  const Snapshot after = snap(*h);
+  try {
+    (void)before.subtract(after);
+    ADD_FAILURE() << "a later snapshot subtracted from an earlier one was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("subtract the earlier snapshot from the later one"), std::string::npos)
+        << e.what();
+  }
+
+  Snapshot a = after, b = before;
+  a.origin = 7;
+  b.origin = 8;
+  EXPECT_THROW((void)a.subtract(b), std::invalid_argument);
+  b.origin = 7;
+  EXPECT_EQ(a.subtract(b).origin, 7u);
+  b.origin = 0;  // not said: accepted
+  EXPECT_EQ(a.subtract(b).total, 1u);
+
+  Snapshot smaller_sum = after;
+  smaller_sum.sum = 0;
+  EXPECT_THROW((void)smaller_sum.subtract(after), std::invalid_argument);
+}
+
+TEST(LogHistogram, OriginsAreUniqueAndNeverZero) {
+  const uint64_t a = LogHistogram::new_origins(4);
+  const uint64_t b = LogHistogram::new_origins(1);
+  EXPECT_NE(a, 0u);
+  EXPECT_GE(b, a + 4);
 }
 
 }  // namespace

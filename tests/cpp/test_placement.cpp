@@ -423,4 +423,16 @@ TEST(PlacementProperties, RandomQuotasKeepInvariantsAndIgnoreInputOrder) {
   }
 }
 
+TEST(Placement, EnumWordsParseBackToTheirEnums) {
+  for (auto e : apportion::kIsolations) EXPECT_EQ(apportion::parse_isolation(apportion::to_string(e)), e);
+  for (auto e : apportion::kMemoryPolicies) {
+    EXPECT_EQ(apportion::parse_memory_policy(apportion::to_string(e)), e);
+  }
+  EXPECT_EQ(apportion::parse_isolation("exclusive"), Isolation::exclusive);
+  EXPECT_EQ(apportion::parse_memory_policy("prefer"), MemoryPolicy::prefer);
+  EXPECT_FALSE(apportion::parse_isolation("process").has_value());
+  EXPECT_FALSE(apportion::parse_memory_policy("Bind").has_value());
+  EXPECT_FALSE(apportion::parse_memory_policy("").has_value());
+}
+
 }  // namespace

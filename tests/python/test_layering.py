@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2] / "python" / "apportion"
 LAYERS: list[list[str]] = [
     ["apportion._core", "apportion.errors", "apportion.context", "apportion.stats", "apportion._table",
      "apportion._version", "apportion.futures"],
-    ["apportion.topology", "apportion.batching"],
+    ["apportion.topology", "apportion.batching", "apportion.metrics"],
     ["apportion.placement", "apportion.gpu"],
     ["apportion.spec"],
     ["apportion.adapters", "apportion._private"],

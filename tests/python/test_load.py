@@ -15,8 +15,9 @@ import time
 import pytest
 
 import apportion as ap
-from apportion import load
+from apportion import _core, load
 from apportion.load import SLO, LoadError, ModelLoad, WindowStats
+from apportion.load.report import percentile
 
 SERVICE_S = 0.002
 CAPACITY_1 = 1.0 / SERVICE_S  # requests per second of one instance
@@ -329,63 +330,81 @@ def test_specs_from_command_lines_and_tables() -> None:
         load.parse_spec("m:concurrency=1,latency_ms=5,percentile=0")
 
 
-# -- percentiles from histogram buckets (the native snapshot's shape) ---------------------------
-
-
-class Buckets:
-    """A synthetic histogram snapshot: log-style buckets with lower bounds in ns, and the
-    native type's ``subtract`` for windows."""
-
-    BOUNDS = [0, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000]
-
-    def __init__(self, counts: list[int] | None = None) -> None:
-        self.bounds = list(self.BOUNDS)
-        self.counts = counts or [0] * len(self.BOUNDS)
-
-    def record(self, ns: int, n: int = 1) -> Buckets:
-        i = max(i for i, b in enumerate(self.bounds) if b <= ns)
-        counts = list(self.counts)
-        counts[i] += n
-        return Buckets(counts)
-
-    def subtract(self, earlier: Buckets) -> Buckets:
-        return Buckets([a - b for a, b in zip(self.counts, earlier.counts)])
+# -- percentiles from the runtime's histogram buckets, per window ------------------------------
 
 
 def test_window_percentiles_come_from_the_buckets_of_that_window() -> None:
-    start = Buckets()
-    # Window 1: 99 requests of ~1.5 us and one of ~40 us; window 2: 100 requests of ~20 us.
-    end1 = start.record(1_500, 99).record(40_000)
-    end2 = end1.record(20_000, 100)
+    h = _core.LogHistogram()
+    start = h.snapshot()
+    # Window 1: 99 requests of 1.5 us and one of 40 us; window 2: 100 requests of 20 us.
+    for v in [1_500] * 99 + [40_000]:
+        h.record(v)
+    end1 = h.snapshot()
+    for _ in range(100):
+        h.record(20_000)
+    end2 = h.snapshot()
     w1 = load.window_latency(start, end1)
     w2 = load.window_latency(end1, end2)
     assert w1 is not None and w2 is not None
     assert (w1.count, w2.count) == (100, 100)
-    assert w1.p50_ms == w1.p90_ms == w1.p99_ms == pytest.approx(0.0015)  # midpoint of [1000, 2000)
-    assert w1.p999_ms == pytest.approx(0.048)  # the one slow request: midpoint of [32000, 64000)
-    assert w1.max_ms == pytest.approx(0.063999)  # without a recorded max: the top of its bucket
-    assert w2.p50_ms == w2.p99_ms == pytest.approx(0.024)  # midpoint of [16000, 32000)
-    assert w2.p50_ms > w1.p50_ms
-    # Cumulative percentiles mix the windows (here window 2 hides window 1's fast p99); only a
+    assert w1.p50_ms == w1.p90_ms == w1.p99_ms == pytest.approx(0.0015, rel=0.03)
+    assert w1.p999_ms == pytest.approx(0.040, rel=0.03)  # the one slow request
+    assert w1.max_ms == 0.040  # the maximum grew in window 1: exact
+    assert w2.p50_ms == w2.p99_ms == pytest.approx(0.020, rel=0.03)
+    assert w2.max_ms == pytest.approx(0.020, rel=0.04) and w2.max_ms <= 0.040  # top of its bucket
+    assert w2.mean_ms == 0.020 and w2.histogram is not None and w2.histogram.count == 100
+    # Cumulative percentiles mix the windows (here window 2 hides window 1's fast p50); only a
     # window's own buckets separate them.
     whole = load.window_latency(None, end2)
     assert whole is not None and whole.count == 200
-    assert whole.p99_ms == pytest.approx(0.024) != w1.p99_ms
+    assert whole.p90_ms == pytest.approx(0.020, rel=0.03) != w1.p90_ms
+    assert load.histogram_latency(end1.subtract(end1)) is None  # an empty window has no percentiles
+    with pytest.raises(ValueError, match="subtract the earlier snapshot from the later one"):
+        load.window_latency(end2, end1)  # subtracted the wrong way round
+    with pytest.raises(ValueError, match="different histograms"):
+        load.window_latency(_core.LogHistogram().snapshot(), end1)
 
 
-def test_histogram_percentiles_use_bounds_sum_and_max_when_given() -> None:
-    class Snap:
-        bounds = [0, 10, 20, 40]  # one more bound than buckets: the last bucket is [20, 40)
-        counts = [1, 0, 3]
-        sum = 100
-        max = 35
+def test_two_windows_with_different_service_times_report_their_own_percentiles(rt: ap.Runtime) -> None:
+    delay_s = [0.002]
+    taken: dict[float, list[int]] = {0.002: [], 0.020: []}  # in-model durations by nominal delay
 
-    e = load.histogram_latency(Snap())
-    assert e is not None and e.count == 4
-    assert e.mean_ms == pytest.approx(25 / 1e6)
-    assert e.p50_ms == pytest.approx(30 / 1e6) and e.max_ms == pytest.approx(35 / 1e6)
-    assert load.histogram_latency(Buckets()) is None  # an empty window has no percentiles
-    with pytest.raises(ValueError, match="negative"):
-        load.window_latency(Buckets().record(5_000), Buckets())  # subtracted the wrong way round
-    with pytest.raises(ValueError, match="bounds"):
-        load.histogram_latency(Buckets([1, 2]))
+    def model(x: object) -> object:
+        d = delay_s[0]
+        t0 = time.perf_counter_ns()
+        time.sleep(d)
+        taken[d].append(time.perf_counter_ns() - t0)
+        return x
+
+    def switch(index: int, windows: dict[str, WindowStats]) -> None:
+        if index == 0:
+            delay_s[0] = 0.020  # window 1 onwards: ten times slower
+
+    started(rt, m={"model": model, "instances": 1})
+    report = load.run(rt, ModelLoad("m", concurrency=1), warmup_s=0.1, window_s=0.5, stable_windows=2,
+                      tolerance=0.01, max_s=1.15, on_window=switch)
+    w1, w2 = report["m"].windows
+    for w in (w1, w2):
+        assert w.compute is not None and w.queue_wait is not None and w.end_to_end is not None
+        assert w.compute.histogram is not None
+    assert w1.compute is not None and w2.compute is not None and w2.end_to_end is not None
+
+    def truth(d: float, p: float) -> float:
+        return percentile(sorted(taken[d]), p) / 1e6
+
+    # Each window's percentiles are within the histogram's resolution (~3%) of that window's
+    # own service times, plus the call's overhead around the model (sub-millisecond).
+    for w, d in ((w1, 0.002), (w2, 0.020)):
+        assert w.compute is not None and w.end_to_end is not None
+        for p, got in ((50, w.compute.p50_ms), (90, w.compute.p90_ms)):
+            assert truth(d, p) * 0.97 <= got <= truth(d, p) * 1.03 + 0.5, (d, p, got, truth(d, p))
+        assert w.end_to_end.p50_ms >= w.compute.p50_ms * 0.97
+    assert w2.compute.p50_ms > 5 * w1.compute.p50_ms
+    assert w2.compute.count < w1.compute.count  # ten times slower: fewer calls in the window
+    # The model's figures cover the reported windows, not the warm-up: the buckets' difference.
+    m = report["m"]
+    assert m.compute.count == w1.compute.count + w2.compute.count
+    assert m.end_to_end is not None and m.end_to_end.count == m.compute.count
+    text = str(report)
+    assert "per window, from the runtime's histograms" in text and "compute p99" in text
+    assert "histogram" not in json.loads(report.to_json())["models"]["m"]["compute"]

@@ -25,11 +25,11 @@ def test_instances_on_two_nodes_get_one_queue_per_node() -> None:
         p = rt.plan()
         assert [i.memory_nodes for i in p["spread"].instances] == [(0,), (1,)]
         assert Runtime._lane_groups(p["spread"]) == [0, 1]
-        assert rt._model_stats("spread")["lane_groups"] == 2
+        assert rt._model_stats("spread").lane_groups == 2
         # One node: one queue, as without NUMA.
         assert {i.memory_nodes for i in p["local"].instances} == {(0,)}
         assert Runtime._lane_groups(p["local"]) == []
-        assert rt._model_stats("local")["lane_groups"] == 1
+        assert rt._model_stats("local").lane_groups == 1
         assert rt.stats()["spread"].stolen == 0
     finally:
         rt.close(drain=False)
@@ -55,7 +55,7 @@ def test_replicas_on_one_node_share_one_queue_and_serve() -> None:
         rt.add_model("echo", model=lambda x: x * 2, instances=2)
         rt.start()
         nodes = {i.memory_nodes[:1] for i in rt.plan()["echo"].instances}
-        assert rt._model_stats("echo")["lane_groups"] == max(len(nodes), 1)
+        assert rt._model_stats("echo").lane_groups == max(len(nodes), 1)
         futs = [rt.submit("echo", i) for i in range(200)]
         assert [f.result(timeout=30) for f in futs] == [2 * i for i in range(200)]
         s = rt.stats()["echo"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
+import pytest
+
 import apportion as ap
+from apportion import _core
 
 
 def test_counts_and_latencies(rt: ap.Runtime) -> None:
@@ -62,3 +66,85 @@ def test_rejections_and_expiries_are_counted(rt: ap.Runtime, gate) -> None:
     rt.close()
     s = rt.stats()["m"]
     assert (s.submitted, s.completed, s.rejected, s.expired, s.in_flight) == (4, 2, 1, 1, 0)
+
+
+# -- native histogram snapshots: buckets, windows, quantiles -------------------------------------
+
+
+def recorded(*values: int, hist: _core.LogHistogram | None = None) -> tuple[_core.LogHistogram, ap.HistogramSnapshot]:
+    h = hist or _core.LogHistogram()
+    for v in values:
+        h.record(v)
+    return h, h.snapshot()
+
+
+def test_histogram_snapshot_buckets_and_quantiles() -> None:
+    _, s = recorded(*[1_500] * 99, 40_000)
+    bounds = s.upper_bounds
+    assert len(s.counts) == len(bounds) == 1280 and list(bounds) == sorted(bounds)
+    assert bounds[:3] == (0, 1, 2) and bounds[-1] == 2**64 - 1  # exact below 32, clamped at the top
+    assert (s.count, s.sum, s.max) == (100, 99 * 1_500 + 40_000, 40_000)
+    assert s.mean == pytest.approx((99 * 1_500 + 40_000) / 100)
+    nonzero = {bounds[i]: c for i, c in enumerate(s.counts) if c}
+    assert list(nonzero.values()) == [99, 1]
+    lo, hi = nonzero  # each value lies in its bucket: (previous bound, bound]
+    assert lo >= 1_500 and bounds[bounds.index(lo) - 1] < 1_500
+    assert hi >= 40_000 and bounds[bounds.index(hi) - 1] < 40_000
+    assert s.quantile(0.5) == pytest.approx(1_500, rel=0.03)
+    assert s.quantile(0.99) == pytest.approx(1_500, rel=0.03)
+    assert s.quantile(1.0) == pytest.approx(40_000, rel=0.03) and s.quantile(1.0) <= s.max
+    assert s.quantile(0.0) == s.quantile(0.01)  # rank 0 is the smallest value
+    assert _core.LogHistogram().snapshot().quantile(0.99) == 0
+    for bad in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"q must be in \[0, 1\]"):
+            s.quantile(bad)
+
+
+def test_window_is_a_later_snapshot_minus_an_earlier_one() -> None:
+    h, s1 = recorded(*[2_000_000] * 50)  # window 1: 2 ms
+    _, s2 = recorded(*[20_000_000] * 50, hist=h)  # window 2: 20 ms
+    w = s2.subtract(s1)
+    assert (w.count, w.sum, w.max) == (50, 50 * 20_000_000, 20_000_000)
+    assert w.quantile(0.5) == pytest.approx(20e6, rel=0.03) and w.quantile(0.01) == pytest.approx(20e6, rel=0.03)
+    assert s2.quantile(0.25) == pytest.approx(2e6, rel=0.03)  # the cumulative one mixes the windows
+    assert s1.subtract(s1).count == 0 and s1.subtract(s1).max == 0
+    with pytest.raises(ValueError, match="different histograms"):
+        s2.subtract(_core.LogHistogram().snapshot())  # an empty snapshot of another histogram
+    with pytest.raises(ValueError, match="subtract the earlier snapshot from the later one"):
+        s1.subtract(s2)
+    # Windows survive pickling (sent between processes) with their origin.
+    again = pickle.loads(pickle.dumps(s2))
+    assert (again.count, again.sum, again.max, again.origin) == (s2.count, s2.sum, s2.max, s2.origin)
+    assert again.subtract(s1).count == 50
+
+
+def test_model_snapshots_are_bound_types_whose_windows_stay_within_one_histogram(rt: ap.Runtime) -> None:
+    rt.add_model("a", model=lambda x: x)
+    rt.add_model("b", model=lambda x: x)
+    rt.start()
+    before = rt._model_stats("a")
+    assert isinstance(before, _core.ModelSnapshot) and before.name == "a"
+    for i in range(5):
+        rt.submit("a", i).result(10)
+    after = rt._model_stats("a")
+    assert (after.submitted, after.completed, after.lane_groups, after.pool_calls, after.pool_time_ns) == (5, 5, 1, 0, 0)
+    assert after.batch_size.count == 5 and after.batch_size.max == 1
+    assert after.compute.subtract(before.compute).count == 5
+    with pytest.raises(ValueError, match="different histograms"):
+        after.compute.subtract(before.queue_wait)  # another histogram of the same model
+    with pytest.raises(ValueError, match="different histograms"):
+        after.compute.subtract(rt._model_stats("b").compute)  # the same histogram of another model
+    with pytest.raises(AttributeError):
+        after.submitted = 0  # type: ignore[misc]
+
+    s1, s2 = rt.stats()["a"], rt.stats()["a"]
+    assert s1.end_to_end.histogram is not None and s1.batch_size is not None
+    assert s1 == s2  # histograms are not part of equality: the figures are
+    rt.submit("a", 9).result(10)
+    w = rt.stats()["a"].end_to_end.since(s1.end_to_end)
+    assert w.count == 1 and w.max_ms > 0
+    with pytest.raises(ValueError, match="subtract the earlier snapshot"):
+        s1.end_to_end.since(rt.stats()["a"].end_to_end)
+    bare = ap.LatencyStats(count=0, mean_ms=0.0, p50_ms=0.0, p90_ms=0.0, p99_ms=0.0, p999_ms=0.0, max_ms=0.0)
+    with pytest.raises(ValueError, match="need their histogram"):
+        s1.end_to_end.since(bare)

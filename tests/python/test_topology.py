@@ -136,10 +136,35 @@ def test_pin_and_read_back_in_a_thread() -> None:
     assert seen["pin"] == (True, "")
     assert seen["mask"] == [allowed[-1]]
     assert seen["mem"] == (True, "")
-    assert seen["policy"] == ("bind", [0])
+    assert seen["policy"] == (_core.MemoryPolicy.bind, [0])
+    with pytest.raises(ValueError, match='policy must be "bind", "prefer" or "none", not "bond"'):
+        _core.set_memory_policy("bond", [0])
     assert any(cpus == [allowed[-1]] for _, _, cpus in seen["threads"])  # type: ignore[attr-defined]
     # The calling (main) thread kept its mask.
     assert _core.current_thread_affinity() == allowed
     ok, reason = _core.pin_current_thread([4000])
     assert not ok and "4000" in reason and "errno" in reason
     assert _core.current_thread_affinity() == allowed
+
+
+def test_native_topology_is_bound_types_with_bound_enums() -> None:
+    native = _core.read_topology(str(FIXTURES / "hybrid_8p16e"))
+    assert isinstance(native.cpus[0], _core.Cpu) and isinstance(native.cores[0], _core.Core)
+    assert isinstance(native.nodes[0], _core.NumaNode) and isinstance(native.l3_domains[0], _core.L3Domain)
+    kinds = {c.kind for c in native.cpus}
+    assert kinds == {_core.CoreKind.performance, _core.CoreKind.efficiency}
+    with pytest.raises(AttributeError):
+        native.cpus[0].id = 7  # type: ignore[misc]
+    t = Topology._from_native(native)
+    assert [c.kind for c in t.cpus] == [c.kind.name for c in native.cpus]
+    assert {c.kind for c in t.cores} == {"performance", "efficiency"}
+    assert [n.memory_bytes for n in t.nodes] == [n.memory_bytes for n in native.nodes]
+    # The enums' members are the Python API's words; words are parsed once, in the core.
+    assert list(_core.CoreKind.__members__) == ["unknown", "performance", "efficiency"]
+    assert list(_core.MemoryPolicy.__members__) == ["bind", "prefer", "none"]
+    assert list(_core.Isolation.__members__) == ["exclusive", "shared"]
+    assert _core.Quota(name="m", isolation="exclusive", memory_policy="prefer").memory_policy == "prefer"
+    with pytest.raises(ValueError, match='isolation must be "exclusive" or "shared", not "solo"'):
+        _core.Quota(name="m", isolation="solo")
+    with pytest.raises(ValueError, match='memory_policy must be "bind", "prefer" or "none", not "bond"'):
+        _core.Quota(name="m", memory_policy="bond")

@@ -5,7 +5,197 @@ from __future__ import annotations
 import collections.abc
 import typing
 from . import gpu
-__all__: list[str] = ['Future', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
+__all__: list[str] = ['Core', 'CoreKind', 'Cpu', 'Future', 'HistogramSnapshot', 'Isolation', 'L3Domain', 'LogHistogram', 'MemoryPolicy', 'ModelSnapshot', 'NumaNode', 'Package', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
+class HistogramSnapshot:
+    """
+    The buckets of a log-bucket histogram at one moment (or of a window: a later snapshot minus
+    an earlier one). Values are integers in the histogram's unit: nanoseconds for latencies,
+    requests for batch sizes. Bucket i holds the values in (upper_bounds[i-1], upper_bounds[i]];
+    32 buckets per power of two, so a quantile is within ~3% of the truth. Immutable.
+    """
+    def __getstate__(self) -> tuple[list[int], int, int, int]:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, arg0: tuple) -> None:
+        ...
+    def quantile(self, q: typing.SupportsFloat | typing.SupportsIndex) -> int:
+        """
+        The value at quantile q in [0, 1] (0.99: p99), in the histogram's unit: the midpoint of the
+        bucket holding rank round(q * count), never above max; 0 when empty. Raises ValueError for q
+        outside [0, 1].
+        """
+    def subtract(self, earlier: HistogramSnapshot) -> HistogramSnapshot:
+        """
+        What was recorded between `earlier` and this snapshot of the same histogram (a window):
+        counts and sum are differences, so quantiles are the window's own. Raises ValueError when
+        the two are snapshots of different histograms or `earlier` holds more in some bucket (it
+        was taken later, or the arguments are swapped).
+        """
+    @property
+    def count(self) -> int:
+        """
+        Values recorded (the sum of counts).
+        """
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """
+        Values per bucket, one per upper bound (built on each access).
+        """
+    @property
+    def max(self) -> int:
+        """
+        Largest value recorded, in the histogram's unit; 0 when empty. For a window: exact when
+        the maximum grew in it, else the top of its highest non-empty bucket (capped at the
+        later snapshot's max).
+        """
+    @property
+    def mean(self) -> float:
+        """
+        sum / count in the histogram's unit; 0.0 when empty.
+        """
+    @property
+    def origin(self) -> int:
+        """
+        Which histogram this is a snapshot of (0: not said); windows need equal origins.
+        """
+    @property
+    def sum(self) -> int:
+        """
+        Sum of the values recorded, in the histogram's unit (exact).
+        """
+    @property
+    def upper_bounds(self) -> tuple[int, ...]:
+        """
+        The largest value each bucket holds, in the histogram's unit, ascending (the same for every
+        snapshot); the last bucket also holds every value clamped into it (2**64 - 1).
+        """
+class LogHistogram:
+    """
+    A log-bucket histogram of non-negative integers (the engine's latency histogram): record()
+    values, snapshot() the buckets. One writer at a time; snapshots may be taken meanwhile.
+    """
+    def __init__(self) -> None:
+        ...
+    def record(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Record one value (an integer >= 0, e.g. nanoseconds).
+        """
+    def snapshot(self) -> HistogramSnapshot:
+        """
+        The buckets now.
+        """
+class ModelSnapshot:
+    """
+    One model's counters and histograms at one moment (apportion.ModelStats is built from it).
+    Counters count requests since the model was added; latency histograms are in nanoseconds.
+    """
+    def __repr__(self) -> str:
+        ...
+    @property
+    def batch_size(self) -> HistogramSnapshot:
+        """
+        Requests per model call (one value per call).
+        """
+    @property
+    def burst_served(self) -> int:
+        """
+        Requests served by burst workers on the shared pool.
+        """
+    @property
+    def cancelled(self) -> int:
+        """
+        Requests cancelled before they started.
+        """
+    @property
+    def completed(self) -> int:
+        """
+        Requests that returned a result.
+        """
+    @property
+    def compute(self) -> HistogramSnapshot:
+        """
+        Duration of the model call that served each request, in nanoseconds.
+        """
+    @property
+    def delayed(self) -> int:
+        """
+        Requests moved behind the others by on_timeout="delay".
+        """
+    @property
+    def direct(self) -> int:
+        """
+        Requests served by their callers directly (Runtime.call on a process model).
+        """
+    @property
+    def end_to_end(self) -> HistogramSnapshot:
+        """
+        Time from admission to completion, in nanoseconds.
+        """
+    @property
+    def expired(self) -> int:
+        """
+        Requests whose deadline passed before they started.
+        """
+    @property
+    def failed(self) -> int:
+        """
+        Requests that raised the model's exception (or whose worker crashed).
+        """
+    @property
+    def instances(self) -> int:
+        """
+        Worker instances (burst instances excluded).
+        """
+    @property
+    def lane_groups(self) -> int:
+        """
+        Queues the model keeps (one per NUMA node its instances span; at least 1).
+        """
+    @property
+    def max_queue(self) -> int:
+        """
+        Admission bound, in requests.
+        """
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def pool_calls(self) -> int:
+        """
+        Model calls granted shared-pool units.
+        """
+    @property
+    def pool_time_ns(self) -> int:
+        """
+        Shared-pool time those calls held, in nanoseconds x units (call duration x
+        intra-op threads, summed).
+        """
+    @property
+    def queue_wait(self) -> HistogramSnapshot:
+        """
+        Time from admission to the start of the call, in nanoseconds.
+        """
+    @property
+    def queued(self) -> int:
+        """
+        Requests waiting in the queue now.
+        """
+    @property
+    def rejected(self) -> int:
+        """
+        Submissions refused (queue full).
+        """
+    @property
+    def stolen(self) -> int:
+        """
+        Requests an instance took from another NUMA node's queue.
+        """
+    @property
+    def submitted(self) -> int:
+        """
+        Requests admitted.
+        """
 class Future:
     """
     A pending request (concurrent.futures-compatible interface).
@@ -90,7 +280,7 @@ class _Runtime:
         ...
     def _model_names(self) -> list[str]:
         ...
-    def _model_stats(self, name: str) -> dict:
+    def _model_stats(self, name: str) -> ModelSnapshot:
         ...
     def _set_placement(self, name: str, instances: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
@@ -124,14 +314,236 @@ class _Runtime:
     @property
     def started(self) -> bool:
         ...
+class CoreKind:
+    """
+    What kind of core a hybrid part puts a CPU on (unknown: homogeneous).
+    
+    Members:
+    
+      unknown
+    
+      performance
+    
+      efficiency
+    """
+    __members__: typing.ClassVar[dict[str, CoreKind]]
+    efficiency: typing.ClassVar[CoreKind]
+    performance: typing.ClassVar[CoreKind]
+    unknown: typing.ClassVar[CoreKind]
+    @typing.overload
+    def __eq__(self, other: CoreKind) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: CoreKind) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
+class MemoryPolicy:
+    """
+    A thread's NUMA memory policy: bind (only its nodes), prefer (its first node first), none.
+    
+    Members:
+    
+      bind
+    
+      prefer
+    
+      none
+    """
+    __members__: typing.ClassVar[dict[str, MemoryPolicy]]
+    bind: typing.ClassVar[MemoryPolicy]
+    none: typing.ClassVar[MemoryPolicy]
+    prefer: typing.ClassVar[MemoryPolicy]
+    @typing.overload
+    def __eq__(self, other: MemoryPolicy) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: MemoryPolicy) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
+class Cpu:
+    """
+    One logical CPU (hardware thread). Offline CPUs have core, package and l3 -1.
+    """
+    @property
+    def allowed(self) -> bool:
+        """
+        In the process's allowed set.
+        """
+    @property
+    def core(self) -> int:
+        """
+        Index into Topology.cores; -1 when offline.
+        """
+    @property
+    def id(self) -> int:
+        ...
+    @property
+    def kind(self) -> CoreKind:
+        ...
+    @property
+    def l3(self) -> int:
+        """
+        Index into Topology.l3_domains; -1 when offline.
+        """
+    @property
+    def node(self) -> int:
+        """
+        NUMA node id.
+        """
+    @property
+    def online(self) -> bool:
+        ...
+    @property
+    def package(self) -> int:
+        """
+        physical_package_id.
+        """
+class Core:
+    """
+    One physical core: its online SMT siblings, and those this process may use.
+    """
+    @property
+    def core_id(self) -> int:
+        """
+        The kernel's core_id (unique only within a package/die).
+        """
+    @property
+    def cpus(self) -> list[int]:
+        """
+        Online siblings, ascending.
+        """
+    @property
+    def die(self) -> int:
+        ...
+    @property
+    def index(self) -> int:
+        """
+        Position in Topology.cores.
+        """
+    @property
+    def kind(self) -> CoreKind:
+        ...
+    @property
+    def l3(self) -> int:
+        ...
+    @property
+    def node(self) -> int:
+        ...
+    @property
+    def package(self) -> int:
+        ...
+    @property
+    def usable(self) -> list[int]:
+        """
+        The siblings this process may run on.
+        """
+class Package:
+    """
+    One CPU package (socket).
+    """
+    @property
+    def cpus(self) -> list[int]:
+        """
+        Online CPUs.
+        """
+    @property
+    def id(self) -> int:
+        ...
+class NumaNode:
+    """
+    One NUMA node.
+    """
+    @property
+    def cpus(self) -> list[int]:
+        """
+        Online CPUs (none for a memory-only node).
+        """
+    @property
+    def id(self) -> int:
+        ...
+    @property
+    def memory_bytes(self) -> int:
+        """
+        MemTotal in bytes; 0 when unknown.
+        """
+class L3Domain:
+    """
+    CPUs sharing one L3 cache (one per package without cache information).
+    """
+    @property
+    def cpus(self) -> list[int]:
+        ...
+    @property
+    def id(self) -> int:
+        """
+        The cache's sysfs id; -1 when unknown or synthesised.
+        """
+    @property
+    def index(self) -> int:
+        ...
+    @property
+    def size_bytes(self) -> int:
+        """
+        Cache size in bytes; 0 when unknown or synthesised.
+        """
 class Topology:
     """
     A snapshot of the machine read from sysfs (immutable; safe to share between threads). apportion.topology wraps it in dataclasses.
     """
-    def as_dict(self) -> dict:
-        """
-        Everything as plain lists and dicts (cpus, cores, packages, nodes, l3_domains, ...).
-        """
     def restricted_to(self, cpus: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> Topology:
         """
         A copy whose allowed set is intersected with `cpus`. Raises ValueError for a CPU that is not present.
@@ -142,15 +554,34 @@ class Topology:
         The process's allowed CPU set.
         """
     @property
+    def cores(self) -> list[Core]:
+        ...
+    @property
+    def cpus(self) -> list[Cpu]:
+        """
+        Every present CPU, ascending by id.
+        """
+    @property
     def hybrid(self) -> bool:
         """
         True when performance and efficiency cores differ.
+        """
+    @property
+    def l3_domains(self) -> list[L3Domain]:
+        ...
+    @property
+    def nodes(self) -> list[NumaNode]:
+        """
+        By id.
         """
     @property
     def offline(self) -> list[int]:
         ...
     @property
     def online(self) -> list[int]:
+        ...
+    @property
+    def packages(self) -> list[Package]:
         ...
     @property
     def root(self) -> str:
@@ -162,6 +593,53 @@ class Topology:
         """
         Online CPUs in the allowed set.
         """
+class Isolation:
+    """
+    How a model holds its CPUs: exclusive (cores of its own) or shared (the shared pool).
+    
+    Members:
+    
+      exclusive
+    
+      shared
+    """
+    __members__: typing.ClassVar[dict[str, Isolation]]
+    exclusive: typing.ClassVar[Isolation]
+    shared: typing.ClassVar[Isolation]
+    @typing.overload
+    def __eq__(self, other: Isolation) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: Isolation) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
 class Quota:
     """
     The CPU side of one model's quota, as placement sees it. Build it through apportion.placement.Quota, which validates every field first.
@@ -265,9 +743,9 @@ def _set_future_class(cls: typing.Any) -> None:
     """
     Makes apportion.Future instances report `cls` as their __class__.
     """
-def current_memory_policy() -> tuple[str, list[int]]:
+def current_memory_policy() -> tuple[MemoryPolicy, list[int]]:
     """
-    The calling thread's NUMA policy as ("bind" | "prefer" | "none", nodes).
+    The calling thread's NUMA policy as (MemoryPolicy, nodes).
     """
 def current_thread_affinity() -> list[int]:
     """

@@ -297,7 +297,8 @@ def run(
             _await_drivers(drivers, end)
             snapshots.append(_snapshot(rt, drivers))
             current = {
-                n: summarise_window(d.windows.get(measured), measured, window_s)
+                n: summarise_window(d.windows.get(measured), measured, window_s,
+                                    snapshots[-2].get(n), snapshots[-1].get(n))
                 for n, d in drivers.items()
             }
             for n, w in current.items():
@@ -336,7 +337,7 @@ def run(
         # Re-read the reported windows now that every driver has accounted for everything.
         accs = [d.windows.get(i) or Tally() for i in reported]
         for i, acc in zip(reported, accs):
-            history[n][i] = summarise_window(acc, i, window_s)
+            history[n][i] = summarise_window(acc, i, window_s, snapshots[i].get(n), snapshots[i + 1].get(n))
         models[n] = model_report(d.spec, accs, duration_s, history[n],
                                   windows_stable(history[n], stable_windows, tolerance),
                                   snapshots[first] if snapshots else None,

@@ -9,13 +9,13 @@ import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from .. import _table
-from ..stats import LatencyStats, ModelStats
+from ..stats import HistogramSnapshot, LatencyStats, ModelStats
 from .spec import SLO, ModelLoad
 
-__all__ = ["Histogram", "LoadReport", "ModelReport", "Tally", "WindowStats", "histogram_latency",
+__all__ = ["LoadReport", "ModelReport", "Tally", "WindowStats", "histogram_latency",
            "latency_stats", "model_report", "percentile", "summarise_window", "window_latency",
            "windows_stable"]
 
@@ -32,6 +32,13 @@ class WindowStats:
     rejected: int
     expired: int
     failed: int
+    queue_wait: LatencyStats | None = None
+    """The runtime's queue-wait figures for this window alone: its native histogram at the
+    window's end minus the one at its start. None when the runtime recorded nothing in it."""
+    compute: LatencyStats | None = None
+    """The runtime's compute figures for this window alone (as ``queue_wait``)."""
+    end_to_end: LatencyStats | None = None
+    """The runtime's end-to-end figures (admission to completion) for this window alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +79,10 @@ class ModelReport:
     queue_wait_mean_ms: float | None
     compute_mean_ms: float | None
     queue_wait: LatencyStats
-    """The runtime's cumulative queue-wait percentiles at the end (see the package docs)."""
+    """The runtime's queue-wait figures over the reported windows: the difference of its
+    native histograms at their ends (cumulative ones when those snapshots are missing)."""
     compute: LatencyStats
-    """The runtime's cumulative compute percentiles at the end (see the package docs)."""
+    """The runtime's compute figures over the reported windows (as ``queue_wait``)."""
     slo_met: bool | None
     """Whether the SLO percentile of end-to-end latency met ``slo.latency_ms``; None without
     a latency objective or without completions."""
@@ -85,6 +93,9 @@ class ModelReport:
     """Open loop: p99 of how late submissions were against their schedule (large values mean
     the generator, not the model, limited the offered load)."""
     inputs_exhausted: bool = False
+    end_to_end: LatencyStats | None = None
+    """The runtime's end-to-end figures (admission to completion) over the reported windows
+    (as ``queue_wait``); ``latency`` is the generator's own, from submit to done-callback."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +136,8 @@ class LoadReport(Mapping[str, ModelReport]):
         return sum(m.goodput for m in self.models.values())
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Plain, JSON-serialisable figures (histogram buckets left out)."""
+        d = dataclasses.asdict(self, dict_factory=_without_histograms)
         d["throughput"] = self.throughput
         d["goodput"] = self.goodput
         return d
@@ -156,7 +168,26 @@ class LoadReport(Mapping[str, ModelReport]):
         lines = [verdict, *_table.text(header, rows, left=2)]
         lines.append(f"total: {self.throughput:.1f} req/s, goodput {self.goodput:.1f}/s "
                      "(queue and compute are means)")
+        lines.append("per window, from the runtime's histograms (ms):")
+        lines += _table.text(_WINDOW_HEADER, [_window_row(m.model, w) for m in self.models.values()
+                                              for w in m.windows], left=2)
         return "\n".join(lines)
+
+
+_WINDOW_HEADER = ("model", "window", "req/s", "queue p50", "queue p99", "compute p50", "compute p99",
+                  "e2e p50", "e2e p99")
+
+
+def _window_row(model: str, w: WindowStats) -> tuple[str, ...]:
+    def cells(s: LatencyStats | None) -> tuple[str, str]:
+        return ("-", "-") if s is None else (f"{s.p50_ms:.3f}", f"{s.p99_ms:.3f}")
+
+    return (model, str(w.index), f"{w.throughput:.1f}", *cells(w.queue_wait), *cells(w.compute),
+            *cells(w.end_to_end))
+
+
+def _without_histograms(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in items if k != "histogram"}
 
 
 def _fmt_ms(v: float | None) -> str:
@@ -216,69 +247,35 @@ def windows_stable(windows: Sequence[WindowStats], count: int, tolerance: float)
 
 
 
-class Histogram(Protocol):
-    """A latency histogram snapshot as the native core keeps it: ``counts[i]`` values fell in
-    bucket ``i``, whose lower bound is ``bounds[i]`` nanoseconds. ``bounds`` holds one lower
-    bound per bucket, or one more entry (the upper bound of the last bucket). Optional
-    ``sum`` (ns) and ``max`` (ns) attributes make the mean and the maximum exact."""
-
-    @property
-    def bounds(self) -> Sequence[int]: ...
-
-    @property
-    def counts(self) -> Sequence[int]: ...
+def histogram_latency(hist: HistogramSnapshot) -> LatencyStats | None:
+    """The figures of a native nanosecond histogram snapshot, or of a window of one (a
+    snapshot minus an earlier one): percentiles computed natively from the buckets (each within
+    ~3% of the truth). None for an empty histogram."""
+    return LatencyStats.from_histogram(hist) if hist.count else None
 
 
-def histogram_latency(hist: Histogram) -> LatencyStats | None:
-    """Percentiles (nearest rank) of a histogram snapshot, or of a window of one (a snapshot
-    minus an earlier one). Each percentile is the midpoint of the bucket holding that rank,
-    as the native core reports it (a value within half a bucket of the truth), capped at the
-    snapshot's ``max`` when it has one. None for an empty histogram.
-
-    Raises ValueError when ``bounds`` and ``counts`` do not describe the same buckets or a
-    count is negative (a window subtracted the wrong way round)."""
-    bounds, counts = list(hist.bounds), list(hist.counts)
-    if len(bounds) not in (len(counts), len(counts) + 1):
-        raise ValueError(f"histogram: {len(bounds)} bounds for {len(counts)} buckets; give one lower "
-                         "bound per bucket (and optionally the last bucket's upper bound)")
-    if any(c < 0 for c in counts):
-        raise ValueError("histogram: a bucket count is negative (subtract the earlier snapshot "
-                         "from the later one)")
-    total = sum(counts)
-    if total == 0:
-        return None
-
-    def upper(i: int) -> int:
-        return bounds[i + 1] if i + 1 < len(bounds) else bounds[i]
-
-    def mid(i: int) -> float:
-        return float(bounds[i] + max(0, upper(i) - bounds[i]) // 2)
-
-    cap = getattr(hist, "max", None)
-    top = max(i for i, c in enumerate(counts) if c)
-
-    def at(p: float) -> float:
-        rank = max(1, math.ceil(p / 100.0 * total))
-        seen = 0
-        for i, c in enumerate(counts):
-            seen += c
-            if seen >= rank:
-                v = mid(i)
-                return min(v, cap) if cap else v
-        raise AssertionError("unreachable: ranks never exceed the total")
-
-    total_ns = getattr(hist, "sum", None)
-    mean_ns = total_ns / total if total_ns is not None else sum(mid(i) * c for i, c in enumerate(counts)) / total
-    max_ns = cap if cap else max(bounds[top], upper(top) - 1)
-    return LatencyStats(count=total, mean_ms=mean_ns / 1e6, p50_ms=at(50) / 1e6, p90_ms=at(90) / 1e6,
-                        p99_ms=at(99) / 1e6, p999_ms=at(99.9) / 1e6, max_ms=max_ns / 1e6)
-
-
-def window_latency(before: Any, after: Any) -> LatencyStats | None:
-    """The percentiles of what a histogram recorded between two snapshots of it:
-    ``after.subtract(before)`` (the native snapshot's window) through
-    :func:`histogram_latency`. ``before=None`` takes everything since the start."""
+def window_latency(before: HistogramSnapshot | None, after: HistogramSnapshot) -> LatencyStats | None:
+    """The figures of what a histogram recorded between two snapshots of it:
+    ``after.subtract(before)`` through :func:`histogram_latency`. ``before=None`` takes
+    everything since the start. Raises ValueError for snapshots of different histograms or
+    ``before`` taken after ``after``."""
     return histogram_latency(after if before is None else after.subtract(before))
+
+
+def runtime_window(before: ModelStats | None, after: ModelStats | None
+                   ) -> tuple[LatencyStats | None, LatencyStats | None, LatencyStats | None]:
+    """Queue-wait, compute and end-to-end figures of what the runtime recorded for one model
+    between two of its stats (``rt.stats()[model]``); Nones when either is missing."""
+    if before is None or after is None:
+        return None, None, None
+
+    def one(b: LatencyStats, a: LatencyStats) -> LatencyStats | None:
+        if a.histogram is None:
+            return None
+        return window_latency(b.histogram, a.histogram)
+
+    return (one(before.queue_wait, after.queue_wait), one(before.compute, after.compute),
+            one(before.end_to_end, after.end_to_end))
 
 
 @dataclass(slots=True)
@@ -298,9 +295,13 @@ class Tally:
 
 
 
-def summarise_window(acc: Tally | None, index: int, window_s: float) -> WindowStats:
+def summarise_window(acc: Tally | None, index: int, window_s: float, before: ModelStats | None = None,
+                     after: ModelStats | None = None) -> WindowStats:
+    """One window's figures: the generator's tallies, and the runtime's own latencies between
+    its stats at the window's ends (``before``/``after``; None leaves them out)."""
     acc = acc or Tally()
     lat = sorted(acc.latencies_ns)
+    queue_wait, compute, end_to_end = runtime_window(before, after)
     return WindowStats(
         index=index,
         throughput=acc.completed / window_s,
@@ -309,6 +310,9 @@ def summarise_window(acc: Tally | None, index: int, window_s: float) -> WindowSt
         rejected=acc.rejected,
         expired=acc.expired,
         failed=acc.failed,
+        queue_wait=queue_wait,
+        compute=compute,
+        end_to_end=end_to_end,
     )
 
 
@@ -334,10 +338,14 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
     if slo is not None and slo.latency_ms is not None and latencies:
         slo_met = percentile(sorted(latencies), slo.percentile) <= slo.latency_ms * 1e6
     q_mean = c_mean = None
+    queue_wait, compute, end_to_end = end.queue_wait, end.compute, end.end_to_end
     if before is not None and after is not None and spec.model in before and spec.model in after:
         b, a = before[spec.model], after[spec.model]
         q_mean = _mean_delta_ms(b.queue_wait, a.queue_wait)
         c_mean = _mean_delta_ms(b.compute, a.compute)
+        if all(x.histogram is not None for x in (a.queue_wait, a.compute, a.end_to_end)):
+            queue_wait, compute = a.queue_wait.since(b.queue_wait), a.compute.since(b.compute)
+            end_to_end = a.end_to_end.since(b.end_to_end)
     return ModelReport(
         model=spec.model,
         load=spec.describe(),
@@ -360,11 +368,12 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
         latency=latency,
         queue_wait_mean_ms=q_mean,
         compute_mean_ms=c_mean,
-        queue_wait=end.queue_wait,
-        compute=end.compute,
+        queue_wait=queue_wait,
+        compute=compute,
         slo_met=slo_met,
         stable=stable,
         windows=tuple(history),
         schedule_lag_p99_ms=percentile(lags, 99) / 1e6 if lags else None,
         inputs_exhausted=inputs_exhausted,
+        end_to_end=end_to_end,
     )

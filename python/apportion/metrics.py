@@ -1,0 +1,162 @@
+"""Runtime stats in the Prometheus text format, for a ``GET /metrics`` endpoint.
+
+``prometheus_text(rt.stats())`` renders every model's counters, gauges and latency histograms;
+:class:`StatsCollector` does the same for a ``prometheus_client`` registry of the caller's. The
+histograms are the runtime's own buckets (not re-sampled): each ``le`` bound is the largest
+value of one of the native log buckets, so every cumulative count is exact, and ``_sum`` and
+``_count`` are the native sum and count. Needs ``prometheus_client`` (``pip install
+'apportion[serve]'``).
+
+Metric names (each with a ``model`` label; README "Metrics" lists them with a sample):
+
+- ``apportion_requests_total{outcome}``: finished requests by outcome (completed, failed,
+  rejected, expired, cancelled); ``apportion_requests_submitted_total``: every submission,
+  finished or not; ``apportion_requests_delayed_total``, ``_stolen_total``, ``_direct_total``,
+  ``_burst_total``: requests delayed by ``on_timeout="delay"``, taken from another NUMA node's
+  queue, served by ``Runtime.call`` in the caller's thread, served by burst workers.
+- ``apportion_queue_wait_seconds``, ``apportion_compute_seconds``,
+  ``apportion_end_to_end_seconds``: latency histograms.
+- ``apportion_batch_size``: requests per model call (histogram, unit: requests).
+- ``apportion_queue_depth``, ``apportion_in_flight``, ``apportion_instances``,
+  ``apportion_max_queue``: gauges (requests, instances); ``apportion_gpu_memory_bytes`` for
+  models with a GPU memory budget.
+- ``apportion_shared_pool_calls_total`` and ``apportion_shared_pool_seconds_total``: calls on
+  the scheduled shared pool and the pool time they held (seconds x units, as ``pool_time_s``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+    from prometheus_client.registry import Collector
+    from prometheus_client.utils import floatToGoString
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("apportion.metrics needs prometheus_client: pip install 'apportion[serve]'") from e
+
+from .stats import HistogramSnapshot, ModelStats
+
+__all__ = ["CONTENT_TYPE", "StatsCollector", "latency_bounds_ns", "prometheus_text"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The Content-Type header value for :func:`prometheus_text`'s output."""
+
+_OUTCOMES = ("completed", "failed", "rejected", "expired", "cancelled")
+_BATCH_BOUNDS = (1, 2, 4, 8, 16, 32) + tuple(2**k - 1 for k in range(6, 17))
+# Batch sizes below 64 have buckets of their own, so 1..32 are exact bounds; above, a bound
+# must be the top of a native bucket (2**k - 1 always is).
+
+
+def latency_bounds_ns(per_octave: int = 2, low_exp: int = 10, high_exp: int = 36) -> tuple[int, ...]:
+    """The ``le`` bounds (ns) of the latency histograms: ``per_octave`` bounds per power of two
+    from ``2**low_exp`` ns to ``2**high_exp`` ns (default ~1 us to ~69 s, steps of x1.5/x1.33).
+    Each is the largest value of a native bucket (``2**e * (1 + j / per_octave) - 1``), so the
+    cumulative count up to it is exact. ``per_octave`` must divide 32 (the native buckets per
+    power of two)."""
+    if per_octave not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"per_octave must divide 32 (1, 2, 4, 8, 16 or 32), got {per_octave!r}")
+    if not 5 <= low_exp < high_exp <= 44:
+        raise ValueError(f"need 5 <= low_exp < high_exp <= 44, got {low_exp}, {high_exp}")
+    bounds = [2**e + j * (2**e // per_octave) - 1 for e in range(low_exp, high_exp) for j in range(per_octave)]
+    return (*bounds, 2**high_exp - 1)
+
+
+def _cumulative(hist: HistogramSnapshot, bounds: Sequence[int], per_unit: float) -> list[tuple[str, float]]:
+    """(le, values <= le) for each bound (in the native unit; ``le`` is it / ``per_unit``),
+    then +Inf: exact, from the native buckets."""
+    upper = hist.upper_bounds
+    running = list(itertools.accumulate(hist.counts))
+    out = []
+    for b in bounds:
+        i = bisect.bisect_right(upper, b) - 1
+        if upper[i] != b:
+            raise ValueError(f"histogram bound {b} is not the top of a native bucket (nearest below: {upper[i]})")
+        out.append((floatToGoString(b / per_unit), float(running[i])))
+    out.append(("+Inf", float(hist.count)))
+    return out
+
+
+class StatsCollector(Collector):
+    """A ``prometheus_client`` collector of a runtime's stats: register it in a registry and
+    each scrape calls ``source()`` (e.g. ``rt.stats``) once and renders what it returns.
+
+    ``per_octave``: latency buckets per power of two (see :func:`latency_bounds_ns`)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, ModelStats]], *, per_octave: int = 2) -> None:
+        self._source = source
+        self._latency_bounds = latency_bounds_ns(per_octave)
+
+    def describe(self) -> list[Metric]:
+        # Nothing to check at registration: reading the stats there would be a scrape.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._source()
+        m = ["model"]
+
+        def counter(name: str, doc: str, labels: Sequence[str] = m) -> CounterMetricFamily:
+            return CounterMetricFamily(f"apportion_{name}", doc, labels=labels)
+
+        requests = counter("requests", "Finished requests by outcome.", ["model", "outcome"])
+        submitted = counter("requests_submitted", "Requests submitted (finished or not).")
+        delayed = counter("requests_delayed", 'Requests moved behind the others by on_timeout="delay".')
+        stolen = counter("requests_stolen", "Requests an instance took from another NUMA node's queue.")
+        direct = counter("requests_direct", "Requests served by Runtime.call in the calling thread.")
+        burst = counter("requests_burst", "Requests served by burst workers on the shared pool.")
+        pool_calls = counter("shared_pool_calls", "Model calls that ran on the scheduled shared pool.")
+        pool_s = counter("shared_pool_seconds",
+                         "Shared-pool time held by those calls: call seconds x units (intra-op threads).")
+        depth = GaugeMetricFamily("apportion_queue_depth", "Requests waiting in the queue.", labels=m)
+        in_flight = GaugeMetricFamily("apportion_in_flight", "Requests submitted and not finished "
+                                      "(queued or running).", labels=m)
+        instances = GaugeMetricFamily("apportion_instances", "Worker instances of the model.", labels=m)
+        max_queue = GaugeMetricFamily("apportion_max_queue", "Admission bound (requests).", labels=m)
+        gpu = GaugeMetricFamily("apportion_gpu_memory_bytes", "GPU memory the model's pool holds.", labels=m)
+        latencies = {
+            "queue_wait": HistogramMetricFamily(
+                "apportion_queue_wait_seconds", "Time from admission to the start of the call.", labels=m),
+            "compute": HistogramMetricFamily(
+                "apportion_compute_seconds", "Duration of the model call that served each request.", labels=m),
+            "end_to_end": HistogramMetricFamily(
+                "apportion_end_to_end_seconds", "Time from admission to completion.", labels=m),
+        }
+        batch = HistogramMetricFamily("apportion_batch_size", "Requests per model call.", labels=m)
+
+        for name, s in stats.items():
+            for outcome in _OUTCOMES:
+                requests.add_metric([name, outcome], getattr(s, outcome))
+            submitted.add_metric([name], s.submitted)
+            delayed.add_metric([name], s.delayed)
+            stolen.add_metric([name], s.stolen)
+            direct.add_metric([name], s.direct)
+            burst.add_metric([name], s.burst_served)
+            pool_calls.add_metric([name], s.pool_calls)
+            pool_s.add_metric([name], s.pool_time_s)
+            depth.add_metric([name], s.queued)
+            in_flight.add_metric([name], s.in_flight)
+            instances.add_metric([name], s.instances)
+            max_queue.add_metric([name], s.max_queue)
+            if s.gpu_memory_bytes is not None:
+                gpu.add_metric([name], s.gpu_memory_bytes)
+            for field, family in latencies.items():
+                hist = getattr(s, field).histogram
+                if hist is not None:
+                    family.add_metric([name], _cumulative(hist, self._latency_bounds, 1e9), hist.sum / 1e9)
+            if s.batch_size is not None:
+                batch.add_metric([name], _cumulative(s.batch_size, _BATCH_BOUNDS, 1.0), float(s.batch_size.sum))
+        yield from (requests, submitted, delayed, stolen, direct, burst, *latencies.values(), batch, depth,
+                    in_flight, instances, max_queue, pool_calls, pool_s)
+        if gpu.samples:
+            yield gpu
+
+
+def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2) -> str:
+    """``stats`` (``rt.stats()``) in the Prometheus text exposition format (serve it with
+    ``Content-Type: CONTENT_TYPE``)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(lambda: stats, per_octave=per_octave))
+    return generate_latest(registry).decode()
