@@ -1,0 +1,82 @@
+"""Models and signatures the serve tests share (and the drain test's child process imports)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+import apportion as ap
+from apportion.serve import Signature, TensorSpec
+
+
+class Gate:
+    """Blocks each call until released; records the order of the inputs it served."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.order: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.order.append(float(x[0]))
+        self.entered.set()
+        assert self.release.wait(60), "gate never released"
+        return x
+
+
+def fails(x: np.ndarray) -> np.ndarray:
+    raise ValueError(f"boom {int(x[0])}")
+
+
+def torch_model(x: Any) -> Any:
+    import torch
+
+    assert isinstance(x, torch.Tensor), type(x)
+    return torch.stack([x.sum(dim=1), x.max(dim=1).values], dim=1)
+
+
+def multi(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"sum": inputs["a"].astype(np.float32) + inputs["b"],
+            "tag": np.array([b"n=%d" % inputs["a"].size], dtype=object)}
+
+
+class Batched:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, xs: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(xs))
+        time.sleep(0.002)
+        return xs * 10
+
+
+def signatures() -> dict[str, Signature]:
+    vec = [TensorSpec("x", "FP32", [-1])]
+    return {
+        "echo": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
+        "multi": Signature([TensorSpec("a", "INT32", [-1]), TensorSpec("b", "FP32", [-1])],
+                           [TensorSpec("sum", "FP32", [-1]), TensorSpec("tag", "BYTES", [1])]),
+        "torch": Signature([TensorSpec("x", "FP32", [-1, 4])], [TensorSpec("y", "FP32", [-1, 2])],
+                           tensor="torch"),
+        "batched": Signature([TensorSpec("x", "FP32", [4])], [TensorSpec("y", "FP32", [4])]),
+        "upper": Signature([TensorSpec("s", "BYTES", [-1])], [TensorSpec("u", "BYTES", [-1])]),
+        "fails": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
+        "bad_output": Signature(vec, [TensorSpec("y", "INT64", [-1])]),
+        "gate": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
+    }
+
+
+def add_models(rt: ap.Runtime, gate: Gate, batched: Batched) -> None:
+    rt.add_model("echo", model=lambda x: x * 2, instances=2)
+    rt.add_model("multi", model=multi)
+    rt.add_model("torch", model=torch_model)
+    rt.add_model("batched", model=batched, batching=ap.Batching(max_size=8, max_delay_ms=20.0))
+    rt.add_model("upper", model=lambda s: np.array([v.upper() for v in s], dtype=object))
+    rt.add_model("fails", model=fails)
+    rt.add_model("bad_output", model=lambda x: x)
+    rt.add_model("gate", model=gate, max_queue=3, priority_levels=2)
