@@ -65,6 +65,9 @@ class Server:
         self.grpc_port: int | None = grpc_port
         """The bound gRPC port once started, or None."""
         self.drain_timeout_s = drain_timeout_s
+        self.listening = threading.Event()
+        """Set once both ports listen (``http_port``/``grpc_port`` then hold the bound ports);
+        cleared when it begins to stop."""
         self._max_message = max_body_bytes
         self._uv: _Uvicorn | None = None
         self._uv_task: asyncio.Task[None] | None = None
@@ -100,8 +103,10 @@ class Server:
         if self.grpc_port is not None:
             self._grpc, self.grpc_port = await start_server(self.frontend, self.host, self.grpc_port,
                                                             self._max_message)
+        self.listening.set()
 
     async def _close(self, drain: bool) -> None:
+        self.listening.clear()
         if drain:
             await self.frontend.drain(self.drain_timeout_s)
         else:
