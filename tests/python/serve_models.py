@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 import apportion as ap
-from apportion.serve import Signature, TensorSpec
+from apportion.serve import Server, Signature, TensorSpec
 
 
 class Gate:
@@ -20,6 +20,11 @@ class Gate:
         self.release = threading.Event()
         self.order: list[float] = []
         self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        self.release.clear()
+        self.entered.clear()
+        self.order.clear()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self._lock:
@@ -80,3 +85,29 @@ def add_models(rt: ap.Runtime, gate: Gate, batched: Batched) -> None:
     rt.add_model("fails", model=fails)
     rt.add_model("bad_output", model=lambda x: x)
     rt.add_model("gate", model=gate, max_queue=3, priority_levels=2)
+
+
+class Served:
+    """The models above in a started runtime behind a Server on free ports (HTTP and gRPC)."""
+
+    def __init__(self) -> None:
+        self.gate = Gate()
+        self.batched = Batched()
+        self.rt = ap.Runtime()
+        add_models(self.rt, self.gate, self.batched)
+        self.rt.start()
+        self.server = Server(self.rt, signatures(), http_port=0, grpc_port=0).start()
+        self.http = f"127.0.0.1:{self.server.http_port}"
+        self.grpc = f"127.0.0.1:{self.server.grpc_port}"
+
+    def wait_queued(self, n: int) -> None:
+        for _ in range(3000):
+            if self.rt.stats()["gate"].queued >= n:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"never saw {n} queued requests")
+
+    def close(self) -> None:
+        self.gate.release.set()
+        self.server.stop()
+        self.rt.close(drain=False)

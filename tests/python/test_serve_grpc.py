@@ -21,28 +21,9 @@ import apportion as ap  # noqa: E402
 from apportion.serve import Server  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_models import Batched, Gate, add_models, signatures  # noqa: E402
+from serve_models import Gate, Served, signatures  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Served:
-    def __init__(self, **kw: Any) -> None:
-        self.gate = Gate()
-        self.batched = Batched()
-        self.rt = ap.Runtime()
-        add_models(self.rt, self.gate, self.batched)
-        self.rt.start()
-        self.server = Server(self.rt, signatures(), http_port=0, grpc_port=0, **kw).start()
-        self.url = f"127.0.0.1:{self.server.grpc_port}"
-
-    def client(self) -> Any:
-        return tg.InferenceServerClient(self.url)
-
-    def close(self) -> None:
-        self.gate.release.set()
-        self.server.stop()
-        self.rt.close(drain=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +37,13 @@ def served() -> Iterator[Served]:
 
 @pytest.fixture
 def client(served: Served) -> Iterator[Any]:
-    c = served.client()
+    c = new_client(served)
     yield c
     c.close()
+
+
+def new_client(served: Served) -> Any:
+    return tg.InferenceServerClient(served.grpc)
 
 
 def vec(name: str, values: Any, datatype: str = "FP32") -> Any:
@@ -107,7 +92,7 @@ def test_infer_typed_contents(served: Served) -> None:
     from tritonclient.grpc import service_pb2_grpc as pb_grpc
     import grpc
 
-    with grpc.insecure_channel(served.url) as ch:
+    with grpc.insecure_channel(served.grpc) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         req = pb.ModelInferRequest(model_name="multi")
         a = req.inputs.add(name="a", datatype="INT32", shape=[2])
@@ -138,7 +123,7 @@ def test_several_inputs_bytes_and_torch(client: Any) -> None:
 
 def test_batching(served: Served) -> None:
     def one(k: int) -> np.ndarray:
-        c = served.client()
+        c = new_client(served)
         try:
             return c.infer("batched", [vec("x", np.full(4, k))]).as_numpy("y")
         finally:
@@ -151,30 +136,20 @@ def test_batching(served: Served) -> None:
     assert max(served.batched.sizes) > 1
 
 
-def _wait_queued(served: Served, n: int) -> None:
-    for _ in range(3000):
-        if served.rt.stats()["gate"].queued >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"never saw {n} queued requests")
-
-
 def test_deadline_queue_full_and_priority(served: Served) -> None:
     g = served.gate
-    g.release.clear()
-    g.entered.clear()
-    g.order.clear()
+    g.reset()
     pool = ThreadPoolExecutor(8)
     try:
-        first = pool.submit(lambda: served.client().infer("gate", [vec("x", [-1.0])]))
+        first = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [-1.0])]))
         assert g.entered.wait(30)
-        late = pool.submit(lambda: served.client().infer("gate", [vec("x", [0.0])], timeout=20_000))
-        _wait_queued(served, 1)
-        low = pool.submit(lambda: served.client().infer("gate", [vec("x", [1.0])], priority=2))
-        _wait_queued(served, 2)
-        high = pool.submit(lambda: served.client().infer("gate", [vec("x", [2.0])], priority=1))
-        _wait_queued(served, 3)
-        status_of(lambda: served.client().infer("gate", [vec("x", [9.0])]), "RESOURCE_EXHAUSTED",
+        late = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [0.0])], timeout=20_000))
+        served.wait_queued(1)
+        low = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [1.0])], priority=2))
+        served.wait_queued(2)
+        high = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [2.0])], priority=1))
+        served.wait_queued(3)
+        status_of(lambda: new_client(served).infer("gate", [vec("x", [9.0])]), "RESOURCE_EXHAUSTED",
                   "gate")
         time.sleep(0.1)  # past the 20 ms deadline while the instance is still busy
     finally:
@@ -188,14 +163,12 @@ def test_deadline_queue_full_and_priority(served: Served) -> None:
 
 def test_client_deadline_bounds_the_queue_wait(served: Served) -> None:
     g = served.gate
-    g.release.clear()
-    g.entered.clear()
-    g.order.clear()
+    g.reset()
     pool = ThreadPoolExecutor(2)
     try:
-        first = pool.submit(lambda: served.client().infer("gate", [vec("x", [-1.0])]))
+        first = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [-1.0])]))
         assert g.entered.wait(30)
-        status_of(lambda: served.client().infer("gate", [vec("x", [5.0])], client_timeout=0.2),
+        status_of(lambda: new_client(served).infer("gate", [vec("x", [5.0])], client_timeout=0.2),
                   "DEADLINE_EXCEEDED")
     finally:
         g.release.set()
@@ -215,7 +188,7 @@ def test_bad_requests_under_good_load(served: Served) -> None:
     results: list[bool] = []
 
     def good_load() -> None:
-        c = served.client()
+        c = new_client(served)
         try:
             for k in range(n_good):
                 x = np.array([k, k + 1], np.float32)
@@ -240,7 +213,7 @@ def test_bad_requests_under_good_load(served: Served) -> None:
 
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(good_load)
-        c = served.client()
+        c = new_client(served)
         rounds = 0
         while (not load.done() or rounds == 0) and rounds < 20:
             bad(c)

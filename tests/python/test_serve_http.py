@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,28 +24,9 @@ import apportion as ap  # noqa: E402
 from apportion.serve import Server, Signature, TensorSpec, asgi  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_models import Batched, Gate, add_models, signatures  # noqa: E402
+from serve_models import Gate, Served, signatures  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Served:
-    def __init__(self) -> None:
-        self.gate = Gate()
-        self.batched = Batched()
-        self.rt = ap.Runtime()
-        add_models(self.rt, self.gate, self.batched)
-        self.rt.start()
-        self.server = Server(self.rt, signatures(), http_port=0, grpc_port=None).start()
-        self.url = f"127.0.0.1:{self.server.http_port}"
-
-    def client(self, **kw: Any) -> Any:
-        return th.InferenceServerClient(self.url, network_timeout=60.0, **kw)
-
-    def close(self) -> None:
-        self.gate.release.set()
-        self.server.stop()
-        self.rt.close(drain=False)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +40,13 @@ def served() -> Iterator[Served]:
 
 @pytest.fixture
 def client(served: Served) -> Iterator[Any]:
-    c = served.client()
+    c = new_client(served)
     yield c
     c.close()
+
+
+def new_client(served: Served) -> Any:
+    return th.InferenceServerClient(served.http, network_timeout=60.0)
 
 
 def vec(name: str, values: Any, datatype: str = "FP32", binary: bool = True) -> Any:
@@ -106,7 +90,7 @@ def test_health_and_metadata(client: Any, served: Served) -> None:
 
 
 def test_unknown_endpoint_and_method_are_json_errors(served: Served) -> None:
-    with httpx.Client(base_url=f"http://{served.url}") as h:
+    with httpx.Client(base_url=f"http://{served.http}") as h:
         r = h.get("/v3/anything")
         assert r.status_code == 404 and "no such endpoint" in r.json()["error"]
         r = h.post("/v2/health/ready")
@@ -187,7 +171,7 @@ def test_batching_model_serves_each_request_its_own_row(served: Served) -> None:
     n = 16
 
     def one(k: int) -> np.ndarray:
-        c = served.client()
+        c = new_client(served)
         try:
             x = np.full(4, k, np.float32)
             return c.infer("batched", [vec("x", x)]).as_numpy("y")
@@ -204,28 +188,18 @@ def test_batching_model_serves_each_request_its_own_row(served: Served) -> None:
 # -- timeouts, priorities, queue full ------------------------------------------------------------
 def _blocked(served: Served) -> tuple[ThreadPoolExecutor, Any]:
     """Occupies the gate model's one instance; returns the pool and that request's future."""
-    served.gate.release.clear()
-    served.gate.entered.clear()
-    served.gate.order.clear()
+    served.gate.reset()
     pool = ThreadPoolExecutor(8)
-    first = pool.submit(lambda: served.client().infer("gate", [vec("x", [-1.0])]))
+    first = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [-1.0])]))
     assert served.gate.entered.wait(30)
     return pool, first
-
-
-def _wait_queued(served: Served, n: int) -> None:
-    for _ in range(3000):
-        if served.rt.stats()["gate"].queued >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"never saw {n} queued requests")
 
 
 def test_timeout_in_microseconds_is_504(served: Served) -> None:
     pool, first = _blocked(served)
     try:
-        late = pool.submit(lambda: served.client().infer("gate", [vec("x", [1.0])], timeout=20_000))
-        _wait_queued(served, 1)
+        late = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [1.0])], timeout=20_000))
+        served.wait_queued(1)
         time.sleep(0.1)  # past the 20 ms deadline while the instance is still busy
     finally:
         served.gate.release.set()
@@ -241,10 +215,12 @@ def test_priorities_map_to_levels(served: Served) -> None:
     pool, first = _blocked(served)
     try:
         futs = []
-        for k, prio in ((1.0, 2), (2.0, 0), (3.0, 1)):  # v2: 1 highest, 0 default (= lowest here)
-            futs.append(pool.submit(lambda k=k, prio=prio: served.client().infer(
+        # v2 priority 1 is the highest level (apportion's 0), 2 the next; 0 (or none) is the
+        # model's default, apportion's level 0: served with priority 1 in submission order
+        for k, prio in ((1.0, 2), (2.0, 0), (3.0, 1)):
+            futs.append(pool.submit(lambda k=k, prio=prio: new_client(served).infer(
                 "gate", [vec("x", [k])], priority=prio)))
-            _wait_queued(served, len(futs))
+            served.wait_queued(len(futs))
     finally:
         served.gate.release.set()
         pool.shutdown()
@@ -264,13 +240,13 @@ def test_priority_beyond_the_models_levels_is_400(client: Any) -> None:
 def test_queue_full_is_429_with_retry_after(served: Served) -> None:
     pool, first = _blocked(served)
     try:
-        queued = [pool.submit(lambda k=k: served.client().infer("gate", [vec("x", [float(k)])]))
+        queued = [pool.submit(lambda k=k: new_client(served).infer("gate", [vec("x", [float(k)])]))
                   for k in range(3)]
-        _wait_queued(served, 3)
-        e = error_of(lambda: served.client().infer("gate", [vec("x", [9.0])]))
+        served.wait_queued(3)
+        e = error_of(lambda: new_client(served).infer("gate", [vec("x", [9.0])]))
         assert e.status() == "429" and "gate" in e.message()
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [9.0]}]}
-        r = httpx.post(f"http://{served.url}/v2/models/gate/infer", json=body)
+        r = httpx.post(f"http://{served.http}/v2/models/gate/infer", json=body)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert "error" in r.json()
     finally:
@@ -327,7 +303,7 @@ def test_port_in_use_raises_from_start(served: Served) -> None:
 
 # -- bad requests, each with its status and message, under a good load -----------------------------
 def _raw(served: Served, path: str, content: bytes, headers: dict[str, str] | None = None) -> Any:
-    return httpx.post(f"http://{served.url}{path}", content=content, headers=headers or {}, timeout=60)
+    return httpx.post(f"http://{served.http}{path}", content=content, headers=headers or {}, timeout=60)
 
 
 def _bad_requests(served: Served, client: Any) -> None:
@@ -409,7 +385,7 @@ def test_bad_requests_get_their_status_while_good_load_completes_once(served: Se
     results: list[bool] = []
 
     def good_load() -> None:
-        c = served.client()
+        c = new_client(served)
         try:
             for k in range(n_good):
                 x = np.array([k, k + 1], np.float32)
@@ -419,7 +395,7 @@ def test_bad_requests_get_their_status_while_good_load_completes_once(served: Se
 
     with ThreadPoolExecutor(2) as pool:
         load = pool.submit(good_load)
-        c = served.client()
+        c = new_client(served)
         rounds = 0
         while not load.done() or rounds == 0:
             _bad_requests(served, c)
@@ -530,10 +506,10 @@ def test_metrics_route(served: Served) -> None:
     try:
         from apportion.metrics import prometheus_text  # type: ignore[import-not-found]
     except ImportError:
-        r = httpx.get(f"http://{served.url}/metrics")
+        r = httpx.get(f"http://{served.http}/metrics")
         assert r.status_code == 404 and "apportion.metrics" in r.json()["error"]
         pytest.skip("metrics module lands separately")
-    r = httpx.get(f"http://{served.url}/metrics")
+    r = httpx.get(f"http://{served.http}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "echo" in r.text and callable(prometheus_text)
 

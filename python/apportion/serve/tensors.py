@@ -131,18 +131,10 @@ class Signature:
             raise ValueError(f"Signature: field 'tensor' must be 'numpy' or 'torch', got {self.tensor!r}")
 
     def input(self, model: str, name: str) -> TensorSpec:
-        for s in self.inputs:
-            if s.name == name:
-                return s
-        raise TensorError(f"model {model!r} has no input {name!r}; its inputs: "
-                          f"{[s.name for s in self.inputs]}")
+        return _find(model, "input", self.inputs, name)
 
     def output(self, model: str, name: str) -> TensorSpec:
-        for s in self.outputs:
-            if s.name == name:
-                return s
-        raise TensorError(f"model {model!r} has no output {name!r}; its outputs: "
-                          f"{[s.name for s in self.outputs]}")
+        return _find(model, "output", self.outputs, name)
 
     # -- request -> model ---------------------------------------------------------------------
     def to_model(self, model: str, arrays: Mapping[str, np.ndarray]) -> Any:
@@ -180,6 +172,13 @@ class Signature:
         else:
             values = [result]
         return {s.name: _check_output(model, s, v) for s, v in zip(outs, values)}
+
+
+def _find(model: str, kind: str, specs: tuple[TensorSpec, ...], name: str) -> TensorSpec:
+    for s in specs:
+        if s.name == name:
+            return s
+    raise TensorError(f"model {model!r} has no {kind} {name!r}; its {kind}s: {[s.name for s in specs]}")
 
 
 def _to_torch(a: np.ndarray) -> Any:
