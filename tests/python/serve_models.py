@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pytest
 
 import apportion as ap
 from apportion.serve import Server, Signature, TensorSpec
@@ -100,6 +103,15 @@ class Served:
         self.http = f"127.0.0.1:{self.server.http_port}"
         self.grpc = f"127.0.0.1:{self.server.grpc_port}"
 
+    def block(self, send: Callable[[float], Any]) -> tuple[ThreadPoolExecutor, Future[Any]]:
+        """Occupies the gate model's one instance with ``send(-1.0)`` (a request of x=[-1]) on
+        a pool; returns the pool (for more requests) and that request's future."""
+        self.gate.reset()
+        pool = ThreadPoolExecutor(8)
+        first = pool.submit(send, -1.0)
+        assert self.gate.entered.wait(30)
+        return pool, first
+
     def wait_queued(self, n: int) -> None:
         for _ in range(3000):
             if self.rt.stats()["gate"].queued >= n:
@@ -111,3 +123,12 @@ class Served:
         self.gate.release.set()
         self.server.stop()
         self.rt.close(drain=False)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    s = Served()
+    try:
+        yield s
+    finally:
+        s.close()

@@ -21,18 +21,9 @@ import apportion as ap  # noqa: E402
 from apportion.serve import Server  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_models import Gate, Served, signatures  # noqa: E402
+from serve_models import Gate, Served, served, signatures  # noqa: E402,F401 (served: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    s = Served()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -138,11 +129,8 @@ def test_batching(served: Served) -> None:
 
 def test_deadline_queue_full_and_priority(served: Served) -> None:
     g = served.gate
-    g.reset()
-    pool = ThreadPoolExecutor(8)
+    pool, first = served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
     try:
-        first = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [-1.0])]))
-        assert g.entered.wait(30)
         late = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [0.0])], timeout=20_000))
         served.wait_queued(1)
         low = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [1.0])], priority=2))
@@ -163,11 +151,8 @@ def test_deadline_queue_full_and_priority(served: Served) -> None:
 
 def test_client_deadline_bounds_the_queue_wait(served: Served) -> None:
     g = served.gate
-    g.reset()
-    pool = ThreadPoolExecutor(2)
+    pool, first = served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
     try:
-        first = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [-1.0])]))
-        assert g.entered.wait(30)
         status_of(lambda: new_client(served).infer("gate", [vec("x", [5.0])], client_timeout=0.2),
                   "DEADLINE_EXCEEDED")
     finally:

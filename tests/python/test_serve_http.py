@@ -24,18 +24,9 @@ import apportion as ap  # noqa: E402
 from apportion.serve import Server, Signature, TensorSpec, asgi  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_models import Gate, Served, signatures  # noqa: E402
+from serve_models import Gate, Served, served, signatures  # noqa: E402,F401 (served: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    s = Served()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -187,12 +178,7 @@ def test_batching_model_serves_each_request_its_own_row(served: Served) -> None:
 
 # -- timeouts, priorities, queue full ------------------------------------------------------------
 def _blocked(served: Served) -> tuple[ThreadPoolExecutor, Any]:
-    """Occupies the gate model's one instance; returns the pool and that request's future."""
-    served.gate.reset()
-    pool = ThreadPoolExecutor(8)
-    first = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [-1.0])]))
-    assert served.gate.entered.wait(30)
-    return pool, first
+    return served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
 
 
 def test_timeout_in_microseconds_is_504(served: Served) -> None:
