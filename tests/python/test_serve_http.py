@@ -465,21 +465,21 @@ def test_asgi_app_inside_fastapi() -> None:
     app = fastapi.FastAPI()
 
     @app.get("/hello")
-    def hello() -> dict[str, str]:
+    async def hello() -> dict[str, str]:  # async: a sync route would leave an idle worker thread
         return {"hello": "world"}
 
-    app.mount("/", asgi(rt, {"echo": signatures()["echo"]}))
+    app.mount("/kserve", asgi(rt, {"echo": signatures()["echo"]}))
 
     async def run() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
             assert (await h.get("/hello")).json() == {"hello": "world"}
-            assert (await h.get("/v2/health/ready")).status_code == 200
-            assert (await h.get("/v2/models/echo")).json()["inputs"][0]["name"] == "x"
-            r = await h.post("/v2/models/echo/infer", json={
+            assert (await h.get("/kserve/v2/health/ready")).status_code == 200
+            assert (await h.get("/kserve/v2/models/echo")).json()["inputs"][0]["name"] == "x"
+            r = await h.post("/kserve/v2/models/echo/infer", json={
                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]})
             assert r.status_code == 200
             assert r.json()["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [2], "data": [2.0, 4.0]}]
-            r = await h.post("/v2/models/nope/infer", json={})
+            r = await h.post("/kserve/v2/models/nope/infer", json={})
             assert r.status_code == 404 and "unknown model" in r.json()["error"]
 
     try:

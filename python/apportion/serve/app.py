@@ -97,7 +97,11 @@ class V2App:
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         f = self.frontend
-        parts = scope["path"].rstrip("/").split("/")[1:]
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a prefix (Starlette/FastAPI Mount)
+            path = path[len(root):]
+        parts = path.rstrip("/").split("/")[1:]
         method = scope["method"]
         if parts == ["metrics"]:
             _method(method, "GET", scope)
