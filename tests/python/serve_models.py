@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -132,3 +133,6 @@ def served() -> Iterator[Served]:
         yield s
     finally:
         s.close()
+        # grpc.aio keeps a poller thread until its objects (some in reference cycles) are
+        # collected; collect them here, so that later modules' thread counts see it gone
+        gc.collect()

@@ -113,6 +113,8 @@ class Server:
             self.frontend.draining = True
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0 if drain else None)
+            # grpc.aio keeps a poller thread while any of its objects lives: let it end now
+            self._grpc = None
         if self._uv is not None:
             self._uv.should_exit = True
             self._uv.force_exit = not drain
