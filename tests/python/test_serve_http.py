@@ -120,6 +120,15 @@ def test_infer_json_and_binary(client: Any, binary_in: bool, binary_out: bool) -
     assert ("data" in r.get_output("y")) is (not binary_out)
 
 
+def test_versioned_paths(client: Any) -> None:
+    x = np.arange(3, dtype=np.float32)
+    r = client.infer("echo", [vec("x", x)], model_version="1")
+    np.testing.assert_array_equal(r.as_numpy("y"), x * 2)
+    assert client.is_model_ready("echo", model_version="1")
+    e = error_of(lambda: client.infer("echo", [vec("x", x)], model_version="3"))
+    assert e.status() == "404" and "no version '3'" in e.message()
+
+
 def test_infer_default_outputs_are_binary(client: Any) -> None:
     r = client.infer("echo", [vec("x", [1.5, 2.5], binary=False)])
     assert r.get_output("y")["parameters"]["binary_data_size"] == 8
