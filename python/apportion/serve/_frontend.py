@@ -1,0 +1,180 @@
+"""What the HTTP and gRPC fronts share: the models' signatures, health, request parameters,
+submission and the error kinds each front maps to its own status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import DeadlineExceeded, ModelNotFound, QueueFull, RuntimeClosed
+from .tensors import OutputError, Signature, TensorError
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+NOT_FOUND = "not_found"
+INVALID = "invalid"
+QUEUE_FULL = "queue_full"
+DEADLINE = "deadline"
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
+TOO_LARGE = "too_large"
+NOT_ALLOWED = "not_allowed"
+
+EXTENSIONS = ["binary_tensor_data"]
+
+
+class ServeError(Exception):
+    """A request that ends in an error response: ``kind`` (one of the constants above) and a
+    message for the client."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Frontend:
+    """One runtime's models as the protocol sees them, shared by the HTTP and gRPC fronts of a
+    server: they go unready and refuse new requests together while the server drains."""
+
+    def __init__(self, rt: Runtime, signatures: Mapping[str, Signature]) -> None:
+        if not isinstance(signatures, Mapping):
+            raise TypeError(f"signatures must be a mapping of model name -> Signature, got {signatures!r}")
+        for name, sig in signatures.items():
+            if not isinstance(sig, Signature):
+                raise TypeError(f"model {name!r}: signature must be apportion.serve.Signature, got {sig!r}")
+        self.rt = rt
+        self.signatures = dict(signatures)
+        self.draining = False
+        self.in_flight = 0
+
+    # -- health and metadata ------------------------------------------------------------------
+    def live(self) -> bool:
+        return not self.rt.closed
+
+    def model_ready(self, name: str) -> bool:
+        """Serving: the runtime runs, the model is registered (it started) and the server is
+        not draining."""
+        rt = self.rt
+        return (not self.draining and rt.started and not rt.closed
+                and name in self.signatures and name in rt.models)
+
+    def ready(self) -> bool:
+        return bool(self.signatures) and all(self.model_ready(n) for n in self.signatures)
+
+    def signature(self, name: str) -> Signature:
+        sig = self.signatures.get(name)
+        if sig is None:
+            raise ServeError(NOT_FOUND, f"unknown model {name!r}; models: {sorted(self.signatures)}")
+        return sig
+
+    def check_version(self, name: str, version: str) -> None:
+        if version not in ("", "1"):
+            raise ServeError(NOT_FOUND, f"model {name!r} has no version {version!r} (only '1')")
+
+    @staticmethod
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "apportion", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str) -> dict[str, Any]:
+        sig = self.signature(name)
+        return {"name": name, "versions": ["1"], "platform": f"apportion_{sig.tensor}",
+                "inputs": [s.metadata() for s in sig.inputs],
+                "outputs": [s.metadata() for s in sig.outputs]}
+
+    # -- inference ----------------------------------------------------------------------------
+    @staticmethod
+    def request_options(name: str, timeout: Any, priority: Any) -> tuple[float | None, int | None]:
+        """``timeout`` in microseconds (Triton's convention; 0 or absent: the model's default)
+        and ``priority`` (Triton's: 0 or absent is the default, 1 the highest level, so v2
+        priority p is apportion priority p - 1) -> (timeout_ms, priority)."""
+        timeout_ms = None
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                    math.isfinite(timeout) and timeout >= 0):
+                raise ServeError(INVALID, f"model {name!r}: parameter 'timeout' must be a number "
+                                          f"of microseconds >= 0, got {timeout!r}")
+            timeout_ms = timeout / 1000.0 if timeout > 0 else None
+        level = None
+        if priority is not None:
+            if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+                raise ServeError(INVALID, f"model {name!r}: parameter 'priority' must be an int "
+                                          f">= 0 (1 is the highest, 0 the default), got {priority!r}")
+            level = priority - 1 if priority > 0 else None
+        return timeout_ms, level
+
+    async def infer(self, name: str, arrays: Mapping[str, np.ndarray], timeout_ms: float | None,
+                    priority: int | None) -> dict[str, np.ndarray]:
+        """Runs one checked request; every failure is a ServeError."""
+        sig = self.signature(name)
+        if self.draining:
+            raise ServeError(UNAVAILABLE, f"model {name!r}: the server is shutting down")
+        try:
+            inputs = sig.to_model(name, arrays)
+        except TensorError as e:
+            raise ServeError(INVALID, str(e)) from None
+        try:
+            fut = self.rt.submit(name, inputs, timeout_ms=timeout_ms, priority=priority)
+        except QueueFull as e:
+            raise ServeError(QUEUE_FULL, str(e)) from None
+        except (ModelNotFound, RuntimeClosed) as e:
+            raise ServeError(UNAVAILABLE, f"model {name!r} is not ready: {e}") from None
+        except ValueError as e:  # priority beyond the model's levels
+            raise ServeError(INVALID, str(e)) from None
+        # Submission and waiting are separate steps (not rt.infer): a refusal at submission is
+        # the client's error, while anything raised once admitted is the model's own (500),
+        # including a ValueError.
+        self.in_flight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            settled = loop.create_future()
+
+            def wake(_: Any) -> None:  # runs in the worker thread that completed the request
+                try:
+                    loop.call_soon_threadsafe(_settle, settled)
+                except RuntimeError:  # the loop closed meanwhile: nobody awaits any more
+                    pass
+
+            fut.add_done_callback(wake)
+            try:
+                await settled
+            except asyncio.CancelledError:
+                fut.cancel()  # the client went away: a queued request is never run
+                raise
+            try:
+                result = fut.result(0)
+            except DeadlineExceeded as e:
+                raise ServeError(DEADLINE, str(e)) from None
+            except RuntimeClosed as e:
+                raise ServeError(UNAVAILABLE, str(e)) from None
+            except Exception as e:
+                raise ServeError(INTERNAL, f"model {name!r} failed: {type(e).__name__}: {e}") from None
+            try:
+                return sig.from_model(name, result)
+            except OutputError as e:
+                raise ServeError(INTERNAL, str(e)) from None
+        finally:
+            self.in_flight -= 1
+
+    async def drain(self, timeout_s: float | None) -> bool:
+        """Stops admitting requests (readiness goes false) and waits until the admitted ones
+        have completed; False if ``timeout_s`` passed first."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = None if timeout_s is None else loop.time() + timeout_s
+        while self.in_flight:
+            if end is not None and loop.time() >= end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+
+def _settle(f: asyncio.Future[None]) -> None:
+    if not f.done():
+        f.set_result(None)

@@ -1,0 +1,291 @@
+"""The Open Inference Protocol (KServe v2) over HTTP/REST as an ASGI application.
+
+A plain ASGI callable rather than Starlette routes: the v2 paths are few and fixed, and
+measured here (in-process ASGI calls of a no-op infer, bench/RESULTS.md "Serving over the
+network") Starlette's routing and Request/Response objects added per-request time that a
+split of the path does not. It mounts in any ASGI framework (``fastapi_app.mount("/", app)``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..metrics import CONTENT_TYPE, prometheus_text
+from . import _frontend as fe
+from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+__all__ = ["asgi", "DEFAULT_MAX_BODY_BYTES"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+"""Request bodies beyond this many bytes are refused with 413 (``max_body_bytes=``)."""
+
+_PROMETHEUS = CONTENT_TYPE.encode()
+_JSON = [(b"content-type", b"application/json")]
+_STATUS = {fe.NOT_FOUND: 404, fe.INVALID: 400, fe.QUEUE_FULL: 429, fe.DEADLINE: 504,
+           fe.INTERNAL: 500, fe.UNAVAILABLE: 503, fe.TOO_LARGE: 413,
+           fe.NOT_ALLOWED: 405}
+
+
+def asgi(rt: Runtime, signatures: Mapping[str, Signature], *,
+         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429) -> V2App:
+    """An ASGI app serving ``rt``'s models named in ``signatures`` over KServe v2 REST.
+
+    ``max_body_bytes``: larger request bodies get 413. ``queue_full_status``: the status of a
+    request refused because the model's queue is full: 429 (with ``Retry-After: 1``) or 503.
+    The runtime is the caller's: start it before serving, close it after."""
+    return V2App(fe.Frontend(rt, signatures), max_body_bytes=max_body_bytes,
+                 queue_full_status=queue_full_status)
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class V2App:
+    """The ASGI callable; see :func:`asgi`."""
+
+    def __init__(self, frontend: fe.Frontend, *, max_body_bytes: int, queue_full_status: int) -> None:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+        if queue_full_status not in (429, 503):
+            raise ValueError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}")
+        self.frontend = frontend
+        self.max_body_bytes = max_body_bytes
+        self._status = {**_STATUS, fe.QUEUE_FULL: queue_full_status}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind != "http":
+            return
+        try:
+            status, headers, body = await self._route(scope, receive)
+        except fe.ServeError as e:
+            status, headers, body = self._error(e)
+        except _Disconnected:
+            return
+        except Exception as e:  # a bug of ours: answer it, never take the server down
+            status, headers, body = self._error(fe.ServeError(fe.INTERNAL, f"{type(e).__name__}: {e}"))
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _error(self, e: fe.ServeError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        status = self._status[e.kind]
+        headers = list(_JSON)
+        if status == 429:
+            headers.append((b"retry-after", b"1"))
+        return status, headers, _dumps({"error": e.message})
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        f = self.frontend
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a prefix (Starlette/FastAPI Mount)
+            path = path[len(root):]
+        parts = path.rstrip("/").split("/")[1:]
+        method = scope["method"]
+        if parts == ["metrics"]:
+            _method(method, "GET", scope)
+            return 200, [(b"content-type", _PROMETHEUS)], _metrics(f.rt)
+        if parts[:1] != ["v2"]:
+            raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
+        rest = parts[1:]
+        if not rest:
+            _method(method, "GET", scope)
+            return 200, _JSON, _dumps(f.server_metadata())
+        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+            _method(method, "GET", scope)
+            ok = f.live() if rest[1] == "live" else f.ready()
+            return _health(ok, f"server is not {rest[1]}")
+        if rest[0] == "models" and len(rest) >= 2:
+            name, tail = rest[1], rest[2:]
+            version = ""
+            if len(tail) >= 2 and tail[0] == "versions":
+                version, tail = tail[1], tail[2:]
+            f.signature(name)
+            f.check_version(name, version)
+            if not tail:
+                _method(method, "GET", scope)
+                return 200, _JSON, _dumps(f.model_metadata(name))
+            if tail == ["ready"]:
+                _method(method, "GET", scope)
+                return _health(f.model_ready(name), f"model {name!r} is not ready")
+            if tail == ["infer"]:
+                _method(method, "POST", scope)
+                return await self._infer(name, scope, receive)
+        raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytearray:
+        limit = self.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise fe.ServeError(fe.TOO_LARGE, f"request body of {declared} bytes exceeds the "
+                                              f"limit of {limit} bytes")
+        body = bytearray()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _Disconnected
+            body += msg.get("body", b"")
+            if len(body) > limit:
+                raise fe.ServeError(fe.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+            if not msg.get("more_body", False):
+                return body
+
+    async def _infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        f = self.frontend
+        sig = f.signature(name)
+        encoding = _header(scope, b"content-encoding")
+        if encoding not in (None, "identity"):
+            raise fe.ServeError(fe.INVALID, f"Content-Encoding {encoding!r} is not supported "
+                                            "(send the body uncompressed)")
+        body = await self._read(scope, receive)
+        hlen = _header(scope, b"inference-header-content-length")
+        if hlen is None:
+            json_len = len(body)
+        elif not hlen.isdigit() or int(hlen) > len(body):
+            raise fe.ServeError(fe.INVALID, f"Inference-Header-Content-Length is {hlen!r}, but the "
+                                            f"body has {len(body)} bytes")
+        else:
+            json_len = int(hlen)
+        try:
+            request = json.loads(body[:json_len])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise fe.ServeError(fe.INVALID, f"model {name!r}: malformed JSON request: {e}") from None
+        if not isinstance(request, dict):
+            raise fe.ServeError(fe.INVALID, f"model {name!r}: the request must be a JSON object")
+        params = _params(name, "request", request.get("parameters"))
+        timeout_ms, priority = f.request_options(name, params.get("timeout"), params.get("priority"))
+        try:
+            arrays = _inputs(name, sig, request.get("inputs"), memoryview(body)[json_len:])
+            wanted = _outputs(name, sig, request.get("outputs"), params.get("binary_data_output"))
+        except TensorError as e:
+            raise fe.ServeError(fe.INVALID, str(e)) from None
+        outputs = await f.infer(name, arrays, timeout_ms, priority)
+        header: dict[str, Any] = {"model_name": name, "model_version": "1"}
+        if "id" in request:
+            header["id"] = request["id"]
+        out_meta = []
+        raw = []
+        try:
+            for spec, binary in wanted:
+                arr = outputs[spec.name]
+                meta: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
+                if binary:
+                    data = to_bytes(spec, arr)
+                    meta["parameters"] = {"binary_data_size": len(data)}
+                    raw.append(data)
+                else:
+                    meta["data"] = to_json(name, spec, arr)
+                out_meta.append(meta)
+        except OutputError as e:
+            raise fe.ServeError(fe.INTERNAL, str(e)) from None
+        header["outputs"] = out_meta
+        head = _dumps(header)
+        if not raw:
+            return 200, _JSON, head
+        return 200, [(b"content-type", b"application/octet-stream"),
+                     (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *raw])
+
+
+def _inputs(name: str, sig: Signature, inputs: Any, raw: memoryview) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, list):
+        raise TensorError(f"model {name!r}: the request needs 'inputs', a list of tensors "
+                          f"(expected {[s.name for s in sig.inputs]})")
+    arrays: dict[str, np.ndarray] = {}
+    pos = 0
+    for t in inputs:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise TensorError(f"model {name!r}: each input must be an object with a 'name', got {t!r}"[:300])
+        spec = sig.input(name, t["name"])
+        if spec.name in arrays:
+            raise TensorError(f"model {name!r}: input {spec.name!r} is given twice")
+        shape = check_header(name, spec, t.get("datatype"), t.get("shape"))
+        size = _params(name, f"input {spec.name!r}", t.get("parameters")).get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise TensorError(f"model {name!r}, input {spec.name!r}: 'binary_data_size' must "
+                                  f"be an int >= 0, got {size!r}")
+            if pos + size > len(raw):
+                raise TensorError(f"model {name!r}, input {spec.name!r}: binary_data_size {size} "
+                                  f"at offset {pos} runs past the {len(raw)} binary bytes after "
+                                  "the JSON header (check Inference-Header-Content-Length)")
+            arrays[spec.name] = from_bytes(name, spec, shape, raw[pos:pos + size])
+            pos += size
+        elif "data" in t:
+            arrays[spec.name] = from_json(name, spec, shape, t["data"])
+        else:
+            raise TensorError(f"model {name!r}, input {spec.name!r}: give 'data' or "
+                              "parameters.binary_data_size")
+    if pos != len(raw):
+        raise TensorError(f"model {name!r}: the inputs' binary_data_size add up to {pos} bytes, "
+                          f"but {len(raw)} follow the JSON header (check Inference-Header-Content-Length)")
+    return arrays
+
+
+def _outputs(name: str, sig: Signature, outputs: Any, binary_default: Any) -> list[tuple[Any, bool]]:
+    default = bool(binary_default)
+    if outputs is None:
+        return [(s, default) for s in sig.outputs]
+    if not isinstance(outputs, list):
+        raise TensorError(f"model {name!r}: 'outputs' must be a list, got {outputs!r}"[:300])
+    out = []
+    for o in outputs:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise TensorError(f"model {name!r}: each requested output must be an object with a "
+                              f"'name', got {o!r}"[:300])
+        p = _params(name, f"output {o['name']!r}", o.get("parameters"))
+        out.append((sig.output(name, o["name"]), bool(p.get("binary_data", default))))
+    return out
+
+
+def _params(name: str, where: str, p: Any) -> dict[str, Any]:
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise fe.ServeError(fe.INVALID, f"model {name!r}, {where}: 'parameters' must be an object")
+    return p
+
+
+def _metrics(rt: Runtime) -> bytes:
+    return prometheus_text(rt.stats()).encode()
+
+
+def _method(method: str, want: str, scope: Scope) -> None:
+    if method != want:
+        raise fe.ServeError(fe.NOT_ALLOWED, f"{scope['path']} takes {want}, not {method}")
+
+
+def _health(ok: bool, why: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    # The protocol: 200 is true, a 4xx false.
+    return (200, _JSON, b"") if ok else (400, _JSON, _dumps({"error": why}))
+
+
+def _header(scope: Scope, key: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == key:
+            return v.decode("latin-1")
+    return None
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()

@@ -1,0 +1,224 @@
+"""One process serving a runtime's models over v2 HTTP (uvicorn) and gRPC (grpcio), both on
+one asyncio loop, with graceful drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from . import _frontend as fe
+from .app import DEFAULT_MAX_BODY_BYTES, V2App
+from .grpc import start_server
+from .tensors import Signature
+
+if TYPE_CHECKING:
+    import grpc
+
+    from ..runtime import Runtime
+
+__all__ = ["Server"]
+
+
+class _Uvicorn(uvicorn.Server):
+    # The Server owns the process's signals (serve_forever); uvicorn's own capture would
+    # re-raise them after its shutdown.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Server:
+    """Serves ``rt``'s models named in ``signatures`` over KServe v2 HTTP/REST on
+    ``host:http_port`` and gRPC on ``host:grpc_port`` (0 picks a free port; ``grpc_port=None``
+    serves HTTP only). The runtime is the caller's: start it before, close it after.
+
+    ``start()``/``stop()`` run the server on a thread of its own (embedding, tests);
+    ``serve_forever()`` runs it on the calling (main) thread until SIGTERM or SIGINT: readiness
+    goes false, new requests get 503 (gRPC UNAVAILABLE), requests already admitted complete
+    (for at most ``drain_timeout_s``), then it returns; a second signal aborts at once
+    (``SystemExit(128 + signal)``, running requests are not answered)."""
+
+    def __init__(self, rt: Runtime, signatures: Mapping[str, Signature], host: str = "127.0.0.1",
+                 http_port: int = 8000, grpc_port: int | None = 8001, *,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429,
+                 drain_timeout_s: float = 30.0) -> None:
+        for field, port in (("http_port", http_port), ("grpc_port", grpc_port)):
+            if port is None and field == "grpc_port":
+                continue
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ValueError(f"Server: {field} must be a port in [0, 65535], got {port!r}")
+        if not drain_timeout_s > 0:
+            raise ValueError(f"Server: drain_timeout_s must be > 0, got {drain_timeout_s!r}")
+        self.frontend = fe.Frontend(rt, signatures)
+        self.app = V2App(self.frontend, max_body_bytes=max_body_bytes,
+                         queue_full_status=queue_full_status)
+        self.host = host
+        self.http_port: int = http_port
+        """The bound HTTP port once started (the port given, or the one picked for 0)."""
+        self.grpc_port: int | None = grpc_port
+        """The bound gRPC port once started, or None."""
+        self.drain_timeout_s = drain_timeout_s
+        self.listening = threading.Event()
+        """Set once both ports listen (``http_port``/``grpc_port`` then hold the bound ports);
+        cleared when it begins to stop."""
+        self._max_message = max_body_bytes
+        self._uv: _Uvicorn | None = None
+        self._uv_task: asyncio.Task[None] | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._drain = True
+
+    # -- the loop's side ----------------------------------------------------------------------
+    async def _open(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        # proto given explicitly: asyncio disables Nagle only on sockets whose proto says TCP,
+        # and without it every response whose body follows its headers waits for the client's
+        # delayed ACK (~40 ms here).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.http_port))
+        except OSError:
+            sock.close()
+            raise
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=self.drain_timeout_s)
+        self._uv = _Uvicorn(config)
+        self._uv_task = asyncio.create_task(self._uv.serve(sockets=[sock]))
+        while not self._uv.started:
+            if self._uv_task.done():
+                self._uv_task.result()
+                raise OSError(f"HTTP: uvicorn stopped before serving on {self.host}:{self.http_port}")
+            await asyncio.sleep(0.005)
+        if self.grpc_port is not None:
+            self._grpc, self.grpc_port = await start_server(self.frontend, self.host, self.grpc_port,
+                                                            self._max_message)
+        self.listening.set()
+
+    async def _close(self, drain: bool) -> None:
+        self.listening.clear()
+        if drain:
+            await self.frontend.drain(self.drain_timeout_s)
+        else:
+            self.frontend.draining = True
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0 if drain else None)
+            # grpc.aio keeps a poller thread while any of its objects lives: let it end now
+            self._grpc = None
+        if self._uv is not None:
+            self._uv.should_exit = True
+            self._uv.force_exit = not drain
+        if self._uv_task is not None:
+            await self._uv_task
+
+    async def _run(self, opened: threading.Event, failed: list[BaseException]) -> None:
+        self._stop = asyncio.Event()
+        try:
+            await self._open()
+        except BaseException as e:
+            failed.append(e)
+            opened.set()
+            await self._close(drain=False)
+            return
+        opened.set()
+        await self._stop.wait()
+        await self._close(self._drain)
+
+    # -- embedding ----------------------------------------------------------------------------
+    def start(self) -> Server:
+        """Serves on a background thread; returns once both ports listen (``http_port`` and
+        ``grpc_port`` then hold the bound ports). Raises what binding raised."""
+        if self._thread is not None:
+            raise RuntimeError("Server: already started")
+        opened = threading.Event()
+        failed: list[BaseException] = []
+        self._loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._run(opened, failed))
+            finally:
+                self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="apportion-serve", daemon=True)
+        self._thread.start()
+        opened.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+        return self
+
+    def stop(self, drain: bool = True) -> None:
+        """Stops serving. ``drain=True``: readiness goes false, admitted requests complete
+        (for at most ``drain_timeout_s``), then the ports close. Idempotent."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None or not thread.is_alive():
+            return
+        self._drain = drain
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            loop.call_soon_threadsafe(self._stop.set)  # type: ignore[union-attr]
+        thread.join()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- a process of its own -----------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Serves on the calling thread (the main thread: it handles SIGTERM and SIGINT) until
+        a signal: then drains as ``stop()`` does and returns, so the process can close the
+        runtime and exit 0. A second signal during the drain aborts: the ports close at once
+        and ``SystemExit(128 + signum)`` is raised."""
+        asyncio.run(self._forever())
+
+    async def _forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        abort: list[int] = []
+        aborted = asyncio.Event()
+
+        def on_signal(sig: int) -> None:
+            if stop.is_set():
+                abort.append(sig)
+                aborted.set()
+            stop.set()
+
+        sigs = (signal.SIGTERM, signal.SIGINT)
+        for sig in sigs:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await self._open()
+            await stop.wait()
+            closing = asyncio.create_task(self._close(drain=True))
+            abort_wait = asyncio.create_task(aborted.wait())
+            await asyncio.wait({closing, abort_wait}, return_when=asyncio.FIRST_COMPLETED)
+            abort_wait.cancel()
+            if abort:
+                closing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await closing
+                await self._close(drain=False)
+                raise SystemExit(128 + abort[0])
+            await closing
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+
+    def __repr__(self) -> str:
+        return f"<apportion.serve.Server http={self.host}:{self.http_port} grpc={self.grpc_port}>"
+
+

@@ -1,0 +1,259 @@
+"""KServe v2 over gRPC (GRPCInferenceService), spoken by the real tritonclient against a Server
+on 127.0.0.1."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("uvicorn")
+tg = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
+
+import apportion as ap  # noqa: E402
+from apportion.serve import Server  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_models import Gate, Served, served, signatures  # noqa: E402,F401 (served: a fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[Any]:
+    c = new_client(served)
+    yield c
+    c.close()
+
+
+def new_client(served: Served) -> Any:
+    return tg.InferenceServerClient(served.grpc)
+
+
+def vec(name: str, values: Any, datatype: str = "FP32") -> Any:
+    arr = np.asarray(values)
+    if datatype != "BYTES":
+        arr = arr.astype(triton_to_np_dtype(datatype))
+    i = tg.InferInput(name, list(arr.shape), datatype)
+    i.set_data_from_numpy(arr)
+    return i
+
+
+def status_of(fn: Any, code: str, *words: str) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        fn()
+    e = info.value
+    assert e.status() == f"StatusCode.{code}", (e.status(), e.message())
+    for w in words:
+        assert w in e.message(), (w, e.message())
+
+
+def test_health_and_metadata(client: Any, served: Served) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("echo")
+    md = client.get_server_metadata(as_json=True)
+    assert md["name"] == "apportion" and md["version"] == ap.__version__
+    mm = client.get_model_metadata("multi", as_json=True)
+    assert mm["versions"] == ["1"] and mm["platform"] == "apportion_numpy"
+    assert [(t["name"], t["datatype"], t["shape"]) for t in mm["inputs"]] == [
+        ("a", "INT32", ["-1"]), ("b", "FP32", ["-1"])]
+    status_of(lambda: client.get_model_metadata("nope"), "NOT_FOUND", "unknown model 'nope'")
+    status_of(lambda: client.is_model_ready("nope"), "NOT_FOUND", "unknown model 'nope'")
+    status_of(lambda: client.get_model_metadata("echo", model_version="2"), "NOT_FOUND", "version '2'")
+    status_of(lambda: client.get_model_config("echo"), "UNIMPLEMENTED")
+
+
+def test_infer_raw_contents(client: Any) -> None:
+    x = np.arange(6, dtype=np.float32)
+    r = client.infer("echo", [vec("x", x)], request_id="g-1")
+    np.testing.assert_array_equal(r.as_numpy("y"), x * 2)
+    assert r.get_response().id == "g-1" and r.get_response().model_version == "1"
+
+
+def test_infer_typed_contents(served: Served) -> None:
+    # Typed InferTensorContents instead of raw_input_contents (tritonclient always sends raw).
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+    import grpc
+
+    with grpc.insecure_channel(served.grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        req = pb.ModelInferRequest(model_name="multi")
+        a = req.inputs.add(name="a", datatype="INT32", shape=[2])
+        a.contents.int_contents.extend([1, 2])
+        b = req.inputs.add(name="b", datatype="FP32", shape=[2])
+        b.contents.fp32_contents.extend([0.5, 1.5])
+        resp = stub.ModelInfer(req, timeout=30)
+        assert [o.name for o in resp.outputs] == ["sum", "tag"]
+        np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], np.float32), [1.5, 3.5])
+        req = pb.ModelInferRequest(model_name="echo")
+        req.inputs.add(name="x", datatype="FP32", shape=[2]).contents.int64_contents.extend([1, 2])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "needs 2 elements, 'data' has 0" in info.value.details()
+
+
+def test_several_inputs_bytes_and_torch(client: Any) -> None:
+    r = client.infer("multi", [vec("a", [1, 2, 3], "INT32"), vec("b", [0.5, 0.5, 0.5])])
+    np.testing.assert_array_equal(r.as_numpy("sum"), np.array([1.5, 2.5, 3.5], np.float32))
+    assert r.as_numpy("tag").tolist() == [b"n=3"]
+    r = client.infer("upper", [vec("s", np.array([b"ab", b"c"], dtype=object), "BYTES")])
+    assert r.as_numpy("u").tolist() == [b"AB", b"C"]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    r = client.infer("torch", [vec("x", x)], outputs=[tg.InferRequestedOutput("y")])
+    np.testing.assert_array_equal(r.as_numpy("y"), np.stack([x.sum(1), x.max(1)], 1))
+
+
+def test_batching(served: Served) -> None:
+    def one(k: int) -> np.ndarray:
+        c = new_client(served)
+        try:
+            return c.infer("batched", [vec("x", np.full(4, k))]).as_numpy("y")
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(16)))
+    for k, y in enumerate(outs):
+        np.testing.assert_array_equal(y, np.full(4, 10 * k, np.float32))
+    assert max(served.batched.sizes) > 1
+
+
+def test_deadline_queue_full_and_priority(served: Served) -> None:
+    g = served.gate
+    pool, first = served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
+    try:
+        late = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [0.0])], timeout=20_000))
+        served.wait_queued(1)
+        low = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [1.0])], priority=2))
+        served.wait_queued(2)
+        high = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [2.0])], priority=1))
+        served.wait_queued(3)
+        status_of(lambda: new_client(served).infer("gate", [vec("x", [9.0])]), "RESOURCE_EXHAUSTED",
+                  "gate")
+        time.sleep(0.1)  # past the 20 ms deadline while the instance is still busy
+    finally:
+        g.release.set()
+        pool.shutdown()
+    status_of(late.result, "DEADLINE_EXCEEDED", "gate")
+    for f in (first, low, high):
+        assert f.result().as_numpy("y").shape == (1,)
+    assert g.order == [-1.0, 2.0, 1.0]
+
+
+def test_client_deadline_bounds_the_queue_wait(served: Served) -> None:
+    g = served.gate
+    pool, first = served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
+    try:
+        status_of(lambda: new_client(served).infer("gate", [vec("x", [5.0])], client_timeout=0.2),
+                  "DEADLINE_EXCEEDED")
+    finally:
+        g.release.set()
+        pool.shutdown()
+    first.result()
+    for _ in range(1000):  # the abandoned request completes (expired) without running
+        s = served.rt.stats()["gate"]
+        if s.queued == 0 and s.submitted == s.completed + s.failed + s.rejected + s.expired + s.cancelled:
+            break
+        time.sleep(0.01)
+    assert 5.0 not in g.order
+
+
+def test_bad_requests_under_good_load(served: Served) -> None:
+    before = served.rt.stats()["echo"]
+    n_good = 300
+    results: list[bool] = []
+
+    def good_load() -> None:
+        c = new_client(served)
+        try:
+            for k in range(n_good):
+                x = np.array([k, k + 1], np.float32)
+                results.append(bool(np.array_equal(c.infer("echo", [vec("x", x)]).as_numpy("y"), x * 2)))
+        finally:
+            c.close()
+
+    def bad(c: Any) -> None:
+        f32 = np.ones(3, np.float32)
+        status_of(lambda: c.infer("nope", [vec("x", f32)]), "NOT_FOUND", "unknown model 'nope'")
+        status_of(lambda: c.infer("echo", [vec("x", [1, 2], "INT32")]), "INVALID_ARGUMENT",
+                  "input 'x'", "expected datatype FP32")
+        status_of(lambda: c.infer("torch", [vec("x", np.ones((2, 3)))]), "INVALID_ARGUMENT",
+                  "expected shape [-1, 4]")
+        status_of(lambda: c.infer("multi", [vec("a", [1], "INT32")]), "INVALID_ARGUMENT",
+                  "missing input 'b'")
+        status_of(lambda: c.infer("echo", [vec("x", f32)], outputs=[tg.InferRequestedOutput("q")]),
+                  "INVALID_ARGUMENT", "no output 'q'")
+        status_of(lambda: c.infer("gate", [vec("x", f32)], priority=7), "INVALID_ARGUMENT", "priority")
+        status_of(lambda: c.infer("fails", [vec("x", [42.0])]), "INTERNAL", "boom 42")
+        status_of(lambda: c.infer("bad_output", [vec("x", f32)]), "INTERNAL", "output 'y'", "INT64")
+
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(good_load)
+        c = new_client(served)
+        rounds = 0
+        while (not load.done() or rounds == 0) and rounds < 20:
+            bad(c)
+            rounds += 1
+        c.close()
+        load.result()
+    assert results == [True] * n_good
+    after = served.rt.stats()["echo"]
+    assert after.submitted - before.submitted == n_good == after.completed - before.completed
+
+
+def test_message_over_the_limit_is_resource_exhausted() -> None:
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x * 2)
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=0,
+                    max_body_bytes=4096) as server:
+            c = tg.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            status_of(lambda: c.infer("echo", [vec("x", np.ones(2048))]), "RESOURCE_EXHAUSTED")
+            np.testing.assert_array_equal(c.infer("echo", [vec("x", np.ones(4))]).as_numpy("y"),
+                                          np.full(4, 2, np.float32))
+            c.close()
+    finally:
+        rt.close()
+
+
+def test_draining_is_unavailable() -> None:
+    gate = Gate()
+    rt = ap.Runtime()
+    rt.add_model("gate", model=gate)
+    rt.start()
+    try:
+        server = Server(rt, {"gate": signatures()["gate"]}, http_port=0, grpc_port=0).start()
+        url = f"127.0.0.1:{server.grpc_port}"
+        with ThreadPoolExecutor(2) as pool:
+            admitted = pool.submit(lambda: tg.InferenceServerClient(url).infer("gate", [vec("x", [1.0])]))
+            assert gate.entered.wait(30)
+            stopping = pool.submit(server.stop)
+            while not server.frontend.draining:
+                time.sleep(0.01)
+            c = tg.InferenceServerClient(url)
+            assert not c.is_server_ready() and not c.is_model_ready("gate") and c.is_server_live()
+            status_of(lambda: c.infer("gate", [vec("x", [2.0])]), "UNAVAILABLE", "shutting down")
+            c.close()
+            gate.release.set()
+            np.testing.assert_array_equal(admitted.result().as_numpy("y"), [1.0])
+            stopping.result()
+    finally:
+        gate.release.set()
+        rt.close()
+
+
+def test_http_and_grpc_share_one_server(served: Served) -> None:
+    th = pytest.importorskip("tritonclient.http")
+    h = th.InferenceServerClient(f"127.0.0.1:{served.server.http_port}")
+    assert h.is_server_ready()
+    h.close()

@@ -1,0 +1,519 @@
+"""KServe v2 over HTTP, spoken by the real tritonclient (and raw HTTP for what it cannot send
+wrong) against a Server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("uvicorn")
+th = pytest.importorskip("tritonclient.http")
+httpx = pytest.importorskip("httpx")
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
+
+import apportion as ap  # noqa: E402
+from apportion.serve import Server, Signature, TensorSpec, asgi  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_models import Gate, Served, served, signatures  # noqa: E402,F401 (served: a fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[Any]:
+    c = new_client(served)
+    yield c
+    c.close()
+
+
+def new_client(served: Served) -> Any:
+    return th.InferenceServerClient(served.http, network_timeout=60.0)
+
+
+def vec(name: str, values: Any, datatype: str = "FP32", binary: bool = True) -> Any:
+    arr = np.asarray(values)
+    if datatype != "BYTES":
+        arr = arr.astype(triton_to_np_dtype(datatype))
+    i = th.InferInput(name, list(arr.shape), datatype)
+    i.set_data_from_numpy(arr, binary_data=binary)
+    return i
+
+
+def as_bytes(arr: np.ndarray) -> list[bytes]:
+    # tritonclient reads JSON BYTES data back as str, binary as bytes
+    return [v.encode() if isinstance(v, str) else v for v in arr.tolist()]
+
+
+def error_of(fn: Any) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        fn()
+    return info.value
+
+
+# -- health and metadata -------------------------------------------------------------------------
+def test_health_and_metadata(client: Any, served: Served) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("echo") and client.is_model_ready("torch")
+    md = client.get_server_metadata()
+    assert md["name"] == "apportion" and md["version"] == ap.__version__
+    assert "binary_tensor_data" in md["extensions"]
+    mm = client.get_model_metadata("multi")
+    assert mm["name"] == "multi" and mm["versions"] == ["1"]
+    assert mm["inputs"] == [{"name": "a", "datatype": "INT32", "shape": [-1]},
+                            {"name": "b", "datatype": "FP32", "shape": [-1]}]
+    assert mm["outputs"][1] == {"name": "tag", "datatype": "BYTES", "shape": [1]}
+    assert client.get_model_metadata("echo", model_version="1")["name"] == "echo"
+    e = error_of(lambda: client.get_model_metadata("nope"))
+    assert e.status() == "404" and "unknown model 'nope'" in e.message()
+    assert not client.is_model_ready("nope")
+    e = error_of(lambda: client.get_model_metadata("echo", model_version="7"))
+    assert e.status() == "404" and "no version '7'" in e.message()
+
+
+def test_unknown_endpoint_and_method_are_json_errors(served: Served) -> None:
+    with httpx.Client(base_url=f"http://{served.http}") as h:
+        r = h.get("/v3/anything")
+        assert r.status_code == 404 and "no such endpoint" in r.json()["error"]
+        r = h.post("/v2/health/ready")
+        assert r.status_code == 405 and "takes GET" in r.json()["error"]
+        r = h.get("/v2/models/echo/infer")
+        assert r.status_code == 405 and "takes POST" in r.json()["error"]
+
+
+def test_models_that_did_not_start_are_not_ready() -> None:
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x)
+    rt.start()
+    sigs = {**{k: v for k, v in signatures().items() if k == "echo"},
+            "ghost": signatures()["echo"]}  # declared, but its add_model failed / never ran
+    with Server(rt, sigs, http_port=0, grpc_port=None) as server:
+        c = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        assert c.is_server_live()
+        assert c.is_model_ready("echo")
+        assert not c.is_model_ready("ghost")
+        assert not c.is_server_ready()
+        e = error_of(lambda: c.infer("ghost", [vec("x", np.ones(2, np.float32))]))
+        assert e.status() == "503" and "model 'ghost' is not ready" in e.message()
+        c.close()
+    rt.close()
+
+
+# -- inference -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("binary_in", [True, False])
+@pytest.mark.parametrize("binary_out", [True, False])
+def test_infer_json_and_binary(client: Any, binary_in: bool, binary_out: bool) -> None:
+    x = np.arange(5, dtype=np.float32)
+    r = client.infer("echo", [vec("x", x, binary=binary_in)], request_id="r-7",
+                     outputs=[th.InferRequestedOutput("y", binary_data=binary_out)])
+    np.testing.assert_array_equal(r.as_numpy("y"), x * 2)
+    assert r.get_response()["id"] == "r-7"
+    assert ("data" in r.get_output("y")) is (not binary_out)
+
+
+def test_versioned_paths(client: Any) -> None:
+    x = np.arange(3, dtype=np.float32)
+    r = client.infer("echo", [vec("x", x)], model_version="1")
+    np.testing.assert_array_equal(r.as_numpy("y"), x * 2)
+    assert client.is_model_ready("echo", model_version="1")
+    e = error_of(lambda: client.infer("echo", [vec("x", x)], model_version="3"))
+    assert e.status() == "404" and "no version '3'" in e.message()
+
+
+def test_infer_default_outputs_are_binary(client: Any) -> None:
+    r = client.infer("echo", [vec("x", [1.5, 2.5], binary=False)])
+    assert r.get_output("y")["parameters"]["binary_data_size"] == 8
+    np.testing.assert_array_equal(r.as_numpy("y"), np.array([3, 5], np.float32))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_several_inputs_and_outputs(client: Any, binary: bool) -> None:
+    a = np.array([1, 2, 3], np.int32)
+    b = np.array([0.5, 0.5, 0.5], np.float32)
+    r = client.infer("multi", [vec("a", a, "INT32", binary), vec("b", b, binary=binary)],
+                     outputs=[th.InferRequestedOutput("sum", binary_data=binary),
+                              th.InferRequestedOutput("tag", binary_data=binary)])
+    np.testing.assert_array_equal(r.as_numpy("sum"), a + b)
+    assert as_bytes(r.as_numpy("tag")) == [b"n=3"]
+
+
+def test_only_the_requested_outputs(client: Any) -> None:
+    r = client.infer("multi", [vec("a", np.array([1], np.int32), "INT32"), vec("b", [1.0], "FP32")],
+                     outputs=[th.InferRequestedOutput("tag")])
+    assert r.as_numpy("sum") is None and r.as_numpy("tag").tolist() == [b"n=1"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_tensors(client: Any, binary: bool) -> None:
+    s = np.array([b"ab", b"", "héllo".encode()], dtype=object)
+    r = client.infer("upper", [vec("s", s, "BYTES", binary)],
+                     outputs=[th.InferRequestedOutput("u", binary_data=binary)])
+    assert as_bytes(r.as_numpy("u")) == [b"AB", b"", "HéLLO".encode()]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_torch_model_gets_tensors(client: Any, binary: bool) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    r = client.infer("torch", [vec("x", x, binary=binary)])
+    np.testing.assert_array_equal(r.as_numpy("y"), np.stack([x.sum(1), x.max(1)], 1))
+
+
+def test_batching_model_serves_each_request_its_own_row(served: Served) -> None:
+    n = 16
+
+    def one(k: int) -> np.ndarray:
+        c = new_client(served)
+        try:
+            x = np.full(4, k, np.float32)
+            return c.infer("batched", [vec("x", x)]).as_numpy("y")
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(n)))
+    for k, y in enumerate(outs):
+        np.testing.assert_array_equal(y, np.full(4, 10 * k, np.float32))
+    assert sum(served.batched.sizes) >= n and max(served.batched.sizes) > 1
+
+
+# -- timeouts, priorities, queue full ------------------------------------------------------------
+def _blocked(served: Served) -> tuple[ThreadPoolExecutor, Any]:
+    return served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
+
+
+def test_timeout_in_microseconds_is_504(served: Served) -> None:
+    pool, first = _blocked(served)
+    try:
+        late = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [1.0])], timeout=20_000))
+        served.wait_queued(1)
+        time.sleep(0.1)  # past the 20 ms deadline while the instance is still busy
+    finally:
+        served.gate.release.set()
+        pool.shutdown()
+    e = late.exception()
+    assert isinstance(e, InferenceServerException) and e.status() == "504"
+    assert "gate" in e.message()
+    np.testing.assert_array_equal(first.result().as_numpy("y"), [-1.0])
+    assert served.gate.order == [-1.0]  # the expired request never ran
+
+
+def test_priorities_map_to_levels(served: Served) -> None:
+    pool, first = _blocked(served)
+    try:
+        futs = []
+        # v2 priority 1 is the highest level (apportion's 0), 2 the next; 0 (or none) is the
+        # model's default, apportion's level 0: served with priority 1 in submission order
+        for k, prio in ((1.0, 2), (2.0, 0), (3.0, 1)):
+            futs.append(pool.submit(lambda k=k, prio=prio: new_client(served).infer(
+                "gate", [vec("x", [k])], priority=prio)))
+            served.wait_queued(len(futs))
+    finally:
+        served.gate.release.set()
+        pool.shutdown()
+    for f in futs:
+        assert f.result().as_numpy("y").shape == (1,)
+    first.result()
+    assert served.gate.order == [-1.0, 2.0, 3.0, 1.0]
+
+
+def test_priority_beyond_the_models_levels_is_400(client: Any) -> None:
+    e = error_of(lambda: client.infer("gate", [vec("x", [1.0])], priority=9))
+    assert e.status() == "400" and "priority" in e.message()
+    e = error_of(lambda: client.infer("echo", [vec("x", [1.0])], priority=2))
+    assert e.status() == "400" and "priority_levels=1" in e.message()
+
+
+def test_queue_full_is_429_with_retry_after(served: Served) -> None:
+    pool, first = _blocked(served)
+    try:
+        queued = [pool.submit(lambda k=k: new_client(served).infer("gate", [vec("x", [float(k)])]))
+                  for k in range(3)]
+        served.wait_queued(3)
+        e = error_of(lambda: new_client(served).infer("gate", [vec("x", [9.0])]))
+        assert e.status() == "429" and "gate" in e.message()
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [9.0]}]}
+        r = httpx.post(f"http://{served.http}/v2/models/gate/infer", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "error" in r.json()
+    finally:
+        served.gate.release.set()
+        pool.shutdown()
+    assert all(f.result().as_numpy("y").shape == (1,) for f in queued)
+    first.result()
+
+
+def test_queue_full_status_503_when_configured() -> None:
+    gate = Gate()
+    rt = ap.Runtime()
+    rt.add_model("gate", model=gate, max_queue=1)
+    rt.start()
+    try:
+        with Server(rt, {"gate": signatures()["gate"]}, http_port=0, grpc_port=None,
+                    queue_full_status=503) as server:
+            url = f"http://127.0.0.1:{server.http_port}/v2/models/gate/infer"
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(httpx.post, url, json=body, timeout=60)
+                assert gate.entered.wait(30)
+                second = pool.submit(httpx.post, url, json=body, timeout=60)
+                while rt.stats()["gate"].queued < 1:
+                    time.sleep(0.01)
+                r = httpx.post(url, json=body)
+                gate.release.set()
+                assert r.status_code == 503 and "retry-after" not in r.headers
+                assert first.result().status_code == 200 and second.result().status_code == 200
+    finally:
+        gate.release.set()
+        rt.close()
+
+
+def test_bad_server_options() -> None:
+    rt = ap.Runtime()
+    with pytest.raises(ValueError, match="queue_full_status must be 429 or 503"):
+        asgi(rt, {}, queue_full_status=500)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        asgi(rt, {}, max_body_bytes=0)
+    with pytest.raises(ValueError, match="http_port"):
+        Server(rt, {}, http_port=70000)
+    with pytest.raises(TypeError, match="model 'm': signature must be"):
+        asgi(rt, {"m": "x"})  # type: ignore[dict-item]
+    rt.close()
+
+
+def test_port_in_use_raises_from_start(served: Served) -> None:
+    rt = ap.Runtime()
+    with pytest.raises(OSError):
+        Server(rt, {}, http_port=served.server.http_port, grpc_port=None).start()
+    rt.close()
+
+
+# -- bad requests, each with its status and message, under a good load -----------------------------
+def _raw(served: Served, path: str, content: bytes, headers: dict[str, str] | None = None) -> Any:
+    return httpx.post(f"http://{served.http}{path}", content=content, headers=headers or {}, timeout=60)
+
+
+def _bad_requests(served: Served, client: Any) -> None:
+    def check(status: str, fn: Any, *words: str) -> None:
+        e = error_of(fn)
+        assert e.status() == status, (e.status(), e.message())
+        for w in words:
+            assert w in e.message(), (w, e.message())
+
+    def check_raw(status: int, r: Any, *words: str) -> None:
+        assert r.status_code == status, (r.status_code, r.text)
+        msg = r.json()["error"]
+        for w in words:
+            assert w in msg, (w, msg)
+
+    f32 = np.ones(3, np.float32)
+    check("404", lambda: client.infer("nope", [vec("x", f32)]), "unknown model 'nope'")
+    check("400", lambda: client.infer("echo", [vec("x", np.ones(3, np.int32), "INT32")]),
+          "input 'x'", "expected datatype FP32", "INT32")
+    check("400", lambda: client.infer("torch", [vec("x", np.ones((2, 3), np.float32))]),
+          "input 'x'", "expected shape [-1, 4]", "[2, 3]")
+    check("400", lambda: client.infer("multi", [vec("a", np.ones(2, np.int32), "INT32")]),
+          "missing input 'b'", "FP32")
+    check("400", lambda: client.infer("echo", [vec("z", f32)]), "no input 'z'", "['x']")
+    check("400", lambda: client.infer("echo", [vec("x", f32)], outputs=[th.InferRequestedOutput("q")]),
+          "no output 'q'")
+    check("400", lambda: client.infer("echo", [vec("x", f32)], timeout=-5), "timeout")
+    check("500", lambda: client.infer("fails", [vec("x", [42.0])]), "ValueError", "boom 42")
+    check("500", lambda: client.infer("bad_output", [vec("x", f32)]), "output 'y'", "INT64", "float32")
+
+    path = "/v2/models/echo/infer"
+    check_raw(400, _raw(served, path, b'{"inputs": [}'), "malformed JSON")
+    check_raw(400, _raw(served, path, b"[1, 2]"), "JSON object")
+    check_raw(400, _raw(served, path, b'{"inputs": 3}'), "'inputs'")
+    good = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    payload = good + np.ones(2, np.float32).tobytes()
+    check_raw(400, _raw(served, path, payload, {"Inference-Header-Content-Length": str(len(payload) + 1)}),
+              "Inference-Header-Content-Length")
+    check_raw(400, _raw(served, path, payload, {"Inference-Header-Content-Length": "x1"}),
+              "Inference-Header-Content-Length")
+    check_raw(400, _raw(served, path, payload, {"Inference-Header-Content-Length": str(len(good) - 1)}),
+              "malformed JSON")
+    check_raw(400, _raw(served, path, payload + b"\0", {"Inference-Header-Content-Length": str(len(good))}),
+              "add up to 8 bytes", "9 follow")
+    check_raw(400, _raw(served, path, payload[:-1], {"Inference-Header-Content-Length": str(len(good))}),
+              "input 'x'", "binary_data_size 8", "7 binary bytes")
+    short = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3],
+                                    "parameters": {"binary_data_size": 8}}]}).encode()
+    check_raw(400, _raw(served, path, short + payload[len(good):],
+                        {"Inference-Header-Content-Length": str(len(short))}),
+              "input 'x'", "needs 12 bytes, got 8")
+    check_raw(400, _raw(served, path, json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}).encode()),
+        "input 'x'", "needs 3 elements", "has 2")
+    check_raw(400, _raw(served, path, json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": ["a", "b"]}]}).encode()),
+        "input 'x'", "not FP32 data")
+    check_raw(400, _raw(served, path, json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}).encode()),
+        "input 'x'", "give 'data'")
+    check_raw(400, _raw(served, path, json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
+                    {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
+        "input 'x' is given twice")
+    check_raw(400, _raw(served, path, json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": "3", "data": [1]}]}).encode()),
+        "input 'x'", "'shape'")
+    check_raw(400, _raw(served, path, json.dumps(
+        {"parameters": {"priority": "high"},
+         "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
+        "'priority'")
+    check_raw(400, _raw(served, path, b"{}", {"Content-Encoding": "gzip"}), "Content-Encoding")
+
+
+def test_bad_requests_get_their_status_while_good_load_completes_once(served: Served) -> None:
+    before = served.rt.stats()["echo"]
+    n_good = 300
+    results: list[bool] = []
+
+    def good_load() -> None:
+        c = new_client(served)
+        try:
+            for k in range(n_good):
+                x = np.array([k, k + 1], np.float32)
+                results.append(bool(np.array_equal(c.infer("echo", [vec("x", x)]).as_numpy("y"), x * 2)))
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        load = pool.submit(good_load)
+        c = new_client(served)
+        rounds = 0
+        while not load.done() or rounds == 0:
+            _bad_requests(served, c)
+            rounds += 1
+            if rounds >= 20:
+                break
+        c.close()
+        load.result()
+    assert results == [True] * n_good
+    after = served.rt.stats()["echo"]
+    assert after.submitted - before.submitted == n_good
+    assert after.completed - before.completed == n_good
+    assert (after.failed, after.rejected, after.expired, after.cancelled) == (
+        before.failed, before.rejected, before.expired, before.cancelled)
+    assert served.rt.stats()["fails"].failed >= rounds  # the 500s reached the model each round
+
+
+def test_body_over_the_limit_is_413() -> None:
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x * 2)
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None,
+                    max_body_bytes=4096) as server:
+            c = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+            e = error_of(lambda: c.infer("echo", [vec("x", np.ones(2048, np.float32))]))
+            assert e.status() == "413" and "4096" in e.message()
+            # the server still serves, on a fresh connection and on that client's
+            ok = c.infer("echo", [vec("x", np.ones(16, np.float32))]).as_numpy("y")
+            np.testing.assert_array_equal(ok, np.full(16, 2, np.float32))
+            c.close()
+            # a chunked body (no Content-Length) is cut off as it arrives
+            url = f"http://127.0.0.1:{server.http_port}/v2/models/echo/infer"
+            r = httpx.post(url, content=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]))
+            assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]
+    finally:
+        rt.close()
+
+
+# -- draining ------------------------------------------------------------------------------------
+def test_stop_drains_admitted_requests_and_refuses_new_ones() -> None:
+    gate = Gate()
+    rt = ap.Runtime()
+    rt.add_model("gate", model=gate, max_queue=4)
+    rt.start()
+    try:
+        server = Server(rt, {"gate": signatures()["gate"]}, http_port=0, grpc_port=None).start()
+        url = f"127.0.0.1:{server.http_port}"
+        with ThreadPoolExecutor(4) as pool:
+            admitted = [pool.submit(lambda k=k: th.InferenceServerClient(url, network_timeout=60).infer(
+                "gate", [vec("x", [float(k)])]).as_numpy("y")) for k in range(3)]
+            while rt.stats()["gate"].submitted < 3:
+                time.sleep(0.01)
+            stopping = pool.submit(server.stop)
+            while not server.frontend.draining:
+                time.sleep(0.01)
+            c = th.InferenceServerClient(url)
+            assert not c.is_server_ready() and not c.is_model_ready("gate")
+            assert c.is_server_live()
+            e = error_of(lambda: c.infer("gate", [vec("x", [9.0])]))
+            assert e.status() == "503" and "shutting down" in e.message()
+            c.close()
+            assert not stopping.done()
+            gate.release.set()
+            stopping.result()
+            assert sorted(float(f.result()[0]) for f in admitted) == [0.0, 1.0, 2.0]
+        s = rt.stats()["gate"]
+        assert s.submitted == s.completed == 3
+        server.stop()  # idempotent
+    finally:
+        gate.release.set()
+        rt.close()
+
+
+# -- embedding -----------------------------------------------------------------------------------
+def test_asgi_app_inside_fastapi() -> None:
+    fastapi = pytest.importorskip("fastapi")
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x * 2)
+    rt.start()
+    app = fastapi.FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:  # async: a sync route would leave an idle worker thread
+        return {"hello": "world"}
+
+    app.mount("/kserve", asgi(rt, {"echo": signatures()["echo"]}))
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
+            assert (await h.get("/hello")).json() == {"hello": "world"}
+            assert (await h.get("/kserve/v2/health/ready")).status_code == 200
+            assert (await h.get("/kserve/v2/models/echo")).json()["inputs"][0]["name"] == "x"
+            r = await h.post("/kserve/v2/models/echo/infer", json={
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]})
+            assert r.status_code == 200
+            assert r.json()["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [2], "data": [2.0, 4.0]}]
+            r = await h.post("/kserve/v2/models/nope/infer", json={})
+            assert r.status_code == 404 and "unknown model" in r.json()["error"]
+
+    try:
+        asyncio.run(run())
+    finally:
+        rt.close()
+
+
+def test_metrics_route_reads_the_runtimes_counters(served: Served) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = th.InferenceServerClient(served.http)
+    for _ in range(5):
+        inp = th.InferInput("x", [2], "FP32")
+        inp.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+        client.infer("echo", [inp])
+    r = httpx.get(f"http://{served.http}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    stats = served.rt.stats()["echo"]
+    samples = {(s.name, s.labels.get("model"), s.labels.get("outcome")): s.value
+               for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    assert samples[("apportion_requests_total", "echo", "completed")] == stats.completed >= 5
+    assert samples[("apportion_requests_submitted_total", "echo", None)] == stats.submitted
+
+
+def test_signature_with_one_spec_each() -> None:
+    sig = Signature(TensorSpec("x", "FP64", [2]), TensorSpec("y", "FP64", [2]))  # type: ignore[arg-type]
+    assert sig.inputs == (TensorSpec("x", "FP64", (2,)),)

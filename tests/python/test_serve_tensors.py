@@ -1,0 +1,157 @@
+"""Tensor specs, signatures and the v2 wire conversions, without a server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apportion.serve import DATATYPES, Signature, TensorError, TensorSpec
+from apportion.serve.tensors import OutputError, check_header, from_bytes, from_json, to_bytes, to_json
+
+
+def test_datatypes_are_the_protocols() -> None:
+    assert list(DATATYPES) == ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                               "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+
+
+@pytest.mark.parametrize(("kw", "words"), [
+    (dict(name="", datatype="FP32", shape=[1]), ["'name'"]),
+    (dict(name="x", datatype="FLOAT", shape=[1]), ["tensor 'x'", "'datatype'", "FP32", "'FLOAT'"]),
+    (dict(name="x", datatype="FP32", shape="12"), ["tensor 'x'", "'shape'"]),
+    (dict(name="x", datatype="FP32", shape=[2, -2]), ["tensor 'x'", "'shape'", "-1"]),
+    (dict(name="x", datatype="FP32", shape=[True]), ["tensor 'x'", "'shape'"]),
+    (dict(name="x", datatype="FP32", shape=[1.5]), ["tensor 'x'", "'shape'"]),
+])
+def test_tensor_spec_is_validated(kw: dict, words: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        TensorSpec(**kw)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_tensor_spec_normalises_shape() -> None:
+    s = TensorSpec("x", "INT8", [np.int64(2), -1])
+    assert s.shape == (2, -1) and s.dtype == np.int8
+    assert s.matches((2, 7)) and not s.matches((3, 7)) and not s.matches((2,))
+    assert TensorSpec("s", "FP32", ()).matches(())
+
+
+def test_signature_is_validated() -> None:
+    x = TensorSpec("x", "FP32", [1])
+    with pytest.raises(ValueError, match="'inputs' must be a non-empty"):
+        Signature([], [x])
+    with pytest.raises(ValueError, match="'outputs' must hold TensorSpec"):
+        Signature([x], ["y"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"'inputs' names \['x'\] more than once"):
+        Signature([x, x], [x])
+    with pytest.raises(ValueError, match="'tensor' must be 'numpy' or 'torch'"):
+        Signature([x], [x], tensor="jax")
+
+
+def test_check_header() -> None:
+    spec = TensorSpec("x", "FP32", [-1, 3])
+    assert check_header("m", spec, "FP32", [4, 3]) == (4, 3)
+    with pytest.raises(TensorError, match=r"model 'm', input 'x': expected datatype FP32, got 'FP64'"):
+        check_header("m", spec, "FP64", [4, 3])
+    with pytest.raises(TensorError, match=r"expected shape \[-1, 3\] \(-1: any\), got \[4, 2\]"):
+        check_header("m", spec, "FP32", [4, 2])
+    with pytest.raises(TensorError, match="'shape' must be a list of dims >= 0"):
+        check_header("m", spec, "FP32", [4, -1])
+
+
+def test_from_bytes_is_zero_copy_over_a_writable_body() -> None:
+    body = bytearray(np.arange(6, dtype=np.float32).tobytes())
+    arr = from_bytes("m", TensorSpec("x", "FP32", [2, 3]), (2, 3), memoryview(body))
+    assert arr.flags.writeable and arr.shape == (2, 3)
+    arr[0, 0] = 42
+    assert np.frombuffer(body, np.float32)[0] == 42  # the same memory
+
+
+def test_from_bytes_copies_misaligned_data() -> None:
+    body = bytearray(b"\0" + np.arange(3, dtype=np.float64).tobytes())
+    arr = from_bytes("m", TensorSpec("x", "FP64", [3]), (3,), memoryview(body)[1:])
+    assert arr.flags.aligned and arr.tolist() == [0.0, 1.0, 2.0]
+    arr[0] = 5
+    assert body[1:9] == b"\0" * 8  # a copy
+
+
+def test_from_bytes_checks_the_length() -> None:
+    with pytest.raises(TensorError, match=r"input 'x': shape \[3\] of INT16 needs 6 bytes, got 5"):
+        from_bytes("m", TensorSpec("x", "INT16", [3]), (3,), memoryview(b"\0" * 5))
+
+
+def test_bytes_round_trip_and_truncation() -> None:
+    spec = TensorSpec("s", "BYTES", [-1])
+    arr = np.array([b"ab", b"", "é".encode()], dtype=object)
+    raw = to_bytes(spec, arr)
+    assert from_bytes("m", spec, (3,), memoryview(raw)).tolist() == arr.tolist()
+    with pytest.raises(TensorError, match="BYTES data ends at element 3 of 4"):
+        from_bytes("m", spec, (4,), memoryview(raw))
+    with pytest.raises(TensorError, match="BYTES element 2 says 2 bytes, 1 left"):
+        from_bytes("m", spec, (3,), memoryview(raw[:-1]))
+    with pytest.raises(TensorError, match="1 bytes after the last of 3"):
+        from_bytes("m", spec, (3,), memoryview(raw + b"x"))
+    assert to_json("m", spec, arr) == ["ab", "", "é"]
+    with pytest.raises(OutputError, match="not UTF-8"):
+        to_json("m", spec, np.array([b"\xff"], dtype=object))
+
+
+@pytest.mark.parametrize(("datatype", "data", "want"), [
+    ("FP32", [[1, 2], [3, 4]], np.array([[1, 2], [3, 4]], np.float32)),
+    ("INT64", [1, 2, 3, 4], np.array([[1, 2], [3, 4]], np.int64)),
+    ("BOOL", [True, False, True, True], np.array([[True, False], [True, True]])),
+    ("BYTES", ["a", "b", "c", "d"], np.array([[b"a", b"b"], [b"c", b"d"]], dtype=object)),
+])
+def test_from_json(datatype: str, data: list, want: np.ndarray) -> None:
+    got = from_json("m", TensorSpec("x", datatype, [2, 2]), (2, 2), data)
+    assert got.dtype == want.dtype and got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize(("datatype", "data", "words"), [
+    ("FP32", [1, 2, 3], "needs 4 elements, 'data' has 3"),
+    ("INT32", [1.5, 2, 3, 4], "not INT32 data"),
+    ("UINT8", [300, 1, 2, 3], "not UINT8 data"),
+    ("BOOL", [1, 0, 1, 0], "not BOOL data"),
+    ("BYTES", [1, 2, 3, 4], "not BYTES data"),
+    ("FP32", [[1, 2], [3]], "not FP32 data"),
+])
+def test_from_json_rejects(datatype: str, data: list, words: str) -> None:
+    with pytest.raises(TensorError, match=f"model 'm', input 'x': .*{words}"):
+        from_json("m", TensorSpec("x", datatype, [2, 2]), (2, 2), data)
+
+
+def test_what_the_model_receives_and_returns() -> None:
+    one = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("y", "FP32", [-1])])
+    x = np.ones(2, np.float32)
+    assert one.to_model("m", {"x": x}) is x
+    two = Signature([TensorSpec("a", "FP32", [-1]), TensorSpec("b", "INT8", [-1])],
+                    [TensorSpec("p", "FP32", [-1]), TensorSpec("q", "INT8", [-1])])
+    got = two.to_model("m", {"b": x, "a": x})
+    assert list(got) == ["a", "b"]
+    with pytest.raises(TensorError, match=r"model 'm': missing input 'b' \(expected INT8 with shape \[-1\]\)"):
+        two.to_model("m", {"a": x})
+    q = np.ones(2, np.int8)
+    assert list(two.from_model("m", {"q": q, "p": x})) == ["p", "q"]
+    assert two.from_model("m", (x, q))["q"] is q
+    with pytest.raises(OutputError, match=r"returned outputs \['p'\], declared \['p', 'q'\]"):
+        two.from_model("m", {"p": x})
+    with pytest.raises(OutputError, match="declares 2 outputs"):
+        two.from_model("m", x)
+    with pytest.raises(OutputError, match="output 'q': declared INT8 .* got dtype float32"):
+        two.from_model("m", (x, x))
+    with pytest.raises(OutputError, match=r"output 'y': declared shape \[-1\], got \[1, 2\]"):
+        one.from_model("m", x.reshape(1, 2))
+    assert one.from_model("m", (x,))["y"] is x  # a 1-tuple for one output
+
+
+def test_torch_models_share_the_arrays_memory() -> None:
+    torch = pytest.importorskip("torch")
+    sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("y", "FP32", [-1])], tensor="torch")
+    x = np.arange(3, dtype=np.float32)
+    t = sig.to_model("m", {"x": x})
+    assert isinstance(t, torch.Tensor) and t.data_ptr() == x.ctypes.data
+    ro = np.frombuffer(bytes(x.tobytes()), np.float32)  # read-only (a gRPC message's bytes)
+    t = sig.to_model("m", {"x": ro})
+    assert t.data_ptr() != ro.ctypes.data and t.tolist() == [0.0, 1.0, 2.0]
+    out = sig.from_model("m", torch.ones(2) * 3)
+    assert out["y"].dtype == np.float32 and out["y"].tolist() == [3.0, 3.0]
