@@ -171,7 +171,8 @@ void Model::serve_one(Worker& w) {
     uint32_t lane = 0;
     if (!lanes_.try_take(w.group, r, lane)) {
       handler_->idle(w);  // nothing queued: let go of what the handler held across calls
-      if (take(w.group, r, lane, -1) != Take::ok) break;  // closed, every lane empty
+      const bool spin = opts_.spin_beside_caller || w.peer_cpu < 0 || w.peer_cpu != current_cpu();
+      if (take(w.group, r, lane, -1, spin) != Take::ok) break;  // closed, every lane empty
     }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
@@ -241,7 +242,12 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
   }
   if (!claim_or_release(r, RequestState::running)) return units;
   r->start_ns = now;
+  r->worker_cpu.store(current_cpu(), std::memory_order_relaxed);
+  // Read before the call: the handler releases the request. A caller parked on it (it saw
+  // this worker on its CPU) wakes at completion and needs this CPU.
+  const int32_t peer = r->submit_cpu;
   handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
+  w.peer_cpu = peer;
   if (units == 0) return 0;
   const int64_t cost = now_ns() - now;
   if (queued_.load(std::memory_order_relaxed) != 0 && !w.burst) {
@@ -413,7 +419,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
   w.observe(n, cost);
 }
 
-Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns) noexcept {
+Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns, bool spin) noexcept {
   // While it spins, a worker watches only its own group: another group's request is its own
   // workers' while they are free (they may be spinning too), and stays on its node. Once the
   // spin is over, the worker takes from every group before it parks (the wake-up may be for
@@ -427,7 +433,7 @@ Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t unt
   // without anything to take only for moments: a push in progress, a pop not yet uncounted, a
   // move to the delayed lane.
   switch (lanes_.idle(group).await(
-      opts_.spin_ns, until_ns, [&] { return lanes_.try_take(group, r, lane, false); },
+      spin ? opts_.spin_ns : 0, until_ns, [&] { return lanes_.try_take(group, r, lane, false); },
       [&] { return lanes_.try_take(group, r, lane); },
       [this] { return queued_.load(std::memory_order_seq_cst) != 0; },
       [this] { return stopping_.load(std::memory_order_acquire); })) {
@@ -469,9 +475,11 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   const uint32_t groups = lanes_.groups();
   // One routing decision per call: a batch comes from one thread on one CPU.
   const uint32_t routed = groups > 1 ? lanes_.route() : 0;
+  const int cpu = current_cpu();
   for (std::size_t i = 0; i < n; ++i) {
     Request* r = rs[i];
     r->submit_ns = now;
+    r->submit_cpu = cpu;
     r->counters = counters_;
     // Admission guarantees a free cell and close() waits for us (see LaneSet::push).
     lanes_.push(r->group < groups ? r->group : routed, r->priority, r);

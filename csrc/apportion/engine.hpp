@@ -64,6 +64,10 @@ struct Worker {
   /// True while the worker serves one request per call and will call ModelHandler::idle()
   /// before it waits: the handler may keep what it holds from one call to the next.
   bool may_linger = false;
+  /// The CPU the last request this worker ran was submitted from (-1: unknown). Its caller
+  /// wakes on completion: when that is this worker's CPU, spinning for the next request would
+  /// only keep the caller from running.
+  int32_t peer_cpu = -1;
   /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
   /// asked). Written by the worker before it reports started; read after start() returns.
   std::string pin_error;
@@ -121,6 +125,11 @@ struct ModelOptions {
   // arrives meanwhile is picked up in ~1 us instead of a ~5 us futex wake-up; the cost is that
   // much CPU after each burst.
   int64_t spin_ns = 50'000;
+  // Whether a worker spins after serving a request that was submitted from its own CPU. Off:
+  // that caller wakes on this CPU at completion, and a spin would only keep it from running
+  // (a busy host puts caller and worker on the one CPU left). Tests that need a worker back
+  // on its own lanes after serving such a caller turn it on.
+  bool spin_beside_caller = false;
   /// Per instance: the CPUs its worker pins itself to and its memory nodes, applied in the
   /// worker before ModelHandler::start_worker so everything the factory creates inherits
   /// them. Empty: no pinning.
@@ -245,7 +254,7 @@ class Model {
   // Takes from the lanes, `group`'s first (see LaneSet::try_take); when nothing is queued,
   // spins, then parks on `group`'s event count until a request is taken, `until_ns` passes
   // (>= 0), or the model stops with every lane empty.
-  Take take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns) noexcept;
+  Take take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns, bool spin = true) noexcept;
   // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
   void build_groups();
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run

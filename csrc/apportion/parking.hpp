@@ -13,6 +13,7 @@
 
 #if defined(__linux__)
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,6 +36,15 @@ inline void cpu_relax() noexcept {
   asm volatile("yield" ::: "memory");
 #else
   std::this_thread::yield();
+#endif
+}
+
+/// The CPU this thread runs on now (-1 where unknown). Cheap (vDSO / rseq).
+inline int current_cpu() noexcept {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
 #endif
 }
 

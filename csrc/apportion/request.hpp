@@ -99,10 +99,14 @@ class Request {
     if (done()) return true;
     if (timeout_ns >= 0 && spin_ns > timeout_ns) spin_ns = timeout_ns;
     if (spin_ns > 0) {
+      // A spin pays only while the worker runs on another CPU: on this one, it cannot run
+      // until we stop (a busy host puts both on the one CPU left).
+      const int me = current_cpu();
       const int64_t until = now_ns() + spin_ns;
       do {
         for (int i = 0; i < 16; ++i) cpu_relax();
         if (done()) return true;
+        if (me >= 0 && worker_cpu.load(std::memory_order_relaxed) == me) break;
       } while (now_ns() < until);
     }
     const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
@@ -138,6 +142,10 @@ class Request {
   int64_t start_ns = 0;
   int64_t end_ns = 0;
   uint32_t priority = 0;
+  /// The CPU the submitter ran on at admission (-1: unknown); written with the fields above.
+  int32_t submit_cpu = -1;
+  /// The CPU of the worker running it (-1: not running yet, or unknown). A waiter's spin reads it.
+  std::atomic<int32_t> worker_cpu{-1};
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.
   uint32_t group = UINT32_MAX;

@@ -409,6 +409,7 @@ TEST_F(EngineLanes, SubmissionsGoToTheGroupOfTheSubmittingCpu) {
   guarded(30s, [&] {
     auto h = std::make_shared<GroupHandler>();
     ModelOptions o = grouped({0, 1}, kSpinForever);
+    o.spin_beside_caller = true;  // the submitters run on their group's one CPU
     o.placement = {apportion::InstancePlacement{{cpus[0]}, 1, {}},
                    apportion::InstancePlacement{{cpus[1]}, 1, {}}};
     Model m(o, h);
