@@ -10,8 +10,11 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -292,6 +295,117 @@ TEST(ShmChannel, CrossProcessEchoWithParking) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
   parent->unlink();
   EXPECT_FALSE(shm_exists(name));
+}
+
+// Bytes tmpfs has allocated for the segment `name` (its blocks, not its sparse size).
+int64_t backed_bytes(const std::string& name) {
+  struct stat st {};
+  if (::stat(("/dev/shm" + name).c_str(), &st) != 0) return -1;
+  return static_cast<int64_t>(st.st_blocks) * 512;
+}
+
+TEST(ShmChannel, ReservesEachRingAsFarAsItsMessagesReach) {
+  Watchdog guard(30s);
+  std::string error;
+  const auto name = unique_name("reserve");
+  auto parent = ShmChannel::create(name, 4 << 20, &error);
+  ASSERT_TRUE(parent) << error;
+  auto child = ShmChannel::open(name, &error);
+  ASSERT_TRUE(child) << error;
+  // Creation backs the header only: starting a channel stays cheap.
+  EXPECT_LT(backed_bytes(name), 64 * 1024);
+  EXPECT_EQ(parent->reserved_bytes(), 0u);
+  EXPECT_GT(parent->free_bytes(), 0);
+
+  const std::string big(1 << 20, 'b');
+  std::vector<std::span<const std::byte>> out{bytes_of(big)};
+  ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
+  EXPECT_GE(parent->reserved_bytes(), big.size());
+  EXPECT_LT(parent->reserved_bytes(), big.size() + 64 * 1024);
+  EXPECT_GE(backed_bytes(name), static_cast<int64_t>(big.size()));
+  EXPECT_EQ(child->reserved_bytes(), 0u) << "each side reserves its own outgoing ring";
+  std::vector<std::span<const std::byte>> in;
+  ASSERT_EQ(child->receive(in, 0, kSecond), ChannelStatus::ok);
+  EXPECT_EQ(string_of(in[0]), big);
+  child->release();
+
+  // The ring restarts at its start when empty: the same message needs no more store.
+  const std::size_t before = parent->reserved_bytes();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
+    ASSERT_EQ(child->receive(in, 0, kSecond), ChannelStatus::ok);
+    child->release();
+  }
+  EXPECT_EQ(parent->reserved_bytes(), before);
+
+  const std::string reply(200 * 1024, 'r');
+  std::vector<std::span<const std::byte>> back{bytes_of(reply)};
+  ASSERT_EQ(child->send(back, 0, kSecond), ChannelStatus::ok);
+  EXPECT_GE(child->reserved_bytes(), reply.size());
+  ASSERT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::ok);
+  EXPECT_EQ(string_of(in[0]), reply);
+  parent->release();
+  EXPECT_EQ(parent->reserve_errno(), 0);
+  parent->unlink();
+}
+
+// A message the shared-memory filesystem cannot back fails with no_space and writes nothing;
+// the channel keeps working for messages that fit, and no process takes a SIGBUS. Needs a
+// small tmpfs on /dev/shm: a forked child (single-threaded, as unshare(CLONE_NEWNS) wants)
+// mounts one in a mount namespace of its own, which needs root (CAP_SYS_ADMIN).
+TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
+  constexpr int kSkip = 77;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(120);
+    if (::unshare(CLONE_NEWNS) != 0) ::_exit(kSkip);
+    // Private propagation first, or the mount would show in the parent's namespace.
+    if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) ::_exit(kSkip);
+    if (::mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=4m") != 0) ::_exit(kSkip);
+    std::string err;
+    const auto name = unique_name("nospace");
+    // 16 MiB rings on a 4 MiB filesystem: creating it must work (nothing but the header is
+    // backed) and so must messages that fit in what is free.
+    auto parent = ShmChannel::create(name, 16 << 20, &err);
+    if (!parent) ::_exit(10);
+    auto child = ShmChannel::open(name, &err);
+    if (!child) ::_exit(11);
+    const int64_t free_before = parent->free_bytes();
+    if (free_before <= 0 || free_before > (4 << 20)) ::_exit(12);
+    const std::string big(8 << 20, 'x');
+    std::vector<std::span<const std::byte>> out{bytes_of(big)};
+    if (parent->send(out, 0, kSecond) != ChannelStatus::no_space) ::_exit(13);
+    if (parent->reserve_errno() != ENOSPC) ::_exit(14);
+    if (parent->sent_unread() || child->readable()) ::_exit(15);  // nothing was published
+    if (parent->free_bytes() != free_before) ::_exit(16);         // nor kept
+    // The peer's reply of the same size fails the same way, on its own side.
+    if (child->send(out, 0, kSecond) != ChannelStatus::no_space) ::_exit(17);
+    const std::string small(1 << 20, 's');
+    std::vector<std::span<const std::byte>> ok{bytes_of(small)};
+    std::vector<std::span<const std::byte>> in;
+    for (int i = 0; i < 2; ++i) {
+      if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) ::_exit(18);
+      if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) ::_exit(19);
+      child->release();
+      if (child->send(ok, 0, kSecond) != ChannelStatus::ok) ::_exit(20);
+      if (parent->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) ::_exit(21);
+      parent->release();
+    }
+    // Now both rings hold 1 MiB each: a 3 MiB message no longer fits the 4 MiB filesystem.
+    const std::string mid(3 << 20, 'm');
+    std::vector<std::span<const std::byte>> third{bytes_of(mid)};
+    if (parent->send(third, 0, kSecond) != ChannelStatus::no_space) ::_exit(22);
+    if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) ::_exit(23);
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == kSkip) {
+    GTEST_SKIP() << "needs root to mount a small tmpfs on /dev/shm in a mount namespace of its own";
+  }
+  ASSERT_FALSE(WIFSIGNALED(status)) << "child killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "failed check (exit code) in the child";
 }
 
 }  // namespace
