@@ -15,6 +15,7 @@ from .errors import (
     QueueFull,
     QuotaError,
     RuntimeClosed,
+    SharedMemoryWarning,
     WorkerCrashed,
 )
 from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
@@ -57,6 +58,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosed",
     "RuntimeStats",
+    "SharedMemoryWarning",
     "Topology",
     "WorkerCrashed",
     "as_completed",
