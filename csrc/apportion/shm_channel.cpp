@@ -37,7 +37,7 @@ void shared_park_wake(std::atomic<uint32_t>& word, int count) noexcept {
 namespace {
 
 constexpr uint64_t kMagic = 0x61707072'6f636831ULL;  // "apprhoc1"
-constexpr uint32_t kVersion = 2;
+constexpr uint32_t kVersion = 1;
 constexpr uint32_t kKindMessage = 1;
 constexpr uint32_t kKindSkip = 2;  // the rest of the ring up to its end is padding
 
@@ -80,16 +80,13 @@ uint64_t page_bytes() {
 ShmChannel::ShmChannel(std::string name, int fd, void* base, std::size_t map_bytes, bool owner, Side side)
     : name_(std::move(name)), fd_(fd), base_(base), map_bytes_(map_bytes), owner_(owner), side_(side) {
   ring_bytes_ = static_cast<Header*>(base_)->ring_bytes;
-  data_offset_ = static_cast<Header*>(base_)->data_offset;
 }
 
 std::unique_ptr<ShmChannel> ShmChannel::create(const std::string& name, std::size_t ring_bytes,
                                                std::string* error) {
 #if defined(__linux__)
-  const uint64_t page = page_bytes();
-  ring_bytes = static_cast<std::size_t>((std::max<uint64_t>(ring_bytes, 4 * kLine) + page - 1) / page * page);
-  const auto data_offset = static_cast<std::size_t>((sizeof(Header) + page - 1) / page * page);
-  const std::size_t total = data_offset + 2 * ring_bytes;
+  ring_bytes = static_cast<std::size_t>(round_up(std::max<std::size_t>(ring_bytes, 4 * kLine)));
+  const std::size_t total = sizeof(Header) + 2 * ring_bytes;
   const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   if (fd < 0) {
     if (error) *error = errno_text("shm_open", name);
@@ -103,7 +100,7 @@ std::unique_ptr<ShmChannel> ShmChannel::create(const std::string& name, std::siz
     ::shm_unlink(name.c_str());
     return nullptr;
   }
-  if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(data_offset)); err != 0) {
+  if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(sizeof(Header))); err != 0) {
     if (error) *error = errno_text("reserving the header of", name, err);
     ::close(fd);
     ::shm_unlink(name.c_str());
@@ -118,7 +115,6 @@ std::unique_ptr<ShmChannel> ShmChannel::create(const std::string& name, std::siz
   }
   auto* h = new (base) Header{};
   h->ring_bytes = ring_bytes;
-  h->data_offset = static_cast<uint32_t>(data_offset);
   h->version = kVersion;
   // Published last: open() refuses a segment whose magic is not set yet.
   std::atomic_ref<uint64_t>(h->magic).store(kMagic, std::memory_order_release);
@@ -153,8 +149,7 @@ std::unique_ptr<ShmChannel> ShmChannel::open(const std::string& name, std::strin
   }
   auto* h = static_cast<Header*>(base);
   if (std::atomic_ref<uint64_t>(h->magic).load(std::memory_order_acquire) != kMagic ||
-      h->version != kVersion || h->data_offset < sizeof(Header) ||
-      h->data_offset + 2 * h->ring_bytes != total) {
+      h->version != kVersion || sizeof(Header) + 2 * h->ring_bytes != total) {
     if (error) *error = "segment " + name + " is not an apportion channel of this version";
     ::munmap(base, total);
     ::close(fd);
@@ -189,14 +184,11 @@ int64_t ShmChannel::free_bytes() const noexcept {
 bool ShmChannel::reserve_out(uint64_t end) noexcept {
   // `end`: how far into the outgoing data area the next frame (and a skip header before it)
   // reaches. Reserved in whole pages; the reservation is never given back while the channel
-  // lives, so a steady stream of same-sized messages costs no syscall. Ranges start and end on
-  // page boundaries (the data areas and ring_bytes_ are whole pages): tmpfs undoes a failed
-  // call by dropping the never-touched pages in its range, and a page reserved earlier but not
-  // written yet must not be among them, or writing it later could fault on a full /dev/shm.
+  // lives, so a steady stream of same-sized messages costs no syscall.
   if (end <= out_reserved_) return true;
 #if defined(__linux__)
   end = std::min<uint64_t>((end + page_bytes() - 1) / page_bytes() * page_bytes(), ring_bytes_);
-  const uint64_t area = data_offset_ + (side_ == Side::parent ? 0 : ring_bytes_);
+  const uint64_t area = sizeof(Header) + (side_ == Side::parent ? 0 : ring_bytes_);
   // posix_fallocate fails with ENOSPC when tmpfs cannot back the range, and tmpfs frees what
   // it allocated for a failed call, so a refused message leaves the free space as it was.
   // Where fallocate is unsupported, glibc writes the blocks instead, which fails the same way.
@@ -234,10 +226,10 @@ Ring& ShmChannel::in_ring() noexcept {
   return static_cast<Header*>(base_)->rings[side_ == Side::parent ? 1 : 0];
 }
 std::byte* ShmChannel::out_data() noexcept {
-  return static_cast<std::byte*>(base_) + data_offset_ + (side_ == Side::parent ? 0 : ring_bytes_);
+  return static_cast<std::byte*>(base_) + sizeof(Header) + (side_ == Side::parent ? 0 : ring_bytes_);
 }
 const std::byte* ShmChannel::in_data() const noexcept {
-  return static_cast<const std::byte*>(base_) + data_offset_ + (side_ == Side::parent ? ring_bytes_ : 0);
+  return static_cast<const std::byte*>(base_) + sizeof(Header) + (side_ == Side::parent ? ring_bytes_ : 0);
 }
 
 bool ShmChannel::wait_event(std::atomic<uint32_t>& event, std::atomic<uint32_t>& waiters,

@@ -63,11 +63,8 @@ struct alignas(kLine) Ring {
 struct alignas(kLine) Header {
   uint64_t magic = 0;
   uint32_t version = 0;
-  // Where the data areas start, and their size: both whole pages, so that no page is shared by
-  // two reservations (a failed posix_fallocate drops the untouched pages in its own range,
-  // which must never include one reserved earlier).
-  uint32_t data_offset = 0;
-  uint64_t ring_bytes = 0;  // capacity of each ring's data area, a multiple of the page size
+  uint32_t reserved = 0;
+  uint64_t ring_bytes = 0;  // capacity of each ring's data area, a multiple of kLine
   Ring rings[2];            // [0]: parent -> child, [1]: child -> parent
 };
 
@@ -90,7 +87,7 @@ class ShmChannel {
   enum class Side { parent, child };
 
   /// Creates the segment `name` ("/..." as shm_open wants it; must not exist) with rings of
-  /// `ring_bytes` each (rounded up to whole pages). nullptr and `error` on failure. The creator owns the
+  /// `ring_bytes` each (rounded up to 64). nullptr and `error` on failure. The creator owns the
   /// name: it is unlinked by unlink() or when the channel is destroyed.
   static std::unique_ptr<ShmChannel> create(const std::string& name, std::size_t ring_bytes,
                                             std::string* error);
@@ -158,7 +155,6 @@ class ShmChannel {
   int fd_ = -1;  // kept open for the reservations (posix_fallocate) and free_bytes()
   void* base_ = nullptr;
   std::size_t map_bytes_ = 0;
-  std::size_t data_offset_ = 0;
   std::size_t ring_bytes_ = 0;
   bool owner_ = false;
   bool unlinked_ = false;
