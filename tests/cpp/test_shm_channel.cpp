@@ -408,5 +408,59 @@ TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "failed check (exit code) in the child";
 }
 
+// tmpfs undoes a refused posix_fallocate by dropping the never-touched pages in that call's
+// range. A page reserved earlier (the end of a message's page-rounded reservation) but not
+// written yet must never be one of them: a message written there later would then fault on a
+// hole, a SIGBUS when /dev/shm is full at that moment. Here: a reservation whose last page is
+// untouched, a refused large message right after it, /dev/shm filled up by someone else, then
+// a message inside the old reservation that reaches that page.
+TEST(ShmChannel, RefusedReservationLeavesEarlierReservationsWhole) {
+  constexpr int kSkip = 77;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(120);
+    if (::unshare(CLONE_NEWNS) != 0) ::_exit(kSkip);
+    if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) ::_exit(kSkip);
+    if (::mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=4m") != 0) ::_exit(kSkip);
+    std::string err;
+    const auto name = unique_name("undo");
+    auto parent = ShmChannel::create(name, 16 << 20, &err);
+    if (!parent) ::_exit(10);
+    auto child = ShmChannel::open(name, &err);
+    if (!child) ::_exit(11);
+    // A frame of 4 pages less 1 KiB (64 bytes of framing): its reservation's last KiB is
+    // untouched. It stays unread, so the next message goes right after it.
+    const std::string first(4 * 4096 - 1024 - 64, 'a');
+    std::vector<std::span<const std::byte>> m1{bytes_of(first)};
+    if (parent->send(m1, 0, kSecond) != ChannelStatus::ok) ::_exit(12);
+    const std::string big(8 << 20, 'x');
+    std::vector<std::span<const std::byte>> huge{bytes_of(big)};
+    if (parent->send(huge, 0, kSecond) != ChannelStatus::no_space) ::_exit(13);
+    // Someone else takes every free page.
+    const int filler = ::open("/dev/shm/filler", O_CREAT | O_RDWR, 0600);
+    if (filler < 0) ::_exit(14);
+    for (off_t at = 0; ::posix_fallocate(filler, at, 4096) == 0; at += 4096) {
+    }
+    // 448 bytes right after the first message: inside its reservation, into its last page.
+    const std::string second(448, 'b');
+    std::vector<std::span<const std::byte>> m2{bytes_of(second)};
+    if (parent->send(m2, 0, kSecond) != ChannelStatus::ok) ::_exit(15);
+    std::vector<std::span<const std::byte>> in;
+    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != first) ::_exit(16);
+    child->release();
+    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != second) ::_exit(17);
+    child->release();
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == kSkip) {
+    GTEST_SKIP() << "needs root to mount a small tmpfs on /dev/shm in a mount namespace of its own";
+  }
+  ASSERT_FALSE(WIFSIGNALED(status)) << "child killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "failed check (exit code) in the child";
+}
+
 }  // namespace
 }  // namespace apportion
