@@ -349,11 +349,11 @@ TEST(ShmChannel, ReservesEachRingAsFarAsItsMessagesReach) {
   parent->unlink();
 }
 
-// A message the shared-memory filesystem cannot back fails with no_space and writes nothing;
-// the channel keeps working for messages that fit, and no process takes a SIGBUS. Needs a
-// small tmpfs on /dev/shm: a forked child (single-threaded, as unshare(CLONE_NEWNS) wants)
-// mounts one in a mount namespace of its own, which needs root (CAP_SYS_ADMIN).
-TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
+// Runs `body` in a forked child (single-threaded, as unshare(CLONE_NEWNS) wants) that has a
+// tmpfs of `size` on /dev/shm in a mount namespace of its own, and checks how it ended: exit 0
+// passes, another code names the failed check, a signal (SIGBUS) fails. Skips without root.
+template <class Body>
+void with_small_dev_shm(const char* size, Body body) {
   constexpr int kSkip = 77;
   const pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
@@ -362,42 +362,9 @@ TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
     if (::unshare(CLONE_NEWNS) != 0) ::_exit(kSkip);
     // Private propagation first, or the mount would show in the parent's namespace.
     if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) ::_exit(kSkip);
-    if (::mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=4m") != 0) ::_exit(kSkip);
-    std::string err;
-    const auto name = unique_name("nospace");
-    // 16 MiB rings on a 4 MiB filesystem: creating it must work (nothing but the header is
-    // backed) and so must messages that fit in what is free.
-    auto parent = ShmChannel::create(name, 16 << 20, &err);
-    if (!parent) ::_exit(10);
-    auto child = ShmChannel::open(name, &err);
-    if (!child) ::_exit(11);
-    const int64_t free_before = parent->free_bytes();
-    if (free_before <= 0 || free_before > (4 << 20)) ::_exit(12);
-    const std::string big(8 << 20, 'x');
-    std::vector<std::span<const std::byte>> out{bytes_of(big)};
-    if (parent->send(out, 0, kSecond) != ChannelStatus::no_space) ::_exit(13);
-    if (parent->reserve_errno() != ENOSPC) ::_exit(14);
-    if (parent->sent_unread() || child->readable()) ::_exit(15);  // nothing was published
-    if (parent->free_bytes() != free_before) ::_exit(16);         // nor kept
-    // The peer's reply of the same size fails the same way, on its own side.
-    if (child->send(out, 0, kSecond) != ChannelStatus::no_space) ::_exit(17);
-    const std::string small(1 << 20, 's');
-    std::vector<std::span<const std::byte>> ok{bytes_of(small)};
-    std::vector<std::span<const std::byte>> in;
-    for (int i = 0; i < 2; ++i) {
-      if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) ::_exit(18);
-      if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) ::_exit(19);
-      child->release();
-      if (child->send(ok, 0, kSecond) != ChannelStatus::ok) ::_exit(20);
-      if (parent->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) ::_exit(21);
-      parent->release();
-    }
-    // Now both rings hold 1 MiB each: a 3 MiB message no longer fits the 4 MiB filesystem.
-    const std::string mid(3 << 20, 'm');
-    std::vector<std::span<const std::byte>> third{bytes_of(mid)};
-    if (parent->send(third, 0, kSecond) != ChannelStatus::no_space) ::_exit(22);
-    if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) ::_exit(23);
-    ::_exit(0);
+    const std::string options = std::string("size=") + size;
+    if (::mount("tmpfs", "/dev/shm", "tmpfs", 0, options.c_str()) != 0) ::_exit(kSkip);
+    ::_exit(body());
   }
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
@@ -408,6 +375,50 @@ TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "failed check (exit code) in the child";
 }
 
+// A message the shared-memory filesystem cannot back fails with no_space and writes nothing;
+// the channel keeps working for messages that fit, and no process takes a SIGBUS. Needs a
+// small tmpfs on /dev/shm: a forked child (single-threaded, as unshare(CLONE_NEWNS) wants)
+// mounts one in a mount namespace of its own, which needs root (CAP_SYS_ADMIN).
+TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
+  with_small_dev_shm("4m", [] {
+    std::string err;
+    const auto name = unique_name("nospace");
+    // 16 MiB rings on a 4 MiB filesystem: creating it must work (nothing but the header is
+    // backed) and so must messages that fit in what is free.
+    auto parent = ShmChannel::create(name, 16 << 20, &err);
+    if (!parent) return 10;
+    auto child = ShmChannel::open(name, &err);
+    if (!child) return 11;
+    const int64_t free_before = parent->free_bytes();
+    if (free_before <= 0 || free_before > (4 << 20)) return 12;
+    const std::string big(8 << 20, 'x');
+    std::vector<std::span<const std::byte>> out{bytes_of(big)};
+    if (parent->send(out, 0, kSecond) != ChannelStatus::no_space) return 13;
+    if (parent->reserve_errno() != ENOSPC) return 14;
+    if (parent->sent_unread() || child->readable()) return 15;  // nothing was published
+    if (parent->free_bytes() != free_before) return 16;         // nor kept
+    // The peer's reply of the same size fails the same way, on its own side.
+    if (child->send(out, 0, kSecond) != ChannelStatus::no_space) return 17;
+    const std::string small(1 << 20, 's');
+    std::vector<std::span<const std::byte>> ok{bytes_of(small)};
+    std::vector<std::span<const std::byte>> in;
+    for (int i = 0; i < 2; ++i) {
+      if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) return 18;
+      if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) return 19;
+      child->release();
+      if (child->send(ok, 0, kSecond) != ChannelStatus::ok) return 20;
+      if (parent->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) return 21;
+      parent->release();
+    }
+    // Now both rings hold 1 MiB each: a 3 MiB message no longer fits the 4 MiB filesystem.
+    const std::string mid(3 << 20, 'm');
+    std::vector<std::span<const std::byte>> third{bytes_of(mid)};
+    if (parent->send(third, 0, kSecond) != ChannelStatus::no_space) return 22;
+    if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) return 23;
+    return 0;
+  });
+}
+
 // tmpfs undoes a refused posix_fallocate by dropping the never-touched pages in that call's
 // range. A page reserved earlier (the end of a message's page-rounded reservation) but not
 // written yet must never be one of them: a message written there later would then fault on a
@@ -415,51 +426,37 @@ TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
 // untouched, a refused large message right after it, /dev/shm filled up by someone else, then
 // a message inside the old reservation that reaches that page.
 TEST(ShmChannel, RefusedReservationLeavesEarlierReservationsWhole) {
-  constexpr int kSkip = 77;
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::alarm(120);
-    if (::unshare(CLONE_NEWNS) != 0) ::_exit(kSkip);
-    if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) ::_exit(kSkip);
-    if (::mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=4m") != 0) ::_exit(kSkip);
+  with_small_dev_shm("4m", [] {
     std::string err;
     const auto name = unique_name("undo");
     auto parent = ShmChannel::create(name, 16 << 20, &err);
-    if (!parent) ::_exit(10);
+    if (!parent) return 10;
     auto child = ShmChannel::open(name, &err);
-    if (!child) ::_exit(11);
+    if (!child) return 11;
     // A frame of 4 pages less 1 KiB (64 bytes of framing): its reservation's last KiB is
     // untouched. It stays unread, so the next message goes right after it.
     const std::string first(4 * 4096 - 1024 - 64, 'a');
     std::vector<std::span<const std::byte>> m1{bytes_of(first)};
-    if (parent->send(m1, 0, kSecond) != ChannelStatus::ok) ::_exit(12);
+    if (parent->send(m1, 0, kSecond) != ChannelStatus::ok) return 12;
     const std::string big(8 << 20, 'x');
     std::vector<std::span<const std::byte>> huge{bytes_of(big)};
-    if (parent->send(huge, 0, kSecond) != ChannelStatus::no_space) ::_exit(13);
+    if (parent->send(huge, 0, kSecond) != ChannelStatus::no_space) return 13;
     // Someone else takes every free page.
     const int filler = ::open("/dev/shm/filler", O_CREAT | O_RDWR, 0600);
-    if (filler < 0) ::_exit(14);
+    if (filler < 0) return 14;
     for (off_t at = 0; ::posix_fallocate(filler, at, 4096) == 0; at += 4096) {
     }
     // 448 bytes right after the first message: inside its reservation, into its last page.
     const std::string second(448, 'b');
     std::vector<std::span<const std::byte>> m2{bytes_of(second)};
-    if (parent->send(m2, 0, kSecond) != ChannelStatus::ok) ::_exit(15);
+    if (parent->send(m2, 0, kSecond) != ChannelStatus::ok) return 15;
     std::vector<std::span<const std::byte>> in;
-    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != first) ::_exit(16);
+    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != first) return 16;
     child->release();
-    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != second) ::_exit(17);
+    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != second) return 17;
     child->release();
-    ::_exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == kSkip) {
-    GTEST_SKIP() << "needs root to mount a small tmpfs on /dev/shm in a mount namespace of its own";
-  }
-  ASSERT_FALSE(WIFSIGNALED(status)) << "child killed by signal " << WTERMSIG(status);
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "failed check (exit code) in the child";
+    return 0;
+  });
 }
 
 }  // namespace
