@@ -699,6 +699,21 @@ _SMALL_SHM_PROBE = textwrap.dedent("""
     out["result"] = attempt(lambda: rt.call("big", 48 << 20))
     out["pid_after_result"] = rt.call("big", "pid")
     out["small_after_result"] = len(rt.call("big", 1 << 20))
+    # Someone else fills /dev/shm: a process model added now cannot even create its channel.
+    fd = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR, 0o600)
+    at = 0
+    try:
+        while True:
+            os.posix_fallocate(fd, at, 4096)
+            at += 4096
+    except OSError:
+        pass
+    try:
+        rt.add_model("late", factory="process_models:blob", isolation="process")
+        out["late"] = {"value": "added"}
+    except OSError as e:
+        out["late"] = {"errno": e.errno, "error": str(e)}
+    out["small_when_full"] = rt.call("big", "pid")
     rt.close()
     print(json.dumps(out))
 """)
@@ -743,6 +758,10 @@ def test_a_message_too_large_for_a_small_dev_shm_fails_alone(tmp_path: Path) -> 
     assert out["pid"] == out["pid_after_request"] == out["pid_after_result"]
     assert out["small_after_request"] == 1 << 20
     assert out["small_after_result"] == 1 << 20
+    late = out["late"]
+    assert late.get("errno") == 28 and "model 'late' instance 0: cannot create the shared-memory channel" in late["error"]
+    assert "/dev/shm has 0 bytes free" in late["error"] and "--shm-size" in late["error"], late
+    assert out["small_when_full"] == out["pid"]  # the model already serving is unaffected
 
 
 def test_the_dev_shm_warning_counts_both_directions_of_every_instance() -> None:

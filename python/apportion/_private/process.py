@@ -33,7 +33,7 @@ from .. import _core
 from ..errors import PinningWarning, QuotaError, SharedMemoryWarning, WorkerCrashed
 from . import payload as proto
 from .payload import dumps, loads
-from .shmspace import free_bytes, no_space_error, space_note
+from .shmspace import free_bytes, no_room_error, no_space_error, space_note
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -184,7 +184,12 @@ class ProcessInstance:
 
     def _start(self) -> None:
         name = f"/{SHM_PREFIX}{os.getpid()}-{next(_names)}-i{self._index}"
-        channel = _core.ShmChannel.create(name, RING_BYTES)
+        try:
+            channel = _core.ShmChannel.create(name, RING_BYTES)
+        except OSError as e:
+            if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                raise
+            raise no_room_error(self._model, self._index, str(e), free_bytes()) from None
         spec = dict(self._launch, channel=name, parent=os.getpid())
         env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,

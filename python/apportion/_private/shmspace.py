@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["SHM_DIR", "free_bytes", "no_space_error", "space_note"]
+__all__ = ["SHM_DIR", "free_bytes", "no_room_error", "no_space_error", "space_note"]
 
 SHM_DIR = "/dev/shm"
 
@@ -42,6 +42,14 @@ def no_space_error(model: str, instance: int, what: str, nbytes: int, free: int 
                    f"model {model!r} instance {instance}: the {what} ({_size(nbytes)}, {nbytes} bytes) does "
                    f"not fit in shared memory: {SHM_DIR} has {_size(free)} free; this {what} failed, the "
                    f"model keeps serving. The worker process's channel needs that much of {SHM_DIR}: {_ADVICE}")
+
+
+def no_room_error(model: str, instance: int, cause: str, free: int | None) -> OSError:
+    """The error for a worker process that could not start because its channel's segment could
+    not be created in shared memory (``cause``: the channel's own words)."""
+    return OSError(errno.ENOSPC,
+                   f"model {model!r} instance {instance}: cannot create the shared-memory channel to its worker "
+                   f"process ({cause}); {SHM_DIR} has {_size(free)} free: {_ADVICE}")
 
 
 def space_note(model: str, instances: int, message_bytes: int, free: int | None) -> str | None:
