@@ -13,6 +13,7 @@
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -60,14 +61,24 @@ uint64_t frame_bytes(std::span<const std::span<const std::byte>> parts) {
   return n;
 }
 
-std::string errno_text(const char* what, const std::string& name) {
-  return std::string(what) + " " + name + ": " + std::strerror(errno);
+std::string errno_text(const char* what, const std::string& name, int err = errno) {
+  return std::string(what) + " " + name + ": " + std::strerror(err);
 }
+
+#if defined(__linux__)
+uint64_t page_bytes() {
+  static const uint64_t n = [] {
+    const long p = ::sysconf(_SC_PAGESIZE);
+    return p > 0 ? static_cast<uint64_t>(p) : uint64_t{4096};
+  }();
+  return n;
+}
+#endif
 
 }  // namespace
 
-ShmChannel::ShmChannel(std::string name, void* base, std::size_t map_bytes, bool owner, Side side)
-    : name_(std::move(name)), base_(base), map_bytes_(map_bytes), owner_(owner), side_(side) {
+ShmChannel::ShmChannel(std::string name, int fd, void* base, std::size_t map_bytes, bool owner, Side side)
+    : name_(std::move(name)), fd_(fd), base_(base), map_bytes_(map_bytes), owner_(owner), side_(side) {
   ring_bytes_ = static_cast<Header*>(base_)->ring_bytes;
 }
 
@@ -81,17 +92,24 @@ std::unique_ptr<ShmChannel> ShmChannel::create(const std::string& name, std::siz
     if (error) *error = errno_text("shm_open", name);
     return nullptr;
   }
-  // Sparse: tmpfs allocates only the pages a message touches (see the send() reuse rule).
+  // Sparse: only the header is backed now; each sender reserves the part of its ring that its
+  // messages reach (see reserve_out and the send() reuse rule).
   if (::ftruncate(fd, static_cast<off_t>(total)) != 0) {
     if (error) *error = errno_text("ftruncate", name);
     ::close(fd);
     ::shm_unlink(name.c_str());
     return nullptr;
   }
+  if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(sizeof(Header))); err != 0) {
+    if (error) *error = errno_text("reserving the header of", name, err);
+    ::close(fd);
+    ::shm_unlink(name.c_str());
+    return nullptr;
+  }
   void* base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ::close(fd);
   if (base == MAP_FAILED) {
     if (error) *error = errno_text("mmap", name);
+    ::close(fd);
     ::shm_unlink(name.c_str());
     return nullptr;
   }
@@ -100,7 +118,7 @@ std::unique_ptr<ShmChannel> ShmChannel::create(const std::string& name, std::siz
   h->version = kVersion;
   // Published last: open() refuses a segment whose magic is not set yet.
   std::atomic_ref<uint64_t>(h->magic).store(kMagic, std::memory_order_release);
-  return std::unique_ptr<ShmChannel>(new ShmChannel(name, base, total, true, Side::parent));
+  return std::unique_ptr<ShmChannel>(new ShmChannel(name, fd, base, total, true, Side::parent));
 #else
   (void)name;
   (void)ring_bytes;
@@ -124,9 +142,9 @@ std::unique_ptr<ShmChannel> ShmChannel::open(const std::string& name, std::strin
   }
   const auto total = static_cast<std::size_t>(st.st_size);
   void* base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ::close(fd);
   if (base == MAP_FAILED) {
     if (error) *error = errno_text("mmap", name);
+    ::close(fd);
     return nullptr;
   }
   auto* h = static_cast<Header*>(base);
@@ -134,9 +152,10 @@ std::unique_ptr<ShmChannel> ShmChannel::open(const std::string& name, std::strin
       h->version != kVersion || sizeof(Header) + 2 * h->ring_bytes != total) {
     if (error) *error = "segment " + name + " is not an apportion channel of this version";
     ::munmap(base, total);
+    ::close(fd);
     return nullptr;
   }
-  return std::unique_ptr<ShmChannel>(new ShmChannel(name, base, total, false, Side::child));
+  return std::unique_ptr<ShmChannel>(new ShmChannel(name, fd, base, total, false, Side::child));
 #else
   (void)name;
   if (error) *error = "shared-memory channels need Linux";
@@ -148,6 +167,41 @@ ShmChannel::~ShmChannel() {
   if (owner_) unlink();
 #if defined(__linux__)
   if (base_ != nullptr) ::munmap(base_, map_bytes_);
+  if (fd_ >= 0) ::close(fd_);
+#endif
+}
+
+int64_t ShmChannel::free_bytes() const noexcept {
+#if defined(__linux__)
+  struct statvfs st {};
+  if (::fstatvfs(fd_, &st) != 0) return -1;
+  return static_cast<int64_t>(st.f_bavail) * static_cast<int64_t>(st.f_frsize);
+#else
+  return -1;
+#endif
+}
+
+bool ShmChannel::reserve_out(uint64_t end) noexcept {
+  // `end`: how far into the outgoing data area the next frame (and a skip header before it)
+  // reaches. Reserved in whole pages; the reservation is never given back while the channel
+  // lives, so a steady stream of same-sized messages costs no syscall.
+  if (end <= out_reserved_) return true;
+#if defined(__linux__)
+  end = std::min<uint64_t>((end + page_bytes() - 1) / page_bytes() * page_bytes(), ring_bytes_);
+  const uint64_t area = sizeof(Header) + (side_ == Side::parent ? 0 : ring_bytes_);
+  // posix_fallocate fails with ENOSPC when tmpfs cannot back the range, and tmpfs frees what
+  // it allocated for a failed call, so a refused message leaves the free space as it was.
+  // Where fallocate is unsupported, glibc writes the blocks instead, which fails the same way.
+  const int err = ::posix_fallocate(fd_, static_cast<off_t>(area + out_reserved_),
+                                    static_cast<off_t>(end - out_reserved_));
+  if (err != 0) {
+    reserve_errno_ = err;
+    return false;
+  }
+  out_reserved_ = end;
+  return true;
+#else
+  return false;
 #endif
 }
 
@@ -250,6 +304,10 @@ ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts
     start = head + (cap - offset);
   }
   const uint64_t end = start + need;
+  // Before any byte is written (or any wait for room): a message the filesystem cannot back
+  // fails now, whole, instead of a SIGBUS in the middle of the copy (or in the peer).
+  const uint64_t reach = std::max(start != head ? offset + sizeof(FrameHeader) : 0, start % cap + need);
+  if (!reserve_out(reach)) return ChannelStatus::no_space;
   while (end - tail > cap) {
     if (!wait_event(r.space_event, r.space_waiters, r.tail, tail, spin_ns, deadline)) {
       return ChannelStatus::timeout;

@@ -14,6 +14,14 @@
 // Who may call what: one thread sends and one thread receives on each side; the parent sends
 // requests and receives responses, the child the reverse. Every wait takes a timeout, so the
 // caller can check the peer's liveness between waits (a crashed peer never wakes anyone).
+//
+// Backing store: the segment is sparse (a tmpfs file), and a store to a page that tmpfs cannot
+// back (a full /dev/shm: Docker gives 64 MiB by default) is a SIGBUS in whichever process
+// touches it first. So nothing is ever written to a page that was not reserved first: the
+// header at creation, and each ring's data area as a growing prefix, reserved by its sender
+// (posix_fallocate) before a frame goes past it. A message that cannot be reserved fails that
+// send with no_space; the channel stays usable. Creation stays cheap (one header's worth),
+// and memory follows the largest message actually sent.
 #pragma once
 
 #include <atomic>
@@ -69,7 +77,9 @@ static_assert(sizeof(Header) % kLine == 0, "the data areas start on a cache line
 }  // namespace shm_detail
 
 /// Outcome of a send or receive.
-enum class ChannelStatus { ok, timeout, too_large };
+/// Outcome of a send or receive. no_space: the shared-memory filesystem could not back the
+/// message (nothing was written; smaller messages may still go).
+enum class ChannelStatus { ok, timeout, too_large, no_space };
 
 /// One shared-memory segment holding a request ring and a response ring.
 class ShmChannel {
@@ -97,8 +107,18 @@ class ShmChannel {
   /// The most payload bytes (summed over `parts` parts of any sizes) that always fit the ring.
   std::size_t max_message_bytes(std::size_t parts) const noexcept;
 
-  /// Copies `parts` as one message into the outgoing ring. Spins up to `spin_ns` for space,
-  /// then parks; gives up after `timeout_ns` (< 0: no limit). One sender thread per side.
+  /// Bytes free on the filesystem that holds the segment (/dev/shm), -1 if unknown. Safe from
+  /// any thread; best effort (other processes use it too).
+  int64_t free_bytes() const noexcept;
+  /// Bytes of the outgoing ring's data area reserved so far (the prefix a send may write).
+  std::size_t reserved_bytes() const noexcept { return static_cast<std::size_t>(out_reserved_); }
+  /// The errno of the last failed reservation (a no_space send), 0 if none failed.
+  int reserve_errno() const noexcept { return reserve_errno_; }
+
+  /// Copies `parts` as one message into the outgoing ring. Reserves the backing store for it
+  /// first (no_space, with nothing written, if the filesystem cannot back it). Spins up to
+  /// `spin_ns` for space, then parks; gives up after `timeout_ns` (< 0: no limit). One sender
+  /// thread per side.
   ChannelStatus send(std::span<const std::span<const std::byte>> parts, int64_t spin_ns,
                      int64_t timeout_ns);
 
@@ -121,7 +141,8 @@ class ShmChannel {
   bool sent_unread() const noexcept;
 
  private:
-  ShmChannel(std::string name, void* base, std::size_t map_bytes, bool owner, Side side);
+  ShmChannel(std::string name, int fd, void* base, std::size_t map_bytes, bool owner, Side side);
+  bool reserve_out(uint64_t end) noexcept;
   shm_detail::Ring& out_ring() noexcept;
   shm_detail::Ring& in_ring() noexcept;
   std::byte* out_data() noexcept;
@@ -131,6 +152,7 @@ class ShmChannel {
                   int64_t deadline_ns);
 
   std::string name_;
+  int fd_ = -1;  // kept open for the reservations (posix_fallocate) and free_bytes()
   void* base_ = nullptr;
   std::size_t map_bytes_ = 0;
   std::size_t ring_bytes_ = 0;
@@ -138,6 +160,10 @@ class ShmChannel {
   bool unlinked_ = false;
   Side side_;
   uint64_t pending_release_ = 0;  // tail value after the message being read, 0 = none
+  // Only this side's sender writes to the outgoing data area, so it alone tracks how much of
+  // it is backed (a prefix: send() restarts at the ring's start whenever the ring is empty).
+  uint64_t out_reserved_ = 0;
+  int reserve_errno_ = 0;
   AdaptiveSpin spin_;  // this side's waits (send for space, receive for data)
 };
 

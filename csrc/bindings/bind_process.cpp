@@ -78,9 +78,18 @@ class PyChannel {
       py::gil_scoped_release nogil;
       s = ch.send(spans, spin, timeout_ns);
     }
+    std::size_t total = 0;
+    for (auto sp : spans) total += sp.size();
+    if (s == ChannelStatus::no_space) {
+      // OSError(errno, text): callers tell this apart by .errno (ENOSPC) and add who sent it.
+      const int err = ch.reserve_errno();
+      const std::string text = "a message of " + std::to_string(total) + " bytes cannot be backed by segment " +
+                               ch.name() + " (" + std::strerror(err) + "; " +
+                               std::to_string(ch.free_bytes()) + " bytes free on its filesystem)";
+      PyErr_SetObject(PyExc_OSError, py::make_tuple(err, text).ptr());
+      throw py::error_already_set();
+    }
     if (s == ChannelStatus::too_large) {
-      std::size_t total = 0;
-      for (auto sp : spans) total += sp.size();
       throw py::value_error("a message of " + std::to_string(total) + " bytes in " + std::to_string(spans.size()) +
                             " parts does not fit the channel (at most " +
                             std::to_string(ch.max_message_bytes(spans.size())) + " bytes)");
@@ -146,7 +155,7 @@ void register_process(py::module_& m) {
           },
           py::arg("name"), py::arg("ring_bytes"),
           "Create segment `name` (\"/...\"; must not exist) with rings of `ring_bytes` each (sparse:\n"
-          "only pages messages touch use memory). The creator unlinks the name on unlink()/close().\n"
+          "each sender reserves the pages its messages reach before writing them). The creator unlinks the name on unlink()/close().\n"
           "Raises OSError.")
       .def_static(
           "open",
@@ -164,6 +173,12 @@ void register_process(py::module_& m) {
       .def_property_readonly("ring_bytes", [](PyChannel& c) { return c.get().ring_bytes(); })
       .def_property_readonly("closed", &PyChannel::closed)
       .def_property_readonly(
+          "free_bytes", [](PyChannel& c) { return c.get().free_bytes(); },
+          "Bytes free on the filesystem holding the segment (/dev/shm); -1 if unknown.")
+      .def_property_readonly(
+          "reserved_bytes", [](PyChannel& c) { return c.get().reserved_bytes(); },
+          "Bytes of this side's outgoing ring backed so far (reserved before a message is written).")
+      .def_property_readonly(
           "sent_unread", [](PyChannel& c) { return c.get().sent_unread(); },
           "A sent message the peer has not taken yet (after the peer died: it never saw it).")
       .def(
@@ -173,7 +188,8 @@ void register_process(py::module_& m) {
           "send", &PyChannel::send, py::arg("parts"), py::arg("spin_us") = 0.0, py::arg("timeout") = py::none(),
           "Send the buffers in `parts` (bytes-like, C-contiguous) as one message. Waits for room\n"
           "(GIL released) up to `timeout` seconds (None: no limit); False if it timed out.\n"
-          "ValueError if the message can never fit.")
+          "ValueError if the message can never fit; OSError (errno ENOSPC, nothing sent) if the\n"
+          "shared-memory filesystem cannot back it.")
       .def("receive", &PyChannel::receive, py::arg("spin_us") = 0.0, py::arg("timeout") = py::none(),
            "Wait (GIL released; spin `spin_us` first) up to `timeout` seconds for a message: a list\n"
            "whose first part is bytes and the others bytearrays; None on timeout.")

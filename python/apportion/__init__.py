@@ -15,6 +15,7 @@ from .errors import (
     QueueFull,
     QuotaError,
     RuntimeClosed,
+    SharedMemoryWarning,
     WorkerCrashed,
 )
 from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
@@ -58,6 +59,7 @@ __all__ = [
     "Runtime",
     "RuntimeClosed",
     "RuntimeStats",
+    "SharedMemoryWarning",
     "Topology",
     "WorkerCrashed",
     "as_completed",

@@ -15,6 +15,7 @@ __all__ = [
     "ModelNotFound",
     "WorkerCrashed",
     "PinningWarning",
+    "SharedMemoryWarning",
 ]
 
 
@@ -84,3 +85,9 @@ class WorkerCrashed(ApportionError):
 class PinningWarning(RuntimeWarning):
     """The OS refused part of a placement (a CPU mask, a NUMA policy), or a model's threads
     left their CPUs. The model still serves; its isolation is weaker than planned."""
+
+
+class SharedMemoryWarning(RuntimeWarning):
+    """``/dev/shm`` is too small for a process model's largest messages (``isolation="process"``):
+    the model serves, but a request or result that does not fit fails with ``OSError``
+    (``ENOSPC``). The message says how much is free, how much is needed and what to do."""

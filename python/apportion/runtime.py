@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core
-from .adapters import adapt
+from .adapters import build_instance
 from .batching import Batching, wrap_factory
 from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
@@ -332,12 +332,8 @@ class Runtime(_core._Runtime):
                                   threads=planned_threads, cpus=cpus, memory_nodes=nodes,
                                   isolation="shared" if is_burst else quota.isolation, gpu=gpu_ctx,
                                   burst=is_burst)
-            obj = spec.model if spec.model is not None else spec.factory(ctx)  # type: ignore[misc]
-            if not callable(obj):
-                raise TypeError(
-                    f"model {name!r}: factory returned {type(obj).__name__}, which is not callable"
-                )
-            fn = adapt(obj, ctx)
+            fn = build_instance(ctx, None if spec.model is not None else spec.factory,  # type: ignore[arg-type]
+                                spec.model)
             return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
         self._models[name] = entry

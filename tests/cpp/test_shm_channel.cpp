@@ -10,8 +10,11 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -292,6 +295,168 @@ TEST(ShmChannel, CrossProcessEchoWithParking) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
   parent->unlink();
   EXPECT_FALSE(shm_exists(name));
+}
+
+// Bytes tmpfs has allocated for the segment `name` (its blocks, not its sparse size).
+int64_t backed_bytes(const std::string& name) {
+  struct stat st {};
+  if (::stat(("/dev/shm" + name).c_str(), &st) != 0) return -1;
+  return static_cast<int64_t>(st.st_blocks) * 512;
+}
+
+TEST(ShmChannel, ReservesEachRingAsFarAsItsMessagesReach) {
+  Watchdog guard(30s);
+  std::string error;
+  const auto name = unique_name("reserve");
+  auto parent = ShmChannel::create(name, 4 << 20, &error);
+  ASSERT_TRUE(parent) << error;
+  auto child = ShmChannel::open(name, &error);
+  ASSERT_TRUE(child) << error;
+  // Creation backs the header only: starting a channel stays cheap.
+  EXPECT_LT(backed_bytes(name), 64 * 1024);
+  EXPECT_EQ(parent->reserved_bytes(), 0u);
+  EXPECT_GT(parent->free_bytes(), 0);
+
+  const std::string big(1 << 20, 'b');
+  std::vector<std::span<const std::byte>> out{bytes_of(big)};
+  ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
+  EXPECT_GE(parent->reserved_bytes(), big.size());
+  EXPECT_LT(parent->reserved_bytes(), big.size() + 64 * 1024);
+  EXPECT_GE(backed_bytes(name), static_cast<int64_t>(big.size()));
+  EXPECT_EQ(child->reserved_bytes(), 0u) << "each side reserves its own outgoing ring";
+  std::vector<std::span<const std::byte>> in;
+  ASSERT_EQ(child->receive(in, 0, kSecond), ChannelStatus::ok);
+  EXPECT_EQ(string_of(in[0]), big);
+  child->release();
+
+  // The ring restarts at its start when empty: the same message needs no more store.
+  const std::size_t before = parent->reserved_bytes();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
+    ASSERT_EQ(child->receive(in, 0, kSecond), ChannelStatus::ok);
+    child->release();
+  }
+  EXPECT_EQ(parent->reserved_bytes(), before);
+
+  const std::string reply(200 * 1024, 'r');
+  std::vector<std::span<const std::byte>> back{bytes_of(reply)};
+  ASSERT_EQ(child->send(back, 0, kSecond), ChannelStatus::ok);
+  EXPECT_GE(child->reserved_bytes(), reply.size());
+  ASSERT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::ok);
+  EXPECT_EQ(string_of(in[0]), reply);
+  parent->release();
+  EXPECT_EQ(parent->reserve_errno(), 0);
+  parent->unlink();
+}
+
+// Runs `body` in a forked child (single-threaded, as unshare(CLONE_NEWNS) wants) that has a
+// tmpfs of `size` on /dev/shm in a mount namespace of its own, and checks how it ended: exit 0
+// passes, another code names the failed check, a signal (SIGBUS) fails. Skips without root.
+template <class Body>
+void with_small_dev_shm(const char* size, Body body) {
+  constexpr int kSkip = 77;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(120);
+    if (::unshare(CLONE_NEWNS) != 0) ::_exit(kSkip);
+    // Private propagation first, or the mount would show in the parent's namespace.
+    if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) ::_exit(kSkip);
+    const std::string options = std::string("size=") + size;
+    if (::mount("tmpfs", "/dev/shm", "tmpfs", 0, options.c_str()) != 0) ::_exit(kSkip);
+    ::_exit(body());
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == kSkip) {
+    GTEST_SKIP() << "needs root to mount a small tmpfs on /dev/shm in a mount namespace of its own";
+  }
+  ASSERT_FALSE(WIFSIGNALED(status)) << "child killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "failed check (exit code) in the child";
+}
+
+// A message the shared-memory filesystem cannot back fails with no_space and writes nothing;
+// the channel keeps working for messages that fit, and no process takes a SIGBUS. Needs a
+// small tmpfs on /dev/shm: a forked child (single-threaded, as unshare(CLONE_NEWNS) wants)
+// mounts one in a mount namespace of its own, which needs root (CAP_SYS_ADMIN).
+TEST(ShmChannel, MessageThatCannotBeBackedFailsAloneWithoutSigbus) {
+  with_small_dev_shm("4m", [] {
+    std::string err;
+    const auto name = unique_name("nospace");
+    // 16 MiB rings on a 4 MiB filesystem: creating it must work (nothing but the header is
+    // backed) and so must messages that fit in what is free.
+    auto parent = ShmChannel::create(name, 16 << 20, &err);
+    if (!parent) return 10;
+    auto child = ShmChannel::open(name, &err);
+    if (!child) return 11;
+    const int64_t free_before = parent->free_bytes();
+    if (free_before <= 0 || free_before > (4 << 20)) return 12;
+    const std::string big(8 << 20, 'x');
+    std::vector<std::span<const std::byte>> out{bytes_of(big)};
+    if (parent->send(out, 0, kSecond) != ChannelStatus::no_space) return 13;
+    if (parent->reserve_errno() != ENOSPC) return 14;
+    if (parent->sent_unread() || child->readable()) return 15;  // nothing was published
+    if (parent->free_bytes() != free_before) return 16;         // nor kept
+    // The peer's reply of the same size fails the same way, on its own side.
+    if (child->send(out, 0, kSecond) != ChannelStatus::no_space) return 17;
+    const std::string small(1 << 20, 's');
+    std::vector<std::span<const std::byte>> ok{bytes_of(small)};
+    std::vector<std::span<const std::byte>> in;
+    for (int i = 0; i < 2; ++i) {
+      if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) return 18;
+      if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) return 19;
+      child->release();
+      if (child->send(ok, 0, kSecond) != ChannelStatus::ok) return 20;
+      if (parent->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != small) return 21;
+      parent->release();
+    }
+    // Now both rings hold 1 MiB each: a 3 MiB message no longer fits the 4 MiB filesystem.
+    const std::string mid(3 << 20, 'm');
+    std::vector<std::span<const std::byte>> third{bytes_of(mid)};
+    if (parent->send(third, 0, kSecond) != ChannelStatus::no_space) return 22;
+    if (parent->send(ok, 0, kSecond) != ChannelStatus::ok) return 23;
+    return 0;
+  });
+}
+
+// tmpfs undoes a refused posix_fallocate by dropping the never-touched pages in that call's
+// range. A page reserved earlier (the end of a message's page-rounded reservation) but not
+// written yet must never be one of them: a message written there later would then fault on a
+// hole, a SIGBUS when /dev/shm is full at that moment. Here: a reservation whose last page is
+// untouched, a refused large message right after it, /dev/shm filled up by someone else, then
+// a message inside the old reservation that reaches that page.
+TEST(ShmChannel, RefusedReservationLeavesEarlierReservationsWhole) {
+  with_small_dev_shm("4m", [] {
+    std::string err;
+    const auto name = unique_name("undo");
+    auto parent = ShmChannel::create(name, 16 << 20, &err);
+    if (!parent) return 10;
+    auto child = ShmChannel::open(name, &err);
+    if (!child) return 11;
+    // A frame of 4 pages less 1 KiB (64 bytes of framing): its reservation's last KiB is
+    // untouched. It stays unread, so the next message goes right after it.
+    const std::string first(4 * 4096 - 1024 - 64, 'a');
+    std::vector<std::span<const std::byte>> m1{bytes_of(first)};
+    if (parent->send(m1, 0, kSecond) != ChannelStatus::ok) return 12;
+    const std::string big(8 << 20, 'x');
+    std::vector<std::span<const std::byte>> huge{bytes_of(big)};
+    if (parent->send(huge, 0, kSecond) != ChannelStatus::no_space) return 13;
+    // Someone else takes every free page.
+    const int filler = ::open("/dev/shm/filler", O_CREAT | O_RDWR, 0600);
+    if (filler < 0) return 14;
+    for (off_t at = 0; ::posix_fallocate(filler, at, 4096) == 0; at += 4096) {
+    }
+    // 448 bytes right after the first message: inside its reservation, into its last page.
+    const std::string second(448, 'b');
+    std::vector<std::span<const std::byte>> m2{bytes_of(second)};
+    if (parent->send(m2, 0, kSecond) != ChannelStatus::ok) return 15;
+    std::vector<std::span<const std::byte>> in;
+    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != first) return 16;
+    child->release();
+    if (child->receive(in, 0, kSecond) != ChannelStatus::ok || string_of(in[0]) != second) return 17;
+    child->release();
+    return 0;
+  });
 }
 
 }  // namespace

@@ -116,3 +116,38 @@ def scoring_error(ctx: Any) -> Any:
     def model(x: Any) -> Any:
         raise ScoringError(f"cannot score {x!r}", detail="bad feature")
     return model
+
+
+def blob(ctx: Any) -> Any:
+    """"pid": the worker's pid; an int n: n zero bytes back; a buffer: its size."""
+
+    def serve(x: Any) -> Any:
+        if isinstance(x, str):
+            return os.getpid()
+        if isinstance(x, int):
+            return bytearray(x)
+        return memoryview(x).nbytes
+
+    return serve
+
+
+def torch_closure(ctx: Any) -> Any:
+    """A function around a torch module (not a module itself): ("info",) gives what this
+    process sees; ("heavy", n) runs n large products and gives the thread count torch reads."""
+    import threading
+
+    import torch
+
+    layer = torch.nn.Linear(512, 512)
+    x0 = torch.randn(512, 512)
+
+    def serve(req: Any) -> Any:
+        if req[0] == "info":
+            return {"pid": os.getpid(), "tid": threading.get_native_id(), "threads": torch.get_num_threads()}
+        with torch.inference_mode():
+            y = x0
+            for _ in range(req[1]):
+                y = torch.tanh(layer(y))
+        return torch.get_num_threads()
+
+    return serve

@@ -318,3 +318,83 @@ def test_model_threads_tells_models_apart_by_their_worker_names() -> None:
         assert served_by <= {t.tid for ts in found.values() for t in ts}
     finally:
         rt.close(drain=False)
+
+
+# -- torch thread quotas whatever the factory returns ------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+
+
+def _cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
+    """Per thread of process ``pid``: its name and the CPU time it has used (ns; schedstat,
+    else the tick counts of stat)."""
+    out = {}
+    base = f"/proc/{pid}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/comm") as fh:
+                name = fh.read().strip()
+            try:
+                with open(f"{base}/{tid}/schedstat") as fh:
+                    ns = int(fh.read().split()[0])
+            except FileNotFoundError:
+                with open(f"{base}/{tid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                ns = (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
+        except (FileNotFoundError, ProcessLookupError):  # exited while we looked
+            continue
+        out[int(tid)] = (name, ns)
+    return out
+
+
+def _threads_that_ran(pid: int, name: str | None, call: Any) -> tuple[Any, int]:
+    """``call()``'s result and how many threads of ``pid`` (named ``name``, if given) used CPU
+    time while it ran."""
+    before = _cpu_ns(pid)
+    result = call()
+    after = _cpu_ns(pid)
+    ran = [tid for tid, (n, ns) in after.items()
+           if (name is None or n == name) and ns > before.get(tid, (n, 0))[1]]
+    return result, len(ran)
+
+
+# (threads, cores, isolation): one CPU, two CPUs, and the planner's choice on each.
+QUOTAS = [(1, 1, "exclusive"), (2, 2, "exclusive"), (None, 1, "exclusive"), (None, None, "shared")]
+
+
+@needs_two_cpus
+@pytest.mark.parametrize("isolation_kind", ["thread", "process"])
+@pytest.mark.parametrize(("threads", "cores", "isolation"), QUOTAS)
+def test_a_function_around_a_torch_model_runs_on_its_planned_threads(
+        threads: int | None, cores: int | None, isolation: str, isolation_kind: str) -> None:
+    """The factory returns a closure, not a module: torch still reads the instance's planned
+    ``threads`` inside its calls (None: what the plan shows, not torch's process-wide
+    default), and the calls run on no more threads than the instance has CPUs."""
+    pytest.importorskip("torch", reason="torch is not installed")
+    import sys
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))  # process children import process_models by path
+    kw: dict[str, Any] = {"threads": threads, "cores": cores}
+    if isolation_kind == "process":
+        kw["isolation"] = "process"
+        if cores is None:
+            del kw["cores"]
+    else:
+        kw["isolation"] = isolation
+    with ap.Runtime() as rt:
+        rt.add_model("tc", factory="process_models:torch_closure", **kw)
+        rt.start()
+        inst = rt.plan()["tc"].instances[0]
+        planned = inst.threads
+        if threads is not None:
+            assert planned == threads
+        info = rt.submit("tc", ("info",)).result(timeout=60)
+        assert info["threads"] == planned, (info, planned)
+        if isolation_kind == "process":
+            pid, name = info["pid"], None  # every thread of the worker process
+        else:
+            pid, name = os.getpid(), worker_name("tc", 0)  # the worker and the threads it made
+        seen, ran = _threads_that_ran(pid, name, lambda: rt.submit("tc", ("heavy", 60)).result(timeout=120))
+        assert seen == planned
+        assert 1 <= ran <= len(inst.cpus), (ran, inst.cpus, planned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -680,3 +681,108 @@ def test_draining_waits_for_a_direct_call_in_flight(rt: ap.Runtime, tmp_path: Pa
         assert rt.models == []
     assert results == ["gate"]
     t.join(LONG)
+
+
+# -- a small /dev/shm ------------------------------------------------------------------------------
+
+_SMALL_SHM_PROBE = textwrap.dedent("""
+    import errno, faulthandler, json, os, sys, warnings
+    faulthandler.enable(all_threads=True)  # a SIGBUS would show where
+    import numpy as np
+    import apportion as ap
+
+    out = {}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rt = ap.Runtime()
+        rt.add_model("big", factory="process_models:blob", isolation="process")
+        rt.start()
+    out["warnings"] = [(w.category.__name__, str(w.message)) for w in seen]
+
+    def attempt(fn):
+        try:
+            return {"value": fn()}
+        except OSError as e:
+            return {"errno": e.errno, "error": str(e)}
+
+    out["pid"] = rt.call("big", "pid")
+    # The request path (through the worker thread), then the result path (a direct call).
+    out["request"] = attempt(lambda: rt.submit("big", np.ones(48 << 20, np.uint8)).result(timeout=120))
+    out["pid_after_request"] = rt.call("big", "pid")
+    out["small_after_request"] = rt.submit("big", np.ones(1 << 20, np.uint8)).result(timeout=120)
+    out["result"] = attempt(lambda: rt.call("big", 48 << 20))
+    out["pid_after_result"] = rt.call("big", "pid")
+    out["small_after_result"] = len(rt.call("big", 1 << 20))
+    # Someone else fills /dev/shm: a process model added now cannot even create its channel.
+    fd = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR, 0o600)
+    at = 0
+    try:
+        while True:
+            os.posix_fallocate(fd, at, 4096)
+            at += 4096
+    except OSError:
+        pass
+    try:
+        rt.add_model("late", factory="process_models:blob", isolation="process")
+        out["late"] = {"value": "added"}
+    except OSError as e:
+        out["late"] = {"errno": e.errno, "error": str(e)}
+    out["small_when_full"] = rt.call("big", "pid")
+    rt.close()
+    print(json.dumps(out))
+""")
+
+
+def test_a_message_too_large_for_a_small_dev_shm_fails_alone(tmp_path: Path) -> None:
+    """A 16 MiB /dev/shm (Docker's default is 64 MiB): a 48 MiB request, then a 48 MiB
+    result, each fail with an OSError that says what to do; both processes live on (no
+    SIGBUS) and the next small request succeeds. Needs a mount namespace of its own."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a 16 MiB tmpfs on /dev/shm in a mount namespace of its own")
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) (util-linux) for a mount namespace with a small /dev/shm")
+    probe = subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/dev/shm"],
+                           capture_output=True, text=True, timeout=LONG)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a new mount namespace here: {probe.stderr.strip()}")
+    script = tmp_path / "probe.py"
+    script.write_text(_SMALL_SHM_PROBE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    # unshare(1) makes the new namespace's mounts private: the small /dev/shm is this run's only.
+    done = subprocess.run(["unshare", "-m", "sh", "-c",
+                           'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" "$1"', sys.executable,
+                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, f"the parent died ({done.returncode}; 135 or -7 is SIGBUS): {done.stderr[-3000:]}"
+    import json
+
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [cat for cat, _ in out["warnings"]] == ["SharedMemoryWarning"], out["warnings"]
+    note = out["warnings"][0][1]
+    assert "model 'big'" in note and "/dev/shm has 16.0 MiB free" in note and "--shm-size" in note, note
+    for what, key in (("request", "request"), ("result", "result")):
+        err = out[key]
+        assert err.get("errno") == 28, err  # ENOSPC
+        assert "model 'big' instance 0" in err["error"], err
+        size = re.search(rf"the {what} \(48\.0 MiB, (\d+) bytes\)", err["error"])
+        assert size and 48 << 20 <= int(size[1]) < (48 << 20) + 4096, err  # the array and its pickle
+        assert "MiB free" in err["error"] and "--shm-size" in err["error"], err
+    # The same worker process served throughout: neither side died.
+    assert out["pid"] == out["pid_after_request"] == out["pid_after_result"]
+    assert out["small_after_request"] == 1 << 20
+    assert out["small_after_result"] == 1 << 20
+    late = out["late"]
+    assert late.get("errno") == 28 and "model 'late' instance 0: cannot create the shared-memory channel" in late["error"]
+    assert "/dev/shm has 0 bytes free" in late["error"] and "--shm-size" in late["error"], late
+    assert out["small_when_full"] == out["pid"]  # the model already serving is unaffected
+
+
+def test_the_dev_shm_warning_counts_both_directions_of_every_instance() -> None:
+    from apportion._private.shmspace import space_note
+
+    mib = 1 << 20
+    assert space_note("m", 2, 64 * mib, 256 * mib) is None  # 2 instances x 2 directions x 64 MiB
+    assert space_note("m", 2, 64 * mib, None) is None  # unknown: no claim
+    note = space_note("m", 2, 64 * mib, 256 * mib - 1)
+    assert note is not None and "model 'm'" in note and "need 256.0 MiB" in note and "--shm-size" in note

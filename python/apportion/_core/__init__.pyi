@@ -686,7 +686,7 @@ class ShmChannel:
     def create(name: str, ring_bytes: typing.SupportsInt | typing.SupportsIndex) -> ShmChannel:
         """
         Create segment `name` ("/..."; must not exist) with rings of `ring_bytes` each (sparse:
-        only pages messages touch use memory). The creator unlinks the name on unlink()/close().
+        each sender reserves the pages its messages reach before writing them). The creator unlinks the name on unlink()/close().
         Raises OSError.
         """
     @staticmethod
@@ -711,7 +711,8 @@ class ShmChannel:
         """
         Send the buffers in `parts` (bytes-like, C-contiguous) as one message. Waits for room
         (GIL released) up to `timeout` seconds (None: no limit); False if it timed out.
-        ValueError if the message can never fit.
+        ValueError if the message can never fit; OSError (errno ENOSPC, nothing sent) if the
+        shared-memory filesystem cannot back it.
         """
     def unlink(self) -> None:
         """
@@ -721,8 +722,18 @@ class ShmChannel:
     def closed(self) -> bool:
         ...
     @property
+    def free_bytes(self) -> int:
+        """
+        Bytes free on the filesystem holding the segment (/dev/shm); -1 if unknown.
+        """
+    @property
     def name(self) -> str:
         ...
+    @property
+    def reserved_bytes(self) -> int:
+        """
+        Bytes of this side's outgoing ring backed so far (reserved before a message is written).
+        """
     @property
     def ring_bytes(self) -> int:
         ...

@@ -9,6 +9,7 @@ at a time from the shared-memory channel until told to exit or its parent goes a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -55,7 +56,7 @@ def _place(spec: dict[str, Any]) -> list[str]:
 def _build(launch: dict[str, Any]) -> Any:
     import pkgutil
 
-    from apportion.adapters import adapt
+    from apportion.adapters import build_instance
     from apportion.context import InstanceContext
     from apportion.errors import QuotaError
     from apportion.spec import ModelSpec
@@ -71,10 +72,7 @@ def _build(launch: dict[str, Any]) -> Any:
         threads=launch["threads"], cpus=tuple(launch["cpus"]) if launch["cpus"] else None,
         memory_nodes=tuple(launch["memory_nodes"]), isolation="process", gpu=None,
     )
-    obj = factory(ctx)
-    if not callable(obj):
-        raise TypeError(f"model {spec.name!r}: factory returned {type(obj).__name__}, which is not callable")
-    return adapt(obj, ctx)
+    return build_instance(ctx, factory)
 
 
 def main(argv: list[str]) -> int:
@@ -133,6 +131,14 @@ def main(argv: list[str]) -> int:
             channel.send(out, 0.0, None)
         except ValueError as e:  # larger than the ring
             channel.send(dumps(_error_reply(spec["model"], ERROR, e)), 0.0, None)
+        except OSError as e:  # /dev/shm cannot hold it: that result fails, this process serves on
+            if e.errno != errno.ENOSPC:
+                raise
+            from apportion._private.shmspace import no_space_error
+
+            nbytes = sum(memoryview(p).nbytes for p in out)
+            err = no_space_error(spec["model"], spec["instance"], "result", nbytes, channel.free_bytes)
+            channel.send(dumps(_error_reply(spec["model"], ERROR, err)), 0.0, None)
 
 
 if __name__ == "__main__":

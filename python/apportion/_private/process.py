@@ -14,6 +14,7 @@ took from the channel is sent again to the new child instead of failing.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import inspect
 import itertools
@@ -29,9 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from ..errors import PinningWarning, QuotaError, WorkerCrashed
+from ..errors import PinningWarning, QuotaError, SharedMemoryWarning, WorkerCrashed
 from . import payload as proto
 from .payload import dumps, loads
+from .shmspace import free_bytes, no_room_error, no_space_error, space_note
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -43,7 +45,9 @@ SHM_PREFIX = "apportion-"
 
 RING_BYTES = 64 << 20
 """Capacity of each direction's ring: the largest request or result, pickle plus buffers. The
-segment is sparse; resident memory follows the largest message actually sent."""
+segment is sparse: each sender reserves (posix_fallocate) the pages its messages reach before
+writing them, so resident memory follows the largest message actually sent, and a message
+/dev/shm cannot hold fails alone with OSError (ENOSPC) instead of a SIGBUS."""
 
 START_TIMEOUT_S = 300.0
 """How long a child may take by default to import and build its model before its start is
@@ -142,6 +146,7 @@ class ProcessInstance:
             "cpus": list(cpus) if cpus else None, "memory_nodes": list(memory_nodes),
             "memory_policy": memory_policy, "direct_spin_us": spin_us}
         self._model = spec.name
+        self._instances = spec.instances + spec.burst_instances
         self._index = instance
         self._watchdog_s = spec.watchdog_s
         self._spin_us = spin_us
@@ -165,7 +170,13 @@ class ProcessInstance:
 
     def start(self) -> None:
         """Starts the first child and waits until it built its model (at most
-        ``start_timeout_s``; :meth:`abort` or :meth:`abort_start` end the wait at once)."""
+        ``start_timeout_s``; :meth:`abort` or :meth:`abort_start` end the wait at once). The
+        model's first instance warns (SharedMemoryWarning) when /dev/shm cannot hold the
+        largest messages of all its instances in both directions."""
+        if self._index == 0:
+            note = space_note(self._model, self._instances, RING_BYTES, free_bytes())
+            if note is not None:
+                warnings.warn(note, SharedMemoryWarning, stacklevel=2)
         self._start()
 
     # -- the child ------------------------------------------------------------------------------
@@ -176,7 +187,12 @@ class ProcessInstance:
 
     def _start(self) -> None:
         name = f"/{SHM_PREFIX}{os.getpid()}-{next(_names)}-i{self._index}"
-        channel = _core.ShmChannel.create(name, RING_BYTES)
+        try:
+            channel = _core.ShmChannel.create(name, RING_BYTES)
+        except OSError as e:
+            if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                raise
+            raise no_room_error(self._model, self._index, str(e), free_bytes()) from None
         spec = dict(self._launch, channel=name, parent=os.getpid())
         env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,
@@ -345,6 +361,11 @@ class ProcessInstance:
         except ValueError as e:
             raise ValueError(f"model {self._model!r}: the request does not fit the channel to the worker "
                              f"process: {e}") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            nbytes = sum(memoryview(p).nbytes for p in parts)
+            raise no_space_error(self._model, self._index, "request", nbytes, channel.free_bytes) from None
         try:
             kind, *rest = self._wait_reply(channel, proc, self._watchdog_s)
         except WorkerCrashed:

@@ -2,8 +2,12 @@
 
 The adapter is chosen from the model's type when the instance is built (inside its worker):
 
-- a ``torch.nn.Module`` runs under ``torch.inference_mode()`` with the instance's intra-op
-  thread count set in that worker thread (see :mod:`apportion.adapters.torch`);
+- whatever the factory returns, when torch is loaded the worker thread's intra-op thread count
+  is set to the instance's planned ``threads`` before the factory runs and again after it
+  returns (:func:`build_instance`), so a function wrapping a torch model runs its calls on
+  that many threads;
+- a ``torch.nn.Module`` also runs under ``torch.inference_mode()`` (see
+  :mod:`apportion.adapters.torch`);
 - an ONNX model is served by a session created inside the worker
   (:func:`apportion.adapters.onnxruntime.onnx_model`);
 - any other callable is served untouched.
@@ -19,7 +23,36 @@ from typing import Any
 
 from .threads import ThreadInfo, check_confinement, model_threads, worker_name
 
-__all__ = ["ThreadInfo", "adapt", "check_confinement", "model_threads", "worker_name"]
+__all__ = ["ThreadInfo", "adapt", "build_instance", "check_confinement", "model_threads", "set_torch_threads",
+           "worker_name"]
+
+
+def set_torch_threads(threads: int | None) -> int | None:
+    """When torch is loaded (and ``threads`` is given): sets the calling thread's intra-op
+    thread count to ``threads`` (initialise, then set: see :mod:`apportion.adapters.torch`)
+    and returns what torch reads back; None otherwise. Never imports torch."""
+    torch = sys.modules.get("torch")
+    # A torch still being imported by another thread has no set_num_threads yet: skip it; the
+    # call after the factory returns applies the count.
+    if torch is None or not threads or not hasattr(torch, "set_num_threads"):
+        return None
+    from .torch import set_worker_threads
+
+    return set_worker_threads(threads)
+
+
+def build_instance(ctx: Any, factory: Callable[[Any], Any] | None = None, model: Any = None) -> Callable[[Any], Any]:
+    """Builds what one instance serves, in its (pinned) worker thread: ``factory(ctx)``, or the
+    ready ``model``, adapted by :func:`adapt`. When torch is loaded, this thread's intra-op
+    thread count is set to ``ctx.threads`` (the planned count) before the factory runs and
+    again after it returns, so the model's calls use that count whatever the factory returned
+    (a module, a function around one, a pipeline) or set meanwhile."""
+    set_torch_threads(ctx.threads)
+    obj = model if factory is None else factory(ctx)
+    if not callable(obj):
+        raise TypeError(f"model {ctx.model!r}: factory returned {type(obj).__name__}, which is not callable")
+    set_torch_threads(ctx.threads)
+    return adapt(obj, ctx)
 
 
 def adapt(model: Any, ctx: Any) -> Callable[[Any], Any]:
