@@ -16,7 +16,8 @@ import asyncio
 import concurrent.futures as cf
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+import typing
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from . import _core
@@ -141,7 +142,7 @@ def _stdlib_status(f: Any) -> str:
     return cf._base.CANCELLED_AND_NOTIFIED if f.cancelled() else cf._base.FINISHED  # type: ignore[attr-defined]
 
 
-def _await(f: Any) -> Generator[Any, None, Any]:
+def _await(f: Any) -> typing.Generator[Any, None, Any]:
     return (yield from asyncio.wrap_future(f).__await__())
 
 

@@ -203,7 +203,7 @@ class Future:
     Completes exactly once: with a result, the model's exception, DeadlineExceeded, or cancellation.
     """
     @staticmethod
-    def __await__(f: typing.Any) -> Generator[typing.Any, None, typing.Any]:
+    def __await__(f: typing.Any) -> typing.Generator[typing.Any, None, typing.Any]:
         ...
     def __repr__(self) -> str:
         ...
