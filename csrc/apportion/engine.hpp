@@ -64,10 +64,10 @@ struct Worker {
   /// True while the worker serves one request per call and will call ModelHandler::idle()
   /// before it waits: the handler may keep what it holds from one call to the next.
   bool may_linger = false;
-  /// The CPU the last request this worker ran was submitted from (-1: unknown). Its caller
-  /// wakes on completion: when that is this worker's CPU, spinning for the next request would
-  /// only keep the caller from running.
-  int32_t peer_cpu = -1;
+  /// Requests served in a row whose submitter ran on this worker's CPU (see kColocatedStreak):
+  /// each caller wakes on this CPU at completion, so a spin for the next request would only
+  /// keep it from running.
+  uint32_t colocated = 0;
   /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
   /// asked). Written by the worker before it reports started; read after start() returns.
   std::string pin_error;

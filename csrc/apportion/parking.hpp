@@ -48,6 +48,12 @@ inline int current_cpu() noexcept {
 #endif
 }
 
+/// How many hand-offs in a row a thread must find its peer on its own CPU before it stops
+/// spinning for it, provided no other CPU of its set was idle lately (other_cpu_idle). On an
+/// idle machine two threads share a CPU only for moments (the scheduler moves one), or settle
+/// there once both park; on a busy one, every CPU but this one is taken.
+inline constexpr uint32_t kColocatedStreak = 4;
+
 /// Monotonic nanoseconds; the one clock used for deadlines and latency metrics.
 inline int64_t now_ns() noexcept {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(

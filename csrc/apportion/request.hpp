@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "apportion/mpmc_queue.hpp"
+#include "apportion/cpu_idle.hpp"
 #include "apportion/parking.hpp"
 
 namespace apportion {
@@ -100,14 +101,22 @@ class Request {
     if (timeout_ns >= 0 && spin_ns > timeout_ns) spin_ns = timeout_ns;
     if (spin_ns > 0) {
       // A spin pays only while the worker runs on another CPU: on this one, it cannot run
-      // until we stop (a busy host puts both on the one CPU left).
+      // until we stop. A busy host puts both on the one CPU left, hand-off after hand-off
+      // (kColocatedStreak of them in a row: stop spinning).
+      thread_local uint32_t colocated = 0;
       const int me = current_cpu();
+      bool seen = false;
       const int64_t until = now_ns() + spin_ns;
       do {
         for (int i = 0; i < 16; ++i) cpu_relax();
-        if (done()) return true;
-        if (me >= 0 && worker_cpu.load(std::memory_order_relaxed) == me) break;
+        if (done()) break;
+        if (!seen && me >= 0 && worker_cpu.load(std::memory_order_relaxed) == me) {
+          seen = true;
+          if (++colocated >= kColocatedStreak && !other_cpu_idle(me)) break;
+        }
       } while (now_ns() < until);
+      if (!seen) colocated = 0;
+      if (done()) return true;
     }
     const int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
     for (;;) {
@@ -144,7 +153,8 @@ class Request {
   uint32_t priority = 0;
   /// The CPU the submitter ran on at admission (-1: unknown); written with the fields above.
   int32_t submit_cpu = -1;
-  /// The CPU of the worker running it (-1: not running yet, or unknown). A waiter's spin reads it.
+  /// The CPU of the worker running it, set only when that is the submitter's CPU (-1:
+  /// otherwise, or not running yet). A waiter's spin reads it.
   std::atomic<int32_t> worker_cpu{-1};
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.

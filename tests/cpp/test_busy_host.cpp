@@ -1,16 +1,29 @@
 // Waiting on a busy host: a spin pays only while the thread waited for runs on another CPU. A
-// caller waiting for a request that a worker runs on the caller's own CPU parks at once, and a
-// worker that served a caller on its own CPU does not spin for the next request (that caller
-// wakes on this CPU and needs it). Observed through /proc: a parked thread sleeps in the
-// kernel, a spinning one never does.
+// caller that keeps finding its request's worker on its own CPU (kColocatedStreak hand-offs in
+// a row: every other CPU is taken) parks at once, and a worker that keeps serving callers on
+// its own CPU does not spin for the next request (that caller wakes on this CPU and needs it).
+// One sighting changes nothing: on an idle machine the scheduler soon moves one of the two.
+// Observed through /proc: a parked thread sleeps in the kernel, a spinning one never does.
 #include <gtest/gtest.h>
 
 #include "engine_fixture.hpp"
+
+#include "apportion/cpu_idle.hpp"
 
 namespace apportion::testing::engine {
 namespace {
 
 constexpr int64_t kLongSpin = 20'000'000'000;  // far longer than any of these tests
+
+// These tests run on a machine whose other CPUs may be idle: the probe says they are all taken,
+// as on a busy host (the probe itself is tested below).
+class BusyHost : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    apportion::set_idle_probe_for_tests([](int) { return false; });
+  }
+  void TearDown() override { apportion::set_idle_probe_for_tests(nullptr); }
+};
 
 // Two CPUs this process may use and pin to, or none.
 std::vector<int> two_cpus() {
@@ -37,15 +50,23 @@ bool sleeps_within(int tid, std::chrono::milliseconds limit) {
   return false;
 }
 
-// A waiter pinned to `waiter_cpu` waits (spin budget kLongSpin) on a request whose worker is
-// marked as running on `worker_cpu`; returns whether the waiter went to sleep within 300 ms.
-bool waiter_parks(int waiter_cpu, int worker_cpu) {
-  TestRef r = make(1);
-  if (!r->try_claim(RequestState::running)) ADD_FAILURE() << "claim";
-  r->worker_cpu.store(worker_cpu);
+// A waiter pinned to `waiter_cpu` makes `earlier` short waits on requests whose worker runs
+// on `worker_cpu`, then waits (spin budget kLongSpin) on one more such request; returns
+// whether it went to sleep within 300 ms.
+bool waiter_parks(int waiter_cpu, int worker_cpu, uint32_t earlier) {
+  const auto running_on = [](int cpu) {
+    TestRef r = make(1);
+    if (!r->try_claim(RequestState::running)) ADD_FAILURE() << "claim";
+    r->worker_cpu.store(cpu);
+    return r;
+  };
+  TestRef r = running_on(worker_cpu);
   std::atomic<int> tid{0};
   std::thread waiter([&] {
     pin_self(waiter_cpu);
+    for (uint32_t i = 0; i < earlier; ++i) {
+      EXPECT_FALSE(running_on(worker_cpu)->wait_done(2'000'000, kLongSpin));  // times out
+    }
     tid.store(this_tid());
     r->wait_done(-1, kLongSpin);
   });
@@ -56,17 +77,19 @@ bool waiter_parks(int waiter_cpu, int worker_cpu) {
   return slept;
 }
 
-TEST(BusyHost, AWaiterOnTheWorkersCpuParksAtOnce) {
+TEST_F(BusyHost, AWaiterThatKeepsFindingTheWorkerOnItsCpuParksAtOnce) {
   const auto cpus = two_cpus();
   if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
   guarded(30s, [&] {
-    EXPECT_TRUE(waiter_parks(cpus[0], cpus[0]));
-    // The same wait while the worker runs elsewhere keeps spinning (the spin pays there).
-    EXPECT_FALSE(waiter_parks(cpus[0], cpus[1]));
+    EXPECT_TRUE(waiter_parks(cpus[0], cpus[0], apportion::kColocatedStreak - 1));
+    // Once is no streak: it spins (the scheduler may yet move one of the two).
+    EXPECT_FALSE(waiter_parks(cpus[0], cpus[0], 0));
+    // The worker elsewhere: the spin pays, streak or not.
+    EXPECT_FALSE(waiter_parks(cpus[0], cpus[1], apportion::kColocatedStreak));
   });
 }
 
-TEST(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
+TEST_F(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
   const auto cpus = two_cpus();
   if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
   guarded(30s, [&] {
@@ -74,6 +97,12 @@ TEST(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
     std::atomic<int> tid{0};
     std::thread waiter([&] {
       pin_self(cpus[0]);
+      for (uint32_t i = 0; i + 1 < apportion::kColocatedStreak; ++i) {  // a streak but one
+        TestRef earlier = make(1);
+        if (!earlier->try_claim(RequestState::running)) ADD_FAILURE() << "claim";
+        earlier->worker_cpu.store(cpus[0]);
+        EXPECT_FALSE(earlier->wait_done(2'000'000, kLongSpin));
+      }
       tid.store(this_tid());
       r->wait_done(-1, kLongSpin);
     });
@@ -88,9 +117,10 @@ TEST(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
   });
 }
 
-// A worker pinned to cpus[0] serves one request submitted from `submitter_cpu`; returns
-// whether it went to sleep within 300 ms afterwards (spin budget kLongSpin).
-bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller) {
+// A worker pinned to `worker_cpu` serves `n` requests in turn, each submitted from
+// `submitter_cpu`; returns whether it went to sleep within 300 ms afterwards (spin budget
+// kLongSpin).
+bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller, uint32_t n) {
   auto h = std::make_shared<TestHandler>();
   std::atomic<int> tid{0};
   h->on_start = [&](Worker&) {
@@ -104,26 +134,72 @@ bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_bes
   o.placement = {apportion::InstancePlacement{{worker_cpu}, 1, {}}};
   Model m(o, h);
   EXPECT_EQ(m.start(), 0u);
-  TestRef r = make(1);
   std::thread([&] {
     pin_self(submitter_cpu);
-    EXPECT_EQ(submit(m, r), Admit::ok);
+    for (uint32_t i = 0; i < n; ++i) {
+      TestRef r = make(i);
+      EXPECT_EQ(submit(m, r), Admit::ok);
+      EXPECT_TRUE(r->wait_done(10'000'000'000, 0));
+    }
   }).join();
-  EXPECT_TRUE(completes(r));
   const bool slept = sleeps_within(tid.load(), 300ms);
   m.close(true);
   m.join();
   return slept;
 }
 
-TEST(BusyHost, AWorkerThatServedACallerOnItsCpuDoesNotSpin) {
+TEST_F(BusyHost, AWorkerThatKeepsServingCallersOnItsCpuDoesNotSpin) {
   const auto cpus = two_cpus();
   if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
+  constexpr uint32_t streak = apportion::kColocatedStreak;
   guarded(60s, [&] {
-    EXPECT_TRUE(worker_parks_after_serving(cpus[0], cpus[0], false));
-    // A caller elsewhere, or the option on: it spins for the next request as configured.
-    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[1], false));
-    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], true));
+    EXPECT_TRUE(worker_parks_after_serving(cpus[0], cpus[0], false, streak));
+    // Fewer in a row, a caller elsewhere, or the option on: it spins as configured.
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], false, streak - 1));
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[1], false, streak));
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], true, streak));
+  });
+}
+
+TEST_F(BusyHost, WithAnotherCpuIdleTheStreakChangesNothing) {
+  const auto cpus = two_cpus();
+  if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
+  apportion::set_idle_probe_for_tests([](int) { return true; });
+  guarded(30s, [&] {
+    EXPECT_FALSE(waiter_parks(cpus[0], cpus[0], apportion::kColocatedStreak + 2));
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], false, apportion::kColocatedStreak + 2));
+  });
+}
+
+TEST(IdleProbe, ACpuKeptBusyIsNotIdleAndItsFirstAnswerIsIdle) {
+  const auto cpus = two_cpus();
+  if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
+  guarded(30s, [&] {
+    std::atomic<bool> stop{false};
+    std::thread hog([&] {
+      pin_self(cpus[1]);
+      while (!stop.load(std::memory_order_relaxed)) {
+      }
+    });
+    bool first = false, later = true;
+    std::thread probe([&] {
+      pin_self(cpus[0]);
+      first = apportion::other_cpu_idle(cpus[0]);  // nothing to compare with yet
+      std::this_thread::sleep_for(50ms);           // the hog has cpus[1] to itself meanwhile
+      later = apportion::other_cpu_idle(cpus[0]);
+    });
+    probe.join();
+    stop = true;
+    hog.join();
+    EXPECT_TRUE(first);
+    // Only cpus[1] besides this one counts when the set holds just the two; with more CPUs in
+    // the set an idle third one would (rightly) answer true.
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    ASSERT_EQ(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+    if (CPU_COUNT(&allowed) == 2) {
+      EXPECT_FALSE(later);
+    }
   });
 }
 
