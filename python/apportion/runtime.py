@@ -35,6 +35,50 @@ lane group holds max_queue requests, rounded up to a power of two): refused beyo
 _CELL_BYTES = 64
 
 
+def _warmup_sizes(spec: ModelSpec) -> list[int]:
+    """The batch sizes a batching model is warmed at (see Runtime.add_model)."""
+    assert spec.batching is not None
+    top = spec.batching.max_size
+    sizes = {1, top, *(spec.batching.preferred_sizes or ())}
+    b = 2
+    while b < top:
+        sizes.add(b)
+        b *= 2
+    return sorted(sizes)
+
+
+def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any]:
+    """``build`` whose instances run the spec's warm-up before they are handed to the worker
+    (in the instance's own worker thread, like the factory)."""
+    warmup = spec.warmup
+    if isinstance(warmup, str):
+        try:
+            warmup = pkgutil.resolve_name(warmup)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise QuotaError(f"{warmup!r} cannot be imported: {e}", model=spec.name, field="warmup") from None
+    samples = warmup if isinstance(warmup, tuple) else None
+    make_sample = warmup if callable(warmup) else None
+
+    def sample(k: int) -> Any:
+        return samples[k % len(samples)] if samples is not None else make_sample()  # type: ignore[misc]
+
+    def build_warm(index: int) -> Any:
+        fn = build(index)
+        try:
+            if spec.batching is not None:
+                for size in _warmup_sizes(spec):
+                    fn([sample(k) for k in range(size)])
+            else:
+                for k in range(len(samples) if samples is not None else 1):
+                    fn(sample(k))
+        except BaseException as e:
+            e.add_note(f"(raised by the warm-up of model {spec.name!r}, instance {index})")
+            raise
+        return fn
+
+    return build_warm
+
+
 class _GpuState:
     """The runtime's GPU partition, shared with the instance closures (which must not hold the
     runtime itself)."""
@@ -179,6 +223,7 @@ class Runtime(_core._Runtime):
         burst: bool | int = False,
         watchdog_s: float | None = None,
         start_timeout_s: float | None = None,
+        warmup: Sequence[Any] | Callable[[], Any] | str | None = None,
     ) -> None:
         """Registers a model. Pass ``factory`` (called as ``factory(ctx)`` once per instance,
         inside that instance's pinned worker thread, returning the model to serve) or ``model``
@@ -237,8 +282,16 @@ class Runtime(_core._Runtime):
         spins for up to ``spin_us`` for the caller's next call (on instances of one CPU it
         parks at once).
 
-        If the runtime is started, the instances are built before this returns and a factory's
-        exception is raised here.
+        Warm-up: ``warmup`` (sample inputs, a zero-argument callable returning one, or its
+        "module:function" path) is run by every instance, right after it is built and before the
+        model takes requests: each sample once, or, with batching, one batch of each size the
+        model will be called with (1, the powers of two up to ``max_size``, ``max_size`` and the
+        preferred sizes). A framework's first call in a fresh thread, and its first call for each
+        batch shape, are several times slower than the steady state; without warm-up the first
+        requests pay for it. A sample that fails fails the start like a factory's exception.
+
+        If the runtime is started, the instances are built (and warmed) before this returns and
+        a factory's exception is raised here.
         """
         self.add(ModelSpec(
             name=name, factory=factory, model=model, instances=instances, threads=threads, cores=cores,
@@ -246,7 +299,7 @@ class Runtime(_core._Runtime):
             oversubscribe=oversubscribe, max_queue=max_queue, timeout_ms=timeout_ms,
             priority_levels=priority_levels, on_timeout=on_timeout, batching=batching,  # type: ignore[arg-type]
             spin_us=spin_us, gpu=gpu, weight=weight, priority_class=priority_class, burst=burst,
-            watchdog_s=watchdog_s, start_timeout_s=start_timeout_s))
+            watchdog_s=watchdog_s, start_timeout_s=start_timeout_s, warmup=warmup))
 
     def add(self, spec: ModelSpec) -> None:
         """Registers the model ``spec`` describes (see :meth:`add_model`, whose arguments are
@@ -340,8 +393,11 @@ class Runtime(_core._Runtime):
         try:
             instances_arg, policy, groups = self._native_placement(new_plan, name)
             build = make_process_instance if spec.process else make_instance
-            self._add_model(spec, wrap_factory(name, build) if spec.batching is not None else build,
-                            instances_arg, policy, groups, pooled)
+            if spec.batching is not None:
+                build = wrap_factory(name, build)
+            if spec.warmup is not None:
+                build = _warmed(spec, build)
+            self._add_model(spec, build, instances_arg, policy, groups, pooled)
         finally:
             # Registered even if something was raised after its workers started (a
             # PinningWarning turned into an error): the bookkeeping follows the native side.

@@ -83,6 +83,9 @@ class ModelSpec:
     burst: bool | int = False
     watchdog_s: float | None = None
     start_timeout_s: float | None = None
+    warmup: Sequence[Any] | Callable[[], Any] | str | None = None
+    """Sample inputs every instance runs before the model takes requests (see Runtime.add_model):
+    a sequence of inputs, a zero-argument callable returning one, or its "module:function"."""
     quota: Quota = field(init=False, repr=False, compare=False)
     """The CPU side, as the planner takes it (a process model is planned as "exclusive" when
     it has cores, else as "shared")."""
@@ -186,6 +189,19 @@ class ModelSpec:
                 raise bad(fld, "applies to the shared pool; give isolation='shared', or burst=True on an "
                           "exclusive model")
 
+        w = self.warmup
+        if isinstance(w, str):
+            if not _is_import_path(w):
+                raise bad("warmup", f"{w!r} is not an import path; give 'package.module:function' (a "
+                          "zero-argument callable returning one sample input)")
+        elif isinstance(w, (list, tuple)):
+            if not w:
+                raise bad("warmup", "give at least one sample input, or None for no warm-up")
+            put("warmup", tuple(w))
+        elif w is not None and not callable(w):
+            raise bad("warmup", f"give sample inputs (a list), a zero-argument callable or its "
+                      f"'module:function' path, got {type(w).__name__}")
+
         # Bounds of a worker process.
         for fld, why in (("watchdog_s", 'a watchdog needs isolation="process" (a thread cannot be killed)'),
                          ("start_timeout_s", 'it bounds a worker process\'s start: give it with '
@@ -223,11 +239,11 @@ class ModelSpec:
             v = getattr(self, f.name)
             if v == f.default:
                 continue
-            if f.name == "factory" and not isinstance(v, str):
+            if f.name in ("factory", "warmup") and callable(v):
                 v = import_path(v)
                 if v is None:
                     continue
-            elif f.name == "cores" and isinstance(v, tuple):
+            elif f.name in ("cores", "warmup") and isinstance(v, tuple):
                 v = list(v)
             elif f.name == "batching":
                 v = {"max_size": v.max_size, "max_delay_ms": v.max_delay_ms,

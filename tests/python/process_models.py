@@ -151,3 +151,8 @@ def torch_closure(ctx: Any) -> Any:
         return torch.get_num_threads()
 
     return serve
+
+
+def sample_input() -> int:
+    """A warm-up sample (config files name it as "process_models:sample_input")."""
+    return 1
