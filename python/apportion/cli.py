@@ -301,6 +301,41 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, metavar="PORT",
+                   help="v2 HTTP/REST port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, metavar="PORT",
+                   help="v2 gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
+    _add_root(p)
+
+
+def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
+    import threading
+
+    from .serve import Server, signatures
+
+    cfg = Config.load(args.config)
+    sigs = signatures(cfg)
+    rt = cfg.runtime(topology_root=args.root, start=True)
+    try:
+        server = Server(rt, sigs, host=args.host, http_port=args.http_port,
+                        grpc_port=None if args.grpc_port == -1 else args.grpc_port)
+
+        def announce() -> None:
+            if server.listening.wait(120):
+                grpc = f", v2 gRPC on {args.host}:{server.grpc_port}" if server.grpc_port is not None else ""
+                print(f"serving {', '.join(sigs)}: v2 HTTP on http://{args.host}:{server.http_port}{grpc}; "
+                      "SIGTERM or Ctrl-C drains and exits", file=out, flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
+        server.serve_forever()
+    finally:
+        rt.close(drain=True)
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("topology", "show the CPUs, cores, NUMA nodes and L3 domains this process may use",
             _topology_args, _topology_run),
@@ -308,6 +343,8 @@ COMMANDS: tuple[Command, ...] = (
             _plan_args, _plan_run),
     Command("run", "serve the models of a config file (optionally under its load for a while) and print stats",
             _run_args, _run_run),
+    Command("serve", "serve a config's models over the network (KServe v2 HTTP and gRPC, Prometheus /metrics)",
+            _serve_args, _serve_run),
     Command("bench", "put a load on models and report throughput, goodput and latency percentiles",
             _bench_args, _bench_run),
     Command("tune", "search cores, isolation, instances, threads and batching for a config's workload",

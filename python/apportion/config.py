@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["Config", "ConfigError", "DoesNotFit", "ModelConfig", "QUOTA_KEYS", "resolve"]
 
 QUOTA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Quota) if f.init and f.name != "name")
-OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load")
+OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load", "signature")
+SIGNATURE_KEYS: tuple[str, ...] = ("inputs", "outputs", "tensor")
 MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
 RUNTIME_KEYS: tuple[str, ...] = ("cpus",)
@@ -114,6 +115,10 @@ class ModelConfig:
     """``latency_ms`` and ``percentile`` (default 99), optionally ``timeout_ms``."""
     load: Mapping[str, Any] | None = None
     """``concurrency``, ``rate`` or ``share``; optionally ``arrivals``, ``priority``."""
+    signature: Mapping[str, Any] | None = None
+    """What ``apportion serve`` serves the model as: ``inputs`` and ``outputs`` (lists of
+    ``{name, datatype, shape}``) and ``tensor`` ("numpy" or "torch"); checked in full by
+    :func:`apportion.serve.signatures`."""
 
     @property
     def name(self) -> str:
@@ -153,6 +158,8 @@ class ModelConfig:
             t["slo"] = dict(self.slo)
         if self.load:
             t["load"] = dict(self.load)
+        if self.signature:
+            t["signature"] = {k: v for k, v in self.signature.items()}
         return t
 
 
@@ -394,4 +401,15 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
         if "priority" in ld and not _is_int(ld["priority"]):
             raise ConfigError(path, f"{key}.load.priority", f"got {ld['priority']!r}; give an integer")
         load = ld
-    return ModelConfig(spec, inputs=v, slo=slo, load=load)
+    signature = None
+    if "signature" in table:
+        sig = _table(path, f"{key}.signature", table["signature"], SIGNATURE_KEYS)
+        for side in ("inputs", "outputs"):
+            tensors = sig.get(side)
+            if not isinstance(tensors, list) or not tensors:
+                raise ConfigError(path, f"{key}.signature.{side}", "give a list of tensors, e.g. "
+                                  '[{ name = "x", datatype = "FP32", shape = [-1, 16] }]')
+            for i, t in enumerate(tensors):
+                _table(path, f"{key}.signature.{side}[{i}]", t, ("name", "datatype", "shape"))
+        signature = sig
+    return ModelConfig(spec, inputs=v, slo=slo, load=load, signature=signature)

@@ -156,3 +156,8 @@ def torch_closure(ctx: Any) -> Any:
 def sample_input() -> int:
     """A warm-up sample (config files name it as "process_models:sample_input")."""
     return 1
+
+
+def doubler(ctx: Any) -> Any:
+    """Doubles its input (numpy arrays over the v2 front)."""
+    return lambda x: x * 2

@@ -15,7 +15,8 @@ HTTP/REST (an ASGI app, served by uvicorn) and gRPC (grpcio). Needs the ``serve`
 from __future__ import annotations
 
 from .app import DEFAULT_MAX_BODY_BYTES, asgi
+from .configured import signatures
 from .server import Server
 from .tensors import DATATYPES, Signature, TensorError, TensorSpec
 
-__all__ = ["DATATYPES", "DEFAULT_MAX_BODY_BYTES", "Server", "Signature", "TensorError", "TensorSpec", "asgi"]
+__all__ = ["DATATYPES", "DEFAULT_MAX_BODY_BYTES", "Server", "Signature", "TensorError", "TensorSpec", "asgi", "signatures"]

@@ -1,0 +1,121 @@
+"""`apportion serve CONFIG`: a config file's models served over v2 HTTP and gRPC by the CLI,
+called with the real tritonclient, scraped with prometheus_client's parser, stopped with
+SIGTERM (drains, exits 0); and the config errors of a signature."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+th = pytest.importorskip("tritonclient.http")
+tg = pytest.importorskip("tritonclient.grpc")
+httpx = pytest.importorskip("httpx")
+
+import apportion as ap  # noqa: E402
+from apportion.config import Config  # noqa: E402
+from apportion.serve import signatures  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+CONFIG = """
+[models.double]
+factory = "process_models:doubler"
+instances = 2
+warmup = [[1.0, 2.0]]
+[models.double.signature]
+inputs = [{ name = "x", datatype = "FP32", shape = [-1] }]
+outputs = [{ name = "y", datatype = "FP32", shape = [-1] }]
+
+[models.helper]
+factory = "process_models:echo"
+"""
+
+
+def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_path: Path) -> None:
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(CONFIG)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
+                             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once both ports listen
+        m = re.search(r"v2 HTTP on http://127\.0\.0\.1:(\d+), v2 gRPC on 127\.0\.0\.1:(\d+)", line)
+        assert m, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        assert line.startswith("serving double:")  # only the model with a signature
+        http, grpc = f"127.0.0.1:{m.group(1)}", f"127.0.0.1:{m.group(2)}"
+
+        client = th.InferenceServerClient(http)
+        assert client.is_server_ready() and client.is_model_ready("double")
+        x = np.array([1.5, -2.0, 3.0], dtype=np.float32)
+        inp = th.InferInput("x", [3], "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer("double", [inp]).as_numpy("y"), 2 * x)
+
+        gclient = tg.InferenceServerClient(grpc)
+        ginp = tg.InferInput("x", [3], "FP32")
+        ginp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(gclient.infer("double", [ginp]).as_numpy("y"), 2 * x)
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://{http}/metrics").text
+        completed = {s.labels["model"]: s.value for fam in text_string_to_metric_families(text)
+                     for s in fam.samples
+                     if s.name == "apportion_requests_total" and s.labels.get("outcome") == "completed"}
+        assert completed["double"] == 2  # warm-up calls are not requests
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _cfg(signature: str) -> str:
+    return f'[models.m]\nfactory = "process_models:echo"\n[models.m.signature]\n{signature}\n'
+
+
+@pytest.mark.parametrize("signature,key,message", [
+    ('inputs = []\noutputs = [{ name = "y", datatype = "FP32", shape = [-1] }]', "models.m.signature.inputs",
+     "give a list of tensors"),
+    ('inputs = [{ name = "x", datatype = "FP32", shape = [-1], colour = 1 }]\n'
+     'outputs = [{ name = "y", datatype = "FP32", shape = [-1] }]', "models.m.signature.inputs[0].colour",
+     "unknown key"),
+    ('inputs = [{ name = "x", datatype = "FP33", shape = [-1] }]\n'
+     'outputs = [{ name = "y", datatype = "FP32", shape = [-1] }]', "models.m.signature.inputs[0]", "datatype"),
+    ('inputs = [{ name = "x", shape = [-1] }]\noutputs = [{ name = "y", datatype = "FP32", shape = [-1] }]',
+     "models.m.signature.inputs[0].datatype", "missing"),
+    ('inputs = [{ name = "x", datatype = "FP32", shape = [-1] }]\n'
+     'outputs = [{ name = "y", datatype = "FP32", shape = [-1] }]\ntensor = "jax"', "models.m.signature.tensor",
+     "'numpy' or 'torch'"),
+])
+def test_signature_errors_name_the_key(signature: str, key: str, message: str) -> None:
+    with pytest.raises(ap.ConfigError) as err:
+        signatures(Config.loads(_cfg(signature), "s.toml"))
+    assert err.value.key == key and message in str(err.value)
+
+
+def test_a_config_without_signatures_is_refused() -> None:
+    with pytest.raises(ap.ConfigError, match="no model declares a signature"):
+        signatures(Config.loads('[models.m]\nfactory = "process_models:echo"\n', "s.toml"))
+
+
+def test_signatures_round_trip_through_toml() -> None:
+    cfg = Config.loads(CONFIG, "s.toml")
+    again = Config.loads(cfg.to_toml(), "again.toml")
+    assert again.models == cfg.models
+    assert signatures(again)["double"] == signatures(cfg)["double"]
