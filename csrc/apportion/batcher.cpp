@@ -43,6 +43,14 @@ Batcher::Fit Batcher::offer(Request* r, int64_t deadline, int64_t now) {
     return Fit::next_batch;
   }
   if (batch_.empty()) opened_ = now;
+  if (!seen_submit_) {
+    seen_submit_ = true;
+    last_submit_ = r->submit_ns;
+  } else if (r->submit_ns > last_submit_) {
+    const int64_t gap = r->submit_ns - last_submit_;
+    gap_ns_ = gap_ns_ == 0 ? gap : gap_ns_ + (gap - gap_ns_) / 8;
+    last_submit_ = r->submit_ns;
+  }
   batch_.push_back(r);  // reserved: never allocates
   min_deadline_ = limit;
   return batch_.size() >= opt_.max_size ? Fit::full : Fit::joined;
@@ -53,7 +61,15 @@ bool Batcher::preferred(std::size_t n) const noexcept {
 }
 
 bool Batcher::dispatch_now(bool stopping) const noexcept {
-  return stopping || preferred(batch_.size());
+  return stopping || preferred(batch_.size()) || !waiting_pays();
+}
+
+bool Batcher::waiting_pays() const noexcept {
+  const std::size_t n = batch_.size();
+  const int64_t one = batch_estimate_ns(cost_ns_, 1), now = batch_estimate_ns(cost_ns_, n),
+                more = batch_estimate_ns(cost_ns_, n + 1);
+  if (gap_ns_ == 0 || one == 0 || now == 0 || more == 0) return true;
+  return gap_ns_ < now + one - more;
 }
 
 int64_t Batcher::wait_until() const noexcept {

@@ -9,6 +9,12 @@
 // of the requests already in it; one that no call could serve in time is hopeless (expired, or
 // delayed); one that only this batch would make late, or that would make this batch late, opens
 // the next batch.
+//
+// Waiting for one more request pays only when the next one is expected sooner than the worker
+// time a bigger batch saves: c(n) + c(1) - c(n+1) by the measured call costs. The expected wait
+// is a moving average of the gaps between the submissions of the requests this worker batched.
+// A single closed-loop client (the next request comes only after this one's answer) therefore
+// never waits, and batching costs it nothing against not batching.
 #pragma once
 
 #include <cstddef>
@@ -53,9 +59,16 @@ class Batcher {
   /// Offers a request taken at `now` with deadline `deadline` (Request::kNoDeadline: none).
   Fit offer(Request* r, int64_t deadline, int64_t now);
 
-  /// With nothing queued right now: whether to dispatch at once (the model is `stopping`, or
-  /// the batch has a preferred size) instead of waiting for more.
+  /// With nothing queued right now: whether to dispatch at once (the model is `stopping`, the
+  /// batch has a preferred size, or waiting for the next request would not pay, see
+  /// waiting_pays()) instead of waiting for more.
   bool dispatch_now(bool stopping) const noexcept;
+  /// Whether the next request is expected (arrival_gap_ns()) sooner than the worker time one
+  /// more request in this batch saves (c(n) + c(1) - c(n+1), estimated). True while either is
+  /// unknown (no gap seen yet, no call measured): then the batch waits as configured.
+  bool waiting_pays() const noexcept;
+  /// The moving average of the gaps between submissions of the requests offered (0: none yet).
+  int64_t arrival_gap_ns() const noexcept { return gap_ns_; }
   /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
   /// batch opened, or earlier if one more request would make it finish after its earliest
   /// deadline. Only for a non-empty batch.
@@ -99,6 +112,9 @@ class Batcher {
   uint32_t carry_lane_ = 0;
   int64_t opened_ = 0;  // when the batch took its first request
   int64_t min_deadline_ = Request::kNoDeadline;
+  bool seen_submit_ = false;
+  int64_t last_submit_ = 0;  // the latest submission time among the requests offered
+  int64_t gap_ns_ = 0;
 };
 
 }  // namespace apportion

@@ -54,21 +54,50 @@ TEST_F(EngineBatching, PartialBatchWaitsForMaxDelayThenRuns) {
     ASSERT_EQ(submit(m, lone), Admit::ok);
     ASSERT_TRUE(completes(lone)) << "a lone request is served after max_delay, not never";
     EXPECT_EQ(lone->outcome(), Outcome::ok);
-    // It waited for company: the worker dispatched it no earlier than max_delay after taking it.
+    // It waited for company (nothing known yet about arrivals or call costs): the worker
+    // dispatched it no earlier than max_delay after taking it.
     EXPECT_GE(lone->start_ns - lone->submit_ns, kDelay);
-    // A request arriving while the batch waits joins it.
-    TestRef a = make(2);
-    ASSERT_EQ(submit(m, a), Admit::ok);
-    std::this_thread::sleep_for(2ms);
-    TestRef b = make(3);
-    ASSERT_EQ(submit(m, b), Admit::ok);
-    ASSERT_TRUE(completes(a));
-    ASSERT_TRUE(completes(b));
     m.close(true);
     m.join();
-    const auto sizes = rec.sizes();
-    ASSERT_EQ(sizes.size(), 2u);
-    EXPECT_EQ(sizes[1], 2u) << "a request that arrives within max_delay joins the batch";
+    // A request arriving while a batch waits joins it (a fresh worker: nothing known again).
+    Recorder rec2;
+    Model m2(batching_opts(8, kDelay), recording_handler(rec2, nullptr));
+    ASSERT_EQ(m2.start(), 0u);
+    TestRef a = make(2);
+    ASSERT_EQ(submit(m2, a), Admit::ok);
+    std::this_thread::sleep_for(2ms);
+    TestRef b = make(3);
+    ASSERT_EQ(submit(m2, b), Admit::ok);
+    ASSERT_TRUE(completes(a));
+    ASSERT_TRUE(completes(b));
+    m2.close(true);
+    m2.join();
+    const auto sizes = rec2.sizes();
+    ASSERT_EQ(sizes.size(), 1u);
+    EXPECT_EQ(sizes[0], 2u) << "a request that arrives within max_delay joins the batch";
+  });
+}
+
+TEST_F(EngineBatching, AClosedLoopClientDoesNotWaitForCompanyThatCannotCome) {
+  // One client that submits its next request only after the previous answer: once the worker
+  // has seen the gap between requests and measured a call, a batch of one is dispatched at
+  // once instead of after max_delay.
+  guarded(30s, [] {
+    Recorder rec;
+    constexpr int64_t kDelay = 50'000'000;
+    Model m(batching_opts(8, kDelay), recording_handler(rec, nullptr));
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<int64_t> waits;
+    for (uint64_t i = 0; i < 6; ++i) {
+      TestRef r = make(i);
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+      waits.push_back(r->start_ns - r->submit_ns);
+    }
+    m.close(true);
+    m.join();
+    EXPECT_GE(waits[0], kDelay) << "the first waits: nothing known yet";
+    for (std::size_t i = 2; i < waits.size(); ++i) EXPECT_LT(waits[i], kDelay / 2) << i;
   });
 }
 
@@ -299,6 +328,75 @@ TEST_F(EngineBatching, BatcherKeepsRequestsOutOfBatchesThatWouldFinishLate) {
   ASSERT_EQ(b.offer(&r[2], 1'250, 1'000), Fit::joined) << "it opens the next batch";
   EXPECT_EQ(b.offer(&r[3], kNone, 1'000), Fit::next_batch)
       << "no deadline of its own, but the batch's earliest one binds it";
+}
+
+// Costs by size (index = size): a call of one takes 1,000 ns, of two 1,200, of three 1,500.
+const std::vector<int64_t> kCurve{0, 1'000, 1'200, 1'500};
+
+void submitted_at(Request& r, int64_t ns) { r.submit_ns = ns; }
+
+TEST(BatcherWaiting, WaitsWhileNothingIsKnown) {
+  const BatchingOptions opt{3, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[1];
+  submitted_at(r[0], 100);
+  ASSERT_EQ(b.offer(&r[0], kNone, 200), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(), 0) << "one submission: no gap yet";
+  EXPECT_TRUE(b.waiting_pays());
+  EXPECT_FALSE(b.dispatch_now(false));
+  const std::vector<int64_t> unmeasured;
+  Batcher fresh(opt, unmeasured);
+  Request s[2];
+  submitted_at(s[0], 100);
+  submitted_at(s[1], 100'000);
+  ASSERT_EQ(fresh.offer(&s[0], kNone, 100), Fit::joined);
+  ASSERT_EQ(fresh.offer(&s[1], kNone, 100'000), Fit::joined);
+  EXPECT_TRUE(fresh.waiting_pays()) << "no call measured";
+}
+
+TEST(BatcherWaiting, DispatchesAtOnceWhenTheNextRequestIsFartherThanTheSaving) {
+  // A batch of one; one more would save c(1) + c(1) - c(2) = 800 ns of worker time.
+  const BatchingOptions opt{3, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[3];
+  submitted_at(r[0], 0);
+  submitted_at(r[1], 5'000);  // a closed-loop client: one request per round trip
+  ASSERT_EQ(b.offer(&r[0], kNone, 10), Fit::joined);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[1], kNone, 5'010), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(), 5'000);
+  EXPECT_FALSE(b.waiting_pays());
+  EXPECT_TRUE(b.dispatch_now(false));
+}
+
+TEST(BatcherWaiting, WaitsWhenRequestsArriveFasterThanTheSaving) {
+  const BatchingOptions opt{3, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[2];
+  submitted_at(r[0], 1'000);
+  submitted_at(r[1], 1'300);  // 300 ns apart: sooner than the 800 ns a batch of two saves
+  ASSERT_EQ(b.offer(&r[0], kNone, 1'400), Fit::joined);
+  ASSERT_EQ(b.offer(&r[1], kNone, 1'400), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(), 300);
+  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 ns.
+  EXPECT_TRUE(b.waiting_pays());
+  EXPECT_FALSE(b.dispatch_now(false));
+  EXPECT_TRUE(b.dispatch_now(true)) << "stopping always dispatches";
+}
+
+TEST(BatcherWaiting, TheGapIsAMovingAverageOverBatches) {
+  const BatchingOptions opt{8, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[3];
+  submitted_at(r[0], 0);
+  submitted_at(r[1], 800);
+  submitted_at(r[2], 9'600);
+  b.offer(&r[0], kNone, 1);
+  b.offer(&r[1], kNone, 801);
+  EXPECT_EQ(b.arrival_gap_ns(), 800);
+  b.clear();  // the estimate outlives the batch
+  b.offer(&r[2], kNone, 9'601);
+  EXPECT_EQ(b.arrival_gap_ns(), 800 + (8'800 - 800) / 8);
 }
 
 }  // namespace
