@@ -268,6 +268,8 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("goodput", "min_fraction"), default="goodput",
                    help="maximise total goodput (default) or the minimum fraction of demand served")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch considered; 1 disables batching (default 8)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="validate each SLO tightened by this fraction (default 0.1: p99 within 90%% of it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     _add_root(p)
 
@@ -277,8 +279,11 @@ def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
 
     if not args.budget_s > 0:
         raise ConfigError("<command line>", "--budget-s", f"got {args.budget_s}; give a positive number of seconds")
+    if not 0 <= args.margin < 1:
+        raise ConfigError("<command line>", "--margin", f"got {args.margin}; give a fraction in [0, 1)")
     result = tune(args.config, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
-                  max_batch=max(1, args.max_batch), progress=not args.quiet, out_dir=args.out)
+                  max_batch=max(1, args.max_batch), margin=args.margin, progress=not args.quiet,
+                  out_dir=args.out)
     print(result.why(), file=out)
     print(f"plan: {Path(args.out) / 'plan.toml'}; report: {Path(args.out) / 'report.md'}; "
           f"plot: {Path(args.out) / 'candidates.png'}", file=out)

@@ -310,6 +310,9 @@ def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:
     assert (code, err) == (0, "")
     code, _, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "0")
     assert code == 2 and "--budget-s" in err
+    code, _, err = run("tune", config(tmp_path, SLEEPERS), "--margin", "1.5")
+    assert code == 2 and "--margin" in err and "[0, 1)" in err
+    assert "tightened by a 10% margin" in (out_dir / "report.md").read_text()
 
 
 def test_demo_runs_quickly(tmp_path: Path) -> None:

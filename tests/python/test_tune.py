@@ -240,3 +240,39 @@ def test_apply_keeps_workload_and_replaces_quotas() -> None:
     assert out.models["ranker"].load == cfg.models["ranker"].load
     assert out.models["encoder"] == cfg.models["encoder"]
     assert Shape(2, 4).describe() == "t=2 b<=4"
+
+
+# -- the SLO margin ------------------------------------------------------------------------------
+
+def test_validation_with_a_margin_tightens_each_slo() -> None:
+    from apportion.tune.measure import Settings, measure_config
+
+    # A model that takes ~5 ms against a 20 ms SLO: met as given, missed with an 80% margin
+    # (4 ms).
+    slo = {"latency_ms": 20.0, "percentile": 99.0}
+    cfg = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(5.0)), slo=slo,
+                                          load={"concurrency": 1})})
+    quick = Settings(warmup_s=0.2, window_s=0.3, stable_windows=3, max_s=3.0)
+    loose = measure_config(cfg, quick, margin=0.0)["m"]
+    tight = measure_config(cfg, quick, margin=0.8)["m"]
+    assert loose.p99_ms is not None and loose.p99_ms < 20.0
+    assert loose.slo_met is True and tight.slo_met is False
+    assert tight.goodput < loose.goodput  # counted against 4 ms: none of the ~5 ms requests
+    with pytest.raises(ValueError, match="margin must be in"):
+        measure_config(cfg, quick, margin=1.0)
+
+
+def test_tune_validates_with_its_margin_and_says_so(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    def measure(c: Config) -> dict[str, Measured]:
+        seen.append(1.0)
+        return _fake_measure(c)
+
+    result = tune(_synthetic_config(), budget_s=30, topology_root=str(SERVER), profiles=TRUTH, measure=measure,
+                  progress=False, margin=0.2)
+    assert seen and result.margin == 0.2
+    assert "tightened by a 20% margin" in result.report()
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="margin must be a fraction"):
+            tune(_synthetic_config(), profiles=TRUTH, measure=measure, progress=False, margin=bad)

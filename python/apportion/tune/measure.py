@@ -14,6 +14,12 @@ from .search import Measured, batching_for
 __all__ = ["Settings", "measure_config", "profile_model"]
 
 
+def _tightened(load: ld.ModelLoad, margin: float) -> ld.ModelLoad:
+    if margin == 0 or load.slo is None or load.slo.latency_ms is None:
+        return load
+    return replace(load, slo=replace(load.slo, latency_ms=load.slo.latency_ms * (1.0 - margin)))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Load-run lengths (seconds)."""
@@ -38,9 +44,13 @@ class Settings:
 
 
 def measure_config(config: Config, settings: Settings = Settings(), *, topology_root: str = "/",
-                   seed: int | None = 0) -> dict[str, Measured]:
-    """Serves ``config`` and puts its load on it (:func:`apportion.load.run`); per model figures."""
-    loads = config.model_loads()
+                   seed: int | None = 0, margin: float = 0.0) -> dict[str, Measured]:
+    """Serves ``config`` and puts its load on it (:func:`apportion.load.run`); per model figures.
+    ``margin``: a model meets its SLO only with latency_ms x (1 - margin) (and goodput counts
+    the requests within that), so a plan validated here keeps room for a noisier run."""
+    if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
+        raise ValueError(f"measure_config: margin must be in [0, 1), got {margin!r}")
+    loads = [_tightened(ld_, margin) for ld_ in config.model_loads()]
     if not loads:
         raise ConfigError(config.path, "models", "no model has a load; add load = { rate = ... } "
                           "or { concurrency = ... } to the models to measure")

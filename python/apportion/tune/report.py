@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import _table
 from ..config import Config
@@ -30,6 +31,10 @@ class TuneResult:
     elapsed_s: float
     budget_s: float
     total_cores: int
+    margin: float = 0.0
+    """The SLO margin candidates were validated with (latency_ms x (1 - margin))."""
+    settings: Any = None
+    """The validation runs' lengths (a tune.measure.Settings), when runs were measured."""
 
     def report(self) -> str:
         """Markdown: the workload, the profiles and fits, every candidate and why the winner won."""
@@ -37,7 +42,10 @@ class TuneResult:
         lines = ["# apportion tune report", "",
                  f"Objective: maximise {obj}. {self.total_cores} cores. "
                  f"Search took {self.elapsed_s:.1f} s of a {self.budget_s:.0f} s budget; "
-                 f"{len(self.candidates)} candidates validated under the mixed load.", "",
+                 f"{len(self.candidates)} candidates validated under the mixed load"
+                 + (f", each model's SLO tightened by a {self.margin:.0%} margin" if self.margin else "")
+                 + (f", over {self.settings.stable_windows} stable windows of {self.settings.window_s:g} s"
+                    if self.settings is not None else "") + ".", "",
                  "## Workload", ""]
         demand = self.config.demand()
         rows = []

@@ -26,6 +26,7 @@ def tune(
     topology_root: str = "/",
     max_batch: int = 8,
     validate_top: int = 3,
+    margin: float = 0.1,
     progress: bool | TextIO = True,
     profiles: Mapping[str, Sequence[Sample] | CostModel] | None = None,
     measure: Callable[[Config], Mapping[str, Measured]] | None = None,
@@ -39,6 +40,9 @@ def tune(
     ``objective``: "goodput" (total requests/s within SLOs) or "min_fraction" (the worst-served
     model's fraction of its demand). ``budget_s`` bounds the search (profiling and validation
     runs are sized to it). ``max_batch``: the largest batch considered (1 disables batching).
+    ``margin``: a candidate meets a model's SLO only if its latency percentile stays within
+    latency_ms x (1 - margin) over the validation's stable windows (default 10%): a plan that
+    meets its SLO by a hair in one short run misses it in the next.
     ``profiles``: per model, profile samples or a ready CostModel (skips profiling).
     ``measure``: replaces validation load runs (``measure(config) -> {model: Measured}``).
     ``out_dir``: also write plan.toml, report.md and candidates.png there.
@@ -46,6 +50,8 @@ def tune(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"tune: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and 0 <= margin < 1):
+        raise ValueError(f"tune: margin must be a fraction in [0, 1), got {margin!r}")
     if not (isinstance(budget_s, (int, float)) and budget_s > 0):
         raise ValueError(f"tune: budget_s must be a positive number of seconds, got {budget_s!r}")
     cfg = config if isinstance(config, Config) else Config.load(config)
@@ -94,7 +100,7 @@ def tune(
     candidates = first_candidates(alloc, total_cores, validate_top)
 
     # 4. validate, then refine
-    run_measure = measure or (lambda c: measure_config(c, settings, topology_root=topology_root))
+    run_measure = measure or (lambda c: measure_config(c, settings, topology_root=topology_root, margin=margin))
     for c in candidates:
         bar(f"validating '{c.name}'")
         c.measured = dict(run_measure(apply(cfg, c.choices)))
@@ -126,7 +132,7 @@ def tune(
     bar(f"done: '{winner.name}'")
     bar.done()
     result = TuneResult(apply(cfg, winner.choices), winner, candidates, samples, costs, alloc, objective,
-                        clock() - t0, float(budget_s), total_cores)
+                        clock() - t0, float(budget_s), total_cores, float(margin), settings)
     if out_dir is not None:
         result.write(out_dir)
     return result

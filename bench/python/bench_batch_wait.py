@@ -1,0 +1,81 @@
+"""Does batching cost a closed-loop client anything? A torch MLP (256-1024-1024-256, one thread
+per instance, two instances) served without batching and with Batching(16, 2 ms), N closed-loop
+clients calling rt.call, in one run.
+
+    python bench/python/bench_batch_wait.py [--clients 1,8] [--seconds 3] [--label new]
+
+Prints req/s and p50/p99 (ms) per configuration and the batching/no-batching throughput ratio.
+Run it with two builds (PYTHONPATH=<checkout>/python) to compare them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import apportion as ap
+
+
+def build(ctx: ap.InstanceContext):  # noqa: ANN201 - a factory
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                              torch.nn.ReLU(), torch.nn.Linear(1024, 256)).eval()
+    return net
+
+
+def run(batching: ap.Batching | None, clients: int, seconds: float) -> tuple[float, float, float]:
+    import torch
+
+    rt = ap.Runtime()
+    rt.add_model("mlp", factory=build, instances=2, threads=1, batching=batching, max_queue=256)
+    rt.start()
+    # Warmed by hand (older builds have no warmup=): both instances, batches of several sizes.
+    for _ in range(3):
+        for f in rt.submit_many("mlp", [torch.randn(256) for _ in range(16)]):
+            f.result()
+    lat: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        x = torch.randn(256)
+        mine = []
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            rt.call("mlp", x)
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    rt.close()
+    lat.sort()
+    return len(lat) / elapsed, statistics.median(lat) * 1e3, lat[int(0.99 * (len(lat) - 1))] * 1e3
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", default="1,8")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--label", default="")
+    args = p.parse_args()
+    for n in (int(c) for c in args.clients.split(",")):
+        plain = run(None, n, args.seconds)
+        batched = run(ap.Batching(16, 2.0), n, args.seconds)
+        print(f"{args.label} clients={n}: no batching {plain[0]:7.0f} req/s p50 {plain[1]:.2f} p99 {plain[2]:.2f} ms | "
+              f"Batching(16, 2 ms) {batched[0]:7.0f} req/s p50 {batched[1]:.2f} p99 {batched[2]:.2f} ms | "
+              f"ratio {batched[0] / plain[0]:.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
