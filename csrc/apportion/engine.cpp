@@ -70,6 +70,8 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
                                 std::to_string(LaneSet::kMaxLevels) + ")");
   }
   if (opts_.pool == nullptr) opts_.burst_instances = 0;
+  // With on_timeout=delay a late request still runs: nothing to expire early.
+  if (opts_.on_timeout == OnTimeout::reject) expiry_ = std::make_shared<ExpiryHeap>();
   if (opts_.pool != nullptr) {
     member_ = opts_.pool->join(opts_.name, opts_.weight, opts_.priority_class);
   }
@@ -131,6 +133,21 @@ Model::~Model() {
 uint32_t Model::start() {
   if (started_) return 0;
   started_ = true;
+  if (expiry_ != nullptr) {
+    expiry_thread_ = std::thread([this] {
+#if defined(__linux__)
+      pthread_setname_np(pthread_self(), "ap:expiry");
+#endif
+      expiry_->run([this](Request* r, int64_t now) {
+        if (r->try_claim(RequestState::claimed)) {
+          r->start_ns = now;
+          handler_->abandon(nullptr, r, Outcome::expired);  // takes the heap's reference
+        } else {
+          handler_->release(r);  // running or completed: its owner completes it
+        }
+      });
+    });
+  }
   for (auto& w : workers_) {
     Worker* wp = w.get();
     wp->thread = std::thread([this, wp] { worker_main(*wp); });
@@ -492,6 +509,12 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     r->submit_ns = now;
     r->submit_cpu = cpu;
     r->counters = counters_;
+    if (expiry_ != nullptr && r->deadline_ns != Request::kNoDeadline) {
+      // Once every field above is set (the timer may complete it at once), and before the
+      // push (a worker may complete it at once too).
+      r->expiry = expiry_;
+      expiry_->add(r);
+    }
     // Admission guarantees a free cell and close() waits for us (see LaneSet::push).
     lanes_.push(r->group < groups ? r->group : routed, r->priority, r);
   }
@@ -516,6 +539,10 @@ void Model::close(bool drain) noexcept {
 }
 
 void Model::join() {
+  if (expiry_ != nullptr) {
+    expiry_->stop();
+    if (expiry_thread_.joinable()) expiry_thread_.join();
+  }
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
   }
@@ -526,6 +553,10 @@ void Model::join() {
   while (lanes_.try_take(Worker::kNoGroup, r, lane)) {
     queued_.fetch_sub(1, std::memory_order_relaxed);
     if (claim_or_release(r, RequestState::claimed)) handler_->abandon(nullptr, r, Outcome::cancelled);
+  }
+  // Every request is complete, so none is left in the expiry heap; in case: references back.
+  if (expiry_ != nullptr) {
+    for (Request* left : expiry_->drain()) handler_->release(left);
   }
 }
 
@@ -539,6 +570,7 @@ bool Model::cancel(Request* r) {
 }
 
 void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
+  if (r.expiry != nullptr) r.expiry->remove(&r);
   const int64_t end = now_ns();
   r.end_ns = end;
   if (r.counters) r.counters->count(o);

@@ -40,6 +40,7 @@
 #include "apportion/lanes.hpp"
 #include "apportion/mpmc_queue.hpp"
 #include "apportion/placement.hpp"
+#include "apportion/expiry.hpp"
 #include "apportion/request.hpp"
 #include "apportion/shared_pool.hpp"
 
@@ -103,6 +104,9 @@ class ModelHandler {
   /// Python handler keeps the GIL: one acquisition for a run of requests instead of one each)
   /// lets go of it here. Only called when `Worker::may_linger` is set.
   virtual void idle(Worker& /*w*/) {}
+  /// Drops a reference to `r` that a thread of the engine's own (the expiry timer) holds and
+  /// did not hand to abandon(). Any thread; the handler adds what releasing needs.
+  virtual void release(Request* r) { Request::release(r); }
 };
 
 /// What a worker does with a request whose deadline passed (or, when batching, would pass
@@ -267,6 +271,9 @@ class Model {
   std::shared_ptr<ModelHandler> handler_;
   std::shared_ptr<ModelCounters> counters_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  // Prompt expiry (on_timeout=reject): the heap of requests with a deadline, and its timer.
+  std::shared_ptr<ExpiryHeap> expiry_;
+  std::thread expiry_thread_;
   // Origins of the snapshots of this model's four histograms (queue wait, compute, end to
   // end, batch size), so a window is never taken between two different histograms.
   const uint64_t origin_ = LogHistogram::new_origins(4);

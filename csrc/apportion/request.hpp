@@ -52,6 +52,8 @@ struct ModelCounters {
   }
 };
 
+class ExpiryHeap;
+
 /// Base of every request. Intrusively reference counted; the payload lives in a subclass.
 class Request {
  public:
@@ -156,6 +158,10 @@ class Request {
   /// The CPU of the worker running it, set only when that is the submitter's CPU (-1:
   /// otherwise, or not running yet). A waiter's spin reads it.
   std::atomic<int32_t> worker_cpu{-1};
+  /// Where this request sits in its model's expiry heap (-1: not in it); guarded by the heap.
+  int64_t heap_index = -1;
+  /// The expiry heap holding it (models with prompt expiry); set before it is queued.
+  std::shared_ptr<ExpiryHeap> expiry;
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.
   uint32_t group = UINT32_MAX;

@@ -249,6 +249,12 @@ class PyHandler final : public ModelHandler {
     w.user = nullptr;
   }
 
+  void release(Request* r) override {
+    if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
+    py::gil_scoped_acquire gil;  // the last reference frees the request's Python objects
+    Request::release(r);
+  }
+
   void idle(Worker& w) override {
     auto* st = static_cast<WorkerState*>(w.user);
     if (st != nullptr && st->holding) release_gil(*st);

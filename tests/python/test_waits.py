@@ -260,3 +260,62 @@ def test_a_forked_child_refuses_the_parents_runtime_and_exits() -> None:
     assert "new runtime in the child: 20" in out
     assert "child status 0" in out
     assert "parent serves 2 5" in out
+
+
+# -- prompt expiry ---------------------------------------------------------------------------------
+
+def test_a_queued_request_expires_at_its_deadline_while_the_worker_is_busy(rt: ap.Runtime, gate: Any) -> None:
+    rt.add_model("m", model=gate)
+    rt.start()
+    blocker = rt.submit("m", "long")
+    assert gate.entered.wait(10)
+    t0 = time.monotonic()
+    late = rt.submit("m", "late", timeout_ms=20)
+    with pytest.raises(ap.DeadlineExceeded, match="deadline of 20.000 ms passed"):
+        late.result(5)
+    assert time.monotonic() - t0 < 0.5  # at its deadline, not when the 30 s call ends
+    s = rt.stats()["m"]
+    assert (s.expired, s.queued) == (1, 1)  # counted once; its cell is freed when a worker passes it
+    gate.release.set()
+    assert blocker.result(10) == "long"
+    rt.close()
+    assert gate.calls == ["long"]  # never run afterwards
+    s = rt.stats()["m"]
+    assert (s.submitted, s.completed, s.expired, s.queued) == (2, 1, 1, 0)
+
+
+def test_with_on_timeout_delay_a_late_request_still_runs(rt: ap.Runtime, gate: Any) -> None:
+    rt.add_model("m", model=gate, on_timeout="delay")
+    rt.start()
+    blocker = rt.submit("m", "long")
+    assert gate.entered.wait(10)
+    late = rt.submit("m", "late", timeout_ms=20)
+    time.sleep(0.1)
+    assert not late.done()
+    gate.release.set()
+    assert late.result(10) == "late" and blocker.result(10) == "long"
+    assert rt.stats()["m"].delayed == 1
+
+
+def test_expiry_races_completion_and_cancellation_exactly_once(rt: ap.Runtime, tally: Any) -> None:
+    # Deadlines around the service time: the timer, the workers and cancelling callers race
+    # for the same requests; each completes once, and the counts add up.
+    rt.add_model("m", model=lambda x: time.sleep(0.0005) or x, instances=2, max_queue=4096)
+    rt.start()
+    futs = []
+    for i in range(3000):
+        f = tally.watch(rt.submit("m", i, timeout_ms=0.2 + (i % 7) * 0.5))
+        if i % 11 == 0:
+            f.cancel()
+        futs.append(f)
+    for f in futs:
+        try:
+            f.exception(30)
+        except cf.CancelledError:
+            pass
+    rt.close()
+    with tally.lock:
+        assert [tally.done[id(f)] for f in futs] == [1] * len(futs)
+    s = rt.stats()["m"]
+    assert s.submitted == 3000 == s.completed + s.expired + s.cancelled
+    assert s.expired > 0 and s.completed > 0

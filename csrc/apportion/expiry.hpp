@@ -1,0 +1,77 @@
+// Prompt expiry: queued requests complete with `expired` within about a millisecond of their
+// deadline even while every worker is busy in a long call, instead of when a worker reaches
+// them. One timer thread per model (models with on_timeout=reject) and a min-heap of the
+// requests that have a deadline and are not complete.
+//
+// The heap holds a reference to each request in it. A request leaves it when it completes
+// (Model::complete removes it, on the completing thread) or when its deadline passes (the timer
+// pops it, then claims it: a request already running or completed is left to its owner and the
+// timer's reference goes back through the handler, which knows what releasing needs, e.g. the
+// GIL). So the heap never holds more than the model's queued and running requests: a completed
+// request, and its result, are never kept alive until their deadline.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "apportion/request.hpp"
+
+namespace apportion {
+
+class ExpiryHeap {
+ public:
+  /// Adds `r` (deadline set) and takes a reference to it. Wakes the timer if `r` is now first.
+  void add(Request* r);
+  /// Takes `r` out if it is in (then drops the heap's reference; never the last one: its
+  /// completer holds one). Called by Model::complete.
+  void remove(Request* r) noexcept;
+  /// The timer's loop: pops each request whose deadline passed and hands it to `expire`
+  /// (which owns the heap's reference from then on), until stop(). Never holds the heap's lock
+  /// while `expire` runs.
+  template <class Expire>
+  void run(Expire&& expire);
+  void stop();
+  /// Requests still in (tests, and a last sweep after the workers are gone).
+  std::size_t size() const;
+  /// Removes and returns everything left (the caller owns those references).
+  std::vector<Request*> drain();
+
+ private:
+  void sift_up(std::size_t i) noexcept;
+  void sift_down(std::size_t i) noexcept;
+  void erase_at(std::size_t i) noexcept;
+  void place(std::size_t i, Request* r) noexcept {
+    heap_[i] = r;
+    r->heap_index = static_cast<int64_t>(i);
+  }
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Request*> heap_;
+  bool stop_ = false;
+};
+
+template <class Expire>
+void ExpiryHeap::run(Expire&& expire) {
+  std::unique_lock lock(mu_);
+  while (!stop_) {
+    if (heap_.empty()) {
+      cv_.wait(lock);
+      continue;
+    }
+    const int64_t deadline = heap_.front()->deadline_ns, now = now_ns();
+    if (deadline > now) {
+      cv_.wait_for(lock, std::chrono::nanoseconds(deadline - now));
+      continue;
+    }
+    Request* r = heap_.front();
+    erase_at(0);
+    lock.unlock();
+    expire(r, now);
+    lock.lock();
+  }
+}
+
+}  // namespace apportion

@@ -1,0 +1,100 @@
+// Prompt expiry: the heap's order and bookkeeping alone, and a model whose only worker is busy
+// expiring a queued request at its deadline.
+#include <gtest/gtest.h>
+
+#include "engine_fixture.hpp"
+
+#include "apportion/expiry.hpp"
+
+namespace apportion::testing::engine {
+namespace {
+
+using apportion::ExpiryHeap;
+
+TestRef due_at(uint64_t tag, int64_t deadline) {
+  TestRef r = make(tag);
+  r->deadline_ns = deadline;
+  return r;
+}
+
+TEST(ExpiryHeapTest, PopsInDeadlineOrderAndRemovesAnyEntry) {
+  auto heap = std::make_shared<ExpiryHeap>();
+  std::vector<TestRef> rs;
+  for (int64_t d : {50, 10, 40, 20, 30, 60}) rs.push_back(due_at(static_cast<uint64_t>(d), d));
+  for (auto& r : rs) heap->add(r.get());
+  EXPECT_EQ(heap->size(), 6u);
+  heap->remove(rs[2].get());  // 40
+  heap->remove(rs[2].get());  // twice: nothing more
+  EXPECT_EQ(rs[2]->heap_index, -1);
+  EXPECT_EQ(heap->size(), 5u);
+  std::vector<int64_t> order;
+  std::thread timer([&] {
+    heap->run([&](Request* r, int64_t) {
+      order.push_back(r->deadline_ns);
+      EXPECT_EQ(r->heap_index, -1);
+      Request::release(r);  // the heap's reference, handed over
+      if (order.size() == 5) heap->stop();
+    });
+  });
+  timer.join();  // every deadline (tens of ns after the clock's epoch) has long passed
+  EXPECT_EQ(order, (std::vector<int64_t>{10, 20, 30, 50, 60}));
+  EXPECT_EQ(heap->size(), 0u);
+  for (auto& r : rs) EXPECT_EQ(r->heap_index, -1);
+}
+
+TEST(ExpiryHeapTest, DrainHandsBackWhatIsLeft) {
+  ExpiryHeap heap;
+  TestRef a = due_at(1, now_ns() + 60'000'000'000), b = due_at(2, now_ns() + 30'000'000'000);
+  heap.add(a.get());
+  heap.add(b.get());
+  auto left = heap.drain();
+  ASSERT_EQ(left.size(), 2u);
+  EXPECT_EQ(left[0], b.get()) << "the earliest first";
+  for (Request* r : left) {
+    EXPECT_EQ(r->heap_index, -1);
+    Request::release(r);
+  }
+}
+
+TEST_F(EngineTest, AQueuedRequestExpiresAtItsDeadlineWhileTheWorkerIsBusy) {
+  guarded(30s, [] {
+    Gate gate;
+    auto h = std::make_shared<TestHandler>();
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 1) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    ModelOptions o;
+    o.name = "m";
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef busy = make(1);
+    ASSERT_EQ(submit(m, busy), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef late = make(2);
+    late->deadline_ns = now_ns() + 20'000'000;
+    ASSERT_EQ(submit(m, late), Admit::ok);
+    ASSERT_TRUE(late->wait_done(5'000'000'000));
+    const int64_t lateness = late->end_ns - late->deadline_ns;
+    EXPECT_EQ(late->outcome(), Outcome::expired);
+    EXPECT_GE(lateness, 0);
+    EXPECT_LT(lateness, 200'000'000) << "expired at its deadline, not when the call ends";
+    EXPECT_FALSE(busy->done());
+    gate.open();
+    ASSERT_TRUE(completes(busy));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(late->runs.load(), 0) << "never run afterwards";
+    EXPECT_EQ(late->completions.load(), 1) << "completed once";
+    EXPECT_EQ(h->abandons_without_worker.load(), 1) << "by the timer, not a worker";
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.completed, 1u);
+  });
+}
+
+}  // namespace
+}  // namespace apportion::testing::engine
