@@ -175,12 +175,15 @@ TEST(IdleProbe, ACpuKeptBusyIsNotIdleAndItsFirstAnswerIsIdle) {
   const auto cpus = two_cpus();
   if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
   guarded(30s, [&] {
-    std::atomic<bool> stop{false};
+    std::atomic<bool> stop{false}, running{false};
     std::thread hog([&] {
       pin_self(cpus[1]);
+      running = true;
       while (!stop.load(std::memory_order_relaxed)) {
       }
     });
+    while (!running.load()) std::this_thread::yield();
+    std::this_thread::sleep_for(20ms);  // cpus[1] busy well before the first sample
     bool first = false, later = true;
     std::thread probe([&] {
       pin_self(cpus[0]);

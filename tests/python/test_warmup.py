@@ -67,7 +67,9 @@ def test_warmed_instances_serve_their_first_request_at_steady_speed(rt: ap.Runti
     warm = [x for x, _ in model.calls]
     assert sorted(warm) == sorted(["a", "b"] * instances)  # each instance ran each sample, before start returned
     first, steady = first_and_steady(rt, model, "m")
-    assert first <= 1.5 * steady + 0.002  # within 1.5x of the steady state (2 ms of slack for the clock)
+    # Within 1.5x of the steady state; a loaded machine may stall any one call for a few ms, so
+    # the bound never goes below a quarter of what a cold first call costs.
+    assert first <= max(1.5 * steady, SLOW_FIRST_S / 4)
 
 
 def test_batching_models_are_warmed_at_each_batch_size(rt: ap.Runtime) -> None:
@@ -92,7 +94,7 @@ def test_a_model_added_to_a_running_runtime_is_warm_before_add_model_returns(rt:
     rt.add_model("m", model=model, warmup=[0])
     assert [x for x, _ in model.calls] == [0]  # warmed before it became callable
     first, steady = first_and_steady(rt, model, "m")
-    assert first <= 1.5 * steady + 0.002
+    assert first <= max(1.5 * steady, SLOW_FIRST_S / 4)
 
 
 def test_requests_queued_before_start_run_after_the_warm_up(rt: ap.Runtime) -> None:
