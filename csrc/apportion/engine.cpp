@@ -5,6 +5,8 @@
 #include "apportion/affinity.hpp"
 
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -159,6 +161,13 @@ uint32_t Model::start() {
 
 void Model::worker_main(Worker& w) {
   name_thread(opts_.name, w.index);
+#if defined(__linux__)
+  w.tid.store(static_cast<int>(::syscall(SYS_gettid)), std::memory_order_release);
+#endif
+  struct Gone {
+    Worker& w;
+    ~Gone() { w.tid.store(0, std::memory_order_release); }
+  } gone{w};
   if (w.index < opts_.placement.size()) {
     const AffinityResult pinned = apply_placement(opts_.placement[w.index], opts_.memory_policy);
     if (!pinned.ok) w.pin_error = pinned.error;
@@ -608,6 +617,14 @@ void Model::set_placement(std::vector<InstancePlacement> placement, MemoryPolicy
     units = std::max<uint32_t>(units, static_cast<uint32_t>(std::max(opts_.placement[i].threads, 1)));
   }
   if (units != 0) opts_.pool_units = units;
+}
+
+std::vector<int> Model::worker_tids() const {
+  std::vector<int> out;
+  for (const auto& w : workers_) {
+    if (const int t = w->tid.load(std::memory_order_acquire); t != 0) out.push_back(t);
+  }
+  return out;
 }
 
 std::vector<std::string> Model::pin_errors() const {

@@ -72,6 +72,9 @@ struct Worker {
   /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
   /// asked). Written by the worker before it reports started; read after start() returns.
   std::string pin_error;
+  /// The worker thread's kernel id (0 until it runs). Threads it creates (a framework's
+  /// intra-op pool) inherit its name, which is how their CPU time is told apart per model.
+  std::atomic<int> tid{0};
   /// This worker's estimate of a model call's duration by batch size (index = size; 0:
   /// never observed): an EWMA of what it measured. Worker-private; used to keep requests out
   /// of batches that would finish after their deadline.
@@ -208,6 +211,8 @@ class Model {
                      std::optional<std::vector<uint32_t>> groups = std::nullopt);
   /// Pinning refusals, one entry per worker that had one ("instance N: reason"). After start().
   std::vector<std::string> pin_errors() const;
+  /// The kernel thread ids of the workers running now (those that started and did not exit).
+  std::vector<int> worker_tids() const;
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   bool started() const noexcept { return started_; }

@@ -467,6 +467,7 @@ class RuntimeCore {
   }
 
   RuntimeCore(const RuntimeCore&) = delete;
+  const Registry& registry() const noexcept { return *reg_; }
   RuntimeCore& operator=(const RuntimeCore&) = delete;
 
   ~RuntimeCore() {
@@ -1047,6 +1048,13 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
       .def("_check_admin", &RuntimeCore::check_admin, py::arg("what"))
+      .def(
+          "_worker_tids",
+          [](RuntimeCore& rt, const std::string& name) {
+            auto e = rt.registry().find(name);
+            return e == nullptr ? std::vector<int>{} : e->model->worker_tids();
+          },
+          py::arg("model"), "Kernel thread ids of the model's running workers (empty: no such model).")
       .def("_check_not_forked", &RuntimeCore::check_not_forked,
            "Raises RuntimeClosed in a process forked from the one that made this runtime.")
       .def_property_readonly("_forked", &RuntimeCore::forked,

@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .stats import HistogramSnapshot, ModelStats
 
-__all__ = ["CONTENT_TYPE", "StatsCollector", "latency_bounds_ns", "prometheus_text"]
+__all__ = ["CONTENT_TYPE", "CpuCollector", "StatsCollector", "latency_bounds_ns", "prometheus_text"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The Content-Type header value for :func:`prometheus_text`'s output."""
@@ -154,9 +154,32 @@ class StatsCollector(Collector):
             yield gpu
 
 
-def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2) -> str:
+class CpuCollector(Collector):
+    """``apportion_model_cpu_seconds_total{model}`` from ``source()`` (e.g.
+    ``rt.cpu_seconds``): CPU time of each model's worker threads and the threads they created."""
+
+    def __init__(self, source: Callable[[], Mapping[str, float]]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily("apportion_model_cpu_seconds",
+                                  "CPU time (user + system) of the model's worker threads and the "
+                                  "threads they created (intra-op pools).", labels=["model"])
+        for name, secs in self._source().items():
+            cpu.add_metric([name], float(secs))
+        yield cpu
+
+
+def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2,
+                    cpu_seconds: Mapping[str, float] | None = None) -> str:
     """``stats`` (``rt.stats()``) in the Prometheus text exposition format (serve it with
-    ``Content-Type: CONTENT_TYPE``)."""
+    ``Content-Type: CONTENT_TYPE``); with ``cpu_seconds`` (``rt.cpu_seconds()``) also each
+    model's CPU time."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(lambda: stats, per_octave=per_octave))
+    if cpu_seconds is not None:
+        registry.register(CpuCollector(lambda: cpu_seconds))
     return generate_latest(registry).decode()

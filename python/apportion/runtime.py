@@ -22,6 +22,7 @@ from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
+from ._private.cputime import CpuTracker
 from ._private.process import NOT_TAKEN, ProcessInstance, factory_path
 from .spec import DEFAULT_MAX_QUEUE, ModelSpec
 from .stats import ModelStats, RuntimeStats
@@ -191,6 +192,7 @@ class Runtime(_core._Runtime):
         self._models: dict[str, _ModelEntry] = {}
         self._plan: Plan | None = None
         self._gpu = _GpuState()
+        self._cpu = CpuTracker()
         # add_model, remove_model and start change the models' records one at a time; close()
         # does not wait for it (it must be able to stop a start that hangs).
         self._admin = threading.RLock()
@@ -696,6 +698,16 @@ class Runtime(_core._Runtime):
             raise
 
     # -- observability ------------------------------------------------------------------------
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system, seconds) each model has used in this process so far: its
+        worker threads and every thread they created, such as a framework's intra-op pool
+        (those inherit their creator's thread name, which ties them to the model), read from
+        /proc. Exact for a model whose threads stay its own; a thread's time after the last
+        reading before it exits is lost, and a worker process's (isolation="process") is not
+        counted. Costs a /proc read per thread of the process: for a metrics scrape, not a
+        hot path. Zero where /proc is not available."""
+        return self._cpu.read({n: self._worker_tids(n) for n in self.models})
+
     def stats(self) -> RuntimeStats:
         """Per-model counts and latency percentiles (queue wait, compute, end to end)."""
         out = {}

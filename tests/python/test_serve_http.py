@@ -512,6 +512,7 @@ def test_metrics_route_reads_the_runtimes_counters(served: Served) -> None:
                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
     assert samples[("apportion_requests_total", "echo", "completed")] == stats.completed >= 5
     assert samples[("apportion_requests_submitted_total", "echo", None)] == stats.submitted
+    assert samples[("apportion_model_cpu_seconds_total", "echo", None)] >= 0.0  # every model has one
 
 
 def test_signature_with_one_spec_each() -> None:

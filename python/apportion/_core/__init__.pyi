@@ -288,6 +288,10 @@ class _Runtime:
         ...
     def _start(self) -> None:
         ...
+    def _worker_tids(self, model: str) -> list[int]:
+        """
+        Kernel thread ids of the model's running workers (empty: no such model).
+        """
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """
         Unregisters a model: new requests get ModelNotFound; queued ones are finished (drain=True) or cancelled (drain=False); returns once its workers have exited.

@@ -267,7 +267,7 @@ def _params(name: str, where: str, p: Any) -> dict[str, Any]:
 
 
 def _metrics(rt: Runtime) -> bytes:
-    return prometheus_text(rt.stats()).encode()
+    return prometheus_text(rt.stats(), cpu_seconds=rt.cpu_seconds()).encode()
 
 
 def _method(method: str, want: str, scope: Scope) -> None:

@@ -1,0 +1,72 @@
+"""CPU time per model, from /proc: a model's worker threads and every thread they created (a
+framework's intra-op pool inherits its creator's thread name, so the name ties it to the model).
+
+Kept monotonic: a thread that exits keeps the time it was last seen with (what it used after
+the last reading is lost). Linux only; elsewhere every model reads 0.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def _thread_times(tids: Iterable[str] | None = None) -> dict[int, tuple[bytes, float]]:
+    """{tid: (comm, user+system seconds)} of this process's threads."""
+    out: dict[int, tuple[bytes, float]] = {}
+    try:
+        names = os.listdir("/proc/self/task") if tids is None else list(tids)
+    except OSError:
+        return out
+    for t in names:
+        try:
+            with open(f"/proc/self/task/{t}/stat", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue  # exited meanwhile
+        open_paren, close_paren = raw.find(b"("), raw.rfind(b")")
+        fields = raw[close_paren + 2:].split()
+        # After the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        # utime stime (fields 14 and 15 of proc(5)).
+        out[int(t)] = (raw[open_paren + 1:close_paren], (int(fields[11]) + int(fields[12])) * _TICK_S)
+    return out
+
+
+class CpuTracker:
+    """Accumulates per-model CPU seconds across readings (see the module documentation)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[int, tuple[str, float]] = {}  # tid -> (model, seconds when last read)
+        self._gone: dict[str, float] = {}  # model -> seconds of its exited threads
+
+    def read(self, worker_tids: Mapping[str, list[int]]) -> dict[str, float]:
+        """CPU seconds of each model whose workers are ``worker_tids`` (model -> kernel tids)."""
+        threads = _thread_times()
+        comm_of = {}
+        for model, tids in worker_tids.items():
+            for t in tids:
+                if t in threads:
+                    comm_of[threads[t][0]] = model
+        with self._lock:
+            now: dict[int, tuple[str, float]] = {}
+            for tid, (comm, secs) in threads.items():
+                model = comm_of.get(comm)
+                if model is None:
+                    prev = self._seen.get(tid)
+                    if prev is None:
+                        continue
+                    model = prev[0]  # renamed since (a framework naming its threads): still the model's
+                now[tid] = (model, secs)
+            for tid, (model, secs) in self._seen.items():
+                if tid not in now:
+                    self._gone[model] = self._gone.get(model, 0.0) + secs
+            self._seen = now
+            out = {m: self._gone.get(m, 0.0) for m in worker_tids}
+            for model, secs in now.values():
+                if model in out:
+                    out[model] += secs
+            return out

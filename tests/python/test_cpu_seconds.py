@@ -1,0 +1,77 @@
+"""rt.cpu_seconds(): CPU time per model, its worker threads and the threads they created (a
+framework's intra-op pool), and its Prometheus counter."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import apportion as ap
+
+pytestmark = pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"), reason="needs /proc")
+
+
+def burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+class WithPool:
+    """A model that, like a framework, keeps a helper thread it created on its first call and
+    burns CPU in it (0.3 s) and in the worker itself (0.2 s) on each call."""
+
+    def __init__(self) -> None:
+        self.go, self.done = threading.Event(), threading.Event()
+        self.helper: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while True:
+            self.go.wait()
+            self.go.clear()
+            burn(0.3)
+            self.done.set()
+
+    def __call__(self, x: Any) -> Any:
+        if self.helper is None:
+            self.helper = threading.Thread(target=self._loop, daemon=True)
+            self.helper.start()
+        self.go.set()
+        burn(0.2)
+        assert self.done.wait(30)
+        self.done.clear()
+        return x
+
+
+def test_cpu_time_counts_workers_and_the_threads_they_created(rt: ap.Runtime) -> None:
+    rt.add_model("busy", model=WithPool())
+    rt.add_model("idle", model=lambda x: x)
+    rt.start()
+    before = rt.cpu_seconds()
+    assert set(before) == {"busy", "idle"} and before["busy"] < 0.1
+    rt.call("busy", 1)
+    first = rt.cpu_seconds()
+    assert 0.4 <= first["busy"] - before["busy"] <= 0.8  # 0.2 s in the worker + 0.3 s in its helper
+    rt.call("busy", 2)
+    rt.call("idle", 3)
+    second = rt.cpu_seconds()
+    assert 0.4 <= second["busy"] - first["busy"] <= 0.8
+    assert second["idle"] < 0.1
+    rt.close()
+    after = rt.cpu_seconds()
+    assert after["busy"] >= second["busy"]  # monotonic: exited workers keep their time
+
+
+def test_the_prometheus_counter_carries_it() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from apportion.metrics import prometheus_text
+
+    text = prometheus_text({}, cpu_seconds={"a": 1.5, "b": 0.25})
+    got = {s.labels["model"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+           if s.name == "apportion_model_cpu_seconds_total"}
+    assert got == {"a": 1.5, "b": 0.25}
+    assert "apportion_model_cpu_seconds" not in prometheus_text({})
