@@ -276,3 +276,19 @@ def test_tune_validates_with_its_margin_and_says_so(tmp_path: Path) -> None:
     for bad in (-0.1, 1.0, True):
         with pytest.raises(ValueError, match="margin must be a fraction"):
             tune(_synthetic_config(), profiles=TRUTH, measure=measure, progress=False, margin=bad)
+
+
+def test_the_tuner_says_how_much_capacity_is_missing() -> None:
+    # The synthetic demand on a 2-CPU VM: more than it can serve; on the 128-thread server it fits.
+    small = tune(_synthetic_config(), budget_s=30, topology_root=str(FIXTURES / "vm2"), profiles=TRUTH,
+                 measure=_fake_measure, progress=False)
+    missing = small.missing_capacity()
+    assert missing and all(c > 0 for c in missing.values())
+    for name, cores in missing.items():
+        need = next(n for n in small.needs if n.name == name)
+        served, shape = need.served(small.allocation[name].cores + cores)
+        assert served >= 0.99 * (need.wanted(shape) if shape is not None else need.demand)  # enough, by its model
+    assert "more cores for" in small.why() and "more cores for" in small.report()
+    big = tune(_synthetic_config(), budget_s=30, topology_root=SERVER, profiles=TRUTH, measure=_fake_measure,
+               progress=False)
+    assert big.missing_capacity() == {} and big.shortfall() == ""

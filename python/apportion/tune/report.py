@@ -3,7 +3,8 @@ the report and the plot."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,35 @@ class TuneResult:
     """The SLO margin candidates were validated with (latency_ms x (1 - margin))."""
     settings: Any = None
     """The validation runs' lengths (a tune.measure.Settings), when runs were measured."""
+    needs: list[Any] = field(default_factory=list)
+    """What the allocator knew of each model (tune.cost.Need): cost model, demand, SLO."""
+
+    def missing_capacity(self) -> dict[str, float]:
+        """For each model the allocation does not serve in full: how many more cores it would
+        need to serve its whole demand within its SLO, by its fitted cost model (inf: no shape
+        of it meets the SLO at all). Empty when the machine suffices."""
+        out: dict[str, float] = {}
+        for need in self.needs:
+            a = self.allocation.get(need.name)
+            if a is None or a.fraction >= 0.99:
+                continue
+            cores, limit = max(a.cores, 0.5), max(4.0 * self.total_cores, a.cores + 1.0)
+            while cores <= limit:
+                served, shape = need.served(cores)
+                wanted = need.wanted(shape) if shape is not None else (need.demand or 0.0)
+                if wanted > 0 and served >= 0.99 * wanted:
+                    break
+                cores += 0.5
+            else:
+                cores = math.inf
+            out[need.name] = cores - a.cores
+        return out
+
+    def shortfall(self) -> str:
+        """The missing capacity in words ("" when there is none)."""
+        parts = [f"no shape of '{n}' meets its SLO" if math.isinf(c) else f"~{c:.1f} more cores for '{n}'"
+                 for n, c in self.missing_capacity().items()]
+        return ("To serve every model's demand within its SLO: " + "; ".join(parts) + ".") if parts else ""
 
     def report(self) -> str:
         """Markdown: the workload, the profiles and fits, every candidate and why the winner won."""
@@ -103,7 +133,8 @@ class TuneResult:
                 s_w, s_r = w.score(self.objective), r.score(self.objective)
                 rel = f" ({(s_w / s_r - 1) * 100:+.0f}%)" if s_r > 0 else ""
                 text += f" The runner-up '{r.name}' scored {s_r:.3g}{rel}."
-        return text
+        short = self.shortfall()
+        return f"{text} {short}" if short else text
 
     def plot(self, path: str | Path) -> Path:
         """Bar charts of throughput and p99 per model for each candidate (matplotlib, Agg)."""

@@ -132,7 +132,7 @@ def tune(
     bar(f"done: '{winner.name}'")
     bar.done()
     result = TuneResult(apply(cfg, winner.choices), winner, candidates, samples, costs, alloc, objective,
-                        clock() - t0, float(budget_s), total_cores, float(margin), settings)
+                        clock() - t0, float(budget_s), total_cores, float(margin), settings, needs)
     if out_dir is not None:
         result.write(out_dir)
     return result
