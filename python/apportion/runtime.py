@@ -36,6 +36,14 @@ lane group holds max_queue requests, rounded up to a power of two): refused beyo
 _CELL_BYTES = 64
 
 
+def _imported(model: str, field: str, ref: str) -> Any:
+    """The object a spec's "module:function" field names, or a QuotaError naming model and field."""
+    try:
+        return pkgutil.resolve_name(ref)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise QuotaError(f"{ref!r} cannot be imported: {e}", model=model, field=field) from None
+
+
 def _warmup_sizes(spec: ModelSpec) -> list[int]:
     """The batch sizes a batching model is warmed at (see Runtime.add_model)."""
     assert spec.batching is not None
@@ -53,10 +61,7 @@ def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any
     (in the instance's own worker thread, like the factory)."""
     warmup = spec.warmup
     if isinstance(warmup, str):
-        try:
-            warmup = pkgutil.resolve_name(warmup)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise QuotaError(f"{warmup!r} cannot be imported: {e}", model=spec.name, field="warmup") from None
+        warmup = _imported(spec.name, "warmup", warmup)
     samples = warmup if isinstance(warmup, tuple) else None
     make_sample = warmup if callable(warmup) else None
 
@@ -315,10 +320,7 @@ class Runtime(_core._Runtime):
         factory_ref = factory_path(name, spec.factory) if spec.process else None
         if isinstance(spec.factory, str) and not spec.process:
             # A thread instance calls the factory in this process: import it now.
-            try:
-                spec = dataclasses.replace(spec, factory=pkgutil.resolve_name(spec.factory))
-            except (ImportError, AttributeError, ValueError) as e:
-                raise QuotaError(f"{spec.factory!r} cannot be imported: {e}", model=name, field="factory") from None
+            spec = dataclasses.replace(spec, factory=_imported(name, "factory", spec.factory))
         self._check_sharing(spec)
         self._check_admin("add_model()")
         with self._admin:
@@ -472,9 +474,7 @@ class Runtime(_core._Runtime):
         return plan_
 
     def _check_gpu(self, name: str, gpu: GPU) -> None:
-        if not isinstance(gpu, GPU):
-            raise QuotaError(f"model {name!r}, field 'gpu': give apportion.GPU(...), got {gpu!r}")
-        gpu.validate(name)
+        # The quota itself was validated by the ModelSpec; what is checked here is the machine.
         if not gpu_available():
             raise QuotaError(f"model {name!r}, field 'gpu': no usable GPU: {gpu_unavailable_reason()}")
         if self.started:

@@ -43,7 +43,8 @@ def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _is_import_path(ref: str) -> bool:
+def is_import_path(ref: str) -> bool:
+    """Whether ``ref`` has the shape "package.module:attribute" (identifiers only)."""
     module, sep, attr = ref.partition(":")
     return bool(sep) and all(p.isidentifier() for p in module.split(".") + attr.split("."))
 
@@ -107,7 +108,7 @@ class ModelSpec:
         if self.factory is not None and self.model is not None:
             raise bad("factory", "give factory= or model=, not both")
         if isinstance(self.factory, str):
-            if not _is_import_path(self.factory):
+            if not is_import_path(self.factory):
                 raise bad("factory", f"{self.factory!r} is not an import path; give 'package.module:function'")
         elif self.factory is not None and not callable(self.factory):
             raise bad("factory", f"must be callable or a 'module:function' path, got {type(self.factory).__name__}")
@@ -191,7 +192,7 @@ class ModelSpec:
 
         w = self.warmup
         if isinstance(w, str):
-            if not _is_import_path(w):
+            if not is_import_path(w):
                 raise bad("warmup", f"{w!r} is not an import path; give 'package.module:function' (a "
                           "zero-argument callable returning one sample input)")
         elif isinstance(w, (list, tuple)):

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
-def _thread_times(tids: Iterable[str] | None = None) -> dict[int, tuple[bytes, float]]:
+def _thread_times() -> dict[int, tuple[bytes, float]]:
     """{tid: (comm, user+system seconds)} of this process's threads."""
     out: dict[int, tuple[bytes, float]] = {}
     try:
-        names = os.listdir("/proc/self/task") if tids is None else list(tids)
+        names = os.listdir("/proc/self/task")
     except OSError:
         return out
     for t in names:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from ..errors import PinningWarning, QuotaError, SharedMemoryWarning, WorkerCrashed
+from ..spec import is_import_path
 from . import payload as proto
 from .payload import dumps, loads
 from .shmspace import free_bytes, no_room_error, no_space_error, space_note
@@ -79,8 +80,8 @@ def factory_path(model: str, factory: object) -> str:
     """The "module:function" a child imports, from a string or a top-level function. Raises
     QuotaError naming the model and the field when the child could not import it."""
     if isinstance(factory, str):
-        module, sep, attr = factory.partition(":")
-        if not sep or not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+        module = factory.partition(":")[0]
+        if not is_import_path(factory):
             raise QuotaError(f"model {model!r}, field 'factory': {factory!r} is not a \"module:function\" path "
                              "(isolation=\"process\" imports the factory in the worker process)")
         try:
