@@ -17,7 +17,10 @@ process-wide thread setting. Models are built in code with random weights.
   intra-op threads = one per CPU), *priority* (both on the scheduled shared pool,
   ``Runtime(shared_pool="scheduled")``: critical ``priority_class=1``, one instance, one thread;
   batch ``priority_class=0``, two instances of one thread, so it can use the whole pool while
-  the critical model idles), *isolated* (each ``isolation="exclusive", cores=1, threads=1``).
+  the critical model idles), *reserved* (as *priority*, with ``pool_reserve={1: 1}``: the
+  critical class may hold one unit beyond the pool, and the batch workers run at nice +10, so a
+  critical call starts at once instead of waiting for a 35 ms batch call to end), *isolated*
+  (each ``isolation="exclusive", cores=1, threads=1``).
 - ``replicas`` (6d): the critical MLP, two instances (one core and one thread each) pulling from
   one queue, against two single-instance models (one core each) with the client routing each
   request to one of them at random (a queue per instance). Open-loop Poisson load at ``--util``
@@ -56,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = ("batching", "neighbour", "replicas", "fairness")
-NEIGHBOUR_MODES = ("solo", "solo_default", "unmanaged", "priority", "isolated")
+NEIGHBOUR_MODES = ("solo", "solo_default", "unmanaged", "priority", "reserved", "isolated")
 FAIRNESS_MODES = ("weighted", "os")
 WEIGHTS = {"heavy": 3.0, "light": 1.0}
 REPLICA_MODES = ("one_queue", "per_instance")
@@ -168,18 +171,21 @@ def child_neighbour(mode: str, a: argparse.Namespace) -> dict[str, Any]:
     from apportion import load
 
     default_threads = torch.get_num_threads()  # before any worker sets its own
-    rt = ap.Runtime(shared_pool="scheduled" if mode == "priority" else "os")
+    if mode in ("priority", "reserved"):
+        rt = ap.Runtime(shared_pool="scheduled", pool_reserve={1: 1} if mode == "reserved" else None)
+    else:
+        rt = ap.Runtime(shared_pool="os")
     if mode in ("solo", "isolated"):
         crit_q: dict[str, Any] = dict(isolation="exclusive", cores=1, threads=1)
         heavy_q: dict[str, Any] = dict(isolation="exclusive", cores=1, threads=1)
-    elif mode == "priority":
+    elif mode in ("priority", "reserved"):
         crit_q = dict(isolation="shared", threads=1, priority_class=1)
         heavy_q = dict(isolation="shared", instances=2, threads=1, priority_class=0)
     else:  # framework defaults: floating on every core, torch's default intra-op threads
         crit_q = dict(isolation="shared")
         heavy_q = dict(isolation="shared")
     rt.add_model("critical", factory=critical_factory, max_queue=256, **crit_q)
-    with_heavy = mode in ("unmanaged", "priority", "isolated")
+    with_heavy = mode in ("unmanaged", "priority", "reserved", "isolated")
     if with_heavy:
         rt.add_model("batch", factory=heavy_factory, max_queue=256, **heavy_q)
     rt.start()
@@ -423,8 +429,8 @@ def do_neighbour(a: argparse.Namespace, raw: dict[str, Any]) -> None:
     print(f"### Noisy neighbour (critical model open loop {a.crit_rate:g} req/s; batch model closed "
           f"loop, 8 outstanding; torch default threads {runs[0]['torch_default_threads']})\n")
     print("| mode | critical req/s | critical p50 ms | critical p99 ms | p99 / solo p99 "
-          "| p99 / solo-default p99 | batch model req/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| p99 / solo-default p99 | batch model req/s | batch / unmanaged batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def by(rep: int, mode: str) -> dict[str, Any]:
         return next(r for r in runs if r["rep"] == rep and r["mode"] == mode)
@@ -436,9 +442,11 @@ def do_neighbour(a: argparse.Namespace, raw: dict[str, Any]) -> None:
         ratio_d = med([by(rep, mode)["critical"]["p99_ms"] / by(rep, "solo_default")["critical"]["p99_ms"]
                        for rep in range(a.reps)])
         batch = med([r["batch"]["throughput"] for r in rs]) if "batch" in rs[0] else None
+        keep = (med([by(rep, mode)["batch"]["throughput"] / by(rep, "unmanaged")["batch"]["throughput"]
+                     for rep in range(a.reps)]) if "batch" in rs[0] else None)
         print(f"| {mode.replace('_', ' ')} | {f(med([r['critical']['throughput'] for r in rs]), '.0f')} "
               f"| {f(med([r['critical']['p50_ms'] for r in rs]))} | {f(med([r['critical']['p99_ms'] for r in rs]))} "
-              f"| {f(ratio)}x | {f(ratio_d)}x | {f(batch, '.1f')} |")
+              f"| {f(ratio)}x | {f(ratio_d)}x | {f(batch, '.1f')} | {f(keep)}{'x' if keep is not None else ''} |")
     print()
 
 

@@ -5,12 +5,15 @@
 #include "apportion/affinity.hpp"
 
 #include <pthread.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -171,6 +174,24 @@ void Model::worker_main(Worker& w) {
   if (w.index < opts_.placement.size()) {
     const AffinityResult pinned = apply_placement(opts_.placement[w.index], opts_.memory_policy);
     if (!pinned.ok) w.pin_error = pinned.error;
+  }
+  if (member_ != nullptr && (opts_.burst_instances == 0 || w.burst)) {
+    // Below a reserved class: yield the CPU to that class's calls (see SharedPool). Threads
+    // the worker creates from here on (a framework's intra-op pool) inherit it.
+    if (const int nice = opts_.pool->nice_for(opts_.priority_class); nice != 0) {
+#if defined(__linux__)
+      // Relative to the thread's own nice, so raising it never needs privileges.
+      const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
+      errno = 0;
+      const int now = ::getpriority(PRIO_PROCESS, tid);
+      const int target = std::min(19, (errno == 0 ? now : 0) + nice);
+      if (::setpriority(PRIO_PROCESS, tid, target) != 0) {
+        const std::string why = "cannot lower its OS priority to nice " + std::to_string(target) +
+                                ": " + std::strerror(errno);
+        w.pin_error = w.pin_error.empty() ? why : w.pin_error + "; " + why;
+      }
+#endif
+    }
   }
   const bool ok = handler_->start_worker(w);
   {

@@ -37,6 +37,55 @@ uint32_t SharedPool::capacity() const {
   return capacity_;
 }
 
+void SharedPool::set_reserve(std::vector<Reservation> reserve, int nice) {
+  for (std::size_t i = 0; i < reserve.size(); ++i) {
+    if (reserve[i].units == 0) {
+      throw std::invalid_argument("pool reservation for priority class " +
+                                  std::to_string(reserve[i].priority_class) + ": units must be >= 1");
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (reserve[j].priority_class == reserve[i].priority_class) {
+        throw std::invalid_argument("pool reservation: priority class " +
+                                    std::to_string(reserve[i].priority_class) + " given twice");
+      }
+    }
+  }
+  if (!reserve.empty() && (nice < 1 || nice > 19)) {
+    throw std::invalid_argument("pool reservation: nice must be in 1..19, got " + std::to_string(nice));
+  }
+  std::lock_guard lock(mu_);
+  reserve_ = std::move(reserve);
+  reserve_nice_ = reserve_.empty() ? 0 : nice;
+  grant_waiters();  // a larger headroom may let a waiter in now
+}
+
+uint32_t SharedPool::headroom_locked(int32_t priority_class) const noexcept {
+  uint32_t h = 0;
+  for (const Reservation& r : reserve_) {
+    if (r.priority_class <= priority_class) h = std::max(h, r.units);
+  }
+  return h;
+}
+
+uint32_t SharedPool::headroom(int32_t priority_class) const {
+  std::lock_guard lock(mu_);
+  return headroom_locked(priority_class);
+}
+
+int SharedPool::nice_for(int32_t priority_class) const {
+  std::lock_guard lock(mu_);
+  for (const Reservation& r : reserve_) {
+    if (r.priority_class > priority_class) return reserve_nice_;
+  }
+  return 0;
+}
+
+bool SharedPool::fits(const Member& m, uint32_t units) const noexcept {
+  if (capacity_ == 0) return false;  // no pool yet: nobody runs, reserved or not
+  return static_cast<uint64_t>(held_) + units <=
+         static_cast<uint64_t>(capacity_) + headroom_locked(m.priority_class_);
+}
+
 uint32_t SharedPool::clamp(uint32_t units) const noexcept {
   return std::clamp<uint32_t>(units, 1, std::max<uint32_t>(capacity_, 1));
 }
@@ -71,7 +120,7 @@ void SharedPool::charge(Member& m, uint32_t units) noexcept {
 uint32_t SharedPool::try_acquire(Member& m, uint32_t units) {
   std::lock_guard lock(mu_);
   units = clamp(units);
-  if (capacity_ == 0 || free() < units) return 0;
+  if (!fits(m, units)) return 0;
   // Someone already waiting goes first unless this one outranks them all: it must also not
   // be behind on its share, or a member that never waits would take every free slot.
   activate(m);
@@ -139,7 +188,7 @@ uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns, bool wait
   settle(m, units, cost_ns);
   units = clamp(units);
   ++m.active_;  // never idle in between: no rejoin at the pool's clock
-  bool best = free() >= units;
+  bool best = fits(m, units);
   for (auto it = waiters_.begin(); best && it != waiters_.end(); ++it) {
     best = better(m, next_seq_, *(*it)->member, (*it)->seq);
   }
@@ -157,7 +206,7 @@ uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns, bool wait
 }
 
 void SharedPool::grant_waiters() noexcept {
-  while (!waiters_.empty() && free() > 0) {
+  while (!waiters_.empty() && capacity_ > 0) {
     auto best = waiters_.begin();
     for (auto it = std::next(best); it != waiters_.end(); ++it) {
       if (better(*(*it)->member, (*it)->seq, *(*best)->member, (*best)->seq)) best = it;
@@ -165,7 +214,9 @@ void SharedPool::grant_waiters() noexcept {
     Waiter& w = **best;
     // A shrink may leave a waiter asking for more than the whole pool: it gets what there is.
     w.units = clamp(w.units);
-    if (w.units > free()) return;  // the best waits for more to come free; nobody jumps it
+    // The best waits for more to come free (or, below a reservation, for units within the
+    // capacity); nobody jumps it.
+    if (!fits(*w.member, w.units)) return;
     charge(*w.member, w.units);
     waiters_.erase(best);
     w.granted = true;

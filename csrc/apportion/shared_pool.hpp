@@ -12,6 +12,14 @@
 // are free (no bypassing, so a wide call is never starved by narrow ones). A member that was
 // idle rejoins at the pool's current virtual time: idleness earns no credit to burst later.
 //
+// Class reservations (set_reserve): grants are at call boundaries, so a high-class request
+// otherwise waits for whatever lower-class call holds the units, however long. A reservation
+// {class c, r units} lets members of class >= c hold up to r units beyond the capacity: their
+// call starts at once, on a CPU a lower-class call is running on, and the OS gives it that CPU
+// because the workers of every class below a reservation run at a lower OS priority (a
+// positive nice, see nice_for). Lower classes lose only the CPU time the reserved class uses;
+// nothing sits idle waiting for it.
+//
 // A mutex, not a lock-free structure: it is taken twice per model call (calls last micro- to
 // milliseconds), its critical sections are a scan of the waiters (at most one per worker),
 // and the grant order needs one consistent view of every member.
@@ -70,6 +78,22 @@ class SharedPool {
   void set_capacity(uint32_t capacity);
   uint32_t capacity() const;
 
+  struct Reservation {
+    int32_t priority_class;  // applies to this class and every higher one
+    uint32_t units;          // held beyond the capacity at most
+  };
+  /// Replaces the reservations; `nice` is the OS priority offset (1..19) of the workers of
+  /// members below a reserved class (see nice_for). Throws std::invalid_argument for a
+  /// reservation of 0 units, one class named twice, or a nice outside 1..19. Safe from any
+  /// thread; workers already running keep the OS priority they started with.
+  void set_reserve(std::vector<Reservation> reserve, int nice);
+  /// Units a member of `priority_class` may hold beyond the capacity: the largest reservation
+  /// of a class <= it (0 without one).
+  uint32_t headroom(int32_t priority_class) const;
+  /// The nice value a worker of a member of `priority_class` runs at: the reservations' nice
+  /// when some reservation is for a higher class, else 0.
+  int nice_for(int32_t priority_class) const;
+
   /// Takes `units` (clamped to [1, capacity]) if they are free and nobody better waits.
   /// Returns the units taken (to give back), or 0 without waiting. Safe from any thread.
   uint32_t try_acquire(Member& m, uint32_t units);
@@ -106,6 +130,9 @@ class SharedPool {
   };
 
   uint32_t clamp(uint32_t units) const noexcept;
+  // Whether `units` more for `m` stay within the capacity plus its class's headroom.
+  bool fits(const Member& m, uint32_t units) const noexcept;
+  uint32_t headroom_locked(int32_t priority_class) const noexcept;
   void activate(Member& m) noexcept;
   // Whether a waiter of `a` that arrived as `a_seq` goes before one of `b` (class, then
   // virtual time, then arrival).
@@ -117,7 +144,6 @@ class SharedPool {
                         const std::function<void()>& before_wait);
 
   mutable std::mutex mu_;
-  uint32_t free() const noexcept { return capacity_ > held_ ? capacity_ - held_ : 0; }
 
   uint32_t capacity_;
   uint32_t held_ = 0;
@@ -125,6 +151,8 @@ class SharedPool {
   double vnow_ = 0.0;
   uint64_t next_seq_ = 0;
   std::vector<Waiter*> waiters_;
+  std::vector<Reservation> reserve_;
+  int reserve_nice_ = 0;
 };
 
 }  // namespace apportion

@@ -716,6 +716,12 @@ class RuntimeCore {
 
   /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
   void set_pool_capacity(uint32_t capacity) { pool_->set_capacity(capacity); }
+  void set_pool_reserve(const std::vector<std::pair<int32_t, uint32_t>>& reserve, int nice) {
+    std::vector<SharedPool::Reservation> r;
+    r.reserve(reserve.size());
+    for (const auto& [cls, units] : reserve) r.push_back({cls, units});
+    pool_->set_reserve(std::move(r), nice);
+  }
   uint32_t pool_capacity() const { return pool_->capacity(); }
 
  private:
@@ -1045,6 +1051,9 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def("_add_model", &RuntimeCore::add_model, py::arg("spec"), py::arg("make_instance"),
            py::arg("placement"), py::arg("memory_policy"), py::arg("groups"), py::arg("pooled"))
       .def("_set_pool_capacity", &RuntimeCore::set_pool_capacity, py::arg("capacity"))
+      .def("_set_pool_reserve", &RuntimeCore::set_pool_reserve, py::arg("reserve"), py::arg("nice"),
+           "Class reservations on the scheduled pool: (priority_class, units) pairs, and the nice "
+           "offset of the workers of lower classes.")
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
       .def("_check_admin", &RuntimeCore::check_admin, py::arg("what"))

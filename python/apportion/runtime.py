@@ -10,7 +10,7 @@ import pkgutil
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,28 @@ def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any
         return fn
 
     return build_warm
+
+
+def _check_reserve(reserve: Mapping[int, int] | None, nice: Any, scheduled: bool) -> dict[int, int]:
+    """Runtime(pool_reserve=, reserve_nice=) validated: {priority_class: units}."""
+    if reserve is None:
+        return {}
+    if not scheduled:
+        raise QuotaError("Runtime: pool_reserve needs shared_pool='scheduled' (this one has shared_pool='os')")
+    if not isinstance(reserve, Mapping) or not reserve:
+        raise QuotaError(f"Runtime: pool_reserve must be a non-empty {{priority_class: units}} mapping, "
+                         f"got {reserve!r}")
+    out: dict[int, int] = {}
+    for cls, units in reserve.items():
+        if isinstance(cls, bool) or not isinstance(cls, numbers.Integral) or not -1000 <= cls <= 1000:
+            raise QuotaError(f"Runtime: pool_reserve key {cls!r} is not a priority class "
+                             "(an integer in [-1000, 1000])")
+        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
+            raise QuotaError(f"Runtime: pool_reserve[{cls}] must be a unit count >= 1, got {units!r}")
+        out[int(cls)] = int(units)
+    if isinstance(nice, bool) or not isinstance(nice, numbers.Integral) or not 1 <= nice <= 19:
+        raise QuotaError(f"Runtime: reserve_nice must be an integer in 1..19, got {nice!r}")
+    return out
 
 
 class _GpuState:
@@ -169,6 +191,8 @@ class Runtime(_core._Runtime):
         *,
         topology_root: str = "/",
         shared_pool: str = "os",
+        pool_reserve: Mapping[int, int] | None = None,
+        reserve_nice: int = 10,
     ) -> None:
         """``cpus``: the CPUs this runtime may use (ids or a list like "0-7"); None means every
         CPU this process may use. ``topology_root`` reads the machine from another sysfs tree
@@ -181,11 +205,24 @@ class Runtime(_core._Runtime):
         first, then by ``weight``; an idle model's share goes to the busy ones; burst instances
         of exclusive models borrow from it. A call holds its units until it returns, sleeping
         or not: a call that waits for another pooled model's result can deadlock the pool
-        once every unit is held by such waiting calls (keep such pipeline models exclusive)."""
+        once every unit is held by such waiting calls (keep such pipeline models exclusive).
+
+        ``pool_reserve`` (scheduled pool only): ``{priority_class: units}``. Grants happen
+        between calls, so without it a high-class request waits for whatever lower-class call
+        holds the units, however long that call is. With ``{1: 1}``, models of class 1 and
+        above may hold one unit beyond the pool's capacity: their call starts at once, on a CPU
+        where a lower-class call runs, and gets that CPU because the workers of every class
+        below a reservation run at a lower OS priority (their nice raised by ``reserve_nice``,
+        1-19, default 10; threads they create, such as intra-op pools, inherit it). Lower
+        classes lose only the CPU time the reserved class uses; no capacity sits idle waiting
+        for it. Their workers also yield to other processes at that nice."""
         super().__init__()
         if shared_pool not in ("scheduled", "os"):
             raise QuotaError(f"Runtime: shared_pool must be 'scheduled' or 'os', got {shared_pool!r}")
         self._scheduled = shared_pool == "scheduled"
+        self._pool_reserve = _check_reserve(pool_reserve, reserve_nice, self._scheduled)
+        if self._pool_reserve:
+            self._set_pool_reserve(sorted(self._pool_reserve.items()), reserve_nice)
         if cpus is not None and not isinstance(cpus, str):
             cpus = tuple(cpus)
             if not cpus or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0

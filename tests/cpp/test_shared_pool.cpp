@@ -285,4 +285,105 @@ TEST(SharedPool, ShrinkingKeepsHeldUnitsUntilReleased) {
   });
 }
 
+TEST(SharedPool, AReservedClassRunsBeyondTheCapacityLowerClassesDoNot) {
+  SharedPool pool(2);
+  pool.set_reserve({{1, 1}}, 10);
+  auto low = pool.join("low", 1.0, 0);
+  auto high = pool.join("high", 1.0, 1);
+  auto top = pool.join("top", 1.0, 7);  // a higher class shares the reservation of class 1
+  ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
+  ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
+  EXPECT_EQ(pool.try_acquire(*low, 1), 0u);   // the lower class stops at the capacity
+  EXPECT_EQ(pool.try_acquire(*high, 1), 1u);  // the reserved unit: no wait for a low call
+  EXPECT_EQ(pool.try_acquire(*top, 1), 0u);   // one unit reserved, and it is held
+  pool.release(*high, 1, 1000);
+  EXPECT_EQ(pool.try_acquire(*top, 1), 1u);
+  pool.release(*top, 1, 1000);
+  // Renewing a lower-class call never reaches into the reservation: with the reserved class
+  // holding a unit beyond the capacity, a low call that ends gives its unit back for good.
+  ASSERT_EQ(pool.try_acquire(*high, 1), 1u);  // 3 held: 2 low + 1 reserved
+  EXPECT_EQ(pool.renew(*low, 1, 1000), 0u);   // 2 held without it: the capacity is full
+  EXPECT_EQ(pool.try_acquire(*low, 1), 0u);
+  pool.release(*high, 1, 1000);
+  EXPECT_EQ(pool.try_acquire(*low, 1), 1u);
+  pool.release(*low, 1, 1000);
+  pool.release(*low, 1, 1000);
+}
+
+TEST(SharedPool, AWaitingReservedClassIsGrantedTheHeadroomAtOnce) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    auto low = pool.join("low", 1.0, 0);
+    auto high = pool.join("high", 1.0, 1);
+    ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
+    std::atomic<bool> got{false};
+    std::thread t([&] {
+      const uint32_t u = pool.acquire(*high, 1);  // queues: no headroom yet
+      got.store(true);
+      pool.release(*high, u, 1000);
+    });
+    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    EXPECT_FALSE(got.load());
+    pool.set_reserve({{1, 1}}, 5);  // the low call still holds the only unit
+    t.join();
+    EXPECT_TRUE(got.load());
+    pool.release(*low, 1, 1000);
+  });
+}
+
+TEST(SharedPool, ALowerClassWaiterIsNotGrantedFromTheReservation) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    pool.set_reserve({{1, 2}}, 10);
+    auto low = pool.join("low", 1.0, 0);
+    auto low2 = pool.join("low2", 1.0, 0);
+    ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
+    std::atomic<bool> got{false};
+    std::thread t([&] {
+      const uint32_t u = pool.acquire(*low2, 1);
+      got.store(true);
+      pool.release(*low2, u, 1000);
+    });
+    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    std::this_thread::sleep_for(5ms);
+    EXPECT_FALSE(got.load());  // two reserved units free, none of them for class 0
+    pool.release(*low, 1, 1000);
+    t.join();
+    EXPECT_TRUE(got.load());
+  });
+}
+
+TEST(SharedPool, ReservationsNameTheirHeadroomAndTheNiceOfLowerClasses) {
+  SharedPool pool(4);
+  EXPECT_EQ(pool.headroom(5), 0u);
+  EXPECT_EQ(pool.nice_for(0), 0);
+  pool.set_reserve({{1, 1}, {3, 2}}, 7);
+  EXPECT_EQ(pool.headroom(0), 0u);
+  EXPECT_EQ(pool.headroom(1), 1u);
+  EXPECT_EQ(pool.headroom(2), 1u);
+  EXPECT_EQ(pool.headroom(3), 2u);
+  EXPECT_EQ(pool.headroom(100), 2u);
+  EXPECT_EQ(pool.nice_for(0), 7);   // below class 1
+  EXPECT_EQ(pool.nice_for(2), 7);   // below class 3
+  EXPECT_EQ(pool.nice_for(3), 0);   // the top reserved class keeps its priority
+  pool.set_reserve({}, 0);          // cleared: no nice needed
+  EXPECT_EQ(pool.headroom(3), 0u);
+  EXPECT_EQ(pool.nice_for(0), 0);
+}
+
+TEST(SharedPool, RejectsBadReservations) {
+  SharedPool pool(2);
+  EXPECT_THROW(pool.set_reserve({{1, 0}}, 10), std::invalid_argument);
+  EXPECT_THROW(pool.set_reserve({{1, 1}, {1, 2}}, 10), std::invalid_argument);
+  EXPECT_THROW(pool.set_reserve({{1, 1}}, 0), std::invalid_argument);
+  EXPECT_THROW(pool.set_reserve({{1, 1}}, 20), std::invalid_argument);
+  try {
+    pool.set_reserve({{4, 1}, {4, 1}}, 10);
+    FAIL() << "a class given twice was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("class 4"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(pool.headroom(4), 0u);  // a refused call changes nothing
+}
+
 }  // namespace

@@ -285,3 +285,80 @@ def test_burst_needs_a_non_empty_shared_pool() -> None:
         rt.add_model("ranker", model=lambda x: x, cores=1, isolation="exclusive", burst=True)
     assert rt.models == []
     rt.close()
+
+
+def _thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_a_reserved_class_is_served_while_lower_calls_hold_the_whole_pool() -> None:
+    # One pool CPU, held by a low-class call that blocks until the test lets it go: without a
+    # reservation the critical call waits for it (checked below on a second runtime).
+    for reserve, served in (({1: 1}, True), (None, False)):
+        rt = ap.Runtime(cpus=CPUS[:1], shared_pool="scheduled", pool_reserve=reserve)
+        started, release = threading.Event(), threading.Event()
+
+        def slow(x: object) -> str:
+            started.set()
+            release.wait(30)
+            return "batch"
+
+        rt.add_model("batch", model=slow, priority_class=0)
+        rt.add_model("critical", model=lambda x: "critical", priority_class=1)
+        rt.start()
+        try:
+            low = rt.submit("batch", 0)
+            assert started.wait(30)
+            high = rt.submit("critical", 0)
+            if served:
+                assert high.result(timeout=30) == "critical"
+                assert not low.done()  # served beside the low call, not after it
+            else:
+                with pytest.raises(TimeoutError):
+                    high.result(timeout=0.3)
+            release.set()
+            assert low.result(timeout=30) == "batch"
+            assert high.result(timeout=30) == "critical"
+        finally:
+            release.set()
+            rt.close()
+
+
+@needs_two
+def test_workers_below_a_reserved_class_run_at_a_lower_os_priority() -> None:
+    base = _thread_nice()
+    rt = ap.Runtime(cpus=CPUS[:2], shared_pool="scheduled", pool_reserve={2: 1}, reserve_nice=7)
+    rt.add_model("low", model=lambda x: _thread_nice(), priority_class=0)
+    rt.add_model("mid", model=lambda x: _thread_nice(), priority_class=1)
+    rt.add_model("high", model=lambda x: _thread_nice(), priority_class=2)
+    rt.add_model("top", model=lambda x: _thread_nice(), priority_class=3)
+    rt.add_model("own", model=lambda x: _thread_nice(), isolation="exclusive", cores=1)
+    rt.start()
+    try:
+        got = {m: rt.call(m, 0) for m in ("low", "mid", "high", "top", "own")}
+    finally:
+        rt.close()
+    want = min(19, base + 7)
+    assert got == {"low": want, "mid": want, "high": base, "top": base, "own": base}
+    assert _thread_nice() == base  # the caller's thread is untouched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(pool_reserve={1: 1}), "pool_reserve needs shared_pool='scheduled'"),
+        (dict(shared_pool="scheduled", pool_reserve={}), "non-empty"),
+        (dict(shared_pool="scheduled", pool_reserve=[(1, 1)]), "non-empty"),
+        (dict(shared_pool="scheduled", pool_reserve={"1": 1}), "key '1' is not a priority class"),
+        (dict(shared_pool="scheduled", pool_reserve={True: 1}), "not a priority class"),
+        (dict(shared_pool="scheduled", pool_reserve={5000: 1}), "key 5000 is not a priority class"),
+        (dict(shared_pool="scheduled", pool_reserve={1: 0}), r"pool_reserve\[1\] must be a unit count >= 1"),
+        (dict(shared_pool="scheduled", pool_reserve={1: 1.5}), r"pool_reserve\[1\] must be a unit count"),
+        (dict(shared_pool="scheduled", pool_reserve={1: 1}, reserve_nice=0), "reserve_nice must be an integer in 1..19"),
+        (dict(shared_pool="scheduled", pool_reserve={1: 1}, reserve_nice=20), "reserve_nice"),
+        (dict(shared_pool="scheduled", pool_reserve={1: 1}, reserve_nice=2.0), "reserve_nice"),
+    ],
+)
+def test_invalid_pool_reservations_are_refused(kwargs, message) -> None:
+    with pytest.raises(ap.QuotaError, match=message):
+        ap.Runtime(**kwargs)
