@@ -18,13 +18,24 @@ int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) no
   return 0;
 }
 
-void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns) noexcept {
+void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace) noexcept {
   if (n >= cost_ns.size()) return;
   ns = std::max<int64_t>(ns, 1);
   int64_t& e = cost_ns[n];
-  // EWMA with weight 1/4: follows a model that warms up or a machine that gets busier within
-  // a few calls, without letting one outlier decide alone.
-  e = e == 0 ? ns : e + (ns - e) / 4;
+  if (replace) {
+    e = ns;
+    return;
+  }
+  // EWMA, weight 1/4 upwards: follows a machine that gets busier within a few calls without
+  // letting one slow outlier decide alone. Weight 1/2 downwards: an estimate that is too high
+  // keeps requests from running, so it is corrected by fewer calls (see Batcher::offer).
+  if (e == 0) {
+    e = ns;
+  } else if (ns < e) {
+    e -= (e - ns) / 2;
+  } else {
+    e += (ns - e) / 4;
+  }
 }
 
 Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns)
@@ -33,16 +44,29 @@ Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns
   claimed_.reserve(opt.max_size);
 }
 
+bool Batcher::estimate_stale(int64_t now, int64_t estimate) const noexcept {
+  return opened_any_ && now - opened_ > kProbeAfterEstimates * estimate;
+}
+
 Batcher::Fit Batcher::offer(Request* r, int64_t deadline, int64_t now) {
-  if (deadline != Request::kNoDeadline && deadline < now + batch_estimate_ns(cost_ns_, 1)) {
-    return Fit::hopeless;
+  if (deadline != Request::kNoDeadline) {
+    const int64_t one = batch_estimate_ns(cost_ns_, 1);
+    // Hopeless by an estimate that only calls can correct: once no batch has opened for a
+    // while, the next request runs anyway and re-measures (see kProbeAfterEstimates).
+    if (deadline < now + one) {
+      if (!estimate_stale(now, one)) return Fit::hopeless;
+      probe_ = true;
+    }
   }
   const int64_t limit = std::min(deadline, min_deadline_);
   if (!batch_.empty() && limit != Request::kNoDeadline &&
       limit < now + batch_estimate_ns(cost_ns_, batch_.size() + 1)) {
     return Fit::next_batch;
   }
-  if (batch_.empty()) opened_ = now;
+  if (batch_.empty()) {
+    opened_ = now;
+    opened_any_ = true;
+  }
   if (!seen_submit_) {
     seen_submit_ = true;
     last_submit_ = r->submit_ns;

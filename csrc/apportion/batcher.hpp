@@ -15,6 +15,14 @@
 // is a moving average of the gaps between the submissions of the requests this worker batched.
 // A single closed-loop client (the next request comes only after this one's answer) therefore
 // never waits, and batching costs it nothing against not batching.
+//
+// The estimates are measured only by calls, and a request judged hopeless never makes one: a
+// few slow calls (a cold model's first calls per shape, a moment of contention) could raise
+// the estimate above every deadline and keep the model from running anything, for good. So a
+// hopeless verdict holds only while the estimate is fresh: once no batch has opened for
+// kProbeAfterEstimates estimated calls, the next request runs anyway and its call's duration
+// replaces the estimate for its size (probing()).
+// A model that really is too slow for its deadlines runs one such probe per that interval.
 #pragma once
 
 #include <cstddef>
@@ -40,8 +48,9 @@ struct BatchingOptions {
 /// observed): measured for n, else scaled from the nearest smaller size measured, else the
 /// nearest larger one, else 0 (nothing known yet).
 int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept;
-/// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored).
-void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns) noexcept;
+/// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored);
+/// `replace`: the estimate of that size becomes `ns` (a probe's measure, see Batcher).
+void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace = false) noexcept;
 
 /// One worker's batch in formation. Not thread-safe: the worker's own.
 class Batcher {
@@ -49,6 +58,10 @@ class Batcher {
   /// `cost_ns` (the worker's call durations by size, see batch_estimate_ns) must outlive the
   /// batcher. Reserves max_size entries: forming and dispatching batches never allocates.
   Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns);
+
+  /// How many estimated calls of one request without a batch opening make the estimate
+  /// stale: the next request then runs even if the estimate says it cannot make its deadline.
+  static constexpr int64_t kProbeAfterEstimates = 3;
 
   enum class Fit : uint8_t {
     joined,      // in the batch; it may take more
@@ -92,14 +105,19 @@ class Batcher {
   const std::vector<Request*>& requests() const noexcept { return batch_; }
   /// Scratch for the dispatcher's claimed requests (reserved like the batch).
   std::vector<Request*>& claimed() noexcept { return claimed_; }
+  /// Whether this batch runs a request that a stale estimate called hopeless: its call's
+  /// duration should replace the estimate rather than be averaged into it.
+  bool probing() const noexcept { return probe_; }
   /// The batch was handed to the dispatcher: start a new one.
   void clear() noexcept {
     batch_.clear();
     min_deadline_ = Request::kNoDeadline;
+    probe_ = false;
   }
 
  private:
   bool preferred(std::size_t n) const noexcept;
+  bool estimate_stale(int64_t now, int64_t estimate) const noexcept;
 
   const BatchingOptions& opt_;
   const std::vector<int64_t>& cost_ns_;
@@ -110,7 +128,9 @@ class Batcher {
   // model's queue (so idle workers do not wait on it), still `queued` (so it can be cancelled).
   Request* carry_ = nullptr;
   uint32_t carry_lane_ = 0;
-  int64_t opened_ = 0;  // when the batch took its first request
+  int64_t opened_ = 0;  // when the batch took its first request (the last one to open)
+  bool opened_any_ = false;
+  bool probe_ = false;
   int64_t min_deadline_ = Request::kNoDeadline;
   bool seen_submit_ = false;
   int64_t last_submit_ = 0;  // the latest submission time among the requests offered

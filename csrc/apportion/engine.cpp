@@ -463,6 +463,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
       claimed.push_back(r);
     }
   }
+  const bool probe = b.probing();
   b.clear();
   if (claimed.empty()) {
     pool_leave(units, 0);
@@ -474,7 +475,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
   handler_->run(w, claimed.data(), n);  // completes and releases every one of them
   const int64_t cost = now_ns() - start;
   pool_leave(units, cost);
-  w.observe(n, cost);
+  w.observe(n, cost, probe);
 }
 
 Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns, bool spin) noexcept {

@@ -81,7 +81,9 @@ struct Worker {
   std::vector<int64_t> batch_cost_ns;
   /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
   int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
-  void observe(std::size_t n, int64_t ns) noexcept { batch_observe(batch_cost_ns, n, ns); }
+  void observe(std::size_t n, int64_t ns, bool replace = false) noexcept {
+    batch_observe(batch_cost_ns, n, ns, replace);
+  }
 };
 
 /// What a model does with its requests. Every method runs in the named thread; each one that

@@ -330,6 +330,79 @@ TEST_F(EngineBatching, BatcherKeepsRequestsOutOfBatchesThatWouldFinishLate) {
       << "no deadline of its own, but the batch's earliest one binds it";
 }
 
+TEST_F(EngineBatching, BatcherProbesOnceAHopelessVerdictRestsOnAStaleEstimate) {
+  const BatchingOptions opt{8, 1'000'000, {}};
+  const std::vector<int64_t> cost{0, 100};  // one request: 100 ns by the last measure
+  Batcher b(opt, cost);
+  Request r[4];
+  // Nothing ran in this batcher yet: the estimate is all there is.
+  EXPECT_EQ(b.offer(&r[0], 1'050, 1'000), Fit::hopeless);
+  ASSERT_EQ(b.offer(&r[1], kNone, 1'000), Fit::joined);  // a batch opens at 1'000
+  b.clear();
+  const int64_t stale_at = 1'000 + Batcher::kProbeAfterEstimates * 100;
+  EXPECT_EQ(b.offer(&r[2], stale_at + 50, stale_at), Fit::hopeless) << "still fresh";
+  EXPECT_FALSE(b.probing());
+  EXPECT_EQ(b.offer(&r[2], stale_at + 51, stale_at + 1), Fit::joined)
+      << "no batch for too long: it runs, and its call re-measures";
+  EXPECT_TRUE(b.probing());
+  EXPECT_EQ(b.offer(&r[3], stale_at + 150, stale_at + 1), Fit::next_batch)
+      << "the probe's deadline binds the batch: a pair (200 ns) would end too late";
+  b.clear();
+  EXPECT_FALSE(b.probing());
+  EXPECT_EQ(b.offer(&r[3], stale_at + 60, stale_at + 2), Fit::hopeless) << "fresh again";
+}
+
+TEST(BatchCosts, AnEstimateFallsFasterThanItRises) {
+  std::vector<int64_t> cost(3, 0);
+  apportion::batch_observe(cost, 1, 1'000);
+  EXPECT_EQ(cost[1], 1'000) << "the first measure is the estimate";
+  apportion::batch_observe(cost, 1, 2'000);
+  EXPECT_EQ(cost[1], 1'250) << "a quarter of the way up";
+  apportion::batch_observe(cost, 1, 250);
+  EXPECT_EQ(cost[1], 750) << "half the way down";
+  apportion::batch_observe(cost, 1, 5'000, /*replace=*/true);
+  EXPECT_EQ(cost[1], 5'000) << "a probe's measure replaces the estimate";
+  apportion::batch_observe(cost, 9, 5);  // beyond max_size: ignored
+  EXPECT_EQ(cost.size(), 3u);
+}
+
+TEST_F(EngineBatching, AFewSlowCallsDoNotStopAModelForGood) {
+  // A cold model: its first calls take 150 ms, later ones 1 ms; every request has 60 ms.
+  // The first calls make the estimate of a call 150 ms: longer than any request has, so by
+  // that estimate each following request is hopeless and expires unrun, and no call ever
+  // corrects it, unless a stale estimate is re-measured.
+  guarded(60s, [] {
+    Recorder rec;
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> calls{0};
+    h->on_batch = [&calls](Worker&, Request* const*, std::size_t) {
+      std::this_thread::sleep_for(calls.fetch_add(1) < 2 ? 150ms : 1ms);
+    };
+    Model m(batching_opts(4, 1'000'000), h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> rs;
+    const int64_t start = now_ns();
+    for (uint64_t i = 1; now_ns() - start < 1'500'000'000 && i <= 400; ++i) {
+      rs.push_back(make(i));
+      rs.back()->deadline_ns = now_ns() + 60'000'000;
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+      std::this_thread::sleep_for(5ms);
+    }
+    for (auto& r : rs) ASSERT_TRUE(completes(r));
+    m.close(true);
+    m.join();
+    // The last quarter was submitted well after the slow calls (and after the estimate went
+    // stale, 3 x 150 ms later): served, not expired.
+    std::size_t ok_late = 0;
+    const std::size_t tail = rs.size() - rs.size() / 4;
+    for (std::size_t i = tail; i < rs.size(); ++i) ok_late += rs[i]->outcome() == Outcome::ok;
+    EXPECT_GT(ok_late, (rs.size() - tail) / 2) << "of " << rs.size() - tail << " late requests";
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_GT(s.completed, 2u + ok_late);
+  });
+}
+
 // Costs by size (index = size): a call of one takes 1,000 ns, of two 1,200, of three 1,500.
 const std::vector<int64_t> kCurve{0, 1'000, 1'200, 1'500};
 

@@ -412,3 +412,40 @@ def test_every_request_completes_exactly_once_with_priorities_and_batching(seed:
         assert s.end_to_end.count == s.completed + s.failed
     assert len(futures) + sum(rejected.values()) == sum(submitted.values())
     assert stats["batch"].max_batch_size > 1
+
+
+def test_a_few_slow_first_calls_do_not_stop_a_batching_model_for_good() -> None:
+    # A cold model: its first two calls take 150 ms, later ones ~1 ms, and every request has
+    # 60 ms. By the first calls' measure each following request is hopeless and would expire
+    # unrun, and no call would ever correct that measure: the model served nothing more for
+    # the rest of its life (seen serving a tuned plan after other load, `apportion run`).
+    calls = 0
+
+    def cold(xs: list[object]) -> list[object]:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.15 if calls <= 2 else 0.001)
+        return xs
+
+    rt = ap.Runtime()
+    rt.add_model("cold", model=cold, batching=ap.Batching(max_size=4, max_delay_ms=1), timeout_ms=60)
+    rt.start()
+    try:
+        futures = []
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5 and len(futures) < 400:
+            futures.append(rt.submit("cold", len(futures)))
+            time.sleep(0.005)
+        outcomes = []
+        for f in futures:
+            try:
+                f.result(timeout=30)
+                outcomes.append("ok")
+            except ap.DeadlineExceeded:
+                outcomes.append("expired")
+        late = outcomes[len(outcomes) * 3 // 4:]  # well after the slow calls
+        assert late.count("ok") > len(late) // 2, Counter(late)
+        s = rt.stats()["cold"]
+        assert s.completed + s.expired == s.submitted == len(futures)
+    finally:
+        rt.close()
