@@ -143,13 +143,19 @@ uint32_t Model::start() {
 #if defined(__linux__)
       pthread_setname_np(pthread_self(), "ap:expiry");
 #endif
-      expiry_->run([this](Request* r, int64_t now) {
-        if (r->try_claim(RequestState::claimed)) {
-          r->start_ns = now;
-          handler_->abandon(nullptr, r, Outcome::expired);  // takes the heap's reference
-        } else {
-          handler_->release(r);  // running or completed: its owner completes it
+      std::vector<Request*> claimed, others;
+      expiry_->run([&](std::vector<Request*>& due, int64_t now) {
+        claimed.clear();
+        others.clear();
+        for (Request* r : due) {
+          if (r->try_claim(RequestState::claimed)) {
+            r->start_ns = now;
+            claimed.push_back(r);  // abandoned: the heap's reference goes with it
+          } else {
+            others.push_back(r);  // running or completed: its owner completes it
+          }
         }
+        handler_->expire(claimed.data(), claimed.size(), others.data(), others.size());
       });
     });
   }

@@ -112,6 +112,14 @@ class ModelHandler {
   /// Drops a reference to `r` that a thread of the engine's own (the expiry timer) holds and
   /// did not hand to abandon(). Any thread; the handler adds what releasing needs.
   virtual void release(Request* r) { Request::release(r); }
+  /// The expiry timer's batch: abandon(nullptr, r, Outcome::expired) for each of the `n`
+  /// claimed requests in `expired`, then release() for each of the `m` in `others` (running
+  /// or completed meanwhile: their owners complete them). A handler that needs something per
+  /// call (the GIL) takes it once for the whole batch.
+  virtual void expire(Request* const* expired, std::size_t n, Request* const* others, std::size_t m) {
+    for (std::size_t i = 0; i < n; ++i) abandon(nullptr, expired[i], Outcome::expired);
+    for (std::size_t i = 0; i < m; ++i) release(others[i]);
+  }
 };
 
 /// What a worker does with a request whose deadline passed (or, when batching, would pass

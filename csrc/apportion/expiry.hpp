@@ -27,9 +27,12 @@ class ExpiryHeap {
   /// Takes `r` out if it is in (then drops the heap's reference; never the last one: its
   /// completer holds one). Called by Model::complete.
   void remove(Request* r) noexcept;
-  /// The timer's loop: pops each request whose deadline passed and hands it to `expire`
-  /// (which owns the heap's reference from then on), until stop(). Never holds the heap's lock
-  /// while `expire` runs.
+  /// The timer's loop: pops every request whose deadline passed and hands them to
+  /// `expire(due, now)` together (a std::vector<Request*>&; `expire` owns the heap's reference
+  /// to each from then on), until stop(). Together: whatever expiring needs per batch (the
+  /// GIL) is taken once for requests that share a deadline, not once each, so the last of a
+  /// burst is not late by the others' hand-offs. Never holds the heap's lock while `expire`
+  /// runs.
   template <class Expire>
   void run(Expire&& expire);
   void stop();
@@ -55,6 +58,7 @@ class ExpiryHeap {
 
 template <class Expire>
 void ExpiryHeap::run(Expire&& expire) {
+  std::vector<Request*> due;
   std::unique_lock lock(mu_);
   while (!stop_) {
     if (heap_.empty()) {
@@ -66,10 +70,13 @@ void ExpiryHeap::run(Expire&& expire) {
       cv_.wait_for(lock, std::chrono::nanoseconds(deadline - now));
       continue;
     }
-    Request* r = heap_.front();
-    erase_at(0);
+    while (!heap_.empty() && heap_.front()->deadline_ns <= now) {
+      due.push_back(heap_.front());
+      erase_at(0);
+    }
     lock.unlock();
-    expire(r, now);
+    expire(due, now);
+    due.clear();
     lock.lock();
   }
 }

@@ -239,6 +239,16 @@ class PyHandler final : public ModelHandler {
     }
   }
 
+  void expire(Request* const* expired, std::size_t n, Request* const* others, std::size_t m) override {
+    if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
+    py::gil_scoped_acquire gil;  // once for the timer's whole batch
+    for (std::size_t i = 0; i < n; ++i) {
+      finish(static_cast<PyRequest*>(expired[i]), Outcome::expired, nullptr);
+      Request::release(expired[i]);
+    }
+    for (std::size_t i = 0; i < m; ++i) Request::release(others[i]);
+  }
+
   void stop_worker(Worker& w) override {
     auto* st = static_cast<WorkerState*>(w.user);
     if (st == nullptr || interpreter_finalizing()) return;

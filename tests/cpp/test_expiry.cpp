@@ -28,16 +28,21 @@ TEST(ExpiryHeapTest, PopsInDeadlineOrderAndRemovesAnyEntry) {
   EXPECT_EQ(rs[2]->heap_index, -1);
   EXPECT_EQ(heap->size(), 5u);
   std::vector<int64_t> order;
+  std::size_t batches = 0;
   std::thread timer([&] {
-    heap->run([&](Request* r, int64_t) {
-      order.push_back(r->deadline_ns);
-      EXPECT_EQ(r->heap_index, -1);
-      Request::release(r);  // the heap's reference, handed over
+    heap->run([&](std::vector<Request*>& due, int64_t) {
+      ++batches;
+      for (Request* r : due) {
+        order.push_back(r->deadline_ns);
+        EXPECT_EQ(r->heap_index, -1);
+        Request::release(r);  // the heap's reference, handed over
+      }
       if (order.size() == 5) heap->stop();
     });
   });
   timer.join();  // every deadline (tens of ns after the clock's epoch) has long passed
   EXPECT_EQ(order, (std::vector<int64_t>{10, 20, 30, 50, 60}));
+  EXPECT_EQ(batches, 1u) << "everything due at once goes in one batch";
   EXPECT_EQ(heap->size(), 0u);
   for (auto& r : rs) EXPECT_EQ(r->heap_index, -1);
 }
@@ -93,6 +98,60 @@ TEST_F(EngineTest, AQueuedRequestExpiresAtItsDeadlineWhileTheWorkerIsBusy) {
     const ModelSnapshot s = m.snapshot();
     EXPECT_EQ(s.expired, 1u);
     EXPECT_EQ(s.completed, 1u);
+  });
+}
+
+TEST_F(EngineTest, RequestsDueTogetherExpireInOneBatchEachOnce) {
+  // A burst with one deadline behind a busy worker: the timer hands the whole burst to the
+  // handler at once (the Python handler takes the GIL once for it, not once per request).
+  guarded(30s, [] {
+    Gate gate;
+    struct BatchCounting final : TestHandler {
+      std::atomic<int> expire_calls{0};
+      std::atomic<std::size_t> largest{0};
+      void expire(Request* const* expired, std::size_t n, Request* const* others, std::size_t m) override {
+        expire_calls.fetch_add(1);
+        if (n > largest.load()) largest.store(n);
+        TestHandler::expire(expired, n, others, m);
+      }
+    };
+    auto h = std::make_shared<BatchCounting>();
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    ModelOptions o;
+    o.name = "m";
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef busy = make(0);
+    ASSERT_EQ(submit(m, busy), Admit::ok);
+    gate.wait_arrivals(1);
+    const int64_t deadline = now_ns() + 30'000'000;
+    std::vector<TestRef> burst;
+    for (uint64_t i = 1; i <= 64; ++i) {
+      burst.push_back(make(i));
+      burst.back()->deadline_ns = deadline;
+    }
+    ASSERT_EQ(submit_all(m, burst), Admit::ok);
+    for (auto& r : burst) ASSERT_TRUE(r->wait_done(5'000'000'000));
+    gate.open();
+    ASSERT_TRUE(completes(busy));
+    m.close(true);
+    m.join();
+    for (auto& r : burst) {
+      EXPECT_EQ(r->outcome(), Outcome::expired);
+      EXPECT_EQ(r->completions.load(), 1);
+      EXPECT_EQ(r->runs.load(), 0);
+    }
+    EXPECT_EQ(h->largest.load(), 64u) << "one deadline, one batch";
+    EXPECT_EQ(h->abandons_without_worker.load(), 64);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 64u);
+    EXPECT_EQ(s.submitted, accounted(s));
   });
 }
 
