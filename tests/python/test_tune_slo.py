@@ -35,6 +35,7 @@ from apportion.tune import (
 )
 from apportion.tune.cost import Shape
 from apportion.tune.measure import windows_met
+from apportion.tune.search import best, clearly_better
 from apportion.tune.noise import combine_repeats, parse_proc_stat, profile_spread
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
@@ -189,6 +190,18 @@ def test_one_bad_window_disqualifies_a_plan() -> None:
     assert "MISSED" in result.report()
 
 
+def test_more_models_within_their_slos_rank_first() -> None:
+    def cand(name: str, met: tuple[bool, ...], good: float) -> Candidate:
+        return Candidate(name, {}, "", measured={f"m{i}": Measured(good, good, 5.0, ok, 100.0, windows_met=(ok,) * 3)
+                                               for i, ok in enumerate(met)})
+
+    two = cand("two", (True, True, False), 10.0)
+    one = cand("one", (True, False, False), 50.0)
+    assert best([one, two], "goodput") is two and clearly_better(two, one, "goodput")
+    assert best([two, cand("all", (True, True, True), 1.0)], "goodput").name == "all"
+    assert best([one, cand("one, more", (True, False, False), 60.0)], "goodput").name == "one, more"
+
+
 # -- admission and priority classes --------------------------------------------------------------
 
 def test_queue_bound_drains_in_time() -> None:
@@ -244,6 +257,20 @@ def test_the_search_tightens_a_bound_that_does_not_hold() -> None:
                   progress=False, host=_quiet())
     names = [c.name for c in result.candidates]
     assert any("encoder admission q<=" in n for n in names)
+    assert result.winner.slo_ok()
+
+
+def test_models_that_all_missed_are_bounded_at_their_measured_rates() -> None:
+    # A cost model that promises three times what the machine gives: the first bounds hold for
+    # nobody; one refinement bounds every model at what it was measured to drain in time.
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    hopeful = {n: CostModel(c.alpha_ms / 3, c.beta_ms / 3, c.serial, c.batchable) for n, c in TRUTH.items()}
+    result = tune(_config(demand), budget_s=1000, topology_root=VM2, profiles=hopeful, measure=Machine(2),
+                  progress=False, host=_quiet())
+    first = result.candidates[0]
+    assert first.met_count() == 0
+    together = [c for c in result.candidates if c.name == f"{first.name}, admission by measured rates"]
+    assert together and together[0].met_count() == 2
     assert result.winner.slo_ok()
 
 

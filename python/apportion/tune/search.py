@@ -89,14 +89,19 @@ class Candidate:
     def stable(self) -> bool:
         return self.measured is not None and all(m.stable for m in self.measured.values())
 
+    def met_count(self) -> int:
+        """How many models' admitted requests met their SLOs."""
+        return sum(m.admitted_met() for m in (self.measured or {}).values())
+
     def score(self, objective: str) -> float:
         if self.measured is None:
             return float("-inf")
         return objective_value({n: (m.goodput, m.wanted or m.throughput or 1.0) for n, m in self.measured.items()},
                           objective)
 
-    def rank(self, objective: str) -> tuple[bool, float]:
-        return (self.slo_ok(), self.score(objective))
+    def rank(self, objective: str) -> tuple[bool, int, float]:
+        """Every SLO held first; then the most models holding theirs; then the objective."""
+        return (self.slo_ok(), self.met_count(), self.score(objective))
 
     def describe(self) -> str:
         return "; ".join(f"{n}: {c.describe()}" for n, c in self.choices.items())
@@ -263,6 +268,8 @@ def needs_for(config: Config, costs: Mapping[str, CostModel], total_cores: int, 
 def clearly_better(a: Candidate, b: Candidate, objective: str) -> bool:
     if a.slo_ok() != b.slo_ok():
         return a.slo_ok()
+    if a.met_count() != b.met_count():
+        return a.met_count() > b.met_count()
     sa, sb = a.score(objective), b.score(objective)
     return sa > sb + 0.01 * abs(sb)
 
@@ -279,13 +286,19 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
     by = {n.name: n for n in needs}
     order = sorted(w.measured, key=lambda n: (w.measured[n].admitted_met(), w.measured[n].fraction))  # type: ignore[index]
     out = []
-    missed_any = any(not m.admitted_met() for m in w.measured.values())
-    if missed_any and all(c.priority_class is None for c in w.choices.values()):
-        ranked = with_priorities(w.choices, needs)
-        if ranked is not None:
-            out.append(Candidate(f"{w.name}, priority classes", ranked,
-                                 f"refined from '{w.name}': the shared models in priority classes on the "
-                                 "scheduled pool, least slack first"))
+    # Several models missed (an overloaded or noisy machine): bound them all at once, each at
+    # what its measured rate drains in time.
+    tightened = {}
+    for n, m in w.measured.items():
+        c, need = w.choices[n], by.get(n)
+        if not m.admitted_met() and need is not None:
+            seen = measured_bound(need, c, m, margin)
+            if seen is not None and (c.max_queue is None or seen < c.max_queue):
+                tightened[n] = replace(c, max_queue=seen)
+    if len(tightened) >= 2:
+        out.append(Candidate(f"{w.name}, admission by measured rates", {**w.choices, **tightened},
+                             f"refined from '{w.name}': " + ", ".join(tightened) + " missed their SLOs; each "
+                             "queue bounded at what the model's measured rate drains in time"))
     for n in order:
         m = w.measured[n]
         c = w.choices[n]
@@ -322,6 +335,13 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
             out.append(Candidate(f"{w.name}, {n} batch {b.max_size // 2}",
                                  {**w.choices, n: replace(c, batching=Batching(b.max_size // 2, b.max_delay_ms))},
                                  f"refined from '{w.name}': smaller batches for {n} (latency)"))
+    missed_any = any(not m.admitted_met() for m in w.measured.values())
+    if missed_any and all(c.priority_class is None for c in w.choices.values()):
+        ranked = with_priorities(w.choices, needs)
+        if ranked is not None:
+            out.append(Candidate(f"{w.name}, priority classes", ranked,
+                                 f"refined from '{w.name}': the shared models in priority classes on the "
+                                 "scheduled pool, least slack first"))
     return out
 
 

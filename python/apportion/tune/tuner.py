@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -102,9 +103,15 @@ def tune(
     to_profile = [n for n in cfg.models if profiles is None or n not in profiles]
     runs = len(to_profile) * len(shapes) + validate_top + 3
     settings = Settings.for_budget(budget_s * 0.9, runs)
-    # Repeats start only while profiling has used less than its share of the budget (and at
-    # most 45% of it): validation and refinement keep theirs.
-    profile_until = t0 + budget_s * min(0.45, 0.9 * len(to_profile) * len(shapes) / runs)
+    # Profiles need throughput estimates only: half-length windows suffice. Repeats are run
+    # only where every first run still fits before 40% of the budget: validation and
+    # refinement keep theirs.
+    profile_settings = replace(settings, warmup_s=settings.warmup_s / 2, window_s=max(0.2, settings.window_s / 2),
+                               max_s=settings.max_s / 2)
+    profile_until = t0 + budget_s * 0.4
+    first_runs = len(to_profile) * len(shapes)
+    profiled = 0
+    profile_s = 0.0
     samples: dict[str, list[Sample]] = {}
     costs: dict[str, CostModel] = {}
     for n in cfg.models:
@@ -119,10 +126,18 @@ def tune(
             samples[n] = []
             for shape in shapes:
                 bar(f"profiling {n} {shape.describe()}")
-                repeats = profile_repeats if clock() < profile_until else 1
+                per_run = (profile_s / profiled if profiled else
+                           profile_settings.warmup_s + profile_settings.stable_windows * profile_settings.window_s)
+                spare = profile_until - clock() - (first_runs - profiled) * per_run
+                repeats = 1 + (min(profile_repeats - 1, int(spare / per_run)) if per_run > 0 and spare > 0 else 0)
+                started = clock()
                 with watch.run(f"profile {n} {shape.describe()}"):
-                    got = profile_repeated(cfg, n, shape, settings, topology_root=topology_root,
+                    got = profile_repeated(cfg, n, shape, profile_settings, topology_root=topology_root,
                                            total_cores=total_cores, repeats=repeats)
+                # Timed per run (each gives up to stable_windows estimates): a repeated shape costs several.
+                runs_done = max(1, math.ceil(len(got) / profile_settings.stable_windows))
+                profiled += 1
+                profile_s += (clock() - started) / runs_done
                 samples[n].extend(got)
             if not samples[n]:
                 raise ConfigError(cfg.path, f"models.{n}", "failed every profiling run (the model raised); "
