@@ -185,6 +185,14 @@ def overloaded(alloc: Mapping[str, Allocation]) -> bool:
     return any(a.fraction < 0.99 for a in alloc.values())
 
 
+def _wait_budget(need: Need, slo_ms: float, choice: Choice, margin: float) -> tuple[int, float]:
+    # (batch size, ms a queued request may wait): the SLO less the margin, its own call and
+    # the batching delay.
+    b = choice.batching.max_size if choice.batching else 1
+    delay = choice.batching.max_delay_ms if choice.batching else 0.0
+    return b, slo_ms * (1.0 - margin) - need.cost.call_ms(choice.threads, b) - delay
+
+
 def queue_bound(need: Need, choice: Choice, cores: float, margin: float = 0.0) -> int | None:
     """The admission bound for ``need`` served as ``choice`` on ``cores`` (its share): the
     most queued requests that the share drains, by the cost model, in time for the last one
@@ -192,10 +200,7 @@ def queue_bound(need: Need, choice: Choice, cores: float, margin: float = 0.0) -
     batch; None without an SLO."""
     if need.slo_ms is None:
         return None
-    b = choice.batching.max_size if choice.batching else 1
-    delay = choice.batching.max_delay_ms if choice.batching else 0.0
-    call = need.cost.call_ms(choice.threads, b)
-    budget_ms = need.slo_ms * (1.0 - margin) - call - delay
+    b, budget_ms = _wait_budget(need, need.slo_ms, choice, margin)
     rate = max(cores, 1e-3) * 1000.0 / need.cost.core_ms(choice.threads, b)  # req/s, flat out
     return max(b, int(budget_ms * rate / 1000.0))
 
@@ -205,9 +210,7 @@ def measured_bound(need: Need, choice: Choice, measured: Measured, margin: float
     validation (under overload: what its share really serves) instead of the cost model's."""
     if need.slo_ms is None or measured.throughput <= 0:
         return None
-    b = choice.batching.max_size if choice.batching else 1
-    delay = choice.batching.max_delay_ms if choice.batching else 0.0
-    budget_ms = need.slo_ms * (1.0 - margin) - need.cost.call_ms(choice.threads, b) - delay
+    _, budget_ms = _wait_budget(need, need.slo_ms, choice, margin)
     return max(1, int(budget_ms * measured.throughput / 1000.0))
 
 
