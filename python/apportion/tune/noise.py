@@ -30,7 +30,8 @@ SPREAD_LOW = 0.25
 @dataclass(frozen=True)
 class HostSnapshot:
     """Cumulative CPU time at one moment: ``busy_s`` of every CPU this process may use (all
-    processes' user, system, irq and steal time), ``own_s`` of this process (every thread)."""
+    processes' user, system, irq and steal time), ``own_s`` of this process (every thread;
+    a model's process-isolated instances are child processes and count as other work)."""
 
     wall_s: float
     busy_s: float

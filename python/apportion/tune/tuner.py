@@ -131,7 +131,7 @@ def tune(
                 spare = profile_until - clock() - (first_runs - profiled) * per_run
                 repeats = 1 + (min(profile_repeats - 1, int(spare / per_run)) if per_run > 0 and spare > 0 else 0)
                 started = clock()
-                with watch.run(f"profile {n} {shape.describe()}"):
+                with watch.run():
                     got = profile_repeated(cfg, n, shape, profile_settings, topology_root=topology_root,
                                            total_cores=total_cores, repeats=repeats)
                 # Timed per run (each gives up to stable_windows estimates): a repeated shape costs several.
@@ -158,13 +158,13 @@ def tune(
     tight = with_margin(cfg, float(margin))
     measure_fn = measure or (lambda c: measure_config(c, settings, topology_root=topology_root))
 
-    def run_measure(c: Config, name: str) -> dict[str, Measured]:
-        with watch.run(name):
+    def run_measure(c: Config) -> dict[str, Measured]:
+        with watch.run():
             return dict(measure_fn(c))
 
     for c in candidates:
         bar(f"validating '{c.name}'")
-        c.measured = run_measure(apply(tight, c.choices), c.name)
+        c.measured = run_measure(apply(tight, c.choices))
 
     per_run = max(settings.max_s, 0.5)
     tried = {tuple(sorted(c.choices.items(), key=lambda kv: kv[0])) for c in candidates}
@@ -181,7 +181,7 @@ def tune(
             tried.add(key)
             bar(f"refining: {move.name}")
             try:
-                move.measured = run_measure(apply(tight, move.choices), move.name)
+                move.measured = run_measure(apply(tight, move.choices))
             except ConfigError:
                 continue  # a move that does not fit this machine
             candidates.append(move)
@@ -212,7 +212,7 @@ class _HostWatch:
         self.busy_s = self.wall_s = 0.0
 
     @contextlib.contextmanager
-    def run(self, what: str) -> Iterator[None]:
+    def run(self) -> Iterator[None]:
         before = self.snap()
         yield
         after = self.snap()
