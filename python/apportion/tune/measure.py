@@ -149,7 +149,8 @@ def _profile_run(config: Config, name: str, shape: Shape, settings: Settings, *,
     spec = replace(m.spec, instances=1, threads=shape.threads, isolation="exclusive" if exclusive else "shared",
                    cores=shape.threads if exclusive else None, oversubscribe=False, burst=False, weight=None,
                    priority_class=None, batching=batching_for(shape), max_queue=max(64, 4 * shape.batch),
-                   timeout_ms=None, watchdog_s=None, start_timeout_s=None)
+                   timeout_ms=None, watchdog_s=None, start_timeout_s=None,
+                   warmup=m.spec.warmup if m.spec.warmup is not None else m.inputs)
     alone = replace(m, spec=spec, slo=None, load={"concurrency": 2 * shape.batch})
     cfg = replace(config, models={name: alone})
     rt = cfg.runtime(topology_root=topology_root, start=True)

@@ -162,7 +162,10 @@ def isolated_layout(alloc: Mapping[str, Allocation], total_cores: int) -> dict[s
 
 def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
     """``config`` with each model's quota, batching and admission replaced by ``choices``
-    (on a scheduled shared pool when a choice has a priority class)."""
+    (on a scheduled shared pool when a choice has a priority class). A model without a
+    warm-up is warmed with its load's ``inputs`` where the config names them: a cold first
+    call (several times a warm one) would otherwise land on the first requests, and a
+    batching model's cost estimate starts from it."""
     models = {}
     for name, m in config.models.items():
         c = choices.get(name)
@@ -173,6 +176,7 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
                        batching=c.batching, oversubscribe=False, burst=False, weight=None,
                        priority_class=c.priority_class if c.isolation == "shared" else None,
                        max_queue=c.max_queue if c.max_queue is not None else m.spec.max_queue,
+                       warmup=m.spec.warmup if m.spec.warmup is not None else m.inputs,
                        watchdog_s=None, start_timeout_s=None)
         models[name] = replace(m, spec=spec)
     classes = any(c.priority_class is not None and c.isolation == "shared" for c in choices.values())
