@@ -42,6 +42,12 @@ struct BatchingOptions {
 int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept;
 /// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored).
 void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns) noexcept;
+/// Shrinks every estimate in `cost_ns` by 1/8, after a request was judged hopeless by them.
+/// Only a call that runs corrects an estimate, and a request judged hopeless never runs: one
+/// slow call (a cold first call, a descheduled worker) could otherwise make every later
+/// deadline look hopeless for good, and the model would never run again. A correct estimate
+/// fades only until the request that slips through confirms it.
+void batch_forget(std::vector<int64_t>& cost_ns) noexcept;
 
 /// One worker's batch in formation. Not thread-safe: the worker's own.
 class Batcher {

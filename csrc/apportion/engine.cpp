@@ -420,6 +420,7 @@ void Model::serve_batches(Worker& w) {
         break;
       case Batcher::Fit::hopeless:
         settle_unrunnable(w, r, lane, true, now);
+        w.forget();  // else one slow call can keep every later request out for good
         break;
     }
   }

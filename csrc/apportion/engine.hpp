@@ -82,6 +82,8 @@ struct Worker {
   /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
   int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
   void observe(std::size_t n, int64_t ns) noexcept { batch_observe(batch_cost_ns, n, ns); }
+  /// After a request was judged hopeless by these estimates (see batch_forget).
+  void forget() noexcept { batch_forget(batch_cost_ns); }
 };
 
 /// What a model does with its requests. Every method runs in the named thread; each one that

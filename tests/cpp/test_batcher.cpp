@@ -174,6 +174,49 @@ TEST_F(EngineBatching, BatchingKeepsRequestsOutOfBatchesThatFinishTooLate) {
   });
 }
 
+TEST(BatchCost, ForgetShrinksEveryKnownEstimateAndNeverReachesUnknown) {
+  std::vector<int64_t> cost{0, 800, 0, 8, 1};
+  apportion::batch_forget(cost);
+  EXPECT_EQ(cost, (std::vector<int64_t>{0, 700, 0, 7, 1})) << "0 stays 'never observed'; 1 stays known";
+  for (int i = 0; i < 100; ++i) apportion::batch_forget(cost);
+  EXPECT_EQ(cost, (std::vector<int64_t>{0, 1, 0, 1, 1}));
+}
+
+TEST_F(EngineBatching, OneSlowCallDoesNotKeepEveryLaterRequestOut) {
+  guarded(60s, [] {
+    // The first call takes 100 ms (a cold model, a descheduled worker), every later one is
+    // quick. Requests with 50 ms deadlines look hopeless by the first estimate; the ones
+    // dropped shrink it until one runs, and the quick calls then bring it down for good.
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> calls{0};
+    h->on_batch = [&calls](Worker&, Request* const*, std::size_t) {
+      if (calls.fetch_add(1) == 0) std::this_thread::sleep_for(100ms);
+    };
+    Model m(batching_opts(4, 0), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef slow = make(1);
+    ASSERT_EQ(submit(m, slow), Admit::ok);
+    ASSERT_TRUE(completes(slow));
+    std::vector<TestRef> rs;
+    for (uint64_t i = 0; i < 40; ++i) {
+      TestRef r = make(100 + i);
+      r->deadline_ns = now_ns() + 50'000'000;
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+      rs.push_back(r);
+    }
+    EXPECT_EQ(rs.front()->outcome(), Outcome::expired) << "the first is still judged by the slow call";
+    for (std::size_t i = 20; i < rs.size(); ++i) {
+      EXPECT_EQ(rs[i]->outcome(), Outcome::ok) << "request " << i << " is still kept out";
+    }
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
 TEST_F(EngineBatching, BatchingWithDelayRunsHopelessRequestsLast) {
   guarded(60s, [] {
     Recorder rec;
