@@ -26,6 +26,7 @@ from apportion.tune import (
     Noise,
     Sample,
     Settings,
+    allocate,
     apply,
     profile_repeated,
     queue_bound,
@@ -35,7 +36,7 @@ from apportion.tune import (
 )
 from apportion.tune.cost import Shape
 from apportion.tune.measure import windows_met
-from apportion.tune.search import best, clearly_better
+from apportion.tune.search import best, clearly_better, first_candidates
 from apportion.tune.noise import combine_repeats, parse_proc_stat, profile_spread
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
@@ -203,6 +204,26 @@ def test_more_models_within_their_slos_rank_first() -> None:
 
 
 # -- admission and priority classes --------------------------------------------------------------
+
+def test_bounds_on_a_busy_machine_count_on_what_other_processes_leave() -> None:
+    needs = [Need(n, TRUTH[n], demand=200.0, slo_ms=SLO_MS) for n in TRUTH]
+    choices = {n: Choice("exclusive", 1, 1, 1, None) for n in TRUTH}
+    full = with_admission(choices, needs, None, 2)
+    half = with_admission(choices, needs, None, 2, capacity=0.5)
+    for n in TRUTH:
+        assert half[n].max_queue < full[n].max_queue  # type: ignore[operator]
+    # The first candidates of a noisy run carry those bounds.
+    alloc = allocate(needs, 2.0)
+    loud = first_candidates(alloc, 2, 3, needs, admission=True, capacity=0.5)
+    calm = first_candidates(alloc, 2, 3, needs, admission=True)
+    assert [c.name for c in loud] == [c.name for c in calm]
+    for a, b in zip(loud, calm):
+        assert all(a.choices[n].max_queue <= b.choices[n].max_queue for n in TRUTH)  # type: ignore[operator]
+    assert any(a.choices[n].max_queue < b.choices[n].max_queue for a, b in zip(loud, calm)  # type: ignore[operator]
+               for n in TRUTH)
+    assert all(c.choices[n].max_queue is None for c in first_candidates(alloc, 2, 3, needs, admission=False)
+               for n in TRUTH)
+
 
 def test_queue_bound_drains_in_time() -> None:
     need = Need("m", CostModel(0.0, 2.0, batchable=False), demand=1000, slo_ms=50.0)
@@ -373,6 +394,9 @@ def test_noise_confidence_and_words() -> None:
     some = Noise(2, 0.2, None, None, ("shared pool",))
     assert some.confidence() == "medium" and "never settled ('shared pool')" in some.describe()
     assert Noise(2).confidence() == "high"
+    assert busy.capacity() == pytest.approx(0.3) and quiet.capacity() == pytest.approx(0.975)
+    assert Noise(2, 1.0).capacity() == pytest.approx(0.5) and Noise(2, 1.9, 2.0).capacity() == 0.25
+    assert Noise(2).capacity() == 1.0
 
 
 def test_a_busy_machine_is_named_in_the_report() -> None:

@@ -127,6 +127,14 @@ class Noise:
             return "medium"
         return "high"
 
+    def capacity(self) -> float:
+        """The fraction of the CPUs other processes left at their busiest (``foreign_peak``,
+        else the mean), at least a quarter: what a plan sized on this machine can count on."""
+        foreign = self.foreign_peak if self.foreign_peak is not None else self.foreign_cpus
+        if not foreign or self.cpus <= 0:
+            return 1.0
+        return max(0.25, 1.0 - foreign / self.cpus)
+
     def noisy(self) -> bool:
         worst = self.worst_spread()
         return ((self.foreign_cpus or 0.0) >= FOREIGN_NOTICED or (worst is not None and worst[2] > SPREAD_NOTICED)

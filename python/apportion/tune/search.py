@@ -228,14 +228,15 @@ def _share(name: str, choice: Choice, alloc: Mapping[str, Allocation] | None, to
 
 
 def with_admission(choices: Mapping[str, Choice], needs: Iterable[Need], alloc: Mapping[str, Allocation] | None,
-                   total_cores: int, margin: float = 0.0) -> dict[str, Choice]:
-    """``choices`` with every model that has an SLO bounded by :func:`queue_bound`."""
+                   total_cores: int, margin: float = 0.0, capacity: float = 1.0) -> dict[str, Choice]:
+    """``choices`` with every model that has an SLO bounded by :func:`queue_bound`, each
+    share counted at ``capacity`` (a fraction: on a noisy machine, what other processes leave)."""
     by = {n.name: n for n in needs}
     out = dict(choices)
     for n, c in choices.items():
         need = by.get(n)
         if need is not None:
-            q = queue_bound(need, c, _share(n, c, alloc, total_cores), margin)
+            q = queue_bound(need, c, capacity * _share(n, c, alloc, total_cores), margin)
             if q is not None:
                 out[n] = replace(c, max_queue=q)
     return out
@@ -282,7 +283,8 @@ def clearly_better(a: Candidate, b: Candidate, objective: str) -> bool:
 
 
 def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
-          alloc: Mapping[str, Allocation] | None = None, margin: float = 0.0) -> list[Candidate]:
+          alloc: Mapping[str, Allocation] | None = None, margin: float = 0.0,
+          capacity: float = 1.0) -> list[Candidate]:
     """Small changes to the winner for the models it serves worst: admission (bound the queue
     of a model whose admitted requests missed; halve a bound that did not hold; double one that
     held while refusing requests), priority classes on the scheduled pool, one more instance, a
@@ -313,7 +315,7 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
         if not m.admitted_met() and need is not None:
             seen = measured_bound(need, c, m, margin)
             if c.max_queue is None:
-                q = queue_bound(need, c, _share(n, c, alloc, total_cores), margin)
+                q = queue_bound(need, c, capacity * _share(n, c, alloc, total_cores), margin)
                 if q is not None:
                     q = max(1, min(q, seen)) if seen is not None else q
                     out.append(Candidate(f"{w.name}, {n} admission q<={q}", {**w.choices, n: replace(c, max_queue=q)},
@@ -365,7 +367,7 @@ def profile_shapes(total_cores: int, max_batch: int) -> list[Shape]:
 
 def first_candidates(alloc: Mapping[str, Allocation], total_cores: int, limit: int,
                      needs: Iterable[Need] | None = None, margin: float = 0.0,
-                     admission: bool | None = None) -> list[Candidate]:
+                     admission: bool | None = None, capacity: float = 1.0) -> list[Candidate]:
     """The layouts of an allocation worth validating, most promising first, at most ``limit``
     (at least one): everything on a shared pool; whole cores for the models that earned them;
     the shared pool without batching (in case batching's predicted gain does not hold).
@@ -375,13 +377,14 @@ def first_candidates(alloc: Mapping[str, Allocation], total_cores: int, limit: i
     and the shared pool also in priority classes: a plan then serves the most it can while
     every request it admits meets its SLO, refusing the rest at once. ``admission`` True asks
     for that whatever the prediction (the tuner does on a noisy machine, whose capacity the
-    profiles may overstate); False never."""
+    profiles may overstate); False never. ``capacity``: the fraction of each share the bounds
+    count on (see :func:`with_admission`)."""
     predicted = {n: a.served for n, a in alloc.items()}
     needs = list(needs or ())
     admit = bool(needs) and (overloaded(alloc) if admission is None else admission)
 
     def bounded(choices: dict[str, Choice]) -> dict[str, Choice]:
-        return with_admission(choices, needs, alloc, total_cores, margin) if admit else choices
+        return with_admission(choices, needs, alloc, total_cores, margin, capacity) if admit else choices
 
     tag = ", admission" if admit else ""
     why = "; queues bounded so that what is admitted meets its SLO" if admit else ""

@@ -72,7 +72,9 @@ def tune(
     ``measure``: replaces validation load runs (``measure(config) -> {model: Measured}``).
     ``host``: a snapshot of the machine's CPU use (default: /proc/stat, see
     :func:`apportion.tune.measure.host_snapshot`), taken around every run to see what other
-    processes took: the report names that noise and lowers its confidence.
+    processes took: the report names that noise and lowers its confidence. When profiling
+    saw noise, every candidate gets admission bounds, sized for the CPUs the other processes
+    left at their busiest (:meth:`Noise.capacity`).
     ``out_dir``: also write plan.toml, report.md and candidates.png there.
     ``clock``: seconds for the budget (a simulation passes its own, with ``measure``).
     """
@@ -148,10 +150,12 @@ def tune(
     needs = needs_for(cfg, costs, total_cores, max(1, max_batch))
     alloc = allocate(needs, float(total_cores), objective)
     # On a noisy machine the profiles may overstate what the models will get: bound the
-    # queues from the start, so that what is admitted still meets its SLO.
+    # queues from the start, so that what is admitted still meets its SLO, and size the
+    # bounds for the CPUs other processes left at their busiest.
     seen = watch.runs_noise(total_cores, {n: profile_spread(v) for n, v in samples.items()})
+    capacity = seen.capacity() if seen.noisy() else 1.0
     candidates = first_candidates(alloc, total_cores, validate_top, needs, float(margin),
-                                  admission=True if seen.noisy() else None)
+                                  admission=True if seen.noisy() else None, capacity=capacity)
 
     # 4. validate, then refine. Every validation, measured or injected, sees the SLOs
     # tightened by the margin (the deadlines stay those of the plan).
@@ -172,7 +176,7 @@ def tune(
     while improved and clock() - t0 + per_run <= budget_s:
         improved = False
         w = best(candidates, objective)
-        for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin)):
+        for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
             if clock() - t0 + per_run > budget_s:
                 break
             key = tuple(sorted(move.choices.items(), key=lambda kv: kv[0]))
