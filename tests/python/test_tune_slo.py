@@ -394,9 +394,9 @@ def test_noise_confidence_and_words() -> None:
     some = Noise(2, 0.2, None, None, ("shared pool",))
     assert some.confidence() == "medium" and "never settled ('shared pool')" in some.describe()
     assert Noise(2).confidence() == "high"
-    assert busy.capacity() == pytest.approx(0.3) and quiet.capacity() == pytest.approx(0.975)
-    assert Noise(2, 1.0).capacity() == pytest.approx(0.5) and Noise(2, 1.9, 2.0).capacity() == 0.25
-    assert Noise(2).capacity() == 1.0
+    assert busy.capacity() == pytest.approx(2 / 3) and quiet.capacity() == pytest.approx(2 / 2.02)
+    assert Noise(2, 1.9, 2.0).capacity() == pytest.approx(2 / 3.9)
+    assert Noise(2).capacity() == 1.0 and Noise(2, None, 1.5).capacity() == 1.0
 
 
 def test_a_busy_machine_is_named_in_the_report() -> None:

@@ -128,12 +128,15 @@ class Noise:
         return "high"
 
     def capacity(self) -> float:
-        """The fraction of the CPUs other processes left at their busiest (``foreign_peak``,
-        else the mean), at least a quarter: what a plan sized on this machine can count on."""
-        foreign = self.foreign_peak if self.foreign_peak is not None else self.foreign_cpus
+        """The fraction of the CPUs a plan can count on beside the other processes' work: the
+        OS shares the CPUs between runnable threads, so ``cpus`` busy threads of a saturated
+        plan beside ``foreign_cpus`` of theirs get about cpus / (cpus + foreign_cpus) of them
+        (what the others took while the tuner's own load was light overstates what they keep
+        under contention)."""
+        foreign = self.foreign_cpus
         if not foreign or self.cpus <= 0:
             return 1.0
-        return max(0.25, 1.0 - foreign / self.cpus)
+        return self.cpus / (self.cpus + foreign)
 
     def noisy(self) -> bool:
         worst = self.worst_spread()

@@ -73,8 +73,8 @@ def tune(
     ``host``: a snapshot of the machine's CPU use (default: /proc/stat, see
     :func:`apportion.tune.measure.host_snapshot`), taken around every run to see what other
     processes took: the report names that noise and lowers its confidence. When profiling
-    saw noise, every candidate gets admission bounds, sized for the CPUs the other processes
-    left at their busiest (:meth:`Noise.capacity`).
+    saw noise, every candidate gets admission bounds, sized for the share of the CPUs the
+    other processes' work leaves (:meth:`Noise.capacity`).
     ``out_dir``: also write plan.toml, report.md and candidates.png there.
     ``clock``: seconds for the budget (a simulation passes its own, with ``measure``).
     """
@@ -151,7 +151,7 @@ def tune(
     alloc = allocate(needs, float(total_cores), objective)
     # On a noisy machine the profiles may overstate what the models will get: bound the
     # queues from the start, so that what is admitted still meets its SLO, and size the
-    # bounds for the CPUs other processes left at their busiest.
+    # bounds for the share of the CPUs the other processes' work leaves.
     seen = watch.runs_noise(total_cores, {n: profile_spread(v) for n, v in samples.items()})
     capacity = seen.capacity() if seen.noisy() else 1.0
     candidates = first_candidates(alloc, total_cores, validate_top, needs, float(margin),
