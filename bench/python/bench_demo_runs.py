@@ -76,6 +76,8 @@ def main() -> int:
             ratio_e = total["tuned"] / total["equal split"] if total["equal split"] else float("inf")
             ok = met["tuned"] == n and ratio_u >= 1.3 and ratio_e >= 1.15
             conf = tuner.split("confidence ")[1].split(".")[0] if "confidence " in tuner else "?"
+            if "other processes kept " in tuner:
+                conf += ", others " + tuner.split("other processes kept ")[1].split(" CPUs")[0]
             rows.append(f"| {i} | {t0} | {load:.1f} | {demand} | {total['unmanaged']:.0f} ({met['unmanaged']} of {n}) "
                         f"| {total['equal split']:.0f} ({met['equal split']} of {n}) | {total['tuned']:.0f} "
                         f"({met['tuned']} of {n}) | {ratio_u:.2f}x | {ratio_e:.2f}x | {conf} | "
@@ -86,7 +88,8 @@ def main() -> int:
             proc.kill()
             proc.wait()
     print("\n| run | start UTC | load avg | demand req/s | unmanaged good/s (SLOs met) | equal split good/s (SLOs "
-          "met) | tuned good/s (SLOs met) | tuned / unmanaged | tuned / equal | tuner confidence | target met |")
+          "met) | tuned good/s (SLOs met) | tuned / unmanaged | tuned / equal | tuner confidence, others' busy CPUs "
+          "| target met |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
