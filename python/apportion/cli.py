@@ -285,6 +285,7 @@ def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
                   max_batch=max(1, args.max_batch), margin=args.margin, progress=not args.quiet,
                   out_dir=args.out)
     print(result.why(), file=out)
+    print(result.summary(shortfall=False), file=out)
     print(f"plan: {Path(args.out) / 'plan.toml'}; report: {Path(args.out) / 'report.md'}; "
           f"plot: {Path(args.out) / 'candidates.png'}", file=out)
     return EXIT_OK

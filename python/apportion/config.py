@@ -4,6 +4,7 @@ The same format is what ``apportion plan|run|bench`` read and what ``ap.tune`` w
 
     [runtime]
     cpus = "0-7"                        # optional: the CPUs the runtime may use
+    shared_pool = "scheduled"           # optional: "os" (default) or "scheduled" (weights, classes)
 
     [workload]
     rate = 600.0                        # optional: total requests/s, split by each load.share
@@ -55,7 +56,7 @@ OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load", "signature")
 SIGNATURE_KEYS: tuple[str, ...] = ("inputs", "outputs", "tensor")
 MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
-RUNTIME_KEYS: tuple[str, ...] = ("cpus",)
+RUNTIME_KEYS: tuple[str, ...] = ("cpus", "shared_pool")
 WORKLOAD_KEYS: tuple[str, ...] = ("rate",)
 SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
 LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
@@ -176,6 +177,9 @@ class Config:
     rate: float | None = None
     """``[workload] rate``: total requests/s that ``load.share`` values divide."""
     path: str = "<config>"
+    shared_pool: str = "os"
+    """``[runtime] shared_pool``: "os" or "scheduled" (see :class:`apportion.Runtime`); the
+    tuner's plans with priority classes need "scheduled"."""
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod
@@ -207,7 +211,7 @@ class Config:
         unknown = [k for k in doc if k not in TOP_KEYS]
         if unknown:
             raise ConfigError(path, unknown[0], "unknown top-level key; allowed: [models.<name>] tables, "
-                              "[runtime] (cpus), [workload] (rate)")
+                              "[runtime] (cpus, shared_pool), [workload] (rate)")
         runtime = _table(path, "runtime", doc.get("runtime", {}), RUNTIME_KEYS)
         cpus = runtime.get("cpus")
         if cpus is not None:
@@ -224,6 +228,9 @@ class Config:
                 raise ConfigError(path, "runtime.cpus", f"got {cpus!r}; give a CPU list like \"0-3,8\" "
                                   f"or a list of CPU ids in [0, {_MAX_CPU_ID})")
             cpus = cpus if isinstance(cpus, str) else tuple(cpus)
+        shared_pool = runtime.get("shared_pool", "os")
+        if shared_pool not in ("os", "scheduled"):
+            raise ConfigError(path, "runtime.shared_pool", f"got {shared_pool!r}; give \"os\" or \"scheduled\"")
         workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
         rate = workload.get("rate")
         if rate is not None:
@@ -237,7 +244,7 @@ class Config:
             if m.load and "share" in m.load and rate is None:
                 raise ConfigError(path, f"models.{m.name}.load.share",
                                   "a share needs a total: add [workload] rate = <requests per second>")
-        return cls(models=out, cpus=cpus, rate=rate, path=path)
+        return cls(models=out, cpus=cpus, rate=rate, path=path, shared_pool=shared_pool)
 
     # -- using --------------------------------------------------------------------------------
     def quotas(self) -> list[Quota]:
@@ -251,7 +258,7 @@ class Config:
         from .runtime import Runtime
 
         try:
-            rt = Runtime(cpus=self.cpus, topology_root=topology_root)
+            rt = Runtime(cpus=self.cpus, topology_root=topology_root, shared_pool=self.shared_pool)
         except QuotaError as e:
             raise ConfigError(self.path, "runtime.cpus", str(e)) from None
         try:
@@ -314,8 +321,13 @@ class Config:
         """The config as TOML that :meth:`load` reads back into an equal config (any model name,
         floats exactly); ``header`` becomes comment lines at the top."""
         doc: dict[str, Any] = {}
+        runtime: dict[str, Any] = {}
         if self.cpus is not None:
-            doc["runtime"] = {"cpus": self.cpus if isinstance(self.cpus, str) else list(self.cpus)}
+            runtime["cpus"] = self.cpus if isinstance(self.cpus, str) else list(self.cpus)
+        if self.shared_pool != "os":
+            runtime["shared_pool"] = self.shared_pool
+        if runtime:
+            doc["runtime"] = runtime
         if self.rate is not None:
             doc["workload"] = {"rate": self.rate}
         doc["models"] = {m.name: m.to_table() for m in self.models.values()}

@@ -264,6 +264,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     print(demo.table(), file=out)
     for mode, choices in modes.items():
         print(f"  {mode}: " + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), file=out)
+    print(f"tuner: {result.summary()}", file=out)
     from .tune.plot import plot_bars
 
     plot = plot_bars(out_path / "demo.png", results, cfg, title=f"apportion demo: {cfg.rate:g} req/s on {n_cores} cores")

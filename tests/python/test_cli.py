@@ -304,7 +304,8 @@ def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:
     code, out, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "5", "--out", str(out_dir),
                          "--max-batch", "2", "--quiet")
     assert (code, err) == (0, ""), err
-    assert "plan:" in out and "scored" in out
+    assert "plan:" in out and "scored" in out and "Validated with a 10% SLO margin over 3" in out
+    assert "; confidence " in out
     assert {p.name for p in out_dir.iterdir()} >= {"plan.toml", "report.md", "candidates.png"}
     code, out, err = run("run", str(out_dir / "plan.toml"), "--duration", "0.4")
     assert (code, err) == (0, "")
@@ -321,4 +322,5 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
                          "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
     assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
+    assert "tuner: Validated with a 10% SLO margin" in out and "; confidence " in out
     assert (tmp_path / "demo.png").exists() and (tmp_path / "tune" / "plan.toml").exists()

@@ -33,7 +33,7 @@ LAYERS: list[list[str]] = [
     ["apportion.runtime"],
     ["apportion.config"],
     ["apportion.tune.cost"],
-    ["apportion.tune.allocation"],
+    ["apportion.tune.allocation", "apportion.tune.noise"],
     ["apportion.tune.search"],
     ["apportion.tune.measure", "apportion.tune.plot", "apportion.tune.progress", "apportion.tune.report"],
     ["apportion.tune.tuner"],

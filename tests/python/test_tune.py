@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,13 @@ def test_apply_keeps_workload_and_replaces_quotas() -> None:
     assert out.models["ranker"].load == cfg.models["ranker"].load
     assert out.models["encoder"] == cfg.models["encoder"]
     assert Shape(2, 4).describe() == "t=2 b<=4"
+    # A model whose load names its inputs is warmed with them; an explicit warm-up stays.
+    named = cfg.replace_models(ranker=replace(cfg.models["ranker"], inputs="apportion.demo:mlp_input"),
+                               encoder=replace(cfg.models["encoder"], inputs="apportion.demo:encoder_input",
+                                               spec=replace(cfg.models["encoder"].spec, warmup=[1.0])))
+    out = apply(named, {n: Choice("shared", None, 1, 1, None) for n in TRUTH})
+    assert out.models["ranker"].spec.warmup == "apportion.demo:mlp_input"
+    assert out.models["encoder"].spec.warmup == (1.0,)
 
 
 # -- the SLO margin ------------------------------------------------------------------------------

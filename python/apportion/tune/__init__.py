@@ -19,7 +19,8 @@ multiplied over models), so the tuner works in four cheap steps:
 
 The package follows those steps: :mod:`.cost` (the cost model), :mod:`.allocation` (step 3)
 and :mod:`.search` (layouts, moves, ranking) are pure functions that tests feed synthetic
-curves; :mod:`.measure` runs models under load; :mod:`.report` renders what a run found;
+curves; :mod:`.measure` runs models under load; :mod:`.noise` says how far the measurements can be
+trusted (other processes' CPU use, spread between repeats); :mod:`.report` renders what a run found;
 :mod:`.tuner` holds :func:`tune`, which strings them together. ``tune`` also takes
 ``profiles=`` (skip step 1), ``measure=`` (replace step 4's load runs) and ``clock=``, so the
 whole search runs without timing. The progress display (:mod:`.progress`) and the plots
@@ -32,9 +33,11 @@ from typing import Any
 
 from .allocation import OBJECTIVES, Allocation, Objective, allocate
 from .cost import RHO, CostModel, Need, Sample, Shape
-from .measure import Settings, measure_config, profile_model
+from .measure import Settings, host_snapshot, measure_config, profile_model, profile_repeated
+from .noise import HostSnapshot, Noise
 from .report import TuneResult
-from .search import Candidate, Choice, Measured, apply, isolated_layout, shared_layout
+from .search import (Candidate, Choice, Measured, apply, isolated_layout, queue_bound, shared_layout,
+                     with_admission, with_priorities)
 from .tuner import tune
 
 __all__ = [
@@ -44,8 +47,10 @@ __all__ = [
     "Candidate",
     "Choice",
     "CostModel",
+    "HostSnapshot",
     "Measured",
     "Need",
+    "Noise",
     "Objective",
     "Sample",
     "Settings",
@@ -53,11 +58,16 @@ __all__ = [
     "TuneResult",
     "allocate",
     "apply",
+    "host_snapshot",
     "isolated_layout",
     "measure_config",
     "profile_model",
+    "profile_repeated",
+    "queue_bound",
     "shared_layout",
     "tune",
+    "with_admission",
+    "with_priorities",
 ]
 
 _OPTIONAL = {"plot_bars": "plot", "Progress": "progress"}

@@ -12,6 +12,7 @@ from .. import _table
 from ..config import Config
 from .allocation import Allocation
 from .cost import CostModel, Sample
+from .noise import Confidence, Noise, combine_repeats, profile_spread
 from .search import Candidate
 
 __all__ = ["TuneResult"]
@@ -38,15 +39,55 @@ class TuneResult:
     """The validation runs' lengths (a tune.measure.Settings), when runs were measured."""
     needs: list[Any] = field(default_factory=list)
     """What the allocator knew of each model (tune.cost.Need): cost model, demand, SLO."""
+    noise: Noise | None = None
+    """What the run saw of the machine: other processes' CPU use, how far repeated profiles
+    moved, validation runs that never settled."""
+
+    @property
+    def windows(self) -> int:
+        """Validation windows each SLO had to hold in (each one and pooled)."""
+        return self.settings.stable_windows if self.settings is not None else 0
+
+    def confidence(self) -> Confidence:
+        """How far the plan can be trusted: ``high`` (quiet machine, repeats agreed, winner's
+        validation stable), ``medium`` or ``low`` (see :meth:`Noise.confidence`)."""
+        noise = self.noise or Noise(self.total_cores)
+        return noise.confidence(self.winner.stable())
+
+    def refused(self) -> dict[str, float]:
+        """Per model, the share of its offered requests the winner refused at once (admission)."""
+        return {n: m.refused_share for n, m in (self.winner.measured or {}).items()}
+
+    def summary(self, shortfall: bool = True) -> str:
+        """One paragraph: margin, windows, confidence, what admission refused, the noise and
+        (``shortfall``) the missing capacity."""
+        w = self.windows
+        text = (f"Validated with a {self.margin:.0%} SLO margin"
+                + (f" over {w} stable windows (each, and pooled)" if w else "")
+                + f"; confidence {self.confidence()}.")
+        refused = {n: v for n, v in self.refused().items() if v > 0}
+        if refused:
+            text += " Refused at once (admission): " + ", ".join(f"{n} {v:.0%}" for n, v in refused.items()) + "."
+        noise = self.noise.describe() if self.noise is not None else ""
+        short = self.shortfall() if shortfall else ""
+        return " ".join(t for t in (text, noise, short) if t)
 
     def missing_capacity(self) -> dict[str, float]:
         """For each model the allocation does not serve in full: how many more cores it would
         need to serve its whole demand within its SLO, by its fitted cost model (inf: no shape
         of it meets the SLO at all). Empty when the machine suffices."""
         out: dict[str, float] = {}
+        measured = self.winner.measured or {}
         for need in self.needs:
             a = self.allocation.get(need.name)
-            if a is None or a.fraction >= 0.99:
+            if a is None:
+                continue
+            m = measured.get(need.name)
+            if a.fraction >= 0.99:
+                # The cost model says it fits; the validation may disagree (a busy machine):
+                # then scale the model's share by what it served against what it wanted.
+                if m is not None and m.wanted and 0 < m.goodput < 0.95 * m.wanted and a.cores > 0:
+                    out[need.name] = math.ceil(2 * a.cores * (m.wanted / m.goodput - 1.0)) / 2
                 continue
             cores, limit = max(a.cores, 0.5), max(4.0 * self.total_cores, a.cores + 1.0)
             while cores <= limit:
@@ -75,8 +116,22 @@ class TuneResult:
                  f"{len(self.candidates)} candidates validated under the mixed load"
                  + (f", each model's SLO tightened by a {self.margin:.0%} margin" if self.margin else "")
                  + (f", over {self.settings.stable_windows} stable windows of {self.settings.window_s:g} s"
-                    if self.settings is not None else "") + ".", "",
-                 "## Workload", ""]
+                    if self.settings is not None else "") + ". A candidate holds a model's SLO when the "
+                 "SLO's percentile of the requests it admitted (expired ones count as misses) meets it in "
+                 "every window and over all of them; requests refused at once (queue bound) are not admitted.",
+                 "", f"**Margin** {self.margin:.0%} · **windows** {self.windows} · "
+                 f"**confidence** {self.confidence()}", ""]
+        noise = self.noise.describe() if self.noise is not None else ""
+        if self.noise is not None:
+            lines += ["## Noise", "",
+                      (noise or "Quiet machine: no other process took a noticeable share of the CPUs, and "
+                       "repeated profiles agreed.")
+                      + (f" Other processes' CPU use while measuring: {self.noise.foreign_cpus:.2f} of "
+                         f"{self.noise.cpus} CPUs on average"
+                         + (f", at most {self.noise.foreign_peak:.2f} over one run"
+                            if self.noise.foreign_peak is not None else "") + "."
+                         if self.noise.foreign_cpus is not None else ""), ""]
+        lines += ["## Workload", ""]
         demand = self.config.demand()
         rows = []
         for n, m in self.config.models.items():
@@ -86,10 +141,18 @@ class TuneResult:
             rows.append((n, load, slo))
         lines += _table.markdown(("model", "demand", "SLO"), rows)
         lines += ["", "## Profiles (each model alone) and fitted cost models", ""]
-        lines += _table.markdown(
-            ("model", "threads", "batch", "call ms", "req/call", "req/s"),
-            [(n, str(s.threads), str(s.batch), f"{s.call_ms:.2f}", f"{s.mean_batch:.1f}", f"{s.throughput:.0f}")
-             for n, samples in self.profiles.items() for s in samples])
+        rows = []
+        for n, samples in self.profiles.items():
+            spread = profile_spread(samples)
+            counts: dict[tuple[int, int], int] = {}
+            for x in samples:
+                counts[(x.threads, x.batch)] = counts.get((x.threads, x.batch), 0) + 1
+            for x in combine_repeats(samples):
+                k = (x.threads, x.batch)
+                rows.append((n, str(x.threads), str(x.batch), f"{x.call_ms:.2f}", f"{x.mean_batch:.1f}",
+                             f"{x.throughput:.0f}", str(counts[k]), f"{spread[k]:.0%}" if k in spread else "-"))
+        lines += _table.markdown(("model", "threads", "batch", "call ms (median)", "req/call", "req/s",
+                                  "estimates", "spread"), rows)
         rows = []
         for n, c in self.costs.items():
             a = self.allocation.get(n)
@@ -109,14 +172,15 @@ class TuneResult:
                     cells.append("-")
                 else:
                     p = "-" if m.p99_ms is None else f"{m.p99_ms:.1f}"
-                    cells.append(f"{m.goodput:.0f} ({p}{'' if m.slo_met is not False else ' MISSED'})")
+                    ref = f", {m.refused_share:.0%} refused" if m.rejected else ""
+                    cells.append(f"{m.goodput:.0f} ({p}{ref}{'' if m.admitted_met() else ' MISSED'})")
             mark = " **winner**" if c is self.winner else ""
             rows.append((str(i + 1), f"{c.name}{mark}", c.describe(), *cells,
                          "yes" if c.slo_ok() else "no", f"{c.score(self.objective):.3g}"))
         lines += ["", "## Candidates", ""]
         lines += _table.markdown(("#", "candidate", "settings", *(f"{n} good/s (p99 ms)" for n in names),
                                   "all SLOs", "objective"), rows)
-        lines += ["", "## Why the winner won", "", self.why(ranked), ""]
+        lines += ["", "## Why the winner won", "", self.why(ranked), "", self.summary(shortfall=False), ""]
         return "\n".join(lines)
 
     def why(self, ranked: list[Candidate] | None = None) -> str:

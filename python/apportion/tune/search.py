@@ -14,8 +14,8 @@ from .allocation import Allocation, objective_value
 from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
-           "first_candidates", "isolated_layout", "moves", "needs_for", "profile_shapes",
-           "shared_layout"]
+           "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
+           "queue_bound", "shared_layout", "with_admission", "with_priorities"]
 
 @dataclass(frozen=True)
 class Choice:
@@ -26,11 +26,19 @@ class Choice:
     instances: int
     threads: int
     batching: Batching | None
+    max_queue: int | None = None
+    """Admission: at most this many queued requests (more are refused at once with QueueFull);
+    None keeps the config's own bound."""
+    priority_class: int | None = None
+    """Class on the scheduled shared pool (higher first); a plan with classes runs its shared
+    models on ``shared_pool="scheduled"``."""
 
     def describe(self) -> str:
         where = f"{self.cores} excl" if self.isolation == "exclusive" else "shared"
         b = f" b<={self.batching.max_size}/{self.batching.max_delay_ms:g}ms" if self.batching else ""
-        return f"{where} {self.instances}x{self.threads}t{b}"
+        q = f" q<={self.max_queue}" if self.max_queue is not None else ""
+        pc = f" class {self.priority_class}" if self.priority_class is not None else ""
+        return f"{where} {self.instances}x{self.threads}t{b}{q}{pc}"
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,26 @@ class Measured:
     wanted: float | None
     expired: int = 0
     rejected: int = 0
+    offered: int = 0
+    """Submission attempts over the reported windows (admitted or refused)."""
+    windows_met: tuple[bool | None, ...] = ()
+    """Per reported window: whether the SLO percentile of the requests admitted in it (expired
+    ones count as misses) was within the SLO; None for a window where nothing was admitted."""
+    stable: bool = True
+    """Whether the reported windows agreed (the load run settled before its time limit)."""
 
     @property
     def fraction(self) -> float:
         return self.goodput / self.wanted if self.wanted else 1.0
+
+    @property
+    def refused_share(self) -> float:
+        """Share of the offered requests refused at once (admission)."""
+        return self.rejected / self.offered if self.offered else 0.0
+
+    def admitted_met(self) -> bool:
+        """Every admitted request held the SLO: over the reported windows and in each one."""
+        return self.slo_met is not False and all(w is not False for w in self.windows_met)
 
 
 @dataclass
@@ -59,7 +83,15 @@ class Candidate:
     measured: dict[str, Measured] | None = None
 
     def slo_ok(self) -> bool:
-        return self.measured is not None and all(m.slo_met is not False for m in self.measured.values())
+        """Every model's admitted requests met its SLO, pooled and in every validation window."""
+        return self.measured is not None and all(m.admitted_met() for m in self.measured.values())
+
+    def stable(self) -> bool:
+        return self.measured is not None and all(m.stable for m in self.measured.values())
+
+    def met_count(self) -> int:
+        """How many models' admitted requests met their SLOs."""
+        return sum(m.admitted_met() for m in (self.measured or {}).values())
 
     def score(self, objective: str) -> float:
         if self.measured is None:
@@ -67,8 +99,9 @@ class Candidate:
         return objective_value({n: (m.goodput, m.wanted or m.throughput or 1.0) for n, m in self.measured.items()},
                           objective)
 
-    def rank(self, objective: str) -> tuple[bool, float]:
-        return (self.slo_ok(), self.score(objective))
+    def rank(self, objective: str) -> tuple[bool, int, float]:
+        """Every SLO held first; then the most models holding theirs; then the objective."""
+        return (self.slo_ok(), self.met_count(), self.score(objective))
 
     def describe(self) -> str:
         return "; ".join(f"{n}: {c.describe()}" for n, c in self.choices.items())
@@ -128,7 +161,11 @@ def isolated_layout(alloc: Mapping[str, Allocation], total_cores: int) -> dict[s
 
 
 def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
-    """``config`` with each model's quota and batching replaced by ``choices``."""
+    """``config`` with each model's quota, batching and admission replaced by ``choices``
+    (on a scheduled shared pool when a choice has a priority class). A model without a
+    warm-up is warmed with its load's ``inputs`` where the config names them: a cold first
+    call (several times a warm one) would otherwise land on the first requests, and a
+    batching model's cost estimate starts from it."""
     models = {}
     for name, m in config.models.items():
         c = choices.get(name)
@@ -136,10 +173,93 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
             models[name] = m
             continue
         spec = replace(m.spec, isolation=c.isolation, instances=c.instances, threads=c.threads, cores=c.cores,
-                       batching=c.batching, oversubscribe=False, burst=False, weight=None, priority_class=None,
+                       batching=c.batching, oversubscribe=False, burst=False, weight=None,
+                       priority_class=c.priority_class if c.isolation == "shared" else None,
+                       max_queue=c.max_queue if c.max_queue is not None else m.spec.max_queue,
+                       warmup=m.spec.warmup if m.spec.warmup is not None else m.inputs,
                        watchdog_s=None, start_timeout_s=None)
         models[name] = replace(m, spec=spec)
-    return replace(config, models=models)
+    classes = any(c.priority_class is not None and c.isolation == "shared" for c in choices.values())
+    return replace(config, models=models, shared_pool="scheduled" if classes else config.shared_pool)
+
+
+def overloaded(alloc: Mapping[str, Allocation]) -> bool:
+    """Whether the allocation predicts that some model's demand cannot all be served within
+    its SLO (then the search bounds queues: refusing at once beats admitting to miss)."""
+    return any(a.fraction < 0.99 for a in alloc.values())
+
+
+def _wait_budget(need: Need, slo_ms: float, choice: Choice, margin: float) -> tuple[int, float]:
+    # (batch size, ms a queued request may wait): the SLO less the margin, its own call and
+    # the batching delay.
+    b = choice.batching.max_size if choice.batching else 1
+    delay = choice.batching.max_delay_ms if choice.batching else 0.0
+    return b, slo_ms * (1.0 - margin) - need.cost.call_ms(choice.threads, b) - delay
+
+
+def queue_bound(need: Need, choice: Choice, cores: float, margin: float = 0.0) -> int | None:
+    """The admission bound for ``need`` served as ``choice`` on ``cores`` (its share): the
+    most queued requests that the share drains, by the cost model, in time for the last one
+    to finish within SLO x (1 - margin) after its own call and batching delay. At least one
+    batch; None without an SLO."""
+    if need.slo_ms is None:
+        return None
+    b, budget_ms = _wait_budget(need, need.slo_ms, choice, margin)
+    rate = max(cores, 1e-3) * 1000.0 / need.cost.core_ms(choice.threads, b)  # req/s, flat out
+    return max(b, int(budget_ms * rate / 1000.0))
+
+
+def measured_bound(need: Need, choice: Choice, measured: Measured, margin: float = 0.0) -> int | None:
+    """As :func:`queue_bound`, with the rate the model actually completed requests at in a
+    validation (under overload: what its share really serves) instead of the cost model's."""
+    if need.slo_ms is None or measured.throughput <= 0:
+        return None
+    _, budget_ms = _wait_budget(need, need.slo_ms, choice, margin)
+    return max(1, int(budget_ms * measured.throughput / 1000.0))
+
+
+def _share(name: str, choice: Choice, alloc: Mapping[str, Allocation] | None, total_cores: int) -> float:
+    if choice.isolation == "exclusive" and choice.cores:
+        return float(choice.cores)
+    a = (alloc or {}).get(name)
+    if a is not None and a.cores > 0:
+        return a.cores
+    return float(min(total_cores, choice.instances * choice.threads))
+
+
+def with_admission(choices: Mapping[str, Choice], needs: Iterable[Need], alloc: Mapping[str, Allocation] | None,
+                   total_cores: int, margin: float = 0.0, capacity: float = 1.0) -> dict[str, Choice]:
+    """``choices`` with every model that has an SLO bounded by :func:`queue_bound`, each
+    share counted at ``capacity`` (a fraction: on a noisy machine, what other processes leave)."""
+    by = {n.name: n for n in needs}
+    out = dict(choices)
+    for n, c in choices.items():
+        need = by.get(n)
+        if need is not None:
+            q = queue_bound(need, c, capacity * _share(n, c, alloc, total_cores), margin)
+            if q is not None:
+                out[n] = replace(c, max_queue=q)
+    return out
+
+
+def with_priorities(choices: Mapping[str, Choice], needs: Iterable[Need]) -> dict[str, Choice] | None:
+    """The shared models in priority classes on the scheduled pool, the least slack (SLO over
+    the time of one call) highest. None when fewer than two models share the pool."""
+    by = {n.name: n for n in needs}
+    shared = [n for n, c in choices.items() if c.isolation == "shared" and n in by]
+    if len(shared) < 2:
+        return None
+
+    def slack(n: str) -> float:
+        c, need = choices[n], by[n]
+        b = c.batching.max_size if c.batching else 1
+        return (need.slo_ms or float("inf")) / need.cost.call_ms(c.threads, b)
+
+    order = sorted(shared, key=slack)
+    out = dict(choices)
+    for rank, n in enumerate(order):
+        out[n] = replace(choices[n], priority_class=len(order) - 1 - rank)
+    return out
 
 
 def needs_for(config: Config, costs: Mapping[str, CostModel], total_cores: int, max_batch: int) -> list[Need]:
@@ -156,22 +276,62 @@ def needs_for(config: Config, costs: Mapping[str, CostModel], total_cores: int, 
 def clearly_better(a: Candidate, b: Candidate, objective: str) -> bool:
     if a.slo_ok() != b.slo_ok():
         return a.slo_ok()
+    if a.met_count() != b.met_count():
+        return a.met_count() > b.met_count()
     sa, sb = a.score(objective), b.score(objective)
     return sa > sb + 0.01 * abs(sb)
 
 
-def moves(w: Candidate, needs: Iterable[Need], total_cores: int) -> list[Candidate]:
-    """Small changes to the winner for the models it serves worst: one more instance, a larger
-    or a smaller batch."""
+def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
+          alloc: Mapping[str, Allocation] | None = None, margin: float = 0.0,
+          capacity: float = 1.0) -> list[Candidate]:
+    """Small changes to the winner for the models it serves worst: admission (bound the queue
+    of a model whose admitted requests missed; halve a bound that did not hold; double one that
+    held while refusing requests), priority classes on the scheduled pool, one more instance, a
+    larger or a smaller batch."""
     if w.measured is None:
         return []
-    order = sorted(w.measured, key=lambda n: (w.measured[n].slo_met is not False, w.measured[n].fraction))  # type: ignore[index]
+    needs = list(needs)
+    by = {n.name: n for n in needs}
+    order = sorted(w.measured, key=lambda n: (w.measured[n].admitted_met(), w.measured[n].fraction))  # type: ignore[index]
     out = []
+    # Several models missed (an overloaded or noisy machine): bound them all at once, each at
+    # what its measured rate drains in time.
+    tightened = {}
+    for n, m in w.measured.items():
+        c, need = w.choices[n], by.get(n)
+        if not m.admitted_met() and need is not None:
+            seen = measured_bound(need, c, m, margin)
+            if seen is not None and (c.max_queue is None or seen < c.max_queue):
+                tightened[n] = replace(c, max_queue=seen)
+    if len(tightened) >= 2:
+        out.append(Candidate(f"{w.name}, admission by measured rates", {**w.choices, **tightened},
+                             f"refined from '{w.name}': " + ", ".join(tightened) + " missed their SLOs; each "
+                             "queue bounded at what the model's measured rate drains in time"))
     for n in order:
         m = w.measured[n]
-        if m.slo_met is not False and m.fraction >= 0.95:
-            continue
         c = w.choices[n]
+        need = by.get(n)
+        if not m.admitted_met() and need is not None:
+            seen = measured_bound(need, c, m, margin)
+            if c.max_queue is None:
+                q = queue_bound(need, c, capacity * _share(n, c, alloc, total_cores), margin)
+                if q is not None:
+                    q = max(1, min(q, seen)) if seen is not None else q
+                    out.append(Candidate(f"{w.name}, {n} admission q<={q}", {**w.choices, n: replace(c, max_queue=q)},
+                                         f"refined from '{w.name}': {n}'s admitted requests missed its SLO; "
+                                         "refuse at once what its share cannot serve in time"))
+            elif c.max_queue > 1:
+                # Halve, or straight to what the measured rate drains in time when that is less.
+                q = max(1, min(c.max_queue // 2, seen if seen is not None else c.max_queue))
+                out.append(Candidate(f"{w.name}, {n} admission q<={q}", {**w.choices, n: replace(c, max_queue=q)},
+                                     f"refined from '{w.name}': {n} missed its SLO with q<={c.max_queue}"))
+        elif c.max_queue is not None and m.rejected > 0 and m.fraction < 0.95:
+            q = 2 * c.max_queue
+            out.append(Candidate(f"{w.name}, {n} admission q<={q}", {**w.choices, n: replace(c, max_queue=q)},
+                                 f"refined from '{w.name}': {n} held its SLO but refused {m.refused_share:.0%}"))
+        if m.admitted_met() and m.fraction >= 0.95:
+            continue
         if c.isolation == "shared" and (c.instances + 1) * c.threads <= 2 * total_cores:
             out.append(Candidate(f"{w.name} +1 {n} instance", {**w.choices, n: replace(c, instances=c.instances + 1)},
                                  f"refined from '{w.name}': {n} served {m.fraction:.0%} of its demand"))
@@ -184,6 +344,13 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int) -> list[Candida
             out.append(Candidate(f"{w.name}, {n} batch {b.max_size // 2}",
                                  {**w.choices, n: replace(c, batching=Batching(b.max_size // 2, b.max_delay_ms))},
                                  f"refined from '{w.name}': smaller batches for {n} (latency)"))
+    missed_any = any(not m.admitted_met() for m in w.measured.values())
+    if missed_any and all(c.priority_class is None for c in w.choices.values()):
+        ranked = with_priorities(w.choices, needs)
+        if ranked is not None:
+            out.append(Candidate(f"{w.name}, priority classes", ranked,
+                                 f"refined from '{w.name}': the shared models in priority classes on the "
+                                 "scheduled pool, least slack first"))
     return out
 
 
@@ -198,22 +365,46 @@ def profile_shapes(total_cores: int, max_batch: int) -> list[Shape]:
     return shapes
 
 
-def first_candidates(alloc: Mapping[str, Allocation], total_cores: int, limit: int) -> list[Candidate]:
+def first_candidates(alloc: Mapping[str, Allocation], total_cores: int, limit: int,
+                     needs: Iterable[Need] | None = None, margin: float = 0.0,
+                     admission: bool | None = None, capacity: float = 1.0) -> list[Candidate]:
     """The layouts of an allocation worth validating, most promising first, at most ``limit``
     (at least one): everything on a shared pool; whole cores for the models that earned them;
-    the shared pool without batching (in case batching's predicted gain does not hold)."""
+    the shared pool without batching (in case batching's predicted gain does not hold).
+
+    When the allocation predicts more demand than the machine serves within the SLOs (and
+    ``needs`` are given), every layout comes with admission bounds (:func:`with_admission`),
+    and the shared pool also in priority classes: a plan then serves the most it can while
+    every request it admits meets its SLO, refusing the rest at once. ``admission`` True asks
+    for that whatever the prediction (the tuner does on a noisy machine, whose capacity the
+    profiles may overstate); False never. ``capacity``: the fraction of each share the bounds
+    count on (see :func:`with_admission`)."""
     predicted = {n: a.served for n, a in alloc.items()}
+    needs = list(needs or ())
+    admit = bool(needs) and (overloaded(alloc) if admission is None else admission)
+
+    def bounded(choices: dict[str, Choice]) -> dict[str, Choice]:
+        return with_admission(choices, needs, alloc, total_cores, margin, capacity) if admit else choices
+
+    tag = ", admission" if admit else ""
+    why = "; queues bounded so that what is admitted meets its SLO" if admit else ""
     shared = shared_layout(alloc, total_cores)
-    out = [Candidate("shared pool", shared, "every model floats on all cores with the "
-                     "allocated instances, threads and batching", predicted)]
+    out = [Candidate(f"shared pool{tag}", bounded(shared), "every model floats on all cores with the "
+                     f"allocated instances, threads and batching{why}", predicted)]
     iso = isolated_layout(alloc, total_cores)
     if iso is not None and iso != shared:
-        out.append(Candidate("isolated", iso, "models that earned whole cores get them "
-                             "exclusively; the rest share the remainder", predicted))
+        out.append(Candidate(f"isolated{tag}", bounded(iso), "models that earned whole cores get them "
+                             f"exclusively; the rest share the remainder{why}", predicted))
+    if admit:
+        ranked = with_priorities(bounded(shared), needs)
+        if ranked is not None:
+            out.append(Candidate("shared pool, admission, priority classes", ranked,
+                                 "as 'shared pool, admission' on the scheduled pool, the models with "
+                                 "the least slack in the highest classes", predicted))
     if any(c.batching for c in shared.values()):
         plain = {n: replace(c, batching=None) for n, c in shared.items()}
-        out.append(Candidate("shared, no batching", plain, "as 'shared pool' without batching "
-                             "(in case batching's predicted gain does not hold)"))
+        out.append(Candidate(f"shared, no batching{tag}", bounded(plain), f"as 'shared pool{tag}' without "
+                             "batching (in case batching's predicted gain does not hold)"))
     return out[:max(1, limit)]
 
 

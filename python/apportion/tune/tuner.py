@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Config, ConfigError
 from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
-from .measure import Settings, measure_config, profile_model
+from .measure import Settings, host_snapshot, measure_config, profile_repeated
+from .noise import HostSnapshot, Noise, combine_repeats, profile_spread
 from .report import TuneResult
 from .search import Measured, apply, best, clearly_better, first_candidates, moves, needs_for, profile_shapes
 
-__all__ = ["tune"]
+__all__ = ["tune", "with_margin"]
+
+
+def with_margin(config: Config, margin: float) -> Config:
+    """``config`` with each model's SLO latency tightened to latency_ms x (1 - margin)."""
+    if margin == 0:
+        return config
+    models = {n: replace(m, slo={**m.slo, "latency_ms": m.slo["latency_ms"] * (1.0 - margin)})
+              if m.slo and m.slo.get("latency_ms") is not None else m for n, m in config.models.items()}
+    return replace(config, models=models)
 
 
 def tune(
@@ -32,6 +45,8 @@ def tune(
     measure: Callable[[Config], Mapping[str, Measured]] | None = None,
     out_dir: str | Path | None = None,
     clock: Callable[[], float] = time.monotonic,
+    profile_repeats: int = 3,
+    host: Callable[[], HostSnapshot | None] | None = None,
 ) -> TuneResult:
     """Finds a plan for the models of ``config`` (a :class:`Config` or a TOML path) under its
     workload: each model's ``load`` (rate, share of ``[workload] rate``, or closed-loop
@@ -40,11 +55,26 @@ def tune(
     ``objective``: "goodput" (total requests/s within SLOs) or "min_fraction" (the worst-served
     model's fraction of its demand). ``budget_s`` bounds the search (profiling and validation
     runs are sized to it). ``max_batch``: the largest batch considered (1 disables batching).
-    ``margin``: a candidate meets a model's SLO only if its latency percentile stays within
-    latency_ms x (1 - margin) over the validation's stable windows (default 10%): a plan that
-    meets its SLO by a hair in one short run misses it in the next.
-    ``profiles``: per model, profile samples or a ready CostModel (skips profiling).
+    ``margin``: a candidate meets a model's SLO only if the SLO's percentile of the requests it
+    admitted (expired ones count as misses) stays within latency_ms x (1 - margin) in each of
+    the validation's stable windows (at least three) and over all of them (default 10%): a plan
+    that meets its SLO by a hair in one short run misses it in the next.
+    When the models' demand exceeds what the machine serves within the SLOs, candidates bound
+    each model's queue (``max_queue``: the excess is refused at once) and try priority classes
+    on the scheduled shared pool; the winner is then the plan that serves the most within the
+    SLOs while every admitted request meets its SLO, and :meth:`TuneResult.shortfall` says how
+    many cores are missing.
+    ``profile_repeats``: each profiled shape is run again while its per-window estimates spread
+    by more than 10%, at most this many runs (fewer when the budget runs short); the fit uses
+    the median, and the report gives the spread.
+    ``profiles``: per model, profile samples (repeats of one shape allowed: median and spread,
+    as for measured ones) or a ready CostModel (skips profiling).
     ``measure``: replaces validation load runs (``measure(config) -> {model: Measured}``).
+    ``host``: a snapshot of the machine's CPU use (default: /proc/stat, see
+    :func:`apportion.tune.measure.host_snapshot`), taken around every run to see what other
+    processes took: the report names that noise and lowers its confidence. When profiling
+    saw noise, every candidate gets admission bounds, sized for the share of the CPUs the
+    other processes' work leaves (:meth:`Noise.capacity`).
     ``out_dir``: also write plan.toml, report.md and candidates.png there.
     ``clock``: seconds for the budget (a simulation passes its own, with ``measure``).
     """
@@ -54,6 +84,8 @@ def tune(
         raise ValueError(f"tune: margin must be a fraction in [0, 1), got {margin!r}")
     if not (isinstance(budget_s, (int, float)) and budget_s > 0):
         raise ValueError(f"tune: budget_s must be a positive number of seconds, got {budget_s!r}")
+    if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
+        raise ValueError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}")
     cfg = config if isinstance(config, Config) else Config.load(config)
     for n, m in cfg.models.items():
         if not m.load:
@@ -61,6 +93,7 @@ def tune(
                               "{ rate = ... }, { share = ... } or { concurrency = ... }")
     bar = _progress(progress, budget_s, clock)
     t0 = clock()
+    watch = _HostWatch(host or host_snapshot)
     rt_probe = cfg.runtime(topology_root=topology_root, build=False)
     try:
         total_cores = len(rt_probe.topology.usable_cores)
@@ -72,6 +105,15 @@ def tune(
     to_profile = [n for n in cfg.models if profiles is None or n not in profiles]
     runs = len(to_profile) * len(shapes) + validate_top + 3
     settings = Settings.for_budget(budget_s * 0.9, runs)
+    # Profiles need throughput estimates only: half-length windows suffice. Repeats are run
+    # only where every first run still fits before 40% of the budget: validation and
+    # refinement keep theirs.
+    profile_settings = replace(settings, warmup_s=settings.warmup_s / 2, window_s=max(0.2, settings.window_s / 2),
+                               max_s=settings.max_s / 2)
+    profile_until = t0 + budget_s * 0.4
+    first_runs = len(to_profile) * len(shapes)
+    profiled = 0
+    profile_s = 0.0
     samples: dict[str, list[Sample]] = {}
     costs: dict[str, CostModel] = {}
     for n in cfg.models:
@@ -86,24 +128,47 @@ def tune(
             samples[n] = []
             for shape in shapes:
                 bar(f"profiling {n} {shape.describe()}")
-                s = profile_model(cfg, n, shape, settings, topology_root=topology_root, total_cores=total_cores)
-                if s is not None:
-                    samples[n].append(s)
+                per_run = (profile_s / profiled if profiled else
+                           profile_settings.warmup_s + profile_settings.stable_windows * profile_settings.window_s)
+                spare = profile_until - clock() - (first_runs - profiled) * per_run
+                repeats = 1 + (min(profile_repeats - 1, int(spare / per_run)) if per_run > 0 and spare > 0 else 0)
+                started = clock()
+                with watch.run():
+                    got = profile_repeated(cfg, n, shape, profile_settings, topology_root=topology_root,
+                                           total_cores=total_cores, repeats=repeats)
+                # Timed per run (each gives up to stable_windows estimates): a repeated shape costs several.
+                runs_done = max(1, math.ceil(len(got) / profile_settings.stable_windows))
+                profiled += 1
+                profile_s += (clock() - started) / runs_done
+                samples[n].extend(got)
             if not samples[n]:
                 raise ConfigError(cfg.path, f"models.{n}", "failed every profiling run (the model raised); "
                                   "check it with `apportion bench`")
-        costs[n] = CostModel.fit(samples[n])
+        costs[n] = CostModel.fit(combine_repeats(samples[n]))
 
     # 3. allocate
     needs = needs_for(cfg, costs, total_cores, max(1, max_batch))
     alloc = allocate(needs, float(total_cores), objective)
-    candidates = first_candidates(alloc, total_cores, validate_top)
+    # On a noisy machine the profiles may overstate what the models will get: bound the
+    # queues from the start, so that what is admitted still meets its SLO, and size the
+    # bounds for the share of the CPUs the other processes' work leaves.
+    seen = watch.runs_noise(total_cores, {n: profile_spread(v) for n, v in samples.items()})
+    capacity = seen.capacity() if seen.noisy() else 1.0
+    candidates = first_candidates(alloc, total_cores, validate_top, needs, float(margin),
+                                  admission=True if seen.noisy() else None, capacity=capacity)
 
-    # 4. validate, then refine
-    run_measure = measure or (lambda c: measure_config(c, settings, topology_root=topology_root, margin=margin))
+    # 4. validate, then refine. Every validation, measured or injected, sees the SLOs
+    # tightened by the margin (the deadlines stay those of the plan).
+    tight = with_margin(cfg, float(margin))
+    measure_fn = measure or (lambda c: measure_config(c, settings, topology_root=topology_root))
+
+    def run_measure(c: Config) -> dict[str, Measured]:
+        with watch.run():
+            return dict(measure_fn(c))
+
     for c in candidates:
         bar(f"validating '{c.name}'")
-        c.measured = dict(run_measure(apply(cfg, c.choices)))
+        c.measured = run_measure(apply(tight, c.choices))
 
     per_run = max(settings.max_s, 0.5)
     tried = {tuple(sorted(c.choices.items(), key=lambda kv: kv[0])) for c in candidates}
@@ -111,7 +176,7 @@ def tune(
     while improved and clock() - t0 + per_run <= budget_s:
         improved = False
         w = best(candidates, objective)
-        for move in moves(w, needs, total_cores):
+        for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
             if clock() - t0 + per_run > budget_s:
                 break
             key = tuple(sorted(move.choices.items(), key=lambda kv: kv[0]))
@@ -120,7 +185,7 @@ def tune(
             tried.add(key)
             bar(f"refining: {move.name}")
             try:
-                move.measured = dict(run_measure(apply(cfg, move.choices)))
+                move.measured = run_measure(apply(tight, move.choices))
             except ConfigError:
                 continue  # a move that does not fit this machine
             candidates.append(move)
@@ -131,11 +196,45 @@ def tune(
     winner = best(candidates, objective)
     bar(f"done: '{winner.name}'")
     bar.done()
+    unstable = tuple(c.name for c in candidates if c.measured is not None and not c.stable())
+    noise = watch.noise(total_cores, {n: profile_spread(v) for n, v in samples.items()}, unstable)
     result = TuneResult(apply(cfg, winner.choices), winner, candidates, samples, costs, alloc, objective,
-                        clock() - t0, float(budget_s), total_cores, float(margin), settings, needs)
+                        clock() - t0, float(budget_s), total_cores, float(margin), settings, needs, noise)
     if out_dir is not None:
         result.write(out_dir)
     return result
+
+
+class _HostWatch:
+    """Snapshots of the machine's CPU use around each measurement run: the mean of what other
+    processes took over the whole search, and the most over any one run."""
+
+    def __init__(self, snap: Callable[[], HostSnapshot | None]) -> None:
+        self.snap = snap
+        self.first = snap()
+        self.peak: float | None = None
+        self.busy_s = self.wall_s = 0.0
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[None]:
+        before = self.snap()
+        yield
+        after = self.snap()
+        if before is not None and after is not None:
+            f = after.foreign_cpus(before)
+            self.peak = f if self.peak is None else max(self.peak, f)
+            self.busy_s += f * (after.wall_s - before.wall_s)
+            self.wall_s += after.wall_s - before.wall_s
+
+    def runs_noise(self, cpus: int, spreads: dict[str, dict[tuple[int, int], float]]) -> Noise:
+        """The noise of the runs watched so far (none: no foreign load known)."""
+        mean = self.busy_s / self.wall_s if self.wall_s > 0 else None
+        return Noise(cpus, mean, self.peak, {n: v for n, v in spreads.items() if v})
+
+    def noise(self, cpus: int, spreads: dict[str, dict[tuple[int, int], float]], unstable: tuple[str, ...]) -> Noise:
+        last = self.snap()
+        mean = last.foreign_cpus(self.first) if self.first is not None and last is not None else None
+        return Noise(cpus, mean, self.peak, {n: v for n, v in spreads.items() if v}, unstable)
 
 
 class _Silent:

@@ -1,0 +1,487 @@
+"""A tuner that holds SLOs: validation windows with a margin, admission and priority classes
+when demand exceeds capacity, the missing capacity, and the noise report. Synthetic cost
+curves, a synthetic machine and injected noise: nothing here depends on timing except the
+profile-repeat test, which asserts only on how often a model was profiled."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import apportion as ap
+from apportion.config import Config, ModelConfig
+from apportion.load import SLO, WindowStats
+from apportion.tune import (
+    RHO,
+    Candidate,
+    Choice,
+    CostModel,
+    HostSnapshot,
+    Measured,
+    Need,
+    Noise,
+    Sample,
+    Settings,
+    allocate,
+    apply,
+    profile_repeated,
+    queue_bound,
+    tune,
+    with_admission,
+    with_priorities,
+)
+from apportion.tune.cost import Shape
+from apportion.tune.measure import windows_met
+from apportion.tune.search import best, clearly_better, first_candidates
+from apportion.tune.noise import combine_repeats, parse_proc_stat, profile_spread
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
+SERVER = str(FIXTURES / "server_2s128t")
+VM2 = str(FIXTURES / "vm2")
+
+TRUTH = {"ranker": CostModel(1.0, 0.5, serial=0.3), "encoder": CostModel(0.0, 3.0, serial=0.1, batchable=False)}
+SLO_MS = 30.0
+
+
+def _config(demand: dict[str, float], max_queue: int = 100_000) -> Config:
+    models = {n: ModelConfig(ap.ModelSpec(n, factory=f"apportion.demo:build_{'mlp' if n == 'ranker' else 'encoder'}",
+                                          max_queue=max_queue, timeout_ms=SLO_MS),
+                             slo={"latency_ms": SLO_MS, "percentile": 99.0}, load={"rate": demand[n]})
+              for n in demand}
+    return Config(models=models, path="synthetic.toml")
+
+
+class Machine:
+    """A fluid model of a machine with ``cores``: each model gets its share of the cores (its
+    exclusive cores, or its instances' threads' share of the pool), serves at most RHO of
+    what that share computes, and queues the rest. Admitted requests meet the SLO (the
+    config's, already tightened by the tuner's margin) when the queue bound lets the last one
+    finish in time; an unbounded queue under overload fills and every window misses.
+    ``bad_window``: models whose second window misses whatever the plan (a noisy window)."""
+
+    def __init__(self, cores: int, bad_window: frozenset[str] = frozenset(), p99_factor: float = 1.0) -> None:
+        self.cores, self.bad_window, self.p99_factor = cores, bad_window, p99_factor
+        self.seen: list[Config] = []
+
+    def __call__(self, cfg: Config) -> dict[str, Measured]:
+        self.seen.append(cfg)
+        specs = {n: m.spec for n, m in cfg.models.items()}
+        excl = sum(s.cores or 0 for s in specs.values() if s.isolation == "exclusive")
+        pool = max(self.cores - excl, 0)
+        shared_threads = sum(s.instances * s.threads for s in specs.values() if s.isolation == "shared")
+        demand = cfg.demand()
+        out = {}
+        for n, m in cfg.models.items():
+            s, cost = m.spec, TRUTH[n]
+            share = float(s.cores or 0) if s.isolation == "exclusive" else pool * s.instances * s.threads / max(
+                shared_threads, 1)
+            b = s.batching.max_size if s.batching else 1
+            delay = s.batching.max_delay_ms if s.batching else 0.0
+            call = cost.call_ms(s.threads, b)
+            cap = RHO * share * 1000.0 / cost.core_ms(s.threads, b)
+            wanted = demand[n] or 0.0
+            target = m.slo["latency_ms"] if m.slo else math.inf
+            base_p99 = (2 * call + delay) * self.p99_factor
+            if wanted <= cap:
+                met, good, rejected = base_p99 <= target, wanted, 0
+            else:
+                wait_ms = s.max_queue / cap * 1000.0 + call + delay
+                met = base_p99 <= target and wait_ms <= target
+                good = cap if met else 0.25 * cap  # a full unbounded queue: most requests expire
+                rejected = int(wanted - cap) if s.max_queue < 10_000 else 0
+            windows = tuple(met and not (n in self.bad_window and i == 1) for i in range(3))
+            out[n] = Measured(good, good if all(windows) else 0.5 * good, base_p99, met, wanted,
+                              expired=0 if met else int(wanted), rejected=rejected, offered=int(wanted),
+                              windows_met=windows)
+        return out
+
+
+def _quiet(cpus: int = 2):
+    t = [0.0]
+
+    def snap() -> HostSnapshot:
+        t[0] += 1.0
+        return HostSnapshot(t[0], t[0] * 0.5, t[0] * 0.5, cpus)  # only this process is busy
+    return snap
+
+
+def _busy(foreign: float, cpus: int = 2):
+    t = [0.0]
+
+    def snap() -> HostSnapshot:
+        t[0] += 1.0
+        return HostSnapshot(t[0], t[0] * (1.0 + foreign), t[0] * 1.0, cpus)
+    return snap
+
+
+# -- validation windows and the margin -----------------------------------------------------------
+
+def test_window_verdicts_count_expired_requests_as_admitted_misses() -> None:
+    slo = SLO(latency_ms=50.0, percentile=99.0)
+
+    def w(completed: int, good: int, expired: int = 0) -> WindowStats:
+        return WindowStats(0, throughput=completed / 0.5, goodput=good / 0.5, p99_ms=1.0, rejected=7,
+                           expired=expired, failed=0)
+
+    got = windows_met([w(200, 200), w(200, 197), w(200, 200, expired=3), w(0, 0), w(100, 99)], slo, 0.5)
+    assert got == (True, False, False, None, True)
+    assert windows_met([w(1, 1)], None, 0.5) == ()
+
+
+def test_a_candidate_holds_its_slo_only_in_every_window() -> None:
+    ok = Measured(10, 10, 5.0, True, 10, windows_met=(True, True, True))
+    one_bad = Measured(10, 10, 5.0, True, 10, windows_met=(True, False, True))
+    assert Candidate("a", {}, "", measured={"m": ok}).slo_ok()
+    assert not Candidate("b", {}, "", measured={"m": one_bad}).slo_ok()
+    assert not Candidate("c", {}, "", measured={"m": Measured(10, 10, 5.0, False, 10)}).slo_ok()
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.3])
+def test_the_winner_holds_each_slo_with_the_margin(margin: float) -> None:
+    # A roomy machine (the server fixture): the margin decides which shapes hold. Every
+    # validation sees the SLO tightened by the margin, and the winner's p99 stays under it.
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    machine = Machine(64)
+    result = tune(_config(demand), budget_s=30, topology_root=SERVER, profiles=TRUTH, measure=machine,
+                  progress=False, margin=margin, host=_quiet(64))
+    assert {m.slo["latency_ms"] for c in machine.seen for m in c.models.values()} == {SLO_MS * (1 - margin)}
+    assert result.winner.slo_ok()
+    for m in (result.winner.measured or {}).values():
+        assert m.p99_ms is not None and m.p99_ms <= SLO_MS * (1 - margin) + 1e-9
+    # The plan keeps the user's SLOs and deadlines.
+    assert {m.slo["latency_ms"] for m in result.config.models.values()} == {SLO_MS}
+    assert {m.spec.timeout_ms for m in result.config.models.values()} == {SLO_MS}
+    assert f"**Margin** {margin:.0%} · **windows** 3" in result.report()
+
+
+def test_a_plan_that_misses_only_with_the_margin_is_not_chosen() -> None:
+    # Every p99 lands at 95% of the SLO: it meets the SLO itself, not SLO x 0.9.
+    machine = Machine(64, p99_factor=1.0)
+    loose = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
+                 measure=machine, progress=False, margin=0.0, host=_quiet(64))
+    assert loose.winner.slo_ok()
+    p99 = max(m.p99_ms or 0 for m in (loose.winner.measured or {}).values())
+
+    def scaled(cfg: Config) -> dict[str, Measured]:
+        out = machine(cfg)
+        # Stretch every p99 to 95% of the untightened SLO and judge against the config's SLO.
+        return {n: Measured(m.throughput, m.goodput, 0.95 * SLO_MS, 0.95 * SLO_MS <= cfg.models[n].slo["latency_ms"],
+                            m.wanted, windows_met=tuple(0.95 * SLO_MS <= cfg.models[n].slo["latency_ms"]
+                                                        for _ in range(3)))
+                for n, m in out.items()}
+
+    assert p99 < 0.95 * SLO_MS
+    met = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
+               measure=scaled, progress=False, margin=0.0, host=_quiet(64))
+    missed = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
+                  measure=scaled, progress=False, margin=0.1, host=_quiet(64))
+    assert met.winner.slo_ok() and not missed.winner.slo_ok()
+    assert "missed an SLO" in missed.why()
+
+
+def test_one_bad_window_disqualifies_a_plan() -> None:
+    machine = Machine(64, bad_window=frozenset({"encoder"}))
+    result = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
+                  measure=machine, progress=False, host=_quiet(64))
+    assert not result.winner.slo_ok()
+    assert "MISSED" in result.report()
+
+
+def test_more_models_within_their_slos_rank_first() -> None:
+    def cand(name: str, met: tuple[bool, ...], good: float) -> Candidate:
+        return Candidate(name, {}, "", measured={f"m{i}": Measured(good, good, 5.0, ok, 100.0, windows_met=(ok,) * 3)
+                                               for i, ok in enumerate(met)})
+
+    two = cand("two", (True, True, False), 10.0)
+    one = cand("one", (True, False, False), 50.0)
+    assert best([one, two], "goodput") is two and clearly_better(two, one, "goodput")
+    assert best([two, cand("all", (True, True, True), 1.0)], "goodput").name == "all"
+    assert best([one, cand("one, more", (True, False, False), 60.0)], "goodput").name == "one, more"
+
+
+# -- admission and priority classes --------------------------------------------------------------
+
+def test_bounds_on_a_busy_machine_count_on_what_other_processes_leave() -> None:
+    needs = [Need(n, TRUTH[n], demand=200.0, slo_ms=SLO_MS) for n in TRUTH]
+    choices = {n: Choice("exclusive", 1, 1, 1, None) for n in TRUTH}
+    full = with_admission(choices, needs, None, 2)
+    half = with_admission(choices, needs, None, 2, capacity=0.5)
+    for n in TRUTH:
+        assert half[n].max_queue < full[n].max_queue  # type: ignore[operator]
+    # The first candidates of a noisy run carry those bounds.
+    alloc = allocate(needs, 2.0)
+    loud = first_candidates(alloc, 2, 3, needs, admission=True, capacity=0.5)
+    calm = first_candidates(alloc, 2, 3, needs, admission=True)
+    assert [c.name for c in loud] == [c.name for c in calm]
+    for a, b in zip(loud, calm):
+        assert all(a.choices[n].max_queue <= b.choices[n].max_queue for n in TRUTH)  # type: ignore[operator]
+    assert any(a.choices[n].max_queue < b.choices[n].max_queue for a, b in zip(loud, calm)  # type: ignore[operator]
+               for n in TRUTH)
+    assert all(c.choices[n].max_queue is None for c in first_candidates(alloc, 2, 3, needs, admission=False)
+               for n in TRUTH)
+
+
+def test_queue_bound_drains_in_time() -> None:
+    need = Need("m", CostModel(0.0, 2.0, batchable=False), demand=1000, slo_ms=50.0)
+    c = Choice("exclusive", 2, 2, 1, None)
+    q = queue_bound(need, c, 2.0, margin=0.1)
+    # 2 cores at 2 ms per request drain 1000 req/s; 45 ms - 2 ms of its own call: 43 requests.
+    assert q == 43
+    assert queue_bound(need, c, 2.0, margin=0.5) < q  # a wider margin admits fewer
+    assert queue_bound(Need("m", need.cost, demand=1), c, 2.0) is None  # no SLO, no bound
+    # Never below one batch.
+    batched = Choice("shared", None, 1, 1, ap.Batching(8, 1.0))
+    assert queue_bound(Need("m", CostModel(1.0, 50.0), demand=10, slo_ms=60.0), batched, 0.1) == 8
+
+
+def test_admission_is_chosen_when_demand_exceeds_capacity(tmp_path: Path) -> None:
+    # Two cores against 5000 req/s: no plan serves the whole demand within the SLOs. Without
+    # admission every plan's queues fill and its admitted requests miss; the tuner bounds the
+    # queues so that everything it admits meets its SLO, and says what is missing.
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    machine = Machine(2)
+    unbounded = machine(apply(_config(demand), {n: Choice("shared", None, 1, 1, None) for n in demand}))
+    assert not any(m.admitted_met() for m in unbounded.values())
+    result = tune(_config(demand), budget_s=30, topology_root=VM2, profiles=TRUTH, measure=machine,
+                  progress=False, host=_quiet(), out_dir=tmp_path)
+    w = result.winner
+    assert w.slo_ok() and "admission" in w.name
+    assert all(c.max_queue is not None and c.max_queue < 10_000 for c in w.choices.values())
+    assert all(m.rejected > 0 for m in (w.measured or {}).values())
+    assert all(0 < v < 1 for v in result.refused().values())
+    # The plan file carries the bounds.
+    plan = Config.load(tmp_path / "plan.toml")
+    assert {n: m.spec.max_queue for n, m in plan.models.items()} == {n: c.max_queue for n, c in w.choices.items()}
+    # ... and the report says what the machine lacks, per model.
+    text = result.report()
+    assert "refused" in text and "more cores for 'ranker'" in text
+    assert result.shortfall().startswith("To serve every model's demand within its SLO: ~")
+
+
+def test_admission_is_not_added_when_the_machine_suffices() -> None:
+    result = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
+                  measure=Machine(64), progress=False, host=_quiet(64))
+    assert result.winner.slo_ok() and "admission" not in result.winner.name
+    assert result.shortfall() == "" and result.refused() == {"ranker": 0.0, "encoder": 0.0}
+
+
+def test_the_search_tightens_a_bound_that_does_not_hold() -> None:
+    # The cost model is optimistic (the real encoder is 3x slower): the first bound admits too
+    # much, the refinement halves it until what is admitted meets the SLO.
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    optimistic = {"ranker": TRUTH["ranker"], "encoder": CostModel(0.0, 1.0, serial=0.1, batchable=False)}
+    result = tune(_config(demand), budget_s=1000, topology_root=VM2, profiles=optimistic, measure=Machine(2),
+                  progress=False, host=_quiet())
+    names = [c.name for c in result.candidates]
+    assert any("encoder admission q<=" in n for n in names)
+    assert result.winner.slo_ok()
+
+
+def test_models_that_all_missed_are_bounded_at_their_measured_rates() -> None:
+    # A cost model that promises three times what the machine gives: the first bounds hold for
+    # nobody; one refinement bounds every model at what it was measured to drain in time.
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    hopeful = {n: CostModel(c.alpha_ms / 3, c.beta_ms / 3, c.serial, c.batchable) for n, c in TRUTH.items()}
+    result = tune(_config(demand), budget_s=1000, topology_root=VM2, profiles=hopeful, measure=Machine(2),
+                  progress=False, host=_quiet())
+    first = result.candidates[0]
+    assert first.met_count() == 0
+    together = [c for c in result.candidates if c.name == f"{first.name}, admission by measured rates"]
+    assert together and together[0].met_count() == 2
+    assert result.winner.slo_ok()
+
+
+def test_priority_classes_on_the_scheduled_pool() -> None:
+    needs = [Need("tight", CostModel(0.0, 10.0, batchable=False), demand=10, slo_ms=30.0),
+             Need("loose", CostModel(0.0, 1.0, batchable=False), demand=10, slo_ms=100.0),
+             Need("own", CostModel(0.0, 1.0, batchable=False), demand=10, slo_ms=5.0)]
+    choices = {"tight": Choice("shared", None, 1, 1, None), "loose": Choice("shared", None, 1, 1, None),
+               "own": Choice("exclusive", 1, 1, 1, None)}
+    ranked = with_priorities(choices, needs)
+    assert ranked is not None
+    assert ranked["tight"].priority_class == 1 and ranked["loose"].priority_class == 0
+    assert ranked["own"].priority_class is None  # classes apply to the shared pool only
+    assert with_priorities({"tight": choices["tight"], "own": choices["own"]}, needs) is None
+    cfg = Config(models={n: ModelConfig(ap.ModelSpec(n, factory="apportion.demo:build_mlp"),
+                                        slo={"latency_ms": 30.0}, load={"rate": 10.0}) for n in choices})
+    plan = apply(cfg, ranked)
+    assert plan.shared_pool == "scheduled" and plan.models["tight"].spec.priority_class == 1
+    assert apply(cfg, choices).shared_pool == "os"
+    rt = plan.runtime(topology_root=VM2, build=False)  # the planner accepts it
+    rt.close(drain=False)
+    assert "shared_pool = \"scheduled\"" in plan.to_toml()
+    assert Config.loads(plan.to_toml()).shared_pool == "scheduled"
+    assert "class 1" in ranked["tight"].describe() and "q<=" in with_admission(
+        ranked, needs, None, 2)["tight"].describe()
+
+
+def test_overload_tries_priority_classes() -> None:
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    result = tune(_config(demand), budget_s=30, topology_root=VM2, profiles=TRUTH, measure=Machine(2),
+                  progress=False, host=_quiet())
+    prio = [c for c in result.candidates if "priority classes" in c.name]
+    assert prio and all(any(ch.priority_class is not None for ch in c.choices.values()) for c in prio)
+
+
+def test_config_shared_pool_is_validated() -> None:
+    with pytest.raises(ap.ConfigError, match=r"runtime\.shared_pool"):
+        Config.loads('[runtime]\nshared_pool = "fast"\n[models.m]\nfactory = "apportion.demo:build_mlp"\n')
+
+
+# -- missing capacity ----------------------------------------------------------------------------
+
+def test_missing_capacity_from_the_validation_when_the_cost_model_was_too_hopeful() -> None:
+    # The cost model says 300 + 200 req/s fit on two cores; the machine (here: one that serves
+    # a third of what the cost model predicts) serves less: the shortfall comes from what was measured.
+    demand = {"ranker": 300.0, "encoder": 200.0}
+
+    def slow(cfg: Config) -> dict[str, Measured]:
+        return {n: Measured(d / 3, d / 3, 5.0, True, d, windows_met=(True,) * 3) for n, d in demand.items()}
+
+    result = tune(_config(demand), budget_s=30, topology_root=VM2, profiles=TRUTH, measure=slow,
+                  progress=False, host=_quiet())
+    assert all(a.fraction >= 0.99 for a in result.allocation.values())
+    missing = result.missing_capacity()
+    for n, a in result.allocation.items():
+        assert missing[n] == pytest.approx(a.cores * 2, abs=0.5)  # three times the share: twice more
+    assert "more cores for 'ranker'" in result.shortfall()
+
+
+# -- noise ---------------------------------------------------------------------------------------
+
+PROC_STAT = """cpu  100 0 50 1000 5 0 0 0 0 0
+cpu0 60 10 20 500 5 2 3 1 0 0
+cpu1 40 0 30 500 0 0 0 0 0 0
+intr 12345
+ctxt 99
+"""
+
+
+def test_parse_proc_stat_counts_busy_ticks_of_the_given_cpus() -> None:
+    assert parse_proc_stat(PROC_STAT, {0}, 100.0) == pytest.approx((60 + 10 + 20 + 2 + 3 + 1) / 100.0)
+    assert parse_proc_stat(PROC_STAT, {0, 1}, 100.0) == pytest.approx((96 + 70) / 100.0)
+    assert parse_proc_stat(PROC_STAT, {7}, 100.0) == 0.0
+
+
+def test_host_snapshot_foreign_cpus() -> None:
+    a = HostSnapshot(10.0, 100.0, 40.0, 4)
+    b = HostSnapshot(12.0, 105.0, 41.0, 4)
+    assert b.foreign_cpus(a) == pytest.approx(2.0)  # 5 busy CPU-s, 1 ours, over 2 s
+    assert HostSnapshot(12.0, 100.5, 42.0, 4).foreign_cpus(a) == 0.0  # never negative
+    assert a.foreign_cpus(a) == 0.0
+
+
+def test_repeats_are_combined_by_their_median_and_their_spread_reported() -> None:
+    samples = [Sample(1, 1, 5.0), Sample(1, 1, 8.0), Sample(1, 1, 5.2), Sample(2, 1, 3.0)]
+    assert profile_spread(samples) == {(1, 1): pytest.approx((8.0 - 5.0) / 5.2)}
+    combined = combine_repeats(samples)
+    assert sorted((s.threads, s.call_ms) for s in combined) == [(1, 5.2), (2, 3.0)]
+
+
+def test_noise_confidence_and_words() -> None:
+    quiet = Noise(2, 0.02, 0.05, {"m": {(1, 1): 0.03}})
+    assert quiet.confidence() == "high" and quiet.describe() == "" and not quiet.noisy()
+    assert quiet.confidence(winner_stable=False) == "low"
+    busy = Noise(2, 1.0, 1.4, {"m": {(1, 1): 0.04}})
+    assert busy.confidence() == "low" and busy.noisy()
+    assert "other processes kept 1.0 of 2 CPUs busy" in busy.describe() and "up to 1.4" in busy.describe()
+    moved = Noise(2, 0.0, None, {"mlp": {(2, 1): 0.6, (1, 1): 0.05}})
+    assert moved.confidence() == "low" and "moved by up to 60% (mlp t=2)" in moved.describe()
+    some = Noise(2, 0.2, None, None, ("shared pool",))
+    assert some.confidence() == "medium" and "never settled ('shared pool')" in some.describe()
+    assert Noise(2).confidence() == "high"
+    assert busy.capacity() == pytest.approx(2 / 3) and quiet.capacity() == pytest.approx(2 / 2.02)
+    assert Noise(2, 1.9, 2.0).capacity() == pytest.approx(2 / 3.9)
+    assert Noise(2).capacity() == 1.0 and Noise(2, None, 1.5).capacity() == 1.0
+
+
+def test_a_busy_machine_is_named_in_the_report() -> None:
+    result = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=VM2, profiles=TRUTH,
+                  measure=Machine(2), progress=False, host=_busy(1.0))
+    assert result.noise is not None and result.noise.foreign_cpus == pytest.approx(1.0)
+    assert result.confidence() == "low"
+    text = result.report()
+    assert "## Noise" in text and "other processes kept 1.0 of 2 CPUs busy" in text
+    assert "**confidence** low" in text and "confidence low" in result.summary()
+    quiet = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=VM2, profiles=TRUTH,
+                 measure=Machine(2), progress=False, host=_quiet())
+    assert quiet.confidence() == "high" and "Quiet machine" in quiet.report()
+
+
+def test_noisy_profile_repeats_are_fitted_on_their_median_and_reported() -> None:
+    # Injected noise: one of three repeats of ranker's one-thread profile ran at half speed.
+    truth = TRUTH["ranker"]
+    samples = [Sample(1, 1, truth.call_ms(1, 1)), Sample(1, 1, 2 * truth.call_ms(1, 1)),
+               Sample(1, 1, truth.call_ms(1, 1) * 1.02), Sample(1, 8, truth.call_ms(1, 8), mean_batch=8),
+               Sample(4, 1, truth.call_ms(4, 1))]
+    result = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=VM2,
+                  profiles={"ranker": samples, "encoder": TRUTH["encoder"]}, measure=Machine(2), progress=False,
+                  host=_quiet())
+    fit = result.costs["ranker"]
+    assert fit.call_ms(1, 1) == pytest.approx(truth.call_ms(1, 1) * 1.02, rel=0.05)
+    assert result.noise is not None and result.confidence() == "low"
+    assert "repeated profiles moved by up to 98% (ranker t=1)" in result.report()
+    assert "| estimates | spread |" in result.report()
+    # A noisy machine may give the models less than their profiles promise: queues are bounded
+    # from the first candidates on, although the demand fits by the cost model.
+    assert all(a.fraction >= 0.99 for a in result.allocation.values())
+    assert "admission" in result.candidates[0].name
+
+
+def test_unstable_validation_lowers_confidence() -> None:
+    def unsettled(cfg: Config) -> dict[str, Measured]:
+        return {n: Measured(m.throughput, m.goodput, m.p99_ms, m.slo_met, m.wanted, windows_met=m.windows_met,
+                            stable=False) for n, m in Machine(64)(cfg).items()}
+
+    result = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
+                  measure=unsettled, progress=False, host=_quiet(64))
+    assert result.confidence() == "low" and "never settled" in result.report()
+
+
+def test_tune_rejects_bad_profile_repeats() -> None:
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="profile_repeats must be an integer"):
+            tune(_config({"ranker": 1.0, "encoder": 1.0}), profiles=TRUTH, measure=Machine(2), progress=False,
+                 profile_repeats=bad)  # type: ignore[arg-type]
+
+
+# -- profile repeats on a real runtime (asserts counts, never speed) --------------------------------
+
+def test_profiles_repeat_while_the_estimate_moves_and_stop_at_the_bound() -> None:
+    built: list[int] = []
+    lock = threading.Lock()
+
+    def factory(ctx: ap.InstanceContext):
+        with lock:
+            built.append(1)
+
+        def serve(x):
+            # Injected noise: calls take 1 ms for 0.3 s, then 20 ms for 0.3 s, and so on; of
+            # any three consecutive 0.2 s windows one lies in a fast phase, one mostly in a slow.
+            slow = int(time.monotonic() / 0.3) % 2
+            time.sleep((20.0 if slow else 1.0) / 1000.0)
+            return x
+        return serve
+
+    cfg = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=factory), load={"concurrency": 1})})
+    quick = Settings(warmup_s=0.1, window_s=0.2, stable_windows=3, max_s=1.5)
+    got = profile_repeated(cfg, "m", Shape(1, 1), quick, repeats=3)
+    assert len(built) == 3  # the estimates never agreed: three runs, no more
+    assert len(got) >= 3 and max(profile_spread(got).values()) > 1.0
+    built.clear()
+    once = profile_repeated(cfg, "m", Shape(1, 1), quick, repeats=1)
+    assert len(built) == 1 and once
+
+    def steady(ctx: ap.InstanceContext):
+        with lock:
+            built.append(1)
+        return lambda x: x
+
+    built.clear()
+    cfg = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=steady), load={"concurrency": 1})})
+    assert profile_repeated(cfg, "m", Shape(1, 1), quick, repeats=3)
+    assert 1 <= len(built) <= 3
