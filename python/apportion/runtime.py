@@ -636,6 +636,14 @@ class Runtime(_core._Runtime):
             entry.placed.update(old_placed)
             raise
 
+    def spec(self, name: str) -> ModelSpec:
+        """The spec model ``name`` serves with now (after the latest :meth:`apply`)."""
+        entry = self._models.get(name)
+        if entry is None:
+            known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
+            raise ModelNotFound(f"no model named {name!r} (registered: {known})")
+        return entry.spec
+
     def _quotas(self) -> dict[str, Quota]:
         return {n: e.spec.quota for n, e in self._models.items()}
 
