@@ -105,6 +105,40 @@ class Move:
     spec: ModelSpec = dataclasses.field(repr=False, compare=False)
 
 
+def _units(spec: ModelSpec) -> int:
+    """Intra-op threads a model holds: its instances x threads."""
+    return spec.instances * (spec.threads or 1)
+
+
+def _grown(spec: ModelSpec) -> ModelSpec:
+    """One more single-thread instance (and, for a model with cores of its own, one more core)."""
+    if spec.isolation == "exclusive" and isinstance(spec.cores, int):
+        n = spec.cores + 1
+        return dataclasses.replace(spec, cores=n, instances=n, threads=1)
+    return dataclasses.replace(spec, instances=spec.instances + 1, threads=1)
+
+
+def _shrunk(spec: ModelSpec) -> ModelSpec | None:
+    """One instance (or core) less; None when the model is down to one."""
+    if spec.isolation == "exclusive" and isinstance(spec.cores, int):
+        if spec.cores <= 1:
+            return None
+        n = spec.cores - 1
+        return dataclasses.replace(spec, cores=n, instances=n, threads=1)
+    if spec.instances <= 1:
+        return None
+    return dataclasses.replace(spec, instances=spec.instances - 1, threads=1)
+
+
+def _change(old: ModelSpec, new: ModelSpec) -> str:
+    parts = [f"instances {old.instances} -> {new.instances}"]
+    if old.cores != new.cores:
+        parts.append(f"cores {old.cores} -> {new.cores}")
+    if (old.threads or 1) != (new.threads or 1):
+        parts.append(f"threads {old.threads} -> {new.threads}")
+    return ", ".join(parts)
+
+
 class Controller:
     """Runs beside a serving runtime and moves capacity between its models (see the module
     documentation). ``slos``: p99 objective in milliseconds per model (models without one are
@@ -149,10 +183,14 @@ class Controller:
         self._stop = threading.Event()
 
     # -- decisions (pure: windows and state in, moves out) ---------------------------------------
-    def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float) -> list[Move]:
+    def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
+               fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
-        one model gains per window; the donor it takes from moves in the same step."""
+        one model gains per window; the donor it takes from moves in the same step. ``fits``
+        says whether a set of specs can be placed together (default: always); a growth that
+        does not fit is not proposed."""
+        fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, str]] = []
         idle: list[str] = []
         for name, w in windows.items():
@@ -182,22 +220,21 @@ class Controller:
         slo = self.slos[name]
         why = (f"SLO at risk: p99 {w.p99_ms:.1f} ms of {slo:g} ms, busy {w.busy:.0%}, "
                f"{w.refused} refused, {w.rate:.0f} req/s needs ~{w.needed(self.target)} instance(s)")
-        used = sum(s.instances for s in specs.values())
-        if used < self.capacity:
-            grown = dataclasses.replace(spec, instances=spec.instances + 1)
-            return [*moves, self._move(now_s, name, grown, f"instances {spec.instances} -> {spec.instances + 1}",
-                                       why + "; free capacity")]
-        donors = sorted((windows[d].busy, d) for d in idle if d != name and specs[d].instances > 1)
-        if donors:
-            d = donors[0][1]
+        used = sum(_units(s) for s in specs.values())
+        grown = _grown(spec)
+        if used < self.capacity and fits({**specs, name: grown}):
+            return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + "; free capacity")]
+        donors = sorted((windows[d].busy, d) for d in idle if d != name and _shrunk(specs[d]) is not None)
+        for _, d in donors:
             ds = specs[d]
-            shrunk = dataclasses.replace(ds, instances=ds.instances - 1)
-            grown = dataclasses.replace(spec, instances=spec.instances + 1)
+            shrunk = _shrunk(ds)
+            assert shrunk is not None
+            if not fits({**specs, d: shrunk, name: grown}):
+                continue
             return [*moves,
-                    self._move(now_s, d, shrunk, f"instances {ds.instances} -> {ds.instances - 1}",
+                    self._move(now_s, d, shrunk, _change(ds, shrunk),
                                f"idle (busy {windows[d].busy:.0%}): gives an instance to {name!r}"),
-                    self._move(now_s, name, grown, f"instances {spec.instances} -> {spec.instances + 1}",
-                               why + f"; taken from {d!r}")]
+                    self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         if spec.batching is None and self.max_batch > 1:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
             return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
@@ -210,6 +247,18 @@ class Controller:
             return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
                                        why + "; no capacity to take: refuse what would miss the SLO")]
         return moves
+
+    def _fits(self, specs: Mapping[str, ModelSpec]) -> bool:
+        """Whether the runtime's models, with ``specs`` replacing theirs, can be placed."""
+        from .placement import plan
+
+        quotas = {n: self.rt.spec(n).quota for n in self.rt.models}
+        quotas.update({n: s.quota for n, s in specs.items()})
+        try:
+            plan(list(quotas.values()), self.rt.topology)
+        except (ApportionError, ValueError):
+            return False
+        return True
 
     def _dwelled(self, name: str, now_s: float) -> bool:
         last = self._last_move.get(name)
@@ -235,7 +284,7 @@ class Controller:
                    if n in stats and n in last}
         self.windows = windows
         specs = {n: self.rt.spec(n) for n in windows}
-        moves = self.decide(windows, specs, now - self._t0)
+        moves = self.decide(windows, specs, now - self._t0, self._fits)
         if not moves:
             return []
         try:

@@ -157,3 +157,30 @@ def test_a_short_run_moves_the_model_at_risk_and_loses_nothing() -> None:
     assert "slow" in state["windows"]
     assert s.instances == 2
     assert s.completed == len(done) == s.submitted
+
+
+def test_a_model_with_cores_of_its_own_grows_by_a_core_and_what_does_not_fit_is_not_proposed() -> None:
+    c = controller(confirm=1, capacity=4)
+    specs = {"a": spec("a", 1, cores=1, isolation="exclusive"), "b": spec("b", 1)}
+    risky = {"a": win(p99=60.0), "b": win()}
+    moves = c.decide(risky, specs, 0.0)
+    assert [m.change for m in moves] == ["instances 1 -> 2, cores 1 -> 2"]
+    assert (moves[0].spec.cores, moves[0].spec.instances, moves[0].spec.threads) == (2, 2, 1)
+    # When the placement says it does not fit, the controller batches instead.
+    c = controller(confirm=1, capacity=4)
+    seen: list[dict[str, ap.ModelSpec]] = []
+
+    def never(s: Any) -> bool:
+        seen.append(dict(s))
+        return False
+
+    moves = c.decide(risky, specs, 0.0, fits=never)
+    assert [m.change for m in moves] == ["batching off -> 8"]
+    assert seen and seen[0]["a"].cores == 2
+
+
+def test_a_donor_down_to_one_core_gives_nothing() -> None:
+    c = controller(confirm=1, capacity=2)
+    specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
+    moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
+    assert [m.change for m in moves] == ["batching off -> 8"]
