@@ -415,6 +415,17 @@ int64_t timeout_to_ns(const std::string& model, const char* field, double ms) {
   return ns >= 9.2e18 ? Request::kNoDeadline : static_cast<int64_t>(ns);
 }
 
+// The engine's batching options from an apportion.Batching (None: one request per call).
+BatchingOptions batching_options(const py::object& batching) {
+  BatchingOptions o;
+  if (batching.is_none()) return o;
+  o.max_size = batching.attr("max_size").cast<std::size_t>();
+  o.max_delay_ns = static_cast<int64_t>(std::min(batching.attr("max_delay_ms").cast<double>(), 1e9) * 1e6);
+  const py::object preferred = batching.attr("preferred_sizes");
+  if (!preferred.is_none()) o.preferred_sizes = preferred.cast<std::vector<std::size_t>>();
+  return o;
+}
+
 // Background closes of runtimes whose last reference went away inside one of their own workers
 // (a worker cannot join itself). Joined by join_orphans() (at interpreter exit). Leaked on
 // purpose, like PyTypes: nothing may run their destructors after the interpreter is gone.
@@ -520,13 +531,7 @@ class RuntimeCore {
     opts.priority_levels = std::max<uint32_t>(priority_levels, 1);
     if (spec.attr("on_timeout").cast<std::string>() == "delay") opts.on_timeout = OnTimeout::delay;
     const py::object batching = spec.attr("batching");
-    if (!batching.is_none()) {
-      opts.batching.max_size = batching.attr("max_size").cast<std::size_t>();
-      opts.batching.max_delay_ns =
-          static_cast<int64_t>(std::min(batching.attr("max_delay_ms").cast<double>(), 1e9) * 1e6);
-      const py::object preferred = batching.attr("preferred_sizes");
-      if (!preferred.is_none()) opts.batching.preferred_sizes = preferred.cast<std::vector<std::size_t>>();
-    }
+    opts.batching = batching_options(batching);
     const auto burst = spec.attr("burst_instances").cast<uint32_t>();
     if (pooled || burst != 0) {
       const py::object weight = spec.attr("weight"), priority_class = spec.attr("priority_class");
@@ -730,13 +735,7 @@ class RuntimeCore {
     shape.instances = spec.attr("instances").cast<uint32_t>();
     shape.max_queue = spec.attr("max_queue").cast<std::size_t>();
     const py::object batching = spec.attr("batching");
-    if (!batching.is_none()) {
-      shape.batching.max_size = batching.attr("max_size").cast<std::size_t>();
-      shape.batching.max_delay_ns =
-          static_cast<int64_t>(std::min(batching.attr("max_delay_ms").cast<double>(), 1e9) * 1e6);
-      const py::object preferred = batching.attr("preferred_sizes");
-      if (!preferred.is_none()) shape.batching.preferred_sizes = preferred.cast<std::vector<std::size_t>>();
-    }
+    shape.batching = batching_options(batching);
     if (!placement.empty() && placement.size() != shape.instances) {
       PyErr_Format(PyExc_ValueError, "model '%s': placement has %zu instances, the model %u", name.c_str(),
                    placement.size(), shape.instances);

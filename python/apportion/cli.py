@@ -324,7 +324,8 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
 
     w = args.window_s
     run_demo(load=args.load, budget_s=args.budget_s, out_dir=args.out, stream=out, progress=not args.quiet,
-             settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w))
+             settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w), shift=not args.no_shift,
+             adapt_s=args.adapt_s, retune=args.retune)
     return EXIT_OK
 
 
@@ -376,7 +377,8 @@ COMMANDS: tuple[Command, ...] = (
             _bench_args, _bench_run),
     Command("tune", "search cores, isolation, instances, threads and batching for a config's workload",
             _tune_args, _tune_run),
-    Command("demo", "three torch models under one load: unmanaged vs equal split vs tuned",
+    Command("demo", "three torch models under one load: unmanaged vs equal split vs tuned, then a mix shift: "
+            "the tuned plan static vs with the controller",
             _demo_args, _demo_run),
 )
 

@@ -248,6 +248,10 @@ class Controller:
                                        why + "; no capacity to take: refuse what would miss the SLO")]
         return moves
 
+    def elapsed_s(self) -> float:
+        """Seconds since the controller was made (the clock of ``Move.at_s``)."""
+        return self.clock() - self._t0
+
     def _fits(self, specs: Mapping[str, ModelSpec]) -> bool:
         """Whether the runtime's models, with ``specs`` replacing theirs, can be placed."""
         from .placement import plan

@@ -337,4 +337,11 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
                          "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
     assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
+    assert "shift: static" in out and "shift: controller" in out and "after the shift: controller" in out
+    assert "mix shift: mlp 35% -> 70%" in out
     assert (tmp_path / "demo.png").exists() and (tmp_path / "tune" / "plan.toml").exists()
+
+    code, out, err = run("demo", "--budget-s", "3", "--window-s", "0.2", "--load", "0.3", "--quiet",
+                         "--no-shift", "--out", str(tmp_path))
+    assert (code, err) == (0, ""), err
+    assert "shift:" not in out
