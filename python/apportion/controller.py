@@ -313,11 +313,17 @@ class Controller:
         return self
 
     def _run(self) -> None:
-        self.step()
-        while not self._stop.wait(self.window_s):
+        while True:
             if self.rt.closed:
                 return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failed window is reported, the next one tried
+                if self.rt.closed:
+                    return
+                self.errors.append(f"{self.elapsed_s():.1f}s: {type(e).__name__}: {e}")
+            if self._stop.wait(self.window_s):
+                return
 
     def stop(self) -> None:
         """Stops the thread (a step in progress finishes first)."""

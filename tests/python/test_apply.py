@@ -277,3 +277,15 @@ def test_apply_takes_a_config() -> None:
         rt.start()
         assert rt.apply(cfg) == ["m"]
         assert rt.stats()["m"].instances == 2
+
+
+def test_apply_on_a_closed_runtime_raises_runtime_closed() -> None:
+    def echo(x: Any) -> Any:
+        return x
+
+    rt = ap.Runtime()
+    rt.add_model("m", model=echo)
+    rt.start()
+    rt.close()
+    with pytest.raises(ap.RuntimeClosed, match="cannot move model 'm'"):
+        rt.apply(ap.ModelSpec("m", model=echo, instances=2))

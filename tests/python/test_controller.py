@@ -184,3 +184,27 @@ def test_a_donor_down_to_one_core_gives_nothing() -> None:
     specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
     moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
     assert [m.change for m in moves] == ["batching off -> 8"]
+
+
+def test_a_move_that_fails_is_reported_and_the_model_keeps_serving() -> None:
+    def factory(ctx: ap.InstanceContext) -> Any:
+        if ctx.instance >= 1:
+            raise RuntimeError("no second instance here")
+
+        def slow(x: Any) -> Any:
+            time.sleep(0.002)
+            return x
+
+        return slow
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=factory)
+        rt.start()
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1)
+        c.step()
+        for i in range(5):
+            rt.call("m", i)
+        assert c.step() == []
+        assert len(c.errors) == 1 and "no second instance here" in c.errors[0]
+        assert c.moves == [] and rt.spec("m").instances == 1
+        assert rt.call("m", 7) == 7
