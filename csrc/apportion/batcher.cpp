@@ -27,6 +27,12 @@ void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns) noe
   e = e == 0 ? ns : e + (ns - e) / 4;
 }
 
+void batch_forget(std::vector<int64_t>& cost_ns) noexcept {
+  for (int64_t& e : cost_ns) {
+    if (e > 1) e /= 2;
+  }
+}
+
 Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns)
     : opt_(opt), cost_ns_(cost_ns) {
   batch_.reserve(opt.max_size);

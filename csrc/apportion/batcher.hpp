@@ -42,6 +42,11 @@ struct BatchingOptions {
 int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept;
 /// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored).
 void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns) noexcept;
+/// Halves every estimate in `cost_ns`: called after a run of requests judged hopeless on them
+/// with no call in between. A request only runs (and so re-measures) when the estimate says it
+/// can finish in time, so an estimate inflated once (a call slowed by a busy machine) would
+/// otherwise judge every later request hopeless for ever; halving lets one through.
+void batch_forget(std::vector<int64_t>& cost_ns) noexcept;
 
 /// One worker's batch in formation. Not thread-safe: the worker's own.
 class Batcher {

@@ -462,6 +462,11 @@ void Model::serve_batches(Worker& w) {
         break;
       case Batcher::Fit::hopeless:
         settle_unrunnable(w, r, lane, true, now);
+        // Nothing runs on these estimates: without this, one slow call would starve the model.
+        if (++w.hopeless_run >= Worker::kForgetAfter) {
+          batch_forget(w.batch_cost_ns);
+          w.hopeless_run = 0;
+        }
         break;
     }
   }

@@ -109,7 +109,14 @@ struct Worker {
   std::vector<int64_t> batch_cost_ns;
   /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
   int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
-  void observe(std::size_t n, int64_t ns) noexcept { batch_observe(batch_cost_ns, n, ns); }
+  void observe(std::size_t n, int64_t ns) noexcept {
+    batch_observe(batch_cost_ns, n, ns);
+    hopeless_run = 0;
+  }
+  /// Requests judged hopeless in a row with no call in between (see batch_forget).
+  uint32_t hopeless_run = 0;
+  /// After that many hopeless verdicts in a row the estimates are halved (batch_forget).
+  static constexpr uint32_t kForgetAfter = 8;
 };
 
 /// What a model does with its requests. Every method runs in the named thread; each one that

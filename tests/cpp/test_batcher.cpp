@@ -241,6 +241,44 @@ TEST_F(EngineBatching, CloseWithoutDrainCancelsAFormingBatch) {
   });
 }
 
+TEST_F(EngineBatching, OneSlowCallDoesNotJudgeEveryLaterRequestHopeless) {
+  guarded(60s, [] {
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> calls{0};
+    h->on_batch = [&](Worker&, Request* const*, std::size_t) {
+      if (calls.fetch_add(1) == 0) std::this_thread::sleep_for(100ms);  // one slow call, then fast
+    };
+    Model m(batching_opts(4, 0), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef slow = make(0);
+    ASSERT_EQ(submit(m, slow), Admit::ok);
+    ASSERT_TRUE(completes(slow));
+    // Each later request has 50 ms: the estimate (100 ms) says no call can serve it in time.
+    int ok = 0, expired = 0;
+    for (int i = 1; i <= 40; ++i) {
+      TestRef r = make(static_cast<uint64_t>(i));
+      r->deadline_ns = now_ns() + 50'000'000;
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+      (r->outcome() == Outcome::ok ? ok : expired) += 1;
+    }
+    m.close(true);
+    m.join();
+    // Halved after every 8 verdicts in a row: 100 -> 50 (still too long) -> 25 ms, then they run
+    // (more halvings if the slow call took longer on a busy machine).
+    EXPECT_GE(expired, static_cast<int>(Worker::kForgetAfter));
+    EXPECT_EQ(expired % static_cast<int>(Worker::kForgetAfter), 0);
+    EXPECT_GT(ok, 0);
+    EXPECT_EQ(ok + expired, 40);
+  });
+}
+
+TEST(WorkerEstimate, ForgettingHalvesEveryKnownSize) {
+  std::vector<int64_t> cost{0, 1000, 0, 3000, 1};
+  apportion::batch_forget(cost);
+  EXPECT_EQ(cost, (std::vector<int64_t>{0, 500, 0, 1500, 1}));
+}
+
 TEST(WorkerEstimate, UsesObservedSizesAndScalesUnknownOnes) {
   Worker w;
   w.batch_cost_ns.assign(9, 0);
