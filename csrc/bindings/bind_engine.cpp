@@ -780,7 +780,7 @@ class RuntimeCore {
     auto e = reg_->find(name);
     if (e == nullptr) raise_not_found(name);
     const Model& m = *e->model;
-    return ModelStatsSnapshot{name, m.snapshot(), m.instances(), m.max_queue(), m.groups()};
+    return ModelStatsSnapshot{name, m.snapshot(), m.instances(), m.max_queue(), m.groups(), m.moves()};
   }
 
   /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.

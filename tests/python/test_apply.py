@@ -96,6 +96,7 @@ def test_moves_under_closed_loop_load_lose_nothing_and_run_only_on_planned_cpus(
     got = sorted(x for r in results for x in r)
     assert got == list(range(total)), "every request answered exactly once"
     assert s.submitted == s.completed == total
+    assert s.moves == len(moves)
     assert len(where.runs) == total, "every request ran exactly once"
     assert moves, "the load outlasted at least one move"
     first = moves[0][2]

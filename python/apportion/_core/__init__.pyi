@@ -158,6 +158,11 @@ class ModelSnapshot:
         Admission bound, in requests.
         """
     @property
+    def moves(self) -> int:
+        """
+        Live moves (Runtime.apply) that moved the model while it served.
+        """
+    @property
     def name(self) -> str:
         ...
     @property
