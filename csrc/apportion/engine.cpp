@@ -80,19 +80,40 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
   if (opts_.pool != nullptr) {
     member_ = opts_.pool->join(opts_.name, opts_.weight, opts_.priority_class);
   }
-  const uint32_t total = opts_.instances + opts_.burst_instances;
+  max_queue_.store(opts_.max_queue, std::memory_order_relaxed);
+  instances_.store(opts_.instances, std::memory_order_relaxed);
   // Workers (and their metric shards) exist from construction so snapshot() never races with
   // start(); only the threads are spawned later.
-  workers_.reserve(total);
-  for (uint32_t i = 0; i < total; ++i) {
+  workers_ = make_workers(nullptr, opts_.instances, opts_.burst_instances, opts_.batching.max_size);
+  build_groups();
+}
+
+std::vector<std::unique_ptr<Worker>> Model::make_workers(const std::shared_ptr<WorkerGeneration>& gen,
+                                                         uint32_t own, uint32_t burst,
+                                                         std::size_t batch_max) {
+  std::vector<std::unique_ptr<Worker>> out;
+  out.reserve(own + burst);
+  for (uint32_t i = 0; i < own + burst; ++i) {
     auto w = std::make_unique<Worker>();
     w->model = this;
     w->index = i;
-    w->burst = i >= opts_.instances;
-    if (opts_.batching.max_size > 1) w->batch_cost_ns.assign(opts_.batching.max_size + 1, 0);
-    workers_.push_back(std::move(w));
+    w->burst = i >= own;
+    w->gen = gen;
+    w->single = batch_max <= 1;
+    if (batch_max > 1) w->batch_cost_ns.assign(batch_max + 1, 0);
+    out.push_back(std::move(w));
   }
-  build_groups();
+  return out;
+}
+
+std::shared_ptr<WorkerGeneration> Model::generation_from_options() const {
+  auto gen = std::make_shared<WorkerGeneration>();
+  gen->instances = opts_.instances;
+  gen->placement = opts_.placement;
+  gen->memory_policy = opts_.memory_policy;
+  gen->batching = opts_.batching;
+  gen->pool_units = opts_.pool_units;
+  return gen;
 }
 
 void Model::build_groups() {
@@ -159,13 +180,17 @@ uint32_t Model::start() {
       });
     });
   }
+  // Every worker serves as soon as it started: a failed start stops the whole model anyway.
+  auto gen = generation_from_options();
+  gen->gate.store(WorkerGeneration::kServe, std::memory_order_relaxed);
+  for (auto& w : workers_) w->gen = gen;
   for (auto& w : workers_) {
     Worker* wp = w.get();
     wp->thread = std::thread([this, wp] { worker_main(*wp); });
   }
-  std::unique_lock lock(start_mu_);
-  start_cv_.wait(lock, [&] { return start_done_ == workers_.size(); });
-  return start_failed_;
+  std::unique_lock lock(gen->mu);
+  gen->cv.wait(lock, [&] { return gen->started == workers_.size(); });
+  return gen->failed;
 }
 
 void Model::worker_main(Worker& w) {
@@ -177,8 +202,9 @@ void Model::worker_main(Worker& w) {
     Worker& w;
     ~Gone() { w.tid.store(0, std::memory_order_release); }
   } gone{w};
-  if (w.index < opts_.placement.size()) {
-    const AffinityResult pinned = apply_placement(opts_.placement[w.index], opts_.memory_policy);
+  WorkerGeneration& gen = *w.gen;
+  if (w.index < gen.placement.size()) {
+    const AffinityResult pinned = apply_placement(gen.placement[w.index], gen.memory_policy);
     if (!pinned.ok) w.pin_error = pinned.error;
   }
   if (member_ != nullptr && (opts_.burst_instances == 0 || w.burst)) {
@@ -201,15 +227,26 @@ void Model::worker_main(Worker& w) {
   }
   const bool ok = handler_->start_worker(w);
   {
-    std::lock_guard lock(start_mu_);
-    ++start_done_;
-    if (!ok) ++start_failed_;
+    std::lock_guard lock(gen.mu);
+    ++gen.started;
+    if (!ok) ++gen.failed;
+    // Notified under the lock: the mover may destroy the generation once it saw the count.
+    gen.cv.notify_all();
   }
-  start_cv_.notify_all();
   if (!ok) return;
+  // A moved model's new workers wait here until every one of them started.
+  uint32_t gate = gen.gate.load(std::memory_order_acquire);
+  while (gate == WorkerGeneration::kHold) {
+    park_wait(gen.gate, WorkerGeneration::kHold, -1);
+    gate = gen.gate.load(std::memory_order_acquire);
+  }
+  if (gate == WorkerGeneration::kAbort) {
+    handler_->stop_worker(w);
+    return;
+  }
   if (w.burst) {
     serve_burst(w);
-  } else if (opts_.batching.max_size > 1) {
+  } else if (gen.batching.max_size > 1) {
     serve_batches(w);
   } else if (member_ != nullptr && opts_.burst_instances == 0) {
     serve_pooled(w);
@@ -224,13 +261,14 @@ void Model::serve_one(Worker& w) {
   for (;;) {
     Request* r = nullptr;
     uint32_t lane = 0;
+    if (w.retire.load(std::memory_order_acquire)) break;  // moved: the new workers take the rest
     if (!lanes_.try_take(w.group, r, lane)) {
       handler_->idle(w);  // nothing queued: let go of what the handler held across calls
       // Callers on this CPU, request after request, and no other CPU idle: spinning would only
       // keep them from running.
       const bool spin = opts_.spin_beside_caller || w.colocated < kColocatedStreak ||
                         other_cpu_idle(current_cpu());
-      if (take(w.group, r, lane, -1, spin) != Take::ok) break;  // closed, every lane empty
+      if (take(w, r, lane, -1, spin) != Take::ok) break;  // leaving, every lane empty
     }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
@@ -257,10 +295,11 @@ void Model::serve_pooled(Worker& w) {
   w.may_linger = true;
   uint32_t held = 0;  // kept from the previous call (renewed) or granted and not yet used
   for (;;) {
+    if (w.retire.load(std::memory_order_acquire)) break;  // moved: the new workers take the rest
     if (held == 0) {
       if (queued_.load(std::memory_order_relaxed) == 0) {
         handler_->idle(w);
-        if (!await_work(w.group)) break;  // closed, nothing queued
+        if (!await_work(w)) break;  // leaving, nothing queued
       }
       held = pool_enter(w);
     }
@@ -279,13 +318,11 @@ void Model::serve_pooled(Worker& w) {
   w.may_linger = false;
 }
 
-bool Model::await_work(uint32_t group) noexcept {
+bool Model::await_work(const Worker& w) noexcept {
   // The sleeper handshake of take(), on queued_ alone: it is the condition itself.
   const auto queued = [this] { return queued_.load(std::memory_order_seq_cst) != 0; };
-  return lanes_.idle(group).await(
-             opts_.spin_ns, -1, queued, queued, [] { return false; },
-             [this] { return stopping_.load(std::memory_order_acquire); }) ==
-         EventCount::Wait::ready;
+  return lanes_.idle(w.group).await(opts_.spin_ns, -1, queued, queued, [] { return false; },
+                                    [this, &w] { return leaving(w); }) == EventCount::Wait::ready;
 }
 
 uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units) {
@@ -326,7 +363,7 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
 uint32_t Model::pool_enter(Worker& w) {
   if (member_ == nullptr || (opts_.burst_instances != 0 && !w.burst)) return 0;
   // Before blocking on other models' calls, which may need what this worker holds (the GIL).
-  return opts_.pool->acquire(*member_, opts_.pool_units, idle_hook(w));
+  return opts_.pool->acquire(*member_, w.gen->pool_units, idle_hook(w));
 }
 
 std::function<void()> Model::idle_hook(Worker& w) {
@@ -402,16 +439,21 @@ void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired
 }
 
 void Model::serve_batches(Worker& w) {
-  Batcher b(opts_.batching, w.batch_cost_ns);
+  Batcher b(w.gen->batching, w.batch_cost_ns);
   for (;;) {
     Request* r = nullptr;
     uint32_t lane = 0;
     bool carried = false;
+    const bool retiring = w.retire.load(std::memory_order_acquire);
     if (b.has_carry()) {
       r = b.take_carry(lane);
       carried = true;
     } else if (b.empty()) {
-      if (take(w.group, r, lane, -1) != Take::ok) return;  // closed, every lane empty
+      if (retiring) return;  // moved: the new workers take the rest
+      if (take(w, r, lane, -1) != Take::ok) return;  // leaving, every lane empty
+    } else if (retiring) {
+      dispatch(w, b);  // what it holds runs now; it takes nothing more
+      continue;
     } else if (!lanes_.try_take(w.group, r, lane)) {
       // Nothing queued right now: dispatch, or wait for more while the batcher allows.
       if (b.dispatch_now(stopping_.load(std::memory_order_acquire))) {
@@ -419,7 +461,7 @@ void Model::serve_batches(Worker& w) {
         continue;
       }
       const int64_t until = b.wait_until();
-      if (now_ns() >= until || take(w.group, r, lane, until) != Take::ok) {
+      if (now_ns() >= until || take(w, r, lane, until) != Take::ok) {
         dispatch(w, b);
         continue;
       }
@@ -484,7 +526,8 @@ void Model::dispatch(Worker& w, Batcher& b) {
   w.observe(n, cost, probe);
 }
 
-Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns, bool spin) noexcept {
+Model::Take Model::take(const Worker& w, Request*& r, uint32_t& lane, int64_t until_ns, bool spin) noexcept {
+  const uint32_t group = w.group;
   // While it spins, a worker watches only its own group: another group's request is its own
   // workers' while they are free (they may be spinning too), and stays on its node. Once the
   // spin is over, the worker takes from every group before it parks (the wake-up may be for
@@ -501,7 +544,7 @@ Model::Take Model::take(uint32_t group, Request*& r, uint32_t& lane, int64_t unt
       spin ? opts_.spin_ns : 0, until_ns, [&] { return lanes_.try_take(group, r, lane, false); },
       [&] { return lanes_.try_take(group, r, lane); },
       [this] { return queued_.load(std::memory_order_seq_cst) != 0; },
-      [this] { return stopping_.load(std::memory_order_acquire); })) {
+      [this, &w] { return leaving(w); })) {
     case EventCount::Wait::ready:
       return Take::ok;
     case EventCount::Wait::timeout:
@@ -531,7 +574,7 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   }
   // seq_cst: the submitter's first half of the sleeper handshake (see take()).
   const std::size_t before = queued_.fetch_add(n, std::memory_order_seq_cst);
-  if (before + n > opts_.max_queue) {
+  if (before + n > max_queue_.load(std::memory_order_relaxed)) {
     queued_.fetch_sub(n, std::memory_order_relaxed);
     counters_->rejected.fetch_add(n, std::memory_order_relaxed);
     return Admit::full;
@@ -580,6 +623,7 @@ void Model::join() {
     expiry_->stop();
     if (expiry_thread_.joinable()) expiry_thread_.join();
   }
+  // No move runs now (the owner serialises them with join), so the list is stable.
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
   }
@@ -647,8 +691,139 @@ void Model::set_placement(std::vector<InstancePlacement> placement, MemoryPolicy
   if (units != 0) opts_.pool_units = units;
 }
 
+void Model::check_shape(const Shape& shape) const {
+  const std::string& name = opts_.name;
+  const auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument("model '" + name + "': " + why);
+  };
+  if (opts_.burst_instances != 0) refuse("a model with burst instances cannot be moved while it serves");
+  if (shape.instances == 0) refuse("instances must be >= 1");
+  if (!shape.placement.empty() && shape.placement.size() != shape.instances) {
+    refuse("placement has " + std::to_string(shape.placement.size()) + " instances, the shape " +
+           std::to_string(shape.instances));
+  }
+  check_groups(name, shape.instances, shape.instance_group);
+  uint32_t groups = 1;
+  for (uint32_t g : shape.instance_group) groups = std::max(groups, g + 1);
+  if (groups != lanes_.groups() || groups > 1) {
+    refuse("its queue would span " + std::to_string(groups) + " NUMA node(s), it spans " +
+           std::to_string(lanes_.groups()) + " now: a model moves while it serves only within one node");
+  }
+  if (shape.max_queue == 0 || shape.max_queue > opts_.max_queue) {
+    refuse("max_queue " + std::to_string(shape.max_queue) + " is out of range for a move (1 .. " +
+           std::to_string(opts_.max_queue) + ", the size its queue was made with)");
+  }
+  if (lanes_.has_delayed()) {
+    // Each worker may hold one request it moves to the delayed lane beyond the admitted ones
+    // (see build_groups): during a move the old and the new workers exist together.
+    std::size_t existing = 0;
+    {
+      std::lock_guard lock(workers_mu_);
+      existing = workers_.size();
+    }
+    const std::size_t need = opts_.max_queue + existing + shape.instances;
+    if (need > lanes_.delayed_capacity()) {
+      refuse("a move to " + std::to_string(shape.instances) + " instances needs " + std::to_string(need) +
+             " cells in the delayed lane (on_timeout='delay'), it has " +
+             std::to_string(lanes_.delayed_capacity()));
+    }
+  }
+}
+
+uint32_t Model::reshape(Shape shape) {
+  check_shape(shape);
+  auto gen = std::make_shared<WorkerGeneration>();
+  gen->instances = shape.instances;
+  gen->placement = std::move(shape.placement);
+  gen->memory_policy = shape.memory_policy;
+  gen->batching = shape.batching;
+  gen->batching.max_size = std::max<std::size_t>(gen->batching.max_size, 1);
+  gen->pool_units = opts_.pool_units;
+  if (member_ != nullptr) {  // a pooled call holds one unit per intra-op thread, as set_placement
+    uint32_t units = 0;
+    for (const auto& p : gen->placement) units = std::max<uint32_t>(units, static_cast<uint32_t>(std::max(p.threads, 1)));
+    if (units != 0) gen->pool_units = units;
+  }
+  const uint32_t n = shape.instances;
+  if (!started_) {
+    // Before start: these are the settings the workers will start with.
+    opts_.instances = n;
+    opts_.placement = gen->placement;
+    opts_.memory_policy = gen->memory_policy;
+    opts_.batching = gen->batching;
+    opts_.pool_units = gen->pool_units;
+    opts_.instance_group = std::move(shape.instance_group);
+    {
+      std::lock_guard lock(workers_mu_);
+      workers_ = make_workers(nullptr, n, 0, gen->batching.max_size);
+    }
+    build_groups();  // the same number of groups (check_shape): the lanes stay
+    max_queue_.store(shape.max_queue, std::memory_order_relaxed);
+    instances_.store(n, std::memory_order_relaxed);
+    return 0;
+  }
+
+  // The new workers: listed first (their empty shards join the snapshots), then started; each
+  // pins itself and builds its instance, then waits at the gate.
+  std::vector<std::unique_ptr<Worker>> fresh = make_workers(gen, n, 0, gen->batching.max_size);
+  std::vector<Worker*> old, started;
+  {
+    std::lock_guard lock(workers_mu_);
+    for (auto& w : workers_) old.push_back(w.get());
+    for (auto& w : fresh) {
+      started.push_back(w.get());
+      workers_.push_back(std::move(w));
+    }
+  }
+  for (Worker* wp : started) wp->thread = std::thread([this, wp] { worker_main(*wp); });
+  uint32_t failed = 0;
+  {
+    std::unique_lock lock(gen->mu);
+    gen->cv.wait(lock, [&] { return gen->started == n; });
+    failed = gen->failed;
+  }
+  if (failed != 0) {
+    // Nothing moved: the new workers exit without serving, the old ones never stopped.
+    gen->gate.store(WorkerGeneration::kAbort, std::memory_order_release);
+    park_wake(gen->gate);
+    retire_workers(started);
+    return failed;
+  }
+  max_queue_.store(shape.max_queue, std::memory_order_relaxed);
+  instances_.store(n, std::memory_order_relaxed);
+  // The new workers serve first, then the old ones are told to leave: the queue is never
+  // without a worker that takes from it.
+  gen->gate.store(WorkerGeneration::kServe, std::memory_order_release);
+  park_wake(gen->gate);
+  for (Worker* w : old) w->retire.store(true, std::memory_order_seq_cst);
+  // Parked old workers wake up and see their flag; a wake-up one of them consumes for a push is
+  // not lost: the new workers look at the lanes before they park.
+  lanes_.wake_all();
+  retire_workers(old);
+  // Insurance: whatever is queued now has a parked new worker woken for it.
+  if (queued_.load(std::memory_order_seq_cst) != 0) lanes_.wake_all();
+  moves_.fetch_add(1, std::memory_order_relaxed);
+  return 0;
+}
+
+void Model::retire_workers(const std::vector<Worker*>& gone) {
+  for (Worker* w : gone) {
+    if (w->thread.joinable()) w->thread.join();
+  }
+  std::lock_guard lock(workers_mu_);
+  for (Worker* w : gone) {
+    const uint64_t before = retired_.compute.total;
+    w->shard.merge_into(retired_);
+    if (w->single) retired_single_calls_ += retired_.compute.total - before;
+  }
+  std::erase_if(workers_, [&](const std::unique_ptr<Worker>& w) {
+    return std::find(gone.begin(), gone.end(), w.get()) != gone.end();
+  });
+}
+
 std::vector<int> Model::worker_tids() const {
   std::vector<int> out;
+  std::lock_guard lock(workers_mu_);
   for (const auto& w : workers_) {
     if (const int t = w->tid.load(std::memory_order_acquire); t != 0) out.push_back(t);
   }
@@ -657,6 +832,7 @@ std::vector<int> Model::worker_tids() const {
 
 std::vector<std::string> Model::pin_errors() const {
   std::vector<std::string> out;
+  std::lock_guard lock(workers_mu_);
   for (const auto& w : workers_) {
     if (!w->pin_error.empty()) out.push_back("instance " + std::to_string(w->index) + ": " + w->pin_error);
   }
@@ -667,14 +843,27 @@ ModelSnapshot Model::snapshot() const {
   ModelSnapshot s;
   ModelMetrics::read_counters(*counters_, s);
   s.queued = queued_.load(std::memory_order_relaxed);
-  for (const auto& w : workers_) w->shard.merge_into(s);
+  uint64_t single_calls = 0;
+  {
+    std::lock_guard lock(workers_mu_);
+    for (const auto& w : workers_) {
+      const uint64_t before = s.compute.total;
+      w->shard.merge_into(s);
+      if (w->single) single_calls += s.compute.total - before;
+    }
+    single_calls += retired_single_calls_;
+    s.queue_wait.merge(retired_.queue_wait);
+    s.compute.merge(retired_.compute);
+    s.end_to_end.merge(retired_.end_to_end);
+    s.batch_size.merge(retired_.batch_size);
+  }
   if (member_ != nullptr) {
     const SharedPool::MemberStats p = opts_.pool->stats(*member_);
     s.pool_grants = p.grants;
     s.pool_busy_unit_ns = p.busy_unit_ns;
   }
   s.stolen = lanes_.stolen();
-  metrics_.finish(s, opts_.batching.max_size > 1);
+  metrics_.finish(s, single_calls);
   s.queue_wait.origin = origin_;
   s.compute.origin = origin_ + 1;
   s.end_to_end.origin = origin_ + 2;

@@ -48,6 +48,26 @@ namespace apportion {
 
 class Model;
 
+/// What one set of workers was started with (see Model::reshape): the workers of a model
+/// started together share one, and read their settings from it, never from the model's options
+/// (a live move gives the next workers other settings while these still serve).
+struct WorkerGeneration {
+  uint32_t instances = 1;
+  std::vector<InstancePlacement> placement;  // per instance; empty: no pinning
+  MemoryPolicy memory_policy = MemoryPolicy::none;
+  BatchingOptions batching;
+  uint32_t pool_units = 1;
+  /// Start handshake: how many of the generation's workers ran start_worker, how many failed.
+  std::mutex mu;
+  std::condition_variable cv;
+  uint32_t started = 0;
+  uint32_t failed = 0;
+  /// kHold until the mover decides: kServe lets the started workers serve, kAbort stops them
+  /// before they take anything (a sibling failed to start). A futex word.
+  static constexpr uint32_t kHold = 0, kServe = 1, kAbort = 2;
+  std::atomic<uint32_t> gate{kHold};
+};
+
 /// One worker thread of a model. `user` belongs to the handler (per-thread state).
 struct Worker {
   static constexpr uint32_t kNoGroup = LaneSet::kNoGroup;
@@ -75,6 +95,14 @@ struct Worker {
   /// The worker thread's kernel id (0 until it runs). Threads it creates (a framework's
   /// intra-op pool) inherit its name, which is how their CPU time is told apart per model.
   std::atomic<int> tid{0};
+  /// The settings this worker was started with. Set before its thread starts.
+  std::shared_ptr<WorkerGeneration> gen;
+  /// Serves one request per call (no batching): records no batch sizes (see
+  /// ModelMetrics::finish). Fixed before the worker is listed.
+  bool single = true;
+  /// Set by a live move (Model::reshape): the worker finishes what it holds (a running call, a
+  /// forming batch) and exits without taking another request.
+  std::atomic<bool> retire{false};
   /// This worker's estimate of a model call's duration by batch size (index = size; 0:
   /// never observed): an EWMA of what it measured. Worker-private; used to keep requests out
   /// of batches that would finish after their deadline.
@@ -209,8 +237,44 @@ class Model {
   /// Cancels `r` if still queued; the handler completes it in this thread. Safe from any thread.
   bool cancel(Request* r);
 
+  /// What a live move changes (see reshape()).
+  struct Shape {
+    uint32_t instances = 1;
+    /// Per instance (empty: no pinning); `threads` of each is its intra-op threads.
+    std::vector<InstancePlacement> placement;
+    MemoryPolicy memory_policy = MemoryPolicy::none;
+    /// Per instance its lane group, as ModelOptions::instance_group; the number of groups
+    /// must stay what it is.
+    std::vector<uint32_t> instance_group;
+    BatchingOptions batching;
+    /// The admission bound: at most the max_queue the model was made with (its lanes' size).
+    std::size_t max_queue = 1024;
+  };
+
+  /// Moves the model to `shape` while it serves. Before start(): replaces the settings the
+  /// workers will start with. After: starts the new workers (each pins itself and runs
+  /// ModelHandler::start_worker, where the handler builds and warms its instance), and only
+  /// once every one of them started lets them serve, then has the old ones finish what they
+  /// hold and exit, and returns once they have. The queue, the requests in it and the stats
+  /// stay. When a new worker fails to start, the new ones exit before serving anything and the
+  /// old ones go on serving: returns the number that failed (0: moved). Throws
+  /// std::invalid_argument naming the model, before anything moves, for a shape the model
+  /// cannot take live (burst instances, lane groups over several NUMA nodes, max_queue beyond
+  /// the lanes' size). Batching may change, from one request per call to batches and back. Call from one
+  /// thread at a time, not from one of this model's workers, and not concurrently with start()
+  /// or join() (the registry serialises them).
+  uint32_t reshape(Shape shape);
+
   const std::string& name() const noexcept { return opts_.name; }
+  /// The options the model was made with, updated by set_placement() before start; a live
+  /// move (reshape()) does not change them: see instances() and max_queue().
   const ModelOptions& options() const noexcept { return opts_; }
+  /// Own instances now (the latest reshape()). Safe from any thread.
+  uint32_t instances() const noexcept { return instances_.load(std::memory_order_relaxed); }
+  /// The admission bound now (the latest reshape()). Safe from any thread.
+  std::size_t max_queue() const noexcept { return max_queue_.load(std::memory_order_relaxed); }
+  /// Live moves done (reshape() calls that moved a started model).
+  uint64_t moves() const noexcept { return moves_.load(std::memory_order_relaxed); }
   /// Sets where the workers will run and, when `groups` is given, the own instances' lane
   /// groups (see ModelOptions::instance_group; throws std::invalid_argument naming the model
   /// when they do not fit). Only before start(); not thread-safe against start(), nor, when
@@ -248,12 +312,24 @@ class Model {
   enum class Take : uint8_t { ok, timeout, closed };
 
   void worker_main(Worker& w);
+  // The workers of a new generation (not started, not yet in workers_).
+  std::vector<std::unique_ptr<Worker>> make_workers(const std::shared_ptr<WorkerGeneration>& gen,
+                                                    uint32_t own, uint32_t burst, std::size_t batch_max);
+  std::shared_ptr<WorkerGeneration> generation_from_options() const;
+  void check_shape(const Shape& shape) const;
+  // Joins `gone` (retiring, or never served), folds their histograms into retired_ and drops
+  // them from workers_.
+  void retire_workers(const std::vector<Worker*>& gone);
+  // Whether `w` should stop taking requests: the model stops, or a move retires it.
+  bool leaving(const Worker& w) const noexcept {
+    return stopping_.load(std::memory_order_acquire) || w.retire.load(std::memory_order_acquire);
+  }
   void serve_one(Worker& w);
   void serve_burst(Worker& w);
   void serve_pooled(Worker& w);
   // Waits until a request is queued (true) or the model stopped with none queued (false),
   // taking nothing.
-  bool await_work(uint32_t group) noexcept;
+  bool await_work(const Worker& w) noexcept;
   void serve_batches(Worker& w);
   // Runs (or settles) a request this worker took and uncounted, holding `units` of pool
   // capacity (0: none). Returns the units it still holds for its next call: kept when more
@@ -270,10 +346,11 @@ class Model {
   // false when the model stops with nothing queued.
   bool await_burst() noexcept;
   void wake_burst() noexcept;
-  // Takes from the lanes, `group`'s first (see LaneSet::try_take); when nothing is queued,
-  // spins, then parks on `group`'s event count until a request is taken, `until_ns` passes
-  // (>= 0), or the model stops with every lane empty.
-  Take take(uint32_t group, Request*& r, uint32_t& lane, int64_t until_ns, bool spin = true) noexcept;
+  // Takes from the lanes, `w`'s group's first (see LaneSet::try_take); when nothing is
+  // queued, spins, then parks on that group's event count until a request is taken,
+  // `until_ns` passes (>= 0), or the worker is leaving (see leaving()) and finds every lane
+  // empty.
+  Take take(const Worker& w, Request*& r, uint32_t& lane, int64_t until_ns, bool spin = true) noexcept;
   // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
   void build_groups();
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
@@ -285,7 +362,16 @@ class Model {
   ModelOptions opts_;
   std::shared_ptr<ModelHandler> handler_;
   std::shared_ptr<ModelCounters> counters_;
+  // The workers serving now (and, during a move, the new ones starting). Changed only by
+  // start() and reshape(); guarded by workers_mu_ against readers (snapshot, tids, pins).
   std::vector<std::unique_ptr<Worker>> workers_;
+  mutable std::mutex workers_mu_;
+  // The histograms of workers a move retired, and how many one-request calls they made
+  // (guarded by workers_mu_).
+  ModelSnapshot retired_;
+  uint64_t retired_single_calls_ = 0;
+  std::atomic<uint32_t> instances_{1};
+  std::atomic<uint64_t> moves_{0};
   // Prompt expiry (on_timeout=reject): the heap of requests with a deadline, and its timer.
   std::shared_ptr<ExpiryHeap> expiry_;
   std::thread expiry_thread_;
@@ -310,6 +396,8 @@ class Model {
   // ones a worker is moving to the delayed lane, so the lanes can never be full when admission
   // says yes. It is also the sleepers' "work may be coming" signal (see take()).
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
+  // The admission bound now (<= opts_.max_queue, the lanes' size): a live move may lower it.
+  std::atomic<std::size_t> max_queue_{0};
   // Submitters between their look at closed_ and their last push. close() waits for zero
   // before it lets workers stop, so a batch is never cut in two, and no push lands after the
   // workers (or join) drained the lanes for the last time.
@@ -331,10 +419,6 @@ class Model {
   alignas(kCacheLine) bool started_ = false;
   bool joined_ = false;
 
-  std::mutex start_mu_;
-  std::condition_variable start_cv_;
-  uint32_t start_done_ = 0;
-  uint32_t start_failed_ = 0;
 };
 
 }  // namespace apportion

@@ -25,7 +25,7 @@ void ModelMetrics::read_counters(const ModelCounters& c, ModelSnapshot& s) noexc
   s.submitted = c.submitted.load(std::memory_order_relaxed);
 }
 
-void ModelMetrics::finish(ModelSnapshot& s, bool batching) const noexcept {
+void ModelMetrics::finish(ModelSnapshot& s, uint64_t single_calls) const noexcept {
   s.delayed = delayed_.load(std::memory_order_relaxed);
   s.burst_served = burst_served_.load(std::memory_order_relaxed);
   direct_shard_.queue_wait.snapshot_into(s.queue_wait);
@@ -33,15 +33,13 @@ void ModelMetrics::finish(ModelSnapshot& s, bool batching) const noexcept {
   const uint64_t served_by_workers = s.end_to_end.total;
   direct_shard_.end_to_end.snapshot_into(s.end_to_end);
   s.direct = s.end_to_end.total - served_by_workers;  // one sample per direct call
-  if (!batching) {
-    // Without batching every call serves one request, and every call that ran recorded its
-    // compute time: the batch-size histogram follows from that count, at no cost per call.
-    const uint64_t calls = s.compute.total;
-    s.batch_size.counts[LogHistogram::index_of(1)] = calls;
-    s.batch_size.total = calls;
-    s.batch_size.sum = calls;
-    s.batch_size.max = calls != 0 ? 1 : 0;
-  }
+  // A call that serves one request recorded its compute time and no batch size: the batch-size
+  // histogram follows from that count, at no cost per call.
+  const uint64_t calls = single_calls + s.direct;
+  s.batch_size.counts[LogHistogram::index_of(1)] += calls;
+  s.batch_size.total += calls;
+  s.batch_size.sum += calls;
+  if (calls != 0) s.batch_size.max = std::max<uint64_t>(s.batch_size.max, 1);
 }
 
 }  // namespace apportion

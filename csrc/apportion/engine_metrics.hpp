@@ -71,9 +71,10 @@ class ModelMetrics {
   static void read_counters(const ModelCounters& c, ModelSnapshot& s) noexcept;
   /// Adds this model's own counters and the direct calls into `s`, after the workers' shards
   /// were merged into it (the direct calls are counted as the end-to-end samples they add).
-  /// Without batching (`batching` false) derives the batch-size histogram from the calls: every
-  /// call then serves one request, at no cost per call.
-  void finish(ModelSnapshot& s, bool batching) const noexcept;
+  /// `single_calls`: the calls of workers that serve one request per call (they record no
+  /// batch size: every such call serves one, so the histogram follows from the count, at no
+  /// cost per call); the direct calls are added to them.
+  void finish(ModelSnapshot& s, uint64_t single_calls) const noexcept;
 
  private:
   std::atomic<uint64_t> delayed_{0};  // rare: a worker moved a request to the delayed lane

@@ -107,6 +107,10 @@ class LaneSet {
   std::size_t size() const noexcept { return lanes_.size(); }
   uint32_t delayed_lane() const noexcept { return delayed_; }
   bool has_delayed() const noexcept { return delayed_ != kNoLane; }
+  /// Cells of the delayed lane (0 without one).
+  std::size_t delayed_capacity() const noexcept {
+    return delayed_ == kNoLane ? 0 : lanes_[delayed_]->capacity();
+  }
   /// Requests a group's worker took from another group's lanes.
   uint64_t stolen() const noexcept { return stolen_.load(std::memory_order_relaxed); }
 

@@ -146,6 +146,28 @@ RegistryStatus Registry::remove(std::string_view name, bool drain,
   return RegistryStatus::ok;
 }
 
+RegistryStatus Registry::reshape(std::string_view name, Model::Shape shape, uint32_t* failed) {
+  if (in_lifecycle()) return RegistryStatus::nested;
+  std::shared_ptr<ModelEntry> e;
+  {
+    std::shared_lock lock(mu_);
+    if (closed_) return RegistryStatus::closed;
+    auto it = models_.find(name);
+    if (it == models_.end()) return RegistryStatus::not_found;
+    e = it->second;
+  }
+  Active active(id_);
+  std::lock_guard life(e->life_);
+  {
+    std::shared_lock lock(mu_);
+    if (e->removed_) return RegistryStatus::not_found;
+  }
+  if (e->model->closed()) return RegistryStatus::closed;
+  const uint32_t n = e->model->reshape(std::move(shape));
+  if (failed != nullptr) *failed = n;
+  return n == 0 ? RegistryStatus::ok : RegistryStatus::start_failed;
+}
+
 void Registry::close(bool drain) {
   if (in_lifecycle()) return;
   std::vector<std::shared_ptr<ModelEntry>> all;

@@ -111,6 +111,13 @@ class Registry {
   RegistryStatus remove(std::string_view name, bool drain,
                         std::shared_ptr<ModelEntry>* removed = nullptr);
 
+  /// Moves a registered model to `shape` while it serves (see Model::reshape; its
+  /// std::invalid_argument passes through before anything moves). Serialised with that
+  /// model's start and join, so a close() racing the move waits for it. `start_failed` (with
+  /// `failed` set to how many new instances failed) when a new instance failed to start: the
+  /// old ones still serve. `closed` when the model or the registry was closed.
+  RegistryStatus reshape(std::string_view name, Model::Shape shape, uint32_t* failed = nullptr);
+
   /// Refuses new models and requests, drains or cancels queued requests, and returns once
   /// every worker (of registered models and of models being removed) has exited. Idempotent;
   /// a second close() waits like the first. Models stay listed (their stats stay readable).

@@ -147,6 +147,7 @@ struct WorkerState {
   PyThreadState* ts = nullptr;
   PyObject* fn = nullptr;
   bool holding = false;   // the GIL, kept from the previous call (see PyHandler::leave)
+  bool batching = false;  // the instance takes a list of inputs (fixed when it was built)
   uint32_t streak = 0;    // calls made since the GIL was taken
   int64_t held_since = 0;
 };
@@ -160,7 +161,8 @@ thread_local std::string current_model;
 
 class PyHandler final : public ModelHandler {
  public:
-  /// `batching`: the model is called with a list of inputs and returns a list of results.
+  /// `batching`: the model is called with a list of inputs and returns a list of results (for
+  /// the instances built from now on: a live move may change it with the factory).
   PyHandler(py::object make_instance, uint64_t registry, bool batching)
       : make_instance_(std::move(make_instance)), registry_(registry), batching_(batching) {}
 
@@ -196,6 +198,7 @@ class PyHandler final : public ModelHandler {
       return false;
     }
     st->fn = fn;
+    st->batching = batching_;
     w.user = st;
     st->ts = PyEval_SaveThread();
     return true;
@@ -205,7 +208,7 @@ class PyHandler final : public ModelHandler {
     auto* st = static_cast<WorkerState*>(w.user);
     if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
     enter(*st);
-    if (batching_) {
+    if (st->batching) {
       run_batch(w, *st, batch, n);
     } else {
       auto* r = static_cast<PyRequest*>(batch[0]);
@@ -272,6 +275,13 @@ class PyHandler final : public ModelHandler {
 
   /// The first exception a factory raised, if any (GIL held).
   py::object take_error() { return std::exchange(error_, py::object()); }
+
+  /// Replaces what builds an instance for the workers started from now on (a live move) and
+  /// whether those instances take lists, returning the previous pair. GIL held: start_worker
+  /// reads both under the GIL.
+  std::pair<py::object, bool> swap_factory(py::object make_instance, bool batching) {
+    return {std::exchange(make_instance_, std::move(make_instance)), std::exchange(batching_, batching)};
+  }
 
  private:
   // A worker serving requests back to back keeps the GIL from one call to the next: one
@@ -383,7 +393,7 @@ class PyHandler final : public ModelHandler {
 
   py::object make_instance_;
   const uint64_t registry_;
-  const bool batching_;
+  bool batching_;  // guarded by the GIL
   py::object error_;
 };
 
@@ -413,6 +423,17 @@ int64_t timeout_to_ns(const std::string& model, const char* field, double ms) {
   }
   const double ns = ms * 1e6;
   return ns >= 9.2e18 ? Request::kNoDeadline : static_cast<int64_t>(ns);
+}
+
+// The engine's batching options from an apportion.Batching (None: one request per call).
+BatchingOptions batching_options(const py::object& batching) {
+  BatchingOptions o;
+  if (batching.is_none()) return o;
+  o.max_size = batching.attr("max_size").cast<std::size_t>();
+  o.max_delay_ns = static_cast<int64_t>(std::min(batching.attr("max_delay_ms").cast<double>(), 1e9) * 1e6);
+  const py::object preferred = batching.attr("preferred_sizes");
+  if (!preferred.is_none()) o.preferred_sizes = preferred.cast<std::vector<std::size_t>>();
+  return o;
 }
 
 // Background closes of runtimes whose last reference went away inside one of their own workers
@@ -520,13 +541,7 @@ class RuntimeCore {
     opts.priority_levels = std::max<uint32_t>(priority_levels, 1);
     if (spec.attr("on_timeout").cast<std::string>() == "delay") opts.on_timeout = OnTimeout::delay;
     const py::object batching = spec.attr("batching");
-    if (!batching.is_none()) {
-      opts.batching.max_size = batching.attr("max_size").cast<std::size_t>();
-      opts.batching.max_delay_ns =
-          static_cast<int64_t>(std::min(batching.attr("max_delay_ms").cast<double>(), 1e9) * 1e6);
-      const py::object preferred = batching.attr("preferred_sizes");
-      if (!preferred.is_none()) opts.batching.preferred_sizes = preferred.cast<std::vector<std::size_t>>();
-    }
+    opts.batching = batching_options(batching);
     const auto burst = spec.attr("burst_instances").cast<uint32_t>();
     if (pooled || burst != 0) {
       const py::object weight = spec.attr("weight"), priority_class = spec.attr("priority_class");
@@ -709,6 +724,60 @@ class RuntimeCore {
     apply_placement(*e->model, instances, memory_policy, groups);
   }
 
+  /// Moves a registered model while it serves (before start: changes what it will start
+  /// with): `spec` gives its instances, max_queue and batching, `placement` (per instance:
+  /// cpus, memory nodes, threads), `memory_policy` and `groups` where they run, and
+  /// `make_instance` builds (and warms) each new instance in its worker. Raises the first
+  /// exception a new instance's build raised (the old instances still serve), ValueError for a
+  /// shape the model cannot take live (nothing moved), ModelNotFound, RuntimeClosed.
+  void reshape(const py::object& spec, py::object make_instance,
+               const std::vector<std::tuple<std::vector<int>, std::vector<int>, int>>& placement,
+               const std::string& memory_policy, const std::vector<uint32_t>& groups) {
+    const auto name = spec.attr("name").cast<std::string>();
+    check_not_forked();
+    check_not_own_worker("apply()");
+    auto e = reg_->find(name);
+    if (e == nullptr) {
+      if (reg_->closed()) raise(types().runtime_closed, "runtime is closed: cannot move model '" + name + "'");
+      raise_not_found(name);
+    }
+    Model::Shape shape;
+    shape.instances = spec.attr("instances").cast<uint32_t>();
+    shape.max_queue = spec.attr("max_queue").cast<std::size_t>();
+    const py::object batching = spec.attr("batching");
+    shape.batching = batching_options(batching);
+    if (!placement.empty() && placement.size() != shape.instances) {
+      PyErr_Format(PyExc_ValueError, "model '%s': placement has %zu instances, the model %u", name.c_str(),
+                   placement.size(), shape.instances);
+      throw py::error_already_set();
+    }
+    for (const auto& [cpus, nodes, threads] : placement) {
+      shape.placement.push_back(InstancePlacement{cpus, threads, nodes});
+    }
+    shape.memory_policy =
+        enum_or_raise(parse_memory_policy(memory_policy), memory_policy, "memory_policy", kMemoryPolicies);
+    shape.instance_group = groups;
+    auto& handler = static_cast<PyHandler&>(*e->handler);
+    auto previous = handler.swap_factory(std::move(make_instance), !batching.is_none());
+    RegistryStatus s = RegistryStatus::ok;
+    try {
+      py::gil_scoped_release nogil;
+      s = reg_->reshape(name, std::move(shape));
+    } catch (...) {
+      handler.swap_factory(std::move(previous.first), previous.second);
+      throw;  // std::invalid_argument: ValueError, nothing moved
+    }
+    if (s != RegistryStatus::ok) handler.swap_factory(std::move(previous.first), previous.second);
+    switch (s) {
+      case RegistryStatus::ok: break;
+      case RegistryStatus::not_found: raise_not_found(name);
+      case RegistryStatus::closed: raise(types().runtime_closed, "runtime is closed: cannot move model '" + name + "'");
+      case RegistryStatus::start_failed: raise_start_failure(*e);
+      default: raise_nested("apply()");
+    }
+    warn_pin_errors(*e);
+  }
+
   /// Raises ApportionError when called from a worker of this runtime: `what` would wait for
   /// the thread it runs on.
   void check_admin(const std::string& what) const { check_not_own_worker(what.c_str()); }
@@ -721,7 +790,7 @@ class RuntimeCore {
     auto e = reg_->find(name);
     if (e == nullptr) raise_not_found(name);
     const Model& m = *e->model;
-    return ModelStatsSnapshot{name, m.snapshot(), m.options().instances, m.options().max_queue, m.groups()};
+    return ModelStatsSnapshot{name, m.snapshot(), m.instances(), m.max_queue(), m.groups(), m.moves()};
   }
 
   /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
@@ -795,7 +864,7 @@ class RuntimeCore {
     }
     raise(types().queue_full,
           "model '" + name + "': queue full (max_queue=" +
-              std::to_string(e.model->options().max_queue) + ", queued=" +
+              std::to_string(e.model->max_queue()) + ", queued=" +
               std::to_string(e.model->queued()) + "); " + std::to_string(n) +
               (n == 1 ? " request" : " requests") + " rejected");
   }
@@ -1078,6 +1147,8 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
            "Raises RuntimeClosed in a process forked from the one that made this runtime.")
       .def_property_readonly("_forked", &RuntimeCore::forked,
                              "True in a process forked from the one that made this runtime.")
+      .def("_reshape", &RuntimeCore::reshape, py::arg("spec"), py::arg("make_instance"),
+           py::arg("placement"), py::arg("memory_policy"), py::arg("groups"))
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"), py::arg("groups") = std::vector<uint32_t>{})
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),

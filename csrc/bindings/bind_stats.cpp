@@ -145,6 +145,8 @@ void register_stats(py::module_& m) {
       .def_readonly("max_queue", &ModelStatsSnapshot::max_queue, "Admission bound, in requests.")
       .def_readonly("lane_groups", &ModelStatsSnapshot::lane_groups,
                     "Queues the model keeps (one per NUMA node its instances span; at least 1).")
+      .def_readonly("moves", &ModelStatsSnapshot::moves,
+                    "Live moves (Runtime.apply) that moved the model while it served.")
 #define AP_COUNTER(field, doc) \
   .def_property_readonly(#field, [](const ModelStatsSnapshot& s) { return s.snapshot.field; }, doc)
       AP_COUNTER(submitted, "Requests admitted.")

@@ -17,6 +17,7 @@ struct ModelStatsSnapshot {
   uint32_t instances = 0;
   std::size_t max_queue = 0;
   uint32_t lane_groups = 0;
+  uint64_t moves = 0;
 };
 
 }  // namespace apportion::bindings

@@ -6,6 +6,7 @@ from . import _core, load
 from ._core import Future
 from .batching import Batching
 from .config import Config, ConfigError
+from .controller import Controller
 from .errors import (
     ApportionError,
     DeadlineExceeded,
@@ -39,6 +40,7 @@ __all__ = [
     "Batching",
     "Config",
     "ConfigError",
+    "Controller",
     "DeadlineExceeded",
     "Future",
     "GPU",

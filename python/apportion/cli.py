@@ -136,6 +136,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="serve for S seconds, putting each model's configured load on it, then print "
                    "the load report and stats (default: serve until Ctrl-C)")
+    p.add_argument("--adapt", action="store_true",
+                   help="run the online controller beside the runtime: it moves instances, batching and "
+                   "admission between the models that have an slo when one's objective is at risk or "
+                   "capacity idles, and logs every move with its reason (see apportion.Controller)")
+    p.add_argument("--adapt-window-s", type=float, default=1.0, metavar="S",
+                   help="the controller's window (default 1)")
     _add_root(p)
     _add_json(p)
 
@@ -146,9 +152,19 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     cfg = Config.load(args.config)
     rt = cfg.runtime(topology_root=args.root, start=True)
     report = None
+    controller = None
     try:
         if not args.json:
             print(rt.plan(), file=out)
+        if args.adapt:
+            from .controller import Controller
+
+            slos = {n: m.slo["latency_ms"] for n, m in cfg.models.items() if m.slo}
+            if not slos:
+                raise ConfigError(args.config, "slo", "--adapt needs an slo (latency_ms) for at least one model")
+            log = None if args.json else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
+                                                          file=out, flush=True))
+            controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log).start()
         loads = cfg.model_loads()
         if args.duration is not None and loads:
             window = max(0.1, args.duration / 4)
@@ -165,12 +181,18 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
                 pass
         stats = rt.stats()
     finally:
+        if controller is not None:
+            controller.stop()
         rt.close(drain=False)
     if args.json:
         doc: dict[str, Any] = {"plan": rt.plan().to_dict(),
                                "stats": {n: dataclasses.asdict(v) for n, v in stats.items()}}
         if report is not None:
             doc["load"] = report.to_dict()
+        if controller is not None:
+            doc["moves"] = [{"at_s": m.at_s, "model": m.model, "change": m.change, "reason": m.reason}
+                            for m in controller.moves]
+            doc["controller_errors"] = controller.errors
         json.dump(doc, out, indent=2, default=str)
         out.write("\n")
     else:
@@ -303,7 +325,8 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
 
     w = args.window_s
     run_demo(load=args.load, budget_s=args.budget_s, out_dir=args.out, stream=out, progress=not args.quiet,
-             settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w))
+             settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w), shift=not args.no_shift,
+             adapt_s=args.adapt_s, retune=args.retune)
     return EXIT_OK
 
 
@@ -355,7 +378,8 @@ COMMANDS: tuple[Command, ...] = (
             _bench_args, _bench_run),
     Command("tune", "search cores, isolation, instances, threads and batching for a config's workload",
             _tune_args, _tune_run),
-    Command("demo", "three torch models under one load: unmanaged vs equal split vs tuned",
+    Command("demo", "three torch models under one load: unmanaged vs equal split vs tuned, then a mix shift: "
+            "the tuned plan static vs with the controller",
             _demo_args, _demo_run),
 )
 

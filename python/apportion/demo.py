@@ -25,6 +25,19 @@ Three ways to serve the same models under the same load, queue bound and deadlin
 - **equal split**: the cores divided equally (whole exclusive cores each when there are at
   least as many cores as models, else one thread per model on a shared pool);
 - **tuned**: the plan :func:`apportion.tune` finds within the time budget.
+
+Then the mix shifts (mlp 35% -> 70%, encoder 45% -> 10%, conv stays at 20%; the same total
+rate), and two more rows compare, after the shift:
+
+- **shift: static**: the tuned plan, left as it was;
+- **shift: controller**: the tuned plan serving the old mix with an :class:`apportion.Controller`
+  beside it; midway the mix shifts and the controller moves instances, batching and admission
+  between the models (each move is printed with its reason, and how long after the shift the
+  last one came);
+- **shift: retuned** (with ``--retune``): a plan tuned from scratch for the new mix.
+
+Both after-shift rows are measured the same way: ``adapt_s`` seconds of the new mix first (the
+controller's time to adapt; a warm-up for the static plan), then the measured windows.
 """
 
 from __future__ import annotations
@@ -34,12 +47,14 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import _table
+from . import load as ld
 from .config import Config, ModelConfig
+from .controller import Controller, Move
 from .spec import ModelSpec
 from .tune import Choice, Measured, Settings, apply, measure_config, tune
 
@@ -47,6 +62,7 @@ __all__ = ["build_conv", "build_encoder", "build_mlp", "conv_input", "demo_confi
            "mlp_input", "run_demo"]
 
 SHARES = {"mlp": 0.35, "conv": 0.20, "encoder": 0.45}
+SHIFTED_SHARES = {"mlp": 0.70, "conv": 0.20, "encoder": 0.10}
 SLO_MS = {"mlp": 50.0, "conv": 75.0, "encoder": 40.0}
 MAX_QUEUE = 64
 MAX_TOTAL_RATE = 3000.0
@@ -184,6 +200,59 @@ def baselines(cfg: Config, n_cores: int) -> dict[str, dict[str, Choice]]:
     return {"unmanaged": unmanaged, "equal split": equal}
 
 
+def shifted(cfg: Config, shares: dict[str, float] | None = None) -> Config:
+    """``cfg`` with each model's share of the total rate replaced (default: the demo's shift)."""
+    shares = shares or SHIFTED_SHARES
+    return replace(cfg, models={n: replace(m, load={**(m.load or {}), "share": shares[n]})
+                                for n, m in cfg.models.items()})
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """The controller's run across the shift."""
+
+    results: dict[str, Measured]
+    """Per model, measured after the shift (after ``adapt_s``)."""
+    moves: list[Move]
+    shift_at_s: float
+    """When the mix shifted, on the controller's clock (``Move.at_s``)."""
+
+    @property
+    def adapted_s(self) -> float | None:
+        """Seconds from the shift to the controller's last move (None: it moved nothing after it)."""
+        after = [m.at_s for m in self.moves if m.at_s >= self.shift_at_s]
+        return max(after) - self.shift_at_s if after else None
+
+
+def _measured(report: ld.LoadReport, demand: dict[str, float | None]) -> dict[str, Measured]:
+    return {name: Measured(throughput=r.throughput, goodput=r.goodput,
+                           p99_ms=r.latency.p99_ms if r.latency else None,
+                           slo_met=r.slo_met if r.slo_met is not None else (False if r.slo and r.slo.latency_ms else None),
+                           wanted=demand.get(name), expired=r.expired, rejected=r.rejected)
+            for name, r in report.items()}
+
+
+def measure_adaptive(before: Config, after: Config, *, before_s: float, settings: Settings,
+                     control_window_s: float) -> Adapted:
+    """Serves ``before`` (a plan and its load) with a controller beside it for ``before_s``
+    seconds, then shifts to ``after``'s load (same models and specs) and measures it with
+    ``settings`` while the controller goes on."""
+    rt = before.runtime(start=True)
+    moves: list[Move] = []
+    try:
+        slos = {n: m.slo["latency_ms"] for n, m in before.models.items() if m.slo}
+        ctl = Controller(rt, slos, window_s=control_window_s, dwell_s=4 * control_window_s, log=moves.append)
+        with ctl:
+            half = max(before_s / 2, 0.05)
+            ld.run(rt, before.model_loads(), warmup_s=half, window_s=half, stable_windows=1, tolerance=1.0,
+                   max_s=before_s, seed=0)
+            shift_at = ctl.elapsed_s()
+            report = settings.run(rt, after.model_loads(), seed=1)
+    finally:
+        rt.close(drain=False)
+    return Adapted(_measured(report, after.demand()), moves, shift_at)
+
+
 @dataclass
 class DemoResult:
     config: Config
@@ -191,15 +260,18 @@ class DemoResult:
     tuned_plan: Config
     per_request_ms: dict[str, float]
     elapsed_s: float
+    demands: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """Per mode whose load differs from ``config``'s (the shifted mix): what each model was offered."""
+    adapted: Adapted | None = None
 
     def goodput(self, mode: str) -> float:
         return sum(m.goodput for m in self.results[mode].values())
 
     def table(self) -> str:
-        demand = self.config.demand()
         head = ["mode", "model", "demand/s", "req/s", "good/s", "p99 ms", "SLO", "met"]
         rows = []
         for mode, res in self.results.items():
+            demand = self.demands.get(mode) or self.config.demand()
             for n, m in res.items():
                 slo = self.config.models[n].slo or {}
                 rows.append([mode, n, f"{demand.get(n) or 0:.0f}", f"{m.throughput:.0f}", f"{m.goodput:.0f}",
@@ -215,14 +287,29 @@ class DemoResult:
         ratios = [f"{tuned / b:.2f}x {name}" if b > 0 else f"inf x {name}"
                   for b, name in zip(base, ("unmanaged", "equal split"))]
         lines.append(f"tuned goodput: {', '.join(ratios)}")
+        if "shift: static" in self.results and "shift: controller" in self.results:
+            static, ctl = self.goodput("shift: static"), self.goodput("shift: controller")
+            line = f"after the shift: controller {ctl / static:.2f}x static" if static > 0 else \
+                "after the shift: static served nothing within SLO"
+            if "shift: retuned" in self.results and self.goodput("shift: retuned") > 0:
+                line += f", {ctl / self.goodput('shift: retuned'):.0%} of a plan retuned for the new mix"
+            if self.adapted is not None:
+                took = self.adapted.adapted_s
+                line += (f"; last move {took:.1f} s after the shift" if took is not None
+                         else "; no move after the shift")
+            lines.append(line)
         return "\n".join(lines)
 
 
 def run_demo(*, load: float = 1.0, budget_s: float = 60.0, out_dir: str | Path = "apportion-demo",
              settings: Settings | None = None, stream: TextIO | None = None,
-             progress: bool | TextIO = True, switch_interval_s: float = 0.0005) -> DemoResult:
-    """Calibrates, tunes, measures the three modes, prints the table, writes the plot, the
-    tuned plan and the tuner's report into ``out_dir``."""
+             progress: bool | TextIO = True, switch_interval_s: float = 0.0005, shift: bool = True,
+             adapt_s: float | None = None, before_s: float | None = None, retune: bool = False) -> DemoResult:
+    """Calibrates, tunes, measures the three modes, then (``shift``) the static tuned plan
+    against the controller after the mix shifts (and, with ``retune``, a plan tuned for the new
+    mix), prints the table, writes the plot, the tuned plan and the tuner's report into
+    ``out_dir``. ``adapt_s`` (default 6 windows) is the time after the shift before measuring,
+    ``before_s`` (default 4 windows) how long the controller serves the old mix first."""
     out = stream or sys.stdout
     t0 = time.monotonic()
     # The load generator's driver threads run Python between submissions; a worker that needs
@@ -231,13 +318,15 @@ def run_demo(*, load: float = 1.0, budget_s: float = 60.0, out_dir: str | Path =
     previous = sys.getswitchinterval()
     sys.setswitchinterval(switch_interval_s)
     try:
-        return _run_demo(load, budget_s, Path(out_dir), settings, out, progress, t0)
+        return _run_demo(load, budget_s, Path(out_dir), settings, out, progress, t0, shift, adapt_s, before_s,
+                         retune)
     finally:
         sys.setswitchinterval(previous)
 
 
 def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings | None, out: TextIO,
-              progress: bool | TextIO, t0: float) -> DemoResult:
+              progress: bool | TextIO, t0: float, shift: bool = True, adapt_s: float | None = None,
+              before_s: float | None = None, retune: bool = False) -> DemoResult:
     settings = settings or Settings(warmup_s=1.0, window_s=1.0, stable_windows=3, max_s=6.0)
     ms = single_thread_ms()
     cfg = demo_config(load, per_request_ms=ms)
@@ -260,8 +349,44 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
             s.write(f"measuring {mode}...\n")
             s.flush()
         results[mode] = measure_config(apply(cfg, choices), settings)
-    demo = DemoResult(cfg, results, result.config, ms, time.monotonic() - t0)
+    demands: dict[str, dict[str, float | None]] = {}
+    adapted = None
+    if shift:
+        w = settings.window_s
+        adapt = adapt_s if adapt_s is not None else 6 * w
+        after_settings = Settings(warmup_s=adapt, window_s=w, stable_windows=settings.stable_windows,
+                                  max_s=adapt + 2 * settings.stable_windows * w)
+        new_mix = shifted(cfg)
+        tuned = modes["tuned"]
+
+        def say(what: str) -> None:
+            if progress:
+                s = sys.stderr if progress is True else progress
+                s.write(what + "\n")
+                s.flush()
+
+        say("measuring the tuned plan after the mix shifts (static)...")
+        results["shift: static"] = measure_config(apply(new_mix, tuned), after_settings)
+        say("measuring the controller across the shift...")
+        adapted = measure_adaptive(apply(cfg, tuned), apply(new_mix, tuned),
+                                   before_s=before_s if before_s is not None else 4 * w,
+                                   settings=after_settings, control_window_s=max(0.1, w / 2))
+        results["shift: controller"] = adapted.results
+        demands["shift: static"] = demands["shift: controller"] = new_mix.demand()
+        if retune:
+            say("tuning for the new mix...")
+            again = tune(new_mix, budget_s=budget_s, progress=progress, out_dir=out_path / "tune-shifted")
+            results["shift: retuned"] = measure_config(apply(new_mix, again.winner.choices), after_settings)
+            demands["shift: retuned"] = new_mix.demand()
+    demo = DemoResult(cfg, results, result.config, ms, time.monotonic() - t0, demands, adapted)
     print(demo.table(), file=out)
+    if adapted is not None:
+        print(f"  mix shift: " + ", ".join(f"{n} {SHARES[n]:.0%} -> {SHIFTED_SHARES[n]:.0%}" for n in SHARES)
+              + f"; controller moves ({len(adapted.moves)}):", file=out)
+        for m in adapted.moves:
+            when = "after" if m.at_s >= adapted.shift_at_s else "before"
+            print(f"    {abs(m.at_s - adapted.shift_at_s):5.1f} s {when} the shift: {m.model}: {m.change} ({m.reason})",
+                  file=out)
     for mode, choices in modes.items():
         print(f"  {mode}: " + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), file=out)
     print(f"tuner: {result.summary()}", file=out)
@@ -282,3 +407,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="apportion-demo", metavar="DIR",
                    help="where the plot, the tuned plan and the tuner's report go (default ./apportion-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    p.add_argument("--no-shift", action="store_true",
+                   help="skip the fourth phase (the mix shifts: static tuned plan vs the controller)")
+    p.add_argument("--adapt-s", type=float, default=None, metavar="S",
+                   help="after the shift, seconds of the new mix before measuring (default 6 windows)")
+    p.add_argument("--retune", action="store_true",
+                   help="also tune from scratch for the new mix and measure that plan (one more tuner budget)")

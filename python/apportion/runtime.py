@@ -136,6 +136,71 @@ class _ModelEntry:
     processes: list[ProcessInstance] = field(default_factory=list)
     direct: bool = False
     """Synchronous calls may skip the worker thread (see Runtime.call)."""
+    queue_capacity: int = 0
+    """The max_queue the model was added with: the size of its queue, which a move may not
+    exceed."""
+    factory_ref: str | None = None
+    """A process model's factory as an import path (its children import it)."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are one object, or equal values (arrays and tensors compare by identity)."""
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - an elementwise ==, or one that refuses: not the same
+        return False
+
+
+def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
+                      memory_word: str) -> Callable[[int], Any]:
+    """What builds (and warms) instance ``index`` of ``spec``'s model in its worker thread.
+
+    The native runtime owns these closures: they must not reference the runtime itself, or the
+    cycle (invisible to the garbage collector) would keep an unused runtime alive."""
+    name = spec.name
+    quota = spec.quota
+    placed = entry.placed
+    procs = entry.processes
+    usage = entry.gpu_usage
+    factory_ref = entry.factory_ref
+    child_spec = dataclasses.replace(spec, factory=factory_ref) if factory_ref is not None else None
+
+    def make_process_instance(index: int) -> Callable[[Any], Any]:
+        cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))
+        # On a single CPU the proxy's spin only delays the child it waits for (they share
+        # that CPU): park at once there (measured: 75-100 us round trips with the spin,
+        # 52-55 us without, on the 2-core VM). Likewise the child's spin after a direct
+        # call would only delay the worker thread pinned to that CPU.
+        proxy_spin = spec.spin_us if cpus is None or len(cpus) > 1 else 0.0
+        assert child_spec is not None
+        proxy = ProcessInstance(child_spec, instance=index, threads=planned_threads, cpus=cpus,
+                                memory_nodes=nodes, memory_policy=memory_word, spin_us=proxy_spin)
+        # Listed before its child starts, so that close(drain=False) can stop a start that
+        # hangs.
+        procs.append(proxy)
+        proxy.start()
+        return proxy
+
+    def make_instance(index: int) -> Callable[[Any], Any]:
+        cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))
+        gpu_ctx = gpu_state.context(name, index) if usage is not None else None
+        is_burst = index >= spec.instances
+        ctx = InstanceContext(model=name, instance=index, instances=spec.instances,
+                              threads=planned_threads, cpus=cpus, memory_nodes=nodes,
+                              isolation="shared" if is_burst else quota.isolation, gpu=gpu_ctx,
+                              burst=is_burst)
+        fn = build_instance(ctx, None if spec.model is not None else spec.factory,  # type: ignore[arg-type]
+                            spec.model)
+        return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
+
+    build = make_process_instance if spec.process else make_instance
+    if spec.batching is not None:
+        build = wrap_factory(name, build)
+    if spec.warmup is not None:
+        build = _warmed(spec, build)
+    return build
 
 
 _live: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -391,53 +456,14 @@ class Runtime(_core._Runtime):
                 "hold every CPU), so there is nowhere to burst to"
             )
 
-        # The native runtime owns these closures: they must not reference the runtime itself, or
-        # the cycle (invisible to the garbage collector) would keep an unused runtime alive.
-        entry = _ModelEntry(spec=spec, burst=burst_n)
-        placed = entry.placed
-        gpu_state = self._gpu
-        procs = entry.processes
+        entry = _ModelEntry(spec=spec, burst=burst_n, queue_capacity=spec.max_queue)
+        entry.gpu_usage = GpuUsage(spec.gpu.to_native(name)["memory"]) if spec.gpu is not None else None
+        entry.factory_ref = factory_ref
         memory_word = quota.memory_policy if len(self.topology.nodes) > 1 else "none"
-        child_spec = dataclasses.replace(spec, factory=factory_ref) if factory_ref is not None else None
-
-        def make_process_instance(index: int) -> Callable[[Any], Any]:
-            cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))
-            # On a single CPU the proxy's spin only delays the child it waits for (they share
-            # that CPU): park at once there (measured: 75-100 us round trips with the spin,
-            # 52-55 us without, on the 2-core VM). Likewise the child's spin after a direct
-            # call would only delay the worker thread pinned to that CPU.
-            proxy_spin = spec.spin_us if cpus is None or len(cpus) > 1 else 0.0
-            assert child_spec is not None
-            proxy = ProcessInstance(child_spec, instance=index, threads=planned_threads, cpus=cpus,
-                                    memory_nodes=nodes, memory_policy=memory_word, spin_us=proxy_spin)
-            # Listed before its child starts, so that close(drain=False) can stop a start that
-            # hangs.
-            procs.append(proxy)
-            proxy.start()
-            return proxy
-        usage = GpuUsage(spec.gpu.to_native(name)["memory"]) if spec.gpu is not None else None
-        entry.gpu_usage = usage
-
-        def make_instance(index: int) -> Callable[[Any], Any]:
-            cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))
-            gpu_ctx = gpu_state.context(name, index) if usage is not None else None
-            is_burst = index >= spec.instances
-            ctx = InstanceContext(model=name, instance=index, instances=spec.instances,
-                                  threads=planned_threads, cpus=cpus, memory_nodes=nodes,
-                                  isolation="shared" if is_burst else quota.isolation, gpu=gpu_ctx,
-                                  burst=is_burst)
-            fn = build_instance(ctx, None if spec.model is not None else spec.factory,  # type: ignore[arg-type]
-                                spec.model)
-            return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
-
         self._models[name] = entry
         try:
             instances_arg, policy, groups = self._native_placement(new_plan, name)
-            build = make_process_instance if spec.process else make_instance
-            if spec.batching is not None:
-                build = wrap_factory(name, build)
-            if spec.warmup is not None:
-                build = _warmed(spec, build)
+            build = _instance_builder(entry, spec, self._gpu, memory_word)
             self._add_model(spec, build, instances_arg, policy, groups, pooled)
         finally:
             # Registered even if something was raised after its workers started (a
@@ -478,6 +504,182 @@ class Runtime(_core._Runtime):
                 self._close_processes(entry)
                 del self._models[name]
             self._plan = None
+
+    # -- live moves ----------------------------------------------------------------------------
+    _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "timeout_ms", "spin_us",
+                               "weight", "priority_class")
+
+    def apply(self, target: ModelSpec | Iterable[ModelSpec] | Mapping[str, ModelSpec] | Any) -> list[str]:
+        """Moves registered models to new settings while they serve: ``target`` is a
+        :class:`ModelSpec`, several (a sequence, or a mapping by name), or an
+        :class:`apportion.Config` (such as a tuner's plan). Returns the names of the models that
+        moved, in the order they moved.
+
+        What may change: ``cores``, ``isolation`` ("exclusive" / "shared"), ``instances``,
+        ``threads``, ``numa``, ``smt``, ``memory_policy``, ``oversubscribe``, ``batching`` (on,
+        off or other sizes), ``warmup`` and ``max_queue`` (up to the value the model was added
+        with: its queue's size). Every model is placed again with the others; a model whose
+        CPUs, threads, instances, batching or admission change moves, including models not
+        named whose CPUs the new plan changes.
+
+        How a model moves: its new instances start on their new CPUs (the factory runs in each
+        new pinned worker, and the warm-up at every batch size it will use) while the old ones
+        still serve; once every new one is ready they take over, and the old ones finish the
+        call (or the batch) they hold and exit. Queued and admitted requests stay queued and
+        are served exactly once, stats go on counting, and this returns once the old instances
+        have exited: from then on every request runs on the new CPUs. Models move one at a time,
+        those that give up CPUs before those that take CPUs, so a CPU holds at most one extra
+        instance during the move.
+
+        Nothing moves when the target is invalid: a QuotaError (``.model``, ``.field``) for a
+        field that cannot change live (the factory or model, priority levels, timeouts,
+        ``on_timeout``, ``spin_us``, weight and priority class, a max_queue above the queue's
+        size), for process or GPU models and models with burst instances; a PlacementError when
+        the models do not fit the machine together, or a model would span several NUMA nodes;
+        ModelNotFound for a name not registered. When a new instance's factory (or warm-up)
+        raises, that exception is raised here and the model keeps serving where it was; models
+        moved earlier in the same call are moved back first.
+
+        Before ``start()`` the new settings simply replace the old ones."""
+        self._check_not_forked()
+        self._check_admin("apply()")
+        specs = self._target_specs(target)
+        with self._admin:
+            return self._apply_locked(specs)
+
+    @staticmethod
+    def _target_specs(target: Any) -> list[ModelSpec]:
+        if isinstance(target, ModelSpec):
+            return [target]
+        models = getattr(target, "models", None)  # an apportion.Config
+        if isinstance(models, Mapping):
+            target = [getattr(m, "spec", m) for m in models.values()]
+        elif isinstance(target, Mapping):
+            target = list(target.values())
+        if isinstance(target, (str, bytes)) or not isinstance(target, Iterable):
+            raise QuotaError(f"apply(): give ModelSpecs, a mapping of them, or a Config; got {type(target).__name__}")
+        specs = list(target)
+        for spec in specs:
+            if not isinstance(spec, ModelSpec):
+                raise QuotaError(f"apply(): give apportion.ModelSpec objects, got {type(spec).__name__}")
+        names = [s.name for s in specs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise QuotaError(f"apply(): models named more than once: {twice}")
+        return specs
+
+    def _checked_move(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with its factory resolved, after checking the move changes only what a live
+        move can change."""
+        name = spec.name
+        entry = self._models.get(name)
+        if entry is None:
+            known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
+            raise ModelNotFound(f"no model named {name!r} (registered: {known})")
+        old = entry.spec
+        if isinstance(spec.factory, str) and not spec.process:
+            spec = dataclasses.replace(spec, factory=_imported(name, "factory", spec.factory))
+        for what, fld in ((old.process or spec.process, "isolation"), (old.gpu is not None or spec.gpu is not None, "gpu"),
+                          (entry.burst or spec.burst_instances, "burst")):
+            if what:
+                kind = {"isolation": "process instances", "gpu": "GPU models",
+                        "burst": "models with burst instances"}[fld]
+                raise QuotaError(f"{kind} cannot move while they serve: remove the model and add it again",
+                                 model=name, field=fld)
+        for fld in self._FIXED_WHILE_REGISTERED:
+            was, now = getattr(old, fld), getattr(spec, fld)
+            if not _same(was, now):
+                raise QuotaError(f"cannot change while the model is registered ({was!r} -> {now!r}): remove "
+                                 "the model and add it again", model=name, field=fld)
+        if self._scheduled and (old.isolation == "shared") != (spec.isolation == "shared"):
+            raise QuotaError(f"isolation {old.isolation!r} -> {spec.isolation!r}: on a scheduled shared pool a "
+                             "model's calls either draw on the pool or not, for as long as it is registered",
+                             model=name, field="isolation")
+        if spec.max_queue > entry.queue_capacity:
+            raise QuotaError(f"max_queue={spec.max_queue} is above {entry.queue_capacity}, the size of the "
+                             "queue the model was added with: a move may lower it and raise it back, not beyond",
+                             model=name, field="max_queue")
+        return spec
+
+    @staticmethod
+    def _moves(old: ModelSpec, old_mp: ModelPlan, new: ModelSpec, new_mp: ModelPlan) -> bool:
+        """Whether going from ``old`` placed as ``old_mp`` to ``new`` as ``new_mp`` needs new
+        instances."""
+        def where(mp: ModelPlan) -> tuple[Any, ...]:
+            return tuple((i.cpus, i.threads, i.memory_nodes) for i in mp.instances), mp.memory_policy
+        return (where(old_mp) != where(new_mp) or old.instances != new.instances or old.batching != new.batching
+                or old.max_queue != new.max_queue or not _same(old.warmup, new.warmup))
+
+    def _apply_locked(self, specs: list[ModelSpec]) -> list[str]:
+        new_specs = {s.name: self._checked_move(s) for s in specs}
+        old_plan = self.plan()
+        new_plan = self._place({**self._quotas(), **{n: s.quota for n, s in new_specs.items()}})
+        targets = {n: new_specs.get(n, e.spec) for n, e in self._models.items()}
+        moving = [n for n in self._models
+                  if self._moves(self._models[n].spec, old_plan[n], targets[n], new_plan[n])]
+        started = self.started
+        for n in moving:
+            if n not in new_specs:
+                self._checked_move(targets[n])  # moved by the others' new plan: it must be movable too
+            if started and self._lane_groups(new_plan[n]):
+                raise PlacementError(f"model {n!r}: the new plan spreads its instances over several NUMA nodes "
+                                     f"({[i.memory_nodes for i in new_plan[n].instances]}); a model moves while it "
+                                     "serves only within one node")
+
+        def cpus(plan_: Plan, n: str) -> int:
+            return len({c for i in plan_[n].instances for c in i.cpus})
+
+        # Those that give up CPUs first, so that those that take CPUs find them free.
+        moving.sort(key=lambda n: (cpus(new_plan, n) - cpus(old_plan, n), n))
+        done: list[tuple[str, ModelSpec, dict[int, Any]]] = []
+        try:
+            for n in moving:
+                entry = self._models[n]
+                undo = (n, entry.spec, dict(entry.placed))
+                self._move(n, targets[n], new_plan)
+                done.append(undo)
+        except BaseException as e:
+            for n, spec, placed in reversed(done):
+                try:
+                    self._move(n, spec, old_plan, placed)
+                except BaseException as back:  # noqa: BLE001 - reported on the original error
+                    e.add_note(f"(model {n!r} could not be moved back: {back!r})")
+                    self._plan = None
+                else:
+                    e.add_note(f"(model {n!r}, moved before, was moved back)")
+            raise
+        if started and self._scheduled:
+            self._set_pool_capacity(len(new_plan.shared_pool))
+        if old_plan.gpu is not None:
+            new_plan = dataclasses.replace(new_plan, gpu=old_plan.gpu)
+        self._plan = new_plan
+        return moving
+
+    def _move(self, name: str, spec: ModelSpec, plan_: Plan, placed: dict[int, Any] | None = None) -> None:
+        entry = self._models[name]
+        old_spec, old_placed = entry.spec, dict(entry.placed)
+        entry.spec = spec
+        try:
+            instances_arg, policy, groups = self._native_placement(plan_, name)
+            if placed is not None:
+                entry.placed.clear()
+                entry.placed.update(placed)
+            memory_word = spec.quota.memory_policy if len(self.topology.nodes) > 1 else "none"
+            self._reshape(spec, _instance_builder(entry, spec, self._gpu, memory_word), instances_arg, policy,
+                          groups)
+        except BaseException:
+            entry.spec = old_spec
+            entry.placed.clear()
+            entry.placed.update(old_placed)
+            raise
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec model ``name`` serves with now (after the latest :meth:`apply`)."""
+        entry = self._models.get(name)
+        if entry is None:
+            known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
+            raise ModelNotFound(f"no model named {name!r} (registered: {known})")
+        return entry.spec
 
     def _quotas(self) -> dict[str, Quota]:
         return {n: e.spec.quota for n, e in self._models.items()}

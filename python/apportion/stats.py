@@ -125,6 +125,9 @@ class ModelStats:
     """Requests of a process model that ``Runtime.call`` served in the calling thread, on an
     idle instance with nothing queued (no queue wait; counted in ``submitted`` and outcomes
     like any other)."""
+    moves: int = 0
+    """Times :meth:`Runtime.apply` moved the model to new instances while it served (its
+    counters and histograms go on across moves)."""
     batch_size: HistogramSnapshot | None = field(default=None, repr=False, compare=False)
     """Requests per model call: one value per call (its histogram's unit is requests)."""
 
@@ -159,6 +162,7 @@ class ModelStats:
             burst_served=s.burst_served,
             stolen=s.stolen,
             direct=s.direct,
+            moves=s.moves,
             batch_size=s.batch_size,
         )
 

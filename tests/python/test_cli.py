@@ -280,6 +280,22 @@ def test_run_serves_the_config_under_its_load(tmp_path: Path) -> None:
     assert set(doc) == {"plan", "stats", "load"} and doc["stats"]["slow"]["completed"] > 0
 
 
+def test_run_adapt_moves_the_model_whose_slo_is_at_risk(tmp_path: Path) -> None:
+    # An objective below the slow model's own call time: at risk in every window.
+    at_risk = SLEEPERS.replace("slo = { latency_ms = 100 }", "slo = { latency_ms = 0.5 }")
+    code, out, err = run("run", config(tmp_path, at_risk), "--duration", "1.6", "--adapt",
+                         "--adapt-window-s", "0.2", "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["controller_errors"] == []
+    assert doc["moves"] and {m["model"] for m in doc["moves"]} == {"slow"}
+    assert all("SLO at risk" in m["reason"] for m in doc["moves"])
+
+    code, out, err = run("run", config(tmp_path, SLEEPERS.replace("slo = { latency_ms = 100 }\n", "")),
+                         "--duration", "0.2", "--adapt")
+    assert code != 0 and "--adapt needs an slo" in err
+
+
 def test_bench_config_and_model_specs(tmp_path: Path) -> None:
     path = config(tmp_path, SLEEPERS)
     code, out, err = run("bench", path, "--warmup-s", "0.1", "--window-s", "0.2", "--max-s", "1", "--json")
@@ -323,4 +339,11 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
     assert (code, err) == (0, ""), err
     assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
     assert "tuner: Validated with a 10% SLO margin" in out and "; confidence " in out
+    assert "shift: static" in out and "shift: controller" in out and "after the shift: controller" in out
+    assert "mix shift: mlp 35% -> 70%" in out
     assert (tmp_path / "demo.png").exists() and (tmp_path / "tune" / "plan.toml").exists()
+
+    code, out, err = run("demo", "--budget-s", "3", "--window-s", "0.2", "--load", "0.3", "--quiet",
+                         "--no-shift", "--out", str(tmp_path))
+    assert (code, err) == (0, ""), err
+    assert "shift:" not in out

@@ -51,3 +51,42 @@ def test_table_reports_ratios() -> None:
     text = d.table()
     assert "tuned goodput: 3.00x unmanaged, 1.50x equal split" in text
     assert text.splitlines()[0].split() == ["mode", "model", "demand/s", "req/s", "good/s", "p99", "ms", "SLO", "met"]
+
+
+def test_the_shift_moves_shares_and_keeps_the_total() -> None:
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+    new = demo.shifted(cfg)
+    before, after = cfg.demand(), new.demand()
+    assert sum(after.values()) == pytest.approx(sum(before.values()))
+    assert after["mlp"] == pytest.approx(2 * before["mlp"])
+    assert after["encoder"] == pytest.approx(before["encoder"] * 10 / 45)
+    assert after["conv"] == pytest.approx(before["conv"])
+    assert {n: m.spec for n, m in new.models.items()} == {n: m.spec for n, m in cfg.models.items()}
+
+
+def test_adapted_says_how_long_after_the_shift_the_last_move_came() -> None:
+    spec = demo.ModelSpec("mlp", model=lambda x: x)
+    moves = [demo.Move(1.0, "mlp", "x", "r", spec), demo.Move(7.5, "mlp", "y", "r", spec),
+             demo.Move(9.0, "encoder", "z", "r", spec)]
+    assert demo.Adapted({}, moves, shift_at_s=5.0).adapted_s == pytest.approx(4.0)
+    assert demo.Adapted({}, moves[:1], shift_at_s=5.0).adapted_s is None
+
+
+def test_table_compares_the_controller_with_the_static_plan_after_the_shift() -> None:
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+
+    def res(good: float, met: bool) -> dict[str, Measured]:
+        return {n: Measured(good, good, 10.0, met, 100.0) for n in cfg.models}
+
+    new = demo.shifted(cfg).demand()
+    spec = demo.ModelSpec("mlp", model=lambda x: x)
+    d = demo.DemoResult(cfg, {"unmanaged": res(10, False), "equal split": res(20, True), "tuned": res(30, True),
+                              "shift: static": res(20, False), "shift: controller": res(30, True),
+                              "shift: retuned": res(32, True)},
+                        cfg, {}, 1.0, {m: new for m in ("shift: static", "shift: controller", "shift: retuned")},
+                        demo.Adapted({}, [demo.Move(6.0, "mlp", "x", "r", spec)], shift_at_s=4.0))
+    text = d.table()
+    assert "after the shift: controller 1.50x static, 94% of a plan retuned for the new mix; last move 2.0 s " \
+           "after the shift" in text
+    mlp_rows = [line.split() for line in text.splitlines() if " mlp " in f" {line} "]
+    assert [r[-6] for r in mlp_rows if r[0] == "shift:"] == [f"{new['mlp']:.0f}"] * 3

@@ -32,6 +32,7 @@ LAYERS: list[list[str]] = [
     ["apportion.load"],
     ["apportion.runtime"],
     ["apportion.config"],
+    ["apportion.controller"],
     ["apportion.tune.cost"],
     ["apportion.tune.allocation", "apportion.tune.noise"],
     ["apportion.tune.search"],

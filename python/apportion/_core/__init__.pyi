@@ -158,6 +158,11 @@ class ModelSnapshot:
         Admission bound, in requests.
         """
     @property
+    def moves(self) -> int:
+        """
+        Live moves (Runtime.apply) that moved the model while it served.
+        """
+    @property
     def name(self) -> str:
         ...
     @property
@@ -282,10 +287,16 @@ class _Runtime:
         ...
     def _model_stats(self, name: str) -> ModelSnapshot:
         ...
+    def _reshape(self, spec: typing.Any, make_instance: typing.Any, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
     def _set_placement(self, name: str, instances: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
     def _set_pool_capacity(self, capacity: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def _set_pool_reserve(self, reserve: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], nice: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Class reservations on the scheduled pool: (priority_class, units) pairs, and the nice offset of the workers of lower classes.
+        """
     def _start(self) -> None:
         ...
     def _worker_tids(self, model: str) -> list[int]:

@@ -1,0 +1,352 @@
+"""The online controller: re-divides a serving runtime's capacity between its models when the
+load mix shifts.
+
+Every ``window_s`` it reads each model's window from the native stats (arrivals, completions,
+refusals, p99 end to end, p99 queue wait, mean compute per request and batch size), refits each
+model's per-request cost (compute time of a call divided by its batch size, as measured in that
+window) and from it the instances the arrival rate needs at the target utilisation. A model
+whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
+``confirm`` windows in a row gets capacity: one more instance, taken from the free CPUs or from a
+model that idles (busy below ``idle`` and p99 well under its SLO for ``confirm`` windows, and
+more than one instance); when nothing can be taken it switches batching on, and then lowers its
+``max_queue`` to what its SLO allows (refusing at once what would miss it). A model that idles
+gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
+``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
+
+Every move goes through :meth:`Runtime.apply` (live, exactly once) and is logged with its
+reason; :meth:`Controller.stats` reports the state. :meth:`Controller.decide` is a pure
+function of the windows and the controller's state, so the decision logic is tested without
+timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .batching import Batching
+from .errors import ApportionError, QuotaError
+from .spec import ModelSpec
+from .stats import ModelStats, RuntimeStats
+
+__all__ = ["Controller", "Move", "Window"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model's load and latency over one controller window."""
+
+    seconds: float
+    arrivals: int
+    completed: int
+    refused: int
+    """Rejected at admission or expired before running."""
+    p99_ms: float
+    queue_wait_p99_ms: float
+    compute_ms: float
+    """Mean compute time per request (a batch's call time, recorded for each of its requests)."""
+    mean_batch: float
+    instances: int
+
+    @property
+    def rate(self) -> float:
+        """Arrivals per second."""
+        return self.arrivals / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cost_s(self) -> float:
+        """Instance time one request costs (s): its call's time shared by the call's batch."""
+        return self.compute_ms / 1e3 / max(self.mean_batch, 1.0)
+
+    @property
+    def busy(self) -> float:
+        """Fraction of the instances' time spent in calls (0 .. ~1)."""
+        if self.seconds <= 0 or self.instances <= 0:
+            return 0.0
+        return self.completed * self.cost_s / (self.seconds * self.instances)
+
+    def needed(self, target: float) -> int:
+        """Instances the arrival rate needs at utilisation ``target``."""
+        return max(1, math.ceil(self.rate * self.cost_s / target)) if self.arrivals else 1
+
+    @classmethod
+    def between(cls, before: ModelStats, after: ModelStats, seconds: float) -> Window:
+        """The window from two ``rt.stats()`` readings of one model."""
+        done = after.completed - before.completed
+        batches = after.batches - before.batches
+        return cls(
+            seconds=seconds,
+            arrivals=after.submitted - before.submitted,
+            completed=done,
+            refused=(after.rejected - before.rejected) + (after.expired - before.expired),
+            p99_ms=after.end_to_end.since(before.end_to_end).p99_ms,
+            queue_wait_p99_ms=after.queue_wait.since(before.queue_wait).p99_ms,
+            compute_ms=after.compute.since(before.compute).mean_ms,
+            mean_batch=done / batches if batches > 0 else 1.0,
+            instances=after.instances,
+        )
+
+
+@dataclass(frozen=True)
+class Move:
+    """One change the controller made (or, in ``decide``, wants to make)."""
+
+    at_s: float
+    """Seconds since the controller started."""
+    model: str
+    change: str
+    """What changed, e.g. "instances 2 -> 3"."""
+    reason: str
+    spec: ModelSpec = dataclasses.field(repr=False, compare=False)
+
+
+def _units(spec: ModelSpec) -> int:
+    """Intra-op threads a model holds: its instances x threads."""
+    return spec.instances * (spec.threads or 1)
+
+
+def _grown(spec: ModelSpec) -> ModelSpec:
+    """One more single-thread instance (and, for a model with cores of its own, one more core)."""
+    if spec.isolation == "exclusive" and isinstance(spec.cores, int):
+        n = spec.cores + 1
+        return dataclasses.replace(spec, cores=n, instances=n, threads=1)
+    return dataclasses.replace(spec, instances=spec.instances + 1, threads=1)
+
+
+def _shrunk(spec: ModelSpec) -> ModelSpec | None:
+    """One instance (or core) less; None when the model is down to one."""
+    if spec.isolation == "exclusive" and isinstance(spec.cores, int):
+        if spec.cores <= 1:
+            return None
+        n = spec.cores - 1
+        return dataclasses.replace(spec, cores=n, instances=n, threads=1)
+    if spec.instances <= 1:
+        return None
+    return dataclasses.replace(spec, instances=spec.instances - 1, threads=1)
+
+
+def _change(old: ModelSpec, new: ModelSpec) -> str:
+    parts = [f"instances {old.instances} -> {new.instances}"]
+    if old.cores != new.cores:
+        parts.append(f"cores {old.cores} -> {new.cores}")
+    if (old.threads or 1) != (new.threads or 1):
+        parts.append(f"threads {old.threads} -> {new.threads}")
+    return ", ".join(parts)
+
+
+class Controller:
+    """Runs beside a serving runtime and moves capacity between its models (see the module
+    documentation). ``slos``: p99 objective in milliseconds per model (models without one are
+    left where they are). ``capacity``: instances (one intra-op thread each) the models may
+    hold together; default: the runtime's CPUs.
+
+    Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
+    ``step()`` yourself once per window."""
+
+    def __init__(self, rt: Any, slos: Mapping[str, float], *, window_s: float = 1.0, dwell_s: float = 3.0,
+                 confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
+                 capacity: int | None = None, max_batch: int = 8, batch_delay_ms: float = 1.0,
+                 log: Callable[[Move], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        for name, slo in slos.items():
+            if not (isinstance(slo, (int, float)) and slo > 0):
+                raise QuotaError(f"Controller: the SLO must be a positive number of ms, got {slo!r}",
+                                 model=name, field="slo")
+        if window_s <= 0 or dwell_s < 0 or confirm < 1:
+            raise QuotaError("Controller: window_s must be > 0, dwell_s >= 0 and confirm >= 1")
+        if not 0 < idle < target < hot <= 1.5 or not 0 < risk <= 1:
+            raise QuotaError("Controller: need 0 < idle < target < hot and 0 < risk <= 1")
+        self.rt = rt
+        self.slos = dict(slos)
+        self.window_s, self.dwell_s, self.confirm = window_s, dwell_s, confirm
+        self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
+        self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
+        self.max_batch, self.batch_delay_ms = max_batch, batch_delay_ms
+        self.clock = clock
+        self._log = log
+        self._t0 = clock()
+        self._risk_streak: dict[str, int] = {n: 0 for n in slos}
+        self._idle_streak: dict[str, int] = {n: 0 for n in slos}
+        self._last_move: dict[str, float] = {}
+        self._full_queue: dict[str, int] = {}  # max_queue before the controller lowered it
+        self._last: RuntimeStats | None = None
+        self._last_at = 0.0
+        self.moves: list[Move] = []
+        self.windows: dict[str, Window] = {}
+        self.errors: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- decisions (pure: windows and state in, moves out) ---------------------------------------
+    def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
+               fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None) -> list[Move]:
+        """The moves this window calls for, given each model's window and current spec, at
+        ``now_s`` seconds since the start; updates the streaks (call once per window). At most
+        one model gains per window; the donor it takes from moves in the same step. ``fits``
+        says whether a set of specs can be placed together (default: always); a growth that
+        does not fit is not proposed."""
+        fits = fits or (lambda _specs: True)
+        at_risk: list[tuple[float, str]] = []
+        idle: list[str] = []
+        for name, w in windows.items():
+            slo = self.slos.get(name)
+            if slo is None or name not in specs:
+                continue
+            risky = w.p99_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot
+            calm = w.busy < self.idle and w.p99_ms < 0.5 * slo and w.refused == 0
+            self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
+            self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
+            if self._risk_streak[name] >= self.confirm and self._dwelled(name, now_s):
+                at_risk.append((w.p99_ms / slo + w.busy, name))
+            elif self._idle_streak[name] >= self.confirm and self._dwelled(name, now_s):
+                idle.append(name)
+        moves: list[Move] = []
+        # Idle models with a lowered admission get it back first (cheap, never hurts them).
+        for name in idle:
+            spec = specs[name]
+            full = self._full_queue.get(name, spec.max_queue)
+            if spec.max_queue < full:
+                moves.append(self._move(now_s, name, dataclasses.replace(spec, max_queue=full),
+                                        f"max_queue {spec.max_queue} -> {full}", "idle: admission restored"))
+        if not at_risk:
+            return moves
+        _, name = max(at_risk)
+        w, spec = windows[name], specs[name]
+        slo = self.slos[name]
+        why = (f"SLO at risk: p99 {w.p99_ms:.1f} ms of {slo:g} ms, busy {w.busy:.0%}, "
+               f"{w.refused} refused, {w.rate:.0f} req/s needs ~{w.needed(self.target)} instance(s)")
+        used = sum(_units(s) for s in specs.values())
+        grown = _grown(spec)
+        if used < self.capacity and fits({**specs, name: grown}):
+            return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + "; free capacity")]
+        donors = sorted((windows[d].busy, d) for d in idle if d != name and _shrunk(specs[d]) is not None)
+        for _, d in donors:
+            ds = specs[d]
+            shrunk = _shrunk(ds)
+            assert shrunk is not None
+            if not fits({**specs, d: shrunk, name: grown}):
+                continue
+            return [*moves,
+                    self._move(now_s, d, shrunk, _change(ds, shrunk),
+                               f"idle (busy {windows[d].busy:.0%}): gives an instance to {name!r}"),
+                    self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
+        if spec.batching is None and self.max_batch > 1:
+            batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
+            return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
+                                       why + "; no capacity to take: batch")]
+        # Admission: queue no more than the instances can serve within the SLO.
+        allowed = max(1, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
+        if allowed < spec.max_queue:
+            self._full_queue.setdefault(name, spec.max_queue)
+            lowered = dataclasses.replace(spec, max_queue=allowed)
+            return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
+                                       why + "; no capacity to take: refuse what would miss the SLO")]
+        return moves
+
+    def elapsed_s(self) -> float:
+        """Seconds since the controller was made (the clock of ``Move.at_s``)."""
+        return self.clock() - self._t0
+
+    def _fits(self, specs: Mapping[str, ModelSpec]) -> bool:
+        """Whether the runtime's models, with ``specs`` replacing theirs, can be placed."""
+        from .placement import plan
+
+        quotas = {n: self.rt.spec(n).quota for n in self.rt.models}
+        quotas.update({n: s.quota for n, s in specs.items()})
+        try:
+            plan(list(quotas.values()), self.rt.topology)
+        except (ApportionError, ValueError):
+            return False
+        return True
+
+    def _dwelled(self, name: str, now_s: float) -> bool:
+        last = self._last_move.get(name)
+        return last is None or now_s - last >= self.dwell_s
+
+    def _move(self, now_s: float, name: str, spec: ModelSpec, change: str, reason: str) -> Move:
+        self._last_move[name] = now_s
+        self._risk_streak[name] = 0
+        self._idle_streak[name] = 0
+        return Move(round(now_s, 3), name, change, reason, spec)
+
+    # -- running ---------------------------------------------------------------------------------
+    def step(self) -> list[Move]:
+        """Reads one window (since the previous step), decides and applies the moves. Returns
+        the moves made. The first call only takes the starting reading."""
+        now = self.clock()
+        stats = self.rt.stats()
+        last, last_at = self._last, self._last_at
+        self._last, self._last_at = stats, now
+        if last is None:
+            return []
+        windows = {n: Window.between(last[n], stats[n], now - last_at) for n in self.slos
+                   if n in stats and n in last}
+        self.windows = windows
+        specs = {n: self.rt.spec(n) for n in windows}
+        moves = self.decide(windows, specs, now - self._t0, self._fits)
+        if not moves:
+            return []
+        try:
+            self.rt.apply([m.spec for m in moves])
+        except (ApportionError, ValueError, RuntimeError) as e:
+            self.errors.append(f"{now - self._t0:.1f}s: {e}")
+            return []
+        self.moves.extend(moves)
+        for m in moves:
+            if self._log is not None:
+                self._log(m)
+        # The window after a move mixes old and new: start the next one from here.
+        self._last, self._last_at = self.rt.stats(), self.clock()
+        return moves
+
+    def start(self) -> Controller:
+        """Runs ``step()`` every ``window_s`` on a daemon thread until ``stop()``."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="apportion-controller", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            if self.rt.closed:
+                return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failed window is reported, the next one tried
+                if self.rt.closed:
+                    return
+                self.errors.append(f"{self.elapsed_s():.1f}s: {type(e).__name__}: {e}")
+            if self._stop.wait(self.window_s):
+                return
+
+    def stop(self) -> None:
+        """Stops the thread (a step in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """The controller's state: running or not, the last windows, the streaks, every move
+        with its reason, and the errors of moves that failed."""
+        return {
+            "running": self._thread is not None,
+            "windows": dict(self.windows),
+            "at_risk_streak": dict(self._risk_streak),
+            "idle_streak": dict(self._idle_streak),
+            "moves": list(self.moves),
+            "errors": list(self.errors),
+        }
+

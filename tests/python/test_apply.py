@@ -1,0 +1,314 @@
+"""Live moves (Runtime.apply): a model moves to other CPUs, instances, threads, batching or
+admission while it serves, every request completes exactly once, each runs on a CPU of its
+model's plan at that moment (checked from inside the model), and a move that fails or is refused
+leaves the model where it was."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import apportion as ap
+from apportion.errors import ModelNotFound, PlacementError, QuotaError
+
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Where:
+    """A model factory whose instances record, for every call, when it ran and on which CPUs
+    (the calling thread's affinity and the CPU it is on)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: list[tuple[int, frozenset[int], int]] = []
+        self.built: list[tuple[int, tuple[int, ...] | None]] = []
+        self.fail_on: set[int] = set()
+
+    def __call__(self, ctx: ap.InstanceContext) -> Any:
+        with self.lock:
+            self.built.append((ctx.instance, ctx.cpus))
+        if ctx.cpus is not None and self.fail_on & set(ctx.cpus):
+            raise RuntimeError(f"no instance on CPUs {ctx.cpus}")
+
+        def model(x: Any) -> Any:
+            seen = (time.monotonic_ns(), frozenset(os.sched_getaffinity(0)), _libc.sched_getcpu())
+            with self.lock:  # one entry per request: a batch (a list) holds several
+                self.runs.extend([seen] * (len(x) if isinstance(x, list) else 1))
+            return x
+
+        return model
+
+
+def _cpus(rt: ap.Runtime, name: str) -> frozenset[int]:
+    return frozenset(c for i in rt.plan()[name].instances for c in i.cpus)
+
+
+def _closed_loop(rt: ap.Runtime, name: str, clients: int, per_client: int) -> tuple[list[threading.Thread], list]:
+    results: list[list[int]] = [[] for _ in range(clients)]
+
+    def client(k: int) -> None:
+        for i in range(per_client):
+            results[k].append(rt.call(name, k * per_client + i))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+@needs_two_cpus
+def test_moves_under_closed_loop_load_lose_nothing_and_run_only_on_planned_cpus() -> None:
+    where = Where()
+    base = ap.ModelSpec("m", factory=where, cores="0", isolation="exclusive", threads=1)
+    targets = [
+        dataclasses.replace(base, cores="1"),
+        dataclasses.replace(base, cores=None, isolation="shared", instances=2),
+        dataclasses.replace(base, cores="0", batching=ap.Batching(4, 0.2)),
+        dataclasses.replace(base, cores="1", instances=1, max_queue=512),
+        base,
+    ]
+    clients, per_client = 4, 1000
+    with ap.Runtime() as rt:
+        rt.add(base)
+        rt.start()
+        # (start, end, CPUs before, CPUs after) of every move.
+        moves: list[tuple[int, int, frozenset[int], frozenset[int]]] = []
+        threads, results = _closed_loop(rt, "m", clients, per_client)
+        k = 0
+        while any(t.is_alive() for t in threads) and k < 60:
+            before = _cpus(rt, "m")
+            t0 = time.monotonic_ns()
+            assert rt.apply(targets[k % len(targets)]) == ["m"]
+            moves.append((t0, time.monotonic_ns(), before, _cpus(rt, "m")))
+            k += 1
+        for t in threads:
+            t.join(120)
+        s = rt.stats()["m"]
+    total = clients * per_client
+    got = sorted(x for r in results for x in r)
+    assert got == list(range(total)), "every request answered exactly once"
+    assert s.submitted == s.completed == total
+    assert s.moves == len(moves)
+    assert len(where.runs) == total, "every request ran exactly once"
+    assert moves, "the load outlasted at least one move"
+    first = moves[0][2]
+
+    def allowed(t: int) -> frozenset[int]:
+        cpus = first
+        for t0, t1, before, after in moves:
+            if t < t0:
+                return cpus
+            if t <= t1:
+                return before | after  # during the move: old or new instances
+            cpus = after
+        return cpus
+
+    for t, affinity, cpu in where.runs:
+        ok = allowed(t)
+        assert affinity <= ok, f"ran with affinity {set(affinity)} while the plan allowed {set(ok)}"
+        assert cpu in ok
+
+
+@needs_two_cpus
+def test_a_failed_move_raises_and_keeps_the_old_placement_serving() -> None:
+    where = Where()
+    where.fail_on = {1}
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=where, cores="0", isolation="exclusive")
+        rt.start()
+        before = rt.plan()
+        futs = [rt.submit("m", i) for i in range(200)]
+        with pytest.raises(RuntimeError, match=r"no instance on CPUs \(1,\)"):
+            rt.apply(ap.ModelSpec("m", factory=where, cores="1", isolation="exclusive"))
+        assert rt.plan() == before
+        futs += [rt.submit("m", 200 + i) for i in range(200)]
+        assert [f.result(30) for f in futs] == list(range(400))
+        s = rt.stats()["m"]
+        assert s.completed == 400 and s.instances == 1
+    assert {a for _, a, _ in where.runs} == {frozenset({0})}
+    # The model can still move once the factory builds there.
+    where.fail_on = set()
+
+
+@needs_two_cpus
+def test_a_failed_move_moves_back_the_models_moved_before_it() -> None:
+    a, b = Where(), Where()
+    with ap.Runtime() as rt:
+        rt.add_model("a", factory=a, cores="0", isolation="exclusive")
+        rt.add_model("b", factory=b)  # shared: the other CPU
+        rt.start()
+        before = rt.plan()
+        b.fail_on = {0}
+        with pytest.raises(RuntimeError) as err:
+            # a moves to CPU 1 first (a before b: neither gives up CPUs), then b, displaced to
+            # CPU 0, fails to build there.
+            rt.apply([ap.ModelSpec("a", factory=a, cores="1", isolation="exclusive")])
+        assert any("moved back" in n for n in getattr(err.value, "__notes__", []))
+        assert rt.plan() == before
+        assert rt.call("a", 1) == 1 and rt.call("b", 2) == 2
+    assert a.runs[-1][1] == frozenset({0}) and b.runs[-1][1] == frozenset({1})
+
+
+@needs_two_cpus
+def test_models_the_new_plan_displaces_move_too() -> None:
+    a, b = Where(), Where()
+    with ap.Runtime() as rt:
+        rt.add_model("a", factory=a, cores="0", isolation="exclusive")
+        rt.add_model("b", factory=b)
+        rt.start()
+        moved = rt.apply(ap.ModelSpec("a", factory=a, cores="1", isolation="exclusive"))
+        assert sorted(moved) == ["a", "b"]
+        assert _cpus(rt, "a") == {1} and _cpus(rt, "b") == {0}
+        assert rt.call("a", 1) == 1 and rt.call("b", 2) == 2
+        # Nothing changes: nothing moves.
+        assert rt.apply(ap.ModelSpec("a", factory=a, cores="1", isolation="exclusive")) == []
+    assert a.runs[-1][1] == frozenset({1}) and b.runs[-1][1] == frozenset({0})
+
+
+def test_invalid_targets_fail_before_anything_moves() -> None:
+    where = Where()
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=where, max_queue=64, timeout_ms=100)
+        rt.start()
+        built = len(where.built)
+        base = ap.ModelSpec("m", factory=where, max_queue=64, timeout_ms=100)
+        with pytest.raises(ModelNotFound, match="'nope'"):
+            rt.apply(dataclasses.replace(base, name="nope"))
+        for change, fld in (({"factory": Where()}, "factory"), ({"max_queue": 65}, "max_queue"),
+                            ({"timeout_ms": 50}, "timeout_ms"), ({"priority_levels": 2}, "priority_levels"),
+                            ({"on_timeout": "delay"}, "on_timeout")):
+            with pytest.raises(QuotaError) as err:
+                rt.apply(dataclasses.replace(base, **change))
+            assert err.value.model == "m" and err.value.field == fld
+        with pytest.raises((PlacementError, QuotaError), match="'m'"):
+            rt.apply(dataclasses.replace(base, cores=64, isolation="exclusive"))
+        with pytest.raises(QuotaError, match="more than once"):
+            rt.apply([base, base])
+        with pytest.raises(QuotaError, match="ModelSpec"):
+            rt.apply(["m"])
+        assert len(where.built) == built
+        assert rt.call("m", 3) == 3
+
+
+def test_process_models_are_not_moved_live() -> None:
+    with ap.Runtime() as rt:
+        rt.add_model("p", factory="tests.python.process_models:echo", isolation="process")
+        with pytest.raises(QuotaError) as err:
+            rt.apply(ap.ModelSpec("p", factory="tests.python.process_models:echo", isolation="process",
+                                  instances=2))
+        assert err.value.field == "isolation"
+
+
+def test_a_move_switches_batching_and_warms_every_batch_size() -> None:
+    sizes: list[int] = []
+    lock = threading.Lock()
+
+    def factory(ctx: ap.InstanceContext) -> Any:
+        def model(x: Any) -> Any:
+            if isinstance(x, list):
+                with lock:
+                    sizes.append(len(x))
+                return [v * 10 for v in x]
+            return x * 10
+
+        return model
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=factory, warmup=(1,))
+        rt.start()
+        assert rt.call("m", 1) == 10
+        assert rt.apply(ap.ModelSpec("m", factory=factory, warmup=(1,), batching=ap.Batching(4, 1.0))) == ["m"]
+        assert sorted(set(sizes)) == [1, 2, 4], "the new instance was warmed at each size before serving"
+        warmed = len(sizes)
+        futs = rt.submit_many("m", list(range(8)))
+        assert [f.result(30) for f in futs] == [v * 10 for v in range(8)]
+        assert len(sizes) > warmed
+        rt.apply(ap.ModelSpec("m", factory=factory, warmup=(1,)))
+        assert rt.call("m", 2) == 20
+        s = rt.stats()["m"]
+        assert s.completed == 10
+
+
+def test_a_move_lowers_admission_and_raises_it_back(gate: Any) -> None:
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=gate, max_queue=8)
+        rt.start()
+        rt.apply(ap.ModelSpec("m", model=gate, max_queue=2))
+        assert rt.stats()["m"].max_queue == 2
+        held = rt.submit("m", 0)
+        assert gate.entered.wait(10)
+        queued = [rt.submit("m", 1), rt.submit("m", 2)]
+        with pytest.raises(ap.QueueFull, match="max_queue=2"):
+            rt.submit("m", 3)
+        gate.release.set()
+        assert [f.result(10) for f in [held, *queued]] == [0, 1, 2]
+        rt.apply(ap.ModelSpec("m", model=gate, max_queue=8))
+        assert rt.stats()["m"].max_queue == 8
+
+
+def test_apply_before_start_changes_what_starts() -> None:
+    where = Where()
+    rt = ap.Runtime()
+    try:
+        rt.add_model("m", factory=where)
+        assert rt.apply(ap.ModelSpec("m", factory=where, instances=2)) == ["m"]
+        assert where.built == []
+        rt.start()
+        assert sorted(i for i, _ in where.built) == [0, 1]
+        assert rt.stats()["m"].instances == 2
+        assert rt.call("m", 5) == 5
+    finally:
+        rt.close()
+
+
+def test_apply_takes_a_config() -> None:
+    where = Where()
+    from apportion.config import ModelConfig
+
+    cfg = ap.Config(models={"m": ModelConfig(spec=ap.ModelSpec("m", factory=where, instances=2))})
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=where)
+        rt.start()
+        assert rt.apply(cfg) == ["m"]
+        assert rt.stats()["m"].instances == 2
+
+
+def test_apply_on_a_closed_runtime_raises_runtime_closed() -> None:
+    def echo(x: Any) -> Any:
+        return x
+
+    rt = ap.Runtime()
+    rt.add_model("m", model=echo)
+    rt.start()
+    rt.close()
+    with pytest.raises(ap.RuntimeClosed, match="cannot move model 'm'"):
+        rt.apply(ap.ModelSpec("m", model=echo, instances=2))
+
+
+def test_models_that_give_up_cpus_move_before_those_that_take_them() -> None:
+    # On the 2-socket fixture (not started: its CPUs may not exist here) the order is the plan's.
+    from pathlib import Path
+
+    server = str(Path(__file__).resolve().parents[1] / "fixtures" / "topology" / "server_2s128t")
+    rt = ap.Runtime(topology_root=server)
+    try:
+        def echo(x: Any) -> Any:
+            return x
+
+        rt.add_model("a", model=echo, cores=2, isolation="exclusive")
+        rt.add_model("z", model=echo, cores=6, isolation="exclusive")
+        moved = rt.apply([ap.ModelSpec("a", model=echo, cores=6, isolation="exclusive"),
+                          ap.ModelSpec("z", model=echo, cores=2, isolation="exclusive")])
+        assert moved == ["z", "a"], "z gives up four cores before a takes them"
+        assert len(_cpus(rt, "a")) == 6 and len(_cpus(rt, "z")) == 2
+        assert rt.spec("a").cores == 6 and rt.spec("z").cores == 2
+    finally:
+        rt.close(drain=False)

@@ -1,0 +1,210 @@
+"""The online controller: its decisions from synthetic windows (no timing), and one short run
+beside a real runtime."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import apportion as ap
+from apportion.controller import Controller, Window
+from apportion.errors import QuotaError
+
+
+def win(*, p99: float = 5.0, busy: float = 0.5, refused: int = 0, instances: int = 1, rate: float = 100.0,
+        batch: float = 1.0) -> Window:
+    """A one-second window with the given p99, utilisation and refusals."""
+    completed = int(rate)
+    cost_ms = busy * instances / max(completed, 1) * 1e3 * batch
+    return Window(seconds=1.0, arrivals=int(rate), completed=completed, refused=refused, p99_ms=p99,
+                  queue_wait_p99_ms=0.0, compute_ms=cost_ms, mean_batch=batch, instances=instances)
+
+
+def spec(name: str, instances: int = 1, **kw: Any) -> ap.ModelSpec:
+    return ap.ModelSpec(name, model=lambda x: x, instances=instances, **kw)
+
+
+def controller(**kw: Any) -> Controller:
+    args: dict[str, Any] = {"capacity": 4, "confirm": 2, "dwell_s": 5.0, "window_s": 1.0}
+    args.update(kw)
+    return Controller(None, {"a": 50.0, "b": 50.0}, **args)
+
+
+def test_window_figures() -> None:
+    w = win(busy=0.5, instances=2, rate=100.0)
+    assert w.rate == 100.0
+    assert w.busy == pytest.approx(0.5)
+    assert w.needed(0.5) == 2
+    assert Window(1.0, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 1).needed(0.7) == 1
+
+
+def test_a_model_at_risk_for_confirm_windows_grows_into_free_capacity() -> None:
+    c = controller()
+    specs = {"a": spec("a", 1), "b": spec("b", 1)}
+    risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
+    assert c.decide(risky, specs, 1.0) == [], "one window is not enough (hysteresis)"
+    moves = c.decide(risky, specs, 2.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    assert "SLO at risk" in moves[0].reason and "free capacity" in moves[0].reason
+    assert moves[0].spec.instances == 2
+
+
+def test_a_risky_window_between_calm_ones_moves_nothing() -> None:
+    c = controller()
+    specs = {"a": spec("a", 1), "b": spec("b", 1)}
+    for t, p99 in enumerate([45.0, 5.0, 45.0, 5.0, 45.0]):
+        assert c.decide({"a": win(p99=p99), "b": win()}, specs, float(t)) == []
+
+
+def test_refusals_and_hot_instances_count_as_risk() -> None:
+    for w in (win(refused=3), win(busy=0.95)):
+        c = controller(confirm=1)
+        moves = c.decide({"a": w, "b": win()}, {"a": spec("a"), "b": spec("b")}, 0.0)
+        assert [m.model for m in moves] == ["a"]
+
+
+def test_with_no_free_capacity_an_idle_model_gives_an_instance_first() -> None:
+    c = controller(capacity=4, confirm=1)
+    specs = {"a": spec("a", 1), "b": spec("b", 3)}
+    moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.1, p99=2.0, instances=3)}, specs, 0.0)
+    assert [(m.model, m.change) for m in moves] == [("b", "instances 3 -> 2"), ("a", "instances 1 -> 2")]
+    assert "gives an instance to 'a'" in moves[0].reason and "taken from 'b'" in moves[1].reason
+
+
+def test_a_moved_model_dwells_before_it_moves_again() -> None:
+    c = controller(confirm=1, dwell_s=5.0)
+    specs = {"a": spec("a", 1), "b": spec("b", 1)}
+    risky = {"a": win(p99=60.0), "b": win()}
+    assert len(c.decide(risky, specs, 0.0)) == 1
+    specs["a"] = spec("a", 2)
+    assert c.decide(risky, specs, 4.9) == []
+    assert [m.change for m in c.decide(risky, specs, 5.0)] == ["instances 2 -> 3"]
+
+
+def test_without_capacity_to_take_it_batches_then_limits_admission_then_restores_it() -> None:
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    specs = {"a": spec("a", 1, max_queue=256), "b": spec("b", 1)}
+    busy_b = win(busy=0.6)  # neither idle nor at risk: gives nothing
+    moves = c.decide({"a": win(p99=80.0), "b": busy_b}, specs, 0.0)
+    assert [m.change for m in moves] == ["batching off -> 8"]
+    specs["a"] = moves[0].spec
+    moves = c.decide({"a": win(p99=80.0, busy=0.9, rate=200.0, batch=4.0), "b": busy_b}, specs, 1.0)
+    assert len(moves) == 1 and moves[0].change.startswith("max_queue 256 -> ")
+    assert "refuse what would miss the SLO" in moves[0].reason
+    lowered = moves[0].spec.max_queue
+    assert 1 <= lowered < 256
+    specs["a"] = moves[0].spec
+    moves = c.decide({"a": win(p99=3.0, busy=0.1), "b": busy_b}, specs, 2.0)
+    assert [(m.model, m.change) for m in moves] == [("a", f"max_queue {lowered} -> 256")]
+    assert "idle" in moves[0].reason
+
+
+def test_models_without_an_slo_are_left_alone() -> None:
+    c = Controller(None, {"a": 50.0}, capacity=4, confirm=1)
+    moves = c.decide({"a": win(), "x": win(p99=500.0)}, {"a": spec("a"), "x": spec("x")}, 0.0)
+    assert moves == []
+
+
+@pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}])
+def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(QuotaError):
+        Controller(None, {"a": 50.0}, capacity=2, **kw)
+    with pytest.raises(QuotaError) as err:
+        Controller(None, {"a": -1}, capacity=2)
+    assert err.value.model == "a" and err.value.field == "slo"
+
+
+def test_a_short_run_moves_the_model_at_risk_and_loses_nothing() -> None:
+    def slow(x: Any) -> Any:
+        time.sleep(0.002)
+        return x
+
+    moves: list[Any] = []
+    with ap.Runtime() as rt:
+        rt.add_model("slow", model=slow)
+        rt.add_model("fast", model=lambda x: x)
+        rt.start()
+        # An SLO below the model's own compute time: at risk in every window.
+        c = Controller(rt, {"slow": 1.0, "fast": 50.0}, capacity=3, confirm=1, dwell_s=0.0, window_s=0.1,
+                       log=moves.append)
+        stop = threading.Event()
+        done: list[int] = []
+
+        def client(k: int) -> None:
+            i = 0
+            while not stop.is_set() and i < 2000:
+                done.append(rt.call("slow", i))
+                i += 1
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        c.step()
+        for _ in range(50):
+            time.sleep(0.05)
+            if c.step():
+                break
+        stop.set()
+        for t in threads:
+            t.join(60)
+        state = c.stats()
+        s = rt.stats()["slow"]
+    assert moves and moves[0].model == "slow" and moves[0].change == "instances 1 -> 2"
+    assert state["moves"] == moves and state["errors"] == []
+    assert "slow" in state["windows"]
+    assert s.instances == 2
+    assert s.completed == len(done) == s.submitted
+
+
+def test_a_model_with_cores_of_its_own_grows_by_a_core_and_what_does_not_fit_is_not_proposed() -> None:
+    c = controller(confirm=1, capacity=4)
+    specs = {"a": spec("a", 1, cores=1, isolation="exclusive"), "b": spec("b", 1)}
+    risky = {"a": win(p99=60.0), "b": win()}
+    moves = c.decide(risky, specs, 0.0)
+    assert [m.change for m in moves] == ["instances 1 -> 2, cores 1 -> 2"]
+    assert (moves[0].spec.cores, moves[0].spec.instances, moves[0].spec.threads) == (2, 2, 1)
+    # When the placement says it does not fit, the controller batches instead.
+    c = controller(confirm=1, capacity=4)
+    seen: list[dict[str, ap.ModelSpec]] = []
+
+    def never(s: Any) -> bool:
+        seen.append(dict(s))
+        return False
+
+    moves = c.decide(risky, specs, 0.0, fits=never)
+    assert [m.change for m in moves] == ["batching off -> 8"]
+    assert seen and seen[0]["a"].cores == 2
+
+
+def test_a_donor_down_to_one_core_gives_nothing() -> None:
+    c = controller(confirm=1, capacity=2)
+    specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
+    moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
+    assert [m.change for m in moves] == ["batching off -> 8"]
+
+
+def test_a_move_that_fails_is_reported_and_the_model_keeps_serving() -> None:
+    def factory(ctx: ap.InstanceContext) -> Any:
+        if ctx.instance >= 1:
+            raise RuntimeError("no second instance here")
+
+        def slow(x: Any) -> Any:
+            time.sleep(0.002)
+            return x
+
+        return slow
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=factory)
+        rt.start()
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1)
+        c.step()
+        for i in range(5):
+            rt.call("m", i)
+        assert c.step() == []
+        assert len(c.errors) == 1 and "no second instance here" in c.errors[0]
+        assert c.moves == [] and rt.spec("m").instances == 1
+        assert rt.call("m", 7) == 7
