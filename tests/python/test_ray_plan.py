@@ -155,6 +155,16 @@ def test_replace_lost_moves_replicas_to_survivors() -> None:
     assert [n.node.name for n in r.plan.nodes] == ["b", "c"] and r.plan.nodes_of("x") == ("c",)
 
 
+def test_replace_lost_keeps_required_labels() -> None:
+    nodes = [Node("a", 2, labels={"zone": "x"}), Node("b", 2, labels={"zone": "y"}),
+             Node("c", 2, labels={"zone": "x"})]
+    p = plan([spec("z", 2)], nodes, labels={"z": {"zone": "x"}})
+    assert p.nodes_of("z") == ("a",)
+    assert replace_lost(p, "a").moved == {"z": "c"}
+    r = replace_lost(replace_lost(p, "a").plan, "c")
+    assert r.moved == {} and "no node has label zone=x" in r.lost_capacity["z"]
+
+
 def test_replace_lost_reports_what_cannot_move() -> None:
     p = plan([spec("x", 3)], [Node("a", 4), Node("b", 4), Node("c", 2)], replicas=2)
     lost = p.nodes_of("x")[0]

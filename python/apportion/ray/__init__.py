@@ -16,10 +16,11 @@ from typing import Any
 
 from .plan import ClusterPlacementError, ClusterPlan, Node, NodePlan, Replan, Replica, plan, replace_lost
 
-__all__ = ["Cluster", "ClusterFuture", "ClusterPlacementError", "ClusterPlan", "ClusterStats", "Node",
-           "NodePlan", "Replan", "Replica", "plan", "replace_lost"]
+__all__ = ["CPU_SET_LABEL", "Cluster", "ClusterFuture", "ClusterPlacementError", "ClusterPlan", "ClusterStats",
+           "ModelCounts", "Node", "NodePlan", "Replan", "Replica", "plan", "ray_nodes", "replace_lost"]
 
-_LAZY = {"Cluster": "cluster", "ClusterFuture": "cluster", "ClusterStats": "cluster"}
+_LAZY = {"CPU_SET_LABEL": "cluster", "Cluster": "cluster", "ClusterFuture": "cluster", "ClusterStats": "cluster",
+         "ModelCounts": "cluster", "ray_nodes": "cluster"}
 
 
 def __getattr__(name: str) -> Any:

@@ -93,13 +93,15 @@ class Node:
 
 @dataclass(frozen=True)
 class Replica:
-    """One replica of a model on one node: its ``cores`` and the spec that node's runtime serves
-    (the config's spec with the planned ``cores``, ``instances``, ``threads`` and batching)."""
+    """One replica of a model on one node: its ``cores``, the spec that node's runtime serves
+    (the config's spec with the planned ``cores``, ``instances``, ``threads`` and batching) and
+    the node ``labels`` the model requires (a replacement node must have them too)."""
 
     model: str
     node: str
     cores: int
     spec: ModelSpec
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def plan(config: Any, nodes: Sequence[Node], *, replicas: int | Mapping[str, int
                 raise _no_room(w, k, nodes, free, holders)
             holders.add(i)
             free[i] -= w.cores
-            placed[i].append(Replica(w.spec.name, nodes[i].name, w.cores, w.spec))
+            placed[i].append(Replica(w.spec.name, nodes[i].name, w.cores, w.spec, dict(w.labels)))
     return ClusterPlan(tuple(NodePlan(n, tuple(p)) for n, p in zip(nodes, placed)))
 
 
@@ -241,7 +243,7 @@ def replace_lost(current: ClusterPlan, lost: str) -> Replan:
     lost_capacity: dict[str, str] = {}
     for r in sorted(gone.replicas, key=lambda r: (-r.cores, r.model)):
         holders = {i for i, p in enumerate(placed) if any(x.model == r.model for x in p)}
-        w = _Want(r.spec, r.cores, 1, _gpu_index(r.spec), _required_labels(current, r.model))
+        w = _Want(r.spec, r.cores, 1, _gpu_index(r.spec), r.labels)
         i = _best_node(w, nodes, free, holders)
         if i is None:
             had = len(holders) + 1
@@ -311,18 +313,6 @@ def _gpu_index(spec: ModelSpec) -> int | None:
         return None
     d = spec.gpu.device
     return int(d.removeprefix("cuda:")) if isinstance(d, str) else int(d)
-
-
-def _required_labels(current: ClusterPlan, model: str) -> Mapping[str, str]:
-    # A replica's node satisfied its labels; the replacement must match the same ones. The
-    # plan keeps no labels of its own, so take those every current holder shares.
-    holders = [n.node.labels for n in current.nodes if model in n.models]
-    if not holders:
-        return {}
-    common = dict(holders[0])
-    for lab in holders[1:]:
-        common = {k: v for k, v in common.items() if lab.get(k) == v}
-    return common
 
 
 def _want(spec: ModelSpec, replicas: int, cost: CostModel | None, demand: float | None, slo_ms: float | None,
