@@ -46,13 +46,16 @@ class App:
         self.port = port
 
     def post(self, path: str, body: object) -> tuple[int, Any]:
+        return self.post_with_headers(path, body)[:2]  # type: ignore[return-value]
+
+    def post_with_headers(self, path: str, body: object) -> tuple[int, Any, dict[str, str]]:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{PREFIX}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
+                return r.status, json.loads(r.read()), dict(r.headers)
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+            return e.code, json.loads(e.read()), dict(e.headers)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +149,10 @@ def test_http_deadline_and_queue_full(app: App) -> None:
         assert slow.result(60)[0] == 200
         assert [f.result(60)[0] for f in late] == [504, 504]
         gate = running(app, pool, 2.0)
-        many = [pool.submit(app.post, "/echo", {"inputs": 1}) for _ in range(12)]
-        codes = sorted(f.result(60)[0] for f in many)
+        many = [pool.submit(app.post_with_headers, "/echo", {"inputs": 1}) for _ in range(12)]
+        answers = [f.result(60) for f in many]
+        codes = sorted(code for code, _, _ in answers)
+        assert all(h.get("retry-after", h.get("Retry-After")) == "1" and b["type"] == "QueueFull"
+                   for code, b, h in answers if code == 429)
         assert gate.result(60)[0] == 200
-    assert codes == [200] * 8 + [503] * 4  # max_queue=8 behind the running call
+    assert codes == [200] * 8 + [429] * 4  # max_queue=8 behind the running call

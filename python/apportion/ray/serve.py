@@ -17,10 +17,11 @@ batching, weights as on one host), reserving from Ray the cores those models tak
 
 Over HTTP, ``GET <prefix>/`` lists the models, ``POST <prefix>/<model>`` takes a JSON body
 ``{"inputs": ..., "timeout_ms": ..., "priority": ...}`` (only ``inputs`` required) and answers
-``{"model", "outputs"}``; errors answer ``{"error", "type"}`` with 404 (ModelNotFound), 503
-(QueueFull), 504 (DeadlineExceeded), 422 (a body without ``inputs``) or 500 (the model's own
-exception). Through a handle, errors are raised as the single-host runtime raises them (Ray
-wraps them in a RayTaskError that is also an instance of the original class).
+``{"model", "outputs"}``; errors answer ``{"error", "type"}`` with 404 (ModelNotFound), 429
+with ``Retry-After: 1`` (QueueFull, as ``apportion serve`` answers it), 504
+(DeadlineExceeded), 422 (a body without ``inputs``) or 500 (the model's own exception).
+Through a handle, errors are raised as the single-host runtime raises them (Ray wraps them in
+a RayTaskError that is also an instance of the original class).
 
 The replica's runtime uses the CPUs named by its node's ``apportion-cpus`` label (see
 :data:`apportion.ray.cluster.CPU_SET_LABEL`), else every CPU its process may use. Factories
@@ -49,7 +50,7 @@ __all__ = ["ApportionReplica", "deployment"]
 _http = FastAPI()
 
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (ModelNotFound, 404), (QueueFull, 503), (DeadlineExceeded, 504))
+    (ModelNotFound, 404), (QueueFull, 429), (DeadlineExceeded, 504))
 
 
 @serve.deployment
@@ -97,7 +98,8 @@ class ApportionReplica:
             out = await self.infer(model, body["inputs"], body.get("timeout_ms"), body.get("priority"))
         except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
             status = next((code for cls, code in _STATUS if isinstance(e, cls)), 500)
-            return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=status)
+            headers = {"Retry-After": "1"} if status == 429 else None
+            return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=status, headers=headers)
         return JSONResponse({"model": model, "outputs": out})
 
     def __del__(self) -> None:
