@@ -105,15 +105,19 @@ def test_errors_are_the_single_host_ones(basic: Cluster) -> None:
     assert type(e.value) is ValueError  # the model's own exception, not a wrapper
     first = basic.submit("narrow", {"sleep": 0.5})
     late = basic.submit("narrow", 1, timeout_ms=50)
+    assert isinstance(late.exception(30), ap.DeadlineExceeded)
     with pytest.raises(ap.DeadlineExceeded):
         late.result(30)
     first.result(30)
     busy = basic.submit("narrow", {"sleep": 0.5})
+    with pytest.raises(TimeoutError) as waited:
+        busy.result(0.01)
+    assert type(waited.value) is TimeoutError and not busy.done()  # a wait that ran out; it goes on
     more = [basic.submit("narrow", i) for i in range(3)]
     outcomes = [f.exception(30) for f in more]
     assert any(isinstance(x, ap.QueueFull) for x in outcomes), outcomes
     assert all(x is None or isinstance(x, ap.QueueFull) for x in outcomes)
-    busy.result(30)
+    assert busy.result(30) == {"sleep": 0.5} and busy.done() and busy.exception() is None
 
 
 def test_asyncio_and_from_a_ray_task(basic: Cluster) -> None:
@@ -143,6 +147,8 @@ def test_does_not_fit_names_the_model(local_ray: Any) -> None:
 
 def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> None:
     basic.close()  # frees every node's CPUs for this test's own cluster
+    with pytest.raises(ap.RuntimeClosed, match="'echo': the cluster is closed"):
+        basic.submit("echo", 1)
     deadline = time.monotonic() + 30
     while cpus_free() < 5.0 and time.monotonic() < deadline:  # Ray releases them asynchronously
         time.sleep(0.1)

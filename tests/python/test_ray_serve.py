@@ -130,10 +130,10 @@ def running(app: App, pool: Any, sleep_s: float) -> Any:
     """Sends a request that sleeps ``sleep_s`` and returns its future once the replica admitted it."""
     import time
 
-    before = app.handle.stats.remote().result(timeout_s=60)["echo"]["submitted"]
+    before = app.handle.stats.remote().result(timeout_s=60)["echo"].submitted
     fut = pool.submit(app.post, "/echo", {"inputs": {"sleep": sleep_s}})
     deadline = time.monotonic() + 30
-    while app.handle.stats.remote().result(timeout_s=60)["echo"]["submitted"] == before:
+    while app.handle.stats.remote().result(timeout_s=60)["echo"].submitted == before:
         assert time.monotonic() < deadline, "the request never reached the replica"
         time.sleep(0.02)
     return fut

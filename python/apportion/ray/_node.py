@@ -12,7 +12,7 @@ from typing import Any
 from ..runtime import Runtime
 from ..spec import ModelSpec
 
-__all__ = ["ModelCounts", "NodeRuntime"]
+__all__ = ["ModelCounts", "NodeRuntime", "counts", "started_runtime"]
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,31 @@ class ModelCounts:
                            self.queued + other.queued)
 
 
+def started_runtime(cpu_set: str | None, specs: Sequence[ModelSpec]) -> Runtime:
+    """A Runtime on ``cpu_set`` serving ``specs``, started (closed again if a model fails)."""
+    rt = Runtime(cpus=cpu_set)
+    try:
+        for s in specs:
+            rt.add(s)
+        rt.start()
+    except BaseException:
+        rt.close(drain=False)
+        raise
+    return rt
+
+
+def counts(rt: Runtime) -> dict[str, ModelCounts]:
+    """Every model's outcome counts and end-to-end p50/p99 on ``rt``."""
+    return {name: ModelCounts(s.submitted, s.completed, s.failed, s.rejected, s.expired, s.cancelled, s.queued,
+                              s.end_to_end.p50_ms, s.end_to_end.p99_ms)
+            for name, s in rt.stats().items()}
+
+
 class NodeRuntime:
     """Runs on one node (the cluster pins it there and reserves the node's CPUs for it)."""
 
     def __init__(self, cpu_set: str | None, specs: Sequence[ModelSpec]) -> None:
-        self.rt = Runtime(cpus=cpu_set)
-        try:
-            for s in specs:
-                self.rt.add(s)
-            self.rt.start()
-        except BaseException:
-            self.rt.close(drain=False)
-            raise
+        self.rt = started_runtime(cpu_set, specs)
 
     def ready(self) -> tuple[str, int]:
         import ray
@@ -75,11 +88,7 @@ class NodeRuntime:
         return str(self.rt.plan())
 
     def stats(self) -> dict[str, ModelCounts]:
-        out = {}
-        for name, s in self.rt.stats().items():
-            out[name] = ModelCounts(s.submitted, s.completed, s.failed, s.rejected, s.expired, s.cancelled,
-                                    s.queued, s.end_to_end.p50_ms, s.end_to_end.p99_ms)
-        return out
+        return counts(self.rt)
 
     def close(self, drain: bool = True) -> None:
         self.rt.close(drain=drain)

@@ -126,6 +126,15 @@ class ClusterFuture:
     def result(self, timeout: float | None = None) -> Any:
         """The result, or the request's error raised (TimeoutError when ``timeout`` seconds
         pass first; the request goes on)."""
+        return _unwrap(self._settle(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The request's error, or None when it returned a result (TimeoutError as for
+        :meth:`result`)."""
+        ok, value = self._settle(timeout)
+        return None if ok else value
+
+    def _settle(self, timeout: float | None) -> tuple[bool, Any]:
         with self._lock:
             while self._outcome is None:
                 try:
@@ -137,16 +146,7 @@ class ClusterFuture:
                     self._outcome = (False, _cause(e))
                 except RayActorError as e:
                     self._outcome = self._node_left(e)
-        return _unwrap(self._outcome)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            self.result(timeout)
-        except TimeoutError:
-            raise
-        except BaseException as e:  # noqa: BLE001 - handed to the caller as a value
-            return e
-        return None
+            return self._outcome
 
     def __await__(self) -> Any:
         return self._wait().__await__()

@@ -40,8 +40,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
-from ..runtime import Runtime
 from ..spec import ModelSpec
+from ._node import ModelCounts, counts, started_runtime
 from .cluster import CPU_SET_LABEL
 from .plan import Node, plan
 
@@ -60,14 +60,7 @@ class ApportionReplica:
 
     def __init__(self, specs: Sequence[ModelSpec], cpu_set_label: str = CPU_SET_LABEL) -> None:
         label = ray.get_runtime_context().get_node_labels().get(cpu_set_label)
-        self.rt = Runtime(cpus=label.replace("_", ",") if label else None)
-        try:
-            for s in specs:
-                self.rt.add(s)
-            self.rt.start()
-        except BaseException:
-            self.rt.close(drain=False)
-            raise
+        self.rt = started_runtime(label.replace("_", ",") if label else None, specs)
 
     async def infer(self, model: str, inputs: Any, timeout_ms: float | None = None,
                     priority: int | None = None) -> Any:
@@ -77,9 +70,9 @@ class ApportionReplica:
     def models(self) -> list[str]:
         return list(self.rt.models)
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {n: {"submitted": s.submitted, "completed": s.completed, "failed": s.failed,
-                    "rejected": s.rejected, "expired": s.expired} for n, s in self.rt.stats().items()}
+    def stats(self) -> dict[str, ModelCounts]:
+        """Outcome counts and end-to-end p50/p99 per model (``handle.stats.remote()``)."""
+        return counts(self.rt)
 
     @_http.get("/")
     def http_models(self) -> dict[str, list[str]]:
