@@ -63,7 +63,9 @@ def _caller_node() -> str | None:
 def ray_nodes(cpu_set_label: str = CPU_SET_LABEL) -> list[Node]:
     """The alive nodes of the connected Ray cluster as the planner describes them: ``name`` is
     the node id, ``cpus`` its CPU resource (whole CPUs), ``gpus`` its GPU resource, ``labels``
-    its Ray labels, ``cpu_set`` the label ``cpu_set_label`` (see :data:`CPU_SET_LABEL`)."""
+    its Ray labels, ``cpu_set`` the label ``cpu_set_label`` (see :data:`CPU_SET_LABEL`). Ray's
+    ``CPU`` counts what the node was started with (hardware threads by default), while a model's
+    ``cores`` counts physical cores: on an SMT host, describe the nodes yourself."""
     out = []
     for n in ray.nodes():
         if not n.get("Alive"):
@@ -264,7 +266,7 @@ class Cluster:
         for node, specs in work:
             actor = ray.remote(NodeRuntime).options(
                 num_cpus=node.cpus, num_gpus=node.gpus or None, max_restarts=0, max_concurrency=10_000,
-                name=None, scheduling_strategy=NodeAffinitySchedulingStrategy(node.name, soft=False),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.name, soft=False),
             ).remote(node.cpu_set, list(specs))
             pending[node.name] = (actor, specs, actor.ready.remote())
         for name, (actor, specs, ready) in pending.items():
