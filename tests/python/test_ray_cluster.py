@@ -139,6 +139,32 @@ def test_asyncio_and_from_a_ray_task(basic: Cluster) -> None:
     assert ray.get(use.remote(basic), timeout=60) == 7
 
 
+def wait_for(check: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_cancelled_infer_cancels_the_queued_request(basic: Cluster) -> None:
+    before = basic.stats().total["narrow"]
+    busy = basic.submit("narrow", {"sleep": 0.5})
+
+    async def main() -> None:
+        task = asyncio.ensure_future(basic.infer("narrow", 1))
+        await asyncio.to_thread(wait_for, lambda: basic.stats().total["narrow"].submitted == before.submitted + 2,
+                                "the request never reached its node")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert busy.result(30) == {"sleep": 0.5}
+    wait_for(lambda: basic.stats().total["narrow"].in_flight == 0, "the cancelled request never finished")
+    after = basic.stats().total["narrow"]
+    assert after.cancelled == before.cancelled + 1 and after.completed == before.completed + 1
+
+
 def test_does_not_fit_names_the_model(local_ray: Any) -> None:
     with pytest.raises(ClusterPlacementError) as e:
         Cluster(specs(wide={"cores": 3}))
@@ -149,10 +175,7 @@ def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> No
     basic.close()  # frees every node's CPUs for this test's own cluster
     with pytest.raises(ap.RuntimeClosed, match="'echo': the cluster is closed"):
         basic.submit("echo", 1)
-    deadline = time.monotonic() + 30
-    while cpus_free() < 5.0 and time.monotonic() < deadline:  # Ray releases them asynchronously
-        time.sleep(0.1)
-    assert cpus_free() == 5.0
+    wait_for(lambda: cpus_free() == 5.0, "the closed cluster's CPUs never came back")  # released asynchronously
     # Placement (best fit): idem on the head (one CPU) and on the first worker, with once;
     # the second worker is free for re-placement.
     c = Cluster(specs(idem={}, once={}), replicas={"idem": 2}, idempotent=["idem"])
@@ -222,5 +245,21 @@ def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> No
         assert all(f.node != victim for f in long) and after.retried >= 2
         assert after.crashed == s.crashed + 1
         assert after.total["once"].completed == s.total["once"].completed + 1
+
+        # The spare leaves too: "once" now fits on no survivor (the head is full) and says so,
+        # while idem keeps serving from the head.
+        local_ray.cluster.remove_node(local_ray.workers.pop(spare), allow_graceful=False)
+        deadline = time.monotonic() + 60
+        while spare in c.nodes_of("idem"):  # a request that meets the dead node reports it
+            assert time.monotonic() < deadline, "the spare's loss was never noticed"
+            try:
+                assert c.submit("idem", 6, node=spare).result(60) == 6
+            except ap.ModelNotFound:  # noticed by another request meanwhile
+                break
+            time.sleep(0.05)
+        assert "0 of 1 replicas left" in c.lost_capacity["once"]
+        with pytest.raises(ap.WorkerCrashed, match=r"'once': no node serves it now \(0 of 1 replicas left"):
+            c.submit("once", 1)
+        assert c.nodes_of("idem") == [local_ray.head] and c.call("idem", 7) == 7
     finally:
         c.close()

@@ -358,8 +358,14 @@ class Cluster:
 
     async def infer(self, model: str, inputs: Any, *, timeout_ms: float | None = None,
                     priority: int | None = None, node: str | None = None) -> Any:
-        """Submits and awaits one request without blocking the event loop."""
-        return await self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority, node=node)
+        """Submits and awaits one request without blocking the event loop. Cancelling the
+        awaiting task cancels the request on its node if it is still queued there."""
+        fut = self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority, node=node)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            ray.cancel(fut.ref)  # the node's runtime.infer sees it and cancels the queued request
+            raise
 
     def _send(self, model: str, args: tuple[Any, ...], exclude: Iterable[str] = (),
               node: str | None = None) -> tuple[str, Any]:
