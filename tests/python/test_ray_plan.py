@@ -82,6 +82,16 @@ def test_gpu_and_labels_restrict_nodes() -> None:
         plan([spec("z", 1)], nodes, labels={"z": {"zone": "y"}})
 
 
+def test_numa_pinned_model_goes_to_nodes_with_that_numa_node() -> None:
+    nodes = [Node("one", 8), Node("two", 8, numa_nodes=2)]
+    p = plan([spec("pinned", 1, numa=1), spec("any", 1)], nodes)
+    assert p.nodes_of("pinned") == ("two",)
+    with pytest.raises(ClusterPlacementError, match="no node has NUMA node 2"):
+        plan([spec("far", 1, numa=2)], nodes)
+    with pytest.raises(ap.QuotaError, match="numa_nodes must be an integer >= 1"):
+        Node("x", 1, numa_nodes=0)
+
+
 def config_with_demand(rate: float, slo_ms: float) -> ap.Config:
     m = ModelConfig(spec("ranker", None), slo={"latency_ms": slo_ms, "percentile": 99.0},
                     load={"rate": rate})

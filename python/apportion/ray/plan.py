@@ -20,8 +20,9 @@ What a replica needs:
 Where replicas go: a model's replicas go to distinct nodes (a node that leaves takes one
 replica, not all); larger replicas are placed first, each on the node that it fills best (the
 least free cores that still fit), so models that fit together share a node and whole nodes stay
-free for large models. A model with a GPU quota goes only to nodes that have a GPU of that index;
-a model given ``labels=`` only to nodes whose labels include them. A replica that fits nowhere is
+free for large models. A model with a GPU quota goes only to nodes that have a GPU of that index,
+one pinned to a NUMA node (``numa=n``) only to nodes with that NUMA node, and a model given
+``labels=`` only to nodes whose labels include them. A replica that fits nowhere is
 a :class:`ClusterPlacementError` naming the model, what it needs and the shortfall.
 """
 
@@ -64,6 +65,8 @@ class Node:
     ``name``: its id (the Ray node id for a running cluster). ``cpus``: the cores apportion
     divides on it (counted like a model's ``cores``). ``cpu_set``: the CPUs its runtime uses,
     as a list like ``"0-7"`` (None: every CPU the node's process may use). ``gpus``: GPU count.
+    ``numa_nodes``: its NUMA node count (a model pinned to NUMA node ``n`` with ``numa=n`` goes
+    only to nodes that have it; within a node, the node's runtime places NUMA as on one host).
     ``labels``: what ``labels=`` of :func:`plan` matches."""
 
     name: str
@@ -71,14 +74,15 @@ class Node:
     cpu_set: str | None = None
     gpus: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
+    numa_nodes: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise QuotaError(f"Node: name must be a non-empty string, got {self.name!r}", field="name")
-        for fld in ("cpus", "gpus"):
+        for fld, least in (("cpus", 0), ("gpus", 0), ("numa_nodes", 1)):
             v = getattr(self, fld)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise QuotaError(f"node {self.name!r}: {fld} must be an integer >= 0, got {v!r}", field=fld)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise QuotaError(f"node {self.name!r}: {fld} must be an integer >= {least}, got {v!r}", field=fld)
         if self.cpu_set is not None:
             try:
                 cpus = parse_cpulist(self.cpu_set)
@@ -379,6 +383,8 @@ def _shaped(spec: ModelSpec, cores: int, shape: Shape) -> ModelSpec:
 def _eligible(w: _Want, node: Node) -> bool:
     if w.gpu is not None and w.gpu >= node.gpus:
         return False
+    if isinstance(w.spec.numa, int) and w.spec.numa >= node.numa_nodes:
+        return False
     return all(node.labels.get(k) == v for k, v in w.labels.items())
 
 
@@ -399,6 +405,7 @@ def _why_not(w: _Want, nodes: Sequence[Node], free: Sequence[int], holders: set[
     eligible = [i for i, n in enumerate(nodes) if _eligible(w, n)]
     if not eligible:
         need = [f"GPU {w.gpu}"] if w.gpu is not None else []
+        need += [f"NUMA node {w.spec.numa}"] if isinstance(w.spec.numa, int) else []
         need += [f"label {k}={v}" for k, v in w.labels.items()]
         return f"no node has {' and '.join(need)}"
     open_ = [i for i in eligible if i not in holders]
