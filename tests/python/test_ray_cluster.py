@@ -180,6 +180,11 @@ def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> No
     with pytest.raises(ap.RuntimeClosed, match="'echo': the cluster is closed"):
         basic.submit("echo", 1)
     wait_for(lambda: cpus_free() == 5.0, "the closed cluster's CPUs never came back")  # released asynchronously
+    # A node whose models cannot start: the runtime's own error, and no CPU stays reserved.
+    with pytest.raises(ap.QuotaError, match="'ray_models:nope' cannot be imported") as bad:
+        Cluster(specs(bad={"factory": "ray_models:nope"}))
+    assert bad.value.model == "bad" and bad.value.field == "factory"
+    wait_for(lambda: cpus_free() == 5.0, "the failed cluster's CPUs never came back")
     # Placement (best fit): idem on the head (one CPU) and on the first worker, with once;
     # the second worker is free for re-placement.
     c = Cluster(specs(idem={}, once={}), replicas={"idem": 2}, idempotent=["idem"])

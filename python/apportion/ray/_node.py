@@ -65,11 +65,20 @@ class NodeRuntime:
     """Runs on one node (the cluster pins it there and reserves the node's CPUs for it)."""
 
     def __init__(self, cpu_set: str | None, specs: Sequence[ModelSpec]) -> None:
-        self.rt = started_runtime(cpu_set, specs)
+        # A start failure is kept for ready() to raise: raised here, Ray would report only that
+        # the actor died, and the caller would lose the error (QuotaError, PlacementError, the
+        # factory's own exception).
+        self.error: BaseException | None = None
+        try:
+            self.rt = started_runtime(cpu_set, specs)
+        except Exception as e:  # noqa: BLE001 - handed to the cluster by ready()
+            self.error = e
 
     def ready(self) -> tuple[str, int]:
         import ray
 
+        if self.error is not None:
+            raise self.error
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
     async def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None) -> Any:
@@ -91,4 +100,5 @@ class NodeRuntime:
         return counts(self.rt)
 
     def close(self, drain: bool = True) -> None:
-        self.rt.close(drain=drain)
+        if self.error is None:
+            self.rt.close(drain=drain)
