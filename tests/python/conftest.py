@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -8,6 +9,10 @@ from typing import Any
 import pytest
 
 import apportion as ap
+
+# Ray reads it when imported (test modules import ray at collection): with it off, a local Ray
+# cluster's nodes bind and talk on 127.0.0.1 only, never on the machine's outside address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture
@@ -74,3 +79,63 @@ class Tally:
 @pytest.fixture
 def tally() -> Tally:
     return Tally()
+
+
+class LocalRay:
+    """A Ray cluster of a head and two worker nodes on this machine, all on 127.0.0.1, each with
+    its own CPU count and CPU set (the node label apportion reads): head 1 CPU ("0"), workers
+    2 CPUs ("0-1") each. ``cluster`` is the ray.cluster_utils.Cluster; ``workers`` maps node
+    id to its node handle (what ``remove_node`` takes)."""
+
+    def __init__(self) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        from apportion.ray.cluster import CPU_SET_LABEL
+
+        store = 80 * 2**20
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "labels": {CPU_SET_LABEL: "0"}, "object_store_memory": store,
+            "include_dashboard": False})
+        self.workers = {}
+        try:
+            for _ in range(2):
+                node = self.cluster.add_node(num_cpus=2, labels={CPU_SET_LABEL: "0-1"}, object_store_memory=store)
+                self.workers[node.node_id] = node
+            self.cluster.wait_for_nodes()
+            ray.init(address=self.cluster.address)
+        except BaseException:
+            self.close()
+            raise
+        self.head = ray.get_runtime_context().get_node_id()
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[LocalRay]:
+    """One local Ray cluster per test module (see LocalRay). Skips when ray cannot be imported."""
+    pytest.importorskip("ray", reason="ray is not installed: pip install 'apportion[ray]'")
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH",)}
+    # The node processes inherit it and import the test models (ray_models) from here.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved["PYTHONPATH"]) if p)
+    sys.path.insert(0, here)
+    local = LocalRay()
+    try:
+        yield local
+    finally:
+        local.close()
+        sys.path.remove(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -39,7 +39,7 @@ LAYERS: list[list[str]] = [
     ["apportion.tune.measure", "apportion.tune.plot", "apportion.tune.progress", "apportion.tune.report"],
     ["apportion.tune.tuner"],
     ["apportion.tune"],
-    ["apportion.serve"],
+    ["apportion.serve", "apportion.ray"],
     ["apportion.demo", "apportion.cli"],
     ["apportion", "apportion.__main__", "apportion.examples"],
 ]

@@ -1,0 +1,104 @@
+"""The per-node actor: one :class:`apportion.Runtime` serving that node's share of the plan.
+
+Imported only by :mod:`apportion.ray.cluster` (it imports Ray)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime import Runtime
+from ..spec import ModelSpec
+
+__all__ = ["ModelCounts", "NodeRuntime", "counts", "started_runtime"]
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """One model's request outcomes on one node (or summed over nodes; the latency figures are
+    per node only: percentiles do not add up, so a sum carries ``nan``)."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    queued: int = 0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+
+    @property
+    def in_flight(self) -> int:
+        return self.submitted - (self.completed + self.failed + self.rejected + self.expired + self.cancelled)
+
+    def __add__(self, other: ModelCounts) -> ModelCounts:
+        return ModelCounts(self.submitted + other.submitted, self.completed + other.completed,
+                           self.failed + other.failed, self.rejected + other.rejected,
+                           self.expired + other.expired, self.cancelled + other.cancelled,
+                           self.queued + other.queued)
+
+
+def started_runtime(cpu_set: str | None, specs: Sequence[ModelSpec]) -> Runtime:
+    """A Runtime on ``cpu_set`` serving ``specs``, started (closed again if a model fails)."""
+    rt = Runtime(cpus=cpu_set)
+    try:
+        for s in specs:
+            rt.add(s)
+        rt.start()
+    except BaseException:
+        rt.close(drain=False)
+        raise
+    return rt
+
+
+def counts(rt: Runtime) -> dict[str, ModelCounts]:
+    """Every model's outcome counts and end-to-end p50/p99 on ``rt``."""
+    return {name: ModelCounts(s.submitted, s.completed, s.failed, s.rejected, s.expired, s.cancelled, s.queued,
+                              s.end_to_end.p50_ms, s.end_to_end.p99_ms)
+            for name, s in rt.stats().items()}
+
+
+class NodeRuntime:
+    """Runs on one node (the cluster pins it there and reserves the node's CPUs for it)."""
+
+    def __init__(self, cpu_set: str | None, specs: Sequence[ModelSpec]) -> None:
+        # A start failure is kept for ready() to raise: raised here, Ray would report only that
+        # the actor died, and the caller would lose the error (QuotaError, PlacementError, the
+        # factory's own exception).
+        self.error: BaseException | None = None
+        try:
+            self.rt = started_runtime(cpu_set, specs)
+        except Exception as e:  # noqa: BLE001 - handed to the cluster by ready()
+            self.error = e
+
+    def ready(self) -> tuple[str, int]:
+        import ray
+
+        if self.error is not None:
+            raise self.error
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    async def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None) -> Any:
+        return await self.rt.infer(model, inputs, timeout_ms=timeout_ms, priority=priority)
+
+    def add(self, specs: Sequence[ModelSpec]) -> list[str]:
+        for s in specs:
+            if s.name not in self.rt.models:
+                self.rt.add(s)
+        return list(self.rt.models)
+
+    def models(self) -> list[str]:
+        return list(self.rt.models)
+
+    def plan(self) -> str:
+        return str(self.rt.plan())
+
+    def stats(self) -> dict[str, ModelCounts]:
+        return counts(self.rt)
+
+    def close(self, drain: bool = True) -> None:
+        if self.error is None:
+            self.rt.close(drain=drain)

@@ -1,0 +1,122 @@
+"""A Ray Serve deployment whose replica serves several models under apportion quotas.
+
+Plain Serve gives each model deployment a logical CPU count and nothing more: no pinning, the
+framework's thread pools at the machine's width, replicas of different models interfering on a
+node. :func:`deployment` turns a config into one Serve deployment whose every replica runs an
+:class:`apportion.Runtime` with all of the config's models (pinning, per-model threads, queues,
+batching, weights as on one host), reserving from Ray the cores those models take::
+
+    from ray import serve
+    from apportion.ray.serve import deployment
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    handle = serve.run(deployment(ap.Config.load("models.toml")), name="apportion",
+                       route_prefix="/apportion")
+    y = handle.infer.remote("ranker", x).result()          # through a handle
+    # HTTP: POST /apportion/ranker with {"inputs": x}  ->  {"model": "ranker", "outputs": y}
+
+Over HTTP, ``GET <prefix>/`` lists the models, ``POST <prefix>/<model>`` takes a JSON body
+``{"inputs": ..., "timeout_ms": ..., "priority": ...}`` (only ``inputs`` required) and answers
+``{"model", "outputs"}``; errors answer ``{"error", "type"}`` with 404 (ModelNotFound), 429
+with ``Retry-After: 1`` (QueueFull, as ``apportion serve`` answers it), 504
+(DeadlineExceeded), 422 (a body without ``inputs``) or 500 (the model's own exception).
+Through a handle, errors are raised as the single-host runtime raises them (Ray wraps them in
+a RayTaskError that is also an instance of the original class).
+
+The replica's runtime uses the CPUs named by its node's ``apportion-cpus`` label (see
+:data:`apportion.ray.cluster.CPU_SET_LABEL`), else every CPU its process may use. Factories
+must be importable where the replica runs ("module:function" paths, or module-level functions).
+"""
+
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time
+# (a string "Request" would make it look for a query parameter named request).
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
+from ..spec import ModelSpec
+from ._node import ModelCounts, counts, started_runtime
+from .cluster import CPU_SET_LABEL
+from .plan import Node, plan
+
+__all__ = ["ApportionReplica", "deployment"]
+
+_http = FastAPI()
+
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (ModelNotFound, 404), (QueueFull, 429), (DeadlineExceeded, 504))
+
+
+@serve.deployment
+@serve.ingress(_http)
+class ApportionReplica:
+    """One Serve replica: an apportion runtime with every model of the config."""
+
+    def __init__(self, specs: Sequence[ModelSpec], cpu_set_label: str = CPU_SET_LABEL) -> None:
+        label = ray.get_runtime_context().get_node_labels().get(cpu_set_label)
+        self.rt = started_runtime(label.replace("_", ",") if label else None, specs)
+
+    async def infer(self, model: str, inputs: Any, timeout_ms: float | None = None,
+                    priority: int | None = None) -> Any:
+        """One request through a handle: ``handle.infer.remote(model, inputs)``."""
+        return await self.rt.infer(model, inputs, timeout_ms=timeout_ms, priority=priority)
+
+    def models(self) -> list[str]:
+        return list(self.rt.models)
+
+    def stats(self) -> dict[str, ModelCounts]:
+        """Outcome counts and end-to-end p50/p99 per model (``handle.stats.remote()``)."""
+        return counts(self.rt)
+
+    @_http.get("/")
+    def http_models(self) -> dict[str, list[str]]:
+        return {"models": list(self.rt.models)}
+
+    @_http.post("/{model}")
+    async def http_infer(self, model: str, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "inputs" not in body:
+            return JSONResponse({"error": 'give a JSON object with "inputs" (and optionally "timeout_ms", '
+                                          '"priority")', "type": "BadRequest"}, status_code=422)
+        try:
+            out = await self.infer(model, body["inputs"], body.get("timeout_ms"), body.get("priority"))
+        except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+            status = next((code for cls, code in _STATUS if isinstance(e, cls)), 500)
+            headers = {"Retry-After": "1"} if status == 429 else None
+            return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=status, headers=headers)
+        return JSONResponse({"model": model, "outputs": out})
+
+    def __del__(self) -> None:
+        rt = getattr(self, "rt", None)
+        if rt is not None:
+            rt.close(drain=False)
+
+
+def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, num_cpus: float | None = None,
+               max_ongoing_requests: int = 10_000, cpu_set_label: str = CPU_SET_LABEL) -> Any:
+    """A Serve application (``serve.run`` it) of one deployment named ``name`` whose
+    ``num_replicas`` replicas each serve every model of ``config`` (an :class:`apportion.Config`
+    or a sequence of :class:`apportion.ModelSpec`) under its quotas.
+
+    ``num_cpus``: the CPUs each replica reserves from Ray (default: the cores its models take,
+    counted as :func:`apportion.ray.plan` counts them; the runtime divides its CPU set either
+    way). ``max_ongoing_requests``: Serve's bound per replica; keep it above the models'
+    ``max_queue`` sum so that apportion's admission (QueueFull per model) bounds the queues."""
+    from .plan import _models
+
+    specs = list(_models(config)[0].values())
+    replicas = plan(specs, [Node("replica", 1 << 16)]).node("replica").replicas
+    cpus = float(sum(r.cores for r in replicas)) if num_cpus is None else float(num_cpus)
+    return ApportionReplica.options(  # type: ignore[attr-defined]
+        name=name, num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_cpus": cpus},
+    ).bind([r.spec for r in replicas], cpu_set_label)

@@ -1,0 +1,28 @@
+"""Factories for the Ray tests' models: every node's actor (and Serve replica) imports them by
+path ("ray_models:name"), so they live in a plain module that the test sets on PYTHONPATH."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def echo(ctx: Any) -> Any:
+    """Returns its input; a dict input may ask it to sleep first ({"sleep": s}) or to raise
+    ({"raise": message}, a ValueError)."""
+
+    def serve(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "sleep" in x:
+                time.sleep(x["sleep"])
+            if "raise" in x:
+                raise ValueError(x["raise"])
+        return x
+
+    return serve
+
+
+def where(ctx: Any) -> Any:
+    """Returns the CPUs its worker thread may run on and its process id."""
+    return lambda x: {"cpus": sorted(os.sched_getaffinity(0)), "pid": os.getpid(), "x": x}

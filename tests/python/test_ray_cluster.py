@@ -1,0 +1,274 @@
+"""apportion.ray.Cluster on a real local Ray cluster (a head and two workers on 127.0.0.1): start,
+routing, errors, stats per node and in total, and a node removed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import apportion as ap
+
+pytest.importorskip("ray", reason="ray is not installed: pip install 'apportion[ray]'")
+
+import ray  # noqa: E402
+
+from apportion.ray import ClusterPlacementError  # noqa: E402
+from apportion.ray.cluster import Cluster, ray_nodes  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def specs(**models: dict[str, Any]) -> list[ap.ModelSpec]:
+    return [ap.ModelSpec(name, **{"factory": "ray_models:echo", "cores": 1, "isolation": "exclusive", **kw})
+            for name, kw in models.items()]
+
+
+@pytest.fixture(scope="module")
+def basic(local_ray: Any) -> Iterator[Cluster]:
+    # echo on every node (head first: it has one CPU), where and narrow on the workers.
+    c = Cluster(specs(echo={}, where={"factory": "ray_models:where"}, narrow={"max_queue": 2}),
+                replicas={"echo": 3})
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def cpus_free() -> float:
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def test_nodes_are_described_from_ray(local_ray: Any) -> None:
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # loopback only
+    nodes = {n.name: n for n in ray_nodes()}
+    assert nodes[local_ray.head].cpus == 1 and nodes[local_ray.head].cpu_set == "0"
+    for w in local_ray.workers:
+        assert nodes[w].cpus == 2 and nodes[w].cpu_set == "0-1"
+
+
+def test_one_actor_per_used_node_reserving_its_cpus(local_ray: Any, basic: Cluster) -> None:
+    assert sorted(n.node.name for n in basic.plan.used) == sorted([local_ray.head, *local_ray.workers])
+    assert cpus_free() == 0.0  # every node's CPUs are held by its apportion actor
+    assert set(basic.nodes_of("echo")) == {local_ray.head, *local_ray.workers}
+    assert len(basic.nodes_of("where")) == 1 and basic.nodes_of("where")[0] in local_ray.workers
+    # Each node's runtime divides its own CPU set: the head's runtime has CPU 0 only.
+    plans = basic.node_plans()
+    assert set(plans) == {local_ray.head, *local_ray.workers}
+    out = basic.call("where", 1)
+    assert out["x"] == 1 and len(out["cpus"]) == 1 and set(out["cpus"]) <= {0, 1}
+
+
+def test_caller_node_first(local_ray: Any, basic: Cluster) -> None:
+    before = basic.stats().nodes
+    for i in range(20):
+        assert basic.call("echo", i) == i
+    after = basic.stats().nodes
+    done = {n: after[n]["echo"].completed - before[n]["echo"].completed for n in after}
+    assert done[local_ray.head] == 20 and all(done[w] == 0 for w in local_ray.workers)
+    w = next(iter(local_ray.workers))
+    f = basic.submit("echo", 1, node=w)
+    assert f.result(30) == 1 and f.node == w
+
+
+def test_busy_caller_node_spreads_by_queue_depth(local_ray: Any, basic: Cluster) -> None:
+    before = basic.stats().nodes
+    futs = [basic.submit("echo", {"sleep": 0.2, "i": i}) for i in range(12)]
+    assert [f.result(60)["i"] for f in futs] == list(range(12))
+    after = basic.stats().nodes
+    done = {n: after[n]["echo"].completed - before[n]["echo"].completed for n in after}
+    assert sum(done.values()) == 12 and all(v > 0 for v in done.values()), done
+    assert {f.node for f in futs} == set(done)
+
+
+def test_stats_per_node_and_total(basic: Cluster) -> None:
+    basic.call("echo", 0)
+    s = basic.stats()
+    for m in ("echo", "where", "narrow"):
+        per = [s.nodes[n][m] for n in s.nodes if m in s.nodes[n]]
+        assert s.total[m].completed == sum(c.completed for c in per)
+        assert s.total[m].submitted == sum(c.submitted for c in per)
+    assert s.total["echo"].completed >= 1 and s.total["echo"].in_flight == 0
+
+
+def test_errors_are_the_single_host_ones(basic: Cluster) -> None:
+    with pytest.raises(ap.ModelNotFound, match="'nope'"):
+        basic.submit("nope", 1)
+    with pytest.raises(ap.ModelNotFound, match="'where' is not served on node x"):
+        basic.submit("where", 1, node="x")
+    with pytest.raises(ValueError, match="boom") as e:
+        basic.call("echo", {"raise": "boom"})
+    assert type(e.value) is ValueError  # the model's own exception, not a wrapper
+    first = basic.submit("narrow", {"sleep": 0.5})
+    late = basic.submit("narrow", 1, timeout_ms=50)
+    assert isinstance(late.exception(30), ap.DeadlineExceeded)
+    with pytest.raises(ap.DeadlineExceeded):
+        late.result(30)
+    first.result(30)
+    busy = basic.submit("narrow", {"sleep": 0.5})
+    with pytest.raises(TimeoutError) as waited:
+        busy.result(0.01)
+    assert type(waited.value) is TimeoutError and not busy.done()  # a wait that ran out; it goes on
+    more = [basic.submit("narrow", i) for i in range(3)]
+    outcomes = [f.exception(30) for f in more]
+    assert any(isinstance(x, ap.QueueFull) for x in outcomes), outcomes
+    assert all(x is None or isinstance(x, ap.QueueFull) for x in outcomes)
+    assert busy.result(30) == {"sleep": 0.5} and busy.done() and busy.exception() is None
+
+
+def test_asyncio_and_from_a_ray_task(basic: Cluster) -> None:
+    async def main() -> tuple[Any, BaseException]:
+        ok = await basic.infer("echo", 5)
+        try:
+            await basic.infer("echo", {"raise": "async boom"})
+        except ValueError as e:
+            return ok, e
+        raise AssertionError("no error")
+
+    ok, err = asyncio.run(main())
+    assert ok == 5 and type(err) is ValueError and str(err) == "async boom"
+
+    @ray.remote(num_cpus=0)
+    def use(c: Cluster) -> Any:
+        return c.call("echo", 7)
+
+    assert ray.get(use.remote(basic), timeout=60) == 7
+
+
+def wait_for(check: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_cancelled_infer_cancels_the_queued_request(basic: Cluster) -> None:
+    before = basic.stats().total["narrow"]
+    busy = basic.submit("narrow", {"sleep": 2.0})  # long: the stats polls below are slow on a busy host
+
+    async def main() -> None:
+        task = asyncio.ensure_future(basic.infer("narrow", 1))
+        await asyncio.to_thread(wait_for, lambda: basic.stats().total["narrow"].submitted == before.submitted + 2,
+                                "the request never reached its node")
+        seen = basic.stats().total["narrow"]
+        task.cancel()
+        try:
+            got = await task
+        except asyncio.CancelledError:
+            return
+        raise AssertionError(f"not cancelled: returned {got!r}; before {before}, at the cancel {seen}")
+
+    asyncio.run(main())
+    assert busy.result(30) == {"sleep": 2.0}
+    wait_for(lambda: basic.stats().total["narrow"].in_flight == 0, "the cancelled request never finished")
+    after = basic.stats().total["narrow"]
+    assert after.cancelled == before.cancelled + 1 and after.completed == before.completed + 1
+
+
+def test_does_not_fit_names_the_model(local_ray: Any) -> None:
+    with pytest.raises(ClusterPlacementError) as e:
+        Cluster(specs(wide={"cores": 3}))
+    assert e.value.model == "wide" and e.value.shortfall == 1
+
+
+def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> None:
+    basic.close()  # frees every node's CPUs for this test's own cluster
+    with pytest.raises(ap.RuntimeClosed, match="'echo': the cluster is closed"):
+        basic.submit("echo", 1)
+    wait_for(lambda: cpus_free() == 5.0, "the closed cluster's CPUs never came back")  # released asynchronously
+    # A node whose models cannot start: the runtime's own error, and no CPU stays reserved.
+    with pytest.raises(ap.QuotaError, match="'ray_models:nope' cannot be imported") as bad:
+        Cluster(specs(bad={"factory": "ray_models:nope"}))
+    assert bad.value.model == "bad" and bad.value.field == "factory"
+    wait_for(lambda: cpus_free() == 5.0, "the failed cluster's CPUs never came back")
+    # Placement (best fit): idem on the head (one CPU) and on the first worker, with once;
+    # the second worker is free for re-placement.
+    c = Cluster(specs(idem={}, once={}), replicas={"idem": 2}, idempotent=["idem"])
+    try:
+        (victim,) = c.nodes_of("once")
+        assert set(c.nodes_of("idem")) == {local_ray.head, victim}
+        spare = next(w for w in local_ray.workers if w != victim)
+        futs: list[tuple[str, int, Any]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            # Bounded: at most 2,000 requests, and 16 outstanding (the oldest is awaited first).
+            window: list[Any] = []
+            for i in range(2000):
+                if stop.is_set():
+                    break
+                m = ("idem", "once")[i % 2]
+                try:
+                    f = c.submit(m, {"sleep": 0.01, "i": i})
+                except ap.WorkerCrashed as e:  # between the loss and the re-placement
+                    futs.append((m, i, e))
+                    continue
+                futs.append((m, i, f))
+                window.append(f)
+                if len(window) >= 16:
+                    window.pop(0).exception(60)
+
+        t = threading.Thread(target=load)
+        t.start()
+        deadline = time.monotonic() + 60
+        while sum(1 for m, _, f in futs if m == "once") < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Two idempotent requests still running (or queued) on the victim when it leaves.
+        long = [c.submit("idem", {"sleep": 1.0, "i": -k}, node=victim) for k in range(2)]
+        doomed = c.submit("once", {"sleep": 1.0}, node=victim)
+        local_ray.cluster.remove_node(local_ray.workers.pop(victim), allow_graceful=False)
+        time.sleep(1.0)
+        stop.set()
+        t.join(60)
+
+        results, crashed = 0, 0
+        for m, i, f in futs:
+            out = f if isinstance(f, Exception) else f.exception(120)
+            if out is None:
+                assert f.result() == {"sleep": 0.01, "i": i}
+                results += 1
+            else:
+                assert isinstance(out, ap.WorkerCrashed), repr(out)
+                assert m == "once", f"an idempotent request failed: {out}"
+                assert victim in str(out) or "no node serves it now" in str(out)
+                crashed += 1
+        assert results + crashed == len(futs)  # each completed once, with a result or an error
+        s = c.stats()
+        assert s.crashed == sum(1 for m, _, f in futs if not isinstance(f, Exception)
+                                and isinstance(f.exception(0), ap.WorkerCrashed))
+        # Re-placed on the spare worker: both models serve from there now.
+        assert victim not in c.nodes_of("once") and spare in c.nodes_of("once"), c.lost_capacity
+        assert set(c.nodes_of("idem")) == {local_ray.head, spare}
+        assert c.lost_capacity == {}
+        assert c.call("once", 3) == 3 and c.call("idem", 4) == 4
+        assert victim not in s.nodes
+        # The victim's long requests were sent once more, to a survivor, and returned there.
+        assert [f.result(60) for f in long] == [{"sleep": 1.0, "i": -k} for k in range(2)]
+        with pytest.raises(ap.WorkerCrashed, match=f"model 'once': node {victim} left the cluster"):
+            doomed.result(60)
+        after = c.stats()
+        assert all(f.node != victim for f in long) and after.retried >= 2
+        assert after.crashed == s.crashed + 1
+        assert after.total["once"].completed == s.total["once"].completed + 1
+
+        # The spare leaves too: "once" now fits on no survivor (the head is full) and says so,
+        # while idem keeps serving from the head.
+        local_ray.cluster.remove_node(local_ray.workers.pop(spare), allow_graceful=False)
+        deadline = time.monotonic() + 60
+        while spare in c.nodes_of("idem"):  # a request that meets the dead node reports it
+            assert time.monotonic() < deadline, "the spare's loss was never noticed"
+            try:
+                assert c.submit("idem", 6, node=spare).result(60) == 6
+            except ap.ModelNotFound:  # noticed by another request meanwhile
+                break
+            time.sleep(0.05)
+        assert "0 of 1 replicas left" in c.lost_capacity["once"]
+        with pytest.raises(ap.WorkerCrashed, match=r"'once': no node serves it now \(0 of 1 replicas left"):
+            c.submit("once", 1)
+        assert c.nodes_of("idem") == [local_ray.head] and c.call("idem", 7) == 7
+    finally:
+        c.close()

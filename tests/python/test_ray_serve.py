@@ -1,0 +1,158 @@
+"""apportion.ray.serve.deployment: several models under apportion quotas in one Ray Serve replica,
+through a Serve handle and over HTTP (the proxy on 127.0.0.1), on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import apportion as ap
+
+pytest.importorskip("ray", reason="ray is not installed: pip install 'apportion[ray]'")
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'apportion[ray]'")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from apportion.ray.serve import deployment  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+PREFIX = "/apportion"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def specs() -> list[ap.ModelSpec]:
+    # On a worker's CPUs "0-1": left gets one core of its own, echo and right share the other.
+    return [ap.ModelSpec("echo", factory="ray_models:echo", max_queue=8),
+            ap.ModelSpec("left", factory="ray_models:where", cores=1, isolation="exclusive"),
+            ap.ModelSpec("right", factory="ray_models:where")]
+
+
+class App:
+    def __init__(self, handle: Any, port: int) -> None:
+        self.handle = handle
+        self.port = port
+
+    def post(self, path: str, body: object) -> tuple[int, Any]:
+        return self.post_with_headers(path, body)[:2]  # type: ignore[return-value]
+
+    def post_with_headers(self, path: str, body: object) -> tuple[int, Any, dict[str, str]]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{PREFIX}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read()), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), dict(e.headers)
+
+
+@pytest.fixture(scope="module")
+def app(local_ray: Any) -> Iterator[App]:
+    port = free_port()
+    # One proxy, on the head node, on loopback only (every local node shares this address).
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        handle = serve.run(deployment(specs(), num_cpus=2), name="apportion", route_prefix=PREFIX)
+        yield App(handle, port)
+    finally:
+        serve.shutdown()
+
+
+def listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) of sockets listening on ``port``."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, p = local.rpartition(":")
+            if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
+                out.add(addr)
+    return out
+
+
+def test_proxy_listens_on_loopback_only(app: App) -> None:
+    assert listening(app.port) == {"0100007F"}  # 127.0.0.1
+
+
+def test_replica_reserves_its_cpus(app: App) -> None:
+    assert ray.available_resources().get("CPU", 0.0) == 5.0 - 2.0
+    # By default, the cores its models take (one each here).
+    assert deployment(specs())._bound_deployment.ray_actor_options["num_cpus"] == 3.0
+
+
+def test_handle_serves_each_model_on_its_own_cpus(app: App) -> None:
+    assert app.handle.infer.remote("echo", [1, 2]).result(timeout_s=60) == [1, 2]
+    left = app.handle.infer.remote("left", 1).result(timeout_s=60)
+    right = app.handle.infer.remote("right", 2).result(timeout_s=60)
+    assert left["pid"] == right["pid"]  # one replica process hosts both models
+    assert len(left["cpus"]) == 1 and len(right["cpus"]) == 1 and left["cpus"] != right["cpus"]
+
+
+def test_handle_errors(app: App) -> None:
+    with pytest.raises(ap.ModelNotFound):
+        app.handle.infer.remote("nope", 1).result(timeout_s=60)
+    with pytest.raises(ValueError, match="handle boom"):
+        app.handle.infer.remote("echo", {"raise": "handle boom"}).result(timeout_s=60)
+
+
+def test_http_by_model_name(app: App) -> None:
+    assert app.post("/echo", {"inputs": {"a": [1, 2]}}) == (200, {"model": "echo", "outputs": {"a": [1, 2]}})
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.port}{PREFIX}/", timeout=60) as r:
+        assert json.loads(r.read()) == {"models": ["echo", "left", "right"]}
+    code, body = app.post("/nope", {"inputs": 1})
+    assert code == 404 and body["type"] == "ModelNotFound" and "nope" in body["error"]
+    code, body = app.post("/echo", {"inputs": {"raise": "http boom"}})
+    assert code == 500 and body == {"error": "http boom", "type": "ValueError"}
+    code, body = app.post("/echo", {"x": 1})
+    assert code == 422 and "inputs" in body["error"]
+    code, body = app.post("/echo", {"inputs": {"sleep": 0.3}, "timeout_ms": 10_000})
+    assert code == 200
+
+
+def running(app: App, pool: Any, sleep_s: float) -> Any:
+    """Sends a request that sleeps ``sleep_s`` and returns its future once the replica admitted it."""
+    import time
+
+    before = app.handle.stats.remote().result(timeout_s=60)["echo"].submitted
+    fut = pool.submit(app.post, "/echo", {"inputs": {"sleep": sleep_s}})
+    deadline = time.monotonic() + 30
+    while app.handle.stats.remote().result(timeout_s=60)["echo"].submitted == before:
+        assert time.monotonic() < deadline, "the request never reached the replica"
+        time.sleep(0.02)
+    return fut
+
+
+def test_http_deadline_and_queue_full(app: App) -> None:
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        slow = running(app, pool, 1.0)
+        # Queued behind the running call (one instance) with a deadline it cannot meet.
+        late = [pool.submit(app.post, "/echo", {"inputs": 1, "timeout_ms": 100}) for _ in range(2)]
+        assert slow.result(60)[0] == 200
+        assert [f.result(60)[0] for f in late] == [504, 504]
+        gate = running(app, pool, 2.0)
+        many = [pool.submit(app.post_with_headers, "/echo", {"inputs": 1}) for _ in range(12)]
+        answers = [f.result(60) for f in many]
+        codes = sorted(code for code, _, _ in answers)
+        assert all(h.get("retry-after", h.get("Retry-After")) == "1" and b["type"] == "QueueFull"
+                   for code, b, h in answers if code == 429)
+        assert gate.result(60)[0] == 200
+    assert codes == [200] * 8 + [429] * 4  # max_queue=8 behind the running call
