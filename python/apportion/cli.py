@@ -190,6 +190,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout-s", type=float, default=30.0, metavar="S",
                    help="with --url: a request with no answer after S seconds counts as failed "
                    "('client timeout'; default 30)")
+    p.add_argument("--tensors", choices=("binary", "json"), default="binary",
+                   help="with --url: send tensors as binary data (default) or as JSON (HTTP only)")
     p.add_argument("--model", action="append", default=[], metavar="SPEC",
                    help="load for one model, NAME:key=value,... e.g. 'mlp:concurrency=4,latency_ms=20' or "
                    "'mlp:rate=200'; replaces that model's configured load (repeatable)")
@@ -292,7 +294,8 @@ def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: 
         loads = [dataclasses.replace(s, inputs=resolve(inputs[s.model], where="<command line>", key="--inputs"))
                  if s.model in inputs else s for s in specs]
     try:
-        target = ld.RemoteTarget(args.url, [x.model for x in loads], request_timeout_s=args.request_timeout_s)
+        target = ld.RemoteTarget(args.url, [x.model for x in loads], request_timeout_s=args.request_timeout_s,
+                                 tensors=args.tensors)
     except ld.LoadError as e:
         raise ConfigError("<command line>", "--url", str(e)) from None
     try:

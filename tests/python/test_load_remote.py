@@ -42,6 +42,11 @@ instances = 2
 max_queue = 2
 [models.double.signature]
 {VEC}
+[models.tight]
+factory = "remote_models:slow"
+max_queue = 1
+[models.tight.signature]
+{VEC}
 [models.slow]
 factory = "remote_models:slow"
 max_queue = 64
@@ -125,16 +130,16 @@ def accounted(t: load.Totals) -> int:
 # -- counts against the server's ------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_closed_loop_counts_match_the_server(server: Serve, scheme: str) -> None:
-    before = server.counts("double")
-    with load.RemoteTarget(server.url(scheme), ["double"]) as target:
-        assert target.models == ["double"]
-        report = load.run(target, load.ModelLoad("double", concurrency=12,
+    before = server.counts("tight")
+    with load.RemoteTarget(server.url(scheme), ["tight"]) as target:
+        assert target.models == ["tight"]
+        report = load.run(target, load.ModelLoad("tight", concurrency=8,
                                                  inputs=lambda: np.arange(4, dtype=np.float32)), **SHORT)
-    got = delta(server.counts("double"), before)
-    m = report["double"]
+    got = delta(server.counts("tight"), before)
+    m = report["tight"]
     t = m.totals
     assert report.target == server.url(scheme) and report.unfinished == 0
-    # 12 in flight against 2 instances and a queue of 2: the server refuses some
+    # 8 in flight against one 20 ms instance and a queue of 1: the server refuses some
     assert t.rejected > 0 and t.completed > 0
     assert t.offered == t.submitted == accounted(t)  # every request sent ended once
     assert (t.completed, t.rejected, t.failed, t.expired) == (
@@ -143,7 +148,7 @@ def test_closed_loop_counts_match_the_server(server: Serve, scheme: str) -> None
     assert t.errors == {kind: t.rejected}
     assert m.errors.get(kind, 0) == m.rejected <= t.rejected
     assert m.completed <= t.completed and m.queue_wait is None and m.compute is None
-    assert f"errors of double: {kind} x{m.rejected}" in str(report) or m.rejected == 0
+    assert f"errors of tight: {kind} x{m.rejected}" in str(report) or m.rejected == 0
 
 
 def test_open_loop_over_the_network_counts_every_arrival(server: Serve) -> None:
@@ -226,6 +231,21 @@ def test_inputs_convert_to_the_declared_datatypes(server: Serve) -> None:
             target.submit("double", np.array(["a"]))
         with pytest.raises(ap.ModelNotFound, match="'slow'"):
             target.submit("slow")
+
+
+def test_json_tensors_over_http(server: Serve) -> None:
+    before = server.counts("adder")
+    with load.RemoteTarget(server.http, ["adder"], tensors="json") as target:
+        r = target.submit("adder", {"a": [1, 2], "b": [0.5, 0.25]}).result(30)
+        assert "data" in r.get_output("sum")  # asked for, and answered, as JSON
+        np.testing.assert_array_equal(r.as_numpy("sum"), np.array([1.5, 2.25], np.float32))
+        report = load.run(target, load.ModelLoad("adder", concurrency=2, inputs=lambda: {"a": [1], "b": [2.0]}),
+                          **SHORT)
+    assert report["adder"].totals.completed + 1 == delta(server.counts("adder"), before)["completed"]
+    with pytest.raises(load.LoadError, match="over HTTP, 'json'"):
+        load.RemoteTarget(server.grpc, ["adder"], tensors="json")
+    with pytest.raises(load.LoadError, match="tensors must be"):
+        load.RemoteTarget(server.http, ["adder"], tensors="xml")
 
 
 def test_a_bad_input_stops_the_run_naming_the_model(server: Serve) -> None:

@@ -19,7 +19,9 @@ How requests and outcomes map:
 - a request's input is what the load's ``inputs`` gives: a mapping of input name to array, or
   one array (numpy, torch or anything ``numpy.asarray`` takes) for a model with one input;
   None sends zeros of the model's declared shape (``-1`` dims as 1). Arrays are converted to
-  the datatype the server declares for the input and sent as binary tensor data;
+  the datatype the server declares for the input and sent as binary tensor data
+  (``tensors="json"``: as JSON ``data``, outputs asked for as JSON too, for HTTP servers that
+  take no binary data);
 - ``timeout_ms`` goes to the server as the v2 ``timeout`` parameter (microseconds) and
   ``priority`` p as v2 priority p + 1 (v2's 1 is the highest level, apportion's 0);
 - every request is sent (``submit`` never refuses), and every one is waited for: a request in
@@ -108,7 +110,8 @@ class RemoteTarget:
     for a malformed URL, RemoteError (kind ``"connection"``) for a server that cannot be
     reached, ModelNotFound naming the model for one the server does not know.
     ``request_timeout_s`` bounds each request on the client side; ``connections`` caps the
-    HTTP connections kept open (one request in flight per connection).
+    HTTP connections kept open (one request in flight per connection); ``tensors``: ``"binary"``
+    (the binary tensor data extension, tritonclient's default) or ``"json"`` (HTTP only).
     Close it (or use it as a context manager) to stop its event loop thread.
     """
 
@@ -116,7 +119,7 @@ class RemoteTarget:
     started = True
 
     def __init__(self, url: str, models: Iterable[str], *, request_timeout_s: float = 30.0,
-                 connections: int = 256) -> None:
+                 connections: int = 256, tensors: str = "binary") -> None:
         self.url = url
         self.scheme, self._address = _parse_url(url)
         names = [models] if isinstance(models, str) else list(models)
@@ -125,6 +128,10 @@ class RemoteTarget:
         if not (isinstance(request_timeout_s, (int, float)) and request_timeout_s > 0):
             raise LoadError(f"{url}: request_timeout_s must be a positive number, got {request_timeout_s!r}")
         self.request_timeout_s = float(request_timeout_s)
+        if tensors not in ("binary", "json") or (tensors == "json" and self.scheme != "http"):
+            raise LoadError(f"{url}: tensors must be 'binary' or, over HTTP, 'json'; got {tensors!r}")
+        self.tensors = tensors
+        self._outputs: dict[str, list[Any]] = {}
         self._connections = connections
         self._inputs: dict[str, tuple[_Input, ...]] = {}
         self._prepared: dict[str, tuple[Any, list[Any]]] = {}
@@ -162,6 +169,8 @@ class RemoteTarget:
             options["timeout"] = max(1, int(timeout_ms * 1000))
         if priority is not None:
             options["priority"] = priority + 1
+        if self.tensors == "json":
+            options["outputs"] = self._outputs[model]
         self._loop.call_soon_threadsafe(self._start, fut, model, inputs, options)
         return fut
 
@@ -212,6 +221,9 @@ class RemoteTarget:
                 {"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in md.inputs]
             self._inputs[name] = tuple(_Input(i["name"], i["datatype"], tuple(int(d) for d in i["shape"]))
                                        for i in raw)
+            if self.tensors == "json":
+                self._outputs[name] = [mod.InferRequestedOutput(o["name"], binary_data=False)
+                                       for o in md.get("outputs", [])]
 
     def _module(self) -> Any:
         try:
@@ -278,7 +290,10 @@ class RemoteTarget:
                 raise LoadError(f"model {model!r}: input {s.name!r}: cannot send it as "
                                 f"{s.datatype}: {e}") from None
             t = mod.InferInput(s.name, list(arr.shape), s.datatype)
-            t.set_data_from_numpy(arr)
+            if self.tensors == "json":
+                t.set_data_from_numpy(arr, binary_data=False)
+            else:
+                t.set_data_from_numpy(arr)
             tensors.append(t)
         self._prepared[model] = (x, tensors)
         return tensors
