@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import load as ld
 from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit
 from .placement import Plan, Quota
@@ -204,6 +205,15 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     _add_config(p, required=False)
+    p.add_argument("--url", metavar="URL",
+                   help="drive a KServe v2 server (apportion serve, Triton, ...) at http://HOST:PORT or "
+                   "grpc://HOST:PORT instead of models built here; CONFIG, if given, supplies the loads and "
+                   "inputs, the server the models")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, metavar="S",
+                   help="with --url: a request with no answer after S seconds counts as failed "
+                   "('client timeout'; default 30)")
+    p.add_argument("--tensors", choices=("binary", "json"), default="binary",
+                   help="with --url: send tensors as binary data (default) or as JSON (HTTP only)")
     p.add_argument("--model", action="append", default=[], metavar="SPEC",
                    help="load for one model, NAME:key=value,... e.g. 'mlp:concurrency=4,latency_ms=20' or "
                    "'mlp:rate=200'; replaces that model's configured load (repeatable)")
@@ -237,6 +247,8 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
             specs.append(ld.parse_spec(text))
         except ld.LoadError as e:
             raise ConfigError("<command line>", "--model", str(e)) from None
+    if args.url is not None:
+        return _bench_remote(args, specs, out)
     if args.config:
         cfg = Config.load(args.config)
     else:
@@ -255,6 +267,19 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
                 raise ConfigError("<command line>", "--factory", str(e)) from None
             models[spec.model] = ModelConfig(model_spec, inputs=inputs.get(spec.model))
         cfg = Config(models=models, path="<command line>")
+    loads = _config_loads(cfg, specs)
+    rt = cfg.runtime(topology_root=args.root, start=True)
+    try:
+        report = ld.run(rt, loads, warmup_s=args.warmup_s, window_s=args.window_s,
+                        max_s=max(args.max_s, args.warmup_s + 3 * args.window_s))
+    finally:
+        rt.close(drain=False)
+    _print_report(report, args.json, out)
+    return EXIT_OK
+
+
+def _config_loads(cfg: Config, specs: Sequence[ld.ModelLoad]) -> list[ld.ModelLoad]:
+    """The config's loads, each model's replaced by its --model SPEC where one is given."""
     by_name = {s.model: s for s in specs}
     loads = []
     for m in cfg.models.values():
@@ -269,17 +294,47 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
     unknown = sorted(set(by_name) - set(cfg.models))
     if unknown:
         raise ConfigError(cfg.path, "--model", f"no model {unknown[0]!r} in the config; models: {', '.join(cfg.models)}")
-    rt = cfg.runtime(topology_root=args.root, start=True)
+    return loads
+
+
+def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: TextIO) -> int:
+    from .config import resolve
+
+    if args.factory:
+        raise ConfigError("<command line>", "--factory", "does not apply with --url: the server builds its models")
+    if args.config:
+        if args.inputs:
+            raise ConfigError("<command line>", "--inputs", "with CONFIG, inputs come from its models' inputs keys")
+        loads = _config_loads(Config.load(args.config), specs)
+    else:
+        if not specs:
+            raise ConfigError("<command line>", "--model", "with --url, give CONFIG or at least one --model SPEC")
+        inputs = _pairs(args.inputs, "--inputs")
+        stray = sorted(set(inputs) - {s.model for s in specs})
+        if stray:
+            raise ConfigError("<command line>", "--inputs", f"model {stray[0]!r} has no --model SPEC")
+        loads = [dataclasses.replace(s, inputs=resolve(inputs[s.model], where="<command line>", key="--inputs"))
+                 if s.model in inputs else s for s in specs]
     try:
-        report = ld.run(rt, loads, warmup_s=args.warmup_s, window_s=args.window_s,
-                        max_s=max(args.max_s, args.warmup_s + 3 * args.window_s))
+        target = ld.RemoteTarget(args.url, [x.model for x in loads], request_timeout_s=args.request_timeout_s,
+                                 tensors=args.tensors)
+    except ld.LoadError as e:
+        raise ConfigError("<command line>", "--url", str(e)) from None
+    try:
+        report = ld.run(target, loads, warmup_s=args.warmup_s, window_s=args.window_s,
+                        max_s=max(args.max_s, args.warmup_s + 3 * args.window_s),
+                        drain_timeout_s=args.request_timeout_s)
     finally:
-        rt.close(drain=False)
-    if args.json:
+        target.close()
+    _print_report(report, args.json, out)
+    return EXIT_OK
+
+
+def _print_report(report: ld.LoadReport, as_json: bool, out: TextIO) -> None:
+    if as_json:
         out.write(report.to_json() + "\n")
     else:
         print(report, file=out)
-    return EXIT_OK
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ LAYERS: list[list[str]] = [
     ["apportion.spec"],
     ["apportion.adapters", "apportion._private"],
     ["apportion.load.spec"],
-    ["apportion.load.report"],
+    ["apportion.load.report", "apportion.load.remote"],
     ["apportion.load.driver"],
     ["apportion.load"],
     ["apportion.runtime"],

@@ -176,6 +176,23 @@ def test_failures_expiries_and_the_report_forms(rt: ap.Runtime) -> None:
     assert d["models"]["slow"]["slo"]["timeout_ms"] == 3.0
     assert d["goodput"] == pytest.approx(report.goodput)
     assert set(d) >= {"stable", "windows", "window_s", "tolerance", "models"}
+    # errors by kind: the model's own exception by its class name, expiries as DeadlineExceeded
+    assert f.errors == {"ValueError": f.failed} and s.errors == {"DeadlineExceeded": s.expired}
+    assert "errors of flaky: ValueError x" in text and d["models"]["slow"]["errors"] == s.errors
+    assert report.target is None and d["target"] is None
+
+
+def test_totals_cover_the_whole_run_and_match_the_runtime(rt: ap.Runtime) -> None:
+    # Rejections at submit, completions, and warm-up and drain outside the windows: the
+    # totals count each request once, as the runtime does.
+    started(rt, s={"instances": 1, "max_queue": 2, "model": Concurrency(0.005)})
+    m = load.run(rt, ModelLoad("s", rate=800.0, arrivals="constant"), **{**FAST, "max_s": 1.5})["s"]
+    t, st = m.totals, rt.stats()["s"]
+    assert t.rejected > 0 and t.errors == {"QueueFull": t.rejected}
+    assert (t.completed, t.rejected, t.failed, t.expired) == (st.completed, st.rejected, st.failed, st.expired)
+    assert t.cancelled == st.cancelled and t.unfinished == 0
+    assert t.offered == t.completed + t.rejected + t.cancelled == t.submitted + t.rejected
+    assert t.completed >= m.completed and t.rejected >= m.rejected
 
 
 # -- stability --------------------------------------------------------------------------------

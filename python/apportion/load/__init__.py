@@ -40,6 +40,13 @@ Where figures come from:
   reported windows the same way, and their means are exact (differences of counts and sums).
   ``str(report)`` lists them per window.
 
+The same loads drive a KServe v2 server over the network (``apportion serve``, Triton, ...)
+through :class:`RemoteTarget` (``apportion bench --url http://127.0.0.1:8000``): see
+:mod:`apportion.load.remote` for what differs (no runtime histograms; refusals and errors
+arrive as responses, counted by kind in ``ModelReport.errors``). Every report also counts the
+whole run's requests (``ModelReport.totals``: warm-up and the final drain included), which is
+what a server's own counters show for the same run.
+
 One driver thread per model submits requests and accounts for completions; a request's
 done-callback (run by the worker that completed it) only stamps the time and hands the future
 to that driver, so the model's worker spends well under a microsecond of Python per request
@@ -49,9 +56,11 @@ on the generator's behalf.
 from __future__ import annotations
 
 from .driver import run
+from .remote import RemoteError, RemoteExpired, RemoteRejected, RemoteTarget
 from .report import (
     LoadReport,
     ModelReport,
+    Totals,
     WindowStats,
     histogram_latency,
     window_latency,
@@ -66,6 +75,11 @@ __all__ = [
     "LoadReport",
     "ModelLoad",
     "ModelReport",
+    "RemoteError",
+    "RemoteExpired",
+    "RemoteRejected",
+    "RemoteTarget",
+    "Totals",
     "WindowStats",
     "histogram_latency",
     "model_load",

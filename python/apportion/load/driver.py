@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DeadlineExceeded, QueueFull, RuntimeClosed
 from ..stats import ModelStats
+from .remote import RemoteTarget
 from .report import LoadReport, ModelReport, Tally, WindowStats, model_report, summarise_window, windows_stable
 from .spec import LoadError, ModelLoad, validate_settings
 
@@ -44,6 +45,8 @@ class _Driver:
         self.abort = abort
         self.stop = threading.Event()
         self.windows: dict[int, Tally] = {}
+        self.total = Tally()  # every request of the run, warm-up and the final drain included
+        self._rejected_since_wait = False
         self.error: BaseException | None = None
         self.inputs_exhausted = False
         self.unfinished = 0
@@ -97,16 +100,20 @@ class _Driver:
             return False
         t0 = time.perf_counter_ns()
         acc = self._acc(t0)
+        self.total.offered += 1
         if acc is not None:
             acc.offered += 1
             if scheduled_ns is not None:
                 acc.lags_ns.append(max(0, t0 - scheduled_ns))
         try:
             fut = self.rt.submit(self.spec.model, x, timeout_ms=self._timeout_ms, priority=self.spec.priority)
-        except QueueFull:
-            if acc is not None:
-                acc.rejected += 1
+        except QueueFull as e:
+            for a in (self.total, acc):
+                if a is not None:
+                    a.rejected += 1
+                    a.count_error(e)
             return False
+        self.total.submitted += 1
         if acc is not None:
             acc.submitted += 1
         seq = self._seq
@@ -119,22 +126,31 @@ class _Driver:
         seq, t0, t1, fut = item
         self._pending.pop(seq, None)
         acc = self._acc(t1)
-        if acc is None:
-            return
-        if fut.cancelled():
-            acc.cancelled += 1
-            return
-        exc = fut.exception()
-        if exc is None:
+        exc = None if fut.cancelled() else fut.exception()
+        # A target over the network answers a refusal after the fact: it lands here, not
+        # as a QueueFull from submit.
+        if isinstance(exc, QueueFull):
+            self._rejected_since_wait = True
+        for a in (self.total, acc):
+            if a is None:
+                continue
+            if fut.cancelled():
+                a.cancelled += 1
+            elif exc is None:
+                a.completed += 1
+            else:
+                if isinstance(exc, QueueFull):
+                    a.rejected += 1
+                elif isinstance(exc, DeadlineExceeded):
+                    a.expired += 1
+                else:
+                    a.failed += 1
+                a.count_error(exc)
+        if acc is not None and exc is None and not fut.cancelled():
             latency = t1 - t0
-            acc.completed += 1
             acc.latencies_ns.append(latency)
             if self._good_ns is None or latency <= self._good_ns:
                 acc.good += 1
-        elif isinstance(exc, DeadlineExceeded):
-            acc.expired += 1
-        else:
-            acc.failed += 1
 
     def _wait(self, timeout_s: float) -> None:
         """Accounts for completions until one arrives or ``timeout_s`` passes, then for any
@@ -179,6 +195,8 @@ class _Driver:
                     break
             # After a rejection nothing may complete soon (the queue is full of someone
             # else's work): retry the slot after a short pause rather than spin.
+            rejected = rejected or self._rejected_since_wait
+            self._rejected_since_wait = False
             self._wait(0.001 if rejected else 0.05)
 
     def _open_loop(self, rate: float) -> None:
@@ -216,7 +234,7 @@ class _Driver:
 
 
 def run(
-    rt: Runtime,
+    rt: Runtime | RemoteTarget,
     loads: ModelLoad | Iterable[ModelLoad],
     *,
     warmup_s: float = 1.0,
@@ -230,7 +248,8 @@ def run(
 ) -> LoadReport:
     """Puts ``loads`` on a started runtime and measures until stable or ``max_s``.
 
-    ``rt``: an :class:`apportion.Runtime` the caller built and started; models not named in
+    ``rt``: an :class:`apportion.Runtime` the caller built and started, or a
+    :class:`RemoteTarget` (a KServe v2 server over the network); models not named in
     ``loads`` keep serving whatever else is sent to them. ``warmup_s`` of load is discarded
     first; then windows of ``window_s`` run until the last ``stable_windows`` agree within
     ``tolerance`` (a fraction, 0.1 = 10%) on every model's throughput and p99, or until
@@ -342,7 +361,7 @@ def run(
                                   windows_stable(history[n], stable_windows, tolerance),
                                   snapshots[first] if snapshots else None,
                                   snapshots[measured] if len(snapshots) > measured else None,
-                                  end_stats[n], d.inputs_exhausted)
+                                  end_stats.get(n), d.inputs_exhausted, d.total, d.unfinished)
     return LoadReport(
         models=models,
         stable=stable and measured >= stable_windows,
@@ -353,6 +372,7 @@ def run(
         tolerance=float(tolerance),
         elapsed_s=(time.perf_counter_ns() - t_start) / 1e9,
         unfinished=sum(d.unfinished for d in drivers.values()),
+        target=rt.url if isinstance(rt, RemoteTarget) else None,
     )
 
 

@@ -15,7 +15,7 @@ from .. import _table
 from ..stats import HistogramSnapshot, LatencyStats, ModelStats
 from .spec import SLO, ModelLoad
 
-__all__ = ["LoadReport", "ModelReport", "Tally", "WindowStats", "histogram_latency",
+__all__ = ["LoadReport", "ModelReport", "Tally", "Totals", "WindowStats", "histogram_latency",
            "latency_stats", "model_report", "percentile", "summarise_window", "window_latency",
            "windows_stable"]
 
@@ -42,6 +42,28 @@ class WindowStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Totals:
+    """Every request one model's load sent, over the whole run: warm-up, all windows and the
+    final drain. What a server's own counters should show for the same run (``offered`` =
+    ``completed + rejected + expired + failed + cancelled + unfinished``)."""
+
+    offered: int = 0
+    """Submission attempts."""
+    submitted: int = 0
+    """Attempts that reached the target (in-process: accepted; over the network: sent, so the
+    server's refusals are among them)."""
+    completed: int = 0
+    rejected: int = 0
+    expired: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    unfinished: int = 0
+    """Requests still unanswered when the generator stopped waiting for them."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Requests that did not complete, by kind (see :attr:`ModelReport.errors`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelReport:
     """One model's figures over the reported windows (the last ``stable_windows``)."""
 
@@ -56,17 +78,19 @@ class ModelReport:
     offered: int
     """Submission attempts (accepted or rejected)."""
     submitted: int
-    """Attempts the runtime accepted."""
+    """Attempts the runtime accepted (over the network: requests sent; the server's refusals
+    come back as responses and count here and in ``rejected``)."""
     completed: int
     """Requests that returned a result."""
     good: int
     """Completions within the SLO latency (all completions when there is no SLO)."""
     rejected: int
-    """Attempts refused with QueueFull."""
+    """Attempts refused with QueueFull (over the network: HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
     expired: int
-    """Requests that completed with DeadlineExceeded."""
+    """Requests that completed with DeadlineExceeded (over the network: HTTP 504, gRPC
+    DEADLINE_EXCEEDED)."""
     failed: int
-    """Requests that raised the model's exception."""
+    """Requests that raised the model's exception (over the network: any other error)."""
     cancelled: int
     throughput: float
     """Completions per second."""
@@ -78,10 +102,11 @@ class ModelReport:
     """End to end, measured by the generator; None when nothing completed."""
     queue_wait_mean_ms: float | None
     compute_mean_ms: float | None
-    queue_wait: LatencyStats
+    queue_wait: LatencyStats | None
     """The runtime's queue-wait figures over the reported windows: the difference of its
-    native histograms at their ends (cumulative ones when those snapshots are missing)."""
-    compute: LatencyStats
+    native histograms at their ends (cumulative ones when those snapshots are missing).
+    None for a target that has no runtime stats (a server over the network)."""
+    compute: LatencyStats | None
     """The runtime's compute figures over the reported windows (as ``queue_wait``)."""
     slo_met: bool | None
     """Whether the SLO percentile of end-to-end latency met ``slo.latency_ms``; None without
@@ -96,6 +121,13 @@ class ModelReport:
     end_to_end: LatencyStats | None = None
     """The runtime's end-to-end figures (admission to completion) over the reported windows
     (as ``queue_wait``); ``latency`` is the generator's own, from submit to done-callback."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Requests of the reported windows that did not complete, by kind: the exception's
+    ``kind`` where it has one (over the network: ``"http 429"``, ``"grpc UNAVAILABLE"``,
+    ``"connection"``, ``"client timeout"``), else its class name (``"QueueFull"``,
+    ``"DeadlineExceeded"``, the model's own exception)."""
+    totals: Totals = field(default_factory=Totals)
+    """Counts over the whole run (warm-up and final drain included)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +149,8 @@ class LoadReport(Mapping[str, ModelReport]):
     elapsed_s: float
     unfinished: int = 0
     """Requests still running when the generator gave up waiting for them at the end."""
+    target: str | None = None
+    """The server's URL for a load over the network; None in-process."""
 
     def __getitem__(self, name: str) -> ModelReport:
         return self.models[name]
@@ -165,9 +199,18 @@ class LoadReport(Mapping[str, ModelReport]):
                 _fmt_ms(m.queue_wait_mean_ms), _fmt_ms(m.compute_mean_ms),
                 str(m.rejected), str(m.expired), str(m.failed), _slo_cell(m),
             ))
+        if self.target is not None:
+            verdict = f"{self.target}: {verdict}"
         lines = [verdict, *_table.text(header, rows, left=2)]
         lines.append(f"total: {self.throughput:.1f} req/s, goodput {self.goodput:.1f}/s "
                      "(queue and compute are means)")
+        for m in self.models.values():
+            if m.errors:
+                kinds = ", ".join(f"{k} x{n}" for k, n in sorted(m.errors.items()))
+                lines.append(f"errors of {m.model}: {kinds}")
+        if self.target is not None:
+            lines.append("queue and compute: not read over the network (end-to-end is the client's)")
+            return "\n".join(lines)
         lines.append("per window, from the runtime's histograms (ms):")
         lines += _table.text(_WINDOW_HEADER, [_window_row(m.model, w) for m in self.models.values()
                                               for w in m.windows], left=2)
@@ -292,6 +335,12 @@ class Tally:
     cancelled: int = 0
     latencies_ns: list[int] = field(default_factory=list)
     lags_ns: list[int] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def count_error(self, exc: BaseException) -> None:
+        kind = getattr(exc, "kind", None)
+        kind = kind if isinstance(kind, str) else type(exc).__name__
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 
@@ -325,8 +374,8 @@ def _mean_delta_ms(before: LatencyStats, after: LatencyStats) -> float | None:
 
 def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history: list[WindowStats],
                   stable: bool, before: Mapping[str, ModelStats] | None,
-                  after: Mapping[str, ModelStats] | None, end: ModelStats,
-                  inputs_exhausted: bool) -> ModelReport:
+                  after: Mapping[str, ModelStats] | None, end: ModelStats | None,
+                  inputs_exhausted: bool, total: Tally | None = None, unfinished: int = 0) -> ModelReport:
     latencies = [x for a in accs for x in a.latencies_ns]
     lags = sorted(x for a in accs for x in a.lags_ns)
     latency = latency_stats(latencies)
@@ -338,7 +387,9 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
     if slo is not None and slo.latency_ms is not None and latencies:
         slo_met = percentile(sorted(latencies), slo.percentile) <= slo.latency_ms * 1e6
     q_mean = c_mean = None
-    queue_wait, compute, end_to_end = end.queue_wait, end.compute, end.end_to_end
+    queue_wait = compute = end_to_end = None
+    if end is not None:
+        queue_wait, compute, end_to_end = end.queue_wait, end.compute, end.end_to_end
     if before is not None and after is not None and spec.model in before and spec.model in after:
         b, a = before[spec.model], after[spec.model]
         q_mean = _mean_delta_ms(b.queue_wait, a.queue_wait)
@@ -376,4 +427,22 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
         schedule_lag_p99_ms=percentile(lags, 99) / 1e6 if lags else None,
         inputs_exhausted=inputs_exhausted,
         end_to_end=end_to_end,
+        errors=_merged_errors(accs),
+        totals=_totals(total, unfinished),
     )
+
+
+def _merged_errors(accs: Sequence[Tally]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in accs:
+        for k, n in a.errors.items():
+            out[k] = out.get(k, 0) + n
+    return out
+
+
+def _totals(t: Tally | None, unfinished: int) -> Totals:
+    if t is None:
+        return Totals(unfinished=unfinished)
+    return Totals(offered=t.offered, submitted=t.submitted, completed=t.completed, rejected=t.rejected,
+                  expired=t.expired, failed=t.failed, cancelled=t.cancelled, unfinished=unfinished,
+                  errors=dict(t.errors))

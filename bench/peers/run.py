@@ -1,0 +1,352 @@
+"""The peer comparison: the same v2 client and load (``apportion bench --url``) against
+``apportion serve``, Triton (nvidia-pytriton), Ray Serve and LitServe, each server pinned to
+the same CPUs. Run through bench/peers/run.sh, which installs the peers first.
+
+Scenarios (bench/peers/models.py has the models and request tensors):
+
+- ``noop``: a model that returns its input, one closed-loop client: round-trip p50;
+- ``mlp256``: the torch MLP 256-1024-1024-256, 2 replicas at 1 thread each, 8 closed-loop
+  clients: req/s and p99;
+- ``demo``: apportion demo's three models (mlp, conv, encoder) under its mixed open load (Poisson,
+  shares 35/20/45%) at its SLOs (p99 <= 50/75/40 ms, also sent as each request's timeout):
+  goodput, for each server configuration tried (instances, batching). The total rate is a
+  fraction (``--demo-load``, by tensor encoding; default json=0.1, binary=0.5) of
+  ``apportion.demo.demo_config(load=1.0)`` for the server's CPUs: the demo's full rate is
+  sized for requests with no network, JSON or client cost, and its tensors as JSON (4-12 k
+  floats a request) cost the client and every server more than the models themselves
+  (15-18 ms a request against 2 ms binary, one client, apportion serve, this machine).
+
+Every request's tensors travel as JSON (``--tensors json``): LitServe's front takes JSON bodies
+only, and Ray Serve and LitServe answer v2 through the thin adapters in this folder
+(serve_ray.py, serve_litserve.py, v2json.py); apportion serve and Triton speak v2 themselves.
+``--tensors json,binary`` adds rows with binary tensor data for the servers that take it.
+
+    python bench/peers/run.py [--peers apportion,pytriton,ray,litserve] [--window-s 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+BUILD = ROOT / "build" / "peers"
+PEERS = ("apportion", "pytriton", "ray", "litserve")
+V2_NATIVE = ("apportion", "pytriton")  # take binary tensor data
+
+DEMO_CONFIGS: dict[str, dict[str, Any]] = {
+    "1 instance each": {"instances": 1},
+    "1 instance each, batch 8 / 2 ms": {"instances": 1, "batch": 8, "delay_ms": 2.0},
+    "2 instances each": {"instances": 2},
+}
+
+
+@dataclass
+class Row:
+    peer: str
+    scenario: str
+    config: str
+    tensors: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def free_base(n: int = 3) -> int:
+    """A port p with p..p+n-1 free on 127.0.0.1 (Triton takes HTTP, gRPC and metrics)."""
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def apportion_config(models: dict[str, dict[str, Any]], slo_ms: dict[str, float], path: Path) -> Path:
+    from apportion import demo
+
+    lines = []
+    for name, c in models.items():
+        lines += [f"[models.{name}]", f'factory = "models:{name}_factory"',
+                  f"instances = {int(c.get('instances', 1))}", "threads = 1"]
+        if name in slo_ms:  # as apportion demo configures its models
+            lines += [f"timeout_ms = {slo_ms[name]}", f"max_queue = {demo.MAX_QUEUE}"]
+        if int(c.get("batch", 1)) > 1:
+            lines += [f"[models.{name}.batching]", f"max_size = {int(c['batch'])}",
+                      f"max_delay_ms = {float(c.get('delay_ms', 0.0))}"]
+        from models import signature
+
+        sig = signature(name)
+        shape_in, shape_out = sig["inputs"][0]["shape"], sig["outputs"][0]["shape"]
+        lines += [f"[models.{name}.signature]",
+                  f'inputs = [{{ name = "x", datatype = "FP32", shape = {shape_in} }}]',
+                  f'outputs = [{{ name = "y", datatype = "FP32", shape = {shape_out} }}]',
+                  'tensor = "torch"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Server:
+    """One peer's server process (its own session, pinned to the server CPUs)."""
+
+    def __init__(self, peer: str, models: dict[str, dict[str, Any]], cpus: list[int], slo_ms: dict[str, float],
+                 log: Path) -> None:
+        self.peer = peer
+        self.port = free_base()
+        py = sys.executable if peer == "apportion" else str(BUILD / peer / "bin" / "python")
+        spec = json.dumps(models)
+        env = dict(os.environ, PYTHONPATH=str(HERE), PYTHONUNBUFFERED="1")
+        if peer == "apportion":
+            cfg = apportion_config(models, slo_ms, log.with_suffix(".toml"))
+            cmd = [py, "-m", "apportion", "serve", str(cfg), "--http-port", str(self.port),
+                   "--grpc-port", str(self.port + 1)]
+        elif peer == "pytriton":
+            # Triton's Python-backend stub links libpython3.x: make it the interpreter's own,
+            # not an older system copy with another stdlib ABI.
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
+            cmd = [py, str(HERE / "serve_pytriton.py"), str(self.port), spec]
+        elif peer == "ray":
+            tmp = BUILD / "raytmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            cmd = [py, str(HERE / "serve_ray.py"), str(self.port), spec, str(len(cpus)), str(tmp)]
+        else:
+            cmd = [py, str(HERE / "serve_litserve.py"), str(self.port), spec]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(["taskset", "-c", ",".join(map(str, cpus)), *cmd], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=str(HERE), start_new_session=True)
+        self.log_path = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, models: list[str], timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(models)
+        while pending:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.peer} exited with {self.proc.returncode}: {self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.peer} not ready after {timeout_s:g} s: {self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/models/{pending[0]}", timeout=5) as r:
+                    if r.status == 200:
+                        pending.pop(0)
+                        continue
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1.0)
+
+    def tail(self, n: int = 1500) -> str:
+        self.log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return text[-n:].strip().replace("\n", " | ")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever it left in its session (Ray's and Triton's helper processes)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+def bench(url: str, specs: list[str], inputs: list[str], tensors: str, cpus: list[int], args: argparse.Namespace
+          ) -> dict[str, Any]:
+    cmd = ["taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-m", "apportion", "bench", "--url", url,
+           "--tensors", tensors, "--warmup-s", str(args.warmup_s), "--window-s", str(args.window_s),
+           "--max-s", str(args.warmup_s + 3 * args.window_s), "--request-timeout-s", str(args.request_timeout_s),
+           "--json"]
+    for s in specs:
+        cmd += ["--model", s]
+    for i in inputs:
+        cmd += ["--inputs", i]
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.warmup_s + 3 * args.window_s + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"apportion bench exited {r.returncode}: {r.stderr.strip()[-800:]}")
+    return json.loads(r.stdout)
+
+
+def scenario_loads(scenario: str, demo_rate: float) -> tuple[list[str], list[str]]:
+    from apportion import demo
+
+    if scenario == "noop":
+        return ["noop:concurrency=1"], ["noop=models:noop_input"]
+    if scenario == "mlp256":
+        return ["mlp256:concurrency=8"], ["mlp256=models:mlp256_input"]
+    specs = [f"{n}:rate={demo_rate * demo.SHARES[n]:.1f},latency_ms={demo.SLO_MS[n]:g},"
+             f"timeout_ms={demo.SLO_MS[n]:g}" for n in ("mlp", "conv", "encoder")]
+    return specs, [f"{n}=models:{n}_input" for n in ("mlp", "conv", "encoder")]
+
+
+def figures(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
+    ms = report["models"]
+    errors: dict[str, int] = {}
+    for m in ms.values():
+        for k, v in m["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    out: dict[str, Any] = {"stable": report["stable"], "errors": errors}
+    if scenario == "noop":
+        lat = ms["noop"]["latency"]
+        out.update(p50_ms=lat and lat["p50_ms"], p99_ms=lat and lat["p99_ms"], rps=ms["noop"]["throughput"])
+    elif scenario == "mlp256":
+        lat = ms["mlp256"]["latency"]
+        out.update(rps=ms["mlp256"]["throughput"], p99_ms=lat and lat["p99_ms"], p50_ms=lat and lat["p50_ms"])
+    else:
+        out.update(goodput=report["goodput"], throughput=report["throughput"],
+                   offered=sum(m["offered_rate"] for m in ms.values()),
+                   per_model={n: {"good": m["goodput"], "p99_ms": m["latency"] and m["latency"]["p99_ms"],
+                                  "slo_met": m["slo_met"]} for n, m in ms.items()})
+    return out
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[str, Any]], str]]:
+    """(peer, scenario, config label, models, tensors) in run order: peers alternate within
+    each scenario, so a slow minute of the shared machine does not fall on one peer alone."""
+    runs = []
+    for scenario in args.scenarios:
+        for tensors in args.tensors:
+            for label, models in configs(scenario):
+                for peer in args.peers:
+                    if tensors == "json" or peer in V2_NATIVE:
+                        runs.append((peer, scenario, label, models, tensors))
+    return runs
+
+
+def configs(scenario: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    if scenario == "noop":
+        return [("1 instance", {"noop": {"instances": 1}})]
+    if scenario == "mlp256":
+        return [("2 replicas x 1 thread", {"mlp256": {"instances": 2}})]
+    return [(label, {n: dict(c) for n in ("mlp", "conv", "encoder")}) for label, c in DEMO_CONFIGS.items()]
+
+
+def table(rows: list[Row]) -> str:
+    out = []
+    for scenario, head in (("noop", "| server | tensors | p50 ms | p99 ms | req/s |"),
+                           ("mlp256", "| server | tensors | req/s | p50 ms | p99 ms |"),
+                           ("demo", "| server | configuration | offered/s | req/s | goodput/s | SLOs met (mlp, conv, encoder) |")):
+        sel = [r for r in rows if r.scenario == scenario]
+        if not sel:
+            continue
+        out += ["", f"**{scenario}**", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for r in sel:
+            f = r.figures
+            if r.error:
+                out.append(f"| {r.peer} | {r.config if scenario == 'demo' else r.tensors} | failed: "
+                           f"{r.error[:300]} |")
+                continue
+            note = "" if f["stable"] else " (not stable)"
+            errs = ", ".join(f"{k} x{v}" for k, v in sorted(f["errors"].items()))
+            note += f" errors: {errs}" if errs else ""
+            if scenario == "noop":
+                out.append(f"| {r.peer}{note} | {r.tensors} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {f['rps']:.0f} |")
+            elif scenario == "mlp256":
+                out.append(f"| {r.peer}{note} | {r.tensors} | {f['rps']:.0f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} |")
+            else:
+                met = ", ".join("yes" if m["slo_met"] else "no" for m in f["per_model"].values())
+                out.append(f"| {r.peer}{note} | {r.config}, {r.tensors} | {f['offered']:.0f} | {f['throughput']:.0f} | "
+                           f"{f['goodput']:.0f} | {met} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--scenarios", default="noop,mlp256,demo")
+    p.add_argument("--warmup-s", type=float, default=2.0)
+    p.add_argument("--window-s", type=float, default=3.0, help="3 windows of this are measured per run")
+    p.add_argument("--server-cpus", default=None, help="CPUs every server is pinned to (default: all)")
+    p.add_argument("--client-cpus", default=None, help="CPUs the load client is pinned to (default: all)")
+    p.add_argument("--tensors", default="json",
+                   help="json, binary or json,binary (binary: only the servers that take it: apportion, pytriton)")
+    p.add_argument("--demo-load", default="json=0.1,binary=0.5",
+                   help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.5)")
+    p.add_argument("--request-timeout-s", type=float, default=5.0,
+                   help="a request unanswered after this counts as failed (default 5)")
+    args = p.parse_args()
+    args.peers = [x for x in args.peers.split(",") if x]
+    args.scenarios = [x for x in args.scenarios.split(",") if x]
+    args.tensors = [x for x in args.tensors.split(",") if x]
+    allowed = sorted(os.sched_getaffinity(0))
+    server_cpus = [int(c) for c in args.server_cpus.split(",")] if args.server_cpus else allowed
+    client_cpus = [int(c) for c in args.client_cpus.split(",")] if args.client_cpus else allowed
+    BUILD.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(HERE))
+
+    from apportion import demo
+
+    per_request = demo.single_thread_ms()
+    full_rate = demo.demo_config(load=1.0, per_request_ms=per_request, cpus=len(server_cpus)).rate
+    fractions = {k: float(v) for k, _, v in (x.partition("=") for x in args.demo_load.split(","))}
+    print(f"# {platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; servers on CPUs {server_cpus}, client on {client_cpus}; "
+          f"demo one-thread ms {({k: round(v, 2) for k, v in per_request.items()})}, demo full rate {full_rate}/s, "
+          f"run at {fractions} of it",
+          flush=True)
+    rows: list[Row] = []
+    broken: dict[str, str] = {}
+    for peer in args.peers:
+        if peer != "apportion" and not (BUILD / peer / ".installed").exists():
+            log = BUILD / f"{peer}.log"
+            broken[peer] = "not installed: " + (log.read_text(errors="replace")[-600:].strip().replace("\n", " | ")
+                                                if log.exists() else "no install log")
+    t0 = time.monotonic()
+    for peer, scenario, label, models, tensors in plan(args):
+        row = Row(peer, scenario, label, tensors)
+        rows.append(row)
+        if peer in broken:
+            row.error = broken[peer]
+            continue
+        specs, inputs = scenario_loads(scenario, full_rate * fractions.get(tensors, 1.0))
+        slo = {n: demo.SLO_MS[n] for n in models if n in demo.SLO_MS}
+        log = BUILD / f"server-{peer}-{scenario}-{len(rows)}.log"
+        server = Server(peer, models, server_cpus, slo, log)
+        try:
+            server.wait_ready(list(models))
+            url = server.url
+            report = bench(url, specs, inputs, tensors, client_cpus, args)
+            row.figures = figures(scenario, report)
+        except Exception as e:  # noqa: BLE001 - recorded in the table; the run goes on
+            row.error = f"{type(e).__name__}: {e}"
+        finally:
+            server.stop()
+        status = row.error or json.dumps({k: v for k, v in row.figures.items() if k != "per_model"})
+        print(f"[{time.monotonic() - t0:5.0f} s] {peer:9s} {scenario:6s} {label:32s} {tensors:6s} {status}", flush=True)
+    (BUILD / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Ray Serve serving bench/peers/models.py over HTTP behind a v2 JSON adapter (Ray Serve's
+HTTP is whatever the deployment's FastAPI app says): one application per model at
+route_prefix /v2/models/{m}, answering GET (v2 metadata) and POST /infer (JSON tensors).
+Replicas run one torch thread each; batching through @serve.batch.
+
+    python serve_ray.py PORT '{"mlp256": {"instances": 2, "batch": 1, "delay_ms": 0}}' CPUS TEMP_DIR
+"""
+
+
+
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request
+from ray import serve
+
+import models
+import v2json
+
+
+def deployment(name: str, instances: int, batch: int, delay_ms: float) -> Any:
+    app = FastAPI()
+
+    @serve.deployment(name=name, num_replicas=instances, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=64)
+    @serve.ingress(app)
+    class Model:
+        def __init__(self) -> None:
+            import torch
+
+            torch.set_num_threads(1)
+            self.run = models.runner(name)
+
+        @app.get("/")
+        def metadata(self) -> dict[str, Any]:
+            return models.signature(name)
+
+        @serve.batch(max_batch_size=max(1, batch), batch_wait_timeout_s=delay_ms / 1000.0)
+        async def batched(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+            y = self.run(np.concatenate(xs))
+            return [y[i:i + 1] for i in range(len(xs))]
+
+        @app.post("/infer")
+        async def infer(self, request: Request) -> dict[str, Any]:
+            x = v2json.decode(await request.json())
+            y = await self.batched(x) if batch > 1 else self.run(x)
+            return v2json.encode(name, y)
+
+    return Model.bind()
+
+
+def main(port: int, config: dict[str, dict[str, Any]], cpus: int, temp_dir: str) -> None:
+    # address="local": a cluster of its own, never one another process on this machine started
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name, c in config.items():
+        serve.run(deployment(name, int(c.get("instances", 1)), int(c.get("batch", 1)),
+                             float(c.get("delay_ms", 0.0))), name=name, route_prefix=f"/v2/models/{name}")
+    print("ready", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

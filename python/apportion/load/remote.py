@@ -1,0 +1,333 @@
+"""Load over the network: a KServe v2 server (``apportion serve``, Triton, or any other that
+speaks the Open Inference Protocol) as the target of :func:`apportion.load.run`.
+
+:class:`RemoteTarget` has the part of a :class:`~apportion.Runtime` the load generator uses
+(``models``, ``submit``, ``stats``), so the same closed and open loops, windows, stability rule
+and report drive a server in another process::
+
+    from apportion import load
+
+    with load.RemoteTarget("http://127.0.0.1:8000", ["mlp"]) as target:
+        report = load.run(target, load.ModelLoad("mlp", concurrency=8), window_s=2.0)
+
+The client is tritonclient's asyncio client (HTTP over aiohttp, or gRPC), driven by one event
+loop thread, so requests in flight cost no thread each. Needs the ``load`` extra
+(``pip install "apportion[load]"``).
+
+How requests and outcomes map:
+
+- a request's input is what the load's ``inputs`` gives: a mapping of input name to array, or
+  one array (numpy, torch or anything ``numpy.asarray`` takes) for a model with one input;
+  None sends zeros of the model's declared shape (``-1`` dims as 1). Arrays are converted to
+  the datatype the server declares for the input and sent as binary tensor data
+  (``tensors="json"``: as JSON ``data``, outputs asked for as JSON too, for HTTP servers that
+  take no binary data);
+- ``timeout_ms`` goes to the server as the v2 ``timeout`` parameter (microseconds) and
+  ``priority`` p as v2 priority p + 1 (v2's 1 is the highest level, apportion's 0);
+- every request is sent (``submit`` never refuses), and every one is waited for: a request in
+  flight cannot be taken back, so :meth:`~concurrent.futures.Future.cancel` fails and the
+  end of a run waits for the answers;
+- a refusal for a full queue (HTTP 429, gRPC ``RESOURCE_EXHAUSTED``) ends the request with
+  :class:`RemoteRejected` (a :class:`~apportion.QueueFull`), counted as rejected; an expired
+  deadline (HTTP 504, gRPC ``DEADLINE_EXCEEDED``) with :class:`RemoteExpired` (a
+  :class:`~apportion.DeadlineExceeded`), counted as expired; any other error, a lost
+  connection, or no answer within ``request_timeout_s`` with :class:`RemoteError`, counted as
+  failed. Each carries ``kind`` (``"http 500"``, ``"grpc UNAVAILABLE"``, ``"connection"``,
+  ``"client timeout"``), which the report counts (``ModelReport.errors``);
+- ``stats()`` is empty: the server's own queue and compute histograms are not read, so a
+  remote report has the generator's end-to-end figures only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ..errors import ApportionError, DeadlineExceeded, ModelNotFound, QueueFull
+from .spec import LoadError
+
+__all__ = ["RemoteError", "RemoteExpired", "RemoteRejected", "RemoteTarget"]
+
+_SCHEMES = ("http", "grpc")
+
+
+class RemoteError(ApportionError):
+    """A request that a server answered with an error, or that got no answer. ``kind`` says
+    which (``"http 500"``, ``"grpc INTERNAL"``, ``"connection"``, ``"client timeout"``);
+    the message is the server's or the client library's."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class RemoteRejected(RemoteError, QueueFull):
+    """The server refused the request because the model's queue was full (HTTP 429, gRPC
+    RESOURCE_EXHAUSTED)."""
+
+
+class RemoteExpired(RemoteError, DeadlineExceeded):
+    """The request's deadline passed at the server (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+
+_REJECTED = {"429", "StatusCode.RESOURCE_EXHAUSTED"}
+_EXPIRED = {"504", "StatusCode.DEADLINE_EXCEEDED"}
+
+
+def classify(scheme: str, status: str | None, message: str) -> RemoteError:
+    """The error for a server's answer ``status`` (tritonclient's: ``"429"`` over HTTP,
+    ``"StatusCode.UNAVAILABLE"`` over gRPC; None when the client had no status)."""
+    if status is None:
+        return RemoteError("connection", message)
+    code = status.removeprefix("StatusCode.")
+    kind = f"{scheme} {code}"
+    if status in _REJECTED:
+        return RemoteRejected(kind, message)
+    if status in _EXPIRED:
+        return RemoteExpired(kind, message)
+    return RemoteError(kind, message)
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class RemoteTarget:
+    """A KServe v2 server at ``url`` (``http://HOST:PORT`` or ``grpc://HOST:PORT``) as a load
+    target for ``models``.
+
+    Connects and reads each model's metadata (its inputs) at construction: raises LoadError
+    for a malformed URL, RemoteError (kind ``"connection"``) for a server that cannot be
+    reached, ModelNotFound naming the model for one the server does not know.
+    ``request_timeout_s`` bounds each request on the client side; ``connections`` caps the
+    HTTP connections kept open (one request in flight per connection); ``tensors``: ``"binary"``
+    (the binary tensor data extension, tritonclient's default) or ``"json"`` (HTTP only).
+    Close it (or use it as a context manager) to stop its event loop thread.
+    """
+
+    closed = False
+    started = True
+
+    def __init__(self, url: str, models: Iterable[str], *, request_timeout_s: float = 30.0,
+                 connections: int = 256, tensors: str = "binary") -> None:
+        self.url = url
+        self.scheme, self._address = _parse_url(url)
+        names = [models] if isinstance(models, str) else list(models)
+        if not names:
+            raise LoadError(f"{url}: name at least one model to load")
+        if not (isinstance(request_timeout_s, (int, float)) and request_timeout_s > 0):
+            raise LoadError(f"{url}: request_timeout_s must be a positive number, got {request_timeout_s!r}")
+        self.request_timeout_s = float(request_timeout_s)
+        if tensors not in ("binary", "json") or (tensors == "json" and self.scheme != "http"):
+            raise LoadError(f"{url}: tensors must be 'binary' or, over HTTP, 'json'; got {tensors!r}")
+        self.tensors = tensors
+        self._outputs: dict[str, list[Any]] = {}
+        self._connections = connections
+        self._inputs: dict[str, tuple[_Input, ...]] = {}
+        self._prepared: dict[str, tuple[Any, list[Any]]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="apportion-load-remote",
+                                        daemon=True)
+        self._thread.start()
+        self._client: Any = None
+        try:
+            self._call(self._open(names))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the part of a Runtime that load.run uses -------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        return list(self._inputs)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def submit(self, model: str, x: Any = None, *, timeout_ms: float | None = None,
+               priority: int | None = None) -> Future[Any]:
+        """Sends one request; the future ends with tritonclient's InferResult or a
+        RemoteError. Raises LoadError naming the model and the input for an input that does
+        not match the model's metadata."""
+        if self.closed:
+            raise RemoteError("closed", f"{self.url}: the target is closed")
+        inputs = self._tensors(model, x)
+        fut: Future[Any] = Future()
+        fut.set_running_or_notify_cancel()  # in flight: cancel() fails, the answer is awaited
+        options: dict[str, Any] = {}
+        if timeout_ms is not None:
+            options["timeout"] = max(1, int(timeout_ms * 1000))
+        if priority is not None:
+            options["priority"] = priority + 1
+        if self.tensors == "json":
+            options["outputs"] = self._outputs[model]
+        self._loop.call_soon_threadsafe(self._start, fut, model, inputs, options)
+        return fut
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            if self._client is not None:
+                try:
+                    self._call(self._client.close(), timeout=10.0)
+                except Exception:  # noqa: BLE001 - closing a broken connection is not an error
+                    pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10.0)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+        self.closed = True
+
+    def __enter__(self) -> RemoteTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteTarget({self.url!r}, models={self.models!r})"
+
+    # -- inside the event loop --------------------------------------------------------------------
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(
+            self.request_timeout_s if timeout is None else timeout)
+
+    async def _open(self, names: list[str]) -> None:
+        mod = self._module()
+        if self.scheme == "http":
+            self._client = mod.InferenceServerClient(self._address, conn_limit=self._connections,
+                                                     conn_timeout=self.request_timeout_s)
+        else:
+            self._client = mod.InferenceServerClient(self._address)
+        for name in names:
+            try:
+                md = await self._client.get_model_metadata(name)
+            except Exception as e:  # noqa: BLE001 - classified below
+                err = self._error(e)
+                if err.kind in ("http 404", "grpc NOT_FOUND"):
+                    raise ModelNotFound(f"model {name!r}: field 'model': the server at {self.url} "
+                                        f"does not serve it ({e})") from None
+                raise type(err)(err.kind, f"{self.url}: reading model {name!r}'s metadata: {e}") from None
+            raw = md["inputs"] if isinstance(md, Mapping) else [
+                {"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in md.inputs]
+            self._inputs[name] = tuple(_Input(i["name"], i["datatype"], tuple(int(d) for d in i["shape"]))
+                                       for i in raw)
+            if self.tensors == "json":
+                self._outputs[name] = [mod.InferRequestedOutput(o["name"], binary_data=False)
+                                       for o in md.get("outputs", [])]
+
+    def _module(self) -> Any:
+        try:
+            if self.scheme == "http":
+                import tritonclient.http.aio as mod
+            else:
+                import tritonclient.grpc.aio as mod
+        except ImportError as e:
+            raise LoadError(f"{self.url}: load over the network needs tritonclient "
+                            f"(pip install 'apportion[load]'): {e}") from None
+        return mod
+
+    def _start(self, fut: Future[Any], model: str, inputs: list[Any], options: dict[str, Any]) -> None:
+        self._loop.create_task(self._infer(fut, model, inputs, options))
+
+    async def _infer(self, fut: Future[Any], model: str, inputs: list[Any], options: dict[str, Any]) -> None:
+        try:
+            result = await asyncio.wait_for(self._client.infer(model, inputs, **options), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            fut.set_exception(RemoteError("client timeout", f"model {model!r}: no answer within "
+                                          f"{self.request_timeout_s:g} s"))
+        except Exception as e:  # noqa: BLE001 - every outcome ends the future, once
+            fut.set_exception(self._error(e))
+        else:
+            fut.set_result(result)
+
+    def _error(self, e: Exception) -> RemoteError:
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(e, InferenceServerException):
+            status = e.status()
+            return classify(self.scheme, None if status is None else str(status), e.message() or str(e))
+        return RemoteError("connection", f"{type(e).__name__}: {e}")
+
+    # -- request tensors (in the caller's thread) ---------------------------------------------------
+    def _tensors(self, model: str, x: Any) -> list[Any]:
+        cached = self._prepared.get(model)
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        specs = self._inputs.get(model)
+        if specs is None:
+            raise ModelNotFound(f"model {model!r}: not one of this target's models ({self.models})")
+        mod = self._module()
+        if x is None:
+            arrays = {s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=_np_dtype(s.datatype))
+                      for s in specs}
+        elif isinstance(x, Mapping):
+            missing = [s.name for s in specs if s.name not in x]
+            extra = sorted(set(x) - {s.name for s in specs})
+            if missing or extra:
+                raise LoadError(f"model {model!r}: field 'inputs': the server expects inputs "
+                                f"{[s.name for s in specs]}, got {sorted(x)}")
+            arrays = dict(x)
+        elif len(specs) == 1:
+            arrays = {specs[0].name: x}
+        else:
+            raise LoadError(f"model {model!r}: field 'inputs': the server expects several inputs "
+                            f"{[s.name for s in specs]}; give a mapping of name to array")
+        tensors = []
+        for s in specs:
+            try:
+                arr = _as_array(arrays[s.name], s.datatype)
+            except (TypeError, ValueError) as e:
+                raise LoadError(f"model {model!r}: input {s.name!r}: cannot send it as "
+                                f"{s.datatype}: {e}") from None
+            t = mod.InferInput(s.name, list(arr.shape), s.datatype)
+            if self.tensors == "json":
+                t.set_data_from_numpy(arr, binary_data=False)
+            else:
+                t.set_data_from_numpy(arr)
+            tensors.append(t)
+        self._prepared[model] = (x, tensors)
+        return tensors
+
+
+def _parse_url(url: str) -> tuple[str, str]:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in _SCHEMES or not parts.hostname or parts.path not in ("", "/"):
+        raise LoadError(f"url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        raise LoadError(f"url {url!r}: give the port, e.g. {parts.scheme}://{parts.hostname}:8000")
+    return parts.scheme, f"{parts.hostname}:{port}"
+
+
+def _np_dtype(datatype: str) -> Any:
+    from tritonclient.utils import triton_to_np_dtype
+
+    dtype = triton_to_np_dtype(datatype)
+    if dtype is None:
+        raise ValueError(f"unknown v2 datatype {datatype!r}")
+    return dtype
+
+
+def _as_array(value: Any, datatype: str) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    dtype = _np_dtype(datatype)
+    if datatype == "BYTES":
+        return np.asarray(value, dtype=object)
+    arr = np.asarray(value)
+    if arr.dtype != dtype and not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+        raise ValueError(f"its dtype {arr.dtype} does not convert to {np.dtype(dtype)}")
+    return np.ascontiguousarray(arr, dtype=dtype)
