@@ -5,6 +5,8 @@ The same format is what ``apportion plan|run|bench`` read and what ``ap.tune`` w
     [runtime]
     cpus = "0-7"                        # optional: the CPUs the runtime may use
     shared_pool = "scheduled"           # optional: "os" (default) or "scheduled" (weights, classes)
+    pool_reserve = { "1" = 1 }          # optional, scheduled pool: units reserved for class >= 1
+    reserve_nice = 10                   # optional: nice of the classes below a reservation
 
     [workload]
     rate = 600.0                        # optional: total requests/s, split by each load.share
@@ -56,7 +58,7 @@ OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load", "signature")
 SIGNATURE_KEYS: tuple[str, ...] = ("inputs", "outputs", "tensor")
 MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
-RUNTIME_KEYS: tuple[str, ...] = ("cpus", "shared_pool")
+RUNTIME_KEYS: tuple[str, ...] = ("cpus", "shared_pool", "pool_reserve", "reserve_nice")
 WORKLOAD_KEYS: tuple[str, ...] = ("rate",)
 SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
 LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
@@ -180,6 +182,11 @@ class Config:
     shared_pool: str = "os"
     """``[runtime] shared_pool``: "os" or "scheduled" (see :class:`apportion.Runtime`); the
     tuner's plans with priority classes need "scheduled"."""
+    pool_reserve: dict[int, int] | None = None
+    """``[runtime] pool_reserve``: ``{priority_class: units}`` (TOML keys are strings: ``{ "1" = 1 }``),
+    see :class:`apportion.Runtime`."""
+    reserve_nice: int = 10
+    """``[runtime] reserve_nice``: see :class:`apportion.Runtime`."""
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod
@@ -211,7 +218,7 @@ class Config:
         unknown = [k for k in doc if k not in TOP_KEYS]
         if unknown:
             raise ConfigError(path, unknown[0], "unknown top-level key; allowed: [models.<name>] tables, "
-                              "[runtime] (cpus, shared_pool), [workload] (rate)")
+                              "[runtime] (cpus, shared_pool, pool_reserve, reserve_nice), [workload] (rate)")
         runtime = _table(path, "runtime", doc.get("runtime", {}), RUNTIME_KEYS)
         cpus = runtime.get("cpus")
         if cpus is not None:
@@ -231,6 +238,21 @@ class Config:
         shared_pool = runtime.get("shared_pool", "os")
         if shared_pool not in ("os", "scheduled"):
             raise ConfigError(path, "runtime.shared_pool", f"got {shared_pool!r}; give \"os\" or \"scheduled\"")
+        pool_reserve = runtime.get("pool_reserve")
+        if pool_reserve is not None:
+            if not isinstance(pool_reserve, dict) or not pool_reserve:
+                raise ConfigError(path, "runtime.pool_reserve", f"got {pool_reserve!r}; give a table of "
+                                  "priority class = units, e.g. { \"1\" = 1 }")
+            parsed: dict[int, int] = {}
+            for k, v in pool_reserve.items():
+                try:
+                    cls_ = int(k)
+                except ValueError:
+                    raise ConfigError(path, "runtime.pool_reserve", f"key {k!r} is not a priority class "
+                                      "(an integer)") from None
+                parsed[cls_] = v
+            pool_reserve = parsed
+        reserve_nice = runtime.get("reserve_nice", 10)
         workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
         rate = workload.get("rate")
         if rate is not None:
@@ -244,7 +266,17 @@ class Config:
             if m.load and "share" in m.load and rate is None:
                 raise ConfigError(path, f"models.{m.name}.load.share",
                                   "a share needs a total: add [workload] rate = <requests per second>")
-        return cls(models=out, cpus=cpus, rate=rate, path=path, shared_pool=shared_pool)
+        cfg = cls(models=out, cpus=cpus, rate=rate, path=path, shared_pool=shared_pool,
+                  pool_reserve=pool_reserve, reserve_nice=reserve_nice)
+        if pool_reserve is not None or "reserve_nice" in runtime:
+            from .runtime import _check_reserve
+
+            try:
+                _check_reserve(pool_reserve, reserve_nice, shared_pool == "scheduled")
+            except QuotaError as e:
+                fld = "runtime.reserve_nice" if "reserve_nice" in str(e) else "runtime.pool_reserve"
+                raise ConfigError(path, fld, str(e)) from None
+        return cfg
 
     # -- using --------------------------------------------------------------------------------
     def quotas(self) -> list[Quota]:
@@ -258,7 +290,8 @@ class Config:
         from .runtime import Runtime
 
         try:
-            rt = Runtime(cpus=self.cpus, topology_root=topology_root, shared_pool=self.shared_pool)
+            rt = Runtime(cpus=self.cpus, topology_root=topology_root, shared_pool=self.shared_pool,
+                         pool_reserve=self.pool_reserve, reserve_nice=self.reserve_nice)
         except QuotaError as e:
             raise ConfigError(self.path, "runtime.cpus", str(e)) from None
         try:
@@ -326,6 +359,10 @@ class Config:
             runtime["cpus"] = self.cpus if isinstance(self.cpus, str) else list(self.cpus)
         if self.shared_pool != "os":
             runtime["shared_pool"] = self.shared_pool
+        if self.pool_reserve:
+            runtime["pool_reserve"] = {str(k): v for k, v in sorted(self.pool_reserve.items())}
+        if self.reserve_nice != 10:
+            runtime["reserve_nice"] = self.reserve_nice
         if runtime:
             doc["runtime"] = runtime
         if self.rate is not None:

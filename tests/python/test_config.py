@@ -184,3 +184,47 @@ def test_to_toml_round_trips_random_model_names(names: list[str], latency: float
     again = Config.loads(cfg.to_toml(), "again.toml")
     assert list(again.models) == names
     assert again.models == cfg.models
+
+
+RESERVED = """
+[runtime]
+shared_pool = "scheduled"
+pool_reserve = { "1" = 1 }
+reserve_nice = 5
+
+[models.critical]
+factory = "apportion.demo:build_mlp"
+priority_class = 1
+
+[models.batch]
+factory = "apportion.demo:build_mlp"
+"""
+
+
+def test_a_pool_reservation_loads_round_trips_and_reaches_the_runtime(tmp_path: Path) -> None:
+    cfg = Config.load(write(tmp_path, RESERVED))
+    assert cfg.pool_reserve == {1: 1} and cfg.reserve_nice == 5
+    again = Config.load(write(tmp_path, cfg.to_toml()))
+    assert (again.pool_reserve, again.reserve_nice, again.shared_pool) == ({1: 1}, 5, "scheduled")
+    rt = cfg.runtime(build=False)
+    try:
+        assert rt._pool_reserve == {1: 1}
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "key", "message"),
+    [
+        ('pool_reserve = { "1" = 1 }', "runtime.pool_reserve", "needs shared_pool='scheduled'"),
+        ('shared_pool = "scheduled"\npool_reserve = { "x" = 1 }', "runtime.pool_reserve", "key 'x' is not a priority class"),
+        ('shared_pool = "scheduled"\npool_reserve = { "1" = 0 }', "runtime.pool_reserve", "unit count >= 1"),
+        ('shared_pool = "scheduled"\npool_reserve = 3', "runtime.pool_reserve", "give a table"),
+        ('shared_pool = "scheduled"\npool_reserve = { "1" = 1 }\nreserve_nice = 30', "runtime.reserve_nice", "1..19"),
+    ],
+)
+def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: str, message: str) -> None:
+    text = f"[runtime]\n{runtime}\n\n[models.m]\nfactory = \"apportion.demo:build_mlp\"\n"
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.load(write(tmp_path, text))
+    assert info.value.key == key
