@@ -144,7 +144,12 @@ void Model::build_groups() {
   // admitted request plus one per worker: a worker counts the request it moves there again,
   // though admission may have given its slot away while the worker held it. A move can then
   // never find that lane full.
-  const std::size_t cap = std::max<std::size_t>(opts_.max_queue, 1);
+  //
+  // Twice that: a request settled while queued (expired by the timer, cancelled by its caller)
+  // gives its admission slot back at once but keeps its cell until a worker pops it; at most
+  // max_queue such requests are uncounted at a time (see settled()), so a push still always
+  // finds a free cell.
+  const std::size_t cap = 2 * std::max<std::size_t>(opts_.max_queue, 1);
   lanes_.build(groups, opts_.priority_levels, cap,
                opts_.on_timeout == OnTimeout::delay ? cap + workers_.size() : 0);
 }
@@ -171,6 +176,7 @@ uint32_t Model::start() {
         for (Request* r : due) {
           if (r->try_claim(RequestState::claimed)) {
             r->start_ns = now;
+            settled(r);
             claimed.push_back(r);  // abandoned: the heap's reference goes with it
           } else {
             others.push_back(r);  // running or completed: its owner completes it
@@ -272,7 +278,7 @@ void Model::serve_one(Worker& w) {
     }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
-    queued_.fetch_sub(1, std::memory_order_relaxed);
+    taken(r);
     if (opts_.burst_instances != 0) {
       // The last free own worker just took one and more are waiting: the burst workers' turn.
       if (busy_own_.fetch_add(1, std::memory_order_seq_cst) + 1 >= opts_.instances &&
@@ -310,7 +316,7 @@ void Model::serve_pooled(Worker& w) {
       held = 0;
       continue;
     }
-    queued_.fetch_sub(1, std::memory_order_relaxed);
+    taken(r);
     held = serve_taken(w, r, lane, held);
   }
   pool_leave(held, 0);
@@ -387,7 +393,7 @@ void Model::serve_burst(Worker& w) {
       pool_leave(units, 0);
       continue;
     }
-    queued_.fetch_sub(1, std::memory_order_relaxed);
+    taken(r);
     metrics_.count_burst();
     pool_leave(serve_taken(w, r, lane, units), 0);  // kept only if nothing ran: unused
   }
@@ -423,6 +429,7 @@ void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired
     // filled its slot: each worker holds at most one such request, which is what the delayed
     // lane's extra room (one cell per worker) is for.
     queued_.fetch_add(1, std::memory_order_relaxed);
+    r->counted.store(true, std::memory_order_relaxed);  // before the push publishes it
     metrics_.count_delayed();
     // A free cell exists (see the lane's capacity). This worker serves the lane itself later
     // if no other does, so it needs no wake-up.
@@ -469,7 +476,7 @@ void Model::serve_batches(Worker& w) {
 
     // Taken: uncounted at once (see serve_one), held by this worker until it is batched,
     // carried, settled or moved.
-    if (!carried) queued_.fetch_sub(1, std::memory_order_relaxed);
+    if (!carried) taken(r);
     const int64_t now = now_ns();
     if (cancel_queued_.load(std::memory_order_acquire) || r->state() != RequestState::queued) {
       settle_unrunnable(w, r, lane, false, now);
@@ -595,6 +602,7 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
       r->expiry = expiry_;
       expiry_->add(r);
     }
+    r->counted.store(true, std::memory_order_relaxed);  // published by the push
     // Admission guarantees a free cell and close() waits for us (see LaneSet::push).
     lanes_.push(r->group < groups ? r->group : routed, r->priority, r);
   }
@@ -632,7 +640,7 @@ void Model::join() {
   Request* r = nullptr;
   uint32_t lane = 0;
   while (lanes_.try_take(Worker::kNoGroup, r, lane)) {
-    queued_.fetch_sub(1, std::memory_order_relaxed);
+    taken(r);
     if (claim_or_release(r, RequestState::claimed)) handler_->abandon(nullptr, r, Outcome::cancelled);
   }
   // Every request is complete, so none is left in the expiry heap; in case: references back.
@@ -641,8 +649,35 @@ void Model::join() {
   }
 }
 
+void Model::taken(Request* r) noexcept {
+  // Still counted: its admission slot goes back now. Else whoever settled it while it was
+  // queued gave the slot back already, and only its cell was left to free.
+  if (r->counted.exchange(false, std::memory_order_acq_rel)) {
+    queued_.fetch_sub(1, std::memory_order_relaxed);
+  } else {
+    uncounted_.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+void Model::settled(Request* r) noexcept {
+  // Settled (claimed) while it may still sit in a lane: its slot goes back at once, so that
+  // requests that expired or were cancelled behind a busy worker do not refuse new ones. Its
+  // cell stays taken until a worker pops it: at most max_queue such cells at a time (the lanes
+  // have room for twice max_queue), beyond that it keeps its slot until then.
+  if (uncounted_.fetch_add(1, std::memory_order_relaxed) >= opts_.max_queue) {
+    uncounted_.fetch_sub(1, std::memory_order_relaxed);
+    return;
+  }
+  if (r->counted.exchange(false, std::memory_order_acq_rel)) {
+    queued_.fetch_sub(1, std::memory_order_relaxed);
+  } else {
+    uncounted_.fetch_sub(1, std::memory_order_relaxed);  // popped already: nothing held
+  }
+}
+
 bool Model::cancel(Request* r) {
   if (!r->try_claim(RequestState::claimed)) return false;
+  settled(r);
   // abandon() consumes a reference; the caller keeps its own, and the queue keeps its own until
   // a worker pops the tombstone.
   r->add_ref();
@@ -715,13 +750,14 @@ void Model::check_shape(const Shape& shape) const {
   }
   if (lanes_.has_delayed()) {
     // Each worker may hold one request it moves to the delayed lane beyond the admitted ones
-    // (see build_groups): during a move the old and the new workers exist together.
+    // and the settled ones still in it (see build_groups): during a move the old and the new
+    // workers exist together.
     std::size_t existing = 0;
     {
       std::lock_guard lock(workers_mu_);
       existing = workers_.size();
     }
-    const std::size_t need = opts_.max_queue + existing + shape.instances;
+    const std::size_t need = 2 * opts_.max_queue + existing + shape.instances;
     if (need > lanes_.delayed_capacity()) {
       refuse("a move to " + std::to_string(shape.instances) + " instances needs " + std::to_string(need) +
              " cells in the delayed lane (on_timeout='delay'), it has " +

@@ -356,6 +356,12 @@ class Model {
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
+  // A request popped from a lane: gives back its admission slot, or its cell's if it was
+  // settled while queued (see settled()).
+  void taken(Request* r) noexcept;
+  // A request claimed while it may still sit in a lane (expired by the timer, cancelled):
+  // gives back its admission slot now, within the lanes' spare room.
+  void settled(Request* r) noexcept;
   // Claims and runs the batch formed in `b` with one model call (or settles what cannot run).
   void dispatch(Worker& w, Batcher& b);
 
@@ -396,6 +402,8 @@ class Model {
   // ones a worker is moving to the delayed lane, so the lanes can never be full when admission
   // says yes. It is also the sleepers' "work may be coming" signal (see take()).
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
+  // Requests settled while queued whose cells are not yet popped (see settled()).
+  std::atomic<std::size_t> uncounted_{0};
   // The admission bound now (<= opts_.max_queue, the lanes' size): a live move may lower it.
   std::atomic<std::size_t> max_queue_{0};
   // Submitters between their look at closed_ and their last push. close() waits for zero

@@ -162,6 +162,10 @@ class Request {
   int64_t heap_index = -1;
   /// The expiry heap holding it (models with prompt expiry); set before it is queued.
   std::shared_ptr<ExpiryHeap> expiry;
+  /// Whether it holds an admission slot (its model's queued count): set when it is pushed
+  /// into a lane; whoever clears it first, the worker that pops it or the thread that settles
+  /// it while it sits queued (expiry timer, cancel), gives the slot back (see Model::settled).
+  std::atomic<bool> counted{false};
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.
   uint32_t group = UINT32_MAX;

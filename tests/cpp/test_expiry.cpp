@@ -155,5 +155,67 @@ TEST_F(EngineTest, RequestsDueTogetherExpireInOneBatchEachOnce) {
   });
 }
 
+TEST_F(EngineTest, RequestsSettledWhileQueuedGiveTheirAdmissionSlotsBack) {
+  // A queue of 4 behind a busy worker: 4 requests expire there, then 4 more are admitted at
+  // once (they held their slots until a worker reached them, refusing new ones meanwhile).
+  // Cancelled ones give theirs back too, up to max_queue unpopped at a time (the lanes' spare
+  // room); beyond that a settled request keeps its slot until it is popped.
+  guarded(30s, [] {
+    Gate gate;
+    auto h = std::make_shared<TestHandler>();
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      }
+      return Outcome::ok;
+    };
+    Model m(opts(1, 4), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef busy = make(0);
+    ASSERT_EQ(submit(m, busy), Admit::ok);
+    gate.wait_arrivals(1);
+    std::vector<TestRef> expiring;
+    for (uint64_t i = 1; i <= 4; ++i) {
+      expiring.push_back(make(i));
+      expiring.back()->deadline_ns = now_ns() + 5'000'000;
+      ASSERT_EQ(submit(m, expiring.back()), Admit::ok);
+    }
+    TestRef refused = make(9);
+    EXPECT_EQ(submit(m, refused), Admit::full);
+    for (auto& r : expiring) ASSERT_TRUE(r->wait_done(5'000'000'000));
+    EXPECT_EQ(m.queued(), 0u) << "expired: slots back, cells still taken";
+    std::vector<TestRef> later;
+    for (uint64_t i = 10; i < 14; ++i) {
+      later.push_back(make(i));
+      EXPECT_EQ(submit(m, later.back()), Admit::ok) << "request " << i;
+    }
+    // 4 unpopped settled requests already: a cancel now keeps its slot until it is popped.
+    EXPECT_TRUE(m.cancel(later[0].get()));
+    EXPECT_EQ(m.queued(), 4u);
+    TestRef still_full = make(20);
+    EXPECT_EQ(submit(m, still_full), Admit::full);
+    gate.open();
+    ASSERT_TRUE(completes(busy));
+    for (std::size_t i = 1; i < later.size(); ++i) ASSERT_TRUE(completes(later[i]));
+    m.close(true);
+    m.join();
+    for (auto& r : expiring) {
+      EXPECT_EQ(r->outcome(), Outcome::expired);
+      EXPECT_EQ(r->runs.load(), 0);
+      EXPECT_EQ(r->completions.load(), 1);
+    }
+    EXPECT_EQ(later[0]->outcome(), Outcome::cancelled);
+    EXPECT_EQ(later[0]->runs.load(), 0);
+    EXPECT_EQ(m.queued(), 0u);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 4u);
+    EXPECT_EQ(s.cancelled, 1u);
+    EXPECT_EQ(s.completed, 4u);
+    EXPECT_EQ(s.rejected, 2u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
 }  // namespace
 }  // namespace apportion::testing::engine

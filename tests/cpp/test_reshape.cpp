@@ -338,12 +338,12 @@ TEST_F(EngineTest, AMoveBeforeStartChangesWhatStarts) {
 TEST_F(EngineTest, AMoveOfADelayModelChecksItsDelayedLaneRoom) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
-    ModelOptions o = opts(1, 14);  // the delayed lane: 14 + 1 cells, rounded up to 16
+    ModelOptions o = opts(1, 14);  // the delayed lane: 2 x 14 + 1 cells, rounded up to 32
     o.on_timeout = OnTimeout::delay;
     Model m(o, h);
     ASSERT_EQ(m.start(), 0u);
-    EXPECT_EQ(m.reshape(shape(1, 14)), 0u);  // 14 + 1 old + 1 new = 16
-    EXPECT_THROW(m.reshape(shape(2, 14)), std::invalid_argument);
+    EXPECT_EQ(m.reshape(shape(3, 14)), 0u);  // 2 x 14 + 1 old + 3 new = 32
+    EXPECT_THROW(m.reshape(shape(2, 14)), std::invalid_argument);  // 28 + 3 old + 2 new
     m.close(true);
     m.join();
   });
