@@ -66,6 +66,7 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
     : opts_(std::move(opts)),
       handler_(std::move(handler)),
       counters_(std::make_shared<ModelCounters>(opts_.name)) {
+  counters_->spare_cells = std::max<std::size_t>(opts_.max_queue, 1);  // see build_groups
   opts_.priority_levels = std::max<uint32_t>(opts_.priority_levels, 1);
   opts_.batching.max_size = std::max<std::size_t>(opts_.batching.max_size, 1);
   check_groups(opts_.name, opts_.instances, opts_.instance_group);
@@ -581,7 +582,9 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   }
   // seq_cst: the submitter's first half of the sleeper handshake (see take()).
   const std::size_t before = queued_.fetch_add(n, std::memory_order_seq_cst);
-  if (before + n > max_queue_.load(std::memory_order_relaxed)) {
+  // Slots of requests settled while queued are free again (their cells are spare room).
+  if (before + n > max_queue_.load(std::memory_order_relaxed) +
+                       counters_->returned.load(std::memory_order_relaxed)) {
     queued_.fetch_sub(n, std::memory_order_relaxed);
     counters_->rejected.fetch_add(n, std::memory_order_relaxed);
     return Admit::full;
@@ -650,28 +653,22 @@ void Model::join() {
 }
 
 void Model::taken(Request* r) noexcept {
-  // Still counted: its admission slot goes back now. Else whoever settled it while it was
-  // queued gave the slot back already, and only its cell was left to free.
-  if (r->counted.exchange(false, std::memory_order_acq_rel)) {
-    queued_.fetch_sub(1, std::memory_order_relaxed);
-  } else {
-    uncounted_.fetch_sub(1, std::memory_order_relaxed);
+  queued_.fetch_sub(1, std::memory_order_relaxed);
+  // Settled while queued, and its slot given back then: the give-back is over with the cell.
+  if (!r->counted.exchange(false, std::memory_order_acq_rel)) {
+    counters_->returned.fetch_sub(1, std::memory_order_relaxed);
   }
 }
 
 void Model::settled(Request* r) noexcept {
-  // Settled (claimed) while it may still sit in a lane: its slot goes back at once, so that
-  // requests that expired or were cancelled behind a busy worker do not refuse new ones. Its
-  // cell stays taken until a worker pops it: at most max_queue such cells at a time (the lanes
-  // have room for twice max_queue), beyond that it keeps its slot until then.
-  if (uncounted_.fetch_add(1, std::memory_order_relaxed) >= opts_.max_queue) {
-    uncounted_.fetch_sub(1, std::memory_order_relaxed);
+  ModelCounters* c = r->counters.get();
+  if (c == nullptr) return;
+  if (c->returned.fetch_add(1, std::memory_order_relaxed) >= c->spare_cells) {
+    c->returned.fetch_sub(1, std::memory_order_relaxed);  // no spare cell: keeps its slot
     return;
   }
-  if (r->counted.exchange(false, std::memory_order_acq_rel)) {
-    queued_.fetch_sub(1, std::memory_order_relaxed);
-  } else {
-    uncounted_.fetch_sub(1, std::memory_order_relaxed);  // popped already: nothing held
+  if (!r->counted.exchange(false, std::memory_order_acq_rel)) {
+    c->returned.fetch_sub(1, std::memory_order_relaxed);  // popped already: nothing to give back
   }
 }
 
@@ -878,7 +875,7 @@ std::vector<std::string> Model::pin_errors() const {
 ModelSnapshot Model::snapshot() const {
   ModelSnapshot s;
   ModelMetrics::read_counters(*counters_, s);
-  s.queued = queued_.load(std::memory_order_relaxed);
+  s.queued = queued();
   uint64_t single_calls = 0;
   {
     std::lock_guard lock(workers_mu_);

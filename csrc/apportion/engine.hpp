@@ -290,7 +290,18 @@ class Model {
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   bool started() const noexcept { return started_; }
-  std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
+  /// Requests holding an admission slot: queued, not settled.
+  std::size_t queued() const noexcept {
+    const std::size_t cells = queued_.load(std::memory_order_relaxed);
+    const std::size_t back = counters_->returned.load(std::memory_order_relaxed);
+    return cells > back ? cells - back : 0;
+  }
+  /// For a request claimed (settled) while it may still sit in a lane: expired by the timer,
+  /// cancelled by its caller from any thread (through its counters, so also after its model
+  /// is gone). Gives its admission slot back at once, so requests settled behind a busy worker
+  /// do not refuse new ones; its cell stays taken until a worker pops it, and at most
+  /// `spare_cells` such cells at a time (beyond that it keeps its slot until then).
+  static void settled(Request* r) noexcept;
   /// Number of lanes: priority_levels per group, plus the delayed lane with on_timeout=delay.
   std::size_t lanes() const noexcept { return lanes_.size(); }
   /// Number of lane groups (1 without instance_group).
@@ -356,12 +367,9 @@ class Model {
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
-  // A request popped from a lane: gives back its admission slot, or its cell's if it was
-  // settled while queued (see settled()).
+  // A request popped from a lane: frees its cell, and its admission slot unless it was given
+  // back when it was settled (see settled()).
   void taken(Request* r) noexcept;
-  // A request claimed while it may still sit in a lane (expired by the timer, cancelled):
-  // gives back its admission slot now, within the lanes' spare room.
-  void settled(Request* r) noexcept;
   // Claims and runs the batch formed in `b` with one model call (or settles what cannot run).
   void dispatch(Worker& w, Batcher& b);
 
@@ -402,8 +410,6 @@ class Model {
   // ones a worker is moving to the delayed lane, so the lanes can never be full when admission
   // says yes. It is also the sleepers' "work may be coming" signal (see take()).
   alignas(kCacheLine) std::atomic<std::size_t> queued_{0};
-  // Requests settled while queued whose cells are not yet popped (see settled()).
-  std::atomic<std::size_t> uncounted_{0};
   // The admission bound now (<= opts_.max_queue, the lanes' size): a live move may lower it.
   std::atomic<std::size_t> max_queue_{0};
   // Submitters between their look at closed_ and their last push. close() waits for zero

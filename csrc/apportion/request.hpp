@@ -35,6 +35,13 @@ struct ModelCounters {
   // Submitters and workers write different groups: keep them on different cache lines.
   alignas(kCacheLine) std::atomic<uint64_t> submitted{0};
   std::atomic<uint64_t> rejected{0};
+  /// Queued cells whose requests were settled while queued (expired by the timer, cancelled)
+  /// and gave their admission slot back before a worker popped them (see Model::settled).
+  /// Read by every admission: on the submitters' line.
+  std::atomic<std::size_t> returned{0};
+  /// How many such cells the model's lanes have room for beyond its admission bound: the
+  /// bound on `returned`. Set before the model takes requests.
+  std::size_t spare_cells = 0;
   alignas(kCacheLine) std::atomic<uint64_t> completed{0};
   std::atomic<uint64_t> failed{0};
   std::atomic<uint64_t> expired{0};
@@ -162,9 +169,9 @@ class Request {
   int64_t heap_index = -1;
   /// The expiry heap holding it (models with prompt expiry); set before it is queued.
   std::shared_ptr<ExpiryHeap> expiry;
-  /// Whether it holds an admission slot (its model's queued count): set when it is pushed
-  /// into a lane; whoever clears it first, the worker that pops it or the thread that settles
-  /// it while it sits queued (expiry timer, cancel), gives the slot back (see Model::settled).
+  /// Whether it holds an admission slot while it sits in a lane: set when it is pushed;
+  /// whoever clears it first, the worker that pops it or a thread that settles it while it is
+  /// queued (expiry timer, cancel), gives the slot back (see Model::settled).
   std::atomic<bool> counted{false};
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.

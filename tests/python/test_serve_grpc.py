@@ -131,22 +131,24 @@ def test_deadline_queue_full_and_priority(served: Served) -> None:
     g = served.gate
     pool, first = served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
     try:
+        # Expires at its 20 ms deadline while the instance is still busy, and frees its place
+        # in the queue (max_queue=3) at once: three more fit after it.
         late = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [0.0])], timeout=20_000))
-        served.wait_queued(1)
+        status_of(late.result, "DEADLINE_EXCEEDED", "gate")
         low = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [1.0])], priority=2))
+        served.wait_queued(1)
+        low2 = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [3.0])], priority=2))
         served.wait_queued(2)
         high = pool.submit(lambda: new_client(served).infer("gate", [vec("x", [2.0])], priority=1))
         served.wait_queued(3)
         status_of(lambda: new_client(served).infer("gate", [vec("x", [9.0])]), "RESOURCE_EXHAUSTED",
                   "gate")
-        time.sleep(0.1)  # past the 20 ms deadline while the instance is still busy
     finally:
         g.release.set()
         pool.shutdown()
-    status_of(late.result, "DEADLINE_EXCEEDED", "gate")
-    for f in (first, low, high):
+    for f in (first, low, low2, high):
         assert f.result().as_numpy("y").shape == (1,)
-    assert g.order == [-1.0, 2.0, 1.0]
+    assert g.order == [-1.0, 2.0, 1.0, 3.0]
 
 
 def test_client_deadline_bounds_the_queue_wait(served: Served) -> None:

@@ -275,13 +275,39 @@ def test_a_queued_request_expires_at_its_deadline_while_the_worker_is_busy(rt: a
         late.result(5)
     assert time.monotonic() - t0 < 0.5  # at its deadline, not when the 30 s call ends
     s = rt.stats()["m"]
-    assert (s.expired, s.queued) == (1, 1)  # counted once; its cell is freed when a worker passes it
+    assert (s.expired, s.queued) == (1, 0)  # counted once; its slot is back (its cell waits for a worker)
     gate.release.set()
     assert blocker.result(10) == "long"
     rt.close()
     assert gate.calls == ["long"]  # never run afterwards
     s = rt.stats()["m"]
     assert (s.submitted, s.completed, s.expired, s.queued) == (2, 1, 1, 0)
+
+
+def test_expired_and_cancelled_requests_give_their_queue_slots_back_at_once(rt: ap.Runtime, gate: Any) -> None:
+    # A queue of 4 behind a long call: requests that expired or were cancelled there used to
+    # hold their slots until the call ended, refusing new requests with QueueFull meanwhile.
+    rt.add_model("m", model=gate, max_queue=4)
+    rt.start()
+    blocker = rt.submit("m", "long")
+    assert gate.entered.wait(10)
+    expiring = [rt.submit("m", i, timeout_ms=5) for i in range(3)]
+    cancelled = rt.submit("m", "c")
+    with pytest.raises(ap.QueueFull):
+        rt.submit("m", "refused")
+    assert cancelled.cancel()
+    for f in expiring:
+        with pytest.raises(ap.DeadlineExceeded):
+            f.result(5)
+    later = [rt.submit("m", f"later{i}") for i in range(4)]  # every slot is free again
+    assert rt.stats()["m"].queued == 4
+    gate.release.set()
+    assert [f.result(10) for f in later] == [f"later{i}" for i in range(4)]
+    assert blocker.result(10) == "long"
+    rt.close()
+    s = rt.stats()["m"]
+    assert (s.submitted, s.completed, s.expired, s.cancelled, s.rejected, s.queued) == (10, 5, 3, 1, 1, 0)
+    assert gate.calls == ["long"] + [f"later{i}" for i in range(4)]
 
 
 def test_with_on_timeout_delay_a_late_request_still_runs(rt: ap.Runtime, gate: Any) -> None:
