@@ -116,16 +116,8 @@ TEST_F(EngineTest, RequestsDueTogetherExpireInOneBatchEachOnce) {
       }
     };
     auto h = std::make_shared<BatchCounting>();
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
-    ModelOptions o;
-    o.name = "m";
-    Model m(o, h);
+    h->on_run = hold_tag0(gate);
+    Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
     TestRef busy = make(0);
     ASSERT_EQ(submit(m, busy), Admit::ok);
@@ -163,13 +155,7 @@ TEST_F(EngineTest, RequestsSettledWhileQueuedGiveTheirAdmissionSlotsBack) {
   guarded(30s, [] {
     Gate gate;
     auto h = std::make_shared<TestHandler>();
-    h->on_run = [&](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate);
     Model m(opts(1, 4), h);
     ASSERT_EQ(m.start(), 0u);
     TestRef busy = make(0);

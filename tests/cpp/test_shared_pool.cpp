@@ -285,6 +285,19 @@ TEST(SharedPool, ShrinkingKeepsHeldUnitsUntilReleased) {
   });
 }
 
+// A thread that waits for one unit for `m`, sets `got` once granted and gives it back; returns
+// once that thread is in line.
+std::thread acquire_in_line(SharedPool& pool, SharedPool::Member& m, std::atomic<bool>& got) {
+  const std::size_t before = pool.waiting();
+  std::thread t([&pool, &m, &got] {
+    const uint32_t u = pool.acquire(m, 1);
+    got.store(true);
+    pool.release(m, u, 1000);
+  });
+  while (pool.waiting() <= before && !got.load()) std::this_thread::sleep_for(100us);
+  return t;
+}
+
 TEST(SharedPool, AReservedClassRunsBeyondTheCapacityLowerClassesDoNot) {
   SharedPool pool(2);
   pool.set_reserve({{1, 1}}, 10);
@@ -317,12 +330,7 @@ TEST(SharedPool, AWaitingReservedClassIsGrantedTheHeadroomAtOnce) {
     auto high = pool.join("high", 1.0, 1);
     ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
     std::atomic<bool> got{false};
-    std::thread t([&] {
-      const uint32_t u = pool.acquire(*high, 1);  // queues: no headroom yet
-      got.store(true);
-      pool.release(*high, u, 1000);
-    });
-    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    std::thread t = acquire_in_line(pool, *high, got);  // queues: no headroom yet
     EXPECT_FALSE(got.load());
     pool.set_reserve({{1, 1}}, 5);  // the low call still holds the only unit
     t.join();
@@ -339,12 +347,7 @@ TEST(SharedPool, ALowerClassWaiterIsNotGrantedFromTheReservation) {
     auto low2 = pool.join("low2", 1.0, 0);
     ASSERT_EQ(pool.try_acquire(*low, 1), 1u);
     std::atomic<bool> got{false};
-    std::thread t([&] {
-      const uint32_t u = pool.acquire(*low2, 1);
-      got.store(true);
-      pool.release(*low2, u, 1000);
-    });
-    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    std::thread t = acquire_in_line(pool, *low2, got);
     std::this_thread::sleep_for(5ms);
     EXPECT_FALSE(got.load());  // two reserved units free, none of them for class 0
     pool.release(*low, 1, 1000);
