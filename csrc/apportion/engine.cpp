@@ -148,7 +148,7 @@ void Model::build_groups() {
   //
   // Twice that: a request settled while queued (expired by the timer, cancelled by its caller)
   // gives its admission slot back at once but keeps its cell until a worker pops it; at most
-  // max_queue such requests are uncounted at a time (see settled()), so a push still always
+  // max_queue such requests are uncounted at a time (see claim_queued()), so a push still always
   // finds a free cell.
   const std::size_t cap = 2 * std::max<std::size_t>(opts_.max_queue, 1);
   lanes_.build(groups, opts_.priority_levels, cap,
@@ -175,9 +175,8 @@ uint32_t Model::start() {
         claimed.clear();
         others.clear();
         for (Request* r : due) {
-          if (r->try_claim(RequestState::claimed)) {
+          if (claim_queued(r)) {
             r->start_ns = now;
-            settled(r);
             claimed.push_back(r);  // abandoned: the heap's reference goes with it
           } else {
             others.push_back(r);  // running or completed: its owner completes it
@@ -660,21 +659,22 @@ void Model::taken(Request* r) noexcept {
   }
 }
 
-void Model::settled(Request* r) noexcept {
+bool Model::claim_queued(Request* r) noexcept {
+  if (!r->try_claim(RequestState::claimed)) return false;
   ModelCounters* c = r->counters.get();
-  if (c == nullptr) return;
+  if (c == nullptr) return true;
   if (c->returned.fetch_add(1, std::memory_order_relaxed) >= c->spare_cells) {
     c->returned.fetch_sub(1, std::memory_order_relaxed);  // no spare cell: keeps its slot
-    return;
+    return true;
   }
   if (!r->counted.exchange(false, std::memory_order_acq_rel)) {
     c->returned.fetch_sub(1, std::memory_order_relaxed);  // popped already: nothing to give back
   }
+  return true;
 }
 
 bool Model::cancel(Request* r) {
-  if (!r->try_claim(RequestState::claimed)) return false;
-  settled(r);
+  if (!claim_queued(r)) return false;
   // abandon() consumes a reference; the caller keeps its own, and the queue keeps its own until
   // a worker pops the tombstone.
   r->add_ref();

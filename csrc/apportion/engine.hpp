@@ -196,7 +196,7 @@ struct ModelOptions {
   /// Per own instance: its lane group (the index of its NUMA node among the model's nodes),
   /// each < instances. Empty, or all one group: one set of lanes, the default. With G groups
   /// the model keeps G sets of priority lanes (the delayed lane stays one, shared); every lane
-  /// can hold max_queue requests, so the lanes cost G x priority_levels x max_queue cells
+  /// can hold 2 x max_queue requests, so the lanes cost G x priority_levels x 2 x max_queue cells
   /// (one cache line each, the count rounded up to a power of two).
   std::vector<uint32_t> instance_group;
 };
@@ -296,12 +296,13 @@ class Model {
     const std::size_t back = counters_->returned.load(std::memory_order_relaxed);
     return cells > back ? cells - back : 0;
   }
-  /// For a request claimed (settled) while it may still sit in a lane: expired by the timer,
-  /// cancelled by its caller from any thread (through its counters, so also after its model
-  /// is gone). Gives its admission slot back at once, so requests settled behind a busy worker
-  /// do not refuse new ones; its cell stays taken until a worker pops it, and at most
-  /// `spare_cells` such cells at a time (beyond that it keeps its slot until then).
-  static void settled(Request* r) noexcept;
+  /// Claims `r` (state `claimed`) if it is still queued, to settle it without running it
+  /// (expired by the timer, cancelled by its caller), from any thread, through its counters, so
+  /// also after its model is gone. Returns whether it was claimed; then its admission slot is
+  /// back at once, so requests settled behind a busy worker do not refuse new ones. Its cell
+  /// stays taken until a worker pops it, and at most `spare_cells` such cells at a time (beyond
+  /// that it keeps its slot until then).
+  static bool claim_queued(Request* r) noexcept;
   /// Number of lanes: priority_levels per group, plus the delayed lane with on_timeout=delay.
   std::size_t lanes() const noexcept { return lanes_.size(); }
   /// Number of lane groups (1 without instance_group).
@@ -368,7 +369,7 @@ class Model {
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
   // A request popped from a lane: frees its cell, and its admission slot unless it was given
-  // back when it was settled (see settled()).
+  // back when it was settled (see claim_queued()).
   void taken(Request* r) noexcept;
   // Claims and runs the batch formed in `b` with one model call (or settles what cannot run).
   void dispatch(Worker& w, Batcher& b);

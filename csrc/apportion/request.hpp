@@ -36,7 +36,7 @@ struct ModelCounters {
   alignas(kCacheLine) std::atomic<uint64_t> submitted{0};
   std::atomic<uint64_t> rejected{0};
   /// Queued cells whose requests were settled while queued (expired by the timer, cancelled)
-  /// and gave their admission slot back before a worker popped them (see Model::settled).
+  /// and gave their admission slot back before a worker popped them (see Model::claim_queued).
   /// Read by every admission: on the submitters' line.
   std::atomic<std::size_t> returned{0};
   /// How many such cells the model's lanes have room for beyond its admission bound: the
@@ -171,7 +171,7 @@ class Request {
   std::shared_ptr<ExpiryHeap> expiry;
   /// Whether it holds an admission slot while it sits in a lane: set when it is pushed;
   /// whoever clears it first, the worker that pops it or a thread that settles it while it is
-  /// queued (expiry timer, cancel), gives the slot back (see Model::settled).
+  /// queued (expiry timer, cancel), gives the slot back (see Model::claim_queued).
   std::atomic<bool> counted{false};
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.

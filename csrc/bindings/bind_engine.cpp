@@ -1062,8 +1062,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
           "cancel",
           [](PyRequest& r) {
             if (r.done()) return r.outcome() == Outcome::cancelled;
-            if (!r.try_claim(RequestState::claimed)) return false;
-            Model::settled(&r);  // its queue slot is free at once
+            if (!Model::claim_queued(&r)) return false;  // its queue slot is free at once
             finish(&r, Outcome::cancelled, nullptr);
             return true;
           },
