@@ -45,13 +45,14 @@ import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import numpy as np
 
 from ..errors import ApportionError, DeadlineExceeded, ModelNotFound, QueueFull
 from .spec import LoadError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["RemoteError", "RemoteExpired", "RemoteRejected", "RemoteTarget"]
 
@@ -267,6 +268,8 @@ class RemoteTarget:
         if specs is None:
             raise ModelNotFound(f"model {model!r}: not one of this target's models ({self.models})")
         mod = self._module()
+        import numpy as np  # here, not at import: `import apportion` loads apportion.load
+
         if x is None:
             arrays = {s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=_np_dtype(s.datatype))
                       for s in specs}
@@ -322,6 +325,8 @@ def _np_dtype(datatype: str) -> Any:
 
 
 def _as_array(value: Any, datatype: str) -> np.ndarray:
+    import numpy as np
+
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         value = value.detach().cpu().numpy()
     dtype = _np_dtype(datatype)
