@@ -4,9 +4,11 @@ routing, errors, stats per node and in total, and a node removed under load."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -272,3 +274,52 @@ def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> No
         assert c.nodes_of("idem") == [local_ray.head] and c.call("idem", 7) == 7
     finally:
         c.close()
+
+
+def test_a_node_runtime_cancels_by_key_even_when_the_cancel_comes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The node actor's own logic, without Ray: a cancel that overtakes its request (they travel
+    # as two actor calls) is applied when the request arrives; a cancel reaches a queued request;
+    # a cancel for a request that already ended changes nothing.
+    from apportion.ray._node import _CANCELS_KEPT, NodeRuntime
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # ray_models
+    node = NodeRuntime(None, specs(narrow={"max_queue": 4}))
+    assert node.error is None
+    try:
+        assert node.cancel(7) is False
+        with pytest.raises(concurrent.futures.CancelledError):
+            node.call("narrow", 1, None, None, key=7)
+        out: dict[str, Any] = {}
+        busy = threading.Thread(target=lambda: out.setdefault("busy", node.call("narrow", {"sleep": 0.5}, None, None, 1)))
+        busy.start()
+        wait_for(lambda: node.stats()["narrow"].in_flight == 1, "the busy request never started")
+        def queued_call() -> None:
+            try:
+                out["queued"] = node.call("narrow", 2, None, None, key=2)
+            except BaseException as e:  # noqa: BLE001 - the outcome under test
+                out["queued"] = e
+
+        queued = threading.Thread(target=queued_call)
+        queued.start()
+        wait_for(lambda: 2 in node._pending, "the queued request never arrived")
+        assert node.cancel(2) is True
+        queued.join(5)
+        busy.join(5)
+        assert out["busy"] == {"sleep": 0.5} and isinstance(out["queued"], concurrent.futures.CancelledError)
+        assert node.call("narrow", 3, None, None, key=3) == 3 and node.cancel(3) is False
+        assert node._pending == {}
+        for k in range(100, 100 + _CANCELS_KEPT + 10):
+            node.cancel(k)
+        assert len(node._cancelled) == _CANCELS_KEPT  # the oldest go: bounded memory
+        counts = node.stats()["narrow"]
+        assert counts.cancelled == 2 and counts.completed == 2 and counts.in_flight == 0
+    finally:
+        node.close()
+
+
+def test_a_node_actor_starts_one_thread_per_request_its_runtime_may_hold_within_bounds() -> None:
+    from apportion.ray.cluster import MAX_ACTOR_THREADS, actor_threads
+
+    assert actor_threads(specs(a={"max_queue": 100, "instances": 2}, b={"max_queue": 50})) == 153
+    assert actor_threads(specs(a={"max_queue": 1})) == 32  # at least 32: admin calls and short bursts
+    assert actor_threads(specs(a={}, b={}, c={})) == MAX_ACTOR_THREADS  # three default queues of 1024

@@ -5,6 +5,7 @@ Imported only by :mod:`apportion.ray.cluster` (it imports Ray)."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,14 +62,26 @@ def counts(rt: Runtime) -> dict[str, ModelCounts]:
             for name, s in rt.stats().items()}
 
 
+_CANCELS_KEPT = 4096  # cancels that came before their request (or after it ended), newest kept
+
+
 class NodeRuntime:
-    """Runs on one node (the cluster pins it there and reserves the node's CPUs for it)."""
+    """Runs on one node (the cluster pins it there and reserves the node's CPUs for it).
+
+    A threaded actor: each request in flight holds one of Ray's actor threads (created as
+    needed) while it waits on the runtime. Measured against an asyncio actor awaiting
+    ``Runtime.infer``, this is ~150 us less per round trip, most of it Ray's own asyncio path.
+    Ray cannot interrupt a running method of a threaded actor, so a caller that gives up on a
+    request cancels it by its key (:meth:`cancel`)."""
 
     def __init__(self, cpu_set: str | None, specs: Sequence[ModelSpec]) -> None:
         # A start failure is kept for ready() to raise: raised here, Ray would report only that
         # the actor died, and the caller would lose the error (QuotaError, PlacementError, the
         # factory's own exception).
         self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, Any] = {}  # key -> the runtime's Future of a request in flight
+        self._cancelled: dict[int, None] = {}  # keys cancelled while no request held them
         try:
             self.rt = started_runtime(cpu_set, specs)
         except Exception as e:  # noqa: BLE001 - handed to the cluster by ready()
@@ -81,8 +94,35 @@ class NodeRuntime:
             raise self.error
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    async def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None) -> Any:
-        return await self.rt.infer(model, inputs, timeout_ms=timeout_ms, priority=priority)
+    def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None,
+             key: int | None = None) -> Any:
+        """Serves one request and returns its result (or raises its error). ``key``: the
+        caller's name for it, for :meth:`cancel`."""
+        fut = self.rt.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
+        if key is None:
+            return fut.result()
+        with self._lock:
+            self._pending[key] = fut
+            cancelled = self._cancelled.pop(key, 0) is None
+        try:
+            if cancelled:
+                fut.cancel()
+            return fut.result()
+        finally:
+            with self._lock:
+                del self._pending[key]
+
+    def cancel(self, key: int) -> bool:
+        """Cancels request ``key`` if it is still queued (True when it was). A cancel that
+        arrives before its request is kept, and applied when the request comes."""
+        with self._lock:
+            fut = self._pending.get(key)
+            if fut is None:
+                self._cancelled[key] = None
+                if len(self._cancelled) > _CANCELS_KEPT:
+                    del self._cancelled[next(iter(self._cancelled))]
+                return False
+        return bool(fut.cancel())
 
     def add(self, specs: Sequence[ModelSpec]) -> list[str]:
         for s in specs:

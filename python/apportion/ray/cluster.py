@@ -12,6 +12,11 @@ nodes drawn at random ("power of two choices" on this caller's requests in fligh
 Outcomes are those of the single-host runtime: ``QueueFull``, ``DeadlineExceeded``,
 ``ModelNotFound`` and the model's own exceptions reach the caller unchanged.
 
+A node's actor is a threaded Ray actor: each request it holds waits on one of its threads, so it
+starts one thread per request its runtime may admit (:func:`actor_threads`, at most
+:data:`MAX_ACTOR_THREADS`). A node sent more requests at once than that keeps the rest in Ray's
+queue for the actor, where no deadline or queue bound of the runtime applies yet.
+
 When a node leaves (its actor dies), each of its requests in flight completes with
 :class:`apportion.WorkerCrashed` naming the node and the model, or, for a model listed in
 ``idempotent=``, is sent once more to another node holding the model. The cluster then re-places
@@ -24,6 +29,7 @@ with WorkerCrashed saying so.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +64,19 @@ def _caller_node() -> str | None:
         except Exception:  # pragma: no cover - a process not connected to Ray
             return None
     return _node_id
+
+
+MAX_ACTOR_THREADS = 1024
+"""The most threads a node actor starts (Ray starts a threaded actor's threads up front)."""
+
+
+def actor_threads(specs: Iterable[ModelSpec]) -> int:
+    """Threads for a node actor serving ``specs``: one per request the node's runtime may hold
+    (each model's ``max_queue`` plus its instances), at least 32 and at most
+    :data:`MAX_ACTOR_THREADS`. Past that, requests wait in Ray's queue for the actor before the
+    runtime admits them."""
+    held = sum(s.max_queue + s.instances + s.burst_instances for s in specs)
+    return max(32, min(MAX_ACTOR_THREADS, held))
 
 
 def ray_nodes(cpu_set_label: str = CPU_SET_LABEL) -> list[Node]:
@@ -102,15 +121,16 @@ class ClusterFuture:
     ``node`` is the node serving it, ``ref`` the Ray object ref of its result (a raw ref: a
     node's death reads as Ray's error there; ``result`` and ``await`` translate it)."""
 
-    __slots__ = ("_cluster", "_model", "_args", "node", "ref", "_retried", "_outcome", "_lock")
+    __slots__ = ("_cluster", "_model", "_args", "node", "ref", "_key", "_retried", "_outcome", "_lock")
 
-    def __init__(self, cluster: Cluster, model: str, args: tuple[Any, ...], node: str, ref: Any,
+    def __init__(self, cluster: Cluster, model: str, args: tuple[Any, ...], node: str, ref: Any, key: int,
                  retried: bool = False) -> None:
         self._cluster = cluster
         self._model = model
         self._args = args
         self.node = node
         self.ref = ref
+        self._key = key
         self._retried = retried
         self._outcome: tuple[bool, Any] | None = None
         self._lock = threading.Lock()
@@ -171,12 +191,12 @@ class ClusterFuture:
         self._cluster._lost(lost)
         if not self._retried and self._model in self._cluster._idempotent:
             try:
-                node, ref = self._cluster._send(self._model, self._args, exclude=(lost,))
+                node, ref, key = self._cluster._send(self._model, self._args, exclude=(lost,))
             except BaseException as e:  # noqa: BLE001 - the retry's own failure is the outcome
                 self._cluster._count("crashed")
                 return (False, e)
             self._cluster._count("retried")
-            self.node, self.ref, self._retried = node, ref, True
+            self.node, self.ref, self._key, self._retried = node, ref, key, True
             return None
         self._cluster._count("crashed")
         crash = WorkerCrashed(f"model {self._model!r}: node {lost} left the cluster while serving this "
@@ -248,6 +268,9 @@ class Cluster:
         self._inflight: dict[str, int] = {}
         self._counts = {"retried": 0, "crashed": 0}
         self._rng = random.Random(0)
+        # Request keys (for cancelling on the node): a random start per process, so routers in
+        # different processes do not share keys.
+        self._keys = itertools.count(random.SystemRandom().getrandbits(62))
 
     # -- pickling: a Cluster handed to a task or actor routes from there -------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -265,7 +288,8 @@ class Cluster:
         pending = {}
         for node, specs in work:
             actor = ray.remote(NodeRuntime).options(
-                num_cpus=node.cpus, num_gpus=node.gpus or None, max_restarts=0, max_concurrency=10_000,
+                num_cpus=node.cpus, num_gpus=node.gpus or None, max_restarts=0,
+                max_concurrency=actor_threads(specs),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.name, soft=False),
             ).remote(node.cpu_set, list(specs))
             pending[node.name] = (actor, specs, actor.ready.remote())
@@ -348,8 +372,8 @@ class Cluster:
         those of :meth:`apportion.Runtime.submit`. Raises ModelNotFound for an unknown model
         (or a node that does not hold it), RuntimeClosed after close()."""
         args = (inputs, timeout_ms, priority)
-        node, ref = self._send(model, args, node=node)
-        return ClusterFuture(self, model, args, node, ref)
+        node, ref, key = self._send(model, args, node=node)
+        return ClusterFuture(self, model, args, node, ref, key)
 
     def call(self, model: str, inputs: Any, *, timeout_ms: float | None = None, priority: int | None = None,
              node: str | None = None) -> Any:
@@ -364,11 +388,17 @@ class Cluster:
         try:
             return await fut
         except asyncio.CancelledError:
-            ray.cancel(fut.ref)  # the node's runtime.infer sees it and cancels the queued request
+            self._cancel(fut)
             raise
 
+    def _cancel(self, fut: ClusterFuture) -> None:
+        """Cancels ``fut``'s request on its node if it is still queued there (no wait)."""
+        actor = self._actors.get(fut.node)
+        if actor is not None and fut.node not in self._lost_nodes:
+            actor.cancel.remote(fut._key)
+
     def _send(self, model: str, args: tuple[Any, ...], exclude: Iterable[str] = (),
-              node: str | None = None) -> tuple[str, Any]:
+              node: str | None = None) -> tuple[str, Any, int]:
         if self._closed:
             raise RuntimeClosed(f"model {model!r}: the cluster is closed")
         with self._lock:
@@ -384,15 +414,22 @@ class Cluster:
                 node = self._choose(nodes, route)
             elif node not in nodes:
                 raise ModelNotFound(f"model {model!r} is not served on node {node}; its nodes: {nodes}")
-            self._inflight[node] = self._inflight.get(node, 0) + 1
+            # Requests in flight are counted only where routing has a choice to make: the
+            # completion callback that uncounts one costs ~60 us per request.
+            track = len(nodes) > 1
+            if track:
+                self._inflight[node] = self._inflight.get(node, 0) + 1
             actor = self._actors[node]
+            key = next(self._keys)
         try:
-            ref = actor.call.remote(model, *args)
+            ref = actor.call.remote(model, *args, key)
         except BaseException:
-            self._done(node)
+            if track:
+                self._done(node)
             raise
-        ref.future().add_done_callback(lambda _f, node=node: self._done(node))
-        return node, ref
+        if track:
+            ref.future().add_done_callback(lambda _f, node=node: self._done(node))
+        return node, ref, key
 
     def _choose(self, nodes: list[str], route: _Route) -> str:
         local = _caller_node()
