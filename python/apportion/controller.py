@@ -6,9 +6,12 @@ refusals, p99 end to end, p99 queue wait, mean compute per request and batch siz
 model's per-request cost (compute time of a call divided by its batch size, as measured in that
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
-``confirm`` windows in a row gets capacity: one more instance, taken from the free CPUs or from a
-model that idles (busy below ``idle`` and p99 well under its SLO for ``confirm`` windows, and
-more than one instance); when nothing can be taken it switches batching on, and then lowers its
+``confirm`` windows in a row gets capacity: one more instance, taken from the free CPUs, from
+CPU time the runtime's CPUs left idle (a shared-pool model whose instances are all busy while at
+least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
+count says nothing about the time the pool has left), or from a model that idles (busy below
+``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance); when
+nothing can be taken it switches batching on, and then lowers its
 ``max_queue`` to what its SLO allows (refusing at once what would miss it). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +37,7 @@ from .batching import Batching
 from .errors import ApportionError, QuotaError
 from .spec import ModelSpec
 from .stats import ModelStats, RuntimeStats
+from .tune.noise import parse_proc_stat
 
 __all__ = ["Controller", "Move", "Window"]
 
@@ -143,14 +148,17 @@ class Controller:
     """Runs beside a serving runtime and moves capacity between its models (see the module
     documentation). ``slos``: p99 objective in milliseconds per model (models without one are
     left where they are). ``capacity``: instances (one intra-op thread each) the models may
-    hold together; default: the runtime's CPUs.
+    hold together; default: the runtime's CPUs. ``headroom``: idle CPUs (averaged over a
+    window) that let a saturated shared-pool model grow beyond ``capacity``, up to
+    ``oversubscribe`` x ``capacity`` instances in all.
 
     Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
     ``step()`` yourself once per window."""
 
     def __init__(self, rt: Any, slos: Mapping[str, float], *, window_s: float = 1.0, dwell_s: float = 3.0,
                  confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
-                 capacity: int | None = None, max_batch: int = 8, batch_delay_ms: float = 1.0,
+                 capacity: int | None = None, headroom: float = 0.5, oversubscribe: float = 2.0,
+                 max_batch: int = 8, batch_delay_ms: float = 1.0,
                  log: Callable[[Move], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, slo in slos.items():
@@ -161,11 +169,19 @@ class Controller:
             raise QuotaError("Controller: window_s must be > 0, dwell_s >= 0 and confirm >= 1")
         if not 0 < idle < target < hot <= 1.5 or not 0 < risk <= 1:
             raise QuotaError("Controller: need 0 < idle < target < hot and 0 < risk <= 1")
+        if not headroom > 0 or not oversubscribe >= 1:
+            raise QuotaError(f"Controller: need headroom > 0 and oversubscribe >= 1, got headroom={headroom!r}, "
+                             f"oversubscribe={oversubscribe!r}")
         self.rt = rt
         self.slos = dict(slos)
         self.window_s, self.dwell_s, self.confirm = window_s, dwell_s, confirm
         self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
         self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
+        self.headroom, self.oversubscribe = headroom, oversubscribe
+        self._cpus: frozenset[int] = frozenset(rt.topology.cpus) if rt is not None else frozenset()
+        self._busy_s: float | None = None  # the runtime's CPUs' busy seconds at the last reading
+        self.idle_cpus: float | None = None
+        """CPUs of the runtime that sat idle over the last window (None: not measured)."""
         self.max_batch, self.batch_delay_ms = max_batch, batch_delay_ms
         self.clock = clock
         self._log = log
@@ -184,12 +200,14 @@ class Controller:
 
     # -- decisions (pure: windows and state in, moves out) ---------------------------------------
     def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
-               fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None) -> list[Move]:
+               fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
+               idle_cpus: float | None = None) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
         says whether a set of specs can be placed together (default: always); a growth that
-        does not fit is not proposed."""
+        does not fit is not proposed. ``idle_cpus``: the runtime's CPUs that sat idle over the
+        window (None: unknown, so no growth into idle time)."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, str]] = []
         idle: list[str] = []
@@ -224,6 +242,11 @@ class Controller:
         grown = _grown(spec)
         if used < self.capacity and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + "; free capacity")]
+        if (spec.isolation == "shared" and w.busy > self.hot and idle_cpus is not None
+                and idle_cpus >= self.headroom and used < self.oversubscribe * self.capacity
+                and fits({**specs, name: grown})):
+            return [*moves, self._move(now_s, name, grown, _change(spec, grown),
+                                       why + f"; {idle_cpus:.1f} of the pool's CPUs sat idle")]
         donors = sorted((windows[d].busy, d) for d in idle if d != name and _shrunk(specs[d]) is not None)
         for _, d in donors:
             ds = specs[d]
@@ -264,6 +287,16 @@ class Controller:
             return False
         return True
 
+    def _cpu_busy_s(self) -> float | None:
+        """Busy seconds of the runtime's CPUs so far (/proc/stat); None where unreadable."""
+        try:
+            with open("/proc/stat") as fh:
+                text = fh.read()
+            ticks = float(os.sysconf("SC_CLK_TCK"))
+        except (OSError, ValueError, AttributeError):
+            return None
+        return parse_proc_stat(text, self._cpus, ticks)
+
     def _dwelled(self, name: str, now_s: float) -> bool:
         last = self._last_move.get(name)
         return last is None or now_s - last >= self.dwell_s
@@ -283,12 +316,18 @@ class Controller:
         last, last_at = self._last, self._last_at
         self._last, self._last_at = stats, now
         if last is None:
+            self._busy_s = self._cpu_busy_s()
             return []
         windows = {n: Window.between(last[n], stats[n], now - last_at) for n in self.slos
                    if n in stats and n in last}
         self.windows = windows
         specs = {n: self.rt.spec(n) for n in windows}
-        moves = self.decide(windows, specs, now - self._t0, self._fits)
+        busy_s = self._cpu_busy_s()
+        self.idle_cpus = None
+        if busy_s is not None and self._busy_s is not None and now > last_at:
+            self.idle_cpus = max(0.0, len(self._cpus) - (busy_s - self._busy_s) / (now - last_at))
+        self._busy_s = busy_s
+        moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus)
         if not moves:
             return []
         try:
@@ -302,6 +341,7 @@ class Controller:
                 self._log(m)
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
+        self._busy_s = self._cpu_busy_s()
         return moves
 
     def start(self) -> Controller:
@@ -344,6 +384,7 @@ class Controller:
         return {
             "running": self._thread is not None,
             "windows": dict(self.windows),
+            "idle_cpus": self.idle_cpus,
             "at_risk_streak": dict(self._risk_streak),
             "idle_streak": dict(self._idle_streak),
             "moves": list(self.moves),

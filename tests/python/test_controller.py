@@ -108,7 +108,45 @@ def test_models_without_an_slo_are_left_alone() -> None:
     assert moves == []
 
 
-@pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}])
+def test_a_saturated_shared_model_grows_into_idle_cpu_time_beyond_the_nominal_capacity() -> None:
+    # Three shared models on two CPUs hold three instances: no nominal capacity is left, yet
+    # the pool's CPUs sat idle while "a" had every instance busy.
+    specs = {"a": spec("a", 1, batching=ap.Batching(8, 1.0)), "b": spec("b", 1), "c": spec("c", 1)}
+    hot = {"a": win(p99=60.0, busy=1.1), "b": win(busy=0.4), "c": win(busy=0.2)}
+    c = controller(capacity=2, confirm=1)
+    moves = c.decide(hot, specs, 0.0, idle_cpus=0.8)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    assert "0.8 of the pool's CPUs sat idle" in moves[0].reason
+    # Too little idle time, idle time unknown, or instances not all busy: admission instead.
+    for idle, busy in ((0.3, 1.1), (None, 1.1), (0.8, 0.5)):
+        c = controller(capacity=2, confirm=1)
+        moves = c.decide({**hot, "a": win(p99=60.0, busy=busy)}, specs, 0.0, idle_cpus=idle)
+        assert [m.change.split(" ")[0] for m in moves] == ["max_queue"], (idle, busy)
+    # Never past oversubscribe x capacity instances in all.
+    c = controller(capacity=2, confirm=1, oversubscribe=1.5)
+    moves = c.decide(hot, specs, 0.0, idle_cpus=1.5)
+    assert [m.change.split(" ")[0] for m in moves] == ["max_queue"]
+    # A model with cores of its own grows only into cores, not into idle time of the pool.
+    excl = {**specs, "a": spec("a", 1, cores=1, isolation="exclusive", batching=ap.Batching(8, 1.0))}
+    c = controller(capacity=2, confirm=1)
+    moves = c.decide(hot, excl, 0.0, fits=lambda s: sum(_s.instances for _s in s.values()) <= 3, idle_cpus=1.5)
+    assert [m.change.split(" ")[0] for m in moves] == ["max_queue"]
+
+
+def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.start()
+        c = Controller(rt, {"a": 50.0}, window_s=0.05)
+        assert c.step() == [] and c.idle_cpus is None  # the first step only takes a reading
+        time.sleep(0.2)
+        c.step()
+        idle = c.stats()["idle_cpus"]
+        assert idle is not None and 0.0 <= idle <= len(rt.topology.cpus)
+
+
+@pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}, {"headroom": 0},
+                                {"oversubscribe": 0.5}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
     with pytest.raises(QuotaError):
         Controller(None, {"a": 50.0}, capacity=2, **kw)
