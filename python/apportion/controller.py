@@ -178,7 +178,7 @@ class Controller:
         self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
         self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
         self.headroom, self.oversubscribe = headroom, oversubscribe
-        self._cpus: frozenset[int] = frozenset(rt.topology.cpus) if rt is not None else frozenset()
+        self._cpus: frozenset[int] = frozenset(c.id for c in rt.topology.cpus) if rt is not None else frozenset()
         self._busy_s: float | None = None  # the runtime's CPUs' busy seconds at the last reading
         self.idle_cpus: float | None = None
         """CPUs of the runtime that sat idle over the last window (None: not measured)."""

@@ -134,15 +134,24 @@ def test_a_saturated_shared_model_grows_into_idle_cpu_time_beyond_the_nominal_ca
 
 
 def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
+    def spin(seconds: float) -> float:
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+        return seconds
+
     with ap.Runtime() as rt:
-        rt.add_model("a", model=lambda x: x)
+        rt.add_model("a", model=spin)
         rt.start()
+        cpus = len(rt.topology.cpus)
         c = Controller(rt, {"a": 50.0}, window_s=0.05)
         assert c.step() == [] and c.idle_cpus is None  # the first step only takes a reading
-        time.sleep(0.2)
+        # One CPU kept busy for the whole window by the model: at most cpus - 1 (and a bit) idle.
+        rt.call("a", 0.5)
         c.step()
         idle = c.stats()["idle_cpus"]
-        assert idle is not None and 0.0 <= idle <= len(rt.topology.cpus)
+        assert idle is not None and 0.0 <= idle <= cpus - 0.6, (idle, cpus)
 
 
 @pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}, {"headroom": 0},
