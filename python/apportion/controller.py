@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,7 +151,8 @@ class Controller:
     left where they are). ``capacity``: instances (one intra-op thread each) the models may
     hold together; default: the runtime's CPUs. ``headroom``: idle CPUs (averaged over a
     window) that let a saturated shared-pool model grow beyond ``capacity``, up to
-    ``oversubscribe`` x ``capacity`` instances in all.
+    ``oversubscribe`` x ``capacity`` instances in all. ``history``: windows kept in
+    :attr:`history` (for reports such as how long an SLO miss lasted).
 
     Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
     ``step()`` yourself once per window."""
@@ -158,7 +160,7 @@ class Controller:
     def __init__(self, rt: Any, slos: Mapping[str, float], *, window_s: float = 1.0, dwell_s: float = 3.0,
                  confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
                  capacity: int | None = None, headroom: float = 0.5, oversubscribe: float = 2.0,
-                 max_batch: int = 8, batch_delay_ms: float = 1.0,
+                 max_batch: int = 8, batch_delay_ms: float = 1.0, history: int = 600,
                  log: Callable[[Move], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, slo in slos.items():
@@ -194,6 +196,9 @@ class Controller:
         self._last_at = 0.0
         self.moves: list[Move] = []
         self.windows: dict[str, Window] = {}
+        self.history: deque[tuple[float, dict[str, Window]]] = deque(maxlen=history)
+        """The last ``history`` windows read, as (seconds since the start at the window's
+        end, {model: window}), oldest first."""
         self.errors: list[str] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -271,6 +276,28 @@ class Controller:
                                        why + "; no capacity to take: refuse what would miss the SLO")]
         return moves
 
+    def longest_miss(self, since_s: float = 0.0) -> tuple[float, str | None]:
+        """The longest run of consecutive windows ending after ``since_s`` (seconds since the
+        start) in which some model's p99 exceeded its SLO, in seconds, and the model that
+        missed longest in it; (0.0, None) when none missed."""
+        best: tuple[float, str | None] = (0.0, None)
+        run_s = 0.0
+        missed: dict[str, float] = {}
+        for at_s, windows in self.history:
+            if at_s <= since_s:
+                continue
+            now = {n: w.seconds for n, w in windows.items()
+                   if n in self.slos and w.completed > 0 and w.p99_ms > self.slos[n]}
+            if not now:
+                run_s, missed = 0.0, {}
+                continue
+            run_s += max(w.seconds for w in windows.values())
+            for n, secs in now.items():
+                missed[n] = missed.get(n, 0.0) + secs
+            if run_s > best[0]:
+                best = (run_s, max(missed, key=lambda n: missed[n]))
+        return best
+
     def elapsed_s(self) -> float:
         """Seconds since the controller was made (the clock of ``Move.at_s``)."""
         return self.clock() - self._t0
@@ -321,6 +348,7 @@ class Controller:
         windows = {n: Window.between(last[n], stats[n], now - last_at) for n in self.slos
                    if n in stats and n in last}
         self.windows = windows
+        self.history.append((now - self._t0, windows))
         specs = {n: self.rt.spec(n) for n in windows}
         busy_s = self._cpu_busy_s()
         self.idle_cpus = None

@@ -216,6 +216,9 @@ class Adapted:
     moves: list[Move]
     shift_at_s: float
     """When the mix shifted, on the controller's clock (``Move.at_s``)."""
+    longest_miss: tuple[float, str | None] = (0.0, None)
+    """The longest run of controller windows after the shift in which a model's p99 exceeded
+    its SLO (seconds) and the model that missed longest in it (None: no window missed)."""
 
     @property
     def adapted_s(self) -> float | None:
@@ -250,7 +253,7 @@ def measure_adaptive(before: Config, after: Config, *, before_s: float, settings
             report = settings.run(rt, after.model_loads(), seed=1)
     finally:
         rt.close(drain=False)
-    return Adapted(_measured(report, after.demand()), moves, shift_at)
+    return Adapted(_measured(report, after.demand()), moves, shift_at, ctl.longest_miss(shift_at))
 
 
 @dataclass
@@ -297,6 +300,9 @@ class DemoResult:
                 took = self.adapted.adapted_s
                 line += (f"; last move {took:.1f} s after the shift" if took is not None
                          else "; no move after the shift")
+                miss_s, who = self.adapted.longest_miss
+                line += (f"; longest SLO miss after it {miss_s:.1f} s ({who})" if who is not None
+                         else "; no SLO miss in any window after it")
             lines.append(line)
         return "\n".join(lines)
 

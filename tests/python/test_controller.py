@@ -133,6 +133,28 @@ def test_a_saturated_shared_model_grows_into_idle_cpu_time_beyond_the_nominal_ca
     assert [m.change.split(" ")[0] for m in moves] == ["max_queue"]
 
 
+def test_longest_miss_is_the_longest_run_of_windows_with_a_p99_over_its_slo() -> None:
+    c = controller()
+    ok, miss_a, miss_b = win(p99=10.0), win(p99=70.0), win(p99=80.0)
+    timeline = [(1.0, {"a": miss_a, "b": ok}),   # before since_s: not counted
+                (2.0, {"a": ok, "b": ok}),
+                (3.0, {"a": miss_a, "b": ok}),   # a run of three windows: a misses 2, b 2
+                (4.0, {"a": miss_a, "b": miss_b}),
+                (5.0, {"a": ok, "b": miss_b}),
+                (6.0, {"a": ok, "b": ok}),
+                (7.0, {"a": ok, "b": miss_b})]   # a run of one
+    assert c.longest_miss() == (0.0, None)
+    c.history.extend(timeline)
+    seconds, who = c.longest_miss(since_s=1.5)
+    assert seconds == pytest.approx(3.0) and who in ("a", "b")
+    assert c.longest_miss(since_s=5.5) == (pytest.approx(1.0), "b")
+    assert c.longest_miss(since_s=7.0) == (0.0, None)
+    # A window where the model completed nothing has no p99 to miss.
+    c.history.clear()
+    c.history.append((1.0, {"a": Window(1.0, 5, 0, 5, 0.0, 0.0, 0.0, 1.0, 1)}))
+    assert c.longest_miss() == (0.0, None)
+
+
 def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
     def spin(seconds: float) -> float:
         end = time.monotonic() + seconds
@@ -150,6 +172,7 @@ def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
         # One CPU kept busy for the whole window by the model: at most cpus - 1 (and a bit) idle.
         rt.call("a", 0.5)
         c.step()
+        assert [sorted(w) for _, w in c.history] == [["a"]]  # every window read is kept
         idle = c.stats()["idle_cpus"]
         assert idle is not None and 0.0 <= idle <= cpus - 0.6, (idle, cpus)
 

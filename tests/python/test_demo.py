@@ -84,9 +84,12 @@ def test_table_compares_the_controller_with_the_static_plan_after_the_shift() ->
                               "shift: static": res(20, False), "shift: controller": res(30, True),
                               "shift: retuned": res(32, True)},
                         cfg, {}, 1.0, {m: new for m in ("shift: static", "shift: controller", "shift: retuned")},
-                        demo.Adapted({}, [demo.Move(6.0, "mlp", "x", "r", spec)], shift_at_s=4.0))
+                        demo.Adapted({}, [demo.Move(6.0, "mlp", "x", "r", spec)], shift_at_s=4.0,
+                                     longest_miss=(1.5, "mlp")))
     text = d.table()
     assert "after the shift: controller 1.50x static, 94% of a plan retuned for the new mix; last move 2.0 s " \
-           "after the shift" in text
+           "after the shift; longest SLO miss after it 1.5 s (mlp)" in text
+    d.adapted = demo.Adapted({}, [], shift_at_s=4.0)
+    assert "no move after the shift; no SLO miss in any window after it" in d.table()
     mlp_rows = [line.split() for line in text.splitlines() if " mlp " in f" {line} "]
     assert [r[-6] for r in mlp_rows if r[0] == "shift:"] == [f"{new['mlp']:.0f}"] * 3
