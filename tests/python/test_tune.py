@@ -185,7 +185,9 @@ def test_the_search_stays_within_its_budget_on_a_simulated_clock() -> None:
         starts.clear()
         result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=measure,
                       progress=False, clock=lambda: now[0], validate_top=2)
-        assert len(starts) == len(result.candidates) and result.elapsed_s == now[0]
+        # Every candidate is measured once, and the winner once more when its confirmation fits.
+        assert result.confirmed in ([], [result.winner.name])
+        assert len(starts) == len(result.candidates) + len(result.confirmed) and result.elapsed_s == now[0]
         return list(starts)
 
     free = run(1000.0)
@@ -300,3 +302,45 @@ def test_the_tuner_says_how_much_capacity_is_missing() -> None:
     big = tune(_synthetic_config(), budget_s=30, topology_root=SERVER, profiles=TRUTH, measure=_fake_measure,
                progress=False)
     assert big.missing_capacity() == {} and big.shortfall() == ""
+
+
+def test_a_winner_that_misses_in_the_longer_confirmation_run_gives_way_to_a_bounded_queue() -> None:
+    # The short validation runs pass every plan; once the confirmation starts (the first plan
+    # measured twice), a plan passes only if it bounds the ranker's queue below the bound the
+    # winner had: a queue that fills only in a longer run.
+    seen: dict[str, int] = {}
+    long_run: list[int] = []
+
+    def measure(cfg: Config) -> dict[str, Measured]:
+        key = repr(sorted((n, m.spec) for n, m in cfg.models.items()))
+        seen[key] = seen.get(key, 0) + 1
+        q = cfg.models["ranker"].spec.max_queue
+        if seen[key] == 2 and not long_run:
+            long_run.append(q)
+        out = _fake_measure(cfg)
+        if long_run and q >= long_run[0]:
+            r = out["ranker"]
+            out["ranker"] = Measured(r.throughput, 0.9 * r.throughput, 45.0, False, r.wanted)
+        return out
+
+    result = tune(_synthetic_config(), budget_s=1000, topology_root=VM2, profiles=TRUTH, measure=measure,
+                  progress=False, validate_top=2)
+    assert long_run, "the winner was never confirmed"
+    first = result.confirmed[0]
+    assert result.winner.name != first and result.winner.name in result.confirmed
+    assert result.winner.slo_ok() and result.config.models["ranker"].spec.max_queue < long_run[0]
+    loser = next(c for c in result.candidates if c.name == first)
+    assert not loser.slo_ok()  # it ranks by its confirmation run now
+    text = result.summary()
+    assert f"Missed in a longer run (3 windows of" in text and f"'{first}'" in text
+    assert "Confirmed in a longer run" in text
+
+
+def test_confirmation_settings_have_windows_of_at_least_a_second() -> None:
+    from apportion.tune.measure import Settings
+    from apportion.tune.tuner import confirmation_settings
+
+    c = confirmation_settings(Settings(warmup_s=0.3, window_s=0.6, stable_windows=3, max_s=4.0))
+    assert (c.warmup_s, c.window_s, c.stable_windows, c.max_s) == (1.0, 1.0, 3, 7.0)
+    c = confirmation_settings(Settings(warmup_s=2.0, window_s=2.0, stable_windows=3, max_s=180.0))
+    assert (c.window_s, c.max_s) == (2.0, 14.0)

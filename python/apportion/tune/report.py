@@ -42,6 +42,11 @@ class TuneResult:
     noise: Noise | None = None
     """What the run saw of the machine: other processes' CPU use, how far repeated profiles
     moved, validation runs that never settled."""
+    confirmed: list[str] = field(default_factory=list)
+    """Candidates run again at the confirmation length, in order (their ``measured`` is that
+    run); the winner holds its SLOs there when it is among them."""
+    confirm_settings: Any = None
+    """The confirmation runs' lengths (a tune.measure.Settings)."""
 
     @property
     def windows(self) -> int:
@@ -65,12 +70,25 @@ class TuneResult:
         text = (f"Validated with a {self.margin:.0%} SLO margin"
                 + (f" over {w} stable windows (each, and pooled)" if w else "")
                 + f"; confidence {self.confidence()}.")
+        text += " " + self.confirmation()
         refused = {n: v for n, v in self.refused().items() if v > 0}
         if refused:
             text += " Refused at once (admission): " + ", ".join(f"{n} {v:.0%}" for n, v in refused.items()) + "."
         noise = self.noise.describe() if self.noise is not None else ""
         short = self.shortfall() if shortfall else ""
         return " ".join(t for t in (text, noise, short) if t)
+
+    def confirmation(self) -> str:
+        """One sentence on the confirmation runs (see :func:`apportion.tune.tune`)."""
+        cs = self.confirm_settings
+        length = f" ({cs.stable_windows} windows of {cs.window_s:g} s)" if cs is not None else ""
+        if not self.confirmed:
+            return "Not confirmed in a longer run (no budget left or no candidate met every SLO)."
+        missed = [n for n in self.confirmed if n != self.winner.name]
+        head = (f"Missed in a longer run{length}: " + ", ".join(f"'{n}'" for n in missed) + ". ") if missed else ""
+        if self.winner.name in self.confirmed and self.winner.slo_ok():
+            return head + f"Confirmed in a longer run{length}."
+        return head + "The winner was not confirmed in a longer run."
 
     def missing_capacity(self) -> dict[str, float]:
         """For each model the allocation does not serve in full: how many more cores it would
