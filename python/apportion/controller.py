@@ -34,11 +34,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._private.cputime import parse_proc_stat
 from .batching import Batching
 from .errors import ApportionError, QuotaError
 from .spec import ModelSpec
 from .stats import ModelStats, RuntimeStats
-from .tune.noise import parse_proc_stat
 
 __all__ = ["Controller", "Move", "Window"]
 

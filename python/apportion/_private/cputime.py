@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
@@ -70,3 +70,24 @@ class CpuTracker:
                 if model in out:
                     out[model] += secs
             return out
+
+
+def parse_proc_stat(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
+    """Busy seconds of ``cpus`` from the text of ``/proc/stat`` (``cpuN user nice system idle
+    iowait irq softirq steal ...`` in clock ticks); idle and iowait are not busy, guest time is
+    already part of user time. A CPU the file does not list counts 0."""
+    busy = 0
+    for line in text.splitlines():
+        if not line.startswith("cpu") or line.startswith("cpu "):
+            continue
+        name, *fields = line.split()
+        try:
+            cpu = int(name[3:])
+        except ValueError:
+            continue
+        if cpu not in cpus:
+            continue
+        v = [int(f) for f in fields[:8]] + [0] * max(0, 8 - len(fields))
+        user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+        busy += user + nice + system + irq + softirq + steal
+    return busy / ticks_per_s

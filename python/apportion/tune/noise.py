@@ -6,10 +6,11 @@ numbers; :mod:`.measure` takes the snapshots."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .._private.cputime import parse_proc_stat
 from .cost import Sample
 
 __all__ = ["CONFIDENCES", "Confidence", "HostSnapshot", "Noise", "combine_repeats", "parse_proc_stat",
@@ -46,27 +47,6 @@ class HostSnapshot:
             return 0.0
         other = (self.busy_s - earlier.busy_s) - (self.own_s - earlier.own_s)
         return min(float(self.cpus), max(0.0, other / wall))
-
-
-def parse_proc_stat(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
-    """Busy seconds of ``cpus`` from the text of ``/proc/stat`` (``cpuN user nice system idle
-    iowait irq softirq steal ...`` in clock ticks); idle and iowait are not busy, guest time is
-    already part of user time. A CPU the file does not list counts 0."""
-    busy = 0
-    for line in text.splitlines():
-        if not line.startswith("cpu") or line.startswith("cpu "):
-            continue
-        name, *fields = line.split()
-        try:
-            cpu = int(name[3:])
-        except ValueError:
-            continue
-        if cpu not in cpus:
-            continue
-        v = [int(f) for f in fields[:8]] + [0] * max(0, 8 - len(fields))
-        user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
-        busy += user + nice + system + irq + softirq + steal
-    return busy / ticks_per_s
 
 
 def _key(s: Sample) -> tuple[int, int]:
