@@ -463,12 +463,14 @@ void Model::serve_batches(Worker& w) {
       continue;
     } else if (!lanes_.try_take(w.group, r, lane)) {
       // Nothing queued right now: dispatch, or wait for more while the batcher allows.
+      const int64_t dry = now_ns();
+      b.ran_dry(dry);
       if (b.dispatch_now(stopping_.load(std::memory_order_acquire))) {
         dispatch(w, b);
         continue;
       }
       const int64_t until = b.wait_until();
-      if (now_ns() >= until || take(w, r, lane, until) != Take::ok) {
+      if (dry >= until || take(w, r, lane, until) != Take::ok) {
         dispatch(w, b);
         continue;
       }
