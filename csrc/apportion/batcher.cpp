@@ -85,8 +85,8 @@ bool Batcher::preferred(std::size_t n) const noexcept {
   return std::binary_search(opt_.preferred_sizes.begin(), opt_.preferred_sizes.end(), n);
 }
 
-bool Batcher::dispatch_now(bool stopping) const noexcept {
-  return stopping || preferred(batch_.size()) || !waiting_pays();
+bool Batcher::dispatch_now(bool stopping, bool sibling_idle) const noexcept {
+  return stopping || sibling_idle || preferred(batch_.size()) || !waiting_pays();
 }
 
 bool Batcher::waiting_pays() const noexcept {
@@ -95,7 +95,9 @@ bool Batcher::waiting_pays() const noexcept {
                 more = batch_estimate_ns(cost_ns_, n + 1);
   const int64_t gap = arrival_gap_ns(n);
   if (gap < 0 || one == 0 || now == 0 || more == 0) return true;
-  return gap < opt_.max_delay_ns && gap < now + one - more;
+  // Each of the n requests in hand waits the gap too: the wait pays only if the worker time
+  // saved exceeds the time it costs them all.
+  return gap < opt_.max_delay_ns && gap * static_cast<int64_t>(n) < now + one - more;
 }
 
 int64_t Batcher::wait_until() const noexcept {

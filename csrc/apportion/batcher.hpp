@@ -10,9 +10,12 @@
 // delayed); one that only this batch would make late, or that would make this batch late, opens
 // the next batch.
 //
-// Waiting for one more request pays only when the next one is expected sooner than the worker
-// time a bigger batch saves: c(n) + c(1) - c(n+1) by the measured call costs, and within
-// max_delay. The expected wait is what waiting is for, measured by batch size: a moving average
+// A batch never waits while another instance of the model waits idle for work: the next
+// request is that instance's at once, and the wait would only delay the batch. Otherwise
+// waiting for one more request pays only when the next one is expected within max_delay, and
+// so soon that the wait, which every one of the n requests in hand sits through, costs them
+// less than the worker time a bigger batch saves: n * gap < c(n) + c(1) - c(n+1) by the
+// measured call costs. The expected wait is what waiting is for, measured by batch size: a moving average
 // of how long after the queue ran dry (nothing more to take) with n requests in the batch the
 // next request was submitted. Closed-loop clients whose requests are all in the batch send
 // nothing more until its answers come, so their next request comes a call later, never within
@@ -89,12 +92,13 @@ class Batcher {
     dry_size_ = batch_.size();
   }
   /// With nothing queued right now (call ran_dry() first): whether to dispatch at once (the
-  /// model is `stopping`, the batch has a preferred size, or waiting for the next request
-  /// would not pay, see waiting_pays()) instead of waiting for more.
-  bool dispatch_now(bool stopping) const noexcept;
-  /// Whether the next request is expected (arrival_gap_ns(n)) within max_delay and sooner than
-  /// the worker time one more request in this batch of n saves (c(n) + c(1) - c(n+1),
-  /// estimated). True while either is unknown (no gap seen at this size, no call measured):
+  /// model is `stopping`, the batch has a preferred size, another instance of the model waits
+  /// idle (`sibling_idle`: the next request is its, not this batch's), or waiting for the next
+  /// request would not pay, see waiting_pays()) instead of waiting for more.
+  bool dispatch_now(bool stopping, bool sibling_idle = false) const noexcept;
+  /// Whether the next request is expected (arrival_gap_ns(n)) within max_delay and so soon
+  /// that n times the wait is less than the worker time one more request in this batch of n
+  /// saves (c(n) + c(1) - c(n+1), estimated). True while either is unknown (no gap seen at this size, no call measured):
   /// then the batch waits as configured, and learns.
   bool waiting_pays() const noexcept;
   /// The moving average of how long after the queue ran dry (ran_dry()) with `n` requests in

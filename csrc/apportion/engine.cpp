@@ -457,7 +457,10 @@ void Model::serve_batches(Worker& w) {
       carried = true;
     } else if (b.empty()) {
       if (retiring) return;  // moved: the new workers take the rest
-      if (take(w, r, lane, -1) != Take::ok) return;  // leaving, every lane empty
+      idle_batchers_.fetch_add(1, std::memory_order_relaxed);
+      const Take got = take(w, r, lane, -1);
+      idle_batchers_.fetch_sub(1, std::memory_order_relaxed);
+      if (got != Take::ok) return;  // leaving, every lane empty
     } else if (retiring) {
       dispatch(w, b);  // what it holds runs now; it takes nothing more
       continue;
@@ -465,7 +468,10 @@ void Model::serve_batches(Worker& w) {
       // Nothing queued right now: dispatch, or wait for more while the batcher allows.
       const int64_t dry = now_ns();
       b.ran_dry(dry);
-      if (b.dispatch_now(stopping_.load(std::memory_order_acquire))) {
+      // Another instance idle: whatever comes next is its at once, and this batch's wait
+      // would only delay these requests (and, in a closed loop, their clients' next ones).
+      if (b.dispatch_now(stopping_.load(std::memory_order_acquire),
+                         idle_batchers_.load(std::memory_order_relaxed) != 0)) {
         dispatch(w, b);
         continue;
       }

@@ -135,6 +135,34 @@ TEST_F(EngineBatching, ClosedLoopClientsAllInOneBatchDoNotWaitForMore) {
   });
 }
 
+TEST_F(EngineBatching, ABatchDoesNotWaitWhileAnotherInstanceIdles) {
+  // Two instances, max_delay of an hour: one takes the lone request while the other waits for
+  // work. Waiting could only delay it: the next request would go to the idle one.
+  guarded(30s, [] {
+    Recorder rec;
+    ModelOptions o = batching_opts(8, 3'600'000'000'000LL);
+    o.instances = 2;
+    Model m(o, recording_handler(rec, nullptr));
+    ASSERT_EQ(m.start(), 0u);
+    // Both workers wait for work (asleep: nothing else blocks them) before the request comes.
+    for (;;) {
+      const std::vector<int> tids = m.worker_tids();
+      if (tids.size() == 2 && std::all_of(tids.begin(), tids.end(),
+                                          [](int t) { return t > 0 && is_sleeping(t); })) {
+        break;
+      }
+      std::this_thread::sleep_for(1ms);
+    }
+    TestRef r = make(1);
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    ASSERT_TRUE(completes(r)) << "dispatched at once, not after an hour";
+    EXPECT_EQ(r->outcome(), Outcome::ok);
+    m.close(true);
+    m.join();
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1}));
+  });
+}
+
 TEST_F(EngineBatching, PreferredSizeDispatchesWithoutWaiting) {
   guarded(30s, [] {
     Recorder rec;
@@ -596,6 +624,47 @@ TEST(BatcherWaiting, AGapOfMaxDelayIsNotWorthWaitingFor) {
   EXPECT_EQ(b.arrival_gap_ns(1), 500);
   b.ran_dry(700);
   EXPECT_FALSE(b.waiting_pays());
+}
+
+TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
+  // A batch of three; a fourth would save c(3) + c(1) - c(4) = 500 ns (c(4) scaled from c(3)).
+  // It comes 200 ns after the queue runs dry, sooner than that, but each of the three waits
+  // those 200 ns too: 600 ns of waiting for 500 ns saved.
+  const BatchingOptions opt{8, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[4];
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
+  b.ran_dry(0);
+  submitted_at(r[3], 200);
+  ASSERT_EQ(b.offer(&r[3], kNone, 200), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(3), 200);
+  b.clear();
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 300), Fit::joined);
+  b.ran_dry(300);
+  EXPECT_FALSE(b.waiting_pays());
+  b.clear();
+  ASSERT_EQ(b.offer(&r[0], kNone, 400), Fit::joined);
+  b.ran_dry(400);
+  submitted_at(r[1], 600);
+  ASSERT_EQ(b.offer(&r[1], kNone, 600), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(1), 200);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[0], kNone, 700), Fit::joined);
+  b.ran_dry(700);
+  EXPECT_TRUE(b.waiting_pays()) << "alone, 200 ns of waiting saves 800";
+}
+
+TEST(BatcherWaiting, DoesNotWaitWhileAnotherInstanceIdles) {
+  // Nothing known, so this batch would wait max_delay; but a request that comes meanwhile is
+  // the idle instance's at once.
+  const BatchingOptions opt{8, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[1];
+  ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
+  b.ran_dry(0);
+  EXPECT_TRUE(b.waiting_pays());
+  EXPECT_FALSE(b.dispatch_now(false, /*sibling_idle=*/false));
+  EXPECT_TRUE(b.dispatch_now(false, /*sibling_idle=*/true));
 }
 
 }  // namespace
