@@ -458,7 +458,10 @@ void Model::serve_batches(Worker& w) {
     } else if (b.empty()) {
       if (retiring) return;  // moved: the new workers take the rest
       idle_batchers_.fetch_add(1, std::memory_order_relaxed);
-      const Take got = take(w, r, lane, -1);
+      // As in serve_one: callers on this CPU, batch after batch, and no other CPU idle.
+      const bool spin = opts_.spin_beside_caller || w.colocated < kColocatedStreak ||
+                        other_cpu_idle(current_cpu());
+      const Take got = take(w, r, lane, -1, spin);
       idle_batchers_.fetch_sub(1, std::memory_order_relaxed);
       if (got != Take::ok) return;  // leaving, every lane empty
     } else if (retiring) {
@@ -518,12 +521,20 @@ void Model::dispatch(Worker& w, Batcher& b) {
   // without drain) still reaches them, and only here does the worker claim them.
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
   const int64_t start = now_ns();
+  const int cpu = current_cpu();
   for (Request* r : b.requests()) {
     if (cancel) {
       if (claim_or_release(r, RequestState::claimed)) handler_->abandon(&w, r, Outcome::cancelled);
     } else if (claim_or_release(r, RequestState::running)) {
       r->start_ns = start;
       claimed.push_back(r);
+      // Its caller wakes on this CPU at completion: see serve_taken.
+      if (cpu >= 0 && r->submit_cpu == cpu) {
+        r->worker_cpu.store(cpu, std::memory_order_relaxed);
+        ++w.colocated;
+      } else {
+        w.colocated = 0;
+      }
     }
   }
   const bool probe = b.probing();
