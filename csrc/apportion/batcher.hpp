@@ -10,20 +10,20 @@
 // delayed); one that only this batch would make late, or that would make this batch late, opens
 // the next batch.
 //
-// A batch never waits while another instance of the model waits idle for work: the next
-// request is that instance's at once, and the wait would only delay the batch. Otherwise
-// waiting for one more request pays only when the next one is expected within max_delay, and
-// so soon that the wait, which every one of the n requests in hand sits through, costs them
-// less than the worker time a bigger batch saves: n * gap < c(n) + c(1) - c(n+1) by the
-// measured call costs. The expected wait is what waiting is for, measured by batch size: a moving average
-// of how long after the queue ran dry (nothing more to take) with n requests in the batch the
-// next request was submitted. Closed-loop clients whose requests are all in the batch send
-// nothing more until its answers come, so their next request comes a call later, never within
-// the wait: such a batch is dispatched at once, whether it holds one client's request or every
-// one of eight, while a smaller batch of the same clients, caught between their resubmissions,
-// still waits for the rest. (The gaps between the submissions that filled a batch say the
-// opposite: eight clients answered together submit together, and a batcher that waited on that
-// measure held every full round for max_delay. One average over all sizes mixes the two cases.)
+// A batch never waits while another instance of the model waits idle for work: the next request is
+// that instance's at once, and the wait would only delay the batch. Otherwise waiting for one more
+// request pays only when the next one is expected within max_delay, and so soon that the wait,
+// which every one of the n requests in hand sits through, costs them less than the worker time a
+// bigger batch saves: n * gap < c(n) + c(1) - c(n+1) by the measured call costs. The expected wait
+// is what waiting is for, measured by batch size: a moving average of how long after the queue ran
+// dry (nothing more to take) with n requests in the batch the next request was submitted.
+// Closed-loop clients whose requests are all in the batch send nothing more until its answers come,
+// so their next request comes a call later, never within the wait: such a batch is dispatched at
+// once, whether it holds one client's request or every one of eight, while a smaller batch of the
+// same clients, caught between their resubmissions, still waits for the rest. (The gaps between the
+// submissions that filled a batch say the opposite: eight clients answered together submit
+// together, and a batcher that waited on that measure held every full round for max_delay. One
+// average over all sizes mixes the two cases.)
 //
 // The estimates are measured only by calls, and a request judged hopeless never makes one: a
 // few slow calls (a cold model's first calls per shape, a moment of contention) could raise
@@ -98,13 +98,15 @@ class Batcher {
   bool dispatch_now(bool stopping, bool sibling_idle = false) const noexcept;
   /// Whether the next request is expected (arrival_gap_ns(n)) within max_delay and so soon
   /// that n times the wait is less than the worker time one more request in this batch of n
-  /// saves (c(n) + c(1) - c(n+1), estimated). True while either is unknown (no gap seen at this size, no call measured):
-  /// then the batch waits as configured, and learns.
+  /// saves (c(n) + c(1) - c(n+1), estimated). True while either is unknown (no gap seen at
+  /// this size, no call measured): then the batch waits as configured, and learns.
   bool waiting_pays() const noexcept;
   /// The moving average of how long after the queue ran dry (ran_dry()) with `n` requests in
   /// the batch the next request was submitted, each measure capped at max_delay (a longer gap
   /// is not worth waiting for, however long it is). -1: nothing measured at that size yet.
-  int64_t arrival_gap_ns(std::size_t n) const noexcept { return n < gap_ns_.size() ? gap_ns_[n] : -1; }
+  int64_t arrival_gap_ns(std::size_t n) const noexcept {
+    return n < gap_ns_.size() ? gap_ns_[n] : -1;
+  }
   /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
   /// batch opened, or earlier if one more request would make it finish after its earliest
   /// deadline. Only for a non-empty batch.

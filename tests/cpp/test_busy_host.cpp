@@ -120,8 +120,8 @@ TEST_F(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
 // A worker pinned to `worker_cpu` serves `n` requests in turn, each submitted from
 // `submitter_cpu`; returns whether it went to sleep within 300 ms afterwards (spin budget
 // kLongSpin). `batch_max` > 1: a batching model (max_delay 0: each request is a batch of one).
-bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller, uint32_t n,
-                                std::size_t batch_max = 1) {
+bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller,
+                                uint32_t n, std::size_t batch_max = 1) {
   auto h = std::make_shared<TestHandler>();
   std::atomic<int> tid{0};
   h->on_start = [&](Worker&) {
