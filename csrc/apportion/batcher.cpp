@@ -96,8 +96,9 @@ bool Batcher::waiting_pays() const noexcept {
   const int64_t gap = arrival_gap_ns(n);
   if (gap < 0 || one == 0 || now == 0 || more == 0) return true;
   // Each of the n requests in hand waits the gap too: the wait pays only if the worker time
-  // saved exceeds the time it costs them all.
-  return gap < opt_.max_delay_ns && gap * static_cast<int64_t>(n) < now + one - more;
+  // saved exceeds the time it costs them all. (Divided, not multiplied: a gap of up to
+  // max_delay times up to max_size requests can overflow.)
+  return gap < opt_.max_delay_ns && gap < (now + one - more) / static_cast<int64_t>(n);
 }
 
 int64_t Batcher::wait_until() const noexcept {
