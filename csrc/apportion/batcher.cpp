@@ -42,6 +42,7 @@ Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns
     : opt_(opt), cost_ns_(cost_ns) {
   batch_.reserve(opt.max_size);
   claimed_.reserve(opt.max_size);
+  gap_ns_.assign(opt.max_size + 1, -1);
 }
 
 bool Batcher::estimate_stale(int64_t now, int64_t estimate) const noexcept {
@@ -49,6 +50,14 @@ bool Batcher::estimate_stale(int64_t now, int64_t estimate) const noexcept {
 }
 
 Batcher::Fit Batcher::offer(Request* r, int64_t deadline, int64_t now) {
+  if (dry_) {
+    // An arrival, whatever becomes of it. Submitted before the worker looked (still being
+    // pushed, or in a lane it had not reached): no gap at all.
+    dry_ = false;
+    const int64_t gap = std::min(std::max<int64_t>(r->submit_ns - dry_at_, 0), opt_.max_delay_ns);
+    int64_t& e = gap_ns_[dry_size_];  // dry_size_ < max_size: a full batch is never open
+    e = e < 0 ? gap : e + (gap - e) / 8;
+  }
   if (deadline != Request::kNoDeadline) {
     const int64_t one = batch_estimate_ns(cost_ns_, 1);
     // Hopeless by an estimate that only calls can correct: once no batch has opened for a
@@ -67,14 +76,6 @@ Batcher::Fit Batcher::offer(Request* r, int64_t deadline, int64_t now) {
     opened_ = now;
     opened_any_ = true;
   }
-  if (!seen_submit_) {
-    seen_submit_ = true;
-    last_submit_ = r->submit_ns;
-  } else if (r->submit_ns > last_submit_) {
-    const int64_t gap = r->submit_ns - last_submit_;
-    gap_ns_ = gap_ns_ == 0 ? gap : gap_ns_ + (gap - gap_ns_) / 8;
-    last_submit_ = r->submit_ns;
-  }
   batch_.push_back(r);  // reserved: never allocates
   min_deadline_ = limit;
   return batch_.size() >= opt_.max_size ? Fit::full : Fit::joined;
@@ -84,16 +85,20 @@ bool Batcher::preferred(std::size_t n) const noexcept {
   return std::binary_search(opt_.preferred_sizes.begin(), opt_.preferred_sizes.end(), n);
 }
 
-bool Batcher::dispatch_now(bool stopping) const noexcept {
-  return stopping || preferred(batch_.size()) || !waiting_pays();
+bool Batcher::dispatch_now(bool stopping, bool sibling_idle) const noexcept {
+  return stopping || sibling_idle || preferred(batch_.size()) || !waiting_pays();
 }
 
 bool Batcher::waiting_pays() const noexcept {
   const std::size_t n = batch_.size();
   const int64_t one = batch_estimate_ns(cost_ns_, 1), now = batch_estimate_ns(cost_ns_, n),
                 more = batch_estimate_ns(cost_ns_, n + 1);
-  if (gap_ns_ == 0 || one == 0 || now == 0 || more == 0) return true;
-  return gap_ns_ < now + one - more;
+  const int64_t gap = arrival_gap_ns(n);
+  if (gap < 0 || one == 0 || now == 0 || more == 0) return true;
+  // Each of the n requests in hand waits the gap too: the wait pays only if the worker time
+  // saved exceeds the time it costs them all. (Divided, not multiplied: a gap of up to
+  // max_delay times up to max_size requests can overflow.)
+  return gap < opt_.max_delay_ns && gap < (now + one - more) / static_cast<int64_t>(n);
 }
 
 int64_t Batcher::wait_until() const noexcept {

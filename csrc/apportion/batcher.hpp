@@ -10,11 +10,20 @@
 // delayed); one that only this batch would make late, or that would make this batch late, opens
 // the next batch.
 //
-// Waiting for one more request pays only when the next one is expected sooner than the worker
-// time a bigger batch saves: c(n) + c(1) - c(n+1) by the measured call costs. The expected wait
-// is a moving average of the gaps between the submissions of the requests this worker batched.
-// A single closed-loop client (the next request comes only after this one's answer) therefore
-// never waits, and batching costs it nothing against not batching.
+// A batch never waits while another instance of the model waits idle for work: the next request is
+// that instance's at once, and the wait would only delay the batch. Otherwise waiting for one more
+// request pays only when the next one is expected within max_delay, and so soon that the wait,
+// which every one of the n requests in hand sits through, costs them less than the worker time a
+// bigger batch saves: n * gap < c(n) + c(1) - c(n+1) by the measured call costs. The expected wait
+// is what waiting is for, measured by batch size: a moving average of how long after the queue ran
+// dry (nothing more to take) with n requests in the batch the next request was submitted.
+// Closed-loop clients whose requests are all in the batch send nothing more until its answers come,
+// so their next request comes a call later, never within the wait: such a batch is dispatched at
+// once, whether it holds one client's request or every one of eight, while a smaller batch of the
+// same clients, caught between their resubmissions, still waits for the rest. (The gaps between the
+// submissions that filled a batch say the opposite: eight clients answered together submit
+// together, and a batcher that waited on that measure held every full round for max_delay. One
+// average over all sizes mixes the two cases.)
 //
 // The estimates are measured only by calls, and a request judged hopeless never makes one: a
 // few slow calls (a cold model's first calls per shape, a moment of contention) could raise
@@ -72,16 +81,32 @@ class Batcher {
   /// Offers a request taken at `now` with deadline `deadline` (Request::kNoDeadline: none).
   Fit offer(Request* r, int64_t deadline, int64_t now);
 
-  /// With nothing queued right now: whether to dispatch at once (the model is `stopping`, the
-  /// batch has a preferred size, or waiting for the next request would not pay, see
-  /// waiting_pays()) instead of waiting for more.
-  bool dispatch_now(bool stopping) const noexcept;
-  /// Whether the next request is expected (arrival_gap_ns()) sooner than the worker time one
-  /// more request in this batch saves (c(n) + c(1) - c(n+1), estimated). True while either is
-  /// unknown (no gap seen yet, no call measured): then the batch waits as configured.
+  /// The worker found nothing queued at `now` while this batch is open. The next request
+  /// offered after that (in this batch or a later one) measures how long after it ran dry the
+  /// next request came (arrival_gap_ns() of this batch's size); of several calls before it,
+  /// the first counts.
+  void ran_dry(int64_t now) noexcept {
+    if (dry_) return;
+    dry_ = true;
+    dry_at_ = now;
+    dry_size_ = batch_.size();
+  }
+  /// With nothing queued right now (call ran_dry() first): whether to dispatch at once (the
+  /// model is `stopping`, the batch has a preferred size, another instance of the model waits
+  /// idle (`sibling_idle`: the next request is its, not this batch's), or waiting for the next
+  /// request would not pay, see waiting_pays()) instead of waiting for more.
+  bool dispatch_now(bool stopping, bool sibling_idle = false) const noexcept;
+  /// Whether the next request is expected (arrival_gap_ns(n)) within max_delay and so soon
+  /// that n times the wait is less than the worker time one more request in this batch of n
+  /// saves (c(n) + c(1) - c(n+1), estimated). True while either is unknown (no gap seen at
+  /// this size, no call measured): then the batch waits as configured, and learns.
   bool waiting_pays() const noexcept;
-  /// The moving average of the gaps between submissions of the requests offered (0: none yet).
-  int64_t arrival_gap_ns() const noexcept { return gap_ns_; }
+  /// The moving average of how long after the queue ran dry (ran_dry()) with `n` requests in
+  /// the batch the next request was submitted, each measure capped at max_delay (a longer gap
+  /// is not worth waiting for, however long it is). -1: nothing measured at that size yet.
+  int64_t arrival_gap_ns(std::size_t n) const noexcept {
+    return n < gap_ns_.size() ? gap_ns_[n] : -1;
+  }
   /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
   /// batch opened, or earlier if one more request would make it finish after its earliest
   /// deadline. Only for a non-empty batch.
@@ -132,9 +157,10 @@ class Batcher {
   bool opened_any_ = false;
   bool probe_ = false;
   int64_t min_deadline_ = Request::kNoDeadline;
-  bool seen_submit_ = false;
-  int64_t last_submit_ = 0;  // the latest submission time among the requests offered
-  int64_t gap_ns_ = 0;
+  bool dry_ = false;          // ran dry since the last request offered
+  int64_t dry_at_ = 0;        // when it first did
+  std::size_t dry_size_ = 0;  // with how many requests in the batch
+  std::vector<int64_t> gap_ns_;  // by batch size, see arrival_gap_ns()
 };
 
 }  // namespace apportion

@@ -457,18 +457,29 @@ void Model::serve_batches(Worker& w) {
       carried = true;
     } else if (b.empty()) {
       if (retiring) return;  // moved: the new workers take the rest
-      if (take(w, r, lane, -1) != Take::ok) return;  // leaving, every lane empty
+      idle_batchers_.fetch_add(1, std::memory_order_relaxed);
+      // As in serve_one: callers on this CPU, batch after batch, and no other CPU idle.
+      const bool spin = opts_.spin_beside_caller || w.colocated < kColocatedStreak ||
+                        other_cpu_idle(current_cpu());
+      const Take got = take(w, r, lane, -1, spin);
+      idle_batchers_.fetch_sub(1, std::memory_order_relaxed);
+      if (got != Take::ok) return;  // leaving, every lane empty
     } else if (retiring) {
       dispatch(w, b);  // what it holds runs now; it takes nothing more
       continue;
     } else if (!lanes_.try_take(w.group, r, lane)) {
       // Nothing queued right now: dispatch, or wait for more while the batcher allows.
-      if (b.dispatch_now(stopping_.load(std::memory_order_acquire))) {
+      const int64_t dry = now_ns();
+      b.ran_dry(dry);
+      // Another instance idle: whatever comes next is its at once, and this batch's wait
+      // would only delay these requests (and, in a closed loop, their clients' next ones).
+      if (b.dispatch_now(stopping_.load(std::memory_order_acquire),
+                         idle_batchers_.load(std::memory_order_relaxed) != 0)) {
         dispatch(w, b);
         continue;
       }
       const int64_t until = b.wait_until();
-      if (now_ns() >= until || take(w, r, lane, until) != Take::ok) {
+      if (dry >= until || take(w, r, lane, until) != Take::ok) {
         dispatch(w, b);
         continue;
       }
@@ -510,12 +521,20 @@ void Model::dispatch(Worker& w, Batcher& b) {
   // without drain) still reaches them, and only here does the worker claim them.
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
   const int64_t start = now_ns();
+  const int cpu = current_cpu();
   for (Request* r : b.requests()) {
     if (cancel) {
       if (claim_or_release(r, RequestState::claimed)) handler_->abandon(&w, r, Outcome::cancelled);
     } else if (claim_or_release(r, RequestState::running)) {
       r->start_ns = start;
       claimed.push_back(r);
+      // Its caller wakes on this CPU at completion: see serve_taken.
+      if (cpu >= 0 && r->submit_cpu == cpu) {
+        r->worker_cpu.store(cpu, std::memory_order_relaxed);
+        ++w.colocated;
+      } else {
+        w.colocated = 0;
+      }
     }
   }
   const bool probe = b.probing();

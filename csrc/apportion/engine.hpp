@@ -429,6 +429,10 @@ class Model {
   std::atomic<uint32_t> burst_epoch_{0};
   // Own workers between taking a request and finishing it (burst models only).
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
+  // Batching workers waiting for a request with no batch in hand (see serve_batches). Read,
+  // relaxed, once per batch that runs dry: a hint, and only workers write it, so it shares a
+  // line that submitters never touch.
+  std::atomic<uint32_t> idle_batchers_{0};
   ModelMetrics metrics_;
   std::shared_ptr<SharedPool::Member> member_;  // null unless some worker uses the pool
   alignas(kCacheLine) bool started_ = false;

@@ -101,6 +101,68 @@ TEST_F(EngineBatching, AClosedLoopClientDoesNotWaitForCompanyThatCannotCome) {
   });
 }
 
+TEST_F(EngineBatching, ClosedLoopClientsAllInOneBatchDoNotWaitForMore) {
+  // Eight closed-loop clients answered together resubmit together (here: one thread submits
+  // the next round once all eight answers came). Once the worker has seen a round, a batch of
+  // all eight goes at once: nothing more can come until it is answered. A call costs
+  // 2 ms + 0.2 ms per request, so one more request would save about c(1) - c(8) / 8 = 1.75 ms,
+  // while the gaps between the eight submissions are microseconds: measured by those, the
+  // worker held every round for max_delay.
+  guarded(60s, [] {
+    auto h = std::make_shared<TestHandler>();
+    h->on_batch = [](Worker&, Request* const*, std::size_t n) {
+      std::this_thread::sleep_for(std::chrono::microseconds(2'000 + 200 * n));
+    };
+    constexpr int64_t kDelay = 10'000'000;
+    Model m(batching_opts(16, kDelay), h);
+    ASSERT_EQ(m.start(), 0u);
+    constexpr int kRounds = 10;
+    int prompt = 0;
+    for (int round = 0; round < kRounds; ++round) {
+      std::vector<TestRef> rs;
+      for (uint64_t i = 0; i < 8; ++i) {
+        rs.push_back(make(i));
+        ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+      }
+      for (auto& r : rs) ASSERT_TRUE(completes(r));
+      // The last one submitted: the batch it closed waited for max_delay, or not at all.
+      if (round >= 2 && rs.back()->start_ns - rs.back()->submit_ns < kDelay / 2) ++prompt;
+    }
+    m.close(true);
+    m.join();
+    // A stall of the test thread or the worker may delay a round; not most of them.
+    EXPECT_GE(prompt, kRounds - 4) << "rounds dispatched without waiting, of " << kRounds - 2;
+  });
+}
+
+TEST_F(EngineBatching, ABatchDoesNotWaitWhileAnotherInstanceIdles) {
+  // Two instances, max_delay of an hour: one takes the lone request while the other waits for
+  // work. Waiting could only delay it: the next request would go to the idle one.
+  guarded(30s, [] {
+    Recorder rec;
+    ModelOptions o = batching_opts(8, 3'600'000'000'000LL);
+    o.instances = 2;
+    Model m(o, recording_handler(rec, nullptr));
+    ASSERT_EQ(m.start(), 0u);
+    // Both workers wait for work (asleep: nothing else blocks them) before the request comes.
+    for (;;) {
+      const std::vector<int> tids = m.worker_tids();
+      if (tids.size() == 2 && std::all_of(tids.begin(), tids.end(),
+                                          [](int t) { return t > 0 && is_sleeping(t); })) {
+        break;
+      }
+      std::this_thread::sleep_for(1ms);
+    }
+    TestRef r = make(1);
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    ASSERT_TRUE(completes(r)) << "dispatched at once, not after an hour";
+    EXPECT_EQ(r->outcome(), Outcome::ok);
+    m.close(true);
+    m.join();
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1}));
+  });
+}
+
 TEST_F(EngineBatching, PreferredSizeDispatchesWithoutWaiting) {
   guarded(30s, [] {
     Recorder rec;
@@ -414,16 +476,21 @@ TEST(BatcherWaiting, WaitsWhileNothingIsKnown) {
   Request r[1];
   submitted_at(r[0], 100);
   ASSERT_EQ(b.offer(&r[0], kNone, 200), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(), 0) << "one submission: no gap yet";
+  b.ran_dry(300);
+  EXPECT_EQ(b.arrival_gap_ns(1), -1) << "never ran dry before: no gap yet";
   EXPECT_TRUE(b.waiting_pays());
   EXPECT_FALSE(b.dispatch_now(false));
   const std::vector<int64_t> unmeasured;
   Batcher fresh(opt, unmeasured);
   Request s[2];
   submitted_at(s[0], 100);
-  submitted_at(s[1], 100'000);
+  submitted_at(s[1], 400);
   ASSERT_EQ(fresh.offer(&s[0], kNone, 100), Fit::joined);
-  ASSERT_EQ(fresh.offer(&s[1], kNone, 100'000), Fit::joined);
+  fresh.ran_dry(200);
+  fresh.clear();
+  ASSERT_EQ(fresh.offer(&s[1], kNone, 400), Fit::joined);
+  fresh.ran_dry(500);
+  EXPECT_EQ(fresh.arrival_gap_ns(1), 200);
   EXPECT_TRUE(fresh.waiting_pays()) << "no call measured";
 }
 
@@ -431,13 +498,15 @@ TEST(BatcherWaiting, DispatchesAtOnceWhenTheNextRequestIsFartherThanTheSaving) {
   // A batch of one; one more would save c(1) + c(1) - c(2) = 800 ns of worker time.
   const BatchingOptions opt{3, 1'000'000, {}};
   Batcher b(opt, kCurve);
-  Request r[3];
+  Request r[2];
   submitted_at(r[0], 0);
-  submitted_at(r[1], 5'000);  // a closed-loop client: one request per round trip
+  submitted_at(r[1], 5'020);  // a closed-loop client: one request per round trip
   ASSERT_EQ(b.offer(&r[0], kNone, 10), Fit::joined);
-  b.clear();
-  ASSERT_EQ(b.offer(&r[1], kNone, 5'010), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(), 5'000);
+  b.ran_dry(20);
+  b.clear();  // dispatched (nothing known: after waiting)
+  ASSERT_EQ(b.offer(&r[1], kNone, 5'030), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(1), 5'000);
+  b.ran_dry(5'040);
   EXPECT_FALSE(b.waiting_pays());
   EXPECT_TRUE(b.dispatch_now(false));
 }
@@ -445,31 +514,157 @@ TEST(BatcherWaiting, DispatchesAtOnceWhenTheNextRequestIsFartherThanTheSaving) {
 TEST(BatcherWaiting, WaitsWhenRequestsArriveFasterThanTheSaving) {
   const BatchingOptions opt{3, 1'000'000, {}};
   Batcher b(opt, kCurve);
-  Request r[2];
+  Request r[4];
   submitted_at(r[0], 1'000);
-  submitted_at(r[1], 1'300);  // 300 ns apart: sooner than the 800 ns a batch of two saves
-  ASSERT_EQ(b.offer(&r[0], kNone, 1'400), Fit::joined);
-  ASSERT_EQ(b.offer(&r[1], kNone, 1'400), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(), 300);
-  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 ns.
+  submitted_at(r[1], 1'300);  // 300 ns after the queue ran dry: sooner than the 700 ns saved
+  ASSERT_EQ(b.offer(&r[0], kNone, 1'000), Fit::joined);
+  b.ran_dry(1'000);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[1], kNone, 1'300), Fit::joined);
+  submitted_at(r[2], 1'350);
+  ASSERT_EQ(b.offer(&r[2], kNone, 1'350), Fit::joined);
+  b.ran_dry(1'400);
+  EXPECT_TRUE(b.waiting_pays()) << "a batch of two has seen no gap yet";
+  submitted_at(r[3], 1'700);
+  ASSERT_EQ(b.offer(&r[3], kNone, 1'700), Fit::full);
+  EXPECT_EQ(b.arrival_gap_ns(2), 300);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[0], kNone, 2'000), Fit::joined);
+  ASSERT_EQ(b.offer(&r[1], kNone, 2'000), Fit::joined);
+  b.ran_dry(2'000);
+  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 ns, and comes in 300.
   EXPECT_TRUE(b.waiting_pays());
   EXPECT_FALSE(b.dispatch_now(false));
   EXPECT_TRUE(b.dispatch_now(true)) << "stopping always dispatches";
 }
 
-TEST(BatcherWaiting, TheGapIsAMovingAverageOverBatches) {
+TEST(BatcherWaiting, ABatchHoldingEveryClosedLoopClientDoesNotWait) {
+  // Three closed-loop clients answered together resubmit 10 ns apart, faster than the worker
+  // takes them: submissions close together, but nothing comes once all three are in the batch
+  // until its call (1,500 ns) answers them. A batch of three would save c(3) + c(1) - c(4)
+  // = 500 ns (c(4) scaled from c(3)); the next request is 1,510 ns away.
+  const BatchingOptions opt{8, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[3];
+  int64_t t = 0;
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < 3; ++i) {
+      submitted_at(r[i], t + 10 * i);
+      ASSERT_EQ(b.offer(&r[i], kNone, t + 10 * i), Fit::joined);
+    }
+    b.ran_dry(t + 30);
+    if (round > 0) {
+      EXPECT_EQ(b.arrival_gap_ns(3), 1'510) << round;
+      EXPECT_TRUE(b.dispatch_now(false)) << round;
+    }
+    b.clear();  // dispatched: its call takes 1,500 ns
+    t += 30 + 1'500 + 10;
+  }
+}
+
+TEST(BatcherWaiting, TheGapIsLearnedPerBatchSize) {
+  // Caught between resubmissions with one request, the worker waits for the others (they
+  // come 50 ns later); with all three it does not: that gap is a whole call.
   const BatchingOptions opt{8, 1'000'000, {}};
   Batcher b(opt, kCurve);
   Request r[3];
   submitted_at(r[0], 0);
-  submitted_at(r[1], 800);
-  submitted_at(r[2], 9'600);
-  b.offer(&r[0], kNone, 1);
-  b.offer(&r[1], kNone, 801);
-  EXPECT_EQ(b.arrival_gap_ns(), 800);
-  b.clear();  // the estimate outlives the batch
-  b.offer(&r[2], kNone, 9'601);
-  EXPECT_EQ(b.arrival_gap_ns(), 800 + (8'800 - 800) / 8);
+  submitted_at(r[1], 150);
+  submitted_at(r[2], 200);
+  ASSERT_EQ(b.offer(&r[0], kNone, 100), Fit::joined);
+  b.ran_dry(100);
+  ASSERT_EQ(b.offer(&r[1], kNone, 150), Fit::joined);
+  ASSERT_EQ(b.offer(&r[2], kNone, 200), Fit::joined);
+  b.ran_dry(200);
+  b.clear();
+  submitted_at(r[0], 2'200);
+  ASSERT_EQ(b.offer(&r[0], kNone, 2'200), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(1), 50);
+  EXPECT_EQ(b.arrival_gap_ns(3), 2'000);
+  EXPECT_EQ(b.arrival_gap_ns(2), -1);
+  b.ran_dry(2'200);
+  EXPECT_TRUE(b.waiting_pays()) << "one request: the next came 50 ns after";
+}
+
+TEST(BatcherWaiting, TheGapIsAMovingAverageCappedAtMaxDelay) {
+  const BatchingOptions opt{8, 10'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[4];
+  const auto round = [&](Request& q, int64_t dry, int64_t submit) {
+    submitted_at(q, submit);
+    b.ran_dry(dry);
+    b.ran_dry(dry + 5);  // the first look that found nothing counts
+    b.clear();
+    ASSERT_EQ(b.offer(&q, kNone, submit), Fit::joined);
+  };
+  ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
+  round(r[1], 100, 900);
+  EXPECT_EQ(b.arrival_gap_ns(1), 800);
+  round(r[2], 1'000, 9'800);
+  EXPECT_EQ(b.arrival_gap_ns(1), 800 + (8'800 - 800) / 8);
+  round(r[3], 10'000, 1'000'000);
+  EXPECT_EQ(b.arrival_gap_ns(1), 1'800 + (10'000 - 1'800) / 8) << "counted as max_delay";
+  submitted_at(r[0], 999'000);  // submitted before the worker looked: no gap
+  round(r[0], 1'000'000, 999'000);
+  EXPECT_EQ(b.arrival_gap_ns(1), 2'825 + (0 - 2'825) / 8);
+}
+
+TEST(BatcherWaiting, AGapOfMaxDelayIsNotWorthWaitingFor) {
+  // One more would save 800 ns, but the next request has always come 500 ns or more after
+  // the queue ran dry, which is all the batch may wait.
+  const BatchingOptions opt{3, 500, {}};
+  Batcher b(opt, kCurve);
+  Request r[2];
+  submitted_at(r[0], 0);
+  submitted_at(r[1], 700);
+  ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
+  b.ran_dry(0);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[1], kNone, 700), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(1), 500);
+  b.ran_dry(700);
+  EXPECT_FALSE(b.waiting_pays());
+}
+
+TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
+  // A batch of three; a fourth would save c(3) + c(1) - c(4) = 500 ns (c(4) scaled from c(3)).
+  // It comes 200 ns after the queue runs dry, sooner than that, but each of the three waits
+  // those 200 ns too: 600 ns of waiting for 500 ns saved.
+  const BatchingOptions opt{8, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[4];
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
+  b.ran_dry(0);
+  submitted_at(r[3], 200);
+  ASSERT_EQ(b.offer(&r[3], kNone, 200), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(3), 200);
+  b.clear();
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 300), Fit::joined);
+  b.ran_dry(300);
+  EXPECT_FALSE(b.waiting_pays());
+  b.clear();
+  ASSERT_EQ(b.offer(&r[0], kNone, 400), Fit::joined);
+  b.ran_dry(400);
+  submitted_at(r[1], 600);
+  ASSERT_EQ(b.offer(&r[1], kNone, 600), Fit::joined);
+  EXPECT_EQ(b.arrival_gap_ns(1), 200);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[0], kNone, 700), Fit::joined);
+  b.ran_dry(700);
+  EXPECT_TRUE(b.waiting_pays()) << "alone, 200 ns of waiting saves 800";
+}
+
+TEST(BatcherWaiting, DoesNotWaitWhileAnotherInstanceIdles) {
+  // Nothing known, so this batch would wait max_delay; but a request that comes meanwhile is
+  // the idle instance's at once.
+  const BatchingOptions opt{8, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[1];
+  ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
+  b.ran_dry(0);
+  EXPECT_TRUE(b.waiting_pays());
+  EXPECT_FALSE(b.dispatch_now(false, /*sibling_idle=*/false));
+  EXPECT_TRUE(b.dispatch_now(false, /*sibling_idle=*/true));
 }
 
 }  // namespace

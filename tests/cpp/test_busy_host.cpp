@@ -119,8 +119,9 @@ TEST_F(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
 
 // A worker pinned to `worker_cpu` serves `n` requests in turn, each submitted from
 // `submitter_cpu`; returns whether it went to sleep within 300 ms afterwards (spin budget
-// kLongSpin).
-bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller, uint32_t n) {
+// kLongSpin). `batch_max` > 1: a batching model (max_delay 0: each request is a batch of one).
+bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller,
+                                uint32_t n, std::size_t batch_max = 1) {
   auto h = std::make_shared<TestHandler>();
   std::atomic<int> tid{0};
   h->on_start = [&](Worker&) {
@@ -132,6 +133,7 @@ bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_bes
   o.spin_ns = kLongSpin;
   o.spin_beside_caller = spin_beside_caller;
   o.placement = {apportion::InstancePlacement{{worker_cpu}, 1, {}}};
+  o.batching = apportion::BatchingOptions{batch_max, 0, {}};
   Model m(o, h);
   EXPECT_EQ(m.start(), 0u);
   std::thread([&] {
@@ -158,6 +160,18 @@ TEST_F(BusyHost, AWorkerThatKeepsServingCallersOnItsCpuDoesNotSpin) {
     EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], false, streak - 1));
     EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[1], false, streak));
     EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], true, streak));
+  });
+}
+
+TEST_F(BusyHost, ABatchingWorkerThatKeepsServingCallersOnItsCpuDoesNotSpin) {
+  const auto cpus = two_cpus();
+  if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
+  constexpr uint32_t streak = apportion::kColocatedStreak;
+  guarded(60s, [&] {
+    EXPECT_TRUE(worker_parks_after_serving(cpus[0], cpus[0], false, streak, 8));
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], false, streak - 1, 8));
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[1], false, streak, 8));
+    EXPECT_FALSE(worker_parks_after_serving(cpus[0], cpus[0], true, streak, 8));
   });
 }
 

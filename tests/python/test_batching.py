@@ -113,6 +113,35 @@ def test_requests_arriving_within_max_delay_join_the_batch(rt: ap.Runtime) -> No
     assert model.sizes == [8]
 
 
+def test_closed_loop_clients_all_in_the_batch_are_served_without_waiting(rt: ap.Runtime) -> None:
+    # Four closed-loop clients: once all four requests are in the batch nothing more can come
+    # until it is answered, and after the first such round the worker knows it. A call takes
+    # 20 ms, so one more request would save ~15 ms, far longer than the gaps between the four
+    # submissions: measured by those, every round waited its 50 ms of max_delay.
+    delay_ms, rounds, clients = 50.0, 10, 4
+    model = ListModel(per_call_s=0.02)
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=16, max_delay_ms=delay_ms))
+    rt.start()
+    go = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        for _ in range(rounds):
+            go.wait(10)  # answered together, they resubmit together
+            assert rt.call("m", i, timeout_ms=10_000) == i * 10
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    wait = rt.stats()["m"].queue_wait.histogram
+    assert wait is not None
+    held = sum(c for c, upper in zip(wait.counts, wait.upper_bounds) if upper > 0.8 * delay_ms * 1e6)
+    # The first round waits (nothing known yet); a stall may add one more.
+    assert held <= 2 * clients, f"{held} of {rounds * clients} requests waited for max_delay"
+
+
 def test_preferred_size_dispatches_without_waiting(rt: ap.Runtime) -> None:
     model = ListModel()
     rt.add_model("m", model=model,
