@@ -7,7 +7,7 @@ model's per-request cost (compute time of a call divided by its batch size, as m
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
 ``confirm`` windows in a row gets capacity: one more instance, taken from the free CPUs, from
-CPU time the runtime's CPUs left idle (a shared-pool model whose instances are all busy while at
+CPU time the shared pool's CPUs left idle (a shared-pool model whose instances are all busy while at
 least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
 count says nothing about the time the pool has left), or from a model that idles (busy below
 ``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance); when
@@ -180,10 +180,11 @@ class Controller:
         self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
         self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
         self.headroom, self.oversubscribe = headroom, oversubscribe
-        self._cpus: frozenset[int] = frozenset(c.id for c in rt.topology.cpus) if rt is not None else frozenset()
-        self._busy_s: float | None = None  # the runtime's CPUs' busy seconds at the last reading
+        self._pool: frozenset[int] = frozenset()  # the shared pool's CPUs at the last reading
+        self._busy_s: float | None = None  # their busy seconds then
         self.idle_cpus: float | None = None
-        """CPUs of the runtime that sat idle over the last window (None: not measured)."""
+        """CPUs of the runtime's shared pool that sat idle over the last window (None: not
+        measured, or the pool changed during the window)."""
         self.max_batch, self.batch_delay_ms = max_batch, batch_delay_ms
         self.clock = clock
         self._log = log
@@ -314,15 +315,18 @@ class Controller:
             return False
         return True
 
-    def _cpu_busy_s(self) -> float | None:
-        """Busy seconds of the runtime's CPUs so far (/proc/stat); None where unreadable."""
+    def _pool_busy_s(self) -> tuple[frozenset[int], float | None]:
+        """The shared pool's CPUs now and their busy seconds so far (/proc/stat; None where
+        unreadable). Only they count: a shared model's instances cannot run on the cores of
+        exclusive models, however idle those sit."""
+        pool = frozenset(self.rt.plan().shared_pool)
         try:
             with open("/proc/stat") as fh:
                 text = fh.read()
             ticks = float(os.sysconf("SC_CLK_TCK"))
         except (OSError, ValueError, AttributeError):
-            return None
-        return parse_proc_stat(text, self._cpus, ticks)
+            return pool, None
+        return pool, parse_proc_stat(text, pool, ticks)
 
     def _dwelled(self, name: str, now_s: float) -> bool:
         last = self._last_move.get(name)
@@ -343,18 +347,18 @@ class Controller:
         last, last_at = self._last, self._last_at
         self._last, self._last_at = stats, now
         if last is None:
-            self._busy_s = self._cpu_busy_s()
+            self._pool, self._busy_s = self._pool_busy_s()
             return []
         windows = {n: Window.between(last[n], stats[n], now - last_at) for n in self.slos
                    if n in stats and n in last}
         self.windows = windows
         self.history.append((now - self._t0, windows))
         specs = {n: self.rt.spec(n) for n in windows}
-        busy_s = self._cpu_busy_s()
+        pool, busy_s = self._pool_busy_s()
         self.idle_cpus = None
-        if busy_s is not None and self._busy_s is not None and now > last_at:
-            self.idle_cpus = max(0.0, len(self._cpus) - (busy_s - self._busy_s) / (now - last_at))
-        self._busy_s = busy_s
+        if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
+            self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
+        self._pool, self._busy_s = pool, busy_s
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus)
         if not moves:
             return []
@@ -369,7 +373,7 @@ class Controller:
                 self._log(m)
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
-        self._busy_s = self._cpu_busy_s()
+        self._pool, self._busy_s = self._pool_busy_s()
         return moves
 
     def start(self) -> Controller:

@@ -166,7 +166,7 @@ def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
     with ap.Runtime() as rt:
         rt.add_model("a", model=spin)
         rt.start()
-        cpus = len(rt.topology.cpus)
+        cpus = len(rt.plan().shared_pool)
         c = Controller(rt, {"a": 50.0}, window_s=0.05)
         assert c.step() == [] and c.idle_cpus is None  # the first step only takes a reading
         # One CPU kept busy for the whole window by the model: at most cpus - 1 (and a bit) idle.
@@ -175,6 +175,30 @@ def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
         assert [sorted(w) for _, w in c.history] == [["a"]]  # every window read is kept
         idle = c.stats()["idle_cpus"]
         assert idle is not None and 0.0 <= idle <= cpus - 0.6, (idle, cpus)
+
+
+def test_only_the_shared_pools_cpus_count_as_idle_time_for_shared_models() -> None:
+    # An exclusive model's idle core is no room for a shared model: its instances cannot run
+    # there. The reading covers the shared pool alone.
+    def spin(seconds: float) -> float:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return seconds
+
+    with ap.Runtime() as rt:
+        if len(rt.topology.usable_cores) != 2:
+            pytest.skip("needs exactly two cores: one exclusive and idle, one shared and kept busy")
+        rt.add_model("own", model=lambda x: x, cores=1, isolation="exclusive")
+        rt.add_model("a", model=spin)
+        rt.start()
+        assert len(rt.plan().shared_pool) == 1
+        c = Controller(rt, {"a": 50.0}, window_s=0.05)
+        c.step()
+        rt.call("a", 0.5)  # the shared CPU busy for the whole window; the exclusive one idles
+        c.step()
+        # Counting the idle exclusive core would read ~1 CPU idle.
+        assert c.idle_cpus is not None and c.idle_cpus <= 0.4, c.idle_cpus
 
 
 @pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}, {"headroom": 0},
