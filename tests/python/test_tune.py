@@ -344,3 +344,44 @@ def test_confirmation_settings_have_windows_of_at_least_a_second() -> None:
     assert (c.warmup_s, c.window_s, c.stable_windows, c.max_s) == (1.0, 1.0, 3, 7.0)
     c = confirmation_settings(Settings(warmup_s=2.0, window_s=2.0, stable_windows=3, max_s=180.0))
     assert (c.window_s, c.max_s) == (2.0, 14.0)
+
+
+def test_the_summary_says_why_a_winner_was_not_confirmed() -> None:
+    # No candidate meets the SLOs: nothing to confirm. A tight simulated budget: no time left.
+    def missing(cfg: Config) -> dict[str, Measured]:
+        return {n: Measured(m.throughput, 0.5 * m.throughput, 60.0, False, m.wanted)
+                for n, m in _fake_measure(cfg).items()}
+
+    result = tune(_synthetic_config(), budget_s=1000, topology_root=VM2, profiles=TRUTH, measure=missing,
+                  progress=False, validate_top=2)
+    assert result.confirmed == [] and not result.winner.slo_ok()
+    assert "Not confirmed in a longer run: no candidate met every SLO in validation." in result.summary()
+    now = [0.0]
+
+    def slow(cfg: Config) -> dict[str, Measured]:
+        now[0] += 30.0
+        return _fake_measure(cfg)
+
+    result = tune(_synthetic_config(), budget_s=10, topology_root=VM2, profiles=TRUTH, measure=slow,
+                  progress=False, validate_top=2, clock=lambda: now[0])
+    assert result.confirmed == [] and result.winner.slo_ok()
+    assert "Not confirmed in a longer run: no budget was left for it." in result.summary()
+
+
+def test_when_nothing_meets_the_slos_the_time_kept_for_confirming_goes_to_the_search() -> None:
+    now = [0.0]
+    starts: list[float] = []
+
+    def missing(cfg: Config) -> dict[str, Measured]:
+        starts.append(now[0])
+        now[0] += 2.0
+        return {n: Measured(m.throughput, 0.5 * m.throughput, 60.0, False, m.wanted)
+                for n, m in _fake_measure(cfg).items()}
+
+    budget = 40.0
+    result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=missing,
+                  progress=False, validate_top=2, clock=lambda: now[0])
+    per_run = result.settings.max_s
+    reserve = min(2 * (result.confirm_settings.max_s + 0.5), 0.3 * budget)
+    assert max(starts) > budget - reserve - per_run  # refinement went on into the reserve
+    assert max(starts) + per_run <= budget and result.confirmed == []

@@ -83,7 +83,9 @@ class TuneResult:
         cs = self.confirm_settings
         length = f" ({cs.stable_windows} windows of {cs.window_s:g} s)" if cs is not None else ""
         if not self.confirmed:
-            return "Not confirmed in a longer run (no budget left or no candidate met every SLO)."
+            if not self.winner.slo_ok():
+                return "Not confirmed in a longer run: no candidate met every SLO in validation."
+            return "Not confirmed in a longer run: no budget was left for it."
         missed = [n for n in self.confirmed if n != self.winner.name]
         head = (f"Missed in a longer run{length}: " + ", ".join(f"'{n}'" for n in missed) + ". ") if missed else ""
         if self.winner.name in self.confirmed and self.winner.slo_ok():

@@ -189,27 +189,33 @@ def tune(
     confirm_s = confirm_settings.max_s + 0.5
     refine_until = budget_s - min(2 * confirm_s, 0.3 * budget_s)
     tried = {tuple(sorted(c.choices.items(), key=lambda kv: kv[0])) for c in candidates}
-    improved = True
-    while improved and clock() - t0 + per_run <= refine_until:
-        improved = False
-        w = best(candidates, objective)
-        for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
-            if clock() - t0 + per_run > refine_until:
-                break
-            key = tuple(sorted(move.choices.items(), key=lambda kv: kv[0]))
-            if key in tried:
-                continue
-            tried.add(key)
-            bar(f"refining: {move.name}")
-            try:
-                move.measured = run_measure(apply(tight, move.choices))
-            except ConfigError:
-                continue  # a move that does not fit this machine
-            candidates.append(move)
-            # Only a clear gain moves the search on: a score within 1% is measurement noise.
-            if clearly_better(move, w, objective):
-                improved = True
-                break
+
+    def refine(until: float) -> None:
+        improved = True
+        while improved and clock() - t0 + per_run <= until:
+            improved = False
+            w = best(candidates, objective)
+            for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
+                if clock() - t0 + per_run > until:
+                    break
+                key = tuple(sorted(move.choices.items(), key=lambda kv: kv[0]))
+                if key in tried:
+                    continue
+                tried.add(key)
+                bar(f"refining: {move.name}")
+                try:
+                    move.measured = run_measure(apply(tight, move.choices))
+                except ConfigError:
+                    continue  # a move that does not fit this machine
+                candidates.append(move)
+                # Only a clear gain moves the search on: a score within 1% is measurement noise.
+                if clearly_better(move, w, objective):
+                    improved = True
+                    break
+
+    refine(refine_until)
+    if not best(candidates, objective).slo_ok():
+        refine(budget_s)  # nothing to confirm yet: the time kept for confirming goes to the search
     # 5. confirm. A validation run is short (its windows sized to the budget), and a plan near
     # the machine's capacity can pass it before its queues have filled, then miss in a longer
     # run. The winner is run once more with windows of at least a second; when it misses there,
