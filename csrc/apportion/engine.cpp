@@ -262,6 +262,27 @@ void Model::worker_main(Worker& w) {
   handler_->stop_worker(w);
 }
 
+bool Model::spin_for_next(const Worker& w) const noexcept {
+  return opts_.spin_beside_caller || w.colocated < kColocatedStreak || other_cpu_idle(current_cpu());
+}
+
+namespace {
+
+// A request `w` starts on CPU `cpu` (< 0: unknown). Its caller wakes at completion, on the CPU
+// it submitted from: when that is this one, request after request, the worker stops spinning
+// for the next (see Model::spin_for_next), and a caller waiting meanwhile learns it (stored only
+// then: a store per request to the line the caller polls cost 6% of submit_many's throughput).
+void note_caller_cpu(Worker& w, Request* r, int cpu) noexcept {
+  if (cpu >= 0 && r->submit_cpu == cpu) {
+    r->worker_cpu.store(cpu, std::memory_order_relaxed);
+    ++w.colocated;
+  } else {
+    w.colocated = 0;
+  }
+}
+
+}  // namespace
+
 void Model::serve_one(Worker& w) {
   w.may_linger = true;
   for (;;) {
@@ -270,11 +291,7 @@ void Model::serve_one(Worker& w) {
     if (w.retire.load(std::memory_order_acquire)) break;  // moved: the new workers take the rest
     if (!lanes_.try_take(w.group, r, lane)) {
       handler_->idle(w);  // nothing queued: let go of what the handler held across calls
-      // Callers on this CPU, request after request, and no other CPU idle: spinning would only
-      // keep them from running.
-      const bool spin = opts_.spin_beside_caller || w.colocated < kColocatedStreak ||
-                        other_cpu_idle(current_cpu());
-      if (take(w, r, lane, -1, spin) != Take::ok) break;  // leaving, every lane empty
+      if (take(w, r, lane, -1, spin_for_next(w)) != Take::ok) break;  // leaving, every lane empty
     }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
@@ -343,17 +360,7 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
   }
   if (!claim_or_release(r, RequestState::running)) return units;
   r->start_ns = now;
-  // Its caller wakes at completion, on its own CPU: when that is this one, request after
-  // request, the worker stops spinning for the next (see serve_one), and a caller waiting
-  // meanwhile learns it (stored only then: a store per request to the line the caller polls
-  // cost 6% of submit_many's throughput).
-  const int cpu = current_cpu();
-  if (cpu >= 0 && r->submit_cpu == cpu) {
-    r->worker_cpu.store(cpu, std::memory_order_relaxed);
-    ++w.colocated;
-  } else {
-    w.colocated = 0;
-  }
+  note_caller_cpu(w, r, current_cpu());
   handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
   if (units == 0) return 0;
   const int64_t cost = now_ns() - now;
@@ -458,10 +465,7 @@ void Model::serve_batches(Worker& w) {
     } else if (b.empty()) {
       if (retiring) return;  // moved: the new workers take the rest
       idle_batchers_.fetch_add(1, std::memory_order_relaxed);
-      // As in serve_one: callers on this CPU, batch after batch, and no other CPU idle.
-      const bool spin = opts_.spin_beside_caller || w.colocated < kColocatedStreak ||
-                        other_cpu_idle(current_cpu());
-      const Take got = take(w, r, lane, -1, spin);
+      const Take got = take(w, r, lane, -1, spin_for_next(w));
       idle_batchers_.fetch_sub(1, std::memory_order_relaxed);
       if (got != Take::ok) return;  // leaving, every lane empty
     } else if (retiring) {
@@ -528,13 +532,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
     } else if (claim_or_release(r, RequestState::running)) {
       r->start_ns = start;
       claimed.push_back(r);
-      // Its caller wakes on this CPU at completion: see serve_taken.
-      if (cpu >= 0 && r->submit_cpu == cpu) {
-        r->worker_cpu.store(cpu, std::memory_order_relaxed);
-        ++w.colocated;
-      } else {
-        w.colocated = 0;
-      }
+      note_caller_cpu(w, r, cpu);
     }
   }
   const bool probe = b.probing();

@@ -363,6 +363,9 @@ class Model {
   // `until_ns` passes (>= 0), or the worker is leaving (see leaving()) and finds every lane
   // empty.
   Take take(const Worker& w, Request*& r, uint32_t& lane, int64_t until_ns, bool spin = true) noexcept;
+  // Whether `w`, about to wait for its next request, may spin first: not while callers on its
+  // CPU, request after request (w.colocated), keep it from running and no other CPU is idle.
+  bool spin_for_next(const Worker& w) const noexcept;
   // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
   void build_groups();
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run

@@ -470,6 +470,17 @@ const std::vector<int64_t> kCurve{0, 1'000, 1'200, 1'500};
 
 void submitted_at(Request& r, int64_t ns) { r.submit_ns = ns; }
 
+// A batch of one, taken at `first`; the queue runs dry at `dry`; the batch goes; the next
+// request is submitted and taken at `second`: the batcher has seen one gap at size 1.
+void one_gap(Batcher& b, Request (&r)[2], int64_t first, int64_t dry, int64_t second) {
+  submitted_at(r[0], first);
+  submitted_at(r[1], second);
+  ASSERT_EQ(b.offer(&r[0], kNone, first), Fit::joined);
+  b.ran_dry(dry);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[1], kNone, second), Fit::joined);
+}
+
 TEST(BatcherWaiting, WaitsWhileNothingIsKnown) {
   const BatchingOptions opt{3, 1'000'000, {}};
   Batcher b(opt, kCurve);
@@ -483,12 +494,7 @@ TEST(BatcherWaiting, WaitsWhileNothingIsKnown) {
   const std::vector<int64_t> unmeasured;
   Batcher fresh(opt, unmeasured);
   Request s[2];
-  submitted_at(s[0], 100);
-  submitted_at(s[1], 400);
-  ASSERT_EQ(fresh.offer(&s[0], kNone, 100), Fit::joined);
-  fresh.ran_dry(200);
-  fresh.clear();
-  ASSERT_EQ(fresh.offer(&s[1], kNone, 400), Fit::joined);
+  one_gap(fresh, s, 100, 200, 400);
   fresh.ran_dry(500);
   EXPECT_EQ(fresh.arrival_gap_ns(1), 200);
   EXPECT_TRUE(fresh.waiting_pays()) << "no call measured";
@@ -615,12 +621,7 @@ TEST(BatcherWaiting, AGapOfMaxDelayIsNotWorthWaitingFor) {
   const BatchingOptions opt{3, 500, {}};
   Batcher b(opt, kCurve);
   Request r[2];
-  submitted_at(r[0], 0);
-  submitted_at(r[1], 700);
-  ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
-  b.ran_dry(0);
-  b.clear();
-  ASSERT_EQ(b.offer(&r[1], kNone, 700), Fit::joined);
+  one_gap(b, r, 0, 0, 700);
   EXPECT_EQ(b.arrival_gap_ns(1), 500);
   b.ran_dry(700);
   EXPECT_FALSE(b.waiting_pays());
