@@ -17,7 +17,8 @@ from .cost import CostModel, Sample
 from .measure import Settings, host_snapshot, measure_config, profile_repeated
 from .noise import HostSnapshot, Noise, combine_repeats, profile_spread
 from .report import TuneResult
-from .search import Measured, apply, best, clearly_better, first_candidates, moves, needs_for, profile_shapes
+from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, moves, needs_for,
+                     profile_shapes)
 
 __all__ = ["confirmation_settings", "tune", "with_margin"]
 
@@ -175,9 +176,9 @@ def tune(
     tight = with_margin(cfg, float(margin))
     measure_fn = measure or (lambda c: measure_config(c, settings, topology_root=topology_root))
 
-    def run_measure(c: Config) -> dict[str, Measured]:
+    def run_measure(c: Config, fn: Callable[[Config], Mapping[str, Measured]] = measure_fn) -> dict[str, Measured]:
         with watch.run():
-            return dict(measure_fn(c))
+            return dict(fn(c))
 
     for c in candidates:
         bar(f"validating '{c.name}'")
@@ -188,7 +189,25 @@ def tune(
     confirm_settings = confirmation_settings(settings)
     confirm_s = confirm_settings.max_s + 0.5
     refine_until = budget_s - min(2 * confirm_s, 0.3 * budget_s)
-    tried = {tuple(sorted(c.choices.items(), key=lambda kv: kv[0])) for c in candidates}
+    def key_of(c: Candidate) -> tuple[Any, ...]:
+        return tuple(sorted(c.choices.items(), key=lambda kv: kv[0]))
+
+    tried = {key_of(c) for c in candidates}
+
+    def measure_move(move: Candidate, what: str, fn: Callable[[Config], Mapping[str, Measured]]) -> bool:
+        """Measures a move not tried before and adds it to the candidates (False: tried
+        before, or it does not fit this machine)."""
+        key = key_of(move)
+        if key in tried:
+            return False
+        tried.add(key)
+        bar(f"{what}: {move.name}")
+        try:
+            move.measured = run_measure(apply(tight, move.choices), fn)
+        except ConfigError:
+            return False
+        candidates.append(move)
+        return True
 
     def refine(until: float) -> None:
         improved = True
@@ -198,18 +217,8 @@ def tune(
             for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
                 if clock() - t0 + per_run > until:
                     break
-                key = tuple(sorted(move.choices.items(), key=lambda kv: kv[0]))
-                if key in tried:
-                    continue
-                tried.add(key)
-                bar(f"refining: {move.name}")
-                try:
-                    move.measured = run_measure(apply(tight, move.choices))
-                except ConfigError:
-                    continue  # a move that does not fit this machine
-                candidates.append(move)
                 # Only a clear gain moves the search on: a score within 1% is measurement noise.
-                if clearly_better(move, w, objective):
+                if measure_move(move, "refining", measure_fn) and clearly_better(move, w, objective):
                     improved = True
                     break
 
@@ -230,24 +239,15 @@ def tune(
         if clock() - t0 + confirm_s > budget_s * 1.1:
             break
         bar(f"confirming '{w.name}'")
-        with watch.run():
-            w.measured = dict(confirm_fn(apply(tight, w.choices)))
+        w.measured = run_measure(apply(tight, w.choices), confirm_fn)
         confirmed.append(w)
         if w.slo_ok():
             break
         for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity)[:2]:
-            key = tuple(sorted(move.choices.items(), key=lambda kv: kv[0]))
-            if key in tried or "admission" not in move.name or clock() - t0 + confirm_s > budget_s * 1.1:
+            if "admission" not in move.name or clock() - t0 + confirm_s > budget_s * 1.1:
                 continue
-            tried.add(key)
-            bar(f"confirming: {move.name}")
-            try:
-                with watch.run():
-                    move.measured = dict(confirm_fn(apply(tight, move.choices)))
-            except ConfigError:
-                continue
-            candidates.append(move)
-            confirmed.append(move)
+            if measure_move(move, "confirming", confirm_fn):
+                confirmed.append(move)
     winner = best(candidates, objective)
     bar(f"done: '{winner.name}'")
     bar.done()
