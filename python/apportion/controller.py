@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._private.cputime import parse_proc_stat
+from ._private.cputime import cpus_busy_s
 from .batching import Batching
 from .errors import ApportionError, QuotaError
 from .spec import ModelSpec
@@ -246,13 +245,13 @@ class Controller:
                f"{w.refused} refused, {w.rate:.0f} req/s needs ~{w.needed(self.target)} instance(s)")
         used = sum(_units(s) for s in specs.values())
         grown = _grown(spec)
-        if used < self.capacity and fits({**specs, name: grown}):
-            return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + "; free capacity")]
-        if (spec.isolation == "shared" and w.busy > self.hot and idle_cpus is not None
-                and idle_cpus >= self.headroom and used < self.oversubscribe * self.capacity
-                and fits({**specs, name: grown})):
-            return [*moves, self._move(now_s, name, grown, _change(spec, grown),
-                                       why + f"; {idle_cpus:.1f} of the pool's CPUs sat idle")]
+        # Room to grow: free capacity, or idle time in the shared pool for a saturated shared model.
+        room = "; free capacity" if used < self.capacity else None
+        if (room is None and spec.isolation == "shared" and w.busy > self.hot and idle_cpus is not None
+                and idle_cpus >= self.headroom and used < self.oversubscribe * self.capacity):
+            room = f"; {idle_cpus:.1f} of the pool's CPUs sat idle"
+        if room is not None and fits({**specs, name: grown}):
+            return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
         donors = sorted((windows[d].busy, d) for d in idle if d != name and _shrunk(specs[d]) is not None)
         for _, d in donors:
             ds = specs[d]
@@ -287,13 +286,13 @@ class Controller:
         for at_s, windows in self.history:
             if at_s <= since_s:
                 continue
-            now = {n: w.seconds for n, w in windows.items()
-                   if n in self.slos and w.completed > 0 and w.p99_ms > self.slos[n]}
-            if not now:
+            missing = {n: w.seconds for n, w in windows.items()
+                       if n in self.slos and w.completed > 0 and w.p99_ms > self.slos[n]}
+            if not missing:
                 run_s, missed = 0.0, {}
                 continue
             run_s += max(w.seconds for w in windows.values())
-            for n, secs in now.items():
+            for n, secs in missing.items():
                 missed[n] = missed.get(n, 0.0) + secs
             if run_s > best[0]:
                 best = (run_s, max(missed, key=lambda n: missed[n]))
@@ -320,13 +319,7 @@ class Controller:
         unreadable). Only they count: a shared model's instances cannot run on the cores of
         exclusive models, however idle those sit."""
         pool = frozenset(self.rt.plan().shared_pool)
-        try:
-            with open("/proc/stat") as fh:
-                text = fh.read()
-            ticks = float(os.sysconf("SC_CLK_TCK"))
-        except (OSError, ValueError, AttributeError):
-            return pool, None
-        return pool, parse_proc_stat(text, pool, ticks)
+        return pool, cpus_busy_s(pool)
 
     def _dwelled(self, name: str, now_s: float) -> bool:
         last = self._last_move.get(name)

@@ -91,3 +91,15 @@ def parse_proc_stat(text: str, cpus: Collection[int], ticks_per_s: float) -> flo
         user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
         busy += user + nice + system + irq + softirq + steal
     return busy / ticks_per_s
+
+
+def cpus_busy_s(cpus: Collection[int]) -> float | None:
+    """Busy seconds of ``cpus`` since boot, read from ``/proc/stat`` (see :func:`parse_proc_stat`);
+    None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as fh:
+            text = fh.read()
+        ticks = float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, AttributeError, ValueError):
+        return None
+    return parse_proc_stat(text, cpus, ticks)

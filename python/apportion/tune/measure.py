@@ -10,9 +10,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import load as ld
+from .._private.cputime import cpus_busy_s
 from ..config import Config, ConfigError
 from .cost import Sample, Shape
-from .noise import HostSnapshot, parse_proc_stat, profile_spread
+from .noise import HostSnapshot, profile_spread
 from .search import Measured, batching_for
 
 __all__ = ["Settings", "host_snapshot", "measure_config", "profile_model", "profile_repeated", "windows_met"]
@@ -22,14 +23,14 @@ def host_snapshot() -> HostSnapshot | None:
     """Cumulative busy time of the CPUs this process may use (from ``/proc/stat``) and this
     process's own CPU time, now; None where /proc/stat cannot be read (not Linux)."""
     try:
-        with open("/proc/stat") as fh:
-            text = fh.read()
         cpus = os.sched_getaffinity(0)
-        ticks = float(os.sysconf("SC_CLK_TCK"))
-    except (OSError, AttributeError, ValueError):
+    except (OSError, AttributeError):
+        return None
+    busy = cpus_busy_s(cpus)
+    if busy is None:
         return None
     t = os.times()
-    return HostSnapshot(time.monotonic(), parse_proc_stat(text, cpus, ticks), t.user + t.system, len(cpus))
+    return HostSnapshot(time.monotonic(), busy, t.user + t.system, len(cpus))
 
 
 def _tightened(load: ld.ModelLoad, margin: float) -> ld.ModelLoad:
