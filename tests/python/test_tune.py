@@ -346,13 +346,15 @@ def test_confirmation_settings_have_windows_of_at_least_a_second() -> None:
     assert (c.window_s, c.max_s) == (2.0, 14.0)
 
 
+def _missing_measure(cfg: Config) -> dict[str, Measured]:
+    """As _fake_measure, with every model missing its SLO (p99 60 ms, half its requests good)."""
+    return {n: Measured(m.throughput, 0.5 * m.throughput, 60.0, False, m.wanted)
+            for n, m in _fake_measure(cfg).items()}
+
+
 def test_the_summary_says_why_a_winner_was_not_confirmed() -> None:
     # No candidate meets the SLOs: nothing to confirm. A tight simulated budget: no time left.
-    def missing(cfg: Config) -> dict[str, Measured]:
-        return {n: Measured(m.throughput, 0.5 * m.throughput, 60.0, False, m.wanted)
-                for n, m in _fake_measure(cfg).items()}
-
-    result = tune(_synthetic_config(), budget_s=1000, topology_root=VM2, profiles=TRUTH, measure=missing,
+    result = tune(_synthetic_config(), budget_s=1000, topology_root=VM2, profiles=TRUTH, measure=_missing_measure,
                   progress=False, validate_top=2)
     assert result.confirmed == [] and not result.winner.slo_ok()
     assert "Not confirmed in a longer run: no candidate met every SLO in validation." in result.summary()
@@ -375,8 +377,7 @@ def test_when_nothing_meets_the_slos_the_time_kept_for_confirming_goes_to_the_se
     def missing(cfg: Config) -> dict[str, Measured]:
         starts.append(now[0])
         now[0] += 2.0
-        return {n: Measured(m.throughput, 0.5 * m.throughput, 60.0, False, m.wanted)
-                for n, m in _fake_measure(cfg).items()}
+        return _missing_measure(cfg)
 
     budget = 40.0
     result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=missing,

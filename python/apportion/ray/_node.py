@@ -94,16 +94,15 @@ class NodeRuntime:
             raise self.error
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None,
-             key: int | None = None) -> Any:
+    def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None, key: int) -> Any:
         """Serves one request and returns its result (or raises its error). ``key``: the
         caller's name for it, for :meth:`cancel`."""
         fut = self.rt.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
-        if key is None:
-            return fut.result()
         with self._lock:
             self._pending[key] = fut
-            cancelled = self._cancelled.pop(key, 0) is None
+            cancelled = key in self._cancelled
+            if cancelled:
+                del self._cancelled[key]
         try:
             if cancelled:
                 fut.cancel()
