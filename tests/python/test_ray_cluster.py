@@ -278,7 +278,8 @@ def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> No
 
 def test_a_node_runtime_cancels_by_key_even_when_the_cancel_comes_first(monkeypatch: pytest.MonkeyPatch) -> None:
     # The node actor's own logic, without Ray: a cancel that overtakes its request (they travel
-    # as two actor calls) is applied when the request arrives; a cancel reaches a queued request;
+    # as two actor calls) is applied when the request arrives, which then never enters the
+    # runtime (an idle worker could start it first); a cancel reaches a queued request;
     # a cancel for a request that already ended changes nothing.
     from apportion.ray._node import _CANCELS_KEPT, NodeRuntime
 
@@ -287,8 +288,9 @@ def test_a_node_runtime_cancels_by_key_even_when_the_cancel_comes_first(monkeypa
     assert node.error is None
     try:
         assert node.cancel(7) is False
-        with pytest.raises(concurrent.futures.CancelledError):
+        with pytest.raises(concurrent.futures.CancelledError, match="'narrow' was cancelled before it reached the node"):
             node.call("narrow", 1, None, None, key=7)
+        assert 7 not in node._cancelled and node.stats()["narrow"].submitted == 0
         out: dict[str, Any] = {}
         busy = threading.Thread(target=lambda: out.setdefault("busy", node.call("narrow", {"sleep": 0.5}, None, None, 1)))
         busy.start()
@@ -312,7 +314,7 @@ def test_a_node_runtime_cancels_by_key_even_when_the_cancel_comes_first(monkeypa
             node.cancel(k)
         assert len(node._cancelled) == _CANCELS_KEPT  # the oldest go: bounded memory
         counts = node.stats()["narrow"]
-        assert counts.cancelled == 2 and counts.completed == 2 and counts.in_flight == 0
+        assert counts.submitted == 3 and counts.cancelled == 1 and counts.completed == 2 and counts.in_flight == 0
     finally:
         node.close()
 

@@ -4,6 +4,7 @@ Imported only by :mod:`apportion.ray.cluster` (it imports Ray)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ def counts(rt: Runtime) -> dict[str, ModelCounts]:
             for name, s in rt.stats().items()}
 
 
+_ABSENT = object()
 _CANCELS_KEPT = 4096  # cancels that came before their request (or after it ended), newest kept
 
 
@@ -97,14 +99,17 @@ class NodeRuntime:
     def call(self, model: str, inputs: Any, timeout_ms: float | None, priority: int | None, key: int) -> Any:
         """Serves one request and returns its result (or raises its error). ``key``: the
         caller's name for it, for :meth:`cancel`."""
+        with self._lock:
+            if self._cancelled.pop(key, _ABSENT) is not _ABSENT:
+                # Cancelled before it arrived: it never enters the runtime (submitted and then
+                # cancelled, an idle worker could start it first).
+                raise concurrent.futures.CancelledError(f"request to {model!r} was cancelled before it reached the node")
         fut = self.rt.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
         with self._lock:
             self._pending[key] = fut
-            cancelled = key in self._cancelled
-            if cancelled:
-                del self._cancelled[key]
+            late = self._cancelled.pop(key, _ABSENT) is not _ABSENT  # came while it was being submitted
         try:
-            if cancelled:
+            if late:
                 fut.cancel()
             return fut.result()
         finally:
