@@ -105,13 +105,17 @@ def test_errors_are_the_single_host_ones(basic: Cluster) -> None:
     with pytest.raises(ValueError, match="boom") as e:
         basic.call("echo", {"raise": "boom"})
     assert type(e.value) is ValueError  # the model's own exception, not a wrapper
+    # Each request is its own actor call, and a threaded actor runs calls in any order: a
+    # request goes after another only once that one is running.
     first = basic.submit("narrow", {"sleep": 0.5})
+    wait_running(basic, "narrow")
     late = basic.submit("narrow", 1, timeout_ms=50)
     assert isinstance(late.exception(30), ap.DeadlineExceeded)
     with pytest.raises(ap.DeadlineExceeded):
         late.result(30)
     first.result(30)
     busy = basic.submit("narrow", {"sleep": 0.5})
+    wait_running(basic, "narrow")
     with pytest.raises(TimeoutError) as waited:
         busy.result(0.01)
     assert type(waited.value) is TimeoutError and not busy.done()  # a wait that ran out; it goes on
@@ -148,9 +152,18 @@ def wait_for(check: Any, what: str) -> None:
         time.sleep(0.02)
 
 
+def wait_running(c: Cluster, model: str) -> None:
+    """Until a request to ``model`` is running (admitted, not queued) on some node."""
+    def running() -> bool:
+        t = c.stats().total[model]
+        return t.in_flight - t.queued >= 1
+    wait_for(running, f"no request to {model!r} started")
+
+
 def test_cancelled_infer_cancels_the_queued_request(basic: Cluster) -> None:
     before = basic.stats().total["narrow"]
     busy = basic.submit("narrow", {"sleep": 2.0})  # long: the stats polls below are slow on a busy host
+    wait_running(basic, "narrow")
 
     async def main() -> None:
         task = asyncio.ensure_future(basic.infer("narrow", 1))
