@@ -4,24 +4,49 @@
 
 namespace apportion {
 
-int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept {
-  const std::size_t known = cost_ns.size();
-  if (n < known && cost_ns[n] > 0) return cost_ns[n];
+namespace {
+
+// `values` (by size) for a call of `n` requests, by the sizes `cost_ns` has measured: the
+// value of n if measured, else scaled linearly from the nearest smaller measured size, else
+// that of the nearest larger one, else 0.
+int64_t by_measured_size(const std::vector<int64_t>& values, const std::vector<int64_t>& cost_ns,
+                         std::size_t n) noexcept {
+  const std::size_t known = std::min(cost_ns.size(), values.size());
+  if (n < known && cost_ns[n] > 0) return values[n];
   // Scaling a smaller size up linearly over-estimates (a call has fixed costs): when in doubt
   // a request is kept out of a batch rather than put in one that finishes too late.
   for (std::size_t k = std::min(n, known); k-- > 1;) {
-    if (cost_ns[k] > 0) return cost_ns[k] / static_cast<int64_t>(k) * static_cast<int64_t>(n);
+    if (cost_ns[k] > 0) return values[k] / static_cast<int64_t>(k) * static_cast<int64_t>(n);
   }
   for (std::size_t k = n + 1; k < known; ++k) {
-    if (cost_ns[k] > 0) return cost_ns[k];
+    if (cost_ns[k] > 0) return values[k];
   }
   return 0;
 }
 
-void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace) noexcept {
+}  // namespace
+
+int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept {
+  return by_measured_size(cost_ns, cost_ns, n);
+}
+
+int64_t batch_deadline_estimate_ns(const std::vector<int64_t>& cost_ns, const std::vector<int64_t>* slow_ns,
+                                   std::size_t n) noexcept {
+  const int64_t e = batch_estimate_ns(cost_ns, n);
+  return slow_ns == nullptr ? e : e + kSlowCalls * by_measured_size(*slow_ns, cost_ns, n);
+}
+
+void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace,
+                   std::vector<int64_t>* slow_ns) noexcept {
   if (n >= cost_ns.size()) return;
   ns = std::max<int64_t>(ns, 1);
   int64_t& e = cost_ns[n];
+  if (slow_ns != nullptr && n < slow_ns->size() && e != 0 && !replace) {
+    // Weight 1/8: the excess of one slow call is its own noise; a run of them moves it.
+    int64_t& s = (*slow_ns)[n];
+    const int64_t excess = std::max<int64_t>(ns - e, 0);
+    s += (excess - s) / 8;
+  }
   if (replace) {
     e = ns;
     return;
@@ -38,8 +63,9 @@ void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, boo
   }
 }
 
-Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns)
-    : opt_(opt), cost_ns_(cost_ns) {
+Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns,
+                 const std::vector<int64_t>* slow_ns)
+    : opt_(opt), cost_ns_(cost_ns), slow_ns_(slow_ns) {
   batch_.reserve(opt.max_size);
   claimed_.reserve(opt.max_size);
   gap_ns_.assign(opt.max_size + 1, -1);
@@ -59,17 +85,16 @@ Batcher::Fit Batcher::offer(Request* r, int64_t deadline, int64_t now) {
     e = e < 0 ? gap : e + (gap - e) / 8;
   }
   if (deadline != Request::kNoDeadline) {
-    const int64_t one = batch_estimate_ns(cost_ns_, 1);
     // Hopeless by an estimate that only calls can correct: once no batch has opened for a
     // while, the next request runs anyway and re-measures (see kProbeAfterEstimates).
-    if (deadline < now + one) {
-      if (!estimate_stale(now, one)) return Fit::hopeless;
+    if (deadline < now + deadline_estimate(1)) {
+      if (!estimate_stale(now, batch_estimate_ns(cost_ns_, 1))) return Fit::hopeless;
       probe_ = true;
     }
   }
   const int64_t limit = std::min(deadline, min_deadline_);
   if (!batch_.empty() && limit != Request::kNoDeadline &&
-      limit < now + batch_estimate_ns(cost_ns_, batch_.size() + 1)) {
+      limit < now + deadline_estimate(batch_.size() + 1)) {
     return Fit::next_batch;
   }
   if (batch_.empty()) {
@@ -105,7 +130,7 @@ int64_t Batcher::wait_until() const noexcept {
   const int64_t by_deadline =
       min_deadline_ == Request::kNoDeadline
           ? Request::kNoDeadline
-          : min_deadline_ - batch_estimate_ns(cost_ns_, batch_.size() + 1);
+          : min_deadline_ - deadline_estimate(batch_.size() + 1);
   return std::min(opened_ + opt_.max_delay_ns, by_deadline);
 }
 

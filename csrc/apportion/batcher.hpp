@@ -5,7 +5,8 @@
 // A batch is dispatched when it reaches max_size, when nothing more is queued and its size is
 // preferred (or the model stops), or when max_delay has passed since its first request was
 // taken. Deadline-aware: a request joins only if the batch, by the worker's own measure of
-// calls of that size (see batch_estimate_ns), finishes before the request's deadline and those
+// calls of that size and of how much its slow ones overran (see batch_deadline_estimate_ns),
+// finishes before the request's deadline and those
 // of the requests already in it; one that no call could serve in time is hopeless (expired, or
 // delayed); one that only this batch would make late, or that would make this batch late, opens
 // the next batch.
@@ -59,14 +60,28 @@ struct BatchingOptions {
 int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept;
 /// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored);
 /// `replace`: the estimate of that size becomes `ns` (a probe's measure, see Batcher).
-void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace = false) noexcept;
+/// `slow_ns` (same sizes as `cost_ns`), when given, follows how much longer than the estimate
+/// calls of each size run: a moving average of the excess (0 for a call within it).
+void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace = false,
+                   std::vector<int64_t>* slow_ns = nullptr) noexcept;
+/// The duration to plan deadlines with for a call of `n` requests: the estimate plus
+/// kSlowCalls times the average excess of the calls that ran over it (`slow_ns`, see
+/// batch_observe; null: the estimate alone). The estimate is a typical call; on a loaded
+/// machine calls vary, and a request planned to finish by its deadline on the typical call
+/// finishes after it on every slower one.
+int64_t batch_deadline_estimate_ns(const std::vector<int64_t>& cost_ns, const std::vector<int64_t>* slow_ns,
+                                   std::size_t n) noexcept;
+inline constexpr int64_t kSlowCalls = 2;
 
 /// One worker's batch in formation. Not thread-safe: the worker's own.
 class Batcher {
  public:
-  /// `cost_ns` (the worker's call durations by size, see batch_estimate_ns) must outlive the
-  /// batcher. Reserves max_size entries: forming and dispatching batches never allocates.
-  Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns);
+  /// `cost_ns` (the worker's call durations by size, see batch_estimate_ns) and `slow_ns`
+  /// (how much slower its slow calls ran, see batch_observe; null: not followed) must outlive
+  /// the batcher. Deadlines are judged by batch_deadline_estimate_ns. Reserves max_size
+  /// entries: forming and dispatching batches never allocates.
+  Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns,
+          const std::vector<int64_t>* slow_ns = nullptr);
 
   /// How many estimated calls of one request without a batch opening make the estimate
   /// stale: the next request then runs even if the estimate says it cannot make its deadline.
@@ -143,9 +158,13 @@ class Batcher {
  private:
   bool preferred(std::size_t n) const noexcept;
   bool estimate_stale(int64_t now, int64_t estimate) const noexcept;
+  int64_t deadline_estimate(std::size_t n) const noexcept {
+    return batch_deadline_estimate_ns(cost_ns_, slow_ns_, n);
+  }
 
   const BatchingOptions& opt_;
   const std::vector<int64_t>& cost_ns_;
+  const std::vector<int64_t>* slow_ns_;
   std::vector<Request*> batch_;
   std::vector<Request*> claimed_;
   // A request taken from a lane that fits no longer in the batch being formed, though it could

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -101,7 +102,10 @@ std::vector<std::unique_ptr<Worker>> Model::make_workers(const std::shared_ptr<W
     w->burst = i >= own;
     w->gen = gen;
     w->single = batch_max <= 1;
-    if (batch_max > 1) w->batch_cost_ns.assign(batch_max + 1, 0);
+    if (batch_max > 1) {
+      w->batch_cost_ns.assign(batch_max + 1, 0);
+      w->batch_slow_ns.assign(batch_max + 1, 0);
+    }
     out.push_back(std::move(w));
   }
   return out;
@@ -453,7 +457,7 @@ void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired
 }
 
 void Model::serve_batches(Worker& w) {
-  Batcher b(w.gen->batching, w.batch_cost_ns);
+  Batcher b(w.gen->batching, w.batch_cost_ns, &w.batch_slow_ns);
   for (;;) {
     Request* r = nullptr;
     uint32_t lane = 0;
@@ -526,16 +530,28 @@ void Model::dispatch(Worker& w, Batcher& b) {
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
   const int64_t start = now_ns();
   const int cpu = current_cpu();
+  const bool probe = b.probing();
+  // A pooled batch waited for the pool after offer() judged its requests by their deadlines
+  // (other models' calls held the units): one that this call can no longer finish in time is
+  // expired now, as offer() would judge it, rather than run late. Not a probe's batch (it
+  // runs to re-measure), nor under on_timeout=delay (late requests run, after the rest).
+  const int64_t late_before = units != 0 && !probe && opts_.on_timeout != OnTimeout::delay
+                                  ? start + w.deadline_estimate_ns(b.requests().size())
+                                  : std::numeric_limits<int64_t>::min();
   for (Request* r : b.requests()) {
     if (cancel) {
       if (claim_or_release(r, RequestState::claimed)) handler_->abandon(&w, r, Outcome::cancelled);
+    } else if (r->deadline_ns < late_before) {
+      if (claim_or_release(r, RequestState::claimed)) {
+        r->start_ns = start;
+        handler_->abandon(&w, r, Outcome::expired);
+      }
     } else if (claim_or_release(r, RequestState::running)) {
       r->start_ns = start;
       claimed.push_back(r);
       note_caller_cpu(w, r, cpu);
     }
   }
-  const bool probe = b.probing();
   b.clear();
   if (claimed.empty()) {
     pool_leave(units, 0);

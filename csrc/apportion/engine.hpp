@@ -107,10 +107,17 @@ struct Worker {
   /// never observed): an EWMA of what it measured. Worker-private; used to keep requests out
   /// of batches that would finish after their deadline.
   std::vector<int64_t> batch_cost_ns;
+  /// How much longer than batch_cost_ns its slow calls ran, by size (see batch_observe).
+  std::vector<int64_t> batch_slow_ns;
   /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
   int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
+  /// The duration to plan a call of `n` requests against deadlines with (see
+  /// batch_deadline_estimate_ns).
+  int64_t deadline_estimate_ns(std::size_t n) const noexcept {
+    return batch_deadline_estimate_ns(batch_cost_ns, &batch_slow_ns, n);
+  }
   void observe(std::size_t n, int64_t ns, bool replace = false) noexcept {
-    batch_observe(batch_cost_ns, n, ns, replace);
+    batch_observe(batch_cost_ns, n, ns, replace, &batch_slow_ns);
   }
 };
 

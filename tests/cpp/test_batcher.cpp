@@ -428,6 +428,42 @@ TEST(BatchCosts, AnEstimateFallsFasterThanItRises) {
   EXPECT_EQ(cost.size(), 3u);
 }
 
+TEST(BatchCosts, SlowCallsAreFollowedByHowMuchTheyOverran) {
+  std::vector<int64_t> cost(4, 0), slow(4, 0);
+  apportion::batch_observe(cost, 1, 1'000, false, &slow);
+  EXPECT_EQ(slow[1], 0) << "the first measure is the estimate: nothing to overrun";
+  apportion::batch_observe(cost, 1, 1'800, false, &slow);
+  EXPECT_EQ(slow[1], 100) << "800 ns over the estimate of 1'000, weight 1/8";
+  EXPECT_EQ(cost[1], 1'200);
+  apportion::batch_observe(cost, 1, 600, false, &slow);
+  EXPECT_EQ(slow[1], 88) << "a call within the estimate overran by nothing";
+  EXPECT_EQ(cost[1], 900);
+  EXPECT_EQ(apportion::batch_deadline_estimate_ns(cost, &slow, 1), 900 + apportion::kSlowCalls * 88);
+  EXPECT_EQ(apportion::batch_deadline_estimate_ns(cost, nullptr, 1), 900) << "not followed: the estimate";
+  apportion::batch_observe(cost, 1, 9'000, /*replace=*/true, &slow);
+  EXPECT_EQ(slow[1], 88) << "a probe re-measures a stale estimate: not an overrun";
+  EXPECT_EQ(cost[1], 9'000);
+  apportion::batch_observe(cost, 2, 2'000, false, &slow);
+  EXPECT_EQ(apportion::batch_deadline_estimate_ns(cost, &slow, 2), 2'000)
+      << "size 2 measured, no overrun yet: its own 0, not size 1's scaled";
+  EXPECT_EQ(apportion::batch_deadline_estimate_ns(cost, &slow, 3), 3'000 + apportion::kSlowCalls * 0)
+      << "size 3 unmeasured: both scaled from size 2";
+}
+
+TEST_F(EngineBatching, BatcherPlansDeadlinesWithTheSlowCalls) {
+  const BatchingOptions opt{8, 1'000'000, {}};
+  const std::vector<int64_t> cost{0, 100, 300, 600};
+  const std::vector<int64_t> slow{0, 50, 0, 0};  // calls of one overran by 50 ns on average
+  Batcher plain(opt, cost);
+  Batcher b(opt, cost, &slow);
+  Request r[3];
+  EXPECT_EQ(plain.offer(&r[0], 1'150, 1'000), Fit::joined) << "a typical call (100 ns) ends in time";
+  EXPECT_EQ(b.offer(&r[0], 1'150, 1'000), Fit::hopeless)
+      << "a slow one (100 + 2 x 50 ns) does not: expired now rather than late";
+  ASSERT_EQ(b.offer(&r[1], 1'400, 1'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 1'100) << "a pair: 300 ns, and pairs have not overrun";
+}
+
 TEST_F(EngineBatching, AFewSlowCallsDoNotStopAModelForGood) {
   // A cold model: its first calls take 150 ms, later ones 1 ms; every request has 60 ms.
   // The first calls make the estimate of a call 150 ms: longer than any request has, so by

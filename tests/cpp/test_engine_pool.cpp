@@ -220,6 +220,50 @@ TEST_F(EnginePool, BurstWorkersWaitForPoolCapacity) {
   });
 }
 
+TEST_F(EnginePool, ABatchThatWaitedForThePoolExpiresWhatItCanNoLongerServeInTime) {
+  // A batch is formed, judged by its requests' deadlines, and only then waits for pool
+  // capacity: while other models' calls held the pool, a request whose deadline the call can
+  // no longer meet is expired (before its deadline passes), not run to finish late.
+  guarded(60s, [] {
+    auto pool = std::make_shared<SharedPool>(1);
+    Recorder rec;
+    auto h = recording_handler(rec, nullptr, 200ms);  // every call: 200 ms
+    ModelOptions o = batching_opts(4, 0);
+    o.name = "batched";
+    o.pool = pool;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef warm = make(1);  // the worker learns a call's duration
+    ASSERT_EQ(submit(m, warm), Admit::ok);
+    ASSERT_TRUE(completes(warm));
+
+    auto other = pool->join("other", 1.0, 0);
+    const uint32_t held = pool->acquire(*other, 1);  // another model's call holds the pool
+    TestRef r = make(2);
+    r->deadline_ns = now_ns() + 400'000'000;  // in time when taken (400 ms > 200 ms)...
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    std::this_thread::sleep_for(250ms);  // ...but not once the pool is free: 150 ms left
+    EXPECT_FALSE(r->done());
+    pool->release(*other, held, 250'000'000);
+    ASSERT_TRUE(completes(r));
+    EXPECT_EQ(r->outcome(), Outcome::expired);
+    EXPECT_EQ(r->runs.load(), 0);
+    EXPECT_LT(r->start_ns, r->deadline_ns) << "expired before its deadline passed";
+
+    TestRef next = make(3);  // the model goes on serving
+    next->deadline_ns = now_ns() + 1'000'000'000;
+    ASSERT_EQ(submit(m, next), Admit::ok);
+    ASSERT_TRUE(completes(next));
+    EXPECT_EQ(next->outcome(), Outcome::ok);
+    EXPECT_EQ(rec.sizes(), (std::vector<std::size_t>{1, 1}));
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
 TEST_F(EnginePool, PooledAndBurstPathsCompleteEveryRequestExactlyOnce) {
   // Tagged fuzz: pooled models with batching, priorities and a burst model, submitters,
   // cancels and a close without drain in the middle. Nothing lost, nothing twice.
