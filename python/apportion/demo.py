@@ -271,18 +271,21 @@ class DemoResult:
         return sum(m.goodput for m in self.results[mode].values())
 
     def table(self) -> str:
-        head = ["mode", "model", "demand/s", "req/s", "good/s", "p99 ms", "SLO", "met"]
+        # p99 of the completed requests; "met" also counts the expired ones as misses (an
+        # admitted request that never ran), as the tuner does.
+        head = ["mode", "model", "demand/s", "req/s", "good/s", "p99 ms", "expired", "SLO", "met"]
         rows = []
         for mode, res in self.results.items():
             demand = self.demands.get(mode) or self.config.demand()
             for n, m in res.items():
                 slo = self.config.models[n].slo or {}
                 rows.append([mode, n, f"{demand.get(n) or 0:.0f}", f"{m.throughput:.0f}", f"{m.goodput:.0f}",
-                             "-" if m.p99_ms is None else f"{m.p99_ms:.1f}",
+                             "-" if m.p99_ms is None else f"{m.p99_ms:.1f}", str(m.expired),
                              f"p{slo.get('percentile', 99):g}<={slo.get('latency_ms', 0):g}ms",
                              "yes" if m.slo_met else "NO"])
             rows.append([mode, "TOTAL", f"{sum(v or 0 for v in demand.values()):.0f}",
-                         f"{sum(m.throughput for m in res.values()):.0f}", f"{self.goodput(mode):.0f}", "", "",
+                         f"{sum(m.throughput for m in res.values()):.0f}", f"{self.goodput(mode):.0f}", "",
+                         str(sum(m.expired for m in res.values())), "",
                          "all" if all(m.slo_met for m in res.values()) else "no"])
         lines = _table.text(head, rows, left=2)
         base = self.goodput("unmanaged"), self.goodput("equal split")

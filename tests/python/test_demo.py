@@ -44,13 +44,17 @@ def test_table_reports_ratios() -> None:
     cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
 
     def res(good: float, met: bool) -> dict[str, Measured]:
-        return {n: Measured(good, good, 10.0, met, 100.0) for n in cfg.models}
+        return {n: Measured(good, good, 10.0, met, 100.0, expired=0 if met else 4) for n in cfg.models}
 
     d = demo.DemoResult(cfg, {"unmanaged": res(10, False), "equal split": res(20, True), "tuned": res(30, True)},
                         cfg, {}, 1.0)
     text = d.table()
     assert "tuned goodput: 3.00x unmanaged, 1.50x equal split" in text
-    assert text.splitlines()[0].split() == ["mode", "model", "demand/s", "req/s", "good/s", "p99", "ms", "SLO", "met"]
+    assert text.splitlines()[0].split() == ["mode", "model", "demand/s", "req/s", "good/s", "p99", "ms", "expired",
+                                            "SLO", "met"]
+    rows = [line.split() for line in text.splitlines()]
+    assert [r[6] for r in rows if r[:2] == ["unmanaged", "mlp"]] == ["4"]  # the met verdict counts them
+    assert [r[-2] for r in rows if r[:2] == ["unmanaged", "TOTAL"]] == ["12"]
 
 
 def test_the_shift_moves_shares_and_keeps_the_total() -> None:
@@ -92,4 +96,4 @@ def test_table_compares_the_controller_with_the_static_plan_after_the_shift() ->
     d.adapted = demo.Adapted({}, [], shift_at_s=4.0)
     assert "no move after the shift; no SLO miss in any window after it" in d.table()
     mlp_rows = [line.split() for line in text.splitlines() if " mlp " in f" {line} "]
-    assert [r[-6] for r in mlp_rows if r[0] == "shift:"] == [f"{new['mlp']:.0f}"] * 3
+    assert [r[-7] for r in mlp_rows if r[0] == "shift:"] == [f"{new['mlp']:.0f}"] * 3

@@ -4,6 +4,7 @@ injected profiles and measurements, and one short real run with sleeping models.
 from __future__ import annotations
 
 import io
+import re
 import itertools
 import time
 from dataclasses import replace
@@ -334,6 +335,62 @@ def test_a_winner_that_misses_in_the_longer_confirmation_run_gives_way_to_a_boun
     text = result.summary()
     assert f"Missed in a longer run (3 windows of" in text and f"'{first}'" in text
     assert "Confirmed in a longer run" in text
+
+
+def test_a_confirmed_winner_that_left_queues_unbounded_is_guarded_when_that_holds() -> None:
+    # Demand the 64-core server serves in full: no candidate bounds its queues. The fake
+    # machine serves a bounded plan as the unbounded one: the guarded plan holds every
+    # SLO at the same goodput and wins; each bound is what its model drained in time for its
+    # SLO (less the margin) in the winner's confirmation run, below the config's own 64.
+    from apportion.tune.search import measured_bound
+
+    result = tune(_synthetic_config(), budget_s=1000, topology_root=SERVER, profiles=TRUTH, measure=_fake_measure,
+                  progress=False, validate_top=2)
+    w = result.winner
+    assert w.name.endswith(", guarded queues") and w.slo_ok() and w.name in result.confirmed
+    base = next(c for c in result.candidates if c.name == w.name[: -len(", guarded queues")])
+    assert base.name in result.confirmed and base.slo_ok()
+    for need in result.needs:
+        c = base.choices[need.name]
+        want = measured_bound(need, c, base.measured[need.name], result.margin)
+        want = max(want, c.batching.max_size if c.batching else 1)
+        got = w.choices[need.name].max_queue
+        if c.max_queue is None and want < 64:
+            assert got == want and result.config.models[need.name].spec.max_queue == want
+        else:
+            assert got == c.max_queue
+    text = result.summary()
+    assert "Its queues are bounded at what each model drained in time in that run." in text
+    assert "Missed in a longer run" not in text  # the unguarded plan held its SLOs too
+
+
+def test_a_guard_that_costs_goodput_or_misses_is_not_taken() -> None:
+    from apportion.tune.tuner import GUARD_COST
+
+    def bounded(cfg: Config) -> bool:
+        return all(m.spec.max_queue is not None and m.spec.max_queue < 64 for m in cfg.models.values())
+
+    def costly(cfg: Config) -> dict[str, Measured]:
+        out = _fake_measure(cfg)
+        if bounded(cfg):  # refuses more than the guard may cost
+            out = {n: replace(m, goodput=(1.0 - 2 * GUARD_COST) * m.goodput) for n, m in out.items()}
+        return out
+
+    def missing(cfg: Config) -> dict[str, Measured]:
+        out = _fake_measure(cfg)
+        if bounded(cfg):
+            out = {n: replace(m, p99_ms=45.0, slo_met=False) for n, m in out.items()}
+        return out
+
+    for measure, why in ((costly, "costs goodput"), (missing, "misses")):
+        result = tune(_synthetic_config(), budget_s=1000, topology_root=SERVER, profiles=TRUTH, measure=measure,
+                      progress=False, validate_top=2)
+        guard = [c for c in result.candidates if c.name.endswith(", guarded queues")]
+        assert guard and guard[0].name in result.confirmed, why
+        assert not result.winner.name.endswith(", guarded queues") and result.winner.slo_ok(), why
+    text = result.summary()
+    assert re.search(rf"Missed in a longer run \(3 windows of [\d.]+ s\): '{re.escape(guard[0].name)}'\. "
+                     r"Confirmed in a longer run", text), text
 
 
 def test_confirmation_settings_have_windows_of_at_least_a_second() -> None:

@@ -86,10 +86,14 @@ class TuneResult:
             if not self.winner.slo_ok():
                 return "Not confirmed in a longer run: no candidate met every SLO in validation."
             return "Not confirmed in a longer run: no budget was left for it."
-        missed = [n for n in self.confirmed if n != self.winner.name]
+        by_name = {c.name: c for c in self.candidates}
+        missed = [n for n in self.confirmed if n != self.winner.name and n in by_name and not by_name[n].slo_ok()]
         head = (f"Missed in a longer run{length}: " + ", ".join(f"'{n}'" for n in missed) + ". ") if missed else ""
         if self.winner.name in self.confirmed and self.winner.slo_ok():
-            return head + f"Confirmed in a longer run{length}."
+            text = head + f"Confirmed in a longer run{length}."
+            if self.winner.name.endswith(", guarded queues"):
+                text += " Its queues are bounded at what each model drained in time in that run."
+            return text
         return head + "The winner was not confirmed in a longer run."
 
     def missing_capacity(self) -> dict[str, float]:

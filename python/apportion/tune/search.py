@@ -15,7 +15,7 @@ from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
            "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
-           "queue_bound", "shared_layout", "with_admission", "with_priorities"]
+           "guarded", "queue_bound", "shared_layout", "with_admission", "with_priorities"]
 
 @dataclass(frozen=True)
 class Choice:
@@ -352,6 +352,35 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
                                  f"refined from '{w.name}': the shared models in priority classes on the "
                                  "scheduled pool, least slack first"))
     return out
+
+
+def guarded(w: Candidate, needs: Iterable[Need], margin: float = 0.0,
+            own_bounds: Mapping[str, int | None] | None = None) -> Candidate | None:
+    """``w`` with the queue of every model it left unbounded bounded at what that model drained
+    in ``w``'s measured run in time for its SLO (:func:`measured_bound`), where that is below
+    the model's own bound (``own_bounds``: the config's ``max_queue`` by model); None when
+    there is none to bound. A plan near the machine's capacity meets its SLOs in one run and, a burst
+    later, expires a few percent of its requests in a queue that grew past what the deadline
+    allows: bounded, it refuses those few at once instead."""
+    if w.measured is None:
+        return None
+    by = {n.name: n for n in needs}
+    bounds = {}
+    for n, c in w.choices.items():
+        need, m = by.get(n), w.measured.get(n)
+        if c.max_queue is None and need is not None and m is not None:
+            q = measured_bound(need, c, m, margin)
+            own = (own_bounds or {}).get(n)
+            if q is not None:
+                q = max(q, c.batching.max_size if c.batching else 1)
+                if own is None or q < own:
+                    bounds[n] = replace(c, max_queue=q)
+    if not bounds:
+        return None
+    return Candidate(f"{w.name}, guarded queues", {**w.choices, **bounds},
+                     f"'{w.name}' with " + ", ".join(f"{n} q<={c.max_queue}" for n, c in bounds.items())
+                     + ": what each drained in time for its SLO in the confirmation run, so that a burst "
+                     "is refused at once rather than left to expire in the queue")
 
 
 def profile_shapes(total_cores: int, max_batch: int) -> list[Shape]:

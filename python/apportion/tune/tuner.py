@@ -17,10 +17,13 @@ from .cost import CostModel, Sample
 from .measure import Settings, host_snapshot, measure_config, profile_repeated
 from .noise import HostSnapshot, Noise, combine_repeats, profile_spread
 from .report import TuneResult
-from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, moves, needs_for,
-                     profile_shapes)
+from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
+                     needs_for, profile_shapes)
 
-__all__ = ["confirmation_settings", "tune", "with_margin"]
+__all__ = ["GUARD_COST", "confirmation_settings", "tune", "with_margin"]
+
+GUARD_COST = 0.03
+"""The share of goodput a confirmed winner may give up for bounded queues (step 6 of tune)."""
 
 
 def confirmation_settings(settings: Settings) -> Settings:
@@ -73,6 +76,9 @@ def tune(
     One that misses there ranks by that run; the admission bounds its misses call for are
     tried at that length, and the best remaining candidate is confirmed in turn, while the
     budget lasts (refinement stops early enough to leave time for two confirmation runs).
+    A confirmed winner that leaves some model's queue unbounded is run once more with those
+    queues bounded at what each model drained in time for its SLO (:func:`guarded`); that
+    plan wins if it holds every SLO at most :data:`GUARD_COST` (3%) below in goodput.
     When the models' demand exceeds what the machine serves within the SLOs, candidates bound
     each model's queue (``max_queue``: the excess is refused at once) and try priority classes
     on the scheduled shared pool; the winner is then the plan that serves the most within the
@@ -249,6 +255,16 @@ def tune(
             if measure_move(move, "confirming", confirm_fn):
                 confirmed.append(move)
     winner = best(candidates, objective)
+    # 6. guard. A confirmed winner that leaves a model's queue unbounded is tried once more
+    # with bounds at what each model drained in time (see search.guarded), and taken if it
+    # holds every SLO at no more than GUARD_COST less goodput: it refuses a burst at once
+    # where the unbounded plan, in the next run, lets it expire.
+    if winner.slo_ok() and any(c is winner for c in confirmed) and clock() - t0 + confirm_s <= budget_s * 1.1:
+        g = guarded(winner, needs, float(margin), {n: m.spec.max_queue for n, m in cfg.models.items()})
+        if g is not None and measure_move(g, "guarding", confirm_fn):
+            confirmed.append(g)
+            if g.slo_ok() and g.score(objective) >= (1.0 - GUARD_COST) * winner.score(objective):
+                winner = g
     bar(f"done: '{winner.name}'")
     bar.done()
     unstable = tuple(c.name for c in candidates if c.measured is not None and not c.stable())
