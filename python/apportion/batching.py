@@ -100,13 +100,20 @@ def _problem(b: Batching) -> tuple[str, str] | None:
 
 def _array_kind(xs: list[Any]) -> str | None:
     """"numpy" if every input is a numpy array, "torch" if every one is a tensor, else None."""
-    np = sys.modules.get("numpy")  # imported only if the caller already uses it
-    if np is not None and all(isinstance(x, np.ndarray) for x in xs):
-        return "numpy"
-    torch = sys.modules.get("torch")
-    if torch is not None and all(isinstance(x, torch.Tensor) for x in xs):
-        return "torch"
-    return None
+    if not xs:
+        return None
+    torch = sys.modules.get("torch")  # imported only if the caller already uses it
+    if torch is not None and isinstance(xs[0], torch.Tensor):
+        kind, cls = "torch", torch.Tensor
+    else:
+        np = sys.modules.get("numpy")
+        if np is None or not isinstance(xs[0], np.ndarray):
+            return None
+        kind, cls = "numpy", np.ndarray
+    for x in xs:
+        if not isinstance(x, cls):
+            return None
+    return kind
 
 
 def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequence[Any]]:
@@ -119,7 +126,10 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
         kind = _array_kind(xs)
         if kind is None:
             return fn(xs)
-        if kind == "numpy":
+        if len(xs) == 1:
+            # A batch of one (a lone client, a quiet moment): a view with a new dim 0, no copy.
+            y = fn(xs[0][None])
+        elif kind == "numpy":
             import numpy as np
 
             y = fn(np.stack(xs))
@@ -134,7 +144,9 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
                 f"{type(y).__name__} with shape {tuple(getattr(y, 'shape', ()))}; a batching "
                 f"model must return one row per input along dim 0"
             )
-        return list(y.unbind(0)) if kind == "torch" else list(y)
+        if len(xs) == 1:
+            return (y[0],)
+        return y.unbind(0) if kind == "torch" else list(y)
 
     serve.__wrapped__ = fn  # type: ignore[attr-defined]
     return serve
