@@ -11,7 +11,8 @@ CPU time the shared pool's CPUs left idle (a shared-pool model whose instances a
 least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
 count says nothing about the time the pool has left), or from a model that idles (busy below
 ``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance); when
-nothing can be taken it switches batching on, and then lowers its
+nothing can be taken it switches batching on (or, when its calls are already full batches,
+doubles its batch size, once per size up to ``max_batch_size``), and then lowers its
 ``max_queue`` to what its SLO allows (refusing at once what would miss it). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -40,6 +41,10 @@ from .spec import ModelSpec
 from .stats import ModelStats, RuntimeStats
 
 __all__ = ["Controller", "Move", "Window"]
+
+
+FULL_BATCHES = 0.9
+"""A batching model's calls count as full at a mean batch of this share of its max_size."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,9 @@ class Controller:
     hold together; default: the runtime's CPUs. ``headroom``: idle CPUs (averaged over a
     window) that let a saturated shared-pool model grow beyond ``capacity``, up to
     ``oversubscribe`` x ``capacity`` instances in all. ``history``: windows kept in
-    :attr:`history` (for reports such as how long an SLO miss lasted).
+    :attr:`history` (for reports such as how long an SLO miss lasted). ``max_batch``,
+    ``batch_delay_ms``: the batching a model at risk without it is given; ``max_batch_size``:
+    the largest batch a model at risk whose calls are already full is moved up to (doubling).
 
     Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
     ``step()`` yourself once per window."""
@@ -159,7 +166,7 @@ class Controller:
     def __init__(self, rt: Any, slos: Mapping[str, float], *, window_s: float = 1.0, dwell_s: float = 3.0,
                  confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
                  capacity: int | None = None, headroom: float = 0.5, oversubscribe: float = 2.0,
-                 max_batch: int = 8, batch_delay_ms: float = 1.0, history: int = 600,
+                 max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
                  log: Callable[[Move], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, slo in slos.items():
@@ -192,6 +199,8 @@ class Controller:
         self._idle_streak: dict[str, int] = {n: 0 for n in slos}
         self._last_move: dict[str, float] = {}
         self._full_queue: dict[str, int] = {}  # max_queue before the controller lowered it
+        self._batch_tried: dict[str, set[int]] = {}  # batch sizes the controller moved a model to
+        self.max_batch_size = max_batch_size
         self._last: RuntimeStats | None = None
         self._last_at = 0.0
         self.moves: list[Move] = []
@@ -267,6 +276,17 @@ class Controller:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
             return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
                                        why + "; no capacity to take: batch")]
+        b = spec.batching
+        if (b is not None and w.busy > self.hot and w.mean_batch >= FULL_BATCHES * b.max_size
+                and b.max_size * 2 <= self.max_batch_size and b.max_size * 2 not in self._batch_tried.get(name, ())):
+            # Every call already full: a bigger batch serves more per instance (the call's fixed
+            # cost shared by more requests). Tried once per size: a size that did not help is
+            # not tried again, and admission comes next.
+            self._batch_tried.setdefault(name, set()).add(b.max_size * 2)
+            bigger = dataclasses.replace(spec, batching=dataclasses.replace(b, max_size=b.max_size * 2))
+            return [*moves, self._move(now_s, name, bigger, f"batch {b.max_size} -> {b.max_size * 2}",
+                                       why + f"; no capacity to take, calls full (mean batch {w.mean_batch:.1f}): "
+                                       "bigger batches")]
         # Admission: queue no more than the instances can serve within the SLO.
         allowed = max(1, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
         if allowed < spec.max_queue:

@@ -102,6 +102,28 @@ def test_without_capacity_to_take_it_batches_then_limits_admission_then_restores
     assert "idle" in moves[0].reason
 
 
+def test_a_model_whose_calls_are_full_batches_gets_bigger_ones_once_per_size_then_admission() -> None:
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16)
+    specs = {"a": spec("a", 1, max_queue=256, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    busy_b = win(busy=0.6)
+    partial = c.decide({"a": win(p99=80.0, busy=0.9, rate=200.0, batch=4.0), "b": busy_b}, specs, 0.0)
+    assert [m.change for m in partial][0].startswith("max_queue 256 -> ")  # half-full calls: no bigger batch
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16)
+    full = win(p99=80.0, busy=0.95, rate=800.0, batch=7.6)
+    moves = c.decide({"a": full, "b": busy_b}, specs, 0.0)
+    assert [m.change for m in moves] == ["batch 8 -> 16"]
+    assert "calls full (mean batch 7.6)" in moves[0].reason
+    assert moves[0].spec.batching == ap.Batching(16, 1.0) and moves[0].spec.max_queue == 256
+    specs["a"] = moves[0].spec
+    full16 = win(p99=80.0, busy=0.95, rate=800.0, batch=15.0)
+    moves = c.decide({"a": full16, "b": busy_b}, specs, 1.0)
+    assert moves[0].change.startswith("max_queue 256 -> ")  # 32 is beyond max_batch_size
+    specs["a"] = moves[0].spec
+    specs["a"] = ap.ModelSpec("a", model=lambda x: x, max_queue=256, batching=ap.Batching(8, 1.0))  # moved back
+    moves = c.decide({"a": full, "b": busy_b}, specs, 2.0)
+    assert moves[0].change.startswith("max_queue 256 -> ")  # 16 was tried once: not again
+
+
 def test_models_without_an_slo_are_left_alone() -> None:
     c = Controller(None, {"a": 50.0}, capacity=4, confirm=1)
     moves = c.decide({"a": win(), "x": win(p99=500.0)}, {"a": spec("a"), "x": spec("x")}, 0.0)
