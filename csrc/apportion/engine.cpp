@@ -539,13 +539,9 @@ void Model::dispatch(Worker& w, Batcher& b) {
                                   ? start + w.deadline_estimate_ns(b.requests().size())
                                   : std::numeric_limits<int64_t>::min();
   for (Request* r : b.requests()) {
-    if (cancel) {
-      if (claim_or_release(r, RequestState::claimed)) handler_->abandon(&w, r, Outcome::cancelled);
-    } else if (r->deadline_ns < late_before) {
-      if (claim_or_release(r, RequestState::claimed)) {
-        r->start_ns = start;
-        handler_->abandon(&w, r, Outcome::expired);
-      }
+    if (cancel || r->deadline_ns < late_before) {
+      // Its lane matters only under on_timeout=delay, which late_before leaves out.
+      settle_unrunnable(w, r, 0, !cancel, start);
     } else if (claim_or_release(r, RequestState::running)) {
       r->start_ns = start;
       claimed.push_back(r);

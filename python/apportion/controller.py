@@ -191,7 +191,7 @@ class Controller:
         self.idle_cpus: float | None = None
         """CPUs of the runtime's shared pool that sat idle over the last window (None: not
         measured, or the pool changed during the window)."""
-        self.max_batch, self.batch_delay_ms = max_batch, batch_delay_ms
+        self.max_batch, self.batch_delay_ms, self.max_batch_size = max_batch, batch_delay_ms, max_batch_size
         self.clock = clock
         self._log = log
         self._t0 = clock()
@@ -200,7 +200,6 @@ class Controller:
         self._last_move: dict[str, float] = {}
         self._full_queue: dict[str, int] = {}  # max_queue before the controller lowered it
         self._batch_tried: dict[str, set[int]] = {}  # batch sizes the controller moved a model to
-        self.max_batch_size = max_batch_size
         self._last: RuntimeStats | None = None
         self._last_at = 0.0
         self.moves: list[Move] = []

@@ -4,9 +4,10 @@ injected profiles and measurements, and one short real run with sleeping models.
 from __future__ import annotations
 
 import io
-import re
 import itertools
+import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from apportion.tune import (
     shared_layout,
     tune,
 )
+from apportion.tune.search import GUARDED
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 SERVER = str(FIXTURES / "server_2s128t")
@@ -170,26 +172,35 @@ def test_min_fraction_objective_serves_both() -> None:
     assert min(fracs) > 0
 
 
+class _SimulatedRuns:
+    """A simulated clock that each measurement (by ``measure``) advances by ``step`` seconds,
+    noting when each one started."""
+
+    def __init__(self, measure: Callable[[Config], dict[str, Measured]], step: float) -> None:
+        self._measure, self.step = measure, step
+        self.now = 0.0
+        self.starts: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def measure(self, cfg: Config) -> dict[str, Measured]:
+        self.starts.append(self.now)
+        self.now += self.step
+        return self._measure(cfg)
+
+
 def test_the_search_stays_within_its_budget_on_a_simulated_clock() -> None:
     # Every measurement takes 2 simulated seconds. The first candidates are always measured;
     # refinements start only while the budget lasts, so a tight budget cuts the search short.
-    now = [0.0]
-    starts: list[float] = []
-
-    def measure(cfg: Config) -> dict[str, Measured]:
-        starts.append(now[0])
-        now[0] += 2.0
-        return _fake_measure(cfg)
-
     def run(budget: float) -> list[float]:
-        now[0] = 0.0
-        starts.clear()
-        result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=measure,
-                      progress=False, clock=lambda: now[0], validate_top=2)
+        sim = _SimulatedRuns(_fake_measure, 2.0)
+        result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=sim.measure,
+                      progress=False, clock=sim.clock, validate_top=2)
         # Every candidate is measured once, and the winner once more when its confirmation fits.
         assert result.confirmed in ([], [result.winner.name])
-        assert len(starts) == len(result.candidates) + len(result.confirmed) and result.elapsed_s == now[0]
-        return list(starts)
+        assert len(sim.starts) == len(result.candidates) + len(result.confirmed) and result.elapsed_s == sim.now
+        return sim.starts
 
     free = run(1000.0)
     assert len(free) > 3  # with time to spare the search refines past its two first candidates
@@ -347,8 +358,8 @@ def test_a_confirmed_winner_that_left_queues_unbounded_is_guarded_when_that_hold
     result = tune(_synthetic_config(), budget_s=1000, topology_root=SERVER, profiles=TRUTH, measure=_fake_measure,
                   progress=False, validate_top=2)
     w = result.winner
-    assert w.name.endswith(", guarded queues") and w.slo_ok() and w.name in result.confirmed
-    base = next(c for c in result.candidates if c.name == w.name[: -len(", guarded queues")])
+    assert w.name.endswith(GUARDED) and w.slo_ok() and w.name in result.confirmed
+    base = next(c for c in result.candidates if c.name == w.name[: -len(GUARDED)])
     assert base.name in result.confirmed and base.slo_ok()
     for need in result.needs:
         c = base.choices[need.name]
@@ -385,9 +396,9 @@ def test_a_guard_that_costs_goodput_or_misses_is_not_taken() -> None:
     for measure, why in ((costly, "costs goodput"), (missing, "misses")):
         result = tune(_synthetic_config(), budget_s=1000, topology_root=SERVER, profiles=TRUTH, measure=measure,
                       progress=False, validate_top=2)
-        guard = [c for c in result.candidates if c.name.endswith(", guarded queues")]
+        guard = [c for c in result.candidates if c.name.endswith(GUARDED)]
         assert guard and guard[0].name in result.confirmed, why
-        assert not result.winner.name.endswith(", guarded queues") and result.winner.slo_ok(), why
+        assert not result.winner.name.endswith(GUARDED) and result.winner.slo_ok(), why
     text = result.summary()
     assert re.search(rf"Missed in a longer run \(3 windows of [\d.]+ s\): '{re.escape(guard[0].name)}'\. "
                      r"Confirmed in a longer run", text), text
@@ -415,30 +426,19 @@ def test_the_summary_says_why_a_winner_was_not_confirmed() -> None:
                   progress=False, validate_top=2)
     assert result.confirmed == [] and not result.winner.slo_ok()
     assert "Not confirmed in a longer run: no candidate met every SLO in validation." in result.summary()
-    now = [0.0]
-
-    def slow(cfg: Config) -> dict[str, Measured]:
-        now[0] += 30.0
-        return _fake_measure(cfg)
-
-    result = tune(_synthetic_config(), budget_s=10, topology_root=VM2, profiles=TRUTH, measure=slow,
-                  progress=False, validate_top=2, clock=lambda: now[0])
+    slow = _SimulatedRuns(_fake_measure, 30.0)
+    result = tune(_synthetic_config(), budget_s=10, topology_root=VM2, profiles=TRUTH, measure=slow.measure,
+                  progress=False, validate_top=2, clock=slow.clock)
     assert result.confirmed == [] and result.winner.slo_ok()
     assert "Not confirmed in a longer run: no budget was left for it." in result.summary()
 
 
 def test_when_nothing_meets_the_slos_the_time_kept_for_confirming_goes_to_the_search() -> None:
-    now = [0.0]
-    starts: list[float] = []
-
-    def missing(cfg: Config) -> dict[str, Measured]:
-        starts.append(now[0])
-        now[0] += 2.0
-        return _missing_measure(cfg)
-
+    missing = _SimulatedRuns(_missing_measure, 2.0)
     budget = 40.0
-    result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=missing,
-                  progress=False, validate_top=2, clock=lambda: now[0])
+    result = tune(_synthetic_config(), budget_s=budget, topology_root=VM2, profiles=TRUTH, measure=missing.measure,
+                  progress=False, validate_top=2, clock=missing.clock)
+    starts = missing.starts
     per_run = result.settings.max_s
     reserve = min(2 * (result.confirm_settings.max_s + 0.5), 0.3 * budget)
     assert max(starts) > budget - reserve - per_run  # refinement went on into the reserve

@@ -13,7 +13,7 @@ from ..config import Config
 from .allocation import Allocation
 from .cost import CostModel, Sample
 from .noise import Confidence, Noise, combine_repeats, profile_spread
-from .search import Candidate
+from .search import GUARDED, Candidate
 
 __all__ = ["TuneResult"]
 
@@ -91,7 +91,7 @@ class TuneResult:
         head = (f"Missed in a longer run{length}: " + ", ".join(f"'{n}'" for n in missed) + ". ") if missed else ""
         if self.winner.name in self.confirmed and self.winner.slo_ok():
             text = head + f"Confirmed in a longer run{length}."
-            if self.winner.name.endswith(", guarded queues"):
+            if self.winner.name.endswith(GUARDED):
                 text += " Its queues are bounded at what each model drained in time in that run."
             return text
         return head + "The winner was not confirmed in a longer run."

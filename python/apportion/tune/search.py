@@ -15,7 +15,7 @@ from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
            "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
-           "guarded", "queue_bound", "shared_layout", "with_admission", "with_priorities"]
+           "GUARDED", "guarded", "queue_bound", "shared_layout", "with_admission", "with_priorities"]
 
 @dataclass(frozen=True)
 class Choice:
@@ -354,6 +354,10 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
     return out
 
 
+GUARDED = ", guarded queues"
+"""The suffix :func:`guarded` adds to the name of the candidate it bounds."""
+
+
 def guarded(w: Candidate, needs: Iterable[Need], margin: float = 0.0,
             own_bounds: Mapping[str, int | None] | None = None) -> Candidate | None:
     """``w`` with the queue of every model it left unbounded bounded at what that model drained
@@ -377,7 +381,7 @@ def guarded(w: Candidate, needs: Iterable[Need], margin: float = 0.0,
                     bounds[n] = replace(c, max_queue=q)
     if not bounds:
         return None
-    return Candidate(f"{w.name}, guarded queues", {**w.choices, **bounds},
+    return Candidate(w.name + GUARDED, {**w.choices, **bounds},
                      f"'{w.name}' with " + ", ".join(f"{n} q<={c.max_queue}" for n, c in bounds.items())
                      + ": what each drained in time for its SLO in the confirmation run, so that a burst "
                      "is refused at once rather than left to expire in the queue")
