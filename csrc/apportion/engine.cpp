@@ -76,6 +76,11 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
                                 std::to_string(opts_.priority_levels) + " is out of range (1 .. " +
                                 std::to_string(LaneSet::kMaxLevels) + ")");
   }
+  if (opts_.admission == Admission::deadline && opts_.priority_levels != 1) {
+    throw std::invalid_argument("model '" + opts_.name + "': admission by deadline judges a request by "
+                                "every request queued ahead of it; with priority_levels " +
+                                std::to_string(opts_.priority_levels) + " a request may skip some of them");
+  }
   if (opts_.pool == nullptr) opts_.burst_instances = 0;
   // With on_timeout=delay a late request still runs: nothing to expire early.
   if (opts_.on_timeout == OnTimeout::reject) expiry_ = std::make_shared<ExpiryHeap>();
@@ -366,8 +371,10 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
   r->start_ns = now;
   note_caller_cpu(w, r, current_cpu());
   handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
+  const int64_t end = now_ns();
+  note_drained(1, end);
   if (units == 0) return 0;
-  const int64_t cost = now_ns() - now;
+  const int64_t cost = end - now;
   if (queued_.load(std::memory_order_relaxed) != 0 && !w.burst) {
     // More work: keep the units, or wait in line at once for the next grant (a worker that
     // left the line here and came back would make its model look idle for that moment).
@@ -557,7 +564,9 @@ void Model::dispatch(Worker& w, Batcher& b) {
   // Counted before the call: a caller that saw its result then reads the stats finds it.
   w.shard.batch_size.record(n);
   handler_->run(w, claimed.data(), n);  // completes and releases every one of them
-  const int64_t cost = now_ns() - start;
+  const int64_t end = now_ns();
+  note_drained(n, end);
+  const int64_t cost = end - start;
   pool_leave(units, cost);
   w.observe(n, cost, probe);
 }
@@ -618,6 +627,20 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     return Admit::full;
   }
   const int64_t now = now_ns();
+  if (before != 0 && opts_.admission == Admission::deadline) {
+    // Backlogged: the last of these completes after everything queued ahead of it, at the
+    // pace the model keeps while backlogged. One that would miss its deadline is refused now
+    // rather than expire in the queue (or complete late) after holding a slot.
+    const int64_t pace = drain_ns_.load(std::memory_order_relaxed);
+    int64_t deadline = Request::kNoDeadline;
+    for (std::size_t i = 0; i < n; ++i) deadline = std::min(deadline, rs[i]->deadline_ns);
+    if (pace > 0 && deadline != Request::kNoDeadline &&
+        static_cast<double>(deadline - now) < static_cast<double>(before + n) * static_cast<double>(pace)) {
+      queued_.fetch_sub(n, std::memory_order_relaxed);
+      counters_->rejected.fetch_add(n, std::memory_order_relaxed);
+      return Admit::late;
+    }
+  }
   const uint32_t groups = lanes_.groups();
   // One routing decision per call: a batch comes from one thread on one CPU.
   const uint32_t routed = groups > 1 ? lanes_.route() : 0;
@@ -678,6 +701,19 @@ void Model::join() {
   if (expiry_ != nullptr) {
     for (Request* left : expiry_->drain()) handler_->release(left);
   }
+}
+
+void Model::note_drained(std::size_t n, int64_t end) noexcept {
+  if (opts_.admission != Admission::deadline || n == 0) return;
+  // Backlogged since the previous call finished: every worker had work in between, so the
+  // interval is the model's pace (all instances together) for these n requests.
+  const bool backlog = queued_.load(std::memory_order_relaxed) != 0;
+  const int64_t prev = last_done_ns_.exchange(backlog ? end : 0, std::memory_order_relaxed);
+  if (prev == 0 || end <= prev) return;
+  const int64_t sample = (end - prev) / static_cast<int64_t>(n);
+  const int64_t pace = drain_ns_.load(std::memory_order_relaxed);
+  // Smoothed over about eight calls; racing workers may drop a sample, never tear one.
+  drain_ns_.store(pace == 0 ? sample : pace + (sample - pace) / 8, std::memory_order_relaxed);
 }
 
 void Model::taken(Request* r) noexcept {
@@ -853,6 +889,9 @@ uint32_t Model::reshape(Shape shape) {
   }
   max_queue_.store(shape.max_queue, std::memory_order_relaxed);
   instances_.store(n, std::memory_order_relaxed);
+  // The old pace says nothing of the new shape: admission by deadline measures it again.
+  last_done_ns_.store(0, std::memory_order_relaxed);
+  drain_ns_.store(0, std::memory_order_relaxed);
   // The new workers serve first, then the old ones are told to leave: the queue is never
   // without a worker that takes from it.
   gen->gate.store(WorkerGeneration::kServe, std::memory_order_release);

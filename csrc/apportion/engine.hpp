@@ -164,6 +164,13 @@ enum class OnTimeout : uint8_t {
   delay,   // move it to the delayed lane: it runs after every request still in time
 };
 
+/// What admission refuses besides a full queue.
+enum class Admission : uint8_t {
+  queue,     // only a full queue (max_queue)
+  deadline,  // also a request that would wait past its deadline behind the queue ahead of it,
+             // judged by the model's measured pace while backlogged (see Model::drain_ns())
+};
+
 struct ModelOptions {
   std::string name;
   uint32_t instances = 1;
@@ -172,6 +179,9 @@ struct ModelOptions {
   /// Lanes 0 (served first) .. priority_levels - 1. Request::priority is clamped into range.
   uint32_t priority_levels = 1;
   OnTimeout on_timeout = OnTimeout::reject;
+  /// Admission::deadline needs priority_levels == 1: a request is judged by every request
+  /// queued ahead of it, which priority lanes would let it skip.
+  Admission admission = Admission::queue;
   BatchingOptions batching;
   // How long an idle worker keeps polling its queue before it parks on a futex. A request that
   // arrives meanwhile is picked up in ~1 us instead of a ~5 us futex wake-up; the cost is that
@@ -208,7 +218,8 @@ struct ModelOptions {
   std::vector<uint32_t> instance_group;
 };
 
-enum class Admit : uint8_t { ok, full, closed };
+/// `late`: refused by Admission::deadline (the queue ahead would outlast the deadline).
+enum class Admit : uint8_t { ok, full, closed, late };
 
 class Model {
  public:
@@ -280,6 +291,9 @@ class Model {
   uint32_t instances() const noexcept { return instances_.load(std::memory_order_relaxed); }
   /// The admission bound now (the latest reshape()). Safe from any thread.
   std::size_t max_queue() const noexcept { return max_queue_.load(std::memory_order_relaxed); }
+  /// Admission::deadline's pace: the smoothed time between completions per request while the
+  /// model was backlogged (ns; 0 until measured, and after a move). Safe from any thread.
+  int64_t drain_ns() const noexcept { return drain_ns_.load(std::memory_order_relaxed); }
   /// Live moves done (reshape() calls that moved a started model).
   uint64_t moves() const noexcept { return moves_.load(std::memory_order_relaxed); }
   /// Sets where the workers will run and, when `groups` is given, the own instances' lane
@@ -381,6 +395,8 @@ class Model {
   // A request popped from a lane: frees its cell, and its admission slot unless it was given
   // back when it was settled (see claim_queued()).
   void taken(Request* r) noexcept;
+  // Admission::deadline: a call of `n` requests finished at `end` (see drain_ns()).
+  void note_drained(std::size_t n, int64_t end) noexcept;
   // Claims and runs the batch formed in `b` with one model call (or settles what cannot run).
   void dispatch(Worker& w, Batcher& b);
 
@@ -429,6 +445,12 @@ class Model {
   std::atomic<uint32_t> submitting_{0};
   std::atomic<bool> closed_{false};
   std::atomic<bool> cancel_queued_{false};
+
+  // Admission::deadline only, written by workers once per call (their own line: submitters
+  // only read drain_ns_). last_done_ns_: when the latest call finished if it left requests
+  // queued, else 0 (the next interval may hold idle time and is not a sample).
+  alignas(kCacheLine) std::atomic<int64_t> last_done_ns_{0};
+  std::atomic<int64_t> drain_ns_{0};
 
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the

@@ -540,6 +540,7 @@ class RuntimeCore {
     const auto priority_levels = spec.attr("priority_levels").cast<uint32_t>();
     opts.priority_levels = std::max<uint32_t>(priority_levels, 1);
     if (spec.attr("on_timeout").cast<std::string>() == "delay") opts.on_timeout = OnTimeout::delay;
+    if (spec.attr("admission").cast<std::string>() == "deadline") opts.admission = Admission::deadline;
     const py::object batching = spec.attr("batching");
     opts.batching = batching_options(batching);
     const auto burst = spec.attr("burst_instances").cast<uint32_t>();
@@ -861,6 +862,17 @@ class RuntimeCore {
       raise(types().runtime_closed, reg_->closed() ? "runtime is closed: model '" + name +
                                                          "' accepts no requests"
                                                    : "model '" + name + "' is closed and accepts no requests");
+    }
+    if (a == Admit::late) {
+      const double pace_ms = static_cast<double>(e.model->drain_ns()) / 1e6;
+      const std::size_t queued = e.model->queued();
+      char detail[160];
+      std::snprintf(detail, sizeof detail,
+                    "%zu queued ahead at %.3g ms each while backlogged: ~%.3g ms", queued, pace_ms,
+                    pace_ms * static_cast<double>(queued + n));
+      raise(types().queue_full, "model '" + name + "': would wait past its deadline (admission=\"deadline\"; " +
+                                    detail + "); " + std::to_string(n) +
+                                    (n == 1 ? " request" : " requests") + " rejected");
     }
     raise(types().queue_full,
           "model '" + name + "': queue full (max_queue=" +

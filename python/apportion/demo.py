@@ -18,7 +18,9 @@ configuration that uses the cores better (fewer threads fighting, batching) serv
 At 0.8 an equal split sometimes serves everything and no configuration can do better
 (bench/RESULTS.md records both).
 
-Three ways to serve the same models under the same load, queue bound and deadlines:
+Three ways to serve the same models under the same load, queue bound and deadlines (each
+model's timeout is its SLO, with ``admission="deadline"``: a request that would wait past it
+behind the queue is refused at once, in every mode):
 
 - **unmanaged**: what frameworks do by default: every model floats on every core with torch's
   default thread count (one intra-op thread per CPU), one instance, no batching;
@@ -183,7 +185,7 @@ def demo_config(load: float = 1.0, *, per_request_ms: dict[str, float] | None = 
     for name, (build, make) in _MODELS.items():
         models[name] = ModelConfig(
             ModelSpec(name, factory=f"apportion.demo:{build.__name__}", max_queue=MAX_QUEUE,
-                      timeout_ms=SLO_MS[name]),
+                      timeout_ms=SLO_MS[name], admission="deadline"),
             inputs=f"apportion.demo:{make.__name__}",
             slo={"latency_ms": SLO_MS[name], "percentile": 99.0}, load={"share": SHARES[name]})
     return Config(models=models, rate=rate, path="<apportion demo>")

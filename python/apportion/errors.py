@@ -60,7 +60,8 @@ class PlacementError(ApportionError):
 
 
 class QueueFull(ApportionError):
-    """Admission refused: the model already holds ``max_queue`` queued requests."""
+    """Admission refused: the model already holds ``max_queue`` queued requests, or (with
+    ``admission="deadline"``) the request would wait past its deadline behind those queued."""
 
 
 class DeadlineExceeded(ApportionError, TimeoutError):

@@ -324,6 +324,7 @@ class Runtime(_core._Runtime):
         timeout_ms: float | None = None,
         priority_levels: int = 1,
         on_timeout: str = "reject",
+        admission: str = "queue",
         batching: Batching | None = None,
         spin_us: float = 50.0,
         gpu: GPU | None = None,
@@ -358,6 +359,13 @@ class Runtime(_core._Runtime):
         worker always takes the highest non-empty level. ``on_timeout``: what happens to a
         request whose deadline passes before it starts: "reject" (DeadlineExceeded, never run)
         or "delay" (it still runs, after every request that is still in time).
+        ``admission``: "queue" (default) refuses only beyond ``max_queue``; "deadline" also
+        refuses at once (QueueFull, saying so) a request with a deadline that would wait past
+        it: while the model is backlogged, the requests queued ahead of it times the model's
+        measured pace (time between completions per request, all instances together, smoothed
+        over about eight calls; measured again after a move). A burst then turns into
+        refusals at submit instead of requests that hold a slot, expire in the queue or
+        complete late. Needs ``priority_levels=1``.
         ``batching``: an :class:`~apportion.Batching`; the model then receives a list of inputs
         (or stacked arrays/tensors) and returns one result per input.
         GPU: ``gpu=ap.GPU(device, streams, priority, sm_share | sm_count, memory)`` gives each
@@ -406,7 +414,8 @@ class Runtime(_core._Runtime):
             name=name, factory=factory, model=model, instances=instances, threads=threads, cores=cores,
             isolation=isolation, numa=numa, smt=smt, memory_policy=memory_policy,  # type: ignore[arg-type]
             oversubscribe=oversubscribe, max_queue=max_queue, timeout_ms=timeout_ms,
-            priority_levels=priority_levels, on_timeout=on_timeout, batching=batching,  # type: ignore[arg-type]
+            priority_levels=priority_levels, on_timeout=on_timeout, admission=admission,  # type: ignore[arg-type]
+            batching=batching,
             spin_us=spin_us, gpu=gpu, weight=weight, priority_class=priority_class, burst=burst,
             watchdog_s=watchdog_s, start_timeout_s=start_timeout_s, warmup=warmup))
 
@@ -506,8 +515,8 @@ class Runtime(_core._Runtime):
             self._plan = None
 
     # -- live moves ----------------------------------------------------------------------------
-    _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "timeout_ms", "spin_us",
-                               "weight", "priority_class")
+    _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "admission", "timeout_ms",
+                               "spin_us", "weight", "priority_class")
 
     def apply(self, target: ModelSpec | Iterable[ModelSpec] | Mapping[str, ModelSpec] | Any) -> list[str]:
         """Moves registered models to new settings while they serve: ``target`` is a
@@ -533,7 +542,7 @@ class Runtime(_core._Runtime):
 
         Nothing moves when the target is invalid: a QuotaError (``.model``, ``.field``) for a
         field that cannot change live (the factory or model, priority levels, timeouts,
-        ``on_timeout``, ``spin_us``, weight and priority class, a max_queue above the queue's
+        ``on_timeout``, ``admission``, ``spin_us``, weight and priority class, a max_queue above the queue's
         size), for process or GPU models and models with burst instances; a PlacementError when
         the models do not fit the machine together, or a model would span several NUMA nodes;
         ModelNotFound for a name not registered. When a new instance's factory (or warm-up)

@@ -76,6 +76,7 @@ class ModelSpec:
     timeout_ms: float | None = None
     priority_levels: int = 1
     on_timeout: Literal["reject", "delay"] = "reject"
+    admission: Literal["queue", "deadline"] = "queue"
     batching: Batching | None = None
     spin_us: float = 50.0
     gpu: GPU | None = None
@@ -150,6 +151,11 @@ class ModelSpec:
         put("priority_levels", int(self.priority_levels))
         if self.on_timeout not in ("reject", "delay"):
             raise bad("on_timeout", f'got {self.on_timeout!r}; give "reject" or "delay"')
+        if self.admission not in ("queue", "deadline"):
+            raise bad("admission", f'got {self.admission!r}; give "queue" or "deadline"')
+        if self.admission == "deadline" and self.priority_levels != 1:
+            raise bad("admission", f'"deadline" judges a request by every request queued ahead of it, '
+                      f'which priority lanes let it skip; give priority_levels=1 (got {self.priority_levels})')
         if self.batching is not None:
             if not isinstance(self.batching, Batching):
                 raise bad("batching", f"must be an apportion.Batching or None, got {self.batching!r}")

@@ -39,6 +39,7 @@
 namespace apportion::testing::engine {
 
 
+using apportion::Admission;
 using apportion::Admit;
 using apportion::BatchingOptions;
 using apportion::Model;

@@ -234,6 +234,95 @@ TEST_F(EngineTest, SubmitNIsAllOrNothing) {
   });
 }
 
+// Admission::deadline: once the model has been backlogged (so its pace is measured), a request
+// whose deadline is shorter than the queue ahead of it times that pace is refused with `late`;
+// requests without a deadline, with a far one, or facing an empty queue are admitted.
+TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
+  guarded(30s, [] {
+    for (const Admission admission : {Admission::deadline, Admission::queue}) {
+      auto h = std::make_shared<TestHandler>();
+      Gate gate;
+      h->on_run = [&gate](Worker&, TestRequest& r) {
+        if (r.tag == 0) {
+          gate.arrive();
+          gate.wait();
+        } else {
+          std::this_thread::sleep_for(5ms);  // the pace is at least this
+        }
+        return Outcome::ok;
+      };
+      ModelOptions o = opts(1, 64);
+      o.admission = admission;
+      Model m(o, h);
+      ASSERT_EQ(m.start(), 0u);
+      std::vector<TestRef> warm;
+      for (uint64_t i = 1; i <= 6; ++i) warm.push_back(make(i));
+      ASSERT_EQ(submit_all(m, warm), Admit::ok);  // a backlog: four intervals are measured
+      for (const auto& r : warm) ASSERT_TRUE(completes(r));
+      if (admission == Admission::deadline) {
+        EXPECT_GE(m.drain_ns(), 5'000'000);
+      } else {
+        EXPECT_EQ(m.drain_ns(), 0) << "only admission by deadline measures the pace";
+      }
+
+      // An empty queue admits whatever the deadline.
+      TestRef alone = make(7);
+      alone->deadline_ns = now_ns() + 3'600'000'000'000LL;
+      ASSERT_EQ(submit(m, alone), Admit::ok);
+      ASSERT_TRUE(completes(alone));
+
+      TestRef blocker = make(0);
+      ASSERT_EQ(submit(m, blocker), Admit::ok);
+      gate.wait_arrivals(1);
+      std::vector<TestRef> ahead;
+      for (uint64_t i = 10; i < 13; ++i) ahead.push_back(make(i));
+      ASSERT_EQ(submit_all(m, ahead), Admit::ok);
+      // Three ahead of it at >= 5 ms each: 20 ms or more, against a 10 ms deadline.
+      TestRef tight = make(20);
+      tight->deadline_ns = now_ns() + 10'000'000;
+      TestRef far = make(21);
+      far->deadline_ns = now_ns() + 3'600'000'000'000LL;
+      TestRef none = make(22);
+      if (admission == Admission::deadline) {
+        EXPECT_EQ(submit(m, tight), Admit::late);
+        // A refused request is the caller's: untouched, never completed.
+        EXPECT_EQ(tight->state(), RequestState::queued);
+        EXPECT_EQ(tight->completions.load(), 0);
+        // All or nothing: one tight deadline refuses the whole batch.
+        TestRef far2 = make(23);
+        far2->deadline_ns = far->deadline_ns;
+        EXPECT_EQ(submit_all(m, {far2, tight}), Admit::late);
+        EXPECT_EQ(far2->completions.load(), 0);
+      } else {
+        EXPECT_EQ(submit(m, tight), Admit::ok);
+      }
+      EXPECT_EQ(m.queued(), admission == Admission::deadline ? 3u : 4u);
+      EXPECT_EQ(submit(m, far), Admit::ok);
+      EXPECT_EQ(submit(m, none), Admit::ok);
+      gate.open();
+      for (const auto* r : {&blocker, &far, &none}) ASSERT_TRUE(completes(*r));
+      for (const auto& r : ahead) ASSERT_TRUE(completes(r));
+      if (admission == Admission::queue) {
+        ASSERT_TRUE(completes(tight));
+        EXPECT_EQ(tight->outcome(), Outcome::expired) << "admitted, it waited past its deadline";
+      }
+      m.close(true);
+      m.join();
+      const ModelSnapshot s = m.snapshot();
+      EXPECT_EQ(s.rejected, admission == Admission::deadline ? 3u : 0u);
+      EXPECT_EQ(s.submitted, accounted(s));
+      EXPECT_EQ(h->bad_state.load(), 0);
+    }
+  });
+}
+
+TEST_F(EngineTest, AdmissionByDeadlineNeedsOnePriorityLevel) {
+  ModelOptions o = opts(1);
+  o.admission = Admission::deadline;
+  o.priority_levels = 2;
+  EXPECT_THROW(Model(o, std::make_shared<TestHandler>()), std::invalid_argument);
+}
+
 TEST_F(EngineTest, ClosedModelRefusesWithClosed) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();

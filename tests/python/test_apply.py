@@ -184,7 +184,7 @@ def test_invalid_targets_fail_before_anything_moves() -> None:
             rt.apply(dataclasses.replace(base, name="nope"))
         for change, fld in (({"factory": Where()}, "factory"), ({"max_queue": 65}, "max_queue"),
                             ({"timeout_ms": 50}, "timeout_ms"), ({"priority_levels": 2}, "priority_levels"),
-                            ({"on_timeout": "delay"}, "on_timeout")):
+                            ({"on_timeout": "delay"}, "on_timeout"), ({"admission": "deadline"}, "admission")):
             with pytest.raises(QuotaError) as err:
                 rt.apply(dataclasses.replace(base, **change))
             assert err.value.model == "m" and err.value.field == fld

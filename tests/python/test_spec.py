@@ -42,6 +42,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     (dict(timeout_ms=float("inf")), "timeout_ms", "positive, finite"),
     (dict(priority_levels=257), "priority_levels", "[1, 256]"),
     (dict(on_timeout="drop"), "on_timeout", '"reject" or "delay"'),
+    (dict(admission="wait"), "admission", '"queue" or "deadline"'),
+    (dict(admission="deadline", priority_levels=2), "admission", "priority_levels=1"),
     (dict(batching={"max_size": 2}), "batching", "apportion.Batching"),
     (dict(spin_us=-1), "spin_us", "[0, 1e6]"),
     (dict(spin_us="50"), "spin_us", "[0, 1e6]"),
@@ -191,6 +193,8 @@ def specs(draw: st.DrawFn) -> ModelSpec:
     kw["timeout_ms"] = draw(st.one_of(st.none(), _floats))
     kw["priority_levels"] = draw(st.integers(1, 8))
     kw["on_timeout"] = draw(st.sampled_from(["reject", "delay"]))
+    if kw["priority_levels"] == 1:
+        kw["admission"] = draw(st.sampled_from(["queue", "deadline"]))
     if draw(st.booleans()):
         size = draw(st.integers(1, 64))
         prefs = draw(st.one_of(st.none(), st.lists(st.integers(1, size), min_size=1, max_size=3)))
