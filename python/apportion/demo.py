@@ -147,25 +147,32 @@ _MODELS = {"mlp": (build_mlp, mlp_input), "conv": (build_conv, conv_input),
            "encoder": (build_encoder, encoder_input)}
 
 
-def single_thread_ms(repeat_s: float = 0.3) -> dict[str, float]:
+def single_thread_ms(repeat_s: float = 0.3, rounds: int = 5) -> dict[str, float]:
     """Each model's time per request on one thread, unbatched (measured in a fresh thread so
-    this process's torch settings are untouched)."""
+    this process's torch settings are untouched): ``rounds`` rounds of ``repeat_s / rounds``
+    seconds per model, the models interleaved, and per model the fastest round's mean. A
+    neighbour's burst (or a previous process still exiting) slows some rounds, never speeds
+    one up: the fastest round is the model's own cost, which sizes the workload the same way
+    from run to run."""
     out: dict[str, float] = {}
 
     def work() -> None:
         torch = _torch()
         torch.get_num_threads()
         torch.set_num_threads(1)
-        for name, (build, make) in _MODELS.items():
-            m, x = build().eval(), make()
-            with torch.inference_mode():
+        built = {name: (build().eval(), make()) for name, (build, make) in _MODELS.items()}
+        with torch.inference_mode():
+            for m, x in built.values():
                 for _ in range(3):
                     m(x)
-                n, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < repeat_s:
-                    m(x)
-                    n += 1
-            out[name] = (time.perf_counter() - t0) / n * 1000.0
+            for _ in range(rounds):
+                for name, (m, x) in built.items():
+                    n, t0 = 0, time.perf_counter()
+                    while time.perf_counter() - t0 < repeat_s / rounds:
+                        m(x)
+                        n += 1
+                    ms = (time.perf_counter() - t0) / n * 1000.0
+                    out[name] = min(out.get(name, ms), ms)
 
     t = threading.Thread(target=work, name="apportion-demo-calibrate")
     t.start()
