@@ -1,6 +1,7 @@
 """Consecutive `apportion demo` runs, as a user runs them, optionally beside busy-loop processes;
 one Markdown row per run against the done-when targets (tuned meets every SLO for the requests
-it admits, goodput >= 1.3x unmanaged and >= 1.15x equal split).
+it admits, goodput >= 1.3x unmanaged and >= 1.15x equal split), with the CPUs the hypervisor
+took from this machine during the run (steal time, mean over the run; /proc/stat).
 
     python bench/python/bench_demo_runs.py [--runs 5] [--busy 0] [--out DIR] [-- DEMO ARGS...]
 
@@ -42,6 +43,14 @@ def busy(n: int, max_s: float) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
 
 
+def steal_s() -> float:
+    """Steal seconds of this process's CPUs so far (0 where /proc/stat cannot be read)."""
+    from apportion._private.cputime import cpus_busy_and_steal_s
+
+    both = cpus_busy_and_steal_s(os.sched_getaffinity(0))
+    return both[1] if both else 0.0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
@@ -59,12 +68,14 @@ def main() -> int:
         for i in range(1, args.runs + 1):
             t0 = time.strftime("%H:%M:%S", time.gmtime())
             load = os.getloadavg()[0]
+            s0, w0 = steal_s(), time.monotonic()
             r = subprocess.run([sys.executable, "-m", "apportion", "demo", "--quiet", "--out", str(out / f"run{i}"),
                                 *args.demo_args], capture_output=True, text=True, timeout=900)
+            stolen = (steal_s() - s0) / max(time.monotonic() - w0, 1e-9)
             (out / f"run{i}.txt").write_text(r.stdout + r.stderr)
             res = parse(r.stdout)
             if r.returncode != 0 or set(res) != set(MODES):
-                rows.append(f"| {i} | {t0} | {load:.1f} | failed (exit {r.returncode}; see {out / f'run{i}.txt'}) |")
+                rows.append(f"| {i} | {t0} | {load:.1f} | {stolen:.2f} | failed (exit {r.returncode}; see {out / f'run{i}.txt'}) |")
                 continue
             demand = next((line.split("req/s in total")[0].split()[-1] for line in r.stdout.splitlines()
                            if "req/s in total" in line), "?")
@@ -78,7 +89,7 @@ def main() -> int:
             conf = tuner.split("confidence ")[1].split(".")[0] if "confidence " in tuner else "?"
             if "other processes kept " in tuner:
                 conf += ", others " + tuner.split("other processes kept ")[1].split(" CPUs")[0]
-            rows.append(f"| {i} | {t0} | {load:.1f} | {demand} | {total['unmanaged']:.0f} ({met['unmanaged']} of {n}) "
+            rows.append(f"| {i} | {t0} | {load:.1f} | {stolen:.2f} | {demand} | {total['unmanaged']:.0f} ({met['unmanaged']} of {n}) "
                         f"| {total['equal split']:.0f} ({met['equal split']} of {n}) | {total['tuned']:.0f} "
                         f"({met['tuned']} of {n}) | {ratio_u:.2f}x | {ratio_e:.2f}x | {conf} | "
                         f"{'yes' if ok else 'no'} |")
@@ -87,10 +98,10 @@ def main() -> int:
         for proc in procs:
             proc.kill()
             proc.wait()
-    print("\n| run | start UTC | load avg | demand req/s | unmanaged good/s (SLOs met) | equal split good/s (SLOs "
+    print("\n| run | start UTC | load avg | steal CPUs | demand req/s | unmanaged good/s (SLOs met) | equal split good/s (SLOs "
           "met) | tuned good/s (SLOs met) | tuned / unmanaged | tuned / equal | tuner confidence, others' busy CPUs "
           "| target met |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import apportion as ap
+from apportion._private.cputime import parse_proc_steal
 from apportion.config import Config, ModelConfig
 from apportion.load import SLO, WindowStats
 from apportion.tune import (
@@ -367,6 +368,19 @@ def test_parse_proc_stat_counts_busy_ticks_of_the_given_cpus() -> None:
     assert parse_proc_stat(PROC_STAT, {7}, 100.0) == 0.0
 
 
+def test_parse_proc_steal_counts_steal_ticks_of_the_given_cpus() -> None:
+    assert parse_proc_steal(PROC_STAT, {0}, 100.0) == pytest.approx(0.01)
+    assert parse_proc_steal(PROC_STAT, {1}, 100.0) == 0.0
+    assert parse_proc_steal(PROC_STAT, {0, 7}, 100.0) == pytest.approx(0.01)
+
+
+def test_host_snapshot_steal_cpus() -> None:
+    a = HostSnapshot(10.0, 100.0, 40.0, 2, steal_s=3.0)
+    assert HostSnapshot(12.0, 105.0, 41.0, 2, steal_s=4.0).steal_cpus(a) == pytest.approx(0.5)
+    assert HostSnapshot(12.0, 105.0, 41.0, 2, steal_s=2.0).steal_cpus(a) == 0.0  # never negative
+    assert a.steal_cpus(a) == 0.0
+
+
 def test_host_snapshot_foreign_cpus() -> None:
     a = HostSnapshot(10.0, 100.0, 40.0, 4)
     b = HostSnapshot(12.0, 105.0, 41.0, 4)
@@ -391,6 +405,10 @@ def test_noise_confidence_and_words() -> None:
     assert "other processes kept 1.0 of 2 CPUs busy" in busy.describe() and "up to 1.4" in busy.describe()
     moved = Noise(2, 0.0, None, {"mlp": {(2, 1): 0.6, (1, 1): 0.05}})
     assert moved.confidence() == "low" and "moved by up to 60% (mlp t=2)" in moved.describe()
+    stolen = Noise(2, 0.6, None, None, (), 0.4)
+    assert "other processes kept 0.6 of 2 CPUs" in stolen.describe()
+    assert "0.4 of them taken by the hypervisor" in stolen.describe()
+    assert "hypervisor" not in Noise(2, 0.6, None, None, (), 0.01).describe()
     some = Noise(2, 0.2, None, None, ("shared pool",))
     assert some.confidence() == "medium" and "never settled ('shared pool')" in some.describe()
     assert Noise(2).confidence() == "high"

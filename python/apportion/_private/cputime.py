@@ -72,11 +72,9 @@ class CpuTracker:
             return out
 
 
-def parse_proc_stat(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
-    """Busy seconds of ``cpus`` from the text of ``/proc/stat`` (``cpuN user nice system idle
-    iowait irq softirq steal ...`` in clock ticks); idle and iowait are not busy, guest time is
-    already part of user time. A CPU the file does not list counts 0."""
-    busy = 0
+def _proc_stat_ticks(text: str, cpus: Collection[int]) -> tuple[int, int]:
+    """(busy, steal) clock ticks of ``cpus`` summed from the text of ``/proc/stat``."""
+    busy = steal = 0
     for line in text.splitlines():
         if not line.startswith("cpu") or line.startswith("cpu "):
             continue
@@ -88,18 +86,40 @@ def parse_proc_stat(text: str, cpus: Collection[int], ticks_per_s: float) -> flo
         if cpu not in cpus:
             continue
         v = [int(f) for f in fields[:8]] + [0] * max(0, 8 - len(fields))
-        user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
-        busy += user + nice + system + irq + softirq + steal
-    return busy / ticks_per_s
+        user, nice, system, _idle, _iowait, irq, softirq, st = v[:8]
+        busy += user + nice + system + irq + softirq + st
+        steal += st
+    return busy, steal
 
 
-def cpus_busy_s(cpus: Collection[int]) -> float | None:
-    """Busy seconds of ``cpus`` since boot, read from ``/proc/stat`` (see :func:`parse_proc_stat`);
-    None where it cannot be read (not Linux)."""
+def parse_proc_stat(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
+    """Busy seconds of ``cpus`` from the text of ``/proc/stat`` (``cpuN user nice system idle
+    iowait irq softirq steal ...`` in clock ticks); idle and iowait are not busy, guest time is
+    already part of user time, steal (time the hypervisor gave the CPU to another machine
+    while this one wanted it) is busy. A CPU the file does not list counts 0."""
+    return _proc_stat_ticks(text, cpus)[0] / ticks_per_s
+
+
+def parse_proc_steal(text: str, cpus: Collection[int], ticks_per_s: float) -> float:
+    """Steal seconds of ``cpus`` from the text of ``/proc/stat`` (see :func:`parse_proc_stat`)."""
+    return _proc_stat_ticks(text, cpus)[1] / ticks_per_s
+
+
+def cpus_busy_and_steal_s(cpus: Collection[int]) -> tuple[float, float] | None:
+    """Busy and steal seconds of ``cpus`` since boot, read from ``/proc/stat`` (see
+    :func:`parse_proc_stat`); None where it cannot be read (not Linux)."""
     try:
         with open("/proc/stat") as fh:
             text = fh.read()
         ticks = float(os.sysconf("SC_CLK_TCK"))
     except (OSError, AttributeError, ValueError):
         return None
-    return parse_proc_stat(text, cpus, ticks)
+    busy, steal = _proc_stat_ticks(text, cpus)
+    return busy / ticks, steal / ticks
+
+
+def cpus_busy_s(cpus: Collection[int]) -> float | None:
+    """Busy seconds of ``cpus`` since boot (see :func:`cpus_busy_and_steal_s`); None where
+    /proc/stat cannot be read (not Linux)."""
+    both = cpus_busy_and_steal_s(cpus)
+    return None if both is None else both[0]

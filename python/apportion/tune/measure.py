@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import load as ld
-from .._private.cputime import cpus_busy_s
+from .._private.cputime import cpus_busy_and_steal_s
 from ..config import Config, ConfigError
 from .cost import Sample, Shape
 from .noise import HostSnapshot, profile_spread
@@ -26,11 +26,11 @@ def host_snapshot() -> HostSnapshot | None:
         cpus = os.sched_getaffinity(0)
     except (OSError, AttributeError):
         return None
-    busy = cpus_busy_s(cpus)
-    if busy is None:
+    both = cpus_busy_and_steal_s(cpus)
+    if both is None:
         return None
     t = os.times()
-    return HostSnapshot(time.monotonic(), busy, t.user + t.system, len(cpus))
+    return HostSnapshot(time.monotonic(), both[0], t.user + t.system, len(cpus), steal_s=both[1])
 
 
 def _tightened(load: ld.ModelLoad, margin: float) -> ld.ModelLoad:

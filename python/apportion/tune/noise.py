@@ -23,6 +23,8 @@ FOREIGN_NOTICED = 0.15
 """CPUs of other processes' work (mean over the search) from which the report names the noise."""
 FOREIGN_LOW = 0.5
 """... and from which the plan's confidence is low: half a CPU is a large part of a small host."""
+STEAL_NOTICED = 0.05
+"""CPUs of steal time (mean over the search) from which the report names it apart."""
 SPREAD_NOTICED = 0.10
 """Spread between repeats of one estimate from which it is called noisy."""
 SPREAD_LOW = 0.25
@@ -32,12 +34,22 @@ SPREAD_LOW = 0.25
 class HostSnapshot:
     """Cumulative CPU time at one moment: ``busy_s`` of every CPU this process may use (all
     processes' user, system, irq and steal time), ``own_s`` of this process (every thread;
-    a model's process-isolated instances are child processes and count as other work)."""
+    a model's process-isolated instances are child processes and count as other work),
+    ``steal_s`` of those CPUs (the hypervisor ran another machine while this one wanted
+    them: part of ``busy_s``, and of what :meth:`foreign_cpus` counts)."""
 
     wall_s: float
     busy_s: float
     own_s: float
     cpus: int
+    steal_s: float = 0.0
+
+    def steal_cpus(self, earlier: HostSnapshot) -> float:
+        """Mean number of CPUs the hypervisor took between ``earlier`` and this snapshot."""
+        wall = self.wall_s - earlier.wall_s
+        if wall <= 0:
+            return 0.0
+        return min(float(self.cpus), max(0.0, (self.steal_s - earlier.steal_s) / wall))
 
     def foreign_cpus(self, earlier: HostSnapshot) -> float:
         """Mean number of CPUs that other processes kept busy between ``earlier`` and this
@@ -78,13 +90,15 @@ class Noise:
     busy over the whole search; None where /proc/stat is not readable), ``foreign_peak`` (the
     most over any one measurement run), ``cpus`` (CPUs the runtime may use), ``spreads``
     (per model and profiled shape, how far repeated estimates moved), ``unstable`` (runs
-    whose windows never agreed within the load tolerance)."""
+    whose windows never agreed within the load tolerance), ``steal_cpus`` (of
+    ``foreign_cpus``, the mean the hypervisor took: another machine on the same host)."""
 
     cpus: int
     foreign_cpus: float | None = None
     foreign_peak: float | None = None
     spreads: Mapping[str, Mapping[tuple[int, int], float]] | None = None
     unstable: tuple[str, ...] = ()
+    steal_cpus: float | None = None
 
     def worst_spread(self) -> tuple[str, tuple[int, int], float] | None:
         worst = None
@@ -129,8 +143,11 @@ class Noise:
         if self.foreign_cpus is not None and self.foreign_cpus >= FOREIGN_NOTICED:
             peak = (f", up to {self.foreign_peak:.1f} during one run"
                     if self.foreign_peak is not None and self.foreign_peak > self.foreign_cpus + 0.05 else "")
+            steal = self.steal_cpus or 0.0
+            by = (f" ({steal:.1f} of them taken by the hypervisor for other machines: steal time)"
+                  if steal >= STEAL_NOTICED else "")
             parts.append(f"other processes kept {self.foreign_cpus:.1f} of {self.cpus} CPUs busy on average "
-                         f"while the tuner measured{peak}")
+                         f"while the tuner measured{peak}{by}")
         worst = self.worst_spread()
         if worst is not None and worst[2] > SPREAD_NOTICED:
             model, (t, b), v = worst

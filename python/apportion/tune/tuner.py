@@ -305,8 +305,10 @@ class _HostWatch:
 
     def noise(self, cpus: int, spreads: dict[str, dict[tuple[int, int], float]], unstable: tuple[str, ...]) -> Noise:
         last = self.snap()
-        mean = last.foreign_cpus(self.first) if self.first is not None and last is not None else None
-        return Noise(cpus, mean, self.peak, {n: v for n, v in spreads.items() if v}, unstable)
+        both = self.first is not None and last is not None
+        mean = last.foreign_cpus(self.first) if both else None  # type: ignore[union-attr,arg-type]
+        steal = last.steal_cpus(self.first) if both else None  # type: ignore[union-attr,arg-type]
+        return Noise(cpus, mean, self.peak, {n: v for n, v in spreads.items() if v}, unstable, steal)
 
 
 class _Silent:
