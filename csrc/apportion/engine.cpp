@@ -68,6 +68,7 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
       handler_(std::move(handler)),
       counters_(std::make_shared<ModelCounters>(opts_.name)) {
   counters_->spare_cells = std::max<std::size_t>(opts_.max_queue, 1);  // see build_groups
+  counters_->track_held = opts_.admission == Admission::deadline;
   opts_.priority_levels = std::max<uint32_t>(opts_.priority_levels, 1);
   opts_.batching.max_size = std::max<std::size_t>(opts_.batching.max_size, 1);
   check_groups(opts_.name, opts_.instances, opts_.instance_group);
@@ -372,7 +373,7 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
   note_caller_cpu(w, r, current_cpu());
   handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
   const int64_t end = now_ns();
-  note_drained(1, end);
+  note_drained(1, now, end);
   if (units == 0) return 0;
   const int64_t cost = end - now;
   if (queued_.load(std::memory_order_relaxed) != 0 && !w.burst) {
@@ -447,6 +448,9 @@ void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired
     // filled its slot: each worker holds at most one such request, which is what the delayed
     // lane's extra room (one cell per worker) is for.
     queued_.fetch_add(1, std::memory_order_relaxed);
+    if (counters_->track_held && r->held.exchange(false, std::memory_order_relaxed)) {
+      counters_->held.fetch_sub(1, std::memory_order_relaxed);  // queued again, counted there
+    }
     r->counted.store(true, std::memory_order_relaxed);  // before the push publishes it
     metrics_.count_delayed();
     // A free cell exists (see the lane's capacity). This worker serves the lane itself later
@@ -565,7 +569,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
   w.shard.batch_size.record(n);
   handler_->run(w, claimed.data(), n);  // completes and releases every one of them
   const int64_t end = now_ns();
-  note_drained(n, end);
+  note_drained(n, start, end);
   const int64_t cost = end - start;
   pool_leave(units, cost);
   w.observe(n, cost, probe);
@@ -627,15 +631,16 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     return Admit::full;
   }
   const int64_t now = now_ns();
-  if (before != 0 && opts_.admission == Admission::deadline) {
-    // Backlogged: the last of these completes after everything queued ahead of it, at the
-    // pace the model keeps while backlogged. One that would miss its deadline is refused now
-    // rather than expire in the queue (or complete late) after holding a slot.
-    const int64_t pace = drain_ns_.load(std::memory_order_relaxed);
+  if (opts_.admission == Admission::deadline) {
+    // Backlogged: the last of these starts once everything ahead of it has gone (queued, or
+    // taken by a worker and not yet completed), at the pace the model keeps while backlogged,
+    // and completes a call later. One that would miss its deadline is refused now rather than
+    // expire in the queue (or complete late) after holding a slot.
+    const std::size_t ahead = before + counters_->held.load(std::memory_order_relaxed);
+    const int64_t wait = ahead == 0 ? 0 : expected_wait_ns(ahead + n - 1);
     int64_t deadline = Request::kNoDeadline;
     for (std::size_t i = 0; i < n; ++i) deadline = std::min(deadline, rs[i]->deadline_ns);
-    if (pace > 0 && deadline != Request::kNoDeadline &&
-        static_cast<double>(deadline - now) < static_cast<double>(before + n) * static_cast<double>(pace)) {
+    if (wait > 0 && deadline != Request::kNoDeadline && deadline - now < wait) {
       queued_.fetch_sub(n, std::memory_order_relaxed);
       counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       return Admit::late;
@@ -703,8 +708,11 @@ void Model::join() {
   }
 }
 
-void Model::note_drained(std::size_t n, int64_t end) noexcept {
+void Model::note_drained(std::size_t n, int64_t start, int64_t end) noexcept {
   if (opts_.admission != Admission::deadline || n == 0) return;
+  // Smoothed over about eight calls; racing workers may drop a sample, never tear one.
+  const int64_t call = call_ns_.load(std::memory_order_relaxed);
+  call_ns_.store(call == 0 ? end - start : call + (end - start - call) / 8, std::memory_order_relaxed);
   // Backlogged since the previous call finished: every worker had work in between, so the
   // interval is the model's pace (all instances together) for these n requests.
   const bool backlog = queued_.load(std::memory_order_relaxed) != 0;
@@ -712,12 +720,20 @@ void Model::note_drained(std::size_t n, int64_t end) noexcept {
   if (prev == 0 || end <= prev) return;
   const int64_t sample = (end - prev) / static_cast<int64_t>(n);
   const int64_t pace = drain_ns_.load(std::memory_order_relaxed);
-  // Smoothed over about eight calls; racing workers may drop a sample, never tear one.
   drain_ns_.store(pace == 0 ? sample : pace + (sample - pace) / 8, std::memory_order_relaxed);
 }
 
 void Model::taken(Request* r) noexcept {
   queued_.fetch_sub(1, std::memory_order_relaxed);
+  if (counters_->track_held && !r->held.exchange(true, std::memory_order_acq_rel)) {
+    counters_->held.fetch_add(1, std::memory_order_relaxed);
+    // Settled while queued (a tombstone), or by a timer or cancel racing this pop: whoever
+    // completes it clears `held` after claiming it, so either that exchange saw this one's
+    // true, or it came first and this load sees the claim. Not counted then.
+    if (r->state() != RequestState::queued && r->held.exchange(false, std::memory_order_acq_rel)) {
+      counters_->held.fetch_sub(1, std::memory_order_relaxed);
+    }
+  }
   // Settled while queued, and its slot given back then: the give-back is over with the cell.
   if (!r->counted.exchange(false, std::memory_order_acq_rel)) {
     counters_->returned.fetch_sub(1, std::memory_order_relaxed);
@@ -749,6 +765,9 @@ bool Model::cancel(Request* r) {
 
 void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
   if (r.expiry != nullptr) r.expiry->remove(&r);
+  if (r.counters && r.counters->track_held && r.held.exchange(false, std::memory_order_acq_rel)) {
+    r.counters->held.fetch_sub(1, std::memory_order_relaxed);
+  }
   const int64_t end = now_ns();
   r.end_ns = end;
   if (r.counters) r.counters->count(o);
@@ -892,6 +911,7 @@ uint32_t Model::reshape(Shape shape) {
   // The old pace says nothing of the new shape: admission by deadline measures it again.
   last_done_ns_.store(0, std::memory_order_relaxed);
   drain_ns_.store(0, std::memory_order_relaxed);
+  call_ns_.store(0, std::memory_order_relaxed);
   // The new workers serve first, then the old ones are told to leave: the queue is never
   // without a worker that takes from it.
   gen->gate.store(WorkerGeneration::kServe, std::memory_order_release);

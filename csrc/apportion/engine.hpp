@@ -294,6 +294,19 @@ class Model {
   /// Admission::deadline's pace: the smoothed time between completions per request while the
   /// model was backlogged (ns; 0 until measured, and after a move). Safe from any thread.
   int64_t drain_ns() const noexcept { return drain_ns_.load(std::memory_order_relaxed); }
+  /// Admission::deadline: requests taken by workers and not completed yet (0 otherwise).
+  std::size_t held() const noexcept { return counters_->held.load(std::memory_order_relaxed); }
+  /// Admission::deadline's call time: the smoothed duration of one call (ns; 0 until measured,
+  /// and after a move). A request admitted behind a queue waits for the queue at the pace,
+  /// then for its own call. Safe from any thread.
+  int64_t call_ns() const noexcept { return call_ns_.load(std::memory_order_relaxed); }
+  /// Admission::deadline's estimate of when a request submitted now behind `ahead` requests
+  /// (queued, or taken and not completed) completes, from now (ns; 0 until both are measured).
+  int64_t expected_wait_ns(std::size_t ahead) const noexcept {
+    const int64_t pace = drain_ns(), call = call_ns();
+    if (pace <= 0 || call <= 0) return 0;
+    return static_cast<int64_t>(static_cast<double>(ahead) * static_cast<double>(pace)) + call;
+  }
   /// Live moves done (reshape() calls that moved a started model).
   uint64_t moves() const noexcept { return moves_.load(std::memory_order_relaxed); }
   /// Sets where the workers will run and, when `groups` is given, the own instances' lane
@@ -395,8 +408,8 @@ class Model {
   // A request popped from a lane: frees its cell, and its admission slot unless it was given
   // back when it was settled (see claim_queued()).
   void taken(Request* r) noexcept;
-  // Admission::deadline: a call of `n` requests finished at `end` (see drain_ns()).
-  void note_drained(std::size_t n, int64_t end) noexcept;
+  // Admission::deadline: a call of `n` requests ran from `start` to `end` (see drain_ns()).
+  void note_drained(std::size_t n, int64_t start, int64_t end) noexcept;
   // Claims and runs the batch formed in `b` with one model call (or settles what cannot run).
   void dispatch(Worker& w, Batcher& b);
 
@@ -451,6 +464,7 @@ class Model {
   // queued, else 0 (the next interval may hold idle time and is not a sample).
   alignas(kCacheLine) std::atomic<int64_t> last_done_ns_{0};
   std::atomic<int64_t> drain_ns_{0};
+  std::atomic<int64_t> call_ns_{0};
 
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the

@@ -46,6 +46,11 @@ struct ModelCounters {
   std::atomic<uint64_t> failed{0};
   std::atomic<uint64_t> expired{0};
   std::atomic<uint64_t> cancelled{0};
+  /// Admission::deadline only (`track_held`, set before the model takes requests): requests
+  /// workers have taken and not completed yet (in a forming batch, waiting for the shared
+  /// pool, running), which a new request waits behind as much as the queued ones.
+  std::atomic<std::size_t> held{0};
+  bool track_held = false;
 
   void count(Outcome o) noexcept {
     switch (o) {
@@ -173,6 +178,9 @@ class Request {
   /// whoever clears it first, the worker that pops it or a thread that settles it while it is
   /// queued (expiry timer, cancel), gives the slot back (see Model::claim_queued).
   std::atomic<bool> counted{false};
+  /// Counted in ModelCounters::held (see there): set by the worker that takes it, cleared
+  /// by whoever completes it.
+  std::atomic<bool> held{false};
   /// The lane group to queue into on a model with groups; out of range (the default): the
   /// engine routes it by the submitting CPU.
   uint32_t group = UINT32_MAX;

@@ -865,11 +865,12 @@ class RuntimeCore {
     }
     if (a == Admit::late) {
       const double pace_ms = static_cast<double>(e.model->drain_ns()) / 1e6;
-      const std::size_t queued = e.model->queued();
-      char detail[160];
+      const double call_ms = static_cast<double>(e.model->call_ns()) / 1e6;
+      const std::size_t ahead = e.model->queued() + e.model->held();
+      char detail[200];
       std::snprintf(detail, sizeof detail,
-                    "%zu queued ahead at %.3g ms each while backlogged: ~%.3g ms", queued, pace_ms,
-                    pace_ms * static_cast<double>(queued + n));
+                    "%zu queued or in calls ahead at %.3g ms each while backlogged, then a %.3g ms call: ~%.3g ms",
+                    ahead, pace_ms, call_ms, static_cast<double>(e.model->expected_wait_ns(ahead + n - 1)) / 1e6);
       raise(types().queue_full, "model '" + name + "': would wait past its deadline (admission=\"deadline\"; " +
                                     detail + "); " + std::to_string(n) +
                                     (n == 1 ? " request" : " requests") + " rejected");

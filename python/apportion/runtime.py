@@ -362,8 +362,9 @@ class Runtime(_core._Runtime):
         ``admission``: "queue" (default) refuses only beyond ``max_queue``; "deadline" also
         refuses at once (QueueFull, saying so) a request with a deadline that would wait past
         it: while the model is backlogged, the requests queued ahead of it times the model's
-        measured pace (time between completions per request, all instances together, smoothed
-        over about eight calls; measured again after a move). A burst then turns into
+        measured pace (time between completions per request, all instances together), plus
+        its own call's measured duration (both smoothed over about eight calls, and measured
+        again after a move). A burst then turns into
         refusals at submit instead of requests that hold a slot, expire in the queue or
         complete late. Needs ``priority_levels=1``.
         ``batching``: an :class:`~apportion.Batching`; the model then receives a list of inputs

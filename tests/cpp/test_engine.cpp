@@ -261,8 +261,12 @@ TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
       for (const auto& r : warm) ASSERT_TRUE(completes(r));
       if (admission == Admission::deadline) {
         EXPECT_GE(m.drain_ns(), 5'000'000);
+        EXPECT_GE(m.call_ns(), 5'000'000);
+        EXPECT_GE(m.expected_wait_ns(3), 20'000'000);
       } else {
         EXPECT_EQ(m.drain_ns(), 0) << "only admission by deadline measures the pace";
+        EXPECT_EQ(m.call_ns(), 0);
+        EXPECT_EQ(m.expected_wait_ns(3), 0);
       }
 
       // An empty queue admits whatever the deadline.
@@ -277,7 +281,9 @@ TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
       std::vector<TestRef> ahead;
       for (uint64_t i = 10; i < 13; ++i) ahead.push_back(make(i));
       ASSERT_EQ(submit_all(m, ahead), Admit::ok);
-      // Three ahead of it at >= 5 ms each: 20 ms or more, against a 10 ms deadline.
+      // The blocker in its call and three queued ahead of it at >= 5 ms each, then its own
+      // call of >= 5 ms: 25 ms or more, against a 10 ms deadline.
+      EXPECT_EQ(m.held(), admission == Admission::deadline ? 1u : 0u);
       TestRef tight = make(20);
       tight->deadline_ns = now_ns() + 10'000'000;
       TestRef far = make(21);
@@ -306,6 +312,7 @@ TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
         ASSERT_TRUE(completes(tight));
         EXPECT_EQ(tight->outcome(), Outcome::expired) << "admitted, it waited past its deadline";
       }
+      EXPECT_EQ(m.held(), 0u) << "every request taken was completed";
       m.close(true);
       m.join();
       const ModelSnapshot s = m.snapshot();
@@ -645,6 +652,7 @@ struct FuzzParams {
   uint32_t levels = 1;         // priority lanes (requests also carry out-of-range priorities)
   std::size_t batch_size = 1;  // dynamic batching when > 1
   bool delay = false;          // on_timeout=delay
+  bool by_deadline = false;    // Admission::deadline (its count of taken requests ends at 0)
 };
 
 class EngineFuzz : public EngineTest, public ::testing::WithParamInterface<FuzzParams> {};
@@ -667,6 +675,7 @@ TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
     ModelOptions o = opts(p.instances, 256);
     o.priority_levels = p.levels;
     o.on_timeout = p.delay ? OnTimeout::delay : OnTimeout::reject;
+    if (p.by_deadline) o.admission = Admission::deadline;
     o.batching.max_size = p.batch_size;
     o.batching.max_delay_ns = 50'000;
     if (p.batch_size > 2) o.batching.preferred_sizes = {2};
@@ -755,6 +764,7 @@ TEST_P(EngineFuzz, EveryRequestCompletesExactlyOnce) {
     close_done.store(true);
     for (auto& th : threads) th.join();
     m.join();
+    EXPECT_EQ(m.held(), 0u) << "a request taken (or popped as settled) stayed counted as held";
 
     // Every request, by tag.
     uint64_t n_ok = 0, n_error = 0, n_expired = 0, n_cancelled = 0, n_admitted = 0, n_rejected = 0;
@@ -848,7 +858,10 @@ INSTANTIATE_TEST_SUITE_P(CloseModes, EngineFuzz,
                                            FuzzParams{false, 3, true, 3, 8, false},
                                            FuzzParams{true, 3, true, 3, 8, true},
                                            FuzzParams{false, 3, true, 3, 8, true},
-                                           FuzzParams{true, 1, false, 1, 4, true}),
+                                           FuzzParams{true, 1, false, 1, 4, true},
+                                           FuzzParams{true, 2, true, 1, 1, false, true},
+                                           FuzzParams{false, 3, true, 1, 8, false, true},
+                                           FuzzParams{true, 2, true, 1, 8, true, true}),
                          [](const ::testing::TestParamInfo<FuzzParams>& param_info) {
                            const FuzzParams& q = param_info.param;
                            std::string name = std::string(q.drain ? "Drain" : "Cancel") +
@@ -857,6 +870,7 @@ INSTANTIATE_TEST_SUITE_P(CloseModes, EngineFuzz,
                            if (q.levels > 1) name += std::to_string(q.levels) + "Levels";
                            if (q.batch_size > 1) name += "Batch" + std::to_string(q.batch_size);
                            if (q.delay) name += "Delay";
+                           if (q.by_deadline) name += "AdmitByDeadline";
                            return name;
                          });
 

@@ -52,9 +52,10 @@ def test_a_request_that_would_wait_past_its_deadline_is_refused_at_once(admissio
         blocker = rt.submit("m", "hold")
         assert model.holding.wait(30)
         ahead = rt.submit_many("m", [1, 2, 3])
-        # Three queued ahead at >= 10 ms each, and a 15 ms deadline.
+        # The held call and three queued ahead at >= 10 ms each, then its own call: 50 ms or
+        # more, against a 15 ms deadline.
         if admission == "deadline":
-            with pytest.raises(QueueFull, match=r"model 'm': would wait past its deadline.*3 queued ahead"):
+            with pytest.raises(QueueFull, match=r"model 'm': would wait past its deadline.*4 queued or in calls ahead.*then a"):
                 rt.submit("m", 4, timeout_ms=15)
             with pytest.raises(QueueFull, match="would wait past its deadline"):
                 rt.submit_many("m", [5, 6], timeout_ms=15)
