@@ -711,8 +711,12 @@ void Model::join() {
 void Model::note_drained(std::size_t n, int64_t start, int64_t end) noexcept {
   if (opts_.admission != Admission::deadline || n == 0) return;
   // Smoothed over about eight calls; racing workers may drop a sample, never tear one.
-  const int64_t call = call_ns_.load(std::memory_order_relaxed);
-  call_ns_.store(call == 0 ? end - start : call + (end - start - call) / 8, std::memory_order_relaxed);
+  const int64_t call = call_ns_.load(std::memory_order_relaxed), cost = end - start;
+  call_ns_.store(call == 0 ? cost : call + (cost - call) / 8, std::memory_order_relaxed);
+  if (call != 0) {
+    const int64_t slow = call_slow_ns_.load(std::memory_order_relaxed);
+    call_slow_ns_.store(slow + (std::max<int64_t>(cost - call, 0) - slow) / 8, std::memory_order_relaxed);
+  }
   // Backlogged since the previous call finished: every worker had work in between, so the
   // interval is the model's pace (all instances together) for these n requests.
   const bool backlog = queued_.load(std::memory_order_relaxed) != 0;
@@ -912,6 +916,7 @@ uint32_t Model::reshape(Shape shape) {
   last_done_ns_.store(0, std::memory_order_relaxed);
   drain_ns_.store(0, std::memory_order_relaxed);
   call_ns_.store(0, std::memory_order_relaxed);
+  call_slow_ns_.store(0, std::memory_order_relaxed);
   // The new workers serve first, then the old ones are told to leave: the queue is never
   // without a worker that takes from it.
   gen->gate.store(WorkerGeneration::kServe, std::memory_order_release);

@@ -302,10 +302,14 @@ class Model {
   int64_t call_ns() const noexcept { return call_ns_.load(std::memory_order_relaxed); }
   /// Admission::deadline's estimate of when a request submitted now behind `ahead` requests
   /// (queued, or taken and not completed) completes, from now (ns; 0 until both are measured).
+  /// The call is planned as the batcher plans one against a deadline: its smoothed duration
+  /// plus kSlowCalls times the smoothed excess of the calls that ran over it, so a request
+  /// admitted here is not judged hopeless when its batch forms.
   int64_t expected_wait_ns(std::size_t ahead) const noexcept {
     const int64_t pace = drain_ns(), call = call_ns();
     if (pace <= 0 || call <= 0) return 0;
-    return static_cast<int64_t>(static_cast<double>(ahead) * static_cast<double>(pace)) + call;
+    return static_cast<int64_t>(static_cast<double>(ahead) * static_cast<double>(pace)) + call +
+           kSlowCalls * call_slow_ns_.load(std::memory_order_relaxed);
   }
   /// Live moves done (reshape() calls that moved a started model).
   uint64_t moves() const noexcept { return moves_.load(std::memory_order_relaxed); }
@@ -465,6 +469,7 @@ class Model {
   alignas(kCacheLine) std::atomic<int64_t> last_done_ns_{0};
   std::atomic<int64_t> drain_ns_{0};
   std::atomic<int64_t> call_ns_{0};
+  std::atomic<int64_t> call_slow_ns_{0};
 
   // Set by close() once no submitter can push any more: a worker that then finds every lane
   // empty exits. (The lanes themselves are never closed: a worker moving a request to the

@@ -865,7 +865,7 @@ class RuntimeCore {
     }
     if (a == Admit::late) {
       const double pace_ms = static_cast<double>(e.model->drain_ns()) / 1e6;
-      const double call_ms = static_cast<double>(e.model->call_ns()) / 1e6;
+      const double call_ms = static_cast<double>(e.model->expected_wait_ns(0)) / 1e6;  // with its slow margin
       const std::size_t ahead = e.model->queued() + e.model->held();
       char detail[200];
       std::snprintf(detail, sizeof detail,
