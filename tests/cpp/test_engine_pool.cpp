@@ -139,11 +139,17 @@ TEST_F(EnginePool, BackloggedPooledModelsSplitCallsByWeight) {
     pool->set_capacity(1);
     while (ha->runs.load() + hb->runs.load() < static_cast<int>(n)) std::this_thread::sleep_for(1ms);
     const double ratio = static_cast<double>(ha->runs.load()) / static_cast<double>(hb->runs.load());
+    const double time_ratio = static_cast<double>(a.snapshot().pool_busy_unit_ns) /
+                              static_cast<double>(b.snapshot().pool_busy_unit_ns);
     a.close(false);
     b.close(false);
     a.join();
     b.join();
-    EXPECT_NEAR(ratio, 3.0, 0.3) << ha->runs.load() << " vs " << hb->runs.load();
+    // What the pool shares is time: 3:1 within a tenth. Calls of the same work split about as
+    // much, less tightly: a call that oversleeps or is preempted costs its model more time
+    // (2.6:1 seen under ThreadSanitizer beside another test).
+    EXPECT_NEAR(time_ratio, 3.0, 0.3) << a.snapshot().pool_busy_unit_ns << " vs " << b.snapshot().pool_busy_unit_ns;
+    EXPECT_NEAR(ratio, 3.0, 0.75) << ha->runs.load() << " vs " << hb->runs.load();
     for (auto& r : ra) ASSERT_EQ(r->completions.load(), 1);
     for (auto& r : rb) ASSERT_EQ(r->completions.load(), 1);
   });

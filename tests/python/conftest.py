@@ -81,6 +81,33 @@ def tally() -> Tally:
     return Tally()
 
 
+def _children() -> set[int]:
+    """This process's child processes (from /proc)."""
+    me, kids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        kids.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _kill(pids: set[int]) -> None:
+    """Kills and reaps ``pids`` (children of this process)."""
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 class LocalRay:
     """A Ray cluster of a head and two worker nodes on this machine, all on 127.0.0.1, each with
     its own CPU count and CPU set (the node label apportion reads): head 1 CPU ("0"), workers
@@ -94,9 +121,19 @@ class LocalRay:
         from apportion.ray.cluster import CPU_SET_LABEL
 
         store = 80 * 2**20
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "labels": {CPU_SET_LABEL: "0"}, "object_store_memory": store,
-            "include_dashboard": False})
+        head = {"num_cpus": 1, "labels": {CPU_SET_LABEL: "0"}, "object_store_memory": store,
+                "include_dashboard": False}
+        # Ray gives its head node 30 s to register with its GCS; on a loaded 2-CPU machine that
+        # occasionally runs out. The timed-out attempt's processes are ours to stop (Ray keeps no
+        # handle to them), then one more attempt.
+        before = _children()
+        try:
+            self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        except Exception as e:
+            if "timed out during startup" not in str(e):
+                raise
+            _kill(_children() - before)
+            self.cluster = Cluster(initialize_head=True, head_node_args=head)
         self.workers = {}
         try:
             for _ in range(2):
