@@ -34,13 +34,13 @@ def run_script(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess[
         pytest.fail(f"hung for {timeout} s; output so far:\n{e.stdout!r}\n{e.stderr!r}")
 
 
-# Each wait blocks on a 2 s call; SIGINT comes 0.3 s in. The script prints how long the wait
+# Each wait blocks on a 1 s call; SIGINT comes 0.3 s in. The script prints how long the wait
 # took to raise KeyboardInterrupt, then checks the request still completed normally.
 WAITS = {
     "result": "f.result()",
     "result_with_timeout": "f.result(timeout=30)",
     "exception": "f.exception()",
-    "call": "rt.call('slow', 2.0)",
+    "call": "rt.call('slow', 1.0)",
     "ap.wait": "ap.wait([f])",
     "ap.as_completed": "list(ap.as_completed([f]))",
     "cf.wait": "concurrent.futures.wait([f])",
@@ -54,7 +54,7 @@ def test_sigint_interrupts_each_blocking_wait(wait: str) -> None:
         import concurrent.futures, os, signal, threading, time
         import apportion as ap
         rt = ap.Runtime(); rt.add_model("slow", model=lambda s: time.sleep(s) or s); rt.start()
-        f = rt.submit("slow", 2.0)
+        f = rt.submit("slow", 1.0)
         time.sleep(0.05)  # running
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
         t0 = time.monotonic()
@@ -63,7 +63,7 @@ def test_sigint_interrupts_each_blocking_wait(wait: str) -> None:
             print("not interrupted")
         except KeyboardInterrupt:
             print(f"interrupted after {{time.monotonic() - t0:.3f}} s")
-        assert f.result(10) == 2.0  # the request itself went on
+        assert f.result(10) == 1.0  # the request itself went on
         rt.close()
         print("request completed")
     """)
