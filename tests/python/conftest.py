@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -82,18 +82,26 @@ def tally() -> Tally:
 
 
 def _children() -> set[int]:
-    """This process's child processes (from /proc)."""
+    """Live (or zombie) children of this process, from /proc."""
     me, kids = os.getpid(), set()
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
-                        kids.add(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == me:
+            kids.add(int(entry))
     return kids
+
+
+@pytest.fixture
+def child_pids() -> Callable[[], set[int]]:
+    """A function that lists this process's live (or zombie) children."""
+    return _children
 
 
 def _kill(pids: set[int]) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 import types
 from concurrent.futures import CancelledError
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +36,13 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 LONG = 60.0
 
 
-def child_pids() -> set[int]:
-    """Live (or zombie) children of this process, from /proc."""
-    me = os.getpid()
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name may contain spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == me:
-            out.add(int(entry))
-    return out
-
-
 def our_segments() -> list[str]:
     prefix = f"{process_mod.SHM_PREFIX}{os.getpid()}-"
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers() -> Iterator[None]:
+def no_leftovers(child_pids: Callable[[], set[int]]) -> Iterator[None]:
     before = child_pids()
     yield
     # Every runtime of the test is closed by now (fixtures and with-blocks).
@@ -336,7 +318,7 @@ def test_factory_errors_surface_from_add_model(rt: ap.Runtime) -> None:
     assert rt.submit("e", 1).result(timeout=LONG) == 1
 
 
-def test_close_and_remove_model_end_children_and_segments() -> None:
+def test_close_and_remove_model_end_children_and_segments(child_pids: Callable[[], set[int]]) -> None:
     rt = ap.Runtime()
     rt.add_model("a", factory="process_models:info", isolation="process", instances=2)
     rt.add_model("b", factory="process_models:info", isolation="process")
