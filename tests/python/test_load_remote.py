@@ -257,6 +257,53 @@ def test_a_bad_input_stops_the_run_naming_the_model(server: Serve) -> None:
     assert "driving model 'adder'" in "".join(err.value.__notes__)
 
 
+# -- the load runs on the target's event loop ---------------------------------------------------------
+def test_the_load_runs_on_the_targets_loop_thread(server: Serve) -> None:
+    # Each request is made, sent and accounted for on the client's event loop: no thread
+    # hand-off per request (inputs are drawn there too).
+    seen: set[str] = set()
+
+    def make() -> np.ndarray:
+        import threading
+
+        seen.add(threading.current_thread().name)
+        return np.arange(2, dtype=np.float32)
+
+    with load.RemoteTarget(server.http, ["double"]) as target:
+        report = load.run(target, [load.ModelLoad("double", concurrency=2, inputs=make)], **SHORT)
+    assert seen == {"apportion-load-remote"}
+    assert report["double"].totals.completed > 0
+
+
+@pytest.mark.parametrize("mode", [{"concurrency": 3}, {"rate": 200.0}])
+def test_inputs_that_run_out_end_the_run_with_every_request_answered(server: Serve, mode: dict) -> None:
+    before = server.counts("double")
+    with load.RemoteTarget(server.http, ["double"]) as target:
+        report = load.run(target, load.ModelLoad("double", inputs=iter([np.ones(1, np.float32)] * 7), **mode),
+                          **{**SHORT, "max_s": 20.0})
+    m = report["double"]
+    assert m.inputs_exhausted and m.totals.offered == m.totals.submitted == 7
+    assert m.totals.completed + m.totals.rejected == 7 and m.totals.unfinished == 0
+    assert m.totals.completed == delta(server.counts("double"), before)["completed"]
+
+
+def test_a_bad_input_in_an_open_loop_stops_the_run_naming_the_model(server: Serve) -> None:
+    with load.RemoteTarget(server.http, ["adder"]) as target:
+        with pytest.raises(load.LoadError, match="model 'adder'") as err:
+            load.run(target, load.ModelLoad("adder", rate=50.0, inputs=lambda: np.ones(2)), **SHORT)
+    assert "driving model 'adder'" in "".join(err.value.__notes__)
+
+
+def test_answers_still_outstanding_after_the_drain_are_counted_unfinished(server: Serve) -> None:
+    # sleepy answers after 2 s; the run ends after 0.5 s and waits 0.2 s for the answers
+    with load.RemoteTarget(server.http, ["sleepy"], request_timeout_s=30) as target:
+        report = load.run(target, load.ModelLoad("sleepy", concurrency=2), warmup_s=0.1, window_s=0.2,
+                          stable_windows=2, max_s=0.5, drain_timeout_s=0.2)
+    t = report["sleepy"].totals
+    assert t.offered == 2 and t.unfinished == 2 and report.unfinished == 2
+    assert t.completed == t.failed == 0
+
+
 # -- connecting -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("url,message", [
     ("127.0.0.1:8000", "expected http://HOST:PORT or grpc://HOST:PORT"),

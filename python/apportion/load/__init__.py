@@ -50,7 +50,10 @@ what a server's own counters show for the same run.
 One driver thread per model submits requests and accounts for completions; a request's
 done-callback (run by the worker that completed it) only stamps the time and hands the future
 to that driver, so the model's worker spends well under a microsecond of Python per request
-on the generator's behalf.
+on the generator's behalf. A :class:`RemoteTarget`'s loads run on the target's event loop
+instead: requests are sent and answers accounted for there, with no hand-off between threads
+per request (the generator then costs about as much CPU per request as the client library
+itself, which matters when it shares the CPUs with the server it measures).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ package documentation for the method)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import random
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DeadlineExceeded, QueueFull, RuntimeClosed
 from ..stats import ModelStats
-from .remote import RemoteTarget
+from .remote import RemoteError, RemoteTarget
 from .report import LoadReport, ModelReport, Tally, WindowStats, model_report, summarise_window, windows_stable
 from .spec import LoadError, ModelLoad, validate_settings
 
@@ -125,8 +126,12 @@ class _Driver:
     def _complete(self, item: _Completion) -> None:
         seq, t0, t1, fut = item
         self._pending.pop(seq, None)
+        cancelled = fut.cancelled()
+        self._account(t0, t1, None if cancelled else fut.exception(), cancelled)
+
+    def _account(self, t0: int, t1: int, exc: BaseException | None, cancelled: bool) -> None:
+        """One request's outcome: submitted at ``t0``, ended at ``t1`` (ns)."""
         acc = self._acc(t1)
-        exc = None if fut.cancelled() else fut.exception()
         # A target over the network answers a refusal after the fact: it lands here, not
         # as a QueueFull from submit.
         if isinstance(exc, QueueFull):
@@ -134,7 +139,7 @@ class _Driver:
         for a in (self.total, acc):
             if a is None:
                 continue
-            if fut.cancelled():
+            if cancelled:
                 a.cancelled += 1
             elif exc is None:
                 a.completed += 1
@@ -146,7 +151,7 @@ class _Driver:
                 else:
                     a.failed += 1
                 a.count_error(exc)
-        if acc is not None and exc is None and not fut.cancelled():
+        if acc is not None and exc is None and not cancelled:
             latency = t1 - t0
             acc.latencies_ns.append(latency)
             if self._good_ns is None or latency <= self._good_ns:
@@ -173,11 +178,7 @@ class _Driver:
 
     def _main(self) -> None:
         try:
-            if self.spec.concurrency is not None:
-                self._closed_loop(self.spec.concurrency)
-            else:
-                assert self.spec.rate is not None
-                self._open_loop(self.spec.rate)
+            self._drive()
         except BaseException as e:  # noqa: BLE001 - handed to run(), which re-raises it
             if isinstance(e, Exception):
                 e.add_note(f"apportion.load: raised while driving model {self.spec.model!r}")
@@ -185,6 +186,13 @@ class _Driver:
             self.abort.set()
         finally:
             self._finish()
+
+    def _drive(self) -> None:
+        if self.spec.concurrency is not None:
+            self._closed_loop(self.spec.concurrency)
+        else:
+            assert self.spec.rate is not None
+            self._open_loop(self.spec.rate)
 
     def _closed_loop(self, concurrency: int) -> None:
         while not self.stop.is_set():
@@ -231,6 +239,145 @@ class _Driver:
         self.unfinished = len(self._pending)
         self.caught_up_ns = time.perf_counter_ns()
 
+
+
+class _LoopDriver(_Driver):
+    """A :class:`RemoteTarget`'s load, driven on the target's own event loop: each request is
+    sent and its answer accounted for on that loop, with no hand-off between threads (a
+    driver thread and the loop thread would pass every request and every answer across, and
+    wake each other, at more CPU per request than a fast server spends on it). The thread
+    only waits for the loop's work to end. Windows, tallies and the stop protocol are
+    :class:`_Driver`'s."""
+
+    def __init__(self, target: RemoteTarget, spec: ModelLoad, clock0_ns: int, window_ns: int,
+                 rng: random.Random, abort: threading.Event) -> None:
+        super().__init__(target, spec, clock0_ns, window_ns, rng, abort)  # type: ignore[arg-type]
+        self.target = target
+        self._loop = target.loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._woken: asyncio.Event | None = None
+
+    def _drive(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._run(), self._loop).result()
+
+    def _finish(self) -> None:  # done on the loop, at the end of _run
+        pass
+
+    def wake(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_wake)
+        except RuntimeError:  # the loop is closed: nothing left to wake
+            pass
+
+    def _on_wake(self) -> None:
+        # Every answer the loop took in before this callback is accounted for.
+        self.caught_up_ns = time.perf_counter_ns()
+        if self._woken is not None and self.stop.is_set():
+            self._woken.set()
+
+    async def _run(self) -> None:
+        self._woken = asyncio.Event()
+        try:
+            if self.spec.concurrency is not None:
+                self._tasks.update(asyncio.create_task(self._client()) for _ in range(self.spec.concurrency))
+                await self._woken.wait()  # run() stopped the load, the inputs ran out, or one failed
+            else:
+                assert self.spec.rate is not None
+                await self._arrivals(self.spec.rate)
+        finally:
+            await self._drain()
+
+    def _fail(self, e: BaseException) -> None:
+        self.error = self.error or e
+        if isinstance(e, Exception):
+            e.add_note(f"apportion.load: raised while driving model {self.spec.model!r}")
+        self.abort.set()
+        self.stop.set()
+        assert self._woken is not None
+        self._woken.set()
+
+    def _prepare(self) -> tuple[list[Any], dict[str, Any]] | None:
+        """The next request's tensors and options; None when the inputs ran out."""
+        try:
+            x = self._next_input()
+        except StopIteration:
+            self.inputs_exhausted = True
+            self.stop.set()
+            assert self._woken is not None
+            self._woken.set()
+            return None
+        return self.target.request(self.spec.model, x, self._timeout_ms, self.spec.priority)
+
+    def _sent(self, scheduled_ns: int | None) -> int:
+        t0 = time.perf_counter_ns()
+        acc = self._acc(t0)
+        self.total.offered += 1
+        self.total.submitted += 1
+        if acc is not None:
+            acc.offered += 1
+            acc.submitted += 1
+            if scheduled_ns is not None:
+                acc.lags_ns.append(max(0, t0 - scheduled_ns))
+        return t0
+
+    async def _one(self, request: tuple[list[Any], dict[str, Any]], t0: int) -> BaseException | None:
+        try:
+            await self.target.send(self.spec.model, *request)
+        except RemoteError as e:
+            exc: BaseException | None = e
+        else:
+            exc = None
+        self._account(t0, time.perf_counter_ns(), exc, False)
+        return exc
+
+    async def _client(self) -> None:
+        """One closed-loop client: a request, its answer, the next request."""
+        try:
+            while not self.stop.is_set():
+                request = self._prepare()
+                if request is None:
+                    return
+                if isinstance(await self._one(request, self._sent(None)), QueueFull):
+                    # The queue is full of others' work: retry after a short pause, not at once.
+                    await asyncio.sleep(0.001)
+        except Exception as e:  # noqa: BLE001 - handed to run()
+            self._fail(e)
+
+    async def _arrivals(self, rate: float) -> None:
+        gap = (lambda: self.rng.expovariate(rate)) if self.spec.arrivals == "poisson" else (lambda: 1.0 / rate)
+        origin = time.perf_counter_ns()  # arrivals are never re-based on "now", as in _Driver
+        offset_s = gap()
+        while not self.stop.is_set():
+            due = origin + int(offset_s * 1e9)
+            now = time.perf_counter_ns()
+            if now < due:
+                # The loop's timers have ~1 ms resolution: an arrival is sent up to that late,
+                # and the lag is recorded as for a late submission.
+                await asyncio.sleep(min((due - now) / 1e9, 0.05))
+                continue
+            try:
+                request = self._prepare()
+            except Exception as e:  # noqa: BLE001 - handed to run()
+                self._fail(e)
+                return
+            if request is None:
+                return
+            task = asyncio.create_task(self._one(request, self._sent(due)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            offset_s += gap()
+
+    async def _drain(self) -> None:
+        # Requests in flight cannot be taken back: wait for their answers (up to the drain
+        # timeout); those still unanswered are counted as unfinished and dropped.
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.drain_timeout_s)
+        self.unfinished = sum(1 for t in self._tasks if not t.done())
+        for t in self._tasks:
+            t.cancel()
+        self._tasks.clear()
+        self.caught_up_ns = time.perf_counter_ns()
 
 
 def run(
@@ -290,8 +437,9 @@ def run(
     t_start = time.perf_counter_ns()
     clock0 = t_start + int(warmup_s * 1e9)
     limit = t_start + int(max_s * 1e9)
+    kind = _LoopDriver if isinstance(rt, RemoteTarget) else _Driver
     drivers = {
-        s.model: _Driver(rt, s, clock0, window_ns, random.Random(master.getrandbits(64)), abort)
+        s.model: kind(rt, s, clock0, window_ns, random.Random(master.getrandbits(64)), abort)  # type: ignore[arg-type]
         for s in specs
     }
     for d in drivers.values():

@@ -10,8 +10,9 @@ and report drive a server in another process::
     with load.RemoteTarget("http://127.0.0.1:8000", ["mlp"]) as target:
         report = load.run(target, load.ModelLoad("mlp", concurrency=8), window_s=2.0)
 
-The client is tritonclient's asyncio client (HTTP over aiohttp, or gRPC), driven by one event
-loop thread, so requests in flight cost no thread each. Needs the ``load`` extra
+The client is tritonclient's asyncio client (HTTP over aiohttp, or gRPC) on one event loop
+thread, so requests in flight cost no thread each; :func:`~apportion.load.run` drives a
+RemoteTarget's loads on that loop itself (no hand-off between threads per request). Needs the ``load`` extra
 (``pip install "apportion[load]"``).
 
 How requests and outcomes map:
@@ -162,9 +163,17 @@ class RemoteTarget:
         not match the model's metadata."""
         if self.closed:
             raise RemoteError("closed", f"{self.url}: the target is closed")
-        inputs = self._tensors(model, x)
+        inputs, options = self.request(model, x, timeout_ms, priority)
         fut: Future[Any] = Future()
         fut.set_running_or_notify_cancel()  # in flight: cancel() fails, the answer is awaited
+        self._loop.call_soon_threadsafe(self._start, fut, model, inputs, options)
+        return fut
+
+    def request(self, model: str, x: Any, timeout_ms: float | None, priority: int | None
+                ) -> tuple[list[Any], dict[str, Any]]:
+        """What :meth:`send` takes for one request of ``model`` with input ``x``: the
+        tensors and the request's options. Raises LoadError as :meth:`submit` does."""
+        inputs = self._tensors(model, x)
         options: dict[str, Any] = {}
         if timeout_ms is not None:
             options["timeout"] = max(1, int(timeout_ms * 1000))
@@ -172,8 +181,25 @@ class RemoteTarget:
             options["priority"] = priority + 1
         if self.tensors == "json":
             options["outputs"] = self._outputs[model]
-        self._loop.call_soon_threadsafe(self._start, fut, model, inputs, options)
-        return fut
+        return inputs, options
+
+    async def send(self, model: str, inputs: list[Any], options: dict[str, Any]) -> Any:
+        """One request, on this target's event loop (:attr:`loop`): tritonclient's
+        InferResult, or raises RemoteError (the server's error, a lost connection, or no
+        answer within ``request_timeout_s``)."""
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                return await self._client.infer(model, inputs, **options)
+        except TimeoutError:
+            raise RemoteError("client timeout", f"model {model!r}: no answer within "
+                              f"{self.request_timeout_s:g} s") from None
+        except Exception as e:  # noqa: BLE001 - every outcome is one RemoteError
+            raise self._error(e) from None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop (on a thread of its own) that sends every request."""
+        return self._loop
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -242,12 +268,9 @@ class RemoteTarget:
 
     async def _infer(self, fut: Future[Any], model: str, inputs: list[Any], options: dict[str, Any]) -> None:
         try:
-            result = await asyncio.wait_for(self._client.infer(model, inputs, **options), self.request_timeout_s)
-        except asyncio.TimeoutError:
-            fut.set_exception(RemoteError("client timeout", f"model {model!r}: no answer within "
-                                          f"{self.request_timeout_s:g} s"))
-        except Exception as e:  # noqa: BLE001 - every outcome ends the future, once
-            fut.set_exception(self._error(e))
+            result = await self.send(model, inputs, options)
+        except RemoteError as e:  # every outcome ends the future, once
+            fut.set_exception(e)
         else:
             fut.set_result(result)
 
