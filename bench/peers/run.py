@@ -5,8 +5,8 @@ the same CPUs. Run through bench/peers/run.sh, which installs the peers first.
 Scenarios (bench/peers/models.py has the models and request tensors):
 
 - ``noop``: a model that returns its input, one closed-loop client: round-trip p50;
-- ``mlp256``: the torch MLP 256-1024-1024-256, 2 replicas at 1 thread each, 8 closed-loop
-  clients: req/s and p99;
+- ``mlp256``: the torch MLP 256-1024-1024-256, 2 replicas at 1 thread each, without and with
+  each server's batching (up to 8 requests, 1 ms), 8 closed-loop clients: req/s and p99;
 - ``demo``: apportion demo's three models (mlp, conv, encoder) under its mixed open load (Poisson,
   shares 35/20/45%) at its SLOs (p99 <= 50/75/40 ms, also sent as each request's timeout):
   goodput, for each server configuration tried (instances, batching). The total rate is a
@@ -48,6 +48,11 @@ ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "peers"
 PEERS = ("apportion", "pytriton", "ray", "litserve")
 V2_NATIVE = ("apportion", "pytriton")  # take binary tensor data
+
+MLP_CONFIGS: dict[str, dict[str, Any]] = {
+    "2 replicas x 1 thread": {"instances": 2},
+    "2 replicas x 1 thread, batch 8 / 1 ms": {"instances": 2, "batch": 8, "delay_ms": 1.0},
+}
 
 DEMO_CONFIGS: dict[str, dict[str, Any]] = {
     "1 instance each": {"instances": 1},
@@ -248,14 +253,14 @@ def configs(scenario: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     if scenario == "noop":
         return [("1 instance", {"noop": {"instances": 1}})]
     if scenario == "mlp256":
-        return [("2 replicas x 1 thread", {"mlp256": {"instances": 2}})]
+        return [(label, {"mlp256": dict(c)}) for label, c in MLP_CONFIGS.items()]
     return [(label, {n: dict(c) for n in ("mlp", "conv", "encoder")}) for label, c in DEMO_CONFIGS.items()]
 
 
 def table(rows: list[Row]) -> str:
     out = []
     for scenario, head in (("noop", "| server | tensors | p50 ms | p99 ms | req/s |"),
-                           ("mlp256", "| server | tensors | req/s | p50 ms | p99 ms |"),
+                           ("mlp256", "| server | configuration | tensors | req/s | p50 ms | p99 ms |"),
                            ("demo", "| server | configuration | offered/s | req/s | goodput/s | SLOs met (mlp, conv, encoder) |")):
         sel = [r for r in rows if r.scenario == scenario]
         if not sel:
@@ -264,7 +269,7 @@ def table(rows: list[Row]) -> str:
         for r in sel:
             f = r.figures
             if r.error:
-                out.append(f"| {r.peer} | {r.config if scenario == 'demo' else r.tensors} | failed: "
+                out.append(f"| {r.peer} | {r.tensors if scenario == 'noop' else r.config} | failed: "
                            f"{r.error[:300]} |")
                 continue
             note = "" if f["stable"] else " (not stable)"
@@ -273,7 +278,8 @@ def table(rows: list[Row]) -> str:
             if scenario == "noop":
                 out.append(f"| {r.peer}{note} | {r.tensors} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {f['rps']:.0f} |")
             elif scenario == "mlp256":
-                out.append(f"| {r.peer}{note} | {r.tensors} | {f['rps']:.0f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} |")
+                out.append(f"| {r.peer}{note} | {r.config} | {r.tensors} | {f['rps']:.0f} | {f['p50_ms']:.1f} | "
+                           f"{f['p99_ms']:.1f} |")
             else:
                 met = ", ".join("yes" if m["slo_met"] else "no" for m in f["per_model"].values())
                 out.append(f"| {r.peer}{note} | {r.config}, {r.tensors} | {f['offered']:.0f} | {f['throughput']:.0f} | "
