@@ -631,16 +631,21 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     return Admit::full;
   }
   const int64_t now = now_ns();
+  int64_t eta = 0;
   if (opts_.admission == Admission::deadline) {
     // Backlogged: the last of these starts once everything ahead of it has gone (queued, or
     // taken by a worker and not yet completed), at the pace the model keeps while backlogged,
     // and completes a call later. One that would miss its deadline is refused now rather than
     // expire in the queue (or complete late) after holding a slot.
+    // What stretched recent requests past their estimates after admission (overrun_ns) is
+    // added: a request is admitted only if it would meet its deadline at that much late.
     const std::size_t ahead = before + counters_->held.load(std::memory_order_relaxed);
-    const int64_t wait = ahead == 0 ? 0 : expected_wait_ns(ahead + n - 1);
+    const int64_t estimate = expected_wait_ns(ahead + n - 1);  // 0 until measured
+    eta = estimate > 0 ? now + estimate : 0;
     int64_t deadline = Request::kNoDeadline;
     for (std::size_t i = 0; i < n; ++i) deadline = std::min(deadline, rs[i]->deadline_ns);
-    if (wait > 0 && deadline != Request::kNoDeadline && deadline - now < wait) {
+    if (ahead != 0 && estimate > 0 && deadline != Request::kNoDeadline &&
+        deadline - now < estimate + counters_->overrun_ns.load(std::memory_order_relaxed)) {
       queued_.fetch_sub(n, std::memory_order_relaxed);
       counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       return Admit::late;
@@ -653,6 +658,7 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   for (std::size_t i = 0; i < n; ++i) {
     Request* r = rs[i];
     r->submit_ns = now;
+    r->eta_ns = eta;
     r->submit_cpu = cpu;
     r->counters = counters_;
     if (expiry_ != nullptr && r->deadline_ns != Request::kNoDeadline) {
@@ -774,6 +780,9 @@ void Model::complete(Request& r, Outcome o, WorkerShard* shard) noexcept {
   }
   const int64_t end = now_ns();
   r.end_ns = end;
+  if (r.eta_ns != 0 && r.counters && (o == Outcome::ok || o == Outcome::expired)) {
+    r.counters->note_overrun(end - r.eta_ns);
+  }
   if (r.counters) r.counters->count(o);
   if (shard != nullptr && (o == Outcome::ok || o == Outcome::error)) shard->record(r, end);
   r.publish(o);
@@ -917,6 +926,7 @@ uint32_t Model::reshape(Shape shape) {
   drain_ns_.store(0, std::memory_order_relaxed);
   call_ns_.store(0, std::memory_order_relaxed);
   call_slow_ns_.store(0, std::memory_order_relaxed);
+  counters_->overrun_ns.store(0, std::memory_order_relaxed);
   // The new workers serve first, then the old ones are told to leave: the queue is never
   // without a worker that takes from it.
   gen->gate.store(WorkerGeneration::kServe, std::memory_order_release);

@@ -169,6 +169,7 @@ enum class Admission : uint8_t {
   queue,     // only a full queue (max_queue)
   deadline,  // also a request that would wait past its deadline behind the queue ahead of it,
              // judged by the model's measured pace while backlogged (see Model::drain_ns())
+             // plus how late recent requests ran against that judgement (Model::overrun_ns())
 };
 
 struct ModelOptions {
@@ -300,6 +301,11 @@ class Model {
   /// and after a move). A request admitted behind a queue waits for the queue at the pace,
   /// then for its own call. Safe from any thread.
   int64_t call_ns() const noexcept { return call_ns_.load(std::memory_order_relaxed); }
+  /// Admission::deadline's learned margin: how far requests have recently completed past the
+  /// estimate they were admitted with (ns; see ModelCounters::overrun_ns). A request queued
+  /// behind others is admitted only if its deadline leaves expected_wait_ns() plus this.
+  /// Safe from any thread.
+  int64_t overrun_ns() const noexcept { return counters_->overrun_ns.load(std::memory_order_relaxed); }
   /// Admission::deadline's estimate of when a request submitted now behind `ahead` requests
   /// (queued, or taken and not completed) completes, from now (ns; 0 until both are measured).
   /// The call is planned as the batcher plans one against a deadline: its smoothed duration

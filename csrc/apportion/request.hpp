@@ -51,6 +51,18 @@ struct ModelCounters {
   /// pool, running), which a new request waits behind as much as the queued ones.
   std::atomic<std::size_t> held{0};
   bool track_held = false;
+  /// Admission::deadline only: how far requests have been completing (or expiring) past the
+  /// time admission estimated for them (Request::eta_ns), smoothed; ns, >= 0. It rises half
+  /// way towards each late request's overrun at once and decays by 1/32 with each request in
+  /// time. Admission adds it to its estimate: what stretches calls after admission (another
+  /// process taking the CPUs, the hypervisor taking the vCPUs) shows nowhere else.
+  std::atomic<int64_t> overrun_ns{0};
+
+  void note_overrun(int64_t late_ns) noexcept {
+    // Workers race here: one may drop another's sample, never tear one.
+    const int64_t ov = overrun_ns.load(std::memory_order_relaxed);
+    overrun_ns.store(late_ns > ov ? ov + (late_ns - ov) / 2 : ov - ov / 32, std::memory_order_relaxed);
+  }
 
   void count(Outcome o) noexcept {
     switch (o) {
@@ -165,6 +177,9 @@ class Request {
   int64_t start_ns = 0;
   int64_t end_ns = 0;
   uint32_t priority = 0;
+  /// Admission::deadline: when admission expected it to complete (0: no estimate yet). Its
+  /// completion's overrun of this feeds ModelCounters::overrun_ns.
+  int64_t eta_ns = 0;
   /// The CPU the submitter ran on at admission (-1: unknown); written with the fields above.
   int32_t submit_cpu = -1;
   /// The CPU of the worker running it, set only when that is the submitter's CPU (-1:

@@ -867,10 +867,13 @@ class RuntimeCore {
       const double pace_ms = static_cast<double>(e.model->drain_ns()) / 1e6;
       const double call_ms = static_cast<double>(e.model->expected_wait_ns(0)) / 1e6;  // with its slow margin
       const std::size_t ahead = e.model->queued() + e.model->held();
-      char detail[200];
+      const double late_ms = static_cast<double>(e.model->overrun_ns()) / 1e6;
+      char detail[300];
       std::snprintf(detail, sizeof detail,
-                    "%zu queued or in calls ahead at %.3g ms each while backlogged, then a %.3g ms call: ~%.3g ms",
-                    ahead, pace_ms, call_ms, static_cast<double>(e.model->expected_wait_ns(ahead + n - 1)) / 1e6);
+                    "%zu queued or in calls ahead at %.3g ms each while backlogged, then a %.3g ms call: ~%.3g ms, "
+                    "and recent requests ran %.3g ms past such estimates",
+                    ahead, pace_ms, call_ms, static_cast<double>(e.model->expected_wait_ns(ahead + n - 1)) / 1e6,
+                    late_ms);
       raise(types().queue_full, "model '" + name + "': would wait past its deadline (admission=\"deadline\"; " +
                                     detail + "); " + std::to_string(n) +
                                     (n == 1 ? " request" : " requests") + " rejected");

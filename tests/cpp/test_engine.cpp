@@ -323,6 +323,82 @@ TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
   });
 }
 
+// Admission::deadline learns how late requests run against its estimate: calls that stretch
+// after admission (here: from 5 ms to 30 ms, as a busy host stretches them) raise the margin
+// it adds, so a request that the estimate alone would admit is refused; requests in time let
+// the margin decay again.
+TEST_F(EngineTest, AdmissionByDeadlineAddsHowLateRequestsRan) {
+  guarded(60s, [] {
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> call_ms{5};
+    Gate gate;
+    h->on_run = [&](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(call_ms.load()));
+      }
+      return Outcome::ok;
+    };
+    ModelOptions o = opts(1, 64);
+    o.admission = Admission::deadline;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    auto backlog = [&](uint64_t first, int n) {
+      std::vector<TestRef> rs;
+      for (int i = 0; i < n; ++i) rs.push_back(make(first + static_cast<uint64_t>(i)));
+      ASSERT_EQ(submit_all(m, rs), Admit::ok);
+      for (const auto& r : rs) ASSERT_TRUE(completes(r));
+    };
+    backlog(1, 6);  // measured at 5 ms a call; no estimate existed when these were admitted
+    EXPECT_EQ(m.overrun_ns(), 0);
+    for (uint64_t i = 10; i < 20; ++i) {  // one at a time, in time: nothing runs late
+      TestRef r = make(i);
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    EXPECT_LT(m.overrun_ns(), 5'000'000);
+    call_ms = 30;
+    backlog(30, 4);  // admitted expecting ~5 ms calls, each ran 30 ms: every one late
+    const int64_t margin = m.overrun_ns();
+    EXPECT_GE(margin, 20'000'000);
+
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef ahead = make(40);
+    ASSERT_EQ(submit(m, ahead), Admit::ok);
+    const int64_t estimate = m.expected_wait_ns(2);  // the blocker, one queued, then its own call
+    ASSERT_GT(estimate, 0);
+    // Within the estimate, but not the estimate plus how late requests ran: refused.
+    TestRef tight = make(41);
+    tight->deadline_ns = now_ns() + estimate + m.overrun_ns() / 2;
+    EXPECT_EQ(submit(m, tight), Admit::late);
+    EXPECT_EQ(tight->completions.load(), 0);
+    TestRef roomy = make(42);
+    roomy->deadline_ns = now_ns() + estimate + m.overrun_ns() + 3'600'000'000'000LL;
+    EXPECT_EQ(submit(m, roomy), Admit::ok);
+    call_ms = 5;
+    gate.open();
+    for (const auto* r : {&blocker, &ahead, &roomy}) ASSERT_TRUE(completes(*r));
+
+    // Requests in time again: the margin decays by 1/32 with each (64 of them: to an eighth).
+    const int64_t high = m.overrun_ns();
+    for (uint64_t i = 100; i < 164; ++i) {
+      TestRef r = make(i);
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    EXPECT_LT(m.overrun_ns(), high / 4);
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.rejected, 1u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
 TEST_F(EngineTest, AdmissionByDeadlineNeedsOnePriorityLevel) {
   ModelOptions o = opts(1);
   o.admission = Admission::deadline;

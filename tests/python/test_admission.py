@@ -4,6 +4,7 @@ exactly once. Timing-free: the model sleeps, so its measured pace is at least th
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -120,6 +121,47 @@ def test_a_burst_becomes_refusals_not_expirations() -> None:
     queue_refused, queue_out = results["queue"]
     assert queue_refused == 0 and queue_out["expired"] >= 40  # 50 ms holds at most ~5 of 60 calls
     assert deadline_refused >= 40 and deadline_out["expired"] <= 3
+
+
+def test_admission_adds_how_late_recent_requests_ran_past_its_estimate() -> None:
+    # Calls that stretch after admission (here from 10 ms to 60 ms, as on a host whose CPUs
+    # are taken) make requests complete past the estimate they were admitted with; admission
+    # then asks that much more room of the next request's deadline, and says so.
+    model = Held()
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=model, admission="deadline", max_queue=64)
+        rt.start()
+        _backlog(rt, "m")
+        blocker = rt.submit("m", "hold")
+        assert model.holding.wait(30)
+        ahead = rt.submit("m", 1)
+        with pytest.raises(QueueFull, match="would wait past its deadline") as quiet:
+            rt.submit("m", 2, timeout_ms=5)
+        model.release.set()
+        assert blocker.result(timeout=30) == "hold" and ahead.result(timeout=30) == 1
+        late_ms = float(re.search(r"recent requests ran ([0-9.e+-]+) ms past", str(quiet.value)).group(1))
+        assert late_ms < 10
+
+        global SLEEP_S
+        SLEEP_S, quick = 0.06, SLEEP_S
+        try:
+            _backlog(rt, "m", 4)  # admitted expecting ~10 ms calls; each took 60 ms
+        finally:
+            SLEEP_S = quick
+        model.release.clear()
+        model.holding.clear()
+        blocker = rt.submit("m", "hold")
+        assert model.holding.wait(30)
+        ahead = rt.submit("m", 1)
+        with pytest.raises(QueueFull, match="would wait past its deadline") as busy:
+            rt.submit("m", 2, timeout_ms=5)
+        late_ms = float(re.search(r"recent requests ran ([0-9.e+-]+) ms past", str(busy.value)).group(1))
+        assert late_ms >= 20
+        roomy = rt.submit("m", 3, timeout_ms=60_000)
+        model.release.set()
+        assert [f.result(timeout=30) for f in (blocker, ahead, roomy)] == ["hold", 1, 3]
+        s = rt.stats()["m"]
+        assert s.rejected == 2 and s.expired == 0 and _accounted(s)
 
 
 def test_admission_is_validated_and_fixed_while_registered() -> None:
