@@ -48,7 +48,10 @@ void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, boo
     s += (excess - s) / 8;
   }
   if (replace) {
+    // A probe re-measures an estimate that kept requests from running: the overrun it was
+    // planned with is as stale (it would keep them out on its own), and is learned again.
     e = ns;
+    if (slow_ns != nullptr && n < slow_ns->size()) (*slow_ns)[n] = 0;
     return;
   }
   // EWMA, weight 1/4 upwards: follows a machine that gets busier within a few calls without

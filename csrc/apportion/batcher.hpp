@@ -59,7 +59,8 @@ struct BatchingOptions {
 /// nearest larger one, else 0 (nothing known yet).
 int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept;
 /// Folds a call of `n` requests that took `ns` into `cost_ns` (sizes beyond it are ignored);
-/// `replace`: the estimate of that size becomes `ns` (a probe's measure, see Batcher).
+/// `replace`: the estimate of that size becomes `ns` (a probe's measure, see Batcher), and its
+/// slow calls' excess starts again from 0.
 /// `slow_ns` (same sizes as `cost_ns`), when given, follows how much longer than the estimate
 /// calls of each size run: a moving average of the excess (0 for a call within it).
 void batch_observe(std::vector<int64_t>& cost_ns, std::size_t n, int64_t ns, bool replace = false,

@@ -541,14 +541,30 @@ void Model::dispatch(Worker& w, Batcher& b) {
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
   const int64_t start = now_ns();
   const int cpu = current_cpu();
-  const bool probe = b.probing();
+  bool probe = b.probing();
   // A pooled batch waited for the pool after offer() judged its requests by their deadlines
   // (other models' calls held the units): one that this call can no longer finish in time is
   // expired now, as offer() would judge it, rather than run late. Not a probe's batch (it
   // runs to re-measure), nor under on_timeout=delay (late requests run, after the rest).
-  const int64_t late_before = units != 0 && !probe && opts_.on_timeout != OnTimeout::delay
-                                  ? start + w.deadline_estimate_ns(b.requests().size())
-                                  : std::numeric_limits<int64_t>::min();
+  int64_t late_before = std::numeric_limits<int64_t>::min();
+  if (units != 0 && !probe && opts_.on_timeout != OnTimeout::delay) {
+    late_before = start + w.deadline_estimate_ns(b.requests().size());
+    // Only calls correct the estimate, and this check may keep every call from running: a
+    // busy moment inflates the estimate, every batch then waits for the pool long enough to
+    // be expired whole by it, and the model serves nothing, for good. So once no call has run
+    // for kProbeAfterEstimates estimated calls, a batch this would expire whole runs instead
+    // (what is already past its deadline still expires) and re-measures, as offer()'s probe.
+    bool all_late = true, any_in_time = false;
+    for (const Request* r : b.requests()) {
+      all_late = all_late && r->deadline_ns < late_before;
+      any_in_time = any_in_time || r->deadline_ns >= start;
+    }
+    if (all_late && any_in_time &&
+        start - w.last_call_end_ns > Batcher::kProbeAfterEstimates * w.estimate_ns(1)) {
+      probe = true;
+      late_before = start;
+    }
+  }
   for (Request* r : b.requests()) {
     if (cancel || r->deadline_ns < late_before) {
       // Its lane matters only under on_timeout=delay, which late_before leaves out.
@@ -569,6 +585,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
   w.shard.batch_size.record(n);
   handler_->run(w, claimed.data(), n);  // completes and releases every one of them
   const int64_t end = now_ns();
+  w.last_call_end_ns = end;
   note_drained(n, start, end);
   const int64_t cost = end - start;
   pool_leave(units, cost);

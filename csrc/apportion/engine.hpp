@@ -109,6 +109,8 @@ struct Worker {
   std::vector<int64_t> batch_cost_ns;
   /// How much longer than batch_cost_ns its slow calls ran, by size (see batch_observe).
   std::vector<int64_t> batch_slow_ns;
+  /// When its latest batching call ended (0: none yet). Worker-private.
+  int64_t last_call_end_ns = 0;
   /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
   int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
   /// The duration to plan a call of `n` requests against deadlines with (see

@@ -270,6 +270,56 @@ TEST_F(EnginePool, ABatchThatWaitedForThePoolExpiresWhatItCanNoLongerServeInTime
   });
 }
 
+TEST_F(EnginePool, AnEstimateThatExpiresEveryBatchAfterThePoolWaitIsReMeasured) {
+  // Calls took 20 ms while the worker learned them, then 1 ms. Each request has 30 ms: in
+  // time by the 20 ms estimate when its batch forms, but the batch then waits 15 ms for the
+  // pool, which another model holds, and is judged too late by that estimate. Expired whole,
+  // no call runs, nothing corrects the estimate: without a re-measure the model would serve
+  // nothing from then on.
+  guarded(60s, [] {
+    auto pool = std::make_shared<SharedPool>(1);
+    auto h = std::make_shared<TestHandler>();
+    std::atomic<int> calls{0};
+    h->on_batch = [&calls](Worker&, Request* const*, std::size_t) {
+      std::this_thread::sleep_for(calls.fetch_add(1) < 3 ? 20ms : 1ms);
+    };
+    ModelOptions o = batching_opts(4, 0);
+    o.name = "batched";
+    o.pool = pool;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    for (uint64_t i = 1; i <= 3; ++i) {  // one at a time: three 20 ms calls of one
+      TestRef warm = make(i);
+      ASSERT_EQ(submit(m, warm), Admit::ok);
+      ASSERT_TRUE(completes(warm));
+    }
+    auto other = pool->join("other", 1.0, 0);
+    std::vector<TestRef> rs;
+    for (uint64_t i = 10; i < 30; ++i) {
+      const uint32_t held = pool->acquire(*other, 1);
+      rs.push_back(make(i));
+      rs.back()->deadline_ns = now_ns() + 30'000'000;
+      ASSERT_EQ(submit(m, rs.back()), Admit::ok);
+      while (pool->waiting() < 1) std::this_thread::sleep_for(100us);  // its batch waits
+      std::this_thread::sleep_for(15ms);
+      pool->release(*other, held, 15'000'000);
+      ASSERT_TRUE(completes(rs.back()));
+    }
+    m.close(true);
+    m.join();
+    // The first rounds expire (the estimate is fresh); once no call has run for three
+    // estimated calls (60 ms: four rounds), a batch runs anyway, its 1 ms call replaces the
+    // estimate, and the rest run.
+    std::size_t ok = 0;
+    for (const auto& r : rs) ok += r->outcome() == Outcome::ok;
+    EXPECT_EQ(rs.front()->outcome(), Outcome::expired);
+    EXPECT_GE(ok, rs.size() / 2) << "of " << rs.size();
+    EXPECT_EQ(rs.back()->outcome(), Outcome::ok);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
 TEST_F(EnginePool, PooledAndBurstPathsCompleteEveryRequestExactlyOnce) {
   // Tagged fuzz: pooled models with batching, priorities and a burst model, submitters,
   // cancels and a close without drain in the middle. Nothing lost, nothing twice.
