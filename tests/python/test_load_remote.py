@@ -250,10 +250,11 @@ def test_json_tensors_over_http(server: Serve) -> None:
         load.RemoteTarget(server.http, ["adder"], tensors="xml")
 
 
-def test_a_bad_input_stops_the_run_naming_the_model(server: Serve) -> None:
+@pytest.mark.parametrize("mode", [{"concurrency": 1}, {"rate": 50.0}])
+def test_a_bad_input_stops_the_run_naming_the_model(server: Serve, mode: dict) -> None:
     with load.RemoteTarget(server.http, ["adder"]) as target:
         with pytest.raises(load.LoadError, match="model 'adder'") as err:
-            load.run(target, load.ModelLoad("adder", concurrency=1, inputs=lambda: np.ones(2)), **SHORT)
+            load.run(target, load.ModelLoad("adder", inputs=lambda: np.ones(2), **mode), **SHORT)
     assert "driving model 'adder'" in "".join(err.value.__notes__)
 
 
@@ -285,13 +286,6 @@ def test_inputs_that_run_out_end_the_run_with_every_request_answered(server: Ser
     assert m.inputs_exhausted and m.totals.offered == m.totals.submitted == 7
     assert m.totals.completed + m.totals.rejected == 7 and m.totals.unfinished == 0
     assert m.totals.completed == delta(server.counts("double"), before)["completed"]
-
-
-def test_a_bad_input_in_an_open_loop_stops_the_run_naming_the_model(server: Serve) -> None:
-    with load.RemoteTarget(server.http, ["adder"]) as target:
-        with pytest.raises(load.LoadError, match="model 'adder'") as err:
-            load.run(target, load.ModelLoad("adder", rate=50.0, inputs=lambda: np.ones(2)), **SHORT)
-    assert "driving model 'adder'" in "".join(err.value.__notes__)
 
 
 def test_answers_still_outstanding_after_the_drain_are_counted_unfinished(server: Serve) -> None:
