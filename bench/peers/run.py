@@ -10,7 +10,7 @@ Scenarios (bench/peers/models.py has the models and request tensors):
 - ``demo``: apportion demo's three models (mlp, conv, encoder) under its mixed open load (Poisson,
   shares 35/20/45%) at its SLOs (p99 <= 50/75/40 ms, also sent as each request's timeout):
   goodput, for each server configuration tried (instances, batching). The total rate is a
-  fraction (``--demo-load``, by tensor encoding; default json=0.1, binary=0.5) of
+  fraction (``--demo-load``, by tensor encoding; default json=0.1, binary=0.35) of
   ``apportion.demo.demo_config(load=1.0)`` for the server's CPUs: the demo's full rate is
   sized for requests with no network, JSON or client cost, and its tensors as JSON (4-12 k
   floats a request) cost the client and every server more than the models themselves
@@ -297,8 +297,8 @@ def main() -> None:
     p.add_argument("--client-cpus", default=None, help="CPUs the load client is pinned to (default: all)")
     p.add_argument("--tensors", default="json",
                    help="json, binary or json,binary (binary: only the servers that take it: apportion, pytriton)")
-    p.add_argument("--demo-load", default="json=0.1,binary=0.5",
-                   help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.5)")
+    p.add_argument("--demo-load", default="json=0.1,binary=0.35",
+                   help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.35)")
     p.add_argument("--request-timeout-s", type=float, default=5.0,
                    help="a request unanswered after this counts as failed (default 5)")
     args = p.parse_args()
