@@ -91,6 +91,23 @@ class _Driver:
         clock = time.perf_counter_ns
         return lambda fut: put((seq, t0, clock(), fut))
 
+    def _offered(self, scheduled_ns: int | None) -> tuple[int, Tally | None]:
+        """Counts an attempt made now (and, in an open loop, how late after its scheduled
+        time); returns its time and its window's tally (None in warm-up)."""
+        t0 = time.perf_counter_ns()
+        acc = self._acc(t0)
+        self.total.offered += 1
+        if acc is not None:
+            acc.offered += 1
+            if scheduled_ns is not None:
+                acc.lags_ns.append(max(0, t0 - scheduled_ns))
+        return t0, acc
+
+    def _submitted(self, acc: Tally | None) -> None:
+        self.total.submitted += 1
+        if acc is not None:
+            acc.submitted += 1
+
     def _submit(self, scheduled_ns: int | None = None) -> bool:
         """One attempt. Returns False when it was rejected."""
         try:
@@ -99,13 +116,7 @@ class _Driver:
             self.inputs_exhausted = True
             self.stop.set()
             return False
-        t0 = time.perf_counter_ns()
-        acc = self._acc(t0)
-        self.total.offered += 1
-        if acc is not None:
-            acc.offered += 1
-            if scheduled_ns is not None:
-                acc.lags_ns.append(max(0, t0 - scheduled_ns))
+        t0, acc = self._offered(scheduled_ns)
         try:
             fut = self.rt.submit(self.spec.model, x, timeout_ms=self._timeout_ms, priority=self.spec.priority)
         except QueueFull as e:
@@ -114,9 +125,7 @@ class _Driver:
                     a.rejected += 1
                     a.count_error(e)
             return False
-        self.total.submitted += 1
-        if acc is not None:
-            acc.submitted += 1
+        self._submitted(acc)
         seq = self._seq
         self._seq += 1
         self._pending[seq] = fut
@@ -207,8 +216,14 @@ class _Driver:
             self._rejected_since_wait = False
             self._wait(0.001 if rejected else 0.05)
 
+    def _gaps(self, rate: float) -> Callable[[], float]:
+        """The time to the next arrival, in seconds, for the load's arrival process."""
+        if self.spec.arrivals == "poisson":
+            return lambda: self.rng.expovariate(rate)
+        return lambda: 1.0 / rate
+
     def _open_loop(self, rate: float) -> None:
-        gap = (lambda: self.rng.expovariate(rate)) if self.spec.arrivals == "poisson" else (lambda: 1.0 / rate)
+        gap = self._gaps(rate)
         # Arrival times are accumulated in float seconds from a fixed origin and never
         # re-based on "now", so submission delays do not push later arrivals back.
         origin = time.perf_counter_ns()
@@ -256,6 +271,7 @@ class _LoopDriver(_Driver):
         self._loop = target.loop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._woken: asyncio.Event | None = None
+        self._failure: Exception | None = None
 
     def _drive(self) -> None:
         asyncio.run_coroutine_threadsafe(self._run(), self._loop).result()
@@ -286,12 +302,15 @@ class _LoopDriver(_Driver):
                 await self._arrivals(self.spec.rate)
         finally:
             await self._drain()
+        if self._failure is not None:
+            raise self._failure
 
-    def _fail(self, e: BaseException) -> None:
-        self.error = self.error or e
-        if isinstance(e, Exception):
-            e.add_note(f"apportion.load: raised while driving model {self.spec.model!r}")
-        self.abort.set()
+    def _halt(self, failure: Exception | None = None) -> None:
+        """Ends the load: the inputs ran out, or ``failure`` was raised (the run aborts at
+        once; _run re-raises it after the drain, and _main reports it as for _Driver)."""
+        if failure is not None:
+            self._failure = self._failure or failure
+            self.abort.set()
         self.stop.set()
         assert self._woken is not None
         self._woken.set()
@@ -302,22 +321,14 @@ class _LoopDriver(_Driver):
             x = self._next_input()
         except StopIteration:
             self.inputs_exhausted = True
-            self.stop.set()
-            assert self._woken is not None
-            self._woken.set()
+            self._halt()
             return None
         return self.target.request(self.spec.model, x, self._timeout_ms, self.spec.priority)
 
     def _sent(self, scheduled_ns: int | None) -> int:
-        t0 = time.perf_counter_ns()
-        acc = self._acc(t0)
-        self.total.offered += 1
-        self.total.submitted += 1
-        if acc is not None:
-            acc.offered += 1
-            acc.submitted += 1
-            if scheduled_ns is not None:
-                acc.lags_ns.append(max(0, t0 - scheduled_ns))
+        # A server's refusal arrives as an answer (see _account): every attempt is sent.
+        t0, acc = self._offered(scheduled_ns)
+        self._submitted(acc)
         return t0
 
     async def _one(self, request: tuple[list[Any], dict[str, Any]], t0: int) -> BaseException | None:
@@ -341,10 +352,10 @@ class _LoopDriver(_Driver):
                     # The queue is full of others' work: retry after a short pause, not at once.
                     await asyncio.sleep(0.001)
         except Exception as e:  # noqa: BLE001 - handed to run()
-            self._fail(e)
+            self._halt(e)
 
     async def _arrivals(self, rate: float) -> None:
-        gap = (lambda: self.rng.expovariate(rate)) if self.spec.arrivals == "poisson" else (lambda: 1.0 / rate)
+        gap = self._gaps(rate)
         origin = time.perf_counter_ns()  # arrivals are never re-based on "now", as in _Driver
         offset_s = gap()
         while not self.stop.is_set():
@@ -358,7 +369,7 @@ class _LoopDriver(_Driver):
             try:
                 request = self._prepare()
             except Exception as e:  # noqa: BLE001 - handed to run()
-                self._fail(e)
+                self._halt(e)
                 return
             if request is None:
                 return
