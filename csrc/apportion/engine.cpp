@@ -368,7 +368,7 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
     settle_unrunnable(w, r, lane, expired, now);
     return units;  // nothing ran: the grant is still good for the next request
   }
-  if (!claim_or_release(r, RequestState::running)) return units;
+  if (!claim(r, RequestState::running)) return units;
   r->start_ns = now;
   note_caller_cpu(w, r, current_cpu());
   handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
@@ -437,6 +437,12 @@ void Model::wake_burst() noexcept {
   park_wake(burst_epoch_);
 }
 
+bool Model::claim(Request* r, RequestState to) noexcept {
+  if (r->try_claim(to)) return true;
+  handler_->release(r);
+  return false;
+}
+
 void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired,
                               int64_t now) noexcept {
   const bool cancel = cancel_queued_.load(std::memory_order_acquire);
@@ -458,7 +464,7 @@ void Model::settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired
     lanes_.push_delayed(r);
     return;
   }
-  if (!claim_or_release(r, RequestState::claimed)) return;
+  if (!claim(r, RequestState::claimed)) return;
   if (expired && !cancel) {
     r->start_ns = now;
     handler_->abandon(&w, r, Outcome::expired);
@@ -569,7 +575,7 @@ void Model::dispatch(Worker& w, Batcher& b) {
     if (cancel || r->deadline_ns < late_before) {
       // Its lane matters only under on_timeout=delay, which late_before leaves out.
       settle_unrunnable(w, r, 0, !cancel, start);
-    } else if (claim_or_release(r, RequestState::running)) {
+    } else if (claim(r, RequestState::running)) {
       r->start_ns = start;
       claimed.push_back(r);
       note_caller_cpu(w, r, cpu);
@@ -723,7 +729,7 @@ void Model::join() {
   uint32_t lane = 0;
   while (lanes_.try_take(Worker::kNoGroup, r, lane)) {
     taken(r);
-    if (claim_or_release(r, RequestState::claimed)) handler_->abandon(nullptr, r, Outcome::cancelled);
+    if (claim(r, RequestState::claimed)) handler_->abandon(nullptr, r, Outcome::cancelled);
   }
   // Every request is complete, so none is left in the expiry heap; in case: references back.
   if (expiry_ != nullptr) {

@@ -417,6 +417,13 @@ class Model {
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run
   // now. The caller took it and already uncounted it from queued_.
   void settle_unrunnable(Worker& w, Request* r, uint32_t lane, bool expired, int64_t now) noexcept;
+  // Claims `r` out of `queued` into `to` (running or claimed) for the caller, which then
+  // completes it; true for exactly one caller over the request's life. When another party won
+  // the claim (its caller cancelled it, or the expiry timer expired it, while it was queued:
+  // a tombstone, already complete), drops the reference the caller held for the queue through
+  // the handler: it may be the last one, and freeing the request may need what the handler
+  // adds (the GIL, for a request holding Python objects).
+  bool claim(Request* r, RequestState to) noexcept;
   // A request popped from a lane: frees its cell, and its admission slot unless it was given
   // back when it was settled (see claim_queued()).
   void taken(Request* r) noexcept;

@@ -208,16 +208,6 @@ class Request {
   Outcome outcome_ = Outcome::pending;  // ordered by state_'s store/load
 };
 
-/// Claims `r` out of `queued` into `to` (running or claimed) for the caller, which then
-/// completes it; or, when another party won the claim (its caller cancelled it while queued:
-/// a tombstone, already complete), drops the reference the caller held for the queue. Safe
-/// from any thread.
-inline bool claim_or_release(Request* r, RequestState to) noexcept {
-  if (r->try_claim(to)) return true;
-  Request::release(r);
-  return false;
-}
-
 /// Owning pointer to a Request subclass (adds no reference on adoption).
 template <class T>
 class Ref {

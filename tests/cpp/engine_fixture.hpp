@@ -146,6 +146,15 @@ class TestHandler : public ModelHandler {
 
   void stop_worker(Worker&) override { stops.fetch_add(1); }
 
+  // References the engine drops through the handler (a discarded tombstone, the expiry
+  // timer's): a handler whose requests hold objects that need something to be freed (Python's
+  // need the GIL) adds it here, so the engine must never drop such a reference behind its back.
+  std::atomic<int> releases{0};
+  void release(Request* r) override {
+    releases.fetch_add(1);
+    ModelHandler::release(r);
+  }
+
   // What a handler that keeps something between calls (the GIL) sees: it may keep it after a
   // call only when may_linger is set, and must be told (idle) before the worker waits.
   std::atomic<int> idles{0};

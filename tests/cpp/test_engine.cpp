@@ -533,6 +533,42 @@ TEST_F(EngineTest, CancelOfQueuedRequestLeavesATombstone) {
   });
 }
 
+TEST_F(EngineTest, ATombstoneIsDroppedThroughTheHandler) {
+  // The caller cancels a queued request and lets go of it: the queue's reference, dropped
+  // when a worker pops the tombstone, is the last one. It must go through the handler (the
+  // Python handler frees the request's objects under the GIL there), with a plain worker and
+  // with a batching one.
+  for (const uint32_t batch : {1u, 4u}) {
+    SCOPED_TRACE(batch);
+    const int64_t live_before = live();
+    guarded(30s, [batch, live_before] {
+      auto h = std::make_shared<TestHandler>();
+      Gate gate;
+      h->on_run = hold_tag0(gate);
+      ModelOptions o = opts(1);
+      o.batching.max_size = batch;
+      Model m(o, h);
+      ASSERT_EQ(m.start(), 0u);
+      TestRef running = make(0);
+      ASSERT_EQ(submit(m, running), Admit::ok);
+      gate.wait_arrivals(1);
+      TestRef victim = make(1);
+      ASSERT_EQ(submit(m, victim), Admit::ok);
+      ASSERT_TRUE(m.cancel(victim.get()));
+      victim = TestRef();  // the queue holds the last reference now
+      EXPECT_EQ(live() - live_before, 2);
+      EXPECT_EQ(h->releases.load(), 0);
+      gate.open();
+      ASSERT_TRUE(completes(running));
+      m.close(true);
+      m.join();
+      EXPECT_EQ(h->releases.load(), 1) << "the tombstone's last reference bypassed the handler";
+      EXPECT_EQ(live() - live_before, 1) << "the tombstone was not freed";
+      EXPECT_EQ(h->bad_state.load(), 0);
+    });
+  }
+}
+
 TEST_F(EngineTest, CloseWithDrainFinishesQueuedWork) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();

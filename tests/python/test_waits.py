@@ -53,6 +53,9 @@ def test_sigint_interrupts_each_blocking_wait(wait: str) -> None:
     p = run_script(f"""
         import concurrent.futures, os, signal, threading, time
         import apportion as ap
+        # Python leaves SIGINT alone when it starts with it ignored (a background job of a
+        # non-interactive shell, as CI runners may start it): install what the shell would.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         rt = ap.Runtime(); rt.add_model("slow", model=lambda s: time.sleep(s) or s); rt.start()
         f = rt.submit("slow", 1.0)
         time.sleep(0.05)  # running
@@ -200,6 +203,41 @@ def test_stdlib_wait_counts_cancelled_and_failed(rt: ap.Runtime) -> None:
     done, not_done = cf.wait([first, failing, cancelled], timeout=10, return_when=cf.FIRST_EXCEPTION)
     assert failing in done and cancelled in done
     assert isinstance(failing.exception(), ValueError)
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["plain", "batching"])
+def test_a_cancelled_request_its_caller_let_go_of_is_freed_under_the_gil(batching: bool) -> None:
+    # The caller waits on a queued request with concurrent.futures (which gives the request
+    # Python state of its own), cancels it and drops it: the queue's reference, which the
+    # worker drops when it pops the tombstone, is the last one. Freeing the request's Python
+    # objects there without the GIL aborted the process (a batching worker never holds the
+    # GIL between calls; a plain one may have let go of it). In a subprocess: it is the
+    # process that dies.
+    p = run_script(f"""
+        import concurrent.futures as cf, gc, threading
+        import apportion as ap
+        go = threading.Event()
+        rt = ap.Runtime()
+        batch = ap.Batching(4, 0.0) if {batching} else None
+        rt.add_model("m", model=(lambda xs: [go.wait(10) and x for x in xs]) if batch else (lambda x: go.wait(10) and x),
+                     batching=batch)
+        rt.start()
+        for round in range(20):
+            go.clear()
+            first = rt.submit("m", round)
+            while rt.stats().models["m"].queued:  # running, not queued
+                pass
+            victims = [rt.submit("m", -i) for i in range(8)]
+            cf.wait(victims, timeout=0)  # their concurrent.futures state
+            assert all(v.cancel() for v in victims)
+            del victims
+            gc.collect()
+            go.set()
+            assert first.result(10) == round
+        rt.close()
+        print("freed", flush=True)
+        """)
+    assert p.returncode == 0 and p.stdout.strip() == "freed", p.stdout + p.stderr
 
 
 def test_racing_completions_never_lose_a_stdlib_waiter(rt: ap.Runtime) -> None:
