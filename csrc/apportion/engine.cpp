@@ -883,6 +883,15 @@ void Model::check_shape(const Shape& shape) const {
   }
 }
 
+void Model::set_max_queue(std::size_t max_queue) {
+  if (max_queue == 0 || max_queue > opts_.max_queue) {
+    throw std::invalid_argument("model '" + opts_.name + "': max_queue " + std::to_string(max_queue) +
+                                " is out of range (1 .. " + std::to_string(opts_.max_queue) +
+                                ", the size its queue was made with)");
+  }
+  max_queue_.store(max_queue, std::memory_order_relaxed);
+}
+
 uint32_t Model::reshape(Shape shape) {
   check_shape(shape);
   auto gen = std::make_shared<WorkerGeneration>();

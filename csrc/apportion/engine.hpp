@@ -286,6 +286,13 @@ class Model {
   /// or join() (the registry serialises them).
   uint32_t reshape(Shape shape);
 
+  /// Sets the admission bound alone, at once, with nothing else moved: no new workers, and
+  /// the queue, the requests in it and the learned estimates stay. Lowering it below what is
+  /// queued refuses new requests until the queue has drained below the bound; nothing queued
+  /// is dropped. Throws std::invalid_argument naming the model for 0 or a bound beyond the
+  /// max_queue the model was made with (its lanes' size). Safe from any thread.
+  void set_max_queue(std::size_t max_queue);
+
   const std::string& name() const noexcept { return opts_.name; }
   /// The options the model was made with, updated by set_placement() before start; a live
   /// move (reshape()) does not change them: see instances() and max_queue().

@@ -168,6 +168,20 @@ RegistryStatus Registry::reshape(std::string_view name, Model::Shape shape, uint
   return n == 0 ? RegistryStatus::ok : RegistryStatus::start_failed;
 }
 
+RegistryStatus Registry::set_max_queue(std::string_view name, std::size_t max_queue) {
+  std::shared_ptr<ModelEntry> e;
+  {
+    std::shared_lock lock(mu_);
+    if (closed_) return RegistryStatus::closed;
+    auto it = models_.find(name);
+    if (it == models_.end()) return RegistryStatus::not_found;
+    e = it->second;
+  }
+  if (e->model->closed()) return RegistryStatus::closed;
+  e->model->set_max_queue(max_queue);
+  return RegistryStatus::ok;
+}
+
 void Registry::close(bool drain) {
   if (in_lifecycle()) return;
   std::vector<std::shared_ptr<ModelEntry>> all;

@@ -118,6 +118,11 @@ class Registry {
   /// old ones still serve. `closed` when the model or the registry was closed.
   RegistryStatus reshape(std::string_view name, Model::Shape shape, uint32_t* failed = nullptr);
 
+  /// Sets a registered model's admission bound alone (see Model::set_max_queue; its
+  /// std::invalid_argument passes through, nothing changed). `closed` when the model or the
+  /// registry was closed.
+  RegistryStatus set_max_queue(std::string_view name, std::size_t max_queue);
+
   /// Refuses new models and requests, drains or cancels queued requests, and returns once
   /// every worker (of registered models and of models being removed) has exited. Idempotent;
   /// a second close() waits like the first. Models stay listed (their stats stay readable).

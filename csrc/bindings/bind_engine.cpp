@@ -779,6 +779,15 @@ class RuntimeCore {
     warn_pin_errors(*e);
   }
 
+  /// Sets model `name`'s admission bound alone (see Model::set_max_queue): ValueError beyond
+  /// the size its queue was made with, ModelNotFound, RuntimeClosed.
+  void set_max_queue(const std::string& name, std::size_t max_queue) {
+    check_not_forked();
+    RegistryStatus s = reg_->set_max_queue(name, max_queue);  // std::invalid_argument: ValueError
+    if (s == RegistryStatus::not_found) raise_not_found(name);
+    if (s == RegistryStatus::closed) raise(types().runtime_closed, "runtime is closed: cannot change model '" + name + "'");
+  }
+
   /// Raises ApportionError when called from a worker of this runtime: `what` would wait for
   /// the thread it runs on.
   void check_admin(const std::string& what) const { check_not_own_worker(what.c_str()); }
@@ -1165,6 +1174,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
                              "True in a process forked from the one that made this runtime.")
       .def("_reshape", &RuntimeCore::reshape, py::arg("spec"), py::arg("make_instance"),
            py::arg("placement"), py::arg("memory_policy"), py::arg("groups"))
+      .def("_set_max_queue", &RuntimeCore::set_max_queue, py::arg("name"), py::arg("max_queue"))
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"), py::arg("groups") = std::vector<uint32_t>{})
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),

@@ -523,14 +523,16 @@ class Runtime(_core._Runtime):
         """Moves registered models to new settings while they serve: ``target`` is a
         :class:`ModelSpec`, several (a sequence, or a mapping by name), or an
         :class:`apportion.Config` (such as a tuner's plan). Returns the names of the models that
-        moved, in the order they moved.
+        moved, in the order they moved, then those whose admission bound alone changed.
 
         What may change: ``cores``, ``isolation`` ("exclusive" / "shared"), ``instances``,
         ``threads``, ``numa``, ``smt``, ``memory_policy``, ``oversubscribe``, ``batching`` (on,
         off or other sizes), ``warmup`` and ``max_queue`` (up to the value the model was added
         with: its queue's size). Every model is placed again with the others; a model whose
-        CPUs, threads, instances, batching or admission change moves, including models not
-        named whose CPUs the new plan changes.
+        CPUs, threads, instances, batching or warm-up change moves, including models not named
+        whose CPUs the new plan changes. A new ``max_queue`` alone takes effect at once, with no
+        new instances: the queue, its requests and the model's learned estimates stay (a
+        bound below what is queued refuses new requests until the queue drains below it).
 
         How a model moves: its new instances start on their new CPUs (the factory runs in each
         new pinned worker, and the warm-up at every batch size it will use) while the old ones
@@ -618,7 +620,7 @@ class Runtime(_core._Runtime):
         def where(mp: ModelPlan) -> tuple[Any, ...]:
             return tuple((i.cpus, i.threads, i.memory_nodes) for i in mp.instances), mp.memory_policy
         return (where(old_mp) != where(new_mp) or old.instances != new.instances or old.batching != new.batching
-                or old.max_queue != new.max_queue or not _same(old.warmup, new.warmup))
+                or not _same(old.warmup, new.warmup))
 
     def _apply_locked(self, specs: list[ModelSpec]) -> list[str]:
         new_specs = {s.name: self._checked_move(s) for s in specs}
@@ -658,12 +660,20 @@ class Runtime(_core._Runtime):
                 else:
                     e.add_note(f"(model {n!r}, moved before, was moved back)")
             raise
+        # The admission bound alone changes at once, with no new instances (a move sets it
+        # with the new ones): after the moves, so a failed move leaves every bound as it was.
+        bounded = [n for n in new_specs if n not in moving and new_specs[n].max_queue != self._models[n].spec.max_queue]
+        for n in bounded:
+            self._set_max_queue(n, new_specs[n].max_queue)
+        for n, spec in new_specs.items():
+            if n not in moving:
+                self._models[n].spec = spec
         if started and self._scheduled:
             self._set_pool_capacity(len(new_plan.shared_pool))
         if old_plan.gpu is not None:
             new_plan = dataclasses.replace(new_plan, gpu=old_plan.gpu)
         self._plan = new_plan
-        return moving
+        return moving + bounded
 
     def _move(self, name: str, spec: ModelSpec, plan_: Plan, placed: dict[int, Any] | None = None) -> None:
         entry = self._models[name]
@@ -683,13 +693,21 @@ class Runtime(_core._Runtime):
             entry.placed.update(old_placed)
             raise
 
-    def spec(self, name: str) -> ModelSpec:
-        """The spec model ``name`` serves with now (after the latest :meth:`apply`)."""
+    def _entry(self, name: str) -> _ModelEntry:
         entry = self._models.get(name)
         if entry is None:
             known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
             raise ModelNotFound(f"no model named {name!r} (registered: {known})")
-        return entry.spec
+        return entry
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec model ``name`` serves with now (after the latest :meth:`apply`)."""
+        return self._entry(name).spec
+
+    def queue_size(self, name: str) -> int:
+        """The size of model ``name``'s queue: the max_queue it was added with, the highest
+        bound :meth:`apply` may set."""
+        return self._entry(name).queue_capacity
 
     def _quotas(self) -> dict[str, Quota]:
         return {n: e.spec.quota for n, e in self._models.items()}

@@ -314,6 +314,48 @@ TEST_F(EngineTest, AMoveLowersAndRestoresAdmission) {
   });
 }
 
+TEST_F(EngineTest, ANewAdmissionBoundAloneStartsNoWorkerAndKeepsTheQueue) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = hold_tag0(gate);
+    Model m(opts(1, 8), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef held = make(0);
+    ASSERT_EQ(submit(m, held), Admit::ok);
+    gate.wait_arrivals(1);
+    std::vector<TestRef> queued;
+    for (uint64_t i = 1; i <= 4; ++i) {
+      queued.push_back(make(i));
+      ASSERT_EQ(submit(m, queued.back()), Admit::ok);
+    }
+    // Below what is queued: new requests are refused, the queued ones stay.
+    m.set_max_queue(2);
+    EXPECT_EQ(m.max_queue(), 2u);
+    TestRef refused = make(9);
+    EXPECT_EQ(submit(m, refused), Admit::full);
+    EXPECT_THROW(m.set_max_queue(0), std::invalid_argument);
+    EXPECT_THROW(m.set_max_queue(9), std::invalid_argument);  // beyond the lanes' size
+    EXPECT_EQ(m.max_queue(), 2u);
+    m.set_max_queue(8);
+    queued.push_back(make(5));
+    EXPECT_EQ(submit(m, queued.back()), Admit::ok);
+    gate.open();
+    ASSERT_TRUE(completes(held));
+    for (auto& r : queued) {
+      ASSERT_TRUE(completes(r));
+      EXPECT_EQ(r->outcome(), Outcome::ok);
+    }
+    m.close(true);
+    m.join();
+    EXPECT_EQ(h->starts.load(), 1) << "a new bound alone must not start workers";
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.completed, 6u);
+    EXPECT_EQ(s.rejected, 1u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
 TEST_F(EngineTest, AMoveBeforeStartChangesWhatStarts) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
@@ -356,6 +398,24 @@ std::shared_ptr<apportion::ModelEntry> entry(const std::string& name, std::share
   ModelOptions o = opts(instances);
   o.name = name;
   return std::make_shared<apportion::ModelEntry>(std::make_shared<Model>(o, h), h);
+}
+
+TEST_F(EngineTest, RegistrySetsANamedModelsAdmissionBoundAndRefusesWhenClosed) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Registry reg;
+    auto e = entry("a", h, 1);
+    ASSERT_EQ(reg.add(e), RegistryStatus::ok);
+    ASSERT_EQ(reg.start(), RegistryStatus::ok);
+    EXPECT_EQ(reg.set_max_queue("a", 3), RegistryStatus::ok);
+    EXPECT_EQ(e->model->max_queue(), 3u);
+    EXPECT_EQ(reg.set_max_queue("b", 3), RegistryStatus::not_found);
+    EXPECT_THROW(reg.set_max_queue("a", 4096), std::invalid_argument);
+    EXPECT_EQ(e->model->max_queue(), 3u);
+    reg.close(false);
+    EXPECT_EQ(reg.set_max_queue("a", 4), RegistryStatus::closed);
+    EXPECT_EQ(h->starts.load(), 1);
+  });
 }
 
 TEST_F(EngineTest, RegistryMovesNamedModelsAndReportsWhyNot) {

@@ -237,21 +237,44 @@ def test_a_move_switches_batching_and_warms_every_batch_size() -> None:
         assert s.completed == 10
 
 
-def test_a_move_lowers_admission_and_raises_it_back(gate: Any) -> None:
+def test_a_new_admission_bound_alone_takes_effect_at_once_without_new_instances(gate: Any) -> None:
+    built: list[int] = []
+
+    def factory(ctx: ap.InstanceContext) -> Any:
+        built.append(threading.get_ident())
+        return gate
+
     with ap.Runtime() as rt:
-        rt.add_model("m", model=gate, max_queue=8)
+        rt.add_model("m", factory=factory, max_queue=8)
+        assert rt.apply(ap.ModelSpec("m", factory=factory, max_queue=2)) == ["m"]  # before start
         rt.start()
-        rt.apply(ap.ModelSpec("m", model=gate, max_queue=2))
-        assert rt.stats()["m"].max_queue == 2
+        assert rt.stats()["m"].max_queue == 2 and rt.spec("m").max_queue == 2 and len(built) == 1
         held = rt.submit("m", 0)
         assert gate.entered.wait(10)
         queued = [rt.submit("m", 1), rt.submit("m", 2)]
         with pytest.raises(ap.QueueFull, match="max_queue=2"):
             rt.submit("m", 3)
+        # Raised while its instance is inside a call: at once, and the same instance serves on.
+        assert rt.apply(ap.ModelSpec("m", factory=factory, max_queue=8)) == ["m"]
+        assert rt.stats()["m"].max_queue == 8 and rt.queue_size("m") == 8
+        queued += [rt.submit("m", i) for i in range(3, 9)]
+        # Lowered below what is queued: nothing queued is dropped, new requests are refused.
+        assert rt.apply(ap.ModelSpec("m", factory=factory, max_queue=1)) == ["m"]
+        with pytest.raises(ap.QueueFull, match="max_queue=1"):
+            rt.submit("m", 9)
         gate.release.set()
-        assert [f.result(10) for f in [held, *queued]] == [0, 1, 2]
-        rt.apply(ap.ModelSpec("m", model=gate, max_queue=8))
-        assert rt.stats()["m"].max_queue == 8
+        assert [f.result(10) for f in [held, *queued]] == list(range(9))
+        assert rt.submit("m", 10).result(10) == 10  # drained: admitted again
+        assert len(built) == 1, "a new bound alone must not start new instances"
+        s = rt.stats()["m"]
+        assert (s.completed, s.rejected) == (10, 2)
+        # Never beyond the queue the model was added with; nothing changes then.
+        with pytest.raises(QuotaError, match="max_queue=9 is above 8") as e:
+            rt.apply(ap.ModelSpec("m", factory=factory, max_queue=9))
+        assert e.value.model == "m" and e.value.field == "max_queue"
+        assert rt.stats()["m"].max_queue == 1 and rt.spec("m").max_queue == 1
+        with pytest.raises(ModelNotFound, match="no model named 'x'"):
+            rt.queue_size("x")
 
 
 def test_apply_before_start_changes_what_starts() -> None:
