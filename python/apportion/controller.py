@@ -12,8 +12,12 @@ least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, s
 count says nothing about the time the pool has left), or from a model that idles (busy below
 ``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
-doubles its batch size, once per size up to ``max_batch_size``), and then lowers its
-``max_queue`` to what its SLO allows (refusing at once what would miss it). A model that idles
+doubles its batch size, once per size up to ``max_batch_size``), and then moves its
+``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
+above ``risk`` x SLO (refusing at once what would miss it; not for admission by deadline, which
+already refuses each request that would miss), up while it refuses requests with its p99 below
+that (a bound planned for a lower rate refuses requests that would have met the SLO). A new
+bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
 
@@ -45,6 +49,9 @@ __all__ = ["Controller", "Move", "Window"]
 
 FULL_BATCHES = 0.9
 """A batching model's calls count as full at a mean batch of this share of its max_size."""
+
+RAISE_AT_MOST = 4
+"""A raised admission bound grows by at most this factor in one move."""
 
 
 @dataclass(frozen=True)
@@ -214,13 +221,15 @@ class Controller:
     # -- decisions (pure: windows and state in, moves out) ---------------------------------------
     def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
-               idle_cpus: float | None = None) -> list[Move]:
+               idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
         says whether a set of specs can be placed together (default: always); a growth that
         does not fit is not proposed. ``idle_cpus``: the runtime's CPUs that sat idle over the
-        window (None: unknown, so no growth into idle time)."""
+        window (None: unknown, so no growth into idle time). ``queue_sizes``: the highest
+        max_queue each model may be given (its queue's size, :meth:`Runtime.queue_size`);
+        default: no raise beyond the bound the controller lowered it from."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, str]] = []
         idle: list[str] = []
@@ -286,13 +295,28 @@ class Controller:
             return [*moves, self._move(now_s, name, bigger, f"batch {b.max_size} -> {b.max_size * 2}",
                                        why + f"; no capacity to take, calls full (mean batch {w.mean_batch:.1f}): "
                                        "bigger batches")]
-        # Admission: queue no more than the instances can serve within the SLO.
-        allowed = max(1, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
-        if allowed < spec.max_queue:
+        # Admission: queue as many as the instances can serve within the SLO, and never less
+        # than one full batch (below it every call is smaller, so the model serves less). Lowered
+        # only while the latency itself is at risk: refusing requests that would meet their
+        # SLO only loses goodput. Not lowered for admission by deadline, which already refuses
+        # each request that would miss (with a margin learned from late completions): a blunter
+        # bound on top of it would refuse requests that admission found in time. Raised when
+        # the model refuses while its latency has room (a bound planned for a lower rate).
+        # Both moves go towards the same figure, so they cannot flap.
+        batch = spec.batching.max_size if spec.batching is not None else 1
+        allowed = max(batch, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
+        late = w.p99_ms > self.risk * slo
+        if late and spec.admission != "deadline" and allowed < spec.max_queue:
             self._full_queue.setdefault(name, spec.max_queue)
             lowered = dataclasses.replace(spec, max_queue=allowed)
             return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
                                        why + "; no capacity to take: refuse what would miss the SLO")]
+        size = (queue_sizes or {}).get(name, self._full_queue.get(name, spec.max_queue))
+        raised = min(allowed, RAISE_AT_MOST * spec.max_queue, size)
+        if not late and w.refused > 0 and raised > spec.max_queue:
+            wider = dataclasses.replace(spec, max_queue=raised)
+            return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
+                                       why + "; latency has room: admit what the SLO allows")]
         return moves
 
     def longest_miss(self, since_s: float = 0.0) -> tuple[float, str | None]:
@@ -371,7 +395,8 @@ class Controller:
         if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
             self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
         self._pool, self._busy_s = pool, busy_s
-        moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus)
+        moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
+                            {n: self.rt.queue_size(n) for n in windows})
         if not moves:
             return []
         try:

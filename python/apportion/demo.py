@@ -35,7 +35,8 @@ rate), and two more rows compare, after the shift:
 - **shift: controller**: the tuned plan serving the old mix with an :class:`apportion.Controller`
   beside it; midway the mix shifts and the controller moves instances, batching and admission
   between the models (each move is printed with its reason, and how long after the shift the
-  last one came);
+  last one came); each model's queue is ``MAX_QUEUE`` deep, so the controller may raise an
+  admission bound the plan sized for the old mix;
 - **shift: retuned** (with ``--retune``): a plan tuned from scratch for the new mix.
 
 Both after-shift rows are measured the same way: ``adapt_s`` seconds of the new mix first (the
@@ -248,8 +249,18 @@ def measure_adaptive(before: Config, after: Config, *, before_s: float, settings
                      control_window_s: float) -> Adapted:
     """Serves ``before`` (a plan and its load) with a controller beside it for ``before_s``
     seconds, then shifts to ``after``'s load (same models and specs) and measures it with
-    ``settings`` while the controller goes on."""
-    rt = before.runtime(start=True)
+    ``settings`` while the controller goes on. Each model's queue is made ``MAX_QUEUE`` deep
+    (or its plan's bound, if deeper) and starts at the plan's bound: room for the controller
+    to raise a bound the plan sized for the old mix."""
+    deep = replace(before, models={n: replace(m, spec=replace(m.spec, max_queue=max(m.spec.max_queue, MAX_QUEUE)))
+                                   for n, m in before.models.items()})
+    rt = deep.runtime()
+    try:
+        rt.apply(before)  # before start: the plan's bounds, nothing else changes
+        rt.start()
+    except BaseException:
+        rt.close(drain=False)
+        raise
     moves: list[Move] = []
     try:
         slos = {n: m.slo["latency_ms"] for n, m in before.models.items() if m.slo}

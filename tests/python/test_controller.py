@@ -124,6 +124,58 @@ def test_a_model_whose_calls_are_full_batches_gets_bigger_ones_once_per_size_the
     assert moves[0].change.startswith("max_queue 256 -> ")  # 16 was tried once: not again
 
 
+def test_admission_is_lowered_only_while_the_latency_is_at_risk_and_raised_while_it_has_room() -> None:
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    specs = {"a": spec("a", 1, max_queue=4, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    busy_b = win(busy=0.6)
+    # Busy and refusing with p99 at 40% of the SLO: a bound planned for a lower rate. 1.125 ms
+    # of instance time per request: 50 ms x 0.5 allows 22 queued; at most 4x per move.
+    roomy = win(p99=20.0, busy=0.9, refused=30, rate=800.0, batch=4.0)
+    sizes = {"a": 64, "b": 64}
+    moves = c.decide({"a": roomy, "b": busy_b}, specs, 0.0, queue_sizes=sizes)
+    assert [(m.model, m.change) for m in moves] == [("a", "max_queue 4 -> 16")]
+    assert "latency has room: admit what the SLO allows" in moves[0].reason
+    specs["a"] = moves[0].spec
+    moves = c.decide({"a": roomy, "b": busy_b}, specs, 1.0, queue_sizes=sizes)
+    assert [m.change for m in moves] == ["max_queue 16 -> 22"]
+    specs["a"] = moves[0].spec
+    assert c.decide({"a": roomy, "b": busy_b}, specs, 2.0, queue_sizes=sizes) == []  # what the SLO allows
+    # Late at the same cost: the bound already is what the SLO allows, so nothing flaps back.
+    late = win(p99=45.0, busy=0.9, refused=30, rate=800.0, batch=4.0)
+    assert c.decide({"a": late, "b": busy_b}, specs, 3.0, queue_sizes=sizes) == []
+    # Never beyond the model's queue; without the sizes, never beyond the bound it was given.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    small = {**specs, "a": spec("a", 1, max_queue=4, batching=ap.Batching(8, 1.0))}
+    moves = c.decide({"a": roomy, "b": busy_b}, small, 0.0, queue_sizes={"a": 10})
+    assert [m.change for m in moves] == ["max_queue 4 -> 10"]
+    assert c.decide({"a": roomy, "b": busy_b}, small, 1.0) == []
+    # Busy and refusing with room, but no more than the bound allows: never lowered.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    wide = {**specs, "a": spec("a", 1, max_queue=256, batching=ap.Batching(8, 1.0))}
+    assert c.decide({"a": roomy, "b": busy_b}, wide, 0.0) == []
+    # Late: lowered to what the SLO allows, but never below one full batch; and never for
+    # admission by deadline, which refuses each request that would miss on its own.
+    slow = win(p99=45.0, busy=0.9, refused=30, rate=100.0, batch=4.0)  # 9 ms per request: allows 2
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    moves = c.decide({"a": slow, "b": busy_b}, {**specs, "a": spec("a", 1, max_queue=64, batching=ap.Batching(8, 1.0))},
+                     0.0, queue_sizes=sizes)
+    assert [m.change for m in moves] == ["max_queue 64 -> 8"]
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    by_deadline = spec("a", 1, max_queue=64, batching=ap.Batching(8, 1.0), admission="deadline", timeout_ms=50.0)
+    assert c.decide({"a": slow, "b": busy_b}, {**specs, "a": by_deadline}, 0.0, queue_sizes=sizes) == []
+    # A bound below one batch, with latency to spare, is raised to a batch at least.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    tiny = win(p99=10.0, busy=0.9, refused=30, rate=100.0, batch=1.0)  # 9 ms per request: allows 2
+    moves = c.decide({"a": tiny, "b": busy_b}, {**specs, "a": spec("a", 1, max_queue=1, batching=ap.Batching(8, 1.0))},
+                     0.0, queue_sizes=sizes)
+    assert [m.change for m in moves] == ["max_queue 1 -> 4"]  # at most 4x per move
+    # A model that refuses nothing has its bound left alone however fast it runs.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    hot = win(p99=20.0, busy=0.95, rate=800.0, batch=4.0)
+    assert c.decide({"a": hot, "b": busy_b}, specs | {"a": spec("a", 1, max_queue=4, batching=ap.Batching(8, 1.0))},
+                    0.0) == []
+
+
 def test_models_without_an_slo_are_left_alone() -> None:
     c = Controller(None, {"a": 50.0}, capacity=4, confirm=1)
     moves = c.decide({"a": win(), "x": win(p99=500.0)}, {"a": spec("a"), "x": spec("x")}, 0.0)
