@@ -148,14 +148,9 @@ RegistryStatus Registry::remove(std::string_view name, bool drain,
 
 RegistryStatus Registry::reshape(std::string_view name, Model::Shape shape, uint32_t* failed) {
   if (in_lifecycle()) return RegistryStatus::nested;
-  std::shared_ptr<ModelEntry> e;
-  {
-    std::shared_lock lock(mu_);
-    if (closed_) return RegistryStatus::closed;
-    auto it = models_.find(name);
-    if (it == models_.end()) return RegistryStatus::not_found;
-    e = it->second;
-  }
+  RegistryStatus status = RegistryStatus::ok;
+  const std::shared_ptr<ModelEntry> e = open_entry(name, status);
+  if (e == nullptr) return status;
   Active active(id_);
   std::lock_guard life(e->life_);
   {
@@ -168,15 +163,24 @@ RegistryStatus Registry::reshape(std::string_view name, Model::Shape shape, uint
   return n == 0 ? RegistryStatus::ok : RegistryStatus::start_failed;
 }
 
-RegistryStatus Registry::set_max_queue(std::string_view name, std::size_t max_queue) {
-  std::shared_ptr<ModelEntry> e;
-  {
-    std::shared_lock lock(mu_);
-    if (closed_) return RegistryStatus::closed;
-    auto it = models_.find(name);
-    if (it == models_.end()) return RegistryStatus::not_found;
-    e = it->second;
+std::shared_ptr<ModelEntry> Registry::open_entry(std::string_view name, RegistryStatus& status) const {
+  std::shared_lock lock(mu_);
+  if (closed_) {
+    status = RegistryStatus::closed;
+    return nullptr;
   }
+  auto it = models_.find(name);
+  if (it == models_.end()) {
+    status = RegistryStatus::not_found;
+    return nullptr;
+  }
+  return it->second;
+}
+
+RegistryStatus Registry::set_max_queue(std::string_view name, std::size_t max_queue) {
+  RegistryStatus status = RegistryStatus::ok;
+  const std::shared_ptr<ModelEntry> e = open_entry(name, status);
+  if (e == nullptr) return status;
   if (e->model->closed()) return RegistryStatus::closed;
   e->model->set_max_queue(max_queue);
   return RegistryStatus::ok;

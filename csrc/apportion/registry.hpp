@@ -152,6 +152,8 @@ class Registry {
   // Takes e->life_. True when it failed.
   bool start_entry(const std::shared_ptr<ModelEntry>& e);
   static void stop_entry(ModelEntry& e, bool drain);
+  // The registered entry of `name`, or null with `status` set (closed, not_found).
+  std::shared_ptr<ModelEntry> open_entry(std::string_view name, RegistryStatus& status) const;
 
   const uint64_t id_;
   mutable std::shared_mutex mu_;
