@@ -861,10 +861,7 @@ void Model::check_shape(const Shape& shape) const {
     refuse("its queue would span " + std::to_string(groups) + " NUMA node(s), it spans " +
            std::to_string(lanes_.groups()) + " now: a model moves while it serves only within one node");
   }
-  if (shape.max_queue == 0 || shape.max_queue > opts_.max_queue) {
-    refuse("max_queue " + std::to_string(shape.max_queue) + " is out of range for a move (1 .. " +
-           std::to_string(opts_.max_queue) + ", the size its queue was made with)");
-  }
+  check_max_queue(shape.max_queue);
   if (lanes_.has_delayed()) {
     // Each worker may hold one request it moves to the delayed lane beyond the admitted ones
     // and the settled ones still in it (see build_groups): during a move the old and the new
@@ -883,12 +880,16 @@ void Model::check_shape(const Shape& shape) const {
   }
 }
 
-void Model::set_max_queue(std::size_t max_queue) {
+void Model::check_max_queue(std::size_t max_queue) const {
   if (max_queue == 0 || max_queue > opts_.max_queue) {
     throw std::invalid_argument("model '" + opts_.name + "': max_queue " + std::to_string(max_queue) +
                                 " is out of range (1 .. " + std::to_string(opts_.max_queue) +
                                 ", the size its queue was made with)");
   }
+}
+
+void Model::set_max_queue(std::size_t max_queue) {
+  check_max_queue(max_queue);
   max_queue_.store(max_queue, std::memory_order_relaxed);
 }
 

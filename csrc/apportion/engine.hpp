@@ -430,6 +430,9 @@ class Model {
   // a tombstone, already complete), drops the reference the caller held for the queue through
   // the handler: it may be the last one, and freeing the request may need what the handler
   // adds (the GIL, for a request holding Python objects).
+  // Throws std::invalid_argument naming the model unless 1 <= max_queue <= the max_queue the
+  // model was made with (its lanes' size): what a move or set_max_queue() may set.
+  void check_max_queue(std::size_t max_queue) const;
   bool claim(Request* r, RequestState to) noexcept;
   // A request popped from a lane: frees its cell, and its admission slot unless it was given
   // back when it was settled (see claim_queued()).
