@@ -16,10 +16,11 @@ Scenarios (bench/peers/models.py has the models and request tensors):
   floats a request) cost the client and every server more than the models themselves
   (15-18 ms a request against 2 ms binary, one client, apportion serve, this machine).
 
-Every request's tensors travel as JSON (``--tensors json``): LitServe's front takes JSON bodies
-only, and Ray Serve and LitServe answer v2 through the thin adapters in this folder
-(serve_ray.py, serve_litserve.py, v2json.py); apportion serve and Triton speak v2 themselves.
-``--tensors json,binary`` adds rows with binary tensor data for the servers that take it.
+Every request's tensors travel as JSON (``--tensors json``). Ray Serve and LitServe answer v2
+through the thin adapters in this folder (serve_ray.py, serve_litserve.py, v2json.py);
+apportion serve and Triton speak v2 themselves. ``--tensors json,binary`` adds rows with binary
+tensor data for the servers that take it: all but LitServe, whose front parses every request
+body as JSON (or a form) before the API sees it.
 
     python bench/peers/run.py [--peers apportion,pytriton,ray,litserve] [--window-s 3]
 """
@@ -47,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "peers"
 PEERS = ("apportion", "pytriton", "ray", "litserve")
-V2_NATIVE = ("apportion", "pytriton")  # take binary tensor data
+BINARY = ("apportion", "pytriton", "ray")  # take binary tensor data (Ray Serve: its adapter)
 
 MLP_CONFIGS: dict[str, dict[str, Any]] = {
     "2 replicas x 1 thread": {"instances": 2},
@@ -244,7 +245,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[s
         for tensors in args.tensors:
             for label, models in configs(scenario):
                 for peer in args.peers:
-                    if tensors == "json" or peer in V2_NATIVE:
+                    if tensors == "json" or peer in BINARY:
                         runs.append((peer, scenario, label, models, tensors))
     return runs
 
@@ -296,7 +297,7 @@ def main() -> None:
     p.add_argument("--server-cpus", default=None, help="CPUs every server is pinned to (default: all)")
     p.add_argument("--client-cpus", default=None, help="CPUs the load client is pinned to (default: all)")
     p.add_argument("--tensors", default="json",
-                   help="json, binary or json,binary (binary: only the servers that take it: apportion, pytriton)")
+                   help="json, binary or json,binary (binary: only the servers that take it: apportion, pytriton, ray)")
     p.add_argument("--demo-load", default="json=0.1,binary=0.35",
                    help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.35)")
     p.add_argument("--request-timeout-s", type=float, default=5.0,
@@ -305,6 +306,9 @@ def main() -> None:
     args.peers = [x for x in args.peers.split(",") if x]
     args.scenarios = [x for x in args.scenarios.split(",") if x]
     args.tensors = [x for x in args.tensors.split(",") if x]
+    # Stopped with SIGTERM, the run still stops the server it started (SystemExit runs the
+    # loop's `finally`): a Ray or Triton server left behind would load the machine.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     allowed = sorted(os.sched_getaffinity(0))
     server_cpus = [int(c) for c in args.server_cpus.split(",")] if args.server_cpus else allowed
     client_cpus = [int(c) for c in args.client_cpus.split(",")] if args.client_cpus else allowed

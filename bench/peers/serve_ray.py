@@ -1,6 +1,7 @@
 """Ray Serve serving bench/peers/models.py over HTTP behind a v2 JSON adapter (Ray Serve's
 HTTP is whatever the deployment's FastAPI app says): one application per model at
-route_prefix /v2/models/{m}, answering GET (v2 metadata) and POST /infer (JSON tensors).
+route_prefix /v2/models/{m}, answering GET (v2 metadata) and POST /infer (JSON tensors, or
+binary tensor data: the response in the form the client asked for).
 Replicas run one torch thread each; batching through @serve.batch.
 
     python serve_ray.py PORT '{"mlp256": {"instances": 2, "batch": 1, "delay_ms": 0}}' CPUS TEMP_DIR
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from ray import serve
 
 import models
@@ -46,10 +47,14 @@ def deployment(name: str, instances: int, batch: int, delay_ms: float) -> Any:
             return [y[i:i + 1] for i in range(len(xs))]
 
         @app.post("/infer")
-        async def infer(self, request: Request) -> dict[str, Any]:
-            x = v2json.decode(await request.json())
+        async def infer(self, request: Request) -> Any:
+            length = request.headers.get(v2json.HEADER)
+            x, binary = v2json.decode_body(await request.body(), None if length is None else int(length))
             y = await self.batched(x) if batch > 1 else self.run(x)
-            return v2json.encode(name, y)
+            if not binary:
+                return v2json.encode(name, y)
+            body, head = v2json.encode_binary(name, y)
+            return Response(body, media_type="application/octet-stream", headers={v2json.HEADER: str(head)})
 
     return Model.bind()
 
