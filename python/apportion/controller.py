@@ -21,6 +21,16 @@ bound alone takes effect at once, without new instances (see :meth:`Runtime.appl
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
 
+Every move is a trial. Models share CPUs (a shared pool, its priority classes), so capacity a
+model gains can come out of another's: a higher class admitted more starves a lower one. For
+the ``judge`` windows after a move the controller makes no other; then it compares the share
+of the arrivals its models served (completed / arrived, all models with an SLO together) with
+the share over as many windows before the move. When that share fell by more than
+``tolerance`` (relative), the move is undone (the moved models get their old specs back,
+logged as a move of its own) and the same kind of move (more instances, a bigger batch or
+batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
+seconds; the next kind in line is tried instead.
+
 Every move goes through :meth:`Runtime.apply` (live, exactly once) and is logged with its
 reason; :meth:`Controller.stats` reports the state. :meth:`Controller.decide` is a pure
 function of the windows and the controller's state, so the decision logic is tested without
@@ -122,6 +132,57 @@ class Move:
     spec: ModelSpec = dataclasses.field(repr=False, compare=False)
 
 
+@dataclass
+class _Trial:
+    """A move being judged: the moves made (with each model's spec before them), the windows
+    before them it is judged against, and the windows read since."""
+
+    moves: list[tuple[Move, ModelSpec]]
+    before: list[Mapping[str, Window]]
+    after: list[Mapping[str, Window]] = dataclasses.field(default_factory=list)
+
+
+def _served(windows: list[Mapping[str, Window]]) -> float | None:
+    """Completed / arrived over ``windows``, all models together (None: no arrivals). Against
+    the arrivals, not per second: Poisson noise in the offered rate does not judge a move."""
+    arrived = sum(w.arrivals for ws in windows for w in ws.values())
+    return sum(w.completed for ws in windows for w in ws.values()) / arrived if arrived else None
+
+
+MIX_MOVED = 0.25
+"""A trial's verdict needs the same load before and after the move: no model's arrival rate
+may have moved by more than this share (of the larger of the two rates)."""
+
+
+def _mix_moved(before: list[Mapping[str, Window]], after: list[Mapping[str, Window]]) -> bool:
+    """Whether some model's arrival rate differs between ``before`` and ``after`` by more than
+    MIX_MOVED (a model with fewer than 20 arrivals in both is not judged by its rate)."""
+    def rates(windows: list[Mapping[str, Window]]) -> dict[str, tuple[float, int]]:
+        out: dict[str, tuple[float, int]] = {}
+        for name in {n for ws in windows for n in ws}:
+            ws = [w[name] for w in windows if name in w]
+            seconds = sum(w.seconds for w in ws)
+            n = sum(w.arrivals for w in ws)
+            out[name] = (n / seconds if seconds > 0 else 0.0, n)
+        return out
+
+    b, a = rates(before), rates(after)
+    for name in b.keys() | a.keys():
+        (rb, nb), (ra, na) = b.get(name, (0.0, 0)), a.get(name, (0.0, 0))
+        if max(nb, na) >= 20 and abs(ra - rb) > MIX_MOVED * max(ra, rb):
+            return True
+    return False
+
+
+def _kind(old: ModelSpec, new: ModelSpec) -> str:
+    """What a move changed, as its tabu key: "grow", "shrink", "batch", "raise" or "lower"."""
+    if _units(new) != _units(old):
+        return "grow" if _units(new) > _units(old) else "shrink"
+    if new.batching != old.batching:
+        return "batch"
+    return "raise" if new.max_queue > old.max_queue else "lower"
+
+
 def _units(spec: ModelSpec) -> int:
     """Intra-op threads a model holds: its instances x threads."""
     return spec.instances * (spec.threads or 1)
@@ -166,6 +227,8 @@ class Controller:
     :attr:`history` (for reports such as how long an SLO miss lasted). ``max_batch``,
     ``batch_delay_ms``: the batching a model at risk without it is given; ``max_batch_size``:
     the largest batch a model at risk whose calls are already full is moved up to (doubling).
+    ``judge``, ``tolerance``, ``tabu_s``: how a move is judged, and undone when it served less
+    (see the module documentation).
 
     Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
     ``step()`` yourself once per window."""
@@ -174,6 +237,7 @@ class Controller:
                  confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
                  capacity: int | None = None, headroom: float = 0.5, oversubscribe: float = 2.0,
                  max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
+                 judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
                  log: Callable[[Move], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, slo in slos.items():
@@ -184,6 +248,9 @@ class Controller:
             raise QuotaError("Controller: window_s must be > 0, dwell_s >= 0 and confirm >= 1")
         if not 0 < idle < target < hot <= 1.5 or not 0 < risk <= 1:
             raise QuotaError("Controller: need 0 < idle < target < hot and 0 < risk <= 1")
+        if judge < 1 or not 0 <= tolerance < 1 or not tabu_s >= 0:
+            raise QuotaError(f"Controller: need judge >= 1, 0 <= tolerance < 1 and tabu_s >= 0, got judge={judge!r}, "
+                             f"tolerance={tolerance!r}, tabu_s={tabu_s!r}")
         if not headroom > 0 or not oversubscribe >= 1:
             raise QuotaError(f"Controller: need headroom > 0 and oversubscribe >= 1, got headroom={headroom!r}, "
                              f"oversubscribe={oversubscribe!r}")
@@ -207,6 +274,9 @@ class Controller:
         self._last_move: dict[str, float] = {}
         self._full_queue: dict[str, int] = {}  # max_queue before the controller lowered it
         self._batch_tried: dict[str, set[int]] = {}  # batch sizes the controller moved a model to
+        self.judge, self.tolerance, self.tabu_s = judge, tolerance, tabu_s
+        self._trial: _Trial | None = None  # the last move, while it is judged
+        self._tabu: dict[tuple[str, str], float] = {}  # (model, kind of move) -> tried again from (s)
         self._last: RuntimeStats | None = None
         self._last_at = 0.0
         self.moves: list[Move] = []
@@ -250,7 +320,7 @@ class Controller:
         for name in idle:
             spec = specs[name]
             full = self._full_queue.get(name, spec.max_queue)
-            if spec.max_queue < full:
+            if spec.max_queue < full and self._open(name, "raise", now_s):
                 moves.append(self._move(now_s, name, dataclasses.replace(spec, max_queue=full),
                                         f"max_queue {spec.max_queue} -> {full}", "idle: admission restored"))
         if not at_risk:
@@ -267,9 +337,11 @@ class Controller:
         if (room is None and spec.isolation == "shared" and w.busy > self.hot and idle_cpus is not None
                 and idle_cpus >= self.headroom and used < self.oversubscribe * self.capacity):
             room = f"; {idle_cpus:.1f} of the pool's CPUs sat idle"
-        if room is not None and fits({**specs, name: grown}):
+        can_grow = self._open(name, "grow", now_s)
+        if can_grow and room is not None and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
-        donors = sorted((windows[d].busy, d) for d in idle if d != name and _shrunk(specs[d]) is not None)
+        donors = sorted((windows[d].busy, d) for d in idle
+                        if can_grow and d != name and _shrunk(specs[d]) is not None)
         for _, d in donors:
             ds = specs[d]
             shrunk = _shrunk(ds)
@@ -280,12 +352,13 @@ class Controller:
                     self._move(now_s, d, shrunk, _change(ds, shrunk),
                                f"idle (busy {windows[d].busy:.0%}): gives an instance to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
-        if spec.batching is None and self.max_batch > 1:
+        can_batch = self._open(name, "batch", now_s)
+        if can_batch and spec.batching is None and self.max_batch > 1:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
             return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
                                        why + "; no capacity to take: batch")]
         b = spec.batching
-        if (b is not None and w.busy > self.hot and w.mean_batch >= FULL_BATCHES * b.max_size
+        if (can_batch and b is not None and w.busy > self.hot and w.mean_batch >= FULL_BATCHES * b.max_size
                 and b.max_size * 2 <= self.max_batch_size and b.max_size * 2 not in self._batch_tried.get(name, ())):
             # Every call already full: a bigger batch serves more per instance (the call's fixed
             # cost shared by more requests). Tried once per size: a size that did not help is
@@ -306,14 +379,14 @@ class Controller:
         batch = spec.batching.max_size if spec.batching is not None else 1
         allowed = max(batch, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
         late = w.p99_ms > self.risk * slo
-        if late and spec.admission != "deadline" and allowed < spec.max_queue:
+        if late and spec.admission != "deadline" and allowed < spec.max_queue and self._open(name, "lower", now_s):
             self._full_queue.setdefault(name, spec.max_queue)
             lowered = dataclasses.replace(spec, max_queue=allowed)
             return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
                                        why + "; no capacity to take: refuse what would miss the SLO")]
         size = (queue_sizes or {}).get(name, self._full_queue.get(name, spec.max_queue))
         raised = min(allowed, RAISE_AT_MOST * spec.max_queue, size)
-        if not late and w.refused > 0 and raised > spec.max_queue:
+        if not late and w.refused > 0 and raised > spec.max_queue and self._open(name, "raise", now_s):
             wider = dataclasses.replace(spec, max_queue=raised)
             return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
                                        why + "; latency has room: admit what the SLO allows")]
@@ -368,6 +441,10 @@ class Controller:
         last = self._last_move.get(name)
         return last is None or now_s - last >= self.dwell_s
 
+    def _open(self, name: str, kind: str, now_s: float) -> bool:
+        """Whether a move of ``kind`` for ``name`` may be tried (not undone within ``tabu_s``)."""
+        return now_s >= self._tabu.get((name, kind), -math.inf)
+
     def _move(self, now_s: float, name: str, spec: ModelSpec, change: str, reason: str) -> Move:
         self._last_move[name] = now_s
         self._risk_streak[name] = 0
@@ -389,6 +466,18 @@ class Controller:
                    if n in stats and n in last}
         self.windows = windows
         self.history.append((now - self._t0, windows))
+        if self._trial is not None:
+            undo = self.verdict(windows, now - self._t0)
+            if undo is None:
+                return []  # still judging the last move: nothing else moves meanwhile
+            if undo:
+                try:
+                    self.rt.apply([u.spec for u in undo])
+                except (ApportionError, ValueError, RuntimeError) as e:
+                    self.errors.append(f"{now - self._t0:.1f}s: undoing {[u.change for u in undo]}: {e}")
+                    return []
+                self._record(undo)
+                return undo
         specs = {n: self.rt.spec(n) for n in windows}
         pool, busy_s = self._pool_busy_s()
         self.idle_cpus = None
@@ -404,6 +493,41 @@ class Controller:
         except (ApportionError, ValueError, RuntimeError) as e:
             self.errors.append(f"{now - self._t0:.1f}s: {e}")
             return []
+        self.trial(moves, specs, [w for _, w in self.history])
+        self._record(moves)
+        return moves
+
+    def trial(self, moves: list[Move], specs: Mapping[str, ModelSpec],
+              history: list[Mapping[str, Window]]) -> None:
+        """Opens the trial of ``moves`` (just applied; ``specs``: every model's spec before them),
+        judged against the last ``judge`` windows of ``history`` (oldest first)."""
+        self._trial = _Trial(moves=[(m, specs[m.model]) for m in moves], before=list(history[-self.judge:]))
+
+    def verdict(self, windows: Mapping[str, Window], now_s: float) -> list[Move] | None:
+        """Adds a window to the open trial (call once per window while one is open): None while
+        the trial goes on; then the trial closes and this returns the moves that undo it (the
+        moved models' old specs; each kind of move undone is not tried for that model for
+        ``tabu_s``), or an empty list when it stays: it served as large a share of the
+        arrivals as before it (within ``tolerance``), or the load itself moved (some model's
+        arrival rate by more than MIX_MOVED), which says nothing about the move. Pure, like
+        :meth:`decide`: applying the undo is the caller's."""
+        trial = self._trial
+        if trial is None:
+            return []
+        trial.after.append(windows)
+        if len(trial.after) < self.judge:
+            return None
+        self._trial = None
+        before, after = _served(trial.before), _served(trial.after)
+        if (before is None or after is None or after >= before * (1 - self.tolerance)
+                or _mix_moved(trial.before, trial.after)):
+            return []
+        why = f"served {after:.1%} of arrivals after it against {before:.1%} before"
+        for m, old in trial.moves:
+            self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
+        return [self._move(now_s, m.model, old, f"undone: {m.change}", why) for m, old in trial.moves]
+
+    def _record(self, moves: list[Move]) -> None:
         self.moves.extend(moves)
         for m in moves:
             if self._log is not None:
@@ -411,7 +535,6 @@ class Controller:
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
         self._pool, self._busy_s = self._pool_busy_s()
-        return moves
 
     def start(self) -> Controller:
         """Runs ``step()`` every ``window_s`` on a daemon thread until ``stop()``."""
@@ -457,6 +580,8 @@ class Controller:
             "at_risk_streak": dict(self._risk_streak),
             "idle_streak": dict(self._idle_streak),
             "moves": list(self.moves),
+            "judging": [m.change for m, _ in self._trial.moves] if self._trial is not None else [],
+            "tabu": {f"{n} {k}": until for (n, k), until in self._tabu.items()},
             "errors": list(self.errors),
         }
 

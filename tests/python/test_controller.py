@@ -275,7 +275,7 @@ def test_only_the_shared_pools_cpus_count_as_idle_time_for_shared_models() -> No
         assert c.idle_cpus is not None and c.idle_cpus <= 0.4, c.idle_cpus
 
 
-@pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}, {"headroom": 0},
+@pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}, {"headroom": 0}, {"judge": 0}, {"tolerance": 1.0}, {"tabu_s": -1.0},
                                 {"oversubscribe": 0.5}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
     with pytest.raises(QuotaError):
@@ -376,3 +376,94 @@ def test_a_move_that_fails_is_reported_and_the_model_keeps_serving() -> None:
         assert len(c.errors) == 1 and "no second instance here" in c.errors[0]
         assert c.moves == [] and rt.spec("m").instances == 1
         assert rt.call("m", 7) == 7
+
+
+def _risky_raise(c: Controller, specs: dict[str, ap.ModelSpec], t0: float) -> list[Any]:
+    """Two windows in which 'a' refuses requests with its latency well under its SLO: the
+    controller raises its admission bound (nothing else to take on a full machine)."""
+    w = {"a": win(p99=10.0, refused=20, busy=0.1), "b": win(p99=10.0, busy=0.5)}
+    c.decide(w, specs, t0)
+    return c.decide(w, specs, t0 + 1.0, queue_sizes={"a": 64, "b": 64})
+
+
+def test_a_move_after_which_less_of_the_arrivals_is_served_is_undone_and_not_tried_again_for_a_while() -> None:
+    c = controller(capacity=2, judge=2, tolerance=0.05, tabu_s=20.0)
+    specs = {"a": spec("a", 1, max_queue=8, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    moves = _risky_raise(c, specs, 0.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "max_queue 8 -> 25")]
+    before = [{"a": win(rate=100.0), "b": win(rate=100.0)}] * 2  # every arrival served
+    c.trial(moves, specs, before)
+    # After it: 'b' (sharing the CPUs) serves 60 of its 100 arrivals: 80% in all, against 100%.
+    worse = {"a": win(rate=100.0), "b": Window(1.0, 100, 60, 40, 30.0, 0.0, 5.0, 1.0, 1)}
+    assert c.verdict(worse, 2.0) is None, "judged over `judge` windows"
+    undo = c.verdict(worse, 3.0)
+    assert undo is not None and [(m.model, m.change) for m in undo] == [("a", "undone: max_queue 8 -> 25")]
+    assert undo[0].spec == specs["a"], "the model's spec before the move comes back"
+    assert "served 80.0% of arrivals after it against 100.0% before" in undo[0].reason
+    assert c.stats()["tabu"] == {"a raise": 23.0}
+    # The same kind of move is not tried again within tabu_s (a dwell of 5 s has passed).
+    assert _risky_raise(c, specs, 9.0) == []
+    # ... and is tried again after it.
+    assert [m.change for m in _risky_raise(c, specs, 24.0)] == ["max_queue 8 -> 25"]
+
+
+def test_a_move_that_serves_as_much_stays() -> None:
+    c = controller(capacity=2, judge=2, tolerance=0.05)
+    specs = {"a": spec("a", 1, max_queue=8, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    moves = _risky_raise(c, specs, 0.0)
+    c.trial(moves, specs, [{"a": Window(1.0, 100, 90, 10, 10.0, 0.0, 5.0, 1.0, 1), "b": win()}])
+    # 96% after against 95% before (within noise of it, or better): kept, nothing tabu.
+    after = {"a": Window(1.0, 100, 92, 8, 10.0, 0.0, 5.0, 1.0, 1), "b": win()}
+    assert c.verdict(after, 2.0) is None
+    assert c.verdict(after, 3.0) == []
+    assert c.stats()["tabu"] == {} and c.stats()["judging"] == []
+    assert c.verdict(after, 4.0) == [], "no trial open: nothing to judge"
+
+
+def test_with_growth_tabu_the_model_at_risk_gets_the_next_kind_of_move() -> None:
+    c = controller(judge=1, tolerance=0.01)
+    specs = {"a": spec("a", 1), "b": spec("b", 1)}
+    risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
+    c.decide(risky, specs, 1.0)
+    moves = c.decide(risky, specs, 2.0)
+    assert [m.change for m in moves] == ["instances 1 -> 2"]
+    c.trial(moves, specs, [{"a": win(), "b": win()}])
+    undo = c.verdict({"a": Window(1.0, 100, 50, 50, 45.0, 0.0, 5.0, 1.0, 2), "b": win()}, 3.0)
+    assert undo is not None and [m.change for m in undo] == ["undone: instances 1 -> 2"]
+    c.decide(risky, specs, 9.0)
+    assert [m.change for m in c.decide(risky, specs, 10.0)] == ["batching off -> 8"]
+
+
+def test_a_running_controller_makes_no_other_move_while_it_judges_one() -> None:
+    def slow(x: Any) -> Any:
+        time.sleep(0.002)
+        return x
+
+    with ap.Runtime() as rt:
+        rt.add_model("slow", model=slow)
+        rt.start()
+        # At risk in every window (an SLO below the compute time), no dwell, one window to confirm.
+        c = Controller(rt, {"slow": 1.0}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.05, judge=3)
+        c.step()
+        made: list[list[Any]] = []
+        for _ in range(8):
+            for i in range(5):
+                rt.call("slow", i)
+            made.append(c.step())
+        # One move, then three windows judged: no move in the first two; the third closes the
+        # trial (the share served did not fall: it stays) and decides again.
+        assert [len(m) for m in made[:4]] == [1, 0, 0, 1], [[x.change for x in m] for m in made]
+        assert [m.change for m in c.moves[:2]] == ["instances 1 -> 2", "instances 2 -> 3"]
+
+
+def test_a_trial_across_a_shift_of_the_load_keeps_the_move() -> None:
+    c = controller(judge=1, tolerance=0.01)
+    specs = {"a": spec("a", 1), "b": spec("b", 1)}
+    risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
+    c.decide(risky, specs, 1.0)
+    moves = c.decide(risky, specs, 2.0)
+    c.trial(moves, specs, [{"a": win(rate=100.0), "b": win(rate=100.0)}])
+    # 'a' now gets twice the requests and serves less of them: the load moved, not the move's doing.
+    shifted = {"a": Window(1.0, 200, 150, 50, 45.0, 0.0, 5.0, 1.0, 2), "b": win(rate=100.0)}
+    assert c.verdict(shifted, 3.0) == []
+    assert c.stats()["tabu"] == {}
