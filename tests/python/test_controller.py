@@ -420,14 +420,21 @@ def test_a_move_that_serves_as_much_stays() -> None:
     assert c.verdict(after, 4.0) == [], "no trial open: nothing to judge"
 
 
-def test_with_growth_tabu_the_model_at_risk_gets_the_next_kind_of_move() -> None:
-    c = controller(judge=1, tolerance=0.01)
+def _grow_a(c: Controller, before: dict[str, Window]) -> tuple[dict[str, ap.ModelSpec], dict[str, Window]]:
+    """Two windows with 'a' at risk: the controller gives it an instance of the free capacity,
+    and the move's trial opens against ``before``. Returns the specs before it and the window."""
     specs = {"a": spec("a", 1), "b": spec("b", 1)}
     risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
     c.decide(risky, specs, 1.0)
     moves = c.decide(risky, specs, 2.0)
     assert [m.change for m in moves] == ["instances 1 -> 2"]
-    c.trial(moves, specs, [{"a": win(), "b": win()}])
+    c.trial(moves, specs, [before])
+    return specs, risky
+
+
+def test_with_growth_tabu_the_model_at_risk_gets_the_next_kind_of_move() -> None:
+    c = controller(judge=1, tolerance=0.01)
+    specs, risky = _grow_a(c, {"a": win(), "b": win()})
     undo = c.verdict({"a": Window(1.0, 100, 50, 50, 45.0, 0.0, 5.0, 1.0, 2), "b": win()}, 3.0)
     assert undo is not None and [m.change for m in undo] == ["undone: instances 1 -> 2"]
     c.decide(risky, specs, 9.0)
@@ -458,11 +465,7 @@ def test_a_running_controller_makes_no_other_move_while_it_judges_one() -> None:
 
 def test_a_trial_across_a_shift_of_the_load_keeps_the_move() -> None:
     c = controller(judge=1, tolerance=0.01)
-    specs = {"a": spec("a", 1), "b": spec("b", 1)}
-    risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
-    c.decide(risky, specs, 1.0)
-    moves = c.decide(risky, specs, 2.0)
-    c.trial(moves, specs, [{"a": win(rate=100.0), "b": win(rate=100.0)}])
+    _grow_a(c, {"a": win(rate=100.0), "b": win(rate=100.0)})
     # 'a' now gets twice the requests and serves less of them: the load moved, not the move's doing.
     shifted = {"a": Window(1.0, 200, 150, 50, 45.0, 0.0, 5.0, 1.0, 2), "b": win(rate=100.0)}
     assert c.verdict(shifted, 3.0) == []
