@@ -341,7 +341,7 @@ class Controller:
         if can_grow and room is not None and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
         donors = sorted((windows[d].busy, d) for d in idle
-                        if can_grow and d != name and _shrunk(specs[d]) is not None)
+                        if d != name and _shrunk(specs[d]) is not None) if can_grow else []
         for _, d in donors:
             ds = specs[d]
             shrunk = _shrunk(ds)
@@ -471,13 +471,7 @@ class Controller:
             if undo is None:
                 return []  # still judging the last move: nothing else moves meanwhile
             if undo:
-                try:
-                    self.rt.apply([u.spec for u in undo])
-                except (ApportionError, ValueError, RuntimeError) as e:
-                    self.errors.append(f"{now - self._t0:.1f}s: undoing {[u.change for u in undo]}: {e}")
-                    return []
-                self._record(undo)
-                return undo
+                return undo if self._apply(undo, now, f"undoing {[u.change for u in undo]}: ") else []
         specs = {n: self.rt.spec(n) for n in windows}
         pool, busy_s = self._pool_busy_s()
         self.idle_cpus = None
@@ -486,15 +480,9 @@ class Controller:
         self._pool, self._busy_s = pool, busy_s
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows})
-        if not moves:
+        if not moves or not self._apply(moves, now):
             return []
-        try:
-            self.rt.apply([m.spec for m in moves])
-        except (ApportionError, ValueError, RuntimeError) as e:
-            self.errors.append(f"{now - self._t0:.1f}s: {e}")
-            return []
-        self.trial(moves, specs, [w for _, w in self.history])
-        self._record(moves)
+        self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
         return moves
 
     def trial(self, moves: list[Move], specs: Mapping[str, ModelSpec],
@@ -526,6 +514,17 @@ class Controller:
         for m, old in trial.moves:
             self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
         return [self._move(now_s, m.model, old, f"undone: {m.change}", why) for m, old in trial.moves]
+
+    def _apply(self, moves: list[Move], now: float, failing: str = "") -> bool:
+        """Applies ``moves`` to the runtime and records them; a failure is kept in ``errors``
+        (prefixed with ``failing``) and nothing is recorded. Returns whether they applied."""
+        try:
+            self.rt.apply([m.spec for m in moves])
+        except (ApportionError, ValueError, RuntimeError) as e:
+            self.errors.append(f"{now - self._t0:.1f}s: {failing}{e}")
+            return False
+        self._record(moves)
+        return True
 
     def _record(self, moves: list[Move]) -> None:
         self.moves.extend(moves)
