@@ -10,7 +10,9 @@ whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier th
 CPU time the shared pool's CPUs left idle (a shared-pool model whose instances are all busy while at
 least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
 count says nothing about the time the pool has left), or from a model that idles (busy below
-``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance); when
+``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance, or one
+core of its own: on an "os" shared pool that core goes to the pool, and the model serves from
+the pool beside the others; undone like any move when the models then serve less); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
@@ -176,6 +178,8 @@ def _mix_moved(before: list[Mapping[str, Window]], after: list[Mapping[str, Wind
 
 def _kind(old: ModelSpec, new: ModelSpec) -> str:
     """What a move changed, as its tabu key: "grow", "shrink", "batch", "raise" or "lower"."""
+    if (old.isolation == "exclusive") != (new.isolation == "exclusive"):
+        return "shrink" if old.isolation == "exclusive" else "grow"  # its cores to the pool, or back
     if _units(new) != _units(old):
         return "grow" if _units(new) > _units(old) else "shrink"
     if new.batching != old.batching:
@@ -196,11 +200,15 @@ def _grown(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, instances=spec.instances + 1, threads=1)
 
 
-def _shrunk(spec: ModelSpec) -> ModelSpec | None:
-    """One instance (or core) less; None when the model is down to one."""
+def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
+    """One instance (or core) less; None when the model is down to one. With ``release``, a
+    model down to one core of its own gives that core to the shared pool instead: it serves
+    from the pool with one instance."""
     if spec.isolation == "exclusive" and isinstance(spec.cores, int):
         if spec.cores <= 1:
-            return None
+            if not release:
+                return None
+            return dataclasses.replace(spec, isolation="shared", cores=None, instances=1, threads=1)
         n = spec.cores - 1
         return dataclasses.replace(spec, cores=n, instances=n, threads=1)
     if spec.instances <= 1:
@@ -209,6 +217,8 @@ def _shrunk(spec: ModelSpec) -> ModelSpec | None:
 
 
 def _change(old: ModelSpec, new: ModelSpec) -> str:
+    if old.isolation == "exclusive" and new.isolation == "shared":
+        return f"cores {old.cores} -> the shared pool"
     parts = [f"instances {old.instances} -> {new.instances}"]
     if old.cores != new.cores:
         parts.append(f"cores {old.cores} -> {new.cores}")
@@ -259,6 +269,10 @@ class Controller:
         self.window_s, self.dwell_s, self.confirm = window_s, dwell_s, confirm
         self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
         self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
+        self.release = getattr(rt, "shared_pool", "os") == "os"
+        """Whether an idle donor down to one core of its own may give that core to the shared
+        pool (moving to the pool itself): on an "os" pool; a scheduled pool's models cannot
+        change isolation while registered."""
         self.headroom, self.oversubscribe = headroom, oversubscribe
         self._pool: frozenset[int] = frozenset()  # the shared pool's CPUs at the last reading
         self._busy_s: float | None = None  # their busy seconds then
@@ -341,16 +355,17 @@ class Controller:
         if can_grow and room is not None and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
         donors = sorted((windows[d].busy, d) for d in idle
-                        if d != name and _shrunk(specs[d]) is not None) if can_grow else []
+                        if d != name and _shrunk(specs[d], self.release) is not None) if can_grow else []
         for _, d in donors:
             ds = specs[d]
-            shrunk = _shrunk(ds)
+            shrunk = _shrunk(ds, self.release)
             assert shrunk is not None
             if not fits({**specs, d: shrunk, name: grown}):
                 continue
+            gives = "its core to the shared pool" if shrunk.isolation != ds.isolation else "an instance"
             return [*moves,
                     self._move(now_s, d, shrunk, _change(ds, shrunk),
-                               f"idle (busy {windows[d].busy:.0%}): gives an instance to {name!r}"),
+                               f"idle (busy {windows[d].busy:.0%}): gives {gives} to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         can_batch = self._open(name, "batch", now_s)
         if can_batch and spec.batching is None and self.max_batch > 1:

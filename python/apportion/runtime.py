@@ -720,6 +720,11 @@ class Runtime(_core._Runtime):
         """Names of the registered models, sorted."""
         return self._model_names()
 
+    @property
+    def shared_pool(self) -> str:
+        """How shared models share the pool: "os" or "scheduled" (see the constructor)."""
+        return "scheduled" if self._scheduled else "os"
+
     # -- placement ----------------------------------------------------------------------------
     @property
     def topology(self) -> Topology:

@@ -3,6 +3,7 @@ beside a real runtime."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Any
@@ -347,11 +348,69 @@ def test_a_model_with_cores_of_its_own_grows_by_a_core_and_what_does_not_fit_is_
     assert seen and seen[0]["a"].cores == 2
 
 
-def test_a_donor_down_to_one_core_gives_nothing() -> None:
+def test_an_idle_donor_down_to_one_core_gives_it_to_the_shared_pool() -> None:
     c = controller(confirm=1, capacity=2)
+    specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive", max_queue=9)}
+    moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
+    assert [(m.model, m.change) for m in moves] == [("b", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
+    released = moves[0].spec
+    assert (released.isolation, released.cores, released.instances, released.max_queue) == ("shared", None, 1, 9)
+    assert "gives its core to the shared pool to 'a'" in moves[0].reason
+    assert "taken from 'b'" in moves[1].reason
+    # Judged like any move: undone, 'b' gets its core back and giving it is tabu for a while.
+    c.trial(moves, specs, [{"a": win(), "b": win()}])
+    c.judge = 1
+    undo = c.verdict({"a": win(), "b": Window(1.0, 100, 50, 50, 90.0, 0.0, 5.0, 1.0, 1)}, 1.0)
+    assert undo is not None and [(m.model, m.spec) for m in undo] == [("b", specs["b"]), ("a", specs["a"])]
+    assert c.stats()["tabu"] == {"b shrink": 31.0, "a grow": 31.0}
+
+
+def test_a_donor_down_to_one_core_gives_nothing_on_a_scheduled_pool() -> None:
+    with ap.Runtime(shared_pool="scheduled") as rt:
+        c = Controller(rt, {"a": 50.0, "b": 50.0}, capacity=2, confirm=1)
+    assert (rt.shared_pool, c.release) == ("scheduled", False)
     specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
     moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
     assert [m.change for m in moves] == ["batching off -> 8"]
+    with ap.Runtime() as rt:
+        assert (rt.shared_pool, Controller(rt, {"a": 50.0}).release) == ("os", True)
+
+
+def test_a_core_given_to_the_pool_moves_live_and_loses_nothing() -> None:
+    # 'b' holds a core of its own and idles; 'a' serves from the shared pool and is at risk.
+    # One step: 'b' moves to the pool, 'a' grows into it; every request completes once.
+    block = bytes(64 << 10)
+
+    def factory(ctx: ap.InstanceContext) -> Any:
+        def run(x: Any) -> Any:
+            if ctx.model == "b":
+                time.sleep(0.001)
+                return x
+            end = time.perf_counter() + 0.001
+            while time.perf_counter() < end:  # CPU, not sleep (the pool's CPU has no idle time),
+                hashlib.sha256(block).digest()  # and without the GIL ('b' runs meanwhile)
+            return x
+
+        return run
+
+    rt = ap.Runtime(cpus=[0, 1])
+    rt.add_model("a", factory=factory, max_queue=512)
+    rt.add_model("b", factory=factory, cores=1, isolation="exclusive")
+    with rt:
+        core_b = rt.plan()["b"].instances[0].cpus
+        c = Controller(rt, {"a": 1.0, "b": 1000.0}, capacity=2, confirm=1, dwell_s=0.0)
+        c.step()
+        futs = [rt.submit("a", i) for i in range(200)] + [rt.submit("b", -1)]
+        futs[-1].result(10)
+        time.sleep(0.05)  # a window in which 'b' idles (its one call: ~1 ms of 50)
+        moves = c.step()
+        assert [(m.model, m.change) for m in moves] == [("b", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
+        assert rt.spec("b").isolation == "shared" and rt.spec("a").instances == 2
+        assert rt.plan().shared_pool == (0, 1) and core_b[0] in rt.plan()["a"].instances[0].cpus
+        assert [f.result(10) for f in futs[:200]] == list(range(200))
+        assert rt.call("b", 5) == 5
+        stats = rt.stats()
+        assert stats["a"].completed == 200 and stats["a"].failed == stats["a"].expired == 0
 
 
 def test_a_move_that_fails_is_reported_and_the_model_keeps_serving() -> None:
