@@ -72,10 +72,23 @@ class Row:
     error: str | None = None
 
 
+def _ephemeral_low() -> int:
+    """The first port of the range the kernel picks from for a bind to port 0."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base(n: int = 3) -> int:
-    """A port p with p..p+n-1 free on 127.0.0.1 (Triton takes HTTP, gRPC and metrics)."""
+    """A port p with p..p+n-1 free on 127.0.0.1 (Triton takes HTTP, gRPC and metrics).
+
+    Below the kernel's range for port 0 and above Ray's worker ports (10002-19999): Ray's own
+    processes bind port 0 after this check, and one of them once took the port picked here
+    for Ray Serve's HTTP proxy (the client read an HTTP/2 SETTINGS frame)."""
+    high = min(40000, _ephemeral_low()) - n
     for _ in range(200):
-        base = random.randrange(20000, 40000)
+        base = random.randrange(20000, high)
         socks = []
         try:
             for i in range(n):
