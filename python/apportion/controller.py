@@ -26,8 +26,8 @@ gives admission back first. A model that moved waits ``dwell_s`` before it moves
 Every move is a trial. Models share CPUs (a shared pool, its priority classes), so capacity a
 model gains can come out of another's: a higher class admitted more starves a lower one. For
 the ``judge`` windows after a move the controller makes no other; then it compares the share
-of the arrivals its models served (completed / arrived, all models with an SLO together) with
-the share over as many windows before the move. When that share fell by more than
+of the arrivals its models served within their SLOs (all models with an SLO together) with the
+share over as many windows before the move. When that share fell by more than
 ``tolerance`` (relative), the move is undone (the moved models get their old specs back,
 logged as a move of its own) and the same kind of move (more instances, a bigger batch or
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
@@ -81,6 +81,9 @@ class Window:
     """Mean compute time per request (a batch's call time, recorded for each of its requests)."""
     mean_batch: float
     instances: int
+    good: int | None = None
+    """Completed within the model's SLO (from the end-to-end histogram's buckets); None when
+    not known (no SLO given)."""
 
     @property
     def rate(self) -> float:
@@ -104,21 +107,43 @@ class Window:
         return max(1, math.ceil(self.rate * self.cost_s / target)) if self.arrivals else 1
 
     @classmethod
-    def between(cls, before: ModelStats, after: ModelStats, seconds: float) -> Window:
-        """The window from two ``rt.stats()`` readings of one model."""
+    def between(cls, before: ModelStats, after: ModelStats, seconds: float, slo_ms: float | None = None) -> Window:
+        """The window from two ``rt.stats()`` readings of one model; with ``slo_ms``, also how
+        many completed within it."""
         done = after.completed - before.completed
         batches = after.batches - before.batches
+        e2e = after.end_to_end.since(before.end_to_end)
+        good = None
+        if slo_ms is not None and e2e.histogram is not None:
+            good = min(done, within(e2e.histogram, slo_ms * 1e6))
         return cls(
             seconds=seconds,
             arrivals=after.submitted - before.submitted,
             completed=done,
             refused=(after.rejected - before.rejected) + (after.expired - before.expired),
-            p99_ms=after.end_to_end.since(before.end_to_end).p99_ms,
+            p99_ms=e2e.p99_ms,
             queue_wait_p99_ms=after.queue_wait.since(before.queue_wait).p99_ms,
             compute_ms=after.compute.since(before.compute).mean_ms,
             mean_batch=done / batches if batches > 0 else 1.0,
             instances=after.instances,
+            good=good,
         )
+
+
+def within(hist: Any, limit: float) -> int:
+    """Values of a histogram snapshot at or below ``limit`` (in its unit): every bucket whose
+    upper bound is at or below it, and of the bucket it falls in the share of its width below
+    it (values spread evenly within a bucket)."""
+    total, lower = 0.0, 0
+    for upper, n in zip(hist.upper_bounds, hist.counts):
+        if upper <= limit:
+            total += n
+        else:
+            if n and limit > lower:
+                total += n * (limit - lower) / (upper - lower)
+            break
+        lower = upper
+    return int(round(total))
 
 
 @dataclass(frozen=True)
@@ -145,10 +170,13 @@ class _Trial:
 
 
 def _served(windows: list[Mapping[str, Window]]) -> float | None:
-    """Completed / arrived over ``windows``, all models together (None: no arrivals). Against
-    the arrivals, not per second: Poisson noise in the offered rate does not judge a move."""
+    """Completed within the SLO / arrived over ``windows``, all models together (None: no
+    arrivals; a window that does not know how many met the SLO counts its completions).
+    Against the arrivals, not per second: Poisson noise in the offered rate does not judge a
+    move."""
     arrived = sum(w.arrivals for ws in windows for w in ws.values())
-    return sum(w.completed for ws in windows for w in ws.values()) / arrived if arrived else None
+    good = sum(w.completed if w.good is None else w.good for ws in windows for w in ws.values())
+    return good / arrived if arrived else None
 
 
 MIX_MOVED = 0.25
@@ -477,7 +505,7 @@ class Controller:
         if last is None:
             self._pool, self._busy_s = self._pool_busy_s()
             return []
-        windows = {n: Window.between(last[n], stats[n], now - last_at) for n in self.slos
+        windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n]) for n in self.slos
                    if n in stats and n in last}
         self.windows = windows
         self.history.append((now - self._t0, windows))
@@ -525,7 +553,7 @@ class Controller:
         if (before is None or after is None or after >= before * (1 - self.tolerance)
                 or _mix_moved(trial.before, trial.after)):
             return []
-        why = f"served {after:.1%} of arrivals after it against {before:.1%} before"
+        why = f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
         for m, old in trial.moves:
             self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
         return [self._move(now_s, m.model, old, f"undone: {m.change}", why) for m, old in trial.moves]

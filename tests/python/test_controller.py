@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import apportion as ap
-from apportion.controller import Controller, Window
+from apportion.controller import Controller, Window, within
 from apportion.errors import QuotaError
 
 
@@ -40,6 +40,26 @@ def test_window_figures() -> None:
     assert w.busy == pytest.approx(0.5)
     assert w.needed(0.5) == 2
     assert Window(1.0, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 1).needed(0.7) == 1
+
+
+def test_a_window_counts_the_completions_within_the_slo_from_the_histogram() -> None:
+    def model(ms: float) -> float:
+        time.sleep(ms / 1e3)
+        return ms
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=model)
+        rt.start()
+        before = rt.stats()["m"]
+        for ms in [1.0] * 10 + [30.0] * 5:
+            rt.call("m", ms)
+        after = rt.stats()["m"]
+    hist = after.end_to_end.since(before.end_to_end).histogram
+    assert hist is not None
+    assert (within(hist, 0), within(hist, 15e6), within(hist, 1e9)) == (0, 10, 15)
+    w = Window.between(before, after, 1.0, slo_ms=15.0)
+    assert (w.completed, w.good) == (15, 10)
+    assert Window.between(before, after, 1.0).good is None, "no SLO: not known"
 
 
 def test_a_model_at_risk_for_confirm_windows_grows_into_free_capacity() -> None:
@@ -458,12 +478,24 @@ def test_a_move_after_which_less_of_the_arrivals_is_served_is_undone_and_not_tri
     undo = c.verdict(worse, 3.0)
     assert undo is not None and [(m.model, m.change) for m in undo] == [("a", "undone: max_queue 8 -> 25")]
     assert undo[0].spec == specs["a"], "the model's spec before the move comes back"
-    assert "served 80.0% of arrivals after it against 100.0% before" in undo[0].reason
+    assert "served 80.0% of arrivals within SLO after it against 100.0% before" in undo[0].reason
     assert c.stats()["tabu"] == {"a raise": 23.0}
     # The same kind of move is not tried again within tabu_s (a dwell of 5 s has passed).
     assert _risky_raise(c, specs, 9.0) == []
     # ... and is tried again after it.
     assert [m.change for m in _risky_raise(c, specs, 24.0)] == ["max_queue 8 -> 25"]
+
+
+def test_a_move_after_which_as_many_complete_but_fewer_within_the_slo_is_undone() -> None:
+    c = controller(capacity=2, judge=1)
+    specs = {"a": spec("a", 1, max_queue=8, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    moves = _risky_raise(c, specs, 0.0)
+    c.trial(moves, specs, [{"a": win(rate=100.0), "b": win(rate=100.0)}])
+    # 'b' completes all 100 of its arrivals after the move, but only 50 within its SLO.
+    late = {"a": win(rate=100.0), "b": Window(1.0, 100, 100, 0, 90.0, 0.0, 5.0, 1.0, 1, good=50)}
+    undo = c.verdict(late, 2.0)
+    assert undo is not None and [m.change for m in undo] == ["undone: max_queue 8 -> 25"]
+    assert "served 75.0% of arrivals within SLO after it against 100.0% before" in undo[0].reason
 
 
 def test_a_move_that_serves_as_much_stays() -> None:
