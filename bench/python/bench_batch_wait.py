@@ -2,10 +2,13 @@
 per instance, two instances) served without batching and with Batching(16, 2 ms), N closed-loop
 clients calling rt.call, in one run.
 
-    python bench/python/bench_batch_wait.py [--clients 1,8] [--seconds 3] [--label new]
+    python bench/python/bench_batch_wait.py [--clients 1,8] [--seconds 3] [--rounds 1] [--label new]
 
 Prints req/s and p50/p99 (ms) per configuration and the batching/no-batching throughput ratio.
-Run it with two builds (PYTHONPATH=<checkout>/python) to compare them.
+With ``--rounds N`` each client count is measured N times, the order of the two
+configurations alternating from round to round (a runtime started later in the process is not
+always the one with batching), then the median ratio and p50s. Run it with two builds
+(PYTHONPATH=<checkout>/python) to compare them.
 """
 
 from __future__ import annotations
@@ -66,14 +69,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="1,8")
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=1, help="measurements per client count, order alternating")
     p.add_argument("--label", default="")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     for n in (int(c) for c in args.clients.split(",")):
-        plain = run(None, n, args.seconds)
-        batched = run(ap.Batching(16, 2.0), n, args.seconds)
-        print(f"{args.label} clients={n}: no batching {plain[0]:7.0f} req/s p50 {plain[1]:.2f} p99 {plain[2]:.2f} ms | "
-              f"Batching(16, 2 ms) {batched[0]:7.0f} req/s p50 {batched[1]:.2f} p99 {batched[2]:.2f} ms | "
-              f"ratio {batched[0] / plain[0]:.2f}x", flush=True)
+        ratios, p50s = [], []
+        for r in range(args.rounds):
+            first_plain = r % 2 == 0
+            got = {}
+            for batching in ((None, ap.Batching(16, 2.0)) if first_plain else (ap.Batching(16, 2.0), None)):
+                got[batching is not None] = run(batching, n, args.seconds)
+            plain, batched = got[False], got[True]
+            ratios.append(batched[0] / plain[0])
+            p50s.append((plain[1], batched[1]))
+            print(f"{args.label} clients={n}: no batching {plain[0]:7.0f} req/s p50 {plain[1]:.2f} p99 {plain[2]:.2f} ms | "
+                  f"Batching(16, 2 ms) {batched[0]:7.0f} req/s p50 {batched[1]:.2f} p99 {batched[2]:.2f} ms | "
+                  f"ratio {ratios[-1]:.2f}x ({'no batching' if first_plain else 'batching'} first)", flush=True)
+        if args.rounds > 1:
+            print(f"{args.label} clients={n}: median over {args.rounds} rounds: ratio {statistics.median(ratios):.2f}x, "
+                  f"p50 {statistics.median(a for a, _ in p50s):.2f} -> {statistics.median(b for _, b in p50s):.2f} ms",
+                  flush=True)
     return 0
 
 
