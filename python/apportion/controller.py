@@ -234,9 +234,12 @@ def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
     from the pool with one instance."""
     if spec.isolation == "exclusive" and isinstance(spec.cores, int):
         if spec.cores <= 1:
-            if not release:
+            if not release or spec.burst:  # burst instances: exclusive only, and never moved live
                 return None
-            return dataclasses.replace(spec, isolation="shared", cores=None, instances=1, threads=1)
+            try:
+                return dataclasses.replace(spec, isolation="shared", cores=None, instances=1, threads=1)
+            except QuotaError:  # a setting that only an exclusive model may have
+                return None
         n = spec.cores - 1
         return dataclasses.replace(spec, cores=n, instances=n, threads=1)
     if spec.instances <= 1:

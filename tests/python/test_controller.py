@@ -385,6 +385,13 @@ def test_an_idle_donor_down_to_one_core_gives_it_to_the_shared_pool() -> None:
     assert c.stats()["tabu"] == {"b shrink": 31.0, "a grow": 31.0}
 
 
+def test_a_donor_with_burst_instances_keeps_its_core() -> None:
+    c = controller(confirm=1, capacity=2)
+    specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive", burst=True)}
+    moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
+    assert [m.change for m in moves] == ["batching off -> 8"]
+
+
 def test_a_donor_down_to_one_core_gives_nothing_on_a_scheduled_pool() -> None:
     with ap.Runtime(shared_pool="scheduled") as rt:
         c = Controller(rt, {"a": 50.0, "b": 50.0}, capacity=2, confirm=1)
