@@ -76,10 +76,11 @@ def main() -> int:
         p.error("--rounds must be >= 1")
     for n in (int(c) for c in args.clients.split(",")):
         ratios, p50s = [], []
+        pair = (None, ap.Batching(16, 2.0))
         for r in range(args.rounds):
             first_plain = r % 2 == 0
             got = {}
-            for batching in ((None, ap.Batching(16, 2.0)) if first_plain else (ap.Batching(16, 2.0), None)):
+            for batching in (pair if first_plain else pair[::-1]):
                 got[batching is not None] = run(batching, n, args.seconds)
             plain, batched = got[False], got[True]
             ratios.append(batched[0] / plain[0])

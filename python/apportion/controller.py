@@ -54,7 +54,7 @@ from ._private.cputime import cpus_busy_s
 from .batching import Batching
 from .errors import ApportionError, QuotaError
 from .spec import ModelSpec
-from .stats import ModelStats, RuntimeStats
+from .stats import HistogramSnapshot, ModelStats, RuntimeStats
 
 __all__ = ["Controller", "Move", "Window"]
 
@@ -130,7 +130,7 @@ class Window:
         )
 
 
-def within(hist: Any, limit: float) -> int:
+def within(hist: HistogramSnapshot, limit: float) -> int:
     """Values of a histogram snapshot at or below ``limit`` (in its unit): every bucket whose
     upper bound is at or below it, and of the bucket it falls in the share of its width below
     it (values spread evenly within a bucket)."""
@@ -234,11 +234,11 @@ def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
     from the pool with one instance."""
     if spec.isolation == "exclusive" and isinstance(spec.cores, int):
         if spec.cores <= 1:
-            if not release or spec.burst:  # burst instances: exclusive only, and never moved live
+            if not release:
                 return None
             try:
                 return dataclasses.replace(spec, isolation="shared", cores=None, instances=1, threads=1)
-            except QuotaError:  # a setting that only an exclusive model may have
+            except QuotaError:  # a setting only an exclusive model may have, such as burst instances
                 return None
         n = spec.cores - 1
         return dataclasses.replace(spec, cores=n, instances=n, threads=1)
