@@ -40,37 +40,55 @@ TEST(EventCount, NotifyWithoutSleepersIssuesNothing) {
 
 TEST(EventCount, NotifySkipsSleepersThatAlreadyHaveAWakeUp) {
   EventCount ec;
-  (void)ec.prepare_wait();
-  (void)ec.prepare_wait();
+  EventCount::Waiter a, b;
+  const auto ta = ec.prepare_wait(a);
+  const auto tb = ec.prepare_wait(b);
   EXPECT_EQ(ec.sleepers(), 2u);
   EXPECT_EQ(ec.notify(5), 2u) << "no more wake-ups than sleepers";
   EXPECT_EQ(ec.wakeups_in_flight(), 2u);
   EXPECT_EQ(ec.notify(1), 0u) << "both sleepers have a wake-up on its way: no syscall";
-  ec.cancel_wait();
+  ec.cancel_wait(ta);
   EXPECT_EQ(ec.sleepers(), 1u);
-  EXPECT_EQ(ec.wakeups_in_flight(), 1u) << "a leaving sleeper takes one wake-up with it";
-  ec.cancel_wait();
+  EXPECT_EQ(ec.wakeups_in_flight(), 1u) << "a leaving sleeper takes its wake-up with it";
+  ec.cancel_wait(tb);
   EXPECT_EQ(ec.sleepers(), 0u);
   EXPECT_EQ(ec.wakeups_in_flight(), 0u);
 }
 
-TEST(EventCount, NotifyWakesOnlyAsManyAsAsked) {
+TEST(EventCount, NotifyWakesOnlyAsManyAsAskedTheLastAnnouncedFirst) {
   EventCount ec;
-  for (int i = 0; i < 3; ++i) (void)ec.prepare_wait();
+  EventCount::Waiter w[3];
+  EventCount::Ticket t[3];
+  for (int i = 0; i < 3; ++i) t[i] = ec.prepare_wait(w[i]);
   EXPECT_EQ(ec.notify(1), 1u);
+  EXPECT_NE(w[2].word.load(), t[2].word) << "the sleeper announced last is woken first";
+  EXPECT_EQ(w[1].word.load(), t[1].word);
   EXPECT_EQ(ec.notify(1), 1u);
+  EXPECT_NE(w[1].word.load(), t[1].word);
+  EXPECT_EQ(w[0].word.load(), t[0].word) << "the oldest sleeper is not woken by two notifies";
   EXPECT_EQ(ec.wakeups_in_flight(), 2u);
-  for (int i = 0; i < 3; ++i) ec.cancel_wait();
+  for (int i = 0; i < 3; ++i) ec.cancel_wait(t[i]);
   EXPECT_EQ(ec.sleepers(), 0u);
   EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+  // Left from the middle of the stack: the others stay linked, and the next wake-up finds them.
+  for (int i = 0; i < 3; ++i) t[i] = ec.prepare_wait(w[i]);
+  ec.cancel_wait(t[1]);
+  EXPECT_EQ(ec.notify(2), 2u);
+  EXPECT_NE(w[2].word.load(), t[2].word);
+  EXPECT_NE(w[0].word.load(), t[0].word);
+  ec.cancel_wait(t[0]);
+  ec.cancel_wait(t[2]);
+  EXPECT_EQ(ec.sleepers(), 0u);
+  EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+  EXPECT_EQ(ec.notify(1), 0u) << "nobody left on the stack";
 }
 
 TEST(EventCount, AWaitAfterANotifyReturnsAtOnce) {
-  // The ticket is the epoch read before announcing: a notify between prepare_wait and wait
+  // The ticket is the waiter's word read before announcing: a notify between prepare_wait and wait
   // changes it, so the wait does not sleep (it would hang here otherwise: no one wakes it).
   guarded(30s, [] {
     EventCount ec;
-    const uint32_t ticket = ec.prepare_wait();
+    const EventCount::Ticket ticket = ec.prepare_wait();
     EXPECT_EQ(ec.notify(1), 1u);
     ec.wait(ticket, -1);
     EXPECT_EQ(ec.sleepers(), 0u);
@@ -104,6 +122,149 @@ TEST(EventCount, AParkedWaiterIsWokenByNotify) {
     EXPECT_EQ(items.load(), 0u);
     EXPECT_EQ(ec.sleepers(), 0u);
     EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+  });
+}
+#endif
+
+#if defined(__linux__)
+TEST(EventCount, TheWorkerThatParkedLastIsWokenFirst) {
+  // Three threads park one after another; one item and one notify: the last to park takes it,
+  // then the next item goes to the one that parked before it (the first is never woken).
+  guarded(30s, [] {
+    EventCount ec;
+    std::atomic<uint64_t> items{0};
+    std::atomic<bool> stop{false};
+    std::atomic<int> tids[3] = {0, 0, 0};
+    std::atomic<int> got[3] = {0, 0, 0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 3; ++i) {
+      threads.emplace_back([&, i] {
+        tids[i] = apportion::testing::this_tid();
+        const auto check = [&] { return take_one(items); };
+        while (ec.await(0, -1, check, check, [] { return false; },
+                        [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
+          got[i].fetch_add(1);
+        }
+      });
+      // Parked before the next one starts: the stack's order is the start order.
+      while (tids[i].load() == 0 || ec.sleepers() != static_cast<uint32_t>(i + 1) ||
+             !apportion::testing::is_sleeping(tids[i].load())) {
+        std::this_thread::sleep_for(1ms);
+      }
+    }
+    items.fetch_add(1, std::memory_order_seq_cst);
+    EXPECT_EQ(ec.notify(1), 1u);
+    // Back on the stack (on top again) once it took the item.
+    while (got[2].load() != 1 || ec.sleepers() != 3 || !apportion::testing::is_sleeping(tids[2].load())) {
+      std::this_thread::sleep_for(1ms);
+    }
+    EXPECT_EQ(got[0].load() + got[1].load(), 0) << "only the thread that parked last was woken";
+    items.fetch_add(1, std::memory_order_seq_cst);
+    EXPECT_EQ(ec.notify(1), 1u);
+    while (got[2].load() != 2) std::this_thread::sleep_for(1ms);
+    EXPECT_EQ(got[0].load() + got[1].load(), 0) << "the warm thread, parked last again, took the next";
+    stop.store(true, std::memory_order_release);
+    ec.notify_all();
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(items.load(), 0u);
+    EXPECT_EQ(ec.sleepers(), 0u);
+    EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+  });
+}
+#endif
+
+#if defined(__linux__)
+TEST(EventCount, AWakeUpMeantForOtherWorkIsPassedOnByAWaiterThatFoundWork) {
+  // X is announced and looking (its check is held open here) when R1 is pushed and notify(1)
+  // picks X, the sleeper on top; X's look then takes R0, which was there before. The wake-up
+  // was R1's: X passes it on to Y, parked below it, which takes R1. Kept, it would leave R1
+  // queued with Y asleep (the guard turns that into a failure).
+  guarded(30s, [] {
+    EventCount ec;
+    std::atomic<uint64_t> items{0};
+    std::atomic<int> y_tid{0}, y_got{0};
+    std::atomic<bool> x_looking{false}, go{false};
+    std::thread y([&] {
+      y_tid = apportion::testing::this_tid();
+      const auto check = [&] { return take_one(items); };
+      EXPECT_EQ(ec.await(0, -1, check, check, [] { return false; }, [] { return false; }), Wait::ready);
+      y_got = 1;
+    });
+    while (y_tid.load() == 0 || ec.sleepers() != 1 || !apportion::testing::is_sleeping(y_tid.load())) {
+      std::this_thread::sleep_for(1ms);
+    }
+    items.store(1, std::memory_order_seq_cst);  // R0
+    std::thread x([&] {
+      int looks = 0;
+      const auto check = [&] {
+        if (looks++ == 0) {  // announced, on top of Y: hold the first look open
+          x_looking = true;
+          while (!go.load()) std::this_thread::yield();
+        }
+        return take_one(items);
+      };
+      EXPECT_EQ(ec.await(0, -1, [] { return false; }, check, [] { return false; }, [] { return false; }),
+                Wait::ready);
+    });
+    while (!x_looking.load()) std::this_thread::yield();
+    items.fetch_add(1, std::memory_order_seq_cst);  // R1
+    EXPECT_EQ(ec.notify(1), 1u) << "X, on top, is picked";
+    EXPECT_EQ(y_got.load(), 0);
+    go = true;
+    x.join();
+    y.join();
+    EXPECT_EQ(y_got.load(), 1);
+    EXPECT_EQ(items.load(), 0u);
+    EXPECT_EQ(ec.sleepers(), 0u);
+    EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+  });
+}
+
+TEST(EventCount, AClosedLoopOfFourKeepsFourSpinningWaitersServed) {
+  // Four consumers that spin before they park serve items that only complete four at a time
+  // (a barrier), and a producer that keeps four outstanding: every item must find a consumer,
+  // or the other three wait at the barrier for good (the guard fires).
+  guarded(60s, [] {
+    constexpr int kConsumers = 4;
+    const int64_t run_ns = kSanitized ? 300'000'000 : 1'000'000'000;
+    EventCount ec;
+    std::atomic<uint64_t> items{0}, done{0}, round{0};
+    std::atomic<int> inside{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    for (int c = 0; c < kConsumers; ++c) {
+      threads.emplace_back([&] {
+        const auto check = [&] { return take_one(items); };
+        while (ec.await(50'000, -1, check, check, [] { return false; },
+                        [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
+          const uint64_t r = round.load();
+          if (inside.fetch_add(1) + 1 == kConsumers) {
+            inside.store(0);
+            round.fetch_add(1);
+          } else {
+            while (round.load() == r && !stop.load()) std::this_thread::yield();
+          }
+          done.fetch_add(1);
+        }
+      });
+    }
+    uint64_t sent = 0;
+    const int64_t until = now_ns() + run_ns;
+    while (now_ns() < until) {
+      while (sent - done.load() < kConsumers) {
+        items.fetch_add(1, std::memory_order_seq_cst);
+        ec.notify(1);
+        ++sent;
+      }
+      std::this_thread::yield();
+    }
+    while (done.load() != sent) std::this_thread::sleep_for(1ms);  // the last round completes
+    stop.store(true, std::memory_order_release);
+    ec.notify_all();
+    for (auto& t : threads) t.join();
+    EXPECT_GE(done.load(), static_cast<uint64_t>(kConsumers));
+    EXPECT_EQ(items.load(), 0u);
+    EXPECT_EQ(ec.sleepers(), 0u);
   });
 }
 #endif

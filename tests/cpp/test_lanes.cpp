@@ -624,8 +624,9 @@ TEST_F(EngineLanes, LaneSetWakesItsOwnGroupFirstThenTheOthers) {
   LaneSet ls;
   ls.build(3, 1, 4, 0);
   // Announced sleepers (not parked: wake-ups are counted, the futex finds nobody).
-  (void)ls.idle(1).prepare_wait();
-  (void)ls.idle(2).prepare_wait();
+  apportion::EventCount::Waiter w1, w2;
+  const auto t1 = ls.idle(1).prepare_wait(w1);
+  const auto t2 = ls.idle(2).prepare_wait(w2);
   ls.wake(1, 1);
   EXPECT_EQ(ls.idle(1).wakeups_in_flight(), 1u) << "the pushed-to group's sleeper first";
   EXPECT_EQ(ls.idle(2).wakeups_in_flight(), 0u);
@@ -636,8 +637,8 @@ TEST_F(EngineLanes, LaneSetWakesItsOwnGroupFirstThenTheOthers) {
                 ls.idle(2).wakeups_in_flight(),
             2u)
       << "nobody left to wake";
-  ls.idle(1).cancel_wait();
-  ls.idle(2).cancel_wait();
+  ls.idle(1).cancel_wait(t1);
+  ls.idle(2).cancel_wait(t2);
   EXPECT_EQ(ls.idle(1).sleepers() + ls.idle(2).sleepers(), 0u);
   EXPECT_EQ(&ls.idle(LaneSet::kNoGroup), &ls.idle(0));
 }
