@@ -76,18 +76,28 @@ class alignas(kCacheLine) EventCount {
     uint32_t word;  // the waiter's word before it announced itself
   };
 
-  /// Announces `w` (the calling thread's by default) as a sleeper, on top of the stack, and
-  /// returns the ticket to park with. Follow it with exactly one wait() or cancel_wait().
-  Ticket prepare_wait(Waiter& w = this_thread()) noexcept {
+  /// Announces `w` (the calling thread's by default) as a sleeper and returns the ticket to
+  /// park with: on top of the stack, or at its bottom when `cold` (a waiter that was woken and
+  /// found nothing to take has not worked since it last parked: the sleepers above it worked
+  /// more recently, and stay first in line). Follow it with exactly one wait() or cancel_wait().
+  Ticket prepare_wait(Waiter& w = this_thread(), bool cold = false) noexcept {
     // Read before announcing: a wake-up issued from here on changes the word, and the wait
     // does not sleep through it.
     const uint32_t word = w.word.load(std::memory_order_acquire);
     count_.fetch_add(kOneSleeper, std::memory_order_seq_cst);
     std::lock_guard<std::mutex> g(lock_);
-    w.older = top_;
-    w.newer = nullptr;
-    if (top_ != nullptr) top_->newer = &w;
-    top_ = &w;
+    if (cold && bottom_ != nullptr) {
+      w.newer = bottom_;
+      w.older = nullptr;
+      bottom_->older = &w;
+      bottom_ = &w;
+    } else {
+      w.older = top_;
+      w.newer = nullptr;
+      if (top_ != nullptr) top_->newer = &w;
+      top_ = &w;
+      if (bottom_ == nullptr) bottom_ = &w;
+    }
     w.state.store(Waiter::listed, std::memory_order_relaxed);
     return {&w, word};
   }
@@ -160,9 +170,10 @@ class alignas(kCacheLine) EventCount {
         if (spin_check()) return Wait::ready;
       } while (now_ns() < spin_until && !stopping());
     }
+    bool parked = false;  // it parked, and woke (or timed out): if it finds nothing, it is cold
     for (;;) {
       if (stopping()) return check() ? Wait::ready : Wait::stopped;
-      const Ticket ticket = prepare_wait();
+      const Ticket ticket = prepare_wait(this_thread(), parked);
       if (check()) {
         // What it took was there before any wake-up addressed to it: one that came meanwhile
         // is for other work, and the sleeper it goes to now is the one that takes that.
@@ -180,6 +191,7 @@ class alignas(kCacheLine) EventCount {
       }
       if (!on_its_way && !stopping()) {
         wait(ticket, remaining);
+        parked = true;
       } else {
         (void)cancel_wait(ticket);  // kept: it looks again before it takes anything
       }
@@ -203,6 +215,7 @@ class alignas(kCacheLine) EventCount {
         Waiter* w = top_;
         top_ = w->older;
         if (top_ != nullptr) top_->newer = nullptr;
+        if (bottom_ == w) bottom_ = nullptr;
         w->older = w->newer = nullptr;
         // `waking` until its syscall is made: until then it may not leave (its thread could
         // end, and the syscall would name a word that is gone).
@@ -229,6 +242,7 @@ class alignas(kCacheLine) EventCount {
         if (w.older != nullptr) w.older->newer = w.newer;
         if (w.newer != nullptr) w.newer->older = w.older;
         if (top_ == &w) top_ = w.older;
+        if (bottom_ == &w) bottom_ = w.newer;
         w.older = w.newer = nullptr;
         w.state.store(Waiter::idle, std::memory_order_relaxed);
         count_.fetch_sub(kOneSleeper, std::memory_order_relaxed);
@@ -245,7 +259,8 @@ class alignas(kCacheLine) EventCount {
 
   std::atomic<uint64_t> count_{0};
   std::mutex lock_;
-  Waiter* top_ = nullptr;  // the sleeper announced last; guarded by lock_
+  Waiter* top_ = nullptr;     // first in line to be woken; guarded by lock_
+  Waiter* bottom_ = nullptr;  // last in line; guarded by lock_
 };
 
 }  // namespace apportion

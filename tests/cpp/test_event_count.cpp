@@ -174,6 +174,49 @@ TEST(EventCount, TheWorkerThatParkedLastIsWokenFirst) {
 #endif
 
 #if defined(__linux__)
+TEST(EventCount, AWaiterWokenForNothingGoesBackBehindTheOthers) {
+  // A parks, then B (on top). A wake-up with nothing to take (another thread got there first)
+  // sends B back to sleep behind A: A is the next one woken, as the one that worked last.
+  guarded(30s, [] {
+    EventCount ec;
+    std::atomic<uint64_t> items{0};
+    std::atomic<bool> stop{false};
+    std::atomic<int> tids[2] = {0, 0};
+    std::atomic<int> got[2] = {0, 0};
+    std::vector<std::thread> threads;
+    const auto asleep = [&](int i, uint32_t sleepers) {
+      while (tids[i].load() == 0 || ec.sleepers() != sleepers || ec.wakeups_in_flight() != 0 ||
+             !apportion::testing::is_sleeping(tids[i].load())) {
+        std::this_thread::sleep_for(1ms);
+      }
+    };
+    for (int i = 0; i < 2; ++i) {
+      threads.emplace_back([&, i] {
+        tids[i] = apportion::testing::this_tid();
+        const auto check = [&] { return take_one(items); };
+        while (ec.await(0, -1, check, check, [] { return false; },
+                        [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
+          got[i].fetch_add(1);
+        }
+      });
+      asleep(i, static_cast<uint32_t>(i + 1));
+    }
+    EXPECT_EQ(ec.notify(1), 1u);  // B, for nothing
+    // B took its wake-up (none in flight) and parked again.
+    std::this_thread::sleep_for(20ms);
+    asleep(1, 2);
+    asleep(0, 2);
+    items.fetch_add(1, std::memory_order_seq_cst);
+    EXPECT_EQ(ec.notify(1), 1u);
+    while (got[0].load() + got[1].load() != 1) std::this_thread::sleep_for(1ms);
+    EXPECT_EQ(got[0].load(), 1) << "A, first in line again after B's empty wake-up, took it";
+    stop.store(true, std::memory_order_release);
+    ec.notify_all();
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(ec.sleepers(), 0u);
+  });
+}
+
 TEST(EventCount, AWakeUpMeantForOtherWorkIsPassedOnByAWaiterThatFoundWork) {
   // X is announced and looking (its check is held open here) when R1 is pushed and notify(1)
   // picks X, the sleeper on top; X's look then takes R0, which was there before. The wake-up
