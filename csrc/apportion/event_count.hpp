@@ -58,11 +58,21 @@ class alignas(kCacheLine) EventCount {
   /// time. Tests that announce several sleepers from one thread pass their own.
   struct alignas(kCacheLine) Waiter {
     std::atomic<uint32_t> word{0};  // bumped by the wake-up meant for this waiter
-    // idle -> listed (prepare_wait) -> waking (a notify took it off the stack; its syscall
-    // may still use `word`) -> woken (the syscall is made) -> idle (leave). Changes away
-    // from `listed` are made under the event count's lock.
-    enum State : uint32_t { idle, listed, waking, woken };
+    // idle -> listed (prepare_wait) -> woken (a notify took it off the stack) -> idle (leave).
+    // Changes away from `listed` are made under the event count's lock.
+    enum State : uint32_t { idle, listed, woken };
     std::atomic<uint32_t> state{idle};
+    // Wake-up syscalls naming `word` that notifiers have yet to make (they make them after
+    // letting go of the lock). The waiter does not wait for them: one that comes late finds
+    // the word already changed, or wakes a later wait of the same waiter spuriously (which
+    // looks again). Only the waiter's end waits, so that no syscall names a word that is gone.
+    std::atomic<uint32_t> inflight{0};
+    Waiter() = default;
+    Waiter(const Waiter&) = delete;
+    Waiter& operator=(const Waiter&) = delete;
+    ~Waiter() {
+      while (inflight.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+    }
     Waiter* older = nullptr;  // the stack's links, guarded by the event count's lock
     Waiter* newer = nullptr;
   };
@@ -217,9 +227,8 @@ class alignas(kCacheLine) EventCount {
         if (top_ != nullptr) top_->newer = nullptr;
         if (bottom_ == w) bottom_ = nullptr;
         w->older = w->newer = nullptr;
-        // `waking` until its syscall is made: until then it may not leave (its thread could
-        // end, and the syscall would name a word that is gone).
-        w->state.store(Waiter::waking, std::memory_order_relaxed);
+        w->state.store(Waiter::woken, std::memory_order_relaxed);
+        w->inflight.fetch_add(1, std::memory_order_relaxed);
         count_.fetch_add(1, std::memory_order_relaxed);
         w->word.fetch_add(1, std::memory_order_release);
         picked[k++] = w;
@@ -227,7 +236,7 @@ class alignas(kCacheLine) EventCount {
     }
     for (std::size_t i = 0; i < k; ++i) {
       park_wake(picked[i]->word, 1);
-      picked[i]->state.store(Waiter::woken, std::memory_order_release);
+      picked[i]->inflight.fetch_sub(1, std::memory_order_release);
     }
     return k;
   }
@@ -249,9 +258,7 @@ class alignas(kCacheLine) EventCount {
         return false;
       }
     }
-    // Woken: wait out the producer's syscall (a few microseconds at most; usually over before
-    // this thread even ran), then take the wake-up along.
-    while (w.state.load(std::memory_order_acquire) == Waiter::waking) std::this_thread::yield();
+    // Woken: the wake-up meant for it goes with it.
     w.state.store(Waiter::idle, std::memory_order_relaxed);
     count_.fetch_sub(kOneSleeper + 1, std::memory_order_relaxed);
     return true;

@@ -284,8 +284,11 @@ TEST(EventCount, AClosedLoopOfFourKeepsFourSpinningWaitersServed) {
           if (inside.fetch_add(1) + 1 == kConsumers) {
             inside.store(0);
             round.fetch_add(1);
+            round.notify_all();
           } else {
-            while (round.load() == r && !stop.load()) std::this_thread::yield();
+            // Blocking, not yielding: three yielding threads could keep the fourth (or the
+            // producer) off the CPUs of a busy host for long.
+            while (round.load() == r) round.wait(r);
           }
           done.fetch_add(1);
         }
@@ -300,6 +303,11 @@ TEST(EventCount, AClosedLoopOfFourKeepsFourSpinningWaitersServed) {
         ++sent;
       }
       std::this_thread::yield();
+    }
+    // Whole rounds only: a last round with fewer than four items would wait at the barrier.
+    for (; sent % kConsumers != 0; ++sent) {
+      items.fetch_add(1, std::memory_order_seq_cst);
+      ec.notify(1);
     }
     while (done.load() != sent) std::this_thread::sleep_for(1ms);  // the last round completes
     stop.store(true, std::memory_order_release);
