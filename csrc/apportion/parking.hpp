@@ -53,6 +53,10 @@ inline int current_cpu() noexcept {
 /// idle machine two threads share a CPU only for moments (the scheduler moves one), or settle
 /// there once both park; on a busy one, every CPU but this one is taken.
 inline constexpr uint32_t kColocatedStreak = 4;
+/// How long a waiter spins for a request that no worker has started before it asks whether a
+/// CPU is idle (if none is, the worker woken for it is waiting for the CPU the spin holds).
+/// Longer than a spinning worker takes to claim a request (~1 us); shorter than a futex wake.
+inline constexpr int64_t kUnstartedSpinNs = 5'000;
 
 /// Monotonic nanoseconds; the one clock used for deadlines and latency metrics.
 inline int64_t now_ns() noexcept {

@@ -1,6 +1,7 @@
 // Waiting on a busy host: a spin pays only while the thread waited for runs on another CPU. A
 // caller that keeps finding its request's worker on its own CPU (kColocatedStreak hand-offs in
-// a row: every other CPU is taken) parks at once, and a worker that keeps serving callers on
+// a row: every other CPU is taken) parks at once, as does one whose request no worker has
+// started a few microseconds in while no CPU is idle; a worker that keeps serving callers on
 // its own CPU does not spin for the next request (that caller wakes on this CPU and needs it).
 // One sighting changes nothing: on an idle machine the scheduler soon moves one of the two.
 // Observed through /proc: a parked thread sleeps in the kernel, a spinning one never does.
@@ -89,11 +90,47 @@ TEST_F(BusyHost, AWaiterThatKeepsFindingTheWorkerOnItsCpuParksAtOnce) {
   });
 }
 
-TEST_F(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
+// A waiter pinned to `cpu` waits (spin budget kLongSpin) on a request that no worker takes
+// for now; returns whether it went to sleep within `limit`. The request is then taken and
+// answered.
+bool waiter_of_a_queued_request_parks(int cpu, std::chrono::milliseconds limit) {
+  TestRef r = make(1);  // queued: no worker has started it
+  std::atomic<int> tid{0};
+  std::thread waiter([&] {
+    pin_self(cpu);
+    tid.store(this_tid());
+    r->wait_done(-1, kLongSpin);
+  });
+  while (tid.load() == 0) std::this_thread::yield();
+  const bool slept = sleeps_within(tid.load(), limit);
+  if (!r->try_claim(RequestState::running)) ADD_FAILURE() << "claim";
+  r->publish(Outcome::ok);
+  waiter.join();
+  return slept;
+}
+
+TEST_F(BusyHost, AWaiterWhoseRequestNoWorkerStartedParksWhenNoCpuIsIdle) {
+  // The worker woken for it waits for a CPU, and the spin would hold this one: kUnstartedSpinNs
+  // into the spin the waiter asks, and parks.
+  const auto cpus = two_cpus();
+  if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
+  guarded(30s, [&] { EXPECT_TRUE(waiter_of_a_queued_request_parks(cpus[0], 300ms)); });
+}
+
+TEST(WaiterSpin, AWaiterWhoseRequestNoWorkerStartedSpinsWhileACpuIsIdle) {
+  const auto cpus = two_cpus();
+  if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
+  apportion::set_idle_probe_for_tests([](int) { return true; });
+  guarded(30s, [&] { EXPECT_FALSE(waiter_of_a_queued_request_parks(cpus[0], 200ms)); });
+  apportion::set_idle_probe_for_tests(nullptr);
+}
+
+TEST_F(BusyHost, AWaiterWhoseRequestRunsElsewhereSpinsUntilItIsTakenOnItsCpu) {
   const auto cpus = two_cpus();
   if (cpus.empty()) GTEST_SKIP() << "needs two CPUs this process may pin to";
   guarded(30s, [&] {
-    TestRef r = make(1);  // queued: no worker CPU yet
+    TestRef r = make(1);
+    ASSERT_TRUE(r->try_claim(RequestState::running));  // started, on no CPU of the waiter's
     std::atomic<int> tid{0};
     std::thread waiter([&] {
       pin_self(cpus[0]);
@@ -108,8 +145,7 @@ TEST_F(BusyHost, AWaiterWhoseRequestIsQueuedSpinsUntilAWorkerTakesIt) {
     });
     while (tid.load() == 0) std::this_thread::yield();
     EXPECT_FALSE(sleeps_within(tid.load(), 200ms));
-    // A worker takes it on the waiter's CPU: the waiter stops spinning and parks.
-    ASSERT_TRUE(r->try_claim(RequestState::running));
+    // Its worker turns out to run on the waiter's CPU: the streak is complete, and it parks.
     r->worker_cpu.store(cpus[0]);
     EXPECT_TRUE(sleeps_within(tid.load(), 300ms));
     r->publish(Outcome::ok);
