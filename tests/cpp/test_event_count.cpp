@@ -127,92 +127,91 @@ TEST(EventCount, AParkedWaiterIsWokenByNotify) {
 #endif
 
 #if defined(__linux__)
+// Up to kMax threads that take items through `ec` until stopped, each counting what it took.
+// start(i) starts thread i and returns once it sleeps in the kernel, announced: started one
+// after another, the stack's order is the start order.
+class Takers {
+ public:
+  static constexpr int kMax = 4;
+  Takers(EventCount& ec, std::atomic<uint64_t>& items) : ec_(ec), items_(items) {}
+  ~Takers() { stop(); }
+  void start(int i) {
+    threads_.emplace_back([this, i] {
+      tids_[i] = apportion::testing::this_tid();
+      const auto check = [this] { return take_one(items_); };
+      while (ec_.await(0, -1, check, check, [] { return false; },
+                       [this] { return stop_.load(std::memory_order_acquire); }) == Wait::ready) {
+        got_[i].fetch_add(1);
+      }
+    });
+    asleep(i, static_cast<uint32_t>(threads_.size()));
+  }
+  // Until thread i sleeps with `sleepers` announced and no wake-up in flight.
+  void asleep(int i, uint32_t sleepers) {
+    while (tids_[i].load() == 0 || ec_.sleepers() != sleepers || ec_.wakeups_in_flight() != 0 ||
+           !apportion::testing::is_sleeping(tids_[i].load())) {
+      std::this_thread::sleep_for(1ms);
+    }
+  }
+  int got(int i) const { return got_[i].load(); }
+  void stop() {
+    stop_.store(true, std::memory_order_release);
+    ec_.notify_all();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
+ private:
+  EventCount& ec_;
+  std::atomic<uint64_t>& items_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> tids_[kMax] = {0, 0, 0, 0};
+  std::atomic<int> got_[kMax] = {0, 0, 0, 0};
+  std::vector<std::thread> threads_;
+};
+
 TEST(EventCount, TheWorkerThatParkedLastIsWokenFirst) {
   // Three threads park one after another; one item and one notify: the last to park takes it,
-  // then the next item goes to the one that parked before it (the first is never woken).
+  // parks again on top, and takes the next one too (the other two are never woken).
   guarded(30s, [] {
     EventCount ec;
     std::atomic<uint64_t> items{0};
-    std::atomic<bool> stop{false};
-    std::atomic<int> tids[3] = {0, 0, 0};
-    std::atomic<int> got[3] = {0, 0, 0};
-    std::vector<std::thread> threads;
-    for (int i = 0; i < 3; ++i) {
-      threads.emplace_back([&, i] {
-        tids[i] = apportion::testing::this_tid();
-        const auto check = [&] { return take_one(items); };
-        while (ec.await(0, -1, check, check, [] { return false; },
-                        [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
-          got[i].fetch_add(1);
-        }
-      });
-      // Parked before the next one starts: the stack's order is the start order.
-      while (tids[i].load() == 0 || ec.sleepers() != static_cast<uint32_t>(i + 1) ||
-             !apportion::testing::is_sleeping(tids[i].load())) {
-        std::this_thread::sleep_for(1ms);
-      }
-    }
+    Takers t(ec, items);
+    for (int i = 0; i < 3; ++i) t.start(i);
     items.fetch_add(1, std::memory_order_seq_cst);
     EXPECT_EQ(ec.notify(1), 1u);
-    // Back on the stack (on top again) once it took the item.
-    while (got[2].load() != 1 || ec.sleepers() != 3 || !apportion::testing::is_sleeping(tids[2].load())) {
-      std::this_thread::sleep_for(1ms);
-    }
-    EXPECT_EQ(got[0].load() + got[1].load(), 0) << "only the thread that parked last was woken";
+    while (t.got(2) != 1) std::this_thread::sleep_for(1ms);
+    t.asleep(2, 3);  // back on the stack, on top again
+    EXPECT_EQ(t.got(0) + t.got(1), 0) << "only the thread that parked last was woken";
     items.fetch_add(1, std::memory_order_seq_cst);
     EXPECT_EQ(ec.notify(1), 1u);
-    while (got[2].load() != 2) std::this_thread::sleep_for(1ms);
-    EXPECT_EQ(got[0].load() + got[1].load(), 0) << "the warm thread, parked last again, took the next";
-    stop.store(true, std::memory_order_release);
-    ec.notify_all();
-    for (auto& t : threads) t.join();
+    while (t.got(2) != 2) std::this_thread::sleep_for(1ms);
+    EXPECT_EQ(t.got(0) + t.got(1), 0) << "the warm thread, parked last again, took the next";
+    t.stop();
     EXPECT_EQ(items.load(), 0u);
     EXPECT_EQ(ec.sleepers(), 0u);
     EXPECT_EQ(ec.wakeups_in_flight(), 0u);
   });
 }
-#endif
 
-#if defined(__linux__)
 TEST(EventCount, AWaiterWokenForNothingGoesBackBehindTheOthers) {
   // A parks, then B (on top). A wake-up with nothing to take (another thread got there first)
   // sends B back to sleep behind A: A is the next one woken, as the one that worked last.
   guarded(30s, [] {
     EventCount ec;
     std::atomic<uint64_t> items{0};
-    std::atomic<bool> stop{false};
-    std::atomic<int> tids[2] = {0, 0};
-    std::atomic<int> got[2] = {0, 0};
-    std::vector<std::thread> threads;
-    const auto asleep = [&](int i, uint32_t sleepers) {
-      while (tids[i].load() == 0 || ec.sleepers() != sleepers || ec.wakeups_in_flight() != 0 ||
-             !apportion::testing::is_sleeping(tids[i].load())) {
-        std::this_thread::sleep_for(1ms);
-      }
-    };
-    for (int i = 0; i < 2; ++i) {
-      threads.emplace_back([&, i] {
-        tids[i] = apportion::testing::this_tid();
-        const auto check = [&] { return take_one(items); };
-        while (ec.await(0, -1, check, check, [] { return false; },
-                        [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
-          got[i].fetch_add(1);
-        }
-      });
-      asleep(i, static_cast<uint32_t>(i + 1));
-    }
+    Takers t(ec, items);
+    t.start(0);
+    t.start(1);
     EXPECT_EQ(ec.notify(1), 1u);  // B, for nothing
-    // B took its wake-up (none in flight) and parked again.
     std::this_thread::sleep_for(20ms);
-    asleep(1, 2);
-    asleep(0, 2);
+    t.asleep(1, 2);  // B took its wake-up and parked again
+    t.asleep(0, 2);
     items.fetch_add(1, std::memory_order_seq_cst);
     EXPECT_EQ(ec.notify(1), 1u);
-    while (got[0].load() + got[1].load() != 1) std::this_thread::sleep_for(1ms);
-    EXPECT_EQ(got[0].load(), 1) << "A, first in line again after B's empty wake-up, took it";
-    stop.store(true, std::memory_order_release);
-    ec.notify_all();
-    for (auto& t : threads) t.join();
+    while (t.got(0) + t.got(1) != 1) std::this_thread::sleep_for(1ms);
+    EXPECT_EQ(t.got(0), 1) << "A, first in line again after B's empty wake-up, took it";
+    t.stop();
     EXPECT_EQ(ec.sleepers(), 0u);
   });
 }
