@@ -223,10 +223,7 @@ class alignas(kCacheLine) EventCount {
       std::lock_guard<std::mutex> g(lock_);
       while (k < n && k < kWakeChunk && top_ != nullptr) {
         Waiter* w = top_;
-        top_ = w->older;
-        if (top_ != nullptr) top_->newer = nullptr;
-        if (bottom_ == w) bottom_ = nullptr;
-        w->older = w->newer = nullptr;
+        unlink(*w);
         w->state.store(Waiter::woken, std::memory_order_relaxed);
         w->inflight.fetch_add(1, std::memory_order_relaxed);
         count_.fetch_add(1, std::memory_order_relaxed);
@@ -240,6 +237,14 @@ class alignas(kCacheLine) EventCount {
     }
     return k;
   }
+  // Takes `w` off the stack, wherever it is (lock held).
+  void unlink(Waiter& w) noexcept {
+    if (w.older != nullptr) w.older->newer = w.newer;
+    if (w.newer != nullptr) w.newer->older = w.older;
+    if (top_ == &w) top_ = w.older;
+    if (bottom_ == &w) bottom_ = w.newer;
+    w.older = w.newer = nullptr;
+  }
   // A sleeper stops waiting (for any reason): off the stack if no wake-up took it off, and
   // the wake-up meant for it, if one came, taken with it (then true).
   bool leave(Waiter& w) noexcept {
@@ -248,11 +253,7 @@ class alignas(kCacheLine) EventCount {
       std::lock_guard<std::mutex> g(lock_);
       st = w.state.load(std::memory_order_relaxed);
       if (st == Waiter::listed) {  // still on the stack: no wake-up came
-        if (w.older != nullptr) w.older->newer = w.newer;
-        if (w.newer != nullptr) w.newer->older = w.older;
-        if (top_ == &w) top_ = w.older;
-        if (bottom_ == &w) bottom_ = w.newer;
-        w.older = w.newer = nullptr;
+        unlink(w);
         w.state.store(Waiter::idle, std::memory_order_relaxed);
         count_.fetch_sub(kOneSleeper, std::memory_order_relaxed);
         return false;
