@@ -19,8 +19,8 @@ Scenarios (bench/peers/models.py has the models and request tensors):
 Every request's tensors travel as JSON (``--tensors json``). Ray Serve and LitServe answer v2
 through the thin adapters in this folder (serve_ray.py, serve_litserve.py, v2json.py);
 apportion serve and Triton speak v2 themselves. ``--tensors json,binary`` adds rows with binary
-tensor data for the servers that take it: all but LitServe, whose front parses every request
-body as JSON (or a form) before the API sees it.
+tensor data (every server takes it; LitServe's adapter finds the body's JSON part by parsing
+it, since LitServe passes its API the body and not the headers).
 
     python bench/peers/run.py [--peers apportion,pytriton,ray,litserve] [--window-s 3]
 """
@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "peers"
 PEERS = ("apportion", "pytriton", "ray", "litserve")
-BINARY = ("apportion", "pytriton", "ray")  # take binary tensor data (Ray Serve: its adapter)
+BINARY = ("apportion", "pytriton", "ray", "litserve")  # take binary tensor data (Ray Serve, LitServe: their adapters)
 
 MLP_CONFIGS: dict[str, dict[str, Any]] = {
     "2 replicas x 1 thread": {"instances": 2},
@@ -310,7 +310,7 @@ def main() -> None:
     p.add_argument("--server-cpus", default=None, help="CPUs every server is pinned to (default: all)")
     p.add_argument("--client-cpus", default=None, help="CPUs the load client is pinned to (default: all)")
     p.add_argument("--tensors", default="json",
-                   help="json, binary or json,binary (binary: only the servers that take it: apportion, pytriton, ray)")
+                   help="json, binary or json,binary")
     p.add_argument("--demo-load", default="json=0.1,binary=0.35",
                    help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.35)")
     p.add_argument("--request-timeout-s", type=float, default=5.0,

@@ -1,6 +1,13 @@
-"""LitServe serving bench/peers/models.py behind a v2 JSON adapter (LitServe's own protocol
-is a JSON body per route): POST /v2/models/{m}/infer is each model's LitAPI route, and
+"""LitServe serving bench/peers/models.py behind a v2 adapter (LitServe's own protocol is a
+request body per route): POST /v2/models/{m}/infer is each model's LitAPI route, and
 GET /v2/models/{m} answers the model's v2 metadata.
+
+The route takes both of the client's encodings. LitServe hands the API what FastAPI parsed from
+the body (the JSON document for a JSON body, the raw bytes for the binary tensor data
+extension's ``application/octet-stream`` body) and not the request's headers, so a binary
+body's JSON part is found by parsing it (:func:`v2json.split_binary`) rather than from the
+``Inference-Header-Content-Length`` header. A binary request gets a binary answer with that
+header set.
 
     python serve_litserve.py PORT '{"mlp256": {"instances": 2, "batch": 1, "delay_ms": 0}}'
 """
@@ -9,10 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import litserve as ls
 import numpy as np
+from fastapi import Body, Response
 
 import models
 import v2json
@@ -30,20 +38,34 @@ class V2API(ls.LitAPI):
         torch.set_num_threads(1)  # one thread per worker (replica)
         self.run = models.runner(self.name)
 
-    def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe passes the JSON body
-        return v2json.decode(request)
+    def decode_request(self, request: Any) -> tuple[np.ndarray, bool]:
+        """The input and whether the answer goes back as binary data."""
+        if isinstance(request, bytes):
+            return v2json.decode_body(request, v2json.split_binary(request))
+        return v2json.decode(request), False
 
-    def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(inputs)
+    def batch(self, inputs: list[tuple[np.ndarray, bool]]) -> tuple[np.ndarray, list[bool]]:
+        return np.concatenate([x for x, _ in inputs]), [b for _, b in inputs]
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.run(x)
+    def predict(self, x: tuple[Any, Any]) -> tuple[Any, Any]:
+        return self.run(x[0]), x[1]
 
-    def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
-        return [output[i:i + 1] for i in range(len(output))]
+    def unbatch(self, output: tuple[np.ndarray, list[bool]]) -> list[tuple[np.ndarray, bool]]:
+        y, binary = output
+        return [(y[i:i + 1], b) for i, b in enumerate(binary)]
 
-    def encode_response(self, y: np.ndarray) -> dict[str, Any]:
-        return v2json.encode(self.name, y)
+    def encode_response(self, output: tuple[np.ndarray, bool]) -> Response:
+        y, binary = output
+        if not binary:
+            return Response(json.dumps(v2json.encode(self.name, y)), media_type="application/json")
+        body, head = v2json.encode_binary(self.name, y)
+        return Response(body, media_type="application/octet-stream", headers={v2json.HEADER: str(head)})
+
+
+# A body of any type: FastAPI parses a JSON body and passes any other as bytes (unannotated,
+# LitServe would parse every body as JSON). Set as an object, not as the string this module's
+# annotations are, since FastAPI resolves the annotation in LitServe's module.
+V2API.decode_request.__annotations__["request"] = Annotated[Any, Body()]
 
 
 def main(port: int, config: dict[str, dict[str, Any]]) -> None:

@@ -1,7 +1,6 @@
 """The least of the KServe v2 protocol that the load client uses, for peers whose own protocol
 is not v2 (Ray Serve, LitServe): model metadata, and an infer request's tensors to numpy and
-back, as JSON tensors or (Ray Serve only: LitServe's front parses every body as JSON) with the
-binary tensor data extension, the client's default. Tensors are FP32 "x" in, "y" out
+back, as JSON tensors or with the binary tensor data extension, the client's default. Tensors are FP32 "x" in, "y" out
 (bench/peers/models.py)."""
 
 from __future__ import annotations
@@ -55,6 +54,18 @@ def decode_body(body: bytes, header_length: int | None) -> tuple[np.ndarray, boo
         if o.get("name") == "y" and "binary_data" in (o.get("parameters") or {}):
             wanted = o["parameters"]["binary_data"]
     return x, bool(wanted)
+
+
+def split_binary(body: bytes) -> int:
+    """The length of a binary-extension body's JSON part, found by parsing it (for a server
+    front that passes on the body but not the HEADER that carries this length)."""
+    try:  # latin-1 maps each byte to one character: the end index is the byte count
+        head, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
+    except ValueError as e:
+        raise ValueError(f"a binary tensor body must start with a JSON object: {e}") from None
+    if not isinstance(head, dict):
+        raise ValueError(f"a binary tensor body must start with a JSON object, not {type(head).__name__}")
+    return end
 
 
 def encode_binary(model: str, y: Any) -> tuple[bytes, int]:

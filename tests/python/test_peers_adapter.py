@@ -77,3 +77,20 @@ def test_a_request_without_input_x_is_refused(binary: bool) -> None:
     body, length = Client.generate_request_body([t])
     with pytest.raises(ValueError, match="no input 'x'"):
         v2json.decode_body(body if isinstance(body, bytes) else body.encode(), length)
+
+
+def test_a_binary_body_s_json_part_is_found_without_the_header() -> None:
+    # LitServe passes its API the body, not the header that carries the JSON part's length.
+    # Binary data that starts with bytes a JSON reader could take ('}', digits, a quote) and
+    # bytes above 0x7f must not move the split.
+    x = np.frombuffer(b"}1\"\xff\x80{ " * 4 + b"\x00" * 4, dtype=np.float32).reshape(2, 4).copy()
+    body, length = _request(x, binary=True)
+    assert v2json.split_binary(body) == length
+    got, _ = v2json.decode_body(body, v2json.split_binary(body))
+    np.testing.assert_array_equal(got.view(np.uint8), x.view(np.uint8))
+
+
+@pytest.mark.parametrize("body", [b"\x00\x01{}", b"[1, 2]\x00\x00"])
+def test_a_body_that_does_not_start_with_a_json_object_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="a binary tensor body must start with a JSON object"):
+        v2json.split_binary(body)
