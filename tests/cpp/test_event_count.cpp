@@ -383,11 +383,12 @@ TEST(EventCount, PendingWorkIsWaitedForWithoutParking) {
   });
 }
 
-TEST(EventCount, NoLostWakeUpUnderRacingProducers) {
-  // Producers publish an item (seq_cst) and notify one sleeper; consumers never spin, so every
-  // item they get after the first park goes through the handshake. A lost wake-up leaves a
-  // consumer asleep with items queued: the count below is never reached and the guard fires.
-  guarded(60s, [] {
+// Producers publish an item (seq_cst) and notify one waiter; consumers spin for `spin_ns`
+// (0: never, so every item they get after the first park goes through the handshake) before
+// they park. A lost wake-up leaves a consumer asleep with items queued: the count below is
+// never reached and the guard fires.
+void no_lost_wake_up(int64_t spin_ns) {
+  guarded(60s, [spin_ns] {
     const uint64_t per_producer = kSanitized ? 2'000 : 20'000;
     constexpr int kProducers = 2, kConsumers = 2;
     EventCount ec;
@@ -397,7 +398,7 @@ TEST(EventCount, NoLostWakeUpUnderRacingProducers) {
     for (int c = 0; c < kConsumers; ++c) {
       threads.emplace_back([&] {
         const auto check = [&] { return take_one(items); };
-        while (ec.await(0, -1, check, check, [] { return false; },
+        while (ec.await(spin_ns, -1, check, check, [] { return false; },
                         [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
           consumed.fetch_add(1, std::memory_order_relaxed);
         }
@@ -422,6 +423,13 @@ TEST(EventCount, NoLostWakeUpUnderRacingProducers) {
     EXPECT_EQ(items.load(), 0u);
     EXPECT_EQ(ec.sleepers(), 0u);
   });
+}
+
+TEST(EventCount, NoLostWakeUpUnderRacingProducers) { no_lost_wake_up(0); }
+
+TEST(EventCount, NoLostWakeUpUnderRacingProducersWithSpinningConsumers) {
+  // Short spins: producers notify while consumers spin, stop spinning and announce themselves.
+  no_lost_wake_up(2'000);
 }
 
 }  // namespace
