@@ -694,7 +694,9 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     // Admission guarantees a free cell and close() waits for us (see LaneSet::push).
     lanes_.push(r->group < groups ? r->group : routed, r->priority, r);
   }
-  lanes_.wake(n, rs[0]->group < groups ? rs[0]->group : routed);
+  // No more wake-ups than requests still queued: a spinning worker may have taken these.
+  lanes_.wake(n, rs[0]->group < groups ? rs[0]->group : routed,
+              [this] { return queued_.load(std::memory_order_seq_cst); });
   if (opts_.burst_instances != 0 && busy_own_.load(std::memory_order_seq_cst) >= opts_.instances) {
     wake_burst();
   }

@@ -19,6 +19,14 @@
 // producer with no sleeper to wake reads one atomic and returns. The wake-up syscall itself is
 // made after the lock is let go: a woken waiter leaving at once would otherwise block on the
 // lock, and the producer pay a second syscall to let it in.
+//
+// A waiter spinning in await() counts itself as a spinner, and a producer claims a spinner
+// before it wakes a sleeper: the spinner finds the work in its spin, so waking a parked thread
+// for it only costs the producer a syscall and that thread a trip through the scheduler to
+// find nothing (under a lone closed-loop client, one such wake-up a request). A spinner whose
+// spin ends while claimed (it finds the count at zero) looks once more before it parks, as
+// every waiter does, and sees the claimed work: the producer made it visible before it claimed.
+// Spinners are interchangeable: the one that finds the count at zero is the one claimed.
 #pragma once
 
 #include <algorithm>
@@ -121,14 +129,32 @@ class alignas(kCacheLine) EventCount {
   /// than looking again, passes it on (notify(1)); await() does.
   bool cancel_wait(Ticket t) noexcept { return leave(*t.waiter); }
 
-  /// Wakes up to `n` announced sleepers, the most recently announced first, skipping those
-  /// that already have a wake-up on its way: without that, every push made while a woken
-  /// worker is still being scheduled pays a futex syscall for nobody, and producers slow to
-  /// the syscall rate exactly when the consumers are behind. Returns how many wake-ups it
-  /// issued. Safe from any thread.
+  /// Claims up to `n` spinners (each takes a piece of work in its spin, or looks for it
+  /// before it parks), then wakes up to the rest of `n` announced sleepers, the most recently
+  /// announced first, skipping those that already have a wake-up on its way: without that,
+  /// every push made while a woken worker is still being scheduled pays a futex syscall for
+  /// nobody, and producers slow to the syscall rate exactly when the consumers are behind.
+  /// Returns how many spinners it claimed plus how many wake-ups it issued. Safe from any
+  /// thread.
   std::size_t notify(std::size_t n) noexcept {
+    return notify(n, [n] { return n; });
+  }
+  /// notify(n) for work that consumers may have taken already: `left()`, called only once a
+  /// sleeper could be woken, says how much of it is still there to take (seq_cst), and no
+  /// more sleepers than that are woken. A spinning consumer often takes a piece of work
+  /// between its publication and the producer's notify: without this look, the producer then
+  /// woke a parked consumer to find nothing (under a lone closed-loop client, one wake-up and
+  /// one futex syscall per request). Skipping the wake-up loses none: work that is gone needs
+  /// no taker, and work published later has a producer of its own that notifies.
+  template <class Left>
+  std::size_t notify(std::size_t n, Left&& left) noexcept {
+    const std::size_t claimed = claim_spinners(n);
+    if (claimed == n) return claimed;
+    n -= claimed;
     const uint64_t s = count_.load(std::memory_order_seq_cst);  // the producer's half of the handshake
-    if ((s & kWokenMask) >= (s >> kSleeperShift)) return 0;  // none, or each has a wake-up in flight
+    if ((s & kWokenMask) >= (s >> kSleeperShift)) return claimed;  // none, or each has a wake-up in flight
+    n = std::min<std::size_t>(n, left());
+    if (n == 0) return claimed;
     // Announced but not on the stack yet (between its count and its lock): it looks at the
     // work after it takes the lock, so after this producer's work is visible; not woken here.
     std::size_t k = 0;
@@ -137,7 +163,7 @@ class alignas(kCacheLine) EventCount {
       k += got;
       if (got < kWakeChunk) break;  // the stack ran out (or n did)
     }
-    return k;
+    return claimed + k;
   }
   /// Wakes every announced sleeper. For shutdown: a caller sets its stop flag first; a thread
   /// announced after this call sees it (it looks after taking the lock this call released).
@@ -147,6 +173,8 @@ class alignas(kCacheLine) EventCount {
     }
   }
 
+  /// Spinners not claimed, for tests and diagnostics (a moment's view).
+  uint32_t spinners() const noexcept { return spinners_.load(std::memory_order_relaxed); }
   /// Announced sleepers and wake-ups in flight, for tests and diagnostics (a moment's view).
   uint32_t sleepers() const noexcept {
     return static_cast<uint32_t>(count_.load(std::memory_order_relaxed) >> kSleeperShift);
@@ -175,10 +203,15 @@ class alignas(kCacheLine) EventCount {
     if (spin_ns > 0) {
       int64_t spin_until = now_ns() + spin_ns;
       if (until_ns >= 0) spin_until = std::min(spin_until, until_ns);
+      spinners_.fetch_add(1, std::memory_order_seq_cst);
+      bool caught = false;
       do {
         for (int i = 0; i < 16; ++i) cpu_relax();
-        if (spin_check()) return Wait::ready;
-      } while (now_ns() < spin_until && !stopping());
+        caught = spin_check();
+      } while (!caught && now_ns() < spin_until && !stopping());
+      stop_spinning();
+      if (caught) return Wait::ready;
+      // Claimed or not, it looks (`check`) before it parks: what a claim was for is there.
     }
     bool parked = false;  // it parked, and woke (or timed out): if it finds nothing, it is cold
     for (;;) {
@@ -213,6 +246,25 @@ class alignas(kCacheLine) EventCount {
 
  private:
   static constexpr std::size_t kWakeChunk = 16;
+
+  // Takes up to `n` unclaimed spinners off the count; returns how many. seq_cst: the work the
+  // producer published comes before its claim, and a spinner that finds itself claimed looks
+  // for work after its own seq_cst look at the count.
+  std::size_t claim_spinners(std::size_t n) noexcept {
+    uint32_t s = spinners_.load(std::memory_order_seq_cst);
+    while (s != 0 && n != 0) {
+      const uint32_t take = static_cast<uint32_t>(std::min<std::size_t>(s, n));
+      if (spinners_.compare_exchange_weak(s, s - take, std::memory_order_seq_cst)) return take;
+    }
+    return 0;
+  }
+  // A spinner stops spinning: takes itself off the count, unless producers claimed every
+  // spinner there was (the count is zero), in which case it is one of the claimed.
+  void stop_spinning() noexcept {
+    uint32_t s = spinners_.load(std::memory_order_seq_cst);
+    while (s != 0 && !spinners_.compare_exchange_weak(s, s - 1, std::memory_order_seq_cst)) {
+    }
+  }
 
   // Takes up to min(n, kWakeChunk) sleepers off the top of the stack and wakes them (the
   // syscalls after the lock is let go). Returns how many.
@@ -266,6 +318,7 @@ class alignas(kCacheLine) EventCount {
   }
 
   std::atomic<uint64_t> count_{0};
+  std::atomic<uint32_t> spinners_{0};  // in await()'s spin, not claimed by a producer
   std::mutex lock_;
   Waiter* top_ = nullptr;     // first in line to be woken; guarded by lock_
   Waiter* bottom_ = nullptr;  // last in line; guarded by lock_

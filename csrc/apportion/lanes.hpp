@@ -89,12 +89,18 @@ class LaneSet {
   /// group's count on its own (every count is looked at, seq_cst, after the push, unless `n`
   /// wake-ups were issued already). Safe from any thread.
   void wake(std::size_t n, uint32_t group) noexcept {
+    wake(n, group, [n] { return n; });
+  }
+  /// wake(n, group), waking no more sleepers than `left()` (see EventCount::notify) says
+  /// requests are still queued.
+  template <class Left>
+  void wake(std::size_t n, uint32_t group, Left&& left) noexcept {
     if (groups_ == 1) {
-      idle0_.notify(n);
+      idle0_.notify(n, left);
       return;
     }
     const uint32_t first = group < groups_ ? group : 0;
-    for (uint32_t k = 0; k < groups_ && n != 0; ++k) n -= idle((first + k) % groups_).notify(n);
+    for (uint32_t k = 0; k < groups_ && n != 0; ++k) n -= idle((first + k) % groups_).notify(n, left);
   }
   /// Wakes every parked worker of every group (shutdown).
   void wake_all() noexcept {

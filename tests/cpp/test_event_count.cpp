@@ -55,6 +55,25 @@ TEST(EventCount, NotifySkipsSleepersThatAlreadyHaveAWakeUp) {
   EXPECT_EQ(ec.wakeups_in_flight(), 0u);
 }
 
+TEST(EventCount, NotifyWakesNoMoreThanTheWorkStillThere) {
+  EventCount ec;
+  int looks = 0;
+  EXPECT_EQ(ec.notify(1, [&] { return ++looks, std::size_t{1}; }), 0u);
+  EXPECT_EQ(looks, 0) << "no sleeper: the work left is not even looked at";
+  EventCount::Waiter a, b;
+  const auto ta = ec.prepare_wait(a);
+  const auto tb = ec.prepare_wait(b);
+  EXPECT_EQ(ec.notify(1, [&] { return ++looks, std::size_t{0}; }), 0u) << "taken already: nobody woken";
+  EXPECT_EQ(looks, 1);
+  EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+  EXPECT_EQ(ec.notify(2, [] { return std::size_t{1}; }), 1u) << "one left: one woken";
+  EXPECT_EQ(ec.wakeups_in_flight(), 1u);
+  EXPECT_TRUE(ec.cancel_wait(tb)) << "the last announced was the one woken";
+  EXPECT_FALSE(ec.cancel_wait(ta));
+  EXPECT_EQ(ec.sleepers(), 0u);
+  EXPECT_EQ(ec.wakeups_in_flight(), 0u);
+}
+
 TEST(EventCount, NotifyWakesOnlyAsManyAsAskedTheLastAnnouncedFirst) {
   EventCount ec;
   EventCount::Waiter w[3];
@@ -387,8 +406,8 @@ TEST(EventCount, PendingWorkIsWaitedForWithoutParking) {
 // (0: never, so every item they get after the first park goes through the handshake) before
 // they park. A lost wake-up leaves a consumer asleep with items queued: the count below is
 // never reached and the guard fires.
-void no_lost_wake_up(int64_t spin_ns) {
-  guarded(60s, [spin_ns] {
+void no_lost_wake_up(int64_t spin_ns, bool look_first = false) {
+  guarded(60s, [spin_ns, look_first] {
     const uint64_t per_producer = kSanitized ? 2'000 : 20'000;
     constexpr int kProducers = 2, kConsumers = 2;
     EventCount ec;
@@ -408,7 +427,11 @@ void no_lost_wake_up(int64_t spin_ns) {
       threads.emplace_back([&] {
         for (uint64_t i = 0; i < per_producer; ++i) {
           items.fetch_add(1, std::memory_order_seq_cst);
-          ec.notify(1);
+          if (look_first) {
+            ec.notify(1, [&] { return static_cast<std::size_t>(items.load(std::memory_order_seq_cst)); });
+          } else {
+            ec.notify(1);
+          }
           if (i % 64 == 0) std::this_thread::yield();  // let consumers park now and then
         }
       });
@@ -422,14 +445,92 @@ void no_lost_wake_up(int64_t spin_ns) {
     EXPECT_EQ(consumed.load(), total);
     EXPECT_EQ(items.load(), 0u);
     EXPECT_EQ(ec.sleepers(), 0u);
+    EXPECT_EQ(ec.spinners(), 0u);
   });
 }
 
 TEST(EventCount, NoLostWakeUpUnderRacingProducers) { no_lost_wake_up(0); }
 
 TEST(EventCount, NoLostWakeUpUnderRacingProducersWithSpinningConsumers) {
-  // Short spins: producers notify while consumers spin, stop spinning and announce themselves.
+  // Short spins: producers claim spinners whose spin is about to end, and spinners catch items
+  // other producers claimed them for.
   no_lost_wake_up(2'000);
+}
+
+TEST(EventCount, NoLostWakeUpWhenProducersWakeOnlyForWorkStillThere) {
+  // A producer that finds its item taken wakes nobody: the taker was a consumer that spun or
+  // looked after announcing, and any item published later has a producer that notifies.
+  no_lost_wake_up(0, true);
+  no_lost_wake_up(2'000, true);
+}
+
+#if defined(__linux__)
+TEST(EventCount, AProducerClaimsASpinnerInsteadOfWakingASleeper) {
+  // One thread sleeps; another spins. An item and notify(1): the spinner is claimed and takes
+  // it, and the sleeper is not woken (no syscall, no empty wake-up for it).
+  guarded(30s, [] {
+    EventCount ec;
+    std::atomic<uint64_t> items{0};
+    Takers t(ec, items);
+    t.start(0);
+    std::atomic<bool> took{false}, look{false};
+    std::thread spinner([&] {
+      // Its spin sees the item only once the producer has notified: taken before, the item
+      // would leave no spinner to claim.
+      const auto spin_check = [&] { return look.load() && take_one(items); };
+      const auto check = [&] { return take_one(items); };
+      took = ec.await(60'000'000'000, -1, spin_check, check, [] { return false; }, [] { return false; }) ==
+             Wait::ready;
+    });
+    while (ec.spinners() != 1) std::this_thread::yield();
+    items.fetch_add(1, std::memory_order_seq_cst);
+    EXPECT_EQ(ec.notify(1), 1u) << "the spinner is claimed";
+    EXPECT_EQ(ec.spinners(), 0u);
+    EXPECT_EQ(ec.wakeups_in_flight(), 0u) << "no sleeper woken";
+    look = true;
+    spinner.join();
+    EXPECT_TRUE(took.load());
+    EXPECT_EQ(ec.spinners(), 0u);
+    t.asleep(0, 1);
+    EXPECT_EQ(t.got(0), 0) << "the sleeper took nothing and still sleeps";
+    EXPECT_EQ(items.load(), 0u);
+  });
+}
+#endif
+
+TEST(EventCount, AClaimedSpinnerThatMissedItsWorkLooksBeforeItParks) {
+  // The spinner watches something else in its spin (its spin check never sees the item) and
+  // its spin is ended by a stop; claimed, it takes the item on its look before parking.
+  guarded(30s, [] {
+    EventCount ec;
+    std::atomic<uint64_t> items{0};
+    std::atomic<bool> end{false};
+    std::atomic<int> got{-1};
+    std::thread spinner([&] {
+      const Wait w = ec.await(60'000'000'000, -1, [] { return false; }, [&] { return take_one(items); },
+                              [] { return false; }, [&] { return end.load(); });
+      got = w == Wait::ready ? 1 : 0;
+    });
+    while (ec.spinners() != 1) std::this_thread::yield();
+    items.fetch_add(1, std::memory_order_seq_cst);
+    EXPECT_EQ(ec.notify(2), 1u) << "one spinner to claim, nobody to wake";
+    EXPECT_EQ(ec.spinners(), 0u) << "claimed";
+    end = true;
+    spinner.join();
+    EXPECT_EQ(got.load(), 1) << "the claimed spinner took the item";
+    EXPECT_EQ(items.load(), 0u);
+    EXPECT_EQ(ec.spinners(), 0u);
+    EXPECT_EQ(ec.sleepers(), 0u);
+  });
+}
+
+TEST(EventCount, ASpinnerThatIsNotClaimedLeavesTheCount) {
+  EventCount ec;
+  const Wait w = ec.await(1'000'000, now_ns() + 2'000'000, [] { return false; }, [] { return false; },
+                          [] { return false; }, [] { return false; });
+  EXPECT_EQ(w, Wait::timeout);
+  EXPECT_EQ(ec.spinners(), 0u);
+  EXPECT_EQ(ec.notify(1), 0u) << "no spinner left to claim";
 }
 
 }  // namespace
