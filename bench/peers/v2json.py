@@ -1,7 +1,7 @@
 """The least of the KServe v2 protocol that the load client uses, for peers whose own protocol
 is not v2 (Ray Serve, LitServe): model metadata, and an infer request's tensors to numpy and
-back, as JSON tensors or with the binary tensor data extension, the client's default. Tensors are FP32 "x" in, "y" out
-(bench/peers/models.py)."""
+back, as JSON tensors or with the binary tensor data extension, the client's default. Tensors
+are FP32 "x" in, "y" out (bench/peers/models.py)."""
 
 from __future__ import annotations
 

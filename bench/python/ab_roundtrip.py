@@ -1,10 +1,10 @@
 """Same-run A/B of the round trips: run it alternately with two builds (e.g. PYTHONPATH=<old
 checkout>/python python bench/python/ab_roundtrip.py old; python bench/python/ab_roundtrip.py new)
 and compare the lines. Prints ThreadPoolExecutor, submit().result(), call() on a thread and a
-process model, submit_many throughput and a scheduled-pool round trip (µs, medians). Run both from an interpreter with no apportion installed (a
-venv with its dependencies only): an editable install's import hook wins over PYTHONPATH, and
-both runs would load that build (check with `python -c "import apportion._core as c;
-print(c.__file__)"`)."""
+process model, submit_many throughput and a scheduled-pool round trip (µs, medians).
+Run both from an interpreter with no apportion installed (a venv with its dependencies only):
+an editable install's import hook wins over PYTHONPATH, and both runs would load that build
+(check with `python -c "import apportion._core as c; print(c.__file__)"`)."""
 import statistics, sys, time
 from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, __import__("os").path.dirname(__file__))

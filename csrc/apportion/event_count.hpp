@@ -258,13 +258,9 @@ class alignas(kCacheLine) EventCount {
     }
     return 0;
   }
-  // A spinner stops spinning: takes itself off the count, unless producers claimed every
-  // spinner there was (the count is zero), in which case it is one of the claimed.
-  void stop_spinning() noexcept {
-    uint32_t s = spinners_.load(std::memory_order_seq_cst);
-    while (s != 0 && !spinners_.compare_exchange_weak(s, s - 1, std::memory_order_seq_cst)) {
-    }
-  }
+  // A spinner stops spinning: takes itself off the count as a producer's claim would, unless
+  // producers claimed every spinner there was (the count is zero): then it is one of the claimed.
+  void stop_spinning() noexcept { (void)claim_spinners(1); }
 
   // Takes up to min(n, kWakeChunk) sleepers off the top of the stack and wakes them (the
   // syscalls after the lock is let go). Returns how many.

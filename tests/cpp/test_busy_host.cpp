@@ -7,6 +7,8 @@
 // Observed through /proc: a parked thread sleeps in the kernel, a spinning one never does.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "engine_fixture.hpp"
 
 #include "apportion/cpu_idle.hpp"
@@ -51,6 +53,26 @@ bool sleeps_within(int tid, std::chrono::milliseconds limit) {
   return false;
 }
 
+// A thread pinned to `cpu` runs `first`, then waits for `r` (spin budget kLongSpin). Returns
+// whether it went to sleep within `limit`; then `r` is answered (claimed first if no worker
+// had started it) and the thread joined.
+bool waiter_sleeps_within(const TestRef& r, int cpu, std::chrono::milliseconds limit,
+                          const std::function<void()>& first = {}) {
+  std::atomic<int> tid{0};
+  std::thread waiter([&] {
+    pin_self(cpu);
+    if (first) first();
+    tid.store(this_tid());
+    r->wait_done(-1, kLongSpin);
+  });
+  while (tid.load() == 0) std::this_thread::yield();
+  const bool slept = sleeps_within(tid.load(), limit);
+  if (r->state() == RequestState::queued && !r->try_claim(RequestState::running)) ADD_FAILURE() << "claim";
+  r->publish(Outcome::ok);
+  waiter.join();
+  return slept;
+}
+
 // A waiter pinned to `waiter_cpu` makes `earlier` short waits on requests whose worker runs
 // on `worker_cpu`, then waits (spin budget kLongSpin) on one more such request; returns
 // whether it went to sleep within 300 ms.
@@ -61,21 +83,11 @@ bool waiter_parks(int waiter_cpu, int worker_cpu, uint32_t earlier) {
     r->worker_cpu.store(cpu);
     return r;
   };
-  TestRef r = running_on(worker_cpu);
-  std::atomic<int> tid{0};
-  std::thread waiter([&] {
-    pin_self(waiter_cpu);
+  return waiter_sleeps_within(running_on(worker_cpu), waiter_cpu, 300ms, [&] {
     for (uint32_t i = 0; i < earlier; ++i) {
       EXPECT_FALSE(running_on(worker_cpu)->wait_done(2'000'000, kLongSpin));  // times out
     }
-    tid.store(this_tid());
-    r->wait_done(-1, kLongSpin);
   });
-  while (tid.load() == 0) std::this_thread::yield();
-  const bool slept = sleeps_within(tid.load(), 300ms);
-  r->publish(Outcome::ok);
-  waiter.join();
-  return slept;
 }
 
 TEST_F(BusyHost, AWaiterThatKeepsFindingTheWorkerOnItsCpuParksAtOnce) {
@@ -94,19 +106,7 @@ TEST_F(BusyHost, AWaiterThatKeepsFindingTheWorkerOnItsCpuParksAtOnce) {
 // for now; returns whether it went to sleep within `limit`. The request is then taken and
 // answered.
 bool waiter_of_a_queued_request_parks(int cpu, std::chrono::milliseconds limit) {
-  TestRef r = make(1);  // queued: no worker has started it
-  std::atomic<int> tid{0};
-  std::thread waiter([&] {
-    pin_self(cpu);
-    tid.store(this_tid());
-    r->wait_done(-1, kLongSpin);
-  });
-  while (tid.load() == 0) std::this_thread::yield();
-  const bool slept = sleeps_within(tid.load(), limit);
-  if (!r->try_claim(RequestState::running)) ADD_FAILURE() << "claim";
-  r->publish(Outcome::ok);
-  waiter.join();
-  return slept;
+  return waiter_sleeps_within(make(1), cpu, limit);  // queued: no worker has started it
 }
 
 TEST_F(BusyHost, AWaiterWhoseRequestNoWorkerStartedParksWhenNoCpuIsIdle) {
