@@ -1097,6 +1097,21 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
           "add_done_callback",
           [](py::object self, py::object fn) {
             auto& r = self.cast<PyRequest&>();
+            // Nothing that may run Python code comes between the look at done() and the
+            // append: finish() (GIL held) takes the list right after it publishes done, so a
+            // completion in between would miss the callback for good. Making the list may
+            // collect garbage, and a finaliser may release the GIL to a worker that completes
+            // the request: so the list is made first and done() looked at after it.
+            if (r.callbacks == nullptr && !r.done()) {
+              PyObject* list = PyList_New(0);
+              if (list == nullptr) throw py::error_already_set();
+              if (r.callbacks == nullptr && !r.done()) {
+                r.callbacks = list;
+                r.self_obj = self.inc_ref().ptr();
+              } else {
+                Py_DECREF(list);  // empty: frees no object of anyone's
+              }
+            }
             if (r.done()) {
               // As for a callback run at completion: reported, never raised.
               PyObject* res = PyObject_CallOneArg(fn.ptr(), self.ptr());
@@ -1104,10 +1119,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
               Py_XDECREF(res);
               return;
             }
-            if (r.callbacks == nullptr) {
-              r.callbacks = PyList_New(0);
-              r.self_obj = self.inc_ref().ptr();
-            }
+            // Growing the list reallocates its item array only: no collection, no Python code.
             if (PyList_Append(r.callbacks, fn.ptr()) != 0) throw py::error_already_set();
           },
           py::arg("fn"),

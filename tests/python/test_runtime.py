@@ -348,6 +348,65 @@ def test_done_callbacks_run_once_in_completing_thread_or_at_once(rt: ap.Runtime)
     assert calls[-1][1] == threading.get_ident()
 
 
+def test_a_done_callback_runs_when_its_registration_lets_the_request_complete(rt: ap.Runtime) -> None:
+    """Registering a request's first done-callback makes a list. That allocation may collect
+    garbage (Python 3.11 collects inside the allocation), and a finaliser may release the GIL
+    to the worker that completes the request, between registration's look at done() and the
+    append. The callback still runs, exactly once. Each round opens that window on purpose: the
+    list free list is empty (so the list is allocated), the collection threshold is the current
+    count (so that allocation collects), and the garbage's finaliser lets the model return and
+    waits for the request to complete."""
+    import gc
+    import sys
+
+    rt.add_model("m", model=lambda ev: ev.wait(10))
+    rt.start()
+    registering = False
+    windows = 0  # rounds whose request completed inside add_done_callback
+
+    class Finaliser:
+        def __init__(self, fut: ap.Future, ev: threading.Event) -> None:
+            self.me, self.fut, self.ev = self, fut, ev  # a cycle: only a collection frees it
+
+        def __del__(self) -> None:
+            nonlocal windows
+            self.ev.set()
+            end = time.monotonic() + 10
+            while not self.fut.done() and time.monotonic() < end:
+                time.sleep(0.001)  # the GIL is free: the worker completes the request
+            windows += registering and self.fut.done()
+
+    kept = []  # never freed: a freed list would refill the free list
+    old = gc.get_threshold()
+    try:
+        for _ in range(10):
+            ev = threading.Event()
+            fut = rt.submit("m", ev)
+            wait_until(fut.running)
+            calls: list[ap.Future] = []
+            cb, add = calls.append, fut.add_done_callback  # bound first: calling allocates nothing
+            gc.collect()
+            gc.disable()
+            Finaliser(fut, ev)
+            kept.append([[] for _ in range(100)])
+            gc.set_threshold(gc.get_count()[0])  # the next tracked allocation collects
+            gc.enable()
+            registering = True
+            add(cb)
+            registering = False
+            gc.set_threshold(*old)
+            assert fut.result(10) is True
+            end = time.monotonic() + 5
+            while not calls and time.monotonic() < end:
+                time.sleep(0.001)
+            assert calls == [fut], f"the done-callback ran {len(calls)} times, not once"
+    finally:
+        gc.set_threshold(*old)
+        gc.enable()
+    if sys.version_info < (3, 12):  # later versions collect between bytecodes, never inside a call
+        assert windows > 0, "no round completed its request inside add_done_callback"
+
+
 def test_failing_done_callback_is_reported_not_raised(rt: ap.Runtime, monkeypatch) -> None:
     import sys
 
