@@ -132,7 +132,7 @@ class Server:
     """One peer's server process (its own session, pinned to the server CPUs)."""
 
     def __init__(self, peer: str, models: dict[str, dict[str, Any]], cpus: list[int], slo_ms: dict[str, float],
-                 log: Path) -> None:
+                 log: Path, apportion_loop: str = "auto") -> None:
         self.peer = peer
         self.port = free_base()
         py = sys.executable if peer == "apportion" else str(BUILD / peer / "bin" / "python")
@@ -141,7 +141,7 @@ class Server:
         if peer == "apportion":
             cfg = apportion_config(models, slo_ms, log.with_suffix(".toml"))
             cmd = [py, "-m", "apportion", "serve", str(cfg), "--http-port", str(self.port),
-                   "--grpc-port", str(self.port + 1)]
+                   "--grpc-port", str(self.port + 1), "--loop", apportion_loop]
         elif peer == "pytriton":
             # Triton's Python-backend stub links libpython3.x: make it the interpreter's own,
             # not an older system copy with another stdlib ABI.
@@ -315,6 +315,8 @@ def main() -> None:
                    help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.35)")
     p.add_argument("--request-timeout-s", type=float, default=5.0,
                    help="a request unanswered after this counts as failed (default 5)")
+    p.add_argument("--apportion-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="apportion serve's event loop (its --loop; default auto: uvloop where installed)")
     args = p.parse_args()
     args.peers = [x for x in args.peers.split(",") if x]
     args.scenarios = [x for x in args.scenarios.split(",") if x]
@@ -336,7 +338,7 @@ def main() -> None:
     print(f"# {platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; servers on CPUs {server_cpus}, client on {client_cpus}; "
           f"demo one-thread ms {({k: round(v, 2) for k, v in per_request.items()})}, demo full rate {full_rate}/s, "
-          f"run at {fractions} of it",
+          f"run at {fractions} of it; apportion serve --loop {args.apportion_loop}",
           flush=True)
     rows: list[Row] = []
     broken: dict[str, str] = {}
@@ -355,7 +357,7 @@ def main() -> None:
         specs, inputs = scenario_loads(scenario, full_rate * fractions.get(tensors, 1.0))
         slo = {n: demo.SLO_MS[n] for n in models if n in demo.SLO_MS}
         log = BUILD / f"server-{peer}-{scenario}-{len(rows)}.log"
-        server = Server(peer, models, server_cpus, slo, log)
+        server = Server(peer, models, server_cpus, slo, log, args.apportion_loop)
         try:
             server.wait_ready(list(models))
             url = server.url

@@ -392,6 +392,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="v2 HTTP/REST port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=int, default=8001, metavar="PORT",
                    help="v2 gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",  # serve.LOOPS
+                   help="event loop: uvloop, asyncio, or auto (default: uvloop where installed)")
     _add_root(p)
 
 
@@ -405,12 +407,13 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     rt = cfg.runtime(topology_root=args.root, start=True)
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
-                        grpc_port=None if args.grpc_port == -1 else args.grpc_port)
+                        grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop)
 
         def announce() -> None:
             if server.listening.wait(120):
                 grpc = f", v2 gRPC on {args.host}:{server.grpc_port}" if server.grpc_port is not None else ""
-                print(f"serving {', '.join(sigs)}: v2 HTTP on http://{args.host}:{server.http_port}{grpc}; "
+                print(f"serving {', '.join(sigs)}: v2 HTTP on http://{args.host}:{server.http_port}{grpc} "
+                      f"({server.loop} loop); "
                       "SIGTERM or Ctrl-C drains and exits", file=out, flush=True)
 
         threading.Thread(target=announce, daemon=True).start()

@@ -39,12 +39,14 @@ factory = "process_models:echo"
 """
 
 
-def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("args", "loop"), [([], "uvloop"), (["--loop", "asyncio"], "asyncio")])
+def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_path: Path, args: list[str],
+                                                                         loop: str) -> None:
     cfg = tmp_path / "serve.toml"
     cfg.write_text(CONFIG)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
     proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
-                             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--grpc-port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
         assert proc.stdout is not None
@@ -52,6 +54,7 @@ def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_pa
         m = re.search(r"v2 HTTP on http://127\.0\.0\.1:(\d+), v2 gRPC on 127\.0\.0\.1:(\d+)", line)
         assert m, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
         assert line.startswith("serving double:")  # only the model with a signature
+        assert f"({loop} loop)" in line, line  # uvloop: the default where installed (the test extra)
         http, grpc = f"127.0.0.1:{m.group(1)}", f"127.0.0.1:{m.group(2)}"
 
         client = th.InferenceServerClient(http)

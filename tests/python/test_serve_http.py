@@ -284,8 +284,50 @@ def test_bad_server_options() -> None:
         asgi(rt, {}, max_body_bytes=0)
     with pytest.raises(ValueError, match="http_port"):
         Server(rt, {}, http_port=70000)
+    with pytest.raises(ValueError, match="loop must be one of auto, uvloop, asyncio, got 'trio'"):
+        Server(rt, {}, loop="trio")
     with pytest.raises(TypeError, match="model 'm': signature must be"):
         asgi(rt, {"m": "x"})  # type: ignore[dict-item]
+    rt.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_http_and_grpc(loop: str) -> None:
+    import tritonclient.grpc as tg
+
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    with ap.Runtime() as rt:
+        rt.add_model("echo", model=lambda x: x)
+        rt.start()
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=0, loop=loop) as server:
+            assert server.loop == loop
+            assert type(server._loop).__module__.split(".")[0] == loop  # the loop that runs
+            x = np.arange(4, dtype=np.float32)
+            http = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+            got = http.infer("echo", [vec("x", x)]).as_numpy("y")
+            http.close()
+            g = tg.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            gi = tg.InferInput("x", [4], "FP32")
+            gi.set_data_from_numpy(x)
+            got_grpc = g.infer("echo", [gi]).as_numpy("y")
+            g.close()
+    np.testing.assert_array_equal(got, x)
+    np.testing.assert_array_equal(got_grpc, x)
+
+
+def test_auto_loop_is_uvloop_where_installed_and_asyncio_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = ap.Runtime()
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        assert Server(rt, {}).loop == "asyncio"
+    else:
+        assert Server(rt, {}).loop == "uvloop"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import raises
+    assert Server(rt, {}).loop == "asyncio"
+    with pytest.raises(ImportError, match=r"loop='uvloop' needs the uvloop package"):
+        Server(rt, {}, loop="uvloop")
     rt.close()
 
 
