@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import load as ld
+from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit
 from .placement import Plan, Quota
@@ -392,7 +393,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="v2 HTTP/REST port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=int, default=8001, metavar="PORT",
                    help="v2 gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
-    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",  # serve.LOOPS
+    p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop, asyncio, or auto (default: uvloop where installed)")
     _add_root(p)
 

@@ -8,11 +8,12 @@ import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from .._private.loops import LOOPS, loop_factory, loop_name
 from . import _frontend as fe
 from .app import DEFAULT_MAX_BODY_BYTES, V2App
 from .grpc import start_server
@@ -24,27 +25,6 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 __all__ = ["LOOPS", "Server"]
-
-LOOPS = ("auto", "uvloop", "asyncio")
-"""The event loops a Server runs on: ``uvloop`` (libuv), ``asyncio`` (the standard library's)
-or ``auto`` (uvloop where it is installed, else asyncio)."""
-
-
-def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The factory of the event loop named ``loop`` (one of ``LOOPS``). ``uvloop`` raises
-    ImportError naming the package when it is not installed."""
-    if loop not in LOOPS:
-        raise ValueError(f"Server: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
-    if loop == "asyncio":
-        return asyncio.new_event_loop
-    try:
-        import uvloop
-    except ImportError:
-        if loop == "uvloop":
-            raise ImportError("Server: loop='uvloop' needs the uvloop package "
-                              "(pip install 'apportion[serve]')") from None
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
 
 
 class _Uvicorn(uvicorn.Server):
@@ -81,8 +61,8 @@ class Server:
                 raise ValueError(f"Server: {field} must be a port in [0, 65535], got {port!r}")
         if not drain_timeout_s > 0:
             raise ValueError(f"Server: drain_timeout_s must be > 0, got {drain_timeout_s!r}")
-        self._loop_factory = loop_factory(loop)
-        self.loop: str = "asyncio" if self._loop_factory is asyncio.new_event_loop else "uvloop"
+        self._loop_factory = loop_factory(loop, "Server", "serve")
+        self.loop: str = loop_name(self._loop_factory)
         """The event loop that serves: ``uvloop`` or ``asyncio``."""
         self.frontend = fe.Frontend(rt, signatures)
         self.app = V2App(self.frontend, max_body_bytes=max_body_bytes,

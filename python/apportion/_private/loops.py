@@ -1,0 +1,36 @@
+"""The event loops the server (``apportion.serve``) runs on, named without importing the
+server's dependencies (the CLI lists them)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["LOOPS", "loop_factory", "loop_name"]
+
+LOOPS = ("auto", "uvloop", "asyncio")
+"""``uvloop`` (libuv), ``asyncio`` (the standard library's) or ``auto`` (uvloop where it is
+installed, else asyncio)."""
+
+
+def loop_factory(loop: str, who: str, extra: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of the event loop named ``loop`` (one of ``LOOPS``) for ``who`` (named in
+    the errors): ValueError for another name, ImportError naming the package (and ``extra``,
+    the apportion extra that installs it) for ``uvloop`` when it is not installed."""
+    if loop not in LOOPS:
+        raise ValueError(f"{who}: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    if loop == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise ImportError(f"{who}: loop='uvloop' needs the uvloop package "
+                              f"(pip install 'apportion[{extra}]')") from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def loop_name(factory: Callable[[], asyncio.AbstractEventLoop]) -> str:
+    """``"asyncio"`` or ``"uvloop"``: which loop ``factory`` (from loop_factory) makes."""
+    return "asyncio" if factory is asyncio.new_event_loop else "uvloop"
