@@ -9,8 +9,10 @@ whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier th
 ``confirm`` windows in a row gets capacity: one more instance, taken from the free CPUs, from
 CPU time the shared pool's CPUs left idle (a shared-pool model whose instances are all busy while at
 least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
-count says nothing about the time the pool has left), or from a model that idles (busy below
-``idle`` and p99 well under its SLO for ``confirm`` windows, and more than one instance, or one
+count says nothing about the time the pool has left), or from a model that idles (used below
+``idle``, see :attr:`Window.used`: for a model with CPUs of its own also by its threads' CPU
+time, which a noisy neighbour does not inflate, and p99 well under its SLO for ``confirm``
+windows, and more than one instance, or one
 core of its own: on an "os" shared pool that core goes to the pool, and the model serves from
 the pool beside the others; undone like any move when the models then serve less); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -82,6 +85,9 @@ class Window:
     mean_batch: float
     instances: int
     good: int | None = None
+    cpu_s: float | None = None
+    """CPU time the model's threads used in the window (s); None: not read (a model without
+    CPUs of its own, or no /proc)."""
     """Completed within the model's SLO (from the end-to-end histogram's buckets); None when
     not known (no SLO given)."""
 
@@ -101,6 +107,16 @@ class Window:
         if self.seconds <= 0 or self.instances <= 0:
             return 0.0
         return self.completed * self.cost_s / (self.seconds * self.instances)
+
+    @property
+    def used(self) -> float:
+        """Fraction of its instances' capacity the model used: ``busy``, or less where the CPU
+        time its threads used (``cpu_s``) reads lower. Both can only overstate the work: a call's
+        time includes the moments a busier neighbour held its CPU, and CPU time includes a
+        worker's spin before it parks. Whether a model idles is asked of this."""
+        if self.cpu_s is None or self.seconds <= 0 or self.instances <= 0:
+            return self.busy
+        return min(self.busy, self.cpu_s / (self.seconds * self.instances))
 
     def needed(self, target: float) -> int:
         """Instances the arrival rate needs at utilisation ``target``."""
@@ -307,6 +323,8 @@ class Controller:
         self.headroom, self.oversubscribe = headroom, oversubscribe
         self._pool: frozenset[int] = frozenset()  # the shared pool's CPUs at the last reading
         self._busy_s: float | None = None  # their busy seconds then
+        self._proc = os.path.isdir("/proc/self/task")  # per-thread CPU time can be read
+        self._last_cpu: dict[str, float] = {}  # CPU seconds of the models with CPUs of their own
         self.idle_cpus: float | None = None
         """CPUs of the runtime's shared pool that sat idle over the last window (None: not
         measured, or the pool changed during the window)."""
@@ -353,7 +371,7 @@ class Controller:
             if slo is None or name not in specs:
                 continue
             risky = w.p99_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot
-            calm = w.busy < self.idle and w.p99_ms < 0.5 * slo and w.refused == 0
+            calm = w.used < self.idle and w.p99_ms < 0.5 * slo and w.refused == 0
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
             if self._risk_streak[name] >= self.confirm and self._dwelled(name, now_s):
@@ -385,7 +403,7 @@ class Controller:
         can_grow = self._open(name, "grow", now_s)
         if can_grow and room is not None and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
-        donors = sorted((windows[d].busy, d) for d in idle
+        donors = sorted((windows[d].used, d) for d in idle
                         if d != name and _shrunk(specs[d], self.release) is not None) if can_grow else []
         for _, d in donors:
             ds = specs[d]
@@ -396,7 +414,7 @@ class Controller:
             gives = "its core to the shared pool" if shrunk.isolation != ds.isolation else "an instance"
             return [*moves,
                     self._move(now_s, d, shrunk, _change(ds, shrunk),
-                               f"idle (busy {windows[d].busy:.0%}): gives {gives} to {name!r}"),
+                               f"idle (used {windows[d].used:.0%}): gives {gives} to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         can_batch = self._open(name, "batch", now_s)
         if can_batch and spec.batching is None and self.max_batch > 1:
@@ -476,6 +494,17 @@ class Controller:
             return False
         return True
 
+    def _cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of each model with CPUs of its own (isolation "exclusive": its
+        threads run on those alone), where /proc can be read; others are left out (a shared
+        pool's time is read for the pool as a whole, a worker process's is not counted)."""
+        if not self._proc:
+            return {}
+        own = {n for n in self.slos if n in self.rt.models and self.rt.spec(n).isolation == "exclusive"}
+        if not own:
+            return {}
+        return {n: s for n, s in self.rt.cpu_seconds().items() if n in own}
+
     def _pool_busy_s(self) -> tuple[frozenset[int], float | None]:
         """The shared pool's CPUs now and their busy seconds so far (/proc/stat; None where
         unreadable). Only they count: a shared model's instances cannot run on the cores of
@@ -507,9 +536,15 @@ class Controller:
         self._last, self._last_at = stats, now
         if last is None:
             self._pool, self._busy_s = self._pool_busy_s()
+            self._last_cpu = self._cpu_s()
             return []
         windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n]) for n in self.slos
                    if n in stats and n in last}
+        cpu, last_cpu = self._cpu_s(), self._last_cpu
+        self._last_cpu = cpu
+        for n, w in windows.items():
+            if n in cpu and n in last_cpu:
+                windows[n] = dataclasses.replace(w, cpu_s=max(0.0, cpu[n] - last_cpu[n]))
         self.windows = windows
         self.history.append((now - self._t0, windows))
         if self._trial is not None:

@@ -3,6 +3,7 @@ beside a real runtime."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -385,6 +386,26 @@ def test_an_idle_donor_down_to_one_core_gives_it_to_the_shared_pool() -> None:
     assert c.stats()["tabu"] == {"b shrink": 31.0, "a grow": 31.0}
 
 
+def test_a_model_idles_by_the_cpu_its_threads_used_when_that_reads_lower() -> None:
+    # Wall busy 40% (its calls were slow: a busier neighbour held the CPU), 10% of CPU used:
+    # its core is idle. Read from whichever measure is lower: CPU time that reads higher
+    # (a worker spinning before it parks) makes no model look busier than its calls.
+    w = win(busy=0.4)
+    assert w.cpu_s is None and w.used == pytest.approx(0.4)
+    assert dataclasses.replace(w, cpu_s=0.1).used == pytest.approx(0.1)
+    assert dataclasses.replace(w, cpu_s=0.7).used == pytest.approx(0.4)
+    assert dataclasses.replace(win(busy=0.4, instances=2), cpu_s=0.2).used == pytest.approx(0.1)
+    c = controller(confirm=1, capacity=2)
+    specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
+    assert c.idle == pytest.approx(0.3)
+    moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.4, p99=1.0)}, specs, 0.0)
+    assert [m.change for m in moves] == ["batching off -> 8"]  # by wall time 'b' is not idle
+    c = controller(confirm=1, capacity=2)
+    moves = c.decide({"a": win(p99=60.0), "b": dataclasses.replace(win(busy=0.4, p99=1.0), cpu_s=0.1)}, specs, 0.0)
+    assert [(m.model, m.change) for m in moves] == [("b", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
+    assert "idle (used 10%)" in moves[0].reason
+
+
 def test_a_donor_with_burst_instances_keeps_its_core() -> None:
     c = controller(confirm=1, capacity=2)
     specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive", burst=True)}
@@ -401,6 +422,23 @@ def test_a_donor_down_to_one_core_gives_nothing_on_a_scheduled_pool() -> None:
     assert [m.change for m in moves] == ["batching off -> 8"]
     with ap.Runtime() as rt:
         assert (rt.shared_pool, Controller(rt, {"a": 50.0}).release) == ("os", True)
+
+
+def test_a_model_that_waits_in_its_calls_reads_busy_but_not_used() -> None:
+    # 'b' owns a core and spends its calls asleep: by wall time its instance is busy, by the
+    # CPU time of its threads the core is idle. The step reads both.
+    rt = ap.Runtime(cpus=[0, 1])
+    rt.add_model("a", model=lambda x: x)
+    rt.add_model("b", model=lambda x: time.sleep(0.005) or x, cores=1, isolation="exclusive")
+    with rt:
+        c = Controller(rt, {"a": 50.0, "b": 1000.0}, capacity=2, confirm=5, dwell_s=0.0)
+        c.step()
+        for i in range(40):
+            assert rt.call("b", i) == i
+        c.step()
+        w = c.windows["b"]
+    assert w.cpu_s is not None and w.busy > 0.5, w
+    assert w.used < 0.2 and w.used == pytest.approx(w.cpu_s / w.seconds), w
 
 
 def test_a_core_given_to_the_pool_moves_live_and_loses_nothing() -> None:
@@ -431,6 +469,9 @@ def test_a_core_given_to_the_pool_moves_live_and_loses_nothing() -> None:
         futs[-1].result(10)
         time.sleep(0.05)  # a window in which 'b' idles (its one call: ~1 ms of 50)
         moves = c.step()
+        # CPU time is read for 'b' (CPUs of its own), not for 'a' (the pool's time is the pool's)
+        assert c.windows["b"].cpu_s is not None and c.windows["a"].cpu_s is None
+        assert c.windows["b"].used <= c.windows["b"].busy
         assert [(m.model, m.change) for m in moves] == [("b", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
         assert rt.spec("b").isolation == "shared" and rt.spec("a").instances == 2
         assert rt.plan().shared_pool == (0, 1) and core_b[0] in rt.plan()["a"].instances[0].cpus
