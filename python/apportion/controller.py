@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -53,7 +52,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._private.cputime import cpus_busy_s
+from ._private.cputime import THREAD_TIMES, cpus_busy_s
 from .batching import Batching
 from .errors import ApportionError, QuotaError
 from .spec import ModelSpec
@@ -323,7 +322,6 @@ class Controller:
         self.headroom, self.oversubscribe = headroom, oversubscribe
         self._pool: frozenset[int] = frozenset()  # the shared pool's CPUs at the last reading
         self._busy_s: float | None = None  # their busy seconds then
-        self._proc = os.path.isdir("/proc/self/task")  # per-thread CPU time can be read
         self._last_cpu: dict[str, float] = {}  # CPU seconds of the models with CPUs of their own
         self.idle_cpus: float | None = None
         """CPUs of the runtime's shared pool that sat idle over the last window (None: not
@@ -498,7 +496,7 @@ class Controller:
         """CPU seconds so far of each model with CPUs of its own (isolation "exclusive": its
         threads run on those alone), where /proc can be read; others are left out (a shared
         pool's time is read for the pool as a whole, a worker process's is not counted)."""
-        if not self._proc:
+        if not THREAD_TIMES:
             return {}
         own = {n for n in self.slos if n in self.rt.models and self.rt.spec(n).isolation == "exclusive"}
         if not own:

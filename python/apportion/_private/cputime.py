@@ -13,6 +13,10 @@ from collections.abc import Collection, Mapping
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
+THREAD_TIMES = os.path.isdir("/proc/self/task")
+"""Whether per-thread CPU time can be read here: where it cannot, every model reads 0, which
+says nothing about how busy it was."""
+
 
 def _thread_times() -> dict[int, tuple[bytes, float]]:
     """{tid: (comm, user+system seconds)} of this process's threads."""

@@ -13,20 +13,19 @@ LOOPS = ("auto", "uvloop", "asyncio")
 installed, else asyncio)."""
 
 
-def loop_factory(loop: str, who: str, extra: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The factory of the event loop named ``loop`` (one of ``LOOPS``) for ``who`` (named in
-    the errors): ValueError for another name, ImportError naming the package (and ``extra``,
-    the apportion extra that installs it) for ``uvloop`` when it is not installed."""
+def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of the event loop named ``loop`` (one of ``LOOPS``): ValueError for another
+    name, ImportError naming the package for ``uvloop`` when it is not installed."""
     if loop not in LOOPS:
-        raise ValueError(f"{who}: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+        raise ValueError(f"Server: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
     if loop == "asyncio":
         return asyncio.new_event_loop
     try:
         import uvloop
     except ImportError:
         if loop == "uvloop":
-            raise ImportError(f"{who}: loop='uvloop' needs the uvloop package "
-                              f"(pip install 'apportion[{extra}]')") from None
+            raise ImportError("Server: loop='uvloop' needs the uvloop package "
+                              "(pip install 'apportion[serve]')") from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 

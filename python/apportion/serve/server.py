@@ -61,7 +61,7 @@ class Server:
                 raise ValueError(f"Server: {field} must be a port in [0, 65535], got {port!r}")
         if not drain_timeout_s > 0:
             raise ValueError(f"Server: drain_timeout_s must be > 0, got {drain_timeout_s!r}")
-        self._loop_factory = loop_factory(loop, "Server", "serve")
+        self._loop_factory = loop_factory(loop)
         self.loop: str = loop_name(self._loop_factory)
         """The event loop that serves: ``uvloop`` or ``asyncio``."""
         self.frontend = fe.Frontend(rt, signatures)
