@@ -93,7 +93,7 @@ def main() -> int:
                         f"| {total['equal split']:.0f} ({met['equal split']} of {n}) | {total['tuned']:.0f} "
                         f"({met['tuned']} of {n}) | {ratio_u:.2f}x | {ratio_e:.2f}x | {conf} | "
                         f"{'yes' if ok else 'no'} |")
-            print(rows[-1], flush=True)
+            print(rows[-1], file=sys.stderr, flush=True)  # progress; the table goes to stdout
     finally:
         for proc in procs:
             proc.kill()
