@@ -155,3 +155,16 @@ def test_torch_models_share_the_arrays_memory() -> None:
     assert t.data_ptr() != ro.ctypes.data and t.tolist() == [0.0, 1.0, 2.0]
     out = sig.from_model("m", torch.ones(2) * 3)
     assert out["y"].dtype == np.float32 and out["y"].tolist() == [3.0, 3.0]
+
+
+def test_torch_outputs_become_arrays_with_or_without_autograd() -> None:
+    torch = pytest.importorskip("torch")
+    sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("y", "FP32", [-1])], tensor="torch")
+    plain = torch.arange(3, dtype=torch.float32)
+    out = sig.from_model("m", plain)["y"]
+    assert out.ctypes.data == plain.data_ptr()  # a view of the tensor's memory, not a copy
+    graded = torch.ones(2, requires_grad=True) * 2  # .numpy() refuses it: detached first
+    out = sig.from_model("m", graded)["y"]
+    assert out.dtype == np.float32 and out.tolist() == [2.0, 2.0]
+    with pytest.raises(OutputError, match=r"output 'y'.*declared FP32.*float64"):
+        sig.from_model("m", torch.ones(2, dtype=torch.float64))

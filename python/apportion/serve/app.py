@@ -287,5 +287,8 @@ def _header(scope: Scope, key: bytes) -> str | None:
     return None
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps with separators builds one per call
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _ENCODER.encode(obj).encode()
