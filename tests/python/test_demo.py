@@ -97,3 +97,18 @@ def test_table_compares_the_controller_with_the_static_plan_after_the_shift() ->
     assert "no move after the shift; no SLO miss in any window after it" in d.table()
     mlp_rows = [line.split() for line in text.splitlines() if " mlp " in f" {line} "]
     assert [r[-7] for r in mlp_rows if r[0] == "shift:"] == [f"{new['mlp']:.0f}"] * 3
+
+
+def test_table_says_what_share_of_the_new_demand_each_mode_served() -> None:
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+
+    def res(good: float) -> dict[str, Measured]:
+        return {n: Measured(good, good, 10.0, True, 100.0) for n in cfg.models}
+
+    demand = {"mlp": 140.0, "conv": 40.0, "encoder": 20.0}  # 200/s in all after the shift
+    results = {"unmanaged": res(10), "equal split": res(20), "tuned": res(30),
+               "shift: static": res(40), "shift: controller": res(50)}
+    d = demo.DemoResult(cfg, results, cfg, {}, 1.0, {m: demand for m in ("shift: static", "shift: controller")})
+    assert "  of the new demand served within SLO: static 60%, controller 75%" in d.table()
+    # Without the shifted demand recorded there is nothing to divide by: no line.
+    assert "of the new demand" not in demo.DemoResult(cfg, results, cfg, {}, 1.0).table()
