@@ -974,9 +974,11 @@ class Runtime(_core._Runtime):
         """CPU time (user + system, seconds) each model has used in this process so far: its
         worker threads and every thread they created, such as a framework's intra-op pool
         (those inherit their creator's thread name, which ties them to the model), read from
-        /proc. Exact for a model whose threads stay its own; a thread's time after the last
-        reading before it exits is lost, and a worker process's (isolation="process") is not
-        counted. Costs a /proc read per thread of the process: for a metrics scrape, not a
+        /proc. Exact for a model whose threads stay its own. Where two models' names agree in
+        the part a thread name keeps (Linux: 15 bytes, ``ap:<model>:<instance>``), each still
+        gets its workers' time, but threads their workers created count for neither. A
+        thread's time after the last reading before it exits is lost, and a worker process's
+        (isolation="process") is not counted. Costs a /proc read per thread of the process: for a metrics scrape, not a
         hot path. Zero where /proc is not available."""
         return self._cpu.read({n: self._worker_tids(n) for n in self.models})
 

@@ -75,3 +75,31 @@ def test_the_prometheus_counter_carries_it() -> None:
            if s.name == "apportion_model_cpu_seconds_total"}
     assert got == {"a": 1.5, "b": 0.25}
     assert "apportion_model_cpu_seconds" not in prometheus_text({})
+
+
+def test_models_whose_thread_names_collide_each_keep_their_workers_time(rt: ap.Runtime) -> None:
+    # Both workers are named "ap:a_long_mod:0" (Linux keeps 15 bytes): told apart by tid.
+    one, two = "a_long_model_name_one", "a_long_model_name_two"
+    rt.add_model(one, model=lambda x: burn(0.3) or x)
+    rt.add_model(two, model=lambda x: x)
+    rt.start()
+    before = rt.cpu_seconds()
+    rt.call(one, 1)
+    rt.call(two, 2)
+    after = rt.cpu_seconds()
+    assert 0.25 <= after[one] - before[one] <= 0.6
+    assert after[two] - before[two] < 0.1
+
+
+def test_a_thread_named_like_several_models_workers_counts_for_none() -> None:
+    from apportion._private.cputime import CpuTracker
+
+    same, own = b"ap:a_long_mod:0", b"ap:b:0"
+    threads = {1: (same, 2.0), 2: (same, 3.0), 3: (same, 1.5), 4: (own, 0.5), 5: (own, 0.25), 6: (b"other", 9.0)}
+    tracker = CpuTracker()
+    got = tracker.read({"a_long_model_name_one": [1], "a_long_model_name_two": [2], "b": [4]}, threads)
+    # 3 was created by one of the colliding workers, which one is unknown; 5 by b's worker.
+    assert got == {"a_long_model_name_one": 2.0, "a_long_model_name_two": 3.0, "b": 0.75}
+    # Threads seen before keep their model when they exit: b's helper's time stays b's.
+    del threads[5]
+    assert tracker.read({"a_long_model_name_one": [1], "a_long_model_name_two": [2], "b": [4]}, threads)["b"] == 0.75

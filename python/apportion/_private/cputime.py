@@ -47,18 +47,28 @@ class CpuTracker:
         self._seen: dict[int, tuple[str, float]] = {}  # tid -> (model, seconds when last read)
         self._gone: dict[str, float] = {}  # model -> seconds of its exited threads
 
-    def read(self, worker_tids: Mapping[str, list[int]]) -> dict[str, float]:
-        """CPU seconds of each model whose workers are ``worker_tids`` (model -> kernel tids)."""
-        threads = _thread_times()
-        comm_of = {}
+    def read(self, worker_tids: Mapping[str, list[int]],
+             threads: Mapping[int, tuple[bytes, float]] | None = None) -> dict[str, float]:
+        """CPU seconds of each model whose workers are ``worker_tids`` (model -> kernel tids).
+        ``threads``: {tid: (name, seconds)} of the process (default: read from /proc).
+
+        A worker counts for its model by its tid. Another thread counts for the model whose
+        workers carry its name (it inherited it from the worker that created it); where
+        workers of several models carry that name (their names agree in the 15 bytes Linux
+        keeps), the thread counts for none of them rather than for the wrong one."""
+        threads = _thread_times() if threads is None else threads
+        worker_of: dict[int, str] = {}
+        comm_of: dict[bytes, str | None] = {}  # None: the name of several models' workers
         for model, tids in worker_tids.items():
             for t in tids:
                 if t in threads:
-                    comm_of[threads[t][0]] = model
+                    worker_of[t] = model
+                    comm = threads[t][0]
+                    comm_of[comm] = model if comm_of.get(comm, model) == model else None
         with self._lock:
             now: dict[int, tuple[str, float]] = {}
             for tid, (comm, secs) in threads.items():
-                model = comm_of.get(comm)
+                model = worker_of.get(tid) or comm_of.get(comm)
                 if model is None:
                     prev = self._seen.get(tid)
                     if prev is None:
