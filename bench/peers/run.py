@@ -9,12 +9,16 @@ Scenarios (bench/peers/models.py has the models and request tensors):
   each server's batching (up to 8 requests, 1 ms), 8 closed-loop clients: req/s and p99;
 - ``demo``: apportion demo's three models (mlp, conv, encoder) under its mixed open load (Poisson,
   shares 35/20/45%) at its SLOs (p99 <= 50/75/40 ms, also sent as each request's timeout):
-  goodput, for each server configuration tried (instances, batching). The total rate is a
-  fraction (``--demo-load``, by tensor encoding; default json=0.1, binary=0.35) of
+  goodput, for each server configuration tried (instances, batching) and each load. The total
+  rate is a fraction (``--demo-load``, by tensor encoding, several separated by ``/``; default
+  json=0.1, binary=0.35/0.42/0.5) of
   ``apportion.demo.demo_config(load=1.0)`` for the server's CPUs: the demo's full rate is
   sized for requests with no network, JSON or client cost, and its tensors as JSON (4-12 k
   floats a request) cost the client and every server more than the models themselves
-  (15-18 ms a request against 2 ms binary, one client, apportion serve, this machine).
+  (15-18 ms a request against 2 ms binary, one client, apportion serve, this machine). A
+  server that serves everything offered at one load says nothing of how much more it could
+  serve, so the demo runs at several, and a last table gives each server's best goodput over
+  every configuration and load (preferring one that met every SLO).
 
 Every request's tensors travel as JSON (``--tensors json``). Ray Serve and LitServe answer v2
 through the thin adapters in this folder (serve_ray.py, serve_litserve.py, v2json.py);
@@ -68,6 +72,7 @@ class Row:
     scenario: str
     config: str
     tensors: str
+    load: float | None = None  # the demo's: the fraction of its full rate offered
     figures: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -250,17 +255,53 @@ def figures(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[str, Any]], str]]:
-    """(peer, scenario, config label, models, tensors) in run order: peers alternate within
-    each scenario, so a slow minute of the shared machine does not fall on one peer alone."""
+def demo_loads(text: str) -> dict[str, list[float]]:
+    """``--demo-load``: "json=0.1,binary=0.35/0.42" -> {"json": [0.1], "binary": [0.35, 0.42]}."""
+    out: dict[str, list[float]] = {}
+    for part in filter(None, text.split(",")):
+        key, sep, values = part.partition("=")
+        try:
+            loads = [float(v) for v in values.split("/")]
+        except ValueError:
+            loads = []
+        if not sep or key not in ("json", "binary") or not loads or not all(0 < v <= 10 for v in loads):
+            raise ValueError(f"--demo-load: {part!r} is not ENCODING=F[/F...] with ENCODING json or binary "
+                             "and each F in (0, 10]")
+        out[key] = loads
+    return out
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[str, Any]], str, float | None]]:
+    """(peer, scenario, config label, models, tensors, demo load) in run order: peers alternate
+    within each scenario, so a slow minute of the shared machine does not fall on one peer alone."""
     runs = []
     for scenario in args.scenarios:
         for tensors in args.tensors:
-            for label, models in configs(scenario):
-                for peer in args.peers:
-                    if tensors == "json" or peer in BINARY:
-                        runs.append((peer, scenario, label, models, tensors))
+            loads: list[float | None] = [None]
+            if scenario == "demo":
+                loads = list(args.demo_loads.get(tensors, [1.0]))
+            for load in loads:
+                for label, models in configs(scenario):
+                    for peer in args.peers:
+                        if tensors == "json" or peer in BINARY:
+                            runs.append((peer, scenario, label, models, tensors, load))
     return runs
+
+
+def best_goodput(rows: list[Row]) -> list[tuple[str, Row]]:
+    """Each server's best demo row: the highest goodput among rows that met every SLO, else
+    the highest of all (server order kept; servers without a measured row left out)."""
+    best: dict[str, Row] = {}
+    for r in rows:
+        if r.scenario != "demo" or r.error or not r.figures:
+            continue
+
+        def key(x: Row) -> tuple[bool, float]:
+            return all(m["slo_met"] for m in x.figures["per_model"].values()), x.figures["goodput"]
+
+        if r.peer not in best or key(r) > key(best[r.peer]):
+            best[r.peer] = r
+    return list(best.items())
 
 
 def configs(scenario: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
@@ -296,8 +337,16 @@ def table(rows: list[Row]) -> str:
                            f"{f['p99_ms']:.1f} |")
             else:
                 met = ", ".join("yes" if m["slo_met"] else "no" for m in f["per_model"].values())
-                out.append(f"| {r.peer}{note} | {r.config}, {r.tensors} | {f['offered']:.0f} | {f['throughput']:.0f} | "
-                           f"{f['goodput']:.0f} | {met} |")
+                out.append(f"| {r.peer}{note} | {r.config}, {r.tensors}, load {r.load:g} | {f['offered']:.0f} | "
+                           f"{f['throughput']:.0f} | {f['goodput']:.0f} | {met} |")
+    best = best_goodput(rows)
+    if best:
+        out += ["", "**demo: each server's best goodput** (over every configuration and load; one that met "
+                "every SLO first)", "", "| server | goodput/s | every SLO met | configuration |", "|---|---|---|---|"]
+        for peer, r in best:
+            met = all(m["slo_met"] for m in r.figures["per_model"].values())
+            out.append(f"| {peer} | {r.figures['goodput']:.0f} | {'yes' if met else 'no'} | "
+                       f"{r.config}, {r.tensors}, load {r.load:g} |")
     return "\n".join(out)
 
 
@@ -311,8 +360,9 @@ def main() -> None:
     p.add_argument("--client-cpus", default=None, help="CPUs the load client is pinned to (default: all)")
     p.add_argument("--tensors", default="json",
                    help="json, binary or json,binary")
-    p.add_argument("--demo-load", default="json=0.1,binary=0.35",
-                   help="fraction of the demo's full rate by tensor encoding (default json=0.1,binary=0.35)")
+    p.add_argument("--demo-load", default="json=0.1,binary=0.35/0.42/0.5",
+                   help="fractions of the demo's full rate by tensor encoding, several separated by / "
+                        "(default json=0.1,binary=0.35/0.42/0.5)")
     p.add_argument("--request-timeout-s", type=float, default=5.0,
                    help="a request unanswered after this counts as failed (default 5)")
     p.add_argument("--apportion-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
@@ -334,7 +384,11 @@ def main() -> None:
 
     per_request = demo.single_thread_ms()
     full_rate = demo.demo_config(load=1.0, per_request_ms=per_request, cpus=len(server_cpus)).rate
-    fractions = {k: float(v) for k, _, v in (x.partition("=") for x in args.demo_load.split(","))}
+    try:
+        args.demo_loads = demo_loads(args.demo_load)
+    except ValueError as e:
+        p.error(str(e))
+    fractions = args.demo_loads
     print(f"# {platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; servers on CPUs {server_cpus}, client on {client_cpus}; "
           f"demo one-thread ms {({k: round(v, 2) for k, v in per_request.items()})}, demo full rate {full_rate}/s, "
@@ -348,13 +402,13 @@ def main() -> None:
             broken[peer] = "not installed: " + (log.read_text(errors="replace")[-600:].strip().replace("\n", " | ")
                                                 if log.exists() else "no install log")
     t0 = time.monotonic()
-    for peer, scenario, label, models, tensors in plan(args):
-        row = Row(peer, scenario, label, tensors)
+    for peer, scenario, label, models, tensors, load in plan(args):
+        row = Row(peer, scenario, label, tensors, load)
         rows.append(row)
         if peer in broken:
             row.error = broken[peer]
             continue
-        specs, inputs = scenario_loads(scenario, full_rate * fractions.get(tensors, 1.0))
+        specs, inputs = scenario_loads(scenario, full_rate * (load or 1.0))
         slo = {n: demo.SLO_MS[n] for n in models if n in demo.SLO_MS}
         log = BUILD / f"server-{peer}-{scenario}-{len(rows)}.log"
         server = Server(peer, models, server_cpus, slo, log, args.apportion_loop)
@@ -368,7 +422,9 @@ def main() -> None:
         finally:
             server.stop()
         status = row.error or json.dumps({k: v for k, v in row.figures.items() if k != "per_model"})
-        print(f"[{time.monotonic() - t0:5.0f} s] {peer:9s} {scenario:6s} {label:32s} {tensors:6s} {status}", flush=True)
+        at = f" load {load:g}" if load is not None else ""
+        print(f"[{time.monotonic() - t0:5.0f} s] {peer:9s} {scenario:6s} {label:32s} {tensors:6s}{at} {status}",
+              flush=True)
     (BUILD / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     print(table(rows))
 

@@ -1,0 +1,64 @@
+"""The peer comparison's runner (bench/peers/run.py): its demo loads, the order it runs
+servers, configurations and loads in, and the table of each server's best goodput."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "peers" / "run.py"
+_spec = importlib.util.spec_from_file_location("peers_run", _PATH)
+assert _spec is not None and _spec.loader is not None
+run = importlib.util.module_from_spec(_spec)
+sys.modules["peers_run"] = run  # dataclasses look their module up by name
+_spec.loader.exec_module(run)
+
+
+def test_demo_loads_take_several_fractions_per_encoding() -> None:
+    assert run.demo_loads("json=0.1,binary=0.35/0.42/0.5") == {"json": [0.1], "binary": [0.35, 0.42, 0.5]}
+    assert run.demo_loads("binary=1") == {"binary": [1.0]}
+
+
+@pytest.mark.parametrize("text", ["binary", "binary=", "binary=x", "binary=0.3/", "grpc=0.1", "binary=0",
+                                  "json=11"])
+def test_a_demo_load_that_is_not_encoding_and_fractions_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="ENCODING=F"):
+        run.demo_loads(text)
+
+
+def test_the_demo_runs_every_configuration_at_every_load_peers_alternating() -> None:
+    args = argparse.Namespace(scenarios=["noop", "demo"], tensors=["binary"], peers=["apportion", "pytriton"],
+                              demo_loads={"binary": [0.35, 0.5]})
+    runs = run.plan(args)
+    noop = [r for r in runs if r[1] == "noop"]
+    assert [(r[0], r[5]) for r in noop] == [("apportion", None), ("pytriton", None)]
+    demo = [(peer, label, load) for peer, scenario, label, _, _, load in runs if scenario == "demo"]
+    labels = list(run.DEMO_CONFIGS)
+    assert demo == [(peer, label, load) for load in (0.35, 0.5) for label in labels
+                    for peer in ("apportion", "pytriton")]
+
+
+def _row(peer: str, goodput: float, met: bool, load: float = 0.35, error: str | None = None) -> object:
+    r = run.Row(peer, "demo", "1 instance each", "binary", load)
+    if error is None:
+        r.figures = {"stable": True, "errors": {}, "offered": 700.0, "throughput": goodput, "goodput": goodput,
+                     "per_model": {"mlp": {"slo_met": met}, "conv": {"slo_met": True}}}
+    r.error = error
+    return r
+
+
+def test_the_best_goodput_prefers_a_row_that_met_every_slo() -> None:
+    rows = [_row("apportion", 700, True, 0.35), _row("apportion", 880, False, 0.5), _row("apportion", 800, True, 0.42),
+            _row("pytriton", 365, False, 0.35), _row("pytriton", 9, False, 0.42),
+            _row("ray", 0, False, error="not installed")]
+    best = run.best_goodput(rows)
+    assert [(peer, r.figures["goodput"], r.load) for peer, r in best] == [("apportion", 800, 0.42),
+                                                                           ("pytriton", 365, 0.35)]
+    text = run.table(rows)
+    assert "| apportion | 800 | yes | 1 instance each, binary, load 0.42 |" in text
+    assert "| pytriton | 365 | no | 1 instance each, binary, load 0.35 |" in text
+    assert "| apportion | 1 instance each, binary, load 0.5 | 700 | 880 | 880 | no, yes |" in text
