@@ -314,8 +314,34 @@ def test_model_threads_tells_models_apart_by_their_worker_names() -> None:
         assert sorted(t.name for t in found["ab"]) == ["ap:ab:0", "ap:ab:1"]
         assert [t.name for t in found[long]] == ["ap:a_model_wi:0"]
         assert model_threads("nobody") == []
+        assert [t.name for t in model_threads("ab", 1)] == ["ap:ab:1"]  # one instance's alone
+        assert model_threads("ab", 2) == []
         # The threads that actually ran the calls are among those found.
         assert served_by <= {t.tid for ts in found.values() for t in ts}
+    finally:
+        rt.close(drain=False)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: one for each instance")
+def test_torch_instances_on_cores_of_their_own_each_check_only_their_own_threads() -> None:
+    # Each instance's first call checks where its threads may run. Checked against every
+    # instance's threads, instance 0 found instance 1's worker outside its CPU and warned
+    # (warnings are errors in this suite: the call itself failed).
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    rt = ap.Runtime()
+    try:
+        rt.add_model("pair", lambda ctx: torch.nn.Identity(), isolation="exclusive", cores=2, instances=2, threads=1)
+        rt.start()
+        cpus = [i.cpus for i in rt.plan()["pair"].instances]
+        assert len(cpus) == 2 and not set(cpus[0]) & set(cpus[1])
+        futures = [rt.submit("pair", torch.ones(2)) for _ in range(200)]
+        assert all(torch.equal(f.result(timeout=30), torch.ones(2)) for f in futures)
+        assert rt.stats()["pair"].completed == 200
+        served = {t.name for t in model_threads("pair")}
+        assert served == {"ap:pair:0", "ap:pair:1"}
+        for i, own in enumerate(cpus):
+            assert check_confinement("pair", own, i) == []
+        assert len(check_confinement("pair", cpus[0])) == 1  # the model as a whole: instance 1 is elsewhere
     finally:
         rt.close(drain=False)
 

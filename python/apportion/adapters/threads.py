@@ -44,25 +44,29 @@ def worker_name(model: str, instance: int) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def model_threads(model: str) -> list[ThreadInfo]:
-    """Every thread of this process that belongs to ``model``: its workers and every thread they
-    created (Linux copies a thread's name to the threads it creates, and workers are named
-    ``ap:<model>:<instance>``; see :func:`worker_name`). Two models whose names agree in the
-    part that fits the limit cannot be told apart."""
+def model_threads(model: str, instance: int | None = None) -> list[ThreadInfo]:
+    """Every thread of this process that belongs to ``model`` (or, given ``instance``, to that
+    instance alone): its workers and every thread they created (Linux copies a thread's name to
+    the threads it creates, and workers are named ``ap:<model>:<instance>``; see
+    :func:`worker_name`). Two models whose names agree in the part that fits the limit cannot
+    be told apart."""
     out = []
     for t in _threads():
         head, sep, index = t.name.rpartition(":")
-        if head.startswith("ap:") and sep and index.isdigit() and t.name == worker_name(model, int(index)):
+        if (head.startswith("ap:") and sep and index.isdigit() and (instance is None or int(index) == instance)
+                and t.name == worker_name(model, int(index))):
             out.append(t)
     return out
 
 
-def check_confinement(model: str, cpus: Iterable[int]) -> list[str]:
-    """Problems found: each thread of ``model`` allowed on a CPU outside ``cpus``."""
+def check_confinement(model: str, cpus: Iterable[int], instance: int | None = None) -> list[str]:
+    """Problems found: each thread of ``model`` (of its ``instance`` alone, when given) allowed
+    on a CPU outside ``cpus``. An instance is checked against its own CPUs: another instance's
+    threads run on that instance's."""
     allowed = set(cpus)
     return [
         f"thread {t.tid} ({t.name}) of model {model!r} may run on CPUs "
         f"{format_cpulist(set(t.cpus) - allowed)} outside its set {format_cpulist(allowed)}"
-        for t in model_threads(model)
+        for t in model_threads(model, instance)
         if not set(t.cpus) <= allowed
     ]

@@ -30,13 +30,14 @@ def set_worker_threads(threads: int) -> int:
 class TorchModel:
     """Serves a ``torch.nn.Module`` in eval mode under ``torch.inference_mode()``.
 
-    The first call checks that every thread the model created (its OpenMP pool) stayed inside
+    The first call checks that every thread the instance created (its OpenMP pool) stayed inside
     the instance's CPUs and warns with :class:`~apportion.PinningWarning` if not.
     """
 
     def __init__(self, module: torch.nn.Module, ctx: Any) -> None:
         self.module = module.eval()
         self.model = ctx.model
+        self.instance = ctx.instance
         self.cpus = ctx.cpus
         self.threads = set_worker_threads(ctx.threads) if ctx.threads else torch.get_num_threads()
         self._checked = False
@@ -47,6 +48,7 @@ class TorchModel:
         if not self._checked:
             self._checked = True
             if self.cpus:
-                for problem in check_confinement(self.model, self.cpus):
+                # This instance's threads against its own CPUs: each instance checks itself.
+                for problem in check_confinement(self.model, self.cpus, self.instance):
                     warnings.warn(problem, PinningWarning, stacklevel=2)
         return y
