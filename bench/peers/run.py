@@ -288,17 +288,21 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[s
     return runs
 
 
+def every_slo_met(r: Row) -> bool:
+    """Whether a measured demo row met the SLO of each of its models."""
+    return all(m["slo_met"] for m in r.figures["per_model"].values())
+
+
 def best_goodput(rows: list[Row]) -> list[tuple[str, Row]]:
     """Each server's best demo row: the highest goodput among rows that met every SLO, else
     the highest of all (server order kept; servers without a measured row left out)."""
+    def key(r: Row) -> tuple[bool, float]:
+        return every_slo_met(r), r.figures["goodput"]
+
     best: dict[str, Row] = {}
     for r in rows:
         if r.scenario != "demo" or r.error or not r.figures:
             continue
-
-        def key(x: Row) -> tuple[bool, float]:
-            return all(m["slo_met"] for m in x.figures["per_model"].values()), x.figures["goodput"]
-
         if r.peer not in best or key(r) > key(best[r.peer]):
             best[r.peer] = r
     return list(best.items())
@@ -344,8 +348,7 @@ def table(rows: list[Row]) -> str:
         out += ["", "**demo: each server's best goodput** (over every configuration and load; one that met "
                 "every SLO first)", "", "| server | goodput/s | every SLO met | configuration |", "|---|---|---|---|"]
         for peer, r in best:
-            met = all(m["slo_met"] for m in r.figures["per_model"].values())
-            out.append(f"| {peer} | {r.figures['goodput']:.0f} | {'yes' if met else 'no'} | "
+            out.append(f"| {peer} | {r.figures['goodput']:.0f} | {'yes' if every_slo_met(r) else 'no'} | "
                        f"{r.config}, {r.tensors}, load {r.load:g} |")
     return "\n".join(out)
 
@@ -388,11 +391,10 @@ def main() -> None:
         args.demo_loads = demo_loads(args.demo_load)
     except ValueError as e:
         p.error(str(e))
-    fractions = args.demo_loads
     print(f"# {platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; servers on CPUs {server_cpus}, client on {client_cpus}; "
           f"demo one-thread ms {({k: round(v, 2) for k, v in per_request.items()})}, demo full rate {full_rate}/s, "
-          f"run at {fractions} of it; apportion serve --loop {args.apportion_loop}",
+          f"run at {args.demo_loads} of it; apportion serve --loop {args.apportion_loop}",
           flush=True)
     rows: list[Row] = []
     broken: dict[str, str] = {}

@@ -978,8 +978,8 @@ class Runtime(_core._Runtime):
         the part a thread name keeps (Linux: 15 bytes, ``ap:<model>:<instance>``), each still
         gets its workers' time, but threads their workers created count for neither. A
         thread's time after the last reading before it exits is lost, and a worker process's
-        (isolation="process") is not counted. Costs a /proc read per thread of the process: for a metrics scrape, not a
-        hot path. Zero where /proc is not available."""
+        (isolation="process") is not counted. Costs a /proc read per thread of the process:
+        for a metrics scrape, not a hot path. Zero where /proc is not available."""
         return self._cpu.read({n: self._worker_tids(n) for n in self.models})
 
     def stats(self) -> RuntimeStats:
