@@ -5,8 +5,10 @@ the same CPUs. Run through bench/peers/run.sh, which installs the peers first.
 Scenarios (bench/peers/models.py has the models and request tensors):
 
 - ``noop``: a model that returns its input, one closed-loop client: round-trip p50;
-- ``mlp256``: the torch MLP 256-1024-1024-256, 2 replicas at 1 thread each, without and with
-  each server's batching (up to 8 requests, 1 ms), 8 closed-loop clients: req/s and p99;
+- ``mlp256``: the torch MLP 256-1024-1024-256 at 1 thread a replica, 2 replicas and 1, without
+  and with each server's batching (up to 8 requests, 1 ms), 8 closed-loop clients: req/s and
+  p99, and each server's best configuration (on 2 CPUs the load client and each server's front
+  share the CPUs with the replicas, so a second replica may cost more than it brings);
 - ``demo``: apportion demo's three models (mlp, conv, encoder) under its mixed open load (Poisson,
   shares 35/20/45%) at its SLOs (p99 <= 50/75/40 ms, also sent as each request's timeout):
   goodput, for each server configuration tried (instances, batching) and each load. The total
@@ -57,6 +59,8 @@ BINARY = ("apportion", "pytriton", "ray", "litserve")  # take binary tensor data
 MLP_CONFIGS: dict[str, dict[str, Any]] = {
     "2 replicas x 1 thread": {"instances": 2},
     "2 replicas x 1 thread, batch 8 / 1 ms": {"instances": 2, "batch": 8, "delay_ms": 1.0},
+    "1 replica x 1 thread": {"instances": 1},
+    "1 replica x 1 thread, batch 8 / 1 ms": {"instances": 1, "batch": 8, "delay_ms": 1.0},
 }
 
 DEMO_CONFIGS: dict[str, dict[str, Any]] = {
@@ -296,12 +300,19 @@ def every_slo_met(r: Row) -> bool:
 def best_goodput(rows: list[Row]) -> list[tuple[str, Row]]:
     """Each server's best demo row: the highest goodput among rows that met every SLO, else
     the highest of all (server order kept; servers without a measured row left out)."""
-    def key(r: Row) -> tuple[bool, float]:
-        return every_slo_met(r), r.figures["goodput"]
+    return _best(rows, "demo", lambda r: (every_slo_met(r), r.figures["goodput"]))
 
+
+def best_throughput(rows: list[Row]) -> list[tuple[str, Row]]:
+    """Each server's MLP row with the most req/s, over every configuration and encoding
+    (server order kept; servers without a measured row left out)."""
+    return _best(rows, "mlp256", lambda r: r.figures["rps"])
+
+
+def _best(rows: list[Row], scenario: str, key: Any) -> list[tuple[str, Row]]:
     best: dict[str, Row] = {}
     for r in rows:
-        if r.scenario != "demo" or r.error or not r.figures:
+        if r.scenario != scenario or r.error or not r.figures:
             continue
         if r.peer not in best or key(r) > key(best[r.peer]):
             best[r.peer] = r
@@ -343,6 +354,12 @@ def table(rows: list[Row]) -> str:
                 met = ", ".join("yes" if m["slo_met"] else "no" for m in f["per_model"].values())
                 out.append(f"| {r.peer}{note} | {r.config}, {r.tensors}, load {r.load:g} | {f['offered']:.0f} | "
                            f"{f['throughput']:.0f} | {f['goodput']:.0f} | {met} |")
+    fastest = best_throughput(rows)
+    if fastest:
+        out += ["", "**mlp256: each server's best throughput** (over every configuration and encoding)", "",
+                "| server | req/s | p99 ms | configuration |", "|---|---|---|---|"]
+        for peer, r in fastest:
+            out.append(f"| {peer} | {r.figures['rps']:.0f} | {r.figures['p99_ms']:.1f} | {r.config}, {r.tensors} |")
     best = best_goodput(rows)
     if best:
         out += ["", "**demo: each server's best goodput** (over every configuration and load; one that met "

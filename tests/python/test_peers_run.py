@@ -62,3 +62,27 @@ def test_the_best_goodput_prefers_a_row_that_met_every_slo() -> None:
     assert "| apportion | 800 | yes | 1 instance each, binary, load 0.42 |" in text
     assert "| pytriton | 365 | no | 1 instance each, binary, load 0.35 |" in text
     assert "| apportion | 1 instance each, binary, load 0.5 | 700 | 880 | 880 | no, yes |" in text
+
+
+def test_the_mlp_runs_one_and_two_replicas_and_the_table_names_each_servers_fastest() -> None:
+    args = argparse.Namespace(scenarios=["mlp256"], tensors=["json", "binary"], peers=["apportion", "litserve"],
+                              demo_loads={})
+    replicas = {models["mlp256"]["instances"] for _, _, _, models, _, _ in run.plan(args)}
+    assert replicas == {1, 2}
+
+    def mlp(peer: str, config: str, tensors: str, rps: float, p99: float) -> object:
+        r = run.Row(peer, "mlp256", config, tensors)
+        r.figures = {"stable": True, "errors": {}, "rps": rps, "p50_ms": 1.0, "p99_ms": p99}
+        return r
+
+    rows = [mlp("apportion", "2 replicas x 1 thread", "binary", 2600, 7.0),
+            mlp("apportion", "1 replica x 1 thread, batch 8 / 1 ms", "binary", 3000, 4.3),
+            mlp("litserve", "2 replicas x 1 thread", "json", 900, 16.0),
+            mlp("litserve", "2 replicas x 1 thread", "binary", 1000, 14.6),
+            run.Row("ray", "mlp256", "1 replica x 1 thread", "binary", error="not installed")]
+    fastest = run.best_throughput(rows)
+    assert [(peer, r.figures["rps"]) for peer, r in fastest] == [("apportion", 3000), ("litserve", 1000)]
+    text = run.table(rows)
+    assert "| apportion | 3000 | 4.3 | 1 replica x 1 thread, batch 8 / 1 ms, binary |" in text
+    assert "| litserve | 1000 | 14.6 | 2 replicas x 1 thread, binary |" in text
+    assert "each server's best goodput" not in text  # no demo rows
