@@ -117,6 +117,12 @@ class Window:
             return self.busy
         return min(self.busy, self.cpu_s / (self.seconds * self.instances))
 
+    @property
+    def unserved(self) -> int:
+        """Arrivals not served within the SLO: not completed, or (when ``good`` is known)
+        completed late."""
+        return max(0, self.arrivals - (self.completed if self.good is None else self.good))
+
     def needed(self, target: float) -> int:
         """Instances the arrival rate needs at utilisation ``target``."""
         return max(1, math.ceil(self.rate * self.cost_s / target)) if self.arrivals else 1
@@ -362,7 +368,7 @@ class Controller:
         max_queue each model may be given (its queue's size, :meth:`Runtime.queue_size`);
         default: no raise beyond the bound the controller lowered it from."""
         fits = fits or (lambda _specs: True)
-        at_risk: list[tuple[float, str]] = []
+        at_risk: list[tuple[float, float, str]] = []
         idle: list[str] = []
         for name, w in windows.items():
             slo = self.slos.get(name)
@@ -373,7 +379,9 @@ class Controller:
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
             if self._risk_streak[name] >= self.confirm and self._dwelled(name, now_s):
-                at_risk.append((w.p99_ms / slo + w.busy, name))
+                # The model that leaves the most arrivals unserved within its SLO gains first
+                # (what a move can win), then the one nearest its SLO and busiest.
+                at_risk.append((w.unserved / w.seconds if w.seconds > 0 else 0.0, w.p99_ms / slo + w.busy, name))
             elif self._idle_streak[name] >= self.confirm and self._dwelled(name, now_s):
                 idle.append(name)
         moves: list[Move] = []
@@ -386,7 +394,7 @@ class Controller:
                                         f"max_queue {spec.max_queue} -> {full}", "idle: admission restored"))
         if not at_risk:
             return moves
-        _, name = max(at_risk)
+        *_, name = max(at_risk)
         w, spec = windows[name], specs[name]
         slo = self.slos[name]
         why = (f"SLO at risk: p99 {w.p99_ms:.1f} ms of {slo:g} ms, busy {w.busy:.0%}, "

@@ -609,3 +609,18 @@ def test_a_trial_across_a_shift_of_the_load_keeps_the_move() -> None:
     shifted = {"a": Window(1.0, 200, 150, 50, 45.0, 0.0, 5.0, 1.0, 2), "b": win(rate=100.0)}
     assert c.verdict(shifted, 3.0) == []
     assert c.stats()["tabu"] == {}
+
+
+def test_of_two_models_at_risk_the_one_leaving_more_arrivals_unserved_gains() -> None:
+    # After a shift: 'a' gets 3.5x the arrivals and serves 500 of 1,400 within its SLO; 'b' runs
+    # one instance above 100% busy (the higher p99/SLO + busy) but leaves only 20 unserved.
+    c = Controller(None, {"a": 50.0, "b": 75.0, "idle": 40.0}, capacity=3, confirm=1, dwell_s=5.0, window_s=1.0)
+    specs = {"a": spec("a", 1), "b": spec("b", 1), "idle": spec("idle", 1, cores=1, isolation="exclusive")}
+    a = dataclasses.replace(win(p99=45.0, busy=0.95, rate=1400.0), completed=900, good=500)
+    b = dataclasses.replace(win(p99=60.0, busy=1.1, rate=400.0), completed=390, good=380)
+    assert a.unserved == 900 and b.unserved == 20
+    assert 60.0 / 75.0 + b.busy > 45.0 / 50.0 + a.busy  # the old ranking picked 'b'
+    moves = c.decide({"a": a, "b": b, "idle": win(busy=0.05, p99=1.0)}, specs, 0.0)
+    assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
+    # Without a count within the SLO, completions stand in for it.
+    assert dataclasses.replace(b, good=None).unserved == 10
