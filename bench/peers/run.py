@@ -209,6 +209,26 @@ class Server:
         self.log.close()
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(idle, total) jiffies of every CPU since boot (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def settle(max_s: float = 20.0, idle: float = 0.9, step_s: float = 0.5) -> float:
+    """Waits until the machine's CPUs were at least ``idle`` idle over one ``step_s`` (what a
+    stopped server left behind, such as Ray's helper processes, has ended), at most ``max_s``.
+    Returns the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        i0, n0 = _cpu_ticks()
+        time.sleep(step_s)
+        i1, n1 = _cpu_ticks()
+        if n1 == n0 or (i1 - i0) / (n1 - n0) >= idle or time.monotonic() - t0 >= max_s:
+            return time.monotonic() - t0
+
+
 def bench(url: str, specs: list[str], inputs: list[str], tensors: str, cpus: list[int], args: argparse.Namespace
           ) -> dict[str, Any]:
     cmd = ["taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-m", "apportion", "bench", "--url", url,
@@ -430,6 +450,9 @@ def main() -> None:
         specs, inputs = scenario_loads(scenario, full_rate * (load or 1.0))
         slo = {n: demo.SLO_MS[n] for n in models if n in demo.SLO_MS}
         log = BUILD / f"server-{peer}-{scenario}-{len(rows)}.log"
+        waited = settle()
+        if waited > 2.0:
+            print(f"  (waited {waited:.1f} s for the CPUs to go idle before this row)", flush=True)
         server = Server(peer, models, server_cpus, slo, log, args.apportion_loop)
         try:
             server.wait_ready(list(models))

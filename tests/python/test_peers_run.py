@@ -86,3 +86,11 @@ def test_the_mlp_runs_one_and_two_replicas_and_the_table_names_each_servers_fast
     assert "| apportion | 3000 | 4.3 | 1 replica x 1 thread, batch 8 / 1 ms, binary |" in text
     assert "| litserve | 1000 | 14.6 | 2 replicas x 1 thread, binary |" in text
     assert "each server's best goodput" not in text  # no demo rows
+
+
+def test_settle_returns_once_the_cpus_are_idle_and_gives_up_after_its_limit() -> None:
+    assert run.settle(max_s=5.0, idle=0.0, step_s=0.05) < 1.0  # any machine is 0% idle or more
+    waited = run.settle(max_s=0.2, idle=1.01, step_s=0.05)  # never that idle: waits its limit out
+    assert 0.2 <= waited < 1.0
+    idle, total = run._cpu_ticks()
+    assert 0 <= idle <= total
