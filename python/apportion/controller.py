@@ -6,7 +6,8 @@ refusals, p99 end to end, p99 queue wait, mean compute per request and batch siz
 model's per-request cost (compute time of a call divided by its batch size, as measured in that
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
-``confirm`` windows in a row gets capacity: one more instance, taken from the free CPUs, from
+``confirm`` windows in a row gets capacity (of several, the one that leaves the most arrivals
+unserved within its SLO; while that one waits out its dwell, the others wait too): one more instance, taken from the free CPUs, from
 CPU time the shared pool's CPUs left idle (a shared-pool model whose instances are all busy while at
 least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
 count says nothing about the time the pool has left), or from a model that idles (used below
@@ -369,6 +370,7 @@ class Controller:
         default: no raise beyond the bound the controller lowered it from."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
+        dwelling: set[str] = set()  # at risk, but moved within dwell_s
         idle: list[str] = []
         for name, w in windows.items():
             slo = self.slos.get(name)
@@ -378,10 +380,12 @@ class Controller:
             calm = w.used < self.idle and w.p99_ms < 0.5 * slo and w.refused == 0
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
-            if self._risk_streak[name] >= self.confirm and self._dwelled(name, now_s):
+            if self._risk_streak[name] >= self.confirm:
                 # The model that leaves the most arrivals unserved within its SLO gains first
                 # (what a move can win), then the one nearest its SLO and busiest.
                 at_risk.append((w.unserved / w.seconds if w.seconds > 0 else 0.0, w.p99_ms / slo + w.busy, name))
+                if not self._dwelled(name, now_s):
+                    dwelling.add(name)
             elif self._idle_streak[name] >= self.confirm and self._dwelled(name, now_s):
                 idle.append(name)
         moves: list[Move] = []
@@ -395,6 +399,10 @@ class Controller:
         if not at_risk:
             return moves
         *_, name = max(at_risk)
+        if name in dwelling:
+            # The model that needs it most moved within dwell_s: what could be taken for it
+            # waits for it rather than going to a model that needs it less.
+            return moves
         w, spec = windows[name], specs[name]
         slo = self.slos[name]
         why = (f"SLO at risk: p99 {w.p99_ms:.1f} ms of {slo:g} ms, busy {w.busy:.0%}, "
