@@ -7,14 +7,14 @@ model's per-request cost (compute time of a call divided by its batch size, as m
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
 ``confirm`` windows in a row gets capacity (of several, the one that leaves the most arrivals
-unserved within its SLO; while that one waits out its dwell, the others wait too): one more instance, taken from the free CPUs, from
-CPU time the shared pool's CPUs left idle (a shared-pool model whose instances are all busy while at
-least ``headroom`` CPUs sat idle over the window: instances there own no CPUs, so the nominal
-count says nothing about the time the pool has left), or from a model that idles (used below
-``idle``, see :attr:`Window.used`: for a model with CPUs of its own also by its threads' CPU
-time, which a noisy neighbour does not inflate, and p99 well under its SLO for ``confirm``
-windows, and more than one instance, or one
-core of its own: on an "os" shared pool that core goes to the pool, and the model serves from
+unserved within its SLO; while that one waits out its dwell, the others wait too): one more
+instance, taken from the free CPUs, from CPU time the shared pool's CPUs left idle (a
+shared-pool model whose instances are all busy while at least ``headroom`` CPUs sat idle over
+the window: instances there own no CPUs, so the nominal count says nothing about the time the
+pool has left), or from a model that idles (used below ``idle``, see :attr:`Window.used`:
+for a model with CPUs of its own also by its threads' CPU time, which a noisy neighbour does
+not inflate, and p99 well under its SLO for ``confirm`` windows, and more than one instance,
+or one core of its own: on an "os" shared pool that core goes to the pool, and the model serves from
 the pool beside the others; undone like any move when the models then serve less); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``), and then moves its
