@@ -209,24 +209,22 @@ class Server:
         self.log.close()
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(idle, total) jiffies of every CPU since boot (/proc/stat's first line)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return ticks[3] + ticks[4], sum(ticks)
-
-
 def settle(max_s: float = 20.0, idle: float = 0.9, step_s: float = 0.5) -> float:
     """Waits until the machine's CPUs were at least ``idle`` idle over one ``step_s`` (what a
     stopped server left behind, such as Ray's helper processes, has ended), at most ``max_s``.
-    Returns the seconds waited."""
+    Returns the seconds waited (0 where /proc/stat cannot be read)."""
+    from apportion._private.cputime import cpus_busy_s
+
+    cpus = range(os.cpu_count() or 1)
     t0 = time.monotonic()
     while True:
-        i0, n0 = _cpu_ticks()
+        b0, s0 = cpus_busy_s(cpus), time.monotonic()
+        if b0 is None:
+            return 0.0
         time.sleep(step_s)
-        i1, n1 = _cpu_ticks()
-        if n1 == n0 or (i1 - i0) / (n1 - n0) >= idle or time.monotonic() - t0 >= max_s:
-            return time.monotonic() - t0
+        b1, s1 = cpus_busy_s(cpus), time.monotonic()
+        if b1 is None or 1.0 - (b1 - b0) / ((s1 - s0) * len(cpus)) >= idle or s1 - t0 >= max_s:
+            return s1 - t0
 
 
 def bench(url: str, specs: list[str], inputs: list[str], tensors: str, cpus: list[int], args: argparse.Namespace

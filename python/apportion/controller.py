@@ -14,8 +14,8 @@ the window: instances there own no CPUs, so the nominal count says nothing about
 pool has left), or from a model that idles (used below ``idle``, see :attr:`Window.used`:
 for a model with CPUs of its own also by its threads' CPU time, which a noisy neighbour does
 not inflate, and p99 well under its SLO for ``confirm`` windows, and more than one instance,
-or one core of its own: on an "os" shared pool that core goes to the pool, and the model serves from
-the pool beside the others; undone like any move when the models then serve less); when
+or one core of its own: on an "os" shared pool that core goes to the pool, and the model
+serves from the pool beside the others; undone like any move when the models then serve less); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
@@ -370,7 +370,6 @@ class Controller:
         default: no raise beyond the bound the controller lowered it from."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
-        dwelling: set[str] = set()  # at risk, but moved within dwell_s
         idle: list[str] = []
         for name, w in windows.items():
             slo = self.slos.get(name)
@@ -384,8 +383,6 @@ class Controller:
                 # The model that leaves the most arrivals unserved within its SLO gains first
                 # (what a move can win), then the one nearest its SLO and busiest.
                 at_risk.append((w.unserved / w.seconds if w.seconds > 0 else 0.0, w.p99_ms / slo + w.busy, name))
-                if not self._dwelled(name, now_s):
-                    dwelling.add(name)
             elif self._idle_streak[name] >= self.confirm and self._dwelled(name, now_s):
                 idle.append(name)
         moves: list[Move] = []
@@ -399,7 +396,7 @@ class Controller:
         if not at_risk:
             return moves
         *_, name = max(at_risk)
-        if name in dwelling:
+        if not self._dwelled(name, now_s):
             # The model that needs it most moved within dwell_s: what could be taken for it
             # waits for it rather than going to a model that needs it less.
             return moves

@@ -611,16 +611,22 @@ def test_a_trial_across_a_shift_of_the_load_keeps_the_move() -> None:
     assert c.stats()["tabu"] == {}
 
 
-def test_of_two_models_at_risk_the_one_leaving_more_arrivals_unserved_gains() -> None:
-    # After a shift: 'a' gets 3.5x the arrivals and serves 500 of 1,400 within its SLO; 'b' runs
-    # one instance above 100% busy (the higher p99/SLO + busy) but leaves only 20 unserved.
+def _after_a_shift() -> tuple[Controller, dict[str, ap.ModelSpec], Window, Window, Window]:
+    """'a' gets 3.5x the arrivals and serves 500 of 1,400 within its SLO; 'b' runs one instance
+    above 100% busy (the higher p99/SLO + busy) but leaves only 20 unserved; 'idle' holds a
+    core of its own."""
     c = Controller(None, {"a": 50.0, "b": 75.0, "idle": 40.0}, capacity=3, confirm=1, dwell_s=5.0, window_s=1.0)
     specs = {"a": spec("a", 1), "b": spec("b", 1), "idle": spec("idle", 1, cores=1, isolation="exclusive")}
     a = dataclasses.replace(win(p99=45.0, busy=0.95, rate=1400.0), completed=900, good=500)
     b = dataclasses.replace(win(p99=60.0, busy=1.1, rate=400.0), completed=390, good=380)
+    return c, specs, a, b, win(busy=0.05, p99=1.0)
+
+
+def test_of_two_models_at_risk_the_one_leaving_more_arrivals_unserved_gains() -> None:
+    c, specs, a, b, calm = _after_a_shift()
     assert a.unserved == 900 and b.unserved == 20
     assert 60.0 / 75.0 + b.busy > 45.0 / 50.0 + a.busy  # the old ranking picked 'b'
-    moves = c.decide({"a": a, "b": b, "idle": win(busy=0.05, p99=1.0)}, specs, 0.0)
+    moves = c.decide({"a": a, "b": b, "idle": calm}, specs, 0.0)
     assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
     # Without a count within the SLO, completions stand in for it.
     assert dataclasses.replace(b, good=None).unserved == 10
@@ -629,17 +635,13 @@ def test_of_two_models_at_risk_the_one_leaving_more_arrivals_unserved_gains() ->
 def test_while_the_model_leaving_most_unserved_dwells_a_lesser_one_does_not_take_the_capacity() -> None:
     # 'a' moved at 0 s and still leaves 900 arrivals a second unserved; 'b' is at risk with 20.
     # The idle model's core waits for 'a' instead of going to 'b' during a's dwell.
-    c = Controller(None, {"a": 50.0, "b": 75.0, "idle": 40.0}, capacity=3, confirm=1, dwell_s=5.0, window_s=1.0)
-    specs = {"a": spec("a", 1), "b": spec("b", 1), "idle": spec("idle", 1, cores=1, isolation="exclusive")}
-    a = dataclasses.replace(win(p99=45.0, busy=0.95, rate=1400.0), completed=900, good=500)
-    b = dataclasses.replace(win(p99=60.0, busy=1.1, rate=400.0), completed=390, good=380)
-    calm = win(busy=0.05, p99=1.0)
+    c, specs, a, b, calm = _after_a_shift()
     c._last_move["a"] = 0.0  # a trial of 'a' undone at 0 s
     assert c.decide({"a": a, "b": b, "idle": calm}, specs, 2.0) == []
     moves = c.decide({"a": a, "b": b, "idle": calm}, specs, 5.0)
     assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
     # Once 'a' leaves less unserved than 'b', 'b' is not held back by a's dwell.
-    c2 = Controller(None, {"a": 50.0, "b": 75.0, "idle": 40.0}, capacity=3, confirm=1, dwell_s=5.0, window_s=1.0)
+    c2, *_ = _after_a_shift()
     c2._last_move["a"] = 0.0
     few = dataclasses.replace(a, completed=1390, good=1385)  # 15 unserved
     moves = c2.decide({"a": few, "b": b, "idle": calm}, specs, 2.0)

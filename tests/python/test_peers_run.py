@@ -92,5 +92,3 @@ def test_settle_returns_once_the_cpus_are_idle_and_gives_up_after_its_limit() ->
     assert run.settle(max_s=5.0, idle=0.0, step_s=0.05) < 1.0  # any machine is 0% idle or more
     waited = run.settle(max_s=0.2, idle=1.01, step_s=0.05)  # never that idle: waits its limit out
     assert 0.2 <= waited < 1.0
-    idle, total = run._cpu_ticks()
-    assert 0 <= idle <= total
