@@ -37,7 +37,8 @@ batching on, a raised or a lowered bound) is not tried for that model again for 
 seconds; the next kind in line is tried instead.
 
 Every move goes through :meth:`Runtime.apply` (live, exactly once) and is logged with its
-reason; :meth:`Controller.stats` reports the state. :meth:`Controller.decide` is a pure
+reason; :meth:`Controller.stats` reports the state. The model most at risk in a window that gets
+no move is held, and :attr:`Controller.held` says why. :meth:`Controller.decide` is a pure
 function of the windows and the controller's state, so the decision logic is tested without
 timing.
 """
@@ -352,6 +353,11 @@ class Controller:
         self.history: deque[tuple[float, dict[str, Window]]] = deque(maxlen=history)
         """The last ``history`` windows read, as (seconds since the start at the window's
         end, {model: window}), oldest first."""
+        self.held: dict[str, tuple[float, int, str]] = {}
+        """Per model: the last window in which it was the model most at risk and got no move
+        (seconds since the start), in how many windows that happened, and why: what stopped
+        each way of serving it more (a dwell, no capacity to take, calls not full, admission
+        already at its bound)."""
         self.errors: list[str] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -399,7 +405,7 @@ class Controller:
         if not self._dwelled(name, now_s):
             # The model that needs it most moved within dwell_s: what could be taken for it
             # waits for it rather than going to a model that needs it less.
-            return moves
+            return self._hold(moves, now_s, name, f"in its dwell since its move at {self._last_move[name]:.1f} s")
         w, spec = windows[name], specs[name]
         slo = self.slos[name]
         why = (f"SLO at risk: p99 {w.p99_ms:.1f} ms of {slo:g} ms, busy {w.busy:.0%}, "
@@ -414,8 +420,17 @@ class Controller:
         can_grow = self._open(name, "grow", now_s)
         if can_grow and room is not None and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
+        # Why nothing below moves it, for held(): each way of serving it more, and what stops it.
+        if not can_grow:
+            blocked = ["another instance was undone lately"]
+        elif room is None:
+            blocked = [f"no free capacity ({used} of {self.capacity} instances held"
+                       + (f", {idle_cpus:.1f} pool CPUs idle" if idle_cpus is not None else "") + ")"]
+        else:
+            blocked = ["another instance does not fit"]
         donors = sorted((windows[d].used, d) for d in idle
                         if d != name and _shrunk(specs[d], self.release) is not None) if can_grow else []
+        blocked.append("no idle model to take from" if not donors else "no idle model's capacity fits")
         for _, d in donors:
             ds = specs[d]
             shrunk = _shrunk(ds, self.release)
@@ -433,6 +448,14 @@ class Controller:
             return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
                                        why + "; no capacity to take: batch")]
         b = spec.batching
+        if not can_batch:
+            blocked.append("a batching move was undone lately")
+        elif b is None:
+            blocked.append("batching is off (max_batch 1)")
+        elif w.busy <= self.hot or w.mean_batch < FULL_BATCHES * b.max_size:
+            blocked.append(f"calls not full (mean batch {w.mean_batch:.1f} of {b.max_size}, busy {w.busy:.0%})")
+        elif b.max_size * 2 > self.max_batch_size or b.max_size * 2 in self._batch_tried.get(name, ()):
+            blocked.append(f"batch {b.max_size * 2} beyond max_batch_size or tried")
         if (can_batch and b is not None and w.busy > self.hot and w.mean_batch >= FULL_BATCHES * b.max_size
                 and b.max_size * 2 <= self.max_batch_size and b.max_size * 2 not in self._batch_tried.get(name, ())):
             # Every call already full: a bigger batch serves more per instance (the call's fixed
@@ -465,6 +488,18 @@ class Controller:
             wider = dataclasses.replace(spec, max_queue=raised)
             return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
                                        why + "; latency has room: admit what the SLO allows")]
+        if spec.admission == "deadline":
+            blocked.append("admission by deadline")
+        else:
+            blocked.append(f"max_queue {spec.max_queue} already at what the SLO allows ({allowed})"
+                           if late else "its latency has room and nothing more to admit")
+        return self._hold(moves, now_s, name, why + "; held: " + ", ".join(blocked))
+
+    def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:
+        """Records that ``name``, the model most at risk this window, got no move and why
+        (:attr:`held`); returns ``moves`` (the other models' moves of the window)."""
+        count = self.held[name][1] + 1 if name in self.held else 1
+        self.held[name] = (round(now_s, 3), count, reason)
         return moves
 
     def longest_miss(self, since_s: float = 0.0) -> tuple[float, str | None]:
@@ -663,7 +698,8 @@ class Controller:
 
     def stats(self) -> dict[str, Any]:
         """The controller's state: running or not, the last windows, the streaks, every move
-        with its reason, and the errors of moves that failed."""
+        with its reason, the models held at risk without a move and why (:attr:`held`), and the
+        errors of moves that failed."""
         return {
             "running": self._thread is not None,
             "windows": dict(self.windows),
@@ -673,6 +709,7 @@ class Controller:
             "moves": list(self.moves),
             "judging": [m.change for m, _ in self._trial.moves] if self._trial is not None else [],
             "tabu": {f"{n} {k}": until for (n, k), until in self._tabu.items()},
+            "held": dict(self.held),
             "errors": list(self.errors),
         }
 

@@ -229,6 +229,20 @@ class Adapted:
     longest_miss: tuple[float, str | None] = (0.0, None)
     """The longest run of controller windows after the shift in which a model's p99 exceeded
     its SLO (seconds) and the model that missed longest in it (None: no window missed)."""
+    held: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Per model the controller held at risk without a move after the shift (see
+    :attr:`Controller.held`): in how many windows, and the last reason."""
+
+    def describe(self) -> list[str]:
+        """A line per move (when, which model, what, why), then one per model held at risk
+        without a move after the shift."""
+        lines = []
+        for m in self.moves:
+            when = "after" if m.at_s >= self.shift_at_s else "before"
+            lines.append(f"{abs(m.at_s - self.shift_at_s):5.1f} s {when} the shift: {m.model}: {m.change} ({m.reason})")
+        for n, (count, why) in self.held.items():
+            lines.append(f"held after the shift: {n} most at risk without a move in {count} window(s); last: {why}")
+        return lines
 
     @property
     def adapted_s(self) -> float | None:
@@ -270,10 +284,13 @@ def measure_adaptive(before: Config, after: Config, *, before_s: float, settings
             ld.run(rt, before.model_loads(), warmup_s=half, window_s=half, stable_windows=1, tolerance=1.0,
                    max_s=before_s, seed=0)
             shift_at = ctl.elapsed_s()
+            before_held = {n: count for n, (_, count, _) in ctl.held.items()}
             report = settings.run(rt, after.model_loads(), seed=1)
     finally:
         rt.close(drain=False)
-    return Adapted(_measured(report, after.demand()), moves, shift_at, ctl.longest_miss(shift_at))
+    held = {n: (count - before_held.get(n, 0), why) for n, (at_s, count, why) in ctl.held.items()
+            if at_s >= shift_at}
+    return Adapted(_measured(report, after.demand()), moves, shift_at, ctl.longest_miss(shift_at), held)
 
 
 @dataclass
@@ -421,10 +438,8 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     if adapted is not None:
         print(f"  mix shift: " + ", ".join(f"{n} {SHARES[n]:.0%} -> {SHIFTED_SHARES[n]:.0%}" for n in SHARES)
               + f"; controller moves ({len(adapted.moves)}):", file=out)
-        for m in adapted.moves:
-            when = "after" if m.at_s >= adapted.shift_at_s else "before"
-            print(f"    {abs(m.at_s - adapted.shift_at_s):5.1f} s {when} the shift: {m.model}: {m.change} ({m.reason})",
-                  file=out)
+        for line in adapted.describe():
+            print(f"    {line}", file=out)
     for mode, choices in modes.items():
         print(f"  {mode}: " + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), file=out)
     print(f"tuner: {result.summary()}", file=out)

@@ -646,3 +646,40 @@ def test_while_the_model_leaving_most_unserved_dwells_a_lesser_one_does_not_take
     few = dataclasses.replace(a, completed=1390, good=1385)  # 15 unserved
     moves = c2.decide({"a": few, "b": b, "idle": calm}, specs, 2.0)
     assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("b", "instances 1 -> 2")]
+
+
+def test_a_model_at_risk_that_gets_no_move_is_held_with_what_stopped_each_way() -> None:
+    # Two models on two instances' capacity: nothing free, 'b' busy (no donor), 'a' batches
+    # but its calls are half full, and its bound is already what its SLO allows.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    specs = {"a": spec("a", 1, max_queue=8, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    a = win(p99=45.0, busy=0.8, rate=800.0, batch=4.0, refused=3)
+    assert c.decide({"a": a, "b": win(busy=0.6)}, specs, 3.0) == []
+    at_s, count, why = c.held["a"]
+    assert (at_s, count) == (3.0, 1)
+    assert why.startswith("SLO at risk: p99 45.0 ms of 50 ms")
+    for part in ("no free capacity (2 of 2 instances held)", "no idle model to take from",
+                 "calls not full (mean batch 4.0 of 8, busy 80%)", "max_queue 8 already at what the SLO allows"):
+        assert part in why, (part, why)
+    assert c.decide({"a": a, "b": win(busy=0.6)}, specs, 4.0) == []
+    assert c.held["a"][:2] == (4.0, 2), "counted per window"
+    assert c.stats()["held"] == {"a": c.held["a"]}
+    assert "b" not in c.held, "only the model most at risk is held"
+
+
+def test_a_model_at_risk_in_its_dwell_is_held_for_it_and_one_that_moves_is_not() -> None:
+    c, specs, a, b, calm = _after_a_shift()
+    c._last_move["a"] = 0.0
+    assert c.decide({"a": a, "b": b, "idle": calm}, specs, 2.0) == []
+    assert c.held["a"][2] == "in its dwell since its move at 0.0 s"
+    c2, *_ = _after_a_shift()
+    assert c2.decide({"a": a, "b": b, "idle": calm}, specs, 0.0) != []
+    assert c2.held == {}, "a move is not a hold"
+    # Growth undone lately and batching off: the reason says so.
+    c3 = controller(capacity=2, confirm=1, dwell_s=0.0)
+    c3._tabu[("a", "grow")] = c3._tabu[("a", "batch")] = 100.0
+    specs3 = {"a": spec("a", 1, admission="deadline", timeout_ms=50.0), "b": spec("b", 1)}
+    assert c3.decide({"a": win(p99=45.0, busy=0.9), "b": win(busy=0.6)}, specs3, 1.0) == []
+    why = c3.held["a"][2]
+    for part in ("another instance was undone lately", "a batching move was undone lately", "admission by deadline"):
+        assert part in why, (part, why)

@@ -112,3 +112,16 @@ def test_table_says_what_share_of_the_new_demand_each_mode_served() -> None:
     assert "  of the new demand served within SLO: static 60%, controller 75%" in d.table()
     # Without the shifted demand recorded there is nothing to divide by: no line.
     assert "of the new demand" not in demo.DemoResult(cfg, results, cfg, {}, 1.0).table()
+
+
+def test_adapted_lists_each_move_and_each_model_held_at_risk_without_one() -> None:
+    spec = demo.ModelSpec("mlp", model=lambda x: x)
+    a = demo.Adapted({}, [demo.Move(3.0, "mlp", "batch 8 -> 16", "SLO at risk", spec),
+                          demo.Move(7.5, "conv", "instances 1 -> 2", "idle CPUs", spec)], shift_at_s=5.0,
+                     held={"mlp": (4, "SLO at risk: ...; held: no free capacity")})
+    assert a.describe() == [
+        "  2.0 s before the shift: mlp: batch 8 -> 16 (SLO at risk)",
+        "  2.5 s after the shift: conv: instances 1 -> 2 (idle CPUs)",
+        "held after the shift: mlp most at risk without a move in 4 window(s); last: SLO at risk: ...; held: no free capacity",
+    ]
+    assert demo.Adapted({}, [], shift_at_s=5.0).describe() == []
