@@ -488,11 +488,14 @@ class Controller:
             wider = dataclasses.replace(spec, max_queue=raised)
             return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
                                        why + "; latency has room: admit what the SLO allows")]
-        if spec.admission == "deadline":
-            blocked.append("admission by deadline")
+        if late:
+            blocked.append("admission by deadline already refuses what would miss" if spec.admission == "deadline"
+                           else f"max_queue {spec.max_queue} already at most what the SLO allows ({allowed})"
+                           if allowed >= spec.max_queue else "a lowered bound was undone lately")
         else:
-            blocked.append(f"max_queue {spec.max_queue} already at what the SLO allows ({allowed})"
-                           if late else "its latency has room and nothing more to admit")
+            blocked.append("its latency has room and it refuses nothing" if w.refused == 0
+                           else f"max_queue {spec.max_queue} already admits what the SLO allows ({raised})"
+                           if raised <= spec.max_queue else "a raised bound was undone lately")
         return self._hold(moves, now_s, name, why + "; held: " + ", ".join(blocked))
 
     def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:

@@ -659,7 +659,7 @@ def test_a_model_at_risk_that_gets_no_move_is_held_with_what_stopped_each_way() 
     assert (at_s, count) == (3.0, 1)
     assert why.startswith("SLO at risk: p99 45.0 ms of 50 ms")
     for part in ("no free capacity (2 of 2 instances held)", "no idle model to take from",
-                 "calls not full (mean batch 4.0 of 8, busy 80%)", "max_queue 8 already at what the SLO allows"):
+                 "calls not full (mean batch 4.0 of 8, busy 80%)", "max_queue 8 already at most what the SLO allows"):
         assert part in why, (part, why)
     assert c.decide({"a": a, "b": win(busy=0.6)}, specs, 4.0) == []
     assert c.held["a"][:2] == (4.0, 2), "counted per window"
@@ -681,5 +681,17 @@ def test_a_model_at_risk_in_its_dwell_is_held_for_it_and_one_that_moves_is_not()
     specs3 = {"a": spec("a", 1, admission="deadline", timeout_ms=50.0), "b": spec("b", 1)}
     assert c3.decide({"a": win(p99=45.0, busy=0.9), "b": win(busy=0.6)}, specs3, 1.0) == []
     why = c3.held["a"][2]
-    for part in ("another instance was undone lately", "a batching move was undone lately", "admission by deadline"):
+    for part in ("another instance was undone lately", "a batching move was undone lately",
+                 "admission by deadline already refuses what would miss"):
         assert part in why, (part, why)
+    # Latency with room: refusing nothing, or already admitting what the SLO allows.
+    c4 = controller(capacity=2, confirm=1, dwell_s=0.0)
+    specs4 = {"a": spec("a", 1, max_queue=4), "b": spec("b", 1)}
+    hot = win(p99=10.0, busy=0.95, rate=100.0)
+    assert c4.decide({"a": hot, "b": win(busy=0.6)}, specs4, 1.0)[0].change == "batching off -> 8"
+    c4._tabu[("a", "batch")] = 100.0
+    assert c4.decide({"a": hot, "b": win(busy=0.6)}, specs4, 2.0) == []
+    assert "its latency has room and it refuses nothing" in c4.held["a"][2]
+    full = spec("a", 1, max_queue=256)
+    assert c4.decide({"a": dataclasses.replace(hot, refused=5), "b": win(busy=0.6)}, {**specs4, "a": full}, 3.0) == []
+    assert "max_queue 256 already admits what the SLO allows" in c4.held["a"][2]
