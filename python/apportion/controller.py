@@ -7,7 +7,8 @@ model's per-request cost (compute time of a call divided by its batch size, as m
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
 ``confirm`` windows in a row gets capacity (of several, the one that leaves the most arrivals
-unserved within its SLO; while that one waits out its dwell, the others wait too): one more
+unserved within its SLO; while that one waits out its dwell, the others wait too, and in its
+dwell one window at risk is enough to count, since its move started its streak again): one more
 instance, taken from the free CPUs, from CPU time the shared pool's CPUs left idle (a
 shared-pool model whose instances are all busy while at least ``headroom`` CPUs sat idle over
 the window: instances there own no CPUs, so the nominal count says nothing about the time the
@@ -376,6 +377,7 @@ class Controller:
         default: no raise beyond the bound the controller lowered it from."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
+        dwelling: list[tuple[float, float, str]] = []  # at risk this window, streak reset by a move
         idle: list[str] = []
         for name, w in windows.items():
             slo = self.slos.get(name)
@@ -385,10 +387,15 @@ class Controller:
             calm = w.used < self.idle and w.p99_ms < 0.5 * slo and w.refused == 0
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
+            need = (w.unserved / w.seconds if w.seconds > 0 else 0.0, w.p99_ms / slo + w.busy, name)
             if self._risk_streak[name] >= self.confirm:
                 # The model that leaves the most arrivals unserved within its SLO gains first
                 # (what a move can win), then the one nearest its SLO and busiest.
-                at_risk.append((w.unserved / w.seconds if w.seconds > 0 else 0.0, w.p99_ms / slo + w.busy, name))
+                at_risk.append(need)
+            elif risky and not self._dwelled(name, now_s):
+                # A move reset its streak, and its trial's windows count none: it may still be
+                # the neediest, which its dwell (below) holds the others back for.
+                dwelling.append(need)
             elif self._idle_streak[name] >= self.confirm and self._dwelled(name, now_s):
                 idle.append(name)
         moves: list[Move] = []
@@ -401,7 +408,7 @@ class Controller:
                                         f"max_queue {spec.max_queue} -> {full}", "idle: admission restored"))
         if not at_risk:
             return moves
-        *_, name = max(at_risk)
+        *_, name = max(at_risk + dwelling)
         if not self._dwelled(name, now_s):
             # The model that needs it most moved within dwell_s: what could be taken for it
             # waits for it rather than going to a model that needs it less.

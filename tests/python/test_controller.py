@@ -695,3 +695,23 @@ def test_a_model_at_risk_in_its_dwell_is_held_for_it_and_one_that_moves_is_not()
     full = spec("a", 1, max_queue=256)
     assert c4.decide({"a": dataclasses.replace(hot, refused=5), "b": win(busy=0.6)}, {**specs4, "a": full}, 3.0) == []
     assert "max_queue 256 already admits what the SLO allows" in c4.held["a"][2]
+
+
+def test_a_model_whose_move_reset_its_streak_still_holds_the_others_back_during_its_dwell() -> None:
+    # confirm=2: after a move, 'a' needs two risky windows again while 'b' is confirmed already.
+    _, specs, a, b, calm = _after_a_shift()
+    c = Controller(None, {"a": 50.0, "b": 75.0, "idle": 40.0}, capacity=3, confirm=2, dwell_s=2.0, window_s=1.0)
+    windows = {"a": a, "b": b, "idle": calm}
+    assert c.decide(windows, specs, 0.0) == []  # first risky window of each
+    c._move(0.5, "a", specs["a"], "batch 8 -> 16", "a trial")  # its streak starts again
+    assert c.decide(windows, specs, 1.5) == [], "b confirmed, a not yet, but a dwells and leaves more unserved"
+    assert c.held["a"][2] == "in its dwell since its move at 0.5 s"
+    moves = c.decide(windows, specs, 2.5)
+    assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
+    # A dwelling model that is no longer at risk holds nobody back.
+    c2 = Controller(None, {"a": 50.0, "b": 75.0, "idle": 40.0}, capacity=3, confirm=2, dwell_s=2.0, window_s=1.0)
+    c2.decide(windows, specs, 0.0)
+    c2._move(0.5, "a", specs["a"], "batch 8 -> 16", "a trial")
+    fine = win(p99=5.0, busy=0.5, rate=1400.0)
+    moves = c2.decide({**windows, "a": fine}, specs, 1.5)
+    assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("b", "instances 1 -> 2")]
