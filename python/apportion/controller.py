@@ -22,7 +22,8 @@ doubles its batch size, once per size up to ``max_batch_size``), and then moves 
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
 above ``risk`` x SLO (refusing at once what would miss it; not for admission by deadline, which
 already refuses each request that would miss), up while it refuses requests with its p99 below
-that (a bound planned for a lower rate refuses requests that would have met the SLO). A new
+that (a bound planned for a lower rate refuses requests that would have met the SLO; by a
+quarter of the bound at least, see RAISE_AT_LEAST). A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -69,6 +70,11 @@ FULL_BATCHES = 0.9
 
 RAISE_AT_MOST = 4
 """A raised admission bound grows by at most this factor in one move."""
+
+RAISE_AT_LEAST = 0.25
+"""A raise of an admission bound by less than this share of it is not made: a few more queued
+requests change little, while the move costs a trial and a dwell in which the model gets no
+other (such as a core another model frees)."""
 
 
 @dataclass(frozen=True)
@@ -491,7 +497,8 @@ class Controller:
                                        why + "; no capacity to take: refuse what would miss the SLO")]
         size = (queue_sizes or {}).get(name, self._full_queue.get(name, spec.max_queue))
         raised = min(allowed, RAISE_AT_MOST * spec.max_queue, size)
-        if not late and w.refused > 0 and raised > spec.max_queue and self._open(name, "raise", now_s):
+        worth = spec.max_queue + math.ceil(RAISE_AT_LEAST * spec.max_queue)
+        if not late and w.refused > 0 and raised >= worth and self._open(name, "raise", now_s):
             wider = dataclasses.replace(spec, max_queue=raised)
             return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
                                        why + "; latency has room: admit what the SLO allows")]
@@ -502,7 +509,8 @@ class Controller:
         else:
             blocked.append("its latency has room and it refuses nothing" if w.refused == 0
                            else f"max_queue {spec.max_queue} already admits what the SLO allows ({raised})"
-                           if raised <= spec.max_queue else "a raised bound was undone lately")
+                           if raised <= spec.max_queue else f"a raise to {raised} would admit too few more"
+                           if raised < worth else "a raised bound was undone lately")
         return self._hold(moves, now_s, name, why + "; held: " + ", ".join(blocked))
 
     def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:

@@ -196,6 +196,14 @@ def test_admission_is_lowered_only_while_the_latency_is_at_risk_and_raised_while
     hot = win(p99=20.0, busy=0.95, rate=800.0, batch=4.0)
     assert c.decide({"a": hot, "b": busy_b}, specs | {"a": spec("a", 1, max_queue=4, batching=ap.Batching(8, 1.0))},
                     0.0) == []
+    # A raise by less than a quarter of the bound is not worth its trial and dwell: 20 -> 22 is
+    # not made, 17 -> 22 is.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    near = specs | {"a": spec("a", 1, max_queue=20, batching=ap.Batching(8, 1.0))}
+    assert c.decide({"a": roomy, "b": busy_b}, near, 0.0, queue_sizes=sizes) == []
+    assert "a raise to 22 would admit too few more" in c.held["a"][2]
+    near = specs | {"a": spec("a", 1, max_queue=17, batching=ap.Batching(8, 1.0))}
+    assert [m.change for m in c.decide({"a": roomy, "b": busy_b}, near, 1.0, queue_sizes=sizes)] == ["max_queue 17 -> 22"]
 
 
 def test_models_without_an_slo_are_left_alone() -> None:
