@@ -469,8 +469,7 @@ class Controller:
             blocked.append(f"calls not full (mean batch {w.mean_batch:.1f} of {b.max_size}, busy {w.busy:.0%})")
         elif b.max_size * 2 > self.max_batch_size or b.max_size * 2 in self._batch_tried.get(name, ()):
             blocked.append(f"batch {b.max_size * 2} beyond max_batch_size or tried")
-        if (can_batch and b is not None and w.busy > self.hot and w.mean_batch >= FULL_BATCHES * b.max_size
-                and b.max_size * 2 <= self.max_batch_size and b.max_size * 2 not in self._batch_tried.get(name, ())):
+        else:
             # Every call already full: a bigger batch serves more per instance (the call's fixed
             # cost shared by more requests). Tried once per size: a size that did not help is
             # not tried again, and admission comes next.
@@ -489,28 +488,33 @@ class Controller:
         # Both moves go towards the same figure, so they cannot flap.
         batch = spec.batching.max_size if spec.batching is not None else 1
         allowed = max(batch, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
-        late = w.p99_ms > self.risk * slo
-        if late and spec.admission != "deadline" and allowed < spec.max_queue and self._open(name, "lower", now_s):
-            self._full_queue.setdefault(name, spec.max_queue)
-            lowered = dataclasses.replace(spec, max_queue=allowed)
-            return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
-                                       why + "; no capacity to take: refuse what would miss the SLO")]
-        size = (queue_sizes or {}).get(name, self._full_queue.get(name, spec.max_queue))
-        raised = min(allowed, RAISE_AT_MOST * spec.max_queue, size)
-        worth = spec.max_queue + math.ceil(RAISE_AT_LEAST * spec.max_queue)
-        if not late and w.refused > 0 and raised >= worth and self._open(name, "raise", now_s):
-            wider = dataclasses.replace(spec, max_queue=raised)
-            return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
-                                       why + "; latency has room: admit what the SLO allows")]
-        if late:
-            blocked.append("admission by deadline already refuses what would miss" if spec.admission == "deadline"
-                           else f"max_queue {spec.max_queue} already at most what the SLO allows ({allowed})"
-                           if allowed >= spec.max_queue else "a lowered bound was undone lately")
+        if w.p99_ms > self.risk * slo:  # late
+            if spec.admission == "deadline":
+                blocked.append("admission by deadline already refuses what would miss")
+            elif allowed >= spec.max_queue:
+                blocked.append(f"max_queue {spec.max_queue} already at most what the SLO allows ({allowed})")
+            elif not self._open(name, "lower", now_s):
+                blocked.append("a lowered bound was undone lately")
+            else:
+                self._full_queue.setdefault(name, spec.max_queue)
+                lowered = dataclasses.replace(spec, max_queue=allowed)
+                return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
+                                           why + "; no capacity to take: refuse what would miss the SLO")]
         else:
-            blocked.append("its latency has room and it refuses nothing" if w.refused == 0
-                           else f"max_queue {spec.max_queue} already admits what the SLO allows ({raised})"
-                           if raised <= spec.max_queue else f"a raise to {raised} would admit too few more"
-                           if raised < worth else "a raised bound was undone lately")
+            size = (queue_sizes or {}).get(name, self._full_queue.get(name, spec.max_queue))
+            raised = min(allowed, RAISE_AT_MOST * spec.max_queue, size)
+            if w.refused == 0:
+                blocked.append("its latency has room and it refuses nothing")
+            elif raised <= spec.max_queue:
+                blocked.append(f"max_queue {spec.max_queue} already admits what the SLO allows ({raised})")
+            elif raised < spec.max_queue + math.ceil(RAISE_AT_LEAST * spec.max_queue):
+                blocked.append(f"a raise to {raised} would admit too few more")
+            elif not self._open(name, "raise", now_s):
+                blocked.append("a raised bound was undone lately")
+            else:
+                wider = dataclasses.replace(spec, max_queue=raised)
+                return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
+                                           why + "; latency has room: admit what the SLO allows")]
         return self._hold(moves, now_s, name, why + "; held: " + ", ".join(blocked))
 
     def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:
