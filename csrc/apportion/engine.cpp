@@ -276,6 +276,15 @@ bool Model::spin_for_next(const Worker& w) const noexcept {
   return opts_.spin_beside_caller || w.colocated < kColocatedStreak || other_cpu_idle(current_cpu());
 }
 
+Model::Take Model::take_next(Worker& w, Request*& r, uint32_t& lane) {
+  const int64_t idle_from = now_ns();
+  const bool spin = spin_for_next(w) &&
+                    (!w.arrivals.late() || !other_cpu_idle(current_cpu()) || w.arrivals.probe());
+  const Take got = take(w, r, lane, -1, spin);
+  if (got == Take::ok) w.arrivals.arrived(idle_from, r->submit_ns, opts_.spin_ns);
+  return got;
+}
+
 namespace {
 
 // A request `w` starts on CPU `cpu` (< 0: unknown). Its caller wakes at completion, on the CPU
@@ -299,9 +308,11 @@ void Model::serve_one(Worker& w) {
     Request* r = nullptr;
     uint32_t lane = 0;
     if (w.retire.load(std::memory_order_acquire)) break;  // moved: the new workers take the rest
-    if (!lanes_.try_take(w.group, r, lane)) {
+    if (lanes_.try_take(w.group, r, lane)) {
+      w.arrivals.in_time();
+    } else {
       handler_->idle(w);  // nothing queued: let go of what the handler held across calls
-      if (take(w, r, lane, -1, spin_for_next(w)) != Take::ok) break;  // leaving, every lane empty
+      if (take_next(w, r, lane) != Take::ok) break;  // leaving, every lane empty
     }
     // Uncount first: the RMW takes the submitters' line exclusively, so the read of
     // cancel_queued_ below (same line) hits instead of fetching it a second time.
@@ -486,7 +497,7 @@ void Model::serve_batches(Worker& w) {
     } else if (b.empty()) {
       if (retiring) return;  // moved: the new workers take the rest
       idle_batchers_.fetch_add(1, std::memory_order_relaxed);
-      const Take got = take(w, r, lane, -1, spin_for_next(w));
+      const Take got = take_next(w, r, lane);
       idle_batchers_.fetch_sub(1, std::memory_order_relaxed);
       if (got != Take::ok) return;  // leaving, every lane empty
     } else if (retiring) {

@@ -39,6 +39,7 @@
 #include "apportion/histogram.hpp"
 #include "apportion/lanes.hpp"
 #include "apportion/mpmc_queue.hpp"
+#include "apportion/parking.hpp"
 #include "apportion/placement.hpp"
 #include "apportion/expiry.hpp"
 #include "apportion/request.hpp"
@@ -89,6 +90,8 @@ struct Worker {
   /// each caller wakes on this CPU at completion, so a spin for the next request would only
   /// keep it from running.
   uint32_t colocated = 0;
+  /// When this worker's requests came, against its spin budget (see ArrivalSpin).
+  ArrivalSpin arrivals;
   /// Why the OS refused this worker's pinning or memory policy (empty: applied, or none
   /// asked). Written by the worker before it reports started; read after start() returns.
   std::string pin_error;
@@ -419,6 +422,11 @@ class Model {
   // Whether `w`, about to wait for its next request, may spin first: not while callers on its
   // CPU, request after request (w.colocated), keep it from running and no other CPU is idle.
   bool spin_for_next(const Worker& w) const noexcept;
+  // take() for an idle worker's next request (nothing held): spins only if spin_for_next
+  // allows, and not while its requests keep coming after the spin would have ended and
+  // another CPU is idle (see ArrivalSpin); tells w.arrivals when the request it took was
+  // submitted.
+  Take take_next(Worker& w, Request*& r, uint32_t& lane);
   // (Re)builds the lanes and the workers' and CPUs' groups from opts_; moves queued requests.
   void build_groups();
   // Completes (expired or cancelled) or moves to the delayed lane a request that will not run

@@ -53,6 +53,51 @@ inline int current_cpu() noexcept {
 /// idle machine two threads share a CPU only for moments (the scheduler moves one), or settle
 /// there once both park; on a busy one, every CPU but this one is taken.
 inline constexpr uint32_t kColocatedStreak = 4;
+/// Whether an idle worker's spin for its next request can pay, judged by when its requests
+/// were submitted: a spin catches only a request submitted within it. A worker whose last
+/// kLateInARow requests each came later than its spin would have lasted is `late`, and parks
+/// at once while another CPU is idle (a spin would only hold a CPU that its callers, or the
+/// threads between them and it, need: a network front's lone client sends its next request
+/// ~400 us after the answer, and a 50 us spin after each request put 10% on its round trip on
+/// 2 CPUs). Judged from each request's submission time whether the worker spun or parked, so
+/// one request within the spin ends it. Not while every other CPU is busy: there the gaps
+/// measure the host (a caller that parked waits for a CPU to wake on, and a worker that parks
+/// makes its caller park too), not the caller's pace, and the colocated streak rules the spin.
+/// Every kProbeEvery-th wait while late spins anyway, in case the gaps came from such a busy
+/// moment. One per worker, touched only by its thread.
+class ArrivalSpin {
+ public:
+  static constexpr uint32_t kLateInARow = 2;
+  static constexpr uint32_t kProbeEvery = 16;
+
+  /// The last kLateInARow requests came after the spin would have ended.
+  bool late() const noexcept { return late_ >= kLateInARow; }
+  /// For a wait while late: true every kProbeEvery-th call (spin anyway, to find out).
+  bool probe() noexcept {
+    if (++parked_ < kProbeEvery) return false;
+    parked_ = 0;
+    return true;
+  }
+  /// The worker went idle at `idle_from_ns` and its next request was submitted at `submit_ns`;
+  /// `spin_ns` is its spin budget.
+  void arrived(int64_t idle_from_ns, int64_t submit_ns, int64_t spin_ns) noexcept {
+    if (submit_ns - idle_from_ns <= spin_ns) {
+      in_time();
+    } else if (late_ < kLateInARow) {
+      ++late_;
+    }
+  }
+  /// The worker's next request was queued before it went idle (it did not wait for it).
+  void in_time() noexcept {
+    late_ = 0;
+    parked_ = 0;
+  }
+
+ private:
+  uint32_t late_ = 0;    // requests in a row that came after the spin would have ended (saturates)
+  uint32_t parked_ = 0;  // waits parked at once since the last probe
+};
+
 /// How long a waiter spins for a request that no worker has started before it asks whether a
 /// CPU is idle (if none is, the worker woken for it is waiting for the CPU the spin holds).
 /// Longer than a spinning worker takes to claim a request (~1 us); shorter than a futex wake.
@@ -115,9 +160,9 @@ inline void park_wake(std::atomic<uint32_t>& word, int count = INT_MAX,
 /// to find out whether spinning pays again; a spin that catches its event ends the suspension.
 /// Also saves the CPU a spin would burn before every wait for a slow peer. One waiter at a
 /// time (successive waiters may be different threads: hence atomics, all relaxed).
-/// Used by the process channel. (Not by engine workers and futures: there the spin is
-/// shorter than many round trips it waits for, and backing off cost 1.5-2x on an idle
-/// machine in a first try.)
+/// Used by the process channel. (Not by futures: there the spin is shorter than many round
+/// trips it waits for, and backing off cost 1.5-2x on an idle machine in a first try. Engine
+/// workers judge their spin by ArrivalSpin, from when their requests were submitted.)
 class AdaptiveSpin {
  public:
   static constexpr uint32_t kFailedSpins = 2;

@@ -256,5 +256,66 @@ TEST(IdleProbe, ACpuKeptBusyIsNotIdleAndItsFirstAnswerIsIdle) {
   });
 }
 
+// A worker (spin budget `spin`, so long that a spin is seen as running) serves one request per
+// entry of `gaps`: the submitter waits for each answer (parked), sleeps the gap, submits the
+// next. Returns whether the worker went to sleep within 50 ms of the last answer: it parks at
+// once, or it spins.
+bool worker_parks_after_gaps(const std::vector<std::chrono::milliseconds>& gaps,
+                             std::chrono::milliseconds spin, std::size_t batch_max = 1) {
+  auto h = std::make_shared<TestHandler>();
+  std::atomic<int> tid{0};
+  h->on_start = [&](Worker&) {
+    tid.store(this_tid());
+    return true;
+  };
+  ModelOptions o;
+  o.name = "m";
+  o.spin_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(spin).count();
+  o.batching = apportion::BatchingOptions{batch_max, 0, {}};
+  Model m(o, h);
+  EXPECT_EQ(m.start(), 0u);
+  uint64_t tag = 0;
+  for (const auto gap : gaps) {
+    std::this_thread::sleep_for(gap);
+    TestRef r = make(tag++);
+    EXPECT_EQ(submit(m, r), Admit::ok);
+    EXPECT_TRUE(r->wait_done(10'000'000'000, 0));
+  }
+  const bool slept = sleeps_within(tid.load(), 50ms);
+  m.close(true);
+  m.join();
+  return slept;
+}
+
+// The probe says another CPU is idle (as on a quiet host).
+class QuietHost : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    apportion::set_idle_probe_for_tests([](int) { return true; });
+  }
+  void TearDown() override { apportion::set_idle_probe_for_tests(nullptr); }
+};
+
+TEST_F(QuietHost, AWorkerWhoseRequestsKeepComingAfterItsSpinParksAtOnce) {
+  constexpr auto spin = 150ms, late = 300ms;
+  guarded(60s, [&] {
+    for (const std::size_t batch_max : {std::size_t{1}, std::size_t{8}}) {
+      SCOPED_TRACE(batch_max);
+      // Two requests in a row after the spin ended: the next wait parks at once.
+      EXPECT_TRUE(worker_parks_after_gaps({0ms, late, late}, spin, batch_max));
+      // One is no pattern; and one that comes in time (submitted at once, while the worker
+      // parked) makes it spin again.
+      EXPECT_FALSE(worker_parks_after_gaps({0ms, late}, spin, batch_max));
+      EXPECT_FALSE(worker_parks_after_gaps({0ms, late, late, 0ms}, spin, batch_max));
+    }
+  });
+}
+
+TEST_F(BusyHost, OnABusyHostLateRequestsDoNotStopTheSpin) {
+  // No CPU idle: the gaps may be the host's doing (each side waits for a CPU to wake on), and
+  // the colocated streak decides instead (three requests are no streak: it spins).
+  guarded(60s, [&] { EXPECT_FALSE(worker_parks_after_gaps({0ms, 300ms, 300ms}, 150ms)); });
+}
+
 }  // namespace
 }  // namespace apportion::testing::engine

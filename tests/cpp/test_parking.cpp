@@ -212,4 +212,49 @@ TEST(Parking, WakeWithNoWaitersIsHarmless) {
   EXPECT_EQ(word.load(), 0u);
 }
 
+TEST(ArrivalSpin, TwoLateRequestsInARowMakeItLateAndOneInTimeEndsIt) {
+  apportion::ArrivalSpin a;
+  constexpr int64_t spin = 50'000;
+  EXPECT_FALSE(a.late());  // spins until told otherwise
+  a.arrived(0, spin + 1, spin);
+  EXPECT_FALSE(a.late());  // one late request is not a pattern
+  a.arrived(0, spin, spin);  // exactly at the spin's end: caught
+  a.arrived(0, spin + 1, spin);
+  EXPECT_FALSE(a.late());  // the one in time broke the run
+  a.arrived(0, spin + 1, spin);
+  EXPECT_TRUE(a.late());
+  a.arrived(0, 10 * spin, spin);
+  EXPECT_TRUE(a.late());
+  a.arrived(1'000, 1'000 + spin / 2, spin);  // measured from when the worker went idle
+  EXPECT_FALSE(a.late());
+  a.arrived(0, -5, spin);  // submitted before the worker went idle: in time
+  EXPECT_FALSE(a.late());
+  a.arrived(0, 2 * spin, spin);
+  a.arrived(0, 2 * spin, spin);
+  ASSERT_TRUE(a.late());
+  a.in_time();  // found queued: the worker did not wait for it
+  EXPECT_FALSE(a.late());
+}
+
+TEST(ArrivalSpin, WhileLateEverySixteenthWaitProbesAndARequestInTimeRestartsTheCount) {
+  apportion::ArrivalSpin a;
+  constexpr int64_t spin = 50'000;
+  const auto make_late = [&] {
+    a.arrived(0, 2 * spin, spin);
+    a.arrived(0, 2 * spin, spin);
+    ASSERT_TRUE(a.late());
+  };
+  make_late();
+  for (int round = 0; round < 2; ++round) {
+    for (uint32_t i = 1; i < apportion::ArrivalSpin::kProbeEvery; ++i) EXPECT_FALSE(a.probe()) << i;
+    EXPECT_TRUE(a.probe());
+  }
+  for (int i = 0; i < 5; ++i) EXPECT_FALSE(a.probe());
+  a.arrived(0, 1, spin);  // in time: no longer late, and the count starts over
+  EXPECT_FALSE(a.late());
+  make_late();
+  for (uint32_t i = 1; i < apportion::ArrivalSpin::kProbeEvery; ++i) EXPECT_FALSE(a.probe()) << i;
+  EXPECT_TRUE(a.probe());
+}
+
 }  // namespace
