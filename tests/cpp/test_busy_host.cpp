@@ -153,37 +153,49 @@ TEST_F(BusyHost, AWaiterWhoseRequestRunsElsewhereSpinsUntilItIsTakenOnItsCpu) {
   });
 }
 
-// A worker pinned to `worker_cpu` serves `n` requests in turn, each submitted from
-// `submitter_cpu`; returns whether it went to sleep within 300 ms afterwards (spin budget
-// kLongSpin). `batch_max` > 1: a batching model (max_delay 0: each request is a batch of one).
-bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller,
-                                uint32_t n, std::size_t batch_max = 1) {
+// A worker started with `o` serves what `feed` submits; returns whether it went to sleep
+// within `limit` afterwards.
+bool worker_sleeps_after(ModelOptions o, const std::function<void(Model&)>& feed,
+                         std::chrono::milliseconds limit) {
   auto h = std::make_shared<TestHandler>();
   std::atomic<int> tid{0};
   h->on_start = [&](Worker&) {
     tid.store(this_tid());
     return true;
   };
-  ModelOptions o;
   o.name = "m";
+  Model m(o, h);
+  EXPECT_EQ(m.start(), 0u);
+  feed(m);
+  const bool slept = sleeps_within(tid.load(), limit);
+  m.close(true);
+  m.join();
+  return slept;
+}
+
+// Submits request `tag` to `m` and waits for its answer, parked.
+void request_and_wait(Model& m, uint64_t tag) {
+  TestRef r = make(tag);
+  EXPECT_EQ(submit(m, r), Admit::ok);
+  EXPECT_TRUE(r->wait_done(10'000'000'000, 0));
+}
+
+// A worker pinned to `worker_cpu` serves `n` requests in turn, each submitted from
+// `submitter_cpu`; returns whether it went to sleep within 300 ms afterwards (spin budget
+// kLongSpin). `batch_max` > 1: a batching model (max_delay 0: each request is a batch of one).
+bool worker_parks_after_serving(int worker_cpu, int submitter_cpu, bool spin_beside_caller,
+                                uint32_t n, std::size_t batch_max = 1) {
+  ModelOptions o;
   o.spin_ns = kLongSpin;
   o.spin_beside_caller = spin_beside_caller;
   o.placement = {apportion::InstancePlacement{{worker_cpu}, 1, {}}};
   o.batching = apportion::BatchingOptions{batch_max, 0, {}};
-  Model m(o, h);
-  EXPECT_EQ(m.start(), 0u);
-  std::thread([&] {
-    pin_self(submitter_cpu);
-    for (uint32_t i = 0; i < n; ++i) {
-      TestRef r = make(i);
-      EXPECT_EQ(submit(m, r), Admit::ok);
-      EXPECT_TRUE(r->wait_done(10'000'000'000, 0));
-    }
-  }).join();
-  const bool slept = sleeps_within(tid.load(), 300ms);
-  m.close(true);
-  m.join();
-  return slept;
+  return worker_sleeps_after(o, [&](Model& m) {
+    std::thread([&] {
+      pin_self(submitter_cpu);
+      for (uint32_t i = 0; i < n; ++i) request_and_wait(m, i);
+    }).join();
+  }, 300ms);
 }
 
 TEST_F(BusyHost, AWorkerThatKeepsServingCallersOnItsCpuDoesNotSpin) {
@@ -262,29 +274,16 @@ TEST(IdleProbe, ACpuKeptBusyIsNotIdleAndItsFirstAnswerIsIdle) {
 // once, or it spins.
 bool worker_parks_after_gaps(const std::vector<std::chrono::milliseconds>& gaps,
                              std::chrono::milliseconds spin, std::size_t batch_max = 1) {
-  auto h = std::make_shared<TestHandler>();
-  std::atomic<int> tid{0};
-  h->on_start = [&](Worker&) {
-    tid.store(this_tid());
-    return true;
-  };
   ModelOptions o;
-  o.name = "m";
   o.spin_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(spin).count();
   o.batching = apportion::BatchingOptions{batch_max, 0, {}};
-  Model m(o, h);
-  EXPECT_EQ(m.start(), 0u);
-  uint64_t tag = 0;
-  for (const auto gap : gaps) {
-    std::this_thread::sleep_for(gap);
-    TestRef r = make(tag++);
-    EXPECT_EQ(submit(m, r), Admit::ok);
-    EXPECT_TRUE(r->wait_done(10'000'000'000, 0));
-  }
-  const bool slept = sleeps_within(tid.load(), 50ms);
-  m.close(true);
-  m.join();
-  return slept;
+  return worker_sleeps_after(o, [&](Model& m) {
+    uint64_t tag = 0;
+    for (const auto gap : gaps) {
+      std::this_thread::sleep_for(gap);
+      request_and_wait(m, tag++);
+    }
+  }, 50ms);
 }
 
 // The probe says another CPU is idle (as on a quiet host).
