@@ -77,6 +77,8 @@ def signatures() -> dict[str, Signature]:
         "fails": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
         "bad_output": Signature(vec, [TensorSpec("y", "INT64", [-1])]),
         "gate": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
+        "grid": Signature([TensorSpec("x", "FP32", [-1, -1])], [TensorSpec("y", "FP32", [-1, -1])]),
+        "bad_bytes": Signature(vec, [TensorSpec("u", "BYTES", [-1])]),
     }
 
 
@@ -89,6 +91,9 @@ def add_models(rt: ap.Runtime, gate: Gate, batched: Batched) -> None:
     rt.add_model("fails", model=fails)
     rt.add_model("bad_output", model=lambda x: x)
     rt.add_model("gate", model=gate, max_queue=3, priority_levels=2)
+    rt.add_model("grid", model=lambda x: x)
+    # ints in an object array: bytes(5) would be five NUL bytes on the wire
+    rt.add_model("bad_bytes", model=lambda x: np.array([5, 7], dtype=object))
 
 
 class Served:

@@ -99,6 +99,23 @@ def test_infer_typed_contents(served: Served) -> None:
             stub.ModelInfer(req, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "needs 2 elements, 'data' has 0" in info.value.details()
+        # typed contents and raw_input_contents together: the protocol allows one or the other
+        req = pb.ModelInferRequest(model_name="echo")
+        req.inputs.add(name="x", datatype="FP32", shape=[2]).contents.fp32_contents.extend([1, 2])
+        req.raw_input_contents.append(np.array([3, 4], np.float32).tobytes())
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 'x'" in info.value.details() and "not both" in info.value.details()
+        # no elements, yet a shape no array can have; and a BYTES count the bytes cannot hold
+        for model, name, datatype, shape in (("grid", "x", "FP32", [2**62, 0]), ("upper", "s", "BYTES", [2**40])):
+            req = pb.ModelInferRequest(model_name=model)
+            req.inputs.add(name=name, datatype=datatype, shape=shape)
+            req.raw_input_contents.append(b"")
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(req, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert f"input {name!r}" in info.value.details()
 
 
 def test_several_inputs_bytes_and_torch(client: Any) -> None:
@@ -197,6 +214,7 @@ def test_bad_requests_under_good_load(served: Served) -> None:
         status_of(lambda: c.infer("gate", [vec("x", f32)], priority=7), "INVALID_ARGUMENT", "priority")
         status_of(lambda: c.infer("fails", [vec("x", [42.0])]), "INTERNAL", "boom 42")
         status_of(lambda: c.infer("bad_output", [vec("x", f32)]), "INTERNAL", "output 'y'", "INT64")
+        status_of(lambda: c.infer("bad_bytes", [vec("x", f32)]), "INTERNAL", "output 'u'", "type int")
 
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(good_load)

@@ -228,8 +228,20 @@ def test_priorities_map_to_levels(served: Served) -> None:
 def test_priority_beyond_the_models_levels_is_400(client: Any) -> None:
     e = error_of(lambda: client.infer("gate", [vec("x", [1.0])], priority=9))
     assert e.status() == "400" and "priority" in e.message()
+    assert "'priority' is 9" in e.message() and "send 1 (the highest) to 2, or 0" in e.message()
     e = error_of(lambda: client.infer("echo", [vec("x", [1.0])], priority=2))
-    assert e.status() == "400" and "priority_levels=1" in e.message()
+    assert e.status() == "400" and "has 1 priority level: send 1, or 0 for the default" in e.message()
+
+
+def test_content_encoding_identity_in_any_case_and_empty_versions(served: Served) -> None:
+    x = np.array([1.5], np.float32)
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": x.tolist()}]}).encode()
+    for coding in ("identity", "IDENTITY", "Identity"):
+        r = _raw(served, "/v2/models/echo/infer", body, {"Content-Encoding": coding})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["data"] == [3.0]
+    r = _raw(served, "/v2/models/echo/versions//infer", body)
+    assert r.status_code == 404 and "empty version" in r.json()["error"]
 
 
 def test_queue_full_is_429_with_retry_after(served: Served) -> None:
@@ -339,7 +351,7 @@ def test_port_in_use_raises_from_start(served: Served) -> None:
 
 
 # -- bad requests, each with its status and message, under a good load -----------------------------
-def _raw(served: Served, path: str, content: bytes, headers: dict[str, str] | None = None) -> Any:
+def _raw(served: Served, path: str, content: bytes, headers: Any = None) -> Any:
     return httpx.post(f"http://{served.http}{path}", content=content, headers=headers or {}, timeout=60)
 
 
@@ -414,6 +426,28 @@ def _bad_requests(served: Served, client: Any) -> None:
          "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
         "'priority'")
     check_raw(400, _raw(served, path, b"{}", {"Content-Encoding": "gzip"}), "Content-Encoding")
+
+    # what numpy, the JSON decoder or a float cannot take is the client's error too, never a 500
+    check_raw(400, _raw(served, path, b"[" * 100_000), "malformed JSON")
+    deep = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + b"[" * 200 + b"1" + b"]" * 200 + b"}]}"
+    check_raw(400, _raw(served, path, deep), "input 'x'", "not FP32 data")
+    check_raw(400, _raw(served, path, b'{"parameters": {"timeout": 1' + b"0" * 400 + b'}, "inputs": []}'),
+              "'timeout'", "finite")
+    check_raw(400, _raw(served, path, payload, [(b"Inference-Header-Content-Length", "\u00b2".encode("latin-1"))]),
+              "Inference-Header-Content-Length")
+    for shape, raw in (([2**63, 0], False), ([2**62, 0], True)):  # no elements, but beyond any array
+        t: dict[str, Any] = {"name": "x", "datatype": "FP32", "shape": shape}
+        t.update({"parameters": {"binary_data_size": 0}} if raw else {"data": []})
+        head = json.dumps({"inputs": [t]}).encode()
+        check_raw(400, _raw(served, "/v2/models/grid/infer", head, {"Inference-Header-Content-Length": str(len(head))}),
+                  "input 'x'", "too large")
+    # BYTES: a short header may declare any count; refused before anything is allocated for it
+    head = json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2**40],
+                                   "parameters": {"binary_data_size": 0}}]}).encode()
+    check_raw(400, _raw(served, "/v2/models/upper/infer", head, {"Inference-Header-Content-Length": str(len(head))}),
+              "input 's'", "hold at most 0")
+    check("500", lambda: client.infer("bad_bytes", [vec("x", f32)]), "output 'u'", "declared BYTES",
+          "type int")
 
 
 def test_bad_requests_get_their_status_while_good_load_completes_once(served: Served) -> None:

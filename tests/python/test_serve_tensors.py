@@ -59,6 +59,39 @@ def test_check_header() -> None:
         check_header("m", spec, "FP32", [4, -1])
 
 
+@pytest.mark.parametrize("shape", [[2**63, 0], [2**62, 0], [0, 2**61 + 1], [2**40, 2**40]])
+def test_check_header_refuses_shapes_no_array_can_have(shape: list[int]) -> None:
+    # with a zero dim there is no element to check the data's length against, but numpy still
+    # makes no array whose other dims span more bytes than an index holds
+    spec = TensorSpec("x", "FP32", [-1, -1])
+    with pytest.raises(TensorError, match=r"model 'm', input 'x': shape .* is too large for any FP32 array"):
+        check_header("m", spec, "FP32", shape)
+
+
+def test_check_header_takes_empty_and_large_shapes_numpy_can_make() -> None:
+    spec = TensorSpec("x", "INT8", [-1, -1])
+    assert check_header("m", spec, "INT8", [0, 0]) == (0, 0)
+    assert check_header("m", spec, "INT8", [2**31, 0]) == (2**31, 0)
+    assert np.empty((2**31, 0), np.int8).shape == (2**31, 0)
+    shape = check_header("m", spec, "INT8", [2**62, 0])
+    assert from_bytes("m", spec, shape, memoryview(b"")).shape == (2**62, 0)
+
+
+def test_bytes_count_beyond_what_the_bytes_hold_is_refused_before_allocating() -> None:
+    spec = TensorSpec("s", "BYTES", [-1])
+    with pytest.raises(TensorError, match=r"input 's': shape \[1099511627776\] has 1099511627776 BYTES "
+                                          r"elements, but 7 bytes hold at most 1"):
+        from_bytes("m", spec, (2**40,), memoryview(b"\0" * 7))  # 8 TiB of object pointers otherwise
+
+
+def test_from_json_refuses_data_nested_deeper_than_an_array() -> None:
+    deep: list = [1.0]
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(TensorError, match="model 'm', input 'x': 'data' is not FP32 data"):
+        from_json("m", TensorSpec("x", "FP32", [-1]), (1,), deep)
+
+
 def test_from_bytes_is_zero_copy_over_a_writable_body() -> None:
     body = bytearray(np.arange(6, dtype=np.float32).tobytes())
     arr = from_bytes("m", TensorSpec("x", "FP32", [2, 3]), (2, 3), memoryview(body))
@@ -118,6 +151,18 @@ def test_from_json(datatype: str, data: list, want: np.ndarray) -> None:
 def test_from_json_rejects(datatype: str, data: list, words: str) -> None:
     with pytest.raises(TensorError, match=f"model 'm', input 'x': .*{words}"):
         from_json("m", TensorSpec("x", datatype, [2, 2]), (2, 2), data)
+
+
+@pytest.mark.parametrize("element", [5, None, 1.5, [b"a"]])
+def test_bytes_outputs_hold_bytes_or_text(element: object) -> None:
+    sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("u", "BYTES", [-1])])
+    ok = sig.from_model("m", np.array([b"a", "b", np.bytes_(b"c")], dtype=object))["u"]
+    assert to_bytes(sig.outputs[0], ok) == b"".join(len(v).to_bytes(4, "little") + v for v in (b"a", b"b", b"c"))
+    bad = np.empty(2, dtype=object)
+    bad[:] = [b"a", element]
+    with pytest.raises(OutputError, match=f"model 'm', output 'u': declared BYTES, got an element of type "
+                                          f"{type(element).__name__}"):
+        sig.from_model("m", bad)
 
 
 def test_what_the_model_receives_and_returns() -> None:

@@ -96,10 +96,14 @@ class Frontend:
         priority p is apportion priority p - 1) -> (timeout_ms, priority)."""
         timeout_ms = None
         if timeout is not None:
+            try:
+                finite = math.isfinite(timeout)
+            except (TypeError, OverflowError):  # not a number, or an int beyond every float
+                finite = False
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                    math.isfinite(timeout) and timeout >= 0):
-                raise ServeError(INVALID, f"model {name!r}: parameter 'timeout' must be a number "
-                                          f"of microseconds >= 0, got {timeout!r}")
+                    finite and timeout >= 0):
+                raise ServeError(INVALID, f"model {name!r}: parameter 'timeout' must be a finite "
+                                          f"number of microseconds >= 0, got {timeout!r}"[:300])
             timeout_ms = timeout / 1000.0 if timeout > 0 else None
         level = None
         if priority is not None:
@@ -126,7 +130,7 @@ class Frontend:
         except (ModelNotFound, RuntimeClosed) as e:
             raise ServeError(UNAVAILABLE, f"model {name!r} is not ready: {e}") from None
         except ValueError as e:  # priority beyond the model's levels
-            raise ServeError(INVALID, str(e)) from None
+            raise ServeError(INVALID, self._priority_error(name, priority, e)) from None
         # Submission and waiting are separate steps (not rt.infer): a refusal at submission is
         # the client's error, while anything raised once admitted is the model's own (500),
         # including a ValueError.
@@ -161,6 +165,18 @@ class Frontend:
                 raise ServeError(INTERNAL, str(e)) from None
         finally:
             self.in_flight -= 1
+
+    def _priority_error(self, name: str, priority: int | None, e: ValueError) -> str:
+        """The runtime's refusal of a priority level, in the protocol's numbering."""
+        try:
+            levels = self.rt.spec(name).priority_levels
+        except Exception:  # noqa: BLE001 - the model went away meanwhile: the runtime's words
+            return str(e)
+        if priority is None:
+            return str(e)
+        allowed = "1" if levels == 1 else f"1 (the highest) to {levels}"
+        return (f"model {name!r}: parameter 'priority' is {priority + 1}, but the model has {levels} "
+                f"priority level{'s' if levels > 1 else ''}: send {allowed}, or 0 for the default")
 
     async def drain(self, timeout_s: float | None) -> bool:
         """Stops admitting requests (readiness goes false) and waits until the admitted ones

@@ -121,6 +121,8 @@ class V2App:
             version = ""
             if len(tail) >= 2 and tail[0] == "versions":
                 version, tail = tail[1], tail[2:]
+                if not version:
+                    raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']} (empty version)")
             f.signature(name)
             f.check_version(name, version)
             if not tail:
@@ -137,7 +139,7 @@ class V2App:
     async def _read(self, scope: Scope, receive: Receive) -> bytearray:
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and _digits(declared) and int(declared) > limit:
             raise fe.ServeError(fe.TOO_LARGE, f"request body of {declared} bytes exceeds the "
                                               f"limit of {limit} bytes")
         body = bytearray()
@@ -155,21 +157,21 @@ class V2App:
         f = self.frontend
         sig = f.signature(name)
         encoding = _header(scope, b"content-encoding")
-        if encoding not in (None, "identity"):
+        if encoding is not None and encoding.strip().lower() != "identity":  # codings ignore case
             raise fe.ServeError(fe.INVALID, f"Content-Encoding {encoding!r} is not supported "
                                             "(send the body uncompressed)")
         body = await self._read(scope, receive)
         hlen = _header(scope, b"inference-header-content-length")
         if hlen is None:
             json_len = len(body)
-        elif not hlen.isdigit() or int(hlen) > len(body):
+        elif not _digits(hlen) or int(hlen) > len(body):
             raise fe.ServeError(fe.INVALID, f"Inference-Header-Content-Length is {hlen!r}, but the "
                                             f"body has {len(body)} bytes")
         else:
             json_len = int(hlen)
         try:
             request = json.loads(body[:json_len])
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise fe.ServeError(fe.INVALID, f"model {name!r}: malformed JSON request: {e}") from None
         if not isinstance(request, dict):
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request must be a JSON object")
@@ -278,6 +280,12 @@ def _method(method: str, want: str, scope: Scope) -> None:
 def _health(ok: bool, why: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     # The protocol: 200 is true, a 4xx false.
     return (200, _JSON, b"") if ok else (400, _JSON, _dumps({"error": why}))
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes other scripts' digits (and "²", which int()
+    refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _header(scope: Scope, key: bytes) -> str | None:

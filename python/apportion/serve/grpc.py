@@ -90,6 +90,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
         except fe.ServeError as e:
             await context.abort(_CODES[e.kind], e.message)
+        except Exception as e:  # a bug of ours: INTERNAL with its message (as HTTP's 500), not UNKNOWN
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     def _model(self, name: str, version: str) -> Signature:
         sig = self.frontend.signature(name)
@@ -113,6 +115,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             arrays: dict[str, np.ndarray] = {}
             for i, t in enumerate(request.inputs):
                 spec = sig.input(name, t.name)
+                if raw and t.HasField("contents"):  # the protocol: one or the other, never both
+                    raise TensorError(f"model {name!r}, input {spec.name!r}: give its data in "
+                                      "'contents' or in raw_input_contents, not both")
                 if spec.name in arrays:
                     raise TensorError(f"model {name!r}: input {spec.name!r} is given twice")
                 shape = check_header(name, spec, t.datatype, list(t.shape))

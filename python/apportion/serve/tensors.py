@@ -50,6 +50,9 @@ DATATYPES: dict[str, np.dtype] = {
 
 _BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
 _LEN = struct.Struct("<I")
+_MAX_BYTES = int(np.iinfo(np.intp).max)
+"""numpy makes no array whose non-zero dims and item size multiply beyond this, even one with a
+zero dim and so no elements."""
 
 
 class TensorError(ValueError):
@@ -201,6 +204,11 @@ def _check_output(model: str, spec: TensorSpec, value: Any) -> np.ndarray:
     if spec.datatype == "BYTES":
         if arr.dtype.kind not in "OSU":
             raise OutputError(f"model {model!r}, output {spec.name!r}: declared BYTES, got dtype {arr.dtype}")
+        if arr.dtype.kind == "O":
+            for v in arr.reshape(-1):
+                if not isinstance(v, (bytes, bytearray, memoryview, str)):
+                    raise OutputError(f"model {model!r}, output {spec.name!r}: declared BYTES, got an "
+                                      f"element of type {type(v).__name__} (give bytes or str)")
     elif arr.dtype != spec.dtype:
         raise OutputError(f"model {model!r}, output {spec.name!r}: declared {spec.datatype} "
                           f"({spec.dtype}), got dtype {arr.dtype}")
@@ -223,6 +231,12 @@ def check_header(model: str, spec: TensorSpec, datatype: Any, shape: Any) -> tup
     if not spec.matches(shape):
         raise TensorError(f"model {model!r}, input {spec.name!r}: expected shape "
                           f"{list(spec.shape)} (-1: any), got {list(shape)}")
+    span = spec.dtype.itemsize
+    for d in shape:
+        span *= d or 1
+    if span > _MAX_BYTES:
+        raise TensorError(f"model {model!r}, input {spec.name!r}: shape {list(shape)} is too large "
+                          f"for any {spec.datatype} array (its non-zero dims span {span} bytes)")
     return tuple(shape)
 
 
@@ -249,7 +263,7 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
             if arr.size and arr.dtype.kind not in ("iub" if spec.dtype.kind in "iu" else "iubf"):
                 raise TypeError(f"elements must be numbers, got {arr.dtype}")
             arr = np.asarray(data, dtype=spec.dtype).reshape(-1)
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
         raise TensorError(f"model {model!r}, input {spec.name!r}: 'data' is not {spec.datatype} "
                           f"data: {e}") from None
     if arr.size != count:
@@ -263,6 +277,10 @@ def from_bytes(model: str, spec: TensorSpec, shape: tuple[int, ...], buf: memory
     element). No copy when ``buf`` is aligned for the datatype."""
     count = math.prod(shape)
     if spec.datatype == "BYTES":
+        if count > len(buf) // _LEN.size:  # before allocating: a short header may declare any count
+            raise TensorError(f"model {model!r}, input {spec.name!r}: shape {list(shape)} has {count} "
+                              f"BYTES elements, but {len(buf)} bytes hold at most {len(buf) // _LEN.size} "
+                              f"(each takes a {_LEN.size}-byte length)")
         arr = np.empty(count, dtype=object)
         pos, end = 0, len(buf)
         for i in range(count):
