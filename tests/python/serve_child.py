@@ -14,7 +14,7 @@ import apportion as ap
 from apportion.serve import Server, Signature, TensorSpec
 
 
-def main(mode: str, marker: str) -> None:
+def main(mode: str, marker: str, drain_timeout_s: float = 30.0) -> None:
     entered = threading.Event()
 
     def slow(x: np.ndarray) -> np.ndarray:
@@ -31,7 +31,7 @@ def main(mode: str, marker: str) -> None:
     rt.add_model("slow", model=slow, instances=2, max_queue=1024)
     rt.start()
     sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("y", "FP32", [-1])])
-    server = Server(rt, {"slow": sig}, http_port=0, grpc_port=0)
+    server = Server(rt, {"slow": sig}, http_port=0, grpc_port=0, drain_timeout_s=drain_timeout_s)
 
     def report() -> None:
         if server.listening.wait(60):
@@ -46,4 +46,4 @@ def main(mode: str, marker: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *map(float, sys.argv[3:4]))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +21,16 @@ import pytest
 pytest.importorskip("uvicorn")
 th = pytest.importorskip("tritonclient.http")
 tg = pytest.importorskip("tritonclient.grpc")
+httpx = pytest.importorskip("httpx")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.timeout(180)
 
 
-def start_child(mode: str, marker: Path) -> tuple[subprocess.Popen[str], dict[str, int]]:
+def start_child(mode: str, marker: Path, drain_timeout_s: float = 30.0) -> tuple[subprocess.Popen[str], dict[str, int]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    proc = subprocess.Popen([sys.executable, str(HERE / "serve_child.py"), mode, str(marker)],
+    proc = subprocess.Popen([sys.executable, str(HERE / "serve_child.py"), mode, str(marker), str(drain_timeout_s)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -142,3 +145,74 @@ def test_second_signal_aborts(tmp_path: Path) -> None:
     t.join(60)
     assert code == 128 + signal.SIGTERM, err
     assert len(outcome) == 1 and isinstance(outcome[0], Exception)  # aborted: never answered
+
+
+# A drain waits for admitted requests only. These children would wait 10 minutes for anything
+# else (finish() gives them one), so a drain held by an unadmitted request fails the test.
+LONG_DRAIN_S = 600.0
+
+
+def _half_request(port: int, sent: bytes = b'{"inp') -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + sent)
+    return s
+
+
+def _response(s: socket.socket) -> bytes:
+    out = b""
+    while b"\r\n\r\n" not in out or not out.endswith(b"}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_a_body_that_never_arrives_gets_503_and_does_not_hold_the_drain(tmp_path: Path) -> None:
+    proc, ports = start_child("load", tmp_path / "m", LONG_DRAIN_S)
+    stalled = _half_request(ports["http"])  # headers and 5 of 100 bytes, then nothing
+    c = th.InferenceServerClient(f"127.0.0.1:{ports['http']}")
+    i = th.InferInput("x", [1], "FP32")
+    i.set_data_from_numpy(np.ones(1, np.float32))
+    np.testing.assert_array_equal(c.infer("slow", [i]).as_numpy("y"), [2.0])  # served meanwhile
+    c.close()
+    proc.send_signal(signal.SIGTERM)
+    answer = _response(stalled)
+    stalled.close()
+    code, out, err = finish(proc)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"shutting down" in answer and b"body had not arrived" in answer, answer
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["submitted"] == counts["completed"] == 1, counts
+
+
+def test_second_signal_aborts_while_a_client_leaves_its_answer_unread(tmp_path: Path) -> None:
+    proc, ports = start_child("load", tmp_path / "m", LONG_DRAIN_S)
+    x = np.ones(8 << 20, np.float32)  # 32 MiB each way: more than the sockets' buffers hold
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [x.size],
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", ports["http"]))
+    s.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n"
+              b"Inference-Header-Content-Length: %d\r\n\r\n" % (len(head) + x.nbytes, len(head)))
+    s.sendall(head)
+    s.sendall(x.data)
+    completed = re.compile(r'apportion_requests_total\{model="slow",outcome="completed"\} 1\.0')
+    for _ in range(3000):  # the model answered; the answer waits in the server for the client to read it
+        if completed.search(httpx.get(f"http://127.0.0.1:{ports['http']}/metrics").text):
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the request never completed")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None  # uvicorn waits for the unread answer (up to the drain timeout)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    s.close()
+    assert code == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err, err

@@ -53,6 +53,10 @@ class Frontend:
         self.signatures = dict(signatures)
         self.draining = False
         self.in_flight = 0
+        self.reading: set[asyncio.Task[Any]] = set()
+        """HTTP requests whose body is still arriving (not admitted yet): :meth:`cut` ends
+        them when the drain begins."""
+        self._cut: set[asyncio.Task[Any]] = set()
 
     # -- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:
@@ -178,10 +182,28 @@ class Frontend:
         return (f"model {name!r}: parameter 'priority' is {priority + 1}, but the model has {levels} "
                 f"priority level{'s' if levels > 1 else ''}: send {allowed}, or 0 for the default")
 
-    async def drain(self, timeout_s: float | None) -> bool:
-        """Stops admitting requests (readiness goes false) and waits until the admitted ones
-        have completed; False if ``timeout_s`` passed first."""
+    def cut(self) -> None:
+        """Stops admitting requests (readiness goes false) and ends the HTTP requests whose
+        body is still arriving: they were not admitted, and a client that sends slowly or
+        stopped halfway would hold the shutdown. Each gets 503 (see :meth:`was_cut`)."""
         self.draining = True
+        for task in self.reading - self._cut:
+            self._cut.add(task)
+            task.cancel()
+
+    def was_cut(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` (cancelled while reading its body) was cancelled by :meth:`cut`
+        alone: the cancellation is then withdrawn and the request answered 503. False for any
+        other cancellation, which the caller lets through."""
+        if task is None or task not in self._cut:
+            return False
+        self._cut.discard(task)
+        return task.uncancel() == 0
+
+    async def drain(self, timeout_s: float | None) -> bool:
+        """Stops admitting requests (readiness goes false, :meth:`cut`) and waits until the
+        admitted ones have completed; False if ``timeout_s`` passed first."""
+        self.cut()
         loop = asyncio.get_running_loop()
         end = None if timeout_s is None else loop.time() + timeout_s
         while self.in_flight:

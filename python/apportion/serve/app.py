@@ -8,6 +8,7 @@ split of the path does not. It mounts in any ASGI framework (``fastapi_app.mount
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -137,21 +138,38 @@ class V2App:
         raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
 
     async def _read(self, scope: Scope, receive: Receive) -> bytearray:
+        f = self.frontend
+        if f.draining:  # its body would not be read before the drain cuts it off
+            raise fe.ServeError(fe.UNAVAILABLE, "the server is shutting down")
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and _digits(declared) and int(declared) > limit:
             raise fe.ServeError(fe.TOO_LARGE, f"request body of {declared} bytes exceeds the "
                                               f"limit of {limit} bytes")
         body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise _Disconnected
-            body += msg.get("body", b"")
-            if len(body) > limit:
-                raise fe.ServeError(fe.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
-            if not msg.get("more_body", False):
-                return body
+        # Registered while its body arrives: not admitted yet, so a drain does not wait for a
+        # client that sends slowly or stops halfway; it answers 503 instead (Frontend.cut).
+        task = asyncio.current_task()
+        if task is not None:
+            f.reading.add(task)
+        try:
+            while True:
+                try:
+                    msg = await receive()
+                except asyncio.CancelledError:
+                    if f.was_cut(task):
+                        raise fe.ServeError(fe.UNAVAILABLE, "the server is shutting down; the request's "
+                                                            "body had not arrived") from None
+                    raise
+                if msg["type"] == "http.disconnect":
+                    raise _Disconnected
+                body += msg.get("body", b"")
+                if len(body) > limit:
+                    raise fe.ServeError(fe.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+                if not msg.get("more_body", False):
+                    return body
+        finally:
+            f.reading.discard(task)
 
     async def _infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         f = self.frontend

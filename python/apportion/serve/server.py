@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LOOPS", "Server"]
 
+_ABORT_WAIT_S = 1.0
+"""How long an abort (a second signal, ``stop(drain=False)``) waits for the HTTP server to end."""
+
 
 class _Uvicorn(uvicorn.Server):
     # The Server owns the process's signals (serve_forever); uvicorn's own capture would
@@ -122,7 +125,7 @@ class Server:
         if drain:
             await self.frontend.drain(self.drain_timeout_s)
         else:
-            self.frontend.draining = True
+            self.frontend.cut()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0 if drain else None)
             # grpc.aio keeps a poller thread while any of its objects lives: let it end now
@@ -130,8 +133,22 @@ class Server:
         if self._uv is not None:
             self._uv.should_exit = True
             self._uv.force_exit = not drain
-        if self._uv_task is not None:
-            await self._uv_task
+        task = self._uv_task
+        if task is None:
+            return
+        if drain:
+            # Shielded: a second signal cancels this close, not uvicorn's task; the abort that
+            # follows sets force_exit and waits for the same task to end.
+            await asyncio.shield(task)
+            return
+        # Aborting: uvicorn leaves its wait for open connections at force_exit, within 0.1 s;
+        # one that still waits for a connection to close after that is cancelled.
+        await asyncio.wait({task}, timeout=_ABORT_WAIT_S)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_ABORT_WAIT_S)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure to start was raised from _open already
 
     async def _run(self, opened: threading.Event, failed: list[BaseException]) -> None:
         self._stop = asyncio.Event()
