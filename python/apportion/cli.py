@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -386,6 +387,19 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: a finite number of ``kind`` > 0 (a usage error otherwise)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        return value
+    return parse
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -395,6 +409,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="v2 gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop, asyncio, or auto (default: uvloop where installed)")
+    p.add_argument("--queue-full-status", type=int, choices=(429, 503), default=429, metavar="STATUS",
+                   help="HTTP status of a request refused because its model's queue is full: 429 (with "
+                   "Retry-After, the default) or 503")
+    p.add_argument("--max-body-bytes", type=_above_zero(int), default=64 << 20, metavar="N",
+                   help="refuse request bodies (HTTP) and messages (gRPC) beyond N bytes with 413 / "
+                   "RESOURCE_EXHAUSTED (default 64 MiB)")
+    p.add_argument("--drain-timeout-s", type=_above_zero(float), default=30.0, metavar="S",
+                   help="on SIGTERM or Ctrl-C, wait at most S seconds for admitted requests (default 30)")
     _add_root(p)
 
 
@@ -408,7 +430,9 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     rt = cfg.runtime(topology_root=args.root, start=True)
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
-                        grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop)
+                        grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop,
+                        max_body_bytes=args.max_body_bytes, queue_full_status=args.queue_full_status,
+                        drain_timeout_s=args.drain_timeout_s)
 
         def announce() -> None:
             if server.listening.wait(120):

@@ -161,3 +161,13 @@ def sample_input() -> int:
 def doubler(ctx: Any) -> Any:
     """Doubles its input (numpy arrays over the v2 front)."""
     return lambda x: x * 2
+
+
+def sleeper(ctx: Any) -> Any:
+    """Sleeps x[0] seconds a call (a numpy array in), then returns x."""
+
+    def serve(x: Any) -> Any:
+        time.sleep(float(x[0]))
+        return x
+
+    return serve

@@ -4,12 +4,14 @@ SIGTERM (drains, exits 0); and the config errors of a signature."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,68 @@ def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_pa
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text('[models.nap]\nfactory = "process_models:sleeper"\nmax_queue = 1\n[models.nap.signature]\n'
+                   'inputs = [{ name = "x", datatype = "FP32", shape = [1] }]\n'
+                   'outputs = [{ name = "y", datatype = "FP32", shape = [1] }]\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
+                             "--grpc-port", "-1", "--max-body-bytes", "300", "--queue-full-status", "503",
+                             "--drain-timeout-s", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
+        assert m, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        url = f"http://{m.group(1)}/v2/models/nap/infer"
+
+        def body(seconds: float, pad: int = 0) -> bytes:
+            return json.dumps({"id": " " * pad, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                                            "data": [seconds]}]}).encode()
+
+        r = httpx.post(url, content=body(0.0, pad=300), timeout=30)
+        assert r.status_code == 413 and "limit of 300 bytes" in r.json()["error"], r.text
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, url, content=body(3.0), timeout=30)  # runs 3 s
+            depth = re.compile(r'apportion_in_flight\{model="nap"\} 1\.0')
+            for _ in range(3000):
+                if depth.search(httpx.get(f"http://{m.group(1)}/metrics").text):
+                    break
+                time.sleep(0.01)
+            queued = pool.submit(httpx.post, url, content=body(0.0), timeout=30)  # waits in the queue
+            queue = re.compile(r'apportion_queue_depth\{model="nap"\} 1\.0')
+            for _ in range(3000):
+                if queue.search(httpx.get(f"http://{m.group(1)}/metrics").text):
+                    break
+                time.sleep(0.01)
+            r = httpx.post(url, content=body(0.0), timeout=30)
+            assert r.status_code == 503 and "retry-after" not in r.headers, r.text  # 503, not 429
+            assert first.result().status_code == 200 and queued.result().status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.mark.parametrize("option,value", [("--max-body-bytes", "0"), ("--max-body-bytes", "1.5"),
+                                          ("--drain-timeout-s", "-1"), ("--drain-timeout-s", "nan"),
+                                          ("--queue-full-status", "500")])
+def test_bad_server_options_are_usage_errors(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from apportion.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "unused.toml", option, value])
+    assert info.value.code == 2
+    assert option in capsys.readouterr().err
 
 
 def _cfg(signature: str) -> str:
