@@ -88,6 +88,18 @@ def test_unknown_endpoint_and_method_are_json_errors(served: Served) -> None:
         assert r.status_code == 405 and "takes GET" in r.json()["error"]
         r = h.get("/v2/models/echo/infer")
         assert r.status_code == 405 and "takes POST" in r.json()["error"]
+        r = h.head("/v2/models/echo/infer")
+        assert r.status_code == 405 and r.content == b""
+
+
+def test_head_answers_as_get_without_a_body(served: Served) -> None:
+    with httpx.Client(base_url=f"http://{served.http}") as h:
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/echo/ready", "/v2/models/echo", "/v2"):
+            get, head = h.get(path), h.head(path)
+            assert head.status_code == get.status_code == 200, path
+            assert head.content == b"" and head.headers["content-length"] == str(len(get.content)), path
+        get, head = h.get("/v2/models/nope/ready"), h.head("/v2/models/nope/ready")
+        assert head.status_code == get.status_code == 404 and head.content == b""
 
 
 def test_models_that_did_not_start_are_not_ready() -> None:

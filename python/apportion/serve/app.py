@@ -87,7 +87,8 @@ class V2App:
             status, headers, body = self._error(fe.ServeError(fe.INTERNAL, f"{type(e).__name__}: {e}"))
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        # HEAD: the headers a GET would get (its Content-Length too), without the body
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     def _error(self, e: fe.ServeError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         status = self._status[e.kind]
@@ -291,7 +292,7 @@ def _metrics(rt: Runtime) -> bytes:
 
 
 def _method(method: str, want: str, scope: Scope) -> None:
-    if method != want:
+    if method != want and not (method == "HEAD" and want == "GET"):  # probes may send HEAD
         raise fe.ServeError(fe.NOT_ALLOWED, f"{scope['path']} takes {want}, not {method}")
 
 
