@@ -4,6 +4,7 @@ SIGTERM (drains, exits 0); and the config errors of a signature."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,20 +43,44 @@ factory = "process_models:echo"
 """
 
 
+@contextlib.contextmanager
+def serving(cfg: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`apportion serve CFG --http-port 0 ARGS...` in a process of its own: yields it and the line it
+    prints once its ports listen; kills it if the test left it running."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once the ports listen
+        assert "v2 HTTP on" in line, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        yield proc, line
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def wait_for_metric(http: str, sample: str) -> None:
+    """Polls http's /metrics until a line starts with ``sample`` (a sample and its value)."""
+    for _ in range(3000):
+        if any(line.startswith(sample) for line in httpx.get(f"http://{http}/metrics").text.splitlines()):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"/metrics never showed {sample}")
+
+
 @pytest.mark.parametrize(("args", "loop"), [([], "uvloop"), (["--loop", "asyncio"], "asyncio")])
 def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_path: Path, args: list[str],
                                                                          loop: str) -> None:
     cfg = tmp_path / "serve.toml"
     cfg.write_text(CONFIG)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
-    proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
-                             "--grpc-port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # printed once both ports listen
+    with serving(cfg, "--grpc-port", "0", *args) as (proc, line):
         m = re.search(r"v2 HTTP on http://127\.0\.0\.1:(\d+), v2 gRPC on 127\.0\.0\.1:(\d+)", line)
-        assert m, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        assert m, line
         assert line.startswith("serving double:")  # only the model with a signature
         assert f"({loop} loop)" in line, line  # uvloop: the default where installed (the test extra)
         http, grpc = f"127.0.0.1:{m.group(1)}", f"127.0.0.1:{m.group(2)}"
@@ -81,13 +107,6 @@ def test_the_cli_serves_a_config_over_http_and_grpc_and_drains_on_sigterm(tmp_pa
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
@@ -95,17 +114,12 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
     cfg.write_text('[models.nap]\nfactory = "process_models:sleeper"\nmax_queue = 1\n[models.nap.signature]\n'
                    'inputs = [{ name = "x", datatype = "FP32", shape = [1] }]\n'
                    'outputs = [{ name = "y", datatype = "FP32", shape = [1] }]\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
-    proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
-                             "--grpc-port", "-1", "--max-body-bytes", "300", "--queue-full-status", "503",
-                             "--drain-timeout-s", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+    with serving(cfg, "--grpc-port", "-1", "--max-body-bytes", "300", "--queue-full-status", "503",
+                 "--drain-timeout-s", "20") as (proc, line):
         m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
-        assert m, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
-        url = f"http://{m.group(1)}/v2/models/nap/infer"
+        assert m, line
+        http = m.group(1)
+        url = f"http://{http}/v2/models/nap/infer"
 
         def body(seconds: float, pad: int = 0) -> bytes:
             return json.dumps({"id": " " * pad, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
@@ -115,29 +129,14 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
         assert r.status_code == 413 and "limit of 300 bytes" in r.json()["error"], r.text
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, url, content=body(3.0), timeout=30)  # runs 3 s
-            depth = re.compile(r'apportion_in_flight\{model="nap"\} 1\.0')
-            for _ in range(3000):
-                if depth.search(httpx.get(f"http://{m.group(1)}/metrics").text):
-                    break
-                time.sleep(0.01)
+            wait_for_metric(http, 'apportion_in_flight{model="nap"} 1.0')
             queued = pool.submit(httpx.post, url, content=body(0.0), timeout=30)  # waits in the queue
-            queue = re.compile(r'apportion_queue_depth\{model="nap"\} 1\.0')
-            for _ in range(3000):
-                if queue.search(httpx.get(f"http://{m.group(1)}/metrics").text):
-                    break
-                time.sleep(0.01)
+            wait_for_metric(http, 'apportion_queue_depth{model="nap"} 1.0')
             r = httpx.post(url, content=body(0.0), timeout=30)
             assert r.status_code == 503 and "retry-after" not in r.headers, r.text  # 503, not 429
             assert first.result().status_code == 200 and queued.result().status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 @pytest.mark.parametrize("option,value", [("--max-body-bytes", "0"), ("--max-body-bytes", "1.5"),
