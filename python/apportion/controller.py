@@ -58,7 +58,7 @@ from typing import Any
 
 from ._private.cputime import THREAD_TIMES, cpus_busy_s
 from .batching import Batching
-from .errors import ApportionError, QuotaError
+from .errors import ApportionError, ModelNotFound, QuotaError
 from .spec import ModelSpec
 from .stats import HistogramSnapshot, ModelStats, RuntimeStats
 
@@ -234,6 +234,16 @@ def _mix_moved(before: list[Mapping[str, Window]], after: list[Mapping[str, Wind
     return False
 
 
+def _finite(value: Any) -> bool:
+    """A real number (not a bool), neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond every float
+        return False
+
+
 def _kind(old: ModelSpec, new: ModelSpec) -> str:
     """What a move changed, as its tabu key: "grow", "shrink", "batch", "raise" or "lower"."""
     if (old.isolation == "exclusive") != (new.isolation == "exclusive"):
@@ -312,18 +322,32 @@ class Controller:
                  log: Callable[[Move], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, slo in slos.items():
-            if not (isinstance(slo, (int, float)) and slo > 0):
-                raise QuotaError(f"Controller: the SLO must be a positive number of ms, got {slo!r}",
+            if not (_finite(slo) and slo > 0):
+                raise QuotaError(f"Controller: the SLO must be a positive, finite number of ms, got {slo!r}",
                                  model=name, field="slo")
-        if window_s <= 0 or dwell_s < 0 or confirm < 1:
-            raise QuotaError("Controller: window_s must be > 0, dwell_s >= 0 and confirm >= 1")
-        if not 0 < idle < target < hot <= 1.5 or not 0 < risk <= 1:
-            raise QuotaError("Controller: need 0 < idle < target < hot and 0 < risk <= 1")
-        if judge < 1 or not 0 <= tolerance < 1 or not tabu_s >= 0:
-            raise QuotaError(f"Controller: need judge >= 1, 0 <= tolerance < 1 and tabu_s >= 0, got judge={judge!r}, "
-                             f"tolerance={tolerance!r}, tabu_s={tabu_s!r}")
-        if not headroom > 0 or not oversubscribe >= 1:
-            raise QuotaError(f"Controller: need headroom > 0 and oversubscribe >= 1, got headroom={headroom!r}, "
+        if rt is not None:  # (None: decide() alone, in tests)
+            unknown = sorted(n for n in slos if n not in rt.models)
+            if unknown:
+                raise ModelNotFound(f"Controller: model {unknown[0]!r} (field 'slos') is not registered with the "
+                                    f"runtime; its models: {sorted(rt.models)}")
+        for field, value, least in (("window_s", window_s, None), ("dwell_s", dwell_s, 0.0),
+                                    ("tabu_s", tabu_s, 0.0), ("batch_delay_ms", batch_delay_ms, 0.0)):
+            if not (_finite(value) and (value > 0 if least is None else value >= least)):
+                raise QuotaError(f"Controller: {field} must be a finite number "
+                                 f"{'> 0' if least is None else f'>= {least:g}'}, got {value!r}")
+        for field, value in (("confirm", confirm), ("judge", judge), ("max_batch", max_batch),
+                             ("max_batch_size", max_batch_size), ("history", history)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QuotaError(f"Controller: {field} must be an int >= 1, got {value!r}")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise QuotaError(f"Controller: capacity must be an int >= 1 (instances) or None, got {capacity!r}")
+        if not all(_finite(v) for v in (idle, target, hot, risk)) or not 0 < idle < target < hot <= 1.5 \
+                or not 0 < risk <= 1:
+            raise QuotaError("Controller: need 0 < idle < target < hot <= 1.5 and 0 < risk <= 1")
+        if not (_finite(tolerance) and 0 <= tolerance < 1):
+            raise QuotaError(f"Controller: need 0 <= tolerance < 1, got tolerance={tolerance!r}")
+        if not (_finite(headroom) and headroom > 0) or not (_finite(oversubscribe) and oversubscribe >= 1):
+            raise QuotaError(f"Controller: need finite headroom > 0 and oversubscribe >= 1, got headroom={headroom!r}, "
                              f"oversubscribe={oversubscribe!r}")
         self.rt = rt
         self.slos = dict(slos)
@@ -685,8 +709,9 @@ class Controller:
         self._pool, self._busy_s = self._pool_busy_s()
 
     def start(self) -> Controller:
-        """Runs ``step()`` every ``window_s`` on a daemon thread until ``stop()``."""
-        if self._thread is None:
+        """Runs ``step()`` every ``window_s`` on a daemon thread until ``stop()`` (again after a
+        ``stop()``; a second ``start()`` while it runs does nothing)."""
+        if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="apportion-controller", daemon=True)
             self._thread.start()
@@ -723,7 +748,7 @@ class Controller:
         with its reason, the models held at risk without a move and why (:attr:`held`), and the
         errors of moves that failed."""
         return {
-            "running": self._thread is not None,
+            "running": self._thread is not None and self._thread.is_alive(),
             "windows": dict(self.windows),
             "idle_cpus": self.idle_cpus,
             "at_risk_streak": dict(self._risk_streak),

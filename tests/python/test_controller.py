@@ -305,14 +305,56 @@ def test_only_the_shared_pools_cpus_count_as_idle_time_for_shared_models() -> No
         assert c.idle_cpus is not None and c.idle_cpus <= 0.4, c.idle_cpus
 
 
-@pytest.mark.parametrize("kw", [{"window_s": 0}, {"confirm": 0}, {"idle": 0.8}, {"risk": 0}, {"headroom": 0}, {"judge": 0}, {"tolerance": 1.0}, {"tabu_s": -1.0},
-                                {"oversubscribe": 0.5}])
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kw", [
+    {"window_s": 0}, {"window_s": NAN}, {"window_s": INF}, {"window_s": "1"}, {"dwell_s": NAN}, {"dwell_s": -1},
+    {"confirm": 0}, {"confirm": NAN}, {"confirm": 1.5}, {"judge": 0}, {"judge": NAN}, {"idle": 0.8}, {"idle": NAN},
+    {"risk": 0}, {"risk": NAN}, {"headroom": 0}, {"headroom": INF}, {"tolerance": 1.0}, {"tolerance": NAN},
+    {"tabu_s": -1.0}, {"tabu_s": NAN}, {"oversubscribe": 0.5}, {"oversubscribe": INF}, {"capacity": 0},
+    {"capacity": -2}, {"capacity": True}, {"max_batch": 0}, {"max_batch_size": 0}, {"history": 0},
+    {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
-    with pytest.raises(QuotaError):
-        Controller(None, {"a": 50.0}, capacity=2, **kw)
+    args = {"capacity": 2, **kw}
+    field = next(iter(kw))
+    with pytest.raises(QuotaError, match=field):
+        Controller(None, {"a": 50.0}, **args)
+
+
+@pytest.mark.parametrize("slo", [-1, 0, NAN, INF, True, "50", 10**400])
+def test_bad_slos_are_refused_naming_the_model(slo: Any) -> None:
     with pytest.raises(QuotaError) as err:
-        Controller(None, {"a": -1}, capacity=2)
+        Controller(None, {"a": slo}, capacity=2)
     assert err.value.model == "a" and err.value.field == "slo"
+
+
+def test_slos_for_models_the_runtime_does_not_have_are_refused() -> None:
+    with ap.Runtime() as rt:
+        rt.add_model("ranker", model=lambda x: x)
+        rt.start()
+        with pytest.raises(ap.ModelNotFound, match=r"model 'rankr' \(field 'slos'\) is not registered.*\['ranker'\]"):
+            Controller(rt, {"ranker": 50.0, "rankr": 50.0})
+        assert Controller(rt, {"ranker": 50.0}).slos == {"ranker": 50.0}
+
+
+def test_running_says_whether_the_thread_runs_and_start_after_stop_starts_again() -> None:
+    rt = ap.Runtime()
+    rt.add_model("a", model=lambda x: x)
+    rt.start()
+    c = Controller(rt, {"a": 50.0}, window_s=0.01)
+    assert c.stats()["running"] is False
+    c.start()
+    assert c.stats()["running"] is True
+    c.stop()
+    assert c.stats()["running"] is False
+    c.start()  # again after a stop
+    assert c.stats()["running"] is True
+    rt.close()  # the thread ends by itself once the runtime is closed
+    assert c._thread is not None
+    c._thread.join(10)
+    assert c.stats()["running"] is False
+    c.stop()
 
 
 def test_a_short_run_moves_the_model_at_risk_and_loses_nothing() -> None:
@@ -423,12 +465,15 @@ def test_a_donor_with_burst_instances_keeps_its_core() -> None:
 
 def test_a_donor_down_to_one_core_gives_nothing_on_a_scheduled_pool() -> None:
     with ap.Runtime(shared_pool="scheduled") as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.add_model("b", model=lambda x: x)
         c = Controller(rt, {"a": 50.0, "b": 50.0}, capacity=2, confirm=1)
     assert (rt.shared_pool, c.release) == ("scheduled", False)
     specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
     moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
     assert [m.change for m in moves] == ["batching off -> 8"]
     with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
         assert (rt.shared_pool, Controller(rt, {"a": 50.0}).release) == ("os", True)
 
 
