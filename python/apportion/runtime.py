@@ -62,6 +62,9 @@ def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any
     warmup = spec.warmup
     if isinstance(warmup, str):
         warmup = _imported(spec.name, "warmup", warmup)
+        if not callable(warmup):
+            raise QuotaError(f"{spec.warmup!r} names a {type(warmup).__name__}, not a zero-argument callable "
+                             "that returns a sample input", model=spec.name, field="warmup")
     samples = warmup if isinstance(warmup, tuple) else None
     make_sample = warmup if callable(warmup) else None
 
@@ -567,6 +570,11 @@ class Runtime(_core._Runtime):
         if isinstance(models, Mapping):
             target = [getattr(m, "spec", m) for m in models.values()]
         elif isinstance(target, Mapping):
+            for key, spec in target.items():
+                if isinstance(spec, ModelSpec) and key != spec.name:
+                    raise QuotaError(f"apply(): the mapping's key {key!r} names another model than its "
+                                     f"spec ({spec.name!r}); key each spec by its own name", model=spec.name,
+                                     field="name")
             target = list(target.values())
         if isinstance(target, (str, bytes)) or not isinstance(target, Iterable):
             raise QuotaError(f"apply(): give ModelSpecs, a mapping of them, or a Config; got {type(target).__name__}")

@@ -194,6 +194,9 @@ def test_invalid_targets_fail_before_anything_moves() -> None:
             rt.apply([base, base])
         with pytest.raises(QuotaError, match="ModelSpec"):
             rt.apply(["m"])
+        with pytest.raises(QuotaError, match="key 'other' names another model than its spec") as err:
+            rt.apply({"other": dataclasses.replace(base, instances=2)})
+        assert (err.value.model, err.value.field) == ("m", "name")
         assert len(where.built) == built
         assert rt.call("m", 3) == 3
 

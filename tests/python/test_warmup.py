@@ -157,3 +157,12 @@ def test_a_warm_up_path_that_does_not_import_is_refused_at_add(rt: ap.Runtime) -
         rt.add_model("m", model=len, warmup="apportion.nothing_here:make")
     assert (err.value.model, err.value.field) == ("m", "warmup")
     assert rt.models == []
+
+
+@pytest.mark.parametrize("path,kind", [("math:pi", "float"), ("sys:argv", "list"), ("os:sep", "str")])
+def test_a_warm_up_path_to_something_not_callable_is_refused_at_add(rt: ap.Runtime, path: str, kind: str) -> None:
+    with pytest.raises(ap.QuotaError) as err:
+        rt.add_model("m", model=len, warmup=path)
+    assert (err.value.model, err.value.field) == ("m", "warmup")
+    assert f"names a {kind}, not a zero-argument callable" in err.value.reason
+    assert rt.models == []
