@@ -128,22 +128,24 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _window_args(p: argparse.ArgumentParser, window: float, max_s: float) -> None:
-    p.add_argument("--warmup-s", type=float, default=window, help=f"warm-up seconds (default {window:g})")
-    p.add_argument("--window-s", type=float, default=window, help=f"measurement window seconds (default {window:g})")
-    p.add_argument("--max-s", type=float, default=max_s,
+    p.add_argument("--warmup-s", type=_above_zero(float), default=window,
+                   help=f"warm-up seconds (default {window:g})")
+    p.add_argument("--window-s", type=_above_zero(float), default=window,
+                   help=f"measurement window seconds (default {window:g})")
+    p.add_argument("--max-s", type=_above_zero(float), default=max_s,
                    help=f"stop after this many seconds even if not stable (default {max_s:g})")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
-    p.add_argument("--duration", type=float, default=None, metavar="S",
+    p.add_argument("--duration", type=_above_zero(float), default=None, metavar="S",
                    help="serve for S seconds, putting each model's configured load on it, then print "
                    "the load report and stats (default: serve until Ctrl-C)")
     p.add_argument("--adapt", action="store_true",
                    help="run the online controller beside the runtime: it moves instances, batching and "
                    "admission between the models that have an slo when one's objective is at risk or "
                    "capacity idles, and logs every move with its reason (see apportion.Controller)")
-    p.add_argument("--adapt-window-s", type=float, default=1.0, metavar="S",
+    p.add_argument("--adapt-window-s", type=_above_zero(float), default=1.0, metavar="S",
                    help="the controller's window (default 1)")
     _add_root(p)
     _add_json(p)
@@ -211,7 +213,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="drive a KServe v2 server (apportion serve, Triton, ...) at http://HOST:PORT or "
                    "grpc://HOST:PORT instead of models built here; CONFIG, if given, supplies the loads and "
                    "inputs, the server the models")
-    p.add_argument("--request-timeout-s", type=float, default=30.0, metavar="S",
+    p.add_argument("--request-timeout-s", type=_above_zero(float), default=30.0, metavar="S",
                    help="with --url: a request with no answer after S seconds counts as failed "
                    "('client timeout'; default 30)")
     p.add_argument("--tensors", choices=("binary", "json"), default="binary",
@@ -249,6 +251,10 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
             specs.append(ld.parse_spec(text))
         except ld.LoadError as e:
             raise ConfigError("<command line>", "--model", str(e)) from None
+    names = [x.model for x in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError("<command line>", "--model", f"model {twice[0]!r} is given more than once")
     if args.url is not None:
         return _bench_remote(args, specs, out)
     if args.config:
@@ -317,6 +323,11 @@ def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: 
             raise ConfigError("<command line>", "--inputs", f"model {stray[0]!r} has no --model SPEC")
         loads = [dataclasses.replace(s, inputs=resolve(inputs[s.model], where="<command line>", key="--inputs"))
                  if s.model in inputs else s for s in specs]
+    for x in loads:  # before connecting: a bad load is the command line's error, whatever the server
+        try:
+            x.validate([y.model for y in loads])
+        except ld.LoadError as e:
+            raise ConfigError("<command line>", "--model", str(e)) from None
     try:
         target = ld.RemoteTarget(args.url, [x.model for x in loads], request_timeout_s=args.request_timeout_s,
                                  tensors=args.tensors)

@@ -269,6 +269,19 @@ def test_new_commands_have_help(command: str, capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().out.startswith(f"usage: apportion {command}")
 
 
+@pytest.mark.parametrize("argv", [["run", "x.toml", "--adapt", "--adapt-window-s", "nan"],
+                                  ["run", "x.toml", "--adapt-window-s", "inf"], ["run", "x.toml", "--duration", "0"],
+                                  ["bench", "x.toml", "--warmup-s", "-1"], ["bench", "x.toml", "--max-s", "0"],
+                                  ["bench", "x.toml", "--window-s", "nan"]])
+def test_numbers_that_are_not_positive_and_finite_are_usage_errors(argv: list[str],
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    flag = next(a for a in argv if a.startswith("--") and a != "--adapt")
+    assert f"argument {flag}: must be a finite number > 0" in capsys.readouterr().err
+
+
 def test_run_serves_the_config_under_its_load(tmp_path: Path) -> None:
     code, out, err = run("run", config(tmp_path, SLEEPERS), "--duration", "0.8")
     assert (code, err) == (0, "")

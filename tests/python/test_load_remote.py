@@ -304,6 +304,7 @@ def test_answers_still_outstanding_after_the_drain_are_counted_unfinished(server
     ("https://127.0.0.1:8000", "expected http://HOST:PORT"),
     ("http://127.0.0.1", "give the port"),
     ("http://127.0.0.1:8000/v2", "expected http://HOST:PORT"),
+    ("http://[::1", "Invalid IPv6 URL; expected http://HOST:PORT"),
 ])
 def test_malformed_urls_are_refused(url: str, message: str) -> None:
     with pytest.raises(load.LoadError, match=re.escape(message)):
@@ -313,8 +314,9 @@ def test_malformed_urls_are_refused(url: str, message: str) -> None:
 def test_no_models_or_a_bad_timeout_are_refused(server: Serve) -> None:
     with pytest.raises(load.LoadError, match="at least one model"):
         load.RemoteTarget(server.http, [])
-    with pytest.raises(load.LoadError, match="request_timeout_s"):
-        load.RemoteTarget(server.http, ["double"], request_timeout_s=0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(load.LoadError, match="request_timeout_s must be a positive, finite number"):
+            load.RemoteTarget(server.http, ["double"], request_timeout_s=bad)
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
@@ -376,11 +378,28 @@ def test_bench_url_reads_loads_from_a_config(server: Serve, tmp_path: Path, monk
     (["--url", "ftp://127.0.0.1:1", "--model", "m:concurrency=1"], "--url", "expected http://HOST:PORT"),
     (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=1", "--inputs", "n=a:b"], "--inputs",
      "model 'n' has no --model SPEC"),
+    (["--url", "http://[::1", "--model", "m:concurrency=1"], "--url", "Invalid IPv6 URL"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=1", "--request-timeout-s", "inf"],
+     "--request-timeout-s", "finite number > 0"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=1", "--max-s", "0"], "--max-s", "finite number > 0"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=1", "--window-s", "-3"], "--window-s",
+     "finite number > 0"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=1", "--model", "m:rate=5"], "--model",
+     "model 'm' is given more than once"),
+    # checked before connecting: nothing listens on port 1, and the error is the load's
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=0"], "--model", "concurrency must be an integer >= 1"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:rate=nan"], "--model", "rate"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:rate=inf"], "--model", "rate"),
 ])
-def test_bench_url_usage_errors(argv: list[str], flag: str, message: str) -> None:
+def test_bench_url_usage_errors(argv: list[str], flag: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     err = StringIO()
-    assert main(["bench", *argv], out=StringIO(), err=err) == 2
-    assert flag in err.getvalue() and message in err.getvalue()
+    try:
+        rc = main(["bench", *argv], out=StringIO(), err=err)
+    except SystemExit as e:  # argparse's own usage errors (a bad number) exit 2 with its message on stderr
+        rc = e.code
+    text = err.getvalue() + capsys.readouterr().err
+    assert rc == 2, text
+    assert flag in text and message in text, text
 
 
 def test_bench_url_against_nothing_listening_fails_cleanly() -> None:

@@ -42,6 +42,7 @@ How requests and outcomes map:
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
@@ -127,8 +128,9 @@ class RemoteTarget:
         names = [models] if isinstance(models, str) else list(models)
         if not names:
             raise LoadError(f"{url}: name at least one model to load")
-        if not (isinstance(request_timeout_s, (int, float)) and request_timeout_s > 0):
-            raise LoadError(f"{url}: request_timeout_s must be a positive number, got {request_timeout_s!r}")
+        if isinstance(request_timeout_s, bool) or not (isinstance(request_timeout_s, (int, float))
+                                                       and 0 < request_timeout_s < math.inf):
+            raise LoadError(f"{url}: request_timeout_s must be a positive, finite number, got {request_timeout_s!r}")
         self.request_timeout_s = float(request_timeout_s)
         if tensors not in ("binary", "json") or (tensors == "json" and self.scheme != "http"):
             raise LoadError(f"{url}: tensors must be 'binary' or, over HTTP, 'json'; got {tensors!r}")
@@ -326,7 +328,10 @@ class RemoteTarget:
 
 
 def _parse_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url) if isinstance(url, str) else None
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+    except ValueError as e:  # such as an unclosed IPv6 bracket
+        raise LoadError(f"url {url!r}: {e}; expected http://HOST:PORT or grpc://HOST:PORT") from None
     if parts is None or parts.scheme not in _SCHEMES or not parts.hostname or parts.path not in ("", "/"):
         raise LoadError(f"url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT")
     try:
