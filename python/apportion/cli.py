@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -42,9 +41,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import load as ld
+from ._private.argtypes import above_zero
 from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
-from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit
+from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed
 from .placement import Plan, Quota
 from .topology import Topology, topology
 
@@ -128,24 +128,24 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _window_args(p: argparse.ArgumentParser, window: float, max_s: float) -> None:
-    p.add_argument("--warmup-s", type=_above_zero(float), default=window,
+    p.add_argument("--warmup-s", type=above_zero(float), default=window,
                    help=f"warm-up seconds (default {window:g})")
-    p.add_argument("--window-s", type=_above_zero(float), default=window,
+    p.add_argument("--window-s", type=above_zero(float), default=window,
                    help=f"measurement window seconds (default {window:g})")
-    p.add_argument("--max-s", type=_above_zero(float), default=max_s,
+    p.add_argument("--max-s", type=above_zero(float), default=max_s,
                    help=f"stop after this many seconds even if not stable (default {max_s:g})")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
-    p.add_argument("--duration", type=_above_zero(float), default=None, metavar="S",
+    p.add_argument("--duration", type=above_zero(float), default=None, metavar="S",
                    help="serve for S seconds, putting each model's configured load on it, then print "
                    "the load report and stats (default: serve until Ctrl-C)")
     p.add_argument("--adapt", action="store_true",
                    help="run the online controller beside the runtime: it moves instances, batching and "
                    "admission between the models that have an slo when one's objective is at risk or "
                    "capacity idles, and logs every move with its reason (see apportion.Controller)")
-    p.add_argument("--adapt-window-s", type=_above_zero(float), default=1.0, metavar="S",
+    p.add_argument("--adapt-window-s", type=above_zero(float), default=1.0, metavar="S",
                    help="the controller's window (default 1)")
     _add_root(p)
     _add_json(p)
@@ -213,7 +213,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="drive a KServe v2 server (apportion serve, Triton, ...) at http://HOST:PORT or "
                    "grpc://HOST:PORT instead of models built here; CONFIG, if given, supplies the loads and "
                    "inputs, the server the models")
-    p.add_argument("--request-timeout-s", type=_above_zero(float), default=30.0, metavar="S",
+    p.add_argument("--request-timeout-s", type=above_zero(float), default=30.0, metavar="S",
                    help="with --url: a request with no answer after S seconds counts as failed "
                    "('client timeout'; default 30)")
     p.add_argument("--tensors", choices=("binary", "json"), default="binary",
@@ -352,7 +352,9 @@ def _print_report(report: ld.LoadReport, as_json: bool, out: TextIO) -> None:
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
-    p.add_argument("--budget-s", type=float, default=60.0, help="time budget in seconds (default 60)")
+    p.add_argument("--budget-s", type=above_zero(float), default=60.0,
+                   help="time budget in seconds (default 60); profiling each model once at each shape takes "
+                   "~1 s a run whatever the budget, and the report says how long the search took")
     p.add_argument("--out", default="apportion-tune", metavar="DIR",
                    help="where plan.toml, report.md and candidates.png go (default ./apportion-tune)")
     p.add_argument("--objective", choices=("goodput", "min_fraction"), default="goodput",
@@ -367,8 +369,6 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
 def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
     from .tune import tune
 
-    if not args.budget_s > 0:
-        raise ConfigError("<command line>", "--budget-s", f"got {args.budget_s}; give a positive number of seconds")
     if not 0 <= args.margin < 1:
         raise ConfigError("<command line>", "--margin", f"got {args.margin}; give a fraction in [0, 1)")
     result = tune(args.config, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
@@ -398,19 +398,6 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type: a finite number of ``kind`` > 0 (a usage error otherwise)."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-        return value
-    return parse
-
-
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -423,10 +410,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-full-status", type=int, choices=(429, 503), default=429, metavar="STATUS",
                    help="HTTP status of a request refused because its model's queue is full: 429 (with "
                    "Retry-After, the default) or 503")
-    p.add_argument("--max-body-bytes", type=_above_zero(int), default=64 << 20, metavar="N",
+    p.add_argument("--max-body-bytes", type=above_zero(int), default=64 << 20, metavar="N",
                    help="refuse request bodies (HTTP) and messages (gRPC) beyond N bytes with 413 / "
                    "RESOURCE_EXHAUSTED (default 64 MiB)")
-    p.add_argument("--drain-timeout-s", type=_above_zero(float), default=30.0, metavar="S",
+    p.add_argument("--drain-timeout-s", type=above_zero(float), default=30.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, wait at most S seconds for admitted requests (default 30)")
     _add_root(p)
 
@@ -506,7 +493,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         return int(args._run(args, out))
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=err)
-        return EXIT_FAILURE if isinstance(e, DoesNotFit) else EXIT_USAGE
+        return EXIT_FAILURE if isinstance(e, (DoesNotFit, StartFailed)) else EXIT_USAGE
     except ApportionError as e:  # a load or quota the runtime refused at run time
         print(f"{prog}: error: {e}", file=err)
         return EXIT_FAILURE

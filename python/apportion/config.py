@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from .load import ModelLoad
     from .runtime import Runtime
 
-__all__ = ["Config", "ConfigError", "DoesNotFit", "ModelConfig", "QUOTA_KEYS", "resolve"]
+__all__ = ["Config", "ConfigError", "DoesNotFit", "ModelConfig", "QUOTA_KEYS", "StartFailed", "resolve"]
 
 QUOTA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Quota) if f.init and f.name != "name")
 OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load", "signature")
@@ -59,6 +59,7 @@ SIGNATURE_KEYS: tuple[str, ...] = ("inputs", "outputs", "tensor")
 MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
 RUNTIME_KEYS: tuple[str, ...] = ("cpus", "shared_pool", "pool_reserve", "reserve_nice")
+_TOO_DEEP = "not a config this reader takes: values nested too deep"
 WORKLOAD_KEYS: tuple[str, ...] = ("rate",)
 SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
 LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
@@ -78,6 +79,11 @@ class ConfigError(ApportionError, ValueError):
 
 class DoesNotFit(ConfigError):
     """A valid config whose models do not fit the machine together (a PlacementError)."""
+
+
+class StartFailed(ConfigError):
+    """A valid config whose model failed to start: its factory or warm-up raised (the message
+    has the error and the model; ``__cause__`` is the error itself)."""
 
 
 def _without_prefix(err: Exception) -> str:
@@ -200,6 +206,8 @@ class Config:
             raise ConfigError(where, None, f"cannot read it: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(where, None, f"not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(where, None, _TOO_DEEP) from None
         except UnicodeDecodeError as e:
             raise ConfigError(where, None, f"not UTF-8 text (TOML files are UTF-8): byte {e.object[e.start]:#04x} "
                               f"at offset {e.start}") from None
@@ -211,6 +219,8 @@ class Config:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(path, None, f"not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(path, None, _TOO_DEEP) from None
         return cls.from_dict(doc, path)
 
     @classmethod
@@ -253,6 +263,8 @@ class Config:
                 parsed[cls_] = v
             pool_reserve = parsed
         reserve_nice = runtime.get("reserve_nice", 10)
+        if not _is_int(reserve_nice) or not 1 <= reserve_nice <= 19:
+            raise ConfigError(path, "runtime.reserve_nice", f"got {reserve_nice!r}; give an integer in 1..19")
         workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
         rate = workload.get("rate")
         if rate is not None:
@@ -293,6 +305,12 @@ class Config:
             rt = Runtime(cpus=self.cpus, topology_root=topology_root, shared_pool=self.shared_pool,
                          pool_reserve=self.pool_reserve, reserve_nice=self.reserve_nice)
         except QuotaError as e:
+            key = f"runtime.{e.field}" if e.field else "runtime.cpus"
+            raise ConfigError(self.path, key, e.reason) from None
+        try:
+            _ = rt.topology  # `cpus` read against this machine (or the tree under topology_root)
+        except ValueError as e:  # a CPU it does not have
+            rt.close(drain=False)
             raise ConfigError(self.path, "runtime.cpus", str(e)) from None
         try:
             for m in self.models.values():
@@ -306,7 +324,14 @@ class Config:
                                          f"the models do not fit this machine: {_without_prefix(e)}") from None
                     raise ConfigError(self.path, key, _without_prefix(e)) from None
             if start:
-                rt.start()
+                try:
+                    rt.start()
+                except ApportionError:
+                    raise
+                except Exception as e:  # the user's factory or warm-up: its error, and whose it is
+                    notes = " ".join(getattr(e, "__notes__", ()))
+                    raise StartFailed(self.path, "models", f"a model failed to start: {type(e).__name__}: "
+                                      f"{e}" + (f" {notes}" if notes else "")) from e
         except BaseException:
             rt.close(drain=False)
             raise
@@ -447,8 +472,12 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
             ld["share"] = float(sh)
         if "arrivals" in ld and ld["arrivals"] not in ("poisson", "constant"):
             raise ConfigError(path, f"{key}.load.arrivals", f"got {ld['arrivals']!r}; give \"poisson\" or \"constant\"")
-        if "priority" in ld and not _is_int(ld["priority"]):
-            raise ConfigError(path, f"{key}.load.priority", f"got {ld['priority']!r}; give an integer")
+        if "priority" in ld:
+            levels = table.get("priority_levels", 1)  # checked with the model's other keys
+            levels = levels if _is_int(levels) and levels >= 1 else 1
+            if not _is_int(ld["priority"]) or not 0 <= ld["priority"] < levels:
+                raise ConfigError(path, f"{key}.load.priority", f"got {ld['priority']!r}; give an integer in "
+                                  f"[0, {levels}) (the model's priority_levels is {levels}; 0 is the highest)")
         load = ld
     signature = None
     if "signature" in table:

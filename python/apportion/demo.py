@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import _table
+from ._private.argtypes import above_zero
 from . import load as ld
 from .config import Config, ModelConfig
 from .controller import Controller, Move
@@ -452,17 +453,17 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--load", type=float, default=1.0,
+    p.add_argument("--load", type=above_zero(float), default=1.0,
                    help="offered load as a multiple of the cores' one-thread capacity (default 1.0)")
-    p.add_argument("--budget-s", type=float, default=60.0, help="tuner time budget in seconds (default 60)")
-    p.add_argument("--window-s", type=float, default=1.0,
+    p.add_argument("--budget-s", type=above_zero(float), default=60.0, help="tuner time budget in seconds (default 60)")
+    p.add_argument("--window-s", type=above_zero(float), default=1.0,
                    help="measurement window for the three modes, seconds (default 1; 3 windows each)")
     p.add_argument("--out", default="apportion-demo", metavar="DIR",
                    help="where the plot, the tuned plan and the tuner's report go (default ./apportion-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     p.add_argument("--no-shift", action="store_true",
                    help="skip the fourth phase (the mix shifts: static tuned plan vs the controller)")
-    p.add_argument("--adapt-s", type=float, default=None, metavar="S",
+    p.add_argument("--adapt-s", type=above_zero(float), default=None, metavar="S",
                    help="after the shift, seconds of the new mix before measuring (default 6 windows)")
     p.add_argument("--retune", action="store_true",
                    help="also tune from scratch for the new mix and measure that plan (one more tuner budget)")

@@ -90,23 +90,25 @@ def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any
 
 def _check_reserve(reserve: Mapping[int, int] | None, nice: Any, scheduled: bool) -> dict[int, int]:
     """Runtime(pool_reserve=, reserve_nice=) validated: {priority_class: units}."""
+    if isinstance(nice, bool) or not isinstance(nice, numbers.Integral) or not 1 <= nice <= 19:
+        raise QuotaError(f"Runtime: reserve_nice must be an integer in 1..19, got {nice!r}", field="reserve_nice")
     if reserve is None:
         return {}
     if not scheduled:
-        raise QuotaError("Runtime: pool_reserve needs shared_pool='scheduled' (this one has shared_pool='os')")
+        raise QuotaError("Runtime: pool_reserve needs shared_pool='scheduled' (this one has shared_pool='os')",
+                         field="pool_reserve")
     if not isinstance(reserve, Mapping) or not reserve:
         raise QuotaError(f"Runtime: pool_reserve must be a non-empty {{priority_class: units}} mapping, "
-                         f"got {reserve!r}")
+                         f"got {reserve!r}", field="pool_reserve")
     out: dict[int, int] = {}
     for cls, units in reserve.items():
         if isinstance(cls, bool) or not isinstance(cls, numbers.Integral) or not -1000 <= cls <= 1000:
             raise QuotaError(f"Runtime: pool_reserve key {cls!r} is not a priority class "
-                             "(an integer in [-1000, 1000])")
+                             "(an integer in [-1000, 1000])", field="pool_reserve")
         if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
-            raise QuotaError(f"Runtime: pool_reserve[{cls}] must be a unit count >= 1, got {units!r}")
+            raise QuotaError(f"Runtime: pool_reserve[{cls}] must be a unit count >= 1, got {units!r}",
+                             field="pool_reserve")
         out[int(cls)] = int(units)
-    if isinstance(nice, bool) or not isinstance(nice, numbers.Integral) or not 1 <= nice <= 19:
-        raise QuotaError(f"Runtime: reserve_nice must be an integer in 1..19, got {nice!r}")
     return out
 
 
@@ -194,8 +196,12 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
                               threads=planned_threads, cpus=cpus, memory_nodes=nodes,
                               isolation="shared" if is_burst else quota.isolation, gpu=gpu_ctx,
                               burst=is_burst)
-        fn = build_instance(ctx, None if spec.model is not None else spec.factory,  # type: ignore[arg-type]
-                            spec.model)
+        try:
+            fn = build_instance(ctx, None if spec.model is not None else spec.factory,  # type: ignore[arg-type]
+                                spec.model)
+        except BaseException as e:
+            e.add_note(f"(raised by the factory of model {name!r}, instance {index})")
+            raise
         return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
     build = make_process_instance if spec.process else make_instance

@@ -272,7 +272,9 @@ def test_new_commands_have_help(command: str, capsys: pytest.CaptureFixture[str]
 @pytest.mark.parametrize("argv", [["run", "x.toml", "--adapt", "--adapt-window-s", "nan"],
                                   ["run", "x.toml", "--adapt-window-s", "inf"], ["run", "x.toml", "--duration", "0"],
                                   ["bench", "x.toml", "--warmup-s", "-1"], ["bench", "x.toml", "--max-s", "0"],
-                                  ["bench", "x.toml", "--window-s", "nan"]])
+                                  ["bench", "x.toml", "--window-s", "nan"], ["tune", "x.toml", "--budget-s", "0"],
+                                  ["tune", "x.toml", "--budget-s", "inf"], ["demo", "--budget-s", "-1"],
+                                  ["demo", "--load", "nan"], ["demo", "--window-s", "0"], ["demo", "--adapt-s", "inf"]])
 def test_numbers_that_are_not_positive_and_finite_are_usage_errors(argv: list[str],
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
@@ -280,6 +282,22 @@ def test_numbers_that_are_not_positive_and_finite_are_usage_errors(argv: list[st
     assert e.value.code == 2
     flag = next(a for a in argv if a.startswith("--") and a != "--adapt")
     assert f"argument {flag}: must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_start_is_an_error_naming_it_not_a_traceback(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "failing_cli_models.py").write_text('def build(ctx):\n    raise ValueError("no weights here")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = config(tmp_path, '[models.ranker]\nfactory = "failing_cli_models:build"\n')
+    for command in (["run", path, "--duration", "0.2"], ["plan", path]):
+        code, _, err = run(*command)
+        if command[0] == "plan":  # plans without building: nothing starts
+            assert code == 0, err
+            continue
+        assert code == 1, err
+        assert err.startswith(f"apportion run: error: {path}: models: a model failed to start: ValueError: "
+                              "no weights here")
+        assert "(raised by the factory of model 'ranker', instance 0)" in err and "Traceback" not in err
 
 
 def test_run_serves_the_config_under_its_load(tmp_path: Path) -> None:
@@ -338,8 +356,6 @@ def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:
     assert {p.name for p in out_dir.iterdir()} >= {"plan.toml", "report.md", "candidates.png"}
     code, out, err = run("run", str(out_dir / "plan.toml"), "--duration", "0.4")
     assert (code, err) == (0, "")
-    code, _, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "0")
-    assert code == 2 and "--budget-s" in err
     code, _, err = run("tune", config(tmp_path, SLEEPERS), "--margin", "1.5")
     assert code == 2 and "--margin" in err and "[0, 1)" in err
     assert "tightened by a 10% margin" in (out_dir / "report.md").read_text()

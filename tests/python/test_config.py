@@ -160,10 +160,10 @@ def test_to_toml_round_trips_any_model_name(name: str) -> None:
 
 def test_to_toml_writes_values_a_reader_gets_back_exactly() -> None:
     m = ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build", max_queue=7, timeout_ms=0.1 + 0.2, cores="0-1",
-                                 isolation="exclusive", threads=2,
+                                 isolation="exclusive", threads=2, priority_levels=2,
                                  batching=ap.Batching(max_size=8, max_delay_ms=1.25, preferred_sizes=(2, 4))),
                     inputs="pkg.mod:make", slo={"latency_ms": 1e-3, "percentile": 99.9, "timeout_ms": 12.5},
-                    load={"concurrency": 3, "arrivals": "constant", "priority": -1})
+                    load={"concurrency": 3, "arrivals": "constant", "priority": 1})
     cfg = Config(models={"m": m}, cpus=(0, 1), rate=None)
     again = Config.loads(cfg.to_toml(), "again.toml")
     assert again.models == cfg.models and again.cpus == (0, 1) and again.rate is None
@@ -221,6 +221,12 @@ def test_a_pool_reservation_loads_round_trips_and_reaches_the_runtime(tmp_path: 
         ('shared_pool = "scheduled"\npool_reserve = { "1" = 0 }', "runtime.pool_reserve", "unit count >= 1"),
         ('shared_pool = "scheduled"\npool_reserve = 3', "runtime.pool_reserve", "give a table"),
         ('shared_pool = "scheduled"\npool_reserve = { "1" = 1 }\nreserve_nice = 30', "runtime.reserve_nice", "1..19"),
+        # without a reservation too: it is written back by to_toml and read by the next load
+        ('reserve_nice = "x"', "runtime.reserve_nice", "1..19"),
+        ("reserve_nice = nan", "runtime.reserve_nice", "1..19"),
+        ("reserve_nice = -5", "runtime.reserve_nice", "1..19"),
+        ("reserve_nice = true", "runtime.reserve_nice", "1..19"),
+        ("reserve_nice = 99", "runtime.reserve_nice", "1..19"),
     ],
 )
 def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: str, message: str) -> None:
@@ -228,3 +234,65 @@ def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: s
     with pytest.raises(ConfigError, match=message) as info:
         Config.load(write(tmp_path, text))
     assert info.value.key == key
+
+
+def test_a_cpu_this_machine_lacks_names_runtime_cpus(tmp_path: Path) -> None:
+    cfg = Config.load(write(tmp_path, '[runtime]\ncpus = [60000]\n\n[models.m]\nfactory = "apportion.demo:build_mlp"\n'))
+    with pytest.raises(ConfigError, match="60000") as info:
+        cfg.runtime(build=False)
+    assert info.value.key == "runtime.cpus" and info.value.path == cfg.path
+
+
+def test_values_nested_too_deep_for_the_reader_are_a_config_error(tmp_path: Path) -> None:
+    text = '[models.m]\nfactory = "apportion.demo:build_mlp"\nwarmup = ' + "[" * 3000 + "1" + "]" * 3000 + "\n"
+    for load in (lambda: Config.load(write(tmp_path, text)), lambda: Config.loads(text, "deep.toml")):
+        with pytest.raises(ConfigError, match="nested too deep") as info:
+            load()
+        assert info.value.path.endswith(".toml")
+
+
+@pytest.mark.parametrize("levels,priority,ok", [(None, 0, True), (None, 1, False), (None, -1, False), (2, 1, True),
+                                                (2, 2, False), (None, 1.0, False)])
+def test_a_loads_priority_is_one_of_the_models_levels(levels: int | None, priority: object, ok: bool) -> None:
+    extra = f"priority_levels = {levels}\n" if levels else ""
+    text = (f'[models.m]\nfactory = "apportion.demo:build_mlp"\n{extra}'
+            f"[models.m.load]\nrate = 10\npriority = {priority}\n")
+    if ok:
+        assert Config.loads(text, "p.toml").models["m"].load["priority"] == priority
+        return
+    with pytest.raises(ConfigError, match=r"give an integer in \[0, ") as info:
+        Config.loads(text, "p.toml")
+    assert info.value.key == "models.m.load.priority"
+
+
+FAILING = 'def build(ctx):\n    raise RuntimeError(f"factory of {ctx.model!r} failed on purpose")\n'
+
+
+def test_a_model_that_fails_to_start_is_start_failed_naming_the_model(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from apportion.config import StartFailed
+
+    (tmp_path / "failing_models.py").write_text(FAILING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = Config.load(write(tmp_path, '[models.ok]\nfactory = "apportion.demo:build_mlp"\n\n'
+                                      '[models.ranker]\nfactory = "failing_models:build"\n'))
+    with pytest.raises(StartFailed) as info:
+        cfg.runtime(start=True)
+    e = info.value
+    assert e.path == cfg.path and e.key == "models"
+    assert "a model failed to start: RuntimeError: factory of 'ranker' failed on purpose" in str(e)
+    assert "(raised by the factory of model 'ranker', instance 0)" in str(e)
+    assert isinstance(e.__cause__, RuntimeError)
+
+
+def test_a_factorys_error_says_whose_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "failing_models.py").write_text(FAILING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rt = ap.Runtime()
+    try:
+        rt.add_model("ranker", factory="failing_models:build", instances=2)
+        with pytest.raises(RuntimeError, match="failed on purpose") as info:
+            rt.start()
+        assert any("raised by the factory of model 'ranker', instance" in n for n in info.value.__notes__)
+    finally:
+        rt.close(drain=False)

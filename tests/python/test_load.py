@@ -280,6 +280,8 @@ def test_an_inputs_callable_error_reaches_the_caller(rt: ap.Runtime) -> None:
     (ModelLoad("echo", concurrency=1, slo=SLO()), LoadError, ["'echo'", "latency_ms", "timeout_ms"]),
     (ModelLoad("echo", concurrency=1, inputs=[]), LoadError, ["'echo'", "inputs"]),
     (ModelLoad("echo", rate=10, arrivals="bursty"), LoadError, ["'echo'", "arrivals"]),  # type: ignore[arg-type]
+    (ModelLoad("echo", concurrency=1, priority=1), LoadError, ["'echo'", "priority must be in [0, 1)", "got 1"]),
+    (ModelLoad("echo", rate=10, priority=-1), LoadError, ["'echo'", "priority must be in [0, 1)", "got -1"]),
 ])
 def test_invalid_loads_name_the_model_and_field(rt: ap.Runtime, spec: ModelLoad,
                                                 error: type[Exception], words: list[str]) -> None:

@@ -357,6 +357,8 @@ def test_workers_below_a_reserved_class_run_at_a_lower_os_priority() -> None:
         (dict(shared_pool="scheduled", pool_reserve={1: 1}, reserve_nice=0), "reserve_nice must be an integer in 1..19"),
         (dict(shared_pool="scheduled", pool_reserve={1: 1}, reserve_nice=20), "reserve_nice"),
         (dict(shared_pool="scheduled", pool_reserve={1: 1}, reserve_nice=2.0), "reserve_nice"),
+        (dict(reserve_nice=0), "reserve_nice must be an integer in 1..19"),  # without a reservation too
+        (dict(reserve_nice="5"), "reserve_nice must be an integer in 1..19"),
     ],
 )
 def test_invalid_pool_reservations_are_refused(kwargs, message) -> None:

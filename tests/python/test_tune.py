@@ -212,6 +212,9 @@ def test_the_search_stays_within_its_budget_on_a_simulated_clock() -> None:
 def test_tune_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="objective must be one of"):
         tune(_synthetic_config(), objective="speed", progress=False)  # type: ignore[arg-type]
+    for budget in (0, -1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="budget_s must be a positive, finite number"):
+            tune(_synthetic_config(), budget_s=budget, progress=False)
     cfg = _synthetic_config()
     no_load = cfg.replace_models(ranker=ModelConfig(ap.ModelSpec("ranker", factory="apportion.demo:build_mlp")))
     with pytest.raises(ap.ConfigError, match=r"models\.ranker\.load"):

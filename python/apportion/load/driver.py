@@ -441,6 +441,11 @@ def run(
         s.validate(registered)
         if isinstance(s.inputs, Sequence) and not isinstance(s.inputs, (str, bytes)) and not s.inputs:
             raise LoadError(f"model {s.model!r}: inputs is an empty sequence")
+        if s.priority is not None and not isinstance(rt, RemoteTarget):  # a server checks its own
+            levels = rt.spec(s.model).priority_levels
+            if not 0 <= s.priority < levels:
+                raise LoadError(f"model {s.model!r}: priority must be in [0, {levels}) (the model's "
+                                f"priority_levels is {levels}; 0 is the highest), got {s.priority!r}")
 
     window_ns = int(window_s * 1e9)
     master = random.Random(seed)

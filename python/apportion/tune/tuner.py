@@ -65,8 +65,11 @@ def tune(
     concurrency) and ``slo``.
 
     ``objective``: "goodput" (total requests/s within SLOs) or "min_fraction" (the worst-served
-    model's fraction of its demand). ``budget_s`` bounds the search (profiling and validation
-    runs are sized to it). ``max_batch``: the largest batch considered (1 disables batching).
+    model's fraction of its demand). ``budget_s`` sizes the search (profiling and validation
+    runs are sized to it), with a floor it does not lower: every model is profiled once at each
+    shape (one and two threads, a batch) in runs of at least a second, so many models or a tiny
+    budget take longer than the budget (about 5 s for one model, 24 s for ten); the report says
+    how long the search took against the budget. ``max_batch``: the largest batch considered (1 disables batching).
     ``margin``: a candidate meets a model's SLO only if the SLO's percentile of the requests it
     admitted (expired ones count as misses) stays within latency_ms x (1 - margin) in each of
     the validation's stable windows (at least three) and over all of them (default 10%): a plan
@@ -102,8 +105,8 @@ def tune(
         raise ValueError(f"tune: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise ValueError(f"tune: margin must be a fraction in [0, 1), got {margin!r}")
-    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
-        raise ValueError(f"tune: budget_s must be a positive number of seconds, got {budget_s!r}")
+    if isinstance(budget_s, bool) or not (isinstance(budget_s, (int, float)) and 0 < budget_s < math.inf):
+        raise ValueError(f"tune: budget_s must be a positive, finite number of seconds, got {budget_s!r}")
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
         raise ValueError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}")
     cfg = config if isinstance(config, Config) else Config.load(config)

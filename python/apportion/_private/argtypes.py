@@ -1,0 +1,22 @@
+"""argparse types the command line shares."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+
+def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: a finite number of ``kind`` (int or float) > 0; anything else is a
+    usage error naming the option (exit 2)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        return value
+    return parse
