@@ -77,6 +77,33 @@ def test_sigint_interrupts_each_blocking_wait(wait: str) -> None:
     assert lines[-1] == "request completed"
 
 
+def test_sigint_during_a_direct_call_to_a_process_model_leaves_later_calls_their_own_answers() -> None:
+    # The caller talks to the child itself; interrupted after sending, it never reads the
+    # reply, which the next call would otherwise take for its own.
+    p = run_script("""
+        import os, signal, threading, time
+        import apportion as ap
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        rt = ap.Runtime()
+        rt.add_model("p", factory="process_models:sleeper", isolation="process")
+        rt.start()
+        assert rt.call("p", (0.0, "warm")) == (0.0, "warm")
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            rt.call("p", (1.0, "first"))
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        time.sleep(1.0)  # the child would have answered "first" by now
+        print(rt.call("p", (0.0, "second"))[1], rt.call("p", (0.0, "third"))[1])
+        s = rt.stats()["p"]
+        print(s.submitted, s.completed, s.failed)
+        rt.close()
+    """)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines() == ["interrupted", "second third", "4 3 1"], p.stdout + p.stderr
+
+
 def test_a_timed_wait_still_times_out_with_the_seconds_in_the_message(rt: ap.Runtime, gate: Any) -> None:
     rt.add_model("m", model=gate)
     rt.start()

@@ -273,15 +273,18 @@ class ProcessInstance:
             proc.kill()
             proc.wait()
 
-    def _discard_child(self) -> None:
+    def _discard_child(self, crashed: bool = True) -> None:
+        """Kills the child and forgets it; the next request starts a new one (``crashed``: after
+        a backoff that grows with the failures in a row)."""
         proc, channel = self._proc, self._channel
         self._proc = self._channel = None
         if channel is not None:
             channel.close()
         if proc is not None:
             self._reap(proc, kill=True)
-        self._failures += 1
-        self._failed_at = time.monotonic()
+        if crashed:
+            self._failures += 1
+            self._failed_at = time.monotonic()
 
     def _restart(self) -> None:
         delay = min(_BACKOFF_FIRST_S * 2 ** (self._failures - 1), _BACKOFF_MAX_S)
@@ -374,6 +377,14 @@ class ProcessInstance:
             self._discard_child()
             if unread:
                 raise _Unsent() from None
+            raise
+        except Exception:
+            raise  # the reply was read (and failed to unpickle): the channel is in step
+        except BaseException:
+            # Interrupted (Ctrl-C in a direct call) with the request sent and its reply not yet
+            # read: the next request would read this one's reply. The child goes; the next
+            # request starts a new one.
+            self._discard_child(crashed=False)
             raise
         self._failures = 0
         if kind == proto.OK:
