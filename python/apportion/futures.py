@@ -108,25 +108,38 @@ class StdlibFuture(cf.Future):  # type: ignore[type-arg]
     by apportion (``type(fut)`` is ``apportion.Future``)."""
 
 
+class _Interop:
+    """What the standard library's waits keep on a future (``_condition``, ``_waiters``), and
+    whether the waiters were told of its completion."""
+
+    __slots__ = ("condition", "waiters", "notified")
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.waiters: list[Any] = []
+        self.notified = False
+
+
 def _notify_stdlib_waiters(f: Any) -> None:
     # Done-callback: tells the waiters that concurrent.futures.wait/as_completed installed, as
     # concurrent.futures.Future does when it completes.
     state = f._interop
-    with state[0]:
-        for waiter in list(state[1]):
+    with state.condition:
+        state.notified = True
+        for waiter in list(state.waiters):
             if f.cancelled():
                 waiter.add_cancelled(f)
             elif f.exception(0) is not None:
                 waiter.add_exception(f)
             else:
                 waiter.add_result(f)
-        state[0].notify_all()
+        state.condition.notify_all()
 
 
-def _stdlib_state(f: Any) -> tuple[threading.Condition, list[Any]]:
+def _stdlib_state(f: Any) -> _Interop:
     state = f._interop
     if state is None:
-        fresh = (threading.Condition(), [])
+        fresh = _Interop()
         state = f._interop_setdefault(fresh)  # one winner if two threads get here at once
         if state is fresh:
             # Registered before any waiter can be installed: the standard library checks the
@@ -139,6 +152,12 @@ def _stdlib_state(f: Any) -> tuple[threading.Condition, list[Any]]:
 def _stdlib_status(f: Any) -> str:
     if not f.done():
         return cf._base.RUNNING if f.running() else cf._base.PENDING  # type: ignore[attr-defined]
+    state = f._interop
+    if state is not None and not state.notified:
+        # Done, but its callbacks (the waiters' notice among them) have not all run: a wait
+        # that counted it finished now and installed its waiter would count it again when the
+        # notice comes, and return before the others are done.
+        return cf._base.RUNNING  # type: ignore[attr-defined]
     return cf._base.CANCELLED_AND_NOTIFIED if f.cancelled() else cf._base.FINISHED  # type: ignore[attr-defined]
 
 
@@ -146,8 +165,8 @@ def _await(f: Any) -> typing.Generator[Any, None, Any]:
     return (yield from asyncio.wrap_future(f).__await__())
 
 
-_core.Future._condition = property(lambda f: _stdlib_state(f)[0])  # type: ignore[attr-defined]
-_core.Future._waiters = property(lambda f: _stdlib_state(f)[1])  # type: ignore[attr-defined]
+_core.Future._condition = property(lambda f: _stdlib_state(f).condition)  # type: ignore[attr-defined]
+_core.Future._waiters = property(lambda f: _stdlib_state(f).waiters)  # type: ignore[attr-defined]
 _core.Future._state = property(_stdlib_status)  # type: ignore[attr-defined]
 _core.Future.__await__ = _await  # type: ignore[attr-defined]
 _core._set_future_class(StdlibFuture)

@@ -202,6 +202,34 @@ def test_stdlib_wait_times_out_and_sees_completions_after_it(rt: ap.Runtime, gat
     assert done == {f}
 
 
+def test_stdlib_wait_is_not_fooled_by_a_future_whose_callbacks_are_still_running(rt: ap.Runtime) -> None:
+    # f is done, but a slow callback of its own holds the worker, and the notice to the
+    # standard library's waiters comes after it: a wait on f and g must not count f twice
+    # (once as done now, once at the notice) and return while g is pending.
+    run_f, run_g, hold = threading.Event(), threading.Event(), threading.Event()
+    rt.add_model("f", model=lambda x: run_f.wait(10) and x)
+    rt.add_model("g", model=lambda x: run_g.wait(10) and x)
+    rt.start()
+    f = rt.submit("f", 1)
+    f.add_done_callback(lambda _: hold.wait(10))
+    cf.wait([f], timeout=0)  # the standard library's state on f, notified after the callback above
+    g = rt.submit("g", 2)
+    run_f.set()
+    deadline = time.monotonic() + 10
+    while not f.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    with cf.ThreadPoolExecutor(1) as ex:
+        waited = ex.submit(cf.wait, [f, g])
+        time.sleep(0.05)
+        hold.set()  # the notice reaches the wait's waiter now
+        time.sleep(0.3)
+        assert not waited.done() and not g.done()
+        run_g.set()
+        done, not_done = waited.result(10)
+    assert done == {f, g} and not not_done
+
+
 def test_stdlib_as_completed_yields_each_once(rt: ap.Runtime) -> None:
     rt.add_model("m", model=lambda s: time.sleep(s) or s)
     rt.start()
