@@ -38,6 +38,17 @@ def _failed(f: Any) -> bool:
     return not f.cancelled() and f.exception(0) is not None
 
 
+def _refuse_own_wait(f: Any) -> None:
+    """Raises ApportionError, as ``result()`` does, when the calling thread is a worker of the
+    model of ``f`` (or a done-callback it runs) and ``f`` is not done: only a worker of that
+    model can complete it, and with one instance that worker is the one waiting."""
+    if isinstance(f, _core.Future) and not f.done():
+        try:
+            f.exception(0)  # raises ApportionError for the model's own worker
+        except (TimeoutError, cf.CancelledError):
+            pass  # a request of another model (or one done meanwhile): waiting for it is fine
+
+
 def wait(fs: Iterable[Any], timeout: float | None = None,
          return_when: str = ALL_COMPLETED) -> DoneAndNotDone:
     """Waits until ``return_when`` holds (FIRST_COMPLETED, FIRST_EXCEPTION or ALL_COMPLETED)
@@ -47,6 +58,8 @@ def wait(fs: Iterable[Any], timeout: float | None = None,
         raise ValueError(f"return_when must be FIRST_COMPLETED, FIRST_EXCEPTION or ALL_COMPLETED, "
                          f"got {return_when!r}")
     fs = set(fs)
+    for f in fs:
+        _refuse_own_wait(f)
     cond = threading.Condition()
     finished: list[Any] = []
 
@@ -76,6 +89,8 @@ def as_completed(fs: Iterable[Any], timeout: float | None = None) -> Iterator[An
     """Yields each future as it completes; raises TimeoutError if some are not done within
     ``timeout`` seconds of the call."""
     fs = set(fs)
+    for f in fs:
+        _refuse_own_wait(f)
     end = None if timeout is None else time.monotonic() + timeout
     cond = threading.Condition()
     finished: list[Any] = []
@@ -165,7 +180,13 @@ def _await(f: Any) -> typing.Generator[Any, None, Any]:
     return (yield from asyncio.wrap_future(f).__await__())
 
 
-_core.Future._condition = property(lambda f: _stdlib_state(f).condition)  # type: ignore[attr-defined]
+def _condition(f: Any) -> threading.Condition:
+    # concurrent.futures.wait/as_completed take it first, before they block on the future
+    _refuse_own_wait(f)
+    return _stdlib_state(f).condition
+
+
+_core.Future._condition = property(_condition)  # type: ignore[attr-defined]
 _core.Future._waiters = property(lambda f: _stdlib_state(f).waiters)  # type: ignore[attr-defined]
 _core.Future._state = property(_stdlib_status)  # type: ignore[attr-defined]
 _core.Future.__await__ = _await  # type: ignore[attr-defined]

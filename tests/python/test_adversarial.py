@@ -7,6 +7,7 @@ of killing or stalling the suite.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import gc
 import os
 import signal
@@ -336,6 +337,47 @@ def test_a_model_calling_its_own_model_is_refused(rt: ap.Runtime) -> None:
                                                 r"to the same model"):
         rt.call("m", 1)
     assert rt.call("m", 0) == 0  # not stuck
+
+
+WAITS_ON = {
+    "ap.wait": lambda f: ap.wait([f], timeout=5),
+    "ap.as_completed": lambda f: list(ap.as_completed([f], timeout=5)),
+    "cf.wait": lambda f: cf.wait([f], timeout=5),
+    "cf.as_completed": lambda f: list(cf.as_completed([f], timeout=5)),
+}
+
+
+@pytest.mark.parametrize("how", list(WAITS_ON))
+def test_every_wait_on_its_own_models_request_is_refused_inside_the_model(rt: ap.Runtime, how: str) -> None:
+    # As result() and call(): with one instance only the waiting worker could complete it.
+    waits: list[Any] = []
+
+    def model(x: str) -> Any:
+        if x != "outer":
+            return x
+        other = rt.submit("m", "inner")
+        t0 = time.monotonic()
+        try:
+            WAITS_ON[how](other)
+        except ap.ApportionError as e:
+            waits.append((str(e), time.monotonic() - t0))
+        else:
+            waits.append(("waited", time.monotonic() - t0))
+        return x
+
+    rt.add_model("m", model=model)
+    rt.add_model("other", model=lambda x: x)
+    rt.start()
+    assert rt.call("m", "outer") == "outer"
+    (message, seconds), = waits
+    assert "model 'm': a worker of the model waits for a request to the same model" in message
+    assert seconds < 4  # refused at once, not after the wait's own timeout
+    # Waiting on another model's request from inside a model stays allowed.
+    def relay(x: Any) -> Any:
+        return WAITS_ON[how](rt.submit("other", x)) and x
+
+    rt.add_model("relay", model=relay)
+    assert rt.call("relay", 5) == 5
 
 
 def test_a_done_callback_waiting_on_its_models_request_is_refused(rt: ap.Runtime, gate: Any) -> None:
