@@ -88,6 +88,10 @@ def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any
     return build_warm
 
 
+_MAX_UNITS = 65536
+"""The most units a pool reservation may hold (the bound of the other counts)."""
+
+
 def _check_reserve(reserve: Mapping[int, int] | None, nice: Any, scheduled: bool) -> dict[int, int]:
     """Runtime(pool_reserve=, reserve_nice=) validated: {priority_class: units}."""
     if isinstance(nice, bool) or not isinstance(nice, numbers.Integral) or not 1 <= nice <= 19:
@@ -105,9 +109,9 @@ def _check_reserve(reserve: Mapping[int, int] | None, nice: Any, scheduled: bool
         if isinstance(cls, bool) or not isinstance(cls, numbers.Integral) or not -1000 <= cls <= 1000:
             raise QuotaError(f"Runtime: pool_reserve key {cls!r} is not a priority class "
                              "(an integer in [-1000, 1000])", field="pool_reserve")
-        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
-            raise QuotaError(f"Runtime: pool_reserve[{cls}] must be a unit count >= 1, got {units!r}",
-                             field="pool_reserve")
+        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or not 1 <= units <= _MAX_UNITS:
+            raise QuotaError(f"Runtime: pool_reserve[{cls}] must be a unit count in [1, {_MAX_UNITS}], "
+                             f"got {units!r}", field="pool_reserve")
         out[int(cls)] = int(units)
     return out
 
@@ -170,7 +174,10 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
     procs = entry.processes
     usage = entry.gpu_usage
     factory_ref = entry.factory_ref
-    child_spec = dataclasses.replace(spec, factory=factory_ref) if factory_ref is not None else None
+    # Without the warm-up samples: the parent warms the instance through its proxy, and the
+    # child's spec travels as JSON on its command line (an array sample is not JSON, a large
+    # one overflows the argument).
+    child_spec = dataclasses.replace(spec, factory=factory_ref, warmup=None) if factory_ref is not None else None
 
     def make_process_instance(index: int) -> Callable[[Any], Any]:
         cpus, nodes, planned_threads = placed.get(index, (None, (), spec.threads))

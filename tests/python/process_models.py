@@ -171,3 +171,17 @@ def sleeper(ctx: Any) -> Any:
         return x
 
     return serve
+
+
+class Unpicklable:
+    """Pickles (its __reduce__ drops an argument) but does not unpickle."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def __reduce__(self) -> Any:
+        return (Unpicklable, (self.a,))
+
+
+def unpicklable_result(ctx: Any) -> Any:
+    return lambda x: Unpicklable(x, x)

@@ -427,11 +427,39 @@ def test_call_raises_the_model_error_and_counts_it(rt: ap.Runtime) -> None:
     with pytest.raises(ValueError, match="the model refused") as info:
         rt.call("m", "raise")
     assert isinstance(info.value.__cause__, process_mod.RemoteTraceback)
-    with pytest.raises(TypeError, match="cannot pickle"):
+    with pytest.raises(TypeError, match="model 'm': the request could not be sent to the worker process .*cannot "
+                                        "pickle"):
         rt.call("m", threading_lock())
     assert rt.call("m", 4) == 4
     s = rt.stats()["m"]
     assert (s.direct, s.submitted, s.failed, s.completed) == (3, 3, 2, 1)
+    with pytest.raises(TypeError, match="model 'm': the request could not be sent"):  # the queued path too
+        rt.submit("m", threading_lock()).result(30)
+
+
+def test_errors_at_the_process_boundary_name_the_model(rt: ap.Runtime) -> None:
+    rt.add_model("odd", factory="process_models:unpicklable_result", isolation="process")
+    rt.add_model("big", factory="process_models:blob", isolation="process")
+    rt.start()
+    for wait in (lambda: rt.call("odd", 1), lambda: rt.submit("odd", 1).result(30)):
+        with pytest.raises(TypeError, match="model 'odd': a reply of the worker process .* does not unpickle here"):
+            wait()
+    too_big = 64 << 20  # more than the channel takes in one message
+    for wait in (lambda: rt.call("big", too_big), lambda: rt.submit("big", too_big).result(60)):
+        with pytest.raises((ValueError, OSError), match="model 'big'"):
+            wait()
+    assert rt.call("big", 3) == bytearray(3)  # the instance serves on: a failure, not a crash
+    assert rt.stats()["odd"].failed >= 2 and rt.stats()["big"].failed == 2
+
+
+def test_a_process_model_warms_up_with_array_and_large_samples(rt: ap.Runtime) -> None:
+    # The samples stay in the parent, which warms each instance through its proxy: they never
+    # travel on the child's command line (an array is not JSON, and a large sample would overflow it).
+    samples = [np.ones(4, np.float32), b"raw", np.zeros(1 << 17)]
+    rt.add_model("m", factory="process_models:blob", isolation="process", warmup=samples)
+    rt.start()
+    assert rt.call("m", 5) == bytearray(5)
+    assert rt.stats()["m"].submitted == 1  # warm-up calls are not requests
 
 
 def threading_lock() -> Any:

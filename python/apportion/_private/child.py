@@ -130,7 +130,9 @@ def main(argv: list[str]) -> int:
         try:
             channel.send(out, 0.0, None)
         except ValueError as e:  # larger than the ring
-            channel.send(dumps(_error_reply(spec["model"], ERROR, e)), 0.0, None)
+            channel.send(dumps(_error_reply(spec["model"], ERROR, ValueError(
+                f"model {spec['model']!r}: the result could not be sent back from the worker process: {e}"))),
+                0.0, None)
         except OSError as e:  # /dev/shm cannot hold it: that result fails, this process serves on
             if e.errno != errno.ENOSPC:
                 raise

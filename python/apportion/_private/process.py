@@ -124,6 +124,15 @@ NOT_TAKEN: Any = object()
 """What :meth:`ProcessInstance.call_directly` returns when the caller must submit instead."""
 
 
+def _naming(e: Exception, message: str) -> Exception:
+    """An exception of ``e``'s type (TypeError where that type takes no message) saying
+    ``message``, to raise from ``e``."""
+    try:
+        return type(e)(message)
+    except Exception:  # noqa: BLE001 - a type whose constructor wants more than a message
+        return TypeError(message)
+
+
 class _Unsent(Exception):
     """The child died before taking the request from the channel: it may be sent again."""
 
@@ -313,7 +322,7 @@ class ProcessInstance:
     def __call__(self, x: Any) -> Any:
         """Serves one request for the worker thread: restarts a dead child first (after its
         back-off), and sends a request a dead child never took to its replacement."""
-        parts = dumps((proto.CALL, x))
+        parts = self._dumps((proto.CALL, x))
         self._worker_waiting = True
         with self._call_lock:
             self._worker_waiting = False
@@ -342,7 +351,7 @@ class ProcessInstance:
             if not start:
                 return NOT_TAKEN
             try:
-                out = self._round_trip(dumps((proto.DIRECT_CALL, x)))
+                out = self._round_trip(self._dumps((proto.DIRECT_CALL, x)))
             except _Unsent:
                 return NOT_TAKEN  # never reached the child: the worker restarts it and serves it
             except BaseException:
@@ -352,6 +361,15 @@ class ProcessInstance:
             return out
         finally:
             self._call_lock.release()
+
+    def _dumps(self, message: Any) -> Any:
+        """A request's parts for the channel; a request that does not pickle fails naming the
+        model."""
+        try:
+            return dumps(message)
+        except Exception as e:
+            raise _naming(e, f"model {self._model!r}: the request could not be sent to the worker process "
+                             f"(requests to isolation='process' models are pickled): {type(e).__name__}: {e}") from e
 
     def _round_trip(self, parts: Any) -> Any:
         """One request through the live child, under the call lock. Raises _Unsent when the
@@ -378,8 +396,9 @@ class ProcessInstance:
             if unread:
                 raise _Unsent() from None
             raise
-        except Exception:
-            raise  # the reply was read (and failed to unpickle): the channel is in step
+        except Exception as e:  # the reply was read and failed to unpickle: the channel is in step
+            raise _naming(e, f"model {self._model!r}: a reply of the worker process (its result or error) "
+                             f"pickled there but does not unpickle here: {type(e).__name__}: {e}") from e
         except BaseException:
             # Interrupted (Ctrl-C in a direct call) with the request sent and its reply not yet
             # read: the next request would read this one's reply. The child goes; the next
