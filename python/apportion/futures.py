@@ -180,13 +180,11 @@ def _await(f: Any) -> typing.Generator[Any, None, Any]:
     return (yield from asyncio.wrap_future(f).__await__())
 
 
-def _condition(f: Any) -> threading.Condition:
-    # concurrent.futures.wait/as_completed take it first, before they block on the future
-    _refuse_own_wait(f)
-    return _stdlib_state(f).condition
-
-
-_core.Future._condition = property(_condition)  # type: ignore[attr-defined]
+# concurrent.futures.wait/as_completed take the condition first, before they block on the
+# future: a wait on the model's own request is refused there. (A lambda, as the other
+# properties: the module's stubs show none of their types.)
+_core.Future._condition = property(  # type: ignore[attr-defined]
+    lambda f: _refuse_own_wait(f) or _stdlib_state(f).condition)
 _core.Future._waiters = property(lambda f: _stdlib_state(f).waiters)  # type: ignore[attr-defined]
 _core.Future._state = property(_stdlib_status)  # type: ignore[attr-defined]
 _core.Future.__await__ = _await  # type: ignore[attr-defined]
