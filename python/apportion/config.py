@@ -262,9 +262,7 @@ class Config:
                                       "(an integer)") from None
                 parsed[cls_] = v
             pool_reserve = parsed
-        reserve_nice = runtime.get("reserve_nice", 10)
-        if not _is_int(reserve_nice) or not 1 <= reserve_nice <= 19:
-            raise ConfigError(path, "runtime.reserve_nice", f"got {reserve_nice!r}; give an integer in 1..19")
+        reserve_nice = runtime.get("reserve_nice", 10)  # checked with pool_reserve, below
         workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
         rate = workload.get("rate")
         if rate is not None:
@@ -286,8 +284,7 @@ class Config:
             try:
                 _check_reserve(pool_reserve, reserve_nice, shared_pool == "scheduled")
             except QuotaError as e:
-                fld = "runtime.reserve_nice" if "reserve_nice" in str(e) else "runtime.pool_reserve"
-                raise ConfigError(path, fld, str(e)) from None
+                raise ConfigError(path, f"runtime.{e.field}", e.reason) from None
         return cfg
 
     # -- using --------------------------------------------------------------------------------

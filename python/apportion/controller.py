@@ -56,6 +56,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._private.checks import finite_number
 from ._private.cputime import THREAD_TIMES, cpus_busy_s
 from .batching import Batching
 from .errors import ApportionError, ModelNotFound, QuotaError
@@ -234,16 +235,6 @@ def _mix_moved(before: list[Mapping[str, Window]], after: list[Mapping[str, Wind
     return False
 
 
-def _finite(value: Any) -> bool:
-    """A real number (not a bool), neither NaN nor infinite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond every float
-        return False
-
-
 def _kind(old: ModelSpec, new: ModelSpec) -> str:
     """What a move changed, as its tabu key: "grow", "shrink", "batch", "raise" or "lower"."""
     if (old.isolation == "exclusive") != (new.isolation == "exclusive"):
@@ -322,7 +313,7 @@ class Controller:
                  log: Callable[[Move], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, slo in slos.items():
-            if not (_finite(slo) and slo > 0):
+            if not (finite_number(slo) and slo > 0):
                 raise QuotaError(f"Controller: the SLO must be a positive, finite number of ms, got {slo!r}",
                                  model=name, field="slo")
         if rt is not None:  # (None: decide() alone, in tests)
@@ -332,7 +323,7 @@ class Controller:
                                     f"runtime; its models: {sorted(rt.models)}")
         for field, value, least in (("window_s", window_s, None), ("dwell_s", dwell_s, 0.0),
                                     ("tabu_s", tabu_s, 0.0), ("batch_delay_ms", batch_delay_ms, 0.0)):
-            if not (_finite(value) and (value > 0 if least is None else value >= least)):
+            if not (finite_number(value) and (value > 0 if least is None else value >= least)):
                 raise QuotaError(f"Controller: {field} must be a finite number "
                                  f"{'> 0' if least is None else f'>= {least:g}'}, got {value!r}")
         for field, value in (("confirm", confirm), ("judge", judge), ("max_batch", max_batch),
@@ -341,12 +332,12 @@ class Controller:
                 raise QuotaError(f"Controller: {field} must be an int >= 1, got {value!r}")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise QuotaError(f"Controller: capacity must be an int >= 1 (instances) or None, got {capacity!r}")
-        if not all(_finite(v) for v in (idle, target, hot, risk)) or not 0 < idle < target < hot <= 1.5 \
+        if not all(finite_number(v) for v in (idle, target, hot, risk)) or not 0 < idle < target < hot <= 1.5 \
                 or not 0 < risk <= 1:
             raise QuotaError("Controller: need 0 < idle < target < hot <= 1.5 and 0 < risk <= 1")
-        if not (_finite(tolerance) and 0 <= tolerance < 1):
+        if not (finite_number(tolerance) and 0 <= tolerance < 1):
             raise QuotaError(f"Controller: need 0 <= tolerance < 1, got tolerance={tolerance!r}")
-        if not (_finite(headroom) and headroom > 0) or not (_finite(oversubscribe) and oversubscribe >= 1):
+        if not (finite_number(headroom) and headroom > 0 and finite_number(oversubscribe) and oversubscribe >= 1):
             raise QuotaError(f"Controller: need finite headroom > 0 and oversubscribe >= 1, got headroom={headroom!r}, "
                              f"oversubscribe={oversubscribe!r}")
         self.rt = rt

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from typing import Any
+
+from .checks import finite_number
 
 
 def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -16,7 +17,7 @@ def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
+        if not (finite_number(value) and value > 0):
             raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
         return value
     return parse

@@ -42,7 +42,6 @@ How requests and outcomes map:
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .._private.checks import finite_number
 from ..errors import ApportionError, DeadlineExceeded, ModelNotFound, QueueFull
 from .spec import LoadError
 
@@ -128,8 +128,7 @@ class RemoteTarget:
         names = [models] if isinstance(models, str) else list(models)
         if not names:
             raise LoadError(f"{url}: name at least one model to load")
-        if isinstance(request_timeout_s, bool) or not (isinstance(request_timeout_s, (int, float))
-                                                       and 0 < request_timeout_s < math.inf):
+        if not (finite_number(request_timeout_s) and request_timeout_s > 0):
             raise LoadError(f"{url}: request_timeout_s must be a positive, finite number, got {request_timeout_s!r}")
         self.request_timeout_s = float(request_timeout_s)
         if tensors not in ("binary", "json") or (tensors == "json" and self.scheme != "http"):

@@ -4,11 +4,11 @@ no threads, no clock."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .._private.checks import finite_number
 from ..errors import ApportionError, ModelNotFound
 
 __all__ = ["SLO", "SPEC_KEYS", "Arrivals", "LoadError", "ModelLoad", "model_load", "parse_spec",
@@ -27,10 +27,9 @@ def _positive_number(owner: str, fname: str, value: object, *, allow_none: bool 
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LoadError(f"{owner}: {fname} must be a positive number, got {value!r}")
-    v = float(value)
-    if not (v > 0 and math.isfinite(v)):
+    if not (finite_number(value) and value > 0):
         raise LoadError(f"{owner}: {fname} must be a positive, finite number, got {value!r}")
-    return v
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +196,7 @@ def parse_spec(text: str) -> ModelLoad:
 def validate_settings(warmup_s: object, window_s: object, stable_windows: object,
                        tolerance: object, max_s: object, drain_timeout_s: object) -> None:
     def number(fname: str, v: object, minimum: float, inclusive: bool) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
-                or (float(v) < minimum if inclusive else float(v) <= minimum):
+        if not finite_number(v) or (v < minimum if inclusive else v <= minimum):  # type: ignore[operator]
             bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
             raise LoadError(f"load.run: {fname} must be a finite number {bound}, got {v!r}")
         return float(v)

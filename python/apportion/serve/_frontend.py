@@ -4,12 +4,12 @@ submission and the error kinds each front maps to its own status codes."""
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._private.checks import finite_number
 from .._version import __version__
 from ..errors import DeadlineExceeded, ModelNotFound, QueueFull, RuntimeClosed
 from .tensors import OutputError, Signature, TensorError
@@ -100,12 +100,7 @@ class Frontend:
         priority p is apportion priority p - 1) -> (timeout_ms, priority)."""
         timeout_ms = None
         if timeout is not None:
-            try:
-                finite = math.isfinite(timeout)
-            except (TypeError, OverflowError):  # not a number, or an int beyond every float
-                finite = False
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                    finite and timeout >= 0):
+            if not (finite_number(timeout) and timeout >= 0):
                 raise ServeError(INVALID, f"model {name!r}: parameter 'timeout' must be a finite "
                                           f"number of microseconds >= 0, got {timeout!r}"[:300])
             timeout_ms = timeout / 1000.0 if timeout > 0 else None

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._private.checks import finite_number
 from ..config import Config, ConfigError
 from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
@@ -105,7 +106,7 @@ def tune(
         raise ValueError(f"tune: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise ValueError(f"tune: margin must be a fraction in [0, 1), got {margin!r}")
-    if isinstance(budget_s, bool) or not (isinstance(budget_s, (int, float)) and 0 < budget_s < math.inf):
+    if not (finite_number(budget_s) and budget_s > 0):
         raise ValueError(f"tune: budget_s must be a positive, finite number of seconds, got {budget_s!r}")
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
         raise ValueError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}")
