@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._private.checks import real
 from .errors import ApportionError, QuotaError
 
 __all__ = ["Batching", "stacking"]
@@ -85,7 +86,8 @@ def _problem(b: Batching) -> tuple[str, str] | None:
     if not _is_int(b.max_size) or not 1 <= int(b.max_size) <= _MAX_BATCH:
         return "max_size", f"must be an integer in [1, {_MAX_BATCH}], got {b.max_size!r}"
     d = b.max_delay_ms
-    if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (math.isfinite(d) and d >= 0):
+    df = real(d)
+    if df is None or not (math.isfinite(df) and df >= 0):
         return "max_delay_ms", f"must be a finite number of milliseconds >= 0, got {d!r}"
     if b.preferred_sizes is not None:
         sizes = b.preferred_sizes

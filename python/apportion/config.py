@@ -32,7 +32,6 @@ that can be checked without the machine; ``config.runtime()`` places the models 
 from __future__ import annotations
 
 import math
-import numbers
 import pkgutil
 import tomllib
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
+from ._private.checks import real
 from .errors import ApportionError, PlacementError, QuotaError
 from .placement import Quota
 from .spec import TABLE_FIELDS, ModelSpec, import_path
@@ -405,14 +405,11 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _positive(path: str, key: str, v: object, what: str) -> float:
-    if not _is_number(v) or not (math.isfinite(float(v)) and float(v) > 0):  # type: ignore[arg-type]
+    f = real(v)
+    if f is None or not (math.isfinite(f) and f > 0):
         raise ConfigError(path, key, f"got {v!r}; give a positive number ({what})")
-    return float(v)  # type: ignore[arg-type]
+    return f
 
 
 def _table(path: str, key: str, value: object, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -446,9 +443,10 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
             raise ConfigError(path, f"{key}.slo.latency_ms", "missing; give the latency objective in ms")
         slo = {"latency_ms": _positive(path, f"{key}.slo.latency_ms", s["latency_ms"], "milliseconds")}
         p = s.get("percentile", 99.0)
-        if not _is_number(p) or not 0 < float(p) <= 100:
+        pf = real(p)
+        if pf is None or not 0 < pf <= 100:
             raise ConfigError(path, f"{key}.slo.percentile", f"got {p!r}; give a number in (0, 100]")
-        slo["percentile"] = float(p)
+        slo["percentile"] = pf
         if "timeout_ms" in s:
             slo["timeout_ms"] = _positive(path, f"{key}.slo.timeout_ms", s["timeout_ms"], "milliseconds")
     load = None
@@ -464,9 +462,10 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
             ld["rate"] = _positive(path, f"{key}.load.rate", ld["rate"], "requests per second")
         if "share" in ld:
             sh = ld["share"]
-            if not _is_number(sh) or not 0 < float(sh) <= 1:
+            shf = real(sh)
+            if shf is None or not 0 < shf <= 1:
                 raise ConfigError(path, f"{key}.load.share", f"got {sh!r}; give a fraction in (0, 1]")
-            ld["share"] = float(sh)
+            ld["share"] = shf
         if "arrivals" in ld and ld["arrivals"] not in ("poisson", "constant"):
             raise ConfigError(path, f"{key}.load.arrivals", f"got {ld['arrivals']!r}; give \"poisson\" or \"constant\"")
         if "priority" in ld:

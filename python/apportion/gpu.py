@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import _core
+from ._private.checks import real
 from .errors import PlacementError, QuotaError
 
 __all__ = [
@@ -177,7 +178,8 @@ class GPU:
             )
         if self.sm_share is not None:
             s = self.sm_share
-            if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 < float(s) <= 1.0:
+            sf = real(s)
+            if sf is None or not 0.0 < sf <= 1.0:
                 raise _quota_error(model, "sm_share", f"={s!r} must be a number in (0, 1]")
             if self.sm_count is not None:
                 raise _quota_error(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ._private.checks import real
 from .batching import Batching
 from .errors import QuotaError
 from .gpu import GPU
@@ -37,10 +38,6 @@ Isolation = Literal["exclusive", "shared", "process"]
 
 def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def is_import_path(ref: str) -> bool:
@@ -142,9 +139,10 @@ class ModelSpec:
         put("max_queue", int(self.max_queue))
         t = self.timeout_ms
         if t is not None:
-            if not _is_number(t) or not (math.isfinite(float(t)) and float(t) > 0):  # type: ignore[arg-type]
+            tf = real(t)
+            if tf is None or not (math.isfinite(tf) and tf > 0):
                 raise bad("timeout_ms", f"got {t!r}; give a positive, finite number of milliseconds or None")
-            put("timeout_ms", float(t))  # type: ignore[arg-type]
+            put("timeout_ms", tf)
         if not _is_int(self.priority_levels) or not 1 <= self.priority_levels <= MAX_PRIORITY_LEVELS:
             raise bad("priority_levels", f"got {self.priority_levels!r}; give an integer in "
                       f"[1, {MAX_PRIORITY_LEVELS}]")
@@ -161,9 +159,10 @@ class ModelSpec:
                 raise bad("batching", f"must be an apportion.Batching or None, got {self.batching!r}")
             self.batching._validated(name)
         s = self.spin_us
-        if not _is_number(s) or not 0 <= float(s) <= MAX_SPIN_US:  # type: ignore[arg-type]
+        sf = real(s)
+        if sf is None or not 0 <= sf <= MAX_SPIN_US:
             raise bad("spin_us", f"got {s!r}; give a number of microseconds in [0, 1e6]")
-        put("spin_us", float(s))  # type: ignore[arg-type]
+        put("spin_us", sf)
         if self.gpu is not None:
             if not isinstance(self.gpu, GPU):
                 raise bad("gpu", f"must be apportion.GPU(...), got {self.gpu!r}")
@@ -173,9 +172,10 @@ class ModelSpec:
         pooled = planned == "shared"
         if self.weight is not None:
             w = self.weight
-            if not _is_number(w) or not 0 < float(w) < math.inf:  # type: ignore[arg-type]
+            wf = real(w)
+            if wf is None or not 0 < wf < math.inf:
                 raise bad("weight", f"got {w!r}; give a positive, finite number")
-            put("weight", float(w))  # type: ignore[arg-type]
+            put("weight", wf)
         if self.priority_class is not None and (not _is_int(self.priority_class)
                                                 or not -1000 <= self.priority_class <= 1000):
             raise bad("priority_class", f"got {self.priority_class!r}; give an integer in [-1000, 1000]")
@@ -218,9 +218,10 @@ class ModelSpec:
                 continue
             if not process:
                 raise bad(fld, f"{why}; got {fld}={v!r} with isolation={self.isolation!r}")
-            if not _is_number(v) or not 0 < float(v) < math.inf:
+            vf = real(v)
+            if vf is None or not 0 < vf < math.inf:
                 raise bad(fld, f"give a positive, finite number of seconds or None, got {v!r}")
-            put(fld, float(v))
+            put(fld, vf)
 
     # -- derived ------------------------------------------------------------------------------
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -119,6 +120,24 @@ def test_validation_errors_name_file_key_and_allowed(tmp_path: Path, text: str, 
     assert str(e.value).startswith(f"{path}: {key}: "), str(e.value)
     assert allowed in str(e.value)
     assert (e.value.path, e.value.key) == (path, key)
+
+
+@pytest.mark.parametrize(("models", "key"), [
+    ({"m": {"slo": {"latency_ms": 10 ** 400}}}, "models.m.slo.latency_ms"),
+    ({"m": {"slo": {"latency_ms": 5, "percentile": 10 ** 400}}}, "models.m.slo.percentile"),
+    ({"m": {"load": {"rate": -10 ** 400}}}, "models.m.load.rate"),
+    ({"m": {"load": {"share": 10 ** 400}}}, "models.m.load.share"),
+    ({"m": {"timeout_ms": 10 ** 400}}, "models.m.timeout_ms"),
+])
+def test_ints_beyond_every_float_are_config_errors(models: dict[str, Any], key: str) -> None:
+    # A dict from Python (not TOML, whose ints are 64-bit) may hold one; float() of it raises
+    # OverflowError, which must not escape as the error.
+    data: dict[str, Any] = {"models": models}
+    if "share" in str(models):
+        data["workload"] = {"rate": 10}
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(data, "c.toml")
+    assert e.value.key == key, str(e.value)
 
 
 def test_factory_resolution_errors_name_the_key(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def test_bad_memory_sizes_name_the_field(bad: object) -> None:
         ({"sm_share": 1.01}, "sm_share"),
         ({"sm_share": float("nan")}, "sm_share"),
         ({"sm_share": "half"}, "sm_share"),
+        ({"sm_share": 10 ** 400}, "sm_share"),  # an int beyond every float
         ({"sm_share": 0.5, "sm_count": 8}, "sm_share"),
         ({"sm_count": 0}, "sm_count"),
         ({"sm_count": 2.5}, "sm_count"),

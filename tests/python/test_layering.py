@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2] / "python" / "apportion"
 # the package's __init__.
 LAYERS: list[list[str]] = [
     ["apportion._core", "apportion.errors", "apportion.context", "apportion.stats", "apportion._table",
-     "apportion._version", "apportion.futures"],
+     "apportion._version", "apportion.futures", "apportion._private.checks"],
     ["apportion.topology", "apportion.batching", "apportion.metrics"],
     ["apportion.placement", "apportion.gpu"],
     ["apportion.spec"],

@@ -276,6 +276,8 @@ def test_an_inputs_callable_error_reaches_the_caller(rt: ap.Runtime) -> None:
     (ModelLoad("echo", concurrency=1, slo=SLO(latency_ms=0)), LoadError, ["'echo'", "slo.latency_ms"]),
     (ModelLoad("echo", concurrency=1, slo=SLO(latency_ms=5, percentile=150)), LoadError,
      ["'echo'", "slo.percentile"]),
+    (ModelLoad("echo", concurrency=1, slo=SLO(latency_ms=5, percentile=10 ** 400)), LoadError,
+     ["'echo'", "slo.percentile"]),
     (ModelLoad("echo", concurrency=1, slo=SLO(timeout_ms=-1)), LoadError, ["'echo'", "slo.timeout_ms"]),
     (ModelLoad("echo", concurrency=1, slo=SLO()), LoadError, ["'echo'", "latency_ms", "timeout_ms"]),
     (ModelLoad("echo", concurrency=1, inputs=[]), LoadError, ["'echo'", "inputs"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
@@ -15,3 +16,15 @@ def finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond every float
         return False
+
+
+def real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (any ``numbers.Real``: numpy scalars too,
+    not a bool), else None. An int beyond every float is +-inf, so that a range check refuses
+    it instead of ``float()`` raising OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond every float
+        return math.inf if value > 0 else -math.inf

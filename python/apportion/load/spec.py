@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._private.checks import finite_number
+from .._private.checks import finite_number, real
 from ..errors import ApportionError, ModelNotFound
 
 __all__ = ["SLO", "SPEC_KEYS", "Arrivals", "LoadError", "ModelLoad", "model_load", "parse_spec",
@@ -53,7 +53,7 @@ class SLO:
         _positive_number(owner, "slo.latency_ms", self.latency_ms, allow_none=True)
         _positive_number(owner, "slo.timeout_ms", self.timeout_ms, allow_none=True)
         p = self.percentile
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < float(p) <= 100):
+        if not isinstance(p, (int, float)) or (pf := real(p)) is None or not 0 < pf <= 100:
             raise LoadError(f"{owner}: slo.percentile must be in (0, 100], got {p!r}")
         if self.latency_ms is None and self.timeout_ms is None:
             raise LoadError(f"{owner}: slo needs latency_ms and/or timeout_ms (both are None)")
