@@ -209,6 +209,30 @@ class Server:
         self.log.close()
 
 
+SHM = Path("/dev/shm")
+
+
+def shm_entries(root: Path = SHM) -> set[str]:
+    """What is in the shared-memory filesystem now (empty where there is none)."""
+    try:
+        return set(os.listdir(root))
+    except OSError:
+        return set()
+
+
+def clean_shm(before: set[str], root: Path = SHM) -> list[str]:
+    """Removes what appeared in ``root`` since ``before`` was listed and returns its names. A
+    stopped server's segments outlive it: PyTriton's (``psm_*`` and ``pytrtion*``, two of each a
+    row) stay in /dev/shm, which is memory, when its processes are killed."""
+    left = sorted(shm_entries(root) - before)
+    for name in left:
+        try:
+            (root / name).unlink()
+        except OSError:  # gone meanwhile, or not a file: nothing to free
+            pass
+    return left
+
+
 def settle(max_s: float = 20.0, idle: float = 0.9, step_s: float = 0.5) -> float:
     """Waits until the machine's CPUs were at least ``idle`` idle over one ``step_s`` (what a
     stopped server left behind, such as Ray's helper processes, has ended), at most ``max_s``.
@@ -451,6 +475,7 @@ def main() -> None:
         waited = settle()
         if waited > 2.0:
             print(f"  (waited {waited:.1f} s for the CPUs to go idle before this row)", flush=True)
+        shm_before = shm_entries()
         server = Server(peer, models, server_cpus, slo, log, args.apportion_loop)
         try:
             server.wait_ready(list(models))
@@ -461,6 +486,7 @@ def main() -> None:
             row.error = f"{type(e).__name__}: {e}"
         finally:
             server.stop()
+            clean_shm(shm_before)
         status = row.error or json.dumps({k: v for k, v in row.figures.items() if k != "per_model"})
         at = f" load {load:g}" if load is not None else ""
         print(f"[{time.monotonic() - t0:5.0f} s] {peer:9s} {scenario:6s} {label:32s} {tensors:6s}{at} {status}",

@@ -92,3 +92,14 @@ def test_settle_returns_once_the_cpus_are_idle_and_gives_up_after_its_limit() ->
     assert run.settle(max_s=5.0, idle=0.0, step_s=0.05) < 1.0  # any machine is 0% idle or more
     waited = run.settle(max_s=0.2, idle=1.01, step_s=0.05)  # never that idle: waits its limit out
     assert 0.2 <= waited < 1.0
+
+
+def test_what_a_row_left_in_shared_memory_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "psm_before").write_bytes(b"x")
+    before = run.shm_entries(tmp_path)
+    (tmp_path / "psm_3c3ba13b").write_bytes(b"y")
+    (tmp_path / "pytrtion9810-a49f").write_bytes(b"z")
+    assert run.clean_shm(before, tmp_path) == ["psm_3c3ba13b", "pytrtion9810-a49f"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["psm_before"]
+    assert run.clean_shm(before, tmp_path) == []
+    assert run.shm_entries(tmp_path / "missing") == set()
