@@ -132,8 +132,23 @@ def _window_args(p: argparse.ArgumentParser, window: float, max_s: float) -> Non
                    help=f"warm-up seconds (default {window:g})")
     p.add_argument("--window-s", type=above_zero(float), default=window,
                    help=f"measurement window seconds (default {window:g})")
-    p.add_argument("--max-s", type=above_zero(float), default=max_s,
-                   help=f"stop after this many seconds even if not stable (default {max_s:g})")
+    p.add_argument("--max-s", type=above_zero(float), default=None,
+                   help=f"stop after this many seconds even if not stable, warm-up included; at least "
+                   f"the warm-up and three windows (default {max_s:g}, or that least if it is more)")
+    p.set_defaults(default_max_s=max_s)
+
+
+def _max_s(args: argparse.Namespace) -> float:
+    """--max-s, checked against the warm-up and three windows it must hold (its default grows
+    to hold them; a value given is not changed silently)."""
+    needed = args.warmup_s + 3 * args.window_s
+    if args.max_s is None:
+        return max(args.default_max_s, needed)
+    if args.max_s < needed - 1e-9:
+        raise ConfigError("<command line>", "--max-s", f"{args.max_s:g} s leaves no room for the warm-up "
+                          f"and three windows ({args.warmup_s:g} + 3 x {args.window_s:g} = {needed:g} s); "
+                          f"give at least {needed:g}")
+    return args.max_s
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -245,6 +260,7 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
     from .config import ModelConfig
     from .spec import ModelSpec
 
+    args.max_s = _max_s(args)  # before anything starts or connects
     specs = []
     for text in args.model:
         try:
@@ -279,7 +295,7 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
     rt = cfg.runtime(topology_root=args.root, start=True)
     try:
         report = ld.run(rt, loads, warmup_s=args.warmup_s, window_s=args.window_s,
-                        max_s=max(args.max_s, args.warmup_s + 3 * args.window_s))
+                        max_s=args.max_s)
     finally:
         rt.close(drain=False)
     _print_report(report, args.json, out)
@@ -335,7 +351,7 @@ def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: 
         raise ConfigError("<command line>", "--url", str(e)) from None
     try:
         report = ld.run(target, loads, warmup_s=args.warmup_s, window_s=args.window_s,
-                        max_s=max(args.max_s, args.warmup_s + 3 * args.window_s),
+                        max_s=args.max_s,
                         drain_timeout_s=args.request_timeout_s)
     finally:
         target.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -325,6 +326,25 @@ def test_run_adapt_moves_the_model_whose_slo_is_at_risk(tmp_path: Path) -> None:
     code, out, err = run("run", config(tmp_path, SLEEPERS.replace("slo = { latency_ms = 100 }\n", "")),
                          "--duration", "0.2", "--adapt")
     assert code != 0 and "--adapt needs an slo" in err
+
+
+@pytest.mark.parametrize("where", [[], ["--url", "http://127.0.0.1:9"]])
+def test_a_max_s_too_short_for_the_warmup_and_three_windows_is_refused_not_raised(tmp_path: Path,
+                                                                                 where: list[str]) -> None:
+    path = config(tmp_path, SLEEPERS)
+    # 0.1 + 3 x 0.2 = 0.7 s: 0.5 s was raised to 0.7 silently. With --url nothing listens on
+    # port 9: the refusal comes before connecting, so the error is --max-s, not the connection.
+    code, out, err = run("bench", path, *where, "--model", "fast:concurrency=1", "--warmup-s", "0.1",
+                         "--window-s", "0.2", "--max-s", "0.5")
+    assert (code, out) == (2, "")
+    assert "--max-s: 0.5 s leaves no room for the warm-up and three windows (0.1 + 3 x 0.2 = 0.7 s)" in err
+
+
+def test_the_default_max_s_grows_to_hold_the_warmup_and_three_windows() -> None:
+    ns = argparse.Namespace(warmup_s=20.0, window_s=5.0, max_s=None, default_max_s=30.0)
+    assert cli._max_s(ns) == 35.0
+    assert cli._max_s(argparse.Namespace(warmup_s=1.0, window_s=1.0, max_s=None, default_max_s=30.0)) == 30.0
+    assert cli._max_s(argparse.Namespace(warmup_s=1.0, window_s=1.0, max_s=4.0, default_max_s=30.0)) == 4.0
 
 
 def test_bench_config_and_model_specs(tmp_path: Path) -> None:
