@@ -641,7 +641,8 @@ Model::Take Model::take(const Worker& w, Request*& r, uint32_t& lane, int64_t un
 Admit Model::submit(Request* r) noexcept { return submit_n(&r, 1); }
 
 Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
-  if (n == 0) return Admit::ok;
+  // Nothing to queue, but a closed model still says so (as for one request).
+  if (n == 0) return closed_.load(std::memory_order_acquire) ? Admit::closed : Admit::ok;
   counters_->submitted.fetch_add(n, std::memory_order_relaxed);
   // seq_cst announcement, then seq_cst look at closed_; close() does the mirror image (store
   // closed_, then load submitting_). One total order: either this submitter sees the model

@@ -217,6 +217,7 @@ TEST_F(EngineTest, SubmitNIsAllOrNothing) {
     EXPECT_EQ(s.rejected, 4u);
 
     m.close(true);
+    EXPECT_EQ(m.submit_n(nullptr, 0), Admit::closed) << "an empty batch to a closed model is refused too";
     m.join();
     for (const auto* v : {&first, &fits}) {
       for (const auto& r : *v) {

@@ -237,6 +237,9 @@ def test_submit_many_is_all_or_nothing(rt: ap.Runtime, gate) -> None:
     rt.start()
     assert [f.result(10) for f in futs] == [1, 2]
     assert rt.submit_many("m", []) == []
+    rt.close()
+    with pytest.raises(ap.RuntimeClosed):  # as submit: an empty list is no way past a close
+        rt.submit_many("m", [])
 
 
 def test_expired_request_completes_with_deadline_exceeded_and_never_runs(rt: ap.Runtime, gate) -> None:
