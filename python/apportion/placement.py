@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from . import _core
+from . import _core, _table
 from .errors import PlacementError, QuotaError
 from .topology import Topology, format_cpulist, parse_cpulist
 from .topology import topology as read_topology
@@ -206,15 +206,15 @@ class Plan:
     def __str__(self) -> str:
         header = (f"plan on {self.topology.root}: {len(self.usable)} usable CPUs, shared pool "
                   f"{format_cpulist(self.shared_pool) or 'empty'} ({len(self.shared_pool)} CPUs)")
-        rows = [("model", "isolation", "cores", "cpus", "locality", "instances (cpus x threads)", "memory")]
+        columns = ("model", "isolation", "cores", "cpus", "locality", "instances (cpus x threads)", "memory")
+        rows = []
         for m in self.models:
             cpus = format_cpulist(m.cpus) + (f" (+{format_cpulist(m.reserved)} idle)" if m.reserved else "")
             inst = "  ".join(f"#{i.index} {format_cpulist(i.cpus)} x{i.threads}" for i in m.instances)
             nodes = sorted({n for i in m.instances for n in i.memory_nodes})
             memory = "none" if m.memory_policy == "none" else f"{m.memory_policy} node {','.join(map(str, nodes))}"
             rows.append((m.name, m.isolation, str(m.cores), cpus, m.locality, inst, memory))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [header] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = [header] + ["  " + line for line in _table.text(columns, rows, left=len(columns))]
         if self.gpu is not None:
             lines.append(str(self.gpu))
         return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from . import _table
 from ._core import HistogramSnapshot, ModelSnapshot
 
 __all__ = ["HistogramSnapshot", "LatencyStats", "ModelStats", "RuntimeStats"]
@@ -187,7 +188,7 @@ class RuntimeStats(Mapping[str, ModelStats]):
             "model", "inst", "submitted", "done", "failed", "rejected", "expired", "cancelled",
             "queued", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "queue p99",
         )
-        rows = [header]
+        rows = []
         for s in self.models.values():
             e = s.end_to_end
             rows.append((
@@ -196,11 +197,4 @@ class RuntimeStats(Mapping[str, ModelStats]):
                 f"{e.p50_ms:.3f}", f"{e.p90_ms:.3f}", f"{e.p99_ms:.3f}", f"{e.p999_ms:.3f}",
                 f"{e.max_ms:.3f}", f"{s.queue_wait.p99_ms:.3f}",
             ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = []
-        for n, r in enumerate(rows):
-            cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-            lines.append("  ".join(cells))
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(_table.text(header, rows))

@@ -148,3 +148,18 @@ def test_model_snapshots_are_bound_types_whose_windows_stay_within_one_histogram
     bare = ap.LatencyStats(count=0, mean_ms=0.0, p50_ms=0.0, p90_ms=0.0, p99_ms=0.0, p999_ms=0.0, max_ms=0.0)
     with pytest.raises(ValueError, match="need their histogram"):
         s1.end_to_end.since(bare)
+
+
+def test_a_name_with_a_newline_or_a_tab_stays_on_its_row(rt: ap.Runtime) -> None:
+    # Any non-empty name is a model's name; the tables escape what would break a row.
+    rt.add_model("a\nb", model=lambda x: x)
+    rt.add_model("tab\there", model=lambda x: x)
+    rt.start()
+    stats, plan = str(rt.stats()).splitlines(), str(rt.plan()).splitlines()
+    assert len(stats) == 4 and len(plan) == 5, (stats, plan)  # header, rule, a row each (the plan: + title)
+    for lines in (stats, plan):
+        assert any(line.lstrip().startswith("a\\nb ") for line in lines), lines
+        assert any(line.lstrip().startswith("tab\\there ") for line in lines), lines
+        assert not any("\t" in line for line in lines)
+    assert len({len(line) for line in stats}) == 1  # every column aligned
+    assert plan[-1].index("shared") == plan[-2].index("shared")
