@@ -31,6 +31,7 @@ that can be checked without the machine; ``config.runtime()`` places the models 
 
 from __future__ import annotations
 
+import json
 import math
 import pkgutil
 import tomllib
@@ -66,6 +67,13 @@ LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "prior
 
 
 _MAX_CPU_ID = 1 << 16
+
+
+def model_key(name: str) -> str:
+    """The key of model ``name``'s table as TOML writes it: ``models.mlp``, or with the name
+    quoted where it is not a bare key (``models."".name``, ``models."a b"``)."""
+    bare = bool(name) and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
+    return f"models.{name}" if bare else f"models.{json.dumps(name)}"
 
 
 class ConfigError(ApportionError, ValueError):
@@ -136,16 +144,16 @@ class ModelConfig:
     def resolved_factory(self, where: str = "<config>") -> Callable[..., Any]:
         factory = self.spec.factory
         if factory is None:
-            raise ConfigError(where, f"models.{self.name}.factory",
+            raise ConfigError(where, f"{model_key(self.name)}.factory",
                               "missing; give 'package.module:function' (called as factory(ctx))")
         if callable(factory):
             return factory
-        return resolve(factory, where=where, key=f"models.{self.name}.factory")
+        return resolve(factory, where=where, key=f"{model_key(self.name)}.factory")
 
     def resolved_inputs(self, where: str = "<config>") -> Callable[[], Any] | None:
         if self.inputs is None or callable(self.inputs):
             return self.inputs
-        return resolve(self.inputs, where=where, key=f"models.{self.name}.inputs")
+        return resolve(self.inputs, where=where, key=f"{model_key(self.name)}.inputs")
 
     def add_to(self, rt: Runtime, where: str = "<config>", *, build: bool = True) -> None:
         """Registers this model on ``rt`` (``build=False``: a factory that is never called,
@@ -274,7 +282,7 @@ class Config:
         out = {name: _model(path, name, table) for name, table in models.items()}
         for m in out.values():
             if m.load and "share" in m.load and rate is None:
-                raise ConfigError(path, f"models.{m.name}.load.share",
+                raise ConfigError(path, f"{model_key(m.name)}.load.share",
                                   "a share needs a total: add [workload] rate = <requests per second>")
         cfg = cls(models=out, cpus=cpus, rate=rate, path=path, shared_pool=shared_pool,
                   pool_reserve=pool_reserve, reserve_nice=reserve_nice)
@@ -315,7 +323,7 @@ class Config:
                     m.add_to(rt, self.path, build=build)
                 except (QuotaError, PlacementError) as e:
                     fld = getattr(e, "field", None)
-                    key = f"models.{m.name}.{fld}" if fld else f"models.{m.name}"
+                    key = f"{model_key(m.name)}.{fld}" if fld else model_key(m.name)
                     if isinstance(e, PlacementError):
                         raise DoesNotFit(self.path, key,
                                          f"the models do not fit this machine: {_without_prefix(e)}") from None
@@ -351,7 +359,7 @@ class Config:
             try:
                 out.append(model_load(m.name, settings, inputs=m.resolved_inputs(self.path) if inputs else None))
             except LoadError as e:
-                raise ConfigError(self.path, f"models.{m.name}.load", str(e)) from None
+                raise ConfigError(self.path, f"{model_key(m.name)}.load", str(e)) from None
         return out
 
     def demand(self) -> dict[str, float | None]:
@@ -422,7 +430,7 @@ def _table(path: str, key: str, value: object, allowed: tuple[str, ...]) -> dict
 
 
 def _model(path: str, name: str, table: object) -> ModelConfig:
-    key = f"models.{name}"
+    key = model_key(name)
     if not isinstance(table, dict):
         raise ConfigError(path, key, f"must be a table of model fields ({', '.join(TABLE_FIELDS)}) and "
                           f"{', '.join(OTHER_KEYS)}, got {type(table).__name__}")

@@ -140,6 +140,18 @@ def test_ints_beyond_every_float_are_config_errors(models: dict[str, Any], key: 
     assert e.value.key == key, str(e.value)
 
 
+@pytest.mark.parametrize(("text", "key"), [
+    ('[models.""]\nfactory = "a.b:c"\n', 'models."".name'),
+    ('[models."a b"]\nfactory = 3\n', 'models."a b".factory'),
+    ('[models."a\\nb"]\nfactory = 3\n', 'models."a\\nb".factory'),
+    ("[models.ok-1_x]\nfactory = 3\n", "models.ok-1_x.factory"),
+])
+def test_a_model_name_that_is_no_bare_key_is_quoted_in_the_error_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Config.loads(text, "c.toml")
+    assert e.value.key == key and str(e.value).startswith(f"c.toml: {key}: ")
+
+
 def test_factory_resolution_errors_name_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[models.m]\nfactory = "apportion.demo:no_such_thing"\n')
     with pytest.raises(ConfigError, match=r"models\.m\.factory: module 'apportion.demo' has no attribute"):

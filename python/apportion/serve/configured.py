@@ -16,13 +16,13 @@ def signatures(cfg: Config) -> dict[str, Signature]:
     """Each model's declared signature, by name (models without one are not served). Raises
     ConfigError naming the file and the key of a tensor that is not valid, or when no model
     declares one."""
-    from ..config import ConfigError
+    from ..config import ConfigError, model_key
 
     out: dict[str, Signature] = {}
     for m in cfg.models.values():
         if not m.signature:
             continue
-        key = f"models.{m.name}.signature"
+        key = f"{model_key(m.name)}.signature"
         sides = {}
         for side in ("inputs", "outputs"):
             specs = []

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._private.checks import finite_number
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, model_key
 from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
 from .measure import Settings, host_snapshot, measure_config, profile_repeated
@@ -113,7 +113,7 @@ def tune(
     cfg = config if isinstance(config, Config) else Config.load(config)
     for n, m in cfg.models.items():
         if not m.load:
-            raise ConfigError(cfg.path, f"models.{n}.load", "the tuner needs each model's load: "
+            raise ConfigError(cfg.path, f"{model_key(n)}.load", "the tuner needs each model's load: "
                               "{ rate = ... }, { share = ... } or { concurrency = ... }")
     bar = _progress(progress, budget_s, clock)
     t0 = clock()
@@ -166,7 +166,7 @@ def tune(
                 profile_s += (clock() - started) / runs_done
                 samples[n].extend(got)
             if not samples[n]:
-                raise ConfigError(cfg.path, f"models.{n}", "failed every profiling run (the model raised); "
+                raise ConfigError(cfg.path, model_key(n), "failed every profiling run (the model raised); "
                                   "check it with `apportion bench`")
         costs[n] = CostModel.fit(combine_repeats(samples[n]))
 
