@@ -438,6 +438,10 @@ def _bad_requests(served: Served, client: Any) -> None:
          "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
         "'priority'")
     check_raw(400, _raw(served, path, b"{}", {"Content-Encoding": "gzip"}), "Content-Encoding")
+    for name in (b"Inference-Header-Content-Length", b"Content-Encoding"):  # a second copy is never ignored
+        value = str(len(good)).encode() if name.startswith(b"Inference") else b"identity"
+        check_raw(400, _raw(served, path, payload, [(name, value), (name, value)]),
+                  f"header {name.decode().lower()!r} is given more than once")
 
     # what numpy, the JSON decoder or a float cannot take is the client's error too, never a 500
     check_raw(400, _raw(served, path, b"[" * 100_000), "malformed JSON")

@@ -308,10 +308,16 @@ def _digits(text: str) -> bool:
 
 
 def _header(scope: Scope, key: bytes) -> str | None:
+    """The value of header ``key`` (lower case), None without one. Given more than once it
+    is the client's error: neither of the two read here is a list, and taking the first
+    silently could read a body other than the client meant."""
+    found = None
     for k, v in scope["headers"]:
         if k == key:
-            return v.decode("latin-1")
-    return None
+            if found is not None:
+                raise fe.ServeError(fe.INVALID, f"header {key.decode()!r} is given more than once; give it once")
+            found = v.decode("latin-1")
+    return found
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps with separators builds one per call
