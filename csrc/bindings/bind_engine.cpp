@@ -406,19 +406,24 @@ std::optional<double> optional_number(const std::string& model, const char* fiel
                  field, v.ptr());
     throw py::error_already_set();
   }
-  const double d = PyFloat_AsDouble(v.ptr());  // a huge int becomes inf (or raises OverflowError)
+  const double d = PyFloat_AsDouble(v.ptr());  // an int beyond every float raises OverflowError
   if (d == -1.0 && PyErr_Occurred()) {
     PyErr_Clear();
-    return std::numeric_limits<double>::infinity();
+    const int negative = PyObject_RichCompareBool(v.ptr(), py::int_(0).ptr(), Py_LT);
+    if (negative < 0) throw py::error_already_set();
+    return negative != 0 ? -std::numeric_limits<double>::infinity() : std::numeric_limits<double>::infinity();
   }
   return d;
 }
 
-int64_t timeout_to_ns(const std::string& model, const char* field, double ms) {
+/// `given`: the value as the caller gave it, for the message (an int beyond every float reads
+/// as itself, not as inf); empty: `ms` itself.
+int64_t timeout_to_ns(const std::string& model, const char* field, double ms, py::handle given = {}) {
   if (!std::isfinite(ms) || ms <= 0.0) {
+    const py::object shown = given ? py::reinterpret_borrow<py::object>(given) : py::object(py::float_(ms));
     PyErr_Format(PyExc_ValueError,
                  "model '%s': %s must be a positive, finite number of milliseconds (got %R)",
-                 model.c_str(), field, py::float_(ms).ptr());
+                 model.c_str(), field, shown.ptr());
     throw py::error_already_set();
   }
   const double ns = ms * 1e6;
@@ -899,7 +904,7 @@ class RuntimeCore {
   static int64_t checked_timeout(const ModelEntry& e, py::handle timeout_ms, py::handle priority) {
     std::optional<int64_t> requested;
     if (auto ms = optional_number(e.name(), "timeout_ms", timeout_ms)) {
-      requested = timeout_to_ns(e.name(), "timeout_ms", *ms);
+      requested = timeout_to_ns(e.name(), "timeout_ms", *ms, timeout_ms);
     }
     if (!priority.is_none()) {
       int overflow = 0;

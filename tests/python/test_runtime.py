@@ -205,6 +205,11 @@ def test_invalid_request_arguments_name_model_and_field(rt: ap.Runtime) -> None:
             rt.submit_many("m", [1], priority=bad)
     with pytest.raises(ValueError, match=r"model 'm': timeout_ms must be a number or None, got 'soon'"):
         rt.submit("m", 1, timeout_ms="soon")
+    for huge in (-10**400, 10**400):  # beyond every float: reported as given, not as "inf"
+        with pytest.raises(ValueError, match=rf"model 'm': timeout_ms must be a positive.*\(got {huge}\)"):
+            rt.submit("m", 1, timeout_ms=huge)
+        with pytest.raises(ValueError, match=rf"\(got {huge}\)"):
+            rt.submit_many("m", [1], timeout_ms=huge)
     assert rt.stats()["m"].submitted == 0
 
 
