@@ -152,19 +152,21 @@ struct WorkerState {
   int64_t held_since = 0;
 };
 
-// The registry whose worker this thread is (0: none), and that worker's model: close() or
-// remove_model() from inside a model would join the thread it runs on, and a wait for a request
+// The registry whose worker or deadline timer this thread is (0: none), and that thread's
+// model: close() or remove_model() from inside a model, or from a done-callback the thread
+// runs, would join the thread it runs on. current_counters (workers only): a wait for a request
 // of the worker's own model may wait for itself.
 thread_local uint64_t current_registry = 0;
 thread_local const ModelCounters* current_counters = nullptr;
 thread_local std::string current_model;
+thread_local const char* current_role = "a worker";
 
 class PyHandler final : public ModelHandler {
  public:
   /// `batching`: the model is called with a list of inputs and returns a list of results (for
   /// the instances built from now on: a live move may change it with the factory).
-  PyHandler(py::object make_instance, uint64_t registry, bool batching)
-      : make_instance_(std::move(make_instance)), registry_(registry), batching_(batching) {}
+  PyHandler(py::object make_instance, uint64_t registry, bool batching, std::string model)
+      : make_instance_(std::move(make_instance)), registry_(registry), model_(std::move(model)), batching_(batching) {}
 
   ~PyHandler() override {
     // The last reference may drop on any thread, with or without the GIL: a registry close()
@@ -244,6 +246,12 @@ class PyHandler final : public ModelHandler {
 
   void expire(Request* const* expired, std::size_t n, Request* const* others, std::size_t m) override {
     if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
+    // The model's own timer thread (it only ever serves this model): a done-callback run here
+    // that closes the runtime, removes the model or drops the runtime's last reference must
+    // not join this thread from itself.
+    current_registry = registry_;
+    current_model = model_;
+    current_role = "the deadline timer";
     py::gil_scoped_acquire gil;  // once for the timer's whole batch
     for (std::size_t i = 0; i < n; ++i) {
       finish(static_cast<PyRequest*>(expired[i]), Outcome::expired, nullptr);
@@ -393,6 +401,7 @@ class PyHandler final : public ModelHandler {
 
   py::object make_instance_;
   const uint64_t registry_;
+  const std::string model_;
   bool batching_;  // guarded by the GIL
   py::object error_;
 };
@@ -560,7 +569,7 @@ class RuntimeCore {
     }
     // A Batching(max_size=1) model still receives lists: the model's calling convention
     // follows whether batching was asked for, not the size.
-    auto handler = std::make_shared<PyHandler>(std::move(make_instance), reg_->id(), !batching.is_none());
+    auto handler = std::make_shared<PyHandler>(std::move(make_instance), reg_->id(), !batching.is_none(), name);
     int64_t default_timeout = Request::kNoDeadline;
     if (const py::object t = spec.attr("timeout_ms"); !t.is_none()) {
       default_timeout = timeout_to_ns(name, "timeout_ms", t.cast<double>());
@@ -933,7 +942,7 @@ class RuntimeCore {
 
   void check_not_own_worker(const char* what) const {
     if (current_registry == reg_->id()) {
-      raise(types().apportion_error, std::string(what) + " called from a worker of model '" +
+      raise(types().apportion_error, std::string(what) + " called from " + current_role + " of model '" +
                                          current_model +
                                          "' of this runtime would wait for itself; call it "
                                          "from outside the model");

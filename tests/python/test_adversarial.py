@@ -187,6 +187,64 @@ def test_runtime_dropped_in_its_own_worker_by_a_done_callback() -> None:
     assert_clean(p, "result 1\ndone")
 
 
+def test_runtime_dropped_on_its_deadline_timer_by_an_expired_requests_callback() -> None:
+    # The expired request is completed by the model's timer thread, not a worker: dropping the
+    # last reference there joined that thread from itself (std::terminate, "Resource deadlock
+    # avoided", exit 134).
+    p = run_script("""
+        import time
+        import apportion as ap
+        def setup():
+            rt = ap.Runtime()
+            rt.add_model("slow", model=lambda x: time.sleep(0.2) or x)
+            rt.start()
+            a = rt.submit("slow", 1)  # holds the only instance for 200 ms
+            b = rt.submit("slow", 2, timeout_ms=20)  # expires on the timer
+            b.add_done_callback(lambda f, rt=rt: print("callback", f.exception().__class__.__name__, flush=True))
+            return a  # the callback holds the runtime's last reference
+        a = setup()
+        print("result", a.result(10))
+        time.sleep(0.5)
+        print("done")
+    """)
+    assert_clean(p, "callback DeadlineExceeded\nresult 1\ndone")
+
+
+def test_close_or_remove_from_an_expired_requests_callback_is_refused_and_changes_nothing() -> None:
+    p = run_script("""
+        import threading, time
+        import apportion as ap
+        rt = ap.Runtime()
+        rt.add_model("slow", model=lambda x: time.sleep(0.2) or x)
+        rt.start()
+        seen = []
+        done = threading.Event()
+        def on_expired(f):
+            for call in (lambda: rt.remove_model("slow"), lambda: rt.close(), lambda: rt.close(drain=False)):
+                try:
+                    call()
+                    seen.append("no error")
+                except ap.ApportionError as e:
+                    seen.append(str(e))
+            done.set()
+        a = rt.submit("slow", 1)
+        rt.submit("slow", 2, timeout_ms=20).add_done_callback(on_expired)
+        assert done.wait(10)
+        for msg in seen:
+            print(msg)
+        print("models", rt.models, "closed", rt.closed, "after", rt.submit("slow", 3).result(10))
+        rt.close()
+    """)
+    assert_clean(p, "\n".join([
+        "remove_model() called from the deadline timer of model 'slow' of this runtime would wait for "
+        "itself; call it from outside the model",
+        "close() called from the deadline timer of model 'slow' of this runtime would wait for itself; "
+        "call it from outside the model",
+        "close() called from the deadline timer of model 'slow' of this runtime would wait for itself; "
+        "call it from outside the model",
+        "models ['slow'] closed False after 3"]))
+
+
 def test_runtime_in_a_cycle_collected_during_a_model_call() -> None:
     p = run_script("""
         import gc, time
