@@ -155,7 +155,7 @@ void register_stats(py::module_& m) {
       AP_COUNTER(rejected, "Submissions refused (queue full).")
       AP_COUNTER(expired, "Requests whose deadline passed before they started.")
       AP_COUNTER(cancelled, "Requests cancelled before they started.")
-      AP_COUNTER(queued, "Requests waiting in the queue now.")
+      AP_COUNTER(queued, "Queue slots taken now: requests waiting, plus cancelled or expired ones beyond the spare room.")
       AP_COUNTER(delayed, "Requests moved behind the others by on_timeout=\"delay\".")
       AP_COUNTER(burst_served, "Requests served by burst workers on the shared pool.")
       AP_COUNTER(stolen, "Requests an instance took from another NUMA node's queue.")

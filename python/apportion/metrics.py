@@ -110,7 +110,9 @@ class StatsCollector(Collector):
         pool_calls = counter("shared_pool_calls", "Model calls that ran on the scheduled shared pool.")
         pool_s = counter("shared_pool_seconds",
                          "Shared-pool time held by those calls: call seconds x units (intra-op threads).")
-        depth = GaugeMetricFamily("apportion_queue_depth", "Requests waiting in the queue.", labels=m)
+        depth = GaugeMetricFamily("apportion_queue_depth",
+                                  "Queue slots taken: requests waiting, plus cancelled or expired ones "
+                                  "beyond the queue's spare room that no worker has passed yet.", labels=m)
         in_flight = GaugeMetricFamily("apportion_in_flight", "Requests submitted and not finished "
                                       "(queued or running).", labels=m)
         instances = GaugeMetricFamily("apportion_instances", "Worker instances of the model.", labels=m)

@@ -91,7 +91,9 @@ class ModelStats:
     cancelled: int
     """Requests cancelled before they started."""
     queued: int
-    """Requests waiting in the queue now."""
+    """Queue slots taken now: the requests waiting, plus cancelled or expired ones still in the
+    queue beyond its spare room (``max_queue`` of them) that no worker has passed yet (see
+    the README's Admission). ``max_queue`` minus this is how many more are admitted."""
     queue_wait: LatencyStats
     """From admission to the start of the call (milliseconds)."""
     compute: LatencyStats

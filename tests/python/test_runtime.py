@@ -231,6 +231,34 @@ def test_queue_full_is_refused_at_admission(rt: ap.Runtime, gate) -> None:
     assert "overflow" not in gate.calls
 
 
+def test_cancelled_requests_give_their_slots_back_up_to_the_spare_room(rt: ap.Runtime, gate) -> None:
+    # Behind a worker stuck in a call, a cancelled request's cell stays in the queue until the
+    # worker passes it. The queue has max_queue spare cells: that many give their slot back at
+    # once; the ones beyond keep theirs, so the queue's memory stays bounded (README: Admission).
+    rt.add_model("m", model=gate, max_queue=4)
+    rt.start()
+    running = rt.submit("m", "running")
+    assert gate.entered.wait(10)
+    for _ in range(4):  # within the spare room: every slot comes back
+        assert rt.submit("m", "x").cancel()
+    assert rt.stats()["m"].queued == 0
+    kept = [rt.submit("m", "y") for _ in range(4)]  # a full queue admits again
+    for f in kept:
+        assert f.cancel()
+    s = rt.stats()["m"]
+    assert (s.queued, s.cancelled) == (4, 8)  # beyond the spare room: slots kept
+    with pytest.raises(ap.QueueFull, match=r"queue full \(max_queue=4, queued=4\)"):
+        rt.submit("m", "z")
+    gate.release.set()
+    assert running.result(10) == "running"
+    deadline = time.monotonic() + 10
+    while rt.stats()["m"].queued and time.monotonic() < deadline:  # the worker passes them
+        time.sleep(0.01)
+    assert rt.stats()["m"].queued == 0
+    assert rt.submit("m", "after").result(10) == "after"
+    assert gate.calls == ["running", "after"]
+
+
 def test_submit_many_is_all_or_nothing(rt: ap.Runtime, gate) -> None:
     rt.add_model("m", model=gate, max_queue=3)
     rt.submit("m", 0)

@@ -184,7 +184,7 @@ class ModelSnapshot:
     @property
     def queued(self) -> int:
         """
-        Requests waiting in the queue now.
+        Queue slots taken now: requests waiting, plus cancelled or expired ones beyond the spare room.
         """
     @property
     def rejected(self) -> int:
