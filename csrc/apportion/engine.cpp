@@ -716,7 +716,13 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
 }
 
 void Model::close(bool drain) noexcept {
-  if (!drain) cancel_queued_.store(true, std::memory_order_release);
+  if (!drain) {
+    cancel_queued_.store(true, std::memory_order_release);
+    // A worker waiting in the shared pool's line (behind other models' calls, maybe a higher
+    // class that never lets go) leaves it with nothing held, sees cancel_queued_ (published by
+    // the pool's mutex) and cancels the queue without running anything.
+    if (member_ != nullptr) opts_.pool->withdraw(*member_);
+  }
   closed_.store(true, std::memory_order_seq_cst);
   // Submitters that saw the model open finish their pushes first (they never block, so this
   // wait is short); every later one sees closed_.

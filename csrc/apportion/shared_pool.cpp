@@ -136,6 +136,7 @@ uint32_t SharedPool::try_acquire(Member& m, uint32_t units) {
 
 uint32_t SharedPool::acquire(Member& m, uint32_t units, const std::function<void()>& before_wait) {
   std::unique_lock lock(mu_);
+  if (m.withdrawn_) return 0;
   units = clamp(units);
   activate(m);
   return wait_in_line(lock, m, units, before_wait);
@@ -186,6 +187,10 @@ uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns, bool wait
                            const std::function<void()>& before_wait) {
   std::unique_lock lock(mu_);
   settle(m, units, cost_ns);
+  if (m.withdrawn_) {
+    grant_waiters();
+    return 0;
+  }
   units = clamp(units);
   ++m.active_;  // never idle in between: no rejoin at the pool's clock
   bool best = fits(m, units);
@@ -203,6 +208,24 @@ uint32_t SharedPool::renew(Member& m, uint32_t units, int64_t cost_ns, bool wait
   }
   // Queued in the same critical section: the member never looks idle in between.
   return wait_in_line(lock, m, units, before_wait);
+}
+
+void SharedPool::withdraw(Member& m) {
+  std::lock_guard lock(mu_);
+  m.withdrawn_ = true;
+  for (auto it = waiters_.begin(); it != waiters_.end();) {
+    Waiter& w = **it;
+    if (w.member != &m) {
+      ++it;
+      continue;
+    }
+    it = waiters_.erase(it);
+    --m.active_;
+    w.units = 0;
+    w.granted = true;  // wakes it, with nothing held (notified under the mutex, as a grant)
+    w.cv.notify_one();
+  }
+  grant_waiters();  // whoever waited behind it may go now
 }
 
 void SharedPool::grant_waiters() noexcept {

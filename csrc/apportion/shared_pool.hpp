@@ -57,6 +57,7 @@ class SharedPool {
     uint32_t active_ = 0;       // its workers waiting or holding units
     uint64_t grants_ = 0;
     uint64_t busy_unit_ns_ = 0;  // sum over calls of cost x units
+    bool withdrawn_ = false;     // see withdraw()
   };
 
   struct MemberStats {
@@ -114,6 +115,12 @@ class SharedPool {
   /// whoever waits then. Safe from any thread.
   uint32_t renew(Member& m, uint32_t units, int64_t cost_ns, bool wait = false,
                  const std::function<void()>& before_wait = {});
+
+  /// Ends `m`'s waits for good: its workers waiting in line leave it with 0 units, and any
+  /// later acquire() or waiting renew() for it returns 0 at once. For a model closing without
+  /// drain: it cancels its queue rather than wait for other models' calls to finish first.
+  /// Units `m` holds stay held until released. Safe from any thread.
+  void withdraw(Member& m);
 
   MemberStats stats(const Member& m) const;
   /// Workers waiting for capacity now. Safe from any thread.

@@ -241,6 +241,35 @@ TEST(SharedPool, AWideWaiterIsNotBypassedByNarrowOnes) {
   });
 }
 
+TEST(SharedPool, AWithdrawnMemberLeavesTheLineAtOnceAndWaitsNoMore) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    auto high = pool.join("high", 1.0, 1);
+    auto low = pool.join("low", 1.0, 0);
+    auto other = pool.join("other", 1.0, 0);
+    const uint32_t held = pool.acquire(*high, 1);  // a higher class holds the only unit
+    std::atomic<int> low_got{-1};
+    std::thread waiting([&] { low_got.store(static_cast<int>(pool.acquire(*low, 1))); });
+    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    pool.withdraw(*low);
+    waiting.join();
+    EXPECT_EQ(low_got.load(), 0) << "left the line with nothing held";
+    EXPECT_EQ(pool.waiting(), 0u);
+    EXPECT_EQ(pool.acquire(*low, 1), 0u) << "later waits return at once";
+    pool.release(*high, held, 1000);
+    EXPECT_EQ(pool.try_acquire(*other, 1), 1u) << "the withdrawn member holds nothing";
+    pool.release(*other, 1, 1000);
+    // A holder that is withdrawn keeps its units until it gives them back; a waiting renew
+    // gives them back and returns 0 rather than queueing again.
+    ASSERT_EQ(pool.try_acquire(*other, 1), 1u);
+    pool.withdraw(*other);
+    EXPECT_EQ(pool.try_acquire(*high, 1), 0u);
+    EXPECT_EQ(pool.renew(*other, 1, 1000, /*wait=*/true), 0u);
+    EXPECT_EQ(pool.try_acquire(*high, 1), 1u);
+    pool.release(*high, 1, 1000);
+  });
+}
+
 TEST(SharedPool, RenewKeepsUnitsOnlyForTheBestCandidate) {
   SharedPool pool(1);
   auto a = pool.join("a", 1.0, 0);

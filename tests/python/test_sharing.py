@@ -97,6 +97,39 @@ def test_a_higher_priority_class_is_served_before_a_backlogged_lower_one() -> No
         rt.close()
 
 
+def test_removing_a_model_without_drain_does_not_wait_for_the_pool() -> None:
+    # The lower class's worker waits in the pool's line behind a higher class's call; removing
+    # its model without drain cancels its queue at once instead of waiting for that call (with
+    # a higher class that keeps the pool busy, it waited as long as the load lasted).
+    rt = make_runtime(1)  # one pool CPU: one call at a time
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(x: object) -> object:
+        entered.set()
+        assert release.wait(30)
+        return x
+
+    rt.add_model("hi", model=blocking, priority_class=1)
+    rt.add_model("lo", model=lambda x: x, instances=2)
+    rt.start()
+    try:
+        held = rt.submit("hi", "holds the pool")
+        assert entered.wait(10)
+        lows = rt.submit_many("lo", range(8))
+        time.sleep(0.1)  # lo's workers are in the pool's line now
+        remover = threading.Thread(target=rt.remove_model, args=("lo",), kwargs={"drain": False})
+        remover.start()
+        remover.join(10)
+        assert not remover.is_alive(), "remove_model(drain=False) waited for another model's call"
+        assert all(f.cancelled() for f in lows)
+        assert rt.models == ["hi"]
+        release.set()
+        assert held.result(10) == "holds the pool"
+    finally:
+        release.set()
+        rt.close()
+
+
 @needs_two
 def test_an_idle_models_share_goes_to_the_busy_one() -> None:
     # "light" has weight 1 against an idle weight-100 model: it still gets both units (its two
