@@ -6,6 +6,9 @@ Commands:
 - ``plan CONFIG [--root PATH] [--json]``: which CPUs, threads and memory each model of a
   config file would get.
 - ``run CONFIG [--duration S] [--json]``: serve a config (under its load for S seconds).
+  Ctrl-C or SIGTERM stops it: without ``--duration`` that is how it ends (exit 0); with it, the
+  run ends early, prints what it has (the runtime's stats, no load report) and exits 128 plus
+  the signal's number.
 - ``bench CONFIG | --model SPEC --factory NAME=MOD:FN [--json]``: the load generator.
 - ``tune CONFIG --budget-s N --out DIR``: search a plan; writes plan.toml, report.md, a plot.
 - ``demo``: three torch models, unmanaged vs equal split vs tuned.
@@ -18,9 +21,10 @@ model holding quota fields (and factory, serving settings, SLO and load)::
     isolation = "exclusive"   # or "shared"
     threads = 2
 
-Exit status: 0 on success; 1 when valid input does not fit the machine (a PlacementError) or
-the machine cannot be read; 2 for usage and config errors (the message names the file, the key
-and what is allowed).
+Exit status: 0 on success; 1 when valid input does not fit the machine (a PlacementError), the
+machine cannot be read, a model fails to start or a load's inputs callable raises (the message
+names the model's key); 2 for usage and config errors (the message names the file, the key and
+what is allowed).
 
 Each command is a :class:`Command` in ``COMMANDS``: a name, a one-line help, a function that
 adds its arguments and one that runs it, so further commands (run, bench, tune, demo) are one
@@ -30,12 +34,15 @@ more entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -44,7 +51,7 @@ from . import load as ld
 from ._private.argtypes import above_zero
 from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
-from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed
+from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed, model_key
 from .placement import Plan, Quota
 from .topology import Topology, topology
 
@@ -53,6 +60,49 @@ __all__ = ["COMMANDS", "Command", "ConfigError", "DoesNotFit", "load_quotas", "m
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+
+class InputsFailed(ConfigError):
+    """A load's inputs callable raised while the load ran (the message names the model's
+    inputs key and the error; ``__cause__`` is the error itself). Exit status 1."""
+
+
+@contextlib.contextmanager
+def _inputs_errors(key_of: Callable[[str], tuple[str, str]]) -> Iterator[None]:
+    """An exception a load's inputs raised (load.run re-raises it as it was, naming the model)
+    as an InputsFailed at the (file, key) ``key_of(model)`` gives; anything else as it is."""
+    try:
+        yield
+    except ApportionError:
+        raise
+    except Exception as e:
+        model = ld.failed_model(e)
+        if model is None:
+            raise
+        path, key = key_of(model)
+        raise InputsFailed(path, key, f"model {model!r}: its inputs raised {type(e).__name__}: {e}") from e
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is (as Ctrl-C raises KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While inside: SIGTERM stops the main thread as Ctrl-C does (a service manager's stop
+    ends `apportion run` as cleanly as a user's Ctrl-C). Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_quotas(path: str | Path) -> list[Quota]:
@@ -173,6 +223,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     rt = cfg.runtime(topology_root=args.root, start=True)
     report = None
     controller = None
+    stopped_by: int | None = None  # the signal that ended a --duration run early
     try:
         if not args.json:
             print(rt.plan(), file=out)
@@ -186,19 +237,23 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
                                                           file=out, flush=True))
             controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log).start()
         loads = cfg.model_loads()
-        if args.duration is not None and loads:
-            window = max(0.1, args.duration / 4)
-            report = ld.run(rt, loads, warmup_s=window, window_s=window, stable_windows=3,
-                            max_s=max(args.duration, 4 * window))
-        elif args.duration is not None:
-            time.sleep(args.duration)
-        else:
-            print("serving; Ctrl-C stops", file=out)
+        with _sigterm_stops():
             try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+                if args.duration is not None and loads:
+                    window = max(0.1, args.duration / 4)
+                    with _inputs_errors(lambda m: (cfg.path, f"{model_key(m)}.inputs")):
+                        report = ld.run(rt, loads, warmup_s=window, window_s=window, stable_windows=3,
+                                        max_s=max(args.duration, 4 * window))
+                elif args.duration is not None:
+                    time.sleep(args.duration)
+                else:
+                    if not args.json:
+                        print("serving; Ctrl-C stops", file=out, flush=True)
+                    while True:
+                        time.sleep(3600)
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (_Stopped)
+                if args.duration is not None:
+                    stopped_by = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
         stats = rt.stats()
     finally:
         if controller is not None:
@@ -213,13 +268,17 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
             doc["moves"] = [{"at_s": m.at_s, "model": m.model, "change": m.change, "reason": m.reason}
                             for m in controller.moves]
             doc["controller_errors"] = controller.errors
+        if stopped_by is not None:
+            doc["stopped_by"] = signal.Signals(stopped_by).name
         json.dump(doc, out, indent=2, default=str)
         out.write("\n")
     else:
+        if stopped_by is not None:
+            print(f"stopped early by {signal.Signals(stopped_by).name}: the runtime's stats so far", file=out)
         if report is not None:
             print(report, file=out)
         print(stats, file=out)
-    return EXIT_OK
+    return EXIT_OK if stopped_by is None else 128 + int(stopped_by)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -273,11 +332,11 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
         raise ConfigError("<command line>", "--model", f"model {twice[0]!r} is given more than once")
     if args.url is not None:
         return _bench_remote(args, specs, out)
+    inputs_flags = _pairs(args.inputs, "--inputs")
     if args.config:
         cfg = Config.load(args.config)
     else:
         factories = _pairs(args.factory, "--factory")
-        inputs = _pairs(args.inputs, "--inputs")
         if not specs:
             raise ConfigError("<command line>", None, "give CONFIG or at least one --model SPEC with --factory")
         models = {}
@@ -289,17 +348,23 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
                 model_spec = ModelSpec(spec.model, factory=factories[spec.model])
             except QuotaError as e:
                 raise ConfigError("<command line>", "--factory", str(e)) from None
-            models[spec.model] = ModelConfig(model_spec, inputs=inputs.get(spec.model))
+            models[spec.model] = ModelConfig(model_spec, inputs=inputs_flags.get(spec.model))
         cfg = Config(models=models, path="<command line>")
     loads = _config_loads(cfg, specs)
     rt = cfg.runtime(topology_root=args.root, start=True)
     try:
-        report = ld.run(rt, loads, warmup_s=args.warmup_s, window_s=args.window_s,
-                        max_s=args.max_s)
+        with _inputs_errors(lambda m: _inputs_key(cfg.path, m, not args.config)):
+            report = ld.run(rt, loads, warmup_s=args.warmup_s, window_s=args.window_s,
+                            max_s=args.max_s)
     finally:
         rt.close(drain=False)
     _print_report(report, args.json, out)
     return EXIT_OK
+
+
+def _inputs_key(path: str, model: str, flag: bool) -> tuple[str, str]:
+    """Where a model's inputs were given: its --inputs flag, or its config table's key."""
+    return ("<command line>", "--inputs") if flag else (path, f"{model_key(model)}.inputs")
 
 
 def _config_loads(cfg: Config, specs: Sequence[ld.ModelLoad]) -> list[ld.ModelLoad]:
@@ -350,9 +415,10 @@ def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: 
     except ld.LoadError as e:
         raise ConfigError("<command line>", "--url", str(e)) from None
     try:
-        report = ld.run(target, loads, warmup_s=args.warmup_s, window_s=args.window_s,
-                        max_s=args.max_s,
-                        drain_timeout_s=args.request_timeout_s)
+        with _inputs_errors(lambda m: _inputs_key(args.config or "<command line>", m, not args.config)):
+            report = ld.run(target, loads, warmup_s=args.warmup_s, window_s=args.window_s,
+                            max_s=args.max_s,
+                            drain_timeout_s=args.request_timeout_s)
     finally:
         target.close()
     _print_report(report, args.json, out)
@@ -509,7 +575,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         return int(args._run(args, out))
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=err)
-        return EXIT_FAILURE if isinstance(e, (DoesNotFit, StartFailed)) else EXIT_USAGE
+        return EXIT_FAILURE if isinstance(e, (DoesNotFit, StartFailed, InputsFailed)) else EXIT_USAGE
     except ApportionError as e:  # a load or quota the runtime refused at run time
         print(f"{prog}: error: {e}", file=err)
         return EXIT_FAILURE

@@ -6,8 +6,10 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -345,6 +347,52 @@ def test_the_default_max_s_grows_to_hold_the_warmup_and_three_windows() -> None:
     assert cli._max_s(ns) == 35.0
     assert cli._max_s(argparse.Namespace(warmup_s=1.0, window_s=1.0, max_s=None, default_max_s=30.0)) == 30.0
     assert cli._max_s(argparse.Namespace(warmup_s=1.0, window_s=1.0, max_s=4.0, default_max_s=30.0)) == 4.0
+
+
+def _started_run(path: str, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "run", path, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # started and serving (a slow start only delays the signal's effect)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_timed_run_prints_the_stats_so_far_and_exits_128_plus_it(tmp_path: Path,
+                                                                                  sig: int) -> None:
+    proc = _started_run(config(tmp_path, SLEEPERS), "--duration", "60", "--json")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    doc = json.loads(out)  # the whole of stdout is the document
+    assert doc["stopped_by"] == signal.Signals(sig).name and "load" not in doc
+    assert doc["stats"]["fast"]["submitted"] > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serving_until_a_signal_ends_with_exit_0_and_json_alone_on_stdout(tmp_path: Path, sig: int) -> None:
+    proc = _started_run(config(tmp_path, SLEEPERS), "--json")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (0, "")
+    doc = json.loads(out)  # "serving; Ctrl-C stops" went to stdout before the document
+    assert set(doc["stats"]) == {"slow", "fast"} and "stopped_by" not in doc
+
+
+def test_an_inputs_callable_that_raises_is_an_error_naming_its_key(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "raising_inputs_cli.py").write_text('def make():\n    raise ValueError("no input here")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = config(tmp_path, '[models.fast]\nfactory = "apportion.examples.sleepers:fast"\n'
+                            'inputs = "raising_inputs_cli:make"\nload = { concurrency = 1 }\n')
+    want = "models.fast.inputs: model 'fast': its inputs raised ValueError: no input here"
+    code, out, err = run("run", path, "--duration", "0.4")
+    assert code == 1 and f"apportion run: error: {path}: {want}" in err, err
+    code, out, err = run("bench", path, "--warmup-s", "0.1", "--window-s", "0.1")
+    assert code == 1 and f"apportion bench: error: {path}: {want}" in err, err
+    code, out, err = run("bench", "--model", "fast:concurrency=1", "--factory", "fast=apportion.examples.sleepers:fast",
+                         "--inputs", "fast=raising_inputs_cli:make", "--warmup-s", "0.1", "--window-s", "0.1")
+    assert code == 1 and "<command line>: --inputs: model 'fast': its inputs raised ValueError" in err, err
 
 
 def test_bench_config_and_model_specs(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ itself, which matters when it shares the CPUs with the server it measures).
 
 from __future__ import annotations
 
-from .driver import run
+from .driver import failed_model, run
 from .remote import RemoteError, RemoteExpired, RemoteRejected, RemoteTarget
 from .report import (
     LoadReport,
@@ -84,6 +84,7 @@ __all__ = [
     "RemoteTarget",
     "Totals",
     "WindowStats",
+    "failed_model",
     "histogram_latency",
     "model_load",
     "parse_spec",

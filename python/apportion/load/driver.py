@@ -5,6 +5,7 @@ package documentation for the method)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import random
@@ -22,7 +23,16 @@ from .spec import LoadError, ModelLoad, validate_settings
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-__all__ = ["run"]
+__all__ = ["failed_model", "run"]
+
+_FAILED_MODEL = "_apportion_load_model"
+
+
+def failed_model(error: BaseException) -> str | None:
+    """The model whose load raised ``error`` (an exception :func:`run` re-raised from an
+    ``inputs`` callable), or None for any other exception."""
+    model = getattr(error, _FAILED_MODEL, None)
+    return model if isinstance(model, str) else None
 
 
 _Completion = tuple[int, int, int, Any]  # (sequence number, submit ns, done ns, future)
@@ -191,6 +201,8 @@ class _Driver:
         except BaseException as e:  # noqa: BLE001 - handed to run(), which re-raises it
             if isinstance(e, Exception):
                 e.add_note(f"apportion.load: raised while driving model {self.spec.model!r}")
+                with contextlib.suppress(AttributeError, TypeError):  # an exception without a __dict__
+                    setattr(e, _FAILED_MODEL, self.spec.model)
             self.error = e
             self.abort.set()
         finally:
@@ -419,7 +431,8 @@ def run(
 
     Returns a :class:`LoadReport`. Raises ModelNotFound or LoadError for invalid input (before
     any request is sent), RuntimeClosed for a runtime that is not serving, and re-raises an
-    exception from an ``inputs`` callable (with a note naming the model).
+    exception from an ``inputs`` callable (with a note naming the model; :func:`failed_model`
+    gives the model's name).
     """
     specs = [loads] if isinstance(loads, ModelLoad) else list(loads)
     if not specs:
