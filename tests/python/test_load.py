@@ -115,6 +115,18 @@ def test_open_loop_below_capacity_submits_on_schedule_and_rejects_nothing(rt: ap
     assert m.schedule_lag_p99_ms is not None
 
 
+@pytest.mark.parametrize("arrivals", ["constant", "poisson"])
+def test_an_open_loop_at_a_rate_too_small_to_send_anything_ends_on_time(rt: ap.Runtime, arrivals: str) -> None:
+    # The first arrival lies beyond any clock: 1e-10/s overflowed a timed queue wait, 1e-300/s
+    # the conversion to nanoseconds; both ended the run with an OverflowError.
+    started(rt, echo={"model": lambda x: x})
+    for rate in (1e-10, 1e-300):
+        t0 = time.monotonic()
+        report = load.run(rt, ModelLoad("echo", rate=rate, arrivals=arrivals), warmup_s=0.05, window_s=0.1,
+                          max_s=0.5, seed=1)
+        assert report["echo"].offered == 0 and time.monotonic() - t0 < 5.0
+
+
 def test_open_loop_above_capacity_rejects_and_does_not_retry(rt: ap.Runtime) -> None:
     # One 20 ms instance behind a queue of 4, offered 1000/s: the queue is full almost always.
     model = Concurrency(0.02)

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
@@ -161,6 +162,14 @@ def test_open_loop_over_the_network_counts_every_arrival(server: Serve) -> None:
     t = report["slow"].totals
     assert report["slow"].mode == "open" and t.offered > 0
     assert t.offered == accounted(t) and t.completed == got["completed"] and t.unfinished == 0
+
+
+def test_an_open_loop_at_a_rate_too_small_to_send_anything_ends_on_time(server: Serve) -> None:
+    # The first arrival lies beyond any clock: 1e-300/s overflowed the conversion to nanoseconds.
+    with load.RemoteTarget(server.url("http"), ["double"]) as target:
+        t0 = time.monotonic()
+        report = load.run(target, load.ModelLoad("double", rate=1e-300), warmup_s=0.05, window_s=0.1, max_s=0.5)
+        assert report["double"].offered == 0 and time.monotonic() - t0 < 5.0
 
 
 # -- errors by kind -------------------------------------------------------------------------------

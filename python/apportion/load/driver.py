@@ -241,12 +241,13 @@ class _Driver:
         origin = time.perf_counter_ns()
         offset_s = gap()
         while not self.stop.is_set():
-            due = origin + int(offset_s * 1e9)
-            now = time.perf_counter_ns()
-            if now < due:
-                self._wait((due - now) / 1e9)
+            # Compared in float seconds: at a tiny rate the next arrival may lie beyond any
+            # clock (and any int); the wait is capped so it stays a short, bounded sleep.
+            ahead_s = offset_s - (time.perf_counter_ns() - origin) / 1e9
+            if ahead_s > 0:
+                self._wait(min(ahead_s, 0.05))
                 continue
-            self._submit(scheduled_ns=due)
+            self._submit(scheduled_ns=origin + int(offset_s * 1e9))
             offset_s += gap()
             self._wait(0.0)  # account for what completed meanwhile; never blocks
 
@@ -371,13 +372,13 @@ class _LoopDriver(_Driver):
         origin = time.perf_counter_ns()  # arrivals are never re-based on "now", as in _Driver
         offset_s = gap()
         while not self.stop.is_set():
-            due = origin + int(offset_s * 1e9)
-            now = time.perf_counter_ns()
-            if now < due:
+            ahead_s = offset_s - (time.perf_counter_ns() - origin) / 1e9  # as in _Driver._open_loop
+            if ahead_s > 0:
                 # The loop's timers have ~1 ms resolution: an arrival is sent up to that late,
                 # and the lag is recorded as for a late submission.
-                await asyncio.sleep(min((due - now) / 1e9, 0.05))
+                await asyncio.sleep(min(ahead_s, 0.05))
                 continue
+            due = origin + int(offset_s * 1e9)
             try:
                 request = self._prepare()
             except Exception as e:  # noqa: BLE001 - handed to run()
