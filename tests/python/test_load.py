@@ -115,6 +115,28 @@ def test_open_loop_below_capacity_submits_on_schedule_and_rejects_nothing(rt: ap
     assert m.schedule_lag_p99_ms is not None
 
 
+def test_a_model_removed_and_added_again_during_a_run_is_reported_without_runtime_windows(rt: ap.Runtime) -> None:
+    # Its stats before and after are of two histograms: subtracting them raised ValueError and
+    # the whole report was lost.
+    started(rt, a={"model": lambda x: x}, b={"model": lambda x: x})
+    for i in range(50):
+        rt.call("a", i)  # the first model's histograms hold more than the new one's will
+
+    def readd() -> None:
+        time.sleep(0.35)
+        rt.remove_model("a", drain=False)
+        rt.add_model("a", model=lambda x: x)
+
+    t = threading.Thread(target=readd)
+    t.start()
+    report = load.run(rt, [ModelLoad("a", rate=0.01, arrivals="constant"), ModelLoad("b", rate=50.0)],
+                      warmup_s=0.2, window_s=0.2, max_s=1.0)
+    t.join()
+    assert report.windows >= 3
+    assert report["b"].completed > 0 and any(w.end_to_end is not None for w in report["b"].windows)
+    assert rt.models == ["a", "b"] and all(w.end_to_end is None for w in report["a"].windows)
+
+
 @pytest.mark.parametrize("arrivals", ["constant", "poisson"])
 def test_an_open_loop_at_a_rate_too_small_to_send_anything_ends_on_time(rt: ap.Runtime, arrivals: str) -> None:
     # The first arrival lies beyond any clock: 1e-10/s overflowed a timed queue wait, 1e-300/s

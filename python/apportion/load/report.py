@@ -308,8 +308,9 @@ def window_latency(before: HistogramSnapshot | None, after: HistogramSnapshot) -
 def runtime_window(before: ModelStats | None, after: ModelStats | None
                    ) -> tuple[LatencyStats | None, LatencyStats | None, LatencyStats | None]:
     """Queue-wait, compute and end-to-end figures of what the runtime recorded for one model
-    between two of its stats (``rt.stats()[model]``); Nones when either is missing."""
-    if before is None or after is None:
+    between two of its stats (``rt.stats()[model]``); Nones when either is missing, or when
+    they are of two different models of that name (removed and added again in between)."""
+    if before is None or after is None or not same_model(before, after):
         return None, None, None
 
     def one(b: LatencyStats, a: LatencyStats) -> LatencyStats | None:
@@ -365,6 +366,13 @@ def summarise_window(acc: Tally | None, index: int, window_s: float, before: Mod
     )
 
 
+def same_model(before: ModelStats, after: ModelStats) -> bool:
+    """Whether two stats of a model name are of one model, not of a model removed and another
+    added under its name in between (their histograms differ, so no window lies between)."""
+    b, a = before.end_to_end.histogram, after.end_to_end.histogram
+    return b is None or a is None or b.origin == a.origin
+
+
 def _mean_delta_ms(before: LatencyStats, after: LatencyStats) -> float | None:
     n = after.count - before.count
     if n <= 0:
@@ -390,7 +398,8 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
     queue_wait = compute = end_to_end = None
     if end is not None:
         queue_wait, compute, end_to_end = end.queue_wait, end.compute, end.end_to_end
-    if before is not None and after is not None and spec.model in before and spec.model in after:
+    if (before is not None and after is not None and spec.model in before and spec.model in after
+            and same_model(before[spec.model], after[spec.model])):
         b, a = before[spec.model], after[spec.model]
         q_mean = _mean_delta_ms(b.queue_wait, a.queue_wait)
         c_mean = _mean_delta_ms(b.compute, a.compute)
