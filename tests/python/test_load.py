@@ -8,6 +8,7 @@ how fast the generator drives a model is measured in bench/ (bench/test_bench_lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -271,8 +272,26 @@ def test_stability_rule() -> None:
     assert not load.windows_stable([*ok[:2], window(130, 5.0)], 3, 0.1)  # throughput moved
     assert not load.windows_stable([*ok[:2], window(100, 9.0)], 3, 0.1)  # p99 moved
     assert load.windows_stable([window(300, 1.0), *ok], 3, 0.1)  # only the last ones count
-    assert load.windows_stable([window(0, None)] * 3, 3, 0.1)
+    assert load.windows_stable([window(0, None)] * 3, 3, 0.1)  # an idle load
     assert not load.windows_stable([*ok[:2], window(0, None)], 3, 0.1)
+    stalled = dataclasses.replace(window(0, None), outstanding=1)  # nothing answered, one waiting
+    assert not load.windows_stable([window(0, None), window(0, None), stalled], 3, 0.1)
+
+
+def test_windows_where_nothing_completes_while_a_request_is_outstanding_are_not_stable(rt: ap.Runtime) -> None:
+    # A first call of 1.5 s (a cold start), then 10 ms calls: the empty windows during the
+    # first call read "stable at 0 req/s" and ended the run there.
+    cold = threading.Event()
+
+    def model(x: object) -> object:
+        time.sleep(0.01 if cold.is_set() else 1.5)
+        cold.set()
+        return x
+
+    started(rt, m={"model": model})
+    report = load.run(rt, ModelLoad("m", concurrency=1), warmup_s=0.1, window_s=0.3, max_s=10.0)
+    assert report.stable and report["m"].throughput > 10, str(report)
+    assert report.windows > 3  # past the cold call
 
 
 # -- inputs -----------------------------------------------------------------------------------

@@ -195,6 +195,10 @@ class _Driver:
     def wake(self) -> None:
         self._done.put(None)
 
+    def outstanding(self) -> int:
+        """Requests sent and not answered yet (read from another thread: a moment's view)."""
+        return len(self._pending)
+
     def _main(self) -> None:
         try:
             self._drive()
@@ -283,6 +287,7 @@ class _LoopDriver(_Driver):
         self.target = target
         self._loop = target.loop
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unanswered = 0  # sent and not yet answered (changed on the loop only)
         self._woken: asyncio.Event | None = None
         self._failure: Exception | None = None
 
@@ -338,6 +343,9 @@ class _LoopDriver(_Driver):
             return None
         return self.target.request(self.spec.model, x, self._timeout_ms, self.spec.priority)
 
+    def outstanding(self) -> int:
+        return self._unanswered
+
     def _sent(self, scheduled_ns: int | None) -> int:
         # A server's refusal arrives as an answer (see _account): every attempt is sent.
         t0, acc = self._offered(scheduled_ns)
@@ -345,12 +353,15 @@ class _LoopDriver(_Driver):
         return t0
 
     async def _one(self, request: tuple[list[Any], dict[str, Any]], t0: int) -> BaseException | None:
+        self._unanswered += 1
         try:
             await self.target.send(self.spec.model, *request)
         except RemoteError as e:
             exc: BaseException | None = e
         else:
             exc = None
+        finally:
+            self._unanswered -= 1
         self._account(t0, time.perf_counter_ns(), exc, False)
         return exc
 
@@ -476,6 +487,7 @@ def run(
         d.drain_timeout_s = float(drain_timeout_s)
 
     history: dict[str, list[WindowStats]] = {n: [] for n in drivers}
+    outstanding: dict[str, list[int]] = {n: [] for n in drivers}  # at each window's end
     snapshots: list[dict[str, ModelStats]] = []
     stable = False
     measured = 0
@@ -493,9 +505,11 @@ def run(
                 break
             _await_drivers(drivers, end)
             snapshots.append(_snapshot(rt, drivers))
+            for n, d in drivers.items():
+                outstanding[n].append(d.outstanding())
             current = {
                 n: summarise_window(d.windows.get(measured), measured, window_s,
-                                    snapshots[-2].get(n), snapshots[-1].get(n))
+                                    snapshots[-2].get(n), snapshots[-1].get(n), outstanding[n][measured])
                 for n, d in drivers.items()
             }
             for n, w in current.items():
@@ -534,7 +548,8 @@ def run(
         # Re-read the reported windows now that every driver has accounted for everything.
         accs = [d.windows.get(i) or Tally() for i in reported]
         for i, acc in zip(reported, accs):
-            history[n][i] = summarise_window(acc, i, window_s, snapshots[i].get(n), snapshots[i + 1].get(n))
+            history[n][i] = summarise_window(acc, i, window_s, snapshots[i].get(n), snapshots[i + 1].get(n),
+                                             outstanding[n][i])
         models[n] = model_report(d.spec, accs, duration_s, history[n],
                                   windows_stable(history[n], stable_windows, tolerance),
                                   snapshots[first] if snapshots else None,

@@ -39,6 +39,8 @@ class WindowStats:
     """The runtime's compute figures for this window alone (as ``queue_wait``)."""
     end_to_end: LatencyStats | None = None
     """The runtime's end-to-end figures (admission to completion) for this window alone."""
+    outstanding: int = 0
+    """Requests sent and not yet answered at the window's end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +278,10 @@ def _within(values: Sequence[float], tolerance: float) -> bool:
 def windows_stable(windows: Sequence[WindowStats], count: int, tolerance: float) -> bool:
     """Whether the last ``count`` windows agree on throughput and p99 within ``tolerance``.
 
-    Windows where nothing completed have no p99: they agree only with other such windows.
+    Windows where nothing completed have no p99: they agree only with other such windows, and
+    only while no request was waiting for an answer at their ends (an idle load). An empty
+    window with requests outstanding is a stall (a cold first call, a stuck server), not a
+    steady state.
     """
     if len(windows) < count:
         return False
@@ -285,7 +290,7 @@ def windows_stable(windows: Sequence[WindowStats], count: int, tolerance: float)
         return False
     p99s = [w.p99_ms for w in last]
     if any(p is None for p in p99s):
-        return all(p is None for p in p99s)
+        return all(p is None for p in p99s) and not any(w.outstanding for w in last)
     return _within([p for p in p99s if p is not None], tolerance)
 
 
@@ -346,9 +351,10 @@ class Tally:
 
 
 def summarise_window(acc: Tally | None, index: int, window_s: float, before: ModelStats | None = None,
-                     after: ModelStats | None = None) -> WindowStats:
-    """One window's figures: the generator's tallies, and the runtime's own latencies between
-    its stats at the window's ends (``before``/``after``; None leaves them out)."""
+                     after: ModelStats | None = None, outstanding: int = 0) -> WindowStats:
+    """One window's figures: the generator's tallies, the runtime's own latencies between
+    its stats at the window's ends (``before``/``after``; None leaves them out), and the
+    requests still unanswered at its end."""
     acc = acc or Tally()
     lat = sorted(acc.latencies_ns)
     queue_wait, compute, end_to_end = runtime_window(before, after)
@@ -363,6 +369,7 @@ def summarise_window(acc: Tally | None, index: int, window_s: float, before: Mod
         queue_wait=queue_wait,
         compute=compute,
         end_to_end=end_to_end,
+        outstanding=outstanding,
     )
 
 
