@@ -176,8 +176,50 @@ def _stdlib_status(f: Any) -> str:
     return cf._base.CANCELLED_AND_NOTIFIED if f.cancelled() else cf._base.FINISHED  # type: ignore[attr-defined]
 
 
+def on_loop(f: Any, loop: asyncio.AbstractEventLoop, model: str | None = None) -> asyncio.Future[Any]:
+    """An asyncio future of ``loop`` that ends as the apportion future ``f`` does, settled on
+    the loop's thread (the worker that completes ``f`` only hands it over). A model's
+    StopIteration becomes a RuntimeError, as for a coroutine that raises it: asyncio futures
+    refuse StopIteration (asyncio.wrap_future's callback fails on it and the awaiter waits
+    for ever)."""
+    waiter = loop.create_future()
+
+    def transfer(done: Any) -> None:
+        if waiter.done():
+            return
+        if done.cancelled():
+            waiter.cancel()
+            return
+        exc = done.exception()
+        if exc is None:
+            waiter.set_result(done.result())
+        elif isinstance(exc, StopIteration):
+            err = RuntimeError(f"model {model!r} raised StopIteration" if model is not None
+                               else "the model raised StopIteration")
+            err.__cause__ = exc
+            waiter.set_exception(err)
+        else:
+            waiter.set_exception(exc)
+
+    def on_done(done: Any) -> None:
+        # Runs in the worker thread: hand over to the loop's thread, never touch it here.
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(transfer, done)
+            except RuntimeError:  # loop closed between the check and the call
+                pass
+
+    f.add_done_callback(on_done)
+    return waiter
+
+
 def _await(f: Any) -> typing.Generator[Any, None, Any]:
-    return (yield from asyncio.wrap_future(f).__await__())
+    waiter = on_loop(f, asyncio.get_running_loop())
+    try:
+        return (yield from waiter.__await__())
+    except asyncio.CancelledError:
+        f.cancel()  # the awaiting task was cancelled: a queued request is never run
+        raise
 
 
 # concurrent.futures.wait/as_completed take the condition first, before they block on the

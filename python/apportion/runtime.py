@@ -20,6 +20,7 @@ from .batching import Batching, wrap_factory
 from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
 from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError
+from .futures import on_loop
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
 from ._private.cputime import CpuTracker
@@ -955,35 +956,7 @@ class Runtime(_core._Runtime):
         awaiting task cancels the request if it is still queued."""
         loop = asyncio.get_running_loop()
         fut = self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
-        waiter = loop.create_future()
-
-        def transfer(done: _core.Future) -> None:
-            if waiter.done():
-                return
-            if done.cancelled():
-                waiter.cancel()
-                return
-            exc = done.exception()
-            if exc is None:
-                waiter.set_result(done.result())
-            elif isinstance(exc, StopIteration):
-                # asyncio futures refuse StopIteration (it would end the awaiting coroutine as a
-                # return); as for a coroutine that raises it, the awaiter gets a RuntimeError.
-                err = RuntimeError(f"model {model!r} raised StopIteration")
-                err.__cause__ = exc
-                waiter.set_exception(err)
-            else:
-                waiter.set_exception(exc)
-
-        def on_done(done: _core.Future) -> None:
-            # Runs in the worker thread: hand over to the loop's thread, never touch it here.
-            if not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(transfer, done)
-                except RuntimeError:  # loop closed between the check and the call
-                    pass
-
-        fut.add_done_callback(on_done)
+        waiter = on_loop(fut, loop, model)
         try:
             return await waiter
         except asyncio.CancelledError:

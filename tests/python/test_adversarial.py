@@ -384,6 +384,25 @@ def test_infer_of_a_model_raising_stop_iteration(rt: ap.Runtime) -> None:
     assert rt.stats()["m"].failed == 1
 
 
+def test_awaiting_the_future_of_a_model_raising_stop_iteration(rt: ap.Runtime) -> None:
+    # `await fut` went through asyncio.wrap_future, whose callback cannot set StopIteration on
+    # an asyncio future: the awaiting task waited for ever.
+    rt.add_model("m", model=lambda x: next(iter(())))
+    rt.start()
+
+    async def main() -> BaseException:
+        with pytest.raises(RuntimeError, match="raised StopIteration") as info:
+            await asyncio.wait_for(_awaited(rt.submit("m", 1)), 10)
+        return info.value
+
+    err = asyncio.run(main())
+    assert isinstance(err.__cause__, StopIteration)
+
+
+async def _awaited(f: Any) -> Any:
+    return await f
+
+
 # -- 7. a model that waits for its own model ---------------------------------------------------
 def test_a_model_calling_its_own_model_is_refused(rt: ap.Runtime) -> None:
     def model(x: int) -> Any:
