@@ -122,6 +122,8 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
     """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
     new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request;
     a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
+    A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
+    in place.
     """
 
     def serve(xs: list[Any]) -> Sequence[Any]:
