@@ -516,8 +516,10 @@ class Runtime(_core._Runtime):
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
         """Unregisters a model: new requests get ModelNotFound; queued ones are finished
-        (drain=True) or cancelled (drain=False); returns once its workers have exited. Its
-        cores go back to the shared pool for models added later."""
+        (drain=True) or cancelled (drain=False); returns once its workers have exited. On a
+        started runtime the other models keep their CPUs (``plan()`` shows them where they run):
+        its cores are free for a model added later that the planner places there (the same
+        spec added again, for one), or for a live move (:meth:`apply`)."""
         self._check_not_forked()
         self._check_admin("remove_model()")
         with self._admin:
@@ -530,7 +532,13 @@ class Runtime(_core._Runtime):
             if entry is not None:
                 self._close_processes(entry)
                 del self._models[name]
-            self._plan = None
+            if self.started and self._plan is not None:
+                # The others run where they were placed: a plan made afresh would show a shared
+                # model on the freed cores too, and refuse any model added next for moving it.
+                self._plan = dataclasses.replace(
+                    self._plan, models=tuple(m for m in self._plan.models if m.name != name), gpu=None)
+            else:
+                self._plan = None
 
     # -- live moves ----------------------------------------------------------------------------
     _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "admission", "timeout_ms",

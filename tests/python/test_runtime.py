@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import traceback
@@ -489,6 +490,28 @@ def test_add_and_remove_models_while_running(rt: ap.Runtime) -> None:
     assert rt.submit("a", 3).result(10) == ("a", 3)
     with pytest.raises(ap.ModelNotFound):
         rt.remove_model("zzz")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs in this process's affinity")
+def test_after_a_remove_the_plan_shows_where_the_others_run_and_the_same_spec_can_come_back() -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    rt = ap.Runtime(cpus=cpus)
+    try:
+        rt.add_model("r", model=lambda x: x, cores=1, isolation="exclusive")
+        rt.add_model("s", model=lambda x: x)
+        rt.start()
+        pool = rt.plan().shared_pool
+        pinned = {tid: sorted(os.sched_getaffinity(tid)) for tid in rt._worker_tids("s")}
+        rt.remove_model("r")
+        # s still runs on the pool it had; a plan made afresh showed it on both CPUs, and
+        # refused the same spec added back for "moving" s.
+        assert rt.plan().shared_pool == pool and [i.cpus for i in rt.plan()["s"].instances] == [pool]
+        assert {tid: sorted(os.sched_getaffinity(tid)) for tid in rt._worker_tids("s")} == pinned
+        rt.add_model("r", model=lambda x: x + 1, cores=1, isolation="exclusive")
+        assert rt.call("r", 1) == 2 and rt.call("s", 1) == 1
+        assert [i.cpus for i in rt.plan()["s"].instances] == [pool]
+    finally:
+        rt.close()
 
 
 def test_remove_model_drain_finishes_queued_work(rt: ap.Runtime, gate) -> None:
