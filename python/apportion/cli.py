@@ -261,7 +261,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         rt.close(drain=False)
     if args.json:
         doc: dict[str, Any] = {"plan": rt.plan().to_dict(),
-                               "stats": {n: dataclasses.asdict(v) for n, v in stats.items()}}
+                               "stats": {n: v.to_dict() for n, v in stats.items()}}
         if report is not None:
             doc["load"] = report.to_dict()
         if controller is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from . import _table
 from ._core import HistogramSnapshot, ModelSnapshot
@@ -139,6 +140,14 @@ class ModelStats:
         return self.submitted - (
             self.completed + self.failed + self.rejected + self.expired + self.cancelled
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable figures, ``in_flight`` included (the histogram snapshots
+        left out: their buckets are the runtime's, read through ``rt.stats()``)."""
+        d = asdict(self, dict_factory=lambda items: {k: v for k, v in items
+                                                     if not isinstance(v, HistogramSnapshot)})
+        d["in_flight"] = self.in_flight
+        return d
 
     @classmethod
     def _from_native(cls, s: ModelSnapshot) -> ModelStats:

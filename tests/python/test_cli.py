@@ -312,6 +312,10 @@ def test_run_serves_the_config_under_its_load(tmp_path: Path) -> None:
     assert (code, err) == (0, "")
     doc = json.loads(out)
     assert set(doc) == {"plan", "stats", "load"} and doc["stats"]["slow"]["completed"] > 0
+    slow = doc["stats"]["slow"]  # numbers, not the histograms' repr strings
+    assert "batch_size" not in slow and "histogram" not in slow["end_to_end"] and "<" not in out
+    assert slow["in_flight"] == slow["submitted"] - sum(slow[k] for k in ("completed", "failed", "rejected",
+                                                                         "expired", "cancelled"))
 
 
 def test_run_adapt_moves_the_model_whose_slo_is_at_risk(tmp_path: Path) -> None:

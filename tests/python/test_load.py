@@ -402,6 +402,9 @@ def test_specs_from_command_lines_and_tables() -> None:
         load.parse_spec("ranker")
     with pytest.raises(LoadError, match="'m'.*slo.percentile"):
         load.parse_spec("m:concurrency=1,latency_ms=5,percentile=0")
+    with pytest.raises(LoadError, match="'m': load spec key 'concurrency' is given twice"):
+        load.parse_spec("m:concurrency=4,concurrency=8")  # the second won, silently
+    assert load.parse_spec("a:b:rate=5") == ModelLoad("a:b", rate=5.0)  # a config may name a model so
 
 
 # -- percentiles from the runtime's histogram buckets, per window ------------------------------

@@ -176,8 +176,9 @@ def model_load(model: str, settings: Mapping[str, Any], *, inputs: Any = None) -
 def parse_spec(text: str) -> ModelLoad:
     """A :class:`ModelLoad` from ``NAME:key=value,...`` as a command line gives it, e.g.
     ``ranker:concurrency=4,latency_ms=20`` or ``echo:rate=500,timeout_ms=50`` (keys as in
-    :func:`model_load`)."""
-    name, sep, rest = text.partition(":")
+    :func:`model_load`). The name ends at the last ``:`` (no setting holds one), so a model
+    named ``a:b`` is ``a:b:rate=5``. A key given twice is an error."""
+    name, sep, rest = text.rpartition(":")
     name = name.strip()
     if not name or not sep or not rest.strip():
         raise LoadError(
@@ -189,6 +190,8 @@ def parse_spec(text: str) -> ModelLoad:
         key, eq, value = part.partition("=")
         if not eq or not key.strip() or not value.strip():
             raise LoadError(f"model {name!r}: load spec part {part!r} is not key=value")
+        if key.strip() in settings:
+            raise LoadError(f"model {name!r}: load spec key {key.strip()!r} is given twice")
         settings[key.strip()] = value.strip()
     return model_load(name, settings)
 
