@@ -130,6 +130,12 @@ bool Batcher::waiting_pays() const noexcept {
 }
 
 int64_t Batcher::wait_until() const noexcept {
+  if (min_deadline_ != Request::kNoDeadline && batch_estimate_ns(cost_ns_, batch_.size() + 1) == 0) {
+    // No call measured yet: nothing says how long before the deadline the batch must go, and
+    // waiting up to the deadline itself would make it late for sure. It goes now (and its
+    // call is the first measure).
+    return opened_;
+  }
   const int64_t by_deadline =
       min_deadline_ == Request::kNoDeadline
           ? Request::kNoDeadline

@@ -125,7 +125,8 @@ class Batcher {
   }
   /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
   /// batch opened, or earlier if one more request would make it finish after its earliest
-  /// deadline. Only for a non-empty batch.
+  /// deadline; when it holds a deadline and no call was measured yet, the time it opened (no
+  /// wait). Only for a non-empty batch.
   int64_t wait_until() const noexcept;
 
   /// A request to offer first to the next batch (Fit::next_batch), with the lane it came from.

@@ -564,6 +564,9 @@ void Model::dispatch(Worker& w, Batcher& b) {
   // expired now, as offer() would judge it, rather than run late. Not a probe's batch (it
   // runs to re-measure), nor under on_timeout=delay (late requests run, after the rest).
   int64_t late_before = std::numeric_limits<int64_t>::min();
+  // Past its deadline already (its batch waited up to it, or a timer is about to expire it): it
+  // is never run, as a request taken alone is not (serve_taken), rather than race the timer.
+  if (opts_.on_timeout != OnTimeout::delay) late_before = start;
   if (units != 0 && !probe && opts_.on_timeout != OnTimeout::delay) {
     late_before = start + w.deadline_estimate_ns(b.requests().size());
     // Only calls correct the estimate, and this check may keep every call from running: a

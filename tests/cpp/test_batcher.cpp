@@ -356,6 +356,18 @@ TEST_F(EngineBatching, BatcherWaitsAtMostMaxDelayFromTheFirstRequest) {
   EXPECT_EQ(b.wait_until(), 10'000) << "a new batch opens a new delay";
 }
 
+TEST_F(EngineBatching, BatcherWithADeadlineAndNoMeasuredCallDoesNotWait) {
+  const BatchingOptions opt{8, 50'000'000, {}};
+  const std::vector<int64_t> cost;  // no call measured yet
+  Batcher b(opt, cost);
+  Request r[2];
+  ASSERT_EQ(b.offer(&r[0], kNone, 1'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 50'001'000) << "no deadline: the configured delay";
+  ASSERT_EQ(b.offer(&r[1], 6'001'000, 2'000), Fit::joined);
+  EXPECT_EQ(b.wait_until(), 1'000)
+      << "waiting up to the deadline itself (nothing says how long the call takes) makes it late";
+}
+
 TEST_F(EngineBatching, BatcherDispatchesAPreferredSizeWithoutWaiting) {
   const BatchingOptions opt{8, 1'000'000, {2, 4}};
   const std::vector<int64_t> cost;

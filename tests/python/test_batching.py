@@ -479,3 +479,25 @@ def test_a_few_slow_first_calls_do_not_stop_a_batching_model_for_good() -> None:
         assert s.completed + s.expired == s.submitted == len(futures)
     finally:
         rt.close()
+
+
+def test_a_fresh_model_does_not_hold_a_batch_until_a_requests_deadline(rt: ap.Runtime) -> None:
+    # No call measured yet: nothing says how long before its deadline a batch must go. It
+    # waited up to the deadline itself, then the call raced the deadline timer (the request
+    # expired, or ran after its deadline). It now goes at once.
+    calls: list[tuple[float, list[int]]] = []
+
+    def model(xs: list[int]) -> list[int]:
+        calls.append((time.perf_counter(), list(xs)))
+        return [x * 10 for x in xs]
+
+    rt.add_model("b", model=model, batching=ap.Batching(8, 2000.0))
+    rt.start()
+    early = [rt.submit("b", i) for i in range(3)]  # no deadline: they would wait up to 2 s
+    time.sleep(0.01)
+    sent = time.perf_counter()
+    tight = rt.submit("b", 3, timeout_ms=300)
+    assert tight.result(10) == 30
+    assert [f.result(10) for f in early] == [0, 10, 20]
+    assert calls[0][1] == [0, 1, 2, 3] and calls[0][0] - sent < 0.15, calls
+    assert rt.stats()["b"].expired == 0
