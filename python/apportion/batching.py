@@ -120,7 +120,8 @@ def _array_kind(xs: list[Any]) -> str | None:
 
 def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequence[Any]]:
     """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
-    new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request;
+    new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request
+    (a list or tuple it returns is taken as one result per request, in order);
     a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
     A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
     in place.
@@ -141,6 +142,13 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
             import torch
 
             y = fn(torch.stack(xs))
+        if isinstance(y, (list, tuple)):  # one result per input, already split
+            if len(y) != len(xs):
+                raise ApportionError(
+                    f"model {model!r}: a batch of {len(xs)} stacked inputs returned a "
+                    f"{type(y).__name__} of {len(y)} results; return one per input, or an array "
+                    f"with one row per input along dim 0")
+            return list(y)
         rows = getattr(y, "shape", (None,))[0] if getattr(y, "ndim", 0) else None
         if rows != len(xs):
             raise ApportionError(

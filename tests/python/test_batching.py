@@ -279,6 +279,21 @@ def test_stacked_result_with_wrong_rows_fails_each_request(rt: ap.Runtime) -> No
             f.result(10)
 
 
+def test_a_stacked_model_may_return_a_list_of_one_result_per_input(rt: ap.Runtime) -> None:
+    # A list of rows was refused as "list with shape ()".
+    rt.add_model("m", model=lambda x: [float(row.sum()) for row in x],
+                 batching=ap.Batching(max_size=4, max_delay_ms=5))
+    futs = rt.submit_many("m", [np.full(2, i) for i in range(3)])
+    rt.add_model("short", model=lambda x: [0.0], batching=ap.Batching(max_size=4, max_delay_ms=5))
+    shorts = rt.submit_many("short", [np.ones(2)] * 3)
+    rt.start()
+    assert [f.result(10) for f in futs] == [0.0, 2.0, 4.0]
+    for f in shorts:
+        with pytest.raises(ap.ApportionError, match=r"model 'short': a batch of 3 stacked inputs returned a "
+                                                    r"list of 1 results; return one per input"):
+            f.result(10)
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 
