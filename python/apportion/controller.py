@@ -61,7 +61,7 @@ from ._private.cputime import THREAD_TIMES, cpus_busy_s
 from .batching import Batching
 from .errors import ApportionError, ModelNotFound, QuotaError
 from .spec import ModelSpec
-from .stats import HistogramSnapshot, ModelStats, RuntimeStats
+from .stats import HistogramSnapshot, ModelStats, RuntimeStats, same_model
 
 __all__ = ["Controller", "Move", "Window"]
 
@@ -621,8 +621,9 @@ class Controller:
             self._pool, self._busy_s = self._pool_busy_s()
             self._last_cpu = self._cpu_s()
             return []
+        # A model removed and added again since the last reading has no window yet.
         windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n]) for n in self.slos
-                   if n in stats and n in last}
+                   if n in stats and n in last and same_model(last[n], stats[n])}
         cpu, last_cpu = self._cpu_s(), self._last_cpu
         self._last_cpu = cpu
         for n, w in windows.items():

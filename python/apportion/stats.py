@@ -179,6 +179,13 @@ class ModelStats:
         )
 
 
+def same_model(before: ModelStats, after: ModelStats) -> bool:
+    """Whether two stats of a model name are of one model, not of a model removed and another
+    added under its name in between (their histograms differ, so no window lies between)."""
+    b, a = before.end_to_end.histogram, after.end_to_end.histogram
+    return b is None or a is None or b.origin == a.origin
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeStats(Mapping[str, ModelStats]):
     """Stats of every model, by name. ``str()`` gives a readable table."""

@@ -281,6 +281,27 @@ def test_a_running_controller_measures_the_idle_cpus_of_its_runtime() -> None:
         assert idle is not None and 0.0 <= idle <= cpus - 0.6, (idle, cpus)
 
 
+def test_a_model_removed_and_added_again_has_no_window_until_its_next_reading() -> None:
+    # The two readings were of two histograms: subtracting them raised ValueError, logged as a
+    # controller error each time.
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.add_model("b", model=lambda x: x)
+        rt.start()
+        c = Controller(rt, {"a": 50.0, "b": 50.0}, window_s=0.05)
+        c.step()
+        for i in range(20):
+            rt.call("a", i)
+        rt.remove_model("a")
+        rt.add_model("a", model=lambda x: x)
+        rt.call("a", 1)
+        c.step()
+        assert sorted(c.windows) == ["b"] and c.errors == []
+        rt.call("a", 2)
+        c.step()
+        assert sorted(c.windows) == ["a", "b"] and c.windows["a"].completed == 1
+
+
 def test_only_the_shared_pools_cpus_count_as_idle_time_for_shared_models() -> None:
     # An exclusive model's idle core is no room for a shared model: its instances cannot run
     # there. The reading covers the shared pool alone.

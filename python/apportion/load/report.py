@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import _table
-from ..stats import HistogramSnapshot, LatencyStats, ModelStats
+from ..stats import HistogramSnapshot, LatencyStats, ModelStats, same_model
 from .spec import SLO, ModelLoad
 
 __all__ = ["LoadReport", "ModelReport", "Tally", "Totals", "WindowStats", "histogram_latency",
@@ -371,13 +371,6 @@ def summarise_window(acc: Tally | None, index: int, window_s: float, before: Mod
         end_to_end=end_to_end,
         outstanding=outstanding,
     )
-
-
-def same_model(before: ModelStats, after: ModelStats) -> bool:
-    """Whether two stats of a model name are of one model, not of a model removed and another
-    added under its name in between (their histograms differ, so no window lies between)."""
-    b, a = before.end_to_end.histogram, after.end_to_end.histogram
-    return b is None or a is None or b.origin == a.origin
 
 
 def _mean_delta_ms(before: LatencyStats, after: LatencyStats) -> float | None:
