@@ -417,6 +417,7 @@ void Model::serve_burst(Worker& w) {
   // queue, not to build throughput.
   while (await_burst()) {
     const uint32_t units = pool_enter(w);
+    if (units == 0) break;  // withdrawn from the pool: the model closed (its own workers drain)
     Request* r = nullptr;
     uint32_t lane = 0;
     if (!lanes_.try_take(w.group, r, lane)) {  // an own worker got there first
@@ -719,13 +720,13 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
 }
 
 void Model::close(bool drain) noexcept {
-  if (!drain) {
-    cancel_queued_.store(true, std::memory_order_release);
-    // A worker waiting in the shared pool's line (behind other models' calls, maybe a higher
-    // class that never lets go) leaves it with nothing held, sees cancel_queued_ (published by
-    // the pool's mutex) and cancels the queue without running anything.
-    if (member_ != nullptr) opts_.pool->withdraw(*member_);
-  }
+  if (!drain) cancel_queued_.store(true, std::memory_order_release);
+  // A worker waiting in the shared pool's line (behind other models' calls, maybe a higher
+  // class that never lets go, or a pool with no CPUs left) leaves it with nothing held.
+  // Without drain it sees cancel_queued_ (published by the pool's mutex) and cancels the
+  // queue without running anything. A burst worker leaves either way: the model's own
+  // workers, which never wait for the pool, drain what is queued.
+  if (member_ != nullptr && (!drain || opts_.burst_instances != 0)) opts_.pool->withdraw(*member_);
   closed_.store(true, std::memory_order_seq_cst);
   // Submitters that saw the model open finish their pushes first (they never block, so this
   // wait is short); every later one sees closed_.

@@ -134,6 +134,16 @@ class _GpuState:
             self.partition.close()
 
 
+def _check_burst_pool(name: str, plan_: Plan) -> None:
+    """A burst model needs shared-pool CPUs for its burst instances: with none, they would wait
+    for the pool for good (and a drained close with them)."""
+    if not plan_.shared_pool:
+        raise PlacementError(
+            f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
+            "hold every CPU), so there is nowhere to burst to"
+        )
+
+
 @dataclass(eq=False)
 class _ModelEntry:
     """What the Python side keeps for one registered model (the core keeps its queue, workers
@@ -477,11 +487,8 @@ class Runtime(_core._Runtime):
                 "priority_levels", model=name, field="max_queue")
         burst_n = spec.burst_instances
         pooled = self._scheduled and quota.isolation == "shared"  # its calls hold pool units
-        if burst_n and not new_plan.shared_pool:
-            raise PlacementError(
-                f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
-                "hold every CPU), so there is nowhere to burst to"
-            )
+        if burst_n:
+            _check_burst_pool(name, new_plan)
 
         entry = _ModelEntry(spec=spec, burst=burst_n, queue_capacity=spec.max_queue)
         entry.gpu_usage = GpuUsage(spec.gpu.to_native(name)["memory"]) if spec.gpu is not None else None
@@ -667,6 +674,16 @@ class Runtime(_core._Runtime):
                 raise PlacementError(f"model {n!r}: the new plan spreads its instances over several NUMA nodes "
                                      f"({[i.memory_nodes for i in new_plan[n].instances]}); a model moves while it "
                                      "serves only within one node")
+        for n, e in self._models.items():
+            if not e.burst:
+                continue
+            _check_burst_pool(n, new_plan)
+            if started and new_plan.shared_pool != old_plan.shared_pool:
+                # Its burst instances are pinned to the pool they started on, and cannot move.
+                raise PlacementError(
+                    f"model {n!r}, field 'burst': this move changes the shared pool from "
+                    f"{list(old_plan.shared_pool)} to {list(new_plan.shared_pool)}, where its burst instances "
+                    "run; burst instances cannot move while they serve: remove the model first")
 
         def cpus(plan_: Plan, n: str) -> int:
             return len({c for i in plan_[n].instances for c in i.cpus})
@@ -841,6 +858,9 @@ class Runtime(_core._Runtime):
         with self._admin:
             if not self.started and not self.closed:
                 p = self._place(self._quotas())
+                for name, e in self._models.items():  # models added before start, checked together
+                    if e.burst:
+                        _check_burst_pool(name, p)
                 for name in self._models:
                     self._set_placement(name, *self._native_placement(p, name))
                 if self._scheduled:

@@ -226,6 +226,33 @@ TEST_F(EnginePool, BurstWorkersWaitForPoolCapacity) {
   });
 }
 
+TEST_F(EnginePool, ADrainingCloseDoesNotWaitForABurstWorkerStuckOnAPoolWithNoCapacity) {
+  guarded(60s, [] {
+    auto pool = std::make_shared<SharedPool>(0);  // no CPUs in the pool: nothing is ever granted
+    Gate gate;
+    auto h = std::make_shared<TestHandler>();
+    h->on_run = hold_tag0(gate);
+    ModelOptions o = opts(1);
+    o.pool = pool;
+    o.burst_instances = 1;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef r = make(1);
+    ASSERT_EQ(submit(m, r), Admit::ok);
+    while (pool->waiting() == 0) std::this_thread::sleep_for(1ms);  // the burst worker waits in line
+    m.close(true);
+    gate.open();
+    m.join();  // the burst worker left the line; the own worker drained the queue
+    EXPECT_EQ(blocker->outcome(), Outcome::ok);
+    EXPECT_EQ(r->outcome(), Outcome::ok);
+    EXPECT_EQ(m.snapshot().burst_served, 0u);
+    EXPECT_EQ(pool->waiting(), 0u);
+  });
+}
+
 TEST_F(EnginePool, ABatchThatWaitedForThePoolExpiresWhatItCanNoLongerServeInTime) {
   // A batch is formed, judged by its requests' deadlines, and only then waits for pool
   // capacity: while other models' calls held the pool, a request whose deadline the call can

@@ -320,6 +320,41 @@ def test_burst_needs_a_non_empty_shared_pool() -> None:
     rt.close()
 
 
+@needs_two
+def test_a_model_added_later_may_not_empty_a_burst_models_pool() -> None:
+    # Checked only for the model being added: an exclusive model added after a burst model
+    # took the pool's last CPU, and at start the burst instances waited for the pool for good;
+    # a drained close (SIGTERM on apportion serve) then never returned.
+    rt = make_runtime(2)
+    try:
+        rt.add_model("b", model=lambda x: x, cores=1, isolation="exclusive", burst=True)
+        rt.add_model("x", model=lambda x: x, cores=1, isolation="exclusive")
+        with pytest.raises(ap.PlacementError, match="'b', field 'burst': the shared pool is empty"):
+            rt.start()
+        assert not rt.started
+    finally:
+        rt.close()
+
+
+def test_a_move_that_would_empty_a_burst_models_pool_is_refused() -> None:
+    # On the 2-socket fixture (not started: its CPUs may not exist here). The move took every
+    # pool CPU: the burst instances would wait for the pool for good.
+    from pathlib import Path
+
+    server = str(Path(__file__).resolve().parents[1] / "fixtures" / "topology" / "server_2s128t")
+    rt = ap.Runtime(topology_root=server, shared_pool="scheduled")
+    try:
+        rt.add_model("b", model=lambda x: x, cores="0", isolation="exclusive", burst=True)
+        rt.add_model("x", model=lambda x: x, cores=2, isolation="exclusive")
+        b_cpus = {*rt.plan()["b"].cpus, *rt.plan()["b"].reserved}
+        rest = ",".join(str(c) for c in rt.topology.usable if c not in b_cpus)  # b stays where it is
+        with pytest.raises(ap.PlacementError, match="'b', field 'burst': the shared pool is empty"):
+            rt.apply(ap.ModelSpec("x", model=rt.spec("x").model, cores=rest, isolation="exclusive", smt=True))
+        assert rt.spec("x").cores == 2 and rt.plan().shared_pool
+    finally:
+        rt.close(drain=False)
+
+
 def _thread_nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
