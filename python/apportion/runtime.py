@@ -19,7 +19,7 @@ from .adapters import build_instance
 from .batching import Batching, wrap_factory
 from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
-from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError
+from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed
 from .futures import on_loop
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
@@ -133,6 +133,8 @@ class _GpuState:
         if self.partition is not None:
             self.partition.close()
 
+
+_UNMOVABLE = {"isolation": "process instances", "gpu": "GPU models", "burst": "models with burst instances"}
 
 def _check_burst_pool(name: str, plan_: Plan) -> None:
     """A burst model needs shared-pool CPUs for its burst instances: with none, they would wait
@@ -628,13 +630,14 @@ class Runtime(_core._Runtime):
         old = entry.spec
         if isinstance(spec.factory, str) and not spec.process:
             spec = dataclasses.replace(spec, factory=_imported(name, "factory", spec.factory))
-        for what, fld in ((old.process or spec.process, "isolation"), (old.gpu is not None or spec.gpu is not None, "gpu"),
-                          (entry.burst or spec.burst_instances, "burst")):
-            if what:
-                kind = {"isolation": "process instances", "gpu": "GPU models",
-                        "burst": "models with burst instances"}[fld]
-                raise QuotaError(f"{kind} cannot move while they serve: remove the model and add it again",
-                                 model=name, field=fld)
+        # Process, GPU and burst instances cannot be rebuilt while they serve: these kinds may
+        # not change at all, and a model of one of them may change only what needs no new
+        # instances (its admission bound; see _check_movable).
+        for changed, fld in ((old.process != spec.process, "isolation"), (not _same(old.gpu, spec.gpu), "gpu"),
+                             (entry.burst != spec.burst_instances, "burst")):
+            if changed:
+                raise QuotaError(f"{_UNMOVABLE[fld]} cannot move while they serve: remove the model and add it "
+                                 "again", model=name, field=fld)
         for fld in self._FIXED_WHILE_REGISTERED:
             was, now = getattr(old, fld), getattr(spec, fld)
             if not _same(was, now):
@@ -649,6 +652,16 @@ class Runtime(_core._Runtime):
                              "queue the model was added with: a move may lower it and raise it back, not beyond",
                              model=name, field="max_queue")
         return spec
+
+    def _check_movable(self, name: str) -> None:
+        """Raises QuotaError for a model that needs new instances to move but cannot have them
+        while it serves."""
+        entry = self._models[name]
+        for what, fld in ((entry.spec.process, "isolation"), (entry.spec.gpu is not None, "gpu"),
+                          (entry.burst, "burst")):
+            if what:
+                raise QuotaError(f"{_UNMOVABLE[fld]} cannot move while they serve: remove the model and add it "
+                                 "again", model=name, field=fld)
 
     @staticmethod
     def _moves(old: ModelSpec, old_mp: ModelPlan, new: ModelSpec, new_mp: ModelPlan) -> bool:
@@ -670,9 +683,12 @@ class Runtime(_core._Runtime):
         for n in moving:
             if n not in new_specs:
                 self._checked_move(targets[n])  # moved by the others' new plan: it must be movable too
-            if started and self._lane_groups(new_plan[n]):
-                raise PlacementError(f"model {n!r}: the new plan spreads its instances over several NUMA nodes "
-                                     f"({[i.memory_nodes for i in new_plan[n].instances]}); a model moves while it "
+            self._check_movable(n)
+            if started and (self._lane_groups(new_plan[n]) or self._lane_groups(old_plan[n])):
+                spread = new_plan if self._lane_groups(new_plan[n]) else old_plan
+                raise PlacementError(f"model {n!r}: the {'new' if spread is new_plan else 'current'} plan spreads "
+                                     f"its instances over several NUMA nodes "
+                                     f"({[i.memory_nodes for i in spread[n].instances]}); a model moves while it "
                                      "serves only within one node")
         for n, e in self._models.items():
             if not e.burst:
@@ -707,6 +723,9 @@ class Runtime(_core._Runtime):
                 else:
                     e.add_note(f"(model {n!r}, moved before, was moved back)")
             raise
+        if moving and self.closed:
+            # close() stopped the move's new instances: as add_model says, the caller learns it.
+            raise RuntimeClosed(f"runtime was closed while {', '.join(repr(n) for n in moving)} moved")
         # The admission bound alone changes at once, with no new instances (a move sets it
         # with the new ones): after the moves, so a failed move leaves every bound as it was.
         bounded = [n for n in new_specs if n not in moving and new_specs[n].max_queue != self._models[n].spec.max_queue]

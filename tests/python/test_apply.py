@@ -338,3 +338,52 @@ def test_models_that_give_up_cpus_move_before_those_that_take_them() -> None:
         assert rt.spec("a").cores == 6 and rt.spec("z").cores == 2
     finally:
         rt.close(drain=False)
+
+
+def test_an_apply_that_close_stopped_raises_runtime_closed() -> None:
+    # close() stops a move's new instances (its warm-up here): the apply returned as if the
+    # move were made, and counted it.
+    def slow_warmup() -> int:
+        time.sleep(0.6)
+        return 1
+
+    rt = ap.Runtime()
+    rt.add_model("m", model=lambda x: x)
+    rt.start()
+    outcome: list[Any] = []
+
+    def mover() -> None:
+        try:
+            outcome.append(rt.apply(ap.ModelSpec("m", model=rt.spec("m").model, instances=2, warmup=slow_warmup)))
+        except ap.ApportionError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=mover)
+    t.start()
+    time.sleep(0.2)
+    rt.close()
+    t.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ap.RuntimeClosed), outcome
+    assert "runtime was closed while 'm' moved" in str(outcome[0])
+
+
+@needs_two_cpus
+def test_a_new_admission_bound_alone_is_no_move_for_process_or_burst_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Such models cannot have new instances while they serve, but a bound needs none: it was
+    # refused as a move all the same.
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # the child imports process_models
+    rt = ap.Runtime(shared_pool="scheduled")
+    try:
+        rt.add_model("p", factory="process_models:echo", isolation="process", max_queue=100)
+        rt.add_model("b", model=lambda x: x, cores=1, isolation="exclusive", burst=1, max_queue=100)
+        rt.start()
+        assert rt.apply(dataclasses.replace(rt.spec("p"), max_queue=10)) == ["p"]
+        assert rt.apply(dataclasses.replace(rt.spec("b"), max_queue=10)) == ["b"]
+        assert rt.spec("p").max_queue == 10 and rt.spec("b").max_queue == 10
+        assert rt.stats()["p"].moves == 0 and rt.call("p", 3) == 3 and rt.call("b", 4) == 4
+        with pytest.raises(QuotaError, match="model 'b', field 'burst': models with burst instances cannot move"):
+            rt.apply(dataclasses.replace(rt.spec("b"), batching=ap.Batching(4, 1.0)))
+        with pytest.raises(QuotaError, match="model 'p', field 'isolation': process instances cannot move"):
+            rt.apply(dataclasses.replace(rt.spec("p"), instances=2))
+    finally:
+        rt.close()
