@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import load as ld
-from ._private.argtypes import above_zero
+from ._private.argtypes import above_zero, in_range
 from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed, model_key
@@ -441,7 +441,8 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                    help="where plan.toml, report.md and candidates.png go (default ./apportion-tune)")
     p.add_argument("--objective", choices=("goodput", "min_fraction"), default="goodput",
                    help="maximise total goodput (default) or the minimum fraction of demand served")
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch considered; 1 disables batching (default 8)")
+    p.add_argument("--max-batch", type=in_range(1, 65536), default=8,
+                   help="largest batch considered, 1 to 65536; 1 disables batching (default 8)")
     p.add_argument("--margin", type=float, default=0.1,
                    help="validate each SLO tightened by this fraction (default 0.1: p99 within 90%% of it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
@@ -453,14 +454,28 @@ def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
 
     if not 0 <= args.margin < 1:
         raise ConfigError("<command line>", "--margin", f"got {args.margin}; give a fraction in [0, 1)")
+    _writable_dir(args.out)
     result = tune(args.config, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
-                  max_batch=max(1, args.max_batch), margin=args.margin, progress=not args.quiet,
+                  max_batch=args.max_batch, margin=args.margin, progress=not args.quiet,
                   out_dir=args.out)
     print(result.why(), file=out)
     print(result.summary(shortfall=False), file=out)
     print(f"plan: {Path(args.out) / 'plan.toml'}; report: {Path(args.out) / 'report.md'}; "
           f"plot: {Path(args.out) / 'candidates.png'}", file=out)
     return EXIT_OK
+
+
+def _writable_dir(path: str) -> None:
+    """Makes ``--out`` (a directory) or refuses it at once, before a budget is spent on a result
+    it could not hold: a usage error naming --out (exit 2)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".apportion-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError("<command line>", "--out", f"{path!r} cannot hold the results: "
+                          f"{e.strerror or e} ({type(e).__name__})") from None
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -474,6 +489,7 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
     from .tune import Settings
 
     w = args.window_s
+    _writable_dir(args.out)
     run_demo(load=args.load, budget_s=args.budget_s, out_dir=args.out, stream=out, progress=not args.quiet,
              settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w), shift=not args.no_shift,
              adapt_s=args.adapt_s, retune=args.retune)

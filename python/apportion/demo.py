@@ -57,7 +57,7 @@ from typing import Any, TextIO
 from . import _table
 from ._private.argtypes import above_zero
 from . import load as ld
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 from .controller import Controller, Move
 from .spec import ModelSpec
 from .tune import Choice, Measured, Settings, apply, measure_config, tune
@@ -190,6 +190,10 @@ def demo_config(load: float = 1.0, *, per_request_ms: dict[str, float] | None = 
     n_cpus = cpus or len(os.sched_getaffinity(0))
     capacity = n_cpus * 1000.0 / sum(SHARES[n] * ms[n] for n in SHARES)
     rate = round(min(load * capacity, MAX_TOTAL_RATE), 1)
+    if rate <= 0:
+        raise ConfigError("<command line>", "--load", f"{load:g} x the machine's one-thread capacity "
+                          f"({capacity:.0f} requests/s) is {load * capacity:.2g} requests/s, below the 0.1 the "
+                          "demo offers at least; give a larger load")
     models = {}
     for name, (build, make) in _MODELS.items():
         models[name] = ModelConfig(

@@ -287,6 +287,27 @@ def test_numbers_that_are_not_positive_and_finite_are_usage_errors(argv: list[st
     assert f"argument {flag}: must be a finite number > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["tune", "demo"])
+def test_an_out_dir_that_cannot_hold_the_results_is_refused_before_any_work(tmp_path: Path, command: str) -> None:
+    # Found only when the results were written, after the whole budget, as a traceback.
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    path = config(tmp_path, SLEEPERS)
+    for out_dir, why in ((afile, "FileExistsError"), (afile / "sub", "NotADirectoryError")):
+        argv = [command, path] if command == "tune" else [command]
+        code, out, err = run(*argv, "--out", str(out_dir))
+        assert (code, out) == (2, ""), err
+        assert f"--out: {str(out_dir)!r} cannot hold the results" in err and why in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "65537", "two"])
+def test_tune_max_batch_outside_its_range_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 and negative values were taken as 1 silently; 100000 failed as a Batching field, exit 1.
+    with pytest.raises(SystemExit) as e:
+        cli.main(["tune", "x.toml", "--max-batch", value])
+    assert e.value.code == 2 and "argument --max-batch:" in capsys.readouterr().err
+
+
 def test_a_model_that_fails_to_start_is_an_error_naming_it_not_a_traceback(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "failing_cli_models.py").write_text('def build(ctx):\n    raise ValueError("no weights here")\n')

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from apportion import demo  # noqa: E402
+from apportion.config import ConfigError  # noqa: E402
 from apportion.tune import Measured  # noqa: E402
 
 
@@ -29,6 +30,9 @@ def test_workload_scales_with_the_machine() -> None:
     assert sum(cfg.demand().values()) == pytest.approx(1000.0)
     assert all(m.slo and m.spec.timeout_ms == m.slo["latency_ms"] for m in cfg.models.values())
     assert demo.demo_config(100.0, per_request_ms=ms, cpus=2).rate == demo.MAX_TOTAL_RATE
+    # A load that rounds to no requests at all failed later, as "model 'mlp': rate ... got 0.0".
+    with pytest.raises(ConfigError, match=r"<command line>: --load: 1e-06 x the machine's one-thread capacity"):
+        demo.demo_config(1e-6, per_request_ms=ms, cpus=2)
 
 
 def test_baselines() -> None:

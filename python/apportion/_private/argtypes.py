@@ -21,3 +21,17 @@ def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
         return value
     return parse
+
+
+def in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high]; anything else is a usage error naming the
+    option (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
+        return value
+    return parse
