@@ -591,7 +591,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         return int(args._run(args, out))
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=err)
-        return EXIT_FAILURE if isinstance(e, (DoesNotFit, StartFailed, InputsFailed)) else EXIT_USAGE
+        from .tune.tuner import ProfilingFailed
+
+        return EXIT_FAILURE if isinstance(e, (DoesNotFit, StartFailed, InputsFailed, ProfilingFailed)) else EXIT_USAGE
     except ApportionError as e:  # a load or quota the runtime refused at run time
         print(f"{prog}: error: {e}", file=err)
         return EXIT_FAILURE

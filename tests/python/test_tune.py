@@ -30,6 +30,7 @@ from apportion.tune import (
     tune,
 )
 from apportion.tune.search import GUARDED
+from apportion.tune.tuner import ProfilingFailed
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 SERVER = str(FIXTURES / "server_2s128t")
@@ -249,6 +250,33 @@ def test_real_run_with_sleeping_models(tmp_path: Path) -> None:
     assert set(Config.load(tmp_path / "plan.toml").models) == {"slow", "fast"}
 
 
+def _failing_every(n: int, ms: float):
+    def factory(ctx: ap.InstanceContext):
+        calls = [0]
+
+        def serve(x):
+            calls[0] += 1
+            time.sleep(ms / 1000.0)
+            if calls[0] % n == 0:
+                raise RuntimeError("one call in a while fails")
+            return x
+        return serve
+    return factory
+
+
+def test_a_model_that_fails_now_and_then_is_profiled_on_what_it_served(tmp_path: Path) -> None:
+    # One failure in a profiling run threw the run away: with one call in 50 failing, every
+    # run, and the tuner gave up ("failed every profiling run", exit 2).
+    models = {"rare": ModelConfig(ap.ModelSpec("rare", factory=_failing_every(50, 1.0), max_queue=64),
+                                  slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 50.0})}
+    result = tune(Config(models=models), budget_s=4, max_batch=1, progress=False, out_dir=tmp_path, validate_top=1)
+    assert result.profiles["rare"]
+    often = {"often": ModelConfig(ap.ModelSpec("often", factory=_failing_every(2, 1.0), max_queue=64),
+                                  slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 50.0})}
+    with pytest.raises(ProfilingFailed, match=r"models\.often: failed in every profiling run"):
+        tune(Config(models=often), budget_s=4, max_batch=1, progress=False, out_dir=tmp_path / "o")
+
+
 def test_apply_keeps_workload_and_replaces_quotas() -> None:
     cfg = _synthetic_config()
     out = apply(cfg, {"ranker": Choice("exclusive", 4, 2, 2, ap.Batching(4, 1.0))})
@@ -301,6 +329,17 @@ def test_tune_validates_with_its_margin_and_says_so(tmp_path: Path) -> None:
     for bad in (-0.1, 1.0, True):
         with pytest.raises(ValueError, match="margin must be a fraction"):
             tune(_synthetic_config(), profiles=TRUTH, measure=measure, progress=False, margin=bad)
+
+
+def test_a_config_built_in_code_without_a_percentile_gets_its_report(tmp_path: Path) -> None:
+    # ModelConfig's slo percentile defaults to 99, but the report read it as a key: KeyError,
+    # plan.toml written and report.md not.
+    cfg = _synthetic_config()
+    cfg = replace(cfg, models={n: replace(m, slo={"latency_ms": 30.0})
+                                for n, m in cfg.models.items()})
+    result = tune(cfg, budget_s=30, topology_root=str(SERVER), profiles=TRUTH, measure=_fake_measure,
+                  progress=False, out_dir=tmp_path)
+    assert "p99 <= 30 ms" in result.report() and (tmp_path / "report.md").exists()
 
 
 def test_the_tuner_says_how_much_capacity_is_missing() -> None:

@@ -142,6 +142,10 @@ def profile_repeated(config: Config, name: str, shape: Shape, settings: Settings
     return out
 
 
+FAILED_SHARE = 0.1
+"""The share of failed calls above which a profiling run is not used."""
+
+
 def _profile_run(config: Config, name: str, shape: Shape, settings: Settings, *, topology_root: str,
                  total_cores: int) -> list[Sample]:
     # [the whole run's sample, then one per reported window]; empty when the model failed.
@@ -161,7 +165,9 @@ def _profile_run(config: Config, name: str, shape: Shape, settings: Settings, *,
     finally:
         rt.close(drain=False)
     r = report[name]
-    if r.failed or not r.completed:
+    # A model that raises now and then is measured on what it served; one that fails more
+    # than a tenth of its calls gives no profile (its failures may cost nothing, or anything).
+    if not r.completed or r.failed > FAILED_SHARE * (r.completed + r.failed):
         return []
     mean_batch = st.mean_batch_size if shape.batch > 1 and st.mean_batch_size > 0 else 1.0
     whole = Sample(shape.threads, shape.batch, 1000.0 * mean_batch / r.throughput, mean_batch, r.throughput,

@@ -161,7 +161,7 @@ class TuneResult:
         for n, m in self.config.models.items():
             d = demand.get(n)
             load = (f"{d:.0f} req/s" if d is not None else f"closed x{(m.load or {}).get('concurrency', '?')}")
-            slo = f"p{m.slo['percentile']:g} <= {m.slo['latency_ms']:g} ms" if m.slo else "-"
+            slo = f"p{m.slo.get('percentile', 99.0):g} <= {m.slo['latency_ms']:g} ms" if m.slo else "-"
             rows.append((n, load, slo))
         lines += _table.markdown(("model", "demand", "SLO"), rows)
         lines += ["", "## Profiles (each model alone) and fitted cost models", ""]

@@ -15,13 +15,18 @@ from .._private.checks import finite_number
 from ..config import Config, ConfigError, model_key
 from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
-from .measure import Settings, host_snapshot, measure_config, profile_repeated
+from .measure import FAILED_SHARE, Settings, host_snapshot, measure_config, profile_repeated
 from .noise import HostSnapshot, Noise, combine_repeats, profile_spread
 from .report import TuneResult
 from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
                      needs_for, profile_shapes)
 
-__all__ = ["GUARD_COST", "confirmation_settings", "tune", "with_margin"]
+__all__ = ["GUARD_COST", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
+
+
+class ProfilingFailed(ConfigError):
+    """A model of a valid config that raised in every profiling run (the message names its key).
+    A run-time failure, not a usage error: the command line exits 1."""
 
 GUARD_COST = 0.03
 """The share of goodput a confirmed winner may give up for bounded queues (step 6 of tune)."""
@@ -166,8 +171,8 @@ def tune(
                 profile_s += (clock() - started) / runs_done
                 samples[n].extend(got)
             if not samples[n]:
-                raise ConfigError(cfg.path, model_key(n), "failed every profiling run (the model raised); "
-                                  "check it with `apportion bench`")
+                raise ProfilingFailed(cfg.path, model_key(n), "failed in every profiling run (the model raised "
+                                      f"on more than {FAILED_SHARE:.0%} of its calls); check it with `apportion bench`")
         costs[n] = CostModel.fit(combine_repeats(samples[n]))
 
     # 3. allocate
