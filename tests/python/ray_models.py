@@ -9,8 +9,8 @@ from typing import Any
 
 
 def echo(ctx: Any) -> Any:
-    """Returns its input; a dict input may ask it to sleep first ({"sleep": s}) or to raise
-    ({"raise": message}, a ValueError)."""
+    """Returns its input; a dict input may ask it to sleep first ({"sleep": s}), to raise
+    ({"raise": message}, a ValueError) or to answer bytes ({"bytes": text})."""
 
     def serve(x: Any) -> Any:
         if isinstance(x, dict):
@@ -18,6 +18,8 @@ def echo(ctx: Any) -> Any:
                 time.sleep(x["sleep"])
             if "raise" in x:
                 raise ValueError(x["raise"])
+            if "bytes" in x:
+                return x["bytes"].encode()
         return x
 
     return serve

@@ -93,8 +93,12 @@ def test_proxy_listens_on_loopback_only(app: App) -> None:
 
 def test_replica_reserves_its_cpus(app: App) -> None:
     assert ray.available_resources().get("CPU", 0.0) == 5.0 - 2.0
-    # By default, the cores its models take (one each here).
-    assert deployment(specs())._bound_deployment.ray_actor_options["num_cpus"] == 3.0
+    # By default, the exclusive model's core plus the widest shared model's (the shared ones
+    # float on one pool, as on one host): 1 + 1. Each shared model counted a core of its own,
+    # so three shared models asked 3 CPUs of a 2-CPU node and never started.
+    assert deployment(specs())._bound_deployment.ray_actor_options["num_cpus"] == 2.0
+    shared = [ap.ModelSpec(n, factory="ray_models:echo", instances=i) for n, i in (("a", 1), ("b", 2), ("c", 1))]
+    assert deployment(shared)._bound_deployment.ray_actor_options["num_cpus"] == 2.0
 
 
 def test_handle_serves_each_model_on_its_own_cpus(app: App) -> None:
@@ -122,6 +126,13 @@ def test_http_by_model_name(app: App) -> None:
     assert code == 500 and body == {"error": "http boom", "type": "ValueError"}
     code, body = app.post("/echo", {"x": 1})
     assert code == 422 and "inputs" in body["error"]
+    before = app.handle.stats.remote().result(timeout_s=60)["echo"].submitted
+    for bad in ({"timeout_ms": "soon"}, {"timeout_ms": -5}, {"priority": 7}):  # were 500, as the model's own error
+        code, body = app.post("/echo", {"inputs": 1, **bad})
+        assert code == 422 and body["type"] == "ValueError" and "model 'echo'" in body["error"], (bad, body)
+    assert app.handle.stats.remote().result(timeout_s=60)["echo"].submitted == before  # none was admitted
+    code, body = app.post("/echo", {"inputs": {"bytes": "raw"}})  # was a bare "Internal Server Error"
+    assert code == 500 and body["type"] == "OutputError" and "model 'echo': its output cannot be sent as JSON" in body["error"]
     code, body = app.post("/echo", {"inputs": {"sleep": 0.3}, "timeout_ms": 10_000})
     assert code == 200
 

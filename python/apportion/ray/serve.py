@@ -31,6 +31,7 @@ must be importable where the replica runs ("module:function" paths, or module-le
 # No "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time
 # (a string "Request" would make it look for a query parameter named request).
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
+from ..futures import on_loop
 from ..spec import ModelSpec
 from ._node import ModelCounts, counts, started_runtime
 from .cluster import CPU_SET_LABEL
@@ -51,6 +53,12 @@ _http = FastAPI()
 
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ModelNotFound, 404), (QueueFull, 429), (DeadlineExceeded, 504))
+
+
+def _error_response(e: Exception) -> JSONResponse:
+    status = next((code for cls, code in _STATUS if isinstance(e, cls)), 500)
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=status, headers=headers)
 
 
 @serve.deployment
@@ -88,12 +96,23 @@ class ApportionReplica:
             return JSONResponse({"error": 'give a JSON object with "inputs" (and optionally "timeout_ms", '
                                           '"priority")', "type": "BadRequest"}, status_code=422)
         try:
-            out = await self.infer(model, body["inputs"], body.get("timeout_ms"), body.get("priority"))
+            # Submitted first: a timeout_ms or priority the runtime refuses is the client's error
+            # (422), not the model's (500), and nothing ran.
+            fut = self.rt.submit(model, body["inputs"], timeout_ms=body.get("timeout_ms"),
+                                 priority=body.get("priority"))
+        except (ValueError, TypeError) as e:
+            return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=422)
         except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
-            status = next((code for cls, code in _STATUS if isinstance(e, cls)), 500)
-            headers = {"Retry-After": "1"} if status == 429 else None
-            return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=status, headers=headers)
-        return JSONResponse({"model": model, "outputs": out})
+            return _error_response(e)
+        try:
+            out = await on_loop(fut, asyncio.get_running_loop(), model)
+        except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+            return _error_response(e)
+        try:
+            return JSONResponse({"model": model, "outputs": out})
+        except (TypeError, ValueError) as e:  # bytes, an array, NaN: not JSON
+            return JSONResponse({"error": f"model {model!r}: its output cannot be sent as JSON: {e}",
+                                 "type": "OutputError"}, status_code=500)
 
     def __del__(self) -> None:
         rt = getattr(self, "rt", None)
@@ -107,15 +126,18 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
     ``num_replicas`` replicas each serve every model of ``config`` (an :class:`apportion.Config`
     or a sequence of :class:`apportion.ModelSpec`) under its quotas.
 
-    ``num_cpus``: the CPUs each replica reserves from Ray (default: the cores its models take,
-    counted as :func:`apportion.ray.plan` counts them; the runtime divides its CPU set either
-    way). ``max_ongoing_requests``: Serve's bound per replica; keep it above the models'
+    ``num_cpus``: the CPUs each replica reserves from Ray (default: the exclusive models' cores,
+    counted as :func:`apportion.ray.plan` counts them, plus the widest shared model's instances
+    x threads: the shared models float together on one pool, as on one host; the runtime
+    divides its CPU set either way). ``max_ongoing_requests``: Serve's bound per replica; keep it above the models'
     ``max_queue`` sum so that apportion's admission (QueueFull per model) bounds the queues."""
     from .plan import _models
 
     specs = list(_models(config)[0].values())
     replicas = plan(specs, [Node("replica", 1 << 16)]).node("replica").replicas
-    cpus = float(sum(r.cores for r in replicas)) if num_cpus is None else float(num_cpus)
+    own = sum(r.cores for r in replicas if r.spec.quota.isolation == "exclusive")
+    pool = max((r.cores for r in replicas if r.spec.quota.isolation != "exclusive"), default=0)
+    cpus = float(own + pool) if num_cpus is None else float(num_cpus)
     return ApportionReplica.options(  # type: ignore[attr-defined]
         name=name, num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": cpus},
