@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -21,6 +22,8 @@ namespace apportion {
 namespace fs = std::filesystem;
 
 namespace {
+
+constexpr long long kMaxCpuId = 65535;
 
 std::string_view trim(std::string_view s) noexcept {
   const auto is_space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; };
@@ -56,11 +59,29 @@ std::string read_required(const fs::path& path) {
   return *std::move(text);
 }
 
+// `text` for an error message: bytes outside printable ASCII as \xNN (a message must be valid
+// UTF-8 to reach Python, and a NUL would cut it short), at most `limit` of them.
+std::string shown(std::string_view text, std::size_t limit = 80) {
+  std::string out;
+  for (const char ch : text.substr(0, limit)) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c < 0x7f) {
+      out += ch;
+    } else {
+      char esc[5];
+      std::snprintf(esc, sizeof esc, "\\x%02x", c);
+      out += esc;
+    }
+  }
+  if (text.size() > limit) out += "...";
+  return out;
+}
+
 int read_int(const fs::path& path, const std::string& text) {
   auto value = to_integer(text);
   if (!value || *value < -1 || *value > 1'000'000'000)
-    throw std::runtime_error("apportion topology: expected an integer in " + path.string() +
-                             ", found '" + std::string(trim(text)) + "'");
+    throw std::runtime_error("apportion topology: expected an integer in " +
+                             shown(path.string(), std::string_view::npos) + ", found '" + shown(trim(text)) + "'");
   return static_cast<int>(*value);
 }
 
@@ -68,8 +89,8 @@ CpuList read_cpulist_file(const fs::path& path, const std::string& text) {
   try {
     return parse_cpulist(text);
   } catch (const std::invalid_argument& e) {
-    throw std::runtime_error("apportion topology: malformed cpulist in " + path.string() + ": " +
-                             e.what());
+    throw std::runtime_error("apportion topology: malformed cpulist in " +
+                             shown(path.string(), std::string_view::npos) + ": " + e.what());
   }
 }
 
@@ -103,8 +124,8 @@ std::optional<std::uint64_t> parse_memtotal(const fs::path& path, const std::str
     std::string unit;
     rest >> amount;
     if (rest.fail() || amount < 0 || (rest >> unit, !unit.empty() && unit != "kB"))
-      throw std::runtime_error("apportion topology: malformed MemTotal line in " + path.string() +
-                               ": '" + line + "'");
+      throw std::runtime_error("apportion topology: malformed MemTotal line in " +
+                               shown(path.string(), std::string_view::npos) + ": '" + shown(line) + "'");
     return static_cast<std::uint64_t>(amount) * (unit.empty() ? 1 : 1024);
   }
   return std::nullopt;
@@ -197,7 +218,7 @@ CpuList parse_cpulist(std::string_view text) {
   text = trim(text);
   if (text.empty()) return out;
   const auto is_digits = [](std::string_view s) {
-    return !s.empty() && s.size() <= 7 &&
+    return !s.empty() && s.size() <= 5 &&
            std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
   };
   std::size_t pos = 0;
@@ -208,9 +229,11 @@ CpuList parse_cpulist(std::string_view text) {
     const std::size_t dash = token.find('-');
     const std::string_view lo = token.substr(0, dash);
     const std::string_view hi = dash == std::string_view::npos ? lo : token.substr(dash + 1);
-    if (!is_digits(lo) || !is_digits(hi) || *to_integer(hi) < *to_integer(lo))
-      throw std::invalid_argument("bad cpulist token '" + std::string(token) + "' in '" +
-                                  std::string(text) + "'");
+    // CPU ids up to kMaxCpuId: more than any kernel numbers (a list such as "0-9999999"
+    // would otherwise build ten million entries).
+    if (!is_digits(lo) || !is_digits(hi) || *to_integer(hi) < *to_integer(lo) || *to_integer(hi) > kMaxCpuId)
+      throw std::invalid_argument("bad cpulist token '" + shown(token) + "' in '" + shown(text) +
+                                  "' (CPU ids are 0 to " + std::to_string(kMaxCpuId) + ")");
     for (long long c = *to_integer(lo), last = *to_integer(hi); c <= last; ++c)
       out.push_back(static_cast<int>(c));
     pos = comma + 1;

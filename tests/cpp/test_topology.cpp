@@ -1,6 +1,8 @@
 #include "apportion/topology.hpp"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
 #include <sched.h>
 #include <unistd.h>
 
@@ -84,6 +86,23 @@ TEST(CpuList, RejectsMalformedTokensNamingThem) {
       ADD_FAILURE() << "accepted '" << bad << "'";
     } catch (const std::invalid_argument& e) {
       EXPECT_NE(std::string(e.what()).find("bad cpulist token"), std::string::npos) << bad;
+    }
+  }
+}
+
+TEST(CpuList, RefusesIdsBeyondAnyKernelsAndShowsOddBytesEscaped) {
+  EXPECT_EQ(parse_cpulist("65535").back(), 65535);
+  // Ten million ids built for minutes and gigabytes; a NUL or a non-UTF-8 byte in a message
+  // cut it short or could not reach Python at all.
+  for (const std::string& bad : {std::string("0-9999999"), std::string("65536"), std::string("1\xfd", 2),
+                                std::string("0-1\0", 4)}) {
+    try {
+      parse_cpulist(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const std::invalid_argument& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("CPU ids are 0 to 65535"), std::string::npos) << msg;
+      EXPECT_TRUE(std::all_of(msg.begin(), msg.end(), [](char c) { return c >= 0x20 && c < 0x7f; })) << msg;
     }
   }
 }
@@ -282,6 +301,15 @@ TEST(TopologyErrors, NonIntegerPackageIdNamesTheFileAndValue) {
   const std::string msg = error_of(tree.root());
   EXPECT_NE(msg.find("cpu0/topology/physical_package_id"), std::string::npos) << msg;
   EXPECT_NE(msg.find("'zero'"), std::string::npos) << msg;
+}
+
+TEST(TopologyErrors, ANonUtf8ValueIsShownEscaped) {
+  ScratchTree tree;
+  tree.basic();
+  tree.write("sys/devices/system/cpu/cpu0/topology/core_id", std::string("0\xfd", 2));
+  const std::string msg = error_of(tree.root());
+  EXPECT_NE(msg.find("cpu0/topology/core_id"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("'0\\xfd'"), std::string::npos) << msg;
 }
 
 TEST(TopologyErrors, MalformedOnlineListNamesTheFile) {

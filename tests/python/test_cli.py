@@ -104,6 +104,20 @@ def test_unreadable_root_is_exit_1_naming_the_path(tmp_path: Path) -> None:
     assert err.startswith("apportion topology: error: ") and str(tmp_path) in err
 
 
+def test_a_sysfs_value_that_is_not_utf8_is_exit_1_naming_the_file(tmp_path: Path) -> None:
+    # The native message carried the raw bytes: a UnicodeDecodeError traceback from topology,
+    # and plan blamed a runtime.cpus key the config did not have.
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(VM2, root)
+    (root / "sys/devices/system/cpu/cpu0/topology/core_id").write_bytes(b"\xfd\xfe\n")
+    for argv in (["topology"], ["plan", config(tmp_path, TWO_MODELS)]):
+        code, out, err = run(*argv, "--root", str(root))
+        assert (code, out) == (1, ""), err
+        assert "cpu0/topology/core_id, found '\\xfd\\xfe'" in err and "runtime.cpus" not in err, err
+
+
 def test_python_dash_m_apportion_runs_the_cli() -> None:
     package_parent = str(Path(ap.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
