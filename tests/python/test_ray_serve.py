@@ -167,3 +167,22 @@ def test_http_deadline_and_queue_full(app: App) -> None:
                    for code, b, h in answers if code == 429)
         assert gate.result(60)[0] == 200
     assert codes == [200] * 8 + [429] * 4  # max_queue=8 behind the running call
+
+
+def test_a_configs_runtime_settings_reach_the_replica(app: App) -> None:  # app: Serve started on 127.0.0.1
+    # The [runtime] table was dropped: weights and classes (which need the scheduled pool) made
+    # the replica fail to start, seen only in Serve's controller log.
+    from apportion.config import Config
+
+    cfg = Config.loads('[runtime]\nshared_pool = "scheduled"\n'
+                       '[models.hi]\nfactory = "ray_models:echo"\npriority_class = 1\n'
+                       '[models.lo]\nfactory = "ray_models:echo"\nweight = 3.0\n', "sched.toml")
+    app = deployment(cfg, name="sched", num_cpus=1)
+    assert app._bound_deployment.init_args[2] == {"shared_pool": "scheduled", "pool_reserve": None,
+                                                  "reserve_nice": 10}
+    handle = serve.run(app, name="sched", route_prefix="/sched")
+    try:
+        assert handle.infer.remote("hi", 1).result(timeout_s=60) == 1
+        assert handle.infer.remote("lo", 2).result(timeout_s=60) == 2
+    finally:
+        serve.delete("sched")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +43,23 @@ class ModelCounts:
                            self.queued + other.queued)
 
 
-def started_runtime(cpu_set: str | None, specs: Sequence[ModelSpec]) -> Runtime:
-    """A Runtime on ``cpu_set`` serving ``specs``, started (closed again if a model fails)."""
-    rt = Runtime(cpus=cpu_set)
+def runtime_settings(config: Any) -> dict[str, Any]:
+    """The settings of a config's ``[runtime]`` table that each node's runtime takes as they
+    are (how the shared pool is shared, its reservations); empty for a sequence of specs. Its
+    ``cpus`` names CPUs of one host: each node's runtime takes the CPU set the cluster gives it."""
+    from ..config import Config
+
+    if not isinstance(config, Config):
+        return {}
+    return {"shared_pool": config.shared_pool, "pool_reserve": config.pool_reserve,
+            "reserve_nice": config.reserve_nice}
+
+
+def started_runtime(cpu_set: str | None, specs: Sequence[ModelSpec],
+                    settings: Mapping[str, Any] | None = None) -> Runtime:
+    """A Runtime on ``cpu_set`` serving ``specs`` (with ``settings``, see
+    :func:`runtime_settings`), started (closed again if a model fails)."""
+    rt = Runtime(cpus=cpu_set, **(settings or {}))
     try:
         for s in specs:
             rt.add(s)
@@ -76,7 +90,8 @@ class NodeRuntime:
     Ray cannot interrupt a running method of a threaded actor, so a caller that gives up on a
     request cancels it by its key (:meth:`cancel`)."""
 
-    def __init__(self, cpu_set: str | None, specs: Sequence[ModelSpec]) -> None:
+    def __init__(self, cpu_set: str | None, specs: Sequence[ModelSpec],
+                 settings: Mapping[str, Any] | None = None) -> None:
         # A start failure is kept for ready() to raise: raised here, Ray would report only that
         # the actor died, and the caller would lose the error (QuotaError, PlacementError, the
         # factory's own exception).
@@ -85,7 +100,7 @@ class NodeRuntime:
         self._pending: dict[int, Any] = {}  # key -> the runtime's Future of a request in flight
         self._cancelled: dict[int, None] = {}  # keys cancelled while no request held them
         try:
-            self.rt = started_runtime(cpu_set, specs)
+            self.rt = started_runtime(cpu_set, specs, settings)
         except Exception as e:  # noqa: BLE001 - handed to the cluster by ready()
             self.error = e
 

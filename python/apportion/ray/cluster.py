@@ -43,7 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import ModelNotFound, PlacementError, RuntimeClosed, WorkerCrashed
 from ..spec import ModelSpec
 from ..tune.cost import CostModel
-from ._node import ModelCounts, NodeRuntime
+from ._node import ModelCounts, NodeRuntime, runtime_settings
 from .plan import ClusterPlan, Node, plan, replace_lost
 
 __all__ = ["CPU_SET_LABEL", "Cluster", "ClusterFuture", "ClusterStats", "ModelCounts", "ray_nodes"]
@@ -249,6 +249,7 @@ class Cluster:
                                     f"(models: {list(self._plan.models)})")
         self._local_queue = local_queue
         self._start_timeout_s = start_timeout_s
+        self._settings = runtime_settings(config)  # the config's [runtime] table, for every node
         self._actors: dict[str, Any] = {}
         self._routes: dict[str, _Route] = {}
         self._lost_nodes: set[str] = set()
@@ -274,8 +275,8 @@ class Cluster:
 
     # -- pickling: a Cluster handed to a task or actor routes from there -------------------------
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("_plan", "_idempotent", "_local_queue", "_start_timeout_s", "_actors", "_routes", "_lost_nodes",
-                "lost_capacity", "_closed")
+        keep = ("_plan", "_idempotent", "_local_queue", "_start_timeout_s", "_settings", "_actors", "_routes",
+                "_lost_nodes", "lost_capacity", "_closed")
         with self._lock:
             return {k: getattr(self, k) for k in keep}
 
@@ -291,7 +292,7 @@ class Cluster:
                 num_cpus=node.cpus, num_gpus=node.gpus or None, max_restarts=0,
                 max_concurrency=actor_threads(specs),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.name, soft=False),
-            ).remote(node.cpu_set, list(specs))
+            ).remote(node.cpu_set, list(specs), self._settings)
             pending[node.name] = (actor, specs, actor.ready.remote())
         for name, (actor, specs, ready) in pending.items():
             self._actors[name] = actor

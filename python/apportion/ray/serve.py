@@ -32,7 +32,7 @@ must be importable where the replica runs ("module:function" paths, or module-le
 # (a string "Request" would make it look for a query parameter named request).
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -43,7 +43,7 @@ from ray import serve
 from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
 from ..futures import on_loop
 from ..spec import ModelSpec
-from ._node import ModelCounts, counts, started_runtime
+from ._node import ModelCounts, counts, runtime_settings, started_runtime
 from .cluster import CPU_SET_LABEL
 from .plan import Node, plan
 
@@ -66,9 +66,10 @@ def _error_response(e: Exception) -> JSONResponse:
 class ApportionReplica:
     """One Serve replica: an apportion runtime with every model of the config."""
 
-    def __init__(self, specs: Sequence[ModelSpec], cpu_set_label: str = CPU_SET_LABEL) -> None:
+    def __init__(self, specs: Sequence[ModelSpec], cpu_set_label: str = CPU_SET_LABEL,
+                 settings: Mapping[str, Any] | None = None) -> None:
         label = ray.get_runtime_context().get_node_labels().get(cpu_set_label)
-        self.rt = started_runtime(label.replace("_", ",") if label else None, specs)
+        self.rt = started_runtime(label.replace("_", ",") if label else None, specs, settings)
 
     async def infer(self, model: str, inputs: Any, timeout_ms: float | None = None,
                     priority: int | None = None) -> Any:
@@ -124,7 +125,9 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
                max_ongoing_requests: int = 10_000, cpu_set_label: str = CPU_SET_LABEL) -> Any:
     """A Serve application (``serve.run`` it) of one deployment named ``name`` whose
     ``num_replicas`` replicas each serve every model of ``config`` (an :class:`apportion.Config`
-    or a sequence of :class:`apportion.ModelSpec`) under its quotas.
+    or a sequence of :class:`apportion.ModelSpec`) under its quotas, with a Config's
+    ``[runtime]`` settings (shared_pool, pool_reserve, reserve_nice; its ``cpus`` names CPUs of
+    one host, so each replica takes its node's CPU set instead).
 
     ``num_cpus``: the CPUs each replica reserves from Ray (default: the exclusive models' cores,
     counted as :func:`apportion.ray.plan` counts them, plus the widest shared model's instances
@@ -141,4 +144,4 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
     return ApportionReplica.options(  # type: ignore[attr-defined]
         name=name, num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": cpus},
-    ).bind([r.spec for r in replicas], cpu_set_label)
+    ).bind([r.spec for r in replicas], cpu_set_label, runtime_settings(config))
