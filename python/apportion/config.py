@@ -158,6 +158,9 @@ class ModelConfig:
     def add_to(self, rt: Runtime, where: str = "<config>", *, build: bool = True) -> None:
         """Registers this model on ``rt`` (``build=False``: a factory that is never called,
         for planning only). A process model's factory stays a path (its worker imports it)."""
+        if self.spec.model is not None:  # a callable given in code (ModelSpec(model=...))
+            rt.add(self.spec if build else replace(self.spec, model=None, factory=_never_called))
+            return
         if not build:
             factory: Any = _never_called
         elif self.spec.process and isinstance(self.spec.factory, str):

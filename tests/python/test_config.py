@@ -152,6 +152,22 @@ def test_a_model_name_that_is_no_bare_key_is_quoted_in_the_error_key(text: str, 
     assert e.value.key == key and str(e.value).startswith(f"c.toml: {key}: ")
 
 
+def test_a_config_built_in_code_may_give_a_models_callable() -> None:
+    # ModelSpec(model=fn) was refused by Config.runtime(): "give factory= or model=, not both"
+    # (planning) or "factory: missing" (serving), though Runtime.add takes the same spec.
+    cfg = Config(models={"m": ModelConfig(ap.ModelSpec("m", model=lambda x: x + 1), load={"rate": 50.0})})
+    rt = cfg.runtime(topology_root=VM2, build=False)
+    try:
+        assert rt.models == ["m"]
+    finally:
+        rt.close()
+    rt = cfg.runtime(start=True)
+    try:
+        assert rt.call("m", 1) == 2
+    finally:
+        rt.close()
+
+
 def test_factory_resolution_errors_name_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[models.m]\nfactory = "apportion.demo:no_such_thing"\n')
     with pytest.raises(ConfigError, match=r"models\.m\.factory: module 'apportion.demo' has no attribute"):
