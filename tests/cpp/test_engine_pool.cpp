@@ -197,24 +197,35 @@ TEST_F(EnginePool, BurstWorkersServeOnThePoolOnlyWhileOwnWorkersAreBusy) {
   });
 }
 
+// A model with one own worker and one burst worker on `pool`: `blocker` (tag 0) holds the own
+// worker until `gate` opens, and `r` (tag 1) is queued behind it for the burst worker.
+struct HeldBurstModel {
+  HeldBurstModel(std::shared_ptr<SharedPool> pool, Gate& gate) : h(std::make_shared<TestHandler>()) {
+    h->on_run = hold_tag0(gate);
+    ModelOptions o = opts(1);
+    o.pool = std::move(pool);
+    o.burst_instances = 1;
+    m = std::make_unique<Model>(o, h);
+    EXPECT_EQ(m->start(), 0u);
+    EXPECT_EQ(submit(*m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    EXPECT_EQ(submit(*m, r), Admit::ok);
+  }
+  std::shared_ptr<TestHandler> h;
+  std::unique_ptr<Model> m;
+  TestRef blocker = make(0);
+  TestRef r = make(1);
+};
+
 TEST_F(EnginePool, BurstWorkersWaitForPoolCapacity) {
   guarded(60s, [] {
     auto pool = std::make_shared<SharedPool>(1);
     auto other = pool->join("other", 1.0, 0);
     const uint32_t held = pool->acquire(*other, 1);  // the pool is busy with another model
     Gate gate;
-    auto h = std::make_shared<TestHandler>();
-    h->on_run = hold_tag0(gate);
-    ModelOptions o = opts(1);
-    o.pool = pool;
-    o.burst_instances = 1;
-    Model m(o, h);
-    ASSERT_EQ(m.start(), 0u);
-    TestRef blocker = make(0);
-    ASSERT_EQ(submit(m, blocker), Admit::ok);
-    gate.wait_arrivals(1);
-    TestRef r = make(1);
-    ASSERT_EQ(submit(m, r), Admit::ok);
+    HeldBurstModel b(pool, gate);
+    Model& m = *b.m;
+    TestRef& r = b.r;
     std::this_thread::sleep_for(kSanitized ? 80ms : 20ms);
     EXPECT_FALSE(r->done());  // no pool capacity: it waits for the own worker or the pool
     pool->release(*other, held, 1000);
@@ -230,18 +241,9 @@ TEST_F(EnginePool, ADrainingCloseDoesNotWaitForABurstWorkerStuckOnAPoolWithNoCap
   guarded(60s, [] {
     auto pool = std::make_shared<SharedPool>(0);  // no CPUs in the pool: nothing is ever granted
     Gate gate;
-    auto h = std::make_shared<TestHandler>();
-    h->on_run = hold_tag0(gate);
-    ModelOptions o = opts(1);
-    o.pool = pool;
-    o.burst_instances = 1;
-    Model m(o, h);
-    ASSERT_EQ(m.start(), 0u);
-    TestRef blocker = make(0);
-    ASSERT_EQ(submit(m, blocker), Admit::ok);
-    gate.wait_arrivals(1);
-    TestRef r = make(1);
-    ASSERT_EQ(submit(m, r), Admit::ok);
+    HeldBurstModel b(pool, gate);
+    Model& m = *b.m;
+    TestRef &blocker = b.blocker, &r = b.r;
     while (pool->waiting() == 0) std::this_thread::sleep_for(1ms);  // the burst worker waits in line
     m.close(true);
     gate.open();
