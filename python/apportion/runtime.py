@@ -162,6 +162,8 @@ class _ModelEntry:
     """The max_queue the model was added with: the size of its queue, which a move may not
     exceed."""
     factory_ref: str | None = None
+    building: bool = False
+    """add_model on a started runtime still builds and warms its instances."""
     """A process model's factory as an import path (its children import it)."""
 
 
@@ -497,11 +499,13 @@ class Runtime(_core._Runtime):
         entry.factory_ref = factory_ref
         memory_word = quota.memory_policy if len(self.topology.nodes) > 1 else "none"
         self._models[name] = entry
+        entry.building = True
         try:
             instances_arg, policy, groups = self._native_placement(new_plan, name)
             build = _instance_builder(entry, spec, self._gpu, memory_word)
             self._add_model(spec, build, instances_arg, policy, groups, pooled)
         finally:
+            entry.building = False
             # Registered even if something was raised after its workers started (a
             # PinningWarning turned into an error): the bookkeeping follows the native side.
             if name in self._model_names():
@@ -785,6 +789,15 @@ class Runtime(_core._Runtime):
     def models(self) -> list[str]:
         """Names of the registered models, sorted."""
         return self._model_names()
+
+    def serving(self, name: str) -> bool:
+        """Whether model ``name`` takes requests now: the runtime started and is not closed, and
+        the model is registered with its instances built and warmed. False while ``add_model``
+        on a started runtime still builds or warms them (requests submitted meanwhile wait in
+        its queue), and for a name the runtime does not have."""
+        entry = self._models.get(name)
+        return (self.started and not self.closed and entry is not None and not entry.building
+                and name in self._model_names())
 
     @property
     def shared_pool(self) -> str:

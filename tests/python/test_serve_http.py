@@ -102,6 +102,39 @@ def test_head_answers_as_get_without_a_body(served: Served) -> None:
         assert head.status_code == get.status_code == 404 and head.content == b""
 
 
+def test_a_model_still_warming_up_is_not_ready_until_it_can_serve() -> None:
+    # add_model on a serving runtime registers the model before its warm-up ends: /ready said
+    # 200 then, and a request admitted in that moment waited the whole warm-up.
+    import threading
+
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x)
+    rt.start()
+    release = threading.Event()
+
+    def warmup() -> Any:
+        assert release.wait(30)
+        return np.ones(2, np.float32)
+
+    sigs = {"echo": signatures()["echo"], "late": signatures()["echo"]}
+    with Server(rt, sigs, http_port=0, grpc_port=None) as server:
+        c = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        adder = threading.Thread(target=rt.add_model, args=("late",), kwargs={"model": lambda x: x, "warmup": warmup})
+        adder.start()
+        deadline = time.monotonic() + 10
+        while "late" not in rt.models:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not rt.serving("late") and not c.is_model_ready("late") and not c.is_server_ready()
+        assert rt.serving("echo") and c.is_model_ready("echo")
+        release.set()
+        adder.join(30)
+        assert rt.serving("late") and c.is_model_ready("late") and c.is_server_ready()
+        c.close()
+    rt.close()
+    assert not rt.serving("echo") and not rt.serving("nope")
+
+
 def test_models_that_did_not_start_are_not_ready() -> None:
     rt = ap.Runtime()
     rt.add_model("echo", model=lambda x: x)

@@ -63,11 +63,9 @@ class Frontend:
         return not self.rt.closed
 
     def model_ready(self, name: str) -> bool:
-        """Serving: the runtime runs, the model is registered (it started) and the server is
-        not draining."""
-        rt = self.rt
-        return (not self.draining and rt.started and not rt.closed
-                and name in self.signatures and name in rt.models)
+        """Serving: the runtime runs, the model is registered with its instances built and
+        warmed (Runtime.serving), and the server is not draining."""
+        return not self.draining and name in self.signatures and self.rt.serving(name)
 
     def ready(self) -> bool:
         return bool(self.signatures) and all(self.model_ready(n) for n in self.signatures)
