@@ -132,8 +132,9 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
     ``num_cpus``: the CPUs each replica reserves from Ray (default: the exclusive models' cores,
     counted as :func:`apportion.ray.plan` counts them, plus the widest shared model's instances
     x threads: the shared models float together on one pool, as on one host; the runtime
-    divides its CPU set either way). ``max_ongoing_requests``: Serve's bound per replica; keep it above the models'
-    ``max_queue`` sum so that apportion's admission (QueueFull per model) bounds the queues."""
+    divides its CPU set either way). ``max_ongoing_requests``: Serve's bound per replica; keep
+    it above the models' ``max_queue`` sum so that apportion's admission (QueueFull per model)
+    bounds the queues."""
     from .plan import _models
 
     specs = list(_models(config)[0].values())
