@@ -315,6 +315,29 @@ def test_validation_with_a_margin_tightens_each_slo() -> None:
         measure_config(cfg, quick, margin=1.0)
 
 
+def test_validation_counts_a_models_failures_against_its_slo() -> None:
+    from apportion.tune.measure import Settings, measure_config
+
+    # Fast (~1 ms against 50 ms) but raising on every tenth call: 90% of what it admitted was
+    # served within the SLO, so a p99 SLO is missed, pooled and in every window.
+    calls = itertools.count()
+
+    def flaky(ctx: object) -> Callable[[object], object]:
+        def call(x: object) -> object:
+            time.sleep(0.001)
+            if next(calls) % 10 == 9:
+                raise RuntimeError("flaky")
+            return x
+        return call
+
+    slo = {"latency_ms": 50.0, "percentile": 99.0}
+    cfg = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=flaky), slo=slo, load={"concurrency": 1})})
+    got = measure_config(cfg, Settings(warmup_s=0.2, window_s=0.3, stable_windows=3, max_s=3.0))["m"]
+    assert got.p99_ms is not None and got.p99_ms < 50.0  # what completed was fast
+    assert got.slo_met is False
+    assert got.windows_met and not any(got.windows_met)
+
+
 def test_tune_validates_with_its_margin_and_says_so(tmp_path: Path) -> None:
     seen: list[float] = []
 

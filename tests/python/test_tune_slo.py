@@ -133,6 +133,18 @@ def test_window_verdicts_count_expired_requests_as_admitted_misses() -> None:
     assert windows_met([w(1, 1)], None, 0.5) == ()
 
 
+def test_window_verdicts_count_failed_requests_as_admitted_misses() -> None:
+    # A model that raised on a request did not serve it within its SLO, however fast the rest
+    # were: 3 failures beside 200 good completions is 98.5% of the admitted, under p99.
+    slo = SLO(latency_ms=50.0, percentile=99.0)
+
+    def w(completed: int, good: int, failed: int) -> WindowStats:
+        return WindowStats(0, throughput=completed / 0.5, goodput=good / 0.5, p99_ms=1.0, rejected=0,
+                           expired=0, failed=failed)
+
+    assert windows_met([w(200, 200, 3), w(200, 200, 1), w(0, 0, 2)], slo, 0.5) == (False, True, False)
+
+
 def test_a_candidate_holds_its_slo_only_in_every_window() -> None:
     ok = Measured(10, 10, 5.0, True, 10, windows_met=(True, True, True))
     one_bad = Measured(10, 10, 5.0, True, 10, windows_met=(True, False, True))

@@ -64,14 +64,15 @@ class Settings:
 
 def windows_met(windows: Sequence[ld.WindowStats], slo: ld.SLO | None, window_s: float) -> tuple[bool | None, ...]:
     """Per window: whether at least the SLO's percentile of the requests admitted in it
-    completed within the SLO latency (``goodput`` counts those; a request that expired was
-    admitted and missed); None for a window that admitted nothing. Empty without an SLO."""
+    completed within the SLO latency (``goodput`` counts those; a request that expired or
+    failed was admitted and missed); None for a window that admitted nothing. Empty without
+    an SLO."""
     if slo is None or slo.latency_ms is None:
         return ()
     out: list[bool | None] = []
     for w in windows:
         completed, good = round(w.throughput * window_s), round(w.goodput * window_s)
-        admitted = completed + w.expired
+        admitted = completed + w.expired + w.failed
         out.append(None if admitted == 0 else good >= slo.percentile / 100.0 * admitted - 1e-9)
     return tuple(out)
 
@@ -79,7 +80,7 @@ def windows_met(windows: Sequence[ld.WindowStats], slo: ld.SLO | None, window_s:
 def _pooled_met(r: ld.ModelReport) -> bool | None:
     if r.slo is None or r.slo.latency_ms is None:
         return None
-    admitted = r.completed + r.expired
+    admitted = r.completed + r.expired + r.failed
     if admitted == 0:
         return False
     return r.good >= r.slo.percentile / 100.0 * admitted - 1e-9
@@ -90,8 +91,8 @@ def measure_config(config: Config, settings: Settings = Settings(), *, topology_
     """Serves ``config`` and puts its load on it (:func:`apportion.load.run`); per model figures.
 
     A model meets its SLO when the SLO's percentile of the requests it *admitted* completed
-    within latency_ms x (1 - margin): expired requests count as misses, refused ones (queue
-    full) do not (they were turned away at once). ``slo_met`` pools the reported windows,
+    within latency_ms x (1 - margin): expired and failed requests count as misses, refused
+    ones (queue full) do not (they were turned away at once). ``slo_met`` pools the reported windows,
     ``windows_met`` judges each; goodput counts the requests within the tightened latency,
     so a plan validated with a margin keeps room for a noisier run."""
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):

@@ -141,7 +141,7 @@ class TuneResult:
                  + (f", each model's SLO tightened by a {self.margin:.0%} margin" if self.margin else "")
                  + (f", over {self.settings.stable_windows} stable windows of {self.settings.window_s:g} s"
                     if self.settings is not None else "") + ". A candidate holds a model's SLO when the "
-                 "SLO's percentile of the requests it admitted (expired ones count as misses) meets it in "
+                 "SLO's percentile of the requests it admitted (expired and failed ones count as misses) meets it in "
                  "every window and over all of them; requests refused at once (queue bound) are not admitted.",
                  "", f"**Margin** {self.margin:.0%} · **windows** {self.windows} · "
                  f"**confidence** {self.confidence()}", ""]

@@ -56,7 +56,8 @@ class Measured:
     """Submission attempts over the reported windows (admitted or refused)."""
     windows_met: tuple[bool | None, ...] = ()
     """Per reported window: whether the SLO percentile of the requests admitted in it (expired
-    ones count as misses) was within the SLO; None for a window where nothing was admitted."""
+    and failed ones count as misses) was within the SLO; None for a window where nothing was
+    admitted."""
     stable: bool = True
     """Whether the reported windows agreed (the load run settled before its time limit)."""
 

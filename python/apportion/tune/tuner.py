@@ -77,8 +77,8 @@ def tune(
     budget take longer than the budget (about 5 s for one model, 24 s for ten); the report says
     how long the search took against the budget. ``max_batch``: the largest batch considered (1 disables batching).
     ``margin``: a candidate meets a model's SLO only if the SLO's percentile of the requests it
-    admitted (expired ones count as misses) stays within latency_ms x (1 - margin) in each of
-    the validation's stable windows (at least three) and over all of them (default 10%): a plan
+    admitted (expired and failed ones count as misses) stays within latency_ms x (1 - margin) in
+    each of the validation's stable windows (at least three) and over all of them (default 10%): a plan
     that meets its SLO by a hair in one short run misses it in the next. The winner is then
     confirmed in a longer run (windows of at least a second, :func:`confirmation_settings`):
     a plan near the machine's capacity can pass a short validation before its queues fill.
