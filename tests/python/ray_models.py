@@ -8,9 +8,19 @@ import time
 from typing import Any
 
 
+class CodedError(Exception):
+    """An exception whose constructor takes other arguments than its args (common in
+    libraries): it pickles, but unpickling calls CodedError(message) and fails."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def echo(ctx: Any) -> Any:
     """Returns its input; a dict input may ask it to sleep first ({"sleep": s}), to raise
-    ({"raise": message}, a ValueError) or to answer bytes ({"bytes": text})."""
+    ({"raise": message}, a ValueError; {"raise_coded": message}, a CodedError) or to answer
+    bytes ({"bytes": text})."""
 
     def serve(x: Any) -> Any:
         if isinstance(x, dict):
@@ -18,6 +28,8 @@ def echo(ctx: Any) -> Any:
                 time.sleep(x["sleep"])
             if "raise" in x:
                 raise ValueError(x["raise"])
+            if "raise_coded" in x:
+                raise CodedError(x["raise_coded"], 7)
             if "bytes" in x:
                 return x["bytes"].encode()
         return x

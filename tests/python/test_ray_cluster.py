@@ -105,6 +105,9 @@ def test_errors_are_the_single_host_ones(basic: Cluster) -> None:
     with pytest.raises(ValueError, match="boom") as e:
         basic.call("echo", {"raise": "boom"})
     assert type(e.value) is ValueError  # the model's own exception, not a wrapper
+    with pytest.raises(RuntimeError, match=r"model 'echo' raised ray_models\.CodedError: coded") as coded:
+        basic.call("echo", {"raise_coded": "coded"})
+    assert "could not be sent" in str(coded.value)  # cannot be rebuilt here: named, not Ray's wrapper
     # Each request is its own actor call, and a threaded actor runs calls in any order: a
     # request goes after another only once that one is running.
     first = basic.submit("narrow", {"sleep": 0.5})

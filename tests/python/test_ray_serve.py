@@ -114,6 +114,11 @@ def test_handle_errors(app: App) -> None:
         app.handle.infer.remote("nope", 1).result(timeout_s=60)
     with pytest.raises(ValueError, match="handle boom"):
         app.handle.infer.remote("echo", {"raise": "handle boom"}).result(timeout_s=60)
+    # An exception that cannot be rebuilt where the caller is (its constructor takes other
+    # arguments than its args) arrives as one naming the model, its type and its message.
+    with pytest.raises(RuntimeError, match=r"model 'echo' raised ray_models\.CodedError: coded boom") as e:
+        app.handle.infer.remote("echo", {"raise_coded": "coded boom"}).result(timeout_s=60)
+    assert "could not be sent" in str(e.value)
 
 
 def test_http_by_model_name(app: App) -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import signal
 import sys
 import traceback
 from typing import Any
 
-from apportion._private.payload import DIRECT_CALL, ERROR, EXIT, OK, READY, START_FAILED, dumps, loads
+from apportion._private.payload import DIRECT_CALL, ERROR, EXIT, OK, READY, START_FAILED, dumps, loads, portable_error
 
 # How long the idle loop parks before checking that its parent is still there (a backstop for
 # PR_SET_PDEATHSIG, which fires when the parent's *thread* exits, and only on Linux).
@@ -27,14 +26,8 @@ _PARENT_CHECK_S = 1.0
 
 def _error_reply(model: str, kind: int, exc: BaseException) -> tuple[int, BaseException, str]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        # Both ways: a class whose constructor takes other arguments than its args (common in
-        # libraries) pickles but does not unpickle, and would fail the parent's loads instead.
-        pickle.loads(pickle.dumps(exc, protocol=5))
-    except Exception:  # noqa: BLE001 - any failure means it cannot cross as it is
-        exc = RuntimeError(f"model {model!r} raised {type(exc).__module__}.{type(exc).__qualname__}: {exc} "
-                           "(the exception could not be sent from the worker process as it is; its "
-                           "traceback follows)")
+    exc = portable_error(model, exc, "the exception could not be sent from the worker process as it is; "
+                                     "its traceback follows")
     return kind, exc, tb
 
 

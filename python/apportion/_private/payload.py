@@ -18,7 +18,7 @@ import pickle
 import sys
 from typing import Any
 
-__all__ = ["OUT_OF_BAND_BYTES", "dumps", "loads"]
+__all__ = ["OUT_OF_BAND_BYTES", "dumps", "loads", "portable_error"]
 
 # Message kinds, the first item of every message. Parent -> child:
 CALL = 0
@@ -32,6 +32,20 @@ START_FAILED = 3
 
 OUT_OF_BAND_BYTES = 64 * 1024
 """Buffers at least this large travel as separate shared-memory parts, not inside the pickle."""
+
+
+def portable_error(model: str, exc: BaseException, note: str) -> BaseException:
+    """``exc`` itself when it survives a pickle round trip, else a RuntimeError naming the
+    model, the exception's type and its message. A class whose constructor takes other
+    arguments than its args (common in libraries) pickles but does not unpickle, so it would
+    fail the receiver's loads (or reach it as a serializer's own error) instead of the
+    request. ``note``: the message's closing remark (why, and where the traceback is)."""
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=5))
+    except Exception:  # noqa: BLE001 - any failure means it cannot cross as it is
+        return RuntimeError(f"model {model!r} raised {type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+                            f"({note})")
+    return exc
 
 
 def _rebuild_tensor(data: Any, dtype: Any, shape: tuple[int, ...]) -> Any:

@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._private.payload import portable_error
 from ..runtime import Runtime
 from ..spec import ModelSpec
 
-__all__ = ["ModelCounts", "NodeRuntime", "counts", "started_runtime"]
+__all__ = ["ModelCounts", "NodeRuntime", "counts", "raise_portable", "started_runtime"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class ModelCounts:
                            self.failed + other.failed, self.rejected + other.rejected,
                            self.expired + other.expired, self.cancelled + other.cancelled,
                            self.queued + other.queued)
+
+
+def raise_portable(model: str, exc: Exception) -> None:
+    """Raises, in place of ``exc``, a RuntimeError naming it when Ray could not rebuild it for
+    the caller (Ray would hand over its own UnserializableException instead); returns when
+    ``exc`` can go as it is. The original stays the new one's cause in the node's own
+    traceback."""
+    sent = portable_error(model, exc, "the exception could not be sent to the caller as it is")
+    if sent is not exc:
+        raise sent from exc
 
 
 def runtime_settings(config: Any) -> dict[str, Any]:
@@ -127,6 +138,9 @@ class NodeRuntime:
             if late:
                 fut.cancel()
             return fut.result()
+        except Exception as e:
+            raise_portable(model, e)
+            raise
         finally:
             with self._lock:
                 del self._pending[key]

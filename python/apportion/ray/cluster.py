@@ -10,7 +10,9 @@ Requests go to a node that holds the model: the caller's own node while it has n
 ``local_queue`` requests of this caller in flight per instance, else the less loaded of two
 nodes drawn at random ("power of two choices" on this caller's requests in flight per node).
 Outcomes are those of the single-host runtime: ``QueueFull``, ``DeadlineExceeded``,
-``ModelNotFound`` and the model's own exceptions reach the caller unchanged.
+``ModelNotFound`` and the model's own exceptions reach the caller unchanged (one that Ray
+cannot rebuild in the caller arrives as a RuntimeError naming the model, its class and its
+message).
 
 A node's actor is a threaded Ray actor: each request it holds waits on one of its threads, so it
 starts one thread per request its runtime may admit (:func:`actor_threads`, at most

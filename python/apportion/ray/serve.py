@@ -21,7 +21,8 @@ Over HTTP, ``GET <prefix>/`` lists the models, ``POST <prefix>/<model>`` takes a
 with ``Retry-After: 1`` (QueueFull, as ``apportion serve`` answers it), 504
 (DeadlineExceeded), 422 (a body without ``inputs``) or 500 (the model's own exception).
 Through a handle, errors are raised as the single-host runtime raises them (Ray wraps them in
-a RayTaskError that is also an instance of the original class).
+a RayTaskError that is also an instance of the original class); one that Ray cannot rebuild in
+the caller arrives as a RuntimeError naming the model, its class and its message.
 
 The replica's runtime uses the CPUs named by its node's ``apportion-cpus`` label (see
 :data:`apportion.ray.cluster.CPU_SET_LABEL`), else every CPU its process may use. Factories
@@ -43,7 +44,7 @@ from ray import serve
 from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
 from ..futures import on_loop
 from ..spec import ModelSpec
-from ._node import ModelCounts, counts, runtime_settings, started_runtime
+from ._node import ModelCounts, counts, raise_portable, runtime_settings, started_runtime
 from .cluster import CPU_SET_LABEL
 from .plan import Node, plan
 
@@ -74,7 +75,11 @@ class ApportionReplica:
     async def infer(self, model: str, inputs: Any, timeout_ms: float | None = None,
                     priority: int | None = None) -> Any:
         """One request through a handle: ``handle.infer.remote(model, inputs)``."""
-        return await self.rt.infer(model, inputs, timeout_ms=timeout_ms, priority=priority)
+        try:
+            return await self.rt.infer(model, inputs, timeout_ms=timeout_ms, priority=priority)
+        except Exception as e:
+            raise_portable(model, e)
+            raise
 
     def models(self) -> list[str]:
         return list(self.rt.models)
