@@ -87,6 +87,17 @@ def listening(port: int) -> set[str]:
     return out
 
 
+def test_a_replica_of_gpu_and_numa_models_plans_and_reserves_its_gpus() -> None:
+    # The replica's made-up node had no GPU and one NUMA node: such specs never deployed.
+    gpu = ap.ModelSpec("g", factory="ray_models:echo", gpu=ap.GPU(device=1))
+    pinned = ap.ModelSpec("n", factory="ray_models:echo", numa=1, cores=1, isolation="exclusive")
+    options = deployment([gpu, pinned])._bound_deployment.ray_actor_options
+    assert options == {"num_cpus": 2.0, "num_gpus": 2.0}  # devices 0 and 1: the spec names index 1
+    assert deployment([gpu], num_gpus=0.5)._bound_deployment.ray_actor_options["num_gpus"] == 0.5
+    assert "num_gpus" not in deployment([pinned])._bound_deployment.ray_actor_options
+    assert deployment([pinned], num_gpus=1)._bound_deployment.ray_actor_options["num_gpus"] == 1.0
+
+
 def test_proxy_listens_on_loopback_only(app: App) -> None:
     assert listening(app.port) == {"0100007F"}  # 127.0.0.1
 

@@ -127,7 +127,8 @@ class ApportionReplica:
 
 
 def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, num_cpus: float | None = None,
-               max_ongoing_requests: int = 10_000, cpu_set_label: str = CPU_SET_LABEL) -> Any:
+               num_gpus: float | None = None, max_ongoing_requests: int = 10_000,
+               cpu_set_label: str = CPU_SET_LABEL) -> Any:
     """A Serve application (``serve.run`` it) of one deployment named ``name`` whose
     ``num_replicas`` replicas each serve every model of ``config`` (an :class:`apportion.Config`
     or a sequence of :class:`apportion.ModelSpec`) under its quotas, with a Config's
@@ -137,17 +138,27 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
     ``num_cpus``: the CPUs each replica reserves from Ray (default: the exclusive models' cores,
     counted as :func:`apportion.ray.plan` counts them, plus the widest shared model's instances
     x threads: the shared models float together on one pool, as on one host; the runtime
-    divides its CPU set either way). ``max_ongoing_requests``: Serve's bound per replica; keep
+    divides its CPU set either way). ``num_gpus``: the GPUs each replica reserves (default: one
+    past the highest GPU index a model's ``gpu=`` names, none without GPU models; Ray makes the
+    GPUs it gives the replica visible as 0, 1, ..., the indices the specs use).
+    ``max_ongoing_requests``: Serve's bound per replica; keep
     it above the models' ``max_queue`` sum so that apportion's admission (QueueFull per model)
     bounds the queues."""
-    from .plan import _models
+    from .plan import _gpu_index, _models
 
     specs = list(_models(config)[0].values())
-    replicas = plan(specs, [Node("replica", 1 << 16)]).node("replica").replicas
+    # The replica's node as its specs need it: every GPU index and NUMA node they name (Ray
+    # then picks a node that has them; the runtime refuses a replica placed where they lack).
+    gpus = 1 + max((g for g in map(_gpu_index, specs) if g is not None), default=-1)
+    numa = 1 + max((s.numa for s in specs if isinstance(s.numa, int) and not isinstance(s.numa, bool)), default=0)
+    replicas = plan(specs, [Node("replica", 1 << 16, gpus=gpus, numa_nodes=numa)]).node("replica").replicas
     own = sum(r.cores for r in replicas if r.spec.quota.isolation == "exclusive")
     pool = max((r.cores for r in replicas if r.spec.quota.isolation != "exclusive"), default=0)
     cpus = float(own + pool) if num_cpus is None else float(num_cpus)
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if num_gpus is not None or gpus:
+        options["num_gpus"] = float(gpus if num_gpus is None else num_gpus)
     return ApportionReplica.options(  # type: ignore[attr-defined]
         name=name, num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": cpus},
+        ray_actor_options=options,
     ).bind([r.spec for r in replicas], cpu_set_label, runtime_settings(config))
