@@ -401,6 +401,14 @@ class Config:
         if self.rate is not None:
             doc["workload"] = {"rate": self.rate}
         doc["models"] = {m.name: m.to_table() for m in self.models.values()}
+        for name, table in doc["models"].items():
+            for key, value in table.items():
+                bad = _not_toml(value)
+                if bad is not None:
+                    hint = (' (give warm-up samples as a "module:function" path that returns them)'
+                            if key == "warmup" else "")
+                    raise ConfigError(self.path, f"{model_key(name)}.{key}",
+                                      f"holds a {bad}, which TOML cannot hold; the config cannot be written{hint}")
         comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
         return comments + ("\n" if comments else "") + tomli_w.dumps(doc)
 
@@ -411,6 +419,23 @@ class Config:
 
 
 # -- validation helpers ---------------------------------------------------------------------------
+
+def _not_toml(v: object) -> str | None:
+    """The type name of the first value in ``v`` that TOML cannot hold (None when it all can)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, Mapping):
+            for k, item in x.items():
+                if not isinstance(k, str):
+                    return f"{type(k).__module__}.{type(k).__qualname__} key".removeprefix("builtins.")
+                stack.append(item)
+        elif not isinstance(x, (str, int, float, bool)):
+            return f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")
+    return None
+
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -216,6 +216,25 @@ def test_to_toml_writes_values_a_reader_gets_back_exactly() -> None:
     assert again.models == cfg.models and again.cpus == (0, 1) and again.rate is None
 
 
+def test_to_toml_refuses_a_value_toml_cannot_hold_naming_the_model_and_key() -> None:
+    # Was tomli_w's bare TypeError ("Object of type 'ndarray' is not TOML serializable").
+    np = pytest.importorskip("numpy")
+    arrays = Config(models={"m m": ModelConfig(ap.ModelSpec("m m", factory="pkg.mod:build",
+                                                            warmup=[np.zeros(3)]))}, path="c.toml")
+    with pytest.raises(ConfigError, match=r'^c\.toml: models\."m m"\.warmup: holds a numpy\.ndarray, which TOML '
+                                          r'cannot hold; .*"module:function" path'):
+        arrays.to_toml()
+    raw = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build", warmup=[{"x": [b"\x00"]}]))})
+    with pytest.raises(ConfigError, match=r"models\.m\.warmup: holds a bytes,"):
+        raw.to_toml()
+    keys = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build", warmup=[{1: 2.0}]))})
+    with pytest.raises(ConfigError, match=r"models\.m\.warmup: holds a int key,"):
+        keys.save(Path("/nonexistent/never-written.toml"))
+    fine = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build",
+                                                        warmup=[{"x": [1, 2.5, True, "s"]}]))})
+    assert Config.loads(fine.to_toml(), "again.toml").models == fine.models
+
+
 # Any non-empty name a user may give (Quota rejects only the empty one): every Unicode
 # category, control characters and surrogate-free code points included.
 NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=24)

@@ -277,6 +277,17 @@ def test_a_model_that_fails_now_and_then_is_profiled_on_what_it_served(tmp_path:
         tune(Config(models=often), budget_s=4, max_batch=1, progress=False, out_dir=tmp_path / "o")
 
 
+def test_tune_refuses_a_config_its_plan_file_cannot_hold_before_any_run(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    models = {"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(1.0), warmup=[np.zeros(2)]),
+                               slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 50.0})}
+    started = time.monotonic()
+    with pytest.raises(ap.ConfigError, match=r"models\.m\.warmup: holds a numpy\.ndarray"):
+        tune(Config(models=models), budget_s=30, progress=False, out_dir=tmp_path)
+    assert time.monotonic() - started < 10  # refused at once, not after the 30 s budget
+    assert not any(tmp_path.iterdir())
+
+
 def test_apply_keeps_workload_and_replaces_quotas() -> None:
     cfg = _synthetic_config()
     out = apply(cfg, {"ranker": Choice("exclusive", 4, 2, 2, ap.Batching(4, 1.0))})

@@ -116,6 +116,8 @@ def tune(
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
         raise ValueError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}")
     cfg = config if isinstance(config, Config) else Config.load(config)
+    if out_dir is not None:
+        cfg.to_toml()  # a value plan.toml cannot hold is refused now, not after the budget
     for n, m in cfg.models.items():
         if not m.load:
             raise ConfigError(cfg.path, f"{model_key(n)}.load", "the tuner needs each model's load: "
