@@ -82,6 +82,7 @@ class Planner {
     int max_cpu = 0;
     for (const auto& cpu : t_.cpus) max_cpu = std::max(max_cpu, cpu.id);
     cpu_owner_.assign(static_cast<std::size_t>(max_cpu) + 1, kFree);
+    held_idle_.assign(static_cast<std::size_t>(max_cpu) + 1, false);
     core_owner_.assign(t_.cores.size(), kFree);
     core_touched_.assign(t_.cores.size(), false);
     core_load_.assign(t_.cores.size(), 0);
@@ -112,9 +113,9 @@ class Planner {
       std::vector<std::vector<int>> units;  // per physical core, the CPUs this model runs on
       if (q.isolation == Isolation::exclusive)
         units = q.cpus.empty() ? place_exclusive_count(q, static_cast<int>(i), m)
-                               : place_explicit(q, static_cast<int>(i), true);
+                               : place_explicit(q, static_cast<int>(i), true, m);
       else
-        units = q.cpus.empty() ? place_shared_count(q) : place_explicit(q, static_cast<int>(i), false);
+        units = q.cpus.empty() ? place_shared_count(q) : place_explicit(q, static_cast<int>(i), false, m);
       finish(q, units, m);
     }
     if (!pool_built_) build_pool_cpus();
@@ -229,7 +230,7 @@ class Planner {
     return core_owner_[static_cast<std::size_t>(c)] == kFree && !core_touched_[static_cast<std::size_t>(c)];
   }
 
-  std::vector<std::vector<int>> place_explicit(const Quota& q, int model, bool exclusive) {
+  std::vector<std::vector<int>> place_explicit(const Quota& q, int model, bool exclusive, ModelPlacement& m) {
     std::map<int, std::vector<int>> by_core;  // ordered by core index = by lowest CPU
     CpuList clash;
     int clash_owner = kFree;
@@ -241,12 +242,39 @@ class Planner {
       }
       by_core[t_.find_cpu(cpu)->core].push_back(cpu);
     }
-    if (!clash.empty())
+    if (!clash.empty()) {
+      bool idle = false;
+      for (int cpu : clash) idle = idle || held_idle_[static_cast<std::size_t>(cpu)];
       fail(PlacementErrorKind::capacity, q, "cpus",
            "CPUs " + format_cpulist(clash) + " already belong to exclusive model '" +
-               quotas_[static_cast<std::size_t>(clash_owner)].name + "'; " +
+               quotas_[static_cast<std::size_t>(clash_owner)].name + "'" +
+               (idle ? " (SMT siblings of its CPUs, held idle since it has smt=False)" : "") + "; " +
                (exclusive ? "exclusive models never share a CPU" : "a shared model runs only on the shared pool") +
                "; the shared pool is " + (pool_built_ ? "\"" + format_cpulist(pool_) + "\"" : std::string("not yet known")));
+    }
+    // Without smt, the listed CPUs' siblings stay idle, as for a count of cores: no other model
+    // shares a physical core with an exclusive one.
+    CpuList siblings;
+    if (exclusive && !q.smt) {
+      CpuList taken;
+      int taken_owner = kFree;
+      for (const auto& [c, cpus] : by_core)
+        for (int cpu : core(c).usable) {
+          if (std::find(cpus.begin(), cpus.end(), cpu) != cpus.end()) continue;
+          const int owner = cpu_owner_[static_cast<std::size_t>(cpu)];
+          if (owner != kFree) {
+            taken.push_back(cpu);
+            taken_owner = owner;
+          }
+          siblings.push_back(cpu);
+        }
+      if (!taken.empty())
+        fail(PlacementErrorKind::capacity, q, "cpus",
+             "CPUs " + format_cpulist(taken) + ", SMT siblings of the listed CPUs, already belong to exclusive "
+             "model '" + quotas_[static_cast<std::size_t>(taken_owner)].name +
+                 "'; with smt=False an exclusive model keeps its cores' siblings idle, so no other model shares "
+                 "its physical cores: name CPUs of other cores, or set smt=True on both to share them");
+    }
     std::vector<std::vector<int>> units;
     for (auto& [c, cpus] : by_core) {
       if (exclusive) {
@@ -257,6 +285,12 @@ class Planner {
       }
       units.push_back(cpus);
     }
+    for (int cpu : siblings) {
+      cpu_owner_[static_cast<std::size_t>(cpu)] = model;
+      held_idle_[static_cast<std::size_t>(cpu)] = true;
+    }
+    m.reserved.insert(m.reserved.end(), siblings.begin(), siblings.end());
+    std::sort(m.reserved.begin(), m.reserved.end());
     return units;
   }
 
@@ -323,6 +357,7 @@ class Planner {
       } else {
         units.push_back({siblings.front()});
         m.reserved.insert(m.reserved.end(), siblings.begin() + 1, siblings.end());
+        for (auto it = siblings.begin() + 1; it != siblings.end(); ++it) held_idle_[static_cast<std::size_t>(*it)] = true;
       }
     }
     std::sort(m.reserved.begin(), m.reserved.end());
@@ -478,6 +513,7 @@ class Planner {
   std::vector<int> cpu_owner_;    // by CPU id: exclusive model index or kFree
   std::vector<int> core_owner_;   // by core index: exclusive model that took the whole core
   std::vector<bool> core_touched_;  // an explicit exclusive list holds some of its CPUs
+  std::vector<bool> held_idle_;     // by CPU id: an SMT sibling held idle for its exclusive owner
   std::vector<int> core_load_;    // shared models running on the core
   std::vector<int> usable_cores_;
   CpuList pool_;

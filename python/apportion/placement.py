@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from . import _core, _table
@@ -229,10 +229,25 @@ def _floating(q: Quota) -> Quota:
     return q
 
 
+def _quota(fields_: Mapping[str, Any]) -> Quota:
+    """A Quota from a mapping of its fields; a key it lacks is a QuotaError naming the model and
+    the key (not Quota's TypeError)."""
+    allowed = [f.name for f in fields(Quota) if f.init]
+    name = fields_.get("name")
+    for key in fields_:
+        if key not in allowed:
+            raise QuotaError(f"unknown key {key!r}; allowed: {', '.join(allowed)}",
+                             model=name if isinstance(name, str) else None, field=str(key))
+    if "name" not in fields_:
+        raise QuotaError(f"a model's fields need its name (got keys {sorted(map(str, fields_))}); give a "
+                         "mapping of name -> fields, or include name", field="name")
+    return Quota(**dict(fields_))
+
+
 def _coerce(models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]) -> list[Quota]:
     if isinstance(models, Mapping):
-        return [_floating(Quota(name=name, **dict(kw))) for name, kw in models.items()]
-    return [_floating(m if isinstance(m, Quota) else Quota(**dict(m))) for m in models]
+        return [_floating(_quota({"name": name, **dict(kw)})) for name, kw in models.items()]
+    return [_floating(m if isinstance(m, Quota) else _quota(m)) for m in models]
 
 
 def plan(

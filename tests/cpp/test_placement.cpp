@@ -348,6 +348,33 @@ TEST(PlacementErrors, ThreadsBeyondCoresNeedSmtOrConsent) {
   EXPECT_EQ(plan_placement(t, {q}).models[0].instances[0].threads, 5);
 }
 
+TEST(Placement, ExplicitExclusiveListKeepsItsCoresSiblingsIdleWithoutSmt) {
+  const Topology& t = fixture("server_2s128t");  // CPUs 64 and 65 are the siblings of 0 and 1
+  const std::vector<Quota> quotas{explicit_cpus("pinned", "0-1"), shared("rest")};
+  const Plan plan = plan_placement(t, quotas);
+  EXPECT_EQ(plan.models[0].cpus, (CpuList{0, 1}));
+  EXPECT_EQ(plan.models[0].reserved, (CpuList{64, 65}));
+  for (int cpu : {64, 65}) {
+    EXPECT_FALSE(std::binary_search(plan.shared_pool.begin(), plan.shared_pool.end(), cpu)) << cpu;
+    EXPECT_EQ(std::count(plan.models[1].cpus.begin(), plan.models[1].cpus.end(), cpu), 0) << cpu;
+  }
+  check_invariants(t, quotas, plan);
+  // A sibling named by another exclusive model: refused, saying why.
+  const auto e = error_of(t, {explicit_cpus("a", "0"), explicit_cpus("b", "64")});
+  EXPECT_EQ(e.model(), "b");
+  EXPECT_EQ(e.field(), "cpus");
+  EXPECT_NE(std::string(e.what()).find("CPUs 64 already belong to exclusive model 'a' (SMT siblings of its CPUs, "
+                                       "held idle since it has smt=False)"), std::string::npos) << e.what();
+  // With smt, the listed CPUs alone are the model's; the sibling stays free for others.
+  Quota a = explicit_cpus("a", "0");
+  a.smt = true;
+  Quota b = explicit_cpus("b", "64");
+  b.smt = true;
+  const Plan both = plan_placement(t, {a, b});
+  EXPECT_TRUE(both.models[0].reserved.empty());
+  EXPECT_EQ(both.models[1].cpus, CpuList{64});
+}
+
 TEST(PlacementErrors, OverlappingExplicitListsBetweenExclusiveModels) {
   const Topology& t = fixture("server_2s128t");
   const auto e = error_of(t, {explicit_cpus("a", "0-3"), explicit_cpus("b", "3-5")});

@@ -61,6 +61,16 @@ def check_plan(t: Topology, quotas: list[Quota], p: Plan) -> None:
             assert {t.cpu(c).node for c in m.cpus} == {q.numa}
             assert all(i.memory_nodes == (q.numa,) for i in m.instances)
     assert not set(p.shared_pool) & set(owner)
+    # Without smt, an exclusive model's physical cores are its alone (its siblings held idle),
+    # whether it counted its cores or listed its CPUs.
+    for q in quotas:
+        if q.isolation == "exclusive" and not q.smt:
+            mine = {core_of(t, c) for c in p[q.name].cpus}
+            for other in p.models:
+                if other.name != q.name:
+                    shared_cores = mine & {core_of(t, c) for c in other.cpus}
+                    assert not shared_cores, f"{q.name} (smt=False) shares cores {shared_cores} with {other.name}"
+            assert not mine & {core_of(t, c) for c in p.shared_pool}, f"{q.name}'s cores are in the shared pool"
 
 
 def check_locality(t: Topology, quotas: list[Quota], p: Plan) -> None:
@@ -124,12 +134,35 @@ def test_exclusive_models_are_local_and_the_pool_is_what_remains() -> None:
     assert json.loads(json.dumps(p.to_dict()))["models"][0]["name"] == "ranker"
 
 
+def test_a_listed_exclusive_model_keeps_its_cores_siblings_idle_without_smt() -> None:
+    t = TOPOLOGIES["server_2s128t"]  # CPU 64 is CPU 0's sibling, 65 CPU 1's
+    p = plan([Quota("pinned", cores="0-1", isolation="exclusive"), Quota("s")], t)
+    assert p["pinned"].cpus == (0, 1) and p["pinned"].reserved == (64, 65)
+    assert not {64, 65} & set(p.shared_pool) and not {64, 65} & set(p["s"].cpus)
+    assert "0-1 (+64-65 idle)" in str(p)
+    # Another exclusive model on a sibling: refused, naming the sibling rule, in either order.
+    for a, b in (("a", "b"), ("b", "a")):
+        with pytest.raises(PlacementError, match=r"CPUs (0|64) already belong to exclusive model '[ab]' "
+                                                 r"\(SMT siblings of its CPUs, held idle since it has smt=False\)") as e:
+            plan([Quota(a, cores="0", isolation="exclusive"), Quota(b, cores="64", isolation="exclusive")], t)
+        assert e.value.field == "cores"
+    # With smt=True on both, they share the core, as asked.
+    both = plan([Quota("a", cores="0", isolation="exclusive", smt=True),
+                 Quota("b", cores="64", isolation="exclusive", smt=True)], t)
+    assert both["a"].cpus == (0,) and both["b"].cpus == (64,)
+
+
 def test_models_accepted_as_dicts_and_mapping() -> None:
     t = TOPOLOGIES["vm2"]
     a = plan([{"name": "x", "cores": 1, "isolation": "exclusive"}, {"name": "y"}], t)
     b = plan({"x": {"cores": 1, "isolation": "exclusive"}, "y": {}}, t)
     assert plans_equal(a, b)
     assert a["x"].cpus == (0,) and a["y"].cpus == (1,)
+    # A key Quota lacks, or no name: a QuotaError naming them (was Quota's bare TypeError).
+    with pytest.raises(QuotaError, match=r"model 'a', field 'coers': unknown key 'coers'; allowed: name, cores"):
+        plan({"a": {"coers": 2}}, t)
+    with pytest.raises(QuotaError, match=r"field 'name': a model's fields need its name"):
+        plan([{"cores": 2}], t)
 
 
 def test_plan_defaults_to_this_machine() -> None:
@@ -242,7 +275,7 @@ def quota_sets(draw: st.DrawFn, t: Topology) -> list[Quota]:
         name = f"m{i}"
         if kind == "explicit":
             cpus = draw(st.lists(st.sampled_from(t.usable), min_size=1, max_size=4, unique=True))
-            quotas.append(Quota(name, cores=",".join(map(str, cpus)), isolation="exclusive", smt=True,
+            quotas.append(Quota(name, cores=",".join(map(str, cpus)), isolation="exclusive", smt=smt,
                                 instances=min(instances, len(cpus))))
         elif kind == "exclusive":
             cores = draw(st.integers(1, max(1, ncores // 2)))
