@@ -334,11 +334,19 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
         return _bench_remote(args, specs, out)
     inputs_flags = _pairs(args.inputs, "--inputs")
     if args.config:
+        for flag, given in (("--factory", args.factory), ("--inputs", args.inputs)):
+            if given:
+                raise ConfigError("<command line>", flag, "with CONFIG, each model's factory and inputs come from "
+                                  "its table's factory and inputs keys")
         cfg = Config.load(args.config)
     else:
         factories = _pairs(args.factory, "--factory")
         if not specs:
             raise ConfigError("<command line>", None, "give CONFIG or at least one --model SPEC with --factory")
+        for flag, given in (("--factory", factories), ("--inputs", inputs_flags)):
+            stray = sorted(set(given) - set(names))
+            if stray:
+                raise ConfigError("<command line>", flag, f"model {stray[0]!r} has no --model SPEC")
         models = {}
         for spec in specs:
             if spec.model not in factories:
@@ -351,6 +359,16 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
             models[spec.model] = ModelConfig(model_spec, inputs=inputs_flags.get(spec.model))
         cfg = Config(models=models, path="<command line>")
     loads = _config_loads(cfg, specs)
+    for x in loads:  # before any model starts: a bad load is the command line's (or config's) error
+        where, key = ("<command line>", "--model") if x.model in names else (cfg.path, f"{model_key(x.model)}.load")
+        try:
+            x.validate([y.model for y in loads])
+        except ld.LoadError as e:
+            raise ConfigError(where, key, str(e)) from None
+        levels = cfg.models[x.model].spec.priority_levels
+        if x.priority is not None and not 0 <= x.priority < levels:
+            raise ConfigError(where, key, f"model {x.model!r}: priority {x.priority} is not one of the model's "
+                              f"priority levels 0-{levels - 1} (0 is the highest)")
     rt = cfg.runtime(topology_root=args.root, start=True)
     try:
         with _inputs_errors(lambda m: _inputs_key(cfg.path, m, not args.config)):
@@ -499,9 +517,9 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=8000, metavar="PORT",
+    p.add_argument("--http-port", type=in_range(0, 65535), default=8000, metavar="PORT",
                    help="v2 HTTP/REST port (default 8000; 0 picks a free one)")
-    p.add_argument("--grpc-port", type=int, default=8001, metavar="PORT",
+    p.add_argument("--grpc-port", type=in_range(-1, 65535), default=8001, metavar="PORT",
                    help="v2 gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop, asyncio, or auto (default: uvloop where installed)")
@@ -538,7 +556,11 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
                       "SIGTERM or Ctrl-C drains and exits", file=out, flush=True)
 
         threading.Thread(target=announce, daemon=True).start()
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except OSError as e:  # the address: in use, not this machine's, or a host that does not resolve
+            raise ApportionError(f"cannot serve on --host {args.host} (--http-port {args.http_port}, --grpc-port "
+                                 f"{args.grpc_port}): {e}") from None
     finally:
         rt.close(drain=True)
     return EXIT_OK

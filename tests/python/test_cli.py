@@ -453,6 +453,27 @@ def test_bench_config_and_model_specs(tmp_path: Path) -> None:
     assert code == 2 and "no model 'nope'" in err
 
 
+def test_bench_refuses_flags_it_would_ignore_and_bad_loads_before_starting(tmp_path: Path) -> None:
+    path = config(tmp_path, SLEEPERS)
+    # With CONFIG, --factory and --inputs were silently ignored; without it, those naming a
+    # model with no --model were.
+    for flag, value in (("--factory", "fast=apportion.examples.sleepers:fast"), ("--inputs", "fast=x:y")):
+        code, _, err = run("bench", path, flag, value)
+        assert code == 2 and f"<command line>: {flag}: with CONFIG, each model's factory and inputs" in err, err
+    fast = ("--model", "s:concurrency=1", "--factory", "s=apportion.examples.sleepers:fast")
+    for flag, value in (("--factory", "t=apportion.examples.sleepers:fast"), ("--inputs", "t=x:y")):
+        code, _, err = run("bench", *fast, flag, value)
+        assert code == 2 and f"<command line>: {flag}: model 't' has no --model SPEC" in err, err
+    # A load the runtime would refuse was exit 1 naming no flag, after the models started.
+    for spec, want in (("s:concurrency=0", "concurrency must be an integer >= 1, got 0"),
+                       ("s:rate=nan", "rate"), ("s:concurrency=1,arrivals=bogus", "arrivals must be"),
+                       ("s:concurrency=1,priority=5", "priority 5 is not one of the model's priority levels 0-0")):
+        code, _, err = run("bench", "--model", spec, "--factory", "s=apportion.examples.sleepers:fast")
+        assert code == 2 and "apportion bench: error: <command line>: --model: model 's'" in err and want in err, err
+    code, _, err = run("bench", path, "--model", "fast:concurrency=1,priority=-1")
+    assert code == 2 and "<command line>: --model: model 'fast': priority -1" in err, err
+
+
 def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:
     out_dir = tmp_path / "tuned"
     code, out, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "5", "--out", str(out_dir),

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,7 +142,8 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("option,value", [("--max-body-bytes", "0"), ("--max-body-bytes", "1.5"),
                                           ("--drain-timeout-s", "-1"), ("--drain-timeout-s", "nan"),
-                                          ("--queue-full-status", "500")])
+                                          ("--queue-full-status", "500"), ("--http-port", "99999"),
+                                          ("--http-port", "-1"), ("--grpc-port", "-2"), ("--grpc-port", "x")])
 def test_bad_server_options_are_usage_errors(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from apportion.cli import main
 
@@ -185,3 +187,24 @@ def test_signatures_round_trip_through_toml() -> None:
     again = Config.loads(cfg.to_toml(), "again.toml")
     assert again.models == cfg.models
     assert signatures(again)["double"] == signatures(cfg)["double"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "256.1.1.1"])
+def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host: str) -> None:
+    # Was a traceback ending in OSError "Address already in use" / socket.gaierror, exit 1.
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(CONFIG)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+        done = subprocess.run([sys.executable, "-m", "apportion", "serve", str(cfg), "--host", host,
+                               "--http-port", str(port), "--grpc-port", "-1"],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip()
+    assert line.startswith(f"apportion serve: error: cannot serve on --host {host} (--http-port {port}, "
+                           "--grpc-port -1): "), line
+    assert len(line.splitlines()) == 1
