@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import pkgutil
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -265,13 +266,17 @@ class Config:
                 raise ConfigError(path, "runtime.pool_reserve", f"got {pool_reserve!r}; give a table of "
                                   "priority class = units, e.g. { \"1\" = 1 }")
             parsed: dict[int, int] = {}
+            spelled: dict[int, str] = {}
             for k, v in pool_reserve.items():
-                try:
-                    cls_ = int(k)
-                except ValueError:
+                # Plain ASCII digits only: int() also takes "1_0" and other scripts' digits.
+                if re.fullmatch(r"[+-]?[0-9]+", k) is None:
                     raise ConfigError(path, "runtime.pool_reserve", f"key {k!r} is not a priority class "
-                                      "(an integer)") from None
-                parsed[cls_] = v
+                                      "(an integer, like \"1\" or \"-2\")")
+                cls_ = int(k)
+                if cls_ in parsed:
+                    raise ConfigError(path, "runtime.pool_reserve", f"keys {spelled[cls_]!r} and {k!r} both name "
+                                      f"priority class {cls_}; give each class once")
+                parsed[cls_], spelled[cls_] = v, k
             pool_reserve = parsed
         reserve_nice = runtime.get("reserve_nice", 10)  # checked with pool_reserve, below
         workload = _table(path, "workload", doc.get("workload", {}), WORKLOAD_KEYS)
@@ -296,6 +301,9 @@ class Config:
                 _check_reserve(pool_reserve, reserve_nice, shared_pool == "scheduled")
             except QuotaError as e:
                 raise ConfigError(path, f"runtime.{e.field}", e.reason) from None
+            if pool_reserve is None:
+                raise ConfigError(path, "runtime.reserve_nice", "applies only with pool_reserve (it is the nice of "
+                                  "the classes below a reservation); add pool_reserve, or leave reserve_nice out")
         return cfg
 
     # -- using --------------------------------------------------------------------------------
@@ -326,7 +334,10 @@ class Config:
                     m.add_to(rt, self.path, build=build)
                 except (QuotaError, PlacementError) as e:
                     fld = getattr(e, "field", None)
-                    key = f"{model_key(m.name)}.{fld}" if fld else model_key(m.name)
+                    # Adding one model re-plans all: the error may be another model's.
+                    whose = getattr(e, "model", None)
+                    whose = whose if isinstance(whose, str) and whose in self.models else m.name
+                    key = f"{model_key(whose)}.{fld}" if fld else model_key(whose)
                     if isinstance(e, PlacementError):
                         raise DoesNotFit(self.path, key,
                                          f"the models do not fit this machine: {_without_prefix(e)}") from None
@@ -334,6 +345,12 @@ class Config:
             if start:
                 try:
                     rt.start()
+                except QuotaError as e:  # e.g. a worker process that cannot import its factory
+                    whose = e.model if isinstance(e.model, str) and e.model in self.models else None
+                    if whose is None:
+                        raise
+                    raise ConfigError(self.path, f"{model_key(whose)}.{e.field}" if e.field else model_key(whose),
+                                      _without_prefix(e)) from e
                 except ApportionError:
                     raise
                 except Exception as e:  # the user's factory or warm-up: its error, and whose it is
@@ -394,7 +411,7 @@ class Config:
             runtime["shared_pool"] = self.shared_pool
         if self.pool_reserve:
             runtime["pool_reserve"] = {str(k): v for k, v in sorted(self.pool_reserve.items())}
-        if self.reserve_nice != 10:
+        if self.reserve_nice != 10 and self.pool_reserve:  # it does nothing without a reservation
             runtime["reserve_nice"] = self.reserve_nice
         if runtime:
             doc["runtime"] = runtime

@@ -115,17 +115,26 @@ def parse_memory(value: int | str, *, model: str | None = None, field: str = "me
         )
     if n < 1:
         raise _quota_error(model, field, f"={value!r} must be at least 1 byte; None means no budget")
+    if n >= 1 << 64:
+        raise _quota_error(model, field, f"={value!r} is beyond any device's memory (at most 2**64 - 1 bytes)")
     return n
 
 
+_MAX_DEVICE = 65535
+_INT32 = (-(1 << 31), (1 << 31) - 1)  # what the native quota holds for priority and sm_count
+
+
 def _device_ordinal(model: str | None, value: object) -> int:
+    n: int | None = None
     if _is_int(value) and int(value) >= 0:  # type: ignore[call-overload]
-        return int(value)  # type: ignore[call-overload]
-    if isinstance(value, str):
-        m = re.fullmatch(r"cuda(?::(\d+))?", value.strip())
+        n = int(value)  # type: ignore[call-overload]
+    elif isinstance(value, str):
+        m = re.fullmatch(r"cuda(?::([0-9]+))?", value.strip())
         if m:
-            return int(m.group(1) or 0)
-    raise _quota_error(model, "device", f"={value!r} must be a device ordinal >= 0 or 'cuda:N'")
+            n = int(m.group(1) or 0)
+    if n is None or n > _MAX_DEVICE:
+        raise _quota_error(model, "device", f"={value!r} must be a device ordinal in 0..{_MAX_DEVICE} or 'cuda:N'")
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +181,9 @@ class GPU:
                 raise _quota_error(
                     model, "priority", f"={p!r} must be 'high', 'normal', 'low' or an int"
                 )
-        elif not _is_int(p):
+        elif not _is_int(p) or not _INT32[0] <= int(p) <= _INT32[1]:
             raise _quota_error(
-                model, "priority", f"={p!r} must be 'high', 'normal', 'low' or an int"
+                model, "priority", f"={p!r} must be 'high', 'normal', 'low' or a 32-bit int"
             )
         if self.sm_share is not None:
             s = self.sm_share
@@ -185,8 +194,8 @@ class GPU:
                 raise _quota_error(
                     model, "sm_share", "and gpu.sm_count are both set; give one of them"
                 )
-        if self.sm_count is not None and (not _is_int(self.sm_count) or int(self.sm_count) < 1):
-            raise _quota_error(model, "sm_count", f"={self.sm_count!r} must be an integer >= 1")
+        if self.sm_count is not None and (not _is_int(self.sm_count) or not 1 <= int(self.sm_count) <= _INT32[1]):
+            raise _quota_error(model, "sm_count", f"={self.sm_count!r} must be an integer in 1..{_INT32[1]}")
         if self.memory is not None:
             set_(self, "memory", parse_memory(self.memory, model=model))
         for flag in ("allow_overlap", "strict"):
@@ -318,7 +327,7 @@ def plan_gpus(
     quotas = []
     for name, quota in items:
         if not isinstance(quota, GPU):
-            raise QuotaError(f"model {name!r}: gpu must be apportion.GPU(...), got {quota!r}")
+            raise QuotaError(f"must be apportion.GPU(...), got {quota!r}", model=name, field="gpu")
         quotas.append(quota.validate(name).to_native(name))
     return GpuPlan(_native.plan_gpus(quotas, _device_list(devices)))
 

@@ -207,7 +207,11 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
         # Listed before its child starts, so that close(drain=False) can stop a start that
         # hangs.
         procs.append(proxy)
-        proxy.start()
+        try:
+            proxy.start()
+        except BaseException as e:
+            e.add_note(f"(raised by the factory of model {name!r}, instance {index}, in its worker process)")
+            raise
         return proxy
 
     def make_instance(index: int) -> Callable[[Any], Any]:
@@ -827,7 +831,7 @@ class Runtime(_core._Runtime):
     def _check_gpu(self, name: str, gpu: GPU) -> None:
         # The quota itself was validated by the ModelSpec; what is checked here is the machine.
         if not gpu_available():
-            raise QuotaError(f"model {name!r}, field 'gpu': no usable GPU: {gpu_unavailable_reason()}")
+            raise QuotaError(f"no usable GPU: {gpu_unavailable_reason()}", model=name, field="gpu")
         if self.started:
             raise PlacementError(
                 f"model {name!r}: GPU models are partitioned together at start(); add it before "

@@ -179,9 +179,23 @@ class Topology:
         return max((len(c.usable) for c in self.cores), default=0)
 
     def restricted_to(self, cpus: Iterable[int] | str) -> Topology:
-        """A copy that may use only ``cpus`` (ids or a cpulist string) of what is allowed now."""
+        """A copy that may use only ``cpus`` (ids or a cpulist string) of what is allowed now.
+        Raises ValueError when that leaves no usable CPU (none named, or each one offline or
+        not allowed to this process), naming which."""
         ids = parse_cpulist(cpus) if isinstance(cpus, str) else tuple(cpus)
-        return Topology._from_native(self._native.restricted_to(list(ids)))
+        out = Topology._from_native(self._native.restricted_to(list(ids)))
+        if not out.usable:
+            if not ids:
+                raise ValueError("names no CPU")
+            offline = sorted(set(ids) & set(self.offline))
+            barred = sorted(set(ids) - set(self.offline) - set(self.allowed))
+            why = "; ".join(part for part in (
+                f"offline: {format_cpulist(offline)}" if offline else "",
+                f"not allowed to this process: {format_cpulist(barred)}" if barred else "") if part)
+            named = f"CPUs {format_cpulist(sorted(set(ids)))} leave" if len(set(ids)) > 1 else f"CPU {ids[0]} leaves"
+            raise ValueError(f"{named} no usable CPU ({why or 'none is usable'}); this process may use "
+                             f"{format_cpulist(self.usable) or 'none'}")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable structure (what ``apportion topology --json`` prints)."""

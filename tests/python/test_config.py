@@ -188,6 +188,11 @@ def test_models_that_do_not_fit_are_does_not_fit(tmp_path: Path) -> None:
                            '[models.b]\ncores = 1\nisolation = "exclusive"\n')
     with pytest.raises(DoesNotFit, match=r"models\.b\.cores: the models do not fit"):
         Config.load(path).runtime(topology_root=VM2, build=False)
+    # Adding "e" re-plans "s" too, and it is "s" that cannot be placed: the key names "s".
+    path = write(tmp_path, '[models.s]\ncores = "0-3"\n[models.e]\ncores = "0-1"\nisolation = "exclusive"\n')
+    with pytest.raises(DoesNotFit, match=r"models\.s\.cores: the models do not fit.*exclusive model 'e'") as e:
+        Config.load(path).runtime(topology_root=str(FIXTURES / "server_2s128t"), build=False)
+    assert e.value.key == "models.s.cores"
 
 
 # -- writing: every name and value round-trips through to_toml -> load ---------------------------
@@ -284,10 +289,18 @@ def test_a_pool_reservation_loads_round_trips_and_reaches_the_runtime(tmp_path: 
     [
         ('pool_reserve = { "1" = 1 }', "runtime.pool_reserve", "needs shared_pool='scheduled'"),
         ('shared_pool = "scheduled"\npool_reserve = { "x" = 1 }', "runtime.pool_reserve", "key 'x' is not a priority class"),
+        # int() takes these; they were read as classes 10 and 1
+        ('shared_pool = "scheduled"\npool_reserve = { "1_0" = 1 }', "runtime.pool_reserve", "key '1_0' is not a"),
+        ('shared_pool = "scheduled"\npool_reserve = { "\u0661" = 1 }', "runtime.pool_reserve", "is not a priority class"),
+        # two spellings of one class: one silently won
+        ('shared_pool = "scheduled"\npool_reserve = { "1" = 1, "01" = 3 }', "runtime.pool_reserve",
+         "keys '1' and '01' both name priority class 1"),
         ('shared_pool = "scheduled"\npool_reserve = { "1" = 0 }', "runtime.pool_reserve", "unit count in"),
         ('shared_pool = "scheduled"\npool_reserve = 3', "runtime.pool_reserve", "give a table"),
         ('shared_pool = "scheduled"\npool_reserve = { "1" = 1 }\nreserve_nice = 30', "runtime.reserve_nice", "1..19"),
-        # without a reservation too: it is written back by to_toml and read by the next load
+        # without a reservation too, where it does nothing, so it is refused either way
+        ('reserve_nice = 5', "runtime.reserve_nice", "applies only with pool_reserve"),
+        ('shared_pool = "scheduled"\nreserve_nice = 5', "runtime.reserve_nice", "applies only with pool_reserve"),
         ('reserve_nice = "x"', "runtime.reserve_nice", "1..19"),
         ("reserve_nice = nan", "runtime.reserve_nice", "1..19"),
         ("reserve_nice = -5", "runtime.reserve_nice", "1..19"),
@@ -300,6 +313,25 @@ def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: s
     with pytest.raises(ConfigError, match=message) as info:
         Config.load(write(tmp_path, text))
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(("cpus", "root", "message"), [
+    ('""', VM2, "names no CPU"),
+    ("[]", VM2, "give a CPU list"),
+    ('"5"', "offline_cpu", r"CPU 5 leaves no usable CPU \(offline: 5\); this process may use 0-4,6-7"),
+    ('"0,2"', "container_scattered", r"CPUs 0,2 leave no usable CPU \(not allowed to this process: 0,2\)"),
+])
+def test_runtime_cpus_that_leave_nothing_usable_name_runtime_cpus(tmp_path: Path, cpus: str, root: str,
+                                                                 message: str) -> None:
+    # Were accepted, and the placement then blamed a model ("models.m.isolation: ... all 0 usable CPUs").
+    path = write(tmp_path, f'[runtime]\ncpus = {cpus}\n[models.m]\nfactory = "apportion.demo:build_mlp"\n')
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.load(path).runtime(topology_root=root if root == VM2 else str(FIXTURES / root), build=False)
+    assert info.value.key == "runtime.cpus"
+    # The same from the API (Runtime(cpus=...) reads its topology this way).
+    topo = ap.topology(root if root == VM2 else str(FIXTURES / root))
+    with pytest.raises(ValueError, match=message if root != VM2 else "names no CPU"):
+        topo.restricted_to(cpus.strip('"') if root != VM2 else [])
 
 
 def test_a_cpu_this_machine_lacks_names_runtime_cpus(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_memory_sizes_normalise_to_bytes(text: int | str, expected: int) -> None
     assert gpu.GPU(memory=text).memory == expected
 
 
-@pytest.mark.parametrize("bad", ["4 GiBs", "lots", "-1GiB", "", 0, -5, 1.5, True, "0.1B"])
+@pytest.mark.parametrize("bad", ["4 GiBs", "lots", "-1GiB", "", 0, -5, 1.5, True, "0.1B", 2**64, "20000000TB"])
 def test_bad_memory_sizes_name_the_field(bad: object) -> None:
     with pytest.raises(QuotaError, match=r"gpu\.memory") as info:
         gpu.GPU(memory=bad)  # type: ignore[arg-type]
@@ -67,6 +67,13 @@ def test_bad_memory_sizes_name_the_field(bad: object) -> None:
         ({"device": -1}, "device"),
         ({"device": "gpu0"}, "device"),
         ({"device": 1.0}, "device"),
+        # beyond what the native quota holds: was pybind's "Unable to cast Python instance"
+        ({"device": 2**32}, "device"),
+        ({"device": "cuda:4294967296"}, "device"),
+        ({"device": "cuda:\u0661"}, "device"),
+        ({"priority": 2**31}, "priority"),
+        ({"priority": -(2**31) - 1}, "priority"),
+        ({"sm_count": 2**31}, "sm_count"),
         ({"streams": 0}, "streams"),
         ({"streams": 65}, "streams"),
         ({"streams": True}, "streams"),
@@ -222,7 +229,7 @@ def test_plans_are_deterministic() -> None:
 
 
 def test_plan_rejects_non_gpu_quotas_and_bad_devices() -> None:
-    with pytest.raises(QuotaError, match="model 'a': gpu must be"):
+    with pytest.raises(QuotaError, match="model 'a', field 'gpu': must be"):
         gpu.plan_gpus({"a": {"sm_share": 0.5}}, "h200")  # type: ignore[dict-item]
     with pytest.raises(TypeError, match="devices"):
         gpu.plan_gpus({"a": gpu.GPU()}, [42])  # type: ignore[list-item]

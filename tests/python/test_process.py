@@ -302,6 +302,26 @@ def test_a_request_larger_than_the_channel_fails_alone(rt: ap.Runtime, monkeypat
 
 
 # -- start and shutdown ---------------------------------------------------------------------------
+def test_a_configs_process_model_that_fails_to_start_is_named(tmp_path: Any) -> None:
+    from apportion.config import Config, ConfigError, StartFailed
+
+    def config(factory: str) -> Config:
+        return Config.loads(f'[models.good]\nfactory = "process_models:echo"\nisolation = "process"\n'
+                            f'[models.bad]\nfactory = "{factory}"\nisolation = "process"\n', "c.toml")
+
+    # Was "models: a model failed to start: RuntimeError: ...", naming no model.
+    with pytest.raises(StartFailed, match=r"failed on purpose .*\(raised by the factory of model 'bad', instance 0, "
+                                          r"in its worker process\)"):
+        config("process_models:failing_factory").runtime(start=True)
+    with pytest.raises(StartFailed, match=r"factory returned int, which is not callable.*model 'bad', instance 0"):
+        config("process_models:not_callable").runtime(start=True)
+    # Was the worker's QuotaError as it was ("model 'bad', field 'factory'"), with no file or key.
+    with pytest.raises(ConfigError, match=r"^c\.toml: models\.bad\.factory: 'process_models:no_such_factory' "
+                                          r"cannot be imported") as missing:
+        config("process_models:no_such_factory").runtime(start=True)
+    assert type(missing.value) is ConfigError
+
+
 def test_factory_errors_surface_from_add_model(rt: ap.Runtime) -> None:
     rt.start()
     with pytest.raises(RuntimeError, match="failed on purpose") as info:
@@ -311,8 +331,9 @@ def test_factory_errors_surface_from_add_model(rt: ap.Runtime) -> None:
         rt.add_model("b", factory="process_models:crashing_factory", isolation="process")
     with pytest.raises(TypeError, match="not callable"):
         rt.add_model("c", factory="process_models:not_callable", isolation="process")
-    with pytest.raises(ap.QuotaError, match="'factory'.*no attribute"):
+    with pytest.raises(ap.QuotaError, match="'factory'.*no attribute") as missing:
         rt.add_model("d", factory="process_models:no_such_factory", isolation="process")
+    assert (missing.value.model, missing.value.field) == ("d", "factory")
     assert rt.models == []
     rt.add_model("e", factory="process_models:echo", isolation="process")
     assert rt.submit("e", 1).result(timeout=LONG) == 1
@@ -379,6 +400,7 @@ def test_invalid_quotas_name_the_model_and_field(rt: ap.Runtime, kwargs: dict[st
     with pytest.raises(ap.QuotaError, match=pattern) as info:
         rt.add_model("bad", **kwargs)
     assert "'bad'" in str(info.value)
+    assert info.value.model == "bad" and info.value.field == re.search(r"'(\w+)'", pattern).group(1)
     assert rt.models == []
 
 

@@ -33,6 +33,7 @@ def test_gpu_quota_without_a_gpu_is_a_quota_error_with_the_reason(rt: ap.Runtime
     with pytest.raises(ap.QuotaError, match=r"model 'm', field 'gpu': no usable GPU: ") as err:
         rt.add_model("m", model=lambda x: x, gpu=ap.GPU(device=0, streams=1))
     assert gpu_unavailable_reason() in str(err.value)
+    assert (err.value.model, err.value.field) == ("m", "gpu")  # a config's error then names models.m.gpu
     assert rt.models == []
 
 

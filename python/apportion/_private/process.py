@@ -82,8 +82,8 @@ def factory_path(model: str, factory: object) -> str:
     if isinstance(factory, str):
         module = factory.partition(":")[0]
         if not is_import_path(factory):
-            raise QuotaError(f"model {model!r}, field 'factory': {factory!r} is not a \"module:function\" path "
-                             "(isolation=\"process\" imports the factory in the worker process)")
+            raise QuotaError(f"{factory!r} is not a \"module:function\" path (isolation=\"process\" imports the "
+                             "factory in the worker process)", model=model, field="factory")
         try:
             found = importlib.util.find_spec(module)
         except (ImportError, ValueError) as e:
@@ -92,8 +92,8 @@ def factory_path(model: str, factory: object) -> str:
         else:
             why = ""
         if found is None:
-            raise QuotaError(f"model {model!r}, field 'factory': module {module!r} of {factory!r} is not "
-                             f"importable{why}; the worker process imports it with this process's sys.path")
+            raise QuotaError(f"module {module!r} of {factory!r} is not importable{why}; the worker process "
+                             "imports it with this process's sys.path", model=model, field="factory")
         return factory
     if callable(factory):
         module = getattr(factory, "__module__", None)
@@ -105,10 +105,10 @@ def factory_path(model: str, factory: object) -> str:
             if obj is factory:
                 return factory_path(model, f"{module}:{qualname}")
         raise QuotaError(
-            f"model {model!r}, field 'factory': isolation=\"process\" needs a factory the worker process "
-            f"can import: a \"module:function\" string or a module-level function (not a lambda, closure, "
-            f"bound method or a function of __main__); got {factory!r}")
-    raise QuotaError(f"model {model!r}, field 'factory': give a \"module:function\" string, got {factory!r}")
+            "isolation=\"process\" needs a factory the worker process can import: a \"module:function\" string "
+            f"or a module-level function (not a lambda, closure, bound method or a function of __main__); got "
+            f"{factory!r}", model=model, field="factory")
+    raise QuotaError(f"give a \"module:function\" string, got {factory!r}", model=model, field="factory")
 
 
 def _describe_exit(code: int) -> str:
