@@ -79,6 +79,7 @@ def signatures() -> dict[str, Signature]:
         "gate": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
         "grid": Signature([TensorSpec("x", "FP32", [-1, -1])], [TensorSpec("y", "FP32", [-1, -1])]),
         "bad_bytes": Signature(vec, [TensorSpec("u", "BYTES", [-1])]),
+        "team/echo": Signature(vec, [TensorSpec("y", "FP32", [-1])]),  # a "/" in its name: %2F in a path
     }
 
 
@@ -94,6 +95,7 @@ def add_models(rt: ap.Runtime, gate: Gate, batched: Batched) -> None:
     rt.add_model("grid", model=lambda x: x)
     # ints in an object array: bytes(5) would be five NUL bytes on the wire
     rt.add_model("bad_bytes", model=lambda x: np.array([5, 7], dtype=object))
+    rt.add_model("team/echo", model=lambda x: x * 3)
 
 
 class Served:

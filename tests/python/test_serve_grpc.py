@@ -65,7 +65,8 @@ def test_health_and_metadata(client: Any, served: Served) -> None:
     assert [(t["name"], t["datatype"], t["shape"]) for t in mm["inputs"]] == [
         ("a", "INT32", ["-1"]), ("b", "FP32", ["-1"])]
     status_of(lambda: client.get_model_metadata("nope"), "NOT_FOUND", "unknown model 'nope'")
-    status_of(lambda: client.is_model_ready("nope"), "NOT_FOUND", "unknown model 'nope'")
+    # An unknown model or version is not ready (was NOT_FOUND; HTTP's 404 reads false too).
+    assert client.is_model_ready("nope") is False and client.is_model_ready("echo", model_version="2") is False
     status_of(lambda: client.get_model_metadata("echo", model_version="2"), "NOT_FOUND", "version '2'")
     status_of(lambda: client.get_model_config("echo"), "UNIMPLEMENTED")
 

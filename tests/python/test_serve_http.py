@@ -4,9 +4,11 @@ wrong) against a Server on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -289,6 +291,92 @@ def test_content_encoding_identity_in_any_case_and_empty_versions(served: Served
     assert r.status_code == 404 and "empty version" in r.json()["error"]
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_from_tritonclient(served: Served, algorithm: str) -> None:
+    # tritonclient's request_compression_algorithm: was 400 "Content-Encoding ... not supported".
+    c = new_client(served)
+    try:
+        for binary in (True, False):
+            r = c.infer("echo", [vec("x", [1.0, 2.5], binary=binary)], request_compression_algorithm=algorithm)
+            assert r.as_numpy("y").tolist() == [2.0, 5.0]
+    finally:
+        c.close()
+    x = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [4.0]}]}
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    body = raw_deflate.compress(json.dumps(x).encode()) + raw_deflate.flush()
+    r = _raw(served, "/v2/models/echo/infer", body, {"Content-Encoding": "deflate"})  # raw deflate, no header
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [8.0], r.text
+
+
+def test_a_compressed_body_is_inflated_only_up_to_the_limit() -> None:
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x)
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, max_body_bytes=65536) as s:
+            x = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "pad": "a" * 10**7}
+            bomb = gzip.compress(json.dumps(x).encode())  # ~10 KB that inflates to 10 MB
+            assert len(bomb) < 65536
+            r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", content=bomb,
+                           headers={"Content-Encoding": "gzip"}, timeout=60)
+            assert r.status_code == 413 and "decompresses beyond the limit of 65536 bytes" in r.json()["error"]
+            r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=60,
+                           content=gzip.compress(json.dumps({**x, "pad": "a" * 60000}).encode()),
+                           headers={"Content-Encoding": "gzip"})
+            assert r.status_code == 200, r.text  # within the limit once inflated
+    finally:
+        rt.close()
+
+
+def test_request_and_output_parameters_are_read_as_the_protocol_types_them(served: Served) -> None:
+    path = "/v2/models/multi/infer"
+    inputs = [{"name": "a", "datatype": "INT32", "shape": [2], "data": [1, 2]},
+              {"name": "b", "datatype": "FP32", "shape": [2], "data": [0.5, 0.5]}]
+
+    def post(**extra: Any) -> Any:
+        return _raw(served, path, json.dumps({"inputs": inputs, **extra}).encode())
+
+    # "false" is a string, not false: it was read as true and the answer came binary.
+    r = post(parameters={"binary_data_output": "false"})
+    assert r.status_code == 400 and "parameter 'binary_data_output' must be true or false" in r.json()["error"]
+    r = post(outputs=[{"name": "sum", "parameters": {"binary_data": "false"}}])
+    assert r.status_code == 400 and "output 'sum': parameter 'binary_data' must be true or false" in r.json()["error"]
+    r = post(parameters={"binary_data_output": False}, outputs=[{"name": "sum", "parameters": {"binary_data": False}}])
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [1.5, 2.5]
+    # The classification extension is not served: refused, not silently ignored.
+    r = post(outputs=[{"name": "sum", "parameters": {"classification": 1}}])
+    assert r.status_code == 400 and "classification extension is not supported" in r.json()["error"]
+    # An empty list of outputs names none: every output, as when the key is absent (gRPC too).
+    r = post(outputs=[])
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["sum", "tag"]
+    # The id is a string: another JSON type is refused, not echoed.
+    for bad in (5, {"a": 1}, None):
+        r = post(id=bad)
+        assert r.status_code == 400 and "'id' must be a string" in r.json()["error"], bad
+    assert post(id="r-1").json()["id"] == "r-1"
+
+
+def test_a_model_with_a_slash_in_its_name_is_reached_by_its_escaped_name(served: Served) -> None:
+    c = new_client(served)
+    try:
+        # tritonclient puts the name in the path with its "/" as it is
+        r = c.infer("team/echo", [vec("x", [1.0])])
+        assert r.as_numpy("y").tolist() == [3.0]
+        assert c.get_model_metadata("team/echo")["name"] == "team/echo" and c.is_model_ready("team/echo")
+        assert c.infer("team/echo", [vec("x", [2.0])], model_version="1").as_numpy("y").tolist() == [6.0]
+    finally:
+        c.close()
+    with httpx.Client(base_url=f"http://{served.http}") as h:
+        assert h.get("/v2/models/team%2fecho/ready").status_code == 200
+        r = h.get("/v2/models/team%2Fnope")
+        assert r.status_code == 404 and "unknown model 'team/nope'" in r.json()["error"]
+        r = h.post("/v2/models/team%2Fecho/infer", json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                                                     "data": [2.0]}]})
+        assert r.status_code == 200 and r.json()["model_name"] == "team/echo" and r.json()["outputs"][0]["data"] == [6.0]
+        r = h.get("/v2/models/team/nope/ready")
+        assert r.status_code == 404 and "unknown model 'team'" in r.json()["error"]
+
+
 def test_queue_full_is_429_with_retry_after(served: Served) -> None:
     pool, first = _blocked(served)
     try:
@@ -470,7 +558,10 @@ def _bad_requests(served: Served, client: Any) -> None:
         {"parameters": {"priority": "high"},
          "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
         "'priority'")
-    check_raw(400, _raw(served, path, b"{}", {"Content-Encoding": "gzip"}), "Content-Encoding")
+    check_raw(415, _raw(served, path, b"{}", {"Content-Encoding": "br"}), "Content-Encoding 'br' is not supported")
+    check_raw(400, _raw(served, path, b"not gzip", {"Content-Encoding": "gzip"}), "cannot be decompressed")
+    check_raw(400, _raw(served, path, gzip.compress(good)[:-12], {"Content-Encoding": "gzip"}),
+              "ends before its compressed data does")
     for name in (b"Inference-Header-Content-Length", b"Content-Encoding"):  # a second copy is never ignored
         value = str(len(good)).encode() if name.startswith(b"Inference") else b"identity"
         check_raw(400, _raw(served, path, payload, [(name, value), (name, value)]),

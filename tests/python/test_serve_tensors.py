@@ -134,6 +134,9 @@ def test_bytes_round_trip_and_truncation() -> None:
     ("INT64", [1, 2, 3, 4], np.array([[1, 2], [3, 4]], np.int64)),
     ("BOOL", [True, False, True, True], np.array([[True, False], [True, True]])),
     ("BYTES", ["a", "b", "c", "d"], np.array([[b"a", b"b"], [b"c", b"d"]], dtype=object)),
+    # ints numpy guesses as float64 or object (beyond int64): were refused as "not numbers"
+    ("UINT64", [[0, 2**64 - 1], [7, 2**63]], np.array([[0, 2**64 - 1], [7, 2**63]], np.uint64)),
+    ("FP64", [10**23, 1.5, 2**64, 0], np.array([[1e23, 1.5], [2.0**64, 0]], np.float64)),
 ])
 def test_from_json(datatype: str, data: list, want: np.ndarray) -> None:
     got = from_json("m", TensorSpec("x", datatype, [2, 2]), (2, 2), data)
@@ -147,6 +150,11 @@ def test_from_json(datatype: str, data: list, want: np.ndarray) -> None:
     ("BOOL", [1, 0, 1, 0], "not BOOL data"),
     ("BYTES", [1, 2, 3, 4], "not BYTES data"),
     ("FP32", [[1, 2], [3]], "not FP32 data"),
+    ("UINT64", [2**64, 1, 2, 3], "not UINT64 data"),  # out of range
+    ("UINT64", [2**64 - 1, 1.5, 2, 3], "not UINT64 data"),  # a float among them
+    ("UINT64", [2**64 - 1, -1, 2, 3], "not UINT64 data"),
+    ("INT64", [2**63, 1, 2, 3], "not INT64 data"),
+    ("UINT64", [2**64 - 1, True, 2, 3], "not UINT64 data"),
 ])
 def test_from_json_rejects(datatype: str, data: list, words: str) -> None:
     with pytest.raises(TensorError, match=f"model 'm', input 'x': .*{words}"):

@@ -25,6 +25,7 @@ INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
 TOO_LARGE = "too_large"
 NOT_ALLOWED = "not_allowed"
+UNSUPPORTED = "unsupported"  # a media type or content coding the server does not take (HTTP 415)
 
 EXTENSIONS = ["binary_tensor_data"]
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -35,7 +37,7 @@ _PROMETHEUS = CONTENT_TYPE.encode()
 _JSON = [(b"content-type", b"application/json")]
 _STATUS = {fe.NOT_FOUND: 404, fe.INVALID: 400, fe.QUEUE_FULL: 429, fe.DEADLINE: 504,
            fe.INTERNAL: 500, fe.UNAVAILABLE: 503, fe.TOO_LARGE: 413,
-           fe.NOT_ALLOWED: 405}
+           fe.NOT_ALLOWED: 405, fe.UNSUPPORTED: 415}
 
 
 def asgi(rt: Runtime, signatures: Mapping[str, Signature], *,
@@ -104,6 +106,13 @@ class V2App:
         if root and path.startswith(root):  # mounted under a prefix (Starlette/FastAPI Mount)
             path = path[len(root):]
         parts = path.rstrip("/").split("/")[1:]
+        raw = scope.get("raw_path")
+        if raw and (b"%2F" in raw or b"%2f" in raw):
+            # A model name with "/" in it arrives escaped as %2F, and the decoded path splits it:
+            # split the raw path, then decode each segment (as many segments off the front as
+            # the mount prefix has).
+            segments = [unquote(seg) for seg in raw.decode("latin-1").rstrip("/").split("/")[1:]]
+            parts = segments[len(root.rstrip("/").split("/")) - 1 if root else 0:]
         method = scope["method"]
         if parts == ["metrics"]:
             _method(method, "GET", scope)
@@ -120,6 +129,13 @@ class V2App:
             return _health(ok, f"server is not {rest[1]}")
         if rest[0] == "models" and len(rest) >= 2:
             name, tail = rest[1], rest[2:]
+            if name not in f.signatures:
+                # A name with "/" in it, sent unescaped (as tritonclient does): the shortest run
+                # of segments that names a model.
+                for k in range(2, len(rest)):
+                    if "/".join(rest[1:k + 1]) in f.signatures:
+                        name, tail = "/".join(rest[1:k + 1]), rest[k + 1:]
+                        break
             version = ""
             if len(tail) >= 2 and tail[0] == "versions":
                 version, tail = tail[1], tail[2:]
@@ -176,10 +192,13 @@ class V2App:
         f = self.frontend
         sig = f.signature(name)
         encoding = _header(scope, b"content-encoding")
-        if encoding is not None and encoding.strip().lower() != "identity":  # codings ignore case
-            raise fe.ServeError(fe.INVALID, f"Content-Encoding {encoding!r} is not supported "
-                                            "(send the body uncompressed)")
+        coding = encoding.strip().lower() if encoding is not None else "identity"  # codings ignore case
+        if coding not in _CODINGS:
+            raise fe.ServeError(fe.UNSUPPORTED, f"Content-Encoding {encoding!r} is not supported "
+                                                "(send the body as gzip, deflate or uncompressed)")
         body = await self._read(scope, receive)
+        if coding != "identity":
+            body = _decompressed(body, coding, self.max_body_bytes)
         hlen = _header(scope, b"inference-header-content-length")
         if hlen is None:
             json_len = len(body)
@@ -194,6 +213,9 @@ class V2App:
             raise fe.ServeError(fe.INVALID, f"model {name!r}: malformed JSON request: {e}") from None
         if not isinstance(request, dict):
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request must be a JSON object")
+        if "id" in request and not isinstance(request["id"], str):
+            raise fe.ServeError(fe.INVALID, f"model {name!r}: the request's 'id' must be a string, "
+                                            f"got {request['id']!r}"[:300])
         params = _params(name, "request", request.get("parameters"))
         timeout_ms, priority = f.request_options(name, params.get("timeout"), params.get("priority"))
         try:
@@ -226,6 +248,33 @@ class V2App:
             return 200, _JSON, head
         return 200, [(b"content-type", b"application/octet-stream"),
                      (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *raw])
+
+
+_CODINGS = ("identity", "gzip", "x-gzip", "deflate")
+
+
+def _decompressed(body: bytearray, coding: str, limit: int) -> bytearray:
+    """A gzip or deflate request body (what tritonclient's request_compression_algorithm
+    sends), decompressed to at most ``limit`` bytes: a body that would inflate beyond it gets
+    413 before more is inflated."""
+    # deflate: the zlib format (RFC 9110), as zlib.compress writes it; some clients send raw
+    # deflate data, which has no header to detect, so it is tried when the zlib header is not there.
+    wbits = 16 + zlib.MAX_WBITS if coding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+    for attempt in (wbits, -zlib.MAX_WBITS) if coding == "deflate" else (wbits,):
+        d = zlib.decompressobj(attempt)
+        try:
+            out = d.decompress(body, limit + 1)
+        except zlib.error as e:
+            if attempt == wbits and coding == "deflate":
+                continue
+            raise fe.ServeError(fe.INVALID, f"the {coding} request body cannot be decompressed: {e}") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise fe.ServeError(fe.TOO_LARGE, f"the {coding} request body decompresses beyond the limit of "
+                                              f"{limit} bytes")
+        if not d.eof:
+            raise fe.ServeError(fe.INVALID, f"the {coding} request body ends before its compressed data does")
+        return bytearray(out)
+    raise AssertionError("unreachable")
 
 
 def _inputs(name: str, sig: Signature, inputs: Any, raw: memoryview) -> dict[str, np.ndarray]:
@@ -263,9 +312,18 @@ def _inputs(name: str, sig: Signature, inputs: Any, raw: memoryview) -> dict[str
     return arrays
 
 
+def _flag(name: str, where: str, key: str, value: Any, default: bool) -> bool:
+    """A boolean parameter: JSON true or false (absent: ``default``); "false" is not false."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TensorError(f"model {name!r}, {where}: parameter {key!r} must be true or false, got {value!r}"[:300])
+    return value
+
+
 def _outputs(name: str, sig: Signature, outputs: Any, binary_default: Any) -> list[tuple[Any, bool]]:
-    default = bool(binary_default)
-    if outputs is None:
+    default = _flag(name, "request", "binary_data_output", binary_default, False)
+    if outputs is None or outputs == []:  # none named: every output the model produces
         return [(s, default) for s in sig.outputs]
     if not isinstance(outputs, list):
         raise TensorError(f"model {name!r}: 'outputs' must be a list, got {outputs!r}"[:300])
@@ -274,8 +332,12 @@ def _outputs(name: str, sig: Signature, outputs: Any, binary_default: Any) -> li
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise TensorError(f"model {name!r}: each requested output must be an object with a "
                               f"'name', got {o!r}"[:300])
-        p = _params(name, f"output {o['name']!r}", o.get("parameters"))
-        out.append((sig.output(name, o["name"]), bool(p.get("binary_data", default))))
+        where = f"output {o['name']!r}"
+        p = _params(name, where, o.get("parameters"))
+        if "classification" in p:
+            raise TensorError(f"model {name!r}, {where}: the classification extension is not supported; request "
+                              "the output without parameters.classification and take the top classes from it")
+        out.append((sig.output(name, o["name"]), _flag(name, where, "binary_data", p.get("binary_data"), default)))
     return out
 
 

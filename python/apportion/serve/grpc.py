@@ -65,10 +65,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.frontend.ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
+        # An unknown model (or version) is not ready: false, not an error (as HTTP's 404 reads
+        # false to its clients, and as Triton answers).
         try:
             self._model(request.name, request.version)
-        except fe.ServeError as e:
-            await context.abort(_CODES[e.kind], e.message)
+        except fe.ServeError:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.frontend.model_ready(request.name))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
@@ -129,6 +131,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     raise TensorError(f"model {name!r}, input {spec.name!r}: {spec.datatype} "
                                       "travels in raw_input_contents only")
+            for o in request.outputs:
+                if "classification" in o.parameters:
+                    raise TensorError(f"model {name!r}, output {o.name!r}: the classification extension is not "
+                                      "supported; request the output without the classification parameter")
             wanted = [sig.output(name, o.name) for o in request.outputs] or list(sig.outputs)
         except TensorError as e:
             raise fe.ServeError(fe.INVALID, str(e)) from None

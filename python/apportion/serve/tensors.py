@@ -240,6 +240,18 @@ def check_header(model: str, spec: TensorSpec, datatype: Any, shape: Any) -> tup
     return tuple(shape)
 
 
+def _all_leaves(data: Any, kind: type | tuple[type, ...]) -> bool:
+    """Whether every leaf of nested lists ``data`` is an instance of ``kind`` (bools are not)."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, bool) or not isinstance(x, kind):
+            return False
+    return True
+
+
 def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -> np.ndarray:
     """An array from v2 JSON ``data`` (flat or nested, row-major)."""
     count = math.prod(shape)
@@ -260,7 +272,12 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
             arr = arr.astype(np.bool_).reshape(-1)
         else:
             arr = np.asarray(data)
-            if arr.size and arr.dtype.kind not in ("iub" if spec.dtype.kind in "iu" else "iubf"):
+            allowed = "iub" if spec.dtype.kind in "iu" else "iubf"
+            # Python ints numpy cannot hold as int64 (UINT64 values >= 2**63, or beyond any
+            # int) make the guess float64 or object: valid data if every leaf is a number of
+            # the kind the datatype takes; the conversion below refuses one out of range.
+            if (arr.size and arr.dtype.kind not in allowed
+                    and not (arr.dtype.kind in "fO" and _all_leaves(data, int if "f" not in allowed else (int, float)))):
                 raise TypeError(f"elements must be numbers, got {arr.dtype}")
             arr = np.asarray(data, dtype=spec.dtype).reshape(-1)
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
