@@ -292,7 +292,7 @@ ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts
   Ring& r = out_ring();
   std::byte* data = out_data();
   const uint64_t cap = ring_bytes_;
-  const uint64_t head = r.head.load(std::memory_order_relaxed);  // only this thread writes it
+  uint64_t head = r.head.load(std::memory_order_relaxed);  // only this thread writes it
   uint64_t start = head;
   uint64_t offset = head % cap;
   // Where the frame goes: at `head`, or at the ring's start when it would run past the end
@@ -300,7 +300,28 @@ ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts
   // current offset, restart at the ring's start anyway: messages then keep reusing the same
   // first pages instead of touching the whole ring over time (the segment is sparse).
   uint64_t tail = r.tail.load(std::memory_order_acquire);
-  if (offset + need > cap || (tail == head && offset != 0 && need <= offset)) {
+  if (offset + need > cap && need > offset) {
+    // At the ring's start the frame would cover the skip frame's own header (at `offset`),
+    // so the two cannot be published together: once the ring is empty the skip goes alone,
+    // the reader passes it at once (receive), and the frame follows at the ring's start.
+    // (Counting the skipped bytes as taken, the pair needed more than the whole ring: a
+    // message larger than the space before the end and than the one before it waited for
+    // ever.)
+    if (!reserve_out(std::max(offset + sizeof(FrameHeader), need))) return ChannelStatus::no_space;
+    while (tail != head) {
+      if (!wait_event(r.space_event, r.space_waiters, r.tail, tail, spin_ns, deadline)) {
+        return ChannelStatus::timeout;
+      }
+      tail = r.tail.load(std::memory_order_acquire);
+    }
+    FrameHeader skip{cap - offset, kKindSkip, 0};
+    std::memcpy(data + offset, &skip, sizeof skip);
+    head += cap - offset;
+    r.head.store(head, std::memory_order_release);
+    signal_event(r.data_event, r.data_waiters);
+    start = head;
+    offset = 0;
+  } else if (offset + need > cap || (tail == head && offset != 0 && need <= offset)) {
     start = head + (cap - offset);
   }
   const uint64_t end = start + need;
@@ -343,16 +364,27 @@ ChannelStatus ShmChannel::receive(std::vector<std::span<const std::byte>>& parts
   const uint64_t cap = ring_bytes_;
   uint64_t tail = r.tail.load(std::memory_order_relaxed);  // only this thread writes it
   if (pending_release_ != 0) tail = pending_release_;      // a message still held: skip it
-  if (r.head.load(std::memory_order_acquire) == tail &&
-      !wait_event(r.data_event, r.data_waiters, r.head, tail, spin_ns, deadline)) {
-    return ChannelStatus::timeout;
-  }
   FrameHeader fh{};
-  std::memcpy(&fh, data + tail % cap, sizeof fh);
-  if (fh.kind == kKindSkip) {
-    // The producer published the skip and the frame after it with one head store.
-    tail += fh.bytes;
+  for (;;) {
+    if (r.head.load(std::memory_order_acquire) == tail &&
+        !wait_event(r.data_event, r.data_waiters, r.head, tail, spin_ns, deadline)) {
+      return ChannelStatus::timeout;
+    }
     std::memcpy(&fh, data + tail % cap, sizeof fh);
+    if (fh.kind != kKindSkip) break;
+    tail += fh.bytes;
+    if (r.head.load(std::memory_order_acquire) != tail) {
+      // The producer published the skip and the frame after it with one head store.
+      std::memcpy(&fh, data + tail % cap, sizeof fh);
+      break;
+    }
+    // A skip published alone (see send): passed at once, so that the producer finds the
+    // room at the ring's start it waits for. It only does that on an empty ring, so no
+    // message is held here.
+    if (pending_release_ == 0) {
+      r.tail.store(tail, std::memory_order_release);
+      signal_event(r.space_event, r.space_waiters);
+    }
   }
   const std::byte* frame = data + tail % cap;
   uint64_t at = header_bytes(fh.parts);

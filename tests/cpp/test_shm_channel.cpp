@@ -148,6 +148,65 @@ TEST(ShmChannel, EmptyReceiveTimesOutAndOversizedSendIsRefused) {
   EXPECT_EQ(parent->send(out, 0, 2'000'000), ChannelStatus::timeout);
 }
 
+TEST(ShmChannel, AMessageLargerThanTheRoomBeforeTheEndAndThanTheOneBeforeItGoesThrough) {
+  // 0.4 then 0.7 of the ring: the second cannot fit before the end (0.6 left) and, at the
+  // ring's start, would cover the skip frame's header at 0.4. It waited for ever (the pair
+  // counted as more than the whole ring); now the skip goes alone first.
+  Watchdog guard(30s);
+  std::string error;
+  const auto name = unique_name("wrap");
+  auto parent = ShmChannel::create(name, 1 << 16, &error);
+  ASSERT_TRUE(parent) << error;
+  auto child = ShmChannel::open(name, &error);
+  ASSERT_TRUE(child) << error;
+  const std::size_t cap = parent->ring_bytes();
+  std::vector<std::span<const std::byte>> in;
+  for (int round = 0; round < 3; ++round) {  // and again from wherever the last one left off
+    for (double share : {0.4, 0.7, 0.2, 0.95, 0.5}) {
+      const std::string msg(static_cast<std::size_t>(share * static_cast<double>(parent->max_message_bytes(1))),
+                            static_cast<char>('a' + round));
+      std::vector<std::span<const std::byte>> out{bytes_of(msg)};
+      std::thread reader([&] {
+        ASSERT_EQ(child->receive(in, 0, 5 * kSecond), ChannelStatus::ok);
+        ASSERT_EQ(in.size(), 1u);
+        EXPECT_EQ(string_of(in[0]), msg) << share;
+        child->release();
+      });
+      ASSERT_EQ(parent->send(out, 0, 5 * kSecond), ChannelStatus::ok) << "share " << share << " of " << cap;
+      reader.join();
+    }
+  }
+  // The same with the reply direction, and with the reader waiting before the skip arrives.
+  const std::string small(cap / 3, 's'), large(cap * 4 / 5, 'l');
+  for (const std::string* msg : {&small, &large, &small, &large}) {
+    std::thread reader([&] {
+      ASSERT_EQ(parent->receive(in, 0, 5 * kSecond), ChannelStatus::ok);
+      EXPECT_EQ(in.at(0).size(), msg->size());
+      parent->release();
+    });
+    std::this_thread::sleep_for(2ms);
+    std::vector<std::span<const std::byte>> out{bytes_of(*msg)};
+    ASSERT_EQ(child->send(out, 0, 5 * kSecond), ChannelStatus::ok);
+    reader.join();
+  }
+  // A held message keeps its room: the large one times out while it is held (nothing of it
+  // sent, or only the skip), and goes once it is released, to a reader that receives.
+  std::vector<std::span<const std::byte>> out{bytes_of(small)};
+  ASSERT_EQ(parent->send(out, 0, kSecond), ChannelStatus::ok);
+  ASSERT_EQ(child->receive(in, 0, kSecond), ChannelStatus::ok);
+  out = {bytes_of(large)};
+  EXPECT_EQ(parent->send(out, 0, 20'000'000), ChannelStatus::timeout);
+  child->release();
+  std::thread reader([&] {
+    ASSERT_EQ(child->receive(in, 0, 5 * kSecond), ChannelStatus::ok);
+    EXPECT_EQ(in.at(0).size(), large.size());
+    child->release();
+  });
+  EXPECT_EQ(parent->send(out, 0, 5 * kSecond), ChannelStatus::ok);
+  reader.join();
+  EXPECT_FALSE(parent->sent_unread());
+}
+
 TEST(ShmChannel, NameIsExclusiveAndUnlinkedByItsOwner) {
   std::string error;
   const auto name = unique_name("names");

@@ -301,6 +301,21 @@ def test_a_request_larger_than_the_channel_fails_alone(rt: ap.Runtime, monkeypat
     assert rt.submit("m", 3).result(timeout=LONG) == 3
 
 
+def test_growing_messages_that_wrap_the_channel_go_through(rt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0.45 then 0.6 of the channel, each way (echo): the second cannot fit before the ring's
+    # end and, at its start, would cover the padding's header. It waited for ever, in the
+    # request direction and in the reply direction, and close(drain=False) hung behind it.
+    monkeypatch.setattr(process_mod, "RING_BYTES", 4 << 20)
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
+    cap = 4 << 20
+    for share in (0.45, 0.6, 0.3, 0.9, 0.5, 0.7):
+        x = np.full(int(share * cap) // 4 - 1024, share, dtype=np.float32)
+        got = rt.submit("m", x).result(timeout=LONG)
+        assert got.shape == x.shape and got[0] == np.float32(share), share
+    assert rt.submit("m", 3).result(timeout=LONG) == 3
+
+
 # -- start and shutdown ---------------------------------------------------------------------------
 def test_a_configs_process_model_that_fails_to_start_is_named(tmp_path: Any) -> None:
     from apportion.config import Config, ConfigError, StartFailed

@@ -24,6 +24,15 @@ from apportion._private.payload import DIRECT_CALL, ERROR, EXIT, OK, READY, STAR
 _PARENT_CHECK_S = 1.0
 
 
+def _send(channel: Any, parts: Any, parent: int) -> bool:
+    """Sends ``parts``, waiting for room as long as the parent that reads them is alive; False
+    when it went away first."""
+    while not channel.send(parts, 0.0, _PARENT_CHECK_S):
+        if os.getppid() != parent:
+            return False
+    return True
+
+
 def _error_reply(model: str, kind: int, exc: BaseException) -> tuple[int, BaseException, str]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc = portable_error(model, exc, "the exception could not be sent from the worker process as it is; "
@@ -92,9 +101,10 @@ def main(argv: list[str]) -> int:
     try:
         fn = _build(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        channel.send(dumps(_error_reply(spec["model"], START_FAILED, e)), 0.0, None)
+        _send(channel, dumps(_error_reply(spec["model"], START_FAILED, e)), spec["parent"])
         return 1
-    channel.send(dumps((READY, os.getpid(), notes)), 0.0, None)
+    if not _send(channel, dumps((READY, os.getpid(), notes)), spec["parent"]):
+        return 0
 
     while True:
         parts = channel.receive(spin_us, _PARENT_CHECK_S)
@@ -105,7 +115,8 @@ def main(argv: list[str]) -> int:
         try:
             kind, payload = loads(parts)
         except Exception as e:  # noqa: BLE001 - e.g. a class this process cannot import
-            channel.send(dumps(_error_reply(spec["model"], ERROR, e)), 0.0, None)
+            if not _send(channel, dumps(_error_reply(spec["model"], ERROR, e)), spec["parent"]):
+                return 0
             continue
         if kind == EXIT:
             return 0
@@ -121,11 +132,11 @@ def main(argv: list[str]) -> int:
                 f"model {spec['model']!r}: the result could not be sent back from the worker "
                 f"process: {type(e).__name__}: {e}")))
         try:
-            channel.send(out, 0.0, None)
+            sent = _send(channel, out, spec["parent"])
         except ValueError as e:  # larger than the ring
-            channel.send(dumps(_error_reply(spec["model"], ERROR, ValueError(
+            sent = _send(channel, dumps(_error_reply(spec["model"], ERROR, ValueError(
                 f"model {spec['model']!r}: the result could not be sent back from the worker process: {e}"))),
-                0.0, None)
+                spec["parent"])
         except OSError as e:  # /dev/shm cannot hold it: that result fails, this process serves on
             if e.errno != errno.ENOSPC:
                 raise
@@ -133,7 +144,9 @@ def main(argv: list[str]) -> int:
 
             nbytes = sum(memoryview(p).nbytes for p in out)
             err = no_space_error(spec["model"], spec["instance"], "result", nbytes, channel.free_bytes)
-            channel.send(dumps(_error_reply(spec["model"], ERROR, err)), 0.0, None)
+            sent = _send(channel, dumps(_error_reply(spec["model"], ERROR, err)), spec["parent"])
+        if not sent:
+            return 0
 
 
 if __name__ == "__main__":

@@ -239,6 +239,24 @@ class ProcessInstance:
                           PinningWarning, stacklevel=2)
         self._proc, self._channel = proc, channel
 
+    def _send(self, channel: Any, proc: subprocess.Popen[bytes], parts: Any) -> None:
+        """Sends a request; while it waits for room (the child has not taken the previous
+        message), watches the child as :meth:`_wait_reply` does. A child that died or was
+        stopped meanwhile is discarded: _Unsent (it never took the request) or WorkerCrashed."""
+        deadline = None if self._watchdog_s is None else time.monotonic() + self._watchdog_s
+        while not channel.send(parts, 0.0, _POLL_S):
+            if self._aborting:
+                self._discard_child(crashed=False)
+                raise self._crashed(proc.pid, "was killed with SIGKILL before it took the request: the model "
+                                              "was closed with drain=False", -signal.SIGKILL)
+            if proc.poll() is not None:
+                self._discard_child()
+                raise _Unsent()
+            if deadline is not None and time.monotonic() >= deadline:
+                self._discard_child()
+                raise self._crashed(proc.pid, f"did not take the request within {self._watchdog_s:g} s "
+                                              "(watchdog_s); killed with SIGKILL", -signal.SIGKILL)
+
     def _wait_reply(self, channel: Any, proc: subprocess.Popen[bytes], limit_s: float | None,
                     starting: bool = False) -> Any:
         deadline = None if limit_s is None else time.monotonic() + limit_s
@@ -379,7 +397,7 @@ class ProcessInstance:
         # No liveness check before sending (waitpid costs microseconds per call here): a child
         # that died while idle never takes the request, which is then sent to its replacement.
         try:
-            channel.send(parts, 0.0, None)
+            self._send(channel, proc, parts)
         except ValueError as e:
             raise ValueError(f"model {self._model!r}: the request does not fit the channel to the worker "
                              f"process: {e}") from None
