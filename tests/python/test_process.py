@@ -370,6 +370,34 @@ def test_close_and_remove_model_end_children_and_segments(child_pids: Callable[[
     assert child_pids() == set() and our_segments() == []
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_leaves_the_children_to_the_parent(sig: str) -> None:
+    # Ctrl-C in a terminal (or a service manager's stop) signals the whole process group. The
+    # application drains on it, yet the child died of it and the call it served failed
+    # (KeyboardInterrupt, or WorkerCrashed "killed by signal SIGTERM").
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import numpy as np
+        sys.path.insert(0, {str(HERE)!r})
+        import apportion as ap
+        signal.signal(signal.{sig}, lambda *a: None)  # the application's own graceful stop
+        rt = ap.Runtime()
+        rt.add_model("m", factory="process_models:sleeper", isolation="process")
+        rt.start()
+        inflight = rt.submit("m", np.array([1.0]))
+        queued = rt.submit("m", np.array([0.0]))
+        time.sleep(0.3)
+        os.killpg(os.getpgid(0), signal.{sig})
+        rt.close(drain=True)
+        print(inflight.result(timeout=30).tolist(), queued.result(timeout=30).tolist(), flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=LONG,
+                          start_new_session=True)  # a group of its own, as a terminal's job is
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1.0] [0.0]", done.stdout + done.stderr
+
+
 def test_children_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import sys, time

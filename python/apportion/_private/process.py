@@ -211,8 +211,12 @@ class ProcessInstance:
         try:
             # subprocess execs at once (no fork of this threaded process keeps running), and is
             # started from the pinned worker thread: the child is born with its CPU mask.
+            # A process group of its own: Ctrl-C in a terminal, a service manager's stop and
+            # `kill -- -PGID` signal the whole group, and a child that died of it failed the
+            # call it was serving while this process drained. The child goes with its parent
+            # (PR_SET_PDEATHSIG and its parent check) or when told to.
             proc = subprocess.Popen([sys.executable, "-m", "apportion._private.child", json.dumps(spec)],
-                                    env=env, stdin=subprocess.DEVNULL, close_fds=True)
+                                    env=env, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
         except BaseException:
             channel.close()
             raise
