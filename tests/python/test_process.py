@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 import types
+import warnings
 from concurrent.futures import CancelledError
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,6 +114,31 @@ def test_torch_tensors_round_trip(rt: ap.Runtime) -> None:
     for t in (torch.randn(512, 512), torch.randn(256, 256).to(torch.bfloat16), torch.arange(5)):
         got = rt.submit("m", t).result(timeout=LONG)
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+
+
+def test_tensors_whose_bytes_are_not_their_values_or_layout_round_trip(rt: ap.Runtime) -> None:
+    # Each >= 64 KiB (the out-of-band path): a quantized tensor came back as qint8 without its
+    # scale (q_scale() failed), a conjugate view could not be sent, and a channels_last tensor
+    # came back contiguous; plain pickle keeps all three.
+    torch = pytest.importorskip("torch")
+    rt.add_model("m", factory="process_models:echo", isolation="process")
+    rt.start()
+    with warnings.catch_warnings():  # torch deprecates quantized tensors (and their pickling's storage)
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_tensor(torch.randn(300, 300), scale=0.1, zero_point=3, dtype=torch.qint8)
+        got = rt.submit("m", q).result(timeout=LONG)
+    assert got.is_quantized and got.q_scale() == 0.1 and got.q_zero_point() == 3
+    assert torch.equal(got.dequantize(), q.dequantize())
+    c = torch.randn(200, 200, dtype=torch.complex64).conj()
+    got = rt.submit("m", c).result(timeout=LONG)
+    assert torch.equal(got, c)
+    neg = torch.randn(200, 200, dtype=torch.complex64).conj()._neg_view()
+    assert torch.equal(rt.submit("m", neg).result(timeout=LONG), neg)
+    for t in (torch.randn(8, 64, 32, 32).to(memory_format=torch.channels_last),
+              torch.randn(2, 8, 16, 32, 32).to(memory_format=torch.channels_last_3d),
+              torch.randn(512, 256).t(), torch.randn(512, 512)[::2, 1:]):
+        got = rt.submit("m", t).result(timeout=LONG)
+        assert got.stride() == t.stride() and torch.equal(got, t), (t.shape, t.stride(), got.stride())
 
 
 def test_model_exception_reaches_the_caller_with_the_remote_traceback(rt: ap.Runtime) -> None:

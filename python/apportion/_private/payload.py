@@ -48,12 +48,12 @@ def portable_error(model: str, exc: BaseException, note: str) -> BaseException:
     return exc
 
 
-def _rebuild_tensor(data: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+def _rebuild_tensor(data: Any, dtype: Any, shape: tuple[int, ...], strides: tuple[int, ...] | None = None) -> Any:
     import numpy as np
     import torch
 
-    flat = torch.from_numpy(np.asarray(data, dtype=np.uint8))
-    return flat.view(dtype).reshape(shape)
+    flat = torch.from_numpy(np.asarray(data, dtype=np.uint8)).view(dtype)
+    return flat.reshape(shape) if strides is None else flat.as_strided(shape, strides)
 
 
 class _Pickler(pickle.Pickler):
@@ -62,17 +62,31 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
         if (
-            torch is not None
-            and type(obj) is torch.Tensor
-            and obj.device.type == "cpu"
-            and not obj.requires_grad
-            and obj.layout == torch.strided
-            and obj.numel() * obj.element_size() >= OUT_OF_BAND_BYTES
+            torch is None
+            or type(obj) is not torch.Tensor
+            or obj.device.type != "cpu"
+            or obj.requires_grad
+            or obj.layout != torch.strided
+            or obj.numel() * obj.element_size() < OUT_OF_BAND_BYTES
+            # Their bytes are not their values (scale and zero point, a lazy conjugate or
+            # negation): torch's own pickling keeps them.
+            or obj.is_quantized
+            or obj.is_conj()
+            or obj.is_neg()
         ):
-            t = obj.detach().contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy()
-            return _rebuild_tensor, (raw, t.dtype, tuple(t.shape))
-        return NotImplemented
+            return NotImplemented
+        t = obj.detach()
+        if t.is_contiguous():
+            strides = None
+            flat = t.reshape(-1)
+        elif ((t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+              or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))):
+            # One dense block in another order: sent as it lies, rebuilt with its strides.
+            strides = tuple(t.stride())
+            flat = t.as_strided((t.numel(),), (1,))
+        else:  # a view with gaps or overlaps: torch's own pickling keeps its layout
+            return NotImplemented
+        return _rebuild_tensor, (flat.view(torch.uint8).numpy(), t.dtype, tuple(t.shape), strides)
 
 
 def dumps(obj: Any) -> list[Any]:
