@@ -77,6 +77,9 @@ class Quota:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise _quota_error(str(self.name), "name", "give a non-empty string")
+        if not _encodable(self.name):  # a lone surrogate: no bytes name it (the engine's names are UTF-8)
+            raise QuotaError(f"give a name of Unicode characters, got {self.name!r} (a lone surrogate cannot "
+                             "be encoded)", field="name")
         name = self.name
         cores = self.cores
         if cores is None:
@@ -218,6 +221,14 @@ class Plan:
         if self.gpu is not None:
             lines.append(str(self.gpu))
         return "\n".join(lines)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _floating(q: Quota) -> Quota:

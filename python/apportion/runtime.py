@@ -912,7 +912,18 @@ class Runtime(_core._Runtime):
                         warnings.warn(note, PinningWarning, stacklevel=3)
                     p = dataclasses.replace(p, gpu=partition.plan)  # the SM counts the driver made
                 self._plan = p
-            self._start()
+            try:
+                self._start()
+            finally:
+                # A model whose instance failed to build is gone from the engine (the others
+                # serve): forget it here too, and its worker processes, so that it can be
+                # added again (it read "already registered") and nothing of it lingers.
+                registered = set(self._model_names())
+                for name in [n for n in self._models if n not in registered]:
+                    self._close_processes(self._models.pop(name))
+                    if self._plan is not None:
+                        self._plan = dataclasses.replace(
+                            self._plan, models=tuple(m for m in self._plan.models if m.name != name), gpu=None)
         return self
 
     def close(self, drain: bool = True) -> None:

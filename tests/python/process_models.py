@@ -62,6 +62,13 @@ def failing_factory(ctx: Any) -> Any:
     raise RuntimeError(f"factory of {ctx.model!r} failed on purpose")
 
 
+def second_fails(ctx: Any) -> Any:
+    """Instance 1's factory raises; instance 0 builds (an echo)."""
+    if ctx.instance == 1:
+        raise RuntimeError(f"instance 1 of {ctx.model!r} refuses")
+    return lambda x: x
+
+
 def crashing_factory(ctx: Any) -> Any:
     os._exit(3)
 
@@ -92,6 +99,17 @@ def torch_threads(ctx: Any) -> Any:
             return model(x), torch.get_num_threads(), torch.is_inference_mode_enabled()
 
     return Probe()
+
+
+def lazy_torch_threads(ctx: Any) -> Any:
+    """Imports torch only when called: returns the calling thread's intra-op thread count."""
+
+    def serve(x: Any) -> int:
+        import torch
+
+        return int(torch.get_num_threads())
+
+    return serve
 
 
 def sleepy_factory(ctx: Any) -> Any:

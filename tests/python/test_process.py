@@ -116,6 +116,25 @@ def test_torch_tensors_round_trip(rt: ap.Runtime) -> None:
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
 
 
+def test_a_child_whose_factory_did_not_import_torch_sets_the_planned_threads_once_torch_is_there() -> None:
+    # The factory imports nothing; torch arrives with a request's tensor, or in the model's
+    # first call. The child ran on torch's default count (every CPU) from then on.
+    torch = pytest.importorskip("torch")
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch's default here is one thread: the planned count cannot differ from it")
+    for first, want_first in ((torch.ones(1), 1), (0, None)):
+        rt = ap.Runtime()
+        try:
+            rt.add_model("t", factory="process_models:lazy_torch_threads", isolation="process", threads=1)
+            rt.start()
+            got = rt.submit("t", first).result(timeout=LONG)
+            if want_first is not None:  # torch came with the request: set before the call
+                assert got == want_first
+            assert rt.submit("t", 0).result(timeout=LONG) == 1  # and for every call after the first
+        finally:
+            rt.close()
+
+
 def test_tensors_whose_bytes_are_not_their_values_or_layout_round_trip(rt: ap.Runtime) -> None:
     # Each >= 64 KiB (the out-of-band path): a quantized tensor came back as qint8 without its
     # scale (q_scale() failed), a conjugate view could not be sent, and a channels_last tensor
@@ -343,6 +362,27 @@ def test_growing_messages_that_wrap_the_channel_go_through(rt: ap.Runtime, monke
 
 
 # -- start and shutdown ---------------------------------------------------------------------------
+@pytest.mark.parametrize("isolation", ["process", "shared"])
+def test_a_model_that_failed_to_start_is_forgotten_with_its_worker_processes(
+        isolation: str, child_pids: Callable[[], set[int]]) -> None:
+    # Its instance 1 failed in start(): rt.models no longer listed it, yet adding it again read
+    # "already registered", and instance 0's worker process lingered until close().
+    rt = ap.Runtime()
+    try:
+        rt.add_model("ok", factory="process_models:echo", isolation=isolation)
+        rt.add_model("m", factory="process_models:second_fails", isolation=isolation, instances=2)
+        before = child_pids()
+        with pytest.raises(RuntimeError, match="instance 1 of 'm' refuses"):
+            rt.start()
+        assert rt.models == ["ok"] and [m.name for m in rt.plan().models] == ["ok"]
+        if isolation == "process":
+            assert len(child_pids() - before) == 1  # the one of "ok" alone (a zombie of "m" stayed)
+        rt.add_model("m", factory="process_models:echo", isolation=isolation)
+        assert rt.call("m", 5) == 5 and rt.call("ok", 6) == 6
+    finally:
+        rt.close()
+
+
 def test_a_configs_process_model_that_fails_to_start_is_named(tmp_path: Any) -> None:
     from apportion.config import Config, ConfigError, StartFailed
 

@@ -109,6 +109,15 @@ def test_the_name_is_checked_first() -> None:
     assert (err.value.model, err.value.field) == (None, "name")
 
 
+def test_a_name_with_a_lone_surrogate_is_a_quota_error() -> None:
+    # Was pybind's "incompatible constructor arguments" TypeError from the native Quota.
+    for make in (lambda: ModelSpec("bad\ud800", factory=echo), lambda: ap.Runtime().add_model("bad\ud800", model=echo),
+                 lambda: ap.plan({"a\udc00": {}})):
+        with pytest.raises(ap.QuotaError, match=r"field 'name': give a name of Unicode characters, got .*surrogate") as e:
+            make()
+        assert e.value.field == "name"
+
+
 def test_a_spec_is_frozen_and_normalised() -> None:
     s = ModelSpec("m", factory=echo, cores=[3, 1, 3], isolation="exclusive", timeout_ms=5, spin_us=0,
                   weight=None, gpu=None)

@@ -105,6 +105,12 @@ def main(argv: list[str]) -> int:
         return 1
     if not _send(channel, dumps((READY, os.getpid(), notes)), spec["parent"]):
         return 0
+    # The planned intra-op thread count is set when torch is loaded (build_instance); a child
+    # whose factory did not import torch sets it once something does (a request's tensors, or
+    # the model's first call).
+    from apportion.adapters import set_torch_threads
+
+    torch_unset = bool(spec["threads"]) and "torch" not in sys.modules
 
     while True:
         parts = channel.receive(spin_us, _PARENT_CHECK_S)
@@ -121,10 +127,14 @@ def main(argv: list[str]) -> int:
         if kind == EXIT:
             return 0
         spin_us = direct_spin_us if kind == DIRECT_CALL else 0.0
+        if torch_unset and "torch" in sys.modules:  # imported by this request's tensors
+            torch_unset = set_torch_threads(spec["threads"]) is None
         try:
             reply: Any = (OK, fn(payload))
         except BaseException as e:  # noqa: BLE001 - the caller gets the model's own exception
             reply = _error_reply(spec["model"], ERROR, e)
+        if torch_unset and "torch" in sys.modules:  # imported by the model's first call
+            torch_unset = set_torch_threads(spec["threads"]) is None
         try:
             out = dumps(reply)
         except Exception as e:  # noqa: BLE001 - an unpicklable result fails that request only
