@@ -197,9 +197,25 @@ class V2App:
             raise fe.ServeError(fe.UNSUPPORTED, f"Content-Encoding {encoding!r} is not supported "
                                                 "(send the body as gzip, deflate or uncompressed)")
         body = await self._read(scope, receive)
+        hlen = _header(scope, b"inference-header-content-length")
+        # A large body is inflated, parsed and converted on a worker thread, its answer encoded
+        # there too: on the loop, a 15 MB request held every other request and probe for
+        # seconds. (Each step still holds the GIL, so the loop waits out its longest C call.)
+        if coding != "identity" or len(body) >= _OFF_LOOP_BYTES:
+            request_id, options, arrays, wanted = await asyncio.to_thread(self._parse, name, sig, body, hlen, coding)
+        else:
+            request_id, options, arrays, wanted = self._parse(name, sig, body, hlen, coding)
+        outputs = await f.infer(name, arrays, *options)
+        if sum(outputs[spec.name].nbytes for spec, _ in wanted) >= _OFF_LOOP_BYTES:
+            return await asyncio.to_thread(_encoded, name, request_id, wanted, outputs)
+        return _encoded(name, request_id, wanted, outputs)
+
+    def _parse(self, name: str, sig: Signature, body: bytearray, hlen: str | None,
+               coding: str) -> tuple[Any, tuple[float | None, int | None], dict[str, np.ndarray], list[tuple[Any, bool]]]:
+        """The request's id, (timeout_ms, priority), input arrays and wanted outputs; every
+        refusal a ServeError."""
         if coding != "identity":
             body = _decompressed(body, coding, self.max_body_bytes)
-        hlen = _header(scope, b"inference-header-content-length")
         if hlen is None:
             json_len = len(body)
         elif not _digits(hlen) or int(hlen) > len(body):
@@ -213,41 +229,53 @@ class V2App:
             raise fe.ServeError(fe.INVALID, f"model {name!r}: malformed JSON request: {e}") from None
         if not isinstance(request, dict):
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request must be a JSON object")
-        if "id" in request and not isinstance(request["id"], str):
+        request_id = request.get("id", _NO_ID)
+        if request_id is not _NO_ID and not isinstance(request_id, str):
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request's 'id' must be a string, "
-                                            f"got {request['id']!r}"[:300])
+                                            f"got {request_id!r}"[:300])
         params = _params(name, "request", request.get("parameters"))
-        timeout_ms, priority = f.request_options(name, params.get("timeout"), params.get("priority"))
+        options = self.frontend.request_options(name, params.get("timeout"), params.get("priority"))
         try:
             arrays = _inputs(name, sig, request.get("inputs"), memoryview(body)[json_len:])
             wanted = _outputs(name, sig, request.get("outputs"), params.get("binary_data_output"))
         except TensorError as e:
             raise fe.ServeError(fe.INVALID, str(e)) from None
-        outputs = await f.infer(name, arrays, timeout_ms, priority)
-        header: dict[str, Any] = {"model_name": name, "model_version": "1"}
-        if "id" in request:
-            header["id"] = request["id"]
-        out_meta = []
-        raw = []
-        try:
-            for spec, binary in wanted:
-                arr = outputs[spec.name]
-                meta: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
-                if binary:
-                    data = to_bytes(spec, arr)
-                    meta["parameters"] = {"binary_data_size": len(data)}
-                    raw.append(data)
-                else:
-                    meta["data"] = to_json(name, spec, arr)
-                out_meta.append(meta)
-        except OutputError as e:
-            raise fe.ServeError(fe.INTERNAL, str(e)) from None
-        header["outputs"] = out_meta
-        head = _dumps(header)
-        if not raw:
-            return 200, _JSON, head
-        return 200, [(b"content-type", b"application/octet-stream"),
-                     (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *raw])
+        return request_id, options, arrays, wanted
+
+
+_OFF_LOOP_BYTES = 1 << 20
+"""Request bodies, and answers' arrays, from this size on are handled on a worker thread."""
+
+_NO_ID = object()
+
+
+def _encoded(name: str, request_id: Any, wanted: list[tuple[Any, bool]],
+             outputs: Mapping[str, np.ndarray]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The answer: JSON, or JSON and binary outputs after it."""
+    header: dict[str, Any] = {"model_name": name, "model_version": "1"}
+    if request_id is not _NO_ID:
+        header["id"] = request_id
+    out_meta = []
+    raw = []
+    try:
+        for spec, binary in wanted:
+            arr = outputs[spec.name]
+            meta: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
+            if binary:
+                data = to_bytes(spec, arr)
+                meta["parameters"] = {"binary_data_size": len(data)}
+                raw.append(data)
+            else:
+                meta["data"] = to_json(name, spec, arr)
+            out_meta.append(meta)
+    except OutputError as e:
+        raise fe.ServeError(fe.INTERNAL, str(e)) from None
+    header["outputs"] = out_meta
+    head = _dumps(header)
+    if not raw:
+        return 200, _JSON, head
+    return 200, [(b"content-type", b"application/octet-stream"),
+                 (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *raw])
 
 
 _CODINGS = ("identity", "gzip", "x-gzip", "deflate")
