@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -248,6 +249,18 @@ void register_gpu(py::module_& m) {
             return found ? py::cast(*found) : py::object(py::none());
           },
           py::arg("model"))
+      .def(
+          "without",
+          [](const GpuPlan& p, const std::vector<std::string>& names) {
+            GpuPlan out = p;
+            std::erase_if(out.models, [&](const ModelGpuPlan& m) {
+              return std::find(names.begin(), names.end(), m.model) != names.end();
+            });
+            return out;
+          },
+          py::arg("models"),
+          "A copy without `models` (those that left a running runtime); the others keep their\n"
+          "streams, units and budgets as planned (and realised).")
       .def("__str__", &GpuPlan::to_string);
 
   g.def(

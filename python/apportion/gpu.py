@@ -38,6 +38,7 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from . import _core
@@ -108,7 +109,8 @@ def parse_memory(value: int | str, *, model: str | None = None, field: str = "me
                 f"={value!r} is not a size; use bytes (int) or a number with a unit: "
                 "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)",
             )
-        n = math.floor(float(m.group(1)) * _UNITS.get(unit, 1))
+        # Exact decimal arithmetic: a float loses digits past 2**53 and overflows past ~1e308.
+        n = math.floor(Decimal(m.group(1)) * _UNITS.get(unit, 1))
     else:
         raise _quota_error(
             model, field, f"={value!r} must be bytes (int) or a string such as '4GiB'"
@@ -284,6 +286,13 @@ class GpuPlan:
         self.models = dict(realised.models)
         self.devices = list(realised.devices)
 
+    def without(self, names: Iterable[str]) -> GpuPlan:
+        """This plan without the models ``names`` (they left the runtime): the others keep
+        what they were given, as the driver realised it."""
+        out = GpuPlan(self.native.without(list(names)))
+        out.notes = list(self.notes)
+        return out
+
     def __str__(self) -> str:
         return str(self.native)
 
@@ -302,14 +311,21 @@ def _device_list(devs: object) -> list[Any]:
         return live
     if isinstance(devs, str | DeviceInfo):
         devs = [devs]
+    if not isinstance(devs, Iterable):
+        raise TypeError(f"devices must be a preset name, a DeviceInfo or a sequence of them, got {devs!r}")
     out = []
-    for i, d in enumerate(devs):  # type: ignore[attr-defined]
+    for i, d in enumerate(devs):
         if isinstance(d, str):
             out.append(described_device(d, i))
         elif isinstance(d, DeviceInfo):
             out.append(d)
         else:
             raise TypeError(f"devices[{i}] must be a DeviceInfo or a preset name, got {d!r}")
+    ordinals = [d.ordinal for d in out]
+    twice = sorted({o for o in ordinals if ordinals.count(o) > 1})
+    if twice:
+        # A model on that ordinal would be planned (and realised) once per entry.
+        raise ValueError(f"devices: ordinal {twice[0]} is given more than once ({ordinals}); each device once")
     return out
 
 

@@ -136,6 +136,23 @@ class _GpuState:
 
 _UNMOVABLE = {"isolation": "process instances", "gpu": "GPU models", "burst": "models with burst instances"}
 
+
+def _unmovable(name: str, fld: str) -> QuotaError:
+    # GPU models are partitioned together at start(): one cannot be added to a serving runtime
+    # either, so "remove it and add it again" would be advice that fails.
+    how = ("GPU models are partitioned together at start(): start a new runtime with the new quotas"
+           if fld == "gpu" else "remove the model and add it again")
+    return QuotaError(f"{_UNMOVABLE[fld]} cannot move while they serve: {how}", model=name, field=fld)
+
+
+def _plan_without(plan_: Plan, name: str) -> Plan:
+    """A running runtime's plan once model ``name`` has left: the others stay where they run
+    (a plan made afresh would show a shared model on the freed cores too, and GPU groups other
+    than those the driver made, checked against memory the models now use)."""
+    return dataclasses.replace(plan_, models=tuple(m for m in plan_.models if m.name != name),
+                               gpu=plan_.gpu.without([name]) if plan_.gpu is not None else None)
+
+
 def _check_burst_pool(name: str, plan_: Plan) -> None:
     """A burst model needs shared-pool CPUs for its burst instances: with none, they would wait
     for the pool for good (and a drained close with them)."""
@@ -528,7 +545,8 @@ class Runtime(_core._Runtime):
                            ("burst", spec.burst_instances > 0)):
             if given and not self._scheduled:
                 raise QuotaError(f"needs a scheduled shared pool: make the runtime with "
-                                 "Runtime(shared_pool='scheduled') (this one has shared_pool='os')",
+                                 "Runtime(shared_pool='scheduled'), or in a config set [runtime] "
+                                 "shared_pool = \"scheduled\" (this one has shared_pool='os')",
                                  model=spec.name, field=fld)
 
     def remove_model(self, name: str, *, drain: bool = True) -> None:
@@ -552,8 +570,7 @@ class Runtime(_core._Runtime):
             if self.started and self._plan is not None:
                 # The others run where they were placed: a plan made afresh would show a shared
                 # model on the freed cores too, and refuse any model added next for moving it.
-                self._plan = dataclasses.replace(
-                    self._plan, models=tuple(m for m in self._plan.models if m.name != name), gpu=None)
+                self._plan = _plan_without(self._plan, name)
             else:
                 self._plan = None
 
@@ -644,8 +661,7 @@ class Runtime(_core._Runtime):
         for changed, fld in ((old.process != spec.process, "isolation"), (not _same(old.gpu, spec.gpu), "gpu"),
                              (entry.burst != spec.burst_instances, "burst")):
             if changed:
-                raise QuotaError(f"{_UNMOVABLE[fld]} cannot move while they serve: remove the model and add it "
-                                 "again", model=name, field=fld)
+                raise _unmovable(name, fld)
         for fld in self._FIXED_WHILE_REGISTERED:
             was, now = getattr(old, fld), getattr(spec, fld)
             if not _same(was, now):
@@ -668,8 +684,7 @@ class Runtime(_core._Runtime):
         for what, fld in ((entry.spec.process, "isolation"), (entry.spec.gpu is not None, "gpu"),
                           (entry.burst, "burst")):
             if what:
-                raise QuotaError(f"{_UNMOVABLE[fld]} cannot move while they serve: remove the model and add it "
-                                 "again", model=name, field=fld)
+                raise _unmovable(name, fld)
 
     @staticmethod
     def _moves(old: ModelSpec, old_mp: ModelPlan, new: ModelSpec, new_mp: ModelPlan) -> bool:
@@ -922,8 +937,7 @@ class Runtime(_core._Runtime):
                 for name in [n for n in self._models if n not in registered]:
                     self._close_processes(self._models.pop(name))
                     if self._plan is not None:
-                        self._plan = dataclasses.replace(
-                            self._plan, models=tuple(m for m in self._plan.models if m.name != name), gpu=None)
+                        self._plan = _plan_without(self._plan, name)
         return self
 
     def close(self, drain: bool = True) -> None:

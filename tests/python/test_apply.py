@@ -385,5 +385,9 @@ def test_a_new_admission_bound_alone_is_no_move_for_process_or_burst_models(monk
             rt.apply(dataclasses.replace(rt.spec("b"), batching=ap.Batching(4, 1.0)))
         with pytest.raises(QuotaError, match="model 'p', field 'isolation': process instances cannot move"):
             rt.apply(dataclasses.replace(rt.spec("p"), instances=2))
+        # GPU models cannot be added to a serving runtime either: the advice is not "add it again".
+        with pytest.raises(QuotaError, match="model 'b', field 'gpu': GPU models cannot move while they serve: GPU "
+                                             "models are partitioned together at start"):
+            rt.apply(dataclasses.replace(rt.spec("b"), gpu=ap.GPU()))
     finally:
         rt.close()

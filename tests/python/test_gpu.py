@@ -47,6 +47,8 @@ def test_gpu_quota_defaults() -> None:
         ("1024", 1024),
         ("7B", 7),
         (4096, 4096),
+        ("18446744073709551615", 2**64 - 1),  # exact: through a float it was refused
+        ("9007199254740993", 2**53 + 1),  # and this one read as 2**53
     ],
 )
 def test_memory_sizes_normalise_to_bytes(text: int | str, expected: int) -> None:
@@ -54,7 +56,8 @@ def test_memory_sizes_normalise_to_bytes(text: int | str, expected: int) -> None
     assert gpu.GPU(memory=text).memory == expected
 
 
-@pytest.mark.parametrize("bad", ["4 GiBs", "lots", "-1GiB", "", 0, -5, 1.5, True, "0.1B", 2**64, "20000000TB"])
+@pytest.mark.parametrize("bad", ["4 GiBs", "lots", "-1GiB", "", 0, -5, 1.5, True, "0.1B", 2**64, "20000000TB",
+                                 "1" + "0" * 400, "18446744073709551616"])  # was OverflowError; 2**64
 def test_bad_memory_sizes_name_the_field(bad: object) -> None:
     with pytest.raises(QuotaError, match=r"gpu\.memory") as info:
         gpu.GPU(memory=bad)  # type: ignore[arg-type]
@@ -233,6 +236,30 @@ def test_plan_rejects_non_gpu_quotas_and_bad_devices() -> None:
         gpu.plan_gpus({"a": {"sm_share": 0.5}}, "h200")  # type: ignore[dict-item]
     with pytest.raises(TypeError, match="devices"):
         gpu.plan_gpus({"a": gpu.GPU()}, [42])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="devices must be a preset name"):  # was "'int' object is not iterable"
+        gpu.plan_gpus({"a": gpu.GPU()}, 0)  # type: ignore[arg-type]
+    # One ordinal twice: the model was planned on both entries (and would be realised twice).
+    with pytest.raises(ValueError, match=r"ordinal 0 is given more than once \(\[0, 0\]\)"):
+        gpu.plan_gpus({"a": gpu.GPU()}, [gpu.described_device("h100", 0), gpu.described_device("h200", 0)])
+    assert len(gpu.plan_gpus({"a": gpu.GPU(device=1)}, ["h100", "h200"]).devices) == 2
+
+
+def test_a_model_leaving_a_running_runtime_leaves_the_others_gpu_plan_as_it_was() -> None:
+    # remove_model on a started runtime dropped the GPU plan and plan() made a new one: the
+    # remaining model printed on units other than its green context's, and planning again
+    # against live free memory (which the serving models had used) could fail.
+    import dataclasses
+
+    from apportion.runtime import _plan_without
+
+    g = gpu.plan_gpus({"alpha": gpu.GPU(sm_share=0.25), "b": gpu.GPU(sm_share=0.25, memory="4GiB")}, "h200")
+    cpu = ap.plan({"alpha": {}, "b": {}}, ap.topology(str(Path(__file__).resolve().parents[1] / "fixtures" / "topology" / "vm2")))
+    left = _plan_without(dataclasses.replace(cpu, gpu=g), "alpha")
+    assert [m.name for m in left.models] == ["b"] and list(left.gpu.models) == ["b"]
+    kept = left.gpu.models["b"]
+    assert kept.sm_units == g.models["b"].sm_units != [] and kept.memory == 4 << 30
+    assert "alpha" not in str(left.gpu).split("notes:")[0] and left.gpu.notes == g.notes
+    assert list(g.models) == ["alpha", "b"], "the original plan is not changed"
 
 
 def test_edited_described_device() -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -257,6 +259,82 @@ def test_a_result_that_is_returned_is_released_when_its_request_fails() -> None:
     assert backend.pools[0].live == 0, "the failed request's result was dropped"
     assert usage.ledgers["torch"].retired == []
     assert serve(MiB).n == MiB
+
+
+def test_a_request_that_raises_after_allocating_does_not_fail_the_next_one() -> None:
+    from apportion.adapters.gpu import GpuUsage, _OnStream
+
+    backend = FakeTorchBackend()
+    usage = GpuUsage(64 * MiB)
+
+    def model(n: int) -> int:
+        backend.alloc(n)
+        if n > MiB:
+            raise ValueError("bad input")
+        return n
+
+    serve = _OnStream(model, gpu_context(), usage, backend, pooled=True)
+    with pytest.raises(ValueError, match="bad input"):  # its own error, not the budget's
+        serve(256 * MiB)
+    # Its 256 MiB stayed reserved in the pool: the next request failed with "268435456 bytes held".
+    assert usage.peak == 256 * MiB and len(backend.pools) == 2, "the over-budget pool was replaced"
+    assert serve(MiB) == MiB and usage.used == MiB
+
+
+class ThreadedBackend(FakeTorchBackend):
+    """Allocations routed per thread, as torch's use_mem_pool routes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    @contextlib.contextmanager
+    def scope(self, pool):
+        self.local.current = pool
+        try:
+            yield
+        finally:
+            self.local.current = None
+
+    def alloc(self, n: int) -> Block:
+        return Block(self.local.current, n)
+
+
+def test_a_pool_retired_while_a_call_runs_in_it_still_counts() -> None:
+    # Instance B took the pool and had not allocated yet when instance A overran and retired
+    # it; with nothing alive in it, the pool was dropped, and what B then made and kept counted
+    # nowhere: later requests passed while the model held 3x its budget.
+    from apportion.adapters.gpu import GpuMemoryExceeded, GpuUsage, _OnStream
+
+    backend = ThreadedBackend()
+    usage = GpuUsage(64 * MiB)
+    kept: list[Block] = []
+    entered, retired = threading.Event(), threading.Event()
+
+    def model(req: str) -> str:
+        if req == "late":
+            entered.set()
+            assert retired.wait(10)
+            kept.append(backend.alloc(200 * MiB))
+        elif req == "overrun":
+            backend.alloc(256 * MiB)
+        else:
+            backend.alloc(MiB)
+        return req
+
+    a = _OnStream(model, gpu_context(), usage, backend, pooled=True)
+    b = _OnStream(model, gpu_context(), usage, backend, pooled=True)
+    late = ThreadPoolExecutor(1).submit(b, "late")
+    assert entered.wait(10)
+    with pytest.raises(GpuMemoryExceeded):
+        a("overrun")
+    retired.set()
+    with pytest.raises(GpuMemoryExceeded, match=r"\(209715200 bytes held"):
+        late.result(10)  # its 200 MiB, kept, is over the budget: counted against it
+    with pytest.raises(GpuMemoryExceeded):
+        a("small")  # still held by the model
+    kept.clear()
+    assert a("small") == "small" and usage.used == MiB
 
 
 def fake_cupy() -> tuple[types.ModuleType, list[tuple]]:

@@ -159,6 +159,11 @@ class GpuPlan:
         ...
     def find(self, model: str) -> typing.Any:
         ...
+    def without(self, models: collections.abc.Sequence[str]) -> GpuPlan:
+        """
+        A copy without `models` (those that left a running runtime); the others keep their
+        streams, units and budgets as planned (and realised).
+        """
     @property
     def devices(self) -> list[DeviceGpuPlan]:
         ...

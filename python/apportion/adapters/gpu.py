@@ -186,20 +186,43 @@ class _Ledger:
         self.usage = usage
         self.pool: Any = backend.new_pool(usage.budget)
         self.retired: list[Any] = []
+        self._calls: dict[int, int] = {}  # id(pool) -> calls running in it
+
+    def enter(self) -> Any:
+        """The pool a call allocates from; counted as in use until :meth:`leave`."""
+        with self.usage.lock:
+            pool = self.pool
+            self._calls[id(pool)] = self._calls.get(id(pool), 0) + 1
+            return pool
+
+    def leave(self, pool: Any) -> None:
+        with self.usage.lock:
+            n = self._calls[id(pool)] - 1
+            if n:
+                self._calls[id(pool)] = n
+            else:
+                del self._calls[id(pool)]
+
+    def _kept(self, pool: Any) -> bool:
+        # A retired pool counts while something from it lives, or while a call that took it
+        # still runs (it may allocate yet: dropped then, what it made would count nowhere).
+        return self.backend.live(pool) > 0 or id(pool) in self._calls
 
     def settle(self) -> int:
         """Records what the model holds after a call; returns the model's total."""
         with self.usage.lock:
-            self.retired = [p for p in self.retired if self.backend.live(p) > 0]
+            self.retired = [p for p in self.retired if self._kept(p)]
             held = self.backend.held(self.pool)
-            held += sum(self.backend.live(p) for p in self.retired)
+            held += sum(self.backend.held(p) if id(p) in self._calls else self.backend.live(p)
+                        for p in self.retired)
             return self.usage.record(self.backend.name, held)
 
     def retire(self) -> None:
-        """Gives the model a fresh pool; the old one is dropped once nothing from it is alive."""
+        """Gives the model a fresh pool; the old one is dropped once nothing from it is alive
+        and no call runs in it."""
         with self.usage.lock:
             old, self.pool = self.pool, self.backend.new_pool(self.usage.budget)
-            if self.backend.live(old) > 0:
+            if self._kept(old):
                 self.retired.append(old)
             del old
             self.backend.release()
@@ -224,19 +247,33 @@ class _OnStream:
 
     def __call__(self, x: Any) -> Any:
         ledger = self.ledger
-        with self.backend.scope(ledger.pool if ledger is not None else None):
-            y = self.fn(x)
-        self.backend.synchronize()
-        if ledger is not None:
-            used = ledger.settle()
-            if self.usage.budget and used > self.usage.budget:
-                del y  # before retiring: what the request made must not keep the old pool
+        if ledger is None:
+            with self.backend.scope(None):
+                y = self.fn(x)
+            self.backend.synchronize()
+            return y
+        pool = ledger.enter()
+        try:
+            with self.backend.scope(pool):
+                y = self.fn(x)
+            self.backend.synchronize()
+        except BaseException:
+            # What the failed call left reserved counts now, and a pool it took past the budget
+            # is replaced: the next request must not fail for this one.
+            ledger.leave(pool)
+            if self.usage.budget and ledger.settle() > self.usage.budget:
                 ledger.retire()
-                raise GpuMemoryExceeded(
-                    f"model {self.gpu.model!r}: GPU memory budget exceeded on "
-                    f"cuda:{self.gpu.device} ({used} bytes held, budget {self.usage.budget}); "
-                    "this request failed, the model's pool was replaced"
-                )
+            raise
+        ledger.leave(pool)
+        used = ledger.settle()
+        if self.usage.budget and used > self.usage.budget:
+            del y  # before retiring: what the request made must not keep the old pool
+            ledger.retire()
+            raise GpuMemoryExceeded(
+                f"model {self.gpu.model!r}: GPU memory budget exceeded on "
+                f"cuda:{self.gpu.device} ({used} bytes held, budget {self.usage.budget}); "
+                "this request failed, the model's pool was replaced"
+            )
         return y
 
 
