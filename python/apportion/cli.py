@@ -220,6 +220,11 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     from . import load as ld
 
     cfg = Config.load(args.config)
+    # Before any model starts: --adapt steers by latency objectives.
+    slos = {n: m.slo["latency_ms"] for n, m in cfg.models.items() if m.slo}
+    if args.adapt and not slos:
+        raise ConfigError(args.config, "models", "--adapt needs a latency objective: give at least one model "
+                          "slo = { latency_ms = ... }")
     rt = cfg.runtime(topology_root=args.root, start=True)
     report = None
     controller = None
@@ -230,9 +235,6 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if args.adapt:
             from .controller import Controller
 
-            slos = {n: m.slo["latency_ms"] for n, m in cfg.models.items() if m.slo}
-            if not slos:
-                raise ConfigError(args.config, "slo", "--adapt needs an slo (latency_ms) for at least one model")
             log = None if args.json else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
                                                           file=out, flush=True))
             controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log).start()

@@ -322,7 +322,8 @@ def test_an_inputs_callable_error_reaches_the_caller(rt: ap.Runtime) -> None:
     (ModelLoad("nope", concurrency=1), ap.ModelNotFound, ["'nope'", "model", "'echo'"]),
     (ModelLoad("echo", rate=0.0), LoadError, ["'echo'", "rate"]),
     (ModelLoad("echo", rate=-5), LoadError, ["'echo'", "rate"]),
-    (ModelLoad("echo", concurrency=0), LoadError, ["'echo'", "concurrency", ">= 1"]),
+    (ModelLoad("echo", concurrency=0), LoadError, ["'echo'", "concurrency", "in 1..65536"]),
+    (ModelLoad("echo", concurrency=1 << 17), LoadError, ["'echo'", "concurrency", "in 1..65536"]),
     (ModelLoad("echo", concurrency=1.5), LoadError, ["'echo'", "concurrency"]),  # type: ignore[arg-type]
     (ModelLoad("echo"), LoadError, ["'echo'", "concurrency", "rate"]),
     (ModelLoad("echo", concurrency=1, rate=10), LoadError, ["'echo'", "exactly one"]),

@@ -396,7 +396,10 @@ def test_bench_url_reads_loads_from_a_config(server: Serve, tmp_path: Path, monk
     (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=1", "--model", "m:rate=5"], "--model",
      "model 'm' is given more than once"),
     # checked before connecting: nothing listens on port 1, and the error is the load's
-    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=0"], "--model", "concurrency must be an integer >= 1"),
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=0"], "--model", "concurrency must be an integer in 1..65536"),
+    # a task per client: 10**20 of them was memory exhaustion, not an error
+    (["--url", "http://127.0.0.1:1", "--model", "m:concurrency=100000000000000000000"], "--model",
+     "concurrency must be an integer in 1..65536"),
     (["--url", "http://127.0.0.1:1", "--model", "m:rate=nan"], "--model", "rate"),
     (["--url", "http://127.0.0.1:1", "--model", "m:rate=inf"], "--model", "rate"),
 ])

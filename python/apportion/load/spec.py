@@ -112,8 +112,8 @@ class ModelLoad:
             )
         if self.concurrency is not None:
             c = self.concurrency
-            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-                raise LoadError(f"{owner}: concurrency must be an integer >= 1, got {c!r}")
+            if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= MAX_CONCURRENCY:
+                raise LoadError(f"{owner}: concurrency must be an integer in 1..{MAX_CONCURRENCY}, got {c!r}")
         else:
             _positive_number(owner, "rate (requests per second)", self.rate)
         if self.arrivals not in ("poisson", "constant"):
@@ -129,6 +129,10 @@ class ModelLoad:
                 f"{owner}: inputs must be a zero-argument callable, an iterable or None, "
                 f"got {type(self.inputs).__name__}"
             )
+
+
+MAX_CONCURRENCY = 1 << 16
+"""The most clients a closed loop runs (each is a task or an outstanding request)."""
 
 
 # Flat keys of a load as a config table or a command line gives them, with their types.
