@@ -94,6 +94,9 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
   // start(); only the threads are spawned later.
   workers_ = make_workers(nullptr, opts_.instances, opts_.burst_instances, opts_.batching.max_size);
   build_groups();
+  // Last (nothing after it may throw and leave the thread unjoined): requests submitted before
+  // start() expire at their deadlines too.
+  start_expiry();
 }
 
 std::vector<std::unique_ptr<Worker>> Model::make_workers(const std::shared_ptr<WorkerGeneration>& gen,
@@ -172,30 +175,33 @@ Model::~Model() {
   }
 }
 
+void Model::start_expiry() {
+  if (expiry_ == nullptr || expiry_thread_.joinable()) return;
+  expiry_thread_ = std::thread([this] {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "ap:expiry");
+#endif
+    std::vector<Request*> claimed, others;
+    expiry_->run([&](std::vector<Request*>& due, int64_t now) {
+      claimed.clear();
+      others.clear();
+      for (Request* r : due) {
+        if (claim_queued(r)) {
+          r->start_ns = now;
+          claimed.push_back(r);  // abandoned: the heap's reference goes with it
+        } else {
+          others.push_back(r);  // running or completed: its owner completes it
+        }
+      }
+      handler_->expire(claimed.data(), claimed.size(), others.data(), others.size());
+    });
+  });
+}
+
 uint32_t Model::start() {
   if (started_) return 0;
   started_ = true;
-  if (expiry_ != nullptr) {
-    expiry_thread_ = std::thread([this] {
-#if defined(__linux__)
-      pthread_setname_np(pthread_self(), "ap:expiry");
-#endif
-      std::vector<Request*> claimed, others;
-      expiry_->run([&](std::vector<Request*>& due, int64_t now) {
-        claimed.clear();
-        others.clear();
-        for (Request* r : due) {
-          if (claim_queued(r)) {
-            r->start_ns = now;
-            claimed.push_back(r);  // abandoned: the heap's reference goes with it
-          } else {
-            others.push_back(r);  // running or completed: its owner completes it
-          }
-        }
-        handler_->expire(claimed.data(), claimed.size(), others.data(), others.size());
-      });
-    });
-  }
+  start_expiry();
   // Every worker serves as soon as it started: a failed start stops the whole model anyway.
   auto gen = generation_from_options();
   gen->gate.store(WorkerGeneration::kServe, std::memory_order_relaxed);
@@ -678,7 +684,10 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     // expire in the queue (or complete late) after holding a slot.
     // What stretched recent requests past their estimates after admission (overrun_ns) is
     // added: a request is admitted only if it would meet its deadline at that much late.
-    const std::size_t ahead = before + counters_->held.load(std::memory_order_relaxed);
+    // Requests settled while queued (cancelled, expired) are not ahead: their cells wait only
+    // for a worker to pop them (as queued() counts them).
+    const std::size_t back = counters_->returned.load(std::memory_order_relaxed);
+    const std::size_t ahead = (before > back ? before - back : 0) + counters_->held.load(std::memory_order_relaxed);
     const int64_t estimate = expected_wait_ns(ahead + n - 1);  // 0 until measured
     eta = estimate > 0 ? now + estimate : 0;
     int64_t deadline = Request::kNoDeadline;
@@ -739,13 +748,15 @@ void Model::close(bool drain) noexcept {
 }
 
 void Model::join() {
-  if (expiry_ != nullptr) {
-    expiry_->stop();
-    if (expiry_thread_.joinable()) expiry_thread_.join();
-  }
   // No move runs now (the owner serialises them with join), so the list is stable.
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
+  }
+  // The timer stops after the workers: while a draining close works through the queue, a
+  // request behind a long call still expires at its deadline.
+  if (expiry_ != nullptr) {
+    expiry_->stop();
+    if (expiry_thread_.joinable()) expiry_thread_.join();
   }
   joined_ = true;
   // Requests no worker will take: workers that failed to start, or pushes racing close().

@@ -383,6 +383,7 @@ class Model {
   // The workers of a new generation (not started, not yet in workers_).
   std::vector<std::unique_ptr<Worker>> make_workers(const std::shared_ptr<WorkerGeneration>& gen,
                                                     uint32_t own, uint32_t burst, std::size_t batch_max);
+  void start_expiry();  // the deadline timer's thread, from construction
   std::shared_ptr<WorkerGeneration> generation_from_options() const;
   void check_shape(const Shape& shape) const;
   // Joins `gone` (retiring, or never served), folds their histograms into retired_ and drops

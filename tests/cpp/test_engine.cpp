@@ -324,6 +324,56 @@ TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
   });
 }
 
+// Admission::deadline judges the requests really queued ahead: those cancelled (or expired)
+// while queued hold cells until a worker pops them, but they will never run.
+TEST_F(EngineTest, AdmissionByDeadlineDoesNotCountSettledRequestsAhead) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = [&gate](Worker&, TestRequest& r) {
+      if (r.tag == 0) {
+        gate.arrive();
+        gate.wait();
+      } else {
+        std::this_thread::sleep_for(5ms);
+      }
+      return Outcome::ok;
+    };
+    ModelOptions o = opts(1, 64);
+    o.admission = Admission::deadline;
+    Model m(o, h);
+    ASSERT_EQ(m.start(), 0u);
+    std::vector<TestRef> warm;
+    for (uint64_t i = 1; i <= 6; ++i) warm.push_back(make(i));
+    ASSERT_EQ(submit_all(m, warm), Admit::ok);
+    for (const auto& r : warm) ASSERT_TRUE(completes(r));
+    TestRef blocker = make(0);
+    ASSERT_EQ(submit(m, blocker), Admit::ok);
+    gate.wait_arrivals(1);
+    std::vector<TestRef> gone;
+    for (uint64_t i = 100; i < 140; ++i) {
+      gone.push_back(make(i));
+      ASSERT_EQ(submit(m, gone.back()), Admit::ok);
+      ASSERT_TRUE(m.cancel(gone.back().get()));
+    }
+    EXPECT_EQ(m.queued(), 0u);
+    // Ahead of it: the blocker's call alone. It was refused as if 40 calls of 5 ms were.
+    TestRef next = make(50);
+    next->deadline_ns = now_ns() + 150'000'000;
+    EXPECT_EQ(submit(m, next), Admit::ok);
+    gate.open();
+    ASSERT_TRUE(completes(blocker));
+    ASSERT_TRUE(completes(next));
+    EXPECT_EQ(next->outcome(), Outcome::ok);
+    m.close(true);
+    m.join();
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.cancelled, 40u);
+    EXPECT_EQ(s.rejected, 0u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
 // Admission::deadline learns how late requests run against its estimate: calls that stretch
 // after admission (here: from 5 ms to 30 ms, as a busy host stretches them) raise the margin
 // it adds, so a request that the estimate alone would admit is refused; requests in time let

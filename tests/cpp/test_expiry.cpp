@@ -101,6 +101,62 @@ TEST_F(EngineTest, AQueuedRequestExpiresAtItsDeadlineWhileTheWorkerIsBusy) {
   });
 }
 
+TEST_F(EngineTest, ARequestSubmittedBeforeStartExpiresAtItsDeadline) {
+  // The timer ran only from start(): such a request waited, and its caller with it, until
+  // someone started the model.
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Model m(opts(1), h);
+    TestRef early = make(1);
+    early->deadline_ns = now_ns() + 20'000'000;
+    ASSERT_EQ(submit(m, early), Admit::ok);
+    ASSERT_TRUE(early->wait_done(5'000'000'000)) << "expired without start()";
+    EXPECT_EQ(early->outcome(), Outcome::expired);
+    EXPECT_LT(early->end_ns - early->deadline_ns, 200'000'000);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef later = make(2);
+    ASSERT_EQ(submit(m, later), Admit::ok);
+    ASSERT_TRUE(completes(later));
+    m.close(true);
+    m.join();
+    EXPECT_EQ(early->runs.load(), 0);
+    EXPECT_EQ(early->completions.load(), 1);
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.expired, 1u);
+    EXPECT_EQ(s.submitted, accounted(s));
+  });
+}
+
+TEST_F(EngineTest, AQueuedRequestExpiresAtItsDeadlineWhileADrainingCloseWaits) {
+  // close(true) + join() stopped the timer first: a request queued behind a long call then
+  // settled only when the worker reached it, at the end of the drain.
+  guarded(30s, [] {
+    Gate gate;
+    auto h = std::make_shared<TestHandler>();
+    h->on_run = hold_tag0(gate);
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef busy = make(0);
+    ASSERT_EQ(submit(m, busy), Admit::ok);
+    gate.wait_arrivals(1);
+    TestRef late = make(1);
+    late->deadline_ns = now_ns() + 30'000'000;
+    ASSERT_EQ(submit(m, late), Admit::ok);
+    m.close(true);
+    std::thread closer([&] { m.join(); });
+    const bool expired_in_time = late->wait_done(5'000'000'000);
+    EXPECT_TRUE(expired_in_time) << "expired while the close drained";
+    EXPECT_FALSE(busy->done());
+    gate.open();
+    closer.join();  // before any assertion may return
+    EXPECT_EQ(late->outcome(), Outcome::expired);
+    EXPECT_LT(late->end_ns - late->deadline_ns, 200'000'000);
+    ASSERT_TRUE(completes(busy));
+    EXPECT_EQ(late->runs.load(), 0);
+    EXPECT_EQ(late->completions.load(), 1);
+  });
+}
+
 TEST_F(EngineTest, RequestsDueTogetherExpireInOneBatchEachOnce) {
   // A burst with one deadline behind a busy worker: the timer hands the whole burst to the
   // handler at once (the Python handler takes the GIL once for it, not once per request).
