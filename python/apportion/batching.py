@@ -121,7 +121,8 @@ def _array_kind(xs: list[Any]) -> str | None:
 def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequence[Any]]:
     """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
     new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request
-    (a list or tuple it returns is taken as one result per request, in order);
+    (a list or tuple it returns is taken as one result per request, in order); arrays of
+    different shapes or dtypes in one batch are served as one call per shape and dtype;
     a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
     A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
     in place.
@@ -131,6 +132,25 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
         kind = _array_kind(xs)
         if kind is None:
             return fn(xs)
+        shape, dtype = xs[0].shape, xs[0].dtype
+        for x in xs:
+            if x.shape != shape or x.dtype != dtype:
+                return by_kind(xs, kind)
+        return one_batch(xs, kind)
+
+    def by_kind(xs: list[Any], kind: str) -> list[Any]:
+        # Arrays of different shapes (or dtypes) cannot be stacked into one: each kind is a
+        # batch of its own, in order of first arrival, and the results go back in request order.
+        groups: dict[tuple[Any, Any], list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault((tuple(x.shape), x.dtype), []).append(i)
+        out: list[Any] = [None] * len(xs)
+        for members in groups.values():
+            for i, y in zip(members, one_batch([xs[i] for i in members], kind), strict=True):
+                out[i] = y
+        return out
+
+    def one_batch(xs: list[Any], kind: str) -> Sequence[Any]:
         if len(xs) == 1:
             # A batch of one (a lone client, a quiet moment): a view with a new dim 0, no copy.
             y = fn(xs[0][None])

@@ -256,6 +256,38 @@ def test_torch_module_sees_a_stacked_batch_and_each_request_its_row(rt: ap.Runti
         torch.testing.assert_close(y, e)
 
 
+def test_arrays_of_different_shapes_in_one_batch_are_served_one_call_per_shape(rt: ap.Runtime) -> None:
+    # They were stacked together: every request of the batch failed with numpy's "all input
+    # arrays must have the same shape" (naming no model), the well-formed ones included.
+    shapes = []
+
+    def model(x):
+        shapes.append((x.shape, x.dtype))
+        return x.sum(axis=1, keepdims=True)
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=5))
+    xs = [np.ones(3, np.float32), np.ones(4, np.float32), np.ones(3, np.float32), np.ones(3, np.float64),
+          np.ones(4, np.float32)]
+    futs = rt.submit_many("m", xs)
+    rt.start()
+    assert [float(f.result(10)[0]) for f in futs] == [3.0, 4.0, 3.0, 3.0, 4.0]  # in request order
+    assert shapes == [((2, 3), np.float32), ((2, 4), np.float32), ((1, 3), np.float64)]
+
+
+def test_tensors_of_different_shapes_in_one_batch_are_served_one_call_per_shape(rt: ap.Runtime) -> None:
+    seen = []
+
+    def model(x):
+        seen.append(tuple(x.shape))
+        return x.sum(dim=1, keepdim=True)
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=5))
+    futs = rt.submit_many("m", [torch.ones(2), torch.ones(5), torch.ones(2)])
+    rt.start()
+    assert [float(f.result(10)[0]) for f in futs] == [2.0, 5.0, 2.0]
+    assert seen == [(2, 2), (1, 5)]
+
+
 def test_mixed_inputs_are_passed_as_a_list(rt: ap.Runtime) -> None:
     seen = []
 
