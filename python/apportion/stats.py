@@ -86,7 +86,9 @@ class ModelStats:
     failed: int
     """Requests that raised the model's exception (or whose worker crashed)."""
     rejected: int
-    """Submissions refused with QueueFull."""
+    """Submissions refused at admission: QueueFull (the queue was full, or with
+    ``admission="deadline"`` the request would have waited past its deadline), or
+    RuntimeClosed (the model or runtime was closing)."""
     expired: int
     """Requests whose deadline passed before they started (DeadlineExceeded)."""
     cancelled: int
