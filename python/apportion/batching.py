@@ -59,7 +59,7 @@ class Batching:
     def __post_init__(self) -> None:
         problem = _problem(self)
         if problem is not None:
-            raise QuotaError(problem[1], field=problem[0])
+            raise QuotaError(problem[1], field=f"batching.{problem[0]}")  # dotted, as a spec's and GPU's
         object.__setattr__(self, "max_size", int(self.max_size))
         object.__setattr__(self, "max_delay_ms", float(self.max_delay_ms))
         if self.preferred_sizes is not None:

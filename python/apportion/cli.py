@@ -603,6 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console() -> int:
+    """The ``apportion`` command: :func:`main` with the current directory first on sys.path,
+    as ``python -m apportion`` has it, so a config's "module:function" paths (factories,
+    inputs, warm-up) resolve in the project directory either way."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return main()
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Runs one command; returns the exit status (argparse's own usage errors exit with 2).
 

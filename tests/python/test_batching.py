@@ -54,8 +54,9 @@ def test_batching_is_a_validated_frozen_quota() -> None:
         (dict(max_size=4, max_delay_ms=1, preferred_sizes=[]), "preferred_sizes"),
         (dict(max_size=4, max_delay_ms=1, preferred_sizes="2"), "preferred_sizes"),
     ]:
-        with pytest.raises(ap.QuotaError, match=f"field {field!r}: must be"):
+        with pytest.raises(ap.QuotaError, match=f"field 'batching.{field}': must be") as e:
             ap.Batching(**kwargs)  # type: ignore[arg-type]
+        assert e.value.field == f"batching.{field}"  # dotted, as GPU's fields are (was "max_size")
 
 
 def test_add_model_names_the_model_and_field(rt: ap.Runtime) -> None:

@@ -505,3 +505,22 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
                          "--no-shift", "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
     assert "shift:" not in out
+
+
+def test_the_apportion_command_imports_a_configs_paths_from_the_current_directory(tmp_path: Path) -> None:
+    # As `python -m apportion` does: the command failed with "No module named 'mypkg'" in the
+    # project directory that holds mypkg/.
+    import shutil
+    import subprocess
+
+    exe = shutil.which("apportion")
+    if exe is None:
+        pytest.skip("the apportion command is not installed on PATH")
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "models.py").write_text("def build(ctx):\n    return lambda x: x\n")
+    (tmp_path / "m.toml").write_text('[models.ranker]\nfactory = "mypkg.models:build"\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([exe, "plan", "m.toml"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ranker" in done.stdout

@@ -85,6 +85,15 @@ class V2App:
             status, headers, body = self._error(e)
         except _Disconnected:
             return
+        except asyncio.CancelledError:
+            if not self.frontend.draining:
+                raise
+            # A second signal aborts the drain: the requests still running are cancelled
+            # here. They get 503, not the server's generic 500 (which reads as the model's
+            # failure), and the log no traceback.
+            status, headers, body = self._error(fe.ServeError(
+                fe.UNAVAILABLE, "the server stopped before this request completed (a second signal aborted "
+                                "its drain)"))
         except Exception as e:  # a bug of ours: answer it, never take the server down
             status, headers, body = self._error(fe.ServeError(fe.INTERNAL, f"{type(e).__name__}: {e}"))
         await send({"type": "http.response.start", "status": status,
@@ -154,14 +163,14 @@ class V2App:
                 return await self._infer(name, scope, receive)
         raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
 
-    async def _read(self, scope: Scope, receive: Receive) -> bytearray:
+    async def _read(self, name: str, scope: Scope, receive: Receive) -> bytearray:
         f = self.frontend
         if f.draining:  # its body would not be read before the drain cuts it off
-            raise fe.ServeError(fe.UNAVAILABLE, "the server is shutting down")
+            raise fe.ServeError(fe.UNAVAILABLE, f"model {name!r}: the server is shutting down")
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and _digits(declared) and int(declared) > limit:
-            raise fe.ServeError(fe.TOO_LARGE, f"request body of {declared} bytes exceeds the "
+            raise fe.ServeError(fe.TOO_LARGE, f"model {name!r}: request body of {declared} bytes exceeds the "
                                               f"limit of {limit} bytes")
         body = bytearray()
         # Registered while its body arrives: not admitted yet, so a drain does not wait for a
@@ -175,14 +184,14 @@ class V2App:
                     msg = await receive()
                 except asyncio.CancelledError:
                     if f.was_cut(task):
-                        raise fe.ServeError(fe.UNAVAILABLE, "the server is shutting down; the request's "
-                                                            "body had not arrived") from None
+                        raise fe.ServeError(fe.UNAVAILABLE, f"model {name!r}: the server is shutting down; the "
+                                                            "request's body had not arrived") from None
                     raise
                 if msg["type"] == "http.disconnect":
                     raise _Disconnected
                 body += msg.get("body", b"")
                 if len(body) > limit:
-                    raise fe.ServeError(fe.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+                    raise fe.ServeError(fe.TOO_LARGE, f"model {name!r}: request body exceeds the limit of {limit} bytes")
                 if not msg.get("more_body", False):
                     return body
         finally:
@@ -194,9 +203,9 @@ class V2App:
         encoding = _header(scope, b"content-encoding")
         coding = encoding.strip().lower() if encoding is not None else "identity"  # codings ignore case
         if coding not in _CODINGS:
-            raise fe.ServeError(fe.UNSUPPORTED, f"Content-Encoding {encoding!r} is not supported "
+            raise fe.ServeError(fe.UNSUPPORTED, f"model {name!r}: Content-Encoding {encoding!r} is not supported "
                                                 "(send the body as gzip, deflate or uncompressed)")
-        body = await self._read(scope, receive)
+        body = await self._read(name, scope, receive)
         hlen = _header(scope, b"inference-header-content-length")
         # A large body is inflated, parsed and converted on a worker thread, its answer encoded
         # there too: on the loop, a 15 MB request held every other request and probe for
@@ -215,7 +224,7 @@ class V2App:
         """The request's id, (timeout_ms, priority), input arrays and wanted outputs; every
         refusal a ServeError."""
         if coding != "identity":
-            body = _decompressed(body, coding, self.max_body_bytes)
+            body = _decompressed(name, body, coding, self.max_body_bytes)
         if hlen is None:
             json_len = len(body)
         elif not _digits(hlen) or int(hlen) > len(body):
@@ -281,7 +290,7 @@ def _encoded(name: str, request_id: Any, wanted: list[tuple[Any, bool]],
 _CODINGS = ("identity", "gzip", "x-gzip", "deflate")
 
 
-def _decompressed(body: bytearray, coding: str, limit: int) -> bytearray:
+def _decompressed(name: str, body: bytearray, coding: str, limit: int) -> bytearray:
     """A gzip or deflate request body (what tritonclient's request_compression_algorithm
     sends), decompressed to at most ``limit`` bytes: a body that would inflate beyond it gets
     413 before more is inflated."""
@@ -295,12 +304,14 @@ def _decompressed(body: bytearray, coding: str, limit: int) -> bytearray:
         except zlib.error as e:
             if attempt == wbits and coding == "deflate":
                 continue
-            raise fe.ServeError(fe.INVALID, f"the {coding} request body cannot be decompressed: {e}") from None
+            raise fe.ServeError(fe.INVALID, f"model {name!r}: the {coding} request body cannot be decompressed: "
+                                            f"{e}") from None
         if len(out) > limit or d.unconsumed_tail:
-            raise fe.ServeError(fe.TOO_LARGE, f"the {coding} request body decompresses beyond the limit of "
-                                              f"{limit} bytes")
+            raise fe.ServeError(fe.TOO_LARGE, f"model {name!r}: the {coding} request body decompresses beyond "
+                                              f"the limit of {limit} bytes")
         if not d.eof:
-            raise fe.ServeError(fe.INVALID, f"the {coding} request body ends before its compressed data does")
+            raise fe.ServeError(fe.INVALID, f"model {name!r}: the {coding} request body ends before its compressed "
+                                            "data does")
         return bytearray(out)
     raise AssertionError("unreachable")
 
