@@ -187,12 +187,15 @@ class Gate {
 };
 
 // A model call that holds request 0 at `gate` (a running request the test releases when it
-// wants) and serves every other request at once.
-inline std::function<Outcome(Worker&, TestRequest&)> hold_tag0(Gate& gate) {
-  return [&gate](Worker&, TestRequest& r) {
+// wants) and serves every other request at once, or after `pace` when one is given.
+inline std::function<Outcome(Worker&, TestRequest&)> hold_tag0(Gate& gate,
+                                                              std::chrono::nanoseconds pace = {}) {
+  return [&gate, pace](Worker&, TestRequest& r) {
     if (r.tag == 0) {
       gate.arrive();
       gate.wait();
+    } else if (pace.count() > 0) {
+      std::this_thread::sleep_for(pace);
     }
     return Outcome::ok;
   };

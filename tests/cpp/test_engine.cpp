@@ -235,6 +235,15 @@ TEST_F(EngineTest, SubmitNIsAllOrNothing) {
   });
 }
 
+// Six requests at once and each completed: a backlog, over which a model that admits by
+// deadline measures its pace (four intervals).
+void backlog(Model& m) {
+  std::vector<TestRef> warm;
+  for (uint64_t i = 1; i <= 6; ++i) warm.push_back(make(i));
+  ASSERT_EQ(submit_all(m, warm), Admit::ok);
+  for (const auto& r : warm) ASSERT_TRUE(completes(r));
+}
+
 // Admission::deadline: once the model has been backlogged (so its pace is measured), a request
 // whose deadline is shorter than the queue ahead of it times that pace is refused with `late`;
 // requests without a deadline, with a far one, or facing an empty queue are admitted.
@@ -243,23 +252,12 @@ TEST_F(EngineTest, AdmissionByDeadlineRefusesWhatWouldWaitPastIt) {
     for (const Admission admission : {Admission::deadline, Admission::queue}) {
       auto h = std::make_shared<TestHandler>();
       Gate gate;
-      h->on_run = [&gate](Worker&, TestRequest& r) {
-        if (r.tag == 0) {
-          gate.arrive();
-          gate.wait();
-        } else {
-          std::this_thread::sleep_for(5ms);  // the pace is at least this
-        }
-        return Outcome::ok;
-      };
+      h->on_run = hold_tag0(gate, 5ms);  // the pace is at least 5 ms
       ModelOptions o = opts(1, 64);
       o.admission = admission;
       Model m(o, h);
       ASSERT_EQ(m.start(), 0u);
-      std::vector<TestRef> warm;
-      for (uint64_t i = 1; i <= 6; ++i) warm.push_back(make(i));
-      ASSERT_EQ(submit_all(m, warm), Admit::ok);  // a backlog: four intervals are measured
-      for (const auto& r : warm) ASSERT_TRUE(completes(r));
+      backlog(m);
       if (admission == Admission::deadline) {
         EXPECT_GE(m.drain_ns(), 5'000'000);
         EXPECT_GE(m.call_ns(), 5'000'000);
@@ -330,23 +328,12 @@ TEST_F(EngineTest, AdmissionByDeadlineDoesNotCountSettledRequestsAhead) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
     Gate gate;
-    h->on_run = [&gate](Worker&, TestRequest& r) {
-      if (r.tag == 0) {
-        gate.arrive();
-        gate.wait();
-      } else {
-        std::this_thread::sleep_for(5ms);
-      }
-      return Outcome::ok;
-    };
+    h->on_run = hold_tag0(gate, 5ms);
     ModelOptions o = opts(1, 64);
     o.admission = Admission::deadline;
     Model m(o, h);
     ASSERT_EQ(m.start(), 0u);
-    std::vector<TestRef> warm;
-    for (uint64_t i = 1; i <= 6; ++i) warm.push_back(make(i));
-    ASSERT_EQ(submit_all(m, warm), Admit::ok);
-    for (const auto& r : warm) ASSERT_TRUE(completes(r));
+    backlog(m);
     TestRef blocker = make(0);
     ASSERT_EQ(submit(m, blocker), Admit::ok);
     gate.wait_arrivals(1);
