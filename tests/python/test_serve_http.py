@@ -237,6 +237,39 @@ def _blocked(served: Served) -> tuple[ThreadPoolExecutor, Any]:
     return served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
 
 
+def test_a_queued_request_whose_client_hangs_up_is_cancelled(served: Served) -> None:
+    # Clients that gave up (closed their connection) while their requests were queued: the
+    # requests still ran, and held queue slots live clients were refused for (gRPC cancelled).
+    import socket
+
+    pool, first = _blocked(served)
+    socks = []
+    try:
+        before = served.rt.stats()["gate"]
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [7.0]}]}).encode()
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", served.server.http_port), timeout=60)
+            s.sendall(b"POST /v2/models/gate/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body)
+                      + body)
+            socks.append(s)
+        served.wait_queued(2)
+        for s in socks:
+            s.close()
+        for _ in range(3000):  # watched from WATCH_AFTER_S on; cancelled once the hang-up is seen
+            if served.rt.stats()["gate"].cancelled - before.cancelled == 2:
+                break
+            time.sleep(0.01)
+        after = served.rt.stats()["gate"]
+        assert after.cancelled - before.cancelled == 2 and after.queued == 0
+    finally:
+        served.gate.release.set()
+        pool.shutdown()
+    assert first.result().as_numpy("y").tolist() == [-1.0]  # the running one completes
+    assert 7.0 not in served.gate.order, "a request whose client left never ran"
+    # A client that stays is answered as before.
+    assert new_client(served).infer("gate", [vec("x", [2.0])]).as_numpy("y").tolist() == [2.0]
+
+
 def test_timeout_in_microseconds_is_504(served: Served) -> None:
     pool, first = _blocked(served)
     try:

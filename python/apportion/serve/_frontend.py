@@ -4,7 +4,7 @@ submission and the error kinds each front maps to its own status codes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +26,21 @@ UNAVAILABLE = "unavailable"
 TOO_LARGE = "too_large"
 NOT_ALLOWED = "not_allowed"
 UNSUPPORTED = "unsupported"  # a media type or content coding the server does not take (HTTP 415)
+
+WATCH_AFTER_S = 0.05
+"""An HTTP request still unanswered after this long is watched for its client going away."""
+
+
+def _watch(into: list[asyncio.Task[None]], fut: Any, gone: Callable[[], Awaitable[Any]],
+           settled: asyncio.Future[None]) -> None:
+    if not settled.done():
+        into.append(asyncio.get_running_loop().create_task(_cancel_when_gone(fut, gone)))
+
+
+async def _cancel_when_gone(fut: Any, gone: Callable[[], Awaitable[Any]]) -> None:
+    msg = await gone()
+    if msg.get("type") == "http.disconnect":
+        fut.cancel()  # still queued: never run; running: it finishes, and nobody reads the answer
 
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -112,8 +127,11 @@ class Frontend:
         return timeout_ms, level
 
     async def infer(self, name: str, arrays: Mapping[str, np.ndarray], timeout_ms: float | None,
-                    priority: int | None) -> dict[str, np.ndarray]:
-        """Runs one checked request; every failure is a ServeError."""
+                    priority: int | None, gone: Callable[[], Awaitable[Any]] | None = None) -> dict[str, np.ndarray]:
+        """Runs one checked request; every failure is a ServeError. ``gone``: awaits the
+        client's going away (HTTP's ``receive``, which then answers ``http.disconnect``); a
+        request still waiting after :data:`WATCH_AFTER_S` is watched with it, and cancelled
+        if still queued when its client leaves."""
         sig = self.signature(name)
         if self.draining:
             raise ServeError(UNAVAILABLE, f"model {name!r}: the server is shutting down")
@@ -144,11 +162,21 @@ class Frontend:
                     pass
 
             fut.add_done_callback(wake)
+            # Most requests are answered before the watch would start: one timer each, no task.
+            watching: list[asyncio.Task[None]] = []
+            timer = loop.call_later(WATCH_AFTER_S, _watch, watching, fut, gone, settled) if gone is not None else None
             try:
                 await settled
             except asyncio.CancelledError:
                 fut.cancel()  # the client went away: a queued request is never run
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                    for watcher in watching:
+                        watcher.cancel()
+            if fut.cancelled():  # its client went away (the watch above): nobody reads this answer
+                raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled: its client went away")
             try:
                 result = fut.result(0)
             except DeadlineExceeded as e:

@@ -214,7 +214,7 @@ class V2App:
             request_id, options, arrays, wanted = await asyncio.to_thread(self._parse, name, sig, body, hlen, coding)
         else:
             request_id, options, arrays, wanted = self._parse(name, sig, body, hlen, coding)
-        outputs = await f.infer(name, arrays, *options)
+        outputs = await f.infer(name, arrays, *options, gone=receive)
         if sum(outputs[spec.name].nbytes for spec, _ in wanted) >= _OFF_LOOP_BYTES:
             return await asyncio.to_thread(_encoded, name, request_id, wanted, outputs)
         return _encoded(name, request_id, wanted, outputs)
