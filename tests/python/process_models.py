@@ -101,6 +101,24 @@ def torch_threads(ctx: Any) -> Any:
     return Probe()
 
 
+def thread_name(ctx: Any) -> Any:
+    """Returns the name of the thread that serves it (and of one it starts)."""
+    import threading
+
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as fh:
+            return fh.read().strip()
+
+    def serve(x: Any) -> tuple[str, str]:
+        seen: list[str] = []
+        t = threading.Thread(target=lambda: seen.append(comm()))
+        t.start()
+        t.join()
+        return comm(), seen[0]
+
+    return serve
+
+
 def lazy_torch_threads(ctx: Any) -> Any:
     """Imports torch only when called: returns the calling thread's intra-op thread count."""
 

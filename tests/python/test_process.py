@@ -116,6 +116,16 @@ def test_torch_tensors_round_trip(rt: ap.Runtime) -> None:
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names are read from /proc")
+def test_a_childs_serving_thread_is_named_as_a_worker_so_its_threads_are_the_models(rt: ap.Runtime) -> None:
+    # It kept the name "python": the confinement check (threads named ap:<model>:<i>, and those
+    # they start) found none of the model's threads in a child.
+    rt.add_model("named", factory="process_models:thread_name", isolation="process", instances=2)
+    rt.start()
+    got = {rt.submit("named", i).result(timeout=LONG) for i in range(8)}
+    assert got <= {("ap:named:0", "ap:named:0"), ("ap:named:1", "ap:named:1")} and got
+
+
 def test_a_child_whose_factory_did_not_import_torch_sets_the_planned_threads_once_torch_is_there() -> None:
     # The factory imports nothing; torch arrives with a request's tensor, or in the model's
     # first call. The child ran on torch's default count (every CPU) from then on.

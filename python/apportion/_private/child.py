@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -40,9 +41,23 @@ def _error_reply(model: str, kind: int, exc: BaseException) -> tuple[int, BaseEx
     return kind, exc, tb
 
 
+def _name_thread(model: str, instance: int) -> None:
+    """Names this (serving) thread as an engine worker names itself, ``ap:<model>:<instance>``:
+    threads the model creates inherit the name, so the instance's confinement check finds
+    them here as in a worker thread."""
+    from apportion.adapters.threads import worker_name
+
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "wb") as fh:
+            fh.write(worker_name(model, instance).encode("utf-8", "surrogateescape"))
+    except OSError:  # not Linux, or /proc not mounted: the check then finds no threads
+        pass
+
+
 def _place(spec: dict[str, Any]) -> list[str]:
     from apportion import _core
 
+    _name_thread(spec["model"], spec["instance"])
     notes = []
     if spec["cpus"]:
         ok, why = _core.pin_current_thread(spec["cpus"])
