@@ -116,7 +116,7 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
                    'inputs = [{ name = "x", datatype = "FP32", shape = [1] }]\n'
                    'outputs = [{ name = "y", datatype = "FP32", shape = [1] }]\n')
     with serving(cfg, "--grpc-port", "-1", "--max-body-bytes", "300", "--queue-full-status", "503",
-                 "--drain-timeout-s", "20") as (proc, line):
+                 "--drain-timeout-s", "20", "--body-timeout-s", "0.5") as (proc, line):
         m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
         assert m, line
         http = m.group(1)
@@ -136,6 +136,10 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
             r = httpx.post(url, content=body(0.0), timeout=30)
             assert r.status_code == 503 and "retry-after" not in r.headers, r.text  # 503, not 429
             assert first.result().status_code == 200 and queued.result().status_code == 200
+        host, port = http.split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as c:  # a body that stops
+            c.sendall(b"POST /v2/models/nap/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+            assert c.recv(65536).startswith(b"HTTP/1.1 408")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
 
@@ -143,7 +147,8 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option,value", [("--max-body-bytes", "0"), ("--max-body-bytes", "1.5"),
                                           ("--drain-timeout-s", "-1"), ("--drain-timeout-s", "nan"),
                                           ("--queue-full-status", "500"), ("--http-port", "99999"),
-                                          ("--http-port", "-1"), ("--grpc-port", "-2"), ("--grpc-port", "x")])
+                                          ("--http-port", "-1"), ("--grpc-port", "-2"), ("--grpc-port", "x"),
+                                          ("--body-timeout-s", "0"), ("--body-timeout-s", "inf")])
 def test_bad_server_options_are_usage_errors(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from apportion.cli import main
 

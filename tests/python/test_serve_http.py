@@ -361,6 +361,37 @@ def test_a_compressed_body_is_inflated_only_up_to_the_limit() -> None:
         rt.close()
 
 
+def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout() -> None:
+    # It held its connection (and what it had sent) for as long as the client kept it open.
+    import socket
+
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x)
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, body_timeout_s=0.3) as s:
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"inp")
+                started = time.monotonic()
+                answer = b""
+                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                waited = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"model 'echo': the request body did not arrive within 0.3 s" in answer
+            assert waited < 20  # the timeout, not the client's
+            r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=30,
+                           json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
+            assert r.status_code == 200  # a body that arrives is read as before
+        with pytest.raises(ValueError, match="body_timeout_s must be a finite number of seconds > 0"):
+            Server(rt, {"echo": signatures()["echo"]}, body_timeout_s=0)
+    finally:
+        rt.close()
+
+
 def test_request_and_output_parameters_are_read_as_the_protocol_types_them(served: Served) -> None:
     path = "/v2/models/multi/infer"
     inputs = [{"name": "a", "datatype": "INT32", "shape": [2], "data": [1, 2]},

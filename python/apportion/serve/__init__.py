@@ -14,9 +14,9 @@ HTTP/REST (an ASGI app, served by uvicorn) and gRPC (grpcio). Needs the ``serve`
 
 from __future__ import annotations
 
-from .app import DEFAULT_MAX_BODY_BYTES, asgi
+from .app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, asgi
 from .configured import signatures
 from .server import Server
 from .tensors import DATATYPES, Signature, TensorError, TensorSpec
 
-__all__ = ["DATATYPES", "DEFAULT_MAX_BODY_BYTES", "Server", "Signature", "TensorError", "TensorSpec", "asgi", "signatures"]
+__all__ = ["DATATYPES", "DEFAULT_BODY_TIMEOUT_S", "DEFAULT_MAX_BODY_BYTES", "Server", "Signature", "TensorError", "TensorSpec", "asgi", "signatures"]

@@ -26,6 +26,7 @@ UNAVAILABLE = "unavailable"
 TOO_LARGE = "too_large"
 NOT_ALLOWED = "not_allowed"
 UNSUPPORTED = "unsupported"  # a media type or content coding the server does not take (HTTP 415)
+SLOW_BODY = "slow_body"  # a request body that did not arrive in time (HTTP 408)
 
 WATCH_AFTER_S = 0.05
 """An HTTP request still unanswered after this long is watched for its client going away."""

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from .._private.checks import finite_number
 from ..metrics import CONTENT_TYPE, prometheus_text
 from . import _frontend as fe
 from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
@@ -33,22 +34,28 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 """Request bodies beyond this many bytes are refused with 413 (``max_body_bytes=``)."""
 
+DEFAULT_BODY_TIMEOUT_S = 60.0
+"""A request body not arrived whole this many seconds after its headers gets 408
+(``body_timeout_s=``): a client that stalls does not hold a connection and its buffer."""
+
 _PROMETHEUS = CONTENT_TYPE.encode()
 _JSON = [(b"content-type", b"application/json")]
 _STATUS = {fe.NOT_FOUND: 404, fe.INVALID: 400, fe.QUEUE_FULL: 429, fe.DEADLINE: 504,
            fe.INTERNAL: 500, fe.UNAVAILABLE: 503, fe.TOO_LARGE: 413,
-           fe.NOT_ALLOWED: 405, fe.UNSUPPORTED: 415}
+           fe.NOT_ALLOWED: 405, fe.UNSUPPORTED: 415, fe.SLOW_BODY: 408}
 
 
 def asgi(rt: Runtime, signatures: Mapping[str, Signature], *,
-         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429) -> V2App:
+         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429,
+         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> V2App:
     """An ASGI app serving ``rt``'s models named in ``signatures`` over KServe v2 REST.
 
     ``max_body_bytes``: larger request bodies get 413. ``queue_full_status``: the status of a
     request refused because the model's queue is full: 429 (with ``Retry-After: 1``) or 503.
+    ``body_timeout_s``: a body not arrived whole this long after its headers gets 408.
     The runtime is the caller's: start it before serving, close it after."""
     return V2App(fe.Frontend(rt, signatures), max_body_bytes=max_body_bytes,
-                 queue_full_status=queue_full_status)
+                 queue_full_status=queue_full_status, body_timeout_s=body_timeout_s)
 
 
 class _Disconnected(Exception):
@@ -58,9 +65,14 @@ class _Disconnected(Exception):
 class V2App:
     """The ASGI callable; see :func:`asgi`."""
 
-    def __init__(self, frontend: fe.Frontend, *, max_body_bytes: int, queue_full_status: int) -> None:
+    def __init__(self, frontend: fe.Frontend, *, max_body_bytes: int, queue_full_status: int,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+        if not (finite_number(body_timeout_s) and body_timeout_s > 0):
+            raise ValueError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}")
+        self.body_timeout_s = float(body_timeout_s)
+        self._slow: set[asyncio.Task[Any]] = set()  # reading tasks cancelled by their body's timer
         if queue_full_status not in (429, 503):
             raise ValueError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}")
         self.frontend = frontend
@@ -176,8 +188,10 @@ class V2App:
         # Registered while its body arrives: not admitted yet, so a drain does not wait for a
         # client that sends slowly or stops halfway; it answers 503 instead (Frontend.cut).
         task = asyncio.current_task()
+        timer = None
         if task is not None:
             f.reading.add(task)
+            timer = asyncio.get_running_loop().call_later(self.body_timeout_s, self._too_slow, task)
         try:
             while True:
                 try:
@@ -186,6 +200,11 @@ class V2App:
                     if f.was_cut(task):
                         raise fe.ServeError(fe.UNAVAILABLE, f"model {name!r}: the server is shutting down; the "
                                                             "request's body had not arrived") from None
+                    if task in self._slow:
+                        self._slow.discard(task)
+                        if task is not None and task.uncancel() == 0:
+                            raise fe.ServeError(fe.SLOW_BODY, f"model {name!r}: the request body did not arrive "
+                                                              f"within {self.body_timeout_s:g} s") from None
                     raise
                 if msg["type"] == "http.disconnect":
                     raise _Disconnected
@@ -196,6 +215,13 @@ class V2App:
                     return body
         finally:
             f.reading.discard(task)
+            if timer is not None:
+                timer.cancel()
+            self._slow.discard(task)  # type: ignore[arg-type]
+
+    def _too_slow(self, task: asyncio.Task[Any]) -> None:
+        self._slow.add(task)
+        task.cancel()
 
     async def _infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         f = self.frontend

@@ -15,7 +15,7 @@ import uvicorn
 
 from .._private.loops import LOOPS, loop_factory, loop_name
 from . import _frontend as fe
-from .app import DEFAULT_MAX_BODY_BYTES, V2App
+from .app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, V2App
 from .grpc import start_server
 from .tensors import Signature
 
@@ -57,7 +57,8 @@ class Server:
     def __init__(self, rt: Runtime, signatures: Mapping[str, Signature], host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int | None = 8001, *,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429,
-                 drain_timeout_s: float = 30.0, loop: str = "auto") -> None:
+                 drain_timeout_s: float = 30.0, loop: str = "auto",
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         for field, port in (("http_port", http_port), ("grpc_port", grpc_port)):
             if port is None and field == "grpc_port":
                 continue
@@ -70,7 +71,7 @@ class Server:
         """The event loop that serves: ``uvloop`` or ``asyncio``."""
         self.frontend = fe.Frontend(rt, signatures)
         self.app = V2App(self.frontend, max_body_bytes=max_body_bytes,
-                         queue_full_status=queue_full_status)
+                         queue_full_status=queue_full_status, body_timeout_s=body_timeout_s)
         self.host = host
         self.http_port: int = http_port
         """The bound HTTP port once started (the port given, or the one picked for 0)."""
