@@ -98,6 +98,18 @@ def add_models(rt: ap.Runtime, gate: Gate, batched: Batched) -> None:
     rt.add_model("team/echo", model=lambda x: x * 3)
 
 
+def http_response(sock: Any) -> bytes:
+    """Reads one JSON-bodied HTTP response from a raw socket (until its body's closing brace,
+    or until the server closes the connection)."""
+    out = b""
+    while b"\r\n\r\n" not in out or not out.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 class Served:
     """The models above in a started runtime behind a Server on free ports (HTTP and gRPC)."""
 

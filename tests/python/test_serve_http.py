@@ -26,7 +26,7 @@ import apportion as ap  # noqa: E402
 from apportion.serve import Server, Signature, TensorSpec, asgi  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_models import Gate, Served, served, signatures  # noqa: E402,F401 (served: a fixture)
+from serve_models import Gate, Served, http_response, served, signatures  # noqa: E402,F401 (served: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -373,12 +373,7 @@ def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout() -> None:
             with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
                 c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"inp")
                 started = time.monotonic()
-                answer = b""
-                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
-                    chunk = c.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
+                answer = http_response(c)
                 waited = time.monotonic() - started
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert b"model 'echo': the request body did not arrive within 0.3 s" in answer

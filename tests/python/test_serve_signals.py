@@ -25,6 +25,9 @@ httpx = pytest.importorskip("httpx")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from serve_models import http_response  # noqa: E402
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -165,16 +168,6 @@ def _half_request(port: int, sent: bytes = b'{"inp') -> socket.socket:
     return s
 
 
-def _response(s: socket.socket) -> bytes:
-    out = b""
-    while b"\r\n\r\n" not in out or not out.endswith(b"}"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
 def test_a_body_that_never_arrives_gets_503_and_does_not_hold_the_drain(tmp_path: Path) -> None:
     proc, ports = start_child("load", tmp_path / "m", LONG_DRAIN_S)
     stalled = _half_request(ports["http"])  # headers and 5 of 100 bytes, then nothing
@@ -184,7 +177,7 @@ def test_a_body_that_never_arrives_gets_503_and_does_not_hold_the_drain(tmp_path
     np.testing.assert_array_equal(c.infer("slow", [i]).as_numpy("y"), [2.0])  # served meanwhile
     c.close()
     proc.send_signal(signal.SIGTERM)
-    answer = _response(stalled)
+    answer = http_response(stalled)
     stalled.close()
     code, out, err = finish(proc)
     assert answer.startswith(b"HTTP/1.1 503"), answer
