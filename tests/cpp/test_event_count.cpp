@@ -289,7 +289,10 @@ TEST(EventCount, AClosedLoopOfFourKeepsFourSpinningWaitersServed) {
     constexpr int kConsumers = 4;
     const int64_t run_ns = kSanitized ? 300'000'000 : 1'000'000'000;
     EventCount ec;
-    std::atomic<uint64_t> items{0}, done{0}, round{0};
+    std::atomic<uint64_t> items{0}, done{0};
+    // 32 bits: libstdc++ waits on a 4-byte atomic with a futex on the word itself, on a wider
+    // one through a shared proxy table; the barrier must not be the part that can hang.
+    std::atomic<uint32_t> round{0};
     std::atomic<int> inside{0};
     std::atomic<bool> stop{false};
     std::vector<std::thread> threads;
@@ -298,7 +301,7 @@ TEST(EventCount, AClosedLoopOfFourKeepsFourSpinningWaitersServed) {
         const auto check = [&] { return take_one(items); };
         while (ec.await(50'000, -1, check, check, [] { return false; },
                         [&] { return stop.load(std::memory_order_acquire); }) == Wait::ready) {
-          const uint64_t r = round.load();
+          const uint32_t r = round.load();
           if (inside.fetch_add(1) + 1 == kConsumers) {
             inside.store(0);
             round.fetch_add(1);
