@@ -73,7 +73,7 @@ class Frontend:
         self.reading: set[asyncio.Task[Any]] = set()
         """HTTP requests whose body is still arriving (not admitted yet): :meth:`cut` ends
         them when the drain begins."""
-        self._cut: set[asyncio.Task[Any]] = set()
+        self._cut: dict[asyncio.Task[Any], str] = {}  # reading tasks stopped, and the error kind why
 
     # -- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:
@@ -210,18 +210,28 @@ class Frontend:
         body is still arriving: they were not admitted, and a client that sends slowly or
         stopped halfway would hold the shutdown. Each gets 503 (see :meth:`was_cut`)."""
         self.draining = True
-        for task in self.reading - self._cut:
-            self._cut.add(task)
+        for task in list(self.reading):
+            self.stop_reading(task, UNAVAILABLE)
+
+    def stop_reading(self, task: asyncio.Task[Any], kind: str) -> None:
+        """Ends the reading of ``task``'s body (one of :attr:`reading`): it is cancelled, and
+        answers with an error of ``kind`` (see :meth:`was_cut`). Once per task."""
+        if task in self.reading and task not in self._cut:
+            self._cut[task] = kind
             task.cancel()
 
-    def was_cut(self, task: asyncio.Task[Any] | None) -> bool:
-        """Whether ``task`` (cancelled while reading its body) was cancelled by :meth:`cut`
-        alone: the cancellation is then withdrawn and the request answered 503. False for any
-        other cancellation, which the caller lets through."""
-        if task is None or task not in self._cut:
-            return False
-        self._cut.discard(task)
-        return task.uncancel() == 0
+    def was_cut(self, task: asyncio.Task[Any] | None) -> str | None:
+        """The error kind ``task`` (cancelled while reading its body) was stopped for, when
+        :meth:`stop_reading` alone cancelled it: the cancellation is then withdrawn, and the
+        request answered with that error. None for any other cancellation, which the caller
+        lets through."""
+        kind = self._cut.pop(task, None) if task is not None else None
+        return kind if kind is not None and task is not None and task.uncancel() == 0 else None
+
+    def done_reading(self, task: asyncio.Task[Any] | None) -> None:
+        """``task``'s body is in (or its reading ended otherwise)."""
+        self.reading.discard(task)  # type: ignore[arg-type]
+        self._cut.pop(task, None)  # type: ignore[arg-type]
 
     async def drain(self, timeout_s: float | None) -> bool:
         """Stops admitting requests (readiness goes false, :meth:`cut`) and waits until the

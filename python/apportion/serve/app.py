@@ -72,7 +72,6 @@ class V2App:
         if not (finite_number(body_timeout_s) and body_timeout_s > 0):
             raise ValueError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}")
         self.body_timeout_s = float(body_timeout_s)
-        self._slow: set[asyncio.Task[Any]] = set()  # reading tasks cancelled by their body's timer
         if queue_full_status not in (429, 503):
             raise ValueError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}")
         self.frontend = frontend
@@ -186,25 +185,25 @@ class V2App:
                                               f"limit of {limit} bytes")
         body = bytearray()
         # Registered while its body arrives: not admitted yet, so a drain does not wait for a
-        # client that sends slowly or stops halfway; it answers 503 instead (Frontend.cut).
+        # client that sends slowly or stops halfway; it answers 503 instead (Frontend.cut), and
+        # a body later than body_timeout_s answers 408 (the same stop, by its timer).
         task = asyncio.current_task()
         timer = None
         if task is not None:
             f.reading.add(task)
-            timer = asyncio.get_running_loop().call_later(self.body_timeout_s, self._too_slow, task)
+            timer = asyncio.get_running_loop().call_later(self.body_timeout_s, f.stop_reading, task, fe.SLOW_BODY)
         try:
             while True:
                 try:
                     msg = await receive()
                 except asyncio.CancelledError:
-                    if f.was_cut(task):
-                        raise fe.ServeError(fe.UNAVAILABLE, f"model {name!r}: the server is shutting down; the "
-                                                            "request's body had not arrived") from None
-                    if task in self._slow:
-                        self._slow.discard(task)
-                        if task is not None and task.uncancel() == 0:
-                            raise fe.ServeError(fe.SLOW_BODY, f"model {name!r}: the request body did not arrive "
-                                                              f"within {self.body_timeout_s:g} s") from None
+                    why = f.was_cut(task)
+                    if why == fe.UNAVAILABLE:
+                        raise fe.ServeError(why, f"model {name!r}: the server is shutting down; the "
+                                                 "request's body had not arrived") from None
+                    if why == fe.SLOW_BODY:
+                        raise fe.ServeError(why, f"model {name!r}: the request body did not arrive within "
+                                                 f"{self.body_timeout_s:g} s") from None
                     raise
                 if msg["type"] == "http.disconnect":
                     raise _Disconnected
@@ -214,14 +213,9 @@ class V2App:
                 if not msg.get("more_body", False):
                     return body
         finally:
-            f.reading.discard(task)
+            f.done_reading(task)
             if timer is not None:
                 timer.cancel()
-            self._slow.discard(task)  # type: ignore[arg-type]
-
-    def _too_slow(self, task: asyncio.Task[Any]) -> None:
-        self._slow.add(task)
-        task.cancel()
 
     async def _infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         f = self.frontend
