@@ -333,11 +333,8 @@ class Config:
                 try:
                     m.add_to(rt, self.path, build=build)
                 except (QuotaError, PlacementError) as e:
-                    fld = getattr(e, "field", None)
                     # Adding one model re-plans all: the error may be another model's.
-                    whose = getattr(e, "model", None)
-                    whose = whose if isinstance(whose, str) and whose in self.models else m.name
-                    key = f"{model_key(whose)}.{fld}" if fld else model_key(whose)
+                    key = self._key_of(e, m.name)
                     if isinstance(e, PlacementError):
                         raise DoesNotFit(self.path, key,
                                          f"the models do not fit this machine: {_without_prefix(e)}") from None
@@ -346,11 +343,10 @@ class Config:
                 try:
                     rt.start()
                 except QuotaError as e:  # e.g. a worker process that cannot import its factory
-                    whose = e.model if isinstance(e.model, str) and e.model in self.models else None
-                    if whose is None:
+                    key = self._key_of(e)
+                    if key is None:
                         raise
-                    raise ConfigError(self.path, f"{model_key(whose)}.{e.field}" if e.field else model_key(whose),
-                                      _without_prefix(e)) from e
+                    raise ConfigError(self.path, key, _without_prefix(e)) from e
                 except ApportionError:
                     raise
                 except Exception as e:  # the user's factory or warm-up: its error, and whose it is
@@ -361,6 +357,17 @@ class Config:
             rt.close(drain=False)
             raise
         return rt
+
+    def _key_of(self, e: Exception, fallback: str | None = None) -> str | None:
+        """The config key an error's ``.model`` and ``.field`` name (``models.<m>.<field>``);
+        when it names no model of this config, that of model ``fallback``, else None."""
+        whose = getattr(e, "model", None)
+        if not (isinstance(whose, str) and whose in self.models):
+            whose = fallback
+        if whose is None:
+            return None
+        fld = getattr(e, "field", None)
+        return f"{model_key(whose)}.{fld}" if fld else model_key(whose)
 
     def model_loads(self, *, inputs: bool = True) -> list[ModelLoad]:
         """The ``load`` of every model that has one, as :class:`apportion.load.ModelLoad`
