@@ -77,9 +77,7 @@ class Quota:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise _quota_error(str(self.name), "name", "give a non-empty string")
-        if not _encodable(self.name):  # a lone surrogate: no bytes name it (the engine's names are UTF-8)
-            raise QuotaError(f"give a name of Unicode characters, got {self.name!r} (a lone surrogate cannot "
-                             "be encoded)", field="name")
+        check_encodable_name(self.name)
         name = self.name
         cores = self.cores
         if cores is None:
@@ -223,12 +221,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def _encodable(text: str) -> bool:
+def check_encodable_name(name: str) -> None:
+    """Raises QuotaError (field ``name``) for a model name with a lone surrogate: no bytes
+    name it, and the engine's names are UTF-8."""
     try:
-        text.encode()
+        name.encode()
     except UnicodeEncodeError:
-        return False
-    return True
+        raise QuotaError(f"give a name of Unicode characters, got {name!r} (a lone surrogate cannot be "
+                         "encoded)", field="name") from None
 
 
 def _floating(q: Quota) -> Quota:

@@ -23,7 +23,7 @@ from ._private.checks import real
 from .batching import Batching
 from .errors import QuotaError
 from .gpu import GPU
-from .placement import Quota
+from .placement import Quota, check_encodable_name
 
 __all__ = ["ModelSpec", "TABLE_FIELDS"]
 
@@ -93,11 +93,7 @@ class ModelSpec:
         name = self.name
         if not isinstance(name, str) or not name:
             raise QuotaError(f"give a non-empty string, got {name!r}", field="name")
-        try:
-            name.encode()
-        except UnicodeEncodeError:  # a lone surrogate: no bytes name it (the engine's names are UTF-8)
-            raise QuotaError(f"give a name of Unicode characters, got {name!r} (a lone surrogate cannot be "
-                             "encoded)", field="name") from None
+        check_encodable_name(name)
 
         def bad(fld: str, reason: str) -> QuotaError:
             return QuotaError(reason, model=name, field=fld)
