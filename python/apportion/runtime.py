@@ -564,15 +564,20 @@ class Runtime(_core._Runtime):
                     self._abort_processes(entry)
                 self._end_direct_calls(entry, wait=drain)
             super().remove_model(name, drain=drain)  # ModelNotFound when there is none
-            if entry is not None:
-                self._close_processes(entry)
-                del self._models[name]
-            if self.started and self._plan is not None:
-                # The others run where they were placed: a plan made afresh would show a shared
-                # model on the freed cores too, and refuse any model added next for moving it.
-                self._plan = _plan_without(self._plan, name)
-            else:
-                self._plan = None
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drops model ``name`` (gone from the engine) from this runtime's bookkeeping, with its
+        worker processes and its place in the plan."""
+        entry = self._models.pop(name, None)
+        if entry is not None:
+            self._close_processes(entry)
+        if self.started and self._plan is not None:
+            # The others run where they were placed: a plan made afresh would show a shared
+            # model on the freed cores too, and refuse any model added next for moving it.
+            self._plan = _plan_without(self._plan, name)
+        else:
+            self._plan = None
 
     # -- live moves ----------------------------------------------------------------------------
     _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "admission", "timeout_ms",
@@ -935,9 +940,7 @@ class Runtime(_core._Runtime):
                 # added again (it read "already registered") and nothing of it lingers.
                 registered = set(self._model_names())
                 for name in [n for n in self._models if n not in registered]:
-                    self._close_processes(self._models.pop(name))
-                    if self._plan is not None:
-                        self._plan = _plan_without(self._plan, name)
+                    self._forget(name)
         return self
 
     def close(self, drain: bool = True) -> None:
