@@ -300,6 +300,18 @@ ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts
   // current offset, restart at the ring's start anyway: messages then keep reusing the same
   // first pages instead of touching the whole ring over time (the segment is sparse).
   uint64_t tail = r.tail.load(std::memory_order_acquire);
+  // Waits (spin, then park) while `full()` holds, reading the reader's tail anew each time.
+  const auto wait_while = [&](auto&& full) {
+    while (full()) {
+      if (!wait_event(r.space_event, r.space_waiters, r.tail, tail, spin_ns, deadline)) return false;
+      tail = r.tail.load(std::memory_order_acquire);
+    }
+    return true;
+  };
+  const auto put_skip = [&] {  // pads from `offset` to the ring's end
+    FrameHeader skip{cap - offset, kKindSkip, 0};
+    std::memcpy(data + offset, &skip, sizeof skip);
+  };
   if (offset + need > cap && need > offset) {
     // At the ring's start the frame would cover the skip frame's own header (at `offset`),
     // so the two cannot be published together: once the ring is empty the skip goes alone,
@@ -308,14 +320,8 @@ ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts
     // message larger than the space before the end and than the one before it waited for
     // ever.)
     if (!reserve_out(std::max(offset + sizeof(FrameHeader), need))) return ChannelStatus::no_space;
-    while (tail != head) {
-      if (!wait_event(r.space_event, r.space_waiters, r.tail, tail, spin_ns, deadline)) {
-        return ChannelStatus::timeout;
-      }
-      tail = r.tail.load(std::memory_order_acquire);
-    }
-    FrameHeader skip{cap - offset, kKindSkip, 0};
-    std::memcpy(data + offset, &skip, sizeof skip);
+    if (!wait_while([&] { return tail != head; })) return ChannelStatus::timeout;
+    put_skip();
     head += cap - offset;
     r.head.store(head, std::memory_order_release);
     signal_event(r.data_event, r.data_waiters);
@@ -329,16 +335,8 @@ ChannelStatus ShmChannel::send(std::span<const std::span<const std::byte>> parts
   // fails now, whole, instead of a SIGBUS in the middle of the copy (or in the peer).
   const uint64_t reach = std::max(start != head ? offset + sizeof(FrameHeader) : 0, start % cap + need);
   if (!reserve_out(reach)) return ChannelStatus::no_space;
-  while (end - tail > cap) {
-    if (!wait_event(r.space_event, r.space_waiters, r.tail, tail, spin_ns, deadline)) {
-      return ChannelStatus::timeout;
-    }
-    tail = r.tail.load(std::memory_order_acquire);
-  }
-  if (start != head) {
-    FrameHeader skip{cap - offset, kKindSkip, 0};
-    std::memcpy(data + offset, &skip, sizeof skip);
-  }
+  if (!wait_while([&] { return end - tail > cap; })) return ChannelStatus::timeout;
+  if (start != head) put_skip();
   std::byte* frame = data + start % cap;
   FrameHeader fh{need, kKindMessage, static_cast<uint32_t>(parts.size())};
   std::memcpy(frame, &fh, sizeof fh);
