@@ -4,6 +4,7 @@ wrong) against a Server on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import sys
@@ -341,50 +342,51 @@ def test_compressed_requests_from_tritonclient(served: Served, algorithm: str) -
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [8.0], r.text
 
 
-def test_a_compressed_body_is_inflated_only_up_to_the_limit() -> None:
+@contextlib.contextmanager
+def echo_server(**options: Any) -> Iterator[Server]:
+    """A started Server (HTTP only) with ``options``, over a runtime serving one "echo" model."""
     rt = ap.Runtime()
     rt.add_model("echo", model=lambda x: x)
     rt.start()
     try:
-        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, max_body_bytes=65536) as s:
-            x = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "pad": "a" * 10**7}
-            bomb = gzip.compress(json.dumps(x).encode())  # ~10 KB that inflates to 10 MB
-            assert len(bomb) < 65536
-            r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", content=bomb,
-                           headers={"Content-Encoding": "gzip"}, timeout=60)
-            assert r.status_code == 413 and "decompresses beyond the limit of 65536 bytes" in r.json()["error"]
-            r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=60,
-                           content=gzip.compress(json.dumps({**x, "pad": "a" * 60000}).encode()),
-                           headers={"Content-Encoding": "gzip"})
-            assert r.status_code == 200, r.text  # within the limit once inflated
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, **options) as s:
+            yield s
     finally:
         rt.close()
+
+
+def test_a_compressed_body_is_inflated_only_up_to_the_limit() -> None:
+    with echo_server(max_body_bytes=65536) as s:
+        x = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "pad": "a" * 10**7}
+        bomb = gzip.compress(json.dumps(x).encode())  # ~10 KB that inflates to 10 MB
+        assert len(bomb) < 65536
+        r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", content=bomb,
+                       headers={"Content-Encoding": "gzip"}, timeout=60)
+        assert r.status_code == 413 and "decompresses beyond the limit of 65536 bytes" in r.json()["error"]
+        r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=60,
+                       content=gzip.compress(json.dumps({**x, "pad": "a" * 60000}).encode()),
+                       headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 200, r.text  # within the limit once inflated
 
 
 def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout() -> None:
     # It held its connection (and what it had sent) for as long as the client kept it open.
     import socket
 
-    rt = ap.Runtime()
-    rt.add_model("echo", model=lambda x: x)
-    rt.start()
-    try:
-        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, body_timeout_s=0.3) as s:
-            with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
-                c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"inp")
-                started = time.monotonic()
-                answer = http_response(c)
-                waited = time.monotonic() - started
-            assert answer.startswith(b"HTTP/1.1 408"), answer
-            assert b"model 'echo': the request body did not arrive within 0.3 s" in answer
-            assert waited < 20  # the timeout, not the client's
-            r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=30,
-                           json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
-            assert r.status_code == 200  # a body that arrives is read as before
+    with echo_server(body_timeout_s=0.3) as s:
+        with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+            c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"inp")
+            started = time.monotonic()
+            answer = http_response(c)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"model 'echo': the request body did not arrive within 0.3 s" in answer
+        assert waited < 20  # the timeout, not the client's
+        r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=30,
+                       json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
+        assert r.status_code == 200  # a body that arrives is read as before
         with pytest.raises(ValueError, match="body_timeout_s must be a finite number of seconds > 0"):
-            Server(rt, {"echo": signatures()["echo"]}, body_timeout_s=0)
-    finally:
-        rt.close()
+            Server(s.frontend.rt, {"echo": signatures()["echo"]}, body_timeout_s=0)
 
 
 def test_request_and_output_parameters_are_read_as_the_protocol_types_them(served: Served) -> None:
