@@ -32,6 +32,64 @@ WATCH_AFTER_S = 0.05
 """An HTTP request still unanswered after this long is watched for its client going away."""
 
 
+class Alarms:
+    """Calls ``fn(*args)`` for each key still set ``delay_s`` after :meth:`set` (up to a
+    quarter of that, at most 1 s, later), from one timer per event loop.
+
+    A loop timer per request costs the loop an extra pass each time one is cancelled (the
+    HTTP front armed two a request, both almost always cancelled within a millisecond); here a
+    request costs a dict entry, and the timer fires about once per ``delay_s`` under load.
+    Keys are set in order of their deadlines (one delay for all), so a firing stops at the
+    first key not due yet."""
+
+    __slots__ = ("delay_s", "_slack", "_loops")
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = float(delay_s)
+        self._slack = min(self.delay_s / 4, 1.0)
+        self._loops: dict[asyncio.AbstractEventLoop, _Pending] = {}
+
+    def set(self, key: object, fn: Callable[..., object], *args: Any) -> None:
+        """Calls ``fn(*args)`` on the running loop ``delay_s`` from now unless :meth:`cancel`
+        is called for ``key`` (a new key; one not set already) first."""
+        loop = asyncio.get_running_loop()
+        pending = self._loops.get(loop)
+        if pending is None:
+            for gone in [lp for lp in self._loops if lp.is_closed()]:
+                del self._loops[gone]
+            pending = self._loops[loop] = _Pending()
+        pending.due[key] = (loop.time() + self.delay_s, fn, args)
+        if pending.timer is None:
+            pending.timer = loop.call_later(self.delay_s, self._fire, loop, pending)
+
+    def cancel(self, key: object) -> None:
+        """Forgets ``key`` (set from the running loop): its call will not be made."""
+        pending = self._loops.get(asyncio.get_running_loop())
+        if pending is not None:
+            pending.due.pop(key, None)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop, pending: _Pending) -> None:
+        pending.timer = None
+        now = loop.time()
+        due = pending.due
+        while due:
+            key = next(iter(due))
+            when, fn, args = due[key]
+            if when > now:
+                pending.timer = loop.call_at(max(when, now + self._slack), self._fire, loop, pending)
+                return
+            del due[key]
+            fn(*args)
+
+
+class _Pending:
+    __slots__ = ("due", "timer")
+
+    def __init__(self) -> None:
+        self.due: dict[object, tuple[float, Callable[..., object], tuple[Any, ...]]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+
 def _watch(into: list[asyncio.Task[None]], fut: Any, gone: Callable[[], Awaitable[Any]],
            settled: asyncio.Future[None]) -> None:
     if not settled.done():
@@ -74,6 +132,8 @@ class Frontend:
         """HTTP requests whose body is still arriving (not admitted yet): :meth:`cut` ends
         them when the drain begins."""
         self._cut: dict[asyncio.Task[Any], str] = {}  # reading tasks stopped, and the error kind why
+        self.watch_alarms = Alarms(WATCH_AFTER_S)
+        """Starts watching HTTP requests unanswered after :data:`WATCH_AFTER_S`."""
 
     # -- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:
@@ -163,17 +223,18 @@ class Frontend:
                     pass
 
             fut.add_done_callback(wake)
-            # Most requests are answered before the watch would start: one timer each, no task.
+            # Most requests are answered before the watch would start: an alarm each, no task.
             watching: list[asyncio.Task[None]] = []
-            timer = loop.call_later(WATCH_AFTER_S, _watch, watching, fut, gone, settled) if gone is not None else None
+            if gone is not None:
+                self.watch_alarms.set(settled, _watch, watching, fut, gone, settled)
             try:
                 await settled
             except asyncio.CancelledError:
                 fut.cancel()  # the client went away: a queued request is never run
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if gone is not None:
+                    self.watch_alarms.cancel(settled)
                     for watcher in watching:
                         watcher.cancel()
             if fut.cancelled():  # its client went away (the watch above): nobody reads this answer
@@ -228,10 +289,10 @@ class Frontend:
         kind = self._cut.pop(task, None) if task is not None else None
         return kind if kind is not None and task is not None and task.uncancel() == 0 else None
 
-    def done_reading(self, task: asyncio.Task[Any] | None) -> None:
+    def done_reading(self, task: asyncio.Task[Any]) -> None:
         """``task``'s body is in (or its reading ended otherwise)."""
-        self.reading.discard(task)  # type: ignore[arg-type]
-        self._cut.pop(task, None)  # type: ignore[arg-type]
+        self.reading.discard(task)
+        self._cut.pop(task, None)
 
     async def drain(self, timeout_s: float | None) -> bool:
         """Stops admitting requests (readiness goes false, :meth:`cut`) and waits until the

@@ -72,6 +72,7 @@ class V2App:
         if not (finite_number(body_timeout_s) and body_timeout_s > 0):
             raise ValueError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}")
         self.body_timeout_s = float(body_timeout_s)
+        self._body_alarms = fe.Alarms(self.body_timeout_s)
         if queue_full_status not in (429, 503):
             raise ValueError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}")
         self.frontend = frontend
@@ -127,7 +128,7 @@ class V2App:
             path = path[len(root):]
         parts = path.rstrip("/").split("/")[1:]
         raw = scope.get("raw_path")
-        if raw and (b"%2F" in raw or b"%2f" in raw):
+        if raw and b"%" in raw and (b"%2F" in raw or b"%2f" in raw):
             # A model name with "/" in it arrives escaped as %2F, and the decoded path splits it:
             # split the raw path, then decode each segment (as many segments off the front as
             # the mount prefix has).
@@ -188,10 +189,9 @@ class V2App:
         # client that sends slowly or stops halfway; it answers 503 instead (Frontend.cut), and
         # a body later than body_timeout_s answers 408 (the same stop, by its timer).
         task = asyncio.current_task()
-        timer = None
         if task is not None:
             f.reading.add(task)
-            timer = asyncio.get_running_loop().call_later(self.body_timeout_s, f.stop_reading, task, fe.SLOW_BODY)
+            self._body_alarms.set(task, f.stop_reading, task, fe.SLOW_BODY)
         try:
             while True:
                 try:
@@ -213,9 +213,9 @@ class V2App:
                 if not msg.get("more_body", False):
                     return body
         finally:
-            f.done_reading(task)
-            if timer is not None:
-                timer.cancel()
+            if task is not None:
+                f.done_reading(task)
+                self._body_alarms.cancel(task)
 
     async def _infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         f = self.frontend
@@ -235,7 +235,10 @@ class V2App:
         else:
             request_id, options, arrays, wanted = self._parse(name, sig, body, hlen, coding)
         outputs = await f.infer(name, arrays, *options, gone=receive)
-        if sum(outputs[spec.name].nbytes for spec, _ in wanted) >= _OFF_LOOP_BYTES:
+        size = 0
+        for spec, _ in wanted:
+            size += outputs[spec.name].nbytes
+        if size >= _OFF_LOOP_BYTES:
             return await asyncio.to_thread(_encoded, name, request_id, wanted, outputs)
         return _encoded(name, request_id, wanted, outputs)
 
