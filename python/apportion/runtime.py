@@ -614,7 +614,8 @@ class Runtime(_core._Runtime):
         the models do not fit the machine together, or a model would span several NUMA nodes;
         ModelNotFound for a name not registered. When a new instance's factory (or warm-up)
         raises, that exception is raised here and the model keeps serving where it was; models
-        moved earlier in the same call are moved back first.
+        moved earlier in the same call are moved back first (one whose move back fails too keeps
+        serving as moved: a note on the exception says so, and :meth:`plan` shows it there).
 
         Before ``start()`` the new settings simply replace the old ones."""
         self._check_not_forked()
@@ -742,14 +743,22 @@ class Runtime(_core._Runtime):
                 self._move(n, targets[n], new_plan)
                 done.append(undo)
         except BaseException as e:
+            stuck = set()
             for n, spec, placed in reversed(done):
                 try:
                     self._move(n, spec, old_plan, placed)
                 except BaseException as back:  # noqa: BLE001 - reported on the original error
-                    e.add_note(f"(model {n!r} could not be moved back: {back!r})")
-                    self._plan = None
+                    e.add_note(f"(model {n!r} could not be moved back: {back!r}; it serves as moved, and "
+                               "plan() shows it there)")
+                    stuck.add(n)
                 else:
                     e.add_note(f"(model {n!r}, moved before, was moved back)")
+            if stuck:
+                # What runs now: those models where the new plan put them, the others where they
+                # were (the shared pool's size was not changed either). Placing the specs afresh
+                # would show CPUs no instance runs on.
+                self._plan = dataclasses.replace(old_plan, models=tuple(
+                    new_plan[m.name] if m.name in stuck else m for m in old_plan.models))
             raise
         if moving and self.closed:
             # close() stopped the move's new instances: as add_model says, the caller learns it.

@@ -139,6 +139,35 @@ def test_a_failed_move_raises_and_keeps_the_old_placement_serving() -> None:
 
 
 @needs_two_cpus
+def test_a_model_that_cannot_move_back_is_shown_where_it_serves() -> None:
+    # The plan was placed afresh from the specs: it showed the shared model on the CPU the
+    # stuck one had left, where none of its instances ran.
+    a, b = Where(), Where()
+    with ap.Runtime() as rt:
+        rt.add_model("a", factory=a, cores="0", isolation="exclusive")
+        rt.add_model("b", factory=b)  # shared: the other CPU
+        rt.start()
+        before = rt.plan()
+        a.fail_on = b.fail_on = {0}  # a moves to CPU 1, b fails on CPU 0, a cannot go back to 0
+        with pytest.raises(RuntimeError, match=r"no instance on CPUs \(0,\)") as err:
+            rt.apply([ap.ModelSpec("a", factory=a, cores="1", isolation="exclusive")])
+        notes = getattr(err.value, "__notes__", [])
+        assert any("model 'a' could not be moved back" in n and "serves as moved" in n for n in notes), notes
+        now = rt.plan()
+        assert now["a"].cpus == (1,) and [i.cpus for i in now["a"].instances] == [(1,)]
+        assert now["b"] == before["b"] and now.shared_pool == before.shared_pool
+        assert rt.spec("a").cores == "1"
+        assert rt.call("a", 1) == 1 and rt.call("b", 2) == 2
+        assert a.runs[-1][1] == frozenset(now["a"].cpus)
+        assert b.runs[-1][1] == frozenset(c for i in now["b"].instances for c in i.cpus)
+        # The next apply starts from where the models are: a moves back once it can.
+        a.fail_on = set()
+        assert rt.apply([ap.ModelSpec("a", factory=a, cores="0", isolation="exclusive")]) == ["a"]
+        assert rt.plan() == before
+        assert rt.call("a", 3) == 3 and a.runs[-1][1] == frozenset({0})
+
+
+@needs_two_cpus
 def test_a_failed_move_moves_back_the_models_moved_before_it() -> None:
     a, b = Where(), Where()
     with ap.Runtime() as rt:
