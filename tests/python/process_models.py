@@ -221,3 +221,29 @@ class Unpicklable:
 
 def unpicklable_result(ctx: Any) -> Any:
     return lambda x: Unpicklable(x, x)
+
+
+def warner(ctx: Any) -> Any:
+    """Warns at build time, and on each call with the request in the text: a PinningWarning for
+    x == "pin", a category only the child has for x == "local", a UserWarning otherwise."""
+    import warnings
+
+    from apportion import PinningWarning
+
+    warnings.warn("built", UserWarning, stacklevel=1)
+
+    local = type("LocalWarning", (UserWarning,), {"__module__": "__main__"})
+
+    def serve(x: Any) -> Any:
+        category = {"pin": PinningWarning, "local": local}.get(x, UserWarning)
+        warnings.warn(f"call {x}", category, stacklevel=1)
+        return x
+
+    return serve
+
+
+def warns_then_fails(ctx: Any) -> Any:
+    import warnings
+
+    warnings.warn("about to fail", UserWarning, stacklevel=1)
+    raise RuntimeError("factory failed after warning")

@@ -126,6 +126,43 @@ def test_a_childs_serving_thread_is_named_as_a_worker_so_its_threads_are_the_mod
     assert got <= {("ap:named:0", "ap:named:0"), ("ap:named:1", "ap:named:1")} and got
 
 
+def test_a_childs_warnings_are_warned_in_the_parent_naming_the_model() -> None:
+    # They went to the child's stderr: the caller's filters, handlers and logging never saw a
+    # confinement (PinningWarning) or any other warning of a process-isolated model.
+    rt = ap.Runtime()
+    try:
+        rt.add_model("w", factory="process_models:warner", isolation="process")
+        with pytest.warns(UserWarning, match=r"model 'w' instance 0 \(worker process\): built \(.*process_models.py"):
+            rt.start()
+        with pytest.warns(UserWarning, match=r"model 'w' instance 0 \(worker process\): call plain") as rec:
+            assert rt.submit("w", "plain").result(timeout=LONG) == "plain"
+        assert len(rec) == 1
+        with pytest.warns(ap.PinningWarning, match=r"worker process\): call pin"):
+            assert rt.call("w", "pin") == "pin"
+        # A category the parent cannot import: a UserWarning that names it.
+        with pytest.warns(UserWarning, match=r"__main__:LocalWarning: call local"):
+            assert rt.call("w", "local") == "local"
+        # Under -W error the warning fails its call, and the next call reads its own reply.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="call strict"):
+                rt.call("w", "strict")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert [rt.call("w", k) for k in ("a", "b")] == ["a", "b"]
+    finally:
+        rt.close()
+    rt = ap.Runtime()
+    try:
+        rt.add_model("f", factory="process_models:warns_then_fails", isolation="process")
+        with pytest.raises(RuntimeError, match="factory failed after warning") as err:
+            rt.start()
+        assert any("warned before it failed: builtins:UserWarning: about to fail" in n
+                   for n in getattr(err.value, "__notes__", []))
+    finally:
+        rt.close()
+
+
 def test_a_child_whose_factory_did_not_import_torch_sets_the_planned_threads_once_torch_is_there() -> None:
     # The factory imports nothing; torch arrives with a request's tensor, or in the model's
     # first call. The child ran on torch's default count (every CPU) from then on.

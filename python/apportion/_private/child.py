@@ -18,16 +18,33 @@ import threading
 import traceback
 from typing import Any
 
-from apportion._private.payload import DIRECT_CALL, ERROR, EXIT, OK, READY, START_FAILED, dumps, loads, portable_error
+from apportion._private.payload import (DIRECT_CALL, ERROR, EXIT, OK, READY, START_FAILED, WARNING, dumps, loads,
+                                        portable_error)
 
 # How long the idle loop parks before checking that its parent is still there (a backstop for
 # PR_SET_PDEATHSIG, which fires when the parent's *thread* exits, and only on Linux).
 _PARENT_CHECK_S = 1.0
 
 
+_warned: list[tuple[str, str]] = []
+
+
+def _keep_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` here: a warning this process's filters let through goes to the
+    parent with the next message, which warns with it (its filters and handlers, not this
+    process's stderr)."""
+    _warned.append((f"{category.__module__}:{category.__qualname__}", f"{message} ({filename}:{lineno})"))
+
+
 def _send(channel: Any, parts: Any, parent: int) -> bool:
-    """Sends ``parts``, waiting for room as long as the parent that reads them is alive; False
-    when it went away first."""
+    """Sends ``parts`` (after the warnings raised since the last message), waiting for room as
+    long as the parent that reads them is alive; False when it went away first."""
+    if _warned:
+        warned = _warned[:]
+        _warned.clear()
+        if not _send(channel, dumps((WARNING, warned)), parent):
+            return False
     while not channel.send(parts, 0.0, _PARENT_CHECK_S):
         if os.getppid() != parent:
             return False
@@ -94,6 +111,9 @@ def _build(launch: dict[str, Any]) -> Any:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
+    import warnings
+
+    warnings.showwarning = _keep_warning
     from apportion import _core
 
     # The parent may already be gone (it died between starting us and this line): then the

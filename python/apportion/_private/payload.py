@@ -29,6 +29,7 @@ OK = 0
 ERROR = 1
 READY = 2
 START_FAILED = 3
+WARNING = 4  # before a reply: the warnings the model raised meanwhile, [(category path, text)]
 
 OUT_OF_BAND_BYTES = 64 * 1024
 """Buffers at least this large travel as separate shared-memory parts, not inside the pickle."""

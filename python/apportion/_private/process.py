@@ -20,6 +20,7 @@ import inspect
 import itertools
 import json
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,7 @@ class ProcessInstance:
         self._closed = False
         self._start_timeout_s = spec.start_timeout_s if spec.start_timeout_s is not None else START_TIMEOUT_S
         self._aborting = False  # set from another thread by abort(); read between waits
+        self._warned: list[tuple[str, str]] = []  # the child's warnings not shown yet (see _show_warnings)
         self._abort_start = False  # set by abort_start(): a child still building gives up
         self._lock = threading.Lock()  # close() from another thread vs. a restart
         # One call at a time on the channel: the worker's, or a direct caller's. The worker
@@ -237,11 +239,31 @@ class ProcessInstance:
             self._reap(proc, kill=False)
             _, exc, tb = reply
             exc.__cause__ = RemoteTraceback(tb)
+            warned, self._warned = self._warned, []
+            for path, text in warned:
+                exc.add_note(f"(the worker process warned before it failed: {path}: {text})")
             raise exc
+        self._proc, self._channel = proc, channel
+        self._show_warnings()
         for note in reply[2]:
             warnings.warn(f"model {self._model!r} instance {self._index} (worker process): {note}",
                           PinningWarning, stacklevel=2)
-        self._proc, self._channel = proc, channel
+
+    def _show_warnings(self) -> None:
+        """Warns here with what the model warned with in the child (its category where this
+        process can import it), each naming the model and instance. Called with the channel in
+        step: a warning turned into an error (``-W error``) fails the call as it would in a
+        thread instance, and the next call reads its own reply."""
+        warned, self._warned = self._warned, []
+        for path, text in warned:
+            try:
+                category = pkgutil.resolve_name(path)
+            except Exception:  # noqa: BLE001 - a class only the child has: the text says which
+                category = None
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category, text = UserWarning, f"{path}: {text}"
+            warnings.warn(f"model {self._model!r} instance {self._index} (worker process): {text}", category,
+                          stacklevel=3)
 
     def _send(self, channel: Any, proc: subprocess.Popen[bytes], parts: Any) -> None:
         """Sends a request; while it waits for room (the child has not taken the previous
@@ -269,7 +291,11 @@ class ProcessInstance:
             wait = _POLL_S if deadline is None else min(_POLL_S, max(deadline - time.monotonic(), 0.0))
             parts = channel.receive(spin, wait)
             if parts is not None:
-                return loads(parts)
+                msg = loads(parts)
+                if msg[0] != proto.WARNING:
+                    return msg
+                self._warned.extend(msg[1])  # shown once the reply after them is read
+                continue
             spin = 0.0  # the reply is not imminent: just park between checks
             if self._aborting or (starting and self._abort_start):  # first: the child may be dead of it
                 self._reap(proc, kill=True)
@@ -428,6 +454,8 @@ class ProcessInstance:
             self._discard_child(crashed=False)
             raise
         self._failures = 0
+        if self._warned:
+            self._show_warnings()
         if kind == proto.OK:
             return rest[0]
         exc, tb = rest
