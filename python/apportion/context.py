@@ -32,3 +32,7 @@ class InstanceContext:
     burst: bool = False
     """A burst instance of an exclusive model: it runs on the shared pool's CPUs, only while
     every own instance is busy (``burst=`` on add_model)."""
+    own_cpus: bool = False
+    """The instance's CPUs are its model's alone: an exclusive model's own instances, and a
+    process-isolated model's given ``cores`` (whose ``isolation`` reads "process"); False on the
+    shared pool. What a thread pool may spin on without taking time from another model."""

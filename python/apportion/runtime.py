@@ -238,7 +238,7 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
         ctx = InstanceContext(model=name, instance=index, instances=spec.instances,
                               threads=planned_threads, cpus=cpus, memory_nodes=nodes,
                               isolation="shared" if is_burst else quota.isolation, gpu=gpu_ctx,
-                              burst=is_burst)
+                              burst=is_burst, own_cpus=quota.isolation == "exclusive" and not is_burst)
         try:
             fn = build_instance(ctx, None if spec.model is not None else spec.factory,  # type: ignore[arg-type]
                                 spec.model)

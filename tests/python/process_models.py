@@ -247,3 +247,11 @@ def warns_then_fails(ctx: Any) -> Any:
 
     warnings.warn("about to fail", UserWarning, stacklevel=1)
     raise RuntimeError("factory failed after warning")
+
+
+def context(ctx: Any) -> Any:
+    """Returns the InstanceContext the child built it with, as a dict."""
+    import dataclasses
+
+    fields = dataclasses.asdict(ctx)
+    return lambda x: fields

@@ -219,6 +219,13 @@ def test_onnx_session_on_shared_cores_does_not_spin() -> None:
     # An explicit choice wins over the isolation default.
     opts = onnx_model(data, spin=True)(ctx).session.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    # A process model with cores of its own spins (its isolation reads "process"); one on the
+    # shared pool does not.
+    for own, want in ((True, "1"), (False, "0")):
+        ctx = ap.InstanceContext(model="m", instance=0, instances=1, threads=1, cpus=(0,), isolation="process",
+                                 own_cpus=own)
+        opts = onnx_model(data)(ctx).session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == want
 
 
 # -- refused pinning -------------------------------------------------------------------------

@@ -126,6 +126,35 @@ def test_a_childs_serving_thread_is_named_as_a_worker_so_its_threads_are_the_mod
     assert got <= {("ap:named:0", "ap:named:0"), ("ap:named:1", "ap:named:1")} and got
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_childs_context_says_whether_its_cpus_are_its_own() -> None:
+    # It read isolation="process" either way, so adapters (ONNX Runtime's spinning) took a
+    # process model with cores of its own for one on the shared pool.
+    rt = ap.Runtime()
+    try:
+        rt.add_model("own", factory="process_models:context", isolation="process", cores=1)
+        rt.add_model("pool", factory="process_models:context", isolation="process")
+        rt.start()
+        own, pool = rt.call("own", 0), rt.call("pool", 0)
+        assert own["isolation"] == pool["isolation"] == "process"
+        assert own["own_cpus"] is True and pool["own_cpus"] is False
+        assert tuple(own["cpus"]) == rt.plan()["own"].cpus
+    finally:
+        rt.close()
+    # Thread instances: an exclusive model's own, not its burst instances or a shared model's.
+    seen: dict[tuple[str, bool], bool] = {}
+
+    def record(ctx: ap.InstanceContext) -> Any:
+        seen[(ctx.model, ctx.burst)] = ctx.own_cpus
+        return lambda x: x
+
+    with ap.Runtime(shared_pool="scheduled") as rt:
+        rt.add_model("excl", factory=record, cores=1, isolation="exclusive", burst=True)
+        rt.add_model("shared", factory=record)
+        rt.start()
+    assert seen == {("excl", False): True, ("excl", True): False, ("shared", False): False}
+
+
 def test_a_childs_warnings_are_warned_in_the_parent_naming_the_model() -> None:
     # They went to the child's stderr: the caller's filters, handlers and logging never saw a
     # confinement (PinningWarning) or any other warning of a process-isolated model.

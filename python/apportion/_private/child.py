@@ -105,6 +105,7 @@ def _build(launch: dict[str, Any]) -> Any:
         model=spec.name, instance=launch["instance"], instances=spec.instances,
         threads=launch["threads"], cpus=tuple(launch["cpus"]) if launch["cpus"] else None,
         memory_nodes=tuple(launch["memory_nodes"]), isolation="process", gpu=None,
+        own_cpus=spec.quota.isolation == "exclusive",  # placed with cores of its own
     )
     return build_instance(ctx, factory)
 

@@ -3,7 +3,8 @@
 ONNX Runtime starts its intra-op thread pool when the session is created, and those threads
 inherit the creating thread's CPU mask, so creating the session in the worker confines them.
 ``intra_op_num_threads`` comes from the instance's quota; spinning is disabled on shared cores
-(an idle spinning pool would steal time from the models it shares them with).
+(an idle spinning pool would steal time from the models it shares them with) and enabled on
+an instance's own CPUs (``ctx.own_cpus``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def onnx_model(model: str | os.PathLike[str] | bytes, *, spin: bool | None = Non
                providers: list[str] | None = None) -> Callable[[Any], OnnxModel]:
     """A factory for ``add_model(factory=...)``: each instance builds its own session in its
     worker, with ``intra_op_num_threads`` = the instance's threads (else its CPU count).
-    ``spin`` defaults to off for shared models and on for exclusive ones."""
+    ``spin`` defaults to off on the shared pool and on where the instance's CPUs are its
+    model's alone (``ctx.own_cpus``: exclusive models, process models with ``cores``)."""
 
     def factory(ctx: Any) -> OnnxModel:
         import onnxruntime as ort
@@ -43,7 +45,8 @@ def onnx_model(model: str | os.PathLike[str] | bytes, *, spin: bool | None = Non
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        allow = spin if spin is not None else getattr(ctx, "isolation", "shared") == "exclusive"
+        allow = spin if spin is not None else (getattr(ctx, "own_cpus", False)
+                                               or getattr(ctx, "isolation", "shared") == "exclusive")
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow else "0")
         src = model if isinstance(model, bytes) else os.fspath(model)
         session = ort.InferenceSession(src, sess_options=so,
