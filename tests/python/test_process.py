@@ -155,6 +155,19 @@ def test_the_childs_context_says_whether_its_cpus_are_its_own() -> None:
     assert seen == {("excl", False): True, ("excl", True): False, ("shared", False): False}
 
 
+def test_a_model_with_a_very_long_name_starts_its_worker_process() -> None:
+    # Its launch spec travelled as one command-line argument: beyond 128 KiB, start() failed
+    # with OSError E2BIG ("Argument list too long"), naming no model.
+    name = "m" * 200_000
+    rt = ap.Runtime()
+    try:
+        rt.add_model(name, factory="process_models:echo", isolation="process")
+        rt.start()
+        assert rt.call(name, 5) == 5
+    finally:
+        rt.close()
+
+
 def test_a_childs_warnings_are_warned_in_the_parent_naming_the_model() -> None:
     # They went to the child's stderr: the caller's filters, handlers and logging never saw a
     # confinement (PinningWarning) or any other warning of a process-isolated model.

@@ -1,4 +1,5 @@
-"""The worker process of a process-isolated instance: ``python -m apportion._private.child SPEC``.
+"""The worker process of a process-isolated instance: ``python -m apportion._private.child``,
+its launch spec (JSON) on stdin.
 
 Started by :class:`apportion._private.process.ProcessInstance` from the instance's pinned
 worker thread (so it is born with that thread's CPU mask and memory policy). It applies the
@@ -110,8 +111,8 @@ def _build(launch: dict[str, Any]) -> Any:
     return build_instance(ctx, factory)
 
 
-def main(argv: list[str]) -> int:
-    spec = json.loads(argv[1])
+def main() -> int:
+    spec = json.loads(sys.stdin.buffer.read())  # the parent writes it and closes the pipe
     import warnings
 
     warnings.showwarning = _keep_warning
@@ -196,4 +197,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

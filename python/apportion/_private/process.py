@@ -217,11 +217,20 @@ class ProcessInstance:
             # `kill -- -PGID` signal the whole group, and a child that died of it failed the
             # call it was serving while this process drained. The child goes with its parent
             # (PR_SET_PDEATHSIG and its parent check) or when told to.
-            proc = subprocess.Popen([sys.executable, "-m", "apportion._private.child", json.dumps(spec)],
-                                    env=env, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
+            # The spec goes on the child's stdin, not its command line: one argument may not
+            # exceed 128 KiB (E2BIG), which a long model name reached. Then stdin is at its end,
+            # as /dev/null would be.
+            proc = subprocess.Popen([sys.executable, "-m", "apportion._private.child"],
+                                    env=env, stdin=subprocess.PIPE, close_fds=True, process_group=0)
         except BaseException:
             channel.close()
             raise
+        try:
+            assert proc.stdin is not None
+            with proc.stdin:
+                proc.stdin.write(json.dumps(spec).encode())
+        except BrokenPipeError:
+            pass  # the child died before reading it: the wait below reports how
         try:
             reply = self._wait_reply(channel, proc, self._start_timeout_s, starting=True)
         except BaseException:
