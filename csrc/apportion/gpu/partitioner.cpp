@@ -70,10 +70,11 @@ const ModelStreams* GpuPartition::find(std::string_view model) const noexcept {
   return nullptr;
 }
 
-void GpuPartition::check(cu::Result r, const char* what, int device) {
+void GpuPartition::check(cu::Result r, const char* what, int device, const std::string* model) {
   if (r != cu::kSuccess) {
-    throw std::runtime_error("GPU " + std::to_string(device) + ": " + what + " failed: " +
-                             driver_->error_string(r));
+    std::string where = "GPU " + std::to_string(device);
+    if (model != nullptr) where += ", model '" + *model + "'";
+    throw std::runtime_error(where + ": " + what + " failed: " + driver_->error_string(r));
   }
 }
 
@@ -200,7 +201,7 @@ void GpuPartition::realise_device(const GpuPlan& plan, const DeviceGpuPlan& devi
     ModelStreams& out = models_[i];
     cu::GreenContext g = green[i];
     cu::Context ctx = primary;
-    if (g) check(drv.ctx_from_green_ctx(&ctx, g), "cuCtxFromGreenCtx", ordinal);
+    if (g) check(drv.ctx_from_green_ctx(&ctx, g), "cuCtxFromGreenCtx", ordinal, &m.model);
     out.context = as_int(ctx);
     out.green_context = g != nullptr;
     out.sm_count = plan_.models[i].sm_count;
@@ -208,17 +209,17 @@ void GpuPartition::realise_device(const GpuPlan& plan, const DeviceGpuPlan& devi
       cu::Stream stream = nullptr;
       if (g && drv.status().green_ctx_stream_create) {
         check(drv.green_ctx_stream_create(&stream, g, cu::kStreamNonBlocking, m.priority),
-              "cuGreenCtxStreamCreate", ordinal);
+              "cuGreenCtxStreamCreate", ordinal, &m.model);
       } else if (g) {
         // 12.4 has no cuGreenCtxStreamCreate: a stream made while the green context is current
         // belongs to it.
         ScopedContext in_green(drv, ctx);
-        if (!in_green.ok()) check(cu::kErrorInvalidValue, "cuCtxPushCurrent(green)", ordinal);
+        if (!in_green.ok()) check(cu::kErrorInvalidValue, "cuCtxPushCurrent(green)", ordinal, &m.model);
         check(drv.stream_create_with_priority(&stream, cu::kStreamNonBlocking, m.priority),
-              "cuStreamCreateWithPriority", ordinal);
+              "cuStreamCreateWithPriority", ordinal, &m.model);
       } else {
         check(drv.stream_create_with_priority(&stream, cu::kStreamNonBlocking, m.priority),
-              "cuStreamCreateWithPriority", ordinal);
+              "cuStreamCreateWithPriority", ordinal, &m.model);
       }
       owned_.push_back({Kind::stream, dev, stream});
       out.streams.push_back(as_int(stream));

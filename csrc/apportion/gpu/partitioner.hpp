@@ -81,7 +81,9 @@ class GpuPartition {
   };
 
   void realise_device(const GpuPlan& plan, const DeviceGpuPlan& device);
-  void check(cu::Result r, const char* what, int device);
+  // Throws std::runtime_error naming the GPU (and the model, for a call made for one) when r
+  // is not success.
+  void check(cu::Result r, const char* what, int device, const std::string* model = nullptr);
 
   void finish_plan();
 
