@@ -179,9 +179,9 @@ class _ModelEntry:
     """The max_queue the model was added with: the size of its queue, which a move may not
     exceed."""
     factory_ref: str | None = None
+    """A process model's factory as an import path (its children import it)."""
     building: bool = False
     """add_model on a started runtime still builds and warms its instances."""
-    """A process model's factory as an import path (its children import it)."""
 
 
 def _same(a: Any, b: Any) -> bool:
