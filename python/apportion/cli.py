@@ -222,6 +222,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     cfg = Config.load(args.config)
     # Before any model starts: --adapt steers by latency objectives.
     slos = {n: m.slo["latency_ms"] for n, m in cfg.models.items() if m.slo}
+    percentiles = {n: m.slo.get("percentile", 99.0) for n, m in cfg.models.items() if m.slo}
     if args.adapt and not slos:
         raise ConfigError(args.config, "models", "--adapt needs a latency objective: give at least one model "
                           "slo = { latency_ms = ... }")
@@ -237,7 +238,8 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
 
             log = None if args.json else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
                                                           file=out, flush=True))
-            controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log).start()
+            controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log,
+                                    percentiles=percentiles).start()
         loads = cfg.model_loads()
         with _sigterm_stops():
             try:

@@ -2,7 +2,8 @@
 load mix shifts.
 
 Every ``window_s`` it reads each model's window from the native stats (arrivals, completions,
-refusals, p99 end to end, p99 queue wait, mean compute per request and batch size), refits each
+refusals, p99 end to end (or the objective's percentile), p99 queue wait, mean compute per
+request and batch size), refits each
 model's per-request cost (compute time of a call divided by its batch size, as measured in that
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
@@ -58,8 +59,9 @@ from typing import Any
 
 from ._private.checks import finite_number
 from ._private.cputime import THREAD_TIMES, cpus_busy_s
+from .batching import _MAX_BATCH as MAX_BATCH
 from .batching import Batching
-from .errors import ApportionError, ModelNotFound, QuotaError
+from .errors import ApportionError, ModelNotFound, QuotaError, RuntimeClosed
 from .spec import ModelSpec
 from .stats import HistogramSnapshot, ModelStats, RuntimeStats, same_model
 
@@ -71,6 +73,9 @@ FULL_BATCHES = 0.9
 
 RAISE_AT_MOST = 4
 """A raised admission bound grows by at most this factor in one move."""
+
+ERRORS_KEPT = 100
+"""Failures kept in :attr:`Controller.errors`."""
 
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
@@ -94,11 +99,20 @@ class Window:
     mean_batch: float
     instances: int
     good: int | None = None
+    """Completed within the model's SLO (from the end-to-end histogram's buckets); None when
+    not known (no SLO given)."""
     cpu_s: float | None = None
     """CPU time the model's threads used in the window (s); None: not read (a model without
     CPUs of its own, or no /proc)."""
-    """Completed within the model's SLO (from the end-to-end histogram's buckets); None when
-    not known (no SLO given)."""
+    failed: int = 0
+    """Requests whose call raised: they took instance time as completions do."""
+    tail_ms: float | None = None
+    """End-to-end latency at the percentile of the model's objective (None: p99, ``p99_ms``)."""
+
+    @property
+    def objective_ms(self) -> float:
+        """The latency the model's objective is about: ``tail_ms``, else ``p99_ms``."""
+        return self.p99_ms if self.tail_ms is None else self.tail_ms
 
     @property
     def rate(self) -> float:
@@ -115,7 +129,7 @@ class Window:
         """Fraction of the instances' time spent in calls (0 .. ~1)."""
         if self.seconds <= 0 or self.instances <= 0:
             return 0.0
-        return self.completed * self.cost_s / (self.seconds * self.instances)
+        return (self.completed + self.failed) * self.cost_s / (self.seconds * self.instances)
 
     @property
     def used(self) -> float:
@@ -138,15 +152,20 @@ class Window:
         return max(1, math.ceil(self.rate * self.cost_s / target)) if self.arrivals else 1
 
     @classmethod
-    def between(cls, before: ModelStats, after: ModelStats, seconds: float, slo_ms: float | None = None) -> Window:
+    def between(cls, before: ModelStats, after: ModelStats, seconds: float, slo_ms: float | None = None,
+                percentile: float = 99.0) -> Window:
         """The window from two ``rt.stats()`` readings of one model; with ``slo_ms``, also how
-        many completed within it."""
+        many completed within it; ``percentile``: the objective's (``tail_ms``)."""
         done = after.completed - before.completed
+        failed = after.failed - before.failed
         batches = after.batches - before.batches
         e2e = after.end_to_end.since(before.end_to_end)
         good = None
         if slo_ms is not None and e2e.histogram is not None:
             good = min(done, within(e2e.histogram, slo_ms * 1e6))
+        tail = None
+        if percentile != 99.0 and e2e.histogram is not None:
+            tail = e2e.histogram.quantile(percentile / 100) / 1e6
         return cls(
             seconds=seconds,
             arrivals=after.submitted - before.submitted,
@@ -155,9 +174,11 @@ class Window:
             p99_ms=e2e.p99_ms,
             queue_wait_p99_ms=after.queue_wait.since(before.queue_wait).p99_ms,
             compute_ms=after.compute.since(before.compute).mean_ms,
-            mean_batch=done / batches if batches > 0 else 1.0,
+            mean_batch=(done + failed) / batches if batches > 0 else 1.0,
             instances=after.instances,
             good=good,
+            failed=failed,
+            tail_ms=tail,
         )
 
 
@@ -252,7 +273,13 @@ def _units(spec: ModelSpec) -> int:
 
 
 def _grown(spec: ModelSpec) -> ModelSpec:
-    """One more single-thread instance (and, for a model with cores of its own, one more core)."""
+    """One more instance: a single-thread one (and, for a model with cores of its own, one more
+    core); for a model of several threads per instance, one more of those (with as many more
+    cores), so that growing never takes threads from its instances."""
+    t = spec.threads or 1
+    if t > 1:
+        cores = spec.cores + t if spec.isolation == "exclusive" and isinstance(spec.cores, int) else spec.cores
+        return dataclasses.replace(spec, cores=cores, instances=spec.instances + 1)
     if spec.isolation == "exclusive" and isinstance(spec.cores, int):
         n = spec.cores + 1
         return dataclasses.replace(spec, cores=n, instances=n, threads=1)
@@ -260,10 +287,23 @@ def _grown(spec: ModelSpec) -> ModelSpec:
 
 
 def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
-    """One instance (or core) less; None when the model is down to one. With ``release``, a
-    model down to one core of its own gives that core to the shared pool instead: it serves
-    from the pool with one instance."""
-    if spec.isolation == "exclusive" and isinstance(spec.cores, int):
+    """One instance (or core) less, or for a model of one multi-thread instance one thread
+    less; None when the model is down to one. With ``release``, a model down to one core of its
+    own gives that core to the shared pool instead: it serves from the pool with one instance."""
+    t = spec.threads or 1
+    exclusive = spec.isolation == "exclusive" and isinstance(spec.cores, int)
+    if t > 1:
+        # Several threads per instance: one instance less (and its cores), or for a model of
+        # one instance, one thread less (and a core): never all its threads at once.
+        try:
+            if spec.instances > 1:
+                cores = spec.cores - t if exclusive else spec.cores
+                return dataclasses.replace(spec, cores=cores, instances=spec.instances - 1)
+            cores = spec.cores - 1 if exclusive else spec.cores
+            return dataclasses.replace(spec, cores=cores, threads=t - 1)
+        except QuotaError:  # fewer cores than the rest would need (an oversubscribed model)
+            return None
+    if exclusive:
         if spec.cores <= 1:
             if not release:
                 return None
@@ -276,6 +316,12 @@ def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
     if spec.instances <= 1:
         return None
     return dataclasses.replace(spec, instances=spec.instances - 1, threads=1)
+
+
+def _movable(spec: ModelSpec) -> bool:
+    """Whether the model may get new instances while it serves (process, GPU and burst models
+    may change their admission bound alone; see Runtime.apply)."""
+    return not (spec.process or spec.gpu is not None or spec.burst_instances)
 
 
 def _change(old: ModelSpec, new: ModelSpec) -> str:
@@ -291,9 +337,10 @@ def _change(old: ModelSpec, new: ModelSpec) -> str:
 
 class Controller:
     """Runs beside a serving runtime and moves capacity between its models (see the module
-    documentation). ``slos``: p99 objective in milliseconds per model (models without one are
-    left where they are). ``capacity``: instances (one intra-op thread each) the models may
-    hold together; default: the runtime's CPUs. ``headroom``: idle CPUs (averaged over a
+    documentation). ``slos``: latency objective in milliseconds per model, at the 99th
+    percentile unless ``percentiles`` gives another (models without one are left where they
+    are). ``capacity``: instances (one intra-op thread each) the models may hold together,
+    those of models without an objective included; default: the runtime's CPUs. ``headroom``: idle CPUs (averaged over a
     window) that let a saturated shared-pool model grow beyond ``capacity``, up to
     ``oversubscribe`` x ``capacity`` instances in all. ``history``: windows kept in
     :attr:`history` (for reports such as how long an SLO miss lasted). ``max_batch``,
@@ -310,8 +357,13 @@ class Controller:
                  capacity: int | None = None, headroom: float = 0.5, oversubscribe: float = 2.0,
                  max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
                  judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
-                 log: Callable[[Move], None] | None = None,
+                 log: Callable[[Move], None] | None = None, percentiles: Mapping[str, float] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if not isinstance(slos, Mapping):
+            raise QuotaError(f"Controller: slos must be a mapping of model name to its objective in ms, got "
+                             f"{type(slos).__name__}")
+        if rt is None and capacity is None:
+            raise QuotaError("Controller: without a runtime, give capacity (the instances the models may hold)")
         for name, slo in slos.items():
             if not (finite_number(slo) and slo > 0):
                 raise QuotaError(f"Controller: the SLO must be a positive, finite number of ms, got {slo!r}",
@@ -337,11 +389,24 @@ class Controller:
             raise QuotaError("Controller: need 0 < idle < target < hot <= 1.5 and 0 < risk <= 1")
         if not (finite_number(tolerance) and 0 <= tolerance < 1):
             raise QuotaError(f"Controller: need 0 <= tolerance < 1, got tolerance={tolerance!r}")
+        if max_batch > max_batch_size or max_batch_size > MAX_BATCH:
+            raise QuotaError(f"Controller: need max_batch <= max_batch_size <= {MAX_BATCH} (the largest batch a "
+                             f"model may be moved to), got max_batch={max_batch}, max_batch_size={max_batch_size}")
+        pcts = dict(percentiles or {})
+        for name, pct in pcts.items():
+            if name not in slos:
+                raise QuotaError(f"Controller: a percentile for model {name!r}, which has no SLO in slos",
+                                 model=name, field="percentile")
+            if not (finite_number(pct) and 0 < pct <= 100):
+                raise QuotaError(f"Controller: the percentile must be a number in (0, 100], got {pct!r}",
+                                 model=name, field="percentile")
         if not (finite_number(headroom) and headroom > 0 and finite_number(oversubscribe) and oversubscribe >= 1):
             raise QuotaError(f"Controller: need finite headroom > 0 and oversubscribe >= 1, got headroom={headroom!r}, "
                              f"oversubscribe={oversubscribe!r}")
         self.rt = rt
         self.slos = dict(slos)
+        self.percentiles = {n: float(pcts.get(n, 99.0)) for n in self.slos}
+        """The percentile each model's objective is about (default 99)."""
         self.window_s, self.dwell_s, self.confirm = window_s, dwell_s, confirm
         self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
         self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
@@ -381,13 +446,16 @@ class Controller:
         each way of serving it more (a dwell, no capacity to take, calls not full, admission
         already at its bound)."""
         self.errors: list[str] = []
+        """The last ERRORS_KEPT failures (moves the runtime refused, windows that failed), oldest
+        first."""
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # -- decisions (pure: windows and state in, moves out) ---------------------------------------
     def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
-               idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None) -> list[Move]:
+               idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None,
+               held_by_others: int = 0) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
@@ -395,7 +463,9 @@ class Controller:
         does not fit is not proposed. ``idle_cpus``: the runtime's CPUs that sat idle over the
         window (None: unknown, so no growth into idle time). ``queue_sizes``: the highest
         max_queue each model may be given (its queue's size, :meth:`Runtime.queue_size`);
-        default: no raise beyond the bound the controller lowered it from."""
+        default: no raise beyond the bound the controller lowered it from. ``held_by_others``:
+        instances (threads) of the runtime's models not in ``specs`` (no objective, or no
+        window yet), which count against ``capacity`` too."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
         dwelling: list[tuple[float, float, str]] = []  # at risk this window, streak reset by a move
@@ -404,11 +474,11 @@ class Controller:
             slo = self.slos.get(name)
             if slo is None or name not in specs:
                 continue
-            risky = w.p99_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot
-            calm = w.used < self.idle and w.p99_ms < 0.5 * slo and w.refused == 0
+            risky = w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot
+            calm = w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
-            need = (w.unserved / w.seconds if w.seconds > 0 else 0.0, w.p99_ms / slo + w.busy, name)
+            need = (w.unserved / w.seconds if w.seconds > 0 else 0.0, w.objective_ms / slo + w.busy, name)
             if self._risk_streak[name] >= self.confirm:
                 # The model that leaves the most arrivals unserved within its SLO gains first
                 # (what a move can win), then the one nearest its SLO and busiest.
@@ -436,20 +506,25 @@ class Controller:
             return self._hold(moves, now_s, name, f"in its dwell since its move at {self._last_move[name]:.1f} s")
         w, spec = windows[name], specs[name]
         slo = self.slos[name]
-        why = (f"SLO at risk: p99 {w.p99_ms:.1f} ms of {slo:g} ms, busy {w.busy:.0%}, "
-               f"{w.refused} refused, {w.rate:.0f} req/s needs ~{w.needed(self.target)} instance(s)")
-        used = sum(_units(s) for s in specs.values())
+        why = (f"SLO at risk: p{self.percentiles.get(name, 99.0):g} {w.objective_ms:.1f} ms of {slo:g} ms, "
+               f"busy {w.busy:.0%}, {w.refused} refused, {w.rate:.0f} req/s needs ~{w.needed(self.target)} "
+               "instance(s)")
+        used = held_by_others + sum(_units(s) for s in specs.values())
         grown = _grown(spec)
+        more = _units(grown) - _units(spec)
         # Room to grow: free capacity, or idle time in the shared pool for a saturated shared model.
-        room = "; free capacity" if used < self.capacity else None
+        room = "; free capacity" if used + more <= self.capacity else None
         if (room is None and spec.isolation == "shared" and w.busy > self.hot and idle_cpus is not None
-                and idle_cpus >= self.headroom and used < self.oversubscribe * self.capacity):
+                and idle_cpus >= self.headroom and used + more <= self.oversubscribe * self.capacity):
             room = f"; {idle_cpus:.1f} of the pool's CPUs sat idle"
-        can_grow = self._open(name, "grow", now_s)
+        movable = _movable(spec)
+        can_grow = movable and self._open(name, "grow", now_s)
         if can_grow and room is not None and fits({**specs, name: grown}):
             return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
         # Why nothing below moves it, for held(): each way of serving it more, and what stops it.
-        if not can_grow:
+        if not movable:
+            blocked = ["its instances cannot change while it serves (process, GPU or burst instances)"]
+        elif not can_grow:
             blocked = ["another instance was undone lately"]
         elif room is None:
             blocked = [f"no free capacity ({used} of {self.capacity} instances held"
@@ -457,8 +532,10 @@ class Controller:
         else:
             blocked = ["another instance does not fit"]
         donors = sorted((windows[d].used, d) for d in idle
-                        if d != name and _shrunk(specs[d], self.release) is not None) if can_grow else []
-        blocked.append("no idle model to take from" if not donors else "no idle model's capacity fits")
+                        if d != name and _movable(specs[d]) and _shrunk(specs[d], self.release) is not None
+                        ) if can_grow else []
+        if movable:
+            blocked.append("no idle model to take from" if not donors else "no idle model's capacity fits")
         for _, d in donors:
             ds = specs[d]
             shrunk = _shrunk(ds, self.release)
@@ -470,13 +547,15 @@ class Controller:
                     self._move(now_s, d, shrunk, _change(ds, shrunk),
                                f"idle (used {windows[d].used:.0%}): gives {gives} to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
-        can_batch = self._open(name, "batch", now_s)
+        can_batch = movable and self._open(name, "batch", now_s)
         if can_batch and spec.batching is None and self.max_batch > 1:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
             return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
                                        why + "; no capacity to take: batch")]
         b = spec.batching
-        if not can_batch:
+        if not movable:
+            pass  # said above
+        elif not can_batch:
             blocked.append("a batching move was undone lately")
         elif b is None:
             blocked.append("batching is off (max_batch 1)")
@@ -503,7 +582,7 @@ class Controller:
         # Both moves go towards the same figure, so they cannot flap.
         batch = spec.batching.max_size if spec.batching is not None else 1
         allowed = max(batch, int(slo / 1e3 / max(w.cost_s, 1e-6) * spec.instances * 0.5))
-        if w.p99_ms > self.risk * slo:  # late
+        if w.objective_ms > self.risk * slo:  # late
             if spec.admission == "deadline":
                 blocked.append("admission by deadline already refuses what would miss")
             elif allowed >= spec.max_queue:
@@ -550,7 +629,7 @@ class Controller:
             if at_s <= since_s:
                 continue
             missing = {n: w.seconds for n, w in windows.items()
-                       if n in self.slos and w.completed > 0 and w.p99_ms > self.slos[n]}
+                       if n in self.slos and w.completed > 0 and w.objective_ms > self.slos[n]}
             if not missing:
                 run_s, missed = 0.0, {}
                 continue
@@ -621,9 +700,14 @@ class Controller:
             self._pool, self._busy_s = self._pool_busy_s()
             self._last_cpu = self._cpu_s()
             return []
-        # A model removed and added again since the last reading has no window yet.
-        windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n]) for n in self.slos
-                   if n in stats and n in last and same_model(last[n], stats[n])}
+        # A model removed and added again since the last reading has no window yet, and starts
+        # afresh: what the controller kept for the one before it (its dwell, tabus, the bound
+        # it lowered, batch sizes tried) is not about this one.
+        for n in self.slos:
+            if n in stats and not (n in last and same_model(last[n], stats[n])):
+                self._forget(n)
+        windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n], self.percentiles[n])
+                   for n in self.slos if n in stats and n in last and same_model(last[n], stats[n])}
         cpu, last_cpu = self._cpu_s(), self._last_cpu
         self._last_cpu = cpu
         for n, w in windows.items():
@@ -643,9 +727,18 @@ class Controller:
         if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
             self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
         self._pool, self._busy_s = pool, busy_s
+        others = sum(_units(self.rt.spec(n)) for n in self.rt.models if n not in windows)
+        dwell_before = dict(self._last_move)
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
-                            {n: self.rt.queue_size(n) for n in windows})
-        if not moves or not self._apply(moves, now):
+                            {n: self.rt.queue_size(n) for n in windows}, held_by_others=others)
+        if not moves:
+            return []
+        if not self._apply(moves, now):
+            # Nothing moved: no dwell starts, and the same kind of move for the same models is
+            # not tried again for tabu_s (it would fail again, and hold the others every window).
+            self._last_move = dwell_before
+            for m in moves:
+                self._tabu[(m.model, _kind(specs[m.model], m.spec))] = now - self._t0 + self.tabu_s
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
         return moves
@@ -686,24 +779,47 @@ class Controller:
         try:
             self.rt.apply([m.spec for m in moves])
         except (ApportionError, ValueError, RuntimeError) as e:
-            self.errors.append(f"{now - self._t0:.1f}s: {failing}{e}")
+            self._error(f"{now - self._t0:.1f}s: {failing}{e}")
             return False
         self._record(moves)
         return True
 
     def _record(self, moves: list[Move]) -> None:
         self.moves.extend(moves)
-        for m in moves:
-            if self._log is not None:
-                self._log(m)
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
         self._pool, self._busy_s = self._pool_busy_s()
+        if self._log is not None:
+            for m in moves:
+                try:
+                    self._log(m)
+                except Exception as e:  # noqa: BLE001 - the caller's logger: the moves stand, the failure is kept
+                    self._error(f"{m.at_s:.1f}s: the log callback raised on {m.model!r}'s move: "
+                                       f"{type(e).__name__}: {e}")
+
+    def _error(self, text: str) -> None:
+        self.errors.append(text)
+        del self.errors[:-ERRORS_KEPT]
+
+    def _forget(self, name: str) -> None:
+        """Drops what the controller kept about model ``name`` (a new model by that name)."""
+        for kept in (self._last_move, self._full_queue, self._batch_tried, self.held):
+            kept.pop(name, None)
+        self._risk_streak[name] = self._idle_streak[name] = 0
+        for key in [k for k in self._tabu if k[0] == name]:
+            del self._tabu[key]
+        if self._trial is not None and any(m.model == name for m, _ in self._trial.moves):
+            self._trial = None  # its old specs are another model's
 
     def start(self) -> Controller:
         """Runs ``step()`` every ``window_s`` on a daemon thread until ``stop()`` (again after a
-        ``stop()``; a second ``start()`` while it runs does nothing)."""
+        ``stop()``, from a fresh reading: the first window does not span the pause, and a move
+        still being judged stays as it is; a second ``start()`` while it runs does nothing).
+        Raises RuntimeClosed for a closed runtime."""
+        if self.rt.closed:
+            raise RuntimeClosed("Controller.start(): the runtime is closed")
         if self._thread is None or not self._thread.is_alive():
+            self._last, self._trial = None, None
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="apportion-controller", daemon=True)
             self._thread.start()
@@ -718,14 +834,15 @@ class Controller:
             except Exception as e:  # noqa: BLE001 - a failed window is reported, the next one tried
                 if self.rt.closed:
                     return
-                self.errors.append(f"{self.elapsed_s():.1f}s: {type(e).__name__}: {e}")
+                self._error(f"{self.elapsed_s():.1f}s: {type(e).__name__}: {e}")
             if self._stop.wait(self.window_s):
                 return
 
     def stop(self) -> None:
-        """Stops the thread (a step in progress finishes first)."""
+        """Stops the thread (a step in progress finishes first; from the controller's own
+        thread, such as a ``log`` callback, it stops after that step)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
             self._thread = None
 

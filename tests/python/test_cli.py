@@ -362,7 +362,13 @@ def test_run_adapt_moves_the_model_whose_slo_is_at_risk(tmp_path: Path) -> None:
     doc = json.loads(out)
     assert doc["controller_errors"] == []
     assert doc["moves"] and {m["model"] for m in doc["moves"]} == {"slow"}
-    assert all("SLO at risk" in m["reason"] for m in doc["moves"])
+    assert all("SLO at risk: p99 " in m["reason"] for m in doc["moves"])
+    # It steers by the objective's percentile (it read p99 whatever the config said).
+    code, out, err = run("run", config(tmp_path, at_risk.replace("latency_ms = 0.5", "latency_ms = 0.5, percentile = 50")),
+                         "--duration", "1.6", "--adapt", "--adapt-window-s", "0.2", "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["moves"] and all("SLO at risk: p50 " in m["reason"] for m in doc["moves"])
 
     # Without a latency objective: refused before any model starts (it printed the plan first).
     code, out, err = run("run", config(tmp_path, SLEEPERS.replace("slo = { latency_ms = 100 }\n", "")),

@@ -789,3 +789,237 @@ def test_a_model_whose_move_reset_its_streak_still_holds_the_others_back_during_
     fine = win(p99=5.0, busy=0.5, rate=1400.0)
     moves = c2.decide({**windows, "a": fine}, specs, 1.5)
     assert [(m.model, m.change) for m in moves] == [("idle", "cores 1 -> the shared pool"), ("b", "instances 1 -> 2")]
+
+
+# -- what an adversarial review found -------------------------------------------------------------
+def test_a_failed_move_starts_no_dwell_is_not_retried_and_does_not_hold_the_others() -> None:
+    # The failed grow started the model's dwell (nothing had moved), the others were held for
+    # it, and the same move failed again every window after it: the errors grew for ever.
+    def factory(ctx: ap.InstanceContext) -> Any:
+        if ctx.instance >= 1:
+            raise RuntimeError("no second instance here")
+        return lambda x: (time.sleep(0.002), x)[1]
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=factory)
+        rt.start()
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=10.0, window_s=0.1, tabu_s=60.0,
+                       max_batch=1)
+        c.step()
+        for i in range(5):
+            rt.call("m", i)
+        assert c.step() == []
+        assert len(c.errors) == 1 and "no second instance here" in c.errors[0]
+        assert "m" not in c._last_move, "nothing moved: no dwell"
+        assert "m grow" in c.stats()["tabu"]
+        for _ in range(3):
+            for i in range(5):
+                rt.call("m", i)
+            c.step()
+        assert len(c.errors) == 1, c.errors  # not tried again while tabu
+        assert all("batching" not in e for e in c.errors)
+
+
+def test_models_whose_instances_cannot_change_are_not_grown_nor_batched_nor_donors() -> None:
+    c = controller(capacity=2)
+    burst = spec("a", 1, cores=1, isolation="exclusive", burst=True)
+    specs = {"a": burst, "b": spec("b", 1)}
+    risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
+    c.decide(risky, specs, 1.0)
+    moves = c.decide(risky, specs, 2.0)
+    assert [m.change for m in moves] == ["max_queue 1024 -> 5"]  # its admission bound alone can change
+    c = controller(capacity=2)
+    w = {"a": win(p99=45.0), "b": win(p99=5.0)}
+    c.decide(w, {"a": dataclasses.replace(burst, max_queue=5), "b": spec("b", 1)}, 1.0)
+    assert c.decide(w, {"a": dataclasses.replace(burst, max_queue=5), "b": spec("b", 1)}, 2.0) == []
+    assert "cannot change while it serves" in c.held["a"][2]
+    # As a donor: an idle burst model gives nothing to a model at risk.
+    c = controller(capacity=2)
+    specs = {"a": spec("a", 2, cores=2, isolation="exclusive", burst=True), "b": spec("b", 1)}
+    windows = {"a": win(p99=1.0, busy=0.05, instances=2), "b": win(p99=45.0)}
+    c.decide(windows, specs, 1.0)
+    assert all(m.model != "a" for m in c.decide(windows, specs, 2.0))
+
+
+def test_a_model_of_several_threads_per_instance_grows_and_gives_a_whole_instance() -> None:
+    # "Growing" 1 x 4 threads gave 2 x 1 (half the threads), and a donor of 2 x 4 gave 7 of its
+    # 8 threads to give one instance.
+    from apportion.controller import _grown, _kind, _shrunk
+
+    s = spec("a", 1, threads=4)
+    g = _grown(s)
+    assert (g.instances, g.threads) == (2, 4) and _kind(s, g) == "grow"
+    d = _shrunk(spec("d", 2, threads=4))
+    assert d is not None and (d.instances, d.threads) == (1, 4) and _kind(spec("d", 2, threads=4), d) == "shrink"
+    one = _shrunk(spec("d", 1, threads=4))
+    assert one is not None and (one.instances, one.threads) == (1, 3)
+    ex = _grown(spec("e", 1, cores=4, isolation="exclusive", threads=4))
+    assert (ex.cores, ex.instances, ex.threads) == (8, 2, 4)
+    ex1 = _shrunk(spec("e", 1, cores=4, isolation="exclusive", threads=4))
+    assert ex1 is not None and (ex1.cores, ex1.instances, ex1.threads) == (3, 1, 3)
+    # A 4-thread model grows only where 4 more threads fit the capacity.
+    c = controller(capacity=6)
+    specs = {"a": s, "b": spec("b", 1)}
+    risky = {"a": win(p99=45.0), "b": win(p99=5.0)}
+    c.decide(risky, specs, 1.0)
+    assert [m.change for m in c.decide(risky, specs, 2.0)] == ["batching off -> 8"]  # not an instance
+    c = controller(capacity=9)
+    c.decide(risky, specs, 1.0)
+    assert [m.change for m in c.decide(risky, specs, 2.0)] == ["instances 1 -> 2"]
+
+
+def test_models_without_an_slo_count_against_the_capacity() -> None:
+    c = controller(capacity=2, max_batch=1)
+    specs = {"a": spec("a", 1)}
+    risky = {"a": win(p99=45.0, refused=0)}
+    c.decide(risky, specs, 1.0, held_by_others=1)
+    moves = c.decide(risky, specs, 2.0, held_by_others=1)
+    assert all("instances" not in m.change for m in moves), moves
+    c = controller(capacity=2, max_batch=1)
+    c.decide(risky, specs, 1.0)
+    assert c.decide(risky, specs, 2.0)[0].change == "instances 1 -> 2"  # with nobody else's instance
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: (time.sleep(0.002), x)[1])
+        rt.add_model("bg", model=lambda x: x, instances=2)  # no SLO, holds 2 of the 2 CPUs
+        rt.start()
+        c = Controller(rt, {"a": 0.5}, confirm=1, dwell_s=0.0, window_s=0.1, max_batch=1, capacity=3,
+                       headroom=100.0)  # no growth into idle pool time
+        c.step()
+        for i in range(20):
+            rt.call("a", i)
+        moves = c.step()
+        assert all("instances" not in m.change for m in moves) and rt.spec("a").instances == 1
+
+
+def test_a_model_added_again_under_the_same_name_starts_with_no_state() -> None:
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x, max_queue=1024)
+        rt.start()
+        c = Controller(rt, {"a": 50.0}, confirm=1, window_s=0.1)
+        c.step()
+        c._full_queue["a"] = 1024
+        c._tabu[("a", "grow")] = 1e9
+        c._last_move["a"] = c.elapsed_s()
+        rt.remove_model("a")
+        rt.add_model("a", model=lambda x: x, max_queue=64)
+        c.step()
+        assert "a" not in c._full_queue and "a" not in c._last_move and not c.stats()["tabu"]
+        for _ in range(3):
+            c.step()
+        assert c.errors == []
+
+
+def test_the_objective_percentile_is_the_one_steered_by() -> None:
+    # `run --adapt` passed the latency alone: a p50 objective was steered as a p99 one.
+    c = Controller(None, {"a": 10.0, "b": 50.0}, capacity=4, confirm=1, percentiles={"a": 50.0})
+    assert c.percentiles == {"a": 50.0, "b": 99.0}
+    w = dataclasses.replace(win(p99=30.0), tail_ms=3.0)  # p99 way over, the median well under
+    assert c.decide({"a": w}, {"a": spec("a")}, 1.0) == []
+    late = dataclasses.replace(win(p99=30.0), tail_ms=9.0)
+    moves = c.decide({"a": late}, {"a": spec("a")}, 2.0)
+    assert moves and "p50 9.0 ms of 10 ms" in moves[0].reason
+    with pytest.raises(QuotaError, match="percentile"):
+        Controller(None, {"a": 10.0}, capacity=4, percentiles={"a": 0})
+    with pytest.raises(QuotaError, match="no SLO"):
+        Controller(None, {"a": 10.0}, capacity=4, percentiles={"b": 50})
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.start()
+        before = rt.stats()["a"]
+        for i in range(50):
+            rt.call("a", i)
+        w = Window.between(before, rt.stats()["a"], 1.0, 10.0, percentile=50.0)
+        assert w.tail_ms is not None and w.tail_ms <= w.p99_ms
+
+
+def test_a_log_callback_that_raises_leaves_the_move_recorded_and_judged() -> None:
+    def log(m: Any) -> None:
+        raise ValueError("logger down")
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=lambda x: (time.sleep(0.002), x)[1])
+        rt.start()
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1, log=log)
+        c.step()
+        for i in range(5):
+            rt.call("m", i)
+        moves = c.step()
+        assert [m.model for m in moves] == ["m"] and c.moves == moves
+        assert c.stats()["judging"] == [moves[0].change]
+        assert any("the log callback raised" in e and "logger down" in e for e in c.errors)
+
+
+def test_failed_calls_take_instance_time() -> None:
+    w = Window(seconds=1.0, arrivals=100, completed=0, refused=0, p99_ms=20.0, queue_wait_p99_ms=0.0,
+               compute_ms=20.0, mean_batch=1.0, instances=2, failed=100)
+    assert w.busy == pytest.approx(1.0)
+
+    def boom(x: Any) -> Any:
+        time.sleep(0.005)
+        raise RuntimeError("no")
+
+    with ap.Runtime() as rt:
+        rt.add_model("f", model=boom)
+        rt.start()
+        before = rt.stats()["f"]
+        for i in range(10):
+            with pytest.raises(RuntimeError):
+                rt.call("f", i)
+        w = Window.between(before, rt.stats()["f"], 0.1)
+        assert w.failed == 10 and w.mean_batch == 1.0 and w.busy > 0.3
+
+
+@pytest.mark.parametrize("kw", [{"max_batch": 10**9}, {"max_batch": 64, "max_batch_size": 8},
+                                {"max_batch_size": 10**9}])
+def test_batching_the_controller_could_not_apply_is_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(QuotaError, match="max_batch"):
+        Controller(None, {"a": 50.0}, capacity=2, **kw)
+
+
+def test_misuse_gets_clear_errors() -> None:
+    with pytest.raises(QuotaError, match="slos must be a mapping"):
+        Controller(None, ["a"], capacity=2)  # type: ignore[arg-type]
+    with pytest.raises(QuotaError, match="give capacity"):
+        Controller(None, {"a": 50.0})
+    rt = ap.Runtime()
+    rt.add_model("a", model=lambda x: x)
+    rt.start()
+    c = Controller(rt, {"a": 50.0}, window_s=0.05)
+    rt.close()
+    with pytest.raises(ap.RuntimeClosed, match="closed"):
+        c.start()
+
+
+def test_stop_from_the_log_callback_stops_the_controller() -> None:
+    box: dict[str, Any] = {}
+
+    def log(m: Any) -> None:
+        box["c"].stop()
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=lambda x: (time.sleep(0.002), x)[1])
+        rt.start()
+        c = box["c"] = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.05, log=log)
+        c.start()
+        deadline = time.monotonic() + 20
+        while c.stats()["running"] and time.monotonic() < deadline:
+            rt.call("m", 1)
+        assert not c.stats()["running"] and c.moves
+        assert not any("cannot join" in e for e in c.errors)
+        c.stop()
+
+
+def test_a_restarted_controller_reads_a_fresh_first_window() -> None:
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.start()
+        c = Controller(rt, {"a": 50.0}, window_s=0.05)
+        c.start()
+        time.sleep(0.2)
+        c.stop()
+        time.sleep(0.5)
+        c.start()
+        time.sleep(0.2)
+        c.stop()
+        spans = [max(w.seconds for w in ws.values()) for _, ws in c.history if ws]
+        assert spans and max(spans) < 0.4, spans  # none spans the pause
