@@ -563,8 +563,14 @@ class Runtime(_core._Runtime):
                 if not drain:
                     self._abort_processes(entry)
                 self._end_direct_calls(entry, wait=drain)
-            super().remove_model(name, drain=drain)  # ModelNotFound when there is none
-            self._forget(name)
+            try:
+                super().remove_model(name, drain=drain)  # ModelNotFound when there is none
+            finally:
+                # Also when Ctrl-C arrives: the engine's drain cannot be interrupted, and the
+                # KeyboardInterrupt is raised only once it returned, with the model gone from
+                # the engine (the bookkeeping kept it: "already registered", spec(), plan()).
+                if entry is not None and name not in self._model_names():
+                    self._forget(name)
 
     def _forget(self, name: str) -> None:
         """Drops model ``name`` (gone from the engine) from this runtime's bookkeeping, with its

@@ -104,6 +104,36 @@ def test_sigint_during_a_direct_call_to_a_process_model_leaves_later_calls_their
     assert p.stdout.splitlines() == ["interrupted", "second third", "4 3 1"], p.stdout + p.stderr
 
 
+def test_sigint_during_a_draining_remove_model_leaves_the_model_removed_everywhere() -> None:
+    # The drain ran to its end and KeyboardInterrupt came after it, before the runtime's own
+    # bookkeeping forgot the model: spec() and plan() still had it, add_model said "already
+    # registered" and remove_model "no model".
+    p = run_script("""
+        import os, signal, threading, time
+        import apportion as ap
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        rt = ap.Runtime(); rt.add_model("m", model=lambda s: time.sleep(s) or s); rt.start()
+        fs = [rt.submit("m", 0.3) for _ in range(3)]
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            rt.remove_model("m")
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        print(rt.models, [f.result(10) for f in fs], "m" in [m.name for m in rt.plan().models])
+        try:
+            rt.spec("m")
+        except ap.ModelNotFound:
+            print("spec: not found")
+        rt.add_model("m", model=lambda x: x)
+        print(rt.call("m", 7))
+        rt.close()
+    """)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines() == ["interrupted", "[] [0.3, 0.3, 0.3] False", "spec: not found", "7"], \
+        p.stdout + p.stderr
+
+
 def test_a_timed_wait_still_times_out_with_the_seconds_in_the_message(rt: ap.Runtime, gate: Any) -> None:
     rt.add_model("m", model=gate)
     rt.start()
