@@ -156,8 +156,16 @@ void register_topology(py::module_& m) {
         std::string error;
         auto threads = list_thread_affinities(pid, &error, proc_root);
         if (!threads) raise_os_error(error);
-        std::vector<std::tuple<int, std::string, CpuList>> out;
-        for (auto& t : *threads) out.emplace_back(t.tid, std::move(t.name), std::move(t.cpus));
+        std::vector<std::tuple<int, py::str, CpuList>> out;
+        for (auto& t : *threads) {
+          // A name is bytes, not UTF-8: a worker's is cut to 15 bytes, possibly inside a
+          // character of the model's name (and any thread may name itself anything).
+          // Undecodable bytes become surrogates, as worker_name() in Python decodes them.
+          PyObject* raw = PyUnicode_DecodeUTF8(t.name.data(), static_cast<Py_ssize_t>(t.name.size()),
+                                               "surrogateescape");
+          if (raw == nullptr) throw py::error_already_set();
+          out.emplace_back(t.tid, py::reinterpret_steal<py::str>(raw), std::move(t.cpus));
+        }
         return out;
       },
       py::arg("pid") = 0, py::arg("proc_root") = "/proc",

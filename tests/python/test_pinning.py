@@ -431,3 +431,20 @@ def test_a_function_around_a_torch_model_runs_on_its_planned_threads(
         seen, ran = _threads_that_ran(pid, name, lambda: rt.submit("tc", ("heavy", 60)).result(timeout=120))
         assert seen == planned
         assert 1 <= ran <= len(inst.cpus), (ran, inst.cpus, planned)
+
+
+def test_a_worker_name_cut_inside_a_character_reads_and_is_found() -> None:
+    # "ap:" + the name + ":0" is cut to 15 bytes, here inside a 3-byte character: reading the
+    # process's threads raised UnicodeDecodeError (for every caller, the confinement check too).
+    from apportion import _core
+    from apportion.adapters import model_threads
+
+    name = "名前名前名前"
+    with ap.Runtime() as rt:
+        rt.add_model(name, model=lambda x: x)
+        rt.start()
+        rt.call(name, 1)
+        threads = _core.thread_affinities()
+        assert any(n.startswith("ap:名前名") for _, n, _ in threads)
+        found = model_threads(name)
+        assert len(found) == 1 and found[0].name.startswith("ap:")

@@ -26,8 +26,8 @@ def _threads() -> list[ThreadInfo]:
             # comm holds the raw name bytes; status escapes some of them.
             with open(f"{base}/{tid}/comm", "rb") as fh:
                 name = fh.read().rstrip(b"\n").decode("utf-8", "surrogateescape")
-            with open(f"{base}/{tid}/status") as fh:
-                status = fh.read()
+            with open(f"{base}/{tid}/status", "rb") as fh:  # its Name line holds the raw bytes too
+                status = fh.read().decode("utf-8", "surrogateescape")
         except (FileNotFoundError, ProcessLookupError):  # exited while we looked
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
