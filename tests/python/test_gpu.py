@@ -448,3 +448,15 @@ def test_device_run_without_googletest_says_the_cpp_tests_were_skipped(tmp_path:
     assert "| SM groups, equal priorities |" in summary, "every scenario ran"
     assert "0 step(s) failed" in summary
     _check_outputs(out)
+
+
+def test_a_described_device_with_extreme_sm_figures_plans_without_crashing() -> None:
+    # An alignment near 2**31 overflowed the granularity's int arithmetic to 0, and the planner
+    # divided by it: the process died of SIGFPE.
+    from apportion import gpu
+
+    d = gpu.described_device("h100")
+    d.sm_alignment = 2**31 - 1
+    p = gpu.plan_gpus({"m": ap.GPU(sm_share=0.5)}, devices=[d])
+    assert p.models["m"].sm_count == 0
+    assert any("groups SMs in units of 2147483647" in n for n in p.notes)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "apportion/gpu/format.hpp"
@@ -14,9 +15,12 @@ constexpr std::uint64_t kMiB = 1024ull * 1024ull;
 }  // namespace
 
 int DeviceInfo::sm_granularity() const noexcept {
-  const int align = std::max(sm_alignment, 1);
-  const int min = std::max(min_sm_partition, align);
-  return (min + align - 1) / align * align;
+  // In 64 bits: a described device may hold any int here, and min + align - 1 overflowed int
+  // (a granularity of 0, then a division by it). At least 1, at most INT_MAX.
+  const long long align = std::max(sm_alignment, 1);
+  const long long min = std::max<long long>(min_sm_partition, align);
+  const long long units = (min + align - 1) / align * align;
+  return static_cast<int>(std::min<long long>(units, std::numeric_limits<int>::max()));
 }
 
 int DeviceInfo::sm_units() const noexcept { return sm_count / sm_granularity(); }

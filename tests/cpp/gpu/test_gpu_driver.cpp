@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -357,6 +358,18 @@ TEST(DescribedDevices, GranularityRoundsTheMinimumUpToTheAlignment) {
   EXPECT_EQ(d.sm_granularity(), 8);
   d.min_sm_partition = 0;  // unknown
   d.sm_alignment = 0;
+  EXPECT_EQ(d.sm_granularity(), 1);
+  // Extreme described values: no int overflow (it made a granularity of 0, and sm_units()
+  // divided by it: SIGFPE from Python's plan_gpus).
+  d.sm_alignment = std::numeric_limits<int>::max();
+  EXPECT_EQ(d.sm_granularity(), std::numeric_limits<int>::max());
+  EXPECT_EQ(d.sm_units(), 0);
+  d.min_sm_partition = std::numeric_limits<int>::max();
+  d.sm_alignment = 2;
+  EXPECT_EQ(d.sm_granularity(), std::numeric_limits<int>::max());  // 2**31 rounded, held at INT_MAX
+  EXPECT_EQ(d.sm_units(), 0);
+  d.min_sm_partition = -5;
+  d.sm_alignment = -3;
   EXPECT_EQ(d.sm_granularity(), 1);
   EXPECT_EQ(gpu::sm_split_guideline(9), std::make_pair(8, 8));
   EXPECT_EQ(gpu::sm_split_guideline(8), std::make_pair(4, 2));
