@@ -50,11 +50,19 @@ class PyChannel {
     if (!ch_) throw py::value_error("the channel is closed");
     return *ch_;
   }
+  // What a call that releases the GIL holds: close() from another thread meanwhile drops this
+  // handle, and the segment stays mapped until that call returns (it unmapped it under the
+  // waiting call: a segfault).
+  std::shared_ptr<ShmChannel> hold() {
+    if (!ch_) throw py::value_error("the channel is closed");
+    return ch_;
+  }
   void close() { ch_.reset(); }
   bool closed() const { return !ch_; }
 
   bool send(const py::list& parts, double spin_us, std::optional<double> timeout) {
-    ShmChannel& ch = get();
+    const std::shared_ptr<ShmChannel> held = hold();
+    ShmChannel& ch = *held;
     const int64_t spin = spin_ns(spin_us), timeout_ns = to_ns(timeout);
     // Views of the callers' buffers, valid while `views` holds them (the list keeps the
     // objects alive, and the GIL is only released while views hold their buffers).
@@ -98,7 +106,8 @@ class PyChannel {
   }
 
   py::object receive(double spin_us, std::optional<double> timeout) {
-    ShmChannel& ch = get();
+    const std::shared_ptr<ShmChannel> held = hold();
+    ShmChannel& ch = *held;
     const int64_t spin = spin_ns(spin_us), timeout_ns = to_ns(timeout);
     ChannelStatus s;
     {
@@ -131,7 +140,7 @@ class PyChannel {
   }
 
  private:
-  std::unique_ptr<ShmChannel> ch_;
+  std::shared_ptr<ShmChannel> ch_;
   std::vector<std::span<const std::byte>> parts_;
 };
 
@@ -196,7 +205,9 @@ void register_process(py::module_& m) {
       .def(
           "unlink", [](PyChannel& c) { c.get().unlink(); },
           "Remove the segment's name (mappings stay valid). Idempotent; either side.")
-      .def("close", &PyChannel::close, "Unmap (and, for the creator, unlink). Idempotent.");
+      .def("close", &PyChannel::close,
+           "Unmap (and, for the creator, unlink); a call in flight on another thread keeps the\n"
+           "segment mapped until it returns. Idempotent.");
 
   m.def(
       "set_parent_death_signal",

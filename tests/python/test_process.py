@@ -1016,3 +1016,40 @@ def test_the_dev_shm_warning_counts_both_directions_of_every_instance() -> None:
     assert space_note("m", 2, 64 * mib, None) is None  # unknown: no claim
     note = space_note("m", 2, 64 * mib, 256 * mib - 1)
     assert note is not None and "model 'm'" in note and "need 256.0 MiB" in note and "--shm-size" in note
+
+
+def test_closing_a_channel_while_another_thread_waits_on_it_does_not_crash() -> None:
+    # close() unmapped the segment under a receive() (or a send() waiting for room) that had
+    # released the GIL: the waiting thread faulted (SIGSEGV). The call now keeps the segment
+    # mapped until it returns; the channel refuses calls after close().
+    code = textwrap.dedent("""
+        import os, threading, time
+        from apportion import _core
+        for mode in ("receive", "send"):
+            name = f"/apportion-test-close-{os.getpid()}-{mode}"
+            ch = _core.ShmChannel.create(name, 1 << 16)
+            peer = _core.ShmChannel.open(name)
+            out = []
+            def wait():
+                if mode == "receive":
+                    out.append(ch.receive(0.0, 0.5))
+                else:
+                    ok = True
+                    while ok:  # fills the ring, then waits for room
+                        ok = peer.send([b"x" * 40000], 0.0, 0.5)
+                    out.append(ok)
+            t = threading.Thread(target=wait)
+            t.start()
+            time.sleep(0.2)
+            (ch if mode == "receive" else peer).close()
+            junk = [bytearray(1 << 16) for _ in range(64)]  # reuse what was unmapped
+            t.join()
+            try:
+                (ch if mode == "receive" else peer).receive(0.0, 0.0)
+            except ValueError as e:
+                print(mode, out, e)
+            (peer if mode == "receive" else ch).close()
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert p.stdout.splitlines() == ["receive [None] the channel is closed", "send [False] the channel is closed"]

@@ -713,7 +713,8 @@ class ShmChannel:
         """
     def close(self) -> None:
         """
-        Unmap (and, for the creator, unlink). Idempotent.
+        Unmap (and, for the creator, unlink); a call in flight on another thread keeps the
+        segment mapped until it returns. Idempotent.
         """
     def max_message_bytes(self, parts: typing.SupportsInt | typing.SupportsIndex) -> int:
         """
