@@ -369,6 +369,11 @@ def configs(scenario: str) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     return [(label, {n: dict(c) for n in ("mlp", "conv", "encoder")}) for label, c in DEMO_CONFIGS.items()]
 
 
+def _ms(value: float | None, digits: int) -> str:
+    """A latency cell: "-" for a row in which nothing completed (every request an error)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(rows: list[Row]) -> str:
     out = []
     for scenario, head in (("noop", "| server | tensors | p50 ms | p99 ms | req/s |"),
@@ -388,10 +393,11 @@ def table(rows: list[Row]) -> str:
             errs = ", ".join(f"{k} x{v}" for k, v in sorted(f["errors"].items()))
             note += f" errors: {errs}" if errs else ""
             if scenario == "noop":
-                out.append(f"| {r.peer}{note} | {r.tensors} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {f['rps']:.0f} |")
+                out.append(f"| {r.peer}{note} | {r.tensors} | {_ms(f['p50_ms'], 2)} | {_ms(f['p99_ms'], 2)} | "
+                           f"{f['rps']:.0f} |")
             elif scenario == "mlp256":
-                out.append(f"| {r.peer}{note} | {r.config} | {r.tensors} | {f['rps']:.0f} | {f['p50_ms']:.1f} | "
-                           f"{f['p99_ms']:.1f} |")
+                out.append(f"| {r.peer}{note} | {r.config} | {r.tensors} | {f['rps']:.0f} | {_ms(f['p50_ms'], 1)} | "
+                           f"{_ms(f['p99_ms'], 1)} |")
             else:
                 met = ", ".join("yes" if m["slo_met"] else "no" for m in f["per_model"].values())
                 out.append(f"| {r.peer}{note} | {r.config}, {r.tensors}, load {r.load:g} | {f['offered']:.0f} | "
@@ -401,7 +407,7 @@ def table(rows: list[Row]) -> str:
         out += ["", "**mlp256: each server's best throughput** (over every configuration and encoding)", "",
                 "| server | req/s | p99 ms | configuration |", "|---|---|---|---|"]
         for peer, r in fastest:
-            out.append(f"| {peer} | {r.figures['rps']:.0f} | {r.figures['p99_ms']:.1f} | {r.config}, {r.tensors} |")
+            out.append(f"| {peer} | {r.figures['rps']:.0f} | {_ms(r.figures['p99_ms'], 1)} | {r.config}, {r.tensors} |")
     best = best_goodput(rows)
     if best:
         out += ["", "**demo: each server's best goodput** (over every configuration and load; one that met "

@@ -396,7 +396,9 @@ def _config_loads(cfg: Config, specs: Sequence[ld.ModelLoad]) -> list[ld.ModelLo
     for m in cfg.models.values():
         spec = by_name.get(m.name)
         if spec is not None:
-            loads.append(dataclasses.replace(spec, inputs=m.resolved_inputs(cfg.path)))
+            # It replaces the load; the model's slo table still applies unless the spec gives one.
+            slo = spec.slo if spec.slo is not None or not m.slo else ld.model_load(m.name, {"concurrency": 1, **m.slo}).slo
+            loads.append(dataclasses.replace(spec, inputs=m.resolved_inputs(cfg.path), slo=slo))
     configured = [x for x in cfg.model_loads() if x.model not in by_name]
     loads += configured
     if not loads:
@@ -432,8 +434,10 @@ def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: 
         except ld.LoadError as e:
             raise ConfigError("<command line>", "--model", str(e)) from None
     try:
+        # A connection per closed-loop client (one request in flight on each), 256 at least.
         target = ld.RemoteTarget(args.url, [x.model for x in loads], request_timeout_s=args.request_timeout_s,
-                                 tensors=args.tensors)
+                                 tensors=args.tensors,
+                                 connections=max(256, sum(x.concurrency or 0 for x in loads)))
     except ld.LoadError as e:
         raise ConfigError("<command line>", "--url", str(e)) from None
     try:

@@ -292,6 +292,12 @@ class Config:
             if m.load and "share" in m.load and rate is None:
                 raise ConfigError(path, f"{model_key(m.name)}.load.share",
                                   "a share needs a total: add [workload] rate = <requests per second>")
+        shares = {n: float(m.load["share"]) for n, m in out.items() if m.load and "share" in m.load}
+        if sum(shares.values()) > 1 + 1e-9:
+            # They divide [workload] rate: more than all of it is a typo, not a load.
+            raise ConfigError(path, "load.share", f"the models' shares add up to {sum(shares.values()):g} "
+                              f"({', '.join(f'{n} {v:g}' for n, v in shares.items())}); they divide [workload] "
+                              "rate, so they may add up to 1 at most")
         cfg = cls(models=out, cpus=cpus, rate=rate, path=path, shared_pool=shared_pool,
                   pool_reserve=pool_reserve, reserve_nice=reserve_nice)
         if pool_reserve is not None or "reserve_nice" in runtime:

@@ -353,6 +353,17 @@ def test_run_serves_the_config_under_its_load(tmp_path: Path) -> None:
                                                                          "expired", "cancelled"))
 
 
+def test_bench_model_flag_replaces_the_load_and_keeps_the_configs_slo(tmp_path: Path) -> None:
+    # --model NAME:... dropped the model's slo table: good/s counted every completion.
+    path = config(tmp_path, SLEEPERS.replace("slo = { latency_ms = 100 }", "slo = { latency_ms = 0.01 }"))
+    code, out, err = run("bench", path, "--model", "slow:concurrency=2", "--warmup-s", "0.2", "--window-s", "0.3",
+                         "--max-s", "1.5", "--json")
+    assert code == 0, err
+    slow = json.loads(out)["models"]["slow"]
+    assert slow["load"] == "closed x2" and slow["slo"]["latency_ms"] == 0.01 and slow["slo_met"] is False
+    assert slow["goodput"] == 0.0
+
+
 def test_run_adapt_moves_the_model_whose_slo_is_at_risk(tmp_path: Path) -> None:
     # An objective below the slow model's own call time: at risk in every window.
     at_risk = SLEEPERS.replace("slo = { latency_ms = 100 }", "slo = { latency_ms = 0.5 }")
@@ -478,7 +489,7 @@ def test_bench_refuses_flags_it_would_ignore_and_bad_loads_before_starting(tmp_p
         code, _, err = run("bench", "--model", spec, "--factory", "s=apportion.examples.sleepers:fast")
         assert code == 2 and "apportion bench: error: <command line>: --model: model 's'" in err and want in err, err
     code, _, err = run("bench", path, "--model", "fast:concurrency=1,priority=-1")
-    assert code == 2 and "<command line>: --model: model 'fast': priority -1" in err, err
+    assert code == 2 and "<command line>: --model: model 'fast': priority must be an integer >= 0" in err, err
 
 
 def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:

@@ -337,7 +337,7 @@ def test_an_inputs_callable_error_reaches_the_caller(rt: ap.Runtime) -> None:
     (ModelLoad("echo", concurrency=1, inputs=[]), LoadError, ["'echo'", "inputs"]),
     (ModelLoad("echo", rate=10, arrivals="bursty"), LoadError, ["'echo'", "arrivals"]),  # type: ignore[arg-type]
     (ModelLoad("echo", concurrency=1, priority=1), LoadError, ["'echo'", "priority must be in [0, 1)", "got 1"]),
-    (ModelLoad("echo", rate=10, priority=-1), LoadError, ["'echo'", "priority must be in [0, 1)", "got -1"]),
+    (ModelLoad("echo", rate=10, priority=-1), LoadError, ["'echo'", "priority must be an integer >= 0", "got -1"]),
 ])
 def test_invalid_loads_name_the_model_and_field(rt: ap.Runtime, spec: ModelLoad,
                                                 error: type[Exception], words: list[str]) -> None:
@@ -488,3 +488,72 @@ def test_two_windows_with_different_service_times_report_their_own_percentiles(r
     text = str(report)
     assert "per window, from the runtime's histograms" in text and "compute p99" in text
     assert "histogram" not in json.loads(report.to_json())["models"]["m"]["compute"]
+
+
+# -- what an adversarial review found -------------------------------------------------------------
+def _fixed(ms: float) -> object:
+    def call(x: object) -> object:
+        time.sleep(ms / 1e3)
+        return x
+
+    return call
+
+
+def test_expired_requests_count_against_the_slo_and_refusals_are_shown_beside_it(rt: ap.Runtime) -> None:
+    # Two thirds of the requests expired (admitted, never served in time) and the report said
+    # "p99<=50ms met" from the completions alone.
+    started(rt, s={"model": _fixed(10.0), "max_queue": 10_000})
+    r = load.run(rt, ModelLoad("s", rate=300.0, arrivals="constant", slo=SLO(latency_ms=50, timeout_ms=30)),
+                 warmup_s=0.3, window_s=0.6, max_s=3.0, seed=1)
+    m = r["s"]
+    assert m.expired > m.completed / 10 and m.slo_met is False
+    assert "p99<=50ms MISSED" in str(r)
+
+
+def test_refusals_at_admission_are_shown_beside_a_met_slo(rt: ap.Runtime) -> None:
+    started(rt, s={"model": _fixed(5.0), "max_queue": 2})
+    r = load.run(rt, ModelLoad("s", rate=600.0, arrivals="constant", slo=SLO(latency_ms=200)),
+                 warmup_s=0.2, window_s=0.5, max_s=2.0, seed=1)
+    m = r["s"]
+    assert m.rejected > 0 and m.slo_met is True
+    assert f"p99<=200ms met ({m.rejected} refused)" in str(r)
+
+
+def test_requests_still_unanswered_at_the_end_are_said_to_be_missing_from_the_latencies(rt: ap.Runtime) -> None:
+    # One request in twenty took 3 s: none of them completed within the run, the report read
+    # p99 in milliseconds and said nothing of them.
+    import itertools
+
+    calls = itertools.count()
+
+    def model(x: object) -> object:
+        time.sleep(3.0 if next(calls) % 20 == 0 else 0.001)
+        return x
+
+    started(rt, m={"model": model, "instances": 16, "max_queue": 1000})
+    r = load.run(rt, ModelLoad("m", rate=40.0, arrivals="constant", slo=SLO(latency_ms=100)),
+                 warmup_s=0.3, window_s=0.5, max_s=2.0, seed=1, drain_timeout_s=0.1)
+    assert "still unanswered at the end of the last window" in str(r) and "not in the latencies" in str(r)
+
+
+def test_a_run_whose_inputs_ran_out_says_so(rt: ap.Runtime) -> None:
+    started(rt, s={"model": _fixed(1.0)})
+    r = load.run(rt, ModelLoad("s", concurrency=1, inputs=iter([None] * 150)), warmup_s=0.05, window_s=0.1,
+                 stable_windows=3, max_s=20.0, tolerance=0.0001)
+    text = str(r)
+    assert r["s"].inputs_exhausted and "the inputs ran out after" in text and "time limit" not in text
+    assert "s: the inputs ran out: the load stopped early" in text
+
+
+def test_a_load_that_offered_nothing_says_nothing_was_measured(rt: ap.Runtime) -> None:
+    started(rt, s={"model": _fixed(1.0)})
+    r = load.run(rt, ModelLoad("s", rate=0.01), warmup_s=0.1, window_s=0.2, max_s=1.0, seed=1)
+    assert "s: no request was offered in the reported windows: nothing was measured" in str(r)
+
+
+def test_windows_shorter_than_a_millisecond_are_refused(rt: ap.Runtime) -> None:
+    # 1e-12 s made windows of 0 ns, and the division by their length was reported as the
+    # inputs' ZeroDivisionError.
+    started(rt, s={"model": _fixed(1.0)})
+    with pytest.raises(LoadError, match="window_s must be at least 0.001 s"):
+        load.run(rt, ModelLoad("s", concurrency=1), warmup_s=0.1, window_s=1e-12, max_s=1.0)

@@ -422,3 +422,44 @@ def test_bench_url_against_nothing_listening_fails_cleanly() -> None:
     rc = main(["bench", "--url", f"http://127.0.0.1:{port}", "--model", "m:concurrency=1",
                "--request-timeout-s", "5"], out=StringIO(), err=err)
     assert rc == 1 and "apportion bench: error: connection" in err.getvalue()
+
+
+# -- what an adversarial review found -------------------------------------------------------------
+def test_an_open_loop_far_beyond_the_client_ends_near_max_s_and_says_it_fell_behind(server: Serve) -> None:
+    # Behind schedule the arrivals loop made tasks without ever letting one run: nothing was
+    # sent, every window read idle ("stable", 0 req/s), and the run took 45 s against max_s 1.5.
+    with load.RemoteTarget(server.http, ["double"]) as target:
+        t0 = time.monotonic()
+        report = load.run(target, load.ModelLoad("double", rate=200_000.0, arrivals="constant"),
+                          drain_timeout_s=2.0, **SHORT)
+        took = time.monotonic() - t0
+    m = report["double"]
+    assert took < 1.5 + 2.0 + 5.0, took
+    assert m.completed > 0 and m.offered_rate < 0.95 * 200_000
+    text = str(report)
+    assert "double: the generator fell behind: it offered" in text and "the client, not the model" in text
+    assert m.totals.offered == accounted(m.totals)
+
+
+def test_an_inputs_callable_that_refills_one_buffer_sends_its_current_values(server: Serve) -> None:
+    # The encoded tensors were cached by the object's identity: over HTTP every request
+    # carried the first values.
+    buf = np.zeros(1, dtype=np.float32)
+    values = iter(range(1, 10_000))
+
+    def refill() -> np.ndarray:
+        buf[0] = next(values)
+        return buf
+
+    with load.RemoteTarget(server.http, ["double"]) as target:
+        sent = [target.submit("double", refill()).result(30).as_numpy("y").tolist() for _ in range(5)]
+    assert sent == [[2.0], [4.0], [6.0], [8.0], [10.0]]
+
+
+def test_closed_loop_clients_beyond_the_http_connections_are_refused(server: Serve) -> None:
+    # The 257th client waited for a connection in the client, which read as the server's latency.
+    with load.RemoteTarget(server.http, ["double"], connections=4) as target:
+        with pytest.raises(load.LoadError, match=r"5 closed-loop clients need as many HTTP connections; the "
+                                                 r"target keeps 4 \(RemoteTarget\(connections=\.\.\.\)\)"):
+            load.run(target, load.ModelLoad("double", concurrency=5), **SHORT)
+        assert target.connections == 4

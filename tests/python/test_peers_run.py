@@ -86,6 +86,14 @@ def test_the_mlp_runs_one_and_two_replicas_and_the_table_names_each_servers_fast
     assert "| apportion | 3000 | 4.3 | 1 replica x 1 thread, batch 8 / 1 ms, binary |" in text
     assert "| litserve | 1000 | 14.6 | 2 replicas x 1 thread, binary |" in text
     assert "each server's best goodput" not in text  # no demo rows
+    # A row in which every request failed has no latencies: "-", not a TypeError that lost the table.
+    failing = mlp("litserve", "1 replica x 1 thread", "binary", 0, 0.0)
+    failing.figures.update(p50_ms=None, p99_ms=None)
+    noop = run.Row("litserve", "noop", "1 replica", "binary")
+    noop.figures = {"stable": True, "errors": {"http 500": 9}, "rps": 0.0, "p50_ms": None, "p99_ms": None}
+    text = run.table([*rows, failing, noop])
+    assert "| litserve | 1 replica x 1 thread | binary | 0 | - | - |" in text
+    assert "| litserve errors: http 500 x9 | binary | - | - | 0 |" in text
 
 
 def test_settle_returns_once_the_cpus_are_idle_and_gives_up_after_its_limit() -> None:

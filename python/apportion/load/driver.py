@@ -401,6 +401,14 @@ class _LoopDriver(_Driver):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             offset_s += gap()
+            # Behind schedule, this loop would create tasks without ever letting one run (no
+            # await in between): nothing was sent, the windows read idle, and neither max_s
+            # nor the drain's timeout could fire. Each arrival lets the loop run once, and no
+            # more than OPEN_LOOP_IN_FLIGHT wait at a time: beyond that the generator falls
+            # behind, which the schedule lag reports.
+            await asyncio.sleep(0)
+            while len(self._tasks) >= OPEN_LOOP_IN_FLIGHT and not self.stop.is_set():
+                await asyncio.sleep(0.001)
 
     async def _drain(self) -> None:
         # Requests in flight cannot be taken back: wait for their answers (up to the drain
@@ -413,6 +421,11 @@ class _LoopDriver(_Driver):
             t.cancel()
         self._tasks.clear()
         self.caught_up_ns = time.perf_counter_ns()
+
+
+OPEN_LOOP_IN_FLIGHT = 10_000
+"""Requests an open loop over the network keeps unanswered at most; arrivals beyond wait (and
+are reported late: the client limited the load)."""
 
 
 def run(
@@ -471,6 +484,13 @@ def run(
             if not 0 <= s.priority < levels:
                 raise LoadError(f"model {s.model!r}: priority must be in [0, {levels}) (the model's "
                                 f"priority_levels is {levels}; 0 is the highest), got {s.priority!r}")
+    if isinstance(rt, RemoteTarget) and rt.scheme == "http":
+        clients = sum(s.concurrency or 0 for s in specs)
+        if clients > rt.connections:
+            # One request in flight per connection: the clients beyond would wait for one in
+            # the client, and that wait would read as the server's latency.
+            raise LoadError(f"load.run: {clients} closed-loop clients need as many HTTP connections; the target "
+                            f"keeps {rt.connections} (RemoteTarget(connections=...))")
 
     window_ns = int(window_s * 1e9)
     master = random.Random(seed)

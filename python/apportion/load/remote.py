@@ -137,7 +137,7 @@ class RemoteTarget:
         self._outputs: dict[str, list[Any]] = {}
         self._connections = connections
         self._inputs: dict[str, tuple[_Input, ...]] = {}
-        self._prepared: dict[str, tuple[Any, list[Any]]] = {}
+        self._prepared: dict[str, tuple[Any, list[Any], list[tuple[Any, str, bytes]]]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="apportion-load-remote",
                                         daemon=True)
@@ -196,6 +196,11 @@ class RemoteTarget:
                               f"{self.request_timeout_s:g} s") from None
         except Exception as e:  # noqa: BLE001 - every outcome is one RemoteError
             raise self._error(e) from None
+
+    @property
+    def connections(self) -> int:
+        """The HTTP connections kept open at most (one request in flight on each)."""
+        return self._connections
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -286,7 +291,7 @@ class RemoteTarget:
     # -- request tensors (in the caller's thread) ---------------------------------------------------
     def _tensors(self, model: str, x: Any) -> list[Any]:
         cached = self._prepared.get(model)
-        if cached is not None and cached[0] is x:
+        if cached is not None and cached[0] is x and _unchanged(cached[2]):
             return cached[1]
         specs = self._inputs.get(model)
         if specs is None:
@@ -310,6 +315,7 @@ class RemoteTarget:
             raise LoadError(f"model {model!r}: field 'inputs': the server expects several inputs "
                             f"{[s.name for s in specs]}; give a mapping of name to array")
         tensors = []
+        sent: list[tuple[Any, str, bytes]] = []
         for s in specs:
             try:
                 arr = _as_array(arrays[s.name], s.datatype)
@@ -322,8 +328,22 @@ class RemoteTarget:
             else:
                 t.set_data_from_numpy(arr)
             tensors.append(t)
-        self._prepared[model] = (x, tensors)
+            sent.append((arrays[s.name], s.datatype, arr.tobytes()))
+        # The same object again is sent as encoded only while its values are the same: an
+        # inputs callable that refills one buffer must not send its first values for ever.
+        self._prepared[model] = (x, tensors, sent)
         return tensors
+
+
+def _unchanged(sent: list[tuple[Any, str, bytes]]) -> bool:
+    """Whether each input still holds the values it was encoded with."""
+    for value, datatype, raw in sent:
+        try:
+            if _as_array(value, datatype).tobytes() != raw:
+                return False
+        except Exception:  # noqa: BLE001 - it no longer converts: encode it again (and say why there)
+            return False
+    return True
 
 
 def _parse_url(url: str) -> tuple[str, str]:

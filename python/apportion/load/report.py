@@ -111,8 +111,9 @@ class ModelReport:
     compute: LatencyStats | None
     """The runtime's compute figures over the reported windows (as ``queue_wait``)."""
     slo_met: bool | None
-    """Whether the SLO percentile of end-to-end latency met ``slo.latency_ms``; None without
-    a latency objective or without completions."""
+    """Whether the SLO percentile of end-to-end latency met ``slo.latency_ms``, over the
+    requests admitted (expired ones count as misses; refusals at admission are left out and
+    shown beside the verdict); None without a latency objective or without completions."""
     stable: bool
     windows: tuple[WindowStats, ...]
     """Every measured window (warm-up excluded), oldest first."""
@@ -182,12 +183,13 @@ class LoadReport(Mapping[str, ModelReport]):
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
+        ran_out = [m.model for m in self.models.values() if m.inputs_exhausted]
         verdict = (
             f"stable after {self.windows} windows of {self.window_s:g} s "
             f"(last {self.stable_windows} within {self.tolerance:.0%})"
             if self.stable
-            else f"NOT stable: time limit after {self.windows} windows of {self.window_s:g} s "
-            f"(reporting the last {self.stable_windows})"
+            else f"NOT stable: {'the inputs ran out' if ran_out else 'time limit'} after {self.windows} windows "
+            f"of {self.window_s:g} s (reporting the last {self.stable_windows})"
         )
         header = ("model", "load", "req/s", "good/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
                   "queue ms", "compute ms", "rejected", "expired", "failed", "SLO")
@@ -210,6 +212,7 @@ class LoadReport(Mapping[str, ModelReport]):
             if m.errors:
                 kinds = ", ".join(f"{k} x{n}" for k, n in sorted(m.errors.items()))
                 lines.append(f"errors of {m.model}: {kinds}")
+        lines += [note for m in self.models.values() for note in _notes(m)]
         if self.target is not None:
             lines.append("queue and compute: not read over the network (end-to-end is the client's)")
             return "\n".join(lines)
@@ -243,7 +246,32 @@ def _slo_cell(m: ModelReport) -> str:
     if m.slo is None or m.slo.latency_ms is None:
         return "-"
     verdict = "?" if m.slo_met is None else ("met" if m.slo_met else "MISSED")
+    if m.slo_met is not None and m.rejected:
+        verdict += f" ({m.rejected} refused)"  # the verdict is of the requests admitted
     return f"p{m.slo.percentile:g}<={m.slo.latency_ms:g}ms {verdict}"
+
+
+BEHIND = 0.95
+"""An open loop that offered less than this share of its rate fell behind (reported)."""
+
+
+def _notes(m: ModelReport) -> list[str]:
+    """What the table's figures leave out for model ``m``, one line each."""
+    out = []
+    if m.inputs_exhausted:
+        out.append(f"{m.model}: the inputs ran out: the load stopped early, and its last window is partly empty")
+    if m.rate and m.offered_rate < BEHIND * m.rate:
+        lag = "" if m.schedule_lag_p99_ms is None else f", submissions up to {m.schedule_lag_p99_ms:.0f} ms late (p99)"
+        out.append(f"{m.model}: the generator fell behind: it offered {m.offered_rate:.1f}/s of the "
+                   f"{m.rate:g}/s asked{lag}; the client, not the model, limited this load")
+    if not m.offered:
+        out.append(f"{m.model}: no request was offered in the reported windows: nothing was measured")
+    waiting = m.windows[-1].outstanding if m.windows else 0
+    if waiting or m.totals.unfinished:
+        out.append(f"{m.model}: {waiting} request(s) still unanswered at the end of the last window, "
+                   f"{m.totals.unfinished} never answered: not in the latencies (a tail longer than "
+                   "the run reads short)")
+    return out
 
 
 def percentile(sorted_ns: Sequence[int], p: float) -> int:
@@ -392,8 +420,12 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
     offered = sum(a.offered for a in accs)
     slo = spec.slo
     slo_met: bool | None = None
+    expired = sum(a.expired for a in accs)
     if slo is not None and slo.latency_ms is not None and latencies:
-        slo_met = percentile(sorted(latencies), slo.percentile) <= slo.latency_ms * 1e6
+        # An expired request was admitted and not served in time: a miss, as late as any
+        # (a refusal at admission is not counted: the SLO is of the requests admitted).
+        ranked = sorted(latencies) + [math.inf] * expired
+        slo_met = percentile(ranked, slo.percentile) <= slo.latency_ms * 1e6
     q_mean = c_mean = None
     queue_wait = compute = end_to_end = None
     if end is not None:

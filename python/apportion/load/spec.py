@@ -122,8 +122,10 @@ class ModelLoad:
             if not isinstance(self.slo, SLO):
                 raise LoadError(f"{owner}: slo must be apportion.load.SLO(...) or None, got {self.slo!r}")
             self.slo.validate(self.model)
-        if self.priority is not None and (isinstance(self.priority, bool) or not isinstance(self.priority, int)):
-            raise LoadError(f"{owner}: priority must be an integer or None, got {self.priority!r}")
+        if self.priority is not None and (isinstance(self.priority, bool) or not isinstance(self.priority, int)
+                                          or self.priority < 0):
+            raise LoadError(f"{owner}: priority must be an integer >= 0 (0 the highest level) or None, "
+                            f"got {self.priority!r}")
         if self.inputs is not None and not callable(self.inputs) and not isinstance(self.inputs, Iterable):
             raise LoadError(
                 f"{owner}: inputs must be a zero-argument callable, an iterable or None, "
@@ -200,6 +202,10 @@ def parse_spec(text: str) -> ModelLoad:
     return model_load(name, settings)
 
 
+MIN_WINDOW_S = 0.001
+"""The shortest measurement window :func:`apportion.load.run` takes."""
+
+
 def validate_settings(warmup_s: object, window_s: object, stable_windows: object,
                        tolerance: object, max_s: object, drain_timeout_s: object) -> None:
     def number(fname: str, v: object, minimum: float, inclusive: bool) -> float:
@@ -210,6 +216,9 @@ def validate_settings(warmup_s: object, window_s: object, stable_windows: object
 
     w = number("warmup_s", warmup_s, 0.0, True)
     win = number("window_s", window_s, 0.0, False)
+    if win < MIN_WINDOW_S:
+        raise LoadError(f"load.run: window_s must be at least {MIN_WINDOW_S:g} s (a window's figures need "
+                        f"requests in it), got {window_s!r}")
     number("tolerance", tolerance, 0.0, False)
     m = number("max_s", max_s, 0.0, False)
     number("drain_timeout_s", drain_timeout_s, 0.0, True)
