@@ -454,6 +454,12 @@ def test_an_inputs_callable_that_refills_one_buffer_sends_its_current_values(ser
     with load.RemoteTarget(server.http, ["double"]) as target:
         sent = [target.submit("double", refill()).result(30).as_numpy("y").tolist() for _ in range(5)]
     assert sent == [[2.0], [4.0], [6.0], [8.0], [10.0]]
+    # A read-only array that owns its data cannot change: sent as encoded the first time.
+    frozen = np.full(1, 3.0, dtype=np.float32)
+    frozen.flags.writeable = False
+    with load.RemoteTarget(server.http, ["double"]) as target:
+        assert [target.submit("double", frozen).result(30).as_numpy("y").tolist() for _ in range(2)] == [[6.0]] * 2
+        assert target._prepared["double"][0] is frozen
 
 
 def test_closed_loop_clients_beyond_the_http_connections_are_refused(server: Serve) -> None:
