@@ -6,6 +6,7 @@ profile-repeat test, which asserts only on how often a model was profiled."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -362,6 +363,48 @@ def test_missing_capacity_from_the_validation_when_the_cost_model_was_too_hopefu
     for n, a in result.allocation.items():
         assert missing[n] == pytest.approx(a.cores * 2, abs=0.5)  # three times the share: twice more
     assert "more cores for 'ranker'" in result.shortfall()
+
+
+def test_a_machine_more_than_four_times_too_small_is_worded_as_cores_missing() -> None:
+    # Beyond 4x the machine the search gave up: inf, worded "no shape of 'a' meets its SLO",
+    # for a model whose every shape meets it (2 ms calls, a 50 ms SLO) at 20,000 req/s.
+    cost = CostModel(0.0, 2.0, batchable=False)
+    for rate, cores in ((3000.0, 5.0), (20000.0, 45.5)):
+        cfg = Config(models={"a": ModelConfig(ap.ModelSpec("a", model=lambda x: x, max_queue=64),
+                                              slo={"latency_ms": 50.0, "percentile": 99.0}, load={"rate": rate})},
+                     path="x.toml")
+
+        def measure(c: Config, rate: float = rate) -> dict[str, Measured]:
+            g = min(rate, 0.85 * c.models["a"].spec.instances * 500.0)
+            return {"a": Measured(g, g, 4.0, True, rate)}
+
+        r = tune(cfg, profiles={"a": cost}, measure=measure, topology_root=VM2, budget_s=10, progress=False,
+                 host=_quiet())
+        assert r.missing_capacity() == {"a": pytest.approx(cores, abs=1.0)}
+        assert r.shortfall() == f"To serve every model's demand within its SLO: ~{r.missing_capacity()['a']:.1f} more cores for 'a'."
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda: CostModel(0.0, 0.0), "alpha_ms + beta_ms must be > 0"),
+    (lambda: CostModel(-1.0, 2.0), "alpha_ms must be a finite number >= 0"),
+    (lambda: CostModel(0.0, math.nan), "beta_ms must be a finite number >= 0"),
+    (lambda: CostModel(0.0, 1.0, serial=2.0), "serial must be a number in [0, 1]"),
+    (lambda: Sample(1, 1, 0.0), "call_ms must be a finite number > 0"),
+    (lambda: Sample(1, 1, math.nan), "call_ms must be a finite number > 0"),
+    (lambda: Sample(0, 1, 1.0), "threads must be an int >= 1"),
+    (lambda: Sample(1, 1, 1.0, mean_batch=0.0), "mean_batch must be a finite number > 0"),
+    (lambda: Sample(1, 1, 1.0, p99_ms=-1.0), "p99_ms must be a finite number >= 0 or None"),
+])
+def test_profiles_that_cannot_be_costs_are_refused_naming_the_field(make: object, words: str) -> None:
+    # They were ZeroDivisionError deep in the search, or "cannot convert float NaN to integer".
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make()  # type: ignore[operator]
+
+
+def test_profiles_of_the_wrong_type_are_refused_naming_the_model() -> None:
+    with pytest.raises(ValueError, match=r"profiles\['ranker'\] must be a CostModel or a sequence"):
+        tune(_config({"ranker": 100.0}), budget_s=10, topology_root=VM2, profiles={"ranker": [1.0, 2.0]},
+             measure=lambda c: {}, progress=False, host=_quiet())
 
 
 # -- noise ---------------------------------------------------------------------------------------

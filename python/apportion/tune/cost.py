@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._private.checks import finite_number
+
 __all__ = ["RHO", "CostModel", "Need", "Sample", "Shape"]
 
 RHO = 0.85
@@ -25,6 +27,19 @@ class Sample:
     throughput: float = 0.0
     p99_ms: float | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("threads", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Sample: {name} must be an int >= 1, got {v!r}")
+        for name, v, least in (("call_ms", self.call_ms, None), ("mean_batch", self.mean_batch, None),
+                               ("throughput", self.throughput, 0.0)):
+            if not finite_number(v) or (v <= 0 if least is None else v < least):
+                raise ValueError(f"Sample: {name} must be a finite number {'> 0' if least is None else '>= 0'}, "
+                                 f"got {v!r}")
+        if self.p99_ms is not None and not (finite_number(self.p99_ms) and self.p99_ms >= 0):
+            raise ValueError(f"Sample: p99_ms must be a finite number >= 0 or None, got {self.p99_ms!r}")
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -35,6 +50,16 @@ class CostModel:
     beta_ms: float
     serial: float = 1.0
     batchable: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_ms", "beta_ms"):
+            v = getattr(self, name)
+            if not finite_number(v) or v < 0:
+                raise ValueError(f"CostModel: {name} must be a finite number >= 0, got {v!r}")
+        if self.alpha_ms + self.beta_ms <= 0:
+            raise ValueError("CostModel: a call must take some time: alpha_ms + beta_ms must be > 0")
+        if not (finite_number(self.serial) and 0 <= self.serial <= 1):
+            raise ValueError(f"CostModel: serial must be a number in [0, 1], got {self.serial!r}")
 
     def call_ms(self, threads: int, batch: float = 1) -> float:
         return (self.alpha_ms + self.beta_ms * batch) * (self.serial + (1.0 - self.serial) / threads)

@@ -114,6 +114,7 @@ class TuneResult:
                     out[need.name] = math.ceil(2 * a.cores * (m.wanted / m.goodput - 1.0)) / 2
                 continue
             cores, limit = max(a.cores, 0.5), max(4.0 * self.total_cores, a.cores + 1.0)
+            served, wanted = 0.0, 0.0
             while cores <= limit:
                 served, shape = need.served(cores)
                 wanted = need.wanted(shape) if shape is not None else (need.demand or 0.0)
@@ -121,7 +122,9 @@ class TuneResult:
                     break
                 cores += 0.5
             else:
-                cores = math.inf
+                # Not within 4x the machine: what it serves grows with its cores, so scale the
+                # last figure up; inf only when no shape of it serves anything within the SLO.
+                cores = math.ceil(2 * limit * wanted / served) / 2 if served > 0 and wanted > 0 else math.inf
             out[need.name] = cores - a.cores
         return out
 

@@ -6,7 +6,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -154,6 +154,10 @@ def tune(
             samples[n] = []
             continue
         if given is not None:
+            if isinstance(given, (str, bytes)) or not isinstance(given, Iterable) or not all(
+                    isinstance(x, Sample) for x in given):
+                raise ValueError(f"tune: profiles[{n!r}] must be a CostModel or a sequence of "
+                                 f"apportion.tune.Sample, got {given!r}"[:300])
             samples[n] = list(given)
         else:
             samples[n] = []
