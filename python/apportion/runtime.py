@@ -710,7 +710,20 @@ class Runtime(_core._Runtime):
     def _apply_locked(self, specs: list[ModelSpec]) -> list[str]:
         new_specs = {s.name: self._checked_move(s) for s in specs}
         old_plan = self.plan()
-        new_plan = self._place({**self._quotas(), **{n: s.quota for n, s in new_specs.items()}})
+        try:
+            new_plan = self._place({**self._quotas(), **{n: s.quota for n, s in new_specs.items()}})
+        except PlacementError as e:
+            culprit = getattr(e, "model", None)
+            if not culprit or culprit in new_specs:
+                raise
+            # The planner names the model it could not place; here that is one the caller did
+            # not touch, left without room by the models that move.
+            named = ", ".join(repr(n) for n in sorted(new_specs))
+            err = PlacementError(f"apply(): the new settings of {named} leave no room for model {culprit!r}: {e}")
+            err.model = next(iter(new_specs)) if len(new_specs) == 1 else culprit  # type: ignore[attr-defined]
+            err.field = getattr(e, "field", None)  # type: ignore[attr-defined]
+            err.displaced = culprit  # type: ignore[attr-defined]
+            raise err from None
         targets = {n: new_specs.get(n, e.spec) for n, e in self._models.items()}
         moving = [n for n in self._models
                   if self._moves(self._models[n].spec, old_plan[n], targets[n], new_plan[n])]

@@ -139,6 +139,23 @@ def test_a_failed_move_raises_and_keeps_the_old_placement_serving() -> None:
 
 
 @needs_two_cpus
+def test_a_move_that_leaves_another_model_no_room_names_the_moving_model() -> None:
+    # The planner's error named the model it could not place ('c'), not the one the caller
+    # moved: "model 'c', field 'cores': ... 0 free cores left".
+    with ap.Runtime() as rt:
+        echo = lambda x: x  # noqa: E731 - one callable: a move may not change it
+        rt.add_model("c", model=echo, cores=1, isolation="exclusive")
+        rt.add_model("a", model=echo)
+        rt.start()
+        before = rt.plan()
+        with pytest.raises(PlacementError) as err:
+            rt.apply(ap.ModelSpec("a", model=echo, cores="0-1", isolation="exclusive"))
+        assert str(err.value).startswith("apply(): the new settings of 'a' leave no room for model 'c': ")
+        assert (err.value.model, err.value.displaced) == ("a", "c")  # type: ignore[attr-defined]
+        assert rt.plan() == before and rt.call("a", 1) == 1 and rt.call("c", 2) == 2
+
+
+@needs_two_cpus
 def test_a_model_that_cannot_move_back_is_shown_where_it_serves() -> None:
     # The plan was placed afresh from the specs: it showed the shared model on the CPU the
     # stuck one had left, where none of its instances ran.
