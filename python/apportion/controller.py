@@ -818,7 +818,12 @@ class Controller:
         Raises RuntimeClosed for a closed runtime."""
         if self.rt.closed:
             raise RuntimeClosed("Controller.start(): the runtime is closed")
+        other = getattr(self.rt, "_controller", None)
+        if other is not None and other is not self and other.stats()["running"]:
+            # Both would read the same windows and make the same move, each on its own.
+            raise ApportionError("Controller.start(): another controller already runs on this runtime; stop it first")
         if self._thread is None or not self._thread.is_alive():
+            self.rt._controller = self
             self._last, self._trial = None, None
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="apportion-controller", daemon=True)

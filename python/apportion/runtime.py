@@ -628,6 +628,9 @@ class Runtime(_core._Runtime):
         self._check_admin("apply()")
         specs = self._target_specs(target)
         with self._admin:
+            if self.closed:  # also for a target that changes nothing: the runtime serves no more
+                names = ", ".join(repr(x.name) for x in specs) or "nothing"
+                raise RuntimeClosed(f"runtime is closed: cannot move model {names} (apply() after close)")
             return self._apply_locked(specs)
 
     @staticmethod

@@ -138,6 +138,17 @@ def test_a_failed_move_raises_and_keeps_the_old_placement_serving() -> None:
     where.fail_on = set()
 
 
+def test_apply_on_a_closed_runtime_is_refused_even_when_nothing_would_change() -> None:
+    # A target equal to the current specs returned [] after close(), while any change raised.
+    rt = ap.Runtime()
+    rt.add_model("a", model=lambda x: x)
+    rt.start()
+    spec = rt.spec("a")
+    rt.close()
+    with pytest.raises(ap.RuntimeClosed, match="apply"):
+        rt.apply(spec)
+
+
 @needs_two_cpus
 def test_a_move_that_leaves_another_model_no_room_names_the_moving_model() -> None:
     # The planner's error named the model it could not place ('c'), not the one the caller

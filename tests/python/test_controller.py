@@ -1023,3 +1023,18 @@ def test_a_restarted_controller_reads_a_fresh_first_window() -> None:
         c.stop()
         spans = [max(w.seconds for w in ws.values()) for _, ws in c.history if ws]
         assert spans and max(spans) < 0.4, spans  # none spans the pause
+
+
+def test_a_second_controller_on_one_runtime_is_refused_while_the_first_runs() -> None:
+    # Both read the same windows and made the same move: 'a' grew twice, beyond the CPUs.
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.start()
+        first = Controller(rt, {"a": 50.0}, window_s=0.05).start()
+        second = Controller(rt, {"a": 50.0}, window_s=0.05)
+        with pytest.raises(ap.ApportionError, match="another controller already runs on this runtime"):
+            second.start()
+        first.stop()
+        second.start()  # once the first stopped
+        assert second.stats()["running"]
+        second.stop()
