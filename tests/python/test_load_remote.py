@@ -218,7 +218,12 @@ def test_a_server_that_goes_away_fails_requests_as_connection_errors() -> None:
         rt.close()
     with target:
         exc = target.submit("echo").exception(30)
-    assert isinstance(exc, load.RemoteError) and exc.kind == "connection"
+        assert isinstance(exc, load.RemoteError) and exc.kind == "connection"
+        # A closed loop against it pauses after each refused connection: the failures count
+        # requests, not a retry spin (2 clients made ~8,000 "requests" in 3 s).
+        report = load.run(target, load.ModelLoad("echo", concurrency=2), warmup_s=0.1, window_s=0.25,
+                          stable_windows=2, max_s=0.6)
+        assert 0 < report["echo"].totals.failed <= 2 * 0.6 / 0.001
     with pytest.raises(load.RemoteError, match="closed"):
         target.submit("echo")
 

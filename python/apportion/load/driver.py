@@ -372,8 +372,11 @@ class _LoopDriver(_Driver):
                 request = self._prepare()
                 if request is None:
                     return
-                if isinstance(await self._one(request, self._sent(None)), QueueFull):
-                    # The queue is full of others' work: retry after a short pause, not at once.
+                exc = await self._one(request, self._sent(None))
+                if isinstance(exc, QueueFull) or getattr(exc, "kind", None) == "connection":
+                    # The queue is full of others' work, or the server cannot be reached: retry
+                    # after a short pause, not at once (a refused connection fails in
+                    # microseconds, and the failures would count the retries' spin).
                     await asyncio.sleep(0.001)
         except Exception as e:  # noqa: BLE001 - handed to run()
             self._halt(e)
