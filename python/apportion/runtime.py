@@ -976,7 +976,8 @@ class Runtime(_core._Runtime):
 
     def close(self, drain: bool = True) -> None:
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
-        cancels it. Running calls always finish, except in process instances with
+        cancels it. A runtime never started has no workers to finish anything: its queued
+        requests are cancelled either way. Running calls always finish, except in process instances with
         ``drain=False``: their children are killed and those calls fail with WorkerCrashed.
         Idempotent; returns when workers (and worker processes) have exited. A second close()
         made from a done-callback that the first runs (cancelling queued requests) returns at
