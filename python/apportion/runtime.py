@@ -758,14 +758,23 @@ class Runtime(_core._Runtime):
         # Those that give up CPUs first, so that those that take CPUs find them free.
         moving.sort(key=lambda n: (cpus(new_plan, n) - cpus(old_plan, n), n))
         done: list[tuple[str, ModelSpec, dict[int, Any]]] = []
+        current: str | None = None
         try:
             for n in moving:
                 entry = self._models[n]
                 undo = (n, entry.spec, dict(entry.placed))
+                current = n
                 self._move(n, targets[n], new_plan)
                 done.append(undo)
+            current = None
         except BaseException as e:
             stuck = set()
+            if current is not None and self._models[current].spec is targets[current]:
+                # The engine's move cannot be interrupted: Ctrl-C is raised once it returned,
+                # with the model moved.
+                e.add_note(f"(model {current!r} had moved when this was raised: it serves as moved, and plan() "
+                           "shows it there)")
+                stuck.add(current)
             for n, spec, placed in reversed(done):
                 try:
                     self._move(n, spec, old_plan, placed)
@@ -801,8 +810,12 @@ class Runtime(_core._Runtime):
         return moving + bounded
 
     def _move(self, name: str, spec: ModelSpec, plan_: Plan, placed: dict[int, Any] | None = None) -> None:
+        """Moves model ``name`` to ``spec`` placed as in ``plan_``; on an exception raised before
+        the engine moved it, the model's record is as it was (one raised after, such as Ctrl-C
+        on the engine call's return, leaves the record moved with the model)."""
         entry = self._models[name]
         old_spec, old_placed = entry.spec, dict(entry.placed)
+        moves = self._model_stats(name).moves if self.started else None
         entry.spec = spec
         try:
             instances_arg, policy, groups = self._native_placement(plan_, name)
@@ -813,9 +826,10 @@ class Runtime(_core._Runtime):
             self._reshape(spec, _instance_builder(entry, spec, self._gpu, memory_word), instances_arg, policy,
                           groups)
         except BaseException:
-            entry.spec = old_spec
-            entry.placed.clear()
-            entry.placed.update(old_placed)
+            if moves is None or self._model_stats(name).moves == moves:
+                entry.spec = old_spec
+                entry.placed.clear()
+                entry.placed.update(old_placed)
             raise
 
     def _entry(self, name: str) -> _ModelEntry:

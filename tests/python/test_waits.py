@@ -134,6 +134,30 @@ def test_sigint_during_a_draining_remove_model_leaves_the_model_removed_everywhe
         p.stdout + p.stderr
 
 
+def test_sigint_during_a_live_move_leaves_the_record_where_the_model_serves() -> None:
+    # The engine's move ran to its end and KeyboardInterrupt came on its return: apply()
+    # restored the old spec, so spec() and plan() said 1 instance while 2 served.
+    p = run_script("""
+        import dataclasses, os, signal, threading, time
+        import apportion as ap
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        def factory(ctx):
+            time.sleep(0.6)
+            return lambda x: x
+        rt = ap.Runtime(); rt.add_model("m", factory=factory); rt.start()
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            rt.apply(dataclasses.replace(rt.spec("m"), instances=2))
+            print("not interrupted")
+        except KeyboardInterrupt as e:
+            print("interrupted", any("had moved when this was raised" in n for n in getattr(e, "__notes__", [])))
+        print(rt.spec("m").instances, rt.stats()["m"].instances, len(rt.plan()["m"].instances), rt.call("m", 3))
+        rt.close()
+    """)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines() == ["interrupted True", "2 2 2 3"], p.stdout + p.stderr
+
+
 def test_a_timed_wait_still_times_out_with_the_seconds_in_the_message(rt: ap.Runtime, gate: Any) -> None:
     rt.add_model("m", model=gate)
     rt.start()
