@@ -759,17 +759,18 @@ class Runtime(_core._Runtime):
         moving.sort(key=lambda n: (cpus(new_plan, n) - cpus(old_plan, n), n))
         done: list[tuple[str, ModelSpec, dict[int, Any]]] = []
         current: str | None = None
+        current_moves = 0
         try:
             for n in moving:
                 entry = self._models[n]
                 undo = (n, entry.spec, dict(entry.placed))
-                current = n
+                current, current_moves = n, self._model_stats(n).moves if started else 0
                 self._move(n, targets[n], new_plan)
                 done.append(undo)
             current = None
         except BaseException as e:
             stuck = set()
-            if current is not None and self._models[current].spec is targets[current]:
+            if current is not None and started and self._model_stats(current).moves != current_moves:
                 # The engine's move cannot be interrupted: Ctrl-C is raised once it returned,
                 # with the model moved.
                 e.add_note(f"(model {current!r} had moved when this was raised: it serves as moved, and plan() "
