@@ -406,10 +406,12 @@ class _LoopDriver(_Driver):
             offset_s += gap()
             # Behind schedule, this loop would create tasks without ever letting one run (no
             # await in between): nothing was sent, the windows read idle, and neither max_s
-            # nor the drain's timeout could fire. Each arrival lets the loop run once, and no
-            # more than OPEN_LOOP_IN_FLIGHT wait at a time: beyond that the generator falls
-            # behind, which the schedule lag reports.
-            await asyncio.sleep(0)
+            # nor the drain's timeout could fire. While the next arrival is already due, each
+            # lets the loop run once, and no more than OPEN_LOOP_IN_FLIGHT wait at a time:
+            # beyond that the generator falls behind, which the schedule lag reports. (On
+            # schedule the sleep until the next arrival lets it run.)
+            if offset_s <= (time.perf_counter_ns() - origin) / 1e9:
+                await asyncio.sleep(0)
             while len(self._tasks) >= OPEN_LOOP_IN_FLIGHT and not self.stop.is_set():
                 await asyncio.sleep(0.001)
 
