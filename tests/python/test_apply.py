@@ -5,11 +5,13 @@ leaves the model where it was."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -149,6 +151,18 @@ def test_apply_on_a_closed_runtime_is_refused_even_when_nothing_would_change() -
         rt.apply(spec)
 
 
+@contextlib.contextmanager
+def exclusive_a_shared_b() -> Iterator[tuple[ap.Runtime, Where, Where]]:
+    """A started runtime with model a exclusive on CPU 0 and model b on the shared pool (the
+    other CPU), each built by a Where."""
+    a, b = Where(), Where()
+    with ap.Runtime() as rt:
+        rt.add_model("a", factory=a, cores="0", isolation="exclusive")
+        rt.add_model("b", factory=b)
+        rt.start()
+        yield rt, a, b
+
+
 @needs_two_cpus
 def test_a_move_that_leaves_another_model_no_room_names_the_moving_model() -> None:
     # The planner's error named the model it could not place ('c'), not the one the caller
@@ -170,11 +184,7 @@ def test_a_move_that_leaves_another_model_no_room_names_the_moving_model() -> No
 def test_a_model_that_cannot_move_back_is_shown_where_it_serves() -> None:
     # The plan was placed afresh from the specs: it showed the shared model on the CPU the
     # stuck one had left, where none of its instances ran.
-    a, b = Where(), Where()
-    with ap.Runtime() as rt:
-        rt.add_model("a", factory=a, cores="0", isolation="exclusive")
-        rt.add_model("b", factory=b)  # shared: the other CPU
-        rt.start()
+    with exclusive_a_shared_b() as (rt, a, b):
         before = rt.plan()
         a.fail_on = b.fail_on = {0}  # a moves to CPU 1, b fails on CPU 0, a cannot go back to 0
         with pytest.raises(RuntimeError, match=r"no instance on CPUs \(0,\)") as err:
@@ -197,11 +207,7 @@ def test_a_model_that_cannot_move_back_is_shown_where_it_serves() -> None:
 
 @needs_two_cpus
 def test_a_failed_move_moves_back_the_models_moved_before_it() -> None:
-    a, b = Where(), Where()
-    with ap.Runtime() as rt:
-        rt.add_model("a", factory=a, cores="0", isolation="exclusive")
-        rt.add_model("b", factory=b)  # shared: the other CPU
-        rt.start()
+    with exclusive_a_shared_b() as (rt, a, b):
         before = rt.plan()
         b.fail_on = {0}
         with pytest.raises(RuntimeError) as err:
