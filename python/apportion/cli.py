@@ -572,9 +572,37 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         except OSError as e:  # the address: in use, not this machine's, or a host that does not resolve
             raise ApportionError(f"cannot serve on --host {args.host} (--http-port {args.http_port}, --grpc-port "
                                  f"{args.grpc_port}): {e}") from None
-    finally:
-        rt.close(drain=True)
+        except SystemExit as e:  # a second signal aborted the drain
+            _close_or_exit(rt, drain=False, code=e.code if isinstance(e.code, int) else 1)
+            raise
+    except BaseException:
+        _close_or_exit(rt, drain=False, code=1)
+        raise
+    # The drain answered every admitted request; past its timeout, those still running got 503,
+    # and their calls are not waited for (one that never returns held the exit for ever).
+    _close_or_exit(rt, drain=server.drained is True, code=1)
+    if server.drained is False:
+        print(f"apportion serve: requests still running after --drain-timeout-s {args.drain_timeout_s:g} "
+              "got 503", file=sys.stderr, flush=True)
+        return 1
     return EXIT_OK
+
+
+CLOSE_GRACE_S = 2.0
+"""How long ``apportion serve`` waits for the runtime to close after the drain (queued work
+cancelled, worker processes ended) before it exits without the calls still running."""
+
+
+def _close_or_exit(rt: Any, drain: bool, code: int) -> None:
+    """Closes ``rt``; when that does not finish within CLOSE_GRACE_S (a model call that does
+    not return: a thread cannot be stopped), says so and ends the process with ``code``."""
+    closer = threading.Thread(target=rt.close, kwargs={"drain": drain}, name="apportion-close", daemon=True)
+    closer.start()
+    closer.join(CLOSE_GRACE_S)
+    if closer.is_alive():
+        print(f"apportion serve: model calls still running {CLOSE_GRACE_S:g} s after the drain; exiting without "
+              "them", file=sys.stderr, flush=True)
+        os._exit(code)
 
 
 COMMANDS: tuple[Command, ...] = (

@@ -255,3 +255,16 @@ def context(ctx: Any) -> Any:
 
     fields = dataclasses.asdict(ctx)
     return lambda x: fields
+
+
+def hangs_on_negative(ctx: Any) -> Any:
+    """Returns its input; a call whose first value is negative sleeps for ten minutes first (a
+    call that, for the test's purposes, never returns)."""
+    import time
+
+    def serve(x: Any) -> Any:
+        if float(x[0]) < 0:
+            time.sleep(600)
+        return x
+
+    return serve

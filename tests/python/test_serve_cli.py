@@ -213,3 +213,43 @@ def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host:
     assert line.startswith(f"apportion serve: error: cannot serve on --host {host} (--http-port {port}, "
                            "--grpc-port -1): "), line
     assert len(line.splitlines()) == 1
+
+
+HANGS = """
+[models.h]
+factory = "process_models:hangs_on_negative"
+instances = 2
+
+[models.h.signature]
+inputs = [{ name = "x", datatype = "FP32", shape = [-1] }]
+outputs = [{ name = "x", datatype = "FP32", shape = [-1] }]
+"""
+
+
+@pytest.mark.parametrize("second", [None, signal.SIGTERM, signal.SIGINT])
+def test_a_call_that_never_returns_does_not_hold_the_exit(tmp_path: Path, second: signal.Signals | None) -> None:
+    # After the drain the CLI closed the runtime with drain=True, which waits for running calls
+    # without limit: the process never exited, and a second signal (or Ctrl-C) did not help.
+    cfg = tmp_path / "hangs.toml"
+    cfg.write_text(HANGS)
+    with serving(cfg, "--grpc-port", "-1", "--drain-timeout-s", "1") as (proc, line):
+        http = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)  # type: ignore[union-attr]
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [-1.0]}]}
+        with ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(lambda: httpx.post(f"http://{http}/v2/models/h/infer", json=body, timeout=60))
+            wait_for_metric(http, 'apportion_in_flight{model="h"} 1')
+            assert httpx.post(f"http://{http}/v2/models/h/infer", json={"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]}, timeout=30).status_code == 200
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            if second is not None:
+                time.sleep(0.3)
+                proc.send_signal(second)
+            code = proc.wait(30)
+            took = time.monotonic() - started
+            with contextlib.suppress(httpx.HTTPError):
+                assert hung.result(30).status_code == 503
+        err = proc.stderr.read() if proc.stderr else ""
+    assert took < 1 + 2 + 5, took  # the drain timeout, the close's grace, a slow machine
+    assert "model calls still running 2 s after the drain; exiting without them" in err, err
+    assert code == (1 if second is None else 128 + second), (code, err)

@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -795,3 +796,151 @@ def test_metrics_route_reads_the_runtimes_counters(served: Served) -> None:
 def test_signature_with_one_spec_each() -> None:
     sig = Signature(TensorSpec("x", "FP64", [2]), TensorSpec("y", "FP64", [2]))  # type: ignore[arg-type]
     assert sig.inputs == (TensorSpec("x", "FP64", (2,)),)
+
+
+# -- lifecycle, from an adversarial review -----------------------------------------------------------
+def _gated_server(gate: Any, **options: Any) -> tuple[ap.Runtime, Server]:
+    rt = ap.Runtime()
+    rt.add_model("echo", model=gate)
+    rt.start()
+    return rt, Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, **options).start()
+
+
+def _post(port: int, x: float) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{port}/v2/models/echo/infer", timeout=30,
+                      json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [x]}]})
+
+
+def test_stop_without_drain_answers_the_running_requests_503() -> None:
+    # The embedded server's loop closed with their tasks: the clients got no answer at all.
+    from serve_models import Gate
+
+    gate = Gate()
+    rt, server = _gated_server(gate)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(_post, server.http_port, 1.0)
+            assert gate.entered.wait(30)
+            server.stop(drain=False)
+            r = running.result(30)
+        assert r.status_code == 503 and "the server stopped before this request completed" in r.json()["error"]
+    finally:
+        gate.release.set()
+        server.stop()
+        rt.close()
+
+
+def test_answers_during_a_drain_close_their_connection() -> None:
+    # Without Connection: close, a client reused the connection for its next request and raced
+    # the server closing it: no answer at all instead of 503.
+    from serve_models import Gate
+
+    gate = Gate()
+    rt, server = _gated_server(gate, drain_timeout_s=30)
+    try:
+        with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30) as client:
+            url = f"http://127.0.0.1:{server.http_port}/v2/models/echo/infer"
+            assert client.get(f"http://127.0.0.1:{server.http_port}/v2/health/live").status_code == 200
+            assert "close" not in client.get(f"http://127.0.0.1:{server.http_port}/v2/health/live").headers.get(
+                "connection", "")
+            running = pool.submit(_post, server.http_port, 1.0)
+            assert gate.entered.wait(30)
+            stopping = pool.submit(server.stop)
+            while not server.frontend.draining:
+                time.sleep(0.005)
+            r = client.post(url, json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]})
+            assert r.status_code == 503 and r.headers["connection"] == "close"
+            gate.release.set()
+            assert running.result(30).status_code == 200
+            stopping.result(30)
+    finally:
+        gate.release.set()
+        server.stop()
+        rt.close()
+
+
+def test_a_drain_ends_within_its_timeout_whatever_is_still_running() -> None:
+    # The admitted requests' wait, gRPC's fixed grace and uvicorn's own graceful shutdown each
+    # took up to the timeout in turn: ~2x drain_timeout_s + 1 s.
+    from serve_models import Gate
+
+    gate = Gate()
+    rt = ap.Runtime()
+    rt.add_model("echo", model=gate)
+    rt.start()
+    server = Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=0, drain_timeout_s=1.0).start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(_post, server.http_port, float(k)) for k in range(3)]
+            assert gate.entered.wait(30)
+            started = time.monotonic()
+            server.stop()
+            took = time.monotonic() - started
+            gate.release.set()
+            codes = sorted(f.result(30).status_code for f in running)
+        assert took < 1.0 + 1.0, took  # the timeout, and a slow machine's margin
+        assert server.drained is False and codes == [503, 503, 503]
+    finally:
+        gate.release.set()
+        rt.close()
+
+
+def test_requests_of_a_model_that_failed_to_start_are_not_said_to_have_lost_their_client() -> None:
+    # A request queued while add_model built the model, cancelled when its warm-up failed, read
+    # "the request was cancelled: its client went away".
+    from apportion.serve import Signature, TensorSpec
+
+    entered, release = threading.Event(), threading.Event()
+
+    def factory(ctx: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("no weights")
+
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x)
+    rt.start()
+    sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("x", "FP32", [-1])])
+    server = Server(rt, {"echo": signatures()["echo"], "late": sig}, http_port=0, grpc_port=None).start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            adding = pool.submit(rt.add_model, "late", factory=factory)
+            assert entered.wait(30)
+            queued = pool.submit(lambda: httpx.post(
+                f"http://127.0.0.1:{server.http_port}/v2/models/late/infer", timeout=30,
+                json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}))
+            for _ in range(3000):
+                if "late" in rt.stats() and rt.stats()["late"].queued:
+                    break
+                time.sleep(0.01)
+            release.set()
+            with pytest.raises(RuntimeError, match="no weights"):
+                adding.result(30)
+            r = queued.result(30)
+        assert r.status_code == 503, r.text
+        assert "cancelled before it ran" in r.json()["error"] and "client went away" not in r.json()["error"]
+    finally:
+        release.set()
+        server.stop()
+        rt.close()
+
+
+def test_a_slow_metrics_scrape_does_not_hold_other_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The text was made on the event loop: with 30 models each scrape held every request and
+    # probe for 55-100 ms.
+    from apportion.serve import app as app_mod
+
+    real = app_mod._metrics
+
+    def slow(rt: Any) -> bytes:
+        time.sleep(1.0)
+        return real(rt)
+
+    monkeypatch.setattr(app_mod, "_metrics", slow)
+    with echo_server() as s, ThreadPoolExecutor(1) as pool:
+        scrape = pool.submit(httpx.get, f"http://127.0.0.1:{s.http_port}/metrics", timeout=30)
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert httpx.get(f"http://127.0.0.1:{s.http_port}/v2/health/ready", timeout=30).status_code == 200
+        assert time.monotonic() - started < 0.6
+        assert scrape.result(30).status_code == 200

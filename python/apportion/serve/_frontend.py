@@ -4,6 +4,7 @@ submission and the error kinds each front maps to its own status codes."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,12 @@ async def _cancel_when_gone(fut: Any, gone: Callable[[], Awaitable[Any]]) -> Non
     msg = await gone()
     if msg.get("type") == "http.disconnect":
         fut.cancel()  # still queued: never run; running: it finishes, and nobody reads the answer
+        _LEFT.add(fut)
+
+
+_LEFT: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Requests cancelled because their HTTP client went away (the others were cancelled by the
+runtime: their model was removed or failed to start)."""
 
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -237,8 +244,11 @@ class Frontend:
                     self.watch_alarms.cancel(settled)
                     for watcher in watching:
                         watcher.cancel()
-            if fut.cancelled():  # its client went away (the watch above): nobody reads this answer
-                raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled: its client went away")
+            if fut.cancelled():
+                if fut in _LEFT:  # the watch above: nobody reads this answer
+                    raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled: its client went away")
+                raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled before it ran (the model "
+                                              "was removed or failed to start, or the runtime closed)")
             try:
                 result = fut.result(0)
             except DeadlineExceeded as e:

@@ -100,14 +100,18 @@ class V2App:
         except asyncio.CancelledError:
             if not self.frontend.draining:
                 raise
-            # A second signal aborts the drain: the requests still running are cancelled
-            # here. They get 503, not the server's generic 500 (which reads as the model's
-            # failure), and the log no traceback.
+            # The drain ended with the request still running (its timeout, a second signal,
+            # stop(drain=False)): cancelled here, it gets 503, not the server's generic 500
+            # (which reads as the model's failure), and the log no traceback.
             status, headers, body = self._error(fe.ServeError(
-                fe.UNAVAILABLE, "the server stopped before this request completed (a second signal aborted "
-                                "its drain)"))
+                fe.UNAVAILABLE, "the server stopped before this request completed (its drain ended: the drain "
+                                "timeout, or an abort)"))
         except Exception as e:  # a bug of ours: answer it, never take the server down
             status, headers, body = self._error(fe.ServeError(fe.INTERNAL, f"{type(e).__name__}: {e}"))
+        if self.frontend.draining:
+            # The connection ends with this answer: a client that reused it for its next
+            # request raced the server closing it, and got no answer at all.
+            headers = [*headers, (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         # HEAD: the headers a GET would get (its Content-Length too), without the body
@@ -137,7 +141,9 @@ class V2App:
         method = scope["method"]
         if parts == ["metrics"]:
             _method(method, "GET", scope)
-            return 200, [(b"content-type", _PROMETHEUS)], _metrics(f.rt)
+            # On a worker thread: with tens of models the text takes tens of milliseconds, which
+            # held every request and probe behind each scrape.
+            return 200, [(b"content-type", _PROMETHEUS)], await asyncio.to_thread(_metrics, f.rt)
         if parts[:1] != ["v2"]:
             raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
         rest = parts[1:]

@@ -79,6 +79,9 @@ class Server:
         """The bound gRPC port once started, or None."""
         self.drain_timeout_s = drain_timeout_s
         self.listening = threading.Event()
+        self.drained: bool | None = None
+        """After a draining stop: whether every admitted request completed within
+        ``drain_timeout_s`` (None: not drained)."""
         """Set once both ports listen (``http_port``/``grpc_port`` then hold the bound ports);
         cleared when it begins to stop."""
         self._max_message = max_body_bytes
@@ -124,17 +127,28 @@ class Server:
 
     async def _close(self, drain: bool) -> None:
         self.listening.clear()
+        loop = asyncio.get_running_loop()
+        # One deadline for the whole drain: admitted requests, gRPC answers still being sent
+        # and HTTP connections still answering share drain_timeout_s (each waited its own
+        # before, up to twice the timeout and more).
+        end = loop.time() + self.drain_timeout_s
         if drain:
-            await self.frontend.drain(self.drain_timeout_s)
+            self.drained = await self.frontend.drain(self.drain_timeout_s)
         else:
             self.frontend.cut()
+        stopping = None
         if self._grpc is not None:
-            await self._grpc.stop(grace=1.0 if drain else None)
-            # grpc.aio keeps a poller thread while any of its objects lives: let it end now
-            self._grpc = None
+            # Calls whose answers are still being sent get what is left of the drain (a fixed
+            # second cut a large answer to a slow client).
+            stopping = asyncio.ensure_future(self._grpc.stop(grace=max(end - loop.time(), 0.05) if drain else None))
         if self._uv is not None:
+            self._uv.config.timeout_graceful_shutdown = max(end - loop.time(), 0.05)
             self._uv.should_exit = True
             self._uv.force_exit = not drain
+        if stopping is not None:
+            await stopping
+            # grpc.aio keeps a poller thread while any of its objects lives: let it end now
+            self._grpc = None
         task = self._uv_task
         if task is None:
             return
@@ -176,12 +190,21 @@ class Server:
         self._loop = self._loop_factory()
 
         def run() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
+            loop = self._loop
+            assert loop is not None
+            asyncio.set_event_loop(loop)
             try:
-                self._loop.run_until_complete(self._run(opened, failed))
+                loop.run_until_complete(self._run(opened, failed))
+                # Requests still running (stop(drain=False), or past the drain): cancelled, they
+                # answer 503 as serve_forever's do; closed with the loop, their clients got
+                # nothing at all.
+                left = asyncio.all_tasks(loop)
+                for t in left:
+                    t.cancel()
+                if left:
+                    loop.run_until_complete(asyncio.wait(left, timeout=_ABORT_WAIT_S))
             finally:
-                self._loop.close()
+                loop.close()
 
         self._thread = threading.Thread(target=run, name="apportion-serve", daemon=True)
         self._thread.start()
