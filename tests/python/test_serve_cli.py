@@ -215,6 +215,25 @@ def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host:
     assert len(line.splitlines()) == 1
 
 
+def test_a_grpc_port_in_use_is_the_same_one_line_error(tmp_path: Path) -> None:
+    # grpcio raised its own RuntimeError ("Failed to bind to address"): a traceback-like line
+    # that named neither the host nor the flags.
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(CONFIG)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+        done = subprocess.run([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
+                               "--grpc-port", str(port)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.startswith("apportion serve")]
+    assert lines and lines[-1].startswith(f"apportion serve: error: cannot serve on --host 127.0.0.1 (--http-port 0, "
+                                          f"--grpc-port {port}): gRPC: cannot listen on 127.0.0.1:{port}"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
 HANGS = """
 [models.h]
 factory = "process_models:hangs_on_negative"

@@ -156,7 +156,10 @@ async def start_server(frontend: fe.Frontend, host: str, port: int, max_message_
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(frontend), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpcio's "Failed to bind to address": in use, or not this machine's
+        raise OSError(f"gRPC: cannot listen on {host}:{port}: {e}") from None
     if bound == 0:
         raise OSError(f"gRPC: cannot listen on {host}:{port}")
     await server.start()
