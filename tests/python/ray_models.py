@@ -19,7 +19,8 @@ class CodedError(Exception):
 
 def echo(ctx: Any) -> Any:
     """Returns its input; a dict input may ask it to sleep first ({"sleep": s}), to raise
-    ({"raise": message}, a ValueError; {"raise_coded": message}, a CodedError) or to answer
+    ({"raise": message}, a ValueError; {"raise_coded": message}, a CodedError; {"exit": code},
+    SystemExit; {"interrupt": message}, KeyboardInterrupt) or to answer
     bytes ({"bytes": text})."""
 
     def serve(x: Any) -> Any:
@@ -30,6 +31,10 @@ def echo(ctx: Any) -> Any:
                 raise ValueError(x["raise"])
             if "raise_coded" in x:
                 raise CodedError(x["raise_coded"], 7)
+            if "exit" in x:
+                raise SystemExit(x["exit"])
+            if "interrupt" in x:
+                raise KeyboardInterrupt(x["interrupt"])
             if "bytes" in x:
                 return x["bytes"].encode()
         return x

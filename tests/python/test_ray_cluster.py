@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +109,13 @@ def test_errors_are_the_single_host_ones(basic: Cluster) -> None:
     with pytest.raises(RuntimeError, match=r"model 'echo' raised ray_models\.CodedError: coded") as coded:
         basic.call("echo", {"raise_coded": "coded"})
     assert "could not be sent" in str(coded.value)  # cannot be rebuilt here: named, not Ray's wrapper
+    # A model's SystemExit or KeyboardInterrupt ended the node's actor (every model there lost,
+    # and with idempotent= the retry ended the next node's too): a RuntimeError naming it.
+    nodes = sorted(basic.nodes_of("echo"))
+    for poison, word in (({"exit": 3}, "builtins.SystemExit: 3"), ({"interrupt": "stop"}, "builtins.KeyboardInterrupt: stop")):
+        with pytest.raises(RuntimeError, match=re.escape(f"model 'echo' raised {word} (sent as a RuntimeError")):
+            basic.call("echo", poison)
+    assert sorted(basic.nodes_of("echo")) == nodes and basic.call("echo", 5) == 5
     # Each request is its own actor call, and a threaded actor runs calls in any order: a
     # request goes after another only once that one is running.
     first = basic.submit("narrow", {"sleep": 0.5})

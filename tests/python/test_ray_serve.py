@@ -130,6 +130,15 @@ def test_handle_errors(app: App) -> None:
     with pytest.raises(RuntimeError, match=r"model 'echo' raised ray_models\.CodedError: coded boom") as e:
         app.handle.infer.remote("echo", {"raise_coded": "coded boom"}).result(timeout_s=60)
     assert "could not be sent" in str(e.value)
+    # A model's SystemExit or KeyboardInterrupt stopped the replica's event loop: the request
+    # got Ray's stream error, and the others hung until Serve replaced the replica (~90 s).
+    for poison, word in (({"exit": 3}, "SystemExit: 3"), ({"interrupt": "stop"}, "KeyboardInterrupt: stop")):
+        with pytest.raises(RuntimeError, match=f"model 'echo' raised builtins.{word}"):
+            app.handle.infer.remote("echo", poison).result(timeout_s=60)
+        assert app.handle.infer.remote("echo", 7).result(timeout_s=60) == 7
+        code, body = app.post("/echo", {"inputs": poison})
+        assert code == 500 and f"builtins.{word}" in body["error"], body
+    assert app.post("/echo", {"inputs": 8}) == (200, {"model": "echo", "outputs": 8})
 
 
 def test_http_by_model_name(app: App) -> None:

@@ -54,6 +54,15 @@ def raise_portable(model: str, exc: Exception) -> None:
         raise sent from exc
 
 
+def tamed(model: str, exc: BaseException) -> RuntimeError:
+    """A model's BaseException that is no Exception (SystemExit, KeyboardInterrupt...) as a
+    RuntimeError naming it. Raised as it is out of an actor method it ends the node's actor,
+    failing every request the node served (and, retried, the next node's); out of a Serve
+    replica's coroutine it stops the replica's event loop."""
+    return RuntimeError(f"model {model!r} raised {type(exc).__module__}.{type(exc).__qualname__}: {exc} (sent as "
+                        "a RuntimeError: raised as it is, it would end the worker that serves the other requests)")
+
+
 def runtime_settings(config: Any) -> dict[str, Any]:
     """The settings of a config's ``[runtime]`` table that each node's runtime takes as they
     are (how the shared pool is shared, its reservations); empty for a sequence of specs. Its
@@ -141,6 +150,8 @@ class NodeRuntime:
         except Exception as e:
             raise_portable(model, e)
             raise
+        except BaseException as e:  # the model's own (the actor's thread is not interrupted)
+            raise tamed(model, e) from None
         finally:
             with self._lock:
                 del self._pending[key]

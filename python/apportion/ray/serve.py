@@ -44,7 +44,7 @@ from ray import serve
 from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
 from ..futures import on_loop
 from ..spec import ModelSpec
-from ._node import ModelCounts, counts, raise_portable, runtime_settings, started_runtime
+from ._node import ModelCounts, counts, raise_portable, runtime_settings, started_runtime, tamed
 from .cluster import CPU_SET_LABEL
 from .plan import Node, plan
 
@@ -77,9 +77,13 @@ class ApportionReplica:
         """One request through a handle: ``handle.infer.remote(model, inputs)``."""
         try:
             return await self.rt.infer(model, inputs, timeout_ms=timeout_ms, priority=priority)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             raise_portable(model, e)
             raise
+        except BaseException as e:  # the model's SystemExit, KeyboardInterrupt...
+            raise tamed(model, e) from None
 
     def models(self) -> list[str]:
         return list(self.rt.models)
@@ -112,8 +116,12 @@ class ApportionReplica:
             return _error_response(e)
         try:
             out = await on_loop(fut, asyncio.get_running_loop(), model)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
             return _error_response(e)
+        except BaseException as e:  # the model's SystemExit, KeyboardInterrupt...: not the replica's
+            return _error_response(tamed(model, e))
         try:
             return JSONResponse({"model": model, "outputs": out})
         except (TypeError, ValueError) as e:  # bytes, an array, NaN: not JSON
