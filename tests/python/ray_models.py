@@ -45,3 +45,12 @@ def echo(ctx: Any) -> Any:
 def where(ctx: Any) -> Any:
     """Returns the CPUs its worker thread may run on and its process id."""
     return lambda x: {"cpus": sorted(os.sched_getaffinity(0)), "pid": os.getpid(), "x": x}
+
+
+def refuses_once_flagged(ctx: Any) -> Any:
+    """Echo, built only while the file named by APPORTION_TEST_REFUSE_FLAG does not exist: a
+    re-placement after the test creates it fails to build."""
+    flag = os.environ.get("APPORTION_TEST_REFUSE_FLAG")
+    if flag and os.path.exists(flag):
+        raise RuntimeError("refusing to build: flagged")
+    return lambda x: x

@@ -349,3 +349,39 @@ def test_a_node_actor_starts_one_thread_per_request_its_runtime_may_hold_within_
     assert actor_threads(specs(a={"max_queue": 100, "instances": 2}, b={"max_queue": 50})) == 153
     assert actor_threads(specs(a={"max_queue": 1})) == 32  # at least 32: admin calls and short bursts
     assert actor_threads(specs(a={}, b={}, c={})) == MAX_ACTOR_THREADS  # three default queues of 1024
+
+
+def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_ray: Any, tmp_path: Path) -> None:
+    # The actor started for the re-placement stayed (reserving the spare's CPUs, and failing
+    # every stats() with an AttributeError), and the plan showed the model on the spare.
+    import os
+
+    from apportion.ray.cluster import CPU_SET_LABEL
+
+    flag = tmp_path / "flag"
+    os.environ["APPORTION_TEST_REFUSE_FLAG"] = str(flag)
+    try:
+        for _ in range(2 - len(local_ray.workers)):  # the node-loss test removed its workers
+            node = local_ray.cluster.add_node(num_cpus=2, labels={CPU_SET_LABEL: "0-1"},
+                                              object_store_memory=80 * 2**20)
+            local_ray.workers[node.node_id] = node
+        local_ray.cluster.wait_for_nodes()
+        wait_for(lambda: cpus_free() == 5.0, "the workers never joined")
+        c = Cluster(specs(m={"factory": "ray_models:refuses_once_flagged", "cores": 2}))
+        try:
+            (victim,) = c.nodes_of("m")
+            spare = next(w for w in local_ray.workers if w != victim)
+            flag.write_text("")
+            local_ray.cluster.remove_node(local_ray.workers.pop(victim), allow_graceful=False)
+            wait_for(lambda: c.check_nodes() == [victim] or victim not in c.nodes_of("m"), "the loss was not seen")
+            assert "re-placing it on node" in c.lost_capacity["m"] and "flagged" in c.lost_capacity["m"]
+            assert c.nodes_of("m") == [] and "m" not in str(c.plan)
+            assert c.stats().nodes == {}  # no actor left to ask
+            wait_for(lambda: cpus_free() == 3.0, "the failed re-placement's actor kept the spare's CPUs")
+            with pytest.raises(ap.WorkerCrashed, match="no node serves it now"):
+                c.submit("m", 1)
+        finally:
+            c.close()
+        assert spare in local_ray.workers
+    finally:
+        os.environ.pop("APPORTION_TEST_REFUSE_FLAG", None)

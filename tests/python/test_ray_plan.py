@@ -186,3 +186,9 @@ def test_replace_lost_reports_what_cannot_move() -> None:
 def test_importing_apportion_imports_no_ray() -> None:
     code = "import sys, apportion, apportion.ray; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_replace_lost_with_no_node_left_says_so() -> None:
+    # The sentence was cut off: "0 of 1 replicas left; no node has ".
+    r = replace_lost(plan([spec("x", 1)], [Node("a", 2)]), "a")
+    assert r.moved == {} and r.lost_capacity["x"].endswith("no node is left in the cluster")

@@ -31,6 +31,7 @@ with WorkerCrashed saying so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import threading
@@ -477,9 +478,11 @@ class Cluster:
                 for r in n.replicas:
                     if replan.moved.get(r.model) == n.node.name:
                         by_node.setdefault(n.node.name, []).append(r.spec)
+            failed: dict[str, set[str]] = {}
             for target, specs in by_node.items():
+                started = target not in self._actors
                 try:
-                    if target in self._actors:
+                    if not started:
                         ray.get(self._actors[target].add.remote(specs), timeout=self._start_timeout_s)
                         self._route(target, specs)
                     else:
@@ -487,7 +490,17 @@ class Cluster:
                 except Exception as e:  # noqa: BLE001 - recorded: the rest keeps serving
                     for s in specs:
                         self.lost_capacity[s.name] = f"re-placing it on node {target} failed: {e}"
-            self._plan = replan.plan
+                    failed[target] = {s.name for s in specs}
+                    if started:
+                        # The actor started for them serves nothing: it goes, and the node's
+                        # CPUs with it (it reserved them all, and every stats() asked it).
+                        actor = self._actors.pop(target, None)
+                        if actor is not None:
+                            ray.kill(actor)
+            # The plan shows what serves: not the replicas whose re-placement failed.
+            self._plan = dataclasses.replace(replan.plan, nodes=tuple(
+                dataclasses.replace(n, replicas=tuple(r for r in n.replicas if r.model not in failed.get(n.node.name, ())))
+                for n in replan.plan.nodes))
 
     def check_nodes(self) -> list[str]:
         """Looks for nodes that left the Ray cluster and handles each like a request that saw

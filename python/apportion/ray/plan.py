@@ -404,10 +404,12 @@ def _best_node(w: _Want, nodes: Sequence[Node], free: Sequence[int], holders: se
 def _why_not(w: _Want, nodes: Sequence[Node], free: Sequence[int], holders: set[int]) -> str:
     eligible = [i for i, n in enumerate(nodes) if _eligible(w, n)]
     if not eligible:
+        if not nodes:
+            return "no node is left in the cluster"
         need = [f"GPU {w.gpu}"] if w.gpu is not None else []
         need += [f"NUMA node {w.spec.numa}"] if isinstance(w.spec.numa, int) else []
         need += [f"label {k}={v}" for k, v in w.labels.items()]
-        return f"no node has {' and '.join(need)}"
+        return f"no node has {' and '.join(need)}" if need else "no node can hold it"
     open_ = [i for i in eligible if i not in holders]
     if not open_:
         return (f"every node it may use ({len(eligible)}) already holds one of its replicas; add nodes or "
