@@ -98,6 +98,18 @@ def test_a_replica_of_gpu_and_numa_models_plans_and_reserves_its_gpus() -> None:
     assert deployment([pinned], num_gpus=1)._bound_deployment.ray_actor_options["num_gpus"] == 1.0
 
 
+def test_a_replica_no_node_can_hold_is_refused_before_serve_run(app: App) -> None:
+    # serve.run waited for ever, the deployment "taking more than 30s to be scheduled".
+    wide = ap.ModelSpec("w", factory="ray_models:echo", cores=3, isolation="exclusive")
+    with pytest.raises(ap.PlacementError, match=r"deployment 'wide': a replica reserves 3 CPUs; no node of the "
+                                                r"connected Ray cluster has them \(the largest: 2 CPUs, 0 GPUs\)"):
+        deployment([wide], name="wide")
+    gpu = ap.ModelSpec("g", factory="ray_models:echo", gpu=ap.GPU(device=0))
+    with pytest.raises(ap.PlacementError, match="reserves 1 CPUs and 1 GPUs"):
+        deployment([gpu], name="gpu")
+    assert deployment([wide], num_cpus=2)._bound_deployment.ray_actor_options == {"num_cpus": 2.0}
+
+
 def test_proxy_listens_on_loopback_only(app: App) -> None:
     assert listening(app.port) == {"0100007F"}  # 127.0.0.1
 

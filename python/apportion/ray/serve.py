@@ -41,11 +41,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from ..errors import DeadlineExceeded, ModelNotFound, QueueFull
+from ..errors import DeadlineExceeded, ModelNotFound, PlacementError, QueueFull
 from ..futures import on_loop
 from ..spec import ModelSpec
 from ._node import ModelCounts, counts, raise_portable, runtime_settings, started_runtime, tamed
-from .cluster import CPU_SET_LABEL
+from .cluster import CPU_SET_LABEL, ray_nodes
 from .plan import Node, plan
 
 __all__ = ["ApportionReplica", "deployment"]
@@ -166,6 +166,17 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
     options: dict[str, Any] = {"num_cpus": cpus}
     if num_gpus is not None or gpus:
         options["num_gpus"] = float(gpus if num_gpus is None else num_gpus)
+    if ray.is_initialized():
+        # No node of the connected cluster can hold a replica: serve.run would wait for one
+        # for ever (Serve reports the deployment as still scheduling).
+        nodes = ray_nodes(cpu_set_label)
+        need_gpus = options.get("num_gpus", 0.0)
+        if nodes and not any(n.cpus >= cpus and n.gpus >= need_gpus for n in nodes):
+            largest = max(nodes, key=lambda n: (n.cpus, n.gpus))
+            raise PlacementError(f"deployment {name!r}: a replica reserves {cpus:g} CPUs"
+                                 + (f" and {need_gpus:g} GPUs" if need_gpus else "")
+                                 + f"; no node of the connected Ray cluster has them (the largest: {largest.cpus} "
+                                 f"CPUs, {largest.gpus} GPUs): serve.run would wait for such a node for ever")
     return ApportionReplica.options(  # type: ignore[attr-defined]
         name=name, num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options=options,
