@@ -54,3 +54,9 @@ def refuses_once_flagged(ctx: Any) -> Any:
     if flag and os.path.exists(flag):
         raise RuntimeError("refusing to build: flagged")
     return lambda x: x
+
+
+def never_builds(ctx: Any) -> Any:
+    """A factory that does not return (for a minute)."""
+    time.sleep(60)
+    return lambda x: x

@@ -380,8 +380,19 @@ def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_r
             wait_for(lambda: cpus_free() == 3.0, "the failed re-placement's actor kept the spare's CPUs")
             with pytest.raises(ap.WorkerCrashed, match="no node serves it now"):
                 c.submit("m", 1)
+            with pytest.raises(ValueError, match="drain_timeout_s must be a finite number >= 0"):
+                c.close(drain_timeout_s=-1)
         finally:
             c.close()
         assert spare in local_ray.workers
     finally:
         os.environ.pop("APPORTION_TEST_REFUSE_FLAG", None)
+
+
+def test_a_factory_that_never_returns_fails_the_cluster_within_its_start_timeout(local_ray: Any) -> None:
+    # The failed start then waited 30 s more for a close call the building actor could not take.
+    wait_for(lambda: cpus_free() >= 2.0, "no worker's CPUs are free")
+    started = time.monotonic()
+    with pytest.raises(ap.PlacementError, match="was not running within 3 s"):
+        Cluster(specs(slow={"factory": "ray_models:never_builds"}), start_timeout_s=3)
+    assert time.monotonic() - started < 3 + 15

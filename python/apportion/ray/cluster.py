@@ -43,6 +43,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .._private.checks import finite_number
 from ..errors import ModelNotFound, PlacementError, RuntimeClosed, WorkerCrashed
 from ..spec import ModelSpec
 from ..tune.cost import CostModel
@@ -263,7 +264,9 @@ class Cluster:
         try:
             self._start([(n.node, n.specs()) for n in self._plan.used])
         except BaseException:
-            self.close()
+            # Nothing was admitted yet: no drain to wait for (an actor still building its models
+            # cannot take the close call, and waited 30 s more before it was killed).
+            self.close(drain_timeout_s=0.0)
             raise
 
     def _init_local(self) -> None:
@@ -319,16 +322,20 @@ class Cluster:
                     r.nodes.append(node)
                 r.instances[node] = s.instances
 
-    def close(self) -> None:
-        """Stops every node's runtime (queued requests are finished) and its actor. Idempotent."""
+    def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stops every node's runtime (queued requests are finished, for at most
+        ``drain_timeout_s`` per node: those still unfinished then fail with WorkerCrashed) and
+        its actor. Idempotent."""
         if self._closed:
             return
+        if not (finite_number(drain_timeout_s) and drain_timeout_s >= 0):
+            raise ValueError(f"Cluster.close: drain_timeout_s must be a finite number >= 0, got {drain_timeout_s!r}")
         self._closed = True
         actors = list(self._actors.values())
         closing = [a.close.remote() for a in actors]
         for a, done in zip(actors, closing):
             try:
-                ray.get(done, timeout=30)
+                ray.get(done, timeout=drain_timeout_s)
             except Exception:  # noqa: BLE001 - a node already gone has nothing to close
                 pass
             ray.kill(a)
