@@ -552,7 +552,17 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
 
     cfg = Config.load(args.config)
     sigs = signatures(cfg)
-    rt = cfg.runtime(topology_root=args.root, start=True)
+    try:
+        # A signal while the models build and warm up: it takes effect once the runtime's start
+        # returns (the engine's wait cannot be interrupted), and ends the process as the
+        # signal asks, with a line instead of an abrupt exit (SIGTERM) or a traceback (Ctrl-C).
+        with _sigterm_stops():
+            rt = cfg.runtime(topology_root=args.root, start=True)
+    except KeyboardInterrupt as e:
+        sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
+        print(f"apportion serve: stopped by {signal.Signals(sig).name} while its models started", file=sys.stderr,
+              flush=True)
+        return 128 + sig
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
                         grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop,

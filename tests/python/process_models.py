@@ -268,3 +268,15 @@ def hangs_on_negative(ctx: Any) -> Any:
         return x
 
     return serve
+
+
+def slow_to_build(ctx: Any) -> Any:
+    """Echo, built in 2 s; creates the file APPORTION_TEST_BUILDING names (if set) as it begins."""
+    import os
+    import time
+
+    mark = os.environ.get("APPORTION_TEST_BUILDING")
+    if mark:
+        open(mark, "w").close()
+    time.sleep(2.0)
+    return lambda x: x

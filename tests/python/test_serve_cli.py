@@ -272,3 +272,29 @@ def test_a_call_that_never_returns_does_not_hold_the_exit(tmp_path: Path, second
     assert took < 1 + 2 + 5, took  # the drain timeout, the close's grace, a slow machine
     assert "model calls still running 2 s after the drain; exiting without them" in err, err
     assert code == (1 if second is None else 128 + second), (code, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_models_start_ends_the_process_with_a_line(tmp_path: Path, sig: signal.Signals) -> None:
+    # SIGTERM killed the process at once with no word (exit -15); Ctrl-C waited for the start,
+    # then printed a KeyboardInterrupt traceback (exit -2 / 1).
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text(HANGS.replace("hangs_on_negative", "slow_to_build").replace("instances = 2", "instances = 1"))
+    building = tmp_path / "building"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]), APPORTION_TEST_BUILDING=str(building))
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0", "--grpc-port",
+                             "-1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not building.exists():  # the model builds (for 2 s) from here
+            assert time.monotonic() < deadline and proc.poll() is None, "the model never began to build"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert f"apportion serve: stopped by {sig.name} while its models started" in err and "Traceback" not in err, err
+    assert "v2 HTTP on" not in out
