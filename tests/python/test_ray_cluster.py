@@ -351,22 +351,27 @@ def test_a_node_actor_starts_one_thread_per_request_its_runtime_may_hold_within_
     assert actor_threads(specs(a={}, b={}, c={})) == MAX_ACTOR_THREADS  # three default queues of 1024
 
 
+def two_workers(local_ray: Any) -> None:
+    """Adds workers (2 CPUs each) until there are two again (the node-loss tests remove theirs),
+    and waits until every CPU of the cluster is free."""
+    from apportion.ray.cluster import CPU_SET_LABEL
+
+    for _ in range(2 - len(local_ray.workers)):
+        node = local_ray.cluster.add_node(num_cpus=2, labels={CPU_SET_LABEL: "0-1"}, object_store_memory=80 * 2**20)
+        local_ray.workers[node.node_id] = node
+    local_ray.cluster.wait_for_nodes()
+    wait_for(lambda: cpus_free() == 5.0, "the workers never joined, or a cluster kept their CPUs")
+
+
 def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_ray: Any, tmp_path: Path) -> None:
     # The actor started for the re-placement stayed (reserving the spare's CPUs, and failing
     # every stats() with an AttributeError), and the plan showed the model on the spare.
     import os
 
-    from apportion.ray.cluster import CPU_SET_LABEL
-
     flag = tmp_path / "flag"
     os.environ["APPORTION_TEST_REFUSE_FLAG"] = str(flag)
     try:
-        for _ in range(2 - len(local_ray.workers)):  # the node-loss test removed its workers
-            node = local_ray.cluster.add_node(num_cpus=2, labels={CPU_SET_LABEL: "0-1"},
-                                              object_store_memory=80 * 2**20)
-            local_ray.workers[node.node_id] = node
-        local_ray.cluster.wait_for_nodes()
-        wait_for(lambda: cpus_free() == 5.0, "the workers never joined")
+        two_workers(local_ray)
         c = Cluster(specs(m={"factory": "ray_models:refuses_once_flagged", "cores": 2}))
         try:
             (victim,) = c.nodes_of("m")
@@ -391,8 +396,24 @@ def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_r
 
 def test_a_factory_that_never_returns_fails_the_cluster_within_its_start_timeout(local_ray: Any) -> None:
     # The failed start then waited 30 s more for a close call the building actor could not take.
-    wait_for(lambda: cpus_free() >= 2.0, "no worker's CPUs are free")
+    two_workers(local_ray)
     started = time.monotonic()
     with pytest.raises(ap.PlacementError, match="was not running within 3 s"):
         Cluster(specs(slow={"factory": "ray_models:never_builds"}), start_timeout_s=3)
     assert time.monotonic() - started < 3 + 15
+
+
+def test_a_node_actor_that_dies_on_a_live_node_is_not_said_to_have_left_the_cluster_alone(local_ray: Any) -> None:
+    # The node was still in the Ray cluster: "node X left the cluster" sent readers to Ray's
+    # node list, which showed it alive.
+    two_workers(local_ray)
+    c = Cluster(specs(k={}))
+    try:
+        (node,) = c.nodes_of("k")
+        running = c.submit("k", {"sleep": 2.0})
+        wait_running(c, "k")
+        ray.kill(c._actors[node])
+        with pytest.raises(ap.WorkerCrashed, match=f"node {node} left the cluster or its apportion actor died"):
+            running.result(60)
+    finally:
+        c.close()

@@ -203,8 +203,8 @@ class ClusterFuture:
             self.node, self.ref, self._key, self._retried = node, ref, key, True
             return None
         self._cluster._count("crashed")
-        crash = WorkerCrashed(f"model {self._model!r}: node {lost} left the cluster while serving this "
-                              f"request ({type(err).__name__}); it may or may not have run")
+        crash = WorkerCrashed(f"model {self._model!r}: node {lost} left the cluster or its apportion actor died "
+                              f"while serving this request ({type(err).__name__}); it may or may not have run")
         crash.__cause__ = err
         return (False, crash)
 
