@@ -194,9 +194,9 @@ def test_signatures_round_trip_through_toml() -> None:
     assert signatures(again)["double"] == signatures(cfg)["double"]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "256.1.1.1"])
-def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host: str) -> None:
-    # Was a traceback ending in OSError "Address already in use" / socket.gaierror, exit 1.
+def serve_beside_a_held_port(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """`apportion serve CONFIG ARGS...` (each "{port}" in ARGS replaced) while another socket
+    listens on 127.0.0.1:port: its result, and the port."""
     cfg = tmp_path / "serve.toml"
     cfg.write_text(CONFIG)
     with socket.socket() as held:
@@ -204,9 +204,16 @@ def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host:
         held.listen()
         port = held.getsockname()[1]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
-        done = subprocess.run([sys.executable, "-m", "apportion", "serve", str(cfg), "--host", host,
-                               "--http-port", str(port), "--grpc-port", "-1"],
+        done = subprocess.run([sys.executable, "-m", "apportion", "serve", str(cfg),
+                               *(a.replace("{port}", str(port)) for a in args)],
                               capture_output=True, text=True, env=env, timeout=120)
+    return done, port
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "256.1.1.1"])
+def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host: str) -> None:
+    # Was a traceback ending in OSError "Address already in use" / socket.gaierror, exit 1.
+    done, port = serve_beside_a_held_port(tmp_path, "--host", host, "--http-port", "{port}", "--grpc-port", "-1")
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     line = done.stderr.strip()
@@ -218,15 +225,7 @@ def test_an_address_it_cannot_serve_on_is_a_one_line_error(tmp_path: Path, host:
 def test_a_grpc_port_in_use_is_the_same_one_line_error(tmp_path: Path) -> None:
     # grpcio raised its own RuntimeError ("Failed to bind to address"): a traceback-like line
     # that named neither the host nor the flags.
-    cfg = tmp_path / "serve.toml"
-    cfg.write_text(CONFIG)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
-        done = subprocess.run([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0",
-                               "--grpc-port", str(port)], capture_output=True, text=True, env=env, timeout=120)
+    done, port = serve_beside_a_held_port(tmp_path, "--http-port", "0", "--grpc-port", "{port}")
     assert done.returncode == 1, done.stderr
     lines = [x for x in done.stderr.splitlines() if x.startswith("apportion serve")]
     assert lines and lines[-1].startswith(f"apportion serve: error: cannot serve on --host 127.0.0.1 (--http-port 0, "

@@ -799,11 +799,23 @@ def test_signature_with_one_spec_each() -> None:
 
 
 # -- lifecycle, from an adversarial review -----------------------------------------------------------
-def _gated_server(gate: Any, **options: Any) -> tuple[ap.Runtime, Server]:
+@contextlib.contextmanager
+def gated_server(**options: Any) -> Iterator[tuple[Any, Server]]:
+    """A started Server (HTTP only unless ``options`` say) over one "echo" model that is a
+    serve_models.Gate: yields the gate and the server; releases, stops and closes after."""
+    from serve_models import Gate
+
+    gate = Gate()
     rt = ap.Runtime()
     rt.add_model("echo", model=gate)
     rt.start()
-    return rt, Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, **options).start()
+    server = Server(rt, {"echo": signatures()["echo"]}, **{"http_port": 0, "grpc_port": None, **options}).start()
+    try:
+        yield gate, server
+    finally:
+        gate.release.set()
+        server.stop()
+        rt.close()
 
 
 def _post(port: int, x: float) -> httpx.Response:
@@ -813,76 +825,48 @@ def _post(port: int, x: float) -> httpx.Response:
 
 def test_stop_without_drain_answers_the_running_requests_503() -> None:
     # The embedded server's loop closed with their tasks: the clients got no answer at all.
-    from serve_models import Gate
-
-    gate = Gate()
-    rt, server = _gated_server(gate)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(_post, server.http_port, 1.0)
-            assert gate.entered.wait(30)
-            server.stop(drain=False)
-            r = running.result(30)
+    with gated_server() as (gate, server), ThreadPoolExecutor(2) as pool:
+        running = pool.submit(_post, server.http_port, 1.0)
+        assert gate.entered.wait(30)
+        server.stop(drain=False)
+        r = running.result(30)
         assert r.status_code == 503 and "the server stopped before this request completed" in r.json()["error"]
-    finally:
-        gate.release.set()
-        server.stop()
-        rt.close()
 
 
 def test_answers_during_a_drain_close_their_connection() -> None:
     # Without Connection: close, a client reused the connection for its next request and raced
     # the server closing it: no answer at all instead of 503.
-    from serve_models import Gate
-
-    gate = Gate()
-    rt, server = _gated_server(gate, drain_timeout_s=30)
-    try:
-        with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=30) as client:
-            url = f"http://127.0.0.1:{server.http_port}/v2/models/echo/infer"
-            assert client.get(f"http://127.0.0.1:{server.http_port}/v2/health/live").status_code == 200
-            assert "close" not in client.get(f"http://127.0.0.1:{server.http_port}/v2/health/live").headers.get(
-                "connection", "")
-            running = pool.submit(_post, server.http_port, 1.0)
-            assert gate.entered.wait(30)
-            stopping = pool.submit(server.stop)
-            while not server.frontend.draining:
-                time.sleep(0.005)
-            r = client.post(url, json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]})
-            assert r.status_code == 503 and r.headers["connection"] == "close"
-            gate.release.set()
-            assert running.result(30).status_code == 200
-            stopping.result(30)
-    finally:
+    with gated_server(drain_timeout_s=30) as (gate, server), ThreadPoolExecutor(2) as pool, \
+            httpx.Client(timeout=30) as client:
+        url = f"http://127.0.0.1:{server.http_port}/v2/models/echo/infer"
+        assert client.get(f"http://127.0.0.1:{server.http_port}/v2/health/live").status_code == 200
+        assert "close" not in client.get(f"http://127.0.0.1:{server.http_port}/v2/health/live").headers.get(
+            "connection", "")
+        running = pool.submit(_post, server.http_port, 1.0)
+        assert gate.entered.wait(30)
+        stopping = pool.submit(server.stop)
+        while not server.frontend.draining:
+            time.sleep(0.005)
+        r = client.post(url, json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]})
+        assert r.status_code == 503 and r.headers["connection"] == "close"
         gate.release.set()
-        server.stop()
-        rt.close()
+        assert running.result(30).status_code == 200
+        stopping.result(30)
 
 
 def test_a_drain_ends_within_its_timeout_whatever_is_still_running() -> None:
     # The admitted requests' wait, gRPC's fixed grace and uvicorn's own graceful shutdown each
     # took up to the timeout in turn: ~2x drain_timeout_s + 1 s.
-    from serve_models import Gate
-
-    gate = Gate()
-    rt = ap.Runtime()
-    rt.add_model("echo", model=gate)
-    rt.start()
-    server = Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=0, drain_timeout_s=1.0).start()
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(_post, server.http_port, float(k)) for k in range(3)]
-            assert gate.entered.wait(30)
-            started = time.monotonic()
-            server.stop()
-            took = time.monotonic() - started
-            gate.release.set()
-            codes = sorted(f.result(30).status_code for f in running)
+    with gated_server(grpc_port=0, drain_timeout_s=1.0) as (gate, server), ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(_post, server.http_port, float(k)) for k in range(3)]
+        assert gate.entered.wait(30)
+        started = time.monotonic()
+        server.stop()
+        took = time.monotonic() - started
+        gate.release.set()
+        codes = sorted(f.result(30).status_code for f in running)
         assert took < 1.0 + 1.0, took  # the timeout, and a slow machine's margin
         assert server.drained is False and codes == [503, 503, 503]
-    finally:
-        gate.release.set()
-        rt.close()
 
 
 def test_requests_of_a_model_that_failed_to_start_are_not_said_to_have_lost_their_client() -> None:
