@@ -4,7 +4,6 @@ submission and the error kinds each front maps to its own status codes."""
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -91,22 +90,19 @@ class _Pending:
         self.timer: asyncio.TimerHandle | None = None
 
 
-def _watch(into: list[asyncio.Task[None]], fut: Any, gone: Callable[[], Awaitable[Any]],
+def _watch(into: list[asyncio.Task[bool]], fut: Any, gone: Callable[[], Awaitable[Any]],
            settled: asyncio.Future[None]) -> None:
     if not settled.done():
         into.append(asyncio.get_running_loop().create_task(_cancel_when_gone(fut, gone)))
 
 
-async def _cancel_when_gone(fut: Any, gone: Callable[[], Awaitable[Any]]) -> None:
+async def _cancel_when_gone(fut: Any, gone: Callable[[], Awaitable[Any]]) -> bool:
+    """Cancels ``fut`` once its HTTP client went away; True when it did."""
     msg = await gone()
-    if msg.get("type") == "http.disconnect":
-        fut.cancel()  # still queued: never run; running: it finishes, and nobody reads the answer
-        _LEFT.add(fut)
-
-
-_LEFT: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Requests cancelled because their HTTP client went away (the others were cancelled by the
-runtime: their model was removed or failed to start)."""
+    if msg.get("type") != "http.disconnect":
+        return False
+    fut.cancel()  # still queued: never run; running: it finishes, and nobody reads the answer
+    return True
 
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -231,7 +227,7 @@ class Frontend:
 
             fut.add_done_callback(wake)
             # Most requests are answered before the watch would start: an alarm each, no task.
-            watching: list[asyncio.Task[None]] = []
+            watching: list[asyncio.Task[bool]] = []
             if gone is not None:
                 self.watch_alarms.set(settled, _watch, watching, fut, gone, settled)
             try:
@@ -245,7 +241,9 @@ class Frontend:
                     for watcher in watching:
                         watcher.cancel()
             if fut.cancelled():
-                if fut in _LEFT:  # the watch above: nobody reads this answer
+                # The watch's own cancel (its client went away: nobody reads this answer), or
+                # the runtime's.
+                if any(w.done() and not w.cancelled() and w.result() for w in watching):
                     raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled: its client went away")
                 raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled before it ran (the model "
                                               "was removed or failed to start, or the runtime closed)")
