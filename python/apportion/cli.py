@@ -62,6 +62,26 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+class RequestsFailed(ApportionError):
+    """``apportion bench`` sent requests that failed (the model raised, a connection broke, a
+    client timeout): the report is printed, and the command exits 1 naming each such model, its
+    count and its errors by kind, so a script does not take a broken run for a measurement.
+    Rejections and expiries alone are outcomes of the load, not failures."""
+
+
+def _failures(report: ld.LoadReport) -> None:
+    """Raises RequestsFailed when any model of ``report`` had failed requests."""
+    lines = []
+    for name, m in report.items():
+        t = m.totals  # the whole run, warm-up included: a failure anywhere spoils the measurement
+        if t.failed:
+            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(t.errors.items(), key=lambda kv: -kv[1]))
+            lines.append(f"model {name!r}: {t.failed} of {t.submitted} requests failed (not completed, by kind: "
+                         f"{kinds})")
+    if lines:
+        raise RequestsFailed("; ".join(lines))
+
+
 class InputsFailed(ConfigError):
     """A load's inputs callable raised while the load ran (the message names the model's
     inputs key and the error; ``__cause__`` is the error itself). Exit status 1."""
@@ -381,6 +401,7 @@ def _bench_run(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         rt.close(drain=False)
     _print_report(report, args.json, out)
+    _failures(report)
     return EXIT_OK
 
 
@@ -448,6 +469,7 @@ def _bench_remote(args: argparse.Namespace, specs: Sequence[ld.ModelLoad], out: 
     finally:
         target.close()
     _print_report(report, args.json, out)
+    _failures(report)
     return EXIT_OK
 
 

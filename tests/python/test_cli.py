@@ -452,6 +452,22 @@ def test_an_inputs_callable_that_raises_is_an_error_naming_its_key(tmp_path: Pat
     assert code == 1 and "<command line>: --inputs: model 'fast': its inputs raised ValueError" in err, err
 
 
+def test_bench_whose_requests_failed_prints_the_report_and_exits_1_naming_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It exited 0 with every request failed: a script read a broken run as a measurement.
+    (tmp_path / "raising_model_cli.py").write_text(
+        'def make(ctx):\n    def serve(x):\n        raise ValueError("no answer here")\n    return serve\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run("bench", "--model", "bad:concurrency=1", "--factory", "bad=raising_model_cli:make",
+                         "--model", "fast:concurrency=1", "--factory", "fast=apportion.examples.sleepers:fast",
+                         "--warmup-s", "0.1", "--window-s", "0.1", "--max-s", "0.5", "--json")
+    doc = json.loads(out)  # the report comes first, whole
+    assert doc["models"]["bad"]["failed"] > 0 and doc["models"]["fast"]["completed"] > 0
+    assert code == 1, err
+    assert err.startswith("apportion bench: error: model 'bad': ") and "requests failed" in err, err
+    assert "ValueError x" in err and "'fast'" not in err, err
+
+
 def test_bench_config_and_model_specs(tmp_path: Path) -> None:
     path = config(tmp_path, SLEEPERS)
     code, out, err = run("bench", path, "--warmup-s", "0.1", "--window-s", "0.2", "--max-s", "1", "--json")
