@@ -60,3 +60,15 @@ def never_builds(ctx: Any) -> Any:
     """A factory that does not return (for a minute)."""
     time.sleep(60)
     return lambda x: x
+
+
+def builds_slowly_flagged(ctx: Any) -> Any:
+    """Echo (as :func:`echo`), whose build takes 8 s while a file named
+    ``apportion-test-slow-<model>`` exists in the system's temporary directory: a re-placement
+    after the test creates it is slow. (By model name: an environment variable set by the test
+    does not reach the worker processes of nodes started before it.)"""
+    import tempfile
+
+    if os.path.exists(os.path.join(tempfile.gettempdir(), f"apportion-test-slow-{ctx.model}")):
+        time.sleep(8.0)
+    return echo(ctx)

@@ -292,6 +292,7 @@ def test_node_loss_under_load_exactly_once(local_ray: Any, basic: Cluster) -> No
             except ap.ModelNotFound:  # noticed by another request meanwhile
                 break
             time.sleep(0.05)
+        c.check_nodes()  # returns once the spare's re-placement (begun by that request) is over
         assert "0 of 1 replicas left" in c.lost_capacity["once"]
         with pytest.raises(ap.WorkerCrashed, match=r"'once': no node serves it now \(0 of 1 replicas left"):
             c.submit("once", 1)
@@ -417,3 +418,55 @@ def test_a_node_actor_that_dies_on_a_live_node_is_not_said_to_have_left_the_clus
             running.result(60)
     finally:
         c.close()
+
+
+def test_a_request_whose_node_left_keeps_its_timeout_while_its_model_is_re_placed(local_ray: Any) -> None:
+    # result(timeout) re-placed the lost node's models itself (starting an actor and building
+    # them: up to start_timeout_s) before it looked at its timeout again, and a second caller
+    # waited for the first one's re-placement as long.
+    import tempfile
+    import uuid
+
+    name = f"m{uuid.uuid4().hex[:8]}"
+    flag = Path(tempfile.gettempdir()) / f"apportion-test-slow-{name}"
+    try:
+        two_workers(local_ray)
+        c = Cluster([ap.ModelSpec(name, factory="ray_models:builds_slowly_flagged", cores=2, isolation="exclusive")],
+                    idempotent=[name])
+        try:
+            (victim,) = c.nodes_of(name)
+            spare = next(w for w in local_ray.workers if w != victim)
+            first = c.submit(name, {"sleep": 2.0, "i": 1})
+            second = c.submit(name, {"sleep": 2.0, "i": 2})
+            wait_running(c, name)
+            flag.write_text("")  # the re-placement's build takes 8 s
+            ray.kill(c._actors[victim])
+            wait_for(lambda: len(ray.wait([first.ref, second.ref], num_returns=2, timeout=0)[0]) == 2,
+                     "the killed actor's requests never failed")
+            took: dict[str, float] = {}
+
+            def wait_second() -> None:
+                t0 = time.monotonic()
+                with pytest.raises(TimeoutError, match=f"'{name}': no result within 1.0 s .*being re-placed"):
+                    second.result(timeout=1.0)
+                took["second"] = time.monotonic() - t0
+
+            t = threading.Thread(target=wait_second)
+            t0 = time.monotonic()
+            t.start()
+            with pytest.raises(TimeoutError, match=f"'{name}': no result within 1.0 s"):
+                first.result(timeout=1.0)
+            took["first"] = time.monotonic() - t0
+            t.join(30)
+            assert took["first"] < 1.0 + 3.0 and took["second"] < 1.0 + 3.0, took
+            with pytest.raises(ap.WorkerCrashed, match=f"'{name}': no node serves it now .*a re-placement is under way"):
+                c.submit(name, 0)
+            # Sent again once the model serves on the spare, and answered there, once each.
+            assert first.result(60) == {"sleep": 2.0, "i": 1} and second.result(60) == {"sleep": 2.0, "i": 2}
+            assert first.node == spare == second.node and c.nodes_of(name) == [spare]
+            s = c.stats()
+            assert s.retried == 2 and s.crashed == 0 and s.total[name].completed == 2
+        finally:
+            c.close()
+    finally:
+        flag.unlink(missing_ok=True)

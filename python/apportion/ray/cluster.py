@@ -22,9 +22,10 @@ queue for the actor, where no deadline or queue bound of the runtime applies yet
 When a node leaves (its actor dies), each of its requests in flight completes with
 :class:`apportion.WorkerCrashed` naming the node and the model, or, for a model listed in
 ``idempotent=``, is sent once more to another node holding the model. The cluster then re-places
-the node's replicas on the survivors (:func:`apportion.ray.replace_lost`): a replica moves to the
-survivor with room (its actor adds the model while serving the rest), or the model is recorded
-in :attr:`Cluster.lost_capacity` with the reason. A model left with no node fails its requests
+the node's replicas on the survivors (:func:`apportion.ray.replace_lost`), in a thread of its own
+so that no caller waits for it beyond its own timeout: a replica moves to the survivor with room
+(its actor adds the model while serving the rest), or the model is recorded in
+:attr:`Cluster.lost_capacity` with the reason. A model left with no node fails its requests
 with WorkerCrashed saying so.
 """
 
@@ -35,6 +36,7 @@ import dataclasses
 import itertools
 import random
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,17 +163,18 @@ class ClusterFuture:
         return None if ok else value
 
     def _settle(self, timeout: float | None) -> tuple[bool, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._outcome is None:
                 try:
-                    value = ray.get(self.ref, timeout=timeout)
+                    value = ray.get(self.ref, timeout=_left(deadline))
                     self._outcome = (True, value)
                 except GetTimeoutError:
                     raise TimeoutError(f"model {self._model!r}: no result within {timeout} s") from None
                 except RayTaskError as e:
                     self._outcome = (False, _cause(e))
                 except RayActorError as e:
-                    self._outcome = self._node_left(e)
+                    self._outcome = self._node_left(e, deadline, timeout)
             return self._outcome
 
     def __await__(self) -> Any:
@@ -189,16 +192,29 @@ class ClusterFuture:
                 self._outcome = outcome
         return _unwrap(self._outcome)
 
-    def _node_left(self, err: BaseException) -> tuple[bool, Any] | None:
-        """A None outcome: sent again (``ref`` and ``node`` now name the new attempt)."""
+    def _node_left(self, err: BaseException, deadline: float | None = None,
+                   timeout: float | None = None) -> tuple[bool, Any] | None:
+        """A None outcome: sent again (``ref`` and ``node`` now name the new attempt). The lost
+        node's replicas are re-placed in the background; a retry that finds no other node waits
+        for that until ``deadline`` (TimeoutError then: the next wait takes it up again)."""
         lost = self.node
-        self._cluster._lost(lost)
+        replaced = self._cluster._lost(lost)
         if not self._retried and self._model in self._cluster._idempotent:
-            try:
-                node, ref, key = self._cluster._send(self._model, self._args, exclude=(lost,))
-            except BaseException as e:  # noqa: BLE001 - the retry's own failure is the outcome
-                self._cluster._count("crashed")
-                return (False, e)
+            while True:
+                try:
+                    node, ref, key = self._cluster._send(self._model, self._args, exclude=(lost,))
+                    break
+                except WorkerCrashed as e:  # no node serves it now: the re-placement may bring one
+                    if replaced is None or replaced.is_set():
+                        self._cluster._count("crashed")
+                        return (False, e)
+                    if not replaced.wait(_left(deadline)):
+                        raise TimeoutError(f"model {self._model!r}: no result within {timeout} s (node {lost} "
+                                           f"left; the model is being re-placed, and the request will be sent "
+                                           f"again then)") from None
+                except BaseException as e:  # noqa: BLE001 - the retry's own failure is the outcome
+                    self._cluster._count("crashed")
+                    return (False, e)
             self._cluster._count("retried")
             self.node, self.ref, self._key, self._retried = node, ref, key, True
             return None
@@ -207,6 +223,11 @@ class ClusterFuture:
                               f"while serving this request ({type(err).__name__}); it may or may not have run")
         crash.__cause__ = err
         return (False, crash)
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a time.monotonic() value; None: no deadline), 0 at least."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _cause(e: RayTaskError) -> BaseException:
@@ -258,7 +279,8 @@ class Cluster:
         self._routes: dict[str, _Route] = {}
         self._lost_nodes: set[str] = set()
         self.lost_capacity: dict[str, str] = {}
-        """Models that lost replicas no survivor had room for: model -> what is left and why."""
+        """Models that lost replicas no survivor had room for: model -> what is left and why
+        (updated by the re-placement after a node loss; :meth:`check_nodes` waits for it)."""
         self._closed = False
         self._init_local()
         try:
@@ -278,6 +300,9 @@ class Cluster:
         # Request keys (for cancelling on the node): a random start per process, so routers in
         # different processes do not share keys.
         self._keys = itertools.count(random.SystemRandom().getrandbits(62))
+        # Re-placements after a node loss, by lost node: set once over (see _lost).
+        self._replacing: dict[str, threading.Event] = {}
+        self._replacers: list[threading.Thread] = []
 
     # -- pickling: a Cluster handed to a task or actor routes from there -------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -331,6 +356,7 @@ class Cluster:
         if not (finite_number(drain_timeout_s) and drain_timeout_s >= 0):
             raise ValueError(f"Cluster.close: drain_timeout_s must be a finite number >= 0, got {drain_timeout_s!r}")
         self._closed = True
+        self._replaced()  # an actor a re-placement is starting is closed with the others
         actors = list(self._actors.values())
         closing = [a.close.remote() for a in actors]
         for a, done in zip(actors, closing):
@@ -420,6 +446,8 @@ class Cluster:
             nodes = [n for n in route.nodes if n not in exclude]
             if not nodes:
                 why = self.lost_capacity.get(model, "its nodes left the cluster")
+                if any(not e.is_set() for e in self._replacing.values()):
+                    why += "; a re-placement is under way"
                 raise WorkerCrashed(f"model {model!r}: no node serves it now ({why})")
             if node is None:
                 node = self._choose(nodes, route)
@@ -464,58 +492,89 @@ class Cluster:
             self._counts[what] += 1
 
     # -- node loss ----------------------------------------------------------------------------
-    def _lost(self, node: str) -> None:
-        """Node ``node``'s actor is gone: stop routing to it and re-place its replicas (once)."""
-        with self._admin:
-            if node in self._lost_nodes or self._closed:
-                return
+    def _lost(self, node: str) -> threading.Event | None:
+        """Node ``node``'s actor is gone: stop routing to it at once, and re-place its replicas
+        (once) in a thread of its own, so that no caller waits for actors to start beyond its
+        own timeout. Returns the event set when that re-placement is over (None once closed)."""
+        with self._lock:
+            if self._closed:
+                return None
+            replaced = self._replacing.get(node)
+            if replaced is not None:
+                return replaced
+            replaced = self._replacing[node] = threading.Event()
+            if node in self._lost_nodes:  # lost before this copy was unpickled
+                replaced.set()
+                return replaced
             self._lost_nodes.add(node)
-            with self._lock:
-                for r in self._routes.values():
-                    if node in r.nodes:
-                        r.nodes.remove(node)
-                        r.instances.pop(node, None)
+            for r in self._routes.values():
+                if node in r.nodes:
+                    r.nodes.remove(node)
+                    r.instances.pop(node, None)
             self._actors.pop(node, None)
-            if node not in {n.node.name for n in self._plan.nodes}:
-                return
-            replan = replace_lost(self._plan, node)
-            self.lost_capacity.update(replan.lost_capacity)
-            by_node: dict[str, list[ModelSpec]] = {}
-            for n in replan.plan.nodes:
-                for r in n.replicas:
-                    if replan.moved.get(r.model) == n.node.name:
-                        by_node.setdefault(n.node.name, []).append(r.spec)
-            failed: dict[str, set[str]] = {}
-            for target, specs in by_node.items():
-                started = target not in self._actors
-                try:
-                    if not started:
-                        ray.get(self._actors[target].add.remote(specs), timeout=self._start_timeout_s)
-                        self._route(target, specs)
-                    else:
-                        self._start([(replan.plan.node(target).node, specs)])
-                except Exception as e:  # noqa: BLE001 - recorded: the rest keeps serving
-                    for s in specs:
-                        self.lost_capacity[s.name] = f"re-placing it on node {target} failed: {e}"
-                    failed[target] = {s.name for s in specs}
-                    if started:
-                        # The actor started for them serves nothing: it goes, and the node's
-                        # CPUs with it (it reserved them all, and every stats() asked it).
-                        actor = self._actors.pop(target, None)
-                        if actor is not None:
-                            ray.kill(actor)
-            # The plan shows what serves: not the replicas whose re-placement failed.
-            self._plan = dataclasses.replace(replan.plan, nodes=tuple(
-                dataclasses.replace(n, replicas=tuple(r for r in n.replicas if r.model not in failed.get(n.node.name, ())))
-                for n in replan.plan.nodes))
+            t = threading.Thread(target=self._replace, args=(node, replaced), name="apportion-re-place", daemon=True)
+            self._replacers.append(t)
+        t.start()
+        return replaced
+
+    def _replaced(self) -> None:
+        """Waits until every re-placement under way is over."""
+        with self._lock:
+            pending = list(self._replacers)
+        for t in pending:
+            t.join()
+
+    def _replace(self, node: str, replaced: threading.Event) -> None:
+        try:
+            with self._admin:
+                if not self._closed and node in {n.node.name for n in self._plan.nodes}:
+                    self._replace_locked(node)
+        finally:
+            replaced.set()
+
+    def _replace_locked(self, node: str) -> None:
+        """Re-places lost node ``node``'s replicas on the survivors (``_admin`` held)."""
+        replan = replace_lost(self._plan, node)
+        self.lost_capacity.update(replan.lost_capacity)
+        by_node: dict[str, list[ModelSpec]] = {}
+        for n in replan.plan.nodes:
+            for r in n.replicas:
+                if replan.moved.get(r.model) == n.node.name:
+                    by_node.setdefault(n.node.name, []).append(r.spec)
+        failed: dict[str, set[str]] = {}
+        for target, specs in by_node.items():
+            started = target not in self._actors
+            try:
+                if not started:
+                    ray.get(self._actors[target].add.remote(specs), timeout=self._start_timeout_s)
+                    self._route(target, specs)
+                else:
+                    self._start([(replan.plan.node(target).node, specs)])
+            except Exception as e:  # noqa: BLE001 - recorded: the rest keeps serving
+                for s in specs:
+                    self.lost_capacity[s.name] = f"re-placing it on node {target} failed: {e}"
+                failed[target] = {s.name for s in specs}
+                if started:
+                    # The actor started for them serves nothing: it goes, and the node's
+                    # CPUs with it (it reserved them all, and every stats() asked it).
+                    actor = self._actors.pop(target, None)
+                    if actor is not None:
+                        ray.kill(actor)
+        # The plan shows what serves: not the replicas whose re-placement failed.
+        self._plan = dataclasses.replace(replan.plan, nodes=tuple(
+            dataclasses.replace(n, replicas=tuple(r for r in n.replicas if r.model not in failed.get(n.node.name, ())))
+            for n in replan.plan.nodes))
 
     def check_nodes(self) -> list[str]:
         """Looks for nodes that left the Ray cluster and handles each like a request that saw
-        it leave (re-placement); returns the nodes found gone now."""
+        it leave (re-placement); returns the nodes found gone now, once every re-placement under
+        way (these, or those a request's node loss began) is over: :attr:`plan`,
+        :meth:`nodes_of` and :attr:`lost_capacity` then show its outcome."""
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         gone = [n for n in list(self._actors) if n not in alive]
         for n in gone:
             self._lost(n)
+        self._replaced()
         return gone
 
     # -- observability ------------------------------------------------------------------------
@@ -529,6 +588,7 @@ class Cluster:
                 nodes[n] = ray.get(ref, timeout=60)
             except RayActorError:
                 self._lost(n)
+        self._replaced()
         total: dict[str, ModelCounts] = {}
         for per in nodes.values():
             for m, c in per.items():
