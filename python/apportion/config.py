@@ -45,6 +45,7 @@ import tomli_w
 
 from ._private.checks import real
 from .errors import ApportionError, PlacementError, QuotaError
+from .load.spec import MAX_CONCURRENCY
 from .placement import Quota
 from .spec import TABLE_FIELDS, ModelSpec, import_path
 from .topology import parse_cpulist
@@ -115,7 +116,11 @@ def resolve(ref: str, *, where: str = "<config>", key: str = "factory") -> Calla
     except AttributeError:
         raise ConfigError(where, key, f"module {module!r} has no attribute {attr!r}") from None
     except ValueError as e:
-        raise ConfigError(where, key, f"{ref!r} is not an import path ({e}); give 'package.module:function'") from None
+        if str(e).startswith("invalid format"):  # pkgutil's own word for a malformed path
+            raise ConfigError(where, key, f"{ref!r} is not an import path ({e}); give 'package.module:function'") from None
+        raise ConfigError(where, key, f"importing module {module!r} raised ValueError: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code raised while it was imported
+        raise ConfigError(where, key, f"importing module {module!r} raised {type(e).__name__}: {e}") from None
     if not callable(obj):
         raise ConfigError(where, key, f"{ref!r} is {type(obj).__name__}, not callable")
     return obj  # type: ignore[no-any-return]
@@ -522,8 +527,9 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
         if len(kinds) != 1:
             raise ConfigError(path, f"{key}.load", f"give exactly one of concurrency (closed loop), rate "
                               f"(requests/s) or share (of [workload] rate), got {kinds or 'none'}")
-        if "concurrency" in ld and (not _is_int(ld["concurrency"]) or ld["concurrency"] < 1):
-            raise ConfigError(path, f"{key}.load.concurrency", f"got {ld['concurrency']!r}; give an integer >= 1")
+        if "concurrency" in ld and (not _is_int(ld["concurrency"]) or not 1 <= ld["concurrency"] <= MAX_CONCURRENCY):
+            raise ConfigError(path, f"{key}.load.concurrency", f"got {ld['concurrency']!r}; give an integer in "
+                              f"1..{MAX_CONCURRENCY}")
         if "rate" in ld:
             ld["rate"] = _positive(path, f"{key}.load.rate", ld["rate"], "requests per second")
         if "share" in ld:

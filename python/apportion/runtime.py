@@ -41,8 +41,16 @@ def _imported(model: str, field: str, ref: str) -> Any:
     """The object a spec's "module:function" field names, or a QuotaError naming model and field."""
     try:
         return pkgutil.resolve_name(ref)
-    except (ImportError, AttributeError, ValueError) as e:
+    except ValueError as e:
+        if str(e).startswith("invalid format"):  # pkgutil's own word for a malformed path
+            raise QuotaError(f"{ref!r} cannot be imported: {e}", model=model, field=field) from None
+        raise QuotaError(f"{ref!r} cannot be imported: importing it raised ValueError: {e}",
+                         model=model, field=field) from None
+    except (ImportError, AttributeError) as e:
         raise QuotaError(f"{ref!r} cannot be imported: {e}", model=model, field=field) from None
+    except Exception as e:  # noqa: BLE001 - the module's own code raised while it was imported
+        raise QuotaError(f"{ref!r} cannot be imported: importing it raised {type(e).__name__}: {e}",
+                         model=model, field=field) from None
 
 
 def _warmup_sizes(spec: ModelSpec) -> list[int]:

@@ -101,7 +101,9 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
         ("[models.m]\nslo = { latency_ms = 5, percentile = 0 }\n", "models.m.slo.percentile", "(0, 100]"),
         ("[models.m]\nslo = { latency = 5 }\n", "models.m.slo.latency", "allowed: latency_ms, percentile, timeout_ms"),
         ("[models.m]\nload = { rate = 1, concurrency = 2 }\n", "models.m.load", "exactly one of concurrency"),
-        ("[models.m]\nload = { concurrency = 0 }\n", "models.m.load.concurrency", "integer >= 1"),
+        ("[models.m]\nload = { concurrency = 0 }\n", "models.m.load.concurrency", "integer in 1..65536"),
+        # Beyond the generator's bound it passed here, then failed after the models started.
+        ("[models.m]\nload = { concurrency = 65537 }\n", "models.m.load.concurrency", "integer in 1..65536"),
         ("[models.m]\nload = { rate = -3 }\n", "models.m.load.rate", "requests per second"),
         ("[models.m]\nload = { share = 0.5 }\n", "models.m.load.share", "[workload] rate"),
         ("[workload]\nrate = 10\n[models.m]\nload = { share = 2 }\n", "models.m.load.share", "fraction in (0, 1]"),
@@ -171,13 +173,26 @@ def test_a_config_built_in_code_may_give_a_models_callable() -> None:
         rt.close()
 
 
-def test_factory_resolution_errors_name_the_key(tmp_path: Path) -> None:
+def test_factory_resolution_errors_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, '[models.m]\nfactory = "apportion.demo:no_such_thing"\n')
     with pytest.raises(ConfigError, match=r"models\.m\.factory: module 'apportion.demo' has no attribute"):
         Config.load(path).runtime()
     path = write(tmp_path, '[models.m]\nfactory = "no_such_module_x:f"\n')
     with pytest.raises(ConfigError, match=r"models\.m\.factory: cannot import module 'no_such_module_x'"):
         Config.load(path).runtime()
+    # A module whose own code raises while it is imported was a traceback from deep inside.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for i, (body, want) in enumerate((("def build(ctx)\n  return 1\n", "SyntaxError"), ("1 / 0\n", "ZeroDivisionError"),
+                                      ("raise ValueError('no')\n", "ValueError: no"))):
+        (tmp_path / f"broken_mod_{i}.py").write_text(body)
+        path = write(tmp_path, f'[models.m]\nfactory = "broken_mod_{i}:build"\ninputs = "broken_mod_{i}:make"\n')
+        with pytest.raises(ConfigError, match=rf"models\.m\.factory: importing module 'broken_mod_{i}' raised {want}"):
+            Config.load(path).runtime()
+        with pytest.raises(ConfigError, match=rf"models\.m\.inputs: importing module 'broken_mod_{i}' raised"):
+            Config.load(path).models["m"].resolved_inputs(str(path))
+        with ap.Runtime() as rt, pytest.raises(
+                ap.QuotaError, match=rf"'broken_mod_{i}:build' cannot be imported: importing it raised {want}"):
+            rt.add_model("m", factory=f"broken_mod_{i}:build")
     path = write(tmp_path, "[models.m]\ncores = 1\n")
     with pytest.raises(ConfigError, match=r"models\.m\.factory: missing"):
         Config.load(path).runtime()
