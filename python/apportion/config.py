@@ -175,6 +175,17 @@ class ModelConfig:
             factory = self.resolved_factory(where)
         rt.add(replace(self.spec, factory=factory))
 
+    def unwritable(self) -> str | None:
+        """The key of this model whose callable a config file cannot name (no import path), or
+        None: the factory, the model itself (``ModelSpec(model=...)``), inputs or warm-up."""
+        spec = self.spec
+        if spec.model is not None and spec.factory is None:
+            return "model"
+        for key, v in (("factory", spec.factory), ("warmup", spec.warmup), ("inputs", self.inputs)):
+            if callable(v) and import_path(v) is None:
+                return key
+        return None
+
     def to_table(self) -> dict[str, Any]:
         t = self.spec.to_table()
         ref = self.inputs if isinstance(self.inputs, str) or self.inputs is None else import_path(self.inputs)
@@ -436,15 +447,23 @@ class Config:
         if self.rate is not None:
             doc["workload"] = {"rate": self.rate}
         doc["models"] = {m.name: m.to_table() for m in self.models.values()}
+        for m in self.models.values():
+            unnamed = m.unwritable()
+            if unnamed is not None:
+                raise ConfigError(self.path, f"{model_key(m.name)}.{unnamed}",
+                                  "is a callable built in code with no import path (a lambda, a local function "
+                                  "or one in __main__), which TOML cannot hold; the config cannot be written: "
+                                  "give 'package.module:function' (or define it at a module's top level)")
         for name, table in doc["models"].items():
             for key, value in table.items():
                 bad = _not_toml(value)
                 if bad is not None:
                     hint = (' (give warm-up samples as a "module:function" path that returns them)'
                             if key == "warmup" else "")
+                    what = "this writer does not write" if bad.startswith("value nested") else "TOML cannot hold"
                     raise ConfigError(self.path, f"{model_key(name)}.{key}",
-                                      f"holds a {bad}, which TOML cannot hold; the config cannot be written{hint}")
-        comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+                                      f"holds a {bad}, which {what}; the config cannot be written{hint}")
+        comments = _comment(header)
         return comments + ("\n" if comments else "") + tomli_w.dumps(doc)
 
     def save(self, path: str | Path, header: str = "") -> Path:
@@ -455,21 +474,38 @@ class Config:
 
 # -- validation helpers ---------------------------------------------------------------------------
 
+MAX_WRITE_DEPTH = 100
+"""Arrays and tables nested deeper than this are not written (the TOML writer recurses)."""
+
+
 def _not_toml(v: object) -> str | None:
-    """The type name of the first value in ``v`` that TOML cannot hold (None when it all can)."""
-    stack = [v]
+    """What in ``v`` TOML cannot hold, as a phrase ("a set", "a value nested ..."; None when it
+    all can)."""
+    stack = [(v, 0)]
     while stack:
-        x = stack.pop()
+        x, depth = stack.pop()
+        if depth > MAX_WRITE_DEPTH:
+            return f"value nested deeper than {MAX_WRITE_DEPTH} arrays or tables"
         if isinstance(x, (list, tuple)):
-            stack.extend(x)
+            stack.extend((item, depth + 1) for item in x)
         elif isinstance(x, Mapping):
             for k, item in x.items():
                 if not isinstance(k, str):
                     return f"{type(k).__module__}.{type(k).__qualname__} key".removeprefix("builtins.")
-                stack.append(item)
+                stack.append((item, depth + 1))
         elif not isinstance(x, (str, int, float, bool)):
             return f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")
     return None
+
+
+def _comment(text: str) -> str:
+    """``text`` as TOML comment lines: control characters (which a comment may not hold; tab
+    may) written as escapes."""
+    def line(s: str) -> str:
+        return "".join(c if c == "\t" or (c >= " " and c != "\x7f") else c.encode("unicode_escape").decode()
+                       for c in s)
+
+    return "".join(f"# {line(x)}".rstrip() + "\n" for x in text.splitlines())
 
 
 def _is_int(v: object) -> bool:

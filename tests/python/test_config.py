@@ -258,6 +258,42 @@ def test_to_toml_refuses_a_value_toml_cannot_hold_naming_the_model_and_key() -> 
     assert Config.loads(fine.to_toml(), "again.toml").models == fine.models
 
 
+def test_to_toml_refuses_callables_it_cannot_name_and_values_nested_too_deep() -> None:
+    # A lambda factory, inputs or warm-up (and a model given as a callable) were left out
+    # silently: the tuner's plan.toml said "load with apportion run", which then refused it.
+    shapes = {
+        "model": ModelConfig(ap.ModelSpec("m", model=lambda x: x)),
+        "factory": ModelConfig(ap.ModelSpec("m", factory=lambda ctx: (lambda x: x))),
+        "inputs": ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build"), inputs=lambda: 1.0),
+        "warmup": ModelConfig(ap.ModelSpec("m", factory="pkg.mod:build", warmup=lambda: 1.0)),
+    }
+    for key, m in shapes.items():
+        with pytest.raises(ConfigError, match=rf"^c\.toml: models\.m\.{key}: is a callable built in code with no "
+                                              r"import path .* give 'package\.module:function'"):
+            Config(models={"m": m}, path="c.toml").to_toml()
+    from apportion.examples import sleepers
+
+    named = ModelConfig(ap.ModelSpec("m", factory=sleepers.fast), inputs=sleepers.fast)
+    table = Config.loads(Config(models={"m": named}).to_toml()).models["m"]
+    assert (table.spec.factory, table.inputs) == ("apportion.examples.sleepers:fast",) * 2
+    # 300 arrays deep loads, but the writer recursed out: a RecursionError naming nothing.
+    deep: object = [1.0]
+    for _ in range(300):
+        deep = [deep]
+    cfg = Config.loads(f'[models.m]\nfactory = "pkg.mod:build"\nwarmup = {deep}\n', "c.toml")
+    with pytest.raises(ConfigError, match=r"models\.m\.warmup: holds a value nested deeper than 100 arrays or "
+                                          r"tables, which this writer does not write"):
+        cfg.to_toml()
+
+
+def test_to_toml_escapes_control_characters_in_its_header() -> None:
+    # A model name with an escape character in the tuner's header made a plan.toml that did not load.
+    cfg = Config(models={"m\x1b": ModelConfig(ap.ModelSpec("m\x1b", factory="pkg.mod:build"))})
+    text = cfg.to_toml(header="winner 'm\x1b' \x00\x08\x7f\ttab\nsecond line")
+    assert text.startswith("# winner 'm\\x1b' \\x00\\x08\\x7f\ttab\n# second line\n")
+    assert Config.loads(text).models == cfg.models
+
+
 # Any non-empty name a user may give (Quota rejects only the empty one): every Unicode
 # category, control characters and surrogate-free code points included.
 NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=24)

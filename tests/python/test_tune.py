@@ -235,9 +235,10 @@ def _sleeper(ms: float):
 
 def test_real_run_with_sleeping_models(tmp_path: Path) -> None:
     models = {
-        "slow": ModelConfig(ap.ModelSpec("slow", factory=_sleeper(4.0), max_queue=64),
+        # Sleeping 4 ms and 1 ms; named by import path, so that plan.toml can name them too.
+        "slow": ModelConfig(ap.ModelSpec("slow", factory="apportion.examples.sleepers:slow", max_queue=64),
                             slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 100.0}),
-        "fast": ModelConfig(ap.ModelSpec("fast", factory=_sleeper(1.0), max_queue=64),
+        "fast": ModelConfig(ap.ModelSpec("fast", factory="apportion.examples.sleepers:fast", max_queue=64),
                             slo={"latency_ms": 80.0, "percentile": 99.0}, load={"concurrency": 2}),
     }
     result = tune(Config(models=models), budget_s=8, max_batch=4, progress=False, out_dir=tmp_path,
@@ -247,7 +248,9 @@ def test_real_run_with_sleeping_models(tmp_path: Path) -> None:
     assert result.winner.measured["slow"].goodput > 0
     assert result.winner in result.candidates and all(c.measured for c in result.candidates)
     assert {p.name for p in tmp_path.iterdir()} >= {"plan.toml", "report.md", "candidates.png"}
-    assert set(Config.load(tmp_path / "plan.toml").models) == {"slow", "fast"}
+    plan = Config.load(tmp_path / "plan.toml")
+    assert set(plan.models) == {"slow", "fast"}
+    assert plan.models["slow"].spec.factory == "apportion.examples.sleepers:slow"
 
 
 def _failing_every(n: int, ms: float):
@@ -269,22 +272,26 @@ def test_a_model_that_fails_now_and_then_is_profiled_on_what_it_served(tmp_path:
     # run, and the tuner gave up ("failed every profiling run", exit 2).
     models = {"rare": ModelConfig(ap.ModelSpec("rare", factory=_failing_every(50, 1.0), max_queue=64),
                                   slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 50.0})}
-    result = tune(Config(models=models), budget_s=4, max_batch=1, progress=False, out_dir=tmp_path, validate_top=1)
+    result = tune(Config(models=models), budget_s=4, max_batch=1, progress=False, validate_top=1)
     assert result.profiles["rare"]
     often = {"often": ModelConfig(ap.ModelSpec("often", factory=_failing_every(2, 1.0), max_queue=64),
                                   slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 50.0})}
     with pytest.raises(ProfilingFailed, match=r"models\.often: failed in every profiling run"):
-        tune(Config(models=often), budget_s=4, max_batch=1, progress=False, out_dir=tmp_path / "o")
+        tune(Config(models=often), budget_s=4, max_batch=1, progress=False)
 
 
 def test_tune_refuses_a_config_its_plan_file_cannot_hold_before_any_run(tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
-    models = {"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(1.0), warmup=[np.zeros(2)]),
+    models = {"m": ModelConfig(ap.ModelSpec("m", factory="apportion.examples.sleepers:fast", warmup=[np.zeros(2)]),
                                slo={"latency_ms": 80.0, "percentile": 99.0}, load={"rate": 50.0})}
     started = time.monotonic()
     with pytest.raises(ap.ConfigError, match=r"models\.m\.warmup: holds a numpy\.ndarray"):
         tune(Config(models=models), budget_s=30, progress=False, out_dir=tmp_path)
-    assert time.monotonic() - started < 10  # refused at once, not after the 30 s budget
+    # A factory built in code was left out of plan.toml, which then failed `apportion run`.
+    built = {"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(1.0)), slo={"latency_ms": 80.0}, load={"rate": 50.0})}
+    with pytest.raises(ap.ConfigError, match=r"models\.m\.factory: is a callable built in code with no import path"):
+        tune(Config(models=built), budget_s=30, progress=False, out_dir=tmp_path)
+    assert time.monotonic() - started < 10  # refused at once, not after the 30 s budgets
     assert not any(tmp_path.iterdir())
 
 
