@@ -276,6 +276,18 @@ def test_admission_is_chosen_when_demand_exceeds_capacity(tmp_path: Path) -> Non
     assert result.shortfall().startswith("To serve every model's demand within its SLO: ~")
 
 
+def test_admission_bounds_never_exceed_the_configs_own() -> None:
+    # The tuner raised a model's max_queue = 16 to 178 (a bound from its cost model), and its
+    # doubling move raised a bound that held while refusing past the config's too.
+    demand = {"ranker": 3000.0, "encoder": 2000.0}
+    result = tune(_config(demand, max_queue=16), budget_s=1000, topology_root=VM2, profiles=TRUTH,
+                  measure=Machine(2), progress=False, host=_quiet())
+    bounds = [c.max_queue for cand in result.candidates for c in cand.choices.values() if c.max_queue is not None]
+    assert bounds and max(bounds) <= 16, bounds
+    assert all(m.spec.max_queue <= 16 for m in result.config.models.values())
+    assert any("admission" in c.name for c in result.candidates)
+
+
 def test_admission_is_not_added_when_the_machine_suffices() -> None:
     result = tune(_config({"ranker": 300.0, "encoder": 200.0}), budget_s=30, topology_root=SERVER, profiles=TRUTH,
                   measure=Machine(64), progress=False, host=_quiet(64))

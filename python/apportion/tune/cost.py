@@ -126,6 +126,8 @@ class Need:
     slo_ms: float | None = None
     threads: tuple[int, ...] = (1,)
     batches: tuple[int, ...] = (1,)
+    max_queue: int | None = None
+    """The config's own admission bound: the tuner never sets one above it (None: no limit)."""
 
     def p99_ms(self, shape: Shape) -> float:
         """Predicted tail latency: a request may wait for the call in progress and then run in

@@ -202,12 +202,17 @@ def queue_bound(need: Need, choice: Choice, cores: float, margin: float = 0.0) -
     """The admission bound for ``need`` served as ``choice`` on ``cores`` (its share): the
     most queued requests that the share drains, by the cost model, in time for the last one
     to finish within SLO x (1 - margin) after its own call and batching delay. At least one
-    batch; None without an SLO."""
+    batch, at most the config's own bound (``need.max_queue``); None without an SLO."""
     if need.slo_ms is None:
         return None
     b, budget_ms = _wait_budget(need, need.slo_ms, choice, margin)
     rate = max(cores, 1e-3) * 1000.0 / need.cost.core_ms(choice.threads, b)  # req/s, flat out
-    return max(b, int(budget_ms * rate / 1000.0))
+    return _capped(need, max(b, int(budget_ms * rate / 1000.0)))
+
+
+def _capped(need: Need, q: int) -> int:
+    """``q``, at most the config's own bound for the model."""
+    return q if need.max_queue is None else min(q, need.max_queue)
 
 
 def measured_bound(need: Need, choice: Choice, measured: Measured, margin: float = 0.0) -> int | None:
@@ -216,7 +221,7 @@ def measured_bound(need: Need, choice: Choice, measured: Measured, margin: float
     if need.slo_ms is None or measured.throughput <= 0:
         return None
     _, budget_ms = _wait_budget(need, need.slo_ms, choice, margin)
-    return max(1, int(budget_ms * measured.throughput / 1000.0))
+    return _capped(need, max(1, int(budget_ms * measured.throughput / 1000.0)))
 
 
 def _share(name: str, choice: Choice, alloc: Mapping[str, Allocation] | None, total_cores: int) -> float:
@@ -270,7 +275,8 @@ def needs_for(config: Config, costs: Mapping[str, CostModel], total_cores: int, 
     out = []
     for n, m in config.models.items():
         conc = (m.load or {}).get("concurrency")
-        out.append(Need(n, costs[n], demand.get(n), conc, (m.slo or {}).get("latency_ms"), threads, batches))
+        out.append(Need(n, costs[n], demand.get(n), conc, (m.slo or {}).get("latency_ms"), threads, batches,
+                        max_queue=m.spec.max_queue))
     return out
 
 
@@ -327,8 +333,9 @@ def moves(w: Candidate, needs: Iterable[Need], total_cores: int, *,
                 q = max(1, min(c.max_queue // 2, seen if seen is not None else c.max_queue))
                 out.append(Candidate(f"{w.name}, {n} admission q<={q}", {**w.choices, n: replace(c, max_queue=q)},
                                      f"refined from '{w.name}': {n} missed its SLO with q<={c.max_queue}"))
-        elif c.max_queue is not None and m.rejected > 0 and m.fraction < 0.95:
-            q = 2 * c.max_queue
+        elif (c.max_queue is not None and m.rejected > 0 and m.fraction < 0.95
+              and (need is None or _capped(need, 2 * c.max_queue) > c.max_queue)):
+            q = 2 * c.max_queue if need is None else _capped(need, 2 * c.max_queue)
             out.append(Candidate(f"{w.name}, {n} admission q<={q}", {**w.choices, n: replace(c, max_queue=q)},
                                  f"refined from '{w.name}': {n} held its SLO but refused {m.refused_share:.0%}"))
         if m.admitted_met() and m.fraction >= 0.95:
