@@ -146,6 +146,19 @@ def test_window_verdicts_count_failed_requests_as_admitted_misses() -> None:
     assert windows_met([w(200, 200, 3), w(200, 200, 1), w(0, 0, 2)], slo, 0.5) == (False, True, False)
 
 
+def test_a_model_offered_nothing_in_a_run_has_no_verdict_rather_than_a_miss() -> None:
+    # A model at 0.1 req/s saw no request in a validation and read "missed": no candidate met
+    # every SLO, and the tuner went on to admission bounds and priority classes for nothing.
+    from apportion.tune.measure import Settings, measure_config
+
+    cfg = Config.loads('[models.busy]\nfactory = "apportion.examples.sleepers:fast"\nslo = { latency_ms = 200 }\n'
+                       'load = { rate = 50 }\n[models.rare]\nfactory = "apportion.examples.sleepers:fast"\n'
+                       'slo = { latency_ms = 200 }\nload = { rate = 0.001 }\n')
+    got = measure_config(cfg, Settings(warmup_s=0.1, window_s=0.2, max_s=1.0))
+    assert got["rare"].offered == 0 and got["rare"].slo_met is None and got["rare"].admitted_met()
+    assert got["busy"].offered > 0 and got["busy"].slo_met is not None
+
+
 def test_a_candidate_holds_its_slo_only_in_every_window() -> None:
     ok = Measured(10, 10, 5.0, True, 10, windows_met=(True, True, True))
     one_bad = Measured(10, 10, 5.0, True, 10, windows_met=(True, False, True))

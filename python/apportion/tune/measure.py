@@ -82,7 +82,9 @@ def _pooled_met(r: ld.ModelReport) -> bool | None:
         return None
     admitted = r.completed + r.expired + r.failed
     if admitted == 0:
-        return False
+        # Nothing offered (a rate too low for the run's windows): no verdict, as for a window
+        # that admitted nothing. Offered and nothing admitted or answered: missed.
+        return None if r.offered == 0 else False
     return r.good >= r.slo.percentile / 100.0 * admitted - 1e-9
 
 
