@@ -313,6 +313,26 @@ def test_apply_keeps_workload_and_replaces_quotas() -> None:
     assert out.models["encoder"].spec.warmup == (1.0,)
 
 
+def test_apply_keeps_a_process_models_isolation_and_bounds_and_a_shared_models_own_class() -> None:
+    # The plan turned a process model into a thread of the runtime (its crash and hang
+    # isolation, watchdog and start bound gone, said nowhere), and dropped a shared model's
+    # priority class while the config's pool_reserve for that class stayed.
+    cfg = Config.loads('[runtime]\nshared_pool = "scheduled"\npool_reserve = { "1" = 1 }\n'
+                       '[models.parser]\nfactory = "pkg.mod:build"\nisolation = "process"\ncores = 1\n'
+                       'watchdog_s = 5\nstart_timeout_s = 30\n'
+                       '[models.critical]\nfactory = "pkg.mod:build"\npriority_class = 1\n')
+    out = apply(cfg, {"parser": Choice("exclusive", 2, 1, 2, None), "critical": Choice("shared", None, 2, 1, None)})
+    p, c = out.models["parser"].spec, out.models["critical"].spec
+    assert (p.isolation, p.cores, p.threads, p.watchdog_s, p.start_timeout_s) == ("process", 2, 2, 5.0, 30.0)
+    assert (c.isolation, c.priority_class, out.shared_pool) == ("shared", 1, "scheduled")
+    floating = apply(cfg, {"parser": Choice("shared", None, 2, 1, None),
+                           "critical": Choice("shared", None, 1, 1, None, priority_class=0)})
+    p = floating.models["parser"].spec
+    assert (p.isolation, p.cores, p.instances, p.watchdog_s) == ("process", None, 2, 5.0)
+    assert floating.models["critical"].spec.priority_class == 0  # the search's class, when it gives one
+    assert Config.loads(out.to_toml()).models == out.models
+
+
 # -- the SLO margin ------------------------------------------------------------------------------
 
 def test_validation_with_a_margin_tightens_each_slo() -> None:

@@ -154,10 +154,13 @@ def _profile_run(config: Config, name: str, shape: Shape, settings: Settings, *,
     # [the whole run's sample, then one per reported window]; empty when the model failed.
     m = config.models[name]
     exclusive = shape.threads < total_cores
-    spec = replace(m.spec, instances=1, threads=shape.threads, isolation="exclusive" if exclusive else "shared",
+    process = m.spec.process  # profiled as it will serve: in its worker process, with its bounds
+    spec = replace(m.spec, instances=1, threads=shape.threads,
+                   isolation="process" if process else "exclusive" if exclusive else "shared",
                    cores=shape.threads if exclusive else None, oversubscribe=False, burst=False, weight=None,
                    priority_class=None, batching=batching_for(shape), max_queue=max(64, 4 * shape.batch),
-                   timeout_ms=None, watchdog_s=None, start_timeout_s=None,
+                   timeout_ms=None, watchdog_s=m.spec.watchdog_s if process else None,
+                   start_timeout_s=m.spec.start_timeout_s if process else None,
                    warmup=m.spec.warmup if m.spec.warmup is not None else m.inputs)
     alone = replace(m, spec=spec, slo=None, load={"concurrency": 2 * shape.batch})
     cfg = replace(config, models={name: alone})

@@ -163,7 +163,9 @@ def isolated_layout(alloc: Mapping[str, Allocation], total_cores: int) -> dict[s
 
 def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
     """``config`` with each model's quota, batching and admission replaced by ``choices``
-    (on a scheduled shared pool when a choice has a priority class). A model without a
+    (on a scheduled shared pool when a choice has a priority class; a shared model keeps its
+    own class when the choice gives none). A process model stays one, with its watchdog and
+    start bound, on the choice's cores (or none, floating). A model without a
     warm-up is warmed with its load's ``inputs`` where the config names them: a cold first
     call (several times a warm one) would otherwise land on the first requests, and a
     batching model's cost estimate starts from it."""
@@ -173,12 +175,19 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
         if c is None:
             models[name] = m
             continue
-        spec = replace(m.spec, isolation=c.isolation, instances=c.instances, threads=c.threads, cores=c.cores,
-                       batching=c.batching, oversubscribe=False, burst=False, weight=None,
-                       priority_class=c.priority_class if c.isolation == "shared" else None,
+        # A process model stays one (its crash and hang isolation, watchdog and start bound are
+        # the user's safety, not a quota): on the choice's cores, or floating without them.
+        process = m.spec.process
+        own_class = m.spec.priority_class if m.spec.isolation == "shared" else None
+        spec = replace(m.spec, isolation="process" if process else c.isolation, instances=c.instances,
+                       threads=c.threads, cores=c.cores, batching=c.batching, oversubscribe=False, burst=False,
+                       weight=None,
+                       priority_class=(c.priority_class if c.priority_class is not None else own_class)
+                       if c.isolation == "shared" and not process else None,
                        max_queue=c.max_queue if c.max_queue is not None else m.spec.max_queue,
                        warmup=m.spec.warmup if m.spec.warmup is not None else m.inputs,
-                       watchdog_s=None, start_timeout_s=None)
+                       watchdog_s=m.spec.watchdog_s if process else None,
+                       start_timeout_s=m.spec.start_timeout_s if process else None)
         models[name] = replace(m, spec=spec)
     classes = any(c.priority_class is not None and c.isolation == "shared" for c in choices.values())
     return replace(config, models=models, shared_pool="scheduled" if classes else config.shared_pool)
