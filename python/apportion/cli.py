@@ -499,11 +499,14 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
 
 def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
     from .tune import tune
+    from .tune.tuner import check_loads
 
     if not 0 <= args.margin < 1:
         raise ConfigError("<command line>", "--margin", f"got {args.margin}; give a fraction in [0, 1)")
+    cfg = Config.load(args.config)  # a config error leaves no --out directory behind
+    check_loads(cfg)
     _writable_dir(args.out)
-    result = tune(args.config, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
+    result = tune(cfg, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
                   max_batch=args.max_batch, margin=args.margin, progress=not args.quiet,
                   out_dir=args.out)
     print(result.why(), file=out)
@@ -702,6 +705,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except RuntimeError as e:  # an unreadable or malformed topology tree; the message names it
         print(f"{prog}: error: {str(e).removeprefix('apportion topology: ')}", file=err)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        # Ctrl-C in a command that does not handle it itself (run and serve do): one line,
+        # not a traceback through the load generator. Runtimes were closed on the way out.
+        print(f"{prog}: interrupted (SIGINT)", file=err)
+        return 128 + int(signal.SIGINT)
     except BrokenPipeError:
         # The reader went away (`apportion plan x.toml | head`): not an error worth a traceback.
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.

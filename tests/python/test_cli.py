@@ -523,6 +523,42 @@ def test_tune_writes_a_plan_that_run_loads(tmp_path: Path) -> None:
     assert "tightened by a 10% margin" in (out_dir / "report.md").read_text()
 
 
+def test_tune_refuses_outputs_it_could_not_write_before_its_budget_and_leaves_no_dir_on_a_bad_config(
+        tmp_path: Path) -> None:
+    # A plan.toml that was a directory failed with IsADirectoryError after the whole budget,
+    # the result lost; a config error left --out's directories behind.
+    blocked = tmp_path / "blocked"
+    (blocked / "plan.toml").mkdir(parents=True)
+    started = time.monotonic()
+    code, out, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "60", "--out", str(blocked), "--quiet")
+    assert time.monotonic() - started < 30, "refused after the budget"
+    assert code == 2 and out == "" and f"apportion tune: error: {blocked}: plan.toml: exists and is not a regular " \
+        "file" in err, err
+    code, _, err = run("tune", config(tmp_path, "[models.m]\nfactory = 'x:y'\n"), "--out", str(tmp_path / "a" / "b"))
+    assert code == 2 and "models.m.load" in err and not (tmp_path / "a").exists(), err
+
+
+def test_tune_without_matplotlib_is_refused_before_its_budget(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without matplotlib, plan.toml and report.md were written, then a ModuleNotFoundError
+    # traceback; a stale candidates.png from an earlier run stayed beside the new plan.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, out, err = run("tune", config(tmp_path, SLEEPERS), "--budget-s", "60", "--out", str(tmp_path / "o"))
+    assert code == 2 and "candidates.png: the plot needs matplotlib: pip install 'apportion[tune]'" in err, err
+    assert not (tmp_path / "o" / "plan.toml").exists()
+
+
+def test_ctrl_c_in_a_command_that_does_not_handle_it_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    # tune printed a 40-line KeyboardInterrupt traceback through the load generator.
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "tune", config(tmp_path, SLEEPERS), "--budget-s", "60",
+                             "--out", str(tmp_path / "o"), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)  # profiling
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "apportion tune: interrupted (SIGINT)\n", (proc.returncode, err)
+
+
 def test_demo_runs_quickly(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     code, out, err = run("demo", "--budget-s", "5", "--window-s", "0.2", "--load", "0.3", "--quiet",

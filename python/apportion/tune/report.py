@@ -9,11 +9,30 @@ from pathlib import Path
 from typing import Any
 
 from .. import _table
-from ..config import Config
+from ..config import Config, ConfigError
 from .allocation import Allocation
 from .cost import CostModel, Sample
 from .noise import Confidence, Noise, combine_repeats, profile_spread
 from .search import GUARDED, Candidate
+
+OUTPUTS = ("plan.toml", "report.md", "candidates.png")
+"""The files :meth:`TuneResult.write` writes into its directory."""
+
+
+def writable_outputs(out_dir: str | Path) -> None:
+    """Raises ConfigError (path ``out_dir``, key the file) when :meth:`TuneResult.write` could
+    not write there: an output path that exists and is not a regular file, or no matplotlib
+    for the plot. The tuner checks before it spends its budget."""
+    for name in OUTPUTS:
+        p = Path(out_dir) / name
+        if p.exists() and not p.is_file():
+            raise ConfigError(str(out_dir), name, "exists and is not a regular file (a directory?); the tuner "
+                              "writes its results there: give another --out / out_dir or remove it")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError(str(out_dir), "candidates.png", "the plot needs matplotlib: pip install "
+                          "'apportion[tune]'") from None
 
 __all__ = ["TuneResult"]
 

@@ -17,7 +17,7 @@ from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
 from .measure import FAILED_SHARE, Settings, host_snapshot, measure_config, profile_repeated
 from .noise import HostSnapshot, Noise, combine_repeats, profile_spread
-from .report import TuneResult
+from .report import TuneResult, writable_outputs
 from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
                      needs_for, profile_shapes)
 
@@ -47,6 +47,14 @@ def with_margin(config: Config, margin: float) -> Config:
     models = {n: replace(m, slo={**m.slo, "latency_ms": m.slo["latency_ms"] * (1.0 - margin)})
               if m.slo and m.slo.get("latency_ms") is not None else m for n, m in config.models.items()}
     return replace(config, models=models)
+
+
+def check_loads(cfg: Config) -> None:
+    """Raises ConfigError naming the first model of ``cfg`` without a load (the tuner needs each)."""
+    for n, m in cfg.models.items():
+        if not m.load:
+            raise ConfigError(cfg.path, f"{model_key(n)}.load", "the tuner needs each model's load: "
+                              "{ rate = ... }, { share = ... } or { concurrency = ... }")
 
 
 def tune(
@@ -116,12 +124,12 @@ def tune(
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
         raise ValueError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}")
     cfg = config if isinstance(config, Config) else Config.load(config)
+    check_loads(cfg)
     if out_dir is not None:
-        cfg.to_toml()  # a value plan.toml cannot hold is refused now, not after the budget
-    for n, m in cfg.models.items():
-        if not m.load:
-            raise ConfigError(cfg.path, f"{model_key(n)}.load", "the tuner needs each model's load: "
-                              "{ rate = ... }, { share = ... } or { concurrency = ... }")
+        # What would fail the writing is refused now, not after the budget: a value plan.toml
+        # cannot hold, an output path that is a directory, the plot without matplotlib.
+        cfg.to_toml()
+        writable_outputs(out_dir)
     bar = _progress(progress, budget_s, clock)
     t0 = clock()
     watch = _HostWatch(host or host_snapshot)
