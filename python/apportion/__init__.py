@@ -16,6 +16,7 @@ from .errors import (
     QueueFull,
     QuotaError,
     RuntimeClosed,
+    RequestCancelled,
     SharedMemoryWarning,
     WorkerCrashed,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "ModelSpec",
     "Runtime",
     "RuntimeClosed",
+    "RequestCancelled",
     "RuntimeStats",
     "SharedMemoryWarning",
     "Topology",

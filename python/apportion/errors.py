@@ -5,6 +5,8 @@ A model's own exception is never wrapped: it reaches the caller unchanged, with 
 
 from __future__ import annotations
 
+import concurrent.futures
+
 __all__ = [
     "ApportionError",
     "QuotaError",
@@ -12,6 +14,7 @@ __all__ = [
     "QueueFull",
     "DeadlineExceeded",
     "RuntimeClosed",
+    "RequestCancelled",
     "ModelNotFound",
     "WorkerCrashed",
     "PinningWarning",
@@ -70,6 +73,14 @@ class DeadlineExceeded(ApportionError, TimeoutError):
 
 class RuntimeClosed(ApportionError):
     """The runtime (or the model) is closed and accepts no new requests."""
+
+
+class RequestCancelled(ApportionError, concurrent.futures.CancelledError):
+    """A request cancelled before it ran, by ``Future.cancel()`` or by the runtime
+    (``remove_model`` or ``close`` without draining, a model that failed to start): what
+    ``await rt.infer(...)`` and ``await fut`` raise then. asyncio.CancelledError is the awaiting
+    task's own cancellation only (a TaskGroup or a web framework takes it for that);
+    ``fut.result()`` raises concurrent.futures.CancelledError, of which this is a subclass."""
 
 
 class ModelNotFound(ApportionError, KeyError):

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from . import _core
+from .errors import RequestCancelled
 
 __all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "as_completed", "wait"]
 
@@ -181,14 +182,18 @@ def on_loop(f: Any, loop: asyncio.AbstractEventLoop, model: str | None = None) -
     the loop's thread (the worker that completes ``f`` only hands it over). A model's
     StopIteration becomes a RuntimeError, as for a coroutine that raises it: asyncio futures
     refuse StopIteration (asyncio.wrap_future's callback fails on it and the awaiter waits
-    for ever)."""
+    for ever). A cancelled ``f`` raises RequestCancelled: asyncio.CancelledError would read
+    as the awaiting task's own cancellation (a TaskGroup drops such a task silently)."""
     waiter = loop.create_future()
 
     def transfer(done: Any) -> None:
         if waiter.done():
             return
         if done.cancelled():
-            waiter.cancel()
+            whose = f"model {model!r}: the request" if model is not None else "the request"
+            waiter.set_exception(RequestCancelled(
+                f"{whose} was cancelled before it ran (Future.cancel(), or the model removed or the runtime "
+                "closed without draining, or the model failed to start)"))
             return
         exc = done.exception()
         if exc is None:

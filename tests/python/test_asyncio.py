@@ -94,3 +94,58 @@ def test_cancelling_the_task_cancels_the_queued_request(rt: ap.Runtime, gate) ->
     asyncio.run(main())
     assert "queued" not in gate.calls
     assert rt.stats()["m"].cancelled == 1
+
+
+def test_a_request_the_runtime_cancels_is_request_cancelled_not_the_tasks_cancellation(rt: ap.Runtime,
+                                                                                        gate) -> None:
+    # remove_model(drain=False) reached `await rt.infer` as asyncio.CancelledError: the task
+    # read as cancelled though nobody cancelled it, a TaskGroup dropped it silently, and a web
+    # route catching ApportionError answered 500 with a traceback.
+    import concurrent.futures
+
+    rt.add_model("m", model=gate)
+    rt.start()
+
+    async def main() -> None:
+        running = asyncio.ensure_future(rt.infer("m", "running"))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = [asyncio.ensure_future(rt.infer("m", i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        remove = asyncio.ensure_future(asyncio.to_thread(rt.remove_model, "m", drain=False))
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        await remove
+        assert await running == "running"
+        for t in queued:
+            with pytest.raises(ap.RequestCancelled, match="'m': the request was cancelled before it ran") as e:
+                await t
+            assert not t.cancelled() and isinstance(e.value, (ap.ApportionError, concurrent.futures.CancelledError))
+        # In a TaskGroup it is an error of the group, not a task silently gone.
+        rt.add_model("g", model=gate)
+        gate.release.clear()
+        gate.entered.clear()
+        with pytest.raises(ExceptionGroup) as group:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(rt.infer("g", "running"))
+                assert await asyncio.to_thread(gate.entered.wait, 10)
+                tg.create_task(rt.infer("g", "queued"))
+                await asyncio.sleep(0.05)
+                remover = asyncio.ensure_future(asyncio.to_thread(rt.remove_model, "g", drain=False))
+                await asyncio.sleep(0.05)
+                gate.release.set()
+                await remover
+        assert [type(x) for x in group.value.exceptions] == [ap.RequestCancelled]
+        # `await fut` on a future someone else cancelled: the same.
+        gate.release.clear()
+        gate.entered.clear()
+        rt.add_model("f", model=gate)
+        blocker = rt.submit("f", 0)
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        fut = rt.submit("f", 1)
+        asyncio.get_running_loop().call_later(0.05, fut.cancel)
+        with pytest.raises(ap.RequestCancelled, match="^the request was cancelled before it ran"):
+            await fut
+        gate.release.set()
+        assert await blocker == 0
+
+    asyncio.run(main())

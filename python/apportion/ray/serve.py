@@ -41,7 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from ..errors import DeadlineExceeded, ModelNotFound, PlacementError, QueueFull
+from ..errors import DeadlineExceeded, ModelNotFound, PlacementError, QueueFull, RequestCancelled
 from ..futures import on_loop
 from ..spec import ModelSpec
 from ._node import ModelCounts, counts, raise_portable, runtime_settings, started_runtime, tamed
@@ -53,7 +53,7 @@ __all__ = ["ApportionReplica", "deployment"]
 _http = FastAPI()
 
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (ModelNotFound, 404), (QueueFull, 429), (DeadlineExceeded, 504))
+    (ModelNotFound, 404), (QueueFull, 429), (DeadlineExceeded, 504), (RequestCancelled, 503))
 
 
 def _error_response(e: Exception) -> JSONResponse:
