@@ -928,3 +928,61 @@ def test_a_slow_metrics_scrape_does_not_hold_other_requests(monkeypatch: pytest.
         assert httpx.get(f"http://127.0.0.1:{s.http_port}/v2/health/ready", timeout=30).status_code == 200
         assert time.monotonic() - started < 0.6
         assert scrape.result(30).status_code == 200
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt("ctrl-c in a model"),
+                                    asyncio.CancelledError("model's own"), GeneratorExit()])
+def test_a_model_raising_a_base_exception_fails_its_request_not_the_server(raised: BaseException) -> None:
+    # Over gRPC a model's SystemExit left the request task and stopped the server's loop (the
+    # process exited 3 under serve_forever); over HTTP uvicorn answered a plain-text 500 with an
+    # "Exception in ASGI application" traceback; a CancelledError went unanswered.
+    tg = pytest.importorskip("tritonclient.grpc")
+
+    def bad(x: Any) -> Any:
+        raise raised
+
+    sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("x", "FP32", [-1])])
+    rt = ap.Runtime()
+    rt.add_model("bad", model=bad)
+    rt.add_model("ok", model=lambda x: x)
+    rt.start()
+    server = Server(rt, {"bad": sig, "ok": sig}, http_port=0, grpc_port=0).start()
+    try:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+        r = httpx.post(f"http://127.0.0.1:{server.http_port}/v2/models/bad/infer", json=body, timeout=30)
+        assert r.status_code == 500 and r.json()["error"].startswith(f"model 'bad' failed: {type(raised).__name__}")
+        client = tg.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        x = tg.InferInput("x", [1], "FP32")
+        x.set_data_from_numpy(np.ones(1, np.float32))
+        with pytest.raises(InferenceServerException, match=f"model 'bad' failed: {type(raised).__name__}") as e:
+            client.infer("bad", [x], client_timeout=20)
+        assert e.value.status() == "StatusCode.INTERNAL"
+        # The server goes on serving.
+        assert client.infer("ok", [x], client_timeout=20).as_numpy("x").tolist() == [1.0]
+        r = httpx.post(f"http://127.0.0.1:{server.http_port}/v2/models/ok/infer", json=body, timeout=30)
+        assert r.status_code == 200 and server._thread.is_alive()
+        client.close()
+    finally:
+        server.stop()
+        rt.close()
+
+
+def test_infer_on_a_runtime_not_started_is_503_at_once() -> None:
+    # The runtime queued the request until start(): the client waited for its own timeout.
+    sig = Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("x", "FP32", [-1])])
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x)
+    try:
+        async def run() -> None:
+            transport = httpx.ASGITransport(app=asgi(rt, {"echo": sig}))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/v2/models/echo/ready")).status_code == 400
+                r = await asyncio.wait_for(client.post("/v2/models/echo/infer", json={"inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}), 20)
+                assert r.status_code == 503
+                assert r.json()["error"] == "model 'echo' is not ready: the runtime is not started"
+
+        asyncio.run(run())
+        assert rt.stats()["echo"].submitted == 0
+    finally:
+        rt.close()

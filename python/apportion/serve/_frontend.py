@@ -199,6 +199,9 @@ class Frontend:
         sig = self.signature(name)
         if self.draining:
             raise ServeError(UNAVAILABLE, f"model {name!r}: the server is shutting down")
+        if not self.rt.started and not self.rt.closed:
+            # The runtime would queue it until start(): the client would wait without an answer.
+            raise ServeError(UNAVAILABLE, f"model {name!r} is not ready: the runtime is not started")
         try:
             inputs = sig.to_model(name, arrays)
         except TensorError as e:
@@ -253,7 +256,8 @@ class Frontend:
                 raise ServeError(DEADLINE, str(e)) from None
             except RuntimeClosed as e:
                 raise ServeError(UNAVAILABLE, str(e)) from None
-            except Exception as e:
+            except BaseException as e:  # noqa: BLE001 - the model's own, SystemExit and KeyboardInterrupt too:
+                # the request's failure, not the server's (raised here it ended the loop)
                 raise ServeError(INTERNAL, f"model {name!r} failed: {type(e).__name__}: {e}") from None
             try:
                 return sig.from_model(name, result)
