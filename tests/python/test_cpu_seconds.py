@@ -103,3 +103,37 @@ def test_a_thread_named_like_several_models_workers_counts_for_none() -> None:
     # Threads seen before keep their model when they exit: b's helper's time stays b's.
     del threads[5]
     assert tracker.read({"a_long_model_name_one": [1], "a_long_model_name_two": [2], "b": [4]}, threads)["b"] == 0.75
+
+
+def test_two_readers_at_once_never_count_an_exited_threads_time_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each reader read /proc outside the lock: an older reading applied after a newer one
+    # brought an exited thread back, and the next reading added its time a second time (two
+    # Prometheus scrapes at once: the counter kept the doubled value for good).
+    from apportion._private import cputime
+
+    alive = {1: (b"ap:m:0", 0.5), 2: (b"ap:m:0", 0.3)}  # the worker and a thread it made
+    exited = {1: (b"ap:m:0", 0.6)}  # the helper thread has exited, after 0.3 s
+    first_read, release = threading.Event(), threading.Event()
+
+    def thread_times() -> dict[int, tuple[bytes, float]]:
+        if threading.current_thread().name == "slow-reader":
+            first_read.set()
+            release.wait(10)  # holds this (older) reading while the other reader goes on
+            return alive
+        return exited if first_read.is_set() else alive
+
+    monkeypatch.setattr(cputime, "_thread_times", thread_times)
+    tracker = cputime.CpuTracker()
+    assert tracker.read({"m": [1]}) == {"m": pytest.approx(0.8)}
+    got: dict[str, float] = {}
+    slow = threading.Thread(target=lambda: got.update(tracker.read({"m": [1]})), name="slow-reader")
+    slow.start()
+    assert first_read.wait(10)
+    fast = threading.Thread(target=lambda: got.update(fast=tracker.read({"m": [1]})["m"]))
+    fast.start()
+    time.sleep(0.2)
+    release.set()
+    slow.join(10)
+    fast.join(10)
+    assert got["m"] == pytest.approx(0.8) and got["fast"] == pytest.approx(0.9)
+    assert tracker.read({"m": [1]}) == {"m": pytest.approx(0.9)}  # 0.6 + 0.3, not 0.6 + 0.3 + 0.3

@@ -56,16 +56,19 @@ class CpuTracker:
         workers carry its name (it inherited it from the worker that created it); where
         workers of several models carry that name (their names agree in the 15 bytes Linux
         keeps), the thread counts for none of them rather than for the wrong one."""
-        threads = _thread_times() if threads is None else threads
-        worker_of: dict[int, str] = {}
-        comm_of: dict[bytes, str | None] = {}  # None: the name of several models' workers
-        for model, tids in worker_tids.items():
-            for t in tids:
-                if t in threads:
-                    worker_of[t] = model
-                    comm = threads[t][0]
-                    comm_of[comm] = model if comm_of.get(comm, model) == model else None
         with self._lock:
+            # Read under the lock: two readers (two scrapes at once) apply their readings in
+            # the order they took them. An older reading applied after a newer one brought an
+            # exited thread back, and the next reading counted its time a second time.
+            threads = _thread_times() if threads is None else threads
+            worker_of: dict[int, str] = {}
+            comm_of: dict[bytes, str | None] = {}  # None: the name of several models' workers
+            for model, tids in worker_tids.items():
+                for t in tids:
+                    if t in threads:
+                        worker_of[t] = model
+                        comm = threads[t][0]
+                        comm_of[comm] = model if comm_of.get(comm, model) == model else None
             now: dict[int, tuple[str, float]] = {}
             for tid, (comm, secs) in threads.items():
                 model = worker_of.get(tid) or comm_of.get(comm)
