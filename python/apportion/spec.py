@@ -13,13 +13,14 @@ machine together, whether a GPU is usable, whether the runtime's shared pool is 
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ._private.checks import real
+from ._private.checks import ASYNC_MODEL, is_async_callable, real
 from .batching import Batching
 from .errors import QuotaError
 from .gpu import GPU
@@ -113,6 +114,11 @@ class ModelSpec:
             raise bad("factory", f"must be callable or a 'module:function' path, got {type(self.factory).__name__}")
         if self.model is not None and not callable(self.model):
             raise bad("model", f"must be callable, got {type(self.model).__name__}")
+        if self.model is not None and is_async_callable(self.model):
+            raise bad("model", f"is an async function: {ASYNC_MODEL}")
+        if callable(self.factory) and inspect.iscoroutinefunction(self.factory):
+            raise bad("factory", "is an async function; give a plain one (called once per instance, in its worker "
+                      "thread)")
         if process and self.model is not None:
             raise bad("model", 'isolation="process" builds the model in the worker process; give '
                       'factory="module:function" instead of model=')

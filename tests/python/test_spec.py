@@ -257,3 +257,32 @@ def test_config_errors_come_from_the_spec(field: str, value: Any, reason: str) -
     key = "models.m.gpu.streams" if field == "gpu" else f"models.m.{field}"
     assert err.value.key == key
     assert reason in str(err.value) and str(err.value).startswith(f"c.toml: {key}: ")
+
+
+def test_async_models_and_factories_are_refused_naming_the_field() -> None:
+    # An async def model was accepted: each call "completed" with a coroutine object that was
+    # never awaited (a RuntimeWarning later), counted as a result.
+    async def amodel(x: Any) -> Any:
+        return x
+
+    class AsyncCall:
+        async def __call__(self, x: Any) -> Any:
+            return x
+
+    async def afactory(ctx: Any) -> Any:
+        return lambda x: x
+
+    for model in (amodel, AsyncCall()):
+        with pytest.raises(ap.QuotaError, match="model 'a', field 'model': is an async function: the runtime calls "
+                                                "a model in its worker thread and would not await"):
+            ap.ModelSpec("a", model=model)
+    with pytest.raises(ap.QuotaError, match="model 'a', field 'factory': is an async function; give a plain one"):
+        ap.ModelSpec("a", factory=afactory)
+    # A factory that returns one fails the model's start, naming it.
+    rt = ap.Runtime()
+    try:
+        with pytest.raises(TypeError, match="model 'a': the factory gives an async function: the runtime calls"):
+            rt.add_model("a", factory=lambda ctx: amodel)
+            rt.start()
+    finally:
+        rt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any
@@ -28,3 +29,13 @@ def real(value: Any) -> float | None:
         return float(value)
     except OverflowError:  # an int beyond every float
         return math.inf if value > 0 else -math.inf
+
+
+ASYNC_MODEL = ("the runtime calls a model in its worker thread and would not await the coroutine it returns; "
+               "give a plain function (inside it, run the coroutine with asyncio.run or on a loop of your own)")
+
+
+def is_async_callable(obj: Any) -> bool:
+    """Whether calling ``obj`` returns a coroutine: an ``async def`` function, or an object whose
+    ``__call__`` is one."""
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(obj, "__call__", None))

@@ -17,10 +17,12 @@ torch and onnxruntime are optional and imported lazily: a plain callable never i
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from .._private.checks import ASYNC_MODEL, is_async_callable
 from .threads import ThreadInfo, check_confinement, model_threads, worker_name
 
 __all__ = ["ThreadInfo", "adapt", "build_instance", "check_confinement", "model_threads", "set_torch_threads",
@@ -49,8 +51,15 @@ def build_instance(ctx: Any, factory: Callable[[Any], Any] | None = None, model:
     (a module, a function around one, a pipeline) or set meanwhile."""
     set_torch_threads(ctx.threads)
     obj = model if factory is None else factory(ctx)
+    if inspect.iscoroutine(obj):
+        obj.close()  # never awaited: no "was never awaited" warning on top of this error
+        raise TypeError(f"model {ctx.model!r}: the factory is an async function; give a plain one (called once "
+                        "per instance, in its worker thread)")
     if not callable(obj):
         raise TypeError(f"model {ctx.model!r}: factory returned {type(obj).__name__}, which is not callable")
+    if is_async_callable(obj):
+        raise TypeError(f"model {ctx.model!r}: the {'model' if factory is None else 'factory'} gives an async "
+                        f"function: {ASYNC_MODEL}")
     set_torch_threads(ctx.threads)
     return adapt(obj, ctx)
 
