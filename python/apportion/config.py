@@ -372,6 +372,11 @@ class Config:
                 except ApportionError:
                     raise
                 except Exception as e:  # the user's factory or warm-up: its error, and whose it is
+                    m = self.models.get(getattr(e, "apportion_warmup_sample_of", None))  # type: ignore[arg-type]
+                    if m is not None and m.inputs is not None and m.spec.warmup == m.inputs:
+                        # A plan warms a model with its load's inputs (the tuner's do): their key.
+                        raise StartFailed(self.path, f"{model_key(m.name)}.inputs", f"model {m.name!r}: its inputs "
+                                          f"(the warm-up's samples) raised {type(e).__name__}: {e}") from e
                     notes = " ".join(getattr(e, "__notes__", ()))
                     raise StartFailed(self.path, "models", f"a model failed to start: {type(e).__name__}: "
                                       f"{e}" + (f" {notes}" if notes else "")) from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import numbers
 import pkgutil
@@ -78,7 +79,15 @@ def _warmed(spec: ModelSpec, build: Callable[[int], Any]) -> Callable[[int], Any
     make_sample = warmup if callable(warmup) else None
 
     def sample(k: int) -> Any:
-        return samples[k % len(samples)] if samples is not None else make_sample()  # type: ignore[misc]
+        if samples is not None:
+            return samples[k % len(samples)]
+        try:
+            return make_sample()  # type: ignore[misc]
+        except BaseException as e:
+            # Whose it is: the warm-up callable's (a config's tuned plan warms with its inputs).
+            with contextlib.suppress(AttributeError, TypeError):
+                e.apportion_warmup_sample_of = spec.name  # type: ignore[attr-defined]
+            raise
 
     def build_warm(index: int) -> Any:
         fn = build(index)

@@ -448,3 +448,21 @@ def test_a_factorys_error_says_whose_it_is(tmp_path: Path, monkeypatch: pytest.M
         assert any("raised by the factory of model 'ranker', instance" in n for n in info.value.__notes__)
     finally:
         rt.close(drain=False)
+
+
+def test_a_plan_warmed_with_its_inputs_names_the_inputs_key_when_they_raise(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tuner warms a model with its load's inputs: when they raised, the error said "raised
+    # by the warm-up of model 'bad'", a warm-up the user never gave.
+    from apportion.config import StartFailed
+
+    (tmp_path / "raising_inputs_cfg.py").write_text("def make():\n    raise KeyError('no such row')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    body = '[models.bad]\nfactory = "apportion.examples.sleepers:fast"\ninputs = "raising_inputs_cfg:make"\n'
+    with pytest.raises(StartFailed, match=r"models\.bad\.inputs: model 'bad': its inputs \(the warm-up's samples\) "
+                                          r"raised KeyError: 'no such row'"):
+        Config.load(write(tmp_path, body + 'warmup = "raising_inputs_cfg:make"\n')).runtime(start=True)
+    (tmp_path / "raising_sample_cfg.py").write_text("def make():\n    raise KeyError('own warm-up')\n")
+    with pytest.raises(StartFailed, match=r": models: a model failed to start: KeyError: 'own warm-up' \(raised by "
+                                          r"the warm-up of model 'bad'"):
+        Config.load(write(tmp_path, body + 'warmup = "raising_sample_cfg:make"\n')).runtime(start=True)
