@@ -264,7 +264,8 @@ class Config:
                                            all(_is_int(c) and c >= 0 for c in cpus))
             if ok and isinstance(cpus, str):
                 try:
-                    ok = all(c < _MAX_CPU_ID for c in parse_cpulist(cpus))
+                    listed = parse_cpulist(cpus)
+                    ok = bool(listed) and all(c < _MAX_CPU_ID for c in listed)  # "" names no CPU
                 except ValueError:
                     ok = False
             elif ok:

@@ -101,6 +101,8 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
         ("[models.m]\nslo = { latency_ms = 5, percentile = 0 }\n", "models.m.slo.percentile", "(0, 100]"),
         ("[models.m]\nslo = { latency = 5 }\n", "models.m.slo.latency", "allowed: latency_ms, percentile, timeout_ms"),
         ("[models.m]\nload = { rate = 1, concurrency = 2 }\n", "models.m.load", "exactly one of concurrency"),
+        ("[runtime]\ncpus = \"\"\n[models.m]\n", "runtime.cpus", "give a CPU list"),  # passed, refused by plan
+        ("[runtime]\ncpus = \" , \"\n[models.m]\n", "runtime.cpus", "give a CPU list"),
         ("[models.m]\nload = { concurrency = 0 }\n", "models.m.load.concurrency", "integer in 1..65536"),
         # Beyond the generator's bound it passed here, then failed after the models started.
         ("[models.m]\nload = { concurrency = 65537 }\n", "models.m.load.concurrency", "integer in 1..65536"),
@@ -370,7 +372,7 @@ def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: s
 
 
 @pytest.mark.parametrize(("cpus", "root", "message"), [
-    ('""', VM2, "names no CPU"),
+    ('""', VM2, "give a CPU list"),  # refused by Config.load now, naming the key as before
     ("[]", VM2, "give a CPU list"),
     ('"5"', "offline_cpu", r"CPU 5 leaves no usable CPU \(offline: 5\); this process may use 0-4,6-7"),
     ('"0,2"', "container_scattered", r"CPUs 0,2 leave no usable CPU \(not allowed to this process: 0,2\)"),
