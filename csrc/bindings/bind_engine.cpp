@@ -980,16 +980,20 @@ class RuntimeCore {
 
 // --- Future ---------------------------------------------------------------------------------
 
-bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
-  if (r.done()) return true;
+// A worker (or a done-callback it runs) waiting for its own model's request waits for a
+// worker of that model, possibly itself: with one instance it never returns. Raises then.
+void refuse_own_wait(const PyRequest& r) {
   if (current_counters != nullptr && current_counters == r.counters.get()) {
-    // A worker (or a done-callback it runs) waiting for its own model's request waits for a
-    // worker of that model, possibly itself: with one instance it never returns.
     raise(types().apportion_error,
           "model '" + current_model + "': a worker of the model waits for a request to the same "
           "model, which may only run on a worker of that model (a deadlock with one instance); "
           "call another model, or submit without waiting (add_done_callback)");
   }
+}
+
+bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
+  if (r.done()) return true;
+  refuse_own_wait(r);
   int64_t ns = -1;
   if (timeout_s) {
     if (std::isnan(*timeout_s)) throw py::value_error("timeout must be a number or None");
@@ -1092,6 +1096,14 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
           "The exception the request completed with (None on success); raises CancelledError "
           "if it was cancelled.")
       .def("done", &PyRequest::done, "True once the request completed (in any way).")
+      .def(
+          "_refuse_own_wait",
+          [](const PyRequest& r) {
+            if (!r.done()) refuse_own_wait(r);
+          },
+          "Raises ApportionError, as result() would, when the calling thread is a worker of this "
+          "request's model (or a done-callback it runs) and the request is not done; else nothing "
+          "(for waits that do not go through result(): an event loop run inside the model).")
       .def("running", [](PyRequest& r) { return r.state() == RequestState::running; },
            "True while a worker executes the model for this request.")
       .def("cancelled",

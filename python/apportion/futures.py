@@ -43,11 +43,8 @@ def _refuse_own_wait(f: Any) -> None:
     """Raises ApportionError, as ``result()`` does, when the calling thread is a worker of the
     model of ``f`` (or a done-callback it runs) and ``f`` is not done: only a worker of that
     model can complete it, and with one instance that worker is the one waiting."""
-    if isinstance(f, _core.Future) and not f.done():
-        try:
-            f.exception(0)  # raises ApportionError for the model's own worker
-        except (TimeoutError, cf.CancelledError):
-            pass  # a request of another model (or one done meanwhile): waiting for it is fine
+    if isinstance(f, _core.Future):
+        f._refuse_own_wait()
 
 
 def wait(fs: Iterable[Any], timeout: float | None = None,
@@ -183,7 +180,10 @@ def on_loop(f: Any, loop: asyncio.AbstractEventLoop, model: str | None = None) -
     StopIteration becomes a RuntimeError, as for a coroutine that raises it: asyncio futures
     refuse StopIteration (asyncio.wrap_future's callback fails on it and the awaiter waits
     for ever). A cancelled ``f`` raises RequestCancelled: asyncio.CancelledError would read
-    as the awaiting task's own cancellation (a TaskGroup drops such a task silently)."""
+    as the awaiting task's own cancellation (a TaskGroup drops such a task silently). Raises
+    ApportionError at once, as ``result()`` does, on a worker of ``f``'s own model (a loop run
+    inside the model): only that worker could complete it."""
+    _refuse_own_wait(f)
     waiter = loop.create_future()
 
     def transfer(done: Any) -> None:

@@ -416,7 +416,30 @@ def test_a_model_calling_its_own_model_is_refused(rt: ap.Runtime) -> None:
     assert rt.call("m", 0) == 0  # not stuck
 
 
+async def _awaited(f: Any) -> Any:
+    return await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(_await_future(f))), 5)
+
+
+async def _await_future(f: Any) -> Any:
+    return await f
+
+
+def test_a_model_awaiting_rt_infer_on_its_own_model_is_refused(rt: ap.Runtime) -> None:
+    # asyncio.run(rt.infer("m", ...)) inside m hung for ever, and close() after it too.
+    def model(x: int) -> Any:
+        return asyncio.run(rt.infer("m", x - 1)) if x > 0 else 0
+
+    rt.add_model("m", model=model)
+    rt.start()
+    with pytest.raises(ap.ApportionError, match=r"model 'm': a worker of the model waits for a request "
+                                                r"to the same model"):
+        rt.call("m", 1, timeout_ms=10_000)
+    assert rt.call("m", 0) == 0  # not stuck: the inner request ran after the outer one
+
+
 WAITS_ON = {
+    # `await fut` on a loop run inside the model hung (with rt.infer too: the same path).
+    "await": lambda f: asyncio.run(_awaited(f)),
     "ap.wait": lambda f: ap.wait([f], timeout=5),
     "ap.as_completed": lambda f: list(ap.as_completed([f], timeout=5)),
     "cf.wait": lambda f: cf.wait([f], timeout=5),

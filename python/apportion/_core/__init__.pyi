@@ -216,6 +216,10 @@ class Future:
         """
         Stores `state` as _interop unless one is stored; returns the stored one.
         """
+    def _refuse_own_wait(self) -> None:
+        """
+        Raises ApportionError, as result() would, when the calling thread is a worker of this request's model (or a done-callback it runs) and the request is not done; else nothing (for waits that do not go through result(): an event loop run inside the model).
+        """
     def add_done_callback(self, fn: typing.Any) -> None:
         """
         Calls fn(future) once the request completes (at once if it already has), in the thread that completes it. Exceptions from fn are reported, not raised.
