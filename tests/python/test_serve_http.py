@@ -986,3 +986,17 @@ def test_infer_on_a_runtime_not_started_is_503_at_once() -> None:
         assert rt.stats()["echo"].submitted == 0
     finally:
         rt.close()
+
+
+def test_a_websocket_to_the_server_is_refused_with_403() -> None:
+    # The app returned without a word: uvicorn answered 500 and logged "ASGI callable returned
+    # without completing handshake"; Starlette's test client hung.
+    websockets = pytest.importorskip("websockets.sync.client", reason="websockets is not installed: pip install '.[test]'")
+    from websockets.exceptions import InvalidStatus
+
+    with gated_server() as (gate, server):
+        gate.release.set()
+        with pytest.raises(InvalidStatus) as refused:
+            websockets.connect(f"ws://127.0.0.1:{server.http_port}/v2/models/echo/infer", open_timeout=20)
+        assert refused.value.response.status_code == 403
+        assert httpx.get(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=20).status_code == 200

@@ -89,6 +89,12 @@ class V2App:
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if kind == "websocket":
+            # The protocol has no websocket route: refuse the handshake (403), rather than
+            # return without a word (uvicorn answered 500 and logged an error).
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
+            return
         if kind != "http":
             return
         try:
