@@ -1000,3 +1000,31 @@ def test_a_websocket_to_the_server_is_refused_with_403() -> None:
             websockets.connect(f"ws://127.0.0.1:{server.http_port}/v2/models/echo/infer", open_timeout=20)
         assert refused.value.response.status_code == 403
         assert httpx.get(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=20).status_code == 200
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_grpc_calls_still_waiting_when_the_drain_ends_are_unavailable_not_cancelled(drain: bool) -> None:
+    # gRPC's own stop cancelled them: clients read CANCELLED, which says the client gave up.
+    tg = pytest.importorskip("tritonclient.grpc")
+    with gated_server(grpc_port=0, drain_timeout_s=0.5) as (gate, server), ThreadPoolExecutor(4) as pool:
+        def call(k: int) -> Any:
+            client = tg.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            x = tg.InferInput("x", [1], "FP32")
+            x.set_data_from_numpy(np.full(1, k, np.float32))
+            try:
+                return client.infer("echo", [x], client_timeout=30)
+            except InferenceServerException as e:
+                return e
+            finally:
+                client.close()
+
+        running = [pool.submit(call, k) for k in range(3)]
+        assert gate.entered.wait(30)
+        while server.frontend.in_flight < 3:
+            time.sleep(0.005)
+        server.stop(drain=drain)
+        gate.release.set()
+        errors = [f.result(30) for f in running]
+        assert all(isinstance(e, InferenceServerException) for e in errors), errors
+        assert {e.status() for e in errors} == {"StatusCode.UNAVAILABLE"}, [(e.status(), e.message()) for e in errors]
+        assert all("the server stopped before this request completed" in e.message() for e in errors)

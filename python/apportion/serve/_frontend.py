@@ -135,6 +135,10 @@ class Frontend:
         """HTTP requests whose body is still arriving (not admitted yet): :meth:`cut` ends
         them when the drain begins."""
         self._cut: dict[asyncio.Task[Any], str] = {}  # reading tasks stopped, and the error kind why
+        self.grpc_calls: set[asyncio.Task[Any]] = set()
+        """gRPC infer calls in progress: cancelled when the drain ends with them still waiting,
+        they answer UNAVAILABLE (gRPC's own stop cancelled them: CANCELLED, read as the
+        client's doing)."""
         self.watch_alarms = Alarms(WATCH_AFTER_S)
         """Starts watching HTTP requests unanswered after :data:`WATCH_AFTER_S`."""
 

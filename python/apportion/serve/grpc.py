@@ -10,6 +10,7 @@ methods answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -88,12 +89,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tm(**t) for t in md["inputs"]], outputs=[tm(**t) for t in md["outputs"]])
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        calls = self.frontend.grpc_calls
+        calls.add(task)
         try:
             return await self._infer(request, context)
         except fe.ServeError as e:
             await context.abort(_CODES[e.kind], e.message)
+        except asyncio.CancelledError:
+            if not self.frontend.draining:
+                raise
+            # The drain ended with the call still waiting (its timeout, or an abort): the server
+            # cancelled it (Server._close) to answer UNAVAILABLE, as HTTP answers 503.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server stopped before this request completed "
+                                                             "(its drain ended: the drain timeout, or an abort)")
         except Exception as e:  # a bug of ours: INTERNAL with its message (as HTTP's 500), not UNKNOWN
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            calls.discard(task)
 
     def _model(self, name: str, version: str) -> Signature:
         sig = self.frontend.signature(name)

@@ -136,6 +136,13 @@ class Server:
             self.drained = await self.frontend.drain(self.drain_timeout_s)
         else:
             self.frontend.cut()
+        calls = list(self.frontend.grpc_calls)
+        if calls:
+            # gRPC calls still waiting for their model: UNAVAILABLE now, while their streams are
+            # open (the server's stop would cancel them: CANCELLED, the client's word).
+            for t in calls:
+                t.cancel()
+            await asyncio.wait(calls, timeout=_ABORT_WAIT_S)
         stopping = None
         if self._grpc is not None:
             # Calls whose answers are still being sent get what is left of the drain (a fixed
