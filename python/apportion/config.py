@@ -229,7 +229,9 @@ class Config:
         where = str(path)
         try:
             with open(path, "rb") as fh:
-                doc = tomllib.load(fh)
+                data = fh.read()
+            # A byte order mark (some editors write one) is not TOML: read past it.
+            doc = tomllib.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
         except OSError as e:
             raise ConfigError(where, None, f"cannot read it: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:

@@ -468,3 +468,13 @@ def test_a_plan_warmed_with_its_inputs_names_the_inputs_key_when_they_raise(tmp_
     with pytest.raises(StartFailed, match=r": models: a model failed to start: KeyError: 'own warm-up' \(raised by "
                                           r"the warm-up of model 'bad'"):
         Config.load(write(tmp_path, body + 'warmup = "raising_sample_cfg:make"\n')).runtime(start=True)
+
+
+def test_a_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # "not valid TOML: Invalid statement (at line 1, column 1)" for a file some editors save.
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[models.m]\nfactory = \"pkg.mod:build\"\n")
+    assert list(Config.load(path).models) == ["m"]
+    path.write_bytes(b"[models.m]\nfactory = \"\xff\"\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text .*byte 0xff at offset 22"):
+        Config.load(path)
