@@ -72,3 +72,8 @@ def builds_slowly_flagged(ctx: Any) -> Any:
     if os.path.exists(os.path.join(tempfile.gettempdir(), f"apportion-test-slow-{ctx.model}")):
         time.sleep(8.0)
     return echo(ctx)
+
+
+def exits_while_building(ctx: Any) -> Any:
+    """A factory that ends its process (as a crashing native library would)."""
+    os._exit(3)

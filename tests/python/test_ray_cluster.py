@@ -470,3 +470,13 @@ def test_a_request_whose_node_left_keeps_its_timeout_while_its_model_is_re_place
             c.close()
     finally:
         flag.unlink(missing_ok=True)
+
+
+def test_a_factory_that_ends_its_process_fails_the_start_naming_node_and_model(local_ray: Any) -> None:
+    # Ray's bare ActorDiedError ("The actor died unexpectedly before finishing this task")
+    # reached the caller, naming neither the node nor the model.
+    two_workers(local_ray)
+    with pytest.raises(ap.PlacementError, match=r"node \w+: its apportion actor died while building models "
+                                                r"\['crash'\] \(\w+Error"):
+        Cluster(specs(crash={"factory": "ray_models:exits_while_building"}), start_timeout_s=60)
+    wait_for(lambda: cpus_free() == 5.0, "the failed start kept CPUs")

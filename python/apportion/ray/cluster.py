@@ -335,6 +335,12 @@ class Cluster:
                                      f"tasks or actors? (it reserves all of them)") from None
             except RayTaskError as e:
                 raise _cause(e) from None
+            except RayActorError as e:
+                # The process ended while building (a factory calling os._exit, a crash, the
+                # OOM killer): whose models, not Ray's bare ActorDiedError.
+                raise PlacementError(f"node {name}: its apportion actor died while building models "
+                                     f"{[s.name for s in specs]} ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
             assert got == name, f"actor for node {name} started on node {got}"
             self._route(name, specs)
 
