@@ -77,6 +77,24 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
                                 std::to_string(opts_.priority_levels) + " is out of range (1 .. " +
                                 std::to_string(LaneSet::kMaxLevels) + ")");
   }
+  // Bounds before anything is sized by them: 2 x max_queue cells per lane overflowed to 0 for
+  // max_queue >= 2^63 (the third submit spun for ever), and a batch of SIZE_MAX was a
+  // length_error thrown in a worker thread (std::terminate).
+  if (opts_.max_queue > kMaxQueueBound) {
+    throw std::invalid_argument("model '" + opts_.name + "': max_queue " + std::to_string(opts_.max_queue) +
+                                " is out of range (0 .. " + std::to_string(kMaxQueueBound) + ")");
+  }
+  if (opts_.batching.max_size > kMaxBatchSize) {
+    throw std::invalid_argument("model '" + opts_.name + "': batching max_size " +
+                                std::to_string(opts_.batching.max_size) + " is out of range (1 .. " +
+                                std::to_string(kMaxBatchSize) + ")");
+  }
+  if (opts_.pool != nullptr && opts_.burst_instances != 0 && opts_.batching.max_size > 1) {
+    // A burst worker waits for every own worker to be busy, which only single-request workers
+    // report: with batching the burst instances never served.
+    throw std::invalid_argument("model '" + opts_.name + "': burst instances serve one request per call; "
+                                "they are not available with batching");
+  }
   if (opts_.admission == Admission::deadline && opts_.priority_levels != 1) {
     throw std::invalid_argument("model '" + opts_.name + "': admission by deadline judges a request by "
                                 "every request queued ahead of it; with priority_levels " +
@@ -227,7 +245,10 @@ void Model::worker_main(Worker& w) {
   WorkerGeneration& gen = *w.gen;
   if (w.index < gen.placement.size()) {
     const AffinityResult pinned = apply_placement(gen.placement[w.index], gen.memory_policy);
-    if (!pinned.ok) w.pin_error = pinned.error;
+    if (!pinned.ok) {
+      std::lock_guard lock(workers_mu_);  // pin_errors() reads it, during a live move too
+      w.pin_error = pinned.error;
+    }
   }
   if (member_ != nullptr && (opts_.burst_instances == 0 || w.burst)) {
     // Below a reserved class: yield the CPU to that class's calls (see SharedPool). Threads
@@ -242,6 +263,7 @@ void Model::worker_main(Worker& w) {
       if (::setpriority(PRIO_PROCESS, tid, target) != 0) {
         const std::string why = "cannot lower its OS priority to nice " + std::to_string(target) +
                                 ": " + std::strerror(errno);
+        std::lock_guard lock(workers_mu_);
         w.pin_error = w.pin_error.empty() ? why : w.pin_error + "; " + why;
       }
 #endif
@@ -422,6 +444,7 @@ void Model::serve_burst(Worker& w) {
   // batch of one): a burst worker is there to cut the wait of the request at the head of the
   // queue, not to build throughput.
   while (await_burst()) {
+    if (!own_stay_busy()) continue;  // an own worker was only leaving its call: the request is its
     const uint32_t units = pool_enter(w);
     if (units == 0) break;  // withdrawn from the pool: the model closed (its own workers drain)
     Request* r = nullptr;
@@ -448,6 +471,21 @@ bool Model::await_burst() noexcept {
     // after the submission looked, with nothing new arriving.
     park_wait(burst_epoch_, epoch, queued ? 1'000'000 : -1);
   }
+}
+
+bool Model::own_stay_busy() const noexcept {
+  // A caller's next request often arrives while the own worker that answered the last one is
+  // still leaving its call (counted busy a moment longer): without this look a lone caller's
+  // requests went to burst workers (a third of them), taking shared-pool time at no peak.
+  const int64_t until = now_ns() + kBurstConfirmNs;
+  do {
+    if (busy_own_.load(std::memory_order_seq_cst) < opts_.instances ||
+        queued_.load(std::memory_order_seq_cst) == 0) {
+      return false;
+    }
+    std::this_thread::yield();
+  } while (now_ns() < until);
+  return true;
 }
 
 void Model::wake_burst() noexcept {
@@ -666,15 +704,18 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     counters_->rejected.fetch_add(n, std::memory_order_relaxed);
     return Admit::closed;
   }
-  // seq_cst: the submitter's first half of the sleeper handshake (see take()).
-  const std::size_t before = queued_.fetch_add(n, std::memory_order_seq_cst);
-  // Slots of requests settled while queued are free again (their cells are spare room).
-  if (before + n > max_queue_.load(std::memory_order_relaxed) +
-                       counters_->returned.load(std::memory_order_relaxed)) {
-    queued_.fetch_sub(n, std::memory_order_relaxed);
-    counters_->rejected.fetch_add(n, std::memory_order_relaxed);
-    return Admit::full;
-  }
+  // A slot for each of the n, taken only if all fit: a compare-and-swap, never an add undone
+  // when over (a bystander saw the inflated count in between and was refused with room left).
+  // seq_cst on success: the submitter's first half of the sleeper handshake (see take()).
+  std::size_t before = queued_.load(std::memory_order_relaxed);
+  do {
+    // Slots of requests settled while queued are free again (their cells are spare room).
+    if (before + n > max_queue_.load(std::memory_order_relaxed) +
+                         counters_->returned.load(std::memory_order_relaxed)) {
+      counters_->rejected.fetch_add(n, std::memory_order_relaxed);
+      return Admit::full;
+    }
+  } while (!queued_.compare_exchange_weak(before, before + n, std::memory_order_seq_cst, std::memory_order_relaxed));
   const int64_t now = now_ns();
   int64_t eta = 0;
   if (opts_.admission == Admission::deadline) {
@@ -692,8 +733,10 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
     eta = estimate > 0 ? now + estimate : 0;
     int64_t deadline = Request::kNoDeadline;
     for (std::size_t i = 0; i < n; ++i) deadline = std::min(deadline, rs[i]->deadline_ns);
+    // deadline <= now first: deadline - now cannot overflow after it (a deadline far in the
+    // past, INT64_MIN, was undefined behaviour and admitted).
     if (ahead != 0 && estimate > 0 && deadline != Request::kNoDeadline &&
-        deadline - now < estimate + counters_->overrun_ns.load(std::memory_order_relaxed)) {
+        (deadline <= now || deadline - now < estimate + counters_->overrun_ns.load(std::memory_order_relaxed))) {
       queued_.fetch_sub(n, std::memory_order_relaxed);
       counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       return Admit::late;
@@ -812,10 +855,13 @@ bool Model::claim_queued(Request* r) noexcept {
   if (!r->try_claim(RequestState::claimed)) return false;
   ModelCounters* c = r->counters.get();
   if (c == nullptr) return true;
-  if (c->returned.fetch_add(1, std::memory_order_relaxed) >= c->spare_cells) {
-    c->returned.fetch_sub(1, std::memory_order_relaxed);  // no spare cell: keeps its slot
-    return true;
-  }
+  // A bounded increment: never past spare_cells, not even for a moment (an add undone when
+  // over let a submitter admit one more request than the lanes hold, whose push then spun
+  // for ever, and close() waited for it).
+  std::size_t ret = c->returned.load(std::memory_order_relaxed);
+  do {
+    if (ret >= c->spare_cells) return true;  // no spare cell: keeps its slot
+  } while (!c->returned.compare_exchange_weak(ret, ret + 1, std::memory_order_relaxed, std::memory_order_relaxed));
   if (!r->counted.exchange(false, std::memory_order_acq_rel)) {
     c->returned.fetch_sub(1, std::memory_order_relaxed);  // popped already: nothing to give back
   }
@@ -890,6 +936,10 @@ void Model::check_shape(const Shape& shape) const {
            std::to_string(shape.instances));
   }
   check_groups(name, shape.instances, shape.instance_group);
+  if (shape.batching.max_size > kMaxBatchSize) {
+    refuse("batching max_size " + std::to_string(shape.batching.max_size) + " is out of range (1 .. " +
+           std::to_string(kMaxBatchSize) + ")");
+  }
   uint32_t groups = 1;
   for (uint32_t g : shape.instance_group) groups = std::max(groups, g + 1);
   if (groups != lanes_.groups() || groups > 1) {

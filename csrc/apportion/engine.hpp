@@ -177,6 +177,11 @@ enum class Admission : uint8_t {
              // plus how late recent requests ran against that judgement (Model::overrun_ns())
 };
 
+/// The largest admission bound a model is made with (its lanes hold twice as many cells).
+inline constexpr std::size_t kMaxQueueBound = std::size_t{1} << 30;
+/// The largest batch a model may form.
+inline constexpr std::size_t kMaxBatchSize = std::size_t{1} << 16;
+
 struct ModelOptions {
   std::string name;
   uint32_t instances = 1;
@@ -514,6 +519,10 @@ class Model {
   std::atomic<uint32_t> burst_epoch_{0};
   // Own workers between taking a request and finishing it (burst models only).
   alignas(kCacheLine) std::atomic<uint32_t> busy_own_{0};
+  /// How long a burst worker watches every own worker stay busy before it takes a request.
+  static constexpr int64_t kBurstConfirmNs = 100'000;
+  /// Whether every own worker stays busy with requests queued for kBurstConfirmNs.
+  bool own_stay_busy() const noexcept;
   // Batching workers waiting for a request with no batch in hand (see serve_batches). Read,
   // relaxed, once per batch that runs dry: a hint, and only workers write it, so it shares a
   // line that submitters never touch.

@@ -11,6 +11,8 @@
 // request, and its result, are never kept alive until their deadline.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -22,6 +24,9 @@ namespace apportion {
 
 class ExpiryHeap {
  public:
+  /// The longest single wait of the timer (it looks at the clock again after it).
+  static constexpr int64_t kMaxWaitNs = int64_t{3600} * 1'000'000'000;
+
   /// Adds `r` (deadline set) and takes a reference to it. Wakes the timer if `r` is now first.
   void add(Request* r);
   /// Takes `r` out if it is in (then drops the heap's reference; never the last one: its
@@ -67,7 +72,9 @@ void ExpiryHeap::run(Expire&& expire) {
     }
     const int64_t deadline = heap_.front()->deadline_ns, now = now_ns();
     if (deadline > now) {
-      cv_.wait_for(lock, std::chrono::nanoseconds(deadline - now));
+      // At most an hour at a time: a deadline near INT64_MAX overflowed the clock's time point,
+      // so the wait returned at once and this thread spun holding the lock (stop() waited).
+      cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(deadline - now, kMaxWaitNs)));
       continue;
     }
     while (!heap_.empty() && heap_.front()->deadline_ns <= now) {

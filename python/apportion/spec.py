@@ -197,6 +197,11 @@ class ModelSpec:
             if self.isolation != "exclusive":
                 raise bad("burst", f"burst is for exclusive models (a shared model already runs on the "
                           f"shared pool); got isolation={self.isolation!r}")
+            if self.batching is not None and self.batching.max_size > 1:
+                # A burst worker joins when every own worker is busy, which only workers serving
+                # one request per call report: with batching the burst instances never served.
+                raise bad("burst", "burst instances serve one request per call; they are not available with "
+                          "batching (max_size > 1)")
             pooled = True
         for fld in ("weight", "priority_class"):
             if getattr(self, fld) is not None and not pooled:

@@ -445,7 +445,7 @@ def test_a_new_admission_bound_alone_is_no_move_for_process_or_burst_models(monk
         assert rt.spec("p").max_queue == 10 and rt.spec("b").max_queue == 10
         assert rt.stats()["p"].moves == 0 and rt.call("p", 3) == 3 and rt.call("b", 4) == 4
         with pytest.raises(QuotaError, match="model 'b', field 'burst': models with burst instances cannot move"):
-            rt.apply(dataclasses.replace(rt.spec("b"), batching=ap.Batching(4, 1.0)))
+            rt.apply(dataclasses.replace(rt.spec("b"), batching=ap.Batching(1, 1.0)))
         with pytest.raises(QuotaError, match="model 'p', field 'isolation': process instances cannot move"):
             rt.apply(dataclasses.replace(rt.spec("p"), instances=2))
         # GPU models cannot be added to a serving runtime either: the advice is not "add it again".

@@ -62,6 +62,9 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     (dict(isolation="process", factory="m.x:f", watchdog_s=0), "watchdog_s", "positive, finite"),
     (dict(isolation="process", factory="m.x:f", start_timeout_s=10 ** 400), "start_timeout_s", "positive, finite"),
     (dict(isolation="process", factory="m.x:f", burst=2, cores=1), "burst", "threads of this process"),
+    # The burst workers never served a batching model (they wait for single-request workers).
+    (dict(isolation="exclusive", cores=1, burst=1, batching=ap.Batching(4, 1.0)), "burst",
+     "not available with batching"),
     (dict(isolation="process", model=len), "model", "builds the model in the worker process"),
     (dict(factory="not a path"), "factory", "not an import path"),
     (dict(factory=3), "factory", "callable or a 'module:function' path"),
@@ -225,8 +228,8 @@ def specs(draw: st.DrawFn) -> ModelSpec:
     if isolation == "shared":
         kw["weight"] = draw(st.one_of(st.none(), _floats))
         kw["priority_class"] = draw(st.one_of(st.none(), st.integers(-1000, 1000)))
-    elif isolation == "exclusive":
-        kw["burst"] = draw(st.one_of(st.booleans(), st.integers(0, 4)))
+    elif isolation == "exclusive" and (kw.get("batching") is None or kw["batching"].max_size == 1):
+        kw["burst"] = draw(st.one_of(st.booleans(), st.integers(0, 4)))  # not with batching
     return ModelSpec(name, **kw)
 
 
