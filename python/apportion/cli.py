@@ -232,6 +232,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    "capacity idles, and logs every move with its reason (see apportion.Controller)")
     p.add_argument("--adapt-window-s", type=above_zero(float), default=1.0, metavar="S",
                    help="the controller's window (default 1)")
+    p.add_argument("--adapt-batchable", action="append", default=[], metavar="NAME",
+                   help="a model whose batching the controller may switch on (its calls take a list of "
+                   "inputs; repeatable). Without it the controller changes the batch size only of models "
+                   "whose config already batches")
     _add_root(p)
     _add_json(p)
 
@@ -246,7 +250,14 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
     if args.adapt and not slos:
         raise ConfigError(args.config, "models", "--adapt needs a latency objective: give at least one model "
                           "slo = { latency_ms = ... }")
-    rt = cfg.runtime(topology_root=args.root, start=True)
+    for name in args.adapt_batchable:
+        if not args.adapt:
+            raise ConfigError("<command line>", "--adapt-batchable", "applies with --adapt only")
+        if name not in slos:
+            raise ConfigError("<command line>", "--adapt-batchable", f"model {name!r} has no slo in the config, so the "
+                              f"controller does not manage it; models with one: {', '.join(slos)}")
+    with _sigterm_stops():  # a stop while the models start (a service manager's) is a clean one
+        rt = cfg.runtime(topology_root=args.root, start=True)
     report = None
     controller = None
     stopped_by: int | None = None  # the signal that ended a --duration run early
@@ -259,7 +270,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
             log = None if args.json else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
                                                           file=out, flush=True))
             controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log,
-                                    percentiles=percentiles).start()
+                                    percentiles=percentiles, batchable=args.adapt_batchable).start()
         loads = cfg.model_loads()
         with _sigterm_stops():
             try:
@@ -302,6 +313,8 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if report is not None:
             print(report, file=out)
         print(stats, file=out)
+        for e in controller.errors if controller is not None else ():
+            print(f"controller error at {e}", file=out)
     return EXIT_OK if stopped_by is None else 128 + int(stopped_by)
 
 
@@ -705,11 +718,13 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except RuntimeError as e:  # an unreadable or malformed topology tree; the message names it
         print(f"{prog}: error: {str(e).removeprefix('apportion topology: ')}", file=err)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        # Ctrl-C in a command that does not handle it itself (run and serve do): one line,
-        # not a traceback through the load generator. Runtimes were closed on the way out.
-        print(f"{prog}: interrupted (SIGINT)", file=err)
-        return 128 + int(signal.SIGINT)
+    except KeyboardInterrupt as e:
+        # Ctrl-C in a command that does not handle it itself (run and serve do, once serving;
+        # SIGTERM while run's models start comes here too): one line, not a traceback through
+        # the load generator. Runtimes were closed on the way out.
+        sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
+        print(f"{prog}: {'stopped' if sig == signal.SIGTERM else 'interrupted'} ({sig.name})", file=err)
+        return 128 + int(sig)
     except BrokenPipeError:
         # The reader went away (`apportion plan x.toml | head`): not an error worth a traceback.
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.

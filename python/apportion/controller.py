@@ -53,7 +53,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,6 +256,27 @@ def _mix_moved(before: list[Mapping[str, Window]], after: list[Mapping[str, Wind
     return False
 
 
+FAILING_JUMP = 0.1
+"""A moved model whose share of failed requests rose by more than this after the move (with
+at least 5 failures) has its move undone, whatever else the windows say."""
+
+
+def _failing_since(before: list[Mapping[str, Window]], after: list[Mapping[str, Window]],
+                   moved: set[str]) -> str | None:
+    """Why the move broke a moved model (its failed share jumped), or None."""
+    def share(windows: list[Mapping[str, Window]], name: str) -> tuple[float, int]:
+        ws = [w[name] for w in windows if name in w]
+        failed = sum(w.failed for w in ws)
+        done = failed + sum(w.completed for w in ws)
+        return (failed / done if done else 0.0), failed
+
+    for name in sorted(moved):
+        (fb, _), (fa, na) = share(before, name), share(after, name)
+        if na >= 5 and fa > fb + FAILING_JUMP:
+            return f"{name!r} failed {fa:.0%} of its requests after it against {fb:.0%} before"
+    return None
+
+
 def _kind(old: ModelSpec, new: ModelSpec) -> str:
     """What a move changed, as its tabu key: "grow", "shrink", "batch", "raise" or "lower"."""
     if (old.isolation == "exclusive") != (new.isolation == "exclusive"):
@@ -344,7 +365,9 @@ class Controller:
     window) that let a saturated shared-pool model grow beyond ``capacity``, up to
     ``oversubscribe`` x ``capacity`` instances in all. ``history``: windows kept in
     :attr:`history` (for reports such as how long an SLO miss lasted). ``max_batch``,
-    ``batch_delay_ms``: the batching a model at risk without it is given; ``max_batch_size``:
+    ``batch_delay_ms``: the batching a model at risk without it is given, if it is one of
+    ``batchable`` (True: every model; default none: a model that takes one input per call
+    would fail every request given a list); ``max_batch_size``:
     the largest batch a model at risk whose calls are already full is moved up to (doubling).
     ``judge``, ``tolerance``, ``tabu_s``: how a move is judged, and undone when it served less
     (see the module documentation).
@@ -358,6 +381,7 @@ class Controller:
                  max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
                  judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
                  log: Callable[[Move], None] | None = None, percentiles: Mapping[str, float] | None = None,
+                 batchable: bool | Iterable[str] = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(slos, Mapping):
             raise QuotaError(f"Controller: slos must be a mapping of model name to its objective in ms, got "
@@ -392,6 +416,14 @@ class Controller:
         if max_batch > max_batch_size or max_batch_size > MAX_BATCH:
             raise QuotaError(f"Controller: need max_batch <= max_batch_size <= {MAX_BATCH} (the largest batch a "
                              f"model may be moved to), got max_batch={max_batch}, max_batch_size={max_batch_size}")
+        if isinstance(batchable, str) or not isinstance(batchable, (bool, Iterable)):
+            raise QuotaError(f"Controller: batchable must be True, False or an iterable of model names, got "
+                             f"{batchable!r}")
+        batchable_names = None if isinstance(batchable, bool) else frozenset(batchable)
+        for name in sorted(batchable_names or ()):
+            if not isinstance(name, str) or name not in slos:
+                raise QuotaError(f"Controller: batchable names {name!r}, which has no SLO in slos",
+                                 model=name if isinstance(name, str) else None, field="batchable")
         pcts = dict(percentiles or {})
         for name, pct in pcts.items():
             if name not in slos:
@@ -422,6 +454,9 @@ class Controller:
         """CPUs of the runtime's shared pool that sat idle over the last window (None: not
         measured, or the pool changed during the window)."""
         self.max_batch, self.batch_delay_ms, self.max_batch_size = max_batch, batch_delay_ms, max_batch_size
+        self.batchable: frozenset[str] = frozenset(self.slos) if batchable is True else (batchable_names or frozenset())
+        """The models whose batching the controller may switch on (their calls take a list of
+        inputs); a model that already batches may have its batch size changed whatever this says."""
         self.clock = clock
         self._log = log
         self._t0 = clock()
@@ -548,7 +583,7 @@ class Controller:
                                f"idle (used {windows[d].used:.0%}): gives {gives} to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         can_batch = movable and self._open(name, "batch", now_s)
-        if can_batch and spec.batching is None and self.max_batch > 1:
+        if can_batch and spec.batching is None and self.max_batch > 1 and name in self.batchable:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
             return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
                                        why + "; no capacity to take: batch")]
@@ -558,7 +593,8 @@ class Controller:
         elif not can_batch:
             blocked.append("a batching move was undone lately")
         elif b is None:
-            blocked.append("batching is off (max_batch 1)")
+            blocked.append("batching is off (max_batch 1)" if self.max_batch <= 1 else
+                           "batching is off and the model is not batchable (Controller(batchable=...))")
         elif w.busy <= self.hot or w.mean_batch < FULL_BATCHES * b.max_size:
             blocked.append(f"calls not full (mean batch {w.mean_batch:.1f} of {b.max_size}, busy {w.busy:.0%})")
         elif b.max_size * 2 > self.max_batch_size or b.max_size * 2 in self._batch_tried.get(name, ()):
@@ -764,11 +800,14 @@ class Controller:
         if len(trial.after) < self.judge:
             return None
         self._trial = None
+        broke = _failing_since(trial.before, trial.after, {m.model for m, _ in trial.moves})
         before, after = _served(trial.before), _served(trial.after)
-        if (before is None or after is None or after >= before * (1 - self.tolerance)
-                or _mix_moved(trial.before, trial.after)):
+        if broke is None and (before is None or after is None or after >= before * (1 - self.tolerance)
+                              or _mix_moved(trial.before, trial.after)):
             return []
-        why = f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
+        # A moved model failing its requests is undone whatever the load did: fast failures
+        # raise a closed loop's arrival rate, which read as the load having moved.
+        why = broke or f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
         for m, old in trial.moves:
             self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
         return [self._move(now_s, m.model, old, f"undone: {m.change}", why) for m, old in trial.moves]

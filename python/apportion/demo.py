@@ -283,7 +283,9 @@ def measure_adaptive(before: Config, after: Config, *, before_s: float, settings
     moves: list[Move] = []
     try:
         slos = {n: m.slo["latency_ms"] for n, m in before.models.items() if m.slo}
-        ctl = Controller(rt, slos, window_s=control_window_s, dwell_s=4 * control_window_s, log=moves.append)
+        # The demo's torch models take a stacked batch: the controller may switch batching on.
+        ctl = Controller(rt, slos, window_s=control_window_s, dwell_s=4 * control_window_s, log=moves.append,
+                         batchable=True)
         with ctl:
             half = max(before_s / 2, 0.05)
             ld.run(rt, before.model_loads(), warmup_s=half, window_s=half, stable_windows=1, tolerance=1.0,

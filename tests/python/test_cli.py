@@ -593,3 +593,40 @@ def test_the_apportion_command_imports_a_configs_paths_from_the_current_director
     done = subprocess.run([exe, "plan", "m.toml"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "ranker" in done.stdout
+
+
+def test_sigterm_while_runs_models_start_is_one_line_and_exit_143(tmp_path: Path) -> None:
+    # The process died of the signal (exit 143 from the shell, nothing said) while its models
+    # started: the moment a service manager is likely to stop it.
+    (tmp_path / "slow_build_cli.py").write_text(
+        "import time\n\ndef build(ctx):\n    time.sleep(3.0)\n    return lambda x: x\n")
+    path = config(tmp_path, '[models.m]\nfactory = "slow_build_cli:build"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "apportion", "run", path], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # building
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (143, "", "apportion run: stopped (SIGTERM)\n")
+
+
+def test_adapt_batchable_names_models_the_controller_manages(tmp_path: Path) -> None:
+    path = config(tmp_path, SLEEPERS)
+    code, _, err = run("run", path, "--adapt-batchable", "slow", "--duration", "0.2")
+    assert code == 2 and "--adapt-batchable: applies with --adapt only" in err, err
+    code, _, err = run("run", path, "--adapt", "--adapt-batchable", "nope", "--duration", "0.2")
+    assert code == 2 and "--adapt-batchable: model 'nope' has no slo in the config" in err, err
+    code, out, err = run("run", path, "--adapt", "--adapt-batchable", "slow", "--duration", "0.4", "--json")
+    assert (code, err) == (0, ""), err
+
+
+def test_failed_controller_moves_are_shown_in_the_text_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only --json carried them: the text said nothing of the growth that kept failing.
+    (tmp_path / "second_fails_cli.py").write_text(
+        "import time\n\ndef build(ctx):\n    if ctx.instance >= 1:\n        raise RuntimeError('no second instance')\n"
+        "    def serve(x):\n        time.sleep(0.02)\n        return x\n    return serve\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = config(tmp_path, '[models.m]\nfactory = "second_fails_cli:build"\nslo = { latency_ms = 1 }\n'
+                            'load = { concurrency = 4 }\n')
+    code, out, err = run("run", path, "--adapt", "--adapt-window-s", "0.2", "--duration", "3")
+    assert (code, err) == (0, ""), err
+    assert "controller error at " in out and "no second instance" in out, out

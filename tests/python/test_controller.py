@@ -30,7 +30,7 @@ def spec(name: str, instances: int = 1, **kw: Any) -> ap.ModelSpec:
 
 
 def controller(**kw: Any) -> Controller:
-    args: dict[str, Any] = {"capacity": 4, "confirm": 2, "dwell_s": 5.0, "window_s": 1.0}
+    args: dict[str, Any] = {"capacity": 4, "confirm": 2, "dwell_s": 5.0, "window_s": 1.0, "batchable": True}
     args.update(kw)
     return Controller(None, {"a": 50.0, "b": 50.0}, **args)
 
@@ -488,7 +488,7 @@ def test_a_donor_down_to_one_core_gives_nothing_on_a_scheduled_pool() -> None:
     with ap.Runtime(shared_pool="scheduled") as rt:
         rt.add_model("a", model=lambda x: x)
         rt.add_model("b", model=lambda x: x)
-        c = Controller(rt, {"a": 50.0, "b": 50.0}, capacity=2, confirm=1)
+        c = Controller(rt, {"a": 50.0, "b": 50.0}, capacity=2, confirm=1, batchable=True)
     assert (rt.shared_pool, c.release) == ("scheduled", False)
     specs = {"a": spec("a", 1), "b": spec("b", 1, cores=1, isolation="exclusive")}
     moves = c.decide({"a": win(p99=60.0), "b": win(busy=0.05, p99=1.0)}, specs, 0.0)
@@ -618,6 +618,39 @@ def test_a_move_after_which_as_many_complete_but_fewer_within_the_slo_is_undone(
     undo = c.verdict(late, 2.0)
     assert undo is not None and [m.change for m in undo] == ["undone: max_queue 8 -> 25"]
     assert "served 75.0% of arrivals within SLO after it against 100.0% before" in undo[0].reason
+
+
+def test_batching_is_switched_on_only_for_models_said_to_take_batches() -> None:
+    # A model taking one input per call was given a list by the controller's "batching off ->
+    # 8" and failed every request; only Controller(max_batch=1) turned that off, for all.
+    specs = {"a": spec("a", 1), "b": spec("b", 1)}
+    risky = {"a": win(p99=80.0), "b": win(busy=0.6)}
+    default = controller(capacity=2, confirm=1, dwell_s=0.0, batchable=False)
+    moves = default.decide(risky, specs, 0.0)
+    assert [m.change for m in moves] == ["max_queue 1024 -> 5"]  # the next kind in line: admission
+    named = controller(capacity=2, confirm=1, dwell_s=0.0, batchable=["a"])
+    assert [m.change for m in named.decide(risky, specs, 0.0)] == ["batching off -> 8"]
+    assert named.batchable == {"a"} and controller(batchable=True).batchable == {"a", "b"}
+    # A model that batches already has its size changed whatever batchable says.
+    full = {"a": win(p99=80.0, busy=0.95, rate=400.0, batch=8.0), "b": win(busy=0.6)}
+    batched = {**specs, "a": spec("a", 1, batching=ap.Batching(8, 1.0))}
+    assert [m.change for m in default.decide(full, batched, 1.0)] == ["batch 8 -> 16"]
+    for bad in ("a", 3, ["nope"]):
+        with pytest.raises(QuotaError, match="batchable"):
+            controller(batchable=bad)
+
+
+def test_a_move_after_which_a_moved_model_fails_is_undone_whatever_the_load_did() -> None:
+    # Its requests failing fast raised a closed loop's arrival rate: the verdict read "the load
+    # itself moved" and kept a move after which every request failed.
+    c = controller(capacity=2, judge=1)
+    specs = {"a": spec("a", 1, max_queue=8, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    moves = _risky_raise(c, specs, 0.0)
+    c.trial(moves, specs, [{"a": win(rate=100.0), "b": win(rate=100.0)}])
+    failing = {"a": Window(1.0, 400, 0, 0, 5.0, 0.0, 1.0, 1.0, 1, failed=400), "b": win(rate=100.0)}
+    undo = c.verdict(failing, 2.0)
+    assert undo is not None and [m.change for m in undo] == ["undone: max_queue 8 -> 25"]
+    assert "'a' failed 100% of its requests after it against 0% before" in undo[0].reason
 
 
 def test_a_move_that_serves_as_much_stays() -> None:
