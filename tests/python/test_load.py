@@ -510,6 +510,24 @@ def test_expired_requests_count_against_the_slo_and_refusals_are_shown_beside_it
     assert "p99<=50ms MISSED" in str(r)
 
 
+def test_failed_requests_count_against_the_slo(rt: ap.Runtime) -> None:
+    # Most requests failed and the report said "p99<=30ms met" from the completions alone; with
+    # every request failing it said nothing.
+    def mostly_failing(x: int) -> int:
+        if x % 4:
+            raise ValueError("no")
+        return x
+
+    started(rt, s={"model": mostly_failing, "max_queue": 1000}, f={"model": lambda x: 1 / 0, "max_queue": 1000})
+    counter = iter(range(10**9))
+    r = load.run(rt, [ModelLoad("s", concurrency=2, slo=SLO(latency_ms=30), inputs=lambda: next(counter)),
+                      ModelLoad("f", concurrency=1, slo=SLO(latency_ms=30))],
+                 warmup_s=0.1, window_s=0.2, max_s=1.5, seed=1)
+    assert r["s"].failed > r["s"].completed and r["s"].slo_met is False
+    assert r["f"].completed == 0 and r["f"].failed > 0 and r["f"].slo_met is False
+    assert "p99<=30ms MISSED" in str(r)
+
+
 def test_refusals_at_admission_are_shown_beside_a_met_slo(rt: ap.Runtime) -> None:
     started(rt, s={"model": _fixed(5.0), "max_queue": 2})
     r = load.run(rt, ModelLoad("s", rate=600.0, arrivals="constant", slo=SLO(latency_ms=200)),

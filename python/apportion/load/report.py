@@ -112,8 +112,9 @@ class ModelReport:
     """The runtime's compute figures over the reported windows (as ``queue_wait``)."""
     slo_met: bool | None
     """Whether the SLO percentile of end-to-end latency met ``slo.latency_ms``, over the
-    requests admitted (expired ones count as misses; refusals at admission are left out and
-    shown beside the verdict); None without a latency objective or without completions."""
+    requests admitted (expired and failed ones count as misses; refusals at admission are left
+    out and shown beside the verdict); None without a latency objective or without a request
+    admitted."""
     stable: bool
     windows: tuple[WindowStats, ...]
     """Every measured window (warm-up excluded), oldest first."""
@@ -421,10 +422,12 @@ def model_report(spec: ModelLoad, accs: list[Tally], duration_s: float, history:
     slo = spec.slo
     slo_met: bool | None = None
     expired = sum(a.expired for a in accs)
-    if slo is not None and slo.latency_ms is not None and latencies:
-        # An expired request was admitted and not served in time: a miss, as late as any
-        # (a refusal at admission is not counted: the SLO is of the requests admitted).
-        ranked = sorted(latencies) + [math.inf] * expired
+    failed = sum(a.failed for a in accs)
+    if slo is not None and slo.latency_ms is not None and (latencies or expired or failed):
+        # An expired or failed request was admitted and not served in time: a miss, as late as
+        # any (a refusal at admission is not counted: the SLO is of the requests admitted).
+        # Failures left out read "met" with most requests failing.
+        ranked = sorted(latencies) + [math.inf] * (expired + failed)
         slo_met = percentile(ranked, slo.percentile) <= slo.latency_ms * 1e6
     q_mean = c_mean = None
     queue_wait = compute = end_to_end = None
