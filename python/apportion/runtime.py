@@ -687,6 +687,12 @@ class Runtime(_core._Runtime):
         old = entry.spec
         if isinstance(spec.factory, str) and not spec.process:
             spec = dataclasses.replace(spec, factory=_imported(name, "factory", spec.factory))
+        elif spec.process and old.process and not _same(old.factory, spec.factory):
+            # A function here and its "module:function" there (a plan read from a file) are one
+            # factory to the worker process, which imports it by that path.
+            with contextlib.suppress(QuotaError):  # not importable: refused below as a change
+                if factory_path(name, old.factory) == factory_path(name, spec.factory):
+                    spec = dataclasses.replace(spec, factory=old.factory)
         # Process, GPU and burst instances cannot be rebuilt while they serve: these kinds may
         # not change at all, and a model of one of them may change only what needs no new
         # instances (its admission bound; see _check_movable).

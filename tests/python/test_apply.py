@@ -454,3 +454,26 @@ def test_a_new_admission_bound_alone_is_no_move_for_process_or_burst_models(monk
             rt.apply(dataclasses.replace(rt.spec("b"), gpu=ap.GPU()))
     finally:
         rt.close()
+
+
+def test_a_process_models_factory_as_a_function_or_its_path_is_the_same_factory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Added with the function and applied with its "module:function" (a plan read from a file),
+    # or the other way round: refused as "factory cannot change", while a thread model took it.
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # the child imports process_models
+    import process_models
+
+    rt = ap.Runtime()
+    try:
+        rt.add_model("p1", factory=process_models.echo, isolation="process", max_queue=64)
+        rt.add_model("p2", factory="process_models:echo", isolation="process", max_queue=64)
+        rt.start()
+        assert rt.apply(dataclasses.replace(rt.spec("p1"), factory="process_models:echo", max_queue=32)) == ["p1"]
+        assert rt.apply(dataclasses.replace(rt.spec("p2"), factory=process_models.echo, max_queue=32)) == ["p2"]
+        assert (rt.spec("p1").max_queue, rt.spec("p2").max_queue) == (32, 32)
+        assert rt.call("p1", 5) == 5 and rt.call("p2", 6) == 6
+        with pytest.raises(QuotaError, match="model 'p1', field 'factory': cannot change while the model is "
+                                             "registered"):
+            rt.apply(dataclasses.replace(rt.spec("p1"), factory="process_models:info"))
+    finally:
+        rt.close()
