@@ -580,6 +580,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-timeout-s", type=above_zero(float), default=60.0, metavar="S",
                    help="answer 408 to an HTTP request whose body has not arrived whole S seconds after "
                    "its headers (default 60)")
+    p.add_argument("--header-timeout-s", type=above_zero(float), default=60.0, metavar="S",
+                   help="answer 408 and close a connection whose request headers have not arrived whole S "
+                   "seconds after the connection (or the request's first byte) (default 60)")
     _add_root(p)
 
 
@@ -605,7 +608,8 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
                         grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop,
                         max_body_bytes=args.max_body_bytes, queue_full_status=args.queue_full_status,
-                        drain_timeout_s=args.drain_timeout_s, body_timeout_s=args.body_timeout_s)
+                        drain_timeout_s=args.drain_timeout_s, body_timeout_s=args.body_timeout_s,
+                        header_timeout_s=args.header_timeout_s)
 
         def announce() -> None:
             if server.listening.wait(120):

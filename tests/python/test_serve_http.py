@@ -390,6 +390,37 @@ def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout() -> None:
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, body_timeout_s=0)
 
 
+def test_headers_that_do_not_arrive_get_408_and_the_connection_closed() -> None:
+    # uvicorn has no deadline for a request's headers: a client sending them slowly (or opening
+    # a connection and sending nothing) held its connection for as long as it liked.
+    import socket
+
+    with echo_server(header_timeout_s=0.4) as s:
+        for first in (b"", b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Le"):
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                c.sendall(first)
+                started = time.monotonic()
+                answer = http_response(c)
+                waited = time.monotonic() - started
+                assert c.recv(1) == b""  # closed after it
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"no complete request headers within 0.4 s" in answer and waited < 20
+        # A kept-alive connection: the deadline is per request, from its first byte; a request
+        # whose headers arrive in time is served, however long the connection has been open.
+        with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+            body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}'
+            request = (b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+            for _ in range(3):
+                c.sendall(request)
+                assert http_response(c).startswith(b"HTTP/1.1 200")
+                time.sleep(0.25)
+            c.sendall(request[:20])
+            assert http_response(c).startswith(b"HTTP/1.1 408")
+        with pytest.raises(ValueError, match="header_timeout_s must be a finite number of seconds > 0"):
+            Server(s.frontend.rt, {"echo": signatures()["echo"]}, header_timeout_s=float("inf"))
+
+
 def test_request_and_output_parameters_are_read_as_the_protocol_types_them(served: Served) -> None:
     path = "/v2/models/multi/infer"
     inputs = [{"name": "a", "datatype": "INT32", "shape": [2], "data": [1, 2]},

@@ -13,11 +13,55 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from .._private.checks import finite_number
 from .._private.loops import LOOPS, loop_factory, loop_name
 from . import _frontend as fe
 from .app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, V2App
 from .grpc import start_server
 from .tensors import Signature
+
+DEFAULT_HEADER_TIMEOUT_S = 60.0
+"""How long an HTTP request's headers may take to arrive whole (from the connection, or from
+the request's first byte on a kept-alive one) before the server answers 408 and closes."""
+
+
+def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a deadline for each request's headers: a client that
+    sends them slowly, or opens a connection and sends nothing, is answered 408 and closed after
+    ``timeout_s`` (uvicorn has no such deadline: such connections stayed open for ever). The
+    deadlines share one loop timer (:class:`Alarms`): a request costs dict entries, not a
+    timer armed and cancelled."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    alarms = fe.Alarms(timeout_s)
+    answer = (f"no complete request headers within {timeout_s:g} s").encode()
+    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: " + str(len(answer)).encode() + b"\r\nconnection: close\r\n\r\n" + answer)
+
+    class HeaderDeadline(HttpToolsProtocol):  # type: ignore[misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            alarms.set(self, self._headers_late)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            alarms.cancel(self)  # this request's own deadline, from its first byte
+            alarms.set(self, self._headers_late)
+
+        def on_headers_complete(self) -> None:
+            alarms.cancel(self)
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            alarms.cancel(self)
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(late)
+                self.transport.close()
+
+    return HeaderDeadline
 
 if TYPE_CHECKING:
     import grpc
@@ -58,7 +102,8 @@ class Server:
                  http_port: int = 8000, grpc_port: int | None = 8001, *,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429,
                  drain_timeout_s: float = 30.0, loop: str = "auto",
-                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> None:
         for field, port in (("http_port", http_port), ("grpc_port", grpc_port)):
             if port is None and field == "grpc_port":
                 continue
@@ -66,6 +111,10 @@ class Server:
                 raise ValueError(f"Server: {field} must be a port in [0, 65535], got {port!r}")
         if not drain_timeout_s > 0:
             raise ValueError(f"Server: drain_timeout_s must be > 0, got {drain_timeout_s!r}")
+        if not (finite_number(header_timeout_s) and header_timeout_s > 0):
+            raise ValueError(f"Server: header_timeout_s must be a finite number of seconds > 0, got "
+                             f"{header_timeout_s!r}")
+        self.header_timeout_s = float(header_timeout_s)
         self._loop_factory = loop_factory(loop)
         self.loop: str = loop_name(self._loop_factory)
         """The event loop that serves: ``uvloop`` or ``asyncio``."""
@@ -112,6 +161,7 @@ class Server:
         # (~15% of the loop's Python time under load, bench/RESULTS.md).
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
                                 access_log=False, proxy_headers=False,
+                                http=header_timeout_protocol(self.header_timeout_s),
                                 timeout_graceful_shutdown=self.drain_timeout_s)
         self._uv = _Uvicorn(config)
         self._uv_task = asyncio.create_task(self._uv.serve(sockets=[sock]))
