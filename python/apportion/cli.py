@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import load as ld
-from ._private.argtypes import above_zero, in_range
+from ._private.argtypes import above_zero, at_least, in_range
 from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed, model_key
@@ -200,8 +200,8 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _window_args(p: argparse.ArgumentParser, window: float, max_s: float) -> None:
     p.add_argument("--warmup-s", type=above_zero(float), default=window,
                    help=f"warm-up seconds (default {window:g})")
-    p.add_argument("--window-s", type=above_zero(float), default=window,
-                   help=f"measurement window seconds (default {window:g})")
+    p.add_argument("--window-s", type=at_least(ld.MIN_WINDOW_S), default=window,
+                   help=f"measurement window seconds, {ld.MIN_WINDOW_S:g} at least (default {window:g})")
     p.add_argument("--max-s", type=above_zero(float), default=None,
                    help=f"stop after this many seconds even if not stable, warm-up included; at least "
                    f"the warm-up and three windows (default {max_s:g}, or that least if it is more)")
@@ -256,8 +256,9 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if name not in slos:
             raise ConfigError("<command line>", "--adapt-batchable", f"model {name!r} has no slo in the config, so the "
                               f"controller does not manage it; models with one: {', '.join(slos)}")
-    with _sigterm_stops():  # a stop while the models start (a service manager's) is a clean one
-        rt = cfg.runtime(topology_root=args.root, start=True)
+    rt, stopped = _start_or_stop(cfg, args.root, "apportion run")  # a service manager's stop, too
+    if stopped is not None:
+        return stopped
     report = None
     controller = None
     stopped_by: int | None = None  # the signal that ended a --duration run early
@@ -593,17 +594,11 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
 
     cfg = Config.load(args.config)
     sigs = signatures(cfg)
-    try:
-        # A signal while the models build and warm up: it takes effect once the runtime's start
-        # returns (the engine's wait cannot be interrupted), and ends the process as the
-        # signal asks, with a line instead of an abrupt exit (SIGTERM) or a traceback (Ctrl-C).
-        with _sigterm_stops():
-            rt = cfg.runtime(topology_root=args.root, start=True)
-    except KeyboardInterrupt as e:
-        sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
-        print(f"apportion serve: stopped by {signal.Signals(sig).name} while its models started", file=sys.stderr,
-              flush=True)
-        return 128 + sig
+    # A signal while the models build and warm up ends the process as the signal asks, with a
+    # line instead of an abrupt exit (SIGTERM) or a traceback (Ctrl-C).
+    rt, stopped = _start_or_stop(cfg, args.root, "apportion serve")
+    if stopped is not None:
+        return stopped
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
                         grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop,
@@ -632,17 +627,54 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         raise
     # The drain answered every admitted request; past its timeout, those still running got 503,
     # and their calls are not waited for (one that never returns held the exit for ever).
-    _close_or_exit(rt, drain=server.drained is True, code=1)
-    if server.drained is False:
+    if server.drained is False:  # said before the close, which may end the process (os._exit)
         print(f"apportion serve: requests still running after --drain-timeout-s {args.drain_timeout_s:g} "
               "got 503", file=sys.stderr, flush=True)
-        return 1
-    return EXIT_OK
+    _close_or_exit(rt, drain=server.drained is True, code=1)
+    return 1 if server.drained is False else EXIT_OK
 
 
 CLOSE_GRACE_S = 2.0
 """How long ``apportion serve`` waits for the runtime to close after the drain (queued work
 cancelled, worker processes ended) before it exits without the calls still running."""
+
+
+def _start_or_stop(cfg: Config, root: str, prog: str) -> tuple[Any, int | None]:
+    """(the config's runtime started, None), or (None, 128 + signal) for SIGTERM or Ctrl-C
+    while its models start, said in one line. The start runs on a thread of its own, so the
+    signal is heard at once even while a factory or warm-up runs (the engine's wait for them
+    cannot be interrupted): a start that then returns within CLOSE_GRACE_S is closed; one that
+    does not (a factory or warm-up that never returns) is left, and the process ends."""
+    got: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: an exception in join leaves is_alive() False
+
+    def start() -> None:
+        try:
+            got["rt"] = cfg.runtime(topology_root=root, start=True)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            got["error"] = e
+        finally:
+            done.set()
+
+    starter = threading.Thread(target=start, name="apportion-start", daemon=True)
+    with _sigterm_stops():
+        try:
+            starter.start()
+            while not done.wait(0.1):  # a signal's handler runs here, between the waits
+                pass
+        except KeyboardInterrupt as e:
+            sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
+            print(f"{prog}: stopped by {sig.name} while its models started", file=sys.stderr, flush=True)
+            if not done.wait(CLOSE_GRACE_S):
+                print(f"{prog}: a model's factory or warm-up still running {CLOSE_GRACE_S:g} s later; exiting "
+                      "without it", file=sys.stderr, flush=True)
+                os._exit(128 + sig)
+            if "rt" in got:
+                _close_or_exit(got["rt"], drain=False, code=128 + sig)
+            return None, 128 + sig
+    if "error" in got:
+        raise got["error"]
+    return got["rt"], None
 
 
 def _close_or_exit(rt: Any, drain: bool, code: int) -> None:

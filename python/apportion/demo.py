@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import _table
-from ._private.argtypes import above_zero
+from ._private.argtypes import above_zero, at_least
 from . import load as ld
 from .config import Config, ConfigError, ModelConfig
 from .controller import Controller, Move
@@ -462,8 +462,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", type=above_zero(float), default=1.0,
                    help="offered load as a multiple of the cores' one-thread capacity (default 1.0)")
     p.add_argument("--budget-s", type=above_zero(float), default=60.0, help="tuner time budget in seconds (default 60)")
-    p.add_argument("--window-s", type=above_zero(float), default=1.0,
-                   help="measurement window for the three modes, seconds (default 1; 3 windows each)")
+    p.add_argument("--window-s", type=at_least(ld.MIN_WINDOW_S), default=1.0,
+                   help=f"measurement window for the three modes, seconds ({ld.MIN_WINDOW_S:g} at least; default 1; "
+                   "3 windows each)")
     p.add_argument("--out", default="apportion-demo", metavar="DIR",
                    help="where the plot, the tuned plan and the tuner's report go (default ./apportion-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")

@@ -280,3 +280,16 @@ def slow_to_build(ctx: Any) -> Any:
         open(mark, "w").close()
     time.sleep(2.0)
     return lambda x: x
+
+
+def never_built(ctx: Any) -> Any:
+    """A factory that does not return (for ten minutes); creates the file APPORTION_TEST_BUILDING
+    names (if set) as it begins."""
+    import os
+    import time
+
+    mark = os.environ.get("APPORTION_TEST_BUILDING")
+    if mark:
+        open(mark, "w").close()
+    time.sleep(600)
+    return lambda x: x

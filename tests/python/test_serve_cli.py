@@ -271,14 +271,19 @@ def test_a_call_that_never_returns_does_not_hold_the_exit(tmp_path: Path, second
     assert took < 1 + 2 + 5, took  # the drain timeout, the close's grace, a slow machine
     assert "model calls still running 2 s after the drain; exiting without them" in err, err
     assert code == (1 if second is None else 128 + second), (code, err)
+    # The drain's own line came too (it was printed after the close, which ended the process).
+    assert ("requests still running after --drain-timeout-s 1 got 503" in err) == (second is None), err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_while_the_models_start_ends_the_process_with_a_line(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(("sig", "factory"), [(signal.SIGTERM, "slow_to_build"), (signal.SIGINT, "slow_to_build"),
+                                            (signal.SIGTERM, "never_built")])
+def test_a_signal_while_the_models_start_ends_the_process_with_a_line(tmp_path: Path, sig: signal.Signals,
+                                                                      factory: str) -> None:
     # SIGTERM killed the process at once with no word (exit -15); Ctrl-C waited for the start,
-    # then printed a KeyboardInterrupt traceback (exit -2 / 1).
+    # then printed a KeyboardInterrupt traceback (exit -2 / 1); a factory that never returned
+    # kept the process for ever, through every signal but SIGKILL.
     cfg = tmp_path / "slow.toml"
-    cfg.write_text(HANGS.replace("hangs_on_negative", "slow_to_build").replace("instances = 2", "instances = 1"))
+    cfg.write_text(HANGS.replace("hangs_on_negative", factory).replace("instances = 2", "instances = 1"))
     building = tmp_path / "building"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]), APPORTION_TEST_BUILDING=str(building))
     proc = subprocess.Popen([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0", "--grpc-port",
@@ -297,3 +302,5 @@ def test_a_signal_while_the_models_start_ends_the_process_with_a_line(tmp_path: 
     assert proc.returncode == 128 + sig, (proc.returncode, err)
     assert f"apportion serve: stopped by {sig.name} while its models started" in err and "Traceback" not in err, err
     assert "v2 HTTP on" not in out
+    assert ("a model's factory or warm-up still running 2 s later; exiting without it" in err) == (
+        factory == "never_built"), err

@@ -23,6 +23,20 @@ def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def at_least(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite float >= ``low``; anything else is a usage error naming the
+    option (exit 2)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (finite_number(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text!r}")
+        return value
+    return parse
+
+
 def in_range(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an int in [low, high]; anything else is a usage error naming the
     option (exit 2)."""

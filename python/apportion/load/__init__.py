@@ -69,9 +69,10 @@ from .report import (
     window_latency,
     windows_stable,
 )
-from .spec import SLO, SPEC_KEYS, LoadError, ModelLoad, model_load, parse_spec
+from .spec import MIN_WINDOW_S, SLO, SPEC_KEYS, LoadError, ModelLoad, model_load, parse_spec
 
 __all__ = [
+    "MIN_WINDOW_S",
     "SLO",
     "SPEC_KEYS",
     "LoadError",
