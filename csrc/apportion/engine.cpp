@@ -477,15 +477,14 @@ bool Model::own_stay_busy() const noexcept {
   // A caller's next request often arrives while the own worker that answered the last one is
   // still leaving its call (counted busy a moment longer): without this look a lone caller's
   // requests went to burst workers (a third of them), taking shared-pool time at no peak.
-  const int64_t until = now_ns() + kBurstConfirmNs;
-  do {
-    if (busy_own_.load(std::memory_order_seq_cst) < opts_.instances ||
-        queued_.load(std::memory_order_seq_cst) == 0) {
-      return false;
-    }
-    std::this_thread::yield();
-  } while (now_ns() < until);
-  return true;
+  // Asleep meanwhile, not spinning: the watch takes no time from the shared cores it runs on.
+  const auto still = [this] {
+    return busy_own_.load(std::memory_order_seq_cst) >= opts_.instances &&
+           queued_.load(std::memory_order_seq_cst) != 0;
+  };
+  if (!still()) return false;
+  std::this_thread::sleep_for(std::chrono::nanoseconds(kBurstConfirmNs));
+  return still();
 }
 
 void Model::wake_burst() noexcept {

@@ -664,6 +664,10 @@ def _start_or_stop(cfg: Config, root: str, prog: str) -> tuple[Any, int | None]:
                 pass
         except KeyboardInterrupt as e:
             sig = signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT
+            # A second signal during the grace below changes nothing (the process ends within it
+            # either way): raised out of here, it skipped the close of a start that then returned.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             print(f"{prog}: stopped by {sig.name} while its models started", file=sys.stderr, flush=True)
             if not done.wait(CLOSE_GRACE_S):
                 print(f"{prog}: a model's factory or warm-up still running {CLOSE_GRACE_S:g} s later; exiting "

@@ -20,7 +20,7 @@ from .adapters import build_instance
 from .batching import Batching, wrap_factory
 from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
-from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed
+from .errors import ApportionError, ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed
 from .futures import on_loop
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
@@ -1118,7 +1118,11 @@ class Runtime(_core._Runtime):
         awaiting task cancels the request if it is still queued."""
         loop = asyncio.get_running_loop()
         fut = self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
-        waiter = on_loop(fut, loop, model)
+        try:
+            waiter = on_loop(fut, loop, model)
+        except ApportionError:  # awaited on a worker of the model itself: nobody would read it
+            fut.cancel()
+            raise
         try:
             return await waiter
         except asyncio.CancelledError:

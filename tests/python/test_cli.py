@@ -607,6 +607,8 @@ def test_sigterm_while_runs_models_start_is_one_line_and_exit_143(tmp_path: Path
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)  # building
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # a second one (a process-group kill, `timeout`) changes nothing
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out, err) == (143, "", "apportion run: stopped by SIGTERM while its models started\n")
 

@@ -480,3 +480,25 @@ def test_a_factory_that_ends_its_process_fails_the_start_naming_node_and_model(l
                                                 r"\['crash'\] \(\w+Error"):
         Cluster(specs(crash={"factory": "ray_models:exits_while_building"}), start_timeout_s=60)
     wait_for(lambda: cpus_free() == 5.0, "the failed start kept CPUs")
+
+
+def test_a_node_lost_while_a_re_placement_routes_it_is_not_routed_again() -> None:
+    # The re-placement (on a thread of its own) routed a node that a request had seen leave in
+    # the meantime: later submits chose it and failed with a bare KeyError, for good. And a
+    # close() between a loss and the start of its re-placement thread raised, leaving every
+    # actor running. (The routing state alone: no Ray cluster needed.)
+    from apportion.ray.plan import ClusterPlan
+
+    c = Cluster.__new__(Cluster)
+    c._init_local()
+    c._plan, c._closed, c._routes, c._lost_nodes, c.lost_capacity = ClusterPlan(()), False, {}, set(), {}
+    c._actors = {"n1": object(), "n2": object()}
+    m = specs(m={})
+    c._route("n1", m)
+    c._lost("n2").wait(10)  # the loss comes first ...
+    c._route("n2", m)  # ... and then the re-placement's route for it
+    assert c.nodes_of("m") == ["n1"] and "n2" not in c._actors
+    c._actors = {}
+    c._lost("n1")
+    c.close(drain_timeout_s=0.0)  # at once after a loss: no error, nothing left
+    assert c._closed and c._actors == {}

@@ -421,6 +421,33 @@ def test_headers_that_do_not_arrive_get_408_and_the_connection_closed() -> None:
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, header_timeout_s=float("inf"))
 
 
+def test_late_headers_of_a_pipelined_request_do_not_cut_the_answer_before_it() -> None:
+    # The deadline fired while the request before it was still being answered: the client got
+    # 408 in place of that answer, and the connection closed under it.
+    import socket
+
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: (time.sleep(1.0), x)[1])
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, header_timeout_s=0.4) as s:
+            body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}'
+            request = (b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                c.sendall(request + request[:20])  # the second one's headers never complete
+                got = b""
+                while True:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 200"), got[:200]
+            assert got.count(b"HTTP/1.1 408") == 1 and got.index(b"HTTP/1.1 408") > got.index(b"HTTP/1.1 200")
+    finally:
+        rt.close()
+
+
 def test_request_and_output_parameters_are_read_as_the_protocol_types_them(served: Served) -> None:
     path = "/v2/models/multi/infer"
     inputs = [{"name": "a", "datatype": "INT32", "shape": [2], "data": [1, 2]},

@@ -346,6 +346,11 @@ class Cluster:
 
     def _route(self, node: str, specs: Iterable[ModelSpec]) -> None:
         with self._lock:
+            if node in self._lost_nodes or node not in self._actors:
+                # It left while its actor started or took the models (a re-placement on another
+                # thread): routing it again sent requests to an actor no longer listed.
+                self._actors.pop(node, None)
+                return
             self._inflight.setdefault(node, 0)
             for s in specs:
                 r = self._routes.setdefault(s.name, _Route())
@@ -356,13 +361,16 @@ class Cluster:
     def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stops every node's runtime (queued requests are finished, for at most
         ``drain_timeout_s`` per node: those still unfinished then fail with WorkerCrashed) and
-        its actor. Idempotent."""
+        its actor. A re-placement under way (after a node loss) is waited for up to
+        ``drain_timeout_s`` too; an actor it starts later is stopped by it. Idempotent."""
         if self._closed:
             return
         if not (finite_number(drain_timeout_s) and drain_timeout_s >= 0):
             raise ValueError(f"Cluster.close: drain_timeout_s must be a finite number >= 0, got {drain_timeout_s!r}")
         self._closed = True
-        self._replaced()  # an actor a re-placement is starting is closed with the others
+        # An actor a re-placement is starting is closed with the others; one still starting
+        # when the drain's time is up is killed by the re-placement itself (it sees _closed).
+        self._replaced(drain_timeout_s)
         actors = list(self._actors.values())
         closing = [a.close.remote() for a in actors]
         for a, done in zip(actors, closing):
@@ -449,7 +457,7 @@ class Cluster:
             if route is None:
                 raise ModelNotFound(f"model {model!r} is not served by this cluster; models: "
                                     f"{list(self._routes) or list(self._plan.models)}")
-            nodes = [n for n in route.nodes if n not in exclude]
+            nodes = [n for n in route.nodes if n not in exclude and n in self._actors]
             if not nodes:
                 why = self.lost_capacity.get(model, "its nodes left the cluster")
                 if any(not e.is_set() for e in self._replacing.values()):
@@ -519,16 +527,19 @@ class Cluster:
                     r.instances.pop(node, None)
             self._actors.pop(node, None)
             t = threading.Thread(target=self._replace, args=(node, replaced), name="apportion-re-place", daemon=True)
+            # Started before it is listed (under the lock): a close() in between joined a thread
+            # not started yet, raised, and left every actor running.
+            t.start()
             self._replacers.append(t)
-        t.start()
         return replaced
 
-    def _replaced(self) -> None:
-        """Waits until every re-placement under way is over."""
+    def _replaced(self, timeout_s: float | None = None) -> None:
+        """Waits until every re-placement under way is over (at most ``timeout_s`` in all)."""
         with self._lock:
             pending = list(self._replacers)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for t in pending:
-            t.join()
+            t.join(_left(deadline))
 
     def _replace(self, node: str, replaced: threading.Event) -> None:
         try:
@@ -556,6 +567,10 @@ class Cluster:
                     self._route(target, specs)
                 else:
                     self._start([(replan.plan.node(target).node, specs)])
+                    if self._closed:  # close() gave up waiting for this start: the actor is ours to stop
+                        actor = self._actors.pop(target, None)
+                        if actor is not None:
+                            ray.kill(actor)
             except Exception as e:  # noqa: BLE001 - recorded: the rest keeps serving
                 for s in specs:
                     self.lost_capacity[s.name] = f"re-placing it on node {target} failed: {e}"

@@ -57,9 +57,16 @@ def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
         def _headers_late(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.write(late)
-                self.transport.close()
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                # A pipelined request's headers are late while the one before it is still being
+                # answered: a 408 now would cut that answer (and read as its reply). Judged again
+                # a deadline later, once the connection is the late request's alone.
+                alarms.set(self, self._headers_late)
+                return
+            self.transport.write(late)
+            self.transport.close()
 
     return HeaderDeadline
 
