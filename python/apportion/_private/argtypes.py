@@ -9,32 +9,28 @@ from typing import Any
 from .checks import finite_number
 
 
-def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type: a finite number of ``kind`` (int or float) > 0; anything else is a
-    usage error naming the option (exit 2)."""
+def _finite(kind: Callable[[str], Any], ok: Callable[[Any], bool], bound: str) -> Callable[[str], Any]:
+    """An argparse type: a finite number of ``kind`` for which ``ok`` holds (``bound`` says
+    which, as "> 0"); anything else is a usage error naming the option (exit 2)."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (finite_number(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        if not (finite_number(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
         return value
     return parse
+
+
+def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: a finite number of ``kind`` (int or float) > 0."""
+    return _finite(kind, lambda v: v > 0, "> 0")
 
 
 def at_least(low: float) -> Callable[[str], float]:
-    """An argparse type: a finite float >= ``low``; anything else is a usage error naming the
-    option (exit 2)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (finite_number(value) and value >= low):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text!r}")
-        return value
-    return parse
+    """An argparse type: a finite float >= ``low``."""
+    return _finite(float, lambda v: v >= low, f">= {low:g}")
 
 
 def in_range(low: int, high: int) -> Callable[[str], int]:
