@@ -502,3 +502,24 @@ def test_a_node_lost_while_a_re_placement_routes_it_is_not_routed_again() -> Non
     c._lost("n1")
     c.close(drain_timeout_s=0.0)  # at once after a loss: no error, nothing left
     assert c._closed and c._actors == {}
+
+
+def test_a_re_placement_that_fails_in_its_planning_says_so_in_lost_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On its own thread, an error of the re-planning ended that thread with a traceback on
+    # stderr, and lost_capacity kept no reason. (The routing state alone: no Ray cluster needed.)
+    from apportion.ray import cluster as cluster_module
+    from apportion.ray.plan import Node, plan
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("no plan today")
+
+    monkeypatch.setattr(cluster_module, "replace_lost", broken)
+    c = Cluster.__new__(Cluster)
+    c._init_local()
+    c._plan = plan(specs(m={}), [Node("n1", 2, None, 0, {}), Node("n2", 2, None, 0, {})])
+    c._closed, c._routes, c._lost_nodes, c.lost_capacity, c._actors = False, {}, set(), {}, {"n1": object()}
+    c._route("n1", specs(m={}))
+    assert c._lost("n1").wait(10)
+    assert c.lost_capacity == {"m": "re-placing it after node n1 left failed: RuntimeError: no plan today"}
+    with pytest.raises(ap.WorkerCrashed, match="'m': no node serves it now \\(re-placing it after node n1 left failed"):
+        c.submit("m", 1)

@@ -545,7 +545,14 @@ class Cluster:
         try:
             with self._admin:
                 if not self._closed and node in {n.node.name for n in self._plan.nodes}:
-                    self._replace_locked(node)
+                    try:
+                        self._replace_locked(node)
+                    except Exception as e:  # noqa: BLE001 - the re-planning's own failure: kept, as a failed start is
+                        # On this thread nobody would see it (it reached the caller that saw the
+                        # loss before the re-placement had a thread of its own).
+                        for r in self._plan.node(node).replicas:
+                            self.lost_capacity[r.model] = (f"re-placing it after node {node} left failed: "
+                                                           f"{type(e).__name__}: {e}")
         finally:
             replaced.set()
 
