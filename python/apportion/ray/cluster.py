@@ -302,7 +302,6 @@ class Cluster:
         self._keys = itertools.count(random.SystemRandom().getrandbits(62))
         # Re-placements after a node loss, by lost node: set once over (see _lost).
         self._replacing: dict[str, threading.Event] = {}
-        self._replacers: list[threading.Thread] = []
 
     # -- pickling: a Cluster handed to a task or actor routes from there -------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -526,20 +525,17 @@ class Cluster:
                     r.nodes.remove(node)
                     r.instances.pop(node, None)
             self._actors.pop(node, None)
-            t = threading.Thread(target=self._replace, args=(node, replaced), name="apportion-re-place", daemon=True)
-            # Started before it is listed (under the lock): a close() in between joined a thread
-            # not started yet, raised, and left every actor running.
-            t.start()
-            self._replacers.append(t)
+            threading.Thread(target=self._replace, args=(node, replaced), name="apportion-re-place",
+                             daemon=True).start()
         return replaced
 
     def _replaced(self, timeout_s: float | None = None) -> None:
         """Waits until every re-placement under way is over (at most ``timeout_s`` in all)."""
         with self._lock:
-            pending = list(self._replacers)
+            pending = list(self._replacing.values())
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for t in pending:
-            t.join(_left(deadline))
+        for replaced in pending:  # each set by its re-placement's thread as it ends
+            replaced.wait(_left(deadline))
 
     def _replace(self, node: str, replaced: threading.Event) -> None:
         try:
