@@ -38,6 +38,14 @@ void name_thread(const std::string& model, uint32_t index) {
 #endif
 }
 
+// A batch is sized by max_size before the first request: bounded so a worker cannot fail there.
+void check_batch_size(const std::string& model, std::size_t max_size) {
+  if (max_size > kMaxBatchSize) {
+    throw std::invalid_argument("model '" + model + "': batching max_size " + std::to_string(max_size) +
+                                " is out of range (1 .. " + std::to_string(kMaxBatchSize) + ")");
+  }
+}
+
 // Lane groups must name an own instance's group each, dense enough to bound the lanes' memory.
 void check_groups(const std::string& model, uint32_t instances,
                   const std::vector<uint32_t>& groups) {
@@ -80,15 +88,12 @@ Model::Model(ModelOptions opts, std::shared_ptr<ModelHandler> handler)
   // Bounds before anything is sized by them: 2 x max_queue cells per lane overflowed to 0 for
   // max_queue >= 2^63 (the third submit spun for ever), and a batch of SIZE_MAX was a
   // length_error thrown in a worker thread (std::terminate).
-  if (opts_.max_queue > kMaxQueueBound) {
+  // max_queue 0 admitted nothing, and set_max_queue() then read "out of range (1 .. 0)".
+  if (opts_.max_queue == 0 || opts_.max_queue > kMaxQueueBound) {
     throw std::invalid_argument("model '" + opts_.name + "': max_queue " + std::to_string(opts_.max_queue) +
-                                " is out of range (0 .. " + std::to_string(kMaxQueueBound) + ")");
+                                " is out of range (1 .. " + std::to_string(kMaxQueueBound) + ")");
   }
-  if (opts_.batching.max_size > kMaxBatchSize) {
-    throw std::invalid_argument("model '" + opts_.name + "': batching max_size " +
-                                std::to_string(opts_.batching.max_size) + " is out of range (1 .. " +
-                                std::to_string(kMaxBatchSize) + ")");
-  }
+  check_batch_size(opts_.name, opts_.batching.max_size);
   if (opts_.pool != nullptr && opts_.burst_instances != 0 && opts_.batching.max_size > 1) {
     // A burst worker waits for every own worker to be busy, which only single-request workers
     // report: with batching the burst instances never served.
@@ -935,10 +940,7 @@ void Model::check_shape(const Shape& shape) const {
            std::to_string(shape.instances));
   }
   check_groups(name, shape.instances, shape.instance_group);
-  if (shape.batching.max_size > kMaxBatchSize) {
-    refuse("batching max_size " + std::to_string(shape.batching.max_size) + " is out of range (1 .. " +
-           std::to_string(kMaxBatchSize) + ")");
-  }
+  check_batch_size(name, shape.batching.max_size);
   uint32_t groups = 1;
   for (uint32_t g : shape.instance_group) groups = std::max(groups, g + 1);
   if (groups != lanes_.groups() || groups > 1) {

@@ -788,7 +788,7 @@ class Runtime(_core._Runtime):
                 entry = self._models[n]
                 undo = (n, entry.spec, dict(entry.placed))
                 current, current_moves = n, self._model_stats(n).moves if started else 0
-                self._move(n, targets[n], new_plan)
+                self._move(n, targets[n], new_plan, moves=current_moves if started else None)
                 done.append(undo)
             current = None
         except BaseException as e:
@@ -833,13 +833,16 @@ class Runtime(_core._Runtime):
         self._plan = new_plan
         return moving + bounded
 
-    def _move(self, name: str, spec: ModelSpec, plan_: Plan, placed: dict[int, Any] | None = None) -> None:
+    def _move(self, name: str, spec: ModelSpec, plan_: Plan, placed: dict[int, Any] | None = None,
+              moves: int | None = None) -> None:
         """Moves model ``name`` to ``spec`` placed as in ``plan_``; on an exception raised before
         the engine moved it, the model's record is as it was (one raised after, such as Ctrl-C
-        on the engine call's return, leaves the record moved with the model)."""
+        on the engine call's return, leaves the record moved with the model). ``moves``: the
+        engine's move count read by the caller just before (read here when not given)."""
         entry = self._models[name]
         old_spec, old_placed = entry.spec, dict(entry.placed)
-        moves = self._model_stats(name).moves if self.started else None
+        if moves is None and self.started:
+            moves = self._model_stats(name).moves
         entry.spec = spec
         try:
             instances_arg, policy, groups = self._native_placement(plan_, name)

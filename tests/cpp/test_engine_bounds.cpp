@@ -149,6 +149,13 @@ TEST(EngineBounds, AModelIsNotMadeWithBoundsItCannotHold) {
   // 2 x max_queue cells per lane overflowed to 0 for max_queue >= 2^63: the third submit spun.
   EXPECT_THROW(Model(options(1, std::size_t{1} << 63), handler), std::invalid_argument);
   EXPECT_THROW(Model(options(1, kMaxQueueBound + 1), handler), std::invalid_argument);
+  // max_queue 0 admitted nothing, and no set_max_queue() could lift it.
+  try {
+    Model(options(1, 0), handler);
+    ADD_FAILURE() << "max_queue 0 was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("max_queue 0 is out of range (1 .. "), std::string::npos) << e.what();
+  }
   // A batch of SIZE_MAX was a length_error thrown in the worker thread: std::terminate.
   ModelOptions huge = options(1, 64);
   huge.batching.max_size = SIZE_MAX;
