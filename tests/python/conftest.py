@@ -170,16 +170,24 @@ def local_ray() -> Iterator[LocalRay]:
     import sys
     from pathlib import Path
 
+    import tempfile
+
     here = str(Path(__file__).resolve().parent)
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH",)}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "APPORTION_TEST_REFUSE_FLAG")}
     # The node processes inherit it and import the test models (ray_models) from here.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved["PYTHONPATH"]) if p)
+    # Set before any node starts, so every node's workers see it (a test that set it later
+    # reached only the nodes started after it): a test creates the file to make
+    # ray_models.refuses_once_flagged refuse.
+    flags = tempfile.TemporaryDirectory(prefix="apportion-ray-flags-")
+    os.environ["APPORTION_TEST_REFUSE_FLAG"] = os.path.join(flags.name, "refuse")
     sys.path.insert(0, here)
     local = LocalRay()
     try:
         yield local
     finally:
         local.close()
+        flags.cleanup()
         sys.path.remove(here)
         for k, v in saved.items():
             if v is None:

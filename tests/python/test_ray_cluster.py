@@ -364,13 +364,12 @@ def two_workers(local_ray: Any) -> None:
     wait_for(lambda: cpus_free() == 5.0, "the workers never joined, or a cluster kept their CPUs")
 
 
-def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_ray: Any, tmp_path: Path) -> None:
+def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_ray: Any) -> None:
     # The actor started for the re-placement stayed (reserving the spare's CPUs, and failing
     # every stats() with an AttributeError), and the plan showed the model on the spare.
     import os
 
-    flag = tmp_path / "flag"
-    os.environ["APPORTION_TEST_REFUSE_FLAG"] = str(flag)
+    flag = Path(os.environ["APPORTION_TEST_REFUSE_FLAG"])  # set by the fixture for every node
     try:
         two_workers(local_ray)
         c = Cluster(specs(m={"factory": "ray_models:refuses_once_flagged", "cores": 2}))
@@ -392,7 +391,7 @@ def test_a_failed_re_placement_frees_its_node_and_leaves_the_plan_honest(local_r
             c.close()
         assert spare in local_ray.workers
     finally:
-        os.environ.pop("APPORTION_TEST_REFUSE_FLAG", None)
+        flag.unlink(missing_ok=True)
 
 
 def test_a_factory_that_never_returns_fails_the_cluster_within_its_start_timeout(local_ray: Any) -> None:
