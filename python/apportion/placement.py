@@ -205,7 +205,9 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        header = (f"plan on {self.topology.root}: {len(self.usable)} usable CPUs, shared pool "
+        quota = self.topology.cpu_quota
+        limited = f" (cgroup CPU quota {quota.cpus:g})" if quota is not None and quota.narrowed_from else ""
+        header = (f"plan on {self.topology.root}: {len(self.usable)} usable CPUs{limited}, shared pool "
                   f"{format_cpulist(self.shared_pool) or 'empty'} ({len(self.shared_pool)} CPUs)")
         columns = ("model", "isolation", "cores", "cpus", "locality", "instances (cpus x threads)", "memory")
         rows = []

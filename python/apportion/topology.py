@@ -7,13 +7,23 @@ allowed set (``sched_getaffinity``, which already reflects the cgroup cpuset) ar
 placement never hands out any other CPU. For a root other than "/", the allowed set is the
 intersection of ``proc/self/status`` ``Cpus_allowed_list`` and cgroup v2
 ``sys/fs/cgroup/cpuset.cpus.effective`` under that root, whichever exist (every CPU when neither).
+
+A CPU *quota* (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``: what a
+container's CPU limit sets, e.g. Kubernetes ``limits.cpu``) lets the process run on every
+allowed CPU but only for so much CPU time per period; beyond it the kernel stops every thread
+of the group until the period ends (tens of milliseconds). ``topology()`` reads the tightest
+quota on the process's cgroup path (``proc/self/cgroup`` under the root) and, unless ``cpus``
+names CPUs, narrows the usable set to ``ceil(quota)`` CPUs (one per physical core first, then
+SMT siblings, lower NUMA nodes first) so that pinned workers cannot overrun it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from . import _core
@@ -22,12 +32,14 @@ __all__ = [
     "Core",
     "CoreKind",
     "Cpu",
+    "CpuQuota",
     "L3Domain",
     "NumaNode",
     "Package",
     "Topology",
     "format_cpulist",
     "parse_cpulist",
+    "read_cpu_quota",
     "topology",
 ]
 
@@ -122,6 +134,97 @@ def _mib(n: int) -> str:
     return f"{n // (1 << 20)} MiB" if n >= 1 << 20 else (f"{n // 1024} KiB" if n else "size unknown")
 
 
+@dataclass(frozen=True, slots=True)
+class CpuQuota:
+    """The tightest cgroup CPU quota on this process's cgroup path.
+
+    ``cpus``: CPU time per period, in CPUs (quota / period; 1.5 = one and a half CPUs busy at
+    most). ``source``: the file that set it. ``narrowed_from``: the usable CPUs before
+    ``topology()`` narrowed them to ``ceil(cpus)``; empty when it did not (``cpus`` named, or
+    the quota covers every usable CPU)."""
+
+    cpus: float
+    source: str
+    narrowed_from: tuple[int, ...] = ()
+
+
+def _read_limit(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise RuntimeError(f"cannot read {path}: {e}") from e
+
+
+def _bad(path: Path, text: str, expected: str) -> RuntimeError:
+    return RuntimeError(f"{path}: expected {expected}, got {text!r}")
+
+
+def _v2_quota(d: Path) -> tuple[float, str] | None:
+    path = d / "cpu.max"
+    text = _read_limit(path)
+    if text is None:
+        return None
+    parts = text.split()
+    if len(parts) != 2 or not parts[1].isdigit() or not (parts[0] == "max" or parts[0].isdigit()):
+        raise _bad(path, text, "'max PERIOD' or 'QUOTA PERIOD' (microseconds)")
+    if parts[0] == "max" or int(parts[1]) == 0:
+        return None
+    return int(parts[0]) / int(parts[1]), str(path)
+
+
+def _v1_quota(d: Path) -> tuple[float, str] | None:
+    qpath, ppath = d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us"
+    quota = _read_limit(qpath)
+    if quota is None:
+        return None
+    if not quota.lstrip("-").isdigit():
+        raise _bad(qpath, quota, "an integer (microseconds, -1 for none)")
+    if int(quota) < 0:
+        return None
+    period = _read_limit(ppath)
+    if period is None or not period.isdigit() or int(period) == 0:
+        raise _bad(ppath, period or "", "a period in microseconds > 0 beside a quota")
+    return int(quota) / int(period), str(qpath)
+
+
+def read_cpu_quota(root: str = "/") -> CpuQuota | None:
+    """The tightest CPU quota on this process's cgroup path under ``root`` (the group and each
+    of its ancestors, cgroup v2 and v1), or None when there is none or the tree does not say.
+    Raises RuntimeError naming the file when one is malformed."""
+    base = Path(root)
+    listing = base / "proc/self/cgroup"
+    text = _read_limit(listing)
+    if text is None:
+        return None
+    best: tuple[float, str] | None = None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            raise _bad(listing, line, "'ID:CONTROLLERS:PATH' lines")
+        controllers, group = parts[1], parts[2]
+        if controllers == "":
+            mounts, read = [base / "sys/fs/cgroup"], _v2_quota
+        elif "cpu" in controllers.split(","):
+            mounts = [base / "sys/fs/cgroup" / controllers, base / "sys/fs/cgroup/cpu,cpuacct",
+                      base / "sys/fs/cgroup/cpu"]
+            read = _v1_quota
+        else:
+            continue
+        mount = next((m for m in mounts if m.is_dir()), None)
+        if mount is None:
+            continue
+        rel = [p for p in group.split("/") if p]
+        if ".." in rel:  # outside this cgroup namespace: only its root is visible
+            rel = []
+        for depth in range(len(rel), -1, -1):
+            found = read(mount.joinpath(*rel[:depth]))
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+    return None if best is None else CpuQuota(best[0], best[1])
+
+
 @dataclass(frozen=True)
 class Topology:
     """A snapshot of the machine. Immutable; safe to share between threads."""
@@ -137,6 +240,8 @@ class Topology:
     allowed: tuple[int, ...]
     usable: tuple[int, ...]
     hybrid: bool
+    cpu_quota: CpuQuota | None = None
+    """The cgroup CPU quota, when one limits this process (see ``topology()``)."""
     _native: Any = field(repr=False, compare=False, default=None)
 
     @classmethod
@@ -183,7 +288,8 @@ class Topology:
         Raises ValueError when that leaves no usable CPU (none named, or each one offline or
         not allowed to this process), naming which."""
         ids = parse_cpulist(cpus) if isinstance(cpus, str) else tuple(cpus)
-        out = Topology._from_native(self._native.restricted_to(list(ids)))
+        out = dataclasses.replace(Topology._from_native(self._native.restricted_to(list(ids))),
+                                  cpu_quota=self.cpu_quota)
         if not out.usable:
             if not ids:
                 raise ValueError("names no CPU")
@@ -197,11 +303,28 @@ class Topology:
                              f"{format_cpulist(self.usable) or 'none'}")
         return out
 
+    def within_quota(self, quota: CpuQuota | None) -> Topology:
+        """This topology with ``cpu_quota`` set and, when the quota is below the usable CPUs,
+        the usable set narrowed to ``ceil(quota)`` of them: one per physical core first (an
+        SMT sibling last), lower NUMA nodes and cores first."""
+        if quota is None:
+            return self if self.cpu_quota is None else dataclasses.replace(self, cpu_quota=None)
+        keep = max(1, math.ceil(quota.cpus - 1e-9))
+        if keep >= len(self.usable):
+            return dataclasses.replace(self, cpu_quota=dataclasses.replace(quota, narrowed_from=()))
+        order = sorted(((rank, core.node, core.index, cpu) for core in self.cores
+                        for rank, cpu in enumerate(core.usable)))
+        chosen = sorted(cpu for *_, cpu in order[:keep])
+        out = Topology._from_native(self._native.restricted_to(chosen))
+        return dataclasses.replace(out, cpu_quota=dataclasses.replace(quota, narrowed_from=self.usable))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable structure (what ``apportion topology --json`` prints)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_native"}
         for key in ("cpus", "cores", "packages", "nodes", "l3_domains"):
             d[key] = [dataclasses.asdict(x) for x in d[key]]
+        if self.cpu_quota is not None:
+            d["cpu_quota"] = dataclasses.asdict(self.cpu_quota)
         d["threads_per_core"] = self.threads_per_core
         return _lists(d)
 
@@ -214,9 +337,18 @@ class Topology:
             f" domain(s), {len(usable_cores)} usable physical cores, up to {self.threads_per_core}"
             f" thread(s) per core",
         ]
+        quota = self.cpu_quota
+        if quota is not None:
+            n = len(self.usable)
+            what = (f"usable narrowed from {format_cpulist(quota.narrowed_from)} to {n} CPU{'' if n == 1 else 's'}"
+                    if quota.narrowed_from else
+                    "CPUs named, not narrowed: workers busy on more CPUs than the quota are throttled"
+                    if len(self.usable) > quota.cpus + 1e-9 else "the usable CPUs fit in it")
+            lines.append(f"  cgroup CPU quota: {quota.cpus:g} CPUs ({quota.source}); {what}")
         if self.offline:
             lines.append(f"  offline: {format_cpulist(self.offline)}")
-        not_allowed = sorted(set(self.online) - set(self.allowed))
+        # CPUs left out for the quota are said on its line.
+        not_allowed = sorted(set(self.online) - set(self.allowed) - set(quota.narrowed_from if quota else ()))
         if not_allowed:
             lines.append(f"  not allowed to this process: {format_cpulist(not_allowed)}")
         if self.hybrid:
@@ -243,7 +375,12 @@ class Topology:
 def topology(root: str = "/", *, cpus: Iterable[int] | str | None = None) -> Topology:
     """Read the machine under ``root``; ``cpus`` narrows the usable set (as ``Runtime(cpus=...)``).
 
+    Without ``cpus``, a cgroup CPU quota below the usable CPUs narrows them to ``ceil(quota)``
+    (see the module's text and ``Topology.within_quota``); named ``cpus`` are taken as named.
     Raises RuntimeError naming the file when the tree is malformed.
     """
     topo = Topology._from_native(_core.read_topology(root))
-    return topo if cpus is None else topo.restricted_to(cpus)
+    quota = read_cpu_quota(root)
+    if cpus is None:
+        return topo.within_quota(quota)
+    return dataclasses.replace(topo, cpu_quota=quota).restricted_to(cpus)
