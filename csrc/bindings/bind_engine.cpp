@@ -32,6 +32,7 @@
 #include "apportion/engine.hpp"
 #include "apportion/registry.hpp"
 #include "bindings/enums.hpp"
+#include "bindings/gil.hpp"
 #include "bindings/register.hpp"
 #include "bindings/stats.hpp"
 
@@ -142,8 +143,45 @@ void finish(PyRequest* r, Outcome o, WorkerShard* shard) {
   Py_DECREF(self);
 }
 
+// Forks of this process seen from the child's side (see after_fork_in_child).
+std::atomic<uint64_t> fork_generation{0};
+
+// A model that forked and returned in the child: there its worker is the only thread, and
+// serving on ran the parent's queued requests a second time (their side effects twice) and
+// never ended the child. The child ends at once, as a forked child must (os._exit): with the
+// code of a SystemExit the model raised, else 1, saying why. GIL held.
+[[noreturn]] void end_forked_child(const std::string& model, PyObject* error) {
+  int status = 1;
+  if (error != nullptr && PyObject_TypeCheck(error, reinterpret_cast<PyTypeObject*>(PyExc_SystemExit))) {
+    PyObject* code = PyObject_GetAttrString(error, "code");
+    if (code == Py_None) {
+      status = 0;
+    } else if (code != nullptr && PyLong_Check(code)) {
+      status = static_cast<int>(PyLong_AsLong(code));
+    } else if (code != nullptr) {
+      PyObject* text = PyObject_Str(code);
+      if (text != nullptr) PySys_WriteStderr("%s\n", PyUnicode_AsUTF8(text));
+      Py_XDECREF(text);
+    }
+    Py_XDECREF(code);
+  } else {
+    PySys_WriteStderr("apportion: model '%s' returned in a process it forked during its call (pid %d): "
+                      "that process ends here, status 1; end it inside the model (os._exit)\n",
+                      model.c_str(), static_cast<int>(getpid()));
+  }
+  PyErr_Clear();
+  for (const char* stream : {"stdout", "stderr"}) {
+    PyObject* f = PySys_GetObject(stream);  // borrowed
+    PyObject* res = f != nullptr && f != Py_None ? PyObject_CallMethod(f, "flush", nullptr) : nullptr;
+    Py_XDECREF(res);
+    PyErr_Clear();
+  }
+  _exit(status);
+}
+
 struct WorkerState {
   PyGILState_STATE gil{};
+  uint64_t fork_generation = 0;  // at start: another value after a call means it forked
   PyThreadState* ts = nullptr;
   PyObject* fn = nullptr;
   bool holding = false;   // the GIL, kept from the previous call (see PyHandler::leave)
@@ -184,6 +222,7 @@ class PyHandler final : public ModelHandler {
 
   bool start_worker(Worker& w) override {
     auto* st = new WorkerState;
+    st->fork_generation = fork_generation.load(std::memory_order_relaxed);
     st->gil = PyGILState_Ensure();
     current_registry = registry_;
     current_counters = w.model->counters().get();
@@ -221,6 +260,9 @@ class PyHandler final : public ModelHandler {
       } else {
         r->value = fetch_exception();
         o = Outcome::error;
+      }
+      if (fork_generation.load(std::memory_order_relaxed) != st->fork_generation) {
+        end_forked_child(w.model->name(), o == Outcome::error ? r->value : nullptr);
       }
       finish(r, o, &w.shard);
       Request::release(r);  // may be the last reference: still under the GIL
@@ -338,6 +380,9 @@ class PyHandler final : public ModelHandler {
       }
       PyObject* res = PyObject_CallOneArg(st.fn, inputs);
       Py_DECREF(inputs);
+      if (fork_generation.load(std::memory_order_relaxed) != st.fork_generation) {
+        end_forked_child(w.model->name(), res == nullptr ? fetch_exception() : nullptr);
+      }
       if (res != nullptr) {
         if (PyList_Check(res) || PyTuple_Check(res)) {
           items = res;
@@ -450,23 +495,49 @@ BatchingOptions batching_options(const py::object& batching) {
   return o;
 }
 
-// Background closes of runtimes whose last reference went away inside one of their own workers
-// (a worker cannot join itself). Joined by join_orphans() (at interpreter exit). Leaked on
-// purpose, like PyTypes: nothing may run their destructors after the interpreter is gone.
+// A thread closing a runtime nobody waits for: one whose last reference went away inside one
+// of its own workers (a worker cannot join itself), or a draining close() that Ctrl-C
+// interrupted. `done` is its last step.
+struct Orphan {
+  std::thread thread;
+  std::shared_ptr<std::atomic<uint32_t>> done;
+};
+
+// Orphans are joined by join_orphans() (at interpreter exit), and those already finished each
+// time another is added: an exited thread keeps its stack mapped until joined, and thousands
+// of them exhausted the address space. Leaked on purpose, like PyTypes: nothing may run their
+// destructors after the interpreter is gone.
 // In a forked child, the parent's threads do not exist and a lock another thread held at the
 // fork stays held: after_fork_in_child() replaces both (leaking the old ones) and counts the
 // fork, so that runtimes made before it refuse to serve (fork_generation differs from theirs).
 std::mutex* orphans_mu_ptr = new std::mutex;
-std::vector<std::thread>* orphans_ptr = new std::vector<std::thread>;
-std::atomic<uint64_t> fork_generation{0};
+std::vector<Orphan>* orphans_ptr = new std::vector<Orphan>;
 
 std::mutex& orphans_mu() { return *orphans_mu_ptr; }
-std::vector<std::thread>& orphans() { return *orphans_ptr; }
+std::vector<Orphan>& orphans() { return *orphans_ptr; }
 
 void after_fork_in_child() {
   orphans_mu_ptr = new std::mutex;
-  orphans_ptr = new std::vector<std::thread>;
+  orphans_ptr = new std::vector<Orphan>;
   fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
+
+// Adds an orphan, joining those that finished first (they only have to return); if even that
+// fails, the thread is detached rather than destroyed joinable (std::terminate). orphans_mu() held.
+void add_orphan(std::thread thread, std::shared_ptr<std::atomic<uint32_t>> done) noexcept {
+  try {
+    auto& all = orphans();
+    std::erase_if(all, [](Orphan& x) {
+      if (x.done->load(std::memory_order_acquire) == 0) return false;
+      x.thread.join();
+      return true;
+    });
+    all.reserve(all.size() + 1);
+  } catch (...) {
+    thread.detach();
+    return;
+  }
+  orphans().push_back(Orphan{std::move(thread), std::move(done)});
 }
 
 // How often a blocking wait of the public API returns to Python to run its signal handlers
@@ -474,27 +545,48 @@ void after_fork_in_child() {
 constexpr int64_t kSignalCheckNs = 50'000'000;
 unsigned long main_thread_ident = 0;  // set at import
 
-void close_in_background(std::shared_ptr<Registry> reg) {
+// From a destructor (GIL held): never throws. The registry's last reference must not drop
+// here (its destructor would join this worker from itself): the closing thread drops it.
+void close_in_background(std::shared_ptr<Registry> reg) noexcept {
+  auto* held = new std::shared_ptr<Registry>(std::move(reg));
+  std::shared_ptr<std::atomic<uint32_t>> done;
+  std::thread thread;
+  try {
+    done = std::make_shared<std::atomic<uint32_t>>(0);
+    thread = std::thread([held, done] {
+      (*held)->close(false);
+      {
+        py::gil_scoped_acquire gil;  // the entries own Python objects
+        delete held;
+      }
+      done->store(1, std::memory_order_release);
+    });
+  } catch (const std::exception& e) {
+    // No thread to close it on: `held` stays, and its workers (idle once its queue is served)
+    // with it, rather than end the process from a destructor.
+    PySys_WriteStderr("apportion: a runtime dropped inside its own worker could not be closed (%s); "
+                      "its workers stay until the process exits\n", e.what());
+    return;
+  }
   std::lock_guard lock(orphans_mu());
-  orphans().emplace_back([reg = std::move(reg)]() mutable {
-    reg->close(false);
-    py::gil_scoped_acquire gil;  // the entries own Python objects
-    reg.reset();
-  });
+  add_orphan(std::move(thread), std::move(done));
 }
 
 void join_orphans() {
   for (;;) {
-    std::vector<std::thread> threads;
+    std::vector<Orphan> all;
     {
       std::lock_guard lock(orphans_mu());
-      threads.swap(orphans());
+      all.swap(orphans());
     }
-    if (threads.empty()) return;
-    py::gil_scoped_release nogil;
-    for (auto& t : threads) t.join();
+    if (all.empty()) return;
+    without_gil([&] {
+      for (auto& o : all) o.thread.join();
+    });
   }
 }
+
+[[noreturn]] void raise_own_wait();
 
 class RuntimeCore {
  public:
@@ -577,11 +669,7 @@ class RuntimeCore {
     auto e = std::make_shared<ModelEntry>(std::make_shared<Model>(opts, handler), handler,
                                           default_timeout, priority_levels);
     apply_placement(*e->model, placement, memory_policy, groups);  // refused groups: not registered
-    RegistryStatus s;
-    {
-      py::gil_scoped_release nogil;
-      s = reg_->add(e);
-    }
+    const RegistryStatus s = without_gil([&] { return reg_->add(e); });
     switch (s) {
       case RegistryStatus::ok: break;
       case RegistryStatus::exists: raise_exists(name);
@@ -600,11 +688,7 @@ class RuntimeCore {
     if (reg_->started()) return;
     check_not_own_worker("start()");
     std::vector<std::shared_ptr<ModelEntry>> failed;
-    RegistryStatus s;
-    {
-      py::gil_scoped_release nogil;
-      s = reg_->start(&failed);
-    }
+    const RegistryStatus s = without_gil([&] { return reg_->start(&failed); });
     if (s == RegistryStatus::closed) raise(types().runtime_closed, "runtime is closed: cannot start it again");
     if (s == RegistryStatus::nested) raise_nested("start()");
     for (const auto& name : reg_->names()) {
@@ -618,11 +702,7 @@ class RuntimeCore {
     check_not_forked();
     check_not_own_worker("remove_model()");
     std::shared_ptr<ModelEntry> removed;  // released below, under the GIL
-    RegistryStatus s;
-    {
-      py::gil_scoped_release nogil;
-      s = reg_->remove(name, drain, &removed);
-    }
+    const RegistryStatus s = without_gil([&] { return reg_->remove(name, drain, &removed); });
     if (s == RegistryStatus::not_found) raise_not_found(name);
     if (s == RegistryStatus::nested) raise_nested("remove_model()");
   }
@@ -695,12 +775,22 @@ class RuntimeCore {
     return out;
   }
 
+  // call() and infer() of model `model` from its own worker (or a done-callback it runs) would
+  // wait for it: refused before anything is admitted. Refused after, as result() does, the
+  // request still ran (and a model calling itself once per request did so for ever).
+  void refuse_own_call(const py::str& model) const {
+    if (current_registry == reg_->id() && current_counters != nullptr &&
+        model.cast<std::string>() == current_counters->name) {
+      raise_own_wait();
+    }
+  }
+
   void close(bool drain) {
     if (forked()) return;  // nothing of it runs here; the parent's copy is the one to close
     check_not_own_worker("close()");
     if (!drain || reg_->in_lifecycle() || PyThread_get_thread_ident() != main_thread_ident) {
-      py::gil_scoped_release nogil;
-      reg_->close(drain);  // from a callback inside another close() of this runtime: returns at once
+      // From a callback inside another close() of this runtime: returns at once.
+      without_gil([&] { reg_->close(drain); });
       return;
     }
     // A draining close may wait as long as the queued work takes: from the main thread it runs
@@ -713,19 +803,17 @@ class RuntimeCore {
       park_wake(*done);
     });
     for (;;) {
-      {
-        py::gil_scoped_release nogil;
+      without_gil([&] {
         if (done->load(std::memory_order_acquire) == 0) park_wait(*done, 0, kSignalCheckNs);
-      }
+      });
       if (done->load(std::memory_order_acquire) != 0) break;
       if (PyErr_CheckSignals() != 0) {
         std::lock_guard lock(orphans_mu());
-        orphans().push_back(std::move(closer));
+        add_orphan(std::move(closer), done);
         throw py::error_already_set();
       }
     }
-    py::gil_scoped_release nogil;
-    closer.join();
+    without_gil([&] { closer.join(); });
   }
 
   /// Placement of a model whose workers have not started: per instance (cpus, memory nodes,
@@ -776,8 +864,7 @@ class RuntimeCore {
     auto previous = handler.swap_factory(std::move(make_instance), !batching.is_none());
     RegistryStatus s = RegistryStatus::ok;
     try {
-      py::gil_scoped_release nogil;
-      s = reg_->reshape(name, std::move(shape));
+      s = without_gil([&] { return reg_->reshape(name, std::move(shape)); });
     } catch (...) {
       handler.swap_factory(std::move(previous.first), previous.second);
       throw;  // std::invalid_argument: ValueError, nothing moved
@@ -982,13 +1069,15 @@ class RuntimeCore {
 
 // A worker (or a done-callback it runs) waiting for its own model's request waits for a
 // worker of that model, possibly itself: with one instance it never returns. Raises then.
+[[noreturn]] void raise_own_wait() {
+  raise(types().apportion_error,
+        "model '" + current_model + "': a worker of the model waits for a request to the same "
+        "model, which may only run on a worker of that model (a deadlock with one instance); "
+        "call another model, or submit without waiting (add_done_callback)");
+}
+
 void refuse_own_wait(const PyRequest& r) {
-  if (current_counters != nullptr && current_counters == r.counters.get()) {
-    raise(types().apportion_error,
-          "model '" + current_model + "': a worker of the model waits for a request to the same "
-          "model, which may only run on a worker of that model (a deadlock with one instance); "
-          "call another model, or submit without waiting (add_done_callback)");
-  }
+  if (current_counters != nullptr && current_counters == r.counters.get()) raise_own_wait();
 }
 
 bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
@@ -1005,12 +1094,7 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
   int64_t spin = 50'000;
   for (;;) {
     const int64_t slice = deadline < 0 ? kSignalCheckNs : std::min(kSignalCheckNs, std::max<int64_t>(deadline - now_ns(), 0));
-    bool done = false;
-    {
-      py::gil_scoped_release nogil;
-      done = r.wait_done(slice, spin);
-    }
-    if (done) return true;
+    if (without_gil([&] { return r.wait_done(slice, spin); })) return true;
     if (deadline >= 0 && now_ns() >= deadline) return false;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     spin = 0;  // not imminent: park between checks
@@ -1049,6 +1133,35 @@ bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
   }
 }
 
+// The collector's view of a Future. result() raises the stored exception itself, so its
+// traceback holds the caller's frame, and that frame the Future: a cycle the collector never
+// saw, which kept the caller's locals (a server's request body, a runtime) for good. Only a
+// completed request's objects are shown: until completion the engine owns the request too (it
+// reads input, runs callbacks, and self_obj keeps the Future alive for them), which the
+// collector cannot see. Completion happens under the GIL, as collection does.
+void future_gc(PyHeapTypeObject* heap) {
+  PyTypeObject* type = &heap->ht_type;
+  type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+  type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+    Py_VISIT(Py_TYPE(self));
+    if (!py::detail::is_holder_constructed(self)) return 0;
+    auto& r = py::cast<PyRequest&>(py::handle(self));
+    if (!r.done()) return 0;
+    Py_VISIT(r.value);
+    Py_VISIT(r.interop);
+    return 0;
+  };
+  type->tp_clear = [](PyObject* self) -> int {
+    if (!py::detail::is_holder_constructed(self)) return 0;
+    auto& r = py::cast<PyRequest&>(py::handle(self));
+    if (!r.done()) return 0;
+    // None, not null: a finalizer that revives the Future reads an odd result, not a crash.
+    if (r.value != nullptr) Py_SETREF(r.value, Py_NewRef(Py_None));
+    Py_CLEAR(r.interop);
+    return 0;
+  };
+}
+
 [[noreturn]] void raise_timeout(const PyRequest& r, double timeout) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%g", timeout);
@@ -1065,7 +1178,7 @@ void register_engine(py::module_& m) {
 A pending request (concurrent.futures-compatible interface).
 
 Completes exactly once: with a result, the model's exception, DeadlineExceeded, or cancellation.
-)doc")
+)doc", py::custom_type_setup(future_gc))
       .def(
           "result",
           [](PyRequest& r, std::optional<double> timeout) -> py::object {
@@ -1199,6 +1312,9 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def_property_readonly("_pool_capacity", &RuntimeCore::pool_capacity)
       .def("_start", &RuntimeCore::start)
       .def("_check_admin", &RuntimeCore::check_admin, py::arg("what"))
+      .def("_refuse_own_call", &RuntimeCore::refuse_own_call, py::arg("model"),
+           "Raises ApportionError when the calling thread is a worker of model `model` (or a "
+           "done-callback it runs): a call() or infer() there would wait for itself.")
       .def(
           "_worker_tids",
           [](RuntimeCore& rt, const std::string& name) {

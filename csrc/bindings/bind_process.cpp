@@ -20,6 +20,7 @@
 #endif
 
 #include "apportion/shm_channel.hpp"
+#include "bindings/gil.hpp"
 #include "bindings/register.hpp"
 
 namespace py = pybind11;
@@ -83,8 +84,7 @@ class PyChannel {
     }
     ChannelStatus s = ch.send(spans, 0, 0);
     if (s == ChannelStatus::timeout && timeout_ns != 0) {
-      py::gil_scoped_release nogil;
-      s = ch.send(spans, spin, timeout_ns);
+      s = without_gil([&] { return ch.send(spans, spin, timeout_ns); });
     }
     std::size_t total = 0;
     for (auto sp : spans) total += sp.size();
@@ -109,11 +109,7 @@ class PyChannel {
     const std::shared_ptr<ShmChannel> held = hold();
     ShmChannel& ch = *held;
     const int64_t spin = spin_ns(spin_us), timeout_ns = to_ns(timeout);
-    ChannelStatus s;
-    {
-      py::gil_scoped_release nogil;
-      s = ch.receive(parts_, spin, timeout_ns);
-    }
+    const ChannelStatus s = without_gil([&] { return ch.receive(parts_, spin, timeout_ns); });
     if (s != ChannelStatus::ok) return py::none();
     struct Releaser {
       ShmChannel& ch;
@@ -129,8 +125,7 @@ class PyChannel {
       if (obj == nullptr) throw py::error_already_set();
       char* dst = i == 0 ? PyBytes_AS_STRING(obj) : PyByteArray_AS_STRING(obj);
       if (p.size() >= kCopyWithoutGil) {
-        py::gil_scoped_release nogil;
-        std::memcpy(dst, p.data(), p.size());
+        without_gil([&] { std::memcpy(dst, p.data(), p.size()); });
       } else if (n != 0) {
         std::memcpy(dst, p.data(), p.size());
       }

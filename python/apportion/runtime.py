@@ -595,6 +595,7 @@ class Runtime(_core._Runtime):
         entry = self._models.pop(name, None)
         if entry is not None:
             self._close_processes(entry)
+        self._cpu.forget(name)
         if self.started and self._plan is not None:
             # The others run where they were placed: a plan made afresh would show a shared
             # model on the freed cores too, and refuse any model added next for moving it.
@@ -1106,6 +1107,7 @@ class Runtime(_core._Runtime):
                 out = proxy.call_directly(inputs, begin, end)
                 if out is not NOT_TAKEN:
                     return out
+        self._refuse_own_call(model)  # before admission: refused after it, the request still ran
         return self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority).result()
 
     # -- asyncio ------------------------------------------------------------------------------
@@ -1120,10 +1122,11 @@ class Runtime(_core._Runtime):
         """Submits and awaits one request without blocking the event loop. Cancelling the
         awaiting task cancels the request if it is still queued."""
         loop = asyncio.get_running_loop()
+        self._refuse_own_call(model)  # awaited on a worker of the model itself: before admission
         fut = self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
         try:
             waiter = on_loop(fut, loop, model)
-        except ApportionError:  # awaited on a worker of the model itself: nobody would read it
+        except ApportionError:  # the same refusal, should the name now be another model's
             fut.cancel()
             raise
         try:

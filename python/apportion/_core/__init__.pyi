@@ -291,6 +291,10 @@ class _Runtime:
         ...
     def _model_stats(self, name: str) -> ModelSnapshot:
         ...
+    def _refuse_own_call(self, model: str) -> None:
+        """
+        Raises ApportionError when the calling thread is a worker of model `model` (or a done-callback it runs): a call() or infer() there would wait for itself.
+        """
     def _reshape(self, spec: typing.Any, make_instance: typing.Any, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
     def _set_max_queue(self, name: str, max_queue: typing.SupportsInt | typing.SupportsIndex) -> None:

@@ -47,6 +47,13 @@ class CpuTracker:
         self._seen: dict[int, tuple[str, float]] = {}  # tid -> (model, seconds when last read)
         self._gone: dict[str, float] = {}  # model -> seconds of its exited threads
 
+    def forget(self, model: str) -> None:
+        """Drops what is known of ``model`` (removed): a model added later under its name starts
+        from zero, as its request counts do, and names removed for good cost nothing."""
+        with self._lock:
+            self._gone.pop(model, None)
+            self._seen = {tid: seen for tid, seen in self._seen.items() if seen[0] != model}
+
     def read(self, worker_tids: Mapping[str, list[int]],
              threads: Mapping[int, tuple[bytes, float]] | None = None) -> dict[str, float]:
         """CPU seconds of each model whose workers are ``worker_tids`` (model -> kernel tids).
