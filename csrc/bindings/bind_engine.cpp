@@ -100,6 +100,9 @@ PyObject* fetch_exception() {
 #endif
 }
 
+// Forks of this process seen from the child's side (see after_fork_in_child).
+std::atomic<uint64_t> fork_generation{0};
+
 class PyRequest final : public Request {
  public:
   ~PyRequest() override {
@@ -119,6 +122,8 @@ class PyRequest final : public Request {
   PyObject* self_obj = nullptr;   // the Future, kept alive while callbacks wait for it
   PyObject* interop = nullptr;    // what concurrent.futures' wait() needs, made on first use
   int64_t timeout_ns = 0;         // the deadline's budget as given (for the expiry message)
+  // Forks seen when it was made: in a fork made since, no worker will ever complete it.
+  uint64_t fork_generation_made = fork_generation.load(std::memory_order_relaxed);
 };
 
 // Completes a claimed request whose payload (value) is already stored. GIL held.
@@ -142,9 +147,6 @@ void finish(PyRequest* r, Outcome o, WorkerShard* shard) {
   Py_DECREF(cbs);
   Py_DECREF(self);
 }
-
-// Forks of this process seen from the child's side (see after_fork_in_child).
-std::atomic<uint64_t> fork_generation{0};
 
 // A model that forked and returned in the child: there its worker is the only thread, and
 // serving on ran the parent's queued requests a second time (their side effects twice) and
@@ -1068,7 +1070,8 @@ class RuntimeCore {
 // --- Future ---------------------------------------------------------------------------------
 
 // A worker (or a done-callback it runs) waiting for its own model's request waits for a
-// worker of that model, possibly itself: with one instance it never returns. Raises then.
+// worker of that model, possibly itself: with one instance it never returns. Raises then, and
+// for a request inherited through fork() (below).
 [[noreturn]] void raise_own_wait() {
   raise(types().apportion_error,
         "model '" + current_model + "': a worker of the model waits for a request to the same "
@@ -1076,13 +1079,21 @@ class RuntimeCore {
         "call another model, or submit without waiting (add_done_callback)");
 }
 
-void refuse_own_wait(const PyRequest& r) {
+void refuse_endless_wait(const PyRequest& r) {
   if (current_counters != nullptr && current_counters == r.counters.get()) raise_own_wait();
+  if (fork_generation.load(std::memory_order_relaxed) != r.fork_generation_made) {
+    // A pending request inherited through fork(): the workers that would complete it exist
+    // only in the process that submitted it. Waiting for it here waited for ever.
+    raise(types().runtime_closed,
+          "request to model '" + r.counters->name + "' was submitted before process " +
+              std::to_string(getpid()) + " was forked from the one that submitted it: it completes "
+              "only there (the runtime's worker threads do not exist in a fork)");
+  }
 }
 
 bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
   if (r.done()) return true;
-  refuse_own_wait(r);
+  refuse_endless_wait(r);
   int64_t ns = -1;
   if (timeout_s) {
     if (std::isnan(*timeout_s)) throw py::value_error("timeout must be a number or None");
@@ -1212,10 +1223,11 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def(
           "_refuse_own_wait",
           [](const PyRequest& r) {
-            if (!r.done()) refuse_own_wait(r);
+            if (!r.done()) refuse_endless_wait(r);
           },
-          "Raises ApportionError, as result() would, when the calling thread is a worker of this "
-          "request's model (or a done-callback it runs) and the request is not done; else nothing "
+          "Raises, as result() would, when a wait for this request could not end: ApportionError "
+          "when the calling thread is a worker of its model (or a done-callback it runs), "
+          "RuntimeClosed in a process forked since it was submitted; nothing once it is done "
           "(for waits that do not go through result(): an event loop run inside the model).")
       .def("running", [](PyRequest& r) { return r.state() == RequestState::running; },
            "True while a worker executes the model for this request.")

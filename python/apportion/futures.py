@@ -40,9 +40,11 @@ def _failed(f: Any) -> bool:
 
 
 def _refuse_own_wait(f: Any) -> None:
-    """Raises ApportionError, as ``result()`` does, when the calling thread is a worker of the
-    model of ``f`` (or a done-callback it runs) and ``f`` is not done: only a worker of that
-    model can complete it, and with one instance that worker is the one waiting."""
+    """Raises, as ``result()`` does, when a wait for ``f`` (not done) could not end:
+    ApportionError when the calling thread is a worker of the model of ``f`` (or a
+    done-callback it runs): only a worker of that model can complete it, and with one instance
+    that worker is the one waiting; RuntimeClosed in a process forked since ``f`` was submitted,
+    where no worker exists to complete it."""
     if isinstance(f, _core.Future):
         f._refuse_own_wait()
 

@@ -316,3 +316,39 @@ def test_a_model_that_forks_never_serves_the_parents_queue_from_the_child(
     lines = log.read_text().split()
     assert len(lines) == 10 and len({lines[i] for i in range(0, 10, 2)}) == 1  # one pid: the parent's
     assert said in out.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_request_pending_at_a_fork_is_refused_in_the_child_not_waited_for() -> None:
+    # In the child no worker exists to complete it: result() without a timeout waited for ever.
+    out = run_script("""
+        import asyncio, os, threading, time, warnings, apportion as ap
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        gate = threading.Event()
+        rt = ap.Runtime()
+        rt.add_model("m", model=lambda x: (gate.wait(10), x)[1])
+        rt.start()
+        running, queued = rt.submit("m", 1), rt.submit("m", 2)
+        time.sleep(0.1)
+        pid = os.fork()
+        if pid == 0:
+            said = []
+            for how in (lambda: running.result(), lambda: queued.exception(30),
+                        lambda: ap.wait([queued]), lambda: asyncio.run(rt.infer("m", 3))):
+                try:
+                    how()
+                except ap.RuntimeClosed as e:
+                    said.append(str(e))
+            async def awaited():
+                return await running
+            try:
+                asyncio.run(awaited())
+            except ap.RuntimeClosed as e:
+                said.append(str(e))
+            os._exit(0 if len(said) == 5 and "was submitted before process" in said[0] else 7)
+        gate.set()
+        print(running.result(10), queued.result(10), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+        rt.close()
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2", "0"]

@@ -218,7 +218,7 @@ class Future:
         """
     def _refuse_own_wait(self) -> None:
         """
-        Raises ApportionError, as result() would, when the calling thread is a worker of this request's model (or a done-callback it runs) and the request is not done; else nothing (for waits that do not go through result(): an event loop run inside the model).
+        Raises, as result() would, when a wait for this request could not end: ApportionError when the calling thread is a worker of its model (or a done-callback it runs), RuntimeClosed in a process forked since it was submitted; nothing once it is done (for waits that do not go through result(): an event loop run inside the model).
         """
     def add_done_callback(self, fn: typing.Any) -> None:
         """
