@@ -294,10 +294,16 @@ threading._register_atexit(_abort_starting_children)  # type: ignore[attr-define
 def _close_live_runtimes() -> None:
     # Worker threads must be gone before the interpreter finalises: a C++ thread that touches
     # a finalising interpreter hangs or dies mid-call. Queued work is cancelled, running calls
-    # finish.
+    # finish; except where a close(drain=True) was interrupted (Ctrl-C): its drain goes on and
+    # is waited for, as the next close() would, unless Ctrl-C comes again.
     for rt in list(_live):
+        drain = rt._drain_pending
         try:
-            rt.close(drain=False)
+            rt.close(drain=drain)
+        except KeyboardInterrupt:
+            if drain:
+                with contextlib.suppress(Exception):
+                    rt.close(drain=False)
         except Exception:  # noqa: BLE001 - nothing useful to do at exit but go on
             pass
     # Runtimes dropped inside one of their own workers are closed by a background thread.
@@ -576,10 +582,27 @@ class Runtime(_core._Runtime):
         self._check_admin("remove_model()")
         with self._admin:
             entry = self._models.get(name)
+            interrupted: BaseException | None = None
             if entry is not None:
                 if not drain:
                     self._abort_processes(entry)
-                self._end_direct_calls(entry, wait=drain)
+                # Not interruptible, like the engine's drain below: what a signal handler
+                # raises meanwhile (KeyboardInterrupt) is raised once the model is gone.
+                while True:
+                    try:
+                        own = self._end_direct_calls(entry, wait=drain)
+                        break
+                    except BaseException as e:  # noqa: BLE001 - raised below
+                        interrupted = interrupted or e
+                if own is not None:
+                    # A signal handler's, while its thread is in a direct call to this model
+                    # (see _end_direct_calls): the removal follows once that call returned.
+                    def remove_later() -> None:
+                        with contextlib.suppress(ModelNotFound):  # removed meanwhile
+                            self.remove_model(name, drain=drain)
+
+                    own.after_direct_call(remove_later)
+                    return
             try:
                 super().remove_model(name, drain=drain)  # ModelNotFound when there is none
             finally:
@@ -588,6 +611,8 @@ class Runtime(_core._Runtime):
                 # the engine (the bookkeeping kept it: "already registered", spec(), plan()).
                 if entry is not None and name not in self._model_names():
                     self._forget(name)
+                if interrupted is not None:
+                    raise interrupted
 
     def _forget(self, name: str) -> None:
         """Drops model ``name`` (gone from the engine) from this runtime's bookkeeping, with its
@@ -1016,6 +1041,11 @@ class Runtime(_core._Runtime):
                     self._forget(name)
         return self
 
+    _drain_pending = False
+    """A close(drain=True) was interrupted and goes on: interpreter exit waits for its drain."""
+    _closer: threading.Thread | None = None
+    """Goes on with a close(drain=True) interrupted while it waited for a direct call."""
+
     def close(self, drain: bool = True) -> None:
         """Stops accepting requests. ``drain=True`` finishes queued work; ``drain=False``
         cancels it. A runtime never started has no workers to finish anything: its queued
@@ -1023,18 +1053,44 @@ class Runtime(_core._Runtime):
         ``drain=False``: their children are killed and those calls fail with WorkerCrashed.
         Idempotent; returns when workers (and worker processes) have exited. A second close()
         made from a done-callback that the first runs (cancelling queued requests) returns at
-        once. In a process forked from the one that made the runtime, close() does nothing
+        once. So does a close() made by a signal handler while its thread is in a direct call
+        (``call`` to a process model): the close follows once that call returned, before
+        ``call`` returns. In a process forked from the one that made the runtime, close() does nothing
         (the runtime's threads and worker processes belong to the parent)."""
         if self._forked:
             return
         self._check_admin("close()")
+        closer = self._closer
+        if drain and closer is not None and closer is not threading.current_thread():
+            closer.join()  # an interrupted close that goes on, as the engine's own is waited for
         entries = list(self._models.values())
         if not drain:
             for entry in entries:
                 self._abort_processes(entry)
-        for entry in entries:
-            self._end_direct_calls(entry, wait=drain)
-        self._close(drain)
+        try:
+            for entry in entries:
+                own = self._end_direct_calls(entry, wait=drain)
+                if own is not None:
+                    # A signal handler's, while its thread is in a direct call to this runtime:
+                    # the close follows once that call returned.
+                    own.after_direct_call(lambda: self.close(drain))
+                    return
+        except BaseException:
+            # Ctrl-C while a direct call of another thread finishes: the close goes on (the
+            # next close(), or interpreter exit, waits for this non-daemon thread). Only the
+            # main thread's wait is interrupted (by its signal handlers).
+            if drain and threading.current_thread() is threading.main_thread():
+                self._closer = threading.Thread(target=self.close, args=(drain,), name="apportion-close",
+                                                daemon=False)
+                self._closer.start()
+            raise
+        try:
+            self._close(drain)
+        except BaseException:
+            # Ctrl-C in a draining close: the engine goes on with it in the background.
+            self._drain_pending = drain and self.closed
+            raise
+        self._drain_pending = False
         self._gpu.close()  # streams outlive every call that used them: workers have exited
         for entry in list(self._models.values()):
             self._close_processes(entry)
@@ -1048,15 +1104,19 @@ class Runtime(_core._Runtime):
             proxy.abort()
 
     @staticmethod
-    def _end_direct_calls(entry: _ModelEntry, wait: bool) -> None:
+    def _end_direct_calls(entry: _ModelEntry, wait: bool) -> ProcessInstance | None:
         # Before the workers stop: a child dies with the worker thread that started it, so when
         # draining, a direct call in flight must finish first; without draining it was aborted
         # and fails anyway. None may start after. A call that finds direct calls refused takes
-        # the queue instead.
-        if entry.direct:
-            entry.direct = False
-            for proxy in list(entry.processes):
-                proxy.end_direct_calls(wait)
+        # the queue instead. Waits again when called again (an interrupted close). Returns the
+        # instance the calling thread is itself in a direct call to (a signal handler that
+        # interrupted it), whose call cannot be waited for: the caller stops nothing then (the
+        # worker may wait for that call's lock), and goes on once the call returned.
+        entry.direct = False
+        for proxy in list(entry.processes):
+            if not proxy.end_direct_calls(wait):
+                return proxy
+        return None
 
     @staticmethod
     def _close_processes(entry: _ModelEntry) -> None:

@@ -177,6 +177,12 @@ class ProcessInstance:
         self._call_lock = threading.Lock()
         self._worker_waiting = False
         self._direct_ok = True  # cleared by end_direct_calls()
+        # The threads inside call_directly() (the one in the call, and any about to find the
+        # instance busy): end_direct_calls() waits for the others, and tells a signal handler
+        # whose own thread is among them that it cannot (see after_direct_call).
+        self._direct_threads: set[int] = set()
+        self._direct_ended = threading.Event()  # set by a direct call that ends after end_direct_calls()
+        self._after_direct: dict[int, list[Callable[[], None]]] = {}  # per thread, see after_direct_call()
         self.restarts = 0
         """Children started after the first (introspection and tests)."""
 
@@ -399,25 +405,39 @@ class ProcessInstance:
         ``begin()`` refuses (returns 0: the model is closed or has requests queued); the caller
         then submits instead. Otherwise ``end(ok, start)`` is called once, before the result is
         returned or the error raised."""
-        if self._worker_waiting or self._proc is None or not self._call_lock.acquire(blocking=False):
+        if self._worker_waiting or self._proc is None:
             return NOT_TAKEN
+        me = threading.get_ident()
+        # Listed before the lock is taken and _direct_ok read (end_direct_calls() clears that
+        # first, then reads the list): either this call finds direct calls refused, or
+        # end_direct_calls() finds this call, also from a signal handler that interrupted it.
+        self._direct_threads.add(me)
         try:
-            if self._worker_waiting or self._proc is None or not self._direct_ok or self._aborting:
-                return NOT_TAKEN
-            start = begin()
-            if not start:
+            if not self._call_lock.acquire(blocking=False):
                 return NOT_TAKEN
             try:
-                out = self._round_trip(self._dumps((proto.DIRECT_CALL, x)))
-            except _Unsent:
-                return NOT_TAKEN  # never reached the child: the worker restarts it and serves it
-            except BaseException:
-                end(False, start)
-                raise
-            end(True, start)
-            return out
+                if self._worker_waiting or self._proc is None or not self._direct_ok or self._aborting:
+                    return NOT_TAKEN
+                start = begin()
+                if not start:
+                    return NOT_TAKEN
+                try:
+                    out = self._round_trip(self._dumps((proto.DIRECT_CALL, x)))
+                except _Unsent:
+                    return NOT_TAKEN  # never reached the child: the worker restarts it and serves it
+                except BaseException:
+                    end(False, start)
+                    raise
+                end(True, start)
+                return out
+            finally:
+                self._call_lock.release()
         finally:
-            self._call_lock.release()
+            self._direct_threads.discard(me)
+            if not self._direct_ok:  # direct calls are ending: someone may wait for this one
+                self._direct_ended.set()
+                for fn in self._after_direct.pop(me, ()):
+                    fn()
 
     def _dumps(self, message: Any) -> Any:
         """A request's parts for the channel; a request that does not pickle fails naming the
@@ -472,14 +492,28 @@ class ProcessInstance:
         raise exc
 
     # -- shutdown -------------------------------------------------------------------------------
-    def end_direct_calls(self, wait: bool) -> None:
+    def end_direct_calls(self, wait: bool) -> bool:
         """Refuses direct calls from now on; ``wait``: also waits for the call in flight, if
-        any. Call it before the model's workers stop when draining: the child dies with the
-        worker thread that started it, so no direct call may still be talking to it then."""
+        any (not for the worker's calls). Call it before the model's workers stop when
+        draining: the child dies with the worker thread that started it, so no direct call may
+        still be talking to it then. Returns False, without waiting, when the calling thread is
+        itself in a direct call to this instance (a signal handler that interrupted it): that
+        call cannot end before the handler returns, and the worker may wait for its lock, so
+        whatever stops the model must wait until it returned (:meth:`after_direct_call`)."""
         self._direct_ok = False
-        if wait:
-            with self._call_lock:
-                pass
+        me = threading.get_ident()
+        if me in self._direct_threads:
+            return False
+        while wait and self._direct_threads - {me}:
+            self._direct_ended.wait(_POLL_S)
+            self._direct_ended.clear()  # the loop looks again: a call that ends meanwhile is not missed
+        return True
+
+    def after_direct_call(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` in the calling thread once the direct call it is in (interrupted by a
+        signal handler: :meth:`end_direct_calls` returned False) returned or raised; an
+        exception of ``fn`` is raised from that call."""
+        self._after_direct.setdefault(threading.get_ident(), []).append(fn)
 
     def abort(self) -> None:
         """Makes a call in flight give up within one liveness poll: its child is killed and the
