@@ -309,6 +309,8 @@ class Model {
   uint32_t instances() const noexcept { return instances_.load(std::memory_order_relaxed); }
   /// The admission bound now (the latest reshape()). Safe from any thread.
   std::size_t max_queue() const noexcept { return max_queue_.load(std::memory_order_relaxed); }
+  /// Queue cells its lanes take (one cache line each; see lane_cells()). Not during a move.
+  std::size_t queue_cells() const noexcept { return lanes_.cells(); }
   /// Admission::deadline's pace: the smoothed time between completions per request while the
   /// model was backlogged (ns; 0 until measured, and after a move). Safe from any thread.
   int64_t drain_ns() const noexcept { return drain_ns_.load(std::memory_order_relaxed); }

@@ -117,6 +117,12 @@ class LaneSet {
   std::size_t delayed_capacity() const noexcept {
     return delayed_ == kNoLane ? 0 : lanes_[delayed_]->capacity();
   }
+  /// Cells of every lane together (each one cache line). Not while the lanes are rebuilt.
+  std::size_t cells() const noexcept {
+    std::size_t n = 0;
+    for (const auto& lane : lanes_) n += lane->capacity();
+    return n;
+  }
   /// Requests a group's worker took from another group's lanes.
   uint64_t stolen() const noexcept { return stolen_.load(std::memory_order_relaxed); }
 

@@ -15,13 +15,18 @@ thread_local std::vector<uint64_t> active_here;
 
 }  // namespace
 
-uint64_t lane_cells(uint64_t max_queue, uint32_t priority_levels, uint32_t groups,
-                    bool delayed_lane) noexcept {
+uint64_t lane_cells(uint64_t max_queue, uint32_t priority_levels, uint32_t groups, bool delayed_lane,
+                    uint64_t workers) noexcept {
   constexpr uint64_t kMax = UINT64_MAX;
-  if (max_queue > (uint64_t{1} << 62)) return kMax;
-  const uint64_t per_lane = std::bit_ceil(std::max<uint64_t>(max_queue, 1));
-  const uint64_t lanes = uint64_t{std::max(priority_levels, 1u)} * std::max(groups, 1u) + (delayed_lane ? 1 : 0);
-  return per_lane > kMax / lanes ? kMax : per_lane * lanes;
+  if (max_queue > (uint64_t{1} << 60) || workers > (uint64_t{1} << 60)) return kMax;
+  // As Model::build_groups sizes them, and MpmcQueue rounds them up (to at least 2).
+  const auto cells = [](uint64_t capacity) { return std::bit_ceil(std::max<uint64_t>(capacity, 2)); };
+  const uint64_t cap = 2 * std::max<uint64_t>(max_queue, 1);
+  const uint64_t lanes = uint64_t{std::max(priority_levels, 1u)} * std::max(groups, 1u);
+  const uint64_t per_lane = cells(cap);
+  if (per_lane > kMax / lanes) return kMax;
+  const uint64_t delayed = delayed_lane ? cells(cap + workers) : 0;
+  return per_lane * lanes > kMax - delayed ? kMax : per_lane * lanes + delayed;
 }
 
 ModelEntry::ModelEntry(std::shared_ptr<Model> m, std::shared_ptr<ModelHandler> h,

@@ -41,10 +41,12 @@ constexpr int64_t effective_timeout_ns(int64_t model_default_ns,
   return requested_ns && *requested_ns < model_default_ns ? *requested_ns : model_default_ns;
 }
 
-/// The queue cells a model's lanes need (one cache line each): every lane holds `max_queue`
-/// requests, rounded up to a power of two, G groups x `priority_levels` lanes, plus the
-/// delayed lane. Saturates instead of overflowing.
-uint64_t lane_cells(uint64_t max_queue, uint32_t priority_levels, uint32_t groups, bool delayed_lane) noexcept;
+/// The queue cells a model's lanes take (one cache line each), as Model::build_groups makes
+/// them: G groups x `priority_levels` lanes of 2 x `max_queue` cells, plus the delayed lane's
+/// 2 x `max_queue` + `workers` (instances and burst instances), each rounded up to a power of
+/// two. Saturates instead of overflowing.
+uint64_t lane_cells(uint64_t max_queue, uint32_t priority_levels, uint32_t groups, bool delayed_lane,
+                    uint64_t workers) noexcept;
 
 /// One registered model: the engine model, its handler, and its admission rules.
 class ModelEntry {

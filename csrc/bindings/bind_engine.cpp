@@ -1364,8 +1364,10 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def("_model_stats", &RuntimeCore::model_stats, py::arg("name"));
 
   m.def("_lane_cells", &lane_cells, py::arg("max_queue"), py::arg("priority_levels"),
-        py::arg("groups"), py::arg("delayed_lane"),
-        "Queue cells (64 bytes each) a model's lanes take: see ModelOptions::instance_group.");
+        py::arg("groups"), py::arg("delayed_lane"), py::arg("workers"),
+        "Queue cells (64 bytes each) a model's lanes take, as the engine makes them: lanes of "
+        "2 x max_queue cells (the delayed lane 2 x max_queue + workers), each rounded up to a "
+        "power of two.");
   m.def("_join_orphans", &join_orphans,
         "Waits for the background closes of runtimes that were dropped inside one of their own "
         "workers (called at interpreter exit).");

@@ -34,7 +34,8 @@ __all__ = ["InstanceContext", "Runtime"]
 
 _MAX_QUEUE_BYTES = 256 << 20
 """What a model's queue cells may take together (64 bytes each; every priority lane of every
-lane group holds max_queue requests, rounded up to a power of two): refused beyond it."""
+lane group has 2 x max_queue cells, rounded up to a power of two; see _core._lane_cells):
+refused beyond it."""
 _CELL_BYTES = 64
 
 
@@ -526,12 +527,12 @@ class Runtime(_core._Runtime):
             self._check_running_models_stay(new_plan, name)
         groups = self._lane_groups(new_plan[name])
         cells = _core._lane_cells(spec.max_queue, spec.priority_levels, max(len(set(groups)), 1),
-                                  spec.on_timeout == "delay")
+                                  spec.on_timeout == "delay", spec.instances + spec.burst_instances)
         if cells * _CELL_BYTES > _MAX_QUEUE_BYTES:
             raise QuotaError(
                 f"max_queue={spec.max_queue} with priority_levels={spec.priority_levels} needs "
                 f"{cells * _CELL_BYTES / 2**20:.0f} MiB of queue cells ({_CELL_BYTES} bytes each; every lane "
-                f"holds max_queue requests); the limit is {_MAX_QUEUE_BYTES >> 20} MiB: lower max_queue or "
+                f"has 2 x max_queue cells); the limit is {_MAX_QUEUE_BYTES >> 20} MiB: lower max_queue or "
                 "priority_levels", model=name, field="max_queue")
         burst_n = spec.burst_instances
         pooled = self._scheduled and quota.isolation == "shared"  # its calls hold pool units

@@ -96,12 +96,32 @@ TEST(Registry, ARequestMayOnlyTightenItsModelsDeadline) {
   EXPECT_FALSE(e->priority_ok(-1));
 }
 
-TEST(Registry, LaneCellsRoundUpAndSaturate) {
-  EXPECT_EQ(lane_cells(1000, 1, 1, false), 1024u);
-  EXPECT_EQ(lane_cells(1024, 4, 2, true), 1024u * 9);
-  EXPECT_EQ(lane_cells(0, 0, 0, false), 1u);
-  EXPECT_EQ(lane_cells(uint64_t{1} << 63, 256, 1024, true), UINT64_MAX);
-  EXPECT_EQ(lane_cells(uint64_t{1} << 60, 256, 1024, true), UINT64_MAX);
+TEST(Registry, LaneCellsAreWhatTheEngineMakesAndSaturate) {
+  // Each lane has 2 x max_queue cells (see Model::build_groups): counting max_queue alone put
+  // a model's queue memory at half of what it took.
+  EXPECT_EQ(lane_cells(1000, 1, 1, false, 1), 2048u);
+  EXPECT_EQ(lane_cells(1024, 4, 2, false, 4), 2048u * 8);
+  // The delayed lane holds one more per worker: 2 x 1024 + 4 rounds up to 4096.
+  EXPECT_EQ(lane_cells(1024, 4, 2, true, 4), 2048u * 8 + 4096u);
+  EXPECT_EQ(lane_cells(0, 0, 0, false, 0), 2u);
+  EXPECT_EQ(lane_cells(uint64_t{1} << 63, 256, 1024, true, 1), UINT64_MAX);
+  EXPECT_EQ(lane_cells(uint64_t{1} << 58, 256, 1024, true, 1), UINT64_MAX);
+  EXPECT_EQ(lane_cells(1, 1, 1, true, UINT64_MAX), UINT64_MAX);
+}
+
+TEST(Registry, LaneCellsMatchTheLanesAModelMakes) {
+  for (const bool delayed : {false, true}) {
+    for (const std::size_t max_queue : {std::size_t{1}, std::size_t{5}, std::size_t{1000}}) {
+      ModelOptions o;
+      o.name = "m";
+      o.instances = 3;
+      o.priority_levels = 2;
+      o.max_queue = max_queue;
+      o.on_timeout = delayed ? OnTimeout::delay : OnTimeout::reject;
+      Model m(o, std::make_shared<Handler>());
+      EXPECT_EQ(lane_cells(max_queue, 2, 1, delayed, 3), m.queue_cells()) << max_queue << " " << delayed;
+    }
+  }
 }
 
 TEST(Registry, NamesAreUniqueAndRemovedModelsAreGone) {

@@ -628,6 +628,33 @@ def test_huge_quotas_name_model_and_field(rt: ap.Runtime, kwargs: dict[str, Any]
     assert rt.models == []
 
 
+@pytest.mark.parametrize(("kwargs", "mib"), [
+    ({"max_queue": 2**22}, 512), ({"max_queue": 2**20, "priority_levels": 4}, 512),
+    ({"max_queue": 2**21, "on_timeout": "delay"}, 768),  # its delayed lane: 2**22 + 1 rounds up to 2**23
+])
+def test_the_queue_memory_limit_counts_the_cells_the_engine_makes(rt: ap.Runtime, kwargs: dict[str, Any],
+                                                                  mib: int) -> None:
+    # Each lane has 2 x max_queue cells: the limit counted max_queue, so these took 512-768 MiB
+    # under a 256 MiB limit.
+    with pytest.raises(ap.QuotaError, match=rf"needs {mib} MiB of queue cells .* the limit is 256 MiB"):
+        rt.add_model("m", model=print, **kwargs)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
+def test_a_models_queue_takes_the_memory_the_limit_counts() -> None:
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    rt = ap.Runtime()
+    try:
+        before = rss_mib()
+        rt.add_model("m", model=print, max_queue=2**20)  # 2**21 cells of 64 B: 128 MiB, under the limit
+        grown = rss_mib() - before
+        assert 120 <= grown <= 140, grown
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize("text, message", [
     (b"[models.m]\ncores = 1\n# \xff\xfe\n", "not UTF-8 text"),
     (b"[models.m]\ncores = 1\nthreads = 100000000000000000000000\n", "models.m.threads: got 1"),

@@ -772,9 +772,9 @@ def _join_orphans() -> None:
     """
     Waits for the background closes of runtimes that were dropped inside one of their own workers (called at interpreter exit).
     """
-def _lane_cells(max_queue: typing.SupportsInt | typing.SupportsIndex, priority_levels: typing.SupportsInt | typing.SupportsIndex, groups: typing.SupportsInt | typing.SupportsIndex, delayed_lane: bool) -> int:
+def _lane_cells(max_queue: typing.SupportsInt | typing.SupportsIndex, priority_levels: typing.SupportsInt | typing.SupportsIndex, groups: typing.SupportsInt | typing.SupportsIndex, delayed_lane: bool, workers: typing.SupportsInt | typing.SupportsIndex) -> int:
     """
-    Queue cells (64 bytes each) a model's lanes take: see ModelOptions::instance_group.
+    Queue cells (64 bytes each) a model's lanes take, as the engine makes them: lanes of 2 x max_queue cells (the delayed lane 2 x max_queue + workers), each rounded up to a power of two.
     """
 def _set_future_class(cls: typing.Any) -> None:
     """
