@@ -24,12 +24,17 @@ namespace {
 
 void name_thread(const std::string& model, uint32_t index) {
 #if defined(__linux__)
-  // Linux limits thread names to 15 bytes: "ap:<model>:<index>" with the model truncated.
+  // Linux limits thread names to 15 bytes: "ap:<model>:<index>" with the model truncated, at
+  // a character's first byte (cut inside a UTF-8 sequence, ps and py-spy showed garbage).
   char suffix[16];
   const int n = std::snprintf(suffix, sizeof suffix, ":%u", index);
-  const int room = std::max(0, 15 - 3 - n);
+  std::size_t room = static_cast<std::size_t>(std::max(0, 15 - 3 - n));
+  if (model.size() > room) {
+    while (room > 0 && (static_cast<unsigned char>(model[room]) & 0xC0) == 0x80) --room;
+  }
   char name[48];
-  std::snprintf(name, sizeof name, "ap:%.*s%s", room, model.c_str(), suffix);
+  std::snprintf(name, sizeof name, "ap:%.*s%s", static_cast<int>(std::min(room, model.size())), model.c_str(),
+                suffix);
   name[15] = '\0';
   pthread_setname_np(pthread_self(), name);
 #else

@@ -329,6 +329,24 @@ def test_model_threads_tells_models_apart_by_their_worker_names() -> None:
         rt.close(drain=False)
 
 
+def test_a_worker_name_is_cut_between_characters() -> None:
+    # Cut at byte 10, "😀😀😀" (4 bytes each) left half a character: ps, py-spy and a strict
+    # decode showed garbage.
+    assert worker_name("😀😀😀", 0) == "ap:😀😀:0"
+    assert worker_name("é" * 10, 3) == "ap:ééééé:3"  # 2 bytes each: 10 fit
+    rt = ap.Runtime()
+    try:
+        rt.add_model("😀😀😀", model=lambda x: threading.get_native_id())
+        rt.start()
+        tid = rt.call("😀😀😀", None)
+        (worker,) = model_threads("😀😀😀")
+        assert worker.tid == tid and worker.name == "ap:😀😀:0"
+        with open(f"/proc/self/task/{tid}/comm", "rb") as fh:
+            assert fh.read().strip().decode("utf-8") == "ap:😀😀:0"  # strict: valid UTF-8
+    finally:
+        rt.close()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: one for each instance")
 def test_torch_instances_on_cores_of_their_own_each_check_only_their_own_threads() -> None:
     # Each instance's first call checks where its threads may run. Checked against every

@@ -37,10 +37,15 @@ def _threads() -> list[ThreadInfo]:
 
 def worker_name(model: str, instance: int) -> str:
     """The name a worker of ``model`` gives itself: ``ap:<model>:<instance>``, the model cut
-    (by bytes) so the whole fits Linux's 15-byte limit, as the engine does."""
+    (by bytes, at a character's first byte) so the whole fits Linux's 15-byte limit, as the
+    engine does."""
     suffix = f":{instance}".encode()
     room = max(0, 15 - 3 - len(suffix))
-    raw = (b"ap:" + model.encode()[:room] + suffix)[:15]
+    encoded = model.encode()
+    if len(encoded) > room:
+        while room > 0 and encoded[room] & 0xC0 == 0x80:  # inside a UTF-8 sequence
+            room -= 1
+    raw = (b"ap:" + encoded[:room] + suffix)[:15]
     return raw.decode("utf-8", "surrogateescape")
 
 
