@@ -181,6 +181,11 @@ void finish(PyRequest* r, Outcome o, WorkerShard* shard) {
   _exit(status);
 }
 
+// Serialises exiting workers' GIL waits (see PyHandler::stop_worker). Leaked on purpose: a
+// worker may exit while static destructors run. Replaced in a forked child, like orphans_mu.
+std::mutex* exiting_mu_ptr = new std::mutex;
+std::mutex& exiting_mu() { return *exiting_mu_ptr; }
+
 struct WorkerState {
   PyGILState_STATE gil{};
   uint64_t fork_generation = 0;  // at start: another value after a call means it forked
@@ -307,6 +312,11 @@ class PyHandler final : public ModelHandler {
   void stop_worker(Worker& w) override {
     auto* st = static_cast<WorkerState*>(w.user);
     if (st == nullptr || interpreter_finalizing()) return;
+    // Exiting workers queue for the GIL one at a time: thousands waiting on it together (a
+    // close() of 8 x 1024 instances) each woke every switch interval to ask for it, and the
+    // close took up to a minute. Never waited for holding the GIL: that would deadlock.
+    if (st->holding) release_gil(*st);
+    std::lock_guard one_at_a_time(exiting_mu());
     enter(*st);
     Py_CLEAR(st->fn);
     PyGILState_Release(st->gil);
@@ -510,8 +520,9 @@ struct Orphan {
 // of them exhausted the address space. Leaked on purpose, like PyTypes: nothing may run their
 // destructors after the interpreter is gone.
 // In a forked child, the parent's threads do not exist and a lock another thread held at the
-// fork stays held: after_fork_in_child() replaces both (leaking the old ones) and counts the
-// fork, so that runtimes made before it refuse to serve (fork_generation differs from theirs).
+// fork stays held: after_fork_in_child() replaces these and exiting_mu (leaking the old ones)
+// and counts the fork, so that runtimes made before it refuse to serve (fork_generation
+// differs from theirs).
 std::mutex* orphans_mu_ptr = new std::mutex;
 std::vector<Orphan>* orphans_ptr = new std::vector<Orphan>;
 
@@ -519,6 +530,7 @@ std::mutex& orphans_mu() { return *orphans_mu_ptr; }
 std::vector<Orphan>& orphans() { return *orphans_ptr; }
 
 void after_fork_in_child() {
+  exiting_mu_ptr = new std::mutex;
   orphans_mu_ptr = new std::mutex;
   orphans_ptr = new std::vector<Orphan>;
   fork_generation.fetch_add(1, std::memory_order_relaxed);
