@@ -1168,8 +1168,8 @@ class Runtime(_core._Runtime):
                 out = proxy.call_directly(inputs, begin, end)
                 if out is not NOT_TAKEN:
                     return out
-        self._refuse_own_call(model)  # before admission: refused after it, the request still ran
-        return self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority).result()
+        # Refused before admission on the model's own worker: refused after it, the request ran.
+        return self._submit_to_wait(model, inputs, timeout_ms, priority).result()
 
     # -- asyncio ------------------------------------------------------------------------------
     async def infer(
@@ -1183,8 +1183,8 @@ class Runtime(_core._Runtime):
         """Submits and awaits one request without blocking the event loop. Cancelling the
         awaiting task cancels the request if it is still queued."""
         loop = asyncio.get_running_loop()
-        self._refuse_own_call(model)  # awaited on a worker of the model itself: before admission
-        fut = self.submit(model, inputs, timeout_ms=timeout_ms, priority=priority)
+        # Refused before admission when awaited on a worker of the model itself.
+        fut = self._submit_to_wait(model, inputs, timeout_ms, priority)
         try:
             waiter = on_loop(fut, loop, model)
         except ApportionError:  # the same refusal, should the name now be another model's

@@ -291,10 +291,6 @@ class _Runtime:
         ...
     def _model_stats(self, name: str) -> ModelSnapshot:
         ...
-    def _refuse_own_call(self, model: str) -> None:
-        """
-        Raises ApportionError when the calling thread is a worker of model `model` (or a done-callback it runs): a call() or infer() there would wait for itself.
-        """
     def _reshape(self, spec: typing.Any, make_instance: typing.Any, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
     def _set_max_queue(self, name: str, max_queue: typing.SupportsInt | typing.SupportsIndex) -> None:
@@ -309,6 +305,10 @@ class _Runtime:
         """
     def _start(self) -> None:
         ...
+    def _submit_to_wait(self, model: str, inputs: typing.Any, timeout_ms: typing.Any, priority: typing.Any) -> Future:
+        """
+        submit() for call() and infer(), which wait for the result at once: first raises ApportionError when the calling thread is a worker of model `model` (or a done-callback it runs), where that wait could not end.
+        """
     def _worker_tids(self, model: str) -> list[int]:
         """
         Kernel thread ids of the model's running workers (empty: no such model).
