@@ -225,3 +225,28 @@ def test_interpreter_exit_after_an_interrupted_drain_waits_for_it(tmp_path: Path
     """, tmp_path)
     assert out == ["interrupted; exiting"]
     assert sorted(log.read_text().split()) == ["0", "1", "2", "3"]
+
+
+def test_sigint_in_a_direct_call_replaces_the_child_and_fails_that_request(tmp_path: Path) -> None:
+    # The caller reads a direct call's reply itself: interrupted, the reply would be read by the
+    # next request. As the README says, the child goes, the request counts as failed, and the
+    # next call is served by a new child.
+    out = run_script("""
+        rt = ap.Runtime()
+        rt.add_model("p", factory="process_models:sleeper", isolation="process")
+        rt.start()
+        first = rt.call("p", (0.0, "warm"))
+        sigint_in(0.2)
+        try:
+            rt.call("p", (1.0, "long"))
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        print("next", rt.call("p", (0.0, "next")))
+        st = rt.stats()["p"]
+        print("failed", st.failed, "completed", st.completed, "accounted", accounted(rt, "p"))
+        rt.close()
+    """, tmp_path)
+    assert out[0] == "interrupted"
+    assert out[1] == "next (0.0, 'next')"
+    assert out[2] == "failed 1 completed 2 accounted True"
