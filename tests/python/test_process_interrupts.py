@@ -17,7 +17,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 # Every script starts with this: SIGINT raises KeyboardInterrupt even where the runner started
-# Python with it ignored, and a helper that checks every request was counted exactly once.
+# Python with it ignored, a helper that says whether Ctrl-C interrupted a call, and one that
+# checks every request was counted exactly once.
 PRELUDE = """
 import os, signal, sys, threading, time
 import apportion as ap
@@ -25,6 +26,14 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def sigint_in(s):
     threading.Timer(s, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+def interrupted(call):
+    # Runs call(); says whether Ctrl-C interrupted it.
+    try:
+        call()
+        return "not interrupted"
+    except KeyboardInterrupt:
+        return "interrupted"
 
 def accounted(rt, name):
     st = rt.stats()[name]
@@ -56,11 +65,7 @@ def test_sigint_during_a_draining_close_leaves_it_closing_in_the_background(tmp_
         fs = [rt.submit("p", (0.3, i)) for i in range(4)]
         time.sleep(0.05)  # the first one runs
         sigint_in(0.2)
-        try:
-            rt.close(drain=True)
-            print("not interrupted")
-        except KeyboardInterrupt:
-            print("interrupted")
+        print(interrupted(lambda: rt.close(drain=True)))
         print("closed", rt.closed)
         try:
             rt.submit("p", (0.0, "late"))
@@ -90,11 +95,7 @@ def test_sigint_while_close_waits_for_a_direct_call_goes_on_with_the_close(tmp_p
             time.sleep(0.005)
         fs = [rt.submit("p", i) for i in range(3)]  # queued behind the direct call
         sigint_in(0.2)
-        try:
-            rt.close(drain=True)
-            print("not interrupted")
-        except KeyboardInterrupt:
-            print("interrupted")
+        print(interrupted(lambda: rt.close(drain=True)))
         open(release, "w").close()
         t.join(10)
         deadline = time.monotonic() + 10
@@ -131,11 +132,7 @@ def test_sigint_during_a_draining_remove_model_of_a_process_model_takes_effect_o
             time.sleep(0.005)
         threading.Timer(0.5, lambda: open(release, "w").close()).start()
         sigint_in(0.2)
-        try:
-            rt.remove_model("p", drain=True)
-            print("not interrupted")
-        except KeyboardInterrupt:
-            print("interrupted")
+        print(interrupted(lambda: rt.remove_model("p", drain=True)))
         if t.ident is not None:  # started
             t.join(10)
         print(rt.models, direct, [f.result(0) for f in fs])
@@ -217,11 +214,7 @@ def test_interpreter_exit_after_an_interrupted_drain_waits_for_it(tmp_path: Path
         for i in range(4):
             rt.submit("m", (0.25, i)).add_done_callback(record)
         sigint_in(0.15)
-        try:
-            rt.close(drain=True)
-            print("not interrupted")
-        except KeyboardInterrupt:
-            print("interrupted; exiting")
+        print(interrupted(lambda: rt.close(drain=True)) + "; exiting")
     """, tmp_path)
     assert out == ["interrupted; exiting"]
     assert sorted(log.read_text().split()) == ["0", "1", "2", "3"]
@@ -237,11 +230,7 @@ def test_sigint_in_a_direct_call_replaces_the_child_and_fails_that_request(tmp_p
         rt.start()
         first = rt.call("p", (0.0, "warm"))
         sigint_in(0.2)
-        try:
-            rt.call("p", (1.0, "long"))
-            print("not interrupted")
-        except KeyboardInterrupt:
-            print("interrupted")
+        print(interrupted(lambda: rt.call("p", (1.0, "long"))))
         print("next", rt.call("p", (0.0, "next")))
         st = rt.stats()["p"]
         print("failed", st.failed, "completed", st.completed, "accounted", accounted(rt, "p"))
