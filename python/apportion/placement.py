@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from . import _core, _table
@@ -138,7 +138,9 @@ class Quota:
                                        "each; use threads <= cores per instance, smt=True (sibling threads) "
                                        "or oversubscribe=True")
 
-    def _native(self) -> Any:
+    def _native(self, oversubscribe: bool = False) -> Any:
+        """The planner's quota; ``oversubscribe`` (or this quota's own) lets its instances
+        outnumber its CPUs."""
         return _core.Quota(
             name=self.name,
             cores=self.cores if _is_int(self.cores) else 0,  # type: ignore[arg-type]
@@ -149,7 +151,7 @@ class Quota:
             numa=-1 if self.numa == "auto" else self.numa,
             smt=self.smt,
             memory_policy=self.memory_policy,
-            oversubscribe=self.oversubscribe,
+            oversubscribe=self.oversubscribe or oversubscribe,
         )
 
 
@@ -233,13 +235,12 @@ def check_encodable_name(name: str) -> None:
                          "encoded)", field="name") from None
 
 
-def _floating(q: Quota) -> Quota:
+def _floating(q: Quota) -> bool:
     # A shared model without a core count floats on the whole shared pool: each instance may run
     # on any pool CPU and the OS balances them, so more instances than pool CPUs is no
-    # oversubscription of anything the model asked for.
-    if q.isolation == "shared" and q.cores is None and not q.oversubscribe:
-        return replace(q, oversubscribe=True)
-    return q
+    # oversubscription of anything the model asked for. (Said to the planner, not by a copy of
+    # the quota: a copy per model per plan was most of an add_model among hundreds of models.)
+    return q.isolation == "shared" and q.cores is None
 
 
 def _quota(fields_: Mapping[str, Any]) -> Quota:
@@ -259,8 +260,8 @@ def _quota(fields_: Mapping[str, Any]) -> Quota:
 
 def _coerce(models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]) -> list[Quota]:
     if isinstance(models, Mapping):
-        return [_floating(_quota({"name": name, **dict(kw)})) for name, kw in models.items()]
-    return [_floating(m if isinstance(m, Quota) else _quota(m)) for m in models]
+        return [_quota({"name": name, **dict(kw)}) for name, kw in models.items()]
+    return [m if isinstance(m, Quota) else _quota(m) for m in models]
 
 
 def plan(
@@ -281,7 +282,7 @@ def plan(
         seen.add(q.name)
     topo = topology if topology is not None else read_topology()
     try:
-        raw = _core.plan_placement(topo._native, [q._native() for q in quotas])
+        raw = _core.plan_placement(topo._native, [q._native(oversubscribe=_floating(q)) for q in quotas])
     except (QuotaError, PlacementError) as e:
         # The native planner calls an explicit CPU list "cpus"; in this API it is given as `cores`.
         if getattr(e, "field", None) == "cpus":
@@ -290,7 +291,7 @@ def plan(
             renamed.field = "cores"  # type: ignore[attr-defined]
             raise renamed from None
         raise
-    floating = {q.name: q for q in quotas if q.isolation == "shared" and q.cores is None}
+    floating = {q.name: q for q in quotas if _floating(q)}
 
     def instances(m: Mapping[str, Any]) -> tuple[InstancePlan, ...]:
         q = floating.get(m["name"])
