@@ -383,6 +383,19 @@ def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout() -> None:
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"model 'echo': the request body did not arrive within 0.3 s" in answer
         assert waited < 20  # the timeout, not the client's
+        # ... and the connection goes with the answer: a client that kept trickling body bytes
+        # held it (and its file descriptor) for as long as it liked.
+        assert b"connection: close" in answer.lower()
+        with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+            c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+            assert http_response(c).startswith(b"HTTP/1.1 408")
+            c.settimeout(10)
+            try:
+                c.sendall(b" ")
+                closed = c.recv(1) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            assert closed
         r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=30,
                        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
         assert r.status_code == 200  # a body that arrives is read as before
@@ -762,6 +775,8 @@ def test_body_over_the_limit_is_413() -> None:
             url = f"http://127.0.0.1:{server.http_port}/v2/models/echo/infer"
             r = httpx.post(url, content=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]))
             assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]
+            # The connection ends with the 413: the rest of that body would be read as a request.
+            assert r.headers["connection"] == "close"
     finally:
         rt.close()
 

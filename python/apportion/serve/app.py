@@ -114,9 +114,11 @@ class V2App:
                                 "timeout, or an abort)"))
         except Exception as e:  # a bug of ours: answer it, never take the server down
             status, headers, body = self._error(fe.ServeError(fe.INTERNAL, f"{type(e).__name__}: {e}"))
-        if self.frontend.draining:
-            # The connection ends with this answer: a client that reused it for its next
-            # request raced the server closing it, and got no answer at all.
+        if self.frontend.draining or status in (408, 413):
+            # The connection ends with this answer: draining, a client that reused it for its
+            # next request raced the server closing it, and got no answer at all; after a body
+            # that stalled or was too large, what the client sends next would be read as a new
+            # request, and nothing timed the connection out any more (a slow sender held it).
             headers = [*headers, (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})
