@@ -278,3 +278,46 @@ def test_http_and_grpc_share_one_server(served: Served) -> None:
     h = th.InferenceServerClient(f"127.0.0.1:{served.server.http_port}")
     assert h.is_server_ready()
     h.close()
+
+
+def test_calls_beyond_the_servers_bound_are_resource_exhausted_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's own bound (MAX_CONCURRENT_CALLS), set low here: the calls beyond it are
+    # refused with RESOURCE_EXHAUSTED, never cancelled (test_serve_cli: thousands under the
+    # default bound, all answered).
+    import threading
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    import apportion.serve.grpc as serve_grpc
+
+    def request(i: int) -> Any:
+        r = pb.ModelInferRequest(model_name="echo")
+        r.inputs.add(name="x", datatype="FP32", shape=[1])
+        r.raw_input_contents.append(np.array([i], np.float32).tobytes())
+        return r
+
+    gate = threading.Event()
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: (gate.wait(30), x * 2)[1], max_queue=4096, instances=2)
+    rt.start()
+    monkeypatch.setattr(serve_grpc, "MAX_CONCURRENT_CALLS", 8)
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=0) as server:
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = pbg.GRPCInferenceServiceStub(channel)
+                calls = [stub.ModelInfer.future(request(i), timeout=60) for i in range(40)]
+                time.sleep(0.5)
+                gate.set()
+                codes = []
+                for c in calls:
+                    try:
+                        c.result()
+                        codes.append("OK")
+                    except grpc.RpcError as e:
+                        codes.append(e.code().name)
+            assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 8, codes
+    finally:
+        gate.set()
+        rt.close()

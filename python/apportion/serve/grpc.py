@@ -164,11 +164,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+MAX_CONCURRENT_CALLS = 16384
+"""Calls the gRPC server takes at once; one more is answered RESOURCE_EXHAUSTED at once. Far
+above what the models' queues admit with the defaults: overload is the runtime's to refuse
+(QueueFull: RESOURCE_EXHAUSTED), this bounds the calls waiting on the server itself."""
+
+MAX_PENDING_CALLS = 4 * MAX_CONCURRENT_CALLS
+"""Calls grpc itself may hold before the server takes them. Its defaults (1,000 soft, 3,000
+hard) cancelled the calls beyond them with CANCELLED, a status that reads as the client's own
+and that retry policies do not retry, uncounted in /metrics: past ~1,000 calls at once on one
+channel, some were lost that way."""
+
+
 async def start_server(frontend: fe.Frontend, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server on host:port (0: a free port) and the port it bound."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", 0),
+                                      ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                                      ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)],
+                             maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(frontend), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
