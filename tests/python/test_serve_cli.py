@@ -117,7 +117,7 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
                    'inputs = [{ name = "x", datatype = "FP32", shape = [1] }]\n'
                    'outputs = [{ name = "y", datatype = "FP32", shape = [1] }]\n')
     with serving(cfg, "--grpc-port", "-1", "--max-body-bytes", "300", "--queue-full-status", "503",
-                 "--drain-timeout-s", "20", "--body-timeout-s", "0.5") as (proc, line):
+                 "--drain-timeout-s", "20", "--body-timeout-s", "0.5", "--max-header-bytes", "2048") as (proc, line):
         m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
         assert m, line
         http = m.group(1)
@@ -141,11 +141,14 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
         with socket.create_connection((host, int(port)), timeout=30) as c:  # a body that stops
             c.sendall(b"POST /v2/models/nap/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
             assert c.recv(65536).startswith(b"HTTP/1.1 408")
+        r = httpx.get(f"http://{http}/v2/health/ready", headers={"x-pad": "p" * 3000}, timeout=30)
+        assert r.status_code == 431 and "limit of 2048 bytes" in r.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
 
 
 @pytest.mark.parametrize("option,value", [("--max-body-bytes", "0"), ("--max-body-bytes", "1.5"),
+                                          ("--max-header-bytes", "1023"), ("--max-header-bytes", "x"),
                                           ("--drain-timeout-s", "-1"), ("--drain-timeout-s", "nan"),
                                           ("--queue-full-status", "500"), ("--http-port", "99999"),
                                           ("--http-port", "-1"), ("--grpc-port", "-2"), ("--grpc-port", "x"),

@@ -757,6 +757,37 @@ def test_bad_requests_get_their_status_while_good_load_completes_once(served: Se
     assert served.rt.stats()["fails"].failed >= rounds  # the 500s reached the model each round
 
 
+def test_request_headers_over_the_limit_get_431_and_the_connection_closed() -> None:
+    # Neither uvicorn nor httptools bounded them: a client sending headers without end grew the
+    # server by 1.3 GB and held its loop (HTTP and gRPC) for seconds.
+    import socket
+
+    with echo_server(max_header_bytes=4096) as s:
+        url = f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer"
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+        assert httpx.post(url, json=body, headers={"x-pad": "p" * 3000}, timeout=30).status_code == 200
+        for headers, path in (({"x-pad": "p" * 5000}, ""), ({f"x-{i}": "v" for i in range(600)}, ""),
+                              ({}, "?" + "q" * 5000)):
+            r = httpx.post(url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 431 and r.headers["connection"] == "close", r.text
+            assert "the request line and headers exceed the limit of 4096 bytes" in r.text
+        with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+            c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nx-a: ")
+            sent = 0
+            try:
+                while sent < 1 << 20:  # a header that never ends: cut off, not buffered
+                    c.sendall(b"a" * 8192)
+                    sent += 8192
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert sent < 1 << 20 or http_response(c).startswith(b"HTTP/1.1 431")
+        # a body as large as it likes still arrives: the bound is the headers'
+        big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000], "data": [1.0] * 20000}]}
+        assert httpx.post(url, json=big, timeout=30).status_code == 200
+        with pytest.raises(ValueError, match="max_header_bytes must be an integer >= 1024"):
+            Server(s.frontend.rt, {"echo": signatures()["echo"]}, max_header_bytes=100)
+
+
 def test_body_over_the_limit_is_413() -> None:
     rt = ap.Runtime()
     rt.add_model("echo", model=lambda x: x * 2)

@@ -24,33 +24,88 @@ DEFAULT_HEADER_TIMEOUT_S = 60.0
 """How long an HTTP request's headers may take to arrive whole (from the connection, or from
 the request's first byte on a kept-alive one) before the server answers 408 and closes."""
 
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
+"""What an HTTP request's line and headers may take together: beyond it the server answers 431
+and closes."""
 
-def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with a deadline for each request's headers: a client that
-    sends them slowly, or opens a connection and sends nothing, is answered 408 and closed after
-    ``timeout_s`` (uvicorn has no such deadline: such connections stayed open for ever). The
-    deadlines share one loop timer (:class:`Alarms`): a request costs dict entries, not a
-    timer armed and cancelled."""
+
+def _close_with(status: bytes, answer: str) -> bytes:
+    body = answer.encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a deadline and a size bound for each request's line
+    and headers: a client that sends them slowly, or opens a connection and sends nothing, is
+    answered 408 and closed after ``timeout_s`` (uvicorn has no such deadline: such connections
+    stayed open for ever); one whose line and headers pass ``max_header_bytes`` is answered 431
+    and closed (neither uvicorn nor httptools bounds them: one connection's headers grew the
+    server by 1.3 GB and held the loop, HTTP and gRPC, for seconds). The deadlines share one
+    loop timer (:class:`Alarms`): a request costs dict entries, not a timer armed and cancelled."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     alarms = fe.Alarms(timeout_s)
-    answer = (f"no complete request headers within {timeout_s:g} s").encode()
-    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            b"content-length: " + str(len(answer)).encode() + b"\r\nconnection: close\r\n\r\n" + answer)
+    late = _close_with(b"408 Request Timeout", f"no complete request headers within {timeout_s:g} s")
+    too_large = _close_with(b"431 Request Header Fields Too Large",
+                            f"the request line and headers exceed the limit of {max_header_bytes} bytes")
 
     class HeaderDeadline(HttpToolsProtocol):  # type: ignore[misc]
+        # Bytes received since the request began while its headers are incomplete (-1: its body
+        # is being read): bounds what the parser buffers for one request's headers. A chunk that
+        # ends them and begins the body counts whole; then the headers themselves are measured.
+        _head_bytes = 0
+        _refused = False  # answered 431: the rest of the connection is ignored (a pipelined
+        # request's line and headers left in the same chunk are parsed, and dropped with it)
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             alarms.set(self, self._headers_late)
 
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self._head_bytes >= 0:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._head_bytes > max_header_bytes and not self._refused and not self.transport.is_closing():
+                self._refuse()
+
+        def _refuse(self) -> None:
+            self._refused = True
+            alarms.cancel(self)
+            self.transport.write(too_large)
+            self.transport.close()
+
         def on_message_begin(self) -> None:
+            if self._refused:
+                return
             super().on_message_begin()
             alarms.cancel(self)  # this request's own deadline, from its first byte
             alarms.set(self, self._headers_late)
 
         def on_headers_complete(self) -> None:
             alarms.cancel(self)
+            if self._refused:
+                return
+            # Measured only when what arrived could hold too much (a request of a few small
+            # chunks never pays for the sum).
+            if self._head_bytes > max_header_bytes and (
+                    len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > max_header_bytes):
+                self._refuse()
+                return
+            self._head_bytes = -1
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._refused:
+                return
+            self._head_bytes = 0  # the next request's, on a kept-alive connection
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             alarms.cancel(self)
@@ -110,7 +165,8 @@ class Server:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, queue_full_status: int = 429,
                  drain_timeout_s: float = 30.0, loop: str = "auto",
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> None:
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
         for field, port in (("http_port", http_port), ("grpc_port", grpc_port)):
             if port is None and field == "grpc_port":
                 continue
@@ -122,6 +178,9 @@ class Server:
             raise ValueError(f"Server: header_timeout_s must be a finite number of seconds > 0, got "
                              f"{header_timeout_s!r}")
         self.header_timeout_s = float(header_timeout_s)
+        if isinstance(max_header_bytes, bool) or not isinstance(max_header_bytes, int) or max_header_bytes < 1024:
+            raise ValueError(f"Server: max_header_bytes must be an integer >= 1024, got {max_header_bytes!r}")
+        self.max_header_bytes = max_header_bytes
         self._loop_factory = loop_factory(loop)
         self.loop: str = loop_name(self._loop_factory)
         """The event loop that serves: ``uvloop`` or ``asyncio``."""
@@ -168,7 +227,7 @@ class Server:
         # (~15% of the loop's Python time under load, bench/RESULTS.md).
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
                                 access_log=False, proxy_headers=False,
-                                http=header_timeout_protocol(self.header_timeout_s),
+                                http=header_timeout_protocol(self.header_timeout_s, self.max_header_bytes),
                                 timeout_graceful_shutdown=self.drain_timeout_s)
         self._uv = _Uvicorn(config)
         self._uv_task = asyncio.create_task(self._uv.serve(sockets=[sock]))
