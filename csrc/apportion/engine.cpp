@@ -22,12 +22,12 @@ namespace apportion {
 
 namespace {
 
-void name_thread(const std::string& model, uint32_t index) {
+// Names the calling thread "ap:<model><suffix>": Linux limits thread names to 15 bytes, so the
+// model is cut, at a character's first byte (cut inside a UTF-8 sequence, ps and py-spy showed
+// garbage). Workers take ":<index>", a model's deadline timer ":t" (all were "ap:expiry").
+void name_thread(const std::string& model, const char* suffix) {
 #if defined(__linux__)
-  // Linux limits thread names to 15 bytes: "ap:<model>:<index>" with the model truncated, at
-  // a character's first byte (cut inside a UTF-8 sequence, ps and py-spy showed garbage).
-  char suffix[16];
-  const int n = std::snprintf(suffix, sizeof suffix, ":%u", index);
+  const int n = static_cast<int>(std::strlen(suffix));
   std::size_t room = static_cast<std::size_t>(std::max(0, 15 - 3 - n));
   if (model.size() > room) {
     while (room > 0 && (static_cast<unsigned char>(model[room]) & 0xC0) == 0x80) --room;
@@ -39,8 +39,14 @@ void name_thread(const std::string& model, uint32_t index) {
   pthread_setname_np(pthread_self(), name);
 #else
   (void)model;
-  (void)index;
+  (void)suffix;
 #endif
+}
+
+void name_worker(const std::string& model, uint32_t index) {
+  char suffix[16];
+  std::snprintf(suffix, sizeof suffix, ":%u", index);
+  name_thread(model, suffix);
 }
 
 // A batch is sized by max_size before the first request: bounded so a worker cannot fail there.
@@ -206,9 +212,7 @@ Model::~Model() {
 void Model::start_expiry() {
   if (expiry_ == nullptr || expiry_thread_.joinable()) return;
   expiry_thread_ = std::thread([this] {
-#if defined(__linux__)
-    pthread_setname_np(pthread_self(), "ap:expiry");
-#endif
+    name_thread(opts_.name, ":t");
     std::vector<Request*> claimed, others;
     expiry_->run([&](std::vector<Request*>& due, int64_t now) {
       claimed.clear();
@@ -244,7 +248,7 @@ uint32_t Model::start() {
 }
 
 void Model::worker_main(Worker& w) {
-  name_thread(opts_.name, w.index);
+  name_worker(opts_.name, w.index);
 #if defined(__linux__)
   w.tid.store(static_cast<int>(::syscall(SYS_gettid)), std::memory_order_release);
 #endif

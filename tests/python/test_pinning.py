@@ -343,6 +343,12 @@ def test_a_worker_name_is_cut_between_characters() -> None:
         assert worker.tid == tid and worker.name == "ap:😀😀:0"
         with open(f"/proc/self/task/{tid}/comm", "rb") as fh:
             assert fh.read().strip().decode("utf-8") == "ap:😀😀:0"  # strict: valid UTF-8
+        # Its deadline timer is named after it too (every model's was "ap:expiry").
+        names = set()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm", "rb") as fh:
+                names.add(fh.read().strip())
+        assert "ap:😀😀:t".encode() in names and b"ap:expiry" not in names
     finally:
         rt.close()
 
