@@ -788,6 +788,38 @@ def test_request_headers_over_the_limit_get_431_and_the_connection_closed() -> N
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, max_header_bytes=100)
 
 
+def test_pipelined_headers_over_the_limit_wait_for_the_answers_before_them() -> None:
+    # A 431 went out in place of the answer to the request before it on the connection (the
+    # client read it as that reply), and a request that followed a complete one in the same
+    # chunk was never measured at all (served with 8,000 bytes of headers under a 4096 bound).
+    import socket
+
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}'
+    first = (b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: " + str(len(body)).encode()
+             + b"\r\n\r\n" + body)
+    oversized = b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\nx-pad: " + b"p" * 8000 + b"\r\n\r\n"
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: (time.sleep(0.5), x)[1])
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None, max_header_bytes=4096) as s:
+            for together in (False, True):
+                with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                    if together:
+                        c.sendall(first + oversized)
+                    else:
+                        c.sendall(first)
+                        time.sleep(0.2)  # the first is running
+                        c.sendall(oversized)
+                    got = b""
+                    while chunk := c.recv(65536):
+                        got += chunk
+                assert got.startswith(b"HTTP/1.1 200"), got[:200]
+                assert got.count(b"HTTP/1.1 431") == 1 and got.index(b"HTTP/1.1 431") > got.index(b'"data":[1.0]')
+    finally:
+        rt.close()
+
+
 def test_body_over_the_limit_is_413() -> None:
     rt = ap.Runtime()
     rt.add_model("echo", model=lambda x: x * 2)

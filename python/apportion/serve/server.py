@@ -53,10 +53,12 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
     class HeaderDeadline(HttpToolsProtocol):  # type: ignore[misc]
         # Bytes received since the request began while its headers are incomplete (-1: its body
         # is being read): bounds what the parser buffers for one request's headers. A chunk that
-        # ends them and begins the body counts whole; then the headers themselves are measured.
+        # ends them and begins the body counts whole; then the headers themselves are measured,
+        # as they are for a request that began after another completed in the same chunk (its
+        # bytes in that chunk were counted for the one before).
         _head_bytes = 0
-        _refused = False  # answered 431: the rest of the connection is ignored (a pipelined
-        # request's line and headers left in the same chunk are parsed, and dropped with it)
+        _completed_in_chunk = False
+        _refused = False  # answered 431 (or about to be): the rest of the connection is ignored
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -65,6 +67,7 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
+            self._completed_in_chunk = False
             if self._head_bytes >= 0:
                 self._head_bytes += len(data)
             super().data_received(data)
@@ -74,8 +77,21 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
         def _refuse(self) -> None:
             self._refused = True
             alarms.cancel(self)
-            self.transport.write(too_large)
-            self.transport.close()
+            self._answer_refusal()
+
+        def _answer_refusal(self) -> None:
+            # After the answers to the requests before it (pipelined): a 431 now would cut the
+            # one being sent and read as its reply. on_response_complete comes back here.
+            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+                return
+            if not self.transport.is_closing():
+                self.transport.write(too_large)
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._refused:
+                self._answer_refusal()
 
         def on_message_begin(self) -> None:
             if self._refused:
@@ -90,7 +106,7 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
                 return
             # Measured only when what arrived could hold too much (a request of a few small
             # chunks never pays for the sum).
-            if self._head_bytes > max_header_bytes and (
+            if (self._head_bytes > max_header_bytes or self._completed_in_chunk) and (
                     len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > max_header_bytes):
                 self._refuse()
                 return
@@ -105,6 +121,7 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
             if self._refused:
                 return
             self._head_bytes = 0  # the next request's, on a kept-alive connection
+            self._completed_in_chunk = True
             super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
