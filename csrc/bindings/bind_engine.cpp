@@ -151,8 +151,10 @@ void finish(PyRequest* r, Outcome o, WorkerShard* shard) {
 // A model that forked and returned in the child: there its worker is the only thread, and
 // serving on ran the parent's queued requests a second time (their side effects twice) and
 // never ended the child. The child ends at once, as a forked child must (os._exit): with the
-// code of a SystemExit the model raised, else 1, saying why. GIL held.
-[[noreturn]] void end_forked_child(const std::string& model, PyObject* error) {
+// code of a SystemExit the model raised, else 1, saying why. `in_call`: the fork was made in the
+// model's call; else in another piece of code the thread ran (a done-callback, the factory, a
+// deadline timer's callback), found before the thread serves anything more. GIL held.
+[[noreturn]] void end_forked_child(const std::string& model, PyObject* error, bool in_call = true) {
   int status = 1;
   if (error != nullptr && PyObject_TypeCheck(error, reinterpret_cast<PyTypeObject*>(PyExc_SystemExit))) {
     PyObject* code = PyObject_GetAttrString(error, "code");
@@ -166,10 +168,16 @@ void finish(PyRequest* r, Outcome o, WorkerShard* shard) {
       Py_XDECREF(text);
     }
     Py_XDECREF(code);
-  } else {
+  } else if (in_call) {
     PySys_WriteStderr("apportion: model '%s' returned in a process it forked during its call (pid %d): "
                       "that process ends here, status 1; end it inside the model (os._exit)\n",
                       model.c_str(), static_cast<int>(getpid()));
+  } else {
+    PySys_WriteStderr("apportion: process %d was forked on a thread of model '%s' outside its call (a "
+                      "done-callback, its factory or its deadline timer) and went on there: it ends here, "
+                      "status 1, before serving anything of the parent's; end it where it was forked "
+                      "(os._exit)\n",
+                      static_cast<int>(getpid()), model.c_str());
   }
   PyErr_Clear();
   for (const char* stream : {"stdout", "stderr"}) {
@@ -256,6 +264,9 @@ class PyHandler final : public ModelHandler {
     auto* st = static_cast<WorkerState*>(w.user);
     if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
     enter(*st);
+    if (fork_generation.load(std::memory_order_relaxed) != st->fork_generation) {
+      end_forked_child(w.model->name(), nullptr, false);  // forked since: not the model's call
+    }
     if (st->batching) {
       run_batch(w, *st, batch, n);
     } else {
@@ -302,6 +313,9 @@ class PyHandler final : public ModelHandler {
     current_model = model_;
     current_role = "the deadline timer";
     py::gil_scoped_acquire gil;  // once for the timer's whole batch
+    if (fork_generation.load(std::memory_order_relaxed) != made_fork_generation_) {
+      end_forked_child(model_, nullptr, false);  // a callback it ran forked: not the parent's to expire
+    }
     for (std::size_t i = 0; i < n; ++i) {
       finish(static_cast<PyRequest*>(expired[i]), Outcome::expired, nullptr);
       Request::release(expired[i]);
@@ -460,6 +474,8 @@ class PyHandler final : public ModelHandler {
   const uint64_t registry_;
   const std::string model_;
   bool batching_;  // guarded by the GIL
+  // Forks seen when it was made: the timer thread that finds another count is in a fork.
+  uint64_t made_fork_generation_ = fork_generation.load(std::memory_order_relaxed);
   py::object error_;
 };
 
@@ -818,8 +834,11 @@ class RuntimeCore {
     // on a thread of its own, so that Ctrl-C interrupts the wait (KeyboardInterrupt; the close
     // goes on and is joined at interpreter exit, or by the next close()).
     auto done = std::make_shared<std::atomic<uint32_t>>(0);
-    std::thread closer([reg = reg_, done, drain] {
+    std::thread closer([reg = reg_, done, drain]() mutable {
       reg->close(drain);
+      // Dropped before `done`: should this be the last reference (the runtime itself dropped
+      // after Ctrl-C), its destructor takes the GIL, and a finished orphan is joined with it held.
+      reg.reset();
       done->store(1, std::memory_order_release);
       park_wake(*done);
     });

@@ -352,3 +352,44 @@ def test_a_request_pending_at_a_fork_is_refused_in_the_child_not_waited_for() ->
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "2", "0"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_in_a_done_callback_on_a_worker_never_serves_the_parents_queue(tmp_path: Path) -> None:
+    # The fork check ran only after the model's call: a done-callback (run on the worker) that
+    # forked and returned left the child's worker taking the parent's next queued request.
+    log = tmp_path / "log"
+    out = run_script(f"""
+        import os, threading, warnings, apportion as ap
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        log = {str(log)!r}
+        gate = threading.Event()
+        children = []
+
+        def model(x):
+            if x == 1:
+                gate.wait(10)
+            with open(log, "a") as fh:
+                fh.write(f"{{os.getpid()}} {{x}}\\n")
+            return x
+
+        def fork_and_return(f):
+            pid = os.fork()
+            if pid:
+                children.append(pid)
+
+        rt = ap.Runtime()
+        rt.add_model("m", model=model)
+        rt.start()
+        first = rt.submit("m", 1)
+        first.add_done_callback(fork_and_return)
+        second = rt.submit("m", 2)  # queued behind the first
+        gate.set()
+        print(first.result(30), second.result(30), os.waitstatus_to_exitcode(os.waitpid(children[0], 0)[1]),
+              flush=True)
+        rt.close()
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2", "1"]
+    assert len(log.read_text().splitlines()) == 2  # each request ran once, in the parent
+    assert "outside its call (a done-callback, its factory or its deadline timer)" in out.stderr
