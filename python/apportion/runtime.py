@@ -603,6 +603,8 @@ class Runtime(_core._Runtime):
                             self.remove_model(name, drain=drain)
 
                     own.after_direct_call(remove_later)
+                    if interrupted is not None:
+                        raise interrupted
                     return
             try:
                 super().remove_model(name, drain=drain)  # ModelNotFound when there is none

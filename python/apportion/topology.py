@@ -294,9 +294,14 @@ class Topology:
             if not ids:
                 raise ValueError("names no CPU")
             offline = sorted(set(ids) & set(self.offline))
-            barred = sorted(set(ids) - set(self.offline) - set(self.allowed))
+            quota = self.cpu_quota
+            left_out = sorted(set(ids) & set(quota.narrowed_from) - set(self.usable)) if quota else []
+            barred = sorted(set(ids) - set(self.offline) - set(self.allowed) - set(left_out))
             why = "; ".join(part for part in (
                 f"offline: {format_cpulist(offline)}" if offline else "",
+                f"left out for the cgroup CPU quota of {quota.cpus:g} (name CPUs in the full topology, "
+                f"topology(cpus=...), to use them anyway): {format_cpulist(left_out)}"
+                if quota and left_out else "",
                 f"not allowed to this process: {format_cpulist(barred)}" if barred else "") if part)
             named = f"CPUs {format_cpulist(sorted(set(ids)))} leave" if len(set(ids)) > 1 else f"CPU {ids[0]} leaves"
             raise ValueError(f"{named} no usable CPU ({why or 'none is usable'}); this process may use "

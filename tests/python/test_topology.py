@@ -250,8 +250,11 @@ def test_named_cpus_are_taken_as_named_beside_a_quota(tmp_path: Path) -> None:
     t = topology(root, cpus="0-3")
     assert t.usable == (0, 1, 2, 3) and t.cpu_quota is not None and not t.cpu_quota.narrowed_from
     assert "CPUs named, not narrowed: workers busy on more CPUs than the quota are throttled" in str(t)
-    # Narrowing a narrowed topology keeps the quota on record.
+    # Narrowing a narrowed topology keeps the quota on record, and says why a CPU the quota
+    # left out is not there (not "not allowed to this process": the process may use it).
     assert topology(root).restricted_to([0]).cpu_quota.cpus == 1.0
+    with pytest.raises(ValueError, match=r"CPU 64 leaves no usable CPU \(left out for the cgroup CPU quota of 1"):
+        topology(root).restricted_to([64])
 
 
 def test_a_runtime_plans_within_the_quota(tmp_path: Path) -> None:

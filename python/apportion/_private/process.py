@@ -436,8 +436,14 @@ class ProcessInstance:
             self._direct_threads.discard(me)
             if not self._direct_ok:  # direct calls are ending: someone may wait for this one
                 self._direct_ended.set()
-                for fn in self._after_direct.pop(me, ()):
-                    fn()
+                errors = []
+                for fn in self._after_direct.pop(me, ()):  # each runs, whatever another raised
+                    try:
+                        fn()
+                    except BaseException as e:  # noqa: BLE001 - the first is raised below
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
 
     def _dumps(self, message: Any) -> Any:
         """A request's parts for the channel; a request that does not pickle fails naming the
