@@ -650,10 +650,16 @@ class RuntimeCore {
       close_in_background(std::move(reg_));
       return;
     }
-    {
-      py::gil_scoped_release nogil;
-      reg_->close(false);
+    PyThreadState* state = PyEval_SaveThread();
+    reg_->close(false);
+    if (interpreter_finalizing() && PyThread_get_thread_ident() != main_thread_ident) {
+      // A daemon thread, with Python exiting meanwhile: taking the GIL back would end the
+      // thread with a forced unwind, which out of this (noexcept) destructor is std::terminate.
+      // The process is exiting: this thread waits for that, holding nothing.
+      new std::shared_ptr<Registry>(std::move(reg_));
+      for (;;) pause();
     }
+    PyEval_RestoreThread(state);
     reg_.reset();  // under the GIL: the entries own Python objects
   }
 
