@@ -274,6 +274,16 @@ def test_call_and_infer_of_its_own_model_inside_a_model_admit_nothing() -> None:
 # --- a model that forks -----------------------------------------------------------------------
 
 
+def forking_script(log: Path) -> str:
+    """The start of a script that forks with threads running: a `log` path and a `gate`."""
+    return textwrap.dedent(f"""
+        import os, threading, warnings, apportion as ap
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        log = {str(log)!r}
+        gate = threading.Event()
+    """)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize(("child_does", "status", "said"), [
     ("return x", 1, "returned in a process it forked during its call"),
@@ -285,11 +295,7 @@ def test_a_model_that_forks_never_serves_the_parents_queue_from_the_child(
     # In the child the worker is the only thread: back from the model it served the requests
     # queued in the parent's copy again (their side effects twice), and never exited.
     log = tmp_path / "log"
-    out = run_script(f"""
-        import os, threading, warnings, apportion as ap
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-        log = {str(log)!r}
-        gate = threading.Event()
+    out = run_script(forking_script(log) + textwrap.dedent(f"""
         statuses = []
 
         def model(x):
@@ -310,7 +316,7 @@ def test_a_model_that_forks_never_serves_the_parents_queue_from_the_child(
         gate.set()
         print([f.result(30) for f in futs], statuses, flush=True)
         rt.close()
-    """)
+    """))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"[0, 1, 2, 3, 4] [{status}]"
     lines = log.read_text().split()
@@ -359,11 +365,7 @@ def test_a_fork_in_a_done_callback_on_a_worker_never_serves_the_parents_queue(tm
     # The fork check ran only after the model's call: a done-callback (run on the worker) that
     # forked and returned left the child's worker taking the parent's next queued request.
     log = tmp_path / "log"
-    out = run_script(f"""
-        import os, threading, warnings, apportion as ap
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-        log = {str(log)!r}
-        gate = threading.Event()
+    out = run_script(forking_script(log) + textwrap.dedent(f"""
         children = []
 
         def model(x):
@@ -388,7 +390,7 @@ def test_a_fork_in_a_done_callback_on_a_worker_never_serves_the_parents_queue(tm
         print(first.result(30), second.result(30), os.waitstatus_to_exitcode(os.waitpid(children[0], 0)[1]),
               flush=True)
         rt.close()
-    """)
+    """))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "2", "1"]
     assert len(log.read_text().splitlines()) == 2  # each request ran once, in the parent
