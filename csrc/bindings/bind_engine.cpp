@@ -103,6 +103,11 @@ PyObject* fetch_exception() {
 // Forks of this process seen from the child's side (see after_fork_in_child).
 std::atomic<uint64_t> fork_generation{0};
 
+// True in a process forked since `generation` was read (in the parent, it never changes).
+bool forked_since(uint64_t generation) noexcept {
+  return fork_generation.load(std::memory_order_relaxed) != generation;
+}
+
 class PyRequest final : public Request {
  public:
   ~PyRequest() override {
@@ -196,7 +201,6 @@ std::mutex& exiting_mu() { return *exiting_mu_ptr; }
 
 struct WorkerState {
   PyGILState_STATE gil{};
-  uint64_t fork_generation = 0;  // at start: another value after a call means it forked
   PyThreadState* ts = nullptr;
   PyObject* fn = nullptr;
   bool holding = false;   // the GIL, kept from the previous call (see PyHandler::leave)
@@ -237,7 +241,6 @@ class PyHandler final : public ModelHandler {
 
   bool start_worker(Worker& w) override {
     auto* st = new WorkerState;
-    st->fork_generation = fork_generation.load(std::memory_order_relaxed);
     st->gil = PyGILState_Ensure();
     current_registry = registry_;
     current_counters = w.model->counters().get();
@@ -264,7 +267,7 @@ class PyHandler final : public ModelHandler {
     auto* st = static_cast<WorkerState*>(w.user);
     if (interpreter_finalizing()) return;  // never touch a dying interpreter; leak instead
     enter(*st);
-    if (fork_generation.load(std::memory_order_relaxed) != st->fork_generation) {
+    if (forked_since(made_fork_generation_)) {
       end_forked_child(w.model->name(), nullptr, false);  // forked since: not the model's call
     }
     if (st->batching) {
@@ -279,7 +282,7 @@ class PyHandler final : public ModelHandler {
         r->value = fetch_exception();
         o = Outcome::error;
       }
-      if (fork_generation.load(std::memory_order_relaxed) != st->fork_generation) {
+      if (forked_since(made_fork_generation_)) {
         end_forked_child(w.model->name(), o == Outcome::error ? r->value : nullptr);
       }
       finish(r, o, &w.shard);
@@ -313,7 +316,7 @@ class PyHandler final : public ModelHandler {
     current_model = model_;
     current_role = "the deadline timer";
     py::gil_scoped_acquire gil;  // once for the timer's whole batch
-    if (fork_generation.load(std::memory_order_relaxed) != made_fork_generation_) {
+    if (forked_since(made_fork_generation_)) {
       end_forked_child(model_, nullptr, false);  // a callback it ran forked: not the parent's to expire
     }
     for (std::size_t i = 0; i < n; ++i) {
@@ -406,7 +409,7 @@ class PyHandler final : public ModelHandler {
       }
       PyObject* res = PyObject_CallOneArg(st.fn, inputs);
       Py_DECREF(inputs);
-      if (fork_generation.load(std::memory_order_relaxed) != st.fork_generation) {
+      if (forked_since(made_fork_generation_)) {
         end_forked_child(w.model->name(), res == nullptr ? fetch_exception() : nullptr);
       }
       if (res != nullptr) {
@@ -474,8 +477,9 @@ class PyHandler final : public ModelHandler {
   const uint64_t registry_;
   const std::string model_;
   bool batching_;  // guarded by the GIL
-  // Forks seen when it was made: the timer thread that finds another count is in a fork.
-  uint64_t made_fork_generation_ = fork_generation.load(std::memory_order_relaxed);
+  // Forks seen when it was made: its worker or timer thread that finds another count is in a
+  // fork (a runtime made before a fork starts nothing in the child: check_not_forked).
+  const uint64_t made_fork_generation_ = fork_generation.load(std::memory_order_relaxed);
   py::object error_;
 };
 
@@ -623,7 +627,7 @@ class RuntimeCore {
   RuntimeCore() : pid_(getpid()), generation_(fork_generation.load(std::memory_order_relaxed)) { types(); }
   /// True in a process forked from the one that made this runtime: its workers do not exist
   /// here.
-  bool forked() const noexcept { return fork_generation.load(std::memory_order_relaxed) != generation_; }
+  bool forked() const noexcept { return forked_since(generation_); }
 
   void check_not_forked() const {
     if (!forked()) return;
@@ -1125,7 +1129,7 @@ class RuntimeCore {
 
 void refuse_endless_wait(const PyRequest& r) {
   if (current_counters != nullptr && current_counters == r.counters.get()) raise_own_wait();
-  if (fork_generation.load(std::memory_order_relaxed) != r.fork_generation_made) {
+  if (forked_since(r.fork_generation_made)) {
     // A pending request inherited through fork(): the workers that would complete it exist
     // only in the process that submitted it. Waiting for it here waited for ever.
     raise(types().runtime_closed,
