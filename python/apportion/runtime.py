@@ -20,7 +20,7 @@ from .adapters import build_instance
 from .batching import Batching, wrap_factory
 from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
-from .errors import ApportionError, ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed
+from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed
 from .futures import on_loop
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
@@ -811,13 +811,13 @@ class Runtime(_core._Runtime):
         moving.sort(key=lambda n: (cpus(new_plan, n) - cpus(old_plan, n), n))
         done: list[tuple[str, ModelSpec, dict[int, Any]]] = []
         current: str | None = None
-        current_moves = 0
+        current_moves: int | None = None
         try:
             for n in moving:
                 entry = self._models[n]
                 undo = (n, entry.spec, dict(entry.placed))
-                current, current_moves = n, self._model_stats(n).moves if started else 0
-                self._move(n, targets[n], new_plan, moves=current_moves if started else None)
+                current, current_moves = n, self._model_stats(n).moves if started else None
+                self._move(n, targets[n], new_plan, moves=current_moves)
                 done.append(undo)
             current = None
         except BaseException as e:
@@ -1187,11 +1187,7 @@ class Runtime(_core._Runtime):
         loop = asyncio.get_running_loop()
         # Refused before admission when awaited on a worker of the model itself.
         fut = self._submit_to_wait(model, inputs, timeout_ms, priority)
-        try:
-            waiter = on_loop(fut, loop, model)
-        except ApportionError:  # the same refusal, should the name now be another model's
-            fut.cancel()
-            raise
+        waiter = on_loop(fut, loop, model)
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -320,8 +320,8 @@ class Topology:
         order = sorted(((rank, core.node, core.index, cpu) for core in self.cores
                         for rank, cpu in enumerate(core.usable)))
         chosen = sorted(cpu for *_, cpu in order[:keep])
-        out = Topology._from_native(self._native.restricted_to(chosen))
-        return dataclasses.replace(out, cpu_quota=dataclasses.replace(quota, narrowed_from=self.usable))
+        return dataclasses.replace(self.restricted_to(chosen),
+                                   cpu_quota=dataclasses.replace(quota, narrowed_from=self.usable))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable structure (what ``apportion topology --json`` prints)."""

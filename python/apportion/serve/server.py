@@ -79,10 +79,15 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
             alarms.cancel(self)
             self._answer_refusal()
 
+        def _answering(self) -> bool:
+            # A request before this one on the connection is not answered yet: self.cycle is
+            # the last request read, queued (uvicorn's pipeline) or running.
+            return self.cycle is not None and not self.cycle.response_complete
+
         def _answer_refusal(self) -> None:
             # After the answers to the requests before it (pipelined): a 431 now would cut the
             # one being sent and read as its reply. on_response_complete comes back here.
-            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            if self._answering():
                 return
             if not self.transport.is_closing():
                 self.transport.write(too_large)
@@ -131,7 +136,7 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
         def _headers_late(self) -> None:
             if self.transport.is_closing():
                 return
-            if self.cycle is not None and not self.cycle.response_complete:
+            if self._answering():
                 # A pipelined request's headers are late while the one before it is still being
                 # answered: a 408 now would cut that answer (and read as its reply). Judged again
                 # a deadline later, once the connection is the late request's alone.
