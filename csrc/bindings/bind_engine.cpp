@@ -53,6 +53,8 @@ struct PyTypes {
   PyObject* apportion_error;
   PyObject* cancelled_error;
   PyObject* pinning_warning;
+  PyObject* quota_error;
+  PyObject* numbers_real;
 };
 
 PyTypes& types() {
@@ -67,6 +69,8 @@ PyTypes& types() {
         py::object(errors.attr("ApportionError")).release().ptr(),
         py::object(futures.attr("CancelledError")).release().ptr(),
         py::object(errors.attr("PinningWarning")).release().ptr(),
+        py::object(errors.attr("QuotaError")).release().ptr(),
+        py::object(py::module_::import("numbers").attr("Real")).release().ptr(),
     };
   }();
   return *t;
@@ -74,6 +78,14 @@ PyTypes& types() {
 
 [[noreturn]] void raise(PyObject* type, const std::string& msg) {
   PyErr_SetString(type, msg.c_str());
+  throw py::error_already_set();
+}
+
+// apportion.errors.QuotaError(reason, model=model, field=field): "model 'm', field 'f': reason".
+[[noreturn]] void raise_quota(const std::string& model, const char* field, const std::string& reason) {
+  const py::object e = py::reinterpret_borrow<py::object>(types().quota_error)(
+      reason, py::arg("model") = model, py::arg("field") = field);
+  PyErr_SetObject(types().quota_error, e.ptr());
   throw py::error_already_set();
 }
 
@@ -483,37 +495,53 @@ class PyHandler final : public ModelHandler {
   py::object error_;
 };
 
-// A number argument of a request or a model (None: nullopt); ValueError naming the model and
-// the field otherwise, never a binding dump.
-std::optional<double> optional_number(const std::string& model, const char* field, py::handle v) {
-  if (v.is_none()) return std::nullopt;
-  if (PyBool_Check(v.ptr()) || !(PyFloat_Check(v.ptr()) || PyLong_Check(v.ptr()))) {
-    PyErr_Format(PyExc_ValueError, "model '%s': %s must be a number or None, got %R", model.c_str(),
-                 field, v.ptr());
-    throw py::error_already_set();
+// `v` as a float when it is a real number: an int, a float or any other numbers.Real (numpy
+// scalars), never a bool; nullopt otherwise. An int beyond every float is +-inf.
+std::optional<double> as_real(py::handle v) {
+  PyObject* o = v.ptr();
+  if (PyBool_Check(o)) return std::nullopt;
+  if (PyFloat_CheckExact(o)) return PyFloat_AS_DOUBLE(o);
+  const bool is_int = PyLong_Check(o);
+  if (!is_int) {
+    const int real = PyObject_IsInstance(o, types().numbers_real);
+    if (real < 0) throw py::error_already_set();
+    if (real == 0) return std::nullopt;
   }
-  const double d = PyFloat_AsDouble(v.ptr());  // an int beyond every float raises OverflowError
+  const double d = PyFloat_AsDouble(o);  // an int beyond every float raises OverflowError
   if (d == -1.0 && PyErr_Occurred()) {
+    if (!is_int) throw py::error_already_set();  // a numbers.Real whose __float__ failed
     PyErr_Clear();
-    const int negative = PyObject_RichCompareBool(v.ptr(), py::int_(0).ptr(), Py_LT);
+    const int negative = PyObject_RichCompareBool(o, py::int_(0).ptr(), Py_LT);
     if (negative < 0) throw py::error_already_set();
     return negative != 0 ? -std::numeric_limits<double>::infinity() : std::numeric_limits<double>::infinity();
   }
   return d;
 }
 
+// A number argument of a request or a model (None: nullopt); QuotaError naming the model and
+// the field otherwise, never a binding dump.
+std::optional<double> optional_number(const std::string& model, const char* field, py::handle v) {
+  if (v.is_none()) return std::nullopt;
+  if (auto d = as_real(v)) return d;
+  raise_quota(model, field, "must be a number or None, got " + py::repr(v).cast<std::string>());
+}
+
 /// `given`: the value as the caller gave it, for the message (an int beyond every float reads
-/// as itself, not as inf); empty: `ms` itself.
+/// as itself, not as inf); empty: `ms` itself. A positive timeout under a nanosecond is one.
 int64_t timeout_to_ns(const std::string& model, const char* field, double ms, py::handle given = {}) {
   if (!std::isfinite(ms) || ms <= 0.0) {
     const py::object shown = given ? py::reinterpret_borrow<py::object>(given) : py::object(py::float_(ms));
-    PyErr_Format(PyExc_ValueError,
-                 "model '%s': %s must be a positive, finite number of milliseconds (got %R)",
-                 model.c_str(), field, shown.ptr());
-    throw py::error_already_set();
+    raise_quota(model, field,
+                "must be a positive, finite number of milliseconds (got " + py::repr(shown).cast<std::string>() + ")");
   }
   const double ns = ms * 1e6;
-  return ns >= 9.2e18 ? Request::kNoDeadline : static_cast<int64_t>(ns);
+  return ns >= 9.2e18 ? Request::kNoDeadline : std::max<int64_t>(static_cast<int64_t>(ns), 1);
+}
+
+/// `now + timeout_ns`, or kNoDeadline where that sum would pass it (a timeout of centuries on
+/// a clock counting from boot).
+int64_t deadline_after(int64_t now, int64_t timeout_ns) {
+  return timeout_ns >= Request::kNoDeadline - now ? Request::kNoDeadline : now + timeout_ns;
 }
 
 // The engine's batching options from an apportion.Batching (None: one request per call).
@@ -775,7 +803,7 @@ class RuntimeCore {
   /// cannot pass, since the call starts at once.
   int64_t direct_begin(py::str model, py::object timeout_ms, py::object priority) {
     auto e = lookup(model);
-    checked_timeout(*e, timeout_ms, priority);
+    checked_args(*e, timeout_ms, priority);
     return e->model->direct_allowed() ? now_ns() : 0;
   }
 
@@ -987,8 +1015,7 @@ class RuntimeCore {
   }
 
   [[noreturn]] static void raise_exists(const std::string& name) {
-    PyErr_Format(PyExc_ValueError, "model '%s' is already registered", name.c_str());
-    throw py::error_already_set();
+    raise_quota(name, "name", "a model of that name is already registered");
   }
 
   [[noreturn]] static void raise_nested(const char* what) {
@@ -1045,36 +1072,52 @@ class RuntimeCore {
               (n == 1 ? " request" : " requests") + " rejected");
   }
 
-  /// The request's timeout (ns, or kNoDeadline) after checking both arguments; raises
-  /// ValueError naming the model and the field.
-  static int64_t checked_timeout(const ModelEntry& e, py::handle timeout_ms, py::handle priority) {
+  /// A request's timeout (ns, or kNoDeadline) and priority class.
+  struct RequestArgs {
+    int64_t timeout_ns;
+    std::optional<uint32_t> priority;
+  };
+
+  /// The request's timeout and priority after checking both arguments (numpy scalars too);
+  /// raises QuotaError naming the model and the field.
+  static RequestArgs checked_args(const ModelEntry& e, py::handle timeout_ms, py::handle priority) {
     std::optional<int64_t> requested;
     if (auto ms = optional_number(e.name(), "timeout_ms", timeout_ms)) {
       requested = timeout_to_ns(e.name(), "timeout_ms", *ms, timeout_ms);
     }
+    std::optional<uint32_t> level;
     if (!priority.is_none()) {
       int overflow = 0;
-      const long long p = PyBool_Check(priority.ptr()) || !PyLong_Check(priority.ptr())
-                              ? -1
-                              : PyLong_AsLongLongAndOverflow(priority.ptr(), &overflow);
-      if (overflow != 0 || !e.priority_ok(p)) {
-        PyErr_Format(PyExc_ValueError,
-                     "model '%s': priority must be an int in [0, %u) (0 is highest; the model "
-                     "has priority_levels=%u), got %R",
-                     e.name().c_str(), e.priority_levels, e.priority_levels, priority.ptr());
-        throw py::error_already_set();
+      long long p = -1;
+      PyObject* o = priority.ptr();
+      if (PyLong_Check(o) && !PyBool_Check(o)) {
+        p = PyLong_AsLongLongAndOverflow(o, &overflow);
+      } else if (!PyBool_Check(o) && PyIndex_Check(o)) {  // numpy integers; a numpy bool has none
+        if (PyObject* i = PyNumber_Index(o)) {
+          p = PyLong_AsLongLongAndOverflow(i, &overflow);
+          Py_DECREF(i);
+        } else {
+          PyErr_Clear();
+        }
       }
+      if (overflow != 0 || !e.priority_ok(p)) {
+        raise_quota(e.name(), "priority",
+                    "must be an int in [0, " + std::to_string(e.priority_levels) +
+                        ") (0 is highest; the model has priority_levels=" + std::to_string(e.priority_levels) +
+                        "), got " + py::repr(priority).cast<std::string>());
+      }
+      level = static_cast<uint32_t>(p);
     }
-    return e.timeout_ns(requested);
+    return {e.timeout_ns(requested), level};
   }
 
   void prepare(const ModelEntry& e, PyRequest& r, py::handle timeout_ms, py::handle priority) {
-    const int64_t timeout_ns = checked_timeout(e, timeout_ms, priority);
-    if (timeout_ns != Request::kNoDeadline) {
-      r.deadline_ns = now_ns() + timeout_ns;
-      r.timeout_ns = timeout_ns;
+    const RequestArgs a = checked_args(e, timeout_ms, priority);
+    if (a.timeout_ns != Request::kNoDeadline) {
+      r.deadline_ns = deadline_after(now_ns(), a.timeout_ns);
+      r.timeout_ns = a.timeout_ns;
     }
-    if (!priority.is_none()) r.priority = static_cast<uint32_t>(PyLong_AsLong(priority.ptr()));
+    if (a.priority) r.priority = *a.priority;
   }
 
   void check_not_own_worker(const char* what) const {

@@ -1,4 +1,6 @@
-"""Exceptions raised by apportion. Every one derives from :class:`ApportionError`.
+"""Exceptions raised by apportion. Every one derives from :class:`ApportionError`; an invalid
+setting or argument raises :class:`QuotaError` (also a ValueError) naming the model and the
+field where there is one.
 
 A model's own exception is never wrapped: it reaches the caller unchanged, with its traceback.
 """
@@ -27,7 +29,7 @@ class ApportionError(Exception):
 
 
 class QuotaError(ApportionError, ValueError):
-    """A model's setting is invalid. ``model`` and ``field`` name it (``field`` may be dotted,
+    """A model's setting, or a request's argument, is invalid. ``model`` and ``field`` name it (``field`` may be dotted,
     like ``"batching.max_size"``; either is None where it does not apply), ``reason`` says what
     is wrong and what would be valid; ``str()`` is ``"model 'm', field 'f': reason"``."""
 

@@ -359,7 +359,8 @@ class Runtime(_core._Runtime):
         for it. Their workers also yield to other processes at that nice."""
         super().__init__()
         if shared_pool not in ("scheduled", "os"):
-            raise QuotaError(f"Runtime: shared_pool must be 'scheduled' or 'os', got {shared_pool!r}")
+            raise QuotaError(f"Runtime: shared_pool must be 'scheduled' or 'os', got {shared_pool!r}",
+                             field="shared_pool")
         self._scheduled = shared_pool == "scheduled"
         self._pool_reserve = _check_reserve(pool_reserve, reserve_nice, self._scheduled)
         if self._pool_reserve:
@@ -368,7 +369,13 @@ class Runtime(_core._Runtime):
             cpus = tuple(cpus)
             if not cpus or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0
                                for c in cpus):
-                raise QuotaError(f"Runtime: cpus must be None or non-empty CPU ids >= 0, got {cpus!r}")
+                raise QuotaError(f"Runtime: cpus must be None or non-empty CPU ids >= 0, got {cpus!r}", field="cpus")
+        elif isinstance(cpus, str):
+            try:
+                _core.parse_cpulist(cpus)
+            except ValueError as e:
+                raise QuotaError(f"Runtime: cpus {cpus!r} is not a CPU list such as '0-3,8': {e}",
+                                 field="cpus") from None
         self._cpus = cpus
         self._topology_root = topology_root
         self._topo: Topology | None = None
@@ -517,7 +524,7 @@ class Runtime(_core._Runtime):
     def _add_locked(self, spec: ModelSpec, factory_ref: str | None) -> None:
         name = spec.name
         if name in self._models:
-            raise ValueError(f"model {name!r} is already registered")
+            raise QuotaError("a model of that name is already registered", model=name, field="name")
         if spec.gpu is not None:
             self._check_gpu(name, spec.gpu)
         quota = spec.quota
@@ -934,7 +941,12 @@ class Runtime(_core._Runtime):
     def topology(self) -> Topology:
         """The machine as this runtime sees it (restricted to ``cpus`` when given)."""
         if self._topo is None:
-            self._topo = topology(self._topology_root, cpus=self._cpus)
+            try:
+                self._topo = topology(self._topology_root, cpus=self._cpus)
+            except ValueError as e:  # named CPUs none of which this process may use
+                if self._cpus is None:
+                    raise
+                raise QuotaError(f"Runtime: {e}", field="cpus") from None
         return self._topo
 
     def plan(self) -> Plan:

@@ -38,7 +38,7 @@ def test_priority_must_be_below_priority_levels(rt: ap.Runtime) -> None:
     rt.add_model("m", model=lambda x: x, priority_levels=2)
     rt.start()
     assert rt.submit("m", 1, priority=1).result(10) == 1
-    with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"model 'm', field 'priority': must be an int in \[0, 2\)"):
         rt.submit("m", 1, priority=2)
     with pytest.raises(ValueError, match="priority"):
         rt.submit_many("m", [1, 2], priority=5)

@@ -166,7 +166,7 @@ def test_http_by_model_name(app: App) -> None:
     before = app.handle.stats.remote().result(timeout_s=60)["echo"].submitted
     for bad in ({"timeout_ms": "soon"}, {"timeout_ms": -5}, {"priority": 7}):  # were 500, as the model's own error
         code, body = app.post("/echo", {"inputs": 1, **bad})
-        assert code == 422 and body["type"] == "ValueError" and "model 'echo'" in body["error"], (bad, body)
+        assert code == 422 and body["type"] == "QuotaError" and "model 'echo', field" in body["error"], (bad, body)
     assert app.handle.stats.remote().result(timeout_s=60)["echo"].submitted == before  # none was admitted
     code, body = app.post("/echo", {"inputs": {"bytes": "raw"}})  # was a bare "Internal Server Error"
     assert code == 500 and body["type"] == "OutputError" and "model 'echo': its output cannot be sent as JSON" in body["error"]

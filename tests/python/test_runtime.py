@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -149,8 +152,9 @@ def test_model_and_factory_are_mutually_exclusive(rt: ap.Runtime) -> None:
 
 def test_duplicate_model_name_is_refused(rt: ap.Runtime) -> None:
     rt.add_model("m", model=print)
-    with pytest.raises(ValueError, match="model 'm' is already registered"):
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'name': a model of that name is already registered") as err:
         rt.add_model("m", model=print)
+    assert (err.value.model, err.value.field) == ("m", "name")
 
 
 def test_runtime_cpus_are_validated() -> None:
@@ -158,6 +162,14 @@ def test_runtime_cpus_are_validated() -> None:
         ap.Runtime(cpus=[])
     with pytest.raises(ap.QuotaError, match="cpus"):
         ap.Runtime(cpus=[-1])
+    with pytest.raises(ap.QuotaError, match="'zz' is not a CPU list") as err:
+        ap.Runtime(cpus="zz")  # at once, not at the first use of the topology
+    assert err.value.field == "cpus"
+    rt = ap.Runtime(cpus=[65535])
+    with pytest.raises(ap.QuotaError, match="CPU 65535 is not present on this machine") as err:
+        rt.topology
+    assert err.value.field == "cpus"
+    rt.close()
 
 
 # -- submission and errors -----------------------------------------------------------------------
@@ -195,23 +207,77 @@ def test_model_exception_reaches_caller_unchanged_with_traceback(rt: ap.Runtime)
 def test_invalid_request_arguments_name_model_and_field(rt: ap.Runtime) -> None:
     rt.add_model("m", model=print, priority_levels=2)
     for bad in (0, -1, math.nan, math.inf):
-        with pytest.raises(ValueError, match=r"model 'm': timeout_ms must be a positive"):
+        with pytest.raises(ap.QuotaError, match=r"model 'm', field 'timeout_ms': must be a positive") as err:
             rt.submit("m", 1, timeout_ms=bad)
-    with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\)"):
+        assert (err.value.model, err.value.field) == ("m", "timeout_ms")
+    with pytest.raises(ValueError, match=r"model 'm', field 'priority': must be an int in \[0, 2\)"):
         rt.submit("m", 1, priority=2)
     for bad in (-1, 2**32, 2**80, True, 1.0, "0"):
-        with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\).*got"):
+        with pytest.raises(ap.QuotaError, match=r"model 'm', field 'priority': must be an int in \[0, 2\).*got") as err:
             rt.submit("m", 1, priority=bad)
-        with pytest.raises(ValueError, match=r"model 'm': priority must be an int in \[0, 2\)"):
+        assert (err.value.model, err.value.field) == ("m", "priority")
+        with pytest.raises(ValueError, match=r"model 'm', field 'priority': must be an int in \[0, 2\)"):
             rt.submit_many("m", [1], priority=bad)
-    with pytest.raises(ValueError, match=r"model 'm': timeout_ms must be a number or None, got 'soon'"):
+    with pytest.raises(ValueError, match=r"model 'm', field 'timeout_ms': must be a number or None, got 'soon'"):
         rt.submit("m", 1, timeout_ms="soon")
     for huge in (-10**400, 10**400):  # beyond every float: reported as given, not as "inf"
-        with pytest.raises(ValueError, match=rf"model 'm': timeout_ms must be a positive.*\(got {huge}\)"):
+        with pytest.raises(ValueError, match=rf"model 'm', field 'timeout_ms': must be a positive.*\(got {huge}\)"):
             rt.submit("m", 1, timeout_ms=huge)
         with pytest.raises(ValueError, match=rf"\(got {huge}\)"):
             rt.submit_many("m", [1], timeout_ms=huge)
     assert rt.stats()["m"].submitted == 0
+
+
+def test_request_arguments_take_numpy_scalars(rt: ap.Runtime) -> None:
+    np = pytest.importorskip("numpy")
+    seen = []
+    rt.add_model("m", model=lambda x: seen.append(x) or x, priority_levels=3, timeout_ms=np.float32(500))
+    rt.start()
+    assert rt.call("m", 1, priority=np.int64(2), timeout_ms=np.float32(400)) == 1
+    assert rt.submit("m", 2, priority=np.uint8(0), timeout_ms=np.int32(300)).result() == 2
+    assert [f.result() for f in rt.submit_many("m", [3, 4], priority=np.int16(1), timeout_ms=np.float64(200))] == [3, 4]
+    for bad in (np.bool_(True), np.float32(1.0), np.int64(3), np.int64(-1)):  # a bool, not an int, out of range
+        with pytest.raises(ap.QuotaError, match=r"model 'm', field 'priority': must be an int in \[0, 3\)"):
+            rt.submit("m", 5, priority=bad)
+    for bad in (np.float32("nan"), np.float64(-1.0), np.int8(0)):
+        with pytest.raises(ap.QuotaError, match="model 'm', field 'timeout_ms': must be a positive"):
+            rt.submit("m", 5, timeout_ms=bad)
+    with pytest.raises(ap.QuotaError, match="model 'm', field 'timeout_ms': must be a number or None"):
+        rt.submit("m", 5, timeout_ms=np.bool_(True))
+    assert seen == [1, 2, 3, 4]
+
+
+def test_a_timeout_of_centuries_never_expires_and_one_under_a_nanosecond_is_one(rt: ap.Runtime) -> None:
+    # now + timeout would pass the clock's range (its count starts at boot): no deadline, not
+    # one in the past.
+    rt.add_model("m", model=lambda x: x)
+    rt.start()
+    for ms in (9.0e12, 9.1999e12, 9.3e12, 1e300):
+        assert rt.submit("m", ms, timeout_ms=ms).result(timeout=10) == ms
+    with pytest.raises(ap.DeadlineExceeded):  # positive: a deadline of 1 ns, already past when it runs
+        rt.submit("m", 0, timeout_ms=1e-300).result(timeout=10)
+    assert rt.stats()["m"].completed == 4
+
+
+def test_a_timeout_of_years_on_a_machine_up_for_years_does_not_expire_at_once() -> None:
+    # The engine's clock counts from boot: ten years up, now + 9e12 ms passes int64's range.
+    # A time namespace (Linux 5.6, root) moves this child's monotonic clock ten years on.
+    unshare = shutil.which("unshare")
+    script = (
+        "import apportion as ap\n"
+        "rt = ap.Runtime(); rt.add_model('m', model=lambda x: x); rt.start()\n"
+        "print([rt.submit('m', ms, timeout_ms=ms).result(timeout=10) for ms in (9.0e12, 9.19e12)])\n"
+        "rt.close()\n"
+    )
+    probe = subprocess.run([unshare or "unshare", "-T", "--monotonic", "315360000", sys.executable, "-c",
+                            "import time; print(time.monotonic())"], capture_output=True, text=True, timeout=60) \
+        if unshare else None
+    if probe is None or probe.returncode != 0 or float(probe.stdout or 0) < 3e8:
+        pytest.skip(f"no time namespace here (unshare -T: {probe.stderr.strip() if probe else 'not installed'})")
+    out = subprocess.run([unshare, "-T", "--monotonic", "315360000", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[9000000000000.0, 9190000000000.0]"
 
 
 def test_queue_full_is_refused_at_admission(rt: ap.Runtime, gate) -> None:
