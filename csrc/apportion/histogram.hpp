@@ -27,7 +27,7 @@ class LogHistogram {
   struct Snapshot {
     std::array<uint64_t, kBuckets> counts{};
     uint64_t total = 0;
-    uint64_t sum = 0;
+    uint64_t sum = 0;  // of every value recorded, modulo 2^64 (see subtract())
     uint64_t max = 0;
     /// Which histogram this is a snapshot of (see new_origins()): subtract() refuses snapshots
     /// of two different non-zero origins. 0: not said (merged or hand-made snapshots).
@@ -85,11 +85,14 @@ class LogHistogram {
         out.total += out.counts[i];
         if (out.counts[i] != 0) top = i;
       }
-      if (sum < earlier.sum || max < earlier.max) {
+      if (max < earlier.max) {
         throw std::invalid_argument(
-            "histogram snapshot: the sum or max is smaller than the earlier snapshot's: subtract the "
+            "histogram snapshot: the max is smaller than the earlier snapshot's: subtract the "
             "earlier snapshot from the later one");
       }
+      // Modulo 2^64: exact across a wrap of the running sum (at 1e13 ns of latency a second,
+      // a backlogged model's queue wait, the sum wraps every 21 days), for any window whose
+      // own sum stays under 2^64 ns (584 years).
       out.sum = sum - earlier.sum;
       if (top != kBuckets) out.max = max > earlier.max ? max : std::min(bucket_high(top), max);
       return out;

@@ -338,9 +338,26 @@ TEST(LogHistogram, SubtractRefusesSwappedSnapshotsAndOtherHistograms) {
   b.origin = 0;  // not said: accepted
   EXPECT_EQ(a.subtract(b).total, 1u);
 
-  Snapshot smaller_sum = after;
-  smaller_sum.sum = 0;
-  EXPECT_THROW((void)smaller_sum.subtract(after), std::invalid_argument);
+  Snapshot smaller_max = after;
+  smaller_max.max = 0;
+  EXPECT_THROW((void)smaller_max.subtract(after), std::invalid_argument);
+}
+
+// The running sum is kept modulo 2^64 ns: a window across its wrap still has its own sum.
+TEST(LogHistogram, WindowAcrossTheSumsWrapKeepsItsSum) {
+  auto h = make_hist();
+  constexpr uint64_t kHalf = uint64_t{1} << 63;
+  h->record(kHalf - 1);
+  h->record(kHalf - 1);
+  const Snapshot before = snap(*h);
+  ASSERT_EQ(before.sum, ~uint64_t{0} - 1);
+  h->record(10'000'000);
+  h->record(30'000'000);
+  const Snapshot after = snap(*h);
+  ASSERT_LT(after.sum, before.sum);  // wrapped
+  const Snapshot window = after.subtract(before);
+  EXPECT_EQ(window.total, 2u);
+  EXPECT_EQ(window.sum, 40'000'000u);
 }
 
 TEST(LogHistogram, OriginsAreUniqueAndNeverZero) {

@@ -118,6 +118,18 @@ def test_window_is_a_later_snapshot_minus_an_earlier_one() -> None:
     assert again.subtract(s1).count == 50
 
 
+def test_a_window_across_the_running_sums_wrap_keeps_its_sum_and_mean() -> None:
+    # The sum of nanoseconds is kept modulo 2^64: a backlogged model's queue waits (1e13 ns a
+    # second) wrap it in about three weeks, and a window across the wrap must still read.
+    h, before = recorded(2**63 - 1, 2**63 - 1)
+    _, after = recorded(10_000_000, 30_000_000, hist=h)
+    assert after.sum < before.sum
+    w = after.subtract(before)
+    assert (w.count, w.sum) == (2, 40_000_000)
+    since = ap.LatencyStats.from_histogram(after).since(ap.LatencyStats.from_histogram(before))
+    assert since.count == 2 and since.mean_ms == pytest.approx(20.0)
+
+
 def test_model_snapshots_are_bound_types_whose_windows_stay_within_one_histogram(rt: ap.Runtime) -> None:
     rt.add_model("a", model=lambda x: x)
     rt.add_model("b", model=lambda x: x)
