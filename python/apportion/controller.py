@@ -361,7 +361,8 @@ class Controller:
     documentation). ``slos``: latency objective in milliseconds per model, at the 99th
     percentile unless ``percentiles`` gives another (models without one are left where they
     are). ``capacity``: instances (one intra-op thread each) the models may hold together,
-    those of models without an objective included; default: the runtime's CPUs. ``headroom``: idle CPUs (averaged over a
+    those of models without an objective included; default: the CPUs the runtime may use
+    (``rt.topology.usable``). ``headroom``: idle CPUs (averaged over a
     window) that let a saturated shared-pool model grow beyond ``capacity``, up to
     ``oversubscribe`` x ``capacity`` instances in all. ``history``: windows kept in
     :attr:`history` (for reports such as how long an SLO miss lasted). ``max_batch``,
@@ -401,24 +402,29 @@ class Controller:
                                     ("tabu_s", tabu_s, 0.0), ("batch_delay_ms", batch_delay_ms, 0.0)):
             if not (finite_number(value) and (value > 0 if least is None else value >= least)):
                 raise QuotaError(f"Controller: {field} must be a finite number "
-                                 f"{'> 0' if least is None else f'>= {least:g}'}, got {value!r}")
+                                 f"{'> 0' if least is None else f'>= {least:g}'}, got {value!r}", field=field)
+        if window_s > threading.TIMEOUT_MAX:  # the controller's thread waits a window at a time
+            raise QuotaError(f"Controller: window_s must be at most {threading.TIMEOUT_MAX:g} s, got {window_s!r}",
+                             field="window_s")
         for field, value in (("confirm", confirm), ("judge", judge), ("max_batch", max_batch),
                              ("max_batch_size", max_batch_size), ("history", history)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise QuotaError(f"Controller: {field} must be an int >= 1, got {value!r}")
+                raise QuotaError(f"Controller: {field} must be an int >= 1, got {value!r}", field=field)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise QuotaError(f"Controller: capacity must be an int >= 1 (instances) or None, got {capacity!r}")
+            raise QuotaError(f"Controller: capacity must be an int >= 1 (instances) or None, got {capacity!r}",
+                             field="capacity")
         if not all(finite_number(v) for v in (idle, target, hot, risk)) or not 0 < idle < target < hot <= 1.5 \
                 or not 0 < risk <= 1:
             raise QuotaError("Controller: need 0 < idle < target < hot <= 1.5 and 0 < risk <= 1")
         if not (finite_number(tolerance) and 0 <= tolerance < 1):
-            raise QuotaError(f"Controller: need 0 <= tolerance < 1, got tolerance={tolerance!r}")
+            raise QuotaError(f"Controller: need 0 <= tolerance < 1, got tolerance={tolerance!r}", field="tolerance")
         if max_batch > max_batch_size or max_batch_size > MAX_BATCH:
             raise QuotaError(f"Controller: need max_batch <= max_batch_size <= {MAX_BATCH} (the largest batch a "
-                             f"model may be moved to), got max_batch={max_batch}, max_batch_size={max_batch_size}")
+                             f"model may be moved to), got max_batch={max_batch}, max_batch_size={max_batch_size}",
+                             field="max_batch")
         if isinstance(batchable, str) or not isinstance(batchable, (bool, Iterable)):
             raise QuotaError(f"Controller: batchable must be True, False or an iterable of model names, got "
-                             f"{batchable!r}")
+                             f"{batchable!r}", field="batchable")
         batchable_names = None if isinstance(batchable, bool) else frozenset(batchable)
         for name in sorted(batchable_names or ()):
             if not isinstance(name, str) or name not in slos:
@@ -441,7 +447,7 @@ class Controller:
         """The percentile each model's objective is about (default 99)."""
         self.window_s, self.dwell_s, self.confirm = window_s, dwell_s, confirm
         self.risk, self.hot, self.idle, self.target = risk, hot, idle, target
-        self.capacity = capacity if capacity is not None else len(rt.topology.cpus)
+        self.capacity = capacity if capacity is not None else len(rt.topology.usable)
         self.release = getattr(rt, "shared_pool", "os") == "os"
         """Whether an idle donor down to one core of its own may give that core to the shared
         pool (moving to the pool itself): on an "os" pool; a scheduled pool's models cannot

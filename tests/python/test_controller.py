@@ -335,12 +335,20 @@ NAN, INF = float("nan"), float("inf")
     {"risk": 0}, {"risk": NAN}, {"headroom": 0}, {"headroom": INF}, {"tolerance": 1.0}, {"tolerance": NAN},
     {"tabu_s": -1.0}, {"tabu_s": NAN}, {"oversubscribe": 0.5}, {"oversubscribe": INF}, {"capacity": 0},
     {"capacity": -2}, {"capacity": True}, {"max_batch": 0}, {"max_batch_size": 0}, {"history": 0},
-    {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}])
+    {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}, {"window_s": 1e10}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
     args = {"capacity": 2, **kw}
     field = next(iter(kw))
-    with pytest.raises(QuotaError, match=field):
+    with pytest.raises(QuotaError, match=field) as err:
         Controller(None, {"a": 50.0}, **args)
+    if field not in ("idle", "risk", "headroom", "oversubscribe"):  # refused together with a second setting
+        assert err.value.field == field
+
+
+def test_the_default_capacity_is_the_cpus_the_runtime_may_use() -> None:
+    with ap.Runtime(cpus=[0]) as rt:
+        rt.add_model("a", model=lambda x: x)
+        assert Controller(rt, {"a": 10.0}).capacity == len(rt.topology.usable) == 1
 
 
 @pytest.mark.parametrize("slo", [-1, 0, NAN, INF, True, "50", 10**400])
