@@ -40,6 +40,7 @@ from .errors import ApportionError, QuotaError
 __all__ = ["Batching", "stacking"]
 
 _MAX_BATCH = 1 << 16
+_MAX_DELAY_MS = 1e9  # the engine waits at most this long (11.6 days) for a partial batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +48,14 @@ class Batching:
     """How a model's requests are batched (see the module documentation).
 
     ``max_size``: most requests per call (>= 1). ``max_delay_ms``: how long a partial batch
-    may wait for more requests, from its first request (>= 0; 0 batches only what is already
-    queued). ``preferred_sizes``: sizes at which a batch is dispatched without waiting once
+    may wait for more requests, from its first request (0 to 1e9; 0 batches only what is
+    already queued). ``preferred_sizes``: sizes at which a batch is dispatched without waiting once
     nothing more is queued (each in [1, max_size]); stored sorted and without duplicates.
     """
 
     max_size: int
     max_delay_ms: float
-    preferred_sizes: tuple[int, ...] | None = None
+    preferred_sizes: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -87,8 +88,8 @@ def _problem(b: Batching) -> tuple[str, str] | None:
         return "max_size", f"must be an integer in [1, {_MAX_BATCH}], got {b.max_size!r}"
     d = b.max_delay_ms
     df = real(d)
-    if df is None or not (math.isfinite(df) and df >= 0):
-        return "max_delay_ms", f"must be a finite number of milliseconds >= 0, got {d!r}"
+    if df is None or not (math.isfinite(df) and 0 <= df <= _MAX_DELAY_MS):
+        return "max_delay_ms", f"must be a number of milliseconds in [0, {_MAX_DELAY_MS:.0e}], got {d!r}"
     if b.preferred_sizes is not None:
         sizes = b.preferred_sizes
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):

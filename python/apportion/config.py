@@ -314,7 +314,7 @@ class Config:
         shares = {n: float(m.load["share"]) for n, m in out.items() if m.load and "share" in m.load}
         if sum(shares.values()) > 1 + 1e-9:
             # They divide [workload] rate: more than all of it is a typo, not a load.
-            raise ConfigError(path, "load.share", f"the models' shares add up to {sum(shares.values()):g} "
+            raise ConfigError(path, "models.*.load.share", f"the models' shares add up to {sum(shares.values()):g} "
                               f"({', '.join(f'{n} {v:g}' for n, v in shares.items())}); they divide [workload] "
                               "rate, so they may add up to 1 at most")
         cfg = cls(models=out, cpus=cpus, rate=rate, path=path, shared_pool=shared_pool,

@@ -221,7 +221,7 @@ def on_loop(f: Any, loop: asyncio.AbstractEventLoop, model: str | None = None) -
 
 
 def _await(f: Any) -> typing.Generator[Any, None, Any]:
-    waiter = on_loop(f, asyncio.get_running_loop())
+    waiter = on_loop(f, asyncio.get_running_loop(), f.model)
     try:
         return (yield from waiter.__await__())
     except asyncio.CancelledError:

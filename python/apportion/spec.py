@@ -13,7 +13,6 @@ machine together, whether a GPU is usable, whether the runtime's shared pool is 
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -64,7 +63,7 @@ class ModelSpec:
     """One callable served by every instance (instead of ``factory``)."""
     instances: int = 1
     threads: int | None = None
-    cores: int | str | tuple[int, ...] | None = None
+    cores: int | str | Sequence[int] | None = None
     isolation: Isolation = "shared"
     numa: int | Literal["auto"] = "auto"
     smt: bool = False
@@ -116,7 +115,7 @@ class ModelSpec:
             raise bad("model", f"must be callable, got {type(self.model).__name__}")
         if self.model is not None and is_async_callable(self.model):
             raise bad("model", f"is an async function: {ASYNC_MODEL}")
-        if callable(self.factory) and inspect.iscoroutinefunction(self.factory):
+        if callable(self.factory) and is_async_callable(self.factory):
             raise bad("factory", "is an async function; give a plain one (called once per instance, in its worker "
                       "thread)")
         if process and self.model is not None:

@@ -143,7 +143,7 @@ def test_a_request_the_runtime_cancels_is_request_cancelled_not_the_tasks_cancel
         assert await asyncio.to_thread(gate.entered.wait, 10)
         fut = rt.submit("f", 1)
         asyncio.get_running_loop().call_later(0.05, fut.cancel)
-        with pytest.raises(ap.RequestCancelled, match="^the request was cancelled before it ran"):
+        with pytest.raises(ap.RequestCancelled, match="^model 'f': the request was cancelled before it ran"):
             await fut
         gate.release.set()
         assert await blocker == 0

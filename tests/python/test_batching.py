@@ -50,6 +50,7 @@ def test_batching_is_a_validated_frozen_quota() -> None:
         (dict(max_size=4, max_delay_ms=-1), "max_delay_ms"),
         (dict(max_size=4, max_delay_ms=float("nan")), "max_delay_ms"),
         (dict(max_size=4, max_delay_ms=10 ** 400), "max_delay_ms"),  # an int beyond every float
+        (dict(max_size=4, max_delay_ms=1.0001e9), "max_delay_ms"),  # beyond the engine's longest wait
         (dict(max_size=4, max_delay_ms=1, preferred_sizes=[5]), "preferred_sizes"),
         (dict(max_size=4, max_delay_ms=1, preferred_sizes=[]), "preferred_sizes"),
         (dict(max_size=4, max_delay_ms=1, preferred_sizes="2"), "preferred_sizes"),

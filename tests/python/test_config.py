@@ -111,7 +111,7 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
         ("[workload]\nrate = 10\n[models.m]\nload = { share = 2 }\n", "models.m.load.share", "fraction in (0, 1]"),
         # Shares divide the total: 0.9 + 0.9 ran at 1.8x the rate asked, silently.
         ("[workload]\nrate = 100\n[models.a]\nload = { share = 0.9 }\n[models.b]\nload = { share = 0.9 }\n",
-         "load.share", "the models' shares add up to 1.8 (a 0.9, b 0.9)"),
+         "models.*.load.share", "the models' shares add up to 1.8 (a 0.9, b 0.9)"),
         ('[models.m]\nload = { rate = 1, arrivals = "burst" }\n', "models.m.load.arrivals", '"poisson" or "constant"'),
         ("[runtime]\ncpus = 3\n[models.m]\n", "runtime.cpus", 'CPU list like "0-3,8"'),
         ("[runtime]\nthreads = 3\n[models.m]\n", "runtime.threads", "unknown key; allowed: cpus"),

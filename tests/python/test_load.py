@@ -333,6 +333,7 @@ def test_an_inputs_callable_error_reaches_the_caller(rt: ap.Runtime) -> None:
     (ModelLoad("echo", concurrency=1, slo=SLO(latency_ms=5, percentile=10 ** 400)), LoadError,
      ["'echo'", "slo.percentile"]),
     (ModelLoad("echo", concurrency=1, slo=SLO(timeout_ms=-1)), LoadError, ["'echo'", "slo.timeout_ms"]),
+    (ModelLoad("echo", concurrency=1, slo=SLO(latency_ms=1e303)), LoadError, ["'echo'", "slo.latency_ms", "at most"]),
     (ModelLoad("echo", concurrency=1, slo=SLO()), LoadError, ["'echo'", "latency_ms", "timeout_ms"]),
     (ModelLoad("echo", concurrency=1, inputs=[]), LoadError, ["'echo'", "inputs"]),
     (ModelLoad("echo", rate=10, arrivals="bursty"), LoadError, ["'echo'", "arrivals"]),  # type: ignore[arg-type]
@@ -354,6 +355,8 @@ def test_invalid_loads_name_the_model_and_field(rt: ap.Runtime, spec: ModelLoad,
     ({"warmup_s": -1}, ["warmup_s"]),
     ({"tolerance": 0}, ["tolerance"]),
     ({"stable_windows": 0}, ["stable_windows"]),
+    ({"max_s": 1e300}, ["max_s", "at most"]),  # beyond every nanosecond count: refused, not OverflowError
+    ({"warmup_s": 1e300}, ["warmup_s", "at most"]),
     ({"max_s": 1.0, "warmup_s": 0.5, "window_s": 0.5}, ["max_s", "2"]),
 ])
 def test_invalid_settings_name_the_field(rt: ap.Runtime, settings: dict, words: list[str]) -> None:

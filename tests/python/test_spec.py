@@ -279,8 +279,9 @@ def test_async_models_and_factories_are_refused_naming_the_field() -> None:
         with pytest.raises(ap.QuotaError, match="model 'a', field 'model': is an async function: the runtime calls "
                                                 "a model in its worker thread and would not await"):
             ap.ModelSpec("a", model=model)
-    with pytest.raises(ap.QuotaError, match="model 'a', field 'factory': is an async function; give a plain one"):
-        ap.ModelSpec("a", factory=afactory)
+    for factory in (afactory, AsyncCall()):  # an object whose __call__ is async too
+        with pytest.raises(ap.QuotaError, match="model 'a', field 'factory': is an async function; give a plain one"):
+            ap.ModelSpec("a", factory=factory)
     # A factory that returns one fails the model's start, naming it.
     rt = ap.Runtime()
     try:

@@ -22,13 +22,19 @@ class LoadError(ApportionError, ValueError):
     one), the field and what would be valid."""
 
 
-def _positive_number(owner: str, fname: str, value: object, *, allow_none: bool = False) -> float | None:
+_MAX_S = 1e9  # the longest time a load setting may name, in seconds (31 years)
+
+
+def _positive_number(owner: str, fname: str, value: object, *, allow_none: bool = False,
+                     maximum: float | None = None) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LoadError(f"{owner}: {fname} must be a positive number, got {value!r}")
     if not (finite_number(value) and value > 0):
         raise LoadError(f"{owner}: {fname} must be a positive, finite number, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise LoadError(f"{owner}: {fname} must be at most {maximum:g}, got {value!r}")
     return float(value)
 
 
@@ -50,8 +56,8 @@ class SLO:
 
     def validate(self, model: str) -> None:
         owner = f"model {model!r}"
-        _positive_number(owner, "slo.latency_ms", self.latency_ms, allow_none=True)
-        _positive_number(owner, "slo.timeout_ms", self.timeout_ms, allow_none=True)
+        _positive_number(owner, "slo.latency_ms", self.latency_ms, allow_none=True, maximum=_MAX_S * 1e3)
+        _positive_number(owner, "slo.timeout_ms", self.timeout_ms, allow_none=True, maximum=_MAX_S * 1e3)
         p = self.percentile
         if not isinstance(p, (int, float)) or (pf := real(p)) is None or not 0 < pf <= 100:
             raise LoadError(f"{owner}: slo.percentile must be in (0, 100], got {p!r}")
@@ -209,9 +215,9 @@ MIN_WINDOW_S = 0.001
 def validate_settings(warmup_s: object, window_s: object, stable_windows: object,
                        tolerance: object, max_s: object, drain_timeout_s: object) -> None:
     def number(fname: str, v: object, minimum: float, inclusive: bool) -> float:
-        if not finite_number(v) or (v < minimum if inclusive else v <= minimum):  # type: ignore[operator]
+        if not finite_number(v) or (v < minimum if inclusive else v <= minimum) or v > _MAX_S:  # type: ignore[operator]
             bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-            raise LoadError(f"load.run: {fname} must be a finite number {bound}, got {v!r}")
+            raise LoadError(f"load.run: {fname} must be a finite number {bound} and at most {_MAX_S:g}, got {v!r}")
         return float(v)
 
     w = number("warmup_s", warmup_s, 0.0, True)

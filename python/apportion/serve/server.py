@@ -216,11 +216,11 @@ class Server:
         """The bound gRPC port once started, or None."""
         self.drain_timeout_s = drain_timeout_s
         self.listening = threading.Event()
+        """Set once both ports listen (``http_port``/``grpc_port`` then hold the bound ports);
+        cleared when it begins to stop."""
         self.drained: bool | None = None
         """After a draining stop: whether every admitted request completed within
         ``drain_timeout_s`` (None: not drained)."""
-        """Set once both ports listen (``http_port``/``grpc_port`` then hold the bound ports);
-        cleared when it begins to stop."""
         self._max_message = max_body_bytes
         self._uv: _Uvicorn | None = None
         self._uv_task: asyncio.Task[None] | None = None
