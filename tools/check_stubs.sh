@@ -8,6 +8,7 @@ trap 'rm -rf "$out"' EXIT
 # Run from outside the checkout so the installed package is the one imported.
 (cd "$out" && python -m pybind11_stubgen apportion._core -o "$out/stubs" >/dev/null)
 gen="$out/stubs/apportion"
+python tools/stub_overrides.py "$gen"  # what the generator cannot see (see the script)
 if [ "${1:-}" = "--write" ]; then
   rm -rf python/apportion/_core.pyi python/apportion/_core
   cp -r "$gen"/_core* python/apportion/

@@ -149,10 +149,10 @@ void register_stats(py::module_& m) {
                     "Live moves (Runtime.apply) that moved the model while it served.")
 #define AP_COUNTER(field, doc) \
   .def_property_readonly(#field, [](const ModelStatsSnapshot& s) { return s.snapshot.field; }, doc)
-      AP_COUNTER(submitted, "Requests admitted.")
+      AP_COUNTER(submitted, "Requests submitted, admitted or refused.")
       AP_COUNTER(completed, "Requests that returned a result.")
       AP_COUNTER(failed, "Requests that raised the model's exception (or whose worker crashed).")
-      AP_COUNTER(rejected, "Submissions refused (queue full).")
+      AP_COUNTER(rejected, "Submissions refused (queue full, or the model or runtime closing).")
       AP_COUNTER(expired, "Requests whose deadline passed before they started.")
       AP_COUNTER(cancelled, "Requests cancelled before they started.")
       AP_COUNTER(queued, "Queue slots taken now: requests waiting, plus cancelled or expired ones beyond the spare room.")

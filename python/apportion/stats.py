@@ -80,7 +80,8 @@ class ModelStats:
     max_queue: int
     """Admission bound, in requests."""
     submitted: int
-    """Requests admitted (counts are requests since the model was added)."""
+    """Requests submitted, admitted or refused (counts are requests since the model was added):
+    ``submitted == completed + failed + rejected + expired + cancelled + in_flight``."""
     completed: int
     """Requests that returned a result."""
     failed: int

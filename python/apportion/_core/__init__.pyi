@@ -3,6 +3,7 @@ apportion native core: engine, queue, metrics, topology, placement, GPU partitio
 """
 from __future__ import annotations
 import collections.abc
+import concurrent.futures
 import typing
 from . import gpu
 __all__: list[str] = ['Core', 'CoreKind', 'Cpu', 'Future', 'HistogramSnapshot', 'Isolation', 'L3Domain', 'LogHistogram', 'MemoryPolicy', 'ModelSnapshot', 'NumaNode', 'Package', 'Quota', 'ShmChannel', 'Topology', 'built_with_cuda', 'current_memory_policy', 'current_thread_affinity', 'format_cpulist', 'gpu', 'parse_cpulist', 'pin_current_thread', 'plan_placement', 'read_topology', 'set_memory_policy', 'set_parent_death_signal', 'thread_affinities']
@@ -189,7 +190,7 @@ class ModelSnapshot:
     @property
     def rejected(self) -> int:
         """
-        Submissions refused (queue full).
+        Submissions refused (queue full, or the model or runtime closing).
         """
     @property
     def stolen(self) -> int:
@@ -199,16 +200,15 @@ class ModelSnapshot:
     @property
     def submitted(self) -> int:
         """
-        Requests admitted.
+        Requests submitted, admitted or refused.
         """
-class Future:
+class Future(concurrent.futures.Future[typing.Any]):
     """
     A pending request (concurrent.futures-compatible interface).
     
     Completes exactly once: with a result, the model's exception, DeadlineExceeded, or cancellation.
     """
-    @staticmethod
-    def __await__(f: typing.Any) -> typing.Generator[typing.Any, None, typing.Any]:
+    def __await__(self) -> typing.Generator[typing.Any, None, typing.Any]:
         ...
     def __repr__(self) -> str:
         ...
@@ -220,7 +220,7 @@ class Future:
         """
         Raises, as result() would, when a wait for this request could not end: ApportionError when the calling thread is a worker of its model (or a done-callback it runs), RuntimeClosed in a process forked since it was submitted; nothing once it is done (for waits that do not go through result(): an event loop run inside the model).
         """
-    def add_done_callback(self, fn: typing.Any) -> None:
+    def add_done_callback(self, fn: collections.abc.Callable[[Future], object]) -> None:  # type: ignore[override]
         """
         Calls fn(future) once the request completes (at once if it already has), in the thread that completes it. Exceptions from fn are reported, not raised.
         """
@@ -249,19 +249,10 @@ class Future:
         True while a worker executes the model for this request.
         """
     @property
-    def _condition(self):
-        ...
-    @property
     def _interop(self) -> typing.Any:
         """
         State that apportion.futures keeps for the stdlib's wait()/as_completed() (None until used).
         """
-    @property
-    def _state(self) -> str:
-        ...
-    @property
-    def _waiters(self):
-        ...
     @property
     def model(self) -> str:
         """
@@ -321,7 +312,7 @@ class _Runtime:
         """
         Queues one request; returns a Future. Raises QueueFull, ModelNotFound, RuntimeClosed.
         """
-    def submit_many(self, model: str, inputs: collections.abc.Iterable, *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> list:
+    def submit_many(self, model: str, inputs: collections.abc.Iterable[typing.Any], *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> list[Future]:
         """
         Queues one request per item, all or none (QueueFull if they do not all fit); returns a list of Futures.
         """

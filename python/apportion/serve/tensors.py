@@ -65,15 +65,21 @@ class OutputError(TypeError):
     INTERNAL). The message names the model, the output and what was declared."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorSpec:
     """One declared tensor: ``name``, v2 ``datatype`` (BOOL, UINT8..UINT64, INT8..INT64, FP16,
-    FP32, FP64, BYTES) and ``shape`` (a sequence of dims; -1 for a variable dim, () for a
-    scalar)."""
+    FP32, FP64, BYTES) and ``shape`` (a sequence of dims, stored as a tuple; -1 for a variable
+    dim, () for a scalar)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+    def __init__(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "datatype", datatype)
+        object.__setattr__(self, "shape", shape)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -118,18 +124,21 @@ def _specs(field: str, specs: Any) -> tuple[TensorSpec, ...]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Signature:
-    """A model's declared ``inputs`` and ``outputs`` (TensorSpecs, or one TensorSpec each) and
-    ``tensor``: "numpy" (the model receives numpy arrays) or "torch" (CPU torch tensors)."""
+    """A model's declared ``inputs`` and ``outputs`` (a sequence of TensorSpecs, or one
+    TensorSpec, each stored as a tuple) and ``tensor``: "numpy" (the model receives numpy
+    arrays) or "torch" (CPU torch tensors)."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     tensor: str = "numpy"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", _specs("inputs", self.inputs))
-        object.__setattr__(self, "outputs", _specs("outputs", self.outputs))
+    def __init__(self, inputs: Sequence[TensorSpec] | TensorSpec, outputs: Sequence[TensorSpec] | TensorSpec,
+                 tensor: str = "numpy") -> None:
+        object.__setattr__(self, "inputs", _specs("inputs", inputs))
+        object.__setattr__(self, "outputs", _specs("outputs", outputs))
+        object.__setattr__(self, "tensor", tensor)
         if self.tensor not in ("numpy", "torch"):
             raise ValueError(f"Signature: field 'tensor' must be 'numpy' or 'torch', got {self.tensor!r}")
 
