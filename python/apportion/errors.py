@@ -1,6 +1,7 @@
 """Exceptions raised by apportion. Every one derives from :class:`ApportionError`; an invalid
-setting or argument raises :class:`QuotaError` (also a ValueError) naming the model and the
-field where there is one.
+setting or argument (of a model, a request, the runtime, the controller, the tuner or the
+server) raises :class:`QuotaError`, also a ValueError, naming the model and the field where
+there is one.
 
 A model's own exception is never wrapped: it reaches the caller unchanged, with its traceback.
 """

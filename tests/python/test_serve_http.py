@@ -399,7 +399,7 @@ def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout() -> None:
         r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=30,
                        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
         assert r.status_code == 200  # a body that arrives is read as before
-        with pytest.raises(ValueError, match="body_timeout_s must be a finite number of seconds > 0"):
+        with pytest.raises(ap.QuotaError, match="body_timeout_s must be a finite number of seconds > 0"):
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, body_timeout_s=0)
 
 
@@ -430,7 +430,7 @@ def test_headers_that_do_not_arrive_get_408_and_the_connection_closed() -> None:
                 time.sleep(0.25)
             c.sendall(request[:20])
             assert http_response(c).startswith(b"HTTP/1.1 408")
-        with pytest.raises(ValueError, match="header_timeout_s must be a finite number of seconds > 0"):
+        with pytest.raises(ap.QuotaError, match="header_timeout_s must be a finite number of seconds > 0"):
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, header_timeout_s=float("inf"))
 
 
@@ -556,11 +556,11 @@ def test_queue_full_status_503_when_configured() -> None:
 
 def test_bad_server_options() -> None:
     rt = ap.Runtime()
-    with pytest.raises(ValueError, match="queue_full_status must be 429 or 503"):
+    with pytest.raises(ap.QuotaError, match="queue_full_status must be 429 or 503"):
         asgi(rt, {}, queue_full_status=500)
-    with pytest.raises(ValueError, match="max_body_bytes"):
+    with pytest.raises(ap.QuotaError, match="max_body_bytes"):
         asgi(rt, {}, max_body_bytes=0)
-    with pytest.raises(ValueError, match="http_port"):
+    with pytest.raises(ap.QuotaError, match="http_port"):
         Server(rt, {}, http_port=70000)
     with pytest.raises(ValueError, match="loop must be one of auto, uvloop, asyncio, got 'trio'"):
         Server(rt, {}, loop="trio")
@@ -784,7 +784,7 @@ def test_request_headers_over_the_limit_get_431_and_the_connection_closed() -> N
         # a body as large as it likes still arrives: the bound is the headers'
         big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000], "data": [1.0] * 20000}]}
         assert httpx.post(url, json=big, timeout=30).status_code == 200
-        with pytest.raises(ValueError, match="max_header_bytes must be an integer >= 1024"):
+        with pytest.raises(ap.QuotaError, match="max_header_bytes must be an integer >= 1024"):
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, max_header_bytes=100)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import apportion as ap
 from apportion.serve import DATATYPES, Signature, TensorError, TensorSpec
 from apportion.serve.tensors import OutputError, check_header, from_bytes, from_json, to_bytes, to_json
 
@@ -23,7 +24,7 @@ def test_datatypes_are_the_protocols() -> None:
     (dict(name="x", datatype="FP32", shape=[1.5]), ["tensor 'x'", "'shape'"]),
 ])
 def test_tensor_spec_is_validated(kw: dict, words: list[str]) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ap.QuotaError) as info:
         TensorSpec(**kw)
     for w in words:
         assert w in str(info.value)
@@ -38,13 +39,13 @@ def test_tensor_spec_normalises_shape() -> None:
 
 def test_signature_is_validated() -> None:
     x = TensorSpec("x", "FP32", [1])
-    with pytest.raises(ValueError, match="'inputs' must be a non-empty"):
+    with pytest.raises(ap.QuotaError, match="'inputs' must be a non-empty"):
         Signature([], [x])
-    with pytest.raises(ValueError, match="'outputs' must hold TensorSpec"):
+    with pytest.raises(ap.QuotaError, match="'outputs' must hold TensorSpec"):
         Signature([x], ["y"])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match=r"'inputs' names \['x'\] more than once"):
+    with pytest.raises(ap.QuotaError, match=r"'inputs' names \['x'\] more than once"):
         Signature([x, x], [x])
-    with pytest.raises(ValueError, match="'tensor' must be 'numpy' or 'torch'"):
+    with pytest.raises(ap.QuotaError, match="'tensor' must be 'numpy' or 'torch'"):
         Signature([x], [x], tensor="jax")
 
 

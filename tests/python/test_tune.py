@@ -211,10 +211,10 @@ def test_the_search_stays_within_its_budget_on_a_simulated_clock() -> None:
 
 
 def test_tune_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="objective must be one of"):
+    with pytest.raises(ap.QuotaError, match="objective must be one of"):
         tune(_synthetic_config(), objective="speed", progress=False)  # type: ignore[arg-type]
     for budget in (0, -1, float("nan"), float("inf"), True):
-        with pytest.raises(ValueError, match="budget_s must be a positive, finite number"):
+        with pytest.raises(ap.QuotaError, match="budget_s must be a positive, finite number"):
             tune(_synthetic_config(), budget_s=budget, progress=False)
     cfg = _synthetic_config()
     no_load = cfg.replace_models(ranker=ModelConfig(ap.ModelSpec("ranker", factory="apportion.demo:build_mlp")))
@@ -388,7 +388,7 @@ def test_tune_validates_with_its_margin_and_says_so(tmp_path: Path) -> None:
     assert seen and result.margin == 0.2
     assert "tightened by a 20% margin" in result.report()
     for bad in (-0.1, 1.0, True):
-        with pytest.raises(ValueError, match="margin must be a fraction"):
+        with pytest.raises(ap.QuotaError, match="margin must be a fraction"):
             tune(_synthetic_config(), profiles=TRUTH, measure=measure, progress=False, margin=bad)
 
 

@@ -427,7 +427,7 @@ def test_profiles_that_cannot_be_costs_are_refused_naming_the_field(make: object
 
 
 def test_profiles_of_the_wrong_type_are_refused_naming_the_model() -> None:
-    with pytest.raises(ValueError, match=r"profiles\['ranker'\] must be a CostModel or a sequence"):
+    with pytest.raises(ap.QuotaError, match=r"profiles\['ranker'\] must be a CostModel or a sequence"):
         tune(_config({"ranker": 100.0}), budget_s=10, topology_root=VM2, profiles={"ranker": [1.0, 2.0]},
              measure=lambda c: {}, progress=False, host=_quiet())
 
@@ -542,7 +542,7 @@ def test_unstable_validation_lowers_confidence() -> None:
 
 def test_tune_rejects_bad_profile_repeats() -> None:
     for bad in (0, True, 1.5):
-        with pytest.raises(ValueError, match="profile_repeats must be an integer"):
+        with pytest.raises(ap.QuotaError, match="profile_repeats must be an integer"):
             tune(_config({"ranker": 1.0, "encoder": 1.0}), profiles=TRUTH, measure=Machine(2), progress=False,
                  profile_repeats=bad)  # type: ignore[arg-type]
 

@@ -18,6 +18,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from .._private.checks import finite_number
+from ..errors import QuotaError
 from ..metrics import CONTENT_TYPE, prometheus_text
 from . import _frontend as fe
 from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
@@ -68,13 +69,15 @@ class V2App:
     def __init__(self, frontend: fe.Frontend, *, max_body_bytes: int, queue_full_status: int,
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+            raise QuotaError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}", field="max_body_bytes")
         if not (finite_number(body_timeout_s) and body_timeout_s > 0):
-            raise ValueError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}")
+            raise QuotaError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}",
+                             field="body_timeout_s")
         self.body_timeout_s = float(body_timeout_s)
         self._body_alarms = fe.Alarms(self.body_timeout_s)
         if queue_full_status not in (429, 503):
-            raise ValueError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}")
+            raise QuotaError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}",
+                             field="queue_full_status")
         self.frontend = frontend
         self.max_body_bytes = max_body_bytes
         self._status = {**_STATUS, fe.QUEUE_FULL: queue_full_status}

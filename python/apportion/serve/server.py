@@ -15,6 +15,7 @@ import uvicorn
 
 from .._private.checks import finite_number
 from .._private.loops import LOOPS, loop_factory, loop_name
+from ..errors import QuotaError
 from . import _frontend as fe
 from .app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, V2App
 from .grpc import start_server
@@ -193,15 +194,16 @@ class Server:
             if port is None and field == "grpc_port":
                 continue
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-                raise ValueError(f"Server: {field} must be a port in [0, 65535], got {port!r}")
+                raise QuotaError(f"Server: {field} must be a port in [0, 65535], got {port!r}", field=field)
         if not drain_timeout_s > 0:
-            raise ValueError(f"Server: drain_timeout_s must be > 0, got {drain_timeout_s!r}")
+            raise QuotaError(f"Server: drain_timeout_s must be > 0, got {drain_timeout_s!r}", field="drain_timeout_s")
         if not (finite_number(header_timeout_s) and header_timeout_s > 0):
-            raise ValueError(f"Server: header_timeout_s must be a finite number of seconds > 0, got "
-                             f"{header_timeout_s!r}")
+            raise QuotaError(f"Server: header_timeout_s must be a finite number of seconds > 0, got "
+                             f"{header_timeout_s!r}", field="header_timeout_s")
         self.header_timeout_s = float(header_timeout_s)
         if isinstance(max_header_bytes, bool) or not isinstance(max_header_bytes, int) or max_header_bytes < 1024:
-            raise ValueError(f"Server: max_header_bytes must be an integer >= 1024, got {max_header_bytes!r}")
+            raise QuotaError(f"Server: max_header_bytes must be an integer >= 1024, got {max_header_bytes!r}",
+                             field="max_header_bytes")
         self.max_header_bytes = max_header_bytes
         self._loop_factory = loop_factory(loop)
         self.loop: str = loop_name(self._loop_factory)

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import QuotaError
+
 __all__ = ["DATATYPES", "Signature", "TensorError", "TensorSpec"]
 
 DATATYPES: dict[str, np.dtype] = {
@@ -83,16 +85,16 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"TensorSpec: field 'name' must be a non-empty string, got {self.name!r}")
+            raise QuotaError(f"TensorSpec: field 'name' must be a non-empty string, got {self.name!r}")
         if self.datatype not in DATATYPES:
-            raise ValueError(f"tensor {self.name!r}, field 'datatype': expected one of "
+            raise QuotaError(f"tensor {self.name!r}, field 'datatype': expected one of "
                              f"{', '.join(DATATYPES)}, got {self.datatype!r}")
         if isinstance(self.shape, (str, bytes)) or not isinstance(self.shape, Sequence):
-            raise ValueError(f"tensor {self.name!r}, field 'shape': expected a sequence of dims "
+            raise QuotaError(f"tensor {self.name!r}, field 'shape': expected a sequence of dims "
                              f"(-1 for a variable dim), got {self.shape!r}")
         for d in self.shape:
             if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < -1:
-                raise ValueError(f"tensor {self.name!r}, field 'shape': dims must be ints >= 0 "
+                raise QuotaError(f"tensor {self.name!r}, field 'shape': dims must be ints >= 0 "
                                  f"or -1 (variable), got {list(self.shape)!r}")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
@@ -112,15 +114,15 @@ def _specs(field: str, specs: Any) -> tuple[TensorSpec, ...]:
     if isinstance(specs, TensorSpec):
         specs = (specs,)
     if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence) or not specs:
-        raise ValueError(f"Signature: field {field!r} must be a non-empty sequence of TensorSpec, got {specs!r}")
+        raise QuotaError(f"Signature: field {field!r} must be a non-empty sequence of TensorSpec, got {specs!r}")
     out = tuple(specs)
     for s in out:
         if not isinstance(s, TensorSpec):
-            raise ValueError(f"Signature: field {field!r} must hold TensorSpec, got {s!r}")
+            raise QuotaError(f"Signature: field {field!r} must hold TensorSpec, got {s!r}")
     names = [s.name for s in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"Signature: field {field!r} names {dup} more than once")
+        raise QuotaError(f"Signature: field {field!r} names {dup} more than once")
     return out
 
 
@@ -140,7 +142,7 @@ class Signature:
         object.__setattr__(self, "outputs", _specs("outputs", outputs))
         object.__setattr__(self, "tensor", tensor)
         if self.tensor not in ("numpy", "torch"):
-            raise ValueError(f"Signature: field 'tensor' must be 'numpy' or 'torch', got {self.tensor!r}")
+            raise QuotaError(f"Signature: field 'tensor' must be 'numpy' or 'torch', got {self.tensor!r}")
 
     def input(self, model: str, name: str) -> TensorSpec:
         return _find(model, "input", self.inputs, name)

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from .._private.checks import finite_number
 from ..config import Config, ConfigError, model_key
+from ..errors import QuotaError
 from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
 from .measure import FAILED_SHARE, Settings, host_snapshot, measure_config, profile_repeated
@@ -116,13 +117,16 @@ def tune(
     ``clock``: seconds for the budget (a simulation passes its own, with ``measure``).
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"tune: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        raise QuotaError(f"tune: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}",
+                         field="objective")
     if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and 0 <= margin < 1):
-        raise ValueError(f"tune: margin must be a fraction in [0, 1), got {margin!r}")
+        raise QuotaError(f"tune: margin must be a fraction in [0, 1), got {margin!r}", field="margin")
     if not (finite_number(budget_s) and budget_s > 0):
-        raise ValueError(f"tune: budget_s must be a positive, finite number of seconds, got {budget_s!r}")
+        raise QuotaError(f"tune: budget_s must be a positive, finite number of seconds, got {budget_s!r}",
+                         field="budget_s")
     if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
-        raise ValueError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}")
+        raise QuotaError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}",
+                         field="profile_repeats")
     cfg = config if isinstance(config, Config) else Config.load(config)
     check_loads(cfg)
     if out_dir is not None:
@@ -164,8 +168,8 @@ def tune(
         if given is not None:
             if isinstance(given, (str, bytes)) or not isinstance(given, Iterable) or not all(
                     isinstance(x, Sample) for x in given):
-                raise ValueError(f"tune: profiles[{n!r}] must be a CostModel or a sequence of "
-                                 f"apportion.tune.Sample, got {given!r}"[:300])
+                raise QuotaError(f"tune: profiles[{n!r}] must be a CostModel or a sequence of "
+                                 f"apportion.tune.Sample, got {given!r}"[:300], model=n, field="profiles")
             samples[n] = list(given)
         else:
             samples[n] = []
