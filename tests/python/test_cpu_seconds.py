@@ -105,6 +105,29 @@ def test_a_thread_named_like_several_models_workers_counts_for_none() -> None:
     assert tracker.read({"a_long_model_name_one": [1], "a_long_model_name_two": [2], "b": [4]}, threads)["b"] == 0.75
 
 
+def test_a_thread_id_reused_by_another_thread_is_another_thread() -> None:
+    # Known by its id alone, a model's helper thread that exited and whose id the kernel gave
+    # to another thread between two readings lost its time (the counter went back) and the
+    # new thread was billed to the model.
+    from apportion._private.cputime import CpuTracker
+
+    tracker = CpuTracker()
+    first = {10: (b"ap:x:0", 1.0, 500), 100: (b"ap:x:0", 50.0, 600)}  # the worker and a helper it made
+    assert tracker.read({"x": [10]}, first) == {"x": 51.0}
+    reused = {10: (b"ap:x:0", 1.1, 500), 100: (b"uvicorn-worker", 0.2, 900)}  # 100 is another thread now
+    assert tracker.read({"x": [10]}, reused) == {"x": pytest.approx(51.1)}
+    # The same thread renamed (same start time) stays the model's.
+    renamed = {10: (b"ap:x:0", 1.2, 500), 100: (b"uvicorn-worker", 0.3, 900), 101: (b"ap:x:0", 0.5, 950)}
+    assert tracker.read({"x": [10]}, renamed) == {"x": pytest.approx(51.7)}
+    renamed[101] = (b"omp-pool", 0.7, 950)
+    assert tracker.read({"x": [10]}, renamed) == {"x": pytest.approx(51.9)}
+    # The ids and start times /proc gives, in this process.
+    from apportion._private import cputime
+
+    mine = cputime._thread_times()[threading.get_native_id()]
+    assert len(mine) == 3 and mine[2] > 0
+
+
 def test_two_readers_at_once_never_count_an_exited_threads_time_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each reader read /proc outside the lock: an older reading applied after a newer one
     # brought an exited thread back, and the next reading added its time a second time (two

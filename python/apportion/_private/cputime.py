@@ -2,7 +2,9 @@
 framework's intra-op pool inherits its creator's thread name, so the name ties it to the model).
 
 Kept monotonic: a thread that exits keeps the time it was last seen with (what it used after
-the last reading is lost). Linux only; elsewhere every model reads 0.
+the last reading is lost). A thread is known by its id and its start time, so an id the
+kernel hands to a new thread between two readings is a new thread (the old one's time is kept,
+the new one is not taken for it). Linux only; elsewhere every model reads 0.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ THREAD_TIMES = os.path.isdir("/proc/self/task")
 says nothing about how busy it was."""
 
 
-def _thread_times() -> dict[int, tuple[bytes, float]]:
-    """{tid: (comm, user+system seconds)} of this process's threads."""
-    out: dict[int, tuple[bytes, float]] = {}
+def _thread_times() -> dict[int, tuple[bytes, float, int]]:
+    """{tid: (comm, user+system seconds, start time in clock ticks after boot)} of this
+    process's threads."""
+    out: dict[int, tuple[bytes, float, int]] = {}
     try:
         names = os.listdir("/proc/self/task")
     except OSError:
@@ -34,8 +37,9 @@ def _thread_times() -> dict[int, tuple[bytes, float]]:
         open_paren, close_paren = raw.find(b"("), raw.rfind(b")")
         fields = raw[close_paren + 2:].split()
         # After the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-        # utime stime (fields 14 and 15 of proc(5)).
-        out[int(t)] = (raw[open_paren + 1:close_paren], (int(fields[11]) + int(fields[12])) * _TICK_S)
+        # utime stime (fields 14 and 15 of proc(5)) ... starttime (field 22).
+        out[int(t)] = (raw[open_paren + 1:close_paren], (int(fields[11]) + int(fields[12])) * _TICK_S,
+                       int(fields[19]))
     return out
 
 
@@ -44,7 +48,8 @@ class CpuTracker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[int, tuple[str, float]] = {}  # tid -> (model, seconds when last read)
+        # (tid, start time) -> (model, seconds when last read)
+        self._seen: dict[tuple[int, int], tuple[str, float]] = {}
         self._gone: dict[str, float] = {}  # model -> seconds of its exited threads
 
     def forget(self, model: str) -> None:
@@ -52,12 +57,14 @@ class CpuTracker:
         from zero, as its request counts do, and names removed for good cost nothing."""
         with self._lock:
             self._gone.pop(model, None)
-            self._seen = {tid: seen for tid, seen in self._seen.items() if seen[0] != model}
+            self._seen = {key: seen for key, seen in self._seen.items() if seen[0] != model}
 
     def read(self, worker_tids: Mapping[str, list[int]],
-             threads: Mapping[int, tuple[bytes, float]] | None = None) -> dict[str, float]:
+             threads: Mapping[int, tuple[bytes, float] | tuple[bytes, float, int]] | None = None
+             ) -> dict[str, float]:
         """CPU seconds of each model whose workers are ``worker_tids`` (model -> kernel tids).
-        ``threads``: {tid: (name, seconds)} of the process (default: read from /proc).
+        ``threads``: {tid: (name, seconds[, start time])} of the process (default: read from
+        /proc; without a start time, a tid is taken to be the same thread in every reading).
 
         A worker counts for its model by its tid. Another thread counts for the model whose
         workers carry its name (it inherited it from the worker that created it); where
@@ -76,17 +83,19 @@ class CpuTracker:
                         worker_of[t] = model
                         comm = threads[t][0]
                         comm_of[comm] = model if comm_of.get(comm, model) == model else None
-            now: dict[int, tuple[str, float]] = {}
-            for tid, (comm, secs) in threads.items():
+            now: dict[tuple[int, int], tuple[str, float]] = {}
+            for tid, seen in threads.items():
+                comm, secs = seen[0], seen[1]
+                key = (tid, seen[2] if len(seen) > 2 else 0)
                 model = worker_of.get(tid) or comm_of.get(comm)
                 if model is None:
-                    prev = self._seen.get(tid)
+                    prev = self._seen.get(key)
                     if prev is None:
                         continue
                     model = prev[0]  # renamed since (a framework naming its threads): still the model's
-                now[tid] = (model, secs)
-            for tid, (model, secs) in self._seen.items():
-                if tid not in now:
+                now[key] = (model, secs)
+            for key, (model, secs) in self._seen.items():
+                if key not in now:  # exited (its id perhaps reused since: another thread)
                     self._gone[model] = self._gone.get(model, 0.0) + secs
             self._seen = now
             out = {m: self._gone.get(m, 0.0) for m in worker_tids}
