@@ -321,3 +321,39 @@ def test_calls_beyond_the_servers_bound_are_resource_exhausted_at_once(monkeypat
     finally:
         gate.set()
         rt.close()
+
+
+def test_a_connection_idle_past_the_limit_is_closed_and_the_channel_connects_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without an idle limit every channel a client opened and left held its socket for good.
+    import threading
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    import apportion.serve.grpc as serve_grpc
+
+    monkeypatch.setattr(serve_grpc, "IDLE_CONNECTION_MS", 300)
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x * 2)
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=0) as server:
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                states: list[grpc.ChannelConnectivity] = []
+                idle = threading.Event()
+
+                def seen(state: grpc.ChannelConnectivity) -> None:
+                    states.append(state)
+                    if state == grpc.ChannelConnectivity.IDLE and grpc.ChannelConnectivity.READY in states:
+                        idle.set()
+
+                channel.subscribe(seen, try_to_connect=True)
+                stub = pbg.GRPCInferenceServiceStub(channel)
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+                assert idle.wait(10), states  # the server closed the idle connection
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live  # and the next call connects again
+                channel.unsubscribe(seen)
+    finally:
+        rt.close()

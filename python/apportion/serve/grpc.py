@@ -176,11 +176,19 @@ and that retry policies do not retry, uncounted in /metrics: past ~1,000 calls a
 channel, some were lost that way."""
 
 
+IDLE_CONNECTION_MS = 300_000
+"""A connection with no call for this long is closed (a GOAWAY: the client's channel connects
+again at its next call, unseen by its caller). Without it every channel a client ever opened
+and left stayed open for good, a socket and its buffers each; HTTP connections idle for 5 s
+are closed likewise (uvicorn's keep-alive)."""
+
+
 async def start_server(frontend: fe.Frontend, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server on host:port (0: a free port) and the port it bound."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0),
+                                      ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
                                       ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                                       ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)],
                              maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS)
