@@ -587,6 +587,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-header-bytes", type=in_range(1024, 1 << 30), default=64 << 10, metavar="N",
                    help="answer 431 and close a connection whose request line and headers pass N bytes "
                    "(default 64 KiB)")
+    p.add_argument("--write-timeout-s", type=above_zero(float), default=60.0, metavar="S",
+                   help="drop an HTTP connection whose client has taken none of its answer for S seconds "
+                   "(default 60)")
     _add_root(p)
 
 
@@ -607,7 +610,8 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
                         grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop,
                         max_body_bytes=args.max_body_bytes, queue_full_status=args.queue_full_status,
                         drain_timeout_s=args.drain_timeout_s, body_timeout_s=args.body_timeout_s,
-                        header_timeout_s=args.header_timeout_s, max_header_bytes=args.max_header_bytes)
+                        header_timeout_s=args.header_timeout_s, max_header_bytes=args.max_header_bytes,
+                        write_timeout_s=args.write_timeout_s)
 
         def announce() -> None:
             if server.listening.wait(120):

@@ -152,7 +152,8 @@ def test_the_cli_passes_the_server_options(tmp_path: Path) -> None:
                                           ("--drain-timeout-s", "-1"), ("--drain-timeout-s", "nan"),
                                           ("--queue-full-status", "500"), ("--http-port", "99999"),
                                           ("--http-port", "-1"), ("--grpc-port", "-2"), ("--grpc-port", "x"),
-                                          ("--body-timeout-s", "0"), ("--body-timeout-s", "inf")])
+                                          ("--body-timeout-s", "0"), ("--body-timeout-s", "inf"),
+                                          ("--write-timeout-s", "0"), ("--write-timeout-s", "nan")])
 def test_bad_server_options_are_usage_errors(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from apportion.cli import main
 

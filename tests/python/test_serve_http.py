@@ -434,6 +434,57 @@ def test_headers_that_do_not_arrive_get_408_and_the_connection_closed() -> None:
             Server(s.frontend.rt, {"echo": signatures()["echo"]}, header_timeout_s=float("inf"))
 
 
+def test_a_client_that_reads_none_of_its_answer_is_dropped_after_the_write_timeout() -> None:
+    # Nothing bounded how long an answer waited for a client that did not read it: the
+    # answer (here 16 MB) and its request's task stayed in the server for as long as the
+    # client kept the connection open, and any number of clients could do that at once.
+    import socket
+
+    n = 4 << 20
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [n],
+                                     "parameters": {"binary_data_size": 4 * n}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    body = header + np.arange(n, dtype=np.float32).tobytes()
+    request = (b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+               b"Inference-Header-Content-Length: " + str(len(header)).encode() + b"\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with echo_server(write_timeout_s=0.5) as s:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.settimeout(30)
+            c.connect(("127.0.0.1", s.http_port))
+            c.sendall(request)
+            time.sleep(3.0)  # reads nothing: the server's write buffer fills and stays full
+            got = 0
+            try:
+                while chunk := c.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert got < 4 * n, got  # dropped before the whole answer went out
+        # A client that takes its answer slowly, but takes some of it every 0.1 s, gets it all.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.settimeout(30)
+            c.connect(("127.0.0.1", s.http_port))
+            c.sendall(request)
+            got = 0
+            started = time.monotonic()
+            while got < 4 * n and time.monotonic() - started < 60:
+                chunk = c.recv(1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+                time.sleep(0.1 * len(chunk) / (4 << 20) * 8)  # ~8 pauses over the answer: 0.8 s
+            assert got > 4 * n, got  # the whole answer (and its headers)
+        # The server goes on serving.
+        r = httpx.post(f"http://127.0.0.1:{s.http_port}/v2/models/echo/infer", timeout=30,
+                       json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [2.0]}]})
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2.0]
+        with pytest.raises(ap.QuotaError, match="write_timeout_s must be a finite number of seconds > 0"):
+            Server(s.frontend.rt, {"echo": signatures()["echo"]}, write_timeout_s=0)
+
+
 def test_late_headers_of_a_pipelined_request_do_not_cut_the_answer_before_it() -> None:
     # The deadline fired while the request before it was still being answered: the client got
     # 408 in place of that answer, and the connection closed under it.

@@ -29,6 +29,10 @@ DEFAULT_MAX_HEADER_BYTES = 64 << 10
 """What an HTTP request's line and headers may take together: beyond it the server answers 431
 and closes."""
 
+DEFAULT_WRITE_TIMEOUT_S = 60.0
+"""How long an HTTP answer may sit unsent because the client takes none of it (the
+connection's write buffer stays full) before the server drops the connection."""
+
 
 def _close_with(status: bytes, answer: str) -> bytes:
     body = answer.encode()
@@ -36,17 +40,24 @@ def _close_with(status: bytes, answer: str) -> bytes:
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
-def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type[asyncio.Protocol]:
+def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                            write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with a deadline and a size bound for each request's line
     and headers: a client that sends them slowly, or opens a connection and sends nothing, is
     answered 408 and closed after ``timeout_s`` (uvicorn has no such deadline: such connections
     stayed open for ever); one whose line and headers pass ``max_header_bytes`` is answered 431
     and closed (neither uvicorn nor httptools bounds them: one connection's headers grew the
-    server by 1.3 GB and held the loop, HTTP and gRPC, for seconds). The deadlines share one
-    loop timer (:class:`Alarms`): a request costs dict entries, not a timer armed and cancelled."""
+    server by 1.3 GB and held the loop, HTTP and gRPC, for seconds). A connection whose client
+    takes none of its answer for ``write_timeout_s`` (the write buffer full and not shrinking)
+    is dropped: otherwise the answer, and the request's task, waited for ever, and a client
+    could hold any number of large answers in the server's memory that way (one it takes
+    slowly, some of it every ``write_timeout_s``, is not dropped). The deadlines share one loop
+    timer each (:class:`Alarms`): a request costs dict entries, not a timer armed and
+    cancelled."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     alarms = fe.Alarms(timeout_s)
+    write_alarms = fe.Alarms(write_timeout_s)
     late = _close_with(b"408 Request Timeout", f"no complete request headers within {timeout_s:g} s")
     too_large = _close_with(b"431 Request Header Fields Too Large",
                             f"the request line and headers exceed the limit of {max_header_bytes} bytes")
@@ -132,7 +143,29 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
 
         def connection_lost(self, exc: Exception | None) -> None:
             alarms.cancel(self)
+            write_alarms.cancel(self)
             super().connection_lost(exc)
+
+        _unsent = 0  # the write buffer's size when its alarm was set
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._unsent = self.transport.get_write_buffer_size()
+            write_alarms.set(self, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            write_alarms.cancel(self)
+            super().resume_writing()
+
+        def _write_stalled(self) -> None:
+            unsent = self.transport.get_write_buffer_size()
+            if unsent < self._unsent:  # taken slowly (a large answer, a slow link): still taken
+                self._unsent = unsent
+                write_alarms.set(self, self._write_stalled)
+                return
+            # Nothing of the answer taken for write_timeout_s: close() would wait to flush for
+            # ever; abort() drops the buffer and the connection (the request's send fails).
+            self.transport.abort()
 
         def _headers_late(self) -> None:
             if self.transport.is_closing():
@@ -189,7 +222,8 @@ class Server:
                  drain_timeout_s: float = 30.0, loop: str = "auto",
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                  header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
-                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> None:
         for field, port in (("http_port", http_port), ("grpc_port", grpc_port)):
             if port is None and field == "grpc_port":
                 continue
@@ -201,6 +235,10 @@ class Server:
             raise QuotaError(f"Server: header_timeout_s must be a finite number of seconds > 0, got "
                              f"{header_timeout_s!r}", field="header_timeout_s")
         self.header_timeout_s = float(header_timeout_s)
+        if not (finite_number(write_timeout_s) and write_timeout_s > 0):
+            raise QuotaError(f"Server: write_timeout_s must be a finite number of seconds > 0, got "
+                             f"{write_timeout_s!r}", field="write_timeout_s")
+        self.write_timeout_s = float(write_timeout_s)
         if isinstance(max_header_bytes, bool) or not isinstance(max_header_bytes, int) or max_header_bytes < 1024:
             raise QuotaError(f"Server: max_header_bytes must be an integer >= 1024, got {max_header_bytes!r}",
                              field="max_header_bytes")
@@ -251,7 +289,8 @@ class Server:
         # (~15% of the loop's Python time under load, bench/RESULTS.md).
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
                                 access_log=False, proxy_headers=False,
-                                http=header_timeout_protocol(self.header_timeout_s, self.max_header_bytes),
+                                http=header_timeout_protocol(self.header_timeout_s, self.max_header_bytes,
+                                                             self.write_timeout_s),
                                 timeout_graceful_shutdown=self.drain_timeout_s)
         self._uv = _Uvicorn(config)
         self._uv_task = asyncio.create_task(self._uv.serve(sockets=[sock]))
