@@ -26,7 +26,15 @@ __all__ = [
 
 
 class ApportionError(Exception):
-    """Base class of every error apportion raises itself."""
+    """Base class of every error apportion raises itself. Every one pickles with its
+    attributes (it crosses process boundaries: a worker process's error, a process pool's
+    task), whatever its constructor takes."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The default calls cls(*self.args): wrong for constructors that take other arguments
+        # than the message they pass on (ConfigError(path, key, message)), whose copies then
+        # failed to unpickle, which broke a process pool.
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class QuotaError(ApportionError, ValueError):
@@ -48,16 +56,16 @@ class QuotaError(ApportionError, ValueError):
             text = reason
         super().__init__(text)
 
-    def __reduce__(self) -> tuple[object, ...]:
-        # Crosses process boundaries (a worker process's start failure) with its attributes.
-        return (_rebuild, (type(self), self.args, self.reason, self.model, self.field))
 
-
-def _rebuild(cls: type[QuotaError], args: tuple[object, ...], reason: str, model: str | None,
-             field: str | None) -> QuotaError:
-    err = cls.__new__(cls)
-    Exception.__init__(err, *args)
-    err.reason, err.model, err.field = reason, model, field
+def _rebuild(cls: type[ApportionError], args: tuple[object, ...], state: dict[str, object]) -> ApportionError:
+    try:
+        err = cls.__new__(cls)
+    except TypeError:
+        # The __new__ found first in the MRO is not the one the type uses (MemoryError's for
+        # an (ApportionError, MemoryError) class, whose instances BaseException makes).
+        err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
     return err
 
 

@@ -1,0 +1,98 @@
+"""Every error apportion defines pickles and unpickles with its message and attributes: errors
+cross process boundaries (a worker process's failure, a process pool's task)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import multiprocessing
+import pickle
+import pkgutil
+from typing import Any
+
+import pytest
+
+import apportion as ap
+from apportion.errors import ApportionError
+
+
+def every_error_class() -> set[type[ApportionError]]:
+    for info in pkgutil.walk_packages(ap.__path__, "apportion."):
+        if info.name.startswith(("apportion.ray", "apportion.examples")) or info.name.endswith("__main__"):
+            continue  # Ray's modules import ray; its error is covered below by name
+        importlib.import_module(info.name)
+    importlib.import_module("apportion.ray.plan")  # plan does not import ray
+    seen: set[type[ApportionError]] = set()
+    todo: list[type[ApportionError]] = [ApportionError]
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+    return seen
+
+
+def examples() -> dict[str, Any]:
+    from apportion.adapters.gpu import GpuMemoryExceeded
+    from apportion.cli import InputsFailed, RequestsFailed
+    from apportion.config import ConfigError, DoesNotFit, StartFailed
+    from apportion.load import LoadError
+    from apportion.load.remote import RemoteError, RemoteExpired, RemoteRejected
+    from apportion.ray.plan import ClusterPlacementError
+    from apportion.tune.tuner import ProfilingFailed
+
+    return {
+        "ApportionError": ApportionError("plain"),
+        "QuotaError": ap.QuotaError("must be >= 1", model="m", field="instances"),
+        "PlacementError": ap.PlacementError("does not fit"),
+        "QueueFull": ap.QueueFull("model 'm': queue full"),
+        "DeadlineExceeded": ap.DeadlineExceeded("model 'm': deadline passed"),
+        "RuntimeClosed": ap.RuntimeClosed("closed"),
+        "RequestCancelled": ap.RequestCancelled("cancelled"),
+        "ModelNotFound": ap.ModelNotFound("no model named 'x'"),
+        "WorkerCrashed": ap.WorkerCrashed("model 'm' instance 0 died"),
+        "ConfigError": ConfigError("a.toml", "models.x.cores", "must be >= 1"),
+        "DoesNotFit": DoesNotFit("a.toml", None, "3 cores wanted, 2 here"),
+        "StartFailed": StartFailed("a.toml", "models.x.factory", "raised"),
+        "ProfilingFailed": ProfilingFailed("a.toml", "models.x", "raised in every run"),
+        "InputsFailed": InputsFailed("a.toml", "models.x.load.inputs", "raised"),
+        "RequestsFailed": RequestsFailed("model 'm': 3 of 9 requests failed"),
+        "LoadError": LoadError("model 'm': rate must be > 0"),
+        "RemoteError": RemoteError("http 500", "boom"),
+        "RemoteRejected": RemoteRejected("http 429", "queue full"),
+        "RemoteExpired": RemoteExpired("http 504", "deadline"),
+        "ClusterPlacementError": ClusterPlacementError("no node has 4 cores", model="m", needed=4, available=2),
+        "GpuMemoryExceeded": GpuMemoryExceeded("model 'm': over its budget"),
+    }
+
+
+def test_every_error_pickles_with_its_message_and_attributes() -> None:
+    made = examples()
+    missing = sorted(c.__name__ for c in every_error_class() if c.__name__ not in made)
+    assert not missing, f"add an example of each to examples(): {missing}"
+    for name, err in made.items():
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err), name
+        assert str(again) == str(err) and again.args == err.args, name
+        assert again.__dict__ == err.__dict__, name
+    cpe = pickle.loads(pickle.dumps(made["ClusterPlacementError"]))
+    assert (cpe.model, cpe.needed, cpe.available, cpe.shortfall) == ("m", 4, 2, 2)
+    cfg = pickle.loads(pickle.dumps(made["ConfigError"]))
+    assert (cfg.path, cfg.key) == ("a.toml", "models.x.cores")
+    assert pickle.loads(pickle.dumps(made["RemoteRejected"])).kind == "http 429"
+
+
+def bad_config(path: str) -> None:
+    ap.Config.load(path)
+
+
+def test_a_config_error_in_a_process_pool_reaches_the_caller(tmp_path: Any) -> None:
+    # It failed to unpickle in the parent: the pool broke (BrokenProcessPool for this task and
+    # every later one).
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models.m]\ncores = -1\n")
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(ap.ConfigError, match="cores") as info:
+            pool.submit(bad_config, str(bad)).result(timeout=120)
+        assert info.value.path == str(bad)
+        assert pool.submit(str, 1).result(timeout=60) == "1"  # the pool still works
