@@ -525,6 +525,41 @@ def test_close_and_remove_model_end_children_and_segments(child_pids: Callable[[
     assert child_pids() == set() and our_segments() == []
 
 
+def test_two_processes_with_one_pid_in_two_pid_namespaces_both_start_process_models() -> None:
+    # Two containers of a pod share /dev/shm and each runs its service as pid 1: the channel
+    # names (pid and a counter) were the same, and the second model failed to start with
+    # "shm_open /apportion-1-0-i0: File exists". So did a process whose pid came back while a
+    # segment of the old one was left.
+    import shutil
+
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "-p", "-f", "--mount-proc", sys.executable, "-c",
+                            "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60) \
+        if unshare else None
+    if probe is None or probe.returncode != 0 or probe.stdout.strip() != "1":
+        pytest.skip(f"no PID namespace here (unshare -p: {probe.stderr.strip() if probe else 'not installed'})")
+    script = textwrap.dedent("""
+        import os, sys, time
+        import apportion as ap
+        assert os.getpid() == 1
+        time.sleep(float(sys.argv[1]))
+        rt = ap.Runtime()
+        rt.add_model("p", factory="process_models:info", isolation="process")
+        rt.start()
+        print(rt.call("p", 5)["x"])
+        time.sleep(1.0)  # both hold their channels at once
+        rt.close()
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent),
+                                                         os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([unshare, "-p", "-f", "--mount-proc", sys.executable, "-c", script, delay],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for delay in ("0", "0")]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "5", err[-2000:]
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_process_group_leaves_the_children_to_the_parent(sig: str) -> None:
     # Ctrl-C in a terminal (or a service manager's stop) signals the whole process group. The

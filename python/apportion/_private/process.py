@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import pkgutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -64,6 +65,10 @@ _on_restart: Callable[[float, float], None] | None = None
 _EXIT_GRACE_S = 2.0
 
 _names = itertools.count()
+_NAME_TOKEN = secrets.token_hex(4)
+"""In every channel's name beside the pid: two processes with one pid (in two PID namespaces
+that share /dev/shm, such as two containers of a pod, each pid 1) or a segment left by a
+process whose pid came back must not collide (shm_open refuses a name that exists)."""
 
 
 class RemoteTraceback(Exception):
@@ -204,7 +209,7 @@ class ProcessInstance:
         return self._proc.pid if self._proc is not None else None
 
     def _start(self) -> None:
-        name = f"/{SHM_PREFIX}{os.getpid()}-{next(_names)}-i{self._index}"
+        name = f"/{SHM_PREFIX}{os.getpid()}-{_NAME_TOKEN}-{next(_names)}-i{self._index}"
         try:
             channel = _core.ShmChannel.create(name, RING_BYTES)
         except OSError as e:
