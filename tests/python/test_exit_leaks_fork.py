@@ -210,7 +210,7 @@ def test_a_removed_models_cpu_time_is_forgotten() -> None:
     tracker.forget("a")
     # Names removed for good cost nothing, and one added again starts from zero.
     assert tracker.read({"b": [3]}, {3: (b"ap:b:0", 0.25)}) == {"b": 0.25}
-    assert tracker._gone == {} and set(tracker._seen) == {3}
+    assert tracker._gone == {} and set(tracker._seen) == {(3, 0)}  # (tid, start time; none given)
 
 
 def test_a_model_added_again_under_its_name_starts_its_cpu_time_from_zero() -> None:
