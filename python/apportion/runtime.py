@@ -926,10 +926,11 @@ class Runtime(_core._Runtime):
         """Whether model ``name`` takes requests now: the runtime started and is not closed, and
         the model is registered with its instances built and warmed. False while ``add_model``
         on a started runtime still builds or warms them (requests submitted meanwhile wait in
-        its queue), and for a name the runtime does not have."""
+        its queue), for a name the runtime does not have, and in a process forked from the one
+        that made the runtime (its workers do not exist there)."""
         entry = self._models.get(name)
         return (self.started and not self.closed and entry is not None and not entry.building
-                and name in self._model_names())
+                and not self._forked and name in self._model_names())
 
     @property
     def shared_pool(self) -> str:

@@ -395,3 +395,49 @@ def test_a_fork_in_a_done_callback_on_a_worker_never_serves_the_parents_queue(tm
     assert out.stdout.split() == ["1", "2", "1"]
     assert len(log.read_text().splitlines()) == 2  # each request ran once, in the parent
     assert "outside its call (a done-callback, its factory or its deadline timer)" in out.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_runtime_inherited_through_fork_is_neither_live_nor_ready_and_its_app_fails_to_start() -> None:
+    # gunicorn --preload: the runtime made at import in the master was inherited by every
+    # worker, whose probes read live and ready while every request got 503.
+    pytest.importorskip("httpx")
+    out = run_script("""
+        import asyncio, os, warnings, httpx, apportion as ap
+        from apportion.serve import Signature, TensorSpec, asgi
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        rt = ap.Runtime()
+        rt.add_model("m", model=lambda x: x)
+        rt.start()
+        app = asgi(rt, {"m": Signature([TensorSpec("x", "FP32", [-1])], [TensorSpec("y", "FP32", [-1])])})
+
+        async def probe():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                codes = [(await c.get(p)).status_code
+                         for p in ("/v2/health/live", "/v2/health/ready", "/v2/models/m/ready")]
+            sent = []
+            said = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+            async def receive():
+                return next(said)
+            async def send(msg):
+                sent.append(msg)
+            await app({"type": "lifespan"}, receive, send)
+            return codes, sent[0]["type"], sent[0].get("message", "")
+
+        def report(tag):
+            codes, started, message = asyncio.run(probe())
+            print(tag, *codes, rt.serving("m"), started, "is a fork of it" in message, flush=True)
+
+        report("parent")
+        pid = os.fork()
+        if pid == 0:
+            report("child")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        rt.close()
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "parent 200 200 200 True lifespan.startup.complete False",
+        "child 400 400 400 False lifespan.startup.failed True",
+    ], out.stdout

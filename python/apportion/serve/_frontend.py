@@ -144,7 +144,9 @@ class Frontend:
 
     # -- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:
-        return not self.rt.closed
+        # A runtime inherited through fork (gunicorn --preload) serves nothing here: every
+        # request would get 503 while probes read live and ready.
+        return not self.rt.closed and not self.rt._forked
 
     def model_ready(self, name: str) -> bool:
         """Serving: the runtime runs, the model is registered with its instances built and

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from .._private.checks import finite_number
-from ..errors import QuotaError
+from ..errors import QuotaError, RuntimeClosed
 from ..metrics import CONTENT_TYPE, prometheus_text
 from . import _frontend as fe
 from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
@@ -88,6 +88,11 @@ class V2App:
             while True:
                 msg = await receive()
                 if msg["type"] == "lifespan.startup":
+                    try:
+                        self.frontend.rt._check_not_forked()
+                    except RuntimeClosed as e:  # the server fails to start, saying why
+                        await send({"type": "lifespan.startup.failed", "message": str(e)})
+                        return
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
