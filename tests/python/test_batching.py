@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 import apportion as ap
 
@@ -240,6 +239,7 @@ def test_numpy_inputs_are_stacked_and_split_along_dim0(rt: ap.Runtime) -> None:
 
 
 def test_torch_module_sees_a_stacked_batch_and_each_request_its_row(rt: ap.Runtime) -> None:
+    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)
     shapes = []
@@ -277,6 +277,7 @@ def test_arrays_of_different_shapes_in_one_batch_are_served_one_call_per_shape(r
 
 
 def test_tensors_of_different_shapes_in_one_batch_are_served_one_call_per_shape(rt: ap.Runtime) -> None:
+    torch = pytest.importorskip("torch")
     seen = []
 
     def model(x):

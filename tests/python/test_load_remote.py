@@ -230,7 +230,7 @@ def test_a_server_that_goes_away_fails_requests_as_connection_errors() -> None:
 
 # -- inputs -----------------------------------------------------------------------------------------
 def test_inputs_convert_to_the_declared_datatypes(server: Serve) -> None:
-    import torch
+    torch = pytest.importorskip("torch")
 
     with load.RemoteTarget(server.grpc, ["adder", "double"]) as target:
         r = target.submit("adder", {"a": [1, 2], "b": np.array([0.5, 0.5])}).result(30)

@@ -397,7 +397,7 @@ def fake_cupy() -> tuple[types.ModuleType, list[tuple]]:
 
 
 def test_a_cupy_model_in_a_process_that_imported_torch_goes_through_cupy(monkeypatch) -> None:
-    import torch  # noqa: F401  (the point: torch is imported in this process)
+    pytest.importorskip("torch")  # the point: torch is imported in this process
 
     from apportion.adapters.gpu import GpuUsage, frameworks_used, wrap_for_gpu
 
@@ -419,7 +419,7 @@ def test_a_cupy_model_in_a_process_that_imported_torch_goes_through_cupy(monkeyp
 
 
 def test_frameworks_are_told_by_what_the_model_uses() -> None:
-    import torch
+    torch = pytest.importorskip("torch")
 
     from apportion.adapters.gpu import _frameworks_for, frameworks_used
 

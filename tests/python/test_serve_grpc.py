@@ -119,12 +119,16 @@ def test_infer_typed_contents(served: Served) -> None:
             assert f"input {name!r}" in info.value.details()
 
 
-def test_several_inputs_bytes_and_torch(client: Any) -> None:
+def test_several_inputs_and_bytes(client: Any) -> None:
     r = client.infer("multi", [vec("a", [1, 2, 3], "INT32"), vec("b", [0.5, 0.5, 0.5])])
     np.testing.assert_array_equal(r.as_numpy("sum"), np.array([1.5, 2.5, 3.5], np.float32))
     assert r.as_numpy("tag").tolist() == [b"n=3"]
     r = client.infer("upper", [vec("s", np.array([b"ab", b"c"], dtype=object), "BYTES")])
     assert r.as_numpy("u").tolist() == [b"AB", b"C"]
+
+
+def test_torch_model_gets_tensors(client: Any) -> None:
+    pytest.importorskip("torch")
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     r = client.infer("torch", [vec("x", x)], outputs=[tg.InferRequestedOutput("y")])
     np.testing.assert_array_equal(r.as_numpy("y"), np.stack([x.sum(1), x.max(1)], 1))

@@ -211,6 +211,7 @@ def test_bytes_tensors(client: Any, binary: bool) -> None:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_torch_model_gets_tensors(client: Any, binary: bool) -> None:
+    pytest.importorskip("torch")
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     r = client.infer("torch", [vec("x", x, binary=binary)])
     np.testing.assert_array_equal(r.as_numpy("y"), np.stack([x.sum(1), x.max(1)], 1))
