@@ -59,6 +59,7 @@ from ._private.argtypes import above_zero, at_least
 from . import load as ld
 from .config import Config, ConfigError, ModelConfig
 from .controller import Controller, Move
+from .errors import ApportionError
 from .spec import ModelSpec
 from .tune import Choice, Measured, Settings, apply, measure_config, tune
 
@@ -73,8 +74,11 @@ MAX_TOTAL_RATE = 3000.0
 
 
 def _torch() -> Any:
-    import torch
-
+    try:
+        import torch
+    except ImportError as e:
+        raise ApportionError(f"the demo's models are torch models and torch cannot be imported ({e}): "
+                             "pip install 'apportion[demo]'") from None
     return torch
 
 
@@ -176,9 +180,19 @@ def single_thread_ms(repeat_s: float = 0.3, rounds: int = 5) -> dict[str, float]
                     ms = (time.perf_counter() - t0) / n * 1000.0
                     out[name] = min(out.get(name, ms), ms)
 
-    t = threading.Thread(target=work, name="apportion-demo-calibrate")
+    failed: list[BaseException] = []
+
+    def calibrate() -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            failed.append(e)
+
+    t = threading.Thread(target=calibrate, name="apportion-demo-calibrate")
     t.start()
     t.join()
+    if failed:
+        raise failed[0]
     return out
 
 
@@ -186,7 +200,7 @@ def demo_config(load: float = 1.0, *, per_request_ms: dict[str, float] | None = 
                 cpus: int | None = None) -> Config:
     """The demo's models and workload as a Config (``load`` x the machine's one-thread
     capacity, see the module documentation)."""
-    ms = per_request_ms or single_thread_ms()
+    ms = per_request_ms if per_request_ms is not None else single_thread_ms()
     n_cpus = cpus or len(os.sched_getaffinity(0))
     capacity = n_cpus * 1000.0 / sum(SHARES[n] * ms[n] for n in SHARES)
     rate = round(min(load * capacity, MAX_TOTAL_RATE), 1)

@@ -561,6 +561,16 @@ def test_ctrl_c_in_a_command_that_does_not_handle_it_is_one_line_and_exit_130(tm
     assert proc.returncode == 130 and err == "apportion tune: interrupted (SIGINT)\n", (proc.returncode, err)
 
 
+def test_the_demo_without_torch_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It failed with KeyError: 'mlp' (the calibration thread's ImportError was printed by the
+    # thread and lost; the empty result was taken for "not given" and measured again).
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    code, out, err = run("demo", "--budget-s", "5", "--window-s", "0.2", "--quiet", "--out", str(tmp_path))
+    assert code == 1, (code, err)
+    assert "the demo's models are torch models and torch cannot be imported" in err, err
+    assert "pip install 'apportion[demo]'" in err and "KeyError" not in err
+
+
 def test_demo_runs_quickly(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     code, out, err = run("demo", "--budget-s", "5", "--window-s", "0.2", "--load", "0.3", "--quiet",
