@@ -253,8 +253,8 @@ void register_gpu(py::module_& m) {
           "without",
           [](const GpuPlan& p, const std::vector<std::string>& names) {
             GpuPlan out = p;
-            std::erase_if(out.models, [&](const ModelGpuPlan& m) {
-              return std::find(names.begin(), names.end(), m.model) != names.end();
+            std::erase_if(out.models, [&](const ModelGpuPlan& planned) {
+              return std::find(names.begin(), names.end(), planned.model) != names.end();
             });
             return out;
           },
