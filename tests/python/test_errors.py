@@ -3,11 +3,12 @@ cross process boundaries (a worker process's failure, a process pool's task)."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import importlib
-import multiprocessing
 import pickle
 import pkgutil
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -82,17 +83,25 @@ def test_every_error_pickles_with_its_message_and_attributes() -> None:
     assert pickle.loads(pickle.dumps(made["RemoteRejected"])).kind == "http 429"
 
 
-def bad_config(path: str) -> None:
-    ap.Config.load(path)
-
-
 def test_a_config_error_in_a_process_pool_reaches_the_caller(tmp_path: Any) -> None:
     # It failed to unpickle in the parent: the pool broke (BrokenProcessPool for this task and
-    # every later one).
+    # every later one). In a process of its own: a spawn pool leaves its resource tracker
+    # running as a child of the process that made it.
     bad = tmp_path / "bad.toml"
     bad.write_text("[models.m]\ncores = -1\n")
-    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        with pytest.raises(ap.ConfigError, match="cores") as info:
-            pool.submit(bad_config, str(bad)).result(timeout=120)
-        assert info.value.path == str(bad)
-        assert pool.submit(str, 1).result(timeout=60) == "1"  # the pool still works
+    script = textwrap.dedent(f"""
+        import concurrent.futures as cf, multiprocessing
+        import apportion as ap
+
+        if __name__ == "__main__":
+            with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                try:
+                    pool.submit(ap.Config.load, {str(bad)!r}).result(timeout=120)
+                except ap.ConfigError as e:
+                    print(type(e).__name__, e.path == {str(bad)!r}, "cores" in str(e))
+                print(pool.submit(str, 1).result(timeout=60))  # the pool still works
+    """)
+    (tmp_path / "pool.py").write_text(script)
+    out = subprocess.run([sys.executable, str(tmp_path / "pool.py")], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ConfigError", "True", "True", "1"], out.stdout
