@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import dataclasses
 import numbers
+import os
 import pkgutil
 import threading
 import warnings
@@ -24,11 +25,12 @@ from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError, R
 from .futures import on_loop
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
+from ._private.claims import CpuClaims
 from ._private.cputime import CpuTracker
 from ._private.process import NOT_TAKEN, ProcessInstance, factory_path
 from .spec import DEFAULT_MAX_QUEUE, ModelSpec
 from .stats import ModelStats, RuntimeStats
-from .topology import Topology, topology
+from .topology import Topology, format_cpulist, topology
 
 __all__ = ["InstanceContext", "Runtime"]
 
@@ -383,6 +385,7 @@ class Runtime(_core._Runtime):
         self._plan: Plan | None = None
         self._gpu = _GpuState()
         self._cpu = CpuTracker()
+        self._claims = CpuClaims()
         # add_model, remove_model and start change the models' records one at a time; close()
         # does not wait for it (it must be able to stop a start that hangs).
         self._admin = threading.RLock()
@@ -519,7 +522,10 @@ class Runtime(_core._Runtime):
         self._check_sharing(spec)
         self._check_admin("add_model()")
         with self._admin:
-            self._add_locked(spec, factory_ref)
+            try:
+                self._add_locked(spec, factory_ref)
+            finally:
+                self._claim_exclusive()
 
     def _add_locked(self, spec: ModelSpec, factory_ref: str | None) -> None:
         name = spec.name
@@ -637,6 +643,7 @@ class Runtime(_core._Runtime):
             self._plan = _plan_without(self._plan, name)
         else:
             self._plan = None
+        self._claim_exclusive()
 
     # -- live moves ----------------------------------------------------------------------------
     _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "admission", "timeout_ms",
@@ -684,7 +691,10 @@ class Runtime(_core._Runtime):
             if self.closed:  # also for a target that changes nothing: the runtime serves no more
                 names = ", ".join(repr(x.name) for x in specs) or "nothing"
                 raise RuntimeClosed(f"runtime is closed: cannot move model {names} (apply() after close)")
-            return self._apply_locked(specs)
+            try:
+                return self._apply_locked(specs)
+            finally:
+                self._claim_exclusive()
 
     @staticmethod
     def _target_specs(target: Any) -> list[ModelSpec]:
@@ -1055,7 +1065,30 @@ class Runtime(_core._Runtime):
                 registered = set(self._model_names())
                 for name in [n for n in self._models if n not in registered]:
                     self._forget(name)
+                self._claim_exclusive()
         return self
+
+    def _claim_exclusive(self) -> None:
+        """Claims the CPUs of the exclusive models of the plan in force, letting go of those no
+        longer in it, and warns (PinningWarning) about those another runtime claims: this
+        process's or another's. Only on the real machine (not a ``topology_root`` tree)."""
+        plan_ = self._plan
+        if self._topology_root != "/" or not self.started or self.closed or plan_ is None:
+            self._claims.release()
+            return
+        owner = {c: m.name for m in plan_.models if m.isolation == "exclusive" for c in (*m.cpus, *m.reserved)}
+        taken = self._claims.claim(owner)
+        if not taken:
+            return
+        models = sorted({owner[c] for c in taken})
+        holders = sorted({"this process" if pid == os.getpid() else f"process {pid}" if pid else "another process"
+                          for pid in taken.values()})
+        warnings.warn(
+            f"CPU{'s' if len(taken) > 1 else ''} {format_cpulist(sorted(taken))}, which this runtime gives model(s) "
+            f"{', '.join(repr(m) for m in models)} exclusively, are claimed by another apportion runtime "
+            f"({', '.join(holders)}): their models share those CPUs. Give each runtime CPUs of its own "
+            "(Runtime(cpus=...), the config's [runtime] cpus, or taskset/cpuset for each process).",
+            PinningWarning, stacklevel=3)
 
     _drain_pending = False
     """A close(drain=True) was interrupted and goes on: interpreter exit waits for its drain."""
@@ -1107,6 +1140,7 @@ class Runtime(_core._Runtime):
             self._drain_pending = drain and self.closed
             raise
         self._drain_pending = False
+        self._claims.release()
         self._gpu.close()  # streams outlive every call that used them: workers have exited
         for entry in list(self._models.values()):
             self._close_processes(entry)
