@@ -10,7 +10,11 @@ void ExpiryHeap::add(Request* r) {
   heap_.push_back(r);
   place(heap_.size() - 1, r);
   sift_up(heap_.size() - 1);
-  if (heap_.front() == r) cv_.notify_one();
+  if (r->deadline_ns < wakes_at_) {
+    wakes_at_ = r->deadline_ns;  // the timer looks again now: later ones need not wake it
+    ++wakeups_;
+    cv_.notify_one();
+  }
 }
 
 void ExpiryHeap::remove(Request* r) noexcept {
@@ -34,6 +38,11 @@ void ExpiryHeap::stop() {
 std::size_t ExpiryHeap::size() const {
   std::lock_guard lock(mu_);
   return heap_.size();
+}
+
+uint64_t ExpiryHeap::wakeups() const {
+  std::lock_guard lock(mu_);
+  return wakeups_;
 }
 
 std::vector<Request*> ExpiryHeap::drain() {

@@ -27,7 +27,10 @@ class ExpiryHeap {
   /// The longest single wait of the timer (it looks at the clock again after it).
   static constexpr int64_t kMaxWaitNs = int64_t{3600} * 1'000'000'000;
 
-  /// Adds `r` (deadline set) and takes a reference to it. Wakes the timer if `r` is now first.
+  /// Adds `r` (deadline set) and takes a reference to it. Wakes the timer only if `r` is due
+  /// before the timer's next wake-up: requests of one timeout submitted one after another
+  /// (each due after the one before) wake it once per timeout, not once each (a wake-up and a
+  /// second wait cost the submitting thread a futex call and the machine a context switch).
   void add(Request* r);
   /// Takes `r` out if it is in (then drops the heap's reference; never the last one: its
   /// completer holds one). Called by Model::complete.
@@ -43,6 +46,8 @@ class ExpiryHeap {
   void stop();
   /// Requests still in (tests, and a last sweep after the workers are gone).
   std::size_t size() const;
+  /// Times add() woke the timer (tests).
+  uint64_t wakeups() const;
   /// Removes and returns everything left (the caller owns those references).
   std::vector<Request*> drain();
 
@@ -58,6 +63,11 @@ class ExpiryHeap {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Request*> heap_;
+  /// When the timer looks at the heap next: the deadline it waits for (kept while the heap
+  /// empties, and waited for even then: it wakes at it, finds what came since and waits
+  /// again), or kNoDeadline while it waits for a notify.
+  int64_t wakes_at_ = Request::kNoDeadline;
+  uint64_t wakeups_ = 0;
   bool stop_ = false;
 };
 
@@ -67,14 +77,26 @@ void ExpiryHeap::run(Expire&& expire) {
   std::unique_lock lock(mu_);
   while (!stop_) {
     if (heap_.empty()) {
-      cv_.wait(lock);
+      // Until the deadline it last woke for, though that request completed: requests of its
+      // timeout submitted since are due after it and have not woken this thread (a round
+      // trip completes before the timer looks: waiting for a notify here made every one wake
+      // it again).
+      const int64_t now = now_ns();
+      if (wakes_at_ != Request::kNoDeadline && wakes_at_ > now) {
+        cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(wakes_at_ - now, kMaxWaitNs)));
+      } else {
+        wakes_at_ = Request::kNoDeadline;
+        cv_.wait(lock);
+      }
       continue;
     }
     const int64_t deadline = heap_.front()->deadline_ns, now = now_ns();
     if (deadline > now) {
       // At most an hour at a time: a deadline near INT64_MAX overflowed the clock's time point,
       // so the wait returned at once and this thread spun holding the lock (stop() waited).
-      cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(deadline - now, kMaxWaitNs)));
+      const int64_t wait = std::min<int64_t>(deadline - now, kMaxWaitNs);
+      wakes_at_ = now + wait;
+      cv_.wait_for(lock, std::chrono::nanoseconds(wait));
       continue;
     }
     while (!heap_.empty() && heap_.front()->deadline_ns <= now) {

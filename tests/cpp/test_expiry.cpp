@@ -61,6 +61,33 @@ TEST(ExpiryHeapTest, DrainHandsBackWhatIsLeft) {
   }
 }
 
+// Requests of one timeout submitted one after another, each completed before the next (a
+// caller's round trips): the heap empties every time, and each one woke the timer, a futex
+// call and a context switch per request. Now only one due before the timer's next look does.
+TEST(ExpiryHeapTest, RequestsDueAfterTheTimersNextLookDoNotWakeIt) {
+  auto heap = std::make_shared<ExpiryHeap>();
+  std::thread timer([&] { heap->run([](std::vector<Request*>& due, int64_t) {
+    for (Request* r : due) Request::release(r);
+  }); });
+  for (uint64_t i = 0; i < 1000; ++i) {
+    TestRef r = due_at(i, now_ns() + 60'000'000'000);  // a minute: none expires here
+    heap->add(r.get());
+    heap->remove(r.get());  // completed
+  }
+  EXPECT_EQ(heap->size(), 0u);
+  EXPECT_LE(heap->wakeups(), 2u) << "the first request arms the timer; the others come after it";
+  // One due before the timer's next look still wakes it, and expires on time.
+  TestRef soon = due_at(7, now_ns() + 20'000'000);
+  const uint64_t before = heap->wakeups();
+  heap->add(soon.get());
+  EXPECT_EQ(heap->wakeups(), before + 1);
+  const int64_t deadline = now_ns() + 10'000'000'000;
+  while (heap->size() != 0 && now_ns() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(heap->size(), 0u) << "expired within 10 s of a 20 ms deadline";
+  heap->stop();
+  timer.join();
+}
+
 TEST_F(EngineTest, AQueuedRequestExpiresAtItsDeadlineWhileTheWorkerIsBusy) {
   guarded(30s, [] {
     Gate gate;
