@@ -522,10 +522,8 @@ class Runtime(_core._Runtime):
         self._check_sharing(spec)
         self._check_admin("add_model()")
         with self._admin:
-            try:
-                self._add_locked(spec, factory_ref)
-            finally:
-                self._claim_exclusive()
+            self._add_locked(spec, factory_ref)
+            self._claim_exclusive()  # not on failure: a warning must not hide the error
 
     def _add_locked(self, spec: ModelSpec, factory_ref: str | None) -> None:
         name = spec.name
@@ -627,6 +625,7 @@ class Runtime(_core._Runtime):
                 # the engine (the bookkeeping kept it: "already registered", spec(), plan()).
                 if entry is not None and name not in self._model_names():
                     self._forget(name)
+                    self._claim_exclusive()  # lets go of its CPUs (wants none it did not hold)
                 if interrupted is not None:
                     raise interrupted
 
@@ -643,7 +642,6 @@ class Runtime(_core._Runtime):
             self._plan = _plan_without(self._plan, name)
         else:
             self._plan = None
-        self._claim_exclusive()
 
     # -- live moves ----------------------------------------------------------------------------
     _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "admission", "timeout_ms",
@@ -691,10 +689,9 @@ class Runtime(_core._Runtime):
             if self.closed:  # also for a target that changes nothing: the runtime serves no more
                 names = ", ".join(repr(x.name) for x in specs) or "nothing"
                 raise RuntimeClosed(f"runtime is closed: cannot move model {names} (apply() after close)")
-            try:
-                return self._apply_locked(specs)
-            finally:
-                self._claim_exclusive()
+            moved = self._apply_locked(specs)
+            self._claim_exclusive()
+            return moved
 
     @staticmethod
     def _target_specs(target: Any) -> list[ModelSpec]:
@@ -1065,7 +1062,7 @@ class Runtime(_core._Runtime):
                 registered = set(self._model_names())
                 for name in [n for n in self._models if n not in registered]:
                     self._forget(name)
-                self._claim_exclusive()
+            self._claim_exclusive()  # not on failure: a warning must not hide the error
         return self
 
     def _claim_exclusive(self) -> None:
@@ -1077,9 +1074,10 @@ class Runtime(_core._Runtime):
             self._claims.release()
             return
         owner = {c: m.name for m in plan_.models if m.isolation == "exclusive" for c in (*m.cpus, *m.reserved)}
-        taken = self._claims.claim(owner)
+        taken = {c: pid for c, pid in self._claims.claim(owner).items() if c not in self._claims.reported}
         if not taken:
-            return
+            return  # none, or each said already
+        self._claims.reported.update(taken)
         models = sorted({owner[c] for c in taken})
         holders = sorted({"this process" if pid == os.getpid() else f"process {pid}" if pid else "another process"
                           for pid in taken.values()})
@@ -1140,7 +1138,7 @@ class Runtime(_core._Runtime):
             self._drain_pending = drain and self.closed
             raise
         self._drain_pending = False
-        self._claims.release()
+        self._claims.close()
         self._gpu.close()  # streams outlive every call that used them: workers have exited
         for entry in list(self._models.values()):
             self._close_processes(entry)

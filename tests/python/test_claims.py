@@ -132,3 +132,90 @@ def test_claims_on_their_own(tmp_path: Path) -> None:
     two.release()
     unwritable = tmp_path / "nowhere"  # a directory that does not exist: nothing claimed, nothing said
     assert CpuClaims(str(unwritable)).claim([1]) == {}
+
+
+def test_a_link_planted_in_the_claims_directory_is_not_followed(tmp_path: Path) -> None:
+    # The directory is writable by every user: a link there made the runtime truncate another
+    # file, write its pid into it and make it writable by every user.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    victim.chmod(0o600)
+    (tmp_path / "apportion-cpu-0.claim").symlink_to(victim)
+    os.link(victim, tmp_path / "apportion-cpu-1.claim")  # a second name of it: no plain claim file either
+    claims = CpuClaims(str(tmp_path))
+    assert claims.claim([0, 1, 2]) == {} and claims.held == {2}
+    assert victim.read_text() == "precious data" and (victim.stat().st_mode & 0o777) == 0o600
+    claims.release()
+
+
+def test_a_forked_child_does_not_keep_its_parents_claims(tmp_path: Path) -> None:
+    # The child inherited the locked descriptors: the claims outlived the parent's release for
+    # as long as the child lived, and the parent's next runtime was warned of its own CPUs.
+    script = textwrap.dedent(f"""
+        import os, sys, time, warnings
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        from apportion._private.claims import CpuClaims
+        parent = CpuClaims({str(tmp_path)!r})
+        parent.claim([0])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.write(w, b"x")
+            time.sleep(3)
+            os._exit(0)
+        os.close(w)
+        os.read(r, 1)  # the child runs, holding what it inherited
+        parent.release()
+        print(CpuClaims({str(tmp_path)!r}).claim([0]))
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{}"
+
+
+def test_claims_collected_or_closed_let_go_and_claim_no_more(tmp_path: Path) -> None:
+    import gc
+
+    claims = CpuClaims(str(tmp_path))
+    claims.claim([0])
+    del claims
+    gc.collect()
+    other = CpuClaims(str(tmp_path))
+    assert other.claim([0]) == {}  # the collected one's claim went with it
+    other.close()
+    assert other.held == frozenset() and other.claim([0, 1]) == {} and other.held == frozenset()
+
+
+def test_a_runtime_warns_once_per_cpu_taken_and_never_in_place_of_an_error() -> None:
+    first = exclusive().start()
+    try:
+        second = ap.Runtime()
+        second.add_model("m", model=echo, cores=1, isolation="exclusive")
+        with pytest.warns(ap.PinningWarning):
+            second.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said already: not again at every plan change
+            second.add_model("shared", model=echo)
+            second.remove_model("shared")
+        second.close()
+        # A factory that fails at start: its error is raised, not the warning, even when
+        # warnings are errors, and the runtime's records stay whole.
+        third = ap.Runtime()
+        third.add_model("m", model=echo, cores=1, isolation="exclusive")
+
+        def broken(ctx: Any) -> Any:
+            raise RuntimeError("no weights")
+
+        third.add_model("f1", factory=broken)
+        third.add_model("f2", factory=broken)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ap.PinningWarning)
+            with pytest.raises(Exception, match="no weights"):
+                third.start()
+        assert third.models == ["m"] and sorted(m.name for m in third.plan().models) == ["m"]
+        third.close()
+    finally:
+        first.close()

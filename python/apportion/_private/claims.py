@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable
 
 __all__ = ["CpuClaims", "claims_dir"]
@@ -23,13 +25,49 @@ def claims_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+_live: weakref.WeakSet[CpuClaims] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    # A forked child holds copies of the parent's locked descriptors: the lock would outlive
+    # the parent's release for as long as the child lives. Closing the copies (never unlocking:
+    # that would drop the parent's lock too) leaves each lock to the parent alone.
+    for claims in list(_live):
+        for fd in claims._held.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        claims._held.clear()
+        claims._lock = threading.Lock()  # a fork while another thread held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _close_all(held: dict[int, int]) -> None:
+    for fd in held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    held.clear()
+
+
 class CpuClaims:
-    """The CPUs one runtime claims (see the module documentation). Thread-safe."""
+    """The CPUs one runtime claims (see the module documentation). Thread-safe. Collected,
+    it lets go of its claims; closed (:meth:`close`), it claims nothing more."""
 
     def __init__(self, directory: str | None = None) -> None:
         self._dir = directory
         self._held: dict[int, int] = {}  # cpu -> the locked file's descriptor
         self._lock = threading.Lock()
+        self._closed = False
+        self.reported: set[int] = set()
+        """CPUs found claimed by another holder and said so (by the caller): said once."""
+        weakref.finalize(self, _close_all, self._held)
+        _live.add(self)
 
     @property
     def held(self) -> frozenset[int]:
@@ -43,14 +81,14 @@ class CpuClaims:
         wanted = set(cpus)
         taken: dict[int, int | None] = {}
         with self._lock:
+            if self._closed:
+                wanted = set()
             for cpu in [c for c in self._held if c not in wanted]:
                 os.close(self._held.pop(cpu))
             directory = self._dir or claims_dir()
             for cpu in sorted(wanted - set(self._held)):
-                path = os.path.join(directory, f"apportion-cpu-{cpu}.claim")
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                except OSError:
+                fd = _open_claim(os.path.join(directory, f"apportion-cpu-{cpu}.claim"))
+                if fd is None:
                     continue  # no room or no right to claim: nothing to say about others either
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,20 +96,57 @@ class CpuClaims:
                     taken[cpu] = _holder(fd)
                     os.close(fd)
                     continue
-                try:
-                    os.fchmod(fd, 0o666)  # another user's service may claim it after this one
-                except OSError:
-                    pass
                 _write_pid(fd)
                 self._held[cpu] = fd
+            self.reported &= set(taken)  # one free again is said again when it is taken again
         return taken
 
     def release(self) -> None:
         """Lets go of every claim (idempotent)."""
         with self._lock:
-            for fd in self._held.values():
-                os.close(fd)
-            self._held.clear()
+            _close_all(self._held)
+            self.reported.clear()
+
+    def close(self) -> None:
+        """Lets go of every claim and claims nothing from now on (a closed runtime's move that
+        raced with its close must not claim again)."""
+        with self._lock:
+            self._closed = True
+            _close_all(self._held)
+
+
+def _open_claim(path: str) -> int | None:
+    """The claim file at ``path``, made here (readable and writable by every user: another
+    user's service may claim the CPU after this one) or opened as it is; never through a
+    symbolic link, and only a plain file with one name (the directory is writable by every
+    user: a link planted there must not make this process truncate or open up another file).
+    None where it cannot be had."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        fd = None
+    except OSError:
+        return None
+    else:
+        try:
+            os.fchmod(fd, 0o666)  # past the umask
+        except OSError:
+            pass
+        return fd
+    for mode in (os.O_RDWR, os.O_RDONLY):  # flock needs no write access; the pid does
+        try:
+            fd = os.open(path, (flags & ~os.O_RDWR) | mode)
+            break
+        except OSError:
+            fd = None
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _write_pid(fd: int) -> None:
@@ -79,7 +154,7 @@ def _write_pid(fd: int) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
     except OSError:
-        pass
+        pass  # opened read-only: the holder reads as unknown
 
 
 def _holder(fd: int) -> int | None:
