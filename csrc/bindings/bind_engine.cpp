@@ -507,9 +507,12 @@ std::optional<double> as_real(py::handle v) {
     if (real < 0) throw py::error_already_set();
     if (real == 0) return std::nullopt;
   }
-  const double d = PyFloat_AsDouble(o);  // an int beyond every float raises OverflowError
+  // An int's own value (never an int subclass's __float__), another real's __float__; a value
+  // beyond every float raises OverflowError, and reads as +-inf. Any other error is the
+  // value's own (its __float__ raised): raised as it is, never swallowed.
+  const double d = is_int ? PyLong_AsDouble(o) : PyFloat_AsDouble(o);
   if (d == -1.0 && PyErr_Occurred()) {
-    if (!is_int) throw py::error_already_set();  // a numbers.Real whose __float__ failed
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
     PyErr_Clear();
     const int negative = PyObject_RichCompareBool(o, py::int_(0).ptr(), Py_LT);
     if (negative < 0) throw py::error_already_set();
@@ -1096,8 +1099,10 @@ class RuntimeCore {
         if (PyObject* i = PyNumber_Index(o)) {
           p = PyLong_AsLongLongAndOverflow(i, &overflow);
           Py_DECREF(i);
+        } else if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+          PyErr_Clear();  // no integer (a numpy bool): refused below
         } else {
-          PyErr_Clear();
+          throw py::error_already_set();  // its __index__ raised: as it is
         }
       }
       if (overflow != 0 || !e.priority_ok(p)) {

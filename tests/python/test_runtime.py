@@ -247,6 +247,30 @@ def test_request_arguments_take_numpy_scalars(rt: ap.Runtime) -> None:
     assert seen == [1, 2, 3, 4]
 
 
+def test_a_request_arguments_own_errors_are_raised_as_they_are(rt: ap.Runtime) -> None:
+    # An int subclass's __float__ or an object's __index__ that raised was swallowed: the
+    # value read as infinite (a QuotaError about the timeout), a KeyboardInterrupt was lost.
+    import fractions
+
+    class IntBadFloat(int):
+        def __float__(self) -> float:
+            raise ValueError("no float")
+
+    class Interrupting:
+        def __index__(self) -> int:
+            raise KeyboardInterrupt
+
+    rt.add_model("m", model=lambda x: x, priority_levels=2)
+    rt.start()
+    assert rt.call("m", 1, timeout_ms=IntBadFloat(5)) == 1  # an int is its own value
+    with pytest.raises(KeyboardInterrupt):
+        rt.submit("m", 1, priority=Interrupting())
+    with pytest.raises(ap.QuotaError, match="field 'timeout_ms': must be a positive, finite number"):
+        rt.submit("m", 1, timeout_ms=fractions.Fraction(10**400))  # beyond every float, as an int is
+    assert rt.call("m", 2, timeout_ms=fractions.Fraction(1, 3)) == 2
+    assert rt.stats()["m"].submitted == 2
+
+
 def test_a_timeout_of_centuries_never_expires_and_one_under_a_nanosecond_is_one(rt: ap.Runtime) -> None:
     # now + timeout would pass the clock's range (its count starts at boot): no deadline, not
     # one in the past.
