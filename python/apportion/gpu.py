@@ -325,7 +325,7 @@ def _device_list(devs: object) -> list[Any]:
     twice = sorted({o for o in ordinals if ordinals.count(o) > 1})
     if twice:
         # A model on that ordinal would be planned (and realised) once per entry.
-        raise ValueError(f"devices: ordinal {twice[0]} is given more than once ({ordinals}); each device once")
+        raise QuotaError(f"devices: ordinal {twice[0]} is given more than once ({ordinals}); each device once")
     return out
 
 

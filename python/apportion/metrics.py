@@ -38,6 +38,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("apportion.metrics needs prometheus_client: pip install 'apportion[serve]'") from e
 
+from .errors import QuotaError
 from .stats import HistogramSnapshot, ModelStats
 
 __all__ = ["CONTENT_TYPE", "CpuCollector", "StatsCollector", "latency_bounds_ns", "prometheus_text"]
@@ -58,9 +59,9 @@ def latency_bounds_ns(per_octave: int = 2, low_exp: int = 10, high_exp: int = 36
     cumulative count up to it is exact. ``per_octave`` must divide 32 (the native buckets per
     power of two)."""
     if per_octave not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"per_octave must divide 32 (1, 2, 4, 8, 16 or 32), got {per_octave!r}")
+        raise QuotaError(f"per_octave must divide 32 (1, 2, 4, 8, 16 or 32), got {per_octave!r}")
     if not 5 <= low_exp < high_exp <= 44:
-        raise ValueError(f"need 5 <= low_exp < high_exp <= 44, got {low_exp}, {high_exp}")
+        raise QuotaError(f"need 5 <= low_exp < high_exp <= 44, got {low_exp}, {high_exp}")
     bounds = [2**e + j * (2**e // per_octave) - 1 for e in range(low_exp, high_exp) for j in range(per_octave)]
     return (*bounds, 2**high_exp - 1)
 
@@ -74,7 +75,7 @@ def _cumulative(hist: HistogramSnapshot, bounds: Sequence[int], per_unit: float)
     for b in bounds:
         i = bisect.bisect_right(upper, b) - 1
         if upper[i] != b:
-            raise ValueError(f"histogram bound {b} is not the top of a native bucket (nearest below: {upper[i]})")
+            raise QuotaError(f"histogram bound {b} is not the top of a native bucket (nearest below: {upper[i]})")
         out.append((floatToGoString(b / per_unit), float(running[i])))
     out.append(("+Inf", float(hist.count)))
     return out

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import _table
 from ._core import HistogramSnapshot, ModelSnapshot
+from .errors import QuotaError
 
 __all__ = ["HistogramSnapshot", "LatencyStats", "ModelStats", "RuntimeStats"]
 
@@ -58,10 +59,10 @@ class LatencyStats:
         """The figures of what was recorded after ``earlier`` (an earlier ``LatencyStats`` of the
         same histogram, e.g. the same field of an earlier ``rt.stats()``).
 
-        Raises ValueError when either has no histogram, they are of different histograms, or
-        ``earlier`` is the later one."""
+        Raises QuotaError (a ValueError) when either has no histogram, ValueError when they are
+        of different histograms or ``earlier`` is the later one."""
         if self.histogram is None or earlier.histogram is None:
-            raise ValueError("LatencyStats.since: both figures need their histogram (take them from "
+            raise QuotaError("LatencyStats.since: both figures need their histogram (take them from "
                              "Runtime.stats())")
         return LatencyStats.from_histogram(self.histogram.subtract(earlier.histogram))
 

@@ -105,3 +105,24 @@ def test_a_config_error_in_a_process_pool_reaches_the_caller(tmp_path: Any) -> N
     out = subprocess.run([sys.executable, str(tmp_path / "pool.py")], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ConfigError", "True", "True", "1"], out.stdout
+
+
+def test_invalid_arguments_outside_the_runtime_are_apportion_errors_too() -> None:
+    # They were plain ValueErrors: `except ap.ApportionError` missed them.
+    from apportion.metrics import latency_bounds_ns
+    from apportion.serve import Server
+    from apportion.tune.allocation import allocate
+    from apportion.tune.cost import CostModel, Sample
+
+    bare = ap.LatencyStats(count=0, mean_ms=0.0, p50_ms=0.0, p90_ms=0.0, p99_ms=0.0, p999_ms=0.0, max_ms=0.0)
+    cases = [
+        (lambda: Server(ap.Runtime(), {}, loop="trio"), "loop must be one of"),
+        (lambda: latency_bounds_ns(per_octave=3), "per_octave must divide 32"),
+        (lambda: CostModel(-1.0, 2.0), "alpha_ms must be a finite number >= 0"),
+        (lambda: Sample(0, 1, 1.0), "must be an int >= 1"),
+        (lambda: allocate([], 2.0, objective="most"), "objective must be one of"),  # type: ignore[arg-type]
+        (lambda: bare.since(bare), "both figures need their histogram"),
+    ]
+    for make, words in cases:
+        with pytest.raises(ap.QuotaError, match=words):
+            make()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from ..errors import QuotaError
+
 __all__ = ["LOOPS", "loop_factory", "loop_name"]
 
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -17,7 +19,7 @@ def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """The factory of the event loop named ``loop`` (one of ``LOOPS``): ValueError for another
     name, ImportError naming the package for ``uvloop`` when it is not installed."""
     if loop not in LOOPS:
-        raise ValueError(f"Server: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+        raise QuotaError(f"Server: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
     if loop == "asyncio":
         return asyncio.new_event_loop
     try:

@@ -46,7 +46,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._private.checks import finite_number
-from ..errors import ModelNotFound, PlacementError, RuntimeClosed, WorkerCrashed
+from ..errors import ModelNotFound, PlacementError, QuotaError, RuntimeClosed, WorkerCrashed
 from ..spec import ModelSpec
 from ..tune.cost import CostModel
 from ._node import ModelCounts, NodeRuntime, runtime_settings
@@ -365,7 +365,7 @@ class Cluster:
         if self._closed:
             return
         if not (finite_number(drain_timeout_s) and drain_timeout_s >= 0):
-            raise ValueError(f"Cluster.close: drain_timeout_s must be a finite number >= 0, got {drain_timeout_s!r}")
+            raise QuotaError(f"Cluster.close: drain_timeout_s must be a finite number >= 0, got {drain_timeout_s!r}")
         self._closed = True
         # An actor a re-placement is starting is closed with the others; one still starting
         # when the drain's time is up is killed by the re-placement itself (it sees _closed).

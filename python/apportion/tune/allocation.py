@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import QuotaError
 from .cost import Need, Shape
 
 __all__ = ["OBJECTIVES", "Allocation", "Objective", "allocate", "objective_value"]
@@ -86,7 +87,7 @@ def allocate(needs: Sequence[Need], cores: float, objective: Objective = "goodpu
     raises the worst-served model first. Cores no model can use are spread as headroom.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise QuotaError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if step is None:
         step = 0.25 if cores <= 8 else 1.0
     units = int(round(cores / step))

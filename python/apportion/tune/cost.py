@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._private.checks import finite_number
+from ..errors import QuotaError
 
 __all__ = ["RHO", "CostModel", "Need", "Sample", "Shape"]
 
@@ -31,14 +32,14 @@ class Sample:
         for name in ("threads", "batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Sample: {name} must be an int >= 1, got {v!r}")
+                raise QuotaError(f"Sample: {name} must be an int >= 1, got {v!r}")
         for name, v, least in (("call_ms", self.call_ms, None), ("mean_batch", self.mean_batch, None),
                                ("throughput", self.throughput, 0.0)):
             if not finite_number(v) or (v <= 0 if least is None else v < least):
-                raise ValueError(f"Sample: {name} must be a finite number {'> 0' if least is None else '>= 0'}, "
+                raise QuotaError(f"Sample: {name} must be a finite number {'> 0' if least is None else '>= 0'}, "
                                  f"got {v!r}")
         if self.p99_ms is not None and not (finite_number(self.p99_ms) and self.p99_ms >= 0):
-            raise ValueError(f"Sample: p99_ms must be a finite number >= 0 or None, got {self.p99_ms!r}")
+            raise QuotaError(f"Sample: p99_ms must be a finite number >= 0 or None, got {self.p99_ms!r}")
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ class CostModel:
         for name in ("alpha_ms", "beta_ms"):
             v = getattr(self, name)
             if not finite_number(v) or v < 0:
-                raise ValueError(f"CostModel: {name} must be a finite number >= 0, got {v!r}")
+                raise QuotaError(f"CostModel: {name} must be a finite number >= 0, got {v!r}")
         if self.alpha_ms + self.beta_ms <= 0:
-            raise ValueError("CostModel: a call must take some time: alpha_ms + beta_ms must be > 0")
+            raise QuotaError("CostModel: a call must take some time: alpha_ms + beta_ms must be > 0")
         if not (finite_number(self.serial) and 0 <= self.serial <= 1):
-            raise ValueError(f"CostModel: serial must be a number in [0, 1], got {self.serial!r}")
+            raise QuotaError(f"CostModel: serial must be a number in [0, 1], got {self.serial!r}")
 
     def call_ms(self, threads: int, batch: float = 1) -> float:
         return (self.alpha_ms + self.beta_ms * batch) * (self.serial + (1.0 - self.serial) / threads)
@@ -74,7 +75,7 @@ class CostModel:
         not gaining from batching (beta only); without two thread counts, as not gaining from
         threads (serial = 1): the tuner never plans on a gain it did not see."""
         if not samples:
-            raise ValueError("CostModel.fit: no samples")
+            raise QuotaError("CostModel.fit: no samples")
         one = [s for s in samples if s.threads == 1] or list(samples)
         by_batch: dict[float, list[float]] = {}
         for s in one:

@@ -12,6 +12,7 @@ from typing import Any
 from .. import load as ld
 from .._private.cputime import cpus_busy_and_steal_s
 from ..config import Config, ConfigError
+from ..errors import QuotaError
 from .cost import Sample, Shape
 from .noise import HostSnapshot, profile_spread
 from .search import Measured, batching_for
@@ -98,7 +99,7 @@ def measure_config(config: Config, settings: Settings = Settings(), *, topology_
     ``windows_met`` judges each; goodput counts the requests within the tightened latency,
     so a plan validated with a margin keeps room for a noisier run."""
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
-        raise ValueError(f"measure_config: margin must be in [0, 1), got {margin!r}")
+        raise QuotaError(f"measure_config: margin must be in [0, 1), got {margin!r}")
     loads = [_tightened(ld_, margin) for ld_ in config.model_loads()]
     if not loads:
         raise ConfigError(config.path, "models", "no model has a load; add load = { rate = ... } "
