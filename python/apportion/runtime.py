@@ -1074,10 +1074,9 @@ class Runtime(_core._Runtime):
             self._claims.release()
             return
         owner = {c: m.name for m in plan_.models if m.isolation == "exclusive" for c in (*m.cpus, *m.reserved)}
-        taken = {c: pid for c, pid in self._claims.claim(owner).items() if c not in self._claims.reported}
+        taken = self._claims.claim(owner)  # each taken CPU once
         if not taken:
-            return  # none, or each said already
-        self._claims.reported.update(taken)
+            return
         models = sorted({owner[c] for c in taken})
         holders = sorted({"this process" if pid == os.getpid() else f"process {pid}" if pid else "another process"
                           for pid in taken.values()})

@@ -33,12 +33,7 @@ def _forget_in_child() -> None:
     # the parent's release for as long as the child lives. Closing the copies (never unlocking:
     # that would drop the parent's lock too) leaves each lock to the parent alone.
     for claims in list(_live):
-        for fd in claims._held.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        claims._held.clear()
+        _close_all(claims._held)
         claims._lock = threading.Lock()  # a fork while another thread held it
 
 
@@ -64,8 +59,7 @@ class CpuClaims:
         self._held: dict[int, int] = {}  # cpu -> the locked file's descriptor
         self._lock = threading.Lock()
         self._closed = False
-        self.reported: set[int] = set()
-        """CPUs found claimed by another holder and said so (by the caller): said once."""
+        self._told: set[int] = set()  # CPUs claim() returned as taken and still taken since
         weakref.finalize(self, _close_all, self._held)
         _live.add(self)
 
@@ -77,7 +71,8 @@ class CpuClaims:
     def claim(self, cpus: Iterable[int]) -> dict[int, int | None]:
         """Holds exactly ``cpus`` from now on: claims those not held yet and lets go of the
         others. Returns the CPUs another holder has claimed, each with its holder's pid (None
-        where it cannot be read)."""
+        where it cannot be read), once: a CPU still taken at the next call is not returned
+        again (one free in between, and taken again, is)."""
         wanted = set(cpus)
         taken: dict[int, int | None] = {}
         with self._lock:
@@ -98,14 +93,15 @@ class CpuClaims:
                     continue
                 _write_pid(fd)
                 self._held[cpu] = fd
-            self.reported &= set(taken)  # one free again is said again when it is taken again
-        return taken
+            new = {cpu: pid for cpu, pid in taken.items() if cpu not in self._told}
+            self._told = set(taken)
+        return new
 
     def release(self) -> None:
         """Lets go of every claim (idempotent)."""
         with self._lock:
             _close_all(self._held)
-            self.reported.clear()
+            self._told.clear()
 
     def close(self) -> None:
         """Lets go of every claim and claims nothing from now on (a closed runtime's move that
@@ -121,9 +117,9 @@ def _open_claim(path: str) -> int | None:
     symbolic link, and only a plain file with one name (the directory is writable by every
     user: a link planted there must not make this process truncate or open up another file).
     None where it cannot be had."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(path, flags | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         fd = None
     except OSError:
@@ -136,7 +132,7 @@ def _open_claim(path: str) -> int | None:
         return fd
     for mode in (os.O_RDWR, os.O_RDONLY):  # flock needs no write access; the pid does
         try:
-            fd = os.open(path, (flags & ~os.O_RDWR) | mode)
+            fd = os.open(path, flags | mode)
             break
         except OSError:
             fd = None
