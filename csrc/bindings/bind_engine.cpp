@@ -1013,8 +1013,12 @@ class RuntimeCore {
   [[noreturn]] void raise_not_found(const std::string& name) {
     std::string known;
     for (const auto& n : model_names()) known += (known.empty() ? "'" : ", '") + n + "'";
-    raise(types().model_not_found,
-          "no model named '" + name + "' (registered: " + (known.empty() ? "none" : known) + ")");
+    // ModelNotFound(message, model=name): .model names what was asked for.
+    const py::object e = py::reinterpret_borrow<py::object>(types().model_not_found)(
+        "no model named '" + name + "' (registered: " + (known.empty() ? "none" : known) + ")",
+        py::arg("model") = name);
+    PyErr_SetObject(types().model_not_found, e.ptr());
+    throw py::error_already_set();
   }
 
   [[noreturn]] static void raise_exists(const std::string& name) {

@@ -397,7 +397,7 @@ class Controller:
             unknown = sorted(n for n in slos if n not in rt.models)
             if unknown:
                 raise ModelNotFound(f"Controller: model {unknown[0]!r} (field 'slos') is not registered with the "
-                                    f"runtime; its models: {sorted(rt.models)}")
+                                    f"runtime; its models: {sorted(rt.models)}", model=unknown[0])
         for field, value, least in (("window_s", window_s, None), ("dwell_s", dwell_s, 0.0),
                                     ("tabu_s", tabu_s, 0.0), ("batch_delay_ms", batch_delay_ms, 0.0)):
             if not (finite_number(value) and (value > 0 if least is None else value >= least)):

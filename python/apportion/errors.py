@@ -95,7 +95,12 @@ class RequestCancelled(ApportionError, concurrent.futures.CancelledError):
 
 
 class ModelNotFound(ApportionError, KeyError):
-    """No model of that name is registered."""
+    """No model of that name is registered (or served, or loaded). ``model`` is the name
+    asked for (None where the error is not about one name)."""
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""

@@ -726,7 +726,7 @@ class Runtime(_core._Runtime):
         entry = self._models.get(name)
         if entry is None:
             known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
-            raise ModelNotFound(f"no model named {name!r} (registered: {known})")
+            raise ModelNotFound(f"no model named {name!r} (registered: {known})", model=name)
         old = entry.spec
         if isinstance(spec.factory, str) and not spec.process:
             spec = dataclasses.replace(spec, factory=_imported(name, "factory", spec.factory))
@@ -906,7 +906,7 @@ class Runtime(_core._Runtime):
         entry = self._models.get(name)
         if entry is None:
             known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
-            raise ModelNotFound(f"no model named {name!r} (registered: {known})")
+            raise ModelNotFound(f"no model named {name!r} (registered: {known})", model=name)
         return entry
 
     def spec(self, name: str) -> ModelSpec:

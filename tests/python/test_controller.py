@@ -364,6 +364,9 @@ def test_slos_for_models_the_runtime_does_not_have_are_refused() -> None:
         rt.start()
         with pytest.raises(ap.ModelNotFound, match=r"model 'rankr' \(field 'slos'\) is not registered.*\['ranker'\]"):
             Controller(rt, {"ranker": 50.0, "rankr": 50.0})
+        with pytest.raises(ap.ModelNotFound) as err:
+            Controller(rt, {"rankr": 50.0})
+        assert err.value.model == "rankr"
         assert Controller(rt, {"ranker": 50.0}).slos == {"ranker": 50.0}
 
 

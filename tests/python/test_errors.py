@@ -50,7 +50,7 @@ def examples() -> dict[str, Any]:
         "DeadlineExceeded": ap.DeadlineExceeded("model 'm': deadline passed"),
         "RuntimeClosed": ap.RuntimeClosed("closed"),
         "RequestCancelled": ap.RequestCancelled("cancelled"),
-        "ModelNotFound": ap.ModelNotFound("no model named 'x'"),
+        "ModelNotFound": ap.ModelNotFound("no model named 'x'", model="x"),
         "WorkerCrashed": ap.WorkerCrashed("model 'm' instance 0 died"),
         "ConfigError": ConfigError("a.toml", "models.x.cores", "must be >= 1"),
         "DoesNotFit": DoesNotFit("a.toml", None, "3 cores wanted, 2 here"),

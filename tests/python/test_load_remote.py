@@ -335,8 +335,9 @@ def test_no_models_or_a_bad_timeout_are_refused(server: Serve) -> None:
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_unknown_models_and_unreachable_servers(server: Serve, scheme: str) -> None:
-    with pytest.raises(ap.ModelNotFound, match=r"model 'nope': field 'model': the server at .* does not serve it"):
+    with pytest.raises(ap.ModelNotFound, match=r"model 'nope': field 'model': the server at .* does not serve it") as nf:
         load.RemoteTarget(server.url(scheme), ["double", "nope"])
+    assert nf.value.model == "nope"
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

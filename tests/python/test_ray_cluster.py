@@ -99,10 +99,12 @@ def test_stats_per_node_and_total(basic: Cluster) -> None:
 
 
 def test_errors_are_the_single_host_ones(basic: Cluster) -> None:
-    with pytest.raises(ap.ModelNotFound, match="'nope'"):
+    with pytest.raises(ap.ModelNotFound, match="'nope'") as nf:
         basic.submit("nope", 1)
-    with pytest.raises(ap.ModelNotFound, match="'where' is not served on node x"):
+    assert nf.value.model == "nope"
+    with pytest.raises(ap.ModelNotFound, match="'where' is not served on node x") as nf:
         basic.submit("where", 1, node="x")
+    assert nf.value.model == "where"
     with pytest.raises(ValueError, match="boom") as e:
         basic.call("echo", {"raise": "boom"})
     assert type(e.value) is ValueError  # the model's own exception, not a wrapper

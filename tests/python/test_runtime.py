@@ -180,9 +180,14 @@ def test_unknown_model_raises_model_not_found_listing_models(rt: ap.Runtime) -> 
     rt.start()
     with pytest.raises(ap.ModelNotFound, match=r"no model named 'b' \(registered: 'a'\)") as err:
         rt.submit("b", 1)
-    assert isinstance(err.value, KeyError)
-    with pytest.raises(ap.ModelNotFound):
+    assert isinstance(err.value, KeyError) and err.value.model == "b"
+    with pytest.raises(ap.ModelNotFound) as err:
         rt.submit_many("b", [1, 2])
+    assert err.value.model == "b"
+    for admin in (lambda: rt.remove_model("c"), lambda: rt.spec("d"), lambda: rt.queue_size("e")):
+        with pytest.raises(ap.ModelNotFound) as err:
+            admin()
+        assert err.value.model in ("c", "d", "e") and repr(err.value.model) in str(err.value)
 
 
 def test_model_exception_reaches_caller_unchanged_with_traceback(rt: ap.Runtime) -> None:

@@ -248,7 +248,7 @@ class RemoteTarget:
                 err = self._error(e)
                 if err.kind in ("http 404", "grpc NOT_FOUND"):
                     raise ModelNotFound(f"model {name!r}: field 'model': the server at {self.url} "
-                                        f"does not serve it ({e})") from None
+                                        f"does not serve it ({e})", model=name) from None
                 raise type(err)(err.kind, f"{self.url}: reading model {name!r}'s metadata: {e}") from None
             raw = md["inputs"] if isinstance(md, Mapping) else [
                 {"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in md.inputs]
@@ -295,7 +295,7 @@ class RemoteTarget:
             return cached[1]
         specs = self._inputs.get(model)
         if specs is None:
-            raise ModelNotFound(f"model {model!r}: not one of this target's models ({self.models})")
+            raise ModelNotFound(f"model {model!r}: not one of this target's models ({self.models})", model=model)
         mod = self._module()
         import numpy as np  # here, not at import: `import apportion` loads apportion.load
 

@@ -109,8 +109,8 @@ class ModelLoad:
         owner = f"model {self.model!r}"
         if self.model not in models:
             raise ModelNotFound(
-                f"{owner}: field 'model': no such model in the runtime (registered: {list(models)})"
-            )
+                f"{owner}: field 'model': no such model in the runtime (registered: {list(models)})",
+                model=self.model)
         if (self.concurrency is None) == (self.rate is None):
             raise LoadError(
                 f"{owner}: give exactly one of concurrency (closed loop) or rate (open loop), "

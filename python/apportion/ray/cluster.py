@@ -271,7 +271,7 @@ class Cluster:
         for m in self._idempotent:
             if m not in self._plan.models:
                 raise ModelNotFound(f"idempotent names {m!r}, which is not a model of the config "
-                                    f"(models: {list(self._plan.models)})")
+                                    f"(models: {list(self._plan.models)})", model=m)
         self._local_queue = local_queue
         self._start_timeout_s = start_timeout_s
         self._settings = runtime_settings(config)  # the config's [runtime] table, for every node
@@ -455,7 +455,7 @@ class Cluster:
             route = self._routes.get(model)
             if route is None:
                 raise ModelNotFound(f"model {model!r} is not served by this cluster; models: "
-                                    f"{list(self._routes) or list(self._plan.models)}")
+                                    f"{list(self._routes) or list(self._plan.models)}", model=model)
             nodes = [n for n in route.nodes if n not in exclude and n in self._actors]
             if not nodes:
                 why = self.lost_capacity.get(model, "its nodes left the cluster")
@@ -465,7 +465,7 @@ class Cluster:
             if node is None:
                 node = self._choose(nodes, route)
             elif node not in nodes:
-                raise ModelNotFound(f"model {model!r} is not served on node {node}; its nodes: {nodes}")
+                raise ModelNotFound(f"model {model!r} is not served on node {node}; its nodes: {nodes}", model=model)
             # Requests in flight are counted only where routing has a choice to make: the
             # completion callback that uncounts one costs ~60 us per request.
             track = len(nodes) > 1
