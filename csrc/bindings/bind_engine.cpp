@@ -10,6 +10,7 @@
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/typing.h>
 
 #include <tuple>
 
@@ -1191,6 +1192,14 @@ void refuse_endless_wait(const PyRequest& r) {
   }
 }
 
+// result()'s and exception()'s `timeout`: seconds (any real number but NaN; <= 0 does not
+// wait) or None; QuotaError naming the model and the field otherwise, never a binding dump.
+std::optional<double> wait_timeout(const PyRequest& r, py::handle timeout_s) {
+  const std::optional<double> t = optional_number(r.counters->name, "timeout", timeout_s);
+  if (t && std::isnan(*t)) raise_quota(r.counters->name, "timeout", "must be a number of seconds or None, got nan");
+  return t;
+}
+
 bool wait_for(PyRequest& r, std::optional<double> timeout_s) {
   if (r.done()) return true;
   refuse_endless_wait(r);
@@ -1293,7 +1302,8 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
 )doc", py::custom_type_setup(future_gc))
       .def(
           "result",
-          [](PyRequest& r, std::optional<double> timeout) -> py::object {
+          [](PyRequest& r, const py::typing::Optional<py::float_>& timeout_s) -> py::object {
+            const std::optional<double> timeout = wait_timeout(r, timeout_s);
             if (!wait_for(r, timeout)) raise_timeout(r, timeout.value_or(0));
             if (r.outcome() == Outcome::ok) return py::reinterpret_borrow<py::object>(r.value);
             raise_outcome(r);
@@ -1303,7 +1313,8 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
           "Waits at most `timeout` seconds (TimeoutError), releasing the GIL while it waits.")
       .def(
           "exception",
-          [](PyRequest& r, std::optional<double> timeout) -> py::object {
+          [](PyRequest& r, const py::typing::Optional<py::float_>& timeout_s) -> py::object {
+            const std::optional<double> timeout = wait_timeout(r, timeout_s);
             if (!wait_for(r, timeout)) raise_timeout(r, timeout.value_or(0));
             switch (r.outcome()) {
               case Outcome::ok: return py::none();

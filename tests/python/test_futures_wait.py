@@ -77,3 +77,24 @@ def test_as_completed_yields_in_completion_order_and_times_out(rt: ap.Runtime, g
         list(ap.as_completed([stuck], timeout=0.05))
     gate.release.set()
     assert stuck.result(30) == "stuck"
+
+
+def test_result_and_exception_timeouts_are_checked_naming_the_model(rt: ap.Runtime, gate) -> None:
+    import math
+
+    import numpy as np
+
+    rt.add_model("slow", model=gate)
+    rt.start()
+    fut = rt.submit("slow", 1)
+    for wait in (fut.result, fut.exception):
+        for bad in ("1", [1], True, math.nan, np.float64("nan")):
+            with pytest.raises(ap.QuotaError, match=r"model 'slow', field 'timeout': must be a number") as err:
+                wait(timeout=bad)
+            assert err.value.model == "slow" and err.value.field == "timeout"
+        for fine in (0, -1, np.float32(0.001), 0.001):  # any other real number waits at most that long
+            with pytest.raises(TimeoutError, match="model 'slow'"):
+                wait(timeout=fine)
+    assert not fut.done()  # the refusals did not touch the request
+    gate.release.set()
+    assert fut.result(timeout=10**400) == 1 and fut.exception(timeout=None) is None
