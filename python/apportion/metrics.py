@@ -4,7 +4,10 @@
 :class:`StatsCollector` does the same for a ``prometheus_client`` registry of the caller's. The
 histograms are the runtime's own buckets (not re-sampled): each ``le`` bound is the largest
 value of one of the native log buckets, so every cumulative count is exact, and ``_sum`` and
-``_count`` are the native sum and count. Needs ``prometheus_client`` (``pip install
+``_count`` are the native sum and count. The native sum is a 64-bit count of nanoseconds, which
+a backlogged model's queue waits can wrap within weeks; a :class:`StatsCollector` kept across
+scrapes (as ``apportion serve`` keeps one) carries ``_sum`` on across the wrap, so it never
+goes down while the model stays registered. Needs ``prometheus_client`` (``pip install
 'apportion[serve]'``).
 
 Metric names (each with a ``model`` label; README "Metrics" lists them with a sample):
@@ -28,7 +31,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -41,7 +46,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from .errors import QuotaError
 from .stats import HistogramSnapshot, ModelStats
 
-__all__ = ["CONTENT_TYPE", "CpuCollector", "StatsCollector", "latency_bounds_ns", "prometheus_text"]
+__all__ = ["CONTENT_TYPE", "CpuCollector", "RuntimeMetrics", "StatsCollector", "latency_bounds_ns",
+           "prometheus_text"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The Content-Type header value for :func:`prometheus_text`'s output."""
@@ -81,15 +87,47 @@ def _cumulative(hist: HistogramSnapshot, bounds: Sequence[int], per_unit: float)
     return out
 
 
+class _Sums:
+    """Each histogram's native sum (uint64, modulo 2**64) carried on across its wrap from one
+    scrape to the next. The growth since the last scrape, taken modulo 2**64, is the sum of
+    the values recorded since, so it is at most their count times the largest value; growth
+    beyond that (or a count that went down) is a new series: the model removed and added
+    again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # scrapes may run at once (one thread each)
+        self._seen: dict[tuple[str, str], tuple[int, int, int]] = {}  # (raw sum, count, total)
+
+    def total(self, key: tuple[str, str], hist: HistogramSnapshot) -> int:
+        raw, count = int(hist.sum), int(hist.count)
+        with self._lock:
+            prev = self._seen.get(key)
+            grown = None if prev is None else (raw - prev[0]) % 2**64
+            if grown is None or count < prev[1] or grown > (count - prev[1]) * int(hist.max):
+                total = raw
+            else:
+                total = prev[2] + grown
+            self._seen[key] = (raw, count, total)
+        return total
+
+    def keep(self, models: set[str]) -> None:
+        """Forgets the series of models no longer reported."""
+        with self._lock:
+            for key in [k for k in self._seen if k[0] not in models]:
+                del self._seen[key]
+
+
 class StatsCollector(Collector):
     """A ``prometheus_client`` collector of a runtime's stats: register it in a registry and
-    each scrape calls ``source()`` (e.g. ``rt.stats``) once and renders what it returns.
+    each scrape calls ``source()`` (e.g. ``rt.stats``) once and renders what it returns. Keep
+    one across scrapes: it carries each histogram's ``_sum`` on across the native sum's wrap.
 
     ``per_octave``: latency buckets per power of two (see :func:`latency_bounds_ns`)."""
 
     def __init__(self, source: Callable[[], Mapping[str, ModelStats]], *, per_octave: int = 2) -> None:
         self._source = source
         self._latency_bounds = latency_bounds_ns(per_octave)
+        self._sums = _Sums()
 
     def describe(self) -> list[Metric]:
         # Nothing to check at registration: reading the stats there would be a scrape.
@@ -148,9 +186,12 @@ class StatsCollector(Collector):
             for field, family in latencies.items():
                 hist = getattr(s, field).histogram
                 if hist is not None:
-                    family.add_metric([name], _cumulative(hist, self._latency_bounds, 1e9), hist.sum / 1e9)
+                    family.add_metric([name], _cumulative(hist, self._latency_bounds, 1e9),
+                                      self._sums.total((name, field), hist) / 1e9)
             if s.batch_size is not None:
-                batch.add_metric([name], _cumulative(s.batch_size, _BATCH_BOUNDS, 1.0), float(s.batch_size.sum))
+                batch.add_metric([name], _cumulative(s.batch_size, _BATCH_BOUNDS, 1.0),
+                                 float(self._sums.total((name, "batch_size"), s.batch_size)))
+        self._sums.keep(set(stats))
         yield from (requests, submitted, delayed, stolen, direct, burst, *latencies.values(), batch, depth,
                     in_flight, instances, max_queue, pool_calls, pool_s)
         if gpu.samples:
@@ -180,9 +221,32 @@ def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2,
                     cpu_seconds: Mapping[str, float] | None = None) -> str:
     """``stats`` (``rt.stats()``) in the Prometheus text exposition format (serve it with
     ``Content-Type: CONTENT_TYPE``); with ``cpu_seconds`` (``rt.cpu_seconds()``) also each
-    model's CPU time."""
+    model's CPU time. One call sees one reading: each ``_sum`` is the native one, which
+    wraps (see the module's docs); a scrape endpoint keeps a :class:`RuntimeMetrics`."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(lambda: stats, per_octave=per_octave))
     if cpu_seconds is not None:
         registry.register(CpuCollector(lambda: cpu_seconds))
     return generate_latest(registry).decode()
+
+
+class RuntimeMetrics:
+    """A runtime's ``/metrics`` page, scrape after scrape: ``text()`` reads ``rt.stats()`` and
+    ``rt.cpu_seconds()`` and renders them as :func:`prometheus_text` does, through collectors
+    kept from one scrape to the next (so each ``_sum`` carries on across the native wrap).
+    Safe to call from several threads at once."""
+
+    def __init__(self, rt: _StatsSource, *, per_octave: int = 2) -> None:
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(StatsCollector(rt.stats, per_octave=per_octave))
+        self._registry.register(CpuCollector(rt.cpu_seconds))
+
+    def text(self) -> bytes:
+        """The page, in the Prometheus text format (``Content-Type: CONTENT_TYPE``)."""
+        return generate_latest(self._registry)
+
+
+class _StatsSource(Protocol):
+    def stats(self) -> Mapping[str, ModelStats]: ...
+
+    def cpu_seconds(self) -> Mapping[str, float]: ...

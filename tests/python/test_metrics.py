@@ -176,3 +176,57 @@ def test_bounds_and_collector() -> None:
     assert calls == []  # registering does not read the stats
     text = generate_latest(registry).decode()
     assert len(calls) == 1 and "apportion_requests_total" in text  # empty families still say TYPE
+
+
+def test_a_kept_collectors_sums_carry_on_across_the_native_wrap_and_restart_with_the_model() -> None:
+    # The native sum counts nanoseconds modulo 2**64: a backlogged model's queue waits wrap it
+    # in weeks. Read as is, _sum dropped by ~1.8e10 s there, which a scrape reads as a reset.
+    from apportion.metrics import RuntimeMetrics
+
+    def stats(*values: int) -> ap.ModelStats:
+        h = _core.LogHistogram()
+        for v in values:
+            h.record(v)
+        lat = ap.LatencyStats.from_histogram(h.snapshot())
+        return ap.ModelStats(name="m", instances=1, max_queue=8, submitted=len(values), completed=len(values),
+                             failed=0, rejected=0, expired=0, cancelled=0, queued=0, queue_wait=lat, compute=lat,
+                             end_to_end=lat, batch_size=h.snapshot())
+
+    class Source:  # what RuntimeMetrics reads of a runtime
+        def __init__(self) -> None:
+            self.now: dict[str, ap.ModelStats] = {}
+
+        def stats(self) -> dict[str, ap.ModelStats]:
+            return self.now
+
+        def cpu_seconds(self) -> dict[str, float]:
+            return {name: 1.5 for name in self.now}
+
+    def sum_s(page: bytes | str) -> float:
+        _, samples = parse(page if isinstance(page, str) else page.decode())
+        return value(samples, "apportion_queue_wait_seconds_sum", model="m")
+
+    src = Source()
+    page = RuntimeMetrics(src)
+    near = 2**64 - 10**9  # one second short of the wrap
+    src.now = {"m": stats(near // 2, near // 2)}
+    assert sum_s(page.text()) == pytest.approx(near / 1e9)
+    src.now = {"m": stats(near // 2, near // 2, 3 * 10**9)}  # the native sum wrapped: 2e9 ns now
+    assert src.now["m"].queue_wait.histogram.sum == 2 * 10**9 - 2 * (near % 2)
+    assert sum_s(prometheus_text(src.now)) == pytest.approx(2.0)  # one reading alone cannot tell
+    assert sum_s(page.text()) == pytest.approx((near + 3 * 10**9) / 1e9)  # carried on across it
+    _, samples = parse(page.text().decode())
+    assert value(samples, "apportion_model_cpu_seconds_total", model="m") == 1.5
+    # The model removed and added again: its count starts over, and so does its sum.
+    src.now = {}
+    assert "model=\"m\"" not in page.text().decode()
+    src.now = {"m": stats(5 * 10**9)}
+    assert sum_s(page.text()) == pytest.approx(5.0)
+    src.now = {"m": stats(5 * 10**9, 2 * 10**9)}  # and grows on from there
+    assert sum_s(page.text()) == pytest.approx(7.0)
+    # Added again between two scrapes with more requests than before: its sum (below the old
+    # one) is no wrap, since the old sum plus those requests cannot reach 2**64.
+    src.now = {"m": stats(10**9, 10**9, 10**9)}
+    assert sum_s(page.text()) == pytest.approx(3.0)
+    # A collector made after the wrap has only the native reading to go on.
+    assert sum_s(RuntimeMetrics(src).text()) == pytest.approx(3.0)

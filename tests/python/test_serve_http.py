@@ -1100,15 +1100,15 @@ def test_requests_of_a_model_that_failed_to_start_are_not_said_to_have_lost_thei
 def test_a_slow_metrics_scrape_does_not_hold_other_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     # The text was made on the event loop: with 30 models each scrape held every request and
     # probe for 55-100 ms.
-    from apportion.serve import app as app_mod
+    from apportion.metrics import RuntimeMetrics
 
-    real = app_mod._metrics
+    real = RuntimeMetrics.text
 
-    def slow(rt: Any) -> bytes:
+    def slow(self: RuntimeMetrics) -> bytes:
         time.sleep(1.0)
-        return real(rt)
+        return real(self)
 
-    monkeypatch.setattr(app_mod, "_metrics", slow)
+    monkeypatch.setattr(RuntimeMetrics, "text", slow)
     with echo_server() as s, ThreadPoolExecutor(1) as pool:
         scrape = pool.submit(httpx.get, f"http://127.0.0.1:{s.http_port}/metrics", timeout=30)
         time.sleep(0.2)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .._private.checks import finite_number
 from ..errors import QuotaError, RuntimeClosed
-from ..metrics import CONTENT_TYPE, prometheus_text
+from ..metrics import CONTENT_TYPE, RuntimeMetrics
 from . import _frontend as fe
 from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
 
@@ -79,6 +79,7 @@ class V2App:
             raise QuotaError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}",
                              field="queue_full_status")
         self.frontend = frontend
+        self._metrics = RuntimeMetrics(frontend.rt)  # kept: each _sum carries on across the native wrap
         self.max_body_bytes = max_body_bytes
         self._status = {**_STATUS, fe.QUEUE_FULL: queue_full_status}
 
@@ -159,7 +160,7 @@ class V2App:
             _method(method, "GET", scope)
             # On a worker thread: with tens of models the text takes tens of milliseconds, which
             # held every request and probe behind each scrape.
-            return 200, [(b"content-type", _PROMETHEUS)], await asyncio.to_thread(_metrics, f.rt)
+            return 200, [(b"content-type", _PROMETHEUS)], await asyncio.to_thread(self._metrics.text)
         if parts[:1] != ["v2"]:
             raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
         rest = parts[1:]
@@ -431,10 +432,6 @@ def _params(name: str, where: str, p: Any) -> dict[str, Any]:
     if not isinstance(p, dict):
         raise fe.ServeError(fe.INVALID, f"model {name!r}, {where}: 'parameters' must be an object")
     return p
-
-
-def _metrics(rt: Runtime) -> bytes:
-    return prometheus_text(rt.stats(), cpu_seconds=rt.cpu_seconds()).encode()
 
 
 def _method(method: str, want: str, scope: Scope) -> None:
