@@ -59,7 +59,7 @@ itself, which matters when it shares the CPUs with the server it measures).
 from __future__ import annotations
 
 from .driver import failed_model, run
-from .remote import RemoteError, RemoteExpired, RemoteRejected, RemoteTarget
+from .remote import RemoteError, RemoteExpired, RemoteRejected, RemoteResult, RemoteTarget
 from .report import (
     LoadReport,
     ModelReport,
@@ -82,6 +82,7 @@ __all__ = [
     "RemoteError",
     "RemoteExpired",
     "RemoteRejected",
+    "RemoteResult",
     "RemoteTarget",
     "Totals",
     "WindowStats",

@@ -10,10 +10,13 @@ and report drive a server in another process::
     with load.RemoteTarget("http://127.0.0.1:8000", ["mlp"]) as target:
         report = load.run(target, load.ModelLoad("mlp", concurrency=8), window_s=2.0)
 
-The client is tritonclient's asyncio client (HTTP over aiohttp, or gRPC) on one event loop
-thread, so requests in flight cost no thread each; :func:`~apportion.load.run` drives a
-RemoteTarget's loads on that loop itself (no hand-off between threads per request). Needs the ``load`` extra
-(``pip install "apportion[load]"``).
+Requests go out from one event loop thread, so requests in flight cost no thread each;
+:func:`~apportion.load.run` drives a RemoteTarget's loads on that loop itself (no hand-off
+between threads per request). Over HTTP the client is apportion's own (kept-alive connections,
+each answer parsed by httptools, request bytes encoded once per input by tritonclient's request
+encoder): it spends a fraction of the CPU tritonclient's aiohttp client spends a request, CPU
+taken from the server under test when both share a machine. Over gRPC it is tritonclient's
+asyncio client. Needs the ``load`` extra (``pip install "apportion[load]"``).
 
 How requests and outcomes map:
 
@@ -42,21 +45,23 @@ How requests and outcomes map:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .._private.checks import finite_number
 from ..errors import ApportionError, DeadlineExceeded, ModelNotFound, QueueFull
+from ._http import HttpClient, HttpError, RemoteResult
 from .spec import LoadError
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["RemoteError", "RemoteExpired", "RemoteRejected", "RemoteTarget"]
+__all__ = ["RemoteError", "RemoteExpired", "RemoteRejected", "RemoteResult", "RemoteTarget"]
 
 _SCHEMES = ("http", "grpc")
 
@@ -125,6 +130,9 @@ class RemoteTarget:
                  connections: int = 256, tensors: str = "binary") -> None:
         self.url = url
         self.scheme, self._address = _parse_url(url)
+        parts = urlsplit(url)
+        self._host, self._port = parts.hostname or "", parts.port or 0
+        self._http: Any = None  # the HttpClient, over HTTP
         names = [models] if isinstance(models, str) else list(models)
         if not names:
             raise LoadError(f"{url}: name at least one model to load")
@@ -138,6 +146,7 @@ class RemoteTarget:
         self._connections = connections
         self._inputs: dict[str, tuple[_Input, ...]] = {}
         self._prepared: dict[str, tuple[Any, list[Any], list[tuple[Any, str, bytes]]]] = {}
+        self._wire: dict[str, tuple[list[Any], tuple[Any, ...], list[bytes]]] = {}  # HTTP request bytes
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="apportion-load-remote",
                                         daemon=True)
@@ -159,21 +168,22 @@ class RemoteTarget:
 
     def submit(self, model: str, x: Any = None, *, timeout_ms: float | None = None,
                priority: int | None = None) -> Future[Any]:
-        """Sends one request; the future ends with tritonclient's InferResult or a
-        RemoteError. Raises LoadError naming the model and the input for an input that does
-        not match the model's metadata."""
+        """Sends one request; the future ends with the answer (tritonclient's InferResult over
+        gRPC; over HTTP a :class:`RemoteResult`, which behaves as one) or a RemoteError.
+        Raises LoadError naming the model and the input for an input that does not match the
+        model's metadata."""
         if self.closed:
             raise RemoteError("closed", f"{self.url}: the target is closed")
-        inputs, options = self.request(model, x, timeout_ms, priority)
+        request = self.request(model, x, timeout_ms, priority)
         fut: Future[Any] = Future()
         fut.set_running_or_notify_cancel()  # in flight: cancel() fails, the answer is awaited
-        self._loop.call_soon_threadsafe(self._start, fut, model, inputs, options)
+        self._loop.call_soon_threadsafe(self._start, fut, model, request)
         return fut
 
-    def request(self, model: str, x: Any, timeout_ms: float | None, priority: int | None
-                ) -> tuple[list[Any], dict[str, Any]]:
-        """What :meth:`send` takes for one request of ``model`` with input ``x``: the
-        tensors and the request's options. Raises LoadError as :meth:`submit` does."""
+    def request(self, model: str, x: Any, timeout_ms: float | None, priority: int | None) -> tuple[Any, ...]:
+        """What :meth:`send` takes after the model's name for one request of ``model`` with
+        input ``x`` (over HTTP the request's bytes; over gRPC the tensors and the request's
+        options). Raises LoadError as :meth:`submit` does."""
         inputs = self._tensors(model, x)
         options: dict[str, Any] = {}
         if timeout_ms is not None:
@@ -182,20 +192,36 @@ class RemoteTarget:
             options["priority"] = priority + 1
         if self.tensors == "json":
             options["outputs"] = self._outputs[model]
+        if self.scheme == "http":
+            return (self._http_request(model, inputs, options),)
         return inputs, options
 
-    async def send(self, model: str, inputs: list[Any], options: dict[str, Any]) -> Any:
-        """One request, on this target's event loop (:attr:`loop`): tritonclient's
-        InferResult, or raises RemoteError (the server's error, a lost connection, or no
-        answer within ``request_timeout_s``)."""
+    async def send(self, model: str, *request: Any) -> Any:
+        """One request (what :meth:`request` made), on this target's event loop
+        (:attr:`loop`): the answer as :meth:`submit`'s future ends with it, or raises
+        RemoteError (the server's error, a lost connection, or no answer within
+        ``request_timeout_s``)."""
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                return await self._client.infer(model, inputs, **options)
+                if self.scheme == "http":
+                    status, headers, body = await self._http.send(request[0])
+                else:
+                    return await self._client.infer(model, request[0], **request[1])
         except TimeoutError:
             raise RemoteError("client timeout", f"model {model!r}: no answer within "
                               f"{self.request_timeout_s:g} s") from None
+        except HttpError as e:
+            raise RemoteError("connection", f"{self.url}: {e}") from None
         except Exception as e:  # noqa: BLE001 - every outcome is one RemoteError
             raise self._error(e) from None
+        if status != 200:
+            raise classify("http", str(status), _error_text(body))
+        length = headers.get(b"inference-header-content-length")
+        try:
+            return RemoteResult(body, int(length) if length is not None else None)
+        except ValueError:
+            raise RemoteError("http 200", f"model {model!r}: the answer's Inference-Header-Content-Length "
+                              f"is not a number: {length!r}") from None
 
     @property
     def connections(self) -> int:
@@ -209,6 +235,11 @@ class RemoteTarget:
 
     def close(self) -> None:
         if self._thread.is_alive():
+            if self._http is not None:
+                try:
+                    self._call(self._http.aclose(), timeout=10.0)
+                except Exception:  # noqa: BLE001 - closing a broken connection is not an error
+                    pass
             if self._client is not None:
                 try:
                     self._call(self._client.close(), timeout=10.0)
@@ -237,15 +268,18 @@ class RemoteTarget:
     async def _open(self, names: list[str]) -> None:
         mod = self._module()
         if self.scheme == "http":
-            self._client = mod.InferenceServerClient(self._address, conn_limit=self._connections,
-                                                     conn_timeout=self.request_timeout_s)
+            try:
+                self._http = HttpClient(self._host, self._port, self._connections)
+            except ImportError as e:
+                raise LoadError(f"{self.url}: load over HTTP needs httptools (pip install 'apportion[load]'): "
+                                f"{e}") from None
         else:
             self._client = mod.InferenceServerClient(self._address)
         for name in names:
             try:
-                md = await self._client.get_model_metadata(name)
+                md = await self._metadata(name)
             except Exception as e:  # noqa: BLE001 - classified below
-                err = self._error(e)
+                err = e if isinstance(e, RemoteError) else self._error(e)
                 if err.kind in ("http 404", "grpc NOT_FOUND"):
                     raise ModelNotFound(f"model {name!r}: field 'model': the server at {self.url} "
                                         f"does not serve it ({e})", model=name) from None
@@ -258,10 +292,50 @@ class RemoteTarget:
                 self._outputs[name] = [mod.InferRequestedOutput(o["name"], binary_data=False)
                                        for o in md.get("outputs", [])]
 
+    async def _metadata(self, name: str) -> Any:
+        if self.scheme != "http":
+            return await self._client.get_model_metadata(name)
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                status, _, body = await self._http.request("GET", f"/v2/models/{quote(name, safe='')}")
+        except TimeoutError:
+            raise RemoteError("client timeout", f"no answer within {self.request_timeout_s:g} s") from None
+        except HttpError as e:
+            raise RemoteError("connection", str(e)) from None
+        if status != 200:
+            raise classify("http", str(status), _error_text(body))
+        try:
+            md = json.loads(body)
+            if not isinstance(md, dict) or not isinstance(md.get("inputs"), list):
+                raise ValueError("no 'inputs' list")
+        except ValueError as e:
+            raise RemoteError("http 200", f"the model's metadata is not a v2 answer: {e}") from None
+        return md
+
+    def _http_request(self, model: str, inputs: list[Any], options: dict[str, Any]) -> list[bytes]:
+        """The request's bytes (head, JSON, tensor data), encoded once for the same inputs and
+        options."""
+        key = (options.get("timeout"), options.get("priority"))
+        cached = self._wire.get(model)
+        if cached is not None and cached[0] is inputs and cached[1] == key:
+            return cached[2]
+        from tritonclient.http import InferenceServerClient
+
+        body, json_size = InferenceServerClient.generate_request_body(
+            inputs, outputs=options.get("outputs"), priority=options.get("priority", 0), timeout=options.get("timeout"))
+        head = (f"POST /v2/models/{quote(model, safe='')}/infer HTTP/1.1\r\n"
+                f"Host: {self._http.authority}\r\n"
+                + ("Content-Type: application/json\r\n" if json_size is None else
+                   f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {json_size}\r\n")
+                + f"Content-Length: {len(body)}\r\n\r\n")
+        wire = [head.encode("latin-1"), body]
+        self._wire[model] = (inputs, key, wire)
+        return wire
+
     def _module(self) -> Any:
         try:
             if self.scheme == "http":
-                import tritonclient.http.aio as mod
+                import tritonclient.http as mod
             else:
                 import tritonclient.grpc.aio as mod
         except ImportError as e:
@@ -269,12 +343,12 @@ class RemoteTarget:
                             f"(pip install 'apportion[load]'): {e}") from None
         return mod
 
-    def _start(self, fut: Future[Any], model: str, inputs: list[Any], options: dict[str, Any]) -> None:
-        self._loop.create_task(self._infer(fut, model, inputs, options))
+    def _start(self, fut: Future[Any], model: str, request: tuple[Any, ...]) -> None:
+        self._loop.create_task(self._infer(fut, model, request))
 
-    async def _infer(self, fut: Future[Any], model: str, inputs: list[Any], options: dict[str, Any]) -> None:
+    async def _infer(self, fut: Future[Any], model: str, request: tuple[Any, ...]) -> None:
         try:
-            result = await self.send(model, inputs, options)
+            result = await self.send(model, *request)
         except RemoteError as e:  # every outcome ends the future, once
             fut.set_exception(e)
         else:
@@ -333,6 +407,18 @@ class RemoteTarget:
         # inputs callable that refills one buffer must not send its first values for ever.
         self._prepared[model] = (x, tensors, sent)
         return tensors
+
+
+def _error_text(body: bytes) -> str:
+    """A v2 error answer's message: its JSON ``error``, else the body itself (cut short)."""
+    try:
+        err = json.loads(body)
+        if isinstance(err, dict) and isinstance(err.get("error"), str):
+            return err["error"]
+    except ValueError:
+        pass
+    text = body[:500].decode("utf-8", "replace")
+    return text + ("..." if len(body) > 500 else "") if text else "(no message)"
 
 
 def _unchanged(sent: list[tuple[Any, str, bytes]]) -> bool:

@@ -1,0 +1,241 @@
+"""load.RemoteTarget's own HTTP client against servers that answer in every way HTTP/1.1
+allows and some it does not: kept-alive and closed connections, answers delimited by the
+close, errors with and without a v2 body, garbage, a connection cut before its answer, more
+requests than connections. The servers are scripted sockets on 127.0.0.1 (what a real v2
+server answers is tested against `apportion serve` in test_load_remote.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+pytest.importorskip("httptools")
+pytest.importorskip("tritonclient.http")
+
+from apportion import load  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+METADATA = json.dumps({"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+                       "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}]}).encode()
+ANSWER = json.dumps({"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [2],
+                                                      "data": [1.5, 2.5]}]}).encode()
+
+
+def response(body: bytes = ANSWER, status: str = "200 OK", *, close: bool = False, length: bool = True) -> bytes:
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+    if length:
+        head += f"content-length: {len(body)}\r\n"
+    if close:
+        head += "connection: close\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+@dataclass
+class Answer:
+    data: bytes
+    close: bool = False  # close the connection after sending
+    delay_s: float = 0.0
+
+
+class Scripted:
+    """A server on 127.0.0.1 that answers each infer request with ``infer(n)`` (n counts the
+    infer requests from 0) and every metadata request with the model's metadata; counts the
+    connections it accepted and how many were open at once."""
+
+    def __init__(self, infer: Callable[[int], Answer]) -> None:
+        self.infer = infer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.connections = self.open = self.most_open = self.requests = 0
+        self.threads: list[threading.Thread] = []
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                self.open += 1
+                self.most_open = max(self.most_open, self.open)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+                length = int({k.lower(): v for k, v in fields.items()}.get(b"content-length", b"0"))
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                if head.startswith(b"GET /v2/models/m "):
+                    conn.sendall(response(METADATA))
+                    continue
+                with self.lock:
+                    n = self.requests
+                    self.requests += 1
+                a = self.infer(n)
+                time.sleep(a.delay_s)
+                conn.sendall(a.data)
+                if a.close:
+                    return
+        except OSError:
+            return
+        finally:
+            with self.lock:
+                self.open -= 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Callable[[int], Answer]], Scripted]]:
+    made: list[Scripted] = []
+
+    def make(infer: Callable[[int], Answer]) -> Scripted:
+        made.append(Scripted(infer))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def call(target: load.RemoteTarget, timeout_s: float = 20.0) -> object:
+    return target.submit("m", np.ones(2, np.float32)).result(timeout_s)
+
+
+def test_kept_alive_connections_are_reused_and_answers_decode_when_read(scripted) -> None:
+    s = scripted(lambda n: Answer(response()))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        results = [call(target) for _ in range(5)]
+        assert s.connections == 1  # the metadata request's connection served every request
+        r = results[0]
+        assert r._parsed is None  # not decoded until read
+        np.testing.assert_array_equal(r.as_numpy("y"), np.array([1.5, 2.5], np.float32))
+        assert r.get_response()["model_name"] == "m" and "bytes" in repr(r)
+
+
+def test_an_answer_that_closes_its_connection_is_not_reused(scripted) -> None:
+    s = scripted(lambda n: Answer(response(close=True), close=True))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        for _ in range(3):
+            np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+    assert s.connections == 3  # the metadata's (kept: its answer did not close), then one for each later request
+
+
+def test_an_answer_delimited_by_the_close_is_read_whole(scripted) -> None:
+    s = scripted(lambda n: Answer(response(length=False), close=True))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced(scripted) -> None:
+    s = scripted(lambda n: Answer(response(), close=True))  # closes after answering, without saying so
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        for _ in range(3):
+            time.sleep(0.1)  # the close reaches the client before its next request
+            np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+
+
+@pytest.mark.parametrize(("answer", "error", "kind", "words"), [
+    (response(b'{"error": "model m: queue full"}', "429 Too Many Requests"), load.RemoteRejected, "http 429",
+     "queue full"),
+    (response(b'{"error": "deadline"}', "504 Gateway Timeout"), load.RemoteExpired, "http 504", "deadline"),
+    (response(b'{"error": "draining"}', "503 Service Unavailable"), load.RemoteError, "http 503", "draining"),
+    (response(b"<html>bad gateway</html>", "502 Bad Gateway"), load.RemoteError, "http 502", "bad gateway"),
+    (response(b"", "500 Internal Server Error"), load.RemoteError, "http 500", "(no message)"),
+])
+def test_error_answers_are_classified_with_the_servers_message(scripted, answer: bytes, error: type,
+                                                                kind: str, words: str) -> None:
+    s = scripted(lambda n: Answer(answer) if n == 0 else Answer(response()))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        with pytest.raises(error, match=None) as e:
+            call(target)
+        assert e.value.kind == kind and words in str(e.value)
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])  # the connection goes on
+        assert s.connections == 1
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (Answer(b"HELLO THERE\r\n\r\n"), "not valid HTTP/1.1"),
+    (Answer(b"", close=True), "closed the connection before its answer"),
+    (Answer(response()[:40], close=True), "closed the connection before its answer"),
+])
+def test_no_answer_is_a_connection_error_and_the_next_request_connects_again(scripted, answer: Answer,
+                                                                            words: str) -> None:
+    s = scripted(lambda n: answer if n == 0 else Answer(response()))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        with pytest.raises(load.RemoteError, match=words) as e:
+            call(target)
+        assert e.value.kind == "connection"
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+
+
+def test_a_client_timeout_drops_its_connection_and_the_late_answer(scripted) -> None:
+    s = scripted(lambda n: Answer(response(), delay_s=1.0) if n == 0 else Answer(response()))
+    with load.RemoteTarget(s.url, ["m"], request_timeout_s=0.3) as target:
+        with pytest.raises(load.RemoteError, match="no answer within 0.3 s") as e:
+            call(target)
+        assert e.value.kind == "client timeout"
+        # The late answer cannot be read as the next request's: that one gets its own connection.
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+        assert s.connections == 2
+
+
+def test_requests_beyond_the_connections_wait_for_one(scripted) -> None:
+    s = scripted(lambda n: Answer(response(), delay_s=0.05))
+    with load.RemoteTarget(s.url, ["m"], connections=2) as target:
+        futures = [target.submit("m", np.ones(2, np.float32)) for _ in range(12)]
+        for f in futures:
+            np.testing.assert_array_equal(f.result(30).as_numpy("y"), [1.5, 2.5])
+    assert s.most_open <= 2 and s.requests == 12
+
+
+def test_metadata_that_is_not_a_v2_answer_is_refused(scripted) -> None:
+    s = scripted(lambda n: Answer(response()))
+    with load.RemoteTarget(s.url, ["m"]) as target:  # the real metadata first: the client works
+        assert target.models == ["m"]
+    bad = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once() -> None:
+        conn, _ = bad.accept()
+        conn.recv(65536)
+        conn.sendall(response(b'["not", "metadata"]'))
+        conn.close()
+
+    threading.Thread(target=serve_once, daemon=True).start()
+    try:
+        with pytest.raises(load.RemoteError, match="metadata is not a v2 answer"):
+            load.RemoteTarget(f"http://127.0.0.1:{bad.getsockname()[1]}", ["m"], request_timeout_s=10)
+    finally:
+        bad.close()
