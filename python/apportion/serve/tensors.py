@@ -263,6 +263,30 @@ def _all_leaves(data: Any, kind: type | tuple[type, ...]) -> bool:
     return True
 
 
+def _check_range(spec: TensorSpec, guess: np.ndarray, data: Any) -> None:
+    """OverflowError when an integer of ``data`` is outside the datatype's range. numpy 1.x
+    converts such a Python int with a DeprecationWarning (300 as UINT8 read 44, -1 as UINT64 its
+    largest value); numpy 2 raises. Checked here whatever numpy does."""
+    info = np.iinfo(spec.dtype)
+    if guess.dtype.kind in "iu":  # exact: numpy held every value as an integer
+        low, high = int(guess.min()), int(guess.max())
+    elif guess.dtype.kind == "b":
+        return
+    else:  # ints beyond int64 (a float or object guess): from the leaves themselves
+        leaves: list[int] = []
+        stack = [data]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, list):
+                stack.extend(x)
+            else:
+                leaves.append(int(x))
+        low, high = min(leaves), max(leaves)
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise OverflowError(f"{bad} is outside the range of {spec.datatype} ({info.min} to {info.max})")
+
+
 def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -> np.ndarray:
     """An array from v2 JSON ``data`` (flat or nested, row-major)."""
     count = math.prod(shape)
@@ -290,6 +314,8 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
             if (arr.size and arr.dtype.kind not in allowed
                     and not (arr.dtype.kind in "fO" and _all_leaves(data, int if "f" not in allowed else (int, float)))):
                 raise TypeError(f"elements must be numbers, got {arr.dtype}")
+            if spec.dtype.kind in "iu" and arr.size:
+                _check_range(spec, arr, data)
             arr = np.asarray(data, dtype=spec.dtype).reshape(-1)
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
         raise TensorError(f"model {model!r}, input {spec.name!r}: 'data' is not {spec.datatype} "
