@@ -50,8 +50,10 @@ class Scripted:
     infer requests from 0) and every metadata request with the model's metadata; counts the
     connections it accepted and how many were open at once."""
 
-    def __init__(self, infer: Callable[[int], Answer]) -> None:
+    def __init__(self, infer: Callable[[int], Answer], meta: Callable[[bytes], bytes | None] | None = None) -> None:
         self.infer = infer
+        self.meta = meta  # answers a request line first, where it returns bytes
+        self.lines: list[bytes] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
@@ -93,6 +95,12 @@ class Scripted:
                 while len(buf) < length:
                     buf += conn.recv(65536)
                 buf = buf[length:]
+                line = head.split(b"\r\n", 1)[0]
+                self.lines.append(line)
+                special = self.meta(line) if self.meta is not None else None
+                if special is not None:
+                    conn.sendall(special)
+                    continue
                 if head.startswith(b"GET /v2/models/m "):
                     conn.sendall(response(METADATA))
                     continue
@@ -120,8 +128,8 @@ class Scripted:
 def scripted() -> Iterator[Callable[[Callable[[int], Answer]], Scripted]]:
     made: list[Scripted] = []
 
-    def make(infer: Callable[[int], Answer]) -> Scripted:
-        made.append(Scripted(infer))
+    def make(infer: Callable[[int], Answer], meta: Callable[[bytes], bytes | None] | None = None) -> Scripted:
+        made.append(Scripted(infer, meta))
         return made[-1]
 
     yield make
@@ -239,3 +247,49 @@ def test_metadata_that_is_not_a_v2_answer_is_refused(scripted) -> None:
             load.RemoteTarget(f"http://127.0.0.1:{bad.getsockname()[1]}", ["m"], request_timeout_s=10)
     finally:
         bad.close()
+
+
+def redirect(status: str, location: str) -> bytes:
+    return f"HTTP/1.1 {status}\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n".encode()
+
+
+def test_redirects_on_the_same_server_are_followed(scripted) -> None:
+    # Ray Serve answers GET /v2/models/NAME with 307 to NAME/ (its route prefix's slash).
+    def meta(line: bytes) -> bytes | None:
+        if line.startswith(b"GET /v2/models/m "):
+            return redirect("307 Temporary Redirect", "/v2/models/m/")
+        if line.startswith(b"GET /v2/models/m/ "):
+            return response(METADATA)
+        if line.startswith(b"POST /v2/models/m/infer "):
+            return redirect("308 Permanent Redirect", "http://127.0.0.1:%d/v2/models/m/v1/infer?x=1" % port)
+        return None
+
+    s = scripted(lambda n: Answer(response()), meta)
+    port = s.port
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+    assert [line.split(b" ")[:2] for line in s.lines] == [
+        [b"GET", b"/v2/models/m"], [b"GET", b"/v2/models/m/"], [b"POST", b"/v2/models/m/infer"],
+        [b"POST", b"/v2/models/m/v1/infer?x=1"]]
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (redirect("307 Temporary Redirect", "http://10.0.0.9:8000/v2/models/m/infer"),
+     "redirected to another server: http://10.0.0.9:8000/v2/models/m/infer; give that server's URL"),
+    (redirect("307 Temporary Redirect", "https://127.0.0.1/v2/models/m/infer"), "redirected to another server"),
+    (b"HTTP/1.1 307 Temporary Redirect\r\ncontent-length: 0\r\n\r\n", "without a Location"),
+    (redirect("302 Found", "/elsewhere"), "http 302"),  # a POST follows 307 and 308 only
+])
+def test_redirects_the_client_cannot_follow_fail_the_request(scripted, answer: bytes, words: str) -> None:
+    s = scripted(lambda n: Answer(answer))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        with pytest.raises(load.RemoteError, match=words):
+            call(target)
+
+
+def test_a_redirect_loop_ends_after_five_hops(scripted) -> None:
+    s = scripted(lambda n: Answer(redirect("307 Temporary Redirect", "/v2/models/m/infer")))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        with pytest.raises(load.RemoteError, match="http 307") as e:
+            call(target)
+        assert e.value.kind == "http 307" and s.requests == 6

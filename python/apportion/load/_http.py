@@ -12,6 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+"""Statuses that redirect a GET; a POST follows only 307 and 308 (the others would make it a GET)."""
+MAX_REDIRECTS = 5
 
 __all__ = ["HttpClient", "HttpError", "RemoteResult"]
 
@@ -169,6 +174,19 @@ class HttpClient:
                 self._wake()
             else:
                 conn.close()  # cut short (a timeout, an error): its answer may still come
+
+    def redirected(self, path: str, headers: dict[bytes, bytes]) -> str:
+        """The path a redirect answer to a request for ``path`` points to (its ``Location``,
+        relative or on this same server); HttpError for one without a Location or to another
+        server (whose URL the caller should give instead)."""
+        location = headers.get(b"location")
+        if not location:
+            raise HttpError(f"a redirect from {path} without a Location")
+        target = urlsplit(urljoin(f"http://{self.authority}{path}", location.decode("latin-1")))
+        if target.scheme != "http" or (target.hostname, target.port or 80) != (self.host, self.port):
+            raise HttpError(f"{path} is redirected to another server: {location.decode('latin-1')}; "
+                            f"give that server's URL")
+        return (target.path or "/") + (f"?{target.query}" if target.query else "")
 
     async def aclose(self) -> None:
         """:meth:`close`, then lets the loop finish closing each connection (a transport still

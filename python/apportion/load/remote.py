@@ -55,7 +55,7 @@ from urllib.parse import quote, urlsplit
 
 from .._private.checks import finite_number
 from ..errors import ApportionError, DeadlineExceeded, ModelNotFound, QueueFull
-from ._http import HttpClient, HttpError, RemoteResult
+from ._http import MAX_REDIRECTS, REDIRECTS, HttpClient, HttpError, RemoteResult
 from .spec import LoadError
 
 if TYPE_CHECKING:
@@ -204,7 +204,12 @@ class RemoteTarget:
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 if self.scheme == "http":
-                    status, headers, body = await self._http.send(request[0])
+                    wire = request[0]
+                    for _ in range(MAX_REDIRECTS + 1):
+                        status, headers, body = await self._http.send(wire)
+                        if status not in (307, 308):
+                            break
+                        wire = _moved(wire, self._http.redirected(_path(wire), headers))
                 else:
                     return await self._client.infer(model, request[0], **request[1])
         except TimeoutError:
@@ -295,9 +300,14 @@ class RemoteTarget:
     async def _metadata(self, name: str) -> Any:
         if self.scheme != "http":
             return await self._client.get_model_metadata(name)
+        path = f"/v2/models/{quote(name, safe='')}"
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                status, _, body = await self._http.request("GET", f"/v2/models/{quote(name, safe='')}")
+                for _ in range(MAX_REDIRECTS + 1):  # a server may move it (a trailing slash added)
+                    status, headers, body = await self._http.request("GET", path)
+                    if status not in REDIRECTS:
+                        break
+                    path = self._http.redirected(path, headers)
         except TimeoutError:
             raise RemoteError("client timeout", f"no answer within {self.request_timeout_s:g} s") from None
         except HttpError as e:
@@ -407,6 +417,16 @@ class RemoteTarget:
         # inputs callable that refills one buffer must not send its first values for ever.
         self._prepared[model] = (x, tensors, sent)
         return tensors
+
+
+def _path(wire: list[bytes]) -> str:
+    """The path of a request's bytes (``POST PATH HTTP/1.1``)."""
+    return wire[0][5:wire[0].index(b" HTTP/1.1\r\n")].decode("latin-1")
+
+
+def _moved(wire: list[bytes], path: str) -> list[bytes]:
+    """The same request for ``path``."""
+    return [b"POST " + path.encode("latin-1") + wire[0][wire[0].index(b" HTTP/1.1\r\n"):], *wire[1:]]
 
 
 def _error_text(body: bytes) -> str:
