@@ -970,6 +970,44 @@ def test_asgi_app_inside_fastapi() -> None:
         rt.close()
 
 
+def test_the_asgi_app_under_trio_fails_its_startup_and_answers_500_saying_why() -> None:
+    # Under trio every infer and /metrics answered 500 "no running event loop" while health
+    # and readiness answered 200 and lifespan startup succeeded: a probe saw a healthy server.
+    trio = pytest.importorskip("trio")
+    from apportion.serve.app import NOT_ASYNCIO
+
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: x * 2)
+    rt.start()
+    app = asgi(rt, {"echo": signatures()["echo"]})
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        inbox = [{"type": "lifespan.startup"}]
+
+        async def receive() -> dict[str, Any]:
+            return inbox.pop(0)
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
+            for path in ("/v2/health/ready", "/v2/models/echo", "/metrics"):
+                r = await h.get(path)
+                assert r.status_code == 500 and r.json()["error"] == NOT_ASYNCIO, (path, r.text)
+            r = await h.post("/v2/models/echo/infer", json={
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+            assert r.status_code == 500 and "runs on an asyncio event loop" in r.json()["error"]
+
+    try:
+        trio.run(run)
+        assert sent == [{"type": "lifespan.startup.failed", "message": NOT_ASYNCIO}]
+        assert "trio?" in NOT_ASYNCIO and "uvicorn" in NOT_ASYNCIO
+    finally:
+        rt.close()
+
+
 def test_metrics_route_reads_the_runtimes_counters(served: Served) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -3,7 +3,8 @@
 A plain ASGI callable rather than Starlette routes: the v2 paths are few and fixed, and
 measured here (in-process ASGI calls of a no-op infer, bench/RESULTS.md "Serving over the
 network") Starlette's routing and Request/Response objects added per-request time that a
-split of the path does not. It mounts in any ASGI framework (``fastapi_app.mount("/", app)``).
+split of the path does not. It mounts in any ASGI framework (``fastapi_app.mount("/", app)``)
+that runs it on an asyncio event loop (asyncio or uvloop; not trio).
 """
 
 from __future__ import annotations
@@ -54,9 +55,18 @@ def asgi(rt: Runtime, signatures: Mapping[str, Signature], *,
     ``max_body_bytes``: larger request bodies get 413. ``queue_full_status``: the status of a
     request refused because the model's queue is full: 429 (with ``Retry-After: 1``) or 503.
     ``body_timeout_s``: a body not arrived whole this long after its headers gets 408.
-    The runtime is the caller's: start it before serving, close it after."""
+    The runtime is the caller's: start it before serving, close it after.
+
+    The app runs on an asyncio event loop (asyncio or uvloop: uvicorn, hypercorn's asyncio
+    and uvloop workers, FastAPI and Starlette on anyio's asyncio backend). Under trio its
+    startup fails and every request gets 500 saying so."""
     return V2App(fe.Frontend(rt, signatures), max_body_bytes=max_body_bytes,
                  queue_full_status=queue_full_status, body_timeout_s=body_timeout_s)
+
+
+NOT_ASYNCIO = ("apportion's v2 app runs on an asyncio event loop (asyncio or uvloop), and this ASGI server "
+               "runs it on another (trio?): serve it with uvicorn, hypercorn's asyncio or uvloop worker, or "
+               "anyio's asyncio backend")
 
 
 class _Disconnected(Exception):
@@ -85,6 +95,11 @@ class V2App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # trio (hypercorn --worker-class trio, anyio's trio backend)
+            await self._refuse_loop(kind, receive, send)
+            return
         if kind == "lifespan":
             while True:
                 msg = await receive()
@@ -133,6 +148,23 @@ class V2App:
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         # HEAD: the headers a GET would get (its Content-Length too), without the body
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    async def _refuse_loop(self, kind: str, receive: Receive, send: Send) -> None:
+        """Under an ASGI server that runs the app on another event loop than asyncio's: its
+        startup fails (with lifespan), and every request, health included, gets 500 saying so
+        (the app waits for the runtime's futures on the asyncio loop it runs on: without one,
+        every infer failed while health answered ready)."""
+        if kind == "lifespan":
+            if (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": NOT_ASYNCIO})
+            return
+        if kind == "http":
+            _, headers, body = self._error(fe.ServeError(fe.INTERNAL, NOT_ASYNCIO))
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        elif kind == "websocket" and (await receive())["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1011})
 
     def _error(self, e: fe.ServeError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         status = self._status[e.kind]
