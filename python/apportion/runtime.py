@@ -450,7 +450,10 @@ class Runtime(_core._Runtime):
         it: while the model is backlogged, the requests queued ahead of it times the model's
         measured pace (time between completions per request, all instances together), plus
         its own call's measured duration (both smoothed over about eight calls, and measured
-        again after a move). A burst then turns into
+        again after a move), plus how late recent requests ran against that estimate (a margin
+        learned from every completion and expiry: it rises at once when calls stretch after
+        admission, as when other processes take the CPUs, and decays as requests finish in
+        time). A burst then turns into
         refusals at submit instead of requests that hold a slot, expire in the queue or
         complete late. Needs ``priority_levels=1``.
         ``batching``: an :class:`~apportion.Batching`; the model then receives a list of inputs
