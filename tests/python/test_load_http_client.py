@@ -150,6 +150,13 @@ def test_kept_alive_connections_are_reused_and_answers_decode_when_read(scripted
         assert r._parsed is None  # not decoded until read
         np.testing.assert_array_equal(r.as_numpy("y"), np.array([1.5, 2.5], np.float32))
         assert r.get_response()["model_name"] == "m" and "bytes" in repr(r)
+        import copy
+        import pickle
+
+        for again in (pickle.loads(pickle.dumps(results[1])), copy.copy(results[2]), copy.deepcopy(results[3])):
+            np.testing.assert_array_equal(again.as_numpy("y"), [1.5, 2.5])
+        with pytest.raises(AttributeError):
+            r._nothing_such  # noqa: B018 - private names are the result's own, not InferResult's
 
 
 def test_an_answer_that_closes_its_connection_is_not_reused(scripted) -> None:

@@ -47,7 +47,12 @@ class RemoteResult:
         return self._parsed
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # own slots not set yet (a copy being made), dunder lookups
+            raise AttributeError(name)
         return getattr(self.infer_result, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteResult, (self._body, self._header_length))
 
     def __repr__(self) -> str:
         return f"<RemoteResult {len(self._body)} bytes>"
