@@ -159,6 +159,15 @@ def test_kept_alive_connections_are_reused_and_answers_decode_when_read(scripted
             r._nothing_such  # noqa: B018 - private names are the result's own, not InferResult's
 
 
+def test_interim_answers_are_skipped(scripted) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+    s = scripted(lambda n: Answer(early + response()))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        for _ in range(2):
+            np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+    assert s.connections == 1
+
+
 def test_an_answer_that_closes_its_connection_is_not_reused(scripted) -> None:
     s = scripted(lambda n: Answer(response(close=True), close=True))
     with load.RemoteTarget(s.url, ["m"]) as target:

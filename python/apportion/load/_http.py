@@ -109,6 +109,9 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:  # interim (103 Early Hints): the answer follows
+            self._headers, self._body, self._headers_done = {}, [], False
+            return
         self._complete(reusable=self._parser.should_keep_alive())
 
     # -- used by HttpClient -----------------------------------------------------------------------
