@@ -89,32 +89,33 @@ def _cumulative(hist: HistogramSnapshot, bounds: Sequence[int], per_unit: float)
 
 class _Sums:
     """Each histogram's native sum (uint64, modulo 2**64) carried on across its wrap from one
-    scrape to the next. The growth since the last scrape, taken modulo 2**64, is the sum of
-    the values recorded since, so it is at most their count times the largest value; growth
-    beyond that (or a count that went down) is a new series: the model removed and added
-    again."""
+    scrape to the next (the caller serialises the scrapes: each reads its stats and totals
+    them before the next, so none is older than the one before). A count that went down is a
+    new series: the model removed and added again. A sum that went down with the count up
+    is a wrap when the growth modulo 2**64 is what the new values could add (at most their
+    count times the largest value), and a new series otherwise."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # scrapes may run at once (one thread each)
         self._seen: dict[tuple[str, str], tuple[int, int, int]] = {}  # (raw sum, count, total)
 
     def total(self, key: tuple[str, str], hist: HistogramSnapshot) -> int:
         raw, count = int(hist.sum), int(hist.count)
-        with self._lock:
-            prev = self._seen.get(key)
-            grown = None if prev is None else (raw - prev[0]) % 2**64
-            if grown is None or count < prev[1] or grown > (count - prev[1]) * int(hist.max):
-                total = raw
-            else:
-                total = prev[2] + grown
-            self._seen[key] = (raw, count, total)
+        prev = self._seen.get(key)
+        if prev is None or count < prev[1]:
+            total = raw
+        elif raw >= prev[0]:
+            total = prev[2] + raw - prev[0]
+        elif (raw - prev[0]) % 2**64 <= (count - prev[1]) * int(hist.max):
+            total = prev[2] + (raw - prev[0]) % 2**64
+        else:
+            total = raw
+        self._seen[key] = (raw, count, total)
         return total
 
     def keep(self, models: set[str]) -> None:
         """Forgets the series of models no longer reported."""
-        with self._lock:
-            for key in [k for k in self._seen if k[0] not in models]:
-                del self._seen[key]
+        for key in [k for k in self._seen if k[0] not in models]:
+            del self._seen[key]
 
 
 class StatsCollector(Collector):
@@ -128,13 +129,20 @@ class StatsCollector(Collector):
         self._source = source
         self._latency_bounds = latency_bounds_ns(per_octave)
         self._sums = _Sums()
+        # Scrapes one at a time: two at once (two Prometheus replicas) could total an older
+        # reading after a newer one, which reads as a new series and loses the carry.
+        self._scrape = threading.Lock()
 
     def describe(self) -> list[Metric]:
         # Nothing to check at registration: reading the stats there would be a scrape.
         return []
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._source()
+        with self._scrape:
+            metrics = list(self._collect(self._source()))
+        yield from metrics
+
+    def _collect(self, stats: Mapping[str, ModelStats]) -> Iterator[Metric]:
         m = ["model"]
 
         def counter(name: str, doc: str, labels: Sequence[str] = m) -> CounterMetricFamily:

@@ -212,7 +212,6 @@ def test_error_answers_are_classified_with_the_servers_message(scripted, answer:
 
 @pytest.mark.parametrize(("answer", "words"), [
     (Answer(b"HELLO THERE\r\n\r\n"), "not valid HTTP/1.1"),
-    (Answer(b"", close=True), "closed the connection before its answer"),
     (Answer(response()[:40], close=True), "closed the connection before its answer"),
 ])
 def test_no_answer_is_a_connection_error_and_the_next_request_connects_again(scripted, answer: Answer,
@@ -223,6 +222,82 @@ def test_no_answer_is_a_connection_error_and_the_next_request_connects_again(scr
             call(target)
         assert e.value.kind == "connection"
         np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+
+
+def test_a_kept_alive_connection_closed_unanswered_is_tried_once_more_on_a_new_one(scripted) -> None:
+    # A server's idle timeout can close a kept-alive connection as a request goes out on it:
+    # the server read none of it, and the request goes again on a new connection, once.
+    s = scripted(lambda n: Answer(b"", close=True) if n == 0 else Answer(response()))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        np.testing.assert_array_equal(call(target).as_numpy("y"), [1.5, 2.5])
+    assert s.requests == 2 and s.connections == 2
+    # A server that never answers: the second try, on a fresh connection, fails the request.
+    never = scripted(lambda n: Answer(b"", close=True))
+    with load.RemoteTarget(never.url, ["m"]) as target:
+        with pytest.raises(load.RemoteError, match="the server closed the connection before its answer") as e:
+            call(target)
+        assert e.value.kind == "connection"
+    assert never.requests == 2
+
+
+def test_close_ends_every_request_in_flight_even_one_still_connecting() -> None:
+    # A server that accepts one connection and then no more (its backlog full): requests
+    # beyond the first wait in connect. close() ended only those with a connection; the
+    # others' futures never ended.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def serve_metadata_then_stall() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.recv(65536)
+        conn.sendall(response(METADATA))
+
+    threading.Thread(target=serve_metadata_then_stall, daemon=True).start()
+    fillers = []
+    try:
+        target = load.RemoteTarget(f"http://127.0.0.1:{port}", ["m"], request_timeout_s=30)
+        for _ in range(4):  # fill the backlog: later connects hang
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        futures = [target.submit("m", np.ones(2, np.float32)) for _ in range(6)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        target.close()
+        assert time.monotonic() - started < 5
+        for f in futures:
+            with pytest.raises(load.RemoteError) as e:
+                f.result(5)
+            assert e.value.kind in ("closed", "connection")
+            assert "the server closed" not in str(e.value)  # the client did
+    finally:
+        for f in fillers:
+            f.close()
+        for c in accepted:
+            c.close()
+        listener.close()
+
+
+def test_a_200_answer_that_is_no_v2_answer_fails_the_request(scripted) -> None:
+    # A proxy's error page with status 200 read as a result: counted as goodput.
+    s = scripted(lambda n: Answer(response(b"<html>proxy error</html>")) if n == 0 else Answer(
+        b"HTTP/1.1 200 OK\r\ninference-header-content-length: 999\r\ncontent-length: 2\r\n\r\n{}"))
+    with load.RemoteTarget(s.url, ["m"]) as target:
+        for _ in range(2):
+            with pytest.raises(load.RemoteError, match="not a v2 inference answer") as e:
+                call(target)
+            assert e.value.kind == "http 200"
+
+
+@pytest.mark.parametrize("bad", [0, -1, None, 1.5, True])
+def test_connections_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(load.LoadError, match="connections must be an int >= 1"):
+        load.RemoteTarget("http://127.0.0.1:9", ["m"], connections=bad)  # type: ignore[arg-type]
 
 
 def test_a_client_timeout_drops_its_connection_and_the_late_answer(scripted) -> None:

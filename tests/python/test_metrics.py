@@ -230,3 +230,57 @@ def test_a_kept_collectors_sums_carry_on_across_the_native_wrap_and_restart_with
     assert sum_s(page.text()) == pytest.approx(3.0)
     # A collector made after the wrap has only the native reading to go on.
     assert sum_s(RuntimeMetrics(src).text()) == pytest.approx(3.0)
+
+
+def test_a_torn_reading_after_the_wrap_keeps_the_carry() -> None:
+    # A snapshot may hold a new value in its sum but not yet in its max (the native record()
+    # stores count, sum, max in turn): its growth then exceeds count x max. Judged a new
+    # series, the _sum carried across the wrap fell back to the raw sum.
+    from apportion.metrics import _Sums
+
+    def hist(count: int, total: int, high: int) -> ap.HistogramSnapshot:
+        counts = [0] * 1280
+        counts[-1] = count
+        h = ap.HistogramSnapshot.__new__(ap.HistogramSnapshot)
+        h.__setstate__((counts, total % 2**64, high, high))
+        return h
+
+    sums, big = _Sums(), 2**54  # values of ~208 days: 1,024 of them wrap the sum
+    assert sums.total(("m", "q"), hist(1024, 2**64 - 1000, big)) == 2**64 - 1000
+    assert sums.total(("m", "q"), hist(1025, 2**64 - 1000 + 10**9, big)) == 2**64 - 1000 + 10**9  # wrapped
+    torn = hist(1026, 2**64 - 1000 + 10**9 + 3 * big, big)  # a value of 3 x max, max not updated yet
+    assert sums.total(("m", "q"), torn) == 2**64 - 1000 + 10**9 + 3 * big
+    # A wrap the new values cannot explain is a new series.
+    assert sums.total(("m", "q"), hist(1027, 5, 10)) == 5
+
+
+def test_scrapes_run_one_at_a_time() -> None:
+    # Two scrapes at once (two Prometheus replicas) could total an older reading after a newer
+    # one: read as a new series, which lost the _sum carried across the native wrap.
+    import threading
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    entered, go = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def source() -> dict[str, ap.ModelStats]:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            entered.set()
+            assert go.wait(30)
+        return {}
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(source))
+    first = threading.Thread(target=generate_latest, args=(registry,), name="first")
+    second = threading.Thread(target=generate_latest, args=(registry,), name="second")
+    first.start()
+    assert entered.wait(30)
+    second.start()
+    time.sleep(0.2)
+    assert calls == ["first"]  # the second waits for the first to finish
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert calls == ["first", "second"]

@@ -25,6 +25,10 @@ class HttpError(Exception):
     """No answer: the connection failed or closed, or the answer was not HTTP."""
 
 
+class _Unanswered(HttpError):
+    """The server closed the connection before sending a byte of the answer."""
+
+
 class RemoteResult:
     """A v2 infer answer over HTTP; behaves as tritonclient's ``InferResult`` (``as_numpy``,
     ``get_output``, ``get_response``, ...), which it builds from the body on first use, so a
@@ -67,6 +71,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = True
+        self.served = 0  # answers completed on it: a reused connection's close may have crossed our request
+        self._by_client = False
+        self._answer_started = False
         self._answer: asyncio.Future[tuple[int, dict[bytes, bytes], bytes]] | None = None
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
@@ -77,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self._answer_started = True
         if self._answer is None:  # nothing asked: a server that talks out of turn is not reused
             self._fail(HttpError(f"{len(data)} bytes from the server with no request in flight"))
             return
@@ -94,7 +102,12 @@ class _Connection(asyncio.Protocol):
                 self._complete(reusable=False)  # an answer delimited by the close itself
             else:
                 why = f": {exc}" if exc is not None else ""
-                answer.set_exception(HttpError(f"the server closed the connection before its answer{why}"))
+                if self._by_client:
+                    answer.set_exception(HttpError("the client closed the connection before the answer"))
+                elif not self._answer_started:
+                    answer.set_exception(_Unanswered(f"the server closed the connection before its answer{why}"))
+                else:
+                    answer.set_exception(HttpError(f"the server closed the connection before its answer{why}"))
         self._answer = None
         self._client._lost(self)
 
@@ -118,11 +131,13 @@ class _Connection(asyncio.Protocol):
     def exchange(self, data: list[bytes]) -> asyncio.Future[tuple[int, dict[bytes, bytes], bytes]]:
         assert self.transport is not None and self._answer is None
         self._answer = answer = asyncio.get_running_loop().create_future()
+        self._answer_started = False
         self.transport.writelines(data)
         return answer
 
     def close(self) -> None:
         self.closed = True
+        self._by_client = True
         if self.transport is not None:
             self.transport.abort()  # nothing of ours is worth flushing: a request cut short
 
@@ -132,6 +147,7 @@ class _Connection(asyncio.Protocol):
         headers, body = self._headers, b"".join(self._body)
         self._headers, self._body, self._headers_done = {}, [], False
         self.reusable = reusable
+        self.served += 1
         if answer is not None and not answer.done():
             answer.set_result((status, headers, body))
 
@@ -170,18 +186,26 @@ class HttpClient:
 
     async def send(self, data: list[bytes]) -> tuple[int, dict[bytes, bytes], bytes]:
         """:meth:`request` with the request's bytes given (``data``: head and body, as written)."""
-        conn = await self._acquire()
-        done = False
-        try:
-            answer = await conn.exchange(data)
-            done = True
-            return answer
-        finally:
-            if done and conn.reusable and not conn.closed and not self._closed:
-                self._idle.append(conn)
-                self._wake()
-            else:
-                conn.close()  # cut short (a timeout, an error): its answer may still come
+        for attempt in range(2):
+            conn = await self._acquire()
+            done = False
+            try:
+                answer = await conn.exchange(data)
+                done = True
+                return answer
+            except _Unanswered:
+                # A kept-alive connection the server closed as the request went out (its idle
+                # timeout): the server read none of it. Once more, on another connection.
+                if attempt == 0 and conn.served > 0:
+                    continue
+                raise
+            finally:
+                if done and conn.reusable and not conn.closed and not self._closed:
+                    self._idle.append(conn)
+                    self._wake()
+                else:
+                    conn.close()  # cut short (a timeout, an error): its answer may still come
+        raise AssertionError("unreachable")
 
     def redirected(self, path: str, headers: dict[bytes, bytes]) -> str:
         """The path a redirect answer to a request for ``path`` points to (its ``Location``,

@@ -142,6 +142,8 @@ class RemoteTarget:
         if tensors not in ("binary", "json") or (tensors == "json" and self.scheme != "http"):
             raise LoadError(f"{url}: tensors must be 'binary' or, over HTTP, 'json'; got {tensors!r}")
         self.tensors = tensors
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise LoadError(f"{url}: connections must be an int >= 1, got {connections!r}")
         self._outputs: dict[str, list[Any]] = {}
         self._connections = connections
         self._inputs: dict[str, tuple[_Input, ...]] = {}
@@ -153,7 +155,9 @@ class RemoteTarget:
         self._thread.start()
         self._client: Any = None
         try:
-            self._call(self._open(names))
+            # Each metadata read has request_timeout_s (a RemoteError naming it); this bound is
+            # only for a loop that does not answer.
+            self._call(self._open(names), timeout=self.request_timeout_s * (len(names) + 1) + 10.0)
         except BaseException:
             self.close()
             raise
@@ -223,10 +227,15 @@ class RemoteTarget:
             raise classify("http", str(status), _error_text(body))
         length = headers.get(b"inference-header-content-length")
         try:
-            return RemoteResult(body, int(length) if length is not None else None)
+            header_length = int(length) if length is not None else None
         except ValueError:
             raise RemoteError("http 200", f"model {model!r}: the answer's Inference-Header-Content-Length "
                               f"is not a number: {length!r}") from None
+        # Decoded only when read, but checked as a v2 answer now (a proxy's page is not a result).
+        if body.lstrip()[:1] != b"{" or (header_length is not None and not 0 < header_length <= len(body)):
+            raise RemoteError("http 200", f"model {model!r}: the answer is not a v2 inference answer: "
+                              f"{body[:120]!r}{'...' if len(body) > 120 else ''}")
+        return RemoteResult(body, header_length)
 
     @property
     def connections(self) -> int:
@@ -250,6 +259,10 @@ class RemoteTarget:
                     self._call(self._client.close(), timeout=10.0)
                 except Exception:  # noqa: BLE001 - closing a broken connection is not an error
                     pass
+            try:  # requests still connecting or waiting for a connection: each future ends
+                self._call(_cancel_the_rest(), timeout=10.0)
+            except Exception:  # noqa: BLE001 - as above
+                pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
         if not self._thread.is_alive() and not self._loop.is_closed():
@@ -361,6 +374,10 @@ class RemoteTarget:
             result = await self.send(model, *request)
         except RemoteError as e:  # every outcome ends the future, once
             fut.set_exception(e)
+        except asyncio.CancelledError:  # close() with the request in flight
+            fut.set_exception(RemoteError("closed", f"{self.url}: model {model!r}: the target was closed "
+                                                    "before the answer came"))
+            raise
         else:
             fut.set_result(result)
 
@@ -417,6 +434,14 @@ class RemoteTarget:
         # inputs callable that refills one buffer must not send its first values for ever.
         self._prepared[model] = (x, tensors, sent)
         return tensors
+
+
+async def _cancel_the_rest() -> None:
+    """Cancels every other task of the running loop and waits for them."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _path(wire: list[bytes]) -> str:
