@@ -26,7 +26,7 @@ LAYERS: list[list[str]] = [
     ["apportion.placement", "apportion.gpu"],
     ["apportion.spec"],
     ["apportion.adapters", "apportion._private"],
-    ["apportion.load.spec"],
+    ["apportion.load.spec", "apportion.load._http"],
     ["apportion.load.report", "apportion.load.remote"],
     ["apportion.load.driver"],
     ["apportion.load"],
