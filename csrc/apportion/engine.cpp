@@ -17,6 +17,8 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <utility>
 
 namespace apportion {
 
@@ -211,6 +213,16 @@ Model::~Model() {
 
 void Model::start_expiry() {
   if (expiry_ == nullptr || expiry_thread_.joinable()) return;
+  try {
+    run_expiry_thread();
+  } catch (const std::exception& e) {  // std::system_error (EAGAIN), std::bad_alloc
+    throw std::runtime_error("model '" + opts_.name + "': the OS refused the thread of its deadline timer: " +
+                             e.what() + " (a thread, memory or process limit: ulimit -u, a container's pids "
+                             "limit, ulimit -v)");
+  }
+}
+
+void Model::run_expiry_thread() {
   expiry_thread_ = std::thread([this] {
     name_thread(opts_.name, ":t");
     std::vector<Request*> claimed, others;
@@ -233,18 +245,46 @@ void Model::start_expiry() {
 uint32_t Model::start() {
   if (started_) return 0;
   started_ = true;
-  start_expiry();
+  try {
+    start_expiry();
+  } catch (const std::exception& e) {
+    std::lock_guard lock(workers_mu_);
+    thread_error_ = e.what();
+    return 1;  // nothing started: the owner closes the model, which cancels what is queued
+  }
   // Every worker serves as soon as it started: a failed start stops the whole model anyway.
   auto gen = generation_from_options();
   gen->gate.store(WorkerGeneration::kServe, std::memory_order_relaxed);
-  for (auto& w : workers_) w->gen = gen;
+  std::vector<Worker*> ws;
   for (auto& w : workers_) {
-    Worker* wp = w.get();
-    wp->thread = std::thread([this, wp] { worker_main(*wp); });
+    w->gen = gen;
+    ws.push_back(w.get());
   }
+  const std::size_t launched = launch(ws);
   std::unique_lock lock(gen->mu);
-  gen->cv.wait(lock, [&] { return gen->started == workers_.size(); });
-  return gen->failed;
+  gen->cv.wait(lock, [&] { return gen->started == launched; });
+  return gen->failed + (launched < ws.size() ? 1 : 0);
+}
+
+std::size_t Model::launch(const std::vector<Worker*>& ws) {
+  std::size_t i = 0;
+  try {
+    for (; i < ws.size(); ++i) {
+      Worker* wp = ws[i];
+      wp->thread = std::thread([this, wp] { worker_main(*wp); });
+    }
+  } catch (const std::exception& e) {  // std::system_error (EAGAIN), std::bad_alloc
+    std::lock_guard lock(workers_mu_);
+    thread_error_ = "the OS refused the thread of instance " + std::to_string(ws[i]->index) + " (" +
+                    std::to_string(i) + " of " + std::to_string(ws.size()) + " started): " + e.what() +
+                    " (a thread, memory or process limit: ulimit -u, a container's pids limit, ulimit -v)";
+  }
+  return i;
+}
+
+std::string Model::take_thread_error() {
+  std::lock_guard lock(workers_mu_);
+  return std::exchange(thread_error_, std::string());
 }
 
 void Model::worker_main(Worker& w) {
@@ -1033,12 +1073,12 @@ uint32_t Model::reshape(Shape shape) {
       workers_.push_back(std::move(w));
     }
   }
-  for (Worker* wp : started) wp->thread = std::thread([this, wp] { worker_main(*wp); });
+  const std::size_t launched = launch(started);
   uint32_t failed = 0;
   {
     std::unique_lock lock(gen->mu);
-    gen->cv.wait(lock, [&] { return gen->started == n; });
-    failed = gen->failed;
+    gen->cv.wait(lock, [&] { return gen->started == launched; });
+    failed = gen->failed + (launched < started.size() ? 1 : 0);
   }
   if (failed != 0) {
     // Nothing moved: the new workers exit without serving, the old ones never stopped.

@@ -348,6 +348,9 @@ class Model {
                      std::optional<std::vector<uint32_t>> groups = std::nullopt);
   /// Pinning refusals, one entry per worker that had one ("instance N: reason"). After start().
   std::vector<std::string> pin_errors() const;
+  /// Why the OS refused a thread the last start() or reshape() needed ("" when none was
+  /// refused), and forgets it. Such a start or move counts as failed.
+  std::string take_thread_error();
   /// The kernel thread ids of the workers running now (those that started and did not exit).
   std::vector<int> worker_tids() const;
   const std::shared_ptr<ModelCounters>& counters() const noexcept { return counters_; }
@@ -391,6 +394,10 @@ class Model {
   std::vector<std::unique_ptr<Worker>> make_workers(const std::shared_ptr<WorkerGeneration>& gen,
                                                     uint32_t own, uint32_t burst, std::size_t batch_max);
   void start_expiry();  // the deadline timer's thread, from construction
+  void run_expiry_thread();
+  // Starts the threads of `ws` in order, up to the first the OS refuses (no thread, memory
+  // or process left: recorded in thread_error_); returns how many started.
+  std::size_t launch(const std::vector<Worker*>& ws);
   std::shared_ptr<WorkerGeneration> generation_from_options() const;
   void check_shape(const Shape& shape) const;
   // Joins `gone` (retiring, or never served), folds their histograms into retired_ and drops
@@ -465,6 +472,7 @@ class Model {
   // start() and reshape(); guarded by workers_mu_ against readers (snapshot, tids, pins).
   std::vector<std::unique_ptr<Worker>> workers_;
   mutable std::mutex workers_mu_;
+  std::string thread_error_;  // guarded by workers_mu_
   // The histograms of workers a move retired, and how many one-request calls they made
   // (guarded by workers_mu_).
   ModelSnapshot retired_;

@@ -26,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -766,8 +767,24 @@ class RuntimeCore {
     for (const auto& name : reg_->names()) {
       if (auto e = reg_->find(name)) warn_pin_errors(*e);
     }
-    // Every model started even if one failed: the first failure is raised now.
-    if (!failed.empty()) raise_start_failure(*failed.front());
+    // Every model started even if one failed: the first failure is raised now, with a note
+    // naming each other model that failed (each is removed, its queued requests cancelled).
+    if (failed.empty()) return;
+    try {
+      raise_start_failure(*failed.front());
+    } catch (py::error_already_set& first) {
+      for (std::size_t i = 1; i < failed.size(); ++i) {
+        std::string why;
+        try {
+          raise_start_failure(*failed[i]);
+        } catch (py::error_already_set& other) {
+          why = py::str(other.value()).cast<std::string>();
+        }
+        const std::string note = "model '" + failed[i]->name() + "' failed to start too and was removed: " + why;
+        first.value().attr("add_note")(note);
+      }
+      throw;
+    }
   }
 
   void remove_model(const std::string& name, bool drain) {
@@ -876,14 +893,21 @@ class RuntimeCore {
     // on a thread of its own, so that Ctrl-C interrupts the wait (KeyboardInterrupt; the close
     // goes on and is joined at interpreter exit, or by the next close()).
     auto done = std::make_shared<std::atomic<uint32_t>>(0);
-    std::thread closer([reg = reg_, done, drain]() mutable {
-      reg->close(drain);
-      // Dropped before `done`: should this be the last reference (the runtime itself dropped
-      // after Ctrl-C), its destructor takes the GIL, and a finished orphan is joined with it held.
-      reg.reset();
-      done->store(1, std::memory_order_release);
-      park_wake(*done);
-    });
+    std::thread closer;
+    try {
+      closer = std::thread([reg = reg_, done, drain]() mutable {
+        reg->close(drain);
+        // Dropped before `done`: should this be the last reference (the runtime itself dropped
+        // after Ctrl-C), its destructor takes the GIL, and a finished orphan is joined with it held.
+        reg.reset();
+        done->store(1, std::memory_order_release);
+        park_wake(*done);
+      });
+    } catch (const std::system_error&) {
+      // No thread left to wait on: close here (Ctrl-C waits for it), rather than not at all.
+      without_gil([&] { reg_->close(drain); });
+      return;
+    }
     for (;;) {
       without_gil([&] {
         if (done->load(std::memory_order_acquire) == 0) park_wait(*done, 0, kSignalCheckNs);
@@ -1036,6 +1060,10 @@ class RuntimeCore {
   // The first exception the model's factory raised (GIL held), else a generic error.
   [[noreturn]] static void raise_start_failure(ModelEntry& e) {
     py::object err = static_cast<PyHandler&>(*e.handler).take_error();
+    if (const std::string refused = e.model->take_thread_error(); !refused.empty()) {
+      // The root cause: the workers that did start may have failed only for being stopped.
+      raise(types().apportion_error, "model '" + e.name() + "' could not start: " + refused);
+    }
     if (err) {
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
       throw py::error_already_set();
