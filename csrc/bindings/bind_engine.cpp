@@ -23,6 +23,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -739,8 +740,17 @@ class RuntimeCore {
     if (const py::object t = spec.attr("timeout_ms"); !t.is_none()) {
       default_timeout = timeout_to_ns(name, "timeout_ms", t.cast<double>());
     }
-    auto e = std::make_shared<ModelEntry>(std::make_shared<Model>(opts, handler), handler,
-                                          default_timeout, priority_levels);
+    std::shared_ptr<Model> model;
+    try {
+      model = std::make_shared<Model>(opts, handler);
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, ("model '" + name + "': no memory for its queue (max_queue=" +
+                                          std::to_string(opts.max_queue) + ", its cells are allocated when the model "
+                                          "is added): a smaller max_queue, or more memory (ulimit -v)")
+                                             .c_str());
+      throw py::error_already_set();
+    }
+    auto e = std::make_shared<ModelEntry>(std::move(model), handler, default_timeout, priority_levels);
     apply_placement(*e->model, placement, memory_policy, groups);  // refused groups: not registered
     const RegistryStatus s = without_gil([&] { return reg_->add(e); });
     switch (s) {

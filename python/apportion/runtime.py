@@ -27,7 +27,7 @@ from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_
 from .placement import ModelPlan, Plan, Quota, plan
 from ._private.claims import CpuClaims
 from ._private.cputime import CpuTracker
-from ._private.process import NOT_TAKEN, ProcessInstance, factory_path
+from ._private.process import NOT_TAKEN, SPAWN_NOTE, ProcessInstance, factory_path
 from .spec import DEFAULT_MAX_QUEUE, ModelSpec
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, format_cpulist, topology
@@ -247,7 +247,8 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
         try:
             proxy.start()
         except BaseException as e:
-            e.add_note(f"(raised by the factory of model {name!r}, instance {index}, in its worker process)")
+            if not any(n.startswith(SPAWN_NOTE) for n in getattr(e, "__notes__", ())):
+                e.add_note(f"(raised by the factory of model {name!r}, instance {index}, in its worker process)")
             raise
         return proxy
 

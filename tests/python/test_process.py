@@ -509,6 +509,28 @@ def test_factory_errors_surface_from_add_model(rt: ap.Runtime) -> None:
     assert rt.submit("e", 1).result(timeout=LONG) == 1
 
 
+def test_a_child_the_os_refuses_is_not_blamed_on_the_factory(rt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No fd or process left for the child: the note said the factory raised "in its worker
+    # process", which never existed.
+    import errno
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    rt.start()
+    monkeypatch.setattr(process_mod.subprocess, "Popen", refuse)
+    with pytest.raises(OSError, match="Too many open files") as info:
+        rt.add_model("p", factory="process_models:echo", isolation="process")
+    notes = getattr(info.value, "__notes__", [])
+    assert any("starting the worker process of model 'p', instance 0: in this process, before the child ran; "
+               "its factory did not run" in n for n in notes), notes
+    assert not any("raised by the factory" in n for n in notes), notes
+    assert rt.models == []
+    monkeypatch.undo()
+    rt.add_model("p", factory="process_models:echo", isolation="process")
+    assert rt.submit("p", 4).result(timeout=LONG) == 4
+
+
 def test_close_and_remove_model_end_children_and_segments(child_pids: Callable[[], set[int]]) -> None:
     rt = ap.Runtime()
     rt.add_model("a", factory="process_models:info", isolation="process", instances=2)

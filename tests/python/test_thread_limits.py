@@ -162,3 +162,25 @@ def test_a_draining_close_from_the_main_thread_closes_inline_when_no_thread_is_l
         out["result"] = f.result(timeout=10)
     """)
     assert out == {"closed": True, "result": 5}
+
+
+def test_a_queue_that_does_not_fit_in_memory_names_its_model() -> None:
+    # The queue's cells are allocated when the model is added: std::bad_alloc read as a bare
+    # MemoryError('std::bad_alloc').
+    out = run("""
+        rt = ap.Runtime()
+        cap(64)
+        try:
+            rt.add_model("ranker", model=lambda x: x, max_queue=2**20)  # ~128 MiB of cells
+            out["raised"] = None
+        except MemoryError as e:
+            out["raised"] = str(e)
+        lift()
+        out["models"] = rt.models
+        rt.add_model("ranker", model=lambda x: x, max_queue=2**20)
+        rt.start()
+        out["served"] = rt.call("ranker", 7)
+        rt.close()
+    """)
+    assert out["raised"] is not None and out["raised"].startswith("model 'ranker': no memory for its queue (max_queue=1048576")
+    assert out["models"] == [] and out["served"] == 7

@@ -143,6 +143,10 @@ class _Unsent(Exception):
     """The child died before taking the request from the channel: it may be sent again."""
 
 
+SPAWN_NOTE = "(starting the worker process"
+"""How the note on an error of starting a child (not of its factory) begins."""
+
+
 class ProcessInstance:
     """The callable an engine worker serves for a process-isolated instance. Called by that
     worker thread and, for a synchronous call that finds it idle, by the calling thread itself
@@ -208,14 +212,21 @@ class ProcessInstance:
         """The current child's pid; None between a crash and the restart."""
         return self._proc.pid if self._proc is not None else None
 
+    def _spawn_note(self, e: BaseException) -> None:
+        e.add_note(f"{SPAWN_NOTE} of model {self._model!r}, instance {self._index}: in this process, before the "
+                   "child ran; its factory did not run)")
+
     def _start(self) -> None:
         name = f"/{SHM_PREFIX}{os.getpid()}-{_NAME_TOKEN}-{next(_names)}-i{self._index}"
         try:
             channel = _core.ShmChannel.create(name, RING_BYTES)
         except OSError as e:
             if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                self._spawn_note(e)
                 raise
-            raise no_room_error(self._model, self._index, str(e), free_bytes()) from None
+            err = no_room_error(self._model, self._index, str(e), free_bytes())
+            self._spawn_note(err)
+            raise err from None
         spec = dict(self._launch, channel=name, parent=os.getpid())
         env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,
@@ -233,8 +244,10 @@ class ProcessInstance:
             # as /dev/null would be.
             proc = subprocess.Popen([sys.executable, "-m", "apportion._private.child"],
                                     env=env, stdin=subprocess.PIPE, close_fds=True, process_group=0)
-        except BaseException:
+        except BaseException as e:
             channel.close()
+            if isinstance(e, OSError):  # no fd, process or memory left for the child
+                self._spawn_note(e)
             raise
         try:
             assert proc.stdin is not None
