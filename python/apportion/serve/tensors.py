@@ -313,7 +313,8 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
             # the kind the datatype takes; the conversion below refuses one out of range.
             if (arr.size and arr.dtype.kind not in allowed
                     and not (arr.dtype.kind in "fO" and _all_leaves(data, int if "f" not in allowed else (int, float)))):
-                raise TypeError(f"elements must be numbers, got {arr.dtype}")
+                raise TypeError(f"elements must be {'integers' if spec.dtype.kind in 'iu' else 'numbers'}, "
+                                f"got {arr.dtype}")
             if spec.dtype.kind in "iu" and arr.size:
                 _check_range(spec, arr, data)
             arr = np.asarray(data, dtype=spec.dtype).reshape(-1)
