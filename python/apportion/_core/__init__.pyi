@@ -236,11 +236,11 @@ class Future(concurrent.futures.Future[typing.Any]):
         """
         True once the request completed (in any way).
         """
-    def exception(self, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None) -> typing.Any:
+    def exception(self, timeout: float | None = None) -> typing.Any:
         """
         The exception the request completed with (None on success); raises CancelledError if it was cancelled.
         """
-    def result(self, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None) -> typing.Any:
+    def result(self, timeout: float | None = None) -> typing.Any:
         """
         The model's result; raises its exception, DeadlineExceeded or CancelledError. Waits at most `timeout` seconds (TimeoutError), releasing the GIL while it waits.
         """
