@@ -295,7 +295,7 @@ def test_a_signal_while_the_models_start_ends_the_process_with_a_line(tmp_path: 
                              "-1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not building.exists():  # the model builds (for 2 s) from here
+        while not building.exists():  # the model builds (for 1 s) from here
             assert time.monotonic() < deadline and proc.poll() is None, "the model never began to build"
             time.sleep(0.01)
         proc.send_signal(sig)
