@@ -15,7 +15,9 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-"""Statuses that redirect a GET; a POST follows only 307 and 308 (the others would make it a GET)."""
+"""Statuses that redirect a GET."""
+POST_REDIRECTS = frozenset({307, 308})
+"""Those a POST follows (the others would make it a GET)."""
 MAX_REDIRECTS = 5
 
 __all__ = ["HttpClient", "HttpError", "RemoteResult"]
@@ -175,17 +177,36 @@ class HttpClient:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
-    async def request(self, method: str, path: str, body: bytes = b"", *,
-                      headers: tuple[tuple[str, str], ...] = ()) -> tuple[int, dict[bytes, bytes], bytes]:
-        """(status, headers with lower-case names, body). Raises HttpError when no answer
-        came; a cancelled request (a timeout around it) closes its connection."""
+    def encode(self, method: str, path: str, body: bytes = b"", *,
+               headers: tuple[tuple[str, str], ...] = ()) -> list[bytes]:
+        """The request's bytes (head, body), as :meth:`send` takes them: to encode once and
+        send again and again."""
         head = [f"{method} {path} HTTP/1.1\r\nHost: {self.authority}\r\n"]
         head += [f"{name}: {value}\r\n" for name, value in headers]
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
-        return await self.send([("".join(head)).encode("latin-1"), body])
+        return [("".join(head)).encode("latin-1"), body]
 
-    async def send(self, data: list[bytes]) -> tuple[int, dict[bytes, bytes], bytes]:
-        """:meth:`request` with the request's bytes given (``data``: head and body, as written)."""
+    async def request(self, method: str, path: str, body: bytes = b"", *,
+                      headers: tuple[tuple[str, str], ...] = (),
+                      follow: frozenset[int] = frozenset()) -> tuple[int, dict[bytes, bytes], bytes]:
+        """(status, headers with lower-case names, body). Raises HttpError when no answer
+        came; a cancelled request (a timeout around it) closes its connection."""
+        return await self.send(self.encode(method, path, body, headers=headers), follow=follow)
+
+    async def send(self, data: list[bytes], *,
+                   follow: frozenset[int] = frozenset()) -> tuple[int, dict[bytes, bytes], bytes]:
+        """:meth:`request` with the request's bytes given (``data``: head and body, as
+        :meth:`encode` made them). An answer whose status is in ``follow`` is followed, the
+        same request sent again to its Location on this server (:meth:`redirected`), at most
+        MAX_REDIRECTS times; the last answer is returned."""
+        for _ in range(MAX_REDIRECTS):
+            answer = await self._send_once(data)
+            if answer[0] not in follow:
+                return answer
+            data = _moved(data, self.redirected(_path(data), answer[1]))
+        return await self._send_once(data)
+
+    async def _send_once(self, data: list[bytes]) -> tuple[int, dict[bytes, bytes], bytes]:
         for attempt in range(2):
             conn = await self._acquire()
             done = False
@@ -287,3 +308,16 @@ class HttpClient:
             if not w.done():
                 w.set_result(None)
                 return
+
+
+def _path(data: list[bytes]) -> str:
+    """The path of a request's bytes (``METHOD PATH HTTP/1.1``)."""
+    line = data[0][:data[0].index(b" HTTP/1.1\r\n")]
+    return line[line.index(b" ") + 1:].decode("latin-1")
+
+
+def _moved(data: list[bytes], path: str) -> list[bytes]:
+    """The same request for ``path``."""
+    head = data[0]
+    method = head[:head.index(b" ")]
+    return [method + b" " + path.encode("latin-1") + head[head.index(b" HTTP/1.1\r\n"):], *data[1:]]

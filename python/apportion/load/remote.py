@@ -55,7 +55,7 @@ from urllib.parse import quote, urlsplit
 
 from .._private.checks import finite_number
 from ..errors import ApportionError, DeadlineExceeded, ModelNotFound, QueueFull
-from ._http import MAX_REDIRECTS, REDIRECTS, HttpClient, HttpError, RemoteResult
+from ._http import POST_REDIRECTS, REDIRECTS, HttpClient, HttpError, RemoteResult
 from .spec import LoadError
 
 if TYPE_CHECKING:
@@ -208,12 +208,7 @@ class RemoteTarget:
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 if self.scheme == "http":
-                    wire = request[0]
-                    for _ in range(MAX_REDIRECTS + 1):
-                        status, headers, body = await self._http.send(wire)
-                        if status not in (307, 308):
-                            break
-                        wire = _moved(wire, self._http.redirected(_path(wire), headers))
+                    status, headers, body = await self._http.send(request[0], follow=POST_REDIRECTS)
                 else:
                     return await self._client.infer(model, request[0], **request[1])
         except TimeoutError:
@@ -313,14 +308,11 @@ class RemoteTarget:
     async def _metadata(self, name: str) -> Any:
         if self.scheme != "http":
             return await self._client.get_model_metadata(name)
-        path = f"/v2/models/{quote(name, safe='')}"
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                for _ in range(MAX_REDIRECTS + 1):  # a server may move it (a trailing slash added)
-                    status, headers, body = await self._http.request("GET", path)
-                    if status not in REDIRECTS:
-                        break
-                    path = self._http.redirected(path, headers)
+                # A server may move it (Ray Serve adds a trailing slash).
+                status, _, body = await self._http.request("GET", f"/v2/models/{quote(name, safe='')}",
+                                                           follow=REDIRECTS)
         except TimeoutError:
             raise RemoteError("client timeout", f"no answer within {self.request_timeout_s:g} s") from None
         except HttpError as e:
@@ -346,12 +338,9 @@ class RemoteTarget:
 
         body, json_size = InferenceServerClient.generate_request_body(
             inputs, outputs=options.get("outputs"), priority=options.get("priority", 0), timeout=options.get("timeout"))
-        head = (f"POST /v2/models/{quote(model, safe='')}/infer HTTP/1.1\r\n"
-                f"Host: {self._http.authority}\r\n"
-                + ("Content-Type: application/json\r\n" if json_size is None else
-                   f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {json_size}\r\n")
-                + f"Content-Length: {len(body)}\r\n\r\n")
-        wire = [head.encode("latin-1"), body]
+        headers = (("Content-Type", "application/json"),) if json_size is None else (
+            ("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(json_size)))
+        wire = self._http.encode("POST", f"/v2/models/{quote(model, safe='')}/infer", body, headers=headers)
         self._wire[model] = (inputs, key, wire)
         return wire
 
@@ -442,16 +431,6 @@ async def _cancel_the_rest() -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _path(wire: list[bytes]) -> str:
-    """The path of a request's bytes (``POST PATH HTTP/1.1``)."""
-    return wire[0][5:wire[0].index(b" HTTP/1.1\r\n")].decode("latin-1")
-
-
-def _moved(wire: list[bytes], path: str) -> list[bytes]:
-    """The same request for ``path``."""
-    return [b"POST " + path.encode("latin-1") + wire[0][wire[0].index(b" HTTP/1.1\r\n"):], *wire[1:]]
 
 
 def _error_text(body: bytes) -> str:
