@@ -211,14 +211,16 @@ Model::~Model() {
   }
 }
 
+// What to look at when the OS refuses a thread (std::system_error EAGAIN, std::bad_alloc).
+constexpr const char* kThreadLimits = " (a thread, memory or process limit: ulimit -u, a container's pids limit, ulimit -v)";
+
 void Model::start_expiry() {
   if (expiry_ == nullptr || expiry_thread_.joinable()) return;
   try {
     run_expiry_thread();
   } catch (const std::exception& e) {  // std::system_error (EAGAIN), std::bad_alloc
     throw std::runtime_error("model '" + opts_.name + "': the OS refused the thread of its deadline timer: " +
-                             e.what() + " (a thread, memory or process limit: ulimit -u, a container's pids "
-                             "limit, ulimit -v)");
+                             e.what() + kThreadLimits);
   }
 }
 
@@ -277,7 +279,7 @@ std::size_t Model::launch(const std::vector<Worker*>& ws) {
     std::lock_guard lock(workers_mu_);
     thread_error_ = "the OS refused the thread of instance " + std::to_string(ws[i]->index) + " (" +
                     std::to_string(i) + " of " + std::to_string(ws.size()) + " started): " + e.what() +
-                    " (a thread, memory or process limit: ulimit -u, a container's pids limit, ulimit -v)";
+                    kThreadLimits;
   }
   return i;
 }

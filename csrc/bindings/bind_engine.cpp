@@ -780,21 +780,13 @@ class RuntimeCore {
     // Every model started even if one failed: the first failure is raised now, with a note
     // naming each other model that failed (each is removed, its queued requests cancelled).
     if (failed.empty()) return;
-    try {
-      raise_start_failure(*failed.front());
-    } catch (py::error_already_set& first) {
-      for (std::size_t i = 1; i < failed.size(); ++i) {
-        std::string why;
-        try {
-          raise_start_failure(*failed[i]);
-        } catch (py::error_already_set& other) {
-          why = py::str(other.value()).cast<std::string>();
-        }
-        const std::string note = "model '" + failed[i]->name() + "' failed to start too and was removed: " + why;
-        first.value().attr("add_note")(note);
-      }
-      throw;
+    const py::object first = start_error(*failed.front());
+    for (std::size_t i = 1; i < failed.size(); ++i) {
+      first.attr("add_note")("model '" + failed[i]->name() + "' failed to start too and was removed: " +
+                             py::str(start_error(*failed[i])).cast<std::string>());
     }
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(first.ptr())), first.ptr());
+    throw py::error_already_set();
   }
 
   void remove_model(const std::string& name, bool drain) {
@@ -1067,18 +1059,22 @@ class RuntimeCore {
                               "wait for itself; call it from another thread");
   }
 
-  // The first exception the model's factory raised (GIL held), else a generic error.
-  [[noreturn]] static void raise_start_failure(ModelEntry& e) {
+  // Why the model failed to start (GIL held): a thread the OS refused, else the first
+  // exception its factory raised, else a generic error. Takes both: asked once per failure.
+  static py::object start_error(ModelEntry& e) {
     py::object err = static_cast<PyHandler&>(*e.handler).take_error();
+    const py::object apportion_error = py::reinterpret_borrow<py::object>(types().apportion_error);
     if (const std::string refused = e.model->take_thread_error(); !refused.empty()) {
       // The root cause: the workers that did start may have failed only for being stopped.
-      raise(types().apportion_error, "model '" + e.name() + "' could not start: " + refused);
+      return apportion_error("model '" + e.name() + "' could not start: " + refused);
     }
-    if (err) {
-      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
-      throw py::error_already_set();
-    }
-    raise(types().apportion_error, "model '" + e.name() + "': an instance failed to start");
+    return err ? err : apportion_error("model '" + e.name() + "': an instance failed to start");
+  }
+
+  [[noreturn]] static void raise_start_failure(ModelEntry& e) {
+    const py::object err = start_error(e);
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+    throw py::error_already_set();
   }
 
   // A refused pin is not fatal (the model serves, less isolated than planned): say why.
