@@ -17,8 +17,8 @@ log=$build/$peer.log
 
 case $peer in
   pytriton) pkgs=("nvidia-pytriton") ;;
-  ray) pkgs=("ray[serve]") ;;
-  litserve) pkgs=("litserve") ;;
+  ray) pkgs=("ray[serve]" "orjson") ;;  # orjson: v2json.py's JSON, as apportion serve's
+  litserve) pkgs=("litserve" "orjson") ;;
   *) echo "unknown peer $peer (pytriton, ray, litserve)" >&2; exit 2 ;;
 esac
 

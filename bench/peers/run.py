@@ -11,9 +11,17 @@ Scenarios (bench/peers/models.py has the models and request tensors):
   share the CPUs with the replicas, so a second replica may cost more than it brings);
 - ``demo``: apportion demo's three models (mlp, conv, encoder) under its mixed open load (Poisson,
   shares 35/20/45%) at its SLOs (p99 <= 50/75/40 ms, also sent as each request's timeout):
-  goodput, for each server configuration tried (instances, batching) and each load. The total
+  goodput, for each server configuration tried (instances, batching) and each load. apportion
+  serve configures each model as ``apportion demo`` does (its SLO as its timeout, the demo's
+  queue bound, admission by deadline: a request that cannot be served in time is refused at
+  once with 429 rather than served late); each peer gets what it has of the same: Triton its
+  queue policy (at most that many requests waiting, more refused at once; a request whose
+  timeout passes while it waits refused), Ray Serve ``max_queued_requests``, LitServe its
+  request timeout. For every server a refusal for a full queue is no good answer and is not
+  counted against the SLO, which is of the requests a server admits (the client reads
+  Triton's and Ray Serve's 503 answers by their words, load/remote.py). The total
   rate is a fraction (``--demo-load``, by tensor encoding, several separated by ``/``; default
-  json=0.1, binary=0.35/0.42/0.5) of
+  json=0.1, binary=0.35/0.5/0.65/0.8/0.9/1.0) of
   ``apportion.demo.demo_config(load=1.0)`` for the server's CPUs: the demo's full rate is
   sized for requests with no network, JSON or client cost, and its tensors as JSON (4-12 k
   floats a request) cost the client and every server more than the models themselves
@@ -79,6 +87,7 @@ class Row:
     load: float | None = None  # the demo's: the fraction of its full rate offered
     figures: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    restarted: bool = False  # its server failed to start once and was started again
 
 
 def _ephemeral_low() -> int:
@@ -113,6 +122,12 @@ def free_base(n: int = 3) -> int:
     raise RuntimeError("no free ports")
 
 
+def demo_max_queue() -> int:
+    from apportion import demo
+
+    return demo.MAX_QUEUE
+
+
 def apportion_config(models: dict[str, dict[str, Any]], slo_ms: dict[str, float], path: Path) -> Path:
     from apportion import demo
 
@@ -121,7 +136,7 @@ def apportion_config(models: dict[str, dict[str, Any]], slo_ms: dict[str, float]
         lines += [f"[models.{name}]", f'factory = "models:{name}_factory"',
                   f"instances = {int(c.get('instances', 1))}", "threads = 1"]
         if name in slo_ms:  # as apportion demo configures its models
-            lines += [f"timeout_ms = {slo_ms[name]}", f"max_queue = {demo.MAX_QUEUE}"]
+            lines += [f"timeout_ms = {slo_ms[name]}", f"max_queue = {demo.MAX_QUEUE}", 'admission = "deadline"']
         if int(c.get("batch", 1)) > 1:
             lines += [f"[models.{name}.batching]", f"max_size = {int(c['batch'])}",
                       f"max_delay_ms = {float(c.get('delay_ms', 0.0))}"]
@@ -137,6 +152,10 @@ def apportion_config(models: dict[str, dict[str, Any]], slo_ms: dict[str, float]
     return path
 
 
+class ServerExited(RuntimeError):
+    """A server process ended before it was ready."""
+
+
 class Server:
     """One peer's server process (its own session, pinned to the server CPUs)."""
 
@@ -145,7 +164,10 @@ class Server:
         self.peer = peer
         self.port = free_base()
         py = sys.executable if peer == "apportion" else str(BUILD / peer / "bin" / "python")
-        spec = json.dumps(models)
+        # A model with an SLO (the demo's): its timeout and queue bound, which each peer applies
+        # with its own options where it has them (serve_pytriton.py, serve_ray.py, serve_litserve.py).
+        spec = json.dumps({n: {**c, "timeout_ms": slo_ms[n], "max_queue": demo_max_queue()} if n in slo_ms else c
+                           for n, c in models.items()})
         env = dict(os.environ, PYTHONPATH=str(HERE), PYTHONUNBUFFERED="1")
         if peer == "apportion":
             cfg = apportion_config(models, slo_ms, log.with_suffix(".toml"))
@@ -177,7 +199,7 @@ class Server:
         pending = list(models)
         while pending:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.peer} exited with {self.proc.returncode}: {self.tail()}")
+                raise ServerExited(f"{self.peer} exited with {self.proc.returncode}: {self.tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.peer} not ready after {timeout_s:g} s: {self.tail()}")
             try:
@@ -207,6 +229,24 @@ class Server:
             pass
         self.proc.wait()
         self.log.close()
+
+
+def start_ready(start: Any, models: list[str]) -> tuple[Any, bool]:
+    """``start(again)`` -> a server; waits until it is ready and returns it with whether it was
+    started twice. A server that exits before it is ready failed to start, which says nothing of
+    how it serves (PyTriton's model stubs now and then find their handshake socket not listening
+    yet): it is stopped and started once more, and the row says so. A second failure, or a
+    server that stays up without becoming ready, is the row's error."""
+    server = start(False)
+    try:
+        server.wait_ready(models)
+        return server, False
+    except ServerExited as e:
+        server.stop()
+        print(f"  ({server.peer} failed to start, starting it again: {str(e)[-300:]})", flush=True)
+    server = start(True)
+    server.wait_ready(models)
+    return server, True
 
 
 SHM = Path("/dev/shm")
@@ -391,6 +431,7 @@ def table(rows: list[Row]) -> str:
                            f"{r.error[:300]} |")
                 continue
             note = "" if f["stable"] else " (not stable)"
+            note += " (server started twice)" if r.restarted else ""
             errs = ", ".join(f"{k} x{v}" for k, v in sorted(f["errors"].items()))
             note += f" errors: {errs}" if errs else ""
             if scenario == "noop":
@@ -429,9 +470,9 @@ def main() -> None:
     p.add_argument("--client-cpus", default=None, help="CPUs the load client is pinned to (default: all)")
     p.add_argument("--tensors", default="json",
                    help="json, binary or json,binary")
-    p.add_argument("--demo-load", default="json=0.1,binary=0.35/0.42/0.5",
+    p.add_argument("--demo-load", default="json=0.1,binary=0.35/0.5/0.65/0.8/0.9/1.0",
                    help="fractions of the demo's full rate by tensor encoding, several separated by / "
-                        "(default json=0.1,binary=0.35/0.42/0.5)")
+                        "(default json=0.1,binary=0.35/0.5/0.65/0.8/0.9/1.0)")
     p.add_argument("--request-timeout-s", type=float, default=5.0,
                    help="a request unanswered after this counts as failed (default 5)")
     p.add_argument("--apportion-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
@@ -483,16 +524,23 @@ def main() -> None:
         if waited > 2.0:
             print(f"  (waited {waited:.1f} s for the CPUs to go idle before this row)", flush=True)
         shm_before = shm_entries()
-        server = Server(peer, models, server_cpus, slo, log, args.apportion_loop)
+        servers: list[Server] = []
+
+        def start(again: bool) -> Server:  # called in this iteration only
+            servers.append(Server(peer, models, server_cpus, slo,
+                                  log.with_name(log.stem + "-again.log") if again else log, args.apportion_loop))
+            return servers[-1]
+
         try:
-            server.wait_ready(list(models))
+            server, row.restarted = start_ready(start, list(models))
             url = server.url
             report = bench(url, specs, inputs, tensors, client_cpus, args)
             row.figures = figures(scenario, report)
         except Exception as e:  # noqa: BLE001 - recorded in the table; the run goes on
             row.error = f"{type(e).__name__}: {e}"
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
             clean_shm(shm_before)
         status = row.error or json.dumps({k: v for k, v in row.figures.items() if k != "per_model"})
         at = f" load {load:g}" if load is not None else ""

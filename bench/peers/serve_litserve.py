@@ -57,7 +57,7 @@ class V2API(ls.LitAPI):
     def encode_response(self, output: tuple[np.ndarray, bool]) -> Response:
         y, binary = output
         if not binary:
-            return Response(json.dumps(v2json.encode(self.name, y)), media_type="application/json")
+            return Response(v2json.dumps(v2json.encode(self.name, y)), media_type="application/json")
         body, head = v2json.encode_binary(self.name, y)
         return Response(body, media_type="application/octet-stream", headers={v2json.HEADER: str(head)})
 
@@ -73,6 +73,9 @@ def main(port: int, config: dict[str, dict[str, Any]]) -> None:
     workers = [int(c.get("instances", 1)) for c in config.values()]
     server = ls.LitServer(apis, accelerator="cpu", devices=1,
                           workers_per_device=workers if len(workers) > 1 else workers[0])
+    for api, c in zip(apis, config.values()):
+        if "timeout_ms" in c:  # LitServe answers 504 to a request that waited longer than this
+            api.request_timeout = float(c["timeout_ms"]) / 1000.0
     for name in config:
         meta = models.signature(name)
         server.app.add_api_route(f"/v2/models/{name}", lambda meta=meta: meta, methods=["GET"])

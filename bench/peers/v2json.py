@@ -10,6 +10,17 @@ from typing import Any
 
 import numpy as np
 
+try:  # as apportion serve parses and writes v2 JSON (install.sh installs it in each peer's venv)
+    import orjson
+
+    loads: Any = orjson.loads
+    dumps: Any = orjson.dumps
+except ImportError:  # pragma: no cover - a venv installed before orjson was added
+    loads = json.loads
+
+    def dumps(doc: Any) -> bytes:
+        return json.dumps(doc).encode()
+
 HEADER = "inference-header-content-length"
 """The binary extension's HTTP header: the length of the JSON part that starts the body."""
 
@@ -33,8 +44,8 @@ def decode_body(body: bytes, header_length: int | None) -> tuple[np.ndarray, boo
     """A request body, JSON or binary (``header_length``: the HEADER value, None for a JSON
     body), as its input "x" and whether the client asked for the output as binary data."""
     if header_length is None:
-        return decode(json.loads(body)), False
-    head = json.loads(body[:header_length])
+        return decode(loads(body)), False
+    head = loads(body[:header_length])
     offset = header_length
     x = None
     for t in head["inputs"]:

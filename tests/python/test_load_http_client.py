@@ -196,6 +196,13 @@ def test_a_connection_the_server_closed_while_idle_is_replaced(scripted) -> None
      "queue full"),
     (response(b'{"error": "deadline"}', "504 Gateway Timeout"), load.RemoteExpired, "http 504", "deadline"),
     (response(b'{"error": "draining"}', "503 Service Unavailable"), load.RemoteError, "http 503", "draining"),
+    # One status for several outcomes: told apart by the server's words (Triton's, Ray Serve's).
+    (response(b'{"error":"Exceeds maximum queue size"}', "503 Service Unavailable"), load.RemoteRejected,
+     "http 503", "maximum queue"),
+    (response(b'{"error":"Request timeout expired"}', "503 Service Unavailable"), load.RemoteExpired,
+     "http 503", "timeout expired"),
+    (response(b'{"error":"Request dropped due to backpressure (num_queued_requests=64, max_queued_requests=64)."}',
+              "503 Service Unavailable"), load.RemoteRejected, "http 503", "backpressure"),
     (response(b"<html>bad gateway</html>", "502 Bad Gateway"), load.RemoteError, "http 502", "bad gateway"),
     (response(b"", "500 Internal Server Error"), load.RemoteError, "http 500", "(no message)"),
 ])

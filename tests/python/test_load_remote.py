@@ -475,3 +475,20 @@ def test_closed_loop_clients_beyond_the_http_connections_are_refused(server: Ser
                                                  r"target keeps 4 \(RemoteTarget\(connections=\.\.\.\)\)"):
             load.run(target, load.ModelLoad("double", concurrency=5), **SHORT)
         assert target.connections == 4
+
+
+@pytest.mark.parametrize(("scheme", "status", "message", "error", "kind"), [
+    ("grpc", "StatusCode.UNAVAILABLE", "Exceeds maximum queue size", "RemoteRejected", "grpc UNAVAILABLE"),
+    ("grpc", "StatusCode.UNAVAILABLE", "Request timeout expired", "RemoteExpired", "grpc UNAVAILABLE"),
+    ("grpc", "StatusCode.UNAVAILABLE", "model m: draining", "RemoteError", "grpc UNAVAILABLE"),
+    ("http", "429", "Request dropped due to backpressure (num_queued_requests=3, max_queued_requests=3).",
+     "RemoteRejected", "http 429"),
+    ("http", "400", "request timeout expired", "RemoteExpired", "http 400"),
+    ("grpc", None, "failed to connect", "RemoteError", "connection"),
+])
+def test_one_status_for_several_outcomes_is_told_apart_by_the_servers_words(
+        scheme: str, status: str | None, message: str, error: str, kind: str) -> None:
+    from apportion.load import remote
+
+    e = remote.classify(scheme, status, message)
+    assert type(e).__name__ == error and e.kind == kind and message in str(e)

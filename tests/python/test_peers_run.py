@@ -111,3 +111,75 @@ def test_what_a_row_left_in_shared_memory_is_removed_and_nothing_else(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["psm_before"]
     assert run.clean_shm(before, tmp_path) == []
     assert run.shm_entries(tmp_path / "missing") == set()
+
+
+def test_apportion_serves_the_demo_models_as_apportion_demo_configures_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apportion import config, demo
+
+    spec = importlib.util.spec_from_file_location("models", _PATH.parent / "models.py")
+    assert spec is not None and spec.loader is not None
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    monkeypatch.setitem(sys.modules, "models", models)  # run.py's models.py, as its server finds it
+    path = run.apportion_config({"mlp": {"instances": 1, "batch": 8, "delay_ms": 2.0}, "noop": {"instances": 2}},
+                                {"mlp": demo.SLO_MS["mlp"]}, tmp_path / "c.toml")
+    cfg = config.Config.load(path)
+    mlp, noop = cfg.models["mlp"].spec, cfg.models["noop"].spec
+    assert (mlp.timeout_ms, mlp.max_queue, mlp.admission) == (demo.SLO_MS["mlp"], demo.MAX_QUEUE, "deadline")
+    assert (mlp.batching.max_size, mlp.batching.max_delay_ms) == (8, 2.0)
+    assert (noop.instances, noop.admission, noop.timeout_ms) == (2, "queue", None)
+
+
+class _FakeServer:
+    """A server whose wait_ready fails with the given exception (None: ready)."""
+
+    def __init__(self, fails: BaseException | None) -> None:
+        self.peer, self.fails, self.stopped = "pytriton", fails, 0
+
+    def wait_ready(self, models: list[str]) -> None:
+        assert models == ["mlp"]
+        if self.fails is not None:
+            raise self.fails
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+def _starter(*fails: BaseException | None) -> tuple[object, list[_FakeServer], list[bool]]:
+    started: list[_FakeServer] = []
+    agains: list[bool] = []
+
+    def start(again: bool) -> _FakeServer:
+        agains.append(again)
+        started.append(_FakeServer(fails[len(started)]))
+        return started[-1]
+
+    return start, started, agains
+
+
+def test_a_server_that_exits_before_it_is_ready_is_started_once_more(capsys: pytest.CaptureFixture[str]) -> None:
+    start, started, agains = _starter(run.ServerExited("pytriton exited with 1: handshake refused"), None)
+    server, restarted = run.start_ready(start, ["mlp"])
+    assert (server, restarted, agains) == (started[1], True, [False, True])
+    assert (started[0].stopped, started[1].stopped) == (1, 0)
+    assert "pytriton failed to start, starting it again: pytriton exited with 1" in capsys.readouterr().out
+    start, started, agains = _starter(None)
+    assert run.start_ready(start, ["mlp"]) == (started[0], False) and agains == [False]
+
+
+def test_a_second_start_failure_or_a_server_never_ready_is_the_rows_error() -> None:
+    start, started, agains = _starter(run.ServerExited("first"), run.ServerExited("second"))
+    with pytest.raises(run.ServerExited, match="second"):
+        run.start_ready(start, ["mlp"])
+    assert agains == [False, True]
+    start, started, agains = _starter(RuntimeError("pytriton not ready after 240 s"))
+    with pytest.raises(RuntimeError, match="not ready after"):
+        run.start_ready(start, ["mlp"])
+    assert agains == [False] and started[0].stopped == 0  # the row's finally stops it
+
+
+def test_a_row_whose_server_started_twice_says_so() -> None:
+    r = _row("pytriton", 500, True)
+    r.restarted = True
+    assert "(server started twice)" in run.table([r, _row("apportion", 600, True)]).splitlines()[5]

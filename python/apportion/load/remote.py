@@ -34,7 +34,11 @@ How requests and outcomes map:
 - a refusal for a full queue (HTTP 429, gRPC ``RESOURCE_EXHAUSTED``) ends the request with
   :class:`RemoteRejected` (a :class:`~apportion.QueueFull`), counted as rejected; an expired
   deadline (HTTP 504, gRPC ``DEADLINE_EXCEEDED``) with :class:`RemoteExpired` (a
-  :class:`~apportion.DeadlineExceeded`), counted as expired; any other error, a lost
+  :class:`~apportion.DeadlineExceeded`), counted as expired. Servers that answer both with
+  one status are told apart by their own words: Triton answers a full queue ("Exceeds
+  maximum queue size") and a request whose timeout passed in its queue ("Request timeout
+  expired") with 503 / ``UNAVAILABLE``, Ray Serve a full queue ("Request dropped due to
+  backpressure") with 503 or 429; these count as rejected and expired too. Any other error, a lost
   connection, or no answer within ``request_timeout_s`` with :class:`RemoteError`, counted as
   failed. Each carries ``kind`` (``"http 500"``, ``"grpc UNAVAILABLE"``, ``"connection"``,
   ``"client timeout"``), which the report counts (``ModelReport.errors``);
@@ -87,6 +91,11 @@ class RemoteExpired(RemoteError, DeadlineExceeded):
 
 _REJECTED = {"429", "StatusCode.RESOURCE_EXHAUSTED"}
 _EXPIRED = {"504", "StatusCode.DEADLINE_EXCEEDED"}
+# What other servers say when one status (503 / UNAVAILABLE) covers several outcomes: Triton's
+# scheduler for a full queue and for a request whose timeout passed while it waited, Ray
+# Serve's router for a full queue (max_queued_requests).
+_REJECTED_WORDS = ("exceeds maximum queue size", "request dropped due to backpressure")
+_EXPIRED_WORDS = ("request timeout expired",)
 
 
 def classify(scheme: str, status: str | None, message: str) -> RemoteError:
@@ -96,9 +105,10 @@ def classify(scheme: str, status: str | None, message: str) -> RemoteError:
         return RemoteError("connection", message)
     code = status.removeprefix("StatusCode.")
     kind = f"{scheme} {code}"
-    if status in _REJECTED:
+    said = message.lower()
+    if status in _REJECTED or any(w in said for w in _REJECTED_WORDS):
         return RemoteRejected(kind, message)
-    if status in _EXPIRED:
+    if status in _EXPIRED or any(w in said for w in _EXPIRED_WORDS):
         return RemoteExpired(kind, message)
     return RemoteError(kind, message)
 
