@@ -1,6 +1,13 @@
 """The peer comparison: the same v2 client and load (``apportion bench --url``) against
-``apportion serve``, Triton (nvidia-pytriton), Ray Serve and LitServe, each server pinned to
+``apportion serve``, Triton Inference Server, Ray Serve and LitServe, each server pinned to
 the same CPUs. Run through bench/peers/run.sh, which installs the peers first.
+
+Triton runs two ways, both from nvidia-pytriton's venv: ``triton`` is the ``tritonserver``
+binary PyTriton ships, run as a server with a model repository of Python-backend models
+(serve_triton.py: one stub process per instance, as Triton runs Python models in production);
+``pytriton`` is PyTriton's own API (serve_pytriton.py: every model a Python callable in the
+one PyTriton process, reached from Triton's stubs through shared memory and ZeroMQ), which
+adds two process hops and one GIL for all instances to every request.
 
 Scenarios (bench/peers/models.py has the models and request tensors):
 
@@ -61,8 +68,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "peers"
-PEERS = ("apportion", "pytriton", "ray", "litserve")
-BINARY = ("apportion", "pytriton", "ray", "litserve")  # take binary tensor data (Ray Serve, LitServe: their adapters)
+PEERS = ("apportion", "triton", "pytriton", "ray", "litserve")
+BINARY = ("apportion", "triton", "pytriton", "ray", "litserve")
+VENV = {"triton": "pytriton"}  # Triton's own binary comes with nvidia-pytriton  # take binary tensor data (Ray Serve, LitServe: their adapters)
 
 MLP_CONFIGS: dict[str, dict[str, Any]] = {
     "2 replicas x 1 thread": {"instances": 2},
@@ -163,7 +171,7 @@ class Server:
                  log: Path, apportion_loop: str = "auto") -> None:
         self.peer = peer
         self.port = free_base()
-        py = sys.executable if peer == "apportion" else str(BUILD / peer / "bin" / "python")
+        py = sys.executable if peer == "apportion" else str(BUILD / VENV.get(peer, peer) / "bin" / "python")
         # A model with an SLO (the demo's): its timeout and queue bound, which each peer applies
         # with its own options where it has them (serve_pytriton.py, serve_ray.py, serve_litserve.py).
         spec = json.dumps({n: {**c, "timeout_ms": slo_ms[n], "max_queue": demo_max_queue()} if n in slo_ms else c
@@ -173,6 +181,10 @@ class Server:
             cfg = apportion_config(models, slo_ms, log.with_suffix(".toml"))
             cmd = [py, "-m", "apportion", "serve", str(cfg), "--http-port", str(self.port),
                    "--grpc-port", str(self.port + 1), "--loop", apportion_loop]
+        elif peer == "triton":
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
+            cmd = [py, str(HERE / "serve_triton.py"), str(self.port), spec, str(BUILD / "triton")]
         elif peer == "pytriton":
             # Triton's Python-backend stub links libpython3.x: make it the interpreter's own,
             # not an older system copy with another stdlib ABI.
@@ -506,8 +518,8 @@ def main() -> None:
     rows: list[Row] = []
     broken: dict[str, str] = {}
     for peer in args.peers:
-        if peer != "apportion" and not (BUILD / peer / ".installed").exists():
-            log = BUILD / f"{peer}.log"
+        if peer != "apportion" and not (BUILD / VENV.get(peer, peer) / ".installed").exists():
+            log = BUILD / f"{VENV.get(peer, peer)}.log"
             broken[peer] = "not installed: " + (log.read_text(errors="replace")[-600:].strip().replace("\n", " | ")
                                                 if log.exists() else "no install log")
     t0 = time.monotonic()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The peer comparison in one command (not part of CI): installs Triton (nvidia-pytriton),
+# The peer comparison in one command (not part of CI): installs Triton (nvidia-pytriton, which
+# ships the tritonserver binary run.py's "triton" rows run and PyTriton its "pytriton" rows),
 # Ray Serve and LitServe each in a venv of its own under build/peers/<peer> (torch==2.13.0;
 # kept between runs), then drives them and `apportion serve` with the same v2 client and load
 # (`apportion bench --url`, see run.py for the scenarios). A peer that cannot be installed is
