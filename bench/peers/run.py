@@ -70,7 +70,11 @@ ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "peers"
 PEERS = ("apportion", "triton", "pytriton", "ray", "litserve")
 BINARY = ("apportion", "triton", "pytriton", "ray", "litserve")
-VENV = {"triton": "pytriton"}  # Triton's own binary comes with nvidia-pytriton  # take binary tensor data (Ray Serve, LitServe: their adapters)
+VENV = {"triton": "pytriton"}  # Triton's own binary comes with nvidia-pytriton
+# Each server's "every model and worker is ready" route (Ray Serve's serve.run returns once
+# its deployments are healthy, before serve_ray.py listens).
+READY = {"apportion": "/v2/health/ready", "triton": "/v2/health/ready", "pytriton": "/v2/health/ready",
+         "litserve": "/health"}  # take binary tensor data (Ray Serve, LitServe: their adapters)
 
 MLP_CONFIGS: dict[str, dict[str, Any]] = {
     "2 replicas x 1 thread": {"instances": 2},
@@ -207,15 +211,18 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, models: list[str], timeout_s: float = 240.0) -> None:
+        """Waits until each model's metadata answers and then the server's own readiness does
+        (READY: LitServe, for one, answers a route once any worker is up, and its /health once
+        every worker is)."""
         deadline = time.monotonic() + timeout_s
-        pending = list(models)
+        pending = [f"/v2/models/{m}" for m in models] + ([READY[self.peer]] if self.peer in READY else [])
         while pending:
             if self.proc.poll() is not None:
                 raise ServerExited(f"{self.peer} exited with {self.proc.returncode}: {self.tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.peer} not ready after {timeout_s:g} s: {self.tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/models/{pending[0]}", timeout=5) as r:
+                with urllib.request.urlopen(f"{self.url}{pending[0]}", timeout=5) as r:
                     if r.status == 200:
                         pending.pop(0)
                         continue
@@ -372,8 +379,11 @@ def demo_loads(text: str) -> dict[str, list[float]]:
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[str, Any]], str, float | None]]:
     """(peer, scenario, config label, models, tensors, demo load) in run order: peers alternate
-    within each scenario, so a slow minute of the shared machine does not fall on one peer alone."""
+    within each scenario, so a slow minute of the shared machine does not fall on one peer alone,
+    and the order of the peers turns by one for each configuration and load, so no peer always
+    runs first, or always right after the same other one."""
     runs = []
+    turn = 0
     for scenario in args.scenarios:
         for tensors in args.tensors:
             loads: list[float | None] = [None]
@@ -381,9 +391,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, dict[s
                 loads = list(args.demo_loads.get(tensors, [1.0]))
             for load in loads:
                 for label, models in configs(scenario):
-                    for peer in args.peers:
-                        if tensors == "json" or peer in BINARY:
-                            runs.append((peer, scenario, label, models, tensors, load))
+                    peers = [p for p in args.peers if tensors == "json" or p in BINARY]
+                    k = turn % len(peers) if peers else 0
+                    turn += 1
+                    for peer in peers[k:] + peers[:k]:
+                        runs.append((peer, scenario, label, models, tensors, load))
     return runs
 
 

@@ -38,8 +38,20 @@ def test_the_demo_runs_every_configuration_at_every_load_peers_alternating() -> 
     assert [(r[0], r[5]) for r in noop] == [("apportion", None), ("pytriton", None)]
     demo = [(peer, label, load) for peer, scenario, label, _, _, load in runs if scenario == "demo"]
     labels = list(run.DEMO_CONFIGS)
-    assert demo == [(peer, label, load) for load in (0.35, 0.5) for label in labels
-                    for peer in ("apportion", "pytriton")]
+    # Each configuration and load in turn, every peer in each, the order turning by one each time.
+    orders = [("pytriton", "apportion"), ("apportion", "pytriton")]
+    assert demo == [(peer, label, load) for i, (load, label) in enumerate((lo, la) for lo in (0.35, 0.5) for la in labels)
+                    for peer in orders[i % 2]]
+
+
+def test_the_peers_order_turns_so_none_always_runs_first_or_after_the_same_one() -> None:
+    args = argparse.Namespace(scenarios=["mlp256"], tensors=["binary"], peers=["apportion", "triton", "ray"],
+                              demo_loads={})
+    runs = run.plan(args)
+    groups = [[r[0] for r in runs[i:i + 3]] for i in range(0, len(runs), 3)]
+    assert groups[:3] == [["apportion", "triton", "ray"], ["triton", "ray", "apportion"],
+                          ["ray", "apportion", "triton"]]
+    assert len(groups) == len(run.MLP_CONFIGS) and all(sorted(g) == ["apportion", "ray", "triton"] for g in groups)
 
 
 def _row(peer: str, goodput: float, met: bool, load: float = 0.35, error: str | None = None) -> object:
