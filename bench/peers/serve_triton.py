@@ -11,7 +11,8 @@ needs the batcher, so such a model gets it at batch 1 too.
 
     python serve_triton.py PORT '{"mlp256": {"instances": 2, "batch": 1, "delay_ms": 0}}' WORK_DIR
     (HTTP on PORT, gRPC on PORT+1, both on 127.0.0.1; no metrics port; the server's files
-    copied once into WORK_DIR/tritonserver, the model repository in WORK_DIR/models-PORT)
+    copied once into WORK_DIR/tritonserver-VERSION-pyX.Y, the model repository in
+    WORK_DIR/models-PORT, removed when the server exits)
 
 Run from nvidia-pytriton's venv (bench/peers/install.sh pytriton), whose interpreter's
 version picks the Python backend's stub.
@@ -107,12 +108,18 @@ def repository(config: dict[str, dict[str, Any]], root: Path, port: int) -> Path
 
 def server_dir(root: Path) -> Path:
     """The binary and its backends, with the Python backend's stub for this interpreter."""
-    dist, src = root / "tritonserver", pytriton_dir() / "tritonserver"
+    from importlib.metadata import version
+
+    # Named by the package's version and the interpreter's: another install copies afresh.
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    dist, src = root / f"tritonserver-{version('nvidia-pytriton')}-py{py}", pytriton_dir() / "tritonserver"
     if not dist.exists():
-        shutil.copytree(src, dist, ignore=shutil.ignore_patterns("python_backend_stubs"))
-        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        shutil.copy(src / "python_backend_stubs" / version / "triton_python_backend_stub",
-                    dist / "backends" / "python" / "triton_python_backend_stub")
+        part = dist.with_name(dist.name + ".part")  # a copy cut short is never taken for whole
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(src, part, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copy(src / "python_backend_stubs" / py / "triton_python_backend_stub",
+                    part / "backends" / "python" / "triton_python_backend_stub")
+        part.rename(dist)
     return dist
 
 
