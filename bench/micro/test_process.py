@@ -21,11 +21,11 @@ import apportion as ap
 
 from ..conftest import micro
 
+np = pytest.importorskip("numpy")  # before bench_process, which imports it
+
 # The process model's factory is imported by name in its child, with this process's sys.path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 from bench_process import _pipe_child, echo, echo_factory  # noqa: E402
-
-np = pytest.importorskip("numpy")
 TENSOR = np.ones(1 << 18, dtype=np.float32)
 
 

@@ -513,12 +513,14 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
 
 def _tune_run(args: argparse.Namespace, out: TextIO) -> int:
     from .tune import tune
+    from .tune.report import writable_outputs
     from .tune.tuner import check_loads
 
     if not 0 <= args.margin < 1:
         raise ConfigError("<command line>", "--margin", f"got {args.margin}; give a fraction in [0, 1)")
     cfg = Config.load(args.config)  # a config error leaves no --out directory behind
     check_loads(cfg)
+    writable_outputs(args.out)  # nor does a missing plotting library
     _writable_dir(args.out)
     result = tune(cfg, budget_s=args.budget_s, objective=args.objective, topology_root=args.root,
                   max_batch=args.max_batch, margin=args.margin, progress=not args.quiet,
@@ -596,8 +598,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     import threading
 
-    from .serve import Server, signatures
+    from ._private.loops import loop_factory
 
+    try:
+        from .serve import Server, signatures
+
+        # Before the models are built and warmed up: --loop uvloop without uvloop is refused now.
+        loop_factory(args.loop)
+    except ImportError as e:  # the serve extra not installed: one line naming it
+        raise ApportionError(str(e)) from None
     cfg = Config.load(args.config)
     sigs = signatures(cfg)
     # A signal while the models build and warm up ends the process as the signal asks, with a

@@ -38,7 +38,10 @@ def onnx_model(model: str | os.PathLike[str] | bytes, *, spin: bool | None = Non
     model's alone (``ctx.own_cpus``: exclusive models, process models with ``cores``)."""
 
     def factory(ctx: Any) -> OnnxModel:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError(f"onnx_model needs onnxruntime ({e}): pip install 'apportion[onnx]'") from e
 
         so = ort.SessionOptions()
         threads = ctx.threads or (len(ctx.cpus) if ctx.cpus else 0)

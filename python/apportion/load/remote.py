@@ -360,8 +360,10 @@ class RemoteTarget:
                 import tritonclient.http as mod
             else:
                 import tritonclient.grpc.aio as mod
-        except ImportError as e:
-            raise LoadError(f"{self.url}: load over the network needs tritonclient "
+        except (ImportError, RuntimeError) as e:
+            # tritonclient installed without the protocol's extra raises RuntimeError ("The
+            # installation does not include http support"), not ImportError.
+            raise LoadError(f"{self.url}: load over {self.scheme.upper()} needs tritonclient[http,grpc] "
                             f"(pip install 'apportion[load]'): {e}") from None
         return mod
 

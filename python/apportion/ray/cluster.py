@@ -41,9 +41,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+except ImportError as e:
+    raise ImportError(f"apportion.ray.Cluster needs Ray ({e}): pip install 'apportion[ray]'",
+                      name=__name__) from e
 
 from .._private.checks import finite_number
 from ..errors import ModelNotFound, PlacementError, QuotaError, RuntimeClosed, WorkerCrashed

@@ -36,10 +36,14 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from ray import serve
+try:
+    import ray
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+except ImportError as e:
+    raise ImportError(f"apportion.ray.serve needs Ray Serve ({e}): pip install 'apportion[ray]'",
+                      name=__name__) from e
 
 from ..errors import DeadlineExceeded, ModelNotFound, PlacementError, QueueFull, RequestCancelled
 from ..futures import on_loop

@@ -25,6 +25,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,10 @@ class Signature:
         object.__setattr__(self, "tensor", tensor)
         if self.tensor not in ("numpy", "torch"):
             raise QuotaError(f"Signature: field 'tensor' must be 'numpy' or 'torch', got {self.tensor!r}")
+        if self.tensor == "torch" and find_spec("torch") is None:
+            # Refused here, not in every request after the server said it was ready.
+            raise QuotaError("Signature: field 'tensor' is 'torch', but torch is not installed "
+                             "(pip install 'apportion[torch]', or tensor='numpy')")
 
     def input(self, model: str, name: str) -> TensorSpec:
         return _find(model, "input", self.inputs, name)
