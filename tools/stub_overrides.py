@@ -28,7 +28,16 @@ OVERRIDES: list[tuple[str, str, str | None]] = [
      "    def submit_many(self, model: str, inputs: collections.abc.Iterable, *, timeout_ms: typing.Any = None, "
      "priority: typing.Any = None) -> list:",
      "    def submit_many(self, model: str, inputs: collections.abc.Iterable[typing.Any], *, "
-     "timeout_ms: typing.Any = None, priority: typing.Any = None) -> list[Future]:"),
+     "timeout_ms: float | None = None, priority: int | None = None) -> list[Future]:"),
+    # The binding takes any object there to refuse a wrong one with QuotaError naming the
+    # field; what it accepts is a number of milliseconds and a priority level.
+    ("_core/__init__.pyi",
+     "    def submit(self, model: str, inputs: typing.Any, *, timeout_ms: typing.Any = None, "
+     "priority: typing.Any = None) -> Future:",
+     "    def submit(self, model: str, inputs: typing.Any, *, timeout_ms: float | None = None, "
+     "priority: int | None = None) -> Future:"),
+    ("_core/__init__.pyi", "    def exception(self, timeout: float | None = None) -> typing.Any:",
+     "    def exception(self, timeout: float | None = None) -> BaseException | None:"),
     # The standard library's wait state, set at import as read-only properties: typed as
     # concurrent.futures.Future declares them (as_completed's protocol takes attributes).
     ("_core/__init__.pyi", "    @property\n    def _condition(self):\n        ...", None),

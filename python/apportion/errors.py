@@ -70,7 +70,16 @@ def _rebuild(cls: type[ApportionError], args: tuple[object, ...], state: dict[st
 
 
 class PlacementError(ApportionError):
-    """Valid quotas that do not fit the machine. The message says what is available."""
+    """Valid quotas that do not fit the machine. The message says what is available; ``model``
+    and ``field`` name the model and setting where one is to blame (None otherwise), ``kind``
+    is ``"capacity"`` (``"quota"`` on the QuotaError the native planner raises)."""
+
+    def __init__(self, message: str = "", *, model: str | None = None, field: str | None = None,
+                 kind: str = "capacity") -> None:
+        super().__init__(message)
+        self.model = model
+        self.field = field
+        self.kind = kind
 
 
 class QueueFull(ApportionError):
@@ -107,7 +116,17 @@ class ModelNotFound(ApportionError, KeyError):
 
 
 class WorkerCrashed(ApportionError):
-    """The worker serving the request died (process isolation); names model, instance and cause."""
+    """The worker serving the request died (process isolation), or no node serves it any more
+    (a Ray cluster); the message names model, instance and cause. ``model`` names the model,
+    ``instance`` the instance and ``exitcode`` the worker process's exit status (negative: the
+    signal that ended it), each None where not known."""
+
+    def __init__(self, message: str = "", *, model: str | None = None, instance: int | None = None,
+                 exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.instance = instance
+        self.exitcode = exitcode
 
 
 class PinningWarning(RuntimeWarning):

@@ -287,8 +287,7 @@ def plan(
         # The native planner calls an explicit CPU list "cpus"; in this API it is given as `cores`.
         if getattr(e, "field", None) == "cpus":
             renamed = type(e)(str(e).replace("field 'cpus'", "field 'cores'", 1))
-            renamed.model = e.model  # type: ignore[attr-defined]
-            renamed.field = "cores"  # type: ignore[attr-defined]
+            renamed.model, renamed.field = e.model, "cores"
             raise renamed from None
         raise
     floating = {q.name: q for q in quotas if _floating(q)}

@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import _core
 from .adapters import build_instance
@@ -28,7 +28,7 @@ from .placement import ModelPlan, Plan, Quota, plan
 from ._private.claims import CpuClaims
 from ._private.cputime import CpuTracker
 from ._private.process import NOT_TAKEN, SPAWN_NOTE, ProcessInstance, factory_path
-from .spec import DEFAULT_MAX_QUEUE, ModelSpec
+from .spec import DEFAULT_MAX_QUEUE, Isolation, ModelSpec
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, format_cpulist, topology
 
@@ -179,7 +179,7 @@ def _check_burst_pool(name: str, plan_: Plan) -> None:
     if not plan_.shared_pool:
         raise PlacementError(
             f"model {name!r}, field 'burst': the shared pool is empty (exclusive models "
-            "hold every CPU), so there is nowhere to burst to"
+            "hold every CPU), so there is nowhere to burst to", model=name, field="burst"
         )
 
 
@@ -402,16 +402,16 @@ class Runtime(_core._Runtime):
         instances: int = 1,
         threads: int | None = None,
         cores: int | str | Sequence[int] | None = None,
-        isolation: str = "shared",
-        numa: int | str = "auto",
+        isolation: Isolation = "shared",
+        numa: int | Literal["auto"] = "auto",
         smt: bool = False,
-        memory_policy: str = "bind",
+        memory_policy: Literal["bind", "prefer", "none"] = "bind",
         oversubscribe: bool = False,
         max_queue: int = DEFAULT_MAX_QUEUE,
         timeout_ms: float | None = None,
         priority_levels: int = 1,
-        on_timeout: str = "reject",
-        admission: str = "queue",
+        on_timeout: Literal["reject", "delay"] = "reject",
+        admission: Literal["queue", "deadline"] = "queue",
         batching: Batching | None = None,
         spin_us: float = 50.0,
         gpu: GPU | None = None,
@@ -503,9 +503,9 @@ class Runtime(_core._Runtime):
         """
         self.add(ModelSpec(
             name=name, factory=factory, model=model, instances=instances, threads=threads, cores=cores,
-            isolation=isolation, numa=numa, smt=smt, memory_policy=memory_policy,  # type: ignore[arg-type]
+            isolation=isolation, numa=numa, smt=smt, memory_policy=memory_policy,
             oversubscribe=oversubscribe, max_queue=max_queue, timeout_ms=timeout_ms,
-            priority_levels=priority_levels, on_timeout=on_timeout, admission=admission,  # type: ignore[arg-type]
+            priority_levels=priority_levels, on_timeout=on_timeout, admission=admission,
             batching=batching,
             spin_us=spin_us, gpu=gpu, weight=weight, priority_class=priority_class, burst=burst,
             watchdog_s=watchdog_s, start_timeout_s=start_timeout_s, warmup=warmup))
@@ -792,9 +792,9 @@ class Runtime(_core._Runtime):
             # The planner names the model it could not place; here that is one the caller did
             # not touch, left without room by the models that move.
             named = ", ".join(repr(n) for n in sorted(new_specs))
-            err = PlacementError(f"apply(): the new settings of {named} leave no room for model {culprit!r}: {e}")
-            err.model = next(iter(new_specs)) if len(new_specs) == 1 else culprit  # type: ignore[attr-defined]
-            err.field = getattr(e, "field", None)  # type: ignore[attr-defined]
+            err = PlacementError(f"apply(): the new settings of {named} leave no room for model {culprit!r}: {e}",
+                                 model=next(iter(new_specs)) if len(new_specs) == 1 else culprit,
+                                 field=getattr(e, "field", None))
             err.displaced = culprit  # type: ignore[attr-defined]
             raise err from None
         targets = {n: new_specs.get(n, e.spec) for n, e in self._models.items()}
@@ -810,7 +810,7 @@ class Runtime(_core._Runtime):
                 raise PlacementError(f"model {n!r}: the {'new' if spread is new_plan else 'current'} plan spreads "
                                      f"its instances over several NUMA nodes "
                                      f"({[i.memory_nodes for i in spread[n].instances]}); a model moves while it "
-                                     "serves only within one node")
+                                     "serves only within one node", model=n)
         for n, e in self._models.items():
             if not e.burst:
                 continue
@@ -820,7 +820,7 @@ class Runtime(_core._Runtime):
                 raise PlacementError(
                     f"model {n!r}, field 'burst': this move changes the shared pool from "
                     f"{list(old_plan.shared_pool)} to {list(new_plan.shared_pool)}, where its burst instances "
-                    "run; burst instances cannot move while they serve: remove the model first")
+                    "run; burst instances cannot move while they serve: remove the model first", model=n, field="burst")
 
         def cpus(plan_: Plan, n: str) -> int:
             return len({c for i in plan_[n].instances for c in i.cpus})
@@ -980,7 +980,7 @@ class Runtime(_core._Runtime):
         if self.started:
             raise PlacementError(
                 f"model {name!r}: GPU models are partitioned together at start(); add it before "
-                "start() (the runtime is already serving)"
+                "start() (the runtime is already serving)", model=name, field="gpu"
             )
         plan_gpus({**self._gpu_quotas(), name: gpu})  # SM or memory over-subscription fails here
 
@@ -1027,7 +1027,7 @@ class Runtime(_core._Runtime):
             raise PlacementError(
                 f"model {name!r}: placing it now would move running models {moved} to other "
                 f"CPUs; add it before start(), remove those models first, or give it CPUs "
-                f"outside the shared pool (shared pool now: {list(current.shared_pool)})"
+                f"outside the shared pool (shared pool now: {list(current.shared_pool)})", model=name
             )
 
     # -- lifecycle ----------------------------------------------------------------------------

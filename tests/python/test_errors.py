@@ -9,6 +9,7 @@ import pkgutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,13 +46,13 @@ def examples() -> dict[str, Any]:
     return {
         "ApportionError": ApportionError("plain"),
         "QuotaError": ap.QuotaError("must be >= 1", model="m", field="instances"),
-        "PlacementError": ap.PlacementError("does not fit"),
+        "PlacementError": ap.PlacementError("does not fit", model="m", field="cores"),
         "QueueFull": ap.QueueFull("model 'm': queue full"),
         "DeadlineExceeded": ap.DeadlineExceeded("model 'm': deadline passed"),
         "RuntimeClosed": ap.RuntimeClosed("closed"),
         "RequestCancelled": ap.RequestCancelled("cancelled"),
         "ModelNotFound": ap.ModelNotFound("no model named 'x'", model="x"),
-        "WorkerCrashed": ap.WorkerCrashed("model 'm' instance 0 died"),
+        "WorkerCrashed": ap.WorkerCrashed("model 'm' instance 0 died", model="m", instance=0, exitcode=-9),
         "ConfigError": ConfigError("a.toml", "models.x.cores", "must be >= 1"),
         "DoesNotFit": DoesNotFit("a.toml", None, "3 cores wanted, 2 here"),
         "StartFailed": StartFailed("a.toml", "models.x.factory", "raised"),
@@ -81,6 +82,43 @@ def test_every_error_pickles_with_its_message_and_attributes() -> None:
     cfg = pickle.loads(pickle.dumps(made["ConfigError"]))
     assert (cfg.path, cfg.key) == ("a.toml", "models.x.cores")
     assert pickle.loads(pickle.dumps(made["RemoteRejected"])).kind == "http 429"
+    pe = pickle.loads(pickle.dumps(made["PlacementError"]))
+    assert (pe.model, pe.field, pe.kind) == ("m", "cores", "capacity")
+    wc = pickle.loads(pickle.dumps(made["WorkerCrashed"]))
+    assert (wc.model, wc.instance, wc.exitcode) == ("m", 0, -9)
+
+
+def test_the_documented_attributes_are_there_when_not_known() -> None:
+    # A handler reads e.model on any PlacementError / WorkerCrashed: None where not known.
+    pe, wc = ap.PlacementError("does not fit"), ap.WorkerCrashed("no node serves it now")
+    assert (pe.model, pe.field, pe.kind, str(pe)) == (None, None, "capacity", "does not fit")
+    assert (wc.model, wc.instance, wc.exitcode, str(wc)) == (None, None, None, "no node serves it now")
+
+
+def test_a_placement_the_machine_cannot_hold_names_the_model_and_field() -> None:
+    rt = ap.Runtime()
+    try:
+        rt.add_model("first", model=lambda x: x, isolation="exclusive", cores=len(ap.topology().usable_cores))
+        with pytest.raises(ap.PlacementError) as e:
+            rt.add_model("second", model=lambda x: x, isolation="exclusive", cores=1)
+        assert (e.value.model, e.value.field, e.value.kind) == ("second", "cores", "capacity")
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize(("package", "table"), [("apportion.ray", "_LAZY"), ("apportion.tune", "_OPTIONAL")])
+def test_each_name_a_package_loads_on_first_use_is_declared_for_type_checkers(package: str, table: str) -> None:
+    # Without the TYPE_CHECKING import, a checker reads the module's __getattr__ (-> Any) and
+    # passes any use of the name, misspelled calls included.
+    import ast
+    import importlib
+
+    mod = importlib.import_module(package)
+    tree = ast.parse(Path(mod.__file__).read_text())
+    declared = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.If)
+                and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                for imp in node.body if isinstance(imp, ast.ImportFrom) for a in imp.names}
+    assert declared == set(getattr(mod, table))
 
 
 def test_a_config_error_in_a_process_pool_reaches_the_caller(tmp_path: Any) -> None:

@@ -236,7 +236,7 @@ class Future(concurrent.futures.Future[typing.Any]):
         """
         True once the request completed (in any way).
         """
-    def exception(self, timeout: float | None = None) -> typing.Any:
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         """
         The exception the request completed with (None on success); raises CancelledError if it was cancelled.
         """
@@ -308,11 +308,11 @@ class _Runtime:
         """
         Unregisters a model: new requests get ModelNotFound; queued ones are finished (drain=True) or cancelled (drain=False); returns once its workers have exited.
         """
-    def submit(self, model: str, inputs: typing.Any, *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> Future:
+    def submit(self, model: str, inputs: typing.Any, *, timeout_ms: float | None = None, priority: int | None = None) -> Future:
         """
         Queues one request; returns a Future. Raises QueueFull, ModelNotFound, RuntimeClosed.
         """
-    def submit_many(self, model: str, inputs: collections.abc.Iterable[typing.Any], *, timeout_ms: typing.Any = None, priority: typing.Any = None) -> list[Future]:
+    def submit_many(self, model: str, inputs: collections.abc.Iterable[typing.Any], *, timeout_ms: float | None = None, priority: int | None = None) -> list[Future]:
         """
         Queues one request per item, all or none (QueueFull if they do not all fit); returns a list of Futures.
         """

@@ -348,11 +348,8 @@ class ProcessInstance:
 
     def _crashed(self, pid: int | None, cause: str, code: int | None) -> WorkerCrashed:
         who = f"worker process {pid}" if pid is not None else "worker process"
-        err = WorkerCrashed(f"model {self._model!r} instance {self._index}: {who} {cause}")
-        err.model = self._model  # type: ignore[attr-defined]
-        err.instance = self._index  # type: ignore[attr-defined]
-        err.exitcode = code  # type: ignore[attr-defined]
-        return err
+        return WorkerCrashed(f"model {self._model!r} instance {self._index}: {who} {cause}", model=self._model,
+                             instance=self._index, exitcode=code)
 
     def _reap(self, proc: subprocess.Popen[bytes], kill: bool) -> None:
         if kill and proc.poll() is None:

@@ -12,7 +12,7 @@ planner only, which is pure. :class:`Cluster` and the Serve deployment import Ra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .plan import ClusterPlacementError, ClusterPlan, Node, NodePlan, Replan, Replica, plan, replace_lost
 
@@ -21,6 +21,14 @@ __all__ = ["CPU_SET_LABEL", "Cluster", "ClusterFuture", "ClusterPlacementError",
 
 _LAZY = {"CPU_SET_LABEL": "cluster", "Cluster": "cluster", "ClusterFuture": "cluster", "ClusterStats": "cluster",
          "ModelCounts": "cluster", "ray_nodes": "cluster"}
+
+if TYPE_CHECKING:  # what __getattr__ gives, as type checkers see it (Ray imported only when used)
+    from .cluster import CPU_SET_LABEL as CPU_SET_LABEL
+    from .cluster import Cluster as Cluster
+    from .cluster import ClusterFuture as ClusterFuture
+    from .cluster import ClusterStats as ClusterStats
+    from .cluster import ModelCounts as ModelCounts
+    from .cluster import ray_nodes as ray_nodes
 
 
 def __getattr__(name: str) -> Any:

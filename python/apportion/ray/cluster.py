@@ -224,7 +224,8 @@ class ClusterFuture:
             return None
         self._cluster._count("crashed")
         crash = WorkerCrashed(f"model {self._model!r}: node {lost} left the cluster or its apportion actor died "
-                              f"while serving this request ({type(err).__name__}); it may or may not have run")
+                              f"while serving this request ({type(err).__name__}); it may or may not have run",
+                              model=self._model)
         crash.__cause__ = err
         return (False, crash)
 
@@ -465,7 +466,7 @@ class Cluster:
                 why = self.lost_capacity.get(model, "its nodes left the cluster")
                 if any(not e.is_set() for e in self._replacing.values()):
                     why += "; a re-placement is under way"
-                raise WorkerCrashed(f"model {model!r}: no node serves it now ({why})")
+                raise WorkerCrashed(f"model {model!r}: no node serves it now ({why})", model=model)
             if node is None:
                 node = self._choose(nodes, route)
             elif node not in nodes:

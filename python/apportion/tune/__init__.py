@@ -29,7 +29,7 @@ whole search runs without timing. The progress display (:mod:`.progress`) and th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .allocation import OBJECTIVES, Allocation, Objective, allocate
 from .cost import RHO, CostModel, Need, Sample, Shape
@@ -71,6 +71,10 @@ __all__ = [
 ]
 
 _OPTIONAL = {"plot_bars": "plot", "Progress": "progress"}
+
+if TYPE_CHECKING:  # what __getattr__ gives, as type checkers see it (no import at run time)
+    from .plot import plot_bars as plot_bars
+    from .progress import Progress as Progress
 
 
 def __getattr__(name: str) -> Any:
