@@ -69,12 +69,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "peers"
 PEERS = ("apportion", "triton", "pytriton", "ray", "litserve")
-BINARY = ("apportion", "triton", "pytriton", "ray", "litserve")
+BINARY = ("apportion", "triton", "pytriton", "ray", "litserve")  # take binary tensor data (Ray Serve, LitServe: their adapters)
 VENV = {"triton": "pytriton"}  # Triton's own binary comes with nvidia-pytriton
 # Each server's "every model and worker is ready" route (Ray Serve's serve.run returns once
 # its deployments are healthy, before serve_ray.py listens).
 READY = {"apportion": "/v2/health/ready", "triton": "/v2/health/ready", "pytriton": "/v2/health/ready",
-         "litserve": "/health"}  # take binary tensor data (Ray Serve, LitServe: their adapters)
+         "litserve": "/health"}
+
+
+def venv(peer: str) -> str:
+    """The folder under build/peers with the peer's venv and, beside it, its install log."""
+    return VENV.get(peer, peer)
 
 MLP_CONFIGS: dict[str, dict[str, Any]] = {
     "2 replicas x 1 thread": {"instances": 2},
@@ -134,12 +139,6 @@ def free_base(n: int = 3) -> int:
     raise RuntimeError("no free ports")
 
 
-def demo_max_queue() -> int:
-    from apportion import demo
-
-    return demo.MAX_QUEUE
-
-
 def apportion_config(models: dict[str, dict[str, Any]], slo_ms: dict[str, float], path: Path) -> Path:
     from apportion import demo
 
@@ -173,27 +172,28 @@ class Server:
 
     def __init__(self, peer: str, models: dict[str, dict[str, Any]], cpus: list[int], slo_ms: dict[str, float],
                  log: Path, apportion_loop: str = "auto") -> None:
+        from apportion import demo
+
         self.peer = peer
         self.port = free_base()
-        py = sys.executable if peer == "apportion" else str(BUILD / VENV.get(peer, peer) / "bin" / "python")
+        py = sys.executable if peer == "apportion" else str(BUILD / venv(peer) / "bin" / "python")
         # A model with an SLO (the demo's): its timeout and queue bound, which each peer applies
         # with its own options where it has them (serve_pytriton.py, serve_ray.py, serve_litserve.py).
-        spec = json.dumps({n: {**c, "timeout_ms": slo_ms[n], "max_queue": demo_max_queue()} if n in slo_ms else c
+        spec = json.dumps({n: {**c, "timeout_ms": slo_ms[n], "max_queue": demo.MAX_QUEUE} if n in slo_ms else c
                            for n, c in models.items()})
         env = dict(os.environ, PYTHONPATH=str(HERE), PYTHONUNBUFFERED="1")
+        if peer in ("triton", "pytriton"):
+            # Triton's Python-backend stub links libpython3.x: make it the interpreter's own,
+            # not an older system copy with another stdlib ABI.
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
         if peer == "apportion":
             cfg = apportion_config(models, slo_ms, log.with_suffix(".toml"))
             cmd = [py, "-m", "apportion", "serve", str(cfg), "--http-port", str(self.port),
                    "--grpc-port", str(self.port + 1), "--loop", apportion_loop]
         elif peer == "triton":
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
             cmd = [py, str(HERE / "serve_triton.py"), str(self.port), spec, str(BUILD / "triton")]
         elif peer == "pytriton":
-            # Triton's Python-backend stub links libpython3.x: make it the interpreter's own,
-            # not an older system copy with another stdlib ABI.
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
             cmd = [py, str(HERE / "serve_pytriton.py"), str(self.port), spec]
         elif peer == "ray":
             tmp = BUILD / "raytmp"
@@ -530,8 +530,8 @@ def main() -> None:
     rows: list[Row] = []
     broken: dict[str, str] = {}
     for peer in args.peers:
-        if peer != "apportion" and not (BUILD / VENV.get(peer, peer) / ".installed").exists():
-            log = BUILD / f"{VENV.get(peer, peer)}.log"
+        if peer != "apportion" and not (BUILD / venv(peer) / ".installed").exists():
+            log = BUILD / f"{venv(peer)}.log"
             broken[peer] = "not installed: " + (log.read_text(errors="replace")[-600:].strip().replace("\n", " | ")
                                                 if log.exists() else "no install log")
     t0 = time.monotonic()

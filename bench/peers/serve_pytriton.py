@@ -27,15 +27,7 @@ def infer_func(name: str) -> Any:
     run = models.runner(name)
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        xs = [r["x"] for r in requests]
-        if len(xs) == 1:
-            return [{"y": run(xs[0])}]
-        y = run(np.concatenate(xs))
-        out, i = [], 0
-        for x in xs:
-            out.append({"y": y[i:i + len(x)]})
-            i += len(x)
-        return out
+        return [{"y": y} for y in models.run_each(run, [r["x"] for r in requests])]
 
     return infer
 

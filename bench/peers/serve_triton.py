@@ -42,9 +42,12 @@ def pytriton_dir() -> Path:
 
     return Path(pytriton.__file__).resolve().parent
 
+
 MODEL_PY = '''\
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+import models
 
 
 class TritonPythonModel:
@@ -52,20 +55,10 @@ class TritonPythonModel:
         import torch
 
         torch.set_num_threads(1)
-        import models
-
         self.run = models.runner(args["model_name"])
 
     def execute(self, requests):
-        xs = [pb_utils.get_input_tensor_by_name(r, "x").as_numpy() for r in requests]
-        if len(xs) == 1:
-            ys = [self.run(xs[0])]
-        else:
-            y = self.run(np.concatenate(xs))
-            ys, i = [], 0
-            for x in xs:
-                ys.append(y[i:i + len(x)])
-                i += len(x)
+        ys = models.run_each(self.run, [pb_utils.get_input_tensor_by_name(r, "x").as_numpy() for r in requests])
         return [pb_utils.InferenceResponse([pb_utils.Tensor("y", np.ascontiguousarray(y, dtype=np.float32))])
                 for y in ys]
 '''

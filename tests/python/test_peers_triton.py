@@ -63,3 +63,19 @@ def test_the_repository_has_each_models_config_and_code(serve_triton, tmp_path: 
         "mlp/1/model.py", "mlp/config.pbtxt", "noop/1/model.py", "noop/config.pbtxt"]
     assert parse((repo / "mlp" / "config.pbtxt").read_text()).instance_group[0].count == 2
     compile((repo / "noop" / "1" / "model.py").read_text(), "model.py", "exec")
+
+
+def test_a_batch_is_run_once_and_each_request_gets_its_own_rows(serve_triton) -> None:
+    import numpy as np
+
+    models = sys.modules["models"]
+    calls = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        return x * 2
+
+    xs = [np.full((1, 3), 1.0), np.full((2, 3), 2.0), np.full((1, 3), 3.0)]
+    ys = models.run_each(run, xs)
+    assert calls == [(4, 3)] and [y.tolist() for y in ys] == [[[2.0] * 3], [[4.0] * 3] * 2, [[6.0] * 3]]
+    assert [y.tolist() for y in models.run_each(run, xs[:1])] == [[[2.0] * 3]] and calls[-1] == (1, 3)

@@ -17,11 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import numpy as np
-
-try:
-    import orjson
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("apportion.serve needs orjson: pip install 'apportion[serve]'") from e
+import orjson  # the package's __init__ names the extra when it is missing
 
 from .._private.checks import finite_number
 from ..errors import QuotaError, RuntimeClosed
