@@ -46,6 +46,7 @@ controller's time to adapt; a warm-up for the static plan), then the measured wi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -229,6 +230,37 @@ def baselines(cfg: Config, n_cores: int) -> dict[str, dict[str, Choice]]:
     return {"unmanaged": unmanaged, "equal split": equal}
 
 
+def parse_shares(text: str) -> dict[str, float]:
+    """``--shift``'s value: ``mlp=0.85,conv=0.1,encoder=0.05``, every demo model once, each share
+    a finite number >= 0, together 1 (the total rate stays as it was). Anything else is a usage
+    error naming what is wrong (argparse names the option)."""
+    shares: dict[str, float] = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        name = name.strip()
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected MODEL=SHARE, got {item.strip()!r} (in {text!r})")
+        if name not in SHARES:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of the demo's models "
+                                             f"({', '.join(SHARES)})")
+        if name in shares:
+            raise argparse.ArgumentTypeError(f"{name!r} is given twice")
+        try:
+            share = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a share such as 0.25, got {value.strip()!r}") from None
+        if not math.isfinite(share) or share < 0:
+            raise argparse.ArgumentTypeError(f"{name}: a share is a finite number >= 0, got {value.strip()!r}")
+        shares[name] = share
+    missing = [n for n in SHARES if n not in shares]
+    if missing:
+        raise argparse.ArgumentTypeError(f"every model needs a share; missing: {', '.join(missing)}")
+    total = sum(shares.values())
+    if abs(total - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"the shares add up to {total:g}, not 1 (the shift keeps the total rate)")
+    return {n: shares[n] for n in SHARES}
+
+
 def shifted(cfg: Config, shares: dict[str, float] | None = None) -> Config:
     """``cfg`` with each model's share of the total rate replaced (default: the demo's shift)."""
     shares = shares or SHIFTED_SHARES
@@ -380,9 +412,11 @@ class DemoResult:
 def run_demo(*, load: float = 1.0, budget_s: float = 60.0, out_dir: str | Path = "apportion-demo",
              settings: Settings | None = None, stream: TextIO | None = None,
              progress: bool | TextIO = True, switch_interval_s: float = 0.0005, shift: bool = True,
-             adapt_s: float | None = None, before_s: float | None = None, retune: bool = False) -> DemoResult:
+             adapt_s: float | None = None, before_s: float | None = None, retune: bool = False,
+             shift_shares: dict[str, float] | None = None) -> DemoResult:
     """Calibrates, tunes, measures the three modes, then (``shift``) the static tuned plan
-    against the controller after the mix shifts (and, with ``retune``, a plan tuned for the new
+    against the controller after the mix shifts to ``shift_shares`` (default
+    :data:`SHIFTED_SHARES`; see :func:`parse_shares`) (and, with ``retune``, a plan tuned for the new
     mix), prints the table, writes the plot, the tuned plan and the tuner's report into
     ``out_dir``. ``adapt_s`` (default 6 windows) is the time after the shift before measuring,
     ``before_s`` (default 4 windows) how long the controller serves the old mix first."""
@@ -395,14 +429,15 @@ def run_demo(*, load: float = 1.0, budget_s: float = 60.0, out_dir: str | Path =
     sys.setswitchinterval(switch_interval_s)
     try:
         return _run_demo(load, budget_s, Path(out_dir), settings, out, progress, t0, shift, adapt_s, before_s,
-                         retune)
+                         retune, shift_shares or SHIFTED_SHARES)
     finally:
         sys.setswitchinterval(previous)
 
 
 def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings | None, out: TextIO,
               progress: bool | TextIO, t0: float, shift: bool = True, adapt_s: float | None = None,
-              before_s: float | None = None, retune: bool = False) -> DemoResult:
+              before_s: float | None = None, retune: bool = False,
+              shift_shares: dict[str, float] = SHIFTED_SHARES) -> DemoResult:
     settings = settings or Settings(warmup_s=1.0, window_s=1.0, stable_windows=3, max_s=6.0)
     ms = single_thread_ms()
     cfg = demo_config(load, per_request_ms=ms)
@@ -432,7 +467,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
         adapt = adapt_s if adapt_s is not None else 6 * w
         after_settings = Settings(warmup_s=adapt, window_s=w, stable_windows=settings.stable_windows,
                                   max_s=adapt + 2 * settings.stable_windows * w)
-        new_mix = shifted(cfg)
+        new_mix = shifted(cfg, shift_shares)
         tuned = modes["tuned"]
 
         def say(what: str) -> None:
@@ -457,7 +492,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     demo = DemoResult(cfg, results, result.config, ms, time.monotonic() - t0, demands, adapted)
     print(demo.table(), file=out)
     if adapted is not None:
-        print(f"  mix shift: " + ", ".join(f"{n} {SHARES[n]:.0%} -> {SHIFTED_SHARES[n]:.0%}" for n in SHARES)
+        print(f"  mix shift: " + ", ".join(f"{n} {SHARES[n]:.0%} -> {shift_shares[n]:.0%}" for n in SHARES)
               + f"; controller moves ({len(adapted.moves)}):", file=out)
         for line in adapted.describe():
             print(f"    {line}", file=out)
@@ -482,8 +517,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="apportion-demo", metavar="DIR",
                    help="where the plot, the tuned plan and the tuner's report go (default ./apportion-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    p.add_argument("--no-shift", action="store_true",
-                   help="skip the fourth phase (the mix shifts: static tuned plan vs the controller)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--no-shift", action="store_true",
+                       help="skip the fourth phase (the mix shifts: static tuned plan vs the controller)")
+    which.add_argument("--shift", type=parse_shares, default=None, metavar="MODEL=SHARE,...",
+                       help="the mix after the shift, each model's share of the same total rate, e.g. "
+                       "mlp=0.85,conv=0.1,encoder=0.05 (default: "
+                       + ",".join(f"{n}={v:g}" for n, v in SHIFTED_SHARES.items()) + ")")
     p.add_argument("--adapt-s", type=above_zero(float), default=None, metavar="S",
                    help="after the shift, seconds of the new mix before measuring (default 6 windows)")
     p.add_argument("--retune", action="store_true",

@@ -574,18 +574,30 @@ def test_the_demo_without_torch_says_so(tmp_path: Path, monkeypatch: pytest.Monk
 def test_demo_runs_quickly(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     code, out, err = run("demo", "--budget-s", "5", "--window-s", "0.2", "--load", "0.3", "--quiet",
-                         "--out", str(tmp_path))
+                         "--shift", "mlp=0.85,conv=0.1,encoder=0.05", "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
     assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
     assert "tuner: Validated with a 10% SLO margin" in out and "; confidence " in out
     assert "shift: static" in out and "shift: controller" in out and "after the shift: controller" in out
-    assert "mix shift: mlp 35% -> 70%" in out
+    assert "mix shift: mlp 35% -> 85%, conv 20% -> 10%, encoder 45% -> 5%" in out
     assert (tmp_path / "demo.png").exists() and (tmp_path / "tune" / "plan.toml").exists()
 
     code, out, err = run("demo", "--budget-s", "3", "--window-s", "0.2", "--load", "0.3", "--quiet",
                          "--no-shift", "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
     assert "shift:" not in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--shift", "mlp=0.9,conv=0.2,encoder=0"], "argument --shift: the shares add up to 1.1, not 1"),
+    (["--shift", "mlp=1,conv=0,encoder=0", "--no-shift"], "argument --no-shift: not allowed with argument --shift"),
+])
+def test_demo_shift_usage_errors_exit_2_before_anything_runs(argv: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_the_apportion_command_imports_a_configs_paths_from_the_current_directory(tmp_path: Path) -> None:

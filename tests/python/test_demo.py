@@ -129,3 +129,30 @@ def test_adapted_lists_each_move_and_each_model_held_at_risk_without_one() -> No
         "held after the shift: mlp most at risk without a move in 4 window(s); last: SLO at risk: ...; held: no free capacity",
     ]
     assert demo.Adapted({}, [], shift_at_s=5.0).describe() == []
+
+
+def test_shift_shares_parse_every_model_once_adding_up_to_one() -> None:
+    assert demo.parse_shares("encoder=0.05, mlp=0.85,conv=0.1") == {"mlp": 0.85, "conv": 0.1, "encoder": 0.05}
+    assert list(demo.parse_shares("encoder=0.05,mlp=0.85,conv=0.1")) == list(demo.SHARES)  # the demo's order
+    assert demo.parse_shares("mlp=1,conv=0,encoder=0") == {"mlp": 1.0, "conv": 0.0, "encoder": 0.0}
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+    after = demo.shifted(cfg, demo.parse_shares("mlp=0.85,conv=0.1,encoder=0.05")).demand()
+    assert after["mlp"] == pytest.approx(0.85 * cfg.rate) and sum(after.values()) == pytest.approx(cfg.rate)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("mlp=0.7,conv=0.2", "every model needs a share; missing: encoder"),
+    ("mlp=0.7,conv=0.2,encoder=0.2", "the shares add up to 1.1, not 1"),
+    ("mlp=0.7,conv=0.2,ranker=0.1", "'ranker' is not one of the demo's models (mlp, conv, encoder)"),
+    ("mlp=0.5,mlp=0.3,conv=0.1,encoder=0.1", "'mlp' is given twice"),
+    ("mlp=0.7,conv,encoder=0.1", "expected MODEL=SHARE, got 'conv'"),
+    ("mlp=lots,conv=0.2,encoder=0.1", "mlp: expected a share such as 0.25, got 'lots'"),
+    ("mlp=1.2,conv=-0.2,encoder=0", "conv: a share is a finite number >= 0, got '-0.2'"),
+    ("mlp=nan,conv=0.2,encoder=0.1", "mlp: a share is a finite number >= 0, got 'nan'"),
+])
+def test_shift_shares_refuse_what_is_not_a_mix(text: str, message: str) -> None:
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        demo.parse_shares(text)
+    assert message in str(e.value)
