@@ -34,7 +34,9 @@ model gains can come out of another's: a higher class admitted more starves a lo
 the ``judge`` windows after a move the controller makes no other; then it compares the share
 of the arrivals its models served within their SLOs (all models with an SLO together) with the
 share over as many windows before the move. When that share fell by more than
-``tolerance`` (relative), the move is undone (the moved models get their old specs back,
+``tolerance`` (relative) while the load held (no model's arrival rate moved by more than
+MIX_MOVED: a shifting load says nothing about the move), or a moved model's share of failed
+requests rose by more than FAILING_JUMP (whatever the load did), the move is undone (the moved models get their old specs back,
 logged as a move of its own) and the same kind of move (more instances, a bigger batch or
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
 seconds; the next kind in line is tried instead.

@@ -10,7 +10,8 @@ scrapes (as ``apportion serve`` keeps one) carries ``_sum`` on across the wrap, 
 goes down while the model stays registered. Needs ``prometheus_client`` (``pip install
 'apportion[serve]'``).
 
-Metric names (each with a ``model`` label; README "Metrics" lists them with a sample):
+Metric names (each with a ``model`` label; README "Stats, windows and Prometheus metrics" lists
+them with a sample):
 
 - ``apportion_requests_total{outcome}``: finished requests by outcome (completed, failed,
   rejected, expired, cancelled); ``apportion_requests_submitted_total``: every submission,
@@ -25,6 +26,8 @@ Metric names (each with a ``model`` label; README "Metrics" lists them with a sa
   models with a GPU memory budget.
 - ``apportion_shared_pool_calls_total`` and ``apportion_shared_pool_seconds_total``: calls on
   the scheduled shared pool and the pool time they held (seconds x units, as ``pool_time_s``).
+- ``apportion_model_cpu_seconds_total``: CPU time of each model's worker threads and the
+  threads they created (:class:`CpuCollector`, from ``rt.cpu_seconds()``).
 """
 
 from __future__ import annotations

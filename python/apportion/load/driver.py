@@ -457,7 +457,8 @@ def run(
     ``seed`` makes Poisson arrivals repeatable. ``on_window(index, {model: WindowStats})`` is
     called from this thread after each window (progress display, early stop by raising).
     At the end, requests still queued are cancelled and running ones are waited for (up to
-    ``drain_timeout_s``); neither counts in the report.
+    ``drain_timeout_s``); neither counts in the reported windows (each model's
+    ``ModelReport.totals`` includes them).
 
     Returns a :class:`LoadReport`. Raises ModelNotFound or LoadError for invalid input (before
     any request is sent), RuntimeClosed for a runtime that is not serving, and re-raises an

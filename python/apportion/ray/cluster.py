@@ -6,7 +6,7 @@ then starts one actor on each node that got replicas, with ``NodeAffinitySchedul
 those CPUs; the actor runs an :class:`apportion.Runtime` on the node's CPU set with that node's
 models (pinning, NUMA, threads, batching and GPU quotas as on one host).
 
-Requests go to a node that holds the model: the caller's own node while it has no more than
+Requests go to a node that holds the model: the caller's own node while it has fewer than
 ``local_queue`` requests of this caller in flight per instance, else the less loaded of two
 nodes drawn at random ("power of two choices" on this caller's requests in flight per node).
 Outcomes are those of the single-host runtime: ``QueueFull``, ``DeadlineExceeded``,

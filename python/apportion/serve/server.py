@@ -209,8 +209,8 @@ class Server:
     ``serve_forever()`` runs it on the calling (main) thread until SIGTERM or SIGINT: readiness
     goes false, new requests get 503 (gRPC UNAVAILABLE), requests already admitted complete
     (for at most ``drain_timeout_s``), then it returns; a second signal aborts at once
-    (``SystemExit(128 + signal)``; HTTP requests still running get 503, gRPC calls are
-    cancelled).
+    (``SystemExit(128 + signal)``; requests still running get 503, gRPC calls
+    UNAVAILABLE).
 
     ``loop`` picks the event loop (one of ``LOOPS``): by default uvloop where it is installed
     (the ``serve`` extra installs it on Linux and macOS), which costs the server less CPU a
