@@ -380,7 +380,7 @@ class Controller:
 
     def __init__(self, rt: Any, slos: Mapping[str, float], *, window_s: float = 1.0, dwell_s: float = 3.0,
                  confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
-                 capacity: int | None = None, headroom: float = 0.5, oversubscribe: float = 2.0,
+                 capacity: int | None = None, headroom: float = 0.25, oversubscribe: float = 2.0,
                  max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
                  judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
                  log: Callable[[Move], None] | None = None, percentiles: Mapping[str, float] | None = None,

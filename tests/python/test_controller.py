@@ -221,8 +221,12 @@ def test_a_saturated_shared_model_grows_into_idle_cpu_time_beyond_the_nominal_ca
     moves = c.decide(hot, specs, 0.0, idle_cpus=0.8)
     assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
     assert "0.8 of the pool's CPUs sat idle" in moves[0].reason
+    # A quarter of a CPU idle is room (the default headroom): a saturated single instance
+    # cannot reach the idle time on the other CPU, a second one can.
+    moves = controller(capacity=2, confirm=1).decide(hot, specs, 0.0, idle_cpus=0.3)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
     # Too little idle time, idle time unknown, or instances not all busy: admission instead.
-    for idle, busy in ((0.3, 1.1), (None, 1.1), (0.8, 0.5)):
+    for idle, busy in ((0.2, 1.1), (None, 1.1), (0.8, 0.5)):
         c = controller(capacity=2, confirm=1)
         moves = c.decide({**hot, "a": win(p99=60.0, busy=busy)}, specs, 0.0, idle_cpus=idle)
         assert [m.change.split(" ")[0] for m in moves] == ["max_queue"], (idle, busy)
