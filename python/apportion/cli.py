@@ -226,6 +226,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=above_zero(float), default=None, metavar="S",
                    help="serve for S seconds, putting each model's configured load on it, then print "
                    "the load report and stats (default: serve until Ctrl-C)")
+    _add_adapt(p)
+    _add_root(p)
+    _add_json(p)
+
+
+def _add_adapt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt", action="store_true",
                    help="run the online controller beside the runtime: it moves instances, batching and "
                    "admission between the models that have an slo when one's objective is at risk or "
@@ -236,15 +242,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="a model whose batching the controller may switch on (its calls take a list of "
                    "inputs; repeatable). Without it the controller changes the batch size only of models "
                    "whose config already batches")
-    _add_root(p)
-    _add_json(p)
 
 
-def _run_run(args: argparse.Namespace, out: TextIO) -> int:
-    from . import load as ld
-
-    cfg = Config.load(args.config)
-    # Before any model starts: --adapt steers by latency objectives.
+def _adapt_objectives(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """--adapt's latency objectives and their percentiles from the config, checked before any
+    model starts (a usage mistake costs no start-up)."""
     slos = {n: m.slo["latency_ms"] for n, m in cfg.models.items() if m.slo}
     percentiles = {n: m.slo.get("percentile", 99.0) for n, m in cfg.models.items() if m.slo}
     if args.adapt and not slos:
@@ -256,6 +258,26 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if name not in slos:
             raise ConfigError("<command line>", "--adapt-batchable", f"model {name!r} has no slo in the config, so the "
                               f"controller does not manage it; models with one: {', '.join(slos)}")
+    return slos, percentiles
+
+
+def _start_controller(rt: Any, args: argparse.Namespace, slos: dict[str, float], percentiles: dict[str, float],
+                      out: TextIO | None) -> Any:
+    """--adapt's controller, started beside ``rt``; each move is a line on ``out`` (None: quiet)."""
+    from .controller import Controller
+
+    log = None if out is None else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
+                                                    file=out, flush=True))
+    return Controller(rt, slos, window_s=args.adapt_window_s, log=log, percentiles=percentiles,
+                      batchable=args.adapt_batchable).start()
+
+
+def _run_run(args: argparse.Namespace, out: TextIO) -> int:
+    from . import load as ld
+
+    cfg = Config.load(args.config)
+    # Before any model starts: --adapt steers by latency objectives.
+    slos, percentiles = _adapt_objectives(cfg, args)
     rt, stopped = _start_or_stop(cfg, args.root, "apportion run")  # a service manager's stop, too
     if stopped is not None:
         return stopped
@@ -266,12 +288,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if not args.json:
             print(rt.plan(), file=out)
         if args.adapt:
-            from .controller import Controller
-
-            log = None if args.json else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
-                                                          file=out, flush=True))
-            controller = Controller(rt, slos, window_s=args.adapt_window_s, log=log,
-                                    percentiles=percentiles, batchable=args.adapt_batchable).start()
+            controller = _start_controller(rt, args, slos, percentiles, None if args.json else out)
         loads = cfg.model_loads()
         with _sigterm_stops():
             try:
@@ -592,6 +609,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-timeout-s", type=above_zero(float), default=60.0, metavar="S",
                    help="drop an HTTP connection whose client has taken none of its answer for S seconds "
                    "(default 60)")
+    _add_adapt(p)
     _add_root(p)
 
 
@@ -609,11 +627,20 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         raise ApportionError(str(e)) from None
     cfg = Config.load(args.config)
     sigs = signatures(cfg)
+    slos, percentiles = _adapt_objectives(cfg, args)
     # A signal while the models build and warm up ends the process as the signal asks, with a
     # line instead of an abrupt exit (SIGTERM) or a traceback (Ctrl-C).
     rt, stopped = _start_or_stop(cfg, args.root, "apportion serve")
     if stopped is not None:
         return stopped
+    controller = None
+
+    def stop_controller() -> None:
+        if controller is not None:
+            controller.stop()
+            for e in controller.errors:
+                print(f"controller error at {e}", file=out, flush=True)
+
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
                         grpc_port=None if args.grpc_port == -1 else args.grpc_port, loop=args.loop,
@@ -630,17 +657,26 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
                       "SIGTERM or Ctrl-C drains and exits", file=out, flush=True)
 
         threading.Thread(target=announce, daemon=True).start()
+        if args.adapt:
+            controller = _start_controller(rt, args, slos, percentiles, out)
+            # Stopped when the server begins to stop: no move (new instances, their warm-up)
+            # during the drain.
+            threading.Thread(target=lambda: (server.stopping.wait(), controller.stop()), daemon=True,
+                             name="apportion-serve-adapt-stop").start()
         try:
             server.serve_forever()
         except OSError as e:  # the address: in use, not this machine's, or a host that does not resolve
             raise ApportionError(f"cannot serve on --host {args.host} (--http-port {args.http_port}, --grpc-port "
                                  f"{args.grpc_port}): {e}") from None
         except SystemExit as e:  # a second signal aborted the drain
+            stop_controller()
             _close_or_exit(rt, drain=False, code=e.code if isinstance(e.code, int) else 1)
             raise
     except BaseException:
+        stop_controller()
         _close_or_exit(rt, drain=False, code=1)
         raise
+    stop_controller()
     # The drain answered every admitted request; past its timeout, those still running got 503,
     # and their calls are not waited for (one that never returns held the exit for ever).
     if server.drained is False:  # said before the close, which may end the process (os._exit)

@@ -894,9 +894,11 @@ class Controller:
         """Stops the thread (a step in progress finishes first; from the controller's own
         thread, such as a ``log`` callback, it stops after that step)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-            self._thread = None
+        thread = self._thread  # once: stop() may be called from two threads at a time
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            if self._thread is thread:
+                self._thread = None
 
     def __enter__(self) -> Controller:
         return self.start()

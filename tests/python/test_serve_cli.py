@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -339,3 +340,62 @@ def test_thousands_of_grpc_calls_at_once_on_one_channel_are_all_answered(tmp_pat
                 assert answers == [2.0 * i for i in range(n)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+ADAPT_CONFIG = """
+[models.nap]
+factory = "process_models:sleeper"
+max_queue = 64
+slo = { latency_ms = 1 }
+[models.nap.signature]
+inputs = [{ name = "x", datatype = "FP32", shape = [1] }]
+outputs = [{ name = "y", datatype = "FP32", shape = [1] }]
+"""
+
+
+def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_drain(tmp_path: Path) -> None:
+    # An objective below the model's own call time (10 ms): at risk in every window with
+    # requests, so the controller moves it (an instance more: the CPUs are free).
+    cfg = tmp_path / "adapt.toml"
+    cfg.write_text(ADAPT_CONFIG)
+    with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
+        m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
+        assert m, line
+        client = th.InferenceServerClient(m.group(1), concurrency=4)
+        x = np.array([0.01], dtype=np.float32)
+        inp = th.InferInput("x", [1], "FP32")
+        inp.set_data_from_numpy(x)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        moved = None
+        deadline = time.monotonic() + 30
+        while moved is None and time.monotonic() < deadline:
+            pending = [client.async_infer("nap", [inp]) for _ in range(4)]
+            for p in pending:
+                np.testing.assert_array_equal(p.get_result().as_numpy("y"), x)
+            moved = re.search(r"\] nap: instances 1 -> 2 \(SLO at risk: p99 [\d.]+ ms of 1 ms", "".join(lines))
+        assert moved, "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        reader.join(10)
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+        client.close()
+
+
+@pytest.mark.parametrize(("config_text", "args", "message"), [
+    (ADAPT_CONFIG.replace("slo = { latency_ms = 1 }\n", ""), ["--adapt"], "models: --adapt needs a latency objective"),
+    (ADAPT_CONFIG, ["--adapt-batchable", "nap"], "--adapt-batchable: applies with --adapt only"),
+    (ADAPT_CONFIG, ["--adapt", "--adapt-batchable", "other"], "--adapt-batchable: model 'other' has no slo"),
+])
+def test_serve_adapt_mistakes_are_refused_before_any_model_starts(tmp_path: Path, config_text: str,
+                                                                   args: list[str], message: str) -> None:
+    cfg = tmp_path / "adapt.toml"
+    cfg.write_text(config_text.replace("process_models:sleeper", "no_such_module:never_built"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    done = subprocess.run([sys.executable, "-m", "apportion", "serve", str(cfg), "--http-port", "0", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "no_such_module" not in done.stderr, done.stderr

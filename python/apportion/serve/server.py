@@ -258,6 +258,10 @@ class Server:
         self.listening = threading.Event()
         """Set once both ports listen (``http_port``/``grpc_port`` then hold the bound ports);
         cleared when it begins to stop."""
+        self.stopping = threading.Event()
+        """Set when it begins to stop (a signal, or ``stop()``), before the drain: what runs
+        beside the server for its lifetime (``apportion serve --adapt``'s controller) stops
+        then, not after the drain."""
         self.drained: bool | None = None
         """After a draining stop: whether every admitted request completed within
         ``drain_timeout_s`` (None: not drained)."""
@@ -306,6 +310,7 @@ class Server:
 
     async def _close(self, drain: bool) -> None:
         self.listening.clear()
+        self.stopping.set()
         loop = asyncio.get_running_loop()
         # One deadline for the whole drain: admitted requests, gRPC answers still being sent
         # and HTTP connections still answering share drain_timeout_s (each waited its own
