@@ -635,11 +635,13 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         return stopped
     controller = None
 
-    def stop_controller() -> None:
+    def stop_controller() -> None:  # once, whichever way serving ends
+        nonlocal controller
         if controller is not None:
             controller.stop()
             for e in controller.errors:
                 print(f"controller error at {e}", file=out, flush=True)
+            controller = None
 
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
@@ -658,10 +660,10 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
 
         threading.Thread(target=announce, daemon=True).start()
         if args.adapt:
-            controller = _start_controller(rt, args, slos, percentiles, out)
+            controller = running = _start_controller(rt, args, slos, percentiles, out)
             # Stopped when the server begins to stop: no move (new instances, their warm-up)
             # during the drain.
-            threading.Thread(target=lambda: (server.stopping.wait(), controller.stop()), daemon=True,
+            threading.Thread(target=lambda: (server.stopping.wait(), running.stop()), daemon=True,
                              name="apportion-serve-adapt-stop").start()
         try:
             server.serve_forever()

@@ -917,9 +917,11 @@ def test_stop_drains_admitted_requests_and_refuses_new_ones() -> None:
                 "gate", [vec("x", [float(k)])]).as_numpy("y")) for k in range(3)]
             while rt.stats()["gate"].submitted < 3:
                 time.sleep(0.01)
+            assert not server.stopping.is_set()
             stopping = pool.submit(server.stop)
             while not server.frontend.draining:
                 time.sleep(0.01)
+            assert server.stopping.is_set()  # from the drain's start, not its end
             c = th.InferenceServerClient(url)
             assert not c.is_server_ready() and not c.is_model_ready("gate")
             assert c.is_server_live()
