@@ -69,7 +69,9 @@ def test_text_after_a_known_load_equals_the_stats(rt: ap.Runtime, gate) -> None:
         f.exception(10)
     rt.submit("gated", 0)
     assert gate.entered.wait(10)
-    expiring = rt.submit("gated", 1, timeout_ms=1)
+    # Long enough that the stats below are read before the expiry timer takes it (1 ms raced
+    # them on a loaded machine), short enough to wait for below.
+    expiring = rt.submit("gated", 1, timeout_ms=500)
     rt.submit("gated", 2)
     with pytest.raises(ap.QueueFull):
         rt.submit("gated", 3)
@@ -99,6 +101,7 @@ def test_text_after_a_known_load_equals_the_stats(rt: ap.Runtime, gate) -> None:
         assert value(samples, "apportion_max_queue", model=model) == s.max_queue
         assert value(samples, "apportion_shared_pool_calls_total", model=model) == s.pool_calls == 0
         assert value(samples, "apportion_shared_pool_seconds_total", model=model) == s.pool_time_s == 0.0
+        assert value(samples, "apportion_model_moves_total", model=model) == s.moves == 0
         for field in ("queue_wait", "compute", "end_to_end"):
             hist = getattr(s, field).histogram
             assert hist is not None
@@ -108,8 +111,8 @@ def test_text_after_a_known_load_equals_the_stats(rt: ap.Runtime, gate) -> None:
     assert value(samples, "apportion_end_to_end_seconds_count", model="echo") == 20
     assert value(samples, "apportion_batch_size_bucket", model="echo", le="1.0") == 20  # no batching
 
+    expiring.exception(10)  # expired in the queue, behind the held call
     gate.release.set()
-    expiring.exception(10)
     rt.close()
     stats = rt.stats()
     _, samples = parse(prometheus_text(stats))
