@@ -26,6 +26,8 @@ them with a sample):
   models with a GPU memory budget.
 - ``apportion_shared_pool_calls_total`` and ``apportion_shared_pool_seconds_total``: calls on
   the scheduled shared pool and the pool time they held (seconds x units, as ``pool_time_s``).
+- ``apportion_model_moves_total``: live moves of the model (``rt.apply``, the online
+  controller), as ``moves`` of its stats.
 - ``apportion_model_cpu_seconds_total``: CPU time of each model's worker threads and the
   threads they created (:class:`CpuCollector`, from ``rt.cpu_seconds()``).
 """
@@ -158,6 +160,9 @@ class StatsCollector(Collector):
         direct = counter("requests_direct", "Requests served by Runtime.call in the calling thread.")
         burst = counter("requests_burst", "Requests served by burst workers on the shared pool.")
         pool_calls = counter("shared_pool_calls", "Model calls that ran on the scheduled shared pool.")
+        moves = counter("model_moves", "Times the model moved while it served (Runtime.apply, the online "
+                        "controller): new instances, threads, cores or batching; a new admission bound alone "
+                        "is no move.")
         pool_s = counter("shared_pool_seconds",
                          "Shared-pool time held by those calls: call seconds x units (intra-op threads).")
         depth = GaugeMetricFamily("apportion_queue_depth",
@@ -188,6 +193,7 @@ class StatsCollector(Collector):
             burst.add_metric([name], s.burst_served)
             pool_calls.add_metric([name], s.pool_calls)
             pool_s.add_metric([name], s.pool_time_s)
+            moves.add_metric([name], s.moves)
             depth.add_metric([name], s.queued)
             in_flight.add_metric([name], s.in_flight)
             instances.add_metric([name], s.instances)
@@ -204,7 +210,7 @@ class StatsCollector(Collector):
                                  float(self._sums.total((name, "batch_size"), s.batch_size)))
         self._sums.keep(set(stats))
         yield from (requests, submitted, delayed, stolen, direct, burst, *latencies.values(), batch, depth,
-                    in_flight, instances, max_queue, pool_calls, pool_s)
+                    in_flight, instances, max_queue, pool_calls, pool_s, moves)
         if gpu.samples:
             yield gpu
 

@@ -377,6 +377,12 @@ def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_d
                 np.testing.assert_array_equal(p.get_result().as_numpy("y"), x)
             moved = re.search(r"\] nap: instances 1 -> 2 \(SLO at risk: p99 [\d.]+ ms of 1 ms", "".join(lines))
         assert moved, "".join(lines)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://{m.group(1)}/metrics").text
+        moves = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                 if s.name == "apportion_model_moves_total" and s.labels == {"model": "nap"}]
+        assert moves and moves[0] >= 1, text  # the move is the operator's to see, too
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         reader.join(10)
