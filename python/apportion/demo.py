@@ -41,6 +41,12 @@ rate), and two more rows compare, after the shift:
 
 Both after-shift rows are measured the same way: ``adapt_s`` seconds of the new mix first (the
 controller's time to adapt; a warm-up for the static plan), then the measured windows.
+``--shift MODEL=SHARE,...`` picks another mix (the same total rate).
+
+At the default load the tuned plan absorbs a shift (batching lets one mlp instance serve most of
+the rate), so the controller has little to add; at ``--load 1.6`` the shifted mix is more than
+the static plan's instances and batch sizes serve, which shows what the controller is for
+(bench/RESULTS.md, "After the shift at 1.6x the one-thread load").
 """
 
 from __future__ import annotations
