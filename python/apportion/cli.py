@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import load as ld
-from ._private.argtypes import above_zero, at_least, in_range
+from ._private.argtypes import above_zero, at_least, between, in_range
 from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed, model_key
@@ -231,13 +231,18 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
+ADAPT_WINDOW_S = (0.05, 3600.0)
+"""--adapt-window-s's range: a shorter window holds too few requests to read a p99 from (the
+controller moved and undid models that met their objectives), and the controller spins."""
+
+
 def _add_adapt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt", action="store_true",
                    help="run the online controller beside the runtime: it moves instances, batching and "
                    "admission between the models that have an slo when one's objective is at risk or "
                    "capacity idles, and logs every move with its reason (see apportion.Controller)")
-    p.add_argument("--adapt-window-s", type=above_zero(float), default=1.0, metavar="S",
-                   help="the controller's window (default 1)")
+    p.add_argument("--adapt-window-s", type=between(*ADAPT_WINDOW_S), default=None, metavar="S",
+                   help=f"the controller's window (default 1; {ADAPT_WINDOW_S[0]:g} to {ADAPT_WINDOW_S[1]:g})")
     p.add_argument("--adapt-batchable", action="append", default=[], metavar="NAME",
                    help="a model whose batching the controller may switch on (its calls take a list of "
                    "inputs; repeatable). Without it the controller changes the batch size only of models "
@@ -252,6 +257,8 @@ def _adapt_objectives(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, 
     if args.adapt and not slos:
         raise ConfigError(args.config, "models", "--adapt needs a latency objective: give at least one model "
                           "slo = { latency_ms = ... }")
+    if args.adapt_window_s is not None and not args.adapt:
+        raise ConfigError("<command line>", "--adapt-window-s", "applies with --adapt only")
     for name in args.adapt_batchable:
         if not args.adapt:
             raise ConfigError("<command line>", "--adapt-batchable", "applies with --adapt only")
@@ -262,13 +269,16 @@ def _adapt_objectives(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, 
 
 
 def _start_controller(rt: Any, args: argparse.Namespace, slos: dict[str, float], percentiles: dict[str, float],
-                      out: TextIO | None) -> Any:
-    """--adapt's controller, started beside ``rt``; each move is a line on ``out`` (None: quiet)."""
+                      out: TextIO | None, errors: TextIO | None = None) -> Any:
+    """--adapt's controller, started beside ``rt``; each move is a line on ``out`` (None: quiet),
+    each failure one on ``errors`` as it happens (None: kept in ``controller.errors`` only)."""
     from .controller import Controller
 
     log = None if out is None else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
                                                     file=out, flush=True))
-    return Controller(rt, slos, window_s=args.adapt_window_s, log=log, percentiles=percentiles,
+    on_error = None if errors is None else (lambda e: print(f"controller error at {e}", file=errors, flush=True))
+    window = args.adapt_window_s if args.adapt_window_s is not None else 1.0
+    return Controller(rt, slos, window_s=window, log=log, on_error=on_error, percentiles=percentiles,
                       batchable=args.adapt_batchable).start()
 
 
@@ -628,6 +638,10 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     cfg = Config.load(args.config)
     sigs = signatures(cfg)
     slos, percentiles = _adapt_objectives(cfg, args)
+    if args.adapt and not set(slos) & set(sigs):
+        raise ConfigError(args.config, "models", f"--adapt manages models with an slo, and none of them "
+                          f"({', '.join(slos)}) is served (no signature table): nothing it moves would "
+                          "serve a request")
     # A signal while the models build and warm up ends the process as the signal asks, with a
     # line instead of an abrupt exit (SIGTERM) or a traceback (Ctrl-C).
     rt, stopped = _start_or_stop(cfg, args.root, "apportion serve")
@@ -635,13 +649,11 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         return stopped
     controller = None
 
-    def stop_controller() -> None:  # once, whichever way serving ends
-        nonlocal controller
+    def stop_controller() -> None:
+        # Not waiting: a move in progress (a factory, a warm-up) must not hold the drain or an
+        # abort; it goes on until the runtime closes, and none starts after this.
         if controller is not None:
-            controller.stop()
-            for e in controller.errors:
-                print(f"controller error at {e}", file=out, flush=True)
-            controller = None
+            controller.stop(wait=False)
 
     try:
         server = Server(rt, sigs, host=args.host, http_port=args.http_port,
@@ -660,10 +672,10 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
 
         threading.Thread(target=announce, daemon=True).start()
         if args.adapt:
-            controller = running = _start_controller(rt, args, slos, percentiles, out)
+            controller = running = _start_controller(rt, args, slos, percentiles, out, out)
             # Stopped when the server begins to stop: no move (new instances, their warm-up)
-            # during the drain.
-            threading.Thread(target=lambda: (server.stopping.wait(), running.stop()), daemon=True,
+            # starts during the drain.
+            threading.Thread(target=lambda: (server.stopping.wait(), running.stop(wait=False)), daemon=True,
                              name="apportion-serve-adapt-stop").start()
         try:
             server.serve_forever()
@@ -684,7 +696,12 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     if server.drained is False:  # said before the close, which may end the process (os._exit)
         print(f"apportion serve: requests still running after --drain-timeout-s {args.drain_timeout_s:g} "
               "got 503", file=sys.stderr, flush=True)
-    _close_or_exit(rt, drain=server.drained is True, code=1)
+    if server.drained is True and controller is not None and controller.stats()["running"]:
+        # Every request answered; what holds the close is a move that began before the signal
+        # (a factory or warm-up of new instances): nothing is lost by leaving it.
+        _close_or_exit(rt, drain=True, code=EXIT_OK, running="a move of the online controller (new instances starting)")
+    else:
+        _close_or_exit(rt, drain=server.drained is True, code=1)
     return 1 if server.drained is False else EXIT_OK
 
 
@@ -735,14 +752,15 @@ def _start_or_stop(cfg: Config, root: str, prog: str) -> tuple[Any, int | None]:
     return got["rt"], None
 
 
-def _close_or_exit(rt: Any, drain: bool, code: int) -> None:
+def _close_or_exit(rt: Any, drain: bool, code: int, running: str = "model calls") -> None:
     """Closes ``rt``; when that does not finish within CLOSE_GRACE_S (a model call that does
-    not return: a thread cannot be stopped), says so and ends the process with ``code``."""
+    not return: a thread cannot be stopped), says so (``running``: what still runs) and ends
+    the process with ``code``."""
     closer = threading.Thread(target=rt.close, kwargs={"drain": drain}, name="apportion-close", daemon=True)
     closer.start()
     closer.join(CLOSE_GRACE_S)
     if closer.is_alive():
-        print(f"apportion serve: model calls still running {CLOSE_GRACE_S:g} s after the drain; exiting without "
+        print(f"apportion serve: {running} still running {CLOSE_GRACE_S:g} s after the drain; exiting without "
               "them", file=sys.stderr, flush=True)
         os._exit(code)
 

@@ -383,7 +383,8 @@ class Controller:
                  capacity: int | None = None, headroom: float = 0.25, oversubscribe: float = 2.0,
                  max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
                  judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
-                 log: Callable[[Move], None] | None = None, percentiles: Mapping[str, float] | None = None,
+                 log: Callable[[Move], None] | None = None, on_error: Callable[[str], None] | None = None,
+                 percentiles: Mapping[str, float] | None = None,
                  batchable: bool | Iterable[str] = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(slos, Mapping):
@@ -490,7 +491,8 @@ class Controller:
         already at its bound)."""
         self.errors: list[str] = []
         """The last ERRORS_KEPT failures (moves the runtime refused, windows that failed), oldest
-        first."""
+        first; each is also passed to ``on_error`` as it happens."""
+        self._on_error = on_error
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -777,6 +779,9 @@ class Controller:
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others)
         if not moves:
             return []
+        if self._stop.is_set():  # stopped while it decided: nothing starts now
+            self._last_move = dwell_before
+            return []
         if not self._apply(moves, now):
             # Nothing moved: no dwell starts, and the same kind of move for the same models is
             # not tried again for tabu_s (it would fail again, and hold the others every window).
@@ -826,7 +831,8 @@ class Controller:
         try:
             self.rt.apply([m.spec for m in moves])
         except (ApportionError, ValueError, RuntimeError) as e:
-            self._error(f"{now - self._t0:.1f}s: {failing}{e}")
+            what = failing or "; ".join(f"{m.model}: {m.change}" for m in moves) + ": "
+            self._error(f"{now - self._t0:.1f}s: {what}{type(e).__name__}: {e}")
             return False
         self._record(moves)
         return True
@@ -847,6 +853,11 @@ class Controller:
     def _error(self, text: str) -> None:
         self.errors.append(text)
         del self.errors[:-ERRORS_KEPT]
+        if self._on_error is not None:
+            try:
+                self._on_error(text)
+            except Exception:  # noqa: BLE001, S110 - the caller's reporter: the error is kept in errors
+                pass
 
     def _forget(self, name: str) -> None:
         """Drops what the controller kept about model ``name`` (a new model by that name)."""
@@ -890,12 +901,14 @@ class Controller:
             if self._stop.wait(self.window_s):
                 return
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         """Stops the thread (a step in progress finishes first; from the controller's own
-        thread, such as a ``log`` callback, it stops after that step)."""
+        thread, such as a ``log`` callback, it stops after that step). With ``wait=False`` it
+        returns at once: a move in progress (new instances starting) goes on, and no other
+        starts after it (a server that must drain now cannot wait for a factory)."""
         self._stop.set()
         thread = self._thread  # once: stop() may be called from two threads at a time
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
             if self._thread is thread:
                 self._thread = None

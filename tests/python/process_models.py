@@ -295,3 +295,18 @@ def never_built(ctx: Any) -> Any:
         open(mark, "w").close()
     time.sleep(600)
     return lambda x: x
+
+
+def sleeper_slow_to_grow(ctx: Any) -> Any:
+    """``sleeper``, whose second and later instances take ten minutes to build: a move that
+    adds one is still starting when the test stops the server. Creates the file
+    APPORTION_TEST_BUILDING names (if set) as such a build begins."""
+    import os
+    import time
+
+    if ctx.instance >= 1:
+        mark = os.environ.get("APPORTION_TEST_BUILDING")
+        if mark:
+            open(mark, "w").close()
+        time.sleep(600)
+    return sleeper(ctx)

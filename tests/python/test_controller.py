@@ -584,14 +584,38 @@ def test_a_move_that_fails_is_reported_and_the_model_keeps_serving() -> None:
     with ap.Runtime() as rt:
         rt.add_model("m", factory=factory)
         rt.start()
-        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1)
+        reported: list[str] = []
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1, on_error=reported.append)
         c.step()
         for i in range(5):
             rt.call("m", i)
         assert c.step() == []
         assert len(c.errors) == 1 and "no second instance here" in c.errors[0]
+        # It names the model, the move and the exception's type, and is reported as it happens.
+        assert "m: instances 1 -> 2: RuntimeError: no second instance here" in c.errors[0], c.errors
+        assert reported == c.errors
         assert c.moves == [] and rt.spec("m").instances == 1
         assert rt.call("m", 7) == 7
+
+
+def test_a_stopped_controller_starts_no_move() -> None:
+    # stop(wait=False) returns while a step may still be deciding: what it decided after the
+    # stop is not applied (a server that drains must not get new instances).
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=lambda x: (time.sleep(0.002), x)[1])
+        rt.start()
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1)
+        c.step()
+        for i in range(5):
+            rt.call("m", i)
+        c.stop(wait=False)
+        assert c.step() == [] and c.moves == [] and rt.spec("m").instances == 1
+        # The same windows move a controller that was not stopped.
+        other = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1)
+        other.step()
+        for i in range(5):
+            rt.call("m", i)
+        assert [m.change for m in other.step()] == ["instances 1 -> 2"], other.errors
 
 
 def _risky_raise(c: Controller, specs: dict[str, ap.ModelSpec], t0: float) -> list[Any]:

@@ -391,10 +391,48 @@ def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_d
         client.close()
 
 
+def test_sigterm_while_a_move_starts_its_instances_drains_and_exits_0_without_waiting_for_it(tmp_path: Path) -> None:
+    # The move's factory takes ten minutes: the controller stopped by joining it, so the signal's
+    # drain ended and the process waited for the factory anyway (and a second signal with it).
+    cfg = tmp_path / "adapt.toml"
+    cfg.write_text(ADAPT_CONFIG.replace("process_models:sleeper", "process_models:sleeper_slow_to_grow"))
+    mark = tmp_path / "building"
+    os.environ["APPORTION_TEST_BUILDING"] = str(mark)
+    try:
+        with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
+            m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
+            assert m, line
+            client = th.InferenceServerClient(m.group(1), concurrency=4)
+            x = np.array([0.01], dtype=np.float32)
+            inp = th.InferInput("x", [1], "FP32")
+            inp.set_data_from_numpy(x)
+            deadline = time.monotonic() + 30
+            while not mark.exists() and time.monotonic() < deadline:
+                for p in [client.async_infer("nap", [inp]) for _ in range(4)]:
+                    p.get_result()
+            assert mark.exists(), "the controller never began to add an instance"
+            client.close()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            assert time.monotonic() - t0 < 30  # the drain and the close's grace, not the factory
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            assert "a move of the online controller (new instances starting) still running" in err, err
+    finally:
+        del os.environ["APPORTION_TEST_BUILDING"]
+
+
 @pytest.mark.parametrize(("config_text", "args", "message"), [
     (ADAPT_CONFIG.replace("slo = { latency_ms = 1 }\n", ""), ["--adapt"], "models: --adapt needs a latency objective"),
     (ADAPT_CONFIG, ["--adapt-batchable", "nap"], "--adapt-batchable: applies with --adapt only"),
     (ADAPT_CONFIG, ["--adapt", "--adapt-batchable", "other"], "--adapt-batchable: model 'other' has no slo"),
+    (ADAPT_CONFIG, ["--adapt-window-s", "5"], "--adapt-window-s: applies with --adapt only"),
+    # The only model with an objective has no signature: nothing the controller moves serves.
+    (ADAPT_CONFIG.split("[models.nap.signature]")[0] + '[models.other]\nfactory = "process_models:echo"\n'
+     '[models.other.signature]\ninputs = [{ name = "x", datatype = "FP32", shape = [1] }]\n'
+     'outputs = [{ name = "y", datatype = "FP32", shape = [1] }]\n',
+     ["--adapt"], "models: --adapt manages models with an slo, and none of them (nap) is served"),
 ])
 def test_serve_adapt_mistakes_are_refused_before_any_model_starts(tmp_path: Path, config_text: str,
                                                                    args: list[str], message: str) -> None:

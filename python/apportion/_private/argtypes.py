@@ -33,6 +33,11 @@ def at_least(low: float) -> Callable[[str], float]:
     return _finite(float, lambda v: v >= low, f">= {low:g}")
 
 
+def between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite float in [low, high]."""
+    return _finite(float, lambda v: low <= v <= high, f"in [{low:g}, {high:g}]")
+
+
 def in_range(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an int in [low, high]; anything else is a usage error naming the
     option (exit 2)."""
