@@ -9,7 +9,8 @@ window) and from it the instances the arrival rate needs at the target utilisati
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
 ``confirm`` windows in a row gets capacity (of several, the one that leaves the most arrivals
 unserved within its SLO; while that one waits out its dwell, the others wait too, and in its
-dwell one window at risk is enough to count, since its move started its streak again): one more
+dwell one window at risk is enough to count, since its move started its streak again; one that
+no move can help this window, for another reason, is held and the next one is tried): one more
 instance, taken from the free CPUs, from CPU time the shared pool's CPUs left idle (a
 shared-pool model whose instances are all busy while at least ``headroom`` CPUs sat idle over
 the window: instances there own no CPUs, so the nominal count says nothing about the time the
@@ -549,6 +550,24 @@ class Controller:
             # The model that needs it most moved within dwell_s: what could be taken for it
             # waits for it rather than going to a model that needs it less.
             return self._hold(moves, now_s, name, f"in its dwell since its move at {self._last_move[name]:.1f} s")
+        # The neediest first; one that nothing can help this window (held for another reason
+        # than its dwell: no room, a move undone lately, instances that cannot change) does not
+        # hold back the next one at risk.
+        for _, _, name in sorted(at_risk, reverse=True):
+            if not self._dwelled(name, now_s):
+                continue
+            got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, idle)
+            if isinstance(got, str):
+                self._hold(moves, now_s, name, got)
+                continue
+            return [*moves, *got]
+        return moves
+
+    def _attempt(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
+                 fits: Callable[[Mapping[str, ModelSpec]], bool], idle_cpus: float | None,
+                 queue_sizes: Mapping[str, int] | None, held_by_others: int, idle: list[str]) -> list[Move] | str:
+        """The moves that serve model ``name`` (at risk) more this window, its own first, or why
+        none can (see :meth:`decide`)."""
         w, spec = windows[name], specs[name]
         slo = self.slos[name]
         why = (f"SLO at risk: p{self.percentiles.get(name, 99.0):g} {w.objective_ms:.1f} ms of {slo:g} ms, "
@@ -565,7 +584,7 @@ class Controller:
         movable = _movable(spec)
         can_grow = movable and self._open(name, "grow", now_s)
         if can_grow and room is not None and fits({**specs, name: grown}):
-            return [*moves, self._move(now_s, name, grown, _change(spec, grown), why + room)]
+            return [self._move(now_s, name, grown, _change(spec, grown), why + room)]
         # Why nothing below moves it, for held(): each way of serving it more, and what stops it.
         if not movable:
             blocked = ["its instances cannot change while it serves (process, GPU or burst instances)"]
@@ -588,14 +607,14 @@ class Controller:
             if not fits({**specs, d: shrunk, name: grown}):
                 continue
             gives = "its core to the shared pool" if shrunk.isolation != ds.isolation else "an instance"
-            return [*moves,
+            return [
                     self._move(now_s, d, shrunk, _change(ds, shrunk),
                                f"idle (used {windows[d].used:.0%}): gives {gives} to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         can_batch = movable and self._open(name, "batch", now_s)
         if can_batch and spec.batching is None and self.max_batch > 1 and name in self.batchable:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
-            return [*moves, self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
+            return [self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
                                        why + "; no capacity to take: batch")]
         b = spec.batching
         if not movable:
@@ -615,7 +634,7 @@ class Controller:
             # not tried again, and admission comes next.
             self._batch_tried.setdefault(name, set()).add(b.max_size * 2)
             bigger = dataclasses.replace(spec, batching=dataclasses.replace(b, max_size=b.max_size * 2))
-            return [*moves, self._move(now_s, name, bigger, f"batch {b.max_size} -> {b.max_size * 2}",
+            return [self._move(now_s, name, bigger, f"batch {b.max_size} -> {b.max_size * 2}",
                                        why + f"; no capacity to take, calls full (mean batch {w.mean_batch:.1f}): "
                                        "bigger batches")]
         # Admission: queue as many as the instances can serve within the SLO, and never less
@@ -638,7 +657,7 @@ class Controller:
             else:
                 self._full_queue.setdefault(name, spec.max_queue)
                 lowered = dataclasses.replace(spec, max_queue=allowed)
-                return [*moves, self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
+                return [self._move(now_s, name, lowered, f"max_queue {spec.max_queue} -> {allowed}",
                                            why + "; no capacity to take: refuse what would miss the SLO")]
         else:
             size = (queue_sizes or {}).get(name, self._full_queue.get(name, spec.max_queue))
@@ -653,9 +672,9 @@ class Controller:
                 blocked.append("a raised bound was undone lately")
             else:
                 wider = dataclasses.replace(spec, max_queue=raised)
-                return [*moves, self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
+                return [self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
                                            why + "; latency has room: admit what the SLO allows")]
-        return self._hold(moves, now_s, name, why + "; held: " + ", ".join(blocked))
+        return why + "; held: " + ", ".join(blocked)
 
     def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:
         """Records that ``name``, the model most at risk this window, got no move and why

@@ -1110,3 +1110,23 @@ def test_a_second_controller_on_one_runtime_is_refused_while_the_first_runs() ->
         second.start()  # once the first stopped
         assert second.stats()["running"]
         second.stop()
+
+
+def test_a_model_nothing_can_help_does_not_hold_back_the_next_one_at_risk() -> None:
+    # "a" misses its SLO the worst, but no move helps it (no room, no idle donor, batching not
+    # allowed, admission by deadline already refuses what would miss); "b" refuses requests its
+    # latency had room for. "b" went unhelped for good while "a" stayed the neediest.
+    specs = {"a": spec("a", 1, max_queue=4, admission="deadline"), "b": spec("b", 1, max_queue=8)}
+    late = Window(seconds=1.0, arrivals=400, completed=100, refused=300, p99_ms=500.0, queue_wait_p99_ms=0.0,
+                  compute_ms=10.0, mean_batch=1.0, instances=1)
+    refusing = Window(seconds=1.0, arrivals=1000, completed=980, refused=20, p99_ms=10.0, queue_wait_p99_ms=0.0,
+                      compute_ms=0.9, mean_batch=1.0, instances=1)
+    assert late.unserved > refusing.unserved
+    c = controller(capacity=2, confirm=1, batchable=False)
+    moves = c.decide({"a": late, "b": refusing}, specs, 0.0, queue_sizes={"a": 64, "b": 64})
+    assert [(m.model, m.change) for m in moves] == [("b", "max_queue 8 -> 27")]
+    assert "admission by deadline already refuses what would miss" in c.held["a"][2]
+    # While "b" dwells after its move, "a" is still held, and "b" is not moved again.
+    assert c.decide({"a": late, "b": refusing}, {**specs, "b": moves[0].spec}, 1.0,
+                    queue_sizes={"a": 64, "b": 64}) == []
+    assert c.held["a"][1] == 2
