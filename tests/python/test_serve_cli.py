@@ -353,18 +353,24 @@ outputs = [{ name = "y", datatype = "FP32", shape = [1] }]
 """
 
 
+def nap_client(line: str) -> tuple[str, Any, Any]:
+    """From the line `apportion serve` printed: its HTTP address, a tritonclient for it (4
+    requests at a time) and the input of a 10 ms call of ADAPT_CONFIG's "nap"."""
+    m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
+    assert m, line
+    inp = th.InferInput("x", [1], "FP32")
+    inp.set_data_from_numpy(np.array([0.01], dtype=np.float32))
+    return m.group(1), th.InferenceServerClient(m.group(1), concurrency=4), inp
+
+
 def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_drain(tmp_path: Path) -> None:
     # An objective below the model's own call time (10 ms): at risk in every window with
     # requests, so the controller moves it (an instance more: the CPUs are free).
     cfg = tmp_path / "adapt.toml"
     cfg.write_text(ADAPT_CONFIG)
     with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
-        m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
-        assert m, line
-        client = th.InferenceServerClient(m.group(1), concurrency=4)
+        http, client, inp = nap_client(line)
         x = np.array([0.01], dtype=np.float32)
-        inp = th.InferInput("x", [1], "FP32")
-        inp.set_data_from_numpy(x)
         lines: list[str] = []
         assert proc.stdout is not None
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
@@ -379,7 +385,7 @@ def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_d
         assert moved, "".join(lines)
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(f"http://{m.group(1)}/metrics").text
+        text = httpx.get(f"http://{http}/metrics").text
         moves = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                  if s.name == "apportion_model_moves_total" and s.labels == {"model": "nap"}]
         assert moves and moves[0] >= 1, text  # the move is the operator's to see, too
@@ -400,12 +406,7 @@ def test_sigterm_while_a_move_starts_its_instances_drains_and_exits_0_without_wa
     os.environ["APPORTION_TEST_BUILDING"] = str(mark)
     try:
         with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
-            m = re.search(r"v2 HTTP on http://(127\.0\.0\.1:\d+) ", line)
-            assert m, line
-            client = th.InferenceServerClient(m.group(1), concurrency=4)
-            x = np.array([0.01], dtype=np.float32)
-            inp = th.InferInput("x", [1], "FP32")
-            inp.set_data_from_numpy(x)
+            _, client, inp = nap_client(line)
             deadline = time.monotonic() + 30
             while not mark.exists() and time.monotonic() < deadline:
                 for p in [client.async_infer("nap", [inp]) for _ in range(4)]:
