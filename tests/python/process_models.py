@@ -270,16 +270,22 @@ def hangs_on_negative(ctx: Any) -> Any:
     return serve
 
 
-def slow_to_build(ctx: Any) -> Any:
-    """Echo, built in 1 s; creates the file APPORTION_TEST_BUILDING names (if set) as it begins.
-    (Half of `apportion serve`'s 2 s grace for a start interrupted by a signal: with the build as
-    long as the grace, the rest of the start raced it on a loaded machine.)"""
+def _building() -> None:
+    """Creates the file APPORTION_TEST_BUILDING names, if set: the test's sign that a build began."""
     import os
-    import time
 
     mark = os.environ.get("APPORTION_TEST_BUILDING")
     if mark:
         open(mark, "w").close()
+
+
+def slow_to_build(ctx: Any) -> Any:
+    """Echo, built in 1 s; creates the file APPORTION_TEST_BUILDING names (if set) as it begins.
+    (Half of `apportion serve`'s 2 s grace for a start interrupted by a signal: with the build as
+    long as the grace, the rest of the start raced it on a loaded machine.)"""
+    import time
+
+    _building()
     time.sleep(1.0)
     return lambda x: x
 
@@ -287,12 +293,9 @@ def slow_to_build(ctx: Any) -> Any:
 def never_built(ctx: Any) -> Any:
     """A factory that does not return (for ten minutes); creates the file APPORTION_TEST_BUILDING
     names (if set) as it begins."""
-    import os
     import time
 
-    mark = os.environ.get("APPORTION_TEST_BUILDING")
-    if mark:
-        open(mark, "w").close()
+    _building()
     time.sleep(600)
     return lambda x: x
 
@@ -301,12 +304,9 @@ def sleeper_slow_to_grow(ctx: Any) -> Any:
     """``sleeper``, whose second and later instances take ten minutes to build: a move that
     adds one is still starting when the test stops the server. Creates the file
     APPORTION_TEST_BUILDING names (if set) as such a build begins."""
-    import os
     import time
 
     if ctx.instance >= 1:
-        mark = os.environ.get("APPORTION_TEST_BUILDING")
-        if mark:
-            open(mark, "w").close()
+        _building()
         time.sleep(600)
     return sleeper(ctx)

@@ -397,31 +397,29 @@ def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_d
         client.close()
 
 
-def test_sigterm_while_a_move_starts_its_instances_drains_and_exits_0_without_waiting_for_it(tmp_path: Path) -> None:
+def test_sigterm_while_a_move_starts_its_instances_drains_and_exits_0_without_waiting_for_it(tmp_path: Path,
+                                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # The move's factory takes ten minutes: the controller stopped by joining it, so the signal's
     # drain ended and the process waited for the factory anyway (and a second signal with it).
     cfg = tmp_path / "adapt.toml"
     cfg.write_text(ADAPT_CONFIG.replace("process_models:sleeper", "process_models:sleeper_slow_to_grow"))
     mark = tmp_path / "building"
-    os.environ["APPORTION_TEST_BUILDING"] = str(mark)
-    try:
-        with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
-            _, client, inp = nap_client(line)
-            deadline = time.monotonic() + 30
-            while not mark.exists() and time.monotonic() < deadline:
-                for p in [client.async_infer("nap", [inp]) for _ in range(4)]:
-                    p.get_result()
-            assert mark.exists(), "the controller never began to add an instance"
-            client.close()
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0
-            assert time.monotonic() - t0 < 30  # the drain and the close's grace, not the factory
-            assert proc.stderr is not None
-            err = proc.stderr.read()
-            assert "a move of the online controller (new instances starting) still running" in err, err
-    finally:
-        del os.environ["APPORTION_TEST_BUILDING"]
+    monkeypatch.setenv("APPORTION_TEST_BUILDING", str(mark))
+    with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
+        _, client, inp = nap_client(line)
+        deadline = time.monotonic() + 30
+        while not mark.exists() and time.monotonic() < deadline:
+            for p in [client.async_infer("nap", [inp]) for _ in range(4)]:
+                p.get_result()
+        assert mark.exists(), "the controller never began to add an instance"
+        client.close()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert time.monotonic() - t0 < 30  # the drain and the close's grace, not the factory
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "a move of the online controller (new instances starting) still running" in err, err
 
 
 @pytest.mark.parametrize(("config_text", "args", "message"), [
