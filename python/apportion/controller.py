@@ -80,6 +80,10 @@ RAISE_AT_MOST = 4
 ERRORS_KEPT = 100
 """Failures kept in :attr:`Controller.errors`."""
 
+MOVES_KEPT = 10_000
+"""Moves kept in :attr:`Controller.moves` (a controller that runs for months keeps its last
+ones; :attr:`Controller.counts` counts them all)."""
+
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
 requests change little, while the move costs a trial and a dwell in which the model gets no
@@ -212,6 +216,8 @@ class Move:
     """What changed, e.g. "instances 2 -> 3"."""
     reason: str
     spec: ModelSpec = dataclasses.field(repr=False, compare=False)
+    undo: bool = False
+    """Whether the move undoes the model's last one (judged to have served less)."""
 
 
 @dataclass
@@ -481,6 +487,12 @@ class Controller:
         self._last: RuntimeStats | None = None
         self._last_at = 0.0
         self.moves: list[Move] = []
+        """The moves made (the last MOVES_KEPT), oldest first."""
+        self.counts: dict[str, dict[str, int]] = {n: {"moves": 0, "undone": 0, "held": 0} for n in self.slos}
+        """Per model, since the start: moves made, moves undone (those made undoing an earlier
+        one), and windows in which it was the model most at risk and got no move."""
+        self.error_count = 0
+        """Failures since the start (:attr:`errors` keeps the last ERRORS_KEPT)."""
         self.windows: dict[str, Window] = {}
         self.history: deque[tuple[float, dict[str, Window]]] = deque(maxlen=history)
         """The last ``history`` windows read, as (seconds since the start at the window's
@@ -681,6 +693,8 @@ class Controller:
         (:attr:`held`); returns ``moves`` (the other models' moves of the window)."""
         count = self.held[name][1] + 1 if name in self.held else 1
         self.held[name] = (round(now_s, 3), count, reason)
+        if name in self.counts:  # (decide() alone, in tests, may name models without an SLO)
+            self.counts[name]["held"] += 1
         return moves
 
     def longest_miss(self, since_s: float = 0.0) -> tuple[float, str | None]:
@@ -842,7 +856,8 @@ class Controller:
         why = broke or f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
         for m, old in trial.moves:
             self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
-        return [self._move(now_s, m.model, old, f"undone: {m.change}", why) for m, old in trial.moves]
+        return [dataclasses.replace(self._move(now_s, m.model, old, f"undone: {m.change}", why), undo=True)
+                for m, old in trial.moves]
 
     def _apply(self, moves: list[Move], now: float, failing: str = "") -> bool:
         """Applies ``moves`` to the runtime and records them; a failure is kept in ``errors``
@@ -858,6 +873,11 @@ class Controller:
 
     def _record(self, moves: list[Move]) -> None:
         self.moves.extend(moves)
+        del self.moves[:-MOVES_KEPT]
+        for m in moves:
+            counts = self.counts.setdefault(m.model, {"moves": 0, "undone": 0, "held": 0})
+            counts["moves"] += 1
+            counts["undone"] += m.undo
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
         self._pool, self._busy_s = self._pool_busy_s()
@@ -870,6 +890,7 @@ class Controller:
                                        f"{type(e).__name__}: {e}")
 
     def _error(self, text: str) -> None:
+        self.error_count += 1
         self.errors.append(text)
         del self.errors[:-ERRORS_KEPT]
         if self._on_error is not None:
@@ -940,18 +961,26 @@ class Controller:
 
     def stats(self) -> dict[str, Any]:
         """The controller's state: running or not, the last windows, the streaks, every move
-        with its reason, the models held at risk without a move and why (:attr:`held`), and the
-        errors of moves that failed."""
+        with its reason (the last MOVES_KEPT), the models held at risk without a move and why
+        (:attr:`held`), the counts per model (:attr:`counts`), and the errors of moves that
+        failed (the last ERRORS_KEPT, and ``error_count`` of all). Safe to call from any thread
+        while the controller runs (``/metrics`` does)."""
+        # Read while the controller's thread may change each of these: every container is
+        # copied at once (one C call under the GIL) before it is iterated.
+        thread, trial = self._thread, self._trial
         return {
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": thread is not None and thread.is_alive(),
             "windows": dict(self.windows),
             "idle_cpus": self.idle_cpus,
             "at_risk_streak": dict(self._risk_streak),
             "idle_streak": dict(self._idle_streak),
             "moves": list(self.moves),
-            "judging": [m.change for m, _ in self._trial.moves] if self._trial is not None else [],
-            "tabu": {f"{n} {k}": until for (n, k), until in self._tabu.items()},
+            "judging": [m.change for m, _ in list(trial.moves)] if trial is not None else [],
+            "on_trial": sorted({m.model for m, _ in list(trial.moves)}) if trial is not None else [],
+            "tabu": {f"{n} {k}": until for (n, k), until in dict(self._tabu).items()},
             "held": dict(self.held),
+            "counts": {n: dict(c) for n, c in dict(self.counts).items()},
             "errors": list(self.errors),
+            "error_count": self.error_count,
         }
 

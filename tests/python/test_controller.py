@@ -598,6 +598,38 @@ def test_a_move_that_fails_is_reported_and_the_model_keeps_serving() -> None:
         assert rt.call("m", 7) == 7
 
 
+def test_a_move_undone_on_a_real_runtime_is_marked_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second instance fails every call: after the move 'm' fails a share of its requests,
+    # so the move is undone whatever the load did.
+    def factory(ctx: ap.InstanceContext) -> Any:
+        def slow(x: Any) -> Any:
+            time.sleep(0.002)
+            if ctx.instance >= 1:
+                raise RuntimeError("a broken instance")
+            return x
+
+        return slow
+
+    monkeypatch.setattr("apportion.controller.MOVES_KEPT", 1)  # moves keeps the last ones, counts all
+    with ap.Runtime() as rt:
+        rt.add_model("m", factory=factory)
+        rt.start()
+        c = Controller(rt, {"m": 0.5}, capacity=4, confirm=1, dwell_s=0.0, window_s=0.1, judge=1)
+        c.step()
+        for i in range(5):
+            rt.call("m", i)
+        moves = c.step()
+        assert [(m.change, m.undo) for m in moves] == [("instances 1 -> 2", False)], c.errors
+        futures = [rt.submit("m", i) for i in range(60)]
+        failed = sum(f.exception(timeout=30) is not None for f in futures)
+        assert failed >= 5, "both instances took calls"
+        undo = c.step()
+        assert [(m.change, m.undo) for m in undo] == [("undone: instances 1 -> 2", True)], c.errors
+        assert "failed" in undo[0].reason and rt.spec("m").instances == 1
+        assert c.stats()["counts"] == {"m": {"moves": 2, "undone": 1, "held": 0}}
+        assert c.moves == undo
+
+
 def test_a_stopped_controller_starts_no_move() -> None:
     # stop(wait=False) returns while a step may still be deciding: what it decided after the
     # stop is not applied (a server that drains must not get new instances).
@@ -639,6 +671,7 @@ def test_a_move_after_which_less_of_the_arrivals_is_served_is_undone_and_not_tri
     undo = c.verdict(worse, 3.0)
     assert undo is not None and [(m.model, m.change) for m in undo] == [("a", "undone: max_queue 8 -> 25")]
     assert undo[0].spec == specs["a"], "the model's spec before the move comes back"
+    assert undo[0].undo and not moves[0].undo
     assert "served 80.0% of arrivals within SLO after it against 100.0% before" in undo[0].reason
     assert c.stats()["tabu"] == {"a raise": 23.0}
     # The same kind of move is not tried again within tabu_s (a dwell of 5 s has passed).
@@ -810,6 +843,7 @@ def test_a_model_at_risk_that_gets_no_move_is_held_with_what_stopped_each_way() 
     assert c.decide({"a": a, "b": win(busy=0.6)}, specs, 4.0) == []
     assert c.held["a"][:2] == (4.0, 2), "counted per window"
     assert c.stats()["held"] == {"a": c.held["a"]}
+    assert c.stats()["counts"]["a"] == {"moves": 0, "undone": 0, "held": 2}
     assert "b" not in c.held, "only the model most at risk is held"
 
 
