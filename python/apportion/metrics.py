@@ -10,8 +10,8 @@ scrapes (as ``apportion serve`` keeps one) carries ``_sum`` on across the wrap, 
 goes down while the model stays registered. Needs ``prometheus_client`` (``pip install
 'apportion[serve]'``).
 
-Metric names (each with a ``model`` label; README "Stats, windows and Prometheus metrics" lists
-them with a sample):
+Metric names (each with a ``model`` label but the controller's ``running``, ``errors_total`` and
+``idle_cpus``; README "Stats, windows and Prometheus metrics" lists them with a sample):
 
 - ``apportion_requests_total{outcome}``: finished requests by outcome (completed, failed,
   rejected, expired, cancelled); ``apportion_requests_submitted_total``: every submission,
@@ -30,6 +30,13 @@ them with a sample):
   controller), as ``moves`` of its stats.
 - ``apportion_model_cpu_seconds_total``: CPU time of each model's worker threads and the
   threads they created (:class:`CpuCollector`, from ``rt.cpu_seconds()``).
+- ``apportion_controller_*`` once an online controller was started on the runtime
+  (:class:`ControllerCollector`, from ``rt.controller``): ``running`` and ``errors_total``,
+  ``idle_cpus`` of the shared pool; per model it manages ``objective_seconds{percentile}``,
+  over the last window ``window_latency_seconds`` (at the objective's percentile),
+  ``window_arrivals_per_second`` and ``window_within_objective_ratio``; ``at_risk_windows``,
+  ``on_trial``, and the counters ``moves_total``, ``undone_moves_total`` and
+  ``held_windows_total``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import bisect
 import itertools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -51,8 +58,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from .errors import QuotaError
 from .stats import HistogramSnapshot, ModelStats
 
-__all__ = ["CONTENT_TYPE", "CpuCollector", "RuntimeMetrics", "StatsCollector", "latency_bounds_ns",
-           "prometheus_text"]
+__all__ = ["CONTENT_TYPE", "ControllerCollector", "CpuCollector", "RuntimeMetrics", "StatsCollector",
+           "latency_bounds_ns", "prometheus_text"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The Content-Type header value for :func:`prometheus_text`'s output."""
@@ -234,33 +241,121 @@ class CpuCollector(Collector):
         yield cpu
 
 
+class ControllerCollector(Collector):
+    """``apportion_controller_*`` from ``source()`` (e.g. ``lambda: rt.controller``): the state of
+    the online controller (:class:`apportion.Controller`) that moves capacity between the
+    runtime's models, for the models it manages (those with an objective). Nothing while
+    ``source()`` gives None (no controller was started)."""
+
+    def __init__(self, source: Callable[[], _ControllerSource | None]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        controller = self._source()
+        if controller is None:
+            return
+        state = controller.stats()  # one reading, taken at once
+        slos, percentiles = dict(controller.slos), dict(controller.percentiles)
+        m = ["model"]
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = m) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"apportion_controller_{name}", doc, labels=labels)
+
+        def counter(name: str, doc: str, labels: Sequence[str] = m) -> CounterMetricFamily:
+            return CounterMetricFamily(f"apportion_controller_{name}", doc, labels=labels)
+
+        running = gauge("running", "1 while the online controller runs, 0 once stopped.", [])
+        running.add_metric([], 1.0 if state["running"] else 0.0)
+        errors = counter("errors", "Failures of the controller: moves the runtime refused, "
+                        "windows that failed.", [])
+        errors.add_metric([], float(state["error_count"]))
+        yield running
+        yield errors
+        if state["idle_cpus"] is not None:
+            idle = gauge("idle_cpus", "CPUs of the shared pool that sat idle over the last "
+                          "window.", [])
+            idle.add_metric([], float(state["idle_cpus"]))
+            yield idle
+        objective = gauge("objective_seconds", "The model's latency objective, at the "
+                           "percentile it is about.", ["model", "percentile"])
+        latency = gauge("window_latency_seconds", "End-to-end latency at the objective's "
+                         "percentile over the last window (models that completed requests in it).")
+        rate = gauge("window_arrivals_per_second", "Requests submitted per second over the "
+                      "last window.")
+        within = gauge("window_within_objective_ratio", "Share of the last window's "
+                        "arrivals completed within the objective (models with arrivals in it).")
+        at_risk = gauge("at_risk_windows", "Consecutive windows, up to the last, in which "
+                         "the model's objective was at risk.")
+        on_trial = gauge("on_trial", "1 while a move of the model is being judged (undone "
+                          "if the models serve less after it).")
+        moves = counter("moves", "Moves the controller made of the model (undoings "
+                       "included).")
+        undone = counter("undone_moves", "Moves that undid the model's move before "
+                        "(it served less).")
+        held = counter("held_windows", "Windows in which the model was the one most at "
+                      "risk and no move could serve it more (see Controller.held for why).")
+        windows, counts, trial = state["windows"], state["counts"], set(state["on_trial"])
+        for name in sorted(slos):
+            objective.add_metric([name, f"{percentiles.get(name, 99.0):g}"], slos[name] / 1e3)
+            w = windows.get(name)
+            if w is not None:
+                rate.add_metric([name], w.rate)
+                if w.completed > 0:
+                    latency.add_metric([name], w.objective_ms / 1e3)
+                if w.arrivals > 0 and w.good is not None:
+                    within.add_metric([name], min(w.good, w.arrivals) / w.arrivals)
+            at_risk.add_metric([name], float(state["at_risk_streak"].get(name, 0)))
+            on_trial.add_metric([name], 1.0 if name in trial else 0.0)
+            c = counts.get(name, {})
+            moves.add_metric([name], float(c.get("moves", 0)))
+            undone.add_metric([name], float(c.get("undone", 0)))
+            held.add_metric([name], float(c.get("held", 0)))
+        yield from (objective, latency, rate, within, at_risk, on_trial, moves, undone, held)
+
+
 def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2,
-                    cpu_seconds: Mapping[str, float] | None = None) -> str:
+                    cpu_seconds: Mapping[str, float] | None = None,
+                    controller: _ControllerSource | None = None) -> str:
     """``stats`` (``rt.stats()``) in the Prometheus text exposition format (serve it with
     ``Content-Type: CONTENT_TYPE``); with ``cpu_seconds`` (``rt.cpu_seconds()``) also each
-    model's CPU time. One call sees one reading: each ``_sum`` is the native one, which
-    wraps (see the module's docs); a scrape endpoint keeps a :class:`RuntimeMetrics`."""
+    model's CPU time, with ``controller`` (``rt.controller``) its state. One call sees one
+    reading: each ``_sum`` is the native one, which wraps (see the module's docs); a scrape
+    endpoint keeps a :class:`RuntimeMetrics`."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(lambda: stats, per_octave=per_octave))
     if cpu_seconds is not None:
         registry.register(CpuCollector(lambda: cpu_seconds))
+    if controller is not None:
+        registry.register(ControllerCollector(lambda: controller))
     return generate_latest(registry).decode()
 
 
 class RuntimeMetrics:
-    """A runtime's ``/metrics`` page, scrape after scrape: ``text()`` reads ``rt.stats()`` and
-    ``rt.cpu_seconds()`` and renders them as :func:`prometheus_text` does, through collectors
-    kept from one scrape to the next (so each ``_sum`` carries on across the native wrap).
-    Safe to call from several threads at once."""
+    """A runtime's ``/metrics`` page, scrape after scrape: ``text()`` reads ``rt.stats()``,
+    ``rt.cpu_seconds()`` and the state of ``rt.controller`` and renders them as
+    :func:`prometheus_text` does, through collectors kept from one scrape to the next (so each
+    ``_sum`` carries on across the native wrap). Safe to call from several threads at once."""
 
     def __init__(self, rt: _StatsSource, *, per_octave: int = 2) -> None:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(StatsCollector(rt.stats, per_octave=per_octave))
         self._registry.register(CpuCollector(rt.cpu_seconds))
+        # Looked up at each scrape: a controller started after the page was made shows too.
+        self._registry.register(ControllerCollector(lambda: getattr(rt, "controller", None)))
 
     def text(self) -> bytes:
         """The page, in the Prometheus text format (``Content-Type: CONTENT_TYPE``)."""
         return generate_latest(self._registry)
+
+
+class _ControllerSource(Protocol):
+    slos: Mapping[str, float]
+    percentiles: Mapping[str, float]
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 class _StatsSource(Protocol):

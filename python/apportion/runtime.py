@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
 from .adapters import build_instance
@@ -31,6 +31,9 @@ from ._private.process import NOT_TAKEN, SPAWN_NOTE, ProcessInstance, factory_pa
 from .spec import DEFAULT_MAX_QUEUE, Isolation, ModelSpec
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, format_cpulist, topology
+
+if TYPE_CHECKING:
+    from .controller import Controller
 
 __all__ = ["InstanceContext", "Runtime"]
 
@@ -390,6 +393,7 @@ class Runtime(_core._Runtime):
         # add_model, remove_model and start change the models' records one at a time; close()
         # does not wait for it (it must be able to stop a start that hangs).
         self._admin = threading.RLock()
+        self._controller: Controller | None = None  # set by Controller.start()
         _live.add(self)
 
     # -- models -------------------------------------------------------------------------------
@@ -942,6 +946,13 @@ class Runtime(_core._Runtime):
         entry = self._models.get(name)
         return (self.started and not self.closed and entry is not None and not entry.building
                 and not self._forked and name in self._model_names())
+
+    @property
+    def controller(self) -> Controller | None:
+        """The online controller last started on this runtime (:meth:`Controller.start`), running
+        or stopped since; None if none was. ``/metrics`` reports its state
+        (``apportion_controller_*``)."""
+        return self._controller
 
     @property
     def shared_pool(self) -> str:

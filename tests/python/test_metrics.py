@@ -4,6 +4,7 @@ values equal rt.stats() (counts exactly), histograms are the native buckets."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -287,3 +288,68 @@ def test_scrapes_run_one_at_a_time() -> None:
     first.join(30)
     second.join(30)
     assert calls == ["first", "second"]
+
+
+def test_the_controllers_state_is_on_the_page_once_one_was_started() -> None:
+    from apportion.controller import Controller
+    from apportion.metrics import RuntimeMetrics
+
+    def log(m: Any) -> None:
+        raise ValueError("logger down")  # each move also counts one error
+
+    with ap.Runtime() as rt:
+        rt.add_model("m", model=lambda x: (time.sleep(0.002), x)[1])
+        rt.add_model("other", model=lambda x: x)  # no objective: not the controller's
+        rt.start()
+        page = RuntimeMetrics(rt)
+        types, _ = parse(page.text().decode())
+        assert not [n for n in types if n.startswith("apportion_controller")], "no controller, no families"
+        assert rt.controller is None
+        c = Controller(rt, {"m": 0.5}, percentiles={"m": 95.0}, capacity=4, confirm=1, dwell_s=0.0,
+                       window_s=3600, log=log)
+        c.start()
+        assert rt.controller is c
+        deadline = time.monotonic() + 10
+        while c._last is None and time.monotonic() < deadline:  # its thread's first reading, then an hour's wait
+            time.sleep(0.001)
+        assert c._last is not None
+        for i in range(20):
+            rt.call("m", i)
+        moves = c.step()
+        assert [m.change for m in moves] == ["instances 1 -> 2"], c.errors
+        state = c.stats()
+        types, samples = parse(page.text().decode())
+        assert {n: t for n, t in types.items() if n.startswith("apportion_controller")} == {
+            "apportion_controller_running": "gauge", "apportion_controller_errors": "counter",
+            "apportion_controller_idle_cpus": "gauge", "apportion_controller_objective_seconds": "gauge",
+            "apportion_controller_window_latency_seconds": "gauge",
+            "apportion_controller_window_arrivals_per_second": "gauge",
+            "apportion_controller_window_within_objective_ratio": "gauge",
+            "apportion_controller_at_risk_windows": "gauge", "apportion_controller_on_trial": "gauge",
+            "apportion_controller_moves": "counter", "apportion_controller_undone_moves": "counter",
+            "apportion_controller_held_windows": "counter"}
+        assert value(samples, "apportion_controller_running") == 1.0
+        assert value(samples, "apportion_controller_errors_total") == 1 == state["error_count"]
+        assert value(samples, "apportion_controller_idle_cpus") == pytest.approx(state["idle_cpus"])
+        assert value(samples, "apportion_controller_objective_seconds", model="m", percentile="95") == 0.5e-3
+        w = state["windows"]["m"]
+        assert w.arrivals == 20 and w.good is not None
+        assert value(samples, "apportion_controller_window_arrivals_per_second", model="m") == pytest.approx(w.rate)
+        assert value(samples, "apportion_controller_window_latency_seconds", model="m") == pytest.approx(
+            w.objective_ms / 1e3)
+        assert value(samples, "apportion_controller_window_within_objective_ratio", model="m") == pytest.approx(
+            w.good / 20)
+        assert value(samples, "apportion_controller_on_trial", model="m") == 1.0, "its move is being judged"
+        assert value(samples, "apportion_controller_moves_total", model="m") == 1.0
+        assert value(samples, "apportion_controller_undone_moves_total", model="m") == 0.0
+        assert value(samples, "apportion_controller_held_windows_total", model="m") == 0.0
+        assert value(samples, "apportion_controller_at_risk_windows", model="m") == 0.0, "a move resets it"
+        assert not [k for k in samples if dict(k[1]).get("model") == "other" and "controller" in k[0]]
+        # The runtime's own count of the model's moves agrees.
+        assert value(samples, "apportion_model_moves_total", model="m") == 1.0
+        c.stop()
+        assert value(parse(page.text().decode())[1], "apportion_controller_running") == 0.0
+        # One reading, rendered once: the controller's state only when given.
+        assert value(parse(prometheus_text(rt.stats(), controller=c))[1], "apportion_controller_moves_total",
+                     model="m") == 1.0
+        assert "apportion_controller" not in prometheus_text(rt.stats())
