@@ -42,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -268,6 +268,21 @@ def _adapt_objectives(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, 
     return slos, percentiles
 
 
+def _adapt_window_s(args: argparse.Namespace) -> float:
+    return args.adapt_window_s if args.adapt_window_s is not None else 1.0
+
+
+def _managed(window_s: float, slos: dict[str, float], percentiles: dict[str, float],
+             unserved: Iterable[str] = ()) -> str:
+    """--adapt's line saying which models the controller manages (``unserved``: those of them
+    no client can call)."""
+    managed = ", ".join(f"{n} (p{percentiles[n]:g} <= {slo:g} ms)" for n, slo in slos.items())
+    idle = sorted(unserved)
+    aside = (f"; {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} an slo and no signature: not served, "
+             "moved like the others (it may give capacity to the served models)" if idle else "")
+    return f"online controller: every {window_s:g} s, manages {managed}{aside}"
+
+
 def _start_controller(rt: Any, args: argparse.Namespace, slos: dict[str, float], percentiles: dict[str, float],
                       out: TextIO | None, errors: TextIO | None = None) -> Any:
     """--adapt's controller, started beside ``rt``; each move is a line on ``out`` (None: quiet),
@@ -277,8 +292,7 @@ def _start_controller(rt: Any, args: argparse.Namespace, slos: dict[str, float],
     log = None if out is None else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
                                                     file=out, flush=True))
     on_error = None if errors is None else (lambda e: print(f"controller error at {e}", file=errors, flush=True))
-    window = args.adapt_window_s if args.adapt_window_s is not None else 1.0
-    return Controller(rt, slos, window_s=window, log=log, on_error=on_error, percentiles=percentiles,
+    return Controller(rt, slos, window_s=_adapt_window_s(args), log=log, on_error=on_error, percentiles=percentiles,
                       batchable=args.adapt_batchable).start()
 
 
@@ -299,6 +313,8 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
             print(rt.plan(), file=out)
         if args.adapt:
             controller = _start_controller(rt, args, slos, percentiles, None if args.json else out)
+            if not args.json:
+                print(_managed(controller.window_s, slos, percentiles), file=out, flush=True)
         loads = cfg.model_loads()
         with _sigterm_stops():
             try:
@@ -669,6 +685,9 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
                 print(f"serving {', '.join(sigs)}: v2 HTTP on http://{args.host}:{server.http_port}{grpc} "
                       f"({server.loop} loop); "
                       "SIGTERM or Ctrl-C drains and exits", file=out, flush=True)
+                if args.adapt:
+                    print(_managed(_adapt_window_s(args), slos, percentiles, set(slos) - set(sigs)), file=out,
+                          flush=True)
 
         threading.Thread(target=announce, daemon=True).start()
         if args.adapt:

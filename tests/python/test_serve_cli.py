@@ -386,15 +386,35 @@ def test_serve_adapt_runs_the_controller_beside_the_server_and_stops_it_at_the_d
         from prometheus_client.parser import text_string_to_metric_families
 
         text = httpx.get(f"http://{http}/metrics").text
-        moves = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-                 if s.name == "apportion_model_moves_total" and s.labels == {"model": "nap"}]
-        assert moves and moves[0] >= 1, text  # the move is the operator's to see, too
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        # The move is the operator's to see, too, and so is the controller that made it.
+        assert samples[("apportion_model_moves_total", (("model", "nap"),))] >= 1, text
+        assert samples[("apportion_controller_moves_total", (("model", "nap"),))] >= 1, text
+        assert samples[("apportion_controller_running", ())] == 1.0, text
+        assert samples[("apportion_controller_objective_seconds", (("model", "nap"), ("percentile", "99")))] == 0.001
+        assert "online controller: every 0.2 s, manages nap (p99 <= 1 ms)\n" in "".join(lines), "".join(lines)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         reader.join(10)
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read()
         client.close()
+
+
+def test_serve_adapt_says_which_models_it_manages_and_which_of_them_no_client_can_call(tmp_path: Path) -> None:
+    cfg = tmp_path / "adapt.toml"
+    cfg.write_text(ADAPT_CONFIG + '[models.aside]\nfactory = "process_models:echo"\n'
+                   'slo = { latency_ms = 50, percentile = 95 }\n')
+    with serving(cfg, "--grpc-port", "-1", "--adapt") as (proc, line):
+        assert proc.stdout is not None
+        said = proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert "serving nap:" in line, line
+    assert said == ("online controller: every 1 s, manages nap (p99 <= 1 ms), aside (p95 <= 50 ms); aside has an "
+                    "slo and no signature: not served, moved like the others (it may give capacity to the served "
+                    "models)\n"), said
 
 
 def test_sigterm_while_a_move_starts_its_instances_drains_and_exits_0_without_waiting_for_it(tmp_path: Path,
