@@ -4,7 +4,9 @@ through a Serve handle and over HTTP (the proxy on 127.0.0.1), on a real local R
 from __future__ import annotations
 
 import json
+import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -223,3 +225,114 @@ def test_a_configs_runtime_settings_reach_the_replica(app: App) -> None:  # app:
         assert handle.infer.remote("lo", 2).result(timeout_s=60) == 2
     finally:
         serve.delete("sched")
+
+
+# -- the replica's CPU set: its node's label --------------------------------------------------------
+
+CUSTOM_LABEL = "apportion-test-cpus"  # a cpu_set_label of the deployment's own
+PAIR_LABEL = "apportion-test-pair"  # two CPUs, written as Ray labels must ("_" for ",")
+ABSENT_LABEL = "apportion-test-absent"  # names a CPU no test machine has (CPU ids parse up to 65535)
+MALFORMED_LABEL = "apportion-test-malformed"  # no CPU list
+ABSENT_CPU = 4096
+
+
+@pytest.fixture
+def labelled(local_ray: Any, app: App) -> Iterator[dict[str, str]]:  # app: Serve started on 127.0.0.1
+    """Adds a node whose labels name CPU sets: the default label (CPU_SET_LABEL) this process's
+    highest CPU, CUSTOM_LABEL its lowest, PAIR_LABEL its lowest two ("0_1"), ABSENT_LABEL one of
+    them and an absent CPU, MALFORMED_LABEL no CPU list. It has 1 CPU (deployment() refuses a
+    node whose label names fewer CPUs than Ray's CPU resource) and the cluster's only GPU (a
+    logical one), so a replica that reserves a GPU lands there. Yields the labels; removes the
+    node after the test (the module's other tests count the cluster's CPUs and GPUs)."""
+    from apportion.ray.cluster import CPU_SET_LABEL
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: on one, a label naming it reads the same as no label")
+    labels = {CPU_SET_LABEL: str(cpus[-1]), CUSTOM_LABEL: str(cpus[0]), PAIR_LABEL: f"{cpus[0]}_{cpus[1]}",
+              ABSENT_LABEL: f"{cpus[0]}_{ABSENT_CPU}", MALFORMED_LABEL: f"{cpus[0]}_x"}
+    node = local_ray.cluster.add_node(num_cpus=1, num_gpus=1, labels=labels, object_store_memory=80 * 2**20)
+    try:
+        local_ray.cluster.wait_for_nodes(timeout=60)
+        yield labels
+    finally:
+        local_ray.cluster.remove_node(node)
+        deadline = time.monotonic() + 60
+        while ray.cluster_resources().get("GPU", 0.0) != 0.0 or ray.cluster_resources().get("CPU", 0.0) != 5.0:
+            assert time.monotonic() < deadline, "the labelled node never left the cluster"
+            time.sleep(0.2)
+
+
+def on_labelled(specs: list[ap.ModelSpec], name: str, **kw: Any) -> Any:
+    """``specs`` as a deployment whose replica lands on the labelled node (the one GPU)."""
+    return deployment(specs, name=name, num_cpus=1, num_gpus=1, **kw)
+
+
+def served_cpus(specs: list[ap.ModelSpec], name: str, **kw: Any) -> dict[str, list[int]]:
+    """Deploys ``specs`` (ray_models:where models) as app ``name`` on the labelled node and
+    answers, asked through a handle, the CPUs each model's worker thread may run on there."""
+    handle = serve.run(on_labelled(specs, name, **kw), name=name, route_prefix=f"/{name}")
+    try:
+        return {s.name: handle.infer.remote(s.name, 0).result(timeout_s=60)["cpus"] for s in specs}
+    finally:
+        serve.delete(name)
+
+
+@pytest.mark.timeout(180)
+def test_a_replica_runs_on_the_cpus_its_nodes_label_names(labelled: dict[str, str], app: App) -> None:
+    # The shared models float on the runtime's shared pool: every CPU the runtime may use, which
+    # is the CPU the node's label names, not every CPU the replica's process may use.
+    from apportion.ray.cluster import CPU_SET_LABEL
+
+    one = int(labelled[CPU_SET_LABEL])
+    shared = [ap.ModelSpec(n, factory="ray_models:where") for n in ("a", "b")]
+    handle = serve.run(on_labelled(shared, "labelled"), name="labelled", route_prefix="/labelled")
+    try:
+        assert {m: handle.infer.remote(m, 0).result(timeout_s=60)["cpus"] for m in ("a", "b")} == {"a": [one],
+                                                                                                   "b": [one]}
+        req = urllib.request.Request(f"http://127.0.0.1:{app.port}/labelled/a", data=b'{"inputs": 1}',
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:  # the same replica over HTTP
+            assert json.loads(r.read())["outputs"]["cpus"] == [one]
+    finally:
+        serve.delete("labelled")
+
+
+@pytest.mark.timeout(180)
+def test_a_custom_cpu_set_label_is_honoured_and_its_underscores_are_commas(labelled: dict[str, str]) -> None:
+    from apportion.ray.cluster import CPU_SET_LABEL
+
+    # The custom label's CPU, not the default label's (another CPU on the same node), nor every CPU.
+    own = int(labelled[CUSTOM_LABEL])
+    assert own != int(labelled[CPU_SET_LABEL])
+    assert served_cpus([ap.ModelSpec("a", factory="ray_models:where")], "custom",
+                       cpu_set_label=CUSTOM_LABEL) == {"a": [own]}
+    # "0_1" is "0,1": the exclusive model gets one of the two, the shared one the other (in the
+    # default label's single CPU they do not both fit; "0_1" as it is is no CPU list).
+    pair = sorted(int(c) for c in labelled[PAIR_LABEL].split("_"))
+    got = served_cpus(specs()[1:], "pair", cpu_set_label=PAIR_LABEL)
+    assert len(got["left"]) == 1 and len(got["right"]) == 1 and sorted(got["left"] + got["right"]) == pair
+
+
+@pytest.mark.timeout(180)
+def test_a_label_naming_cpus_the_replica_cannot_use_fails_the_deployment_saying_why(
+        labelled: dict[str, str]) -> None:
+    echo = [ap.ModelSpec("a", factory="ray_models:echo")]
+    # No CPU list at all: deployment() refuses it before any replica starts.
+    with pytest.raises(ap.QuotaError, match=rf"cpu_set '{labelled[MALFORMED_LABEL].replace('_', ',')}' is not a "
+                                            "CPU list"):
+        on_labelled(echo, "malformed", cpu_set_label=MALFORMED_LABEL)
+    # "0_4096" read as "0,4096": the replica's runtime refuses CPU 4096 (not the label's
+    # spelling). serve.run fails instead of waiting for a replica that cannot start; its own
+    # error only says that the deployment failed, the deployment's status says why.
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"Deploying application absent failed"):
+            serve.run(on_labelled(echo, "absent", cpu_set_label=ABSENT_LABEL), name="absent", route_prefix="/absent")
+        status = serve.status().applications["absent"].deployments["absent"]
+    finally:
+        serve.delete("absent")
+    assert time.monotonic() - started < 120
+    assert status.status == "DEPLOY_FAILED", status
+    assert f"QuotaError: field 'cpus': Runtime: CPU {ABSENT_CPU} is not present on this machine" in status.message, \
+        status.message
