@@ -357,8 +357,8 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if report is not None:
             print(report, file=out)
         print(stats, file=out)
-        for e in controller.errors if controller is not None else ():
-            print(f"controller error at {e}", file=out)
+        for err in controller.errors if controller is not None else ():
+            print(f"controller error at {err}", file=out)
     return EXIT_OK if stopped_by is None else 128 + int(stopped_by)
 
 

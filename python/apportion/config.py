@@ -346,8 +346,7 @@ class Config:
             rt = Runtime(cpus=self.cpus, topology_root=topology_root, shared_pool=self.shared_pool,
                          pool_reserve=self.pool_reserve, reserve_nice=self.reserve_nice)
         except QuotaError as e:
-            key = f"runtime.{e.field}" if e.field else "runtime.cpus"
-            raise ConfigError(self.path, key, e.reason) from None
+            raise ConfigError(self.path, f"runtime.{e.field}" if e.field else "runtime.cpus", e.reason) from None
         try:
             _ = rt.topology  # `cpus` read against this machine (or the tree under topology_root)
         except ValueError as e:  # a CPU it does not have
@@ -375,11 +374,12 @@ class Config:
                 except ApportionError:
                     raise
                 except Exception as e:  # the user's factory or warm-up: its error, and whose it is
-                    m = self.models.get(getattr(e, "apportion_warmup_sample_of", None))  # type: ignore[arg-type]
-                    if m is not None and m.inputs is not None and m.spec.warmup == m.inputs:
+                    warmed = self.models.get(getattr(e, "apportion_warmup_sample_of", None))  # type: ignore[arg-type]
+                    if warmed is not None and warmed.inputs is not None and warmed.spec.warmup == warmed.inputs:
                         # A plan warms a model with its load's inputs (the tuner's do): their key.
-                        raise StartFailed(self.path, f"{model_key(m.name)}.inputs", f"model {m.name!r}: its inputs "
-                                          f"(the warm-up's samples) raised {type(e).__name__}: {e}") from e
+                        raise StartFailed(self.path, f"{model_key(warmed.name)}.inputs",
+                                          f"model {warmed.name!r}: its inputs (the warm-up's samples) raised "
+                                          f"{type(e).__name__}: {e}") from e
                     notes = " ".join(getattr(e, "__notes__", ()))
                     raise StartFailed(self.path, "models", f"a model failed to start: {type(e).__name__}: "
                                       f"{e}" + (f" {notes}" if notes else "")) from e

@@ -321,27 +321,28 @@ def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
     less; None when the model is down to one. With ``release``, a model down to one core of its
     own gives that core to the shared pool instead: it serves from the pool with one instance."""
     t = spec.threads or 1
-    exclusive = spec.isolation == "exclusive" and isinstance(spec.cores, int)
+    # The count of cores of its own, for an exclusive model with a count (not a CPU list).
+    own = spec.cores if spec.isolation == "exclusive" and isinstance(spec.cores, int) else None
     if t > 1:
         # Several threads per instance: one instance less (and its cores), or for a model of
         # one instance, one thread less (and a core): never all its threads at once.
         try:
             if spec.instances > 1:
-                cores = spec.cores - t if exclusive else spec.cores
+                cores = own - t if own is not None else spec.cores
                 return dataclasses.replace(spec, cores=cores, instances=spec.instances - 1)
-            cores = spec.cores - 1 if exclusive else spec.cores
+            cores = own - 1 if own is not None else spec.cores
             return dataclasses.replace(spec, cores=cores, threads=t - 1)
         except QuotaError:  # fewer cores than the rest would need (an oversubscribed model)
             return None
-    if exclusive:
-        if spec.cores <= 1:
+    if own is not None:
+        if own <= 1:
             if not release:
                 return None
             try:
                 return dataclasses.replace(spec, isolation="shared", cores=None, instances=1, threads=1)
             except QuotaError:  # a setting only an exclusive model may have, such as burst instances
                 return None
-        n = spec.cores - 1
+        n = own - 1
         return dataclasses.replace(spec, cores=n, instances=n, threads=1)
     if spec.instances <= 1:
         return None

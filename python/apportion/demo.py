@@ -92,8 +92,9 @@ def _torch() -> Any:
 def _leading(inner: Any, tail: int) -> Any:
     """Wraps a module so it accepts any number of leading dims (flattened into one batch dim)."""
     torch = _torch()
+    module: Any = torch.nn.Module  # torch is imported here, at run time: a base class of type Any
 
-    class Leading(torch.nn.Module):
+    class Leading(module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = inner
@@ -407,9 +408,9 @@ class DemoResult:
             # move could still win (a static plan that already serves 90% leaves ~1.1x at most).
             shares = []
             for mode in ("shift: static", "shift: controller", "shift: retuned"):
-                demand = sum(v or 0 for v in (self.demands.get(mode) or {}).values())
-                if mode in self.results and demand > 0:
-                    shares.append(f"{mode.removeprefix('shift: ')} {self.goodput(mode) / demand:.0%}")
+                new_demand = sum(v or 0 for v in (self.demands.get(mode) or {}).values())
+                if mode in self.results and new_demand > 0:
+                    shares.append(f"{mode.removeprefix('shift: ')} {self.goodput(mode) / new_demand:.0%}")
             if shares:
                 lines.append(f"  of the new demand served within SLO: {', '.join(shares)}")
         return "\n".join(lines)

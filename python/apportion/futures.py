@@ -230,11 +230,16 @@ def _await(f: Any) -> typing.Generator[Any, None, Any]:
 
 
 # concurrent.futures.wait/as_completed take the condition first, before they block on the
-# future: a wait on the model's own request is refused there. (A lambda, as the other
-# properties: the module's stubs show none of their types.)
-_core.Future._condition = property(  # type: ignore[attr-defined]
-    lambda f: _refuse_own_wait(f) or _stdlib_state(f).condition)
-_core.Future._waiters = property(lambda f: _stdlib_state(f).waiters)  # type: ignore[attr-defined]
-_core.Future._state = property(_stdlib_status)  # type: ignore[attr-defined]
-_core.Future.__await__ = _await  # type: ignore[attr-defined]
+# future: a wait on the model's own request is refused there. (No return type, as the lambda
+# below: the module's generated stubs show none; tools/stub_overrides.py types the properties
+# as concurrent.futures.Future declares them, hence the ignores.)
+def _stdlib_condition(f: Any):
+    _refuse_own_wait(f)
+    return _stdlib_state(f).condition
+
+
+_core.Future._condition = property(_stdlib_condition)  # type: ignore[assignment]
+_core.Future._waiters = property(lambda f: _stdlib_state(f).waiters)  # type: ignore[assignment]
+_core.Future._state = property(_stdlib_status)  # type: ignore[assignment]
+_core.Future.__await__ = _await  # type: ignore[method-assign, assignment]
 _core._set_future_class(StdlibFuture)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from . import _core, _table
 from .errors import PlacementError, QuotaError
@@ -49,7 +49,7 @@ _MAX_COUNT = 1 << 16
 native integer."""
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int subclass, but cores=True is a mistake, not a count of one.
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -131,7 +131,7 @@ class Quota:
                                        f"gives each of {self.instances} instance(s) at most {per_instance} CPU(s); "
                                        "use fewer threads, more CPUs, or oversubscribe=True")
             elif _is_int(cores) and not self.smt:
-                per_instance = math.ceil(cores / self.instances)  # type: ignore[operator]
+                per_instance = math.ceil(cores / self.instances)
                 if self.threads > per_instance:
                     raise _quota_error(name, "threads", f"threads={self.threads} per instance but cores={cores} "
                                        f"over {self.instances} instance(s) gives at most {per_instance} core(s) "
@@ -143,7 +143,7 @@ class Quota:
         outnumber its CPUs."""
         return _core.Quota(
             name=self.name,
-            cores=self.cores if _is_int(self.cores) else 0,  # type: ignore[arg-type]
+            cores=self.cores if _is_int(self.cores) else 0,
             cpus=list(self.cpus or ()),
             instances=self.instances,
             threads=self.threads or 0,

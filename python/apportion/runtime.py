@@ -118,7 +118,7 @@ _MAX_UNITS = 65536
 
 def _check_reserve(reserve: Mapping[int, int] | None, nice: Any, scheduled: bool) -> dict[int, int]:
     """Runtime(pool_reserve=, reserve_nice=) validated: {priority_class: units}."""
-    if isinstance(nice, bool) or not isinstance(nice, numbers.Integral) or not 1 <= nice <= 19:
+    if isinstance(nice, bool) or not isinstance(nice, numbers.Integral) or not 1 <= int(nice) <= 19:
         raise QuotaError(f"Runtime: reserve_nice must be an integer in 1..19, got {nice!r}", field="reserve_nice")
     if reserve is None:
         return {}
@@ -271,7 +271,7 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
             raise
         return wrap_for_gpu(fn, gpu_ctx, usage) if usage is not None else fn
 
-    build = make_process_instance if spec.process else make_instance
+    build: Callable[[int], Any] = make_process_instance if spec.process else make_instance
     if spec.batching is not None:
         build = wrap_factory(name, build)
     if spec.warmup is not None:
@@ -815,8 +815,8 @@ class Runtime(_core._Runtime):
                                      f"its instances over several NUMA nodes "
                                      f"({[i.memory_nodes for i in spread[n].instances]}); a model moves while it "
                                      "serves only within one node", model=n)
-        for n, e in self._models.items():
-            if not e.burst:
+        for n, entry in self._models.items():
+            if not entry.burst:
                 continue
             _check_burst_pool(n, new_plan)
             if started and new_plan.shared_pool != old_plan.shared_pool:

@@ -207,18 +207,18 @@ class ModelSpec:
                 raise bad(fld, "applies to the shared pool; give isolation='shared', or burst=True on an "
                           "exclusive model")
 
-        w = self.warmup
-        if isinstance(w, str):
-            if not is_import_path(w):
-                raise bad("warmup", f"{w!r} is not an import path; give 'package.module:function' (a "
+        warm = self.warmup
+        if isinstance(warm, str):
+            if not is_import_path(warm):
+                raise bad("warmup", f"{warm!r} is not an import path; give 'package.module:function' (a "
                           "zero-argument callable returning one sample input)")
-        elif isinstance(w, (list, tuple)):
-            if not w:
+        elif isinstance(warm, (list, tuple)):
+            if not warm:
                 raise bad("warmup", "give at least one sample input, or None for no warm-up")
-            put("warmup", tuple(w))
-        elif w is not None and not callable(w):
+            put("warmup", tuple(warm))
+        elif warm is not None and not callable(warm):
             raise bad("warmup", f"give sample inputs (a list), a zero-argument callable or its "
-                      f"'module:function' path, got {type(w).__name__}")
+                      f"'module:function' path, got {type(warm).__name__}")
 
         # Bounds of a worker process.
         for fld, why in (("watchdog_s", 'a watchdog needs isolation="process" (a thread cannot be killed)'),

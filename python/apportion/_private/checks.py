@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any
+from typing import Any, TypeGuard
 
 
-def finite_number(value: Any) -> bool:
+def finite_number(value: Any) -> TypeGuard[int | float]:
     """A real number (an int or a float, not a bool) that is neither NaN nor infinite; an int
     beyond every float counts as infinite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -28,7 +28,7 @@ def real(value: Any) -> float | None:
     try:
         return float(value)
     except OverflowError:  # an int beyond every float
-        return math.inf if value > 0 else -math.inf
+        return -math.inf if value < 0 else math.inf
 
 
 ASYNC_MODEL = ("the runtime calls a model in its worker thread and would not await the coroutine it returns; "

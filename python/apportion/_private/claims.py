@@ -119,17 +119,17 @@ def _open_claim(path: str) -> int | None:
     None where it cannot be had."""
     flags = os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        made = os.open(path, flags | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
-        fd = None
+        pass  # opened below
     except OSError:
         return None
     else:
         try:
-            os.fchmod(fd, 0o666)  # past the umask
+            os.fchmod(made, 0o666)  # past the umask
         except OSError:
             pass
-        return fd
+        return made
     for mode in (os.O_RDWR, os.O_RDONLY):  # flock needs no write access; the pid does
         try:
             fd = os.open(path, flags | mode)

@@ -87,13 +87,13 @@ class CpuTracker:
             for tid, seen in threads.items():
                 comm, secs = seen[0], seen[1]
                 key = (tid, seen[2] if len(seen) > 2 else 0)
-                model = worker_of.get(tid) or comm_of.get(comm)
-                if model is None:
+                whose = worker_of.get(tid) or comm_of.get(comm)
+                if whose is None:
                     prev = self._seen.get(key)
                     if prev is None:
                         continue
-                    model = prev[0]  # renamed since (a framework naming its threads): still the model's
-                now[key] = (model, secs)
+                    whose = prev[0]  # renamed since (a framework naming its threads): still the model's
+                now[key] = (whose, secs)
             for key, (model, secs) in self._seen.items():
                 if key not in now:  # exited (its id perhaps reused since: another thread)
                     self._gone[model] = self._gone.get(model, 0.0) + secs

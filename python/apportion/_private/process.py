@@ -102,14 +102,14 @@ def factory_path(model: str, factory: object) -> str:
                              "imports it with this process's sys.path", model=model, field="factory")
         return factory
     if callable(factory):
-        module = getattr(factory, "__module__", None)
+        defined_in = getattr(factory, "__module__", None)
         qualname = getattr(factory, "__qualname__", "")
-        if (inspect.isfunction(factory) and module and module != "__main__" and "<" not in qualname):
-            obj: Any = sys.modules.get(module)
+        if (inspect.isfunction(factory) and defined_in and defined_in != "__main__" and "<" not in qualname):
+            obj: Any = sys.modules.get(defined_in)
             for part in qualname.split("."):
                 obj = getattr(obj, part, None)
             if obj is factory:
-                return factory_path(model, f"{module}:{qualname}")
+                return factory_path(model, f"{defined_in}:{qualname}")
         raise QuotaError(
             "isolation=\"process\" needs a factory the worker process can import: a \"module:function\" string "
             f"or a module-level function (not a lambda, closure, bound method or a function of __main__); got "

@@ -79,9 +79,8 @@ def _framework_of(value: object) -> str | None:
         name = value.__name__
     else:
         # Functions and classes carry the module that defined them; instances their type's.
-        name = getattr(value, "__module__", None) if callable(value) else None
-        if not isinstance(name, str) or not name:
-            name = type(value).__module__
+        defined_in = getattr(value, "__module__", None) if callable(value) else None
+        name = defined_in if isinstance(defined_in, str) and defined_in else type(value).__module__
     root = name.partition(".")[0]
     return root if root in _FRAMEWORKS else None
 

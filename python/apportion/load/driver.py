@@ -613,6 +613,6 @@ def _await_drivers(drivers: Mapping[str, _Driver], t_ns: int) -> None:
             time.sleep(0.0005)
 
 
-def _snapshot(rt: Runtime, drivers: Mapping[str, _Driver]) -> dict[str, ModelStats]:
+def _snapshot(rt: Runtime | RemoteTarget, drivers: Mapping[str, _Driver]) -> dict[str, ModelStats]:
     stats = rt.stats()
     return {n: stats[n] for n in drivers if n in stats}

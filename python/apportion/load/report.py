@@ -275,7 +275,7 @@ def _notes(m: ModelReport) -> list[str]:
     return out
 
 
-def percentile(sorted_ns: Sequence[int], p: float) -> int:
+def percentile(sorted_ns: Sequence[float], p: float) -> float:
     # Nearest rank: the smallest sample with at least p% of samples at or below it.
     rank = max(1, math.ceil(p / 100.0 * len(sorted_ns)))
     return sorted_ns[min(rank, len(sorted_ns)) - 1]

@@ -215,7 +215,7 @@ MIN_WINDOW_S = 0.001
 def validate_settings(warmup_s: object, window_s: object, stable_windows: object,
                        tolerance: object, max_s: object, drain_timeout_s: object) -> None:
     def number(fname: str, v: object, minimum: float, inclusive: bool) -> float:
-        if not finite_number(v) or (v < minimum if inclusive else v <= minimum) or v > _MAX_S:  # type: ignore[operator]
+        if not finite_number(v) or (v < minimum if inclusive else v <= minimum) or v > _MAX_S:
             bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
             raise LoadError(f"load.run: {fname} must be a finite number {bound} and at most {_MAX_S:g}, got {v!r}")
         return float(v)

@@ -323,7 +323,8 @@ class Cluster:
     def _start(self, work: Sequence[tuple[Node, Sequence[ModelSpec]]]) -> None:
         pending = {}
         for node, specs in work:
-            actor = ray.remote(NodeRuntime).options(
+            # A handle as _actors keeps it (Any): Ray types a method's .remote only under @ray.method.
+            actor: Any = ray.remote(NodeRuntime).options(
                 num_cpus=node.cpus, num_gpus=node.gpus or None, max_restarts=0,
                 max_concurrency=actor_threads(specs),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.name, soft=False),

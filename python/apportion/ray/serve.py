@@ -34,7 +34,7 @@ must be importable where the replica runs ("module:function" paths, or module-le
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 try:
     import ray
@@ -73,7 +73,10 @@ class ApportionReplica:
 
     def __init__(self, specs: Sequence[ModelSpec], cpu_set_label: str = CPU_SET_LABEL,
                  settings: Mapping[str, Any] | None = None) -> None:
-        label = ray.get_runtime_context().get_node_labels().get(cpu_set_label)
+        # Ray annotates the values as lists; they are the node's label strings, as ray.nodes()
+        # reports them ("0-3_8", see CPU_SET_LABEL).
+        labels = cast(dict[str, str], ray.get_runtime_context().get_node_labels())
+        label = labels.get(cpu_set_label)
         self.rt = started_runtime(label.replace("_", ",") if label else None, specs, settings)
 
     async def infer(self, model: str, inputs: Any, timeout_ms: float | None = None,

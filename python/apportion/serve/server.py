@@ -295,7 +295,8 @@ class Server:
                                 access_log=False, proxy_headers=False,
                                 http=header_timeout_protocol(self.header_timeout_s, self.max_header_bytes,
                                                              self.write_timeout_s),
-                                timeout_graceful_shutdown=self.drain_timeout_s)
+                                # uvicorn annotates an int; it hands the value to asyncio.timeout (a float)
+                                timeout_graceful_shutdown=self.drain_timeout_s)  # type: ignore[arg-type]
         self._uv = _Uvicorn(config)
         self._uv_task = asyncio.create_task(self._uv.serve(sockets=[sock]))
         while not self._uv.started:
@@ -333,7 +334,7 @@ class Server:
             # second cut a large answer to a slow client).
             stopping = asyncio.ensure_future(self._grpc.stop(grace=max(end - loop.time(), 0.05) if drain else None))
         if self._uv is not None:
-            self._uv.config.timeout_graceful_shutdown = max(end - loop.time(), 0.05)
+            self._uv.config.timeout_graceful_shutdown = max(end - loop.time(), 0.05)  # type: ignore[assignment]
             self._uv.should_exit = True
             self._uv.force_exit = not drain
         if stopping is not None:

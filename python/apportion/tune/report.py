@@ -179,7 +179,7 @@ class TuneResult:
                          if self.noise.foreign_cpus is not None else ""), ""]
         lines += ["## Workload", ""]
         demand = self.config.demand()
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for n, m in self.config.models.items():
             d = demand.get(n)
             load = (f"{d:.0f} req/s" if d is not None else f"closed x{(m.load or {}).get('concurrency', '?')}")
@@ -210,19 +210,19 @@ class TuneResult:
         names = list(self.config.models)
         ranked = sorted(self.candidates, key=lambda c: c.rank(self.objective), reverse=True)
         rows = []
-        for i, c in enumerate(self.candidates):
+        for i, cand in enumerate(self.candidates):
             cells = []
             for n in names:
-                m = (c.measured or {}).get(n)
-                if m is None:
+                got = (cand.measured or {}).get(n)
+                if got is None:
                     cells.append("-")
                 else:
-                    p = "-" if m.p99_ms is None else f"{m.p99_ms:.1f}"
-                    ref = f", {m.refused_share:.0%} refused" if m.rejected else ""
-                    cells.append(f"{m.goodput:.0f} ({p}{ref}{'' if m.admitted_met() else ' MISSED'})")
-            mark = " **winner**" if c is self.winner else ""
-            rows.append((str(i + 1), f"{c.name}{mark}", c.describe(), *cells,
-                         "yes" if c.slo_ok() else "no", f"{c.score(self.objective):.3g}"))
+                    p = "-" if got.p99_ms is None else f"{got.p99_ms:.1f}"
+                    ref = f", {got.refused_share:.0%} refused" if got.rejected else ""
+                    cells.append(f"{got.goodput:.0f} ({p}{ref}{'' if got.admitted_met() else ' MISSED'})")
+            mark = " **winner**" if cand is self.winner else ""
+            rows.append((str(i + 1), f"{cand.name}{mark}", cand.describe(), *cells,
+                         "yes" if cand.slo_ok() else "no", f"{cand.score(self.objective):.3g}"))
         lines += ["", "## Candidates", ""]
         lines += _table.markdown(("#", "candidate", "settings", *(f"{n} good/s (p99 ms)" for n in names),
                                   "all SLOs", "objective"), rows)

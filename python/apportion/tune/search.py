@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from ..batching import Batching
 from ..config import Config
+from ..placement import Isolation
 from .allocation import Allocation, objective_value
 from .cost import CostModel, Need, Shape
 
@@ -21,7 +22,7 @@ __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "
 class Choice:
     """One model's settings in a candidate."""
 
-    isolation: str
+    isolation: Isolation
     cores: int | None
     instances: int
     threads: int
