@@ -54,6 +54,25 @@ def test_nodes_are_described_from_ray(local_ray: Any) -> None:
         assert nodes[w].cpus == 2 and nodes[w].cpu_set == "0-1"
 
 
+def test_a_node_whose_label_names_fewer_cpus_than_its_resource_gives_apportion_those(local_ray: Any) -> None:
+    # Such a node was refused ("cpu_set '0' has 1 CPUs, fewer than cpus=2"), and with it every
+    # deployment() and Cluster on the cluster: a label could not leave part of a node to other Ray work.
+    from apportion.ray.cluster import CPU_SET_LABEL
+
+    node = local_ray.cluster.add_node(num_cpus=2, labels={CPU_SET_LABEL: "0", "apportion-test-bad": "0_x"},
+                                      object_store_memory=80 * 2**20)
+    try:
+        local_ray.cluster.wait_for_nodes()
+        nodes = {n.name: n for n in ray_nodes()}
+        assert (nodes[node.node_id].cpus, nodes[node.node_id].cpu_set) == (1, "0")
+        assert nodes[local_ray.head].cpus == 1 and all(nodes[w].cpus == 2 for w in local_ray.workers)
+        with pytest.raises(ap.QuotaError, match=rf"node '{node.node_id}': cpu_set '0,x' is not a CPU list"):
+            ray_nodes("apportion-test-bad")
+    finally:
+        local_ray.cluster.remove_node(node)
+        wait_for(lambda: ray.cluster_resources().get("CPU", 0.0) == 5.0, "the labelled node never left")
+
+
 def test_one_actor_per_used_node_reserving_its_cpus(local_ray: Any, basic: Cluster) -> None:
     assert sorted(n.node.name for n in basic.plan.used) == sorted([local_ray.head, *local_ray.workers])
     assert cpus_free() == 0.0  # every node's CPUs are held by its apportion actor

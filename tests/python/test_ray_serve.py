@@ -240,9 +240,8 @@ ABSENT_CPU = 4096
 def labelled(local_ray: Any, app: App) -> Iterator[dict[str, str]]:  # app: Serve started on 127.0.0.1
     """Adds a node whose labels name CPU sets: the default label (CPU_SET_LABEL) this process's
     highest CPU, CUSTOM_LABEL its lowest, PAIR_LABEL its lowest two ("0_1"), ABSENT_LABEL one of
-    them and an absent CPU, MALFORMED_LABEL no CPU list. It has 1 CPU (deployment() refuses a
-    node whose label names fewer CPUs than Ray's CPU resource) and the cluster's only GPU (a
-    logical one), so a replica that reserves a GPU lands there. Yields the labels; removes the
+    them and an absent CPU, MALFORMED_LABEL no CPU list. It has 1 CPU and the cluster's only
+    GPU (a logical one), so a replica that reserves a GPU lands there. Yields the labels; removes the
     node after the test (the module's other tests count the cluster's CPUs and GPUs)."""
     from apportion.ray.cluster import CPU_SET_LABEL
 

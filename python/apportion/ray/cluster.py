@@ -52,6 +52,7 @@ except ImportError as e:
 from .._private.checks import finite_number
 from ..errors import ModelNotFound, PlacementError, QuotaError, RuntimeClosed, WorkerCrashed
 from ..spec import ModelSpec
+from ..topology import parse_cpulist
 from ..tune.cost import CostModel
 from ._node import ModelCounts, NodeRuntime, runtime_settings
 from .plan import ClusterPlan, Node, plan, replace_lost
@@ -91,19 +92,28 @@ def actor_threads(specs: Iterable[ModelSpec]) -> int:
 
 def ray_nodes(cpu_set_label: str = CPU_SET_LABEL) -> list[Node]:
     """The alive nodes of the connected Ray cluster as the planner describes them: ``name`` is
-    the node id, ``cpus`` its CPU resource (whole CPUs), ``gpus`` its GPU resource, ``labels``
-    its Ray labels, ``cpu_set`` the label ``cpu_set_label`` (see :data:`CPU_SET_LABEL`). Ray's
-    ``CPU`` counts what the node was started with (hardware threads by default), while a model's
-    ``cores`` counts physical cores: on an SMT host, describe the nodes yourself."""
+    the node id, ``cpus`` its CPU resource (whole CPUs), or the CPUs its label names where that
+    is fewer (apportion divides only those: label an 8-CPU node ``"0-3"`` to leave the rest to
+    other Ray work), ``gpus`` its GPU resource, ``labels`` its Ray labels, ``cpu_set`` the label
+    ``cpu_set_label`` (see :data:`CPU_SET_LABEL`). Ray's ``CPU`` counts what the node was
+    started with (hardware threads by default), while a model's ``cores`` counts physical
+    cores: on an SMT host, describe the nodes yourself. A label that is no CPU list is a
+    QuotaError naming the node."""
     out = []
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
         res = n.get("Resources", {})
         labels = {k: str(v) for k, v in (n.get("Labels") or {}).items()}
-        cpu_set = labels.get(cpu_set_label)
-        out.append(Node(n["NodeID"], int(res.get("CPU", 0)), cpu_set.replace("_", ",") if cpu_set else None,
-                        int(res.get("GPU", 0)), labels))
+        label = labels.get(cpu_set_label)
+        cpu_set = label.replace("_", ",") if label else None
+        cpus = int(res.get("CPU", 0))
+        if cpu_set is not None:
+            try:
+                cpus = min(cpus, len(parse_cpulist(cpu_set)))
+            except (TypeError, ValueError):
+                pass  # Node refuses it, naming the node and the label
+        out.append(Node(n["NodeID"], cpus, cpu_set, int(res.get("GPU", 0)), labels))
     return sorted(out, key=lambda n: n.name)
 
 
