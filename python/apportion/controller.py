@@ -43,8 +43,8 @@ batching on, a raised or a lowered bound) is not tried for that model again for 
 seconds; the next kind in line is tried instead.
 
 Every move goes through :meth:`Runtime.apply` (live, exactly once) and is logged with its
-reason; :meth:`Controller.stats` reports the state. The model most at risk in a window that gets
-no move is held, and :attr:`Controller.held` says why. :meth:`Controller.decide` is a pure
+reason; :meth:`Controller.stats` reports the state. A model at risk (for ``confirm`` windows)
+that gets no move in a window is held, and :attr:`Controller.held` says why. :meth:`Controller.decide` is a pure
 function of the windows and the controller's state, so the decision logic is tested without
 timing.
 """
@@ -491,7 +491,7 @@ class Controller:
         """The moves made (the last MOVES_KEPT), oldest first."""
         self.counts: dict[str, dict[str, int]] = {n: {"moves": 0, "undone": 0, "held": 0} for n in self.slos}
         """Per model, since the start: moves made, moves undone (those made undoing an earlier
-        one), and windows in which it was the model most at risk and got no move."""
+        one), and windows in which it was at risk and got no move (:attr:`held`)."""
         self.error_count = 0
         """Failures since the start (:attr:`errors` keeps the last ERRORS_KEPT)."""
         self.windows: dict[str, Window] = {}
@@ -499,7 +499,7 @@ class Controller:
         """The last ``history`` windows read, as (seconds since the start at the window's
         end, {model: window}), oldest first."""
         self.held: dict[str, tuple[float, int, str]] = {}
-        """Per model: the last window in which it was the model most at risk and got no move
+        """Per model: the last window in which it was at risk and got no move
         (seconds since the start), in how many windows that happened, and why: what stopped
         each way of serving it more (a dwell, no capacity to take, calls not full, admission
         already at its bound)."""
@@ -565,11 +565,13 @@ class Controller:
             return self._hold(moves, now_s, name, f"in its dwell since its move at {self._last_move[name]:.1f} s")
         # The neediest first; one that nothing can help this window (held for another reason
         # than its dwell: no room, a move undone lately, instances that cannot change) does not
-        # hold back the next one at risk.
+        # hold back the next one at risk. A model whose admission was just restored gives
+        # nothing this window: one apply names each model once.
+        donors = [d for d in idle if d not in {m.model for m in moves}]
         for _, _, name in sorted(at_risk, reverse=True):
             if not self._dwelled(name, now_s):
                 continue
-            got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, idle)
+            got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, donors)
             if isinstance(got, str):
                 self._hold(moves, now_s, name, got)
                 continue
@@ -690,7 +692,7 @@ class Controller:
         return why + "; held: " + ", ".join(blocked)
 
     def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:
-        """Records that ``name``, the model most at risk this window, got no move and why
+        """Records that ``name``, at risk this window, got no move and why
         (:attr:`held`); returns ``moves`` (the other models' moves of the window)."""
         count = self.held[name][1] + 1 if name in self.held else 1
         self.held[name] = (round(now_s, 3), count, reason)

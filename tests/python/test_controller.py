@@ -106,6 +106,24 @@ def test_a_moved_model_dwells_before_it_moves_again() -> None:
     assert [m.change for m in c.decide(risky, specs, 5.0)] == ["instances 2 -> 3"]
 
 
+def test_an_idle_model_whose_admission_comes_back_gives_no_instance_in_the_same_window() -> None:
+    # Both were proposed at once ("max_queue 4 -> 64" and "instances 2 -> 1" for 'b'): the
+    # runtime refused the whole set (a model named twice in one apply), and both kinds of move
+    # went tabu.
+    c = controller(capacity=3, confirm=1, dwell_s=0.0, batchable=False)
+    specs = {"a": spec("a", 1, max_queue=8), "b": spec("b", 2, max_queue=4)}
+    c._full_queue["b"] = 64  # the controller lowered b's bound earlier
+    windows = {"a": win(p99=49.0, busy=0.95, rate=800.0), "b": win(p99=1.0, busy=0.05, rate=10.0, instances=2)}
+    moves = c.decide(windows, specs, 10.0)
+    assert [(m.model, m.change) for m in moves] == [("b", "max_queue 4 -> 64")]
+    assert "no idle model to take from" in c.held["a"][2]
+    # The next window it gives the instance (from its spec with the bound restored).
+    specs["b"] = moves[0].spec
+    moves = c.decide(windows, specs, 11.0)
+    assert [(m.model, m.change) for m in moves] == [("b", "instances 2 -> 1"), ("a", "instances 1 -> 2")]
+    assert moves[0].spec.max_queue == 64
+
+
 def test_without_capacity_to_take_it_batches_then_limits_admission_then_restores_it() -> None:
     c = controller(capacity=2, confirm=1, dwell_s=0.0)
     specs = {"a": spec("a", 1, max_queue=256), "b": spec("b", 1)}
