@@ -59,7 +59,9 @@ def test_a_node_whose_label_names_fewer_cpus_than_its_resource_gives_apportion_t
     # deployment() and Cluster on the cluster: a label could not leave part of a node to other Ray work.
     from apportion.ray.cluster import CPU_SET_LABEL
 
-    node = local_ray.cluster.add_node(num_cpus=2, labels={CPU_SET_LABEL: "0", "apportion-test-bad": "0_x"},
+    from apportion.ray.serve import deployment
+
+    node = local_ray.cluster.add_node(num_cpus=3, labels={CPU_SET_LABEL: "0", "apportion-test-bad": "0_x"},
                                       object_store_memory=80 * 2**20)
     try:
         local_ray.cluster.wait_for_nodes()
@@ -68,6 +70,12 @@ def test_a_node_whose_label_names_fewer_cpus_than_its_resource_gives_apportion_t
         assert nodes[local_ray.head].cpus == 1 and all(nodes[w].cpus == 2 for w in local_ray.workers)
         with pytest.raises(ap.QuotaError, match=rf"node '{node.node_id}': cpu_set '0,x' is not a CPU list"):
             ray_nodes("apportion-test-bad")
+        # A Serve replica is placed by Ray's resources: reserving the node's 3 CPUs fits there
+        # (whatever its label gives apportion), 4 fit nowhere.
+        echo = [ap.ModelSpec("e", factory="ray_models:echo")]
+        assert deployment(echo, num_cpus=3)._bound_deployment.ray_actor_options == {"num_cpus": 3.0}
+        with pytest.raises(ap.PlacementError, match=r"reserves 4 CPUs; no node .* \(the largest: 3 CPUs, 0 GPUs\)"):
+            deployment(echo, num_cpus=4)
     finally:
         local_ray.cluster.remove_node(node)
         wait_for(lambda: ray.cluster_resources().get("CPU", 0.0) == 5.0, "the labelled node never left")

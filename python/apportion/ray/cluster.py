@@ -2,9 +2,11 @@
 
 A cluster plans the config's models onto the Ray cluster's alive nodes (:func:`apportion.ray.plan`),
 then starts one actor on each node that got replicas, with ``NodeAffinitySchedulingStrategy``
-(hard affinity) and ``num_cpus`` = the node's whole CPU resource, so Ray schedules nothing else on
-those CPUs; the actor runs an :class:`apportion.Runtime` on the node's CPU set with that node's
-models (pinning, NUMA, threads, batching and GPU quotas as on one host).
+(hard affinity) and ``num_cpus`` = the CPUs apportion divides there (the node's whole CPU
+resource, or the CPUs its label names where fewer: :func:`ray_nodes`), so Ray schedules no more
+than the rest of the node beside it (Ray counts CPUs, it does not pin them: other Ray work may
+still run on the actor's CPUs); the actor runs an :class:`apportion.Runtime` on the node's CPU
+set with that node's models (pinning, NUMA, threads, batching and GPU quotas as on one host).
 
 Requests go to a node that holds the model: the caller's own node while it has fewer than
 ``local_queue`` requests of this caller in flight per instance, else the less loaded of two
@@ -98,7 +100,8 @@ def ray_nodes(cpu_set_label: str = CPU_SET_LABEL) -> list[Node]:
     ``cpu_set_label`` (see :data:`CPU_SET_LABEL`). Ray's ``CPU`` counts what the node was
     started with (hardware threads by default), while a model's ``cores`` counts physical
     cores: on an SMT host, describe the nodes yourself. A label that is no CPU list is a
-    QuotaError naming the node."""
+    QuotaError naming the node. (Ray counts CPUs and does not pin them: the other Ray work
+    on such a node may still run on the label's CPUs; pin it elsewhere to keep them apart.)"""
     out = []
     for n in ray.nodes():
         if not n.get("Alive"):

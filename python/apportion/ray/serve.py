@@ -175,15 +175,19 @@ def deployment(config: Any, *, name: str = "apportion", num_replicas: int = 1, n
         options["num_gpus"] = float(gpus if num_gpus is None else num_gpus)
     if ray.is_initialized():
         # No node of the connected cluster can hold a replica: serve.run would wait for one
-        # for ever (Serve reports the deployment as still scheduling).
-        nodes = ray_nodes(cpu_set_label)
+        # for ever (Serve reports the deployment as still scheduling). Ray places it by the
+        # nodes' resources, not by the CPUs their labels give apportion. (ray_nodes() also
+        # refuses a label that is no CPU list, naming the node.)
+        ray_nodes(cpu_set_label)
+        nodes = [(int(n.get("Resources", {}).get("CPU", 0)), int(n.get("Resources", {}).get("GPU", 0)))
+                 for n in ray.nodes() if n.get("Alive")]
         need_gpus = options.get("num_gpus", 0.0)
-        if nodes and not any(n.cpus >= cpus and n.gpus >= need_gpus for n in nodes):
-            largest = max(nodes, key=lambda n: (n.cpus, n.gpus))
+        if nodes and not any(c >= cpus and g >= need_gpus for c, g in nodes):
+            most_cpus, most_gpus = max(nodes)
             raise PlacementError(f"deployment {name!r}: a replica reserves {cpus:g} CPUs"
                                  + (f" and {need_gpus:g} GPUs" if need_gpus else "")
-                                 + f"; no node of the connected Ray cluster has them (the largest: {largest.cpus} "
-                                 f"CPUs, {largest.gpus} GPUs): serve.run would wait for such a node for ever")
+                                 + f"; no node of the connected Ray cluster has them (the largest: {most_cpus} "
+                                 f"CPUs, {most_gpus} GPUs): serve.run would wait for such a node for ever")
     return ApportionReplica.options(  # type: ignore[attr-defined]
         name=name, num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options=options,
