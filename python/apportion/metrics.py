@@ -37,6 +37,8 @@ Metric names (each with a ``model`` label but the controller's ``running``, ``er
   ``window_arrivals_per_second`` and ``window_within_objective_ratio``; ``at_risk_windows``,
   ``on_trial``, and the counters ``moves_total``, ``undone_moves_total`` and
   ``held_windows_total``.
+- ``apportion_server_requests_total{model,protocol,status}`` on a server's page
+  (:class:`ServerCollector`): the infer requests its protocol fronts answered, by status.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 try:
@@ -58,8 +60,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from .errors import QuotaError
 from .stats import HistogramSnapshot, ModelStats
 
-__all__ = ["CONTENT_TYPE", "ControllerCollector", "CpuCollector", "RuntimeMetrics", "StatsCollector",
-           "latency_bounds_ns", "prometheus_text"]
+__all__ = ["CONTENT_TYPE", "ControllerCollector", "CpuCollector", "RuntimeMetrics", "ServerCollector",
+           "StatsCollector", "latency_bounds_ns", "prometheus_text"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The Content-Type header value for :func:`prometheus_text`'s output."""
@@ -295,11 +297,11 @@ class ControllerCollector(Collector):
                        "included).")
         undone = counter("undone_moves", "Moves that undid the model's move before "
                         "(it served less).")
-        held = counter("held_windows", "Windows in which the model was the one most at "
-                      "risk and no move could serve it more (see Controller.held for why).")
+        held = counter("held_windows", "Windows in which the model was at risk and no move was found "
+                      "for it (see Controller.held for why).")
         windows, counts, trial = state["windows"], state["counts"], set(state["on_trial"])
         for name in sorted(slos):
-            objective.add_metric([name, f"{percentiles.get(name, 99.0):g}"], slos[name] / 1e3)
+            objective.add_metric([name, f"{percentiles.get(name, 99.0):.10g}"], slos[name] / 1e3)
             w = windows.get(name)
             if w is not None:
                 rate.add_metric([name], w.rate)
@@ -314,6 +316,31 @@ class ControllerCollector(Collector):
             undone.add_metric([name], float(c.get("undone", 0)))
             held.add_metric([name], float(c.get("held", 0)))
         yield from (objective, latency, rate, within, at_risk, on_trial, moves, undone, held)
+
+
+class ServerCollector(Collector):
+    """``apportion_server_requests_total{model,protocol,status}`` from ``source()``: the infer
+    requests a protocol front answered, by model ("" for a name that is no served model),
+    protocol ("http", "grpc") and status ("ok", "disconnected", or the error: "invalid",
+    "not_found", "queue_full", "deadline", "model_failed", "output_mismatch", "unavailable",
+    "too_large", "unsupported", "slow_body", "internal"). What the clients saw, beside the
+    runtime's own outcomes: a request refused before it reached the runtime (a bad input, an
+    unknown model) counts here only, and one whose model's result did not fit its declared
+    outputs is ``completed`` for the runtime and ``output_mismatch`` here."""
+
+    def __init__(self, source: Callable[[], Mapping[tuple[str, str, str], int]]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        answered = CounterMetricFamily("apportion_server_requests",
+                                       "Infer requests the protocol front answered, by model, protocol and status "
+                                       "(ok, disconnected, or the error).", labels=["model", "protocol", "status"])
+        for (model, protocol, status), n in sorted(self._source().items()):
+            answered.add_metric([model, protocol, status], float(n))
+        yield answered
 
 
 def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2,
@@ -335,16 +362,18 @@ def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2,
 
 class RuntimeMetrics:
     """A runtime's ``/metrics`` page, scrape after scrape: ``text()`` reads ``rt.stats()``,
-    ``rt.cpu_seconds()`` and the state of ``rt.controller`` and renders them as
-    :func:`prometheus_text` does, through collectors kept from one scrape to the next (so each
+    ``rt.cpu_seconds()`` and the state of ``rt.controller`` (and ``collectors``, such as a
+    server's :class:`ServerCollector`) and renders them as :func:`prometheus_text` does, through collectors kept from one scrape to the next (so each
     ``_sum`` carries on across the native wrap). Safe to call from several threads at once."""
 
-    def __init__(self, rt: _StatsSource, *, per_octave: int = 2) -> None:
+    def __init__(self, rt: _StatsSource, *, per_octave: int = 2, collectors: Iterable[Collector] = ()) -> None:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(StatsCollector(rt.stats, per_octave=per_octave))
         self._registry.register(CpuCollector(rt.cpu_seconds))
         # Looked up at each scrape: a controller started after the page was made shows too.
         self._registry.register(ControllerCollector(lambda: getattr(rt, "controller", None)))
+        for collector in collectors:
+            self._registry.register(collector)
 
     def text(self) -> bytes:
         """The page, in the Prometheus text format (``Content-Type: CONTENT_TYPE``)."""

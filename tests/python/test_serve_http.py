@@ -1028,6 +1028,55 @@ def test_metrics_route_reads_the_runtimes_counters(served: Served) -> None:
     assert samples[("apportion_model_cpu_seconds_total", "echo", None)] >= 0.0  # every model has one
 
 
+def answered(served: Served) -> dict[tuple[str, str, str], float]:
+    """apportion_server_requests_total on the server's /metrics, by (model, protocol, status)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://{served.http}/metrics").text
+    return {(s.labels["model"], s.labels["protocol"], s.labels["status"]): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "apportion_server_requests_total"}
+
+
+def test_metrics_count_what_each_front_answered_by_status(served: Served) -> None:
+    # A result that did not fit the model's outputs answered 500 while the runtime counted it
+    # completed, and requests refused before the runtime (bad input, unknown model) counted
+    # nowhere: /metrics read all well while clients saw errors.
+    tg = pytest.importorskip("tritonclient.grpc")
+    before = answered(served)
+    completed = served.rt.stats()["bad_output"].completed
+    client, rpc = th.InferenceServerClient(served.http), tg.InferenceServerClient(served.grpc)
+
+    def grpc_vec(values: list[float], datatype: str = "FP32") -> Any:
+        i = tg.InferInput("x", [len(values)], datatype)
+        i.set_data_from_numpy(np.asarray(values, dtype=triton_to_np_dtype(datatype)))
+        return i
+
+    for _ in range(3):
+        client.infer("echo", [vec("x", [1.0, 2.0])])
+    rpc.infer("echo", [grpc_vec([1.0])])
+    assert error_of(lambda: client.infer("bad_output", [vec("x", [1.0])])).status() == "500"
+    with pytest.raises(tg.InferenceServerException, match="declared INT64"):
+        rpc.infer("bad_output", [grpc_vec([1.0])])
+    assert error_of(lambda: client.infer("fails", [vec("x", [1.0])])).status() == "500"
+    assert error_of(lambda: client.infer("echo", [vec("x", [1, 2], "INT32")])).status() == "400"
+    assert error_of(lambda: client.infer("no such model", [vec("x", [1.0])])).status() == "404"
+    assert httpx.get(f"http://{served.http}/v2/models/echo/infer").status_code == 405
+    with pytest.raises(tg.InferenceServerException, match="unknown model"):
+        rpc.infer("nor this one", [grpc_vec([1.0])])
+    client.close()
+    rpc.close()
+    after = answered(served)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert delta == {("echo", "http", "ok"): 3, ("echo", "grpc", "ok"): 1,
+                     ("bad_output", "http", "output_mismatch"): 1, ("bad_output", "grpc", "output_mismatch"): 1,
+                     ("fails", "http", "model_failed"): 1, ("echo", "http", "invalid"): 1,
+                     ("echo", "http", "not_allowed"): 1,
+                     ("", "http", "not_found"): 1, ("", "grpc", "not_found"): 1}, delta
+    # The runtime's own count: the model's calls returned.
+    assert served.rt.stats()["bad_output"].completed - completed == 2
+
+
 def test_signature_with_one_spec_each() -> None:
     sig = Signature(TensorSpec("x", "FP64", [2]), TensorSpec("y", "FP64", [2]))  # type: ignore[arg-type]
     assert sig.inputs == (TensorSpec("x", "FP64", (2,)),)

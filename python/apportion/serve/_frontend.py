@@ -4,6 +4,7 @@ submission and the error kinds each front maps to its own status codes."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +22,21 @@ NOT_FOUND = "not_found"
 INVALID = "invalid"
 QUEUE_FULL = "queue_full"
 DEADLINE = "deadline"
-INTERNAL = "internal"
+INTERNAL = "internal"  # a failure of the server itself (HTTP 500, gRPC INTERNAL)
+MODEL_FAILED = "model_failed"  # the model's call raised (500, INTERNAL)
+OUTPUT_MISMATCH = "output_mismatch"  # the model's result does not fit its declared outputs (500, INTERNAL)
 UNAVAILABLE = "unavailable"
 TOO_LARGE = "too_large"
 NOT_ALLOWED = "not_allowed"
 UNSUPPORTED = "unsupported"  # a media type or content coding the server does not take (HTTP 415)
 SLOW_BODY = "slow_body"  # a request body that did not arrive in time (HTTP 408)
+
+OK = "ok"
+"""An infer request answered with the model's outputs (as counted in :meth:`Frontend.count`)."""
+DISCONNECTED = "disconnected"
+"""An infer request whose client went away before its answer (HTTP: while its body was read;
+gRPC: the client cancelled the call, or its deadline passed)."""
+PROTOCOLS = ("http", "grpc")
 
 WATCH_AFTER_S = 0.05
 """An HTTP request still unanswered after this long is watched for its client going away."""
@@ -141,6 +151,22 @@ class Frontend:
         client's doing)."""
         self.watch_alarms = Alarms(WATCH_AFTER_S)
         """Starts watching HTTP requests unanswered after :data:`WATCH_AFTER_S`."""
+        self._answers: dict[tuple[str, str, str], int] = {}
+        self._answers_lock = threading.Lock()  # the fronts may run on several event loops
+
+    # -- what the fronts answered ---------------------------------------------------------------
+    def count(self, name: str, protocol: str, status: str) -> None:
+        """Counts one infer request ``protocol`` ("http" or "grpc") answered with ``status``
+        (:data:`OK`, :data:`DISCONNECTED` or an error kind) for model ``name``; a name that is
+        no served model counts as "" (a client's misspelling makes no series of its own)."""
+        key = (name if name in self.signatures else "", protocol, status)
+        with self._answers_lock:
+            self._answers[key] = self._answers.get(key, 0) + 1
+
+    def answers(self) -> dict[tuple[str, str, str], int]:
+        """Infer requests answered so far, by (model, protocol, status): see :meth:`count`."""
+        with self._answers_lock:
+            return dict(self._answers)
 
     # -- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:
@@ -264,11 +290,11 @@ class Frontend:
                 raise ServeError(UNAVAILABLE, str(e)) from None
             except BaseException as e:  # noqa: BLE001 - the model's own, SystemExit and KeyboardInterrupt too:
                 # the request's failure, not the server's (raised here it ended the loop)
-                raise ServeError(INTERNAL, f"model {name!r} failed: {type(e).__name__}: {e}") from None
+                raise ServeError(MODEL_FAILED, f"model {name!r} failed: {type(e).__name__}: {e}") from None
             try:
                 return sig.from_model(name, result)
             except OutputError as e:
-                raise ServeError(INTERNAL, str(e)) from None
+                raise ServeError(OUTPUT_MISMATCH, str(e)) from None
         finally:
             self.in_flight -= 1
 

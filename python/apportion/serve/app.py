@@ -21,7 +21,7 @@ import orjson  # the package's __init__ names the extra when it is missing
 
 from .._private.checks import finite_number
 from ..errors import QuotaError, RuntimeClosed
-from ..metrics import CONTENT_TYPE, RuntimeMetrics
+from ..metrics import CONTENT_TYPE, RuntimeMetrics, ServerCollector
 from . import _frontend as fe
 from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
 
@@ -44,7 +44,7 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 _PROMETHEUS = CONTENT_TYPE.encode()
 _JSON = [(b"content-type", b"application/json")]
 _STATUS = {fe.NOT_FOUND: 404, fe.INVALID: 400, fe.QUEUE_FULL: 429, fe.DEADLINE: 504,
-           fe.INTERNAL: 500, fe.UNAVAILABLE: 503, fe.TOO_LARGE: 413,
+           fe.INTERNAL: 500, fe.MODEL_FAILED: 500, fe.OUTPUT_MISMATCH: 500, fe.UNAVAILABLE: 503, fe.TOO_LARGE: 413,
            fe.NOT_ALLOWED: 405, fe.UNSUPPORTED: 415, fe.SLOW_BODY: 408}
 
 
@@ -90,7 +90,9 @@ class V2App:
             raise QuotaError(f"queue_full_status must be 429 or 503, got {queue_full_status!r}",
                              field="queue_full_status")
         self.frontend = frontend
-        self._metrics = RuntimeMetrics(frontend.rt)  # kept: each _sum carries on across the native wrap
+        # Kept: each _sum carries on across the native wrap. With the front's own count of the
+        # infer requests it answered, by status.
+        self._metrics = RuntimeMetrics(frontend.rt, collectors=[ServerCollector(frontend.answers)])
         self.max_body_bytes = max_body_bytes
         self._status = {**_STATUS, fe.QUEUE_FULL: queue_full_status}
 
@@ -218,6 +220,8 @@ class V2App:
                 version, tail = tail[1], tail[2:]
                 if not version:
                     raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']} (empty version)")
+            if tail == ["infer"]:  # counted by status, its refusals too
+                return await self._infer(name, version, scope, receive)
             f.signature(name)
             f.check_version(name, version)
             if not tail:
@@ -226,9 +230,6 @@ class V2App:
             if tail == ["ready"]:
                 _method(method, "GET", scope)
                 return _health(f.model_ready(name), f"model {name!r} is not ready")
-            if tail == ["infer"]:
-                _method(method, "POST", scope)
-                return await self._infer(name, scope, receive)
         raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']}")
 
     async def _read(self, name: str, scope: Scope, receive: Receive) -> bytearray:
@@ -273,9 +274,33 @@ class V2App:
                 f.done_reading(task)
                 self._body_alarms.cancel(task)
 
-    async def _infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def _infer(self, name: str, version: str, scope: Scope,
+                     receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        count = self.frontend.count
+        try:
+            answer = await self._answer(name, version, scope, receive)
+        except fe.ServeError as e:
+            count(name, "http", e.kind)
+            raise
+        except _Disconnected:
+            count(name, "http", fe.DISCONNECTED)
+            raise
+        except asyncio.CancelledError:
+            if self.frontend.draining:  # answered 503 (see __call__)
+                count(name, "http", fe.UNAVAILABLE)
+            raise
+        except Exception:
+            count(name, "http", fe.INTERNAL)
+            raise
+        count(name, "http", fe.OK)
+        return answer
+
+    async def _answer(self, name: str, version: str, scope: Scope,
+                      receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         f = self.frontend
         sig = f.signature(name)
+        f.check_version(name, version)
+        _method(scope["method"], "POST", scope)
         encoding = _header(scope, b"content-encoding")
         coding = encoding.strip().lower() if encoding is not None else "identity"  # codings ignore case
         if coding not in _CODINGS:
@@ -357,7 +382,7 @@ def _encoded(name: str, request_id: Any, wanted: list[tuple[Any, bool]],
                 meta["data"] = to_json(name, spec, arr)
             out_meta.append(meta)
     except OutputError as e:
-        raise fe.ServeError(fe.INTERNAL, str(e)) from None
+        raise fe.ServeError(fe.OUTPUT_MISMATCH, str(e)) from None
     header["outputs"] = out_meta
     head = _dumps(header)
     if not raw:

@@ -30,6 +30,7 @@ __all__ = ["servicer", "InferenceServicer"]
 _CODES = {fe.NOT_FOUND: grpc.StatusCode.NOT_FOUND, fe.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
           fe.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
           fe.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED, fe.INTERNAL: grpc.StatusCode.INTERNAL,
+          fe.MODEL_FAILED: grpc.StatusCode.INTERNAL, fe.OUTPUT_MISMATCH: grpc.StatusCode.INTERNAL,
           fe.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
           fe.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -93,19 +94,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert task is not None
         calls = self.frontend.grpc_calls
         calls.add(task)
+        count, name = self.frontend.count, request.model_name
         try:
-            return await self._infer(request, context)
+            response = await self._infer(request, context)
         except fe.ServeError as e:
+            count(name, "grpc", e.kind)
             await context.abort(_CODES[e.kind], e.message)
         except asyncio.CancelledError:
-            if not self.frontend.draining:
+            if not self.frontend.draining:  # the client cancelled the call, or its deadline passed
+                count(name, "grpc", fe.DISCONNECTED)
                 raise
             # The drain ended with the call still waiting (its timeout, or an abort): the server
             # cancelled it (Server._close) to answer UNAVAILABLE, as HTTP answers 503.
+            count(name, "grpc", fe.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server stopped before this request completed "
                                                              "(its drain ended: the drain timeout, or an abort)")
         except Exception as e:  # a bug of ours: INTERNAL with its message (as HTTP's 500), not UNKNOWN
+            count(name, "grpc", fe.INTERNAL)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        else:
+            count(name, "grpc", fe.OK)
+            return response
         finally:
             calls.discard(task)
 
@@ -160,7 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.outputs.add(name=spec.name, datatype=spec.datatype, shape=arr.shape)
                 response.raw_output_contents.append(to_bytes(spec, arr))
         except OutputError as e:
-            raise fe.ServeError(fe.INTERNAL, str(e)) from None
+            raise fe.ServeError(fe.OUTPUT_MISMATCH, str(e)) from None
         return response
 
 
