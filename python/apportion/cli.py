@@ -276,7 +276,7 @@ def _managed(window_s: float, slos: dict[str, float], percentiles: dict[str, flo
              unserved: Iterable[str] = ()) -> str:
     """--adapt's line saying which models the controller manages (``unserved``: those of them
     no client can call)."""
-    managed = ", ".join(f"{n} (p{percentiles[n]:g} <= {slo:g} ms)" for n, slo in slos.items())
+    managed = ", ".join(f"{n} (p{percentiles[n]:.10g} <= {slo:.10g} ms)" for n, slo in slos.items())
     idle = sorted(unserved)
     aside = (f"; {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} an slo and no signature: not served, "
              "moved like the others (it may give capacity to the served models)" if idle else "")
@@ -691,7 +691,8 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
 
         threading.Thread(target=announce, daemon=True).start()
         if args.adapt:
-            controller = running = _start_controller(rt, args, slos, percentiles, out, out)
+            # Moves on stdout with the rest of the server's lines; a failed move on stderr.
+            controller = running = _start_controller(rt, args, slos, percentiles, out, sys.stderr)
             # Stopped when the server begins to stop: no move (new instances, their warm-up)
             # starts during the drain.
             threading.Thread(target=lambda: (server.stopping.wait(), running.stop(wait=False)), daemon=True,

@@ -219,6 +219,13 @@ class Unpicklable:
         return (Unpicklable, (self.a,))
 
 
+def sleeper_that_cannot_grow(ctx: Any) -> Any:
+    """``sleeper``, whose second and later instances' factory raises."""
+    if ctx.instance >= 1:
+        raise RuntimeError(f"instance {ctx.instance} of {ctx.model!r} cannot map its weights")
+    return sleeper(ctx)
+
+
 def unpicklable_result(ctx: Any) -> Any:
     return lambda x: Unpicklable(x, x)
 

@@ -417,6 +417,31 @@ def test_serve_adapt_says_which_models_it_manages_and_which_of_them_no_client_ca
                     "models)\n"), said
 
 
+def test_serve_adapt_reports_a_failed_move_on_stderr_and_goes_on_serving(tmp_path: Path) -> None:
+    # It went to stdout, among the server's lines and the moves.
+    cfg = tmp_path / "adapt.toml"
+    cfg.write_text(ADAPT_CONFIG.replace("process_models:sleeper", "process_models:sleeper_that_cannot_grow"))
+    with serving(cfg, "--grpc-port", "-1", "--adapt", "--adapt-window-s", "0.2") as (proc, line):
+        http, client, inp = nap_client(line)
+        def errors() -> float:
+            m = re.search(r"^apportion_controller_errors_total (\S+)$", httpx.get(f"http://{http}/metrics").text, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        deadline = time.monotonic() + 30
+        while errors() == 0 and time.monotonic() < deadline:
+            for p in [client.async_infer("nap", [inp]) for _ in range(4)]:
+                p.get_result()  # every request still answered
+        assert errors() >= 1
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+    assert re.search(r"controller error at \d+\.\d+s: nap: instances 1 -> 2: RuntimeError: instance 1 of 'nap' "
+                     r"cannot map its weights", err), err
+    assert "controller error" not in out, out
+
+
 def test_sigterm_while_a_move_starts_its_instances_drains_and_exits_0_without_waiting_for_it(tmp_path: Path,
                                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # The move's factory takes ten minutes: the controller stopped by joining it, so the signal's
