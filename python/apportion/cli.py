@@ -715,7 +715,7 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     # and their calls are not waited for (one that never returns held the exit for ever).
     if server.drained is False:  # said before the close, which may end the process (os._exit)
         print(f"apportion serve: requests still running after --drain-timeout-s {args.drain_timeout_s:g} "
-              "got 503", file=sys.stderr, flush=True)
+              f"got 503 (not finished: {_unfinished(rt)})", file=sys.stderr, flush=True)
     if server.drained is True and controller is not None and controller.stats()["running"]:
         # Every request answered; what holds the close is a move that began before the signal
         # (a factory or warm-up of new instances): nothing is lost by leaving it.
@@ -772,16 +772,27 @@ def _start_or_stop(cfg: Config, root: str, prog: str) -> tuple[Any, int | None]:
     return got["rt"], None
 
 
+def _unfinished(rt: Any) -> str:
+    """The models with requests not finished (queued or running), and how many each: "'a' 2,
+    'b' 1", for an operator's line about a drain or a close that did not end."""
+    try:
+        busy = [f"{n!r} {s.in_flight}" for n, s in rt.stats().items() if s.in_flight]
+    except Exception as e:  # noqa: BLE001 - a line about the exit must not fail the exit
+        return f"unknown: {type(e).__name__}: {e}"
+    return ", ".join(busy) or "none"
+
+
 def _close_or_exit(rt: Any, drain: bool, code: int, running: str = "model calls") -> None:
     """Closes ``rt``; when that does not finish within CLOSE_GRACE_S (a model call that does
-    not return: a thread cannot be stopped), says so (``running``: what still runs) and ends
-    the process with ``code``."""
+    not return: a thread cannot be stopped), says so (``running``: what still runs, and the
+    models with requests not finished) and ends the process with ``code``."""
+    unfinished = _unfinished(rt) if not rt.closed else "none"
     closer = threading.Thread(target=rt.close, kwargs={"drain": drain}, name="apportion-close", daemon=True)
     closer.start()
     closer.join(CLOSE_GRACE_S)
     if closer.is_alive():
-        print(f"apportion serve: {running} still running {CLOSE_GRACE_S:g} s after the drain; exiting without "
-              "them", file=sys.stderr, flush=True)
+        print(f"apportion serve: {running} still running {CLOSE_GRACE_S:g} s after the drain (not finished: "
+              f"{unfinished}); exiting without them", file=sys.stderr, flush=True)
         os._exit(code)
 
 
