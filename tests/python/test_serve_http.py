@@ -248,6 +248,7 @@ def test_a_queued_request_whose_client_hangs_up_is_cancelled(served: Served) -> 
 
     pool, first = _blocked(served)
     socks = []
+    gone = answered(served).get(("gate", "http", "disconnected"), 0.0)
     try:
         before = served.rt.stats()["gate"]
         body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [7.0]}]}).encode()
@@ -270,6 +271,12 @@ def test_a_queued_request_whose_client_hangs_up_is_cancelled(served: Served) -> 
         pool.shutdown()
     assert first.result().as_numpy("y").tolist() == [-1.0]  # the running one completes
     assert 7.0 not in served.gate.order, "a request whose client left never ran"
+    # Counted as what it was on /metrics (not as the server's unavailability).
+    for _ in range(3000):  # counted once its handler has seen the cancellation
+        if answered(served).get(("gate", "http", "disconnected"), 0.0) - gone == 2:
+            break
+        time.sleep(0.01)
+    assert answered(served).get(("gate", "http", "disconnected"), 0.0) - gone == 2
     # A client that stays is answered as before.
     assert new_client(served).infer("gate", [vec("x", [2.0])]).as_numpy("y").tolist() == [2.0]
 

@@ -34,8 +34,9 @@ SLOW_BODY = "slow_body"  # a request body that did not arrive in time (HTTP 408)
 OK = "ok"
 """An infer request answered with the model's outputs (as counted in :meth:`Frontend.count`)."""
 DISCONNECTED = "disconnected"
-"""An infer request whose client went away before its answer (HTTP: while its body was read;
-gRPC: the client cancelled the call, or its deadline passed)."""
+"""An infer request whose client went away before its answer (HTTP: while its body was read,
+or while it waited, which cancels it if still queued; gRPC: the client cancelled the call, or
+its deadline passed). Its answer, if any, reaches nobody."""
 PROTOCOLS = ("http", "grpc")
 
 WATCH_AFTER_S = 0.05
@@ -279,7 +280,7 @@ class Frontend:
                 # The watch's own cancel (its client went away: nobody reads this answer), or
                 # the runtime's.
                 if any(w.done() and not w.cancelled() and w.result() for w in watching):
-                    raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled: its client went away")
+                    raise ServeError(DISCONNECTED, f"model {name!r}: the request was cancelled: its client went away")
                 raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled before it ran (the model "
                                               "was removed or failed to start, or the runtime closed)")
             try:

@@ -44,8 +44,9 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 _PROMETHEUS = CONTENT_TYPE.encode()
 _JSON = [(b"content-type", b"application/json")]
 _STATUS = {fe.NOT_FOUND: 404, fe.INVALID: 400, fe.QUEUE_FULL: 429, fe.DEADLINE: 504,
-           fe.INTERNAL: 500, fe.MODEL_FAILED: 500, fe.OUTPUT_MISMATCH: 500, fe.UNAVAILABLE: 503, fe.TOO_LARGE: 413,
-           fe.NOT_ALLOWED: 405, fe.UNSUPPORTED: 415, fe.SLOW_BODY: 408}
+           fe.INTERNAL: 500, fe.MODEL_FAILED: 500, fe.OUTPUT_MISMATCH: 500, fe.UNAVAILABLE: 503,
+           fe.DISCONNECTED: 503,  # (nobody reads it)
+           fe.TOO_LARGE: 413, fe.NOT_ALLOWED: 405, fe.UNSUPPORTED: 415, fe.SLOW_BODY: 408}
 
 
 def asgi(rt: Runtime, signatures: Mapping[str, Signature], *,
