@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -654,6 +655,7 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
     cfg = Config.load(args.config)
     sigs = signatures(cfg)
     slos, percentiles = _adapt_objectives(cfg, args)
+    _log_on_stderr()
     if args.adapt and not set(slos) & set(sigs):
         raise ConfigError(args.config, "models", f"--adapt manages models with an slo, and none of them "
                           f"({', '.join(slos)}) is served (no signature table): nothing it moves would "
@@ -770,6 +772,28 @@ def _start_or_stop(cfg: Config, root: str, prog: str) -> tuple[Any, int | None]:
     if "error" in got:
         raise got["error"]
     return got["rt"], None
+
+
+class _Stderr(logging.Handler):
+    """Writes each record to sys.stderr as it is when the record comes (not when the handler
+    was made: a test's capture, a redirected stream)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's own rule: a handler that fails reports it
+            self.handleError(record)
+
+
+def _log_on_stderr() -> None:
+    """The package's log (the server's failure lines: apportion.serve.log) on stderr, each line
+    headed "apportion serve:", once per process."""
+    logger = logging.getLogger("apportion")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("apportion serve: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False  # not twice, through a root handler of the process
 
 
 def _unfinished(rt: Any) -> str:

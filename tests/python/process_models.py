@@ -219,6 +219,17 @@ class Unpicklable:
         return (Unpicklable, (self.a,))
 
 
+def raises_on_negative(ctx: Any) -> Any:
+    """Echoes x, and raises ValueError for a negative x[0]."""
+
+    def serve(x: Any) -> Any:
+        if float(x[0]) < 0:
+            raise ValueError(f"negative input {float(x[0])}")
+        return x
+
+    return serve
+
+
 def sleeper_that_cannot_grow(ctx: Any) -> Any:
     """``sleeper``, whose second and later instances' factory raises."""
     if ctx.instance >= 1:

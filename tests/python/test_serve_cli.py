@@ -250,6 +250,29 @@ outputs = [{ name = "x", datatype = "FP32", shape = [-1] }]
 """
 
 
+def test_a_failing_model_is_reported_on_stderr_with_its_traceback_a_few_times_not_per_request(
+        tmp_path: Path) -> None:
+    # Nothing was written: the model's exception reached its clients (500) and /metrics
+    # (failed), and no log an operator could search.
+    cfg = tmp_path / "raises.toml"
+    cfg.write_text(HANGS.replace("hangs_on_negative", "raises_on_negative").replace("models.h", "models.r"))
+    with serving(cfg, "--grpc-port", "-1") as (proc, line):
+        http = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)  # type: ignore[union-attr]
+
+        def post(x: float) -> int:
+            return httpx.post(f"http://{http}/v2/models/r/infer", timeout=30, json={"inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1], "data": [x]}]}).status_code
+
+        assert [post(-float(i)) for i in range(1, 6)] + [post(1.0)] == [500] * 5 + [200]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    lines = [ln for ln in err.splitlines() if ln.startswith("apportion serve: model 'r' failed")]
+    assert lines == ["apportion serve: model 'r' failed: ValueError: negative input -1.0"], err
+    assert "Traceback (most recent call last)" in err and "in serve" in err, err  # the model's own frame
+
+
 @pytest.mark.parametrize("second", [None, signal.SIGTERM, signal.SIGINT])
 def test_a_call_that_never_returns_does_not_hold_the_exit(tmp_path: Path, second: signal.Signals | None) -> None:
     # After the drain the CLI closed the runtime with drain=True, which waits for running calls

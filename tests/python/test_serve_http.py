@@ -1084,6 +1084,32 @@ def test_metrics_count_what_each_front_answered_by_status(served: Served) -> Non
     assert served.rt.stats()["bad_output"].completed - completed == 2
 
 
+def test_failures_are_logged_once_per_model_and_kind_per_interval_saying_how_many_were_not(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from apportion.serve import _frontend as fe
+
+    now = [100.0]
+    failures = fe.Failures(clock=lambda: now[0])
+    try:
+        raise ValueError("boom")
+    except ValueError as e:
+        error = e
+    with caplog.at_level("ERROR", logger="apportion.serve"):
+        assert failures.report("a", fe.MODEL_FAILED, "model 'a' failed: ValueError: boom", error)
+        assert not failures.report("a", fe.MODEL_FAILED, "model 'a' failed: ValueError: boom", error)
+        now[0] += 3
+        assert not failures.report("a", fe.MODEL_FAILED, "model 'a' failed: ValueError: boom", error)
+        assert failures.report("b", fe.MODEL_FAILED, "model 'b' failed: KeyError: 1")  # another model
+        assert failures.report("a", fe.OUTPUT_MISMATCH, "model 'a', output 'y': ...")  # another kind
+        now[0] += fe.REPORT_EVERY_S
+        assert failures.report("a", fe.MODEL_FAILED, "model 'a' failed: ValueError: again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'a' failed: ValueError: boom", "model 'b' failed: KeyError: 1", "model 'a', output 'y': ...",
+        "model 'a' failed: ValueError: again (2 more since the last line about it, 13 s ago)"]
+    assert caplog.records[0].exc_info is not None and caplog.records[0].exc_info[1] is error
+    assert caplog.records[1].exc_info is None
+
+
 def test_signature_with_one_spec_each() -> None:
     sig = Signature(TensorSpec("x", "FP64", [2]), TensorSpec("y", "FP64", [2]))  # type: ignore[arg-type]
     assert sig.inputs == (TensorSpec("x", "FP64", (2,)),)

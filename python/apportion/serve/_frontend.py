@@ -4,7 +4,9 @@ submission and the error kinds each front maps to its own status codes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +120,44 @@ async def _cancel_when_gone(fut: Any, gone: Callable[[], Awaitable[Any]]) -> boo
 EXTENSIONS = ["binary_tensor_data"]
 
 
+log = logging.getLogger("apportion.serve")
+"""Where the fronts report failures: the models' (their exceptions with their tracebacks, and
+results that do not fit the declared outputs) and the server's own, at ERROR, a few at a time
+(:class:`Failures`). ``apportion serve`` prints them on stderr."""
+
+REPORT_EVERY_S = 10.0
+"""A model's failures of one kind are logged at most once per this many seconds; the next line
+says how many were not."""
+
+
+class Failures:
+    """Logs failures on :data:`log`, per model and kind at most once per
+    :data:`REPORT_EVERY_S` (a model that fails every request writes a line every ten seconds,
+    not one per request); each line after a quiet spell says how many failures it stood for."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], float] = {}  # (model, kind) -> when last logged
+        self._held: dict[tuple[str, str], int] = {}  # failures since then, not logged
+
+    def report(self, model: str, kind: str, message: str, error: BaseException | None = None) -> bool:
+        """Logs ``message`` (with ``error``'s traceback) unless one of this model and kind was
+        logged within REPORT_EVERY_S; returns whether it was."""
+        key, now = (model, kind), self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < REPORT_EVERY_S:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            held = self._held.pop(key, 0)
+            self._last[key] = now
+        more = f" ({held} more since the last line about it, {now - last:.0f} s ago)" if held and last else ""
+        log.error("%s%s", message, more,
+                  exc_info=(type(error), error, error.__traceback__) if error is not None else None)
+        return True
+
+
 class ServeError(Exception):
     """A request that ends in an error response: ``kind`` (one of the constants above) and a
     message for the client."""
@@ -154,6 +194,8 @@ class Frontend:
         """Starts watching HTTP requests unanswered after :data:`WATCH_AFTER_S`."""
         self._answers: dict[tuple[str, str, str], int] = {}
         self._answers_lock = threading.Lock()  # the fronts may run on several event loops
+        self.failures = Failures()
+        """Logs the models' failures (and the server's own) as they happen, a few at a time."""
 
     # -- what the fronts answered ---------------------------------------------------------------
     def count(self, name: str, protocol: str, status: str) -> None:
@@ -291,10 +333,12 @@ class Frontend:
                 raise ServeError(UNAVAILABLE, str(e)) from None
             except BaseException as e:  # noqa: BLE001 - the model's own, SystemExit and KeyboardInterrupt too:
                 # the request's failure, not the server's (raised here it ended the loop)
-                raise ServeError(MODEL_FAILED, f"model {name!r} failed: {type(e).__name__}: {e}") from None
+                message = f"model {name!r} failed: {type(e).__name__}: {e}"
+                self.failures.report(name, MODEL_FAILED, message, e)
+                raise ServeError(MODEL_FAILED, message) from None
             try:
                 return sig.from_model(name, result)
-            except OutputError as e:
+            except OutputError as e:  # reported by the front (which finds its own too, encoding)
                 raise ServeError(OUTPUT_MISMATCH, str(e)) from None
         finally:
             self.in_flight -= 1

@@ -141,6 +141,8 @@ class V2App:
                 fe.UNAVAILABLE, "the server stopped before this request completed (its drain ended: the drain "
                                 "timeout, or an abort)"))
         except Exception as e:  # a bug of ours: answer it, never take the server down
+            self.frontend.failures.report("", fe.INTERNAL, f"{scope['method']} {scope['path'][:200]!r} failed in "
+                                          f"the server: {type(e).__name__}: {e}", e)
             status, headers, body = self._error(fe.ServeError(fe.INTERNAL, f"{type(e).__name__}: {e}"))
         if self.frontend.draining or status in (408, 413):
             # The connection ends with this answer: draining, a client that reused it for its
@@ -282,6 +284,8 @@ class V2App:
             answer = await self._answer(name, version, scope, receive)
         except fe.ServeError as e:
             count(name, "http", e.kind)
+            if e.kind == fe.OUTPUT_MISMATCH:  # (a model's exception is reported where it is caught)
+                self.frontend.failures.report(name, e.kind, e.message)
             raise
         except _Disconnected:
             count(name, "http", fe.DISCONNECTED)
@@ -383,7 +387,7 @@ def _encoded(name: str, request_id: Any, wanted: list[tuple[Any, bool]],
                 meta["data"] = to_json(name, spec, arr)
             out_meta.append(meta)
     except OutputError as e:
-        raise fe.ServeError(fe.OUTPUT_MISMATCH, str(e)) from None
+        raise fe.ServeError(fe.OUTPUT_MISMATCH, str(e)) from None  # reported by V2App._infer
     header["outputs"] = out_meta
     head = _dumps(header)
     if not raw:

@@ -99,6 +99,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = await self._infer(request, context)
         except fe.ServeError as e:
             count(name, "grpc", e.kind)
+            if e.kind == fe.OUTPUT_MISMATCH:  # (a model's exception is reported where it is caught)
+                self.frontend.failures.report(name, e.kind, e.message)
             await context.abort(_CODES[e.kind], e.message)
         except asyncio.CancelledError:
             if not self.frontend.draining:  # the client cancelled the call, or its deadline passed
@@ -111,6 +113,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                              "(its drain ended: the drain timeout, or an abort)")
         except Exception as e:  # a bug of ours: INTERNAL with its message (as HTTP's 500), not UNKNOWN
             count(name, "grpc", fe.INTERNAL)
+            self.frontend.failures.report("", fe.INTERNAL, f"ModelInfer of {name[:200]!r} failed in the server: "
+                                          f"{type(e).__name__}: {e}", e)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         else:
             count(name, "grpc", fe.OK)
