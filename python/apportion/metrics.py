@@ -26,6 +26,8 @@ Metric names (each with a ``model`` label but the controller's ``running``, ``er
   models with a GPU memory budget.
 - ``apportion_shared_pool_calls_total`` and ``apportion_shared_pool_seconds_total``: calls on
   the scheduled shared pool and the pool time they held (seconds x units, as ``pool_time_s``).
+- ``apportion_process_restarts_total``: worker processes started again after one died, for
+  models of ``isolation="process"``.
 - ``apportion_model_moves_total``: live moves of the model (``rt.apply``, the online
   controller), as ``moves`` of its stats.
 - ``apportion_model_cpu_seconds_total``: CPU time of each model's worker threads and the
@@ -182,6 +184,8 @@ class StatsCollector(Collector):
         instances = GaugeMetricFamily("apportion_instances", "Worker instances of the model.", labels=m)
         max_queue = GaugeMetricFamily("apportion_max_queue", "Admission bound (requests).", labels=m)
         gpu = GaugeMetricFamily("apportion_gpu_memory_bytes", "GPU memory the model's pool holds.", labels=m)
+        restarts = counter("process_restarts", "Worker processes started again after one died (models of "
+                           'isolation="process").')
         latencies = {
             "queue_wait": HistogramMetricFamily(
                 "apportion_queue_wait_seconds", "Time from admission to the start of the call.", labels=m),
@@ -209,6 +213,8 @@ class StatsCollector(Collector):
             max_queue.add_metric([name], s.max_queue)
             if s.gpu_memory_bytes is not None:
                 gpu.add_metric([name], s.gpu_memory_bytes)
+            if s.process_restarts is not None:
+                restarts.add_metric([name], s.process_restarts)
             for field, family in latencies.items():
                 hist = getattr(s, field).histogram
                 if hist is not None:
@@ -222,6 +228,8 @@ class StatsCollector(Collector):
                     in_flight, instances, max_queue, pool_calls, pool_s, moves)
         if gpu.samples:
             yield gpu
+        if restarts.samples:
+            yield restarts
 
 
 class CpuCollector(Collector):

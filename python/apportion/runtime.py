@@ -1278,6 +1278,8 @@ class Runtime(_core._Runtime):
             usage = entry.gpu_usage if entry is not None else None
             if usage is not None:
                 s = dataclasses.replace(s, gpu_memory_bytes=usage.used, gpu_memory_peak_bytes=usage.peak)
+            if entry is not None and entry.spec.process:
+                s = dataclasses.replace(s, process_restarts=sum(p.restarts for p in list(entry.processes)))
             out[n] = s
         return RuntimeStats(out)
 

@@ -138,6 +138,9 @@ class ModelStats:
     counters and histograms go on across moves)."""
     batch_size: HistogramSnapshot | None = field(default=None, repr=False, compare=False)
     """Requests per model call: one value per call (its histogram's unit is requests)."""
+    process_restarts: int | None = None
+    """Worker processes started again after one died (a crash, an exit, the OOM killer, a
+    watchdog's kill) for a model of ``isolation="process"``; None for other models."""
 
     @property
     def in_flight(self) -> int:

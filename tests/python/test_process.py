@@ -317,6 +317,13 @@ def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
     tally.check_once([crash, *queued, *others])
     s = rt.stats()["m"]
     assert s.completed + s.failed >= 22
+    # The restart is counted (in the stats and on /metrics), for process models only.
+    assert s.process_restarts == 1 and rt.stats()["threaded"].process_restarts is None
+    from apportion.metrics import prometheus_text
+
+    text = prometheus_text(rt.stats())
+    assert 'apportion_process_restarts_total{model="m"} 1.0' in text
+    assert 'apportion_process_restarts_total{model="threaded"}' not in text
 
 
 def test_a_hung_child_is_killed_by_the_watchdog_and_replaced(rt: ap.Runtime, tally) -> None:
