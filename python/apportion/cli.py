@@ -786,13 +786,14 @@ class _Stderr(logging.Handler):
 
 
 def _log_on_stderr() -> None:
-    """The package's log (the server's failure lines: apportion.serve.log) on stderr, each line
-    headed "apportion serve:", once per process."""
+    """The package's log (the server's failure lines and its drain: apportion.serve.log) on
+    stderr from INFO on, each line headed "apportion serve:", once per process."""
     logger = logging.getLogger("apportion")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("apportion serve: %(message)s"))
         logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the drain's start, too
     logger.propagate = False  # not twice, through a root handler of the process
 
 

@@ -298,6 +298,10 @@ def test_a_call_that_never_returns_does_not_hold_the_exit(tmp_path: Path, second
                 assert hung.result(30).status_code == 503
         err = proc.stderr.read() if proc.stderr else ""
     assert took < 1 + 2 + 5, took  # the drain timeout, the close's grace, a slow machine
+    # The drain's start is said, with what it waits for, and the abort by a second signal.
+    assert "apportion serve: SIGTERM: draining: not ready, new requests refused; 1 admitted request(s) get up to 1 s" \
+        in err, err
+    assert ("again: the drain is aborted" in err) == (second is not None), err
     # Each line names the model whose calls held it.
     assert "model calls still running 2 s after the drain (not finished: 'h' 1); exiting without them" in err, err
     assert code == (1 if second is None else 128 + second), (code, err)

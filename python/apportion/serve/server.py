@@ -439,9 +439,16 @@ class Server:
         aborted = asyncio.Event()
 
         def on_signal(sig: int) -> None:
+            name = signal.Signals(sig).name
             if stop.is_set():
+                if not abort:
+                    fe.log.warning("%s again: the drain is aborted; requests still running get 503", name)
                 abort.append(sig)
                 aborted.set()
+            else:
+                fe.log.info("%s: draining: not ready, new requests refused; %d admitted request(s) get up to "
+                            "%g s to complete (a second signal aborts)", name, self.frontend.in_flight,
+                            self.drain_timeout_s)
             stop.set()
 
         sigs = (signal.SIGTERM, signal.SIGINT)
