@@ -1148,6 +1148,8 @@ def test_stop_without_drain_answers_the_running_requests_503() -> None:
         server.stop(drain=False)
         r = running.result(30)
         assert r.status_code == 503 and "the server stopped before this request completed" in r.json()["error"]
+        # Counted as the server's unavailability (not as its client leaving).
+        assert server.frontend.answers() == {("echo", "http", "unavailable"): 1}
 
 
 def test_answers_during_a_drain_close_their_connection() -> None:

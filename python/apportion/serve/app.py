@@ -291,8 +291,8 @@ class V2App:
             count(name, "http", fe.DISCONNECTED)
             raise
         except asyncio.CancelledError:
-            if self.frontend.draining:  # answered 503 (see __call__)
-                count(name, "http", fe.UNAVAILABLE)
+            # Draining: answered 503 (see __call__); else the server dropped the connection.
+            count(name, "http", fe.UNAVAILABLE if self.frontend.draining else fe.DISCONNECTED)
             raise
         except Exception:
             count(name, "http", fe.INTERNAL)
