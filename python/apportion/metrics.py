@@ -49,7 +49,7 @@ import bisect
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -61,6 +61,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .errors import QuotaError
 from .stats import HistogramSnapshot, ModelStats
+
+_T = TypeVar("_T")
 
 __all__ = ["CONTENT_TYPE", "ControllerCollector", "CpuCollector", "RuntimeMetrics", "ServerCollector",
            "StatsCollector", "latency_bounds_ns", "prometheus_text"]
@@ -232,15 +234,20 @@ class StatsCollector(Collector):
             yield restarts
 
 
-class CpuCollector(Collector):
-    """``apportion_model_cpu_seconds_total{model}`` from ``source()`` (e.g.
-    ``rt.cpu_seconds``): CPU time of each model's worker threads and the threads they created."""
+class _FromSource(Collector, Generic[_T]):
+    """A collector of what ``source()`` gives at each scrape (nothing to read at registration:
+    that would be a scrape)."""
 
-    def __init__(self, source: Callable[[], Mapping[str, float]]) -> None:
+    def __init__(self, source: Callable[[], _T]) -> None:
         self._source = source
 
     def describe(self) -> list[Metric]:
         return []
+
+
+class CpuCollector(_FromSource[Mapping[str, float]]):
+    """``apportion_model_cpu_seconds_total{model}`` from ``source()`` (e.g.
+    ``rt.cpu_seconds``): CPU time of each model's worker threads and the threads they created."""
 
     def collect(self) -> Iterator[Metric]:
         cpu = CounterMetricFamily("apportion_model_cpu_seconds",
@@ -251,17 +258,35 @@ class CpuCollector(Collector):
         yield cpu
 
 
-class ControllerCollector(Collector):
+_CONTROLLER_FAMILIES: tuple[tuple[str, type[GaugeMetricFamily] | type[CounterMetricFamily], list[str], str], ...] = (
+    ("running", GaugeMetricFamily, [], "1 while the online controller runs, 0 once stopped."),
+    ("errors", CounterMetricFamily, [], "Failures of the controller: moves the runtime refused, windows that failed."),
+    ("idle_cpus", GaugeMetricFamily, [], "CPUs of the shared pool that sat idle over the last window."),
+    ("objective_seconds", GaugeMetricFamily, ["model", "percentile"],
+     "The model's latency objective, at the percentile it is about."),
+    ("window_latency_seconds", GaugeMetricFamily, ["model"],
+     "End-to-end latency at the objective's percentile over the last window (models that completed requests "
+     "in it)."),
+    ("window_arrivals_per_second", GaugeMetricFamily, ["model"], "Requests submitted per second over the last window."),
+    ("window_within_objective_ratio", GaugeMetricFamily, ["model"],
+     "Share of the last window's arrivals completed within the objective (models with arrivals in it)."),
+    ("at_risk_windows", GaugeMetricFamily, ["model"],
+     "Consecutive windows, up to the last, in which the model's objective was at risk."),
+    ("on_trial", GaugeMetricFamily, ["model"],
+     "1 while a move of the model is being judged (undone if the models serve less after it)."),
+    ("moves", CounterMetricFamily, ["model"], "Moves the controller made of the model (undoings included)."),
+    ("undone_moves", CounterMetricFamily, ["model"], "Moves that undid the model's move before (it served less)."),
+    ("held_windows", CounterMetricFamily, ["model"],
+     "Windows in which the model was at risk and no move was found for it (see Controller.held for why)."),
+)
+"""The controller's families: (name after ``apportion_controller_``, kind, labels, help)."""
+
+
+class ControllerCollector(_FromSource["_ControllerSource | None"]):
     """``apportion_controller_*`` from ``source()`` (e.g. ``lambda: rt.controller``): the state of
     the online controller (:class:`apportion.Controller`) that moves capacity between the
     runtime's models, for the models it manages (those with an objective). Nothing while
     ``source()`` gives None (no controller was started)."""
-
-    def __init__(self, source: Callable[[], _ControllerSource | None]) -> None:
-        self._source = source
-
-    def describe(self) -> list[Metric]:
-        return []
 
     def collect(self) -> Iterator[Metric]:
         controller = self._source()
@@ -269,64 +294,32 @@ class ControllerCollector(Collector):
             return
         state = controller.stats()  # one reading, taken at once
         slos, percentiles = dict(controller.slos), dict(controller.percentiles)
-        m = ["model"]
-
-        def gauge(name: str, doc: str, labels: Sequence[str] = m) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"apportion_controller_{name}", doc, labels=labels)
-
-        def counter(name: str, doc: str, labels: Sequence[str] = m) -> CounterMetricFamily:
-            return CounterMetricFamily(f"apportion_controller_{name}", doc, labels=labels)
-
-        running = gauge("running", "1 while the online controller runs, 0 once stopped.", [])
-        running.add_metric([], 1.0 if state["running"] else 0.0)
-        errors = counter("errors", "Failures of the controller: moves the runtime refused, "
-                        "windows that failed.", [])
-        errors.add_metric([], float(state["error_count"]))
-        yield running
-        yield errors
+        f = {key: kind(f"apportion_controller_{key}", doc, labels=labels)
+             for key, kind, labels, doc in _CONTROLLER_FAMILIES}
+        f["running"].add_metric([], 1.0 if state["running"] else 0.0)
+        f["errors"].add_metric([], float(state["error_count"]))
         if state["idle_cpus"] is not None:
-            idle = gauge("idle_cpus", "CPUs of the shared pool that sat idle over the last "
-                          "window.", [])
-            idle.add_metric([], float(state["idle_cpus"]))
-            yield idle
-        objective = gauge("objective_seconds", "The model's latency objective, at the "
-                           "percentile it is about.", ["model", "percentile"])
-        latency = gauge("window_latency_seconds", "End-to-end latency at the objective's "
-                         "percentile over the last window (models that completed requests in it).")
-        rate = gauge("window_arrivals_per_second", "Requests submitted per second over the "
-                      "last window.")
-        within = gauge("window_within_objective_ratio", "Share of the last window's "
-                        "arrivals completed within the objective (models with arrivals in it).")
-        at_risk = gauge("at_risk_windows", "Consecutive windows, up to the last, in which "
-                         "the model's objective was at risk.")
-        on_trial = gauge("on_trial", "1 while a move of the model is being judged (undone "
-                          "if the models serve less after it).")
-        moves = counter("moves", "Moves the controller made of the model (undoings "
-                       "included).")
-        undone = counter("undone_moves", "Moves that undid the model's move before "
-                        "(it served less).")
-        held = counter("held_windows", "Windows in which the model was at risk and no move was found "
-                      "for it (see Controller.held for why).")
+            f["idle_cpus"].add_metric([], float(state["idle_cpus"]))
         windows, counts, trial = state["windows"], state["counts"], set(state["on_trial"])
         for name in sorted(slos):
-            objective.add_metric([name, f"{percentiles.get(name, 99.0):.10g}"], slos[name] / 1e3)
+            f["objective_seconds"].add_metric([name, f"{percentiles.get(name, 99.0):.10g}"], slos[name] / 1e3)
             w = windows.get(name)
             if w is not None:
-                rate.add_metric([name], w.rate)
+                f["window_arrivals_per_second"].add_metric([name], w.rate)
                 if w.completed > 0:
-                    latency.add_metric([name], w.objective_ms / 1e3)
+                    f["window_latency_seconds"].add_metric([name], w.objective_ms / 1e3)
                 if w.arrivals > 0 and w.good is not None:
-                    within.add_metric([name], min(w.good, w.arrivals) / w.arrivals)
-            at_risk.add_metric([name], float(state["at_risk_streak"].get(name, 0)))
-            on_trial.add_metric([name], 1.0 if name in trial else 0.0)
+                    f["window_within_objective_ratio"].add_metric([name], min(w.good, w.arrivals) / w.arrivals)
+            f["at_risk_windows"].add_metric([name], float(state["at_risk_streak"].get(name, 0)))
+            f["on_trial"].add_metric([name], 1.0 if name in trial else 0.0)
             c = counts.get(name, {})
-            moves.add_metric([name], float(c.get("moves", 0)))
-            undone.add_metric([name], float(c.get("undone", 0)))
-            held.add_metric([name], float(c.get("held", 0)))
-        yield from (objective, latency, rate, within, at_risk, on_trial, moves, undone, held)
+            for key, count in (("moves", "moves"), ("undone_moves", "undone"), ("held_windows", "held")):
+                f[key].add_metric([name], float(c.get(count, 0)))
+        # Every family, a model's with no sample too, but the idle CPUs when not measured.
+        yield from (family for key, family in f.items() if key != "idle_cpus" or family.samples)
 
 
-class ServerCollector(Collector):
+class ServerCollector(_FromSource[Mapping[tuple[str, str, str], int]]):
     """``apportion_server_requests_total{model,protocol,status}`` from ``source()``: the infer
     requests a protocol front answered, by model ("" for a name that is no served model),
     protocol ("http", "grpc") and status ("ok", "disconnected", or the error: "invalid",
@@ -335,12 +328,6 @@ class ServerCollector(Collector):
     runtime's own outcomes: a request refused before it reached the runtime (a bad input, an
     unknown model) counts here only, and one whose model's result did not fit its declared
     outputs is ``completed`` for the runtime and ``output_mismatch`` here."""
-
-    def __init__(self, source: Callable[[], Mapping[tuple[str, str, str], int]]) -> None:
-        self._source = source
-
-    def describe(self) -> list[Metric]:
-        return []
 
     def collect(self) -> Iterator[Metric]:
         answered = CounterMetricFamily("apportion_server_requests",
@@ -371,8 +358,9 @@ def prometheus_text(stats: Mapping[str, ModelStats], *, per_octave: int = 2,
 class RuntimeMetrics:
     """A runtime's ``/metrics`` page, scrape after scrape: ``text()`` reads ``rt.stats()``,
     ``rt.cpu_seconds()`` and the state of ``rt.controller`` (and ``collectors``, such as a
-    server's :class:`ServerCollector`) and renders them as :func:`prometheus_text` does, through collectors kept from one scrape to the next (so each
-    ``_sum`` carries on across the native wrap). Safe to call from several threads at once."""
+    server's :class:`ServerCollector`) and renders them as :func:`prometheus_text` does,
+    through collectors kept from one scrape to the next (so each ``_sum`` carries on across the
+    native wrap). Safe to call from several threads at once."""
 
     def __init__(self, rt: _StatsSource, *, per_octave: int = 2, collectors: Iterable[Collector] = ()) -> None:
         self._registry = CollectorRegistry(auto_describe=False)
