@@ -466,7 +466,9 @@ uint32_t Model::serve_taken(Worker& w, Request* r, uint32_t lane, uint32_t units
   if (!claim(r, RequestState::running)) return units;
   r->start_ns = now;
   note_caller_cpu(w, r, current_cpu());
+  w.call_start_ns.store(now, std::memory_order_relaxed);
   handler_->run(w, &r, 1);  // one request per call: snapshot() derives the batch sizes
+  w.call_start_ns.store(0, std::memory_order_relaxed);
   const int64_t end = now_ns();
   note_drained(1, now, end);
   if (units == 0) return 0;
@@ -703,7 +705,9 @@ void Model::dispatch(Worker& w, Batcher& b) {
   const std::size_t n = claimed.size();
   // Counted before the call: a caller that saw its result then reads the stats finds it.
   w.shard.batch_size.record(n);
+  w.call_start_ns.store(start, std::memory_order_relaxed);
   handler_->run(w, claimed.data(), n);  // completes and releases every one of them
+  w.call_start_ns.store(0, std::memory_order_relaxed);
   const int64_t end = now_ns();
   w.last_call_end_ns = end;
   note_drained(n, start, end);
@@ -1150,12 +1154,18 @@ ModelSnapshot Model::snapshot() const {
   ModelMetrics::read_counters(*counters_, s);
   s.queued = queued();
   uint64_t single_calls = 0;
+  int64_t oldest_start = 0;
   {
     std::lock_guard lock(workers_mu_);
     for (const auto& w : workers_) {
       const uint64_t before = s.compute.total;
       w->shard.merge_into(s);
       if (w->single) single_calls += s.compute.total - before;
+      const int64_t started = w->call_start_ns.load(std::memory_order_relaxed);
+      if (started != 0) {
+        ++s.running_calls;
+        if (oldest_start == 0 || started < oldest_start) oldest_start = started;
+      }
     }
     single_calls += retired_single_calls_;
     s.queue_wait.merge(retired_.queue_wait);
@@ -1169,6 +1179,7 @@ ModelSnapshot Model::snapshot() const {
     s.pool_busy_unit_ns = p.busy_unit_ns;
   }
   s.stolen = lanes_.stolen();
+  if (oldest_start != 0) s.oldest_call_ns = static_cast<uint64_t>(std::max<int64_t>(now_ns() - oldest_start, 0));
   metrics_.finish(s, single_calls);
   s.queue_wait.origin = origin_;
   s.compute.origin = origin_ + 1;

@@ -114,6 +114,10 @@ struct Worker {
   std::vector<int64_t> batch_slow_ns;
   /// When its latest batching call ended (0: none yet). Worker-private.
   int64_t last_call_end_ns = 0;
+  /// When the model call it is in started (0: in none). Written by the worker around each
+  /// call; read by snapshot() (running calls, and how long the oldest has run: a call that
+  /// never returns shows there).
+  std::atomic<int64_t> call_start_ns{0};
   /// The estimated duration of a call with `n` requests (see batch_estimate_ns).
   int64_t estimate_ns(std::size_t n) const noexcept { return batch_estimate_ns(batch_cost_ns, n); }
   /// The duration to plan a call of `n` requests against deadlines with (see

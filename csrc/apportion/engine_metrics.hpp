@@ -52,6 +52,9 @@ struct ModelSnapshot {
   uint64_t stolen = 0;
   /// Requests served by their callers directly (Model::count_direct).
   uint64_t direct = 0;
+  /// Model calls the workers are in now, and how long the oldest of them has run (0: none).
+  uint64_t running_calls = 0;
+  uint64_t oldest_call_ns = 0;
 };
 
 /// What a model counts beside its ModelCounters and its workers' shards.

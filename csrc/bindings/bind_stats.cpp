@@ -160,6 +160,8 @@ void register_stats(py::module_& m) {
       AP_COUNTER(burst_served, "Requests served by burst workers on the shared pool.")
       AP_COUNTER(stolen, "Requests an instance took from another NUMA node's queue.")
       AP_COUNTER(direct, "Requests served by their callers directly (Runtime.call on a process model).")
+      AP_COUNTER(running_calls, "Model calls the model's workers are in now (a batch's call counts once).")
+      AP_COUNTER(oldest_call_ns, "How long the oldest of those calls has run, in nanoseconds (0: none).")
 #undef AP_COUNTER
       .def_property_readonly("pool_calls", [](const ModelStatsSnapshot& s) { return s.snapshot.pool_grants; },
                              "Model calls granted shared-pool units.")

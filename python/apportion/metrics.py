@@ -21,8 +21,9 @@ Metric names (each with a ``model`` label but the controller's ``running``, ``er
 - ``apportion_queue_wait_seconds``, ``apportion_compute_seconds``,
   ``apportion_end_to_end_seconds``: latency histograms.
 - ``apportion_batch_size``: requests per model call (histogram, unit: requests).
-- ``apportion_queue_depth``, ``apportion_in_flight``, ``apportion_instances``,
-  ``apportion_max_queue``: gauges (requests, instances); ``apportion_gpu_memory_bytes`` for
+- ``apportion_queue_depth``, ``apportion_in_flight``, ``apportion_running_calls``,
+  ``apportion_oldest_call_seconds``, ``apportion_instances``, ``apportion_max_queue``: gauges
+  (requests, calls, seconds, instances); ``apportion_gpu_memory_bytes`` for
   models with a GPU memory budget.
 - ``apportion_shared_pool_calls_total`` and ``apportion_shared_pool_seconds_total``: calls on
   the scheduled shared pool and the pool time they held (seconds x units, as ``pool_time_s``).
@@ -184,6 +185,9 @@ class StatsCollector(Collector):
         in_flight = GaugeMetricFamily("apportion_in_flight", "Requests submitted and not finished "
                                       "(queued or running).", labels=m)
         instances = GaugeMetricFamily("apportion_instances", "Worker instances of the model.", labels=m)
+        running = GaugeMetricFamily("apportion_running_calls", "Model calls the workers are in now.", labels=m)
+        oldest = GaugeMetricFamily("apportion_oldest_call_seconds", "How long the oldest running model call has "
+                                   "run (0: none runs).", labels=m)
         max_queue = GaugeMetricFamily("apportion_max_queue", "Admission bound (requests).", labels=m)
         gpu = GaugeMetricFamily("apportion_gpu_memory_bytes", "GPU memory the model's pool holds.", labels=m)
         restarts = counter("process_restarts", "Worker processes started again after one died (models of "
@@ -212,6 +216,8 @@ class StatsCollector(Collector):
             depth.add_metric([name], s.queued)
             in_flight.add_metric([name], s.in_flight)
             instances.add_metric([name], s.instances)
+            running.add_metric([name], s.running_calls)
+            oldest.add_metric([name], s.oldest_call_s)
             max_queue.add_metric([name], s.max_queue)
             if s.gpu_memory_bytes is not None:
                 gpu.add_metric([name], s.gpu_memory_bytes)
@@ -227,7 +233,7 @@ class StatsCollector(Collector):
                                  float(self._sums.total((name, "batch_size"), s.batch_size)))
         self._sums.keep(set(stats))
         yield from (requests, submitted, delayed, stolen, direct, burst, *latencies.values(), batch, depth,
-                    in_flight, instances, max_queue, pool_calls, pool_s, moves)
+                    in_flight, running, oldest, instances, max_queue, pool_calls, pool_s, moves)
         if gpu.samples:
             yield gpu
         if restarts.samples:

@@ -138,6 +138,14 @@ class ModelStats:
     counters and histograms go on across moves)."""
     batch_size: HistogramSnapshot | None = field(default=None, repr=False, compare=False)
     """Requests per model call: one value per call (its histogram's unit is requests)."""
+    running_calls: int = 0
+    """Model calls the model's workers are in now (a batch's call counts once; not a process
+    model's calls that ``Runtime.call`` runs in the caller's thread). A call ends after its
+    requests complete: a caller that has its result may still see its call here, briefly."""
+    oldest_call_s: float = field(default=0.0, compare=False)
+    """How long the oldest of those calls has run, in seconds (0.0: none runs). A call that
+    never returns (a deadlock, a hung device) grows here while nothing else moves. A reading
+    of the clock: not part of equality."""
     process_restarts: int | None = None
     """Worker processes started again after one died (a crash, an exit, the OOM killer, a
     watchdog's kill) for a model of ``isolation="process"``; None for other models."""
@@ -183,6 +191,8 @@ class ModelStats:
             direct=s.direct,
             moves=s.moves,
             batch_size=s.batch_size,
+            running_calls=s.running_calls,
+            oldest_call_s=s.oldest_call_ns / 1e9,
         )
 
 

@@ -135,6 +135,42 @@ TEST_F(EngineMetrics, SnapshotCountsAddUpWhileWorkIsInFlight) {
   });
 }
 
+TEST_F(EngineMetrics, RunningCallsAndTheOldestCallsAgeAreSeenWhileTheyRun) {
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = hold_tag0(gate);
+    Model m(opts(2, 8), h);
+    ASSERT_EQ(m.start(), 0u);
+    ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.running_calls, 0u);
+    EXPECT_EQ(s.oldest_call_ns, 0u);
+    TestRef held = make(0);
+    ASSERT_EQ(submit(m, held), Admit::ok);
+    gate.wait_arrivals(1);
+    const int64_t since = now_ns();
+    // The other instance serves the rest meanwhile: one call stays running, the held one.
+    for (uint64_t i = 1; i <= 20; ++i) {
+      TestRef r = make(i);
+      ASSERT_EQ(submit(m, r), Admit::ok);
+      ASSERT_TRUE(completes(r));
+    }
+    std::this_thread::sleep_for(20ms);
+    s = m.snapshot();
+    EXPECT_EQ(s.running_calls, 1u);
+    EXPECT_GE(s.oldest_call_ns, static_cast<uint64_t>(now_ns() - since) - 1'000'000u)
+        << "the held call's age, not the latest call's";
+    EXPECT_GE(s.oldest_call_ns, 20'000'000u);
+    gate.open();
+    ASSERT_TRUE(completes(held));
+    m.close(true);
+    m.join();
+    s = m.snapshot();
+    EXPECT_EQ(s.running_calls, 0u);
+    EXPECT_EQ(s.oldest_call_ns, 0u);
+  });
+}
+
 TEST_F(EngineMetrics, ShardsOfEveryWorkerAreMerged) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();

@@ -353,3 +353,34 @@ def test_the_controllers_state_is_on_the_page_once_one_was_started() -> None:
         assert value(parse(prometheus_text(rt.stats(), controller=c))[1], "apportion_controller_moves_total",
                      model="m") == 1.0
         assert "apportion_controller" not in prometheus_text(rt.stats())
+
+
+def test_running_calls_and_the_oldest_calls_age_show_a_call_that_does_not_return() -> None:
+    # A call stuck for good (a deadlock, a hung device) showed as one request in flight, the
+    # same as a queued one, until the drain at shutdown gave up on it.
+    import threading
+
+    release = threading.Event()
+    with ap.Runtime() as rt:
+        rt.add_model("one", model=lambda x: release.wait(30) and x, instances=2)
+        rt.add_model("batch", model=lambda xs: [release.wait(30) and x for x in xs],
+                     batching=ap.Batching(4, 1.0))
+        rt.start()
+        assert (rt.stats()["one"].running_calls, rt.stats()["one"].oldest_call_s) == (0, 0.0)
+        held = [rt.submit("one", i) for i in range(3)] + [rt.submit("batch", i) for i in range(3)]
+        deadline = time.monotonic() + 10
+        while rt.stats()["one"].running_calls < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        stats = rt.stats()
+        one, batch = stats["one"], stats["batch"]
+        assert one.running_calls == 2 and one.in_flight == 3, "two run, one waits"
+        assert batch.running_calls == 1, "one call for the batch"
+        assert one.oldest_call_s >= 0.05 and batch.oldest_call_s >= 0.05
+        _, samples = parse(prometheus_text(stats))
+        assert value(samples, "apportion_running_calls", model="one") == 2
+        assert value(samples, "apportion_oldest_call_seconds", model="batch") == pytest.approx(batch.oldest_call_s)
+        release.set()
+        assert [f.result(timeout=30) for f in held] == [0, 1, 2, 0, 1, 2]
+        after = rt.stats()
+        assert all((s.running_calls, s.oldest_call_s) == (0, 0.0) for s in after.values())

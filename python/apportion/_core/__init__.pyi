@@ -167,6 +167,11 @@ class ModelSnapshot:
     def name(self) -> str:
         ...
     @property
+    def oldest_call_ns(self) -> int:
+        """
+        How long the oldest of those calls has run, in nanoseconds (0: none).
+        """
+    @property
     def pool_calls(self) -> int:
         """
         Model calls granted shared-pool units.
@@ -191,6 +196,11 @@ class ModelSnapshot:
     def rejected(self) -> int:
         """
         Submissions refused (queue full, or the model or runtime closing).
+        """
+    @property
+    def running_calls(self) -> int:
+        """
+        Model calls the model's workers are in now (a batch's call counts once).
         """
     @property
     def stolen(self) -> int:
