@@ -345,9 +345,13 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if report is not None:
             doc["load"] = report.to_dict()
         if controller is not None:
-            doc["moves"] = [{"at_s": m.at_s, "model": m.model, "change": m.change, "reason": m.reason}
-                            for m in controller.moves]
+            doc["moves"] = [{"at_s": m.at_s, "model": m.model, "change": m.change, "reason": m.reason,
+                             "undo": m.undo} for m in controller.moves]
             doc["controller_errors"] = controller.errors
+            state = controller.stats()
+            doc["controller"] = {"counts": state["counts"], "error_count": state["error_count"],
+                                 "held": {n: {"at_s": at, "windows": k, "why": why}
+                                          for n, (at, k, why) in state["held"].items()}}
         if stopped_by is not None:
             doc["stopped_by"] = signal.Signals(stopped_by).name
         json.dump(doc, out, indent=2, default=str)

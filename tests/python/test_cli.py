@@ -379,6 +379,11 @@ def test_run_adapt_moves_the_model_whose_slo_is_at_risk(tmp_path: Path) -> None:
     assert doc["controller_errors"] == []
     assert doc["moves"] and {m["model"] for m in doc["moves"]} == {"slow"}
     assert all("SLO at risk: p99 " in m["reason"] for m in doc["moves"])
+    # The controller's counts come with the moves (as on /metrics).
+    counts = doc["controller"]["counts"]["slow"]
+    assert counts["moves"] == len(doc["moves"]) and counts["undone"] == sum(m["undo"] for m in doc["moves"])
+    assert doc["controller"]["error_count"] == 0
+    assert all({"at_s", "windows", "why"} == set(h) for h in doc["controller"]["held"].values())
     # It steers by the objective's percentile (it read p99 whatever the config said).
     code, out, err = run("run", config(tmp_path, at_risk.replace("latency_ms = 0.5", "latency_ms = 0.5, percentile = 50")),
                          "--duration", "1.6", "--adapt", "--adapt-window-s", "0.2", "--json")
