@@ -21,7 +21,7 @@ With ``batching=Batching(...)`` on ``Runtime.add_model``, a worker gathers queue
   dim 0 (see :func:`stacking`); otherwise the model receives the list itself.
 
 A failing call fails every request of its batch with the model's exception (the same exception
-object for each). A result of the wrong length fails each request with an ApportionError that
+object for each; for a batch of more than one, a note on it says so). A result of the wrong length fails each request with an ApportionError that
 names the model and both sizes.
 """
 
@@ -40,6 +40,7 @@ from .errors import ApportionError, QuotaError
 __all__ = ["Batching", "stacking"]
 
 _MAX_BATCH = 1 << 16
+_BATCH_NOTE = "raised by one call of model "
 _MAX_DELAY_MS = 1e9  # the engine waits at most this long (11.6 days) for a partial batch
 
 
@@ -130,14 +131,26 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
     """
 
     def serve(xs: list[Any]) -> Sequence[Any]:
-        kind = _array_kind(xs)
-        if kind is None:
-            return fn(xs)
-        shape, dtype = xs[0].shape, xs[0].dtype
-        for x in xs:
-            if x.shape != shape or x.dtype != dtype:
-                return by_kind(xs, kind)
-        return one_batch(xs, kind)
+        try:
+            kind = _array_kind(xs)
+            if kind is None:
+                return fn(xs)
+            shape, dtype = xs[0].shape, xs[0].dtype
+            for x in xs:
+                if x.shape != shape or x.dtype != dtype:
+                    return by_kind(xs, kind)
+            return one_batch(xs, kind)
+        except Exception as e:
+            if not isinstance(e, ApportionError) and (len(xs) > 1 or hasattr(e, "__notes__")):
+                # Every request of the batch fails with this one exception: say so where it
+                # is read (a request that was fine gets a batch-mate's error). This call's
+                # note only: a model may raise one exception object again and again.
+                notes = [n for n in getattr(e, "__notes__", ()) if not str(n).startswith(_BATCH_NOTE)]
+                if len(xs) > 1:
+                    notes.append(f"{_BATCH_NOTE}{model!r} serving a batch of {len(xs)} requests, each of which "
+                                 "fails with it")
+                e.__notes__ = notes
+            raise
 
     def by_kind(xs: list[Any], kind: str) -> list[Any]:
         # Arrays of different shapes (or dtypes) cannot be stacked into one: each kind is a

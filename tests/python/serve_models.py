@@ -42,6 +42,10 @@ def fails(x: np.ndarray) -> np.ndarray:
     raise ValueError(f"boom {int(x[0])}")
 
 
+def fails_batch(xs: np.ndarray) -> np.ndarray:
+    raise ValueError(f"batch of {len(xs)} refused")
+
+
 def torch_model(x: Any) -> Any:
     import torch
 
@@ -75,6 +79,7 @@ def signatures() -> dict[str, Signature]:
         "batched": Signature([TensorSpec("x", "FP32", [4])], [TensorSpec("y", "FP32", [4])]),
         "upper": Signature([TensorSpec("s", "BYTES", [-1])], [TensorSpec("u", "BYTES", [-1])]),
         "fails": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
+        "fails_batch": Signature([TensorSpec("x", "FP32", [2])], [TensorSpec("y", "FP32", [2])]),
         "bad_output": Signature(vec, [TensorSpec("y", "INT64", [-1])]),
         "gate": Signature(vec, [TensorSpec("y", "FP32", [-1])]),
         "grid": Signature([TensorSpec("x", "FP32", [-1, -1])], [TensorSpec("y", "FP32", [-1, -1])]),
@@ -90,6 +95,7 @@ def add_models(rt: ap.Runtime, gate: Gate, batched: Batched) -> None:
     rt.add_model("batched", model=batched, batching=ap.Batching(max_size=8, max_delay_ms=20.0))
     rt.add_model("upper", model=lambda s: np.array([v.upper() for v in s], dtype=object))
     rt.add_model("fails", model=fails)
+    rt.add_model("fails_batch", model=fails_batch, batching=ap.Batching(max_size=8, max_delay_ms=200.0))
     rt.add_model("bad_output", model=lambda x: x)
     rt.add_model("gate", model=gate, max_queue=3, priority_levels=2)
     rt.add_model("grid", model=lambda x: x)

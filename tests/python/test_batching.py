@@ -346,6 +346,26 @@ def test_failing_batch_fails_each_request_with_the_models_exception(rt: ap.Runti
         futs[0].result()
     s = rt.stats()["m"]
     assert (s.failed, s.batches) == (3, 1)
+    # A note says the exception was one call's, shared by the batch (a request that was fine
+    # got a batch-mate's error without a word).
+    assert excs[0].__notes__ == ["raised by one call of model 'm' serving a batch of 3 requests, each of which "
+                                 "fails with it"]
+
+
+def test_the_batch_note_is_this_calls_own_when_a_model_raises_one_exception_object_again(rt: ap.Runtime) -> None:
+    error = ValueError("always this one")
+
+    def model(xs):
+        raise error
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    rt.start()
+    for n in (3, 2):
+        futs = rt.submit_many("m", range(n))
+        assert all(f.exception(10) is error for f in futs)
+        assert [str(x) for x in error.__notes__] == [
+            f"raised by one call of model 'm' serving a batch of {n} requests, each of which fails with it"]
+    assert rt.submit("m", 1).exception(10) is error and error.__notes__ == [], "a batch of one shares nothing"
 
 
 def test_wrong_number_of_results_fails_each_request(rt: ap.Runtime) -> None:

@@ -1110,6 +1110,19 @@ def test_failures_are_logged_once_per_model_and_kind_per_interval_saying_how_man
     assert caplog.records[1].exc_info is None
 
 
+def test_a_failed_batch_says_it_was_shared(served: Served) -> None:
+    # Every request of a failed batch got its batch-mates' error, with no word that it was
+    # not its own.
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(lambda _: error_of(lambda: new_client(served).infer(
+            "fails_batch", [vec("x", [1.0, 2.0])])), range(4)))
+    assert all(e.status() == "500" and "refused" in e.message() for e in errors)
+    shared = [e.message() for e in errors if "serving a batch of" in e.message()]
+    assert shared, [e.message() for e in errors]
+    assert all(re.search(r"ValueError: batch of (\d) refused \(raised by one call of model 'fails_batch' serving a "
+                         r"batch of \1 requests, each of which fails with it\)", m) for m in shared), shared
+
+
 def test_signature_with_one_spec_each() -> None:
     sig = Signature(TensorSpec("x", "FP64", [2]), TensorSpec("y", "FP64", [2]))  # type: ignore[arg-type]
     assert sig.inputs == (TensorSpec("x", "FP64", (2,)),)

@@ -333,7 +333,8 @@ class Frontend:
                 raise ServeError(UNAVAILABLE, str(e)) from None
             except BaseException as e:  # noqa: BLE001 - the model's own, SystemExit and KeyboardInterrupt too:
                 # the request's failure, not the server's (raised here it ended the loop)
-                message = f"model {name!r} failed: {type(e).__name__}: {e}"
+                notes = " ".join(str(n) for n in getattr(e, "__notes__", ()))  # a batch shared: say so
+                message = f"model {name!r} failed: {type(e).__name__}: {e}" + (f" ({notes})" if notes else "")
                 self.failures.report(name, MODEL_FAILED, message, e)
                 raise ServeError(MODEL_FAILED, message) from None
             try:
