@@ -333,7 +333,9 @@ class ServerCollector(_FromSource[Mapping[tuple[str, str, str], int]]):
     "too_large", "unsupported", "slow_body", "internal"). What the clients saw, beside the
     runtime's own outcomes: a request refused before it reached the runtime (a bad input, an
     unknown model) counts here only, and one whose model's result did not fit its declared
-    outputs is ``completed`` for the runtime and ``output_mismatch`` here."""
+    outputs is ``completed`` for the runtime and ``output_mismatch`` here. Not counted: what
+    grpc itself refuses before the front sees it (a message over the size limit, calls beyond
+    the server's bound), and requests to routes other than infer."""
 
     def collect(self) -> Iterator[Metric]:
         answered = CounterMetricFamily("apportion_server_requests",

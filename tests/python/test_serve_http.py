@@ -281,6 +281,32 @@ def test_a_queued_request_whose_client_hangs_up_is_cancelled(served: Served) -> 
     assert new_client(served).infer("gate", [vec("x", [2.0])]).as_numpy("y").tolist() == [2.0]
 
 
+def test_a_running_request_whose_client_hangs_up_counts_as_disconnected(served: Served) -> None:
+    # It ran to its end and counted "ok", though its answer went to a closed connection (gRPC
+    # counted the same case "disconnected").
+    import socket
+
+    served.gate.reset()
+    before = answered(served)
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [5.0]}]}).encode()
+    s = socket.create_connection(("127.0.0.1", served.server.http_port), timeout=60)
+    try:
+        s.sendall(b"POST /v2/models/gate/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert served.gate.entered.wait(30)
+    finally:
+        s.close()
+    time.sleep(0.3)  # watched from WATCH_AFTER_S on: the hang-up is seen while the call runs
+    served.gate.release.set()
+    key = ("gate", "http", "disconnected")
+    for _ in range(3000):
+        if answered(served).get(key, 0.0) - before.get(key, 0.0) == 1:
+            break
+        time.sleep(0.01)
+    after = answered(served)
+    assert {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)} == {key: 1}
+    assert served.gate.order == [5.0], "it ran"
+
+
 def test_timeout_in_microseconds_is_504(served: Served) -> None:
     pool, first = _blocked(served)
     try:
@@ -1069,6 +1095,9 @@ def test_metrics_count_what_each_front_answered_by_status(served: Served) -> Non
     assert error_of(lambda: client.infer("echo", [vec("x", [1, 2], "INT32")])).status() == "400"
     assert error_of(lambda: client.infer("no such model", [vec("x", [1.0])])).status() == "404"
     assert httpx.get(f"http://{served.http}/v2/models/echo/infer").status_code == 405
+    # Infer paths that name no served model, or an empty version, are counted too.
+    assert httpx.post(f"http://{served.http}/v2/models/team/nope/infer", json={}).status_code == 404
+    assert httpx.post(f"http://{served.http}/v2/models/echo/versions//infer", json={}).status_code == 404
     with pytest.raises(tg.InferenceServerException, match="unknown model"):
         rpc.infer("nor this one", [grpc_vec([1.0])])
     client.close()
@@ -1079,7 +1108,7 @@ def test_metrics_count_what_each_front_answered_by_status(served: Served) -> Non
                      ("bad_output", "http", "output_mismatch"): 1, ("bad_output", "grpc", "output_mismatch"): 1,
                      ("fails", "http", "model_failed"): 1, ("echo", "http", "invalid"): 1,
                      ("echo", "http", "not_allowed"): 1,
-                     ("", "http", "not_found"): 1, ("", "grpc", "not_found"): 1}, delta
+                     ("", "http", "not_found"): 2, ("", "grpc", "not_found"): 1, ("echo", "http", "not_found"): 1}, delta
     # The runtime's own count: the model's calls returned.
     assert served.rt.stats()["bad_output"].completed - completed == 2
 
@@ -1108,6 +1137,15 @@ def test_failures_are_logged_once_per_model_and_kind_per_interval_saying_how_man
         "model 'a' failed: ValueError: again (2 more since the last line about it, 13 s ago)"]
     assert caplog.records[0].exc_info is not None and caplog.records[0].exc_info[1] is error
     assert caplog.records[1].exc_info is None
+    # At a stop, what no line counted yet is said (once).
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="apportion.serve"):
+        assert not failures.report("a", fe.MODEL_FAILED, "model 'a' failed: ValueError: boom", error)
+        assert not failures.report("a", fe.MODEL_FAILED, "model 'a' failed: ValueError: boom", error)
+        failures.flush()
+        failures.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'a': 2 more failure(s) (model_failed) since the last line about it"]
 
 
 def test_a_failed_batch_says_it_was_shared(served: Served) -> None:

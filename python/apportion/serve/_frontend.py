@@ -157,6 +157,15 @@ class Failures:
                   exc_info=(type(error), error, error.__traceback__) if error is not None else None)
         return True
 
+    def flush(self) -> None:
+        """Logs how many failures of each model and kind were held back since their last line
+        (at a server's stop: no later line would say so)."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for (model, kind), n in sorted(held.items()):
+            log.error("%s: %d more failure(s) (%s) since the last line about it", f"model {model!r}" if model
+                      else "the server", n, kind)
+
 
 class ServeError(Exception):
     """A request that ends in an error response: ``kind`` (one of the constants above) and a
@@ -318,10 +327,11 @@ class Frontend:
                     self.watch_alarms.cancel(settled)
                     for watcher in watching:
                         watcher.cancel()
+            # Whether the watch saw its client go away (then cancelled it, if still queued).
+            left = any(w.done() and not w.cancelled() and w.result() for w in watching)
             if fut.cancelled():
-                # The watch's own cancel (its client went away: nobody reads this answer), or
-                # the runtime's.
-                if any(w.done() and not w.cancelled() and w.result() for w in watching):
+                # The watch's own cancel (nobody reads this answer), or the runtime's.
+                if left:
                     raise ServeError(DISCONNECTED, f"model {name!r}: the request was cancelled: its client went away")
                 raise ServeError(UNAVAILABLE, f"model {name!r}: the request was cancelled before it ran (the model "
                                               "was removed or failed to start, or the runtime closed)")
@@ -337,6 +347,8 @@ class Frontend:
                 message = f"model {name!r} failed: {type(e).__name__}: {e}" + (f" ({notes})" if notes else "")
                 self.failures.report(name, MODEL_FAILED, message, e)
                 raise ServeError(MODEL_FAILED, message) from None
+            if left:  # it ran: its client went away meanwhile, and nobody reads the answer
+                raise ServeError(DISCONNECTED, f"model {name!r}: the request ran, but its client went away")
             try:
                 return sig.from_model(name, result)
             except OutputError as e:  # reported by the front (which finds its own too, encoding)

@@ -222,9 +222,13 @@ class V2App:
             if len(tail) >= 2 and tail[0] == "versions":
                 version, tail = tail[1], tail[2:]
                 if not version:
+                    if tail == ["infer"]:
+                        f.count(name, "http", fe.NOT_FOUND)
                     raise fe.ServeError(fe.NOT_FOUND, f"no such endpoint: {scope['path']} (empty version)")
             if tail == ["infer"]:  # counted by status, its refusals too
                 return await self._infer(name, version, scope, receive)
+            if rest[-1] == "infer":  # an infer path that names no served model (counted as "")
+                f.count("", "http", fe.NOT_FOUND)
             f.signature(name)
             f.check_version(name, version)
             if not tail:

@@ -321,6 +321,7 @@ class Server:
             self.drained = await self.frontend.drain(self.drain_timeout_s)
         else:
             self.frontend.cut()
+        self.frontend.failures.flush()  # the failures no line has counted yet: no later line will
         calls = list(self.frontend.grpc_calls)
         if calls:
             # gRPC calls still waiting for their model: UNAVAILABLE now, while their streams are
