@@ -377,6 +377,18 @@ inline TestRef make_in(uint64_t tag, uint32_t group, uint32_t priority = 0) {
   return r;
 }
 
+// A model of `instances` (not started) whose TestHandler holds request 0 at `gate` until the
+// test opens it, and serves the rest at once.
+struct HeldModel {
+  std::shared_ptr<TestHandler> h = std::make_shared<TestHandler>();
+  Gate gate;
+  Model m;
+
+  HeldModel(uint32_t instances, std::size_t max_queue) : m(opts(instances, max_queue), h) {
+    h->on_run = hold_tag0(gate);
+  }
+};
+
 // The grouped-model setup most group tests share: a started model whose own instances serve
 // `groups` (one entry per instance), a GroupHandler that holds request 0 at `gate`, and every
 // worker gone idle before the test submits (with kSpinForever each then watches only its own

@@ -137,10 +137,9 @@ TEST_F(EngineMetrics, SnapshotCountsAddUpWhileWorkIsInFlight) {
 
 TEST_F(EngineMetrics, RunningCallsAndTheOldestCallsAgeAreSeenWhileTheyRun) {
   guarded(30s, [] {
-    auto h = std::make_shared<TestHandler>();
-    Gate gate;
-    h->on_run = hold_tag0(gate);
-    Model m(opts(2, 8), h);
+    HeldModel model(2, 8);
+    Model& m = model.m;
+    Gate& gate = model.gate;
     ASSERT_EQ(m.start(), 0u);
     ModelSnapshot s = m.snapshot();
     EXPECT_EQ(s.running_calls, 0u);
