@@ -21,8 +21,12 @@ With ``batching=Batching(...)`` on ``Runtime.add_model``, a worker gathers queue
   dim 0 (see :func:`stacking`); otherwise the model receives the list itself.
 
 A failing call fails every request of its batch with the model's exception (the same exception
-object for each; for a batch of more than one, a note on it says so). A result of the wrong length fails each request with an ApportionError that
-names the model and both sizes.
+object for each; for a batch of more than one, a note on it says so). A result of the wrong
+length fails each request with an ApportionError that names the model and both sizes.
+
+With ``Batching(..., single_unbatched=True)``, a batch of one is the model called with the
+request's input as it is (no batch dim, no stacking), for a model that serves one input as well
+as a batch: a lone request then costs what a call without batching does.
 """
 
 from __future__ import annotations
@@ -52,11 +56,17 @@ class Batching:
     may wait for more requests, from its first request (0 to 1e9; 0 batches only what is
     already queued). ``preferred_sizes``: sizes at which a batch is dispatched without waiting once
     nothing more is queued (each in [1, max_size]); stored sorted and without duplicates.
+    ``single_unbatched``: the model also serves one request's input as it is, with no batch
+    dim, and returns that request's result (a torch ``Linear`` stack, most numpy code): a batch
+    of one is then called that way, so a lone request costs what a call without batching does
+    (a vector product, not a one-row matrix product; no stacking). Default False: every call
+    gets a batch.
     """
 
     max_size: int
     max_delay_ms: float
     preferred_sizes: Sequence[int] | None = None
+    single_unbatched: bool = False
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -91,6 +101,8 @@ def _problem(b: Batching) -> tuple[str, str] | None:
     df = real(d)
     if df is None or not (math.isfinite(df) and 0 <= df <= _MAX_DELAY_MS):
         return "max_delay_ms", f"must be a number of milliseconds in [0, {_MAX_DELAY_MS:.0e}], got {d!r}"
+    if not isinstance(b.single_unbatched, bool):
+        return "single_unbatched", f"must be True or False, got {b.single_unbatched!r}"
     if b.preferred_sizes is not None:
         sizes = b.preferred_sizes
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
@@ -120,17 +132,21 @@ def _array_kind(xs: list[Any]) -> str | None:
     return kind
 
 
-def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequence[Any]]:
+def stacking(model: str, fn: Callable[[Any], Any],
+             single_unbatched: bool = False) -> Callable[[list[Any]], Sequence[Any]]:
     """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
     new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request
     (a list or tuple it returns is taken as one result per request, in order); arrays of
     different shapes or dtypes in one batch are served as one call per shape and dtype;
     a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
     A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
-    in place.
+    in place. With ``single_unbatched`` (see :class:`Batching`), a batch of one is ``fn``
+    called with the request's input as it is, its result the request's.
     """
 
     def serve(xs: list[Any]) -> Sequence[Any]:
+        if single_unbatched and len(xs) == 1:
+            return (fn(xs[0]),)
         try:
             kind = _array_kind(xs)
             if kind is None:
@@ -198,11 +214,12 @@ def stacking(model: str, fn: Callable[[Any], Any]) -> Callable[[list[Any]], Sequ
     return serve
 
 
-def wrap_factory(model: str, make_instance: Callable[[int], Any]) -> Callable[[int], Any]:
+def wrap_factory(model: str, make_instance: Callable[[int], Any],
+                 single_unbatched: bool = False) -> Callable[[int], Any]:
     """``make_instance`` whose instances are served through :func:`stacking` (runs in each
     instance's worker thread, like ``make_instance`` itself)."""
 
     def make(index: int) -> Any:
-        return stacking(model, make_instance(index))
+        return stacking(model, make_instance(index), single_unbatched)
 
     return make

@@ -273,7 +273,7 @@ def _instance_builder(entry: _ModelEntry, spec: ModelSpec, gpu_state: _GpuState,
 
     build: Callable[[int], Any] = make_process_instance if spec.process else make_instance
     if spec.batching is not None:
-        build = wrap_factory(name, build)
+        build = wrap_factory(name, build, spec.batching.single_unbatched)
     if spec.warmup is not None:
         build = _warmed(spec, build)
     return build

@@ -53,6 +53,8 @@ def test_batching_is_a_validated_frozen_quota() -> None:
         (dict(max_size=4, max_delay_ms=1, preferred_sizes=[5]), "preferred_sizes"),
         (dict(max_size=4, max_delay_ms=1, preferred_sizes=[]), "preferred_sizes"),
         (dict(max_size=4, max_delay_ms=1, preferred_sizes="2"), "preferred_sizes"),
+        (dict(max_size=4, max_delay_ms=1, single_unbatched=1), "single_unbatched"),
+        (dict(max_size=4, max_delay_ms=1, single_unbatched="yes"), "single_unbatched"),
     ]:
         with pytest.raises(ap.QuotaError, match=f"field 'batching.{field}': must be") as e:
             ap.Batching(**kwargs)  # type: ignore[arg-type]
@@ -256,6 +258,36 @@ def test_torch_module_sees_a_stacked_batch_and_each_request_its_row(rt: ap.Runti
     for y, e in zip(out, expected):
         assert y.shape == (2,)
         torch.testing.assert_close(y, e)
+
+
+def test_with_single_unbatched_a_batch_of_one_is_the_input_as_it_is(rt: ap.Runtime) -> None:
+    # A lone request paid for a one-row matrix product and the stacking, where the model could
+    # serve its vector as it is (what a call without batching costs).
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    shapes = []
+    lin.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    xs = [torch.randn(3) for _ in range(5)]
+    with torch.no_grad():
+        expected = [lin(x) for x in xs]
+    shapes.clear()
+    rt.add_model("m", model=lin, threads=1, batching=ap.Batching(max_size=4, max_delay_ms=5, single_unbatched=True))
+    rt.add_model("lists", model=lambda x: ("as is", x),
+                 batching=ap.Batching(max_size=4, max_delay_ms=5, single_unbatched=True))
+    futs = rt.submit_many("m", xs)
+    rt.start()
+    out = [f.result(10) for f in futs]
+    assert shapes == [(4, 3), (3,)], "a batch of four stacked, the fifth alone as it is"
+    for y, e in zip(out, expected):
+        assert y.shape == (2,)
+        torch.testing.assert_close(y, e)
+    assert rt.call("m", xs[0]).shape == (2,) and shapes[-1] == (3,)
+    assert rt.call("lists", 7) == ("as is", 7), "any input: the model's own result, not a list's element"
+    # From a config table, and back.
+    spec = ap.ModelSpec.from_table("t", {"factory": "x:y", "batching": {"max_size": 4, "single_unbatched": True}})
+    assert spec.batching == ap.Batching(4, 0.0, single_unbatched=True)
+    assert spec.to_table()["batching"] == {"max_size": 4, "max_delay_ms": 0.0, "single_unbatched": True}
 
 
 def test_arrays_of_different_shapes_in_one_batch_are_served_one_call_per_shape(rt: ap.Runtime) -> None:
