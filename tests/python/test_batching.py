@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
@@ -240,49 +241,42 @@ def test_numpy_inputs_are_stacked_and_split_along_dim0(rt: ap.Runtime) -> None:
         assert isinstance(y, np.ndarray) and y.shape == (1,) and y[0] == 8 * i
 
 
-def test_torch_module_sees_a_stacked_batch_and_each_request_its_row(rt: ap.Runtime) -> None:
+def served_linear(rt: ap.Runtime, n: int, batching: ap.Batching) -> tuple[Any, list[tuple[int, ...]]]:
+    """A torch Linear(3, 2) served as model "m" with ``batching``: ``n`` random inputs submitted
+    together before the start. Checks that each request got its own row's result; returns the
+    module and the input shapes of its calls."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)
-    shapes = []
+    shapes: list[tuple[int, ...]] = []
     lin.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
-    xs = [torch.randn(3) for _ in range(6)]
+    xs = [torch.randn(3) for _ in range(n)]
     with torch.no_grad():
         expected = [lin(x) for x in xs]
     shapes.clear()
-    rt.add_model("m", model=lin, threads=1, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    rt.add_model("m", model=lin, threads=1, batching=batching)
     futs = rt.submit_many("m", xs)
     rt.start()
-    out = [f.result(10) for f in futs]
-    assert shapes == [(4, 3), (2, 3)]
-    for y, e in zip(out, expected):
+    for y, e in zip([f.result(10) for f in futs], expected):
         assert y.shape == (2,)
         torch.testing.assert_close(y, e)
+    return lin, shapes
+
+
+def test_torch_module_sees_a_stacked_batch_and_each_request_its_row(rt: ap.Runtime) -> None:
+    _, shapes = served_linear(rt, 6, ap.Batching(max_size=4, max_delay_ms=5))
+    assert shapes == [(4, 3), (2, 3)]
 
 
 def test_with_single_unbatched_a_batch_of_one_is_the_input_as_it_is(rt: ap.Runtime) -> None:
     # A lone request paid for a one-row matrix product and the stacking, where the model could
     # serve its vector as it is (what a call without batching costs).
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(3, 2)
-    shapes = []
-    lin.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
-    xs = [torch.randn(3) for _ in range(5)]
-    with torch.no_grad():
-        expected = [lin(x) for x in xs]
-    shapes.clear()
-    rt.add_model("m", model=lin, threads=1, batching=ap.Batching(max_size=4, max_delay_ms=5, single_unbatched=True))
     rt.add_model("lists", model=lambda x: ("as is", x),
                  batching=ap.Batching(max_size=4, max_delay_ms=5, single_unbatched=True))
-    futs = rt.submit_many("m", xs)
-    rt.start()
-    out = [f.result(10) for f in futs]
+    lin, shapes = served_linear(rt, 5, ap.Batching(max_size=4, max_delay_ms=5, single_unbatched=True))
     assert shapes == [(4, 3), (3,)], "a batch of four stacked, the fifth alone as it is"
-    for y, e in zip(out, expected):
-        assert y.shape == (2,)
-        torch.testing.assert_close(y, e)
-    assert rt.call("m", xs[0]).shape == (2,) and shapes[-1] == (3,)
+    x = pytest.importorskip("torch").randn(3)
+    assert rt.call("m", x).shape == (2,) and shapes[-1] == (3,)
     assert rt.call("lists", 7) == ("as is", 7), "any input: the model's own result, not a list's element"
     # From a config table, and back.
     spec = ap.ModelSpec.from_table("t", {"factory": "x:y", "batching": {"max_size": 4, "single_unbatched": True}})
