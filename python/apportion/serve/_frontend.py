@@ -39,7 +39,6 @@ DISCONNECTED = "disconnected"
 """An infer request whose client went away before its answer (HTTP: while its body was read,
 or while it waited, which cancels it if still queued; gRPC: the client cancelled the call, or
 its deadline passed). Its answer, if any, reaches nobody."""
-PROTOCOLS = ("http", "grpc")
 
 WATCH_AFTER_S = 0.05
 """An HTTP request still unanswered after this long is watched for its client going away."""
@@ -215,6 +214,13 @@ class Frontend:
         with self._answers_lock:
             self._answers[key] = self._answers.get(key, 0) + 1
 
+    def refused(self, name: str, protocol: str, e: ServeError) -> None:
+        """Counts an infer request answered with error ``e``; one whose result did not fit the
+        declared outputs is also logged (a model's exception is logged where it is caught)."""
+        self.count(name, protocol, e.kind)
+        if e.kind == OUTPUT_MISMATCH:
+            self.failures.report(name, e.kind, e.message)
+
     def answers(self) -> dict[tuple[str, str, str], int]:
         """Infer requests answered so far, by (model, protocol, status): see :meth:`count`."""
         with self._answers_lock:
@@ -351,7 +357,7 @@ class Frontend:
                 raise ServeError(DISCONNECTED, f"model {name!r}: the request ran, but its client went away")
             try:
                 return sig.from_model(name, result)
-            except OutputError as e:  # reported by the front (which finds its own too, encoding)
+            except OutputError as e:  # logged by refused() (the fronts find their own too, encoding)
                 raise ServeError(OUTPUT_MISMATCH, str(e)) from None
         finally:
             self.in_flight -= 1

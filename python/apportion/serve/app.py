@@ -287,9 +287,7 @@ class V2App:
         try:
             answer = await self._answer(name, version, scope, receive)
         except fe.ServeError as e:
-            count(name, "http", e.kind)
-            if e.kind == fe.OUTPUT_MISMATCH:  # (a model's exception is reported where it is caught)
-                self.frontend.failures.report(name, e.kind, e.message)
+            self.frontend.refused(name, "http", e)
             raise
         except _Disconnected:
             count(name, "http", fe.DISCONNECTED)
@@ -391,7 +389,7 @@ def _encoded(name: str, request_id: Any, wanted: list[tuple[Any, bool]],
                 meta["data"] = to_json(name, spec, arr)
             out_meta.append(meta)
     except OutputError as e:
-        raise fe.ServeError(fe.OUTPUT_MISMATCH, str(e)) from None  # reported by V2App._infer
+        raise fe.ServeError(fe.OUTPUT_MISMATCH, str(e)) from None  # logged by Frontend.refused
     header["outputs"] = out_meta
     head = _dumps(header)
     if not raw:

@@ -98,9 +98,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             response = await self._infer(request, context)
         except fe.ServeError as e:
-            count(name, "grpc", e.kind)
-            if e.kind == fe.OUTPUT_MISMATCH:  # (a model's exception is reported where it is caught)
-                self.frontend.failures.report(name, e.kind, e.message)
+            self.frontend.refused(name, "grpc", e)
             await context.abort(_CODES[e.kind], e.message)
         except asyncio.CancelledError:
             if not self.frontend.draining:  # the client cancelled the call, or its deadline passed
