@@ -145,9 +145,9 @@ def stacking(model: str, fn: Callable[[Any], Any],
     """
 
     def serve(xs: list[Any]) -> Sequence[Any]:
-        if single_unbatched and len(xs) == 1:
-            return (fn(xs[0]),)
         try:
+            if single_unbatched and len(xs) == 1:
+                return (fn(xs[0]),)
             kind = _array_kind(xs)
             if kind is None:
                 return fn(xs)

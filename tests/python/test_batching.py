@@ -392,6 +392,11 @@ def test_the_batch_note_is_this_calls_own_when_a_model_raises_one_exception_obje
         assert [str(x) for x in error.__notes__] == [
             f"raised by one call of model 'm' serving a batch of {n} requests, each of which fails with it"]
     assert rt.submit("m", 1).exception(10) is error and error.__notes__ == [], "a batch of one shares nothing"
+    # Nor does one called unbatched (single_unbatched).
+    rt.add_model("s", model=lambda x: (_ for _ in ()).throw(error),
+                 batching=ap.Batching(max_size=4, max_delay_ms=5, single_unbatched=True))
+    assert all(f.exception(10) is error for f in rt.submit_many("s", range(2))) and len(error.__notes__) == 1
+    assert rt.submit("s", 1).exception(10) is error and error.__notes__ == []
 
 
 def test_wrong_number_of_results_fails_each_request(rt: ap.Runtime) -> None:
