@@ -369,9 +369,10 @@ def test_running_calls_and_the_oldest_calls_age_show_a_call_that_does_not_return
         assert (rt.stats()["one"].running_calls, rt.stats()["one"].oldest_call_s) == (0, 0.0)
         held = [rt.submit("one", i) for i in range(3)] + [rt.submit("batch", i) for i in range(3)]
         deadline = time.monotonic() + 10
-        while rt.stats()["one"].running_calls < 2 and time.monotonic() < deadline:
+        while (rt.stats()["one"].running_calls < 2 or rt.stats()["batch"].running_calls < 1) \
+                and time.monotonic() < deadline:
             time.sleep(0.005)
-        time.sleep(0.05)
+        time.sleep(0.05)  # after every call began: each has run at least this long
         stats = rt.stats()
         one, batch = stats["one"], stats["batch"]
         assert one.running_calls == 2 and one.in_flight == 3, "two run, one waits"
