@@ -24,6 +24,31 @@ int64_t by_measured_size(const std::vector<int64_t>& values, const std::vector<i
   return 0;
 }
 
+// The duration of a call of `n` requests by `cost_ns`, for weighing a wait rather than a
+// deadline: between two measured sizes, interpolated linearly (a deadline's estimate scales
+// the smaller one up, which over-estimates: c(1) = c(3) = 20 ms reads c(2) as 40 ms, one more
+// request in a batch of one as saving nothing, and a worker that never waits with one request
+// never measures two). Otherwise as batch_estimate_ns.
+int64_t interpolated_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept {
+  if (n < cost_ns.size() && cost_ns[n] > 0) return cost_ns[n];
+  std::size_t below = 0, above = 0;
+  for (std::size_t k = std::min(n, cost_ns.size()); k-- > 1;) {
+    if (cost_ns[k] > 0) {
+      below = k;
+      break;
+    }
+  }
+  for (std::size_t k = n + 1; k < cost_ns.size(); ++k) {
+    if (cost_ns[k] > 0) {
+      above = k;
+      break;
+    }
+  }
+  if (below == 0 || above == 0) return batch_estimate_ns(cost_ns, n);
+  return cost_ns[below] + (cost_ns[above] - cost_ns[below]) * static_cast<int64_t>(n - below) /
+                              static_cast<int64_t>(above - below);
+}
+
 }  // namespace
 
 int64_t batch_estimate_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept {
@@ -71,7 +96,8 @@ Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns
     : opt_(opt), cost_ns_(cost_ns), slow_ns_(slow_ns) {
   batch_.reserve(opt.max_size);
   claimed_.reserve(opt.max_size);
-  gap_ns_.assign(opt.max_size + 1, -1);
+  gap_count_.assign((opt.max_size + 1) * (kGapBuckets + 1), 0.0F);
+  gap_sum_ns_.assign(gap_count_.size(), 0.0F);
 }
 
 bool Batcher::estimate_stale(int64_t now, int64_t estimate) const noexcept {
@@ -83,9 +109,7 @@ Batcher::Fit Batcher::offer(Request* r, int64_t deadline, int64_t now) {
     // An arrival, whatever becomes of it. Submitted before the worker looked (still being
     // pushed, or in a lane it had not reached): no gap at all.
     dry_ = false;
-    const int64_t gap = std::min(std::max<int64_t>(r->submit_ns - dry_at_, 0), opt_.max_delay_ns);
-    int64_t& e = gap_ns_[dry_size_];  // dry_size_ < max_size: a full batch is never open
-    e = e < 0 ? gap : e + (gap - e) / 8;
+    record_gap(dry_size_, std::max<int64_t>(r->submit_ns - dry_at_, 0));
   }
   if (deadline != Request::kNoDeadline) {
     // Hopeless by an estimate that only calls can correct: once no batch has opened for a
@@ -117,16 +141,65 @@ bool Batcher::dispatch_now(bool stopping, bool sibling_idle) const noexcept {
   return stopping || sibling_idle || preferred(batch_.size()) || !waiting_pays();
 }
 
-bool Batcher::waiting_pays() const noexcept {
+int64_t Batcher::gap_edge_ns(std::size_t k) const noexcept {
+  return opt_.max_delay_ns >> (kGapBuckets - 1 - std::min(k, kGapBuckets - 1));
+}
+
+void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
+  if (n > opt_.max_size) return;  // dry_size_ < max_size: a full batch is never open
+  std::size_t k = 0;
+  if (gap >= opt_.max_delay_ns) {
+    k = kGapBuckets;  // nothing came within the longest wait there could be
+  } else {
+    while (gap > gap_edge_ns(k)) ++k;  // < kGapBuckets: the last edge is max_delay
+  }
+  // Weight 7/8 for what came before: a change in the load shows within a few rounds.
+  float* count = &gap_count_[n * (kGapBuckets + 1)];
+  float* sum = &gap_sum_ns_[n * (kGapBuckets + 1)];
+  for (std::size_t j = 0; j <= kGapBuckets; ++j) {
+    count[j] *= 0.875F;
+    sum[j] *= 0.875F;
+  }
+  count[k] += 1.0F;
+  if (k < kGapBuckets) sum[k] += static_cast<float>(gap);
+}
+
+double Batcher::gaps_seen(std::size_t n) const noexcept {
+  if (n > opt_.max_size) return 0;
+  double w = 0;
+  for (std::size_t j = 0; j <= kGapBuckets; ++j) w += gap_count_[n * (kGapBuckets + 1) + j];
+  return w;
+}
+
+double Batcher::gaps_beyond_max_delay(std::size_t n) const noexcept {
+  return n > opt_.max_size ? 0 : gap_count_[n * (kGapBuckets + 1) + kGapBuckets];
+}
+
+int64_t Batcher::wait_for_more_ns() const noexcept {
   const std::size_t n = batch_.size();
-  const int64_t one = batch_estimate_ns(cost_ns_, 1), now = batch_estimate_ns(cost_ns_, n),
-                more = batch_estimate_ns(cost_ns_, n + 1);
-  const int64_t gap = arrival_gap_ns(n);
-  if (gap < 0 || one == 0 || now == 0 || more == 0) return true;
-  // Each of the n requests in hand waits the gap too: the wait pays only if the worker time
-  // saved exceeds the time it costs them all. (Divided, not multiplied: a gap of up to
-  // max_delay times up to max_size requests can overflow.)
-  return gap < opt_.max_delay_ns && gap < (now + one - more) / static_cast<int64_t>(n);
+  const int64_t one = interpolated_ns(cost_ns_, 1), now = interpolated_ns(cost_ns_, n),
+                more = interpolated_ns(cost_ns_, n + 1);
+  const double seen = gaps_seen(n);
+  if (n == 0 || seen <= 0 || one == 0 || now == 0 || more == 0) return -1;
+  // The worker time one more request saves, and the worth of waiting up to each bucket's edge t:
+  // the chance that the next request comes by t times that, less the wait every request in
+  // hand sits through (the gaps caught, each its own length; the rest, all of t).
+  const double saved = static_cast<double>(now + one - more);
+  const float* count = &gap_count_[n * (kGapBuckets + 1)];
+  const float* sum = &gap_sum_ns_[n * (kGapBuckets + 1)];
+  double caught = 0, caught_ns = 0, best = 0;
+  int64_t wait = 0;
+  for (std::size_t k = 0; k < kGapBuckets; ++k) {
+    caught += count[k];
+    caught_ns += sum[k];
+    const int64_t t = gap_edge_ns(k);
+    const double worth = (caught * saved - static_cast<double>(n) * (caught_ns + (seen - caught) * static_cast<double>(t))) / seen;
+    if (worth > best) {
+      best = worth;
+      wait = t;
+    }
+  }
+  return wait;
 }
 
 int64_t Batcher::wait_until() const noexcept {
@@ -140,7 +213,9 @@ int64_t Batcher::wait_until() const noexcept {
       min_deadline_ == Request::kNoDeadline
           ? Request::kNoDeadline
           : min_deadline_ - deadline_estimate(batch_.size() + 1);
-  return std::min(opened_ + opt_.max_delay_ns, by_deadline);
+  const int64_t wait = dry_ ? wait_for_more_ns() : -1;
+  const int64_t by_gaps = wait > 0 ? dry_at_ + wait : Request::kNoDeadline;
+  return std::min({opened_ + opt_.max_delay_ns, by_deadline, by_gaps});
 }
 
 }  // namespace apportion

@@ -12,19 +12,26 @@
 // the next batch.
 //
 // A batch never waits while another instance of the model waits idle for work: the next request is
-// that instance's at once, and the wait would only delay the batch. Otherwise waiting for one more
-// request pays only when the next one is expected within max_delay, and so soon that the wait,
-// which every one of the n requests in hand sits through, costs them less than the worker time a
-// bigger batch saves: n * gap < c(n) + c(1) - c(n+1) by the measured call costs. The expected wait
-// is what waiting is for, measured by batch size: a moving average of how long after the queue ran
-// dry (nothing more to take) with n requests in the batch the next request was submitted.
-// Closed-loop clients whose requests are all in the batch send nothing more until its answers come,
-// so their next request comes a call later, never within the wait: such a batch is dispatched at
-// once, whether it holds one client's request or every one of eight, while a smaller batch of the
-// same clients, caught between their resubmissions, still waits for the rest. (The gaps between the
-// submissions that filled a batch say the opposite: eight clients answered together submit
-// together, and a batcher that waited on that measure held every full round for max_delay. One
-// average over all sizes mixes the two cases.)
+// that instance's at once, and the wait would only delay the batch. Otherwise the batch waits
+// for more only as long as waiting pays. The worker keeps, for each batch size n, how long after
+// the queue ran dry (nothing more to take) with n requests in the batch the next request was
+// submitted: a decaying histogram of those gaps, log-spaced up to max_delay, plus how often
+// nothing came within max_delay. Waiting t more for a batch of n is worth
+//   P(gap <= t) * (c(n) + c(1) - c(n+1))  -  n * E[min(gap, t)]
+// by the measured call costs c: the worker time one more request in this batch saves when it
+// comes in time, against the wait every one of the n requests in hand sits through. The batch
+// waits for the t (a bucket's upper edge) worth most, and dispatches at once when no t is worth
+// anything. The gaps are kept as a distribution because they are seldom one value: a batch of
+// one is the first request of a round of closed-loop clients answered together (the rest follow
+// within microseconds) as often as the last straggler of one (nothing follows until it is
+// answered). An average of the two is worth no wait at all, or a full max_delay, and the batcher
+// alternated between the two, splitting every round; the distribution waits the microseconds
+// that catch the round and no longer. Closed-loop clients whose requests are all in the batch
+// send nothing more until its answers come, so their next request comes a call later, never
+// within the wait: such a batch is dispatched at once, whether it holds one client's request or
+// every one of eight. (The gaps between the submissions that filled a batch say the opposite:
+// eight clients answered together submit together, and a batcher that waited on that measure held
+// every full round for max_delay. That is why the gaps are kept by batch size.)
 //
 // The estimates are measured only by calls, and a request judged hopeless never makes one: a
 // few slow calls (a cold model's first calls per shape, a moment of contention) could raise
@@ -99,7 +106,7 @@ class Batcher {
 
   /// The worker found nothing queued at `now` while this batch is open. The next request
   /// offered after that (in this batch or a later one) measures how long after it ran dry the
-  /// next request came (arrival_gap_ns() of this batch's size); of several calls before it,
+  /// next request came (a gap at this batch's size, see wait_for_more_ns()); of several calls before it,
   /// the first counts.
   void ran_dry(int64_t now) noexcept {
     if (dry_) return;
@@ -112,20 +119,25 @@ class Batcher {
   /// idle (`sibling_idle`: the next request is its, not this batch's), or waiting for the next
   /// request would not pay, see waiting_pays()) instead of waiting for more.
   bool dispatch_now(bool stopping, bool sibling_idle = false) const noexcept;
-  /// Whether the next request is expected (arrival_gap_ns(n)) within max_delay and so soon
-  /// that n times the wait is less than the worker time one more request in this batch of n
-  /// saves (c(n) + c(1) - c(n+1), estimated). True while either is unknown (no gap seen at
-  /// this size, no call measured): then the batch waits as configured, and learns.
-  bool waiting_pays() const noexcept;
-  /// The moving average of how long after the queue ran dry (ran_dry()) with `n` requests in
-  /// the batch the next request was submitted, each measure capped at max_delay (a longer gap
-  /// is not worth waiting for, however long it is). -1: nothing measured at that size yet.
-  int64_t arrival_gap_ns(std::size_t n) const noexcept {
-    return n < gap_ns_.size() ? gap_ns_[n] : -1;
-  }
+  /// How long after the queue ran dry (ran_dry()) this batch should wait for one more request:
+  /// the wait worth most by the gaps seen at this batch's size and the measured call costs
+  /// (see the top of this file); 0: no wait is worth anything, dispatch now; -1: nothing known
+  /// (no gap seen at this size, or no call measured), wait as configured and learn.
+  int64_t wait_for_more_ns() const noexcept;
+  /// Whether waiting for one more request pays: wait_for_more_ns() != 0.
+  bool waiting_pays() const noexcept { return wait_for_more_ns() != 0; }
+  /// How many gaps (decayed: each new one weighs 1, the one before 7/8, ...) the batcher has
+  /// seen with `n` requests in the batch, and of those, how many nothing came within max_delay.
+  double gaps_seen(std::size_t n) const noexcept;
+  double gaps_beyond_max_delay(std::size_t n) const noexcept;
+  /// How many log-spaced buckets up to max_delay the gaps are kept in (one more holds those
+  /// beyond max_delay), and the upper edge of bucket `k`: max_delay >> (kGapBuckets - 1 - k).
+  static constexpr std::size_t kGapBuckets = 16;
+  int64_t gap_edge_ns(std::size_t k) const noexcept;
   /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
   /// batch opened, or earlier if one more request would make it finish after its earliest
-  /// deadline; when it holds a deadline and no call was measured yet, the time it opened (no
+  /// deadline, or once the wait that pays (wait_for_more_ns(), from when the queue ran dry) is
+  /// over; when it holds a deadline and no call was measured yet, the time it opened (no
   /// wait). Only for a non-empty batch.
   int64_t wait_until() const noexcept;
 
@@ -181,7 +193,11 @@ class Batcher {
   bool dry_ = false;          // ran dry since the last request offered
   int64_t dry_at_ = 0;        // when it first did
   std::size_t dry_size_ = 0;  // with how many requests in the batch
-  std::vector<int64_t> gap_ns_;  // by batch size, see arrival_gap_ns()
+  // The gaps by batch size (kGapBuckets + 1 each, the last: beyond max_delay): decayed counts,
+  // and the decayed sum of the gaps in each bucket (their mean is the bucket's sum / count).
+  std::vector<float> gap_count_;
+  std::vector<float> gap_sum_ns_;
+  void record_gap(std::size_t n, int64_t gap) noexcept;
 };
 
 }  // namespace apportion

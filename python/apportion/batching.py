@@ -7,10 +7,11 @@ With ``batching=Batching(...)`` on ``Runtime.add_model``, a worker gathers queue
   the batch's first request, or, with ``preferred_sizes``, as soon as the batch has a preferred
   size and no further request is queued, or as soon as nothing more is queued if waiting would
   not pay: while another instance of the model idles (the next request is that one's), or
-  when, by what the worker saw at this batch size before, the next request comes later than
-  ``max_delay_ms``, or so late that the wait, times the n requests in hand, exceeds the worker
-  time one more request saves (so closed-loop clients whose requests are all in the batch are
-  served at once);
+  when, by how soon the next request came at this batch size before (a decaying histogram of
+  those gaps), no wait is worth more than it costs: the worker time one more request saves,
+  times the chance it comes within the wait, against the wait times the n requests in hand. It
+  waits for the length worth most, often microseconds, and closed-loop clients whose requests
+  are all in the batch are served at once;
 - it never puts a request into a batch that, by the worker's own measure of calls of that size
   (a moving average of what it observed), would finish after the request's deadline or after
   the deadline of a request already in it; such a request opens the next batch, or expires

@@ -536,16 +536,18 @@ TEST(BatcherWaiting, WaitsWhileNothingIsKnown) {
   submitted_at(r[0], 100);
   ASSERT_EQ(b.offer(&r[0], kNone, 200), Fit::joined);
   b.ran_dry(300);
-  EXPECT_EQ(b.arrival_gap_ns(1), -1) << "never ran dry before: no gap yet";
+  EXPECT_EQ(b.gaps_seen(1), 0.0) << "never ran dry before: no gap yet";
+  EXPECT_EQ(b.wait_for_more_ns(), -1);
   EXPECT_TRUE(b.waiting_pays());
   EXPECT_FALSE(b.dispatch_now(false));
+  EXPECT_EQ(b.wait_until(), 200 + 1'000'000) << "max_delay after it opened";
   const std::vector<int64_t> unmeasured;
   Batcher fresh(opt, unmeasured);
   Request s[2];
   one_gap(fresh, s, 100, 200, 400);
   fresh.ran_dry(500);
-  EXPECT_EQ(fresh.arrival_gap_ns(1), 200);
-  EXPECT_TRUE(fresh.waiting_pays()) << "no call measured";
+  EXPECT_EQ(fresh.gaps_seen(1), 1.0);
+  EXPECT_EQ(fresh.wait_for_more_ns(), -1) << "no call measured";
 }
 
 TEST(BatcherWaiting, DispatchesAtOnceWhenTheNextRequestIsFartherThanTheSaving) {
@@ -559,8 +561,10 @@ TEST(BatcherWaiting, DispatchesAtOnceWhenTheNextRequestIsFartherThanTheSaving) {
   b.ran_dry(20);
   b.clear();  // dispatched (nothing known: after waiting)
   ASSERT_EQ(b.offer(&r[1], kNone, 5'030), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(1), 5'000);
+  EXPECT_EQ(b.gaps_seen(1), 1.0);
+  EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.0);
   b.ran_dry(5'040);
+  EXPECT_EQ(b.wait_for_more_ns(), 0);
   EXPECT_FALSE(b.waiting_pays());
   EXPECT_TRUE(b.dispatch_now(false));
 }
@@ -570,7 +574,7 @@ TEST(BatcherWaiting, WaitsWhenRequestsArriveFasterThanTheSaving) {
   Batcher b(opt, kCurve);
   Request r[4];
   submitted_at(r[0], 1'000);
-  submitted_at(r[1], 1'300);  // 300 ns after the queue ran dry: sooner than the 700 ns saved
+  submitted_at(r[1], 1'300);  // 300 ns after the queue ran dry
   ASSERT_EQ(b.offer(&r[0], kNone, 1'000), Fit::joined);
   b.ran_dry(1'000);
   b.clear();
@@ -578,17 +582,22 @@ TEST(BatcherWaiting, WaitsWhenRequestsArriveFasterThanTheSaving) {
   submitted_at(r[2], 1'350);
   ASSERT_EQ(b.offer(&r[2], kNone, 1'350), Fit::joined);
   b.ran_dry(1'400);
-  EXPECT_TRUE(b.waiting_pays()) << "a batch of two has seen no gap yet";
+  EXPECT_EQ(b.wait_for_more_ns(), -1) << "a batch of two has seen no gap yet";
   submitted_at(r[3], 1'700);
   ASSERT_EQ(b.offer(&r[3], kNone, 1'700), Fit::full);
-  EXPECT_EQ(b.arrival_gap_ns(2), 300);
+  EXPECT_EQ(b.gaps_seen(2), 1.0);
   b.clear();
   ASSERT_EQ(b.offer(&r[0], kNone, 2'000), Fit::joined);
   ASSERT_EQ(b.offer(&r[1], kNone, 2'000), Fit::joined);
   b.ran_dry(2'000);
-  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 ns, and comes in 300.
-  EXPECT_TRUE(b.waiting_pays());
+  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 ns, and came 300 ns after the
+  // queue ran dry: 2 x 300 ns of waiting. It waits up to the edge of the gap's bucket,
+  // 1,000,000 >> 11 = 488 ns (the buckets' edges: max_delay halved 15, 14, ... 0 times), no
+  // longer.
+  EXPECT_EQ(b.gap_edge_ns(4), 488);
+  EXPECT_EQ(b.wait_for_more_ns(), 488);
   EXPECT_FALSE(b.dispatch_now(false));
+  EXPECT_EQ(b.wait_until(), 2'000 + 488) << "well before max_delay";
   EXPECT_TRUE(b.dispatch_now(true)) << "stopping always dispatches";
 }
 
@@ -608,7 +617,7 @@ TEST(BatcherWaiting, ABatchHoldingEveryClosedLoopClientDoesNotWait) {
     }
     b.ran_dry(t + 30);
     if (round > 0) {
-      EXPECT_EQ(b.arrival_gap_ns(3), 1'510) << round;
+      EXPECT_GT(b.gaps_seen(3), 0.0) << round;
       EXPECT_TRUE(b.dispatch_now(false)) << round;
     }
     b.clear();  // dispatched: its call takes 1,500 ns
@@ -633,14 +642,19 @@ TEST(BatcherWaiting, TheGapIsLearnedPerBatchSize) {
   b.clear();
   submitted_at(r[0], 2'200);
   ASSERT_EQ(b.offer(&r[0], kNone, 2'200), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(1), 50);
-  EXPECT_EQ(b.arrival_gap_ns(3), 2'000);
-  EXPECT_EQ(b.arrival_gap_ns(2), -1);
+  EXPECT_EQ(b.gaps_seen(1), 1.0);
+  EXPECT_EQ(b.gaps_seen(3), 1.0);
+  EXPECT_EQ(b.gaps_seen(2), 0.0);
   b.ran_dry(2'200);
-  EXPECT_TRUE(b.waiting_pays()) << "one request: the next came 50 ns after";
+  EXPECT_GT(b.wait_for_more_ns(), 0) << "one request: the next came 50 ns after";
+  EXPECT_LT(b.wait_for_more_ns(), 2'000);
+  ASSERT_EQ(b.offer(&r[1], kNone, 2'250), Fit::joined);
+  ASSERT_EQ(b.offer(&r[2], kNone, 2'260), Fit::joined);
+  b.ran_dry(2'270);
+  EXPECT_EQ(b.wait_for_more_ns(), 0) << "three: the next came a call later";
 }
 
-TEST(BatcherWaiting, TheGapIsAMovingAverageCappedAtMaxDelay) {
+TEST(BatcherWaiting, TheGapsDecayAndThoseBeyondMaxDelayAreCountedApart) {
   const BatchingOptions opt{8, 10'000, {}};
   Batcher b(opt, kCurve);
   Request r[4];
@@ -653,14 +667,21 @@ TEST(BatcherWaiting, TheGapIsAMovingAverageCappedAtMaxDelay) {
   };
   ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
   round(r[1], 100, 900);
-  EXPECT_EQ(b.arrival_gap_ns(1), 800);
+  EXPECT_EQ(b.gaps_seen(1), 1.0);
   round(r[2], 1'000, 9'800);
-  EXPECT_EQ(b.arrival_gap_ns(1), 800 + (8'800 - 800) / 8);
+  EXPECT_EQ(b.gaps_seen(1), 1.0 + 0.875) << "the older gap weighs 7/8";
+  EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.0);
   round(r[3], 10'000, 1'000'000);
-  EXPECT_EQ(b.arrival_gap_ns(1), 1'800 + (10'000 - 1'800) / 8) << "counted as max_delay";
+  EXPECT_EQ(b.gaps_beyond_max_delay(1), 1.0) << "nothing came within max_delay";
+  EXPECT_DOUBLE_EQ(b.gaps_seen(1), 1.0 + 0.875 + 0.875 * 0.875);
   submitted_at(r[0], 999'000);  // submitted before the worker looked: no gap
   round(r[0], 1'000'000, 999'000);
-  EXPECT_EQ(b.arrival_gap_ns(1), 2'825 + (0 - 2'825) / 8);
+  EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.875);
+  // For every gap, the batch waits at most max_delay.
+  b.ran_dry(1'000'010);
+  EXPECT_GE(b.wait_for_more_ns(), 0);
+  EXPECT_LE(b.wait_for_more_ns(), 10'000);
+  EXPECT_EQ(b.gap_edge_ns(Batcher::kGapBuckets - 1), 10'000);
 }
 
 TEST(BatcherWaiting, AGapOfMaxDelayIsNotWorthWaitingFor) {
@@ -670,9 +691,53 @@ TEST(BatcherWaiting, AGapOfMaxDelayIsNotWorthWaitingFor) {
   Batcher b(opt, kCurve);
   Request r[2];
   one_gap(b, r, 0, 0, 700);
-  EXPECT_EQ(b.arrival_gap_ns(1), 500);
+  EXPECT_EQ(b.gaps_beyond_max_delay(1), 1.0);
   b.ran_dry(700);
+  EXPECT_EQ(b.wait_for_more_ns(), 0);
   EXPECT_FALSE(b.waiting_pays());
+}
+
+TEST(BatcherWaiting, GapsThatAreShortOrNeverAreWaitedForOnlyAsLongAsTheShortOnes) {
+  // A batch of one is as often the first of a round of closed-loop clients (the next comes
+  // 100 ns later) as the last straggler of one (nothing comes within max_delay). On average
+  // the next one is 500,050 ns away, far more than the 800 ns it saves; but waiting 122 ns
+  // (the edge of the bucket of 100 ns) catches it half the time: 400 ns saved for 111 waited.
+  const BatchingOptions opt{3, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  Request r[2];
+  int64_t t = 0;
+  for (int round = 0; round < 6; ++round) {
+    submitted_at(r[0], t);
+    ASSERT_EQ(b.offer(&r[0], kNone, t), Fit::joined);
+    b.ran_dry(t);
+    b.clear();
+    const int64_t next = round % 2 == 0 ? t + 100 : t + 2'000'000;
+    submitted_at(r[1], next);
+    ASSERT_EQ(b.offer(&r[1], kNone, next), Fit::joined);
+    b.clear();
+    t = next + 10;
+  }
+  EXPECT_GT(b.gaps_beyond_max_delay(1), 0.0);
+  EXPECT_GT(b.gaps_seen(1), 2 * b.gaps_beyond_max_delay(1) - 1.0);
+  ASSERT_EQ(b.offer(&r[0], kNone, t), Fit::joined);
+  b.ran_dry(t);
+  EXPECT_EQ(b.gap_edge_ns(2), 122);
+  EXPECT_EQ(b.wait_for_more_ns(), 122);
+  EXPECT_EQ(b.wait_until(), t + 122);
+}
+
+TEST(BatcherWaiting, ASizeNeverCalledIsWeighedBetweenTheSizesMeasuredAroundIt) {
+  // Calls of one and of three measured at 1,000 ns each; two never ran. Scaled up from one,
+  // a call of two reads 2,000 ns and one more request in a batch of one saves nothing; between
+  // its neighbours it reads 1,000 ns, and one more saves 1,000 ns: worth a 100 ns wait.
+  const std::vector<int64_t> flat{0, 1'000, 0, 1'000};
+  const BatchingOptions opt{3, 1'000'000, {}};
+  Batcher b(opt, flat);
+  Request r[2];
+  one_gap(b, r, 0, 0, 100);
+  b.ran_dry(200);
+  EXPECT_GT(b.wait_for_more_ns(), 0);
+  EXPECT_EQ(apportion::batch_estimate_ns(flat, 2), 2'000) << "deadlines still plan with the scaled-up estimate";
 }
 
 TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
@@ -686,7 +751,7 @@ TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
   b.ran_dry(0);
   submitted_at(r[3], 200);
   ASSERT_EQ(b.offer(&r[3], kNone, 200), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(3), 200);
+  EXPECT_EQ(b.gaps_seen(3), 1.0);
   b.clear();
   for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 300), Fit::joined);
   b.ran_dry(300);
@@ -696,7 +761,7 @@ TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
   b.ran_dry(400);
   submitted_at(r[1], 600);
   ASSERT_EQ(b.offer(&r[1], kNone, 600), Fit::joined);
-  EXPECT_EQ(b.arrival_gap_ns(1), 200);
+  EXPECT_EQ(b.gaps_seen(1), 1.0);
   b.clear();
   ASSERT_EQ(b.offer(&r[0], kNone, 700), Fit::joined);
   b.ran_dry(700);
