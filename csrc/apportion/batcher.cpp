@@ -96,7 +96,7 @@ Batcher::Batcher(const BatchingOptions& opt, const std::vector<int64_t>& cost_ns
     : opt_(opt), cost_ns_(cost_ns), slow_ns_(slow_ns) {
   batch_.reserve(opt.max_size);
   claimed_.reserve(opt.max_size);
-  gap_count_.assign((opt.max_size + 1) * (kGapBuckets + 1), 0.0F);
+  gap_count_.assign((std::min(opt.max_size, kGapSizes) + 1) * (kGapBuckets + 1), 0.0F);
   gap_sum_ns_.assign(gap_count_.size(), 0.0F);
 }
 
@@ -147,6 +147,7 @@ int64_t Batcher::gap_edge_ns(std::size_t k) const noexcept {
 
 void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
   if (n > opt_.max_size) return;  // dry_size_ < max_size: a full batch is never open
+  n = std::min(n, kGapSizes);
   std::size_t k = 0;
   if (gap >= opt_.max_delay_ns) {
     k = kGapBuckets;  // nothing came within the longest wait there could be
@@ -166,13 +167,14 @@ void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
 
 double Batcher::gaps_seen(std::size_t n) const noexcept {
   if (n > opt_.max_size) return 0;
+  n = std::min(n, kGapSizes);
   double w = 0;
   for (std::size_t j = 0; j <= kGapBuckets; ++j) w += gap_count_[n * (kGapBuckets + 1) + j];
   return w;
 }
 
 double Batcher::gaps_beyond_max_delay(std::size_t n) const noexcept {
-  return n > opt_.max_size ? 0 : gap_count_[n * (kGapBuckets + 1) + kGapBuckets];
+  return n > opt_.max_size ? 0 : gap_count_[std::min(n, kGapSizes) * (kGapBuckets + 1) + kGapBuckets];
 }
 
 int64_t Batcher::wait_for_more_ns() const noexcept {
@@ -185,8 +187,9 @@ int64_t Batcher::wait_for_more_ns() const noexcept {
   // the chance that the next request comes by t times that, less the wait every request in
   // hand sits through (the gaps caught, each its own length; the rest, all of t).
   const double saved = static_cast<double>(now + one - more);
-  const float* count = &gap_count_[n * (kGapBuckets + 1)];
-  const float* sum = &gap_sum_ns_[n * (kGapBuckets + 1)];
+  const std::size_t row = std::min(n, kGapSizes);
+  const float* count = &gap_count_[row * (kGapBuckets + 1)];
+  const float* sum = &gap_sum_ns_[row * (kGapBuckets + 1)];
   double caught = 0, caught_ns = 0, best = 0;
   int64_t wait = 0;
   for (std::size_t k = 0; k < kGapBuckets; ++k) {

@@ -127,12 +127,16 @@ class Batcher {
   /// Whether waiting for one more request pays: wait_for_more_ns() != 0.
   bool waiting_pays() const noexcept { return wait_for_more_ns() != 0; }
   /// How many gaps (decayed: each new one weighs 1, the one before 7/8, ...) the batcher has
-  /// seen with `n` requests in the batch, and of those, how many nothing came within max_delay.
+  /// seen with `n` requests in the batch (kGapSizes or more: all such sizes together), and of
+  /// those, how many nothing came within max_delay.
   double gaps_seen(std::size_t n) const noexcept;
   double gaps_beyond_max_delay(std::size_t n) const noexcept;
   /// How many log-spaced buckets up to max_delay the gaps are kept in (one more holds those
   /// beyond max_delay), and the upper edge of bucket `k`: max_delay >> (kGapBuckets - 1 - k).
   static constexpr std::size_t kGapBuckets = 16;
+  /// Batches of this many requests or more share one histogram (a worker of max_size 65,536
+  /// would otherwise keep 9 MB of them).
+  static constexpr std::size_t kGapSizes = 1024;
   int64_t gap_edge_ns(std::size_t k) const noexcept;
   /// Until when to wait for one more request (ns, the clock of now_ns()): max_delay after the
   /// batch opened, or earlier if one more request would make it finish after its earliest

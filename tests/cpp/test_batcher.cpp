@@ -740,6 +740,20 @@ TEST(BatcherWaiting, ASizeNeverCalledIsWeighedBetweenTheSizesMeasuredAroundIt) {
   EXPECT_EQ(apportion::batch_estimate_ns(flat, 2), 2'000) << "deadlines still plan with the scaled-up estimate";
 }
 
+TEST(BatcherWaiting, VeryLargeBatchesShareOneHistogram) {
+  const BatchingOptions opt{5'000, 1'000'000, {}};
+  Batcher b(opt, kCurve);
+  std::vector<Request> r(Batcher::kGapSizes + 2);
+  for (std::size_t i = 0; i + 1 < r.size(); ++i) ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
+  b.ran_dry(0);
+  submitted_at(r.back(), 100);
+  ASSERT_EQ(b.offer(&r.back(), kNone, 100), Fit::joined);
+  EXPECT_EQ(b.gaps_seen(Batcher::kGapSizes + 1), 1.0);
+  EXPECT_EQ(b.gaps_seen(4'999), 1.0) << "one histogram for kGapSizes and more";
+  EXPECT_EQ(b.gaps_seen(Batcher::kGapSizes - 1), 0.0);
+  EXPECT_EQ(b.gaps_seen(5'001), 0.0) << "beyond max_size: none";
+}
+
 TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
   // A batch of three; a fourth would save c(3) + c(1) - c(4) = 500 ns (c(4) scaled from c(3)).
   // It comes 200 ns after the queue runs dry, sooner than that, but each of the three waits
