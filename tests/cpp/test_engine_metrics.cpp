@@ -155,9 +155,13 @@ TEST_F(EngineMetrics, RunningCallsAndTheOldestCallsAgeAreSeenWhileTheyRun) {
       ASSERT_TRUE(completes(r));
     }
     std::this_thread::sleep_for(20ms);
+    // Read before the snapshot: the held call began before `since`, and the snapshot reads its
+    // age after `before`, so no stall of this thread (TSan's, a loaded machine's) can make the
+    // age less than this.
+    const int64_t before = now_ns();
     s = m.snapshot();
     EXPECT_EQ(s.running_calls, 1u);
-    EXPECT_GE(s.oldest_call_ns, static_cast<uint64_t>(now_ns() - since) - 1'000'000u)
+    EXPECT_GE(s.oldest_call_ns, static_cast<uint64_t>(before - since))
         << "the held call's age, not the latest call's";
     EXPECT_GE(s.oldest_call_ns, 20'000'000u);
     gate.open();
