@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -91,13 +93,26 @@ def listening(port: int) -> set[str]:
 
 def test_a_replica_of_gpu_and_numa_models_plans_and_reserves_its_gpus() -> None:
     # The replica's made-up node had no GPU and one NUMA node: such specs never deployed.
-    gpu = ap.ModelSpec("g", factory="ray_models:echo", gpu=ap.GPU(device=1))
-    pinned = ap.ModelSpec("n", factory="ray_models:echo", numa=1, cores=1, isolation="exclusive")
-    options = deployment([gpu, pinned])._bound_deployment.ray_actor_options
-    assert options == {"num_cpus": 2.0, "num_gpus": 2.0}  # devices 0 and 1: the spec names index 1
-    assert deployment([gpu], num_gpus=0.5)._bound_deployment.ray_actor_options["num_gpus"] == 0.5
-    assert "num_gpus" not in deployment([pinned])._bound_deployment.ray_actor_options
-    assert deployment([pinned], num_gpus=1)._bound_deployment.ray_actor_options["num_gpus"] == 1.0
+    # Planned in a process of its own, connected to no Ray cluster: with one connected (this
+    # module's, when the test runs after others), deployment() checks that a node has the GPUs,
+    # and this machine's cluster has none.
+    code = """if True:
+        import json
+        import apportion as ap
+        from apportion.ray.serve import deployment
+        gpu = ap.ModelSpec("g", factory="ray_models:echo", gpu=ap.GPU(device=1))
+        pinned = ap.ModelSpec("n", factory="ray_models:echo", numa=1, cores=1, isolation="exclusive")
+        opts = lambda specs, **kw: deployment(specs, **kw)._bound_deployment.ray_actor_options
+        print(json.dumps([opts([gpu, pinned]), opts([gpu], num_gpus=0.5), opts([pinned]),
+                          opts([pinned], num_gpus=1)]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    both, half, pinned_only, pinned_one = json.loads(out.stdout.strip().splitlines()[-1])
+    assert both == {"num_cpus": 2.0, "num_gpus": 2.0}  # devices 0 and 1: the spec names index 1
+    assert half["num_gpus"] == 0.5
+    assert "num_gpus" not in pinned_only
+    assert pinned_one["num_gpus"] == 1.0
 
 
 def test_a_replica_no_node_can_hold_is_refused_before_serve_run(app: App) -> None:
