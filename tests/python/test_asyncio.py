@@ -10,6 +10,16 @@ import pytest
 import apportion as ap
 
 
+async def until(cond, what: str) -> None:
+    """Polls ``cond()`` every 5 ms until it holds (at most 10 s): an order of events between
+    threads, not a sleep that a loaded machine outlasts."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not cond():
+        assert loop.time() < end, f"never: {what}"
+        await asyncio.sleep(0.005)
+
+
 def test_infer_returns_result(rt: ap.Runtime) -> None:
     rt.add_model("m", model=lambda x: x + 1)
     rt.start()
@@ -110,9 +120,11 @@ def test_a_request_the_runtime_cancels_is_request_cancelled_not_the_tasks_cancel
         running = asyncio.ensure_future(rt.infer("m", "running"))
         assert await asyncio.to_thread(gate.entered.wait, 10)
         queued = [asyncio.ensure_future(rt.infer("m", i)) for i in range(3)]
-        await asyncio.sleep(0.05)
+        await until(lambda: rt.stats()["m"].queued == 3, "three requests queued")
         remove = asyncio.ensure_future(asyncio.to_thread(rt.remove_model, "m", drain=False))
-        await asyncio.sleep(0.05)
+        # The worker cancels the queued requests once the running call returns, if the removal
+        # began by then: nothing shows that it did, so the gate opens half a second later.
+        await asyncio.sleep(0.5)
         gate.release.set()
         await remove
         assert await running == "running"
@@ -129,9 +141,9 @@ def test_a_request_the_runtime_cancels_is_request_cancelled_not_the_tasks_cancel
                 tg.create_task(rt.infer("g", "running"))
                 assert await asyncio.to_thread(gate.entered.wait, 10)
                 tg.create_task(rt.infer("g", "queued"))
-                await asyncio.sleep(0.05)
+                await until(lambda: rt.stats()["g"].queued == 1, "one request queued")
                 remover = asyncio.ensure_future(asyncio.to_thread(rt.remove_model, "g", drain=False))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
                 gate.release.set()
                 await remover
         assert [type(x) for x in group.value.exceptions] == [ap.RequestCancelled]

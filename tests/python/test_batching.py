@@ -124,9 +124,11 @@ def test_closed_loop_clients_all_in_the_batch_are_served_without_waiting(rt: ap.
     # would save ~15 ms, far longer than the gaps between the four submissions: measured by
     # those, every round waited its 50 ms of max_delay. A batch of one or three is as often a
     # round's first requests (the rest follow at once) as its stragglers (nothing follows):
-    # measured by the average of those, the worker split rounds 1 + 3 and waited max_delay on
-    # every other one, for good. Each batch size waits once while nothing is known about it;
-    # after the learning rounds no request waits, but for one stall of the machine.
+    # measured by the average of those, the worker split rounds 1 + 3 (or 3 + 1, 2 + 2) for
+    # good, one call more per round (15-20 calls for 10 rounds, in 7 runs of 12). Each batch size
+    # waits once while nothing is known about it; after the learning rounds a round takes one
+    # call, and no request waits max_delay, but for stalls of the machine (a stalled client
+    # splits its round, a stalled worker holds it).
     delay_ms, learning, rounds, clients = 50.0, 5, 10, 4
     model = ListModel(per_call_s=0.02)
     rt.add_model("m", model=model, batching=ap.Batching(max_size=16, max_delay_ms=delay_ms))
@@ -137,12 +139,12 @@ def test_closed_loop_clients_all_in_the_batch_are_served_without_waiting(rt: ap.
         assert wait is not None
         return sum(c for c, upper in zip(wait.counts, wait.upper_bounds) if upper > 0.8 * delay_ms * 1e6)
 
-    rounds_started, held_while_learning = 0, -1
+    rounds_started, held_while_learning, calls_while_learning = 0, -1, -1
 
     def next_round() -> None:  # the barrier's action: every client is between two requests
-        nonlocal rounds_started, held_while_learning
+        nonlocal rounds_started, held_while_learning, calls_while_learning
         if rounds_started == learning:
-            held_while_learning = held()
+            held_while_learning, calls_while_learning = held(), len(model.calls)
         rounds_started += 1
 
     go = threading.Barrier(clients, action=next_round)
@@ -160,8 +162,10 @@ def test_closed_loop_clients_all_in_the_batch_are_served_without_waiting(rt: ap.
     assert not any(t.is_alive() for t in threads)
     assert rounds_started == learning + rounds and held_while_learning >= 0
     measured = held() - held_while_learning
-    assert measured <= clients, f"{measured} of {rounds * clients} requests waited for max_delay"
+    assert measured <= 2 * clients, f"{measured} of {rounds * clients} requests waited for max_delay"
     assert sum(model.sizes) == (learning + rounds) * clients
+    calls = len(model.calls) - calls_while_learning
+    assert calls <= rounds + rounds // 2, f"{rounds} rounds took {calls} calls: {model.sizes[-calls:]}"
 
 
 def test_preferred_size_dispatches_without_waiting(rt: ap.Runtime) -> None:
@@ -205,17 +209,18 @@ def test_request_that_no_batch_can_serve_in_time_is_expired_early(rt: ap.Runtime
 
 def test_request_is_not_put_into_a_batch_that_would_finish_too_late(rt: ap.Runtime) -> None:
     def model(xs):
-        time.sleep(0.1 * len(xs))  # a call costs >= 100 ms per request
+        time.sleep(0.2 * len(xs))  # a call costs >= 200 ms per request
         calls.append(list(xs))
         return xs
 
     calls: list[list[int]] = []
     rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=0))
     rt.start()
-    assert rt.submit("m", 0).result(10) == 0  # the worker learns: >= 100 ms for one
-    # 250 ms each: the worker estimates three at >= 300 ms, so they never share a call (a
+    assert rt.submit("m", 0).result(10) == 0  # the worker learns: >= 200 ms for one
+    # 500 ms each: the worker estimates three at >= 600 ms, so they never share a call (a
     # deadline-blind batcher would put all three in one call that finishes too late for all).
-    futs = rt.submit_many("m", [1, 2, 3], timeout_ms=250)
+    # The first has 300 ms to spare, for a stretched learning call or a late dispatch.
+    futs = rt.submit_many("m", [1, 2, 3], timeout_ms=500)
     outcomes = []
     for f in futs:
         exc = f.exception(10)
@@ -438,10 +443,10 @@ def test_result_that_is_not_a_list_fails_each_request(rt: ap.Runtime) -> None:
 
 def test_cancel_while_the_batch_forms_completes_once(rt: ap.Runtime) -> None:
     model = ListModel()
-    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=200))
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=1000))
     rt.start()
     a, b = rt.submit_many("m", [1, 2])
-    time.sleep(0.02)  # both wait in the forming batch, still cancellable
+    time.sleep(0.02)  # both wait in the forming batch (for up to 1 s), still cancellable
     assert b.cancel()
     assert a.result(10) == 10
     assert b.cancelled()
@@ -614,8 +619,9 @@ def test_a_fresh_model_does_not_hold_a_batch_until_a_requests_deadline(rt: ap.Ru
     early = [rt.submit("b", i) for i in range(3)]  # no deadline: they would wait up to 2 s
     time.sleep(0.01)
     sent = time.perf_counter()
-    tight = rt.submit("b", 3, timeout_ms=300)
+    tight = rt.submit("b", 3, timeout_ms=1000)
     assert tight.result(10) == 30
     assert [f.result(10) for f in early] == [0, 10, 20]
-    assert calls[0][1] == [0, 1, 2, 3] and calls[0][0] - sent < 0.15, calls
+    # At once (~1 ms), not at the deadline (1 s): half a second to spare for a stalled worker.
+    assert calls[0][1] == [0, 1, 2, 3] and calls[0][0] - sent < 0.5, calls
     assert rt.stats()["b"].expired == 0

@@ -631,11 +631,15 @@ def test_sigterm_while_runs_models_start_is_one_line_and_exit_143(tmp_path: Path
     # The process died of the signal (exit 143 from the shell, nothing said) while its models
     # started: the moment a service manager is likely to stop it.
     (tmp_path / "slow_build_cli.py").write_text(
-        "import time\n\ndef build(ctx):\n    time.sleep(3.0)\n    return lambda x: x\n")
+        "import pathlib, time\n\ndef build(ctx):\n    pathlib.Path('building').touch()\n"
+        "    time.sleep(1.0)\n    return lambda x: x\n")
     path = config(tmp_path, '[models.m]\nfactory = "slow_build_cli:build"\n')
     proc = subprocess.Popen([sys.executable, "-m", "apportion", "run", path], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # building
+    end = time.monotonic() + 60
+    while not (tmp_path / "building").exists():  # building (a slow machine may take seconds to get there)
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate(timeout=60)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # a second one (a process-group kill, `timeout`) changes nothing

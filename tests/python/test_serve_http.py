@@ -295,7 +295,7 @@ def test_a_running_request_whose_client_hangs_up_counts_as_disconnected(served: 
         assert served.gate.entered.wait(30)
     finally:
         s.close()
-    time.sleep(0.3)  # watched from WATCH_AFTER_S on: the hang-up is seen while the call runs
+    time.sleep(1.0)  # watched from WATCH_AFTER_S (0.05 s) on: the hang-up is seen while the call runs
     served.gate.release.set()
     key = ("gate", "http", "disconnected")
     for _ in range(3000):
@@ -1227,7 +1227,7 @@ def test_answers_during_a_drain_close_their_connection() -> None:
 def test_a_drain_ends_within_its_timeout_whatever_is_still_running() -> None:
     # The admitted requests' wait, gRPC's fixed grace and uvicorn's own graceful shutdown each
     # took up to the timeout in turn: ~2x drain_timeout_s + 1 s.
-    with gated_server(grpc_port=0, drain_timeout_s=1.0) as (gate, server), ThreadPoolExecutor(4) as pool:
+    with gated_server(grpc_port=0, drain_timeout_s=2.0) as (gate, server), ThreadPoolExecutor(4) as pool:
         running = [pool.submit(_post, server.http_port, float(k)) for k in range(3)]
         assert gate.entered.wait(30)
         started = time.monotonic()
@@ -1235,7 +1235,7 @@ def test_a_drain_ends_within_its_timeout_whatever_is_still_running() -> None:
         took = time.monotonic() - started
         gate.release.set()
         codes = sorted(f.result(30).status_code for f in running)
-        assert took < 1.0 + 1.0, took  # the timeout, and a slow machine's margin
+        assert took < 2.0 + 1.5, took  # the timeout, and a slow machine's margin (before: ~5 s)
         assert server.drained is False and codes == [503, 503, 503]
 
 

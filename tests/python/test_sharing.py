@@ -54,7 +54,7 @@ def test_backlogged_models_share_the_pool_by_weight(threads: int, tally) -> None
         window = Counter(tally.order[80:480])
     assert sum(window.values()) == 400
     ratio = window["heavy"] / window["light"]
-    assert 2.7 <= ratio <= 3.3, window
+    assert 2.4 <= ratio <= 3.6, window  # 3 by weight (1 without): 20% for a worker kept off its CPU
     stats = rt.stats()
     assert stats["heavy"].pool_calls > 0 and stats["light"].pool_calls > 0
     assert stats["heavy"].pool_time_s > stats["light"].pool_time_s > 0
@@ -246,16 +246,16 @@ def test_a_lone_callers_requests_never_go_to_the_burst_instance() -> None:
 
     rt = make_runtime(2)
     rt.add_model("guaranteed", factory=factory, cores=1, isolation="exclusive", threads=1, burst=True)
-    # A busy loop beside it, as on a busy host: the own worker then leaves its call later (9-70
-    # of 300 went to the burst instance; quiet, a few).
+    # A busy loop beside it, as on a busy host: the own worker then leaves its call later (3-23%
+    # went to the burst instance: 9-70 of 300; quiet, a few).
     hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 60\n"
                             "while time.monotonic() < end: pass"])
     try:
         with rt:
-            on_burst = sum(rt.submit("guaranteed", i).result(timeout=30) for i in range(300))
+            on_burst = sum(rt.submit("guaranteed", i).result(timeout=30) for i in range(600))
             # (A busy host may keep the own worker off its CPU for longer than the burst worker
-            # watches: a stray one is not the defect.)
-            assert on_burst <= 3 and rt.stats()["guaranteed"].burst_served == on_burst
+            # watches: a stray few are not the defect, 18 or more of 600 were.)
+            assert on_burst <= 8 and rt.stats()["guaranteed"].burst_served == on_burst
     finally:
         hog.kill()
         hog.wait()
