@@ -405,14 +405,16 @@ def _cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
 
 
 def _threads_that_ran(pid: int, name: str | None, call: Any) -> tuple[Any, int]:
-    """``call()``'s result and how many threads of ``pid`` (named ``name``, if given) used CPU
-    time while it ran."""
+    """``call()``'s result and how many threads of ``pid`` (named ``name``, if given) did its
+    work: used at least 5% of the CPU time all of them used while it ran. (A thread of the
+    process that woke for a moment meanwhile, which a loaded machine makes likelier by
+    stretching the call, ran no part of it.)"""
     before = _cpu_ns(pid)
     result = call()
     after = _cpu_ns(pid)
-    ran = [tid for tid, (n, ns) in after.items()
-           if (name is None or n == name) and ns > before.get(tid, (n, 0))[1]]
-    return result, len(ran)
+    used = {tid: ns - before.get(tid, (n, 0))[1] for tid, (n, ns) in after.items() if name is None or n == name}
+    total = sum(max(ns, 0) for ns in used.values())
+    return result, sum(1 for ns in used.values() if ns > 0 and ns >= 0.05 * total)
 
 
 # (threads, cores, isolation): one CPU, two CPUs, and the planner's choice on each.
