@@ -25,11 +25,13 @@ int64_t by_measured_size(const std::vector<int64_t>& values, const std::vector<i
 }
 
 // The duration of a call of `n` requests by `cost_ns`, for weighing a wait rather than a
-// deadline: between two measured sizes, interpolated linearly (a deadline's estimate scales
-// the smaller one up, which over-estimates: c(1) = c(3) = 20 ms reads c(2) as 40 ms, one more
-// request in a batch of one as saving nothing, and a worker that never waits with one request
-// never measures two). Otherwise as batch_estimate_ns.
-int64_t interpolated_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noexcept {
+// deadline: measured; else between the nearest measured sizes below and above (looking at most
+// n sizes up, which keeps a worker of max_size 65,536 from reading its whole table each time),
+// interpolated linearly; else, with none above, `none_above`; else, with none below, the
+// nearest one above (as batch_estimate_ns: 0 when nothing is known). A deadline's estimate scales the smaller size up,
+// which over-estimates: c(1) = c(3) = 20 ms reads c(2) as 40 ms, one more request in a batch of
+// one as saving nothing, and a worker that never waits with one request never measures two.
+int64_t weighed_ns(const std::vector<int64_t>& cost_ns, std::size_t n, int64_t none_above) noexcept {
   if (n < cost_ns.size() && cost_ns[n] > 0) return cost_ns[n];
   std::size_t below = 0, above = 0;
   for (std::size_t k = std::min(n, cost_ns.size()); k-- > 1;) {
@@ -38,15 +40,18 @@ int64_t interpolated_ns(const std::vector<int64_t>& cost_ns, std::size_t n) noex
       break;
     }
   }
-  for (std::size_t k = n + 1; k < cost_ns.size(); ++k) {
+  for (std::size_t k = n + 1; k < std::min(cost_ns.size(), 2 * n + 1); ++k) {
     if (cost_ns[k] > 0) {
       above = k;
       break;
     }
   }
-  if (below == 0 || above == 0) return batch_estimate_ns(cost_ns, n);
-  return cost_ns[below] + (cost_ns[above] - cost_ns[below]) * static_cast<int64_t>(n - below) /
-                              static_cast<int64_t>(above - below);
+  if (below != 0 && above != 0) {
+    return cost_ns[below] + (cost_ns[above] - cost_ns[below]) * static_cast<int64_t>(n - below) /
+                                static_cast<int64_t>(above - below);
+  }
+  if (below != 0) return none_above;
+  return above != 0 ? cost_ns[above] : batch_estimate_ns(cost_ns, n);
 }
 
 }  // namespace
@@ -142,7 +147,8 @@ bool Batcher::dispatch_now(bool stopping, bool sibling_idle) const noexcept {
 }
 
 int64_t Batcher::gap_edge_ns(std::size_t k) const noexcept {
-  return opt_.max_delay_ns >> (kGapBuckets - 1 - std::min(k, kGapBuckets - 1));
+  if (k >= kGapBuckets - 1) return opt_.max_delay_ns;
+  return std::min(kGapFloorNs << k, opt_.max_delay_ns);
 }
 
 void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
@@ -160,6 +166,9 @@ void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
   for (std::size_t j = 0; j <= kGapBuckets; ++j) {
     count[j] *= 0.875F;
     sum[j] *= 0.875F;
+    // Nothing there for ~100 gaps: nothing at all. (Decayed on, a count would become a
+    // subnormal float that never reaches 0, and every multiplication a slow one.)
+    if (count[j] < 1e-6F) count[j] = sum[j] = 0.0F;
   }
   count[k] += 1.0F;
   if (k < kGapBuckets) sum[k] += static_cast<float>(gap);
@@ -177,15 +186,31 @@ double Batcher::gaps_beyond_max_delay(std::size_t n) const noexcept {
   return n > opt_.max_size ? 0 : gap_count_[std::min(n, kGapSizes) * (kGapBuckets + 1) + kGapBuckets];
 }
 
+int64_t Batcher::latest_dispatch() const noexcept {
+  const int64_t by_deadline =
+      min_deadline_ == Request::kNoDeadline
+          ? Request::kNoDeadline
+          : min_deadline_ - deadline_estimate(batch_.size() + 1);
+  return std::min(opened_ + opt_.max_delay_ns, by_deadline);
+}
+
 int64_t Batcher::wait_for_more_ns() const noexcept {
   const std::size_t n = batch_.size();
-  const int64_t one = interpolated_ns(cost_ns_, 1), now = interpolated_ns(cost_ns_, n),
-                more = interpolated_ns(cost_ns_, n + 1);
+  const int64_t one = weighed_ns(cost_ns_, 1, 0),  // 1 has no size below: never used
+                now = weighed_ns(cost_ns_, n, batch_estimate_ns(cost_ns_, n)),
+                // A size beyond all measured ones is assumed to cost what n does: once a wait
+                // brings one more request, its call measures it (scaled up from n instead, one
+                // more request would save nothing, and the batch would never grow to show it).
+                more = weighed_ns(cost_ns_, n + 1, now);
   const double seen = gaps_seen(n);
   if (n == 0 || seen <= 0 || one == 0 || now == 0 || more == 0) return -1;
+  // How long the batch may still wait: only a request that comes by then joins it.
+  const int64_t left = dry_ ? latest_dispatch() - dry_at_ : opt_.max_delay_ns;
+  if (left <= 0) return 0;
   // The worker time one more request saves, and the worth of waiting up to each bucket's edge t:
   // the chance that the next request comes by t times that, less the wait every request in
-  // hand sits through (the gaps caught, each its own length; the rest, all of t).
+  // hand sits through (the gaps caught, each its own length; the rest, all of t). A bucket
+  // whose edge is past the time left is weighed at the time left, with its own gaps uncaught.
   const double saved = static_cast<double>(now + one - more);
   const std::size_t row = std::min(n, kGapSizes);
   const float* count = &gap_count_[row * (kGapBuckets + 1)];
@@ -193,14 +218,20 @@ int64_t Batcher::wait_for_more_ns() const noexcept {
   double caught = 0, caught_ns = 0, best = 0;
   int64_t wait = 0;
   for (std::size_t k = 0; k < kGapBuckets; ++k) {
-    caught += count[k];
-    caught_ns += sum[k];
-    const int64_t t = gap_edge_ns(k);
-    const double worth = (caught * saved - static_cast<double>(n) * (caught_ns + (seen - caught) * static_cast<double>(t))) / seen;
+    const int64_t edge = gap_edge_ns(k);
+    const bool last = edge >= left;
+    if (!last) {
+      caught += count[k];
+      caught_ns += sum[k];
+    }
+    const int64_t t = last ? left : edge;
+    const double worth =
+        (caught * saved - static_cast<double>(n) * (caught_ns + (seen - caught) * static_cast<double>(t))) / seen;
     if (worth > best) {
       best = worth;
       wait = t;
     }
+    if (last) break;
   }
   return wait;
 }
@@ -212,13 +243,8 @@ int64_t Batcher::wait_until() const noexcept {
     // call is the first measure).
     return opened_;
   }
-  const int64_t by_deadline =
-      min_deadline_ == Request::kNoDeadline
-          ? Request::kNoDeadline
-          : min_deadline_ - deadline_estimate(batch_.size() + 1);
   const int64_t wait = dry_ ? wait_for_more_ns() : -1;
-  const int64_t by_gaps = wait > 0 ? dry_at_ + wait : Request::kNoDeadline;
-  return std::min({opened_ + opt_.max_delay_ns, by_deadline, by_gaps});
+  return std::min(latest_dispatch(), wait >= 0 ? dry_at_ + wait : Request::kNoDeadline);
 }
 
 }  // namespace apportion

@@ -15,13 +15,16 @@
 // that instance's at once, and the wait would only delay the batch. Otherwise the batch waits
 // for more only as long as waiting pays. The worker keeps, for each batch size n, how long after
 // the queue ran dry (nothing more to take) with n requests in the batch the next request was
-// submitted: a decaying histogram of those gaps, log-spaced up to max_delay, plus how often
-// nothing came within max_delay. Waiting t more for a batch of n is worth
+// submitted: a decaying histogram of those gaps, log-spaced from about a microsecond up to
+// max_delay, plus how often nothing came within max_delay. Waiting t after the queue ran dry
+// with a batch of n is worth
 //   P(gap <= t) * (c(n) + c(1) - c(n+1))  -  n * E[min(gap, t)]
 // by the measured call costs c: the worker time one more request in this batch saves when it
 // comes in time, against the wait every one of the n requests in hand sits through. The batch
-// waits for the t (a bucket's upper edge) worth most, and dispatches at once when no t is worth
-// anything. The gaps are kept as a distribution because they are seldom one value: a batch of
+// waits for the t (a bucket's upper edge, or the time it has left before max_delay or its
+// deadlines make it go) worth most, and dispatches at once when no wait is worth anything. A
+// size never called is weighed between the measured sizes around it, and one beyond all of
+// them as costing no more than n (the first wait that brings one more request measures it). The gaps are kept as a distribution because they are seldom one value: a batch of
 // one is the first request of a round of closed-loop clients answered together (the rest follow
 // within microseconds) as often as the last straggler of one (nothing follows until it is
 // answered). An average of the two is worth no wait at all, or a full max_delay, and the batcher
@@ -121,8 +124,9 @@ class Batcher {
   bool dispatch_now(bool stopping, bool sibling_idle = false) const noexcept;
   /// How long after the queue ran dry (ran_dry()) this batch should wait for one more request:
   /// the wait worth most by the gaps seen at this batch's size and the measured call costs
-  /// (see the top of this file); 0: no wait is worth anything, dispatch now; -1: nothing known
-  /// (no gap seen at this size, or no call measured), wait as configured and learn.
+  /// (see the top of this file), within the time the batch has left; 0: no wait is worth
+  /// anything, dispatch now; -1: nothing known (no gap seen at this size, or no call
+  /// measured), wait as configured and learn.
   int64_t wait_for_more_ns() const noexcept;
   /// Whether waiting for one more request pays: wait_for_more_ns() != 0.
   bool waiting_pays() const noexcept { return wait_for_more_ns() != 0; }
@@ -132,8 +136,12 @@ class Batcher {
   double gaps_seen(std::size_t n) const noexcept;
   double gaps_beyond_max_delay(std::size_t n) const noexcept;
   /// How many log-spaced buckets up to max_delay the gaps are kept in (one more holds those
-  /// beyond max_delay), and the upper edge of bucket `k`: max_delay >> (kGapBuckets - 1 - k).
+  /// beyond max_delay), and the upper edge of bucket `k`: kGapFloorNs << k, at most max_delay,
+  /// and max_delay for the last. Each edge is a wait the batcher may choose; the shortest,
+  /// about a microsecond, gives a request still being pushed when the worker looked (a gap of 0)
+  /// the time to land.
   static constexpr std::size_t kGapBuckets = 16;
+  static constexpr int64_t kGapFloorNs = 1024;
   /// Batches of this many requests or more share one histogram (a worker of max_size 65,536
   /// would otherwise keep 9 MB of them).
   static constexpr std::size_t kGapSizes = 1024;
@@ -176,6 +184,9 @@ class Batcher {
  private:
   bool preferred(std::size_t n) const noexcept;
   bool estimate_stale(int64_t now, int64_t estimate) const noexcept;
+  // The latest the batch may go: max_delay after it opened, or earlier when one more request
+  // would make it finish after its earliest deadline.
+  int64_t latest_dispatch() const noexcept;
   int64_t deadline_estimate(std::size_t n) const noexcept {
     return batch_deadline_estimate_ns(cost_ns_, slow_ns_, n);
   }

@@ -513,8 +513,11 @@ TEST_F(EngineBatching, AFewSlowCallsDoNotStopAModelForGood) {
   });
 }
 
-// Costs by size (index = size): a call of one takes 1,000 ns, of two 1,200, of three 1,500.
-const std::vector<int64_t> kCurve{0, 1'000, 1'200, 1'500};
+// Times in microseconds (the gaps' buckets start at about one: Batcher::kGapFloorNs).
+constexpr int64_t us = 1'000;
+// Costs by size (index = size): a call of one takes 1,000 us, of two 1,200, of three 1,500.
+const std::vector<int64_t> kCurve{0, 1'000 * us, 1'200 * us, 1'500 * us};
+constexpr int64_t kSecond = 1'000'000 * us;
 
 void submitted_at(Request& r, int64_t ns) { r.submit_ns = ns; }
 
@@ -529,180 +532,238 @@ void one_gap(Batcher& b, Request (&r)[2], int64_t first, int64_t dry, int64_t se
   ASSERT_EQ(b.offer(&r[1], kNone, second), Fit::joined);
 }
 
+TEST(BatcherWaiting, TheGapsBucketsDoubleFromAMicrosecondUpToMaxDelay) {
+  const BatchingOptions opt{3, kSecond, {}};
+  Batcher b(opt, kCurve);
+  EXPECT_EQ(b.gap_edge_ns(0), 1'024);
+  EXPECT_EQ(b.gap_edge_ns(9), 524'288);
+  EXPECT_EQ(b.gap_edge_ns(14), 16'777'216);
+  EXPECT_EQ(b.gap_edge_ns(Batcher::kGapBuckets - 1), kSecond);
+  const BatchingOptions short_delay{3, 20 * us, {}};
+  Batcher s(short_delay, kCurve);
+  EXPECT_EQ(s.gap_edge_ns(4), 16'384);
+  EXPECT_EQ(s.gap_edge_ns(5), 20 * us) << "at most max_delay";
+  EXPECT_EQ(s.gap_edge_ns(Batcher::kGapBuckets - 1), 20 * us);
+}
+
 TEST(BatcherWaiting, WaitsWhileNothingIsKnown) {
-  const BatchingOptions opt{3, 1'000'000, {}};
+  const BatchingOptions opt{3, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[1];
-  submitted_at(r[0], 100);
-  ASSERT_EQ(b.offer(&r[0], kNone, 200), Fit::joined);
-  b.ran_dry(300);
+  submitted_at(r[0], 100 * us);
+  ASSERT_EQ(b.offer(&r[0], kNone, 200 * us), Fit::joined);
+  b.ran_dry(300 * us);
   EXPECT_EQ(b.gaps_seen(1), 0.0) << "never ran dry before: no gap yet";
   EXPECT_EQ(b.wait_for_more_ns(), -1);
   EXPECT_TRUE(b.waiting_pays());
   EXPECT_FALSE(b.dispatch_now(false));
-  EXPECT_EQ(b.wait_until(), 200 + 1'000'000) << "max_delay after it opened";
+  EXPECT_EQ(b.wait_until(), 200 * us + kSecond) << "max_delay after it opened";
   const std::vector<int64_t> unmeasured;
   Batcher fresh(opt, unmeasured);
   Request s[2];
-  one_gap(fresh, s, 100, 200, 400);
-  fresh.ran_dry(500);
+  one_gap(fresh, s, 100 * us, 200 * us, 400 * us);
+  fresh.ran_dry(500 * us);
   EXPECT_EQ(fresh.gaps_seen(1), 1.0);
   EXPECT_EQ(fresh.wait_for_more_ns(), -1) << "no call measured";
 }
 
 TEST(BatcherWaiting, DispatchesAtOnceWhenTheNextRequestIsFartherThanTheSaving) {
-  // A batch of one; one more would save c(1) + c(1) - c(2) = 800 ns of worker time.
-  const BatchingOptions opt{3, 1'000'000, {}};
+  // A batch of one; one more would save c(1) + c(1) - c(2) = 800 us of worker time.
+  const BatchingOptions opt{3, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[2];
   submitted_at(r[0], 0);
-  submitted_at(r[1], 5'020);  // a closed-loop client: one request per round trip
-  ASSERT_EQ(b.offer(&r[0], kNone, 10), Fit::joined);
-  b.ran_dry(20);
+  submitted_at(r[1], 5'020 * us);  // a closed-loop client: one request per round trip
+  ASSERT_EQ(b.offer(&r[0], kNone, 10 * us), Fit::joined);
+  b.ran_dry(20 * us);
   b.clear();  // dispatched (nothing known: after waiting)
-  ASSERT_EQ(b.offer(&r[1], kNone, 5'030), Fit::joined);
+  ASSERT_EQ(b.offer(&r[1], kNone, 5'030 * us), Fit::joined);
   EXPECT_EQ(b.gaps_seen(1), 1.0);
   EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.0);
-  b.ran_dry(5'040);
+  b.ran_dry(5'040 * us);
   EXPECT_EQ(b.wait_for_more_ns(), 0);
   EXPECT_FALSE(b.waiting_pays());
   EXPECT_TRUE(b.dispatch_now(false));
+  EXPECT_EQ(b.wait_until(), 5'040 * us) << "now";
 }
 
 TEST(BatcherWaiting, WaitsWhenRequestsArriveFasterThanTheSaving) {
-  const BatchingOptions opt{3, 1'000'000, {}};
+  const BatchingOptions opt{3, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[4];
-  submitted_at(r[0], 1'000);
-  submitted_at(r[1], 1'300);  // 300 ns after the queue ran dry
-  ASSERT_EQ(b.offer(&r[0], kNone, 1'000), Fit::joined);
-  b.ran_dry(1'000);
+  submitted_at(r[0], 1'000 * us);
+  submitted_at(r[1], 1'300 * us);  // 300 us after the queue ran dry
+  ASSERT_EQ(b.offer(&r[0], kNone, 1'000 * us), Fit::joined);
+  b.ran_dry(1'000 * us);
   b.clear();
-  ASSERT_EQ(b.offer(&r[1], kNone, 1'300), Fit::joined);
-  submitted_at(r[2], 1'350);
-  ASSERT_EQ(b.offer(&r[2], kNone, 1'350), Fit::joined);
-  b.ran_dry(1'400);
+  ASSERT_EQ(b.offer(&r[1], kNone, 1'300 * us), Fit::joined);
+  submitted_at(r[2], 1'350 * us);
+  ASSERT_EQ(b.offer(&r[2], kNone, 1'350 * us), Fit::joined);
+  b.ran_dry(1'400 * us);
   EXPECT_EQ(b.wait_for_more_ns(), -1) << "a batch of two has seen no gap yet";
-  submitted_at(r[3], 1'700);
-  ASSERT_EQ(b.offer(&r[3], kNone, 1'700), Fit::full);
+  submitted_at(r[3], 1'700 * us);
+  ASSERT_EQ(b.offer(&r[3], kNone, 1'700 * us), Fit::full);
   EXPECT_EQ(b.gaps_seen(2), 1.0);
   b.clear();
-  ASSERT_EQ(b.offer(&r[0], kNone, 2'000), Fit::joined);
-  ASSERT_EQ(b.offer(&r[1], kNone, 2'000), Fit::joined);
-  b.ran_dry(2'000);
-  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 ns, and came 300 ns after the
-  // queue ran dry: 2 x 300 ns of waiting. It waits up to the edge of the gap's bucket,
-  // 1,000,000 >> 11 = 488 ns (the buckets' edges: max_delay halved 15, 14, ... 0 times), no
-  // longer.
-  EXPECT_EQ(b.gap_edge_ns(4), 488);
-  EXPECT_EQ(b.wait_for_more_ns(), 488);
+  ASSERT_EQ(b.offer(&r[0], kNone, 2'000 * us), Fit::joined);
+  ASSERT_EQ(b.offer(&r[1], kNone, 2'000 * us), Fit::joined);
+  b.ran_dry(2'000 * us);
+  // A batch of two; a third would save c(2) + c(1) - c(3) = 700 us, and came 300 us after the
+  // queue ran dry: 2 x 300 us of waiting. It waits up to the edge of the gap's bucket,
+  // 1,024 ns << 9 = 524 us, no longer.
+  EXPECT_EQ(b.wait_for_more_ns(), 524'288);
   EXPECT_FALSE(b.dispatch_now(false));
-  EXPECT_EQ(b.wait_until(), 2'000 + 488) << "well before max_delay";
+  EXPECT_EQ(b.wait_until(), 2'000 * us + 524'288) << "well before max_delay";
   EXPECT_TRUE(b.dispatch_now(true)) << "stopping always dispatches";
 }
 
 TEST(BatcherWaiting, ABatchHoldingEveryClosedLoopClientDoesNotWait) {
-  // Three closed-loop clients answered together resubmit 10 ns apart, faster than the worker
+  // Three closed-loop clients answered together resubmit 10 us apart, faster than the worker
   // takes them: submissions close together, but nothing comes once all three are in the batch
-  // until its call (1,500 ns) answers them. A batch of three would save c(3) + c(1) - c(4)
-  // = 500 ns (c(4) scaled from c(3)); the next request is 1,510 ns away.
-  const BatchingOptions opt{8, 1'000'000, {}};
+  // until its call (1,500 us) answers them. A batch of three would save c(3) + c(1) - c(4)
+  // = 1,000 us (c(4), never measured, taken as c(3)); the next request is 1,510 us away.
+  const BatchingOptions opt{8, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[3];
   int64_t t = 0;
   for (int round = 0; round < 3; ++round) {
     for (int i = 0; i < 3; ++i) {
-      submitted_at(r[i], t + 10 * i);
-      ASSERT_EQ(b.offer(&r[i], kNone, t + 10 * i), Fit::joined);
+      submitted_at(r[i], t + 10 * us * i);
+      ASSERT_EQ(b.offer(&r[i], kNone, t + 10 * us * i), Fit::joined);
     }
-    b.ran_dry(t + 30);
+    b.ran_dry(t + 30 * us);
     if (round > 0) {
-      EXPECT_GT(b.gaps_seen(3), 0.0) << round;
+      EXPECT_EQ(b.gaps_seen(3), round == 1 ? 1.0 : 1.875) << round;
+      EXPECT_EQ(b.wait_for_more_ns(), 0) << round;
       EXPECT_TRUE(b.dispatch_now(false)) << round;
     }
-    b.clear();  // dispatched: its call takes 1,500 ns
-    t += 30 + 1'500 + 10;
+    b.clear();  // dispatched: its call takes 1,500 us
+    t += (30 + 1'500 + 10) * us;
   }
 }
 
 TEST(BatcherWaiting, TheGapIsLearnedPerBatchSize) {
   // Caught between resubmissions with one request, the worker waits for the others (they
-  // come 50 ns later); with all three it does not: that gap is a whole call.
-  const BatchingOptions opt{8, 1'000'000, {}};
+  // come 50 us later); with all three it does not: that gap is a whole call.
+  const BatchingOptions opt{8, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[3];
   submitted_at(r[0], 0);
-  submitted_at(r[1], 150);
-  submitted_at(r[2], 200);
-  ASSERT_EQ(b.offer(&r[0], kNone, 100), Fit::joined);
-  b.ran_dry(100);
-  ASSERT_EQ(b.offer(&r[1], kNone, 150), Fit::joined);
-  ASSERT_EQ(b.offer(&r[2], kNone, 200), Fit::joined);
-  b.ran_dry(200);
+  submitted_at(r[1], 150 * us);
+  submitted_at(r[2], 200 * us);
+  ASSERT_EQ(b.offer(&r[0], kNone, 100 * us), Fit::joined);
+  b.ran_dry(100 * us);
+  ASSERT_EQ(b.offer(&r[1], kNone, 150 * us), Fit::joined);
+  ASSERT_EQ(b.offer(&r[2], kNone, 200 * us), Fit::joined);
+  b.ran_dry(200 * us);
   b.clear();
-  submitted_at(r[0], 2'200);
-  ASSERT_EQ(b.offer(&r[0], kNone, 2'200), Fit::joined);
+  submitted_at(r[0], 2'200 * us);
+  ASSERT_EQ(b.offer(&r[0], kNone, 2'200 * us), Fit::joined);
   EXPECT_EQ(b.gaps_seen(1), 1.0);
   EXPECT_EQ(b.gaps_seen(3), 1.0);
   EXPECT_EQ(b.gaps_seen(2), 0.0);
-  b.ran_dry(2'200);
-  EXPECT_GT(b.wait_for_more_ns(), 0) << "one request: the next came 50 ns after";
-  EXPECT_LT(b.wait_for_more_ns(), 2'000);
-  ASSERT_EQ(b.offer(&r[1], kNone, 2'250), Fit::joined);
-  ASSERT_EQ(b.offer(&r[2], kNone, 2'260), Fit::joined);
-  b.ran_dry(2'270);
+  b.ran_dry(2'200 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 65'536) << "one request: the next came 50 us after (bucket of 32-65 us)";
+  ASSERT_EQ(b.offer(&r[1], kNone, 2'250 * us), Fit::joined);
+  ASSERT_EQ(b.offer(&r[2], kNone, 2'260 * us), Fit::joined);
+  b.ran_dry(2'270 * us);
   EXPECT_EQ(b.wait_for_more_ns(), 0) << "three: the next came a call later";
 }
 
 TEST(BatcherWaiting, TheGapsDecayAndThoseBeyondMaxDelayAreCountedApart) {
-  const BatchingOptions opt{8, 10'000, {}};
+  const BatchingOptions opt{8, 10'000 * us, {}};
   Batcher b(opt, kCurve);
   Request r[4];
   const auto round = [&](Request& q, int64_t dry, int64_t submit) {
     submitted_at(q, submit);
     b.ran_dry(dry);
-    b.ran_dry(dry + 5);  // the first look that found nothing counts
+    b.ran_dry(dry + 5 * us);  // the first look that found nothing counts
     b.clear();
     ASSERT_EQ(b.offer(&q, kNone, submit), Fit::joined);
   };
   ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
-  round(r[1], 100, 900);
+  round(r[1], 100 * us, 900 * us);
   EXPECT_EQ(b.gaps_seen(1), 1.0);
-  round(r[2], 1'000, 9'800);
+  round(r[2], 1'000 * us, 9'800 * us);
   EXPECT_EQ(b.gaps_seen(1), 1.0 + 0.875) << "the older gap weighs 7/8";
   EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.0);
-  round(r[3], 10'000, 1'000'000);
+  round(r[3], 10'000 * us, 1'000'000 * us);
   EXPECT_EQ(b.gaps_beyond_max_delay(1), 1.0) << "nothing came within max_delay";
   EXPECT_DOUBLE_EQ(b.gaps_seen(1), 1.0 + 0.875 + 0.875 * 0.875);
-  submitted_at(r[0], 999'000);  // submitted before the worker looked: no gap
-  round(r[0], 1'000'000, 999'000);
+  submitted_at(r[0], 999'000 * us);  // submitted before the worker looked: a gap of 0
+  round(r[0], 1'000'000 * us, 999'000 * us);
   EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.875);
-  // For every gap, the batch waits at most max_delay.
-  b.ran_dry(1'000'010);
-  EXPECT_GE(b.wait_for_more_ns(), 0);
-  EXPECT_LE(b.wait_for_more_ns(), 10'000);
-  EXPECT_EQ(b.gap_edge_ns(Batcher::kGapBuckets - 1), 10'000);
+  // Long unused, a bucket is emptied, not left to decay for ever.
+  Request s[2];
+  for (int i = 0; i < 200; ++i) {
+    b.clear();
+    one_gap(b, s, (2'000'000 + 20 * i) * us, (2'000'000 + 20 * i) * us, (2'000'010 + 20 * i) * us);
+  }
+  EXPECT_EQ(b.gaps_beyond_max_delay(1), 0.0);
+  EXPECT_NEAR(b.gaps_seen(1), 8.0, 1e-3) << "what 1 + 7/8 + (7/8)^2 + ... adds up to";
+}
+
+TEST(BatcherWaiting, ARequestStillBeingPushedWhenTheWorkerLookedIsWaitedFor) {
+  // Submitted before the worker found the queue empty (its push not yet seen): a gap of 0.
+  // The batch waits the shortest bucket's edge for the next such one, even with a max_delay
+  // of 20 us, whose 1/32768 would be no wait at all.
+  const BatchingOptions opt{8, 20 * us, {}};
+  Batcher b(opt, kCurve);
+  Request r[2];
+  one_gap(b, r, 0, 10 * us, 5 * us);
+  b.clear();
+  ASSERT_EQ(b.offer(&r[0], kNone, 30 * us), Fit::joined);
+  b.ran_dry(30 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 1'024);
+  EXPECT_EQ(b.wait_until(), 30 * us + 1'024);
 }
 
 TEST(BatcherWaiting, AGapOfMaxDelayIsNotWorthWaitingFor) {
-  // One more would save 800 ns, but the next request has always come 500 ns or more after
+  // One more would save 800 us, but the next request has always come 500 us or more after
   // the queue ran dry, which is all the batch may wait.
-  const BatchingOptions opt{3, 500, {}};
+  const BatchingOptions opt{3, 500 * us, {}};
   Batcher b(opt, kCurve);
   Request r[2];
-  one_gap(b, r, 0, 0, 700);
+  one_gap(b, r, 0, 0, 700 * us);
   EXPECT_EQ(b.gaps_beyond_max_delay(1), 1.0);
-  b.ran_dry(700);
+  b.ran_dry(700 * us);
   EXPECT_EQ(b.wait_for_more_ns(), 0);
   EXPECT_FALSE(b.waiting_pays());
 }
 
+TEST(BatcherWaiting, TheWaitIsWhatTheBatchHasLeft) {
+  // The next request comes 300 us after the queue ran dry, well worth waiting for; but this
+  // batch ran dry 900 us after it opened and must go at 1 ms (max_delay). 100 us of waiting
+  // catches nothing.
+  const BatchingOptions opt{3, 1'000 * us, {}};
+  Batcher b(opt, kCurve);
+  Request r[2];
+  one_gap(b, r, 0, 0, 300 * us);
+  b.ran_dry(300 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 524'288) << "with its whole max_delay left";
+  b.clear();
+  submitted_at(r[0], 600 * us);  // 300 us after that dry look too
+  ASSERT_EQ(b.offer(&r[0], kNone, 2'000 * us), Fit::joined);
+  b.ran_dry(2'900 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 0);
+  EXPECT_TRUE(b.dispatch_now(false));
+  // With 400 us left, the gaps of 300 us would come in time, but their bucket (262-524 us) may
+  // hold gaps up to 524 us: what the batcher cannot tell apart it does not count on.
+  b.clear();
+  submitted_at(r[0], 3'200 * us);
+  ASSERT_EQ(b.offer(&r[0], kNone, 4'000 * us), Fit::joined);
+  EXPECT_EQ(b.gaps_seen(1), 1.0 + 0.875 + 0.875 * 0.875) << "three gaps of 300 us";
+  b.ran_dry(4'600 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 0) << "the gap's bucket ends past the time left: not counted on";
+  EXPECT_EQ(b.wait_until(), 4'600 * us);
+}
+
 TEST(BatcherWaiting, GapsThatAreShortOrNeverAreWaitedForOnlyAsLongAsTheShortOnes) {
   // A batch of one is as often the first of a round of closed-loop clients (the next comes
-  // 100 ns later) as the last straggler of one (nothing comes within max_delay). On average
-  // the next one is 500,050 ns away, far more than the 800 ns it saves; but waiting 122 ns
-  // (the edge of the bucket of 100 ns) catches it half the time: 400 ns saved for 111 waited.
-  const BatchingOptions opt{3, 1'000'000, {}};
+  // 100 us later) as the last straggler of one (nothing comes within max_delay). On average
+  // the next one is ~500 ms away, far more than the 800 us it saves; but waiting 131 us (the
+  // edge of the bucket of 100 us) catches it half the time: ~400 us saved for ~115 waited.
+  const BatchingOptions opt{3, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[2];
   int64_t t = 0;
@@ -711,43 +772,59 @@ TEST(BatcherWaiting, GapsThatAreShortOrNeverAreWaitedForOnlyAsLongAsTheShortOnes
     ASSERT_EQ(b.offer(&r[0], kNone, t), Fit::joined);
     b.ran_dry(t);
     b.clear();
-    const int64_t next = round % 2 == 0 ? t + 100 : t + 2'000'000;
+    const int64_t next = round % 2 == 0 ? t + 100 * us : t + 2 * kSecond;
     submitted_at(r[1], next);
     ASSERT_EQ(b.offer(&r[1], kNone, next), Fit::joined);
     b.clear();
-    t = next + 10;
+    t = next + 10 * us;
   }
-  EXPECT_GT(b.gaps_beyond_max_delay(1), 0.0);
-  EXPECT_GT(b.gaps_seen(1), 2 * b.gaps_beyond_max_delay(1) - 1.0);
+  // Decayed: the newest (nothing came) weighs 1, the one before (100 us) 7/8, ...
+  const double never = 1 + 0.875 * 0.875 + 0.875 * 0.875 * 0.875 * 0.875;
+  EXPECT_DOUBLE_EQ(b.gaps_beyond_max_delay(1), never);
+  EXPECT_DOUBLE_EQ(b.gaps_seen(1), never + 0.875 + 0.875 * 0.875 * 0.875 + 0.875 * 0.875 * 0.875 * 0.875 * 0.875);
   ASSERT_EQ(b.offer(&r[0], kNone, t), Fit::joined);
   b.ran_dry(t);
-  EXPECT_EQ(b.gap_edge_ns(2), 122);
-  EXPECT_EQ(b.wait_for_more_ns(), 122);
-  EXPECT_EQ(b.wait_until(), t + 122);
+  EXPECT_EQ(b.gap_edge_ns(7), 131'072);
+  EXPECT_EQ(b.wait_for_more_ns(), 131'072);
+  EXPECT_EQ(b.wait_until(), t + 131'072);
 }
 
 TEST(BatcherWaiting, ASizeNeverCalledIsWeighedBetweenTheSizesMeasuredAroundIt) {
-  // Calls of one and of three measured at 1,000 ns each; two never ran. Scaled up from one,
-  // a call of two reads 2,000 ns and one more request in a batch of one saves nothing; between
-  // its neighbours it reads 1,000 ns, and one more saves 1,000 ns: worth a 100 ns wait.
-  const std::vector<int64_t> flat{0, 1'000, 0, 1'000};
-  const BatchingOptions opt{3, 1'000'000, {}};
+  // Calls of one and of three measured at 1,000 us each; two never ran. Scaled up from one,
+  // a call of two reads 2,000 us and one more request in a batch of one saves nothing; between
+  // its neighbours it reads 1,000 us, and one more saves 1,000 us: worth waiting 100 us for.
+  const std::vector<int64_t> flat{0, 1'000 * us, 0, 1'000 * us};
+  const BatchingOptions opt{3, kSecond, {}};
   Batcher b(opt, flat);
   Request r[2];
-  one_gap(b, r, 0, 0, 100);
-  b.ran_dry(200);
-  EXPECT_GT(b.wait_for_more_ns(), 0);
-  EXPECT_EQ(apportion::batch_estimate_ns(flat, 2), 2'000) << "deadlines still plan with the scaled-up estimate";
+  one_gap(b, r, 0, 0, 100 * us);
+  b.ran_dry(200 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 131'072);
+  EXPECT_EQ(apportion::batch_estimate_ns(flat, 2), 2'000 * us) << "deadlines still plan with the scaled-up estimate";
+}
+
+TEST(BatcherWaiting, ASizeBeyondEveryMeasuredOneIsTakenToCostNoMore) {
+  // Only calls of one measured (1,000 us). Scaled up, two would cost 2,000 us and one more
+  // request save nothing: the worker never waited with one, and never learned what two cost.
+  // Taken at 1,000 us until measured, one more saves 1,000 us, worth the 100 us it takes.
+  const std::vector<int64_t> ones{0, 1'000 * us, 0, 0};
+  const BatchingOptions opt{3, kSecond, {}};
+  Batcher b(opt, ones);
+  Request r[2];
+  one_gap(b, r, 0, 0, 100 * us);
+  b.ran_dry(200 * us);
+  EXPECT_EQ(b.wait_for_more_ns(), 131'072);
+  EXPECT_EQ(apportion::batch_estimate_ns(ones, 2), 2'000 * us) << "deadlines still plan with the scaled-up estimate";
 }
 
 TEST(BatcherWaiting, VeryLargeBatchesShareOneHistogram) {
-  const BatchingOptions opt{5'000, 1'000'000, {}};
+  const BatchingOptions opt{5'000, kSecond, {}};
   Batcher b(opt, kCurve);
   std::vector<Request> r(Batcher::kGapSizes + 2);
   for (std::size_t i = 0; i + 1 < r.size(); ++i) ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
   b.ran_dry(0);
-  submitted_at(r.back(), 100);
-  ASSERT_EQ(b.offer(&r.back(), kNone, 100), Fit::joined);
+  submitted_at(r.back(), 100 * us);
+  ASSERT_EQ(b.offer(&r.back(), kNone, 100 * us), Fit::joined);
   EXPECT_EQ(b.gaps_seen(Batcher::kGapSizes + 1), 1.0);
   EXPECT_EQ(b.gaps_seen(4'999), 1.0) << "one histogram for kGapSizes and more";
   EXPECT_EQ(b.gaps_seen(Batcher::kGapSizes - 1), 0.0);
@@ -755,37 +832,37 @@ TEST(BatcherWaiting, VeryLargeBatchesShareOneHistogram) {
 }
 
 TEST(BatcherWaiting, TheWaitIsWeighedAgainstEveryRequestItDelays) {
-  // A batch of three; a fourth would save c(3) + c(1) - c(4) = 500 ns (c(4) scaled from c(3)).
-  // It comes 200 ns after the queue runs dry, sooner than that, but each of the three waits
-  // those 200 ns too: 600 ns of waiting for 500 ns saved.
-  const BatchingOptions opt{8, 1'000'000, {}};
+  // A batch of three; a fourth would save c(3) + c(1) - c(4) = 1,000 us (c(4), never
+  // measured, taken as c(3)). It comes 400 us after the queue runs dry, sooner than that, but
+  // each of the three waits those 400 us too: 1,200 us of waiting for 1,000 us saved.
+  const BatchingOptions opt{8, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[4];
   for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 0), Fit::joined);
   b.ran_dry(0);
-  submitted_at(r[3], 200);
-  ASSERT_EQ(b.offer(&r[3], kNone, 200), Fit::joined);
+  submitted_at(r[3], 400 * us);
+  ASSERT_EQ(b.offer(&r[3], kNone, 400 * us), Fit::joined);
   EXPECT_EQ(b.gaps_seen(3), 1.0);
   b.clear();
-  for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 300), Fit::joined);
-  b.ran_dry(300);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(b.offer(&r[i], kNone, 500 * us), Fit::joined);
+  b.ran_dry(500 * us);
   EXPECT_FALSE(b.waiting_pays());
   b.clear();
-  ASSERT_EQ(b.offer(&r[0], kNone, 400), Fit::joined);
-  b.ran_dry(400);
-  submitted_at(r[1], 600);
-  ASSERT_EQ(b.offer(&r[1], kNone, 600), Fit::joined);
+  ASSERT_EQ(b.offer(&r[0], kNone, 600 * us), Fit::joined);
+  b.ran_dry(600 * us);
+  submitted_at(r[1], 1'000 * us);
+  ASSERT_EQ(b.offer(&r[1], kNone, 1'000 * us), Fit::joined);
   EXPECT_EQ(b.gaps_seen(1), 1.0);
   b.clear();
-  ASSERT_EQ(b.offer(&r[0], kNone, 700), Fit::joined);
-  b.ran_dry(700);
-  EXPECT_TRUE(b.waiting_pays()) << "alone, 200 ns of waiting saves 800";
+  ASSERT_EQ(b.offer(&r[0], kNone, 1'100 * us), Fit::joined);
+  b.ran_dry(1'100 * us);
+  EXPECT_TRUE(b.waiting_pays()) << "alone, 400 us of waiting saves 800";
 }
 
 TEST(BatcherWaiting, DoesNotWaitWhileAnotherInstanceIdles) {
   // Nothing known, so this batch would wait max_delay; but a request that comes meanwhile is
   // the idle instance's at once.
-  const BatchingOptions opt{8, 1'000'000, {}};
+  const BatchingOptions opt{8, kSecond, {}};
   Batcher b(opt, kCurve);
   Request r[1];
   ASSERT_EQ(b.offer(&r[0], kNone, 0), Fit::joined);
