@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pkgutil
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -63,6 +65,8 @@ MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
 RUNTIME_KEYS: tuple[str, ...] = ("cpus", "shared_pool", "pool_reserve", "reserve_nice")
 _TOO_DEEP = "not a config this reader takes: values nested too deep"
+MAX_CONFIG_BYTES = 16 << 20
+"""The largest config file read (a config of thousands of models is a few hundred KB)."""
 WORKLOAD_KEYS: tuple[str, ...] = ("rate",)
 SLO_KEYS: tuple[str, ...] = ("latency_ms", "percentile", "timeout_ms")
 LOAD_KEYS: tuple[str, ...] = ("concurrency", "rate", "share", "arrivals", "priority")
@@ -119,8 +123,11 @@ def resolve(ref: str, *, where: str = "<config>", key: str = "factory") -> Calla
         if str(e).startswith("invalid format"):  # pkgutil's own word for a malformed path
             raise ConfigError(where, key, f"{ref!r} is not an import path ({e}); give 'package.module:function'") from None
         raise ConfigError(where, key, f"importing module {module!r} raised ValueError: {e}") from None
-    except Exception as e:  # noqa: BLE001 - the module's own code raised while it was imported
-        raise ConfigError(where, key, f"importing module {module!r} raised {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code raised while it was imported
+        # SystemExit too: a module that calls sys.exit() or parses its own command line when
+        # imported ended the process silently (or with its own usage line, read as ours).
+        what = f"SystemExit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        raise ConfigError(where, key, f"importing module {module!r} raised {what}") from None
     if not callable(obj):
         raise ConfigError(where, key, f"{ref!r} is {type(obj).__name__}, not callable")
     return obj  # type: ignore[no-any-return]
@@ -228,8 +235,17 @@ class Config:
         """Reads and validates a TOML file; raises ConfigError naming the file and the key."""
         where = str(path)
         try:
+            # Only a regular file of a config's size: /dev/zero was read until memory ran out,
+            # and a FIFO without a writer blocked the command for good.
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise ConfigError(where, None, f"cannot read it: {kind}")
             with open(path, "rb") as fh:
-                data = fh.read()
+                data = fh.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise ConfigError(where, None, f"cannot read it: larger than {MAX_CONFIG_BYTES >> 20} MiB, "
+                                  "which no config is")
             # A byte order mark (some editors write one) is not TOML: read past it.
             doc = tomllib.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
         except OSError as e:

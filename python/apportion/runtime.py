@@ -55,9 +55,11 @@ def _imported(model: str, field: str, ref: str) -> Any:
                          model=model, field=field) from None
     except (ImportError, AttributeError) as e:
         raise QuotaError(f"{ref!r} cannot be imported: {e}", model=model, field=field) from None
-    except Exception as e:  # noqa: BLE001 - the module's own code raised while it was imported
-        raise QuotaError(f"{ref!r} cannot be imported: importing it raised {type(e).__name__}: {e}",
-                         model=model, field=field) from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code raised while it was imported
+        # SystemExit too: a module that calls sys.exit() (or parses its own command line) when
+        # imported ended the process with no word of which model or field.
+        what = f"SystemExit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        raise QuotaError(f"{ref!r} cannot be imported: importing it raised {what}", model=model, field=field) from None
 
 
 def _warmup_sizes(spec: ModelSpec) -> list[int]:

@@ -185,7 +185,12 @@ def test_factory_resolution_errors_name_the_key(tmp_path: Path, monkeypatch: pyt
     # A module whose own code raises while it is imported was a traceback from deep inside.
     monkeypatch.syspath_prepend(str(tmp_path))
     for i, (body, want) in enumerate((("def build(ctx)\n  return 1\n", "SyntaxError"), ("1 / 0\n", "ZeroDivisionError"),
-                                      ("raise ValueError('no')\n", "ValueError: no"))):
+                                      ("raise ValueError('no')\n", "ValueError: no"),
+                                      # Ended the process silently (exit 3), or with the module's
+                                      # own usage line read as ours.
+                                      ("import sys\nsys.exit(3)\n", r"SystemExit\(3\)"),
+                                      ("import argparse\nargparse.ArgumentParser().parse_args(['--x'])\n",
+                                       r"SystemExit\(2\)"))):
         (tmp_path / f"broken_mod_{i}.py").write_text(body)
         path = write(tmp_path, f'[models.m]\nfactory = "broken_mod_{i}:build"\ninputs = "broken_mod_{i}:make"\n')
         with pytest.raises(ConfigError, match=rf"models\.m\.factory: importing module 'broken_mod_{i}' raised {want}"):
@@ -195,6 +200,13 @@ def test_factory_resolution_errors_name_the_key(tmp_path: Path, monkeypatch: pyt
         with ap.Runtime() as rt, pytest.raises(
                 ap.QuotaError, match=rf"'broken_mod_{i}:build' cannot be imported: importing it raised {want}"):
             rt.add_model("m", factory=f"broken_mod_{i}:build")
+    # A process model imports its factory in its worker process, whose error the parent raised
+    # again: SystemExit(3) ended this process with exit 3 and nothing said.
+    with ap.Runtime() as rt, pytest.raises(
+            ap.QuotaError, match=r"model 'm', field 'factory': 'broken_mod_3:build' cannot be imported: "
+                                 r"importing it raised SystemExit\(3\)"):
+        rt.add_model("m", factory="broken_mod_3:build", isolation="process")
+        rt.start()
     path = write(tmp_path, "[models.m]\ncores = 1\n")
     with pytest.raises(ConfigError, match=r"models\.m\.factory: missing"):
         Config.load(path).runtime()

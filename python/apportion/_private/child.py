@@ -102,6 +102,11 @@ def _build(launch: dict[str, Any]) -> Any:
         factory = pkgutil.resolve_name(spec.factory)
     except AttributeError as e:
         raise QuotaError(f"{spec.factory!r} cannot be imported: {e}", model=spec.name, field="factory") from None
+    except SystemExit as e:
+        # Raised again in the parent, it ended the whole process with no word of the model
+        # (a module that calls sys.exit() or parses its own command line when imported).
+        raise QuotaError(f"{spec.factory!r} cannot be imported: importing it raised SystemExit({e.code!r})",
+                         model=spec.name, field="factory") from None
     ctx = InstanceContext(
         model=spec.name, instance=launch["instance"], instances=spec.instances,
         threads=launch["threads"], cpus=tuple(launch["cpus"]) if launch["cpus"] else None,
