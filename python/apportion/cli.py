@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import load as ld
-from ._private.argtypes import above_zero, at_least, between, in_range
+from ._private.argtypes import MAX_SECONDS, above_zero, between, in_range, seconds
 from ._private.loops import LOOPS
 from .errors import ApportionError, QuotaError
 from .config import QUOTA_KEYS, Config, ConfigError, DoesNotFit, StartFailed, model_key
@@ -199,11 +199,11 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _window_args(p: argparse.ArgumentParser, window: float, max_s: float) -> None:
-    p.add_argument("--warmup-s", type=above_zero(float), default=window,
+    p.add_argument("--warmup-s", type=seconds, default=window,
                    help=f"warm-up seconds (default {window:g})")
-    p.add_argument("--window-s", type=at_least(ld.MIN_WINDOW_S), default=window,
+    p.add_argument("--window-s", type=between(ld.MIN_WINDOW_S, MAX_SECONDS), default=window,
                    help=f"measurement window seconds, {ld.MIN_WINDOW_S:g} at least (default {window:g})")
-    p.add_argument("--max-s", type=above_zero(float), default=None,
+    p.add_argument("--max-s", type=seconds, default=None,
                    help=f"stop after this many seconds even if not stable, warm-up included; at least "
                    f"the warm-up and three windows (default {max_s:g}, or that least if it is more)")
     p.set_defaults(default_max_s=max_s)
@@ -224,7 +224,7 @@ def _max_s(args: argparse.Namespace) -> float:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
-    p.add_argument("--duration", type=above_zero(float), default=None, metavar="S",
+    p.add_argument("--duration", type=seconds, default=None, metavar="S",
                    help="serve for S seconds, putting each model's configured load on it, then print "
                    "the load report and stats (default: serve until Ctrl-C)")
     _add_adapt(p)
@@ -373,7 +373,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="drive a KServe v2 server (apportion serve, Triton, ...) at http://HOST:PORT or "
                    "grpc://HOST:PORT instead of models built here; CONFIG, if given, supplies the loads and "
                    "inputs, the server the models")
-    p.add_argument("--request-timeout-s", type=above_zero(float), default=30.0, metavar="S",
+    p.add_argument("--request-timeout-s", type=seconds, default=30.0, metavar="S",
                    help="with --url: a request with no answer after S seconds counts as failed "
                    "('client timeout'; default 30)")
     p.add_argument("--tensors", choices=("binary", "json"), default="binary",
@@ -544,7 +544,7 @@ def _print_report(report: ld.LoadReport, as_json: bool, out: TextIO) -> None:
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
-    p.add_argument("--budget-s", type=above_zero(float), default=60.0,
+    p.add_argument("--budget-s", type=seconds, default=60.0,
                    help="time budget in seconds (default 60); profiling each model once at each shape takes "
                    "~1 s a run whatever the budget, and the report says how long the search took")
     p.add_argument("--out", default="apportion-tune", metavar="DIR",
@@ -626,18 +626,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=above_zero(int), default=64 << 20, metavar="N",
                    help="refuse request bodies (HTTP) and messages (gRPC) beyond N bytes with 413 / "
                    "RESOURCE_EXHAUSTED (default 64 MiB)")
-    p.add_argument("--drain-timeout-s", type=above_zero(float), default=30.0, metavar="S",
+    p.add_argument("--drain-timeout-s", type=seconds, default=30.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, wait at most S seconds for admitted requests (default 30)")
-    p.add_argument("--body-timeout-s", type=above_zero(float), default=60.0, metavar="S",
+    p.add_argument("--body-timeout-s", type=seconds, default=60.0, metavar="S",
                    help="answer 408 to an HTTP request whose body has not arrived whole S seconds after "
                    "its headers (default 60)")
-    p.add_argument("--header-timeout-s", type=above_zero(float), default=60.0, metavar="S",
+    p.add_argument("--header-timeout-s", type=seconds, default=60.0, metavar="S",
                    help="answer 408 and close a connection whose request headers have not arrived whole S "
                    "seconds after the connection (or the request's first byte) (default 60)")
     p.add_argument("--max-header-bytes", type=in_range(1024, 1 << 30), default=64 << 10, metavar="N",
                    help="answer 431 and close a connection whose request line and headers pass N bytes "
                    "(default 64 KiB)")
-    p.add_argument("--write-timeout-s", type=above_zero(float), default=60.0, metavar="S",
+    p.add_argument("--write-timeout-s", type=seconds, default=60.0, metavar="S",
                    help="drop an HTTP connection whose client has taken none of its answer for S seconds "
                    "(default 60)")
     _add_adapt(p)

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import _table
-from ._private.argtypes import above_zero, at_least
+from ._private.argtypes import above_zero, at_least, seconds
 from . import load as ld
 from .config import Config, ConfigError, ModelConfig
 from .controller import Controller, Move
@@ -517,7 +517,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", type=above_zero(float), default=1.0,
                    help="offered load as a multiple of the cores' one-thread capacity (default 1.0)")
-    p.add_argument("--budget-s", type=above_zero(float), default=60.0, help="tuner time budget in seconds (default 60)")
+    p.add_argument("--budget-s", type=seconds, default=60.0, help="tuner time budget in seconds (default 60)")
     p.add_argument("--window-s", type=at_least(ld.MIN_WINDOW_S), default=1.0,
                    help=f"measurement window for the three modes, seconds ({ld.MIN_WINDOW_S:g} at least; default 1; "
                    "3 windows each)")
@@ -531,7 +531,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="the mix after the shift, each model's share of the same total rate, e.g. "
                        "mlp=0.85,conv=0.1,encoder=0.05 (default: "
                        + ",".join(f"{n}={v:g}" for n, v in SHIFTED_SHARES.items()) + ")")
-    p.add_argument("--adapt-s", type=above_zero(float), default=None, metavar="S",
+    p.add_argument("--adapt-s", type=seconds, default=None, metavar="S",
                    help="after the shift, seconds of the new mix before measuring (default 6 windows)")
     p.add_argument("--retune", action="store_true",
                    help="also tune from scratch for the new mix and measure that plan (one more tuner budget)")

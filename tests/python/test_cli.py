@@ -668,3 +668,30 @@ def test_failed_controller_moves_are_shown_in_the_text_report(tmp_path: Path, mo
     code, out, err = run("run", path, "--adapt", "--adapt-window-s", "0.2", "--duration", "3")
     assert (code, err) == (0, ""), err
     assert "controller error at " in out and "no second instance" in out, out
+
+
+def test_a_config_that_is_no_regular_file_is_one_line(tmp_path: Path) -> None:
+    # /dev/zero was read until memory ran out (a traceback ending in MemoryError), and a FIFO
+    # with no writer blocked `plan` for good.
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path, why in (("/dev/zero", "not a regular file"), (str(fifo), "not a regular file"),
+                      (str(tmp_path), "a directory")):
+        code, out, err = run("plan", path)
+        assert (code, out, err) == (2, "", f"apportion plan: error: {path}: cannot read it: {why}\n")
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * ((16 << 20) + 1))
+    code, _, err = run("plan", str(big))
+    assert code == 2 and "cannot read it: larger than 16 MiB" in err
+
+
+@pytest.mark.parametrize("option", ["--duration", "--window-s", "--warmup-s", "--max-s"])
+def test_seconds_beyond_what_a_timer_holds_are_a_usage_error(tmp_path: Path, option: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # `run --duration 1e10` started the models, then died in time.sleep: OverflowError.
+    command = "run" if option == "--duration" else "bench"
+    path = config(tmp_path, '[models.m]\nfactory = "process_models:echo"\n')
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, path, option, "1e10"])
+    assert e.value.code == 2
+    assert f"argument {option}: must be a finite number" in capsys.readouterr().err

@@ -28,6 +28,16 @@ def above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return _finite(kind, lambda v: v > 0, "> 0")
 
 
+MAX_SECONDS = 1e9
+"""The longest a seconds option may be (31 years): beyond it a sleep or a timeout overflows
+the platform's time_t."""
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, a finite float in (0, MAX_SECONDS]."""
+    return _finite(float, lambda v: 0 < v <= MAX_SECONDS, f"> 0 and at most {MAX_SECONDS:g} (seconds)")(text)
+
+
 def at_least(low: float) -> Callable[[str], float]:
     """An argparse type: a finite float >= ``low``."""
     return _finite(float, lambda v: v >= low, f">= {low:g}")
