@@ -181,6 +181,9 @@ def _cfg(signature: str) -> str:
     ('inputs = [{ name = "x", datatype = "FP32", shape = [-1] }]\n'
      'outputs = [{ name = "y", datatype = "FP32", shape = [-1] }]\ntensor = "jax"', "models.m.signature.tensor",
      "'numpy' or 'torch'"),
+    ('inputs = [{ name = "x", datatype = "FP32", shape = [4] }, { name = "x", datatype = "FP32", shape = [4] }]\n'
+     'outputs = [{ name = "y", datatype = "FP32", shape = [-1] }]', "models.m.signature.inputs",
+     "names ['x'] more than once"),
 ])
 def test_signature_errors_name_the_key(signature: str, key: str, message: str) -> None:
     with pytest.raises(ap.ConfigError) as err:

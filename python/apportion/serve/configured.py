@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from .tensors import Signature, TensorSpec
@@ -40,7 +41,11 @@ def signatures(cfg: Config) -> dict[str, Signature]:
         try:
             out[m.name] = Signature(sides["inputs"], sides["outputs"], m.signature.get("tensor", "numpy"))
         except ValueError as e:
-            raise ConfigError(cfg.path, f"{key}.tensor", str(e)) from None
+            # Filed under the key Signature names ("names ['x'] more than once" is the inputs'
+            # fault, not the tensor kind's).
+            named = re.match(r"Signature: field '(inputs|outputs|tensor)' (.*)", str(e), re.S)
+            field, message = (named.group(1), named.group(2)) if named else ("tensor", str(e))
+            raise ConfigError(cfg.path, f"{key}.{field}", message) from None
     if not out:
         raise ConfigError(cfg.path, "models", "no model declares a signature: add [models.<name>.signature] "
                           'with inputs = [{ name = "x", datatype = "FP32", shape = [-1] }] and outputs')
