@@ -4,6 +4,7 @@
 #include <map>
 #include <numeric>
 #include <set>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -320,11 +321,23 @@ class Planner {
     if (static_cast<int>(free.size()) < need) {
       CpuList left;
       for (int c : free) left.push_back(core(c).usable.front());
+      // Which models hold the rest: the largest are placed first, so the model that does not
+      // fit may come first in the user's list, and "earlier" alone named none of them.
+      std::map<std::string, std::size_t> held;
+      for (int c : usable_cores_) {
+        if (core_free(c) || (q.numa >= 0 && core(c).node != q.numa)) continue;
+        int owner = core_owner_[static_cast<std::size_t>(c)];
+        if (owner == kFree && !core(c).usable.empty()) owner = cpu_owner_[static_cast<std::size_t>(core(c).usable.front())];
+        if (owner != kFree) ++held["'" + quotas_[static_cast<std::size_t>(owner)].name + "'"];
+      }
+      std::string holders;
+      for (const auto& [name, n] : held) holders += (holders.empty() ? "" : ", ") + name + " " + plural(n, "core");
       fail(PlacementErrorKind::capacity, q, "cores",
            "asks " + plural(static_cast<std::size_t>(need), "exclusive physical core") + " (" + describe(q) +
                ") but " + plural(free.size(), "free core") + " " +
                (q.numa >= 0 ? "on node " + std::to_string(q.numa) + " " : std::string()) + "left after earlier exclusive models" +
-               (left.empty() ? std::string() : " (first CPUs \"" + format_cpulist(left) + "\")"));
+               (left.empty() ? std::string() : " (first CPUs \"" + format_cpulist(left) + "\")") +
+               (holders.empty() ? std::string() : "; held by " + holders + " (placed largest first)"));
     }
 
     // Within a group, performance cores first, then by position; across groups in a wider scope,

@@ -253,6 +253,11 @@ def test_placement_error_says_what_is_left() -> None:
     with pytest.raises(PlacementError, match="24 free cores left"):
         plan([Quota("a", cores=40, isolation="exclusive"), Quota("b", cores=30, isolation="exclusive")],
              TOPOLOGIES["server_2s128t"])
+    # The largest is placed first: the model that does not fit may be the first one listed, and
+    # the message said only "after earlier exclusive models".
+    with pytest.raises(PlacementError, match=r"model 'm', field 'cores': .*0 free cores left after earlier exclusive "
+                                             r"models; held by 'n' 2 cores \(placed largest first\)"):
+        plan([Quota("m", cores=1, isolation="exclusive"), Quota("n", cores=2, isolation="exclusive")], TOPOLOGIES["vm2"])
     with pytest.raises(QuotaError, match="NUMA node 2 has no usable CPU.*nodes with CPUs: 0, 1"):
         plan([Quota("far", cores=1, isolation="exclusive", numa=2)], TOPOLOGIES["server_2s128t"])
     with pytest.raises(QuotaError, match="CPUs 5 are not usable"):
@@ -312,3 +317,10 @@ def _property_case(name: str, data: st.DataObject) -> None:
 @given(data=st.data())
 def test_random_quotas_keep_every_invariant(name: str, data: st.DataObject) -> None:
     _property_case(name, data)
+
+
+def test_a_cpu_list_that_names_a_cpu_twice_is_refused() -> None:
+    # [0, 0] was read as one CPU: a typo for [0, 1] served on half the CPUs meant.
+    with pytest.raises(QuotaError, match=r"model 'm', field 'cores': got \[0, 0\]: CPU 0 is named more than once"):
+        Quota(cores=[0, 0], isolation="exclusive", name="m")
+    assert Quota(cores=[1, 0], isolation="exclusive", name="m").cpus == (0, 1)
