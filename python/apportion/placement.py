@@ -22,7 +22,6 @@ Semantics (see csrc/apportion/placement.hpp for the exact rules):
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeGuard
@@ -102,9 +101,6 @@ class Quota:
             if not cores or not all(_is_int(c) and 0 <= c < _MAX_COUNT for c in cores):
                 raise _quota_error(name, "cores", f"got {list(cores)!r}; a CPU list needs CPU ids in "
                                    f"[0, {_MAX_COUNT})")
-            twice = [c for c, n in Counter(cores).items() if n > 1]
-            if twice:  # [0, 0] read as one CPU: a typo for [0, 1] served on half the CPUs meant
-                raise _quota_error(name, "cores", f"got {list(cores)!r}: CPU {twice[0]} is named more than once")
             object.__setattr__(self, "cpus", tuple(sorted(set(cores))))
         else:
             raise _quota_error(name, "cores", f"got {cores!r} ({type(cores).__name__}); give an integer "

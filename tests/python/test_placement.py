@@ -318,9 +318,3 @@ def _property_case(name: str, data: st.DataObject) -> None:
 def test_random_quotas_keep_every_invariant(name: str, data: st.DataObject) -> None:
     _property_case(name, data)
 
-
-def test_a_cpu_list_that_names_a_cpu_twice_is_refused() -> None:
-    # [0, 0] was read as one CPU: a typo for [0, 1] served on half the CPUs meant.
-    with pytest.raises(QuotaError, match=r"model 'm', field 'cores': got \[0, 0\]: CPU 0 is named more than once"):
-        Quota(cores=[0, 0], isolation="exclusive", name="m")
-    assert Quota(cores=[1, 0], isolation="exclusive", name="m").cpus == (0, 1)
