@@ -317,4 +317,3 @@ def _property_case(name: str, data: st.DataObject) -> None:
 @given(data=st.data())
 def test_random_quotas_keep_every_invariant(name: str, data: st.DataObject) -> None:
     _property_case(name, data)
-
