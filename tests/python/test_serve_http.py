@@ -872,7 +872,13 @@ def test_request_headers_over_the_limit_get_431_and_the_connection_closed() -> N
                     sent += 8192
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            assert sent < 1 << 20 or http_response(c).startswith(b"HTTP/1.1 431")
+            try:
+                cut = sent < 1 << 20 or http_response(c).startswith(b"HTTP/1.1 431")
+            except ConnectionResetError:
+                # The server closed with this client's bytes unread: the kernel answers with a
+                # reset, which drops the 431 already received. Cut off all the same.
+                cut = True
+            assert cut
         # a body as large as it likes still arrives: the bound is the headers'
         big = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000], "data": [1.0] * 20000}]}
         assert httpx.post(url, json=big, timeout=30).status_code == 200
