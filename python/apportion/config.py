@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from ._private.checks import real
-from .errors import ApportionError, PlacementError, QuotaError
+from .errors import ApportionError, PlacementError, QuotaError, raised_on_import
 from .load.spec import MAX_CONCURRENCY
 from .placement import Quota
 from .spec import TABLE_FIELDS, ModelSpec, import_path
@@ -124,10 +124,7 @@ def resolve(ref: str, *, where: str = "<config>", key: str = "factory") -> Calla
             raise ConfigError(where, key, f"{ref!r} is not an import path ({e}); give 'package.module:function'") from None
         raise ConfigError(where, key, f"importing module {module!r} raised ValueError: {e}") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code raised while it was imported
-        # SystemExit too: a module that calls sys.exit() or parses its own command line when
-        # imported ended the process silently (or with its own usage line, read as ours).
-        what = f"SystemExit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
-        raise ConfigError(where, key, f"importing module {module!r} raised {what}") from None
+        raise ConfigError(where, key, f"importing module {module!r} raised {raised_on_import(e)}") from None
     if not callable(obj):
         raise ConfigError(where, key, f"{ref!r} is {type(obj).__name__}, not callable")
     return obj  # type: ignore[no-any-return]

@@ -138,3 +138,10 @@ class SharedMemoryWarning(RuntimeWarning):
     """``/dev/shm`` is too small for a process model's largest messages (``isolation="process"``):
     the model serves, but a request or result that does not fit fails with ``OSError``
     (``ENOSPC``). The message says how much is free, how much is needed and what to do."""
+
+
+def raised_on_import(e: BaseException) -> str:
+    """What a module's own code raised while it was imported, for an error message: ``Type:
+    message``, or ``SystemExit(code)`` for a module that calls ``sys.exit()`` or parses its own
+    command line when imported (caught: it would end the process with no word of the model)."""
+    return f"SystemExit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"

@@ -21,7 +21,7 @@ from .adapters import build_instance
 from .batching import Batching, wrap_factory
 from .context import InstanceContext
 from .adapters.gpu import GpuUsage, wrap_for_gpu
-from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed
+from .errors import ModelNotFound, PinningWarning, PlacementError, QuotaError, RuntimeClosed, raised_on_import
 from .futures import on_loop
 from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_gpus
 from .placement import ModelPlan, Plan, Quota, plan
@@ -56,10 +56,8 @@ def _imported(model: str, field: str, ref: str) -> Any:
     except (ImportError, AttributeError) as e:
         raise QuotaError(f"{ref!r} cannot be imported: {e}", model=model, field=field) from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code raised while it was imported
-        # SystemExit too: a module that calls sys.exit() (or parses its own command line) when
-        # imported ended the process with no word of which model or field.
-        what = f"SystemExit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
-        raise QuotaError(f"{ref!r} cannot be imported: importing it raised {what}", model=model, field=field) from None
+        raise QuotaError(f"{ref!r} cannot be imported: importing it raised {raised_on_import(e)}",
+                         model=model, field=field) from None
 
 
 def _warmup_sizes(spec: ModelSpec) -> list[int]:

@@ -33,9 +33,9 @@ MAX_SECONDS = 1e9
 the platform's time_t."""
 
 
-def seconds(text: str) -> float:
-    """An argparse type: a number of seconds, a finite float in (0, MAX_SECONDS]."""
-    return _finite(float, lambda v: 0 < v <= MAX_SECONDS, f"> 0 and at most {MAX_SECONDS:g} (seconds)")(text)
+seconds: Callable[[str], float] = _finite(float, lambda v: 0 < v <= MAX_SECONDS,
+                                          f"> 0 and at most {MAX_SECONDS:g} (seconds)")
+"""An argparse type: a number of seconds, a finite float in (0, MAX_SECONDS]."""
 
 
 def at_least(low: float) -> Callable[[str], float]:

@@ -93,7 +93,7 @@ def _build(launch: dict[str, Any]) -> Any:
 
     from apportion.adapters import build_instance
     from apportion.context import InstanceContext
-    from apportion.errors import QuotaError
+    from apportion.errors import QuotaError, raised_on_import
     from apportion.spec import ModelSpec
 
     spec = ModelSpec.from_table(launch["model"], launch["spec"])
@@ -105,7 +105,7 @@ def _build(launch: dict[str, Any]) -> Any:
     except SystemExit as e:
         # Raised again in the parent, it ended the whole process with no word of the model
         # (a module that calls sys.exit() or parses its own command line when imported).
-        raise QuotaError(f"{spec.factory!r} cannot be imported: importing it raised SystemExit({e.code!r})",
+        raise QuotaError(f"{spec.factory!r} cannot be imported: importing it raised {raised_on_import(e)}",
                          model=spec.name, field="factory") from None
     ctx = InstanceContext(
         model=spec.name, instance=launch["instance"], instances=spec.instances,
