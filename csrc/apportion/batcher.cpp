@@ -27,10 +27,13 @@ int64_t by_measured_size(const std::vector<int64_t>& values, const std::vector<i
 // The duration of a call of `n` requests by `cost_ns`, for weighing a wait rather than a
 // deadline: measured; else between the nearest measured sizes below and above (looking at most
 // n sizes up, which keeps a worker of max_size 65,536 from reading its whole table each time),
-// interpolated linearly; else, with none above, `none_above`; else, with none below, the
-// nearest one above (as batch_estimate_ns: 0 when nothing is known). A deadline's estimate scales the smaller size up,
+// interpolated linearly; else, with none above, `none_above` (kScaleUp: the nearest smaller size
+// scaled up, as batch_estimate_ns); else, with none below, the nearest one above (as
+// batch_estimate_ns: 0 when nothing is known). A deadline's estimate scales the smaller size up,
 // which over-estimates: c(1) = c(3) = 20 ms reads c(2) as 40 ms, one more request in a batch of
 // one as saving nothing, and a worker that never waits with one request never measures two.
+constexpr int64_t kScaleUp = -1;
+
 int64_t weighed_ns(const std::vector<int64_t>& cost_ns, std::size_t n, int64_t none_above) noexcept {
   if (n < cost_ns.size() && cost_ns[n] > 0) return cost_ns[n];
   std::size_t below = 0, above = 0;
@@ -50,7 +53,10 @@ int64_t weighed_ns(const std::vector<int64_t>& cost_ns, std::size_t n, int64_t n
     return cost_ns[below] + (cost_ns[above] - cost_ns[below]) * static_cast<int64_t>(n - below) /
                                 static_cast<int64_t>(above - below);
   }
-  if (below != 0) return none_above;
+  if (below != 0) {
+    return none_above != kScaleUp ? none_above
+                                  : cost_ns[below] / static_cast<int64_t>(below) * static_cast<int64_t>(n);
+  }
   return above != 0 ? cost_ns[above] : batch_estimate_ns(cost_ns, n);
 }
 
@@ -153,7 +159,6 @@ int64_t Batcher::gap_edge_ns(std::size_t k) const noexcept {
 
 void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
   if (n > opt_.max_size) return;  // dry_size_ < max_size: a full batch is never open
-  n = std::min(n, kGapSizes);
   std::size_t k = 0;
   if (gap >= opt_.max_delay_ns) {
     k = kGapBuckets;  // nothing came within the longest wait there could be
@@ -161,8 +166,8 @@ void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
     while (gap > gap_edge_ns(k)) ++k;  // < kGapBuckets: the last edge is max_delay
   }
   // Weight 7/8 for what came before: a change in the load shows within a few rounds.
-  float* count = &gap_count_[n * (kGapBuckets + 1)];
-  float* sum = &gap_sum_ns_[n * (kGapBuckets + 1)];
+  float* count = &gap_count_[gap_row(n)];
+  float* sum = &gap_sum_ns_[gap_row(n)];
   for (std::size_t j = 0; j <= kGapBuckets; ++j) {
     count[j] *= 0.875F;
     sum[j] *= 0.875F;
@@ -176,14 +181,13 @@ void Batcher::record_gap(std::size_t n, int64_t gap) noexcept {
 
 double Batcher::gaps_seen(std::size_t n) const noexcept {
   if (n > opt_.max_size) return 0;
-  n = std::min(n, kGapSizes);
   double w = 0;
-  for (std::size_t j = 0; j <= kGapBuckets; ++j) w += gap_count_[n * (kGapBuckets + 1) + j];
+  for (std::size_t j = 0; j <= kGapBuckets; ++j) w += gap_count_[gap_row(n) + j];
   return w;
 }
 
 double Batcher::gaps_beyond_max_delay(std::size_t n) const noexcept {
-  return n > opt_.max_size ? 0 : gap_count_[std::min(n, kGapSizes) * (kGapBuckets + 1) + kGapBuckets];
+  return n > opt_.max_size ? 0 : gap_count_[gap_row(n) + kGapBuckets];
 }
 
 int64_t Batcher::latest_dispatch() const noexcept {
@@ -196,8 +200,7 @@ int64_t Batcher::latest_dispatch() const noexcept {
 
 int64_t Batcher::wait_for_more_ns() const noexcept {
   const std::size_t n = batch_.size();
-  const int64_t one = weighed_ns(cost_ns_, 1, 0),  // 1 has no size below: never used
-                now = weighed_ns(cost_ns_, n, batch_estimate_ns(cost_ns_, n)),
+  const int64_t one = weighed_ns(cost_ns_, 1, kScaleUp), now = weighed_ns(cost_ns_, n, kScaleUp),
                 // A size beyond all measured ones is assumed to cost what n does: once a wait
                 // brings one more request, its call measures it (scaled up from n instead, one
                 // more request would save nothing, and the batch would never grow to show it).
@@ -212,9 +215,8 @@ int64_t Batcher::wait_for_more_ns() const noexcept {
   // hand sits through (the gaps caught, each its own length; the rest, all of t). A bucket
   // whose edge is past the time left is weighed at the time left, with its own gaps uncaught.
   const double saved = static_cast<double>(now + one - more);
-  const std::size_t row = std::min(n, kGapSizes);
-  const float* count = &gap_count_[row * (kGapBuckets + 1)];
-  const float* sum = &gap_sum_ns_[row * (kGapBuckets + 1)];
+  const float* count = &gap_count_[gap_row(n)];
+  const float* sum = &gap_sum_ns_[gap_row(n)];
   double caught = 0, caught_ns = 0, best = 0;
   int64_t wait = 0;
   for (std::size_t k = 0; k < kGapBuckets; ++k) {

@@ -45,6 +45,7 @@
 // A model that really is too slow for its deadlines runs one such probe per that interval.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -213,6 +214,8 @@ class Batcher {
   std::vector<float> gap_count_;
   std::vector<float> gap_sum_ns_;
   void record_gap(std::size_t n, int64_t gap) noexcept;
+  // Where the gaps of batch size n (<= max_size) start in gap_count_ and gap_sum_ns_.
+  std::size_t gap_row(std::size_t n) const noexcept { return std::min(n, kGapSizes) * (kGapBuckets + 1); }
 };
 
 }  // namespace apportion
