@@ -100,6 +100,11 @@ class StartFailed(ConfigError):
     has the error and the model; ``__cause__`` is the error itself)."""
 
 
+def _runtime_reason(err: QuotaError) -> str:
+    # The config key names the runtime: the reason's own "Runtime: " would say it twice.
+    return err.reason.removeprefix("Runtime: ")
+
+
 def _without_prefix(err: Exception) -> str:
     # Quota errors start with "model 'x', field 'y': "; the config key already says that.
     text = str(err)
@@ -338,10 +343,21 @@ class Config:
             try:
                 _check_reserve(pool_reserve, reserve_nice, shared_pool == "scheduled")
             except QuotaError as e:
-                raise ConfigError(path, f"runtime.{e.field}", e.reason) from None
+                raise ConfigError(path, f"runtime.{e.field}", _runtime_reason(e)) from None
             if pool_reserve is None:
                 raise ConfigError(path, "runtime.reserve_nice", "applies only with pool_reserve (it is the nice of "
                                   "the classes below a reservation); add pool_reserve, or leave reserve_nice out")
+            # A reservation serves the models of its class and above, and lowers the OS priority
+            # of every class below: one that no model can use only does the latter (a class
+            # typed wrong, or a model's priority_class left out).
+            classes = {m.name: m.spec.priority_class or 0 for m in out.values()}
+            for cls_ in sorted(pool_reserve):
+                if not any(c >= cls_ for c in classes.values()):
+                    have = ", ".join(f"{n} {c}" for n, c in classes.items())
+                    raise ConfigError(path, "runtime.pool_reserve",
+                                      f"no model has priority_class {cls_} or above (the models' classes: "
+                                      f"{have}); the reservation would serve none and only lower the "
+                                      "others' OS priority")
         return cfg
 
     # -- using --------------------------------------------------------------------------------
@@ -359,7 +375,8 @@ class Config:
             rt = Runtime(cpus=self.cpus, topology_root=topology_root, shared_pool=self.shared_pool,
                          pool_reserve=self.pool_reserve, reserve_nice=self.reserve_nice)
         except QuotaError as e:
-            raise ConfigError(self.path, f"runtime.{e.field}" if e.field else "runtime.cpus", e.reason) from None
+            raise ConfigError(self.path, f"runtime.{e.field}" if e.field else "runtime.cpus",
+                              _runtime_reason(e)) from None
         try:
             _ = rt.topology  # `cpus` read against this machine (or the tree under topology_root)
         except ValueError as e:  # a CPU it does not have

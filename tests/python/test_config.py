@@ -374,6 +374,9 @@ def test_a_pool_reservation_loads_round_trips_and_reaches_the_runtime(tmp_path: 
         ("reserve_nice = -5", "runtime.reserve_nice", "1..19"),
         ("reserve_nice = true", "runtime.reserve_nice", "1..19"),
         ("reserve_nice = 99", "runtime.reserve_nice", "1..19"),
+        # a class no model has (m is class 0): it served none and lowered m's OS priority
+        ('shared_pool = "scheduled"\npool_reserve = { "1" = 1 }', "runtime.pool_reserve",
+         r"no model has priority_class 1 or above \(the models' classes: m 0\)"),
     ],
 )
 def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: str, message: str) -> None:
@@ -381,6 +384,7 @@ def test_bad_pool_reservations_name_the_key(tmp_path: Path, runtime: str, key: s
     with pytest.raises(ConfigError, match=message) as info:
         Config.load(write(tmp_path, text))
     assert info.value.key == key
+    assert "Runtime:" not in str(info.value)  # the key names the runtime already
 
 
 @pytest.mark.parametrize(("cpus", "root", "message"), [

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import apportion as ap
-from apportion.config import Config, ModelConfig
+from apportion.config import Config, ConfigError, ModelConfig
 from apportion.tune import (
     RHO,
     Choice,
@@ -331,6 +331,13 @@ def test_apply_keeps_a_process_models_isolation_and_bounds_and_a_shared_models_o
     assert (p.isolation, p.cores, p.instances, p.watchdog_s) == ("process", None, 2, 5.0)
     assert floating.models["critical"].spec.priority_class == 0  # the search's class, when it gives one
     assert Config.loads(out.to_toml()).models == out.models
+    # With no model at class 1 any more the reservation would serve none (and Config refuses
+    # it): it is dropped, and the plan loads again.
+    assert out.pool_reserve == {1: 1} and floating.pool_reserve is None
+    assert Config.loads(floating.to_toml()).pool_reserve is None
+    with pytest.raises(ConfigError, match=r"runtime.pool_reserve: no model has priority_class 1 or above "
+                       r"\(the models' classes: parser 0, critical 0\)"):
+        Config.loads(floating.to_toml().replace("[runtime]", '[runtime]\npool_reserve = { "1" = 1 }', 1))
 
 
 # -- the SLO margin ------------------------------------------------------------------------------

@@ -169,7 +169,8 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
     start bound, on the choice's cores (or none, floating). A model without a
     warm-up is warmed with its load's ``inputs`` where the config names them: a cold first
     call (several times a warm one) would otherwise land on the first requests, and a
-    batching model's cost estimate starts from it."""
+    batching model's cost estimate starts from it. A ``pool_reserve`` for a class no model has
+    any more is dropped (it would only lower the other models' OS priority)."""
     models = {}
     for name, m in config.models.items():
         c = choices.get(name)
@@ -191,7 +192,14 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
                        start_timeout_s=m.spec.start_timeout_s if process else None)
         models[name] = replace(m, spec=spec)
     classes = any(c.priority_class is not None and c.isolation == "shared" for c in choices.values())
-    return replace(config, models=models, shared_pool="scheduled" if classes else config.shared_pool)
+    reserve = config.pool_reserve
+    if reserve:
+        # A reservation no model's class reaches any more (the choices moved its models onto
+        # cores of their own) would only lower the others' OS priority: it goes with them.
+        top = max((m.spec.priority_class or 0 for m in models.values()), default=0)
+        reserve = {k: v for k, v in reserve.items() if k <= top} or None
+    return replace(config, models=models, shared_pool="scheduled" if classes else config.shared_pool,
+                   pool_reserve=reserve)
 
 
 def overloaded(alloc: Mapping[str, Allocation]) -> bool:
