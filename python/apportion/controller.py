@@ -6,7 +6,8 @@ refusals, p99 end to end (or the objective's percentile), p99 queue wait, mean c
 request and batch size), refits each
 model's per-request cost (compute time of a call divided by its batch size, as measured in that
 window) and from it the instances the arrival rate needs at the target utilisation. A model
-whose SLO is at risk (p99 above ``risk`` x SLO, refusals, or instances busier than ``hot``) for
+whose SLO is at risk (p99 above ``risk`` x SLO, refusals, instances busier than ``hot``, a
+call still running after ``risk`` x SLO, or requests queued while none completed) for
 ``confirm`` windows in a row gets capacity (of several, the one that leaves the most arrivals
 unserved within its SLO; while that one waits out its dwell, the others wait too, and in its
 dwell one window at risk is enough to count, since its move started its streak again; one that
@@ -16,7 +17,8 @@ shared-pool model whose instances are all busy while at least ``headroom`` CPUs 
 the window: instances there own no CPUs, so the nominal count says nothing about the time the
 pool has left), or from a model that idles (used below ``idle``, see :attr:`Window.used`:
 for a model with CPUs of its own also by its threads' CPU time, which a noisy neighbour does
-not inflate, and p99 well under its SLO for ``confirm`` windows, and more than one instance,
+not inflate, and p99 well under its SLO, no call running half of it, at most one request
+queued per instance, for ``confirm`` windows, and more than one instance,
 or one core of its own: on an "os" shared pool that core goes to the pool, and the model
 serves from the pool beside the others; undone like any move when the models then serve less); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
@@ -40,7 +42,11 @@ MIX_MOVED: a shifting load says nothing about the move), or a moved model's shar
 requests rose by more than FAILING_JUMP (whatever the load did), the move is undone (the moved models get their old specs back,
 logged as a move of its own) and the same kind of move (more instances, a bigger batch or
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
-seconds; the next kind in line is tried instead.
+seconds; the next kind in line is tried instead. A moved model that worked off a backlog over
+the trial (served more than arrived, its queue shorter than at the move) completes requests
+queued before the move late, however much faster it serves: the trial then judges the other
+models' share alone (did the move take from them?). An idle model's admission restored in the
+same step is not judged with the move, and stays.
 
 Every move goes through :meth:`Runtime.apply` (live, exactly once) and is logged with its
 reason; :meth:`Controller.stats` reports the state. A model at risk (for ``confirm`` windows)
@@ -115,6 +121,12 @@ class Window:
     """Requests whose call raised: they took instance time as completions do."""
     tail_ms: float | None = None
     """End-to-end latency at the percentile of the model's objective (None: p99, ``p99_ms``)."""
+    queued: int = 0
+    """Requests waiting in the model's queue at the window's end."""
+    queued_before: int = 0
+    """... and at its start."""
+    oldest_call_ms: float = 0.0
+    """How long the oldest call still running at the window's end had run (ms; 0: none ran)."""
 
     @property
     def objective_ms(self) -> float:
@@ -147,6 +159,18 @@ class Window:
         if self.cpu_s is None or self.seconds <= 0 or self.instances <= 0:
             return self.busy
         return min(self.busy, self.cpu_s / (self.seconds * self.instances))
+
+    @property
+    def stuck(self) -> bool:
+        """Whether the model's work stalls: requests waited at the window's end while none
+        completed in it. Its latency figures (of completed requests) then say nothing."""
+        return self.queued > 0 and self.completed + self.failed == 0
+
+    @property
+    def draining(self) -> bool:
+        """Whether the model served more than arrived in the window, its queue shorter at the
+        end: it works off a backlog, whose requests waited before the window."""
+        return self.queued < self.queued_before and self.completed + self.failed > self.arrivals
 
     @property
     def unserved(self) -> int:
@@ -186,6 +210,9 @@ class Window:
             good=good,
             failed=failed,
             tail_ms=tail,
+            queued=after.queued,
+            queued_before=before.queued,
+            oldest_call_ms=after.oldest_call_s * 1e3,
         )
 
 
@@ -238,6 +265,30 @@ def _served(windows: list[Mapping[str, Window]]) -> float | None:
     arrived = sum(w.arrivals for ws in windows for w in ws.values())
     good = sum(w.completed if w.good is None else w.good for ws in windows for w in ws.values())
     return good / arrived if arrived else None
+
+
+RESTORED = "idle: admission restored"
+"""The reason of an idle model's move back to the admission bound the controller lowered. Such
+a move rides along in another model's trial (one apply per window) but is not what the trial
+judges: it is never undone with it."""
+
+
+def _drained(trial: _Trial) -> set[str]:
+    """The moved models that worked off a backlog over the trial: they served more requests
+    than arrived, and their queue is shorter at its end than at the move. Requests queued
+    before the move complete late after it, however much faster the model now serves, so
+    their share served within the SLO cannot judge such a move (for as long as the backlog
+    lasts, which may be longer than the trial)."""
+    out = set()
+    for m, _ in trial.moves:
+        name = m.model
+        ws = [w[name] for w in trial.after if name in w]
+        if not ws or name not in trial.before[-1]:
+            continue
+        served = sum(w.completed + w.failed for w in ws)
+        if served > sum(w.arrivals for w in ws) and ws[-1].queued < trial.before[-1][name].queued:
+            out.add(name)
+    return out
 
 
 MIX_MOVED = 0.25
@@ -533,8 +584,14 @@ class Controller:
             slo = self.slos.get(name)
             if slo is None or name not in specs:
                 continue
-            risky = w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot
-            calm = w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0
+            # A stalled model (requests wait, none completes) and one whose running call is
+            # already past the SLO are at risk whatever the completed requests' latency says:
+            # they have none, or only the quick ones; neither is ever idle.
+            late_call = w.oldest_call_ms > self.risk * slo
+            risky = (w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot or w.stuck
+                     or late_call)
+            calm = (w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0
+                    and w.queued <= w.instances and w.oldest_call_ms < 0.5 * slo)
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
             need = (w.unserved / w.seconds if w.seconds > 0 else 0.0, w.objective_ms / slo + w.busy, name)
@@ -555,7 +612,7 @@ class Controller:
             full = self._full_queue.get(name, spec.max_queue)
             if spec.max_queue < full and self._open(name, "raise", now_s):
                 moves.append(self._move(now_s, name, dataclasses.replace(spec, max_queue=full),
-                                        f"max_queue {spec.max_queue} -> {full}", "idle: admission restored"))
+                                        f"max_queue {spec.max_queue} -> {full}", RESTORED))
         if not at_risk:
             return moves
         *_, name = max(at_risk + dwelling)
@@ -850,17 +907,30 @@ class Controller:
             return None
         self._trial = None
         broke = _failing_since(trial.before, trial.after, {m.model for m, _ in trial.moves})
-        before, after = _served(trial.before), _served(trial.after)
+        # A moved model that works off its backlog serves its old requests late, however much
+        # faster: the move is judged by the other models (did it take from them?).
+        drained = _drained(trial)
+        if drained:
+            def others(windows: list[Mapping[str, Window]]) -> list[Mapping[str, Window]]:
+                return [{n: w for n, w in ws.items() if n not in drained} for ws in windows]
+
+            before, after = _served(others(trial.before)), _served(others(trial.after))
+        else:
+            before, after = _served(trial.before), _served(trial.after)
         if broke is None and (before is None or after is None or after >= before * (1 - self.tolerance)
                               or _mix_moved(trial.before, trial.after)):
             return []
         # A moved model failing its requests is undone whatever the load did: fast failures
         # raise a closed loop's arrival rate, which read as the load having moved.
-        why = broke or f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
-        for m, old in trial.moves:
+        why = broke or (f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
+                        + (f" (models other than {', '.join(map(repr, sorted(drained)))}, which worked off "
+                           "a backlog)" if drained else ""))
+        # An idle model's admission restored in the same step is not what is judged: it stays.
+        undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
+        for m, old in undone:
             self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
         return [dataclasses.replace(self._move(now_s, m.model, old, f"undone: {m.change}", why), undo=True)
-                for m, old in trial.moves]
+                for m, old in undone]
 
     def _apply(self, moves: list[Move], now: float, failing: str = "") -> bool:
         """Applies ``moves`` to the runtime and records them; a failure is kept in ``errors``

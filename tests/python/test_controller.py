@@ -1184,3 +1184,90 @@ def test_a_model_nothing_can_help_does_not_hold_back_the_next_one_at_risk() -> N
     assert c.decide({"a": late, "b": refusing}, {**specs, "b": moves[0].spec}, 1.0,
                     queue_sizes={"a": 64, "b": 64}) == []
     assert c.held["a"][1] == 2
+
+
+# -- backlogs, stalls and restores in a trial -----------------------------------------------------
+
+def _backlog(arrivals: int, completed: int, good: int, queued_before: int, queued: int) -> Window:
+    """A one-second window of a 4 ms model ('a') with a queue that ran from ``queued_before``
+    to ``queued``."""
+    return Window(seconds=1.0, arrivals=arrivals, completed=completed, refused=0, p99_ms=900.0,
+                  queue_wait_p99_ms=800.0, compute_ms=4.0, mean_batch=1.0, instances=1, good=good,
+                  queued=queued, queued_before=queued_before)
+
+
+def test_a_growth_that_works_off_a_backlog_is_judged_by_the_other_models() -> None:
+    # 400/s at a 4 ms model: one instance serves 250/s, its queue grows, and almost nothing
+    # meets the SLO. Grown to two, it serves 500/s: the backlog queued before the move drains
+    # at 100/s, every request of it completed late, so its share within the SLO falls to 0
+    # for as long as the backlog lasts. That was undone (and growth tabu for tabu_s), leaving
+    # the model to refuse what two instances would serve.
+    c = controller(capacity=4, judge=3)
+    specs = {"a": spec("a", 1, max_queue=1024), "b": spec("b", 1)}
+    before = [{"a": _backlog(400, 250, 6, 150 * i, 150 * (i + 1)), "b": win()} for i in range(3)]
+    grown = [m for m in c.decide(before[-1], specs, 10.0) if m.model == "a"] or \
+        [m for m in c.decide(before[-1], specs, 11.0) if m.model == "a"]
+    assert [m.change for m in grown] == ["instances 1 -> 2"]
+    c.trial(grown, specs, before)
+    draining = [{"a": _backlog(400, 500, 0, 450 - 100 * i, 350 - 100 * i), "b": win()} for i in range(3)]
+    assert c.verdict(draining[0], 12.0) is None and c.verdict(draining[1], 13.0) is None
+    assert c.verdict(draining[2], 14.0) == [], "kept: 'b' served as before, 'a' works off its backlog"
+    assert c.stats()["tabu"] == {}
+    # The same, but 'b' served less after the move (the growth took its CPU): undone, and
+    # the reason says what was judged.
+    c.trial(grown, specs, before)
+    starved = {"b": Window(1.0, 100, 60, 40, 30.0, 0.0, 5.0, 1.0, 1)}
+    for i in range(2):
+        assert c.verdict({**draining[i], **starved}, 15.0 + i) is None
+    undo = c.verdict({**draining[2], **starved}, 17.0)
+    assert undo is not None and [(m.model, m.change) for m in undo] == [("a", "undone: instances 1 -> 2")]
+    assert ("served 60.0% of arrivals within SLO after it against 100.0% before (models other than 'a', which "
+            "worked off a backlog)") in undo[0].reason
+    # A model whose queue grew over the trial drained nothing: all models are judged together.
+    c.trial(grown, specs, before)
+    growing = {"a": _backlog(400, 300, 0, 450, 550), "b": win()}
+    for i in range(2):
+        assert c.verdict(growing, 20.0 + i) is None
+    assert c.verdict(growing, 22.0) is not None and c.verdict(growing, 23.0) == []  # undone, then no trial
+
+
+def test_a_model_whose_requests_wait_while_none_completes_is_at_risk_and_never_a_donor() -> None:
+    # 2.5 s calls against a 100 ms SLO: in a one-second window none completes, so its p99
+    # (of completed requests) reads 0 and it read as idle, giving an instance away while
+    # its queue held requests certain to miss.
+    c = Controller(None, {"a": 100.0, "b": 20.0}, capacity=3, confirm=1, dwell_s=0.0)
+    stalled = Window(seconds=1.0, arrivals=6, completed=0, refused=0, p99_ms=0.0, queue_wait_p99_ms=0.0,
+                     compute_ms=0.0, mean_batch=1.0, instances=2, queued=43, queued_before=37,
+                     oldest_call_ms=900.0)
+    assert stalled.stuck and not stalled.draining
+    specs = {"a": spec("a", 2, max_queue=1000), "b": spec("b", 1)}
+    moves = c.decide({"a": stalled, "b": win(p99=30.0, busy=0.95)}, specs, 0.0)
+    assert all(m.model != "a" for m in moves), moves
+    assert (c.stats()["at_risk_streak"]["a"], c.stats()["idle_streak"]["a"]) == (1, 0)
+    # A call already past the SLO's risk share is at risk too, with nothing queued.
+    c = Controller(None, {"a": 100.0}, capacity=3, confirm=1, dwell_s=0.0)
+    long_call = dataclasses.replace(win(p99=5.0, busy=0.1, instances=2), oldest_call_ms=250.0)
+    got = c.decide({"a": long_call}, {"a": spec("a", 2)}, 0.0)
+    assert [m.change for m in got] == ["instances 2 -> 3"]
+    # ... and neither a queue longer than one request per instance nor a call over half the
+    # SLO reads idle, where the same window without them does.
+    for busy_enough in ({"queued": 3}, {"oldest_call_ms": 60.0}):
+        c = Controller(None, {"a": 100.0, "b": 20.0}, capacity=3, confirm=1, dwell_s=0.0)
+        quiet = dataclasses.replace(win(p99=5.0, busy=0.05, instances=2), **busy_enough)
+        moves = c.decide({"a": quiet, "b": win(p99=30.0, busy=0.95)}, specs, 0.0)
+        assert all(m.model != "a" for m in moves), (busy_enough, moves)
+    c = Controller(None, {"a": 100.0, "b": 20.0}, capacity=3, confirm=1, dwell_s=0.0)
+    moves = c.decide({"a": win(p99=5.0, busy=0.05, instances=2), "b": win(p99=30.0, busy=0.95)}, specs, 0.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 2 -> 1"), ("b", "instances 1 -> 2")]
+
+
+def test_an_idle_models_restored_admission_is_not_undone_with_the_move_it_rode_along_with() -> None:
+    c = controller(capacity=3, confirm=1, dwell_s=0.0, judge=1)
+    specs = {"a": spec("a", 1, max_queue=4), "b": spec("b", 1, max_queue=64)}
+    c._full_queue["a"] = 64  # the controller had lowered it
+    moves = c.decide({"a": win(p99=1.0, busy=0.05), "b": win(p99=45.0, busy=0.95)}, specs, 10.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "max_queue 4 -> 64"), ("b", "instances 1 -> 2")]
+    c.trial(moves, specs, [{"a": win(), "b": win()}])
+    undo = c.verdict({"a": win(), "b": Window(1.0, 100, 50, 50, 90.0, 0.0, 5.0, 1.0, 1)}, 11.0)
+    assert undo is not None and [(m.model, m.change) for m in undo] == [("b", "undone: instances 1 -> 2")]
+    assert c.stats()["tabu"] == {"b grow": 41.0}
