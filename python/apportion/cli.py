@@ -232,7 +232,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
-ADAPT_WINDOW_S = (0.05, 3600.0)
+ADAPT_WINDOW_S = (0.05, 3600.0)  # the lower bound is controller.MIN_WINDOW_S
 """--adapt-window-s's range: a shorter window holds too few requests to read a p99 from (the
 controller moved and undid models that met their objectives), and the controller spins."""
 

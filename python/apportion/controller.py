@@ -90,6 +90,11 @@ MOVES_KEPT = 10_000
 """Moves kept in :attr:`Controller.moves` (a controller that runs for months keeps its last
 ones; :attr:`Controller.counts` counts them all)."""
 
+MIN_WINDOW_S = 0.05
+"""The shortest window: a shorter one holds too few requests to read a p99 from (the controller
+moved and undid models that met their objectives), and its thread spins (a window of 1 us took
+0.75 of a CPU)."""
+
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
 requests change little, while the move costs a trial and a dwell in which the model gets no
@@ -451,6 +456,16 @@ class Controller:
                              f"{type(slos).__name__}")
         if rt is None and capacity is None:
             raise QuotaError("Controller: without a runtime, give capacity (the instances the models may hold)")
+        if not slos:
+            raise QuotaError("Controller: slos is empty: give the latency objective (ms) of each model it should "
+                             "manage, e.g. {'ranker': 50.0}", field="slos")
+        for name in slos:
+            if not isinstance(name, str):
+                raise QuotaError(f"Controller: slos must be keyed by model name, got the key {name!r}", field="slos")
+        for field, fn in (("log", log), ("on_error", on_error), ("clock", clock)):
+            if fn is not None and not callable(fn):
+                raise QuotaError(f"Controller: {field} must be callable or None, got {type(fn).__name__}",
+                                 field=field)
         for name, slo in slos.items():
             if not (finite_number(slo) and slo > 0):
                 raise QuotaError(f"Controller: the SLO must be a positive, finite number of ms, got {slo!r}",
@@ -460,11 +475,11 @@ class Controller:
             if unknown:
                 raise ModelNotFound(f"Controller: model {unknown[0]!r} (field 'slos') is not registered with the "
                                     f"runtime; its models: {sorted(rt.models)}", model=unknown[0])
-        for field, value, least in (("window_s", window_s, None), ("dwell_s", dwell_s, 0.0),
+        for field, value, least in (("window_s", window_s, MIN_WINDOW_S), ("dwell_s", dwell_s, 0.0),
                                     ("tabu_s", tabu_s, 0.0), ("batch_delay_ms", batch_delay_ms, 0.0)):
-            if not (finite_number(value) and (value > 0 if least is None else value >= least)):
-                raise QuotaError(f"Controller: {field} must be a finite number "
-                                 f"{'> 0' if least is None else f'>= {least:g}'}, got {value!r}", field=field)
+            if not (finite_number(value) and value >= least):
+                raise QuotaError(f"Controller: {field} must be a finite number >= {least:g}, got {value!r}",
+                                 field=field)
         if window_s > threading.TIMEOUT_MAX:  # the controller's thread waits a window at a time
             raise QuotaError(f"Controller: window_s must be at most {threading.TIMEOUT_MAX:g} s, got {window_s!r}",
                              field="window_s")
@@ -986,9 +1001,12 @@ class Controller:
         """Runs ``step()`` every ``window_s`` on a daemon thread until ``stop()`` (again after a
         ``stop()``, from a fresh reading: the first window does not span the pause, and a move
         still being judged stays as it is; a second ``start()`` while it runs does nothing).
-        Raises RuntimeClosed for a closed runtime."""
+        Raises RuntimeClosed for a closed runtime, ApportionError for one not started yet."""
         if self.rt.closed:
             raise RuntimeClosed("Controller.start(): the runtime is closed")
+        if not self.rt.started:
+            # Its windows would read no model's work, and its moves re-plan models not built.
+            raise ApportionError("Controller.start(): the runtime is not started; call rt.start() first")
         other = getattr(self.rt, "_controller", None)
         if other is not None and other is not self and other.stats()["running"]:
             # Both would read the same windows and make the same move, each on its own.

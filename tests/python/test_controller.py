@@ -358,7 +358,9 @@ NAN, INF = float("nan"), float("inf")
     {"risk": 0}, {"risk": NAN}, {"headroom": 0}, {"headroom": INF}, {"tolerance": 1.0}, {"tolerance": NAN},
     {"tabu_s": -1.0}, {"tabu_s": NAN}, {"oversubscribe": 0.5}, {"oversubscribe": INF}, {"capacity": 0},
     {"capacity": -2}, {"capacity": True}, {"max_batch": 0}, {"max_batch_size": 0}, {"history": 0},
-    {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}, {"window_s": 1e10}])
+    {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}, {"window_s": 1e10},
+    # a window of 1 us spun its thread at 0.75 CPU; the CLI refused it, the API took it
+    {"window_s": 1e-6}, {"window_s": 0.049}, {"log": 5}, {"on_error": "print"}, {"clock": 1.0}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
     args = {"capacity": 2, **kw}
     field = next(iter(kw))
@@ -397,7 +399,7 @@ def test_running_says_whether_the_thread_runs_and_start_after_stop_starts_again(
     rt = ap.Runtime()
     rt.add_model("a", model=lambda x: x)
     rt.start()
-    c = Controller(rt, {"a": 50.0}, window_s=0.01)
+    c = Controller(rt, {"a": 50.0}, window_s=0.05)
     assert c.stats()["running"] is False
     c.start()
     assert c.stats()["running"] is True
@@ -1103,14 +1105,29 @@ def test_batching_the_controller_could_not_apply_is_refused(kw: dict[str, Any]) 
 
 
 def test_misuse_gets_clear_errors() -> None:
+    from apportion.cli import ADAPT_WINDOW_S
+    from apportion.controller import MIN_WINDOW_S
+
+    assert ADAPT_WINDOW_S[0] == MIN_WINDOW_S  # --adapt-window-s refuses what the API does
     with pytest.raises(QuotaError, match="slos must be a mapping"):
         Controller(None, ["a"], capacity=2)  # type: ignore[arg-type]
     with pytest.raises(QuotaError, match="give capacity"):
         Controller(None, {"a": 50.0})
+    # A controller of no model started and managed nothing; a key that is no name raised
+    # ModelNotFound naming no field.
+    for slos, message in (({}, "slos is empty"), ({1: 5.0}, "keyed by model name, got the key 1")):
+        with pytest.raises(QuotaError, match=message) as err:
+            Controller(None, slos, capacity=2)  # type: ignore[arg-type]
+        assert err.value.field == "slos"
     rt = ap.Runtime()
     rt.add_model("a", model=lambda x: x)
-    rt.start()
     c = Controller(rt, {"a": 50.0}, window_s=0.05)
+    # Started on a runtime not started, it read windows of nothing and re-planned models not built.
+    with pytest.raises(ap.ApportionError, match=r"the runtime is not started; call rt.start\(\) first"):
+        c.start()
+    assert not c.stats()["running"]
+    rt.start()
+    c.start().stop()
     rt.close()
     with pytest.raises(ap.RuntimeClosed, match="closed"):
         c.start()
