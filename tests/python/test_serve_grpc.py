@@ -3,6 +3,7 @@ on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Iterator
@@ -233,6 +234,68 @@ def test_bad_requests_under_good_load(served: Served) -> None:
     assert results == [True] * n_good
     after = served.rt.stats()["echo"]
     assert after.submitted - before.submitted == n_good == after.completed - before.completed
+
+
+def test_a_long_error_message_is_cut_and_keeps_its_status(client: Any, served: Served) -> None:
+    # The message names the 8,000-dim shape: whole, its trailer passed grpc's 16 KiB bound and
+    # the client read RESOURCE_EXHAUSTED ("Stream removed") in place of INVALID_ARGUMENT.
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    from apportion.serve.grpc import STATUS_MESSAGE_BYTES
+
+    r = pb.ModelInferRequest(model_name="echo")
+    r.inputs.add(name="x", datatype="FP32", shape=[1] * 8000)
+    r.raw_input_contents.append(b"\0" * 4)
+    with grpc.insecure_channel(served.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pbg.GRPCInferenceServiceStub(channel).ModelInfer(r, timeout=30)
+    e = info.value
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details()[:300])
+    assert "model 'echo', input 'x'" in e.details() and e.details().endswith("bytes, cut)")
+    assert len(e.details().encode()) <= STATUS_MESSAGE_BYTES
+    # A model name of 20,000 characters: NOT_FOUND, cut likewise.
+    status_of(lambda: client.infer("n" * 20_000, [vec("x", [1.0])]), "NOT_FOUND", "unknown model 'nnn", "cut)")
+    # A short message is whole.
+    status_of(lambda: client.infer("nope", [vec("x", [1.0])]), "NOT_FOUND", "unknown model 'nope'")
+
+
+def test_a_large_request_is_converted_off_the_event_loop(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 57 MB of BYTES was converted on the event loop: every other call and probe waited 8 s.
+    # Now a request (and an answer) that costs OFF_LOOP_BYTES or more to convert is converted
+    # on a worker thread, as HTTP's are; BYTES elements count PER_ELEMENT_BYTES each.
+    from apportion.serve.grpc import InferenceServicer
+    from apportion.serve.tensors import OFF_LOOP_BYTES, PER_ELEMENT_BYTES
+
+    seen: list[tuple[str, bool]] = []
+    decode, encode = InferenceServicer._decode, InferenceServicer._encode
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def spy_decode(self: Any, request: Any, sig: Any) -> Any:
+        seen.append(("decode", on_loop()))
+        return decode(self, request, sig)
+
+    def spy_encode(request: Any, wanted: Any, outputs: Any) -> Any:
+        seen.append(("encode", on_loop()))
+        return encode(request, wanted, outputs)
+
+    monkeypatch.setattr(InferenceServicer, "_decode", spy_decode)
+    monkeypatch.setattr(InferenceServicer, "_encode", staticmethod(spy_encode))
+    n = 300_000  # 1.5 MB on the wire, 8 bytes an element in its array: 2.4 MB by nbytes
+    assert n * PER_ELEMENT_BYTES >= OFF_LOOP_BYTES > 1.5e6 / 4
+    out = client.infer("upper", [vec("s", np.full(n, b"ab", dtype=object), "BYTES")]).as_numpy("u")
+    assert out.shape == (n,) and out[0] == b"AB" and out[-1] == b"AB"
+    assert seen == [("decode", False), ("encode", False)], seen
+    seen.clear()
+    small = client.infer("upper", [vec("s", np.array([b"ab"], dtype=object), "BYTES")]).as_numpy("u")
+    assert list(small) == [b"AB"] and seen == [("decode", True), ("encode", True)], seen
 
 
 def test_message_over_the_limit_is_resource_exhausted() -> None:

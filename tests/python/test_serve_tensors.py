@@ -228,3 +228,16 @@ def test_torch_outputs_become_arrays_with_or_without_autograd() -> None:
     assert out.dtype == np.float32 and out.tolist() == [2.0, 2.0]
     with pytest.raises(OutputError, match=r"output 'y'.*declared FP32.*float64"):
         sig.from_model("m", torch.ones(2, dtype=torch.float64))
+
+
+def test_the_cost_of_converting_counts_each_object_element() -> None:
+    # The fronts convert an answer off the event loop from OFF_LOOP_BYTES of this cost on. By
+    # nbytes alone a BYTES answer of 120,000 elements (0.96 MB) was encoded on the loop, one
+    # Python object at a time, holding every other request for 200 ms.
+    from apportion.serve.tensors import OFF_LOOP_BYTES, PER_ELEMENT_BYTES, conversion_bytes
+
+    words = np.full(120_000, b"ab", dtype=object)
+    floats = np.zeros(1000, np.float32)
+    assert words.nbytes < OFF_LOOP_BYTES <= conversion_bytes([words]) == 120_000 * PER_ELEMENT_BYTES
+    assert conversion_bytes([floats, words[:10]]) == 4000 + 10 * PER_ELEMENT_BYTES
+    assert conversion_bytes([]) == 0

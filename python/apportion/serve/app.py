@@ -23,7 +23,18 @@ from .._private.checks import finite_number
 from ..errors import QuotaError, RuntimeClosed
 from ..metrics import CONTENT_TYPE, RuntimeMetrics, ServerCollector
 from . import _frontend as fe
-from .tensors import OutputError, Signature, TensorError, check_header, from_bytes, from_json, to_bytes, to_json
+from .tensors import (
+    OFF_LOOP_BYTES,
+    OutputError,
+    Signature,
+    TensorError,
+    check_header,
+    conversion_bytes,
+    from_bytes,
+    from_json,
+    to_bytes,
+    to_json,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -318,15 +329,12 @@ class V2App:
         # A large body is inflated, parsed and converted on a worker thread, its answer encoded
         # there too: on the loop, a 15 MB request held every other request and probe for
         # seconds. (Each step still holds the GIL, so the loop waits out its longest C call.)
-        if coding != "identity" or len(body) >= _OFF_LOOP_BYTES:
+        if coding != "identity" or len(body) >= OFF_LOOP_BYTES:
             request_id, options, arrays, wanted = await asyncio.to_thread(self._parse, name, sig, body, hlen, coding)
         else:
             request_id, options, arrays, wanted = self._parse(name, sig, body, hlen, coding)
         outputs = await f.infer(name, arrays, *options, gone=receive)
-        size = 0
-        for spec, _ in wanted:
-            size += outputs[spec.name].nbytes
-        if size >= _OFF_LOOP_BYTES:
+        if conversion_bytes(outputs[spec.name] for spec, _ in wanted) >= OFF_LOOP_BYTES:
             return await asyncio.to_thread(_encoded, name, request_id, wanted, outputs)
         return _encoded(name, request_id, wanted, outputs)
 
@@ -362,9 +370,6 @@ class V2App:
             raise fe.ServeError(fe.INVALID, str(e)) from None
         return request_id, options, arrays, wanted
 
-
-_OFF_LOOP_BYTES = 1 << 20
-"""Request bodies, and answers' arrays, from this size on are handled on a worker thread."""
 
 _NO_ID = object()
 

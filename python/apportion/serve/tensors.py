@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from typing import Any
@@ -370,13 +370,32 @@ def from_bytes(model: str, spec: TensorSpec, shape: tuple[int, ...], buf: memory
 def to_bytes(spec: TensorSpec, arr: np.ndarray) -> bytes:
     """The raw little-endian bytes of an output (BYTES: 4-byte length + bytes per element)."""
     if spec.datatype == "BYTES":
-        parts = []
+        # Appended to one buffer: a list of two parts per element held two Python objects per
+        # element at once (12 million one-byte elements: gigabytes).
+        out = bytearray()
         for v in arr.reshape(-1):
             b = v.encode() if isinstance(v, str) else bytes(v)
-            parts.append(_LEN.pack(len(b)))
-            parts.append(b)
-        return b"".join(parts)
+            out += _LEN.pack(len(b))
+            out += b
+        return bytes(out)
     return np.ascontiguousarray(arr, dtype=spec.dtype.newbyteorder("<")).tobytes()
+
+
+OFF_LOOP_BYTES = 1 << 20
+"""Requests and answers that cost at least this much to convert (see :func:`conversion_bytes`)
+are converted on a worker thread, by both fronts: on the event loop a 15 MB request held every
+other request and probe for seconds."""
+
+PER_ELEMENT_BYTES = 64
+"""What converting one element that is a Python object (BYTES; typed gRPC contents) costs, in
+bytes of a numeric array: each is made or read one by one (120,000 BYTES elements, 1 MB by
+their arrays' size, held the loop for 200 ms)."""
+
+
+def conversion_bytes(arrays: Iterable[np.ndarray]) -> int:
+    """What converting ``arrays`` to or from the wire costs, in bytes of a numeric array: their
+    bytes, and PER_ELEMENT_BYTES for each element of an object array."""
+    return sum(a.size * PER_ELEMENT_BYTES if a.dtype == object else a.nbytes for a in arrays)
 
 
 def to_json(model: str, spec: TensorSpec, arr: np.ndarray) -> list[Any]:
