@@ -226,8 +226,9 @@ struct WorkerState {
 
 // The registry whose worker or deadline timer this thread is (0: none), and that thread's
 // model: close() or remove_model() from inside a model, or from a done-callback the thread
-// runs, would join the thread it runs on. current_counters (workers only): a wait for a request
-// of the worker's own model may wait for itself.
+// runs, would join the thread it runs on. current_counters (workers and deadline timers): a
+// wait for a request of the thread's own model may wait for itself (a worker), or for a
+// deadline only this thread would expire (the timer).
 thread_local uint64_t current_registry = 0;
 thread_local const ModelCounters* current_counters = nullptr;
 thread_local std::string current_model;
@@ -330,6 +331,10 @@ class PyHandler final : public ModelHandler {
     current_registry = registry_;
     current_model = model_;
     current_role = "the deadline timer";
+    // Its model's: a done-callback run here that waits for another of the model's requests
+    // would hold every deadline of the model until that request completes (for good, if only
+    // an expiry would end it).
+    if (n != 0) current_counters = expired[0]->counters.get();
     py::gil_scoped_acquire gil;  // once for the timer's whole batch
     if (forked_since(made_fork_generation_)) {
       end_forked_child(model_, nullptr, false);  // a callback it ran forked: not the parent's to expire
@@ -428,8 +433,14 @@ class PyHandler final : public ModelHandler {
         end_forked_child(w.model->name(), res == nullptr ? fetch_exception() : nullptr);
       }
       if (res != nullptr) {
-        if (PyList_Check(res) || PyTuple_Check(res)) {
+        if (PyTuple_Check(res)) {
           items = res;
+        } else if (PyList_Check(res)) {
+          // A copy: the model may keep its list (and change it while the results are handed
+          // out below, from another thread or from a done-callback that runs in between).
+          // Read past a list that shrank meanwhile, the loop below crashed the process.
+          items = PyList_AsTuple(res);
+          Py_DECREF(res);
         } else if (!ordered_sequence(res)) {
           // A set or dict has no order to route by, an iterator or generator would have to
           // be run here, and a string is one result: none maps result i to request i.
@@ -1208,10 +1219,15 @@ class RuntimeCore {
 // worker of that model, possibly itself: with one instance it never returns. Raises then, and
 // for a request inherited through fork() (below).
 [[noreturn]] void raise_own_wait() {
+  const bool timer = std::string_view(current_role) == "the deadline timer";
   raise(types().apportion_error,
-        "model '" + current_model + "': a worker of the model waits for a request to the same "
-        "model, which may only run on a worker of that model (a deadlock with one instance); "
-        "call another model, or submit without waiting (add_done_callback)");
+        "model '" + current_model + "': " +
+            (timer ? std::string("a done-callback run by the model's deadline timer waits for a request to the "
+                                 "same model, which only that timer may expire (every deadline of the model "
+                                 "would wait meanwhile); ")
+                   : std::string("a worker of the model waits for a request to the same model, which may only "
+                                 "run on a worker of that model (a deadlock with one instance); ")) +
+            "call another model, or submit without waiting (add_done_callback)");
 }
 
 void refuse_endless_wait(const PyRequest& r) {

@@ -133,12 +133,34 @@ def _array_kind(xs: list[Any]) -> str | None:
     return kind
 
 
+def _stack_key(x: Any, kind: str) -> tuple[Any, ...]:
+    """What inputs must share to be stacked into one array: type, shape and dtype, and for a
+    tensor its device and layout (a CPU and a GPU tensor in one stack fail both requests)."""
+    if kind == "torch":
+        return (type(x), tuple(x.shape), x.dtype, x.device, x.layout)
+    return (type(x), x.shape, x.dtype)
+
+
+def _stackable(x: Any, kind: str) -> bool:
+    """Whether several inputs like ``x`` stack into one array of their kind: a plain or masked
+    numpy array; a strided (dense) tensor."""
+    if kind == "torch":
+        import torch
+
+        return bool(x.layout == torch.strided)
+    import numpy as np
+
+    return type(x) is np.ndarray or isinstance(x, np.ma.MaskedArray)
+
+
 def stacking(model: str, fn: Callable[[Any], Any],
              single_unbatched: bool = False) -> Callable[[list[Any]], Sequence[Any]]:
     """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
     new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request
     (a list or tuple it returns is taken as one result per request, in order); arrays of
-    different shapes or dtypes in one batch are served as one call per shape and dtype;
+    different shapes, dtypes or types (tensors: devices, layouts) in one batch are served as
+    one call per kind, masked arrays stacked with their masks, array types or tensor layouts
+    that do not stack (an ndarray subclass, a sparse tensor) one call per request;
     a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
     A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
     in place. With ``single_unbatched`` (see :class:`Batching`), a batch of one is ``fn``
@@ -152,9 +174,9 @@ def stacking(model: str, fn: Callable[[Any], Any],
             kind = _array_kind(xs)
             if kind is None:
                 return fn(xs)
-            shape, dtype = xs[0].shape, xs[0].dtype
+            key = _stack_key(xs[0], kind)
             for x in xs:
-                if x.shape != shape or x.dtype != dtype:
+                if _stack_key(x, kind) != key:
                     return by_kind(xs, kind)
             return one_batch(xs, kind)
         except Exception as e:
@@ -170,11 +192,12 @@ def stacking(model: str, fn: Callable[[Any], Any],
             raise
 
     def by_kind(xs: list[Any], kind: str) -> list[Any]:
-        # Arrays of different shapes (or dtypes) cannot be stacked into one: each kind is a
-        # batch of its own, in order of first arrival, and the results go back in request order.
-        groups: dict[tuple[Any, Any], list[int]] = {}
+        # Arrays of different shapes, dtypes, types (a masked array among plain ones) or, for
+        # tensors, devices and layouts cannot be stacked into one: each kind is a batch of its
+        # own, in order of first arrival, and the results go back in request order.
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, x in enumerate(xs):
-            groups.setdefault((tuple(x.shape), x.dtype), []).append(i)
+            groups.setdefault(_stack_key(x, kind), []).append(i)
         out: list[Any] = [None] * len(xs)
         for members in groups.values():
             for i, y in zip(members, one_batch([xs[i] for i in members], kind), strict=True):
@@ -185,10 +208,15 @@ def stacking(model: str, fn: Callable[[Any], Any],
         if len(xs) == 1:
             # A batch of one (a lone client, a quiet moment): a view with a new dim 0, no copy.
             y = fn(xs[0][None])
+        elif not _stackable(xs[0], kind):
+            # An array type that stacking would turn into another (a numpy.matrix) or a tensor
+            # layout torch.stack does not take (sparse): one call each, as a batch of one.
+            return [one_batch([x], kind)[0] for x in xs]
         elif kind == "numpy":
             import numpy as np
 
-            y = fn(np.stack(xs))
+            # A masked array's stack keeps the masks (np.stack dropped them, silently).
+            y = fn(np.ma.stack(xs) if isinstance(xs[0], np.ma.MaskedArray) else np.stack(xs))
         else:
             import torch
 

@@ -245,6 +245,67 @@ def test_close_or_remove_from_an_expired_requests_callback_is_refused_and_change
         "models ['slow'] closed False after 3"]))
 
 
+def test_a_wait_for_the_models_own_request_from_its_deadline_timer_is_refused() -> None:
+    # A done-callback run by the timer waited for another request of the model, which only the
+    # timer would expire (the one instance held): that request expired after 2.98 s, not at its
+    # 100 ms deadline (and with a worker stuck for good, never).
+    p = run_script("""
+        import threading, time
+        import apportion as ap
+        gate = threading.Event()
+        rt = ap.Runtime()
+        rt.add_model("m", model=lambda x: gate.wait(3) if x == "block" else x)
+        rt.add_model("other", model=lambda x: x)
+        rt.start()
+        rt.submit("m", "block"); time.sleep(0.05)  # the only worker is busy for up to 3 s
+        later = rt.submit("m", "later", timeout_ms=150)
+        seen = []
+        def waits(f):
+            for call in (lambda: later.exception(), lambda: later.result(5), lambda: rt.call("m", 1)):
+                try:
+                    call()
+                    seen.append("no error")
+                except ap.ApportionError as e:
+                    seen.append(type(e).__name__ + ": " + str(e))
+            seen.append("other model " + str(rt.call("other", 7)))  # another model's: waited for, fine
+        rt.submit("m", 1, timeout_ms=20).add_done_callback(waits)
+        t0 = time.monotonic()
+        try:
+            later.result(10)
+        except ap.DeadlineExceeded:
+            print("expired in time", time.monotonic() - t0 < 1.0)
+        gate.set()
+        for line in seen:
+            print(line)
+        rt.close()
+    """)
+    own = ("ApportionError: model 'm': a done-callback run by the model's deadline timer waits for a request to "
+           "the same model, which only that timer may expire (every deadline of the model would wait "
+           "meanwhile); call another model, or submit without waiting (add_done_callback)")
+    assert_clean(p, "\n".join(["expired in time True", own, own, own, "other model 7"]))
+
+
+def test_a_batching_model_that_changes_the_list_it_returned_cannot_crash_the_process() -> None:
+    # The results were read from the model's own list while done-callbacks ran between them:
+    # a callback (or another instance returning the same list) that shrank it made the loop
+    # read past its end (SIGSEGV). The results are taken from a copy.
+    p = run_script("""
+        import apportion as ap
+        out = []
+        def model(xs):
+            out[:] = list(xs)
+            return out
+        rt = ap.Runtime()
+        rt.add_model("m", model=model, batching=ap.Batching(max_size=4, max_delay_ms=100))
+        rt.start()
+        fs = rt.submit_many("m", [1, 2, 3, 4])
+        fs[0].add_done_callback(lambda f: out.clear())
+        print("results", [f.result(5) for f in fs])
+        rt.close()
+    """)
+    assert_clean(p, "results [1, 2, 3, 4]")
+
+
 def test_runtime_in_a_cycle_collected_during_a_model_call() -> None:
     p = run_script("""
         import gc, time

@@ -339,6 +339,55 @@ def test_tensors_of_different_shapes_in_one_batch_are_served_one_call_per_shape(
     assert seen == [(2, 2), (1, 5)]
 
 
+class _Tagged(np.ndarray):
+    """An array subclass stacking does not know (as numpy.matrix, which it turned 2-D)."""
+
+
+def test_masked_arrays_keep_their_masks_and_other_array_types_are_called_one_by_one(rt: ap.Runtime) -> None:
+    # np.stack dropped the masks (a request's result depended on whether it ran alone); an
+    # array subclass it does not know comes out of it as another type; a masked array among
+    # plain ones is a kind of its own.
+    seen = []
+
+    def model(x):
+        seen.append((type(x).__name__, x.shape))
+        return x
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=5))
+    masked = np.ma.array([1, 2], mask=[False, True])
+    plain = np.array([5, 6])
+    tagged = [np.array([1, 2]).view(_Tagged), np.array([3, 4]).view(_Tagged)]
+    futs = rt.submit_many("m", [masked, plain, masked, *tagged])
+    rt.start()
+    out = [f.result(10) for f in futs]
+    assert [list(np.ma.getmaskarray(o)) for o in out[:3]] == [[False, True], [False, False], [False, True]]
+    assert [o.tolist() for o in out[:3]] == [[1, None], [5, 6], [1, None]]
+    assert [type(o) for o in out[3:]] == [_Tagged, _Tagged] and out[3].tolist() == [1, 2]
+    assert out[4].tolist() == [3, 4]
+    assert seen == [("MaskedArray", (2, 2)), ("ndarray", (1, 2)), ("_Tagged", (1, 2)), ("_Tagged", (1, 2))]
+
+
+def test_tensors_on_different_devices_or_layouts_are_served_one_call_each_kind(rt: ap.Runtime) -> None:
+    # A CPU and a "meta" tensor (or a dense and a sparse one) were stacked together: every
+    # request of the batch failed, though each succeeded alone.
+    torch = pytest.importorskip("torch")
+    seen = []
+
+    def model(x):
+        seen.append((x.device.type, str(x.layout), tuple(x.shape)))
+        return x * 2
+
+    rt.add_model("m", model=model, batching=ap.Batching(max_size=8, max_delay_ms=5))
+    futs = rt.submit_many("m", [torch.ones(3), torch.ones(3, device="meta"), torch.ones(3),
+                                torch.ones(3).to_sparse(), torch.ones(3).to_sparse()])
+    rt.start()
+    out = [f.result(10) for f in futs]
+    assert [o.device.type for o in out] == ["cpu", "meta", "cpu", "cpu", "cpu"]
+    assert out[0].tolist() == [2.0, 2.0, 2.0] and out[3].to_dense().tolist() == [2.0, 2.0, 2.0]
+    assert seen == [("cpu", "torch.strided", (2, 3)), ("meta", "torch.strided", (1, 3)),
+                    ("cpu", "torch.sparse_coo", (1, 3)), ("cpu", "torch.sparse_coo", (1, 3))]
+
+
 def test_mixed_inputs_are_passed_as_a_list(rt: ap.Runtime) -> None:
     seen = []
 
