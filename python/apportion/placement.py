@@ -22,6 +22,7 @@ Semantics (see csrc/apportion/placement.hpp for the exact rules):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeGuard
@@ -50,8 +51,9 @@ native integer."""
 
 
 def _is_int(value: object) -> TypeGuard[int]:
-    # bool is an int subclass, but cores=True is a mistake, not a count of one.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # bool is an int subclass, but cores=True is a mistake, not a count of one. Any integral
+    # type (numpy's) is taken, as the spec's other counts are, and stored as an int.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,13 @@ class Quota:
             if not 1 <= cores <= _MAX_COUNT:
                 raise _quota_error(name, "cores", f"got {cores}; give a count in [1, {_MAX_COUNT}] of "
                                    'physical cores (or a CPU list like "0-3,8")')
+            cores = int(cores)
+            object.__setattr__(self, "cores", cores)
         elif isinstance(cores, Sequence) and not isinstance(cores, (bytes, bytearray)):
             if not cores or not all(_is_int(c) and 0 <= c < _MAX_COUNT for c in cores):
                 raise _quota_error(name, "cores", f"got {list(cores)!r}; a CPU list needs CPU ids in "
                                    f"[0, {_MAX_COUNT})")
-            object.__setattr__(self, "cpus", tuple(sorted(set(cores))))
+            object.__setattr__(self, "cpus", tuple(sorted({int(c) for c in cores})))
         else:
             raise _quota_error(name, "cores", f"got {cores!r} ({type(cores).__name__}); give an integer "
                                'count >= 1 or a CPU list like "0-3,8"')
@@ -115,6 +119,10 @@ class Quota:
             raise _quota_error(name, "isolation", f'got {self.isolation!r}; give "exclusive" or "shared"')
         if self.numa != "auto" and (not _is_int(self.numa) or not 0 <= self.numa < _MAX_COUNT):
             raise _quota_error(name, "numa", f'got {self.numa!r}; give a node id in [0, {_MAX_COUNT}) or "auto"')
+        for fld in ("instances", "threads", "numa"):  # numpy's integers as ints
+            v = getattr(self, fld)
+            if _is_int(v) and type(v) is not int:
+                object.__setattr__(self, fld, int(v))
         for flag in ("smt", "oversubscribe"):
             if not isinstance(getattr(self, flag), bool):
                 raise _quota_error(name, flag, f"got {getattr(self, flag)!r}; give True or False")

@@ -535,6 +535,8 @@ class Runtime(_core._Runtime):
 
     def _add_locked(self, spec: ModelSpec, factory_ref: str | None) -> None:
         name = spec.name
+        if self.closed:  # before the name and the placement: neither is what stops it
+            raise RuntimeClosed(f"runtime is closed: cannot add model {name!r}")
         if name in self._models:
             raise QuotaError("a model of that name is already registered", model=name, field="name")
         if spec.gpu is not None:
@@ -868,6 +870,10 @@ class Runtime(_core._Runtime):
             raise
         if moving and self.closed:
             # close() stopped the move's new instances: as add_model says, the caller learns it.
+            # The moved models' records hold their new specs: the plan says where those were put
+            # (plan() and spec() disagreed, and the next add_model() read the old plan).
+            self._plan = dataclasses.replace(old_plan, models=tuple(
+                new_plan[m.name] if m.name in moving else m for m in old_plan.models))
             raise RuntimeClosed(f"runtime was closed while {', '.join(repr(n) for n in moving)} moved")
         # The admission bound alone changes at once, with no new instances (a move sets it
         # with the new ones): after the moves, so a failed move leaves every bound as it was.

@@ -137,7 +137,11 @@ class ModelSpec:
             raise bad("instances", f"got {self.instances}; give an integer in [1, {MAX_INSTANCES}]")
         if quota.cpus is not None and not isinstance(cores, str):
             cores = quota.cpus
+        elif cores is not None and not isinstance(cores, str):
+            cores = quota.cores  # a count, as an int
         put("cores", cores)
+        for fld in ("instances", "threads", "numa"):  # as the quota holds them (numpy's integers as ints)
+            put(fld, getattr(quota, fld))
         put("quota", quota)
 
         if not _is_int(self.max_queue) or not 1 <= self.max_queue <= MAX_QUEUE:

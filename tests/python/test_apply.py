@@ -428,6 +428,14 @@ def test_an_apply_that_close_stopped_raises_runtime_closed() -> None:
     t.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], ap.RuntimeClosed), outcome
     assert "runtime was closed while 'm' moved" in str(outcome[0])
+    # The record and the plan agree on the move (the spec was the new one, the plan the old:
+    # the next add_model() placed against the old plan and blamed the running model).
+    planned = next(p for p in rt.plan().models if p.name == "m")
+    assert rt.spec("m").instances == 2 == len(planned.instances)
+    # What stops a model added now is the close, whatever else it would meet.
+    for name in ("c", "m"):
+        with pytest.raises(ap.RuntimeClosed, match=f"runtime is closed: cannot add model '{name}'"):
+            rt.add_model(name, model=abs)
 
 
 @needs_two_cpus

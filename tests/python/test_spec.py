@@ -290,3 +290,23 @@ def test_async_models_and_factories_are_refused_naming_the_field() -> None:
             rt.start()
     finally:
         rt.close()
+
+
+def test_numpy_integers_are_taken_by_every_count_and_stored_as_ints() -> None:
+    # max_queue, priority_levels and the batching sizes took np.int64; instances, threads,
+    # cores and numa refused it ("got np.int64(2); give an integer >= 1").
+    np = pytest.importorskip("numpy")
+    s = ap.ModelSpec("m", model=abs, instances=np.int64(2), threads=np.int32(1), cores=np.int64(2),
+                     isolation="exclusive", numa=np.int8(0), max_queue=np.int64(8))
+    plain = ap.ModelSpec("m", model=abs, instances=2, threads=1, cores=2, isolation="exclusive", numa=0,
+                         max_queue=8)
+    assert s == plain and s.quota == plain.quota
+    assert all(type(v) is int for v in (s.instances, s.threads, s.cores, s.numa, s.max_queue, s.quota.cores))
+    listed = ap.ModelSpec("m", model=abs, cores=[np.int64(1), np.int64(0)], isolation="exclusive")
+    assert listed.cores == (0, 1) and all(type(c) is int for c in listed.cores)
+    with pytest.raises(ap.QuotaError, match="give an integer >= 1") as err:
+        ap.ModelSpec("m", model=abs, instances=np.int64(0))
+    assert err.value.field == "instances"
+    with pytest.raises(ap.QuotaError) as err:
+        ap.ModelSpec("m", model=abs, threads=np.float64(1.0))
+    assert err.value.field == "threads"
