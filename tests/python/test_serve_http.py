@@ -376,6 +376,17 @@ def test_compressed_requests_from_tritonclient(served: Served, algorithm: str) -
     body = raw_deflate.compress(json.dumps(x).encode()) + raw_deflate.flush()
     r = _raw(served, "/v2/models/echo/infer", body, {"Content-Encoding": "deflate"})  # raw deflate, no header
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [8.0], r.text
+    # A gzip body of several members (RFC 1952; gzip.decompress reads it) was refused after the
+    # first; bytes after the compressed data were silently ignored.
+    whole = json.dumps(x).encode()
+    r = _raw(served, "/v2/models/echo/infer", gzip.compress(whole[:20]) + gzip.compress(whole[20:]),
+             {"Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [8.0], r.text
+    r = _raw(served, "/v2/models/echo/infer", gzip.compress(whole) + b"trailing garbage", {"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "cannot be decompressed (its gzip member 2)" in r.json()["error"], r.text
+    r = _raw(served, "/v2/models/echo/infer", zlib.compress(whole) + b"junk", {"Content-Encoding": "deflate"})
+    assert r.status_code == 400 and "4 bytes follow the end of the deflate request body's compressed data" in \
+        r.json()["error"], r.text
 
 
 @contextlib.contextmanager
@@ -784,6 +795,9 @@ def _bad_requests(served: Served, client: Any) -> None:
          "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
         "'priority'")
     check_raw(415, _raw(served, path, b"{}", {"Content-Encoding": "br"}), "Content-Encoding 'br' is not supported")
+    # an id the answer could not echo (a lone surrogate): was a 500 after the model ran
+    check_raw(400, _raw(served, path, b'{"id": "\\ud800", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
+                                      b'"data": [1]}]}'), "the request's 'id' is not valid Unicode")
     check_raw(400, _raw(served, path, b"not gzip", {"Content-Encoding": "gzip"}), "cannot be decompressed")
     check_raw(400, _raw(served, path, gzip.compress(good)[:-12], {"Content-Encoding": "gzip"}),
               "ends before its compressed data does")

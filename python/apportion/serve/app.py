@@ -361,6 +361,10 @@ class V2App:
         if request_id is not _NO_ID and not isinstance(request_id, str):
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request's 'id' must be a string, "
                                             f"got {request_id!r}"[:300])
+        if request_id is not _NO_ID and not _encodable(request_id):
+            # Echoed in the answer, which could not be written after the model ran (500).
+            raise fe.ServeError(fe.INVALID, f"model {name!r}: the request's 'id' is not valid Unicode (a lone "
+                                            f"surrogate escape): {request_id!r}"[:300])
         params = _params(name, "request", request.get("parameters"))
         options = self.frontend.request_options(name, params.get("timeout"), params.get("priority"))
         try:
@@ -406,29 +410,51 @@ def _encoded(name: str, request_id: Any, wanted: list[tuple[Any, bool]],
 _CODINGS = ("identity", "gzip", "x-gzip", "deflate")
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _decompressed(name: str, body: bytearray, coding: str, limit: int) -> bytearray:
     """A gzip or deflate request body (what tritonclient's request_compression_algorithm
     sends), decompressed to at most ``limit`` bytes: a body that would inflate beyond it gets
     413 before more is inflated."""
     # deflate: the zlib format (RFC 9110), as zlib.compress writes it; some clients send raw
     # deflate data, which has no header to detect, so it is tried when the zlib header is not there.
-    wbits = 16 + zlib.MAX_WBITS if coding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+    # gzip: a body may hold several members, one after another (RFC 1952), read in turn.
+    gzip = coding in ("gzip", "x-gzip")
+    wbits = 16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS
     for attempt in (wbits, -zlib.MAX_WBITS) if coding == "deflate" else (wbits,):
-        d = zlib.decompressobj(attempt)
-        try:
-            out = d.decompress(body, limit + 1)
-        except zlib.error as e:
-            if attempt == wbits and coding == "deflate":
-                continue
-            raise fe.ServeError(fe.INVALID, f"model {name!r}: the {coding} request body cannot be decompressed: "
-                                            f"{e}") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise fe.ServeError(fe.TOO_LARGE, f"model {name!r}: the {coding} request body decompresses beyond "
-                                              f"the limit of {limit} bytes")
-        if not d.eof:
-            raise fe.ServeError(fe.INVALID, f"model {name!r}: the {coding} request body ends before its compressed "
-                                            "data does")
-        return bytearray(out)
+        out = bytearray()
+        data: bytes | bytearray = body
+        member = 1
+        while True:
+            d = zlib.decompressobj(attempt)
+            try:
+                part = d.decompress(data, limit + 1 - len(out))
+            except zlib.error as e:
+                if attempt == wbits and coding == "deflate":
+                    break
+                which = f" (its gzip member {member})" if member > 1 else ""
+                raise fe.ServeError(fe.INVALID, f"model {name!r}: the {coding} request body cannot be "
+                                                f"decompressed{which}: {e}") from None
+            out += part
+            if len(out) > limit or d.unconsumed_tail:
+                raise fe.ServeError(fe.TOO_LARGE, f"model {name!r}: the {coding} request body decompresses "
+                                                  f"beyond the limit of {limit} bytes")
+            if not d.eof:
+                raise fe.ServeError(fe.INVALID, f"model {name!r}: the {coding} request body ends before its "
+                                                "compressed data does")
+            if not d.unused_data:
+                return out
+            if not gzip:
+                raise fe.ServeError(fe.INVALID, f"model {name!r}: {len(d.unused_data)} bytes follow the end of the "
+                                                f"{coding} request body's compressed data")
+            data = d.unused_data
+            member += 1
     raise AssertionError("unreachable")
 
 
