@@ -361,7 +361,7 @@ class V2App:
         if request_id is not _NO_ID and not isinstance(request_id, str):
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request's 'id' must be a string, "
                                             f"got {request_id!r}"[:300])
-        if request_id is not _NO_ID and not _encodable(request_id):
+        if isinstance(request_id, str) and not _encodable(request_id):
             # Echoed in the answer, which could not be written after the model ran (500).
             raise fe.ServeError(fe.INVALID, f"model {name!r}: the request's 'id' is not valid Unicode (a lone "
                                             f"surrogate escape): {request_id!r}"[:300])
