@@ -932,6 +932,65 @@ def test_pipelined_headers_over_the_limit_wait_for_the_answers_before_them() -> 
         rt.close()
 
 
+def test_bytes_that_are_no_http_after_a_request_wait_for_its_answer(caplog: pytest.LogCaptureFixture) -> None:
+    # A valid request followed on its connection by bytes the parser refuses: the 400 went out at
+    # once and closed the connection, so the valid request ran but its answer was lost (the
+    # client read the 400 as its reply).
+    import socket
+
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}'
+    first = (b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nContent-Length: " + str(len(body)).encode()
+             + b"\r\n\r\n" + body)
+    rt = ap.Runtime()
+    rt.add_model("echo", model=lambda x: (time.sleep(0.3), x)[1])
+    rt.start()
+    try:
+        with Server(rt, {"echo": signatures()["echo"]}, http_port=0, grpc_port=None) as s:
+            for garbage in (b"BREW /pot HTTP/1.1\r\n\r\n", b"\x00\x01 not http\r\n\r\n"):
+                with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                    c.sendall(first + garbage)
+                    got = b""
+                    while chunk := c.recv(65536):
+                        got += chunk
+                assert got.startswith(b"HTTP/1.1 200"), got[:300]
+                assert got.count(b"HTTP/1.1 400") == 1 and got.index(b"HTTP/1.1 400") > got.index(b'"data":[1.0]')
+                assert got.endswith(b"the request is not valid HTTP/1.1 (its parser refused it)"), got[-200:]
+            # uvicorn's warning for each ("Invalid HTTP request received."): a few at a time.
+            assert sum("Invalid HTTP request" in r.getMessage() for r in caplog.records) <= 1, caplog.records
+            # Alone on its connection: the 400 at once.
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                c.sendall(b"BREW /pot HTTP/1.1\r\n\r\n")
+                got = b""
+                while chunk := c.recv(65536):
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 400 Bad Request") and b"connection: close" in got, got
+    finally:
+        rt.close()
+
+
+def test_uvicorns_warnings_are_logged_a_few_at_a_time() -> None:
+    import logging
+
+    from apportion.serve._frontend import REPORT_EVERY_S
+    from apportion.serve.server import _EveryFewSeconds
+
+    now = [100.0]
+    f = _EveryFewSeconds(clock=lambda: now[0])
+
+    def rec(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", level, __file__, 1, msg, (), None)
+
+    assert f.filter(rec("Invalid HTTP request received."))
+    assert not any(f.filter(rec("Invalid HTTP request received.")) for _ in range(1999))
+    assert f.filter(rec("Unsupported upgrade request."))  # another message: its own count
+    assert f.filter(rec("Invalid HTTP request received.", logging.ERROR))  # errors always
+    now[0] += REPORT_EVERY_S
+    later = rec("Invalid HTTP request received.")
+    assert f.filter(later)
+    assert later.getMessage() == ("Invalid HTTP request received. (1999 more since the last line about it, "
+                                  f"{REPORT_EVERY_S:.0f} s ago)")
+
+
 def test_body_over_the_limit_is_413() -> None:
     rt = ap.Runtime()
     rt.add_model("echo", model=lambda x: x * 2)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -32,6 +34,39 @@ and closes."""
 DEFAULT_WRITE_TIMEOUT_S = 60.0
 """How long an HTTP answer may sit unsent because the client takes none of it (the
 connection's write buffer stays full) before the server drops the connection."""
+
+
+class _EveryFewSeconds(logging.Filter):
+    """uvicorn's own warnings (bytes on a connection that are no HTTP, an upgrade it does not
+    support), each message at most once per :data:`~apportion.serve._frontend.REPORT_EVERY_S`
+    with a count of those held back, as the fronts' own failures are: 2,000 garbage connections
+    wrote 2,000 lines."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key, now = str(record.msg), self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < fe.REPORT_EVERY_S:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            held = self._held.pop(key, 0)
+            self._last[key] = now
+        if held and last is not None:
+            record.msg = f"{record.getMessage()} ({held} more since the last line about it, {now - last:.0f} s ago)"
+            record.args = ()
+        return True
+
+
+_UVICORN_WARNINGS = _EveryFewSeconds()
 
 
 def _close_with(status: bytes, answer: str) -> bytes:
@@ -61,6 +96,7 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
     late = _close_with(b"408 Request Timeout", f"no complete request headers within {timeout_s:g} s")
     too_large = _close_with(b"431 Request Header Fields Too Large",
                             f"the request line and headers exceed the limit of {max_header_bytes} bytes")
+    malformed = _close_with(b"400 Bad Request", "the request is not valid HTTP/1.1 (its parser refused it)")
 
     class HeaderDeadline(HttpToolsProtocol):  # type: ignore[misc]
         # Bytes received since the request began while its headers are incomplete (-1: its body
@@ -70,7 +106,8 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
         # bytes in that chunk were counted for the one before).
         _head_bytes = 0
         _completed_in_chunk = False
-        _refused = False  # answered 431 (or about to be): the rest of the connection is ignored
+        _refused = False  # answered 431 or 400 (or about to be): the rest of the connection is ignored
+        _refusal = too_large
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -86,10 +123,18 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
             if self._head_bytes > max_header_bytes and not self._refused and not self.transport.is_closing():
                 self._refuse()
 
-        def _refuse(self) -> None:
+        def _refuse(self, answer: bytes = too_large) -> None:
             self._refused = True
+            self._refusal = answer
             alarms.cancel(self)
             self._answer_refusal()
+
+        def send_400_response(self, msg: str) -> None:
+            # What the parser refused (bytes that are no HTTP, after a request on the same
+            # connection): uvicorn wrote its 400 and closed at once, cutting the answer to the
+            # request before it (the client read the 400 as that reply).
+            if not self._refused:
+                self._refuse(malformed)
 
         def _answering(self) -> bool:
             # A request before this one on the connection is not answered yet: self.cycle is
@@ -102,7 +147,7 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
             if self._answering():
                 return
             if not self.transport.is_closing():
-                self.transport.write(too_large)
+                self.transport.write(self._refusal)
                 self.transport.close()
 
         def on_response_complete(self) -> None:
@@ -297,6 +342,10 @@ class Server:
                                                              self.write_timeout_s),
                                 # uvicorn annotates an int; it hands the value to asyncio.timeout (a float)
                                 timeout_graceful_shutdown=self.drain_timeout_s)  # type: ignore[arg-type]
+        # uvicorn's logger: its warnings few at a time (added once; a filter is kept in a list).
+        uv_log = logging.getLogger("uvicorn.error")
+        if _UVICORN_WARNINGS not in uv_log.filters:
+            uv_log.addFilter(_UVICORN_WARNINGS)
         self._uv = _Uvicorn(config)
         self._uv_task = asyncio.create_task(self._uv.serve(sockets=[sock]))
         while not self._uv.started:
