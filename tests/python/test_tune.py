@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,6 +221,47 @@ def test_tune_rejects_bad_input() -> None:
     no_load = cfg.replace_models(ranker=ModelConfig(ap.ModelSpec("ranker", factory="apportion.demo:build_mlp")))
     with pytest.raises(ap.ConfigError, match=r"models\.ranker\.load"):
         tune(no_load, progress=False, profiles=TRUTH, measure=_fake_measure)
+
+
+@pytest.mark.parametrize(("kw", "field", "words"), [
+    # max_batch 0, -1, nan and True ran; 100000 and 1.5 failed after 1.4 s of profiling naming
+    # batching.max_size, a field the caller never set; "8" a TypeError deep in the search
+    ({"max_batch": 0}, "max_batch", "in [1, 65536]"), ({"max_batch": 100_000}, "max_batch", "in [1, 65536]"),
+    ({"max_batch": 1.5}, "max_batch", "integer"), ({"max_batch": "8"}, "max_batch", "integer"),
+    ({"max_batch": True}, "max_batch", "integer"), ({"validate_top": 0}, "validate_top", ">= 1"),
+    ({"validate_top": 1.5}, "validate_top", "integer"), ({"validate_top": "3"}, "validate_top", "integer"),
+    ({"progress": "yes"}, "progress", "a text stream"), ({"measure": 5}, "measure", "callable"),
+    ({"profiles": {"zzz": TRUTH["ranker"]}}, "profiles", "'zzz', which is not a model of the config"),
+    ({"profiles": {"ranker": []}}, "profiles", "holds no samples"),
+])
+def test_tune_refuses_bad_arguments_before_any_run(kw: dict[str, Any], field: str, words: str) -> None:
+    args: dict[str, Any] = {"progress": False, "profiles": TRUTH, "measure": _fake_measure, **kw}
+    with pytest.raises(ap.QuotaError, match=re.escape(words)) as err:
+        tune(_synthetic_config(), topology_root=VM2, **args)
+    assert err.value.field == field
+
+
+def test_tune_refuses_measurements_that_leave_a_model_out_or_name_another(tmp_path: Path) -> None:
+    # A model left out counted as meeting its SLO (the winner read slo_ok); one not in the
+    # config raised a bare KeyError.
+    def leaves_out(cfg: Config) -> dict[str, Measured]:
+        return {n: m for n, m in _fake_measure(cfg).items() if n != "encoder"}
+
+    def adds(cfg: Config) -> dict[str, Measured]:
+        return {**_fake_measure(cfg), "zzz": Measured(1.0, 1.0, 1.0, True, 1.0)}
+
+    for fn, words in ((leaves_out, "it left out ['encoder']"), (adds, "it named ['zzz']"),
+                      (lambda cfg: {}, "it left out ['encoder', 'ranker']")):
+        with pytest.raises(ap.QuotaError, match=re.escape(words)) as err:
+            tune(_synthetic_config(), topology_root=VM2, progress=False, profiles=TRUTH, measure=fn)
+        assert err.value.field == "measure"
+    with pytest.raises(ap.QuotaError, match="no models"):
+        tune(Config(models={}, path="empty.toml"), topology_root=VM2, progress=False)
+    a_file = tmp_path / "plan.txt"
+    a_file.write_text("x")
+    with pytest.raises(ap.ConfigError, match="exists and is not a directory"):
+        tune(_synthetic_config(), topology_root=VM2, progress=False, profiles=TRUTH, measure=_fake_measure,
+             out_dir=a_file)
 
 
 # -- one short real run --------------------------------------------------------------------------

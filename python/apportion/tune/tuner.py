@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._private.checks import finite_number
+from ..batching import _MAX_BATCH as MAX_BATCH
 from ..config import Config, ConfigError, model_key
 from ..errors import QuotaError
 from .allocation import OBJECTIVES, Objective, allocate
@@ -124,10 +126,25 @@ def tune(
     if not (finite_number(budget_s) and budget_s > 0):
         raise QuotaError(f"tune: budget_s must be a positive, finite number of seconds, got {budget_s!r}",
                          field="budget_s")
-    if isinstance(profile_repeats, bool) or not isinstance(profile_repeats, int) or profile_repeats < 1:
-        raise QuotaError(f"tune: profile_repeats must be an integer >= 1, got {profile_repeats!r}",
-                         field="profile_repeats")
+    for fld, value, most in (("profile_repeats", profile_repeats, None), ("max_batch", max_batch, MAX_BATCH),
+                             ("validate_top", validate_top, None)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (
+                most is not None and value > most):
+            within = f"in [1, {most}]" if most is not None else ">= 1"
+            raise QuotaError(f"tune: {fld} must be an integer {within}, got {value!r}", field=fld)
+    max_batch, validate_top, profile_repeats = int(max_batch), int(validate_top), int(profile_repeats)
+    if not isinstance(progress, bool) and not callable(getattr(progress, "write", None)):
+        raise QuotaError(f"tune: progress must be True, False or a text stream, got {progress!r}", field="progress")
+    if measure is not None and not callable(measure):
+        raise QuotaError(f"tune: measure must be callable (config -> {{model: Measured}}), got {measure!r}",
+                         field="measure")
     cfg = config if isinstance(config, Config) else Config.load(config)
+    if not cfg.models:
+        raise QuotaError("tune: the config has no models", field="config")
+    unknown = sorted(set(profiles or {}) - set(cfg.models))
+    if unknown:
+        raise QuotaError(f"tune: profiles names {unknown[0]!r}, which is not a model of the config "
+                         f"({', '.join(cfg.models)})", model=unknown[0], field="profiles")
     check_loads(cfg)
     if out_dir is not None:
         # What would fail the writing is refused now, not after the budget: a value plan.toml
@@ -171,6 +188,9 @@ def tune(
                 raise QuotaError(f"tune: profiles[{n!r}] must be a CostModel or a sequence of "
                                  f"apportion.tune.Sample, got {given!r}"[:300], model=n, field="profiles")
             samples[n] = list(given)
+            if not samples[n]:
+                raise QuotaError(f"tune: profiles[{n!r}] holds no samples; give at least one Sample, a "
+                                 "CostModel, or leave the model out to profile it", model=n, field="profiles")
         else:
             samples[n] = []
             for shape in shapes:
@@ -211,7 +231,15 @@ def tune(
 
     def run_measure(c: Config, fn: Callable[[Config], Mapping[str, Measured]] = measure_fn) -> dict[str, Measured]:
         with watch.run():
-            return dict(fn(c))
+            got = dict(fn(c))
+        # A model left out would count as meeting its SLO; one not in the config has no need.
+        missing, extra = sorted(set(c.models) - set(got)), sorted(set(got) - set(c.models))
+        if missing or extra or not all(isinstance(v, Measured) for v in got.values()):
+            raise QuotaError(f"tune: measure(config) must return a Measured for each of the config's models "
+                             f"({', '.join(c.models)}); "
+                             + (f"it left out {missing}" if missing else f"it named {extra}" if extra else
+                                "it returned other values") + "", field="measure")
+        return got
 
     for c in candidates:
         bar(f"validating '{c.name}'")
