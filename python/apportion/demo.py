@@ -204,13 +204,28 @@ def single_thread_ms(repeat_s: float = 0.3, rounds: int = 5) -> dict[str, float]
     return out
 
 
+def one_thread_capacity(per_request_ms: dict[str, float], cpus: int | None = None) -> float:
+    """Requests/s the demo's mix takes on ``cpus`` (default: this process's) at one thread per
+    request, from each model's one-thread time: what ``--load`` multiplies."""
+    n_cpus = cpus or len(os.sched_getaffinity(0))
+    return n_cpus * 1000.0 / sum(SHARES[n] * per_request_ms[n] for n in SHARES)
+
+
+def offered(load: float, rate: float, per_request_ms: dict[str, float], cpus: int | None = None) -> str:
+    """What the demo's total ``rate`` is, against the one-thread capacity: ``load`` times it, or,
+    where the rate was capped at MAX_TOTAL_RATE, the multiple that the cap leaves."""
+    if rate < MAX_TOTAL_RATE:
+        return f"{load:g}x the one-thread capacity"
+    return (f"{rate / one_thread_capacity(per_request_ms, cpus):.2f}x the one-thread capacity: --load {load:g}, "
+            f"capped at the load generator's {MAX_TOTAL_RATE:g} req/s")
+
+
 def demo_config(load: float = 1.0, *, per_request_ms: dict[str, float] | None = None,
                 cpus: int | None = None) -> Config:
     """The demo's models and workload as a Config (``load`` x the machine's one-thread
     capacity, see the module documentation)."""
     ms = per_request_ms if per_request_ms is not None else single_thread_ms()
-    n_cpus = cpus or len(os.sched_getaffinity(0))
-    capacity = n_cpus * 1000.0 / sum(SHARES[n] * ms[n] for n in SHARES)
+    capacity = one_thread_capacity(ms, cpus)
     rate = round(min(load * capacity, MAX_TOTAL_RATE), 1)
     if rate <= 0:
         raise ConfigError("<command line>", "--load", f"{load:g} x the machine's one-thread capacity "
@@ -456,7 +471,8 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     demand = cfg.demand()
     print(f"apportion demo: {n_cores} cores; one request on one thread takes "
           + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()), file=out)
-    print(f"workload: Poisson, {cfg.rate:g} req/s in total ({load:g}x the one-thread capacity): "
+    assert cfg.rate is not None
+    print(f"workload: Poisson, {cfg.rate:g} req/s in total ({offered(load, cfg.rate, ms)}): "
           + ", ".join(f"{n} {demand[n]:.0f}/s p99<={SLO_MS[n]:g}ms" for n in cfg.models), file=out)
     result = tune(cfg, budget_s=budget_s, progress=progress, out_dir=out_path / "tune")
     modes = {**baselines(cfg, n_cores), "tuned": result.winner.choices}

@@ -156,3 +156,15 @@ def test_shift_shares_refuse_what_is_not_a_mix(text: str, message: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError) as e:
         demo.parse_shares(text)
     assert message in str(e.value)
+
+
+def test_a_load_past_the_generators_cap_says_what_is_offered() -> None:
+    # --load 1e308 printed "3000 req/s in total (1e+308x the one-thread capacity)".
+    from apportion.demo import MAX_TOTAL_RATE, demo_config, offered
+
+    ms = {"mlp": 1.0, "conv": 1.0, "encoder": 1.0}  # 2 CPUs: 2,000 req/s at one thread each
+    assert demo_config(1e308, per_request_ms=ms, cpus=2).rate == MAX_TOTAL_RATE
+    assert offered(1e308, MAX_TOTAL_RATE, ms, cpus=2) == (
+        "1.50x the one-thread capacity: --load 1e+308, capped at the load generator's 3000 req/s")
+    assert demo_config(0.5, per_request_ms=ms, cpus=2).rate == 1000.0
+    assert offered(0.5, 1000.0, ms, cpus=2) == "0.5x the one-thread capacity"

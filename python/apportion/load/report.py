@@ -186,7 +186,9 @@ class LoadReport(Mapping[str, ModelReport]):
     def __str__(self) -> str:
         ran_out = [m.model for m in self.models.values() if m.inputs_exhausted]
         verdict = (
-            f"stable after {self.windows} windows of {self.window_s:g} s "
+            f"NOTHING measured: no request was offered in {self.windows} windows of {self.window_s:g} s"
+            if self.models and not any(m.offered for m in self.models.values())
+            else f"stable after {self.windows} windows of {self.window_s:g} s "
             f"(last {self.stable_windows} within {self.tolerance:.0%})"
             if self.stable
             else f"NOT stable: {'the inputs ran out' if ran_out else 'time limit'} after {self.windows} windows "
@@ -255,13 +257,18 @@ def _slo_cell(m: ModelReport) -> str:
 BEHIND = 0.95
 """An open loop that offered less than this share of its rate fell behind (reported)."""
 
+BEHIND_JUDGED_AT = 20
+"""Requests the rate asks for over the reported windows before the generator is judged behind."""
+
 
 def _notes(m: ModelReport) -> list[str]:
     """What the table's figures leave out for model ``m``, one line each."""
     out = []
     if m.inputs_exhausted:
         out.append(f"{m.model}: the inputs ran out: the load stopped early, and its last window is partly empty")
-    if m.rate and m.offered_rate < BEHIND * m.rate:
+    # Judged where the rate asked for enough requests over the reported windows to tell: at
+    # 1e-9/s none is the schedule, not a generator behind it.
+    if m.rate and m.offered_rate < BEHIND * m.rate and m.rate * m.duration_s >= BEHIND_JUDGED_AT:
         lag = "" if m.schedule_lag_p99_ms is None else f", submissions up to {m.schedule_lag_p99_ms:.0f} ms late (p99)"
         out.append(f"{m.model}: the generator fell behind: it offered {m.offered_rate:.1f}/s of the "
                    f"{m.rate:g}/s asked{lag}; the client, not the model, limited this load")
