@@ -466,6 +466,14 @@ def test_the_tuner_says_how_much_capacity_is_missing() -> None:
     big = tune(_synthetic_config(), budget_s=30, topology_root=SERVER, profiles=TRUTH, measure=_fake_measure,
                progress=False)
     assert big.missing_capacity() == {} and big.shortfall() == ""
+    # A model without an SLO, or a closed loop, has no demand to serve "within its SLO": it
+    # was told "~3.0 more cores" (a closed loop takes whatever it is given).
+    for drop in ({"slo": None}, {"load": {"concurrency": 4}}):
+        cfg = _synthetic_config()
+        cfg = replace(cfg, models={**cfg.models, "encoder": replace(cfg.models["encoder"], **drop)})
+        r = tune(cfg, budget_s=30, topology_root=str(FIXTURES / "vm2"), profiles=TRUTH, measure=_fake_measure,
+                 progress=False)
+        assert "encoder" not in r.missing_capacity() and "'encoder'" not in r.shortfall(), (drop, r.shortfall())
 
 
 def test_a_winner_that_misses_in_the_longer_confirmation_run_gives_way_to_a_bounded_queue() -> None:

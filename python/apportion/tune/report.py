@@ -119,14 +119,16 @@ class TuneResult:
         return head + "The winner was not confirmed in a longer run."
 
     def missing_capacity(self) -> dict[str, float]:
-        """For each model the allocation does not serve in full: how many more cores it would
-        need to serve its whole demand within its SLO, by its fitted cost model (inf: no shape
-        of it meets the SLO at all). Empty when the machine suffices."""
+        """For each model with an SLO and a rate that the allocation does not serve in full: how
+        many more cores it would need to serve its whole demand within its SLO, by its fitted
+        cost model (inf: no shape of it meets the SLO at all). Empty when the machine suffices."""
         out: dict[str, float] = {}
         measured = self.winner.measured or {}
         for need in self.needs:
             a = self.allocation.get(need.name)
-            if a is None:
+            if a is None or need.slo_ms is None or need.demand is None:
+                # No SLO to serve it within, or a closed loop (it takes whatever it is given:
+                # no core count serves "all" of it).
                 continue
             m = measured.get(need.name)
             if a.fraction >= 0.99:
