@@ -23,9 +23,6 @@ def writable_outputs(out_dir: str | Path) -> None:
     """Raises ConfigError (path ``out_dir``, key the file) when :meth:`TuneResult.write` could
     not write there: an output path that exists and is not a regular file, or no matplotlib
     for the plot. The tuner checks before it spends its budget."""
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(str(out_dir), "out_dir", "exists and is not a directory; the tuner writes plan.toml, "
-                          "report.md and candidates.png in it: give another --out / out_dir")
     for name in OUTPUTS:
         p = Path(out_dir) / name
         if p.exists() and not p.is_file():

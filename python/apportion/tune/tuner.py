@@ -150,6 +150,9 @@ def tune(
         # What would fail the writing is refused now, not after the budget: a value plan.toml
         # cannot hold, an output path that is a directory, the plot without matplotlib.
         cfg.to_toml()
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():  # (FileExistsError at the end)
+            raise ConfigError(str(out_dir), "out_dir", "exists and is not a directory; the tuner writes "
+                              "plan.toml, report.md and candidates.png in it: give another out_dir")
         writable_outputs(out_dir)
     bar = _progress(progress, budget_s, clock)
     t0 = clock()
