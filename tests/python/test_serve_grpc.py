@@ -218,6 +218,8 @@ def test_bad_requests_under_good_load(served: Served) -> None:
         status_of(lambda: c.infer("echo", [vec("x", f32)], outputs=[tg.InferRequestedOutput("q")]),
                   "INVALID_ARGUMENT", "no output 'q'")
         status_of(lambda: c.infer("gate", [vec("x", f32)], priority=7), "INVALID_ARGUMENT", "priority")
+        status_of(lambda: c.infer("echo", [vec("x", f32)], outputs=[tg.InferRequestedOutput("y")] * 2),
+                  "INVALID_ARGUMENT", "output 'y' is requested twice")
         status_of(lambda: c.infer("fails", [vec("x", [42.0])]), "INTERNAL", "boom 42")
         status_of(lambda: c.infer("bad_output", [vec("x", f32)]), "INTERNAL", "output 'y'", "INT64")
         status_of(lambda: c.infer("bad_bytes", [vec("x", f32)]), "INTERNAL", "output 'u'", "type int")

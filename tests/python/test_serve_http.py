@@ -795,6 +795,10 @@ def _bad_requests(served: Served, client: Any) -> None:
          "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode()),
         "'priority'")
     check_raw(415, _raw(served, path, b"{}", {"Content-Encoding": "br"}), "Content-Encoding 'br' is not supported")
+    # one output named twice: it was answered twice
+    check_raw(400, _raw(served, path, json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+         "outputs": [{"name": "y"}, {"name": "y"}]}).encode()), "output 'y' is requested twice")
     # an id the answer could not echo (a lone surrogate): was a 500 after the model ran
     check_raw(400, _raw(served, path, b'{"id": "\\ud800", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
                                       b'"data": [1]}]}'), "the request's 'id' is not valid Unicode")

@@ -162,6 +162,12 @@ def test_from_json(datatype: str, data: list, want: np.ndarray) -> None:
     ("UINT64", [2**64 - 1, -1, 2, 3], "-1 is outside the range of UINT64"),
     ("INT64", [2**63, 1, 2, 3], "9223372036854775808 is outside the range of INT64"),
     ("UINT64", [2**64 - 1, True, 2, 3], "not UINT64 data"),
+    # true and false are BOOL's: they were served as 1.0 and 0.0, 1 and 0
+    ("FP32", [True, False, True, True], "not FP32 data: elements must be numbers, got bool"),
+    ("INT32", [True, False, True, True], "not INT32 data: elements must be integers, got bool"),
+    # a finite number past the type's range was served as inf
+    ("FP32", [1e39, 1, 2, 3], r"not FP32 data: element 0 \(1e\+39\) is outside the range of FP32"),
+    ("FP16", [1, 70000, 2, 3], r"element 1 \(70000\) is outside the range of FP16 \(at most 65504"),
 ])
 def test_from_json_rejects(datatype: str, data: list, words: str) -> None:
     with pytest.raises(TensorError, match=f"model 'm', input 'x': .*{words}"):
@@ -241,3 +247,18 @@ def test_the_cost_of_converting_counts_each_object_element() -> None:
     assert words.nbytes < OFF_LOOP_BYTES <= conversion_bytes([words]) == 120_000 * PER_ELEMENT_BYTES
     assert conversion_bytes([floats, words[:10]]) == 4000 + 10 * PER_ELEMENT_BYTES
     assert conversion_bytes([]) == 0
+
+
+def test_json_infinities_and_nan_given_as_such_stay() -> None:
+    # (Python's json reads NaN and Infinity: tritonclient writes them so.)
+    got = from_json("m", TensorSpec("x", "FP32", [-1]), (3,), [float("inf"), float("nan"), 1e38])
+    assert np.isinf(got[0]) and np.isnan(got[1]) and got[2] == np.float32(1e38)
+
+
+def test_a_bool_byte_other_than_0_or_1_is_refused() -> None:
+    # The byte 0x02 made a bool numpy compares and sums as 2.
+    spec = TensorSpec("b", "BOOL", [-1])
+    assert from_bytes("m", spec, (3,), memoryview(b"\x01\x00\x01")).tolist() == [True, False, True]
+    with pytest.raises(TensorError, match=r"model 'm', input 'b': BOOL element 1 is the byte 0x02; a BOOL is "
+                       r"the byte 0 or 1"):
+        from_bytes("m", spec, (3,), memoryview(b"\x01\x02\x01"))

@@ -508,7 +508,7 @@ def _outputs(name: str, sig: Signature, outputs: Any, binary_default: Any) -> li
         return [(s, default) for s in sig.outputs]
     if not isinstance(outputs, list):
         raise TensorError(f"model {name!r}: 'outputs' must be a list, got {outputs!r}"[:300])
-    out = []
+    out: list[tuple[Any, bool]] = []
     for o in outputs:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise TensorError(f"model {name!r}: each requested output must be an object with a "
@@ -518,7 +518,10 @@ def _outputs(name: str, sig: Signature, outputs: Any, binary_default: Any) -> li
         if "classification" in p:
             raise TensorError(f"model {name!r}, {where}: the classification extension is not supported; request "
                               "the output without parameters.classification and take the top classes from it")
-        out.append((sig.output(name, o["name"]), _flag(name, where, "binary_data", p.get("binary_data"), default)))
+        spec = sig.output(name, o["name"])
+        if any(spec is seen for seen, _ in out):  # it was answered twice
+            raise TensorError(f"model {name!r}: {where} is requested twice")
+        out.append((spec, _flag(name, where, "binary_data", p.get("binary_data"), default)))
     return out
 
 

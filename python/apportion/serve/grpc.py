@@ -186,6 +186,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     raise TensorError(f"model {name!r}, output {o.name!r}: the classification extension is not "
                                       "supported; request the output without the classification parameter")
             wanted = [sig.output(name, o.name) for o in request.outputs] or list(sig.outputs)
+            twice = next((o.name for i, o in enumerate(request.outputs)
+                          if any(o.name == p.name for p in request.outputs[:i])), None)
+            if twice is not None:  # it was answered twice
+                raise TensorError(f"model {name!r}: output {twice!r} is requested twice")
         except TensorError as e:
             raise fe.ServeError(fe.INVALID, str(e)) from None
         return arrays, wanted

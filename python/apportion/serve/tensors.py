@@ -312,7 +312,8 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
             arr = arr.astype(np.bool_).reshape(-1)
         else:
             arr = np.asarray(data)
-            allowed = "iub" if spec.dtype.kind in "iu" else "iubf"
+            # Numbers only: true and false are BOOL's (they were taken as 1 and 0).
+            allowed = "iu" if spec.dtype.kind in "iu" else "iuf"
             # Python ints numpy cannot hold as int64 (UINT64 values >= 2**63, or beyond any
             # int) make the guess float64 or object: valid data if every leaf is a number of
             # the kind the datatype takes; the conversion below refuses one out of range.
@@ -322,7 +323,10 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
                                 f"got {arr.dtype}")
             if spec.dtype.kind in "iu" and arr.size:
                 _check_range(spec, arr, data)
-            arr = np.asarray(data, dtype=spec.dtype).reshape(-1)
+            with np.errstate(over="ignore"):  # a value past the type's range: refused below, not warned
+                arr = np.asarray(data, dtype=spec.dtype).reshape(-1)
+            if spec.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+                _check_float_range(spec, arr, data)
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
         raise TensorError(f"model {model!r}, input {spec.name!r}: 'data' is not {spec.datatype} "
                           f"data: {e}") from None
@@ -330,6 +334,17 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
         raise TensorError(f"model {model!r}, input {spec.name!r}: shape {list(shape)} needs "
                           f"{count} elements, 'data' has {arr.size}")
     return arr.reshape(shape)
+
+
+def _check_float_range(spec: TensorSpec, arr: np.ndarray, data: Any) -> None:
+    """Refuses a finite number that became infinite in ``spec``'s type (FP32 1e39, FP16
+    70000): it was served as inf. NaN and Infinity given as such stay."""
+    src = np.asarray(data, dtype=np.float64).reshape(-1)
+    over = np.isinf(arr) & np.isfinite(src)
+    if over.any():
+        i = int(np.argmax(over))
+        raise ValueError(f"element {i} ({src[i]:g}) is outside the range of {spec.datatype} "
+                         f"(at most {float(np.finfo(spec.dtype).max):g} in magnitude)")
 
 
 def from_bytes(model: str, spec: TensorSpec, shape: tuple[int, ...], buf: memoryview) -> np.ndarray:
@@ -362,6 +377,11 @@ def from_bytes(model: str, spec: TensorSpec, shape: tuple[int, ...], buf: memory
         raise TensorError(f"model {model!r}, input {spec.name!r}: shape {list(shape)} of "
                           f"{spec.datatype} needs {count * dtype.itemsize} bytes, got {len(buf)}")
     arr = np.frombuffer(buf, dtype=dtype)
+    if spec.datatype == "BOOL" and arr.size and np.frombuffer(buf, dtype=np.uint8).max() > 1:
+        # A bool is the byte 0 or 1: another byte made a bool numpy compares and sums as itself.
+        i = int(np.argmax(np.frombuffer(buf, dtype=np.uint8) > 1))
+        raise TensorError(f"model {model!r}, input {spec.name!r}: BOOL element {i} is the byte "
+                          f"{buf[i]:#04x}; a BOOL is the byte 0 or 1")
     if not arr.flags.aligned:
         arr = arr.copy()
     return arr.reshape(shape)
