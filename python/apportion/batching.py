@@ -137,7 +137,7 @@ def _stack_key(x: Any, kind: str) -> tuple[Any, ...]:
     """What inputs must share to be stacked into one array: type, shape and dtype, and for a
     tensor its device and layout (a CPU and a GPU tensor in one stack fail both requests)."""
     if kind == "torch":
-        return (type(x), tuple(x.shape), x.dtype, x.device, x.layout)
+        return (type(x), x.shape, x.dtype, x.device, x.layout)
     return (type(x), x.shape, x.dtype)
 
 
@@ -174,6 +174,8 @@ def stacking(model: str, fn: Callable[[Any], Any],
             kind = _array_kind(xs)
             if kind is None:
                 return fn(xs)
+            if len(xs) == 1:  # nothing to stack: a view of it
+                return one_batch(xs, kind)
             key = _stack_key(xs[0], kind)
             for x in xs:
                 if _stack_key(x, kind) != key:
