@@ -100,7 +100,28 @@ def test_infer_typed_contents(served: Served) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(req, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "needs 2 elements, 'data' has 0" in info.value.details()
+        # It read "needs 2 elements, 'data' has 0" (an HTTP word), naming neither field.
+        assert ("input 'x': FP32 data travels in contents.fp32_contents (or raw_input_contents), got "
+                "contents.int64_contents") in info.value.details()
+        # both the right field and another: the other was ignored
+        req = pb.ModelInferRequest(model_name="echo")
+        x = req.inputs.add(name="x", datatype="FP32", shape=[2])
+        x.contents.fp32_contents.extend([1, 2])
+        x.contents.int_contents.extend([3, 4])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=30)
+        assert "got contents.int_contents" in info.value.details()
+        # no data at all (raw_input_contents forgotten)
+        req = pb.ModelInferRequest(model_name="echo")
+        req.inputs.add(name="x", datatype="FP32", shape=[2])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 'x': no data: give it in raw_input_contents or contents.fp32_contents" in info.value.details()
+        # ... which an empty tensor needs none of
+        req = pb.ModelInferRequest(model_name="echo")
+        req.inputs.add(name="x", datatype="FP32", shape=[0])
+        assert stub.ModelInfer(req, timeout=30).outputs[0].shape == [0]
         # typed contents and raw_input_contents together: the protocol allows one or the other
         req = pb.ModelInferRequest(model_name="echo")
         req.inputs.add(name="x", datatype="FP32", shape=[2]).contents.fp32_contents.extend([1, 2])

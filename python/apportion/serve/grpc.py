@@ -11,6 +11,7 @@ methods answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -176,8 +177,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if raw:
                     arrays[spec.name] = from_bytes(name, spec, shape, memoryview(raw[i]))
                 elif spec.datatype in _CONTENTS:
-                    arrays[spec.name] = from_json(name, spec, shape,
-                                                  list(getattr(t.contents, _CONTENTS[spec.datatype])))
+                    field = _CONTENTS[spec.datatype]
+                    given = [f.name for f, _ in t.contents.ListFields()]
+                    if any(g != field for g in given):  # another type's field: it read as no data
+                        raise TensorError(f"model {name!r}, input {spec.name!r}: {spec.datatype} data travels in "
+                                          f"contents.{field} (or raw_input_contents), got contents."
+                                          + ", contents.".join(g for g in given if g != field))
+                    if not given and math.prod(shape) != 0:
+                        raise TensorError(f"model {name!r}, input {spec.name!r}: no data: give it in "
+                                          f"raw_input_contents or contents.{field}")
+                    arrays[spec.name] = from_json(name, spec, shape, list(getattr(t.contents, field)))
                 else:
                     raise TensorError(f"model {name!r}, input {spec.name!r}: {spec.datatype} "
                                       "travels in raw_input_contents only")
