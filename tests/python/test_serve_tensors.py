@@ -168,6 +168,10 @@ def test_from_json(datatype: str, data: list, want: np.ndarray) -> None:
     # a finite number past the type's range was served as inf
     ("FP32", [1e39, 1, 2, 3], r"not FP32 data: element 0 \(1e\+39\) is outside the range of FP32"),
     ("FP16", [1, 70000, 2, 3], r"element 1 \(70000\) is outside the range of FP16 \(at most 65504"),
+    # 2**64 as the HTTP front's JSON reader gives it (a float): was "elements must be integers"
+    ("UINT64", [2.0**64, 1, 2, 3], r"element 0 \(18446744073709551616, an integer beyond 64 bits\) is outside "
+     "the range of UINT64"),
+    ("INT64", [[1.0, 2.0], [3.0, -(2.0**64)]], r"element 3 \(-18446744073709551616, an integer beyond 64 bits"),
 ])
 def test_from_json_rejects(datatype: str, data: list, words: str) -> None:
     with pytest.raises(TensorError, match=f"model 'm', input 'x': .*{words}"):
@@ -262,3 +266,13 @@ def test_a_bool_byte_other_than_0_or_1_is_refused() -> None:
     with pytest.raises(TensorError, match=r"model 'm', input 'b': BOOL element 1 is the byte 0x02; a BOOL is "
                        r"the byte 0 or 1"):
         from_bytes("m", spec, (3,), memoryview(b"\x01\x02\x01"))
+
+
+def test_the_http_fronts_json_reader_gives_integers_beyond_64_bits_as_floats() -> None:
+    # What the check above is for: orjson reads 2**64 as a float.
+    from apportion.serve.app import _loads
+
+    data = _loads(b"[18446744073709551616, 1]")
+    assert isinstance(data[0], float)
+    with pytest.raises(TensorError, match="an integer beyond 64 bits"):
+        from_json("m", TensorSpec("x", "UINT64", [-1]), (2,), data)

@@ -319,6 +319,8 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
             # the kind the datatype takes; the conversion below refuses one out of range.
             if (arr.size and arr.dtype.kind not in allowed
                     and not (arr.dtype.kind in "fO" and _all_leaves(data, int if "f" not in allowed else (int, float)))):
+                if arr.dtype.kind == "f" and "f" not in allowed:
+                    _check_not_wide_ints(spec, arr)
                 raise TypeError(f"elements must be {'integers' if spec.dtype.kind in 'iu' else 'numbers'}, "
                                 f"got {arr.dtype}")
             if spec.dtype.kind in "iu" and arr.size:
@@ -334,6 +336,19 @@ def from_json(model: str, spec: TensorSpec, shape: tuple[int, ...], data: Any) -
         raise TensorError(f"model {model!r}, input {spec.name!r}: shape {list(shape)} needs "
                           f"{count} elements, 'data' has {arr.size}")
     return arr.reshape(shape)
+
+
+def _check_not_wide_ints(spec: TensorSpec, arr: np.ndarray) -> None:
+    """Integer data that arrived as floats: the HTTP front's JSON reader (orjson) reads an
+    integer beyond 64 bits, such as 2**64, as a float. Whole numbers past every 64-bit type are
+    said to be out of the datatype's range, not "not integers"."""
+    with np.errstate(invalid="ignore"):
+        whole = np.isfinite(arr) & (arr == np.trunc(arr))
+    wide = whole & (np.abs(arr) >= 2.0**63)
+    if whole.all() and wide.any():
+        i = int(np.argmax(wide))
+        raise ValueError(f"element {i} ({arr.reshape(-1)[i]:.0f}, an integer beyond 64 bits) is outside the range of "
+                         f"{spec.datatype}")
 
 
 def _check_float_range(spec: TensorSpec, arr: np.ndarray, data: Any) -> None:
