@@ -384,6 +384,10 @@ def test_compressed_requests_from_tritonclient(served: Served, algorithm: str) -
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [8.0], r.text
     r = _raw(served, "/v2/models/echo/infer", gzip.compress(whole) + b"trailing garbage", {"Content-Encoding": "gzip"})
     assert r.status_code == 400 and "cannot be decompressed (its gzip member 2)" in r.json()["error"], r.text
+    # 100,000 empty members (2 MB): each member was handed the rest of the body, a quadratic
+    # copy (6 s of CPU; hours at the 64 MiB bound), inflating to nothing the size bound sees
+    r = _raw(served, "/v2/models/echo/infer", gzip.compress(b"") * 100_000, {"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "holds more than 1024 members" in r.json()["error"], r.text
     r = _raw(served, "/v2/models/echo/infer", zlib.compress(whole) + b"junk", {"Content-Encoding": "deflate"})
     assert r.status_code == 400 and "4 bytes follow the end of the deflate request body's compressed data" in \
         r.json()["error"], r.text
@@ -961,6 +965,15 @@ def test_bytes_that_are_no_http_after_a_request_wait_for_its_answer(caplog: pyte
                 assert got.endswith(b"the request is not valid HTTP/1.1 (its parser refused it)"), got[-200:]
             # uvicorn's warning for each ("Invalid HTTP request received."): a few at a time.
             assert sum("Invalid HTTP request" in r.getMessage() for r in caplog.records) <= 1, caplog.records
+            # A bad chunk in a request's own body: the 400 at once (it waited for the body
+            # deadline, then answered 408 in its place).
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
+                c.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\n{\"inp\r\nZZZ\r\n")
+                got = b""
+                while chunk := c.recv(65536):
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 400 Bad Request") and len(re.findall(rb"HTTP/1\.1 \d{3}", got)) == 1, got
             # Alone on its connection: the 400 at once.
             with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as c:
                 c.sendall(b"BREW /pot HTTP/1.1\r\n\r\n")

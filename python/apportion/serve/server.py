@@ -133,8 +133,19 @@ def header_timeout_protocol(timeout_s: float, max_header_bytes: int = DEFAULT_MA
             # What the parser refused (bytes that are no HTTP, after a request on the same
             # connection): uvicorn wrote its 400 and closed at once, cutting the answer to the
             # request before it (the client read the 400 as that reply).
-            if not self._refused:
-                self._refuse(malformed)
+            if self._refused:
+                return
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:
+                # In this request's own body (a bad chunk): it can never be answered, and
+                # waiting for it held the 400 until the body deadline (a 408 in its place).
+                self._refused, self._refusal = True, malformed
+                alarms.cancel(self)
+                if not self.transport.is_closing():
+                    self.transport.write(malformed)
+                    self.transport.close()
+                return
+            self._refuse(malformed)
 
         def _answering(self) -> bool:
             # A request before this one on the connection is not answered yet: self.cycle is
