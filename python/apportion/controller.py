@@ -7,7 +7,8 @@ request and batch size), refits each
 model's per-request cost (compute time of a call divided by its batch size, as measured in that
 window) and from it the instances the arrival rate needs at the target utilisation. A model
 whose SLO is at risk (p99 above ``risk`` x SLO, refusals, instances busier than ``hot``, a
-call still running after ``risk`` x SLO, or requests queued while none completed) for
+call still running after ``risk`` x SLO, or requests queued while none completed in a window
+longer than that) for
 ``confirm`` windows in a row gets capacity (of several, the one that leaves the most arrivals
 unserved within its SLO; while that one waits out its dwell, the others wait too, and in its
 dwell one window at risk is enough to count, since its move started its streak again; one that
@@ -44,8 +45,9 @@ logged as a move of its own) and the same kind of move (more instances, a bigger
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
 seconds; the next kind in line is tried instead. A moved model that worked off a backlog over
 the trial (served more than arrived, its queue shorter than at the move) completes requests
-queued before the move late, however much faster it serves: the trial then judges the other
-models' share alone (did the move take from them?). An idle model's admission restored in the
+queued before the move late, however much faster it serves: its windows that began with a
+backlog are left out of the trial (the others judge whether the move took from them, and its
+own windows once the backlog is gone whether it hurt the model). An idle model's admission restored in the
 same step is not judged with the move, and stays.
 
 Every move goes through :meth:`Runtime.apply` (live, exactly once) and is logged with its
@@ -172,6 +174,12 @@ class Window:
         return self.queued > 0 and self.completed + self.failed == 0
 
     @property
+    def backlogged(self) -> bool:
+        """Whether the window began with more queued than the model's instances take at once
+        (its requests then waited from before the window)."""
+        return self.queued_before > max(self.instances, round(self.instances * self.mean_batch))
+
+    @property
     def draining(self) -> bool:
         """Whether the model served more than arrived in the window, its queue shorter at the
         end: it works off a backlog, whose requests waited before the window."""
@@ -282,18 +290,30 @@ def _drained(trial: _Trial) -> set[str]:
     """The moved models that worked off a backlog over the trial: they served more requests
     than arrived, and their queue is shorter at its end than at the move. Requests queued
     before the move complete late after it, however much faster the model now serves, so
-    their share served within the SLO cannot judge such a move (for as long as the backlog
-    lasts, which may be longer than the trial)."""
+    their share served within the SLO cannot judge such a move while the backlog lasts (which
+    may be longer than the trial)."""
     out = set()
     for m, _ in trial.moves:
         name = m.model
         ws = [w[name] for w in trial.after if name in w]
-        if not ws or name not in trial.before[-1]:
+        if not ws or not trial.before or name not in trial.before[-1]:
             continue
         served = sum(w.completed + w.failed for w in ws)
         if served > sum(w.arrivals for w in ws) and ws[-1].queued < trial.before[-1][name].queued:
             out.add(name)
     return out
+
+
+def _judged(trial: _Trial, drained: set[str]) -> tuple[list[Mapping[str, Window]], list[Mapping[str, Window]]]:
+    """The windows before and after a move that judge it: a drained model's windows after the
+    move that began with a backlog are left out (the rest judge it, as every other model's do:
+    once its backlog is gone a move that hurt it shows); one left out of every window after the
+    move is left out of those before it too."""
+    after: list[Mapping[str, Window]] = [{n: w for n, w in ws.items() if not (n in drained and w.backlogged)}
+                                         for ws in trial.after]
+    gone = {n for n in drained if not any(n in ws for ws in after)}
+    before: list[Mapping[str, Window]] = [{n: w for n, w in ws.items() if n not in gone} for ws in trial.before]
+    return before, after
 
 
 MIX_MOVED = 0.25
@@ -462,10 +482,13 @@ class Controller:
         for name in slos:
             if not isinstance(name, str):
                 raise QuotaError(f"Controller: slos must be keyed by model name, got the key {name!r}", field="slos")
-        for field, fn in (("log", log), ("on_error", on_error), ("clock", clock)):
+        for field, fn in (("log", log), ("on_error", on_error)):
             if fn is not None and not callable(fn):
                 raise QuotaError(f"Controller: {field} must be callable or None, got {type(fn).__name__}",
                                  field=field)
+        if not callable(clock):
+            raise QuotaError(f"Controller: clock must be callable (seconds), got {type(clock).__name__}",
+                             field="clock")
         for name, slo in slos.items():
             if not (finite_number(slo) and slo > 0):
                 raise QuotaError(f"Controller: the SLO must be a positive, finite number of ms, got {slo!r}",
@@ -603,7 +626,10 @@ class Controller:
             # already past the SLO are at risk whatever the completed requests' latency says:
             # they have none, or only the quick ones; neither is ever idle.
             late_call = w.oldest_call_ms > self.risk * slo
-            risky = (w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot or w.stuck
+            # A whole window with requests waiting and none completed: at risk once such a
+            # window is as long as the SLO's risk share (3 s calls against a 10 s SLO are not).
+            stalled = w.stuck and w.seconds * 1e3 > self.risk * slo
+            risky = (w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot or stalled
                      or late_call)
             calm = (w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0
                     and w.queued <= w.instances and w.oldest_call_ms < 0.5 * slo)
@@ -659,7 +685,9 @@ class Controller:
         slo = self.slos[name]
         why = (f"SLO at risk: p{self.percentiles.get(name, 99.0):g} {w.objective_ms:.1f} ms of {slo:g} ms, "
                f"busy {w.busy:.0%}, {w.refused} refused, {w.rate:.0f} req/s needs ~{w.needed(self.target)} "
-               "instance(s)")
+               "instance(s)"
+               + (f"; stalled: {w.queued} queued, none completed in {w.seconds:.1f} s" if w.stuck else "")
+               + (f"; a call running {w.oldest_call_ms:.0f} ms" if w.oldest_call_ms > self.risk * slo else ""))
         used = held_by_others + sum(_units(s) for s in specs.values())
         grown = _grown(spec)
         more = _units(grown) - _units(spec)
@@ -925,21 +953,16 @@ class Controller:
         # A moved model that works off its backlog serves its old requests late, however much
         # faster: the move is judged by the other models (did it take from them?).
         drained = _drained(trial)
-        if drained:
-            def others(windows: list[Mapping[str, Window]]) -> list[Mapping[str, Window]]:
-                return [{n: w for n, w in ws.items() if n not in drained} for ws in windows]
-
-            before, after = _served(others(trial.before)), _served(others(trial.after))
-        else:
-            before, after = _served(trial.before), _served(trial.after)
+        judged_before, judged_after = _judged(trial, drained)
+        before, after = _served(judged_before), _served(judged_after)
         if broke is None and (before is None or after is None or after >= before * (1 - self.tolerance)
                               or _mix_moved(trial.before, trial.after)):
             return []
         # A moved model failing its requests is undone whatever the load did: fast failures
         # raise a closed loop's arrival rate, which read as the load having moved.
         why = broke or (f"served {after:.1%} of arrivals within SLO after it against {before:.1%} before"
-                        + (f" (models other than {', '.join(map(repr, sorted(drained)))}, which worked off "
-                           "a backlog)" if drained else ""))
+                        + (f" (leaving out {', '.join(map(repr, sorted(drained)))} while it worked off a "
+                           "backlog)" if drained else ""))
         # An idle model's admission restored in the same step is not what is judged: it stays.
         undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
         for m, old in undone:

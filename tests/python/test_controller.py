@@ -360,7 +360,7 @@ NAN, INF = float("nan"), float("inf")
     {"capacity": -2}, {"capacity": True}, {"max_batch": 0}, {"max_batch_size": 0}, {"history": 0},
     {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}, {"window_s": 1e10},
     # a window of 1 us spun its thread at 0.75 CPU; the CLI refused it, the API took it
-    {"window_s": 1e-6}, {"window_s": 0.049}, {"log": 5}, {"on_error": "print"}, {"clock": 1.0}])
+    {"window_s": 1e-6}, {"window_s": 0.049}, {"log": 5}, {"on_error": "print"}, {"clock": 1.0}, {"clock": None}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
     args = {"capacity": 2, **kw}
     field = next(iter(kw))
@@ -1238,8 +1238,21 @@ def test_a_growth_that_works_off_a_backlog_is_judged_by_the_other_models() -> No
         assert c.verdict({**draining[i], **starved}, 15.0 + i) is None
     undo = c.verdict({**draining[2], **starved}, 17.0)
     assert undo is not None and [(m.model, m.change) for m in undo] == [("a", "undone: instances 1 -> 2")]
-    assert ("served 60.0% of arrivals within SLO after it against 100.0% before (models other than 'a', which "
-            "worked off a backlog)") in undo[0].reason
+    assert ("served 60.0% of arrivals within SLO after it against 100.0% before (leaving out 'a' while it worked "
+            "off a backlog)") in undo[0].reason
+    # Its backlog gone after the first window, the move then hurt it (none within its SLO):
+    # those windows judge it, and it is undone. (Left out of the whole trial, it was kept.)
+    c.trial(grown, specs, [{"a": _backlog(400, 400, 360, 55, 55), "b": win()}] * 3)  # 90% within the SLO
+    cleared = [{"a": _backlog(400, 500, 0, 150, 1), "b": win()},
+               {"a": _backlog(400, 399, 0, 1, 1), "b": win()}, {"a": _backlog(400, 400, 0, 1, 1), "b": win()}]
+    assert cleared[0]["a"].backlogged and not cleared[1]["a"].backlogged
+    assert c.verdict(cleared[0], 24.0) is None and c.verdict(cleared[1], 25.0) is None
+    undo = c.verdict(cleared[2], 26.0)
+    assert undo is not None and [m.change for m in undo] == ["undone: instances 1 -> 2"], undo
+    # A trial opened with no windows before it (Controller.trial is public) keeps its move.
+    c.trial(grown, specs, [])
+    assert c.verdict(draining[0], 30.0) is None and c.verdict(draining[1], 31.0) is None
+    assert c.verdict(draining[2], 32.0) == []
     # A model whose queue grew over the trial drained nothing: all models are judged together.
     c.trial(grown, specs, before)
     growing = {"a": _backlog(400, 300, 0, 450, 550), "b": win()}
@@ -1261,6 +1274,14 @@ def test_a_model_whose_requests_wait_while_none_completes_is_at_risk_and_never_a
     moves = c.decide({"a": stalled, "b": win(p99=30.0, busy=0.95)}, specs, 0.0)
     assert all(m.model != "a" for m in moves), moves
     assert (c.stats()["at_risk_streak"]["a"], c.stats()["idle_streak"]["a"]) == (1, 0)
+    # ... but not where a window is short against the SLO: 3 s calls, a 10 s SLO, 1 s windows.
+    c = Controller(None, {"a": 10_000.0}, capacity=3, confirm=1, dwell_s=0.0)
+    slow = dataclasses.replace(stalled, oldest_call_ms=900.0)
+    assert c.decide({"a": slow}, {"a": spec("a", 2)}, 0.0) == [] and c.stats()["at_risk_streak"]["a"] == 0
+    c = Controller(None, {"a": 100.0}, capacity=3, confirm=1, dwell_s=0.0)
+    got = c.decide({"a": stalled}, {"a": spec("a", 2)}, 0.0)
+    assert [m.change for m in got] == ["instances 2 -> 3"]
+    assert "stalled: 43 queued, none completed in 1.0 s" in got[0].reason and "a call running 900 ms" in got[0].reason
     # A call already past the SLO's risk share is at risk too, with nothing queued.
     c = Controller(None, {"a": 100.0}, capacity=3, confirm=1, dwell_s=0.0)
     long_call = dataclasses.replace(win(p99=5.0, busy=0.1, instances=2), oldest_call_ms=250.0)
