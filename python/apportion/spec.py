@@ -189,10 +189,14 @@ class ModelSpec:
         if self.priority_class is not None and (not _is_int(self.priority_class)
                                                 or not -1000 <= self.priority_class <= 1000):
             raise bad("priority_class", f"got {self.priority_class!r}; give an integer in [-1000, 1000]")
+        if self.priority_class is not None:
+            put("priority_class", int(self.priority_class))  # numpy's integers as ints (TOML takes no other)
         b = self.burst
         if not isinstance(b, bool) and not (_is_int(b) and 0 <= b <= MAX_INSTANCES):
             raise bad("burst", f"got {b!r}; give True, False or a count of burst instances in "
                       f"[0, {MAX_INSTANCES}]")
+        if not isinstance(b, bool):
+            put("burst", int(b))
         if self.burst_instances:
             if process:
                 raise bad("burst", 'burst instances are threads of this process; they are not available '

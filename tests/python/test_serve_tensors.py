@@ -268,6 +268,15 @@ def test_a_bool_byte_other_than_0_or_1_is_refused() -> None:
         from_bytes("m", spec, (3,), memoryview(b"\x01\x02\x01"))
 
 
+def test_a_number_literal_past_a_float_is_malformed_json_not_an_infinity() -> None:
+    # 1e400 (orjson refuses it, Python's json read it as inf) was served as an infinity.
+    from apportion.serve.app import _loads
+
+    with pytest.raises(ValueError, match="the number 1e400 is beyond a 64-bit float"):
+        _loads(b"[1e400, 1]")
+    assert _loads(b"[Infinity, 1.5]") == [float("inf"), 1.5]  # the token stays what it says
+
+
 def test_the_http_fronts_json_reader_gives_integers_beyond_64_bits_as_floats() -> None:
     # What the check above is for: orjson reads 2**64 as a float.
     from apportion.serve.app import _loads

@@ -304,6 +304,12 @@ def test_numpy_integers_are_taken_by_every_count_and_stored_as_ints() -> None:
     assert all(type(v) is int for v in (s.instances, s.threads, s.cores, s.numa, s.max_queue, s.quota.cores))
     listed = ap.ModelSpec("m", model=abs, cores=[np.int64(1), np.int64(0)], isolation="exclusive")
     assert listed.cores == (0, 1) and all(type(c) is int for c in listed.cores)
+    # burst and priority_class too: np.int64 there made to_table() unwritable as TOML
+    tomli_w = pytest.importorskip("tomli_w")
+    b = ap.ModelSpec("m", factory="m:f", burst=np.int64(2), isolation="exclusive", cores=2)
+    c = ap.ModelSpec("m", factory="m:f", priority_class=np.int16(3))
+    assert type(b.burst) is int and type(c.priority_class) is int
+    assert "burst = 2" in tomli_w.dumps(b.to_table()) and "priority_class = 3" in tomli_w.dumps(c.to_table())
     with pytest.raises(ap.QuotaError, match="give an integer >= 1") as err:
         ap.ModelSpec("m", model=abs, instances=np.int64(0))
     assert err.value.field == "instances"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -591,7 +592,16 @@ def _loads(data: bytes | bytearray) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)
+        return json.loads(data, parse_float=_finite_float)
+
+
+def _finite_float(text: str) -> float:
+    # A number literal past a float (1e400), which Python's json reads as inf: an infinity
+    # nobody sent (the Infinity token, which some clients write, is not a number literal).
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is beyond a 64-bit float")
+    return value
 
 
 def _dumps(obj: Any) -> bytes:

@@ -236,15 +236,15 @@ def _status_message(text: str) -> str:
 def _decoding_bytes(request: Any) -> int:
     """What converting ``request``'s inputs costs, in bytes of a numeric array (see
     :func:`conversion_bytes`), from the message's sizes alone: raw numeric bytes count as they
-    are; BYTES elements (each at least 4 bytes) and typed contents (each element a Python
-    object on the way) PER_ELEMENT_BYTES per 4 bytes."""
+    are; BYTES elements (each at least 4 bytes) PER_ELEMENT_BYTES per 4 bytes, and each element
+    of typed contents (a Python object on the way) PER_ELEMENT_BYTES."""
     size = 0
     for i, t in enumerate(request.inputs):
         if i < len(request.raw_input_contents):
             raw = len(request.raw_input_contents[i])
             size += raw * PER_ELEMENT_BYTES // 4 if t.datatype == "BYTES" else raw
-        else:
-            size += t.contents.ByteSize() * PER_ELEMENT_BYTES // 4
+        else:  # elements, not ByteSize() (upb encodes the message again for it: 51 ms for 4M)
+            size += sum(len(v) for _, v in t.contents.ListFields()) * PER_ELEMENT_BYTES
     return size
 
 

@@ -344,7 +344,7 @@ def _check_not_wide_ints(spec: TensorSpec, arr: np.ndarray) -> None:
     said to be out of the datatype's range, not "not integers"."""
     with np.errstate(invalid="ignore"):
         whole = np.isfinite(arr) & (arr == np.trunc(arr))
-    wide = whole & (np.abs(arr) >= 2.0**63)
+    wide = whole & ((arr >= 2.0**64) | (arr < -(2.0**63)))
     if whole.all() and wide.any():
         i = int(np.argmax(wide))
         raise ValueError(f"element {i} ({arr.reshape(-1)[i]:.0f}, an integer beyond 64 bits) is outside the range of "
