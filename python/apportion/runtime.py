@@ -543,7 +543,10 @@ class Runtime(_core._Runtime):
             self._check_gpu(name, spec.gpu)
         quota = spec.quota
         # Place it with every other model now, so an impossible quota fails here, not at start.
-        new_plan = self._place({**self._quotas(), name: quota})
+        # Running models with cores of their own keep them: placed afresh by their counts, the
+        # largest first and the fullest L3 domain first, they moved for nearly any new model
+        # (62 of 64 cores free, every exclusive model added was refused).
+        new_plan = self._place({**(self._pinned_quotas() if self.started else self._quotas()), name: quota})
         if self.started:
             self._check_running_models_stay(new_plan, name)
         groups = self._lane_groups(new_plan[name])
@@ -935,6 +938,22 @@ class Runtime(_core._Runtime):
     def _quotas(self) -> dict[str, Quota]:
         return {n: e.spec.quota for n, e in self._models.items()}
 
+    def _pinned_quotas(self) -> dict[str, Quota]:
+        """The models' quotas with each exclusive one's core count replaced by the CPUs it runs
+        on now (the planner places named CPUs first, as they are)."""
+        out = self._quotas()
+        current = self.plan()
+        for mp in current.models:
+            q = out.get(mp.name)
+            if q is None or q.isolation != "exclusive" or q.cpus is not None or not mp.instances:
+                continue
+            cpus = sorted({c for inst in mp.instances for c in inst.cpus})
+            try:
+                out[mp.name] = dataclasses.replace(q, cores=tuple(cpus))
+            except QuotaError:  # what the count allowed, a list does not (then it is placed as before)
+                continue
+        return out
+
     def _gpu_quotas(self) -> dict[str, GPU]:
         return {n: e.spec.gpu for n, e in self._models.items() if e.spec.gpu is not None}
 
@@ -1041,10 +1060,14 @@ class Runtime(_core._Runtime):
                  if m.name != name and [i.cpus for i in new_plan[m.name].instances]
                  != [i.cpus for i in m.instances]]
         if moved:
+            before, after = list(current.shared_pool), list(new_plan.shared_pool)
+            # The pool is every usable CPU no exclusive model holds: it grows when a removed
+            # model's cores come back to it, and its shared models would move with it.
+            pool = f" (the shared pool would be {after} instead of {before})" if after != before else ""
             raise PlacementError(
                 f"model {name!r}: placing it now would move running models {moved} to other "
-                f"CPUs; add it before start(), remove those models first, or give it CPUs "
-                f"outside the shared pool (shared pool now: {list(current.shared_pool)})", model=name
+                f"CPUs{pool}; add it before start(), remove those models first, or give it CPUs "
+                f"outside the shared pool (shared pool now: {before})", model=name
             )
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -602,11 +603,41 @@ def test_after_a_remove_the_plan_shows_where_the_others_run_and_the_same_spec_ca
         # refused the same spec added back for "moving" s.
         assert rt.plan().shared_pool == pool and [i.cpus for i in rt.plan()["s"].instances] == [pool]
         assert {tid: sorted(os.sched_getaffinity(tid)) for tid in rt._worker_tids("s")} == pinned
+        # A shared model added now would widen the pool under s: refused, saying so.
+        with pytest.raises(ap.PlacementError, match=r"would move running models \['s'\] to other CPUs \(the shared "
+                           r"pool would be \[\d+, \d+\] instead of \[\d+\]\)"):
+            rt.add_model("t", model=lambda x: x)
         rt.add_model("r", model=lambda x: x + 1, cores=1, isolation="exclusive")
         assert rt.call("r", 1) == 2 and rt.call("s", 1) == 1
         assert [i.cpus for i in rt.plan()["s"].instances] == [pool]
     finally:
         rt.close()
+
+
+def test_a_model_added_to_a_running_runtime_leaves_the_cores_of_running_ones_where_they_are() -> None:
+    # Each add planned every model afresh by its core count, the largest first and into the
+    # fullest L3 domain: "zzz" (2 cores) moved for nearly any new exclusive model, so with 62
+    # of 64 cores free every one was refused ("would move running models ['zzz']").
+    import warnings
+
+    root = str(Path(__file__).resolve().parents[1] / "fixtures" / "topology" / "server_2s128t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ap.PinningWarning)  # the fixture's CPUs are not this machine's
+        rt = ap.Runtime(topology_root=root)
+        try:
+            rt.add_model("zzz", model=lambda x: x, cores=2, isolation="exclusive")
+            rt.start()
+            where = [i.cpus for i in rt.plan()["zzz"].instances]
+            rt.add_model("b", model=lambda x: x, cores=3, isolation="exclusive")
+            rt.add_model("c", model=lambda x: x, cores="10-12", isolation="exclusive")
+            rt.add_model("d", model=lambda x: x, cores="40", isolation="exclusive")
+            assert [i.cpus for i in rt.plan()["zzz"].instances] == where and rt.spec("zzz").cores == 2
+            held = [set(c for i in rt.plan()[n].instances for c in i.cpus) for n in ("zzz", "b", "c", "d")]
+            assert sum(len(h) for h in held) == len(set().union(*held)) == 2 + 3 + 3 + 1  # no CPU twice
+            with pytest.raises(ap.PlacementError, match="55 free cores left"):
+                rt.add_model("e", model=lambda x: x, cores=60, isolation="exclusive")
+        finally:
+            rt.close()
 
 
 def test_remove_model_drain_finishes_queued_work(rt: ap.Runtime, gate) -> None:
