@@ -630,6 +630,10 @@ class Runtime(_core._Runtime):
                     if interrupted is not None:
                         raise interrupted
                     return
+            # Its workers' thread names, while they run: a thread the model started that outlives
+            # it carries one of them, and counts for no model once it is gone.
+            if entry is not None:
+                self._cpu.note_names(name, self._worker_tids(name))
             try:
                 super().remove_model(name, drain=drain)  # ModelNotFound when there is none
             finally:

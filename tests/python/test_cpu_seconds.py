@@ -160,3 +160,43 @@ def test_two_readers_at_once_never_count_an_exited_threads_time_twice(monkeypatc
     fast.join(10)
     assert got["m"] == pytest.approx(0.8) and got["fast"] == pytest.approx(0.9)
     assert tracker.read({"m": [1]}) == {"m": pytest.approx(0.9)}  # 0.6 + 0.3, not 0.6 + 0.3 + 0.3
+
+
+def test_a_removed_models_thread_that_outlives_it_counts_for_no_model() -> None:
+    # A helper thread a factory started outlives the model, named like its workers: a model
+    # added again under the name (whose workers get the same names) took its whole time.
+    from apportion._private.cputime import CpuTracker
+
+    tracker = CpuTracker()
+    before = {10: (b"ap:A:0", 0.1, 500), 11: (b"ap:A:0", 0.4, 510)}  # the worker and its helper
+    assert tracker.read({"A": [10]}, before) == {"A": pytest.approx(0.5)}
+    tracker.forget("A", threads={11: (b"ap:A:0", 0.4, 510)})  # the worker exited, the helper did not
+    again = {11: (b"ap:A:0", 0.6, 510), 20: (b"ap:A:0", 0.05, 900)}  # a new "A" and the old helper
+    assert tracker.read({"A": [20]}, again) == {"A": pytest.approx(0.05)}
+    # Never read while the model ran: its workers' names, noted before the removal, tell.
+    fresh = CpuTracker()
+    fresh._comms["B"] = {b"ap:B:0"}  # what note_names() learns from /proc
+    fresh.forget("B", threads={31: (b"ap:B:0", 0.4, 510)})
+    assert fresh.read({"B": [40]}, {31: (b"ap:B:0", 0.7, 510), 40: (b"ap:B:0", 0.01, 950)}) == {"B": 0.01}
+
+
+def test_a_model_added_again_starts_from_zero_beside_its_predecessors_helper() -> None:
+    burnt = threading.Event()
+
+    def factory(ctx: ap.InstanceContext) -> Any:
+        def helper() -> None:
+            burn(0.3)
+            burnt.set()
+            while True:
+                time.sleep(1)
+
+        threading.Thread(target=helper, daemon=True).start()
+        return lambda x: x
+
+    with ap.Runtime() as rt:
+        rt.add_model("A", factory=factory)
+        rt.start()
+        assert burnt.wait(30)  # not read while it ran: the names are noted at the removal
+        rt.remove_model("A")
+        rt.add_model("A", model=lambda x: x)
+        assert rt.cpu_seconds()["A"] < 0.1  # was 0.3 and more: the old helper's time

@@ -51,11 +51,39 @@ class CpuTracker:
         # (tid, start time) -> (model, seconds when last read)
         self._seen: dict[tuple[int, int], tuple[str, float]] = {}
         self._gone: dict[str, float] = {}  # model -> seconds of its exited threads
+        self._comms: dict[str, set[bytes]] = {}  # model -> its workers' thread names at the last reading
+        # Threads of removed models that outlived them (a helper thread a factory started):
+        # they carry the name a model added again under the same name gives its workers.
+        self._retired: set[tuple[int, int]] = set()
 
-    def forget(self, model: str) -> None:
-        """Drops what is known of ``model`` (removed): a model added later under its name starts
-        from zero, as its request counts do, and names removed for good cost nothing."""
+    def note_names(self, model: str, tids: Collection[int]) -> None:
+        """Learns the thread names of ``model``'s workers ``tids`` (before it is removed: see
+        :meth:`forget`)."""
+        names = set()
+        for t in tids:
+            try:
+                with open(f"/proc/self/task/{t}/comm", "rb") as fh:
+                    names.add(fh.read().rstrip(b"\n"))
+            except OSError:
+                continue  # exited meanwhile, or no /proc
         with self._lock:
+            self._comms.setdefault(model, set()).update(names)
+
+    def forget(self, model: str,
+               threads: Mapping[int, tuple[bytes, float] | tuple[bytes, float, int]] | None = None) -> None:
+        """Drops what is known of ``model`` (removed): a model added later under its name starts
+        from zero, as its request counts do, and names removed for good cost nothing. Its
+        threads still alive (``threads``, as for :meth:`read`; default: read from /proc) count
+        for no model from now on: one added again under its name gives its workers the same
+        names, and took a leftover thread's whole time for its own."""
+        with self._lock:
+            threads = _thread_times() if threads is None else threads
+            comms = self._comms.pop(model, set())
+            for tid, seen in threads.items():
+                key = (tid, seen[2] if len(seen) > 2 else 0)
+                prev = self._seen.get(key)
+                if (prev is not None and prev[0] == model) or (prev is None and seen[0] in comms):
+                    self._retired.add(key)
             self._gone.pop(model, None)
             self._seen = {key: seen for key, seen in self._seen.items() if seen[0] != model}
 
@@ -83,10 +111,15 @@ class CpuTracker:
                         worker_of[t] = model
                         comm = threads[t][0]
                         comm_of[comm] = model if comm_of.get(comm, model) == model else None
+                        self._comms.setdefault(model, set()).add(comm)
             now: dict[tuple[int, int], tuple[str, float]] = {}
+            alive: set[tuple[int, int]] = set()
             for tid, seen in threads.items():
                 comm, secs = seen[0], seen[1]
                 key = (tid, seen[2] if len(seen) > 2 else 0)
+                alive.add(key)
+                if key in self._retired and tid not in worker_of:
+                    continue  # a removed model's thread that outlived it
                 whose = worker_of.get(tid) or comm_of.get(comm)
                 if whose is None:
                     prev = self._seen.get(key)
@@ -98,6 +131,7 @@ class CpuTracker:
                 if key not in now:  # exited (its id perhaps reused since: another thread)
                     self._gone[model] = self._gone.get(model, 0.0) + secs
             self._seen = now
+            self._retired &= alive  # exited: their ids may come back as other threads
             out = {m: self._gone.get(m, 0.0) for m in worker_tids}
             for model, secs in now.values():
                 if model in out:
