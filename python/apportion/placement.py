@@ -272,6 +272,27 @@ def _coerce(models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[s
     return [m if isinstance(m, Quota) else _quota(m) for m in models]
 
 
+def _why_unusable(topo: Topology, cpus: Sequence[int]) -> str:
+    """Why each of ``cpus`` (none of them usable in ``topo``) is not: absent, offline, left out
+    for the cgroup's CPU quota, or outside what the runtime (``cpus=``) or the process may use."""
+    known = {c.id for c in topo.cpus}
+    quota = topo.cpu_quota
+    narrowed = set(quota.narrowed_from) if quota is not None else set()
+    groups: dict[str, list[int]] = {}
+    for c in cpus:
+        if c not in known:
+            why = "absent from this machine"
+        elif c in topo.offline:
+            why = "offline"
+        elif c in narrowed:
+            why = (f"left out for the cgroup CPU quota of {quota.cpus:g} (name CPUs in the full topology, "
+                   "topology(cpus=...), to use them anyway)" if quota is not None else "left out")
+        else:
+            why = "outside the CPUs this runtime (Runtime(cpus=...), [runtime] cpus) or this process may use"
+        groups.setdefault(why, []).append(c)
+    return "; ".join(f"{format_cpulist(sorted(v))}: {why}" for why, v in groups.items())
+
+
 def plan(
     models: Iterable[Quota | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
     topology: Topology | None = None,
@@ -294,7 +315,13 @@ def plan(
     except (QuotaError, PlacementError) as e:
         # The native planner calls an explicit CPU list "cpus"; in this API it is given as `cores`.
         if getattr(e, "field", None) == "cpus":
-            renamed = type(e)(str(e).replace("field 'cpus'", "field 'cores'", 1))
+            text = str(e)
+            named = next((x for x in quotas if x.name == getattr(e, "model", None)), None)
+            generic = "(offline, absent or outside the allowed set)"
+            if named is not None and named.cpus is not None and generic in text:
+                bad = [c for c in named.cpus if c not in topo.usable]
+                text = text.replace(generic, f"({_why_unusable(topo, bad)})", 1)
+            renamed = type(e)(text.replace("field 'cpus'", "field 'cores'", 1))
             renamed.model, renamed.field = e.model, "cores"
             raise renamed from None
         raise

@@ -260,8 +260,27 @@ def test_placement_error_says_what_is_left() -> None:
         plan([Quota("m", cores=1, isolation="exclusive"), Quota("n", cores=2, isolation="exclusive")], TOPOLOGIES["vm2"])
     with pytest.raises(QuotaError, match="NUMA node 2 has no usable CPU.*nodes with CPUs: 0, 1"):
         plan([Quota("far", cores=1, isolation="exclusive", numa=2)], TOPOLOGIES["server_2s128t"])
-    with pytest.raises(QuotaError, match="CPUs 5 are not usable"):
+    with pytest.raises(QuotaError, match=r"CPUs 5 are not usable here \(5: offline\)"):
         plan([Quota("x", cores="5")], TOPOLOGIES["offline_cpu"])
+
+
+def test_unusable_named_cpus_say_why_each_is_not_usable() -> None:
+    # Every one read "offline, absent or outside the allowed set", for a CPU the cgroup's
+    # quota or the runtime's own cpus= left out too.
+    from apportion.topology import CpuQuota
+
+    server = TOPOLOGIES["server_2s128t"]
+    with pytest.raises(QuotaError, match=r"CPUs 5,200 are not usable here \(5: outside the CPUs this runtime "
+                       r"\(Runtime\(cpus=...\), \[runtime\] cpus\) or this process may use; 200: absent from this "
+                       r"machine\); usable: 0-3"):
+        plan([Quota("x", cores="5,200", isolation="exclusive")], server.restricted_to("0-3"))
+    quota = server.within_quota(CpuQuota(1.5, "cpu.max"))
+    with pytest.raises(QuotaError, match=r"\(7: left out for the cgroup CPU quota of 1.5 \(name CPUs in the full "
+                       r"topology, topology\(cpus=...\), to use them anyway\)\)") as err:
+        plan([Quota("x", cores="7", isolation="exclusive")], quota)
+    assert (err.value.model, err.value.field) == ("x", "cores")
+    with pytest.raises(QuotaError, match=r"\(0,2: outside the CPUs"):
+        plan([Quota("x", cores="0,2", isolation="exclusive")], TOPOLOGIES["container_scattered"])
 
 
 # --- property tests over random quotas on every fixture -------------------------------------------
