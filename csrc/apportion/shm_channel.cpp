@@ -363,17 +363,37 @@ ChannelStatus ShmChannel::receive(std::vector<std::span<const std::byte>>& parts
   uint64_t tail = r.tail.load(std::memory_order_relaxed);  // only this thread writes it
   if (pending_release_ != 0) tail = pending_release_;      // a message still held: skip it
   FrameHeader fh{};
+  // The peer writes the ring's head and every frame: none of it is trusted. A frame must lie
+  // within what the head published and within the ring, in one piece (send() never wraps a
+  // frame: a skip pads to the ring's end), and its parts within the frame; otherwise the
+  // peer's memory was overwritten (a native bug in a child's model) and reading on would read
+  // past the mapping.
+  const auto message_fits = [&](const FrameHeader& f, uint64_t at, uint64_t head) {
+    const uint64_t room = cap - at % cap;
+    return f.kind == kKindMessage && f.bytes >= sizeof(FrameHeader) && f.bytes % kLine == 0 &&
+           f.bytes <= head - at && f.bytes <= room && f.parts <= (f.bytes - sizeof(FrameHeader)) / 8 &&
+           header_bytes(f.parts) <= f.bytes;
+  };
   for (;;) {
     if (r.head.load(std::memory_order_acquire) == tail &&
         !wait_event(r.data_event, r.data_waiters, r.head, tail, spin_ns, deadline)) {
       return ChannelStatus::timeout;
     }
+    uint64_t head = r.head.load(std::memory_order_acquire);
+    if (head - tail > cap || head - tail < sizeof(FrameHeader)) return ChannelStatus::corrupt;
     std::memcpy(&fh, data + tail % cap, sizeof fh);
-    if (fh.kind != kKindSkip) break;
+    if (fh.kind != kKindSkip) {
+      if (!message_fits(fh, tail, head)) return ChannelStatus::corrupt;
+      break;
+    }
+    if (fh.bytes != cap - tail % cap || fh.bytes > head - tail) return ChannelStatus::corrupt;
     tail += fh.bytes;
-    if (r.head.load(std::memory_order_acquire) != tail) {
+    head = r.head.load(std::memory_order_acquire);
+    if (head != tail) {
       // The producer published the skip and the frame after it with one head store.
+      if (head - tail > cap || head - tail < sizeof(FrameHeader)) return ChannelStatus::corrupt;
       std::memcpy(&fh, data + tail % cap, sizeof fh);
+      if (!message_fits(fh, tail, head)) return ChannelStatus::corrupt;
       break;
     }
     // A skip published alone (see send): passed at once, so that the producer finds the
@@ -390,6 +410,10 @@ ChannelStatus ShmChannel::receive(std::vector<std::span<const std::byte>>& parts
   for (uint32_t i = 0; i < fh.parts; ++i) {
     uint64_t len = 0;
     std::memcpy(&len, frame + sizeof fh + 8 * i, 8);
+    if (len > fh.bytes - at || round_up(len) > fh.bytes - at) {  // (at <= fh.bytes holds here)
+      parts.clear();
+      return ChannelStatus::corrupt;
+    }
     parts.emplace_back(frame + at, static_cast<std::size_t>(len));
     at += round_up(len);
   }

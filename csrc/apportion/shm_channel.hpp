@@ -76,10 +76,12 @@ static_assert(sizeof(Header) % kLine == 0, "the data areas start on a cache line
 
 }  // namespace shm_detail
 
-/// Outcome of a send or receive.
 /// Outcome of a send or receive. no_space: the shared-memory filesystem could not back the
-/// message (nothing was written; smaller messages may still go).
-enum class ChannelStatus { ok, timeout, too_large, no_space };
+/// message (nothing was written; smaller messages may still go). corrupt (receive): the peer's
+/// ring holds a frame no send() writes (its head, a frame's size, kind, part count or lengths
+/// out of bounds): the peer's memory was overwritten; nothing is read past the ring, and the
+/// channel is to be closed.
+enum class ChannelStatus { ok, timeout, too_large, no_space, corrupt };
 
 /// One shared-memory segment holding a request ring and a response ring.
 class ShmChannel {

@@ -110,6 +110,10 @@ class PyChannel {
     ShmChannel& ch = *held;
     const int64_t spin = spin_ns(spin_us), timeout_ns = to_ns(timeout);
     const ChannelStatus s = without_gil([&] { return ch.receive(parts_, spin, timeout_ns); });
+    if (s == ChannelStatus::corrupt) {
+      throw py::value_error("the ring from the other process holds a frame no sender writes (its memory "
+                            "was overwritten)");
+    }
     if (s != ChannelStatus::ok) return py::none();
     struct Releaser {
       ShmChannel& ch;
@@ -196,7 +200,8 @@ void register_process(py::module_& m) {
           "shared-memory filesystem cannot back it.")
       .def("receive", &PyChannel::receive, py::arg("spin_us") = 0.0, py::arg("timeout") = py::none(),
            "Wait (GIL released; spin `spin_us` first) up to `timeout` seconds for a message: a list\n"
-           "whose first part is bytes and the others bytearrays; None on timeout.")
+           "whose first part is bytes and the others bytearrays; None on timeout. ValueError when\n"
+           "the ring holds a frame no sender writes (the other process's memory was overwritten).")
       .def(
           "unlink", [](PyChannel& c) { c.get().unlink(); },
           "Remove the segment's name (mappings stay valid). Idempotent; either side.")

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <thread>
@@ -361,6 +362,80 @@ int64_t backed_bytes(const std::string& name) {
   struct stat st {};
   if (::stat(("/dev/shm" + name).c_str(), &st) != 0) return -1;
   return static_cast<int64_t>(st.st_blocks) * 512;
+}
+
+// The whole segment `name` (rings of `cap` bytes), mapped for a test to write over as a peer's
+// stray writes would.
+std::byte* map_segment(const std::string& name, uint64_t cap) {
+  const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
+  if (fd < 0) return nullptr;
+  void* p = ::mmap(nullptr, sizeof(shm_detail::Header) + 2 * cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  return p == MAP_FAILED ? nullptr : static_cast<std::byte*>(p);
+}
+
+TEST(ShmChannel, AFrameNoSenderWritesIsCorruptAndNothingIsReadPastTheRing) {
+  // A child whose model wrote over its reply ring (a native bug) made the parent copy a part's
+  // length, 1 GiB, from past the mapping: SIGSEGV in the parent.
+  Watchdog guard(30s);
+  constexpr uint64_t cap = 4096;
+  const auto put64 = [](std::byte* at, uint64_t v) { std::memcpy(at, &v, 8); };
+  const auto put32 = [](std::byte* at, uint32_t v) { std::memcpy(at, &v, 4); };
+  struct Case {
+    const char* what;
+    std::function<void(shm_detail::Header&, std::byte*)> spoil;  // the header, the frame at the ring's start
+  };
+  const std::vector<Case> cases{
+      {"a part longer than its frame", [&](shm_detail::Header&, std::byte* f) { put64(f + 16, 1ULL << 40); }},
+      {"a frame longer than the head published", [&](shm_detail::Header&, std::byte* f) { put64(f, 1ULL << 30); }},
+      {"a frame past the ring's end", [&](shm_detail::Header& h, std::byte* f) {
+         put64(f, 2 * cap);
+         h.rings[1].head.store(2 * cap);
+       }},
+      {"a head a ring ahead of the tail", [&](shm_detail::Header& h, std::byte*) { h.rings[1].head.store(3 * cap); }},
+      {"an unknown kind", [&](shm_detail::Header&, std::byte* f) { put32(f + 8, 7); }},
+      {"more parts than the frame holds", [&](shm_detail::Header&, std::byte* f) { put32(f + 12, 0xFFFFFFFFu); }},
+      {"a skip short of the ring's end", [&](shm_detail::Header&, std::byte* f) {
+         put64(f, 64);
+         put32(f + 8, 2);
+       }},
+      {"a skip of nothing", [&](shm_detail::Header&, std::byte* f) {
+         put64(f, 0);
+         put32(f + 8, 2);
+       }},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    std::string error;
+    const auto name = unique_name("corrupt");
+    auto parent = ShmChannel::create(name, cap, &error);
+    ASSERT_TRUE(parent) << error;
+    auto child = ShmChannel::open(name, &error);
+    ASSERT_TRUE(child) << error;
+    const std::string hello = "hello";
+    std::vector<std::span<const std::byte>> out{bytes_of(hello)};
+    ASSERT_EQ(child->send(out, 0, kSecond), ChannelStatus::ok);
+    std::byte* base = map_segment(name, cap);
+    ASSERT_NE(base, nullptr);
+    c.spoil(*reinterpret_cast<shm_detail::Header*>(base), base + sizeof(shm_detail::Header) + cap);
+    std::vector<std::span<const std::byte>> in;
+    EXPECT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::corrupt);
+    EXPECT_TRUE(in.empty());
+    ::munmap(base, sizeof(shm_detail::Header) + 2 * cap);
+  }
+  // The message as sent reads as it was written.
+  std::string error;
+  const auto name = unique_name("intact");
+  auto parent = ShmChannel::create(name, cap, &error);
+  ASSERT_TRUE(parent) << error;
+  auto child = ShmChannel::open(name, &error);
+  ASSERT_TRUE(child) << error;
+  const std::string hello = "hello";
+  std::vector<std::span<const std::byte>> out{bytes_of(hello)}, in;
+  ASSERT_EQ(child->send(out, 0, kSecond), ChannelStatus::ok);
+  ASSERT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::ok);
+  EXPECT_EQ(string_of(in[0]), hello);
+  parent->release();
 }
 
 TEST(ShmChannel, ReservesEachRingAsFarAsItsMessagesReach) {

@@ -23,6 +23,21 @@ def info(ctx: Any) -> Any:
     return serve
 
 
+def _scribble_on_the_reply_ring() -> None:
+    """Publishes, on this child's reply ring, a frame whose one part claims 1 GiB."""
+    import ctypes
+    import struct
+
+    with open("/proc/self/maps") as maps:
+        base = next(int(line.split("-")[0], 16) for line in maps if "/dev/shm/apportion-" in line)
+    cap = ctypes.c_uint64.from_address(base + 16).value  # Header.ring_bytes
+    header_bytes = 64 + 2 * 256  # magic, version, ring_bytes in the first line; two rings of 4 lines
+    head = ctypes.c_uint64.from_address(base + 64 + 256)  # rings[1].head
+    frame = base + header_bytes + cap + head.value % cap
+    ctypes.memmove(frame, struct.pack("<QIIQ", 128, 1, 1, 1 << 30), 24)
+    head.value += 128
+
+
 def faulty(ctx: Any) -> Any:
     """Does what the input says: crash, exit, hang, raise, or echo."""
 
@@ -37,6 +52,9 @@ def faulty(ctx: Any) -> Any:
             time.sleep(3600)
         elif x == "kill":  # what the OOM killer does
             os.kill(os.getpid(), signal.SIGKILL)
+        elif x == "scribble":  # native code writing over the reply ring: a frame no sender writes
+            _scribble_on_the_reply_ring()
+            time.sleep(3600)
         elif isinstance(x, tuple) and x[0] == "hang_after":
             Path(x[1]).touch()
             time.sleep(3600)

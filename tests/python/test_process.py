@@ -295,7 +295,10 @@ def test_priorities_and_deadlines_apply_to_queued_requests(rt: ap.Runtime, tmp_p
 # -- faults ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("trigger", "cause"), [("segv", "killed by signal SIGSEGV"),
                                                 ("exit", "exited with code 7"),
-                                                ("kill", "killed by signal SIGKILL")])
+                                                ("kill", "killed by signal SIGKILL"),
+                                                # a reply frame no sender writes: the parent copied a
+                                                # 1 GiB part from past the mapping (SIGSEGV)
+                                                ("scribble", "wrote a malformed reply")])
 def test_a_crash_fails_only_the_call_in_flight_and_the_child_is_restarted(
         rt: ap.Runtime, trigger: str, cause: str, tally) -> None:
     rt.add_model("m", factory="process_models:faulty", isolation="process")

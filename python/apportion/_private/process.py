@@ -322,7 +322,12 @@ class ProcessInstance:
         spin = self._spin_us
         while True:
             wait = _POLL_S if deadline is None else min(_POLL_S, max(deadline - time.monotonic(), 0.0))
-            parts = channel.receive(spin, wait)
+            try:
+                parts = channel.receive(spin, wait)
+            except ValueError as e:  # the child wrote over its reply ring: nothing more from it is read
+                self._reap(proc, kill=True)
+                raise self._crashed(proc.pid, f"wrote a malformed reply ({e}; native code in the model writing "
+                                              "out of bounds?); killed with SIGKILL", -signal.SIGKILL) from None
             if parts is not None:
                 msg = loads(parts)
                 if msg[0] != proto.WARNING:
