@@ -830,6 +830,12 @@ Admit Model::submit_n(Request* const* rs, std::size_t n) noexcept {
   return Admit::ok;
 }
 
+void Model::cancel_queued() noexcept {
+  cancel_queued_.store(true, std::memory_order_release);
+  // Idle workers settle what is queued now rather than at their next wake-up.
+  lanes_.wake_all();
+}
+
 void Model::close(bool drain) noexcept {
   if (!drain) cancel_queued_.store(true, std::memory_order_release);
   // A worker waiting in the shared pool's line (behind other models' calls, maybe a higher

@@ -260,6 +260,12 @@ class Model {
   /// Refuses new requests. `drain`: workers finish what is queued; otherwise queued requests
   /// are completed as cancelled (running ones finish). Idempotent; safe from any thread.
   void close(bool drain) noexcept;
+  /// What close(false) does first, alone: every request still queued, and each one taken from
+  /// now on, is completed as cancelled, not run (admission is left as it is). For a close or
+  /// removal without drain that must stop its running calls (process children) before it
+  /// joins the workers: a worker freed by that must find the queue cancelled, not serve the
+  /// next request on a child that is being killed. Safe from any thread.
+  void cancel_queued() noexcept;
   /// Waits for the workers to exit, then cancels whatever is still queued (possible when no
   /// worker started). Call after close(); the handler's abandon() runs in this thread.
   void join();

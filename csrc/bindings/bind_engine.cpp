@@ -843,6 +843,11 @@ class RuntimeCore {
 
   /// Counts a finished direct call. A model removed meanwhile (remove_model waits for the call)
   /// has no stats left to count it in: nothing to do then.
+  /// Model::cancel_queued() of `model` (none: nothing to do).
+  void cancel_queued(const std::string& model) {
+    if (auto e = reg_->find(model)) without_gil([&] { e->model->cancel_queued(); });
+  }
+
   void direct_end(const std::string& model, bool ok, int64_t start_ns) {
     if (auto e = reg_->find(model)) e->model->count_direct(ok ? Outcome::ok : Outcome::error, start_ns);
   }
@@ -1522,6 +1527,9 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
            py::arg("priority"))
       .def("_direct_end", &RuntimeCore::direct_end, py::arg("model"), py::arg("ok"), py::arg("start_ns"))
       .def("_close", &RuntimeCore::close, py::arg("drain"))
+      .def("_cancel_queued", &RuntimeCore::cancel_queued, py::arg("model"),
+           "Completes the model's queued requests, and those its workers take from now on, as "
+           "cancelled (what close without drain does first).")
       .def_property_readonly("closed", &RuntimeCore::closed)
       .def_property_readonly("started", &RuntimeCore::started)
       .def("_model_names", &RuntimeCore::model_names)

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import functools
 import numbers
 import os
 import pkgutil
@@ -196,6 +197,8 @@ class _ModelEntry:
     placed: dict[int, tuple[tuple[int, ...], tuple[int, ...], int]] = field(default_factory=dict)
     gpu_usage: GpuUsage | None = None
     processes: list[ProcessInstance] = field(default_factory=list)
+    closed_restarts: int = 0
+    """Restarts of the process instances closed already (process_restarts keeps counting them)."""
     direct: bool = False
     """Synchronous calls may skip the worker thread (see Runtime.call)."""
     queue_capacity: int = 0
@@ -610,7 +613,7 @@ class Runtime(_core._Runtime):
             interrupted: BaseException | None = None
             if entry is not None:
                 if not drain:
-                    self._abort_processes(entry)
+                    self._abort_processes(entry, lambda: self._cancel_queued(name))
                 # Not interruptible, like the engine's drain below: what a signal handler
                 # raises meanwhile (KeyboardInterrupt) is raised once the model is gone.
                 while True:
@@ -1159,8 +1162,8 @@ class Runtime(_core._Runtime):
             closer.join()  # an interrupted close that goes on, as the engine's own is waited for
         entries = list(self._models.values())
         if not drain:
-            for entry in entries:
-                self._abort_processes(entry)
+            for name, entry in list(self._models.items()):
+                self._abort_processes(entry, functools.partial(self._cancel_queued, name))
         try:
             for entry in entries:
                 own = self._end_direct_calls(entry, wait=drain)
@@ -1191,10 +1194,14 @@ class Runtime(_core._Runtime):
             self._close_processes(entry)
 
     @staticmethod
-    def _abort_processes(entry: _ModelEntry) -> None:
+    def _abort_processes(entry: _ModelEntry, cancel_queued: Callable[[], None]) -> None:
         # Before the workers are joined: a child that never answers (or never finishes building
         # its model) would otherwise keep its worker, and so close(drain=False) and the exit
-        # handler, waiting.
+        # handler, waiting. The queue is cancelled first: a worker freed by the abort (its
+        # restart's back-off ended) then finds it cancelled, rather than run the next request
+        # on a child that is being killed.
+        if entry.processes:
+            cancel_queued()
         for proxy in list(entry.processes):
             proxy.abort()
 
@@ -1218,6 +1225,8 @@ class Runtime(_core._Runtime):
         # Only once the model's workers have exited: no call is in flight in any proxy.
         for proxy in list(entry.processes):
             proxy.close()
+        # A counter never goes back: a last scrape after close read 0 restarts.
+        entry.closed_restarts += sum(p.restarts for p in entry.processes)
         entry.processes.clear()
 
     def __enter__(self) -> Runtime:
@@ -1312,7 +1321,8 @@ class Runtime(_core._Runtime):
             if usage is not None:
                 s = dataclasses.replace(s, gpu_memory_bytes=usage.used, gpu_memory_peak_bytes=usage.peak)
             if entry is not None and entry.spec.process:
-                s = dataclasses.replace(s, process_restarts=sum(p.restarts for p in list(entry.processes)))
+                s = dataclasses.replace(s, process_restarts=entry.closed_restarts
+                                        + sum(p.restarts for p in list(entry.processes)))
             out[n] = s
         return RuntimeStats(out)
 

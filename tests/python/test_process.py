@@ -247,6 +247,12 @@ def test_tensors_whose_bytes_are_not_their_values_or_layout_round_trip(rt: ap.Ru
               torch.randn(512, 256).t(), torch.randn(512, 512)[::2, 1:]):
         got = rt.submit("m", t).result(timeout=LONG)
         assert got.stride() == t.stride() and torch.equal(got, t), (t.shape, t.stride(), got.stride())
+    # A nested tensor of 64 KiB or more could be sent neither way ("nested reshape cannot...").
+    with warnings.catch_warnings():  # torch calls nested tensors a prototype
+        warnings.simplefilter("ignore", UserWarning)
+        nested = torch.nested.nested_tensor([torch.ones(3), torch.arange(1 << 15, dtype=torch.float32)])
+        got = rt.submit("m", nested).result(timeout=LONG)
+    assert got.is_nested and [p.tolist() for p in got.unbind()] == [p.tolist() for p in nested.unbind()]
 
 
 def test_model_exception_reaches_the_caller_with_the_remote_traceback(rt: ap.Runtime) -> None:
@@ -1120,3 +1126,125 @@ def test_closing_a_channel_while_another_thread_waits_on_it_does_not_crash() -> 
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert p.stdout.splitlines() == ["receive [None] the channel is closed", "send [False] the channel is closed"]
+
+
+def test_a_factory_found_on_an_import_path_entry_holding_a_colon_is_found_in_the_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PYTHONPATH split the entry "…/a:b" in two: the parent's import check passed and the
+    # child failed with ModuleNotFoundError.
+    where = tmp_path / "a:b"
+    where.mkdir()
+    (where / "colonmod.py").write_text("def build(ctx):\n    return lambda x: ('colon', x)\n")
+    monkeypatch.syspath_prepend(str(where))
+    rt = ap.Runtime()
+    try:
+        rt.add_model("m", factory="colonmod:build", isolation="process")
+        rt.start()
+        assert rt.call("m", 1) == ("colon", 1)
+    finally:
+        rt.close()
+
+
+def test_a_closed_model_exits_its_children_gracefully_and_ends_what_they_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The children died with the worker threads that started them (PR_SET_PDEATHSIG follows the
+    # thread), before close() asked them to exit: atexit handlers never ran, buffered output was
+    # lost, a factory's temporary directory was left behind; and a process a factory started
+    # outlived close() and the watchdog's kill, reparented to init.
+    (tmp_path / "exiting.py").write_text(textwrap.dedent(f"""
+        import atexit, subprocess, sys, tempfile, time
+        from pathlib import Path
+
+        def build(ctx):
+            scratch = tempfile.TemporaryDirectory(dir={str(tmp_path)!r})
+            helper = subprocess.Popen(["sleep", "600"])
+            atexit.register(lambda: Path({str(tmp_path / "atexit-ran")!r}).touch())
+            def serve(x):
+                if x == "hang":
+                    time.sleep(60)
+                sys.stdout.write(f"served {{x}}\\n")  # block-buffered: written at a clean exit only
+                return scratch.name, helper.pid
+            return serve
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rt = ap.Runtime()
+    rt.add_model("m", factory="exiting:build", isolation="process", watchdog_s=1.0)
+    rt.start()
+    _, hung_helper = rt.call("m", 0)
+    with pytest.raises(ap.WorkerCrashed, match="watchdog_s"):
+        rt.call("m", "hang")
+    scratch, helper = rt.call("m", 1)
+    assert _ends(hung_helper), "the killed child's helper lived on"
+    rt.close()  # drain=True
+    assert (tmp_path / "atexit-ran").exists(), "the child did not exit by itself"
+    assert not os.path.exists(scratch), "its temporary directory was left behind"
+    assert _ends(helper), "the process it started outlived it"
+    assert rt.stats()["m"].process_restarts == 1  # counted after close too (was 0)
+
+
+def _ends(pid: int, within_s: float = 10.0) -> bool:
+    """Whether process ``pid`` is gone (or a zombie nobody reaps) within ``within_s``: a SIGKILL
+    takes effect a moment after it is sent."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def test_close_without_drain_does_not_wait_out_a_restarts_back_off(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A model crashing on every request, 20 queued: close(drain=False) slept out the worker's
+    # back-off (up to 5 s) before it returned; the requests still queued are cancelled.
+    (tmp_path / "crashing.py").write_text("import os\ndef build(ctx):\n    return lambda x: os._exit(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rt = ap.Runtime()
+    rt.add_model("m", factory="crashing:build", isolation="process", max_queue=64)
+    rt.start()
+    futs = [rt.submit("m", i) for i in range(20)]
+    deadline = time.monotonic() + 30
+    while rt.stats()["m"].process_restarts < 6 and time.monotonic() < deadline:  # a back-off of 3.2 s next
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    rt.close(drain=False)
+    took = time.monotonic() - t0
+    outcomes = ["cancelled" if f.cancelled() else type(f.exception(10)).__name__ for f in futs]
+    assert set(outcomes) <= {"cancelled", "WorkerCrashed"} and "cancelled" in outcomes, outcomes
+    assert took < 1.5, took  # it waited out the 3.2 s back-off (less what had passed) whole
+
+
+def test_a_call_that_warns_without_end_still_returns_its_result(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # 330,000 distinct warnings in one call (85 MB) did not fit the ring: every warning was lost
+    # and the call failed with an error that blamed its result ("the result could not be sent").
+    (tmp_path / "warny.py").write_text(textwrap.dedent("""
+        import warnings
+        def build(ctx):
+            def serve(n):
+                for i in range(n):
+                    warnings.warn(f"warning {i}: " + "x" * 30_000)
+                return "small result"
+            return serve
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from apportion._private.child import MAX_WARNINGS
+
+    rt = ap.Runtime()
+    try:
+        rt.add_model("m", factory="warny:build", isolation="process")
+        rt.start()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert rt.call("m", MAX_WARNINGS + 3000) == "small result"
+        texts = [str(w.message) for w in seen]
+        assert len(texts) == MAX_WARNINGS + 1 and "warning 0: xxx" in texts[0]
+        assert texts[0].endswith("... (30011 characters) (" + str(tmp_path / "warny.py") + ":6)"), texts[0][-80:]
+        assert "3000 more warnings of the worker process were dropped" in texts[-1]
+    finally:
+        rt.close()

@@ -276,6 +276,10 @@ class _Runtime:
         ...
     def _add_model(self, spec: typing.Any, make_instance: typing.Any, placement: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], memory_policy: str, groups: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], pooled: bool) -> None:
         ...
+    def _cancel_queued(self, model: str) -> None:
+        """
+        Completes the model's queued requests, and those its workers take from now on, as cancelled (what close without drain does first).
+        """
     def _check_admin(self, what: str) -> None:
         ...
     def _check_not_forked(self) -> None:
@@ -732,7 +736,8 @@ class ShmChannel:
     def receive(self, spin_us: typing.SupportsFloat | typing.SupportsIndex = 0.0, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None) -> typing.Any:
         """
         Wait (GIL released; spin `spin_us` first) up to `timeout` seconds for a message: a list
-        whose first part is bytes and the others bytearrays; None on timeout.
+        whose first part is bytes and the others bytearrays; None on timeout. ValueError when
+        the ring holds a frame no sender writes (the other process's memory was overwritten).
         """
     def send(self, parts: list, spin_us: typing.SupportsFloat | typing.SupportsIndex = 0.0, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None) -> bool:
         """

@@ -28,22 +28,40 @@ _PARENT_CHECK_S = 1.0
 
 
 _warned: list[tuple[str, str]] = []
+_warnings_dropped = 0
+
+MAX_WARNINGS = 1000
+"""Warnings kept for the parent between two messages; the rest are counted, and the parent is
+told how many (330,000 distinct ones, 85 MB, did not fit the ring, and the call failed with an
+error that blamed its result)."""
 
 
 def _keep_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """``warnings.showwarning`` here: a warning this process's filters let through goes to the
     parent with the next message, which warns with it (its filters and handlers, not this
-    process's stderr)."""
-    _warned.append((f"{category.__module__}:{category.__qualname__}", f"{message} ({filename}:{lineno})"))
+    process's stderr). At most MAX_WARNINGS between two messages."""
+    global _warnings_dropped
+    if len(_warned) >= MAX_WARNINGS:
+        _warnings_dropped += 1
+        return
+    text = f"{message}"
+    if len(text) > 10_000:
+        text = text[:10_000] + f"... ({len(text)} characters)"
+    _warned.append((f"{category.__module__}:{category.__qualname__}", f"{text} ({filename}:{lineno})"))
 
 
 def _send(channel: Any, parts: Any, parent: int) -> bool:
     """Sends ``parts`` (after the warnings raised since the last message), waiting for room as
     long as the parent that reads them is alive; False when it went away first."""
+    global _warnings_dropped
     if _warned:
         warned = _warned[:]
         _warned.clear()
+        if _warnings_dropped:
+            warned.append(("builtins:RuntimeWarning", f"{_warnings_dropped} more warnings of the worker process were "
+                           f"dropped (at most {MAX_WARNINGS} go to the parent between two of its messages)"))
+            _warnings_dropped = 0
         if not _send(channel, dumps((WARNING, warned)), parent):
             return False
     while not channel.send(parts, 0.0, _PARENT_CHECK_S):
@@ -118,6 +136,9 @@ def _build(launch: dict[str, Any]) -> Any:
 
 def main() -> int:
     spec = json.loads(sys.stdin.buffer.read())  # the parent writes it and closes the pipe
+    # The parent's import path, entry by entry: PYTHONPATH splits an entry at ":" (a directory
+    # named "a:b" became "a" and "b"), and the factory the parent found was not found here.
+    sys.path[:0] = [p for p in spec.get("path", ()) if p not in sys.path]
     import warnings
 
     warnings.showwarning = _keep_warning

@@ -68,6 +68,9 @@ class _Pickler(pickle.Pickler):
             or obj.device.type != "cpu"
             or obj.requires_grad
             or obj.layout != torch.strided
+            # A nested tensor is strided by its layout, yet its parts are tensors of their own
+            # (reshape refuses it): torch's own pickling sends it.
+            or obj.is_nested
             or obj.numel() * obj.element_size() < OUT_OF_BAND_BYTES
             # Their bytes are not their values (scale and zero point, a lazy conjugate or
             # negation): torch's own pickling keeps them.

@@ -56,6 +56,88 @@ START_TIMEOUT_S = 300.0
 """How long a child may take by default to import and build its model before its start is
 declared failed (``start_timeout_s`` on add_model)."""
 
+class _Spawner:
+    """Starts every worker process from one thread that lives as long as this process.
+
+    A child asks for SIGKILL when its parent dies (PR_SET_PDEATHSIG), and Linux sends it when
+    the *thread* that forked it exits: started from a model's worker thread, every child was
+    killed the moment its worker left, before close() or remove_model() could ask it to exit
+    (its atexit handlers, finalizers and buffered output lost, with drain=True too). Each
+    spawn takes the asking thread's CPU mask for the moment of the fork, so a child is still
+    born on its instance's CPUs."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a fork's child: the thread is not there, and its lock may have been held.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._jobs: list[tuple[Callable[[], subprocess.Popen[bytes]], set[int] | None, Any]] = []
+        self._thread: threading.Thread | None = None
+
+    def popen(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        """``start()`` run on the spawner thread, under the calling thread's CPU mask."""
+        from concurrent.futures import Future
+
+        try:
+            mask: set[int] | None = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            mask = None
+        done: Future[subprocess.Popen[bytes]] = Future()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="apportion-spawner", daemon=True)
+                self._thread.start()
+            self._jobs.append((start, mask, done))
+            self._cond.notify()
+        try:
+            return done.result()
+        except BaseException:
+            # Interrupted (Ctrl-C in a direct call) while the child started: nobody would
+            # ever reap it.
+            done.add_done_callback(_kill_unclaimed)
+            raise
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                start, mask, done = self._jobs.pop(0)
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                if mask:
+                    os.sched_setaffinity(0, mask)  # this thread's mask only (Linux: 0 is the caller)
+                done.set_result(start())
+            except BaseException as e:  # noqa: BLE001 - the asking thread raises it
+                done.set_exception(e)
+
+
+def _kill_unclaimed(done: Any) -> None:
+    if done.exception() is None:
+        proc = done.result()
+        proc.kill()
+        proc.wait()
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kills what is left of an ended child's process group (it leads one): processes the model
+    started (a subprocess, a fork) outlived the child, reparented to init, for good. One that
+    left the group (setsid) is out of reach. The group's id cannot have been reused while any
+    of it is alive."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty
+
+
+_SPAWNER = _Spawner()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_SPAWNER._reset)
+
 _POLL_S = 0.02  # between liveness checks while waiting for a reply
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 5.0
@@ -179,6 +261,7 @@ class ProcessInstance:
         self._aborting = False  # set from another thread by abort(); read between waits
         self._warned: list[tuple[str, str]] = []  # the child's warnings not shown yet (see _show_warnings)
         self._abort_start = False  # set by abort_start(): a child still building gives up
+        self._woken = threading.Event()  # set by abort(): a restart's backoff ends at once
         self._lock = threading.Lock()  # close() from another thread vs. a restart
         # One call at a time on the channel: the worker's, or a direct caller's. The worker
         # announces that it waits for the lock (it holds a request already), and a direct
@@ -227,14 +310,16 @@ class ProcessInstance:
             err = no_room_error(self._model, self._index, str(e), free_bytes())
             self._spawn_note(err)
             raise err from None
-        spec = dict(self._launch, channel=name, parent=os.getpid())
+        spec = dict(self._launch, channel=name, parent=os.getpid(),
+                    path=[p for p in sys.path if isinstance(p, str) and p])
         env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,
         # e.g. by a test runner, included).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
         try:
             # subprocess execs at once (no fork of this threaded process keeps running), and is
-            # started from the pinned worker thread: the child is born with its CPU mask.
+            # started under the pinned worker thread's CPU mask (see _Spawner, which forks it):
+            # the child is born with it.
             # A process group of its own: Ctrl-C in a terminal, a service manager's stop and
             # `kill -- -PGID` signal the whole group, and a child that died of it failed the
             # call it was serving while this process drained. The child goes with its parent
@@ -242,8 +327,9 @@ class ProcessInstance:
             # The spec goes on the child's stdin, not its command line: one argument may not
             # exceed 128 KiB (E2BIG), which a long model name reached. Then stdin is at its end,
             # as /dev/null would be.
-            proc = subprocess.Popen([sys.executable, "-m", "apportion._private.child"],
-                                    env=env, stdin=subprocess.PIPE, close_fds=True, process_group=0)
+            proc = _SPAWNER.popen(lambda: subprocess.Popen([sys.executable, "-m", "apportion._private.child"],
+                                                           env=env, stdin=subprocess.PIPE, close_fds=True,
+                                                           process_group=0))
         except BaseException as e:
             channel.close()
             if isinstance(e, OSError):  # no fd, process or memory left for the child
@@ -364,6 +450,7 @@ class ProcessInstance:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _kill_group(proc)
 
     def _discard_child(self, crashed: bool = True) -> None:
         """Kills the child and forgets it; the next request starts a new one (``crashed``: after
@@ -382,7 +469,7 @@ class ProcessInstance:
         delay = min(_BACKOFF_FIRST_S * 2 ** (self._failures - 1), _BACKOFF_MAX_S)
         left = self._failed_at + delay - time.monotonic()
         if left > 0:
-            time.sleep(left)
+            self._woken.wait(left)  # abort() (close or remove without drain) ends it at once
         hook = _on_restart
         if hook is not None:
             hook(delay, self._failed_at)
@@ -546,6 +633,7 @@ class ProcessInstance:
         call fails with WorkerCrashed; no restart follows. Safe from any thread; for close with
         drain=False, where a hung child would otherwise hold the worker (and close) forever."""
         self._aborting = True
+        self._woken.set()
 
     def abort_start(self) -> None:
         """Makes a start in progress give up within one liveness poll (its child is killed and
@@ -573,6 +661,8 @@ class ProcessInstance:
             proc.terminate()
             self._reap(proc, kill=False)  # SIGKILL if SIGTERM is not enough either
         finally:
+            if proc.poll() is not None:
+                _kill_group(proc)
             if channel is not None:
                 channel.close()
 
