@@ -673,6 +673,43 @@ TEST_F(EngineTest, CloseWithoutDrainCancelsQueuedAndFinishesRunning) {
   });
 }
 
+TEST_F(EngineTest, CancelQueuedCancelsWhatIsQueuedAndTakenLaterButAdmitsAndRunsNothingElse) {
+  // What close(false) does first, alone (a close without drain calls it before it stops the
+  // running calls of process children, so a worker freed by that finds the queue cancelled).
+  guarded(30s, [] {
+    auto h = std::make_shared<TestHandler>();
+    Gate gate;
+    h->on_run = hold_tag0(gate);
+    Model m(opts(1), h);
+    ASSERT_EQ(m.start(), 0u);
+    TestRef running = make(0);
+    ASSERT_EQ(submit(m, running), Admit::ok);
+    gate.wait_arrivals(1);
+    std::vector<TestRef> queued;
+    for (uint64_t i = 1; i <= 3; ++i) {
+      queued.push_back(make(i));
+      ASSERT_EQ(submit(m, queued.back()), Admit::ok);
+    }
+    m.cancel_queued();
+    TestRef after = make(9);
+    EXPECT_EQ(submit(m, after), Admit::ok) << "admission is close()'s to end";
+    gate.open();
+    m.close(true);  // a draining close afterwards still cancels: the queue was cancelled
+    m.join();
+    EXPECT_EQ(running->outcome(), Outcome::ok);
+    for (auto* r : {&queued[0], &queued[1], &queued[2], &after}) {
+      ASSERT_TRUE((*r)->done()) << (*r)->tag;
+      EXPECT_EQ((*r)->outcome(), Outcome::cancelled) << (*r)->tag;
+      EXPECT_EQ((*r)->runs.load(), 0) << (*r)->tag;
+      EXPECT_EQ((*r)->completions.load(), 1) << (*r)->tag;
+    }
+    const ModelSnapshot s = m.snapshot();
+    EXPECT_EQ(s.cancelled, 4u);
+    EXPECT_EQ(s.submitted, accounted(s));
+    EXPECT_EQ(h->bad_state.load(), 0);
+  });
+}
+
 TEST_F(EngineTest, StartFailuresAreCountedAndJoinCancelsLeftovers) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
