@@ -841,13 +841,13 @@ class RuntimeCore {
     return e->model->direct_allowed() ? now_ns() : 0;
   }
 
-  /// Counts a finished direct call. A model removed meanwhile (remove_model waits for the call)
-  /// has no stats left to count it in: nothing to do then.
   /// Model::cancel_queued() of `model` (none: nothing to do).
   void cancel_queued(const std::string& model) {
     if (auto e = reg_->find(model)) without_gil([&] { e->model->cancel_queued(); });
   }
 
+  /// Counts a finished direct call. A model removed meanwhile (remove_model waits for the call)
+  /// has no stats left to count it in: nothing to do then.
   void direct_end(const std::string& model, bool ok, int64_t start_ns) {
     if (auto e = reg_->find(model)) e->model->count_direct(ok ? Outcome::ok : Outcome::error, start_ns);
   }

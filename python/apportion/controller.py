@@ -305,15 +305,16 @@ def _drained(trial: _Trial) -> set[str]:
 
 
 def _judged(trial: _Trial, drained: set[str]) -> tuple[list[Mapping[str, Window]], list[Mapping[str, Window]]]:
-    """The windows before and after a move that judge it: a drained model's windows after the
-    move that began with a backlog are left out (the rest judge it, as every other model's do:
-    once its backlog is gone a move that hurt it shows); one left out of every window after the
-    move is left out of those before it too."""
-    after: list[Mapping[str, Window]] = [{n: w for n, w in ws.items() if not (n in drained and w.backlogged)}
-                                         for ws in trial.after]
-    gone = {n for n in drained if not any(n in ws for ws in after)}
-    before: list[Mapping[str, Window]] = [{n: w for n, w in ws.items() if n not in gone} for ws in trial.before]
-    return before, after
+    """The windows before and after a move that judge it: a drained model's windows that began
+    with a backlog are left out, before the move as after it (the rest judge it, as every other
+    model's do: once its backlog is gone a move that hurt it shows); one left out of every window
+    after the move is left out of those before it too."""
+    def kept(windows: list[Mapping[str, Window]], gone: set[str]) -> list[Mapping[str, Window]]:
+        return [{n: w for n, w in ws.items() if n not in gone and not (n in drained and w.backlogged)}
+                for ws in windows]
+
+    after = kept(trial.after, set())
+    return kept(trial.before, {n for n in drained if not any(n in ws for ws in after)}), after
 
 
 MIX_MOVED = 0.25
@@ -568,6 +569,7 @@ class Controller:
         self._t0 = clock()
         self._risk_streak: dict[str, int] = {n: 0 for n in slos}
         self._idle_streak: dict[str, int] = {n: 0 for n in slos}
+        self._stalled_s: dict[str, float] = {}  # seconds of windows in a row with work waiting, none done
         self._last_move: dict[str, float] = {}
         self._full_queue: dict[str, int] = {}  # max_queue before the controller lowered it
         self._batch_tried: dict[str, set[int]] = {}  # batch sizes the controller moved a model to
@@ -626,12 +628,14 @@ class Controller:
             # already past the SLO are at risk whatever the completed requests' latency says:
             # they have none, or only the quick ones; neither is ever idle.
             late_call = w.oldest_call_ms > self.risk * slo
-            # A whole window with requests waiting and none completed: at risk once such a
-            # window is as long as the SLO's risk share (3 s calls against a 10 s SLO are not).
-            stalled = w.stuck and w.seconds * 1e3 > self.risk * slo
+            # Windows in a row with requests waiting and none completed: at risk once they last
+            # the SLO's risk share (3 s calls against a 10 s SLO in 1 s windows are not; 10 such
+            # windows are), never idle.
+            self._stalled_s[name] = self._stalled_s.get(name, 0.0) + w.seconds if w.stuck else 0.0
+            stalled = self._stalled_s[name] * 1e3 > self.risk * slo
             risky = (w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot or stalled
                      or late_call)
-            calm = (w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0
+            calm = (w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0 and not w.stuck
                     and w.queued <= w.instances and w.oldest_call_ms < 0.5 * slo)
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
@@ -1015,6 +1019,7 @@ class Controller:
         for kept in (self._last_move, self._full_queue, self._batch_tried, self.held):
             kept.pop(name, None)
         self._risk_streak[name] = self._idle_streak[name] = 0
+        self._stalled_s.pop(name, None)
         for key in [k for k in self._tabu if k[0] == name]:
             del self._tabu[key]
         if self._trial is not None and any(m.model == name for m, _ in self._trial.moves):

@@ -28,7 +28,7 @@ from .gpu import GPU, GpuPartition, gpu_available, gpu_unavailable_reason, plan_
 from .placement import ModelPlan, Plan, Quota, plan
 from ._private.claims import CpuClaims
 from ._private.cputime import CpuTracker
-from ._private.process import NOT_TAKEN, SPAWN_NOTE, ProcessInstance, factory_path
+from ._private.process import NOT_TAKEN, SPAWN_NOTE, ProcessInstance, factory_path, start_spawner
 from .spec import DEFAULT_MAX_QUEUE, Isolation, ModelSpec
 from .stats import ModelStats, RuntimeStats
 from .topology import Topology, format_cpulist, topology
@@ -527,6 +527,8 @@ class Runtime(_core._Runtime):
         if spec.factory is None and spec.model is None:
             raise QuotaError("give factory= (called once per instance) or model=", model=name, field="factory")
         factory_ref = factory_path(name, spec.factory) if spec.process else None
+        if spec.process:
+            start_spawner()  # from this thread, not a worker whose nice a reservation raised
         if isinstance(spec.factory, str) and not spec.process:
             # A thread instance calls the factory in this process: import it now.
             spec = dataclasses.replace(spec, factory=_imported(name, "factory", spec.factory))
@@ -551,6 +553,7 @@ class Runtime(_core._Runtime):
         # (62 of 64 cores free, every exclusive model added was refused).
         new_plan = self._place({**(self._pinned_quotas() if self.started else self._quotas()), name: quota})
         if self.started:
+            new_plan = self._as_they_run(new_plan, name)
             self._check_running_models_stay(new_plan, name)
         groups = self._lane_groups(new_plan[name])
         cells = _core._lane_cells(spec.max_queue, spec.priority_levels, max(len(set(groups)), 1),
@@ -945,6 +948,21 @@ class Runtime(_core._Runtime):
     def _quotas(self) -> dict[str, Quota]:
         return {n: e.spec.quota for n, e in self._models.items()}
 
+    def _as_they_run(self, new_plan: Plan, name: str) -> Plan:
+        """``new_plan`` with each running model that keeps its CPUs placed as it runs: a list of
+        CPUs is split between instances in CPU order, where the count it was placed by split them
+        L3 domain by L3 domain (a model spread over two domains read as moved, and the add was
+        refused)."""
+        current = {m.name: m for m in self.plan().models}
+
+        def same_cpus(a: ModelPlan, b: ModelPlan) -> bool:
+            return ({c for i in a.instances for c in i.cpus} == {c for i in b.instances for c in i.cpus}
+                    and len(a.instances) == len(b.instances))
+
+        return dataclasses.replace(new_plan, models=tuple(
+            current[m.name] if m.name != name and m.name in current and m.instances and same_cpus(m, current[m.name])
+            else m for m in new_plan.models))
+
     def _pinned_quotas(self) -> dict[str, Quota]:
         """The models' quotas with each exclusive one's core count replaced by the CPUs it runs
         on now (the planner places named CPUs first, as they are)."""
@@ -1067,10 +1085,10 @@ class Runtime(_core._Runtime):
                  if m.name != name and [i.cpus for i in new_plan[m.name].instances]
                  != [i.cpus for i in m.instances]]
         if moved:
-            before, after = list(current.shared_pool), list(new_plan.shared_pool)
+            before, after = format_cpulist(current.shared_pool), format_cpulist(new_plan.shared_pool)
             # The pool is every usable CPU no exclusive model holds: it grows when a removed
             # model's cores come back to it, and its shared models would move with it.
-            pool = f" (the shared pool would be {after} instead of {before})" if after != before else ""
+            pool = f" (the shared pool would be {after or 'empty'} instead of {before})" if after != before else ""
             raise PlacementError(
                 f"model {name!r}: placing it now would move running models {moved} to other "
                 f"CPUs{pool}; add it before start(), remove those models first, or give it CPUs "
@@ -1207,8 +1225,8 @@ class Runtime(_core._Runtime):
 
     @staticmethod
     def _end_direct_calls(entry: _ModelEntry, wait: bool) -> ProcessInstance | None:
-        # Before the workers stop: a child dies with the worker thread that started it, so when
-        # draining, a direct call in flight must finish first; without draining it was aborted
+        # Before the workers stop: the children are closed once they have, so when draining, a
+        # direct call in flight must finish first; without draining it was aborted
         # and fails anyway. None may start after. A call that finds direct calls refused takes
         # the queue instead. Waits again when called again (an interrupted close). Returns the
         # instance the calling thread is itself in a direct call to (a signal handler that

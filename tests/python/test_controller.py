@@ -1275,9 +1275,16 @@ def test_a_model_whose_requests_wait_while_none_completes_is_at_risk_and_never_a
     assert all(m.model != "a" for m in moves), moves
     assert (c.stats()["at_risk_streak"]["a"], c.stats()["idle_streak"]["a"]) == (1, 0)
     # ... but not where a window is short against the SLO: 3 s calls, a 10 s SLO, 1 s windows.
-    c = Controller(None, {"a": 10_000.0}, capacity=3, confirm=1, dwell_s=0.0)
+    c = Controller(None, {"a": 10_000.0, "b": 20.0}, capacity=3, confirm=1, dwell_s=0.0)
     slow = dataclasses.replace(stalled, oldest_call_ms=900.0)
-    assert c.decide({"a": slow}, {"a": spec("a", 2)}, 0.0) == [] and c.stats()["at_risk_streak"]["a"] == 0
+    busy_b = win(p99=30.0, busy=0.95)
+    assert all(m.model != "a" for m in c.decide({"a": slow, "b": busy_b}, {"a": spec("a", 2), "b": spec("b")}, 0.0))
+    assert c.stats()["at_risk_streak"]["a"] == 0 and c.stats()["idle_streak"]["a"] == 0  # nor a donor
+    # ... until such windows in a row last the SLO's risk share (8 s of it): a stall judged
+    # one window at a time was never at risk.
+    for k in range(1, 9):
+        c.decide({"a": slow, "b": busy_b}, {"a": spec("a", 2), "b": spec("b")}, float(k))
+    assert c.stats()["at_risk_streak"]["a"] == 1
     c = Controller(None, {"a": 100.0}, capacity=3, confirm=1, dwell_s=0.0)
     got = c.decide({"a": stalled}, {"a": spec("a", 2)}, 0.0)
     assert [m.change for m in got] == ["instances 2 -> 3"]

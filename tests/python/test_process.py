@@ -1248,3 +1248,42 @@ def test_a_call_that_warns_without_end_still_returns_its_result(tmp_path: Path,
         assert "3000 more warnings of the worker process were dropped" in texts[-1]
     finally:
         rt.close()
+
+
+def test_a_child_runs_at_its_workers_nice_whichever_started_first() -> None:
+    # Children are forked by one spawner thread: they took its nice, the nice of whichever
+    # worker made it, so the reserved class's child ran at the lower classes' nice (or the
+    # lower classes' at 0, outside the reservation's reach).
+    rt = ap.Runtime(shared_pool="scheduled", pool_reserve={1: 1})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ap.PinningWarning)
+            rt.add_model("low", factory="process_models:info", isolation="process", priority_class=0)
+            rt.add_model("hi", factory="process_models:info", isolation="process", priority_class=1)
+            rt.start()
+        for n in ("low", "hi"):
+            child = rt.submit(n, 0).result(timeout=LONG)["pid"]
+            workers = {os.getpriority(os.PRIO_PROCESS, t) for t in rt._worker_tids(n)}
+            assert workers == {os.getpriority(os.PRIO_PROCESS, child)}, (n, workers)
+    finally:
+        rt.close()
+
+
+def test_a_spawner_thread_that_could_not_start_is_tried_again() -> None:
+    # Recorded before it started: after one failed start every later spawn waited for good.
+    from apportion._private import process as process_mod
+
+    spawner = process_mod._Spawner()
+    real = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    threading.Thread.start = refuse  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            spawner.popen(lambda: subprocess.Popen(["true"]))
+    finally:
+        threading.Thread.start = real  # type: ignore[method-assign]
+    proc = spawner.popen(lambda: subprocess.Popen(["true"]))
+    assert proc.wait(30) == 0

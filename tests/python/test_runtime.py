@@ -605,7 +605,7 @@ def test_after_a_remove_the_plan_shows_where_the_others_run_and_the_same_spec_ca
         assert {tid: sorted(os.sched_getaffinity(tid)) for tid in rt._worker_tids("s")} == pinned
         # A shared model added now would widen the pool under s: refused, saying so.
         with pytest.raises(ap.PlacementError, match=r"would move running models \['s'\] to other CPUs \(the shared "
-                           r"pool would be \[\d+, \d+\] instead of \[\d+\]\)"):
+                           r"pool would be \d+[-,]\d+ instead of \d+\)"):
             rt.add_model("t", model=lambda x: x)
         rt.add_model("r", model=lambda x: x + 1, cores=1, isolation="exclusive")
         assert rt.call("r", 1) == 2 and rt.call("s", 1) == 1
@@ -636,6 +636,18 @@ def test_a_model_added_to_a_running_runtime_leaves_the_cores_of_running_ones_whe
             assert sum(len(h) for h in held) == len(set().union(*held)) == 2 + 3 + 3 + 1  # no CPU twice
             with pytest.raises(ap.PlacementError, match="55 free cores left"):
                 rt.add_model("e", model=lambda x: x, cores=60, isolation="exclusive")
+        finally:
+            rt.close()
+        # A model whose instances span two L3 domains: its CPUs as a list split between the
+        # instances in CPU order, not domain by domain as its count did; it read as moved.
+        rt = ap.Runtime(topology_root=root)
+        try:
+            rt.add_model("a", model=lambda x: x, cores="0-4", isolation="exclusive")
+            rt.add_model("big", model=lambda x: x, cores=26, instances=2, isolation="exclusive")
+            rt.start()
+            split = [i.cpus for i in rt.plan()["big"].instances]
+            rt.add_model("c", model=lambda x: x, cores=1, isolation="exclusive")
+            assert [i.cpus for i in rt.plan()["big"].instances] == split
         finally:
             rt.close()
 

@@ -99,10 +99,21 @@ def _place(spec: dict[str, Any]) -> list[str]:
         ok, why = _core.pin_current_thread(spec["cpus"])
         if not ok:
             notes.append(f"CPU mask {spec['cpus']}: {why}")
-    if spec["memory_policy"] != "none" and spec["memory_nodes"]:
-        ok, why = _core.set_memory_policy(spec["memory_policy"], spec["memory_nodes"])
-        if not ok:
-            notes.append(f"memory policy {spec['memory_policy']} {spec['memory_nodes']}: {why}")
+    # Set whatever the policy: the process that forked this one (the parent's spawner thread)
+    # may have had another's.
+    policy = spec["memory_policy"] if spec["memory_nodes"] else "none"
+    ok, why = _core.set_memory_policy(policy, spec["memory_nodes"] if policy != "none" else [])
+    if not ok and policy != "none":
+        notes.append(f"memory policy {spec['memory_policy']} {spec['memory_nodes']}: {why}")
+    # Its worker's nice (a pool reservation raises the lower classes'), not the spawner's.
+    want = spec.get("nice")
+    if want is not None:
+        try:
+            have = os.getpriority(os.PRIO_PROCESS, 0)
+            if want != have:
+                os.setpriority(os.PRIO_PROCESS, 0, want)
+        except OSError as e:  # lowering it needs a privilege
+            notes.append(f"nice {want}: {e.strerror or e}")
     return notes
 
 

@@ -64,7 +64,10 @@ class _Spawner:
     killed the moment its worker left, before close() or remove_model() could ask it to exit
     (its atexit handlers, finalizers and buffered output lost, with drain=True too). Each
     spawn takes the asking thread's CPU mask for the moment of the fork, so a child is still
-    born on its instance's CPUs."""
+    born on its instance's CPUs; what else a fork inherits from this thread (its nice, its NUMA
+    policy) the child sets for itself from its spec, as its worker has them. Start it
+    (:meth:`start`) from a thread whose nice is the runtime's own (where models are added), not
+    from a worker whose nice a pool reservation raised: a child may raise its nice, not lower it."""
 
     def __init__(self) -> None:
         self._reset()
@@ -85,10 +88,8 @@ class _Spawner:
         except (AttributeError, OSError):
             mask = None
         done: Future[subprocess.Popen[bytes]] = Future()
+        self.start()
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="apportion-spawner", daemon=True)
-                self._thread.start()
             self._jobs.append((start, mask, done))
             self._cond.notify()
         try:
@@ -99,7 +100,23 @@ class _Spawner:
             done.add_done_callback(_kill_unclaimed)
             raise
 
+    def start(self) -> None:
+        """Starts the spawner thread unless it runs (see the class documentation)."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name="apportion-spawner", daemon=True)
+            thread.start()  # a thread that cannot start leaves none recorded: the next spawn tries again
+            self._thread = thread
+
     def _run(self) -> None:
+        # Its own name: it inherits its creator's, and a worker's ("ap:<model>:<i>") would count
+        # it as that model's thread (CPU time, confinement).
+        try:
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm", "wb") as fh:
+                fh.write(b"ap-spawner")
+        except OSError:
+            pass
         while True:
             with self._cond:
                 while not self._jobs:
@@ -113,6 +130,15 @@ class _Spawner:
                 done.set_result(start())
             except BaseException as e:  # noqa: BLE001 - the asking thread raises it
                 done.set_exception(e)
+
+
+def _thread_nice() -> int | None:
+    """The calling thread's nice (Linux keeps one per thread: a pool reservation raises the
+    workers' of lower classes), or None where it cannot be read."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return None
 
 
 def _kill_unclaimed(done: Any) -> None:
@@ -135,6 +161,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 _SPAWNER = _Spawner()
+start_spawner = _SPAWNER.start
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_SPAWNER._reset)
 
@@ -311,7 +338,7 @@ class ProcessInstance:
             self._spawn_note(err)
             raise err from None
         spec = dict(self._launch, channel=name, parent=os.getpid(),
-                    path=[p for p in sys.path if isinstance(p, str) and p])
+                    path=[p for p in sys.path if isinstance(p, str) and p], nice=_thread_nice())
         env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,
         # e.g. by a test runner, included).
@@ -411,6 +438,8 @@ class ProcessInstance:
             try:
                 parts = channel.receive(spin, wait)
             except ValueError as e:  # the child wrote over its reply ring: nothing more from it is read
+                if "no sender writes" not in str(e):  # (a channel closed meanwhile says so)
+                    raise
                 self._reap(proc, kill=True)
                 raise self._crashed(proc.pid, f"wrote a malformed reply ({e}; native code in the model writing "
                                               "out of bounds?); killed with SIGKILL", -signal.SIGKILL) from None
@@ -608,7 +637,7 @@ class ProcessInstance:
     def end_direct_calls(self, wait: bool) -> bool:
         """Refuses direct calls from now on; ``wait``: also waits for the call in flight, if
         any (not for the worker's calls). Call it before the model's workers stop when
-        draining: the child dies with the worker thread that started it, so no direct call may
+        draining: the child is closed once the workers have stopped, so no direct call may
         still be talking to it then. Returns False, without waiting, when the calling thread is
         itself in a direct call to this instance (a signal handler that interrupted it): that
         call cannot end before the handler returns, and the worker may wait for its lock, so
