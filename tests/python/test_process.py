@@ -1226,26 +1226,37 @@ def test_a_call_that_warns_without_end_still_returns_its_result(tmp_path: Path,
     (tmp_path / "warny.py").write_text(textwrap.dedent("""
         import warnings
         def build(ctx):
-            def serve(n):
+            def serve(arg):
+                n, width = arg
                 for i in range(n):
-                    warnings.warn(f"warning {i}: " + "x" * 30_000)
+                    warnings.warn(f"warning {i}: " + "x" * width)
                 return "small result"
             return serve
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    from apportion._private.child import MAX_WARNINGS
+    from apportion._private.child import MAX_WARNING_CHARS, MAX_WARNINGS
 
     rt = ap.Runtime()
     try:
         rt.add_model("m", factory="warny:build", isolation="process")
         rt.start()
+        where = str(tmp_path / "warny.py") + ":7)"
+        # Many short ones: MAX_WARNINGS of them, and how many more were dropped.
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            assert rt.call("m", MAX_WARNINGS + 3000) == "small result"
+            assert rt.call("m", (MAX_WARNINGS + 3000, 10)) == "small result"
         texts = [str(w.message) for w in seen]
-        assert len(texts) == MAX_WARNINGS + 1 and "warning 0: xxx" in texts[0]
-        assert texts[0].endswith("... (30011 characters) (" + str(tmp_path / "warny.py") + ":6)"), texts[0][-80:]
+        assert len(texts) == MAX_WARNINGS + 1 and "warning 0: xxxxxxxxxx (" in texts[0]
         assert "3000 more warnings of the worker process were dropped" in texts[-1]
+        # Long ones: each cut to 10,000 characters, and MAX_WARNING_CHARS of them in all.
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert rt.call("m", (300, 30_000)) == "small result"
+        texts = [str(w.message) for w in seen]
+        assert texts[0].endswith("... (30011 characters) (" + where), texts[0][-80:]
+        kept = len(texts) - 1
+        assert 0 < kept < 300 and kept * 10_000 <= MAX_WARNING_CHARS < (kept + 1) * 10_100
+        assert f"{300 - kept} more warnings of the worker process were dropped" in texts[-1]
     finally:
         rt.close()
 

@@ -28,6 +28,7 @@ _PARENT_CHECK_S = 1.0
 
 
 _warned: list[tuple[str, str]] = []
+_warned_chars = 0
 _warnings_dropped = 0
 
 MAX_WARNINGS = 1000
@@ -35,32 +36,39 @@ MAX_WARNINGS = 1000
 told how many (330,000 distinct ones, 85 MB, did not fit the ring, and the call failed with an
 error that blamed its result)."""
 
+MAX_WARNING_CHARS = 1 << 20
+"""... and characters of their texts (a message must fit the ring and /dev/shm beside it)."""
+
 
 def _keep_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """``warnings.showwarning`` here: a warning this process's filters let through goes to the
     parent with the next message, which warns with it (its filters and handlers, not this
     process's stderr). At most MAX_WARNINGS between two messages."""
-    global _warnings_dropped
-    if len(_warned) >= MAX_WARNINGS:
-        _warnings_dropped += 1
-        return
+    global _warnings_dropped, _warned_chars
     text = f"{message}"
     if len(text) > 10_000:
         text = text[:10_000] + f"... ({len(text)} characters)"
-    _warned.append((f"{category.__module__}:{category.__qualname__}", f"{text} ({filename}:{lineno})"))
+    text = f"{text} ({filename}:{lineno})"
+    if len(_warned) >= MAX_WARNINGS or _warned_chars + len(text) > MAX_WARNING_CHARS:
+        _warnings_dropped += 1
+        return
+    _warned_chars += len(text)
+    _warned.append((f"{category.__module__}:{category.__qualname__}", text))
 
 
 def _send(channel: Any, parts: Any, parent: int) -> bool:
     """Sends ``parts`` (after the warnings raised since the last message), waiting for room as
     long as the parent that reads them is alive; False when it went away first."""
-    global _warnings_dropped
+    global _warnings_dropped, _warned_chars
     if _warned:
         warned = _warned[:]
         _warned.clear()
+        _warned_chars = 0
         if _warnings_dropped:
             warned.append(("builtins:RuntimeWarning", f"{_warnings_dropped} more warnings of the worker process were "
-                           f"dropped (at most {MAX_WARNINGS} go to the parent between two of its messages)"))
+                           f"dropped (at most {MAX_WARNINGS}, of {MAX_WARNING_CHARS} characters in all, go to "
+                           "the parent between two of its messages)"))
             _warnings_dropped = 0
         if not _send(channel, dumps((WARNING, warned)), parent):
             return False
