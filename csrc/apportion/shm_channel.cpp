@@ -368,32 +368,29 @@ ChannelStatus ShmChannel::receive(std::vector<std::span<const std::byte>>& parts
   // frame: a skip pads to the ring's end), and its parts within the frame; otherwise the
   // peer's memory was overwritten (a native bug in a child's model) and reading on would read
   // past the mapping.
-  const auto message_fits = [&](const FrameHeader& f, uint64_t at, uint64_t head) {
+  // Reads the header of the frame at `at` into fh; false when it is no frame send() writes.
+  const auto read_header = [&](uint64_t at) {
+    const uint64_t published = r.head.load(std::memory_order_acquire) - at;
+    if (published > cap || published < sizeof(FrameHeader)) return false;
+    std::memcpy(&fh, data + at % cap, sizeof fh);
     const uint64_t room = cap - at % cap;
-    return f.kind == kKindMessage && f.bytes >= sizeof(FrameHeader) && f.bytes % kLine == 0 &&
-           f.bytes <= head - at && f.bytes <= room && f.parts <= (f.bytes - sizeof(FrameHeader)) / 8 &&
-           header_bytes(f.parts) <= f.bytes;
+    if (fh.kind == kKindSkip) return fh.bytes == room && fh.bytes <= published;
+    return fh.kind == kKindMessage && fh.bytes >= sizeof(FrameHeader) && fh.bytes % kLine == 0 &&
+           fh.bytes <= published && fh.bytes <= room && fh.parts <= (fh.bytes - sizeof(FrameHeader)) / 8 &&
+           header_bytes(fh.parts) <= fh.bytes;
   };
   for (;;) {
     if (r.head.load(std::memory_order_acquire) == tail &&
         !wait_event(r.data_event, r.data_waiters, r.head, tail, spin_ns, deadline)) {
       return ChannelStatus::timeout;
     }
-    uint64_t head = r.head.load(std::memory_order_acquire);
-    if (head - tail > cap || head - tail < sizeof(FrameHeader)) return ChannelStatus::corrupt;
-    std::memcpy(&fh, data + tail % cap, sizeof fh);
-    if (fh.kind != kKindSkip) {
-      if (!message_fits(fh, tail, head)) return ChannelStatus::corrupt;
-      break;
-    }
-    if (fh.bytes != cap - tail % cap || fh.bytes > head - tail) return ChannelStatus::corrupt;
+    if (!read_header(tail)) return ChannelStatus::corrupt;
+    if (fh.kind != kKindSkip) break;
     tail += fh.bytes;
-    head = r.head.load(std::memory_order_acquire);
-    if (head != tail) {
-      // The producer published the skip and the frame after it with one head store.
-      if (head - tail > cap || head - tail < sizeof(FrameHeader)) return ChannelStatus::corrupt;
-      std::memcpy(&fh, data + tail % cap, sizeof fh);
-      if (!message_fits(fh, tail, head)) return ChannelStatus::corrupt;
+    if (r.head.load(std::memory_order_acquire) != tail) {
+      // The producer published the skip and the frame after it with one head store: a message
+      // (a skip pads to the ring's end, so a second one would be the whole ring).
+      if (!read_header(tail) || fh.kind != kKindMessage) return ChannelStatus::corrupt;
       break;
     }
     // A skip published alone (see send): passed at once, so that the producer finds the

@@ -232,7 +232,8 @@ struct WorkerState {
 thread_local uint64_t current_registry = 0;
 thread_local const ModelCounters* current_counters = nullptr;
 thread_local std::string current_model;
-thread_local const char* current_role = "a worker";
+constexpr const char* kTimerRole = "the deadline timer";
+thread_local const char* current_role = "a worker";  // or kTimerRole
 
 class PyHandler final : public ModelHandler {
  public:
@@ -330,7 +331,7 @@ class PyHandler final : public ModelHandler {
     // not join this thread from itself.
     current_registry = registry_;
     current_model = model_;
-    current_role = "the deadline timer";
+    current_role = kTimerRole;
     // Its model's: a done-callback run here that waits for another of the model's requests
     // would hold every deadline of the model until that request completes (for good, if only
     // an expiry would end it).
@@ -1224,7 +1225,7 @@ class RuntimeCore {
 // worker of that model, possibly itself: with one instance it never returns. Raises then, and
 // for a request inherited through fork() (below).
 [[noreturn]] void raise_own_wait() {
-  const bool timer = std::string_view(current_role) == "the deadline timer";
+  const bool timer = current_role == kTimerRole;
   raise(types().apportion_error,
         "model '" + current_model + "': " +
             (timer ? std::string("a done-callback run by the model's deadline timer waits for a request to the "

@@ -789,17 +789,23 @@ TEST(BatcherWaiting, GapsThatAreShortOrNeverAreWaitedForOnlyAsLongAsTheShortOnes
   EXPECT_EQ(b.wait_until(), t + 131'072);
 }
 
+// How long a batch of one waits by the call costs `cost_ns` (max_size 3), once a gap of 100 us
+// was seen at its size and the queue ran dry again.
+int64_t wait_after_a_gap_of_100us(const std::vector<int64_t>& cost_ns) {
+  const BatchingOptions opt{3, kSecond, {}};
+  Batcher b(opt, cost_ns);
+  Request r[2];
+  one_gap(b, r, 0, 0, 100 * us);
+  b.ran_dry(200 * us);
+  return b.wait_for_more_ns();
+}
+
 TEST(BatcherWaiting, ASizeNeverCalledIsWeighedBetweenTheSizesMeasuredAroundIt) {
   // Calls of one and of three measured at 1,000 us each; two never ran. Scaled up from one,
   // a call of two reads 2,000 us and one more request in a batch of one saves nothing; between
   // its neighbours it reads 1,000 us, and one more saves 1,000 us: worth waiting 100 us for.
   const std::vector<int64_t> flat{0, 1'000 * us, 0, 1'000 * us};
-  const BatchingOptions opt{3, kSecond, {}};
-  Batcher b(opt, flat);
-  Request r[2];
-  one_gap(b, r, 0, 0, 100 * us);
-  b.ran_dry(200 * us);
-  EXPECT_EQ(b.wait_for_more_ns(), 131'072);
+  EXPECT_EQ(wait_after_a_gap_of_100us(flat), 131'072);
   EXPECT_EQ(apportion::batch_estimate_ns(flat, 2), 2'000 * us) << "deadlines still plan with the scaled-up estimate";
 }
 
@@ -808,12 +814,7 @@ TEST(BatcherWaiting, ASizeBeyondEveryMeasuredOneIsTakenToCostNoMore) {
   // request save nothing: the worker never waited with one, and never learned what two cost.
   // Taken at 1,000 us until measured, one more saves 1,000 us, worth the 100 us it takes.
   const std::vector<int64_t> ones{0, 1'000 * us, 0, 0};
-  const BatchingOptions opt{3, kSecond, {}};
-  Batcher b(opt, ones);
-  Request r[2];
-  one_gap(b, r, 0, 0, 100 * us);
-  b.ran_dry(200 * us);
-  EXPECT_EQ(b.wait_for_more_ns(), 131'072);
+  EXPECT_EQ(wait_after_a_gap_of_100us(ones), 131'072);
   EXPECT_EQ(apportion::batch_estimate_ns(ones, 2), 2'000 * us) << "deadlines still plan with the scaled-up estimate";
 }
 

@@ -638,6 +638,28 @@ TEST_F(EngineTest, CloseWithDrainFinishesQueuedWork) {
   });
 }
 
+// Request 0 submitted to `m` (one instance, its handler holding tag 0 at `gate`) and running,
+// then requests 1..n queued behind it (into `queued`).
+void queue_behind_a_running_call(Model& m, Gate& gate, TestRef& running, std::vector<TestRef>& queued, uint64_t n) {
+  running = make(0);
+  ASSERT_EQ(submit(m, running), Admit::ok);
+  gate.wait_arrivals(1);
+  for (uint64_t i = 1; i <= n; ++i) {
+    queued.push_back(make(i));
+    ASSERT_EQ(submit(m, queued.back()), Admit::ok);
+  }
+}
+
+// Each of `rs` completed once, as cancelled, never run.
+void expect_cancelled_unrun(const std::vector<TestRef>& rs) {
+  for (const auto& r : rs) {
+    ASSERT_TRUE(r->done()) << r->tag;
+    EXPECT_EQ(r->outcome(), Outcome::cancelled) << r->tag;
+    EXPECT_EQ(r->runs.load(), 0) << r->tag;
+    EXPECT_EQ(r->completions.load(), 1) << r->tag;
+  }
+}
+
 TEST_F(EngineTest, CloseWithoutDrainCancelsQueuedAndFinishesRunning) {
   guarded(30s, [] {
     auto h = std::make_shared<TestHandler>();
@@ -645,25 +667,15 @@ TEST_F(EngineTest, CloseWithoutDrainCancelsQueuedAndFinishesRunning) {
     h->on_run = hold_tag0(gate);
     Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
-    TestRef running = make(0);
-    ASSERT_EQ(submit(m, running), Admit::ok);
-    gate.wait_arrivals(1);
+    TestRef running;
     std::vector<TestRef> queued;
-    for (uint64_t i = 1; i <= 5; ++i) {
-      queued.push_back(make(i));
-      ASSERT_EQ(submit(m, queued.back()), Admit::ok);
-    }
+    ASSERT_NO_FATAL_FAILURE(queue_behind_a_running_call(m, gate, running, queued, 5));
     m.close(false);
     gate.open();
     m.join();
     ASSERT_TRUE(running->done());
     EXPECT_EQ(running->outcome(), Outcome::ok) << "a running call finishes";
-    for (auto& r : queued) {
-      ASSERT_TRUE(r->done()) << r->tag;
-      EXPECT_EQ(r->outcome(), Outcome::cancelled) << r->tag;
-      EXPECT_EQ(r->runs.load(), 0);
-      EXPECT_EQ(r->completions.load(), 1);
-    }
+    expect_cancelled_unrun(queued);
     EXPECT_EQ(h->runs.load(), 1);
     const ModelSnapshot s = m.snapshot();
     EXPECT_EQ(s.completed, 1u);
@@ -682,27 +694,17 @@ TEST_F(EngineTest, CancelQueuedCancelsWhatIsQueuedAndTakenLaterButAdmitsAndRunsN
     h->on_run = hold_tag0(gate);
     Model m(opts(1), h);
     ASSERT_EQ(m.start(), 0u);
-    TestRef running = make(0);
-    ASSERT_EQ(submit(m, running), Admit::ok);
-    gate.wait_arrivals(1);
+    TestRef running;
     std::vector<TestRef> queued;
-    for (uint64_t i = 1; i <= 3; ++i) {
-      queued.push_back(make(i));
-      ASSERT_EQ(submit(m, queued.back()), Admit::ok);
-    }
+    ASSERT_NO_FATAL_FAILURE(queue_behind_a_running_call(m, gate, running, queued, 3));
     m.cancel_queued();
-    TestRef after = make(9);
-    EXPECT_EQ(submit(m, after), Admit::ok) << "admission is close()'s to end";
+    queued.push_back(make(9));
+    EXPECT_EQ(submit(m, queued.back()), Admit::ok) << "admission is close()'s to end";
     gate.open();
     m.close(true);  // a draining close afterwards still cancels: the queue was cancelled
     m.join();
     EXPECT_EQ(running->outcome(), Outcome::ok);
-    for (auto* r : {&queued[0], &queued[1], &queued[2], &after}) {
-      ASSERT_TRUE((*r)->done()) << (*r)->tag;
-      EXPECT_EQ((*r)->outcome(), Outcome::cancelled) << (*r)->tag;
-      EXPECT_EQ((*r)->runs.load(), 0) << (*r)->tag;
-      EXPECT_EQ((*r)->completions.load(), 1) << (*r)->tag;
-    }
+    expect_cancelled_unrun(queued);
     const ModelSnapshot s = m.snapshot();
     EXPECT_EQ(s.cancelled, 4u);
     EXPECT_EQ(s.submitted, accounted(s));

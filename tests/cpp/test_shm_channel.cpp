@@ -403,6 +403,7 @@ TEST(ShmChannel, AFrameNoSenderWritesIsCorruptAndNothingIsReadPastTheRing) {
          put64(f, 0);
          put32(f + 8, 2);
        }},
+      {"nothing: the message as sent", nullptr},  // reads as it was written
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.what);
@@ -415,27 +416,21 @@ TEST(ShmChannel, AFrameNoSenderWritesIsCorruptAndNothingIsReadPastTheRing) {
     const std::string hello = "hello";
     std::vector<std::span<const std::byte>> out{bytes_of(hello)};
     ASSERT_EQ(child->send(out, 0, kSecond), ChannelStatus::ok);
+    std::vector<std::span<const std::byte>> in;
+    if (!c.spoil) {
+      ASSERT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::ok);
+      ASSERT_EQ(in.size(), 1u);
+      EXPECT_EQ(string_of(in[0]), hello);
+      parent->release();
+      continue;
+    }
     std::byte* base = map_segment(name, cap);
     ASSERT_NE(base, nullptr);
     c.spoil(*reinterpret_cast<shm_detail::Header*>(base), base + sizeof(shm_detail::Header) + cap);
-    std::vector<std::span<const std::byte>> in;
     EXPECT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::corrupt);
     EXPECT_TRUE(in.empty());
     ::munmap(base, sizeof(shm_detail::Header) + 2 * cap);
   }
-  // The message as sent reads as it was written.
-  std::string error;
-  const auto name = unique_name("intact");
-  auto parent = ShmChannel::create(name, cap, &error);
-  ASSERT_TRUE(parent) << error;
-  auto child = ShmChannel::open(name, &error);
-  ASSERT_TRUE(child) << error;
-  const std::string hello = "hello";
-  std::vector<std::span<const std::byte>> out{bytes_of(hello)}, in;
-  ASSERT_EQ(child->send(out, 0, kSecond), ChannelStatus::ok);
-  ASSERT_EQ(parent->receive(in, 0, kSecond), ChannelStatus::ok);
-  EXPECT_EQ(string_of(in[0]), hello);
-  parent->release();
 }
 
 TEST(ShmChannel, ReservesEachRingAsFarAsItsMessagesReach) {
