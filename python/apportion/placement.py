@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeGuard
 
 from . import _core, _table
 from .errors import PlacementError, QuotaError
-from .topology import Topology, format_cpulist, parse_cpulist
+from .topology import Topology, format_cpulist, left_out_for, parse_cpulist
 from .topology import topology as read_topology
 
 __all__ = ["InstancePlan", "ModelPlan", "Plan", "Quota", "plan"]
@@ -284,9 +284,8 @@ def _why_unusable(topo: Topology, cpus: Sequence[int]) -> str:
             why = "absent from this machine"
         elif c in topo.offline:
             why = "offline"
-        elif c in narrowed:
-            why = (f"left out for the cgroup CPU quota of {quota.cpus:g} (name CPUs in the full topology, "
-                   "topology(cpus=...), to use them anyway)" if quota is not None else "left out")
+        elif quota is not None and c in narrowed:
+            why = left_out_for(quota)
         else:
             why = "outside the CPUs this runtime (Runtime(cpus=...), [runtime] cpus) or this process may use"
         groups.setdefault(why, []).append(c)

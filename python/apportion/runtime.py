@@ -955,13 +955,13 @@ class Runtime(_core._Runtime):
         refused)."""
         current = {m.name: m for m in self.plan().models}
 
-        def same_cpus(a: ModelPlan, b: ModelPlan) -> bool:
-            return ({c for i in a.instances for c in i.cpus} == {c for i in b.instances for c in i.cpus}
-                    and len(a.instances) == len(b.instances))
+        def keeps_cpus(m: ModelPlan) -> bool:
+            now = current.get(m.name)
+            return (m.name != name and now is not None and bool(m.instances) and set(m.cpus) == set(now.cpus)
+                    and len(m.instances) == len(now.instances))
 
         return dataclasses.replace(new_plan, models=tuple(
-            current[m.name] if m.name != name and m.name in current and m.instances and same_cpus(m, current[m.name])
-            else m for m in new_plan.models))
+            current[m.name] if keeps_cpus(m) else m for m in new_plan.models))
 
     def _pinned_quotas(self) -> dict[str, Quota]:
         """The models' quotas with each exclusive one's core count replaced by the CPUs it runs
@@ -972,9 +972,8 @@ class Runtime(_core._Runtime):
             q = out.get(mp.name)
             if q is None or q.isolation != "exclusive" or q.cpus is not None or not mp.instances:
                 continue
-            cpus = sorted({c for inst in mp.instances for c in inst.cpus})
             try:
-                out[mp.name] = dataclasses.replace(q, cores=tuple(cpus))
+                out[mp.name] = dataclasses.replace(q, cores=mp.cpus)
             except QuotaError:  # what the count allowed, a list does not (then it is placed as before)
                 continue
         return out

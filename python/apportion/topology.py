@@ -148,6 +148,13 @@ class CpuQuota:
     narrowed_from: tuple[int, ...] = ()
 
 
+def left_out_for(quota: CpuQuota) -> str:
+    """Why a CPU is not usable though online and allowed: the cgroup's CPU quota narrowed the
+    usable set (see :meth:`Topology.within_quota`), and how to use it anyway."""
+    return (f"left out for the cgroup CPU quota of {quota.cpus:g} (name CPUs in the full topology, "
+            "topology(cpus=...), to use them anyway)")
+
+
 def _read_limit(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -299,9 +306,7 @@ class Topology:
             barred = sorted(set(ids) - set(self.offline) - set(self.allowed) - set(left_out))
             why = "; ".join(part for part in (
                 f"offline: {format_cpulist(offline)}" if offline else "",
-                f"left out for the cgroup CPU quota of {quota.cpus:g} (name CPUs in the full topology, "
-                f"topology(cpus=...), to use them anyway): {format_cpulist(left_out)}"
-                if quota and left_out else "",
+                f"{left_out_for(quota)}: {format_cpulist(left_out)}" if quota and left_out else "",
                 f"not allowed to this process: {format_cpulist(barred)}" if barred else "") if part)
             named = f"CPUs {format_cpulist(sorted(set(ids)))} leave" if len(set(ids)) > 1 else f"CPU {ids[0]} leaves"
             raise ValueError(f"{named} no usable CPU ({why or 'none is usable'}); this process may use "

@@ -337,12 +337,13 @@ class ProcessInstance:
             err = no_room_error(self._model, self._index, str(e), free_bytes())
             self._spawn_note(err)
             raise err from None
-        spec = dict(self._launch, channel=name, parent=os.getpid(),
-                    path=[p for p in sys.path if isinstance(p, str) and p], nice=_thread_nice())
-        env = dict(os.environ)
         # The child imports the factory with this process's path (entries added at run time,
-        # e.g. by a test runner, included).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
+        # e.g. by a test runner, included): in PYTHONPATH for its interpreter to find apportion,
+        # and in the spec entry by entry (see child.main).
+        entries = [p for p in sys.path if isinstance(p, str) and p]
+        spec = dict(self._launch, channel=name, parent=os.getpid(), path=entries, nice=_thread_nice())
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(entries)
         try:
             # subprocess execs at once (no fork of this threaded process keeps running), and is
             # started under the pinned worker thread's CPU mask (see _Spawner, which forks it):

@@ -7,8 +7,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -129,29 +129,53 @@ REPORT_EVERY_S = 10.0
 says how many were not."""
 
 
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+class Throttle(Generic[_Key]):
+    """Lets a line of each key through at most once per :data:`REPORT_EVERY_S`, counting those
+    held back in between. Thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[_Key, float] = {}  # key -> when a line was last let through
+        self._held: dict[_Key, int] = {}  # lines since then, held back
+
+    def admit(self, key: _Key) -> str | None:
+        """None when a line of ``key`` went through within REPORT_EVERY_S (this one is held
+        back); else what to add to the line: how many were held back since the last, or ""."""
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < REPORT_EVERY_S:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            held = self._held.pop(key, 0)
+            self._last[key] = now
+        return f" ({held} more since the last line about it, {now - last:.0f} s ago)" if held and last else ""
+
+    def held(self) -> dict[_Key, int]:
+        """The lines held back since the last of each key, taken: counted afresh from now."""
+        with self._lock:
+            held, self._held = self._held, {}
+        return held
+
+
 class Failures:
     """Logs failures on :data:`log`, per model and kind at most once per
     :data:`REPORT_EVERY_S` (a model that fails every request writes a line every ten seconds,
     not one per request); each line after a quiet spell says how many failures it stood for."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: dict[tuple[str, str], float] = {}  # (model, kind) -> when last logged
-        self._held: dict[tuple[str, str], int] = {}  # failures since then, not logged
+        self._throttle: Throttle[tuple[str, str]] = Throttle(clock)
 
     def report(self, model: str, kind: str, message: str, error: BaseException | None = None) -> bool:
         """Logs ``message`` (with ``error``'s traceback) unless one of this model and kind was
         logged within REPORT_EVERY_S; returns whether it was."""
-        key, now = (model, kind), self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < REPORT_EVERY_S:
-                self._held[key] = self._held.get(key, 0) + 1
-                return False
-            held = self._held.pop(key, 0)
-            self._last[key] = now
-        more = f" ({held} more since the last line about it, {now - last:.0f} s ago)" if held and last else ""
+        more = self._throttle.admit((model, kind))
+        if more is None:
+            return False
         log.error("%s%s", message, more,
                   exc_info=(type(error), error, error.__traceback__) if error is not None else None)
         return True
@@ -159,9 +183,7 @@ class Failures:
     def flush(self) -> None:
         """Logs how many failures of each model and kind were held back since their last line
         (at a server's stop: no later line would say so)."""
-        with self._lock:
-            held, self._held = self._held, {}
-        for (model, kind), n in sorted(held.items()):
+        for (model, kind), n in sorted(self._throttle.held().items()):
             log.error("%s: %d more failure(s) (%s) since the last line about it", f"model {model!r}" if model
                       else "the server", n, kind)
 

@@ -44,24 +44,16 @@ class _EveryFewSeconds(logging.Filter):
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        self._throttle: fe.Throttle[str] = fe.Throttle(clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
-        key, now = str(record.msg), self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < fe.REPORT_EVERY_S:
-                self._held[key] = self._held.get(key, 0) + 1
-                return False
-            held = self._held.pop(key, 0)
-            self._last[key] = now
-        if held and last is not None:
-            record.msg = f"{record.getMessage()} ({held} more since the last line about it, {now - last:.0f} s ago)"
+        more = self._throttle.admit(str(record.msg))
+        if more is None:
+            return False
+        if more:
+            record.msg = record.getMessage() + more
             record.args = ()
         return True
 

@@ -392,9 +392,9 @@ def from_bytes(model: str, spec: TensorSpec, shape: tuple[int, ...], buf: memory
         raise TensorError(f"model {model!r}, input {spec.name!r}: shape {list(shape)} of "
                           f"{spec.datatype} needs {count * dtype.itemsize} bytes, got {len(buf)}")
     arr = np.frombuffer(buf, dtype=dtype)
-    if spec.datatype == "BOOL" and arr.size and np.frombuffer(buf, dtype=np.uint8).max() > 1:
+    if spec.datatype == "BOOL" and arr.size and (byte := np.frombuffer(buf, dtype=np.uint8)).max() > 1:
         # A bool is the byte 0 or 1: another byte made a bool numpy compares and sums as itself.
-        i = int(np.argmax(np.frombuffer(buf, dtype=np.uint8) > 1))
+        i = int(np.argmax(byte > 1))
         raise TensorError(f"model {model!r}, input {spec.name!r}: BOOL element {i} is the byte "
                           f"{buf[i]:#04x}; a BOOL is the byte 0 or 1")
     if not arr.flags.aligned:

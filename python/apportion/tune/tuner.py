@@ -241,7 +241,7 @@ def tune(
             raise QuotaError(f"tune: measure(config) must return a Measured for each of the config's models "
                              f"({', '.join(c.models)}); "
                              + (f"it left out {missing}" if missing else f"it named {extra}" if extra else
-                                "it returned other values") + "", field="measure")
+                                "it returned other values"), field="measure")
         return got
 
     for c in candidates:
