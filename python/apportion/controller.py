@@ -21,14 +21,25 @@ for a model with CPUs of its own also by its threads' CPU time, which a noisy ne
 not inflate, and p99 well under its SLO, no call running half of it, at most one request
 queued per instance, for ``confirm`` windows, and more than one instance,
 or one core of its own: on an "os" shared pool that core goes to the pool, and the model
-serves from the pool beside the others; undone like any move when the models then serve less); when
+serves from the pool beside the others; undone like any move when the models then serve less), or,
+on an "os" pool for a pool model that turns requests away with every instance busy, a core
+from a model that uses less than UNDERUSED of its own with latency to spare (that model serves
+from the pool then); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
 above ``risk`` x SLO (refusing at once what would miss it; not for admission by deadline, which
 already refuses each request that would miss), up while it refuses requests with its p99 below
 that (a bound planned for a lower rate refuses requests that would have met the SLO; by a
-quarter of the bound at least, see RAISE_AT_LEAST). A new
+quarter of the bound at least, see RAISE_AT_LEAST). Last, on an "os" pool, a pool model that
+still turns requests away with every instance busy gets one more instance while every other
+model in the pool has latency to spare (its objective's latency under half its SLO, nothing
+refused or stalled): the OS divides the pool's CPUs between the threads that can run, so the
+instance takes a larger share of them from those neighbours, as long as the pool's busy threads
+(each model's instances counted by the share of them it used) stay within ``oversubscribe`` x
+its CPUs. On a scheduled pool no model grows to where the instances of its class and the
+classes above would hold every unit while a lower class has a model with an objective: a unit
+goes to the highest class waiting, so that model would get one only when they idle. A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -96,6 +107,11 @@ MIN_WINDOW_S = 0.05
 """The shortest window: a shorter one holds too few requests to read a p99 from (the controller
 moved and undid models that met their objectives), and its thread spins (a window of 1 us took
 0.75 of a CPU)."""
+
+UNDERUSED = 0.5
+"""A model with cores of its own that uses less than this share of them, with latency to spare,
+gives a core to a saturated "os" shared pool whose model turns requests away (it serves from
+the pool then); an idle one (``idle``) gives it to any model at risk."""
 
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
@@ -451,7 +467,8 @@ class Controller:
     those of models without an objective included; default: the CPUs the runtime may use
     (``rt.topology.usable``). ``headroom``: idle CPUs (averaged over a
     window) that let a saturated shared-pool model grow beyond ``capacity``, up to
-    ``oversubscribe`` x ``capacity`` instances in all. ``history``: windows kept in
+    ``oversubscribe`` x ``capacity`` instances in all (and a larger share of a saturated "os"
+    pool, up to ``oversubscribe`` x the pool's CPUs busy threads). ``history``: windows kept in
     :attr:`history` (for reports such as how long an SLO miss lasted). ``max_batch``,
     ``batch_delay_ms``: the batching a model at risk without it is given, if it is one of
     ``batchable`` (True: every model; default none: a model that takes one input per call
@@ -605,7 +622,7 @@ class Controller:
     def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
                idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None,
-               held_by_others: int = 0) -> list[Move]:
+               held_by_others: int = 0, pool_cpus: int | None = None) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
@@ -615,7 +632,8 @@ class Controller:
         max_queue each model may be given (its queue's size, :meth:`Runtime.queue_size`);
         default: no raise beyond the bound the controller lowered it from. ``held_by_others``:
         instances (threads) of the runtime's models not in ``specs`` (no objective, or no
-        window yet), which count against ``capacity`` too."""
+        window yet), which count against ``capacity`` too. ``pool_cpus``: the CPUs of the shared
+        pool (None: not known, ``capacity`` stands for them)."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
         dwelling: list[tuple[float, float, str]] = []  # at risk this window, streak reset by a move
@@ -673,7 +691,8 @@ class Controller:
         for _, _, name in sorted(at_risk, reverse=True):
             if not self._dwelled(name, now_s):
                 continue
-            got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, donors)
+            got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, donors,
+                                pool_cpus)
             if isinstance(got, str):
                 self._hold(moves, now_s, name, got)
                 continue
@@ -682,7 +701,8 @@ class Controller:
 
     def _attempt(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                  fits: Callable[[Mapping[str, ModelSpec]], bool], idle_cpus: float | None,
-                 queue_sizes: Mapping[str, int] | None, held_by_others: int, idle: list[str]) -> list[Move] | str:
+                 queue_sizes: Mapping[str, int] | None, held_by_others: int, idle: list[str],
+                 pool_cpus: int | None = None) -> list[Move] | str:
         """The moves that serve model ``name`` (at risk) more this window, its own first, or why
         none can (see :meth:`decide`)."""
         w, spec = windows[name], specs[name]
@@ -701,12 +721,15 @@ class Controller:
                 and idle_cpus >= self.headroom and used + more <= self.oversubscribe * self.capacity):
             room = f"; {idle_cpus:.1f} of the pool's CPUs sat idle"
         movable = _movable(spec)
-        can_grow = movable and self._open(name, "grow", now_s)
+        starves = self._starves(name, grown, specs, pool_cpus)
+        can_grow = movable and self._open(name, "grow", now_s) and not starves
         if can_grow and room is not None and fits({**specs, name: grown}):
             return [self._move(now_s, name, grown, _change(spec, grown), why + room)]
         # Why nothing below moves it, for held(): each way of serving it more, and what stops it.
         if not movable:
             blocked = ["its instances cannot change while it serves (process, GPU or burst instances)"]
+        elif starves:
+            blocked = [starves]
         elif not can_grow:
             blocked = ["another instance was undone lately"]
         elif room is None:
@@ -730,6 +753,21 @@ class Controller:
                     self._move(now_s, d, shrunk, _change(ds, shrunk),
                                f"idle (used {windows[d].used:.0%}): gives {gives} to {name!r}"),
                     self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
+        if can_grow and self.release and spec.isolation == "shared" and w.refused > 0 and w.busy > self.hot:
+            # No model idles, but one with a core of its own uses under UNDERUSED of it with
+            # latency to spare while this pool model turns requests away: the core serves more in
+            # the pool (the model keeps serving there, beside the others).
+            for used_d, d in self._underused(name, windows, specs):
+                ds = specs[d]
+                shrunk = _shrunk(ds, True)
+                if shrunk is None or not fits({**specs, d: shrunk, name: grown}):
+                    continue
+                gives = "its core" if shrunk.isolation == "shared" else "a core"
+                return [
+                        self._move(now_s, d, shrunk, _change(ds, shrunk),
+                                   f"underused (used {used_d:.0%}) with latency to spare: gives {gives} to the "
+                                   f"shared pool for {name!r}"),
+                        self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         can_batch = movable and self._open(name, "batch", now_s)
         if can_batch and spec.batching is None and self.max_batch > 1 and name in self.batchable:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
@@ -793,7 +831,78 @@ class Controller:
                 wider = dataclasses.replace(spec, max_queue=raised)
                 return [self._move(now_s, name, wider, f"max_queue {spec.max_queue} -> {raised}",
                                            why + "; latency has room: admit what the SLO allows")]
+        # A share of a saturated "os" pool: the OS divides the pool's CPUs between the threads
+        # that can run, so one more instance of a shared model that turns requests away gets it
+        # more of them, out of the pool's other models: after the moves that cost no other
+        # model anything. Taken only from neighbours whose latency
+        # has room to spare (see _roomy_neighbours); the trial undoes it when they then serve less.
+        if movable and can_grow and self.release and spec.isolation == "shared" and w.refused > 0 \
+                and w.busy > self.hot:
+            # The pool's busy threads, each neighbour's instances by the share of them it used
+            # (threads of models without an objective count whole), against oversubscribe x
+            # the pool's CPUs (x capacity where the pool is not known).
+            busy_units = held_by_others + sum(
+                _units(s) * min(1.0, windows[n].used) if n in windows and n != name else _units(s)
+                for n, s in specs.items() if s.isolation == "shared")
+            most = self.oversubscribe * (pool_cpus if pool_cpus is not None else self.capacity)
+            roomy = self._roomy_neighbours(name, windows, specs)
+            if roomy is None:
+                blocked.append("no neighbour in the pool has latency to spare")
+            elif busy_units + more > most:
+                blocked.append(f"{busy_units:.1f} busy threads in the pool: one more instance passes {most:g} "
+                               "(oversubscribe x its CPUs)")
+            elif not fits({**specs, name: grown}):
+                blocked.append("another instance does not fit")
+            else:
+                return [self._move(now_s, name, grown, _change(spec, grown),
+                                   why + f"; the pool is saturated and its other models have latency to spare "
+                                   f"({roomy}): a larger share of it")]
         return why + "; held: " + ", ".join(blocked)
+
+    def _starves(self, name: str, grown: ModelSpec, specs: Mapping[str, ModelSpec], pool_cpus: int | None) -> str:
+        """Why ``grown`` (model ``name`` with one more instance) would starve a model, or "".
+        On a scheduled pool a unit goes to the highest class waiting, so once the instances of
+        ``name``'s class and above hold every unit, a lower class with an objective gets one
+        only when they idle: none while they are saturated, which is when growth is asked."""
+        if self.release or grown.isolation != "shared":
+            return ""
+        cls = grown.priority_class or 0
+        lower = sorted(n for n, s in specs.items()
+                       if n != name and n in self.slos and s.isolation == "shared" and (s.priority_class or 0) < cls)
+        units = pool_cpus if pool_cpus is not None else self.capacity
+        held = sum(_units(grown if n == name else s) for n, s in specs.items()
+                   if s.isolation == "shared" and (s.priority_class or 0) >= cls)
+        if not lower or held < units:
+            return ""
+        return (f"another instance would leave no unit of the scheduled pool to the lower classes "
+                f"({', '.join(lower)}): class {cls} and above would hold {held} of its {units}")
+
+    def _underused(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec]
+                   ) -> list[tuple[float, str]]:
+        """(used, model) of the models with cores of their own, other than ``name``, that use
+        less than UNDERUSED of them with latency to spare (see :meth:`_roomy`), least used first."""
+        return sorted((windows[d].used, d) for d, s in specs.items()
+                      if d != name and s.isolation == "exclusive" and _movable(s) and d in windows
+                      and d in self.slos and windows[d].used < UNDERUSED and self._roomy(d, windows[d]))
+
+    def _roomy(self, name: str, w: Window) -> bool:
+        """Whether model ``name``'s latency has room to spare in window ``w``: its objective's
+        latency under half its SLO, nothing refused, nothing stalled, no call running half its SLO."""
+        slo = self.slos[name]
+        return w.objective_ms < 0.5 * slo and w.refused == 0 and not w.stuck and w.oldest_call_ms < 0.5 * slo
+
+    def _roomy_neighbours(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec]
+                          ) -> str | None:
+        """The other shared-pool models with an objective, in words, when every one of them has
+        latency to spare (:meth:`_roomy`); None when one has not, or there is none."""
+        parts = []
+        for n, s in sorted(specs.items()):
+            if n == name or s.isolation != "shared" or n not in windows or n not in self.slos:
+                continue
+            if not self._roomy(n, windows[n]):
+                return None
+            parts.append(f"{n} p{self.percentiles.get(n, 99.0):g} {windows[n].objective_ms:.1f} of {self.slos[n]:g} ms")
+        return ", ".join(parts) or None
 
     def _hold(self, moves: list[Move], now_s: float, name: str, reason: str) -> list[Move]:
         """Records that ``name``, at risk this window, got no move and why
@@ -916,7 +1025,8 @@ class Controller:
         others = sum(_units(self.rt.spec(n)) for n in self.rt.models if n not in windows)
         dwell_before = dict(self._last_move)
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
-                            {n: self.rt.queue_size(n) for n in windows}, held_by_others=others)
+                            {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
+                            pool_cpus=len(pool) if pool else None)
         if not moves:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now

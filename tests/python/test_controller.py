@@ -168,7 +168,7 @@ def test_a_model_whose_calls_are_full_batches_gets_bigger_ones_once_per_size_the
 def test_admission_is_lowered_only_while_the_latency_is_at_risk_and_raised_while_it_has_room() -> None:
     c = controller(capacity=2, confirm=1, dwell_s=0.0)
     specs = {"a": spec("a", 1, max_queue=4, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
-    busy_b = win(busy=0.6)
+    busy_b = win(p99=30.0, busy=0.6)  # within its SLO without room to spare: no share to take from it
     # Busy and refusing with p99 at 40% of the SLO: a bound planned for a lower rate. 1.125 ms
     # of instance time per request: 50 ms x 0.5 allows 22 queued; at most 4x per move.
     roomy = win(p99=20.0, busy=0.9, refused=30, rate=800.0, batch=4.0)
@@ -258,6 +258,139 @@ def test_a_saturated_shared_model_grows_into_idle_cpu_time_beyond_the_nominal_ca
     c = controller(capacity=2, confirm=1)
     moves = c.decide(hot, excl, 0.0, fits=lambda s: sum(_s.instances for _s in s.values()) <= 3, idle_cpus=1.5)
     assert [m.change.split(" ")[0] for m in moves] == ["max_queue"]
+
+
+def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_roomy_neighbours() -> None:
+    # Three shared models on two CPUs, no CPU time idle: "a" turns requests away with every
+    # instance busy and its calls not full batches, "b" and "c" keep their p99 far under their
+    # SLOs. One more instance of "a" gets it more of the pool's CPUs (the OS divides them by
+    # runnable threads), out of "b"'s and "c"'s.
+    specs = {"a": spec("a", 1, batching=ap.Batching(8, 1.0)), "b": spec("b", 1), "c": spec("c", 1)}
+    slos = {"a": 50.0, "b": 50.0, "c": 40.0}
+    hot = win(p99=30.0, busy=1.1, refused=20, batch=2.0)
+    roomy = {"a": hot, "b": win(p99=10.0, busy=0.6), "c": win(p99=5.0, busy=0.3)}
+
+    def ctl(**kw: Any) -> Controller:
+        return Controller(None, slos, **{"capacity": 2, "confirm": 1, "dwell_s": 0.0, "batchable": True, **kw})
+
+    c = ctl()
+    moves = c.decide(roomy, specs, 0.0, idle_cpus=0.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    assert "a larger share" in moves[0].reason
+    assert "b p99 10.0 of 50 ms, c p99 5.0 of 40 ms" in moves[0].reason
+    assert moves[0].spec.instances == 2
+    # A neighbour without latency to spare (p99 at half its SLO or more, refusing, stalled, a
+    # call running half its SLO) holds it.
+    for b in (win(p99=25.0, busy=0.6), win(p99=10.0, busy=0.6, refused=1),
+              dataclasses.replace(win(p99=10.0, busy=0.6), completed=0, queued=3),
+              dataclasses.replace(win(p99=10.0, busy=0.6), oldest_call_ms=30.0)):
+        c = ctl()
+        moves = c.decide({**roomy, "b": b}, specs, 0.0, idle_cpus=0.0)
+        assert all("a larger share" not in m.reason for m in moves), b
+        if not moves:  # (a refusing or stalled "b" is at risk itself, and may be moved first)
+            assert "no neighbour in the pool has latency to spare" in c.held["a"][2], b
+    # No neighbour in the pool at all: nothing to take a share from.
+    c = ctl(capacity=1)
+    assert c.decide({"a": hot}, {"a": specs["a"]}, 0.0, idle_cpus=0.0) == []
+    assert "no neighbour in the pool has latency to spare" in c.held["a"][2]
+    # A model that refuses nothing, or whose instances are not all busy, is not grown this way.
+    for a in (win(p99=30.0, busy=1.1, batch=2.0), win(p99=30.0, busy=0.7, refused=20, batch=2.0)):
+        c = ctl()
+        moves = c.decide({**roomy, "a": a}, specs, 0.0, idle_cpus=0.0)
+        assert all(m.change != "instances 1 -> 2" for m in moves), a
+    # The pool's busy threads (each neighbour's instances by the share it used) bound it:
+    # 1 + 0.6 + 0.3 busy, one more would be 2.9 of at most 2 x 1.
+    c = ctl(oversubscribe=1.0)
+    assert c.decide(roomy, specs, 0.0, idle_cpus=0.0) == []
+    assert "1.9 busy threads in the pool: one more instance passes 2 (oversubscribe x its CPUs)" in c.held["a"][2]
+    # ... of the pool's CPUs where they are known: one CPU (the other a model's own) takes
+    # 2 x 1 busy threads at most, with oversubscribe 2.
+    c = ctl()
+    assert c.decide(roomy, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
+    assert "one more instance passes 2 " in c.held["a"][2]
+    # Neighbours count by the share of their instances they used: three instances of "b"
+    # busy 35% of the time are ~1 busy thread, which leaves room for one more of "a".
+    many = specs | {"b": spec("b", 3)}
+    c = ctl(oversubscribe=2.0)
+    moves = c.decide({**roomy, "b": win(p99=10.0, busy=0.35, instances=3)}, many, 0.0, idle_cpus=0.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    # On a scheduled pool the runtime, not the OS, divides the units: no share to take.
+    c = ctl()
+    c.release = False
+    assert c.decide(roomy, specs, 0.0, idle_cpus=0.0) == []
+    # A model with cores of its own is not in the pool.
+    excl = specs | {"a": spec("a", 1, cores=1, isolation="exclusive", batching=ap.Batching(8, 1.0))}
+    c = ctl()
+    assert all(m.change != "instances 1 -> 2" for m in c.decide(roomy, excl, 0.0, idle_cpus=0.0))
+
+
+def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refuses() -> None:
+    # "e" has a core of its own and uses 40% of it (not idle: 30%), p99 far under its SLO;
+    # "a" in the one-CPU pool turns requests away with every instance busy. The core serves
+    # more in the pool: "e" moves there, "a" gets an instance.
+    specs = {"a": spec("a", 1, batching=ap.Batching(8, 1.0)),
+             "e": spec("e", 1, cores=1, isolation="exclusive")}
+    slos = {"a": 75.0, "e": 40.0}
+    hot = win(p99=60.0, busy=1.1, refused=50, batch=2.0)
+    under = win(p99=6.0, busy=0.4)
+
+    def ctl(**kw: Any) -> Controller:
+        return Controller(None, slos, **{"capacity": 2, "confirm": 1, "dwell_s": 0.0, **kw})
+
+    moves = ctl().decide({"a": hot, "e": under}, specs, 0.0, idle_cpus=0.0, pool_cpus=1)
+    assert [(m.model, m.change) for m in moves] == [("e", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
+    assert "underused (used 40%) with latency to spare: gives its core to the shared pool for 'a'" in moves[0].reason
+    assert "taken from 'e'" in moves[1].reason
+    assert moves[0].spec.isolation == "shared" and moves[0].spec.cores is None
+    # A model of two cores gives one.
+    two = specs | {"e": spec("e", 2, cores=2, isolation="exclusive")}
+    moves = ctl(capacity=3).decide({"a": hot, "e": win(p99=6.0, busy=0.4, instances=2)}, two, 0.0, idle_cpus=0.0,
+                                   pool_cpus=1)
+    assert [(m.model, m.change) for m in moves] == [("e", "instances 2 -> 1, cores 2 -> 1"), ("a", "instances 1 -> 2")]
+    assert "gives a core to the shared pool" in moves[0].reason
+    # Not when the model uses half its core or more, its latency has no room to spare, the
+    # pool model refuses nothing or is not busy, or on a scheduled pool.
+    for a, e, release in ((hot, win(p99=6.0, busy=0.6), True), (hot, win(p99=25.0, busy=0.4), True),
+                          (win(p99=60.0, busy=1.1, batch=2.0), under, True),
+                          (win(p99=60.0, busy=0.7, refused=50, batch=2.0), under, True), (hot, under, False)):
+        c = ctl()
+        c.release = release
+        moves = c.decide({"a": a, "e": e}, specs, 0.0, idle_cpus=0.0, pool_cpus=1)
+        assert all(m.model != "e" for m in moves), (a, e, release)
+
+
+def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> None:
+    # A unit of the scheduled pool goes to the highest class waiting: two instances of class 2
+    # on a two-unit pool would leave "b" (class 0) a unit only when both idle, none while "a"
+    # is saturated.
+    specs = {"a": spec("a", 1, priority_class=2, admission="deadline", timeout_ms=50.0),
+             "b": spec("b", 1, priority_class=0)}
+    hot = {"a": win(p99=45.0, busy=1.0, refused=10), "b": win(p99=10.0, busy=0.3)}
+
+    def ctl(**kw: Any) -> Controller:
+        c = controller(capacity=4, confirm=1, dwell_s=0.0, batchable=False, **kw)
+        c.release = False  # the runtime's shared_pool="scheduled"
+        return c
+
+    c = ctl()
+    assert c.decide(hot, specs, 0.0, pool_cpus=2) == []
+    assert ("another instance would leave no unit of the scheduled pool to the lower classes (b): class 2 and "
+            "above would hold 2 of its 2") in c.held["a"][2]
+    # A third unit leaves one to "b"; a model of the same class, one without an objective, or an
+    # "os" pool (the OS runs every thread) do not hold it back.
+    assert [m.change for m in ctl().decide(hot, specs, 0.0, pool_cpus=3)] == ["instances 1 -> 2"]
+    same = specs | {"b": spec("b", 1, priority_class=2)}
+    assert [m.change for m in ctl().decide(hot, same, 0.0, pool_cpus=2)] == ["instances 1 -> 2"]
+    c = Controller(None, {"a": 50.0}, capacity=4, confirm=1, dwell_s=0.0)
+    c.release = False
+    assert [m.change for m in c.decide(hot, specs, 0.0, pool_cpus=2)] == ["instances 1 -> 2"]
+    assert [m.change for m in controller(capacity=4, confirm=1, dwell_s=0.0).decide(hot, specs, 0.0, pool_cpus=2)
+            ] == ["instances 1 -> 2"]
+    # Without the pool's size, capacity stands for its units.
+    three = specs | {"a": spec("a", 3, priority_class=2, admission="deadline", timeout_ms=50.0)}
+    c = ctl()
+    assert c.decide(hot, three, 0.0) == []
+    assert "class 2 and above would hold 4 of its 4" in c.held["a"][2]
 
 
 def test_longest_miss_is_the_longest_run_of_windows_with_a_p99_over_its_slo() -> None:
@@ -895,7 +1028,9 @@ def test_a_model_at_risk_in_its_dwell_is_held_for_it_and_one_that_moves_is_not()
     assert c4.decide({"a": hot, "b": win(busy=0.6)}, specs4, 2.0) == []
     assert "its latency has room and it refuses nothing" in c4.held["a"][2]
     full = spec("a", 1, max_queue=256)
-    assert c4.decide({"a": dataclasses.replace(hot, refused=5), "b": win(busy=0.6)}, {**specs4, "a": full}, 3.0) == []
+    # ("b" without latency to spare: no share of the pool to take from it)
+    assert c4.decide({"a": dataclasses.replace(hot, refused=5), "b": win(p99=30.0, busy=0.6)}, {**specs4, "a": full},
+                     3.0) == []
     assert "max_queue 256 already admits what the SLO allows" in c4.held["a"][2]
 
 
