@@ -402,6 +402,26 @@ def test_validation_with_a_margin_tightens_each_slo() -> None:
         measure_config(cfg, quick, margin=1.0)
 
 
+def test_validation_says_whether_the_slo_itself_held_without_the_margin() -> None:
+    from apportion.tune.measure import Settings, measure_config
+
+    # ~5 ms calls: within a 200 ms SLO, missed with a 98% margin (4 ms) yet within the SLO
+    # itself; against a 3 ms SLO missed both ways.
+    quick = Settings(warmup_s=0.2, window_s=0.3, stable_windows=3, max_s=3.0)
+
+    def cfg(slo_ms: float) -> Config:
+        return Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(5.0)),
+                                               slo={"latency_ms": slo_ms, "percentile": 99.0},
+                                               load={"concurrency": 1})})
+
+    roomy = measure_config(cfg(200.0), quick, margin=0.98)["m"]
+    assert roomy.admitted_met() is False and roomy.within_slo is True
+    tight = measure_config(cfg(3.0), quick, margin=0.0)["m"]
+    assert tight.admitted_met() is False and tight.within_slo is False
+    no_slo = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(1.0)), load={"concurrency": 1})})
+    assert measure_config(no_slo, quick)["m"].within_slo is None
+
+
 def test_validation_counts_a_models_failures_against_its_slo() -> None:
     from apportion.tune.measure import Settings, measure_config
 

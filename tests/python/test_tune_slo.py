@@ -198,7 +198,7 @@ def test_a_plan_that_misses_only_with_the_margin_is_not_chosen() -> None:
         # Stretch every p99 to 95% of the untightened SLO and judge against the config's SLO.
         return {n: Measured(m.throughput, m.goodput, 0.95 * SLO_MS, 0.95 * SLO_MS <= cfg.models[n].slo["latency_ms"],
                             m.wanted, windows_met=tuple(0.95 * SLO_MS <= cfg.models[n].slo["latency_ms"]
-                                                        for _ in range(3)))
+                                                        for _ in range(3)), within_slo=True)
                 for n, m in out.items()}
 
     assert p99 < 0.95 * SLO_MS
@@ -208,6 +208,9 @@ def test_a_plan_that_misses_only_with_the_margin_is_not_chosen() -> None:
                   measure=scaled, progress=False, margin=0.1, host=_quiet(64))
     assert met.winner.slo_ok() and not missed.winner.slo_ok()
     assert "missed an SLO" in missed.why()
+    # The candidates' table says the misses are the margin's, within the SLOs themselves.
+    assert f"({0.95 * SLO_MS:.1f} missed the margin, within the SLO)" in missed.report()
+    assert " MISSED" not in missed.report()
 
 
 def test_one_bad_window_disqualifies_a_plan() -> None:
@@ -228,6 +231,27 @@ def test_more_models_within_their_slos_rank_first() -> None:
     assert best([one, two], "goodput") is two and clearly_better(two, one, "goodput")
     assert best([two, cand("all", (True, True, True), 1.0)], "goodput").name == "all"
     assert best([one, cand("one, more", (True, False, False), 60.0)], "goodput").name == "one, more"
+
+
+def test_among_plans_that_miss_with_the_margin_one_within_the_slos_themselves_ranks_first() -> None:
+    # Both miss one model's SLO with the margin; "near" holds every SLO itself (its miss is in
+    # the margin), "starves" serves more but leaves a model's admitted requests past its SLO
+    # (a low priority class starved under overload).
+    def cand(name: str, within: tuple[bool | None, ...], good: float) -> Candidate:
+        met = (True, True, False)
+        return Candidate(name, {}, "", measured={
+            f"m{i}": Measured(good, good, 5.0, ok, 100.0, windows_met=(ok,) * 3, within_slo=w)
+            for i, (ok, w) in enumerate(zip(met, within))})
+
+    near = cand("near", (True, True, True), 10.0)
+    starves = cand("starves", (True, True, False), 50.0)
+    unknown = cand("unknown", (True, True, None), 60.0)
+    assert (near.near_count(), starves.near_count(), unknown.near_count()) == (3, 2, 2)
+    assert best([starves, near], "goodput") is near and clearly_better(near, starves, "goodput")
+    assert not clearly_better(starves, near, "goodput")
+    assert best([starves, unknown], "goodput") is unknown  # no verdict counts as none: the objective decides
+    # Models met with the margin still count first.
+    assert best([near, cand("two met", (True, True, True), 1.0)], "goodput").name == "near"
 
 
 # -- admission and priority classes --------------------------------------------------------------
@@ -491,6 +515,15 @@ def test_noise_confidence_and_words() -> None:
     assert "hypervisor" not in Noise(2, 0.6, None, None, (), 0.01).describe()
     some = Noise(2, 0.2, None, None, ("shared pool",))
     assert some.confidence() == "medium" and "never settled ('shared pool')" in some.describe()
+    assert some.describe().startswith("Noisy machine: other processes kept 0.2 of 2 CPUs")
+    # Runs that never settled on a quiet machine (no other process, repeats agreed) are not
+    # called noise: the plans' own load moved the windows.
+    settled_not = Noise(2, 0.0, 0.01, {"m": {(1, 1): 0.03}}, ("a", "b", "c", "d"))
+    words = settled_not.describe()
+    assert words.startswith("Unsettled measurements on a quiet machine: 4 measurement run(s) never settled "
+                            "('a', 'b', 'c' and 1 more)")
+    assert "Noisy" not in words and "the plans' own load" in words
+    assert settled_not.confidence() == "medium"
     assert Noise(2).confidence() == "high"
     assert busy.capacity() == pytest.approx(2 / 3) and quiet.capacity() == pytest.approx(2 / 2.02)
     assert Noise(2, 1.9, 2.0).capacity() == pytest.approx(2 / 3.9)

@@ -89,6 +89,20 @@ def _pooled_met(r: ld.ModelReport) -> bool | None:
     return r.good >= r.slo.percentile / 100.0 * admitted - 1e-9
 
 
+def _within(r: ld.ModelReport, slo: ld.SLO | None) -> bool | None:
+    # The admitted requests against the SLO itself (see Measured.within_slo).
+    if slo is None or slo.latency_ms is None or r.latency is None:
+        return None
+    admitted = r.completed + r.expired + r.failed
+    if admitted == 0:
+        return None
+    late = {50.0: r.latency.p50_ms, 90.0: r.latency.p90_ms, 99.0: r.latency.p99_ms,
+            99.9: r.latency.p999_ms}.get(float(slo.percentile))
+    if late is None:  # a percentile the report does not give
+        return None
+    return late <= slo.latency_ms and r.expired + r.failed <= (1.0 - slo.percentile / 100.0) * admitted + 1e-9
+
+
 def measure_config(config: Config, settings: Settings = Settings(), *, topology_root: str = "/",
                    seed: int | None = 0, margin: float = 0.0) -> dict[str, Measured]:
     """Serves ``config`` and puts its load on it (:func:`apportion.load.run`); per model figures.
@@ -100,6 +114,7 @@ def measure_config(config: Config, settings: Settings = Settings(), *, topology_
     so a plan validated with a margin keeps room for a noisier run."""
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise QuotaError(f"measure_config: margin must be in [0, 1), got {margin!r}")
+    untightened = {ld_.model: ld_.slo for ld_ in config.model_loads()}
     loads = [_tightened(ld_, margin) for ld_ in config.model_loads()]
     if not loads:
         raise ConfigError(config.path, "models", "no model has a load; add load = { rate = ... } "
@@ -116,7 +131,8 @@ def measure_config(config: Config, settings: Settings = Settings(), *, topology_
                              p99_ms=r.latency.p99_ms if r.latency else None, slo_met=_pooled_met(r),
                              wanted=demand.get(name), expired=r.expired, rejected=r.rejected, offered=r.offered,
                              windows_met=windows_met(r.windows[max(0, len(r.windows) - report.stable_windows):], r.slo,
-                                                     report.window_s), stable=r.stable)
+                                                     report.window_s), stable=r.stable,
+                             within_slo=_within(r, untightened.get(name)))
     return out
 
 

@@ -153,8 +153,18 @@ class Noise:
             model, (t, b), v = worst
             shape = f"t={t}" + (f" b<={b}" if b > 1 else "")
             parts.append(f"repeated profiles moved by up to {v:.0%} ({model} {shape})")
+        unsettled = ""
         if self.unstable:
             shown = ", ".join(f"'{u}'" for u in self.unstable[:3])
             more = f" and {len(self.unstable) - 3} more" if len(self.unstable) > 3 else ""
-            parts.append(f"{len(self.unstable)} measurement run(s) never settled ({shown}{more})")
-        return ("Noisy machine: " + "; ".join(parts) + ".") if parts else ""
+            unsettled = f"{len(self.unstable)} measurement run(s) never settled ({shown}{more})"
+        if parts:
+            return "Noisy machine: " + "; ".join([*parts, *([unsettled] if unsettled else [])]) + "."
+        if unsettled:
+            # No other process took a noticeable share and repeated profiles agreed: the windows
+            # moved with the plans' own load (a plan at or past its capacity queues, refuses and
+            # expires more from one window to the next), which says nothing of the machine.
+            return (f"Unsettled measurements on a quiet machine: {unsettled}; no other process took a noticeable "
+                    "share of the CPUs and repeated profiles agreed, so the windows moved with the plans' own "
+                    "load (as near or past a plan's capacity).")
+        return ""

@@ -221,7 +221,9 @@ class TuneResult:
                 else:
                     p = "-" if got.p99_ms is None else f"{got.p99_ms:.1f}"
                     ref = f", {got.refused_share:.0%} refused" if got.rejected else ""
-                    cells.append(f"{got.goodput:.0f} ({p}{ref}{'' if got.admitted_met() else ' MISSED'})")
+                    verdict = ("" if got.admitted_met() else " missed the margin, within the SLO" if got.within_slo
+                               else " MISSED")
+                    cells.append(f"{got.goodput:.0f} ({p}{ref}{verdict})")
             mark = " **winner**" if cand is self.winner else ""
             rows.append((str(i + 1), f"{cand.name}{mark}", cand.describe(), *cells,
                          "yes" if cand.slo_ok() else "no", f"{cand.score(self.objective):.3g}"))

@@ -61,6 +61,11 @@ class Measured:
     admitted."""
     stable: bool = True
     """Whether the reported windows agreed (the load run settled before its time limit)."""
+    within_slo: bool | None = None
+    """Whether the admitted requests met the SLO itself, without the validation's margin
+    (pooled: the percentile's latency of the completions within the SLO, and no more than the
+    percentile's share of the admitted requests expired or failed); None when not known. Among
+    candidates that miss with the margin, one that held the SLOs themselves ranks first."""
 
     @property
     def fraction(self) -> float:
@@ -95,15 +100,21 @@ class Candidate:
         """How many models' admitted requests met their SLOs."""
         return sum(m.admitted_met() for m in (self.measured or {}).values())
 
+    def near_count(self) -> int:
+        """How many models' admitted requests met their SLOs, with the margin or without it."""
+        return sum(m.admitted_met() or m.within_slo is True for m in (self.measured or {}).values())
+
     def score(self, objective: str) -> float:
         if self.measured is None:
             return float("-inf")
         return objective_value({n: (m.goodput, m.wanted or m.throughput or 1.0) for n, m in self.measured.items()},
                           objective)
 
-    def rank(self, objective: str) -> tuple[bool, int, float]:
-        """Every SLO held first; then the most models holding theirs; then the objective."""
-        return (self.slo_ok(), self.met_count(), self.score(objective))
+    def rank(self, objective: str) -> tuple[bool, int, int, float]:
+        """Every SLO held first; then the most models holding theirs; then the most holding
+        them at least without the margin (a plan whose misses are within the SLOs themselves
+        before one that starves a model); then the objective."""
+        return (self.slo_ok(), self.met_count(), self.near_count(), self.score(objective))
 
     def describe(self) -> str:
         return "; ".join(f"{n}: {c.describe()}" for n, c in self.choices.items())
@@ -303,6 +314,8 @@ def clearly_better(a: Candidate, b: Candidate, objective: str) -> bool:
         return a.slo_ok()
     if a.met_count() != b.met_count():
         return a.met_count() > b.met_count()
+    if a.near_count() != b.near_count():
+        return a.near_count() > b.near_count()
     sa, sb = a.score(objective), b.score(objective)
     return sa > sb + 0.01 * abs(sb)
 
