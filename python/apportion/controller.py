@@ -23,8 +23,9 @@ queued per instance, for ``confirm`` windows, and more than one instance,
 or one core of its own: on an "os" shared pool that core goes to the pool, and the model
 serves from the pool beside the others; undone like any move when the models then serve less), or,
 on an "os" pool for a pool model that turns requests away with every instance busy, a core
-from a model that uses less than UNDERUSED of its own with latency to spare (that model serves
-from the pool then); when
+from a model that uses less than UNDERUSED of its own with latency to spare for ``confirm``
+windows and stays under ``target`` on the cores it keeps (given its last, it serves from the
+pool); when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
@@ -35,11 +36,11 @@ quarter of the bound at least, see RAISE_AT_LEAST). Last, on an "os" pool, a poo
 still turns requests away with every instance busy gets one more instance while every other
 model in the pool has latency to spare (its objective's latency under half its SLO, nothing
 refused or stalled): the OS divides the pool's CPUs between the threads that can run, so the
-instance takes a larger share of them from those neighbours, as long as the pool's busy threads
-(each model's instances counted by the share of them it used) stay within ``oversubscribe`` x
-its CPUs. On a scheduled pool no model grows to where the instances of its class and the
-classes above would hold every unit while a lower class has a model with an objective: a unit
-goes to the highest class waiting, so that model would get one only when they idle. A new
+instance takes a larger share of them from those neighbours, while they keep SHARE_WORTH busy
+threads between them and the pool's busy threads (its own instances whole, each neighbour's
+counted by the share of them it used) stay within ``oversubscribe`` x its CPUs. On a scheduled pool no move leaves a model with an objective where the shared
+instances of the classes above it hold every unit (where it was not before): a unit goes to
+the highest class waiting, so that model would get one only when they idle. A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -112,6 +113,10 @@ UNDERUSED = 0.5
 """A model with cores of its own that uses less than this share of them, with latency to spare,
 gives a core to a saturated "os" shared pool whose model turns requests away (it serves from
 the pool then); an idle one (``idle``) gives it to any model at risk."""
+
+SHARE_WORTH = 0.5
+"""Busy threads the other models of a saturated "os" pool must keep between them for one more
+instance of a model that refuses requests to take a share of the pool from them."""
 
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
@@ -395,6 +400,13 @@ def _units(spec: ModelSpec) -> int:
     return spec.instances * (spec.threads or 1)
 
 
+def _own_cores(spec: ModelSpec) -> int:
+    """CPUs a model holds outside the shared pool (its cores of its own)."""
+    if spec.isolation != "exclusive":
+        return 0
+    return spec.cores if isinstance(spec.cores, int) else _units(spec)
+
+
 def _grown(spec: ModelSpec) -> ModelSpec:
     """One more instance: a single-thread one (and, for a model with cores of its own, one more
     core); for a model of several threads per instance, one more of those (with as many more
@@ -482,7 +494,7 @@ class Controller:
 
     def __init__(self, rt: Any, slos: Mapping[str, float], *, window_s: float = 1.0, dwell_s: float = 3.0,
                  confirm: int = 2, risk: float = 0.8, hot: float = 0.85, idle: float = 0.3, target: float = 0.7,
-                 capacity: int | None = None, headroom: float = 0.25, oversubscribe: float = 2.0,
+                 capacity: int | None = None, headroom: float = 0.25, oversubscribe: float = 3.0,
                  max_batch: int = 8, batch_delay_ms: float = 1.0, max_batch_size: int = 32, history: int = 600,
                  judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
                  log: Callable[[Move], None] | None = None, on_error: Callable[[str], None] | None = None,
@@ -586,6 +598,7 @@ class Controller:
         self._t0 = clock()
         self._risk_streak: dict[str, int] = {n: 0 for n in slos}
         self._idle_streak: dict[str, int] = {n: 0 for n in slos}
+        self._roomy_streak: dict[str, int] = {n: 0 for n in slos}  # windows in a row with latency to spare
         self._stalled_s: dict[str, float] = {}  # seconds of windows in a row with work waiting, none done
         self._last_move: dict[str, float] = {}
         self._full_queue: dict[str, int] = {}  # max_queue before the controller lowered it
@@ -622,7 +635,8 @@ class Controller:
     def decide(self, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
                idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None,
-               held_by_others: int = 0, pool_cpus: int | None = None) -> list[Move]:
+               held_by_others: int = 0, pool_cpus: int | None = None,
+               other_specs: Mapping[str, ModelSpec] | None = None) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
@@ -633,7 +647,9 @@ class Controller:
         default: no raise beyond the bound the controller lowered it from. ``held_by_others``:
         instances (threads) of the runtime's models not in ``specs`` (no objective, or no
         window yet), which count against ``capacity`` too. ``pool_cpus``: the CPUs of the shared
-        pool (None: not known, ``capacity`` stands for them)."""
+        pool (None: not known, ``capacity`` stands for them). ``other_specs``: the specs of those
+        models, where known (their shared instances hold the pool's units and threads too; unknown,
+        ``held_by_others`` counts as shared and in the highest class)."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
         dwelling: list[tuple[float, float, str]] = []  # at risk this window, streak reset by a move
@@ -657,6 +673,7 @@ class Controller:
                     and w.queued <= w.instances and w.oldest_call_ms < 0.5 * slo)
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
+            self._roomy_streak[name] = self._roomy_streak.get(name, 0) + 1 if self._roomy(name, w) else 0
             need = (w.unserved / w.seconds if w.seconds > 0 else 0.0, w.objective_ms / slo + w.busy, name)
             if self._risk_streak[name] >= self.confirm:
                 # The model that leaves the most arrivals unserved within its SLO gains first
@@ -692,7 +709,7 @@ class Controller:
             if not self._dwelled(name, now_s):
                 continue
             got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, donors,
-                                pool_cpus)
+                                pool_cpus, other_specs, {m.model for m in moves})
             if isinstance(got, str):
                 self._hold(moves, now_s, name, got)
                 continue
@@ -702,7 +719,8 @@ class Controller:
     def _attempt(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                  fits: Callable[[Mapping[str, ModelSpec]], bool], idle_cpus: float | None,
                  queue_sizes: Mapping[str, int] | None, held_by_others: int, idle: list[str],
-                 pool_cpus: int | None = None) -> list[Move] | str:
+                 pool_cpus: int | None = None, other_specs: Mapping[str, ModelSpec] | None = None,
+                 taken: frozenset[str] | set[str] = frozenset()) -> list[Move] | str:
         """The moves that serve model ``name`` (at risk) more this window, its own first, or why
         none can (see :meth:`decide`)."""
         w, spec = windows[name], specs[name]
@@ -721,20 +739,20 @@ class Controller:
                 and idle_cpus >= self.headroom and used + more <= self.oversubscribe * self.capacity):
             room = f"; {idle_cpus:.1f} of the pool's CPUs sat idle"
         movable = _movable(spec)
-        starves = self._starves(name, grown, specs, pool_cpus)
-        can_grow = movable and self._open(name, "grow", now_s) and not starves
-        if can_grow and room is not None and fits({**specs, name: grown}):
+        starves = self._starves(specs, {name: grown}, pool_cpus, other_specs, held_by_others)
+        can_grow = movable and self._open(name, "grow", now_s)
+        if can_grow and room is not None and not starves and fits({**specs, name: grown}):
             return [self._move(now_s, name, grown, _change(spec, grown), why + room)]
         # Why nothing below moves it, for held(): each way of serving it more, and what stops it.
         if not movable:
             blocked = ["its instances cannot change while it serves (process, GPU or burst instances)"]
-        elif starves:
-            blocked = [starves]
         elif not can_grow:
             blocked = ["another instance was undone lately"]
         elif room is None:
             blocked = [f"no free capacity ({used} of {self.capacity} instances held"
                        + (f", {idle_cpus:.1f} pool CPUs idle" if idle_cpus is not None else "") + ")"]
+        elif starves:
+            blocked = [starves]
         else:
             blocked = ["another instance does not fit"]
         donors = sorted((windows[d].used, d) for d in idle
@@ -746,7 +764,8 @@ class Controller:
             ds = specs[d]
             shrunk = _shrunk(ds, self.release)
             assert shrunk is not None
-            if not fits({**specs, d: shrunk, name: grown}):
+            if not fits({**specs, d: shrunk, name: grown}) or self._starves(
+                    specs, {d: shrunk, name: grown}, pool_cpus, other_specs, held_by_others):
                 continue
             gives = "its core to the shared pool" if shrunk.isolation != ds.isolation else "an instance"
             return [
@@ -757,7 +776,7 @@ class Controller:
             # No model idles, but one with a core of its own uses under UNDERUSED of it with
             # latency to spare while this pool model turns requests away: the core serves more in
             # the pool (the model keeps serving there, beside the others).
-            for used_d, d in self._underused(name, windows, specs):
+            for used_d, d in self._underused(name, windows, specs, now_s, taken):
                 ds = specs[d]
                 shrunk = _shrunk(ds, True)
                 if shrunk is None or not fits({**specs, d: shrunk, name: grown}):
@@ -838,16 +857,25 @@ class Controller:
         # has room to spare (see _roomy_neighbours); the trial undoes it when they then serve less.
         if movable and can_grow and self.release and spec.isolation == "shared" and w.refused > 0 \
                 and w.busy > self.hot:
-            # The pool's busy threads, each neighbour's instances by the share of them it used
-            # (threads of models without an objective count whole), against oversubscribe x
-            # the pool's CPUs (x capacity where the pool is not known).
-            busy_units = held_by_others + sum(
-                _units(s) * min(1.0, windows[n].used) if n in windows and n != name else _units(s)
-                for n, s in specs.items() if s.isolation == "shared")
+            # The pool's busy threads: this model's instances whole, each neighbour's by the
+            # share of them it used, the shared threads of models without an objective whole
+            # (all of held_by_others where their specs are not known); against oversubscribe x
+            # the pool's CPUs (x capacity where the pool is not known). The neighbours must keep
+            # SHARE_WORTH busy threads between them: else the pool's CPUs are this model's
+            # already, and another instance of it only adds a thread.
+            neighbours = sum(_units(s) * min(1.0, windows[n].used) for n, s in specs.items()
+                             if s.isolation == "shared" and n != name and n in windows)
+            outside = (held_by_others if other_specs is None else
+                       sum(_units(s) for s in other_specs.values() if s.isolation == "shared"))
+            busy_units = _units(spec) + neighbours + outside + sum(
+                _units(s) for n, s in specs.items() if s.isolation == "shared" and n != name and n not in windows)
             most = self.oversubscribe * (pool_cpus if pool_cpus is not None else self.capacity)
             roomy = self._roomy_neighbours(name, windows, specs)
             if roomy is None:
                 blocked.append("no neighbour in the pool has latency to spare")
+            elif neighbours + outside < SHARE_WORTH:
+                blocked.append(f"its neighbours in the pool keep {neighbours + outside:.1f} threads busy: no share "
+                               "to take")
             elif busy_units + more > most:
                 blocked.append(f"{busy_units:.1f} busy threads in the pool: one more instance passes {most:g} "
                                "(oversubscribe x its CPUs)")
@@ -859,31 +887,68 @@ class Controller:
                                    f"({roomy}): a larger share of it")]
         return why + "; held: " + ", ".join(blocked)
 
-    def _starves(self, name: str, grown: ModelSpec, specs: Mapping[str, ModelSpec], pool_cpus: int | None) -> str:
-        """Why ``grown`` (model ``name`` with one more instance) would starve a model, or "".
-        On a scheduled pool a unit goes to the highest class waiting, so once the instances of
-        ``name``'s class and above hold every unit, a lower class with an objective gets one
-        only when they idle: none while they are saturated, which is when growth is asked."""
-        if self.release or grown.isolation != "shared":
+    def _starves(self, specs: Mapping[str, ModelSpec], changed: Mapping[str, ModelSpec], pool_cpus: int | None,
+                 other_specs: Mapping[str, ModelSpec] | None = None, held_by_others: int = 0) -> str:
+        """Why the move to ``changed`` (model -> new spec) would starve a model of a scheduled
+        pool, or "". A unit goes to the highest class waiting, so a model with an objective
+        gets one only when the shared instances of the classes above it idle: none while they
+        hold every unit and are saturated, which is when growth is asked for. A move that leaves
+        some such model in that state where it was not before is refused (one that was already
+        there is not this move's doing). Models outside ``specs`` count by ``other_specs``, or,
+        unknown, as ``held_by_others`` threads in the highest class."""
+        if self.release:
             return ""
-        cls = grown.priority_class or 0
-        lower = sorted(n for n, s in specs.items()
-                       if n != name and n in self.slos and s.isolation == "shared" and (s.priority_class or 0) < cls)
-        units = pool_cpus if pool_cpus is not None else self.capacity
-        held = sum(_units(grown if n == name else s) for n, s in specs.items()
-                   if s.isolation == "shared" and (s.priority_class or 0) >= cls)
-        if not lower or held < units:
-            return ""
-        return (f"another instance would leave no unit of the scheduled pool to the lower classes "
-                f"({', '.join(lower)}): class {cls} and above would hold {held} of its {units}")
+        others = dict(other_specs or {})
+        unknown = 0 if other_specs is not None else held_by_others
 
-    def _underused(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec]
-                   ) -> list[tuple[float, str]]:
-        """(used, model) of the models with cores of their own, other than ``name``, that use
-        less than UNDERUSED of them with latency to spare (see :meth:`_roomy`), least used first."""
-        return sorted((windows[d].used, d) for d, s in specs.items()
-                      if d != name and s.isolation == "exclusive" and _movable(s) and d in windows
-                      and d in self.slos and windows[d].used < UNDERUSED and self._roomy(d, windows[d]))
+        def starved(now: Mapping[str, ModelSpec]) -> tuple[set[str], dict[str, tuple[int, int, int]]]:
+            every = {**others, **now}
+            units = pool_cpus if pool_cpus is not None else self.capacity
+            if pool_cpus is not None:
+                # Cores a model takes from the pool or gives it back in the move.
+                units += sum((_own_cores(specs[n]) if n in specs else 0) - _own_cores(s) for n, s in now.items()
+                             if n in changed)
+            shared = [(s.priority_class or 0, _units(s)) for s in every.values() if s.isolation == "shared"]
+            out, why = set(), {}
+            for n, s in now.items():
+                if n not in self.slos or s.isolation != "shared":
+                    continue
+                cls = s.priority_class or 0
+                above = unknown + sum(u for c, u in shared if c > cls)
+                if above >= units:
+                    out.add(n)
+                    why[n] = (cls, above, units)
+            return out, why
+
+        before, _ = starved(specs)
+        after, why = starved({**specs, **changed})
+        new = sorted(after - before)
+        if not new:
+            return ""
+        cls, above, units = why[new[0]]
+        return (f"the move would leave no unit of the scheduled pool to {', '.join(new)} (class {cls}): the classes "
+                f"above it would hold {above} of its {units}")
+
+    def _underused(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
+                   taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[float, str]]:
+        """(used, model) of the models with a count of cores of their own, other than ``name``
+        and those in ``taken`` (moved this window already), that use less than UNDERUSED of them
+        with latency to spare (see :meth:`_roomy`) for ``confirm`` windows, out of their dwell
+        and not given a core back lately, and that keep their load under ``target`` on the
+        cores left (or serve from the pool, given their last); least used first."""
+        out = []
+        for d, s in specs.items():
+            if (d == name or d in taken or s.isolation != "exclusive" or not isinstance(s.cores, int)
+                    or not _movable(s) or d not in windows or d not in self.slos):
+                continue
+            u = windows[d].used
+            if (u >= UNDERUSED or self._roomy_streak.get(d, 0) < self.confirm or not self._dwelled(d, now_s)
+                    or not self._open(d, "shrink", now_s)):
+                continue
+            if s.cores > 1 and u * s.cores / (s.cores - 1) >= self.target:
+                continue  # the cores left would run it past the target utilisation
+            out.append((u, d))
+        return sorted(out)
 
     def _roomy(self, name: str, w: Window) -> bool:
         """Whether model ``name``'s latency has room to spare in window ``w``: its objective's
@@ -981,6 +1046,7 @@ class Controller:
         self._last_move[name] = now_s
         self._risk_streak[name] = 0
         self._idle_streak[name] = 0
+        self._roomy_streak[name] = 0
         return Move(round(now_s, 3), name, change, reason, spec)
 
     # -- running ---------------------------------------------------------------------------------
@@ -1022,11 +1088,12 @@ class Controller:
         if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
             self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
         self._pool, self._busy_s = pool, busy_s
-        others = sum(_units(self.rt.spec(n)) for n in self.rt.models if n not in windows)
+        other_specs = {n: self.rt.spec(n) for n in self.rt.models if n not in windows}
+        others = sum(_units(s) for s in other_specs.values())
         dwell_before = dict(self._last_move)
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
-                            pool_cpus=len(pool) if pool else None)
+                            pool_cpus=len(pool) if pool else None, other_specs=other_specs)
         if not moves:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now
@@ -1128,7 +1195,7 @@ class Controller:
         """Drops what the controller kept about model ``name`` (a new model by that name)."""
         for kept in (self._last_move, self._full_queue, self._batch_tried, self.held):
             kept.pop(name, None)
-        self._risk_streak[name] = self._idle_streak[name] = 0
+        self._risk_streak[name] = self._idle_streak[name] = self._roomy_streak[name] = 0
         self._stalled_s.pop(name, None)
         for key in [k for k in self._tabu if k[0] == name]:
             del self._tabu[key]

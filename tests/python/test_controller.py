@@ -303,9 +303,9 @@ def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_r
     c = ctl(oversubscribe=1.0)
     assert c.decide(roomy, specs, 0.0, idle_cpus=0.0) == []
     assert "1.9 busy threads in the pool: one more instance passes 2 (oversubscribe x its CPUs)" in c.held["a"][2]
-    # ... of the pool's CPUs where they are known: one CPU (the other a model's own) takes
-    # 2 x 1 busy threads at most, with oversubscribe 2.
-    c = ctl()
+    # ... of the pool's CPUs where they are known: a pool of one CPU (the other a model's own)
+    # takes oversubscribe 2 x 1 CPU busy threads at most.
+    c = ctl(oversubscribe=2.0)
     assert c.decide(roomy, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
     assert "one more instance passes 2 " in c.held["a"][2]
     # Neighbours count by the share of their instances they used: three instances of "b"
@@ -314,6 +314,12 @@ def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_r
     c = ctl(oversubscribe=2.0)
     moves = c.decide({**roomy, "b": win(p99=10.0, busy=0.35, instances=3)}, many, 0.0, idle_cpus=0.0)
     assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    # Neighbours that keep under half a thread busy between them leave no share to take: the
+    # pool's CPUs are "a"'s already.
+    c = ctl()
+    assert c.decide({**roomy, "b": win(p99=10.0, busy=0.2), "c": win(p99=5.0, busy=0.1)}, specs, 0.0,
+                    idle_cpus=0.0) == []
+    assert "its neighbours in the pool keep 0.3 threads busy: no share to take" in c.held["a"][2]
     # On a scheduled pool the runtime, not the OS, divides the units: no share to take.
     c = ctl()
     c.release = False
@@ -342,12 +348,40 @@ def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refus
     assert "underused (used 40%) with latency to spare: gives its core to the shared pool for 'a'" in moves[0].reason
     assert "taken from 'e'" in moves[1].reason
     assert moves[0].spec.isolation == "shared" and moves[0].spec.cores is None
-    # A model of two cores gives one.
+    # A model of two cores gives one while its load fits the core it keeps under target (70%):
+    # 32% of two is 64% of one; 40% of two would be 80%.
     two = specs | {"e": spec("e", 2, cores=2, isolation="exclusive")}
-    moves = ctl(capacity=3).decide({"a": hot, "e": win(p99=6.0, busy=0.4, instances=2)}, two, 0.0, idle_cpus=0.0,
+    moves = ctl(capacity=3).decide({"a": hot, "e": win(p99=6.0, busy=0.32, instances=2)}, two, 0.0, idle_cpus=0.0,
                                    pool_cpus=1)
     assert [(m.model, m.change) for m in moves] == [("e", "instances 2 -> 1, cores 2 -> 1"), ("a", "instances 1 -> 2")]
     assert "gives a core to the shared pool" in moves[0].reason
+    moves = ctl(capacity=3).decide({"a": hot, "e": win(p99=6.0, busy=0.4, instances=2)}, two, 0.0, idle_cpus=0.0,
+                                   pool_cpus=1)
+    assert all(m.model != "e" for m in moves)
+    # Cores named by CPU list: shrinking them frees no CPU, so they are not taken this way.
+    listed = specs | {"e": spec("e", 2, cores=[2, 3], isolation="exclusive")}
+    moves = ctl(capacity=3).decide({"a": hot, "e": win(p99=6.0, busy=0.32, instances=2)}, listed, 0.0,
+                                   idle_cpus=0.0, pool_cpus=1)
+    assert all(m.model != "e" for m in moves)
+    # Latency to spare for confirm windows in a row, out of its dwell, not given back lately.
+    c = ctl(confirm=2)
+    assert c.decide({"a": hot, "e": win(p99=30.0, busy=0.4)}, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
+    assert c.decide({"a": hot, "e": under}, specs, 1.0, idle_cpus=0.0, pool_cpus=1) == []  # one roomy window
+    assert [m.model for m in c.decide({"a": hot, "e": under}, specs, 2.0, idle_cpus=0.0, pool_cpus=1)] == ["e", "a"]
+    c = ctl(dwell_s=5.0)
+    c._last_move["e"] = 0.0
+    assert all(m.model != "e" for m in c.decide({"a": hot, "e": under}, specs, 1.0, idle_cpus=0.0, pool_cpus=1))
+    c = ctl()
+    c._tabu[("e", "shrink")] = 100.0
+    assert all(m.model != "e" for m in c.decide({"a": hot, "e": under}, specs, 1.0, idle_cpus=0.0, pool_cpus=1))
+    # A model whose admission is given back in the same window is not also a donor: one apply
+    # names each model once.
+    c = ctl()
+    c._full_queue["e"] = 64
+    lowered = specs | {"e": spec("e", 1, cores=1, isolation="exclusive", max_queue=8)}
+    calm = win(p99=6.0, busy=0.1)
+    moves = c.decide({"a": hot, "e": calm}, lowered, 0.0, idle_cpus=0.0, pool_cpus=1)
+    assert [m.model for m in moves].count("e") <= 1 and moves[0].change == "max_queue 8 -> 64"
     # Not when the model uses half its core or more, its latency has no room to spare, the
     # pool model refuses nothing or is not busy, or on a scheduled pool.
     for a, e, release in ((hot, win(p99=6.0, busy=0.6), True), (hot, win(p99=25.0, busy=0.4), True),
@@ -374,8 +408,8 @@ def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> 
 
     c = ctl()
     assert c.decide(hot, specs, 0.0, pool_cpus=2) == []
-    assert ("another instance would leave no unit of the scheduled pool to the lower classes (b): class 2 and "
-            "above would hold 2 of its 2") in c.held["a"][2]
+    assert ("the move would leave no unit of the scheduled pool to b (class 0): the classes above it would hold 2 "
+            "of its 2") in c.held["a"][2]
     # A third unit leaves one to "b"; a model of the same class, one without an objective, or an
     # "os" pool (the OS runs every thread) do not hold it back.
     assert [m.change for m in ctl().decide(hot, specs, 0.0, pool_cpus=3)] == ["instances 1 -> 2"]
@@ -386,11 +420,25 @@ def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> 
     assert [m.change for m in c.decide(hot, specs, 0.0, pool_cpus=2)] == ["instances 1 -> 2"]
     assert [m.change for m in controller(capacity=4, confirm=1, dwell_s=0.0).decide(hot, specs, 0.0, pool_cpus=2)
             ] == ["instances 1 -> 2"]
-    # Without the pool's size, capacity stands for its units.
-    three = specs | {"a": spec("a", 3, priority_class=2, admission="deadline", timeout_ms=50.0)}
+    # A model of a higher class without an objective holds units too (other_specs): with it,
+    # "a" at two instances would leave "b" none of four.
+    beside = {"x": spec("x", 2, priority_class=3)}
     c = ctl()
-    assert c.decide(hot, three, 0.0) == []
-    assert "class 2 and above would hold 4 of its 4" in c.held["a"][2]
+    assert c.decide(hot, specs, 0.0, pool_cpus=4, other_specs=beside) == []
+    assert "the classes above it would hold 4 of its 4" in c.held["a"][2]
+    assert [m.change for m in ctl().decide(hot, specs, 0.0, pool_cpus=4, other_specs={"x": spec("x", 2)})] == [
+        "instances 1 -> 2"]  # x in class 0: not above "b"
+    # Growth that takes an idle model's instance of the same class adds no unit above "b": made.
+    donor = specs | {"d": spec("d", 2, priority_class=2)}
+    c = Controller(None, {"a": 50.0, "b": 50.0, "d": 50.0}, capacity=4, confirm=1, dwell_s=0.0)
+    c.release = False
+    moves = c.decide({**hot, "d": win(p99=5.0, busy=0.1, instances=2)}, donor, 0.0, pool_cpus=4)
+    assert [(m.model, m.change) for m in moves] == [("d", "instances 2 -> 1"), ("a", "instances 1 -> 2")]
+    # A model that already had no unit left is not this move's doing.
+    crowded = specs | {"x": spec("x", 2, priority_class=3, admission="deadline", timeout_ms=50.0)}
+    c = Controller(None, {"a": 50.0, "b": 50.0, "x": 50.0}, capacity=8, confirm=1, dwell_s=0.0)
+    c.release = False
+    assert c.decide({**hot, "x": win(p99=5.0, busy=0.5, instances=2)}, crowded, 0.0, pool_cpus=2) != []
 
 
 def test_longest_miss_is_the_longest_run_of_windows_with_a_p99_over_its_slo() -> None:
