@@ -416,10 +416,39 @@ def test_validation_says_whether_the_slo_itself_held_without_the_margin() -> Non
 
     roomy = measure_config(cfg(200.0), quick, margin=0.98)["m"]
     assert roomy.admitted_met() is False and roomy.within_slo is True
-    tight = measure_config(cfg(3.0), quick, margin=0.0)["m"]
+    tight = measure_config(cfg(3.0), quick, margin=0.1)["m"]
     assert tight.admitted_met() is False and tight.within_slo is False
+    # No margin: nothing to tell apart (the verdict is admitted_met's). No SLO: no verdict.
+    assert measure_config(cfg(200.0), quick, margin=0.0)["m"].within_slo is None
     no_slo = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=_sleeper(1.0)), load={"concurrency": 1})})
-    assert measure_config(no_slo, quick)["m"].within_slo is None
+    assert measure_config(no_slo, quick, margin=0.1)["m"].within_slo is None
+
+
+def test_within_the_slo_counts_late_completions_and_expired_requests_together() -> None:
+    from types import SimpleNamespace
+
+    from apportion.load import SLO
+    from apportion.stats import LatencyStats
+    from apportion.tune.measure import _within
+
+    def report(completed: int, expired: int, p99: float, p999: float, top: float) -> Any:
+        lat = LatencyStats(count=completed, mean_ms=5.0, p50_ms=5.0, p90_ms=8.0, p99_ms=p99, p999_ms=p999,
+                           max_ms=top)
+        return SimpleNamespace(completed=completed, expired=expired, failed=0, latency=lat if completed else None)
+
+    slo = SLO(latency_ms=50.0, percentile=99.0)
+    # 990 completions with p99 within 50 ms (up to 9.9 late) and 10 expired: up to 19.9 of
+    # 1000 missed, the SLO allows 10.
+    assert _within(report(990, 10, 40.0, 60.0, 70.0), slo) is False
+    # Every completion within it (max 45 ms), 10 expired: 10 of 1000.
+    assert _within(report(990, 10, 40.0, 44.0, 45.0), slo) is True
+    # Nothing expired, p99 within: up to 1% late.
+    assert _within(report(1000, 0, 49.0, 60.0, 90.0), slo) is True
+    assert _within(report(1000, 0, 51.0, 60.0, 90.0), slo) is False
+    # Everything admitted expired: missed; nothing admitted, or no SLO latency: no verdict.
+    assert _within(report(0, 5, 0.0, 0.0, 0.0), slo) is False
+    assert _within(report(0, 0, 0.0, 0.0, 0.0), slo) is None
+    assert _within(report(10, 0, 1.0, 1.0, 1.0), SLO(timeout_ms=50.0)) is None
 
 
 def test_validation_counts_a_models_failures_against_its_slo() -> None:

@@ -221,7 +221,7 @@ class TuneResult:
                 else:
                     p = "-" if got.p99_ms is None else f"{got.p99_ms:.1f}"
                     ref = f", {got.refused_share:.0%} refused" if got.rejected else ""
-                    verdict = ("" if got.admitted_met() else " missed the margin, within the SLO" if got.within_slo
+                    verdict = ("" if got.admitted_met() else " missed with the margin, within the SLO over the run" if got.within_slo
                                else " MISSED")
                     cells.append(f"{got.goodput:.0f} ({p}{ref}{verdict})")
             mark = " **winner**" if cand is self.winner else ""

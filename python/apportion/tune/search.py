@@ -62,9 +62,10 @@ class Measured:
     stable: bool = True
     """Whether the reported windows agreed (the load run settled before its time limit)."""
     within_slo: bool | None = None
-    """Whether the admitted requests met the SLO itself, without the validation's margin
-    (pooled: the percentile's latency of the completions within the SLO, and no more than the
-    percentile's share of the admitted requests expired or failed); None when not known. Among
+    """Whether the admitted requests met the SLO itself, without the validation's margin, over
+    the whole run (completions past the SLO, bounded from the report's percentiles, and
+    expired or failed requests together within the SLO's share of misses; never True where
+    they were not); None when not known (no margin, no SLO, nothing admitted). Among
     candidates that miss with the margin, one that held the SLOs themselves ranks first."""
 
     @property
