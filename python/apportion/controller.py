@@ -25,7 +25,10 @@ serves from the pool beside the others; undone like any move when the models the
 on an "os" pool for a pool model that turns requests away with every instance busy, a core
 from a model that uses less than UNDERUSED of its own with latency to spare for ``confirm``
 windows and stays under ``target`` on the cores it keeps (given its last, it serves from the
-pool); when
+pool); a model with a count of cores of its own (one thread an instance) that turns requests
+away with every instance busy and gets no core joins the "os" pool with its cores and one
+instance more while the pool's models have latency to spare, within ``oversubscribe`` x the
+pool's CPUs busy threads; when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
@@ -787,6 +790,21 @@ class Controller:
                                    f"underused (used {used_d:.0%}) with latency to spare: gives {gives} to the "
                                    f"shared pool for {name!r}"),
                         self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
+        own = spec.cores if spec.isolation == "exclusive" and isinstance(spec.cores, int) else None
+        if (movable and own is not None and (spec.threads or 1) == 1 and self.release and w.refused > 0
+                and w.busy > self.hot and self._open(name, "shrink", now_s)):
+            # Cores of its own, all busy, requests turned away, and no core to take: it joins the
+            # "os" pool with its cores and one instance more, a share of every pool CPU, while
+            # the pool's models have latency to spare (the trial undoes it when they then serve
+            # less).
+            joined = self._joined(name, own, windows, specs, held_by_others, pool_cpus, other_specs)
+            if isinstance(joined, str):
+                blocked.append(joined)
+            elif fits({**specs, name: joined[0]}):
+                return [self._move(now_s, name, joined[0],
+                                   f"cores {own} -> the shared pool, instances {spec.instances} -> {own + 1}",
+                                   why + f"; no core to take, and the pool's models have latency to spare "
+                                   f"({joined[1]}): joins the pool with its cores")]
         can_batch = movable and self._open(name, "batch", now_s)
         if can_batch and spec.batching is None and self.max_batch > 1 and name in self.batchable:
             batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
@@ -928,6 +946,30 @@ class Controller:
         cls, above, units = why[new[0]]
         return (f"the move would leave no unit of the scheduled pool to {', '.join(new)} (class {cls}): the classes "
                 f"above it would hold {above} of its {units}")
+
+    def _joined(self, name: str, own: int, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec],
+                held_by_others: int, pool_cpus: int | None, other_specs: Mapping[str, ModelSpec] | None
+                ) -> tuple[ModelSpec, str] | str:
+        """Model ``name``'s spec in the shared pool with its ``own`` cores given to it and one
+        instance more, and its pool neighbours in words; or why it may not join (neighbours
+        without latency to spare, or the pool's busy threads past ``oversubscribe`` x its CPUs
+        once the cores join it)."""
+        roomy = self._roomy_neighbours(name, windows, specs)
+        if roomy is None:
+            return "no neighbour in the pool has latency to spare to join"
+        neighbours = sum(_units(s) * min(1.0, windows[n].used) for n, s in specs.items()
+                         if s.isolation == "shared" and n != name and n in windows)
+        outside = (held_by_others if other_specs is None else
+                   sum(_units(s) for s in other_specs.values() if s.isolation == "shared"))
+        busy = neighbours + outside + own + 1
+        most = self.oversubscribe * (pool_cpus + own if pool_cpus is not None else self.capacity)
+        if busy > most:
+            return f"joining the pool would make {busy:.1f} busy threads there, past {most:g}"
+        try:
+            spec = dataclasses.replace(specs[name], isolation="shared", cores=None, instances=own + 1, threads=1)
+        except QuotaError as e:  # a setting only a model with cores of its own may have
+            return f"it cannot serve from the pool ({e})"
+        return spec, roomy
 
     def _underused(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                    taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[float, str]]:

@@ -393,6 +393,51 @@ def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refus
         assert all(m.model != "e" for m in moves), (a, e, release)
 
 
+def test_a_refusing_model_with_its_own_core_and_none_to_take_joins_the_pool_with_it() -> None:
+    # "a" has one core of its own, every call busy, requests turned away; the pool's one CPU
+    # serves "b" and "c" with latency to spare. No core is free and none idles: "a" joins the
+    # pool with its core and a second instance (a share of both CPUs).
+    specs = {"a": spec("a", 1, cores=1, isolation="exclusive"), "b": spec("b", 1), "c": spec("c", 1)}
+    slos = {"a": 75.0, "b": 50.0, "c": 40.0}
+    hot = win(p99=60.0, busy=1.1, refused=50)
+    roomy = {"a": hot, "b": win(p99=10.0, busy=0.6), "c": win(p99=5.0, busy=0.4)}
+
+    def ctl(**kw: Any) -> Controller:
+        return Controller(None, slos, **{"capacity": 2, "confirm": 1, "dwell_s": 0.0, **kw})
+
+    moves = ctl().decide(roomy, specs, 0.0, idle_cpus=0.0, pool_cpus=1)
+    assert [(m.model, m.change) for m in moves] == [("a", "cores 1 -> the shared pool, instances 1 -> 2")]
+    assert "joins the pool with its cores" in moves[0].reason
+    assert "b p99 10.0 of 50 ms, c p99 5.0 of 40 ms" in moves[0].reason
+    joined = moves[0].spec
+    assert (joined.isolation, joined.cores, joined.instances, joined.threads) == ("shared", None, 2, 1)
+    # Not when a pool model has no latency to spare, the pool's busy threads would pass
+    # oversubscribe x its CPUs (0.6 + 0.4 + 2 = 3 of at most 1 x 2), it refuses nothing, it was
+    # given back lately, or on a scheduled pool.
+    c = ctl()
+    assert c.decide({**roomy, "b": win(p99=30.0, busy=0.6)}, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
+    assert "no neighbour in the pool has latency to spare to join" in c.held["a"][2]
+    c = ctl(oversubscribe=1.0)
+    assert c.decide(roomy, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
+    assert "joining the pool would make 3.0 busy threads there, past 2" in c.held["a"][2]
+    assert all(m.model != "a" for m in ctl().decide({**roomy, "a": win(p99=60.0, busy=1.1)}, specs, 0.0,
+                                                    idle_cpus=0.0, pool_cpus=1))
+    c = ctl()
+    c._tabu[("a", "shrink")] = 100.0
+    assert c.decide(roomy, specs, 1.0, idle_cpus=0.0, pool_cpus=1) == []
+    c = ctl()
+    c.release = False
+    assert c.decide(roomy, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
+    # Several threads an instance, or cores named by list: not this way.
+    for other in (spec("a", 1, cores=2, threads=2, isolation="exclusive"),
+                  spec("a", 1, cores=[0], isolation="exclusive")):
+        assert all("joins the pool" not in m.reason
+                   for m in ctl().decide(roomy, {**specs, "a": other}, 0.0, idle_cpus=0.0, pool_cpus=1))
+    # A free core comes first: it grows on its own cores.
+    moves = ctl(capacity=4).decide(roomy, specs, 0.0, idle_cpus=0.0, pool_cpus=1)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2, cores 1 -> 2")]
+
+
 def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> None:
     # A unit of the scheduled pool goes to the highest class waiting: two instances of class 2
     # on a two-unit pool would leave "b" (class 0) a unit only when both idle, none while "a"
