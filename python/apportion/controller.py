@@ -403,11 +403,17 @@ def _units(spec: ModelSpec) -> int:
     return spec.instances * (spec.threads or 1)
 
 
+def _core_count(spec: ModelSpec) -> int | None:
+    """The count of cores of its own of an exclusive model given one (not a CPU list); else None."""
+    return spec.cores if spec.isolation == "exclusive" and isinstance(spec.cores, int) else None
+
+
 def _own_cores(spec: ModelSpec) -> int:
     """CPUs a model holds outside the shared pool (its cores of its own)."""
     if spec.isolation != "exclusive":
         return 0
-    return spec.cores if isinstance(spec.cores, int) else _units(spec)
+    count = _core_count(spec)
+    return count if count is not None else _units(spec)
 
 
 def _grown(spec: ModelSpec) -> ModelSpec:
@@ -430,7 +436,7 @@ def _shrunk(spec: ModelSpec, release: bool = False) -> ModelSpec | None:
     own gives that core to the shared pool instead: it serves from the pool with one instance."""
     t = spec.threads or 1
     # The count of cores of its own, for an exclusive model with a count (not a CPU list).
-    own = spec.cores if spec.isolation == "exclusive" and isinstance(spec.cores, int) else None
+    own = _core_count(spec)
     if t > 1:
         # Several threads per instance: one instance less (and its cores), or for a model of
         # one instance, one thread less (and a core): never all its threads at once.
@@ -672,8 +678,7 @@ class Controller:
             stalled = self._stalled_s[name] * 1e3 > self.risk * slo
             risky = (w.objective_ms > self.risk * slo or w.refused > 0 or w.busy > self.hot or stalled
                      or late_call)
-            calm = (w.used < self.idle and w.objective_ms < 0.5 * slo and w.refused == 0 and not w.stuck
-                    and w.queued <= w.instances and w.oldest_call_ms < 0.5 * slo)
+            calm = w.used < self.idle and w.queued <= w.instances and self._roomy(name, w)
             self._risk_streak[name] = self._risk_streak.get(name, 0) + 1 if risky else 0
             self._idle_streak[name] = self._idle_streak.get(name, 0) + 1 if calm else 0
             self._roomy_streak[name] = self._roomy_streak.get(name, 0) + 1 if self._roomy(name, w) else 0
@@ -790,7 +795,7 @@ class Controller:
                                    f"underused (used {used_d:.0%}) with latency to spare: gives {gives} to the "
                                    f"shared pool for {name!r}"),
                         self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
-        own = spec.cores if spec.isolation == "exclusive" and isinstance(spec.cores, int) else None
+        own = _core_count(spec)
         if (movable and own is not None and (spec.threads or 1) == 1 and self.release and w.refused > 0
                 and w.busy > self.hot and self._open(name, "shrink", now_s)):
             # Cores of its own, all busy, requests turned away, and no core to take: it joins the
@@ -881,10 +886,7 @@ class Controller:
             # the pool's CPUs (x capacity where the pool is not known). The neighbours must keep
             # SHARE_WORTH busy threads between them: else the pool's CPUs are this model's
             # already, and another instance of it only adds a thread.
-            neighbours = sum(_units(s) * min(1.0, windows[n].used) for n, s in specs.items()
-                             if s.isolation == "shared" and n != name and n in windows)
-            outside = (held_by_others if other_specs is None else
-                       sum(_units(s) for s in other_specs.values() if s.isolation == "shared"))
+            neighbours, outside = self._pool_threads(name, windows, specs, held_by_others, other_specs)
             busy_units = _units(spec) + neighbours + outside + sum(
                 _units(s) for n, s in specs.items() if s.isolation == "shared" and n != name and n not in windows)
             most = self.oversubscribe * (pool_cpus if pool_cpus is not None else self.capacity)
@@ -947,6 +949,17 @@ class Controller:
         return (f"the move would leave no unit of the scheduled pool to {', '.join(new)} (class {cls}): the classes "
                 f"above it would hold {above} of its {units}")
 
+    def _pool_threads(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec],
+                      held_by_others: int, other_specs: Mapping[str, ModelSpec] | None) -> tuple[float, float]:
+        """The shared pool's busy threads besides model ``name``'s: (its neighbours with a window,
+        each instance by the share of it they used; the shared threads of models outside
+        ``specs``, whole: all of ``held_by_others`` where their specs are not known)."""
+        neighbours = sum(_units(s) * min(1.0, windows[n].used) for n, s in specs.items()
+                         if s.isolation == "shared" and n != name and n in windows)
+        outside = (held_by_others if other_specs is None else
+                   sum(_units(s) for s in other_specs.values() if s.isolation == "shared"))
+        return neighbours, outside
+
     def _joined(self, name: str, own: int, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec],
                 held_by_others: int, pool_cpus: int | None, other_specs: Mapping[str, ModelSpec] | None
                 ) -> tuple[ModelSpec, str] | str:
@@ -957,10 +970,7 @@ class Controller:
         roomy = self._roomy_neighbours(name, windows, specs)
         if roomy is None:
             return "no neighbour in the pool has latency to spare to join"
-        neighbours = sum(_units(s) * min(1.0, windows[n].used) for n, s in specs.items()
-                         if s.isolation == "shared" and n != name and n in windows)
-        outside = (held_by_others if other_specs is None else
-                   sum(_units(s) for s in other_specs.values() if s.isolation == "shared"))
+        neighbours, outside = self._pool_threads(name, windows, specs, held_by_others, other_specs)
         busy = neighbours + outside + own + 1
         most = self.oversubscribe * (pool_cpus + own if pool_cpus is not None else self.capacity)
         if busy > most:
@@ -980,14 +990,14 @@ class Controller:
         cores left (or serve from the pool, given their last); least used first."""
         out = []
         for d, s in specs.items():
-            if (d == name or d in taken or s.isolation != "exclusive" or not isinstance(s.cores, int)
-                    or not _movable(s) or d not in windows or d not in self.slos):
+            cores = _core_count(s)
+            if d == name or d in taken or cores is None or not _movable(s) or d not in windows or d not in self.slos:
                 continue
             u = windows[d].used
             if (u >= UNDERUSED or self._roomy_streak.get(d, 0) < self.confirm or not self._dwelled(d, now_s)
                     or not self._open(d, "shrink", now_s)):
                 continue
-            if s.cores > 1 and u * s.cores / (s.cores - 1) >= self.target:
+            if cores > 1 and u * cores / (cores - 1) >= self.target:
                 continue  # the cores left would run it past the target utilisation
             out.append((u, d))
         return sorted(out)
