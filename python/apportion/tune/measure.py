@@ -121,8 +121,9 @@ def measure_config(config: Config, settings: Settings = Settings(), *, topology_
     so a plan validated with a margin keeps room for a noisier run."""
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise QuotaError(f"measure_config: margin must be in [0, 1), got {margin!r}")
-    untightened = {ld_.model: ld_.slo for ld_ in config.model_loads()}
-    loads = [_tightened(ld_, margin) for ld_ in config.model_loads()]
+    given = config.model_loads()
+    untightened = {ld_.model: ld_.slo for ld_ in given}
+    loads = [_tightened(ld_, margin) for ld_ in given]
     if not loads:
         raise ConfigError(config.path, "models", "no model has a load; add load = { rate = ... } "
                           "or { concurrency = ... } to the models to measure")

@@ -311,13 +311,12 @@ def needs_for(config: Config, costs: Mapping[str, CostModel], total_cores: int, 
 
 
 def clearly_better(a: Candidate, b: Candidate, objective: str) -> bool:
-    if a.slo_ok() != b.slo_ok():
-        return a.slo_ok()
-    if a.met_count() != b.met_count():
-        return a.met_count() > b.met_count()
-    if a.near_count() != b.near_count():
-        return a.near_count() > b.near_count()
-    sa, sb = a.score(objective), b.score(objective)
+    """``a`` ranks before ``b`` (:meth:`Candidate.rank`), by more than 1% where only the
+    objective tells them apart."""
+    *ka, sa = a.rank(objective)
+    *kb, sb = b.rank(objective)
+    if ka != kb:
+        return ka > kb
     return sa > sb + 0.01 * abs(sb)
 
 
