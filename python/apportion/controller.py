@@ -25,12 +25,16 @@ serves from the pool beside the others; undone like any move when the models the
 on an "os" pool for a pool model that turns requests away with every instance busy, a core
 from a model that uses less than UNDERUSED of its own with latency to spare for ``confirm``
 windows and stays under ``target`` on the cores it keeps (given its last, it serves from the
-pool); a model with a count of cores of its own (one thread an instance) that turns requests
+pool), or an instance from a pool neighbour of several whose threads' CPU time
+(:attr:`Window.pool_cpu_s`) keeps one instance fewer under ``target``, with latency to spare for
+``confirm`` windows; a model with a count of cores of its own (one thread an instance) that turns requests
 away with every instance busy and gets no core joins the "os" pool with its cores and one
 instance more while the pool's models have latency to spare, within ``oversubscribe`` x the
 pool's CPUs busy threads; when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
-doubles its batch size, once per size up to ``max_batch_size``), and then moves its
+doubles its batch size, once per size up to ``max_batch_size``; where its cost model is known,
+``costs``, only if that saves BATCH_SAVES of a request's instance time; never in a window whose
+arrival rates moved from the ones before it, which its trial could not judge), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
 above ``risk`` x SLO (refusing at once what would miss it; not for admission by deadline, which
 already refuses each request that would miss), up while it refuses requests with its p99 below
@@ -79,7 +83,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +94,7 @@ from .batching import Batching
 from .errors import ApportionError, ModelNotFound, QuotaError, RuntimeClosed
 from .spec import ModelSpec
 from .stats import HistogramSnapshot, ModelStats, RuntimeStats, same_model
+from .tune.cost import CostModel
 
 __all__ = ["Controller", "Move", "Window"]
 
@@ -121,6 +126,12 @@ SHARE_WORTH = 0.5
 """Busy threads the other models of a saturated "os" pool must keep between them for one more
 instance of a model that refuses requests to take a share of the pool from them."""
 
+BATCH_SAVES = 0.05
+"""A model with a known cost model (``Controller(costs=...)``) has batching switched on, or its
+batch size doubled, only where that model says a request then costs at least this share less
+instance time: a bigger batch lengthens every call and the wait to fill it, so a move that
+saves little costs latency, a trial and a dwell for nothing."""
+
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
 requests change little, while the move costs a trial and a dwell in which the model gets no
@@ -150,6 +161,10 @@ class Window:
     CPUs of its own, or no /proc)."""
     failed: int = 0
     """Requests whose call raised: they took instance time as completions do."""
+    pool_cpu_s: float | None = None
+    """CPU time the threads of a model on the shared pool used in the window (s): its share of
+    the pool's CPUs, which its calls' wall time overstates where its threads wait for a CPU
+    (None: not read, or a model with CPUs of its own, see ``cpu_s``)."""
     tail_ms: float | None = None
     """End-to-end latency at the percentile of the model's objective (None: p99, ``p99_ms``)."""
     queued: int = 0
@@ -346,10 +361,10 @@ MIX_MOVED = 0.25
 may have moved by more than this share (of the larger of the two rates)."""
 
 
-def _mix_moved(before: list[Mapping[str, Window]], after: list[Mapping[str, Window]]) -> bool:
+def _mix_moved(before: Sequence[Mapping[str, Window]], after: Sequence[Mapping[str, Window]]) -> bool:
     """Whether some model's arrival rate differs between ``before`` and ``after`` by more than
     MIX_MOVED (a model with fewer than 20 arrivals in both is not judged by its rate)."""
-    def rates(windows: list[Mapping[str, Window]]) -> dict[str, tuple[float, int]]:
+    def rates(windows: Sequence[Mapping[str, Window]]) -> dict[str, tuple[float, int]]:
         out: dict[str, tuple[float, int]] = {}
         for name in {n for ws in windows for n in ws}:
             ws = [w[name] for w in windows if name in w]
@@ -385,6 +400,11 @@ def _failing_since(before: list[Mapping[str, Window]], after: list[Mapping[str, 
         if na >= 5 and fa > fb + FAILING_JUMP:
             return f"{name!r} failed {fa:.0%} of its requests after it against {fb:.0%} before"
     return None
+
+
+def _saving(saves: float | None) -> str:
+    """A batching move's reason's note of what its model's cost model says it saves."""
+    return "" if saves is None else f" (its cost model: {saves:.1%} less a request)"
 
 
 def _kind(old: ModelSpec, new: ModelSpec) -> str:
@@ -496,7 +516,10 @@ class Controller:
     would fail every request given a list); ``max_batch_size``:
     the largest batch a model at risk whose calls are already full is moved up to (doubling).
     ``judge``, ``tolerance``, ``tabu_s``: how a move is judged, and undone when it served less
-    (see the module documentation).
+    (see the module documentation). ``costs``: cost models of some of the models (such as
+    :attr:`apportion.tune.TuneResult.costs`, fitted from the tuner's profiles); a model's batching
+    is switched on or its batch doubled only where its cost model says that saves at least
+    BATCH_SAVES of a request's instance time (without one, the move is tried and judged).
 
     Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
     ``step()`` yourself once per window."""
@@ -508,7 +531,7 @@ class Controller:
                  judge: int = 3, tolerance: float = 0.03, tabu_s: float = 30.0,
                  log: Callable[[Move], None] | None = None, on_error: Callable[[str], None] | None = None,
                  percentiles: Mapping[str, float] | None = None,
-                 batchable: bool | Iterable[str] = False,
+                 batchable: bool | Iterable[str] = False, costs: Mapping[str, CostModel] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(slos, Mapping):
             raise QuotaError(f"Controller: slos must be a mapping of model name to its objective in ms, got "
@@ -569,6 +592,16 @@ class Controller:
             if not isinstance(name, str) or name not in slos:
                 raise QuotaError(f"Controller: batchable names {name!r}, which has no SLO in slos",
                                  model=name if isinstance(name, str) else None, field="batchable")
+        if costs is not None and not isinstance(costs, Mapping):
+            raise QuotaError(f"Controller: costs must be a mapping of model name to its CostModel (such as "
+                             f"TuneResult.costs), got {type(costs).__name__}", field="costs")
+        for name, cost in (costs or {}).items():
+            if not isinstance(name, str) or name not in slos:
+                raise QuotaError(f"Controller: costs names {name!r}, which has no SLO in slos",
+                                 model=name if isinstance(name, str) else None, field="costs")
+            if not isinstance(cost, CostModel):
+                raise QuotaError(f"Controller: the cost model must be an apportion.tune.CostModel, got "
+                                 f"{type(cost).__name__}", model=name, field="costs")
         pcts = dict(percentiles or {})
         for name, pct in pcts.items():
             if name not in slos:
@@ -594,7 +627,7 @@ class Controller:
         self.headroom, self.oversubscribe = headroom, oversubscribe
         self._pool: frozenset[int] = frozenset()  # the shared pool's CPUs at the last reading
         self._busy_s: float | None = None  # their busy seconds then
-        self._last_cpu: dict[str, float] = {}  # CPU seconds of the models with CPUs of their own
+        self._last_cpu: dict[str, float] = {}  # CPU seconds of the models with an objective
         self.idle_cpus: float | None = None
         """CPUs of the runtime's shared pool that sat idle over the last window (None: not
         measured, or the pool changed during the window)."""
@@ -602,6 +635,8 @@ class Controller:
         self.batchable: frozenset[str] = frozenset(self.slos) if batchable is True else (batchable_names or frozenset())
         """The models whose batching the controller may switch on (their calls take a list of
         inputs); a model that already batches may have its batch size changed whatever this says."""
+        self.costs: dict[str, CostModel] = dict(costs or {})
+        """Known cost models (``costs``): what batching saves a model (see BATCH_SAVES)."""
         self.clock = clock
         self._log = log
         self._t0 = clock()
@@ -645,7 +680,7 @@ class Controller:
                fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
                idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None,
                held_by_others: int = 0, pool_cpus: int | None = None,
-               other_specs: Mapping[str, ModelSpec] | None = None) -> list[Move]:
+               other_specs: Mapping[str, ModelSpec] | None = None, load_held: bool = True) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
@@ -658,7 +693,10 @@ class Controller:
         window yet), which count against ``capacity`` too. ``pool_cpus``: the CPUs of the shared
         pool (None: not known, ``capacity`` stands for them). ``other_specs``: the specs of those
         models, where known (their shared instances hold the pool's units and threads too; unknown,
-        ``held_by_others`` counts as shared and in the highest class)."""
+        ``held_by_others`` counts as shared and in the highest class). ``load_held``: whether the
+        load held over the windows a move made now would be judged against (no model's arrival
+        rate in this window moved by more than MIX_MOVED from the ones before it): a batching
+        move waits while it does not, since its trial could not judge it (see :meth:`verdict`)."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
         dwelling: list[tuple[float, float, str]] = []  # at risk this window, streak reset by a move
@@ -717,7 +755,7 @@ class Controller:
             if not self._dwelled(name, now_s):
                 continue
             got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, donors,
-                                pool_cpus, other_specs, {m.model for m in moves})
+                                pool_cpus, other_specs, {m.model for m in moves}, load_held)
             if isinstance(got, str):
                 self._hold(moves, now_s, name, got)
                 continue
@@ -728,7 +766,7 @@ class Controller:
                  fits: Callable[[Mapping[str, ModelSpec]], bool], idle_cpus: float | None,
                  queue_sizes: Mapping[str, int] | None, held_by_others: int, idle: list[str],
                  pool_cpus: int | None = None, other_specs: Mapping[str, ModelSpec] | None = None,
-                 taken: frozenset[str] | set[str] = frozenset()) -> list[Move] | str:
+                 taken: frozenset[str] | set[str] = frozenset(), load_held: bool = True) -> list[Move] | str:
         """The moves that serve model ``name`` (at risk) more this window, its own first, or why
         none can (see :meth:`decide`)."""
         w, spec = windows[name], specs[name]
@@ -795,6 +833,19 @@ class Controller:
                                    f"underused (used {used_d:.0%}) with latency to spare: gives {gives} to the "
                                    f"shared pool for {name!r}"),
                         self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
+            # Nor one with cores, but a pool neighbour whose threads' CPU time fits in one
+            # instance fewer with latency to spare: its instance (a thread competing for the
+            # pool's CPUs) serves more as one of this model's.
+            for cpus, d in self._spare(name, windows, specs, now_s, taken):
+                ds = specs[d]
+                shrunk = _shrunk(ds)
+                if shrunk is None or not fits({**specs, d: shrunk, name: grown}):
+                    continue
+                return [
+                        self._move(now_s, d, shrunk, _change(ds, shrunk),
+                                   f"spare: its threads used {cpus:.2f} CPUs, with latency to spare: gives an "
+                                   f"instance to {name!r}"),
+                        self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         own = _core_count(spec)
         if (movable and own is not None and (spec.threads or 1) == 1 and self.release and w.refused > 0
                 and w.busy > self.hot and self._open(name, "shrink", now_s)):
@@ -811,31 +862,47 @@ class Controller:
                                    why + f"; no core to take, and the pool's models have latency to spare "
                                    f"({joined[1]}): joins the pool with its cores")]
         can_batch = movable and self._open(name, "batch", now_s)
-        if can_batch and spec.batching is None and self.max_batch > 1 and name in self.batchable:
-            batched = dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms))
-            return [self._move(now_s, name, batched, f"batching off -> {self.max_batch}",
-                                       why + "; no capacity to take: batch")]
         b = spec.batching
+        batch_move: tuple[ModelSpec, str, str] | None = None  # the new spec, what changed, the reason
         if not movable:
             pass  # said above
         elif not can_batch:
             blocked.append("a batching move was undone lately")
         elif b is None:
-            blocked.append("batching is off (max_batch 1)" if self.max_batch <= 1 else
-                           "batching is off and the model is not batchable (Controller(batchable=...))")
+            saves = self._saves(name, spec, 1, self.max_batch)
+            if self.max_batch <= 1:
+                blocked.append("batching is off (max_batch 1)")
+            elif name not in self.batchable:
+                blocked.append("batching is off and the model is not batchable (Controller(batchable=...))")
+            elif saves is not None and saves < BATCH_SAVES:
+                blocked.append(f"its cost model says a batch of {self.max_batch} saves {saves:.1%} a request")
+            else:
+                batch_move = (dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms)),
+                              f"batching off -> {self.max_batch}", why + "; no capacity to take: batch" + _saving(saves))
         elif w.busy <= self.hot or w.mean_batch < FULL_BATCHES * b.max_size:
             blocked.append(f"calls not full (mean batch {w.mean_batch:.1f} of {b.max_size}, busy {w.busy:.0%})")
         elif b.max_size * 2 > self.max_batch_size or b.max_size * 2 in self._batch_tried.get(name, ()):
             blocked.append(f"batch {b.max_size * 2} beyond max_batch_size or tried")
+        elif (saves := self._saves(name, spec, b.max_size, b.max_size * 2)) is not None and saves < BATCH_SAVES:
+            blocked.append(f"its cost model says batch {b.max_size * 2} saves {saves:.1%} a request against "
+                           f"{b.max_size}")
         else:
             # Every call already full: a bigger batch serves more per instance (the call's fixed
             # cost shared by more requests). Tried once per size: a size that did not help is
             # not tried again, and admission comes next.
-            self._batch_tried.setdefault(name, set()).add(b.max_size * 2)
-            bigger = dataclasses.replace(spec, batching=dataclasses.replace(b, max_size=b.max_size * 2))
-            return [self._move(now_s, name, bigger, f"batch {b.max_size} -> {b.max_size * 2}",
-                                       why + f"; no capacity to take, calls full (mean batch {w.mean_batch:.1f}): "
-                                       "bigger batches")]
+            batch_move = (dataclasses.replace(spec, batching=dataclasses.replace(b, max_size=b.max_size * 2)),
+                          f"batch {b.max_size} -> {b.max_size * 2}",
+                          why + f"; no capacity to take, calls full (mean batch {w.mean_batch:.1f}): bigger batches"
+                          + _saving(saves))
+        if batch_move is not None and not load_held:
+            # Its trial needs the load that judges it to hold (a doubled batch that hurt was
+            # kept when it was made while the mix shifted): it waits for a window that does.
+            blocked.append("the load is moving: a batching move waits for it to hold (its trial could not judge it)")
+        elif batch_move is not None:
+            new_spec, change, reason = batch_move
+            if b is not None:
+                self._batch_tried.setdefault(name, set()).add(b.max_size * 2)
+            return [self._move(now_s, name, new_spec, change, reason)]
         # Admission: queue as many as the instances can serve within the SLO, and never less
         # than one full batch (below it every call is smaller, so the model serves less). Lowered
         # only while the latency itself is at risk: refusing requests that would meet their
@@ -1002,6 +1069,30 @@ class Controller:
             out.append((u, d))
         return sorted(out)
 
+    def _spare(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
+               taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[float, str]]:
+        """(CPUs used, model) of the shared-pool models other than ``name`` and those in
+        ``taken`` with more than one instance whose threads' CPU time in the window keeps one
+        instance fewer under ``target``, with latency to spare (see :meth:`_roomy`) for
+        ``confirm`` windows, out of their dwell and not given an instance back lately; least
+        used first. Their calls' wall time, stretched while their threads wait for the pool's
+        CPUs, says nothing of this."""
+        out = []
+        for d, s in specs.items():
+            w = windows.get(d)
+            if (d == name or d in taken or d not in self.slos or w is None or w.pool_cpu_s is None
+                    or s.isolation != "shared" or not _movable(s) or w.seconds <= 0):
+                continue
+            shrunk = _shrunk(s)
+            if shrunk is None or _units(shrunk) < 1:
+                continue
+            cpus = w.pool_cpu_s / w.seconds
+            if (cpus / _units(shrunk) >= self.target or self._roomy_streak.get(d, 0) < self.confirm
+                    or not self._dwelled(d, now_s) or not self._open(d, "shrink", now_s)):
+                continue
+            out.append((cpus, d))
+        return sorted(out)
+
     def _roomy(self, name: str, w: Window) -> bool:
         """Whether model ``name``'s latency has room to spare in window ``w``: its objective's
         latency under half its SLO, nothing refused, nothing stalled, no call running half its SLO."""
@@ -1069,15 +1160,11 @@ class Controller:
         return True
 
     def _cpu_s(self) -> dict[str, float]:
-        """CPU seconds so far of each model with CPUs of its own (isolation "exclusive": its
-        threads run on those alone), where /proc can be read; others are left out (a shared
-        pool's time is read for the pool as a whole, a worker process's is not counted)."""
+        """CPU seconds so far of each model with an objective, where /proc can be read (a worker
+        process's time is not counted: see :meth:`Runtime.cpu_seconds`)."""
         if not THREAD_TIMES:
             return {}
-        own = {n for n in self.slos if n in self.rt.models and self.rt.spec(n).isolation == "exclusive"}
-        if not own:
-            return {}
-        return {n: s for n, s in self.rt.cpu_seconds().items() if n in own}
+        return {n: s for n, s in self.rt.cpu_seconds().items() if n in self.slos}
 
     def _pool_busy_s(self) -> tuple[frozenset[int], float | None]:
         """The shared pool's CPUs now and their busy seconds so far (/proc/stat; None where
@@ -1085,6 +1172,16 @@ class Controller:
         exclusive models, however idle those sit."""
         pool = frozenset(self.rt.plan().shared_pool)
         return pool, cpus_busy_s(pool)
+
+    def _saves(self, name: str, spec: ModelSpec, batch: int, bigger: int) -> float | None:
+        """The share of a request's instance time a batch of ``bigger`` saves against ``batch``
+        by model ``name``'s cost model on its threads (None: no cost model for it, or one fitted
+        without two batch sizes, which says nothing about batching)."""
+        cost = self.costs.get(name)
+        if cost is None or not cost.batchable:
+            return None
+        t = spec.threads or 1
+        return 1.0 - cost.core_ms(t, bigger) / cost.core_ms(t, batch)
 
     def _dwelled(self, name: str, now_s: float) -> bool:
         last = self._last_move.get(name)
@@ -1125,7 +1222,14 @@ class Controller:
         self._last_cpu = cpu
         for n, w in windows.items():
             if n in cpu and n in last_cpu:
-                windows[n] = dataclasses.replace(w, cpu_s=max(0.0, cpu[n] - last_cpu[n]))
+                # A model with CPUs of its own: how much of them it used (Window.used); one on
+                # the shared pool: its share of the pool (a process model's time is not read).
+                spec = self.rt.spec(n)
+                used = max(0.0, cpu[n] - last_cpu[n])
+                if spec.isolation == "exclusive":
+                    windows[n] = dataclasses.replace(w, cpu_s=used)
+                elif spec.isolation == "shared":
+                    windows[n] = dataclasses.replace(w, pool_cpu_s=used)
         self.windows = windows
         self.history.append((now - self._t0, windows))
         if self._trial is not None:
@@ -1145,7 +1249,8 @@ class Controller:
         dwell_before = dict(self._last_move)
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
-                            pool_cpus=len(pool) if pool else None, other_specs=other_specs)
+                            pool_cpus=len(pool) if pool else None, other_specs=other_specs,
+                            load_held=self.load_held())
         if not moves:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now
@@ -1160,6 +1265,14 @@ class Controller:
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
         return moves
+
+    def load_held(self) -> bool:
+        """Whether the last window of :attr:`history` kept the load of the ones before it among
+        the ``judge`` windows a move made now is judged against (see :meth:`trial`): no model's
+        arrival rate in it moved by more than MIX_MOVED from theirs. True with no window
+        before it (nothing says the load moved)."""
+        last = [w for _, w in list(self.history)[-self.judge:]]
+        return len(last) < 2 or not _mix_moved(last[:-1], last[-1:])
 
     def trial(self, moves: list[Move], specs: Mapping[str, ModelSpec],
               history: list[Mapping[str, Window]]) -> None:
@@ -1225,6 +1338,7 @@ class Controller:
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
         self._pool, self._busy_s = self._pool_busy_s()
+        self._last_cpu = self._cpu_s()  # the CPU time too, or the next window's would span the move
         if self._log is not None:
             for m in moves:
                 try:

@@ -35,7 +35,8 @@ rate), and two more rows compare, after the shift:
 - **shift: controller**: the tuned plan serving the old mix with an :class:`apportion.Controller`
   beside it; midway the mix shifts and the controller moves instances, batching and admission
   between the models (each move is printed with its reason, and how long after the shift the
-  last one came); each model's queue is ``MAX_QUEUE`` deep, so the controller may raise an
+  last one came; the controller knows the tuner's cost models, so it makes no batching move
+  that saves a model little); each model's queue is ``MAX_QUEUE`` deep, so the controller may raise an
   admission bound the plan sized for the old mix;
 - **shift: retuned** (with ``--retune``): a plan tuned from scratch for the new mix.
 
@@ -62,6 +63,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from . import _table
@@ -71,7 +73,7 @@ from .config import Config, ConfigError, ModelConfig
 from .controller import Controller, Move
 from .errors import ApportionError
 from .spec import ModelSpec
-from .tune import Choice, Measured, Settings, apply, measure_config, tune
+from .tune import Choice, CostModel, Measured, Settings, apply, measure_config, tune
 
 __all__ = ["build_conv", "build_encoder", "build_mlp", "conv_input", "demo_config", "encoder_input",
            "mlp_input", "run_demo"]
@@ -336,12 +338,13 @@ def _measured(report: ld.LoadReport, demand: dict[str, float | None]) -> dict[st
 
 
 def measure_adaptive(before: Config, after: Config, *, before_s: float, settings: Settings,
-                     control_window_s: float) -> Adapted:
+                     control_window_s: float, costs: Mapping[str, CostModel] | None = None) -> Adapted:
     """Serves ``before`` (a plan and its load) with a controller beside it for ``before_s``
     seconds, then shifts to ``after``'s load (same models and specs) and measures it with
     ``settings`` while the controller goes on. Each model's queue is made ``MAX_QUEUE`` deep
     (or its plan's bound, if deeper) and starts at the plan's bound: room for the controller
-    to raise a bound the plan sized for the old mix."""
+    to raise a bound the plan sized for the old mix. ``costs``: the models' cost models (the
+    tuner's), which the controller asks before a batching move."""
     deep = replace(before, models={n: replace(m, spec=replace(m.spec, max_queue=max(m.spec.max_queue, MAX_QUEUE)))
                                    for n, m in before.models.items()})
     rt = deep.runtime()
@@ -356,7 +359,7 @@ def measure_adaptive(before: Config, after: Config, *, before_s: float, settings
         slos = {n: m.slo["latency_ms"] for n, m in before.models.items() if m.slo}
         # The demo's torch models take a stacked batch: the controller may switch batching on.
         ctl = Controller(rt, slos, window_s=control_window_s, dwell_s=4 * control_window_s, log=moves.append,
-                         batchable=True)
+                         batchable=True, costs=costs)
         with ctl:
             half = max(before_s / 2, 0.05)
             ld.run(rt, before.model_loads(), warmup_s=half, window_s=half, stable_windows=1, tolerance=1.0,
@@ -507,7 +510,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
         say("measuring the controller across the shift...")
         adapted = measure_adaptive(apply(cfg, tuned), apply(new_mix, tuned),
                                    before_s=before_s if before_s is not None else 4 * w,
-                                   settings=after_settings, control_window_s=max(0.1, w / 2))
+                                   settings=after_settings, control_window_s=max(0.1, w / 2), costs=result.costs)
         results["shift: controller"] = adapted.results
         demands["shift: static"] = demands["shift: controller"] = new_mix.demand()
         if retune:

@@ -14,6 +14,7 @@ import pytest
 import apportion as ap
 from apportion.controller import Controller, Window, within
 from apportion.errors import QuotaError
+from apportion.tune import CostModel
 
 
 def win(*, p99: float = 5.0, busy: float = 0.5, refused: int = 0, instances: int = 1, rate: float = 100.0,
@@ -163,6 +164,72 @@ def test_a_model_whose_calls_are_full_batches_gets_bigger_ones_once_per_size_the
     specs["a"] = ap.ModelSpec("a", model=lambda x: x, max_queue=256, batching=ap.Batching(8, 1.0))  # moved back
     moves = c.decide({"a": full, "b": busy_b}, specs, 2.0)
     assert moves[0].change.startswith("max_queue 256 -> ")  # 16 was tried once: not again
+
+
+def test_a_cost_model_that_says_a_bigger_batch_saves_little_holds_the_batch_move() -> None:
+    # conv-like: 0.23 ms a call and 0.93 ms a request; a batch of 16 saves ~1.5% against 8.
+    flat = CostModel(alpha_ms=0.23, beta_ms=0.93)
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16, costs={"a": flat})
+    # max_queue 16: at most what the SLO allows (~21), so no admission move either: held.
+    specs = {"a": spec("a", 1, max_queue=16, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    full = win(p99=80.0, busy=0.95, rate=800.0, batch=7.6)
+    assert c.decide({"a": full, "b": win(busy=0.6)}, specs, 0.0) == []
+    assert "its cost model says batch 16 saves 1.5% a request against 8" in c.held["a"][2]
+    # A call's fixed part the larger batch shares: 4 ms a call, 0.5 a request (8 -> 16: 25% less).
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16, costs={"a": CostModel(4.0, 0.5)})
+    moves = c.decide({"a": full, "b": win(busy=0.6)}, specs, 0.0)
+    assert [m.change for m in moves] == ["batch 8 -> 16"]
+    assert moves[0].reason.endswith("(its cost model: 25.0% less a request)")
+    # Switching batching on is asked of the cost model too (1 -> 8 saves ~17% for 'flat').
+    off = {"a": spec("a", 1, max_queue=4), "b": spec("b", 1)}
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch=8, costs={"a": CostModel(0.02, 0.93)})
+    assert c.decide({"a": win(p99=80.0), "b": win(busy=0.6)}, off, 0.0) == []
+    assert "its cost model says a batch of 8 saves 1.8% a request" in c.held["a"][2]
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch=8, costs={"a": flat})
+    moves = c.decide({"a": win(p99=80.0), "b": win(busy=0.6)}, off, 0.0)
+    assert [m.change for m in moves] == ["batching off -> 8"] and "17.3% less a request" in moves[0].reason
+    # A cost model fitted from one batch size says nothing about batching: the move is tried.
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16,
+                   costs={"a": CostModel(0.0, 1.0, batchable=False)})
+    moves = c.decide({"a": full, "b": win(busy=0.6)}, specs, 0.0)
+    assert [m.change for m in moves] == ["batch 8 -> 16"] and "cost model" not in moves[0].reason
+
+
+def test_a_batching_move_waits_while_the_load_moves() -> None:
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16)
+    specs = {"a": spec("a", 1, max_queue=16, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    full = win(p99=80.0, busy=0.95, rate=800.0, batch=7.6)
+    assert c.decide({"a": full, "b": win(busy=0.6)}, specs, 0.0, load_held=False) == []
+    assert "the load is moving: a batching move waits for it to hold" in c.held["a"][2]
+    moves = c.decide({"a": full, "b": win(busy=0.6)}, specs, 1.0)
+    assert [m.change for m in moves] == ["batch 8 -> 16"]  # the size was not spent while it waited
+    # The same for switching batching on; a model that could not batch anyway is not told so.
+    off = {"a": spec("a", 1, max_queue=4), "b": spec("b", 1)}
+    c = controller(capacity=2, confirm=1, dwell_s=0.0)
+    c.decide({"a": win(p99=80.0), "b": win(busy=0.6)}, off, 0.0, load_held=False)
+    assert "the load is moving" in c.held["a"][2]
+    c = controller(capacity=2, confirm=1, dwell_s=0.0, batchable=False)
+    c.decide({"a": win(p99=80.0), "b": win(busy=0.6)}, off, 0.0, load_held=False)
+    assert "the load is moving" not in c.held["a"][2] and "not batchable" in c.held["a"][2]
+
+
+def test_the_load_held_over_the_windows_a_move_would_be_judged_against() -> None:
+    c = controller(judge=3)
+    assert c.load_held()  # no window: nothing says the load moved
+    for t in range(3):
+        c.history.append((float(t), {"a": win(rate=100.0), "b": win(rate=100.0)}))
+    assert c.load_held()
+    c.history.append((3.0, {"a": win(rate=100.0), "b": win(rate=300.0)}))  # b's rate tripled
+    assert not c.load_held()
+    c.history.append((4.0, {"a": win(rate=100.0), "b": win(rate=300.0)}))
+    assert not c.load_held()  # against (100 + 300) / 2
+    c.history.append((5.0, {"a": win(rate=100.0), "b": win(rate=300.0)}))
+    assert c.load_held()  # the judge - 1 windows before it had the new load too
+    c.history.append((6.0, {"a": win(rate=115.0), "b": win(rate=260.0)}))  # within MIX_MOVED
+    assert c.load_held()
+    one = controller(judge=1)
+    one.history.extend(list(c.history))
+    assert one.load_held()  # judged against the window itself
 
 
 def test_admission_is_lowered_only_while_the_latency_is_at_risk_and_raised_while_it_has_room() -> None:
@@ -328,6 +395,54 @@ def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_r
     excl = specs | {"a": spec("a", 1, cores=1, isolation="exclusive", batching=ap.Batching(8, 1.0))}
     c = ctl()
     assert all(m.change != "instances 1 -> 2" for m in c.decide(roomy, excl, 0.0, idle_cpus=0.0))
+
+
+def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_model_that_refuses() -> None:
+    # "m" has two instances on the pool whose calls read 60% busy (wall time, stretched while
+    # its threads wait for the pool's CPUs: not idle) but whose threads used 0.3 CPUs, latency
+    # to spare; "a" turns requests away with every instance busy. One thread of "m" serves its
+    # load: it gives the other to "a".
+    specs = {"a": spec("a", 2, batching=ap.Batching(8, 1.0)), "m": spec("m", 2)}
+    slos = {"a": 75.0, "m": 50.0}
+    hot = win(p99=60.0, busy=1.1, refused=50, batch=2.0, instances=2)
+    light = dataclasses.replace(win(p99=10.0, busy=0.6, instances=2), pool_cpu_s=0.3)
+
+    def ctl(**kw: Any) -> Controller:
+        return Controller(None, slos, **{"capacity": 2, "confirm": 1, "dwell_s": 0.0, **kw})
+
+    moves = ctl().decide({"a": hot, "m": light}, specs, 0.0, idle_cpus=0.0, pool_cpus=2)
+    assert [(m.model, m.change) for m in moves] == [("m", "instances 2 -> 1"), ("a", "instances 2 -> 3")]
+    assert "spare: its threads used 0.30 CPUs, with latency to spare: gives an instance to 'a'" in moves[0].reason
+    assert "taken from 'm'" in moves[1].reason
+    # Not when one instance fewer would run past target (0.7 CPUs on one thread), its latency
+    # has no room, its CPU time is not known, it is down to one instance, the model that needs
+    # it refuses nothing, or on a scheduled pool.
+    one = specs | {"m": spec("m", 1)}
+    for a, m, sp, release in (
+            (hot, dataclasses.replace(light, pool_cpu_s=0.75), specs, True),
+            (hot, dataclasses.replace(light, p99_ms=30.0), specs, True),
+            (hot, dataclasses.replace(light, pool_cpu_s=None), specs, True),
+            (hot, dataclasses.replace(light, instances=1), one, True),
+            (dataclasses.replace(hot, refused=0), light, specs, True),
+            (hot, light, specs, False)):
+        c = ctl()
+        c.release = release
+        moves = c.decide({"a": a, "m": m}, sp, 0.0, idle_cpus=0.0, pool_cpus=2)
+        assert all(mv.model != "m" for mv in moves), (a, m, release)
+    # Latency to spare for confirm windows in a row, out of its dwell, not given back lately.
+    c = ctl(confirm=2)
+    assert c.decide({"a": hot, "m": dataclasses.replace(light, p99_ms=30.0)}, specs, 0.0, idle_cpus=0.0,
+                    pool_cpus=2) == []
+    assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2))
+    c = ctl(confirm=2)
+    assert c.decide({"a": hot, "m": light}, specs, 0.0, idle_cpus=0.0, pool_cpus=2) == []
+    assert [mv.model for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2)] == ["m", "a"]
+    c = ctl(dwell_s=5.0)
+    c._last_move["m"] = 0.0
+    assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2))
+    c = ctl()
+    c._tabu[("m", "shrink")] = 100.0
+    assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2))
 
 
 def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refuses() -> None:
@@ -596,6 +711,17 @@ def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
         assert err.value.field == field
 
 
+@pytest.mark.parametrize(("costs", "model", "match"), [
+    ([("a", CostModel(0.1, 1.0))], None, "must be a mapping"),
+    ({"z": CostModel(0.1, 1.0)}, "z", "costs names 'z', which has no SLO"),
+    ({3: CostModel(0.1, 1.0)}, None, "costs names 3"),
+    ({"a": (0.1, 1.0)}, "a", "must be an apportion.tune.CostModel, got tuple")])
+def test_bad_cost_models_are_refused_naming_the_model(costs: Any, model: str | None, match: str) -> None:
+    with pytest.raises(QuotaError, match=match) as err:
+        Controller(None, {"a": 50.0}, capacity=2, costs=costs)
+    assert err.value.field == "costs" and err.value.model == model
+
+
 def test_the_default_capacity_is_the_cpus_the_runtime_may_use() -> None:
     with ap.Runtime(cpus=[0]) as rt:
         rt.add_model("a", model=lambda x: x)
@@ -808,6 +934,8 @@ def test_a_core_given_to_the_pool_moves_live_and_loses_nothing() -> None:
         moves = c.step()
         # CPU time is read for 'b' (CPUs of its own), not for 'a' (the pool's time is the pool's)
         assert c.windows["b"].cpu_s is not None and c.windows["a"].cpu_s is None
+        # ... and for 'a' its share of the pool, which only the spare-instance move reads.
+        assert c.windows["a"].pool_cpu_s is not None and c.windows["b"].pool_cpu_s is None
         assert c.windows["b"].used <= c.windows["b"].busy
         assert [(m.model, m.change) for m in moves] == [("b", "cores 1 -> the shared pool"), ("a", "instances 1 -> 2")]
         assert rt.spec("b").isolation == "shared" and rt.spec("a").instances == 2
