@@ -25,7 +25,7 @@ serves from the pool beside the others; undone like any move when the models the
 on an "os" pool for a pool model that turns requests away with every instance busy, a core
 from a model that uses less than UNDERUSED of its own with latency to spare for ``confirm``
 windows and stays under ``target`` on the cores it keeps (given its last, it serves from the
-pool), or an instance from a pool neighbour of several whose threads' CPU time
+pool), or an instance from a pool neighbour of several one-thread instances whose threads' CPU time
 (:attr:`Window.pool_cpu_s`) keeps one instance fewer under ``target``, with latency to spare for
 ``confirm`` windows; a model with a count of cores of its own (one thread an instance) that turns requests
 away with every instance busy and gets no core joins the "os" pool with its cores and one
@@ -34,7 +34,8 @@ pool's CPUs busy threads; when
 nothing can be taken it switches batching on (or, when its calls are already full batches,
 doubles its batch size, once per size up to ``max_batch_size``; where its cost model is known,
 ``costs``, only if that saves BATCH_SAVES of a request's instance time; never in a window whose
-arrival rates moved from the ones before it, which its trial could not judge), and then moves its
+arrival rates moved from the ones before it, which its trial could not judge: it waits a window
+then, with no other move), and then moves its
 ``max_queue`` towards what its SLO allows (never below one full batch): down while its p99 is
 above ``risk`` x SLO (refusing at once what would miss it; not for admission by deadline, which
 already refuses each request that would miss), up while it refuses requests with its p99 below
@@ -596,9 +597,10 @@ class Controller:
             raise QuotaError(f"Controller: costs must be a mapping of model name to its CostModel (such as "
                              f"TuneResult.costs), got {type(costs).__name__}", field="costs")
         for name, cost in (costs or {}).items():
-            if not isinstance(name, str) or name not in slos:
-                raise QuotaError(f"Controller: costs names {name!r}, which has no SLO in slos",
-                                 model=name if isinstance(name, str) else None, field="costs")
+            # The tuner fits every model of its config: one without an objective is kept, unused.
+            if not isinstance(name, str) or (name not in slos and (rt is None or name not in rt.models)):
+                raise QuotaError(f"Controller: costs names {name!r}, which is neither in slos nor a model of the "
+                                 "runtime", model=name if isinstance(name, str) else None, field="costs")
             if not isinstance(cost, CostModel):
                 raise QuotaError(f"Controller: the cost model must be an apportion.tune.CostModel, got "
                                  f"{type(cost).__name__}", model=name, field="costs")
@@ -896,9 +898,11 @@ class Controller:
                           + _saving(saves))
         if batch_move is not None and not load_held:
             # Its trial needs the load that judges it to hold (a doubled batch that hurt was
-            # kept when it was made while the mix shifted): it waits for a window that does.
+            # kept when it was made while the mix shifted): the model waits for a window that
+            # does, rather than take a move that comes after batching in this window.
             blocked.append("the load is moving: a batching move waits for it to hold (its trial could not judge it)")
-        elif batch_move is not None:
+            return why + "; held: " + ", ".join(blocked)
+        if batch_move is not None:
             new_spec, change, reason = batch_move
             if b is not None:
                 self._batch_tried.setdefault(name, set()).add(b.max_size * 2)
@@ -1072,7 +1076,7 @@ class Controller:
     def _spare(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[float, str]]:
         """(CPUs used, model) of the shared-pool models other than ``name`` and those in
-        ``taken`` with more than one instance whose threads' CPU time in the window keeps one
+        ``taken`` with more than one instance of one thread whose threads' CPU time in the window keeps one
         instance fewer under ``target``, with latency to spare (see :meth:`_roomy`) for
         ``confirm`` windows, out of their dwell and not given an instance back lately; least
         used first. Their calls' wall time, stretched while their threads wait for the pool's
@@ -1081,13 +1085,11 @@ class Controller:
         for d, s in specs.items():
             w = windows.get(d)
             if (d == name or d in taken or d not in self.slos or w is None or w.pool_cpu_s is None
-                    or s.isolation != "shared" or not _movable(s) or w.seconds <= 0):
-                continue
-            shrunk = _shrunk(s)
-            if shrunk is None or _units(shrunk) < 1:
+                    or s.isolation != "shared" or not _movable(s) or w.seconds <= 0 or s.instances < 2
+                    or (s.threads or 1) != 1):
                 continue
             cpus = w.pool_cpu_s / w.seconds
-            if (cpus / _units(shrunk) >= self.target or self._roomy_streak.get(d, 0) < self.confirm
+            if (cpus / (s.instances - 1) >= self.target or self._roomy_streak.get(d, 0) < self.confirm
                     or not self._dwelled(d, now_s) or not self._open(d, "shrink", now_s)):
                 continue
             out.append((cpus, d))
@@ -1232,6 +1234,13 @@ class Controller:
                     windows[n] = dataclasses.replace(w, pool_cpu_s=used)
         self.windows = windows
         self.history.append((now - self._t0, windows))
+        # The pool's idle CPUs over this window, read every window (a trial's too: else the
+        # first window after it divided the whole trial's busy time by one window's length).
+        pool, busy_s = self._pool_busy_s()
+        self.idle_cpus = None
+        if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
+            self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
+        self._pool, self._busy_s = pool, busy_s
         if self._trial is not None:
             undo = self.verdict(windows, now - self._t0)
             if undo is None:
@@ -1239,11 +1248,6 @@ class Controller:
             if undo:
                 return undo if self._apply(undo, now, f"undoing {[u.change for u in undo]}: ") else []
         specs = {n: self.rt.spec(n) for n in windows}
-        pool, busy_s = self._pool_busy_s()
-        self.idle_cpus = None
-        if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
-            self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
-        self._pool, self._busy_s = pool, busy_s
         other_specs = {n: self.rt.spec(n) for n in self.rt.models if n not in windows}
         others = sum(_units(s) for s in other_specs.values())
         dwell_before = dict(self._last_move)
@@ -1268,10 +1272,11 @@ class Controller:
 
     def load_held(self) -> bool:
         """Whether the last window of :attr:`history` kept the load of the ones before it among
-        the ``judge`` windows a move made now is judged against (see :meth:`trial`): no model's
-        arrival rate in it moved by more than MIX_MOVED from theirs. True with no window
-        before it (nothing says the load moved)."""
-        last = [w for _, w in list(self.history)[-self.judge:]]
+        the ``judge`` windows a move made now is judged against (see :meth:`trial`; with
+        ``judge`` 1, of the window before it: a load that moved within this window shows
+        there): no model's arrival rate in it moved by more than MIX_MOVED from theirs. True
+        with no window before it (nothing says the load moved)."""
+        last = [w for _, w in list(self.history)[-max(self.judge, 2):]]
         return len(last) < 2 or not _mix_moved(last[:-1], last[-1:])
 
     def trial(self, moves: list[Move], specs: Mapping[str, ModelSpec],

@@ -197,7 +197,9 @@ def test_a_cost_model_that_says_a_bigger_batch_saves_little_holds_the_batch_move
 
 def test_a_batching_move_waits_while_the_load_moves() -> None:
     c = controller(capacity=2, confirm=1, dwell_s=0.0, max_batch_size=16)
-    specs = {"a": spec("a", 1, max_queue=16, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
+    # max_queue 64, above what the SLO allows: the model waits rather than take the admission
+    # move that comes after batching (its trial could not judge that one either).
+    specs = {"a": spec("a", 1, max_queue=64, batching=ap.Batching(8, 1.0)), "b": spec("b", 1)}
     full = win(p99=80.0, busy=0.95, rate=800.0, batch=7.6)
     assert c.decide({"a": full, "b": win(busy=0.6)}, specs, 0.0, load_held=False) == []
     assert "the load is moving: a batching move waits for it to hold" in c.held["a"][2]
@@ -229,7 +231,9 @@ def test_the_load_held_over_the_windows_a_move_would_be_judged_against() -> None
     assert c.load_held()
     one = controller(judge=1)
     one.history.extend(list(c.history))
-    assert one.load_held()  # judged against the window itself
+    assert one.load_held()
+    one.history.append((7.0, {"a": win(rate=100.0), "b": win(rate=100.0)}))
+    assert not one.load_held()  # judge 1: against the window before it
 
 
 def test_admission_is_lowered_only_while_the_latency_is_at_risk_and_raised_while_it_has_room() -> None:
@@ -423,6 +427,9 @@ def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_mo
             (hot, dataclasses.replace(light, p99_ms=30.0), specs, True),
             (hot, dataclasses.replace(light, pool_cpu_s=None), specs, True),
             (hot, dataclasses.replace(light, instances=1), one, True),
+            # two instances of two threads each: its calls queue per instance, not per thread
+            (hot, dataclasses.replace(light, pool_cpu_s=0.9), specs | {"m": spec("m", 2, threads=2)}, True),
+            (hot, dataclasses.replace(light, instances=1), specs | {"m": spec("m", 1, threads=4)}, True),
             (dataclasses.replace(hot, refused=0), light, specs, True),
             (hot, light, specs, False)):
         c = ctl()
@@ -713,13 +720,25 @@ def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(("costs", "model", "match"), [
     ([("a", CostModel(0.1, 1.0))], None, "must be a mapping"),
-    ({"z": CostModel(0.1, 1.0)}, "z", "costs names 'z', which has no SLO"),
+    ({"z": CostModel(0.1, 1.0)}, "z", "costs names 'z', which is neither in slos nor a model of the runtime"),
     ({3: CostModel(0.1, 1.0)}, None, "costs names 3"),
     ({"a": (0.1, 1.0)}, "a", "must be an apportion.tune.CostModel, got tuple")])
 def test_bad_cost_models_are_refused_naming_the_model(costs: Any, model: str | None, match: str) -> None:
     with pytest.raises(QuotaError, match=match) as err:
         Controller(None, {"a": 50.0}, capacity=2, costs=costs)
     assert err.value.field == "costs" and err.value.model == model
+
+
+def test_cost_models_of_the_runtime_s_models_without_an_objective_are_taken_unused() -> None:
+    # The tuner fits one for every model of its config.
+    with ap.Runtime() as rt:
+        rt.add_model("a", model=lambda x: x)
+        rt.add_model("logger", model=lambda x: x)
+        c = Controller(rt, {"a": 50.0}, costs={"a": CostModel(0.1, 1.0), "logger": CostModel(0.0, 1.0)})
+        assert set(c.costs) == {"a", "logger"}
+        with pytest.raises(QuotaError, match="costs names 'loger'") as err:
+            Controller(rt, {"a": 50.0}, costs={"loger": CostModel(0.0, 1.0)})
+        assert err.value.model == "loger"
 
 
 def test_the_default_capacity_is_the_cpus_the_runtime_may_use() -> None:
@@ -932,7 +951,8 @@ def test_a_core_given_to_the_pool_moves_live_and_loses_nothing() -> None:
         futs[-1].result(10)
         time.sleep(0.05)  # a window in which 'b' idles (its one call: ~1 ms of 50)
         moves = c.step()
-        # CPU time is read for 'b' (CPUs of its own), not for 'a' (the pool's time is the pool's)
+        # 'b''s CPU time is its use of the CPUs of its own (cpu_s); 'a''s is not (its CPUs are
+        # the pool's)
         assert c.windows["b"].cpu_s is not None and c.windows["a"].cpu_s is None
         # ... and for 'a' its share of the pool, which only the spare-instance move reads.
         assert c.windows["a"].pool_cpu_s is not None and c.windows["b"].pool_cpu_s is None
