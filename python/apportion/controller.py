@@ -835,9 +835,13 @@ class Controller:
                                    f"underused (used {used_d:.0%}) with latency to spare: gives {gives} to the "
                                    f"shared pool for {name!r}"),
                         self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
+        if (movable and (can_grow or (spec.threads or 1) == 1) and self.release and spec.isolation == "shared"
+                and w.refused > 0 and w.busy > self.hot):
             # Nor one with cores, but a pool neighbour whose threads' CPU time fits in one
             # instance fewer with latency to spare: its instance (a thread competing for the
-            # pool's CPUs) serves more as one of this model's.
+            # pool's CPUs) serves more as one of this model's. One thread for another adds none
+            # to the pool, so an instance more undone lately (a thread added) does not hold it;
+            # undone, it holds the donor's shrinking for tabu_s.
             for cpus, d in self._spare(name, windows, specs, now_s, taken):
                 ds = specs[d]
                 shrunk = _shrunk(ds)

@@ -450,6 +450,16 @@ def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_mo
     c = ctl()
     c._tabu[("m", "shrink")] = 100.0
     assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2))
+    # An instance more for "a" undone lately (a thread added to the pool) does not hold a swap
+    # of one thread for another; for a model of several threads an instance, it does.
+    c = ctl()
+    c._tabu[("a", "grow")] = 100.0
+    moves = c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2)
+    assert [(mv.model, mv.change) for mv in moves] == [("m", "instances 2 -> 1"), ("a", "instances 2 -> 3")]
+    c = ctl(capacity=4)
+    c._tabu[("a", "grow")] = 100.0
+    wide = specs | {"a": spec("a", 2, threads=2, batching=ap.Batching(8, 1.0))}
+    assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, wide, 1.0, idle_cpus=0.0, pool_cpus=2))
 
 
 def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refuses() -> None:
