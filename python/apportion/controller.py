@@ -46,7 +46,9 @@ model in the pool has latency to spare (its objective's latency under half its S
 refused or stalled): the OS divides the pool's CPUs between the threads that can run, so the
 instance takes a larger share of them from those neighbours, while they keep SHARE_WORTH busy
 threads between them and the pool's busy threads (its own instances whole, each neighbour's
-counted by the share of them it used) stay within ``oversubscribe`` x its CPUs. On a scheduled pool no move leaves a model with an objective where the shared
+counted by the share of them it used) stay within ``oversubscribe`` x its CPUs, and while its
+threads each used ``target`` of a CPU or more (:attr:`Window.pool_cpu_s`; below that it lacks
+the pool's CPU time, which its neighbours use for their own load, not threads). On a scheduled pool no move leaves a model with an objective where the shared
 instances of the classes above it hold every unit (where it was not before): a unit goes to
 the highest class waiting, so that model would get one only when they idle. A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
@@ -974,6 +976,13 @@ class Controller:
             elif busy_units + more > most:
                 blocked.append(f"{busy_units:.1f} busy threads in the pool: one more instance passes {most:g} "
                                "(oversubscribe x its CPUs)")
+            elif (per_thread := self._cpu_per_thread(w, spec)) is not None and per_thread < self.target:
+                # Neighbours that keep up with their load use the CPU time their load needs
+                # however many threads this model runs: it gets the rest already, and a thread
+                # more gets it a share only while they wait (their latency, not its throughput).
+                # Only while its threads each run most of a CPU is it short of threads.
+                blocked.append(f"its {_units(spec)} threads used {per_thread:.2f} of a CPU each: it lacks the pool's "
+                               "CPU time, not threads")
             elif not fits({**specs, name: grown}):
                 blocked.append("another instance does not fit")
             else:
@@ -1076,6 +1085,14 @@ class Controller:
                 continue  # the cores left would run it past the target utilisation
             out.append((u, d))
         return sorted(out)
+
+    @staticmethod
+    def _cpu_per_thread(w: Window, spec: ModelSpec) -> float | None:
+        """The CPU time of a shared-pool model's threads in window ``w`` per thread (None: not
+        read)."""
+        if w.pool_cpu_s is None or w.seconds <= 0:
+            return None
+        return w.pool_cpu_s / w.seconds / _units(spec)
 
     def _spare(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[float, str]]:

@@ -391,6 +391,17 @@ def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_r
     assert c.decide({**roomy, "b": win(p99=10.0, busy=0.2), "c": win(p99=5.0, busy=0.1)}, specs, 0.0,
                     idle_cpus=0.0) == []
     assert "its neighbours in the pool keep 0.3 threads busy: no share to take" in c.held["a"][2]
+    # Its threads' CPU time, where read: one more thread helps while each runs most of a CPU
+    # (one thread can use one CPU); at 0.5 of a CPU each its threads wait for CPU time the
+    # neighbours use for their own load, which a thread more does not get it.
+    c = ctl()
+    moves = c.decide({**roomy, "a": dataclasses.replace(hot, pool_cpu_s=0.95)}, specs, 0.0, idle_cpus=0.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    two = specs | {"a": spec("a", 2, batching=ap.Batching(8, 1.0))}
+    c = ctl(capacity=3)
+    hot2 = dataclasses.replace(win(p99=30.0, busy=1.1, refused=20, batch=2.0, instances=2), pool_cpu_s=1.0)
+    assert c.decide({**roomy, "a": hot2}, two, 0.0, idle_cpus=0.0) == []
+    assert "its 2 threads used 0.50 of a CPU each: it lacks the pool's CPU time, not threads" in c.held["a"][2]
     # On a scheduled pool the runtime, not the OS, divides the units: no share to take.
     c = ctl()
     c.release = False
