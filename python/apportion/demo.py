@@ -46,8 +46,8 @@ controller's time to adapt; a warm-up for the static plan), then the measured wi
 
 The default shift moves the traffic to conv, the model whose batching gains least (a batch of
 eight costs it ~0.95 ms a request against ~1.1 ms alone): no batch size lets the static plan's
-conv instance serve 3.5 times its traffic, so the plan falls short (it serves 64-79% of the
-new demand, bench/RESULTS.md). A shift to mlp (``--shift mlp=0.7,conv=0.2,encoder=0.1``) the tuned
+conv instance serve 3.5 times its traffic, so the plan falls short (it serves 62-86% of the
+new demand, or nearly all of it where the tuner gave conv a second instance: bench/RESULTS.md). A shift to mlp (``--shift mlp=0.7,conv=0.2,encoder=0.1``) the tuned
 plan absorbs at the default load (batching lets one mlp instance serve most of the rate), so
 the controller has little to add there; at ``--load 1.6`` it has more (bench/RESULTS.md,
 "After the shift at 1.6x the one-thread load").
