@@ -47,8 +47,9 @@ refused or stalled): the OS divides the pool's CPUs between the threads that can
 instance takes a larger share of them from those neighbours, while they keep SHARE_WORTH busy
 threads between them and the pool's busy threads (its own instances whole, each neighbour's
 counted by the share of them it used) stay within ``oversubscribe`` x its CPUs, and while its
-threads each used ``target`` of a CPU or more (:attr:`Window.pool_cpu_s`; below that it lacks
-the pool's CPU time, which its neighbours use for their own load, not threads). On a scheduled pool no move leaves a model with an objective where the shared
+threads each used ``target`` of a CPU or more, where their CPU time is read
+(:attr:`Window.pool_cpu_s`; below that its neighbours, keeping up with their load, use the
+CPU time it lacks, which a thread more takes from them only while they wait). On a scheduled pool no move leaves a model with an objective where the shared
 instances of the classes above it hold every unit (where it was not before): a unit goes to
 the highest class waiting, so that model would get one only when they idle. A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
@@ -65,7 +66,9 @@ MIX_MOVED: a shifting load says nothing about the move), or a moved model's shar
 requests rose by more than FAILING_JUMP (whatever the load did), the move is undone (the moved models get their old specs back,
 logged as a move of its own) and the same kind of move (more instances, a bigger batch or
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
-seconds; the next kind in line is tried instead. A moved model that worked off a backlog over
+seconds; the next kind in line is tried instead (a spare instance's swap, one thread for another,
+is its own kind: an instance more undone does not hold it, and one swap undone holds every
+other for that model). A moved model that worked off a backlog over
 the trial (served more than arrived, its queue shorter than at the move) completes requests
 queued before the move late, however much faster it serves: its windows that began with a
 backlog are left out of the trial (the others judge whether the move took from them, and its
@@ -134,6 +137,10 @@ BATCH_SAVES = 0.05
 batch size doubled, only where that model says a request then costs at least this share less
 instance time: a bigger batch lengthens every call and the wait to fill it, so a move that
 saves little costs latency, a trial and a dwell for nothing."""
+
+SPARE = "spare: "
+"""How the reason of a spare instance's donor move starts (see :meth:`Controller._spare`):
+a trial that undoes it holds the receiving model's swaps for ``tabu_s``."""
 
 RAISE_AT_LEAST = 0.25
 """A raise of an admission bound by less than this share of it is not made: a few more queued
@@ -408,6 +415,14 @@ def _failing_since(before: list[Mapping[str, Window]], after: list[Mapping[str, 
 def _saving(saves: float | None) -> str:
     """A batching move's reason's note of what its model's cost model says it saves."""
     return "" if saves is None else f" (its cost model: {saves:.1%} less a request)"
+
+
+def _swap_receivers(moves: list[Move]) -> list[str]:
+    """The models that received an instance in a spare instance's swap among ``moves`` (its
+    donor's reason starts with SPARE): a swap undone or refused holds their swaps."""
+    if not any(m.reason.startswith(SPARE) for m in moves):
+        return []
+    return [m.model for m in moves if not m.reason.startswith(SPARE)]
 
 
 def _kind(old: ModelSpec, new: ModelSpec) -> str:
@@ -809,7 +824,8 @@ class Controller:
                         if d != name and _movable(specs[d]) and _shrunk(specs[d], self.release) is not None
                         ) if can_grow else []
         if movable:
-            blocked.append("no idle model to take from" if not donors else "no idle model's capacity fits")
+            if can_grow:  # (else said above: no donor is asked)
+                blocked.append("no idle model to take from" if not donors else "no idle model's capacity fits")
         for _, d in donors:
             ds = specs[d]
             shrunk = _shrunk(ds, self.release)
@@ -837,13 +853,13 @@ class Controller:
                                    f"underused (used {used_d:.0%}) with latency to spare: gives {gives} to the "
                                    f"shared pool for {name!r}"),
                         self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
-        if (movable and (can_grow or (spec.threads or 1) == 1) and self.release and spec.isolation == "shared"
-                and w.refused > 0 and w.busy > self.hot):
+        if (movable and (can_grow or (spec.threads or 1) == 1) and self._open(name, "swap", now_s) and self.release
+                and spec.isolation == "shared" and w.refused > 0 and w.busy > self.hot):
             # Nor one with cores, but a pool neighbour whose threads' CPU time fits in one
             # instance fewer with latency to spare: its instance (a thread competing for the
             # pool's CPUs) serves more as one of this model's. One thread for another adds none
             # to the pool, so an instance more undone lately (a thread added) does not hold it;
-            # undone, it holds the donor's shrinking for tabu_s.
+            # undone, it holds this model's swaps (from any donor) for tabu_s.
             for cpus, d in self._spare(name, windows, specs, now_s, taken):
                 ds = specs[d]
                 shrunk = _shrunk(ds)
@@ -851,7 +867,7 @@ class Controller:
                     continue
                 return [
                         self._move(now_s, d, shrunk, _change(ds, shrunk),
-                                   f"spare: its threads used {cpus:.2f} CPUs, with latency to spare: gives an "
+                                   f"{SPARE}its threads used {cpus:.2f} CPUs, with latency to spare: gives an "
                                    f"instance to {name!r}"),
                         self._move(now_s, name, grown, _change(spec, grown), why + f"; taken from {d!r}")]
         own = _core_count(spec)
@@ -981,8 +997,8 @@ class Controller:
                 # however many threads this model runs: it gets the rest already, and a thread
                 # more gets it a share only while they wait (their latency, not its throughput).
                 # Only while its threads each run most of a CPU is it short of threads.
-                blocked.append(f"its {_units(spec)} threads used {per_thread:.2f} of a CPU each: it lacks the pool's "
-                               "CPU time, not threads")
+                blocked.append(f"its {_units(spec)} threads used {per_thread:.2f} of a CPU each (under "
+                               f"{self.target:g}): no sign that a thread more would get it more CPU time")
             elif not fits({**specs, name: grown}):
                 blocked.append("another instance does not fit")
             else:
@@ -1287,6 +1303,8 @@ class Controller:
             self._last_move = dwell_before
             for m in moves:
                 self._tabu[(m.model, _kind(specs[m.model], m.spec))] = now - self._t0 + self.tabu_s
+            for name in _swap_receivers(moves):
+                self._tabu[(name, "swap")] = now - self._t0 + self.tabu_s
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
         return moves
@@ -1339,6 +1357,8 @@ class Controller:
         undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
         for m, old in undone:
             self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
+        for name in _swap_receivers([m for m, _ in undone]):
+            self._tabu[(name, "swap")] = now_s + self.tabu_s
         return [dataclasses.replace(self._move(now_s, m.model, old, f"undone: {m.change}", why), undo=True)
                 for m, old in undone]
 

@@ -394,14 +394,19 @@ def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_r
     # Its threads' CPU time, where read: one more thread helps while each runs most of a CPU
     # (one thread can use one CPU); at 0.5 of a CPU each its threads wait for CPU time the
     # neighbours use for their own load, which a thread more does not get it.
+    # (Where it is not read, as in the windows above, the move is made without it.)
     c = ctl()
-    moves = c.decide({**roomy, "a": dataclasses.replace(hot, pool_cpu_s=0.95)}, specs, 0.0, idle_cpus=0.0)
-    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]
+    moves = c.decide({**roomy, "a": dataclasses.replace(hot, pool_cpu_s=0.7)}, specs, 0.0, idle_cpus=0.0)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2")]  # target: 0.7
+    c = ctl()
+    assert c.decide({**roomy, "a": dataclasses.replace(hot, pool_cpu_s=0.69)}, specs, 0.0, idle_cpus=0.0) == []
+    assert "its 1 threads used 0.69 of a CPU each (under 0.7)" in c.held["a"][2]
     two = specs | {"a": spec("a", 2, batching=ap.Batching(8, 1.0))}
     c = ctl(capacity=3)
     hot2 = dataclasses.replace(win(p99=30.0, busy=1.1, refused=20, batch=2.0, instances=2), pool_cpu_s=1.0)
     assert c.decide({**roomy, "a": hot2}, two, 0.0, idle_cpus=0.0) == []
-    assert "its 2 threads used 0.50 of a CPU each: it lacks the pool's CPU time, not threads" in c.held["a"][2]
+    assert "its 2 threads used 0.50 of a CPU each (under 0.7): no sign that a thread more would get it more CPU " \
+        "time" in c.held["a"][2]
     # On a scheduled pool the runtime, not the OS, divides the units: no share to take.
     c = ctl()
     c.release = False
@@ -410,6 +415,19 @@ def test_a_refusing_shared_model_takes_a_larger_share_of_a_saturated_pool_from_r
     excl = specs | {"a": spec("a", 1, cores=1, isolation="exclusive", batching=ap.Batching(8, 1.0))}
     c = ctl()
     assert all(m.change != "instances 1 -> 2" for m in c.decide(roomy, excl, 0.0, idle_cpus=0.0))
+
+
+def gives_nothing_in_its_dwell_nor_given_back_lately(ctl: Any, windows: dict[str, Window],
+                                                     specs: dict[str, ap.ModelSpec], donor: str,
+                                                     pool_cpus: int) -> None:
+    """A donor that would give (``windows``) gives nothing while in its dwell (moved at 0 s,
+    dwell 5 s) nor while its shrinking is held after an undo."""
+    c = ctl(dwell_s=5.0)
+    c._last_move[donor] = 0.0
+    assert all(m.model != donor for m in c.decide(windows, specs, 1.0, idle_cpus=0.0, pool_cpus=pool_cpus))
+    c = ctl()
+    c._tabu[(donor, "shrink")] = 100.0
+    assert all(m.model != donor for m in c.decide(windows, specs, 1.0, idle_cpus=0.0, pool_cpus=pool_cpus))
 
 
 def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_model_that_refuses() -> None:
@@ -455,18 +473,27 @@ def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_mo
     c = ctl(confirm=2)
     assert c.decide({"a": hot, "m": light}, specs, 0.0, idle_cpus=0.0, pool_cpus=2) == []
     assert [mv.model for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2)] == ["m", "a"]
-    c = ctl(dwell_s=5.0)
-    c._last_move["m"] = 0.0
-    assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2))
-    c = ctl()
-    c._tabu[("m", "shrink")] = 100.0
-    assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2))
+    gives_nothing_in_its_dwell_nor_given_back_lately(ctl, {"a": hot, "m": light}, specs, "m", pool_cpus=2)
     # An instance more for "a" undone lately (a thread added to the pool) does not hold a swap
     # of one thread for another; for a model of several threads an instance, it does.
     c = ctl()
     c._tabu[("a", "grow")] = 100.0
     moves = c.decide({"a": hot, "m": light}, specs, 1.0, idle_cpus=0.0, pool_cpus=2)
     assert [(mv.model, mv.change) for mv in moves] == [("m", "instances 2 -> 1"), ("a", "instances 2 -> 3")]
+    # A swap undone holds the receiving model's swaps from every donor, not only that one's.
+    three = specs | {"n": spec("n", 2)}
+    slos3 = {"a": 75.0, "m": 50.0, "n": 50.0}
+    c = Controller(None, slos3, capacity=2, confirm=1, dwell_s=0.0, judge=1)
+    windows = {"a": hot, "m": light, "n": light}
+    moves = c.decide(windows, three, 0.0, idle_cpus=0.0, pool_cpus=2)
+    assert [(mv.model, mv.change) for mv in moves] == [("m", "instances 2 -> 1"), ("a", "instances 2 -> 3")]
+    c.trial(moves, three, [windows])
+    worse = {**windows, "a": dataclasses.replace(hot, completed=20)}  # served 73% of arrivals, against 100%
+    undo = c.verdict(worse, 1.0)
+    assert undo is not None and [(mv.model, mv.undo) for mv in undo] == [("m", True), ("a", True)]
+    assert c._tabu[("a", "swap")] == c._tabu[("m", "shrink")] == 1.0 + c.tabu_s
+    later = c.decide(windows, three, 2.0, idle_cpus=0.0, pool_cpus=2)
+    assert all(mv.model not in ("m", "n") for mv in later), later  # 'n' could give, and does not
     c = ctl(capacity=4)
     c._tabu[("a", "grow")] = 100.0
     wide = specs | {"a": spec("a", 2, threads=2, batching=ap.Batching(8, 1.0))}
@@ -511,12 +538,7 @@ def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refus
     assert c.decide({"a": hot, "e": win(p99=30.0, busy=0.4)}, specs, 0.0, idle_cpus=0.0, pool_cpus=1) == []
     assert c.decide({"a": hot, "e": under}, specs, 1.0, idle_cpus=0.0, pool_cpus=1) == []  # one roomy window
     assert [m.model for m in c.decide({"a": hot, "e": under}, specs, 2.0, idle_cpus=0.0, pool_cpus=1)] == ["e", "a"]
-    c = ctl(dwell_s=5.0)
-    c._last_move["e"] = 0.0
-    assert all(m.model != "e" for m in c.decide({"a": hot, "e": under}, specs, 1.0, idle_cpus=0.0, pool_cpus=1))
-    c = ctl()
-    c._tabu[("e", "shrink")] = 100.0
-    assert all(m.model != "e" for m in c.decide({"a": hot, "e": under}, specs, 1.0, idle_cpus=0.0, pool_cpus=1))
+    gives_nothing_in_its_dwell_nor_given_back_lately(ctl, {"a": hot, "e": under}, specs, "e", pool_cpus=1)
     # A model whose admission is given back in the same window is not also a donor: one apply
     # names each model once.
     c = ctl()
