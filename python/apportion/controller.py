@@ -419,10 +419,11 @@ def _saving(saves: float | None) -> str:
 
 def _swap_receivers(moves: list[Move]) -> list[str]:
     """The models that received an instance in a spare instance's swap among ``moves`` (its
-    donor's reason starts with SPARE): a swap undone or refused holds their swaps."""
+    donor's reason starts with SPARE; an idle model's admission restored in the same step is
+    neither): a swap undone or refused holds their swaps."""
     if not any(m.reason.startswith(SPARE) for m in moves):
         return []
-    return [m.model for m in moves if not m.reason.startswith(SPARE)]
+    return [m.model for m in moves if not m.reason.startswith(SPARE) and m.reason != RESTORED]
 
 
 def _kind(old: ModelSpec, new: ModelSpec) -> str:

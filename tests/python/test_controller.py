@@ -500,6 +500,18 @@ def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_mo
     assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, wide, 1.0, idle_cpus=0.0, pool_cpus=2))
 
 
+def test_the_receivers_of_a_swap_are_the_moved_models_but_its_donor() -> None:
+    from apportion.controller import RESTORED, SPARE, Move, _swap_receivers
+
+    s = spec("m", 1)
+    donor = Move(0.0, "m", "instances 2 -> 1", SPARE + "its threads used 0.30 CPUs", s)
+    taker = Move(0.0, "a", "instances 2 -> 3", "SLO at risk; taken from 'm'", s)
+    restored = Move(0.0, "b", "max_queue 8 -> 16", RESTORED, s)
+    assert _swap_receivers([donor, taker]) == ["a"]
+    assert _swap_receivers([restored, donor, taker]) == ["a"]  # an admission restored with it is not
+    assert _swap_receivers([taker]) == [] and _swap_receivers([]) == []  # no swap among them
+
+
 def test_an_underused_model_gives_its_core_to_a_saturated_pool_whose_model_refuses() -> None:
     # "e" has a core of its own and uses 40% of it (not idle: 30%), p99 far under its SLO;
     # "a" in the one-CPU pool turns requests away with every instance busy. The core serves
