@@ -190,6 +190,12 @@ class Window:
         return self.p99_ms if self.tail_ms is None else self.tail_ms
 
     @property
+    def pool_cpus(self) -> float | None:
+        """CPUs of the shared pool the model's threads used on average (``pool_cpu_s`` over the
+        window; None: not read)."""
+        return self.pool_cpu_s / self.seconds if self.pool_cpu_s is not None and self.seconds > 0 else None
+
+    @property
     def rate(self) -> float:
         """Arrivals per second."""
         return self.arrivals / self.seconds if self.seconds > 0 else 0.0
@@ -894,12 +900,11 @@ class Controller:
         elif not can_batch:
             blocked.append("a batching move was undone lately")
         elif b is None:
-            saves = self._saves(name, spec, 1, self.max_batch)
             if self.max_batch <= 1:
                 blocked.append("batching is off (max_batch 1)")
             elif name not in self.batchable:
                 blocked.append("batching is off and the model is not batchable (Controller(batchable=...))")
-            elif saves is not None and saves < BATCH_SAVES:
+            elif (saves := self._saves(name, spec, 1, self.max_batch)) is not None and saves < BATCH_SAVES:
                 blocked.append(f"its cost model says a batch of {self.max_batch} saves {saves:.1%} a request")
             else:
                 batch_move = (dataclasses.replace(spec, batching=Batching(self.max_batch, self.batch_delay_ms)),
@@ -993,7 +998,7 @@ class Controller:
             elif busy_units + more > most:
                 blocked.append(f"{busy_units:.1f} busy threads in the pool: one more instance passes {most:g} "
                                "(oversubscribe x its CPUs)")
-            elif (per_thread := self._cpu_per_thread(w, spec)) is not None and per_thread < self.target:
+            elif w.pool_cpus is not None and (per_thread := w.pool_cpus / _units(spec)) < self.target:
                 # Neighbours that keep up with their load use the CPU time their load needs
                 # however many threads this model runs: it gets the rest already, and a thread
                 # more gets it a share only while they wait (their latency, not its throughput).
@@ -1095,21 +1100,12 @@ class Controller:
             if d == name or d in taken or cores is None or not _movable(s) or d not in windows or d not in self.slos:
                 continue
             u = windows[d].used
-            if (u >= UNDERUSED or self._roomy_streak.get(d, 0) < self.confirm or not self._dwelled(d, now_s)
-                    or not self._open(d, "shrink", now_s)):
+            if u >= UNDERUSED or not self._may_give(d, now_s):
                 continue
             if cores > 1 and u * cores / (cores - 1) >= self.target:
                 continue  # the cores left would run it past the target utilisation
             out.append((u, d))
         return sorted(out)
-
-    @staticmethod
-    def _cpu_per_thread(w: Window, spec: ModelSpec) -> float | None:
-        """The CPU time of a shared-pool model's threads in window ``w`` per thread (None: not
-        read)."""
-        if w.pool_cpu_s is None or w.seconds <= 0:
-            return None
-        return w.pool_cpu_s / w.seconds / _units(spec)
 
     def _spare(self, name: str, windows: Mapping[str, Window], specs: Mapping[str, ModelSpec], now_s: float,
                taken: frozenset[str] | set[str] = frozenset()) -> list[tuple[float, str]]:
@@ -1121,17 +1117,20 @@ class Controller:
         CPUs, says nothing of this."""
         out = []
         for d, s in specs.items():
-            w = windows.get(d)
-            if (d == name or d in taken or d not in self.slos or w is None or w.pool_cpu_s is None
-                    or s.isolation != "shared" or not _movable(s) or w.seconds <= 0 or s.instances < 2
-                    or (s.threads or 1) != 1):
+            cpus = windows[d].pool_cpus if d in windows else None
+            if (d == name or d in taken or d not in self.slos or cpus is None or s.isolation != "shared"
+                    or not _movable(s) or s.instances < 2 or (s.threads or 1) != 1):
                 continue
-            cpus = w.pool_cpu_s / w.seconds
-            if (cpus / (s.instances - 1) >= self.target or self._roomy_streak.get(d, 0) < self.confirm
-                    or not self._dwelled(d, now_s) or not self._open(d, "shrink", now_s)):
+            if cpus / (s.instances - 1) >= self.target or not self._may_give(d, now_s):
                 continue
             out.append((cpus, d))
         return sorted(out)
+
+    def _may_give(self, donor: str, now_s: float) -> bool:
+        """Whether model ``donor`` may give capacity it does not need: latency to spare for
+        ``confirm`` windows in a row, out of its dwell, and not given some back lately."""
+        return (self._roomy_streak.get(donor, 0) >= self.confirm and self._dwelled(donor, now_s)
+                and self._open(donor, "shrink", now_s))
 
     def _roomy(self, name: str, w: Window) -> bool:
         """Whether model ``name``'s latency has room to spare in window ``w``: its objective's
@@ -1258,17 +1257,17 @@ class Controller:
                 self._forget(n)
         windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n], self.percentiles[n])
                    for n in self.slos if n in stats and n in last and same_model(last[n], stats[n])}
+        specs = {n: self.rt.spec(n) for n in windows}
         cpu, last_cpu = self._cpu_s(), self._last_cpu
         self._last_cpu = cpu
         for n, w in windows.items():
             if n in cpu and n in last_cpu:
                 # A model with CPUs of its own: how much of them it used (Window.used); one on
                 # the shared pool: its share of the pool (a process model's time is not read).
-                spec = self.rt.spec(n)
                 used = max(0.0, cpu[n] - last_cpu[n])
-                if spec.isolation == "exclusive":
+                if specs[n].isolation == "exclusive":
                     windows[n] = dataclasses.replace(w, cpu_s=used)
-                elif spec.isolation == "shared":
+                elif specs[n].isolation == "shared":
                     windows[n] = dataclasses.replace(w, pool_cpu_s=used)
         self.windows = windows
         self.history.append((now - self._t0, windows))
@@ -1285,7 +1284,6 @@ class Controller:
                 return []  # still judging the last move: nothing else moves meanwhile
             if undo:
                 return undo if self._apply(undo, now, f"undoing {[u.change for u in undo]}: ") else []
-        specs = {n: self.rt.spec(n) for n in windows}
         other_specs = {n: self.rt.spec(n) for n in self.rt.models if n not in windows}
         others = sum(_units(s) for s in other_specs.values())
         dwell_before = dict(self._last_move)
@@ -1302,10 +1300,7 @@ class Controller:
             # Nothing moved: no dwell starts, and the same kind of move for the same models is
             # not tried again for tabu_s (it would fail again, and hold the others every window).
             self._last_move = dwell_before
-            for m in moves:
-                self._tabu[(m.model, _kind(specs[m.model], m.spec))] = now - self._t0 + self.tabu_s
-            for name in _swap_receivers(moves):
-                self._tabu[(name, "swap")] = now - self._t0 + self.tabu_s
+            self._close([(m, specs[m.model]) for m in moves], now - self._t0 + self.tabu_s)
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
         return moves
@@ -1356,12 +1351,17 @@ class Controller:
                            "backlog)" if drained else ""))
         # An idle model's admission restored in the same step is not what is judged: it stays.
         undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
-        for m, old in undone:
-            self._tabu[(m.model, _kind(old, m.spec))] = now_s + self.tabu_s
-        for name in _swap_receivers([m for m, _ in undone]):
-            self._tabu[(name, "swap")] = now_s + self.tabu_s
+        self._close(undone, now_s + self.tabu_s)
         return [dataclasses.replace(self._move(now_s, m.model, old, f"undone: {m.change}", why), undo=True)
                 for m, old in undone]
+
+    def _close(self, moves: list[tuple[Move, ModelSpec]], until_s: float) -> None:
+        """Holds each kind of move in ``moves`` (each with its model's spec before it), undone or
+        refused, for its model until ``until_s``; a swap's receivers' swaps too."""
+        for m, old in moves:
+            self._tabu[(m.model, _kind(old, m.spec))] = until_s
+        for name in _swap_receivers([m for m, _ in moves]):
+            self._tabu[(name, "swap")] = until_s
 
     def _apply(self, moves: list[Move], now: float, failing: str = "") -> bool:
         """Applies ``moves`` to the runtime and records them; a failure is kept in ``errors``
