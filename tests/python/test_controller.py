@@ -1747,3 +1747,50 @@ def test_an_idle_models_restored_admission_is_not_undone_with_the_move_it_rode_a
     undo = c.verdict({"a": win(), "b": Window(1.0, 100, 50, 50, 90.0, 0.0, 5.0, 1.0, 1)}, 11.0)
     assert undo is not None and [(m.model, m.change) for m in undo] == [("b", "undone: instances 1 -> 2")]
     assert c.stats()["tabu"] == {"b grow": 41.0}
+
+
+def test_a_swap_the_runtime_refuses_moves_nothing_and_holds_the_receivers_swaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a real runtime, "a" turns requests away with every instance busy and its pool
+    # neighbours "m" and "n" each run two one-thread instances on 0.3 CPUs: "m" gives one to "a".
+    # The runtime refuses the swap ("a"'s third instance fails to start): nothing moves, the
+    # failure is reported, and neither donor gives "a" an instance while the swap is held.
+    def factory(ctx: ap.InstanceContext) -> Any:
+        if ctx.instance >= 2:
+            raise RuntimeError("no third instance here")
+        return lambda x: x
+
+    hot = win(p99=60.0, busy=1.1, refused=50, batch=2.0, instances=2)
+    light = win(p99=10.0, busy=0.6, instances=2)
+    # The windows, the models' CPU time and the pool's busy time are set (the load is not:
+    # decide()'s tests cover the readings); the moves go through step() to the runtime.
+    monkeypatch.setattr(Window, "between", classmethod(lambda cls, before, after, seconds, slo_ms=None,
+                                                       percentile=99.0: hot if slo_ms == 75.0 else light))
+    now = [0.0]
+    with ap.Runtime() as rt:
+        rt.add_model("a", factory=factory, instances=2, batching=ap.Batching(8, 1.0))
+        rt.add_model("m", model=lambda x: x, instances=2)
+        rt.add_model("n", model=lambda x: x, instances=2)
+        rt.start()
+        c = Controller(rt, {"a": 75.0, "m": 50.0, "n": 50.0}, capacity=2, confirm=1, dwell_s=0.0, judge=1,
+                       clock=lambda: now[0])
+        monkeypatch.setattr(c, "_cpu_s", lambda: {"a": 1.1 * now[0], "m": 0.3 * now[0], "n": 0.3 * now[0]})
+        monkeypatch.setattr(c, "_pool_busy_s", lambda: (frozenset({0, 1}), 2.0 * now[0]))  # no idle CPU
+        assert c.step() == []
+        now[0] = 1.0
+        assert c.step() == []
+        assert c.windows["m"].pool_cpu_s == pytest.approx(0.3) and c.idle_cpus == pytest.approx(0.0)
+        assert len(c.errors) == 1, c.errors
+        assert "m: instances 2 -> 1; a: instances 2 -> 3: " in c.errors[0], c.errors
+        assert "no third instance here" in c.errors[0]
+        assert c.moves == [] and rt.spec("a").instances == 2 and rt.spec("m").instances == 2
+        assert c._tabu[("a", "swap")] == c._tabu[("m", "shrink")] == c._tabu[("a", "grow")] == 1.0 + c.tabu_s
+        now[0] = 2.0
+        later = c.step()
+        assert all(m.model not in ("m", "n") for m in later), later  # "n" could give, and does not
+        assert all("taken from" not in m.reason for m in later), later
+        assert [rt.call(n, 5) for n in ("a", "m", "n")] == [5, 5, 5]
+        # Past the hold the swap is tried again (and refused again): it was held, not given up.
+        now[0] = 3.0 + c.tabu_s
+        c._trial = None  # whatever "a" got in the last window is not what this checks
+        c.step()
+        assert len(c.errors) == 2 and "a: instances 2 -> 3" in c.errors[1], c.errors
