@@ -676,6 +676,7 @@ class Controller:
         self.judge, self.tolerance, self.tabu_s = judge, tolerance, tabu_s
         self._trial: _Trial | None = None  # the last move, while it is judged
         self._tabu: dict[tuple[str, str], float] = {}  # (model, kind of move) -> tried again from (s)
+        self._gave: dict[str, tuple[str, float]] = {}  # swap donor -> (its receiver, when: s)
         self._last: RuntimeStats | None = None
         self._last_at = 0.0
         self.moves: list[Move] = []
@@ -872,6 +873,14 @@ class Controller:
                 shrunk = _shrunk(ds)
                 if shrunk is None or not fits({**specs, d: shrunk, name: grown}):
                     continue
+                # This model gave 'd' an instance lately and now needs one back: on a saturated
+                # pool every thread uses a third of a CPU, so each of the two reads as spare
+                # whenever it has latency to spare, and they would hand the instance back and
+                # forth. It takes it back once; its own giving is held for tabu_s.
+                gave = self._gave.get(name)
+                if gave is not None and gave[0] == d and now_s - gave[1] < self.tabu_s:
+                    self._tabu[(name, "shrink")] = now_s + self.tabu_s
+                self._gave[d] = (name, now_s)
                 return [
                         self._move(now_s, d, shrunk, _change(ds, shrunk),
                                    f"{SPARE}its threads used {cpus:.2f} CPUs, with latency to spare: gives an "
@@ -1406,7 +1415,7 @@ class Controller:
 
     def _forget(self, name: str) -> None:
         """Drops what the controller kept about model ``name`` (a new model by that name)."""
-        for kept in (self._last_move, self._full_queue, self._batch_tried, self.held):
+        for kept in (self._last_move, self._full_queue, self._batch_tried, self.held, self._gave):
             kept.pop(name, None)
         self._risk_streak[name] = self._idle_streak[name] = self._roomy_streak[name] = 0
         self._stalled_s.pop(name, None)

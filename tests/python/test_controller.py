@@ -500,6 +500,38 @@ def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_mo
     assert all(mv.model != "m" for mv in c.decide({"a": hot, "m": light}, wide, 1.0, idle_cpus=0.0, pool_cpus=2))
 
 
+def test_a_model_that_takes_back_an_instance_it_gave_in_a_swap_gives_none_for_a_while() -> None:
+    # On a saturated pool each model's threads read spare whenever its latency has room: "m"
+    # gives "a" an instance, then needs it back and takes it, and would give it again. It takes
+    # it back once; then its giving is held for tabu_s, and "a" stays at risk without it (its
+    # threads use half a CPU each: no larger share of the pool either).
+    hot = dataclasses.replace(win(p99=60.0, busy=1.1, refused=50, instances=2), pool_cpu_s=1.0)
+    light = dataclasses.replace(win(p99=10.0, busy=0.6, instances=2), pool_cpu_s=0.3)
+    c = Controller(None, {"a": 75.0, "m": 50.0}, capacity=2, confirm=1, dwell_s=0.0, tabu_s=30.0)
+    specs = {"a": spec("a", 2), "m": spec("m", 2)}
+    moves = c.decide({"a": hot, "m": light}, specs, 0.0, idle_cpus=0.0, pool_cpus=2)
+    assert [(m.model, m.change) for m in moves] == [("m", "instances 2 -> 1"), ("a", "instances 2 -> 3")]
+    specs = {m.model: m.spec for m in moves}
+    back = c.decide({"a": dataclasses.replace(light, instances=3), "m": dataclasses.replace(hot, instances=1)},
+                    specs, 3.0, idle_cpus=0.0, pool_cpus=2)
+    assert [(m.model, m.change) for m in back] == [("a", "instances 3 -> 2"), ("m", "instances 1 -> 2")]
+    assert c.stats()["tabu"] == {"m shrink": 33.0}
+    specs = {m.model: m.spec for m in back}
+    again = c.decide({"a": hot, "m": light}, specs, 6.0, idle_cpus=0.0, pool_cpus=2)
+    assert all(m.model != "m" for m in again), again
+    assert again == [] and c.held["a"][0] == 6.0, (again, c.held)
+    # Past tabu_s it may give again; and a swap from another donor, or to another receiver, is
+    # no taking back.
+    assert [m.model for m in c.decide({"a": hot, "m": light}, specs, 34.0, idle_cpus=0.0, pool_cpus=2)] == ["m", "a"]
+    three = {"a": spec("a", 2), "m": spec("m", 2), "n": spec("n", 1)}
+    c = Controller(None, {"a": 75.0, "m": 50.0, "n": 50.0}, capacity=2, confirm=1, dwell_s=0.0)
+    c._gave["m"] = ("n", 0.0)  # "m" gave "n" an instance, not "a"
+    moves = c.decide({"a": dataclasses.replace(light, instances=2), "m": dataclasses.replace(hot, instances=2),
+                      "n": dataclasses.replace(light, instances=1)}, three, 1.0, idle_cpus=0.0, pool_cpus=2)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 2 -> 1"), ("m", "instances 2 -> 3")]
+    assert c.stats()["tabu"] == {}
+
+
 def test_the_receivers_of_a_swap_are_the_moved_models_but_its_donor() -> None:
     from apportion.controller import RESTORED, SPARE, Move, _swap_receivers
 
