@@ -309,7 +309,7 @@ void Model::worker_main(Worker& w) {
   if (member_ != nullptr && (opts_.burst_instances == 0 || w.burst)) {
     // Below a reserved class: yield the CPU to that class's calls (see SharedPool). Threads
     // the worker creates from here on (a framework's intra-op pool) inherit it.
-    if (const int nice = opts_.pool->nice_for(opts_.priority_class); nice != 0) {
+    if (const int nice = opts_.pool->nice_for(member_->priority_class()); nice != 0) {
 #if defined(__linux__)
       // Relative to the thread's own nice, so raising it never needs privileges.
       const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
@@ -1033,6 +1033,14 @@ void Model::check_max_queue(std::size_t max_queue) const {
                                 " is out of range (1 .. " + std::to_string(opts_.max_queue) +
                                 ", the size its queue was made with)");
   }
+}
+
+void Model::set_priority_class(int32_t priority_class) {
+  if (member_ == nullptr) {
+    throw std::invalid_argument("model '" + opts_.name + "': it does not draw on a scheduled shared pool, so it has "
+                                "no priority class to change");
+  }
+  opts_.pool->set_class(*member_, priority_class);
 }
 
 void Model::set_max_queue(std::size_t max_queue) {

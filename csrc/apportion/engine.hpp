@@ -311,6 +311,11 @@ class Model {
   /// max_queue the model was made with (its lanes' size). Safe from any thread.
   void set_max_queue(std::size_t max_queue);
 
+  /// Moves the model to another class of the scheduled shared pool, at once, with nothing
+  /// else moved (see SharedPool::set_class; its std::invalid_argument passes through, and
+  /// one naming the model when it does not draw on a scheduled pool). Safe from any thread.
+  void set_priority_class(int32_t priority_class);
+
   const std::string& name() const noexcept { return opts_.name; }
   /// The options the model was made with, updated by set_placement() before start; a live
   /// move (reshape()) does not change them: see instances() and max_queue().

@@ -191,6 +191,15 @@ RegistryStatus Registry::set_max_queue(std::string_view name, std::size_t max_qu
   return RegistryStatus::ok;
 }
 
+RegistryStatus Registry::set_priority_class(std::string_view name, int32_t priority_class) {
+  RegistryStatus status = RegistryStatus::ok;
+  const std::shared_ptr<ModelEntry> e = open_entry(name, status);
+  if (e == nullptr) return status;
+  if (e->model->closed()) return RegistryStatus::closed;
+  e->model->set_priority_class(priority_class);
+  return RegistryStatus::ok;
+}
+
 void Registry::close(bool drain) {
   if (in_lifecycle()) return;
   std::vector<std::shared_ptr<ModelEntry>> all;

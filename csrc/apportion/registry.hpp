@@ -125,6 +125,11 @@ class Registry {
   /// registry was closed.
   RegistryStatus set_max_queue(std::string_view name, std::size_t max_queue);
 
+  /// Moves a registered model to another class of the scheduled shared pool (see
+  /// Model::set_priority_class; its std::invalid_argument passes through, nothing changed).
+  /// `closed` when the model or the registry was closed.
+  RegistryStatus set_priority_class(std::string_view name, int32_t priority_class);
+
   /// Refuses new models and requests, drains or cancels queued requests, and returns once
   /// every worker (of registered models and of models being removed) has exited. Idempotent;
   /// a second close() waits like the first. Models stay listed (their stats stay readable).

@@ -25,6 +25,20 @@ std::shared_ptr<SharedPool::Member> SharedPool::join(std::string name, double we
   return m;
 }
 
+void SharedPool::set_class(Member& m, int32_t priority_class) {
+  std::lock_guard lock(mu_);
+  if (!reserve_.empty()) {
+    throw std::invalid_argument("model '" + m.name_ + "': its priority class cannot change while the pool has "
+                                "class reservations (a worker's OS priority follows its class from its start)");
+  }
+  if (m.priority_class_.load(std::memory_order_relaxed) == priority_class) return;
+  m.priority_class_.store(priority_class, std::memory_order_relaxed);
+  // Its clock was kept against another class's members: from now on it competes with these.
+  const int64_t est = m.estimate_ns_ > 0 ? m.estimate_ns_ : kFirstEstimateNs;
+  m.vtime_ = std::max(m.vtime_, vnow_ - static_cast<double>(est) / m.weight_);
+  grant_waiters();  // a waiter of a raised class may go first now
+}
+
 void SharedPool::set_capacity(uint32_t capacity) {
   std::lock_guard lock(mu_);
   // Units held stay held: after a shrink nothing is free until enough of them come back.
@@ -83,7 +97,7 @@ int SharedPool::nice_for(int32_t priority_class) const {
 bool SharedPool::fits(const Member& m, uint32_t units) const noexcept {
   if (capacity_ == 0) return false;  // no pool yet: nobody runs, reserved or not
   return static_cast<uint64_t>(held_) + units <=
-         static_cast<uint64_t>(capacity_) + headroom_locked(m.priority_class_);
+         static_cast<uint64_t>(capacity_) + headroom_locked(m.priority_class_.load(std::memory_order_relaxed));
 }
 
 uint32_t SharedPool::clamp(uint32_t units) const noexcept {
@@ -102,7 +116,9 @@ void SharedPool::activate(Member& m) noexcept {
 }
 
 bool SharedPool::better(const Member& a, uint64_t a_seq, const Member& b, uint64_t b_seq) noexcept {
-  if (a.priority_class_ != b.priority_class_) return a.priority_class_ > b.priority_class_;
+  const int32_t ca = a.priority_class_.load(std::memory_order_relaxed);
+  const int32_t cb = b.priority_class_.load(std::memory_order_relaxed);
+  if (ca != cb) return ca > cb;
   if (a.vtime_ != b.vtime_) return a.vtime_ < b.vtime_;
   return a_seq < b_seq;
 }

@@ -25,6 +25,7 @@
 // and the grant order needs one consistent view of every member.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -42,7 +43,7 @@ class SharedPool {
    public:
     const std::string& name() const noexcept { return name_; }
     double weight() const noexcept { return weight_; }
-    int32_t priority_class() const noexcept { return priority_class_; }
+    int32_t priority_class() const noexcept { return priority_class_.load(std::memory_order_relaxed); }
 
    private:
     friend class SharedPool;
@@ -50,7 +51,9 @@ class SharedPool {
         : name_(std::move(name)), weight_(weight), priority_class_(priority_class) {}
     const std::string name_;
     const double weight_;
-    const int32_t priority_class_;
+    // Written under the pool's mutex (set_class); read there, or alone where a stale class
+    // does no harm (priority_class()).
+    std::atomic<int32_t> priority_class_;
     // Guarded by the pool's mutex.
     double vtime_ = 0.0;        // virtual finish time of its last granted call
     int64_t estimate_ns_ = 0;   // EWMA of its calls' cost (what a grant charges up front)
@@ -74,6 +77,14 @@ class SharedPool {
   /// Registers a model. `weight` > 0; a higher `priority_class` is always served first.
   /// Safe from any thread.
   std::shared_ptr<Member> join(std::string name, double weight, int32_t priority_class);
+
+  /// Moves member `m` to `priority_class`: its waiters and later calls are granted by the new
+  /// class at once (calls running now finish as they are). Within the new class it starts
+  /// from the pool's current virtual time, as a member back from idle does: a class change
+  /// banks no credit. Throws std::invalid_argument while the pool has class reservations: a
+  /// worker's OS priority follows its class when it starts (see nice_for), so a class changed
+  /// under running workers would run them at the other class's priority. Safe from any thread.
+  void set_class(Member& m, int32_t priority_class);
 
   /// Sets the pool's size; units held now stay held. Safe from any thread.
   void set_capacity(uint32_t capacity);

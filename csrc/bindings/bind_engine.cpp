@@ -1014,6 +1014,16 @@ class RuntimeCore {
     if (s == RegistryStatus::closed) raise(types().runtime_closed, "runtime is closed: cannot change model '" + name + "'");
   }
 
+  /// Moves model `name` to another class of the scheduled shared pool (see
+  /// Model::set_priority_class): ValueError when it does not draw on one or the pool has class
+  /// reservations, ModelNotFound, RuntimeClosed.
+  void set_priority_class(const std::string& name, int32_t priority_class) {
+    check_not_forked();
+    RegistryStatus s = reg_->set_priority_class(name, priority_class);  // std::invalid_argument: ValueError
+    if (s == RegistryStatus::not_found) raise_not_found(name);
+    if (s == RegistryStatus::closed) raise(types().runtime_closed, "runtime is closed: cannot change model '" + name + "'");
+  }
+
   /// Raises ApportionError when called from a worker of this runtime: `what` would wait for
   /// the thread it runs on.
   void check_admin(const std::string& what) const { check_not_own_worker(what.c_str()); }
@@ -1511,6 +1521,7 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def("_reshape", &RuntimeCore::reshape, py::arg("spec"), py::arg("make_instance"),
            py::arg("placement"), py::arg("memory_policy"), py::arg("groups"))
       .def("_set_max_queue", &RuntimeCore::set_max_queue, py::arg("name"), py::arg("max_queue"))
+      .def("_set_priority_class", &RuntimeCore::set_priority_class, py::arg("name"), py::arg("priority_class"))
       .def("_set_placement", &RuntimeCore::set_placement, py::arg("name"), py::arg("instances"),
            py::arg("memory_policy"), py::arg("groups") = std::vector<uint32_t>{})
       .def("remove_model", &RuntimeCore::remove_model, py::arg("name"), py::kw_only(),

@@ -668,22 +668,28 @@ class Runtime(_core._Runtime):
 
     # -- live moves ----------------------------------------------------------------------------
     _FIXED_WHILE_REGISTERED = ("factory", "model", "priority_levels", "on_timeout", "admission", "timeout_ms",
-                               "spin_us", "weight", "priority_class")
+                               "spin_us", "weight")
 
     def apply(self, target: ModelSpec | Iterable[ModelSpec] | Mapping[str, ModelSpec] | Any) -> list[str]:
         """Moves registered models to new settings while they serve: ``target`` is a
         :class:`ModelSpec`, several (a sequence, or a mapping by name), or an
         :class:`apportion.Config` (such as a tuner's plan). Returns the names of the models that
-        moved, in the order they moved, then those whose admission bound alone changed.
+        moved, in the order they moved, then those whose admission bound or priority class alone
+        changed.
 
         What may change: ``cores``, ``isolation`` ("exclusive" / "shared"), ``instances``,
         ``threads``, ``numa``, ``smt``, ``memory_policy``, ``oversubscribe``, ``batching`` (on,
-        off or other sizes), ``warmup`` and ``max_queue`` (up to the value the model was added
-        with: its queue's size). Every model is placed again with the others; a model whose
-        CPUs, threads, instances, batching or warm-up change moves, including models not named
-        whose CPUs the new plan changes. A new ``max_queue`` alone takes effect at once, with no
-        new instances: the queue, its requests and the model's learned estimates stay (a
-        bound below what is queued refuses new requests until the queue drains below it).
+        off or other sizes), ``warmup``, ``max_queue`` (up to the value the model was added
+        with: its queue's size) and, for a model on a scheduled shared pool without
+        ``pool_reserve``, ``priority_class``. Every model is placed again with the others; a
+        model whose CPUs, threads, instances, batching or warm-up change moves, including models
+        not named whose CPUs the new plan changes. A new ``max_queue`` alone takes effect at
+        once, with no new instances: the queue, its requests and the model's learned estimates
+        stay (a bound below what is queued refuses new requests until the queue drains below
+        it). So does a new ``priority_class``: the model's waiting calls and the next ones are
+        granted by it, the calls running finish as they are; a class is lowered before the
+        moves and raised after them, so during the moves a model holds the lower of its two
+        classes.
 
         How a model moves: its new instances start on their new CPUs (the factory runs in each
         new pinned worker, and the warm-up at every batch size it will use) while the old ones
@@ -696,8 +702,9 @@ class Runtime(_core._Runtime):
 
         Nothing moves when the target is invalid: a QuotaError (``.model``, ``.field``) for a
         field that cannot change live (the factory or model, priority levels, timeouts,
-        ``on_timeout``, ``admission``, ``spin_us``, weight and priority class, a max_queue above the queue's
-        size), for process or GPU models and models with burst instances; a PlacementError when
+        ``on_timeout``, ``admission``, ``spin_us``, weight, a max_queue above the queue's size,
+        the priority class where the pool has ``pool_reserve``: a worker's OS priority follows
+        its class from its start), for process or GPU models and models with burst instances; a PlacementError when
         the models do not fit the machine together, or a model would span several NUMA nodes;
         ModelNotFound for a name not registered. When a new instance's factory (or warm-up)
         raises, that exception is raised here and the model keeps serving where it was; models
@@ -775,6 +782,17 @@ class Runtime(_core._Runtime):
             raise QuotaError(f"isolation {old.isolation!r} -> {spec.isolation!r}: on a scheduled shared pool a "
                              "model's calls either draw on the pool or not, for as long as it is registered",
                              model=name, field="isolation")
+        if (old.priority_class or 0) != (spec.priority_class or 0):
+            self._check_sharing(spec)
+            if spec.isolation != "shared":
+                raise QuotaError(f"priority_class {old.priority_class!r} -> {spec.priority_class!r}: only a model "
+                                 "whose calls draw on the scheduled shared pool (isolation 'shared') has a class",
+                                 model=name, field="priority_class")
+            if self._pool_reserve:
+                raise QuotaError(f"priority_class {old.priority_class!r} -> {spec.priority_class!r}: cannot change "
+                                 "while the runtime has pool_reserve (a worker's OS priority follows its class "
+                                 "from its start): remove the model and add it again", model=name,
+                                 field="priority_class")
         if spec.max_queue > entry.queue_capacity:
             raise QuotaError(f"max_queue={spec.max_queue} is above {entry.queue_capacity}, the size of the "
                              "queue the model was added with: a move may lower it and raise it back, not beyond",
@@ -846,6 +864,13 @@ class Runtime(_core._Runtime):
 
         # Those that give up CPUs first, so that those that take CPUs find them free.
         moving.sort(key=lambda n: (cpus(new_plan, n) - cpus(old_plan, n), n))
+        # Classes lowered before the moves, raised after them (see the docstring).
+        old_class = {n: self._models[n].spec.priority_class or 0 for n in new_specs}
+        new_class = {n: s.priority_class or 0 for n, s in new_specs.items()}
+        lowered = [n for n in new_specs if new_class[n] < old_class[n]]
+        raised = [n for n in new_specs if new_class[n] > old_class[n]]
+        for n in lowered:
+            self._set_priority_class(n, new_class[n])
         done: list[tuple[str, ModelSpec, dict[int, Any]]] = []
         current: str | None = None
         current_moves: int | None = None
@@ -874,6 +899,13 @@ class Runtime(_core._Runtime):
                     stuck.add(n)
                 else:
                     e.add_note(f"(model {n!r}, moved before, was moved back)")
+            for n in lowered:
+                try:
+                    self._set_priority_class(n, old_class[n])
+                except BaseException as back:  # noqa: BLE001 - reported on the original error
+                    e.add_note(f"(model {n!r} keeps priority class {new_class[n]}: setting {old_class[n]} back "
+                               f"failed: {back!r})")
+                    self._models[n].spec = dataclasses.replace(self._models[n].spec, priority_class=new_class[n])
             if stuck:
                 # What runs now: those models where the new plan put them, the others where they
                 # were (the shared pool's size was not changed either). Placing the specs afresh
@@ -890,9 +922,13 @@ class Runtime(_core._Runtime):
             raise RuntimeClosed(f"runtime was closed while {', '.join(repr(n) for n in moving)} moved")
         # The admission bound alone changes at once, with no new instances (a move sets it
         # with the new ones): after the moves, so a failed move leaves every bound as it was.
-        bounded = [n for n in new_specs if n not in moving and new_specs[n].max_queue != self._models[n].spec.max_queue]
+        bounded = [n for n in new_specs if n not in moving and (new_specs[n].max_queue != self._models[n].spec.max_queue
+                                                               or new_class[n] != old_class[n])]
         for n in bounded:
-            self._set_max_queue(n, new_specs[n].max_queue)
+            if new_specs[n].max_queue != self._models[n].spec.max_queue:
+                self._set_max_queue(n, new_specs[n].max_queue)
+        for n in raised:
+            self._set_priority_class(n, new_class[n])
         for n, spec in new_specs.items():
             if n not in moving:
                 self._models[n].spec = spec

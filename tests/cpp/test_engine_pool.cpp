@@ -103,6 +103,53 @@ TEST_F(EnginePool, AHigherPriorityClassModelGoesBeforeABackloggedLowerOne) {
   });
 }
 
+TEST_F(EnginePool, AModelOnThePoolChangesClassInPlaceAndOneWithoutAPoolHasNone) {
+  guarded(60s, [] {
+    // The pool's one unit is held; "mid" (class 3) waits for it, then a's worker (class 0)
+    // with a request. Moved to class 4 while its worker waits, a goes first.
+    auto pool = std::make_shared<SharedPool>(1);
+    auto holder = pool->join("holder", 1.0, 10);
+    const uint32_t held = pool->acquire(*holder, 1);
+    std::mutex mu;
+    std::vector<std::string> order;
+    auto h = std::make_shared<TestHandler>();
+    h->on_run = [&](Worker&, TestRequest&) {
+      std::lock_guard lock(mu);
+      order.emplace_back("a");
+      return Outcome::ok;
+    };
+    Model a(pooled("a", 1, pool, 1.0, 0), h);
+    ASSERT_EQ(a.start(), 0u);
+    auto mid = pool->join("mid", 1.0, 3);
+    std::thread t([&] {
+      const uint32_t u = pool->acquire(*mid, 1);
+      {
+        std::lock_guard lock(mu);
+        order.emplace_back("mid");
+      }
+      pool->release(*mid, u, 1000);
+    });
+    while (pool->waiting() < 1) std::this_thread::sleep_for(100us);
+    auto r = make(1);
+    ASSERT_EQ(submit(a, r), Admit::ok);
+    while (pool->waiting() < 2) std::this_thread::sleep_for(100us);
+    a.set_priority_class(4);
+    pool->release(*holder, held, 1000);
+    EXPECT_TRUE(completes(r));
+    t.join();
+    EXPECT_EQ(order, (std::vector<std::string>{"a", "mid"}));
+    a.close(true);
+    a.join();
+    Model lone(opts(1), std::make_shared<TestHandler>());
+    try {
+      lone.set_priority_class(1);
+      FAIL() << "a model without a pool took a class";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("scheduled shared pool"), std::string::npos) << e.what();
+    }
+  });
+}
+
 TEST_F(EnginePool, BackloggedPooledModelsSplitCallsByWeight) {
   guarded(120s, [] {
     auto pool = std::make_shared<SharedPool>(0);  // closed until both models are backlogged

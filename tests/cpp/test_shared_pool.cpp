@@ -216,6 +216,94 @@ TEST(SharedPool, AnIdleMemberRejoinsWithoutBankedCredit) {
   });
 }
 
+TEST(SharedPool, AWaiterWhoseClassChangesIsGrantedByItsNewClass) {
+  guarded(30s, [] {
+    SharedPool pool(1);
+    auto holder = pool.join("holder", 1.0, 0);
+    auto low = pool.join("low", 1.0, 0);
+    auto mid = pool.join("mid", 1.0, 1);
+    const uint32_t held = pool.acquire(*holder, 1);
+    std::mutex mu;
+    std::vector<std::string> order;
+    std::vector<std::thread> threads;
+    for (const auto& m : {low, mid}) {
+      threads.emplace_back([&, m] {
+        const uint32_t u = pool.acquire(*m, 1);
+        {
+          std::lock_guard lock(mu);
+          order.push_back(m->name());
+        }
+        pool.release(*m, u, 1000);
+      });
+      while (pool.waiting() < threads.size()) std::this_thread::sleep_for(100us);
+    }
+    pool.set_class(*low, 2);  // while it waits in line
+    EXPECT_EQ(low->priority_class(), 2);
+    pool.set_class(*mid, 1);  // the class it has: nothing changes
+    pool.release(*holder, held, 1000);
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(order, (std::vector<std::string>{"low", "mid"}));
+  });
+}
+
+TEST(SharedPool, AMemberMovedIntoAClassBanksNoCredit) {
+  guarded(60s, [] {
+    SharedPool pool(1);
+    auto z = pool.join("z", 1.0, 3);
+    auto x = pool.join("x", 1.0, 0);
+    std::atomic<uint64_t> grants{0};
+    const uint64_t total = scaled(2000);
+    std::mutex mu;
+    std::map<std::string, uint64_t> got;
+    auto serve = [&](SharedPool::Member& m, uint32_t u) {
+      for (;;) {
+        if (u == 0) u = pool.acquire(m, 1);
+        if (grants.fetch_add(1) >= total) {
+          pool.release(m, u, 1000);
+          return;
+        }
+        {
+          std::lock_guard lock(mu);
+          ++got[m.name()];
+        }
+        u = pool.renew(m, u, 1000, /*wait=*/true);
+      }
+    };
+    // x waits in line below z, which keeps the unit for a thousand calls: the pool's clock
+    // runs a million ns ahead of x's. Moved into z's class with its clock where it was, x would
+    // hold the pool alone for the next thousand calls.
+    uint32_t zu = pool.try_acquire(*z, 1);
+    ASSERT_EQ(zu, 1u);
+    std::thread tx([&] { serve(*x, 0); });
+    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    for (int i = 0; i < 1000; ++i) zu = pool.renew(*z, zu, 1000);
+    ASSERT_EQ(zu, 1u);
+    EXPECT_EQ(got["x"], 0u);
+    pool.set_class(*x, 3);
+    serve(*z, zu);
+    tx.join();
+    const double ratio = static_cast<double>(got["x"]) / static_cast<double>(got["z"]);
+    EXPECT_NEAR(ratio, 1.0, 0.15) << got["x"] << " vs " << got["z"];
+  });
+}
+
+TEST(SharedPool, AClassCannotChangeWhileThePoolHasReservations) {
+  SharedPool pool(2);
+  auto m = pool.join("ranker", 1.0, 0);
+  pool.set_reserve({{1, 1}}, 10);
+  try {
+    pool.set_class(*m, 2);
+    FAIL() << "a class change under reservations was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'ranker'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("reservations"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(m->priority_class(), 0);  // a refused change changes nothing
+  pool.set_reserve({}, 0);
+  pool.set_class(*m, 2);
+  EXPECT_EQ(m->priority_class(), 2);
+}
+
 TEST(SharedPool, AWideWaiterIsNotBypassedByNarrowOnes) {
   guarded(30s, [] {
     SharedPool pool(2);

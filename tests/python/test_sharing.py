@@ -99,6 +99,62 @@ def test_a_higher_priority_class_is_served_before_a_backlogged_lower_one() -> No
         rt.close()
 
 
+def test_a_class_changed_live_orders_the_waiting_calls_and_starts_no_instance() -> None:
+    # As above, then the backlogged batch model is raised above critical while both wait for
+    # the pool: its calls go first, on the instances it had.
+    rt = make_runtime(1)
+    order: list[str] = []
+    release = threading.Event()
+    model = _blocked_pool(rt, order, release)
+    built: list[str] = []
+
+    def factory(tag: str):
+        def make(ctx: ap.InstanceContext):
+            built.append(tag)
+            return model(tag)
+
+        return make
+
+    rt.add_model("batch", factory=factory("batch"), instances=2, priority_class=0)
+    rt.add_model("critical", factory=factory("critical"), instances=2, priority_class=1)
+    rt.start()
+    try:
+        blocker = rt.submit("batch", "block")
+        while order != ["batch"]:
+            time.sleep(0.001)
+        lows = rt.submit_many("batch", range(6))
+        highs = rt.submit_many("critical", range(4))
+        time.sleep(0.2)  # both models' free workers now wait for the pool
+        spec = rt.spec("batch")
+        assert rt.apply(ap.ModelSpec("batch", factory=spec.factory, instances=2, priority_class=2)) == ["batch"]
+        assert rt.spec("batch").priority_class == 2
+        release.set()
+        for f in [blocker, *lows, *highs]:
+            f.result(timeout=30)
+        assert order == ["batch"] * 7 + ["critical"] * 4
+        assert sorted(built) == ["batch", "batch", "critical", "critical"]  # no instance started
+        # Lowered again in the same apply as an instance more.
+        assert rt.apply(ap.ModelSpec("batch", factory=spec.factory, instances=3)) == ["batch"]
+        assert rt.spec("batch").priority_class is None and built.count("batch") == 5
+    finally:
+        release.set()
+        rt.close()
+
+
+def test_a_class_cannot_change_live_off_the_scheduled_pool_or_beside_a_reservation() -> None:
+    with ap.Runtime(cpus=CPUS[:1], shared_pool="scheduled", pool_reserve={1: 1}) as rt:
+        rt.add_model("m", model=lambda x: x, priority_class=0)
+        with pytest.raises(ap.QuotaError, match="pool_reserve") as err:
+            rt.apply(ap.ModelSpec("m", model=rt.spec("m").model, priority_class=1))
+        assert (err.value.model, err.value.field) == ("m", "priority_class")
+        assert rt.spec("m").priority_class == 0
+    with ap.Runtime(cpus=CPUS[:1], shared_pool="os") as rt:
+        rt.add_model("m", model=lambda x: x)
+        with pytest.raises(ap.QuotaError, match="scheduled shared pool") as err:
+            rt.apply(ap.ModelSpec("m", model=rt.spec("m").model, priority_class=1))
+        assert (err.value.model, err.value.field) == ("m", "priority_class")
+
+
 def test_removing_a_model_without_drain_does_not_wait_for_the_pool() -> None:
     # The lower class's worker waits in the pool's line behind a higher class's call; removing
     # its model without drain cancels its queue at once instead of waiting for that call (with

@@ -308,6 +308,8 @@ class _Runtime:
         """
         Class reservations on the scheduled pool: (priority_class, units) pairs, and the nice offset of the workers of lower classes.
         """
+    def _set_priority_class(self, name: str, priority_class: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
     def _start(self) -> None:
         ...
     def _submit_to_wait(self, model: str, inputs: typing.Any, timeout_ms: typing.Any, priority: typing.Any) -> Future:
