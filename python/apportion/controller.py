@@ -51,7 +51,12 @@ threads each used ``target`` of a CPU or more, where their CPU time is read
 (:attr:`Window.pool_cpu_s`; below that its neighbours, keeping up with their load, use the
 CPU time it lacks, which a thread more takes from them only while they wait). On a scheduled pool no move leaves a model with an objective where the shared
 instances of the classes above it hold every unit (where it was not before): a unit goes to
-the highest class waiting, so that model would get one only when they idle. A new
+the highest class waiting, so that model would get one only when they idle. There, a model
+that turns requests away with every instance busy, which another instance would let starve
+the classes below, joins the highest class below its own where nobody starves, with one more
+instance, while its neighbours have latency to spare: it then shares the units with that
+class by weight instead of holding one above it (its class changes in place; see
+:meth:`Runtime.apply`). A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -522,6 +527,8 @@ def _change(old: ModelSpec, new: ModelSpec) -> str:
         parts.append(f"cores {old.cores} -> {new.cores}")
     if (old.threads or 1) != (new.threads or 1):
         parts.append(f"threads {old.threads} -> {new.threads}")
+    if (old.priority_class or 0) != (new.priority_class or 0):
+        parts.append(f"priority_class {old.priority_class or 0} -> {new.priority_class or 0}")
     return ", ".join(parts)
 
 
@@ -1020,6 +1027,32 @@ class Controller:
                 return [self._move(now_s, name, grown, _change(spec, grown),
                                    why + f"; the pool is saturated and its other models have latency to spare "
                                    f"({roomy}): a larger share of it")]
+        if movable and can_grow and starves and spec.isolation == "shared" and w.refused > 0 and w.busy > self.hot:
+            # A scheduled pool whose classes below this model would starve were it to hold one
+            # more unit above them: instead it joins the highest class below its own where
+            # nobody starves, with the instance more, and shares the units with that class by
+            # weight (taking what its members leave) instead of holding a unit above them.
+            shared = [(specs[n].priority_class or 0) for n in specs
+                      if n != name and specs[n].isolation == "shared" and n in self.slos]
+            own_class = spec.priority_class or 0
+            lower = sorted({c for c in shared if c < own_class}, reverse=True)
+            roomy = self._roomy_neighbours(name, windows, specs)
+            if not lower:
+                pass  # said above (starves): no class to join
+            elif roomy is None:
+                blocked.append("no neighbour in the pool has latency to spare to share a class with")
+            else:
+                for c in lower:
+                    classed = dataclasses.replace(grown, priority_class=c)
+                    if self._starves(specs, {name: classed}, pool_cpus, other_specs, held_by_others):
+                        continue
+                    if not fits({**specs, name: classed}):
+                        break
+                    return [self._move(now_s, name, classed, _change(spec, classed),
+                                       why + f"; one more unit above the classes below would starve them, and "
+                                       f"its neighbours have latency to spare ({roomy}): joins class {c} and "
+                                       "shares the pool with it")]
+                blocked.append(f"no class below {own_class} to join with an instance more leaves every model a unit")
         return why + "; held: " + ", ".join(blocked)
 
     def _starves(self, specs: Mapping[str, ModelSpec], changed: Mapping[str, ModelSpec], pool_cpus: int | None,

@@ -660,10 +660,13 @@ def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> 
         c.release = False  # the runtime's shared_pool="scheduled"
         return c
 
+    # ("b" without latency to spare: "a" may not join its class either; see the next test)
+    tight = {**hot, "b": win(p99=30.0, busy=0.3)}
     c = ctl()
-    assert c.decide(hot, specs, 0.0, pool_cpus=2) == []
+    assert c.decide(tight, specs, 0.0, pool_cpus=2) == []
     assert ("the move would leave no unit of the scheduled pool to b (class 0): the classes above it would hold 2 "
             "of its 2") in c.held["a"][2]
+    assert "no neighbour in the pool has latency to spare to share a class with" in c.held["a"][2]
     # A third unit leaves one to "b"; a model of the same class, one without an objective, or an
     # "os" pool (the OS runs every thread) do not hold it back.
     assert [m.change for m in ctl().decide(hot, specs, 0.0, pool_cpus=3)] == ["instances 1 -> 2"]
@@ -678,7 +681,7 @@ def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> 
     # "a" at two instances would leave "b" none of four.
     beside = {"x": spec("x", 2, priority_class=3)}
     c = ctl()
-    assert c.decide(hot, specs, 0.0, pool_cpus=4, other_specs=beside) == []
+    assert c.decide(tight, specs, 0.0, pool_cpus=4, other_specs=beside) == []
     assert "the classes above it would hold 4 of its 4" in c.held["a"][2]
     assert [m.change for m in ctl().decide(hot, specs, 0.0, pool_cpus=4, other_specs={"x": spec("x", 2)})] == [
         "instances 1 -> 2"]  # x in class 0: not above "b"
@@ -693,6 +696,58 @@ def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> 
     c = Controller(None, {"a": 50.0, "b": 50.0, "x": 50.0}, capacity=8, confirm=1, dwell_s=0.0)
     c.release = False
     assert c.decide({**hot, "x": win(p99=5.0, busy=0.5, instances=2)}, crowded, 0.0, pool_cpus=2) != []
+
+
+def test_on_a_scheduled_pool_a_saturated_top_class_joins_the_highest_class_below_it_where_nobody_starves() -> None:
+    # Three units; "a" (class 2) turns requests away with its one instance busy, "m" (class 1)
+    # and "b" (class 0) have latency to spare. Another instance of "a" in class 2 or 1 would
+    # leave "b" no unit: "a" joins class 0 with it.
+    specs = {"a": spec("a", 1, priority_class=2, admission="deadline", timeout_ms=50.0),
+             "m": spec("m", 1, priority_class=1), "b": spec("b", 1, priority_class=0)}
+    windows = {"a": win(p99=45.0, busy=1.0, refused=10), "m": win(p99=10.0, busy=0.3),
+               "b": win(p99=10.0, busy=0.3)}
+    slos = {"a": 50.0, "m": 50.0, "b": 50.0}
+
+    def ctl(**kw: Any) -> Controller:
+        c = Controller(None, slos, **{"capacity": 4, "confirm": 1, "dwell_s": 0.0, **kw})
+        c.release = False  # the runtime's shared_pool="scheduled"
+        return c
+
+    moves = ctl().decide(windows, specs, 0.0, pool_cpus=3)
+    assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2, priority_class 2 -> 0")]
+    assert moves[0].spec.priority_class == 0 and moves[0].spec.instances == 2
+    assert "joins class 0 and shares the pool with it" in moves[0].reason
+    assert "b p99 10.0 of 50 ms, m p99 10.0 of 50 ms" in moves[0].reason
+    # With two units "b" gets none already (while "a" and "m" are saturated): that is not this
+    # move's doing. Growth in class 2 would starve "m"; in class 1 nobody new: the highest
+    # class below that starves nobody new is joined.
+    moves = ctl().decide(windows, specs, 0.0, pool_cpus=2)
+    assert [m.change for m in moves] == ["instances 1 -> 2, priority_class 2 -> 1"]
+    # With four, class 2 leaves "b" a unit: it grows where it is.
+    assert [m.change for m in ctl().decide(windows, specs, 0.0, pool_cpus=4)] == ["instances 1 -> 2"]
+    # Not while it refuses nothing, is not busy, a neighbour has no latency to spare, its
+    # growth was undone lately, or the instance does not fit.
+    for w, sp, kw, tabu in (
+            (dict(windows, a=win(p99=45.0, busy=1.0)), specs, {}, False),
+            (dict(windows, a=win(p99=45.0, busy=0.5, refused=10)), specs, {}, False),
+            (dict(windows, m=win(p99=30.0, busy=0.3)), specs, {}, False),
+            (windows, specs, {}, True)):
+        c = ctl(**kw)
+        if tabu:
+            c._tabu[("a", "grow")] = 100.0
+        assert c.decide(w, sp, 0.0, pool_cpus=3) == [], (w, sp)
+    c = ctl()
+    assert c.decide(windows, specs, 0.0, fits=lambda s: s["a"].instances < 2, pool_cpus=3) == []
+    assert "no class below 2 to join" in c.held["a"][2]
+    # Undone, it is a growth undone: held for tabu_s like one.
+    c = ctl(judge=1)
+    moves = c.decide(windows, specs, 0.0, pool_cpus=3)
+    c.trial(moves, specs, [windows])
+    undo = c.verdict({**windows, "a": dataclasses.replace(windows["a"], completed=20)}, 1.0)
+    assert undo is not None and [(m.model, m.change) for m in undo] == [
+        ("a", "undone: instances 1 -> 2, priority_class 2 -> 0")]
+    assert undo[0].spec.priority_class == 2 and undo[0].spec.instances == 1
+    assert c.stats()["tabu"] == {"a grow": 1.0 + c.tabu_s}
 
 
 def test_longest_miss_is_the_longest_run_of_windows_with_a_p99_over_its_slo() -> None:
