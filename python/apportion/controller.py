@@ -54,9 +54,9 @@ instances of the classes above it hold every unit (where it was not before): a u
 the highest class waiting, so that model would get one only when they idle. There, a model
 that turns requests away with every instance busy, which another instance would let starve
 the classes below, joins the highest class below its own where nobody starves, with one more
-instance, while its neighbours have latency to spare: it then shares the units with that
-class by weight instead of holding one above it (its class changes in place; see
-:meth:`Runtime.apply`). A new
+instance, while its neighbours have latency to spare, given ``classes=True`` (the classes are
+a tuner's, not the user's): it then shares the units with that class by weight instead of
+holding one above it (its class changes in place; see :meth:`Runtime.apply`). A new
 bound alone takes effect at once, without new instances (see :meth:`Runtime.apply`). A model that idles
 gives admission back first. A model that moved waits ``dwell_s`` before it moves again (with the
 ``confirm`` streaks, that is the hysteresis: no flapping on a noisy window).
@@ -552,6 +552,9 @@ class Controller:
     :attr:`apportion.tune.TuneResult.costs`, fitted from the tuner's profiles); a model's batching
     is switched on or its batch doubled only where its cost model says that saves at least
     BATCH_SAVES of a request's instance time (without one, the move is tried and judged).
+    ``classes``: whether a saturated model whose instance more would starve the classes below
+    it on a scheduled pool may join one of them (default False: a class set to protect a model
+    stays where it was set; True for classes a tuner chose, as the demo passes).
 
     Use ``start()`` / ``stop()`` (or ``with``) to run it on a thread of its own, or call
     ``step()`` yourself once per window."""
@@ -564,7 +567,7 @@ class Controller:
                  log: Callable[[Move], None] | None = None, on_error: Callable[[str], None] | None = None,
                  percentiles: Mapping[str, float] | None = None,
                  batchable: bool | Iterable[str] = False, costs: Mapping[str, CostModel] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 classes: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(slos, Mapping):
             raise QuotaError(f"Controller: slos must be a mapping of model name to its objective in ms, got "
                              f"{type(slos).__name__}")
@@ -580,6 +583,8 @@ class Controller:
             if fn is not None and not callable(fn):
                 raise QuotaError(f"Controller: {field} must be callable or None, got {type(fn).__name__}",
                                  field=field)
+        if not isinstance(classes, bool):
+            raise QuotaError(f"Controller: classes must be True or False, got {classes!r}", field="classes")
         if not callable(clock):
             raise QuotaError(f"Controller: clock must be callable (seconds), got {type(clock).__name__}",
                              field="clock")
@@ -668,6 +673,9 @@ class Controller:
         self.batchable: frozenset[str] = frozenset(self.slos) if batchable is True else (batchable_names or frozenset())
         """The models whose batching the controller may switch on (their calls take a list of
         inputs); a model that already batches may have its batch size changed whatever this says."""
+        self.classes = classes
+        """Whether a model may be moved to a lower priority class of the scheduled pool (see
+        :meth:`decide`): for classes a tuner chose; a class set to protect a model stays."""
         self.costs: dict[str, CostModel] = dict(costs or {})
         """Known cost models (``costs``): what batching saves a model (see BATCH_SAVES)."""
         self.clock = clock
@@ -1027,11 +1035,14 @@ class Controller:
                 return [self._move(now_s, name, grown, _change(spec, grown),
                                    why + f"; the pool is saturated and its other models have latency to spare "
                                    f"({roomy}): a larger share of it")]
-        if movable and can_grow and starves and spec.isolation == "shared" and w.refused > 0 and w.busy > self.hot:
+        if (self.classes and movable and can_grow and starves and spec.isolation == "shared" and w.refused > 0
+                and w.busy > self.hot):
             # A scheduled pool whose classes below this model would starve were it to hold one
             # more unit above them: instead it joins the highest class below its own where
             # nobody starves, with the instance more, and shares the units with that class by
             # weight (taking what its members leave) instead of holding a unit above them.
+            # Nobody at all: a class whose models starve already would be starved the more
+            # by its two instances above them.
             shared = [(specs[n].priority_class or 0) for n in specs
                       if n != name and specs[n].isolation == "shared" and n in self.slos]
             own_class = spec.priority_class or 0
@@ -1044,7 +1055,7 @@ class Controller:
             else:
                 for c in lower:
                     classed = dataclasses.replace(grown, priority_class=c)
-                    if self._starves(specs, {name: classed}, pool_cpus, other_specs, held_by_others):
+                    if self._starves(specs, {name: classed}, pool_cpus, other_specs, held_by_others, anew=False):
                         continue
                     if not fits({**specs, name: classed}):
                         break
@@ -1056,7 +1067,8 @@ class Controller:
         return why + "; held: " + ", ".join(blocked)
 
     def _starves(self, specs: Mapping[str, ModelSpec], changed: Mapping[str, ModelSpec], pool_cpus: int | None,
-                 other_specs: Mapping[str, ModelSpec] | None = None, held_by_others: int = 0) -> str:
+                 other_specs: Mapping[str, ModelSpec] | None = None, held_by_others: int = 0,
+                 anew: bool = True) -> str:
         """Why the move to ``changed`` (model -> new spec) would starve a model of a scheduled
         pool, or "". A unit goes to the highest class waiting, so a model with an objective
         gets one only when the shared instances of the classes above it idle: none while they
@@ -1088,7 +1100,7 @@ class Controller:
                     why[n] = (cls, above, units)
             return out, why
 
-        before, _ = starved(specs)
+        before, _ = starved(specs) if anew else (set(), {})
         after, why = starved({**specs, **changed})
         new = sorted(after - before)
         if not new:

@@ -358,8 +358,9 @@ def measure_adaptive(before: Config, after: Config, *, before_s: float, settings
     try:
         slos = {n: m.slo["latency_ms"] for n, m in before.models.items() if m.slo}
         # The demo's torch models take a stacked batch: the controller may switch batching on.
+        # The plan's priority classes, if any, are the tuner's: the controller may move them.
         ctl = Controller(rt, slos, window_s=control_window_s, dwell_s=4 * control_window_s, log=moves.append,
-                         batchable=True, costs=costs)
+                         batchable=True, costs=costs, classes=True)
         with ctl:
             half = max(before_s / 2, 0.05)
             ld.run(rt, before.model_loads(), warmup_s=half, window_s=half, stable_windows=1, tolerance=1.0,

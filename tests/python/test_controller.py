@@ -660,12 +660,15 @@ def test_on_a_scheduled_pool_a_higher_class_never_grows_to_hold_every_unit() -> 
         c.release = False  # the runtime's shared_pool="scheduled"
         return c
 
-    # ("b" without latency to spare: "a" may not join its class either; see the next test)
+    # ("b" without latency to spare: "a" may not join its class either, even where it may
+    # change classes; see the next test)
     tight = {**hot, "b": win(p99=30.0, busy=0.3)}
     c = ctl()
     assert c.decide(tight, specs, 0.0, pool_cpus=2) == []
     assert ("the move would leave no unit of the scheduled pool to b (class 0): the classes above it would hold 2 "
             "of its 2") in c.held["a"][2]
+    c = ctl(classes=True)
+    assert c.decide(tight, specs, 0.0, pool_cpus=2) == []
     assert "no neighbour in the pool has latency to spare to share a class with" in c.held["a"][2]
     # A third unit leaves one to "b"; a model of the same class, one without an objective, or an
     # "os" pool (the OS runs every thread) do not hold it back.
@@ -709,20 +712,30 @@ def test_on_a_scheduled_pool_a_saturated_top_class_joins_the_highest_class_below
     slos = {"a": 50.0, "m": 50.0, "b": 50.0}
 
     def ctl(**kw: Any) -> Controller:
-        c = Controller(None, slos, **{"capacity": 4, "confirm": 1, "dwell_s": 0.0, **kw})
+        c = Controller(None, slos, **{"capacity": 4, "confirm": 1, "dwell_s": 0.0, "classes": True, **kw})
         c.release = False  # the runtime's shared_pool="scheduled"
         return c
 
+    # Only given classes=True: by default a class stays where it was set.
+    c = ctl(classes=False)
+    assert c.decide(windows, specs, 0.0, pool_cpus=3) == []
+    assert "the move would leave no unit of the scheduled pool to b" in c.held["a"][2]
     moves = ctl().decide(windows, specs, 0.0, pool_cpus=3)
     assert [(m.model, m.change) for m in moves] == [("a", "instances 1 -> 2, priority_class 2 -> 0")]
     assert moves[0].spec.priority_class == 0 and moves[0].spec.instances == 2
     assert "joins class 0 and shares the pool with it" in moves[0].reason
     assert "b p99 10.0 of 50 ms, m p99 10.0 of 50 ms" in moves[0].reason
-    # With two units "b" gets none already (while "a" and "m" are saturated): that is not this
-    # move's doing. Growth in class 2 would starve "m"; in class 1 nobody new: the highest
-    # class below that starves nobody new is joined.
+    # With two units "b" gets none already (while "a" and "m" are saturated). In class 1 "a"
+    # would starve nobody new, but "b" the more: it joins class 0, where nobody starves.
     moves = ctl().decide(windows, specs, 0.0, pool_cpus=2)
-    assert [m.change for m in moves] == ["instances 1 -> 2, priority_class 2 -> 1"]
+    assert [m.change for m in moves] == ["instances 1 -> 2, priority_class 2 -> 0"]
+    # Classes 3, 2 and 1 on three units: in class 2, beside "m", "a" would leave "b" none; it
+    # joins class 1, which is not the lowest class there is (0, of a model without an objective).
+    higher = {"a": dataclasses.replace(specs["a"], priority_class=3), "m": spec("m", 1, priority_class=2),
+              "b": spec("b", 1, priority_class=1), "x": spec("x", 1, priority_class=0)}
+    c = ctl()
+    got = c.decide(windows, higher, 0.0, pool_cpus=3)
+    assert [m.change for m in got] == ["instances 1 -> 2, priority_class 3 -> 1"]
     # With four, class 2 leaves "b" a unit: it grows where it is.
     assert [m.change for m in ctl().decide(windows, specs, 0.0, pool_cpus=4)] == ["instances 1 -> 2"]
     # Not while it refuses nothing, is not busy, a neighbour has no latency to spare, its
@@ -850,7 +863,8 @@ NAN, INF = float("nan"), float("inf")
     {"capacity": -2}, {"capacity": True}, {"max_batch": 0}, {"max_batch_size": 0}, {"history": 0},
     {"batch_delay_ms": -1.0}, {"batch_delay_ms": INF}, {"window_s": 1e10},
     # a window of 1 us spun its thread at 0.75 CPU; the CLI refused it, the API took it
-    {"window_s": 1e-6}, {"window_s": 0.049}, {"log": 5}, {"on_error": "print"}, {"clock": 1.0}, {"clock": None}])
+    {"window_s": 1e-6}, {"window_s": 0.049}, {"log": 5}, {"on_error": "print"}, {"clock": 1.0}, {"clock": None},
+    {"classes": 1}, {"classes": "yes"}, {"classes": None}])
 def test_bad_settings_are_refused(kw: dict[str, Any]) -> None:
     args = {"capacity": 2, **kw}
     field = next(iter(kw))
