@@ -315,10 +315,17 @@ class Model {
   /// else moved (see SharedPool::set_class; its std::invalid_argument passes through, and
   /// one naming the model when it does not draw on a scheduled pool). Safe from any thread.
   void set_priority_class(int32_t priority_class);
+  /// Its class on the scheduled shared pool now (set_priority_class() leaves the one in
+  /// options() as it was made); -1 with `on_pool` false when it does not draw on one.
+  int32_t priority_class(bool* on_pool = nullptr) const noexcept {
+    if (on_pool != nullptr) *on_pool = member_ != nullptr;
+    return member_ != nullptr ? member_->priority_class() : -1;
+  }
 
   const std::string& name() const noexcept { return opts_.name; }
   /// The options the model was made with, updated by set_placement() before start; a live
-  /// move (reshape()) does not change them: see instances() and max_queue().
+  /// move (reshape()), set_max_queue() and set_priority_class() do not change them: see
+  /// instances(), max_queue() and priority_class().
   const ModelOptions& options() const noexcept { return opts_; }
   /// Own instances now (the latest reshape()). Safe from any thread.
   uint32_t instances() const noexcept { return instances_.load(std::memory_order_relaxed); }

@@ -34,8 +34,24 @@ void SharedPool::set_class(Member& m, int32_t priority_class) {
   if (m.priority_class_.load(std::memory_order_relaxed) == priority_class) return;
   m.priority_class_.store(priority_class, std::memory_order_relaxed);
   // Its clock was kept against another class's members: from now on it competes with these.
-  const int64_t est = m.estimate_ns_ > 0 ? m.estimate_ns_ : kFirstEstimateNs;
-  m.vtime_ = std::max(m.vtime_, vnow_ - static_cast<double>(est) / m.weight_);
+  // The pool's clock runs with the calls granted, mostly the top class's, so a class below
+  // it whose members wait keeps clocks behind it: the member starts level with the one of
+  // them furthest behind (moved down, it would else wait until they all caught up with the
+  // pool's clock; moved up, it banks nothing it did not wait for beside them). With none of
+  // them waiting, it starts from the pool's clock, as a member back from idle does.
+  const Member* behind = nullptr;
+  for (const Waiter* w : waiters_) {
+    if (w->member != &m && w->member->priority_class_.load(std::memory_order_relaxed) == priority_class &&
+        (behind == nullptr || w->member->vtime_ < behind->vtime_)) {
+      behind = w->member;
+    }
+  }
+  if (behind != nullptr) {
+    m.vtime_ = behind->vtime_;
+  } else {
+    const int64_t est = m.estimate_ns_ > 0 ? m.estimate_ns_ : kFirstEstimateNs;
+    m.vtime_ = std::max(m.vtime_, vnow_ - static_cast<double>(est) / m.weight_);
+  }
   grant_waiters();  // a waiter of a raised class may go first now
 }
 

@@ -1039,6 +1039,15 @@ class RuntimeCore {
     return ModelStatsSnapshot{name, m.snapshot(), m.instances(), m.max_queue(), m.groups(), m.moves()};
   }
 
+  /// Model `name`'s class on the scheduled shared pool now; None when it does not draw on one.
+  py::object priority_class(const std::string& name) {
+    auto e = reg_->find(name);
+    if (e == nullptr) raise_not_found(name);
+    bool on_pool = false;
+    const int32_t c = e->model->priority_class(&on_pool);
+    return on_pool ? py::object(py::int_(c)) : py::object(py::none());
+  }
+
   /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
   void set_pool_capacity(uint32_t capacity) { pool_->set_capacity(capacity); }
   void set_pool_reserve(const std::vector<std::pair<int32_t, uint32_t>>& reserve, int nice) {
@@ -1545,7 +1554,8 @@ Completes exactly once: with a result, the model's exception, DeadlineExceeded, 
       .def_property_readonly("closed", &RuntimeCore::closed)
       .def_property_readonly("started", &RuntimeCore::started)
       .def("_model_names", &RuntimeCore::model_names)
-      .def("_model_stats", &RuntimeCore::model_stats, py::arg("name"));
+      .def("_model_stats", &RuntimeCore::model_stats, py::arg("name"))
+      .def("_priority_class", &RuntimeCore::priority_class, py::arg("name"));
 
   m.def("_lane_cells", &lane_cells, py::arg("max_queue"), py::arg("priority_levels"),
         py::arg("groups"), py::arg("delayed_lane"), py::arg("workers"),

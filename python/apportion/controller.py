@@ -73,7 +73,9 @@ logged as a move of its own) and the same kind of move (more instances, a bigger
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
 seconds; the next kind in line is tried instead (a spare instance's swap, one thread for another,
 is its own kind: an instance more undone does not hold it, and one swap undone holds every
-other for that model). A moved model that worked off a backlog over
+other for that model; a model that takes back an instance it gave in a swap gives none for
+``tabu_s``: on a saturated pool every thread reads a share of a CPU, and two models whose
+latency has room would hand one instance back and forth). A moved model that worked off a backlog over
 the trial (served more than arrived, its queue shorter than at the move) completes requests
 queued before the move late, however much faster it serves: its windows that began with a
 backlog are left out of the trial (the others judge whether the move took from them, and its
@@ -673,7 +675,9 @@ class Controller:
         self.batchable: frozenset[str] = frozenset(self.slos) if batchable is True else (batchable_names or frozenset())
         """The models whose batching the controller may switch on (their calls take a list of
         inputs); a model that already batches may have its batch size changed whatever this says."""
-        self.classes = classes
+        # Beside a pool_reserve a class cannot change live (see Runtime.apply): the move would
+        # only be refused, and hold the model's growth.
+        self.classes = classes and not getattr(rt, "_pool_reserve", None)
         """Whether a model may be moved to a lower priority class of the scheduled pool (see
         :meth:`decide`): for classes a tuner chose; a class set to protect a model stays."""
         self.costs: dict[str, CostModel] = dict(costs or {})
@@ -1059,6 +1063,9 @@ class Controller:
                         continue
                     if not fits({**specs, name: classed}):
                         break
+                    # Like a larger share of an "os" pool, it needs no free capacity: it
+                    # takes its units from the class it joins, by weight, and the trial
+                    # undoes it when they then serve less.
                     return [self._move(now_s, name, classed, _change(spec, classed),
                                        why + f"; one more unit above the classes below would starve them, and "
                                        f"its neighbours have latency to spare ({roomy}): joins class {c} and "
@@ -1075,7 +1082,8 @@ class Controller:
         hold every unit and are saturated, which is when growth is asked for. A move that leaves
         some such model in that state where it was not before is refused (one that was already
         there is not this move's doing). Models outside ``specs`` count by ``other_specs``, or,
-        unknown, as ``held_by_others`` threads in the highest class."""
+        unknown, as ``held_by_others`` threads in the highest class. With ``anew`` False, any
+        model left in that state counts, whether or not it was so before."""
         if self.release:
             return ""
         others = dict(other_specs or {})
@@ -1341,6 +1349,9 @@ class Controller:
         other_specs = {n: self.rt.spec(n) for n in self.rt.models if n not in windows}
         others = sum(_units(s) for s in other_specs.values())
         dwell_before = dict(self._last_move)
+        # What decide() notes of the moves it proposes (a swap given, a take-back's hold)
+        # stands only for moves that are made.
+        gave_before, tabu_before = dict(self._gave), dict(self._tabu)
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
                             pool_cpus=len(pool) if pool else None, other_specs=other_specs,
@@ -1348,12 +1359,12 @@ class Controller:
         if not moves:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now
-            self._last_move = dwell_before
+            self._last_move, self._gave, self._tabu = dwell_before, gave_before, tabu_before
             return []
         if not self._apply(moves, now):
             # Nothing moved: no dwell starts, and the same kind of move for the same models is
             # not tried again for tabu_s (it would fail again, and hold the others every window).
-            self._last_move = dwell_before
+            self._last_move, self._gave, self._tabu = dwell_before, gave_before, tabu_before
             self._close([(m, specs[m.model]) for m in moves], now - self._t0 + self.tabu_s)
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
@@ -1406,6 +1417,9 @@ class Controller:
         # An idle model's admission restored in the same step is not what is judged: it stays.
         undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
         self._close(undone, now_s + self.tabu_s)
+        for m, _ in undone:
+            if m.reason.startswith(SPARE):
+                self._gave.pop(m.model, None)  # the swap is gone: nothing given to take back
         return [dataclasses.replace(self._move(now_s, m.model, old, f"undone: {m.change}", why), undo=True)
                 for m, old in undone]
 
@@ -1462,6 +1476,8 @@ class Controller:
         """Drops what the controller kept about model ``name`` (a new model by that name)."""
         for kept in (self._last_move, self._full_queue, self._batch_tried, self.held, self._gave):
             kept.pop(name, None)
+        for donor in [d for d, (receiver, _) in self._gave.items() if receiver == name]:
+            del self._gave[donor]  # given to the model before it
         self._risk_streak[name] = self._idle_streak[name] = self._roomy_streak[name] = 0
         self._stalled_s.pop(name, None)
         for key in [k for k in self._tabu if k[0] == name]:

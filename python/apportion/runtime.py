@@ -680,8 +680,9 @@ class Runtime(_core._Runtime):
         What may change: ``cores``, ``isolation`` ("exclusive" / "shared"), ``instances``,
         ``threads``, ``numa``, ``smt``, ``memory_policy``, ``oversubscribe``, ``batching`` (on,
         off or other sizes), ``warmup``, ``max_queue`` (up to the value the model was added
-        with: its queue's size) and, for a model on a scheduled shared pool without
-        ``pool_reserve``, ``priority_class``. Every model is placed again with the others; a
+        with: its queue's size) and, for a model whose calls draw on a scheduled shared pool
+        without ``pool_reserve``, ``priority_class`` (a spec without one is class 0: a plan
+        without classes applied to models with one moves them to class 0). Every model is placed again with the others; a
         model whose CPUs, threads, instances, batching or warm-up change moves, including models
         not named whose CPUs the new plan changes. A new ``max_queue`` alone takes effect at
         once, with no new instances: the queue, its requests and the model's learned estimates
@@ -784,10 +785,10 @@ class Runtime(_core._Runtime):
                              model=name, field="isolation")
         if (old.priority_class or 0) != (spec.priority_class or 0):
             self._check_sharing(spec)
-            if spec.isolation != "shared":
+            if self._priority_class(name) is None:  # as registered: what draws on the pool
                 raise QuotaError(f"priority_class {old.priority_class!r} -> {spec.priority_class!r}: only a model "
-                                 "whose calls draw on the scheduled shared pool (isolation 'shared') has a class",
-                                 model=name, field="priority_class")
+                                 "whose calls draw on the scheduled shared pool has a class", model=name,
+                                 field="priority_class")
             if self._pool_reserve:
                 raise QuotaError(f"priority_class {old.priority_class!r} -> {spec.priority_class!r}: cannot change "
                                  "while the runtime has pool_reserve (a worker's OS priority follows its class "
@@ -869,12 +870,14 @@ class Runtime(_core._Runtime):
         new_class = {n: s.priority_class or 0 for n, s in new_specs.items()}
         lowered = [n for n in new_specs if new_class[n] < old_class[n]]
         raised = [n for n in new_specs if new_class[n] > old_class[n]]
-        for n in lowered:
-            self._set_priority_class(n, new_class[n])
+        classed: dict[str, int] = {}  # the classes set on the engine so far
         done: list[tuple[str, ModelSpec, dict[int, Any]]] = []
         current: str | None = None
         current_moves: int | None = None
         try:
+            for n in lowered:
+                self._set_priority_class(n, new_class[n])
+                classed[n] = new_class[n]
             for n in moving:
                 entry = self._models[n]
                 undo = (n, entry.spec, dict(entry.placed))
@@ -899,13 +902,18 @@ class Runtime(_core._Runtime):
                     stuck.add(n)
                 else:
                     e.add_note(f"(model {n!r}, moved before, was moved back)")
-            for n in lowered:
+            # Each class as its model's record now says: the old one for a model moved back or
+            # not moved, the new one for a model that serves as moved (lowered already, or
+            # raised here).
+            for n in lowered + raised:
+                want, now = self._models[n].spec.priority_class or 0, classed.get(n, old_class[n])
+                if want == now:
+                    continue
                 try:
-                    self._set_priority_class(n, old_class[n])
+                    self._set_priority_class(n, want)
                 except BaseException as back:  # noqa: BLE001 - reported on the original error
-                    e.add_note(f"(model {n!r} keeps priority class {new_class[n]}: setting {old_class[n]} back "
-                               f"failed: {back!r})")
-                    self._models[n].spec = dataclasses.replace(self._models[n].spec, priority_class=new_class[n])
+                    e.add_note(f"(model {n!r} keeps priority class {now}: setting {want} failed: {back!r})")
+                    self._models[n].spec = dataclasses.replace(self._models[n].spec, priority_class=now)
             if stuck:
                 # What runs now: those models where the new plan put them, the others where they
                 # were (the shared pool's size was not changed either). Placing the specs afresh

@@ -287,6 +287,46 @@ TEST(SharedPool, AMemberMovedIntoAClassBanksNoCredit) {
   });
 }
 
+TEST(SharedPool, AMemberMovedDownSharesWithTheClassItJoinsAtOnce) {
+  guarded(60s, [] {
+    // As above, but z (which kept the unit for a thousand calls, its clock and the pool's a
+    // million ns ahead of x's) moves down into x's class: it starts level with x, not a
+    // thousand calls behind it.
+    SharedPool pool(1);
+    auto z = pool.join("z", 1.0, 3);
+    auto x = pool.join("x", 1.0, 0);
+    std::atomic<uint64_t> grants{0};
+    const uint64_t total = scaled(2000);
+    std::mutex mu;
+    std::map<std::string, uint64_t> got;
+    auto serve = [&](SharedPool::Member& m, uint32_t u) {
+      for (;;) {
+        if (u == 0) u = pool.acquire(m, 1);
+        if (grants.fetch_add(1) >= total) {
+          pool.release(m, u, 1000);
+          return;
+        }
+        {
+          std::lock_guard lock(mu);
+          ++got[m.name()];
+        }
+        u = pool.renew(m, u, 1000, /*wait=*/true);
+      }
+    };
+    uint32_t zu = pool.try_acquire(*z, 1);
+    ASSERT_EQ(zu, 1u);
+    std::thread tx([&] { serve(*x, 0); });
+    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+    for (int i = 0; i < 1000; ++i) zu = pool.renew(*z, zu, 1000);
+    pool.set_class(*z, 0);
+    EXPECT_EQ(z->priority_class(), 0);
+    serve(*z, zu);
+    tx.join();
+    const double ratio = static_cast<double>(got["x"]) / static_cast<double>(got["z"]);
+    EXPECT_NEAR(ratio, 1.0, 0.15) << got["x"] << " vs " << got["z"];
+  });
+}
+
 TEST(SharedPool, AClassCannotChangeWhileThePoolHasReservations) {
   SharedPool pool(2);
   auto m = pool.join("ranker", 1.0, 0);

@@ -492,6 +492,7 @@ def test_a_pool_neighbour_whose_threads_use_little_cpu_gives_an_instance_to_a_mo
     undo = c.verdict(worse, 1.0)
     assert undo is not None and [(mv.model, mv.undo) for mv in undo] == [("m", True), ("a", True)]
     assert c._tabu[("a", "swap")] == c._tabu[("m", "shrink")] == 1.0 + c.tabu_s
+    assert c._gave == {}  # the swap undone: nothing given to take back
     later = c.decide(windows, three, 2.0, idle_cpus=0.0, pool_cpus=2)
     assert all(mv.model not in ("m", "n") for mv in later), later  # 'n' could give, and does not
     c = ctl(capacity=4)
@@ -516,6 +517,7 @@ def test_a_model_that_takes_back_an_instance_it_gave_in_a_swap_gives_none_for_a_
                     specs, 3.0, idle_cpus=0.0, pool_cpus=2)
     assert [(m.model, m.change) for m in back] == [("a", "instances 3 -> 2"), ("m", "instances 1 -> 2")]
     assert c.stats()["tabu"] == {"m shrink": 33.0}
+    assert c._gave == {"m": ("a", 0.0), "a": ("m", 3.0)}
     specs = {m.model: m.spec for m in back}
     again = c.decide({"a": hot, "m": light}, specs, 6.0, idle_cpus=0.0, pool_cpus=2)
     assert all(m.model != "m" for m in again), again
@@ -523,6 +525,9 @@ def test_a_model_that_takes_back_an_instance_it_gave_in_a_swap_gives_none_for_a_
     # Past tabu_s it may give again; and a swap from another donor, or to another receiver, is
     # no taking back.
     assert [m.model for m in c.decide({"a": hot, "m": light}, specs, 34.0, idle_cpus=0.0, pool_cpus=2)] == ["m", "a"]
+    # A model added again under a name forgets what it gave and what was given to it.
+    c._forget("a")
+    assert c._gave == {}
     three = {"a": spec("a", 2), "m": spec("m", 2), "n": spec("n", 1)}
     c = Controller(None, {"a": 75.0, "m": 50.0, "n": 50.0}, capacity=2, confirm=1, dwell_s=0.0)
     c._gave["m"] = ("n", 0.0)  # "m" gave "n" an instance, not "a"
@@ -761,6 +766,13 @@ def test_on_a_scheduled_pool_a_saturated_top_class_joins_the_highest_class_below
         ("a", "undone: instances 1 -> 2, priority_class 2 -> 0")]
     assert undo[0].spec.priority_class == 2 and undo[0].spec.instances == 1
     assert c.stats()["tabu"] == {"a grow": 1.0 + c.tabu_s}
+    # Beside a pool_reserve a class cannot change live: the controller does not try.
+    with ap.Runtime(shared_pool="scheduled", pool_reserve={1: 1}) as rt:
+        rt.add_model("a", model=lambda x: x, priority_class=0)
+        assert Controller(rt, {"a": 50.0}, classes=True).classes is False
+    with ap.Runtime(shared_pool="scheduled") as rt:
+        rt.add_model("a", model=lambda x: x, priority_class=0)
+        assert Controller(rt, {"a": 50.0}, classes=True).classes is True
 
 
 def test_longest_miss_is_the_longest_run_of_windows_with_a_p99_over_its_slo() -> None:
@@ -1885,6 +1897,7 @@ def test_a_swap_the_runtime_refuses_moves_nothing_and_holds_the_receivers_swaps(
         assert "no third instance here" in c.errors[0]
         assert c.moves == [] and rt.spec("a").instances == 2 and rt.spec("m").instances == 2
         assert c._tabu[("a", "swap")] == c._tabu[("m", "shrink")] == c._tabu[("a", "grow")] == 1.0 + c.tabu_s
+        assert c._gave == {}  # nothing was given: nothing to take back
         now[0] = 2.0
         later = c.step()
         assert all(m.model not in ("m", "n") for m in later), later  # "n" could give, and does not

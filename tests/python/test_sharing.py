@@ -127,7 +127,7 @@ def test_a_class_changed_live_orders_the_waiting_calls_and_starts_no_instance() 
         time.sleep(0.2)  # both models' free workers now wait for the pool
         spec = rt.spec("batch")
         assert rt.apply(ap.ModelSpec("batch", factory=spec.factory, instances=2, priority_class=2)) == ["batch"]
-        assert rt.spec("batch").priority_class == 2
+        assert rt.spec("batch").priority_class == 2 and rt._priority_class("batch") == 2
         release.set()
         for f in [blocker, *lows, *highs]:
             f.result(timeout=30)
@@ -136,9 +136,32 @@ def test_a_class_changed_live_orders_the_waiting_calls_and_starts_no_instance() 
         # Lowered again in the same apply as an instance more.
         assert rt.apply(ap.ModelSpec("batch", factory=spec.factory, instances=3)) == ["batch"]
         assert rt.spec("batch").priority_class is None and built.count("batch") == 5
+        assert rt._priority_class("batch") == 0 and rt._priority_class("critical") == 1
     finally:
         release.set()
         rt.close()
+
+
+def test_a_move_that_fails_sets_back_the_class_it_lowered() -> None:
+    # "m" is lowered from class 2 to 0 before its move to two instances; the second instance
+    # fails to start: the move is undone, and so is the class, on the engine as in the record.
+    def factory(ctx: ap.InstanceContext):
+        if ctx.instance >= 1:
+            raise RuntimeError("no second instance here")
+        return lambda x: x
+
+    with make_runtime(1) as rt:
+        rt.add_model("m", factory=factory, priority_class=2)
+        rt.add_model("other", model=lambda x: x, priority_class=1)
+        rt.start()
+        with pytest.raises(RuntimeError, match="no second instance here"):
+            rt.apply([ap.ModelSpec("m", factory=factory, instances=2, priority_class=0),
+                      ap.ModelSpec("other", model=rt.spec("other").model, priority_class=3)])
+        assert rt._priority_class("m") == 2 and rt.spec("m").priority_class == 2
+        assert rt._priority_class("other") == 1 and rt.spec("other").priority_class == 1  # never raised
+        assert rt.spec("m").instances == 1 and rt.call("m", 4) == 4
+        with pytest.raises(ap.ModelNotFound):
+            rt._priority_class("nope")
 
 
 def test_a_class_cannot_change_live_off_the_scheduled_pool_or_beside_a_reservation() -> None:
@@ -153,6 +176,14 @@ def test_a_class_cannot_change_live_off_the_scheduled_pool_or_beside_a_reservati
         with pytest.raises(ap.QuotaError, match="scheduled shared pool") as err:
             rt.apply(ap.ModelSpec("m", model=rt.spec("m").model, priority_class=1))
         assert (err.value.model, err.value.field) == ("m", "priority_class")
+        assert rt._priority_class("m") is None  # it draws on no scheduled pool
+    # A process model without cores draws on the scheduled pool (its calls hold units): it is
+    # never moved, but its class changes in place like its admission bound.
+    with make_runtime(1) as rt:
+        rt.add_model("p", factory="tests.python.process_models:echo", isolation="process", priority_class=1)
+        assert rt.apply(ap.ModelSpec("p", factory="tests.python.process_models:echo", isolation="process",
+                                     priority_class=2)) == ["p"]
+        assert rt._priority_class("p") == 2 and rt.spec("p").priority_class == 2
 
 
 def test_removing_a_model_without_drain_does_not_wait_for_the_pool() -> None:
