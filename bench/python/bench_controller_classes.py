@@ -1,0 +1,91 @@
+"""The controller after the demo's mix shift on a plan with priority classes (scheduled pool):
+with and without class moves (``Controller(classes=...)``), against the static plan, in one run.
+
+The plan is the kind the tuner picks in about one run in ten: the demo's three models on the
+scheduled shared pool, one instance of one thread each, batches of up to 8, conv in the top
+class (2), mlp in class 1, encoder in class 0. After the shift (conv 20% -> 70%) conv needs more
+than the one unit its instance holds, and another instance in its class would hold every unit
+and starve the classes below it. Each repetition measures, after the shift as ``apportion demo``
+does (6 s of the new mix, then 3 windows of 1 s): the static plan, the controller with
+``classes=True`` (it may move conv into a lower class with an instance more) and with
+``classes=False``. The controller is given a cost model for conv (alpha 0.41 ms, beta 0.9 ms a
+request, fitted to its calibrated one-request and batch-8 times), as the demo gives it the
+tuner's, so it makes no batching move that saves conv little.
+
+    python bench/python/bench_controller_classes.py [--reps 3]
+
+Prints per repetition each arm's goodput within SLO, its share of the new demand and its ratio
+to the static plan, and the controller's moves after the shift. Results: bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import apportion as ap
+from apportion import demo
+from apportion.tune import Choice, CostModel, Settings, apply, measure_config
+
+
+def plan() -> dict[str, Choice]:
+    b = ap.Batching
+    return {"mlp": Choice("shared", None, 1, 1, b(8, 4.0), 19, 1),
+            "conv": Choice("shared", None, 1, 1, b(8, 3.1), 17, 2),
+            "encoder": Choice("shared", None, 1, 1, b(8, 2.2), 20, 0)}
+
+
+def goodput(results: dict[str, Any]) -> float:
+    return sum(m.goodput for m in results.values())
+
+
+def controller_run(cfg: Any, new_mix: Any, choices: dict[str, Choice], settings: Settings,
+                   classes: bool) -> demo.Adapted:
+    base = demo.Controller
+
+    class Arm(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            kw["classes"] = classes
+            super().__init__(*args, **kw)
+
+    demo.Controller = Arm  # type: ignore[misc]
+    try:
+        return demo.measure_adaptive(apply(cfg, choices), apply(new_mix, choices), before_s=4.0,
+                                     settings=settings, control_window_s=0.5,
+                                     costs={"conv": CostModel(0.41, 0.9)})
+    finally:
+        demo.Controller = base  # type: ignore[misc]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # as apportion demo does
+    try:
+        for rep in range(1, args.reps + 1):
+            ms = demo.single_thread_ms()
+            cfg = demo.demo_config(1.0, per_request_ms=ms)
+            new_mix = demo.shifted(cfg)
+            demand = sum(v for v in new_mix.demand().values() if v is not None)
+            settings = Settings(warmup_s=6.0, window_s=1.0, stable_windows=3, max_s=12.0)
+            static = goodput(measure_config(apply(new_mix, plan()), settings))
+            print(f"rep {rep}: one request on one thread: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
+                  + f"; new demand {demand:.0f} req/s", flush=True)
+            print(f"  static:                {static:6.0f} good/s ({static / demand:.0%})", flush=True)
+            for classes in (True, False):
+                run = controller_run(cfg, new_mix, plan(), settings, classes)
+                g = goodput(run.results)
+                print(f"  controller classes={classes!s:5}: {g:6.0f} good/s ({g / demand:.0%}), "
+                      f"{g / static:.2f}x static", flush=True)
+                for line in run.describe():
+                    print(f"      {line[:200]}", flush=True)
+    finally:
+        sys.setswitchinterval(previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
