@@ -248,6 +248,11 @@ def _add_adapt(p: argparse.ArgumentParser) -> None:
                    help="a model whose batching the controller may switch on (its calls take a list of "
                    "inputs; repeatable). Without it the controller changes the batch size only of models "
                    "whose config already batches")
+    p.add_argument("--adapt-classes", action="store_true",
+                   help="let the controller move a saturated model into a lower priority class of the "
+                   "scheduled pool, with an instance more, where another instance in its own class would "
+                   "starve the classes below (for classes a tuner chose: without it a class stays where "
+                   "the config set it; see apportion.Controller, classes)")
 
 
 def _adapt_objectives(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
@@ -260,6 +265,15 @@ def _adapt_objectives(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, 
                           "slo = { latency_ms = ... }")
     if args.adapt_window_s is not None and not args.adapt:
         raise ConfigError("<command line>", "--adapt-window-s", "applies with --adapt only")
+    if args.adapt_classes:
+        if not args.adapt:
+            raise ConfigError("<command line>", "--adapt-classes", "applies with --adapt only")
+        if cfg.shared_pool != "scheduled":
+            raise ConfigError("<command line>", "--adapt-classes", "priority classes are the scheduled pool's: the "
+                              f"config's [runtime] has shared_pool = {cfg.shared_pool!r}")
+        if cfg.pool_reserve:
+            raise ConfigError("<command line>", "--adapt-classes", "a class cannot change while the pool has "
+                              "pool_reserve (a worker's OS priority follows its class from its start)")
     for name in args.adapt_batchable:
         if not args.adapt:
             raise ConfigError("<command line>", "--adapt-batchable", "applies with --adapt only")
@@ -284,17 +298,19 @@ def _managed(window_s: float, slos: dict[str, float], percentiles: dict[str, flo
     return f"online controller: every {window_s:g} s, manages {managed}{aside}"
 
 
-def _start_controller(rt: Any, args: argparse.Namespace, slos: dict[str, float], percentiles: dict[str, float],
-                      out: TextIO | None, errors: TextIO | None = None) -> Any:
+def _start_controller(rt: Any, args: argparse.Namespace, cfg: Config, slos: dict[str, float],
+                      percentiles: dict[str, float], out: TextIO | None, errors: TextIO | None = None) -> Any:
     """--adapt's controller, started beside ``rt``; each move is a line on ``out`` (None: quiet),
-    each failure one on ``errors`` as it happens (None: kept in ``controller.errors`` only)."""
+    each failure one on ``errors`` as it happens (None: kept in ``controller.errors`` only). It
+    asks the config's cost models (a tuner's plan has them) before a batching move."""
     from .controller import Controller
 
     log = None if out is None else (lambda m: print(f"[{m.at_s:7.1f}s] {m.model}: {m.change} ({m.reason})",
                                                     file=out, flush=True))
     on_error = None if errors is None else (lambda e: print(f"controller error at {e}", file=errors, flush=True))
     return Controller(rt, slos, window_s=_adapt_window_s(args), log=log, on_error=on_error, percentiles=percentiles,
-                      batchable=args.adapt_batchable).start()
+                      batchable=args.adapt_batchable, classes=args.adapt_classes,
+                      costs={n: m.cost for n, m in cfg.models.items() if m.cost is not None}).start()
 
 
 def _run_run(args: argparse.Namespace, out: TextIO) -> int:
@@ -313,7 +329,7 @@ def _run_run(args: argparse.Namespace, out: TextIO) -> int:
         if not args.json:
             print(rt.plan(), file=out)
         if args.adapt:
-            controller = _start_controller(rt, args, slos, percentiles, None if args.json else out)
+            controller = _start_controller(rt, args, cfg, slos, percentiles, None if args.json else out)
             if not args.json:
                 print(_managed(controller.window_s, slos, percentiles), file=out, flush=True)
         loads = cfg.model_loads()
@@ -698,7 +714,7 @@ def _serve_run(args: argparse.Namespace, out: TextIO) -> int:
         threading.Thread(target=announce, daemon=True).start()
         if args.adapt:
             # Moves on stdout with the rest of the server's lines; a failed move on stderr.
-            controller = running = _start_controller(rt, args, slos, percentiles, out, sys.stderr)
+            controller = running = _start_controller(rt, args, cfg, slos, percentiles, out, sys.stderr)
             # Stopped when the server begins to stop: no move (new instances, their warm-up)
             # starts during the drain.
             threading.Thread(target=lambda: (server.stopping.wait(), running.stop(wait=False)), daemon=True,

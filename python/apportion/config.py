@@ -23,6 +23,9 @@ The same format is what ``apportion plan|run|bench`` read and what ``ap.tune`` w
     batching = { max_size = 8, max_delay_ms = 2.0 }
     slo = { latency_ms = 20, percentile = 99 }
     load = { rate = 300 }               # or concurrency = 4, or share = 0.5 of [workload] rate
+    cost = { alpha_ms = 0.4, beta_ms = 0.9, serial = 0.8, batchable = true }  # optional: the
+                                        # tuner's cost model (apportion.tune.CostModel), written
+                                        # into its plan; the online controller asks it
 
 Every error is a :class:`ConfigError` whose message names the file, the key
 (``models.ranker.threads``) and what is allowed. ``Config.load(path)`` validates everything
@@ -55,11 +58,13 @@ from .topology import parse_cpulist
 if TYPE_CHECKING:
     from .load import ModelLoad
     from .runtime import Runtime
+    from .tune.cost import CostModel
 
 __all__ = ["Config", "ConfigError", "DoesNotFit", "ModelConfig", "QUOTA_KEYS", "StartFailed", "resolve"]
 
 QUOTA_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Quota) if f.init and f.name != "name")
-OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load", "signature")
+OTHER_KEYS: tuple[str, ...] = ("inputs", "slo", "load", "signature", "cost")
+COST_KEYS: tuple[str, ...] = ("alpha_ms", "beta_ms", "serial", "batchable")
 SIGNATURE_KEYS: tuple[str, ...] = ("inputs", "outputs", "tensor")
 MODEL_KEYS: tuple[str, ...] = TABLE_FIELDS + OTHER_KEYS
 TOP_KEYS: tuple[str, ...] = ("runtime", "workload", "models")
@@ -151,6 +156,10 @@ class ModelConfig:
     """What ``apportion serve`` serves the model as: ``inputs`` and ``outputs`` (lists of
     ``{name, datatype, shape}``) and ``tensor`` ("numpy" or "torch"); checked in full by
     :func:`apportion.serve.signatures`."""
+    cost: CostModel | None = None
+    """The model's cost model (:class:`apportion.tune.CostModel`): what one call of a batch
+    costs on some threads. The tuner writes the one it fitted into its plan; ``apportion run``
+    and ``serve`` with ``--adapt`` give it to the online controller (``Controller(costs=...)``)."""
 
     @property
     def name(self) -> str:
@@ -206,6 +215,9 @@ class ModelConfig:
             t["load"] = dict(self.load)
         if self.signature:
             t["signature"] = {k: v for k, v in self.signature.items()}
+        if self.cost is not None:
+            c = self.cost
+            t["cost"] = {"alpha_ms": c.alpha_ms, "beta_ms": c.beta_ms, "serial": c.serial, "batchable": c.batchable}
         return t
 
 
@@ -632,4 +644,33 @@ def _model(path: str, name: str, table: object) -> ModelConfig:
             for i, t in enumerate(tensors):
                 _table(path, f"{key}.signature.{side}[{i}]", t, ("name", "datatype", "shape"))
         signature = sig
-    return ModelConfig(spec, inputs=v, slo=slo, load=load, signature=signature)
+    cost = _cost(path, f"{key}.cost", table["cost"]) if "cost" in table else None
+    return ModelConfig(spec, inputs=v, slo=slo, load=load, signature=signature, cost=cost)
+
+
+def _cost(path: str, key: str, value: object) -> CostModel:
+    """A ``cost`` table: ``alpha_ms`` and ``beta_ms`` (ms, >= 0, not both 0), ``serial`` (in
+    [0, 1], default 1) and ``batchable`` (default true)."""
+    from .tune.cost import CostModel  # (at call time: the tune package imports this module)
+
+    t = _table(path, key, value, COST_KEYS)
+    nums: dict[str, float] = {}
+    for k, least, most in (("alpha_ms", 0.0, math.inf), ("beta_ms", 0.0, math.inf), ("serial", 0.0, 1.0)):
+        if k not in t:
+            if k == "serial":
+                continue
+            raise ConfigError(path, f"{key}.{k}", "missing; give the cost model's " +
+                              ("fixed part of a call" if k == "alpha_ms" else "part per request of a call") +
+                              " in ms (a tuner's plan writes it)")
+        v = real(t[k])
+        if v is None or not (least <= v <= most) or not math.isfinite(v):
+            raise ConfigError(path, f"{key}.{k}", f"got {t[k]!r}; give a number in [{least:g}, {most:g}]"
+                              if math.isfinite(most) else f"got {t[k]!r}; give a finite number >= {least:g}")
+        nums[k] = v
+    batchable = t.get("batchable", True)
+    if not isinstance(batchable, bool):
+        raise ConfigError(path, f"{key}.batchable", f"got {batchable!r}; give true or false")
+    try:
+        return CostModel(nums["alpha_ms"], nums["beta_ms"], nums.get("serial", 1.0), batchable)
+    except QuotaError as e:
+        raise ConfigError(path, key, str(e).removeprefix("CostModel: ")) from None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -655,6 +656,46 @@ def test_adapt_batchable_names_models_the_controller_manages(tmp_path: Path) -> 
     assert code == 2 and "--adapt-batchable: model 'nope' has no slo in the config" in err, err
     code, out, err = run("run", path, "--adapt", "--adapt-batchable", "slow", "--duration", "0.4", "--json")
     assert (code, err) == (0, ""), err
+
+
+def test_adapt_classes_needs_adapt_and_a_scheduled_pool_without_reservations(tmp_path: Path) -> None:
+    scheduled = '[runtime]\nshared_pool = "scheduled"\n'
+    classed = SLEEPERS.replace("max_queue = 64\n", "max_queue = 64\npriority_class = 1\n")
+    for text, args, message in (
+            (scheduled + SLEEPERS, ["--adapt-classes"], "--adapt-classes: applies with --adapt only"),
+            (SLEEPERS, ["--adapt", "--adapt-classes"], "--adapt-classes: priority classes are the scheduled pool's: "
+                                                       "the config's [runtime] has shared_pool = 'os'"),
+            ('[runtime]\nshared_pool = "scheduled"\npool_reserve = { "1" = 1 }\n' + classed,
+             ["--adapt", "--adapt-classes"], "--adapt-classes: a class cannot change while the pool has pool_reserve")):
+        path = config(tmp_path, text)
+        code, _, err = run("run", path, *args, "--duration", "0.2")
+        assert code == 2 and message in err, (args, err)
+
+
+
+def test_adapt_gives_the_controller_the_configs_cost_models_and_classes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import apportion.controller as controller_module
+    from apportion.tune import CostModel
+
+    given: list[dict[str, Any]] = []
+
+    class Seen(controller_module.Controller):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            given.append(kw)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(controller_module, "Controller", Seen)
+    # A tuner's plan carries a cost model per model: the controller asks it before a batching move.
+    text = '[runtime]\nshared_pool = "scheduled"\n' + SLEEPERS.replace(
+        "slo = { latency_ms = 100 }\n", "slo = { latency_ms = 100 }\ncost = { alpha_ms = 0.5, beta_ms = 2.0 }\n")
+    path = config(tmp_path, text)
+    code, out, err = run("run", path, "--adapt", "--adapt-classes", "--duration", "0.4", "--json")
+    assert (code, err) == (0, ""), err
+    assert len(given) == 1 and given[0]["costs"] == {"slow": CostModel(0.5, 2.0)} and given[0]["classes"] is True
+    code, out, err = run("run", config(tmp_path, SLEEPERS), "--adapt", "--duration", "0.4", "--json")
+    assert (code, err) == (0, ""), err
+    assert given[1]["costs"] == {} and given[1]["classes"] is False
 
 
 def test_failed_controller_moves_are_shown_in_the_text_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

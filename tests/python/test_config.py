@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import apportion as ap
 from apportion.config import Config, ConfigError, ModelConfig, resolve
+from apportion.tune import CostModel
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 VM2 = str(FIXTURES / "vm2")
@@ -34,6 +35,7 @@ timeout_ms = 50
 batching = { max_size = 4, max_delay_ms = 1.5 }
 slo = { latency_ms = 20, percentile = 95 }
 load = { share = 0.5 }
+cost = { alpha_ms = 0.41, beta_ms = 0.9, serial = 0.75 }
 
 [models.other]
 load = { concurrency = 2, arrivals = "constant" }
@@ -53,6 +55,7 @@ def test_full_config_round_trips(tmp_path: Path) -> None:
     assert (echo.spec.cores, echo.spec.isolation, echo.spec.instances, echo.spec.threads) == (1, "exclusive", 1, 1)
     assert echo.spec.batching == ap.Batching(max_size=4, max_delay_ms=1.5)
     assert echo.slo == {"latency_ms": 20.0, "percentile": 95.0}
+    assert echo.cost == CostModel(0.41, 0.9, 0.75, True) and cfg.models["other"].cost is None
     assert cfg.demand() == {"echo": 50.0, "other": None}
     again = Config.loads(cfg.to_toml("a header"), "again.toml")
     assert again.models == cfg.models and again.cpus == cfg.cpus and again.rate == cfg.rate
@@ -118,6 +121,18 @@ def test_plan_only_runtime_on_a_fixture(tmp_path: Path) -> None:
         ("[workload]\nrate = 0\n[models.m]\n", "workload.rate", "positive number"),
         ("[models.m]\nthreads = 0\n", "models.m.threads", "give an integer in [1, 65536]"),
         ("[models.m]\nflavour = 1\n", "models.m.flavour", "allowed: factory, instances, threads, cores"),
+        ("[models.m]\ncost = { beta_ms = 1 }\n", "models.m.cost.alpha_ms", "missing"),
+        ("[models.m]\ncost = { alpha_ms = 1 }\n", "models.m.cost.beta_ms", "missing"),
+        ("[models.m]\ncost = { alpha_ms = -1, beta_ms = 1 }\n", "models.m.cost.alpha_ms", "finite number >= 0"),
+        ("[models.m]\ncost = { alpha_ms = 1, beta_ms = inf }\n", "models.m.cost.beta_ms", "finite number >= 0"),
+        ("[models.m]\ncost = { alpha_ms = 1, beta_ms = nan }\n", "models.m.cost.beta_ms", "finite number >= 0"),
+        ('[models.m]\ncost = { alpha_ms = 1, beta_ms = "2" }\n', "models.m.cost.beta_ms", "finite number >= 0"),
+        ("[models.m]\ncost = { alpha_ms = 1, beta_ms = 1, serial = 1.5 }\n", "models.m.cost.serial", "in [0, 1]"),
+        ("[models.m]\ncost = { alpha_ms = 0, beta_ms = 0 }\n", "models.m.cost", "a call must take some time"),
+        ('[models.m]\ncost = { alpha_ms = 1, beta_ms = 1, batchable = "yes" }\n', "models.m.cost.batchable",
+         "true or false"),
+        ("[models.m]\ncost = { alpha = 1 }\n", "models.m.cost.alpha", "allowed: alpha_ms, beta_ms, serial, batchable"),
+        ("[models.m]\ncost = 3\n", "models.m.cost", "table"),
     ],
 )
 def test_validation_errors_name_file_key_and_allowed(tmp_path: Path, text: str, key: str, allowed: str) -> None:

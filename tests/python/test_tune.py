@@ -154,8 +154,11 @@ def test_tune_finds_the_known_optimum_on_the_server_fixture(tmp_path: Path) -> N
     assert result.winner.slo_ok()
     assert result.winner.score("goodput") == pytest.approx(optimum, rel=0.02)
     assert "tune [" in err.getvalue() and "done:" in err.getvalue()
-    # The plan file is a config the planner accepts on that machine, with the winner's quotas.
+    # The plan file is a config the planner accepts on that machine, with the winner's quotas
+    # and each model's cost model (what `apportion run --adapt` gives the controller).
     plan_cfg = Config.load(tmp_path / "plan.toml")
+    assert {n: m.cost for n, m in plan_cfg.models.items()} == result.costs == TRUTH
+    assert {n: m.cost for n, m in result.config.models.items()} == TRUTH
     rt = plan_cfg.runtime(topology_root=SERVER, build=False)
     try:
         p = rt.plan()

@@ -327,7 +327,11 @@ def tune(
     bar.done()
     unstable = tuple(c.name for c in candidates if c.measured is not None and not c.stable())
     noise = watch.noise(total_cores, {n: profile_spread(v) for n, v in samples.items()}, unstable)
-    result = TuneResult(apply(cfg, winner.choices), winner, candidates, samples, costs, alloc, objective,
+    # The plan carries each model's fitted cost model: `apportion run --adapt` gives them to
+    # the controller, as the demo gives it this result's.
+    plan = apply(cfg, winner.choices)
+    plan = replace(plan, models={n: replace(m, cost=costs.get(n, m.cost)) for n, m in plan.models.items()})
+    result = TuneResult(plan, winner, candidates, samples, costs, alloc, objective,
                         clock() - t0, float(budget_s), total_cores, float(margin), settings, needs, noise,
                         [c.name for c in confirmed], confirm_settings)
     if out_dir is not None:
