@@ -49,7 +49,9 @@ threads between them and the pool's busy threads (its own instances whole, each 
 counted by the share of them it used) stay within ``oversubscribe`` x its CPUs, and while its
 threads each used ``target`` of a CPU or more, where their CPU time is read
 (:attr:`Window.pool_cpu_s`; below that its neighbours, keeping up with their load, use the
-CPU time it lacks, which a thread more takes from them only while they wait). On a scheduled pool no move leaves a model with an objective where the shared
+CPU time it lacks, which a thread more takes from them only while they wait), or while other
+processes keep ``headroom`` of the pool's CPUs busy (:attr:`Controller.outside_cpus`; the OS
+shares the CPUs out by thread: a thread more takes its share from them). On a scheduled pool no move leaves a model with an objective where the shared
 instances of the classes above it hold every unit (where it was not before): a unit goes to
 the highest class waiting, so that model would get one only when they idle. There, a model
 that turns requests away with every instance busy, which another instance would let starve
@@ -671,6 +673,12 @@ class Controller:
         self.idle_cpus: float | None = None
         """CPUs of the runtime's shared pool that sat idle over the last window (None: not
         measured, or the pool changed during the window)."""
+        self._own: float | None = None  # this process's CPU seconds in the pool at the last reading
+        self.outside_cpus: float | None = None
+        """CPUs of the runtime's shared pool that other processes kept busy over the last
+        window: the pool's busy time less this process's CPU time, less what its models with
+        cores of their own used there (None: not measured; or the pool changed, or a model runs
+        in worker processes, whose time is not this process's)."""
         self.max_batch, self.batch_delay_ms, self.max_batch_size = max_batch, batch_delay_ms, max_batch_size
         self.batchable: frozenset[str] = frozenset(self.slos) if batchable is True else (batchable_names or frozenset())
         """The models whose batching the controller may switch on (their calls take a list of
@@ -726,7 +734,8 @@ class Controller:
                fits: Callable[[Mapping[str, ModelSpec]], bool] | None = None,
                idle_cpus: float | None = None, queue_sizes: Mapping[str, int] | None = None,
                held_by_others: int = 0, pool_cpus: int | None = None,
-               other_specs: Mapping[str, ModelSpec] | None = None, load_held: bool = True) -> list[Move]:
+               other_specs: Mapping[str, ModelSpec] | None = None, load_held: bool = True,
+               outside_cpus: float | None = None) -> list[Move]:
         """The moves this window calls for, given each model's window and current spec, at
         ``now_s`` seconds since the start; updates the streaks (call once per window). At most
         one model gains per window; the donor it takes from moves in the same step. ``fits``
@@ -742,7 +751,9 @@ class Controller:
         ``held_by_others`` counts as shared and in the highest class). ``load_held``: whether the
         load held over the windows a move made now would be judged against (no model's arrival
         rate in this window moved by more than MIX_MOVED from the ones before it): a batching
-        move waits while it does not, since its trial could not judge it (see :meth:`verdict`)."""
+        move waits while it does not, since its trial could not judge it (see :meth:`verdict`).
+        ``outside_cpus``: the shared pool's CPUs other processes kept busy over the window (see
+        :attr:`outside_cpus`; None: unknown)."""
         fits = fits or (lambda _specs: True)
         at_risk: list[tuple[float, float, str]] = []
         dwelling: list[tuple[float, float, str]] = []  # at risk this window, streak reset by a move
@@ -801,7 +812,7 @@ class Controller:
             if not self._dwelled(name, now_s):
                 continue
             got = self._attempt(name, windows, specs, now_s, fits, idle_cpus, queue_sizes, held_by_others, donors,
-                                pool_cpus, other_specs, {m.model for m in moves}, load_held)
+                                pool_cpus, other_specs, {m.model for m in moves}, load_held, outside_cpus)
             if isinstance(got, str):
                 self._hold(moves, now_s, name, got)
                 continue
@@ -812,7 +823,8 @@ class Controller:
                  fits: Callable[[Mapping[str, ModelSpec]], bool], idle_cpus: float | None,
                  queue_sizes: Mapping[str, int] | None, held_by_others: int, idle: list[str],
                  pool_cpus: int | None = None, other_specs: Mapping[str, ModelSpec] | None = None,
-                 taken: frozenset[str] | set[str] = frozenset(), load_held: bool = True) -> list[Move] | str:
+                 taken: frozenset[str] | set[str] = frozenset(), load_held: bool = True,
+                 outside_cpus: float | None = None) -> list[Move] | str:
         """The moves that serve model ``name`` (at risk) more this window, its own first, or why
         none can (see :meth:`decide`)."""
         w, spec = windows[name], specs[name]
@@ -1026,13 +1038,18 @@ class Controller:
             elif busy_units + more > most:
                 blocked.append(f"{busy_units:.1f} busy threads in the pool: one more instance passes {most:g} "
                                "(oversubscribe x its CPUs)")
-            elif w.pool_cpus is not None and (per_thread := w.pool_cpus / _units(spec)) < self.target:
+            elif (w.pool_cpus is not None and (per_thread := w.pool_cpus / _units(spec)) < self.target
+                  and (outside_cpus is None or outside_cpus < self.headroom)):
                 # Neighbours that keep up with their load use the CPU time their load needs
                 # however many threads this model runs: it gets the rest already, and a thread
                 # more gets it a share only while they wait (their latency, not its throughput).
-                # Only while its threads each run most of a CPU is it short of threads.
+                # Only while its threads each run most of a CPU is it short of threads, or while
+                # other processes keep `headroom` of the pool's CPUs busy: the OS shares the
+                # CPUs out by thread, and a thread more takes its share from them.
+                elsewhere = f"{outside_cpus:.2f}" if outside_cpus is not None else "an unknown share"
                 blocked.append(f"its {_units(spec)} threads used {per_thread:.2f} of a CPU each (under "
-                               f"{self.target:g}): no sign that a thread more would get it more CPU time")
+                               f"{self.target:g}) and other processes kept {elsewhere} of the pool's CPUs busy: "
+                               "no sign that a thread more would get it more CPU time")
             elif not fits({**specs, name: grown}):
                 blocked.append("another instance does not fit")
             else:
@@ -1267,6 +1284,19 @@ class Controller:
             return {}
         return {n: s for n, s in self.rt.cpu_seconds().items() if n in self.slos}
 
+    def _own_s(self) -> float | None:
+        """This process's CPU seconds so far, less those of its models with cores of their own
+        (their threads run outside the shared pool): what it ran in the pool, at most (its other
+        threads may run anywhere). None where thread times cannot be read or a model runs in
+        worker processes (their time is not this process's)."""
+        if not THREAD_TIMES:
+            return None
+        specs = {n: self.rt.spec(n) for n in self.rt.models}
+        if any(s.process for s in specs.values()):
+            return None
+        cpu = self.rt.cpu_seconds()
+        return time.process_time() - sum(cpu.get(n, 0.0) for n, s in specs.items() if s.isolation == "exclusive")
+
     def _pool_busy_s(self) -> tuple[frozenset[int], float | None]:
         """The shared pool's CPUs now and their busy seconds so far (/proc/stat; None where
         unreadable). Only they count: a shared model's instances cannot run on the cores of
@@ -1310,6 +1340,7 @@ class Controller:
         if last is None:
             self._pool, self._busy_s = self._pool_busy_s()
             self._last_cpu = self._cpu_s()
+            self._own = self._own_s()
             return []
         # A model removed and added again since the last reading has no window yet, and starts
         # afresh: what the controller kept for the one before it (its dwell, tabus, the bound
@@ -1336,10 +1367,13 @@ class Controller:
         # The pool's idle CPUs over this window, read every window (a trial's too: else the
         # first window after it divided the whole trial's busy time by one window's length).
         pool, busy_s = self._pool_busy_s()
-        self.idle_cpus = None
+        own = self._own_s()
+        self.idle_cpus = self.outside_cpus = None
         if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
             self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
-        self._pool, self._busy_s = pool, busy_s
+            if own is not None and self._own is not None:
+                self.outside_cpus = max(0.0, (busy_s - self._busy_s - (own - self._own)) / (now - last_at))
+        self._pool, self._busy_s, self._own = pool, busy_s, own
         if self._trial is not None:
             undo = self.verdict(windows, now - self._t0)
             if undo is None:
@@ -1355,7 +1389,7 @@ class Controller:
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
                             pool_cpus=len(pool) if pool else None, other_specs=other_specs,
-                            load_held=self.load_held())
+                            load_held=self.load_held(), outside_cpus=self.outside_cpus)
         if not moves:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now
@@ -1454,6 +1488,7 @@ class Controller:
         self._last, self._last_at = self.rt.stats(), self.clock()
         self._pool, self._busy_s = self._pool_busy_s()
         self._last_cpu = self._cpu_s()  # the CPU time too, or the next window's would span the move
+        self._own = self._own_s()
         if self._log is not None:
             for m in moves:
                 try:
@@ -1551,6 +1586,7 @@ class Controller:
             "running": thread is not None and thread.is_alive(),
             "windows": dict(self.windows),
             "idle_cpus": self.idle_cpus,
+            "outside_cpus": self.outside_cpus,
             "at_risk_streak": dict(self._risk_streak),
             "idle_streak": dict(self._idle_streak),
             "moves": list(self.moves),

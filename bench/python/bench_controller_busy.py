@@ -1,0 +1,95 @@
+"""The controller after the demo's mix shift beside busy-loop processes: a larger share of the
+"os" pool for a saturated model whose threads each use under ``target`` of a CPU, taken from the
+CPU time other processes (the busy loops) keep busy in the pool, against the controller that
+ignores it (``outside_cpus`` not given to ``decide``: the gate of CPU per thread alone), in one
+run.
+
+Each repetition calibrates and tunes the demo's models as ``apportion demo`` does (the tuner's
+budget: ``--budget-s``), then measures after the shift (conv 20% -> 70%, 6 s of the new mix,
+then 3 windows of 1 s): the static tuned plan, the controller as it is, and the controller that
+does not count the other processes' CPU time. Both controllers get the tuner's cost models, as in the
+demo. ``--busy N`` starts N ``while True: pass`` interpreters first (killed at the end; each
+ends on its own after ``--max-s``).
+
+    python bench/python/bench_controller_busy.py [--reps 3] [--busy 1]
+
+Prints per repetition each arm's goodput within SLO, its share of the new demand, its ratio to
+the static plan, and the controller's moves after the shift. Results: bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from typing import Any
+
+from apportion import demo
+from apportion.tune import Settings, apply, measure_config, tune
+
+
+def goodput(results: dict[str, Any]) -> float:
+    return sum(m.goodput for m in results.values())
+
+
+def controller_run(cfg: Any, new_mix: Any, choices: Any, settings: Settings, costs: Any,
+                   count_others: bool) -> demo.Adapted:
+    base = demo.Controller
+
+    class Arm(base):  # type: ignore[misc, valid-type]
+        def decide(self, *args: Any, **kw: Any) -> Any:
+            if not count_others:
+                kw["outside_cpus"] = None
+            return super().decide(*args, **kw)
+
+    demo.Controller = Arm  # type: ignore[misc]
+    try:
+        return demo.measure_adaptive(apply(cfg, choices), apply(new_mix, choices), before_s=4.0,
+                                     settings=settings, control_window_s=0.5, costs=costs)
+    finally:
+        demo.Controller = base  # type: ignore[misc]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the runs (default 1)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="the tuner's budget (default 60, as the demo)")
+    p.add_argument("--max-s", type=float, default=1800.0, help="a busy loop ends on its own after this")
+    args = p.parse_args()
+    loops = [subprocess.Popen(["timeout", str(args.max_s), sys.executable, "-c", "while True: pass"])
+             for _ in range(args.busy)]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # as apportion demo does
+    try:
+        for rep in range(1, args.reps + 1):
+            ms = demo.single_thread_ms()
+            cfg = demo.demo_config(1.0, per_request_ms=ms)
+            result = tune(cfg, budget_s=args.budget_s, progress=False)
+            choices = result.winner.choices
+            new_mix = demo.shifted(cfg)
+            demand = sum(v for v in new_mix.demand().values() if v is not None)
+            settings = Settings(warmup_s=6.0, window_s=1.0, stable_windows=3, max_s=12.0)
+            static = goodput(measure_config(apply(new_mix, choices), settings))
+            print(f"rep {rep} ({args.busy} busy): one request on one thread: "
+                  + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
+                  + f"; new demand {demand:.0f} req/s; tuned: "
+                  + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
+            print(f"  static:                  {static:6.0f} good/s ({static / demand:.0%})", flush=True)
+            for count in ((True, False) if rep % 2 else (False, True)):  # each first in turn
+                run = controller_run(cfg, new_mix, choices, settings, result.costs, count)
+                g = goodput(run.results)
+                print(f"  controller outside={'counted' if count else 'ignored'}: {g:6.0f} good/s "
+                      f"({g / demand:.0%}), {g / static:.2f}x static", flush=True)
+                for line in run.describe():
+                    print(f"      {line[:220]}", flush=True)
+    finally:
+        sys.setswitchinterval(previous)
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
