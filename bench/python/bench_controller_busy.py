@@ -8,8 +8,8 @@ Each repetition calibrates and tunes the demo's models as ``apportion demo`` doe
 budget: ``--budget-s``), then measures after the shift (conv 20% -> 70%, 6 s of the new mix,
 then 3 windows of 1 s): the static tuned plan, the controller as it is, and the controller that
 does not count the other processes' CPU time. Both controllers get the tuner's cost models, as in the
-demo. ``--busy N`` starts N ``while True: pass`` interpreters first (killed at the end; each
-ends on its own after ``--max-s``).
+demo. ``--busy N`` starts N busy-loop interpreters first (killed at the end; each ends on its
+own after ``--max-s``).
 
     python bench/python/bench_controller_busy.py [--reps 3] [--busy 1]
 
@@ -57,8 +57,10 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=60.0, help="the tuner's budget (default 60, as the demo)")
     p.add_argument("--max-s", type=float, default=1800.0, help="a busy loop ends on its own after this")
     args = p.parse_args()
-    loops = [subprocess.Popen(["timeout", str(args.max_s), sys.executable, "-c", "while True: pass"])
-             for _ in range(args.busy)]
+    # Each loop ends on its own after --max-s, and is the process killed below (a `timeout`
+    # wrapper was: killing it left its child spinning).
+    code = f"import time\nend = time.monotonic() + {args.max_s}\nwhile time.monotonic() < end: pass\n"
+    loops = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(args.busy)]
     previous = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # as apportion demo does
     try:
