@@ -26,28 +26,17 @@ from typing import Any
 
 from apportion import demo
 from apportion.tune import Settings, apply, measure_config, tune
+from controller_arms import goodput, measure_arm, print_arm
 
 
-def goodput(results: dict[str, Any]) -> float:
-    return sum(m.goodput for m in results.values())
-
-
-def controller_run(cfg: Any, new_mix: Any, choices: Any, settings: Settings, costs: Any,
-                   count_others: bool) -> demo.Adapted:
-    base = demo.Controller
-
-    class Arm(base):  # type: ignore[misc, valid-type]
+def arm(count_outside: bool) -> type:
+    class Arm(demo.Controller):  # type: ignore[misc, valid-type]
         def decide(self, *args: Any, **kw: Any) -> Any:
-            if not count_others:
+            if not count_outside:
                 kw["outside_cpus"] = None
             return super().decide(*args, **kw)
 
-    demo.Controller = Arm  # type: ignore[misc]
-    try:
-        return demo.measure_adaptive(apply(cfg, choices), apply(new_mix, choices), before_s=4.0,
-                                     settings=settings, control_window_s=0.5, costs=costs)
-    finally:
-        demo.Controller = base  # type: ignore[misc]
+    return Arm
 
 
 def main() -> int:
@@ -79,12 +68,8 @@ def main() -> int:
                   + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
             print(f"  static:                  {static:6.0f} good/s ({static / demand:.0%})", flush=True)
             for count in ((True, False) if rep % 2 else (False, True)):  # each first in turn
-                run = controller_run(cfg, new_mix, choices, settings, result.costs, count)
-                g = goodput(run.results)
-                print(f"  controller outside={'counted' if count else 'ignored'}: {g:6.0f} good/s "
-                      f"({g / demand:.0%}), {g / static:.2f}x static", flush=True)
-                for line in run.describe():
-                    print(f"      {line[:220]}", flush=True)
+                run = measure_arm(arm(count), cfg, new_mix, choices, settings, result.costs)
+                print_arm(f"controller outside={'counted' if count else 'ignored'}", run, demand, static)
     finally:
         sys.setswitchinterval(previous)
         for loop in loops:

@@ -27,6 +27,7 @@ from typing import Any
 import apportion as ap
 from apportion import demo
 from apportion.tune import Choice, CostModel, Settings, apply, measure_config
+from controller_arms import goodput, measure_arm, print_arm
 
 
 def plan() -> dict[str, Choice]:
@@ -36,26 +37,13 @@ def plan() -> dict[str, Choice]:
             "encoder": Choice("shared", None, 1, 1, b(8, 2.2), 20, 0)}
 
 
-def goodput(results: dict[str, Any]) -> float:
-    return sum(m.goodput for m in results.values())
-
-
-def controller_run(cfg: Any, new_mix: Any, choices: dict[str, Choice], settings: Settings,
-                   classes: bool) -> demo.Adapted:
-    base = demo.Controller
-
-    class Arm(base):  # type: ignore[misc, valid-type]
+def arm(classes: bool) -> type:
+    class Arm(demo.Controller):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kw: Any) -> None:
             kw["classes"] = classes
             super().__init__(*args, **kw)
 
-    demo.Controller = Arm  # type: ignore[misc]
-    try:
-        return demo.measure_adaptive(apply(cfg, choices), apply(new_mix, choices), before_s=4.0,
-                                     settings=settings, control_window_s=0.5,
-                                     costs={"conv": CostModel(0.41, 0.9)})
-    finally:
-        demo.Controller = base  # type: ignore[misc]
+    return Arm
 
 
 def main() -> int:
@@ -76,12 +64,8 @@ def main() -> int:
                   + f"; new demand {demand:.0f} req/s", flush=True)
             print(f"  static:                {static:6.0f} good/s ({static / demand:.0%})", flush=True)
             for classes in (True, False):
-                run = controller_run(cfg, new_mix, plan(), settings, classes)
-                g = goodput(run.results)
-                print(f"  controller classes={classes!s:5}: {g:6.0f} good/s ({g / demand:.0%}), "
-                      f"{g / static:.2f}x static", flush=True)
-                for line in run.describe():
-                    print(f"      {line[:200]}", flush=True)
+                run = measure_arm(arm(classes), cfg, new_mix, plan(), settings, {"conv": CostModel(0.41, 0.9)})
+                print_arm(f"controller classes={classes!s:5}", run, demand, static)
     finally:
         sys.setswitchinterval(previous)
     return 0

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -246,42 +247,54 @@ TEST(SharedPool, AWaiterWhoseClassChangesIsGrantedByItsNewClass) {
   });
 }
 
+// x (class 0) waits in line below z (class 3), which keeps the pool's one unit for a thousand
+// calls of 1000 ns: the pool's clock and z's run a million ns ahead of x's. Then `move` changes
+// one of their classes so that they share one, and both stay backlogged (acquire -> renew)
+// until `total` grants; returns the grants per member after the change.
+std::map<std::string, uint64_t> after_a_class_change(
+    const std::function<void(SharedPool&, SharedPool::Member& z, SharedPool::Member& x)>& move) {
+  SharedPool pool(1);
+  auto z = pool.join("z", 1.0, 3);
+  auto x = pool.join("x", 1.0, 0);
+  std::atomic<uint64_t> grants{0};
+  const uint64_t total = scaled(2000);
+  std::mutex mu;
+  std::map<std::string, uint64_t> got;
+  auto serve = [&](SharedPool::Member& m, uint32_t u) {
+    for (;;) {
+      if (u == 0) u = pool.acquire(m, 1);
+      if (grants.fetch_add(1) >= total) {
+        pool.release(m, u, 1000);
+        return;
+      }
+      {
+        std::lock_guard lock(mu);
+        ++got[m.name()];
+      }
+      u = pool.renew(m, u, 1000, /*wait=*/true);
+    }
+  };
+  uint32_t zu = pool.try_acquire(*z, 1);
+  EXPECT_EQ(zu, 1u);
+  std::thread tx([&] { serve(*x, 0); });
+  while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
+  for (int i = 0; i < 1000; ++i) zu = pool.renew(*z, zu, 1000);
+  EXPECT_EQ(zu, 1u);
+  EXPECT_EQ(got["x"], 0u);
+  move(pool, *z, *x);
+  serve(*z, zu);
+  tx.join();
+  return got;
+}
+
 TEST(SharedPool, AMemberMovedIntoAClassBanksNoCredit) {
   guarded(60s, [] {
-    SharedPool pool(1);
-    auto z = pool.join("z", 1.0, 3);
-    auto x = pool.join("x", 1.0, 0);
-    std::atomic<uint64_t> grants{0};
-    const uint64_t total = scaled(2000);
-    std::mutex mu;
-    std::map<std::string, uint64_t> got;
-    auto serve = [&](SharedPool::Member& m, uint32_t u) {
-      for (;;) {
-        if (u == 0) u = pool.acquire(m, 1);
-        if (grants.fetch_add(1) >= total) {
-          pool.release(m, u, 1000);
-          return;
-        }
-        {
-          std::lock_guard lock(mu);
-          ++got[m.name()];
-        }
-        u = pool.renew(m, u, 1000, /*wait=*/true);
-      }
-    };
-    // x waits in line below z, which keeps the unit for a thousand calls: the pool's clock
-    // runs a million ns ahead of x's. Moved into z's class with its clock where it was, x would
-    // hold the pool alone for the next thousand calls.
-    uint32_t zu = pool.try_acquire(*z, 1);
-    ASSERT_EQ(zu, 1u);
-    std::thread tx([&] { serve(*x, 0); });
-    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
-    for (int i = 0; i < 1000; ++i) zu = pool.renew(*z, zu, 1000);
-    ASSERT_EQ(zu, 1u);
-    EXPECT_EQ(got["x"], 0u);
-    pool.set_class(*x, 3);
-    serve(*z, zu);
-    tx.join();
+    // Moved up into z's class with its clock where it was, x would hold the pool alone for the
+    // next thousand calls.
+    auto got = after_a_class_change([](SharedPool& pool, SharedPool::Member&, SharedPool::Member& x) {
+      pool.set_class(x, 3);
+      EXPECT_EQ(x.priority_class(), 3);
+    });
     const double ratio = static_cast<double>(got["x"]) / static_cast<double>(got["z"]);
     EXPECT_NEAR(ratio, 1.0, 0.15) << got["x"] << " vs " << got["z"];
   });
@@ -289,39 +302,12 @@ TEST(SharedPool, AMemberMovedIntoAClassBanksNoCredit) {
 
 TEST(SharedPool, AMemberMovedDownSharesWithTheClassItJoinsAtOnce) {
   guarded(60s, [] {
-    // As above, but z (which kept the unit for a thousand calls, its clock and the pool's a
-    // million ns ahead of x's) moves down into x's class: it starts level with x, not a
-    // thousand calls behind it.
-    SharedPool pool(1);
-    auto z = pool.join("z", 1.0, 3);
-    auto x = pool.join("x", 1.0, 0);
-    std::atomic<uint64_t> grants{0};
-    const uint64_t total = scaled(2000);
-    std::mutex mu;
-    std::map<std::string, uint64_t> got;
-    auto serve = [&](SharedPool::Member& m, uint32_t u) {
-      for (;;) {
-        if (u == 0) u = pool.acquire(m, 1);
-        if (grants.fetch_add(1) >= total) {
-          pool.release(m, u, 1000);
-          return;
-        }
-        {
-          std::lock_guard lock(mu);
-          ++got[m.name()];
-        }
-        u = pool.renew(m, u, 1000, /*wait=*/true);
-      }
-    };
-    uint32_t zu = pool.try_acquire(*z, 1);
-    ASSERT_EQ(zu, 1u);
-    std::thread tx([&] { serve(*x, 0); });
-    while (pool.waiting() < 1) std::this_thread::sleep_for(100us);
-    for (int i = 0; i < 1000; ++i) zu = pool.renew(*z, zu, 1000);
-    pool.set_class(*z, 0);
-    EXPECT_EQ(z->priority_class(), 0);
-    serve(*z, zu);
-    tx.join();
+    // Moved down into x's class at the pool's clock, z would wait a thousand calls for x to
+    // catch up: it starts level with x.
+    auto got = after_a_class_change([](SharedPool& pool, SharedPool::Member& z, SharedPool::Member&) {
+      pool.set_class(z, 0);
+      EXPECT_EQ(z.priority_class(), 0);
+    });
     const double ratio = static_cast<double>(got["x"]) / static_cast<double>(got["z"]);
     EXPECT_NEAR(ratio, 1.0, 0.15) << got["x"] << " vs " << got["z"];
   });
