@@ -83,10 +83,12 @@ TEST(SharedPool, ZeroCapacityWaitsUntilCapacityIsSet) {
   });
 }
 
-// Queues one waiter per entry of `who` (in that order) behind a held unit, then frees the
-// unit and returns the order in which the waiters were granted.
+// Queues one waiter per entry of `who` (in that order) behind a held unit, runs
+// `before_release` (if given) while they all wait, then frees the unit and returns the order in
+// which the waiters were granted.
 std::vector<std::string> grant_order(SharedPool& pool,
-                                     const std::vector<std::shared_ptr<SharedPool::Member>>& who) {
+                                     const std::vector<std::shared_ptr<SharedPool::Member>>& who,
+                                     const std::function<void()>& before_release = {}) {
   auto holder = pool.join("holder", 1.0, 1000);
   const uint32_t held = pool.acquire(*holder, 1);
   std::mutex mu;
@@ -104,6 +106,7 @@ std::vector<std::string> grant_order(SharedPool& pool,
     // One at a time, so arrival order is known: wait until it is parked in acquire().
     while (pool.waiting() < threads.size()) std::this_thread::sleep_for(100us);
   }
+  if (before_release) before_release();
   pool.release(*holder, held, 1000);
   for (auto& t : threads) t.join();
   return order;
@@ -220,29 +223,13 @@ TEST(SharedPool, AnIdleMemberRejoinsWithoutBankedCredit) {
 TEST(SharedPool, AWaiterWhoseClassChangesIsGrantedByItsNewClass) {
   guarded(30s, [] {
     SharedPool pool(1);
-    auto holder = pool.join("holder", 1.0, 0);
     auto low = pool.join("low", 1.0, 0);
     auto mid = pool.join("mid", 1.0, 1);
-    const uint32_t held = pool.acquire(*holder, 1);
-    std::mutex mu;
-    std::vector<std::string> order;
-    std::vector<std::thread> threads;
-    for (const auto& m : {low, mid}) {
-      threads.emplace_back([&, m] {
-        const uint32_t u = pool.acquire(*m, 1);
-        {
-          std::lock_guard lock(mu);
-          order.push_back(m->name());
-        }
-        pool.release(*m, u, 1000);
-      });
-      while (pool.waiting() < threads.size()) std::this_thread::sleep_for(100us);
-    }
-    pool.set_class(*low, 2);  // while it waits in line
-    EXPECT_EQ(low->priority_class(), 2);
-    pool.set_class(*mid, 1);  // the class it has: nothing changes
-    pool.release(*holder, held, 1000);
-    for (auto& t : threads) t.join();
+    const auto order = grant_order(pool, {low, mid}, [&] {
+      pool.set_class(*low, 2);  // while it waits in line
+      EXPECT_EQ(low->priority_class(), 2);
+      pool.set_class(*mid, 1);  // the class it has: nothing changes
+    });
     EXPECT_EQ(order, (std::vector<std::string>{"low", "mid"}));
   });
 }
