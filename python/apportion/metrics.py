@@ -10,8 +10,8 @@ scrapes (as ``apportion serve`` keeps one) carries ``_sum`` on across the wrap, 
 goes down while the model stays registered. Needs ``prometheus_client`` (``pip install
 'apportion[serve]'``).
 
-Metric names (each with a ``model`` label but the controller's ``running``, ``errors_total`` and
-``idle_cpus``; README "Stats, windows and Prometheus metrics" lists them with a sample):
+Metric names (each with a ``model`` label but the controller's ``running``, ``errors_total``,
+``idle_cpus`` and ``outside_cpus``; README "Stats, windows and Prometheus metrics" lists them with a sample):
 
 - ``apportion_requests_total{outcome}``: finished requests by outcome (completed, failed,
   rejected, expired, cancelled); ``apportion_requests_submitted_total``: every submission,
@@ -35,8 +35,9 @@ Metric names (each with a ``model`` label but the controller's ``running``, ``er
   threads they created (:class:`CpuCollector`, from ``rt.cpu_seconds()``).
 - ``apportion_controller_*`` once an online controller was started on the runtime
   (:class:`ControllerCollector`, from ``rt.controller``): ``running`` and ``errors_total``,
-  ``idle_cpus`` of the shared pool; per model it manages ``objective_seconds{percentile}``,
-  over the last window ``window_latency_seconds`` (at the objective's percentile),
+  ``idle_cpus`` of the shared pool and ``outside_cpus``, those other processes kept busy; per
+  model it manages ``objective_seconds{percentile}``, over the last window
+  ``window_latency_seconds`` (at the objective's percentile),
   ``window_arrivals_per_second`` and ``window_within_objective_ratio``; ``at_risk_windows``,
   ``on_trial``, and the counters ``moves_total``, ``undone_moves_total`` and
   ``held_windows_total``.
@@ -268,6 +269,8 @@ _CONTROLLER_FAMILIES: tuple[tuple[str, type[GaugeMetricFamily] | type[CounterMet
     ("running", GaugeMetricFamily, [], "1 while the online controller runs, 0 once stopped."),
     ("errors", CounterMetricFamily, [], "Failures of the controller: moves the runtime refused, windows that failed."),
     ("idle_cpus", GaugeMetricFamily, [], "CPUs of the shared pool that sat idle over the last window."),
+    ("outside_cpus", GaugeMetricFamily, [],
+     "CPUs of the shared pool that other processes kept busy over the last window."),
     ("objective_seconds", GaugeMetricFamily, ["model", "percentile"],
      "The model's latency objective, at the percentile it is about."),
     ("window_latency_seconds", GaugeMetricFamily, ["model"],
@@ -304,8 +307,9 @@ class ControllerCollector(_FromSource["_ControllerSource | None"]):
              for key, kind, labels, doc in _CONTROLLER_FAMILIES}
         f["running"].add_metric([], 1.0 if state["running"] else 0.0)
         f["errors"].add_metric([], float(state["error_count"]))
-        if state["idle_cpus"] is not None:
-            f["idle_cpus"].add_metric([], float(state["idle_cpus"]))
+        for key in ("idle_cpus", "outside_cpus"):
+            if state[key] is not None:
+                f[key].add_metric([], float(state[key]))
         windows, counts, trial = state["windows"], state["counts"], set(state["on_trial"])
         for name in sorted(slos):
             f["objective_seconds"].add_metric([name, f"{percentiles.get(name, 99.0):.10g}"], slos[name] / 1e3)

@@ -321,7 +321,8 @@ def test_the_controllers_state_is_on_the_page_once_one_was_started() -> None:
         types, samples = parse(page.text().decode())
         assert {n: t for n, t in types.items() if n.startswith("apportion_controller")} == {
             "apportion_controller_running": "gauge", "apportion_controller_errors": "counter",
-            "apportion_controller_idle_cpus": "gauge", "apportion_controller_objective_seconds": "gauge",
+            "apportion_controller_idle_cpus": "gauge", "apportion_controller_outside_cpus": "gauge",
+            "apportion_controller_objective_seconds": "gauge",
             "apportion_controller_window_latency_seconds": "gauge",
             "apportion_controller_window_arrivals_per_second": "gauge",
             "apportion_controller_window_within_objective_ratio": "gauge",
@@ -331,6 +332,8 @@ def test_the_controllers_state_is_on_the_page_once_one_was_started() -> None:
         assert value(samples, "apportion_controller_running") == 1.0
         assert value(samples, "apportion_controller_errors_total") == 1 == state["error_count"]
         assert value(samples, "apportion_controller_idle_cpus") == pytest.approx(state["idle_cpus"])
+        assert state["outside_cpus"] is not None  # (Linux: /proc/stat and thread times are read)
+        assert value(samples, "apportion_controller_outside_cpus") == pytest.approx(state["outside_cpus"])
         assert value(samples, "apportion_controller_objective_seconds", model="m", percentile="99.99999") == 0.5e-3
         w = state["windows"]["m"]
         assert w.arrivals == 20 and w.good is not None
