@@ -1277,25 +1277,22 @@ class Controller:
             return False
         return True
 
-    def _cpu_s(self) -> dict[str, float]:
-        """CPU seconds so far of each model with an objective, where /proc can be read (a worker
-        process's time is not counted: see :meth:`Runtime.cpu_seconds`)."""
-        if not THREAD_TIMES:
-            return {}
-        return {n: s for n, s in self.rt.cpu_seconds().items() if n in self.slos}
-
-    def _own_s(self) -> float | None:
-        """This process's CPU seconds so far, less those of its models with cores of their own
-        (their threads run outside the shared pool): what it ran in the pool, at most (its other
-        threads may run anywhere). None where thread times cannot be read or a model runs in
+    def _cpu_s(self) -> tuple[dict[str, float], float | None]:
+        """One reading of CPU seconds so far, from one :meth:`Runtime.cpu_seconds` (a /proc read
+        per thread): each model with an objective's (a worker process's time is not counted),
+        and this process's less those of its models with cores of their own, whose threads run
+        outside the shared pool: what it ran in the pool, at most (its other threads may run
+        anywhere). ({}, None) where /proc cannot be read; the second None where a model runs in
         worker processes (their time is not this process's)."""
         if not THREAD_TIMES:
-            return None
+            return {}, None
+        cpu = self.rt.cpu_seconds()
+        models = {n: secs for n, secs in cpu.items() if n in self.slos}
         specs = {n: self.rt.spec(n) for n in self.rt.models}
         if any(s.process for s in specs.values()):
-            return None
-        cpu = self.rt.cpu_seconds()
-        return time.process_time() - sum(cpu.get(n, 0.0) for n, s in specs.items() if s.isolation == "exclusive")
+            return models, None
+        return models, time.process_time() - sum(cpu.get(n, 0.0) for n, s in specs.items()
+                                                 if s.isolation == "exclusive")
 
     def _pool_busy_s(self) -> tuple[frozenset[int], float | None]:
         """The shared pool's CPUs now and their busy seconds so far (/proc/stat; None where
@@ -1339,8 +1336,7 @@ class Controller:
         self._last, self._last_at = stats, now
         if last is None:
             self._pool, self._busy_s = self._pool_busy_s()
-            self._last_cpu = self._cpu_s()
-            self._own = self._own_s()
+            self._last_cpu, self._own = self._cpu_s()
             return []
         # A model removed and added again since the last reading has no window yet, and starts
         # afresh: what the controller kept for the one before it (its dwell, tabus, the bound
@@ -1351,7 +1347,7 @@ class Controller:
         windows = {n: Window.between(last[n], stats[n], now - last_at, self.slos[n], self.percentiles[n])
                    for n in self.slos if n in stats and n in last and same_model(last[n], stats[n])}
         specs = {n: self.rt.spec(n) for n in windows}
-        cpu, last_cpu = self._cpu_s(), self._last_cpu
+        (cpu, own), last_cpu = self._cpu_s(), self._last_cpu
         self._last_cpu = cpu
         for n, w in windows.items():
             if n in cpu and n in last_cpu:
@@ -1367,7 +1363,6 @@ class Controller:
         # The pool's idle CPUs over this window, read every window (a trial's too: else the
         # first window after it divided the whole trial's busy time by one window's length).
         pool, busy_s = self._pool_busy_s()
-        own = self._own_s()
         self.idle_cpus = self.outside_cpus = None
         if busy_s is not None and self._busy_s is not None and pool == self._pool and now > last_at:
             self.idle_cpus = max(0.0, len(pool) - (busy_s - self._busy_s) / (now - last_at))
@@ -1487,8 +1482,7 @@ class Controller:
         # The window after a move mixes old and new: start the next one from here.
         self._last, self._last_at = self.rt.stats(), self.clock()
         self._pool, self._busy_s = self._pool_busy_s()
-        self._last_cpu = self._cpu_s()  # the CPU time too, or the next window's would span the move
-        self._own = self._own_s()
+        self._last_cpu, self._own = self._cpu_s()  # the CPU time too, or the next window's would span the move
         if self._log is not None:
             for m in moves:
                 try:

@@ -1912,7 +1912,7 @@ def test_a_swap_the_runtime_refuses_moves_nothing_and_holds_the_receivers_swaps(
         rt.start()
         c = Controller(rt, {"a": 75.0, "m": 50.0, "n": 50.0}, capacity=2, confirm=1, dwell_s=0.0, judge=1,
                        clock=lambda: now[0])
-        monkeypatch.setattr(c, "_cpu_s", lambda: {"a": 1.1 * now[0], "m": 0.3 * now[0], "n": 0.3 * now[0]})
+        monkeypatch.setattr(c, "_cpu_s", lambda: ({"a": 1.1 * now[0], "m": 0.3 * now[0], "n": 0.3 * now[0]}, None))
         monkeypatch.setattr(c, "_pool_busy_s", lambda: (frozenset({0, 1}), 2.0 * now[0]))  # no idle CPU
         assert c.step() == []
         now[0] = 1.0
