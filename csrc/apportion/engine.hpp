@@ -316,10 +316,10 @@ class Model {
   /// one naming the model when it does not draw on a scheduled pool). Safe from any thread.
   void set_priority_class(int32_t priority_class);
   /// Its class on the scheduled shared pool now (set_priority_class() leaves the one in
-  /// options() as it was made); -1 with `on_pool` false when it does not draw on one.
-  int32_t priority_class(bool* on_pool = nullptr) const noexcept {
-    if (on_pool != nullptr) *on_pool = member_ != nullptr;
-    return member_ != nullptr ? member_->priority_class() : -1;
+  /// options() as it was made); none when it does not draw on one.
+  std::optional<int32_t> priority_class() const noexcept {
+    if (member_ == nullptr) return std::nullopt;
+    return member_->priority_class();
   }
 
   const std::string& name() const noexcept { return opts_.name; }

@@ -82,9 +82,10 @@ class SharedPool {
   /// class at once (calls running now finish as they are). Within the new class it starts
   /// level with the member of that class waiting now that is furthest behind, or, with none
   /// waiting, from the pool's current virtual time, as a member back from idle does: a class
-  /// change banks no credit, and a member moved down is not held back. Throws std::invalid_argument while the pool has class reservations: a
-  /// worker's OS priority follows its class when it starts (see nice_for), so a class changed
-  /// under running workers would run them at the other class's priority. Safe from any thread.
+  /// change banks no credit, and a member moved down is not held back. Throws
+  /// std::invalid_argument while the pool has class reservations: a worker's OS priority
+  /// follows its class when it starts (see nice_for), so a class changed under running
+  /// workers would run them at the other class's priority. Safe from any thread.
   void set_class(Member& m, int32_t priority_class);
 
   /// Sets the pool's size; units held now stay held. Safe from any thread.

@@ -1040,12 +1040,10 @@ class RuntimeCore {
   }
 
   /// Model `name`'s class on the scheduled shared pool now; None when it does not draw on one.
-  py::object priority_class(const std::string& name) {
+  std::optional<int32_t> priority_class(const std::string& name) {
     auto e = reg_->find(name);
     if (e == nullptr) raise_not_found(name);
-    bool on_pool = false;
-    const int32_t c = e->model->priority_class(&on_pool);
-    return on_pool ? py::object(py::int_(c)) : py::object(py::none());
+    return e->model->priority_class();
   }
 
   /// The shared pool's capacity in units (intra-op threads): one per shared-pool CPU.
