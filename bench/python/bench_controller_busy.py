@@ -20,13 +20,13 @@ the static plan, and the controller's moves after the shift. Results: bench/RESU
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from typing import Any
 
 from apportion import demo
-from apportion.tune import Settings, apply, measure_config, tune
-from controller_arms import goodput, measure_arm, print_arm
+from apportion.tune import apply, measure_config, tune
+from bench_demo_runs import busy
+from controller_arms import Shift, demo_switch_interval, goodput, measure_arm, print_arm
 
 
 def arm(count_outside: bool) -> type:
@@ -46,32 +46,21 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=60.0, help="the tuner's budget (default 60, as the demo)")
     p.add_argument("--max-s", type=float, default=1800.0, help="a busy loop ends on its own after this")
     args = p.parse_args()
-    # Each loop ends on its own after --max-s, and is the process killed below (a `timeout`
-    # wrapper was: killing it left its child spinning).
-    code = f"import time\nend = time.monotonic() + {args.max_s}\nwhile time.monotonic() < end: pass\n"
-    loops = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(args.busy)]
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)  # as apportion demo does
+    loops = busy(args.busy, args.max_s)
     try:
-        for rep in range(1, args.reps + 1):
-            ms = demo.single_thread_ms()
-            cfg = demo.demo_config(1.0, per_request_ms=ms)
-            result = tune(cfg, budget_s=args.budget_s, progress=False)
-            choices = result.winner.choices
-            new_mix = demo.shifted(cfg)
-            demand = sum(v for v in new_mix.demand().values() if v is not None)
-            settings = Settings(warmup_s=6.0, window_s=1.0, stable_windows=3, max_s=12.0)
-            static = goodput(measure_config(apply(new_mix, choices), settings))
-            print(f"rep {rep} ({args.busy} busy): one request on one thread: "
-                  + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
-                  + f"; new demand {demand:.0f} req/s; tuned: "
-                  + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
-            print(f"  static:                  {static:6.0f} good/s ({static / demand:.0%})", flush=True)
-            for count in ((True, False) if rep % 2 else (False, True)):  # each first in turn
-                run = measure_arm(arm(count), cfg, new_mix, choices, settings, result.costs)
-                print_arm(f"controller outside={'counted' if count else 'ignored'}", run, demand, static)
+        with demo_switch_interval():
+            for rep in range(1, args.reps + 1):
+                shift = Shift.calibrated()
+                result = tune(shift.cfg, budget_s=args.budget_s, progress=False)
+                choices = result.winner.choices
+                static = goodput(measure_config(apply(shift.new_mix, choices), shift.settings))
+                print(f"rep {rep} ({args.busy} busy): {shift.describe()}; tuned: "
+                      + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
+                print(f"  static:                  {static:6.0f} good/s ({static / shift.demand:.0%})", flush=True)
+                for count in ((True, False) if rep % 2 else (False, True)):  # each first in turn
+                    run = measure_arm(arm(count), shift, choices, result.costs)
+                    print_arm(f"controller outside={'counted' if count else 'ignored'}", run, shift.demand, static)
     finally:
-        sys.setswitchinterval(previous)
         for loop in loops:
             loop.kill()
             loop.wait()

@@ -26,8 +26,8 @@ from typing import Any
 
 import apportion as ap
 from apportion import demo
-from apportion.tune import Choice, CostModel, Settings, apply, measure_config
-from controller_arms import goodput, measure_arm, print_arm
+from apportion.tune import Choice, CostModel, apply, measure_config
+from controller_arms import Shift, demo_switch_interval, goodput, measure_arm, print_arm
 
 
 def plan() -> dict[str, Choice]:
@@ -50,24 +50,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)  # as apportion demo does
-    try:
+    with demo_switch_interval():
         for rep in range(1, args.reps + 1):
-            ms = demo.single_thread_ms()
-            cfg = demo.demo_config(1.0, per_request_ms=ms)
-            new_mix = demo.shifted(cfg)
-            demand = sum(v for v in new_mix.demand().values() if v is not None)
-            settings = Settings(warmup_s=6.0, window_s=1.0, stable_windows=3, max_s=12.0)
-            static = goodput(measure_config(apply(new_mix, plan()), settings))
-            print(f"rep {rep}: one request on one thread: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
-                  + f"; new demand {demand:.0f} req/s", flush=True)
-            print(f"  static:                {static:6.0f} good/s ({static / demand:.0%})", flush=True)
+            shift = Shift.calibrated()
+            static = goodput(measure_config(apply(shift.new_mix, plan()), shift.settings))
+            print(f"rep {rep}: {shift.describe()}", flush=True)
+            print(f"  static:                {static:6.0f} good/s ({static / shift.demand:.0%})", flush=True)
             for classes in (True, False):
-                run = measure_arm(arm(classes), cfg, new_mix, plan(), settings, {"conv": CostModel(0.41, 0.9)})
-                print_arm(f"controller classes={classes!s:5}", run, demand, static)
-    finally:
-        sys.setswitchinterval(previous)
+                run = measure_arm(arm(classes), shift, plan(), {"conv": CostModel(0.41, 0.9)})
+                print_arm(f"controller classes={classes!s:5}", run, shift.demand, static)
     return 0
 
 

@@ -1,13 +1,53 @@
 """What the controller benches share (bench_controller_classes.py, bench_controller_busy.py):
-the demo's after-shift measurement of the controller, with a subclass of it as one arm, and
-how an arm's result is printed."""
+the demo's models after its mix shift, measured as ``apportion demo`` measures them, with a
+subclass of the controller as one arm, and how an arm's result is printed."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from apportion import demo
-from apportion.tune import Settings, apply
+from apportion.config import Config
+from apportion.tune import Settings
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One calibration of the demo's models: the load before the shift and after it, the new
+    demand (requests/s), and the settings the demo measures the after-shift rows with."""
+
+    ms: dict[str, float]
+    cfg: Config
+    new_mix: Config
+    demand: float
+    settings: Settings
+
+    @classmethod
+    def calibrated(cls) -> Shift:
+        ms = demo.single_thread_ms()
+        cfg = demo.demo_config(1.0, per_request_ms=ms)
+        new_mix = demo.shifted(cfg)
+        demand = sum(v for v in new_mix.demand().values() if v is not None)
+        return cls(ms, cfg, new_mix, demand, demo.after_shift_settings(demo.MODE_SETTINGS))
+
+    def describe(self) -> str:
+        return ("one request on one thread: " + ", ".join(f"{n} {v:.2f} ms" for n, v in self.ms.items())
+                + f"; new demand {self.demand:.0f} req/s")
+
+
+@contextlib.contextmanager
+def demo_switch_interval() -> Iterator[None]:
+    """The interpreter's switch interval as ``apportion demo`` sets it, while inside."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(demo.SWITCH_INTERVAL_S)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def goodput(results: dict[str, Any]) -> float:
@@ -15,15 +55,13 @@ def goodput(results: dict[str, Any]) -> float:
     return sum(m.goodput for m in results.values())
 
 
-def measure_arm(controller: type, cfg: Any, new_mix: Any, choices: Any, settings: Settings,
-                costs: Any) -> demo.Adapted:
-    """``demo.measure_adaptive`` of ``choices`` across the demo's shift from ``cfg`` to
-    ``new_mix``, with ``controller`` (a subclass of apportion.Controller) beside it."""
+def measure_arm(controller: type, shift: Shift, choices: Any, costs: Any) -> demo.Adapted:
+    """The demo's measurement of ``choices`` across the shift, with ``controller`` (a subclass
+    of apportion.Controller) beside it."""
     base = demo.Controller
     demo.Controller = controller  # type: ignore[misc]
     try:
-        return demo.measure_adaptive(apply(cfg, choices), apply(new_mix, choices), before_s=4.0,
-                                     settings=settings, control_window_s=0.5, costs=costs)
+        return demo.measure_shift(shift.cfg, shift.new_mix, choices, shift.settings, costs)
     finally:
         demo.Controller = base  # type: ignore[misc]
 

@@ -83,6 +83,10 @@ SHIFTED_SHARES = {"mlp": 0.10, "conv": 0.70, "encoder": 0.20}
 SLO_MS = {"mlp": 50.0, "conv": 75.0, "encoder": 40.0}
 MAX_QUEUE = 64
 MAX_TOTAL_RATE = 3000.0
+MODE_SETTINGS = Settings(warmup_s=1.0, window_s=1.0, stable_windows=3, max_s=6.0)
+"""How the demo measures each mode, by default (``--window-s`` changes the window)."""
+SWITCH_INTERVAL_S = 0.0005
+"""The interpreter's switch interval while the demo runs (see :func:`run_demo`)."""
 
 
 def _torch() -> Any:
@@ -337,6 +341,28 @@ def _measured(report: ld.LoadReport, demand: dict[str, float | None]) -> dict[st
             for name, r in report.items()}
 
 
+def after_shift_settings(settings: Settings, adapt_s: float | None = None) -> Settings:
+    """How both after-shift rows are measured: ``adapt_s`` (default 6 of ``settings``'
+    windows) of the new mix first (the controller's time to adapt; a warm-up for the static
+    plan), then ``settings``' windows."""
+    w = settings.window_s
+    adapt = adapt_s if adapt_s is not None else 6 * w
+    return Settings(warmup_s=adapt, window_s=w, stable_windows=settings.stable_windows,
+                    max_s=adapt + 2 * settings.stable_windows * w)
+
+
+def measure_shift(cfg: Config, new_mix: Config, choices: Mapping[str, Choice], after: Settings,
+                  costs: Mapping[str, CostModel] | None, before_s: float | None = None) -> Adapted:
+    """The controller across the shift as the demo measures it: the plan ``choices`` serves
+    ``cfg``'s load with a :class:`Controller` beside it (windows of half ``after``'s) for
+    ``before_s`` (default 4 windows), then ``new_mix``'s, measured with ``after`` (see
+    :func:`after_shift_settings`); see :func:`measure_adaptive`."""
+    w = after.window_s
+    return measure_adaptive(apply(cfg, choices), apply(new_mix, choices),
+                            before_s=before_s if before_s is not None else 4 * w, settings=after,
+                            control_window_s=max(0.1, w / 2), costs=costs)
+
+
 def measure_adaptive(before: Config, after: Config, *, before_s: float, settings: Settings,
                      control_window_s: float, costs: Mapping[str, CostModel] | None = None) -> Adapted:
     """Serves ``before`` (a plan and its load) with a controller beside it for ``before_s``
@@ -440,7 +466,7 @@ class DemoResult:
 
 def run_demo(*, load: float = 1.0, budget_s: float = 60.0, out_dir: str | Path = "apportion-demo",
              settings: Settings | None = None, stream: TextIO | None = None,
-             progress: bool | TextIO = True, switch_interval_s: float = 0.0005, shift: bool = True,
+             progress: bool | TextIO = True, switch_interval_s: float = SWITCH_INTERVAL_S, shift: bool = True,
              adapt_s: float | None = None, before_s: float | None = None, retune: bool = False,
              shift_shares: dict[str, float] | None = None) -> DemoResult:
     """Calibrates, tunes, measures the three modes, then (``shift``) the static tuned plan
@@ -467,7 +493,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
               progress: bool | TextIO, t0: float, shift: bool = True, adapt_s: float | None = None,
               before_s: float | None = None, retune: bool = False,
               shift_shares: dict[str, float] = SHIFTED_SHARES) -> DemoResult:
-    settings = settings or Settings(warmup_s=1.0, window_s=1.0, stable_windows=3, max_s=6.0)
+    settings = settings or MODE_SETTINGS
     ms = single_thread_ms()
     cfg = demo_config(load, per_request_ms=ms)
     probe = cfg.runtime(build=False)
@@ -493,10 +519,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     demands: dict[str, dict[str, float | None]] = {}
     adapted = None
     if shift:
-        w = settings.window_s
-        adapt = adapt_s if adapt_s is not None else 6 * w
-        after_settings = Settings(warmup_s=adapt, window_s=w, stable_windows=settings.stable_windows,
-                                  max_s=adapt + 2 * settings.stable_windows * w)
+        after_settings = after_shift_settings(settings, adapt_s)
         new_mix = shifted(cfg, shift_shares)
         tuned = modes["tuned"]
 
@@ -509,9 +532,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
         say("measuring the tuned plan after the mix shifts (static)...")
         results["shift: static"] = measure_config(apply(new_mix, tuned), after_settings)
         say("measuring the controller across the shift...")
-        adapted = measure_adaptive(apply(cfg, tuned), apply(new_mix, tuned),
-                                   before_s=before_s if before_s is not None else 4 * w,
-                                   settings=after_settings, control_window_s=max(0.1, w / 2), costs=result.costs)
+        adapted = measure_shift(cfg, new_mix, tuned, after_settings, result.costs, before_s)
         results["shift: controller"] = adapted.results
         demands["shift: static"] = demands["shift: controller"] = new_mix.demand()
         if retune:
