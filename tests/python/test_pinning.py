@@ -377,6 +377,36 @@ def test_torch_instances_on_cores_of_their_own_each_check_only_their_own_threads
         rt.close(drain=False)
 
 
+@needs_two_cpus
+def test_a_torch_instance_moved_live_does_not_check_the_one_it_replaces() -> None:
+    # A live move keeps instance numbers: the new instance 0 warms up on its new CPU while the
+    # old instance 0 still serves on its old one, under the same thread name. The new one's
+    # check took the old one's threads for its own and warned that they ran outside its set
+    # (warnings are errors in this suite: the warm-up failed, and with it the move).
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+
+    def factory(ctx: ap.InstanceContext) -> Any:
+        return torch.nn.Identity()
+
+    with ap.Runtime() as rt:
+        rt.add_model("moved", factory, cores=str(first), isolation="exclusive", threads=1, warmup=[torch.ones(2)])
+        rt.start()
+        assert torch.equal(rt.submit("moved", torch.ones(2)).result(timeout=30), torch.ones(2))
+        [old] = model_threads("moved", 0)
+        assert old.cpus == (first,)
+        # Checked against the second CPU, the instance is outside it, unless its thread is excluded.
+        assert len(check_confinement("moved", (second,), 0)) == 1
+        assert check_confinement("moved", (second,), 0, exclude=[old.tid]) == []
+        assert rt.apply(ap.ModelSpec("moved", factory=factory, cores=str(second),
+                                     isolation="exclusive", threads=1, warmup=[torch.ones(2)])) == ["moved"]
+        assert torch.equal(rt.submit("moved", torch.ones(2)).result(timeout=30), torch.ones(2))
+        assert rt.plan()["moved"].instances[0].cpus == (second,)
+        # The new instance's threads are all on the second CPU.
+        new = [t for t in model_threads("moved", 0) if t.tid != old.tid]
+        assert new and all(t.cpus == (second,) for t in new)
+
+
 # -- torch thread quotas whatever the factory returns ------------------------------------------------
 
 HERE = Path(__file__).resolve().parent

@@ -64,14 +64,18 @@ def model_threads(model: str, instance: int | None = None) -> list[ThreadInfo]:
     return out
 
 
-def check_confinement(model: str, cpus: Iterable[int], instance: int | None = None) -> list[str]:
+def check_confinement(model: str, cpus: Iterable[int], instance: int | None = None,
+                      exclude: Iterable[int] = ()) -> list[str]:
     """Problems found: each thread of ``model`` (of its ``instance`` alone, when given) allowed
-    on a CPU outside ``cpus``. An instance is checked against its own CPUs: another instance's
-    threads run on that instance's."""
-    allowed = set(cpus)
+    on a CPU outside ``cpus``, but for the thread ids in ``exclude``. An instance is checked
+    against its own CPUs: another instance's threads run on that instance's. A live move keeps
+    instance numbers, so while a new instance warms up, the one it replaces still serves under
+    the same name, on its old CPUs: the new one excludes the threads that already had its name
+    when it was built (see :func:`model_threads`)."""
+    allowed, skip = set(cpus), set(exclude)
     return [
         f"thread {t.tid} ({t.name}) of model {model!r} may run on CPUs "
         f"{format_cpulist(set(t.cpus) - allowed)} outside its set {format_cpulist(allowed)}"
         for t in model_threads(model, instance)
-        if not set(t.cpus) <= allowed
+        if t.tid not in skip and not set(t.cpus) <= allowed
     ]

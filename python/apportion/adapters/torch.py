@@ -9,13 +9,14 @@ mask, so it is pinned before its first torch call (the runtime pins before the f
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
 import torch
 
 from ..errors import PinningWarning
-from .threads import check_confinement
+from .threads import check_confinement, model_threads
 
 __all__ = ["TorchModel", "set_worker_threads"]
 
@@ -31,7 +32,8 @@ class TorchModel:
     """Serves a ``torch.nn.Module`` in eval mode under ``torch.inference_mode()``.
 
     The first call checks that every thread the instance created (its OpenMP pool) stayed inside
-    the instance's CPUs and warns with :class:`~apportion.PinningWarning` if not.
+    the instance's CPUs and warns with :class:`~apportion.PinningWarning` if not (threads of the
+    instance a live move replaces, which share its name, are not checked).
     """
 
     def __init__(self, module: torch.nn.Module, ctx: Any) -> None:
@@ -39,6 +41,11 @@ class TorchModel:
         self.model = ctx.model
         self.instance = ctx.instance
         self.cpus = ctx.cpus
+        # Built on its worker: threads that already bear this instance's name belong to the
+        # instance it replaces in a live move (still serving on its own CPUs), not to this one.
+        me = threading.get_native_id()
+        self._before = frozenset(t.tid for t in model_threads(self.model, self.instance) if t.tid != me) \
+            if self.cpus else frozenset()
         self.threads = set_worker_threads(ctx.threads) if ctx.threads else torch.get_num_threads()
         self._checked = False
 
@@ -49,6 +56,6 @@ class TorchModel:
             self._checked = True
             if self.cpus:
                 # This instance's threads against its own CPUs: each instance checks itself.
-                for problem in check_confinement(self.model, self.cpus, self.instance):
+                for problem in check_confinement(self.model, self.cpus, self.instance, self._before):
                     warnings.warn(problem, PinningWarning, stacklevel=2)
         return y
