@@ -68,12 +68,15 @@ model gains can come out of another's: a higher class admitted more starves a lo
 the ``judge`` windows after a move the controller makes no other; then it compares the share
 of the arrivals its models served within their SLOs (all models with an SLO together) with the
 share over as many windows before the move. When that share fell by more than
-``tolerance`` (relative) while the load held (no model's arrival rate moved by more than
+``tolerance`` (relative) and by more than it moved from window to window over the windows
+before the move (a fall within that spread does not tell the move's doing from a noisy host's
+or from a load still settling), while the load held (no model's arrival rate moved by more than
 MIX_MOVED: a shifting load says nothing about the move), or a moved model's share of failed
 requests rose by more than FAILING_JUMP (whatever the load did), the move is undone (the moved models get their old specs back,
 logged as a move of its own) and the same kind of move (more instances, a bigger batch or
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
-seconds; the next kind in line is tried instead (a spare instance's swap, one thread for another,
+seconds, or until the load moves (some model's arrival rate by more than MIX_MOVED from the
+windows that judged it: the verdict was about another load); the next kind in line is tried instead (a spare instance's swap, one thread for another,
 is its own kind: an instance more undone does not hold it, and one swap undone holds every
 other for that model; a model that takes back an instance it gave in a swap gives none for
 ``tabu_s``: on a saturated pool every thread reads a share of a CPU, and two models whose
@@ -703,6 +706,8 @@ class Controller:
         self.judge, self.tolerance, self.tabu_s = judge, tolerance, tabu_s
         self._trial: _Trial | None = None  # the last move, while it is judged
         self._tabu: dict[tuple[str, str], float] = {}  # (model, kind of move) -> tried again from (s)
+        # A hold set by a trial's verdict -> the windows that judged it (the load it held under).
+        self._tabu_load: dict[tuple[str, str], list[Mapping[str, Window]]] = {}
         self._gave: dict[str, tuple[str, float]] = {}  # swap donor -> (its receiver, when: s)
         self._last: RuntimeStats | None = None
         self._last_at = 0.0
@@ -911,6 +916,7 @@ class Controller:
                 gave = self._gave.get(name)
                 if gave is not None and gave[0] == d and now_s - gave[1] < self.tabu_s:
                     self._tabu[(name, "shrink")] = now_s + self.tabu_s
+                    self._tabu_load.pop((name, "shrink"), None)  # no load lifts this hold
                 self._gave[d] = (name, now_s)
                 return [
                         self._move(now_s, d, shrunk, _change(ds, shrunk),
@@ -1360,6 +1366,7 @@ class Controller:
                     windows[n] = dataclasses.replace(w, pool_cpu_s=used)
         self.windows = windows
         self.history.append((now - self._t0, windows))
+        self.lift_stale()
         # The pool's idle CPUs over this window, read every window (a trial's too: else the
         # first window after it divided the whole trial's busy time by one window's length).
         pool, busy_s = self._pool_busy_s()
@@ -1380,7 +1387,7 @@ class Controller:
         dwell_before = dict(self._last_move)
         # What decide() notes of the moves it proposes (a swap given, a take-back's hold)
         # stands only for moves that are made.
-        gave_before, tabu_before = dict(self._gave), dict(self._tabu)
+        gave_before, tabu_before, load_before = dict(self._gave), dict(self._tabu), dict(self._tabu_load)
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
                             pool_cpus=len(pool) if pool else None, other_specs=other_specs,
@@ -1389,11 +1396,13 @@ class Controller:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now
             self._last_move, self._gave, self._tabu = dwell_before, gave_before, tabu_before
+            self._tabu_load = load_before
             return []
         if not self._apply(moves, now):
             # Nothing moved: no dwell starts, and the same kind of move for the same models is
             # not tried again for tabu_s (it would fail again, and hold the others every window).
             self._last_move, self._gave, self._tabu = dwell_before, gave_before, tabu_before
+            self._tabu_load = load_before
             self._close([(m, specs[m.model]) for m in moves], now - self._t0 + self.tabu_s)
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
@@ -1435,8 +1444,13 @@ class Controller:
         drained = _drained(trial)
         judged_before, judged_after = _judged(trial, drained)
         before, after = _served(judged_before), _served(judged_after)
+        # How far the share moved from window to window before the move, without it: a fall
+        # within that spread cannot tell the move's doing from the host's (other processes'
+        # bursts) or from a load still settling (a queue filling after a shift).
+        shares = [x for x in (_served([ws]) for ws in judged_before) if x is not None]
+        spread = max(shares) - min(shares) if shares else 0.0
         if broke is None and (before is None or after is None or after >= before * (1 - self.tolerance)
-                              or _mix_moved(trial.before, trial.after)):
+                              or before - after <= spread or _mix_moved(trial.before, trial.after)):
             return []
         # A moved model failing its requests is undone whatever the load did: fast failures
         # raise a closed loop's arrival rate, which read as the load having moved.
@@ -1445,20 +1459,46 @@ class Controller:
                            "backlog)" if drained else ""))
         # An idle model's admission restored in the same step is not what is judged: it stays.
         undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
-        self._close(undone, now_s + self.tabu_s)
+        self._close(undone, now_s + self.tabu_s, load=trial.after)
         for m, _ in undone:
             if m.reason.startswith(SPARE):
                 self._gave.pop(m.model, None)  # the swap is gone: nothing given to take back
         return [dataclasses.replace(self._move(now_s, m.model, old, f"undone: {m.change}", why), undo=True)
                 for m, old in undone]
 
-    def _close(self, moves: list[tuple[Move, ModelSpec]], until_s: float) -> None:
+    def _close(self, moves: list[tuple[Move, ModelSpec]], until_s: float,
+               load: list[Mapping[str, Window]] | None = None) -> None:
         """Holds each kind of move in ``moves`` (each with its model's spec before it), undone or
-        refused, for its model until ``until_s``; a swap's receivers' swaps too."""
-        for m, old in moves:
-            self._tabu[(m.model, _kind(old, m.spec))] = until_s
-        for name in _swap_receivers([m for m, _ in moves]):
-            self._tabu[(name, "swap")] = until_s
+        refused, for its model until ``until_s``; a swap's receivers' swaps too. ``load``: the
+        windows of the verdict that undid them (see :meth:`lift_stale`); None for a refusal,
+        which no load lifts."""
+        keys = [(m.model, _kind(old, m.spec)) for m, old in moves]
+        keys += [(name, "swap") for name in _swap_receivers([m for m, _ in moves])]
+        for key in keys:
+            self._tabu[key] = until_s
+            if load is None:
+                self._tabu_load.pop(key, None)
+            else:
+                self._tabu_load[key] = list(load)
+
+    def lift_stale(self) -> list[tuple[str, str]]:
+        """Lifts each hold a trial's verdict set (a move undone: see :meth:`verdict`) whose load
+        has moved since: some model's arrival rate over the last ``judge`` windows of
+        :attr:`history` differs by more than MIX_MOVED from its rate over the windows that
+        judged the move. That verdict was about another load, as a trial across a shift says
+        nothing about its move: after the mix shifts, a move undone before it is tried again at
+        once (a hold kept would keep the model's capacity where the old mix wanted it for
+        ``tabu_s``). A hold set by a refused move stays: the runtime would refuse it again.
+        Returns the (model, kind) holds lifted; :meth:`step` calls it every window."""
+        now = [w for _, w in list(self.history)[-self.judge:]]
+        lifted = []
+        for key, load in list(self._tabu_load.items()):
+            if key not in self._tabu:  # expired, or dropped with a refused apply's state
+                del self._tabu_load[key]
+            elif now and _mix_moved(load, now):
+                del self._tabu[key], self._tabu_load[key]
+                lifted.append(key)
+        return lifted
 
     def _apply(self, moves: list[Move], now: float, failing: str = "") -> bool:
         """Applies ``moves`` to the runtime and records them; a failure is kept in ``errors``
@@ -1511,6 +1551,8 @@ class Controller:
         self._stalled_s.pop(name, None)
         for key in [k for k in self._tabu if k[0] == name]:
             del self._tabu[key]
+        for key in [k for k in self._tabu_load if k[0] == name]:
+            del self._tabu_load[key]
         if self._trial is not None and any(m.model == name for m, _ in self._trial.moves):
             self._trial = None  # its old specs are another model's
 
