@@ -66,10 +66,10 @@ def test_the_shift_moves_shares_and_keeps_the_total() -> None:
     new = demo.shifted(cfg)
     before, after = cfg.demand(), new.demand()
     assert sum(after.values()) == pytest.approx(sum(before.values()))
-    # The default shift: conv 20% -> 70%, mlp 35% -> 10%, encoder 45% -> 20%.
-    assert after["conv"] == pytest.approx(3.5 * before["conv"])
-    assert after["mlp"] == pytest.approx(before["mlp"] * 10 / 35)
-    assert after["encoder"] == pytest.approx(before["encoder"] * 20 / 45)
+    # The default shift: conv 20% -> 85%, mlp 35% -> 5%, encoder 45% -> 10%.
+    assert after["conv"] == pytest.approx(4.25 * before["conv"])
+    assert after["mlp"] == pytest.approx(before["mlp"] * 5 / 35)
+    assert after["encoder"] == pytest.approx(before["encoder"] * 10 / 45)
     assert {n: m.spec for n, m in new.models.items()} == {n: m.spec for n, m in cfg.models.items()}
 
 
