@@ -389,9 +389,12 @@ MIX_MOVED = 0.25
 may have moved by more than this share (of the larger of the two rates)."""
 
 
-def _mix_moved(before: Sequence[Mapping[str, Window]], after: Sequence[Mapping[str, Window]]) -> bool:
+def _mix_moved(before: Sequence[Mapping[str, Window]], after: Sequence[Mapping[str, Window]],
+               sigmas: float = 0.0) -> bool:
     """Whether some model's arrival rate differs between ``before`` and ``after`` by more than
-    MIX_MOVED (a model with fewer than 20 arrivals in both is not judged by its rate)."""
+    MIX_MOVED (a model with fewer than 20 arrivals in both is not judged by its rate) and, given
+    ``sigmas``, by more than that many standard deviations of Poisson arrivals (a model with a
+    few dozen arrivals a window moves by a quarter now and then by chance alone)."""
     def rates(windows: Sequence[Mapping[str, Window]]) -> dict[str, tuple[float, int]]:
         out: dict[str, tuple[float, int]] = {}
         for name in {n for ws in windows for n in ws}:
@@ -405,9 +408,18 @@ def _mix_moved(before: Sequence[Mapping[str, Window]], after: Sequence[Mapping[s
     for name in b.keys() | a.keys():
         (rb, nb), (ra, na) = b.get(name, (0.0, 0)), a.get(name, (0.0, 0))
         if max(nb, na) >= 20 and abs(ra - rb) > MIX_MOVED * max(ra, rb):
-            return True
+            sb, sa = nb / rb if rb else 0.0, na / ra if ra else 0.0  # seconds each span covered
+            sd = math.sqrt((nb / sb ** 2 if sb else 0.0) + (na / sa ** 2 if sa else 0.0))
+            if abs(ra - rb) > sigmas * sd:
+                return True
     return False
 
+
+LIFT_SIGMAS = 4.0
+"""A hold from a verdict is lifted when some model's arrival rate moved by more than MIX_MOVED
+and by more than this many standard deviations of Poisson arrivals (see
+:meth:`Controller.lift_stale`): it is checked every window for ``tabu_s``, so chance alone
+must almost never pass it."""
 
 FAILING_JUMP = 0.1
 """A moved model whose share of failed requests rose by more than this after the move (with
@@ -1427,9 +1439,11 @@ class Controller:
         """Adds a window to the open trial (call once per window while one is open): None while
         the trial goes on; then the trial closes and this returns the moves that undo it (the
         moved models' old specs; each kind of move undone is not tried for that model for
-        ``tabu_s``), or an empty list when it stays: it served as large a share of the
-        arrivals as before it (within ``tolerance``), or the load itself moved (some model's
-        arrival rate by more than MIX_MOVED), which says nothing about the move. Pure, like
+        ``tabu_s``, or until the load moves: :meth:`lift_stale`), or an empty list when it stays:
+        it served as large a share of the arrivals as before it (within ``tolerance``, or within
+        how far that share moved from window to window before it, counting windows with 20
+        arrivals or more), or the load itself moved (some model's arrival rate by more than
+        MIX_MOVED), which says nothing about the move. Pure, like
         :meth:`decide`: applying the undo is the caller's."""
         trial = self._trial
         if trial is None:
@@ -1447,7 +1461,8 @@ class Controller:
         # How far the share moved from window to window before the move, without it: a fall
         # within that spread cannot tell the move's doing from the host's (other processes'
         # bursts) or from a load still settling (a queue filling after a shift).
-        shares = [x for x in (_served([ws]) for ws in judged_before) if x is not None]
+        shares = [x for ws in judged_before if sum(w.arrivals for w in ws.values()) >= 20
+                  and (x := _served([ws])) is not None]
         spread = max(shares) - min(shares) if shares else 0.0
         if broke is None and (before is None or after is None or after >= before * (1 - self.tolerance)
                               or before - after <= spread or _mix_moved(trial.before, trial.after)):
@@ -1459,7 +1474,9 @@ class Controller:
                            "backlog)" if drained else ""))
         # An idle model's admission restored in the same step is not what is judged: it stays.
         undone = [(m, old) for m, old in trial.moves if m.reason != RESTORED]
-        self._close(undone, now_s + self.tabu_s, load=trial.after)
+        # A hold is lifted when the load moves (lift_stale), but not one for failures: failing
+        # fast moved a closed loop's rate, which the undo moves back.
+        self._close(undone, now_s + self.tabu_s, load=trial.after if broke is None else None)
         for m, _ in undone:
             if m.reason.startswith(SPARE):
                 self._gave.pop(m.model, None)  # the swap is gone: nothing given to take back
@@ -1484,18 +1501,20 @@ class Controller:
     def lift_stale(self) -> list[tuple[str, str]]:
         """Lifts each hold a trial's verdict set (a move undone: see :meth:`verdict`) whose load
         has moved since: some model's arrival rate over the last ``judge`` windows of
-        :attr:`history` differs by more than MIX_MOVED from its rate over the windows that
-        judged the move. That verdict was about another load, as a trial across a shift says
+        :attr:`history` differs by more than MIX_MOVED, and by more than LIFT_SIGMAS standard
+        deviations of Poisson arrivals, from its rate over the windows that judged the move. That verdict was about another load, as a trial across a shift says
         nothing about its move: after the mix shifts, a move undone before it is tried again at
         once (a hold kept would keep the model's capacity where the old mix wanted it for
-        ``tabu_s``). A hold set by a refused move stays: the runtime would refuse it again.
+        ``tabu_s``). A hold set by a refused move stays (the runtime would refuse it again), and so
+        does one set by a verdict on failures (the undo itself moves a closed loop's rate back).
         Returns the (model, kind) holds lifted; :meth:`step` calls it every window."""
-        now = [w for _, w in list(self.history)[-self.judge:]]
+        recent = list(self.history)[-self.judge:]
+        now = [w for _, w in recent]
         lifted = []
         for key, load in list(self._tabu_load.items()):
-            if key not in self._tabu:  # expired, or dropped with a refused apply's state
-                del self._tabu_load[key]
-            elif now and _mix_moved(load, now):
+            if key not in self._tabu or (recent and self._tabu[key] <= recent[-1][0]):
+                del self._tabu_load[key]  # the hold is over, or was dropped with its model
+            elif now and _mix_moved(load, now, LIFT_SIGMAS):
                 del self._tabu[key], self._tabu_load[key]
                 lifted.append(key)
         return lifted

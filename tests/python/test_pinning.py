@@ -385,8 +385,23 @@ def test_a_torch_instance_moved_live_does_not_check_the_one_it_replaces() -> Non
     # (warnings are errors in this suite: the warm-up failed, and with it the move).
     torch = pytest.importorskip("torch", reason="torch is not installed")
     first, second = sorted(os.sched_getaffinity(0))[:2]
+    stray_on: list[int] = []  # given a CPU: the factory starts a thread of its own there
+    done = threading.Event()
 
     def factory(ctx: ap.InstanceContext) -> Any:
+        if stray_on:
+            placed = threading.Event()
+
+            def stray() -> None:
+                # Named as the instance's worker (as a thread it starts is), on a CPU of its choosing.
+                with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as fh:
+                    fh.write(worker_name(ctx.model, ctx.instance))
+                os.sched_setaffinity(0, {stray_on[0]})
+                placed.set()
+                done.wait(60)
+
+            threading.Thread(target=stray, daemon=True).start()
+            assert placed.wait(30)
         return torch.nn.Identity()
 
     with ap.Runtime() as rt:
@@ -405,6 +420,17 @@ def test_a_torch_instance_moved_live_does_not_check_the_one_it_replaces() -> Non
         # The new instance's threads are all on the second CPU.
         new = [t for t in model_threads("moved", 0) if t.tid != old.tid]
         assert new and all(t.cpus == (second,) for t in new)
+        # Still checked after a move: a thread the factory of the next move starts, outside the
+        # new instance's CPU, is the new instance's and warns (the move fails; the old serves).
+        stray_on.append(second)
+        try:
+            with pytest.raises(ap.PinningWarning, match=rf"model 'moved' may run on CPUs {second} outside its set {first}"):
+                rt.apply(ap.ModelSpec("moved", factory=factory, cores=str(first), isolation="exclusive", threads=1,
+                                      warmup=[torch.ones(2)]))
+        finally:
+            done.set()
+        assert rt.plan()["moved"].instances[0].cpus == (second,)
+        assert torch.equal(rt.submit("moved", torch.ones(2)).result(timeout=30), torch.ones(2))
 
 
 # -- torch thread quotas whatever the factory returns ------------------------------------------------

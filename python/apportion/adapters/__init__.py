@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._private.checks import ASYNC_MODEL, is_async_callable
 from .threads import ThreadInfo, check_confinement, model_threads, worker_name
 
-__all__ = ["ThreadInfo", "adapt", "build_instance", "check_confinement", "model_threads", "set_torch_threads",
-           "worker_name"]
+__all__ = ["ThreadInfo", "adapt", "build_instance", "check_confinement", "model_threads", "replaced_threads",
+           "set_torch_threads", "worker_name"]
 
 
 def set_torch_threads(threads: int | None) -> int | None:
@@ -49,6 +50,7 @@ def build_instance(ctx: Any, factory: Callable[[Any], Any] | None = None, model:
     thread count is set to ``ctx.threads`` (the planned count) before the factory runs and
     again after it returns, so the model's calls use that count whatever the factory returned
     (a module, a function around one, a pipeline) or set meanwhile."""
+    replaced = replaced_threads(ctx)  # before the factory: threads it starts are this instance's
     set_torch_threads(ctx.threads)
     obj = model if factory is None else factory(ctx)
     if inspect.iscoroutine(obj):
@@ -61,11 +63,25 @@ def build_instance(ctx: Any, factory: Callable[[Any], Any] | None = None, model:
         raise TypeError(f"model {ctx.model!r}: the {'model' if factory is None else 'factory'} gives an async "
                         f"function: {ASYNC_MODEL}")
     set_torch_threads(ctx.threads)
-    return adapt(obj, ctx)
+    return adapt(obj, ctx, replaced)
 
 
-def adapt(model: Any, ctx: Any) -> Callable[[Any], Any]:
+def replaced_threads(ctx: Any) -> frozenset[int]:
+    """Called in a new instance's worker before anything is built there: the ids of the other
+    threads that already bear its worker's name (see :func:`model_threads`). A live move keeps
+    instance numbers, so these are the instance it replaces, still serving on its old CPUs while
+    this one warms up; its confinement check leaves them out. Empty for an instance without
+    CPUs to check, and while torch is not loaded (the check is the torch adapter's: an instance
+    it replaces served torch, so torch was loaded then)."""
+    if not getattr(ctx, "cpus", None) or "torch" not in sys.modules:
+        return frozenset()
+    me = threading.get_native_id()
+    return frozenset(t.tid for t in model_threads(ctx.model, ctx.instance) if t.tid != me)
+
+
+def adapt(model: Any, ctx: Any, replaced: Iterable[int] = ()) -> Callable[[Any], Any]:
     """Wraps ``model`` for serving by the instance described by ``ctx`` (an InstanceContext).
+    ``replaced``: threads of the instance's name that are not its own (:func:`replaced_threads`).
 
     Runs in the instance's worker thread, after it was pinned.
     """
@@ -73,7 +89,7 @@ def adapt(model: Any, ctx: Any) -> Callable[[Any], Any]:
     if torch is not None and isinstance(model, torch.nn.Module):
         from .torch import TorchModel
 
-        return TorchModel(model, ctx)
+        return TorchModel(model, ctx, replaced)
     if not callable(model):
         raise TypeError(f"model {ctx.model!r}: {type(model).__name__} is not callable")
     return model

@@ -9,14 +9,14 @@ mask, so it is pinned before its first torch call (the runtime pins before the f
 
 from __future__ import annotations
 
-import threading
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..errors import PinningWarning
-from .threads import check_confinement, model_threads
+from .threads import check_confinement
 
 __all__ = ["TorchModel", "set_worker_threads"]
 
@@ -36,16 +36,14 @@ class TorchModel:
     instance a live move replaces, which share its name, are not checked).
     """
 
-    def __init__(self, module: torch.nn.Module, ctx: Any) -> None:
+    def __init__(self, module: torch.nn.Module, ctx: Any, replaced: Iterable[int] = ()) -> None:
+        """``replaced``: ids of threads of the same name that are not this instance's (those of
+        the instance a live move replaces: see :func:`apportion.adapters.replaced_threads`)."""
         self.module = module.eval()
         self.model = ctx.model
         self.instance = ctx.instance
         self.cpus = ctx.cpus
-        # Built on its worker: threads that already bear this instance's name belong to the
-        # instance it replaces in a live move (still serving on its own CPUs), not to this one.
-        me = threading.get_native_id()
-        self._before = frozenset(t.tid for t in model_threads(self.model, self.instance) if t.tid != me) \
-            if self.cpus else frozenset()
+        self._replaced = frozenset(replaced)
         self.threads = set_worker_threads(ctx.threads) if ctx.threads else torch.get_num_threads()
         self._checked = False
 
@@ -56,6 +54,6 @@ class TorchModel:
             self._checked = True
             if self.cpus:
                 # This instance's threads against its own CPUs: each instance checks itself.
-                for problem in check_confinement(self.model, self.cpus, self.instance, self._before):
+                for problem in check_confinement(self.model, self.cpus, self.instance, self._replaced):
                     warnings.warn(problem, PinningWarning, stacklevel=2)
         return y
