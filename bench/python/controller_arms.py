@@ -31,10 +31,12 @@ class Shift:
     settings: Settings
 
     @classmethod
-    def calibrated(cls) -> Shift:
+    def calibrated(cls, shares: dict[str, float] | None = None) -> Shift:
+        """Calibrates the demo's models; the mix after the shift is ``shares`` (default
+        SHIFT_SHARES)."""
         ms = demo.single_thread_ms()
         cfg = demo.demo_config(1.0, per_request_ms=ms)
-        new_mix = demo.shifted(cfg, SHIFT_SHARES)
+        new_mix = demo.shifted(cfg, shares or SHIFT_SHARES)
         demand = sum(v for v in new_mix.demand().values() if v is not None)
         return cls(ms, cfg, new_mix, demand, demo.after_shift_settings(demo.MODE_SETTINGS))
 
@@ -63,7 +65,7 @@ def measure_arm(controller: type, shift: Shift, choices: Any, costs: Any) -> dem
     """The demo's measurement of ``choices`` across the shift, with ``controller`` (a subclass
     of apportion.Controller) beside it."""
     base = demo.Controller
-    demo.Controller = controller  # type: ignore[misc]
+    demo.Controller = controller  # type: ignore[misc, assignment]
     try:
         return demo.measure_shift(shift.cfg, shift.new_mix, choices, shift.settings, costs)
     finally:

@@ -415,6 +415,11 @@ def _mix_moved(before: Sequence[Mapping[str, Window]], after: Sequence[Mapping[s
     return False
 
 
+SPREAD_MIN_ARRIVALS: float = 20
+"""A window before a move counts toward the spread its verdict allows for (see
+:meth:`Controller.verdict`) with at least this many arrivals, all models together: a share of a
+handful of requests is 0 or 1 by chance."""
+
 LIFT_SIGMAS = 4.0
 """A hold from a verdict is lifted when some model's arrival rate moved by more than MIX_MOVED
 and by more than this many standard deviations of Poisson arrivals (see
@@ -1441,9 +1446,9 @@ class Controller:
         moved models' old specs; each kind of move undone is not tried for that model for
         ``tabu_s``, or until the load moves: :meth:`lift_stale`), or an empty list when it stays:
         it served as large a share of the arrivals as before it (within ``tolerance``, or within
-        how far that share moved from window to window before it, counting windows with 20
-        arrivals or more), or the load itself moved (some model's arrival rate by more than
-        MIX_MOVED), which says nothing about the move. Pure, like
+        how far that share moved from window to window before it, counting windows with
+        SPREAD_MIN_ARRIVALS arrivals or more), or the load itself moved (some model's arrival
+        rate by more than MIX_MOVED), which says nothing about the move. Pure, like
         :meth:`decide`: applying the undo is the caller's."""
         trial = self._trial
         if trial is None:
@@ -1461,7 +1466,7 @@ class Controller:
         # How far the share moved from window to window before the move, without it: a fall
         # within that spread cannot tell the move's doing from the host's (other processes'
         # bursts) or from a load still settling (a queue filling after a shift).
-        shares = [x for ws in judged_before if sum(w.arrivals for w in ws.values()) >= 20
+        shares = [x for ws in judged_before if sum(w.arrivals for w in ws.values()) >= SPREAD_MIN_ARRIVALS
                   and (x := _served([ws])) is not None]
         spread = max(shares) - min(shares) if shares else 0.0
         if broke is None and (before is None or after is None or after >= before * (1 - self.tolerance)
