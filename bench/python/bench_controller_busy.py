@@ -19,14 +19,11 @@ the static plan, and the controller's moves after the shift. Results: bench/RESU
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
 from apportion import demo
-from apportion.tune import apply, measure_config, tune
-from bench_demo_runs import busy
-from controller_arms import Shift, demo_switch_interval, goodput, measure_arm, print_arm
+from controller_arms import tuned_ab
 
 
 def arm(count_outside: bool) -> type:
@@ -40,31 +37,7 @@ def arm(count_outside: bool) -> type:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the runs (default 1)")
-    p.add_argument("--budget-s", type=float, default=60.0, help="the tuner's budget (default 60, as the demo)")
-    p.add_argument("--max-s", type=float, default=1800.0, help="a busy loop ends on its own after this")
-    args = p.parse_args()
-    loops = busy(args.busy, args.max_s)
-    try:
-        with demo_switch_interval():
-            for rep in range(1, args.reps + 1):
-                shift = Shift.calibrated()
-                result = tune(shift.cfg, budget_s=args.budget_s, progress=False)
-                choices = result.winner.choices
-                static = goodput(measure_config(apply(shift.new_mix, choices), shift.settings))
-                print(f"rep {rep} ({args.busy} busy): {shift.describe()}; tuned: "
-                      + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
-                print(f"  static:                  {static:6.0f} good/s ({static / shift.demand:.0%})", flush=True)
-                for count in ((True, False) if rep % 2 else (False, True)):  # each first in turn
-                    run = measure_arm(arm(count), shift, choices, result.costs)
-                    print_arm(f"controller outside={'counted' if count else 'ignored'}", run, shift.demand, static)
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
-    return 0
+    return tuned_ab(__doc__.split("\n\n")[0], arm, ("outside=counted", "outside=ignored"))
 
 
 if __name__ == "__main__":

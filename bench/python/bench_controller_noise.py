@@ -21,16 +21,13 @@ the static plan, and the controller's moves (undone ones among them). Results: b
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from typing import Any
 
 from apportion import controller as ctl
 from apportion import demo
-from apportion.tune import apply, measure_config, tune
-from bench_demo_runs import busy
-from controller_arms import Shift, demo_switch_interval, goodput, measure_arm, print_arm
+from controller_arms import tuned_ab
 
 
 def arm(noise_aware: bool) -> type:
@@ -52,31 +49,7 @@ def arm(noise_aware: bool) -> type:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=4)
-    p.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the runs (default 1)")
-    p.add_argument("--budget-s", type=float, default=60.0, help="the tuner's budget (default 60, as the demo)")
-    p.add_argument("--max-s", type=float, default=1800.0, help="a busy loop ends on its own after this")
-    args = p.parse_args()
-    loops = busy(args.busy, args.max_s)
-    try:
-        with demo_switch_interval():
-            for rep in range(1, args.reps + 1):
-                shift = Shift.calibrated(demo.SHIFTED_SHARES)
-                result = tune(shift.cfg, budget_s=args.budget_s, progress=False)
-                choices = result.winner.choices
-                static = goodput(measure_config(apply(shift.new_mix, choices), shift.settings))
-                print(f"rep {rep} ({args.busy} busy): {shift.describe()}; tuned: "
-                      + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
-                print(f"  static:                  {static:6.0f} good/s ({static / shift.demand:.0%})", flush=True)
-                for aware in ((True, False) if rep % 2 else (False, True)):  # each first in turn
-                    run = measure_arm(arm(aware), shift, choices, result.costs)
-                    print_arm(f"controller {'spread+lift' if aware else 'strict     '}", run, shift.demand, static)
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
-    return 0
+    return tuned_ab(__doc__.split("\n\n")[0], arm, ("spread+lift", "strict     "), demo.SHIFTED_SHARES, reps=4)
 
 
 if __name__ == "__main__":

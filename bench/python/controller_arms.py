@@ -1,18 +1,21 @@
-"""What the controller benches share (bench_controller_classes.py, bench_controller_busy.py):
-the demo's models after its mix shift, measured as ``apportion demo`` measures them, with a
-subclass of the controller as one arm, and how an arm's result is printed."""
+"""What the controller benches share (bench_controller_classes.py, bench_controller_busy.py,
+bench_controller_noise.py): the demo's models after its mix shift, measured as ``apportion
+demo`` measures them, with a subclass of the controller as one arm, how an arm's result is
+printed, and the A/B run of two arms of the tuned plan beside busy loops."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from apportion import demo
 from apportion.config import Config
-from apportion.tune import Settings
+from apportion.tune import Settings, apply, measure_config, tune
+from bench_demo_runs import busy
 
 SHIFT_SHARES = {"mlp": 0.10, "conv": 0.70, "encoder": 0.20}
 """The mix after the shift these benches measure: conv 20% -> 70% (the demo's default until
@@ -79,3 +82,37 @@ def print_arm(label: str, run: demo.Adapted, demand: float, static: float) -> No
     print(f"  {label}: {g:6.0f} good/s ({g / demand:.0%}), {g / static:.2f}x static", flush=True)
     for line in run.describe():
         print(f"      {line[:220]}", flush=True)
+
+
+def tuned_ab(description: str, arm: Callable[[bool], type], labels: tuple[str, str],
+             shares: dict[str, float] | None = None, reps: int = 3) -> int:
+    """The command line of an A/B bench of the tuned plan: per repetition (``--reps``) the
+    demo's models calibrated and tuned (``--budget-s``), the static plan measured after the
+    shift to ``shares`` (default SHIFT_SHARES), then ``arm(True)`` and ``arm(False)``, each first
+    in turn, labelled ``labels``; all beside ``--busy`` busy-loop processes (each ends on its own
+    after ``--max-s``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the runs (default 1)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="the tuner's budget (default 60, as the demo)")
+    p.add_argument("--max-s", type=float, default=1800.0, help="a busy loop ends on its own after this")
+    args = p.parse_args()
+    loops = busy(args.busy, args.max_s)
+    try:
+        with demo_switch_interval():
+            for rep in range(1, args.reps + 1):
+                shift = Shift.calibrated(shares)
+                result = tune(shift.cfg, budget_s=args.budget_s, progress=False)
+                choices = result.winner.choices
+                static = goodput(measure_config(apply(shift.new_mix, choices), shift.settings))
+                print(f"rep {rep} ({args.busy} busy): {shift.describe()}; tuned: "
+                      + "; ".join(f"{n}: {c.describe()}" for n, c in choices.items()), flush=True)
+                print(f"  static:                  {static:6.0f} good/s ({static / shift.demand:.0%})", flush=True)
+                for on in ((True, False) if rep % 2 else (False, True)):  # each first in turn
+                    run = measure_arm(arm(on), shift, choices, result.costs)
+                    print_arm(f"controller {labels[0] if on else labels[1]}", run, shift.demand, static)
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    return 0
