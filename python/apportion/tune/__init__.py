@@ -15,7 +15,8 @@ multiplied over models), so the tuner works in four cheap steps:
 4. **validate** the best few layouts of that allocation (everything on a shared pool; whole
    cores of their own for models that earned them; without batching) under the real mixed
    load with :mod:`apportion.load`, then **refine** the winner by small moves (one more
-   instance, a larger or smaller batch) while the time budget lasts.
+   instance, a larger or smaller batch, a queue bound) while the time budget lasts, and a
+   layout that missed an SLO while it served clearly more by tighter queue bounds.
 
 The package follows those steps: :mod:`.cost` (the cost model), :mod:`.allocation` (step 3)
 and :mod:`.search` (layouts, moves, ranking) are pure functions that tests feed synthetic

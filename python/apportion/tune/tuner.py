@@ -24,7 +24,7 @@ from .report import TuneResult, writable_outputs
 from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
                      needs_for, profile_shapes)
 
-__all__ = ["GUARD_COST", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
+__all__ = ["GUARD_COST", "NEAR_MISS_GAIN", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
 
 
 class ProfilingFailed(ConfigError):
@@ -33,6 +33,10 @@ class ProfilingFailed(ConfigError):
 
 GUARD_COST = 0.03
 """The share of goodput a confirmed winner may give up for bounded queues (step 6 of tune)."""
+
+NEAR_MISS_GAIN = 0.10
+"""How much more than the winner a candidate that missed an SLO must score for its admission
+to be tightened in the refinement (step 4 of tune)."""
 
 
 def confirmation_settings(settings: Settings) -> Settings:
@@ -90,7 +94,11 @@ def tune(
     ``margin``: a candidate meets a model's SLO only if the SLO's percentile of the requests it
     admitted (expired and failed ones count as misses) stays within latency_ms x (1 - margin) in
     each of the validation's stable windows (at least three) and over all of them (default 10%): a plan
-    that meets its SLO by a hair in one short run misses it in the next. The winner is then
+    that meets its SLO by a hair in one short run misses it in the next. The best candidate is
+    refined by small moves while the budget lasts; once its moves are spent, a candidate that
+    missed an SLO while it scored more than :data:`NEAR_MISS_GAIN` (10%) above it gets the
+    moves that tighten the queue bounds its misses call for (the winner's own moves never
+    reach another layout). The winner is then
     confirmed in a longer run (windows of at least a second, :func:`confirmation_settings`):
     a plan near the machine's capacity can pass a short validation before its queues fill.
     One that misses there ranks by that run; the admission bounds its misses call for are
@@ -273,6 +281,37 @@ def tune(
         candidates.append(move)
         return True
 
+    tightened: set[tuple[Any, ...]] = set()
+
+    def tighten_near_miss(w: Candidate, until: float) -> bool:
+        """The winner's moves exhausted: the candidate that missed an SLO while it scored more
+        than NEAR_MISS_GAIN above ``w`` (the best such, each once) gets the moves that tighten
+        the admission its misses call for. A bound that refuses a little more at once may hold
+        every SLO where the winner's layout cannot serve as much, and the winner's own moves
+        never reach another layout. Returns whether the search goes on: a near miss was tried
+        (the winner may have changed, and the next near miss gets its turn)."""
+        near = [c for c in candidates if c.measured is not None and not c.slo_ok() and key_of(c) not in tightened
+                and c.score(objective) > (1.0 + NEAR_MISS_GAIN) * w.score(objective)]
+        if not near:
+            return False
+        n = max(near, key=lambda c: c.rank(objective))
+        tightened.add(key_of(n))
+
+        def tightens(move: Candidate) -> bool:
+            def below(q: int | None, was: int | None) -> bool:
+                return q is not None and (was is None or q < was)
+
+            return any(below(c.max_queue, n.choices[k].max_queue) for k, c in move.choices.items())
+
+        for move in moves(n, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
+            if not tightens(move):
+                continue
+            if clock() - t0 + per_run > until:
+                break
+            if measure_move(move, "refining", measure_fn) and clearly_better(move, w, objective):
+                break
+        return True
+
     def refine(until: float) -> None:
         improved = True
         while improved and clock() - t0 + per_run <= until:
@@ -285,6 +324,8 @@ def tune(
                 if measure_move(move, "refining", measure_fn) and clearly_better(move, w, objective):
                     improved = True
                     break
+            if not improved:
+                improved = tighten_near_miss(w, until)
 
     refine(refine_until)
     if not best(candidates, objective).slo_ok():
