@@ -329,10 +329,11 @@ def test_admission_bounds_never_exceed_the_configs_own() -> None:
 class PoolMissesByItsBound:
     """Every model shared serves ``pooled`` of its demand, cores of their own 0.6 of it; on the
     shared pool 'ranker' misses its SLO in one window while its queue bound exceeds half the
-    first one the tuner tried there (a burst waits too long), and holds below it."""
+    first one the tuner tried there (a burst waits too long), and holds below it; with
+    ``by_queue`` False it misses whatever its bound (its calls alone are too slow)."""
 
-    def __init__(self, pooled: float) -> None:
-        self.pooled, self.first_q = pooled, None
+    def __init__(self, pooled: float, by_queue: bool = True) -> None:
+        self.pooled, self.by_queue, self.first_q = pooled, by_queue, None
 
     def __call__(self, cfg: Config) -> dict[str, Measured]:
         specs = {n: m.spec for n, m in cfg.models.items()}
@@ -344,7 +345,7 @@ class PoolMissesByItsBound:
         for n in specs:
             wanted = cfg.demand()[n] or 0.0
             good = (self.pooled if pooled else 0.6) * wanted
-            late = pooled and n == "ranker" and (q is None or q > self.first_q // 2)
+            late = pooled and n == "ranker" and (not self.by_queue or q is None or q > self.first_q // 2)
             out[n] = Measured(good, good, 5.0, not late, wanted, rejected=int(0.1 * wanted), offered=int(wanted),
                               windows_met=(True, not late, True))
         return out
@@ -368,12 +369,24 @@ def test_a_layout_that_missed_by_its_queue_bound_has_its_admission_tightened() -
     tightened = next(c for c in r.candidates if c.name == "shared pool, admission, ranker admission "
                      f"q<={machine.first_q // 2}")
     assert "refined from 'shared pool, admission'" in tightened.why
+    assert tightened.why.startswith("a near miss (goodput +50% over 'isolated, admission'")
     # A near miss that serves less than NEAR_MISS_GAIN more than the winner is left as it is.
     close = PoolMissesByItsBound(0.6 * (1 + NEAR_MISS_GAIN) * 0.98)
     r = tune(_config(demand), budget_s=30, topology_root=VM2, profiles=TRUTH, measure=close, progress=False,
              host=_quiet())
     assert any(c.isolation == "exclusive" for c in r.winner.choices.values()), r.winner.name
     assert not any(c.name.startswith("shared pool, admission, ranker admission") for c in r.candidates)
+    assert not any("near miss" in c.why for c in r.candidates)
+    # A miss the queue bound does not cause: each pooled layout's bound is halved once, and a
+    # halving that misses as much is not halved again (not chased down to a bound of 1).
+    slow = PoolMissesByItsBound(0.9, by_queue=False)
+    r = tune(_config(demand), budget_s=1000, topology_root=VM2, profiles=TRUTH, measure=slow, progress=False,
+             host=_quiet())
+    assert slow.first_q is not None
+    assert any(c.isolation == "exclusive" for c in r.winner.choices.values()), r.winner.name
+    near = [c for c in r.candidates if "near miss" in c.why]
+    assert near and all(c.choices["ranker"].max_queue >= slow.first_q // 2 for c in near), \
+        [(c.name, c.choices["ranker"].max_queue) for c in near]
 
 
 def test_admission_is_not_added_when_the_machine_suffices() -> None:

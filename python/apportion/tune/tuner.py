@@ -95,10 +95,11 @@ def tune(
     admitted (expired and failed ones count as misses) stays within latency_ms x (1 - margin) in
     each of the validation's stable windows (at least three) and over all of them (default 10%): a plan
     that meets its SLO by a hair in one short run misses it in the next. The best candidate is
-    refined by small moves while the budget lasts; once its moves are spent, a candidate that
-    missed an SLO while it scored more than :data:`NEAR_MISS_GAIN` (10%) above it gets the
-    moves that tighten the queue bounds its misses call for (the winner's own moves never
-    reach another layout). The winner is then
+    refined by small moves while the budget lasts; when they bring no clear gain, a candidate
+    that missed an SLO while its objective scored more than :data:`NEAR_MISS_GAIN` (10%) above
+    the winner's gets the moves that tighten the queue bounds its misses call for (the
+    winner's own moves never reach another layout; a tightening that still misses is tried
+    further only while it misses less). The winner is then
     confirmed in a longer run (windows of at least a second, :func:`confirmation_settings`):
     a plan near the machine's capacity can pass a short validation before its queues fill.
     One that misses there ranks by that run; the admission bounds its misses call for are
@@ -282,20 +283,30 @@ def tune(
         return True
 
     tightened: set[tuple[Any, ...]] = set()
+    parent_misses: dict[tuple[Any, ...], int] = {}  # a tightening's key -> its near miss's missed windows
+
+    def missed(c: Candidate) -> int:
+        return sum(v is False for m in (c.measured or {}).values() for v in (m.slo_met, *m.windows_met))
 
     def tighten_near_miss(w: Candidate, until: float) -> bool:
-        """The winner's moves exhausted: the candidate that missed an SLO while it scored more
-        than NEAR_MISS_GAIN above ``w`` (the best such, each once) gets the moves that tighten
-        the admission its misses call for. A bound that refuses a little more at once may hold
-        every SLO where the winner's layout cannot serve as much, and the winner's own moves
-        never reach another layout. Returns whether the search goes on: a near miss was tried
-        (the winner may have changed, and the next near miss gets its turn)."""
+        """The winner's moves spent: the candidate that missed an SLO while its objective scored
+        more than NEAR_MISS_GAIN above ``w``'s (the best such, each once) gets the moves that
+        tighten the queue bounds its misses call for. A bound that refuses a little more at
+        once may hold every SLO where the winner's layout cannot serve as much, and the
+        winner's own moves never reach another layout. A tightening that still misses is a near
+        miss in turn only if it missed less than the one it came from (a miss the queue does
+        not cause is not chased down to a bound of 1). Returns whether the search goes on: a
+        near miss was tried (the winner may have changed, and the next one gets its turn)."""
+        if clock() - t0 + per_run > until:
+            return False
         near = [c for c in candidates if c.measured is not None and not c.slo_ok() and key_of(c) not in tightened
-                and c.score(objective) > (1.0 + NEAR_MISS_GAIN) * w.score(objective)]
+                and c.score(objective) > (1.0 + NEAR_MISS_GAIN) * w.score(objective)
+                and missed(c) < parent_misses.get(key_of(c), math.inf)]
         if not near:
             return False
         n = max(near, key=lambda c: c.rank(objective))
         tightened.add(key_of(n))
+        gain = n.score(objective) / w.score(objective) - 1.0 if w.score(objective) > 0 else math.inf
 
         def tightens(move: Candidate) -> bool:
             def below(q: int | None, was: int | None) -> bool:
@@ -308,6 +319,8 @@ def tune(
                 continue
             if clock() - t0 + per_run > until:
                 break
+            move.why = f"a near miss ({objective} {gain:+.0%} over '{w.name}'), {move.why}"
+            parent_misses.setdefault(key_of(move), missed(n))
             if measure_move(move, "refining", measure_fn) and clearly_better(move, w, objective):
                 break
         return True
@@ -317,6 +330,8 @@ def tune(
         while improved and clock() - t0 + per_run <= until:
             improved = False
             w = best(candidates, objective)
+            if w.slo_ok():
+                until = min(until, refine_until)  # a plan to confirm: keep the time for it
             for move in moves(w, needs, total_cores, alloc=alloc, margin=float(margin), capacity=capacity):
                 if clock() - t0 + per_run > until:
                     break
