@@ -654,14 +654,16 @@ def _cost(path: str, key: str, value: object) -> CostModel:
     from .tune.cost import CostModel  # (at call time: the tune package imports this module)
 
     t = _table(path, key, value, COST_KEYS)
-    nums: dict[str, float] = {}
-    for k, least, most in (("alpha_ms", 0.0, math.inf), ("beta_ms", 0.0, math.inf), ("serial", 0.0, 1.0)):
+    nums: dict[str, float] = {"serial": 1.0}
+    # (key, least, most, what it is where it is required: None where it has a default)
+    for k, least, most, what in (("alpha_ms", 0.0, math.inf, "fixed part of a call"),
+                                 ("beta_ms", 0.0, math.inf, "part per request of a call"),
+                                 ("serial", 0.0, 1.0, None)):
         if k not in t:
-            if k == "serial":
+            if what is None:
                 continue
-            raise ConfigError(path, f"{key}.{k}", "missing; give the cost model's " +
-                              ("fixed part of a call" if k == "alpha_ms" else "part per request of a call") +
-                              " in ms (a tuner's plan writes it)")
+            raise ConfigError(path, f"{key}.{k}", f"missing; give the cost model's {what} in ms (a tuner's plan "
+                              "writes it)")
         v = real(t[k])
         if v is None or not (least <= v <= most) or not math.isfinite(v):
             raise ConfigError(path, f"{key}.{k}", f"got {t[k]!r}; give a number in [{least:g}, {most:g}]"
@@ -671,6 +673,6 @@ def _cost(path: str, key: str, value: object) -> CostModel:
     if not isinstance(batchable, bool):
         raise ConfigError(path, f"{key}.batchable", f"got {batchable!r}; give true or false")
     try:
-        return CostModel(nums["alpha_ms"], nums["beta_ms"], nums.get("serial", 1.0), batchable)
+        return CostModel(nums["alpha_ms"], nums["beta_ms"], nums["serial"], batchable)
     except QuotaError as e:
         raise ConfigError(path, key, str(e).removeprefix("CostModel: ")) from None

@@ -51,10 +51,11 @@ threads each used ``target`` of a CPU or more, where their CPU time is read
 (:attr:`Window.pool_cpu_s`; below that its neighbours, keeping up with their load, use the
 CPU time it lacks, which a thread more takes from them only while they wait), or while other
 processes keep ``headroom`` of the pool's CPUs busy (:attr:`Controller.outside_cpus`; the OS
-shares the CPUs out by thread: a thread more takes its share from them). On a scheduled pool no move leaves a model with an objective where the shared
-instances of the classes above it hold every unit (where it was not before): a unit goes to
-the highest class waiting, so that model would get one only when they idle. There, a model
-that turns requests away with every instance busy, which another instance would let starve
+shares the CPUs out by thread: a thread more takes its share from them). On a scheduled pool
+no move leaves a model with an objective where the shared instances of the classes above it
+hold every unit (where it was not before): a unit goes to the highest class waiting, so that
+model would get one only when they idle. There, a model that turns requests away with every
+instance busy, which another instance would let starve
 the classes below, joins the highest class below its own where nobody starves, with one more
 instance, while its neighbours have latency to spare, given ``classes=True`` (the classes are
 a tuner's, not the user's): it then shares the units with that class by weight instead of
@@ -76,9 +77,10 @@ requests rose by more than FAILING_JUMP (whatever the load did), the move is und
 logged as a move of its own) and the same kind of move (more instances, a bigger batch or
 batching on, a raised or a lowered bound) is not tried for that model again for ``tabu_s``
 seconds, or until the load moves (some model's arrival rate by more than MIX_MOVED from the
-windows that judged it: the verdict was about another load); the next kind in line is tried instead (a spare instance's swap, one thread for another,
-is its own kind: an instance more undone does not hold it, and one swap undone holds every
-other for that model; a model that takes back an instance it gave in a swap gives none for
+windows that judged it: the verdict was about another load); the next kind in line is tried
+instead (a spare instance's swap, one thread for another, is its own kind: an instance more
+undone does not hold it, and one swap undone holds every other for that model; a model that
+takes back an instance it gave in a swap gives none for
 ``tabu_s``: on a saturated pool every thread reads a share of a CPU, and two models whose
 latency has room would hand one instance back and forth). A moved model that worked off a backlog over
 the trial (served more than arrived, its queue shorter than at the move) completes requests
@@ -395,23 +397,26 @@ def _mix_moved(before: Sequence[Mapping[str, Window]], after: Sequence[Mapping[s
     MIX_MOVED (a model with fewer than 20 arrivals in both is not judged by its rate) and, given
     ``sigmas``, by more than that many standard deviations of Poisson arrivals (a model with a
     few dozen arrivals a window moves by a quarter now and then by chance alone)."""
-    def rates(windows: Sequence[Mapping[str, Window]]) -> dict[str, tuple[float, int]]:
-        out: dict[str, tuple[float, int]] = {}
+    def rates(windows: Sequence[Mapping[str, Window]]) -> dict[str, tuple[float, int, float]]:
+        """Per model: its arrival rate, its arrivals and the seconds they came in."""
+        out: dict[str, tuple[float, int, float]] = {}
         for name in {n for ws in windows for n in ws}:
             ws = [w[name] for w in windows if name in w]
             seconds = sum(w.seconds for w in ws)
             n = sum(w.arrivals for w in ws)
-            out[name] = (n / seconds if seconds > 0 else 0.0, n)
+            out[name] = (n / seconds if seconds > 0 else 0.0, n, seconds)
         return out
+
+    def variance(n: int, seconds: float) -> float:
+        """Of a Poisson rate measured as ``n`` arrivals in ``seconds``."""
+        return n / seconds ** 2 if seconds > 0 else 0.0
 
     b, a = rates(before), rates(after)
     for name in b.keys() | a.keys():
-        (rb, nb), (ra, na) = b.get(name, (0.0, 0)), a.get(name, (0.0, 0))
-        if max(nb, na) >= 20 and abs(ra - rb) > MIX_MOVED * max(ra, rb):
-            sb, sa = nb / rb if rb else 0.0, na / ra if ra else 0.0  # seconds each span covered
-            sd = math.sqrt((nb / sb ** 2 if sb else 0.0) + (na / sa ** 2 if sa else 0.0))
-            if abs(ra - rb) > sigmas * sd:
-                return True
+        (rb, nb, sb), (ra, na, sa) = b.get(name, (0.0, 0, 0.0)), a.get(name, (0.0, 0, 0.0))
+        if (max(nb, na) >= 20 and abs(ra - rb) > MIX_MOVED * max(ra, rb)
+                and abs(ra - rb) > sigmas * math.sqrt(variance(nb, sb) + variance(na, sa))):
+            return True
     return False
 
 
@@ -1401,10 +1406,9 @@ class Controller:
                 return undo if self._apply(undo, now, f"undoing {[u.change for u in undo]}: ") else []
         other_specs = {n: self.rt.spec(n) for n in self.rt.models if n not in windows}
         others = sum(_units(s) for s in other_specs.values())
-        dwell_before = dict(self._last_move)
-        # What decide() notes of the moves it proposes (a swap given, a take-back's hold)
-        # stands only for moves that are made.
-        gave_before, tabu_before, load_before = dict(self._gave), dict(self._tabu), dict(self._tabu_load)
+        # What decide() notes of the moves it proposes (a dwell, a swap given, a take-back's
+        # hold) stands only for moves that are made: otherwise the state before it comes back.
+        before_decide = (dict(self._last_move), dict(self._gave), dict(self._tabu), dict(self._tabu_load))
         moves = self.decide(windows, specs, now - self._t0, self._fits, self.idle_cpus,
                             {n: self.rt.queue_size(n) for n in windows}, held_by_others=others,
                             pool_cpus=len(pool) if pool else None, other_specs=other_specs,
@@ -1412,14 +1416,12 @@ class Controller:
         if not moves:
             return []
         if self._stop.is_set():  # stopped while it decided: nothing starts now
-            self._last_move, self._gave, self._tabu = dwell_before, gave_before, tabu_before
-            self._tabu_load = load_before
+            self._last_move, self._gave, self._tabu, self._tabu_load = before_decide
             return []
         if not self._apply(moves, now):
             # Nothing moved: no dwell starts, and the same kind of move for the same models is
             # not tried again for tabu_s (it would fail again, and hold the others every window).
-            self._last_move, self._gave, self._tabu = dwell_before, gave_before, tabu_before
-            self._tabu_load = load_before
+            self._last_move, self._gave, self._tabu, self._tabu_load = before_decide
             self._close([(m, specs[m.model]) for m in moves], now - self._t0 + self.tabu_s)
             return []
         self.trial(moves, specs, [w for _, w in list(self.history)[-self.judge:]])
@@ -1507,12 +1509,13 @@ class Controller:
         """Lifts each hold a trial's verdict set (a move undone: see :meth:`verdict`) whose load
         has moved since: some model's arrival rate over the last ``judge`` windows of
         :attr:`history` differs by more than MIX_MOVED, and by more than LIFT_SIGMAS standard
-        deviations of Poisson arrivals, from its rate over the windows that judged the move. That verdict was about another load, as a trial across a shift says
-        nothing about its move: after the mix shifts, a move undone before it is tried again at
-        once (a hold kept would keep the model's capacity where the old mix wanted it for
-        ``tabu_s``). A hold set by a refused move stays (the runtime would refuse it again), and so
-        does one set by a verdict on failures (the undo itself moves a closed loop's rate back).
-        Returns the (model, kind) holds lifted; :meth:`step` calls it every window."""
+        deviations of Poisson arrivals, from its rate over the windows that judged the move.
+        That verdict was about another load, as a trial across a shift says nothing about its
+        move: after the mix shifts, a move undone before it is tried again at once (a hold kept
+        would keep the model's capacity where the old mix wanted it for ``tabu_s``). A hold set
+        by a refused move stays (the runtime would refuse it again), and so does one set by a
+        verdict on failures (the undo itself moves a closed loop's rate back). Returns the
+        (model, kind) holds lifted; :meth:`step` calls it every window."""
         recent = list(self.history)[-self.judge:]
         now = [w for _, w in recent]
         lifted = []
