@@ -6,10 +6,10 @@ run.
 
 Each repetition calibrates and tunes the demo's models as ``apportion demo`` does (the tuner's
 budget: ``--budget-s``), then measures after the shift (conv 20% -> 70%:
-``controller_arms.SHIFT_SHARES``; 6 s of the new mix, then 3 windows of 1 s): the static tuned plan, the controller as it is, and the controller that
-does not count the other processes' CPU time. Both controllers get the tuner's cost models, as in the
-demo. ``--busy N`` starts N busy-loop interpreters first (killed at the end; each ends on its
-own after ``--max-s``).
+``controller_arms.SHIFT_SHARES``; 6 s of the new mix, then 3 windows of 1 s): the static tuned
+plan, the controller as it is, and the controller that does not count the other processes' CPU
+time. Both controllers get the tuner's cost models, as in the demo. ``--busy N`` starts N
+busy-loop interpreters first (killed at the end; each ends on its own after ``--max-s``).
 
     python bench/python/bench_controller_busy.py [--reps 3] [--busy 1]
 

@@ -5,8 +5,9 @@ The plan is the kind the tuner picks in about one run in ten: the demo's three m
 scheduled shared pool, one instance of one thread each, batches of up to 8, conv in the top
 class (2), mlp in class 1, encoder in class 0. After the shift (conv 20% -> 70%:
 ``controller_arms.SHIFT_SHARES``) conv needs more than the one unit its instance holds, and
-another instance in its class would hold every unit and starve the classes below it. Each repetition measures, after the shift as ``apportion demo``
-does (6 s of the new mix, then 3 windows of 1 s): the static plan, the controller with
+another instance in its class would hold every unit and starve the classes below it. Each
+repetition measures, after the shift as ``apportion demo`` does (6 s of the new mix, then 3
+windows of 1 s): the static plan, the controller with
 ``classes=True`` (it may move conv into a lower class with an instance more) and with
 ``classes=False``. The controller is given a cost model for conv (alpha 0.41 ms, beta 0.9 ms a
 request, fitted to its calibrated one-request and batch-8 times), as the demo gives it the

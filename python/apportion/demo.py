@@ -48,13 +48,13 @@ The default shift moves the traffic to conv, the model whose batching gains leas
 eight costs it ~0.95 ms a request against ~1.1 ms alone): no batch size lets the static plan's
 conv instance serve 4.25 times its traffic, so the plan falls short (it served 54-75% of the
 new demand in the quiet runs of bench/RESULTS.md, 48-62% beside a busy loop, over four kinds
-of tuned plan). A smaller
-shift (``--shift mlp=0.1,conv=0.7,encoder=0.2``, the default before) a plan with every model on
-the shared pool absorbs in good part: the static plan served 81-87% of the new demand there,
-and the controller 1.06-1.18x that, against 67-72% and 1.39-1.45x where the plan gave encoder
-a core of its own (bench/RESULTS.md). A shift to mlp (``--shift mlp=0.7,conv=0.2,encoder=0.1``) the tuned
-plan absorbs at the default load (batching lets one mlp instance serve most of the rate), so
-the controller has little to add there; at ``--load 1.6`` it has more (bench/RESULTS.md,
+of tuned plan). A smaller shift (``--shift mlp=0.1,conv=0.7,encoder=0.2``, the default before)
+a plan with every model on the shared pool absorbs in good part: the static plan served 81-87%
+of the new demand there, and the controller 1.06-1.18x that, against 67-72% and 1.39-1.45x
+where the plan gave encoder a core of its own (bench/RESULTS.md). A shift to mlp (``--shift
+mlp=0.7,conv=0.2,encoder=0.1``) the tuned plan absorbs at the default load (batching lets one
+mlp instance serve most of the rate), so the controller has little to add there; at ``--load
+1.6`` it has more (bench/RESULTS.md,
 "After the shift at 1.6x the one-thread load").
 """
 

@@ -684,8 +684,9 @@ class Runtime(_core._Runtime):
         without ``pool_reserve``, ``priority_class`` (a spec without one is class 0: a plan
         without classes applied to models with one moves them to class 0). Every model is
         placed again with the others; a model whose CPUs, threads, instances, batching or
-        warm-up change moves, including models not named whose CPUs the new plan changes. A new ``max_queue`` alone takes effect at
-        once, with no new instances: the queue, its requests and the model's learned estimates
+        warm-up change moves, including models not named whose CPUs the new plan changes. A
+        new ``max_queue`` alone takes effect at once, with no new instances: the queue, its
+        requests and the model's learned estimates
         stay (a bound below what is queued refuses new requests until the queue drains below
         it). So does a new ``priority_class``: the model's waiting calls and the next ones are
         granted by it, the calls running finish as they are; a class is lowered before the
