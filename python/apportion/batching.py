@@ -25,9 +25,11 @@ A failing call fails every request of its batch with the model's exception (the 
 object for each; for a batch of more than one, a note on it says so). A result of the wrong
 length fails each request with an ApportionError that names the model and both sizes.
 
-With ``Batching(..., single_unbatched=True)``, a batch of one is the model called with the
-request's input as it is (no batch dim, no stacking), for a model that serves one input as well
-as a batch: a lone request then costs what a call without batching does.
+A batch of one can be the model called with the request's input as it is (no batch dim, no
+stacking), so that a lone request costs what a call without batching does: with
+``Batching(..., single_unbatched=True)`` for a model that serves one input as well as a batch,
+and by default (``single_unbatched=None``) for a torch model that provably does, a
+``torch.nn.Sequential`` of layers that treat each row alone (see :func:`serves_rows_alone`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 from ._private.checks import real
 from .errors import ApportionError, QuotaError
 
-__all__ = ["Batching", "stacking"]
+__all__ = ["Batching", "serves_rows_alone", "stacking"]
 
 _MAX_BATCH = 1 << 16
 _BATCH_NOTE = "raised by one call of model "
@@ -57,17 +59,20 @@ class Batching:
     may wait for more requests, from its first request (0 to 1e9; 0 batches only what is
     already queued). ``preferred_sizes``: sizes at which a batch is dispatched without waiting once
     nothing more is queued (each in [1, max_size]); stored sorted and without duplicates.
-    ``single_unbatched``: the model also serves one request's input as it is, with no batch
-    dim, and returns that request's result (a torch ``Linear`` stack, most numpy code): a batch
-    of one is then called that way, so a lone request costs what a call without batching does
-    (a vector product, not a one-row matrix product; no stacking). Default False: every call
-    gets a batch.
+    ``single_unbatched``: True says the model also serves one request's input as it is, with no
+    batch dim, and returns that request's result (a torch ``Linear`` stack, most numpy code): a
+    batch of one is then called that way, so a lone request costs what a call without batching
+    does (a vector product, not a one-row matrix product; no stacking). False: every call gets
+    a batch. None (the default): a batch of one is called unbatched only where the runtime can
+    tell that the result is the same, a torch module of layers that treat each row alone
+    (:func:`serves_rows_alone`) given a tensor of at least one dim; every other call gets a
+    batch.
     """
 
     max_size: int
     max_delay_ms: float
     preferred_sizes: Sequence[int] | None = None
-    single_unbatched: bool = False
+    single_unbatched: bool | None = None
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -102,8 +107,8 @@ def _problem(b: Batching) -> tuple[str, str] | None:
     df = real(d)
     if df is None or not (math.isfinite(df) and 0 <= df <= _MAX_DELAY_MS):
         return "max_delay_ms", f"must be a number of milliseconds in [0, {_MAX_DELAY_MS:.0e}], got {d!r}"
-    if not isinstance(b.single_unbatched, bool):
-        return "single_unbatched", f"must be True or False, got {b.single_unbatched!r}"
+    if b.single_unbatched is not None and not isinstance(b.single_unbatched, bool):
+        return "single_unbatched", f"must be True, False or None, got {b.single_unbatched!r}"
     if b.preferred_sizes is not None:
         sizes = b.preferred_sizes
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
@@ -153,8 +158,23 @@ def _stackable(x: Any, kind: str) -> bool:
     return type(x) is np.ndarray or isinstance(x, np.ma.MaskedArray)
 
 
+def serves_rows_alone(fn: Any) -> bool:
+    """Whether ``fn`` is a torch instance (the torch adapter's) whose module treats each row of
+    its input alone (:func:`apportion.adapters.torch.rows_alone`): a batch of one is then the
+    same called unbatched."""
+    mod = sys.modules.get("apportion.adapters.torch")  # loaded if any instance is a torch one
+    return mod is not None and isinstance(fn, mod.TorchModel) and fn.rows_alone
+
+
+def _a_row(x: Any) -> bool:
+    """A plain dense tensor of at least one dim: what a module of :func:`serves_rows_alone`
+    serves unbatched as it serves it in a batch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and type(x) is torch.Tensor and x.ndim > 0 and x.layout is torch.strided
+
+
 def stacking(model: str, fn: Callable[[Any], Any],
-             single_unbatched: bool = False) -> Callable[[list[Any]], Sequence[Any]]:
+             single_unbatched: bool | None = None) -> Callable[[list[Any]], Sequence[Any]]:
     """Wraps a model for batched serving: a list of arrays (or of tensors) is stacked along a
     new dim 0, ``fn`` is called once, and its result is split along dim 0, one row per request
     (a list or tuple it returns is taken as one result per request, in order); arrays of
@@ -163,13 +183,15 @@ def stacking(model: str, fn: Callable[[Any], Any],
     that do not stack (an ndarray subclass, a sparse tensor) one call per request;
     a list of anything else is passed to ``fn`` as it is, and its result returned as it is.
     A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
-    in place. With ``single_unbatched`` (see :class:`Batching`), a batch of one is ``fn``
-    called with the request's input as it is, its result the request's.
+    in place. With ``single_unbatched`` True (see :class:`Batching`), a batch of one is ``fn``
+    called with the request's input as it is, its result the request's; with None, so is a
+    batch of one tensor of at least one dim where :func:`serves_rows_alone` holds for ``fn``.
     """
+    rows = single_unbatched is None and serves_rows_alone(fn)
 
     def serve(xs: list[Any]) -> Sequence[Any]:
         try:
-            if single_unbatched and len(xs) == 1:
+            if len(xs) == 1 and (single_unbatched or (rows and _a_row(xs[0]))):
                 return (fn(xs[0]),)
             kind = _array_kind(xs)
             if kind is None:
@@ -246,7 +268,7 @@ def stacking(model: str, fn: Callable[[Any], Any],
 
 
 def wrap_factory(model: str, make_instance: Callable[[int], Any],
-                 single_unbatched: bool = False) -> Callable[[int], Any]:
+                 single_unbatched: bool | None = None) -> Callable[[int], Any]:
     """``make_instance`` whose instances are served through :func:`stacking` (runs in each
     instance's worker thread, like ``make_instance`` itself)."""
 

@@ -275,7 +275,7 @@ class ModelSpec:
             elif f.name == "batching":
                 v = {"max_size": v.max_size, "max_delay_ms": v.max_delay_ms,
                      **({"preferred_sizes": list(v.preferred_sizes)} if v.preferred_sizes else {}),
-                     **({"single_unbatched": True} if v.single_unbatched else {})}
+                     **({"single_unbatched": v.single_unbatched} if v.single_unbatched is not None else {})}
             elif f.name == "gpu":
                 v = {g.name: getattr(v, g.name) for g in fields(v)
                      if getattr(v, g.name) != g.default}

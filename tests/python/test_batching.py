@@ -301,9 +301,106 @@ def test_with_single_unbatched_a_batch_of_one_is_the_input_as_it_is(rt: ap.Runti
     assert rt.call("m", x).shape == (2,) and shapes[-1] == (3,)
     assert rt.call("lists", 7) == ("as is", 7), "any input: the model's own result, not a list's element"
     # From a config table, and back.
-    spec = ap.ModelSpec.from_table("t", {"factory": "x:y", "batching": {"max_size": 4, "single_unbatched": True}})
-    assert spec.batching == ap.Batching(4, 0.0, single_unbatched=True)
-    assert spec.to_table()["batching"] == {"max_size": 4, "max_delay_ms": 0.0, "single_unbatched": True}
+    for word in (True, False):
+        spec = ap.ModelSpec.from_table("t", {"factory": "x:y", "batching": {"max_size": 4, "single_unbatched": word}})
+        assert spec.batching == ap.Batching(4, 0.0, single_unbatched=word)
+        assert spec.to_table()["batching"] == {"max_size": 4, "max_delay_ms": 0.0, "single_unbatched": word}
+    spec = ap.ModelSpec.from_table("t", {"factory": "x:y", "batching": {"max_size": 4}})
+    assert spec.batching is not None and spec.batching.single_unbatched is None
+    assert spec.to_table()["batching"] == {"max_size": 4, "max_delay_ms": 0.0}, "the default is not written"
+
+
+def recorded(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[int, ...]]:
+    """The input shapes of every call of ``torch.nn.functional.<name>`` from now on (the layers'
+    own forward calls it: no hook on the module, which would make it not row-wise)."""
+    torch = pytest.importorskip("torch")
+    real_fn = getattr(torch.nn.functional, name)
+    shapes: list[tuple[int, ...]] = []
+
+    def record(x: Any, *args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(x.shape))
+        return real_fn(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, name, record)
+    return shapes
+
+
+def test_a_row_wise_torch_sequential_serves_a_batch_of_one_unbatched_by_default(
+        rt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lone request to a batching torch MLP paid for a one-row matrix product and the stacking
+    # (~2-5% of the issue's MLP call at one client): its layers give a row the result they give
+    # the batch's row 0, so the default serves it as it is.
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    xs = [torch.randn(3) for _ in range(5)]
+    with torch.no_grad():
+        expected = [net(x[None])[0] for x in xs]
+    shapes = recorded(monkeypatch, "linear")
+    rt.add_model("m", model=net, threads=1, batching=ap.Batching(max_size=4, max_delay_ms=5))
+    rt.add_model("batched", model=net, threads=1, batching=ap.Batching(max_size=4, max_delay_ms=5,
+                                                                          single_unbatched=False))
+    futs = rt.submit_many("m", xs)
+    rt.start()
+    for f, e in zip(futs, expected, strict=True):
+        torch.testing.assert_close(f.result(10), e)
+    assert shapes == [(4, 3), (4, 4), (3,), (4,)], "a batch of four stacked, the fifth as it is"
+    shapes.clear()
+    torch.testing.assert_close(rt.call("m", xs[0]), expected[0])
+    assert shapes == [(3,), (4,)]
+    shapes.clear()
+    torch.testing.assert_close(rt.call("batched", xs[0]), expected[0])
+    assert shapes == [(1, 3), (1, 4)], "single_unbatched=False: every call gets a batch"
+    shapes.clear()
+    # A numpy array is not a tensor the rule knows: the stacked path, as ever (torch refuses it).
+    with pytest.raises(TypeError):
+        rt.call("m", np.zeros(3, dtype=np.float32))
+    assert shapes == [(1, 3)]
+
+
+def test_a_zero_dim_tensor_keeps_its_batch_dim(rt: ap.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A scalar has no row to serve alone: it is served as the batch (1,), as without the rule.
+    torch = pytest.importorskip("torch")
+    shapes = recorded(monkeypatch, "relu")
+    rt.add_model("m", model=torch.nn.Sequential(torch.nn.ReLU()), batching=ap.Batching(max_size=4, max_delay_ms=5))
+    rt.start()
+    assert rt.call("m", torch.tensor(-2.0)).item() == 0.0 and shapes == [(1,)]
+    assert rt.call("m", torch.tensor([-2.0, 3.0])).tolist() == [0.0, 3.0] and shapes[-1] == (2,)
+
+
+def test_only_modules_that_treat_each_row_alone_are_served_unbatched() -> None:
+    torch = pytest.importorskip("torch")
+    from apportion.adapters.torch import TorchModel, rows_alone
+    from apportion.batching import serves_rows_alone
+    nn = torch.nn
+
+    class MySequential(nn.Sequential):
+        pass
+
+    assert rows_alone(nn.Linear(3, 2)) and rows_alone(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Dropout()))
+    assert rows_alone(nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Identity())))
+    for module, why in [
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "BatchNorm1d reads a (C,) input as one channel each"),
+        (nn.Sequential(nn.Conv1d(1, 1, 1)), "a convolution's unbatched input has other dims"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=0)), "dim 0 is the batch in one and a feature in the other"),
+        (MySequential(nn.Linear(3, 4)), "a subclass may override forward"),
+        (nn.Sequential(nn.Flatten()), "Flatten keeps dim 0"),
+    ]:
+        assert not rows_alone(module), why
+    hooked = nn.Sequential(nn.Linear(3, 4))
+    handle = hooked[0].register_forward_pre_hook(lambda mod, args: None)
+    assert not rows_alone(hooked), "a hook may read the shape"
+    handle.remove()
+    assert rows_alone(hooked)
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, args, out: None)
+    try:
+        assert not rows_alone(hooked), "a global hook may read the shape"
+    finally:
+        handle.remove()
+    ctx = ap.InstanceContext(model="m", instance=0, instances=1)
+    assert serves_rows_alone(TorchModel(hooked, ctx))
+    assert not serves_rows_alone(TorchModel(nn.Sequential(nn.BatchNorm1d(3)), ctx))
+    assert not serves_rows_alone(hooked), "a module not served through the torch adapter"
 
 
 def test_arrays_of_different_shapes_in_one_batch_are_served_one_call_per_shape(rt: ap.Runtime) -> None:

@@ -655,3 +655,20 @@ def test_when_nothing_meets_the_slos_the_time_kept_for_confirming_goes_to_the_se
     reserve = min(2 * (result.confirm_settings.max_s + 0.5), 0.3 * budget)
     assert max(starts) > budget - reserve - per_run  # refinement went on into the reserve
     assert max(starts) + per_run <= budget and result.confirmed == []
+
+
+def test_a_plan_keeps_the_users_word_on_serving_a_batch_of_one_unbatched() -> None:
+    # single_unbatched says what the model can serve, not how to batch it: a plan's batching
+    # (from its shapes) dropped it, so a numpy model the user marked paid for the stacking again.
+    from apportion.tune.search import Choice, apply
+
+    cfg = _synthetic_config()
+    name = next(iter(cfg.models))
+    m = cfg.models[name]
+    chosen = Choice("shared", None, 2, 1, ap.Batching(8, 2.0))
+    for word in (True, False):
+        users = cfg.replace_models(**{name: replace(m, spec=replace(m.spec, batching=ap.Batching(
+            4, 1.0, single_unbatched=word)))})
+        assert apply(users, {name: chosen}).models[name].spec.batching == ap.Batching(8, 2.0, single_unbatched=word)
+    assert apply(cfg, {name: chosen}).models[name].spec.batching == ap.Batching(8, 2.0), "no word of the user's"
+    assert apply(cfg, {name: replace(chosen, batching=None)}).models[name].spec.batching is None
