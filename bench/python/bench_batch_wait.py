@@ -3,11 +3,13 @@ per instance, two instances) served without batching and with Batching(16, 2 ms)
 clients calling rt.call, in one run.
 
     python bench/python/bench_batch_wait.py [--clients 1,8] [--seconds 3] [--rounds 1] [--label new]
-        [--single-unbatched]
+        [--single-unbatched [true|false|none]]
 
 Prints req/s and p50/p99 (ms) per configuration and the batching/no-batching throughput ratio.
-With ``--single-unbatched`` the batching is ``Batching(16, 2 ms, single_unbatched=True)``: the
-MLP takes one (256,) input as well as a batch, so a batch of one is called unbatched.
+The batching is ``Batching(16, 2 ms)``, whose default serves a batch of one unbatched for this
+MLP (a ``torch.nn.Sequential`` of layers that treat each row alone); ``--single-unbatched
+false`` gives every call a batch (the default before that rule), ``--single-unbatched`` alone
+(or ``true``) sets it True.
 With ``--rounds N`` each client count is measured N times, the order of the two
 configurations alternating from round to round (a runtime started later in the process is not
 always the one with batching), then the median ratio and p50s. Run it with two builds
@@ -74,14 +76,16 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=1, help="measurements per client count, order alternating")
     p.add_argument("--label", default="")
-    p.add_argument("--single-unbatched", action="store_true",
-                   help="batch with single_unbatched=True (a batch of one called unbatched)")
+    p.add_argument("--single-unbatched", nargs="?", const="true", default="none", choices=("true", "false", "none"),
+                   help="Batching's single_unbatched: true, false or none (the default: unbatched where the "
+                        "model's layers treat each row alone)")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     for n in (int(c) for c in args.clients.split(",")):
         ratios, p50s = [], []
-        pair = (None, ap.Batching(16, 2.0, single_unbatched=True) if args.single_unbatched else ap.Batching(16, 2.0))
+        single = {"true": True, "false": False, "none": None}[args.single_unbatched]
+        pair = (None, ap.Batching(16, 2.0, single_unbatched=single))
         for r in range(args.rounds):
             first_plain = r % 2 == 0
             got = {}
