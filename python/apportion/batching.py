@@ -34,6 +34,7 @@ and by default (``single_unbatched=None``) for a torch model that provably does,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
@@ -65,8 +66,8 @@ class Batching:
     does (a vector product, not a one-row matrix product; no stacking). False: every call gets
     a batch. None (the default): a batch of one is called unbatched only where the runtime can
     tell that the result is the same, a torch module of layers that treat each row alone
-    (:func:`serves_rows_alone`) given a tensor of at least one dim; every other call gets a
-    batch.
+    (:func:`serves_rows_alone`) given a dense CPU tensor of at least one dim; every other call
+    gets a batch.
     """
 
     max_size: int
@@ -167,10 +168,20 @@ def serves_rows_alone(fn: Any) -> bool:
 
 
 def _a_row(x: Any) -> bool:
-    """A plain dense tensor of at least one dim: what a module of :func:`serves_rows_alone`
-    serves unbatched as it serves it in a batch."""
+    """A plain dense CPU tensor of at least one dim: what a module of :func:`serves_rows_alone`
+    serves unbatched as it serves it in a batch (on a GPU a row's product may round otherwise
+    than the batch's, by the device's matmul precision settings)."""
     torch = sys.modules.get("torch")
-    return torch is not None and type(x) is torch.Tensor and x.ndim > 0 and x.layout is torch.strided
+    return (torch is not None and type(x) is torch.Tensor and x.ndim > 0 and x.layout is torch.strided
+            and x.is_cpu)
+
+
+def users_single(chosen: Batching | None, users: Batching | None) -> Batching | None:
+    """The batching a planner chose, with the user's word on whether a batch of one may be
+    served unbatched (``single_unbatched``: a fact about the model, not a quota to plan)."""
+    if chosen is None or users is None or users.single_unbatched is None:
+        return chosen
+    return dataclasses.replace(chosen, single_unbatched=users.single_unbatched)
 
 
 def stacking(model: str, fn: Callable[[Any], Any],
@@ -185,7 +196,8 @@ def stacking(model: str, fn: Callable[[Any], Any],
     A batch of one is a view of the caller's array (no copy): ``fn`` must not change its input
     in place. With ``single_unbatched`` True (see :class:`Batching`), a batch of one is ``fn``
     called with the request's input as it is, its result the request's; with None, so is a
-    batch of one tensor of at least one dim where :func:`serves_rows_alone` holds for ``fn``.
+    batch of one dense CPU tensor of at least one dim where :func:`serves_rows_alone` holds for
+    ``fn``.
     """
     rows = single_unbatched is None and serves_rows_alone(fn)
 

@@ -403,6 +403,38 @@ def test_only_modules_that_treat_each_row_alone_are_served_unbatched() -> None:
     assert not serves_rows_alone(hooked), "a module not served through the torch adapter"
 
 
+def test_every_row_layer_gives_a_row_what_it_gives_the_batch_of_one() -> None:
+    # The rule's list is a claim about each layer: checked for each, on a vector and a matrix
+    # input, in float32 and float64 (a layer added to the list that broke it would fail here).
+    torch = pytest.importorskip("torch")
+    from apportion.adapters.torch import _ROW_LAYERS
+
+    for layer in sorted(_ROW_LAYERS, key=lambda c: c.__name__):
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(0)
+            m = (layer(5, 4) if layer is torch.nn.Linear else layer()).to(dtype).eval()
+            for shape in ((5,), (3, 5)):
+                x = torch.randn(shape, dtype=dtype)
+                with torch.inference_mode():
+                    alone, batched = m(x), m(x[None])[0]
+                assert alone.shape == batched.shape, layer
+                torch.testing.assert_close(alone, batched, msg=lambda e, layer=layer: f"{layer.__name__}: {e}")
+
+
+def test_a_module_whose_forward_is_set_on_the_instance_or_a_tensor_off_the_cpu_keeps_its_batch_dim() -> None:
+    torch = pytest.importorskip("torch")
+    from apportion.adapters.torch import rows_alone
+    from apportion.batching import _a_row
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    assert rows_alone(net)
+    net[0].forward = lambda x: x.sum(0)  # a forward of the instance's own: not the class's
+    assert not rows_alone(net)
+    assert _a_row(torch.zeros(3)) and not _a_row(torch.zeros(())), "a CPU vector, not a scalar"
+    assert not _a_row(torch.zeros(3, device="meta")), "off the CPU, a row's product may round otherwise"
+    assert not _a_row(torch.zeros(3).to_sparse()) and not _a_row(torch.nn.Parameter(torch.zeros(3)))
+
+
 def test_arrays_of_different_shapes_in_one_batch_are_served_one_call_per_shape(rt: ap.Runtime) -> None:
     # They were stacked together: every request of the batch failed with numpy's "all input
     # arrays must have the same shape" (naming no model), the well-formed ones included.

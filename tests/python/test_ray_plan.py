@@ -192,3 +192,15 @@ def test_replace_lost_with_no_node_left_says_so() -> None:
     # The sentence was cut off: "0 of 1 replicas left; no node has ".
     r = replace_lost(plan([spec("x", 1)], [Node("a", 2)]), "a")
     assert r.moved == {} and r.lost_capacity["x"].endswith("no node is left in the cluster")
+
+
+def test_a_planned_batching_keeps_the_users_word_on_a_batch_of_one() -> None:
+    # The plan's batching came from its shape alone: single_unbatched=False (this model needs
+    # its batch dim) became the default on every replica, True was dropped.
+    cost = CostModel(alpha_ms=2.0, beta_ms=0.2, serial=1.0)
+    for word in (True, False, None):
+        m = ModelConfig(spec("ranker", None, batching=ap.Batching(8, 2.0, single_unbatched=word)),
+                        slo={"latency_ms": 50.0, "percentile": 99.0}, load={"rate": 2000.0})
+        (r,) = plan(ap.Config(models={"ranker": m}), [Node("a", 8)], costs={"ranker": cost}).node("a").replicas
+        assert r.spec.batching is not None and r.spec.batching.max_size > 1, "the plan batches"
+        assert r.spec.batching.single_unbatched is word

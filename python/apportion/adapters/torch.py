@@ -42,15 +42,16 @@ def rows_alone(module: torch.nn.Module) -> bool:
     """Whether ``module`` treats each row of its input alone, so that called on one request's
     tensor (at least one dim) it returns what row 0 of its result for that tensor as a batch of
     one would: one of the elementwise or ``Linear`` layers above, or a ``torch.nn.Sequential``
-    (the class itself, nested ones too) of them, with no forward hook on any of them and no
-    global forward hook. Read when the instance is built."""
+    (the class itself, nested ones too) of them, with no forward hook on any of them, no
+    ``forward`` set on an instance, and no global forward hook. Read when the instance is
+    built."""
     from torch.nn.modules import module as _module
 
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
 
     def alone(m: torch.nn.Module) -> bool:
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
             return False
         if type(m) is torch.nn.Sequential:
             return all(alone(c) for c in m.children())

@@ -365,14 +365,12 @@ def _fewest_cores(need: Need, largest: int) -> tuple[int, Shape] | None:
 
 
 def _shaped(spec: ModelSpec, cores: int, shape: Shape) -> ModelSpec:
-    from ..batching import Batching
+    from ..batching import Batching, users_single
 
     instances = max(1, cores // shape.threads)
-    batching = spec.batching
+    batching = None
     if shape.batch > 1:
-        batching = Batching(max_size=shape.batch, max_delay_ms=shape.delay_ms)
-    elif batching is not None:
-        batching = None
+        batching = users_single(Batching(max_size=shape.batch, max_delay_ms=shape.delay_ms), spec.batching)
     isolation = spec.isolation
     return replace(spec, cores=cores if isolation != "shared" else None, instances=instances,
                    threads=shape.threads, batching=batching)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..batching import Batching
+from ..batching import Batching, users_single
 from ..config import Config
 from ..placement import Isolation
 from .allocation import Allocation, objective_value
@@ -121,14 +121,6 @@ class Candidate:
         return "; ".join(f"{n}: {c.describe()}" for n, c in self.choices.items())
 
 
-def _users_single(chosen: Batching | None, users: Batching | None) -> Batching | None:
-    """The batching a plan chose, with the user's word on whether a batch of one may be served
-    unbatched (``single_unbatched``: a fact about the model, not a quota to tune)."""
-    if chosen is None or users is None or users.single_unbatched is None:
-        return chosen
-    return replace(chosen, single_unbatched=users.single_unbatched)
-
-
 def batching_for(shape: Shape) -> Batching | None:
     return Batching(max_size=shape.batch, max_delay_ms=shape.delay_ms) if shape.batch > 1 else None
 
@@ -202,7 +194,7 @@ def apply(config: Config, choices: Mapping[str, Choice]) -> Config:
         process = m.spec.process
         own_class = m.spec.priority_class if m.spec.isolation == "shared" else None
         spec = replace(m.spec, isolation="process" if process else c.isolation, instances=c.instances,
-                       threads=c.threads, cores=c.cores, batching=_users_single(c.batching, m.spec.batching),
+                       threads=c.threads, cores=c.cores, batching=users_single(c.batching, m.spec.batching),
                        oversubscribe=False, burst=False,
                        weight=None,
                        priority_class=(c.priority_class if c.priority_class is not None else own_class)
