@@ -680,3 +680,125 @@ def test_profiles_repeat_while_the_estimate_moves_and_stop_at_the_bound() -> Non
     cfg = Config(models={"m": ModelConfig(ap.ModelSpec("m", factory=steady), load={"concurrency": 1})})
     assert profile_repeated(cfg, "m", Shape(1, 1), quick, repeats=3)
     assert 1 <= len(built) <= 3
+
+
+# -- beside other processes' load: queues bounded for it ------------------------------------------
+
+def _drained(need: Need, c: Choice, m: Measured, margin: float) -> int:
+    from apportion.tune.search import measured_bound
+
+    q = measured_bound(need, c, m, margin)
+    assert q is not None
+    return max(q, c.batching.max_size if c.batching else 1)
+
+
+def test_beside_other_processes_every_queue_is_bounded_for_them() -> None:
+    # Demand near what the 2-CPU machine serves, one CPU of other processes' work beside it: the winner's
+    # queues come down to what each model drained in its last run in time for its SLO less
+    # the margin and NOISE_MARGIN more, and that plan is run once more and returned.
+    from apportion.tune.search import NOISE_BOUNDED
+    from apportion.tune.tuner import NOISE_MARGIN
+
+    machine = Machine(2)
+    result = tune(_config({"ranker": 1500.0, "encoder": 300.0}), budget_s=30, topology_root=VM2,
+                  profiles=TRUTH, measure=machine, progress=False, host=_busy(1.0))
+    w = result.winner
+    assert w.name.endswith(NOISE_BOUNDED) and w.name in result.confirmed and w.measured is not None
+    base = next(c for c in result.candidates if c.name == w.name[: -len(NOISE_BOUNDED)])
+    assert base.measured is not None
+    lowered = 0
+    for need in result.needs:
+        c = base.choices[need.name]
+        want = _drained(need, c, base.measured[need.name], result.margin + NOISE_MARGIN)
+        was = c.max_queue if c.max_queue is not None else 100_000
+        got = w.choices[need.name].max_queue
+        assert got == (want if want < was else c.max_queue)
+        assert result.config.models[need.name].spec.max_queue == (got if got is not None else 100_000)
+        lowered += want < was
+        assert w.choices[need.name].instances == c.instances and w.choices[need.name].batching == c.batching
+    assert lowered >= 1
+    # The plan the machine last served is the returned one, at the confirmation's length.
+    last = machine.seen[-1]
+    assert {n: m.spec.max_queue for n, m in last.models.items()} == {
+        n: m.spec.max_queue for n, m in result.config.models.items()}
+    text = result.summary()
+    assert "Beside the other processes' load, every queue bounded for it" in text
+    assert ("it met every SLO in a longer run" in text) == w.slo_ok()
+    assert "other processes kept 1.0 of 2 CPUs busy" in text
+
+    # A quiet machine: the same search keeps its winner's bounds.
+    quiet = tune(_config({"ranker": 1500.0, "encoder": 300.0}), budget_s=30, topology_root=VM2,
+                 profiles=TRUTH, measure=Machine(2), progress=False, host=_quiet())
+    assert not quiet.winner.name.endswith(NOISE_BOUNDED)
+    assert all(not c.name.endswith(NOISE_BOUNDED) for c in quiet.candidates)
+    assert "Beside the other processes' load" not in quiet.summary()
+
+
+def test_a_queue_bound_for_other_processes_that_still_misses_is_said_so() -> None:
+    # Every run misses (p99 past any SLO): the bounded plan is returned all the same (its
+    # bounds refuse what a slower moment would not serve in time), and the summary says it missed.
+    from apportion.tune.search import NOISE_BOUNDED
+
+    result = tune(_config({"ranker": 1500.0, "encoder": 300.0}), budget_s=30, topology_root=VM2,
+                  profiles=TRUTH, measure=Machine(2, p99_factor=100.0), progress=False, host=_busy(1.0))
+    assert result.winner.name.endswith(NOISE_BOUNDED) and not result.winner.slo_ok()
+    assert "it still missed an SLO in a longer run" in result.summary()
+
+
+def test_bounds_for_other_processes_never_rise_and_keep_a_batch() -> None:
+    from apportion.tune.search import NOISE_BOUNDED, noise_bounded
+
+    ranker = Need("ranker", TRUTH["ranker"], 3000.0, None, SLO_MS, (1, 2), (1, 8))
+    encoder = Need("encoder", TRUTH["encoder"], 2000.0, None, SLO_MS, (1, 2), (1,))
+    choices = {"ranker": Choice("shared", None, 1, 1, ap.Batching(8, 1.0), max_queue=40),
+               "encoder": Choice("shared", None, 1, 1, None, max_queue=3)}
+    measured = {"ranker": Measured(1000.0, 1000.0, 20.0, True, 3000.0),
+                "encoder": Measured(500.0, 500.0, 20.0, True, 2000.0)}
+    w = Candidate("w", choices, "", measured=measured)
+    assert noise_bounded(Candidate("w", choices, ""), [ranker, encoder], 0.1, 0.1) is None  # nothing measured
+    nb = noise_bounded(w, [ranker, encoder], 0.1, 0.1)
+    assert nb is not None and nb.name == "w" + NOISE_BOUNDED
+    want = _drained(ranker, choices["ranker"], measured["ranker"], 0.2)
+    assert 8 <= want < 40 and nb.choices["ranker"].max_queue == want
+    assert nb.choices["encoder"].max_queue == 3  # already below what it drained in time: kept
+    assert "ranker q<=" in nb.why and "(was 40)" in nb.why and "encoder" not in nb.why
+    # A throughput so low that the SLO drains less than one batch: one batch still.
+    slow = {**measured, "ranker": Measured(10.0, 10.0, 20.0, True, 3000.0)}
+    assert noise_bounded(replace_measured(w, slow), [ranker, encoder], 0.1, 0.1).choices["ranker"].max_queue == 8
+    # The margin and the extra together never reach the whole SLO.
+    huge = noise_bounded(w, [ranker, encoder], 0.5, 0.9)
+    assert huge is not None and huge.choices["ranker"].max_queue == _drained(ranker, choices["ranker"],
+                                                                              measured["ranker"], 0.9)
+    # Unbounded in the candidate: the config's own bound is what it must come below.
+    free = Candidate("w", {**choices, "ranker": Choice("shared", None, 1, 1, ap.Batching(8, 1.0))}, "",
+                     measured=measured)
+    assert noise_bounded(free, [ranker], 0.1, 0.1, {"ranker": want}) is None
+    got = noise_bounded(free, [ranker], 0.1, 0.1, {"ranker": want + 1})
+    assert got is not None and got.choices["ranker"].max_queue == want and "(was" not in got.why
+
+
+def replace_measured(c: Candidate, measured: dict[str, Measured]) -> Candidate:
+    return Candidate(c.name, c.choices, c.why, measured=measured)
+
+
+def test_a_bound_for_other_processes_already_measured_is_not_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bounded plan equals a candidate the search measured (here: the winner itself): that
+    # candidate is the winner, and no further run is made for it.
+    import importlib
+
+    tuner_mod = importlib.import_module("apportion.tune.tuner")  # (apportion.tune.tune is the function)
+
+    def same(w: Candidate, *a: object, **k: object) -> Candidate:
+        return Candidate("copy", dict(w.choices), "")
+
+    monkeypatch.setattr(tuner_mod, "noise_bounded", same)
+    machine = Machine(2)
+    result = tune(_config({"ranker": 1500.0, "encoder": 300.0}), budget_s=30, topology_root=VM2,
+                  profiles=TRUTH, measure=machine, progress=False, host=_busy(1.0))
+    assert result.winner.name != "copy" and all(c.name != "copy" for c in result.candidates)
+    runs = len(machine.seen)
+    monkeypatch.setattr(tuner_mod, "noise_bounded", lambda *a, **k: None)
+    again = Machine(2)
+    tune(_config({"ranker": 1500.0, "encoder": 300.0}), budget_s=30, topology_root=VM2,
+         profiles=TRUTH, measure=again, progress=False, host=_busy(1.0))
+    assert len(again.seen) == runs  # the same search, and no run for the copy

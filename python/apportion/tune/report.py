@@ -13,7 +13,7 @@ from ..config import Config, ConfigError
 from .allocation import Allocation
 from .cost import CostModel, Sample
 from .noise import Confidence, Noise, combine_repeats, profile_spread
-from .search import GUARDED, Candidate
+from .search import GUARDED, NOISE_BOUNDED, Candidate
 
 OUTPUTS = ("plan.toml", "report.md", "candidates.png")
 """The files :meth:`TuneResult.write` writes into its directory."""
@@ -108,6 +108,11 @@ class TuneResult:
         by_name = {c.name: c for c in self.candidates}
         missed = [n for n in self.confirmed if n != self.winner.name and n in by_name and not by_name[n].slo_ok()]
         head = (f"Missed in a longer run{length}: " + ", ".join(f"'{n}'" for n in missed) + ". ") if missed else ""
+        if self.winner.name.endswith(NOISE_BOUNDED):
+            # Taken whatever its run showed (see tune, step 7): say which.
+            return head + (f"Beside the other processes' load, every queue bounded for it ({self.winner.why}); "
+                           + ("it met every SLO in a longer run" if self.winner.slo_ok() else
+                              "it still missed an SLO in a longer run") + f"{length}.")
         if self.winner.name in self.confirmed and self.winner.slo_ok():
             text = head + f"Confirmed in a longer run{length}."
             if self.winner.name.endswith(GUARDED):

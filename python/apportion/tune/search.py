@@ -16,7 +16,8 @@ from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
            "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
-           "GUARDED", "guarded", "queue_bound", "shared_layout", "with_admission", "with_priorities"]
+           "GUARDED", "guarded", "NOISE_BOUNDED", "noise_bounded", "queue_bound", "shared_layout", "with_admission",
+           "with_priorities"]
 
 @dataclass(frozen=True)
 class Choice:
@@ -413,18 +414,59 @@ def guarded(w: Candidate, needs: Iterable[Need], margin: float = 0.0,
     for n, c in w.choices.items():
         need, m = by.get(n), w.measured.get(n)
         if c.max_queue is None and need is not None and m is not None:
-            q = measured_bound(need, c, m, margin)
+            q = _drained_bound(need, c, m, margin)
             own = (own_bounds or {}).get(n)
-            if q is not None:
-                q = max(q, c.batching.max_size if c.batching else 1)
-                if own is None or q < own:
-                    bounds[n] = replace(c, max_queue=q)
+            if q is not None and (own is None or q < own):
+                bounds[n] = replace(c, max_queue=q)
     if not bounds:
         return None
     return Candidate(w.name + GUARDED, {**w.choices, **bounds},
                      f"'{w.name}' with " + ", ".join(f"{n} q<={c.max_queue}" for n, c in bounds.items())
                      + ": what each drained in time for its SLO in the confirmation run, so that a burst "
                      "is refused at once rather than left to expire in the queue")
+
+
+def _drained_bound(need: Need, choice: Choice, measured: Measured, margin: float) -> int | None:
+    """:func:`measured_bound`, at least one batch (below it every call is smaller)."""
+    q = measured_bound(need, choice, measured, margin)
+    return None if q is None else max(q, choice.batching.max_size if choice.batching else 1)
+
+
+NOISE_BOUNDED = ", queues bounded for other processes' load"
+"""The suffix :func:`noise_bounded` adds to the name of the candidate it bounds."""
+
+
+def noise_bounded(w: Candidate, needs: Iterable[Need], margin: float, extra: float,
+                  own_bounds: Mapping[str, int | None] | None = None) -> Candidate | None:
+    """``w`` with the queue of every model that has an SLO bounded at what that model drained
+    in ``w``'s measured run in time for SLO x (1 - ``margin`` - ``extra``) (at least one batch),
+    where that is below its present bound (the candidate's, else ``own_bounds``: the config's
+    ``max_queue`` by model); None when no bound comes down. Beside other processes' work the
+    rate a model keeps varies within a run: a queue that the average rate drains in time
+    fills past its deadline in the moments they take more, and its last requests expire."""
+    if w.measured is None:
+        return None
+    by = {n.name: n for n in needs}
+    tighter = min(margin + extra, 0.9)
+    bounds = {}
+    for n, c in w.choices.items():
+        need, m = by.get(n), w.measured.get(n)
+        if need is None or m is None:
+            continue
+        q = _drained_bound(need, c, m, tighter)
+        was = c.max_queue if c.max_queue is not None else (own_bounds or {}).get(n)
+        if q is not None and (was is None or q < was):
+            bounds[n] = replace(c, max_queue=q)
+    if not bounds:
+        return None
+    return Candidate(w.name + NOISE_BOUNDED, {**w.choices, **bounds},
+                     f"'{w.name}' beside other processes' load, with " + ", ".join(
+                         f"{n} q<={c.max_queue}" + (f" (was {w.choices[n].max_queue})"
+                                                    if w.choices[n].max_queue is not None else "")
+                         for n, c in bounds.items())
+                     + f": what each drained in its last run in time for its SLO less {tighter:.0%}, so that "
+                     "a moment in which the other processes take more is refused at once rather than left "
+                     "to expire in the queue")
 
 
 def profile_shapes(total_cores: int, max_batch: int) -> list[Shape]:

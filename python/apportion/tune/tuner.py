@@ -19,12 +19,12 @@ from ..errors import QuotaError
 from .allocation import OBJECTIVES, Objective, allocate
 from .cost import CostModel, Sample
 from .measure import FAILED_SHARE, Settings, host_snapshot, measure_config, profile_repeated
-from .noise import HostSnapshot, Noise, combine_repeats, profile_spread
+from .noise import FOREIGN_NOTICED, HostSnapshot, Noise, combine_repeats, profile_spread
 from .report import TuneResult, writable_outputs
 from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
-                     needs_for, profile_shapes)
+                     needs_for, noise_bounded, profile_shapes)
 
-__all__ = ["GUARD_COST", "NEAR_MISS_GAIN", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
+__all__ = ["GUARD_COST", "NEAR_MISS_GAIN", "NOISE_MARGIN", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
 
 
 class ProfilingFailed(ConfigError):
@@ -37,6 +37,11 @@ GUARD_COST = 0.03
 NEAR_MISS_GAIN = 0.10
 """How much more than the winner a candidate that missed an SLO must score for its admission
 to be tightened in the refinement (step 4 of tune)."""
+
+
+NOISE_MARGIN = 0.10
+"""The further share of each SLO a plan's queue bounds keep free when other processes kept CPUs
+busy while the tuner measured (step 7 of tune)."""
 
 
 def confirmation_settings(settings: Settings) -> Settings:
@@ -108,6 +113,13 @@ def tune(
     A confirmed winner that leaves some model's queue unbounded is run once more with those
     queues bounded at what each model drained in time for its SLO (:func:`guarded`); that
     plan wins if it holds every SLO at most :data:`GUARD_COST` (3%) below in goodput.
+    When other processes kept CPUs busy while the tuner measured (at least
+    ``FOREIGN_NOTICED`` of them on average), the rate a model keeps varies within a run, and a
+    queue bound that its average rate drains in time fills past the deadline in the moments
+    they take more: every model's queue is then bounded at what it drained in the winner's
+    last run in time for its SLO less a further :data:`NOISE_MARGIN` (10%), and that plan is
+    the winner, run once more at the confirmation's length for the report's figures (its
+    goodput may be lower: it refuses at once what a slower moment would not serve in time).
     When the models' demand exceeds what the machine serves within the SLOs, candidates bound
     each model's queue (``max_queue``: the excess is refused at once) and try priority classes
     on the scheduled shared pool; the winner is then the plan that serves the most within the
@@ -379,6 +391,20 @@ def tune(
             confirmed.append(g)
             if g.slo_ok() and g.score(objective) >= (1.0 - GUARD_COST) * winner.score(objective):
                 winner = g
+    # 7. beside other processes. When they kept CPUs busy while the search measured, the rate
+    # each model keeps varies within a run: its queue is bounded at what it drained in the
+    # winner's last run in time for its SLO less NOISE_MARGIN more (see search.noise_bounded),
+    # and that plan, run once more at the confirmation's length, is the winner whatever the
+    # run shows (the report gives its figures): the measurements that chose the winner are the
+    # noisy ones.
+    if (watch.runs_noise(total_cores, {}).foreign_cpus or 0.0) >= FOREIGN_NOTICED and winner.measured is not None:
+        nb = noise_bounded(winner, needs, float(margin), NOISE_MARGIN,
+                           {n: m.spec.max_queue for n, m in cfg.models.items()})
+        if nb is not None and measure_move(nb, "bounding for the other processes", confirm_fn):
+            confirmed.append(nb)
+            winner = nb
+        elif nb is not None:  # a plan the search measured already (or one that does not fit): that one
+            winner = next((c for c in candidates if key_of(c) == key_of(nb)), winner)
     bar(f"done: '{winner.name}'")
     bar.done()
     unstable = tuple(c.name for c in candidates if c.measured is not None and not c.stable())
