@@ -623,7 +623,7 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
     _writable_dir(args.out)
     run_demo(load=args.load, budget_s=args.budget_s, out_dir=args.out, stream=out, progress=not args.quiet,
              settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w), shift=not args.no_shift,
-             adapt_s=args.adapt_s, retune=args.retune, shift_shares=args.shift)
+             adapt_s=args.adapt_s, retune=args.retune, shift_shares=args.shift, rounds=args.rounds)
     return EXIT_OK
 
 

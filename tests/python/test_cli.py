@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import re
 import sys
 import time
 from pathlib import Path
@@ -583,8 +584,12 @@ def test_the_demo_without_torch_says_so(tmp_path: Path, monkeypatch: pytest.Monk
 def test_demo_runs_quickly(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     code, out, err = run("demo", "--budget-s", "5", "--window-s", "0.2", "--load", "0.3", "--quiet",
-                         "--shift", "mlp=0.85,conv=0.1,encoder=0.05", "--out", str(tmp_path))
+                         "--shift", "mlp=0.85,conv=0.1,encoder=0.05", "--rounds", "2", "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
+    # Two rounds of the after-shift rows: each round's goodput, and the worst adaptation.
+    line = next(x for x in out.splitlines() if "each after-shift row is the median of its rounds" in x)
+    assert re.search(r": static \d+/\d+; controller \d+/\d+$", line), line
+    assert "(the latest of 2 rounds)" in out or "no move after the shift" in out
     assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
     assert "tuner: Validated with a 10% SLO margin" in out and "; confidence " in out
     assert "shift: static" in out and "shift: controller" in out and "after the shift: controller" in out
@@ -600,6 +605,8 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--shift", "mlp=0.9,conv=0.2,encoder=0"], "argument --shift: the shares add up to 1.1, not 1"),
     (["--shift", "mlp=1,conv=0,encoder=0", "--no-shift"], "argument --no-shift: not allowed with argument --shift"),
+    (["--rounds", "0"], "argument --rounds: must be an integer in [1, 100], got '0'"),
+    (["--rounds", "two"], "argument --rounds: expected an integer, got 'two'"),
 ])
 def test_demo_shift_usage_errors_exit_2_before_anything_runs(argv: list[str], message: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -169,3 +169,51 @@ def test_a_load_past_the_generators_cap_says_what_is_offered() -> None:
         "1.50x the one-thread capacity: --load 1e+308, capped at the load generator's 3000 req/s")
     assert demo_config(0.5, per_request_ms=ms, cpus=2).rate == 1000.0
     assert offered(0.5, 1000.0, ms, cpus=2) == "0.5x the one-thread capacity"
+
+
+def test_the_median_round_is_the_middle_total_goodput() -> None:
+    def run(*goods: float) -> dict[str, Measured]:
+        return {f"m{i}": Measured(g, g, 10.0, True, 100.0) for i, g in enumerate(goods)}
+
+    assert demo.median_round([run(5, 5), run(1, 1), run(30, 1)]) == 0  # totals 10, 2, 31
+    assert demo.median_round([run(9)]) == 0
+    assert demo.median_round([run(4), run(1), run(3), run(2)]) == 3  # even: the lower middle (2 of 1, 2, 3, 4)
+    assert demo.median_round([run(2), run(2), run(2)]) == 1  # equal totals: in order, the middle
+    with pytest.raises(ValueError, match="no rounds"):
+        demo.median_round([])
+
+
+def test_table_with_rounds_gives_each_rounds_goodput_and_the_worst_adaptation() -> None:
+    cfg = demo.demo_config(1.0, per_request_ms={"mlp": 1, "conv": 1, "encoder": 1}, cpus=2)
+
+    def res(good: float) -> dict[str, Measured]:
+        return {n: Measured(good, good, 10.0, True, 100.0) for n in cfg.models}
+
+    spec = demo.ModelSpec("mlp", model=lambda x: x)
+    new = demo.shifted(cfg).demand()
+    modes = ("shift: static", "shift: controller", "shift: retuned")
+    rounds = [demo.Adapted({}, [demo.Move(6.0, "mlp", "x", "r", spec)], shift_at_s=4.0, longest_miss=(0.5, "conv")),
+              demo.Adapted({}, [demo.Move(13.0, "mlp", "x", "r", spec)], shift_at_s=4.0),
+              demo.Adapted({}, [], shift_at_s=4.0, longest_miss=(1.5, "mlp"))]
+    d = demo.DemoResult(cfg, {"unmanaged": res(10), "equal split": res(20), "tuned": res(30),
+                              "shift: static": res(20), "shift: controller": res(30), "shift: retuned": res(32)},
+                        cfg, {}, 1.0, {m: new for m in modes}, rounds[0],
+                        {"shift: static": [60.0, 66.0, 63.0], "shift: controller": [90.0, 99.0, 96.0],
+                         "shift: retuned": [96.0, 93.0, 99.0]}, rounds)
+    text = d.table()
+    assert ("last move 9.0 s after the shift (the latest of 3 rounds); longest SLO miss after it 1.5 s (mlp) "
+            "(the longest of 3 rounds)") in text
+    assert ("  each after-shift row is the median of its rounds (goodput, in order): static 60/66/63; "
+            "controller 90/99/96; retuned 96/93/99") in text
+    # No round moved or missed: said once, without a count.
+    d.adapted_rounds = [demo.Adapted({}, [], shift_at_s=4.0)] * 3
+    assert "; no move after the shift; no SLO miss in any window after it" in d.table()
+    # One round: no rounds line, and the figures are that round's.
+    single = demo.DemoResult(cfg, d.results, cfg, {}, 1.0, d.demands, rounds[1])
+    assert "median of its rounds" not in single.table() and "last move 9.0 s after the shift;" in single.table()
+
+
+def test_run_demo_refuses_rounds_below_one() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+            demo.run_demo(rounds=bad)  # type: ignore[arg-type]

@@ -722,8 +722,14 @@ def test_beside_other_processes_every_queue_is_bounded_for_them() -> None:
     assert {n: m.spec.max_queue for n, m in last.models.items()} == {
         n: m.spec.max_queue for n, m in result.config.models.items()}
     text = result.summary()
-    assert "Beside the other processes' load, every queue bounded for it" in text
-    assert ("it met every SLO in a longer run" in text) == w.slo_ok()
+    assert "Beside the other processes' load, the winner's queues were bounded at what each model drained" in text
+    assert ("so bounded, it met every SLO in a longer run" in text) == w.slo_ok()
+    for need in result.needs:  # each bound that came down, with what it was
+        was, got = base.choices[need.name].max_queue, w.choices[need.name].max_queue
+        if got != was:
+            assert f"{need.name} q<={got}" + (f" (was {was})" if was is not None else "") in text
+        else:
+            assert f"{need.name} q<=" not in text.split("Beside the other processes' load")[1].split(";")[0]
     assert "other processes kept 1.0 of 2 CPUs busy" in text
 
     # A quiet machine: the same search keeps its winner's bounds.
@@ -742,7 +748,7 @@ def test_a_queue_bound_for_other_processes_that_still_misses_is_said_so() -> Non
     result = tune(_config({"ranker": 1500.0, "encoder": 300.0}), budget_s=30, topology_root=VM2,
                   profiles=TRUTH, measure=Machine(2, p99_factor=100.0), progress=False, host=_busy(1.0))
     assert result.winner.name.endswith(NOISE_BOUNDED) and not result.winner.slo_ok()
-    assert "it still missed an SLO in a longer run" in result.summary()
+    assert "so bounded, it still missed an SLO in a longer run" in result.summary()
 
 
 def test_bounds_for_other_processes_never_rise_and_keep_a_batch() -> None:

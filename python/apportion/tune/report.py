@@ -13,7 +13,7 @@ from ..config import Config, ConfigError
 from .allocation import Allocation
 from .cost import CostModel, Sample
 from .noise import Confidence, Noise, combine_repeats, profile_spread
-from .search import GUARDED, NOISE_BOUNDED, Candidate
+from .search import GUARDED, NOISE_BOUNDED, NOISE_MARGIN, Candidate
 
 OUTPUTS = ("plan.toml", "report.md", "candidates.png")
 """The files :meth:`TuneResult.write` writes into its directory."""
@@ -109,10 +109,18 @@ class TuneResult:
         missed = [n for n in self.confirmed if n != self.winner.name and n in by_name and not by_name[n].slo_ok()]
         head = (f"Missed in a longer run{length}: " + ", ".join(f"'{n}'" for n in missed) + ". ") if missed else ""
         if self.winner.name.endswith(NOISE_BOUNDED):
-            # Taken whatever its run showed (see tune, step 7): say which.
-            return head + (f"Beside the other processes' load, every queue bounded for it ({self.winner.why}); "
-                           + ("it met every SLO in a longer run" if self.winner.slo_ok() else
-                              "it still missed an SLO in a longer run") + f"{length}.")
+            # Taken whatever its run showed (see tune, step 7): say which, and what came down.
+            base = by_name.get(self.winner.name[: -len(NOISE_BOUNDED)])
+            came = [f"{n} q<={c.max_queue}" + (f" (was {base.choices[n].max_queue})"
+                                              if base is not None and n in base.choices
+                                              and base.choices[n].max_queue is not None else "")
+                    for n, c in self.winner.choices.items()
+                    if base is None or n not in base.choices or base.choices[n].max_queue != c.max_queue]
+            return head + ("Beside the other processes' load, the winner's queues were bounded at what each "
+                           f"model drained in its last run in time for its SLO less a further {NOISE_MARGIN:.0%}"
+                           + (f" ({', '.join(came)})" if came else "") + "; so bounded, it "
+                           + ("met every SLO in a longer run" if self.winner.slo_ok() else
+                              "still missed an SLO in a longer run") + f"{length}.")
         if self.winner.name in self.confirmed and self.winner.slo_ok():
             text = head + f"Confirmed in a longer run{length}."
             if self.winner.name.endswith(GUARDED):

@@ -16,7 +16,7 @@ from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
            "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
-           "GUARDED", "guarded", "NOISE_BOUNDED", "noise_bounded", "queue_bound", "shared_layout", "with_admission",
+           "GUARDED", "guarded", "NOISE_BOUNDED", "NOISE_MARGIN", "noise_bounded", "queue_bound", "shared_layout", "with_admission",
            "with_priorities"]
 
 @dataclass(frozen=True)
@@ -431,6 +431,10 @@ def _drained_bound(need: Need, choice: Choice, measured: Measured, margin: float
     q = measured_bound(need, choice, measured, margin)
     return None if q is None else max(q, choice.batching.max_size if choice.batching else 1)
 
+
+NOISE_MARGIN = 0.10
+"""The further share of each SLO a plan's queue bounds keep free when other processes kept CPUs
+busy while the tuner measured (step 7 of :func:`apportion.tune.tune`)."""
 
 NOISE_BOUNDED = ", queues bounded for other processes' load"
 """The suffix :func:`noise_bounded` adds to the name of the candidate it bounds."""

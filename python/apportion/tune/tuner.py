@@ -22,7 +22,7 @@ from .measure import FAILED_SHARE, Settings, host_snapshot, measure_config, prof
 from .noise import FOREIGN_NOTICED, HostSnapshot, Noise, combine_repeats, profile_spread
 from .report import TuneResult, writable_outputs
 from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
-                     needs_for, noise_bounded, profile_shapes)
+                     NOISE_MARGIN, needs_for, noise_bounded, profile_shapes)
 
 __all__ = ["GUARD_COST", "NEAR_MISS_GAIN", "NOISE_MARGIN", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
 
@@ -37,11 +37,6 @@ GUARD_COST = 0.03
 NEAR_MISS_GAIN = 0.10
 """How much more than the winner a candidate that missed an SLO must score for its admission
 to be tightened in the refinement (step 4 of tune)."""
-
-
-NOISE_MARGIN = 0.10
-"""The further share of each SLO a plan's queue bounds keep free when other processes kept CPUs
-busy while the tuner measured (step 7 of tune)."""
 
 
 def confirmation_settings(settings: Settings) -> Settings:
