@@ -16,8 +16,8 @@ from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
            "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
-           "GUARDED", "guarded", "NOISE_BOUNDED", "NOISE_MARGIN", "noise_bounded", "queue_bound", "shared_layout", "with_admission",
-           "with_priorities"]
+           "GUARDED", "guarded", "NOISE_BOUNDED", "NOISE_MARGIN", "noise_bounded", "queue_bound", "shared_layout",
+           "with_admission", "with_priorities"]
 
 @dataclass(frozen=True)
 class Choice:

@@ -24,7 +24,8 @@ from .report import TuneResult, writable_outputs
 from .search import (Candidate, Measured, apply, best, clearly_better, first_candidates, guarded, moves,
                      NOISE_MARGIN, needs_for, noise_bounded, profile_shapes)
 
-__all__ = ["GUARD_COST", "NEAR_MISS_GAIN", "NOISE_MARGIN", "ProfilingFailed", "confirmation_settings", "tune", "with_margin"]
+__all__ = ["GUARD_COST", "NEAR_MISS_GAIN", "NOISE_MARGIN", "ProfilingFailed", "confirmation_settings", "tune",
+           "with_margin"]
 
 
 class ProfilingFailed(ConfigError):
