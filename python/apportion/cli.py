@@ -620,6 +620,11 @@ def _demo_run(args: argparse.Namespace, out: TextIO) -> int:
     from .tune import Settings
 
     w = args.window_s
+    if args.no_shift:  # both only measure what comes after the shift
+        for flag, given in (("--retune", args.retune), ("--rounds", args.rounds is not None)):
+            if given:
+                raise ConfigError("<command line>", flag, "measures the rows after the mix shift, and --no-shift "
+                                  "leaves them out: give one or the other")
     _writable_dir(args.out)
     run_demo(load=args.load, budget_s=args.budget_s, out_dir=args.out, stream=out, progress=not args.quiet,
              settings=Settings(warmup_s=w, window_s=w, stable_windows=3, max_s=6 * w), shift=not args.no_shift,

@@ -353,7 +353,7 @@ def _measured(report: ld.LoadReport, demand: dict[str, float | None]) -> dict[st
 
 def median_round(rounds: Sequence[Mapping[str, Measured]]) -> int:
     """The index of the round (per model figures) with the median total goodput; of an even
-    count, the lower of the middle two; of equal totals, the earliest."""
+    count, the lower of the middle two (rounds of equal totals are ordered earliest first)."""
     if not rounds:
         raise ValueError("median_round: no rounds")
     totals = [sum(m.goodput for m in r.values()) for r in rounds]
@@ -471,7 +471,7 @@ class DemoResult:
                 line += f", {ctl / self.goodput('shift: retuned'):.0%} of a plan retuned for the new mix"
             runs = self.adapted_rounds or ([self.adapted] if self.adapted is not None else [])
             if runs:
-                over = f" (the latest of {len(runs)} rounds)" if len(runs) > 1 else ""
+                over = f" (the latest over {len(runs)} rounds)" if len(runs) > 1 else ""
                 took_all = [a.adapted_s for a in runs if a.adapted_s is not None]
                 line += (f"; last move {max(took_all):.1f} s after the shift{over}" if took_all
                          else "; no move after the shift")
@@ -556,6 +556,8 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
         results[mode] = measure_config(apply(cfg, choices), settings)
     demands: dict[str, dict[str, float | None]] = {}
     adapted = None
+    rounds_goodput: dict[str, list[float]] = {}  # (after the shift only)
+    controller_runs: list[Adapted] = []
     if shift:
         after_settings = after_shift_settings(settings, adapt_s)
         new_mix = shifted(cfg, shift_shares)
@@ -571,8 +573,11 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
         # VM (bench/RESULTS.md): with rounds > 1 the rows are measured in turn, each round all
         # of them, and each shows its median round.
         runs: dict[str, list[dict[str, Measured]]] = {"shift: static": [], "shift: controller": []}
-        controller_runs: list[Adapted] = []
         again = None
+        if retune:  # before the rounds: each round measures every row under the same conditions
+            say("tuning for the new mix...")
+            again = tune(new_mix, budget_s=budget_s, progress=progress, out_dir=out_path / "tune-shifted")
+            runs["shift: retuned"] = []
         for i in range(rounds):
             of = f" (round {i + 1} of {rounds})" if rounds > 1 else ""
             say(f"measuring the tuned plan after the mix shifts (static){of}...")
@@ -580,14 +585,9 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
             say(f"measuring the controller across the shift{of}...")
             controller_runs.append(measure_shift(cfg, new_mix, tuned, after_settings, result.costs, before_s))
             runs["shift: controller"].append(controller_runs[-1].results)
-            if retune:
-                if again is None:
-                    say("tuning for the new mix...")
-                    again = tune(new_mix, budget_s=budget_s, progress=progress, out_dir=out_path / "tune-shifted")
+            if again is not None:
                 say(f"measuring the retuned plan{of}...")
-                runs.setdefault("shift: retuned", []).append(
-                    measure_config(apply(new_mix, again.winner.choices), after_settings))
-        rounds_goodput: dict[str, list[float]] = {}
+                runs["shift: retuned"].append(measure_config(apply(new_mix, again.winner.choices), after_settings))
         for mode, got in runs.items():
             totals = [sum(m.goodput for m in r.values()) for r in got]
             k = median_round(got)
@@ -601,7 +601,9 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
     print(demo.table(), file=out)
     if adapted is not None:
         print(f"  mix shift: " + ", ".join(f"{n} {SHARES[n]:.0%} -> {shift_shares[n]:.0%}" for n in SHARES)
-              + f"; controller moves ({len(adapted.moves)}):", file=out)
+              + f"; controller moves ({len(adapted.moves)}"
+              + (f", in the median round of {len(controller_runs)}" if len(controller_runs) > 1 else "") + "):",
+              file=out)
         for line in adapted.describe():
             print(f"    {line}", file=out)
     for mode, choices in modes.items():

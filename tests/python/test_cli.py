@@ -589,7 +589,7 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
     # Two rounds of the after-shift rows: each round's goodput, and the worst adaptation.
     line = next(x for x in out.splitlines() if "each after-shift row is the median of its rounds" in x)
     assert re.search(r": static \d+/\d+; controller \d+/\d+$", line), line
-    assert "(the latest of 2 rounds)" in out or "no move after the shift" in out
+    assert "(the latest over 2 rounds)" in out or "no move after the shift" in out
     assert "unmanaged" in out and "equal split" in out and "tuned goodput:" in out
     assert "tuner: Validated with a 10% SLO margin" in out and "; confidence " in out
     assert "shift: static" in out and "shift: controller" in out and "after the shift: controller" in out
@@ -600,6 +600,16 @@ def test_demo_runs_quickly(tmp_path: Path) -> None:
                          "--no-shift", "--out", str(tmp_path))
     assert (code, err) == (0, ""), err
     assert "shift:" not in out
+
+
+@pytest.mark.parametrize("flags", [["--retune"], ["--rounds", "3"]])
+def test_demo_retune_and_rounds_without_the_shift_are_usage_errors(tmp_path: Path, flags: list[str]) -> None:
+    # Both measure only the rows after the shift: with --no-shift they were ignored, and
+    # --rounds 3 then failed after the whole demo had run.
+    code, out, err = run("demo", "--no-shift", *flags, "--out", str(tmp_path / "d"))
+    assert (code, out) == (2, ""), err
+    assert f"{flags[0]}: measures the rows after the mix shift, and --no-shift leaves them out" in err
+    assert not (tmp_path / "d").exists()  # refused before anything ran
 
 
 @pytest.mark.parametrize(("argv", "message"), [

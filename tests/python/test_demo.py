@@ -201,8 +201,8 @@ def test_table_with_rounds_gives_each_rounds_goodput_and_the_worst_adaptation() 
                         {"shift: static": [60.0, 66.0, 63.0], "shift: controller": [90.0, 99.0, 96.0],
                          "shift: retuned": [96.0, 93.0, 99.0]}, rounds)
     text = d.table()
-    assert ("last move 9.0 s after the shift (the latest of 3 rounds); longest SLO miss after it 1.5 s (mlp) "
-            "(the longest of 3 rounds)") in text
+    assert ("last move 9.0 s after the shift (the latest over 3 rounds); longest SLO miss after it 1.5 s (mlp) "
+            "(the longest over 3 rounds)") in text
     assert ("  each after-shift row is the median of its rounds (goodput, in order): static 60/66/63; "
             "controller 90/99/96; retuned 96/93/99") in text
     # No round moved or missed: said once, without a count.

@@ -198,9 +198,19 @@ def test_deadline_queue_full_and_priority(served: Served) -> None:
 def test_client_deadline_bounds_the_queue_wait(served: Served) -> None:
     g = served.gate
     pool, first = served.block(lambda k: new_client(served).infer("gate", [vec("x", [k])]))
+    before = served.rt.stats()["gate"]
+    settled = before.expired + before.cancelled
     try:
         status_of(lambda: new_client(served).infer("gate", [vec("x", [5.0])], client_timeout=0.2),
                   "DEADLINE_EXCEEDED")
+        # The server's deadline for it is the client's timeout from when the request arrived,
+        # a transit later than the client's own: the gate opens only once the server has
+        # settled it, or a worker freed at once could still take it in time (seen in CI).
+        for _ in range(1000):
+            s = served.rt.stats()["gate"]
+            if s.expired + s.cancelled > settled:
+                break
+            time.sleep(0.01)
     finally:
         g.release.set()
         pool.shutdown()

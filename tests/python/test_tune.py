@@ -33,6 +33,24 @@ from apportion.tune import (
 from apportion.tune.search import GUARDED
 from apportion.tune.tuner import ProfilingFailed
 
+
+@pytest.fixture(autouse=True)
+def _a_quiet_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every search here sees a quiet machine (only this process busy), whatever else runs on
+    the host: the tuner bounds queues for other processes' load (tune, step 7), which these
+    tests do not measure (test_tune_slo.py injects the host it needs)."""
+    import importlib
+
+    from apportion.tune.noise import HostSnapshot
+
+    t = [0.0]
+
+    def snap() -> HostSnapshot:
+        t[0] += 1.0
+        return HostSnapshot(t[0], t[0] * 0.5, t[0] * 0.5, 2)
+
+    monkeypatch.setattr(importlib.import_module("apportion.tune.tuner"), "host_snapshot", snap)
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 SERVER = str(FIXTURES / "server_2s128t")
 VM2 = str(FIXTURES / "vm2")

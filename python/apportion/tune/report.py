@@ -249,6 +249,12 @@ class TuneResult:
     def why(self, ranked: list[Candidate] | None = None) -> str:
         ranked = ranked or sorted(self.candidates, key=lambda c: c.rank(self.objective), reverse=True)
         w = self.winner
+        if w.name.endswith(NOISE_BOUNDED):
+            # Taken for the other processes' load, not by its rank (see tune, step 7).
+            return (f"'{w.name}' ({w.why}) scored {w.score(self.objective):.3g} "
+                    + ("with every model within its SLO" if w.slo_ok() else "and missed an SLO")
+                    + f" in its run. It is '{w.name[: -len(NOISE_BOUNDED)]}', the search's winner, with the bounds "
+                    "the other processes' load calls for, and was taken for that whatever its rank.")
         text = (f"'{w.name}' ({w.why}) scored {w.score(self.objective):.3g} "
                 f"{'with every model within its SLO' if w.slo_ok() else 'but missed an SLO (no candidate met all)'}.")
         others = [c for c in ranked if c is not w]

@@ -442,12 +442,15 @@ NOISE_BOUNDED = ", queues bounded for other processes' load"
 
 def noise_bounded(w: Candidate, needs: Iterable[Need], margin: float, extra: float,
                   own_bounds: Mapping[str, int | None] | None = None) -> Candidate | None:
-    """``w`` with the queue of every model that has an SLO bounded at what that model drained
-    in ``w``'s measured run in time for SLO x (1 - ``margin`` - ``extra``) (at least one batch),
-    where that is below its present bound (the candidate's, else ``own_bounds``: the config's
-    ``max_queue`` by model); None when no bound comes down. Beside other processes' work the
-    rate a model keeps varies within a run: a queue that the average rate drains in time
-    fills past its deadline in the moments they take more, and its last requests expire."""
+    """``w`` with the queue of every model that has an SLO and was not served in full in
+    ``w``'s measured run (it refused or expired requests, or served under 95% of its demand)
+    bounded at what it drained in that run in time for SLO x (1 - ``margin`` - ``extra``, at
+    most 0.9) (at least one batch), where that is below its present bound (the candidate's,
+    else ``own_bounds``: the config's ``max_queue`` by model); None when no bound comes down.
+    Beside other processes' work the rate a model keeps varies within a run: a queue that the
+    average rate drains in time fills past its deadline in the moments they take more, and
+    its last requests expire. A model served in full completed what arrived, not what it
+    could: a bound from that rate would refuse bursts it serves in time, so it keeps its own."""
     if w.measured is None:
         return None
     by = {n.name: n for n in needs}
@@ -455,7 +458,7 @@ def noise_bounded(w: Candidate, needs: Iterable[Need], margin: float, extra: flo
     bounds = {}
     for n, c in w.choices.items():
         need, m = by.get(n), w.measured.get(n)
-        if need is None or m is None:
+        if need is None or m is None or not (m.rejected > 0 or m.expired > 0 or m.fraction < 0.95):
             continue
         q = _drained_bound(need, c, m, tighter)
         was = c.max_queue if c.max_queue is not None else (own_bounds or {}).get(n)

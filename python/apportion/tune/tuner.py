@@ -112,10 +112,14 @@ def tune(
     When other processes kept CPUs busy while the tuner measured (at least
     ``FOREIGN_NOTICED`` of them on average), the rate a model keeps varies within a run, and a
     queue bound that its average rate drains in time fills past the deadline in the moments
-    they take more: every model's queue is then bounded at what it drained in the winner's
-    last run in time for its SLO less a further :data:`NOISE_MARGIN` (10%), and that plan is
-    the winner, run once more at the confirmation's length for the report's figures (its
-    goodput may be lower: it refuses at once what a slower moment would not serve in time).
+    they take more: the queue of each model with an SLO that its share did not serve in full
+    (it refused or expired requests, or served under 95% of its demand) is then bounded at
+    what it drained in the winner's last run in time for its SLO less a further
+    :data:`NOISE_MARGIN` (10%) where that is lower (:func:`search.noise_bounded`), and that
+    plan is the winner, run once more at the confirmation's length for the report's figures
+    (that run may take the search past its budget; the plan's goodput may be lower: it
+    refuses at once what a slower moment would not serve in time). Not for a config with
+    process models, whose workers the host's figures count as other processes' work.
     When the models' demand exceeds what the machine serves within the SLOs, candidates bound
     each model's queue (``max_queue``: the excess is refused at once) and try priority classes
     on the scheduled shared pool; the winner is then the plan that serves the most within the
@@ -388,19 +392,29 @@ def tune(
             if g.slo_ok() and g.score(objective) >= (1.0 - GUARD_COST) * winner.score(objective):
                 winner = g
     # 7. beside other processes. When they kept CPUs busy while the search measured, the rate
-    # each model keeps varies within a run: its queue is bounded at what it drained in the
-    # winner's last run in time for its SLO less NOISE_MARGIN more (see search.noise_bounded),
-    # and that plan, run once more at the confirmation's length, is the winner whatever the
-    # run shows (the report gives its figures): the measurements that chose the winner are the
-    # noisy ones.
-    if (watch.runs_noise(total_cores, {}).foreign_cpus or 0.0) >= FOREIGN_NOTICED and winner.measured is not None:
+    # each model keeps varies within a run: the queue of each model its share could not serve
+    # in full is bounded at what it drained in the winner's last run in time for its SLO less
+    # NOISE_MARGIN more (see search.noise_bounded), and that plan, run once more at the
+    # confirmation's length (past the budget if need be: noise is when the budget runs out),
+    # is the winner whatever the run shows (the report gives its figures): the measurements
+    # that chose the winner are the noisy ones. Not for a config with process models: their
+    # workers are child processes, which the host's figures count as other processes' work.
+    noisy_host = (watch.runs_noise(total_cores, {}).foreign_cpus or 0.0) >= FOREIGN_NOTICED
+    if noisy_host and winner.measured is not None and not any(
+            m.spec.isolation == "process" for m in cfg.models.values()):
         nb = noise_bounded(winner, needs, float(margin), NOISE_MARGIN,
                            {n: m.spec.max_queue for n, m in cfg.models.items()})
-        if nb is not None and measure_move(nb, "bounding for the other processes", confirm_fn):
-            confirmed.append(nb)
-            winner = nb
-        elif nb is not None:  # a plan the search measured already (or one that does not fit): that one
-            winner = next((c for c in candidates if key_of(c) == key_of(nb)), winner)
+        if nb is not None:
+            bar(f"bounding for the other processes: {nb.name}")
+            try:
+                nb.measured = run_measure(apply(tight, nb.choices), confirm_fn)
+            except ConfigError:
+                pass  # (only bounds changed: it fits where the winner did)
+            else:
+                tried.add(key_of(nb))
+                candidates.append(nb)
+                confirmed.append(nb)
+                winner = nb
     bar(f"done: '{winner.name}'")
     bar.done()
     unstable = tuple(c.name for c in candidates if c.measured is not None and not c.stable())
