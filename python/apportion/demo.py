@@ -351,12 +351,11 @@ def _measured(report: ld.LoadReport, demand: dict[str, float | None]) -> dict[st
             for name, r in report.items()}
 
 
-def median_round(rounds: Sequence[Mapping[str, Measured]]) -> int:
-    """The index of the round (per model figures) with the median total goodput; of an even
-    count, the lower of the middle two (rounds of equal totals are ordered earliest first)."""
-    if not rounds:
+def median_round(totals: Sequence[float]) -> int:
+    """The index of the median of the rounds' total goodputs; of an even count, the lower of the
+    middle two (rounds of equal totals are ordered earliest first)."""
+    if not totals:
         raise ValueError("median_round: no rounds")
-    totals = [sum(m.goodput for m in r.values()) for r in rounds]
     return sorted(range(len(totals)), key=lambda i: (totals[i], i))[(len(totals) - 1) // 2]
 
 
@@ -590,7 +589,7 @@ def _run_demo(load: float, budget_s: float, out_path: Path, settings: Settings |
                 runs["shift: retuned"].append(measure_config(apply(new_mix, again.winner.choices), after_settings))
         for mode, got in runs.items():
             totals = [sum(m.goodput for m in r.values()) for r in got]
-            k = median_round(got)
+            k = median_round(totals)
             results[mode] = got[k]
             demands[mode] = new_mix.demand()
             rounds_goodput[mode] = totals

@@ -172,13 +172,10 @@ def test_a_load_past_the_generators_cap_says_what_is_offered() -> None:
 
 
 def test_the_median_round_is_the_middle_total_goodput() -> None:
-    def run(*goods: float) -> dict[str, Measured]:
-        return {f"m{i}": Measured(g, g, 10.0, True, 100.0) for i, g in enumerate(goods)}
-
-    assert demo.median_round([run(5, 5), run(1, 1), run(30, 1)]) == 0  # totals 10, 2, 31
-    assert demo.median_round([run(9)]) == 0
-    assert demo.median_round([run(4), run(1), run(3), run(2)]) == 3  # even: the lower middle (2 of 1, 2, 3, 4)
-    assert demo.median_round([run(2), run(2), run(2)]) == 1  # equal totals: in order, the middle
+    assert demo.median_round([10.0, 2.0, 31.0]) == 0
+    assert demo.median_round([9.0]) == 0
+    assert demo.median_round([4.0, 1.0, 3.0, 2.0]) == 3  # even: the lower middle (2 of 1, 2, 3, 4)
+    assert demo.median_round([2.0, 2.0, 2.0]) == 1  # equal totals: in order, the middle
     with pytest.raises(ValueError, match="no rounds"):
         demo.median_round([])
 

@@ -13,7 +13,7 @@ from ..config import Config, ConfigError
 from .allocation import Allocation
 from .cost import CostModel, Sample
 from .noise import Confidence, Noise, combine_repeats, profile_spread
-from .search import GUARDED, NOISE_BOUNDED, NOISE_MARGIN, Candidate
+from .search import GUARDED, NOISE_BOUNDED, NOISE_MARGIN, Candidate, lowered_bounds
 
 OUTPUTS = ("plan.toml", "report.md", "candidates.png")
 """The files :meth:`TuneResult.write` writes into its directory."""
@@ -111,14 +111,10 @@ class TuneResult:
         if self.winner.name.endswith(NOISE_BOUNDED):
             # Taken whatever its run showed (see tune, step 7): say which, and what came down.
             base = by_name.get(self.winner.name[: -len(NOISE_BOUNDED)])
-            came = [f"{n} q<={c.max_queue}" + (f" (was {base.choices[n].max_queue})"
-                                              if base is not None and n in base.choices
-                                              and base.choices[n].max_queue is not None else "")
-                    for n, c in self.winner.choices.items()
-                    if base is None or n not in base.choices or base.choices[n].max_queue != c.max_queue]
+            came = lowered_bounds(base.choices if base is not None else {}, self.winner.choices)
             return head + ("Beside the other processes' load, the winner's queues were bounded at what each "
                            f"model drained in its last run in time for its SLO less a further {NOISE_MARGIN:.0%}"
-                           + (f" ({', '.join(came)})" if came else "") + "; so bounded, it "
+                           + (f" ({came})" if came else "") + "; so bounded, it "
                            + ("met every SLO in a longer run" if self.winner.slo_ok() else
                               "still missed an SLO in a longer run") + f"{length}.")
         if self.winner.name in self.confirmed and self.winner.slo_ok():

@@ -15,7 +15,8 @@ from .allocation import Allocation, objective_value
 from .cost import CostModel, Need, Shape
 
 __all__ = ["Candidate", "Choice", "Measured", "apply", "batching_for", "best", "clearly_better",
-           "first_candidates", "isolated_layout", "measured_bound", "moves", "needs_for", "overloaded", "profile_shapes",
+           "first_candidates", "isolated_layout", "lowered_bounds", "measured_bound", "moves", "needs_for", "overloaded",
+           "profile_shapes",
            "GUARDED", "guarded", "NOISE_BOUNDED", "NOISE_MARGIN", "noise_bounded", "queue_bound", "shared_layout",
            "with_admission", "with_priorities"]
 
@@ -432,6 +433,14 @@ def _drained_bound(need: Need, choice: Choice, measured: Measured, margin: float
     return None if q is None else max(q, choice.batching.max_size if choice.batching else 1)
 
 
+def lowered_bounds(before: Mapping[str, Choice], after: Mapping[str, Choice]) -> str:
+    """The queue bounds of ``after`` that differ from ``before``'s, in words ("mlp q<=9 (was
+    16), ..."; no "was" where ``before`` had none)."""
+    return ", ".join(f"{n} q<={c.max_queue}" + (f" (was {before[n].max_queue})" if n in before
+                                                and before[n].max_queue is not None else "")
+                     for n, c in after.items() if n not in before or before[n].max_queue != c.max_queue)
+
+
 NOISE_MARGIN = 0.10
 """The further share of each SLO a plan's queue bounds keep free when other processes kept CPUs
 busy while the tuner measured (step 7 of :func:`apportion.tune.tune`)."""
@@ -467,10 +476,7 @@ def noise_bounded(w: Candidate, needs: Iterable[Need], margin: float, extra: flo
     if not bounds:
         return None
     return Candidate(w.name + NOISE_BOUNDED, {**w.choices, **bounds},
-                     f"'{w.name}' beside other processes' load, with " + ", ".join(
-                         f"{n} q<={c.max_queue}" + (f" (was {w.choices[n].max_queue})"
-                                                    if w.choices[n].max_queue is not None else "")
-                         for n, c in bounds.items())
+                     f"'{w.name}' beside other processes' load, with {lowered_bounds(w.choices, bounds)}"
                      + f": what each drained in its last run in time for its SLO less {tighter:.0%}, so that "
                      "a moment in which the other processes take more is refused at once rather than left "
                      "to expire in the queue")

@@ -279,11 +279,12 @@ def tune(
 
     tried = {key_of(c) for c in candidates}
 
-    def measure_move(move: Candidate, what: str, fn: Callable[[Config], Mapping[str, Measured]]) -> bool:
-        """Measures a move not tried before and adds it to the candidates (False: tried
-        before, or it does not fit this machine)."""
+    def measure_move(move: Candidate, what: str, fn: Callable[[Config], Mapping[str, Measured]],
+                     again: bool = False) -> bool:
+        """Measures a move not tried before (``again``: even if tried) and adds it to the
+        candidates (False: tried before, or it does not fit this machine)."""
         key = key_of(move)
-        if key in tried:
+        if key in tried and not again:
             return False
         tried.add(key)
         bar(f"{what}: {move.name}")
@@ -404,17 +405,9 @@ def tune(
             m.spec.isolation == "process" for m in cfg.models.values()):
         nb = noise_bounded(winner, needs, float(margin), NOISE_MARGIN,
                            {n: m.spec.max_queue for n, m in cfg.models.items()})
-        if nb is not None:
-            bar(f"bounding for the other processes: {nb.name}")
-            try:
-                nb.measured = run_measure(apply(tight, nb.choices), confirm_fn)
-            except ConfigError:
-                pass  # (only bounds changed: it fits where the winner did)
-            else:
-                tried.add(key_of(nb))
-                candidates.append(nb)
-                confirmed.append(nb)
-                winner = nb
+        if nb is not None and measure_move(nb, "bounding for the other processes", confirm_fn, again=True):
+            confirmed.append(nb)
+            winner = nb
     bar(f"done: '{winner.name}'")
     bar.done()
     unstable = tuple(c.name for c in candidates if c.measured is not None and not c.stable())
